@@ -1,0 +1,396 @@
+"""Datasets, splits, augmentation, OOD sets and preprocessing (offline, on fixture files)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fixtures_torchvision import (
+    accept_fixture_checksums,
+    write_cifar10,
+    write_cifar100,
+    write_mnist,
+    write_svhn,
+)
+from torch.utils.data import DataLoader
+
+from ssvi_cli.data import (
+    DATASETS,
+    DIGITS_MEAN,
+    DIGITS_STD,
+    OOD_SETS,
+    DataError,
+    DatasetUnavailable,
+    DataSpec,
+    build_dataset,
+    build_ood,
+    dataset_names,
+    default_data_dir,
+    get_spec,
+    ood_names,
+    preprocess,
+)
+
+TORCHVISION_SETS = {  # name -> (writer, n_train, n_test)
+    "mnist": (lambda root: write_mnist(root, "MNIST"), 60, 20),
+    "fashion-mnist": (lambda root: write_mnist(root, "FashionMNIST"), 60, 20),
+    "kmnist": (lambda root: write_mnist(root, "KMNIST"), 60, 20),
+    "cifar10": (write_cifar10, 50, 20),
+    "cifar100": (write_cifar100, 200, 100),
+    "svhn": (write_svhn, 50, 20),
+}
+
+
+@pytest.fixture
+def tv_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Factory: write one fixture set under tmp_path and accept its checksums."""
+
+    def make(name: str) -> Path:
+        TORCHVISION_SETS[name][0](tmp_path)
+        accept_fixture_checksums(monkeypatch, tmp_path)
+        return tmp_path
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return build_dataset("digits", seed=0)
+
+
+def _stack(ds) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*(ds[i] for i in range(len(ds))))
+    return torch.stack(xs), torch.tensor(ys)
+
+
+def _rows(x: torch.Tensor) -> set[bytes]:
+    return {r.numpy().tobytes() for r in x.flatten(1)}
+
+
+# --------------------------------------------------------------------------- registry / spec
+
+
+def test_registries_have_the_documented_names():
+    assert dataset_names() == sorted(["digits", "mnist", "fashion-mnist", "kmnist", "cifar10", "cifar100", "svhn"])
+    assert set(ood_names()) == {"noise", "sklearn-photos"} | set(dataset_names()) - {"digits"}
+    assert set(DATASETS) == set(dataset_names()) and set(OOD_SETS) == set(ood_names())
+
+
+@pytest.mark.parametrize("call", [lambda: build_dataset("imagenet"), lambda: get_spec("imagenet")])
+def test_unknown_dataset_lists_valid_names(call):
+    with pytest.raises(DataError, match="valid names are: cifar10, cifar100, digits"):
+        call()
+
+
+def test_unknown_ood_lists_valid_names():
+    with pytest.raises(DataError, match="valid names are: .*noise.*sklearn-photos"):
+        build_ood("textures", get_spec("digits"))
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_spec_round_trips_through_json(name):
+    spec = get_spec(name)
+    assert len(spec.class_names) == spec.num_classes == (100 if name == "cifar100" else 10)
+    assert len(spec.mean) == len(spec.std) == spec.input_shape[0]
+    assert DataSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_spec_from_dict_rejects_unknown_keys():
+    with pytest.raises(DataError, match="keys"):
+        DataSpec.from_dict({**get_spec("digits").to_dict(), "extra": 1})
+
+
+def test_default_data_dir_is_under_user_cache():
+    assert default_data_dir() == Path.home() / ".cache" / "ssvi" / "data"
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def test_digits_normalisation_constants_match_data():
+    from sklearn.datasets import load_digits
+
+    pixels = load_digits().images / 16.0
+    assert abs(pixels.mean() - DIGITS_MEAN) < 1e-3
+    assert abs(pixels.std() - DIGITS_STD) < 1e-3
+
+
+def test_digits_shapes_and_sizes(digits):
+    assert digits.spec.input_shape == (1, 8, 8) and digits.spec.class_names == tuple("0123456789")
+    assert len(digits.test) == 360 and len(digits.train) + len(digits.val) == 1797 - 360
+    assert len(digits.val) == round(0.1 * (1797 - 360))
+    x, y = digits.train[0]
+    assert x.dtype == torch.float32 and x.shape == (1, 8, 8) and isinstance(y, int)
+    xs, ys = _stack(digits.train)
+    assert abs(float(xs.mean())) < 0.05 and abs(float(xs.std()) - 1) < 0.05
+    assert set(ys.tolist()) == set(range(10))
+
+
+def test_digits_test_split_is_fixed_across_seeds_and_val_moves(digits):
+    other = build_dataset("digits", seed=1)
+    assert torch.equal(_stack(digits.test)[0], _stack(other.test)[0])
+    assert not torch.equal(digits.val.indices, other.val.indices)
+    again = build_dataset("digits", seed=0)
+    assert torch.equal(digits.val.indices, again.val.indices)
+    assert torch.equal(digits.train.indices, again.train.indices)
+
+
+def test_digits_val_is_stratified_and_disjoint(digits):
+    assert not set(digits.train.indices.tolist()) & set(digits.val.indices.tolist())
+    counts = np.bincount(_stack(digits.val)[1].numpy(), minlength=10)
+    assert counts.min() >= 12 and counts.max() <= 16
+    assert not _rows(_stack(digits.val)[0]) & _rows(_stack(digits.test)[0])
+
+
+def test_zero_val_fraction_and_max_train():
+    splits = build_dataset("digits", val_fraction=0.0, max_train=100)
+    assert len(splits.val) == 0 and len(splits.train) == 100 and len(splits.test) == 360
+    capped = build_dataset("digits", val_fraction=0.2, max_train=80, seed=3)
+    assert len(capped.train) == 80 and len(capped.val) == 20
+    assert torch.equal(capped.train.indices, build_dataset("digits", val_fraction=0.2, max_train=80, seed=3).train.indices)
+
+
+@pytest.mark.parametrize("kwargs", [{"val_fraction": 1.0}, {"val_fraction": -0.1}, {"max_train": 0}])
+def test_bad_split_arguments_raise(kwargs):
+    with pytest.raises(DataError):
+        build_dataset("digits", **kwargs)
+
+
+# --------------------------------------------------------------------------- torchvision sets
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION_SETS))
+def test_torchvision_set_builds_from_files(name, tv_root):
+    root = tv_root(name)
+    _, n_train, n_test = TORCHVISION_SETS[name]
+    splits = build_dataset(name, data_dir=root, val_fraction=0.2, augment=False)
+    spec = splits.spec
+    assert spec == get_spec(name)  # class names read from the files equal the built-in ones
+    assert len(splits.train) + len(splits.val) == n_train and len(splits.val) == round(0.2 * n_train)
+    assert len(splits.test) == n_test
+    for ds in (splits.train, splits.val, splits.test):
+        x, y = ds[0]
+        assert x.shape == spec.input_shape and x.dtype == torch.float32 and isinstance(y, int)
+    xt, yt = _stack(splits.train)
+    assert yt.min() >= 0 and yt.max() < spec.num_classes
+    # random uint8 pixels have mean 127.5/255 and std ~0.29; check the spec's affine map was applied
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    pixels = xt * std + mean
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    assert torch.allclose(pixels * 255, (pixels * 255).round(), atol=1e-3)  # exact uint8 levels
+    assert not _rows(xt) & _rows(_stack(splits.val)[0])
+
+
+def test_class_names_come_from_the_files(tv_root):
+    splits = build_dataset("cifar10", data_dir=tv_root("cifar10"))
+    assert splits.spec.class_names[0] == "airplane" and splits.spec.class_names[-1] == "truck"
+    c100 = build_dataset("cifar100", data_dir=tv_root("cifar100")).spec.class_names
+    assert c100[0] == "apple" and c100[-1] == "worm" and list(c100) == sorted(c100)
+    assert build_dataset("fashion-mnist", data_dir=tv_root("fashion-mnist")).spec.class_names[0] == "T-shirt/top"
+
+
+def test_svhn_label_ten_becomes_zero(tv_root):
+    splits = build_dataset("svhn", data_dir=tv_root("svhn"), val_fraction=0.0)
+    labels = _stack(splits.train)[1]
+    assert sorted(set(labels.tolist())) == list(range(10))
+    assert int(labels[0]) == 0  # the fixture writes 10 for the first image (digit 0)
+    assert splits.spec.class_names == tuple("0123456789")
+
+
+def test_val_is_carved_from_train_and_test_untouched(tv_root):
+    root = tv_root("mnist")
+    from torchvision.datasets import MNIST
+
+    full = MNIST(root, train=True).data.unsqueeze(1)
+    test_raw = MNIST(root, train=False).data.unsqueeze(1)
+    splits = build_dataset("mnist", data_dir=root, val_fraction=0.25, seed=5)
+    spec = splits.spec
+    back = lambda x: (x * spec.std[0] + spec.mean[0]).mul(255).round().to(torch.uint8)  # noqa: E731
+    train_px, val_px = back(_stack(splits.train)[0]), back(_stack(splits.val)[0])
+    assert _rows(train_px) | _rows(val_px) == _rows(full)
+    assert not _rows(train_px) & _rows(val_px)
+    assert torch.equal(back(_stack(splits.test)[0]), test_raw)
+
+
+@pytest.mark.parametrize(
+    "name, expected", [("mnist", "MNIST/raw"), ("cifar10", "cifar-10-batches-py"), ("svhn", "")]
+)
+def test_missing_files_raise_unavailable_with_path_and_hint(tmp_path, name, expected):
+    with pytest.raises(DatasetUnavailable) as info:
+        build_dataset(name, data_dir=tmp_path)
+    message = str(info.value)
+    assert str(tmp_path / expected).rstrip("/") in message and "--download" in message
+    assert "\n" not in message
+
+
+def test_corrupted_cifar_file_is_unavailable(tmp_path, monkeypatch):
+    write_cifar10(tmp_path)
+    accept_fixture_checksums(monkeypatch, tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"truncated")
+    with pytest.raises(DatasetUnavailable, match="--download"):
+        build_dataset("cifar10", data_dir=tmp_path)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def test_cifar_augmentation_changes_train_only_and_is_reproducible(tv_root):
+    root = tv_root("cifar10")
+    plain = build_dataset("cifar10", data_dir=root, augment=False)
+    aug = build_dataset("cifar10", data_dir=root, augment=True)
+    x_plain = _stack(plain.train)[0]
+    torch.manual_seed(0)
+    x1 = _stack(aug.train)[0]
+    torch.manual_seed(0)
+    x2 = _stack(aug.train)[0]
+    assert torch.equal(x1, x2) and not torch.equal(x1, x_plain)
+    assert x1.shape == x_plain.shape
+    for a, b in ((aug.val, plain.val), (aug.test, plain.test)):
+        assert torch.equal(_stack(a)[0], _stack(b)[0])
+
+
+def test_augmentation_is_crop_with_zero_padding_and_flip(tv_root):
+    splits = build_dataset("cifar10", data_dir=tv_root("cifar10"))
+    spec = splits.spec
+    raw = splits.train.images[:1].float() / 255
+    torch.manual_seed(1)
+    seen = set()
+    for _ in range(40):
+        x = splits.train[0][0] * torch.tensor(spec.std).view(-1, 1, 1) + torch.tensor(spec.mean).view(-1, 1, 1)
+        padded = torch.nn.functional.pad(raw, (4, 4, 4, 4))[0]
+        match = [
+            (top, left, flip)
+            for top in range(9)
+            for left in range(9)
+            for flip in (False, True)
+            if torch.allclose(
+                padded[:, top : top + 32, left : left + 32].flip(-1) if flip else padded[:, top : top + 32, left : left + 32],
+                x,
+                atol=1e-5,
+            )
+        ]
+        assert match, "augmented image is not a padded crop (+flip) of the original"
+        seen.add(match[0])
+    assert len(seen) > 10 and {m[2] for m in seen} == {False, True}
+
+
+def test_seeded_dataloader_reproduces_augmented_batches(tv_root):
+    train = build_dataset("cifar10", data_dir=tv_root("cifar10")).train
+
+    def first_batch() -> torch.Tensor:
+        loader = DataLoader(train, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(3))
+        x, y = next(iter(loader))
+        assert x.shape == (16, 3, 32, 32) and y.dtype == torch.int64
+        return x
+
+    torch.manual_seed(7)
+    a = first_batch()
+    torch.manual_seed(7)
+    assert torch.equal(a, first_batch())
+
+
+def test_digits_and_mnist_are_never_augmented(digits, tv_root):
+    assert torch.equal(_stack(digits.train)[0], _stack(build_dataset("digits", augment=True).train)[0])
+    root = tv_root("mnist")
+    assert torch.equal(
+        _stack(build_dataset("mnist", data_dir=root).train)[0],
+        _stack(build_dataset("mnist", data_dir=root, augment=False).train)[0],
+    )
+
+
+# --------------------------------------------------------------------------- OOD
+
+
+def test_svhn_ood_for_digits_has_digits_shape(tv_root):
+    root = tv_root("svhn")
+    ood = build_ood("svhn", get_spec("digits"), data_dir=root, max_items=7)
+    assert len(ood) == 7
+    x, y = ood[0]
+    assert x.shape == (1, 8, 8) and x.dtype == torch.float32 and y == -1
+    full = build_ood("svhn", get_spec("mnist"), data_dir=root, max_items=None)
+    assert len(full) == 20 and full[0][0].shape == (1, 28, 28)
+
+
+def test_mnist_ood_for_cifar_is_rgb(tv_root):
+    ood = build_ood("mnist", get_spec("cifar10"), data_dir=tv_root("mnist"), max_items=5)
+    x = ood[0][0]
+    assert x.shape == (3, 32, 32)
+    assert torch.allclose(
+        x[0] * 0.2470 + 0.4914, x[1] * 0.2435 + 0.4822, atol=1e-5
+    )  # gray repeated into every channel
+
+
+def test_missing_ood_files_raise_unavailable(tmp_path):
+    with pytest.raises(DatasetUnavailable, match="--download"):
+        build_ood("cifar100", get_spec("digits"), data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("spec_name", ["digits", "cifar10"])
+def test_noise_is_seeded(spec_name):
+    spec = get_spec(spec_name)
+    a, b, c = (build_ood("noise", spec, seed=s, max_items=10) for s in (0, 0, 1))
+    assert len(a) == 10 and a[0][0].shape == spec.input_shape and a[0][1] == -1
+    assert torch.equal(_stack(a)[0], _stack(b)[0]) and not torch.equal(_stack(a)[0], _stack(c)[0])
+    pixels = _stack(a)[0] * torch.tensor(spec.std).view(1, -1, 1, 1) + torch.tensor(spec.mean).view(1, -1, 1, 1)
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    assert len(build_ood("noise", spec)) == 2000
+
+
+@pytest.mark.parametrize("spec_name", ["digits", "mnist", "cifar10"])
+def test_sklearn_photos(spec_name):
+    spec = get_spec(spec_name)
+    ood = build_ood("sklearn-photos", spec, seed=0, max_items=50)
+    x, _ = _stack(ood)
+    assert x.shape == (50, *spec.input_shape) and ood[0][1] == -1
+    assert x.std() > 0.1 and len(_rows(x)) == 50
+    assert torch.equal(x, _stack(build_ood("sklearn-photos", spec, seed=0, max_items=50))[0])
+
+
+# --------------------------------------------------------------------------- preprocess
+
+
+def _spec(channels: int, size: int) -> DataSpec:
+    return DataSpec("t", (channels, size, size), 2, ("a", "b"), (0.5,) * channels, (0.25,) * channels)
+
+
+def test_preprocess_rgb_to_gray_uses_luminance_and_resizes():
+    img = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    img[:, 0] = 255  # pure red
+    out = preprocess(img, _spec(1, 8))
+    assert out.shape == (2, 1, 8, 8) and out.dtype == torch.float32
+    assert torch.allclose(out, torch.full_like(out, (0.299 - 0.5) / 0.25), atol=1e-4)
+
+
+def test_preprocess_gray_to_rgb_and_alpha_dropped():
+    gray = torch.rand(3, 1, 28, 28)
+    rgb = preprocess(gray, _spec(3, 28))
+    assert rgb.shape == (3, 3, 28, 28) and torch.allclose(rgb[:, 0], (gray[:, 0] - 0.5) / 0.25)
+    assert torch.equal(rgb[:, 0], rgb[:, 2])
+    rgba = torch.cat([torch.rand(1, 3, 16, 16), torch.zeros(1, 1, 16, 16)], dim=1)
+    assert torch.allclose(preprocess(rgba, _spec(3, 16)), (rgba[:, :3] - 0.5) / 0.25)
+
+
+def test_preprocess_resize_is_antialiased():
+    stripes = torch.zeros(1, 1, 32, 32)
+    stripes[..., ::2] = 1.0  # one-pixel stripes average to 0.5 under antialiasing
+    out = preprocess(stripes, _spec(1, 8)) * 0.25 + 0.5
+    assert torch.allclose(out, torch.full_like(out, 0.5), atol=0.05)
+
+
+@pytest.mark.parametrize(
+    "images, match",
+    [
+        (torch.rand(1, 2, 8, 8), "2-channel"),
+        (torch.rand(3, 8, 8), "dims"),
+        (torch.rand(1, 1, 3, 8, 8), "dims"),
+        (torch.rand(1, 3, 8, 8) * 255, r"\[0, 1\]"),
+        (torch.ones(1, 3, 8, 8, dtype=torch.int64), "dtype"),
+    ],
+)
+def test_preprocess_rejects_unreconcilable_inputs(images, match):
+    with pytest.raises(DataError, match=match):
+        preprocess(images, _spec(3, 8))
