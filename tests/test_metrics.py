@@ -1,0 +1,283 @@
+"""Metrics (SSVI.md §6) against hand computations and independent loop-based reimplementations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ssvi_cli import metrics as M
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _random_case(n: int = 2000, c: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    probs = _softmax(2.0 * rng.normal(size=(n, c)))
+    labels = rng.integers(0, c, size=n)
+    return probs, labels
+
+
+def _calibrated_case(n: int, c: int = 4, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Labels drawn from the predicted distribution: perfectly calibrated by construction."""
+    rng = np.random.default_rng(seed)
+    probs = _softmax(1.5 * rng.normal(size=(n, c)))
+    u = rng.random(n)[:, None]
+    labels = np.minimum((u > np.cumsum(probs, axis=1)).sum(axis=1), c - 1)
+    return probs, labels
+
+
+def _loop_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> float:
+    total = 0.0
+    n = len(labels)
+    for b in range(n_bins):
+        lo, hi = b / n_bins, (b + 1) / n_bins
+        conf_sum = acc_sum = count = 0.0
+        for row, y in zip(probs, labels):
+            conf = max(row)
+            in_bin = (lo < conf <= hi) or (b == 0 and conf == 0.0)
+            if in_bin:
+                count += 1
+                conf_sum += conf
+                acc_sum += float(int(np.argmax(row)) == y)
+        if count:
+            total += count / n * abs(acc_sum / count - conf_sum / count)
+    return total
+
+
+def test_accuracy_nll_brier_by_hand() -> None:
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.5, 0.0]])
+    labels = np.array([0, 1, 0])
+    assert M.accuracy(probs, labels) == pytest.approx(2 / 3)  # argmax of the tie is class 0
+    assert M.nll(probs, labels) == pytest.approx(-(math.log(0.7) + math.log(0.3) + math.log(0.5)) / 3)
+    b = ((0.3**2 + 0.2**2 + 0.1**2) + (0.1**2 + 0.7**2 + 0.6**2) + (0.5**2 + 0.5**2)) / 3
+    assert M.brier(probs, labels) == pytest.approx(b)
+    assert M.nll(np.array([[1.0, 0.0]]), np.array([1])) == pytest.approx(-math.log(1e-12))
+
+
+def test_accepts_torch_tensors() -> None:
+    probs, labels = _random_case(200)
+    out_np = M.classification_metrics(probs, labels)
+    out_t = M.classification_metrics(torch.from_numpy(probs).float(), torch.from_numpy(labels))
+    for key, value in out_np.items():
+        if value is None:
+            assert out_t[key] is None
+            continue
+        assert out_t[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_ece_hand_computed() -> None:
+    probs = np.array([[0.95, 0.05], [0.9, 0.1], [0.35, 0.65], [0.45, 0.55]])
+    labels = np.array([0, 1, 1, 1])
+    # n_bins=2: bin (0.5, 1] holds all four; conf mean 0.7625, acc 3/4
+    assert M.ece(probs, labels, n_bins=2) == pytest.approx(abs(0.75 - (0.95 + 0.9 + 0.65 + 0.55) / 4))
+    # n_bins=10: bins (0.9,1]: {0.95 ok}; (0.8,0.9]: {0.9 wrong}; (0.6,0.7]: {0.65 ok}; (0.5,0.6]: {0.55 ok}
+    expected = (abs(1 - 0.95) + abs(0 - 0.9) + abs(1 - 0.65) + abs(1 - 0.55)) / 4
+    assert M.ece(probs, labels, n_bins=10) == pytest.approx(expected)
+
+
+def test_bin_boundaries_are_lower_open() -> None:
+    probs = np.array([[0.5, 0.5], [1.0, 0.0]])
+    bins = M.reliability_bins(probs, np.array([0, 0]), n_bins=2)
+    assert bins["count"].tolist() == [1, 1]  # 0.5 -> (0, 0.5]; 1.0 -> (0.5, 1]
+    zero = M.reliability_bins(np.zeros((3, 1)), np.zeros(3, int), n_bins=4)
+    assert zero["count"].tolist() == [3, 0, 0, 0]
+    assert np.isnan(zero["confidence"][1]) and zero["lower"][0] == 0.0 and zero["upper"][-1] == 1.0
+
+
+@pytest.mark.parametrize("n_bins", [1, 5, 15])
+def test_ece_matches_loop_reimplementation(n_bins: int) -> None:
+    probs, labels = _random_case(600, seed=n_bins)
+    assert M.ece(probs, labels, n_bins) == pytest.approx(_loop_ece(probs, labels, n_bins), abs=1e-12)
+    bins = M.reliability_bins(probs, labels, n_bins)
+    assert bins["count"].sum() == 600
+
+
+def test_calibrated_data_has_small_errors() -> None:
+    probs, labels = _calibrated_case(200_000)
+    assert M.ece(probs, labels) < 0.01
+    assert M.debiased_marginal_l2_ce(probs, labels) < 0.005
+
+
+def test_debiasing_removes_upward_bias_of_plugin_l2() -> None:
+    debiased, plugin = [], []
+    for seed in range(20):
+        probs, labels = _calibrated_case(1_000, seed=seed)
+        debiased.append(M.debiased_marginal_l2_ce(probs, labels, n_bins=15) ** 2)
+        plugin.append(M.marginal_l2_ce(probs, labels, n_bins=15, debias=False) ** 2)
+    # the plug-in square carries about ȳ(1−ȳ)·bins/N of sampling noise; the debiased one does not
+    # (15 bins / 1000 points · ~0.12 per class ≈ 1.8e-3); clipping at 0 leaves the debiased one a little
+    assert np.mean(plugin) > 5 * np.mean(debiased)
+    assert np.mean(plugin) > 1.2e-3
+    assert np.mean(debiased) < 5e-4
+
+
+def _loop_marginal_l2(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> float:
+    """Independent reimplementation: explicit parts, boundaries, and per-bin loops."""
+    n, c = probs.shape
+    per_class = []
+    for k in range(c):
+        p = probs[:, k]
+        y = (labels == k).astype(float)
+        s = sorted(p)
+        parts = min(n_bins, n)
+        chunks, start = [], 0
+        for i in range(parts):
+            size = n // parts + (1 if i < n % parts else 0)
+            chunks.append(s[start : start + size])
+            start += size
+        bounds = sorted({(chunks[i][-1] + chunks[i + 1][0]) / 2 for i in range(parts - 1)} | {1.0})
+        members: dict[int, list[int]] = {}
+        for j, v in enumerate(p):
+            b = next((i for i, hi in enumerate(bounds) if v <= hi), len(bounds) - 1)
+            members.setdefault(b, []).append(j)
+        total = 0.0
+        for idx in members.values():
+            if len(idx) < 2:
+                continue
+            pb, yb = float(np.mean(p[idx])), float(np.mean(y[idx]))
+            total += len(idx) / n * ((pb - yb) ** 2 - yb * (1 - yb) / (len(idx) - 1))
+        per_class.append(max(total, 0.0))
+    return math.sqrt(sum(per_class) / c)
+
+
+@pytest.mark.parametrize("n_bins", [3, 15])
+def test_debiased_l2_matches_loop_reimplementation(n_bins: int) -> None:
+    probs, labels = _random_case(400, c=3, seed=11)
+    probs[:40] = probs[40:80]  # duplicated values straddling boundaries
+    assert M.debiased_marginal_l2_ce(probs, labels, n_bins) == pytest.approx(
+        _loop_marginal_l2(probs, labels, n_bins), rel=1e-12
+    )
+
+
+def test_perfect_one_hot_classifier() -> None:
+    labels = np.array([0, 2, 1, 1, 0])
+    probs = np.eye(3)[labels]
+    assert M.ece(probs, labels) == 0.0
+    assert M.nll(probs, labels) == pytest.approx(0.0, abs=1e-12)
+    assert M.brier(probs, labels) == 0.0
+    assert M.accuracy(probs, labels) == 1.0
+    assert M.debiased_marginal_l2_ce(probs, labels) == 0.0
+    assert math.isnan(M.misclassification_auroc(probs, labels, M.predictive_entropy(probs)))
+
+
+def test_entropy_of_uniform_and_one_hot() -> None:
+    c = 7
+    assert M.predictive_entropy(np.full((3, c), 1 / c)) == pytest.approx(np.full(3, math.log(c)))
+    assert M.predictive_entropy(np.eye(c)).tolist() == [0.0] * c
+
+
+def test_mutual_information_zero_when_samples_agree() -> None:
+    probs, _ = _random_case(50, seed=3)
+    agree = np.stack([probs] * 8)
+    assert M.mutual_information(agree) == pytest.approx(np.zeros(50), abs=1e-12)
+    assert (M.mutual_information(agree) >= 0).all()
+    assert M.expected_entropy(agree) == pytest.approx(M.predictive_entropy(probs))
+
+
+def test_mutual_information_positive_and_bounded_when_samples_disagree() -> None:
+    rng = np.random.default_rng(5)
+    sample_probs = _softmax(3.0 * rng.normal(size=(10, 100, 4)))
+    mi = M.mutual_information(sample_probs)
+    total = M.predictive_entropy(sample_probs.mean(axis=0))
+    assert (mi > 0).all()
+    assert (mi <= total + 1e-12).all()
+    # two confident samples that disagree completely: MI = H[mean] = log 2
+    split = np.array([[[1.0, 0.0]], [[0.0, 1.0]]])
+    assert M.mutual_information(split) == pytest.approx([math.log(2)])
+
+
+def test_ood_separable_reversed_and_tied() -> None:
+    s_in, s_out = np.linspace(0, 1, 50), np.linspace(2, 3, 30)
+    sep = M.ood_metrics(s_in, s_out)
+    assert sep == pytest.approx({"auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "fpr_at_95_tpr": 0.0})
+    rev = M.ood_metrics(s_out, s_in)
+    assert rev["auroc"] == 0.0 and rev["fpr_at_95_tpr"] == 1.0
+    tied = M.ood_metrics(np.ones(40), np.ones(60))
+    assert tied["auroc"] == 0.5 and tied["fpr_at_95_tpr"] == 1.0
+
+
+def test_ood_sign_convention_higher_is_more_ood() -> None:
+    rng = np.random.default_rng(0)
+    s_in, s_out = rng.normal(0.0, 1.0, 2000), rng.normal(1.5, 1.0, 2000)
+    out = M.ood_metrics(s_in, s_out)
+    assert out["auroc"] > 0.8
+    # AUROC = P(score_out > score_in): checked by brute-force pair counting
+    pairs = (s_out[:, None] > s_in[None, :]).mean() + 0.5 * (s_out[:, None] == s_in[None, :]).mean()
+    assert out["auroc"] == pytest.approx(pairs, abs=1e-12)
+
+
+def test_aupr_in_and_out_reflect_imbalance() -> None:
+    rng = np.random.default_rng(2)
+    s_in, s_out = rng.normal(0.0, 1.0, 5000), rng.normal(1.0, 1.0, 250)
+    out = M.ood_metrics(s_in, s_out)
+    # a precision-recall curve is anchored at the positive rate: OOD is the rare class here
+    assert out["aupr_in"] > 0.95
+    assert out["aupr_out"] < 0.5
+    assert out["aupr_in"] > out["aupr_out"]
+    swapped = M.ood_metrics(-s_out, -s_in)  # roles exchanged: in <-> out with the score negated
+    assert swapped["aupr_in"] == pytest.approx(out["aupr_out"])
+    assert swapped["aupr_out"] == pytest.approx(out["aupr_in"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fpr_at_95_tpr_matches_direct_threshold(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    s_in = np.round(rng.normal(0.0, 1.0, 1000), 1)  # rounding creates ties
+    s_out = np.round(rng.normal(2.0, 1.0, 333), 1)
+    # highest threshold τ that flags (score ≥ τ) at least 95% of the OOD examples
+    candidates = np.unique(s_out)[::-1]
+    tau = next(t for t in candidates if np.mean(s_out >= t) >= 0.95)
+    expected = np.mean(s_in >= tau)
+    assert M.ood_metrics(s_in, s_out)["fpr_at_95_tpr"] == pytest.approx(expected)
+
+
+def test_misclassification_auroc() -> None:
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.55, 0.45]])
+    labels = np.array([0, 0, 1, 1])  # the two least confident are wrong
+    score = M.UNCERTAINTY_SCORES["one_minus_max_prob"](probs, None)
+    assert M.misclassification_auroc(probs, labels, score) == 1.0
+    assert M.misclassification_auroc(probs, labels, -score) == 0.0
+    assert math.isnan(M.misclassification_auroc(probs, np.array([1, 1, 1, 1]), score))  # all wrong
+
+
+def test_uncertainty_scores_registry() -> None:
+    rng = np.random.default_rng(9)
+    sample_probs = _softmax(rng.normal(size=(4, 20, 3)))
+    probs = sample_probs.mean(axis=0)
+    assert set(M.UNCERTAINTY_SCORES) == {"entropy", "mutual_information", "one_minus_max_prob"}
+    for name in M.UNCERTAINTY_SCORES:
+        assert M.uncertainty_score(name, probs, sample_probs).shape == (20,)
+    assert M.uncertainty_score("entropy", probs) == pytest.approx(M.predictive_entropy(probs))
+    with pytest.raises(ValueError, match="sample_probs"):
+        M.uncertainty_score("mutual_information", probs)
+    with pytest.raises(ValueError, match="entropy"):
+        M.uncertainty_score("variance", probs)
+
+
+def test_classification_metrics_keys_and_values() -> None:
+    rng = np.random.default_rng(4)
+    sample_probs = _softmax(2.0 * rng.normal(size=(6, 300, 5)))
+    probs = sample_probs.mean(axis=0)
+    labels = rng.integers(0, 5, 300)
+    out = M.classification_metrics(probs, labels, sample_probs)
+    assert list(out) == [
+        "accuracy",
+        "nll",
+        "brier",
+        "ece",
+        "debiased_marginal_l2_ce",
+        "entropy_mean",
+        "mi_mean",
+        "misclassification_auroc_entropy",
+        "misclassification_auroc_max_prob",
+    ]
+    assert out["ece"] == pytest.approx(M.ece(probs, labels))
+    assert out["mi_mean"] == pytest.approx(M.mutual_information(sample_probs).mean())
+    assert all(isinstance(v, float) for v in out.values())
+    assert M.classification_metrics(probs, labels)["mi_mean"] is None
