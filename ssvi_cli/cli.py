@@ -1,0 +1,72 @@
+"""The ``ssvi`` command line: thin Typer commands; the only module that prints or exits."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Optional, Sequence
+
+import typer
+
+from ssvi_cli.commands import presets as presets_cmd
+from ssvi_cli.commands import train as train_cmd
+from ssvi_cli.commands.common import UsageError, err
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Sparse Bayesian neural networks with Sparse Subspace Variational Inference.")
+
+for module in (train_cmd, presets_cmd):
+    module.register(app)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the user asked for something impossible (exit code 2)."""
+    from ssvi_cli.allocation import AllocationError
+    from ssvi_cli.checkpoint import CheckpointError
+    from ssvi_cli.config import ConfigError
+    from ssvi_cli.data import DataError
+    from ssvi_cli.registry import UnknownName
+
+    found: list[type[BaseException]] = [UsageError, ConfigError, UnknownName, DataError,
+                                        AllocationError, CheckpointError]
+    try:
+        from ssvi_cli.export import ModelFileError
+
+        found.append(ModelFileError)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the CLI and return its exit code: 0 ok, 1 runtime failure, 2 usage error, 130 interrupted."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        # Standalone mode: Typer reports its own usage errors (exit 2); ours propagate to here.
+        app(args=args, prog_name="ssvi")
+        return 0
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except train_cmd.KeyboardInterruptHandled as exc:
+        err.print(str(exc))
+        return 130
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place that turns errors into messages
+        if debug:
+            raise
+        code = 2 if isinstance(exc, _user_errors()) else 1
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        prefix = "error" if code == 2 else f"error ({type(exc).__name__})"
+        err.print(f"[bold red]{prefix}:[/] {message}" + ("" if code == 2 else "  (run with --debug for the traceback)"),
+                  markup=True)
+        return code
+
+
+def main() -> None:
+    sys.exit(run())

@@ -1,0 +1,1 @@
+"""One module per ``ssvi`` subcommand; each exposes ``register(app)``."""

@@ -1,0 +1,149 @@
+"""``ssvi train``: resolve the preset and flags into a Config and hand it to the engine."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ssvi_cli import config as cfgmod
+from ssvi_cli.commands.common import UsageError, err, fmt, kv_table, out, print_json, progress_bar
+
+
+def build_config(preset: str, overrides: dict[str, Any], sets: list[str]) -> cfgmod.Config:
+    cfg = cfgmod.load_preset(preset)
+    flat = {k: v for k, v in overrides.items() if v is not None}
+    for text in sets:
+        key, value = cfgmod.parse_override(text)
+        flat[key] = value
+    return cfgmod.apply_overrides(cfg, flat)
+
+
+def default_run_dir(cfg: cfgmod.Config, preset: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    tag = f"{Path(preset).stem}-{cfg.sparse.method}"
+    if cfg.density < 1:
+        tag += f"-s{cfg.sparse.sparsity:g}"
+    return Path("runs") / f"{stamp}-{tag}"
+
+
+def prepare_run_dir(run_dir: Path, force: bool) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir} exists and is not a directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not force:
+            raise UsageError(
+                f"--out {run_dir} already holds a run; pass --force to overwrite it or "
+                f"--resume {run_dir} to continue it"
+            )
+        shutil.rmtree(run_dir)
+
+
+def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
+    rows = {
+        "method": summary["method"],
+        "model / data": f"{summary['model']} / {summary['dataset']}",
+        "target sparsity": summary["sparsity"],
+        "achieved density": f"{summary['density']:.4f} ({summary['active_weights']:,} of {summary['total_weights']:,} weights)",
+        "test accuracy": summary["test_accuracy"],
+        "test NLL": summary["test_nll"],
+        "evaluated as": summary["test_mode"] + (f", S={summary['test_samples']}" if summary["test_samples"] else ""),
+        "mean-network accuracy": summary["test_accuracy_mean_net"],
+        "epochs / steps": f"{summary['epochs']} / {summary['steps']}",
+        "subspace steps": summary["subspace_steps"],
+        "model file": f"{summary.get('model_file')} ({summary.get('model_file_bytes', 0):,} bytes)",
+    }
+    return rows
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def train(
+        preset: Annotated[str, typer.Option(help="Preset name (see 'ssvi presets') or a YAML path.")] = cfgmod.DEFAULT_PRESET,
+        sparsity: Annotated[Optional[float], typer.Option(help="Fraction of weights that are exactly zero, in [0, 1).")] = None,
+        method: Annotated[Optional[str], typer.Option(help="ssvi, vi, static, rigl or dense.")] = None,
+        criterion: Annotated[Optional[str], typer.Option(help="Removal criterion: mean, snr, e_abs, snr_abs, e_exp, snr_exp.")] = None,
+        epochs: Annotated[Optional[int], typer.Option(help="Training epochs.")] = None,
+        batch_size: Annotated[Optional[int], typer.Option(help="Minibatch size.")] = None,
+        lr: Annotated[Optional[float], typer.Option(help="Learning rate of mu (and BN, biases).")] = None,
+        seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+        device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
+        out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<time>-<preset>-<method>).")] = None,
+        set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: --set optim.lr_sigma=0.02 (repeatable).")] = None,
+        resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last checkpoint.")] = None,
+        force: Annotated[bool, typer.Option(help="Overwrite an existing run directory.")] = False,
+        json_out: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON only.")] = False,
+    ) -> None:
+        """Train a sparse Bayesian network with SSVI (or a baseline via --method)."""
+        from ssvi_cli.engine import Interrupted, Trainer
+
+        if resume is not None:
+            given = [n for n, v in (("--preset", preset != cfgmod.DEFAULT_PRESET), ("--sparsity", sparsity),
+                                     ("--method", method), ("--criterion", criterion), ("--epochs", epochs),
+                                     ("--batch-size", batch_size), ("--lr", lr), ("--seed", seed),
+                                     ("--set", set_), ("--out", out_dir)) if v]
+            if given:
+                raise UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
+            trainer = Trainer.resume(resume, device=device)
+            err.print(f"resuming {resume} at epoch {trainer.state.epoch + 1}, step {trainer.state.step}")
+        else:
+            cfg = build_config(preset, {
+                "sparse.sparsity": sparsity, "sparse.method": method, "sparse.criterion": criterion,
+                "train.epochs": epochs, "train.batch_size": batch_size, "optim.lr": lr,
+                "train.seed": seed, "train.device": device}, set_ or [])
+            from ssvi_cli.engine import check_names, resolve_device
+
+            check_names(cfg)
+            resolve_device(cfg.train.device)
+            run_dir = out_dir or default_run_dir(cfg, preset)
+            prepare_run_dir(run_dir, force)
+            trainer = Trainer.create(cfg, run_dir)
+        summary = _fit(trainer, Interrupted, quiet=json_out)
+        if json_out:
+            print_json(summary)
+            return
+        out.print(kv_table(f"ssvi train: {trainer.run_dir}", summary_rows(summary)))
+
+
+def _fit(trainer, interrupted_cls, quiet: bool) -> dict[str, Any]:
+    from ssvi_cli.engine import Progress
+
+    cfg = trainer.cfg
+    if not quiet:
+        err.print(f"training {cfg.model.name} on {cfg.data.name} with {cfg.sparse.method} "
+                  f"(density {cfg.density:.3g}, {cfg.train.epochs} epochs, device {trainer.device}) "
+                  f"-> {trainer.run_dir}")
+    with progress_bar(enabled=not quiet) as bar:
+        task = None
+
+        def on_epoch_start(epoch: int, n_batches: int) -> None:
+            nonlocal task
+            if bar is not None:
+                if task is not None:
+                    bar.remove_task(task)
+                task = bar.add_task(f"epoch {epoch + 1}/{cfg.train.epochs}", total=n_batches, info="")
+
+        def on_batch(live: dict[str, float]) -> None:
+            if bar is not None and task is not None:
+                bar.update(task, advance=1, info=f"loss {live['loss']:.4f} acc {live['acc']:.3f}")
+
+        def on_epoch_end(rec: dict[str, Any]) -> None:
+            if bar is None and not quiet:
+                err.print(f"epoch {rec['epoch']}/{cfg.train.epochs} loss {rec['loss']:.4f} "
+                          f"nll {rec['nll']:.4f} train_acc {rec['train_accuracy']:.3f} "
+                          f"val_acc {fmt(rec['val_accuracy'], 3)} density {rec['density']:.4f} "
+                          f"swapped {rec['swapped']} {rec['seconds']:.1f}s")
+
+        try:
+            return trainer.fit(Progress(on_epoch_start, on_batch, on_epoch_end))
+        except interrupted_cls as stop:
+            raise KeyboardInterruptHandled(
+                f"interrupted at step {stop.step}; checkpoint written. Resume with: ssvi train --resume {stop.run_dir}"
+            ) from None
+
+
+class KeyboardInterruptHandled(Exception):
+    """Ctrl-C after the checkpoint was written (exit code 130)."""

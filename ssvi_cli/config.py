@@ -1,0 +1,353 @@
+"""Typed, frozen run configuration: YAML presets plus ``key.sub=value`` overrides.
+
+One name per knob: the dataclass field, the YAML key and the override key are the same string.
+This module does not import torch, so it stays cheap for ``ssvi presets`` and validation.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+METHODS = ("ssvi", "vi", "static", "rigl", "dense")
+ALLOCATIONS = ("uniform", "erk")
+SIGMA_PARAMS = ("softplus", "exp")
+NEW_SIGMA = ("mean", "tiny")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+KERNELS = ("auto", "sparse", "dense")
+PRECISIONS = ("fp32", "bf16", "fp16")
+_ADDITION = re.compile(r"^(sample|mean|accumulate:(\d+))$")
+
+
+class ConfigError(ValueError):
+    """A bad preset, override key or value; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "mlp"
+    widths: tuple[int, ...] = (256, 256)
+    dense_stem: bool = True  # conv models keep the first conv dense; MLPs ignore it
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"
+    data_dir: Optional[str] = None
+    download: bool = False
+    val_fraction: float = 0.1
+    augment: bool = True
+    max_train: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    method: str = "ssvi"
+    sparsity: float = 0.9
+    allocation: str = "uniform"
+    criterion: str = "snr_abs"
+    criterion_lambda: float = 1.0
+    addition: str = "sample"
+    delta_t: int = 100
+    alpha: float = 0.3
+    t_end: float = 0.75  # fraction of total optimisation steps after which the support is frozen
+    new_sigma: str = "mean"
+
+
+@dataclass(frozen=True)
+class BayesConfig:
+    beta: float = 0.01
+    prior_sigma: float = 0.005
+    sigma_param: str = "softplus"
+    sigma_init_mean: float = 6e-4
+    sigma_init_std: float = 5e-4
+    mu_init_std: float = 0.01  # for layers followed by BatchNorm; others use a fan-in scaled init
+    kl_warmup: bool = True
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.01
+    lr_sigma: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 128
+    seed: int = 0
+    device: str = "auto"
+    eval_samples: int = 10
+    kernel: str = "auto"
+    precision: str = "fp32"
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 2
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)
+    bayes: BayesConfig = field(default_factory=BayesConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    @property
+    def bayesian(self) -> bool:
+        return self.sparse.method in ("ssvi", "vi", "static")
+
+    @property
+    def density(self) -> float:
+        """Target density of sparse layers (1.0 for the dense methods)."""
+        return 1.0 if self.sparse.method in ("vi", "dense") else 1.0 - self.sparse.sparsity
+
+    @property
+    def moves_support(self) -> bool:
+        return self.sparse.method in ("ssvi", "rigl")
+
+
+def _to_plain(obj: Any) -> Any:
+    if is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def addition_accumulate(addition: str) -> int:
+    """Number of minibatches whose dense gradients are averaged (1 for sample/mean)."""
+    m = _ADDITION.match(addition)
+    if m is None:
+        raise ConfigError(
+            f"sparse.addition={addition!r}; valid values are sample, mean, accumulate:N"
+        )
+    return int(m.group(2)) if m.group(2) else 1
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/override value to the annotated field type, or raise ConfigError."""
+    origin = get_origin(tp)
+    if origin is Union:  # Optional[X]
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        return _coerce(value, args[0], key)
+    if origin is tuple:
+        (inner, _ellipsis) = get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in re.split(r"[,\s]+", value.strip("[]() ")) if v]
+        if isinstance(value, int):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} expects a list, got {value!r}")
+        return tuple(_coerce(v, inner, key) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"{key} expects true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not (
+            isinstance(value, int) or (isinstance(value, str) and re.fullmatch(r"-?\d+", value))
+        ):
+            raise ConfigError(f"{key} expects an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} expects a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} expects a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} expects a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def valid_keys() -> list[str]:
+    """Every settable ``section.key``."""
+    return [
+        f"{section}.{key}"
+        for section, cls in _section_types(Config).items()
+        for key in _section_types(cls)
+    ]
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Return a new Config with ``{"section.key": value}`` applied; unknown keys are rejected."""
+    sections = {f.name: getattr(cfg, f.name) for f in fields(Config)}
+    for key, value in overrides.items():
+        parts = key.split(".")
+        if len(parts) != 2 or parts[0] not in sections:
+            raise ConfigError(
+                f"unknown config key {key!r}; valid keys are: {', '.join(valid_keys())}"
+            )
+        section, name = parts
+        types = _section_types(type(sections[section]))
+        if name not in types:
+            raise ConfigError(
+                f"unknown config key {key!r}; valid keys in {section!r} are: "
+                + ", ".join(f"{section}.{k}" for k in types)
+            )
+        sections[section] = replace(sections[section], **{name: _coerce(value, types[name], key)})
+    new = Config(**sections)
+    validate(new)
+    return new
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Build a validated Config from a nested mapping such as a preset or a saved config."""
+    if not isinstance(data, dict):
+        raise ConfigError("a config must be a mapping of sections")
+    flat: dict[str, Any] = {}
+    for section, values in data.items():
+        if section == "command":  # presets may record the command that runs them
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
+        for k, v in values.items():
+            flat[f"{section}.{k}"] = v
+    return apply_overrides(Config(), flat)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key.sub=value``; the value is read as YAML scalar/list (never evaluated as code)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key.sub=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def validate(cfg: Config) -> None:
+    """Range and choice checks that need no registry (names are checked by the registries)."""
+    s, b, o, t, d = cfg.sparse, cfg.bayes, cfg.optim, cfg.train, cfg.data
+
+    def choice(key: str, value: str, options: tuple[str, ...]) -> None:
+        if value not in options:
+            raise ConfigError(f"{key}={value!r}; valid values are: {', '.join(options)}")
+
+    choice("sparse.method", s.method, METHODS)
+    choice("sparse.allocation", s.allocation, ALLOCATIONS)
+    choice("sparse.new_sigma", s.new_sigma, NEW_SIGMA)
+    choice("bayes.sigma_param", b.sigma_param, SIGMA_PARAMS)
+    choice("optim.name", o.name, OPTIMIZERS)
+    choice("optim.schedule", o.schedule, SCHEDULES)
+    choice("train.device", t.device, DEVICES)
+    choice("train.kernel", t.kernel, KERNELS)
+    choice("train.precision", t.precision, PRECISIONS)
+    n_acc = addition_accumulate(s.addition)
+    if not 0.0 <= s.sparsity < 1.0:
+        raise ConfigError(f"sparsity={s.sparsity} must be in [0, 1), e.g. --sparsity 0.95")
+    checks = [
+        ("sparse.alpha", 0.0 <= s.alpha <= 1.0, "in [0, 1]"),
+        ("sparse.t_end", 0.0 <= s.t_end <= 1.0, "in [0, 1]"),
+        ("sparse.delta_t", s.delta_t >= 1, ">= 1"),
+        ("sparse.addition", n_acc < s.delta_t, f"accumulate:N needs N < delta_t={s.delta_t}"),
+        ("sparse.criterion_lambda", s.criterion_lambda > 0, "> 0"),
+        ("bayes.beta", b.beta >= 0, ">= 0"),
+        ("bayes.prior_sigma", b.prior_sigma > 0, "> 0"),
+        ("bayes.sigma_init_mean", b.sigma_init_mean > 0, "> 0"),
+        ("bayes.sigma_init_std", b.sigma_init_std >= 0, ">= 0"),
+        ("bayes.mu_init_std", b.mu_init_std > 0, "> 0"),
+        ("optim.lr", o.lr > 0, "> 0"),
+        ("optim.lr_sigma", o.lr_sigma >= 0, ">= 0"),
+        ("optim.momentum", 0 <= o.momentum < 1, "in [0, 1)"),
+        ("optim.weight_decay", o.weight_decay >= 0, ">= 0"),
+        ("train.epochs", t.epochs >= 1, ">= 1"),
+        ("train.batch_size", t.batch_size >= 1, ">= 1"),
+        ("train.eval_samples", t.eval_samples >= 1, ">= 1"),
+        ("train.checkpoint_every", t.checkpoint_every >= 1, ">= 1"),
+        ("train.keep_checkpoints", t.keep_checkpoints >= 1, ">= 1"),
+        ("train.num_workers", t.num_workers >= 0, ">= 0"),
+        ("data.val_fraction", 0.0 <= d.val_fraction < 1.0, "in [0, 1)"),
+        ("data.max_train", d.max_train is None or d.max_train >= 1, ">= 1"),
+        ("model.widths", all(w >= 1 for w in cfg.model.widths), "positive integers"),
+    ]
+    for key, ok, rule in checks:
+        if not ok:
+            section, name = key.split(".")
+            value = getattr(getattr(cfg, section), name)
+            raise ConfigError(f"{key}={value!r} must be {rule}")
+
+
+# ---------------------------------------------------------------- presets
+
+def presets_dir() -> Path:
+    """The repository's ``presets/`` folder (next to the package)."""
+    return Path(__file__).resolve().parent.parent / "presets"
+
+
+def list_presets() -> dict[str, Path]:
+    d = presets_dir()
+    return {p.stem: p for p in sorted(d.glob("*.yaml"))} if d.is_dir() else {}
+
+
+def preset_command(path: Path) -> str:
+    """The command line a preset records on its first line (``# ssvi train ...``)."""
+    first = path.read_text(encoding="utf-8").splitlines()[0] if path.stat().st_size else ""
+    return first.lstrip("# ").strip()
+
+
+def load_preset(name_or_path: str) -> Config:
+    """Load a preset by name (``digits_mlp``) or by path to a YAML file."""
+    presets = list_presets()
+    path = presets.get(name_or_path)
+    if path is None:
+        candidate = Path(name_or_path)
+        if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+            path = candidate
+        else:
+            raise ConfigError(
+                f"unknown preset {name_or_path!r}; valid names are: {', '.join(presets) or '(none)'}"
+                " (or pass a path to a .yaml file)"
+            )
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"preset {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    try:
+        return from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"preset {path.name}: {exc}") from None
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+DEFAULT_PRESET = "digits_mlp"
+
+__all__ = [
+    "Config", "ConfigError", "ModelConfig", "DataConfig", "SparseConfig", "BayesConfig",
+    "OptimConfig", "TrainConfig", "apply_overrides", "from_dict", "parse_override", "validate",
+    "load_preset", "list_presets", "preset_command", "dump_yaml", "addition_accumulate",
+    "DEFAULT_PRESET",
+]

@@ -1,0 +1,313 @@
+"""Sparse Gaussian layers: a weight is an explicit index set plus ``mu``/``rho`` of that length.
+
+Off the support a weight is exactly zero (a point mass); on it ``theta_i ~ N(mu_i, sigma_i^2)`` with
+``sigma = softplus(rho)`` (or ``exp``). Parameters, their gradients and optimizer state therefore scale
+with the number of active entries. One functional core serves ``Linear`` and ``Conv2d``; a dense
+Bayesian layer is the same layer at density 1, and a deterministic layer has no ``rho``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LRT_EPS = 1e-8
+# Linear layers at or below this density use the sparse (CSR) kernel under ``kernel=auto``.
+AUTO_SPARSE_MAX_DENSITY = 0.3
+
+
+def sigma_from_rho(rho: Tensor, param: str) -> Tensor:
+    """sigma = softplus(rho) (default) or exp(rho)."""
+    return F.softplus(rho) if param == "softplus" else torch.exp(rho)
+
+
+def rho_from_sigma(sigma: Tensor, param: str) -> Tensor:
+    """Inverse of :func:`sigma_from_rho`: rho = log(expm1(sigma)) or log(sigma)."""
+    sigma = sigma.clamp_min(1e-30)
+    if param == "softplus":
+        # log(expm1(s)) = s + log(1 - exp(-s)) is stable for large s; expm1 is exact for small s.
+        return torch.where(sigma > 20, sigma + torch.log1p(-torch.exp(-sigma)), torch.log(torch.expm1(sigma)))
+    return torch.log(sigma)
+
+
+def gaussian_kl(mu: Tensor, sigma: Tensor, prior_sigma: float) -> Tensor:
+    """sum_i KL(N(mu_i, sigma_i^2) || N(0, prior_sigma^2))
+    = sum_i log(prior_sigma / sigma_i) + (sigma_i^2 + mu_i^2) / (2 prior_sigma^2) - 1/2."""
+    var_p = prior_sigma**2
+    return (math.log(prior_sigma) - torch.log(sigma) + (sigma**2 + mu**2) / (2 * var_p) - 0.5).sum()
+
+
+# ------------------------------------------------------------------ sparse kernel
+
+@dataclass
+class CsrPattern:
+    """CSR structure of a support viewed as a (rows, cols) matrix, and of its transpose."""
+
+    rows: int
+    cols: int
+    crow: Tensor
+    col: Tensor
+    crow_t: Tensor
+    col_t: Tensor
+    perm_t: Tensor  # values[perm_t] lists the entries in the transpose's CSR order
+
+    @classmethod
+    def from_flat(cls, idx: Tensor, rows: int, cols: int) -> "CsrPattern":
+        r, c = idx // cols, idx % cols  # idx is sorted, so (r, c) is already in CSR order
+        crow = torch.ops.aten._convert_indices_from_coo_to_csr(r, rows)
+        perm_t = torch.argsort(c * rows + r)
+        crow_t = torch.ops.aten._convert_indices_from_coo_to_csr(c[perm_t], cols)
+        return cls(rows, cols, crow, c, crow_t, r[perm_t], perm_t)
+
+    def matrix(self, values: Tensor) -> Tensor:
+        return torch.sparse_csr_tensor(self.crow, self.col, values, (self.rows, self.cols),
+                                       check_invariants=False)
+
+    def matrix_t(self, values: Tensor) -> Tensor:
+        return torch.sparse_csr_tensor(self.crow_t, self.col_t, values[self.perm_t],
+                                       (self.cols, self.rows), check_invariants=False)
+
+
+class SparseMatmul(torch.autograd.Function):
+    """``x @ W.T`` for a CSR weight given by its values; gradients only for the stored entries.
+
+    forward: out = (W x^T)^T; backward: dx = (W^T g^T)^T, dvalues = (g^T x) sampled on the support.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, values: Tensor, pattern: CsrPattern) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, values)
+        ctx.pattern = pattern
+        return (pattern.matrix(values) @ x.t().contiguous()).t()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, values = ctx.saved_tensors
+        p: CsrPattern = ctx.pattern
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (p.matrix_t(values) @ grad.t().contiguous()).t()
+        if ctx.needs_input_grad[1]:
+            sampled = torch.sparse.sampled_addmm(
+                p.matrix(torch.zeros_like(values)), grad.t().contiguous(), x.contiguous(), beta=0.0
+            )
+            grad_values = sampled.values()
+        return grad_x, grad_values, None
+
+
+# ------------------------------------------------------------------ the layer
+
+class SparseGaussian(nn.Module):
+    """A weight tensor of ``weight_shape`` whose active entries ``idx`` carry mu (and rho).
+
+    ``mode``: ``lrt`` (local reparameterisation, training), ``mean`` (theta = mu) or ``sample``
+    (one weight draw over the active entries, used by Monte Carlo prediction).
+    """
+
+    def __init__(self, weight_shape: tuple[int, ...], *, bias: bool, bayesian: bool,
+                 sigma_param: str = "softplus", stem: bool = False, normed: bool = False) -> None:
+        super().__init__()
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+        self.numel = math.prod(self.weight_shape)
+        self.fan_in = self.numel // self.weight_shape[0]
+        self.bayesian = bayesian
+        self.sigma_param = sigma_param
+        self.stem = stem
+        self.normed = normed  # followed by BatchNorm: small mu init is fine
+        self.register_buffer("idx", torch.zeros(0, dtype=torch.long))
+        self.mu = nn.Parameter(torch.zeros(0))
+        if bayesian:
+            self.rho = nn.Parameter(torch.zeros(0))
+        else:
+            self.register_parameter("rho", None)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.weight_shape[0]))
+        else:
+            self.register_parameter("bias", None)
+        self.mode = "lrt"
+        self.kernel = "auto"
+        self.capture_dense_grad = False
+        self.dense_grad: Optional[Tensor] = None
+        self._leaf: Optional[Tensor] = None
+        self._pattern: Optional[tuple[Tensor, CsrPattern]] = None
+
+    # -- support ---------------------------------------------------------------
+    @property
+    def active(self) -> int:
+        return int(self.idx.numel())
+
+    @property
+    def density(self) -> float:
+        return self.active / self.numel
+
+    def set_support(self, idx: Tensor, mu: Tensor, rho: Optional[Tensor] = None) -> None:
+        """Replace the support and its values; ``idx`` must be sorted and unique."""
+        self.idx = idx.to(device=self.mu.device, dtype=torch.long)
+        self.mu.data = mu.to(self.mu.device, self.mu.dtype).contiguous()
+        if self.bayesian:
+            if rho is None:
+                raise ValueError("a Bayesian layer needs rho with its support")
+            self.rho.data = rho.to(self.rho.device, self.rho.dtype).contiguous()
+        self._pattern = None
+
+    def sigma(self) -> Tensor:
+        if not self.bayesian:
+            raise RuntimeError("a deterministic layer has no sigma")
+        return sigma_from_rho(self.rho, self.sigma_param)
+
+    def kl(self, prior_sigma: float) -> Tensor:
+        if not self.bayesian:
+            return self.mu.new_zeros(())
+        return gaussian_kl(self.mu, self.sigma(), prior_sigma)
+
+    def to_dense(self, values: Tensor) -> Tensor:
+        """Scatter values over the support into a dense tensor of ``weight_shape``."""
+        if self.active == self.numel:
+            return values.view(self.weight_shape)
+        dense = values.new_zeros(self.numel).scatter(0, self.idx, values)
+        return dense.view(self.weight_shape)
+
+    def uses_sparse_kernel(self) -> bool:
+        if self.kernel == "sparse":
+            return self.active < self.numel
+        if self.kernel == "dense":
+            return False
+        return self.default_sparse() and self.density <= AUTO_SPARSE_MAX_DENSITY
+
+    def default_sparse(self) -> bool:
+        """Whether ``kernel=auto`` may use the sparse kernel for this layer type."""
+        return True
+
+    def pattern(self) -> CsrPattern:
+        cached = self._pattern
+        if cached is None or cached[0] is not self.idx:
+            cached = (self.idx, CsrPattern.from_flat(self.idx, self.weight_shape[0], self.fan_in))
+            self._pattern = cached
+        return cached[1]
+
+    # -- forward ---------------------------------------------------------------
+    def apply_weight(self, x: Tensor, values: Tensor) -> Tensor:
+        """The layer's linear operation with weight entries ``values`` on the support (no bias)."""
+        raise NotImplementedError
+
+    def moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """LRT output mean (with bias) and variance for input ``x``."""
+        mean = self._with_bias(self.apply_weight(x, self.mu))
+        var = self.apply_weight(x * x, self.sigma() ** 2)
+        return mean, var
+
+    @staticmethod
+    def sample_from_moments(mean: Tensor, var: Tensor) -> Tensor:
+        return mean + torch.sqrt(var + LRT_EPS) * torch.randn_like(mean)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.capture_dense_grad:
+            return self._forward_capture(x)
+        if not self.bayesian or self.mode == "mean":
+            return self._with_bias(self.apply_weight(x, self.mu))
+        if self.mode == "sample":
+            values = self.mu + self.sigma() * torch.randn_like(self.mu)
+            return self._with_bias(self.apply_weight(x, values))
+        return self.sample_from_moments(*self.moments(x))
+
+    def _with_bias(self, out: Tensor) -> Tensor:
+        if self.bias is None:
+            return out
+        shape = (1, -1) + (1,) * (out.dim() - 2)
+        return out + self.bias.view(shape)
+
+    def _forward_capture(self, x: Tensor) -> Tensor:
+        """Forward through a dense leaf holding mu so backward yields dL/dmu at every position."""
+        leaf = self.mu.detach().new_zeros(self.numel).scatter(0, self.idx, self.mu.detach())
+        leaf.requires_grad_(True)
+        self._leaf = leaf
+        mean = self._with_bias(self.dense_op(x, leaf.view(self.weight_shape)))
+        if not self.bayesian or self.mode == "mean":
+            return mean
+        var = self.apply_weight(x * x, self.sigma() ** 2)
+        return self.sample_from_moments(mean, var)
+
+    def collect_dense_grad(self) -> Optional[Tensor]:
+        """After backward in capture mode: store the dense gradient and route it to ``mu.grad``."""
+        leaf, self._leaf = self._leaf, None
+        if leaf is None or leaf.grad is None:
+            return None
+        dense = leaf.grad.detach()
+        self.dense_grad = dense
+        part = dense[self.idx]
+        self.mu.grad = part if self.mu.grad is None else self.mu.grad + part
+        return dense
+
+    def dense_op(self, x: Tensor, weight: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        kind = "bayesian" if self.bayesian else "deterministic"
+        return f"shape={self.weight_shape}, active={self.active}/{self.numel}, {kind}"
+
+
+class SparseLinear(SparseGaussian):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True, **kw) -> None:
+        super().__init__((out_features, in_features), bias=bias, **kw)
+
+    def dense_op(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight)
+
+    def apply_weight(self, x: Tensor, values: Tensor) -> Tensor:
+        if self.uses_sparse_kernel():
+            lead = x.shape[:-1]
+            out = SparseMatmul.apply(x.reshape(-1, x.shape[-1]), values, self.pattern())
+            return out.reshape(*lead, self.weight_shape[0])
+        return F.linear(x, self.to_dense(values))
+
+
+class SparseConv2d(SparseGaussian):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
+                 padding: int = 0, dilation: int = 1, groups: int = 1, bias: bool = False, **kw) -> None:
+        shape = (out_channels, in_channels // groups, kernel_size, kernel_size)
+        super().__init__(shape, bias=bias, **kw)
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+
+    def default_sparse(self) -> bool:
+        # A transient dense weight with cuDNN/oneDNN convolution beats unfold + CSR for 3x3 kernels
+        # at the densities we use; 1x1 convs are matrix products and can take the sparse kernel.
+        return self.weight_shape[2:] == (1, 1) and self.groups == 1
+
+    def dense_op(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def apply_weight(self, x: Tensor, values: Tensor) -> Tensor:
+        if self.groups == 1 and self.uses_sparse_kernel():
+            return self._sparse_conv(x, values)
+        return self.dense_op(x, self.to_dense(values))
+
+    def _sparse_conv(self, x: Tensor, values: Tensor) -> Tensor:
+        """Convolution as unfold + sparse matrix product (im2col over active entries only)."""
+        b, _, h, w = x.shape
+        k = self.weight_shape[2]
+        oh = (h + 2 * self.padding - self.dilation * (k - 1) - 1) // self.stride + 1
+        ow = (w + 2 * self.padding - self.dilation * (k - 1) - 1) // self.stride + 1
+        cols = F.unfold(x, k, dilation=self.dilation, padding=self.padding, stride=self.stride)
+        cols = cols.transpose(1, 2).reshape(b * oh * ow, -1)
+        out = SparseMatmul.apply(cols, values, self.pattern())
+        return out.reshape(b, oh * ow, -1).transpose(1, 2).reshape(b, -1, oh, ow)
+
+
+def sparse_layers(model: nn.Module) -> list[tuple[str, SparseGaussian]]:
+    """All sparse Gaussian layers of a model, in registration order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SparseGaussian)]
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    for _, layer in sparse_layers(model):
+        layer.mode = mode
+
+
+def set_kernel(model: nn.Module, kernel: str) -> None:
+    for _, layer in sparse_layers(model):
+        layer.kernel = kernel

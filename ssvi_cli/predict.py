@@ -1,0 +1,63 @@
+"""Prediction shared by training, evaluation and ``infer``: mean network or Monte Carlo average.
+
+Monte Carlo prediction computes the first layer's LRT mean and variance once (exact: its input is
+fixed) and draws each sample's first-layer output from them; deeper layers draw one weight sample
+per Monte Carlo draw over their active entries only.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from ssvi_cli.layers import set_mode
+from ssvi_cli.models import SSVIModel
+
+MODES = ("mc", "mean")
+
+
+def is_bayesian(model: SSVIModel) -> bool:
+    return model.first.bayesian
+
+
+@torch.no_grad()
+def predict_batch(model: SSVIModel, x: Tensor, samples: int = 10, mode: str = "mc"
+                  ) -> tuple[Tensor, Optional[Tensor]]:
+    """Return (probs (B, C), sample_probs (S, B, C) or None for the mean network)."""
+    model.eval()
+    if mode == "mean" or not is_bayesian(model):
+        set_mode(model, "mean")
+        return torch.softmax(model(x).float(), dim=-1), None
+    h = model.prepare(x)
+    mean, var = model.first.moments(h)
+    set_mode(model, "sample")
+    try:
+        draws = [torch.softmax(model.forward_rest(model.first.sample_from_moments(mean, var)).float(), -1)
+                 for _ in range(samples)]
+    finally:
+        set_mode(model, "lrt")
+    stacked = torch.stack(draws)
+    return stacked.mean(0), stacked
+
+
+@torch.no_grad()
+def predict_loader(model: SSVIModel, batches: Iterable, device: torch.device, samples: int = 10,
+                   mode: str = "mc", keep_samples: bool = True, on_batch=None
+                   ) -> dict[str, Optional[Tensor]]:
+    """Predict over (x, y) batches; returns probs, labels and (optionally) per-sample probs on CPU."""
+    probs, labels, sample_probs = [], [], []
+    for x, y in batches:
+        p, sp = predict_batch(model, x.to(device), samples, mode)
+        probs.append(p.cpu())
+        labels.append(torch.as_tensor(y).cpu())
+        if sp is not None and keep_samples:
+            sample_probs.append(sp.cpu())
+        if on_batch is not None:
+            on_batch(len(y))
+    return {
+        "probs": torch.cat(probs) if probs else torch.zeros(0),
+        "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
+        "sample_probs": torch.cat(sample_probs, dim=1) if sample_probs else None,
+    }
