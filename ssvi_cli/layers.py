@@ -9,12 +9,16 @@ Bayesian layer is the same layer at density 1, and a deterministic layer has no 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# CSR support is stable for the operations used here (matmul, sampled_addmm); the warning is noise.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 LRT_EPS = 1e-8
 # Linear layers at or below this density use the sparse (CSR) kernel under ``kernel=auto``.

@@ -1,0 +1,151 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssvi_cli.layers import (
+    CsrPattern, SparseConv2d, SparseLinear, SparseMatmul, gaussian_kl, rho_from_sigma, sigma_from_rho,
+)
+
+
+def make_linear(fan_in=12, fan_out=7, density=0.3, bayesian=True, kernel="sparse"):
+    layer = SparseLinear(fan_in, fan_out, bayesian=bayesian)
+    n = fan_in * fan_out
+    k = max(1, int(density * n))
+    idx = torch.randperm(n)[:k].sort().values
+    rho = rho_from_sigma(torch.rand(k) * 0.2 + 0.05, "softplus") if bayesian else None
+    layer.set_support(idx, torch.randn(k), rho)
+    layer.bias.data.normal_()
+    layer.kernel = kernel
+    return layer
+
+
+def test_sparse_matmul_gradients_match_dense_autograd():
+    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    n, k = 84, 20
+    idx = torch.randperm(n)[:k].sort().values
+    values = torch.randn(k, dtype=torch.float64, requires_grad=True)
+    pattern = CsrPattern.from_flat(idx, 7, 12)
+    out = SparseMatmul.apply(x, values, pattern)
+    dense_values = values.detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    w = torch.zeros(n, dtype=torch.float64).scatter(0, idx, dense_values).view(7, 12)
+    ref = x2 @ w.t()
+    g = torch.randn_like(ref)
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(values.grad, dense_values.grad)
+
+
+def test_sparse_matmul_gradcheck():
+    idx = torch.tensor([0, 3, 5, 9, 10, 17, 22, 23])
+    pattern = CsrPattern.from_flat(idx, 4, 6)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: SparseMatmul.apply(a, b, pattern), (x, v))
+
+
+@pytest.mark.parametrize("mode", ["mean", "lrt_moments"])
+def test_sparse_and_dense_kernels_agree_including_variance_path(mode):
+    torch.manual_seed(1)
+    sparse = make_linear(kernel="sparse")
+    dense = make_linear(kernel="dense")
+    dense.load_state_dict(sparse.state_dict())
+    dense.set_support(sparse.idx, sparse.mu.detach(), sparse.rho.detach())
+    x = torch.randn(9, 12)
+    if mode == "mean":
+        sparse.mode = dense.mode = "mean"
+        a, b = sparse(x), dense(x)
+        (a.square().sum()).backward()
+        (b.square().sum()).backward()
+    else:
+        ma, va = sparse.moments(x)
+        mb, vb = dense.moments(x)
+        torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6)
+        a, b = ma + va.sqrt(), mb + vb.sqrt()
+        a.sum().backward()
+        b.sum().backward()
+        torch.testing.assert_close(sparse.rho.grad, dense.rho.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sparse.mu.grad, dense.mu.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_lrt_output_matches_weight_sampling_moments():
+    torch.manual_seed(2)
+    layer = make_linear(fan_in=6, fan_out=3, density=0.5)
+    x = torch.randn(1, 6).expand(20000, 6)
+    with torch.no_grad():
+        layer.mode = "lrt"
+        lrt = layer(x)
+        layer.mode = "sample"
+        ws = torch.stack([layer(x[:1])[0] for _ in range(20000)])
+    torch.testing.assert_close(lrt.mean(0), ws.mean(0), atol=0.03, rtol=0)
+    torch.testing.assert_close(lrt.var(0), ws.var(0), atol=0.03, rtol=0.05)
+
+
+def test_only_active_entries_are_parameters():
+    layer = make_linear(fan_in=100, fan_out=50, density=0.05)
+    assert layer.mu.numel() == layer.rho.numel() == layer.idx.numel() == 250
+    assert layer.active == 250 and layer.numel == 5000
+    names = {n for n, _ in layer.named_parameters()}
+    assert names == {"mu", "rho", "bias"}
+
+
+@pytest.mark.parametrize("ksize,stride,padding", [(3, 1, 1), (1, 2, 0), (3, 2, 1)])
+def test_sparse_conv_matches_dense_conv(ksize, stride, padding):
+    conv = SparseConv2d(4, 6, ksize, stride=stride, padding=padding, bayesian=True)
+    n = conv.numel
+    k = n // 4
+    idx = torch.randperm(n)[:k].sort().values
+    conv.set_support(idx, torch.randn(k), rho_from_sigma(torch.full((k,), 0.1), "softplus"))
+    x = torch.randn(2, 4, 9, 9)
+    conv.mode = "mean"
+    conv.kernel = "sparse"
+    a = conv(x)
+    conv.kernel = "dense"
+    b = conv(x)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    w = torch.zeros(n).scatter(0, idx, conv.mu.detach()).view(conv.weight_shape)
+    torch.testing.assert_close(b, F.conv2d(x, w, None, stride, padding), rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_conv_uses_dense_path():
+    conv = SparseConv2d(4, 4, 3, padding=1, groups=2, bayesian=False)
+    conv.set_support(torch.arange(conv.numel), torch.randn(conv.numel))
+    conv.kernel = "sparse"
+    assert conv(torch.randn(1, 4, 5, 5)).shape == (1, 4, 5, 5)
+
+
+def test_kl_closed_form_matches_monte_carlo():
+    torch.manual_seed(3)
+    mu, sigma, prior = torch.tensor([0.3, -0.1]), torch.tensor([0.05, 0.2]), 0.1
+    kl = gaussian_kl(mu, sigma, prior)
+    theta = mu + sigma * torch.randn(400000, 2)
+    logq = torch.distributions.Normal(mu, sigma).log_prob(theta)
+    logp = torch.distributions.Normal(0.0, prior).log_prob(theta)
+    mc = (logq - logp).mean(0).sum()
+    assert abs(float(kl) - float(mc)) < 0.02 * float(kl)
+
+
+@pytest.mark.parametrize("param", ["softplus", "exp"])
+def test_sigma_rho_round_trip(param):
+    sigma = torch.tensor([1e-7, 6e-4, 0.1, 3.0, 40.0], dtype=torch.float64)
+    torch.testing.assert_close(sigma_from_rho(rho_from_sigma(sigma, param), param), sigma)
+
+
+def test_capture_mode_gives_dense_gradient_at_every_position():
+    torch.manual_seed(4)
+    layer = make_linear(density=0.2)
+    layer.capture_dense_grad = True
+    layer.mode = "mean"
+    x = torch.randn(8, 12)
+    layer(x).square().sum().backward()
+    dense = layer.collect_dense_grad()
+    w = torch.zeros(layer.numel).scatter(0, layer.idx, layer.mu.detach()).view(7, 12).requires_grad_(True)
+    (F.linear(x, w, layer.bias.detach())).square().sum().backward()
+    torch.testing.assert_close(dense.view(7, 12), w.grad)
+    torch.testing.assert_close(layer.mu.grad, w.grad.flatten()[layer.idx])
+    assert math.isclose(float(dense.abs().sum()), float(w.grad.abs().sum()), rel_tol=1e-6)
