@@ -241,9 +241,11 @@ class Trainer:
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
         order = torch.randperm(self.n_train, generator=gen).split(self.cfg.train.batch_size)
         batch_sampler = [b.tolist() for b in order[start:]]
+        # A private generator: creating a loader iterator draws its worker base seed from it, and
+        # drawing from the global RNG instead would shift the noise stream of a resumed run.
         loader = torch.utils.data.DataLoader(self.splits.train, batch_sampler=batch_sampler,
                                              num_workers=self.cfg.train.num_workers,
-                                             pin_memory=self.device.type == "cuda")
+                                             pin_memory=self.device.type == "cuda", generator=gen)
         yield from loader
 
     # -- one step ------------------------------------------------------------------
@@ -291,7 +293,7 @@ class Trainer:
         for hook in self.step_hooks:
             hook(self, "subspace" if update else "optim")
         correct = int((logits.argmax(-1) == y).sum())
-        return {"loss": float(loss), "nll": float(nll), "kl": float(kl), "kl_weight": weight,
+        return {"loss": loss.item(), "nll": nll.item(), "kl": kl.item(), "kl_weight": weight,
                 "correct": correct, "swapped": report.swapped if report else -1}
 
     def _check_finite(self, nll: Tensor, kl: Tensor, loss: Tensor) -> None:

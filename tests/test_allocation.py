@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from ssvi_cli import config as C
+from ssvi_cli.allocation import AllocationError, active_count, layer_densities
+from ssvi_cli.data import get_spec
+from ssvi_cli.engine import init_model, make_model
+from ssvi_cli.layers import sparse_layers
+
+
+def resnet(**over):
+    cfg = C.apply_overrides(C.load_preset("cifar10_resnet18"), over)
+    return cfg, make_model(cfg, get_spec("cifar10"))
+
+
+def test_uniform_keeps_stem_dense_and_reports_achieved_density():
+    cfg, model = resnet(**{"sparse.sparsity": 0.95})
+    dens = init_model(model, cfg, torch.Generator().manual_seed(0))
+    layers = dict(sparse_layers(model))
+    assert dens["first"] == 1.0 and layers["first"].active == layers["first"].numel
+    others = [n for n in layers if n != "first"]
+    assert all(layers[n].active == active_count(layers[n].numel, 0.05) for n in others)
+    total = sum(l.numel for l in layers.values())
+    achieved = sum(l.active for l in layers.values()) / total
+    assert 0.05 < achieved < 0.0505  # slightly above 1 - sparsity because of the stem
+
+
+def test_erk_matches_budget_and_gives_small_layers_more_density():
+    cfg, model = resnet(**{"sparse.sparsity": 0.9, "sparse.allocation": "erk"})
+    layers = sparse_layers(model)
+    dens = layer_densities(layers, 0.1, "erk", dense_stem=True)
+    sparse = [(n, l) for n, l in layers if n != "first"]
+    active = sum(dens[n] * l.numel for n, l in sparse)
+    assert abs(active / sum(l.numel for _, l in sparse) - 0.1) < 1e-6
+    d = {n: dens[n] for n, _ in sparse}
+    assert d["fc"] > d["blocks.7.conv2"]  # 512x10 linear vs 512x512x3x3 conv
+    assert max(d.values()) <= 1.0
+
+
+def test_sparsity_that_empties_a_layer_is_rejected():
+    cfg = C.apply_overrides(C.Config(), {"model.widths": [4], "sparse.sparsity": 0.999})
+    model = make_model(cfg, get_spec("digits"))
+    with pytest.raises(AllocationError, match="no active weight"):
+        init_model(model, cfg, torch.Generator().manual_seed(0))
