@@ -104,6 +104,12 @@ class SparseMatmul(torch.autograd.Function):
         return grad_x, grad_values, None
 
 
+def sparse_product(x: Tensor, values: Tensor, pattern: CsrPattern) -> Tensor:
+    """:class:`SparseMatmul` in float32 even under autocast: the CSR kernels have no half types."""
+    with torch.autocast(x.device.type, enabled=False):
+        return SparseMatmul.apply(x.float(), values.float(), pattern)
+
+
 # ------------------------------------------------------------------ the layer
 
 class SparseGaussian(nn.Module):
@@ -202,8 +208,13 @@ class SparseGaussian(nn.Module):
     def moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """LRT output mean (with bias) and variance for input ``x``."""
         mean = self._with_bias(self.apply_weight(x, self.mu))
-        var = self.apply_weight(x * x, self.sigma() ** 2)
-        return mean, var
+        return mean, self._variance(x)
+
+    def _variance(self, x: Tensor) -> Tensor:
+        """op(x^2, sigma^2), always in float32: sigma^2 ~ 1e-7 underflows in half precision."""
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            return self.apply_weight(x * x, self.sigma().float() ** 2)
 
     @staticmethod
     def sample_from_moments(mean: Tensor, var: Tensor) -> Tensor:
@@ -233,8 +244,7 @@ class SparseGaussian(nn.Module):
         mean = self._with_bias(self.dense_op(x, leaf.view(self.weight_shape)))
         if not self.bayesian or self.mode == "mean":
             return mean
-        var = self.apply_weight(x * x, self.sigma() ** 2)
-        return self.sample_from_moments(mean, var)
+        return self.sample_from_moments(mean, self._variance(x))
 
     def collect_dense_grad(self) -> Optional[Tensor]:
         """After backward in capture mode: store the dense gradient and route it to ``mu.grad``."""
@@ -265,7 +275,7 @@ class SparseLinear(SparseGaussian):
     def apply_weight(self, x: Tensor, values: Tensor) -> Tensor:
         if self.uses_sparse_kernel():
             lead = x.shape[:-1]
-            out = SparseMatmul.apply(x.reshape(-1, x.shape[-1]), values, self.pattern())
+            out = sparse_product(x.reshape(-1, x.shape[-1]), values, self.pattern())
             return out.reshape(*lead, self.weight_shape[0])
         return F.linear(x, self.to_dense(values))
 
@@ -298,7 +308,7 @@ class SparseConv2d(SparseGaussian):
         ow = (w + 2 * self.padding - self.dilation * (k - 1) - 1) // self.stride + 1
         cols = F.unfold(x, k, dilation=self.dilation, padding=self.padding, stride=self.stride)
         cols = cols.transpose(1, 2).reshape(b * oh * ow, -1)
-        out = SparseMatmul.apply(cols, values, self.pattern())
+        out = sparse_product(cols, values, self.pattern())
         return out.reshape(b, oh * ow, -1).transpose(1, 2).reshape(b, -1, oh, ow)
 
 
