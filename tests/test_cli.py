@@ -1,0 +1,65 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from ssvi_cli.cli import run
+from ssvi_cli.fileio import read_jsonl
+
+
+def test_train_json_summary_and_run_directory(tmp_path: Path, capsys):
+    out = tmp_path / "run"
+    code = run(["train", "--out", str(out), "--epochs", "2", "--set", "train.eval_samples=2", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads(captured.out)
+    assert summary["method"] == "ssvi" and summary["test_samples"] == 2
+    assert abs(summary["density"] - 0.05) < 1e-4
+    assert summary["test_accuracy"] > 0.5
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors"):
+        assert (out / name).is_file(), name
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]
+    for key in ("loss", "nll", "kl", "kl_weight", "lr", "val_accuracy", "val_nll", "layer_density",
+                "drop_fraction", "subspace_steps", "seconds"):
+        assert key in records[0], key
+    assert list((out / "checkpoints").glob("checkpoint-*.pt"))
+
+
+def test_existing_run_directory_is_not_overwritten_without_force(tmp_path: Path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code = run(["train", "--out", str(out), "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--force" in err and "Traceback" not in err
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_bad_flags_give_one_line_errors(tmp_path: Path, capsys):
+    cases = [
+        (["train", "--method", "magic", "--out", str(tmp_path / "a")], "valid values are"),
+        (["train", "--sparsity", "1.5", "--out", str(tmp_path / "b")], "[0, 1)"),
+        (["train", "--criterion", "nope", "--out", str(tmp_path / "c")], "valid names are"),
+        (["train", "--preset", "nope", "--out", str(tmp_path / "d")], "valid names are"),
+        (["train", "--set", "model.name=alexnet", "--out", str(tmp_path / "e")], "valid names are"),
+        (["train", "--set", "data.name=imagenet", "--out", str(tmp_path / "f")], "valid names are"),
+        (["train", "--set", "bogus.key=1", "--out", str(tmp_path / "g")], "valid keys"),
+    ]
+    for args, needle in cases:
+        code = run(args)
+        err = capsys.readouterr().err
+        assert code == 2, (args, err)
+        assert needle in err and "Traceback" not in err, (args, err)
+    assert not any(tmp_path.iterdir())
+
+
+def test_presets_command_lists_presets(capsys):
+    assert run(["presets", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {"digits_mlp", "cifar10_resnet18"} <= {r["name"] for r in rows}
+
+
+def test_module_entry_point_shows_help():
+    proc = subprocess.run([sys.executable, "-m", "ssvi_cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "train" in proc.stdout

@@ -1,0 +1,97 @@
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from ssvi_cli import config as C
+from ssvi_cli.data import DataSplits, get_spec
+from ssvi_cli.engine import Trainer, init_model, make_model, make_optimizer, trainable_bytes
+from ssvi_cli.layers import sparse_layers
+
+
+def digits_cfg(**over) -> C.Config:
+    base = {"train.epochs": 3, "sparse.delta_t": 5, "train.eval_samples": 2}
+    base.update(over)
+    return C.apply_overrides(C.load_preset("digits_mlp"), base)
+
+
+def test_active_counts_exact_after_every_optimizer_and_subspace_step(tmp_path: Path):
+    cfg = digits_cfg(**{"sparse.sparsity": 0.95})
+    trainer = Trainer.create(cfg, tmp_path / "run")
+    targets = {n: l.active for n, l in sparse_layers(trainer.model)}
+    assert all(0 < k < l.numel for (n, l), k in zip(sparse_layers(trainer.model), targets.values()))
+    seen = {"optim": 0, "subspace": 0}
+    supports = []
+
+    def check(tr: Trainer, kind: str) -> None:
+        seen[kind] += 1
+        for name, layer in sparse_layers(tr.model):
+            assert layer.active == targets[name]
+            assert layer.mu.numel() == layer.rho.numel() == targets[name]
+            assert torch.unique(layer.idx).numel() == targets[name]
+            assert bool((layer.idx[1:] > layer.idx[:-1]).all())
+            for p in (layer.mu, layer.rho):
+                state = tr.optimizer.state.get(p, {})
+                for v in state.values():
+                    if v.dim() == 1:
+                        assert v.numel() == targets[name]
+        if kind == "subspace":
+            supports.append(torch.cat([l.idx for _, l in sparse_layers(tr.model)]).clone())
+
+    trainer.step_hooks.append(check)
+    summary = trainer.fit()
+    assert seen["subspace"] >= 3 and seen["optim"] > 20
+    assert summary["subspace_steps"] == seen["subspace"]
+    assert not torch.equal(supports[0], supports[-1])  # the support really moved
+    assert abs(summary["density"] - 0.05) < 1e-4
+    # Inactive positions have no stored mu/sigma at all: the model's tensors are only active entries.
+    state = trainer.model.state_dict()
+    assert sum(v.numel() for k, v in state.items() if k.endswith(".mu")) == sum(targets.values())
+
+
+@pytest.mark.parametrize("method", ["ssvi", "vi", "static", "rigl", "dense"])
+def test_every_method_trains_on_digits(tmp_path: Path, method: str):
+    cfg = digits_cfg(**{"sparse.method": method, "train.epochs": 2})
+    summary = Trainer.create(cfg, tmp_path / method).fit()
+    assert summary["test_accuracy"] > 0.5
+    if method in ("vi", "dense"):
+        assert summary["density"] == 1.0
+    else:
+        assert summary["density"] < 0.11
+    bayes = method in ("ssvi", "vi", "static")
+    assert summary["test_mode"] == ("mc" if bayes else "mean")
+    assert (tmp_path / method / "model.safetensors").is_file()
+    assert (tmp_path / method / "metrics.jsonl").is_file()
+
+
+def test_static_never_moves_support(tmp_path: Path):
+    cfg = digits_cfg(**{"sparse.method": "static", "train.epochs": 2})
+    trainer = Trainer.create(cfg, tmp_path / "s")
+    before = [l.idx.clone() for _, l in sparse_layers(trainer.model)]
+    trainer.fit()
+    assert all(torch.equal(a, l.idx) for a, (_, l) in zip(before, sparse_layers(trainer.model)))
+
+
+def _one_step_bytes(method: str, tmp_path: Path) -> int:
+    cfg = C.apply_overrides(C.load_preset("cifar10_resnet18"),
+                            {"sparse.method": method, "sparse.sparsity": 0.95, "train.batch_size": 4,
+                             "train.epochs": 1})
+    spec = get_spec("cifar10")
+    ds = TensorDataset(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    splits = DataSplits(ds, ds, ds, spec)
+    model = make_model(cfg, spec)
+    init_model(model, cfg, torch.Generator().manual_seed(0))
+    trainer = Trainer(cfg, tmp_path / method, torch.device("cpu"), splits, model,
+                      make_optimizer(model, cfg), __import__("ssvi_cli.engine", fromlist=["TrainState"]).TrainState())
+    x, y = next(iter(trainer.batches(0)))
+    trainer.train_step(x, y)
+    sizes = trainable_bytes(model, trainer.optimizer)
+    assert sizes["grads"] > 0 and sizes["optimizer"] > 0
+    return sizes["total"]
+
+
+def test_resnet18_trainable_state_at_095_is_under_8_percent_of_dense_vi(tmp_path: Path):
+    ssvi = _one_step_bytes("ssvi", tmp_path)
+    dense = _one_step_bytes("vi", tmp_path)
+    assert ssvi / dense <= 0.08, (ssvi, dense)
