@@ -8,6 +8,9 @@ from typing import Optional, Sequence
 
 import typer
 
+from ssvi_cli.commands import export as export_cmd
+from ssvi_cli.commands import infer as infer_cmd
+from ssvi_cli.commands import inspect_cmd
 from ssvi_cli.commands import presets as presets_cmd
 from ssvi_cli.commands import train as train_cmd
 from ssvi_cli.commands.common import UsageError, err
@@ -15,7 +18,7 @@ from ssvi_cli.commands.common import UsageError, err
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Sparse Bayesian neural networks with Sparse Subspace Variational Inference.")
 
-for module in (train_cmd, presets_cmd):
+for module in (train_cmd, presets_cmd, export_cmd, infer_cmd, inspect_cmd):
     module.register(app)
 
 

@@ -1,0 +1,247 @@
+"""The ssvi model file: index codes, round trips, sizes and clean errors on bad files."""
+
+import json
+import re
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ssvi_cli import config as C
+from ssvi_cli.cli import run
+from ssvi_cli.data import get_spec
+from ssvi_cli.engine import Trainer, init_model, make_model
+from ssvi_cli.export import (ModelFileError, encode_index, export_model, gap8_decode, gap8_encode,
+                             gap8_size, load_model, read_header, read_model_file, size_totals,
+                             write_model_file)
+from ssvi_cli.layers import sparse_layers
+from ssvi_cli.predict import predict_batch
+
+
+def metadata(cfg: C.Config, spec) -> dict:
+    return {"architecture": {"name": cfg.model.name, "widths": list(cfg.model.widths),
+                             "bayesian": cfg.bayesian, "sigma_param": cfg.bayes.sigma_param},
+            "data_spec": spec.to_dict(), "training": {"method": cfg.sparse.method}, "metrics": {}}
+
+
+def built(preset: str, **over):
+    cfg = C.apply_overrides(C.load_preset(preset), {"sparse.sparsity": 0.95, **over})
+    spec = get_spec(cfg.data.name)
+    model = make_model(cfg, spec)
+    init_model(model, cfg, torch.Generator().manual_seed(0))
+    return model, metadata(cfg, spec), spec
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    cfg = C.apply_overrides(C.load_preset("digits_mlp"),
+                            {"train.epochs": 2, "sparse.delta_t": 5, "train.eval_samples": 2})
+    run_dir = tmp_path_factory.mktemp("run") / "r"
+    trainer = Trainer.create(cfg, run_dir)
+    trainer.fit()
+    x = torch.stack([trainer.splits.test[i][0] for i in range(64)])
+    return trainer, run_dir, x
+
+
+# ------------------------------------------------------------------ index codes
+
+def test_gap8_round_trip_with_fillers():
+    idx = torch.tensor([0, 254, 255, 510, 511, 767, 100_000, 100_001])
+    codes = gap8_encode(idx)
+    assert codes.dtype == torch.uint8
+    # gaps 1, 254, 1, 255, 1, 256 (= filler + 1), 99233 (= 389 fillers + 38), 1
+    assert codes.tolist()[:7] == [1, 254, 1, 255, 1, 0, 1]
+    assert codes.numel() == gap8_size(idx) == 8 + 1 + 389
+    assert torch.equal(gap8_decode(codes), idx)
+
+
+def test_gap8_random_supports_and_empty():
+    gen = torch.Generator().manual_seed(1)
+    for numel, k in ((1000, 50), (100_000, 20), (5000, 4999)):
+        idx = torch.randperm(numel, generator=gen)[:k].sort().values
+        assert torch.equal(gap8_decode(gap8_encode(idx)), idx)
+    assert gap8_decode(gap8_encode(torch.zeros(0, dtype=torch.long))).numel() == 0
+
+
+def test_index_code_choice():
+    assert encode_index(torch.arange(10), 10)[0] == "full"
+    code, t = encode_index(torch.tensor([3, 40, 90]), 100)
+    assert code == "gap8" and t.numel() == 3
+    # Very sparse: gaps of ~300k need ~1300 fillers each, more than 4 bytes -> int32 flat indices.
+    code, t = encode_index(torch.tensor([5, 400_000, 900_000]), 1_000_000)
+    assert code == "flat32" and t.dtype == torch.int32
+
+
+# ------------------------------------------------------------------ round trips
+
+def test_engine_and_file_agree_mean_exactly_and_mc_with_same_seed(trained):
+    trainer, run_dir, x = trained
+    engine = trainer.model
+    loaded = read_model_file(run_dir / "model.safetensors")
+    assert loaded.spec == trainer.splits.spec
+    assert loaded.meta["training"]["method"] == "ssvi" and loaded.meta["version"] == 1
+    for (_, a), (_, b) in zip(sparse_layers(engine), sparse_layers(loaded.model)):
+        assert torch.equal(a.idx, b.idx) and torch.equal(a.mu, b.mu)
+    pe, _ = predict_batch(engine, x, mode="mean")
+    pf, _ = predict_batch(loaded.model, x, mode="mean")
+    torch.testing.assert_close(pf, pe, atol=1e-5, rtol=0)
+    torch.manual_seed(7)
+    pe, se = predict_batch(engine, x, samples=5, mode="mc")
+    torch.manual_seed(7)
+    pf, sf = predict_batch(loaded.model, x, samples=5, mode="mc")
+    # Same draws; sigma -> rho -> softplus(rho) round-trips to float32 rounding, hence the 1e-5.
+    torch.testing.assert_close(sf, se, atol=1e-5, rtol=0)
+    assert torch.equal(pf.argmax(1), pe.argmax(1))
+    torch.manual_seed(8)
+    other, _ = predict_batch(loaded.model, x, samples=5, mode="mc")
+    assert (other - pf).abs().max() > 1e-5  # the seed really sets the draws
+
+
+def test_run_dir_checkpoint_and_reexport_load_the_same_model(trained, tmp_path):
+    trainer, run_dir, x = trained
+    from_dir = load_model(run_dir)
+    ckpt = sorted((run_dir / "checkpoints").iterdir())[-1]
+    from_ckpt = load_model(ckpt)
+    assert from_ckpt.meta["architecture"] == from_dir.meta["architecture"]
+    report = export_model(ckpt, tmp_path / "m.safetensors")
+    again = read_model_file(tmp_path / "m.safetensors")
+    for m in (from_ckpt.model, again.model):
+        torch.testing.assert_close(predict_batch(m, x, mode="mean")[0],
+                                   predict_batch(from_dir.model, x, mode="mean")[0], atol=1e-6, rtol=0)
+    assert report["file_bytes"] == (tmp_path / "m.safetensors").stat().st_size
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_files_keep_supports_and_predictions(trained, tmp_path, dtype):
+    trainer, run_dir, x = trained
+    report = export_model(run_dir, tmp_path / f"{dtype}.safetensors", dtype=dtype)
+    loaded = read_model_file(tmp_path / f"{dtype}.safetensors")
+    assert loaded.meta["dtype"] == dtype and report["dtype"] == dtype
+    for (_, a), (_, b) in zip(sparse_layers(trainer.model), sparse_layers(loaded.model)):
+        assert torch.equal(a.idx, b.idx)
+    pe, _ = predict_batch(trainer.model, x, mode="mean")
+    pf, _ = predict_batch(loaded.model, x, mode="mean")
+    assert (pf - pe).abs().max() < 0.05
+    assert (pf.argmax(1) == pe.argmax(1)).float().mean() > 0.95
+
+
+def test_dense_file_is_a_full_bnn_with_the_same_predictions(trained, tmp_path):
+    trainer, run_dir, x = trained
+    export_model(run_dir, tmp_path / "dense.safetensors", dense=True)
+    dense = read_model_file(tmp_path / "dense.safetensors")
+    assert dense.meta["layout"] == "dense"
+    assert all(l.active == l.numel for _, l in sparse_layers(dense.model))
+    torch.testing.assert_close(predict_batch(dense.model, x, mode="mean")[0],
+                               predict_batch(trainer.model, x, mode="mean")[0], atol=1e-5, rtol=0)
+
+
+def test_batchnorm_and_deterministic_models_round_trip(tmp_path):
+    model, meta, spec = built("cifar10_resnet18")
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    write_model_file(model, tmp_path / "r.safetensors", **meta)
+    loaded = read_model_file(tmp_path / "r.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(predict_batch(loaded.model, x, mode="mean")[0],
+                               predict_batch(model, x, mode="mean")[0], atol=1e-5, rtol=0)
+    assert loaded.model.first.active == loaded.model.first.numel  # dense stem stored without index
+    rigl, meta, _ = built("digits_mlp", **{"sparse.method": "rigl"})
+    write_model_file(rigl, tmp_path / "d.safetensors", **meta)
+    names = read_header(tmp_path / "d.safetensors")["tensors"]
+    assert not any(n.endswith(".sigma") for n in names)
+    back = read_model_file(tmp_path / "d.safetensors").model
+    assert back.first.rho is None
+    x = torch.randn(5, 1, 8, 8)
+    torch.testing.assert_close(predict_batch(back, x)[0], predict_batch(rigl, x)[0], atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------ sizes (SSVI.md section 8)
+
+@pytest.mark.parametrize("preset", ["cifar10_resnet18", "mnist_mlp", "digits_mlp"])
+def test_compact_file_is_15x_smaller_in_float32_and_28x_in_float16(tmp_path, preset):
+    model, meta, _ = built(preset)
+    dense = write_model_file(model, tmp_path / "dense.st", dense=True, **meta)
+    f32 = write_model_file(model, tmp_path / "f32.st", **meta)
+    f16 = write_model_file(model, tmp_path / "f16.st", dtype="float16", **meta)
+    assert dense / f32 >= 15, (dense, f32)
+    assert dense / f16 >= 28, (dense, f16)
+    # The arithmetic dense size inspect reports is exactly the dense file's tensor data.
+    head = read_header(tmp_path / "dense.st")
+    assert size_totals(read_header(tmp_path / "f32.st"))["dense_bnn_bytes"] == dense - head["header_bytes"]
+
+
+# ------------------------------------------------------------------ bad files
+
+def _resave(src: Path, dst: Path, *, meta_update=None, tensor_update=None) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(src), "pt") as fh:
+        meta = dict(fh.metadata())
+    tensors = load_file(str(src))
+    meta.update(meta_update or {})
+    tensors.update(tensor_update or {})
+    save_file(tensors, str(dst), metadata=meta)
+
+
+@pytest.fixture(scope="module")
+def good_file(trained):
+    return trained[1] / "model.safetensors"
+
+
+def bad_files(good: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
+    out = {}
+    _resave(good, tmp / "newer.safetensors", meta_update={"version": "2"})
+    out["newer"] = (tmp / "newer.safetensors", "version 2, newer")
+    save_file({"weight": torch.zeros(3, 3)}, str(tmp / "plain.safetensors"), metadata={"x": "y"})
+    out["plain"] = (tmp / "plain.safetensors", "not an ssvi model file")
+    data = good.read_bytes()
+    (tmp / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    out["truncated"] = (tmp / "cut.safetensors", "truncated")
+    (tmp / "cut_header.safetensors").write_bytes(data[:100])
+    out["truncated header"] = (tmp / "cut_header.safetensors", "truncated")
+    (tmp / "text.safetensors").write_text("hello, this is not a model at all\n")
+    out["text"] = (tmp / "text.safetensors", "not an ssvi model file")
+    n = struct.unpack("<Q", data[:8])[0]
+    broken = data[:8] + b'{"__metadata__":' + b"x" * (n - 16) + data[8 + n:]
+    (tmp / "header.safetensors").write_bytes(broken)
+    out["header"] = (tmp / "header.safetensors", "corrupted header")
+    codes = load_file(str(good))["first.index"].clone()
+    codes[5] = 0  # a filler where an entry was: one index missing
+    _resave(good, tmp / "index.safetensors", tensor_update={"first.index": codes})
+    out["index"] = (tmp / "index.safetensors", "indices but records")
+    layers = [dict(r) for r in read_header(good)["meta"]["layers"]]
+    layers[1]["shape"] = [3, 3]
+    _resave(good, tmp / "shape.safetensors", meta_update={"layers": json.dumps(layers)})
+    out["shape"] = (tmp / "shape.safetensors", "has shape [3, 3]")
+    sigma = load_file(str(good))["first.sigma"].clone()
+    sigma[0] = -1.0
+    _resave(good, tmp / "sigma.safetensors", tensor_update={"first.sigma": sigma})
+    out["sigma"] = (tmp / "sigma.safetensors", "negative or non-finite")
+    return out
+
+
+def test_bad_files_raise_model_file_error(good_file, tmp_path):
+    for name, (path, words) in bad_files(good_file, tmp_path).items():
+        with pytest.raises(ModelFileError, match=re.escape(words)):
+            read_model_file(path)
+
+
+@pytest.mark.parametrize("command", ["inspect", "infer", "export"])
+def test_bad_files_give_one_line_errors_through_the_cli(good_file, tmp_path, capsys, command):
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.zeros((8, 8), dtype=np.uint8))
+    for name, (path, words) in bad_files(good_file, tmp_path).items():
+        argv = {"inspect": ["inspect", str(path)], "infer": ["infer", str(path), str(tmp_path / "x.npy")],
+                "export": ["export", str(path), "-o", str(tmp_path / "o.safetensors")]}[command]
+        code = run(argv)
+        captured = capsys.readouterr()
+        assert code == 2, (name, captured.err)
+        assert "Traceback" not in captured.err + captured.out
+        lines = [l for l in captured.err.splitlines() if l.strip()]
+        assert len(lines) == 1 and words in lines[0] and str(path) in lines[0], (name, captured.err)
