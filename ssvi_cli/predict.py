@@ -12,7 +12,7 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
-from ssvi_cli.layers import set_mode
+from ssvi_cli.layers import LRT_EPS, randn_like, set_mode, sparse_layers
 from ssvi_cli.models import SSVIModel
 
 MODES = ("mc", "mean")
@@ -32,11 +32,17 @@ def predict_batch(model: SSVIModel, x: Tensor, samples: int = 10, mode: str = "m
         return torch.softmax(model(x).float(), dim=-1), None
     h = model.prepare(x)
     mean, var = model.first.moments(h)
+    std = torch.sqrt(var + LRT_EPS)  # once: every draw of the first layer is mean + std * eps
+    layers = [layer for _, layer in sparse_layers(model) if layer.bayesian]
     set_mode(model, "sample")
+    for layer in layers:
+        layer.sample_sigma = layer.sigma()
     try:
-        draws = [torch.softmax(model.forward_rest(model.first.sample_from_moments(mean, var)).float(), -1)
+        draws = [torch.softmax(model.forward_rest(torch.addcmul(mean, std, randn_like(mean))).float(), -1)
                  for _ in range(samples)]
     finally:
+        for layer in layers:
+            layer.sample_sigma = None
         set_mode(model, "lrt")
     stacked = torch.stack(draws)
     return stacked.mean(0), stacked
