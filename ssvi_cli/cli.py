@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 
 import typer
 
+from ssvi_cli.commands import bench as bench_cmd
 from ssvi_cli.commands import export as export_cmd
 from ssvi_cli.commands import infer as infer_cmd
 from ssvi_cli.commands import inspect_cmd
@@ -18,7 +19,7 @@ from ssvi_cli.commands.common import UsageError, err
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Sparse Bayesian neural networks with Sparse Subspace Variational Inference.")
 
-for module in (train_cmd, presets_cmd, export_cmd, infer_cmd, inspect_cmd):
+for module in (train_cmd, presets_cmd, export_cmd, infer_cmd, inspect_cmd, bench_cmd):
     module.register(app)
 
 

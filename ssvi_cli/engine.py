@@ -24,6 +24,7 @@ from ssvi_cli.allocation import InitSpec, initialise, layer_densities
 from ssvi_cli.config import Config, addition_accumulate, dump_yaml, from_dict
 from ssvi_cli.criteria import criterion_names
 from ssvi_cli.data import DataSpec, DataSplits, build_dataset
+from ssvi_cli.flops import training_summary
 from ssvi_cli.layers import set_kernel, set_mode, sparse_layers
 from ssvi_cli.models import MODELS, LayerFactory, SSVIModel, build_model
 from ssvi_cli.predict import predict_loader
@@ -449,6 +450,10 @@ class Trainer:
             "test_accuracy_mean_net": test_mean["accuracy"],
             "test_nll_mean_net": test_mean["nll"],
         }
+        summary.update(training_summary(self.model, self.splits.spec.input_shape, cfg.sparse.method,
+                                        examples=self.n_train * self.state.epoch,
+                                        batch_size=cfg.train.batch_size,
+                                        captures=self.state.subspace_steps * self.schedule.accumulate))
         if self.is_main:
             from ssvi_cli.export import write_model_file
 

@@ -54,9 +54,17 @@ def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
         "mean-network accuracy": summary["test_accuracy_mean_net"],
         "epochs / steps": f"{summary['epochs']} / {summary['steps']}",
         "subspace steps": summary["subspace_steps"],
+        "training FLOPs": _flops_row(summary),
         "model file": f"{summary.get('model_file')} ({summary.get('model_file_bytes', 0):,} bytes)",
     }
     return rows
+
+
+def _flops_row(summary: dict[str, Any]) -> str:
+    total, ratio = summary.get("training_flops"), summary.get("training_flops_reduction_vs_vi")
+    if total is None:
+        return "-"
+    return f"{total:.3g} ({ratio:.1f}x below dense VI, analytic)"
 
 
 def register(app: typer.Typer) -> None:
