@@ -1,0 +1,197 @@
+"""ssvi infer: inputs (images, folders, arrays), agreement with predict_batch, outputs, errors,
+sparse linear kernels, and speed against the dense file."""
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ssvi_cli import config as C
+from ssvi_cli.cli import run
+from ssvi_cli.data import get_spec, preprocess
+from ssvi_cli.engine import init_model, make_model
+from ssvi_cli.export import read_model_file, write_model_file
+from ssvi_cli.inference import InputError, array_to_images, expand_inputs, run_inference
+from ssvi_cli.layers import SparseGaussian, SparseLinear
+from ssvi_cli.predict import predict_batch
+
+
+def write_model(path: Path, preset: str = "digits_mlp", **over) -> Path:
+    cfg = C.apply_overrides(C.load_preset(preset), {"sparse.sparsity": 0.95, **over})
+    spec = get_spec(cfg.data.name)
+    model = make_model(cfg, spec)
+    init_model(model, cfg, torch.Generator().manual_seed(0))
+    for _, layer in model.named_modules():
+        if isinstance(layer, SparseGaussian) and layer.bayesian:
+            layer.rho.data += 3.0  # wide posteriors, so Monte Carlo draws differ visibly
+    meta = {"architecture": {"name": cfg.model.name, "widths": list(cfg.model.widths),
+                             "bayesian": cfg.bayesian, "sigma_param": cfg.bayes.sigma_param},
+            "data_spec": spec.to_dict(), "training": {"method": cfg.sparse.method}, "metrics": {}}
+    write_model_file(model, path, **meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    return write_model(tmp_path_factory.mktemp("m") / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def digits() -> np.ndarray:
+    gen = np.random.default_rng(0)
+    return gen.integers(0, 256, size=(12, 8, 8), dtype=np.uint8)
+
+
+def infer_json(capsys, *argv: str) -> dict:
+    code = run(["infer", *argv, "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out)
+
+
+def test_infer_matches_predict_batch_in_both_modes(model_file, digits, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", digits)
+    loaded = read_model_file(model_file)
+    x = preprocess(torch.from_numpy(digits)[:, None], loaded.spec)
+    for mode in ("mc", "mean"):
+        out = infer_json(capsys, str(model_file), str(tmp_path / "x.npy"), "--mode", mode,
+                         "--samples", "7", "--seed", "3", "--top-k", "4")
+        torch.manual_seed(3)
+        probs, sample_probs = predict_batch(loaded.model, x, 7, mode)
+        preds = out["predictions"]
+        assert len(preds) == 12 and preds[0]["input"].endswith("x.npy[0]")
+        got = torch.tensor([p["probability"] for p in preds])
+        torch.testing.assert_close(got, probs.max(1).values, atol=1e-6, rtol=0)
+        assert [p["class_index"] for p in preds] == probs.argmax(1).tolist()
+        for p in preds:
+            tops = [t["probability"] for t in p["top_k"]]
+            assert len(tops) == 4 and tops == sorted(tops, reverse=True)
+            assert p["class"] == loaded.spec.class_names[p["class_index"]]
+            assert p["entropy"] >= 0
+        if mode == "mc":
+            assert all(p["mutual_information"] >= 0 for p in preds)
+            assert max(p["mutual_information"] for p in preds) > 0
+            again = infer_json(capsys, str(model_file), str(tmp_path / "x.npy"), "--samples", "7", "--seed", "4")
+            assert again["predictions"][0]["probability"] != preds[0]["probability"]
+        else:
+            assert all(p["mutual_information"] is None for p in preds)
+
+
+def test_images_folders_and_array_layouts_give_the_same_answer(model_file, digits, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    (folder / "b").mkdir(parents=True)
+    Image.fromarray(digits[0]).save(folder / "b" / "z.png")
+    Image.fromarray(np.stack([digits[0]] * 3, -1)).save(folder / "a.png")  # RGB -> gray by luminance
+    (folder / "notes.txt").write_text("ignored in folders")
+    np.save(tmp_path / "hw.npy", digits[0])
+    np.save(tmp_path / "chw.npy", digits[0][None])
+    np.save(tmp_path / "nchw.npy", digits[:1][:, None].astype(np.float32) / 255.0)
+    np.save(tmp_path / "hwc.npy", np.stack([digits[0]] * 3, -1))
+    out = infer_json(capsys, str(model_file), str(folder), str(tmp_path / "hw.npy"), str(tmp_path / "chw.npy"),
+                     str(tmp_path / "nchw.npy"), str(tmp_path / "hwc.npy"), "--mode", "mean")
+    names = [p["input"] for p in out["predictions"]]
+    assert names[:2] == [str(folder / "a.png"), str(folder / "b" / "z.png")]  # sorted, recursive
+    probs = [p["probability"] for p in out["predictions"]]
+    assert np.allclose(probs, probs[0], atol=1e-5), probs
+
+
+def test_array_shape_rules():
+    assert array_to_images(np.zeros((5, 6), np.uint8), "a").shape == (1, 1, 5, 6)
+    assert array_to_images(np.zeros((3, 5, 6), np.uint8), "a").shape == (1, 3, 5, 6)
+    assert array_to_images(np.zeros((7, 5, 6), np.uint8), "a").shape == (7, 1, 5, 6)
+    assert array_to_images(np.zeros((5, 6, 3), np.uint8), "a").shape == (1, 3, 5, 6)
+    assert array_to_images(np.zeros((2, 5, 6, 4), np.uint8), "a").shape == (2, 4, 5, 6)
+    assert array_to_images(np.full((2, 2), 200, np.int64), "a").dtype == torch.uint8
+    for bad in (np.zeros((2, 2, 5, 6)), np.full((4, 4), 300), np.zeros((4, 4), bool), np.full((4, 4), np.nan)):
+        with pytest.raises(InputError, match="^a: "):
+            array_to_images(bad, "a")
+
+
+def test_outputs_jsonl_and_csv(model_file, digits, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", digits[:5])
+    for suffix in ("jsonl", "csv"):
+        target = tmp_path / f"preds.{suffix}"
+        assert run(["infer", str(model_file), str(tmp_path / "x.npy"), "--output", str(target)]) == 0
+        text = target.read_text()
+        rows = ([json.loads(l) for l in text.splitlines()] if suffix == "jsonl"
+                else list(csv.DictReader(text.splitlines())))
+        assert len(rows) == 5 and rows[4]["input"].endswith("x.npy[4]")
+        assert set(rows[0]) >= {"class", "probability", "entropy", "mutual_information", "top_k"}
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    shown = capsys.readouterr().out
+    assert "ssvi infer" in shown and "x.npy[4]" in shown
+    assert run(["infer", str(model_file), str(tmp_path / "x.npy"), "--output", str(tmp_path / "p.txt")]) == 2
+
+
+@pytest.mark.parametrize("case", ["text_as_png", "two_channels", "float_range", "missing", "empty_folder", "pickle"])
+def test_bad_inputs_give_one_line_errors_naming_the_file(model_file, tmp_path, capsys, case):
+    target = tmp_path / {"text_as_png": "bad.png", "two_channels": "two.npy", "float_range": "f.npy",
+                         "missing": "nope.png", "empty_folder": "empty", "pickle": "obj.npy"}[case]
+    if case == "text_as_png":
+        target.write_text("not an image")
+    elif case == "two_channels":
+        np.save(target, np.zeros((4, 2, 8, 8), np.uint8))
+    elif case == "float_range":
+        np.save(target, np.full((8, 8), 3.0, np.float32))
+    elif case == "empty_folder":
+        target.mkdir()
+    elif case == "pickle":
+        np.save(target, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    code = run(["infer", str(model_file), str(target)])
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = [l for l in captured.err.splitlines() if l.strip()]
+    assert len(lines) == 1 and str(target) in lines[0] and "Traceback" not in captured.err, captured.err
+
+
+def test_infer_never_builds_a_dense_linear_weight(tmp_path, monkeypatch):
+    original = SparseGaussian.to_dense
+    calls = []
+
+    def guarded(self, values):
+        if isinstance(self, SparseLinear):
+            calls.append(self.weight_shape)
+        return original(self, values)
+
+    monkeypatch.setattr(SparseGaussian, "to_dense", guarded)
+    x = [tmp_path / "x.npy"]
+    np.save(x[0], np.zeros((3, 28, 28), np.uint8))
+    # Density 0.5 is above the training default's sparse-kernel threshold: infer must still go sparse.
+    for name, preset, over in (("mlp", "digits_mlp", {"sparse.sparsity": 0.5}), ("lenet", "mnist_lenet5", {})):
+        loaded = read_model_file(write_model(tmp_path / f"{name}.safetensors", preset, **over))
+        for mode in ("mc", "mean"):
+            run_inference(loaded.model, loaded.spec, x, samples=3, mode=mode)
+    assert calls == []
+    predict_batch(loaded.model, torch.zeros(1, 1, 28, 28), mode="mean")  # the guard does fire
+    for _, layer in loaded.model.named_modules():
+        if isinstance(layer, SparseLinear):
+            layer.kernel = "dense"
+    predict_batch(loaded.model, torch.zeros(1, 1, 28, 28), mode="mean")
+    assert calls
+
+
+def test_sparse_file_infers_faster_than_the_dense_file_on_mlp(tmp_path):
+    compact = write_model(tmp_path / "c.safetensors", "mnist_mlp")
+    loaded = read_model_file(compact)
+    meta = loaded.meta
+    write_model_file(loaded.model, tmp_path / "d.safetensors", dense=True, architecture=meta["architecture"],
+                     data_spec=meta["data_spec"], training=meta["training"], metrics={})
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (16, 28, 28), dtype=np.uint8))
+    models = {k: read_model_file(tmp_path / f"{k}.safetensors") for k in ("c", "d")}
+    best = {k: float("inf") for k in models}
+    for _ in range(5):  # interleaved best-of-5: robust to a busy machine
+        for k, m in models.items():
+            start = time.perf_counter()
+            run_inference(m.model, m.spec, [tmp_path / "x.npy"], samples=10, mode="mc")
+            best[k] = min(best[k], time.perf_counter() - start)
+    assert best["c"] < best["d"], best
+
+
+def test_expand_inputs_errors(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        expand_inputs([tmp_path / "missing.png"])

@@ -1,0 +1,122 @@
+"""ssvi inspect: per-layer statistics, sizes, support history and criteria overlap."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ssvi_cli import config as C
+from ssvi_cli.cli import run
+from ssvi_cli.engine import Trainer
+from ssvi_cli.export import read_model_file
+from ssvi_cli.inspection import _quantiles, criteria_overlap, inspect_model
+from ssvi_cli.layers import SparseLinear, rho_from_sigma, sparse_layers
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    cfg = C.apply_overrides(C.load_preset("digits_mlp"),
+                            {"train.epochs": 3, "sparse.delta_t": 10, "train.eval_samples": 2})
+    path = tmp_path_factory.mktemp("run") / "r"
+    Trainer.create(cfg, path).fit()
+    return path
+
+
+def inspect_json(capsys, *argv: str) -> dict:
+    code = run(["inspect", *argv, "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out)
+
+
+def test_inspect_json_on_a_run(run_dir, capsys):
+    report = inspect_json(capsys, str(run_dir))
+    model = read_model_file(run_dir / "model.safetensors").model
+    layers = dict(sparse_layers(model))
+    assert [l["name"] for l in report["layers"]] == list(layers)
+    for l in report["layers"]:
+        layer = layers[l["name"]]
+        assert l["active"] == layer.active and l["total"] == layer.numel
+        assert abs(l["density"] - 0.05) < 1e-3
+        snr = (layer.mu.abs() / layer.sigma()).detach().double()
+        q = l["snr"]
+        assert q["min"] <= q["q10"] <= q["median"] <= q["q90"] <= q["max"]
+        assert np.allclose(list(q.values()), np.quantile(snr.numpy(), [0, 0.1, 0.5, 0.9, 1]), rtol=1e-5)
+        assert math.isclose(l["snr_below_1"], float((snr < 1).double().mean()), abs_tol=1e-12)
+        assert l["index"] == "gap8" and l["bytes"] > 0
+    t = report["totals"]
+    assert t["file_bytes"] == (run_dir / "model.safetensors").stat().st_size
+    total = sum(l.numel for l in layers.values())
+    biases = sum(l.bias.numel() for l in layers.values())
+    assert t["dense_bnn_bytes"] == 8 * total + 4 * biases
+    assert t["compression_ratio"] == pytest.approx(t["dense_bnn_bytes"] / t["file_bytes"])
+    assert t["compression_ratio"] > 15
+    history = report["support_history"]
+    lines = [json.loads(l) for l in (run_dir / "support.jsonl").read_text().splitlines()]
+    assert history["subspace_steps"] == len(lines) > 0
+    assert [s["swapped"] for s in history["steps"]] == [
+        sum(v["swapped"] for v in rec["layers"].values()) for rec in lines]
+    assert all(0 < s["iou"] <= 1 for s in history["steps"])
+    overlap = report["criteria_overlap"]
+    names, iou = overlap["criteria"], np.array(overlap["iou"])
+    assert np.allclose(np.diag(iou), 1) and np.allclose(iou, iou.T)
+    # snr_abs is a monotone function of snr (SSVI.md section 4): they drop exactly the same entries.
+    assert iou[names.index("snr"), names.index("snr_abs")] == 1.0
+    assert report["training"]["method"] == "ssvi" and report["format"]["version"] == 1
+
+
+def test_inspect_a_file_and_a_checkpoint_only_run(run_dir, tmp_path, capsys):
+    report = inspect_json(capsys, str(run_dir / "model.safetensors"))
+    assert report["support_history"] is None and report["totals"]["measured_from"] == "file"
+    ckpt_run = tmp_path / "ckpt_run"
+    ckpt_run.mkdir()
+    (ckpt_run / "checkpoints").mkdir()
+    for p in (run_dir / "checkpoints").iterdir():
+        (ckpt_run / "checkpoints" / p.name).write_bytes(p.read_bytes())
+    from_ckpt = inspect_json(capsys, str(ckpt_run))
+    assert from_ckpt["totals"]["measured_from"].startswith("checkpoint")
+    assert from_ckpt["totals"]["active_weights"] == report["totals"]["active_weights"]
+    assert from_ckpt["layers"][0]["snr"] == pytest.approx(report["layers"][0]["snr"])
+
+
+def test_quantiles_match_numpy():
+    v = torch.randn(1001).exp()
+    got = _quantiles(v)
+    want = np.quantile(v.double().numpy(), [0, 0.1, 0.5, 0.9, 1])
+    assert np.allclose(list(got.values()), want)
+
+
+def _one_layer_model(mu: torch.Tensor, sigma: torch.Tensor) -> torch.nn.Module:
+    layer = SparseLinear(100, 1, bayesian=True)
+    layer.set_support(torch.arange(mu.numel()) * 2, mu, rho_from_sigma(sigma, "softplus"))
+    return torch.nn.Sequential(layer)
+
+
+def test_criteria_overlap_sees_agreement_and_disagreement():
+    mu = torch.linspace(0.1, 1.0, 50)
+    agree = criteria_overlap(_one_layer_model(mu, torch.full_like(mu, 0.1)), fraction=0.3)
+    names = agree["criteria"]
+    assert agree["iou"][names.index("mean")][names.index("snr")] == 1.0
+    # sigma = mu^2 makes SNR = 1/mu: the smallest |mu| have the largest SNR, the drop sets are disjoint.
+    disagree = criteria_overlap(_one_layer_model(mu, mu**2), fraction=0.3)
+    assert disagree["iou"][names.index("mean")][names.index("snr")] == 0.0
+
+
+def test_human_output_and_plots(run_dir, tmp_path, capsys):
+    assert run(["inspect", str(run_dir), "--plots", str(tmp_path / "plots")]) == 0
+    captured = capsys.readouterr()
+    for title in ("layers", "posterior", "totals", "support history", "criteria overlap"):
+        assert title in captured.out
+    pngs = sorted((tmp_path / "plots").glob("*.png"))
+    assert len(pngs) == 4 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_plots_without_matplotlib_is_a_clear_error(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert run(["inspect", str(run_dir), "--plots", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and "pip install" in err and "Traceback" not in err
