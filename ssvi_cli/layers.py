@@ -47,17 +47,16 @@ def gaussian_kl(mu: Tensor, sigma: Tensor, prior_sigma: float) -> Tensor:
 
 
 def randn_like(t: Tensor) -> Tensor:
-    """Standard normal noise shaped and laid out like ``t``, always drawn by the vectorised path.
+    """Standard normal noise of ``t``'s shape, always drawn contiguous (the vectorised path).
 
     ``torch.randn_like`` keeps a transposed layout (what the CSR kernel returns) and then fills it
-    through a scalar loop, about ten times slower; drawing a contiguous buffer and viewing it in
-    the transposed layout gives the same distribution at the vectorised speed.
+    through a scalar loop, about ten times slower. A contiguous draw is also the same noise, element
+    for element, whichever kernel produced ``t``, so the sparse and dense kernels follow one random
+    stream.
     """
-    if t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous():
-        return torch.randn(t.shape[::-1], dtype=t.dtype, device=t.device).t()
-    if not t.is_contiguous():
-        return torch.randn(t.shape, dtype=t.dtype, device=t.device)
-    return torch.randn_like(t)
+    if t.is_contiguous():
+        return torch.randn_like(t)
+    return torch.randn(t.shape, dtype=t.dtype, device=t.device)
 
 
 # ------------------------------------------------------------------ sparse kernel

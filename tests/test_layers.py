@@ -149,3 +149,66 @@ def test_capture_mode_gives_dense_gradient_at_every_position():
     torch.testing.assert_close(dense.view(7, 12), w.grad)
     torch.testing.assert_close(layer.mu.grad, w.grad.flatten()[layer.idx])
     assert math.isclose(float(dense.abs().sum()), float(w.grad.abs().sum()), rel_tol=1e-6)
+
+
+def test_randn_like_draws_contiguous_noise_for_the_csr_output():
+    from ssvi_cli.layers import randn_like
+
+    t = torch.empty(512, 300).t()  # the layout SparseMatmul returns
+    noise = randn_like(t)
+    assert noise.shape == t.shape and noise.is_contiguous()
+    assert abs(float(noise.mean())) < 0.02 and abs(float(noise.std()) - 1) < 0.02
+
+
+def test_lrt_gradients_of_sparse_kernel_match_dense_with_the_same_noise():
+    """Mean and variance paths together, through the noise: same seed, same draws, same gradients."""
+    torch.manual_seed(3)
+    sparse = make_linear(fan_in=30, fan_out=20, density=0.1, kernel="sparse")
+    dense = make_linear(fan_in=30, fan_out=20, density=0.1, kernel="dense")
+    dense.load_state_dict(sparse.state_dict())
+    dense.set_support(sparse.idx, sparse.mu.detach(), sparse.rho.detach())
+    x = torch.randn(16, 30)
+    outs = []
+    for layer in (sparse, dense):
+        torch.manual_seed(7)
+        out = layer(x)
+        (out.square().sum()).backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sparse.mu.grad, dense.mu.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sparse.rho.grad, dense.rho.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_mc_prediction_with_cached_sigma_matches_per_draw_sigma():
+    from ssvi_cli.layers import set_kernel
+    from ssvi_cli.models import LayerFactory, build_model
+    from ssvi_cli.predict import predict_batch
+
+    torch.manual_seed(4)
+    model = build_model("mlp", (1, 4, 4), 3, LayerFactory(bayesian=True), widths=(8,))
+    for _, layer in [("first", model.first), ("hidden", model.hidden[0])]:
+        k = layer.numel // 3
+        idx = torch.randperm(layer.numel)[:k].sort().values
+        layer.set_support(idx, torch.randn(k), rho_from_sigma(torch.rand(k) * 0.3 + 0.05, "softplus"))
+    set_kernel(model, "dense")  # contiguous first-layer output: the reference draws its noise alike
+    x = torch.randn(5, 1, 4, 4)
+    torch.manual_seed(9)
+    probs, draws = predict_batch(model, x, samples=4)
+    # reference: the per-draw computation written out with the same random stream
+    torch.manual_seed(9)
+    h = model.prepare(x)
+    mean, var = model.first.moments(h)
+    ref = []
+    hidden = model.hidden[0]
+    for _ in range(4):
+        a = mean.detach() + torch.sqrt(var.detach() + 1e-8) * _noise_like(mean)
+        w = hidden.mu.detach() + hidden.sigma().detach() * torch.randn_like(hidden.mu)
+        ref.append(torch.softmax(F.linear(torch.relu(a), hidden.to_dense(w)) + hidden.bias.detach(), -1))
+    torch.testing.assert_close(draws, torch.stack(ref), rtol=1e-4, atol=1e-5)
+    assert all(layer.sample_sigma is None and layer.mode == "lrt" for layer in (model.first, hidden))
+
+
+def _noise_like(t):
+    from ssvi_cli.layers import randn_like
+
+    return randn_like(t)

@@ -1,0 +1,92 @@
+import math
+
+import pytest
+import torch
+
+from ssvi_cli.allocation import layer_densities
+from ssvi_cli.flops import (
+    CONVENTION, method_layers, model_geometry, prediction_flops, recipe_flops, subspace_captures,
+    training_summary,
+)
+from ssvi_cli.layers import sparse_layers
+from ssvi_cli.models import LayerFactory, build_model
+from ssvi_cli.subspace import Schedule
+
+
+def tiny_mlp():
+    # 6 inputs -> 4 hidden -> 3 classes: 24 + 12 weights
+    return build_model("mlp", (1, 2, 3), 3, LayerFactory(bayesian=True), widths=(4,))
+
+
+def test_hand_count_small_mlp():
+    model = tiny_mlp()
+    geom = model_geometry(model, (1, 2, 3))
+    assert [(g.numel, g.positions) for g in geom] == [(24, 1), (12, 1)]
+    dens = {g.name: 0.5 for g in geom}
+    vi = method_layers(geom, "vi")
+    # LRT forward = 2 ops x 2 FLOPs x 36 weights; backward twice that
+    assert sum(l.forward for l in vi) == 144 and sum(l.backward for l in vi) == 288
+    det = method_layers(geom, "dense")
+    assert sum(l.train for l in det) == 3 * 2 * 36
+    ssvi = method_layers(geom, "ssvi", dens)
+    assert [l.active for l in ssvi] == [12, 6]
+    assert sum(l.train for l in ssvi) == 3 * 2 * 2 * 18
+    assert sum(l.dense_grad for l in ssvi) == 2 * 36
+    # 10 examples, batch 5 -> 2 steps/epoch, 100 epochs -> 200 steps; T_end 150; dT 10 -> 14 updates
+    total = recipe_flops(geom, "ssvi", dens, n_train=10, epochs=100, batch_size=5, delta_t=10, t_end=0.75)
+    assert total.captures == 14
+    assert total.total == 1000 * 216 + 14 * 5 * 72
+    static = recipe_flops(geom, "static", dens, n_train=10, epochs=100, batch_size=5, delta_t=10, t_end=0.75)
+    assert static.captures == 0 and static.total == 1000 * 216
+
+
+def test_conv_positions_lenet5():
+    model = build_model("lenet5", (1, 28, 28), 10, LayerFactory(bayesian=True))
+    geom = {g.name: g for g in model_geometry(model, (1, 28, 28))}
+    assert geom["first"].positions == 28 * 28 and geom["first"].numel == 6 * 25 and geom["first"].stem
+    assert geom["conv2"].positions == 10 * 10 and geom["conv2"].numel == 16 * 6 * 25
+    assert geom["fc1"].positions == 1 and geom["fc1"].numel == 400 * 120
+
+
+@pytest.mark.parametrize("delta_t,t_end,total,acc", [(100, 750, 1000, 1), (10, 95, 200, 3), (7, 1, 50, 1)])
+def test_captures_match_schedule(delta_t, t_end, total, acc):
+    sched = Schedule(delta_t, 0.3, t_end, acc)
+    updates = sum(sched.is_update(t) for t in range(total))
+    captures = sum(sched.captures(t) for t in range(total))
+    assert subspace_captures(total, delta_t, t_end, acc) == updates * acc == captures
+
+
+def test_resnet18_paper_recipe_is_over_10x_below_dense_vi():
+    model = build_model("resnet18", (3, 32, 32), 10, LayerFactory(bayesian=True))
+    geom = model_geometry(model, (3, 32, 32))
+    dens = layer_densities(sparse_layers(model), 0.05, "uniform", dense_stem=True)
+    kw = dict(n_train=45_000, epochs=200, batch_size=128, delta_t=100, t_end=0.75)
+    ssvi = recipe_flops(geom, "ssvi", dens, **kw)
+    vi = recipe_flops(geom, "vi", None, **kw)
+    # CIFAR ResNet-18: ~0.56 GMACs per example, so dense VI trains with ~12 x 0.556e9 FLOPs per example
+    assert vi.per_example == pytest.approx(12 * 0.556e9, rel=0.02)
+    assert vi.total / ssvi.total >= 10
+    assert ssvi.captures == (int(0.75 * 352 * 200) - 1) // 100
+
+
+def test_prediction_flops_reuse_first_layer():
+    model = tiny_mlp()
+    geom = model_geometry(model, (1, 2, 3))
+    rows = prediction_flops(geom, {"first": 0.5, "hidden.0": 0.5}, bayesian=True, samples=10)
+    assert [r["flops"] for r in rows] == [2 * 2 * 12, 10 * 2 * 6]
+    mean = prediction_flops(geom, {"first": 0.5, "hidden.0": 0.5}, bayesian=True, samples=0)
+    assert [r["flops"] for r in mean] == [2 * 12, 2 * 6]
+
+
+def test_training_summary_reads_the_models_support():
+    model = tiny_mlp()
+    for _, layer in sparse_layers(model):
+        k = layer.numel // 4
+        layer.set_support(torch.arange(k), torch.zeros(k), torch.zeros(k))
+    out = training_summary(model, (1, 2, 3), "ssvi", examples=100, batch_size=10, captures=2)
+    assert out["training_flops"] == 100 * 3 * 2 * 2 * 9 + 2 * 10 * 2 * 36
+    assert out["training_flops_dense_vi"] == 100 * 3 * 2 * 2 * 36
+    assert math.isclose(out["training_flops_reduction_vs_vi"], out["training_flops_dense_vi"] / out["training_flops"])
+    assert out["flops_convention"] == CONVENTION
+    # the probe leaves the model's modes and kernels alone
+    assert all(l.mode == "lrt" and l.kernel == "auto" for _, l in sparse_layers(model))
