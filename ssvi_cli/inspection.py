@@ -18,6 +18,7 @@ from torch import Tensor
 from ssvi_cli import fileio
 from ssvi_cli.criteria import criterion_names, keep_mask, removal_score
 from ssvi_cli.export import MODEL_FILE, LoadedModel, load_model, read_header, size_totals, write_model_file
+from ssvi_cli.flops import CONVENTION, model_geometry, prediction_flops
 from ssvi_cli.layers import SparseConv2d, SparseGaussian, sparse_layers
 
 SUPPORT_FILE = "support.jsonl"
@@ -150,13 +151,19 @@ def inspect_model(path: Path, drop_fraction: float = 0.3) -> dict[str, Any]:
         for tname, info in head["tensors"].items():
             owner = tname.rpartition(".")[0]
             layer_bytes[owner] = layer_bytes.get(owner, 0) + info["bytes"]
+    training = meta.get("training", {})
+    samples = int(training.get("config", {}).get("train", {}).get("eval_samples", 10))
+    flops = prediction_flops(model_geometry(loaded.model, loaded.spec.input_shape),
+                             {n: l.density for n, l in sparse_layers(loaded.model)},
+                             loaded.model.first.bayesian, samples)
+    flops_by_layer = {r["layer"]: r["flops"] for r in flops}
     layers = []
     for name, layer in sparse_layers(loaded.model):
         stats = layer_stats(name, layer)
+        stats["flops_per_prediction"] = flops_by_layer[name]
         stats["index"] = next((r["index"] for r in meta.get("layers", []) if r.get("name") == name), None)
         stats["bytes"] = layer_bytes.get(name)
         layers.append(stats)
-    training = meta.get("training", {})
     lam = float(training.get("config", {}).get("sparse", {}).get("criterion_lambda", 1.0))
     report: dict[str, Any] = {
         "source": str(path),
@@ -169,6 +176,9 @@ def inspect_model(path: Path, drop_fraction: float = 0.3) -> dict[str, Any]:
         "metrics": meta.get("metrics", {}),
         "layers": layers,
         "totals": _file_totals(loaded, path),
+        "flops": {"per_prediction": sum(flops_by_layer.values()), "samples": samples,
+                  "convention": CONVENTION + f"; MC prediction with S={samples}: the first layer's two "
+                                "LRT ops once, one op per draw in every other layer; per example"},
         "criteria_overlap": criteria_overlap(loaded.model, drop_fraction, lam),
         "support_history": support_history(path) if path.is_dir() else None,
     }

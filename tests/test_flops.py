@@ -90,3 +90,23 @@ def test_training_summary_reads_the_models_support():
     assert out["flops_convention"] == CONVENTION
     # the probe leaves the model's modes and kernels alone
     assert all(l.mode == "lrt" and l.kernel == "auto" for _, l in sparse_layers(model))
+
+
+def test_inspect_reports_flops_per_prediction(tmp_path):
+    from ssvi_cli.export import write_model_file
+    from ssvi_cli.inspection import inspect_model
+
+    model = tiny_mlp()
+    for _, layer in sparse_layers(model):
+        k = layer.numel // 2
+        layer.set_support(torch.arange(k), torch.randn(k), torch.zeros(k))
+    spec = {"name": "toy", "input_shape": [1, 2, 3], "num_classes": 3, "class_names": ["a", "b", "c"],
+            "mean": [0.0], "std": [1.0]}
+    path = tmp_path / "m.safetensors"
+    write_model_file(model, path, architecture={"name": "mlp", "widths": [4], "bayesian": True,
+                                                "sigma_param": "softplus"},
+                     data_spec=spec, training={"config": {"train": {"eval_samples": 5}}}, metrics={})
+    report = inspect_model(path)
+    # first layer: two LRT ops once over 12 active weights; hidden: 5 draws x one op over 6
+    assert [l["flops_per_prediction"] for l in report["layers"]] == [2 * 2 * 12, 5 * 2 * 6]
+    assert report["flops"]["per_prediction"] == 48 + 60 and report["flops"]["samples"] == 5

@@ -74,6 +74,7 @@ def _print_report(r: dict[str, Any]) -> None:
     }))
     out.print(_layers_table(r["layers"]))
     out.print(_posterior_table(r["layers"]))
+    out.print(f"FLOPs per prediction (per example): {r['flops']['per_prediction']:,}; {r['flops']['convention']}")
     t = r["totals"]
     out.print(kv_table("totals", {
         "active weights": f"{t['active_weights']:,} of {t['total_weights']:,} (density {t['density']:.4f})",
@@ -99,11 +100,12 @@ def _print_report(r: dict[str, Any]) -> None:
 
 def _layers_table(layers: list[dict[str, Any]]) -> Table:
     table = Table(title="layers", title_justify="left")
-    for col in ("layer", "shape", "active / total", "density", "index", "bytes"):
+    for col in ("layer", "shape", "active / total", "density", "index", "bytes", "FLOPs/prediction"):
         table.add_column(col, justify="left" if col in ("layer", "shape", "index") else "right")
     for l in layers:
         table.add_row(l["name"], "x".join(map(str, l["shape"])), f"{l['active']:,} / {l['total']:,}",
-                      f"{l['density']:.4f}", str(l["index"] or "-"), f"{l['bytes']:,}" if l["bytes"] else "-")
+                      f"{l['density']:.4f}", str(l["index"] or "-"), f"{l['bytes']:,}" if l["bytes"] else "-",
+                      f"{l['flops_per_prediction']:,}")
     return table
 
 
