@@ -7,8 +7,10 @@ import sys
 from typing import Optional, Sequence
 
 import typer
+from rich.markup import escape
 
 from ssvi_cli.commands import bench as bench_cmd
+from ssvi_cli.commands import evaluate as evaluate_cmd
 from ssvi_cli.commands import export as export_cmd
 from ssvi_cli.commands import infer as infer_cmd
 from ssvi_cli.commands import inspect_cmd
@@ -19,7 +21,7 @@ from ssvi_cli.commands.common import UsageError, err
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Sparse Bayesian neural networks with Sparse Subspace Variational Inference.")
 
-for module in (train_cmd, presets_cmd, export_cmd, infer_cmd, inspect_cmd, bench_cmd):
+for module in (train_cmd, presets_cmd, evaluate_cmd, export_cmd, infer_cmd, inspect_cmd, bench_cmd):
     module.register(app)
 
 
@@ -67,7 +69,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         code = 2 if isinstance(exc, _user_errors()) else 1
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         prefix = "error" if code == 2 else f"error ({type(exc).__name__})"
-        err.print(f"[bold red]{prefix}:[/] {message}" + ("" if code == 2 else "  (run with --debug for the traceback)"),
+        # escape(): a message may hold brackets (pip extras, paths) that rich would read as markup.
+        err.print(f"[bold red]{prefix}:[/] {escape(message)}" + ("" if code == 2 else "  (run with --debug for the traceback)"),
                   markup=True)
         return code
 

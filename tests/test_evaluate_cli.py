@@ -1,0 +1,155 @@
+"""``ssvi evaluate`` end to end: tables, JSON, files, plots, torchvision OOD sets and errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ssvi_cli.cli import run
+from ssvi_cli.commands.evaluate import METRIC_LABELS
+from tests.fixtures_torchvision import write_all
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    """A digits MLP trained by ``ssvi train --sparsity 0.95`` (a few epochs, to stay fast)."""
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    code = run(["train", "--out", str(run_dir), "--sparsity", "0.95", "--epochs", "4",
+                "--set", "train.eval_samples=2", "--json"])
+    assert code == 0
+    return run_dir / "model.safetensors"
+
+
+def _evaluate(capsys, *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = run(["evaluate", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _json(capsys, *args: str) -> dict:
+    code, out, err = _evaluate(capsys, *args, "--json")
+    assert code == 0, err
+    return json.loads(out)  # the whole of stdout is one document
+
+
+def test_digits_model_prints_every_metric_with_s_and_ood_in_under_a_minute(capsys, model_file):
+    # S=10 instead of the default 30 keeps the test quick on a busy machine (docs/EVALUATE.md times S=30).
+    start = time.perf_counter()
+    code, out, err = _evaluate(capsys, str(model_file), "--ood", "noise", "--ood", "sklearn-photos", "--samples", "10")
+    elapsed = time.perf_counter() - start
+    assert code == 0, err
+    assert elapsed < 60
+    for label in METRIC_LABELS.values():
+        assert label in out
+    assert "digits test (n=360), mode mc, S=10, seed 0" in out
+    assert "OOD detection vs digits test (OOD = positive), mode mc, S=10" in out
+    for header in ("AUROC", "AUPR-in", "AUPR-out", "FPR@95%TPR"):
+        assert header in out
+    for name in ("noise", "sklearn-photos"):
+        assert name in out
+    assert "sparsity 0.95" in out
+
+
+def test_json_is_the_only_stdout_and_output_file_matches(capsys, model_file, tmp_path):
+    target = tmp_path / "reports" / "metrics.json"
+    doc = _json(capsys, str(model_file), "--ood", "noise", "--samples", "1,3", "--output", str(target))
+    for key in ("model", "dataset", "split", "n", "mode", "samples", "seed", "metrics", "ood", "per_samples"):
+        assert key in doc
+    assert doc["model"] == str(model_file) and doc["dataset"] == "digits" and doc["split"] == "test"
+    assert doc["mode"] == "mc" and doc["samples"] == 3 and doc["seed"] == 0 and doc["n"] == 360
+    assert [row["samples"] for row in doc["per_samples"]] == [1, 3]
+    assert doc["ood"]["noise"]["scores"]["entropy"]["auroc"] > 0.5
+    assert json.loads(target.read_text()) == doc
+    assert not list(target.parent.glob(".*.tmp"))  # the atomic write left no temporary file
+
+
+def test_same_model_same_seed_twice_gives_identical_numbers(capsys, model_file):
+    args = (str(model_file), "--ood", "noise", "--samples", "2,5", "--seed", "7")
+    first, second = _json(capsys, *args), _json(capsys, *args)
+    first.pop("seconds"), second.pop("seconds")
+    assert first == second
+
+
+def test_samples_table_and_val_split_from_a_run_directory(capsys, model_file):
+    code, out, err = _evaluate(capsys, str(model_file.parent), "--split", "val", "--samples", "1,2")
+    assert code == 0, err
+    assert "Metrics vs Monte Carlo samples S" in out and "S=1" in out and "S=2" in out
+    assert "digits val" in out
+
+
+def test_defaults_are_the_test_split_and_30_monte_carlo_samples(capsys, model_file):
+    doc = _json(capsys, str(model_file))
+    assert (doc["split"], doc["mode"], doc["samples"], doc["seed"]) == ("test", "mc", 30, 0)
+    assert doc["ood"] == {} and doc["model_info"]["trained_on"] == "digits"
+
+
+def test_mean_mode_records_no_samples(capsys, model_file):
+    doc = _json(capsys, str(model_file), "--mode", "mean", "--ood", "noise")
+    assert doc["mode"] == "mean" and doc["samples"] is None and doc["metrics"]["mi_mean"] is None
+
+
+def test_torchvision_ood_sets_from_fixture_files_run_end_to_end(capsys, model_file, tmp_path, monkeypatch):
+    root = write_all(tmp_path / "data", monkeypatch)
+    sets = {"svhn": 20, "cifar10": 20, "cifar100": 100, "mnist": 20, "fashion-mnist": 20}
+    args = [str(model_file), "--data-dir", str(root), "--samples", "2"]
+    for name in sets:
+        args += ["--ood", name]
+    doc = _json(capsys, *args)
+    assert list(doc["ood"]) == list(sets)
+    for name, n in sets.items():
+        assert doc["ood"][name]["n"] == n
+        for values in doc["ood"][name]["scores"].values():
+            assert all(0.0 <= v <= 1.0 and math.isfinite(v) for v in values.values())
+
+
+def test_plots_are_written_as_png(capsys, model_file, tmp_path):
+    folder = tmp_path / "plots"
+    code, _, err = _evaluate(capsys, str(model_file), "--ood", "noise", "--samples", "2", "--plots", str(folder))
+    assert code == 0, err
+    for name in ("reliability.png", "ood_scores.png"):
+        data = (folder / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000
+
+
+def test_plots_without_matplotlib_name_the_extra(capsys, model_file, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    code, out, err = _evaluate(capsys, str(model_file), "--plots", str(tmp_path / "p"))
+    assert code == 2 and out == ""
+    assert "pip install 'ssvi[plots]'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--samples", "1,x"], "--samples expects positive integers"),
+    (["--samples", "0"], "--samples expects positive integers"),
+    (["--ood", "imagenet"], "unknown OOD set 'imagenet'; valid names are: cifar10, cifar100, fashion-mnist"),
+    (["--dataset", "nope"], "unknown dataset 'nope'; valid names are: "),
+    (["--dataset", "mnist"], "score it as out-of-distribution with --ood mnist"),
+    (["--mode", "map"], "--mode 'map' is not valid; valid values are: mc, mean"),
+    (["--split", "train"], "--split 'train' is not valid"),
+    (["--mode", "mean", "--samples", "5"], "--samples applies to --mode mc"),
+])
+def test_mistakes_give_one_line_errors(capsys, model_file, args, message):
+    code, out, err = _evaluate(capsys, str(model_file), *args)
+    assert code == 2 and out == ""
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_missing_torchvision_data_offline_is_a_one_line_error(capsys, model_file, tmp_path):
+    code, _, err = _evaluate(capsys, str(model_file), "--ood", "svhn", "--data-dir", str(tmp_path))
+    assert code == 2
+    assert "svhn not found" in err and "--download" in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_model_is_a_one_line_error(capsys, tmp_path):
+    code, _, err = _evaluate(capsys, str(tmp_path / "absent.safetensors"))
+    assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
