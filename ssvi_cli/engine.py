@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssvi_cli import checkpoint as ckpt
-from ssvi_cli import fileio
+from ssvi_cli import distributed, fileio
 from ssvi_cli.allocation import InitSpec, initialise, layer_densities
 from ssvi_cli.config import Config, addition_accumulate, dump_yaml, from_dict
 from ssvi_cli.criteria import criterion_names
 from ssvi_cli.data import DataSpec, DataSplits, build_dataset
 from ssvi_cli.flops import training_summary
+from ssvi_cli.distributed import SINGLE, DistInfo
 from ssvi_cli.layers import set_kernel, set_mode, sparse_layers
 from ssvi_cli.models import MODELS, LayerFactory, SSVIModel, build_model
 from ssvi_cli.predict import predict_loader
@@ -38,6 +39,7 @@ SUPPORT_FILE = "support.jsonl"
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.safetensors"
 SUMMARY_FILE = "summary.json"
+AMP_DTYPES: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingError(RuntimeError):
@@ -145,6 +147,9 @@ class TrainState:
     step: int = 0
     batch_in_epoch: int = 0
     subspace_steps: int = 0
+    # Samples per step over all ranks: batch_size x ranks when the run was created. A run resumed on
+    # another number of ranks keeps it (and with it the data order and every schedule).
+    global_batch: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -175,13 +180,21 @@ class Trainer:
     """Fits one run. Construct with :meth:`create` (new run) or :meth:`resume` (from its checkpoint)."""
 
     def __init__(self, cfg: Config, run_dir: Path, device: torch.device, splits: DataSplits,
-                 model: SSVIModel, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
+                 model: SSVIModel, optimizer: torch.optim.Optimizer, state: TrainState,
+                 dist_info: DistInfo = SINGLE) -> None:
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         self.cfg, self.run_dir, self.device = cfg, Path(run_dir), device
         self.splits, self.model, self.optimizer, self.state = splits, model, optimizer, state
+        self.dist = dist_info
         self.n_train = len(splits.train)
         if self.n_train == 0:
             raise TrainingError("the training split is empty")
-        self.steps_per_epoch = math.ceil(self.n_train / cfg.train.batch_size)
+        state.global_batch = state.global_batch or cfg.train.batch_size * dist_info.world_size
+        if state.global_batch < dist_info.world_size:
+            raise TrainingError(f"a global batch of {state.global_batch} cannot feed {dist_info.world_size} ranks")
+        self.steps_per_epoch = len(distributed.global_batches(torch.arange(self.n_train), state.global_batch,
+                                                              dist_info.world_size))
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         s = cfg.sparse
         self.schedule = Schedule(s.delta_t, s.alpha, int(s.t_end * self.total_steps),
@@ -190,12 +203,22 @@ class Trainer:
         self._captured = 0
         self.stop_requested = False
         self.step_hooks: list[Callable[["Trainer", str], None]] = []
-        self.grad_reduce: Optional[Callable[[Tensor], Tensor]] = None
-        self.is_main = True
+        self.grad_reduce: Optional[Callable[[Tensor], Tensor]] = distributed.mean if dist_info.enabled else None
+        self.is_main = dist_info.is_main
+        self.net = distributed.wrap(model, self.device)  # DDP for ordinary steps; the model itself alone
+        self.amp_dtype = AMP_DTYPES[cfg.train.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
+        self.train_seconds = 0.0
+        self.samples_seen = 0
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
 
     # -- construction ----------------------------------------------------------
     @classmethod
-    def create(cls, cfg: Config, run_dir: Path, splits: Optional[DataSplits] = None) -> "Trainer":
+    def create(cls, cfg: Config, run_dir: Path, splits: Optional[DataSplits] = None,
+               dist_info: DistInfo = SINGLE) -> "Trainer":
+        """A new run; with ``dist_info`` of several ranks, one rank of a data-parallel run (the
+        process group must be set up: :func:`ssvi_cli.distributed.setup`)."""
         check_names(cfg)
         device = resolve_device(cfg.train.device)
         torch.manual_seed(cfg.train.seed)
@@ -204,11 +227,12 @@ class Trainer:
         init_model(model, cfg, torch.Generator().manual_seed(cfg.train.seed))
         model.to(device)
         set_kernel(model, cfg.train.kernel)
-        return cls(cfg, run_dir, device, splits, model, make_optimizer(model, cfg), TrainState())
+        distributed.fork_noise(dist_info)
+        return cls(cfg, run_dir, device, splits, model, make_optimizer(model, cfg), TrainState(), dist_info)
 
     @classmethod
     def resume(cls, run_dir: Path, device: Optional[str] = None,
-               splits: Optional[DataSplits] = None) -> "Trainer":
+               splits: Optional[DataSplits] = None, dist_info: DistInfo = SINGLE) -> "Trainer":
         data = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
         cfg = from_dict(data["config"])
         dev = resolve_device(device or cfg.train.device)
@@ -219,8 +243,9 @@ class Trainer:
         set_kernel(model, cfg.train.kernel)
         optimizer = make_optimizer(model, cfg)
         optimizer.load_state_dict(data["optimizer"])
-        trainer = cls(cfg, run_dir, dev, splits, model, optimizer, TrainState(**data["state"]))
+        trainer = cls(cfg, run_dir, dev, splits, model, optimizer, TrainState(**data["state"]), dist_info)
         ckpt.set_rng_state(data["rng"])
+        distributed.fork_noise(dist_info)
         return trainer
 
     # -- schedules ---------------------------------------------------------------
@@ -236,12 +261,18 @@ class Trainer:
             return 1.0
         return 0.5 * (1.0 + math.cos(math.pi * step / self.total_steps))
 
-    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        """Minibatches of one epoch in a permutation fixed by (seed, epoch); skips ``start`` batches
-        without loading them, so a resumed epoch sees exactly the remaining data."""
+    def epoch_plan(self, epoch: int) -> tuple[list[Tensor], torch.Generator]:
+        """The global minibatches of one epoch: a permutation fixed by (seed, epoch) alone, so any
+        number of ranks (and a resumed run) walks the same data in the same order."""
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.n_train, generator=gen).split(self.cfg.train.batch_size)
-        batch_sampler = [b.tolist() for b in order[start:]]
+        order = torch.randperm(self.n_train, generator=gen)
+        return distributed.global_batches(order, self.state.global_batch, self.dist.world_size), gen
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """This rank's share of each global minibatch of the epoch; skips ``start`` batches without
+        loading them, so a resumed epoch sees exactly the remaining data."""
+        plan, gen = self.epoch_plan(epoch)
+        batch_sampler = [distributed.shard(b, self.dist).tolist() for b in plan[start:]]
         # A private generator: creating a loader iterator draws its worker base seed from it, and
         # drawing from the global RNG instead would shift the noise stream of a resumed run.
         loader = torch.utils.data.DataLoader(self.splits.train, batch_sampler=batch_sampler,
@@ -250,9 +281,13 @@ class Trainer:
         yield from loader
 
     # -- one step ------------------------------------------------------------------
-    def train_step(self, x: Tensor, y: Tensor) -> dict[str, float]:
-        """One minibatch: a parameter update, or (every delta_t steps) a subspace update."""
+    def train_step(self, x: Tensor, y: Tensor, batch_total: Optional[int] = None) -> dict[str, float]:
+        """One minibatch: a parameter update, or (every delta_t steps) a subspace update.
+
+        ``x, y`` is this rank's shard of a global minibatch of ``batch_total`` samples.
+        """
         cfg, model, t = self.cfg, self.model, self.state.step
+        batch_total = batch_total or len(y) * self.dist.world_size
         moves = cfg.moves_support
         capture = moves and self.schedule.captures(t)
         update = moves and self.schedule.is_update(t)
@@ -261,18 +296,25 @@ class Trainer:
         begin_capture(model, capture)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * self.lr_factor(t)
-        logits = model(x)
+        # A capture step runs outside DDP: mu's gradient comes from the dense leaf, which DDP cannot
+        # see, so that step averages its gradients itself (sync_grads below).
+        net = model if capture else self.net
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = net(x)
         nll = F.cross_entropy(logits.float(), y)
+        # Ranks' gradients are averaged; weighting this rank's mean by its share of the global batch
+        # makes the average exactly the single-process gradient, also for shards of unequal size.
+        share = len(y) * self.dist.world_size / batch_total
         kl = sum((layer.kl(cfg.bayes.prior_sigma) for _, layer in sparse_layers(model)),
                  torch.zeros((), device=x.device))
         weight = self.kl_weight(t)
-        loss = nll + weight * kl
+        loss = nll * share + weight * kl
         self._check_finite(nll, kl, loss)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
         if capture:
             self._captured += 1
-            collect_captured(model, self._accumulated, self._captured)
+            collect_captured(model, self._accumulated, self._captured, self.scaler.get_scale())
         begin_capture(model, False)
         set_mode(model, "lrt")
         report: Optional[SwapReport] = None
@@ -280,6 +322,7 @@ class Trainer:
             report = subspace_step(model, t, self.schedule, cfg.sparse.criterion,
                                    cfg.sparse.criterion_lambda, cfg.sparse.new_sigma,
                                    self.optimizer, self.grad_reduce)
+            distributed.verify_supports(model, t)
             self._accumulated.clear()
             self._captured = 0
             self.state.subspace_steps += 1
@@ -289,12 +332,15 @@ class Trainer:
                     "layers": {l.name: {"active": l.active, "dropped": l.dropped, "swapped": l.swapped,
                                         "iou": l.iou} for l in report.layers}})
         else:
-            self.optimizer.step()
+            if capture:
+                distributed.sync_grads(list(model.parameters()))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.state.step += 1
         for hook in self.step_hooks:
             hook(self, "subspace" if update else "optim")
         correct = int((logits.argmax(-1) == y).sum())
-        return {"loss": loss.item(), "nll": nll.item(), "kl": kl.item(), "kl_weight": weight,
+        return {"loss": nll.item() + weight * kl.item(), "nll": nll.item(), "kl": kl.item(), "kl_weight": weight,
                 "correct": correct, "swapped": report.swapped if report else -1}
 
     def _check_finite(self, nll: Tensor, kl: Tensor, loss: Tensor) -> None:
@@ -326,9 +372,12 @@ class Trainer:
         stats = EpochStats()
         if progress.on_epoch_start:
             progress.on_epoch_start(epoch, self.steps_per_epoch - self.state.batch_in_epoch)
-        for x, y in self.batches(epoch, self.state.batch_in_epoch):
+        sizes = [len(b) for b in self.epoch_plan(epoch)[0][self.state.batch_in_epoch:]]
+        started = time.perf_counter()
+        for (x, y), batch_total in zip(self.batches(epoch, self.state.batch_in_epoch), sizes):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            out = self.train_step(x, y)
+            out = self.train_step(x, y, batch_total)
+            self.samples_seen += batch_total
             self.state.batch_in_epoch += 1
             if out["swapped"] >= 0:
                 stats.swapped += out["swapped"]
@@ -336,9 +385,13 @@ class Trainer:
             stats.add(out["loss"], out["nll"], out["kl"], out["correct"], len(y))
             if progress.on_batch:
                 progress.on_batch({"loss": stats.loss / stats.seen, "acc": stats.correct / stats.seen})
-            if self.stop_requested:
+            if distributed.any_rank(self.stop_requested, self.device):  # all ranks stop at one step
                 self.save()
                 raise Interrupted(self.run_dir, self.state.step)
+        self.train_seconds += time.perf_counter() - started
+        distributed.average_buffers(self.model)
+        stats.loss, stats.nll, stats.correct, stats.seen = distributed.sum_values(
+            [stats.loss, stats.nll, stats.correct, stats.seen], self.device)
         record = self._epoch_record(stats)
         self.state.epoch += 1
         self.state.batch_in_epoch = 0
@@ -350,7 +403,7 @@ class Trainer:
             progress.on_epoch_end(record)
 
     def _epoch_record(self, stats: EpochStats) -> dict[str, Any]:
-        val = self.evaluate_split("val", mode="mean") if len(self.splits.val) else {}
+        val = self.evaluate_split("val", mode="mean") if len(self.splits.val) and self.is_main else {}
         dens = density_report(self.model)
         n = max(stats.seen, 1)
         return {
@@ -370,6 +423,7 @@ class Trainer:
             "subspace_steps": self.state.subspace_steps,
             "swapped": stats.swapped,
             "seconds": time.perf_counter() - stats.started,
+            "samples_per_second": self.throughput(),
         }
 
     @contextmanager
@@ -389,7 +443,12 @@ class Trainer:
                 signal.signal(signal.SIGINT, previous)
 
     # -- persistence -----------------------------------------------------------------
+    def throughput(self) -> Optional[float]:
+        """Training samples per second over all ranks (training steps only, no evaluation)."""
+        return self.samples_seen / self.train_seconds if self.train_seconds > 0 else None
+
     def save(self) -> Optional[Path]:
+        distributed.average_buffers(self.model)  # every rank: the checkpoint holds the ranks' mean
         if not self.is_main:
             return None
         payload = {
@@ -443,6 +502,10 @@ class Trainer:
             "epochs": self.state.epoch,
             "steps": self.state.step,
             "subspace_steps": self.state.subspace_steps,
+            "world_size": self.dist.world_size,
+            "global_batch": self.state.global_batch,
+            "precision": cfg.train.precision,
+            "samples_per_second": self.throughput(),
             "test_accuracy": test["accuracy"],
             "test_nll": test["nll"],
             "test_mode": mode,

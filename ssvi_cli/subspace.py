@@ -146,14 +146,21 @@ def begin_capture(model: nn.Module, on: bool) -> None:
         layer.capture_dense_grad = on and layer.active < layer.numel
 
 
-def collect_captured(model: nn.Module, accumulate: dict[str, Tensor], count: int) -> None:
-    """Move each layer's captured dense gradient into a running mean over ``count`` minibatches."""
+def collect_captured(model: nn.Module, accumulate: dict[str, Tensor], count: int,
+                     loss_scale: float = 1.0) -> None:
+    """Move each layer's captured dense gradient into a running mean over ``count`` minibatches.
+
+    ``loss_scale`` (fp16 training) divides out the gradient scaler's factor, which may differ between
+    the accumulated minibatches; ``mu.grad`` stays scaled, as the scaler expects.
+    """
     for name, layer in sparse_layers(model):
         if not layer.capture_dense_grad:
             continue
         grad = layer.collect_dense_grad()
         if grad is None:
             continue
+        if loss_scale != 1.0:
+            grad = grad / loss_scale
         prev = accumulate.get(name)
         accumulate[name] = grad.clone() if prev is None else prev + (grad - prev) / count
         layer.dense_grad = accumulate[name]

@@ -54,6 +54,8 @@ def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
         "mean-network accuracy": summary["test_accuracy_mean_net"],
         "epochs / steps": f"{summary['epochs']} / {summary['steps']}",
         "subspace steps": summary["subspace_steps"],
+        "processes / global batch": f"{summary['world_size']} / {summary['global_batch']}",
+        "training throughput": f"{fmt(summary['samples_per_second'], 1)} samples/s ({summary['precision']})",
         "training FLOPs": _flops_row(summary),
         "model file": f"{summary.get('model_file')} ({summary.get('model_file_bytes', 0):,} bytes)",
     }
@@ -70,6 +72,7 @@ def _flops_row(summary: dict[str, Any]) -> str:
 def register(app: typer.Typer) -> None:
     @app.command()
     def train(
+        ctx: typer.Context,
         preset: Annotated[str, typer.Option(help="Preset name (see 'ssvi presets') or a YAML path.")] = cfgmod.DEFAULT_PRESET,
         sparsity: Annotated[Optional[float], typer.Option(help="Fraction of weights that are exactly zero, in [0, 1).")] = None,
         method: Annotated[Optional[str], typer.Option(help="ssvi, vi, static, rigl or dense.")] = None,
@@ -84,36 +87,111 @@ def register(app: typer.Typer) -> None:
         resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last checkpoint.")] = None,
         force: Annotated[bool, typer.Option(help="Overwrite an existing run directory.")] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON only.")] = False,
+        precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (autocast; fp16 adds a gradient scaler). The LRT variance stays float32.")] = None,
+        nproc: Annotated[Optional[int], typer.Option(help="Processes on this node (data parallel via torch.distributed.run); --batch-size is per process.", min=1)] = None,
     ) -> None:
-        """Train a sparse Bayesian network with SSVI (or a baseline via --method)."""
+        """Train a sparse Bayesian network with SSVI (or a baseline via --method).
+
+        Also runs as one worker of ``torchrun --nproc-per-node N -m ssvi_cli train ...``.
+        """
+        from ssvi_cli import distributed
         from ssvi_cli.engine import Interrupted, Trainer
 
+        info = distributed.info_from_env()
+        if nproc is not None and nproc > 1:
+            if info is not None:
+                raise UsageError("--nproc starts torch.distributed.run itself; under torchrun drop it")
+            _launch(ctx, nproc, resume, preset, out_dir, force, {
+                "sparse.sparsity": sparsity, "sparse.method": method, "sparse.criterion": criterion,
+                "train.epochs": epochs, "train.batch_size": batch_size, "optim.lr": lr, "train.seed": seed,
+                "train.device": device, "train.precision": precision}, set_ or [])
+            return
+        info = info or distributed.SINGLE
         if resume is not None:
             given = [n for n, v in (("--preset", preset != cfgmod.DEFAULT_PRESET), ("--sparsity", sparsity),
                                      ("--method", method), ("--criterion", criterion), ("--epochs", epochs),
                                      ("--batch-size", batch_size), ("--lr", lr), ("--seed", seed),
-                                     ("--set", set_), ("--out", out_dir)) if v]
+                                     ("--set", set_), ("--out", out_dir), ("--precision", precision)) if v]
             if given:
                 raise UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
-            trainer = Trainer.resume(resume, device=device)
-            err.print(f"resuming {resume} at epoch {trainer.state.epoch + 1}, step {trainer.state.step}")
         else:
             cfg = build_config(preset, {
                 "sparse.sparsity": sparsity, "sparse.method": method, "sparse.criterion": criterion,
                 "train.epochs": epochs, "train.batch_size": batch_size, "optim.lr": lr,
-                "train.seed": seed, "train.device": device}, set_ or [])
+                "train.seed": seed, "train.device": device, "train.precision": precision}, set_ or [])
             from ssvi_cli.engine import check_names, resolve_device
 
             check_names(cfg)
             resolve_device(cfg.train.device)
-            run_dir = out_dir or default_run_dir(cfg, preset)
-            prepare_run_dir(run_dir, force)
-            trainer = Trainer.create(cfg, run_dir)
-        summary = _fit(trainer, Interrupted, quiet=json_out)
+        try:
+            if resume is not None:
+                distributed.setup(info, device or _saved_device(resume))
+                trainer = Trainer.resume(resume, device=device, dist_info=info)
+                if info.is_main:
+                    err.print(f"resuming {resume} at epoch {trainer.state.epoch + 1}, step {trainer.state.step}"
+                              + (f" on {info.world_size} processes" if info.enabled else ""))
+            else:
+                distributed.setup(info, cfg.train.device)
+                # Rank 0 names and clears the run directory; the others take its answer (or its error).
+                run_dir = distributed.on_main(lambda: _prepare(out_dir or default_run_dir(cfg, preset), force))
+                trainer = Trainer.create(cfg, run_dir, dist_info=info)
+            summary = _fit(trainer, Interrupted, quiet=json_out or not info.is_main)
+        finally:
+            distributed.teardown()
+        if not info.is_main:
+            return
         if json_out:
             print_json(summary)
             return
         out.print(kv_table(f"ssvi train: {trainer.run_dir}", summary_rows(summary)))
+
+
+def _saved_device(run_dir: Path) -> str:
+    from ssvi_cli import checkpoint as ckpt
+
+    return ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))["config"]["train"]["device"]
+
+
+def _prepare(run_dir: Path, force: bool) -> Path:
+    prepare_run_dir(run_dir, force)
+    return run_dir
+
+
+def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: str, out_dir: Optional[Path], force: bool,
+            overrides: dict[str, Any], sets: list[str]) -> None:
+    """Check the arguments here, where errors read well, then rerun them on ``nproc`` processes."""
+    from ssvi_cli import distributed
+    from ssvi_cli.engine import check_names
+
+    if resume is None:
+        cfg = build_config(preset, overrides, sets)
+        check_names(cfg)
+        out_dir = out_dir or default_run_dir(cfg, preset)
+        prepare_run_dir(out_dir, force)
+    args = forwarded_args(ctx, drop=("nproc", "out_dir"))
+    if out_dir is not None:
+        args += ["--out", str(out_dir)]
+    code = distributed.launch(nproc, ["train", *args])
+    if code:
+        raise typer.Exit(code)
+
+
+def forwarded_args(ctx: typer.Context, drop: tuple[str, ...] = ()) -> list[str]:
+    """The command line that reproduces this command's given options (those not left at None/False)."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in drop or param.param_type_name != "option" or value in (None, False, [], ()):
+            continue
+        flag = param.opts[0]
+        if value is True:
+            args.append(flag)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                args += [flag, str(item)]
+        else:
+            args += [flag, str(value)]
+    return args
 
 
 def _fit(trainer, interrupted_cls, quiet: bool) -> dict[str, Any]:

@@ -1,0 +1,295 @@
+"""Data-parallel training on torch.distributed: 2 CPU processes with gloo on digits, and the GPU path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from typer.testing import CliRunner
+
+from ssvi_cli import config as C
+from ssvi_cli import distributed
+from ssvi_cli.distributed import DistInfo, SupportMismatch
+from ssvi_cli.engine import Interrupted, Trainer
+from ssvi_cli.layers import SparseLinear, sparse_layers
+from ssvi_cli.metrics import accuracy
+from ssvi_cli.predict import predict_loader
+
+WORLD = 2
+PER_RANK_BATCH = 32
+EPOCHS = 4
+
+
+def digits_cfg(batch_size: int, **over: Any) -> C.Config:
+    # accumulate:3 makes two of every three capture steps parameter steps whose mu gradient comes from
+    # the dense leaf (outside DDP), the path most likely to let ranks drift apart.
+    base = {"train.epochs": EPOCHS, "train.batch_size": batch_size, "sparse.delta_t": 10,
+            "sparse.addition": "accumulate:3",
+            "train.device": "cpu", "train.eval_samples": 4, "train.checkpoint_every": 1}
+    base.update(over)
+    return C.apply_overrides(C.load_preset("digits_mlp"), base)
+
+
+# ------------------------------------------------------------------ the worker (runs in each process)
+
+def _worker(rank: int, port: int, out: str, mode: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    info = DistInfo(rank=rank, local_rank=rank, world_size=WORLD)
+    distributed.setup(info, "cpu", timeout_s=120)
+    result: dict[str, Any] = {}
+    try:
+        trainer = Trainer.create(digits_cfg(PER_RANK_BATCH), Path(out) / "run", dist_info=info)
+        if mode == "mismatch" and rank == 1:
+            # Rank 1 alone perturbs its addition scores (still joining the all-reduce).
+            trainer.grad_reduce = lambda g: distributed.mean(g) * torch.rand_like(g)
+        if mode == "interrupt" and rank == 0:
+            # Only rank 0 is asked to stop (as by Ctrl-C); every rank must stop at the same step.
+            trainer.step_hooks.append(lambda tr, kind: setattr(tr, "stop_requested", tr.state.step == 27))
+        try:
+            result["summary"] = trainer.fit()
+        except SupportMismatch as exc:
+            result["error"] = str(exc)
+        except Interrupted as exc:
+            result["interrupted_at"] = exc.step
+        result["state"] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        result["files_seen_by_rank"] = sorted(p.name for p in (Path(out) / "run").glob("*"))
+    finally:
+        distributed.teardown()
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+
+
+@pytest.fixture
+def one_thread():
+    """The in-test single-process runs: two threads on two busy cores oversubscribe badly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_two_ranks(tmp_path: Path, mode: str) -> list[dict[str, Any]]:
+    mp.spawn(_worker, args=(distributed.free_port(), str(tmp_path), mode), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_accuracy(run_dir: Path) -> float:
+    """Accuracy of the exported file's mean network on the digits test split."""
+    from ssvi_cli.engine import load_data
+    from ssvi_cli.export import read_model_file
+
+    loaded = read_model_file(run_dir / "model.safetensors")
+    splits = load_data(digits_cfg(64))
+    loader = torch.utils.data.DataLoader(splits.test, batch_size=256)
+    out = predict_loader(loaded.model, loader, torch.device("cpu"), mode="mean")
+    return accuracy(out["probs"], out["labels"])
+
+
+test_accuracy.__test__ = False  # a helper, not a test
+
+
+# ------------------------------------------------------------------ two CPU processes
+
+@pytest.mark.slow
+def test_two_processes_train_identically_and_match_a_single_process(tmp_path: Path, one_thread):
+    ranks = run_two_ranks(tmp_path, "full")
+    run = tmp_path / "run"
+    a, b = ranks[0]["state"], ranks[1]["state"]
+    assert a.keys() == b.keys()
+    for key in a:  # supports (idx), mu, rho and biases: bit-identical on both ranks
+        assert torch.equal(a[key], b[key]), key
+    s0, s1 = ranks[0]["summary"], ranks[1]["summary"]
+    assert s0["world_size"] == WORLD and s0["global_batch"] == WORLD * PER_RANK_BATCH
+    assert s0["subspace_steps"] > 0 and s0["subspace_steps"] == s1["subspace_steps"]
+    assert s0["samples_per_second"] > 0
+
+    # Rank 0 alone wrote the run: each epoch and each subspace step is logged once, not twice.
+    assert json.loads((run / "summary.json").read_text())["world_size"] == WORLD
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == EPOCHS
+    assert len((run / "support.jsonl").read_text().splitlines()) == s0["subspace_steps"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl",
+                                                     "model.safetensors", "summary.json", "support.jsonl"]
+
+    single = Trainer.create(digits_cfg(WORLD * PER_RANK_BATCH), tmp_path / "single")
+    ref = single.fit()
+    assert single.steps_per_epoch == s0["steps"] // EPOCHS
+    assert ref["subspace_steps"] == s0["subspace_steps"]
+    acc_ddp, acc_single = test_accuracy(run), test_accuracy(tmp_path / "single")
+    assert acc_ddp > 0.8 and acc_single > 0.8
+    print(f"exported model accuracy: 2 ranks {acc_ddp:.4f}, 1 process {acc_single:.4f}")
+    assert abs(acc_ddp - acc_single) < 0.05, (acc_ddp, acc_single)
+
+
+@pytest.mark.slow
+def test_mask_mismatch_between_ranks_is_an_error_on_every_rank(tmp_path: Path):
+    ranks = run_two_ranks(tmp_path, "mismatch")
+    for r in ranks:
+        assert "summary" not in r
+        message = r["error"]
+        assert "sparse supports differ between ranks" in message
+        assert "at step 10" in message  # the first subspace step (delta_t = 10)
+        assert "in layer(s) '" in message
+
+
+@pytest.mark.slow
+def test_interrupt_on_one_rank_stops_all_and_resumes_on_one_process(tmp_path: Path, one_thread):
+    ranks = run_two_ranks(tmp_path, "interrupt")
+    assert [r["interrupted_at"] for r in ranks] == [27, 27]
+    run = tmp_path / "run"
+
+    resumed = Trainer.resume(run, device="cpu")  # one process now: the global batch is kept
+    assert resumed.state.step == 27 and resumed.state.global_batch == WORLD * PER_RANK_BATCH
+    two_rank_steps = resumed.steps_per_epoch
+    summary = resumed.fit()
+    assert summary["world_size"] == 1 and summary["global_batch"] == WORLD * PER_RANK_BATCH
+    assert summary["steps"] == EPOCHS * two_rank_steps
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, EPOCHS + 1))
+    assert summary["test_accuracy_mean_net"] > 0.8
+
+
+# ------------------------------------------------------------------ the CLI
+
+@pytest.mark.slow
+def test_cli_nproc_launches_torchrun_and_only_rank0_prints(tmp_path: Path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ssvi_cli", "train", "--nproc", "2", "--device", "cpu", "--batch-size", "32",
+         "--epochs", "2", "--out", str(out), "--json"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)  # exactly one JSON document: rank 1 printed nothing
+    assert summary["world_size"] == 2 and summary["global_batch"] == 64
+    assert (out / "model.safetensors").is_file()
+
+
+def test_nproc_forwards_the_same_arguments_to_the_launcher(tmp_path: Path, monkeypatch):
+    from ssvi_cli.cli import app
+
+    seen: dict[str, Any] = {}
+
+    def fake_launch(nproc: int, args: list[str]) -> int:
+        seen.update(nproc=nproc, args=args)
+        return 0
+
+    monkeypatch.setattr(distributed, "launch", fake_launch)
+    for key in distributed.ENV_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    result = CliRunner().invoke(app, ["train", "--nproc", "3", "--batch-size", "16", "--precision", "bf16",
+                                      "--set", "train.epochs=1", "--set", "sparse.delta_t=5", "--force",
+                                      "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    args = seen["args"]
+    assert seen["nproc"] == 3 and args[0] == "train" and "--nproc" not in args
+    assert args[args.index("--batch-size") + 1] == "16" and args[args.index("--precision") + 1] == "bf16"
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--set"] == ["train.epochs=1", "sparse.delta_t=5"]
+    assert "--force" in args and args[-2:] == ["--out", str(tmp_path / "r")]
+    cmd = distributed.launch_command(3, args)
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3"]
+    assert cmd[5:8] == ["-m", "ssvi_cli", "train"]
+
+
+def test_nproc_checks_the_run_directory_before_launching(tmp_path: Path, monkeypatch):
+    from ssvi_cli.cli import run
+
+    monkeypatch.setattr(distributed, "launch", lambda nproc, args: pytest.fail("must not launch"))
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.yaml").write_text("x")
+    assert run(["train", "--nproc", "2", "--out", str(tmp_path / "r")]) == 2
+
+
+# ------------------------------------------------------------------ pieces
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_shards_partition_each_global_batch(world: int):
+    order = torch.randperm(103, generator=torch.Generator().manual_seed(1))
+    batches = distributed.global_batches(order, 10, world)
+    for batch in batches:
+        parts = [distributed.shard(batch, DistInfo(r, r, world)) for r in range(world)]
+        assert sorted(torch.cat(parts).tolist()) == sorted(batch.tolist())
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1 and min(map(len, parts)) > 0
+    # 103 = 10 x 10 + 3: the last 3 samples feed at most 3 ranks, so 4 ranks drop that batch.
+    assert len(batches) == (10 if world == 4 else 11)
+
+
+def test_info_from_env():
+    assert distributed.info_from_env({}) is None
+    info = distributed.info_from_env({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"})
+    assert info == DistInfo(3, 1, 4) and not info.is_main and info.enabled
+
+
+def test_support_checksum_sees_a_single_moved_index():
+    layer = SparseLinear(20, 10, bayesian=True)
+    idx = torch.arange(0, 200, 4)
+    layer.set_support(idx, torch.zeros(50), torch.zeros(50))
+    before = distributed.support_checksums(layer)
+    moved = idx.clone()
+    moved[7] += 1
+    layer.set_support(moved, torch.zeros(50), torch.zeros(50))
+    assert not torch.equal(before, distributed.support_checksums(layer))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_keeps_the_lrt_variance_in_float32(precision: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    trainer = Trainer.create(digits_cfg(32, **{"train.precision": precision, "sparse.delta_t": 4}),
+                             Path("/nonexistent-not-written"))
+    trainer.is_main = False  # nothing touches the disk in this test
+    x, y = next(iter(trainer.batches(0)))
+    layer = sparse_layers(trainer.model)[1][1]
+    with torch.autocast("cpu", dtype=dtype):
+        mean, var = layer.moments(torch.randn(4, layer.weight_shape[1]))
+    assert var.dtype == torch.float32
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    for _ in range(5):  # t = 0; capture steps 1, 2 (parameter steps, scaled leaf gradients); subspace step 4
+        out = trainer.train_step(x, y)
+        assert torch.isfinite(torch.tensor(out["loss"]))
+    assert trainer.state.subspace_steps == 1
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
+    assert trainer.scaler.is_enabled() == (precision == "fp16")
+
+
+# ------------------------------------------------------------------ the GPU path
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_training_with_each_precision(tmp_path: Path, precision: str):
+    trainer = Trainer.create(digits_cfg(64, **{"train.device": "cuda", "train.precision": precision,
+                                               "train.epochs": 4}), tmp_path / precision)
+    summary = trainer.fit()
+    assert trainer.device.type == "cuda" and torch.backends.cudnn.benchmark
+    assert summary["subspace_steps"] > 0 and summary["test_accuracy_mean_net"] > 0.7
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_lrt_variance_is_float32_under_bf16_autocast():
+    layer = SparseLinear(64, 32, bayesian=True).cuda()
+    idx = torch.arange(0, 64 * 32, 7, device="cuda")
+    layer.set_support(idx, torch.randn(len(idx), device="cuda") * 0.1, torch.full((len(idx),), -9.0, device="cuda"))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        mean, var = layer.moments(torch.randn(8, 64, device="cuda"))
+    assert var.dtype == torch.float32 and (var > 0).all()  # sigma^2 ~ 1e-8 would underflow in fp16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cli_nproc_on_two_gpus_with_nccl(tmp_path: Path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "ssvi_cli", "train", "--nproc", "2", "--device", "cuda", "--precision", "bf16",
+         "--epochs", "2", "--out", str(tmp_path / "run"), "--json"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["world_size"] == 2
