@@ -212,3 +212,28 @@ def _noise_like(t):
     from ssvi_cli.layers import randn_like
 
     return randn_like(t)
+
+
+@pytest.mark.parametrize("ksize,stride,padding", [(1, 1, 0), (1, 2, 0), (3, 1, 1)])
+def test_sparse_conv_lrt_gradients_match_dense_including_variance(ksize, stride, padding):
+    """Both LRT terms (x*mu and x^2*sigma^2) through the sparse conv paths: values, input and
+    parameter gradients equal those of the dense convolution."""
+    torch.manual_seed(5)
+    conv = SparseConv2d(5, 7, ksize, stride=stride, padding=padding, bayesian=True)
+    n = conv.numel
+    k = max(1, n // 5)
+    idx = torch.randperm(n)[:k].sort().values
+    conv.set_support(idx, torch.randn(k), rho_from_sigma(torch.rand(k) * 0.3 + 0.05, "softplus"))
+    x0 = torch.randn(3, 5, 8, 8)
+    results = []
+    for kernel in ("sparse", "dense"):
+        conv.kernel = kernel
+        conv.mu.grad = conv.rho.grad = None
+        x = x0.clone().requires_grad_(True)
+        mean, var = conv.moments(x)
+        torch.manual_seed(6)
+        g1, g2 = torch.randn(mean.shape), torch.randn(var.shape)
+        ((mean * g1).sum() + (var * g2).sum()).backward()
+        results.append((mean.detach(), var.detach(), x.grad, conv.mu.grad.clone(), conv.rho.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
