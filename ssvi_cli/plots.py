@@ -63,7 +63,7 @@ def reliability_diagram(report: dict[str, Any], path: Path) -> Path:
     ax.bar(lower[used], acc[used], width=width[used], align="edge", color="tab:blue", edgecolor="black",
            label="accuracy")
     ax.bar(lower[used], conf[used] - acc[used], bottom=acc[used], width=width[used], align="edge",
-           color="tab:red", alpha=0.35, edgecolor="tab:red", label="gap to confidence")
+           fill=False, hatch="//", edgecolor="tab:red", label="gap to mean confidence")
     ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")

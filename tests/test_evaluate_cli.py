@@ -59,7 +59,7 @@ def test_digits_model_prints_every_metric_with_s_and_ood_in_under_a_minute(capsy
 
 
 def test_json_is_the_only_stdout_and_output_file_matches(capsys, model_file, tmp_path):
-    target = tmp_path / "reports" / "metrics.json"
+    target = tmp_path / "metrics.json"
     doc = _json(capsys, str(model_file), "--ood", "noise", "--samples", "1,3", "--output", str(target))
     for key in ("model", "dataset", "split", "n", "mode", "samples", "seed", "metrics", "ood", "per_samples"):
         assert key in doc
