@@ -43,6 +43,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
+    if not Path(run_dir).exists():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
     found = list_checkpoints(run_dir)
     if not found:
         raise CheckpointError(
@@ -74,6 +76,8 @@ def save_checkpoint(run_dir: Path, step: int, payload: dict[str, Any], keep: int
         torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
+    for stale in checkpoint_dir(run_dir).glob(".checkpoint-*.tmp"):
+        stale.unlink(missing_ok=True)  # left by a process killed mid-write (one writer per run)
     return path
 
 

@@ -6,6 +6,7 @@ This module does not import torch, so it stays cheap for ``ssvi presets`` and va
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -22,6 +23,7 @@ SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 KERNELS = ("auto", "sparse", "dense")
 PRECISIONS = ("fp32", "bf16", "fp16")
+MAX_LR = 100.0
 _ADDITION = re.compile(r"^(sample|mean|accumulate:(\d+))$")
 
 
@@ -174,9 +176,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{key} expects a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key} expects a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key} expects a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key} expects a string, got {value!r}")
@@ -277,8 +282,9 @@ def validate(cfg: Config) -> None:
         ("bayes.sigma_init_mean", b.sigma_init_mean > 0, "> 0"),
         ("bayes.sigma_init_std", b.sigma_init_std >= 0, ">= 0"),
         ("bayes.mu_init_std", b.mu_init_std > 0, "> 0"),
-        ("optim.lr", o.lr > 0, "> 0"),
-        ("optim.lr_sigma", o.lr_sigma >= 0, ">= 0"),
+        # Learning rates far beyond any sensible one overflow float32 inside the optimizer.
+        ("optim.lr", 0 < o.lr <= MAX_LR, f"> 0 and at most {MAX_LR:g}"),
+        ("optim.lr_sigma", 0 <= o.lr_sigma <= MAX_LR, f">= 0 and at most {MAX_LR:g}"),
         ("optim.momentum", 0 <= o.momentum < 1, "in [0, 1)"),
         ("optim.weight_decay", o.weight_decay >= 0, ">= 0"),
         ("train.epochs", t.epochs >= 1, ">= 1"),
@@ -330,9 +336,13 @@ def load_preset(name_or_path: str) -> Config:
                 " (or pass a path to a .yaml file)"
             )
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"preset {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"preset {path} cannot be read ({exc}); check the path and its permissions") from None
+    if data is None:
+        raise ConfigError(f"preset {path} is empty; start from a shipped preset (see 'ssvi presets')")
     try:
         return from_dict(data)
     except ConfigError as exc:

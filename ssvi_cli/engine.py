@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ssvi_cli import checkpoint as ckpt
 from ssvi_cli import distributed, fileio
 from ssvi_cli.allocation import InitSpec, initialise, layer_densities
-from ssvi_cli.config import Config, addition_accumulate, dump_yaml, from_dict
+from ssvi_cli.config import Config, ConfigError, addition_accumulate, dump_yaml, from_dict
 from ssvi_cli.criteria import criterion_names
 from ssvi_cli.data import DataSpec, DataSplits, build_dataset
 from ssvi_cli.flops import training_summary
@@ -55,13 +55,13 @@ class Interrupted(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without one is an error."""
+    """``auto`` picks CUDA when present; asking for CUDA without one is a config error (exit code 2)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was requested but no CUDA device is available; use --device cpu")
+        raise ConfigError("--device cuda was requested but no CUDA device is available; use --device cpu")
     if name not in ("cpu", "cuda"):
-        raise TrainingError(f"unknown device {name!r}; valid values are: auto, cpu, cuda")
+        raise ConfigError(f"unknown device {name!r}; valid values are: auto, cpu, cuda")
     return torch.device(name)
 
 
@@ -347,12 +347,20 @@ class Trainer:
         if torch.isfinite(loss):
             return
         term = "the data term (cross-entropy)" if not torch.isfinite(nll) else "the KL term"
+        self._diverged(f"non-finite loss at step {self.state.step} (epoch {self.state.epoch + 1}) in {term}")
+
+    def _check_finite_state(self) -> None:
+        """A checkpoint never replaces a good one with a diverged model (NaN/inf in any tensor)."""
+        epoch = self.state.epoch + (1 if self.state.batch_in_epoch else 0)  # the epoch of that step
+        for name, value in self.model.state_dict().items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                self._diverged(f"non-finite values in {name} after step {self.state.step} "
+                               f"(epoch {epoch}); the diverged model was not saved")
+
+    def _diverged(self, what: str) -> None:
         last = ckpt.list_checkpoints(self.run_dir)
         kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
-        raise TrainingError(
-            f"non-finite loss at step {self.state.step} (epoch {self.state.epoch + 1}) in {term}; "
-            f"{kept}. Try a lower learning rate (--lr) or a larger bayes.prior_sigma"
-        )
+        raise TrainingError(f"{what}; {kept}. Try a lower learning rate (--lr) or a larger bayes.prior_sigma")
 
     # -- the loop ------------------------------------------------------------------
     def fit(self, progress: Optional[Progress] = None) -> dict[str, Any]:
@@ -449,6 +457,7 @@ class Trainer:
 
     def save(self) -> Optional[Path]:
         distributed.average_buffers(self.model)  # every rank: the checkpoint holds the ranks' mean
+        self._check_finite_state()
         if not self.is_main:
             return None
         payload = {

@@ -68,8 +68,11 @@ def write_json(path: Path, obj: Any) -> None:
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Append one JSON line with a single write, so a line is either complete or absent."""
     line = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line  # after a torn line (a crash mid-write) start a line of our own
         os.write(fd, line)
         os.fsync(fd)
     finally:

@@ -94,6 +94,8 @@ def array_to_images(arr: np.ndarray, name: str) -> Tensor:
     """
     if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise InputError(f"{name}: array dtype {arr.dtype} is not pixels; use uint8 0..255 or float in [0, 1]")
+    if arr.size == 0:
+        raise InputError(f"{name}: array of shape {arr.shape} holds no pixels")
     channels = (1, 3, 4)
     if arr.ndim == 2:
         arr = arr[None, None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from rich.console import Console
@@ -18,6 +19,22 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 class UsageError(Exception):
     """A user mistake on the command line (exit code 2)."""
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """Refuse an output file that is a folder or whose folder is missing, before any work is done
+    (a mistyped folder is reported rather than silently created)."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; give a file name")
+    if not path.parent.is_dir():
+        what = "is not a directory" if path.parent.exists() else "does not exist"
+        raise UsageError(f"{flag} {path}: its folder {path.parent} {what}; create it first or pick another path")
+
+
+def check_output_dir(path: Path, flag: str) -> None:
+    """Refuse an output folder that exists as a file (it is created, with parents, when missing)."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} exists and is not a directory; give a folder path")
 
 
 def print_json(obj: Any) -> None:

@@ -9,7 +9,8 @@ import typer
 from rich import box
 from rich.table import Table
 
-from ssvi_cli.commands.common import UsageError, err, fmt, out, print_json, progress_bar
+from ssvi_cli.commands.common import (UsageError, check_output_dir, check_output_file, err, fmt, out, print_json,
+                                     progress_bar)
 
 METRIC_LABELS = {
     "accuracy": "accuracy",
@@ -119,6 +120,10 @@ def register(app: typer.Typer) -> None:
                 raise UsageError(str(exc)) from None
         if not model.exists():
             raise UsageError(f"model {model} does not exist; pass a .safetensors file or a run directory")
+        if output is not None:
+            check_output_file(output, "--output")
+        if plots is not None:
+            check_output_dir(plots, "--plots")
         loaded = load_model(model)
         data = ev.load_eval_data(loaded.spec, loaded.meta, dataset=dataset, split=split, ood=tuple(ood or ()),
                                  data_dir=data_dir, download=download, seed=seed)

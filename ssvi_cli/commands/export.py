@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ssvi_cli.commands.common import UsageError, kv_table, out, print_json
+from ssvi_cli.commands.common import UsageError, check_output_file, kv_table, out, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -26,8 +26,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--dtype {dtype!r} is not valid; valid values are: {', '.join(DTYPES)}")
         if not source.exists():
             raise UsageError(f"{source} does not exist")
-        if output.exists() and output.is_dir():
-            raise UsageError(f"--output {output} is a directory; give a file name")
+        check_output_file(output, "--output")
         report = export_model(source, output, dtype=dtype, dense=dense)
         if json_out:
             print_json(report)

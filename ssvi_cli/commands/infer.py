@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from ssvi_cli.commands.common import UsageError, err, out, print_json, progress_bar
+from ssvi_cli.commands.common import UsageError, check_output_file, err, out, print_json, progress_bar
 
 SHOWN_ROWS = 50  # the table shows this many inputs; --output holds all
 
@@ -39,6 +39,8 @@ def register(app: typer.Typer) -> None:
             raise UsageError("--samples, --batch-size and --top-k must be at least 1")
         if output is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
             raise UsageError(f"--output {output} must end in {' or '.join(OUTPUT_SUFFIXES)}")
+        if output is not None:
+            check_output_file(output, "--output")
         if device not in ("cpu", "cuda"):
             raise UsageError(f"--device {device!r} is not valid; valid values are: cpu, cuda")
         if device == "cuda":

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from ssvi_cli.commands.common import UsageError, err, kv_table, out, print_json
+from ssvi_cli.commands.common import UsageError, check_output_dir, err, kv_table, out, print_json
 
 HISTORY_ROWS = 12  # support-history steps shown in the table (all are in --json)
 
@@ -30,6 +30,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"{source} does not exist")
         written: list[Path] = []
         if plots is not None:
+            check_output_dir(plots, "--plots")
             try:
                 import matplotlib  # noqa: F401
             except ImportError:

@@ -114,6 +114,9 @@ def register(app: typer.Typer) -> None:
                                      ("--set", set_), ("--out", out_dir), ("--precision", precision)) if v]
             if given:
                 raise UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
+            from ssvi_cli.engine import resolve_device
+
+            resolve_device(device or _saved_device(resume))  # before setup: a clear error for an absent GPU
         else:
             cfg = build_config(preset, {
                 "sparse.sparsity": sparsity, "sparse.method": method, "sparse.criterion": criterion,

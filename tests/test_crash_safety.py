@@ -1,0 +1,222 @@
+"""Killing a process never leaves a half-written file under a final name, and Ctrl-C on a real
+``ssvi train`` resumes to the same bits as an uninterrupted run."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ssvi_cli import checkpoint as ckpt
+from ssvi_cli.export import read_model_file
+from ssvi_cli.fileio import append_jsonl, read_jsonl
+
+# One thread per child: children run side by side on a small shared machine, where OpenMP threads
+# of several processes spinning on the same cores slow everything down many times over.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+# A child that writes checkpoints and model files. "slow-checkpoint"/"slow-export": one good write,
+# then a second whose writer stops half way (printing HALF) so the parent can kill it mid-write.
+# "loop": real writers, forever, alternating; the parent kills it at a random moment.
+CHILD = textwrap.dedent("""
+    import io, os, sys, time
+    from pathlib import Path
+    import torch
+    import safetensors.torch as st
+    from ssvi_cli import checkpoint as ckpt, export
+    from ssvi_cli import config as C
+    from ssvi_cli.data import get_spec
+    from ssvi_cli.engine import init_model, make_model
+
+    run_dir, mode = Path(sys.argv[1]), sys.argv[2]
+    cfg = C.load_preset("digits_mlp")
+    spec = get_spec("digits")
+    model = make_model(cfg, spec)
+
+    def reinit(seed):
+        init_model(model, cfg, torch.Generator().manual_seed(seed))
+
+    def write_checkpoint(step):
+        ckpt.save_checkpoint(run_dir, step, {"config": cfg.to_dict(), "model": model.state_dict()}, keep=2)
+
+    def write_model():
+        meta = {"name": "mlp", "widths": list(cfg.model.widths), "bayesian": True, "sigma_param": "softplus"}
+        export.write_model_file(model, run_dir / "model.safetensors", architecture=meta,
+                                data_spec=spec.to_dict(), training={"step": step}, metrics={})
+
+    def halfway(data, target):
+        with open(target, "wb") as fh:
+            fh.write(data[: len(data) // 2])
+            fh.flush()
+            os.fsync(fh.fileno())
+            print("HALF", target, flush=True)
+            time.sleep(120)
+            fh.write(data[len(data) // 2:])
+
+    def slow_torch_save(obj, target):
+        buf = io.BytesIO()
+        real_torch_save(obj, buf)
+        halfway(buf.getvalue(), target)
+
+    def slow_save_file(tensors, target, metadata=None):
+        halfway(st.save(tensors, metadata=metadata), target)
+
+    step = 1
+    reinit(step)
+    write_checkpoint(step)
+    write_model()
+    print("READY", flush=True)
+    real_torch_save = torch.save
+    if mode == "slow-checkpoint":
+        torch.save = slow_torch_save
+    elif mode == "slow-export":
+        export.save_file = slow_save_file
+    while True:
+        step += 1
+        reinit(step)
+        write_checkpoint(step)
+        write_model()
+""")
+
+
+def start_child(tmp_path: Path, name: str, mode: str) -> tuple[subprocess.Popen, Path]:
+    script = tmp_path / "child.py"
+    if not script.exists():
+        script.write_text(CHILD)
+    run_dir = tmp_path / name
+    proc = subprocess.Popen([sys.executable, str(script), str(run_dir), mode], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    return proc, run_dir
+
+
+def wait_for(proc: subprocess.Popen, word: str, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith(word):
+            return line
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    pytest.fail(f"child never printed {word}: {proc.stderr.read()[-2000:]}")
+
+
+def kill(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+
+
+def assert_final_files_complete(run_dir: Path) -> list[Path]:
+    """Every file under a final name loads; returns the checkpoints."""
+    found = ckpt.list_checkpoints(run_dir)
+    assert found, "no checkpoint survived"
+    for path in found:
+        data = ckpt.load_checkpoint(path)
+        assert set(data) >= {"config", "model"}, path
+    read_model_file(run_dir / "model.safetensors")
+    return found
+
+
+def test_sigkill_mid_write_keeps_the_previous_checkpoint_and_model_file(tmp_path):
+    children = {mode: start_child(tmp_path, mode, mode) for mode in ("slow-checkpoint", "slow-export")}
+    before = {}
+    for mode, (proc, run_dir) in children.items():
+        wait_for(proc, "READY")
+        before[mode] = ((run_dir / "model.safetensors").read_bytes(),
+                        ckpt.list_checkpoints(run_dir)[0].read_bytes())
+    for mode, (proc, run_dir) in children.items():
+        half = Path(wait_for(proc, "HALF").split(" ", 1)[1].strip())
+        kill(proc)
+        # The kill landed mid-write: half a file exists, but only under its temporary name.
+        assert half.exists() and half.name.startswith(".") and half.name.endswith(".tmp"), half
+        model_bytes, checkpoint_bytes = before[mode]
+        found = assert_final_files_complete(run_dir)
+        assert [p.name for p in found] == (["checkpoint-00000001.pt"] if mode == "slow-checkpoint"
+                                           else ["checkpoint-00000001.pt", "checkpoint-00000002.pt"])
+        assert found[0].read_bytes() == checkpoint_bytes
+        assert (run_dir / "model.safetensors").read_bytes() == model_bytes
+        # A later run of 'ssvi train --resume' starts from the newest complete checkpoint, and its
+        # next checkpoint clears the half-written leftover.
+        assert ckpt.latest_checkpoint(run_dir) == found[-1]
+        if mode == "slow-checkpoint":
+            ckpt.save_checkpoint(run_dir, 3, ckpt.load_checkpoint(found[-1]), keep=2)
+            assert not half.exists()
+            assert sorted(p.name for p in half.parent.iterdir()) == ["checkpoint-00000001.pt",
+                                                                     "checkpoint-00000003.pt"]
+
+
+def test_sigkill_at_random_moments_never_leaves_a_half_written_file(tmp_path):
+    rng = random.Random(0)
+    children = [start_child(tmp_path, f"loop{i}", "loop") for i in range(3)]
+    for proc, _ in children:
+        wait_for(proc, "READY")
+    for proc, run_dir in children:
+        time.sleep(rng.uniform(0.05, 1.0))
+        kill(proc)
+    for proc, run_dir in children:
+        found = assert_final_files_complete(run_dir)
+        # keep=2, plus one when the kill fell between writing a checkpoint and pruning the oldest.
+        assert len(found) <= 3
+
+
+def test_a_torn_metrics_line_loses_only_itself(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    append_jsonl(path, {"epoch": 1})
+    with open(path, "ab") as fh:
+        fh.write(b'{"epoch": 2, "lo')  # a crash mid-line
+    assert read_jsonl(path) == [{"epoch": 1}]
+    append_jsonl(path, {"epoch": 2})  # the resumed run writes the record again
+    append_jsonl(path, {"epoch": 3})
+    assert read_jsonl(path) == [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}]
+
+
+TRAIN = ["train", "--epochs", "2", "--batch-size", "4", "--set", "data.max_train=600",
+         "--set", "sparse.delta_t=9", "--set", "train.eval_samples=1"]
+
+
+def ssvi(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ssvi_cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def test_sigint_mid_epoch_then_resume_is_bit_identical_to_a_straight_run(tmp_path):
+    stopped, straight = tmp_path / "stopped", tmp_path / "straight"
+    other = ssvi(*TRAIN, "--out", str(straight))
+    proc = ssvi(*TRAIN, "--out", str(stopped))
+    deadline = time.monotonic() + 180
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        lines.append(line)
+        if line.startswith("epoch 1/2") or not line:
+            break
+    assert lines[-1].startswith("epoch 1/2"), "".join(lines)
+    proc.send_signal(signal.SIGINT)  # during epoch 2 (135 steps of 4 examples)
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, rest
+    assert f"checkpoint written. Resume with: ssvi train --resume {stopped}" in rest
+    assert "Traceback" not in rest
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(stopped))["state"]
+    assert state["epoch"] == 1 and 0 < state["batch_in_epoch"] < 135, state
+    assert not (stopped / "model.safetensors").exists()
+
+    resumed = subprocess.run([sys.executable, "-m", "ssvi_cli", "train", "--resume", str(stopped)],
+                             capture_output=True, text=True, timeout=300, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr
+    assert other.wait(timeout=300) == 0, other.stderr.read()
+    a = ckpt.load_checkpoint(ckpt.latest_checkpoint(stopped))
+    b = ckpt.load_checkpoint(ckpt.latest_checkpoint(straight))
+    assert a["state"] == b["state"]
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    fa, fb = load_file(str(stopped / "model.safetensors")), load_file(str(straight / "model.safetensors"))
+    assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
+    assert [r["epoch"] for r in read_jsonl(stopped / "metrics.jsonl")] == [1, 2]

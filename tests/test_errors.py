@@ -1,0 +1,206 @@
+"""Bad input to any command: a one-line message naming the problem and the fix, exit code 2, no
+traceback, and no file created or changed."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ssvi_cli.cli import run
+from ssvi_cli.export import read_header
+
+RUN = "run"  # the trained run inside the workspace
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A folder with one small trained run and a collection of bad files."""
+    ws = tmp_path_factory.mktemp("ws")
+    code = run(["train", "--out", str(ws / RUN), "--epochs", "1", "--set", "model.widths=[32]",
+                "--set", "data.max_train=200", "--set", "train.eval_samples=1", "--json"])
+    assert code == 0
+    good = ws / RUN / "model.safetensors"
+    data = good.read_bytes()
+    (ws / "empty_dir").mkdir()
+    (ws / "d.jsonl").mkdir()  # a folder whose name looks like an output file
+    (ws / "afile").write_text("a file, not a folder\n")
+    (ws / "empty.safetensors").write_bytes(b"")
+    (ws / "empty.yaml").write_text("# nothing but a comment\n")
+    (ws / "broken.yaml").write_text("model: {name: mlp\n")
+    (ws / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    n = struct.unpack("<Q", data[:8])[0]
+    (ws / "corrupt.safetensors").write_bytes(data[:8] + b'{"__metadata__":' + b"#" * (n - 16) + data[8 + n:])
+    meta = dict(read_header(good)["meta"])
+    raw = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()}
+    save_file(load_file(str(good)), str(ws / "newer.safetensors"), metadata={**raw, "version": "2"})
+    save_file({"weight": torch.zeros(2, 2)}, str(ws / "plain.safetensors"), metadata={"format": "pt"})
+    (ws / "notimg.png").write_text("this is text\n")
+    np.save(ws / "ok.npy", np.zeros((2, 8, 8), np.uint8))
+    np.save(ws / "two.npy", np.zeros((3, 2, 8, 8), np.uint8))
+    np.save(ws / "five.npy", np.zeros((1, 1, 1, 8, 8), np.uint8))
+    np.save(ws / "zero.npy", np.zeros((0, 8, 8), np.uint8))
+    np.save(ws / "text.npy", np.array(["a", "b"]))
+    return ws
+
+
+# (argv with {ws} for the workspace, the words the one-line message must hold)
+CASES = [
+    # train: values, names and config keys
+    (["train", "--sparsity", "1.5"], "sparsity=1.5 must be in [0, 1), e.g. --sparsity 0.95"),
+    (["train", "--sparsity", "-0.1"], "sparsity=-0.1 must be in [0, 1)"),
+    (["train", "--sparsity", "0.99999"], "with no active weight; use a lower --sparsity"),
+    (["train", "--preset", "nope"], "unknown preset 'nope'; valid names are: "),
+    (["train", "--set", "model.name=alexnet"], "unknown model 'alexnet'; valid names are: "),
+    (["train", "--set", "data.name=imagenet"], "unknown dataset 'imagenet'; valid names are: "),
+    (["train", "--criterion", "nope"], "unknown criterion 'nope'; valid names are: "),
+    (["train", "--method", "magic"], "sparse.method='magic'; valid values are: ssvi, vi, static, rigl, dense"),
+    (["train", "--device", "tpu"], "train.device='tpu'; valid values are: auto, cpu, cuda"),
+    (["train", "--device", "cuda"], "no CUDA device is available; use --device cpu"),
+    (["train", "--set", "bogus.key=1"], "valid keys"),
+    (["train", "--set", "train.epochs"], "--set expects key.sub=value"),
+    (["train", "--lr", "1e38"], "optim.lr=1e+38 must be > 0 and at most 100"),
+    (["train", "--lr", "nan"], "optim.lr expects a finite number"),
+    (["train", "--preset", "{ws}/empty.yaml"], "is empty; start from a shipped preset"),
+    (["train", "--preset", "{ws}/broken.yaml"], "is not valid YAML"),
+    (["train", "--set", "data.name=cifar10", "--set", "data.data_dir={ws}/nodata"],
+     "cifar10 not found or corrupted at {ws}/nodata/cifar-10-batches-py"),
+    # train: run directories
+    (["train", "--out", "{ws}/run"], "already holds a run; pass --force to overwrite it or --resume"),
+    (["train", "--out", "{ws}/afile"], "exists and is not a directory"),
+    (["train", "--resume", "{ws}/empty_dir"], "has no checkpoint"),
+    (["train", "--resume", "{ws}/missing"], "run directory {ws}/missing does not exist"),
+    (["train", "--resume", "{ws}/run", "--device", "cuda"], "no CUDA device is available"),
+    (["train", "--resume", "{ws}/run", "--epochs", "3"], "drop --epochs"),
+    # export
+    (["export", "{ws}/empty_dir", "-o", "{ws}/x.safetensors"], "{ws}/empty_dir has no checkpoint"),
+    (["export", "{ws}/missing", "-o", "{ws}/x.safetensors"], "{ws}/missing does not exist"),
+    (["export", "{ws}/run", "-o", "{ws}/nodir/x.safetensors"], "its folder {ws}/nodir does not exist"),
+    (["export", "{ws}/run", "-o", "{ws}/afile/x.safetensors"], "its folder {ws}/afile is not a directory"),
+    (["export", "{ws}/run", "-o", "{ws}/empty_dir"], "--output {ws}/empty_dir is a directory"),
+    (["export", "{ws}/run", "-o", "{ws}/x.safetensors", "--dtype", "int8"], "valid values are: float32"),
+    (["export", "{ws}/empty.safetensors", "-o", "{ws}/x.safetensors"], "is truncated or not a model file (0 bytes"),
+    (["export", "{ws}/cut.safetensors", "-o", "{ws}/x.safetensors"], "cut.safetensors is truncated"),
+    (["export", "{ws}/corrupt.safetensors", "-o", "{ws}/x.safetensors"], "has a corrupted header"),
+    (["export", "{ws}/plain.safetensors", "-o", "{ws}/x.safetensors"], "is a safetensors file but not an ssvi model file"),
+    (["export", "{ws}/newer.safetensors", "-o", "{ws}/x.safetensors"], "version 2, newer than this ssvi reads"),
+    # inspect
+    (["inspect", "{ws}/empty_dir"], "has no checkpoint"),
+    (["inspect", "{ws}/missing"], "{ws}/missing does not exist"),
+    (["inspect", "{ws}/newer.safetensors"], "upgrade ssvi to read it"),
+    (["inspect", "{ws}/run", "--plots", "{ws}/afile"], "--plots {ws}/afile exists and is not a directory"),
+    # infer
+    (["infer", "{ws}/run", "{ws}/notimg.png"], "{ws}/notimg.png: not a readable image"),
+    (["infer", "{ws}/run", "{ws}/two.npy"], "{ws}/two.npy: array of shape (3, 2, 8, 8) has no 1, 3 or 4 channel axis"),
+    (["infer", "{ws}/run", "{ws}/five.npy"], "expected (H, W), (C, H, W), (N, H, W) or (N, C, H, W)"),
+    (["infer", "{ws}/run", "{ws}/zero.npy"], "{ws}/zero.npy: array of shape (0, 8, 8) holds no pixels"),
+    (["infer", "{ws}/run", "{ws}/text.npy"], "is not pixels"),
+    (["infer", "{ws}/run", "{ws}/missing.png"], "{ws}/missing.png: no such file or folder"),
+    (["infer", "{ws}/run", "{ws}/empty_dir"], "folder holds no images"),
+    (["infer", "{ws}/empty_dir", "{ws}/ok.npy"], "has no checkpoint"),
+    (["infer", "{ws}/cut.safetensors", "{ws}/ok.npy"], "is truncated"),
+    (["infer", "{ws}/run", "{ws}/ok.npy", "--output", "{ws}/nodir/p.jsonl"], "its folder {ws}/nodir does not exist"),
+    (["infer", "{ws}/run", "{ws}/ok.npy", "--output", "{ws}/d.jsonl"], "--output {ws}/d.jsonl is a directory"),
+    (["infer", "{ws}/run", "{ws}/ok.npy", "--output", "{ws}/p.txt"], "must end in .jsonl or .csv"),
+    (["infer", "{ws}/run", "{ws}/ok.npy", "--device", "cuda"], "no CUDA device is available"),
+    # evaluate
+    (["evaluate", "{ws}/empty_dir"], "has no checkpoint"),
+    (["evaluate", "{ws}/missing"], "does not exist"),
+    (["evaluate", "{ws}/plain.safetensors"], "not an ssvi model file"),
+    (["evaluate", "{ws}/run", "--output", "{ws}/nodir/r.json"], "its folder {ws}/nodir does not exist"),
+    (["evaluate", "{ws}/run", "--output", "{ws}/empty_dir"], "--output {ws}/empty_dir is a directory"),
+    (["evaluate", "{ws}/run", "--dataset", "imagenet"], "unknown dataset 'imagenet'; valid names are: "),
+    (["evaluate", "{ws}/run", "--ood", "svhn", "--data-dir", "{ws}/nodata"],
+     "svhn not found or corrupted at {ws}/nodata"),
+    # bench
+    (["bench", "--model", "vgg"], "unknown --model 'vgg'; valid names are: lenet5, mlp, resnet18"),
+    (["bench", "--sparsity", "2"], "every value must lie in (0, 1)"),
+]
+
+# Typer's own usage errors (a boxed message, exit code 2).
+USAGE_CASES = [
+    (["nosuchcommand"], "No such command 'nosuchcommand'"),
+    (["presets", "--bogus"], "No such option: --bogus"),
+    (["train", "--epochs", "abc"], "Invalid value for '--epochs'"),
+    (["infer", "{ws}/run"], "Missing argument 'inputs'"),
+]
+
+
+def listing(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``root`` with its size and modification time."""
+    out = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder) / name
+            st = path.stat()
+            out[str(path.relative_to(root))] = (st.st_size if path.is_file() else 0, st.st_mtime_ns)
+    return out
+
+
+def fill(args: list[str], ws: Path) -> list[str]:
+    return [a.replace("{ws}", str(ws)) for a in args]
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    # The same answers on a machine with a GPU.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_the_table_is_large_and_covers_every_command():
+    assert len(CASES) >= 25
+    assert {c[0][0] for c in CASES + USAGE_CASES} >= {"train", "presets", "export", "inspect", "infer",
+                                                      "evaluate", "bench"}
+
+
+@pytest.mark.parametrize("args, words", CASES, ids=[" ".join(c[0])[:60] for c in CASES])
+def test_bad_input_gives_one_line_and_leaves_no_files(workspace, args, words, capsys, monkeypatch, no_cuda):
+    monkeypatch.chdir(workspace)  # a default output (runs/...) would land in the workspace too
+    before = listing(workspace)
+    code = run(fill(args, workspace))
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    assert "Traceback" not in captured.out + captured.err
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    # 'train' prints nothing before its checks; infer/evaluate/inspect only after theirs.
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert fill([words], workspace)[0] in lines[0], captured.err
+    assert captured.out == ""
+    assert listing(workspace) == before
+
+
+@pytest.mark.parametrize("args, words", USAGE_CASES, ids=[" ".join(c[0]) for c in USAGE_CASES])
+def test_typer_usage_errors_exit_2_without_traceback(workspace, args, words, capsys, monkeypatch):
+    monkeypatch.chdir(workspace)
+    before = listing(workspace)
+    code = run(fill(args, workspace))
+    captured = capsys.readouterr()
+    assert code == 2
+    assert words in " ".join(captured.err.split()) and "Traceback" not in captured.out + captured.err
+    assert listing(workspace) == before
+
+
+def test_debug_shows_the_traceback(workspace, capsys):
+    with pytest.raises(Exception, match="has no checkpoint"):
+        run(["inspect", str(workspace / "empty_dir"), "--debug"])
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "--sparsity", "1.5", "--out", "{ws}/new"], "sparsity=1.5 must be in [0, 1)"),
+    (["inspect", "{ws}/cut.safetensors"], "cut.safetensors is truncated"),
+])
+def test_the_real_entry_point_prints_no_traceback(workspace, args, words):
+    before = listing(workspace)
+    proc = subprocess.run([sys.executable, "-m", "ssvi_cli", *fill(args, workspace)], capture_output=True,
+                          text=True, timeout=120, cwd=workspace, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fill([words], workspace)[0] in lines[0], proc.stderr
+    assert listing(workspace) == before

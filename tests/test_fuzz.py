@@ -1,0 +1,122 @@
+"""Seeded truncations and byte flips of a model file: each read is a clean ModelFileError or a
+valid load, never another exception, a hang or a traceback."""
+
+import random
+import signal
+import struct
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssvi_cli import config as C
+from ssvi_cli.cli import run
+from ssvi_cli.data import get_spec
+from ssvi_cli.engine import init_model, make_model
+from ssvi_cli.export import ModelFileError, read_model_file, write_model_file
+from ssvi_cli.predict import predict_batch
+
+CASE_SECONDS = 5  # far above a normal read (milliseconds); a read this slow counts as a hang
+
+
+class Hang(Exception):
+    pass
+
+
+@contextmanager
+def time_bound(seconds: float):
+    def alarm(signum, frame):  # noqa: ARG001
+        raise Hang(f"no answer within {seconds}s")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory) -> bytes:
+    """A small compact Bayesian file (gap8 indices, mu, sigma, biases): mostly header, so flips
+    land in the JSON metadata as often as in tensor data."""
+    cfg = C.apply_overrides(C.load_preset("digits_mlp"), {"model.widths": [24, 12], "sparse.sparsity": 0.8})
+    spec = get_spec(cfg.data.name)
+    model = make_model(cfg, spec)
+    init_model(model, cfg, torch.Generator().manual_seed(0))
+    path = tmp_path_factory.mktemp("fuzz") / "model.safetensors"
+    write_model_file(model, path, architecture={"name": "mlp", "widths": [24, 12], "bayesian": True,
+                                                "sigma_param": "softplus"},
+                     data_spec=spec.to_dict(), training={"method": "ssvi", "sparsity": 0.8}, metrics={})
+    read_model_file(path)  # the unmodified file loads
+    return path.read_bytes()
+
+
+def mutations(data: bytes, seed: int = 0) -> list[tuple[str, bytes]]:
+    """Truncations (every length near the header boundaries, random ones elsewhere), single bit
+    flips, byte overwrites and short random runs, most of them inside the 8-byte length and header."""
+    rng = random.Random(seed)
+    header_end = 8 + struct.unpack("<Q", data[:8])[0]
+    cases: list[tuple[str, bytes]] = []
+    cuts = set(range(0, 20)) | set(range(header_end - 8, header_end + 8)) | {len(data) - 1}
+    cuts |= {rng.randrange(len(data)) for _ in range(60)}
+    cases += [(f"truncate {n}", data[:n]) for n in sorted(cuts)]
+    for i in range(260):
+        pos = rng.randrange(header_end) if i % 4 else rng.randrange(header_end, len(data))
+        buf = bytearray(data)
+        kind = i % 3
+        if kind == 0:
+            buf[pos] ^= 1 << rng.randrange(8)
+            label = f"flip bit at {pos}"
+        elif kind == 1:
+            buf[pos] = rng.choice(b'0123456789{}[]",:.-eE \x00\xff')
+            label = f"overwrite byte at {pos}"
+        else:
+            run_len = rng.randrange(2, 16)
+            buf[pos:pos + run_len] = bytes(rng.randrange(256) for _ in range(run_len))
+            label = f"random run of {run_len} at {pos}"
+        cases.append((label, bytes(buf)))
+    return cases
+
+
+def test_every_mutation_is_a_clean_error_or_a_valid_load(original, tmp_path):
+    cases = mutations(original)
+    assert len(cases) >= 300
+    path = tmp_path / "m.safetensors"
+    outcomes = {"error": 0, "load": 0}
+    for label, data in cases:
+        path.write_bytes(data)
+        try:
+            with time_bound(CASE_SECONDS):
+                loaded = read_model_file(path)
+                x = torch.zeros(2, *loaded.spec.input_shape)
+                probs, _ = predict_batch(loaded.model, x, samples=2, mode="mc")
+                assert probs.shape == (2, loaded.spec.num_classes), label
+            outcomes["load"] += 1
+        except ModelFileError as exc:
+            message = str(exc)
+            assert message and "\n" not in message and str(path) in message, (label, message)
+            outcomes["error"] += 1
+        except Exception as exc:  # noqa: BLE001 - the point of the test
+            pytest.fail(f"{label}: {type(exc).__name__}: {exc}")
+    # Both outcomes occur: the cases reach the validation and the tensor data.
+    assert outcomes["error"] > 100 and outcomes["load"] > 10, outcomes
+
+
+def test_mutated_files_through_the_cli_never_show_a_traceback(original, tmp_path, capsys):
+    path = tmp_path / "m.safetensors"
+    codes = set()
+    for label, data in mutations(original, seed=1)[::12]:
+        path.write_bytes(data)
+        with time_bound(4 * CASE_SECONDS):
+            code = run(["inspect", str(path), "--json"])
+        captured = capsys.readouterr()
+        assert code in (0, 2), (label, captured.err)
+        assert "Traceback" not in captured.out + captured.err, label
+        if code == 2:
+            lines = [l for l in captured.err.splitlines() if l.strip()]
+            assert len(lines) == 1 and lines[0].startswith("error: "), (label, captured.err)
+        codes.add(code)
+    assert codes == {0, 2}
