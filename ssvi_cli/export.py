@@ -287,7 +287,7 @@ def read_model_file(path: Path, device: str | torch.device = "cpu") -> LoadedMod
     """Rebuild the model of an ssvi file, validating every shape and index; raises ModelFileError."""
     head = read_header(path)
     meta = head["meta"]
-    spec, model = _build(path, meta)
+    spec, model = _build(path, meta, head["tensors"])
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -324,7 +324,9 @@ def read_model_file(path: Path, device: str | torch.device = "cpu") -> LoadedMod
     return LoadedModel(model, spec, meta)
 
 
-def _build(path: Path, meta: dict[str, Any]) -> tuple[DataSpec, SSVIModel]:
+def _build(path: Path, meta: dict[str, Any], table: dict[str, dict[str, Any]]) -> tuple[DataSpec, SSVIModel]:
+    """The model the metadata describes, allocated only once its sizes match the file: a corrupted
+    width or input shape must not ask for terabytes (found by tests/test_fuzz.py)."""
     arch = meta["architecture"]
     try:
         spec = DataSpec.from_dict(meta["data_spec"])
@@ -332,13 +334,32 @@ def _build(path: Path, meta: dict[str, Any]) -> tuple[DataSpec, SSVIModel]:
         raise ModelFileError(f"{path} has a corrupted header (data description malformed)") from None
     try:
         layers = LayerFactory(bayesian=bool(arch["bayesian"]), sigma_param=str(arch.get("sigma_param", "softplus")))
-        model = build_model(str(arch["name"]), spec.input_shape, spec.num_classes, layers,
-                            arch.get("widths") or (256, 256))
+        args = (str(arch["name"]), spec.input_shape, spec.num_classes, layers, arch.get("widths") or (256, 256))
+        with torch.device("meta"):  # shapes only, no memory
+            _check_sizes(path, build_model(*args), meta, table)
+        model = build_model(*args)
     except UnknownName as exc:
         raise ModelFileError(f"{path} needs an architecture this ssvi does not know ({exc})") from None
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{path} has a corrupted header (architecture {arch!r}: {exc})") from None
     return spec, model
+
+
+def _check_sizes(path: Path, skeleton: SSVIModel, meta: dict[str, Any], table: dict[str, dict[str, Any]]) -> None:
+    """Every sparse layer's shape matches its record and every dense tensor is in the file with its
+    shape, so building the model allocates no more than the file holds."""
+    records = {r.get("name"): r for r in meta["layers"] if isinstance(r, dict)}
+    for name, layer in sparse_layers(skeleton):
+        if name not in records:
+            raise ModelFileError(f"{path} lacks layer {name!r} of architecture {meta['architecture'].get('name')!r}")
+        shape = records[name].get("shape")
+        if not isinstance(shape, list) or shape != list(layer.weight_shape):
+            raise ModelFileError(f"{path}: layer {name!r} has shape {shape}, the architecture needs "
+                                 f"{list(layer.weight_shape)}")
+    skip = _sparse_state_keys(skeleton)
+    for key, value in skeleton.state_dict().items():
+        if key not in skip and (key not in table or table[key]["shape"] != list(value.shape)):
+            raise ModelFileError(f"{path}: tensor {key!r} is missing or does not have shape {list(value.shape)}")
 
 
 def _load_layer(path: Path, name: str, layer: SparseGaussian, record: dict[str, Any],
