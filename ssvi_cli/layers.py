@@ -80,10 +80,13 @@ class CsrPattern:
     @classmethod
     def from_flat(cls, idx: Tensor, rows: int, cols: int) -> "CsrPattern":
         r, c = idx // cols, idx % cols  # idx is sorted, so (r, c) is already in CSR order
-        crow = torch.ops.aten._convert_indices_from_coo_to_csr(r, rows)
         perm_t = torch.argsort(c * rows + r)
-        crow_t = torch.ops.aten._convert_indices_from_coo_to_csr(c[perm_t], cols)
-        return cls(rows, cols, crow, c, crow_t, r[perm_t], perm_t)
+        # MKL's CSR kernels take 32-bit indices and would convert 64-bit ones on every product.
+        small = max(rows, cols, idx.numel()) < 2**31
+        index = (lambda t: t.to(torch.int32)) if small else (lambda t: t)
+        crow = torch.ops.aten._convert_indices_from_coo_to_csr(r, rows, out_int32=small)
+        crow_t = torch.ops.aten._convert_indices_from_coo_to_csr(c[perm_t], cols, out_int32=small)
+        return cls(rows, cols, crow, index(c), crow_t, index(r[perm_t]), perm_t)
 
     def matrix(self, values: Tensor) -> Tensor:
         return torch.sparse_csr_tensor(self.crow, self.col, values, (self.rows, self.cols),
@@ -95,36 +98,67 @@ class CsrPattern:
 
 
 class SparseMatmul(torch.autograd.Function):
-    """``x @ W.T`` for a CSR weight given by its values; gradients only for the stored entries.
+    """``x @ W.T (+ bias)`` for a CSR weight given by its values; gradients only for the stored entries.
 
-    forward: out = (W x^T)^T; backward: dx = (W^T g^T)^T, dvalues = (g^T x) sampled on the support.
+    forward: out = (W x^T + bias)^T; backward: dx = (W^T g^T)^T, dvalues = (g^T x) sampled on the
+    support, dbias = sum of g over rows. ``bias`` is optional (``apply(x, values, pattern)``).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, values: Tensor, pattern: CsrPattern) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, values: Tensor, pattern: CsrPattern,  # type: ignore[override]
+                bias: Optional[Tensor] = None) -> Tensor:
         ctx.save_for_backward(x, values)
         ctx.pattern = pattern
-        return (pattern.matrix(values) @ x.t().contiguous()).t()
+        return csr_product(x, values, pattern, bias)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         x, values = ctx.saved_tensors
         p: CsrPattern = ctx.pattern
-        grad_x = grad_values = None
-        if ctx.needs_input_grad[0]:
+        needs = ctx.needs_input_grad
+        grad_x = grad_values = grad_bias = None
+        if needs[0]:
             grad_x = (p.matrix_t(values) @ grad.t().contiguous()).t()
-        if ctx.needs_input_grad[1]:
+        if needs[1]:
             sampled = torch.sparse.sampled_addmm(
                 p.matrix(torch.zeros_like(values)), grad.t().contiguous(), x.contiguous(), beta=0.0
             )
             grad_values = sampled.values()
-        return grad_x, grad_values, None
+        if len(needs) > 3 and needs[3]:
+            grad_bias = grad.sum(0)
+        return (grad_x, grad_values, None, grad_bias)[:len(needs)]
 
 
-def sparse_product(x: Tensor, values: Tensor, pattern: CsrPattern) -> Tensor:
-    """:class:`SparseMatmul` in float32 even under autocast: the CSR kernels have no half types."""
+def csr_product(x: Tensor, values: Tensor, pattern: CsrPattern, bias: Optional[Tensor] = None,
+                out: Optional[Tensor] = None) -> Tensor:
+    """The forward computation of :class:`SparseMatmul`, without autograd.
+
+    The result is the kernel's (out, rows) matrix viewed transposed, so feeding it to the next
+    product needs no copy; ``out`` (optional, no autograd) receives that (out, rows) matrix. A bias
+    is fused into the product (``addmm`` with it as the initial output), which is faster than a
+    zero-filled product followed by a separate addition.
+    """
+    xt = x.t().contiguous()
+    weight = pattern.matrix(values)
+    if bias is None:
+        return torch.mm(weight, xt, out=out).t()
+    return torch.addmm(bias[:, None].expand(pattern.rows, xt.shape[1]), weight, xt, out=out).t()
+
+
+def sparse_product(x: Tensor, values: Tensor, pattern: CsrPattern, bias: Optional[Tensor] = None,
+                   out: Optional[Tensor] = None) -> Tensor:
+    """:class:`SparseMatmul` in float32 even under autocast: the CSR kernels have no half types.
+
+    Without gradients (prediction) the kernel is called directly, skipping autograd's bookkeeping,
+    and may write into ``out`` (see :func:`csr_product`); with gradients ``out`` is ignored.
+    """
     with torch.autocast(x.device.type, enabled=False):
-        return SparseMatmul.apply(x.float(), values.float(), pattern)
+        x, values = x.float(), values.float()
+        bias = None if bias is None else bias.float()
+        tracked = (x, values) if bias is None else (x, values, bias)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
+            return SparseMatmul.apply(*tracked[:2], pattern, *tracked[2:])
+        return csr_product(x, values, pattern, bias, out)
 
 
 # ------------------------------------------------------------------ the layer
@@ -161,6 +195,11 @@ class SparseGaussian(nn.Module):
         self.capture_dense_grad = False
         # Set by Monte Carlo prediction for the duration of its draws: sigma computed once, not per draw.
         self.sample_sigma: Optional[Tensor] = None
+        # Set by Monte Carlo prediction for its draws (see ``set_buffer_reuse``): without gradients,
+        # the weight sample and a linear layer's output are written into tensors that the next call
+        # overwrites, instead of fresh ones per draw (large fresh tensors page-fault on every draw).
+        self.reuse_buffers = False
+        self._workspace: dict[str, Tensor] = {}
         self.dense_grad: Optional[Tensor] = None
         self._leaf: Optional[Tensor] = None
         self._pattern: Optional[tuple[Tensor, CsrPattern]] = None
@@ -224,9 +263,13 @@ class SparseGaussian(nn.Module):
         """The layer's linear operation with weight entries ``values`` on the support (no bias)."""
         raise NotImplementedError
 
+    def apply_affine(self, x: Tensor, values: Tensor) -> Tensor:
+        """:meth:`apply_weight` plus the bias (layers that can fuse the two override this)."""
+        return self._with_bias(self.apply_weight(x, values))
+
     def moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """LRT output mean (with bias) and variance for input ``x``."""
-        mean = self._with_bias(self.apply_weight(x, self.mu))
+        mean = self.apply_affine(x, self.mu)
         return mean, self._variance(x)
 
     def _variance(self, x: Tensor) -> Tensor:
@@ -243,11 +286,14 @@ class SparseGaussian(nn.Module):
         if self.capture_dense_grad:
             return self._forward_capture(x)
         if not self.bayesian or self.mode == "mean":
-            return self._with_bias(self.apply_weight(x, self.mu))
+            return self.apply_affine(x, self.mu)
         if self.mode == "sample":
             sigma = self.sample_sigma if self.sample_sigma is not None else self.sigma()
-            values = torch.addcmul(self.mu, sigma, torch.randn_like(self.mu))
-            return self._with_bias(self.apply_weight(x, values))
+            noise = self.buffer("weight", self.mu.shape, self.mu)
+            if noise is None:
+                return self.apply_affine(x, torch.addcmul(self.mu, sigma, torch.randn_like(self.mu)))
+            noise.normal_()  # the same draw as randn_like(mu), then overwritten by the weights
+            return self.apply_affine(x, torch.addcmul(self.mu, sigma, noise, out=noise))
         return self.sample_from_moments(*self.moments(x))
 
     def _with_bias(self, out: Tensor) -> Tensor:
@@ -255,6 +301,17 @@ class SparseGaussian(nn.Module):
             return out
         shape = (1, -1) + (1,) * (out.dim() - 2)
         return out + self.bias.view(shape)
+
+    def buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Optional[Tensor]:
+        """Under ``reuse_buffers``, without gradients or autocast: the float32 tensor ``name`` kept
+        across calls (its contents are overwritten by every use). Otherwise None: allocate afresh."""
+        if (not self.reuse_buffers or torch.is_grad_enabled() or like.dtype != torch.float32
+                or torch.is_autocast_enabled(like.device.type)):
+            return None
+        buf = self._workspace.get(name)
+        if buf is None or buf.shape != shape or buf.device != like.device:
+            buf = self._workspace[name] = like.new_empty(shape)
+        return buf
 
     def _forward_capture(self, x: Tensor) -> Tensor:
         """Forward through a dense leaf holding mu so backward yields dL/dmu at every position."""
@@ -293,11 +350,26 @@ class SparseLinear(SparseGaussian):
         return F.linear(x, weight)
 
     def apply_weight(self, x: Tensor, values: Tensor) -> Tensor:
+        return self._linear(x, values, None)
+
+    def apply_affine(self, x: Tensor, values: Tensor) -> Tensor:
+        return self._linear(x, values, self.bias)
+
+    def _linear(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """x @ W.T (+ bias), the bias fused into the product by either kernel."""
+        rows = x.shape[:-1].numel()
         if self.uses_sparse_kernel():
             lead = x.shape[:-1]
-            out = sparse_product(x.reshape(-1, x.shape[-1]), values, self.pattern())
+            out = self.buffer("output", (self.weight_shape[0], rows), x)  # the kernel's layout
+            out = sparse_product(x.reshape(-1, x.shape[-1]), values, self.pattern(), bias, out)
             return out.reshape(*lead, self.weight_shape[0])
-        return F.linear(x, self.to_dense(values))
+        weight = self.to_dense(values)
+        out = self.buffer("output", (rows, self.weight_shape[0]), x) if x.dim() == 2 else None
+        if out is None:
+            return F.linear(x, weight, bias)
+        if bias is None:
+            return torch.mm(x, weight.t(), out=out)
+        return torch.addmm(bias, x, weight.t(), out=out)
 
 
 class SparseConv2d(SparseGaussian):
@@ -347,6 +419,18 @@ def sparse_layers(model: nn.Module) -> list[tuple[str, SparseGaussian]]:
 def set_mode(model: nn.Module, mode: str) -> None:
     for _, layer in sparse_layers(model):
         layer.mode = mode
+
+
+def set_buffer_reuse(model: nn.Module, on: bool) -> None:
+    """Let every layer reuse its weight-sample and output tensors across calls (``on``), or stop and
+    free them.
+
+    Only for loops that consume each forward's result before the next one and call each layer once
+    per forward, as Monte Carlo prediction does: a layer's output is overwritten by its next call.
+    """
+    for _, layer in sparse_layers(model):
+        layer.reuse_buffers = on
+        layer._workspace = {}
 
 
 def set_kernel(model: nn.Module, kernel: str) -> None:

@@ -12,7 +12,7 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
-from ssvi_cli.layers import LRT_EPS, set_mode, sparse_layers
+from ssvi_cli.layers import LRT_EPS, set_mode, set_buffer_reuse, sparse_layers
 from ssvi_cli.models import SSVIModel
 
 MODES = ("mc", "mean")
@@ -29,32 +29,49 @@ def predict_batch(model: SSVIModel, x: Tensor, samples: int = 10, mode: str = "m
     model.eval()
     if mode == "mean" or not is_bayesian(model):
         set_mode(model, "mean")
-        return torch.softmax(model(x).float(), dim=-1), None
+        return class_softmax(model(x).float()), None
     h = model.prepare(x)
     mean, var = model.first.moments(h)
     std = torch.sqrt(var + LRT_EPS)  # once: every draw of the first layer is mean + std * eps
-    # Noise in mean's own memory layout (transposed after the CSR kernel): a same-layout addcmul is
-    # faster than a mixed one, and feeds the next CSR product without a transpose copy.
+    # One buffer holds each draw's noise and, overwritten in place, that draw's first-layer output:
+    # no fresh 1 MB tensors per draw. It is laid out like ``mean`` (transposed after the CSR kernel):
+    # a same-layout addcmul is faster than a mixed one and feeds the next CSR product without a
+    # transpose copy. The noise is drawn contiguous, as ``randn`` of the buffer's shape would.
     transposed = mean.dim() == 2 and not mean.is_contiguous() and mean.t().is_contiguous()
+    dtype = torch.promote_types(mean.dtype, std.dtype)  # std is float32 even under autocast
+    buffer = torch.empty(mean.t().shape if transposed else mean.shape, dtype=dtype, device=mean.device)
+    first_out = buffer.t() if transposed else buffer
     layers = [layer for _, layer in sparse_layers(model) if layer.bayesian]
     set_mode(model, "sample")
     for layer in layers:
         layer.sample_sigma = layer.sigma()
+    set_buffer_reuse(model, True)  # each draw's outputs are consumed (softmax copies) before the next
+    draws = []
     try:
-        draws = [torch.softmax(model.forward_rest(torch.addcmul(mean, std, _noise(mean, transposed))).float(), -1)
-                 for _ in range(samples)]
+        for _ in range(samples):
+            buffer.normal_()
+            torch.addcmul(mean, std, first_out, out=first_out)
+            # softmax allocates, so nothing returned aliases the buffer overwritten by the next draw
+            draws.append(class_softmax(model.forward_rest(first_out).float()))
     finally:
         for layer in layers:
             layer.sample_sigma = None
+        set_buffer_reuse(model, False)
         set_mode(model, "lrt")
     stacked = torch.stack(draws)
     return stacked.mean(0), stacked
 
 
-def _noise(like: Tensor, transposed: bool) -> Tensor:
-    if transposed:
-        return torch.randn(like.t().shape, dtype=like.dtype, device=like.device).t()
-    return torch.randn(like.shape, dtype=like.dtype, device=like.device)
+def class_softmax(logits: Tensor) -> Tensor:
+    """Softmax over the last (class) dimension of ``logits``.
+
+    For (batch, classes) logits on the CPU it runs on the contiguous (classes, batch) transpose: the
+    CPU kernel is about ten times slower along a short last dimension (10 classes) than along a
+    leading one, where it vectorises over the batch. Same values, returned as a (batch, classes) view.
+    """
+    if logits.dim() == 2 and logits.device.type == "cpu":
+        return torch.softmax(logits.t().contiguous(), dim=0).t()
+    return torch.softmax(logits, dim=-1)
 
 
 @torch.no_grad()

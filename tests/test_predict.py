@@ -1,0 +1,187 @@
+"""ssvi_cli.predict: Monte Carlo prediction is a posterior-predictive draw, mean mode is the mean
+network, the same seed gives the same draws, and the prediction-only fast paths (fused bias, reused
+buffers, direct CSR kernel) leave results and gradients as they were."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssvi_cli.layers import CsrPattern, SparseMatmul, rho_from_sigma, set_kernel, sparse_layers
+from ssvi_cli.models import LayerFactory, build_model
+from ssvi_cli.predict import class_softmax, predict_batch
+
+IN_SHAPE, CLASSES, WIDTHS = (1, 4, 4), 3, (12, 10)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Thousands of tiny products: on a loaded machine, waking a second thread would dominate."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_mlp(kernel: str, density: float = 0.4, seed: int = 0):
+    """A Bayesian 16-12-10-3 MLP with random supports, means, sigmas and biases."""
+    gen = torch.Generator().manual_seed(seed)
+    model = build_model("mlp", IN_SHAPE, CLASSES, LayerFactory(bayesian=True), widths=WIDTHS)
+    for _, layer in sparse_layers(model):
+        k = max(1, int(density * layer.numel))
+        idx = torch.randperm(layer.numel, generator=gen)[:k].sort().values
+        sigma = torch.rand(k, generator=gen) * 0.4 + 0.1
+        layer.set_support(idx, torch.randn(k, generator=gen), rho_from_sigma(sigma, "softplus"))
+        layer.bias.data = torch.randn(layer.bias.shape, generator=gen) * 0.3
+    set_kernel(model, kernel)
+    return model
+
+
+def dense_weights(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mu, sigma, bias) of a layer as dense (out, in) tensors, zero off the support."""
+    with torch.no_grad():
+        return layer.to_dense(layer.mu).clone(), layer.to_dense(layer.sigma()).clone(), layer.bias.clone()
+
+
+def reference_draws(model, x: torch.Tensor, samples: int, gen: torch.Generator) -> torch.Tensor:
+    """Straightforward weight sampling: every layer, first included, draws dense weights per draw."""
+    layers = [dense_weights(layer) for layer in (model.first, *model.hidden)]
+    h0 = x.flatten(1)
+    out = []
+    for _ in range(samples):
+        h = h0
+        for i, (mu, sigma, bias) in enumerate(layers):
+            if i > 0:
+                h = torch.relu(h)
+            w = mu + sigma * torch.randn(mu.shape, generator=gen)
+            h = F.linear(h, w, bias)
+        out.append(torch.softmax(h, -1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("kernel", ["sparse", "dense"])
+def test_mc_draws_match_weight_sampling_reference_in_distribution(kernel):
+    """Per input, the draws' probabilities have the mean and variance of per-draw weight sampling.
+
+    (The first layer uses its exact LRT output distribution, so the marginal per input is the same;
+    the joint across inputs of a batch is not compared.)
+    """
+    model = small_mlp(kernel)
+    x = torch.randn(4, *IN_SHAPE, generator=torch.Generator().manual_seed(1))
+    samples = 6000
+    torch.manual_seed(2)
+    probs, draws = predict_batch(model, x, samples=samples)
+    ref = reference_draws(model, x, samples, torch.Generator().manual_seed(3))
+    assert draws.shape == ref.shape == (samples, 4, CLASSES)
+    torch.testing.assert_close(probs, draws.mean(0))
+    # standard errors: mean <= 0.5 / sqrt(6000) ~ 0.0065, variance of a [0, 1] variable similar
+    torch.testing.assert_close(draws.mean(0), ref.mean(0), atol=0.03, rtol=0)
+    torch.testing.assert_close(draws.var(0), ref.var(0), atol=0.015, rtol=0.1)
+    assert float(ref.var(0).max()) > 0.02  # the posterior really is spread: the check has teeth
+
+
+def test_mc_reference_check_detects_a_wrong_predictive():
+    """The tolerances above reject the mean network repeated (no weight noise at all)."""
+    model = small_mlp("sparse")
+    x = torch.randn(4, *IN_SHAPE, generator=torch.Generator().manual_seed(1))
+    mean_probs, _ = predict_batch(model, x, mode="mean")
+    ref = reference_draws(model, x, 3000, torch.Generator().manual_seed(3))
+    assert float(ref.var(0).max()) > 0.015 * 1.1 + 0.015  # a zero variance fails the variance check
+    assert float((ref.mean(0) - mean_probs).abs().max()) > 0.03
+
+
+@pytest.mark.parametrize("kernel", ["sparse", "dense"])
+def test_mean_mode_is_the_deterministic_forward(kernel):
+    model = small_mlp(kernel)
+    x = torch.randn(5, *IN_SHAPE)
+    probs, draws = predict_batch(model, x, mode="mean")
+    assert draws is None
+    h = x.flatten(1)
+    for i, layer in enumerate((model.first, *model.hidden)):
+        mu, _, bias = dense_weights(layer)
+        h = F.linear(torch.relu(h) if i > 0 else h, mu, bias)
+    torch.testing.assert_close(probs, torch.softmax(h, -1), atol=1e-6, rtol=1e-5)
+    assert all(layer.mode == "mean" for _, layer in sparse_layers(model))
+
+
+@pytest.mark.parametrize("kernel", ["sparse", "dense"])
+def test_same_seed_same_draws_and_no_state_left_behind(kernel):
+    model = small_mlp(kernel)
+    x = torch.randn(6, *IN_SHAPE)
+    runs = []
+    for seed in (11, 11, 12):
+        torch.manual_seed(seed)
+        runs.append(predict_batch(model, x, samples=5))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert (runs[0][1] - runs[2][1]).abs().max() > 1e-4
+    draws = runs[0][1]
+    assert all((draws[i] - draws[0]).abs().max() > 1e-5 for i in range(1, 5))  # no shared buffer
+    for _, layer in sparse_layers(model):
+        assert layer.mode == "lrt" and layer.sample_sigma is None
+        assert not layer.reuse_buffers and not layer._workspace
+
+
+def test_sparse_and_dense_kernels_give_the_same_mean_network():
+    sparse, dense = small_mlp("sparse"), small_mlp("dense")
+    x = torch.randn(7, *IN_SHAPE)
+    torch.testing.assert_close(predict_batch(sparse, x, mode="mean")[0],
+                               predict_batch(dense, x, mode="mean")[0], atol=1e-6, rtol=1e-5)
+
+
+def test_sample_mode_outside_prediction_returns_fresh_tensors():
+    """Buffer reuse is only on during predict_batch: plain sample-mode calls never alias."""
+    model = small_mlp("sparse")
+    layer = model.hidden[0]
+    layer.mode = "sample"
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        a, b = layer(x), layer(x)
+    assert a.data_ptr() != b.data_ptr() and (a - b).abs().max() > 1e-5
+
+
+def test_class_softmax_matches_softmax_in_either_layout():
+    logits = torch.randn(9, 10) * 5
+    torch.testing.assert_close(class_softmax(logits), torch.softmax(logits, -1))
+    transposed = logits.t().contiguous().t()
+    torch.testing.assert_close(class_softmax(transposed), torch.softmax(logits, -1))
+    three = torch.randn(2, 3, 4)
+    torch.testing.assert_close(class_softmax(three), torch.softmax(three, -1))
+
+
+def test_sparse_matmul_with_fused_bias_gradcheck():
+    idx = torch.tensor([0, 3, 5, 9, 10, 17, 22, 23])
+    pattern = CsrPattern.from_flat(idx, 4, 6)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, c, d: SparseMatmul.apply(a, c, pattern, d), (x, v, b))
+    dense = torch.zeros(24, dtype=torch.float64).scatter(0, idx, v.detach()).view(4, 6)
+    torch.testing.assert_close(SparseMatmul.apply(x, v, pattern, b), x @ dense.t() + b)
+
+
+@pytest.mark.parametrize("bayesian", [True, False])
+def test_training_gradients_with_fused_bias_match_the_dense_kernel(bayesian):
+    from ssvi_cli.layers import SparseLinear
+
+    layers = []
+    for kernel in ("sparse", "dense"):
+        torch.manual_seed(5)
+        layer = SparseLinear(20, 8, bayesian=bayesian)
+        idx = torch.randperm(160)[:30].sort().values
+        rho = rho_from_sigma(torch.rand(30) * 0.2 + 0.05, "softplus") if bayesian else None
+        layer.set_support(idx, torch.randn(30), rho)
+        layer.bias.data.normal_()
+        layer.kernel = kernel
+        layers.append(layer)
+    x = torch.randn(16, 20)
+    outs = []
+    for layer in layers:
+        layer.mode = "mean"
+        torch.manual_seed(7)
+        out = layer(x)
+        out.square().sum().backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layers[0].bias.grad, layers[1].bias.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layers[0].mu.grad, layers[1].mu.grad, rtol=1e-4, atol=1e-5)
