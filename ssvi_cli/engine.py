@@ -83,6 +83,13 @@ def make_model(cfg: Config, spec: DataSpec) -> SSVIModel:
     return build_model(cfg.model.name, spec.input_shape, spec.num_classes, layers, cfg.model.widths)
 
 
+def validate_model(cfg: Config, spec: DataSpec) -> None:
+    """Build the architecture and plan its supports without training: raises on an impossible
+    architecture/input pairing or a sparsity that leaves a layer with no active weight."""
+    model = make_model(cfg, spec)
+    layer_densities(sparse_layers(model), cfg.density, cfg.sparse.allocation, cfg.model.dense_stem)
+
+
 def init_model(model: SSVIModel, cfg: Config, generator: torch.Generator) -> dict[str, float]:
     densities = layer_densities(sparse_layers(model), cfg.density, cfg.sparse.allocation,
                                 cfg.model.dense_stem)

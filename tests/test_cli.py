@@ -63,3 +63,18 @@ def test_presets_command_lists_presets(capsys):
 def test_module_entry_point_shows_help():
     proc = subprocess.run([sys.executable, "-m", "ssvi_cli", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "train" in proc.stdout
+
+
+def test_force_keeps_the_old_run_when_the_new_one_cannot_start(tmp_path: Path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code = run(["train", "--out", str(out), "--force", "--set", "model.widths=[2]", "--sparsity", "0.99"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no active weight" in err
+    assert (out / "keep.txt").read_text() == "precious"
+    code = run(["train", "--out", str(out), "--force", "--set", "data.name=mnist",
+                "--set", f"data.data_dir={tmp_path / 'nodata'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--download" in err
+    assert (out / "keep.txt").read_text() == "precious"

@@ -95,7 +95,7 @@ def register(app: typer.Typer) -> None:
         Also runs as one worker of ``torchrun --nproc-per-node N -m ssvi_cli train ...``.
         """
         from ssvi_cli import distributed
-        from ssvi_cli.engine import Interrupted, Trainer
+        from ssvi_cli.engine import Interrupted, Trainer, load_data, validate_model
 
         info = distributed.info_from_env()
         if nproc is not None and nproc > 1:
@@ -135,9 +135,13 @@ def register(app: typer.Typer) -> None:
                               + (f" on {info.world_size} processes" if info.enabled else ""))
             else:
                 distributed.setup(info, cfg.train.device)
+                # Data and the model's layer budget are checked before --force clears an old run, so a
+                # missing dataset or an impossible sparsity never costs the run being replaced.
+                splits = load_data(cfg)
+                validate_model(cfg, splits.spec)
                 # Rank 0 names and clears the run directory; the others take its answer (or its error).
                 run_dir = distributed.on_main(lambda: _prepare(out_dir or default_run_dir(cfg, preset), force))
-                trainer = Trainer.create(cfg, run_dir, dist_info=info)
+                trainer = Trainer.create(cfg, run_dir, splits=splits, dist_info=info)
             summary = _fit(trainer, Interrupted, quiet=json_out or not info.is_main)
         finally:
             distributed.teardown()
