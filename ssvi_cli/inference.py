@@ -85,12 +85,14 @@ def load_image(path: Path) -> Tensor:
     return torch.from_numpy(np.array(arr.transpose(2, 0, 1))).unsqueeze(0)
 
 
-def array_to_images(arr: np.ndarray, name: str) -> Tensor:
-    """A numeric array as (N, C, H, W) pixels.
+def array_to_images(arr: np.ndarray, name: str, channels: int = 3) -> Tensor:
+    """A numeric array as (N, C, H, W) pixels; ``channels`` is the model's input channel count.
 
-    Shapes: (H, W) one gray image; (C, H, W) one image when C is 1, 3 or 4, (H, W, C) when the last
-    axis is 3 or 4, else (N, H, W) gray images; (N, C, H, W), or (N, H, W, C) when only the last axis
-    is 1, 3 or 4. Pixels: uint8 0..255 (other integer types in that range too) or float in [0, 1].
+    Shapes: (H, W) one gray image; (C, H, W) one image when C is 1, or 3 or 4 for a colour model;
+    (H, W, C) when the last axis is 3 or 4; else (N, H, W) gray images (so a stack of 3 or 4 gray
+    images for a gray model is a stack, not one colour image); (N, C, H, W), or (N, H, W, C) when only
+    the last axis is 1, 3 or 4. Pixels: uint8 0..255 (other integer types in that range too) or float
+    in [0, 1].
     """
     if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise InputError(f"{name}: array dtype {arr.dtype} is not pixels; use uint8 0..255 or float in [0, 1]")
@@ -100,7 +102,7 @@ def array_to_images(arr: np.ndarray, name: str) -> Tensor:
     if arr.ndim == 2:
         arr = arr[None, None]
     elif arr.ndim == 3:
-        if arr.shape[0] in channels:
+        if arr.shape[0] == 1 or (channels != 1 and arr.shape[0] in (3, 4)):
             arr = arr[None]
         elif arr.shape[-1] in (3, 4):
             arr = arr.transpose(2, 0, 1)[None]
@@ -123,21 +125,21 @@ def array_to_images(arr: np.ndarray, name: str) -> Tensor:
     return out
 
 
-def load_array(path: Path) -> Tensor:
+def load_array(path: Path, channels: int = 3) -> Tensor:
     try:
         arr = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise InputError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     if not isinstance(arr, np.ndarray):
         raise InputError(f"{path}: not a single .npy array")
-    return array_to_images(arr, str(path))
+    return array_to_images(arr, str(path), channels)
 
 
-def iter_raw(files: Iterable[Path]) -> Iterator[tuple[Path, list[str], Tensor]]:
+def iter_raw(files: Iterable[Path], channels: int = 3) -> Iterator[tuple[Path, list[str], Tensor]]:
     """(source, names, pixels (n, C, H, W)) per image file, and per chunk of each array's images."""
     for path in files:
         if path.suffix.lower() == ARRAY_SUFFIX:
-            images = load_array(path)
+            images = load_array(path, channels)
             for start in range(0, len(images), _CHUNK):
                 part = images[start:start + _CHUNK]
                 yield path, [f"{path}[{start + i}]" for i in range(len(part))], part
@@ -150,7 +152,7 @@ def iter_batches(files: Sequence[Path], spec: DataSpec, batch_size: int) -> Iter
     names: list[str] = []
     parts: list[Tensor] = []
     held = 0
-    for source, chunk_names, pixels in iter_raw(files):
+    for source, chunk_names, pixels in iter_raw(files, spec.input_shape[0]):
         try:
             x = preprocess(pixels, spec)
         except DataError as exc:

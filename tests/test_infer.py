@@ -103,6 +103,10 @@ def test_array_shape_rules():
     assert array_to_images(np.zeros((5, 6), np.uint8), "a").shape == (1, 1, 5, 6)
     assert array_to_images(np.zeros((3, 5, 6), np.uint8), "a").shape == (1, 3, 5, 6)
     assert array_to_images(np.zeros((7, 5, 6), np.uint8), "a").shape == (7, 1, 5, 6)
+    # For a gray model a leading 3 or 4 is a stack of gray images, not one colour image.
+    assert array_to_images(np.zeros((4, 8, 8), np.uint8), "a", channels=1).shape == (4, 1, 8, 8)
+    assert array_to_images(np.zeros((1, 8, 8), np.uint8), "a", channels=1).shape == (1, 1, 8, 8)
+    assert array_to_images(np.zeros((3, 8, 8), np.uint8), "a", channels=3).shape == (1, 3, 8, 8)
     assert array_to_images(np.zeros((5, 6, 3), np.uint8), "a").shape == (1, 3, 5, 6)
     assert array_to_images(np.zeros((2, 5, 6, 4), np.uint8), "a").shape == (2, 4, 5, 6)
     assert array_to_images(np.full((2, 2), 200, np.int64), "a").dtype == torch.uint8
