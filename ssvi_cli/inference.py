@@ -98,7 +98,7 @@ def array_to_images(arr: np.ndarray, name: str, channels: int = 3) -> Tensor:
         raise InputError(f"{name}: array dtype {arr.dtype} is not pixels; use uint8 0..255 or float in [0, 1]")
     if arr.size == 0:
         raise InputError(f"{name}: array of shape {arr.shape} holds no pixels")
-    channels = (1, 3, 4)
+    channel_sizes = (1, 3, 4)
     if arr.ndim == 2:
         arr = arr[None, None]
     elif arr.ndim == 3:
@@ -109,8 +109,8 @@ def array_to_images(arr: np.ndarray, name: str, channels: int = 3) -> Tensor:
         else:
             arr = arr[:, None]
     elif arr.ndim == 4:
-        if arr.shape[1] not in channels:
-            if arr.shape[-1] not in channels:
+        if arr.shape[1] not in channel_sizes:
+            if arr.shape[-1] not in channel_sizes:
                 raise InputError(f"{name}: array of shape {arr.shape} has no 1, 3 or 4 channel axis")
             arr = arr.transpose(0, 3, 1, 2)
     else:
