@@ -18,7 +18,7 @@ from torch import Tensor
 from ssvi_cli import fileio
 from ssvi_cli.criteria import criterion_names, keep_mask, removal_score
 from ssvi_cli.export import MODEL_FILE, LoadedModel, load_model, read_header, size_totals, write_model_file
-from ssvi_cli.flops import CONVENTION, model_geometry, prediction_flops
+from ssvi_cli.flops import model_geometry, prediction_flops
 from ssvi_cli.layers import SparseConv2d, SparseGaussian, sparse_layers
 
 SUPPORT_FILE = "support.jsonl"
@@ -177,8 +177,10 @@ def inspect_model(path: Path, drop_fraction: float = 0.3) -> dict[str, Any]:
         "layers": layers,
         "totals": _file_totals(loaded, path),
         "flops": {"per_prediction": sum(flops_by_layer.values()), "samples": samples,
-                  "convention": CONVENTION + f"; MC prediction with S={samples}: the first layer's two "
-                                "LRT ops once, one op per draw in every other layer; per example"},
+                  "convention": f"per example, MC prediction with S={samples}: the first layer's two LRT "
+                                "ops (mean, variance) once, one op over the active weights per draw in "
+                                "every other layer; 1 multiply-add = 2 FLOPs; biases, BatchNorm, "
+                                "activations and noise are not counted"},
         "criteria_overlap": criteria_overlap(loaded.model, drop_fraction, lam),
         "support_history": support_history(path) if path.is_dir() else None,
     }

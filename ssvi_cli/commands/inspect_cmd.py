@@ -75,7 +75,7 @@ def _print_report(r: dict[str, Any]) -> None:
     }))
     out.print(_layers_table(r["layers"]))
     out.print(_posterior_table(r["layers"]))
-    out.print(f"FLOPs per prediction (per example): {r['flops']['per_prediction']:,}; {r['flops']['convention']}")
+    out.print(f"FLOPs per prediction: {r['flops']['per_prediction']:,} ({r['flops']['convention']})")
     t = r["totals"]
     out.print(kv_table("totals", {
         "active weights": f"{t['active_weights']:,} of {t['total_weights']:,} (density {t['density']:.4f})",
