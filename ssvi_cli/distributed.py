@@ -142,32 +142,25 @@ def mean(t: Tensor) -> Tensor:
     return out.div_(dist.get_world_size())
 
 
-def sync_grads(params: Sequence[nn.Parameter]) -> None:
-    """Average the gradients of ``params`` across ranks in place, in one flat all-reduce."""
-    if not active():
+def _average_in_place(tensors: list[Tensor]) -> None:
+    """Average ``tensors`` across ranks in place, in one flat all-reduce."""
+    if not active() or not tensors:
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = _flatten_dense_tensors(grads)
+    flat = _flatten_dense_tensors(tensors)
     dist.all_reduce(flat)
     flat.div_(dist.get_world_size())
-    for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        g.copy_(reduced)
+    for t, reduced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+        t.copy_(reduced)
+
+
+def sync_grads(params: Sequence[nn.Parameter]) -> None:
+    """Average the gradients of ``params`` across ranks in place."""
+    _average_in_place([p.grad for p in params if p.grad is not None])
 
 
 def average_buffers(model: nn.Module) -> None:
     """Average floating-point buffers (BatchNorm running statistics) across ranks in place."""
-    if not active():
-        return
-    bufs = [b for _, b in model.named_buffers() if b.is_floating_point()]
-    if not bufs:
-        return
-    flat = _flatten_dense_tensors(bufs)
-    dist.all_reduce(flat)
-    flat.div_(dist.get_world_size())
-    for b, reduced in zip(bufs, _unflatten_dense_tensors(flat, bufs)):
-        b.copy_(reduced)
+    _average_in_place([b for _, b in model.named_buffers() if b.is_floating_point()])
 
 
 def sum_values(values: Sequence[float], device: torch.device) -> list[float]:
