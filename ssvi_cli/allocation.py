@@ -13,7 +13,7 @@ from ssvi_cli.layers import SparseGaussian, rho_from_sigma, sparse_layers
 
 @dataclass(frozen=True)
 class InitSpec:
-    """How mu and sigma start (SSVI.md section 5)."""
+    """How mu and sigma start (METHOD.md section 5)."""
 
     mu_std: float = 0.01          # layers followed by BatchNorm
     sigma_mean: float = 6e-4

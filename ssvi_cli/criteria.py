@@ -1,4 +1,4 @@
-"""Removal scores of SSVI (SSVI.md §4): pure functions of the variational parameters.
+"""Removal scores of SSVI (METHOD.md §4): pure functions of the variational parameters.
 
 Each active weight is ``θ ~ N(μ, σ²)``; ``t = |μ| / σ`` and ``s = λσ``. A removal score ranks the
 active entries of a layer, **higher = keep**. Every score is computed in float64 whatever the input
@@ -7,7 +7,7 @@ dtype, has the input's shape and is finite for ``σ > 0`` (``σ = 0`` is floored
 Two scores are returned on a log scale because the statistic itself leaves float64 for realistic
 parameters (``M(λ) ≥ e^{λ²σ²/2}`` is ``e^{800}`` at ``λσ = 40``): ``e_exp`` is ``log M(λ)`` and
 ``snr_exp`` is ``log SNR_exp``. A logarithm is strictly increasing, so the ranking, which is all
-the subspace step uses, is that of the statistic in the table of SSVI.md.
+the subspace step uses, is that of the statistic in the table of METHOD.md.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def log_abs_mgf(mu: Tensor, sigma: Tensor, lam: float = 1.0) -> Tensor:
 
 
 def abs_mgf(mu: Tensor, sigma: Tensor, lam: float = 1.0) -> Tensor:
-    """M(λ) = E exp(λ|θ|) (SSVI.md §4); ``exp(log_abs_mgf)``, so it is inf past e^709."""
+    """M(λ) = E exp(λ|θ|) (METHOD.md §4); ``exp(log_abs_mgf)``, so it is inf past e^709."""
     return torch.exp(log_abs_mgf(mu, sigma, lam))
 
 
@@ -245,7 +245,7 @@ REMOVAL_CRITERIA: dict[str, ScoreFn] = {
     "e_exp": _score_e_exp,
     "snr_exp": _score_snr_exp,
 }
-"""Name -> ``score(mu, sigma, lam)``; float64, same shape, higher = keep (SSVI.md §4)."""
+"""Name -> ``score(mu, sigma, lam)``; float64, same shape, higher = keep (METHOD.md §4)."""
 
 
 def criterion_names() -> list[str]:

@@ -1,6 +1,6 @@
 """Analytic FLOPs of training and Monte Carlo prediction, per layer and in total.
 
-Convention (SSVI.md section 6; printed beside every number as :data:`CONVENTION`):
+Convention (METHOD.md section 6; printed beside every number as :data:`CONVENTION`):
 
 - One multiply-add counts as 2 FLOPs. A weight layer with ``n`` weights of which ``a`` are active,
   applied at ``p`` output positions per example (``p = 1`` for a linear layer, ``out_h * out_w`` for a

@@ -1,4 +1,4 @@
-"""Evaluation metrics of SSVI.md §6: calibration, uncertainty and OOD detection.
+"""Evaluation metrics of METHOD.md §6: calibration, uncertainty and OOD detection.
 
 Inputs are numpy arrays or torch tensors (converted once, computed in float64):
 ``probs`` (N, C) predictive probabilities (for a BNN, the Bayesian model average), ``labels`` (N,)

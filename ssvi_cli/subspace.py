@@ -1,6 +1,6 @@
 """The subspace step (remove low-score entries, add high-gradient ones) and its schedule.
 
-SSVI.md section 4: every ``delta_t`` steps while ``t < t_end`` the step replaces the parameter update.
+METHOD.md section 4: every ``delta_t`` steps while ``t < t_end`` the step replaces the parameter update.
 The drop fraction follows ``f(t) = alpha/2 (1 + cos(pi t / t_end))``; in every layer the active count
 is unchanged, exactly.
 """

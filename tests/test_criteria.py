@@ -1,4 +1,4 @@
-"""Removal criteria (SSVI.md §4) against Monte Carlo, high-precision arithmetic and their facts."""
+"""Removal criteria (METHOD.md §4) against Monte Carlo, high-precision arithmetic and their facts."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_exp_criteria_match_monte_carlo(mu: float, sigma: float, lam: float) -> 
 
 
 def _mp_log_scores(mu: float, sigma: float, lam: float) -> tuple[float, float]:
-    """log M(λ) and log SNR_exp from the SSVI.md formula in 60-digit arithmetic."""
+    """log M(λ) and log SNR_exp from the METHOD.md formula in 60-digit arithmetic."""
     mpmath.mp.dps = 60
     m, s = mpmath.mpf(mu), mpmath.mpf(sigma)
 

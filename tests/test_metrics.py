@@ -1,4 +1,4 @@
-"""Metrics (SSVI.md §6) against hand computations and independent loop-based reimplementations."""
+"""Metrics (METHOD.md §6) against hand computations and independent loop-based reimplementations."""
 
 from __future__ import annotations
 
