@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ssvi_cli.data import DataError, DataSpec
-from ssvi_cli.fileio import atomic_path
+from ssvi_cli.fileio import atomic_path, json_default
 from ssvi_cli.layers import SparseConv2d, SparseGaussian, rho_from_sigma, sparse_layers
 from ssvi_cli.models import LayerFactory, SSVIModel, build_model
 from ssvi_cli.registry import UnknownName
@@ -102,15 +102,7 @@ def encode_index(idx: Tensor, numel: int) -> tuple[str, Optional[Tensor]]:
 # ------------------------------------------------------------------ writing
 
 def _json(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), default=_json_default)
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if hasattr(obj, "item"):
-        return obj.item()
-    return str(obj)
+    return json.dumps(obj, separators=(",", ":"), default=json_default)
 
 
 def _layer_kind(layer: SparseGaussian) -> str:
