@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -109,7 +109,7 @@ class SparseMatmul(torch.autograd.Function):
                 bias: Optional[Tensor] = None) -> Tensor:
         ctx.save_for_backward(x, values)
         ctx.pattern = pattern
-        return csr_product(x, values, pattern, bias)
+        return csr_product(x, pattern.matrix(values), bias)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -129,9 +129,9 @@ class SparseMatmul(torch.autograd.Function):
         return (grad_x, grad_values, None, grad_bias)[:len(needs)]
 
 
-def csr_product(x: Tensor, values: Tensor, pattern: CsrPattern, bias: Optional[Tensor] = None,
-                out: Optional[Tensor] = None) -> Tensor:
-    """The forward computation of :class:`SparseMatmul`, without autograd.
+def csr_product(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, out: Optional[Tensor] = None
+                ) -> Tensor:
+    """``x @ weight.T (+ bias)`` for a CSR ``weight``: the forward computation of :class:`SparseMatmul`.
 
     The result is the kernel's (out, rows) matrix viewed transposed, so feeding it to the next
     product needs no copy; ``out`` (optional, no autograd) receives that (out, rows) matrix. A bias
@@ -139,26 +139,66 @@ def csr_product(x: Tensor, values: Tensor, pattern: CsrPattern, bias: Optional[T
     zero-filled product followed by a separate addition.
     """
     xt = x.t().contiguous()
-    weight = pattern.matrix(values)
     if bias is None:
         return torch.mm(weight, xt, out=out).t()
-    return torch.addmm(bias[:, None].expand(pattern.rows, xt.shape[1]), weight, xt, out=out).t()
+    return torch.addmm(bias[:, None].expand(weight.shape[0], xt.shape[1]), weight, xt, out=out).t()
 
 
-def sparse_product(x: Tensor, values: Tensor, pattern: CsrPattern, bias: Optional[Tensor] = None,
-                   out: Optional[Tensor] = None) -> Tensor:
+def sparse_product(x: Tensor, values: Tensor, pattern: CsrPattern, bias: Optional[Tensor] = None) -> Tensor:
     """:class:`SparseMatmul` in float32 even under autocast: the CSR kernels have no half types.
 
-    Without gradients (prediction) the kernel is called directly, skipping autograd's bookkeeping,
-    and may write into ``out`` (see :func:`csr_product`); with gradients ``out`` is ignored.
+    Without gradients (prediction) the kernel is called directly, skipping autograd's bookkeeping.
     """
-    with torch.autocast(x.device.type, enabled=False):
-        x, values = x.float(), values.float()
-        bias = None if bias is None else bias.float()
-        tracked = (x, values) if bias is None else (x, values, bias)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
-            return SparseMatmul.apply(*tracked[:2], pattern, *tracked[2:])
-        return csr_product(x, values, pattern, bias, out)
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return _sparse_product(x, values, pattern, bias)
+    return _sparse_product(x, values, pattern, bias)  # entering the context costs ~10 us a call
+
+
+def _sparse_product(x: Tensor, values: Tensor, pattern: CsrPattern, bias: Optional[Tensor]) -> Tensor:
+    x, values = x.float(), values.float()
+    bias = None if bias is None else bias.float()
+    tracked = (x, values) if bias is None else (x, values, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
+        return SparseMatmul.apply(*tracked[:2], pattern, *tracked[2:])
+    return csr_product(x, pattern.matrix(values), bias)
+
+
+class DrawState:
+    """A layer's state during one Monte Carlo prediction without gradients (see :func:`start_draws`).
+
+    sigma is computed once; every draw overwrites one weight tensor (``values``); the CSR matrix over
+    that tensor is built once (it aliases it, so each draw's weights are already in it), and so are
+    the off-support zeros of a dense weight; the layer's output tensor is overwritten by the next
+    draw instead of allocated afresh (large fresh tensors page-fault on first touch, every draw).
+    """
+
+    def __init__(self, layer: "SparseGaussian") -> None:
+        self.mu = layer.mu.detach()
+        self.sigma = layer.sigma().detach()
+        self.values = torch.empty_like(self.mu)
+        self.matrix: Optional[Tensor] = None
+        self.dense: Optional[Tensor] = None
+        self.out: Optional[Tensor] = None
+
+    def sample(self) -> Tensor:
+        """One weight draw over the active entries, mu + sigma * eps, written into ``values``."""
+        self.values.normal_()  # the same draw as randn_like(mu), then overwritten by the weights
+        return torch.addcmul(self.mu, self.sigma, self.values, out=self.values)
+
+    def dense_weight(self, layer: "SparseGaussian") -> Tensor:
+        """The current draw as a dense weight of the layer's shape."""
+        if layer.active == layer.numel:
+            return self.values.view(layer.weight_shape)
+        if self.dense is None:
+            self.dense = self.values.new_zeros(layer.numel)
+        self.dense[layer.idx] = self.values
+        return self.dense.view(layer.weight_shape)
+
+    def output(self, shape: tuple[int, int], like: Tensor) -> Tensor:
+        if self.out is None or self.out.shape != shape or self.out.device != like.device:
+            self.out = like.new_empty(shape)
+        return self.out
 
 
 # ------------------------------------------------------------------ the layer
@@ -193,13 +233,8 @@ class SparseGaussian(nn.Module):
         self.mode = "lrt"
         self.kernel = "auto"
         self.capture_dense_grad = False
-        # Set by Monte Carlo prediction for the duration of its draws: sigma computed once, not per draw.
-        self.sample_sigma: Optional[Tensor] = None
-        # Set by Monte Carlo prediction for its draws (see ``set_buffer_reuse``): without gradients,
-        # the weight sample and a linear layer's output are written into tensors that the next call
-        # overwrites, instead of fresh ones per draw (large fresh tensors page-fault on every draw).
-        self.reuse_buffers = False
-        self._workspace: dict[str, Tensor] = {}
+        # Set by Monte Carlo prediction for the duration of its draws (``start_draws``).
+        self.draws: Optional[DrawState] = None
         self.dense_grad: Optional[Tensor] = None
         self._leaf: Optional[Tensor] = None
         self._pattern: Optional[tuple[Tensor, CsrPattern]] = None
@@ -259,6 +294,10 @@ class SparseGaussian(nn.Module):
         return cached[1]
 
     # -- forward ---------------------------------------------------------------
+    def positions(self, x: Tensor) -> int:
+        """Output positions for input ``x``: each uses every weight once (rows, or batch x pixels)."""
+        raise NotImplementedError
+
     def apply_weight(self, x: Tensor, values: Tensor) -> Tensor:
         """The layer's linear operation with weight entries ``values`` on the support (no bias)."""
         raise NotImplementedError
@@ -288,30 +327,23 @@ class SparseGaussian(nn.Module):
         if not self.bayesian or self.mode == "mean":
             return self.apply_affine(x, self.mu)
         if self.mode == "sample":
-            sigma = self.sample_sigma if self.sample_sigma is not None else self.sigma()
-            noise = self.buffer("weight", self.mu.shape, self.mu)
-            if noise is None:
-                return self.apply_affine(x, torch.addcmul(self.mu, sigma, torch.randn_like(self.mu)))
-            noise.normal_()  # the same draw as randn_like(mu), then overwritten by the weights
-            return self.apply_affine(x, torch.addcmul(self.mu, sigma, noise, out=noise))
+            if self.draws is not None and not torch.is_grad_enabled():
+                return self.apply_draw(x, self.draws)
+            return self.apply_affine(x, torch.addcmul(self.mu, self.sigma(), torch.randn_like(self.mu)))
         return self.sample_from_moments(*self.moments(x))
+
+    def apply_draw(self, x: Tensor, draws: DrawState) -> Tensor:
+        """The layer with one weight draw, using the prediction's :class:`DrawState` (no gradients)."""
+        values = draws.sample()
+        if self.uses_sparse_kernel():
+            return self.apply_affine(x, values)
+        return self._with_bias(self.dense_op(x, draws.dense_weight(self)))
 
     def _with_bias(self, out: Tensor) -> Tensor:
         if self.bias is None:
             return out
         shape = (1, -1) + (1,) * (out.dim() - 2)
         return out + self.bias.view(shape)
-
-    def buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Optional[Tensor]:
-        """Under ``reuse_buffers``, without gradients or autocast: the float32 tensor ``name`` kept
-        across calls (its contents are overwritten by every use). Otherwise None: allocate afresh."""
-        if (not self.reuse_buffers or torch.is_grad_enabled() or like.dtype != torch.float32
-                or torch.is_autocast_enabled(like.device.type)):
-            return None
-        buf = self._workspace.get(name)
-        if buf is None or buf.shape != shape or buf.device != like.device:
-            buf = self._workspace[name] = like.new_empty(shape)
-        return buf
 
     def _forward_capture(self, x: Tensor) -> Tensor:
         """Forward through a dense leaf holding mu so backward yields dL/dmu at every position."""
@@ -349,6 +381,9 @@ class SparseLinear(SparseGaussian):
     def dense_op(self, x: Tensor, weight: Tensor) -> Tensor:
         return F.linear(x, weight)
 
+    def positions(self, x: Tensor) -> int:
+        return x.shape[:-1].numel()
+
     def apply_weight(self, x: Tensor, values: Tensor) -> Tensor:
         return self._linear(x, values, None)
 
@@ -357,19 +392,27 @@ class SparseLinear(SparseGaussian):
 
     def _linear(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
         """x @ W.T (+ bias), the bias fused into the product by either kernel."""
-        rows = x.shape[:-1].numel()
         if self.uses_sparse_kernel():
-            lead = x.shape[:-1]
-            out = self.buffer("output", (self.weight_shape[0], rows), x)  # the kernel's layout
-            out = sparse_product(x.reshape(-1, x.shape[-1]), values, self.pattern(), bias, out)
-            return out.reshape(*lead, self.weight_shape[0])
-        weight = self.to_dense(values)
-        out = self.buffer("output", (rows, self.weight_shape[0]), x) if x.dim() == 2 else None
-        if out is None:
-            return F.linear(x, weight, bias)
-        if bias is None:
-            return torch.mm(x, weight.t(), out=out)
-        return torch.addmm(bias, x, weight.t(), out=out)
+            out = sparse_product(x.reshape(-1, x.shape[-1]), values, self.pattern(), bias)
+            return out.reshape(*x.shape[:-1], self.weight_shape[0])
+        return F.linear(x, self.to_dense(values), bias)
+
+    def apply_draw(self, x: Tensor, draws: DrawState) -> Tensor:
+        # float32 matrices without autocast, the common case: straight to the kernels, writing the
+        # output into the tensor of the previous draw; anything else takes the general path.
+        if x.dim() != 2 or x.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type):
+            return super().apply_draw(x, draws)
+        values = draws.sample()
+        out_features = self.weight_shape[0]
+        if self.uses_sparse_kernel():
+            if draws.matrix is None:
+                draws.matrix = self.pattern().matrix(values)
+            return csr_product(x, draws.matrix, self.bias, draws.output((out_features, x.shape[0]), x))
+        weight = draws.dense_weight(self).t()
+        out = draws.output((x.shape[0], out_features), x)
+        if self.bias is None:
+            return torch.mm(x, weight, out=out)
+        return torch.addmm(self.bias, x, weight, out=out)
 
 
 class SparseConv2d(SparseGaussian):
@@ -387,6 +430,15 @@ class SparseConv2d(SparseGaussian):
     def dense_op(self, x: Tensor, weight: Tensor) -> Tensor:
         return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
 
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        k = self.weight_shape[2]
+        span = self.dilation * (k - 1) + 1
+        return ((h + 2 * self.padding - span) // self.stride + 1, (w + 2 * self.padding - span) // self.stride + 1)
+
+    def positions(self, x: Tensor) -> int:
+        oh, ow = self.output_size(x.shape[-2], x.shape[-1])
+        return x.shape[:-3].numel() * oh * ow
+
     def apply_weight(self, x: Tensor, values: Tensor) -> Tensor:
         if self.groups == 1 and self.uses_sparse_kernel():
             return self._sparse_conv(x, values)
@@ -403,8 +455,7 @@ class SparseConv2d(SparseGaussian):
             _, c, oh, ow = xs.shape
             out = sparse_product(xs.permute(0, 2, 3, 1).reshape(-1, c), values, self.pattern())
             return out.reshape(b, oh, ow, -1).permute(0, 3, 1, 2)
-        oh = (h + 2 * self.padding - self.dilation * (k - 1) - 1) // self.stride + 1
-        ow = (w + 2 * self.padding - self.dilation * (k - 1) - 1) // self.stride + 1
+        oh, ow = self.output_size(h, w)
         cols = F.unfold(x, k, dilation=self.dilation, padding=self.padding, stride=self.stride)
         cols = cols.transpose(1, 2).reshape(b * oh * ow, -1)
         out = sparse_product(cols, values, self.pattern())
@@ -421,16 +472,21 @@ def set_mode(model: nn.Module, mode: str) -> None:
         layer.mode = mode
 
 
-def set_buffer_reuse(model: nn.Module, on: bool) -> None:
-    """Let every layer reuse its weight-sample and output tensors across calls (``on``), or stop and
-    free them.
+def start_draws(layers: Iterable[SparseGaussian]) -> None:
+    """Give each Bayesian layer a :class:`DrawState` for the sample-mode calls that follow.
 
-    Only for loops that consume each forward's result before the next one and call each layer once
-    per forward, as Monte Carlo prediction does: a layer's output is overwritten by its next call.
+    Only for loops without gradients that consume each forward's result before the next one and call
+    each layer once per forward, as Monte Carlo prediction does: a layer's output is overwritten by
+    its next call. :func:`stop_draws` frees the state.
     """
+    for layer in layers:
+        if layer.bayesian:
+            layer.draws = DrawState(layer)
+
+
+def stop_draws(model: nn.Module) -> None:
     for _, layer in sparse_layers(model):
-        layer.reuse_buffers = on
-        layer._workspace = {}
+        layer.draws = None
 
 
 def set_kernel(model: nn.Module, kernel: str) -> None:

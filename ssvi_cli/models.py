@@ -50,6 +50,7 @@ class SSVIModel(nn.Module):
         return self.forward_rest(self.first(self.prepare(x)))
 
     def forward_rest(self, h: Tensor) -> Tensor:
+        """The network after its first layer. Without gradients it may overwrite ``h``."""
         raise NotImplementedError
 
 
@@ -66,8 +67,11 @@ class MLP(SSVIModel):
         return x.flatten(1)
 
     def forward_rest(self, h: Tensor) -> Tensor:
+        # Without gradients the activation overwrites the previous layer's output instead of filling
+        # a fresh tensor: large fresh tensors page-fault on first touch, which costs more than the ReLU.
+        inplace = not torch.is_grad_enabled()
         for layer in self.hidden:
-            h = layer(torch.relu(h))
+            h = layer(torch.relu_(h) if inplace else torch.relu(h))
         return h
 
 

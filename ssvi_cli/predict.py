@@ -1,8 +1,11 @@
 """Prediction shared by training, evaluation and ``infer``: mean network or Monte Carlo average.
 
-Monte Carlo prediction computes the first layer's LRT mean and variance once (exact: its input is
-fixed) and draws each sample's first-layer output from them; deeper layers draw one weight sample
-per Monte Carlo draw over their active entries only.
+Monte Carlo prediction draws one weight sample per draw over the active entries only in every layer
+after the first. The first layer's input is fixed, so two exact schemes exist for it: compute its
+LRT mean and variance once and draw each sample's output from them (one normal per output element
+per draw), or sample its weights like the other layers (one normal per active weight plus a
+product per draw). Both give every input's predictive distribution exactly; :func:`first_layer_scheme`
+picks the cheaper by a rule calibrated on CPU, ``first_layer=`` overrides it.
 """
 
 from __future__ import annotations
@@ -12,51 +15,90 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
-from ssvi_cli.layers import LRT_EPS, set_mode, set_buffer_reuse, sparse_layers
+from ssvi_cli.layers import LRT_EPS, SparseGaussian, SparseLinear, set_mode, sparse_layers, start_draws, stop_draws
 from ssvi_cli.models import SSVIModel
 
 MODES = ("mc", "mean")
+FIRST_LAYER_SCHEMES = ("auto", "moments", "sample")
+
+# How many multiply-adds of the first layer's product cost as much as drawing one standard normal,
+# per thread: torch's CPU ``normal_`` runs on one thread while the products use them all. Measured
+# with the 784-1024 layer of ``ssvi bench --model mlp`` at 1 and 2 threads (x86, AVX-512): a normal
+# ~2.3 ns, a CSR multiply-add ~0.04 ns per thread, a dense (BLAS) one ~0.014 ns per thread.
+MACS_PER_NORMAL = {"sparse": 60.0, "dense": 170.0}
 
 
 def is_bayesian(model: SSVIModel) -> bool:
     return model.first.bayesian
 
 
+def first_layer_scheme(layer: SparseGaussian, h: Tensor) -> str:
+    """``moments`` or ``sample``: the cheaper exact Monte Carlo scheme for the first layer on ``h``.
+
+    Per draw, ``moments`` draws one normal per output element; ``sample`` draws one per active weight
+    and runs the layer's product (its multiply-adds converted to normals by :data:`MACS_PER_NORMAL`).
+    The constants are CPU measurements; elsewhere the moments are reused.
+    """
+    if h.device.type != "cpu":
+        return "moments"
+    positions = layer.positions(h)
+    sparse = layer.uses_sparse_kernel()
+    macs = positions * (layer.active if sparse else layer.numel)
+    threads = max(1, torch.get_num_threads())
+    sample = layer.active + macs / (MACS_PER_NORMAL["sparse" if sparse else "dense"] * threads)
+    moments = positions * layer.weight_shape[0]
+    return "sample" if sample < moments else "moments"
+
+
 @torch.no_grad()
-def predict_batch(model: SSVIModel, x: Tensor, samples: int = 10, mode: str = "mc"
-                  ) -> tuple[Tensor, Optional[Tensor]]:
-    """Return (probs (B, C), sample_probs (S, B, C) or None for the mean network)."""
+def predict_batch(model: SSVIModel, x: Tensor, samples: int = 10, mode: str = "mc",
+                  first_layer: str = "auto") -> tuple[Tensor, Optional[Tensor]]:
+    """Return (probs (B, C), sample_probs (S, B, C) or None for the mean network).
+
+    ``first_layer``: the first layer's Monte Carlo scheme (see the module docstring), ``auto`` by
+    :func:`first_layer_scheme`.
+    """
+    if first_layer not in FIRST_LAYER_SCHEMES:
+        raise ValueError(f"first_layer must be one of {', '.join(FIRST_LAYER_SCHEMES)}, got {first_layer!r}")
     model.eval()
     if mode == "mean" or not is_bayesian(model):
         set_mode(model, "mean")
         return class_softmax(model(x).float()), None
     h = model.prepare(x)
-    mean, var = model.first.moments(h)
-    std = torch.sqrt(var + LRT_EPS)  # once: every draw of the first layer is mean + std * eps
-    # One buffer holds each draw's noise and, overwritten in place, that draw's first-layer output:
-    # no fresh 1 MB tensors per draw. It is laid out like ``mean`` (transposed after the CSR kernel):
-    # a same-layout addcmul is faster than a mixed one and feeds the next CSR product without a
-    # transpose copy. The noise is drawn contiguous, as ``randn`` of the buffer's shape would.
-    transposed = mean.dim() == 2 and not mean.is_contiguous() and mean.t().is_contiguous()
-    dtype = torch.promote_types(mean.dtype, std.dtype)  # std is float32 even under autocast
-    buffer = torch.empty(mean.t().shape if transposed else mean.shape, dtype=dtype, device=mean.device)
-    first_out = buffer.t() if transposed else buffer
-    layers = [layer for _, layer in sparse_layers(model) if layer.bayesian]
-    set_mode(model, "sample")
-    for layer in layers:
-        layer.sample_sigma = layer.sigma()
-    set_buffer_reuse(model, True)  # each draw's outputs are consumed (softmax copies) before the next
-    draws = []
-    try:
-        for _ in range(samples):
+    if first_layer == "auto":
+        first_layer = first_layer_scheme(model.first, h)
+    if first_layer == "sample":
+        if h.dim() == 2 and isinstance(model.first, SparseLinear) and model.first.uses_sparse_kernel():
+            h = h.t().contiguous().t()  # the CSR kernel reads its input transposed: copy once, not per draw
+
+        def draw() -> Tensor:
+            return model.forward_rest(model.first(h))
+
+        drawn = [layer for _, layer in sparse_layers(model)]
+    else:
+        mean, var = model.first.moments(h)
+        std = torch.sqrt(var + LRT_EPS)  # once: every draw of the first layer is mean + std * eps
+        # One buffer holds each draw's noise and, overwritten in place, that draw's first-layer output:
+        # no fresh 1 MB tensors per draw. It is laid out like ``mean`` (transposed after the CSR
+        # kernel): a same-layout addcmul is faster than a mixed one and feeds the next CSR product
+        # without a transpose copy. The noise is drawn contiguous, as ``randn`` of its shape would be.
+        transposed = mean.dim() == 2 and not mean.is_contiguous() and mean.t().is_contiguous()
+        dtype = torch.promote_types(mean.dtype, std.dtype)  # std is float32 even under autocast
+        buffer = torch.empty(mean.t().shape if transposed else mean.shape, dtype=dtype, device=mean.device)
+        first_out = buffer.t() if transposed else buffer
+
+        def draw() -> Tensor:
             buffer.normal_()
-            torch.addcmul(mean, std, first_out, out=first_out)
-            # softmax allocates, so nothing returned aliases the buffer overwritten by the next draw
-            draws.append(class_softmax(model.forward_rest(first_out).float()))
+            return model.forward_rest(torch.addcmul(mean, std, first_out, out=first_out))
+
+        drawn = [layer for _, layer in sparse_layers(model) if layer is not model.first]
+    set_mode(model, "sample")
+    start_draws(drawn)
+    try:
+        # softmax allocates, so nothing returned aliases a tensor that the next draw overwrites
+        draws = [class_softmax(draw().float()) for _ in range(samples)]
     finally:
-        for layer in layers:
-            layer.sample_sigma = None
-        set_buffer_reuse(model, False)
+        stop_draws(model)
         set_mode(model, "lrt")
     stacked = torch.stack(draws)
     return stacked.mean(0), stacked

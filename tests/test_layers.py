@@ -193,7 +193,7 @@ def test_mc_prediction_with_cached_sigma_matches_per_draw_sigma():
     set_kernel(model, "dense")  # contiguous first-layer output: the reference draws its noise alike
     x = torch.randn(5, 1, 4, 4)
     torch.manual_seed(9)
-    probs, draws = predict_batch(model, x, samples=4)
+    probs, draws = predict_batch(model, x, samples=4, first_layer="moments")
     # reference: the per-draw computation written out with the same random stream
     torch.manual_seed(9)
     h = model.prepare(x)
@@ -205,7 +205,7 @@ def test_mc_prediction_with_cached_sigma_matches_per_draw_sigma():
         w = hidden.mu.detach() + hidden.sigma().detach() * torch.randn_like(hidden.mu)
         ref.append(torch.softmax(F.linear(torch.relu(a), hidden.to_dense(w)) + hidden.bias.detach(), -1))
     torch.testing.assert_close(draws, torch.stack(ref), rtol=1e-4, atol=1e-5)
-    assert all(layer.sample_sigma is None and layer.mode == "lrt" for layer in (model.first, hidden))
+    assert all(layer.draws is None and layer.mode == "lrt" for layer in (model.first, hidden))
 
 
 def _noise_like(t):

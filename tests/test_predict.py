@@ -60,18 +60,19 @@ def reference_draws(model, x: torch.Tensor, samples: int, gen: torch.Generator) 
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("first_layer", ["moments", "sample"])
 @pytest.mark.parametrize("kernel", ["sparse", "dense"])
-def test_mc_draws_match_weight_sampling_reference_in_distribution(kernel):
+def test_mc_draws_match_weight_sampling_reference_in_distribution(kernel, first_layer):
     """Per input, the draws' probabilities have the mean and variance of per-draw weight sampling.
 
-    (The first layer uses its exact LRT output distribution, so the marginal per input is the same;
-    the joint across inputs of a batch is not compared.)
+    (With ``moments`` the first layer uses its exact LRT output distribution, so the marginal per
+    input is the same; the joint across inputs of a batch is not compared.)
     """
     model = small_mlp(kernel)
     x = torch.randn(4, *IN_SHAPE, generator=torch.Generator().manual_seed(1))
     samples = 6000
     torch.manual_seed(2)
-    probs, draws = predict_batch(model, x, samples=samples)
+    probs, draws = predict_batch(model, x, samples=samples, first_layer=first_layer)
     ref = reference_draws(model, x, samples, torch.Generator().manual_seed(3))
     assert draws.shape == ref.shape == (samples, 4, CLASSES)
     torch.testing.assert_close(probs, draws.mean(0))
@@ -118,8 +119,51 @@ def test_same_seed_same_draws_and_no_state_left_behind(kernel):
     draws = runs[0][1]
     assert all((draws[i] - draws[0]).abs().max() > 1e-5 for i in range(1, 5))  # no shared buffer
     for _, layer in sparse_layers(model):
-        assert layer.mode == "lrt" and layer.sample_sigma is None
-        assert not layer.reuse_buffers and not layer._workspace
+        assert layer.mode == "lrt" and layer.draws is None
+
+
+@pytest.mark.parametrize("kernel", ["sparse", "dense"])
+def test_sample_scheme_is_per_draw_weight_sampling_on_the_same_stream(kernel):
+    """``first_layer="sample"``: each draw samples every layer's active weights in order, from the
+    global stream, exactly as the straightforward computation (dense weights zero off the support)."""
+    model = small_mlp(kernel, density=0.3, seed=5)
+    x = torch.randn(6, *IN_SHAPE)
+    torch.manual_seed(21)
+    probs, draws = predict_batch(model, x, samples=5, first_layer="sample")
+    torch.manual_seed(21)
+    layers = [model.first, *model.hidden]
+    ref = []
+    for _ in range(5):
+        h = x.flatten(1)
+        for i, layer in enumerate(layers):
+            mu, sigma = layer.mu.detach(), layer.sigma().detach()
+            w = layer.to_dense(mu + sigma * torch.randn(mu.shape)).detach()
+            h = F.linear(torch.relu(h) if i > 0 else h, w, layer.bias.detach())
+        ref.append(torch.softmax(h, -1))
+    torch.testing.assert_close(draws, torch.stack(ref), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(probs, draws.mean(0))
+    assert all(layer.draws is None and layer.mode == "lrt" for layer in layers)
+
+
+def test_first_layer_scheme_follows_the_cost_rule():
+    """Moments for few rows (one normal per output element is cheap), weight sampling for a sparse
+    first layer and a large batch (fewer normals than output elements, cheap CSR product), moments
+    again for a dense layer (its normals alone outnumber the output elements)."""
+    from ssvi_cli.layers import SparseLinear
+    from ssvi_cli.predict import first_layer_scheme
+
+    layer = SparseLinear(784, 1024, bayesian=True)
+    k = 784 * 1024 // 20  # density 0.05: the sparse kernel
+    layer.set_support(torch.randperm(784 * 1024)[:k].sort().values, torch.zeros(k), torch.zeros(k))
+    assert layer.uses_sparse_kernel()
+    assert first_layer_scheme(layer, torch.zeros(1, 784)) == "moments"
+    assert first_layer_scheme(layer, torch.zeros(256, 784)) == "sample"
+    dense = SparseLinear(784, 1024, bayesian=True)
+    n = 784 * 1024
+    dense.set_support(torch.arange(n), torch.zeros(n), torch.zeros(n))
+    assert first_layer_scheme(dense, torch.zeros(256, 784)) == "moments"
+    with pytest.raises(ValueError, match="first_layer"):
+        predict_batch(small_mlp("sparse"), torch.zeros(1, *IN_SHAPE), first_layer="lrt")
 
 
 def test_sparse_and_dense_kernels_give_the_same_mean_network():
