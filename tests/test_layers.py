@@ -21,7 +21,25 @@ def make_linear(fan_in=12, fan_out=7, density=0.3, bayesian=True, kernel="sparse
     return layer
 
 
-def test_sparse_matmul_gradients_match_dense_autograd():
+@pytest.fixture(params=["csr", "bag"])
+def product_kernel(request, monkeypatch):
+    """Run a test under each of the sparse product's two CPU kernels: MKL's CSR product, or
+    ``embedding_bag``, forced here regardless of the batch size and cache rule."""
+    from ssvi_cli import layers
+
+    if request.param == "bag":
+        monkeypatch.setattr(layers, "BAG_MIN_ROWS", 1)
+        monkeypatch.setattr(layers, "bag_table_limit", lambda: 2**62)
+    else:
+        monkeypatch.setattr(layers, "bag_table_limit", lambda: 0)
+    calls = []
+    real = F.embedding_bag
+    monkeypatch.setattr(layers.F, "embedding_bag", lambda *a, **k: calls.append(1) or real(*a, **k))
+    yield request.param
+    assert bool(calls) == (request.param == "bag")  # the kernel under test really ran (or did not)
+
+
+def test_sparse_matmul_gradients_match_dense_autograd(product_kernel):
     x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
     n, k = 84, 20
     idx = torch.randperm(n)[:k].sort().values
@@ -40,7 +58,48 @@ def test_sparse_matmul_gradients_match_dense_autograd():
     torch.testing.assert_close(values.grad, dense_values.grad)
 
 
-def test_sparse_matmul_gradcheck():
+def test_bag_kernel_handles_empty_rows_and_an_empty_support(product_kernel):
+    """Output rows without active entries are zero (plus bias) in both kernels."""
+    from ssvi_cli.layers import csr_product
+
+    x = torch.randn(40, 6)
+    bias = torch.randn(4)
+    for idx in (torch.tensor([0, 3, 20, 23]), torch.zeros(0, dtype=torch.long)):  # rows 1, 2 empty; none
+        pattern = CsrPattern.from_flat(idx, 4, 6)
+        values = torch.randn(idx.numel())
+        dense = torch.zeros(24).scatter(0, idx, values).view(4, 6)
+        torch.testing.assert_close(csr_product(x, pattern.matrix(values), bias), x @ dense.t() + bias)
+
+
+def test_product_kernel_rule_bag_for_cached_tables_of_32_rows_or_more(monkeypatch):
+    from ssvi_cli import layers
+
+    monkeypatch.setattr(layers, "bag_table_limit", lambda: 2**20)
+    calls = []
+    real = F.embedding_bag
+    monkeypatch.setattr(layers.F, "embedding_bag", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    n = 1024 * 1024
+    idx = torch.randperm(n)[: n // 20].sort().values
+    weight = CsrPattern.from_flat(idx, 1024, 1024).matrix(torch.randn(idx.numel()))
+    for rows in (16, 256, 257):  # too few rows; a 1 MiB table; just over 1 MiB
+        layers.csr_product(torch.randn(rows, 1024), weight)
+    assert calls == [(1024, 256)]
+
+
+def test_l2_cache_size_is_read_from_sysfs(tmp_path):
+    from ssvi_cli.layers import l2_cache_bytes
+
+    for i, (level, kind, size) in enumerate([("1", "Data", "48K"), ("1", "Instruction", "32K"),
+                                             ("2", "Unified", "2048K"), ("3", "Unified", "32M")]):
+        d = tmp_path / f"index{i}"
+        d.mkdir()
+        for name, text in (("level", level), ("type", kind), ("size", size)):
+            (d / name).write_text(text + "\n")
+    assert l2_cache_bytes(tmp_path) == 2048 * 1024
+    assert l2_cache_bytes(tmp_path / "missing") == 0
+
+
+def test_sparse_matmul_gradcheck(product_kernel):
     idx = torch.tensor([0, 3, 5, 9, 10, 17, 22, 23])
     pattern = CsrPattern.from_flat(idx, 4, 6)
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
@@ -49,7 +108,7 @@ def test_sparse_matmul_gradcheck():
 
 
 @pytest.mark.parametrize("mode", ["mean", "lrt_moments"])
-def test_sparse_and_dense_kernels_agree_including_variance_path(mode):
+def test_sparse_and_dense_kernels_agree_including_variance_path(mode, product_kernel):
     torch.manual_seed(1)
     sparse = make_linear(kernel="sparse")
     dense = make_linear(kernel="dense")
@@ -160,7 +219,7 @@ def test_randn_like_draws_contiguous_noise_for_the_csr_output():
     assert abs(float(noise.mean())) < 0.02 and abs(float(noise.std()) - 1) < 0.02
 
 
-def test_lrt_gradients_of_sparse_kernel_match_dense_with_the_same_noise():
+def test_lrt_gradients_of_sparse_kernel_match_dense_with_the_same_noise(product_kernel):
     """Mean and variance paths together, through the noise: same seed, same draws, same gradients."""
     torch.manual_seed(3)
     sparse = make_linear(fan_in=30, fan_out=20, density=0.1, kernel="sparse")
