@@ -14,7 +14,9 @@ Convention (METHOD.md section 6; printed beside every number as :data:`CONVENTIO
 - Biases, BatchNorm, activations, pooling, noise draws and the optimizer update are not counted
   (they scale with activations or parameters, not with weight x position products).
 - Monte Carlo prediction with ``S`` draws: the first layer's LRT moments once (two ops), then one op
-  per draw in every deeper layer over its active weights (one weight sample per draw).
+  per draw in every deeper layer over its active weights (one weight sample per draw). That is the
+  fewest multiply-adds; where noise draws cost more than products (large CPU batches, see
+  ``predict.first_layer_scheme``), prediction samples the first layer's weights too (S ops).
 """
 
 from __future__ import annotations
@@ -167,7 +169,8 @@ def prediction_flops(geometry: Sequence[LayerGeometry], densities: dict[str, flo
                      samples: int) -> list[dict[str, Any]]:
     """Per-layer FLOPs of one prediction (per example): MC with ``samples`` draws, or the mean net.
 
-    Bayesian MC: the first layer's two LRT ops once, every other layer one op per draw.
+    Bayesian MC: the first layer's two LRT ops once, every other layer one op per draw (the count
+    for the moments scheme, see the module docstring).
     Deterministic or mean network: one op per layer.
     """
     rows = []

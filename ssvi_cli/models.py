@@ -1,7 +1,8 @@
 """Model registry. Builders receive a :class:`LayerFactory`, so one architecture serves every method.
 
 Every model exposes ``first`` (its first weight layer) and ``forward_rest(h)`` so that Monte Carlo
-prediction can compute the first layer's LRT moments once and reuse them across draws.
+prediction can compute the first layer's LRT moments once and reuse them across draws (when that is
+the cheaper scheme, see ``predict.first_layer_scheme``).
 """
 
 from __future__ import annotations
