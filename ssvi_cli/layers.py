@@ -227,12 +227,9 @@ class DrawState:
 
     def dense_weight(self, layer: "SparseGaussian") -> Tensor:
         """The current draw as a dense weight of the layer's shape."""
-        if layer.active == layer.numel:
-            return self.values.view(layer.weight_shape)
-        if self.dense is None:
+        if self.dense is None and layer.active < layer.numel:
             self.dense = self.values.new_zeros(layer.numel)
-        self.dense[layer.idx] = self.values
-        return self.dense.view(layer.weight_shape)
+        return layer.to_dense(self.values, out=self.dense)
 
     def output(self, shape: tuple[int, int], like: Tensor) -> Tensor:
         if self.out is None or self.out.shape != shape or self.out.device != like.device:
@@ -307,10 +304,17 @@ class SparseGaussian(nn.Module):
             return self.mu.new_zeros(())
         return gaussian_kl(self.mu, self.sigma(), prior_sigma)
 
-    def to_dense(self, values: Tensor) -> Tensor:
-        """Scatter values over the support into a dense tensor of ``weight_shape``."""
+    def to_dense(self, values: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """Scatter values over the support into a dense tensor of ``weight_shape``.
+
+        ``out`` (no autograd): a flat tensor of ``numel`` entries, zero off the support, that receives
+        the values in place (the support's positions are overwritten, the zeros stay).
+        """
         if self.active == self.numel:
             return values.view(self.weight_shape)
+        if out is not None:
+            out[self.idx] = values
+            return out.view(self.weight_shape)
         dense = values.new_zeros(self.numel).scatter(0, self.idx, values)
         return dense.view(self.weight_shape)
 

@@ -156,10 +156,10 @@ def test_infer_never_builds_a_dense_linear_weight(tmp_path, monkeypatch):
     original = SparseGaussian.to_dense
     calls = []
 
-    def guarded(self, values):
+    def guarded(self, values, *args, **kwargs):
         if isinstance(self, SparseLinear):
             calls.append(self.weight_shape)
-        return original(self, values)
+        return original(self, values, *args, **kwargs)
 
     monkeypatch.setattr(SparseGaussian, "to_dense", guarded)
     x = [tmp_path / "x.npy"]
@@ -176,6 +176,9 @@ def test_infer_never_builds_a_dense_linear_weight(tmp_path, monkeypatch):
             layer.kernel = "dense"
     predict_batch(loaded.model, torch.zeros(1, 1, 28, 28), mode="mean")
     assert calls
+    calls.clear()
+    predict_batch(loaded.model, torch.zeros(64, 1, 28, 28), samples=2, first_layer="sample")
+    assert len(calls) == 2 * len([m for m in loaded.model.modules() if isinstance(m, SparseLinear)])
 
 
 def test_expand_inputs_errors(tmp_path):
