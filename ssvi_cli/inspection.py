@@ -180,8 +180,8 @@ def inspect_model(path: Path, drop_fraction: float = 0.3) -> dict[str, Any]:
                   "convention": f"per example, MC prediction with S={samples}: the first layer's two LRT "
                                 "ops (mean, variance) once (the fewest; batches where it is faster on a "
                                 "CPU sample its weights per draw instead), one op over the active "
-                                "weights per draw in every other layer; 1 multiply-add = 2 FLOPs; biases, BatchNorm, "
-                                "activations and noise are not counted"},
+                                "weights per draw in every other layer; 1 multiply-add = 2 FLOPs; "
+                                "biases, BatchNorm, activations and noise are not counted"},
         "criteria_overlap": criteria_overlap(loaded.model, drop_fraction, lam),
         "support_history": support_history(path) if path.is_dir() else None,
     }

@@ -12,8 +12,8 @@ import functools
 import math
 import platform
 import warnings
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
@@ -167,10 +167,12 @@ def csr_product(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, out: O
                 ) -> Tensor:
     """``x @ weight.T (+ bias)`` for a CSR ``weight``: the forward computation of :class:`SparseMatmul`.
 
-    The result is the kernel's (out, rows) matrix viewed transposed, so feeding it to the next
-    product needs no copy; ``out`` (optional, no autograd) receives that (out, rows) matrix. A bias
-    is fused into the product (``addmm`` with it as the initial output), which is faster than a
-    zero-filled product followed by a separate addition.
+    Two kernels compute the same sums over the stored entries: ``embedding_bag`` where it is faster
+    (see :data:`BAG_MIN_ROWS`), else MKL's CSR product. The result is the kernel's (out, rows) matrix
+    viewed transposed, so feeding it to the next product needs no copy. The CSR kernel writes into
+    ``out`` when given (no autograd) and fuses the bias into the product (``addmm`` with it as the
+    initial output, faster than a zero-filled product and a separate addition); ``embedding_bag``
+    allocates its result and adds the bias after.
     """
     xt = x.t().contiguous()
     if (xt.device.type == "cpu" and xt.shape[1] >= BAG_MIN_ROWS
@@ -476,7 +478,8 @@ class SparseConv2d(SparseGaussian):
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         k = self.weight_shape[2]
         span = self.dilation * (k - 1) + 1
-        return ((h + 2 * self.padding - span) // self.stride + 1, (w + 2 * self.padding - span) // self.stride + 1)
+        return ((h + 2 * self.padding - span) // self.stride + 1,
+                (w + 2 * self.padding - span) // self.stride + 1)
 
     def positions(self, x: Tensor) -> int:
         oh, ow = self.output_size(x.shape[-2], x.shape[-1])
