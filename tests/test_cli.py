@@ -9,9 +9,11 @@ from ssvi_cli.fileio import read_jsonl
 
 def test_train_json_summary_and_run_directory(tmp_path: Path, capsys):
     out = tmp_path / "run"
-    code = run(["train", "--out", str(out), "--epochs", "2", "--set", "train.eval_samples=2", "--json"])
+    code = run(["train", "--out", str(out), "--epochs", "2", "--set", "train.eval_samples=2", "--json",
+                "--kernel", "sparse"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
+    assert "kernel: sparse" in (out / "config.yaml").read_text()
     summary = json.loads(captured.out)
     assert summary["method"] == "ssvi" and summary["test_samples"] == 2
     assert abs(summary["density"] - 0.05) < 1e-4
@@ -45,6 +47,7 @@ def test_bad_flags_give_one_line_errors(tmp_path: Path, capsys):
         (["train", "--set", "model.name=alexnet", "--out", str(tmp_path / "e")], "valid names are"),
         (["train", "--set", "data.name=imagenet", "--out", str(tmp_path / "f")], "valid names are"),
         (["train", "--set", "bogus.key=1", "--out", str(tmp_path / "g")], "valid keys"),
+        (["train", "--kernel", "csr", "--out", str(tmp_path / "h")], "valid values are"),
     ]
     for args, needle in cases:
         code = run(args)

@@ -89,6 +89,7 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON only.")] = False,
         precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (autocast; fp16 adds a gradient scaler). The LRT variance stays float32.")] = None,
         nproc: Annotated[Optional[int], typer.Option(help="Processes on this node (data parallel via torch.distributed.run); --batch-size is per process.", min=1)] = None,
+        kernel: Annotated[Optional[str], typer.Option(help="Weight products: auto (per layer by density and type), sparse (active entries only) or dense (a transient dense weight).")] = None,
     ) -> None:
         """Train a sparse Bayesian network with SSVI (or a baseline via --method).
 
@@ -98,30 +99,29 @@ def register(app: typer.Typer) -> None:
         from ssvi_cli.engine import Interrupted, Trainer, load_data, validate_model
 
         info = distributed.info_from_env()
+        overrides = {
+            "sparse.sparsity": sparsity, "sparse.method": method, "sparse.criterion": criterion,
+            "train.epochs": epochs, "train.batch_size": batch_size, "optim.lr": lr, "train.seed": seed,
+            "train.device": device, "train.precision": precision, "train.kernel": kernel}
         if nproc is not None and nproc > 1:
             if info is not None:
                 raise UsageError("--nproc starts torch.distributed.run itself; under torchrun drop it")
-            _launch(ctx, nproc, resume, preset, out_dir, force, {
-                "sparse.sparsity": sparsity, "sparse.method": method, "sparse.criterion": criterion,
-                "train.epochs": epochs, "train.batch_size": batch_size, "optim.lr": lr, "train.seed": seed,
-                "train.device": device, "train.precision": precision}, set_ or [])
+            _launch(ctx, nproc, resume, preset, out_dir, force, overrides, set_ or [])
             return
         info = info or distributed.SINGLE
         if resume is not None:
             given = [n for n, v in (("--preset", preset != cfgmod.DEFAULT_PRESET), ("--sparsity", sparsity),
                                      ("--method", method), ("--criterion", criterion), ("--epochs", epochs),
                                      ("--batch-size", batch_size), ("--lr", lr), ("--seed", seed),
-                                     ("--set", set_), ("--out", out_dir), ("--precision", precision)) if v]
+                                     ("--set", set_), ("--out", out_dir), ("--precision", precision),
+                                     ("--kernel", kernel)) if v]
             if given:
                 raise UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
             from ssvi_cli.engine import resolve_device
 
             resolve_device(device or _saved_device(resume))  # before setup: a clear error for an absent GPU
         else:
-            cfg = build_config(preset, {
-                "sparse.sparsity": sparsity, "sparse.method": method, "sparse.criterion": criterion,
-                "train.epochs": epochs, "train.batch_size": batch_size, "optim.lr": lr,
-                "train.seed": seed, "train.device": device, "train.precision": precision}, set_ or [])
+            cfg = build_config(preset, overrides, set_ or [])
             from ssvi_cli.engine import check_names, resolve_device
 
             check_names(cfg)
