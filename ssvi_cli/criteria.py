@@ -264,15 +264,28 @@ def removal_score(name: str, mu: Tensor, sigma: Tensor, lam: float = 1.0) -> Ten
 
 
 def top_k_indices(score: Tensor, k: int) -> Tensor:
-    """Flat indices of the ``k`` highest scores; ties go to the lower flat index (stable sort).
+    """Flat indices of the ``k`` highest scores, ascending; ties go to the lower flat index.
 
-    Two scores that order the entries identically (equal where equal) give identical results.
+    The same set as the first ``k`` of a stable descending sort (NaN ranks highest, as there), found
+    in linear time: ``topk`` gives the k-th highest value, every score above it is taken and the ties
+    at it fill up from the lowest index. Two scores that order the entries identically (equal where
+    equal) give identical results.
     """
     flat = score.reshape(-1)
-    if not 0 <= k <= flat.numel():
-        raise ValueError(f"k must be in [0, {flat.numel()}], got {k}")
-    order = torch.argsort(flat, descending=True, stable=True)
-    return order[:k]
+    n = flat.numel()
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    if k == n:
+        return torch.arange(n, device=flat.device)
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long, device=flat.device)
+    kth = torch.topk(flat, k, sorted=False).values.min()
+    chosen = (flat > kth) | flat.isnan()
+    missing = k - int(chosen.sum())
+    if missing < 0 or kth.isnan():  # the k-th value is NaN itself: no threshold separates the set
+        return torch.argsort(flat, descending=True, stable=True)[:k].sort().values
+    chosen[(flat == kth).nonzero().squeeze(1)[:missing]] = True
+    return chosen.nonzero().squeeze(1)
 
 
 def keep_mask(score: Tensor, n_keep: int) -> Tensor:

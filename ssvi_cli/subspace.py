@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ssvi_cli.criteria import removal_score
+from ssvi_cli.criteria import removal_score, top_k_indices
 from ssvi_cli.layers import SparseGaussian, rho_from_sigma, sparse_layers
 
 NEW_SIGMA_TINY = 1e-6
@@ -61,11 +61,6 @@ class SwapReport:
         return sum(l.swapped for l in self.layers)
 
 
-def _descending_order(score: Tensor) -> Tensor:
-    """Indices by descending score; ties keep ascending index, so every process agrees."""
-    return torch.sort(score, descending=True, stable=True).indices
-
-
 def update_layer(name: str, layer: SparseGaussian, add_score: Tensor, fraction: float,
                  criterion: str, lam: float, new_sigma: str,
                  optimizer: Optional[torch.optim.Optimizer]) -> LayerSwap:
@@ -78,11 +73,12 @@ def update_layer(name: str, layer: SparseGaussian, add_score: Tensor, fraction: 
         old_idx = layer.idx
         sigma = layer.sigma() if layer.bayesian else torch.zeros_like(layer.mu)
         keep_score = removal_score(criterion if layer.bayesian else "mean", layer.mu, sigma, lam)
-        keep_pos = _descending_order(keep_score)[: k - drop]
+        # Ties go to the lower index in both selections, so every process picks the same entries.
+        keep_pos = top_k_indices(keep_score, k - drop)
         kept = old_idx[keep_pos]
-        candidates = add_score.detach().abs().flatten().to(torch.float64)
+        candidates = add_score.detach().abs().flatten()  # a new tensor: the gradient is untouched
         candidates[kept] = -math.inf
-        added = _descending_order(candidates)[:drop]
+        added = top_k_indices(candidates, drop)
         new_idx = torch.cat([kept, added]).sort().values
         pos = torch.searchsorted(old_idx, new_idx).clamp_max(k - 1)
         found = old_idx[pos] == new_idx

@@ -207,3 +207,21 @@ def test_unknown_name_lists_valid_names() -> None:
         assert name in str(info.value)
     assert C.criterion_names() == list(C.REMOVAL_CRITERIA)
 
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_top_k_indices_is_the_stable_sort_prefix(seed: int) -> None:
+    """Linear-time selection = the first k of a stable descending sort, as a set: many ties, -inf,
+    NaN and the edge counts included."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 500
+    score = torch.randint(0, 12, (n,), generator=gen).double()  # heavy ties
+    score[torch.randperm(n, generator=gen)[:40]] = -math.inf
+    if seed % 2:
+        score[torch.randperm(n, generator=gen)[:7]] = math.nan
+    for k in (0, 1, 6, 7, 8, 100, 250, 459, 460, 499, 500):
+        ref = torch.argsort(score, descending=True, stable=True)[:k].sort().values
+        got = C.top_k_indices(score, k)
+        assert torch.equal(got, ref), k
+    with pytest.raises(ValueError):
+        C.top_k_indices(score, n + 1)
