@@ -19,7 +19,8 @@ from ssvi_cli.commands import train as train_cmd
 from ssvi_cli.commands.common import UsageError, err
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Sparse Bayesian neural networks with Sparse Subspace Variational Inference.")
+                  help="Sparse Bayesian neural networks with Sparse Subspace Variational Inference. "
+                       "Add --debug anywhere on a command line for debug logs and full tracebacks.")
 
 for module in (train_cmd, presets_cmd, evaluate_cmd, export_cmd, infer_cmd, inspect_cmd, bench_cmd):
     module.register(app)
