@@ -229,3 +229,26 @@ def test_training_gradients_with_fused_bias_match_the_dense_kernel(bayesian):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(layers[0].bias.grad, layers[1].bias.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(layers[0].mu.grad, layers[1].mu.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_first_layer_schemes_agree_in_distribution():
+    """A conv model (LeNet-5 on 12x12): sampling the stem's weights per draw and reusing its LRT
+    moments give the same per-input predictive mean and spread; ``positions`` counts conv outputs."""
+    torch.manual_seed(0)
+    model = build_model("lenet5", (1, 12, 12), 3, LayerFactory(bayesian=True))
+    for _, layer in sparse_layers(model):
+        n = layer.numel
+        k = max(1, n // 2)
+        idx = torch.randperm(n)[:k].sort().values
+        layer.set_support(idx, torch.randn(k) * 0.5, rho_from_sigma(torch.rand(k) * 0.3 + 0.1, "softplus"))
+    x = torch.randn(3, 1, 12, 12)
+    with torch.no_grad():
+        assert model.first.positions(x) * model.first.weight_shape[0] == model.first.moments(x)[0].numel()
+    samples = 3000
+    torch.manual_seed(1)
+    _, a = predict_batch(model, x, samples=samples, first_layer="moments")
+    torch.manual_seed(2)
+    _, b = predict_batch(model, x, samples=samples, first_layer="sample")
+    torch.testing.assert_close(a.mean(0), b.mean(0), atol=0.03, rtol=0)
+    torch.testing.assert_close(a.var(0), b.var(0), atol=0.015, rtol=0.1)
+    assert float(a.var(0).max()) > 0.02
