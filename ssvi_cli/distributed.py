@@ -18,6 +18,8 @@ checksums (:func:`verify_supports`); a mismatch raises :class:`SupportMismatch`,
 
 from __future__ import annotations
 
+import gc
+import importlib
 import logging
 import os
 import socket
@@ -93,6 +95,10 @@ def setup(info: DistInfo, device: str, timeout_s: float = 1800) -> torch.device:
     else:
         dev = torch.device("cpu")
     if info.enabled and not dist.is_initialized():
+        # DDP imports torch._dynamo; imported after the group exists, it takes references to the group
+        # that are never released, which would keep the group's threads alive past teardown().
+        importlib.import_module("torch._dynamo")
+
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=info.rank, world_size=info.world_size,
                                 timeout=timedelta(seconds=timeout_s),
                                 device_id=dev if use_cuda else None)
@@ -100,8 +106,16 @@ def setup(info: DistInfo, device: str, timeout_s: float = 1800) -> torch.device:
 
 
 def teardown() -> None:
+    """Leave the process group and stop its communication threads now, while Python is fully alive.
+
+    ``destroy_process_group`` only unregisters the group: an object still holding it (the DDP
+    wrapper's reducer; drop it first with :meth:`ssvi_cli.engine.Trainer.release_process_group`)
+    keeps gloo's worker threads running into interpreter shutdown, where a rank has been seen to
+    abort at exit. Collecting here frees the group, whose destructor joins those threads.
+    """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()  # DDP sits in reference cycles: free it, and with it the group, before returning
 
 
 def active() -> bool:

@@ -220,6 +220,13 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
 
+    def release_process_group(self) -> None:
+        """Drop the DDP wrapper (its reducer holds the process group) before the group is torn down.
+
+        Call it once this rank's training is over (finished, interrupted or failed).
+        """
+        self.net = self.model
+
     # -- construction ----------------------------------------------------------
     @classmethod
     def create(cls, cfg: Config, run_dir: Path, splits: Optional[DataSplits] = None,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -39,12 +40,20 @@ def digits_cfg(batch_size: int, **over: Any) -> C.Config:
 
 # ------------------------------------------------------------------ the worker (runs in each process)
 
+def native_threads() -> Optional[int]:
+    """Threads of this process, C++ ones included (Linux only)."""
+    task = Path("/proc/self/task")
+    return len(list(task.iterdir())) if task.is_dir() else None
+
+
 def _worker(rank: int, port: int, out: str, mode: str) -> None:
+    faulthandler.enable()  # a crash in a rank prints its Python stack into the test's output
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    result: dict[str, Any] = {"threads_before": native_threads()}
     info = DistInfo(rank=rank, local_rank=rank, world_size=WORLD)
     distributed.setup(info, "cpu", timeout_s=120)
-    result: dict[str, Any] = {}
+    trainer = None
     try:
         trainer = Trainer.create(digits_cfg(PER_RANK_BATCH), Path(out) / "run", dist_info=info)
         if mode == "mismatch" and rank == 1:
@@ -62,7 +71,10 @@ def _worker(rank: int, port: int, out: str, mode: str) -> None:
         result["state"] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
         result["files_seen_by_rank"] = sorted(p.name for p in (Path(out) / "run").glob("*"))
     finally:
+        if trainer is not None:
+            trainer.release_process_group()
         distributed.teardown()
+        result["threads_after"] = native_threads()
         torch.save(result, Path(out) / f"rank{rank}.pt")
 
 
@@ -78,6 +90,13 @@ def one_thread():
 def run_two_ranks(tmp_path: Path, mode: str) -> list[dict[str, Any]]:
     mp.spawn(_worker, args=(distributed.free_port(), str(tmp_path), mode), nprocs=WORLD, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def assert_group_threads_stopped(ranks: list[dict[str, Any]]) -> None:
+    """Teardown left no communication thread behind to run into interpreter shutdown."""
+    for r in ranks:
+        if r["threads_before"] is not None:
+            assert r["threads_after"] == r["threads_before"], r
 
 
 def test_accuracy(run_dir: Path) -> float:
@@ -100,6 +119,7 @@ test_accuracy.__test__ = False  # a helper, not a test
 @pytest.mark.slow
 def test_two_processes_train_identically_and_match_a_single_process(tmp_path: Path, one_thread):
     ranks = run_two_ranks(tmp_path, "full")
+    assert_group_threads_stopped(ranks)
     run = tmp_path / "run"
     a, b = ranks[0]["state"], ranks[1]["state"]
     assert a.keys() == b.keys()
@@ -130,6 +150,7 @@ def test_two_processes_train_identically_and_match_a_single_process(tmp_path: Pa
 @pytest.mark.slow
 def test_mask_mismatch_between_ranks_is_an_error_on_every_rank(tmp_path: Path):
     ranks = run_two_ranks(tmp_path, "mismatch")
+    assert_group_threads_stopped(ranks)
     for r in ranks:
         assert "summary" not in r
         message = r["error"]
@@ -142,6 +163,7 @@ def test_mask_mismatch_between_ranks_is_an_error_on_every_rank(tmp_path: Path):
 def test_interrupt_on_one_rank_stops_all_and_resumes_on_one_process(tmp_path: Path, one_thread):
     ranks = run_two_ranks(tmp_path, "interrupt")
     assert [r["interrupted_at"] for r in ranks] == [27, 27]
+    assert_group_threads_stopped(ranks)
     run = tmp_path / "run"
 
     resumed = Trainer.resume(run, device="cpu")  # one process now: the global batch is kept

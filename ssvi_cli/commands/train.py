@@ -126,6 +126,7 @@ def register(app: typer.Typer) -> None:
 
             check_names(cfg)
             resolve_device(cfg.train.device)
+        trainer = None
         try:
             if resume is not None:
                 distributed.setup(info, device or _saved_device(resume))
@@ -144,6 +145,8 @@ def register(app: typer.Typer) -> None:
                 trainer = Trainer.create(cfg, run_dir, splits=splits, dist_info=info)
             summary = _fit(trainer, Interrupted, quiet=json_out or not info.is_main)
         finally:
+            if trainer is not None:
+                trainer.release_process_group()
             distributed.teardown()
         if not info.is_main:
             return
