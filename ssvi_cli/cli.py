@@ -46,7 +46,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the CLI and return its exit code: 0 ok, 1 runtime failure, 2 usage error, 130 interrupted."""
+    """Run the CLI and return its exit code: 0 ok, 1 runtime failure, 2 usage error, 130 interrupted
+    (Ctrl-C), 143 stopped by SIGTERM."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
@@ -60,7 +61,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except train_cmd.KeyboardInterruptHandled as exc:
         err.print(str(exc))
-        return 130
+        return exc.exit_code
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130

@@ -47,11 +47,11 @@ class TrainingError(RuntimeError):
 
 
 class Interrupted(RuntimeError):
-    """Training stopped on request after writing a checkpoint."""
+    """Training stopped on request (Ctrl-C, SIGTERM) after writing a checkpoint."""
 
-    def __init__(self, run_dir: Path, step: int) -> None:
+    def __init__(self, run_dir: Path, step: int, signum: int = signal.SIGINT) -> None:
         super().__init__(f"interrupted at step {step}; checkpoint written")
-        self.run_dir, self.step = run_dir, step
+        self.run_dir, self.step, self.signum = run_dir, step, signal.Signals(signum)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -209,6 +209,7 @@ class Trainer:
         self._accumulated: dict[str, Tensor] = {}
         self._captured = 0
         self.stop_requested = False
+        self.stop_signal = signal.SIGINT  # the signal that asked for the stop (reported in the exit code)
         self.step_hooks: list[Callable[["Trainer", str], None]] = []
         self.grad_reduce: Optional[Callable[[Tensor], Tensor]] = distributed.mean if dist_info.enabled else None
         self.is_main = dist_info.is_main
@@ -384,7 +385,7 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             fileio.write_text(self.run_dir / CONFIG_FILE, dump_yaml(cfg))
-        with self._sigint_checkpoints():
+        with self._stop_signals_checkpoint():
             while self.state.epoch < cfg.train.epochs:
                 self._run_epoch(progress)
         return self.finish()
@@ -409,7 +410,7 @@ class Trainer:
                 progress.on_batch({"loss": stats.loss / stats.seen, "acc": stats.correct / stats.seen})
             if distributed.any_rank(self.stop_requested, self.device):  # all ranks stop at one step
                 self.save()
-                raise Interrupted(self.run_dir, self.state.step)
+                raise Interrupted(self.run_dir, self.state.step, self.stop_signal)
         self.train_seconds += time.perf_counter() - started
         distributed.average_buffers(self.model)
         stats.loss, stats.nll, stats.correct, stats.seen = distributed.sum_values(
@@ -449,20 +450,27 @@ class Trainer:
         }
 
     @contextmanager
-    def _sigint_checkpoints(self) -> Iterator[None]:
-        """Ctrl-C finishes the current step, writes a checkpoint and raises :class:`Interrupted`."""
+    def _stop_signals_checkpoint(self) -> Iterator[None]:
+        """Ctrl-C (SIGINT) or SIGTERM, as a batch scheduler sends before it kills a job, finishes the
+        current step, writes a checkpoint and raises :class:`Interrupted`. A second Ctrl-C stops at
+        once, without the checkpoint (the previous ones stay intact)."""
         def handler(signum, frame):  # noqa: ARG001
+            if self.stop_requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
             self.stop_requested = True
+            self.stop_signal = signal.Signals(signum)
 
+        previous: dict[int, Any] = {}
         try:
-            previous = signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main thread
-            previous = None
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: leave the signals alone
+            pass
         try:
             yield
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
     # -- persistence -----------------------------------------------------------------
     def throughput(self) -> Optional[float]:

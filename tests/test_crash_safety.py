@@ -1,5 +1,5 @@
-"""Killing a process never leaves a half-written file under a final name, and Ctrl-C on a real
-``ssvi train`` resumes to the same bits as an uninterrupted run."""
+"""Killing a process never leaves a half-written file under a final name; Ctrl-C or SIGTERM on a
+real ``ssvi train`` writes a checkpoint, and the resumed run gives the same bits as an uninterrupted one."""
 
 import os
 import random
@@ -220,3 +220,29 @@ def test_sigint_mid_epoch_then_resume_is_bit_identical_to_a_straight_run(tmp_pat
     fa, fb = load_file(str(stopped / "model.safetensors")), load_file(str(straight / "model.safetensors"))
     assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
     assert [r["epoch"] for r in read_jsonl(stopped / "metrics.jsonl")] == [1, 2]
+
+
+def test_sigterm_checkpoints_exits_143_and_the_run_resumes(tmp_path):
+    run = tmp_path / "run"
+    proc = ssvi(*TRAIN, "--out", str(run))
+    deadline = time.monotonic() + 180
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        lines.append(line)
+        if line.startswith("epoch 1/2") or not line:
+            break
+    assert lines[-1].startswith("epoch 1/2"), "".join(lines)
+    proc.send_signal(signal.SIGTERM)  # as a batch scheduler does before it kills a job
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, rest
+    assert "stopped by SIGTERM at step" in rest and f"Resume with: ssvi train --resume {run}" in rest
+    assert "Traceback" not in rest
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))["state"]
+    assert state["epoch"] == 1 and 0 < state["batch_in_epoch"] < 135, state
+
+    resumed = subprocess.run([sys.executable, "-m", "ssvi_cli", "train", "--resume", str(run), "--json"],
+                             capture_output=True, text=True, timeout=300, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (run / "model.safetensors").is_file()
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]

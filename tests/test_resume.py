@@ -1,5 +1,7 @@
 """Stopping and resuming a run gives bit-identical tensors and supports."""
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,33 @@ def test_keeps_only_the_last_n_checkpoints(tmp_path: Path):
     trainer.fit()
     names = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
     assert names == ["checkpoint-00000030.pt", "checkpoint-00000040.pt"]
+
+
+def signal_at(step: int, *signums: int):
+    """A hook that sends this process the given signals, one after another, after ``step``."""
+    def hook(trainer: Trainer, kind: str) -> None:
+        if trainer.state.step == step:
+            for signum in signums:
+                os.kill(os.getpid(), signum)
+
+    return hook
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_restores_the_handler(tmp_path: Path):
+    before = signal.getsignal(signal.SIGTERM)
+    trainer = Trainer.create(cfg(), tmp_path / "r")
+    trainer.step_hooks.append(signal_at(13, signal.SIGTERM))
+    with pytest.raises(Interrupted) as stop:
+        trainer.fit()
+    assert stop.value.step == 13 and stop.value.signum == signal.SIGTERM
+    assert Trainer.resume(tmp_path / "r").state.step == 13  # the checkpoint holds the finished step
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_new_checkpoint(tmp_path: Path):
+    trainer = Trainer.create(cfg(), tmp_path / "r")  # a checkpoint each epoch of 10 steps
+    trainer.step_hooks.append(signal_at(13, signal.SIGINT, signal.SIGINT))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert Trainer.resume(tmp_path / "r").state.step == 10  # the epoch-1 checkpoint, intact
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

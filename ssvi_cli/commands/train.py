@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -236,10 +237,16 @@ def _fit(trainer, interrupted_cls, quiet: bool) -> dict[str, Any]:
         try:
             return trainer.fit(Progress(on_epoch_start, on_batch, on_epoch_end))
         except interrupted_cls as stop:
+            how = "interrupted" if stop.signum == signal.SIGINT else f"stopped by {stop.signum.name}"
             raise KeyboardInterruptHandled(
-                f"interrupted at step {stop.step}; checkpoint written. Resume with: ssvi train --resume {stop.run_dir}"
-            ) from None
+                f"{how} at step {stop.step}; checkpoint written. Resume with: ssvi train --resume {stop.run_dir}",
+                exit_code=128 + int(stop.signum)) from None
 
 
 class KeyboardInterruptHandled(Exception):
-    """Ctrl-C after the checkpoint was written (exit code 130)."""
+    """A stop signal after the checkpoint was written; the exit code is the shell's 128 + signal
+    number (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
