@@ -60,7 +60,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except train_cmd.KeyboardInterruptHandled as exc:
-        err.print(str(exc))
+        if str(exc):
+            err.print(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -452,11 +452,12 @@ class Trainer:
     @contextmanager
     def _stop_signals_checkpoint(self) -> Iterator[None]:
         """Ctrl-C (SIGINT) or SIGTERM, as a batch scheduler sends before it kills a job, finishes the
-        current step, writes a checkpoint and raises :class:`Interrupted`. A second Ctrl-C stops at
-        once, without the checkpoint (the previous ones stay intact)."""
+        current step, writes a checkpoint and raises :class:`Interrupted`.
+
+        A repeated signal does not cut the step short: under ``--nproc`` each rank gets Ctrl-C twice
+        (from the terminal, then forwarded by the launcher), and both must lead to the checkpoint.
+        """
         def handler(signum, frame):  # noqa: ARG001
-            if self.stop_requested and signum == signal.SIGINT:
-                raise KeyboardInterrupt
             self.stop_requested = True
             self.stop_signal = signal.Signals(signum)
 

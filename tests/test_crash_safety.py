@@ -186,10 +186,8 @@ def ssvi(*args: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env=ENV)
 
 
-def test_sigint_mid_epoch_then_resume_is_bit_identical_to_a_straight_run(tmp_path):
-    stopped, straight = tmp_path / "stopped", tmp_path / "straight"
-    other = ssvi(*TRAIN, "--out", str(straight))
-    proc = ssvi(*TRAIN, "--out", str(stopped))
+def wait_for_first_epoch(proc: subprocess.Popen) -> None:
+    """Read the child's progress until epoch 1 of 2 has ended, so a signal lands during epoch 2."""
     deadline = time.monotonic() + 180
     lines = []
     while time.monotonic() < deadline:
@@ -198,6 +196,13 @@ def test_sigint_mid_epoch_then_resume_is_bit_identical_to_a_straight_run(tmp_pat
         if line.startswith("epoch 1/2") or not line:
             break
     assert lines[-1].startswith("epoch 1/2"), "".join(lines)
+
+
+def test_sigint_mid_epoch_then_resume_is_bit_identical_to_a_straight_run(tmp_path):
+    stopped, straight = tmp_path / "stopped", tmp_path / "straight"
+    other = ssvi(*TRAIN, "--out", str(straight))
+    proc = ssvi(*TRAIN, "--out", str(stopped))
+    wait_for_first_epoch(proc)
     proc.send_signal(signal.SIGINT)  # during epoch 2 (135 steps of 4 examples)
     rest = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130, rest
@@ -225,14 +230,7 @@ def test_sigint_mid_epoch_then_resume_is_bit_identical_to_a_straight_run(tmp_pat
 def test_sigterm_checkpoints_exits_143_and_the_run_resumes(tmp_path):
     run = tmp_path / "run"
     proc = ssvi(*TRAIN, "--out", str(run))
-    deadline = time.monotonic() + 180
-    lines = []
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        lines.append(line)
-        if line.startswith("epoch 1/2") or not line:
-            break
-    assert lines[-1].startswith("epoch 1/2"), "".join(lines)
+    wait_for_first_epoch(proc)
     proc.send_signal(signal.SIGTERM)  # as a batch scheduler does before it kills a job
     rest = proc.communicate(timeout=120)[1]
     assert proc.returncode == 143, rest

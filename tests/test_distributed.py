@@ -5,6 +5,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -190,6 +191,27 @@ def test_cli_nproc_launches_torchrun_and_only_rank0_prints(tmp_path: Path):
     summary = json.loads(proc.stdout)  # exactly one JSON document: rank 1 printed nothing
     assert summary["world_size"] == 2 and summary["global_batch"] == 64
     assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_nproc_checkpoints_once_and_exits_130(tmp_path: Path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ssvi_cli", "train", "--nproc", "2", "--device", "cpu", "--batch-size", "4",
+         "--epochs", "3", "--set", "data.max_train=600", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    lines = [proc.stderr.readline()]
+    while lines[-1] and not lines[-1].startswith("epoch 1/3"):
+        lines.append(proc.stderr.readline())
+    assert lines[-1].startswith("epoch 1/3"), "".join(lines)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: the launcher and both ranks get it
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, rest
+    assert rest.count("checkpoint written. Resume with") == 1, rest  # rank 0 alone reports
+    assert "Traceback" not in rest
+    state = torch.load(sorted((out / "checkpoints").glob("*.pt"))[-1], weights_only=True)["state"]
+    assert state["epoch"] == 1 and state["batch_in_epoch"] > 0, state
 
 
 def test_nproc_forwards_the_same_arguments_to_the_launcher(tmp_path: Path, monkeypatch):

@@ -92,10 +92,13 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_restores_the_handler
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_a_second_ctrl_c_stops_at_once_without_a_new_checkpoint(tmp_path: Path):
-    trainer = Trainer.create(cfg(), tmp_path / "r")  # a checkpoint each epoch of 10 steps
+
+def test_ctrl_c_twice_as_under_the_launcher_still_checkpoints_the_step(tmp_path: Path):
+    # Under --nproc each rank gets SIGINT from the terminal and again from torch.distributed.run.
+    trainer = Trainer.create(cfg(), tmp_path / "r")
     trainer.step_hooks.append(signal_at(13, signal.SIGINT, signal.SIGINT))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted) as stop:
         trainer.fit()
-    assert Trainer.resume(tmp_path / "r").state.step == 10  # the epoch-1 checkpoint, intact
+    assert stop.value.step == 13 and stop.value.signum == signal.SIGINT
+    assert Trainer.resume(tmp_path / "r").state.step == 13
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -238,9 +238,10 @@ def _fit(trainer, interrupted_cls, quiet: bool) -> dict[str, Any]:
             return trainer.fit(Progress(on_epoch_start, on_batch, on_epoch_end))
         except interrupted_cls as stop:
             how = "interrupted" if stop.signum == signal.SIGINT else f"stopped by {stop.signum.name}"
-            raise KeyboardInterruptHandled(
-                f"{how} at step {stop.step}; checkpoint written. Resume with: ssvi train --resume {stop.run_dir}",
-                exit_code=128 + int(stop.signum)) from None
+            message = f"{how} at step {stop.step}; checkpoint written. Resume with: ssvi train --resume {stop.run_dir}"
+            # One line per run, not per rank: the other ranks exit with the same code, silently.
+            raise KeyboardInterruptHandled(message if trainer.is_main else "",
+                                           exit_code=128 + int(stop.signum)) from None
 
 
 class KeyboardInterruptHandled(Exception):
