@@ -41,19 +41,24 @@ def digits_cfg(batch_size: int, **over: Any) -> C.Config:
 
 # ------------------------------------------------------------------ the worker (runs in each process)
 
-def native_threads() -> Optional[int]:
-    """Threads of this process, C++ ones included (Linux only)."""
+def group_threads() -> Optional[list[str]]:
+    """Names of this process's threads that belong to the process group (gloo, its TCP store);
+    None where /proc cannot list C++ threads."""
     task = Path("/proc/self/task")
-    return len(list(task.iterdir())) if task.is_dir() else None
+    if not task.is_dir():
+        return None
+    names = [(t / "comm").read_text().strip() for t in task.iterdir()]
+    return sorted(n for n in names if "gloo" in n or "tcpstore" in n)
 
 
 def _worker(rank: int, port: int, out: str, mode: str) -> None:
     faulthandler.enable()  # a crash in a rank prints its Python stack into the test's output
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    result: dict[str, Any] = {"threads_before": native_threads()}
+    result: dict[str, Any] = {}
     info = DistInfo(rank=rank, local_rank=rank, world_size=WORLD)
     distributed.setup(info, "cpu", timeout_s=120)
+    result["threads_during"] = group_threads()
     trainer = None
     try:
         trainer = Trainer.create(digits_cfg(PER_RANK_BATCH), Path(out) / "run", dist_info=info)
@@ -75,7 +80,7 @@ def _worker(rank: int, port: int, out: str, mode: str) -> None:
         if trainer is not None:
             trainer.release_process_group()
         distributed.teardown()
-        result["threads_after"] = native_threads()
+        result["threads_after"] = group_threads()
         torch.save(result, Path(out) / f"rank{rank}.pt")
 
 
@@ -96,8 +101,9 @@ def run_two_ranks(tmp_path: Path, mode: str) -> list[dict[str, Any]]:
 def assert_group_threads_stopped(ranks: list[dict[str, Any]]) -> None:
     """Teardown left no communication thread behind to run into interpreter shutdown."""
     for r in ranks:
-        if r["threads_before"] is not None:
-            assert r["threads_after"] == r["threads_before"], r
+        if r["threads_during"] is not None:
+            assert r["threads_during"], "the group's threads were not recognised by name"
+            assert r["threads_after"] == [], r["threads_after"]
 
 
 def test_accuracy(run_dir: Path) -> float:
