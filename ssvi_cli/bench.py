@@ -29,10 +29,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.utils.data import TensorDataset
 
-from ssvi_cli import flops as flopsmod
+from ssvi_cli.core import flops as flopsmod
 from ssvi_cli.config import Config, apply_overrides, load_preset
-from ssvi_cli.data import DataSpec, DataSplits
-from ssvi_cli.layers import sparse_layers
+from ssvi_cli.data.spec import DataSpec, DataSplits
+from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class BenchOptions:
     samples: Optional[int] = None
     repeats: Optional[int] = None
     threads: Optional[int] = None
+    device: str = "cpu"
     warmup: int = 2
     seed: int = 0
 
@@ -118,7 +119,7 @@ def bench_config(bm: BenchModel, opts: BenchOptions, method: str, sparsity: floa
                  delta_t: int) -> Config:
     overrides: dict[str, Any] = {
         "sparse.method": method, "sparse.sparsity": sparsity, "train.kernel": kernel,
-        "train.device": "cpu", "train.batch_size": opts.batch_size, "train.seed": opts.seed,
+        "train.device": opts.device, "train.batch_size": opts.batch_size, "train.seed": opts.seed,
         # Many epochs so that the step-0 cosine schedules stay flat over the timed steps.
         "train.epochs": 100_000, "sparse.delta_t": delta_t, "sparse.addition": "sample",
     }
@@ -128,7 +129,7 @@ def bench_config(bm: BenchModel, opts: BenchOptions, method: str, sparsity: floa
 
 
 def _trainer(cfg: Config, splits: DataSplits, root: Path, key: str):
-    from ssvi_cli.engine import Trainer
+    from ssvi_cli.training.trainer import Trainer
 
     run_dir = root / key.replace(" ", "_")
     run_dir.mkdir(parents=True)
@@ -143,8 +144,15 @@ def _train_step(trainer, x: torch.Tensor, y: torch.Tensor, step: str) -> None:
     trainer.train_step(x, y)
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for queued CUDA kernels, so a timing measures the work and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _time_interleaved(variants: list[Variant], repeats: int, warmup: int,
-                      on_progress: Optional[Callable[[str], None]] = None) -> None:
+                      on_progress: Optional[Callable[[str], None]] = None,
+                      device: torch.device = torch.device("cpu")) -> None:
     """Warm every variant up, then time each once per repeat in a rotated order."""
     for v in variants:
         for _ in range(warmup):
@@ -155,8 +163,10 @@ def _time_interleaved(variants: list[Variant], repeats: int, warmup: int,
             on_progress(f"repeat {r + 1}/{repeats}")
         for j in range(n):
             v = variants[(j + r) % n]
+            _sync(device)
             t0 = time.perf_counter()
             v.run()
+            _sync(device)
             v.times.append(time.perf_counter() - t0)
 
 
@@ -183,10 +193,14 @@ def run_bench(options: BenchOptions, on_progress: Optional[Callable[[str], None]
 
 def _run(bm: BenchModel, opts: BenchOptions, root: Path,
          on_progress: Optional[Callable[[str], None]]) -> dict[str, Any]:
-    from ssvi_cli.engine import trainable_bytes
+    from ssvi_cli.training.records import trainable_bytes
 
     say = on_progress or (lambda _msg: None)
+    from ssvi_cli.training.plan import resolve_device
+
+    device = resolve_device(opts.device)
     splits, x, y = synthetic_splits(bm, opts.batch_size, opts.seed)
+    x, y = x.to(device), y.to(device)
     recipe_dt = load_preset(bm.preset).sparse.delta_t
     no_update = 10**9  # parameter steps only
 
@@ -206,7 +220,7 @@ def _run(bm: BenchModel, opts: BenchOptions, root: Path,
                              {"variant": key, "method": method, "sparsity": s, "kernel": kernel, "step": step}))
 
     say("timing training steps")
-    _time_interleaved(train, opts.repeats, opts.warmup, say)
+    _time_interleaved(train, opts.repeats, opts.warmup, say, device)
 
     geometry = flopsmod.model_geometry(trainers["vi"].model, bm.input_shape)
     train_rows = []
@@ -241,6 +255,7 @@ def _run(bm: BenchModel, opts: BenchOptions, root: Path,
         "repeats": opts.repeats,
         "warmup": opts.warmup,
         "threads": torch.get_num_threads(),
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "sparsities": list(opts.sparsities),
         "recipe_delta_t": recipe_dt,
         "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch": torch.__version__,
@@ -267,26 +282,26 @@ def _amortised(rows: list[dict[str, Any]], sparsities: Sequence[float], delta_t:
 
 def _bench_prediction(trainers: dict[str, Any], opts: BenchOptions, x: torch.Tensor, root: Path,
                       say: Callable[[str], None]) -> list[dict[str, Any]]:
-    from ssvi_cli.export import read_model_file, write_model_file
+    from ssvi_cli.modelfile import read_model_file, write_model_file
     from ssvi_cli.predict import predict_batch
 
     variants: list[Variant] = []
     pairs = []
     for s in opts.sparsities:
         tr = trainers[f"ssvi {s:g} auto"]
-        meta = tr.file_metadata({})
+        card = tr.plan.card
         files = {}
         for layout in ("dense", "compact"):
             path = root / f"model-{s:g}-{layout}.safetensors"
-            size = write_model_file(tr.model, path, dense=layout == "dense", **meta)
-            model = read_model_file(path).model
+            size = write_model_file(tr.model, path, card, dense=layout == "dense")
+            model = read_model_file(path).model.to(x.device)
             key = f"{layout} {s:g}"
             files[layout] = key
             variants.append(Variant(key, (lambda m=model: predict_batch(m, x, opts.samples, "mc")),
                                     {"file": "dense BNN" if layout == "dense" else "compact", "sparsity": s,
                                      "file_bytes": size, "samples": opts.samples}))
         pairs.append(files)
-    _time_interleaved(variants, opts.repeats, opts.warmup, say)
+    _time_interleaved(variants, opts.repeats, opts.warmup, say, x.device)
     rows = {v.key: _summarise(v) for v in variants}
     for files in pairs:
         dense, compact = rows[files["dense"]], rows[files["compact"]]
@@ -299,6 +314,6 @@ def _bench_prediction(trainers: dict[str, Any], opts: BenchOptions, x: torch.Ten
 
 def result_options(result: dict[str, Any]) -> dict[str, Any]:
     """The settings a result was measured with (for the header of the tables)."""
-    keys = ("model", "batch_size", "samples", "repeats", "warmup", "threads", "sparsities")
+    keys = ("model", "batch_size", "samples", "repeats", "warmup", "threads", "device", "sparsities")
     return {k: result[k] for k in keys}
 

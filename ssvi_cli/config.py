@@ -14,7 +14,8 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-METHODS = ("ssvi", "vi", "static", "rigl", "dense")
+from ssvi_cli.methods import METHODS, Method
+
 ALLOCATIONS = ("uniform", "erk")
 SIGMA_PARAMS = ("softplus", "exp")
 NEW_SIGMA = ("mean", "tiny")
@@ -110,17 +111,14 @@ class Config:
         return _to_plain(self)
 
     @property
-    def bayesian(self) -> bool:
-        return self.sparse.method in ("ssvi", "vi", "static")
+    def method(self) -> Method:
+        """The training method as an object (``bayesian``, ``dense``, ``moves_support``)."""
+        return METHODS.get(self.sparse.method)
 
     @property
     def density(self) -> float:
         """Target density of sparse layers (1.0 for the dense methods)."""
-        return 1.0 if self.sparse.method in ("vi", "dense") else 1.0 - self.sparse.sparsity
-
-    @property
-    def moves_support(self) -> bool:
-        return self.sparse.method in ("ssvi", "rigl")
+        return self.method.density(self.sparse.sparsity)
 
 
 def _to_plain(obj: Any) -> Any:
@@ -259,7 +257,7 @@ def validate(cfg: Config) -> None:
         if value not in options:
             raise ConfigError(f"{key}={value!r}; valid values are: {', '.join(options)}")
 
-    choice("sparse.method", s.method, METHODS)
+    choice("sparse.method", s.method, tuple(METHODS.names()))
     choice("sparse.allocation", s.allocation, ALLOCATIONS)
     choice("sparse.new_sigma", s.new_sigma, NEW_SIGMA)
     choice("bayes.sigma_param", b.sigma_param, SIGMA_PARAMS)

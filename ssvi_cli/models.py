@@ -2,7 +2,7 @@
 
 Every model exposes ``first`` (its first weight layer) and ``forward_rest(h)`` so that Monte Carlo
 prediction can compute the first layer's LRT moments once and reuse them across draws (when that is
-the cheaper scheme, see ``predict.first_layer_scheme``).
+the cheaper scheme, see ``ssvi_cli.predict.first_layer_scheme``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ssvi_cli.layers import SparseConv2d, SparseGaussian, SparseLinear
+from ssvi_cli.core.layers import SparseConv2d, SparseGaussian, SparseLinear
 from ssvi_cli.registry import Registry
 
 MODELS: Registry[Callable[..., "SSVIModel"]] = Registry("model")
@@ -26,16 +26,17 @@ class LayerFactory:
 
     bayesian: bool
     sigma_param: str = "softplus"
+    kernel: str = "auto"  # the kernel policy of every layer (ssvi_cli.core.kernels.KERNELS)
 
     def linear(self, fan_in: int, fan_out: int, *, bias: bool = True, stem: bool = False) -> SparseLinear:
         return SparseLinear(fan_in, fan_out, bias=bias, bayesian=self.bayesian,
-                            sigma_param=self.sigma_param, stem=stem)
+                            sigma_param=self.sigma_param, stem=stem, kernel=self.kernel)
 
     def conv(self, cin: int, cout: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
              bias: bool = False, stem: bool = False, normed: bool = True) -> SparseConv2d:
         return SparseConv2d(cin, cout, kernel_size, stride=stride, padding=padding, bias=bias,
                             bayesian=self.bayesian, sigma_param=self.sigma_param, stem=stem,
-                            normed=normed)
+                            normed=normed, kernel=self.kernel)
 
 
 class SSVIModel(nn.Module):
@@ -197,7 +198,8 @@ def _vgg19(in_shape, num_classes, layers, widths=None) -> SSVIModel:
     return VGG(in_shape, num_classes, layers, "vgg19")
 
 
-def build_model(name: str, in_shape: Sequence[int], num_classes: int, layers: LayerFactory,
-                widths: Sequence[int] = (256, 256)) -> SSVIModel:
-    """Build an architecture by name (without a support yet: see ``sparsity.initialise``)."""
+def build_architecture(name: str, in_shape: Sequence[int], num_classes: int, layers: LayerFactory,
+                       widths: Sequence[int] = (256, 256)) -> SSVIModel:
+    """An architecture by name, its layers from ``layers``, without a support yet (see
+    ``core.allocation.initialise``). To rebuild a described model use ``modelfile.build_model``."""
     return MODELS.get(name)(tuple(in_shape), num_classes, layers, widths=tuple(widths))

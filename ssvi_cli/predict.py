@@ -1,11 +1,15 @@
 """Prediction shared by training, evaluation and ``infer``: mean network or Monte Carlo average.
 
 Monte Carlo prediction draws one weight sample per draw over the active entries only in every layer
-after the first. The first layer's input is fixed, so two exact schemes exist for it: compute its
-LRT mean and variance once and draw each sample's output from them (one normal per output element
-per draw), or sample its weights like the other layers (one normal per active weight plus a
-product per draw). Both give every input's predictive distribution exactly; :func:`first_layer_scheme`
-picks the cheaper by a rule calibrated on CPU, ``first_layer=`` overrides it.
+after the first. For a *linear* first layer two exact schemes exist: compute its LRT mean and
+variance once and draw each sample's output from them (one normal per output element per draw), or
+sample its weights like the other layers (one normal per active weight plus a product per draw).
+Each output row of a linear layer depends on one input row, so per input both give exactly the
+distribution of a weight draw; :func:`first_layer_scheme` picks the cheaper by a cost rule that
+depends on the layer, the batch and the device only (never on the thread count, so the same model,
+seed and batch size give the same numbers on any CPU). A *conv* first layer always samples its
+weights: one weight draw is shared by every pixel of an image, and LRT noise drawn independently
+per output position would lose that correlation (METHOD.md §3).
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
-from ssvi_cli.layers import LRT_EPS, SparseGaussian, SparseLinear, set_mode, sparse_layers, start_draws, stop_draws
+from ssvi_cli.core.gaussian import LRT_EPS
+from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
+from ssvi_cli.core.modes import drawing, evaluating, sampling
 from ssvi_cli.models import SSVIModel
 
 MODES = ("mc", "mean")
@@ -29,6 +35,9 @@ FIRST_LAYER_SCHEMES = ("auto", "moments", "sample")
 # timing both schemes at densities 0.02-0.2 and batches 1-256 it picked the faster one (or one
 # within 5 %) every time.
 MACS_PER_NORMAL = {"sparse": 60.0, "dense": 170.0}
+# The rule prices products as if RULE_THREADS threads ran them, whatever torch.get_num_threads()
+# says: the scheme (and with it the random stream) must not change with the thread count.
+RULE_THREADS = 2
 
 
 def is_bayesian(model: SSVIModel) -> bool:
@@ -38,17 +47,20 @@ def is_bayesian(model: SSVIModel) -> bool:
 def first_layer_scheme(layer: SparseGaussian, h: Tensor) -> str:
     """``moments`` or ``sample``: the cheaper exact Monte Carlo scheme for the first layer on ``h``.
 
-    Per draw, ``moments`` draws one normal per output element; ``sample`` draws one per active weight
-    and runs the layer's product (its multiply-adds converted to normals by :data:`MACS_PER_NORMAL`).
-    The constants are CPU measurements; elsewhere the moments are reused.
+    A conv layer always samples (the moments are exact only for a linear layer). Per draw,
+    ``moments`` draws one normal per output element; ``sample`` draws one per active weight and runs
+    the layer's product (its multiply-adds converted to normals by :data:`MACS_PER_NORMAL` at
+    :data:`RULE_THREADS` threads). The constants are CPU measurements; elsewhere the moments are
+    reused.
     """
+    if not layer.is_linear():
+        return "sample"
     if h.device.type != "cpu":
         return "moments"
     positions = layer.positions(h)
     sparse = layer.uses_sparse_kernel()
     macs = positions * (layer.active if sparse else layer.numel)
-    threads = max(1, torch.get_num_threads())
-    sample = layer.active + macs / (MACS_PER_NORMAL["sparse" if sparse else "dense"] * threads)
+    sample = layer.active + macs / (MACS_PER_NORMAL["sparse" if sparse else "dense"] * RULE_THREADS)
     moments = positions * layer.weight_shape[0]
     return "sample" if sample < moments else "moments"
 
@@ -63,13 +75,23 @@ def predict_batch(model: SSVIModel, x: Tensor, samples: int = 10, mode: str = "m
     """
     if first_layer not in FIRST_LAYER_SCHEMES:
         raise ValueError(f"first_layer must be one of {', '.join(FIRST_LAYER_SCHEMES)}, got {first_layer!r}")
-    model.eval()
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    with evaluating(model):
+        return _predict(model, x, samples, mode, first_layer)
+
+
+def _predict(model: SSVIModel, x: Tensor, samples: int, mode: str, first_layer: str
+             ) -> tuple[Tensor, Optional[Tensor]]:
     if mode == "mean" or not is_bayesian(model):
-        set_mode(model, "mean")
-        return class_softmax(model(x).float()), None
+        with sampling(model, "mean"):
+            return class_softmax(model(x).float()), None
     h = model.prepare(x)
     if first_layer == "auto":
         first_layer = first_layer_scheme(model.first, h)
+    elif first_layer == "moments" and not model.first.is_linear():
+        raise ValueError("first_layer='moments' is exact only for a linear first layer; this model's "
+                         "first layer is a convolution, whose weight draw is shared across pixels: use 'sample'")
     if first_layer == "sample":
         if h.dim() == 2 and isinstance(model.first, SparseLinear) and model.first.uses_sparse_kernel():
             h = h.t().contiguous().t()  # the sparse kernels read the input transposed: copy once, not per draw
@@ -95,14 +117,9 @@ def predict_batch(model: SSVIModel, x: Tensor, samples: int = 10, mode: str = "m
             return model.forward_rest(torch.addcmul(mean, std, first_out, out=first_out))
 
         drawn = [layer for _, layer in sparse_layers(model) if layer is not model.first]
-    set_mode(model, "sample")
-    start_draws(drawn)
-    try:
+    with sampling(model, "sample"), drawing(drawn):
         # softmax allocates, so nothing returned aliases a tensor that the next draw overwrites
         draws = [class_softmax(draw().float()) for _ in range(samples)]
-    finally:
-        stop_draws(model)
-        set_mode(model, "lrt")
     stacked = torch.stack(draws)
     return stacked.mean(0), stacked
 

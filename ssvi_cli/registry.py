@@ -1,8 +1,15 @@
-"""Name -> builder registries: every string the user types becomes an object here, once."""
+"""Name -> object registries: every string the user types becomes an object here, once.
+
+Models, datasets, OOD sets, removal criteria, uncertainty scores, allocations, optimizers, methods,
+kernel policies and bench models are all :class:`Registry` instances. An unknown name raises
+:class:`UnknownName` (or the registry's subclass of it) listing the valid names, closest first when
+the name looks like a typo.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+import difflib
+from typing import Callable, Generic, Iterator, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -12,10 +19,16 @@ class UnknownName(ValueError):
 
 
 class Registry(Generic[T]):
-    """A named collection of builders with helpful errors for unknown names."""
+    """A named collection of builders (or values) with one error for unknown names.
 
-    def __init__(self, kind: str) -> None:
+    ``error`` is the exception raised for an unknown name: :class:`UnknownName` or a subclass that
+    also belongs to a domain's error family (e.g. a dataset name is also a ``DataError``).
+    """
+
+    def __init__(self, kind: str, error: type[UnknownName] = UnknownName, sort: bool = True) -> None:
         self.kind = kind
+        self.error = error
+        self.sort = sort  # list names alphabetically (else in registration order)
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -27,19 +40,33 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def add(self, name: str, item: T) -> T:
+        """Register ``item`` under ``name`` (for values rather than decorated functions)."""
+        return self.register(name)(item)
+
     def get(self, name: str) -> T:
         try:
             return self._items[name]
-        except KeyError:
-            raise UnknownName(
-                f"unknown {self.kind} {name!r}; valid names are: {', '.join(self.names())}"
-            ) from None
+        except (KeyError, TypeError):
+            raise self.error(self.unknown_message(name)) from None
+
+    def unknown_message(self, name: object, label: Optional[str] = None) -> str:
+        """``unknown <kind> 'x'; valid names are: ...`` (plus close matches when there are any)."""
+        message = f"unknown {label or self.kind} {name!r}; valid names are: {', '.join(self.names())}"
+        close = difflib.get_close_matches(str(name), self.names(), n=3, cutoff=0.6)
+        return message + (f" (did you mean {' or '.join(close)}?)" if close else "")
 
     def names(self) -> list[str]:
-        return sorted(self._items)
+        return sorted(self._items) if self.sort else list(self._items)
+
+    def items(self) -> list[tuple[str, T]]:
+        return [(name, self._items[name]) for name in self.names()]
 
     def __contains__(self, name: object) -> bool:
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from ssvi_cli import config as C
-from ssvi_cli.engine import Trainer
+from ssvi_cli.training.trainer import Trainer
 
 
 @pytest.mark.slow

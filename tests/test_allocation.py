@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from ssvi_cli import config as C
-from ssvi_cli.allocation import AllocationError, active_count, layer_densities
+from ssvi_cli.core.allocation import AllocationError, active_count, layer_densities
 from ssvi_cli.data import get_spec
-from ssvi_cli.engine import init_model, make_model
-from ssvi_cli.layers import sparse_layers
+from ssvi_cli.training.plan import init_model, make_model
+from ssvi_cli.core.layers import sparse_layers
 
 
 def resnet(**over):

@@ -81,3 +81,23 @@ def test_force_keeps_the_old_run_when_the_new_one_cannot_start(tmp_path: Path, c
     err = capsys.readouterr().err
     assert code == 2 and "--download" in err
     assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_at_80_columns_preset_names_commands_and_paths_stay_whole(tmp_path: Path, capsys, monkeypatch):
+    """A pipe, a CI log or a narrow terminal: what a person must copy is never cut."""
+    from ssvi_cli import config as C
+    from ssvi_cli.cli.common import out as console
+
+    monkeypatch.setattr(console, "_width", 80)
+    assert run(["presets"]) == 0
+    shown = capsys.readouterr().out
+    lines = [line.strip() for line in shown.splitlines()]
+    for name, path in C.list_presets().items():
+        assert any(f" {name} " in f" {line} " for line in shown.splitlines()), name
+        assert C.preset_command(path) in lines, C.preset_command(path)
+    assert "…" not in shown
+    run_dir = tmp_path / "a-run-directory-whose-name-is-long-enough-to-overflow-a-table-cell"
+    assert run(["train", "--out", str(run_dir), "--epochs", "1", "--set", "train.eval_samples=1"]) == 0
+    shown = capsys.readouterr().out
+    assert f"model file: {run_dir / 'model.safetensors'}" in shown.splitlines()
+    assert "…" not in shown

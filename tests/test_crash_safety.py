@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ssvi_cli import checkpoint as ckpt
-from ssvi_cli.export import read_model_file
+from ssvi_cli.runs import checkpoint as ckpt
+from ssvi_cli.modelfile import read_model_file
 from ssvi_cli.fileio import append_jsonl, read_jsonl
 
 # One thread per child: children run side by side on a small shared machine, where OpenMP threads
@@ -30,10 +30,12 @@ CHILD = textwrap.dedent("""
     from pathlib import Path
     import torch
     import safetensors.torch as st
-    from ssvi_cli import checkpoint as ckpt, export
+    from ssvi_cli.runs import checkpoint as ckpt
+    from ssvi_cli import modelfile as export
+    from ssvi_cli.modelfile import writer
     from ssvi_cli import config as C
     from ssvi_cli.data import get_spec
-    from ssvi_cli.engine import init_model, make_model
+    from ssvi_cli.training.plan import init_model, make_model
 
     run_dir, mode = Path(sys.argv[1]), sys.argv[2]
     cfg = C.load_preset("digits_mlp")
@@ -48,8 +50,9 @@ CHILD = textwrap.dedent("""
 
     def write_model():
         meta = {"name": "mlp", "widths": list(cfg.model.widths), "bayesian": True, "sigma_param": "softplus"}
-        export.write_model_file(model, run_dir / "model.safetensors", architecture=meta,
-                                data_spec=spec.to_dict(), training={"step": step}, metrics={})
+        card = export.ModelCard.from_metadata({"architecture": meta, "data_spec": spec.to_dict(),
+                                                "training": {"step": step}, "metrics": {}})
+        export.write_model_file(model, run_dir / "model.safetensors", card)
 
     def halfway(data, target):
         with open(target, "wb") as fh:
@@ -77,7 +80,7 @@ CHILD = textwrap.dedent("""
     if mode == "slow-checkpoint":
         torch.save = slow_torch_save
     elif mode == "slow-export":
-        export.save_file = slow_save_file
+        writer.save_file = slow_save_file
     while True:
         step += 1
         reinit(step)

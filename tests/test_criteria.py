@@ -8,7 +8,7 @@ import mpmath
 import pytest
 import torch
 
-from ssvi_cli import criteria as C
+from ssvi_cli.core import criteria as C
 
 GRID = [(0.0, 1.0), (0.0, 0.05), (0.7, 0.5), (-0.7, 0.5), (1.5, 0.2), (-0.1, 0.3), (2.0, 1.5)]
 N_MC = 2_000_000

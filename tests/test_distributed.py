@@ -17,10 +17,10 @@ import torch.multiprocessing as mp
 from typer.testing import CliRunner
 
 from ssvi_cli import config as C
-from ssvi_cli import distributed
-from ssvi_cli.distributed import DistInfo, SupportMismatch
-from ssvi_cli.engine import Interrupted, Trainer
-from ssvi_cli.layers import SparseLinear, sparse_layers
+from ssvi_cli.training import distributed
+from ssvi_cli.training.distributed import DistInfo, SupportMismatch
+from ssvi_cli.training.trainer import Interrupted, Trainer
+from ssvi_cli.core.layers import SparseLinear, sparse_layers
 from ssvi_cli.metrics import accuracy
 from ssvi_cli.predict import predict_loader
 
@@ -108,8 +108,8 @@ def assert_group_threads_stopped(ranks: list[dict[str, Any]]) -> None:
 
 def test_accuracy(run_dir: Path) -> float:
     """Accuracy of the exported file's mean network on the digits test split."""
-    from ssvi_cli.engine import load_data
-    from ssvi_cli.export import read_model_file
+    from ssvi_cli.training.plan import load_data
+    from ssvi_cli.modelfile import read_model_file
 
     loaded = read_model_file(run_dir / "model.safetensors")
     splits = load_data(digits_cfg(64))

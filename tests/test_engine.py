@@ -6,8 +6,11 @@ from torch.utils.data import TensorDataset
 
 from ssvi_cli import config as C
 from ssvi_cli.data import DataSplits, get_spec
-from ssvi_cli.engine import Trainer, init_model, make_model, make_optimizer, trainable_bytes
-from ssvi_cli.layers import sparse_layers
+from ssvi_cli.training.trainer import Trainer
+from ssvi_cli.training.plan import RunPlan, init_model, make_model
+from ssvi_cli.training.optim import make_optimizer
+from ssvi_cli.training.records import TrainState, trainable_bytes
+from ssvi_cli.core.layers import sparse_layers
 
 
 def digits_cfg(**over) -> C.Config:
@@ -82,8 +85,8 @@ def _one_step_bytes(method: str, tmp_path: Path) -> int:
     splits = DataSplits(ds, ds, ds, spec)
     model = make_model(cfg, spec)
     init_model(model, cfg, torch.Generator().manual_seed(0))
-    trainer = Trainer(cfg, tmp_path / method, torch.device("cpu"), splits, model,
-                      make_optimizer(model, cfg), __import__("ssvi_cli.engine", fromlist=["TrainState"]).TrainState())
+    plan = RunPlan.new(cfg, tmp_path / method, splits=splits, device="cpu")
+    trainer = Trainer(plan, model, make_optimizer(model, cfg), TrainState())
     x, y = next(iter(trainer.batches(0)))
     trainer.train_step(x, y)
     sizes = trainable_bytes(model, trainer.optimizer)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ssvi_cli.cli import run
-from ssvi_cli.export import read_header
+from ssvi_cli.modelfile import read_header
 
 RUN = "run"  # the trained run inside the workspace
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ssvi_cli.cli import run
-from ssvi_cli.commands.evaluate import METRIC_LABELS
+from ssvi_cli.cli.evaluate import METRIC_LABELS
 from tests.fixtures_torchvision import write_all
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -12,18 +12,17 @@ from safetensors.torch import load_file, save_file
 from ssvi_cli import config as C
 from ssvi_cli.cli import run
 from ssvi_cli.data import get_spec
-from ssvi_cli.engine import Trainer, init_model, make_model
-from ssvi_cli.export import (ModelFileError, encode_index, export_model, gap8_decode, gap8_encode,
-                             gap8_size, load_model, read_header, read_model_file, size_totals,
-                             write_model_file)
-from ssvi_cli.layers import sparse_layers
+from ssvi_cli.training.trainer import Trainer
+from ssvi_cli.training.plan import init_model, make_model
+from ssvi_cli.modelfile import ModelCard, ModelFileError, read_header, read_model_file, size_totals, write_model_file
+from ssvi_cli.modelfile.codec import encode_index, gap8_decode, gap8_encode, gap8_size
+from ssvi_cli.runs.load import export_model, load_model
+from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.predict import predict_batch
 
 
-def metadata(cfg: C.Config, spec) -> dict:
-    return {"architecture": {"name": cfg.model.name, "widths": list(cfg.model.widths),
-                             "bayesian": cfg.bayesian, "sigma_param": cfg.bayes.sigma_param},
-            "data_spec": spec.to_dict(), "training": {"method": cfg.sparse.method}, "metrics": {}}
+def metadata(cfg: C.Config, spec) -> ModelCard:
+    return ModelCard.from_config(cfg, spec)
 
 
 def built(preset: str, **over):
@@ -81,7 +80,7 @@ def test_engine_and_file_agree_mean_exactly_and_mc_with_same_seed(trained):
     engine = trainer.model
     loaded = read_model_file(run_dir / "model.safetensors")
     assert loaded.spec == trainer.splits.spec
-    assert loaded.meta["training"]["method"] == "ssvi" and loaded.meta["version"] == 1
+    assert loaded.card.training.method == "ssvi" and loaded.file.version == 1
     for (_, a), (_, b) in zip(sparse_layers(engine), sparse_layers(loaded.model)):
         assert torch.equal(a.idx, b.idx) and torch.equal(a.mu, b.mu)
     pe, _ = predict_batch(engine, x, mode="mean")
@@ -104,7 +103,7 @@ def test_run_dir_checkpoint_and_reexport_load_the_same_model(trained, tmp_path):
     from_dir = load_model(run_dir)
     ckpt = sorted((run_dir / "checkpoints").iterdir())[-1]
     from_ckpt = load_model(ckpt)
-    assert from_ckpt.meta["architecture"] == from_dir.meta["architecture"]
+    assert from_ckpt.card.architecture == from_dir.card.architecture
     report = export_model(ckpt, tmp_path / "m.safetensors")
     again = read_model_file(tmp_path / "m.safetensors")
     for m in (from_ckpt.model, again.model):
@@ -118,7 +117,7 @@ def test_half_precision_files_keep_supports_and_predictions(trained, tmp_path, d
     trainer, run_dir, x = trained
     report = export_model(run_dir, tmp_path / f"{dtype}.safetensors", dtype=dtype)
     loaded = read_model_file(tmp_path / f"{dtype}.safetensors")
-    assert loaded.meta["dtype"] == dtype and report["dtype"] == dtype
+    assert loaded.file.dtype == dtype and report["dtype"] == dtype
     for (_, a), (_, b) in zip(sparse_layers(trainer.model), sparse_layers(loaded.model)):
         assert torch.equal(a.idx, b.idx)
     pe, _ = predict_batch(trainer.model, x, mode="mean")
@@ -131,7 +130,7 @@ def test_dense_file_is_a_full_bnn_with_the_same_predictions(trained, tmp_path):
     trainer, run_dir, x = trained
     export_model(run_dir, tmp_path / "dense.safetensors", dense=True)
     dense = read_model_file(tmp_path / "dense.safetensors")
-    assert dense.meta["layout"] == "dense"
+    assert dense.file.layout == "dense"
     assert all(l.active == l.numel for _, l in sparse_layers(dense.model))
     torch.testing.assert_close(predict_batch(dense.model, x, mode="mean")[0],
                                predict_batch(trainer.model, x, mode="mean")[0], atol=1e-5, rtol=0)
@@ -144,14 +143,14 @@ def test_batchnorm_and_deterministic_models_round_trip(tmp_path):
             m.running_mean.normal_()
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 1.5)
-    write_model_file(model, tmp_path / "r.safetensors", **meta)
+    write_model_file(model, tmp_path / "r.safetensors", meta)
     loaded = read_model_file(tmp_path / "r.safetensors")
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(predict_batch(loaded.model, x, mode="mean")[0],
                                predict_batch(model, x, mode="mean")[0], atol=1e-5, rtol=0)
     assert loaded.model.first.active == loaded.model.first.numel  # dense stem stored without index
     rigl, meta, _ = built("digits_mlp", **{"sparse.method": "rigl"})
-    write_model_file(rigl, tmp_path / "d.safetensors", **meta)
+    write_model_file(rigl, tmp_path / "d.safetensors", meta)
     names = read_header(tmp_path / "d.safetensors")["tensors"]
     assert not any(n.endswith(".sigma") for n in names)
     back = read_model_file(tmp_path / "d.safetensors").model
@@ -165,9 +164,9 @@ def test_batchnorm_and_deterministic_models_round_trip(tmp_path):
 @pytest.mark.parametrize("preset", ["cifar10_resnet18", "mnist_mlp", "digits_mlp"])
 def test_compact_file_is_15x_smaller_in_float32_and_28x_in_float16(tmp_path, preset):
     model, meta, _ = built(preset)
-    dense = write_model_file(model, tmp_path / "dense.st", dense=True, **meta)
-    f32 = write_model_file(model, tmp_path / "f32.st", **meta)
-    f16 = write_model_file(model, tmp_path / "f16.st", dtype="float16", **meta)
+    dense = write_model_file(model, tmp_path / "dense.st", meta, dense=True)
+    f32 = write_model_file(model, tmp_path / "f32.st", meta)
+    f16 = write_model_file(model, tmp_path / "f16.st", meta, dtype="float16")
     assert dense / f32 >= 15, (dense, f32)
     assert dense / f16 >= 28, (dense, f16)
     # The arithmetic dense size inspect reports is exactly the dense file's tensor data.

@@ -3,19 +3,16 @@ import math
 import pytest
 import torch
 
-from ssvi_cli.allocation import layer_densities
-from ssvi_cli.flops import (
-    CONVENTION, method_layers, model_geometry, prediction_flops, recipe_flops, subspace_captures,
-    training_summary,
-)
-from ssvi_cli.layers import sparse_layers
-from ssvi_cli.models import LayerFactory, build_model
-from ssvi_cli.subspace import Schedule
+from ssvi_cli.core.allocation import layer_densities
+from ssvi_cli.core.flops import CONVENTION, method_layers, model_geometry, prediction_flops, recipe_flops, subspace_captures, training_summary
+from ssvi_cli.core.layers import sparse_layers
+from ssvi_cli.models import LayerFactory, build_architecture
+from ssvi_cli.core.subspace import Schedule
 
 
 def tiny_mlp():
     # 6 inputs -> 4 hidden -> 3 classes: 24 + 12 weights
-    return build_model("mlp", (1, 2, 3), 3, LayerFactory(bayesian=True), widths=(4,))
+    return build_architecture("mlp", (1, 2, 3), 3, LayerFactory(bayesian=True), widths=(4,))
 
 
 def test_hand_count_small_mlp():
@@ -41,7 +38,7 @@ def test_hand_count_small_mlp():
 
 
 def test_conv_positions_lenet5():
-    model = build_model("lenet5", (1, 28, 28), 10, LayerFactory(bayesian=True))
+    model = build_architecture("lenet5", (1, 28, 28), 10, LayerFactory(bayesian=True))
     geom = {g.name: g for g in model_geometry(model, (1, 28, 28))}
     assert geom["first"].positions == 28 * 28 and geom["first"].numel == 6 * 25 and geom["first"].stem
     assert geom["conv2"].positions == 10 * 10 and geom["conv2"].numel == 16 * 6 * 25
@@ -57,7 +54,7 @@ def test_captures_match_schedule(delta_t, t_end, total, acc):
 
 
 def test_resnet18_paper_recipe_is_over_10x_below_dense_vi():
-    model = build_model("resnet18", (3, 32, 32), 10, LayerFactory(bayesian=True))
+    model = build_architecture("resnet18", (3, 32, 32), 10, LayerFactory(bayesian=True))
     geom = model_geometry(model, (3, 32, 32))
     dens = layer_densities(sparse_layers(model), 0.05, "uniform", dense_stem=True)
     kw = dict(n_train=45_000, epochs=200, batch_size=128, delta_t=100, t_end=0.75)
@@ -89,12 +86,12 @@ def test_training_summary_reads_the_models_support():
     assert math.isclose(out["training_flops_reduction_vs_vi"], out["training_flops_dense_vi"] / out["training_flops"])
     assert out["flops_convention"] == CONVENTION
     # the probe leaves the model's modes and kernels alone
-    assert all(l.mode == "lrt" and l.kernel == "auto" for _, l in sparse_layers(model))
+    assert all(l.mode == "lrt" and l.kernel.name == "auto" for _, l in sparse_layers(model))
 
 
 def test_inspect_reports_flops_per_prediction(tmp_path):
-    from ssvi_cli.export import write_model_file
-    from ssvi_cli.inspection import inspect_model
+    from ssvi_cli.modelfile import ModelCard, write_model_file
+    from ssvi_cli.evaluation.inspection import inspect_model
 
     model = tiny_mlp()
     for _, layer in sparse_layers(model):
@@ -103,9 +100,10 @@ def test_inspect_reports_flops_per_prediction(tmp_path):
     spec = {"name": "toy", "input_shape": [1, 2, 3], "num_classes": 3, "class_names": ["a", "b", "c"],
             "mean": [0.0], "std": [1.0]}
     path = tmp_path / "m.safetensors"
-    write_model_file(model, path, architecture={"name": "mlp", "widths": [4], "bayesian": True,
-                                                "sigma_param": "softplus"},
-                     data_spec=spec, training={"config": {"train": {"eval_samples": 5}}}, metrics={})
+    card = ModelCard.from_metadata({"architecture": {"name": "mlp", "widths": [4], "bayesian": True,
+                                                     "sigma_param": "softplus"},
+                                    "data_spec": spec, "training": {"config": {"train": {"eval_samples": 5}}}})
+    write_model_file(model, path, card)
     report = inspect_model(path)
     # first layer: two LRT ops once over 12 active weights; hidden: 5 draws x one op over 6
     assert [l["flops_per_prediction"] for l in report["layers"]] == [2 * 2 * 12, 5 * 2 * 6]

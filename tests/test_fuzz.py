@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from ssvi_cli import config as C
 from ssvi_cli.cli import run
 from ssvi_cli.data import get_spec
-from ssvi_cli.engine import init_model, make_model
-from ssvi_cli.export import ModelFileError, read_model_file, write_model_file
+from ssvi_cli.training.plan import init_model, make_model
+from ssvi_cli.modelfile import ModelCard, ModelFileError, read_model_file, write_model_file
 from ssvi_cli.predict import predict_batch
 
 CASE_SECONDS = 5  # far above a normal read (milliseconds); a read this slow counts as a hang
@@ -51,9 +51,10 @@ def original(tmp_path_factory) -> bytes:
     model = make_model(cfg, spec)
     init_model(model, cfg, torch.Generator().manual_seed(0))
     path = tmp_path_factory.mktemp("fuzz") / "model.safetensors"
-    write_model_file(model, path, architecture={"name": "mlp", "widths": [24, 12], "bayesian": True,
-                                                "sigma_param": "softplus"},
-                     data_spec=spec.to_dict(), training={"method": "ssvi", "sparsity": 0.8}, metrics={})
+    card = ModelCard.from_metadata({"architecture": {"name": "mlp", "widths": [24, 12], "bayesian": True,
+                                                     "sigma_param": "softplus"},
+                                    "data_spec": spec.to_dict(), "training": {"method": "ssvi", "sparsity": 0.8}})
+    write_model_file(model, path, card)
     read_model_file(path)  # the unmodified file loads
     return path.read_bytes()
 

@@ -13,10 +13,11 @@ from PIL import Image
 from ssvi_cli import config as C
 from ssvi_cli.cli import run
 from ssvi_cli.data import get_spec, preprocess
-from ssvi_cli.engine import init_model, make_model
-from ssvi_cli.export import read_model_file, write_model_file
-from ssvi_cli.inference import InputError, array_to_images, expand_inputs, run_inference
-from ssvi_cli.layers import SparseGaussian, SparseLinear
+from ssvi_cli.training.plan import init_model, make_model
+from ssvi_cli.modelfile import ModelCard, read_model_file, write_model_file
+from ssvi_cli.evaluation.infer import InputError, array_to_images, expand_inputs, run_inference
+from ssvi_cli.core.modes import using_kernel
+from ssvi_cli.core.layers import SparseGaussian, SparseLinear
 from ssvi_cli.predict import predict_batch
 
 
@@ -28,10 +29,7 @@ def write_model(path: Path, preset: str = "digits_mlp", **over) -> Path:
     for _, layer in model.named_modules():
         if isinstance(layer, SparseGaussian) and layer.bayesian:
             layer.rho.data += 3.0  # wide posteriors, so Monte Carlo draws differ visibly
-    meta = {"architecture": {"name": cfg.model.name, "widths": list(cfg.model.widths),
-                             "bayesian": cfg.bayesian, "sigma_param": cfg.bayes.sigma_param},
-            "data_spec": spec.to_dict(), "training": {"method": cfg.sparse.method}, "metrics": {}}
-    write_model_file(model, path, **meta)
+    write_model_file(model, path, ModelCard.from_config(cfg, spec))
     return path
 
 
@@ -58,8 +56,9 @@ def test_infer_matches_predict_batch_in_both_modes(model_file, digits, tmp_path,
     loaded = read_model_file(model_file)
     x = preprocess(torch.from_numpy(digits)[:, None], loaded.spec)
     for mode in ("mc", "mean"):
-        out = infer_json(capsys, str(model_file), str(tmp_path / "x.npy"), "--mode", mode,
-                         "--samples", "7", "--seed", "3", "--top-k", "4")
+        samples = ["--samples", "7"] if mode == "mc" else []  # the mean network takes no samples
+        out = infer_json(capsys, str(model_file), str(tmp_path / "x.npy"), "--mode", mode, *samples,
+                         "--seed", "3", "--top-k", "4")
         torch.manual_seed(3)
         probs, sample_probs = predict_batch(loaded.model, x, 7, mode)
         preds = out["predictions"]
@@ -140,7 +139,7 @@ def test_bad_inputs_give_one_line_errors_naming_the_file(model_file, tmp_path, c
     elif case == "two_channels":
         np.save(target, np.zeros((4, 2, 8, 8), np.uint8))
     elif case == "float_range":
-        np.save(target, np.full((8, 8), 3.0, np.float32))
+        np.save(target, np.full((8, 8), 20.0, np.float32))  # above [0, 1] and the digits' raw 0..16
     elif case == "empty_folder":
         target.mkdir()
     elif case == "pickle":
@@ -170,17 +169,38 @@ def test_infer_never_builds_a_dense_linear_weight(tmp_path, monkeypatch):
         for mode in ("mc", "mean"):
             run_inference(loaded.model, loaded.spec, x, samples=3, mode=mode)
     assert calls == []
-    predict_batch(loaded.model, torch.zeros(1, 1, 28, 28), mode="mean")  # the guard does fire
-    for _, layer in loaded.model.named_modules():
-        if isinstance(layer, SparseLinear):
-            layer.kernel = "dense"
-    predict_batch(loaded.model, torch.zeros(1, 1, 28, 28), mode="mean")
-    assert calls
-    calls.clear()
-    predict_batch(loaded.model, torch.zeros(64, 1, 28, 28), samples=2, first_layer="sample")
+    linear = [m for m in loaded.model.modules() if isinstance(m, SparseLinear)]
+    with using_kernel(linear, "dense"):  # the guard does fire on a densified linear weight
+        predict_batch(loaded.model, torch.zeros(1, 1, 28, 28), mode="mean")
+        assert calls
+        calls.clear()
+        predict_batch(loaded.model, torch.zeros(64, 1, 28, 28), samples=2, first_layer="sample")
     assert len(calls) == 2 * len([m for m in loaded.model.modules() if isinstance(m, SparseLinear)])
 
 
 def test_expand_inputs_errors(tmp_path):
     with pytest.raises(InputError, match="no such file"):
         expand_inputs([tmp_path / "missing.png"])
+
+
+def test_the_embedded_datas_own_arrays_predict_in_their_raw_range(model_file, tmp_path, capsys):
+    """``load_digits().images`` holds pixels 0..16; the file's data spec records that range, so the
+    array predicts exactly as the same images scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images[:6]  # float64, 0..16
+    np.save(tmp_path / "raw.npy", images)
+    np.save(tmp_path / "raw_int.npy", images.astype(np.int64))
+    np.save(tmp_path / "unit.npy", (images / 16.0).astype(np.float32))
+    got = {name: [p["top_k"] for p in infer_json(capsys, str(model_file), str(tmp_path / f"{name}.npy"),
+                                                  "--mode", "mean", "--top-k", "10")["predictions"]]
+           for name in ("raw", "raw_int", "unit")}
+    assert got["raw"] == got["unit"] == got["raw_int"]
+    assert read_model_file(model_file).spec.pixel_max == 16.0
+
+
+def test_mean_mode_refuses_samples_as_evaluate_does(model_file, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((8, 8), np.uint8))
+    for command in (["infer", str(model_file), str(tmp_path / "x.npy")], ["evaluate", str(model_file)]):
+        assert run([*command, "--mode", "mean", "--samples", "30"]) == 2
+        assert "--samples applies to --mode mc" in capsys.readouterr().err

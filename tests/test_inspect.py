@@ -11,10 +11,11 @@ import torch
 
 from ssvi_cli import config as C
 from ssvi_cli.cli import run
-from ssvi_cli.engine import Trainer
-from ssvi_cli.export import read_model_file
-from ssvi_cli.inspection import _quantiles, criteria_overlap, inspect_model
-from ssvi_cli.layers import SparseLinear, rho_from_sigma, sparse_layers
+from ssvi_cli.training.trainer import Trainer
+from ssvi_cli.modelfile import read_model_file
+from ssvi_cli.evaluation.inspection import _quantiles, criteria_overlap, inspect_model
+from ssvi_cli.core.layers import SparseLinear, sparse_layers
+from ssvi_cli.core.gaussian import rho_from_sigma
 
 
 @pytest.fixture(scope="module")

@@ -4,20 +4,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssvi_cli.layers import (
-    CsrPattern, SparseConv2d, SparseLinear, SparseMatmul, gaussian_kl, rho_from_sigma, sigma_from_rho,
-)
+from ssvi_cli.core.modes import sampling, using_kernel
+from ssvi_cli.core.kernels import CsrPattern, SparseMatmul
+from ssvi_cli.core.layers import SparseConv2d, SparseLinear
+from ssvi_cli.core.gaussian import gaussian_kl, rho_from_sigma, sigma_from_rho
 
 
 def make_linear(fan_in=12, fan_out=7, density=0.3, bayesian=True, kernel="sparse"):
-    layer = SparseLinear(fan_in, fan_out, bayesian=bayesian)
+    layer = SparseLinear(fan_in, fan_out, bayesian=bayesian, kernel=kernel)
     n = fan_in * fan_out
     k = max(1, int(density * n))
     idx = torch.randperm(n)[:k].sort().values
     rho = rho_from_sigma(torch.rand(k) * 0.2 + 0.05, "softplus") if bayesian else None
     layer.set_support(idx, torch.randn(k), rho)
     layer.bias.data.normal_()
-    layer.kernel = kernel
     return layer
 
 
@@ -25,7 +25,7 @@ def make_linear(fan_in=12, fan_out=7, density=0.3, bayesian=True, kernel="sparse
 def product_kernel(request, monkeypatch):
     """Run a test under each of the sparse product's two CPU kernels: MKL's CSR product, or
     ``embedding_bag``, forced here regardless of the batch size and cache rule."""
-    from ssvi_cli import layers
+    from ssvi_cli.core import kernels as layers
 
     if request.param == "bag":
         monkeypatch.setattr(layers, "BAG_MIN_ROWS", 1)
@@ -60,7 +60,7 @@ def test_sparse_matmul_gradients_match_dense_autograd(product_kernel):
 
 def test_bag_kernel_handles_empty_rows_and_an_empty_support(product_kernel):
     """Output rows without active entries are zero (plus bias) in both kernels."""
-    from ssvi_cli.layers import csr_product
+    from ssvi_cli.core.kernels import csr_product
 
     x = torch.randn(40, 6)
     bias = torch.randn(4)
@@ -72,7 +72,7 @@ def test_bag_kernel_handles_empty_rows_and_an_empty_support(product_kernel):
 
 
 def test_product_kernel_rule_bag_for_cached_tables_of_32_rows_or_more(monkeypatch):
-    from ssvi_cli import layers
+    from ssvi_cli.core import kernels as layers
 
     monkeypatch.setattr(layers, "bag_table_limit", lambda: 2**20)
     calls = []
@@ -87,7 +87,7 @@ def test_product_kernel_rule_bag_for_cached_tables_of_32_rows_or_more(monkeypatc
 
 
 def test_l2_cache_size_is_read_from_sysfs(tmp_path):
-    from ssvi_cli.layers import l2_cache_bytes
+    from ssvi_cli.core.kernels import l2_cache_bytes
 
     for i, (level, kind, size) in enumerate([("1", "Data", "48K"), ("1", "Instruction", "32K"),
                                              ("2", "Unified", "2048K"), ("3", "Unified", "32M")]):
@@ -161,20 +161,19 @@ def test_sparse_conv_matches_dense_conv(ksize, stride, padding):
     idx = torch.randperm(n)[:k].sort().values
     conv.set_support(idx, torch.randn(k), rho_from_sigma(torch.full((k,), 0.1), "softplus"))
     x = torch.randn(2, 4, 9, 9)
-    conv.mode = "mean"
-    conv.kernel = "sparse"
-    a = conv(x)
-    conv.kernel = "dense"
-    b = conv(x)
+    with sampling([conv], "mean"):
+        with using_kernel([conv], "sparse"):
+            a = conv(x)
+        with using_kernel([conv], "dense"):
+            b = conv(x)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     w = torch.zeros(n).scatter(0, idx, conv.mu.detach()).view(conv.weight_shape)
     torch.testing.assert_close(b, F.conv2d(x, w, None, stride, padding), rtol=1e-5, atol=1e-5)
 
 
 def test_grouped_conv_uses_dense_path():
-    conv = SparseConv2d(4, 4, 3, padding=1, groups=2, bayesian=False)
+    conv = SparseConv2d(4, 4, 3, padding=1, groups=2, bayesian=False, kernel="sparse")
     conv.set_support(torch.arange(conv.numel), torch.randn(conv.numel))
-    conv.kernel = "sparse"
     assert conv(torch.randn(1, 4, 5, 5)).shape == (1, 4, 5, 5)
 
 
@@ -211,7 +210,7 @@ def test_capture_mode_gives_dense_gradient_at_every_position():
 
 
 def test_randn_like_draws_contiguous_noise_for_the_csr_output():
-    from ssvi_cli.layers import randn_like
+    from ssvi_cli.core.gaussian import randn_like
 
     t = torch.empty(512, 300).t()  # the layout SparseMatmul returns
     noise = randn_like(t)
@@ -239,17 +238,16 @@ def test_lrt_gradients_of_sparse_kernel_match_dense_with_the_same_noise(product_
 
 
 def test_mc_prediction_with_cached_sigma_matches_per_draw_sigma():
-    from ssvi_cli.layers import set_kernel
-    from ssvi_cli.models import LayerFactory, build_model
+    from ssvi_cli.models import LayerFactory, build_architecture
     from ssvi_cli.predict import predict_batch
 
     torch.manual_seed(4)
-    model = build_model("mlp", (1, 4, 4), 3, LayerFactory(bayesian=True), widths=(8,))
+    # the dense kernel: a contiguous first-layer output, so the reference draws its noise alike
+    model = build_architecture("mlp", (1, 4, 4), 3, LayerFactory(bayesian=True, kernel="dense"), widths=(8,))
     for _, layer in [("first", model.first), ("hidden", model.hidden[0])]:
         k = layer.numel // 3
         idx = torch.randperm(layer.numel)[:k].sort().values
         layer.set_support(idx, torch.randn(k), rho_from_sigma(torch.rand(k) * 0.3 + 0.05, "softplus"))
-    set_kernel(model, "dense")  # contiguous first-layer output: the reference draws its noise alike
     x = torch.randn(5, 1, 4, 4)
     torch.manual_seed(9)
     probs, draws = predict_batch(model, x, samples=4, first_layer="moments")
@@ -268,7 +266,7 @@ def test_mc_prediction_with_cached_sigma_matches_per_draw_sigma():
 
 
 def _noise_like(t):
-    from ssvi_cli.layers import randn_like
+    from ssvi_cli.core.gaussian import randn_like
 
     return randn_like(t)
 
@@ -286,10 +284,10 @@ def test_sparse_conv_lrt_gradients_match_dense_including_variance(ksize, stride,
     x0 = torch.randn(3, 5, 8, 8)
     results = []
     for kernel in ("sparse", "dense"):
-        conv.kernel = kernel
         conv.mu.grad = conv.rho.grad = None
         x = x0.clone().requires_grad_(True)
-        mean, var = conv.moments(x)
+        with using_kernel([conv], kernel):
+            mean, var = conv.moments(x)
         torch.manual_seed(6)
         g1, g2 = torch.randn(mean.shape), torch.randn(var.shape)
         ((mean * g1).sum() + (var * g2).sum()).backward()

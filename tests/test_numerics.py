@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssvi_cli import checkpoint as ckpt
+from ssvi_cli.runs import checkpoint as ckpt
 from ssvi_cli import config as C
 from ssvi_cli.cli import run
-from ssvi_cli.engine import Trainer, TrainingError
-from ssvi_cli.layers import SparseGaussian, sparse_layers
+from ssvi_cli.training.trainer import Trainer, TrainingError
+from ssvi_cli.core.layers import SparseGaussian, sparse_layers
 
 
 @pytest.fixture(autouse=True)

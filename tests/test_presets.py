@@ -3,9 +3,9 @@ import shlex
 import pytest
 
 from ssvi_cli import config as C
-from ssvi_cli.criteria import criterion_names
+from ssvi_cli.core.criteria import criterion_names
 from ssvi_cli.data import dataset_names, get_spec
-from ssvi_cli.engine import init_model, make_model
+from ssvi_cli.training.plan import init_model, make_model
 from ssvi_cli.models import MODELS
 
 import torch

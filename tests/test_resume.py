@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ssvi_cli import config as C
-from ssvi_cli.engine import Interrupted, Trainer
+from ssvi_cli.training.trainer import Interrupted, Trainer
 
 
 @pytest.fixture(autouse=True)

@@ -2,8 +2,9 @@ import math
 
 import torch
 
-from ssvi_cli.layers import SparseLinear, rho_from_sigma
-from ssvi_cli.subspace import Schedule, update_layer
+from ssvi_cli.core.layers import SparseLinear
+from ssvi_cli.core.gaussian import rho_from_sigma
+from ssvi_cli.core.subspace import Schedule, update_layer
 
 
 def layer_with(idx, mu, sigma):

@@ -1,0 +1,80 @@
+"""The ``ssvi`` Typer app and its error handling: the only module that turns exceptions into exit codes."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Optional, Sequence
+
+import typer
+from rich.markup import escape
+
+from ssvi_cli.cli import bench as bench_cmd
+from ssvi_cli.cli import evaluate as evaluate_cmd
+from ssvi_cli.cli import export as export_cmd
+from ssvi_cli.cli import infer as infer_cmd
+from ssvi_cli.cli import inspect_cmd
+from ssvi_cli.cli import presets as presets_cmd
+from ssvi_cli.cli import train as train_cmd
+from ssvi_cli.cli.common import UsageError, err
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Sparse Bayesian neural networks with Sparse Subspace Variational Inference. "
+                       "Add --debug anywhere on a command line for debug logs and full tracebacks.")
+
+for module in (train_cmd, presets_cmd, evaluate_cmd, export_cmd, infer_cmd, inspect_cmd, bench_cmd):
+    module.register(app)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the user asked for something impossible (exit code 2)."""
+    from ssvi_cli.config import ConfigError
+    from ssvi_cli.registry import UnknownName
+
+    found: list[type[BaseException]] = [UsageError, ConfigError, UnknownName]
+    # The other families only matter once their module has been imported (an error of a module
+    # that never loaded cannot be in flight), so this lookup imports nothing new.
+    for module, name in (("ssvi_cli.data.spec", "DataError"), ("ssvi_cli.core.allocation", "AllocationError"),
+                         ("ssvi_cli.runs.checkpoint", "CheckpointError"), ("ssvi_cli.runs.rundir", "RunDirError"),
+                         ("ssvi_cli.modelfile.header", "ModelFileError")):
+        loaded = sys.modules.get(module)
+        if loaded is not None:
+            found.append(getattr(loaded, name))
+    return tuple(found)
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the CLI and return its exit code: 0 ok, 1 runtime failure, 2 usage error, 130 interrupted
+    (Ctrl-C), 143 stopped by SIGTERM."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        # Standalone mode: Typer reports its own usage errors (exit 2); ours propagate to here.
+        app(args=args, prog_name="ssvi")
+        return 0
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except train_cmd.KeyboardInterruptHandled as exc:
+        if str(exc):
+            err.print(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place that turns errors into messages
+        if debug:
+            raise
+        code = 2 if isinstance(exc, _user_errors()) else 1
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        prefix = "error" if code == 2 else f"error ({type(exc).__name__})"
+        # escape(): a message may hold brackets (pip extras, paths) that rich would read as markup.
+        err.print(f"[bold red]{prefix}:[/] {escape(message)}" + ("" if code == 2 else "  (run with --debug for the traceback)"),
+                  markup=True)
+        return code
+
+
+def main() -> None:
+    sys.exit(run())

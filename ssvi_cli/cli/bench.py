@@ -1,0 +1,103 @@
+"""``ssvi bench``: measured training, prediction and memory savings, side by side in one process."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from ssvi_cli.cli.common import check_device, UsageError, err, out, print_json
+
+
+def parse_sparsities(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"--sparsity {text!r}: expected comma-separated numbers such as 0.9,0.95") from None
+    if not values or any(not 0.0 < v < 1.0 for v in values):
+        raise UsageError(f"--sparsity {text!r}: every value must lie in (0, 1)")
+    return values
+
+
+def _ms(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def train_table(result: dict[str, Any]) -> Table:
+    t = Table(title="training step (median ms; ratio = / dense VI)", title_justify="left")
+    for col, just in (("variant", "left"), ("step", "left"), ("median ms", "right"), ("time ratio", "right"),
+                      ("trainable state", "right"), ("state ratio", "right"), ("FLOPs ratio", "right")):
+        t.add_column(col, justify=just)
+    for r in result["train"]:
+        t.add_row(r["variant"], r["step"], _ms(r["median_ms"]), f"{r['time_vs_vi']:.3f}",
+                  _mib(r["trainable_bytes"]), f"{r['bytes_vs_vi']:.4f}", f"{r['flops_vs_vi']:.4f}")
+    return t
+
+
+def amortised_table(result: dict[str, Any]) -> Table:
+    t = Table(title=f"SSVI per step over one delta_t={result['recipe_delta_t']} cycle (auto kernel)",
+              title_justify="left")
+    for col in ("sparsity", "parameter ms", "subspace ms", "amortised ms", "ratio"):
+        t.add_column(col, justify="right")
+    for r in result["train_amortised"]:
+        t.add_row(f"{r['sparsity']:g}", _ms(r["parameter_ms"]), _ms(r["subspace_ms"]), _ms(r["amortised_ms"]),
+                  f"{r['time_vs_vi']:.3f}")
+    return t
+
+
+def predict_table(result: dict[str, Any]) -> Table:
+    t = Table(title=f"Monte Carlo prediction, S={result['samples']} (median ms per batch)", title_justify="left")
+    for col, just in (("file", "left"), ("sparsity", "right"), ("file bytes", "right"), ("bytes ratio", "right"),
+                      ("median ms", "right"), ("speed-up", "right")):
+        t.add_column(col, justify=just)
+    for r in result["predict"]:
+        t.add_row(r["file"], f"{r['sparsity']:g}", f"{r['file_bytes']:,}", f"{r['bytes_vs_dense_file']:.4f}",
+                  _ms(r["median_ms"]), f"{r['speedup_vs_dense_file']:.2f}x")
+    return t
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def bench(
+        model: Annotated[str, typer.Option(help="mlp (784-1024-1024-10), lenet5 or resnet18.")] = "mlp",
+        sparsity: Annotated[Optional[str], typer.Option(help="Comma-separated sparsities (default 0.9,0.95,0.98; resnet18: 0.95).")] = None,
+        batch_size: Annotated[Optional[int], typer.Option(min=1, help="Minibatch size (default 256; resnet18: 16).")] = None,
+        samples: Annotated[Optional[int], typer.Option(min=1, help="Monte Carlo draws per prediction (default 16; resnet18: 4).")] = None,
+        repeats: Annotated[Optional[int], typer.Option(min=1, help="Timed repeats per variant (default 10; resnet18: 3).")] = None,
+        threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: torch's current setting).")] = None,
+        warmup: Annotated[int, typer.Option(min=0, help="Untimed warm-up runs per variant.")] = 2,
+        device: Annotated[str, typer.Option(help="cpu or cuda (timings synchronise the GPU around every run).")] = "cpu",
+        json_out: Annotated[bool, typer.Option("--json", help="Print the full result as JSON only.")] = False,
+    ) -> None:
+        """Time training steps and MC prediction of SSVI against dense VI, side by side, and measure memory."""
+        from ssvi_cli.bench import BENCH_MODELS, BenchOptions, run_bench
+
+        check_device(device)
+        if model not in BENCH_MODELS:
+            raise UsageError(f"unknown --model {model!r}; valid names are: {', '.join(BENCH_MODELS.names())}")
+        opts = BenchOptions(model=model, sparsities=parse_sparsities(sparsity) if sparsity else None,
+                            batch_size=batch_size, samples=samples, repeats=repeats, threads=threads,
+                            warmup=warmup, device=device)
+        resolved = opts.resolved()
+        if not json_out:
+            note = BENCH_MODELS.get(model).note
+            err.print(f"ssvi bench: {model}, batch {resolved.batch_size}, S={resolved.samples}, "
+                      f"{resolved.repeats} repeats, {resolved.threads} thread(s), device {device}" + (f"\n{note}" if note else ""))
+        result = run_bench(opts, on_progress=None if json_out else (lambda msg: err.print(f"  {msg}")))
+        if json_out:
+            print_json(result)
+            return
+        m = result["machine"]
+        out.print(f"[bold]ssvi bench --model {model}[/]  cpu: {m['cpu']} ({m['logical_cpus']} logical CPUs), "
+                  f"threads {result['threads']}, device {result['device']}, torch {m['torch']}")
+        out.print(f"data: {result['data']}; batch {result['batch_size']}, medians of {result['repeats']} "
+                  f"interleaved repeats after {result['warmup']} warm-up runs")
+        out.print(train_table(result))
+        out.print(amortised_table(result))
+        out.print(predict_table(result))
+        out.print(f"FLOPs convention: {result['flops_convention']}")

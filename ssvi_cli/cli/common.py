@@ -1,0 +1,85 @@
+"""Shared CLI plumbing: consoles, JSON output, progress display and error reporting."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ssvi_cli.fileio import json_default
+
+# Human-facing progress and messages go to stderr so that ``--json`` stdout stays parseable.
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class UsageError(Exception):
+    """A user mistake on the command line (exit code 2)."""
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """Refuse an output file that is a folder or whose folder is missing, before any work is done
+    (a mistyped folder is reported rather than silently created)."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; give a file name")
+    if not path.parent.is_dir():
+        what = "is not a directory" if path.parent.exists() else "does not exist"
+        raise UsageError(f"{flag} {path}: its folder {path.parent} {what}; create it first or pick another path")
+
+
+def check_output_dir(path: Path, flag: str) -> None:
+    """Refuse an output folder that exists as a file (it is created, with parents, when missing)."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} exists and is not a directory; give a folder path")
+
+
+def check_device(device: str) -> None:
+    """``--device cpu|cuda`` of the commands that run a saved model; CUDA must be present."""
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device!r} is not valid; valid values are: cpu, cuda")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda was requested but no CUDA device is available")
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=json_default) + "\n")
+    sys.stdout.flush()
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def kv_table(title: str, rows: dict[str, Any]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("key", style="bold", no_wrap=True)
+    # Fold rather than cut: a value (a path, a command) must stay whole on a narrow terminal.
+    table.add_column("value", justify="right", overflow="fold")
+    for key, value in rows.items():
+        table.add_row(key, fmt(value))
+    return table
+
+
+@contextmanager
+def progress_bar(enabled: bool = True) -> Iterator[Optional[Progress]]:
+    """A rich progress bar on a terminal; ``None`` (plain line output) otherwise."""
+    if not enabled or not err.is_terminal:
+        yield None
+        return
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err, transient=False)
+    with bar:
+        yield bar

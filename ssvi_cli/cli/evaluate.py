@@ -1,0 +1,174 @@
+"""``ssvi evaluate``: accuracy, calibration and OOD detection of a model file or run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich import box
+from rich.table import Table
+
+from ssvi_cli.cli.common import check_device, UsageError, check_output_dir, check_output_file, err, fmt, out, print_json, progress_bar
+
+METRIC_LABELS = {
+    "accuracy": "accuracy",
+    "nll": "NLL",
+    "brier": "Brier score",
+    "ece": "ECE (top-label, 15 bins)",
+    "debiased_marginal_l2_ce": "debiased class-marginal L2 CE",
+    "entropy_mean": "mean predictive entropy",
+    "mi_mean": "mean mutual information",
+    "misclassification_auroc_entropy": "misclassification AUROC (entropy)",
+    "misclassification_auroc_max_prob": "misclassification AUROC (1 - max p)",
+}
+SCORE_LABELS = {"entropy": "entropy", "mutual_information": "MI", "one_minus_max_prob": "1 - max p"}
+OOD_COLUMNS = (("auroc", "AUROC"), ("aupr_in", "AUPR-in"), ("aupr_out", "AUPR-out"), ("fpr_at_95_tpr", "FPR@95%TPR"))
+
+
+def _setting(report: dict[str, Any], samples: Optional[int] = None) -> str:
+    s = report["samples"] if samples is None else samples
+    return f"mode {report['mode']}" + (f", S={s}" if s else "")
+
+
+def metrics_table(report: dict[str, Any]) -> Table:
+    info = report["model_info"]
+    table = Table(title=f"{report['dataset']} {report['split']} (n={report['n']}), {_setting(report)}, "
+                        f"seed {report['seed']}", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    for key, label in METRIC_LABELS.items():
+        table.add_row(label, fmt(report["metrics"][key]))
+    table.caption = (f"model {report['model']} ({info.get('architecture')}, {info.get('method')}, "
+                     f"sparsity {info.get('sparsity')}, trained on {info.get('trained_on')})")
+    table.caption_justify = "left"
+    return table
+
+
+def ood_table(report: dict[str, Any]) -> Table:
+    table = Table(title=f"OOD detection vs {report['dataset']} {report['split']} (OOD = positive), "
+                        f"{_setting(report)}", title_justify="left", box=box.SIMPLE_HEAD)
+    for header in ("OOD set", "n", "score"):
+        table.add_column(header, style="bold" if header == "OOD set" else None)
+    for _, header in OOD_COLUMNS:
+        table.add_column(header, justify="right")
+    for name, block in report["ood"].items():
+        for i, (score, values) in enumerate(block["scores"].items()):
+            table.add_row(name if i == 0 else "", str(block["n"]) if i == 0 else "", SCORE_LABELS.get(score, score),
+                          *(fmt(values[key]) for key, _ in OOD_COLUMNS))
+    return table
+
+
+def samples_table(report: dict[str, Any]) -> Table:
+    """Each metric, and each OOD AUROC, against the number of Monte Carlo samples S (one column per S)."""
+    rows = report["per_samples"]
+    table = Table(title=f"Metrics vs Monte Carlo samples S ({report['dataset']} {report['split']}, mode mc; "
+                        "S draws = prefix of one pass)", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("metric", style="bold")
+    for row in rows:
+        table.add_column(f"S={row['samples']}", justify="right")
+    for key, label in METRIC_LABELS.items():
+        table.add_row(label, *(fmt(row["metrics"][key]) for row in rows))
+    for name, scores in rows[0]["ood"].items():
+        for score in scores:
+            table.add_row(f"{name} AUROC ({SCORE_LABELS.get(score, score)})",
+                          *(fmt(row["ood"][name][score]["auroc"]) for row in rows))
+    return table
+
+
+def print_report(report: dict[str, Any]) -> None:
+    out.print(metrics_table(report))
+    if report["ood"]:
+        out.print(ood_table(report))
+    if len(report["per_samples"]) > 1:
+        out.print(samples_table(report))
+    for note in report["notes"]:
+        out.print(f"note: {note}")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def evaluate(
+        model: Annotated[Path, typer.Argument(help="Model file (.safetensors), checkpoint or run directory.",
+                                              show_default=False)],
+        dataset: Annotated[Optional[str], typer.Option(help="In-distribution dataset (default: the one the model was trained on).")] = None,
+        split: Annotated[str, typer.Option(help="test, or val (the training-time validation split).")] = "test",
+        ood: Annotated[Optional[list[str]], typer.Option("--ood", help="OOD set, repeatable: noise, sklearn-photos, svhn, cifar10, cifar100, mnist, fashion-mnist, kmnist.")] = None,
+        samples: Annotated[Optional[str], typer.Option(help="Monte Carlo samples S, or a list such as 1,5,10,30 for a table over S (default 30).")] = None,
+        mode: Annotated[str, typer.Option(help="mc (Bayesian model average of S samples) or mean (the mean network).")] = "mc",
+        batch_size: Annotated[int, typer.Option(help="Images per prediction batch.")] = 500,
+        seed: Annotated[int, typer.Option(help="Seed of the Monte Carlo draws and of the OOD subsets.")] = 0,
+        data_dir: Annotated[Optional[Path], typer.Option(help="Folder of torchvision datasets (default: the training config's, else ~/.cache/ssvi/data).")] = None,
+        download: Annotated[bool, typer.Option(help="Download missing torchvision datasets.")] = False,
+        device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+        json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document (and nothing else) on stdout.")] = False,
+        output: Annotated[Optional[Path], typer.Option(help="Also write the JSON report to this file (atomically).")] = None,
+        plots: Annotated[Optional[Path], typer.Option(help="Write reliability.png and ood_scores.png into this folder.")] = None,
+    ) -> None:
+        """Accuracy, calibration (ECE, debiased class-marginal L2 CE), uncertainty and OOD detection."""
+        from ssvi_cli.evaluation import evaluator as ev
+        from ssvi_cli.runs.load import load_model
+        from ssvi_cli.fileio import write_json
+
+        opts = _options(split, samples, mode, batch_size, seed)
+        if plots is not None:
+            from ssvi_cli.evaluation.plots import PlotsUnavailable, require_pyplot
+
+            try:
+                require_pyplot()
+            except PlotsUnavailable as exc:
+                raise UsageError(str(exc)) from None
+        if not model.exists():
+            raise UsageError(f"model {model} does not exist; pass a .safetensors file or a run directory")
+        if output is not None:
+            check_output_file(output, "--output")
+        if plots is not None:
+            check_output_dir(plots, "--plots")
+        check_device(device)
+        loaded = load_model(model)
+        loaded.model.to(device)
+        data = ev.load_eval_data(loaded.spec, loaded.card.training, dataset=dataset, split=split, ood=tuple(ood or ()),
+                                 data_dir=data_dir, download=download, seed=seed)
+        if not json_out:
+            sets = f" + OOD {', '.join(data.ood)}" if data.ood else ""
+            err.print(f"evaluating {model} on {data.dataset} {split}{sets} ({mode}"
+                      + (f", S={opts.max_samples}" if mode == "mc" else "") + ")")
+        with progress_bar(enabled=not json_out) as bar:
+            task = bar.add_task("predicting", total=data.total_items(), info="") if bar is not None else None
+            advance = (lambda n: bar.update(task, advance=n)) if bar is not None else None
+            result = ev.evaluate(loaded.model, data, opts, model_info=ev.describe_model(model, loaded.card),
+                                 on_batch=advance)
+        report = result.report
+        if output is not None:
+            write_json(output, report)
+        written = []
+        if plots is not None:
+            from ssvi_cli.evaluation.plots import write_plots
+
+            written = write_plots(result, plots)
+        if json_out:
+            print_json(report)
+            return
+        print_report(report)
+        err.print(f"evaluated in {report['seconds']:.1f}s"
+                  + (f"; report written to {output}" if output else "")
+                  + (f"; plots: {', '.join(str(p) for p in written)}" if written else ""))
+
+
+def _options(split: str, samples: Optional[str], mode: str, batch_size: int, seed: int) -> Any:
+    from ssvi_cli.evaluation import evaluator as ev
+    from ssvi_cli.predict import MODES
+
+    if mode not in MODES:
+        raise UsageError(f"--mode {mode!r} is not valid; valid values are: {', '.join(MODES)}")
+    if split not in ev.SPLITS:
+        raise UsageError(f"--split {split!r} is not valid; valid values are: {', '.join(ev.SPLITS)}")
+    if samples is not None and mode == "mean":
+        raise UsageError("--samples applies to --mode mc; the mean network takes no samples")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be positive, got {batch_size}")
+    try:
+        counts = ev.parse_samples(samples) if samples is not None else (ev.DEFAULT_SAMPLES,)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return ev.EvalOptions(split=split, samples=counts, mode=mode, seed=seed, batch_size=batch_size)

@@ -1,0 +1,42 @@
+"""``ssvi export``: write a run, checkpoint or model file as a compact (or dense) model file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ssvi_cli.cli.common import UsageError, check_output_file, kv_table, out, print_json
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def export(
+        source: Annotated[Path, typer.Argument(help="A run directory, a checkpoint (.pt) or a model file.")],
+        output: Annotated[Path, typer.Option("--output", "-o", help="The model file to write (.safetensors).")],
+        dtype: Annotated[str, typer.Option(help="Value precision of mu, sigma and dense tensors: float32, float16 or bfloat16.")] = "float32",
+        dense: Annotated[bool, typer.Option("--dense", help="Write a plain dense BNN file (mu and sigma for every weight), for comparison.")] = False,
+        json_out: Annotated[bool, typer.Option("--json", help="Print the size report as JSON only.")] = False,
+    ) -> None:
+        """Write a model file: active indices, mu and sigma per sparse layer, plus the dense tensors."""
+        from ssvi_cli.modelfile import DTYPES
+        from ssvi_cli.runs.load import export_model
+
+        if dtype not in DTYPES:
+            raise UsageError(f"--dtype {dtype!r} is not valid; valid values are: {', '.join(DTYPES)}")
+        if not source.exists():
+            raise UsageError(f"{source} does not exist")
+        check_output_file(output, "--output")
+        report = export_model(source, output, dtype=dtype, dense=dense)
+        if json_out:
+            print_json(report)
+            return
+        out.print(kv_table(f"ssvi export: {output}", {
+            "source": report["source"],
+            "layout / dtype": f"{report['layout']} / {report['dtype']}",
+            "active weights": f"{report['active_weights']:,} of {report['total_weights']:,} ({report['density']:.4f})",
+            "file bytes": f"{report['file_bytes']:,} (header {report['header_bytes']:,})",
+            "dense float32 BNN bytes": f"{report['dense_bnn_bytes']:,}",
+            "compression ratio": f"{report['compression_ratio']:.2f}x",
+        }))

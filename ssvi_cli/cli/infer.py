@@ -1,0 +1,86 @@
+"""``ssvi infer``: predict images or arrays with a model file (sparse Monte Carlo by default)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from ssvi_cli.cli.common import check_device, UsageError, check_output_file, err, out, print_json, progress_bar
+
+SHOWN_ROWS = 50
+DEFAULT_SAMPLES = 10  # the table shows this many inputs; --output holds all
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def infer(
+        model_file: Annotated[Path, typer.Argument(help="A model file (.safetensors) or a run directory.")],
+        inputs: Annotated[list[Path], typer.Argument(help="Image files (PNG/JPEG), folders (recursive) or .npy arrays.")],
+        samples: Annotated[Optional[int], typer.Option(help="Monte Carlo samples S (mode mc; default 10).", show_default=False)] = None,
+        mode: Annotated[str, typer.Option(help="mc (Bayesian model average) or mean (theta = mu).")] = "mc",
+        batch_size: Annotated[int, typer.Option(help="Inputs per forward pass.")] = 256,
+        top_k: Annotated[int, typer.Option(help="Classes listed per input.")] = 3,
+        seed: Annotated[int, typer.Option(help="Seed of the Monte Carlo draws.")] = 0,
+        output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write all predictions to preds.jsonl or preds.csv.")] = None,
+        device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+        json_out: Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")] = False,
+    ) -> None:
+        """Predict class, probability, top-k, predictive entropy and mutual information per input."""
+        from ssvi_cli.runs.load import load_model
+        from ssvi_cli.evaluation.infer import OUTPUT_SUFFIXES, expand_inputs, run_inference, write_predictions
+        from ssvi_cli.predict import MODES
+
+        if mode not in MODES:
+            raise UsageError(f"--mode {mode!r} is not valid; valid values are: {', '.join(MODES)}")
+        if samples is not None and mode == "mean":
+            raise UsageError("--samples applies to --mode mc; the mean network takes no samples")
+        samples = DEFAULT_SAMPLES if samples is None else samples
+        if samples < 1 or batch_size < 1 or top_k < 1:
+            raise UsageError("--samples, --batch-size and --top-k must be at least 1")
+        if output is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
+            raise UsageError(f"--output {output} must end in {' or '.join(OUTPUT_SUFFIXES)}")
+        if output is not None:
+            check_output_file(output, "--output")
+        check_device(device)
+        files = expand_inputs(inputs)
+        loaded = load_model(model_file, kernel="prediction")
+        loaded.model.to(device)
+        effective = mode if loaded.model.first.bayesian else "mean"
+        started = time.perf_counter()
+        with progress_bar(enabled=not json_out) as bar:
+            task = bar.add_task("infer", total=None, info="") if bar is not None else None
+            records = run_inference(loaded.model, loaded.spec, files, samples=samples, mode=effective,
+                                    batch_size=batch_size, top_k=top_k, seed=seed,
+                                    on_batch=(lambda n: bar.update(task, advance=n)) if bar is not None else None)
+        seconds = time.perf_counter() - started
+        if output is not None:
+            write_predictions(output, records)
+        header = {"model": str(model_file), "mode": effective,
+                  "samples": samples if effective == "mc" else None, "seed": seed,
+                  "inputs": len(records), "seconds": seconds}
+        if json_out:
+            print_json({**header, "predictions": records})
+            return
+        out.print(_table(records, header))
+        if len(records) > SHOWN_ROWS:
+            err.print(f"showing {SHOWN_ROWS} of {len(records)} inputs" + ("" if output else "; use --output for all"))
+        if output is not None:
+            err.print(f"wrote {len(records)} predictions to {output}")
+
+
+def _table(records: list[dict[str, Any]], header: dict[str, Any]) -> Table:
+    how = f"mc, S={header['samples']}, seed {header['seed']}" if header["mode"] == "mc" else "mean network"
+    table = Table(title=f"ssvi infer: {header['model']} ({how}; {header['inputs']} inputs, {header['seconds']:.2f}s)",
+                  title_justify="left")
+    for col, justify in (("input", "left"), ("class", "left"), ("prob", "right"), ("top-k", "left"),
+                         ("entropy", "right"), ("MI", "right")):
+        table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for r in records[:SHOWN_ROWS]:
+        mi = "-" if r["mutual_information"] is None else f"{r['mutual_information']:.4f}"
+        top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top_k"])
+        table.add_row(r["input"], r["class"], f"{r['probability']:.4f}", top, f"{r['entropy']:.4f}", mi)
+    return table

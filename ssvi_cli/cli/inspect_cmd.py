@@ -1,0 +1,137 @@
+"""``ssvi inspect``: what the posterior learned, how big the file is, how the support moved."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from ssvi_cli.cli.common import UsageError, check_output_dir, err, kv_table, out, print_json
+
+HISTORY_ROWS = 12  # support-history steps shown in the table (all are in --json)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("inspect")
+    def inspect_(
+        source: Annotated[Path, typer.Argument(help="A model file (.safetensors) or a run directory.")],
+        json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON only.")] = False,
+        plots: Annotated[Optional[Path], typer.Option(help="Write SNR histograms (PNG) to this folder; needs matplotlib.")] = None,
+        drop_fraction: Annotated[float, typer.Option(help="Drop fraction of the criteria-overlap analysis.")] = 0.3,
+    ) -> None:
+        """Per-layer density, mu/sigma/SNR statistics, sizes, support history and criteria overlap."""
+        from ssvi_cli.evaluation.inspection import inspect_model
+
+        if not 0.0 < drop_fraction <= 1.0:
+            raise UsageError(f"--drop-fraction must be in (0, 1], got {drop_fraction}")
+        if not source.exists():
+            raise UsageError(f"{source} does not exist")
+        written: list[Path] = []
+        if plots is not None:
+            check_output_dir(plots, "--plots")
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise UsageError("--plots needs matplotlib; install it with: pip install 'ssvi[plots]'") from None
+        report = inspect_model(source, drop_fraction)
+        if plots is not None:
+            from ssvi_cli.runs.load import load_model
+            from ssvi_cli.evaluation.inspection import write_snr_plots
+
+            written = write_snr_plots(load_model(source).model, plots)
+            report["plots"] = [str(p) for p in written]
+        if json_out:
+            print_json(report)
+            return
+        _print_report(report)
+        if written:
+            err.print(f"wrote {len(written)} SNR histograms to {plots}")
+
+
+def _g(value: Optional[float]) -> str:
+    """Short numbers for narrow tables: 0.0312, 456, 15300, 1.6e6, 7.1e-4."""
+    if value is None:
+        return "-"
+    if value == 0 or 0.01 <= abs(value) < 1000:
+        return f"{value:.3g}"
+    if 1000 <= abs(value) < 1e5:
+        return f"{value:.0f}"
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _print_report(r: dict[str, Any]) -> None:
+    arch, fmt, tr = r["architecture"], r["format"], r["training"]
+    out.print(kv_table(f"ssvi inspect: {r['source']}", {
+        "model": f"{arch.get('name')} ({'Bayesian' if arch.get('bayesian') else 'deterministic'}, "
+                 f"sigma = {arch.get('sigma_param')}(rho))",
+        "data": f"{r['data']['name']} {tuple(r['data']['input_shape'])}, {r['data']['num_classes']} classes",
+        "trained": f"{tr.get('method')}, sparsity {tr.get('sparsity')}, criterion {tr.get('criterion')}, "
+                   f"{tr.get('epochs')} epochs, seed {tr.get('seed')}",
+        "format": f"{fmt['name']} v{fmt['version']}, {fmt['layout']}, {fmt['dtype']}",
+        "test accuracy": r["metrics"].get("test_accuracy"),
+    }))
+    out.print(_layers_table(r["layers"]))
+    out.print(_posterior_table(r["layers"]))
+    out.print(f"FLOPs per prediction: {r['flops']['per_prediction']:,} ({r['flops']['convention']})")
+    t = r["totals"]
+    out.print(kv_table("totals", {
+        "active weights": f"{t['active_weights']:,} of {t['total_weights']:,} (density {t['density']:.4f})",
+        "file bytes": f"{t['file_bytes']:,} (header {t['header_bytes']:,}; {t['measured_from']})",
+        "dense float32 BNN bytes": f"{t['dense_bnn_bytes']:,}",
+        "compression ratio": f"{t['compression_ratio']:.2f}x",
+    }))
+    history = r.get("support_history")
+    if history is not None:
+        _print_history(history)
+    overlap = r.get("criteria_overlap")
+    if overlap is not None:
+        table = Table(title=f"criteria overlap: IoU of the entries each criterion would drop now "
+                            f"(drop fraction {overlap['fraction']}, lambda {overlap['lambda']})",
+                      title_justify="left")
+        table.add_column("")
+        for name in overlap["criteria"]:
+            table.add_column(name, justify="right")
+        for name, row in zip(overlap["criteria"], overlap["iou"]):
+            table.add_row(name, *(f"{v:.3f}" for v in row))
+        out.print(table)
+
+
+def _layers_table(layers: list[dict[str, Any]]) -> Table:
+    table = Table(title="layers", title_justify="left")
+    for col in ("layer", "shape", "active / total", "density", "index", "bytes", "FLOPs/prediction"):
+        table.add_column(col, justify="left" if col in ("layer", "shape", "index") else "right")
+    for l in layers:
+        table.add_row(l["name"], "x".join(map(str, l["shape"])), f"{l['active']:,} / {l['total']:,}",
+                      f"{l['density']:.4f}", str(l["index"] or "-"), f"{l['bytes']:,}" if l["bytes"] else "-",
+                      f"{l['flops_per_prediction']:,}")
+    return table
+
+
+def _posterior_table(layers: list[dict[str, Any]]) -> Table:
+    table = Table(title="posterior (SNR = |mu| / sigma over active weights)", title_justify="left")
+    for col in ("layer", "mean |mu|", "sigma med", "SNR min", "q10", "med", "q90", "max", "SNR<1"):
+        table.add_column(col, justify="left" if col == "layer" else "right", overflow="fold")
+    for l in layers:
+        s = l["snr"] or {}
+        table.add_row(l["name"], _g(l["mu"]["mean_abs"]), _g((l["sigma"] or {}).get("median")),
+                      _g(s.get("min")), _g(s.get("q10")), _g(s.get("median")), _g(s.get("q90")),
+                      _g(s.get("max")), "-" if l["snr_below_1"] is None else f"{l['snr_below_1']:.1%}")
+    return table
+
+
+def _print_history(h: dict[str, Any]) -> None:
+    steps = h["steps"]
+    title = (f"support history: {h['subspace_steps']} subspace steps, {h['total_swapped']:,} entries swapped"
+             + (f", final IoU {h['final_iou']:.4f}" if steps else ""))
+    table = Table(title=title, title_justify="left")
+    for col in ("step", "drop fraction", "swapped", "IoU old/new"):
+        table.add_column(col, justify="right")
+    shown = steps if len(steps) <= HISTORY_ROWS else steps[: HISTORY_ROWS // 2] + steps[-HISTORY_ROWS // 2:]
+    for i, s in enumerate(shown):
+        if len(steps) > HISTORY_ROWS and i == HISTORY_ROWS // 2:
+            table.add_row("...", "", "", "")
+        table.add_row(str(s["step"]), f"{s['fraction']:.4f}", f"{s['swapped']:,}", f"{s['iou']:.4f}")
+    out.print(table)

@@ -1,0 +1,37 @@
+"""``ssvi presets``: list the shipped presets and the command that runs each."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ssvi_cli import config as cfgmod
+from ssvi_cli.cli.common import out, print_json
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def presets(json_out: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
+        """List the presets in presets/ with model, data, method and the command that runs them."""
+        rows = []
+        for name, path in cfgmod.list_presets().items():
+            cfg = cfgmod.load_preset(name)
+            rows.append({"name": name, "model": cfg.model.name, "dataset": cfg.data.name,
+                         "method": cfg.sparse.method, "sparsity": cfg.sparse.sparsity,
+                         "epochs": cfg.train.epochs, "command": cfgmod.preset_command(path)})
+        if json_out:
+            print_json(rows)
+            return
+        # Names never fold; commands go below the table, one whole line each, so that a narrow
+        # terminal or a pipe still shows what to copy (a table cell would cut or fold it).
+        table = Table(title="presets", title_justify="left")
+        for col in ("name", "model", "dataset", "method", "sparsity", "epochs"):
+            table.add_column(col, no_wrap=col == "name")
+        for r in rows:
+            table.add_row(*(str(r[c]) for c in ("name", "model", "dataset", "method", "sparsity", "epochs")))
+        out.print(table)
+        out.print("commands:")
+        for r in rows:
+            out.print(f"  {r['command']}", markup=False, highlight=False)

@@ -1,0 +1,223 @@
+"""``ssvi train``: resolve the preset and flags into a Config, plan the run once
+(``training.plan.RunPlan``), claim its directory and hand it to the trainer; progress and the summary
+are printed here."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ssvi_cli import config as cfgmod
+from ssvi_cli.cli.common import UsageError, err, fmt, kv_table, out, print_json, progress_bar
+
+
+def build_config(preset: str, overrides: dict[str, Any], sets: list[str]) -> cfgmod.Config:
+    cfg = cfgmod.load_preset(preset)
+    flat = {k: v for k, v in overrides.items() if v is not None}
+    for text in sets:
+        key, value = cfgmod.parse_override(text)
+        flat[key] = value
+    return cfgmod.apply_overrides(cfg, flat)
+
+
+def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
+    rows = {
+        "method": summary["method"],
+        "model / data": f"{summary['model']} / {summary['dataset']}",
+        "target sparsity": summary["sparsity"],
+        "achieved density": f"{summary['density']:.4f} ({summary['active_weights']:,} of {summary['total_weights']:,} weights)",
+        "test accuracy": summary["test_accuracy"],
+        "test NLL": summary["test_nll"],
+        "evaluated as": summary["test_mode"] + (f", S={summary['test_samples']}" if summary["test_samples"] else ""),
+        "mean-network accuracy": summary["test_accuracy_mean_net"],
+        "epochs / steps": f"{summary['epochs']} / {summary['steps']}",
+        "subspace steps": summary["subspace_steps"],
+        "processes / global batch": f"{summary['world_size']} / {summary['global_batch']}",
+        "training throughput": f"{fmt(summary['samples_per_second'], 1)} samples/s ({summary['precision']})",
+        "training FLOPs": _flops_row(summary),
+        "model file bytes": f"{summary.get('model_file_bytes', 0):,}",
+    }
+    return rows
+
+
+def _flops_row(summary: dict[str, Any]) -> str:
+    total, ratio = summary.get("training_flops"), summary.get("training_flops_reduction_vs_vi")
+    if total is None:
+        return "-"
+    return f"{total:.3g} ({ratio:.1f}x below dense VI, analytic)"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def train(
+        ctx: typer.Context,
+        preset: Annotated[str, typer.Option(help="Preset name (see 'ssvi presets') or a YAML path.")] = cfgmod.DEFAULT_PRESET,
+        sparsity: Annotated[Optional[float], typer.Option(help="Fraction of weights that are exactly zero, in [0, 1).")] = None,
+        method: Annotated[Optional[str], typer.Option(help="ssvi, vi, static, rigl or dense.")] = None,
+        criterion: Annotated[Optional[str], typer.Option(help="Removal criterion: mean, snr, e_abs, snr_abs, e_exp, snr_exp.")] = None,
+        epochs: Annotated[Optional[int], typer.Option(help="Training epochs.")] = None,
+        batch_size: Annotated[Optional[int], typer.Option(help="Minibatch size.")] = None,
+        lr: Annotated[Optional[float], typer.Option(help="Learning rate of mu (and BN, biases).")] = None,
+        seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+        device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
+        out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<time>-<preset>-<method>).")] = None,
+        set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: --set optim.lr_sigma=0.02 (repeatable).")] = None,
+        resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last checkpoint.")] = None,
+        force: Annotated[bool, typer.Option(help="Overwrite an existing run directory.")] = False,
+        json_out: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON only.")] = False,
+        precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (autocast; fp16 adds a gradient scaler). The LRT variance stays float32.")] = None,
+        nproc: Annotated[Optional[int], typer.Option(help="Processes on this node (data parallel via torch.distributed.run); --batch-size is per process.", min=1)] = None,
+        kernel: Annotated[Optional[str], typer.Option(help="Weight products: auto (per layer by density and type), sparse (active entries only) or dense (a transient dense weight).")] = None,
+    ) -> None:
+        """Train a sparse Bayesian network with SSVI (or a baseline via --method).
+
+        Also runs as one worker of ``torchrun --nproc-per-node N -m ssvi_cli train ...``.
+        """
+        from ssvi_cli.training import distributed
+        from ssvi_cli.training.plan import RunPlan
+        from ssvi_cli.training.trainer import Interrupted, Trainer
+
+        info = distributed.info_from_env()
+        overrides = {
+            "sparse.sparsity": sparsity, "sparse.method": method, "sparse.criterion": criterion,
+            "train.epochs": epochs, "train.batch_size": batch_size, "optim.lr": lr, "train.seed": seed,
+            "train.device": device, "train.precision": precision, "train.kernel": kernel}
+        if nproc is not None and nproc > 1:
+            if info is not None:
+                raise UsageError("--nproc starts torch.distributed.run itself; under torchrun drop it")
+            _launch(ctx, nproc, resume, preset, out_dir, force, overrides, set_ or [])
+            return
+        info = info or distributed.SINGLE
+        if resume is not None:
+            given = [n for n, v in (("--preset", preset != cfgmod.DEFAULT_PRESET), ("--sparsity", sparsity),
+                                     ("--method", method), ("--criterion", criterion), ("--epochs", epochs),
+                                     ("--batch-size", batch_size), ("--lr", lr), ("--seed", seed),
+                                     ("--set", set_), ("--out", out_dir), ("--precision", precision),
+                                     ("--kernel", kernel)) if v]
+            if given:
+                raise UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
+            # One pre-flight: the checkpoint is read once, the device resolved (a clear error for an
+            # absent GPU) and the data loaded, all before the process group exists.
+            plan = RunPlan.resume(resume, device=device)
+        else:
+            # Names, device, data and the layer budget are checked before --force clears an old run,
+            # so a missing dataset or an impossible sparsity never costs the run being replaced.
+            cfg = build_config(preset, overrides, set_ or [])
+            plan = RunPlan.new(cfg, out_dir or _default_run_dir(cfg, preset))
+        trainer = None
+        try:
+            distributed.setup(info, device or plan.cfg.train.device)
+            if resume is None:
+                # Rank 0 claims (and with --force clears) the run directory; the others take its answer.
+                distributed.on_main(lambda: plan.run_dir.claim(force))
+            trainer = Trainer.from_plan(plan, dist_info=info)
+            if resume is not None and info.is_main:
+                err.print(f"resuming {resume} at epoch {trainer.state.epoch + 1}, step {trainer.state.step}"
+                          + (f" on {info.world_size} processes" if info.enabled else ""))
+            summary = _fit(trainer, Interrupted, quiet=json_out or not info.is_main)
+        finally:
+            if trainer is not None:
+                trainer.release_process_group()
+            distributed.teardown()
+        if not info.is_main:
+            return
+        if json_out:
+            print_json(summary)
+            return
+        out.print(kv_table(f"ssvi train: {trainer.run_dir}", summary_rows(summary)))
+        # Paths on lines of their own, never folded into a cell, so a person can copy them.
+        out.print(f"model file: {summary.get('model_file')}", markup=False, highlight=False)
+
+
+def _default_run_dir(cfg: cfgmod.Config, preset: str) -> Any:
+    from ssvi_cli.runs.rundir import RunDir
+
+    return RunDir.default(preset, cfg.sparse.method, cfg.sparse.sparsity if cfg.density < 1 else None)
+
+
+def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: str, out_dir: Optional[Path], force: bool,
+            overrides: dict[str, Any], sets: list[str]) -> None:
+    """Check the arguments here, where errors read well, then rerun them on ``nproc`` processes."""
+    from ssvi_cli.runs.rundir import RunDir
+    from ssvi_cli.training import distributed
+    from ssvi_cli.training.plan import check_names
+
+    if resume is None:
+        cfg = build_config(preset, overrides, sets)
+        check_names(cfg)
+        out_dir = RunDir(out_dir).claim(force).path if out_dir else _default_run_dir(cfg, preset).claim(force).path
+    args = forwarded_args(ctx, drop=("nproc", "out_dir"))
+    if out_dir is not None:
+        args += ["--out", str(out_dir)]
+    code = distributed.launch(nproc, ["train", *args])
+    if code:
+        raise typer.Exit(code)
+
+
+def forwarded_args(ctx: typer.Context, drop: tuple[str, ...] = ()) -> list[str]:
+    """The command line that reproduces this command's given options (those not left at None/False)."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in drop or param.param_type_name != "option" or value in (None, False, [], ()):
+            continue
+        flag = param.opts[0]
+        if value is True:
+            args.append(flag)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                args += [flag, str(item)]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def _fit(trainer, interrupted_cls, quiet: bool) -> dict[str, Any]:
+    from ssvi_cli.training.records import Progress
+
+    cfg = trainer.cfg
+    if not quiet:
+        err.print(f"training {cfg.model.name} on {cfg.data.name} with {cfg.sparse.method} "
+                  f"(density {cfg.density:.3g}, {cfg.train.epochs} epochs, device {trainer.device}) "
+                  f"-> {trainer.run_dir}")
+    with progress_bar(enabled=not quiet) as bar:
+        task = None
+
+        def on_epoch_start(epoch: int, n_batches: int) -> None:
+            nonlocal task
+            if bar is not None:
+                if task is not None:
+                    bar.remove_task(task)
+                task = bar.add_task(f"epoch {epoch + 1}/{cfg.train.epochs}", total=n_batches, info="")
+
+        def on_batch(live: dict[str, float]) -> None:
+            if bar is not None and task is not None:
+                bar.update(task, advance=1, info=f"loss {live['loss']:.4f} acc {live['acc']:.3f}")
+
+        def on_epoch_end(rec: dict[str, Any]) -> None:
+            if bar is None and not quiet:
+                err.print(f"epoch {rec['epoch']}/{cfg.train.epochs} loss {rec['loss']:.4f} "
+                          f"nll {rec['nll']:.4f} train_acc {rec['train_accuracy']:.3f} "
+                          f"val_acc {fmt(rec['val_accuracy'], 3)} density {rec['density']:.4f} "
+                          f"swapped {rec['swapped']} {rec['seconds']:.1f}s")
+
+        try:
+            return trainer.fit(Progress(on_epoch_start, on_batch, on_epoch_end))
+        except interrupted_cls as stop:
+            how = "interrupted" if stop.signum == signal.SIGINT else f"stopped by {stop.signum.name}"
+            message = f"{how} at step {stop.step}; checkpoint written. Resume with: ssvi train --resume {stop.run_dir}"
+            # One line per run, not per rank: the other ranks exit with the same code, silently.
+            raise KeyboardInterruptHandled(message if trainer.is_main else "",
+                                           exit_code=128 + int(stop.signum)) from None
+
+
+class KeyboardInterruptHandled(Exception):
+    """A stop signal after the checkpoint was written; the exit code is the shell's 128 + signal
+    number (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

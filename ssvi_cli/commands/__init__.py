@@ -1,1 +1,0 @@
-"""One module per ``ssvi`` subcommand; each exposes ``register(app)``."""

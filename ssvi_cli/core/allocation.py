@@ -1,0 +1,110 @@
+"""Per-layer active counts (uniform or ERK) and the initial support and values of every layer."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ssvi_cli.registry import Registry, UnknownName
+
+from ssvi_cli.core.layers import SparseGaussian, sparse_layers
+from ssvi_cli.core.gaussian import rho_from_sigma
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    """How mu and sigma start (METHOD.md section 5)."""
+
+    mu_std: float = 0.01          # layers followed by BatchNorm
+    sigma_mean: float = 6e-4
+    sigma_std: float = 5e-4
+    sigma_param: str = "softplus"
+
+
+class AllocationError(ValueError):
+    """A sparsity that leaves a layer without active weights, or an unknown allocation."""
+
+
+def active_count(numel: int, density: float) -> int:
+    """|gamma| = round(density * n)."""
+    return int(round(density * numel))
+
+
+def layer_densities(layers: list[tuple[str, SparseGaussian]], density: float, allocation: str,
+                    dense_stem: bool) -> dict[str, float]:
+    """Density per layer: stem dense when asked, the rest uniform or ERK (RigL's allocation)."""
+    out: dict[str, float] = {}
+    sparse = []
+    for name, layer in layers:
+        if density >= 1.0 or (dense_stem and layer.stem):
+            out[name] = 1.0
+        else:
+            sparse.append((name, layer))
+    out.update(ALLOCATIONS.get(allocation)(sparse, density))
+    for name, layer in layers:
+        if active_count(layer.numel, out[name]) < 1:
+            raise AllocationError(
+                f"sparsity {1 - density:.4g} leaves layer {name} ({layer.numel} weights) with no "
+                f"active weight; use a lower --sparsity (at most {1 - 0.5 / layer.numel:.6g})"
+            )
+    return out
+
+
+def _erk(layers: list[tuple[str, SparseGaussian]], density: float) -> dict[str, float]:
+    """Erdos-Renyi-Kernel: density_l proportional to sum(shape)/prod(shape), capped at 1, with the
+    budget of capped layers redistributed so the total active count matches ``density``."""
+    dense: set[str] = set()
+    total = sum(l.numel for _, l in layers)
+    while True:
+        budget = density * total - sum(l.numel for n, l in layers if n in dense)
+        raw = {n: sum(l.weight_shape) / math.prod(l.weight_shape) for n, l in layers if n not in dense}
+        denom = sum(raw[n] * l.numel for n, l in layers if n not in dense)
+        eps = budget / denom if denom > 0 else 0.0
+        over = [n for n in raw if eps * raw[n] > 1.0]
+        if not over:
+            break
+        dense.update(over)
+    return {n: 1.0 if n in dense else eps * raw[n] for n, _ in layers}
+
+
+def _uniform(layers: list[tuple[str, SparseGaussian]], density: float) -> dict[str, float]:
+    return {name: density for name, _ in layers}
+
+
+class UnknownAllocation(UnknownName, AllocationError):
+    """An allocation name that is not registered."""
+
+
+# (sparse layers, overall density) -> density per layer
+ALLOCATIONS: Registry[Callable[[list[tuple[str, SparseGaussian]], float], dict[str, float]]] = \
+    Registry("allocation", error=UnknownAllocation)
+ALLOCATIONS.add("uniform", _uniform)
+ALLOCATIONS.add("erk", _erk)
+
+
+def initialise(model: nn.Module, densities: dict[str, float], init: InitSpec,
+               generator: torch.Generator) -> None:
+    """Draw a random support of the planned size and initial mu/rho for every sparse layer."""
+    for name, layer in sparse_layers(model):
+        k = active_count(layer.numel, densities[name])
+        if k == layer.numel:
+            idx = torch.arange(k)
+        else:
+            idx = torch.randperm(layer.numel, generator=generator)[:k].sort().values
+        if layer.normed:
+            std = init.mu_std
+        else:
+            # Fan-in scaled (He) init over the *active* fan-in keeps activations O(1) without BN.
+            std = math.sqrt(2.0 / max(1.0, layer.fan_in * densities[name]))
+        mu = torch.randn(k, generator=generator) * std
+        rho = None
+        if layer.bayesian:
+            sigma = (init.sigma_mean + init.sigma_std * torch.randn(k, generator=generator)).abs()
+            rho = rho_from_sigma(sigma.clamp_min(1e-8), init.sigma_param)
+        layer.set_support(idx, mu, rho)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)

@@ -1,0 +1,305 @@
+"""Sparse Gaussian layers: a weight is an explicit index set plus ``mu``/``rho`` of that length.
+
+Off the support a weight is exactly zero (a point mass); on it ``theta_i ~ N(mu_i, sigma_i^2)`` with
+``sigma = softplus(rho)`` (or ``exp``). Parameters, their gradients and optimizer state therefore scale
+with the number of active entries. One functional core serves ``Linear`` and ``Conv2d``; a dense
+Bayesian layer is the same layer at density 1, and a deterministic layer has no ``rho``.
+
+A layer's kernel policy is fixed when it is built. How it samples (LRT, mean, weight draws) and
+whether it captures a dense gradient are switched only inside the context managers of
+:mod:`ssvi_cli.core.modes`, which restore the previous state on exit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssvi_cli.core.gaussian import LRT_EPS, gaussian_kl, randn_like, sigma_from_rho
+from ssvi_cli.core.kernels import KERNELS, CsrPattern, KernelPolicy, csr_product, sparse_product
+
+if TYPE_CHECKING:
+    from ssvi_cli.core.draws import DrawState
+
+MODES = ("lrt", "mean", "sample")
+
+
+# ------------------------------------------------------------------ the layer
+
+class SparseGaussian(nn.Module):
+    """A weight tensor of ``weight_shape`` whose active entries ``idx`` carry mu (and rho).
+
+    ``mode``: ``lrt`` (local reparameterisation, training), ``mean`` (theta = mu) or ``sample``
+    (one weight draw over the active entries, used by Monte Carlo prediction).
+    """
+
+    def __init__(self, weight_shape: tuple[int, ...], *, bias: bool, bayesian: bool,
+                 sigma_param: str = "softplus", stem: bool = False, normed: bool = False,
+                 kernel: KernelPolicy | str = "auto") -> None:
+        super().__init__()
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+        self.numel = math.prod(self.weight_shape)
+        self.fan_in = self.numel // self.weight_shape[0]
+        self.bayesian = bayesian
+        self.sigma_param = sigma_param
+        self.stem = stem
+        self.normed = normed  # followed by BatchNorm: small mu init is fine
+        self.register_buffer("idx", torch.zeros(0, dtype=torch.long))
+        self.mu = nn.Parameter(torch.zeros(0))
+        if bayesian:
+            self.rho = nn.Parameter(torch.zeros(0))
+        else:
+            self.register_parameter("rho", None)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.weight_shape[0]))
+        else:
+            self.register_parameter("bias", None)
+        self.kernel = KERNELS.get(kernel) if isinstance(kernel, str) else kernel
+        # Switched only inside the context managers of ssvi_cli.core.modes, which restore them.
+        self.mode = "lrt"
+        self.capture_dense_grad = False
+        self.draws: Optional["DrawState"] = None
+        self.dense_grad: Optional[Tensor] = None
+        self._leaf: Optional[Tensor] = None
+        self._pattern: Optional[tuple[Tensor, CsrPattern]] = None
+
+    # -- support ---------------------------------------------------------------
+    @property
+    def active(self) -> int:
+        return int(self.idx.numel())
+
+    @property
+    def density(self) -> float:
+        return self.active / self.numel
+
+    def set_support(self, idx: Tensor, mu: Tensor, rho: Optional[Tensor] = None) -> None:
+        """Replace the support and its values; ``idx`` must be sorted and unique."""
+        self.idx = idx.to(device=self.mu.device, dtype=torch.long)
+        self.mu.data = mu.to(self.mu.device, self.mu.dtype).contiguous()
+        if self.bayesian:
+            if rho is None:
+                raise ValueError("a Bayesian layer needs rho with its support")
+            self.rho.data = rho.to(self.rho.device, self.rho.dtype).contiguous()
+        self._pattern = None
+
+    def sigma(self) -> Tensor:
+        if not self.bayesian:
+            raise RuntimeError("a deterministic layer has no sigma")
+        return sigma_from_rho(self.rho, self.sigma_param)
+
+    def kl(self, prior_sigma: float) -> Tensor:
+        if not self.bayesian:
+            return self.mu.new_zeros(())
+        return gaussian_kl(self.mu, self.sigma(), prior_sigma)
+
+    def to_dense(self, values: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """Scatter values over the support into a dense tensor of ``weight_shape``.
+
+        ``out`` (no autograd): a flat tensor of ``numel`` entries, zero off the support, that receives
+        the values in place (the support's positions are overwritten, the zeros stay).
+        """
+        if self.active == self.numel:
+            return values.view(self.weight_shape)
+        if out is not None:
+            out[self.idx] = values
+            return out.view(self.weight_shape)
+        dense = values.new_zeros(self.numel).scatter(0, self.idx, values)
+        return dense.view(self.weight_shape)
+
+    def uses_sparse_kernel(self) -> bool:
+        return self.kernel.use_sparse(self)
+
+    def default_sparse(self) -> bool:
+        """Whether ``kernel=auto`` may use the sparse kernel for this layer type."""
+        return True
+
+    def is_linear(self) -> bool:
+        return False
+
+    def pattern(self) -> CsrPattern:
+        cached = self._pattern
+        if cached is None or cached[0] is not self.idx:
+            cached = (self.idx, CsrPattern.from_flat(self.idx, self.weight_shape[0], self.fan_in))
+            self._pattern = cached
+        return cached[1]
+
+    # -- forward ---------------------------------------------------------------
+    def positions(self, x: Tensor) -> int:
+        """Output positions for input ``x``: each uses every weight once (rows, or batch x pixels)."""
+        raise NotImplementedError
+
+    def apply_weight(self, x: Tensor, values: Tensor) -> Tensor:
+        """The layer's linear operation with weight entries ``values`` on the support (no bias)."""
+        raise NotImplementedError
+
+    def apply_affine(self, x: Tensor, values: Tensor) -> Tensor:
+        """:meth:`apply_weight` plus the bias (layers that can fuse the two override this)."""
+        return self._with_bias(self.apply_weight(x, values))
+
+    def moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """LRT output mean (with bias) and variance for input ``x``."""
+        mean = self.apply_affine(x, self.mu)
+        return mean, self._variance(x)
+
+    def _variance(self, x: Tensor) -> Tensor:
+        """op(x^2, sigma^2), always in float32: sigma^2 ~ 1e-7 underflows in half precision."""
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            return self.apply_weight(x * x, self.sigma().float() ** 2)
+
+    @staticmethod
+    def sample_from_moments(mean: Tensor, var: Tensor) -> Tensor:
+        return torch.addcmul(mean, torch.sqrt(var + LRT_EPS), randn_like(mean))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.capture_dense_grad:
+            return self._forward_capture(x)
+        if not self.bayesian or self.mode == "mean":
+            return self.apply_affine(x, self.mu)
+        if self.mode == "sample":
+            if self.draws is not None and not torch.is_grad_enabled():
+                return self.apply_draw(x, self.draws)
+            return self.apply_affine(x, torch.addcmul(self.mu, self.sigma(), torch.randn_like(self.mu)))
+        return self.sample_from_moments(*self.moments(x))
+
+    def apply_draw(self, x: Tensor, draws: "DrawState") -> Tensor:
+        """The layer with one weight draw, using the prediction's :class:`DrawState` (no gradients)."""
+        values = draws.sample()
+        if self.uses_sparse_kernel():
+            return self.apply_affine(x, values)
+        return self._with_bias(self.dense_op(x, draws.dense_weight(self)))
+
+    def _with_bias(self, out: Tensor) -> Tensor:
+        if self.bias is None:
+            return out
+        shape = (1, -1) + (1,) * (out.dim() - 2)
+        return out + self.bias.view(shape)
+
+    def _forward_capture(self, x: Tensor) -> Tensor:
+        """Forward through a dense leaf holding mu so backward yields dL/dmu at every position."""
+        leaf = self.mu.detach().new_zeros(self.numel).scatter(0, self.idx, self.mu.detach())
+        leaf.requires_grad_(True)
+        self._leaf = leaf
+        mean = self._with_bias(self.dense_op(x, leaf.view(self.weight_shape)))
+        if not self.bayesian or self.mode == "mean":
+            return mean
+        return self.sample_from_moments(mean, self._variance(x))
+
+    def collect_dense_grad(self) -> Optional[Tensor]:
+        """After backward in capture mode: store the dense gradient and route it to ``mu.grad``."""
+        leaf, self._leaf = self._leaf, None
+        if leaf is None or leaf.grad is None:
+            return None
+        dense = leaf.grad.detach()
+        self.dense_grad = dense
+        part = dense[self.idx]
+        self.mu.grad = part if self.mu.grad is None else self.mu.grad + part
+        return dense
+
+    def dense_op(self, x: Tensor, weight: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        kind = "bayesian" if self.bayesian else "deterministic"
+        return f"shape={self.weight_shape}, active={self.active}/{self.numel}, {kind}, kernel={self.kernel.name}"
+
+
+class SparseLinear(SparseGaussian):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True, **kw) -> None:
+        super().__init__((out_features, in_features), bias=bias, **kw)
+
+    def dense_op(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight)
+
+    def is_linear(self) -> bool:
+        return True
+
+    def positions(self, x: Tensor) -> int:
+        return x.shape[:-1].numel()
+
+    def apply_weight(self, x: Tensor, values: Tensor) -> Tensor:
+        return self._linear(x, values, None)
+
+    def apply_affine(self, x: Tensor, values: Tensor) -> Tensor:
+        return self._linear(x, values, self.bias)
+
+    def _linear(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """x @ W.T (+ bias), the bias fused into the product by either kernel."""
+        if self.uses_sparse_kernel():
+            out = sparse_product(x.reshape(-1, x.shape[-1]), values, self.pattern(), bias)
+            return out.reshape(*x.shape[:-1], self.weight_shape[0])
+        return F.linear(x, self.to_dense(values), bias)
+
+    def apply_draw(self, x: Tensor, draws: "DrawState") -> Tensor:
+        # float32 matrices without autocast, the common case: straight to the kernels, writing the
+        # output into the tensor of the previous draw; anything else takes the general path.
+        if x.dim() != 2 or x.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type):
+            return super().apply_draw(x, draws)
+        values = draws.sample()
+        out_features = self.weight_shape[0]
+        if self.uses_sparse_kernel():
+            if draws.matrix is None:
+                draws.matrix = self.pattern().matrix(values)
+            return csr_product(x, draws.matrix, self.bias, draws.output((out_features, x.shape[0]), x))
+        weight = draws.dense_weight(self).t()
+        out = draws.output((x.shape[0], out_features), x)
+        if self.bias is None:
+            return torch.mm(x, weight, out=out)
+        return torch.addmm(self.bias, x, weight, out=out)
+
+
+class SparseConv2d(SparseGaussian):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
+                 padding: int = 0, dilation: int = 1, groups: int = 1, bias: bool = False, **kw) -> None:
+        shape = (out_channels, in_channels // groups, kernel_size, kernel_size)
+        super().__init__(shape, bias=bias, **kw)
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+
+    def default_sparse(self) -> bool:
+        # A transient dense weight with cuDNN/oneDNN convolution beats unfold + CSR for 3x3 kernels
+        # at the densities we use; 1x1 convs are matrix products and can take the sparse kernel.
+        return self.weight_shape[2:] == (1, 1) and self.groups == 1
+
+    def dense_op(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        k = self.weight_shape[2]
+        span = self.dilation * (k - 1) + 1
+        return ((h + 2 * self.padding - span) // self.stride + 1,
+                (w + 2 * self.padding - span) // self.stride + 1)
+
+    def positions(self, x: Tensor) -> int:
+        oh, ow = self.output_size(x.shape[-2], x.shape[-1])
+        return x.shape[:-3].numel() * oh * ow
+
+    def apply_weight(self, x: Tensor, values: Tensor) -> Tensor:
+        if self.groups == 1 and self.uses_sparse_kernel():
+            return self._sparse_conv(x, values)
+        return self.dense_op(x, self.to_dense(values))
+
+    def _sparse_conv(self, x: Tensor, values: Tensor) -> Tensor:
+        """Convolution as unfold + sparse matrix product (im2col over active entries only)."""
+        b, _, h, w = x.shape
+        k = self.weight_shape[2]
+        if k == 1 and self.padding == 0:
+            # A 1x1 convolution is a matrix product over channels: subsample and move channels last,
+            # no im2col. The output keeps the kernel's (channels, positions) layout as a view.
+            xs = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
+            _, c, oh, ow = xs.shape
+            out = sparse_product(xs.permute(0, 2, 3, 1).reshape(-1, c), values, self.pattern())
+            return out.reshape(b, oh, ow, -1).permute(0, 3, 1, 2)
+        oh, ow = self.output_size(h, w)
+        cols = F.unfold(x, k, dilation=self.dilation, padding=self.padding, stride=self.stride)
+        cols = cols.transpose(1, 2).reshape(b * oh * ow, -1)
+        out = sparse_product(cols, values, self.pattern())
+        return out.reshape(b, oh * ow, -1).transpose(1, 2).reshape(b, -1, oh, ow)
+
+
+def sparse_layers(model: nn.Module) -> list[tuple[str, SparseGaussian]]:
+    """All sparse Gaussian layers of a model, in registration order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SparseGaussian)]

@@ -1,0 +1,85 @@
+"""How sparse layers compute, switched for the duration of a ``with`` block and then restored.
+
+- :func:`sampling`: ``lrt`` (local reparameterisation, training), ``mean`` (θ = μ) or ``sample`` (one
+  weight draw over the active entries per forward).
+- :func:`capturing_dense_grad`: the forward runs through a dense leaf holding μ, so that backward
+  yields ∂L/∂μ at every position (the addition score of a subspace step).
+- :func:`drawing`: Monte Carlo prediction's per-layer draw state (buffers reused across draws).
+- :func:`using_kernel`: a different kernel policy, e.g. to compare the sparse and dense products.
+
+Each restores exactly what it changed, also when the block raises, so no caller leaves a model in
+a state another caller does not expect.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+from torch import nn
+
+from ssvi_cli.core.kernels import KERNELS, KernelPolicy
+from ssvi_cli.core.draws import DrawState
+from ssvi_cli.core.layers import MODES, SparseGaussian, sparse_layers
+
+
+def _layers(target: nn.Module | Iterable[SparseGaussian]) -> list[SparseGaussian]:
+    if isinstance(target, nn.Module):
+        return [layer for _, layer in sparse_layers(target)]
+    return list(target)
+
+
+@contextmanager
+def _swap(layers: list[SparseGaussian], attr: str, values: list) -> Iterator[None]:
+    previous = [getattr(layer, attr) for layer in layers]
+    try:
+        for layer, value in zip(layers, values):
+            setattr(layer, attr, value)
+        yield
+    finally:
+        for layer, value in zip(layers, previous):
+            setattr(layer, attr, value)
+
+
+def sampling(target: nn.Module | Iterable[SparseGaussian], mode: str):
+    """Every sparse layer of ``target`` computes in ``mode`` inside the block."""
+    if mode not in MODES:
+        raise ValueError(f"unknown sampling mode {mode!r}; valid modes are: {', '.join(MODES)}")
+    layers = _layers(target)
+    return _swap(layers, "mode", [mode] * len(layers))
+
+
+def capturing_dense_grad(target: nn.Module | Iterable[SparseGaussian], on: bool = True):
+    """Dense-gradient capture for the layers that have off-support entries (``on=False``: a no-op)."""
+    layers = _layers(target)
+    return _swap(layers, "capture_dense_grad", [on and l.active < l.numel for l in layers])
+
+
+def drawing(layers: Iterable[SparseGaussian]):
+    """A :class:`DrawState` for each Bayesian layer, for the ``sample``-mode calls in the block.
+
+    Only for loops without gradients that consume each forward's result before the next one and call
+    each layer once per forward, as Monte Carlo prediction does: a layer's output buffer is
+    overwritten by its next call.
+    """
+    chosen = [layer for layer in layers if layer.bayesian]
+    return _swap(chosen, "draws", [DrawState(layer) for layer in chosen])
+
+
+def using_kernel(target: nn.Module | Iterable[SparseGaussian], kernel: KernelPolicy | str):
+    """Every sparse layer of ``target`` runs with the kernel policy ``kernel`` inside the block."""
+    policy = KERNELS.get(kernel) if isinstance(kernel, str) else kernel
+    layers = _layers(target)
+    return _swap(layers, "kernel", [policy] * len(layers))
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` inside the block (BatchNorm on running statistics), its previous
+    train/eval state afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -1,0 +1,157 @@
+"""The subspace step (remove low-score entries, add high-gradient ones) and its schedule.
+
+METHOD.md section 4: every ``delta_t`` steps while ``t < t_end`` the step replaces the parameter update.
+The drop fraction follows ``f(t) = alpha/2 (1 + cos(pi t / t_end))``; in every layer the active count
+is unchanged, exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ssvi_cli.core.criteria import removal_score, top_k_indices
+from ssvi_cli.core.layers import SparseGaussian, sparse_layers
+from ssvi_cli.core.gaussian import rho_from_sigma
+
+NEW_SIGMA_TINY = 1e-6
+
+
+@dataclass(frozen=True)
+class Schedule:
+    delta_t: int
+    alpha: float
+    t_end: int          # global step after which the support is frozen
+    accumulate: int = 1  # minibatches whose dense gradients feed the addition score
+
+    def is_update(self, t: int) -> bool:
+        return t > 0 and t % self.delta_t == 0 and t < self.t_end
+
+    def captures(self, t: int) -> bool:
+        """Whether step ``t`` records the dense gradient (the update step and the n-1 before it)."""
+        nxt = ((t + self.delta_t - 1) // self.delta_t) * self.delta_t
+        return self.is_update(nxt) and nxt - t < self.accumulate
+
+    def drop_fraction(self, t: int) -> float:
+        if self.t_end <= 0:
+            return 0.0
+        return self.alpha / 2 * (1 + math.cos(math.pi * min(t, self.t_end) / self.t_end))
+
+
+@dataclass
+class LayerSwap:
+    name: str
+    active: int
+    dropped: int      # entries chosen for removal (some may be re-added)
+    swapped: int      # entries new to the support
+    iou: float        # |old & new| / |old | new|
+
+
+@dataclass
+class SwapReport:
+    step: int
+    fraction: float
+    layers: list[LayerSwap] = field(default_factory=list)
+
+    @property
+    def swapped(self) -> int:
+        return sum(l.swapped for l in self.layers)
+
+
+def update_layer(name: str, layer: SparseGaussian, add_score: Tensor, fraction: float,
+                 criterion: str, lam: float, new_sigma: str,
+                 optimizer: Optional[torch.optim.Optimizer]) -> LayerSwap:
+    """Remove the ``floor(f k)`` lowest removal scores, add as many by ``add_score``, in place."""
+    k = layer.active
+    drop = int(math.floor(fraction * k))
+    if drop == 0 or k == layer.numel:
+        return LayerSwap(name, k, 0, 0, 1.0)
+    with torch.no_grad():
+        old_idx = layer.idx
+        sigma = layer.sigma() if layer.bayesian else torch.zeros_like(layer.mu)
+        keep_score = removal_score(criterion if layer.bayesian else "mean", layer.mu, sigma, lam)
+        # Ties go to the lower index in both selections, so every process picks the same entries.
+        keep_pos = top_k_indices(keep_score, k - drop)
+        kept = old_idx[keep_pos]
+        candidates = add_score.detach().abs().flatten()  # a new tensor: the gradient is untouched
+        candidates[kept] = -math.inf
+        added = top_k_indices(candidates, drop)
+        new_idx = torch.cat([kept, added]).sort().values
+        pos = torch.searchsorted(old_idx, new_idx).clamp_max(k - 1)
+        found = old_idx[pos] == new_idx
+        src = pos[found]
+
+        def carry(old: Tensor, fill: Tensor | float) -> Tensor:
+            new = torch.empty_like(old)
+            if isinstance(fill, Tensor):
+                new[:] = fill
+            else:
+                new.fill_(fill)
+            new[found] = old[src]
+            return new
+
+        new_mu = carry(layer.mu.detach(), 0.0)
+        new_rho = None
+        if layer.bayesian:
+            if new_sigma == "tiny":
+                fill = rho_from_sigma(torch.tensor(NEW_SIGMA_TINY), layer.sigma_param).to(layer.rho)
+            else:
+                fill = layer.rho.detach()[keep_pos].mean()
+            new_rho = carry(layer.rho.detach(), fill)
+        if optimizer is not None:
+            for p in (layer.mu, layer.rho):
+                state = optimizer.state.get(p) if p is not None else None
+                for key, value in (state or {}).items():
+                    if isinstance(value, Tensor) and value.shape == p.shape:
+                        state[key] = carry(value, 0.0)  # new entries start with zero momentum
+        layer.set_support(new_idx, new_mu, new_rho)
+        swapped = int((~found).sum())
+        inter = k - swapped
+    return LayerSwap(name, k, drop, swapped, inter / (2 * k - inter))
+
+
+def subspace_step(model: nn.Module, step: int, schedule: Schedule, criterion: str, lam: float,
+                  new_sigma: str, optimizer: Optional[torch.optim.Optimizer],
+                  reduce: Optional[Callable[[Tensor], Tensor]] = None) -> SwapReport:
+    """Apply one subspace step to every sparse layer using the gradients they captured.
+
+    ``reduce`` (e.g. an all-reduce mean across processes) is applied to each dense gradient first,
+    so that every process ranks the same scores.
+    """
+    fraction = schedule.drop_fraction(step)
+    report = SwapReport(step, fraction)
+    for name, layer in sparse_layers(model):
+        if layer.active == layer.numel:
+            continue
+        grad = layer.dense_grad
+        if grad is None:
+            raise RuntimeError(f"layer {name} has no dense gradient for the subspace step")
+        if reduce is not None:
+            grad = reduce(grad)
+        report.layers.append(update_layer(name, layer, grad, fraction, criterion, lam, new_sigma, optimizer))
+        layer.dense_grad = None
+    return report
+
+
+def collect_captured(model: nn.Module, accumulate: dict[str, Tensor], count: int,
+                     loss_scale: float = 1.0) -> None:
+    """Move each layer's captured dense gradient into a running mean over ``count`` minibatches.
+
+    ``loss_scale`` (fp16 training) divides out the gradient scaler's factor, which may differ between
+    the accumulated minibatches; ``mu.grad`` stays scaled, as the scaler expects.
+    """
+    for name, layer in sparse_layers(model):
+        if not layer.capture_dense_grad:
+            continue
+        grad = layer.collect_dense_grad()
+        if grad is None:
+            continue
+        if loss_scale != 1.0:
+            grad = grad / loss_scale
+        prev = accumulate.get(name)
+        accumulate[name] = grad.clone() if prev is None else prev + (grad - prev) / count
+        layer.dense_grad = accumulate[name]

@@ -1,0 +1,218 @@
+"""Datasets by name: the embedded digits set and torchvision image sets, decoded once into tensors.
+
+Torchvision files are read from ``data_dir`` (default ``~/.cache/ssvi/data``) and decoded into uint8
+(N, C, H, W) tensors without PIL; a missing file is a :class:`DatasetUnavailable` naming the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ssvi_cli.data.spec import DataError, DatasetUnavailable, DataSpec, RawImages
+from ssvi_cli.data.transforms import random_crop_flip
+from ssvi_cli.registry import Registry, UnknownName
+
+logger = logging.getLogger(__name__)
+
+
+class UnknownDataset(UnknownName, DataError):
+    """A dataset (or OOD set) name that is not registered."""
+
+
+# Pixel mean/std of load_digits()/16 over all 1797 images (checked by tests/test_data.py).
+DIGITS_MEAN = 0.30526
+DIGITS_STD = 0.37605
+# The digits test split is fixed so that runs with different seeds share one test set.
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_TEST_SEED = 20_240_601
+
+_DIGIT_NAMES = tuple(str(i) for i in range(10))
+_MNIST_NAMES = tuple(
+    f"{i} - {w}"
+    for i, w in enumerate("zero one two three four five six seven eight nine".split())
+)
+_FASHION_NAMES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+_KMNIST_NAMES = ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")
+_CIFAR10_NAMES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+CIFAR100_NAMES = tuple(
+    """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus
+    butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch
+    crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo
+    keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle mountain mouse
+    mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain plate poppy
+    porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper
+    snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television
+    tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm""".split()
+)
+
+Loader = Callable[[Path, bool, bool], RawImages]  # (data_dir, train, download) -> images
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """A registry entry: spec (known without loading), loader, train augmentation, file location.
+
+    ``location(data_dir)`` is the folder torchvision reads, used in messages about missing files.
+    """
+
+    spec: DataSpec
+    load: Loader
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None
+    location: Callable[[Path], Path] = field(default=lambda root: root)
+
+
+def default_data_dir() -> Path:
+    """Where torchvision datasets live unless ``data_dir`` is given."""
+    return Path.home() / ".cache" / "ssvi" / "data"
+
+
+def _load_digits(data_dir: Path, train: bool, download: bool) -> RawImages:
+    """scikit-learn's bundled 8x8 digits with the fixed stratified test split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images / 16.0).float().unsqueeze(1)
+    labels = torch.from_numpy(bunch.target).long()
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)),
+        test_size=DIGITS_TEST_FRACTION,
+        random_state=DIGITS_TEST_SEED,
+        stratify=bunch.target,
+    )
+    idx = torch.from_numpy(np.sort(train_idx if train else test_idx))
+    return RawImages(images[idx], labels[idx], _DIGIT_NAMES)
+
+
+def _call_torchvision(name: str, factory: Callable[[], object], where: Path, download: bool):
+    """Run a torchvision constructor, turning its missing-file errors into DataErrors."""
+    try:
+        return factory()
+    except RuntimeError as err:
+        if download:
+            raise DataError(f"downloading {name} into {where} failed ({err}); check the network") from err
+        raise DatasetUnavailable(
+            f"{name} not found or corrupted at {where} (torchvision: {err}); "
+            f"pass --download to fetch it, or place the original files there"
+        ) from err
+    except OSError as err:  # download without network
+        raise DataError(f"cannot read or download {name} at {where} ({err}); check the path/network") from err
+
+
+def _torchvision_loader(name: str, cls_name: str, location: Callable[[Path], Path]) -> Loader:
+    """Loader for a torchvision dataset class, decoded once into uint8 (N, C, H, W) tensors."""
+
+    def load(data_dir: Path, train: bool, download: bool) -> RawImages:
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, cls_name)
+        if cls_name == "SVHN":
+            make = lambda: cls(root=str(data_dir), split="train" if train else "test", download=download)  # noqa: E731
+        else:
+            make = lambda: cls(root=str(data_dir), train=train, download=download)  # noqa: E731
+        ds = _call_torchvision(name, make, location(data_dir), download)
+        return _decode(ds, cls_name)
+
+    return load
+
+
+def _decode(ds: object, cls_name: str) -> RawImages:
+    """Pull the raw arrays out of a torchvision dataset without touching PIL."""
+    if cls_name == "SVHN":  # .data is (N, C, H, W) numpy, .labels already maps 10 -> 0
+        images = torch.from_numpy(np.ascontiguousarray(ds.data))
+        labels = torch.from_numpy(np.asarray(ds.labels, dtype=np.int64))
+        return RawImages(images, labels, _DIGIT_NAMES)
+    if cls_name.startswith("CIFAR"):  # .data is (N, H, W, C) numpy, .targets a list
+        images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
+    else:  # MNIST family: .data is a (N, H, W) uint8 tensor
+        images = ds.data.unsqueeze(1).contiguous()
+    labels = torch.as_tensor(ds.targets, dtype=torch.long)
+    return RawImages(images, labels, tuple(str(c) for c in ds.classes))
+
+
+def _torchvision_source(
+    name: str,
+    cls_name: str,
+    shape: tuple[int, int, int],
+    names: tuple[str, ...],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    location: Callable[[Path], Path],
+    augment: bool = False,
+) -> DatasetSource:
+    spec = DataSpec(name, shape, len(names), names, mean, std)
+    return DatasetSource(
+        spec=spec,
+        load=_torchvision_loader(name, cls_name, location),
+        augment=random_crop_flip if augment else None,
+        location=location,
+    )
+
+
+def _mnist_like(name: str, cls_name: str, names: tuple[str, ...], mean: float, std: float) -> DatasetSource:
+    return _torchvision_source(
+        name, cls_name, (1, 28, 28), names, (mean,), (std,), lambda root: root / cls_name / "raw"
+    )
+
+
+DATASETS: Registry[DatasetSource] = Registry("dataset", error=UnknownDataset)
+for _name, _source in {
+    "digits": DatasetSource(
+        spec=DataSpec("digits", (1, 8, 8), 10, _DIGIT_NAMES, (DIGITS_MEAN,), (DIGITS_STD,), pixel_max=16.0),
+        load=_load_digits,
+    ),
+    "mnist": _mnist_like("mnist", "MNIST", _MNIST_NAMES, 0.1307, 0.3081),
+    "fashion-mnist": _mnist_like("fashion-mnist", "FashionMNIST", _FASHION_NAMES, 0.2860, 0.3530),
+    "kmnist": _mnist_like("kmnist", "KMNIST", _KMNIST_NAMES, 0.1918, 0.3483),
+    "cifar10": _torchvision_source(
+        "cifar10", "CIFAR10", (3, 32, 32), _CIFAR10_NAMES,
+        (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+        lambda root: root / "cifar-10-batches-py", augment=True,
+    ),
+    "cifar100": _torchvision_source(
+        "cifar100", "CIFAR100", (3, 32, 32), CIFAR100_NAMES,
+        (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+        lambda root: root / "cifar-100-python", augment=True,
+    ),
+    # No flip/crop for SVHN: mirrored digits are different symbols.
+    "svhn": _torchvision_source(
+        "svhn", "SVHN", (3, 32, 32), _DIGIT_NAMES,
+        (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
+        lambda root: root,
+    ),
+}.items():  # fmt: skip
+    DATASETS.add(_name, _source)
+
+
+def dataset_names() -> list[str]:
+    """Registered in-distribution dataset names."""
+    return DATASETS.names()
+
+
+def source(name: str) -> DatasetSource:
+    """The registry entry of dataset ``name`` (an unknown name lists the valid ones)."""
+    return DATASETS.get(name)
+
+
+def get_spec(name: str) -> DataSpec:
+    """The dataset's spec (shapes, classes, normalisation) without loading any data."""
+    return source(name).spec
+
+
+def load_raw(name: str, *, data_dir: Path | None = None, download: bool = False, train: bool = True) -> RawImages:
+    """Decoded images of one official split (digits: the fixed 80/20 split)."""
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    entry = source(name)
+    logger.info("loading %s (%s split) from %s", name, "train" if train else "test", root)
+    return entry.load(root, train, download)

@@ -1,0 +1,74 @@
+"""What a model knows about its data (:class:`DataSpec`), the splits handed to training, and the
+errors every data module raises."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+
+class DataError(Exception):
+    """User-facing error: one line naming the problem and the fix."""
+
+
+class DatasetUnavailable(DataError):
+    """A torchvision dataset whose files are not on disk and may not be downloaded."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a model needs to know about its data: shapes, classes, normalisation and the raw pixel
+    range of the dataset's own arrays (``[0, pixel_max]``: 255 for 8-bit images, 16 for the digits)."""
+
+    name: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    pixel_max: float = 255.0
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable form (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataSpec:
+        """Inverse of :meth:`to_dict`; unknown or missing keys raise DataError (``pixel_max`` may be
+        absent, as in files written before it was recorded: 255)."""
+        expected = {"name", "input_shape", "num_classes", "class_names", "mean", "std"}
+        if set(d) - {"pixel_max"} != expected:
+            raise DataError(
+                f"data spec keys {sorted(d)} do not match the expected {sorted(expected)}; "
+                "the file was written by an incompatible version"
+            )
+        return cls(
+            name=str(d["name"]),
+            input_shape=tuple(int(v) for v in d["input_shape"]),  # type: ignore[arg-type]
+            num_classes=int(d["num_classes"]),
+            class_names=tuple(str(v) for v in d["class_names"]),
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+            pixel_max=float(d.get("pixel_max", 255.0)),
+        )
+
+
+@dataclass
+class DataSplits:
+    """Train (maybe augmented), validation (carved from train) and official test datasets."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    spec: DataSpec
+
+
+@dataclass(frozen=True)
+class RawImages:
+    """Decoded images before normalisation: uint8 (N, C, H, W) or float in [0, 1]."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: tuple[str, ...]

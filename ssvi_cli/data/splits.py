@@ -1,0 +1,100 @@
+"""Train/validation/test datasets of a named source: the seeded stratified validation split, the
+``max_train`` cap, and the tensor datasets training and evaluation read."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ssvi_cli.data.sources import load_raw, source
+from ssvi_cli.data.spec import DataError, DataSplits
+from ssvi_cli.data.transforms import TensorImageDataset
+
+logger = logging.getLogger(__name__)
+
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded split into (keep, held_out) indices, holding out ``round(fraction * N)`` examples.
+
+    Each class gives ``floor(fraction * n_c)`` examples; the remainder goes to the classes with
+    the largest fractional parts (ties broken at random), so tiny classes still contribute.
+    """
+    rng = np.random.default_rng(seed)
+    y = labels.numpy()
+    classes, counts = np.unique(y, return_counts=True)
+    quota = fraction * counts
+    n_held = np.floor(quota).astype(int)
+    extra = int(round(fraction * len(y))) - int(n_held.sum())
+    order = np.lexsort((rng.random(len(classes)), -(quota - n_held)))
+    n_held[order[:extra]] += 1
+    keep, held = [np.empty(0, dtype=np.int64)], [np.empty(0, dtype=np.int64)]
+    for c, k in zip(classes, n_held):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        held.append(idx[:k])
+        keep.append(idx[k:])
+    as_tensor = lambda parts: torch.from_numpy(np.sort(np.concatenate(parts))).long()  # noqa: E731
+    return as_tensor(keep), as_tensor(held)
+
+
+def _cap(indices: torch.Tensor, limit: int | None, seed: int) -> torch.Tensor:
+    """A seeded subset of at most ``limit`` indices (order kept)."""
+    if limit is None or len(indices) <= limit:
+        return indices
+    chosen = np.random.default_rng(seed).choice(len(indices), size=limit, replace=False)
+    return indices[torch.from_numpy(np.sort(chosen))]
+
+
+def build_dataset(
+    name: str,
+    *,
+    data_dir: Path | None = None,
+    download: bool = False,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    augment: bool = True,
+    max_train: int | None = None,
+) -> DataSplits:
+    """Train/val/test datasets for ``name``; val is a stratified, seeded part of the train split.
+
+    ``max_train`` caps the train split (seeded); val is then capped in the same proportion
+    ``val_fraction / (1 - val_fraction)`` so quick runs stay quick.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if max_train is not None and max_train < 1:
+        raise DataError(f"max_train must be a positive number of examples, got {max_train}")
+    entry = source(name)
+    train_raw = load_raw(name, data_dir=data_dir, download=download, train=True)
+    test_raw = load_raw(name, data_dir=data_dir, download=download, train=False)
+    spec = replace(entry.spec, class_names=train_raw.class_names)
+    if spec.num_classes != len(spec.class_names):
+        raise DataError(
+            f"{name} files list {len(spec.class_names)} classes, expected {spec.num_classes}; "
+            "the files under the data directory are not the original dataset"
+        )
+    train_idx, val_idx = stratified_split(train_raw.labels, val_fraction, seed)
+    if max_train is not None:
+        max_val = math.ceil(max_train * val_fraction / (1.0 - val_fraction))
+        train_idx, val_idx = _cap(train_idx, max_train, seed), _cap(val_idx, max_val, seed + 1)
+
+    def subset(idx: torch.Tensor, aug: Callable | None) -> TensorImageDataset:
+        return TensorImageDataset(train_raw.images[idx], train_raw.labels[idx], spec, augment=aug, indices=idx)
+
+    test_all = torch.arange(len(test_raw.labels))
+    splits = DataSplits(
+        train=subset(train_idx, entry.augment if augment else None),
+        val=subset(val_idx, None),
+        test=TensorImageDataset(test_raw.images, test_raw.labels, spec, indices=test_all),
+        spec=spec,
+    )
+    logger.info(
+        "%s: %d train, %d val, %d test", name, len(splits.train), len(splits.val), len(splits.test)
+    )
+    return splits

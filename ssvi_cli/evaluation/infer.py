@@ -1,0 +1,251 @@
+"""Prediction from a model file on user inputs: image files, folders and ``.npy`` arrays.
+
+Inputs are decoded to (N, C, H, W) uint8 or float-in-[0, 1] tensors, brought to the model's input by
+``data.transforms.preprocess`` (channels, size, normalisation from the file's data description) and
+predicted through ``predict.predict_batch``, the same code path training and evaluation use, under
+the ``prediction`` kernel policy: linear layers always multiply over the stored entries, convolutions
+keep the automatic choice (dense for 3x3, sparse for 1x1; see ``core.kernels.KernelPolicy``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ssvi_cli import fileio
+from ssvi_cli.data.spec import DataError, DataSpec
+from ssvi_cli.data.transforms import preprocess
+from ssvi_cli.core.modes import using_kernel
+from ssvi_cli.metrics import mutual_information, predictive_entropy
+from ssvi_cli.models import SSVIModel
+from ssvi_cli.predict import predict_batch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+ARRAY_SUFFIX = ".npy"
+OUTPUT_SUFFIXES = (".jsonl", ".csv")
+_CHUNK = 1024  # images of one array preprocessed at a time
+
+
+class InputError(DataError):
+    """An input that is missing or cannot be read as an image or array; the message names it."""
+
+
+# ------------------------------------------------------------------ finding inputs
+
+def _is_input(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES + (ARRAY_SUFFIX,)
+
+
+def expand_inputs(paths: Sequence[Path]) -> list[Path]:
+    """Files in the given order; folders contribute their image and ``.npy`` files, recursively,
+    in sorted order. A missing path or a folder without inputs is an error."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and _is_input(p))
+            if not found:
+                raise InputError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)}) or .npy files")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise InputError(f"{path}: no such file or folder")
+    return files
+
+
+# ------------------------------------------------------------------ decoding
+
+def load_image(path: Path) -> Tensor:
+    """An image file as a (1, C, H, W) tensor: uint8 with C in {1, 3, 4}, or float for 16-bit gray."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode in ("I;16", "I;16B", "I;16L"):
+                arr = np.asarray(img, dtype=np.float32) / 65535.0
+                return torch.from_numpy(arr).view(1, 1, *arr.shape)
+            if mode in ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "La", "RGBa"):
+                alpha = mode in ("LA", "PA", "RGBA", "La", "RGBa") or "transparency" in img.info
+                target = "L" if mode in ("1", "L") else ("RGBA" if alpha else "RGB")
+                arr = np.asarray(img.convert(target), dtype=np.uint8)
+            else:
+                raise InputError(f"{path}: unsupported image mode {mode!r}; save it as 8-bit gray or RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(np.array(arr.transpose(2, 0, 1))).unsqueeze(0)
+
+
+def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: float = 255.0) -> Tensor:
+    """A numeric array as (N, C, H, W) pixels; ``channels`` is the model's input channel count.
+
+    Shapes: (H, W) one gray image; (C, H, W) one image when C is 1, or 3 or 4 for a colour model;
+    (H, W, C) when the last axis is 3 or 4; else (N, H, W) gray images (so a stack of 3 or 4 gray
+    images for a gray model is a stack, not one colour image); (N, C, H, W), or (N, H, W, C) when only
+    the last axis is 1, 3 or 4. Pixels: uint8 0..255 (other integer types in that range too), float
+    in [0, 1], or, for a model whose data spec records another raw range ``[0, pixel_max]`` (the
+    digits' 0..16), an array of any other dtype whose values exceed 1 and lie in that range (divided
+    by ``pixel_max``): ``load_digits().images`` predicts as it is.
+    """
+    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise InputError(f"{name}: array dtype {arr.dtype} is not pixels; use uint8 0..255 or float in [0, 1]")
+    if arr.size == 0:
+        raise InputError(f"{name}: array of shape {arr.shape} holds no pixels")
+    channel_sizes = (1, 3, 4)
+    if arr.ndim == 2:
+        arr = arr[None, None]
+    elif arr.ndim == 3:
+        if arr.shape[0] == 1 or (channels != 1 and arr.shape[0] in (3, 4)):
+            arr = arr[None]
+        elif arr.shape[-1] in (3, 4):
+            arr = arr.transpose(2, 0, 1)[None]
+        else:
+            arr = arr[:, None]
+    elif arr.ndim == 4:
+        if arr.shape[1] not in channel_sizes:
+            if arr.shape[-1] not in channel_sizes:
+                raise InputError(f"{name}: array of shape {arr.shape} has no 1, 3 or 4 channel axis")
+            arr = arr.transpose(0, 3, 1, 2)
+    else:
+        raise InputError(f"{name}: array of shape {arr.shape}; expected (H, W), (C, H, W), (N, H, W) or (N, C, H, W)")
+    if pixel_max != 255.0 and arr.dtype != np.uint8:
+        # The dataset's own raw range (the digits: 0..16): values above 1 up to pixel_max are raw pixels.
+        lo, hi = float(arr.min()), float(arr.max())
+        if 0.0 <= lo and 1.0 < hi <= pixel_max:
+            return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32) / np.float32(pixel_max))
+    if np.issubdtype(arr.dtype, np.integer):
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise InputError(f"{name}: integer pixels range over [{arr.min()}, {arr.max()}], not 0..255")
+        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.uint8))
+    out = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    if not bool(torch.isfinite(out).all()):
+        raise InputError(f"{name}: array holds NaN or infinite values")
+    return out
+
+
+def load_array(path: Path, channels: int = 3, pixel_max: float = 255.0) -> Tensor:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if not isinstance(arr, np.ndarray):
+        raise InputError(f"{path}: not a single .npy array")
+    return array_to_images(arr, str(path), channels, pixel_max)
+
+
+def iter_raw(files: Iterable[Path], channels: int = 3, pixel_max: float = 255.0
+             ) -> Iterator[tuple[Path, list[str], Tensor]]:
+    """(source, names, pixels (n, C, H, W)) per image file, and per chunk of each array's images."""
+    for path in files:
+        if path.suffix.lower() == ARRAY_SUFFIX:
+            images = load_array(path, channels, pixel_max)
+            for start in range(0, len(images), _CHUNK):
+                part = images[start:start + _CHUNK]
+                yield path, [f"{path}[{start + i}]" for i in range(len(part))], part
+        else:
+            yield path, [str(path)], load_image(path)
+
+
+def iter_batches(files: Sequence[Path], spec: DataSpec, batch_size: int) -> Iterator[tuple[list[str], Tensor]]:
+    """Preprocessed model inputs in batches of ``batch_size`` (the last may be smaller)."""
+    names: list[str] = []
+    parts: list[Tensor] = []
+    held = 0
+    for source, chunk_names, pixels in iter_raw(files, spec.input_shape[0], spec.pixel_max):
+        try:
+            x = preprocess(pixels, spec)
+        except DataError as exc:
+            raise InputError(f"{source}: {exc}") from None
+        names.extend(chunk_names)
+        parts.append(x)
+        held += len(x)
+        while held >= batch_size:
+            batch = torch.cat(parts)
+            yield names[:batch_size], batch[:batch_size]
+            names, parts = names[batch_size:], [batch[batch_size:]]
+            held -= batch_size
+    if held:
+        yield names, torch.cat(parts)
+
+
+# ------------------------------------------------------------------ prediction
+
+def predict_records(model: SSVIModel, x: Tensor, class_names: Sequence[str], *, samples: int,
+                    mode: str, top_k: int) -> list[dict[str, Any]]:
+    """One record per input row: predicted class, its probability, top-k, entropy and MI."""
+    probs, sample_probs = predict_batch(model, x, samples, mode)
+    probs = probs.cpu()
+    entropy = predictive_entropy(probs.numpy())
+    mi = mutual_information(sample_probs.cpu().numpy()) if sample_probs is not None else None
+    k = max(1, min(top_k, probs.shape[1]))
+    top_p, top_i = probs.topk(k, dim=1)
+    records = []
+    for row in range(len(probs)):
+        best = int(top_i[row, 0])
+        records.append({
+            "class": class_names[best],
+            "class_index": best,
+            "probability": float(top_p[row, 0]),
+            "top_k": [{"class": class_names[int(i)], "probability": float(p)}
+                      for p, i in zip(top_p[row], top_i[row])],
+            "entropy": float(entropy[row]),
+            "mutual_information": float(mi[row]) if mi is not None else None,
+        })
+    return records
+
+
+def run_inference(model: SSVIModel, spec: DataSpec, files: Sequence[Path], *, samples: int = 10,
+                  mode: str = "mc", batch_size: int = 256, top_k: int = 3, seed: int = 0,
+                  on_batch: Optional[Callable[[int], None]] = None) -> list[dict[str, Any]]:
+    """Predict every input on ``model``'s device with the ``prediction`` kernel policy (linear layers
+    multiply over their stored entries, never a densified weight). The draws are seeded with
+    ``seed`` on a forked RNG, so a run is reproducible and the caller's RNG and model are untouched."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    records: list[dict[str, Any]] = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            using_kernel(model, "prediction"):
+        torch.manual_seed(seed)
+        for names, x in iter_batches(files, spec, batch_size):
+            for name, rec in zip(names, predict_records(model, x.to(device), spec.class_names,
+                                                         samples=samples, mode=mode, top_k=top_k)):
+                records.append({"input": name, **rec})
+            if on_batch is not None:
+                on_batch(len(names))
+    return records
+
+
+# ------------------------------------------------------------------ writing predictions
+
+def predictions_text(records: Sequence[dict[str, Any]], suffix: str) -> str:
+    """Records as JSON lines (``.jsonl``) or CSV (``.csv``; top-k as ``class:prob`` joined by ``|``)."""
+    if suffix == ".jsonl":
+        return "".join(json.dumps(r) + "\n" for r in records)
+    if suffix != ".csv":
+        raise ValueError(f"unknown output type {suffix!r}; use one of {', '.join(OUTPUT_SUFFIXES)}")
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["input", "class", "class_index", "probability", "entropy", "mutual_information", "top_k"])
+    for r in records:
+        mi = "" if r["mutual_information"] is None else f"{r['mutual_information']:.6g}"
+        top = "|".join(f"{t['class']}:{t['probability']:.6g}" for t in r["top_k"])
+        writer.writerow([r["input"], r["class"], r["class_index"], f"{r['probability']:.6g}",
+                         f"{r['entropy']:.6g}", mi, top])
+    return buf.getvalue()
+
+
+def write_predictions(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """Write predictions atomically; the format follows the suffix."""
+    fileio.write_text(Path(path), predictions_text(records, Path(path).suffix.lower()))

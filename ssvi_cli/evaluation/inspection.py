@@ -1,0 +1,227 @@
+"""What a trained posterior looks like: per-layer statistics, file sizes, support history and the
+overlap of removal criteria. Pure functions returning plain dicts; the CLI formats them.
+
+SNR is ``|mu| / sigma`` per active weight. Sizes come from the file header (no tensor data read);
+the value statistics need the layer tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from ssvi_cli import fileio
+from ssvi_cli.core.criteria import criterion_names, keep_mask, removal_score
+from ssvi_cli.modelfile import LoadedModel, read_header, size_totals, write_model_file
+from ssvi_cli.runs.load import load_model
+from ssvi_cli.runs.rundir import MODEL_FILE, SUPPORT_FILE
+from ssvi_cli.core.flops import model_geometry, prediction_flops
+from ssvi_cli.core.layers import SparseConv2d, SparseGaussian, sparse_layers
+
+QUANTILES = {"min": 0.0, "q10": 0.1, "median": 0.5, "q90": 0.9, "max": 1.0}
+
+
+def _quantiles(values: Tensor) -> dict[str, float]:
+    v = values.double().flatten().sort().values
+    if v.numel() == 0:
+        return {k: float("nan") for k in QUANTILES}
+    # Linear interpolation between order statistics (numpy's default), without torch.quantile's size cap.
+    out = {}
+    for key, q in QUANTILES.items():
+        pos = q * (v.numel() - 1)
+        lo = int(math.floor(pos))
+        hi = min(lo + 1, v.numel() - 1)
+        out[key] = float(v[lo] + (v[hi] - v[lo]) * (pos - lo))
+    return out
+
+
+def snr(mu: Tensor, sigma: Tensor) -> Tensor:
+    """|mu| / sigma in float64 (sigma = 0 with mu = 0, a dense file's empty entry, gives 0)."""
+    mu, sigma = mu.double().abs(), sigma.double()
+    return torch.where(mu == 0, torch.zeros_like(mu), mu / sigma)
+
+
+def layer_stats(name: str, layer: SparseGaussian) -> dict[str, Any]:
+    """Shape, active/total, density, mu and sigma summaries, SNR quantiles and share of SNR < 1."""
+    mu = layer.mu.detach().double().cpu()
+    stats: dict[str, Any] = {
+        "name": name,
+        "kind": "conv2d" if isinstance(layer, SparseConv2d) else "linear",
+        "shape": list(layer.weight_shape),
+        "active": layer.active,
+        "total": layer.numel,
+        "density": layer.density,
+        "bayesian": layer.bayesian,
+        "mu": {"mean": float(mu.mean()) if mu.numel() else float("nan"),
+               "std": float(mu.std()) if mu.numel() > 1 else 0.0,
+               "mean_abs": float(mu.abs().mean()) if mu.numel() else float("nan"),
+               "min": float(mu.min()) if mu.numel() else float("nan"),
+               "max": float(mu.max()) if mu.numel() else float("nan")},
+        "sigma": None,
+        "snr": None,
+        "snr_below_1": None,
+    }
+    if layer.bayesian:
+        sigma = layer.sigma().detach().double().cpu()
+        s = _quantiles(sigma)
+        stats["sigma"] = {"mean": float(sigma.mean()) if sigma.numel() else float("nan"),
+                          "min": s["min"], "median": s["median"], "max": s["max"]}
+        ratio = snr(mu, sigma)
+        stats["snr"] = _quantiles(ratio)
+        stats["snr_below_1"] = float((ratio < 1).double().mean()) if ratio.numel() else float("nan")
+    return stats
+
+
+def criteria_overlap(model: torch.nn.Module, fraction: float = 0.3, lam: float = 1.0) -> Optional[dict[str, Any]]:
+    """IoU between the sets of entries each removal criterion would drop now, at drop ``fraction``.
+
+    Per layer every criterion drops the ``floor(fraction * active)`` lowest-scoring active entries
+    (as the subspace step does); the IoU of two criteria is ``sum |A_l & B_l| / sum |A_l | B_l|``
+    over layers. None for a deterministic model.
+    """
+    layers = [(n, l) for n, l in sparse_layers(model) if l.bayesian and l.active < l.numel]
+    if not layers:
+        return None
+    names = criterion_names()
+    drops: dict[str, list[Tensor]] = {c: [] for c in names}
+    for _, layer in layers:
+        k = int(math.floor(fraction * layer.active))
+        mu, sigma = layer.mu.detach().cpu(), layer.sigma().detach().cpu()
+        for c in names:
+            drops[c].append(~keep_mask(removal_score(c, mu, sigma, lam), layer.active - k))
+    matrix = []
+    for a in names:
+        row = []
+        for b in names:
+            inter = sum(int((x & y).sum()) for x, y in zip(drops[a], drops[b]))
+            union = sum(int((x | y).sum()) for x, y in zip(drops[a], drops[b]))
+            row.append(inter / union if union else 1.0)
+        matrix.append(row)
+    return {"fraction": fraction, "lambda": lam, "criteria": names, "iou": matrix}
+
+
+def support_history(run_dir: Path) -> Optional[dict[str, Any]]:
+    """Per subspace step: entries swapped (all layers) and IoU of the old and new supports.
+
+    With ``|old| = |new| = n`` per layer and ``s`` new entries, ``|old & new| = n - s`` and
+    ``|old | new| = n + s``; the overall IoU sums both over layers.
+    """
+    path = Path(run_dir) / SUPPORT_FILE
+    if not path.is_file():
+        return None
+    steps = []
+    for rec in fileio.read_jsonl(path):
+        layers = rec.get("layers", {})
+        active = sum(int(l["active"]) for l in layers.values())
+        swapped = sum(int(l["swapped"]) for l in layers.values())
+        union = active + swapped
+        steps.append({"step": int(rec["step"]), "fraction": float(rec["fraction"]), "swapped": swapped,
+                      "iou": (active - swapped) / union if union else 1.0,
+                      "layer_iou": {n: float(l["iou"]) for n, l in layers.items()}})
+    total = sum(s["swapped"] for s in steps)
+    return {"steps": steps, "subspace_steps": len(steps), "total_swapped": total,
+            "final_iou": steps[-1]["iou"] if steps else None}
+
+
+def _file_totals(loaded: LoadedModel, path: Path) -> dict[str, Any]:
+    """Sizes from the file header; a checkpoint-only run is written to a temporary file to measure."""
+    if loaded.file.is_model_file:
+        return {**size_totals(read_header(Path(loaded.file.path))), "measured_from": "file"}
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / MODEL_FILE
+        write_model_file(loaded.model, target, loaded.card)
+        totals = size_totals(read_header(target))
+    return {**totals, "measured_from": "checkpoint (bytes the compact file would take)"}
+
+
+def inspect_model(path: Path, drop_fraction: float = 0.3) -> dict[str, Any]:
+    """The full report for a model file or a run directory."""
+    path = Path(path)
+    loaded = load_model(path)
+    card, info = loaded.card, loaded.file
+    layer_bytes: dict[str, int] = {}
+    if info.is_model_file:
+        head = read_header(Path(info.path))
+        for tname, tensor in head["tensors"].items():
+            owner = tname.rpartition(".")[0]
+            layer_bytes[owner] = layer_bytes.get(owner, 0) + tensor["bytes"]
+    cfg = card.training.run_config()
+    samples = cfg.train.eval_samples if cfg else 10
+    flops = prediction_flops(model_geometry(loaded.model, loaded.spec.input_shape),
+                             {n: l.density for n, l in sparse_layers(loaded.model)},
+                             loaded.model.first.bayesian, samples)
+    flops_by_layer = {r["layer"]: r["flops"] for r in flops}
+    layers = []
+    for name, layer in sparse_layers(loaded.model):
+        stats = layer_stats(name, layer)
+        stats["flops_per_prediction"] = flops_by_layer[name]
+        stats["index"] = next((r["index"] for r in info.layers if r.get("name") == name), None)
+        stats["bytes"] = layer_bytes.get(name)
+        layers.append(stats)
+    lam = cfg.sparse.criterion_lambda if cfg else 1.0
+    report: dict[str, Any] = {
+        "source": str(path),
+        "file": info.path,
+        "format": {"name": info.format, "version": info.version, "layout": info.layout, "dtype": info.dtype},
+        "architecture": card.architecture.to_dict(),
+        "data": {k: v for k, v in loaded.spec.to_dict().items() if k != "class_names"},
+        "training": {k: v for k, v in card.training.to_dict().items() if k != "config"},
+        "metrics": card.metrics,
+        "layers": layers,
+        "totals": _file_totals(loaded, path),
+        "flops": {"per_prediction": sum(flops_by_layer.values()), "samples": samples,
+                  "convention": f"per example, MC prediction with S={samples}: the first layer's two LRT "
+                                "ops (mean, variance) once (the fewest; batches where it is faster on a "
+                                "CPU sample its weights per draw instead), one op over the active "
+                                "weights per draw in every other layer; 1 multiply-add = 2 FLOPs; "
+                                "biases, BatchNorm, activations and noise are not counted"},
+        "criteria_overlap": criteria_overlap(loaded.model, drop_fraction, lam),
+        "support_history": support_history(path) if path.is_dir() else None,
+    }
+    return report
+
+
+def write_snr_plots(model: torch.nn.Module, out_dir: Path) -> list[Path]:
+    """Histograms of log10 SNR: one PNG per Bayesian layer and one of all layers together.
+
+    Needs matplotlib (``pip install 'ssvi[plots]'``); raises ImportError without it.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    everything = []
+    for name, layer in sparse_layers(model):
+        if not layer.bayesian or layer.active == 0:
+            continue
+        values = torch.log10(snr(layer.mu.detach().cpu(), layer.sigma().detach().cpu()).clamp_min(1e-6))
+        everything.append(values)
+        written.append(_histogram(plt, values, f"{name}: log10 SNR ({layer.active} active)",
+                                  out_dir / f"snr_{name.replace('.', '_')}.png"))
+    if everything:
+        written.append(_histogram(plt, torch.cat(everything), "all layers: log10 SNR", out_dir / "snr_all.png"))
+    return written
+
+
+def _histogram(plt: Any, values: Tensor, title: str, target: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    ax.hist(values.numpy(), bins=60, color="#4472c4")
+    ax.axvline(0.0, color="#c00000", linewidth=1, label="SNR = 1")
+    ax.set_xlabel("log10(|mu| / sigma)")
+    ax.set_ylabel("weights")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with fileio.atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return target

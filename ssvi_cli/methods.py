@@ -1,0 +1,41 @@
+"""Training methods as objects (METHOD.md §7): what each one trains, decided here once.
+
+A method answers three questions that the trainer, the FLOPs count and the file writer ask:
+is the network Bayesian (has σ), is it dense (density 1 whatever the sparsity), and does its
+support move during training (subspace steps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ssvi_cli.registry import Registry
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    bayesian: bool
+    dense: bool
+    moves_support: bool
+    summary: str
+
+    def density(self, sparsity: float) -> float:
+        """Target density of the sparse layers for ``sparsity``."""
+        return 1.0 if self.dense else 1.0 - sparsity
+
+
+METHODS: Registry[Method] = Registry("method", sort=False)
+for _m in (
+    Method("ssvi", bayesian=True, dense=False, moves_support=True,
+           summary="sparse Bayesian network; the support moves every delta_t steps"),
+    Method("vi", bayesian=True, dense=True, moves_support=False,
+           summary="dense Bayesian network (mean-field, LRT)"),
+    Method("static", bayesian=True, dense=False, moves_support=False,
+           summary="sparse Bayesian network on a random support fixed at initialisation"),
+    Method("rigl", bayesian=False, dense=False, moves_support=True,
+           summary="deterministic sparse network: |w| removal, gradient addition"),
+    Method("dense", bayesian=False, dense=True, moves_support=False,
+           summary="deterministic dense network"),
+):
+    METHODS.add(_m.name, _m)

@@ -1,0 +1,145 @@
+"""The model card: what a model is (architecture), what it reads (data spec), how it was trained and
+how it scored, as one typed object that travels between the trainer, checkpoints and the model file.
+
+:func:`build_model` is the only place a model is rebuilt from a description; the file reader, the
+checkpoint loader and the trainer all go through it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+from ssvi_cli.config import Config, from_dict
+from ssvi_cli.data.spec import DataSpec
+from ssvi_cli.fileio import json_default
+from ssvi_cli.models import LayerFactory, SSVIModel, build_architecture
+
+# The metadata keys the card occupies in a model file (each a JSON string).
+CARD_KEYS = ("architecture", "data_spec", "training", "metrics")
+
+
+class CardError(ValueError):
+    """Metadata that does not describe a model (missing or malformed fields)."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The model registry name and the arguments its builder takes."""
+
+    name: str
+    widths: tuple[int, ...] = (256, 256)
+    bayesian: bool = True
+    sigma_param: str = "softplus"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "widths": list(self.widths), "bayesian": self.bayesian,
+                "sigma_param": self.sigma_param}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Architecture":
+        try:
+            return cls(name=str(d["name"]), widths=tuple(int(w) for w in d.get("widths", (256, 256))),
+                       bayesian=bool(d["bayesian"]), sigma_param=str(d.get("sigma_param", "softplus")))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CardError(f"architecture {dict(d) if isinstance(d, Mapping) else d!r} is malformed ({exc})") from None
+
+
+@dataclass(frozen=True)
+class Training:
+    """How the model was trained; ``config`` is the full resolved run config (a plain mapping)."""
+
+    method: Optional[str] = None
+    sparsity: Optional[float] = None
+    criterion: Optional[str] = None
+    epochs: Optional[int] = None
+    seed: Optional[int] = None
+    config: Optional[dict[str, Any]] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "sparsity": self.sparsity, "criterion": self.criterion,
+                "epochs": self.epochs, "seed": self.seed, "config": self.config}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Training":
+        if not isinstance(d, Mapping):
+            raise CardError(f"training record {d!r} is not a mapping")
+        config = d.get("config")
+        return cls(method=d.get("method"), sparsity=d.get("sparsity"), criterion=d.get("criterion"),
+                   epochs=d.get("epochs"), seed=d.get("seed"),
+                   config=dict(config) if isinstance(config, Mapping) else None)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Training":
+        return cls(method=cfg.sparse.method, sparsity=cfg.sparse.sparsity, criterion=cfg.sparse.criterion,
+                   epochs=cfg.train.epochs, seed=cfg.train.seed, config=cfg.to_dict())
+
+    def run_config(self) -> Optional[Config]:
+        """The recorded run config as a validated :class:`Config` (None when not recorded or not
+        valid for this version)."""
+        if self.config is None:
+            return None
+        try:
+            return from_dict(self.config)
+        except ValueError:
+            return None
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Architecture, data spec, training record and final metrics of one model."""
+
+    architecture: Architecture
+    data: DataSpec
+    training: Training = field(default_factory=Training)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg: Config, spec: DataSpec, metrics: Optional[dict[str, Any]] = None) -> "ModelCard":
+        arch = Architecture(cfg.model.name, tuple(cfg.model.widths), cfg.method.bayesian, cfg.bayes.sigma_param)
+        return cls(arch, spec, Training.from_config(cfg), dict(metrics or {}))
+
+    def with_metrics(self, metrics: dict[str, Any]) -> "ModelCard":
+        return ModelCard(self.architecture, self.data, self.training, dict(metrics))
+
+    def to_metadata(self) -> dict[str, str]:
+        """The card's part of a model file's metadata: one JSON string per key of :data:`CARD_KEYS`."""
+        parts = {"architecture": self.architecture.to_dict(), "data_spec": self.data.to_dict(),
+                 "training": self.training.to_dict(), "metrics": self.metrics}
+        return {key: json.dumps(value, separators=(",", ":"), default=json_default) for key, value in parts.items()}
+
+    @classmethod
+    def from_metadata(cls, decoded: Mapping[str, Any]) -> "ModelCard":
+        """From metadata whose :data:`CARD_KEYS` are already JSON-decoded; raises :class:`CardError`."""
+        from ssvi_cli.data.spec import DataError
+
+        try:
+            spec = DataSpec.from_dict(decoded["data_spec"])
+        except (DataError, KeyError, TypeError, ValueError, AttributeError):
+            raise CardError("data description malformed") from None
+        arch = decoded.get("architecture")
+        if not isinstance(arch, Mapping):
+            raise CardError("architecture malformed")
+        metrics = decoded.get("metrics") or {}
+        return cls(Architecture.from_dict(arch), spec, Training.from_dict(decoded.get("training") or {}),
+                   dict(metrics) if isinstance(metrics, Mapping) else {})
+
+    def describe(self) -> dict[str, Any]:
+        """A short summary for reports: architecture, method, sparsity, training data."""
+        t = self.training
+        return {"architecture": self.architecture.name, "bayesian": self.architecture.bayesian,
+                "method": t.method, "sparsity": t.sparsity, "criterion": t.criterion, "epochs": t.epochs,
+                "training_seed": t.seed, "trained_on": self.data.name}
+
+
+def build_model(card: ModelCard, kernel: str = "auto") -> SSVIModel:
+    """The card's architecture with empty supports, every layer on kernel policy ``kernel``.
+
+    Supports and values come from a file, a checkpoint or ``core.allocation.initialise``. Raises the
+    model registry's ``UnknownName`` for an architecture this version does not know and
+    ``ValueError`` for an impossible architecture/input pairing.
+    """
+    arch = card.architecture
+    layers = LayerFactory(bayesian=arch.bayesian, sigma_param=arch.sigma_param, kernel=kernel)
+    return build_architecture(arch.name, card.data.input_shape, card.data.num_classes, layers, arch.widths)

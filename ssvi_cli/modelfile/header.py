@@ -1,0 +1,151 @@
+"""The model file's header: format name and version, layouts and dtypes, and a validated read of the
+metadata and tensor table without touching tensor data (what ``inspect`` and size reports use).
+
+Spec: docs/FORMAT.md. Every failure is a one-line :class:`ModelFileError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+FORMAT_NAME = "ssvi"
+FORMAT_VERSION = 1
+LAYOUTS = ("compact", "dense")
+DTYPES = ("float32", "float16", "bfloat16")
+# Bytes per element of every safetensors dtype name.
+ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+             "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8}
+_JSON_KEYS = ("architecture", "data_spec", "training", "metrics", "layers")
+
+
+class ModelFileError(Exception):
+    """A model file that is missing, truncated, corrupted, not ours or from a newer format version."""
+
+
+def _prefix_looks_like_json(raw: bytes) -> bool:
+    return raw[:2] in (b'{"', b"{}")
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """Metadata and tensor shapes/dtypes of an ssvi file, validated, without reading tensor data.
+
+    Returns ``{"path", "file_bytes", "header_bytes", "meta", "tensors"}`` where ``meta`` has the
+    JSON fields decoded and ``tensors`` maps names to ``{"dtype", "shape", "bytes"}``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"{path} does not exist")
+    if not path.is_file():
+        raise ModelFileError(f"{path} is not a file")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ModelFileError(f"{path} is truncated or not a model file ({size} bytes, no safetensors header)")
+        n = int.from_bytes(head, "little")
+        raw = fh.read(min(n, max(size - 8, 0)))
+    if n > size - 8:
+        if _prefix_looks_like_json(raw):
+            raise ModelFileError(f"{path} is truncated: its header declares {n} bytes but the file has {size}")
+        raise ModelFileError(f"{path} is not an ssvi model file (not a safetensors file)")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError):
+        if _prefix_looks_like_json(raw):
+            raise ModelFileError(f"{path} has a corrupted header (invalid JSON)") from None
+        raise ModelFileError(f"{path} is not an ssvi model file (not a safetensors file)") from None
+    raw_meta = header.pop("__metadata__", None)
+    if not isinstance(raw_meta, dict) or raw_meta.get("format") != FORMAT_NAME:
+        raise ModelFileError(
+            f"{path} is a safetensors file but not an ssvi model file (its metadata lacks format "
+            f"'{FORMAT_NAME}'); write model files with 'ssvi export'"
+        )
+    meta = _decode_meta(path, raw_meta)
+    tensors = _check_tensor_table(path, header, size - 8 - n)
+    return {"path": str(path), "file_bytes": size, "header_bytes": 8 + n, "meta": meta, "tensors": tensors}
+
+
+def _decode_meta(path: Path, raw: dict[str, str]) -> dict[str, Any]:
+    try:
+        version = int(raw.get("version", ""))
+    except ValueError:
+        raise ModelFileError(f"{path} has a corrupted header (format version {raw.get('version')!r})") from None
+    if version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path} uses ssvi format version {version}, newer than this ssvi reads "
+            f"(version {FORMAT_VERSION}); upgrade ssvi to read it"
+        )
+    if version < 1:
+        raise ModelFileError(f"{path} has a corrupted header (format version {version})")
+    meta: dict[str, Any] = {"format": FORMAT_NAME, "version": version}
+    for key in ("layout", "dtype"):
+        meta[key] = raw.get(key)
+    if meta["layout"] not in LAYOUTS or meta["dtype"] not in DTYPES:
+        raise ModelFileError(
+            f"{path} has a corrupted header (layout {meta['layout']!r}, dtype {meta['dtype']!r})"
+        )
+    for key in _JSON_KEYS:
+        if key not in raw:
+            raise ModelFileError(f"{path} has a corrupted header (metadata lacks {key!r})")
+        try:
+            meta[key] = json.loads(raw[key])
+        except ValueError:
+            raise ModelFileError(f"{path} has a corrupted header (metadata {key!r} is not valid JSON)") from None
+    if not isinstance(meta["layers"], list) or not isinstance(meta["architecture"], dict):
+        raise ModelFileError(f"{path} has a corrupted header (layers or architecture malformed)")
+    return meta
+
+
+def _check_tensor_table(path: Path, header: dict[str, Any], data_bytes: int) -> dict[str, dict[str, Any]]:
+    tensors: dict[str, dict[str, Any]] = {}
+    end_max = 0
+    for name, info in header.items():
+        try:
+            dtype, shape, (start, end) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
+            item = ST_DTYPES[dtype]
+        except (KeyError, TypeError, ValueError):
+            raise ModelFileError(f"{path} has a corrupted header (tensor {name!r} is malformed)") from None
+        if not 0 <= start <= end or end - start != math.prod(shape) * item:
+            raise ModelFileError(f"{path} has a corrupted header (tensor {name!r} has inconsistent offsets)")
+        end_max = max(end_max, end)
+        tensors[name] = {"dtype": dtype, "shape": shape, "bytes": end - start}
+    if end_max > data_bytes:
+        raise ModelFileError(
+            f"{path} is truncated: its tensors need {end_max} bytes of data but only {data_bytes} are present"
+        )
+    return tensors
+
+
+# ------------------------------------------------------------------ sizes
+
+def dense_equivalent_bytes(head: dict[str, Any]) -> int:
+    """Tensor bytes of a dense float32 BNN file of the same model, by arithmetic (no header):
+    8 bytes per weight (mu and sigma; 4 for a deterministic layer) plus the dense tensors in float32."""
+    total = 0
+    layer_names = set()
+    for rec in head["meta"]["layers"]:
+        total += math.prod(rec["shape"]) * (8 if rec["bayesian"] else 4)
+        layer_names.add(rec["name"])
+    for name, info in head["tensors"].items():
+        owner, _, part = name.rpartition(".")
+        if owner in layer_names and part in ("mu", "sigma", "index"):
+            continue
+        item = 4 if info["dtype"] in ("F16", "BF16", "F32") else ST_DTYPES[info["dtype"]]
+        total += math.prod(info["shape"]) * item
+    return total
+
+
+def size_totals(head: dict[str, Any]) -> dict[str, Any]:
+    """Active and total weights, bytes on disk, dense-equivalent bytes and the ratio, from a header."""
+    layers = head["meta"]["layers"]
+    active = sum(int(r["active"]) for r in layers)
+    total = sum(math.prod(r["shape"]) for r in layers)
+    dense = dense_equivalent_bytes(head)
+    return {"active_weights": active, "total_weights": total, "density": active / total if total else 1.0,
+            "file_bytes": head["file_bytes"], "header_bytes": head["header_bytes"],
+            "dense_bnn_bytes": dense, "compression_ratio": dense / head["file_bytes"]}

@@ -1,0 +1,185 @@
+"""Reading a model file back into a model: the header is validated first, the architecture is built
+from the model card only once its sizes match the file, then every layer's index, mu and sigma and
+every dense tensor are checked and installed. The training code is never imported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+
+from ssvi_cli.core.gaussian import rho_from_sigma
+from ssvi_cli.core.layers import SparseGaussian, sparse_layers
+from ssvi_cli.data.spec import DataSpec
+from ssvi_cli.modelfile.card import CardError, ModelCard, build_model
+from ssvi_cli.modelfile.codec import INDEX_CODES, gap8_decode
+from ssvi_cli.modelfile.header import ModelFileError, read_header
+from ssvi_cli.modelfile.writer import sparse_state_keys
+from ssvi_cli.models import SSVIModel
+from ssvi_cli.registry import UnknownName
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """Where a loaded model came from: its path, format, layout, value dtype, sizes, layer records."""
+
+    path: str
+    format: str = "ssvi"
+    version: int = 1
+    layout: str = "compact"        # compact, dense, or checkpoint
+    dtype: str = "float32"
+    file_bytes: int | None = None
+    header_bytes: int | None = None
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def is_model_file(self) -> bool:
+        return self.layout in ("compact", "dense")
+
+
+@dataclass
+class LoadedModel:
+    """A model rebuilt from a file (or a run's checkpoint), its card and where it came from."""
+
+    model: SSVIModel
+    card: ModelCard
+    file: FileInfo
+
+    @property
+    def spec(self) -> DataSpec:
+        return self.card.data
+
+
+def read_model_file(path: Path, device: str | torch.device = "cpu", kernel: str = "auto") -> LoadedModel:
+    """Rebuild the model of an ssvi file, validating every shape and index; raises ModelFileError.
+
+    ``kernel``: the kernel policy of the rebuilt layers (``prediction`` never builds a dense linear
+    weight; see ``core.kernels.KernelPolicy``).
+    """
+    head = read_header(path)
+    meta = head["meta"]
+    card, model = _build(path, meta, head["tensors"], kernel)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(f"{path} could not be read ({first[:160]})") from None
+    records = {r.get("name"): r for r in meta["layers"] if isinstance(r, dict)}
+    used: set[str] = set()
+    for name, layer in sparse_layers(model):
+        if name not in records:
+            raise ModelFileError(f"{path} lacks layer {name!r} of architecture {meta['architecture'].get('name')!r}")
+        used |= _load_layer(path, name, layer, records[name], tensors)
+    state = {}
+    skip = sparse_state_keys(model)
+    for key, value in model.state_dict().items():
+        if key in skip:
+            continue
+        if key not in tensors:
+            raise ModelFileError(f"{path} lacks tensor {key!r}")
+        stored = tensors[key]
+        if tuple(stored.shape) != tuple(value.shape):
+            raise ModelFileError(f"{path}: tensor {key!r} has shape {tuple(stored.shape)}, expected {tuple(value.shape)}")
+        if stored.is_floating_point() and not bool(torch.isfinite(stored).all()):
+            raise ModelFileError(f"{path}: tensor {key!r} holds non-finite values")
+        state[key] = stored.to(value.dtype)
+        used.add(key)
+    extra = sorted(set(tensors) - used)
+    if extra or len(records) != len(sparse_layers(model)):
+        what = extra[:3] if extra else sorted(set(records) - {n for n, _ in sparse_layers(model)})[:3]
+        raise ModelFileError(f"{path} holds entries the architecture does not have: {what}")
+    model.load_state_dict(state, strict=False)
+    model.to(device)
+    model.eval()
+    info = FileInfo(str(path), meta["format"], meta["version"], meta["layout"], meta["dtype"],
+                    head["file_bytes"], head["header_bytes"], meta["layers"])
+    return LoadedModel(model, card, info)
+
+
+def _build(path: Path, meta: dict[str, Any], table: dict[str, dict[str, Any]], kernel: str
+           ) -> tuple[ModelCard, SSVIModel]:
+    """The model the metadata describes, allocated only once its sizes match the file: a corrupted
+    width or input shape must not ask for terabytes (found by tests/test_fuzz.py)."""
+    try:
+        card = ModelCard.from_metadata(meta)
+    except CardError as exc:
+        raise ModelFileError(f"{path} has a corrupted header ({exc})") from None
+    try:
+        with torch.device("meta"):  # shapes only, no memory
+            _check_sizes(path, build_model(card), meta, table)
+        model = build_model(card, kernel=kernel)
+    except UnknownName as exc:
+        raise ModelFileError(f"{path} needs an architecture this ssvi does not know ({exc})") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"{path} has a corrupted header (architecture {meta['architecture']!r}: {exc})") from None
+    return card, model
+
+
+def _check_sizes(path: Path, skeleton: SSVIModel, meta: dict[str, Any], table: dict[str, dict[str, Any]]) -> None:
+    """Every sparse layer's shape matches its record and every dense tensor is in the file with its
+    shape, so building the model allocates no more than the file holds."""
+    records = {r.get("name"): r for r in meta["layers"] if isinstance(r, dict)}
+    for name, layer in sparse_layers(skeleton):
+        if name not in records:
+            raise ModelFileError(f"{path} lacks layer {name!r} of architecture {meta['architecture'].get('name')!r}")
+        shape = records[name].get("shape")
+        if not isinstance(shape, list) or shape != list(layer.weight_shape):
+            raise ModelFileError(f"{path}: layer {name!r} has shape {shape}, the architecture needs "
+                                 f"{list(layer.weight_shape)}")
+    skip = sparse_state_keys(skeleton)
+    for key, value in skeleton.state_dict().items():
+        if key not in skip and (key not in table or table[key]["shape"] != list(value.shape)):
+            raise ModelFileError(f"{path}: tensor {key!r} is missing or does not have shape {list(value.shape)}")
+
+
+def _load_layer(path: Path, name: str, layer: SparseGaussian, record: dict[str, Any],
+                tensors: dict[str, Tensor]) -> set[str]:
+    """Validate one layer's record and tensors and install them; returns the tensor names used."""
+    where = f"{path}: layer {name!r}"
+    if [int(s) for s in record.get("shape", [])] != list(layer.weight_shape):
+        raise ModelFileError(f"{where} has shape {record.get('shape')}, the architecture needs {list(layer.weight_shape)}")
+    if bool(record.get("bayesian")) != layer.bayesian:
+        raise ModelFileError(f"{where} is {'not ' if layer.bayesian else ''}Bayesian, unlike its architecture")
+    code = record.get("index")
+    if code not in INDEX_CODES:
+        raise ModelFileError(f"{where} has an unknown index code {code!r}")
+    names = {f"{name}.mu"} | ({f"{name}.sigma"} if layer.bayesian else set())
+    names |= {f"{name}.index"} if code != "full" else set()
+    missing = sorted(n for n in names if n not in tensors)
+    if missing:
+        raise ModelFileError(f"{path} lacks tensor {missing[0]!r}")
+    if code == "full":
+        idx = torch.arange(layer.numel)
+    elif code == "gap8":
+        codes = tensors[f"{name}.index"]
+        if codes.dtype != torch.uint8 or codes.dim() != 1 or (codes.numel() and int(codes[-1]) == 0):
+            raise ModelFileError(f"{where} has a corrupted gap8 index")
+        idx = gap8_decode(codes)
+    else:
+        idx = tensors[f"{name}.index"].to(torch.int64)
+        if idx.dim() != 1 or (idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all())):
+            raise ModelFileError(f"{where} has flat indices that are not sorted and unique")
+    if idx.numel() != int(record.get("active", -1)):
+        raise ModelFileError(f"{where} has {idx.numel()} indices but records {record.get('active')} active entries")
+    if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= layer.numel):
+        raise ModelFileError(f"{where} has indices outside its {layer.numel} entries")
+    mu = tensors[f"{name}.mu"].reshape(-1)
+    if mu.numel() != idx.numel() or not mu.is_floating_point() or not bool(torch.isfinite(mu).all()):
+        raise ModelFileError(f"{where}: mu has {mu.numel()} values for {idx.numel()} indices or is not finite")
+    rho = None
+    if layer.bayesian:
+        sigma = tensors[f"{name}.sigma"].reshape(-1)
+        if sigma.numel() != idx.numel() or not sigma.is_floating_point():
+            raise ModelFileError(f"{where}: sigma has {sigma.numel()} values for {idx.numel()} indices")
+        if not bool(torch.isfinite(sigma).all()) or bool((sigma < 0).any()):
+            raise ModelFileError(f"{where}: sigma holds negative or non-finite values")
+        # In float64 so that sigma -> rho -> softplus(rho) returns sigma to float32 rounding.
+        rho = rho_from_sigma(sigma.double(), layer.sigma_param).float()
+    layer.set_support(idx, mu.float(), rho)
+    return names

@@ -1,0 +1,99 @@
+"""Writing a model file: per sparse layer its index code, mu and sigma over the active entries only;
+every other ``state_dict`` tensor dense; the model card and layer records as metadata.
+
+Written atomically (a temporary file renamed into place), with safetensors: no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ssvi_cli.core.layers import SparseConv2d, SparseGaussian, sparse_layers
+from ssvi_cli.fileio import atomic_path, json_default
+from ssvi_cli.modelfile.card import ModelCard
+from ssvi_cli.modelfile.codec import encode_index
+from ssvi_cli.modelfile.header import DTYPES, FORMAT_NAME, FORMAT_VERSION
+from ssvi_cli.models import SSVIModel
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), default=json_default)
+
+
+def _layer_kind(layer: SparseGaussian) -> str:
+    return "conv2d" if isinstance(layer, SparseConv2d) else "linear"
+
+
+def sparse_state_keys(model: SSVIModel) -> set[str]:
+    """``state_dict`` keys that the file replaces with its own index/mu/sigma tensors."""
+    return {f"{name}.{part}" for name, _ in sparse_layers(model) for part in ("idx", "mu", "rho")}
+
+
+def _layer_tensors(layer: SparseGaussian, dense: bool) -> tuple[str, int, dict[str, Tensor]]:
+    """(index code, active count, {"mu", "sigma", "index"} tensors) of one layer, float32 values.
+
+    Values are flat over the active entries, or of the weight shape when every entry is stored
+    (``full``: a dense layer, or any layer with ``dense``, zeros off the support).
+    """
+    values = {"mu": layer.mu.detach().float().cpu()}
+    if layer.bayesian:
+        values["sigma"] = layer.sigma().detach().float().cpu()
+    if dense:
+        code, index, active = "full", None, layer.numel
+    else:
+        code, index = encode_index(layer.idx.detach().cpu(), layer.numel)
+        active = layer.active
+    if code == "full":
+        values = {k: layer.to_dense(v).contiguous() for k, v in values.items()}
+    if index is not None:
+        values["index"] = index
+    return code, active, values
+
+
+def model_tensors(model: SSVIModel, dtype: str = "float32", dense: bool = False
+                  ) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
+    """The file's tensors and per-layer records for ``model`` (compact unless ``dense``)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid values are: {', '.join(DTYPES)}")
+    value_dtype = TORCH_DTYPES[dtype]
+    tensors: dict[str, Tensor] = {}
+    records: list[dict[str, Any]] = []
+    for name, layer in sparse_layers(model):
+        code, active, parts = _layer_tensors(layer, dense)
+        for part, value in parts.items():
+            tensors[f"{name}.{part}"] = (value if part == "index" else value.to(value_dtype)).contiguous()
+        records.append({"name": name, "kind": _layer_kind(layer), "shape": list(layer.weight_shape),
+                        "active": active, "bayesian": layer.bayesian, "index": code})
+    skip = sparse_state_keys(model)
+    for key, value in model.state_dict().items():
+        if key in skip:
+            continue
+        value = value.detach().cpu()
+        tensors[key] = (value.to(value_dtype) if value.is_floating_point() else value).contiguous()
+    return tensors, records
+
+
+def write_model_file(model: SSVIModel, path: Path, card: ModelCard, *, dtype: str = "float32",
+                     dense: bool = False) -> int:
+    """Write ``model`` with its ``card`` as an ssvi file (atomically); returns its size in bytes."""
+    tensors, records = model_tensors(model, dtype, dense)
+    metadata = {
+        "format": FORMAT_NAME,
+        "version": str(FORMAT_VERSION),
+        "layout": "dense" if dense else "compact",
+        "dtype": dtype,
+        **card.to_metadata(),
+        "layers": _json(records),
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path.stat().st_size

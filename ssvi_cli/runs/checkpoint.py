@@ -1,0 +1,118 @@
+"""Resumable checkpoints: model (with supports), optimizer, schedule position and RNG states.
+
+Saved with ``torch.save`` to a temporary file and renamed; loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import random
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssvi_cli.fileio import atomic_path
+from ssvi_cli.core.layers import sparse_layers
+
+log = logging.getLogger(__name__)
+
+FORMAT = "ssvi-checkpoint"
+VERSION = 1
+_NAME = re.compile(r"^checkpoint-(\d{8})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable or not ours."""
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints of a run, oldest first."""
+    d = checkpoint_dir(run_dir)
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if _NAME.match(p.name))
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    if not Path(run_dir).exists():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(
+            f"{run_dir} has no checkpoint (expected {checkpoint_dir(run_dir)}/checkpoint-*.pt); "
+            "is it a run directory written by 'ssvi train'?"
+        )
+    return found[-1]
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = random.getstate()
+    random.setstate((py[0], tuple(int(v) for v in state["python"]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, step: int, payload: dict[str, Any], keep: int) -> Path:
+    """Write ``checkpoints/checkpoint-<step>.pt`` atomically, then prune all but the last ``keep``."""
+    path = checkpoint_dir(run_dir) / f"checkpoint-{step:08d}.pt"
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    for stale in checkpoint_dir(run_dir).glob(".checkpoint-*.tmp"):
+        stale.unlink(missing_ok=True)  # left by a process killed mid-write (one writer per run)
+    return path
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely (tensors and plain containers only)."""
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} is unreadable or corrupted ({first[:160]})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an ssvi checkpoint")
+    if int(data.get("version", 0)) > VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {data['version']}, newer than this ssvi "
+            f"({VERSION}); upgrade ssvi to read it"
+        )
+    return data
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Restore supports first (their sizes vary), then every tensor strictly."""
+    for name, layer in sparse_layers(model):
+        prefix = f"{name}." if name else ""
+        try:
+            idx = state[prefix + "idx"]
+            mu = state[prefix + "mu"]
+        except KeyError as exc:
+            raise CheckpointError(f"model state lacks {exc.args[0]}") from None
+        rho = state.get(prefix + "rho")
+        layer.set_support(idx, mu, rho)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"model state does not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )

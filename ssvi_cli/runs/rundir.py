@@ -1,0 +1,125 @@
+"""A run directory: the one place that knows its file names, how a run claims (or replaces) its
+folder, and where its checkpoints, epoch records, support history and summary go.
+
+| file | written by |
+| --- | --- |
+| ``config.yaml`` | the resolved configuration, at the start |
+| ``metrics.jsonl`` | one record per epoch |
+| ``support.jsonl`` | one record per subspace step |
+| ``checkpoints/checkpoint-<step>.pt`` | the last N resumable checkpoints |
+| ``model.safetensors`` | the compact model file, at the end |
+| ``summary.json`` | the final summary, at the end |
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from ssvi_cli import fileio
+from ssvi_cli.runs import checkpoint as ckpt
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUPPORT_FILE = "support.jsonl"
+MODEL_FILE = "model.safetensors"
+SUMMARY_FILE = "summary.json"
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be used as asked (exists, holds a run, is a file)."""
+
+
+class RunDir:
+    """The files of one training run under ``path``."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @classmethod
+    def default(cls, preset: str, method: str, sparsity: Optional[float], root: Path = Path("runs")) -> "RunDir":
+        """``runs/<YYYYmmdd-HHMMSS>-<preset>-<method>[-s<sparsity>]``."""
+        tag = f"{Path(preset).stem}-{method}" + (f"-s{sparsity:g}" if sparsity is not None else "")
+        return cls(root / f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}")
+
+    # -- claiming --------------------------------------------------------------------
+    def claim(self, force: bool = False) -> "RunDir":
+        """Make sure a new run may write here: an empty or missing folder, or (``force``) an old
+        run that is removed. Call it only once everything else has been checked."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"--out {self.path} exists and is not a directory")
+        if self.path.is_dir() and any(self.path.iterdir()):
+            if not force:
+                raise RunDirError(
+                    f"--out {self.path} already holds a run; pass --force to overwrite it or "
+                    f"--resume {self.path} to continue it"
+                )
+            shutil.rmtree(self.path)
+        return self
+
+    # -- files -------------------------------------------------------------------------
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def support_file(self) -> Path:
+        return self.path / SUPPORT_FILE
+
+    @property
+    def model_file(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def summary_file(self) -> Path:
+        return self.path / SUMMARY_FILE
+
+    def write_config(self, text: str) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        fileio.write_text(self.config_file, text)
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        fileio.append_jsonl(self.metrics_file, record)
+
+    def append_support(self, record: dict[str, Any]) -> None:
+        fileio.append_jsonl(self.support_file, record)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        fileio.write_json(self.summary_file, summary)
+
+    def read_summary(self) -> dict[str, Any]:
+        """The final summary, or {} when the run has none (yet) or it is unreadable."""
+        if not self.summary_file.is_file():
+            return {}
+        try:
+            return json.loads(self.summary_file.read_text(encoding="utf-8"))
+        except ValueError:
+            return {}
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        """Checkpoints, oldest first."""
+        return ckpt.list_checkpoints(self.path)
+
+    def latest_checkpoint(self) -> Path:
+        return ckpt.latest_checkpoint(self.path)
+
+    def load_latest(self) -> dict[str, Any]:
+        """The latest checkpoint's contents (read once; loaded with ``weights_only=True``)."""
+        return ckpt.load_checkpoint(self.latest_checkpoint())
+
+    def save_checkpoint(self, step: int, payload: dict[str, Any], keep: int) -> Path:
+        return ckpt.save_checkpoint(self.path, step, payload, keep)

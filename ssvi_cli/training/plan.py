@@ -1,0 +1,118 @@
+"""The pre-flight of a run, done once: names checked, device resolved, data loaded, the model card
+written down and every layer's support size planned (which also proves the architecture fits the
+data and the sparsity leaves every layer an active weight). The trainer trusts a :class:`RunPlan`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ssvi_cli.config import Config, ConfigError, from_dict
+from ssvi_cli.core.allocation import InitSpec, initialise, layer_densities
+from ssvi_cli.core.criteria import REMOVAL_CRITERIA
+from ssvi_cli.core.layers import sparse_layers
+from ssvi_cli.data import DATASETS, DataSplits, build_dataset
+from ssvi_cli.modelfile import ModelCard, build_model
+from ssvi_cli.models import MODELS, SSVIModel
+from ssvi_cli.runs.rundir import RunDir
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without one is a config error (exit code 2)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but no CUDA device is available; use --device cpu")
+    if name not in DEVICES:
+        raise ConfigError(f"unknown device {name!r}; valid values are: {', '.join(DEVICES)}")
+    return torch.device(name)
+
+
+def check_names(cfg: Config) -> None:
+    """Resolve every registry name of ``cfg`` (errors list the valid names); reads no file."""
+    MODELS.get(cfg.model.name)
+    DATASETS.get(cfg.data.name)
+    REMOVAL_CRITERIA.get(cfg.sparse.criterion)
+
+
+def load_data(cfg: Config) -> DataSplits:
+    d = cfg.data
+    return build_dataset(d.name, data_dir=Path(d.data_dir).expanduser() if d.data_dir else None,
+                         download=d.download, val_fraction=d.val_fraction, seed=cfg.train.seed,
+                         augment=d.augment, max_train=d.max_train)
+
+
+def plan_densities(model: SSVIModel, cfg: Config) -> dict[str, float]:
+    """Density per sparse layer (stem dense when asked, the rest uniform or ERK)."""
+    return layer_densities(sparse_layers(model), cfg.density, cfg.sparse.allocation, cfg.model.dense_stem)
+
+
+def make_model(cfg: Config, spec: Any) -> SSVIModel:
+    """The configured architecture for data ``spec``, with empty supports."""
+    return build_model(ModelCard.from_config(cfg, spec), kernel=cfg.train.kernel)
+
+
+def init_spec(cfg: Config) -> InitSpec:
+    b = cfg.bayes
+    return InitSpec(mu_std=b.mu_init_std, sigma_mean=b.sigma_init_mean, sigma_std=b.sigma_init_std,
+                    sigma_param=b.sigma_param)
+
+
+def init_model(model: SSVIModel, cfg: Config, generator: torch.Generator,
+               densities: Optional[dict[str, float]] = None) -> dict[str, float]:
+    """Draw the initial supports and values of ``model``; returns the densities used."""
+    densities = densities if densities is not None else plan_densities(model, cfg)
+    initialise(model, densities, init_spec(cfg), generator)
+    return densities
+
+
+@dataclass
+class RunPlan:
+    """Everything a run needs before its first step; ``checkpoint`` is set for a resumed run."""
+
+    cfg: Config
+    device: torch.device
+    splits: DataSplits
+    card: ModelCard
+    densities: dict[str, float]
+    run_dir: Optional[RunDir] = None
+    checkpoint: Optional[dict[str, Any]] = None
+
+    @classmethod
+    def new(cls, cfg: Config, run_dir: Optional[RunDir | Path] = None,
+            splits: Optional[DataSplits] = None, device: Optional[str] = None) -> "RunPlan":
+        """A new run of ``cfg``; nothing is written (the run directory is claimed by the caller)."""
+        check_names(cfg)
+        dev = resolve_device(device or cfg.train.device)
+        splits = splits or load_data(cfg)
+        card = ModelCard.from_config(cfg, splits.spec)
+        with torch.device("meta"):  # shapes only: plans the supports of any size for free
+            densities = plan_densities(build_model(card), cfg)
+        return cls(cfg, dev, splits, card, densities, _run_dir(run_dir))
+
+    @classmethod
+    def resume(cls, run_dir: RunDir | Path, device: Optional[str] = None,
+               splits: Optional[DataSplits] = None) -> "RunPlan":
+        """Continue the run in ``run_dir`` from its latest checkpoint (read once, here)."""
+        run = _run_dir(run_dir)
+        data = run.load_latest()
+        cfg = from_dict(data["config"])
+        dev = resolve_device(device or cfg.train.device)
+        splits = splits or load_data(cfg)
+        card = ModelCard.from_config(cfg, splits.spec)
+        return cls(cfg, dev, splits, card, {}, run, data)
+
+    def build_model(self) -> SSVIModel:
+        return build_model(self.card, kernel=self.cfg.train.kernel)
+
+
+def _run_dir(path: Optional[RunDir | Path]) -> Optional[RunDir]:
+    if path is None or isinstance(path, RunDir):
+        return path
+    return RunDir(path)

@@ -1,0 +1,118 @@
+"""What a run reports: the per-epoch record (``metrics.jsonl``), validation and test metrics, and the
+final summary with the model file it writes (``summary.json``, ``model.safetensors``).
+
+Checkpoints are never chosen on the test split: the final model is the last epoch, and per-epoch
+numbers use the validation split carved from the training data.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from ssvi_cli.core.flops import training_summary
+from ssvi_cli.modelfile import ModelCard, write_model_file
+from ssvi_cli.predict import predict_loader
+from ssvi_cli.training.optim import lr_factor
+from ssvi_cli.training.records import EpochStats, density_report
+
+if TYPE_CHECKING:
+    from ssvi_cli.training.trainer import Trainer
+
+
+def evaluate_split(trainer: "Trainer", split: str, mode: str = "mc", samples: Optional[int] = None,
+                   batch_size: int = 512) -> dict[str, Any]:
+    """Accuracy and NLL of the mean network or the Monte Carlo model average on a split.
+
+    The global RNG is restored afterwards: evaluation must not shift the training noise stream.
+    """
+    from ssvi_cli.metrics import accuracy, nll
+
+    samples = samples or trainer.cfg.train.eval_samples
+    loader = torch.utils.data.DataLoader(getattr(trainer.splits, split), batch_size=batch_size, shuffle=False,
+                                         num_workers=trainer.cfg.train.num_workers)
+    rng = torch.get_rng_state()
+    try:
+        out = predict_loader(trainer.model, loader, trainer.device, samples, mode, keep_samples=False)
+    finally:
+        torch.set_rng_state(rng)
+    probs, labels = out["probs"], out["labels"]
+    return {"accuracy": accuracy(probs, labels), "nll": nll(probs, labels), "n": len(labels),
+            "mode": mode, "samples": samples if mode == "mc" else None}
+
+
+def epoch_record(trainer: "Trainer", stats: EpochStats) -> dict[str, Any]:
+    """The ``metrics.jsonl`` line of the epoch that just ended (before the epoch counter moves)."""
+    state, cfg = trainer.state, trainer.cfg
+    val = evaluate_split(trainer, "val", mode="mean") if len(trainer.splits.val) and trainer.is_main else {}
+    dens = density_report(trainer.model)
+    n = max(stats.seen, 1)
+    return {
+        "epoch": state.epoch + 1,
+        "step": state.step,
+        "loss": stats.loss / n,
+        "nll": stats.nll / n,
+        "kl": stats.kl,
+        "kl_weight": trainer.kl_weight(state.step),
+        "lr": cfg.optim.lr * lr_factor(cfg, state.step, trainer.total_steps),
+        "train_accuracy": stats.correct / n,
+        "val_accuracy": val.get("accuracy"),
+        "val_nll": val.get("nll"),
+        "density": dens["density"],
+        "layer_density": dens["layers"],
+        "drop_fraction": trainer.schedule.drop_fraction(state.step) if cfg.method.moves_support else 0.0,
+        "subspace_steps": state.subspace_steps,
+        "swapped": stats.swapped,
+        "seconds": time.perf_counter() - stats.started,
+        "samples_per_second": trainer.throughput(),
+    }
+
+
+def finish(trainer: "Trainer") -> dict[str, Any]:
+    """Final test metrics, density and the compact model file; writes ``summary.json``."""
+    cfg, state = trainer.cfg, trainer.state
+    bayesian = cfg.method.bayesian
+    mode = "mc" if bayesian else "mean"
+    torch.manual_seed(cfg.train.seed)
+    test = evaluate_split(trainer, "test", mode=mode)
+    test_mean = evaluate_split(trainer, "test", mode="mean") if bayesian else test
+    dens = density_report(trainer.model)
+    summary = {
+        "run_dir": str(trainer.run_dir),
+        "method": cfg.sparse.method,
+        "model": cfg.model.name,
+        "dataset": cfg.data.name,
+        "sparsity": cfg.sparse.sparsity if cfg.density < 1 else 0.0,
+        "density": dens["density"],
+        "active_weights": dens["active"],
+        "total_weights": dens["total"],
+        "epochs": state.epoch,
+        "steps": state.step,
+        "subspace_steps": state.subspace_steps,
+        "world_size": trainer.dist.world_size,
+        "global_batch": state.global_batch,
+        "precision": cfg.train.precision,
+        "samples_per_second": trainer.throughput(),
+        "test_accuracy": test["accuracy"],
+        "test_nll": test["nll"],
+        "test_mode": mode,
+        "test_samples": test["samples"],
+        "test_accuracy_mean_net": test_mean["accuracy"],
+        "test_nll_mean_net": test_mean["nll"],
+    }
+    summary.update(training_summary(trainer.model, trainer.splits.spec.input_shape, cfg.method,
+                                    examples=trainer.n_train * state.epoch, batch_size=cfg.train.batch_size,
+                                    captures=state.subspace_steps * trainer.schedule.accumulate))
+    if trainer.is_main:
+        run = trainer.run
+        summary["model_file"] = str(run.model_file)
+        summary["model_file_bytes"] = write_model_file(trainer.model, run.model_file, card(trainer, summary))
+        run.write_summary(summary)
+    return summary
+
+
+def card(trainer: "Trainer", metrics: dict[str, Any]) -> ModelCard:
+    """The model card of the run with ``metrics``."""
+    return trainer.plan.card.with_metrics(metrics)

@@ -1,0 +1,46 @@
+"""One registry idiom: every name a user types resolves through a Registry, an unknown name lists the
+valid ones (closest first), and the config's choices are exactly the registries' names."""
+
+import pytest
+
+from ssvi_cli import config as C
+from ssvi_cli.core.allocation import ALLOCATIONS, AllocationError
+from ssvi_cli.core.criteria import REMOVAL_CRITERIA, CriterionError
+from ssvi_cli.core.gaussian import SIGMA_PARAMS
+from ssvi_cli.core.kernels import KERNELS
+from ssvi_cli.data import DATASETS, OOD_SETS, DataError
+from ssvi_cli.methods import METHODS
+from ssvi_cli.models import MODELS
+from ssvi_cli.registry import Registry, UnknownName
+from ssvi_cli.training.optim import LR_SCHEDULES, OPTIMIZERS
+
+
+def test_config_choices_are_the_registries_names():
+    assert set(C.OPTIMIZERS) == set(OPTIMIZERS.names())
+    assert set(C.SCHEDULES) == set(LR_SCHEDULES.names())
+    assert set(C.ALLOCATIONS) == set(ALLOCATIONS.names())
+    assert set(C.SIGMA_PARAMS) == set(SIGMA_PARAMS.names())
+    assert set(C.KERNELS) <= set(KERNELS.names())  # plus "prediction", which infer uses
+
+
+@pytest.mark.parametrize("registry, family", [
+    (MODELS, UnknownName), (DATASETS, DataError), (OOD_SETS, DataError), (REMOVAL_CRITERIA, CriterionError),
+    (ALLOCATIONS, AllocationError), (METHODS, UnknownName), (KERNELS, UnknownName), (OPTIMIZERS, UnknownName),
+])
+def test_an_unknown_name_is_one_error_listing_the_valid_names(registry: Registry, family):
+    name = registry.names()[0]
+    with pytest.raises(UnknownName) as info:
+        registry.get(name + "x")
+    assert isinstance(info.value, family)
+    message = str(info.value)
+    assert message.startswith(f"unknown {registry.kind} '{name}x'; valid names are: ")
+    assert all(n in message for n in registry.names())
+    assert f"did you mean {name}" in message
+
+
+def test_a_method_is_an_object_not_a_string():
+    assert [(m.name, m.bayesian, m.dense, m.moves_support) for _, m in METHODS.items()] == [
+        ("ssvi", True, False, True), ("vi", True, True, False), ("static", True, False, False),
+        ("rigl", False, False, True), ("dense", False, True, False)]
+    cfg = C.apply_overrides(C.Config(), {"sparse.method": "vi", "sparse.sparsity": 0.9})
+    assert cfg.method is METHODS.get("vi") and cfg.density == 1.0
