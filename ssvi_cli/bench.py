@@ -283,7 +283,7 @@ def _amortised(rows: list[dict[str, Any]], sparsities: Sequence[float], delta_t:
 def _bench_prediction(trainers: dict[str, Any], opts: BenchOptions, x: torch.Tensor, root: Path,
                       say: Callable[[str], None]) -> list[dict[str, Any]]:
     from ssvi_cli.modelfile import read_model_file, write_model_file
-    from ssvi_cli.predict import predict_batch
+    from ssvi_cli.prediction import predict_batch
 
     variants: list[Variant] = []
     pairs = []

@@ -12,8 +12,6 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
-import yaml
-
 from ssvi_cli.methods import METHODS, Method
 
 ALLOCATIONS = ("uniform", "erk")
@@ -242,6 +240,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set expects key.sub=value, got {text!r}")
     key, raw = text.split("=", 1)
+    import yaml  # here, not at the top: commands that never read YAML (infer) skip its import
+
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -333,6 +333,8 @@ def load_preset(name_or_path: str) -> Config:
                 f"unknown preset {name_or_path!r}; valid names are: {', '.join(presets) or '(none)'}"
                 " (or pass a path to a .yaml file)"
             )
+    import yaml
+
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -348,6 +350,8 @@ def load_preset(name_or_path: str) -> Config:
 
 
 def dump_yaml(cfg: Config) -> str:
+    import yaml
+
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 

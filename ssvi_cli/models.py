@@ -2,7 +2,7 @@
 
 Every model exposes ``first`` (its first weight layer) and ``forward_rest(h)`` so that Monte Carlo
 prediction can compute the first layer's LRT moments once and reuse them across draws (when that is
-the cheaper scheme, see ``ssvi_cli.predict.first_layer_scheme``).
+the cheaper scheme, see ``ssvi_cli.prediction.first_layer_scheme``).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from ssvi_cli.training.distributed import DistInfo, SupportMismatch
 from ssvi_cli.training.trainer import Interrupted, Trainer
 from ssvi_cli.core.layers import SparseLinear, sparse_layers
 from ssvi_cli.metrics import accuracy
-from ssvi_cli.predict import predict_loader
+from ssvi_cli.prediction import predict_loader
 
 WORLD = 2
 PER_RANK_BATCH = 32

@@ -16,7 +16,7 @@ from ssvi_cli import metrics as M
 from ssvi_cli.data import DataError, DatasetUnavailable, get_spec
 from ssvi_cli.training.trainer import Trainer
 from ssvi_cli.runs.load import LoadedModel, load_model
-from ssvi_cli.predict import predict_batch
+from ssvi_cli.prediction import predict_batch
 
 
 def _train(run_dir: Path, **over) -> LoadedModel:

@@ -18,7 +18,7 @@ from ssvi_cli.modelfile import ModelCard, ModelFileError, read_header, read_mode
 from ssvi_cli.modelfile.codec import encode_index, gap8_decode, gap8_encode, gap8_size
 from ssvi_cli.runs.load import export_model, load_model
 from ssvi_cli.core.layers import sparse_layers
-from ssvi_cli.predict import predict_batch
+from ssvi_cli.prediction import predict_batch
 
 
 def metadata(cfg: C.Config, spec) -> ModelCard:

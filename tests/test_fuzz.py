@@ -18,7 +18,7 @@ from ssvi_cli.cli import run
 from ssvi_cli.data import get_spec
 from ssvi_cli.training.plan import init_model, make_model
 from ssvi_cli.modelfile import ModelCard, ModelFileError, read_model_file, write_model_file
-from ssvi_cli.predict import predict_batch
+from ssvi_cli.prediction import predict_batch
 
 CASE_SECONDS = 5  # far above a normal read (milliseconds); a read this slow counts as a hang
 

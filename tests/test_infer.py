@@ -18,7 +18,7 @@ from ssvi_cli.modelfile import ModelCard, read_model_file, write_model_file
 from ssvi_cli.evaluation.infer import InputError, array_to_images, expand_inputs, run_inference
 from ssvi_cli.core.modes import using_kernel
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear
-from ssvi_cli.predict import predict_batch
+from ssvi_cli.prediction import predict_batch
 
 
 def write_model(path: Path, preset: str = "digits_mlp", **over) -> Path:

@@ -7,10 +7,10 @@ Floors, from the ground up (a module may import its own package and any lower fl
     2  config                                           (no torch below this line)
     3  core                                             (the method)
     4  models, data
-    5  predict, modelfile
+    5  prediction, modelfile
     6  runs
     7  training, evaluation
-    8  bench
+    8  bench, api                                       (api: the public Python API)
     9  cli
     10 ssvi_cli itself (the package's public face)
 Imports under ``if TYPE_CHECKING:`` are for annotations only and do not count.
@@ -30,10 +30,10 @@ FLOORS = {
     "config": 2,
     "core": 3,
     "models": 4, "data": 4,
-    "predict": 5, "modelfile": 5,
+    "prediction": 5, "modelfile": 5,
     "runs": 6,
     "training": 7, "evaluation": 7,
-    "bench": 8,
+    "bench": 8, "api": 8,
     "cli": 9,
 }
 TOP = 10  # ssvi_cli/__init__.py and ssvi_cli/__main__.py

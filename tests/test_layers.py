@@ -239,7 +239,7 @@ def test_lrt_gradients_of_sparse_kernel_match_dense_with_the_same_noise(product_
 
 def test_mc_prediction_with_cached_sigma_matches_per_draw_sigma():
     from ssvi_cli.models import LayerFactory, build_architecture
-    from ssvi_cli.predict import predict_batch
+    from ssvi_cli.prediction import predict_batch
 
     torch.manual_seed(4)
     # the dense kernel: a contiguous first-layer output, so the reference draws its noise alike

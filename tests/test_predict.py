@@ -1,4 +1,4 @@
-"""ssvi_cli.predict: Monte Carlo prediction is a posterior-predictive draw, mean mode is the mean
+"""ssvi_cli.prediction: Monte Carlo prediction is a posterior-predictive draw, mean mode is the mean
 network, the same seed gives the same draws, and the prediction-only fast paths (fused bias, reused
 buffers, direct CSR kernel) leave results and gradients as they were."""
 
@@ -12,7 +12,7 @@ from ssvi_cli.core.kernels import CsrPattern, SparseMatmul
 from ssvi_cli.core.gaussian import rho_from_sigma
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.models import LayerFactory, build_architecture
-from ssvi_cli.predict import class_softmax, predict_batch
+from ssvi_cli.prediction import class_softmax, predict_batch
 
 IN_SHAPE, CLASSES, WIDTHS = (1, 4, 4), 3, (12, 10)
 
@@ -152,7 +152,7 @@ def test_first_layer_scheme_follows_the_cost_rule():
     first layer and a large batch (fewer normals than output elements, cheap CSR product), moments
     again for a dense layer (its normals alone outnumber the output elements)."""
     from ssvi_cli.core.layers import SparseLinear
-    from ssvi_cli.predict import first_layer_scheme
+    from ssvi_cli.prediction import first_layer_scheme
 
     layer = SparseLinear(784, 1024, bayesian=True)
     k = 784 * 1024 // 20  # density 0.05: the sparse kernel
@@ -238,7 +238,7 @@ def test_conv_first_layer_samples_its_weights_shared_across_pixels():
     and correlate, as a weight-space posterior implies; LRT noise drawn per output position would
     not (the issue this guards against). ``positions`` counts conv outputs."""
     from ssvi_cli.core.modes import drawing, sampling
-    from ssvi_cli.predict import first_layer_scheme
+    from ssvi_cli.prediction import first_layer_scheme
 
     torch.manual_seed(0)
     model = build_architecture("lenet5", (1, 12, 12), 3, LayerFactory(bayesian=True))

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from ssvi_cli.cli.common import check_device, UsageError, err, out, print_json
+from ssvi_cli.cli.common import UsageError, check_device, err, out, print_json
 
 
 def parse_sparsities(text: str) -> tuple[float, ...]:

@@ -6,13 +6,15 @@ import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ssvi_cli.fileio import json_default
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 # Human-facing progress and messages go to stderr so that ``--json`` stdout stays parseable.
 out = Console(highlight=False, soft_wrap=True)
@@ -74,11 +76,13 @@ def kv_table(title: str, rows: dict[str, Any]) -> Table:
 
 
 @contextmanager
-def progress_bar(enabled: bool = True) -> Iterator[Optional[Progress]]:
+def progress_bar(enabled: bool = True) -> Iterator[Optional["Progress"]]:
     """A rich progress bar on a terminal; ``None`` (plain line output) otherwise."""
     if not enabled or not err.is_terminal:
         yield None
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err, transient=False)
     with bar:

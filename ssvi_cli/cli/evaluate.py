@@ -9,7 +9,8 @@ import typer
 from rich import box
 from rich.table import Table
 
-from ssvi_cli.cli.common import check_device, UsageError, check_output_dir, check_output_file, err, fmt, out, print_json, progress_bar
+from ssvi_cli.cli.common import (UsageError, check_device, check_output_dir, check_output_file, err,
+                                   fmt, out, print_json, progress_bar)
 
 METRIC_LABELS = {
     "accuracy": "accuracy",
@@ -157,7 +158,7 @@ def register(app: typer.Typer) -> None:
 
 def _options(split: str, samples: Optional[str], mode: str, batch_size: int, seed: int) -> Any:
     from ssvi_cli.evaluation import evaluator as ev
-    from ssvi_cli.predict import MODES
+    from ssvi_cli.prediction import MODES
 
     if mode not in MODES:
         raise UsageError(f"--mode {mode!r} is not valid; valid values are: {', '.join(MODES)}")

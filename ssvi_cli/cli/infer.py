@@ -9,7 +9,8 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from ssvi_cli.cli.common import check_device, UsageError, check_output_file, err, out, print_json, progress_bar
+from ssvi_cli.cli.common import (UsageError, check_device, check_output_file, err, out,
+                                   print_json, progress_bar)
 
 SHOWN_ROWS = 50
 DEFAULT_SAMPLES = 10  # the table shows this many inputs; --output holds all
@@ -32,7 +33,7 @@ def register(app: typer.Typer) -> None:
         """Predict class, probability, top-k, predictive entropy and mutual information per input."""
         from ssvi_cli.runs.load import load_model
         from ssvi_cli.evaluation.infer import OUTPUT_SUFFIXES, expand_inputs, run_inference, write_predictions
-        from ssvi_cli.predict import MODES
+        from ssvi_cli.prediction import MODES
 
         if mode not in MODES:
             raise UsageError(f"--mode {mode!r} is not valid; valid values are: {', '.join(MODES)}")

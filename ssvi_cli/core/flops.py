@@ -16,7 +16,7 @@ Convention (METHOD.md section 6; printed beside every number as :data:`CONVENTIO
 - Monte Carlo prediction with ``S`` draws: the first layer's LRT moments once (two ops), then one op
   per draw in every deeper layer over its active weights (one weight sample per draw). That is the
   fewest multiply-adds; where noise draws cost more than products (large CPU batches, see
-  ``predict.first_layer_scheme``), prediction samples the first layer's weights too (S ops).
+  ``prediction.first_layer_scheme``), prediction samples the first layer's weights too (S ops).
 """
 
 from __future__ import annotations

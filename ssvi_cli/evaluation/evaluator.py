@@ -27,7 +27,7 @@ from ssvi_cli import metrics as M
 from ssvi_cli.data import DATASETS, OOD_SETS, DataError, DataSpec, build_dataset, get_spec
 from ssvi_cli.data.ood import build_ood, ood_names
 from ssvi_cli.modelfile import ModelCard, Training
-from ssvi_cli.predict import MODES, is_bayesian, predict_loader
+from ssvi_cli.prediction import MODES, is_bayesian, predict_loader
 
 FORMAT = "ssvi-evaluation"
 VERSION = 1

@@ -2,7 +2,7 @@
 
 Inputs are decoded to (N, C, H, W) uint8 or float-in-[0, 1] tensors, brought to the model's input by
 ``data.transforms.preprocess`` (channels, size, normalisation from the file's data description) and
-predicted through ``predict.predict_batch``, the same code path training and evaluation use, under
+predicted through ``prediction.predict_batch``, the same code path training and evaluation use, under
 the ``prediction`` kernel policy: linear layers always multiply over the stored entries, convolutions
 keep the automatic choice (dense for 3x3, sparse for 1x1; see ``core.kernels.KernelPolicy``).
 """
@@ -25,7 +25,7 @@ from ssvi_cli.data.transforms import preprocess
 from ssvi_cli.core.modes import using_kernel
 from ssvi_cli.metrics import mutual_information, predictive_entropy
 from ssvi_cli.models import SSVIModel
-from ssvi_cli.predict import predict_batch
+from ssvi_cli.prediction import predict_batch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 ARRAY_SUFFIX = ".npy"

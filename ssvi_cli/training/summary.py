@@ -14,7 +14,7 @@ import torch
 
 from ssvi_cli.core.flops import training_summary
 from ssvi_cli.modelfile import ModelCard, write_model_file
-from ssvi_cli.predict import predict_loader
+from ssvi_cli.prediction import predict_loader
 from ssvi_cli.training.optim import lr_factor
 from ssvi_cli.training.records import EpochStats, density_report
 
