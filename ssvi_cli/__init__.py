@@ -1,3 +1,31 @@
-"""ssvi: sparse Bayesian neural networks with Sparse Subspace Variational Inference."""
+"""ssvi: sparse Bayesian neural networks with Sparse Subspace Variational Inference.
+
+The public Python API is importable from here (``import ssvi_cli as ssvi``); names load on first
+use, so ``ssvi presets`` or ``import ssvi_cli.config`` do not pay for torch:
+
+- :func:`param_groups`, :func:`kl_term`, :class:`Subspace`, :func:`predict` (``ssvi_cli.api``)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "param_groups": "ssvi_cli.api", "kl_term": "ssvi_cli.api", "Subspace": "ssvi_cli.api",
+    "predict": "ssvi_cli.api", "Prediction": "ssvi_cli.api", "OptimizerStateError": "ssvi_cli.api",
+}
+
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'ssvi_cli' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,188 @@
+"""SSVI in your own training loop: optimizer groups, the subspace schedule as one object, prediction
+with uncertainty. These are the pieces the ``ssvi train`` recipe is made of, for any model whose
+``Linear``/``Conv2d`` layers are sparse Gaussian layers::
+
+    optimizer = torch.optim.SGD(ssvi_cli.param_groups(model, lr=0.01, lr_sigma=0.01), momentum=0.9)
+    subspace = ssvi_cli.Subspace(model, optimizer, total_steps=len(loader) * epochs)
+    for x, y in loader:
+        loss = F.cross_entropy(model(x), y) + ssvi_cli.kl_term(model, n_train=len(dataset))
+        loss.backward()
+        subspace.step()        # the optimizer step, or every delta_t steps a remove-and-add step
+        optimizer.zero_grad()
+    out = ssvi_cli.prediction(model, x, samples=30)   # probs, entropy, mutual information
+
+The whole example, run on the embedded digits, is docs/API.md (and a test).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ssvi_cli.core.layers import sparse_layers
+from ssvi_cli.core.modes import capturing_dense_grad, sampling
+from ssvi_cli.core.subspace import Schedule, SwapReport, collect_captured, subspace_step
+from ssvi_cli.metrics import mutual_information, predictive_entropy
+from ssvi_cli.prediction import predict_batch
+
+# Optimizers of torch.optim whose state per parameter is tensors of the parameter's shape (reset
+# entry by entry for new weights) plus scalars; anything else cannot be reset safely.
+RESETTABLE_OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad",
+                         "Adadelta", "ASGD")
+
+
+class OptimizerStateError(TypeError):
+    """An optimizer whose per-parameter state a remove-and-add step cannot reset."""
+
+
+def param_groups(model: nn.Module, lr: float, lr_sigma: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """Two parameter groups (METHOD.md §5): mu, biases and everything else with ``lr`` and
+    ``weight_decay``; rho with ``lr_sigma`` and no weight decay."""
+    rho = [layer.rho for _, layer in sparse_layers(model) if layer.rho is not None]
+    rho_ids = {id(p) for p in rho}
+    rest = [p for p in model.parameters() if id(p) not in rho_ids]
+    groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "mu"}]
+    if rho:
+        groups.append({"params": rho, "lr": lr_sigma, "weight_decay": 0.0, "name": "rho"})
+    return groups
+
+
+def kl_term(model: nn.Module, n_train: int, beta: float = 1.0, prior_sigma: float = 0.005) -> Tensor:
+    """``beta * sum_layers KL(q || N(0, prior_sigma^2)) / n_train``, the per-example KL of the
+    (tempered, ``beta < 1``) ELBO over the active weights only (0 for a deterministic model)."""
+    layers = [layer for _, layer in sparse_layers(model)]
+    if not layers:
+        raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
+    total = sum((layer.kl(prior_sigma) for layer in layers), torch.zeros((), device=layers[0].mu.device))
+    return beta * total / n_train
+
+
+class Subspace:
+    """The SSVI schedule for a user's loop: call :meth:`step` where ``optimizer.step()`` would go.
+
+    Every ``delta_t`` steps while ``t < t_end * total_steps`` the step is a remove-and-add step
+    instead (METHOD.md §4): the minibatch just before it ran with dense-gradient capture (switched on
+    for that forward only, by a forward pre-hook), the lowest removal scores are dropped and as many
+    positions with the largest |dL/dmu| added, every layer's active count unchanged. The optimizer's
+    state of new entries is reset to zero; ``state_dict``/``load_state_dict`` resume the schedule.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int, *,
+                 delta_t: int = 100, alpha: float = 0.3, t_end: float = 0.75, criterion: str = "snr_abs",
+                 criterion_lambda: float = 1.0, addition: str = "sample", new_sigma: str = "mean") -> None:
+        if not sparse_layers(model):
+            raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
+        name = type(optimizer).__name__
+        if type(optimizer).__module__.split(".")[:2] != ["torch", "optim"] or name not in RESETTABLE_OPTIMIZERS:
+            raise OptimizerStateError(
+                f"{name} keeps state the remove-and-add step cannot reset entry by entry; use one of "
+                f"torch.optim's {', '.join(RESETTABLE_OPTIMIZERS)}")
+        if addition not in ("sample", "mean"):
+            raise ValueError(f"addition={addition!r}; valid values are: sample, mean")
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be positive, got {total_steps}")
+        self.model, self.optimizer = model, optimizer
+        self.schedule = Schedule(delta_t, alpha, int(t_end * total_steps))
+        self.criterion, self.criterion_lambda, self.new_sigma, self.addition = criterion, criterion_lambda, new_sigma, addition
+        self.t = 0
+        self.last_report: Optional[SwapReport] = None
+        self._captures: list[Any] = []
+        self._hooks = [model.register_forward_pre_hook(self._before_forward),
+                       model.register_forward_hook(self._after_forward)]
+
+    def _before_forward(self, module: nn.Module, args: Any) -> None:
+        if module.training and self.schedule.captures(self.t) and not self._captures:
+            stack = [capturing_dense_grad(self.model)] + ([sampling(self.model, "mean")] if self.addition == "mean" else [])
+            for ctx in stack:
+                ctx.__enter__()
+            self._captures = stack
+
+    def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        # The sampling mode is the forward's only; capture stays on until backward is done (step()).
+        while len(self._captures) > 1:
+            self._captures.pop().__exit__(None, None, None)
+
+    def step(self) -> bool:
+        """The optimizer step, or the remove-and-add step in its place; returns True for the latter."""
+        captured = bool(self._captures)
+        if captured:
+            collect_captured(self.model, {}, 1)
+            self._captures.pop().__exit__(None, None, None)
+        update = self.schedule.is_update(self.t)
+        if update:
+            if not captured:
+                raise RuntimeError("no dense gradient for the subspace step: run the step's forward and "
+                                   "backward with the model in train() mode before Subspace.step()")
+            reduce = _rank_mean if torch.distributed.is_available() and torch.distributed.is_initialized() else None
+            self.last_report = subspace_step(self.model, self.t, self.schedule, self.criterion,
+                                             self.criterion_lambda, self.new_sigma, self.optimizer, reduce)
+        else:
+            self.optimizer.step()
+        self.t += 1
+        return update
+
+    def drop_fraction(self) -> float:
+        return self.schedule.drop_fraction(self.t)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"t": self.t}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.t = int(state["t"])
+
+    def remove(self) -> None:
+        """Detach the hooks from the model (the schedule ends)."""
+        for hook in self._hooks:
+            hook.remove()
+
+
+def _rank_mean(t: Tensor) -> Tensor:
+    out = t.detach().clone()
+    torch.distributed.all_reduce(out)
+    return out.div_(torch.distributed.get_world_size())
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The Bayesian model average of ``samples`` draws (``None`` for the mean network)."""
+
+    probs: Tensor                 # (N, C)
+    entropy: Tensor               # (N,) predictive entropy, nats
+    mutual_information: Optional[Tensor]  # (N,) epistemic part; None for the mean network
+    samples: Optional[int]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, samples: int = 30, mode: str = "mc") -> Prediction:
+    """Monte Carlo prediction over the active weights (``mode="mean"``: theta = mu).
+
+    The model's train/eval state and sampling mode are restored afterwards. A converted module
+    without ``first``/``forward_rest`` samples every layer's weights per draw.
+    """
+    if hasattr(model, "forward_rest") and hasattr(model, "first"):
+        probs, draws = predict_batch(model, x, samples, mode)
+    else:
+        probs, draws = _predict_generic(model, x, samples, mode)
+    probs_np = probs.double().cpu().numpy()
+    entropy = torch.from_numpy(predictive_entropy(probs_np))
+    mi = torch.from_numpy(mutual_information(draws.double().cpu().numpy())) if draws is not None else None
+    return Prediction(probs, entropy, mi, samples if draws is not None else None)
+
+
+def _predict_generic(model: nn.Module, x: Tensor, samples: int, mode: str) -> tuple[Tensor, Optional[Tensor]]:
+    from ssvi_cli.core.modes import evaluating
+
+    bayesian = any(layer.bayesian for _, layer in sparse_layers(model))
+    with evaluating(model):
+        if mode == "mean" or not bayesian:
+            with sampling(model, "mean"):
+                return torch.softmax(model(x).float(), -1), None
+        with sampling(model, "sample"):
+            draws = torch.stack([torch.softmax(model(x).float(), -1) for _ in range(samples)])
+    return draws.mean(0), draws
+
+
+__all__ = ["OptimizerStateError", "Prediction", "Subspace", "kl_term", "param_groups", "predict"]

@@ -1,0 +1,123 @@
+"""The public loop pieces: param_groups, kl_term, Subspace (schedule, exact counts, optimizer state,
+resume, errors) and predict."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ssvi_cli as ssvi
+from ssvi_cli import config as C
+from ssvi_cli.core.layers import sparse_layers
+from ssvi_cli.training.plan import init_model, make_model
+from ssvi_cli.data import get_spec
+
+
+def small(method: str = "ssvi", sparsity: float = 0.8, seed: int = 0):
+    cfg = C.apply_overrides(C.load_preset("digits_mlp"), {"sparse.method": method, "sparse.sparsity": sparsity,
+                                                          "model.widths": [32]})
+    model = make_model(cfg, get_spec("digits"))
+    init_model(model, cfg, torch.Generator().manual_seed(seed))
+    return model
+
+
+def batches(n: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)) for _ in range(n)]
+
+
+def run(model, optimizer, subspace, data):
+    moved = []
+    for x, y in data:
+        loss = F.cross_entropy(model(x), y) + ssvi.kl_term(model, n_train=100, beta=0.01, prior_sigma=0.1)
+        loss.backward()
+        moved.append(subspace.step())
+        optimizer.zero_grad()
+    return moved
+
+
+def test_param_groups_put_rho_alone_without_weight_decay():
+    model = small()
+    mu, rho = ssvi.param_groups(model, lr=0.1, lr_sigma=0.2, weight_decay=5e-4)
+    assert {id(l.rho) for _, l in sparse_layers(model)} == {id(p) for p in rho["params"]}
+    assert rho["lr"] == 0.2 and rho["weight_decay"] == 0.0 and mu["weight_decay"] == 5e-4
+    assert len(mu["params"]) + len(rho["params"]) == len(list(model.parameters()))
+    assert len(ssvi.param_groups(small("rigl"), lr=0.1, lr_sigma=0.1)) == 1  # deterministic: no rho
+
+
+def test_kl_term_is_the_layers_closed_form_over_n():
+    model = small()
+    expected = sum(float(l.kl(0.1).detach()) for _, l in sparse_layers(model)) * 0.5 / 100
+    assert float(ssvi.kl_term(model, n_train=100, beta=0.5, prior_sigma=0.1).detach()) == pytest.approx(expected)
+    assert float(ssvi.kl_term(small("rigl"), n_train=100)) == 0.0
+
+
+def test_subspace_moves_supports_on_schedule_with_exact_counts_and_fresh_momentum():
+    torch.manual_seed(0)
+    model = small()
+    optimizer = torch.optim.SGD(ssvi.param_groups(model, lr=0.05, lr_sigma=0.05), momentum=0.9)
+    subspace = ssvi.Subspace(model, optimizer, total_steps=40, delta_t=5)
+    counts = [l.active for _, l in sparse_layers(model)]
+    before = [l.idx.clone() for _, l in sparse_layers(model)]
+    moved = run(model, optimizer, subspace, batches(40))
+    assert [t for t, m in enumerate(moved) if m] == [5, 10, 15, 20, 25]  # every delta_t while t < 0.75 * 40
+    assert [l.active for _, l in sparse_layers(model)] == counts
+    assert any(not torch.equal(a, l.idx) for a, (_, l) in zip(before, sparse_layers(model)))
+    assert subspace.last_report.swapped > 0
+    # new entries of the last remove-and-add step started with zero momentum: one more swap to see it
+    layer = dict(sparse_layers(model))["first"]
+    subspace.t = 5
+    x, y = batches(1, seed=9)[0]
+    F.cross_entropy(model(x), y).backward()
+    old = layer.idx.clone()
+    assert subspace.step()
+    new = ~torch.isin(layer.idx, old)
+    assert new.any() and bool((optimizer.state[layer.mu]["momentum_buffer"][new] == 0).all())
+
+
+def test_the_mean_estimator_and_a_resumed_schedule_match_an_uninterrupted_one():
+    def train(split: bool):
+        torch.manual_seed(1)
+        model = small(seed=1)
+        optimizer = torch.optim.Adam(ssvi.param_groups(model, lr=1e-2, lr_sigma=1e-2))
+        subspace = ssvi.Subspace(model, optimizer, total_steps=20, delta_t=4, addition="mean")
+        data = batches(20, seed=2)
+        if split:
+            run(model, optimizer, subspace, data[:9])
+            state = subspace.state_dict()
+            subspace.remove()
+            subspace = ssvi.Subspace(model, optimizer, total_steps=20, delta_t=4, addition="mean")
+            subspace.load_state_dict(state)
+            run(model, optimizer, subspace, data[9:])
+        else:
+            run(model, optimizer, subspace, data)
+        return [l.idx for _, l in sparse_layers(model)]
+
+    for a, b in zip(train(False), train(True)):
+        assert torch.equal(a, b)
+
+
+def test_refusals_are_clear():
+    model = small()
+    with pytest.raises(ssvi.OptimizerStateError, match="LBFGS"):
+        ssvi.Subspace(model, torch.optim.LBFGS(model.parameters()), total_steps=10)
+    with pytest.raises(ValueError, match="no sparse Gaussian layers"):
+        ssvi.Subspace(torch.nn.Linear(2, 2), torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1), 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    subspace = ssvi.Subspace(model, optimizer, total_steps=10, delta_t=1)
+    subspace.t = 1  # an update step whose forward never ran with capture
+    with pytest.raises(RuntimeError, match="no dense gradient"):
+        subspace.step()
+
+
+def test_predict_returns_the_model_average_with_entropy_and_mutual_information():
+    model = small()
+    x = torch.randn(7, 1, 8, 8)
+    torch.manual_seed(3)
+    out = ssvi.predict(model, x, samples=5)
+    assert out.probs.shape == (7, 10) and out.samples == 5
+    assert torch.allclose(out.probs.sum(1), torch.ones(7))
+    assert out.entropy.shape == out.mutual_information.shape == (7,)
+    assert bool((out.mutual_information >= 0).all()) and bool((out.mutual_information <= out.entropy + 1e-9).all())
+    mean = ssvi.predict(model, x, mode="mean")
+    assert mean.mutual_information is None and mean.samples is None
+    assert model.training  # predict restores the train/eval state
