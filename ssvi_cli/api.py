@@ -27,6 +27,7 @@ from ssvi_cli.core.modes import capturing_dense_grad, sampling
 from ssvi_cli.core.subspace import Schedule, SwapReport, collect_captured, subspace_step
 from ssvi_cli.metrics import mutual_information, predictive_entropy
 from ssvi_cli.prediction import predict_batch
+from ssvi_cli.training.optim import param_groups
 
 # Optimizers of torch.optim whose state per parameter is tensors of the parameter's shape (reset
 # entry by entry for new weights) plus scalars; anything else cannot be reset safely.
@@ -36,18 +37,6 @@ RESETTABLE_OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RM
 
 class OptimizerStateError(TypeError):
     """An optimizer whose per-parameter state a remove-and-add step cannot reset."""
-
-
-def param_groups(model: nn.Module, lr: float, lr_sigma: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
-    """Two parameter groups (METHOD.md §5): mu, biases and everything else with ``lr`` and
-    ``weight_decay``; rho with ``lr_sigma`` and no weight decay."""
-    rho = [layer.rho for _, layer in sparse_layers(model) if layer.rho is not None]
-    rho_ids = {id(p) for p in rho}
-    rest = [p for p in model.parameters() if id(p) not in rho_ids]
-    groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "mu"}]
-    if rho:
-        groups.append({"params": rho, "lr": lr_sigma, "weight_decay": 0.0, "name": "rho"})
-    return groups
 
 
 def kl_term(model: nn.Module, n_train: int, beta: float = 1.0, prior_sigma: float = 0.005) -> Tensor:

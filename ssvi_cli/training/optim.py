@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ssvi_cli.config import Config, OptimConfig
+from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.registry import Registry
 
 OPTIMIZERS: Registry[Callable[[list[dict], OptimConfig], torch.optim.Optimizer]] = Registry("optimizer")
@@ -25,21 +26,22 @@ LR_SCHEDULES.add("cosine", lambda progress: 0.5 * (1.0 + math.cos(math.pi * prog
 LR_SCHEDULES.add("constant", lambda progress: 1.0)
 
 
-def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
-    """Group 1: mu, biases, BatchNorm (lr, weight decay); group 2: rho (lr_sigma, no decay)."""
-    rho = [p for n, p in model.named_parameters() if n.endswith(".rho") or n == "rho"]
+def param_groups(model: nn.Module, lr: float, lr_sigma: float, weight_decay: float = 0.0) -> list[dict]:
+    """Two parameter groups (METHOD.md §5): mu, biases and everything else with ``lr`` and
+    ``weight_decay``; rho with ``lr_sigma`` and no weight decay. Each group records its ``base_lr``,
+    the value a learning-rate schedule scales."""
+    rho = [layer.rho for _, layer in sparse_layers(model) if layer.rho is not None]
     rho_ids = {id(p) for p in rho}
     rest = [p for p in model.parameters() if id(p) not in rho_ids]
-    o = cfg.optim
-    groups = [{"params": rest, "lr": o.lr, "weight_decay": o.weight_decay, "base_lr": o.lr, "name": "mu"}]
+    groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay, "base_lr": lr, "name": "mu"}]
     if rho:
-        groups.append({"params": rho, "lr": o.lr_sigma, "weight_decay": 0.0, "base_lr": o.lr_sigma,
-                       "name": "rho"})
+        groups.append({"params": rho, "lr": lr_sigma, "weight_decay": 0.0, "base_lr": lr_sigma, "name": "rho"})
     return groups
 
 
 def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    return OPTIMIZERS.get(cfg.optim.name)(param_groups(model, cfg), cfg.optim)
+    o = cfg.optim
+    return OPTIMIZERS.get(o.name)(param_groups(model, o.lr, o.lr_sigma, o.weight_decay), o)
 
 
 def lr_factor(cfg: Config, step: int, total_steps: int) -> float:
