@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from ssvi_cli.config import Config, from_dict
+from ssvi_cli.config import SIGMA_PARAMS, Config, from_dict
 from ssvi_cli.data.spec import DataSpec
 from ssvi_cli.fileio import json_default
 from ssvi_cli.models import LayerFactory, SSVIModel, build_architecture
@@ -40,10 +40,13 @@ class Architecture:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Architecture":
         try:
-            return cls(name=str(d["name"]), widths=tuple(int(w) for w in d.get("widths", (256, 256))),
+            arch = cls(name=str(d["name"]), widths=tuple(int(w) for w in d.get("widths", (256, 256))),
                        bayesian=bool(d["bayesian"]), sigma_param=str(d.get("sigma_param", "softplus")))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CardError(f"architecture {dict(d) if isinstance(d, Mapping) else d!r} is malformed ({exc})") from None
+        if arch.sigma_param not in SIGMA_PARAMS:
+            raise CardError(f"architecture has an unknown sigma parameterisation {arch.sigma_param!r}")
+        return arch
 
 
 @dataclass(frozen=True)
