@@ -24,7 +24,6 @@ from ssvi_cli.core.modes import capturing_dense_grad, sampling
 from ssvi_cli.core.subspace import Schedule, SwapReport, collect_captured, subspace_step
 from ssvi_cli.data import DataSplits
 from ssvi_cli.runs import checkpoint as ckpt
-from ssvi_cli.runs.rundir import RunDir
 from ssvi_cli.training import distributed
 from ssvi_cli.training.distributed import SINGLE, DistInfo
 from ssvi_cli.training.optim import kl_weight, lr_factor, make_optimizer
