@@ -3,6 +3,7 @@
 The public Python API is importable from here (``import ssvi_cli as ssvi``); names load on first
 use, so ``ssvi presets`` or ``import ssvi_cli.config`` do not pay for torch:
 
+- :func:`sparsify`: any ``nn.Module``'s Linear/Conv2d layers as sparse Gaussian layers (``core.convert``)
 - :func:`param_groups`, :func:`kl_term`, :class:`Subspace`, :func:`predict` (``ssvi_cli.api``)
 """
 
@@ -14,6 +15,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _PUBLIC = {
+    "sparsify": "ssvi_cli.core.convert", "ConversionReport": "ssvi_cli.core.convert",
     "param_groups": "ssvi_cli.api", "kl_term": "ssvi_cli.api", "Subspace": "ssvi_cli.api",
     "predict": "ssvi_cli.api", "Prediction": "ssvi_cli.api", "OptimizerStateError": "ssvi_cli.api",
 }

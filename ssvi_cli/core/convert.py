@@ -1,0 +1,171 @@
+"""Any ``nn.Module`` as a sparse BNN: every ``nn.Linear`` and ``nn.Conv2d`` becomes a sparse Gaussian
+layer of the same geometry, in place; everything else (BatchNorm, LayerNorm, embeddings, attention's
+packed in-projection, free parameters) stays as it is, deterministic.
+
+From trained weights (the practical way to a BNN of a big model) the initial support of a layer is
+its ``round(density * n)`` largest ``|w|`` entries (ties to the lower flat index), ``mu = w`` there,
+and ``sigma`` either the configured ``|N(sigma_mean, sigma_std^2)|`` or MOPED-style
+``sigma = delta * |w|``. At sparsity 0 in ``mean`` mode the converted model computes exactly what
+the original did; at sparsity s it computes the magnitude-pruned original.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from ssvi_cli.core.allocation import InitSpec, active_count, initialise, layer_densities
+from ssvi_cli.core.criteria import top_k_indices
+from ssvi_cli.core.gaussian import rho_from_sigma
+from ssvi_cli.core.layers import SparseConv2d, SparseGaussian, SparseLinear
+
+SIGMA_FLOOR = 1e-8
+
+
+@dataclass(frozen=True)
+class ConvertedLayer:
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    active: int
+    total: int
+    bayesian: bool
+    dense: bool
+
+    @property
+    def density(self) -> float:
+        return self.active / self.total
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`sparsify` converted (per layer) and what it left alone (with the reason)."""
+
+    layers: list[ConvertedLayer] = field(default_factory=list)
+    kept: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def density(self) -> float:
+        total = sum(l.total for l in self.layers)
+        return sum(l.active for l in self.layers) / total if total else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"density": self.density, "layers": [dict(asdict(l), density=l.density) for l in self.layers],
+                "kept": [{"name": n, "reason": r} for n, r in self.kept]}
+
+    def __str__(self) -> str:
+        rows = [("layer", "kind", "shape", "active / total", "density", "posterior")]
+        for l in self.layers:
+            rows.append((l.name, l.kind, "x".join(map(str, l.shape)), f"{l.active:,} / {l.total:,}",
+                         f"{l.density:.4f}", ("Bayesian" if l.bayesian else "deterministic") + (", dense" if l.dense else "")))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.append(f"{len(self.layers)} layers converted, overall density {self.density:.4f}")
+        lines += [f"kept as is: {n} ({r})" for n, r in self.kept]
+        return "\n".join(lines)
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _targets(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
+    """The Linear/Conv2d modules to convert, and those that must stay (with the reason)."""
+    targets, kept = [], []
+    inside_attention = {f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or isinstance(module, SparseGaussian):
+            continue
+        if name in inside_attention:
+            kept.append((name, "nn.MultiheadAttention reads out_proj.weight directly"))
+        elif isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+            kept.append((name, f"padding_mode={module.padding_mode!r} (only zero padding is supported)"))
+        else:
+            targets.append((name, module))
+    return targets, kept
+
+
+def _sparse_twin(module: nn.Module, bayesian: bool, stem: bool, sigma_param: str, kernel: str) -> SparseGaussian:
+    common: dict[str, Any] = {"bias": module.bias is not None, "bayesian": bayesian,
+                              "sigma_param": sigma_param, "stem": stem, "kernel": kernel}
+    if isinstance(module, nn.Conv2d):
+        return SparseConv2d(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
+                            padding=module.padding, dilation=module.dilation, groups=module.groups, **common)
+    return SparseLinear(module.in_features, module.out_features, **common)
+
+
+def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, dense: Iterable[str] = (),
+             deterministic: Iterable[str] = (), dense_first_conv: bool = True, allocation: str = "uniform",
+             from_weights: bool = True, sigma_mean: float = 6e-4, sigma_std: float = 5e-4,
+             moped_delta: Optional[float] = None, sigma_param: str = "softplus", kernel: str = "auto",
+             generator: Optional[torch.Generator] = None) -> ConversionReport:
+    """Convert ``model`` in place; returns the per-layer report.
+
+    ``dense`` / ``deterministic``: fnmatch patterns of module names kept at density 1 (still
+    Bayesian) / without sigma. ``dense_first_conv``: the first ``Conv2d`` (the stem) stays dense.
+    ``from_weights``: support and mu from the current weights (else a random support with a fan-in
+    init). ``moped_delta``: sigma = delta * |w| instead of ``|N(sigma_mean, sigma_std^2)|``.
+    Works on a model built on the ``meta`` device (shapes and counts only).
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity={sparsity} must be in [0, 1)")
+    dense, deterministic = tuple(dense), tuple(deterministic)
+    targets, kept = _targets(model)
+    if any(name == "" for name, _ in targets):
+        raise ValueError("sparsify converts the layers inside a model; wrap a lone layer in nn.Sequential")
+    first_conv = next((n for n, m in targets if isinstance(m, nn.Conv2d)), None)
+    twins: list[tuple[str, SparseGaussian, nn.Module]] = []
+    for name, module in targets:
+        twin = _sparse_twin(module, bayesian and not _matches(name, deterministic),
+                            dense_first_conv and name == first_conv, sigma_param, kernel)
+        twins.append((name, twin.to(module.weight.device), module))
+    densities = layer_densities([(n, t) for n, t, _ in twins], 1.0 - sparsity, allocation, dense_first_conv)
+    densities.update({n: 1.0 for n, _, _ in twins if _matches(n, dense)})
+    gen = generator or torch.Generator().manual_seed(0)
+    for name, twin, module in twins:
+        if from_weights:
+            _support_from_weights(twin, module, densities[name], sigma_mean, sigma_std, moped_delta, gen)
+        _replace(model, name, twin)
+    if not from_weights:
+        holder = nn.ModuleList([t for _, t, _ in twins])
+        initialise(holder, {str(i): densities[n] for i, (n, _, _) in enumerate(twins)},
+                   InitSpec(sigma_mean=sigma_mean, sigma_std=sigma_std, sigma_param=sigma_param), gen)
+    report = ConversionReport(kept=kept)
+    for name, twin, module in twins:
+        report.layers.append(ConvertedLayer(name, "conv2d" if isinstance(module, nn.Conv2d) else "linear",
+                                            twin.weight_shape, twin.active, twin.numel, twin.bayesian,
+                                            densities[name] >= 1.0))
+    return report
+
+
+def _support_from_weights(twin: SparseGaussian, module: nn.Module, density: float, sigma_mean: float,
+                          sigma_std: float, moped_delta: Optional[float], gen: torch.Generator) -> None:
+    weight = module.weight.detach()
+    k = active_count(twin.numel, density)
+    if weight.is_meta:  # shapes only: a support of the right size, no values
+        empty = torch.empty(k, device="meta")
+        twin.set_support(torch.empty(k, dtype=torch.long, device="meta"), empty, empty if twin.bayesian else None)
+    else:
+        flat = weight.reshape(-1).float()
+        idx = top_k_indices(flat.abs(), k)  # ascending, ties to the lower index
+        mu = flat[idx]
+        rho = None
+        if twin.bayesian:
+            if moped_delta is not None:
+                sigma = (moped_delta * mu.abs()).clamp_min(SIGMA_FLOOR)
+            else:
+                noise = torch.randn(k, generator=gen).to(mu.device)
+                sigma = (sigma_mean + sigma_std * noise).abs().clamp_min(SIGMA_FLOOR)
+            rho = rho_from_sigma(sigma, twin.sigma_param)
+        twin.set_support(idx, mu, rho)
+    if module.bias is not None:
+        twin.bias.data = module.bias.detach().clone().to(twin.bias.dtype)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

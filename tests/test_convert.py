@@ -1,0 +1,176 @@
+"""sparsify(): any nn.Module as a sparse BNN, from its trained weights."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from ssvi_cli.core.allocation import active_count
+from ssvi_cli.core.convert import sparsify
+from ssvi_cli.core.layers import SparseConv2d, SparseGaussian, sparse_layers
+from ssvi_cli.core.modes import capturing_dense_grad, sampling
+from ssvi_cli.core.subspace import Schedule, collect_captured, subspace_step
+
+
+class Custom(nn.Module):
+    """Every Conv2d geometry torchvision uses, plus modules that must stay as they are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 4)
+        self.stem = nn.Conv2d(3, 8, (3, 5), stride=(2, 1), padding=(1, 2))
+        self.bn = nn.BatchNorm2d(8)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2, bias=False)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding="same", groups=8)
+        self.pointwise = nn.Conv2d(8, 6, 1, stride=2)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6 + 4, 3)
+        self.scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x, tokens):
+        h = torch.relu(self.bn(self.stem(x)))
+        h = self.pointwise(self.depthwise(self.grouped(h)))
+        h = self.norm(h.mean((2, 3)))
+        return self.head(torch.cat([h, self.embed(tokens).mean(1)], 1)) * self.scale
+
+
+def mean_forward(model, *args):
+    with torch.no_grad(), sampling(model, "mean"):
+        return model.eval()(*args)
+
+
+def test_at_sparsity_zero_the_converted_model_computes_the_original():
+    torch.manual_seed(0)
+    for original, args in ((Custom(), (torch.randn(2, 3, 16, 16), torch.randint(0, 5, (2, 3)))),
+                           (torchvision.models.resnet18(num_classes=10), (torch.randn(2, 3, 32, 32),))):
+        original.eval()
+        converted = copy.deepcopy(original)
+        report = sparsify(converted, 0.0)
+        assert not [m for m in converted.modules() if type(m) in (nn.Linear, nn.Conv2d)]
+        torch.testing.assert_close(mean_forward(converted, *args), original(*args), atol=1e-5, rtol=1e-5)
+        assert report.density == 1.0
+    assert isinstance(converted.conv1, SparseConv2d) and converted.bn1.__class__ is nn.BatchNorm2d
+
+
+def test_at_sparsity_09_it_computes_the_magnitude_pruned_original():
+    torch.manual_seed(1)
+    original = torchvision.models.resnet18(num_classes=10).eval()
+    converted = copy.deepcopy(original)
+    report = sparsify(converted, 0.9)
+    pruned = copy.deepcopy(original)
+    for name, module in pruned.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and name != "conv1":  # the stem stays dense
+            w = module.weight.data.reshape(-1)
+            keep = torch.zeros_like(w, dtype=torch.bool)
+            keep[torch.topk(w.abs(), active_count(w.numel(), 0.1)).indices] = True
+            w[~keep] = 0.0
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(mean_forward(converted, x), pruned(x), atol=1e-5, rtol=1e-4)
+    by_name = {l.name: l for l in report.layers}
+    assert by_name["conv1"].dense and by_name["conv1"].active == by_name["conv1"].total
+    assert by_name["fc"].active == active_count(512 * 10, 0.1)
+
+
+def test_options_dense_deterministic_moped_and_the_report():
+    torch.manual_seed(2)
+    model = Custom()
+    weight = model.head.weight.detach().clone()
+    report = sparsify(model, 0.5, dense=["pointwise"], deterministic=["grouped"], moped_delta=0.1)
+    layers = dict(sparse_layers(model))
+    assert layers["pointwise"].active == layers["pointwise"].numel
+    assert layers["grouped"].rho is None and not layers["grouped"].bayesian
+    head = layers["head"]
+    torch.testing.assert_close(head.sigma(), 0.1 * head.mu.abs(), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(head.mu.detach(), weight.reshape(-1)[head.idx])
+    text = str(report)
+    assert "stem" in text and "head" in text and "deterministic" in text and "overall density" in text
+    assert {l["name"] for l in report.to_dict()["layers"]} == {"stem", "grouped", "depthwise", "pointwise", "head"}
+    with pytest.raises(ValueError, match="wrap a lone layer"):
+        sparsify(nn.Linear(3, 3))
+
+
+def _classification_builders() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def build_on_meta(name: str, monkeypatch) -> nn.Module:
+    """The builder's model on the meta device (shapes only). RegNets compute their widths with tensor
+    ops, which fail under the meta device context: those are built on the CPU with every init
+    function a no-op (the memory is reserved, never touched) and then moved to meta."""
+    try:
+        with torch.device("meta"):
+            return torchvision.models.get_model(name)
+    except NotImplementedError:
+        for fn in ("normal_", "uniform_", "kaiming_normal_", "kaiming_uniform_", "trunc_normal_", "constant_",
+                   "zeros_", "ones_", "xavier_uniform_", "xavier_normal_"):
+            monkeypatch.setattr(nn.init, fn, lambda tensor, *a, **k: tensor)
+        with torch.no_grad():
+            return torchvision.models.get_model(name).to("meta")
+
+
+@pytest.mark.parametrize("name", _classification_builders())
+def test_every_torchvision_classifier_converts_with_exact_target_counts(name, monkeypatch):
+    """On the meta device: no memory, no values; every Linear/Conv2d converted but attention's
+    out_proj, every layer at exactly round(density * n) active entries."""
+    model = build_on_meta(name, monkeypatch)
+    report = sparsify(model, 0.9, from_weights=True)
+    assert report.layers
+    left = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    assert left == [n for n, _ in report.kept if not n.endswith("out_proj")] == []
+    for layer in report.layers:
+        expected = layer.total if layer.dense else active_count(layer.total, 0.1)
+        assert layer.active == expected, layer.name
+    assert all(n.endswith("out_proj") for n, _ in report.kept)
+
+
+REPRESENTATIVE = {
+    "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
+    "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
+    "efficientnet_b0": lambda: torchvision.models.efficientnet_b0(num_classes=10),
+    "regnet_y_400mf": lambda: torchvision.models.regnet_y_400mf(num_classes=10),
+    "vit": lambda: torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                        hidden_dim=32, mlp_dim=64, num_classes=10),
+    "densenet121": lambda: torchvision.models.densenet121(num_classes=10),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(REPRESENTATIVE))
+def test_representative_models_train_and_take_a_remove_and_add_step(name):
+    torch.manual_seed(3)
+    model = REPRESENTATIVE[name]()
+    sparsify(model, 0.9)
+    counts = {n: l.active for n, l in sparse_layers(model)}
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+    model.train()
+    with capturing_dense_grad(model):
+        loss = nn.functional.cross_entropy(model(x), y) + sum(l.kl(0.1) for _, l in sparse_layers(model)) * 1e-4
+        loss.backward()
+        collect_captured(model, {}, 1)
+    report = subspace_step(model, 1, Schedule(1, 0.3, 10), "snr_abs", 1.0, "mean", None)
+    assert report.swapped > 0
+    assert {n: l.active for n, l in sparse_layers(model)} == counts
+    assert all(isinstance(m, SparseGaussian) or type(m) not in (nn.Linear, nn.Conv2d) or n.endswith("out_proj")
+               for n, m in model.named_modules())
+
+
+@pytest.mark.slow
+def test_converted_resnet50_trainable_state_is_at_most_8_percent_of_dense_vi():
+    """From the actual tensors after one SGD step (parameters, gradients, momentum, indices)."""
+    import ssvi_cli as ssvi
+    from ssvi_cli.training.records import trainable_bytes
+
+    def state_after_a_step(sparsity: float) -> int:
+        torch.manual_seed(4)
+        model = torchvision.models.resnet50(num_classes=10)
+        sparsify(model, sparsity)
+        optimizer = torch.optim.SGD(ssvi.param_groups(model, lr=0.01, lr_sigma=0.01), momentum=0.9)
+        loss = nn.functional.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 1]))
+        loss.backward()
+        optimizer.step()
+        return trainable_bytes(model, optimizer)["total"]
+
+    ratio = state_after_a_step(0.95) / state_after_a_step(0.0)
+    assert ratio <= 0.08, ratio
