@@ -149,29 +149,13 @@ def predict(model: nn.Module, x: Tensor, samples: int = 30, mode: str = "mc") ->
     """Monte Carlo prediction over the active weights (``mode="mean"``: theta = mu).
 
     The model's train/eval state and sampling mode are restored afterwards. A converted module
-    without ``first``/``forward_rest`` samples every layer's weights per draw.
+    (without ssvi's ``first``/``forward_rest`` split) samples every layer's weights per draw.
     """
-    if hasattr(model, "forward_rest") and hasattr(model, "first"):
-        probs, draws = predict_batch(model, x, samples, mode)
-    else:
-        probs, draws = _predict_generic(model, x, samples, mode)
+    probs, draws = predict_batch(model, x, samples, mode)
     probs_np = probs.double().cpu().numpy()
     entropy = torch.from_numpy(predictive_entropy(probs_np))
     mi = torch.from_numpy(mutual_information(draws.double().cpu().numpy())) if draws is not None else None
     return Prediction(probs, entropy, mi, samples if draws is not None else None)
-
-
-def _predict_generic(model: nn.Module, x: Tensor, samples: int, mode: str) -> tuple[Tensor, Optional[Tensor]]:
-    from ssvi_cli.core.modes import evaluating
-
-    bayesian = any(layer.bayesian for _, layer in sparse_layers(model))
-    with evaluating(model):
-        if mode == "mean" or not bayesian:
-            with sampling(model, "mean"):
-                return torch.softmax(model(x).float(), -1), None
-        with sampling(model, "sample"):
-            draws = torch.stack([torch.softmax(model(x).float(), -1) for _ in range(samples)])
-    return draws.mean(0), draws
 
 
 __all__ = ["OptimizerStateError", "Prediction", "Subspace", "kl_term", "param_groups", "predict"]

@@ -198,8 +198,49 @@ def _vgg19(in_shape, num_classes, layers, widths=None) -> SSVIModel:
     return VGG(in_shape, num_classes, layers, "vgg19")
 
 
+TORCHVISION = "torchvision:"
+
+
+def check_model_name(name: str) -> None:
+    """A registered architecture or ``torchvision:NAME`` of one of torchvision's classification
+    builders; an unknown name lists the valid ones (closest first)."""
+    if not name.startswith(TORCHVISION):
+        MODELS.get(name)
+        return
+    import torchvision
+
+    builders: Registry[None] = Registry("torchvision classification model")
+    for builder in torchvision.models.list_models(module=torchvision.models):
+        builders.add(builder, None)
+    builders.get(name[len(TORCHVISION):])
+
+
+def torchvision_model(name: str, in_shape: Sequence[int], num_classes: int, layers: LayerFactory) -> nn.Module:
+    """torchvision's classifier ``name`` (no pretrained weights) with ``num_classes`` outputs, its
+    first convolution taking ``in_shape[0]`` channels, every Linear/Conv2d a sparse Gaussian layer
+    with an empty support (``core.convert.sparsify``)."""
+    import torchvision
+
+    from ssvi_cli.core.convert import sparsify
+
+    check_model_name(TORCHVISION + name)
+    model = torchvision.models.get_model(name, num_classes=num_classes)
+    stem_name, stem = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), (None, None))
+    if stem is not None and stem.in_channels != in_shape[0]:
+        new = nn.Conv2d(in_shape[0], stem.out_channels, stem.kernel_size, stem.stride, stem.padding,
+                        stem.dilation, stem.groups, stem.bias is not None)
+        parent, _, child = stem_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    sparsify(model, structure_only=True, bayesian=layers.bayesian, sigma_param=layers.sigma_param,
+             kernel=layers.kernel)
+    return model
+
+
 def build_architecture(name: str, in_shape: Sequence[int], num_classes: int, layers: LayerFactory,
-                       widths: Sequence[int] = (256, 256)) -> SSVIModel:
-    """An architecture by name, its layers from ``layers``, without a support yet (see
-    ``core.allocation.initialise``). To rebuild a described model use ``modelfile.build_model``."""
+                       widths: Sequence[int] = (256, 256)) -> nn.Module:
+    """An architecture by name (or ``torchvision:NAME``), its layers from ``layers``, without a
+    support yet (see ``core.allocation.initialise``). To rebuild a described model use
+    ``modelfile.build_model``."""
+    if name.startswith(TORCHVISION):
+        return torchvision_model(name[len(TORCHVISION):], in_shape, num_classes, layers)
     return MODELS.get(name)(tuple(in_shape), num_classes, layers, widths=tuple(widths))

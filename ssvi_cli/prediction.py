@@ -41,7 +41,8 @@ RULE_THREADS = 2
 
 
 def is_bayesian(model: SSVIModel) -> bool:
-    return model.first.bayesian
+    """Whether any weight layer has a posterior (sigma)."""
+    return any(layer.bayesian for _, layer in sparse_layers(model))
 
 
 def first_layer_scheme(layer: SparseGaussian, h: Tensor) -> str:
@@ -86,6 +87,14 @@ def _predict(model: SSVIModel, x: Tensor, samples: int, mode: str, first_layer: 
     if mode == "mean" or not is_bayesian(model):
         with sampling(model, "mean"):
             return class_softmax(model(x).float()), None
+    if not hasattr(model, "forward_rest"):
+        # Any other module (a converted torchvision or user network): every layer samples its weights,
+        # without the reused draw buffers, which assume each layer runs once per forward.
+        if first_layer == "moments":
+            raise ValueError("first_layer='moments' needs a model with a separate first layer (first, forward_rest)")
+        with sampling(model, "sample"):
+            stacked = torch.stack([class_softmax(model(x).float()) for _ in range(samples)])
+        return stacked.mean(0), stacked
     h = model.prepare(x)
     if first_layer == "auto":
         first_layer = first_layer_scheme(model.first, h)

@@ -174,3 +174,29 @@ def test_converted_resnet50_trainable_state_is_at_most_8_percent_of_dense_vi():
 
     ratio = state_after_a_step(0.95) / state_after_a_step(0.0)
     assert ratio <= 0.08, ratio
+
+
+def test_cli_trains_a_torchvision_model_and_every_command_reads_its_file(tmp_path, capsys):
+    """--model torchvision:NAME: the file records the builder and rebuilds from the file alone."""
+    import json
+
+    import numpy as np
+
+    from ssvi_cli.cli import run
+
+    out = tmp_path / "run"
+    assert run(["train", "--model", "torchvision:resnet18", "--epochs", "1", "--out", str(out), "--sparsity", "0.9",
+                "--set", "data.max_train=128", "--set", "train.eval_samples=1", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["model"] == "torchvision:resnet18" and abs(summary["density"] - 0.1) < 0.01
+    np.save(tmp_path / "x.npy", np.zeros((2, 8, 8), np.uint8))
+    assert run(["infer", str(out / "model.safetensors"), str(tmp_path / "x.npy"), "--json", "--samples", "2"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["predictions"]) == 2
+    assert run(["evaluate", str(out / "model.safetensors"), "--samples", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model_info"]["architecture"] == "torchvision:resnet18"
+    assert run(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["architecture"]["name"] == "torchvision:resnet18"
+    assert run(["train", "--model", "torchvision:resnet81", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "(did you mean resnet18" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()

@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         """Predict class, probability, top-k, predictive entropy and mutual information per input."""
         from ssvi_cli.runs.load import load_model
         from ssvi_cli.evaluation.infer import OUTPUT_SUFFIXES, expand_inputs, run_inference, write_predictions
-        from ssvi_cli.prediction import MODES
+        from ssvi_cli.prediction import MODES, is_bayesian
 
         if mode not in MODES:
             raise UsageError(f"--mode {mode!r} is not valid; valid values are: {', '.join(MODES)}")
@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
         files = expand_inputs(inputs)
         loaded = load_model(model_file, kernel="prediction")
         loaded.model.to(device)
-        effective = mode if loaded.model.first.bayesian else "mean"
+        effective = mode if is_bayesian(loaded.model) else "mean"
         started = time.perf_counter()
         with progress_bar(enabled=not json_out) as bar:
             task = bar.add_task("infer", total=None, info="") if bar is not None else None

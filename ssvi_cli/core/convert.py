@@ -102,14 +102,15 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
              deterministic: Iterable[str] = (), dense_first_conv: bool = True, allocation: str = "uniform",
              from_weights: bool = True, sigma_mean: float = 6e-4, sigma_std: float = 5e-4,
              moped_delta: Optional[float] = None, sigma_param: str = "softplus", kernel: str = "auto",
-             generator: Optional[torch.Generator] = None) -> ConversionReport:
+             generator: Optional[torch.Generator] = None, structure_only: bool = False) -> ConversionReport:
     """Convert ``model`` in place; returns the per-layer report.
 
     ``dense`` / ``deterministic``: fnmatch patterns of module names kept at density 1 (still
     Bayesian) / without sigma. ``dense_first_conv``: the first ``Conv2d`` (the stem) stays dense.
     ``from_weights``: support and mu from the current weights (else a random support with a fan-in
     init). ``moped_delta``: sigma = delta * |w| instead of ``|N(sigma_mean, sigma_std^2)|``.
-    Works on a model built on the ``meta`` device (shapes and counts only).
+    Works on a model built on the ``meta`` device (shapes and counts only). ``structure_only``:
+    replace the layers and leave their supports empty (for a file or checkpoint to fill).
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity={sparsity} must be in [0, 1)")
@@ -123,6 +124,12 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
         twin = _sparse_twin(module, bayesian and not _matches(name, deterministic),
                             dense_first_conv and name == first_conv, sigma_param, kernel)
         twins.append((name, twin.to(module.weight.device), module))
+    if structure_only:
+        for name, twin, _ in twins:
+            _replace(model, name, twin)
+        return ConversionReport([ConvertedLayer(n, "conv2d" if isinstance(m, nn.Conv2d) else "linear",
+                                                t.weight_shape, 0, t.numel, t.bayesian, False)
+                                 for n, t, m in twins], kept)
     densities = layer_densities([(n, t) for n, t, _ in twins], 1.0 - sparsity, allocation, dense_first_conv)
     densities.update({n: 1.0 for n, _, _ in twins if _matches(n, dense)})
     gen = generator or torch.Generator().manual_seed(0)

@@ -22,6 +22,7 @@ from ssvi_cli.runs.load import load_model
 from ssvi_cli.runs.rundir import MODEL_FILE, SUPPORT_FILE
 from ssvi_cli.core.flops import model_geometry, prediction_flops
 from ssvi_cli.core.layers import SparseConv2d, SparseGaussian, sparse_layers
+from ssvi_cli.prediction import is_bayesian
 
 QUANTILES = {"min": 0.0, "q10": 0.1, "median": 0.5, "q90": 0.9, "max": 1.0}
 
@@ -154,7 +155,7 @@ def inspect_model(path: Path, drop_fraction: float = 0.3) -> dict[str, Any]:
     samples = cfg.train.eval_samples if cfg else 10
     flops = prediction_flops(model_geometry(loaded.model, loaded.spec.input_shape),
                              {n: l.density for n, l in sparse_layers(loaded.model)},
-                             loaded.model.first.bayesian, samples)
+                             is_bayesian(loaded.model), samples)
     flops_by_layer = {r["layer"]: r["flops"] for r in flops}
     layers = []
     for name, layer in sparse_layers(loaded.model):

@@ -17,7 +17,7 @@ from ssvi_cli.core.criteria import REMOVAL_CRITERIA
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.data import DATASETS, DataSplits, build_dataset
 from ssvi_cli.modelfile import ModelCard, build_model
-from ssvi_cli.models import MODELS, SSVIModel
+from ssvi_cli.models import SSVIModel, check_model_name
 from ssvi_cli.runs.rundir import RunDir
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -36,7 +36,7 @@ def resolve_device(name: str) -> torch.device:
 
 def check_names(cfg: Config) -> None:
     """Resolve every registry name of ``cfg`` (errors list the valid names); reads no file."""
-    MODELS.get(cfg.model.name)
+    check_model_name(cfg.model.name)
     DATASETS.get(cfg.data.name)
     REMOVAL_CRITERIA.get(cfg.sparse.criterion)
 
