@@ -35,6 +35,7 @@ class ModelConfig:
     name: str = "mlp"
     widths: tuple[int, ...] = (256, 256)
     dense_stem: bool = True  # conv models keep the first conv dense; MLPs ignore it
+    init_from: Optional[str] = None  # torchvision:NAME models: a trained state_dict (.pt or .safetensors)
 
 
 @dataclass(frozen=True)

@@ -215,13 +215,10 @@ def check_model_name(name: str) -> None:
     builders.get(name[len(TORCHVISION):])
 
 
-def torchvision_model(name: str, in_shape: Sequence[int], num_classes: int, layers: LayerFactory) -> nn.Module:
-    """torchvision's classifier ``name`` (no pretrained weights) with ``num_classes`` outputs, its
-    first convolution taking ``in_shape[0]`` channels, every Linear/Conv2d a sparse Gaussian layer
-    with an empty support (``core.convert.sparsify``)."""
+def torchvision_base(name: str, in_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """torchvision's deterministic classifier ``name`` (no pretrained weights) with ``num_classes``
+    outputs and its first convolution taking ``in_shape[0]`` channels."""
     import torchvision
-
-    from ssvi_cli.core.convert import sparsify
 
     check_model_name(TORCHVISION + name)
     model = torchvision.models.get_model(name, num_classes=num_classes)
@@ -231,6 +228,15 @@ def torchvision_model(name: str, in_shape: Sequence[int], num_classes: int, laye
                         stem.dilation, stem.groups, stem.bias is not None)
         parent, _, child = stem_name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model
+
+
+def torchvision_model(name: str, in_shape: Sequence[int], num_classes: int, layers: LayerFactory) -> nn.Module:
+    """:func:`torchvision_base` with every Linear/Conv2d a sparse Gaussian layer with an empty
+    support (``core.convert.sparsify``), for the trainer or a file to fill."""
+    from ssvi_cli.core.convert import sparsify
+
+    model = torchvision_base(name, in_shape, num_classes)
     sparsify(model, structure_only=True, bayesian=layers.bayesian, sigma_param=layers.sigma_param,
              kernel=layers.kernel)
     return model

@@ -200,3 +200,35 @@ def test_cli_trains_a_torchvision_model_and_every_command_reads_its_file(tmp_pat
     err = capsys.readouterr().err
     assert "(did you mean resnet18" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_init_from_a_trained_state_dict_starts_mu_at_the_largest_weights(tmp_path, capsys):
+    from ssvi_cli import config as C
+    from ssvi_cli.cli import run
+    from ssvi_cli.training.trainer import Trainer
+
+    torch.manual_seed(5)
+    trained = torchvision.models.resnet18(num_classes=10)
+    trained.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)  # the digits are gray: one input channel
+    torch.save(trained.state_dict(), tmp_path / "sd.pt")
+    cfg = C.apply_overrides(C.load_preset("digits_mlp"), {
+        "model.name": "torchvision:resnet18", "model.init_from": str(tmp_path / "sd.pt"), "sparse.sparsity": 0.9,
+        "data.max_train": 64})
+    model = Trainer.create(cfg, tmp_path / "run").model
+    fc = dict(sparse_layers(model))["fc"]
+    w = trained.fc.weight.detach().reshape(-1)
+    assert fc.active == active_count(w.numel(), 0.1)
+    torch.testing.assert_close(fc.mu.detach(), w[fc.idx])
+    assert float(w[fc.idx].abs().min()) >= float(w.abs().sort(descending=True).values[fc.active - 1])
+    torch.testing.assert_close(fc.bias.detach(), trained.fc.bias.detach())
+    # a state_dict of another architecture: one line naming the first mismatching key; nothing written
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), tmp_path / "other.pt")
+    for argv, words in (
+        (["--model", "torchvision:resnet18", "--init-from", str(tmp_path / "other.pt")], "'conv1.weight' has shape"),
+        (["--init-from", str(tmp_path / "sd.pt")], "needs a torchvision:NAME model"),
+        (["--model", "torchvision:resnet18", "--init-from", str(tmp_path / "missing.pt")], "no such file"),
+    ):
+        assert run(["train", *argv, "--out", str(tmp_path / "bad"), "--epochs", "1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "bad").exists()

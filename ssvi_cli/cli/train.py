@@ -56,6 +56,7 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         preset: Annotated[str, typer.Option(help="Preset name (see 'ssvi presets') or a YAML path.")] = cfgmod.DEFAULT_PRESET,
         model: Annotated[Optional[str], typer.Option(help="Architecture: mlp, lenet5, resnet18, vgg16, vgg19, or torchvision:NAME (any torchvision classifier, built without weights).")] = None,
+        init_from: Annotated[Optional[str], typer.Option(help="torchvision:NAME models: start from a trained state_dict (.pt read with weights_only=True, or .safetensors); the support is each layer's largest |w|.")] = None,
         sparsity: Annotated[Optional[float], typer.Option(help="Fraction of weights that are exactly zero, in [0, 1).")] = None,
         method: Annotated[Optional[str], typer.Option(help="ssvi, vi, static, rigl or dense.")] = None,
         criterion: Annotated[Optional[str], typer.Option(help="Removal criterion: mean, snr, e_abs, snr_abs, e_exp, snr_exp.")] = None,
@@ -83,7 +84,7 @@ def register(app: typer.Typer) -> None:
 
         info = distributed.info_from_env()
         overrides = {
-            "model.name": model, "sparse.sparsity": sparsity, "sparse.method": method, "sparse.criterion": criterion,
+            "model.name": model, "model.init_from": init_from, "sparse.sparsity": sparsity, "sparse.method": method, "sparse.criterion": criterion,
             "train.epochs": epochs, "train.batch_size": batch_size, "optim.lr": lr, "train.seed": seed,
             "train.device": device, "train.precision": precision, "train.kernel": kernel}
         if nproc is not None and nproc > 1:
@@ -93,7 +94,7 @@ def register(app: typer.Typer) -> None:
             return
         info = info or distributed.SINGLE
         if resume is not None:
-            given = [n for n, v in (("--preset", preset != cfgmod.DEFAULT_PRESET), ("--model", model), ("--sparsity", sparsity),
+            given = [n for n, v in (("--preset", preset != cfgmod.DEFAULT_PRESET), ("--model", model), ("--init-from", init_from), ("--sparsity", sparsity),
                                      ("--method", method), ("--criterion", criterion), ("--epochs", epochs),
                                      ("--batch-size", batch_size), ("--lr", lr), ("--seed", seed),
                                      ("--set", set_), ("--out", out_dir), ("--precision", precision),

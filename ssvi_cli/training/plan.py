@@ -83,6 +83,7 @@ class RunPlan:
     densities: dict[str, float]
     run_dir: Optional[RunDir] = None
     checkpoint: Optional[dict[str, Any]] = None
+    init_weights: Optional[dict[str, Any]] = None  # model.init_from's state_dict, checked
 
     @classmethod
     def new(cls, cfg: Config, run_dir: Optional[RunDir | Path] = None,
@@ -94,7 +95,14 @@ class RunPlan:
         card = ModelCard.from_config(cfg, splits.spec)
         with torch.device("meta"):  # shapes only: plans the supports of any size for free
             densities = plan_densities(build_model(card), cfg)
-        return cls(cfg, dev, splits, card, densities, _run_dir(run_dir))
+        weights = None
+        if cfg.model.init_from:
+            from ssvi_cli.training.init_from import base_for, check_state_dict, read_state_dict
+
+            weights = read_state_dict(Path(cfg.model.init_from))
+            with torch.device("meta"):
+                check_state_dict(base_for(cfg, splits.spec), weights, Path(cfg.model.init_from))
+        return cls(cfg, dev, splits, card, densities, _run_dir(run_dir), init_weights=weights)
 
     @classmethod
     def resume(cls, run_dir: RunDir | Path, device: Optional[str] = None,

@@ -26,6 +26,7 @@ from ssvi_cli.data import DataSplits
 from ssvi_cli.runs import checkpoint as ckpt
 from ssvi_cli.training import distributed
 from ssvi_cli.training.distributed import SINGLE, DistInfo
+from ssvi_cli.training.init_from import model_from_weights
 from ssvi_cli.training.optim import kl_weight, lr_factor, make_optimizer
 from ssvi_cli.training.plan import RunPlan, init_model
 from ssvi_cli.training.records import EpochStats, Progress, TrainState
@@ -104,8 +105,12 @@ class Trainer:
         cfg = plan.cfg
         if plan.checkpoint is None:
             torch.manual_seed(cfg.train.seed)
-            model = plan.build_model()
-            init_model(model, cfg, torch.Generator().manual_seed(cfg.train.seed), plan.densities)
+            generator = torch.Generator().manual_seed(cfg.train.seed)
+            if plan.init_weights is not None:
+                model = model_from_weights(cfg, plan.splits.spec, plan.init_weights, generator)
+            else:
+                model = plan.build_model()
+                init_model(model, cfg, generator, plan.densities)
             model.to(plan.device)
             distributed.fork_noise(dist_info)
             return cls(plan, model, make_optimizer(model, cfg), TrainState(), dist_info)
