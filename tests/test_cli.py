@@ -101,3 +101,21 @@ def test_at_80_columns_preset_names_commands_and_paths_stay_whole(tmp_path: Path
     shown = capsys.readouterr().out
     assert f"model file: {run_dir / 'model.safetensors'}" in shown.splitlines()
     assert "…" not in shown
+
+
+def test_train_takes_data_data_dir_and_download_flags_as_evaluate_does(tmp_path: Path, capsys):
+    from fixtures_torchvision import write_mnist
+
+    root = tmp_path / "data"
+    assert run(["train", "--data", "mnist", "--data-dir", str(root), "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert "--download" in err and str(root) in err and len(err.strip().splitlines()) == 1
+    write_mnist(root, "MNIST")
+    out = tmp_path / "run"
+    assert run(["train", "--preset", "mnist_mlp", "--data", "mnist", "--data-dir", str(root), "--no-download",
+                "--epochs", "1", "--set", "model.widths=[16]", "--set", "train.eval_samples=1",
+                "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dataset"] == "mnist"
+    assert f"data_dir: {root}" in (out / "config.yaml").read_text()
+    assert run(["train", "--resume", str(out), "--data-dir", str(root)]) == 2
+    assert "drop --data-dir" in capsys.readouterr().err

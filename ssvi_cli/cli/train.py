@@ -56,6 +56,9 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         preset: Annotated[str, typer.Option(help="Preset name (see 'ssvi presets') or a YAML path.")] = cfgmod.DEFAULT_PRESET,
         model: Annotated[Optional[str], typer.Option(help="Architecture: mlp, lenet5, resnet18, vgg16, vgg19, or torchvision:NAME (any torchvision classifier, built without weights).")] = None,
+        data: Annotated[Optional[str], typer.Option("--data", help="Dataset: digits (embedded), mnist, fashion-mnist, kmnist, cifar10, cifar100, svhn.")] = None,
+        data_dir: Annotated[Optional[Path], typer.Option(help="Folder of torchvision datasets (default ~/.cache/ssvi/data).")] = None,
+        download: Annotated[Optional[bool], typer.Option("--download/--no-download", help="Download missing torchvision datasets.", show_default=False)] = None,
         init_from: Annotated[Optional[str], typer.Option(help="torchvision:NAME models: start from a trained state_dict (.pt read with weights_only=True, or .safetensors); the support is each layer's largest |w|.")] = None,
         sparsity: Annotated[Optional[float], typer.Option(help="Fraction of weights that are exactly zero, in [0, 1).")] = None,
         method: Annotated[Optional[str], typer.Option(help="ssvi, vi, static, rigl or dense.")] = None,
@@ -84,7 +87,8 @@ def register(app: typer.Typer) -> None:
 
         info = distributed.info_from_env()
         overrides = {
-            "model.name": model, "model.init_from": init_from, "sparse.sparsity": sparsity, "sparse.method": method, "sparse.criterion": criterion,
+            "model.name": model, "model.init_from": init_from, "data.name": data,
+            "data.data_dir": str(data_dir) if data_dir is not None else None, "data.download": download, "sparse.sparsity": sparsity, "sparse.method": method, "sparse.criterion": criterion,
             "train.epochs": epochs, "train.batch_size": batch_size, "optim.lr": lr, "train.seed": seed,
             "train.device": device, "train.precision": precision, "train.kernel": kernel}
         if nproc is not None and nproc > 1:
@@ -94,7 +98,8 @@ def register(app: typer.Typer) -> None:
             return
         info = info or distributed.SINGLE
         if resume is not None:
-            given = [n for n, v in (("--preset", preset != cfgmod.DEFAULT_PRESET), ("--model", model), ("--init-from", init_from), ("--sparsity", sparsity),
+            given = [n for n, v in (("--preset", preset != cfgmod.DEFAULT_PRESET), ("--model", model), ("--init-from", init_from), ("--data", data),
+                                     ("--data-dir", data_dir), ("--download", download is not None), ("--sparsity", sparsity),
                                      ("--method", method), ("--criterion", criterion), ("--epochs", epochs),
                                      ("--batch-size", batch_size), ("--lr", lr), ("--seed", seed),
                                      ("--set", set_), ("--out", out_dir), ("--precision", precision),
