@@ -40,12 +40,20 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "digits"
+    name: str = "digits"  # a registered dataset, or imagefolder:PATH (a folder of class folders)
     data_dir: Optional[str] = None
     download: bool = False
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1  # of the training split
     augment: bool = True
     max_train: Optional[int] = None
+    # Image folders only: the test share of a folder without train/ and test/, the side images are
+    # resized to, 1 (gray) or 3 (RGB) channels, and the normalisation (default: measured on the
+    # training images, per channel).
+    test_fraction: float = 0.2
+    image_size: int = 32
+    channels: int = 3
+    mean: Optional[tuple[float, ...]] = None
+    std: Optional[tuple[float, ...]] = None
 
 
 @dataclass(frozen=True)
@@ -294,6 +302,12 @@ def validate(cfg: Config) -> None:
         ("train.num_workers", t.num_workers >= 0, ">= 0"),
         ("data.val_fraction", 0.0 <= d.val_fraction < 1.0, "in [0, 1)"),
         ("data.max_train", d.max_train is None or d.max_train >= 1, ">= 1"),
+        ("data.test_fraction", 0.0 < d.test_fraction < 1.0, "in (0, 1)"),
+        ("data.image_size", d.image_size >= 1, ">= 1"),
+        ("data.channels", d.channels in (1, 3), "1 or 3"),
+        ("data.mean", d.mean is None or len(d.mean) == d.channels, f"{d.channels} numbers, one per channel"),
+        ("data.std", d.std is None or (len(d.std) == d.channels and min(d.std) > 0),
+         f"{d.channels} positive numbers, one per channel"),
         ("model.widths", all(w >= 1 for w in cfg.model.widths), "positive integers"),
     ]
     for key, ok, rule in checks:

@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         preset: Annotated[str, typer.Option(help="Preset name (see 'ssvi presets') or a YAML path.")] = cfgmod.DEFAULT_PRESET,
         model: Annotated[Optional[str], typer.Option(help="Architecture: mlp, lenet5, resnet18, vgg16, vgg19, or torchvision:NAME (any torchvision classifier, built without weights).")] = None,
-        data: Annotated[Optional[str], typer.Option("--data", help="Dataset: digits (embedded), mnist, fashion-mnist, kmnist, cifar10, cifar100, svhn.")] = None,
+        data: Annotated[Optional[str], typer.Option("--data", help="Dataset: digits (embedded), mnist, fashion-mnist, kmnist, cifar10, cifar100, svhn, or imagefolder:PATH (your class folders; --set data.image_size=, data.channels=).")] = None,
         data_dir: Annotated[Optional[Path], typer.Option(help="Folder of torchvision datasets (default ~/.cache/ssvi/data).")] = None,
         download: Annotated[Optional[bool], typer.Option("--download/--no-download", help="Download missing torchvision datasets.", show_default=False)] = None,
         init_from: Annotated[Optional[str], typer.Option(help="torchvision:NAME models: start from a trained state_dict (.pt read with weights_only=True, or .safetensors); the support is each layer's largest |w|.")] = None,
@@ -165,14 +165,17 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: str,
 
 
 def forwarded_args(ctx: typer.Context, drop: tuple[str, ...] = ()) -> list[str]:
-    """The command line that reproduces this command's given options (those not left at None/False)."""
+    """The command line that reproduces this command's given options (those not left at None/False,
+    and a tri-state flag's explicit ``--no-...``)."""
     args: list[str] = []
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
-        if param.name in drop or param.param_type_name != "option" or value in (None, False, [], ()):
+        # A tri-state flag (default None, e.g. --download/--no-download) forwards an explicit "no".
+        explicit_no = value is False and param.default is None and bool(getattr(param, "secondary_opts", ()))
+        if param.name in drop or param.param_type_name != "option" or (value in (None, False, [], ()) and not explicit_no):
             continue
-        flag = param.opts[0]
-        if value is True:
+        flag = param.secondary_opts[0] if explicit_no else param.opts[0]
+        if value is True or explicit_no:
             args.append(flag)
         elif isinstance(value, (list, tuple)):
             for item in value:

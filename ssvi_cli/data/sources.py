@@ -1,4 +1,6 @@
-"""Datasets by name: the embedded digits set and torchvision image sets, decoded once into tensors.
+"""Datasets by name: the embedded digits set and torchvision image sets, decoded once into tensors,
+and parameterised names such as ``imagefolder:PATH`` (a family in :data:`DATASET_FAMILIES`, whose
+source is built from the name and the data config; see ``data/imagefolder.py``).
 
 Torchvision files are read from ``data_dir`` (default ``~/.cache/ssvi/data``) and decoded into uint8
 (N, C, H, W) tensors without PIL; a missing file is a :class:`DatasetUnavailable` naming the fix.
@@ -9,11 +11,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from ssvi_cli.config import DataConfig
 from ssvi_cli.data.spec import DataError, DatasetUnavailable, DataSpec, RawImages
 from ssvi_cli.data.transforms import random_crop_flip
 from ssvi_cli.registry import Registry, UnknownName
@@ -64,12 +67,16 @@ class DatasetSource:
     """A registry entry: spec (known without loading), loader, train augmentation, file location.
 
     ``location(data_dir)`` is the folder torchvision reads, used in messages about missing files.
+    ``load_val`` gives a source's own validation split (else it is carved from the train split);
+    ``complete_spec`` finishes the spec from the decoded train split (an image folder's normalisation).
     """
 
     spec: DataSpec
     load: Loader
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None
     location: Callable[[Path], Path] = field(default=lambda root: root)
+    load_val: Callable[[], RawImages] | None = None
+    complete_spec: Callable[[DataSpec, RawImages], DataSpec] | None = None
 
 
 def default_data_dir() -> Path:
@@ -195,24 +202,49 @@ for _name, _source in {
     DATASETS.add(_name, _source)
 
 
+# Parameterised names ``family:ARGUMENT``: (argument, data config or None) -> the source it names.
+FamilyBuilder = Callable[[str, Optional[DataConfig]], DatasetSource]
+DATASET_FAMILIES: Registry[FamilyBuilder] = Registry("dataset family", error=UnknownDataset)
+
+
 def dataset_names() -> list[str]:
-    """Registered in-distribution dataset names."""
+    """Registered in-distribution dataset names (the fixed ones; families take an argument)."""
     return DATASETS.names()
 
 
-def source(name: str) -> DatasetSource:
-    """The registry entry of dataset ``name`` (an unknown name lists the valid ones)."""
+def source(name: str, options: Optional[DataConfig] = None) -> DatasetSource:
+    """The source of dataset ``name``; a family name (``imagefolder:PATH``) is resolved here, with
+    ``options`` (the data config: image size, channels, ...). An unknown name lists the valid ones."""
+    family, sep, argument = name.partition(":") if isinstance(name, str) else ("", "", "")
+    if sep and family in DATASET_FAMILIES:
+        return DATASET_FAMILIES.get(family)(argument, options)
+    if name not in DATASETS:
+        forms = ", ".join(f"{f}:PATH" for f in DATASET_FAMILIES)
+        raise UnknownDataset(DATASETS.unknown_message(name) + (f"; or {forms}" if forms else ""))
     return DATASETS.get(name)
 
 
-def get_spec(name: str) -> DataSpec:
-    """The dataset's spec (shapes, classes, normalisation) without loading any data."""
-    return source(name).spec
+def check_dataset_name(name: str, options: Optional[DataConfig] = None) -> None:
+    """Fail now, with the valid names, on a name that cannot be resolved; an image folder is scanned
+    (its folders listed, no image opened) so a wrong path fails before any work."""
+    source(name, options)
 
 
-def load_raw(name: str, *, data_dir: Path | None = None, download: bool = False, train: bool = True) -> RawImages:
-    """Decoded images of one official split (digits: the fixed 80/20 split)."""
+def get_spec(name: str, options: Optional[DataConfig] = None) -> DataSpec:
+    """The dataset's spec (shapes, classes, normalisation) without loading any data (an image
+    folder's measured normalisation comes with ``build_dataset``)."""
+    return source(name, options).spec
+
+
+def read_split(entry: DatasetSource, name: str, *, data_dir: Path | None = None, download: bool = False,
+               train: bool = True) -> RawImages:
+    """Decoded images of one official split of the source ``entry`` (named ``name``)."""
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-    entry = source(name)
-    logger.info("loading %s (%s split) from %s", name, "train" if train else "test", root)
+    logger.info("loading %s (%s split) from %s", name, "train" if train else "test", entry.location(root))
     return entry.load(root, train, download)
+
+
+def load_raw(name: str, *, data_dir: Path | None = None, download: bool = False, train: bool = True,
+             options: Optional[DataConfig] = None) -> RawImages:
+    """Decoded images of one official split (digits: the fixed 80/20 split)."""
+    return read_split(source(name, options), name, data_dir=data_dir, download=download, train=train)

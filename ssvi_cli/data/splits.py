@@ -1,5 +1,6 @@
-"""Train/validation/test datasets of a named source: the seeded stratified validation split, the
-``max_train`` cap, and the tensor datasets training and evaluation read."""
+"""Train/validation/test datasets of a named source: the seeded stratified validation split (or the
+source's own, as an image folder's ``val/``), the ``max_train`` cap, and the tensor datasets training
+and evaluation read."""
 
 from __future__ import annotations
 
@@ -7,17 +8,17 @@ import logging
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from ssvi_cli.data.sources import load_raw, source
-from ssvi_cli.data.spec import DataError, DataSplits
+from ssvi_cli.config import DataConfig
+from ssvi_cli.data.sources import read_split, source
+from ssvi_cli.data.spec import DataError, DataSplits, RawImages
 from ssvi_cli.data.transforms import TensorImageDataset
 
 logger = logging.getLogger(__name__)
-
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,37 +61,47 @@ def build_dataset(
     seed: int = 0,
     augment: bool = True,
     max_train: int | None = None,
+    options: Optional[DataConfig] = None,
 ) -> DataSplits:
-    """Train/val/test datasets for ``name``; val is a stratified, seeded part of the train split.
+    """Train/val/test datasets for ``name``; val is a stratified, seeded part of the train split
+    unless the source has its own (an image folder's ``val/``; ``val_fraction`` is then unused).
 
     ``max_train`` caps the train split (seeded); val is then capped in the same proportion
-    ``val_fraction / (1 - val_fraction)`` so quick runs stay quick.
+    ``val_fraction / (1 - val_fraction)`` so quick runs stay quick. ``options`` (the data config)
+    sizes and normalises a parameterised source such as ``imagefolder:PATH``.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if max_train is not None and max_train < 1:
         raise DataError(f"max_train must be a positive number of examples, got {max_train}")
-    entry = source(name)
-    train_raw = load_raw(name, data_dir=data_dir, download=download, train=True)
-    test_raw = load_raw(name, data_dir=data_dir, download=download, train=False)
+    entry = source(name, options)
+    train_raw = read_split(entry, name, data_dir=data_dir, download=download, train=True)
+    test_raw = read_split(entry, name, data_dir=data_dir, download=download, train=False)
     spec = replace(entry.spec, class_names=train_raw.class_names)
+    if entry.complete_spec is not None:
+        spec = entry.complete_spec(spec, train_raw)
     if spec.num_classes != len(spec.class_names):
         raise DataError(
             f"{name} files list {len(spec.class_names)} classes, expected {spec.num_classes}; "
             "the files under the data directory are not the original dataset"
         )
-    train_idx, val_idx = stratified_split(train_raw.labels, val_fraction, seed)
+    if entry.load_val is not None:
+        val_raw = entry.load_val()
+        train_idx, val_idx = torch.arange(len(train_raw.labels)), torch.arange(len(val_raw.labels))
+    else:
+        val_raw = train_raw
+        train_idx, val_idx = stratified_split(train_raw.labels, val_fraction, seed)
     if max_train is not None:
         max_val = math.ceil(max_train * val_fraction / (1.0 - val_fraction))
         train_idx, val_idx = _cap(train_idx, max_train, seed), _cap(val_idx, max_val, seed + 1)
 
-    def subset(idx: torch.Tensor, aug: Callable | None) -> TensorImageDataset:
-        return TensorImageDataset(train_raw.images[idx], train_raw.labels[idx], spec, augment=aug, indices=idx)
+    def subset(raw: RawImages, idx: torch.Tensor, aug: Callable | None) -> TensorImageDataset:
+        return TensorImageDataset(raw.images[idx], raw.labels[idx], spec, augment=aug, indices=idx)
 
     test_all = torch.arange(len(test_raw.labels))
     splits = DataSplits(
-        train=subset(train_idx, entry.augment if augment else None),
-        val=subset(val_idx, None),
+        train=subset(train_raw, train_idx, entry.augment if augment else None),
+        val=subset(val_raw, val_idx, None),
         test=TensorImageDataset(test_raw.images, test_raw.labels, spec, indices=test_all),
         spec=spec,
     )

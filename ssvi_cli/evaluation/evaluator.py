@@ -24,7 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ssvi_cli import metrics as M
-from ssvi_cli.data import DATASETS, OOD_SETS, DataError, DataSpec, build_dataset, get_spec
+from ssvi_cli.data import (OOD_SETS, DataError, DataSpec, build_dataset, check_dataset_name, data_config_for,
+                           get_spec)
 from ssvi_cli.data.ood import build_ood, ood_names
 from ssvi_cli.modelfile import ModelCard, Training
 from ssvi_cli.prediction import MODES, is_bayesian, predict_loader
@@ -145,14 +146,14 @@ def load_eval_data(
     read, so a typo fails at once with the list of valid names.
     """
     name = dataset or model_spec.name
-    DATASETS.get(name)
+    check_dataset_name(name, data_config_for(model_spec))
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; valid splits are: {', '.join(SPLITS)}")
     for ood_name in ood:
         OOD_SETS.get(ood_name)
         if ood_name == name:
             raise DataError(f"--ood {ood_name} is the in-distribution dataset itself; pick another OOD set")
-    _check_compatible(name, get_spec(name), model_spec)
+    _check_compatible(name, get_spec(name, data_config_for(model_spec)), model_spec)
 
     settings, train_seed = _training_data_settings(training)
     if split == "val" and train_seed is None:
@@ -163,6 +164,7 @@ def load_eval_data(
     splits = build_dataset(
         name, data_dir=root, download=download, val_fraction=float(settings.get("val_fraction", 0.1)),
         seed=int(train_seed or 0), augment=False, max_train=settings.get("max_train"),
+        options=data_config_for(model_spec, settings),
     )
     ood_sets = {n: load_ood(n, model_spec, root, download, seed, ood_max_items) for n in dict.fromkeys(ood)}
     return EvalData(dataset=name, split=split, inputs=getattr(splits, split), ood=ood_sets)

@@ -15,7 +15,7 @@ from ssvi_cli.config import Config, ConfigError, from_dict
 from ssvi_cli.core.allocation import InitSpec, initialise, layer_densities
 from ssvi_cli.core.criteria import REMOVAL_CRITERIA
 from ssvi_cli.core.layers import sparse_layers
-from ssvi_cli.data import DATASETS, DataSplits, build_dataset
+from ssvi_cli.data import DataSplits, build_dataset, check_dataset_name
 from ssvi_cli.modelfile import ModelCard, build_model
 from ssvi_cli.models import SSVIModel, check_model_name
 from ssvi_cli.runs.rundir import RunDir
@@ -37,7 +37,7 @@ def resolve_device(name: str) -> torch.device:
 def check_names(cfg: Config) -> None:
     """Resolve every registry name of ``cfg`` (errors list the valid names); reads no file."""
     check_model_name(cfg.model.name)
-    DATASETS.get(cfg.data.name)
+    check_dataset_name(cfg.data.name, cfg.data)
     REMOVAL_CRITERIA.get(cfg.sparse.criterion)
 
 
@@ -45,7 +45,7 @@ def load_data(cfg: Config) -> DataSplits:
     d = cfg.data
     return build_dataset(d.name, data_dir=Path(d.data_dir).expanduser() if d.data_dir else None,
                          download=d.download, val_fraction=d.val_fraction, seed=cfg.train.seed,
-                         augment=d.augment, max_train=d.max_train)
+                         augment=d.augment, max_train=d.max_train, options=d)
 
 
 def plan_densities(model: SSVIModel, cfg: Config) -> dict[str, float]:

@@ -1,0 +1,230 @@
+"""Your own images as a dataset: ``imagefolder:PATH`` names a folder of class folders.
+
+Two layouts are read:
+
+* ``PATH/train/<class>/``, ``PATH/test/<class>/`` and optionally ``PATH/val/<class>/``: the splits as
+  given (every split with the same class folders). Without ``val/`` the validation split is carved
+  from ``train/`` as for every dataset (``data.val_fraction``).
+* ``PATH/<class>/``: split here into train and test by ``data.test_fraction``, stratified, with a
+  fixed seed so that every run (whatever its ``train.seed``) and every evaluation share one test set;
+  validation is then carved from the train part.
+
+A folder holding ``train/`` is read as the first layout. Class names are the class folder names,
+sorted; image files are found recursively (hidden files and folders are skipped). Images of any
+size and mode (PNG, JPEG, BMP, GIF, WebP, TIFF; gray, RGB, RGBA, palette, 16-bit gray) are decoded
+once with PIL and brought to ``data.channels`` x ``data.image_size`` x ``data.image_size`` exactly as
+``ssvi infer`` brings an image file to a model (``transforms.preprocess``: alpha dropped, gray <-> RGB,
+antialiased bilinear resize), then kept as uint8. The normalisation is measured per channel on the
+training split (before validation is carved out, as the published CIFAR statistics are) unless
+``data.mean``/``data.std`` are given. Training augmentation is the CIFAR random crop + flip, used
+only with ``data.augment`` and an ``image_size`` of at least 16 pixels (at smaller sizes a 4-pixel
+shift crops away too much of the image).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ssvi_cli.config import DataConfig
+from ssvi_cli.data.sources import DATASET_FAMILIES, DatasetSource
+from ssvi_cli.data.spec import DataError, DataSpec, RawImages
+from ssvi_cli.data.splits import stratified_split
+from ssvi_cli.data.transforms import preprocess, random_crop_flip
+
+logger = logging.getLogger(__name__)
+
+FAMILY = "imagefolder"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+SPLIT_FOLDERS = ("train", "val", "test")
+TEST_SEED = 20_240_602  # the flat layout's test split does not move with the training seed
+MIN_AUGMENT_SIZE = 16
+_LOG_EVERY = 1000  # images between progress lines (at least; at most ten lines per split)
+_LAYOUTS = "PATH/<class>/*.png, or PATH/train/<class>/ and PATH/test/<class>/"
+
+
+@dataclass(frozen=True)
+class FolderScan:
+    """What a folder holds, found without decoding: class names and, per split, files and labels.
+
+    ``parts`` has ``train``, ``test`` and maybe ``val`` (the split layout) or only ``all`` (class
+    folders directly under ``root``).
+    """
+
+    root: Path
+    class_names: tuple[str, ...]
+    parts: dict[str, tuple[tuple[Path, ...], torch.Tensor]]
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def _class_folders(folder: Path, where: str) -> dict[str, tuple[Path, ...]]:
+    """Class name -> its image files (recursive, sorted); at least two classes, none empty."""
+    classes = sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
+    if not classes:
+        raise DataError(f"{where} {folder} holds no class folders; put each class's images in its own "
+                        f"folder ({_LAYOUTS})")
+    if len(classes) == 1:
+        raise DataError(f"{where} {folder} holds one class folder ({classes[0].name}); a classifier needs "
+                        "at least two, add a folder per class")
+    found = {}
+    for cls in classes:
+        files = tuple(sorted(p for p in cls.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                             and all(_visible(q) for q in p.relative_to(cls).parts)))
+        if not files:
+            raise DataError(f"class folder {cls} holds no images ({', '.join(IMAGE_SUFFIXES)}); add images "
+                            "or remove the folder")
+        found[cls.name] = files
+    return found
+
+
+def _labelled(classes: dict[str, tuple[Path, ...]], names: tuple[str, ...]) -> tuple[tuple[Path, ...], torch.Tensor]:
+    files = tuple(f for name in names for f in classes[name])
+    labels = torch.tensor([i for i, name in enumerate(names) for _ in classes[name]], dtype=torch.long)
+    return files, labels
+
+
+def scan_folder(path: Path) -> FolderScan:
+    """Find the layout, the class names and the image files of ``path`` (no image is opened)."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise DataError(f"image folder {root} does not exist; check the path after imagefolder: ({_LAYOUTS})")
+    if not root.is_dir():
+        raise DataError(f"image folder {root} is a file, not a folder; pass the folder that holds the "
+                        f"class folders ({_LAYOUTS})")
+    root = root.resolve()
+    present = [s for s in SPLIT_FOLDERS if (root / s).is_dir()]
+    if not present:
+        classes = _class_folders(root, "image folder")
+        names = tuple(classes)
+        return FolderScan(root, names, {"all": _labelled(classes, names)})
+    for needed in ("train", "test"):
+        if needed not in present:
+            raise DataError(f"image folder {root} has {'/, '.join(present)}/ but no {needed}/; add "
+                            f"{root / needed}/<class>/ or put the class folders directly in {root}")
+    by_split = {s: _class_folders(root / s, f"{s} folder") for s in present}
+    names = tuple(by_split["train"])
+    for split, classes in by_split.items():
+        if tuple(classes) != names:
+            missing, extra = sorted(set(names) - set(classes)), sorted(set(classes) - set(names))
+            raise DataError(f"{root / split} has other classes than {root / 'train'} (missing: "
+                            f"{', '.join(missing) or '-'}; extra: {', '.join(extra) or '-'}); use the same "
+                            "class folder names in every split")
+    return FolderScan(root, names, {s: _labelled(c, names) for s, c in by_split.items()})
+
+
+def split_scan(scan: FolderScan, test_fraction: float) -> FolderScan:
+    """The flat layout split into train and test (stratified, :data:`TEST_SEED`); others unchanged."""
+    if "all" not in scan.parts:
+        return scan
+    files, labels = scan.parts["all"]
+    train_idx, test_idx = stratified_split(labels, test_fraction, TEST_SEED)
+    empty = sorted(set(range(len(scan.class_names))) - set(labels[train_idx].tolist()))
+    if empty:
+        name = scan.class_names[empty[0]]
+        raise DataError(f"class {name} in {scan.root} has {int((labels == empty[0]).sum())} image(s), too few to "
+                        f"keep one for training at test_fraction={test_fraction}; add images or lower "
+                        "--set data.test_fraction")
+    pick = lambda idx: (tuple(files[i] for i in idx.tolist()), labels[idx])  # noqa: E731
+    return replace(scan, parts={"train": pick(train_idx), "test": pick(test_idx)})
+
+
+def _read_image(path: Path) -> torch.Tensor:
+    """One image file as (1, C, H, W): uint8 with C in {1, 3, 4}, or float in [0, 1] for 16-bit gray
+    (the modes and conversions of ``ssvi infer``)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode in ("I;16", "I;16B", "I;16L"):
+                arr = np.asarray(img, dtype=np.float32) / 65535.0
+                return torch.from_numpy(arr).view(1, 1, *arr.shape)
+            if mode not in ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "La", "RGBa"):
+                raise DataError(f"image {path} has the unsupported mode {mode!r}; save it as 8-bit gray or RGB")
+            alpha = mode in ("LA", "PA", "RGBA", "La", "RGBa") or "transparency" in img.info
+            arr = np.asarray(img.convert("L" if mode in ("1", "L") else ("RGBA" if alpha else "RGB")), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"image {path} cannot be read ({reason}); replace or remove the file") from None
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    return torch.from_numpy(np.array(arr.transpose(2, 0, 1))).unsqueeze(0)  # a writable copy
+
+
+def decode_images(files: tuple[Path, ...], image_size: int, channels: int, what: str = "images") -> torch.Tensor:
+    """Decode ``files`` into one uint8 (N, channels, image_size, image_size) tensor, logging progress."""
+    shape = (channels, image_size, image_size)
+    unit = DataSpec("decode", shape, 1, ("-",), (0.0,) * channels, (1.0,) * channels)  # resize only
+    out = torch.empty((len(files), *shape), dtype=torch.uint8)
+    every = max(_LOG_EVERY, len(files) // 10)
+    logger.info("decoding %d %s into %dx%dx%d uint8", len(files), what, *shape)
+    for i, path in enumerate(files):
+        out[i] = preprocess(_read_image(path), unit)[0].mul_(255.0).round_().to(torch.uint8)
+        if (i + 1) % every == 0 or i + 1 == len(files):
+            logger.info("decoded %d/%d %s", i + 1, len(files), what)
+    return out
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of uint8 images in [0, 1] units, in chunks (no float copy
+    of the whole set); a constant channel gets std 1/255 rather than 0."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for start in range(0, len(images), chunk):
+        x = images[start:start + chunk].to(torch.float64).div_(255.0)
+        total += x.sum(dim=(0, 2, 3))
+        squares += x.square().sum(dim=(0, 2, 3))
+    n = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / n
+    std = (squares / n - mean.square()).clamp_min(0.0).sqrt().clamp_min(1.0 / 255.0)
+    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+
+
+def folder_source(argument: str, options: Optional[DataConfig] = None) -> DatasetSource:
+    """The dataset source of ``imagefolder:<argument>``: its spec from a scan (the normalisation is
+    ``data.mean``/``data.std``, else identity until :attr:`DatasetSource.complete_spec` measures it
+    on the training images), loaders that decode each split when asked."""
+    if not argument:
+        raise DataError(f"{FAMILY}: needs the folder after the colon, e.g. --data {FAMILY}:~/pictures")
+    opts = options or DataConfig()
+    scan = split_scan(scan_folder(Path(argument)), opts.test_fraction)
+    c, size = opts.channels, opts.image_size
+    spec = DataSpec(f"{FAMILY}:{scan.root}", (c, size, size), len(scan.class_names), scan.class_names,
+                    opts.mean or (0.0,) * c, opts.std or (1.0,) * c)
+
+    def load_part(part: str) -> RawImages:
+        files, labels = scan.parts[part]
+        return RawImages(decode_images(files, size, c, f"{part} images of {scan.root}"), labels, scan.class_names)
+
+    def complete_spec(current: DataSpec, train: RawImages) -> DataSpec:
+        mean, std = channel_stats(train.images)
+        return replace(current, mean=opts.mean or mean, std=opts.std or std)
+
+    return DatasetSource(
+        spec=spec,
+        load=lambda data_dir, train, download: load_part("train" if train else "test"),
+        augment=random_crop_flip if size >= MIN_AUGMENT_SIZE else None,
+        location=lambda data_dir: scan.root,
+        load_val=(lambda: load_part("val")) if "val" in scan.parts else None,
+        complete_spec=None if opts.mean and opts.std else complete_spec,
+    )
+
+
+def data_config_for(spec: DataSpec, recorded: Optional[dict[str, Any]] = None) -> DataConfig:
+    """Data options that rebuild a trained model's inputs: size, channels and normalisation from its
+    ``spec``, the test share from the ``recorded`` training data config (for ``ssvi evaluate``)."""
+    recorded = recorded or {}
+    c, h, _ = spec.input_shape
+    return replace(DataConfig(), image_size=h, channels=c, mean=tuple(spec.mean), std=tuple(spec.std),
+                   test_fraction=float(recorded.get("test_fraction", DataConfig.test_fraction)))
+
+
+DATASET_FAMILIES.add(FAMILY, folder_source)

@@ -1,0 +1,222 @@
+"""``imagefolder:PATH``: your own class folders as a dataset, in both layouts, from the data layer to
+``ssvi train`` / ``infer`` / ``evaluate``. The images are real: scikit-learn's digits saved as PNG
+(and a few other formats and modes) with PIL."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ssvi_cli.cli import run
+from ssvi_cli.config import DataConfig
+from ssvi_cli.data import DataError, build_dataset, get_spec, preprocess, random_crop_flip, scan_folder
+from ssvi_cli.data.imagefolder import decode_images
+from ssvi_cli.evaluation.infer import load_image
+
+NAMES = {0: "zero", 1: "one", 2: "two"}  # folder names; sorted, the classes are one, two, zero
+SORTED = ("one", "two", "zero")
+SMALL = DataConfig(image_size=8, channels=1)
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return (bunch.images * (255.0 / 16.0)).round().astype(np.uint8), bunch.target
+
+
+def write_class(folder: Path, digit: int, count: int, skip: int = 0) -> None:
+    """``count`` images of ``digit`` in ``folder``: gray 8x8 PNGs and, in turn, RGB, upscaled gray,
+    upscaled RGBA, palette, JPEG and BMP files."""
+    images, target = _digits()
+    folder.mkdir(parents=True)
+    for j, i in enumerate(np.flatnonzero(target == digit)[skip:skip + count]):
+        img, suffix = Image.fromarray(images[i]), ".png"
+        kind = j % 7
+        if kind == 1:
+            img = img.convert("RGB")
+        elif kind == 2:
+            img = img.resize((24, 24), Image.NEAREST)
+        elif kind == 3:
+            img = img.convert("RGBA").resize((20, 20), Image.BILINEAR)
+        elif kind == 4:
+            img = img.convert("RGB").convert("P")
+        elif kind == 5:
+            img, suffix = img.convert("RGB").resize((16, 16)), ".jpg"
+        elif kind == 6:
+            suffix = ".bmp"
+        img.save(folder / f"{digit}_{j:02d}{suffix}")
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    """Good folders in both layouts, and a bad folder for every error."""
+    ws = tmp_path_factory.mktemp("imgs").resolve()
+    for digit, name in NAMES.items():
+        write_class(ws / "flat" / name, digit, 12)
+        for split, (count, skip) in {"train": (8, 0), "val": (2, 8), "test": (3, 10)}.items():
+            write_class(ws / "split" / split / name, digit, count, skip)
+            if split != "val":
+                write_class(ws / "noval" / split / name, digit, count, skip)
+    (ws / "afile").write_text("not a folder\n")
+    (ws / "empty").mkdir()
+    write_class(ws / "oneclass" / "zero", 0, 3)
+    write_class(ws / "emptyclass" / "zero", 0, 3)
+    (ws / "emptyclass" / "two").mkdir()
+    (ws / "emptyclass" / "two" / "notes.txt").write_text("no images here\n")
+    for split, names in {"train": ("zero", "one"), "test": ("zero", "two")}.items():
+        for name in names:
+            write_class(ws / "mismatch" / split / name, 0, 2)
+    write_class(ws / "notest" / "train" / "zero", 0, 2)
+    write_class(ws / "notest" / "train" / "one", 1, 2)
+    write_class(ws / "badimage" / "zero", 0, 3)
+    write_class(ws / "badimage" / "one", 1, 3)
+    (ws / "badimage" / "one" / "broken.png").write_text("this is text, not a PNG\n")
+    return ws
+
+
+# ----------------------------------------------------------------------------- layouts and splits
+
+
+def test_flat_folder_is_split_stratified_seeded_and_deterministic(ws):
+    name = f"imagefolder:{ws / 'flat'}"
+    splits = build_dataset(name, options=SMALL, val_fraction=0.25, seed=0)
+    assert splits.spec.class_names == SORTED and splits.spec.input_shape == (1, 8, 8)
+    assert (len(splits.train) + len(splits.val), len(splits.test)) == (29, 7)  # 36 images, test 0.2
+    assert len(splits.val) == 7  # round(0.25 * 29)
+    for ds, low, high in ((splits.test, 2, 3), (splits.val, 2, 3)):
+        counts = torch.bincount(ds.labels, minlength=3)
+        assert counts.sum() == len(ds) and counts.min() >= low and counts.max() <= high  # stratified
+    again = build_dataset(name, options=SMALL, val_fraction=0.25, seed=0)
+    assert torch.equal(again.val.indices, splits.val.indices) and torch.equal(again.test.images, splits.test.images)
+    other = build_dataset(name, options=SMALL, val_fraction=0.25, seed=1)
+    assert torch.equal(other.test.images, splits.test.images)  # one test set for every training seed
+    assert not torch.equal(other.val.indices, splits.val.indices)
+
+
+def test_class_names_are_the_sorted_folder_names_and_label_their_images(ws):
+    scan = scan_folder(ws / "flat")
+    files, labels = scan.parts["all"]
+    assert scan.class_names == SORTED and len(files) == 36
+    assert all(SORTED[int(y)] == f.parent.name for f, y in zip(files, labels))
+
+
+def test_split_folders_are_used_as_given(ws):
+    splits = build_dataset(f"imagefolder:{ws / 'split'}", options=SMALL, val_fraction=0.5)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (24, 6, 9)  # val/ itself, not carved
+    assert splits.spec.class_names == SORTED
+    assert torch.bincount(splits.val.labels).tolist() == [2, 2, 2]
+    noval = build_dataset(f"imagefolder:{ws / 'noval'}", options=SMALL, val_fraction=0.25)
+    assert (len(noval.train), len(noval.val), len(noval.test)) == (18, 6, 9)  # val carved from train/
+
+
+def test_spec_is_known_from_a_scan_without_decoding(ws):
+    spec = get_spec(f"imagefolder:{ws / 'badimage'}", SMALL)  # holds an unreadable file: never opened
+    assert spec.class_names == ("one", "zero") and spec.num_classes == 2 and spec.name.endswith("badimage")
+
+
+def test_a_class_left_without_training_images_is_an_error(ws):
+    with pytest.raises(DataError, match="too few to keep one for training at test_fraction=0.9"):
+        build_dataset(f"imagefolder:{ws / 'mismatch' / 'train'}", options=DataConfig(test_fraction=0.9))
+
+
+# ----------------------------------------------------------------------------- pixels
+
+
+def test_normalisation_is_measured_on_the_training_split_per_channel(ws):
+    name = f"imagefolder:{ws / 'flat'}"
+    splits = build_dataset(name, options=DataConfig(image_size=8, channels=3), val_fraction=0.25)
+    train = torch.cat([splits.train.images, splits.val.images]).numpy().astype(np.float64) / 255.0
+    assert splits.spec.mean == pytest.approx(train.mean(axis=(0, 2, 3)), abs=1e-5)
+    assert splits.spec.std == pytest.approx(train.std(axis=(0, 2, 3)), abs=1e-5)
+    x = torch.stack([ds[i][0] for ds in (splits.train, splits.val) for i in range(len(ds))])
+    assert float(x.mean()) == pytest.approx(0.0, abs=1e-4) and float(x.std()) == pytest.approx(1.0, abs=0.02)
+    given = build_dataset(name, options=DataConfig(image_size=8, channels=3, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2)))
+    assert (given.spec.mean, given.spec.std) == ((0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
+
+
+def test_images_of_any_size_and_mode_decode_as_infer_reads_them(ws):
+    files = tuple(sorted((ws / "flat" / "zero").iterdir()))
+    assert {f.suffix for f in files} == {".png", ".jpg", ".bmp"}
+    for size, channels in ((8, 1), (16, 3)):
+        images = decode_images(files, size, channels)
+        assert images.dtype == torch.uint8 and images.shape == (len(files), channels, size, size)
+        spec = get_spec(f"imagefolder:{ws / 'flat'}", DataConfig(image_size=size, channels=channels))
+        for i, path in enumerate(files):  # the same conversion and antialiased resize as `ssvi infer`
+            expected = preprocess(load_image(path), spec)[0]  # spec normalisation is the identity here
+            assert torch.allclose(images[i].float() / 255.0, expected, atol=0.5 / 255 + 1e-6), path.name
+    gray = decode_images(files[:1], 8, 1)[0, 0].numpy()  # an 8x8 gray PNG comes back pixel for pixel
+    assert np.array_equal(gray, np.asarray(Image.open(files[0])))
+
+
+def test_augmentation_only_from_16_pixels(ws):
+    name = f"imagefolder:{ws / 'flat'}"
+    assert build_dataset(name, options=SMALL).train.augment is None
+    big = DataConfig(image_size=16, channels=1)
+    assert build_dataset(name, options=big).train.augment is random_crop_flip
+    assert build_dataset(name, options=big, augment=False).train.augment is None
+
+
+# ----------------------------------------------------------------------------- errors, through the CLI
+
+ERRORS = [
+    ("nope", "image folder {ws}/nope does not exist"),
+    ("afile", "image folder {ws}/afile is a file, not a folder"),
+    ("empty", "image folder {ws}/empty holds no class folders"),
+    ("oneclass", "holds one class folder (zero); a classifier needs at least two"),
+    ("emptyclass", "class folder {ws}/emptyclass/two holds no images"),
+    ("mismatch", "{ws}/mismatch/test has other classes than {ws}/mismatch/train (missing: one; extra: two)"),
+    ("notest", "image folder {ws}/notest has train/ but no test/"),
+    ("badimage", "image {ws}/badimage/one/broken.png cannot be read"),
+]
+
+
+@pytest.mark.parametrize("folder, words", ERRORS, ids=[e[0] for e in ERRORS])
+def test_folder_errors_are_one_line(ws, folder, words, capsys, tmp_path):
+    code = run(["train", "--data", f"imagefolder:{ws / folder}", "--epochs", "1", "--set", "data.image_size=8",
+                "--set", "data.channels=1", "--out", str(tmp_path / "run")])
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert words.replace("{ws}", str(ws)) in lines[0]
+    assert captured.out == "" and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--data", "imagefolder:"], "imagefolder: needs the folder after the colon"),
+    (["--data", "imagenet"], "valid names are: cifar10, cifar100, digits, fashion-mnist, kmnist, mnist, svhn; "
+                             "or imagefolder:PATH"),
+    (["--set", "data.channels=2"], "data.channels=2 must be 1 or 3"),
+    (["--set", "data.test_fraction=1"], "data.test_fraction=1.0 must be in (0, 1)"),
+    (["--set", "data.mean=[0.5,0.5]"], "data.mean=(0.5, 0.5) must be 3 numbers, one per channel"),
+])
+def test_bad_names_and_values_are_one_line(args, words, capsys, tmp_path):
+    code = run(["train", *args, "--out", str(tmp_path / "run")])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.err.count("\n") == 1 and words in captured.err, captured.err
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_train_infer_evaluate_on_a_png_folder(ws, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ws)  # a relative path: the model file records the absolute one
+    run_dir = tmp_path / "run"
+    code = run(["train", "--data", "imagefolder:flat", "--epochs", "2", "--set", "data.image_size=8",
+                "--set", "data.channels=1", "--set", "train.eval_samples=2", "--out", str(run_dir), "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and summary["dataset"] == "imagefolder:flat"
+    monkeypatch.chdir(tmp_path)
+    model = run_dir / "model.safetensors"
+    image = ws / "flat" / "two" / "2_02.png"  # a 24x24 image: resized as in training
+    assert run(["infer", str(model), str(image), "--json"]) == 0
+    pred = json.loads(capsys.readouterr().out)["predictions"][0]
+    assert pred["class"] in SORTED and {k["class"] for k in pred["top_k"]} == set(SORTED)
+    for split, n in (("test", 7), ("val", 3)):  # val: round(0.1 * 29), rebuilt from the recorded config
+        assert run(["evaluate", str(model), "--json", "--split", split, "--samples", "2"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["dataset"] == f"imagefolder:{ws / 'flat'}" and report["n"] == n
+        assert 0.0 <= report["metrics"]["accuracy"] <= 1.0
