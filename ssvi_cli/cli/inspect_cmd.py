@@ -62,14 +62,20 @@ def _g(value: Optional[float]) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
+def _trained(tr: dict[str, Any]) -> str:
+    if tr.get("method") is None and tr.get("epochs") is None:
+        return "not recorded (written by ssvi_cli.save from a user's own loop)"
+    return (f"{tr.get('method')}, sparsity {tr.get('sparsity')}, criterion {tr.get('criterion')}, "
+            f"{tr.get('epochs')} epochs, seed {tr.get('seed')}")
+
+
 def _print_report(r: dict[str, Any]) -> None:
     arch, fmt, tr = r["architecture"], r["format"], r["training"]
     out.print(kv_table(f"ssvi inspect: {r['source']}", {
         "model": f"{arch.get('name')} ({'Bayesian' if arch.get('bayesian') else 'deterministic'}, "
                  f"sigma = {arch.get('sigma_param')}(rho))",
         "data": f"{r['data']['name']} {tuple(r['data']['input_shape'])}, {r['data']['num_classes']} classes",
-        "trained": f"{tr.get('method')}, sparsity {tr.get('sparsity')}, criterion {tr.get('criterion')}, "
-                   f"{tr.get('epochs')} epochs, seed {tr.get('seed')}",
+        "trained": _trained(tr),
         "format": f"{fmt['name']} v{fmt['version']}, {fmt['layout']}, {fmt['dtype']}",
         "test accuracy": r["metrics"].get("test_accuracy"),
     }))

@@ -100,7 +100,8 @@ class ModelCard:
 
     @classmethod
     def from_config(cls, cfg: Config, spec: DataSpec, metrics: Optional[dict[str, Any]] = None) -> "ModelCard":
-        arch = Architecture(cfg.model.name, tuple(cfg.model.widths), cfg.method.bayesian, cfg.bayes.sigma_param)
+        widths = () if cfg.model.name.startswith("torchvision:") else tuple(cfg.model.widths)  # the builder's own
+        arch = Architecture(cfg.model.name, widths, cfg.method.bayesian, cfg.bayes.sigma_param)
         return cls(arch, spec, Training.from_config(cfg), dict(metrics or {}))
 
     def with_metrics(self, metrics: dict[str, Any]) -> "ModelCard":

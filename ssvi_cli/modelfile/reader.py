@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from ssvi_cli.core.gaussian import rho_from_sigma
 from ssvi_cli.core.layers import SparseGaussian, sparse_layers
@@ -65,41 +65,56 @@ def read_model_file(path: Path, device: str | torch.device = "cpu", kernel: str 
     head = read_header(path)
     meta = head["meta"]
     card, model = _build(path, meta, head["tensors"], kernel)
+    install(model, path, meta, read_tensors(path))
+    model.to(device)
+    model.eval()
+    info = FileInfo(str(path), meta["format"], meta["version"], meta["layout"], meta["dtype"],
+                    head["file_bytes"], head["header_bytes"], meta["layers"])
+    return LoadedModel(model, card, info)
+
+
+def read_tensors(path: Path) -> dict[str, Tensor]:
+    """Every tensor of the file at ``path`` (its header already validated)."""
     try:
-        tensors = load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelFileError(f"{path} could not be read ({first[:160]})") from None
+
+
+def install(model: nn.Module, path: Path, meta: dict[str, Any], tensors: dict[str, Tensor],
+            target: str = "") -> None:
+    """Check the file's layers and tensors against ``model``'s and install them; the first
+    difference is a :class:`ModelFileError` naming the layer or tensor. ``model`` must have the
+    file's sparse layers (same names, shapes, Bayesian or not) and every other state tensor.
+    ``target`` names the model in messages (default: the file's architecture)."""
+    target = target or f"architecture {meta['architecture'].get('name')!r}"
     records = {r.get("name"): r for r in meta["layers"] if isinstance(r, dict)}
+    layers = sparse_layers(model)
     used: set[str] = set()
-    for name, layer in sparse_layers(model):
+    for name, layer in layers:
         if name not in records:
-            raise ModelFileError(f"{path} lacks layer {name!r} of architecture {meta['architecture'].get('name')!r}")
-        used |= _load_layer(path, name, layer, records[name], tensors)
+            raise ModelFileError(f"{path} lacks layer {name!r} of {target}")
+        used |= _load_layer(path, name, layer, records[name], tensors, target)
     state = {}
     skip = sparse_state_keys(model)
     for key, value in model.state_dict().items():
         if key in skip:
             continue
         if key not in tensors:
-            raise ModelFileError(f"{path} lacks tensor {key!r}")
+            raise ModelFileError(f"{path} lacks tensor {key!r} of {target}")
         stored = tensors[key]
         if tuple(stored.shape) != tuple(value.shape):
-            raise ModelFileError(f"{path}: tensor {key!r} has shape {tuple(stored.shape)}, expected {tuple(value.shape)}")
+            raise ModelFileError(f"{path}: tensor {key!r} has shape {tuple(stored.shape)}, {target} needs {tuple(value.shape)}")
         if stored.is_floating_point() and not bool(torch.isfinite(stored).all()):
             raise ModelFileError(f"{path}: tensor {key!r} holds non-finite values")
         state[key] = stored.to(value.dtype)
         used.add(key)
     extra = sorted(set(tensors) - used)
-    if extra or len(records) != len(sparse_layers(model)):
-        what = extra[:3] if extra else sorted(set(records) - {n for n, _ in sparse_layers(model)})[:3]
-        raise ModelFileError(f"{path} holds entries the architecture does not have: {what}")
+    if extra or len(records) != len(layers):
+        what = extra[:3] if extra else sorted(set(records) - {n for n, _ in layers})[:3]
+        raise ModelFileError(f"{path} holds entries {target} does not have: {what}")
     model.load_state_dict(state, strict=False)
-    model.to(device)
-    model.eval()
-    info = FileInfo(str(path), meta["format"], meta["version"], meta["layout"], meta["dtype"],
-                    head["file_bytes"], head["header_bytes"], meta["layers"])
-    return LoadedModel(model, card, info)
 
 
 def _build(path: Path, meta: dict[str, Any], table: dict[str, dict[str, Any]], kernel: str
@@ -110,6 +125,11 @@ def _build(path: Path, meta: dict[str, Any], table: dict[str, dict[str, Any]], k
         card = ModelCard.from_metadata(meta)
     except CardError as exc:
         raise ModelFileError(f"{path} has a corrupted header ({exc})") from None
+    name = card.architecture.name
+    if name.startswith("custom:"):
+        cls = name[len("custom:"):].rpartition(".")[2]
+        raise ModelFileError(f"{path} holds a custom module ({name[len('custom:'):]}) that only its own code can "
+                             f"build; load it in Python: ssvi_cli.load(path, model={cls}())")
     try:
         with torch.device("meta"):  # shapes only, no memory
             _check_sizes(path, build_model(card), meta, table)
@@ -139,13 +159,13 @@ def _check_sizes(path: Path, skeleton: SSVIModel, meta: dict[str, Any], table: d
 
 
 def _load_layer(path: Path, name: str, layer: SparseGaussian, record: dict[str, Any],
-                tensors: dict[str, Tensor]) -> set[str]:
+                tensors: dict[str, Tensor], target: str) -> set[str]:
     """Validate one layer's record and tensors and install them; returns the tensor names used."""
     where = f"{path}: layer {name!r}"
     if [int(s) for s in record.get("shape", [])] != list(layer.weight_shape):
-        raise ModelFileError(f"{where} has shape {record.get('shape')}, the architecture needs {list(layer.weight_shape)}")
+        raise ModelFileError(f"{where} has shape {record.get('shape')}, {target} needs {list(layer.weight_shape)}")
     if bool(record.get("bayesian")) != layer.bayesian:
-        raise ModelFileError(f"{where} is {'not ' if layer.bayesian else ''}Bayesian, unlike its architecture")
+        raise ModelFileError(f"{where} is {'not ' if layer.bayesian else ''}Bayesian, unlike that layer of {target}")
     code = record.get("index")
     if code not in INDEX_CODES:
         raise ModelFileError(f"{where} has an unknown index code {code!r}")

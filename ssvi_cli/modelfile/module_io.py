@@ -1,0 +1,129 @@
+"""Saving and loading any converted ``nn.Module`` as a model file (the public ``ssvi_cli.save`` and
+``ssvi_cli.load``).
+
+A file records how to rebuild its model: a ``torchvision:NAME`` architecture rebuilds from the file
+alone (so ``ssvi infer``, ``evaluate`` and ``inspect`` work on it); any other module is recorded as
+``custom:<module>.<class>`` and loads into a model the user builds, ``load(path, model=MyNet())``,
+which is converted to the file's layer structure first when it is still deterministic. Every layer
+and tensor is checked against the model; the first difference is named.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ssvi_cli.core.convert import sparsify
+from ssvi_cli.core.layers import sparse_layers
+from ssvi_cli.data.spec import DataSpec
+from ssvi_cli.modelfile.card import Architecture, ModelCard
+from ssvi_cli.modelfile.header import ModelFileError, read_header
+from ssvi_cli.modelfile.reader import install, read_model_file, read_tensors
+from ssvi_cli.modelfile.writer import sparse_state_keys, write_model_file
+from ssvi_cli.models import TORCHVISION, LayerFactory, check_model_name, torchvision_model
+
+CUSTOM = "custom:"
+
+
+def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = None,
+         input_shape: Optional[Sequence[int]] = None, class_names: Optional[Sequence[str]] = None,
+         mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+         dataset: str = "unspecified", dtype: str = "float32") -> int:
+    """Write ``model`` (converted by :func:`ssvi_cli.sparsify`) as a compact model file, atomically;
+    returns its size in bytes.
+
+    ``architecture``: ``"torchvision:NAME"`` when ``model`` is that torchvision builder's network
+    (checked layer by layer against a fresh build; ``input_shape`` ``(C, H, W)`` is then required),
+    so the file rebuilds without code; ``None`` for any other module, which
+    :func:`load` fills given a model of the same structure. ``class_names`` (default ``"0"``,
+    ``"1"``, ...; their number is the model's output size), ``mean``/``std`` (the input
+    normalisation ``ssvi infer`` applies to images in [0, 1]; default none), ``dataset`` and
+    ``input_shape`` describe the data in the file's model card. ``dtype``: float32, float16 or
+    bfloat16 values.
+    """
+    layers = sparse_layers(model)
+    if not layers:
+        raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
+    bayesian = {layer.bayesian for _, layer in layers}
+    sigma_param = layers[0][1].sigma_param
+    num_classes = len(class_names) if class_names else layers[-1][1].weight_shape[0]
+    shape = tuple(int(s) for s in input_shape) if input_shape is not None else ()
+    if architecture is None:
+        name = f"{CUSTOM}{type(model).__module__}.{type(model).__qualname__}"
+    elif architecture.startswith(TORCHVISION):
+        if len(shape) != 3:
+            raise ValueError(f"architecture={architecture!r} needs input_shape=(C, H, W) to be rebuilt from the file")
+        if len(bayesian) != 1:
+            raise ValueError(f"architecture={architecture!r} rebuilds with every layer Bayesian or none; save a model "
+                             "with deterministic layers without architecture= and load it with model=")
+        check_model_name(architecture)
+        factory = LayerFactory(bayesian=bayesian.pop(), sigma_param=sigma_param)
+        _check_same_structure(_skeleton(architecture, shape, num_classes, factory), model, architecture)
+        name = architecture
+    else:
+        raise ValueError(f"architecture={architecture!r}: give 'torchvision:NAME', or None for any other module")
+    channels = shape[0] if shape else 1
+    spec = DataSpec(dataset, shape, num_classes,  # type: ignore[arg-type]
+                    tuple(class_names) if class_names else tuple(str(i) for i in range(num_classes)),
+                    tuple(float(v) for v in mean) if mean is not None else (0.0,) * channels,
+                    tuple(float(v) for v in std) if std is not None else (1.0,) * channels)
+    card = ModelCard(Architecture(name, (), any(l.bayesian for _, l in layers), sigma_param), spec)
+    return write_model_file(model, Path(path), card, dtype=dtype)  # type: ignore[arg-type]
+
+
+def load(path: str | Path, model: Optional[nn.Module] = None, *, device: str | torch.device = "cpu",
+         kernel: str = "auto") -> nn.Module:
+    """The model of the file at ``path``, in eval mode on ``device``.
+
+    Without ``model`` the file must describe a buildable architecture (ssvi's own or
+    ``torchvision:NAME``). With ``model`` (an instance of the saved module's class, deterministic
+    or already converted) its layers are converted to the file's structure if needed and filled from
+    the file; a layer or tensor that does not match raises :class:`ModelFileError` naming it.
+    """
+    path = Path(path)
+    if model is None:
+        return read_model_file(path, device=device, kernel=kernel).model
+    head = read_header(path)
+    meta = head["meta"]
+    if not sparse_layers(model):
+        records = [r for r in meta["layers"] if isinstance(r, dict)]
+        sparsify(model, structure_only=True, deterministic=[str(r.get("name")) for r in records if not r.get("bayesian")],
+                 sigma_param=str(meta["architecture"].get("sigma_param", "softplus")), kernel=kernel)
+    install(model, path, meta, read_tensors(path), target=f"the {type(model).__name__} passed to load")
+    return model.to(device).eval()
+
+
+def _skeleton(architecture: str, shape: tuple[int, ...], num_classes: int, factory: LayerFactory) -> nn.Module:
+    """The builder's network with empty supports: on the meta device where the builder allows it
+    (RegNets compute their widths with tensor ops and need a real device)."""
+    name = architecture[len(TORCHVISION):]
+    try:
+        with torch.device("meta"):
+            return torchvision_model(name, shape, num_classes, factory)
+    except (NotImplementedError, RuntimeError):
+        return torchvision_model(name, shape, num_classes, factory)
+
+
+def _structure(model: nn.Module) -> list[tuple[str, tuple[int, ...], bool]]:
+    """Sparse layers (name, weight shape, Bayesian) then every other state tensor (name, shape)."""
+    out = [(n, layer.weight_shape, layer.bayesian) for n, layer in sparse_layers(model)]
+    skip = sparse_state_keys(model)
+    out += [(k, tuple(v.shape), False) for k, v in model.state_dict().items() if k not in skip]
+    return out
+
+
+def _check_same_structure(expected: nn.Module, model: nn.Module, architecture: str) -> None:
+    want, have = _structure(expected), _structure(model)
+    for w, h in zip(want, have):
+        if w != h:
+            raise ValueError(f"the model is not {architecture}: it has {h[0]!r} of shape {list(h[1])} where the "
+                             f"builder has {w[0]!r} of shape {list(w[1])}")
+    if len(want) != len(have):
+        longer, which = (want, "builder") if len(want) > len(have) else (have, "model")
+        raise ValueError(f"the model is not {architecture}: the {which} also has {longer[min(len(want), len(have))][0]!r}")
+
+
+__all__ = ["CUSTOM", "ModelFileError", "load", "save"]

@@ -1,0 +1,133 @@
+"""ssvi_cli.save / ssvi_cli.load: any converted module round-trips through the compact file; a
+torchvision network rebuilds from the file alone; a custom one loads into the user's model, and
+every mismatch is named."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import ssvi_cli as ssvi
+from ssvi_cli.cli import run
+from ssvi_cli.core.layers import sparse_layers
+from ssvi_cli.modelfile import read_header
+
+
+class Net(nn.Module):
+    def __init__(self, hidden: int = 32, extra: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 8 * 8, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+        self.scale = nn.Parameter(torch.ones(()))  # a free parameter, not in a Linear/Conv2d
+        if extra:
+            self.aux = nn.Linear(10, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x)))) * self.scale
+
+
+def trained_net(tmp_path):
+    """A converted Net after a few Adam steps (moved values, BatchNorm statistics, a support step)."""
+    net = Net()
+    ssvi.sparsify(net, 0.9, deterministic=["head.3"], dense_first_conv=False)
+    opt = torch.optim.Adam(ssvi.param_groups(net, lr=0.01, lr_sigma=0.01))
+    sub = ssvi.Subspace(net, opt, total_steps=6, delta_t=2)
+    for _ in range(4):
+        x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+        (F.cross_entropy(net(x), y) + ssvi.kl_term(net, n_train=100)).backward()
+        sub.step()
+        opt.zero_grad()
+    sub.remove()
+    assert sub.last_report is not None and sub.last_report.swapped > 0
+    return net.eval()
+
+
+def test_a_custom_module_round_trips_into_a_fresh_instance(tmp_path):
+    net = trained_net(tmp_path)
+    path = tmp_path / "net.safetensors"
+    size = ssvi.save(net, path, class_names=[f"d{i}" for i in range(10)])
+    assert size == path.stat().st_size
+    meta = read_header(path)["meta"]
+    assert meta["architecture"]["name"] == f"custom:{__name__}.Net"
+    assert [r["bayesian"] for r in meta["layers"]] == [True, True, False]
+    x = torch.randn(7, 1, 8, 8)
+    for target in (Net(), None):  # deterministic (converted by load) and already converted
+        if target is None:
+            target = Net()
+            ssvi.sparsify(target, 0.5, deterministic=["head.3"])
+        loaded = ssvi.load(path, model=target)
+        assert loaded is target and not loaded.training
+        assert [(n, l.active) for n, l in sparse_layers(loaded)] == [(n, l.active) for n, l in sparse_layers(net)]
+        for (_, a), (_, b) in zip(sparse_layers(net), sparse_layers(loaded)):
+            assert torch.equal(a.idx, b.idx) and torch.equal(a.mu, b.mu)
+        assert torch.equal(loaded.bn.running_mean, net.bn.running_mean) and loaded.scale.item() == net.scale.item()
+        assert torch.equal(ssvi.predict(net, x, mode="mean").probs, ssvi.predict(loaded, x, mode="mean").probs)
+
+
+def test_loading_into_a_different_module_names_the_first_difference(tmp_path):
+    path = tmp_path / "net.safetensors"
+    ssvi.save(trained_net(tmp_path), path)
+    with pytest.raises(ssvi.ModelFileError, match=r"layer 'head.1' has shape \[32, 512\], the Net passed to load needs \[16, 512\]"):
+        ssvi.load(path, model=Net(hidden=16))
+    with pytest.raises(ssvi.ModelFileError, match="lacks layer 'aux' of the Net passed to load"):
+        ssvi.load(path, model=Net(extra=True))
+    smaller = Net()
+    del smaller.scale
+    with pytest.raises(ssvi.ModelFileError, match=r"holds entries the Net passed to load does not have: \['scale'\]"):
+        ssvi.load(path, model=smaller)
+    bayesian_head = Net()
+    ssvi.sparsify(bayesian_head, 0.5)
+    with pytest.raises(ssvi.ModelFileError, match="'head.3' is not Bayesian, unlike that layer of the Net"):
+        ssvi.load(path, model=bayesian_head)
+
+
+def test_a_custom_file_needs_its_code_and_says_so(tmp_path):
+    path = tmp_path / "net.safetensors"
+    ssvi.save(trained_net(tmp_path), path)
+    with pytest.raises(ssvi.ModelFileError, match=r"ssvi_cli.load\(path, model=Net\(\)\)"):
+        ssvi.load(path)
+    assert run(["infer", str(path), str(tmp_path / "x.npy")]) == 2  # one line, exit 2, not a traceback
+
+
+def test_save_refuses_a_model_it_cannot_describe(tmp_path):
+    with pytest.raises(ValueError, match="convert it with ssvi_cli.sparsify"):
+        ssvi.save(Net(), tmp_path / "a.safetensors")
+    net = torchvision.models.resnet18(num_classes=10)
+    ssvi.sparsify(net, 0.9)
+    with pytest.raises(ValueError, match=r"needs input_shape=\(C, H, W\)"):
+        ssvi.save(net, tmp_path / "a.safetensors", architecture="torchvision:resnet18")
+    with pytest.raises(ValueError, match="the model is not torchvision:resnet34"):
+        ssvi.save(net, tmp_path / "a.safetensors", architecture="torchvision:resnet34", input_shape=(3, 32, 32))
+    with pytest.raises(ValueError, match="the model is not torchvision:resnet18: it has 'fc.weight|fc"):
+        ssvi.save(net, tmp_path / "a.safetensors", architecture="torchvision:resnet18", input_shape=(3, 32, 32),
+                  class_names=["a", "b"])
+    with pytest.raises(ValueError, match="'torchvision:NAME', or None"):
+        ssvi.save(net, tmp_path / "a.safetensors", architecture="resnet18", input_shape=(3, 32, 32))
+    assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_a_torchvision_network_rebuilds_from_the_file_alone(tmp_path):
+    net = torchvision.models.resnet18(num_classes=3)
+    ssvi.sparsify(net, 0.95)
+    net.eval()
+    path = tmp_path / "r.safetensors"
+    ssvi.save(net, path, architecture="torchvision:resnet18", input_shape=(3, 32, 32),
+              class_names=["cat", "dog", "owl"], mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), dataset="pets",
+              dtype="float16")
+    loaded = ssvi.load(path)
+    x = torch.randn(2, 3, 32, 32)
+    assert isinstance(loaded, torchvision.models.ResNet)
+    # float16 values: the mean network agrees to half precision
+    assert torch.allclose(ssvi.predict(net, x, mode="mean").probs, ssvi.predict(loaded, x, mode="mean").probs, atol=2e-2)
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32))
+    assert run(["infer", str(path), str(tmp_path / "x.npy"), "--samples", "2", "--json",
+                "--output", str(tmp_path / "pred.jsonl")]) == 0
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines() if line]
+    assert len(rows) == 2 and all(r["class"] in ("cat", "dog", "owl") for r in rows)
+    assert run(["inspect", str(path), "--json"]) == 0
