@@ -57,6 +57,11 @@ class Subspace:
     for that forward only, by a forward pre-hook), the lowest removal scores are dropped and as many
     positions with the largest |dL/dmu| added, every layer's active count unchanged. The optimizer's
     state of new entries is reset to zero; ``state_dict``/``load_state_dict`` resume the schedule.
+
+    Under ``DistributedDataParallel`` pass the wrapped model: its capture step then runs without
+    DDP's synchronisation and the dense gradients are averaged across ranks before scoring, so every
+    rank picks the same support. Under autocast nothing changes; with a ``GradScaler`` call
+    ``step(scaler)``.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int, *,
@@ -79,27 +84,41 @@ class Subspace:
         self.t = 0
         self.last_report: Optional[SwapReport] = None
         self._captures: list[Any] = []
+        self._forward_only: Optional[Any] = None
         self._hooks = [model.register_forward_pre_hook(self._before_forward),
                        model.register_forward_hook(self._after_forward)]
 
     def _before_forward(self, module: nn.Module, args: Any) -> None:
         if module.training and self.schedule.captures(self.t) and not self._captures:
-            stack = [capturing_dense_grad(self.model)] + ([sampling(self.model, "mean")] if self.addition == "mean" else [])
-            for ctx in stack:
+            # Kept until step(): capture (through backward) and, under DDP, no gradient
+            # synchronisation: no optimizer step follows, mu's gradient comes from the dense leaf
+            # DDP cannot see, and the dense gradients are averaged across ranks by step() itself.
+            self._captures = [capturing_dense_grad(self.model)]
+            if isinstance(module, nn.parallel.DistributedDataParallel):
+                self._captures.append(module.no_sync())
+            for ctx in self._captures:
                 ctx.__enter__()
-            self._captures = stack
+            if self.addition == "mean":  # the forward's sampling mode only
+                self._forward_only = sampling(self.model, "mean")
+                self._forward_only.__enter__()
 
     def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
-        # The sampling mode is the forward's only; capture stays on until backward is done (step()).
-        while len(self._captures) > 1:
-            self._captures.pop().__exit__(None, None, None)
+        if self._forward_only is not None:
+            self._forward_only.__exit__(None, None, None)
+            self._forward_only = None
 
-    def step(self) -> bool:
-        """The optimizer step, or the remove-and-add step in its place; returns True for the latter."""
+    def step(self, scaler: Optional[torch.amp.GradScaler] = None) -> bool:
+        """The optimizer step, or the remove-and-add step in its place; returns True for the latter.
+
+        With mixed precision pass the ``GradScaler``: ``step(scaler)`` then stands for
+        ``scaler.step(optimizer); scaler.update()``, and the captured gradients are unscaled.
+        """
         captured = bool(self._captures)
         if captured:
-            collect_captured(self.model, {}, 1)
-            self._captures.pop().__exit__(None, None, None)
+            scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+            collect_captured(self.model, {}, 1, scale)
+            while self._captures:
+                self._captures.pop().__exit__(None, None, None)
         update = self.schedule.is_update(self.t)
         if update:
             if not captured:
@@ -108,6 +127,9 @@ class Subspace:
             reduce = _rank_mean if torch.distributed.is_available() and torch.distributed.is_initialized() else None
             self.last_report = subspace_step(self.model, self.t, self.schedule, self.criterion,
                                              self.criterion_lambda, self.new_sigma, self.optimizer, reduce)
+        elif scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
         else:
             self.optimizer.step()
         self.t += 1
