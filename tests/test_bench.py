@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
-from ssvi_cli.bench import BENCH_MODELS, BenchOptions, run_bench
+from ssvi_cli.bench import BENCH_MODELS, BenchOptions, check_input, run_bench
 from ssvi_cli.cli import run
+from ssvi_cli.config import ConfigError
 
 TINY = dict(batch_size=4, samples=2, repeats=2, warmup=1, threads=1)
 
@@ -74,3 +75,94 @@ def test_cli_tables(capsys):
 @pytest.mark.parametrize("args", [["--sparsity", "1.5"], ["--sparsity", "x"], ["--model", "nope"]])
 def test_cli_usage_errors(args, capsys):
     assert run(["bench", *args]) == 2
+
+
+# torchvision:NAME, built as `ssvi train --model torchvision:NAME` builds it. squeezenet1_1 at 32x32 is
+# the smallest classifier that runs the whole bench in about two seconds.
+TV_TINY = dict(batch_size=2, samples=1, repeats=1, warmup=0, threads=1, input_size=32)
+
+
+@pytest.fixture(scope="module")
+def squeezenet_result():
+    return run_bench(BenchOptions(model="torchvision:squeezenet1_1", sparsities=(0.9, 0.95), **TV_TINY))
+
+
+def test_torchvision_model_is_benchmarked_as_trained(squeezenet_result):
+    r = squeezenet_result
+    assert r["model"] == r["architecture"] == "torchvision:squeezenet1_1"
+    assert r["recipe"] == "cifar10_resnet18" and r["recipe_delta_t"] == 100 and r["input_shape"] == [3, 32, 32]
+    assert [row["variant"] for row in r["train"]] == ["dense", "vi"] + [
+        f"ssvi {s} {k}" for s in ("0.9", "0.95") for k in ("sparse", "dense", "auto", "subspace")]
+    vi = r["train"][1]
+    # SGD with momentum: after a parameter step every parameter has a gradient and a momentum buffer
+    assert vi["trainable_parts"]["optimizer"] > 0 and vi["trainable_parts"]["grads"] > 0
+    for row in r["train"]:
+        assert row["trainable_bytes"] == sum(row["trainable_parts"].values())
+        assert row["median_ms"] > 0 and row["flops_per_step"] > 0
+    for row in (row for row in r["train"] if row["method"] == "ssvi"):
+        assert row["bytes_vs_vi"] < 1 - row["sparsity"] + 0.01  # the dense 3x3 stem holds 0.2 %
+        assert row["flops_vs_vi"] < 1
+    subspace = [row for row in r["train"] if row["step"] == "subspace"]
+    # a subspace step replaces the optimizer step: no momentum is added, the dense gradient is counted
+    assert all(row["flops_vs_vi"] > next(p for p in r["train"] if p["variant"] == f"ssvi {row['sparsity']:g} auto")
+               ["flops_vs_vi"] for row in subspace)
+    assert [a["sparsity"] for a in r["train_amortised"]] == [0.9, 0.95]
+    json.dumps(r)
+
+
+def test_torchvision_prediction_reads_the_files_back(squeezenet_result):
+    rows = squeezenet_result["predict"]
+    assert [(p["file"], p["sparsity"]) for p in rows] == [("dense BNN", 0.9), ("compact", 0.9),
+                                                          ("dense BNN", 0.95), ("compact", 0.95)]
+    for dense, compact in zip(rows[::2], rows[1::2]):
+        assert compact["file_bytes"] < 0.2 * dense["file_bytes"] and compact["median_ms"] > 0
+
+
+def test_torchvision_defaults_fit_two_cpus():
+    opts = BenchOptions(model="torchvision:resnet50").resolved()
+    assert (opts.input_size, opts.batch_size, opts.repeats, opts.samples, opts.sparsities) == (64, 8, 3, 4, (0.95,))
+    spec = BenchOptions(model="torchvision:resnet50", input_size=48).model_spec()
+    assert spec.input_shape == (3, 48, 48) and spec.name == "torchvision:resnet50"
+    assert BenchOptions(model="mlp").model_spec().input_shape == (1, 28, 28)
+
+
+@pytest.mark.parametrize("name, size, message", [
+    ("torchvision:alexnet", 16, "cannot run on 3x16x16 inputs"),   # pools to nothing
+    ("torchvision:vit_b_16", 64, "cannot run on 3x64x64 inputs"),  # fixed 224x224 patches
+    ("torchvision:googlenet", 64, "returns GoogLeNetOutputs"),     # auxiliary heads in training mode
+    ("lenet5", 8, "cannot run on 1x8x8 inputs"),
+])
+def test_inputs_a_model_cannot_take_are_refused_before_building(name, size, message):
+    with pytest.raises(ConfigError, match=message):
+        check_input(BenchOptions(model=name, input_size=size).model_spec(), 2)
+
+
+@pytest.mark.slow
+def test_resnet50_trainable_state_at_095_is_under_8_percent_of_dense_vi():
+    """The issue's target, from the actual tensors after a step (small inputs: state does not depend on them)."""
+    r = run_bench(BenchOptions(model="torchvision:resnet50", sparsities=(0.95,), batch_size=2, samples=1,
+                               repeats=1, warmup=0, threads=1, input_size=32))
+    auto = next(row for row in r["train"] if row["variant"] == "ssvi 0.95 auto")
+    assert auto["bytes_vs_vi"] <= 0.08
+    assert auto["trainable_parts"]["optimizer"] > 0
+
+
+def test_cli_json_torchvision(capsys):
+    code = run(["bench", "--model", "torchvision:squeezenet1_1", "--sparsity", "0.9", "--batch-size", "2",
+                "--samples", "1", "--repeats", "1", "--warmup", "0", "--threads", "1", "--input-size", "32", "--json"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["architecture"] == "torchvision:squeezenet1_1" and data["input_shape"] == [3, 32, 32]
+    assert len(data["train"]) == 6 and len(data["predict"]) == 2
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "torchvision:resnet5O"], ["unknown torchvision classification model", "did you mean resnet50"]),
+    (["--model", "torchvision:alexnet", "--input-size", "16"], ["cannot run on 3x16x16", "--input-size"]),
+    (["--model", "resnet5"], ["unknown bench model", "torchvision:NAME"]),
+])
+def test_cli_bad_torchvision_model_is_one_line(args, words, capsys):
+    assert run(["bench", *args]) == 2
+    captured = capsys.readouterr()
+    lines = [l for l in captured.err.splitlines() if l.startswith("error")]
+    assert len(lines) == 1 and all(w in lines[0] for w in words) and captured.out == ""

@@ -64,29 +64,31 @@ def predict_table(result: dict[str, Any]) -> Table:
 def register(app: typer.Typer) -> None:
     @app.command()
     def bench(
-        model: Annotated[str, typer.Option(help="mlp (784-1024-1024-10), lenet5 or resnet18.")] = "mlp",
-        sparsity: Annotated[Optional[str], typer.Option(help="Comma-separated sparsities (default 0.9,0.95,0.98; resnet18: 0.95).")] = None,
-        batch_size: Annotated[Optional[int], typer.Option(min=1, help="Minibatch size (default 256; resnet18: 16).")] = None,
-        samples: Annotated[Optional[int], typer.Option(min=1, help="Monte Carlo draws per prediction (default 16; resnet18: 4).")] = None,
-        repeats: Annotated[Optional[int], typer.Option(min=1, help="Timed repeats per variant (default 10; resnet18: 3).")] = None,
+        model: Annotated[str, typer.Option(help="mlp (784-1024-1024-10), lenet5, resnet18, or torchvision:NAME (any torchvision classifier, built as ssvi train builds it).")] = "mlp",
+        sparsity: Annotated[Optional[str], typer.Option(help="Comma-separated sparsities (default 0.9,0.95,0.98; resnet18 and torchvision: 0.95).")] = None,
+        batch_size: Annotated[Optional[int], typer.Option(min=1, help="Minibatch size (default 256; resnet18: 16; torchvision: 8).")] = None,
+        samples: Annotated[Optional[int], typer.Option(min=1, help="Monte Carlo draws per prediction (default 16; resnet18 and torchvision: 4).")] = None,
+        repeats: Annotated[Optional[int], typer.Option(min=1, help="Timed repeats per variant (default 10; resnet18 and torchvision: 3).")] = None,
+        input_size: Annotated[Optional[int], typer.Option(min=1, help="Height and width of the synthetic inputs (default: 28 for mlp and lenet5, 32 for resnet18, 64 for torchvision).")] = None,
         threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: torch's current setting).")] = None,
         warmup: Annotated[int, typer.Option(min=0, help="Untimed warm-up runs per variant.")] = 2,
         device: Annotated[str, typer.Option(help="cpu or cuda (timings synchronise the GPU around every run).")] = "cpu",
         json_out: Annotated[bool, typer.Option("--json", help="Print the full result as JSON only.")] = False,
     ) -> None:
         """Time training steps and MC prediction of SSVI against dense VI, side by side, and measure memory."""
-        from ssvi_cli.bench import BENCH_MODELS, BenchOptions, run_bench
+        from ssvi_cli.bench import BenchOptions, check_input, run_bench
 
         check_device(device)
-        if model not in BENCH_MODELS:
-            raise UsageError(f"unknown --model {model!r}; valid names are: {', '.join(BENCH_MODELS.names())}")
         opts = BenchOptions(model=model, sparsities=parse_sparsities(sparsity) if sparsity else None,
                             batch_size=batch_size, samples=samples, repeats=repeats, threads=threads,
-                            warmup=warmup, device=device)
+                            input_size=input_size, warmup=warmup, device=device)
         resolved = opts.resolved()
+        spec = resolved.model_spec()
+        check_input(spec, resolved.batch_size)
         if not json_out:
-            note = BENCH_MODELS.get(model).note
-            err.print(f"ssvi bench: {model}, batch {resolved.batch_size}, S={resolved.samples}, "
+            note = spec.note
+            err.print(f"ssvi bench: {model}, {resolved.input_size}x{resolved.input_size} inputs, "
+                      f"batch {resolved.batch_size}, S={resolved.samples}, "
                       f"{resolved.repeats} repeats, {resolved.threads} thread(s), device {device}" + (f"\n{note}" if note else ""))
         result = run_bench(opts, on_progress=None if json_out else (lambda msg: err.print(f"  {msg}")))
         if json_out:
@@ -95,7 +97,9 @@ def register(app: typer.Typer) -> None:
         m = result["machine"]
         out.print(f"[bold]ssvi bench --model {model}[/]  cpu: {m['cpu']} ({m['logical_cpus']} logical CPUs), "
                   f"threads {result['threads']}, device {result['device']}, torch {m['torch']}")
-        out.print(f"data: {result['data']}; batch {result['batch_size']}, medians of {result['repeats']} "
+        out.print(f"model: {result['architecture']}, the {result['recipe']} preset's recipe", markup=False)
+        shape = "x".join(map(str, result["input_shape"]))
+        out.print(f"data: {result['data']}, {shape}; batch {result['batch_size']}, medians of {result['repeats']} "
                   f"interleaved repeats after {result['warmup']} warm-up runs")
         out.print(train_table(result))
         out.print(amortised_table(result))
