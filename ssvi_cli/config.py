@@ -54,6 +54,9 @@ class DataConfig:
     channels: int = 3
     mean: Optional[tuple[float, ...]] = None
     std: Optional[tuple[float, ...]] = None
+    # Train on these classes only (default: all), by index or name, relabelled 0..k-1 in this order;
+    # the others are held out (`ssvi evaluate --ood heldout`). Resolved against the dataset in data/.
+    classes: Optional[tuple[str, ...]] = None
 
 
 @dataclass(frozen=True)
@@ -308,6 +311,8 @@ def validate(cfg: Config) -> None:
         ("data.mean", d.mean is None or len(d.mean) == d.channels, f"{d.channels} numbers, one per channel"),
         ("data.std", d.std is None or (len(d.std) == d.channels and min(d.std) > 0),
          f"{d.channels} positive numbers, one per channel"),
+        ("data.classes", d.classes is None or (len(d.classes) >= 2 and len(set(d.classes)) == len(d.classes)),
+         "at least two distinct classes, by index or name (e.g. 0,1,2,3,4)"),
         ("model.widths", all(w >= 1 for w in cfg.model.widths), "positive integers"),
     ]
     for key, ok, rule in checks:

@@ -103,6 +103,45 @@ def test_spec_from_dict_rejects_unknown_keys():
         DataSpec.from_dict({**get_spec("digits").to_dict(), "extra": 1})
 
 
+def test_spec_of_a_class_subset_round_trips_and_older_specs_still_load():
+    from ssvi_cli.config import DataConfig
+
+    spec = get_spec("digits", DataConfig(classes=("7", "2")))
+    assert (spec.num_classes, spec.class_names, spec.held_out_classes[:2]) == (2, ("7", "2"), ("0", "1"))
+    assert DataSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    full = get_spec("digits").to_dict()
+    assert "dataset_classes" not in full  # a model of all the classes is described as before
+    assert DataSpec.from_dict(full).dataset_classes == () and DataSpec.from_dict(full).held_out_classes == ()
+
+
+def test_classes_keep_part_of_every_split_relabelled_in_the_order_given(digits):
+    from ssvi_cli.config import DataConfig
+
+    part = build_dataset("digits", seed=0, options=DataConfig(classes=("7", "2", "5")))
+    assert part.spec.class_names == ("7", "2", "5") and part.spec.num_classes == 3
+    _, test_y = _stack(digits.test)
+    x, y = _stack(part.test)
+    for new, old in enumerate((7, 2, 5)):  # label `new` holds exactly the test images of digit `old`
+        assert _rows(x[y == new]) == _rows(_stack(digits.test)[0][test_y == old])
+    for split in (part.train, part.val):
+        assert set(_stack(split)[1].tolist()) == {0, 1, 2}
+    held, held_y = _stack(part.heldout)
+    assert len(held) == int((~torch.isin(test_y, torch.tensor([7, 2, 5]))).sum()) and set(held_y.tolist()) == {-1}
+    assert digits.heldout is None
+
+
+def test_classes_by_name_or_index_on_torchvision_files(tv_root):
+    from ssvi_cli.config import DataConfig
+
+    root = tv_root("fashion-mnist")
+    splits = build_dataset("fashion-mnist", data_dir=root, options=DataConfig(classes=("Bag", "0")))
+    assert splits.spec.class_names == ("Bag", "T-shirt/top")
+    assert len(splits.test) == 4 and len(splits.heldout) == 16  # labels i % 10 over 20 test images
+    with pytest.raises(DataError, match=r"'Shoe' is not a class of fashion-mnist; valid are indices 0..9 or the "
+                                        r"class names \(T-shirt/top, Trouser"):
+        get_spec("fashion-mnist", DataConfig(classes=("Bag", "Shoe")))
+
+
 def test_default_data_dir_is_under_user_cache():
     assert default_data_dir() == Path.home() / ".cache" / "ssvi" / "data"
 

@@ -118,6 +118,20 @@ def test_spec_is_known_from_a_scan_without_decoding(ws):
     assert spec.class_names == ("one", "zero") and spec.num_classes == 2 and spec.name.endswith("badimage")
 
 
+def test_classes_by_folder_name_or_index_and_evaluate_rebuilds_them_from_the_spec(ws):
+    from ssvi_cli.data import data_config_for
+
+    name = f"imagefolder:{ws / 'flat'}"
+    full = build_dataset(name, options=SMALL, seed=0)
+    part = build_dataset(name, options=DataConfig(image_size=8, channels=1, classes=("zero", "0")), seed=0)
+    assert part.spec.class_names == ("zero", "one") and part.spec.dataset_classes == SORTED
+    assert len(part.test) + len(part.heldout) == len(full.test) == 7
+    assert torch.equal(part.test.images, full.test.images[full.test.labels != 1])  # "two" held out
+    again = build_dataset(name, options=data_config_for(part.spec), seed=0)  # what evaluate does
+    assert again.spec.class_names == part.spec.class_names and torch.equal(again.test.images, part.test.images)
+    assert torch.equal(again.test.labels, part.test.labels) and torch.equal(again.heldout.images, part.heldout.images)
+
+
 def test_a_class_left_without_training_images_is_an_error(ws):
     with pytest.raises(DataError, match="too few to keep one for training at test_fraction=0.9"):
         build_dataset(f"imagefolder:{ws / 'mismatch' / 'train'}", options=DataConfig(test_fraction=0.9))

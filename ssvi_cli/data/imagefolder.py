@@ -219,12 +219,14 @@ def folder_source(argument: str, options: Optional[DataConfig] = None) -> Datase
 
 
 def data_config_for(spec: DataSpec, recorded: Optional[dict[str, Any]] = None) -> DataConfig:
-    """Data options that rebuild a trained model's inputs: size, channels and normalisation from its
-    ``spec``, the test share from the ``recorded`` training data config (for ``ssvi evaluate``)."""
+    """Data options that rebuild a trained model's inputs: size, channels, normalisation and the kept
+    classes (by name, in label order) from its ``spec``, the test share from the ``recorded``
+    training data config (for ``ssvi evaluate``)."""
     recorded = recorded or {}
     c, h, _ = spec.input_shape
     return replace(DataConfig(), image_size=h, channels=c, mean=tuple(spec.mean), std=tuple(spec.std),
-                   test_fraction=float(recorded.get("test_fraction", DataConfig.test_fraction)))
+                   test_fraction=float(recorded.get("test_fraction", DataConfig.test_fraction)),
+                   classes=tuple(spec.class_names) if spec.dataset_classes else None)
 
 
 DATASET_FAMILIES.add(FAMILY, folder_source)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ssvi_cli.config import DataConfig
+from ssvi_cli.data.classes import resolve_classes, restrict_spec
 from ssvi_cli.data.spec import DataError, DatasetUnavailable, DataSpec, RawImages
 from ssvi_cli.data.transforms import random_crop_flip
 from ssvi_cli.registry import Registry, UnknownName
@@ -225,15 +226,20 @@ def source(name: str, options: Optional[DataConfig] = None) -> DatasetSource:
 
 
 def check_dataset_name(name: str, options: Optional[DataConfig] = None) -> None:
-    """Fail now, with the valid names, on a name that cannot be resolved; an image folder is scanned
-    (its folders listed, no image opened) so a wrong path fails before any work."""
-    source(name, options)
+    """Fail now, with the valid names, on a name that cannot be resolved or on ``data.classes`` that
+    are not the dataset's; an image folder is scanned (its folders listed, no image opened) so a
+    wrong path fails before any work."""
+    get_spec(name, options)
 
 
 def get_spec(name: str, options: Optional[DataConfig] = None) -> DataSpec:
-    """The dataset's spec (shapes, classes, normalisation) without loading any data (an image
-    folder's measured normalisation comes with ``build_dataset``)."""
-    return source(name, options).spec
+    """The dataset's spec (shapes, classes, normalisation) without loading any data, restricted to
+    ``options.classes`` when given (an image folder's measured normalisation comes with
+    ``build_dataset``)."""
+    spec = source(name, options).spec
+    if options is not None and options.classes is not None:
+        spec = restrict_spec(spec, resolve_classes(options.classes, spec.class_names, name))
+    return spec
 
 
 def read_split(entry: DatasetSource, name: str, *, data_dir: Path | None = None, download: bool = False,

@@ -4,6 +4,7 @@ errors every data module raises."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -20,7 +21,12 @@ class DatasetUnavailable(DataError):
 @dataclass(frozen=True)
 class DataSpec:
     """What a model needs to know about its data: shapes, classes, normalisation and the raw pixel
-    range of the dataset's own arrays (``[0, pixel_max]``: 255 for 8-bit images, 16 for the digits)."""
+    range of the dataset's own arrays (``[0, pixel_max]``: 255 for 8-bit images, 16 for the digits).
+
+    A model trained on part of a dataset's classes (``data.classes``) has ``class_names`` = the kept
+    classes in label order and ``dataset_classes`` = all the dataset's classes, so the held-out ones
+    are known from the spec alone; ``dataset_classes`` is empty when every class was kept.
+    """
 
     name: str
     input_shape: tuple[int, int, int]
@@ -29,17 +35,29 @@ class DataSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     pixel_max: float = 255.0
+    dataset_classes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
-        """JSON-serialisable form (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """JSON-serialisable form (tuples become lists); an empty ``dataset_classes`` is left out, so a
+        model of all the classes is described as before the field existed."""
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if not self.dataset_classes:
+            del d["dataset_classes"]
+        return d
+
+    @property
+    def held_out_classes(self) -> tuple[str, ...]:
+        """The dataset's classes the model was not trained on (empty for a model of all of them)."""
+        kept = set(self.class_names)
+        return tuple(c for c in self.dataset_classes if c not in kept)
 
     @classmethod
     def from_dict(cls, d: dict) -> DataSpec:
-        """Inverse of :meth:`to_dict`; unknown or missing keys raise DataError (``pixel_max`` may be
-        absent, as in files written before it was recorded: 255)."""
+        """Inverse of :meth:`to_dict`; unknown or missing keys raise DataError (``pixel_max`` and
+        ``dataset_classes`` may be absent, as in files written before they were recorded: 255, and a
+        model of all the classes)."""
         expected = {"name", "input_shape", "num_classes", "class_names", "mean", "std"}
-        if set(d) - {"pixel_max"} != expected:
+        if set(d) - {"pixel_max", "dataset_classes"} != expected:
             raise DataError(
                 f"data spec keys {sorted(d)} do not match the expected {sorted(expected)}; "
                 "the file was written by an incompatible version"
@@ -52,17 +70,20 @@ class DataSpec:
             mean=tuple(float(v) for v in d["mean"]),
             std=tuple(float(v) for v in d["std"]),
             pixel_max=float(d.get("pixel_max", 255.0)),
+            dataset_classes=tuple(str(v) for v in d.get("dataset_classes", ())),
         )
 
 
 @dataclass
 class DataSplits:
-    """Train (maybe augmented), validation (carved from train) and official test datasets."""
+    """Train (maybe augmented), validation (carved from train) and official test datasets; with
+    ``data.classes``, ``heldout`` holds the official test images of the classes left out (label -1)."""
 
     train: Dataset
     val: Dataset
     test: Dataset
     spec: DataSpec
+    heldout: Optional[Dataset] = None
 
 
 @dataclass(frozen=True)

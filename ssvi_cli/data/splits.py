@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ssvi_cli.config import DataConfig
+from ssvi_cli.data.classes import resolve_classes, restrict_spec, split_classes
 from ssvi_cli.data.sources import read_split, source
 from ssvi_cli.data.spec import DataError, DataSplits, RawImages
 from ssvi_cli.data.transforms import TensorImageDataset
@@ -68,7 +69,9 @@ def build_dataset(
 
     ``max_train`` caps the train split (seeded); val is then capped in the same proportion
     ``val_fraction / (1 - val_fraction)`` so quick runs stay quick. ``options`` (the data config)
-    sizes and normalises a parameterised source such as ``imagefolder:PATH``.
+    sizes and normalises a parameterised source such as ``imagefolder:PATH``, and its ``classes``
+    keep part of the classes in every split (``data/classes.py``), the rest of the test split
+    becoming ``heldout``.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -78,15 +81,22 @@ def build_dataset(
     train_raw = read_split(entry, name, data_dir=data_dir, download=download, train=True)
     test_raw = read_split(entry, name, data_dir=data_dir, download=download, train=False)
     spec = replace(entry.spec, class_names=train_raw.class_names)
-    if entry.complete_spec is not None:
-        spec = entry.complete_spec(spec, train_raw)
     if spec.num_classes != len(spec.class_names):
         raise DataError(
             f"{name} files list {len(spec.class_names)} classes, expected {spec.num_classes}; "
             "the files under the data directory are not the original dataset"
         )
+    wanted = options.classes if options is not None else None
+    kept = None if wanted is None else resolve_classes(wanted, spec.class_names, name)
+    heldout = None
+    if kept is not None:  # every split keeps the listed classes, relabelled 0..k-1
+        spec = restrict_spec(spec, kept)
+        train_raw, _ = split_classes(train_raw, kept)
+        test_raw, heldout = split_classes(test_raw, kept)
+    if entry.complete_spec is not None:
+        spec = entry.complete_spec(spec, train_raw)
     if entry.load_val is not None:
-        val_raw = entry.load_val()
+        val_raw = entry.load_val() if kept is None else split_classes(entry.load_val(), kept)[0]
         train_idx, val_idx = torch.arange(len(train_raw.labels)), torch.arange(len(val_raw.labels))
     else:
         val_raw = train_raw
@@ -104,6 +114,8 @@ def build_dataset(
         val=subset(val_raw, val_idx, None),
         test=TensorImageDataset(test_raw.images, test_raw.labels, spec, indices=test_all),
         spec=spec,
+        heldout=None if heldout is None else
+        TensorImageDataset(heldout, torch.full((len(heldout),), -1, dtype=torch.long), spec),
     )
     logger.info(
         "%s: %d train, %d val, %d test", name, len(splits.train), len(splits.val), len(splits.test)
