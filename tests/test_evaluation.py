@@ -11,6 +11,7 @@ import torch
 
 from ssvi_cli import config as C
 from ssvi_cli.evaluation import evaluator as E
+from ssvi_cli.evaluation.ood_sets import load_ood
 from ssvi_cli.modelfile import Training
 from ssvi_cli import metrics as M
 from ssvi_cli.data import DataError, DatasetUnavailable, get_spec
@@ -207,15 +208,24 @@ def test_dataset_with_other_shape_is_refused_with_a_hint(run):
 def test_ood_shapes_that_cannot_be_reconciled_are_named():
     two_channel = replace(get_spec("digits"), input_shape=(2, 8, 8), mean=(0.3, 0.3), std=(0.4, 0.4))
     with pytest.raises(DataError, match=r"OOD set sklearn-photos cannot be converted .*\(2, 8, 8\).*3-channel"):
-        E.load_ood("sklearn-photos", two_channel, None, False, 0, 20)
+        load_ood("sklearn-photos", two_channel, None, False, 0, 20)
     # The same set converts to a gray 8x8 model (luminance + resize).
-    assert E.load_ood("sklearn-photos", get_spec("digits"), None, False, 0, 20).images.shape == (20, 1, 8, 8)
+    assert load_ood("sklearn-photos", get_spec("digits"), None, False, 0, 20).images.shape == (20, 1, 8, 8)
 
 
 def test_missing_torchvision_data_offline_says_how_to_get_it(run, tmp_path):
     _, loaded = run
     with pytest.raises(DatasetUnavailable, match="--download"):
         E.load_eval_data(loaded.spec, loaded.card.training, ood=("svhn",), data_dir=tmp_path)
+
+
+def test_a_class_subset_is_rebuilt_from_the_spec_alone(tmp_path):
+    loaded = _train(tmp_path / "part", **{"data.classes": ("3", "8"), "train.epochs": 1})
+    data = E.load_eval_data(loaded.spec, Training(), ood=("heldout",), ood_max_items=None)  # no training config
+    assert loaded.spec.class_names == ("3", "8") and set(data.inputs.labels.tolist()) == {0, 1}
+    assert len(data.inputs) + len(data.ood["heldout"]) == 360
+    with pytest.raises(DataError, match="is given twice with different folders"):
+        E.load_eval_data(loaded.spec, Training(), ood=("mnist=/a", "mnist=/b"))
 
 
 def test_duplicate_ood_names_are_evaluated_once(run):

@@ -1,10 +1,23 @@
-"""Out-of-distribution sets, converted to an in-distribution spec; every item is (x, -1)."""
+"""Out-of-distribution sets, converted to an in-distribution spec; every item is (x, -1).
+
+What an ``--ood`` value names (:func:`parse_ood`), checked in this order:
+
+* ``heldout``: the test images of the classes a model was not trained on (``data.classes``);
+* a registered name (:data:`OOD_SETS`): ``noise``, ``sklearn-photos`` or a torchvision set read
+  from the evaluation's data directory;
+* ``NAME=DIR``: the registered torchvision set ``NAME`` read from its own folder ``DIR``;
+* a path: a value holding a path separator, ending in ``.npy`` or naming an existing file or
+  folder: a folder of images (recursive) or a ``.npy`` array of the user's own inputs. A path that
+  looks like a name is written ``./noise``.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -85,6 +98,62 @@ for _name in DATASETS:
 def ood_names() -> list[str]:
     """Registered out-of-distribution set names."""
     return OOD_SETS.names()
+
+
+HELDOUT = "heldout"
+FOLDER_SETS = tuple(name for name in OOD_SETS if name in DATASETS)  # the ones NAME=DIR can read
+ARRAY_SUFFIX = ".npy"
+_FORMS = (f"{HELDOUT}, NAME=DIR (NAME one of {', '.join(FOLDER_SETS)}) or a PATH (a folder of images or a "
+          f"{ARRAY_SUFFIX} array; write ./NAME for a path that looks like a name)")
+
+
+@dataclass(frozen=True)
+class OodRequest:
+    """One ``--ood`` value, resolved: ``kind`` is ``set`` (the registered ``name``, read from
+    ``data_dir`` when given: ``NAME=DIR``), ``heldout`` or ``path``. ``label`` names the set in
+    reports: the value as given, or ``NAME`` for ``NAME=DIR``."""
+
+    label: str
+    kind: str
+    name: Optional[str] = None
+    data_dir: Optional[Path] = None
+    path: Optional[Path] = None
+
+
+def _looks_like_path(text: str) -> bool:
+    separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return (any(sep in text for sep in separators) or text.lower().endswith(ARRAY_SUFFIX)
+            or Path(text).expanduser().exists())
+
+
+def parse_ood(text: str) -> OodRequest:
+    """What the ``--ood`` value ``text`` names (module docstring); a path must exist and be a folder
+    or a ``.npy`` file. Anything else raises a one-line :class:`DataError` naming the valid forms."""
+    text = str(text).strip()
+    if text == HELDOUT:
+        return OodRequest(text, HELDOUT)
+    if text in OOD_SETS:
+        return OodRequest(text, "set", name=text)
+    name, sep, folder = text.partition("=")
+    if sep and not _looks_like_path(name) and not Path(text).expanduser().exists():
+        if name not in FOLDER_SETS:
+            known = name in OOD_SETS or name == HELDOUT
+            raise (DataError if known else UnknownDataset)(
+                f"--ood {text}: {f'{name} is not read from a folder' if known else f'unknown OOD set {name!r}'}; "
+                f"NAME=DIR takes one of {', '.join(FOLDER_SETS)}")
+        if not folder.strip():
+            raise DataError(f"--ood {text}: give the folder after '=', e.g. --ood {name}=/data/{name}")
+        return OodRequest(name, "set", name=name, data_dir=Path(folder.strip()).expanduser())
+    if _looks_like_path(text):
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise DataError(f"--ood {text}: no such file or folder; a path must be a folder of images or a "
+                            f"{ARRAY_SUFFIX} array")
+        if not path.is_dir() and path.suffix.lower() != ARRAY_SUFFIX:
+            raise DataError(f"--ood {text}: a file must be a {ARRAY_SUFFIX} array; pass the folder that holds "
+                            "the images")
+        return OodRequest(text, "path", path=path)
+    raise UnknownDataset(f"{OOD_SETS.unknown_message(text)}; or {_FORMS}")
 
 
 def build_ood(

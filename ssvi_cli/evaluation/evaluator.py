@@ -24,9 +24,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ssvi_cli import metrics as M
-from ssvi_cli.data import (OOD_SETS, DataError, DataSpec, build_dataset, check_dataset_name, data_config_for,
-                           get_spec)
-from ssvi_cli.data.ood import build_ood, ood_names
+from ssvi_cli.data import DataError, DataSpec, build_dataset, check_dataset_name, data_config_for, get_spec
+from ssvi_cli.data.ood import ood_names
+from ssvi_cli.evaluation.ood_sets import load_requests, resolve_requests
 from ssvi_cli.modelfile import ModelCard, Training
 from ssvi_cli.prediction import MODES, is_bayesian, predict_loader
 
@@ -142,17 +142,16 @@ def load_eval_data(
     """Load the split to evaluate (default: the model's own dataset) and every OOD set.
 
     ``val`` is the training-time validation split: the same ``val_fraction``, ``max_train`` and
-    seed as the training config recorded in ``training``. Every name is checked before any file is
-    read, so a typo fails at once with the list of valid names.
+    seed as the training config recorded in ``training``. A model trained on part of the classes
+    is evaluated on those classes, and ``ood`` may ask for the others (``heldout``); its values may
+    also be ``NAME=DIR`` or a path (``data.ood.parse_ood``). Every name and path is checked before
+    any file is read, so a typo fails at once with the list of valid names.
     """
     name = dataset or model_spec.name
     check_dataset_name(name, data_config_for(model_spec))
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; valid splits are: {', '.join(SPLITS)}")
-    for ood_name in ood:
-        OOD_SETS.get(ood_name)
-        if ood_name == name:
-            raise DataError(f"--ood {ood_name} is the in-distribution dataset itself; pick another OOD set")
+    requests = resolve_requests(ood, model_spec, name)
     _check_compatible(name, get_spec(name, data_config_for(model_spec)), model_spec)
 
     settings, train_seed = _training_data_settings(training)
@@ -166,26 +165,8 @@ def load_eval_data(
         seed=int(train_seed or 0), augment=False, max_train=settings.get("max_train"),
         options=data_config_for(model_spec, settings),
     )
-    ood_sets = {n: load_ood(n, model_spec, root, download, seed, ood_max_items) for n in dict.fromkeys(ood)}
+    ood_sets = load_requests(requests, model_spec, root, download, seed, ood_max_items, splits.heldout)
     return EvalData(dataset=name, split=split, inputs=getattr(splits, split), ood=ood_sets)
-
-
-def load_ood(name: str, spec: DataSpec, root: Optional[Path], download: bool, seed: int,
-              max_items: Optional[int] = OOD_MAX_ITEMS) -> Dataset:
-    """One OOD set shaped like ``spec``'s inputs; says so when its images cannot be converted."""
-    from ssvi_cli.data import DatasetUnavailable
-
-    try:
-        ds = build_ood(name, spec, data_dir=root, download=download, seed=seed, max_items=max_items)
-    except DatasetUnavailable:
-        raise
-    except DataError as exc:
-        raise DataError(f"OOD set {name} cannot be converted to the model's input {spec.input_shape}: {exc}") from exc
-    shape = tuple(ds.images.shape[1:])
-    if shape != tuple(spec.input_shape):
-        raise DataError(f"OOD set {name} yields images shaped {shape}, the model takes {spec.input_shape}; "
-                        "the shapes cannot be reconciled")
-    return ds
 
 
 # --------------------------------------------------------------------------- prediction

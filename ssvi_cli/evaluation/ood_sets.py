@@ -1,0 +1,157 @@
+"""The OOD sets of one evaluation, each shaped and normalised like the model's inputs and yielding
+(x, -1): registered sets (from the data directory, or ``NAME=DIR`` from their own folder), the
+held-out classes of the in-distribution dataset (``heldout``), and the user's own inputs (``PATH``).
+
+A user's path is read as ``ssvi infer`` reads inputs: image files of any size and mode, found
+recursively in a folder (hidden files and folders skipped), or one ``.npy`` array shaped
+(N, H, W), (N, C, H, W) or (N, H, W, C) with C in 1, 3, 4 (a 4-D array is channels-first when its
+second axis is 1, 3 or 4). Pixels are uint8 0..255 (other integer types in that range too), float
+in [0, 1], or, for a model whose data spec records another raw range ``[0, pixel_max]`` (the
+digits' 0..16), values in that range with a maximum above 1. Every set holds at most ``max_items``
+items, drawn with ``seed`` before anything is decoded.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ssvi_cli.data import DataError, DatasetUnavailable, DataSpec, PreparedDataset, preprocess
+from ssvi_cli.data.ood import ARRAY_SUFFIX, HELDOUT, OodRequest, build_ood, parse_ood
+from ssvi_cli.evaluation.infer import IMAGE_SUFFIXES, array_to_images, load_image
+
+logger = logging.getLogger(__name__)
+
+ARRAY_SHAPES = "(N, H, W), (N, C, H, W) or (N, H, W, C) with C in 1, 3, 4"
+
+
+def _retrain_hint(spec: DataSpec) -> str:
+    return f"train with --set data.classes=0,1,2,3,4 (indices or names of {spec.name}'s classes) and evaluate that model"
+
+
+def check_heldout(spec: DataSpec) -> None:
+    """``--ood heldout`` needs a model trained on part of its dataset's classes."""
+    if not spec.dataset_classes:
+        raise DataError(f"--ood {HELDOUT}: the model was trained on all {spec.num_classes} classes of {spec.name}, "
+                        f"so none is held out; {_retrain_hint(spec)}")
+    if not spec.held_out_classes:
+        raise DataError(f"--ood {HELDOUT}: the model's data.classes list every class of {spec.name}, so none is "
+                        "held out; train on fewer classes")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder``, recursively and sorted; none is an error."""
+    visible = lambda p: not any(part.startswith(".") for part in p.relative_to(folder).parts)  # noqa: E731
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and visible(p))
+    if not files:
+        raise DataError(f"--ood {folder}: the folder holds no images ({', '.join(IMAGE_SUFFIXES)}); pass a folder "
+                        f"of images or a {ARRAY_SUFFIX} array")
+    return files
+
+
+def resolve_requests(texts: Iterable[str], spec: DataSpec, dataset: str) -> dict[str, OodRequest]:
+    """Every ``--ood`` value parsed and checked before any data is read, by label (repeats once)."""
+    requests: dict[str, OodRequest] = {}
+    for text in texts:
+        request = OodRequest(text, "set", name=text) if text == dataset else parse_ood(text)
+        if request.name == dataset:
+            raise DataError(f"--ood {text} is the in-distribution dataset itself; pick another OOD set"
+                            + (f", or --ood {HELDOUT} for the classes the model was not trained on"
+                               if spec.held_out_classes else ""))
+        if request.kind == HELDOUT:
+            check_heldout(spec)
+        elif request.kind == "path" and request.path is not None and request.path.is_dir():
+            image_files(request.path)
+        if requests.get(request.label, request) != request:
+            raise DataError(f"--ood {request.label} is given twice with different folders; give it once")
+        requests[request.label] = request
+    return requests
+
+
+def _choose(n: int, seed: int, max_items: Optional[int]) -> np.ndarray:
+    """Sorted positions of at most ``max_items`` of ``n`` items, drawn with ``seed``."""
+    if max_items is None or n <= max_items:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_items, replace=False))
+
+
+def folder_images(folder: Path, spec: DataSpec, seed: int, max_items: Optional[int]) -> torch.Tensor:
+    """The images of ``folder`` (at most ``max_items``), each brought to ``spec``'s input."""
+    files = image_files(folder)
+    chosen = [files[i] for i in _choose(len(files), seed, max_items)]
+    logger.info("decoding %d images of %s", len(chosen), folder)
+    return torch.cat([_prepared(load_image(path), spec, str(path)) for path in chosen])
+
+
+def array_images(path: Path, spec: DataSpec, seed: int, max_items: Optional[int]) -> torch.Tensor:
+    """The images of the ``.npy`` array at ``path`` (at most ``max_items``), brought to ``spec``'s input."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"--ood {path}: not a readable {ARRAY_SUFFIX} array ({reason})") from None
+    shape = tuple(arr.shape)
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    elif arr.ndim == 4 and arr.shape[1] not in (1, 3, 4) and arr.shape[-1] in (1, 3, 4):
+        arr = arr.transpose(0, 3, 1, 2)
+    if arr.ndim != 4 or arr.shape[1] not in (1, 3, 4) or 0 in arr.shape:
+        raise DataError(f"--ood {path}: array of shape {shape}; expected {ARRAY_SHAPES}")
+    arr = arr[_choose(len(arr), seed, max_items)]
+    return _prepared(array_to_images(arr, f"--ood {path}", spec.input_shape[0], spec.pixel_max), spec, f"--ood {path}")
+
+
+def _prepared(pixels: torch.Tensor, spec: DataSpec, name: str) -> torch.Tensor:
+    try:
+        return preprocess(pixels, spec)
+    except DataError as exc:
+        raise DataError(f"{name}: {exc}") from None
+
+
+def heldout_images(heldout: Optional[Dataset], spec: DataSpec, seed: int, max_items: Optional[int]) -> torch.Tensor:
+    """The held-out classes' test images (at most ``max_items``), normalised like the test split."""
+    check_heldout(spec)
+    images = getattr(heldout, "images", None)
+    if images is None or len(images) == 0:
+        raise DataError(f"--ood {HELDOUT}: the test split of {spec.name} holds no images of the held-out classes "
+                        f"({', '.join(spec.held_out_classes)})")
+    return preprocess(images[torch.from_numpy(_choose(len(images), seed, max_items))], spec)
+
+
+def load_ood(request: OodRequest | str, spec: DataSpec, root: Optional[Path], download: bool, seed: int,
+             max_items: Optional[int], heldout: Optional[Dataset] = None) -> PreparedDataset:
+    """One OOD set shaped like ``spec``'s inputs (``root``: the data directory of registered sets,
+    ``heldout``: the in-distribution data's held-out test images); says so when its images cannot be
+    converted."""
+    request = parse_ood(request) if isinstance(request, str) else request
+    if request.kind == HELDOUT:
+        return PreparedDataset(heldout_images(heldout, spec, seed, max_items))
+    if request.kind == "path" and request.path is not None:
+        read = folder_images if request.path.is_dir() else array_images
+        return PreparedDataset(read(request.path, spec, seed, max_items))
+    name = str(request.name)
+    try:
+        ds = build_ood(name, spec, data_dir=request.data_dir or root, download=download, seed=seed,
+                       max_items=max_items)
+    except DatasetUnavailable:
+        raise
+    except DataError as exc:
+        raise DataError(f"OOD set {name} cannot be converted to the model's input {spec.input_shape}: {exc}") from exc
+    shape = tuple(ds.images.shape[1:])
+    if shape != tuple(spec.input_shape):
+        raise DataError(f"OOD set {name} yields images shaped {shape}, the model takes {spec.input_shape}; "
+                        "the shapes cannot be reconciled")
+    return ds
+
+
+def load_requests(requests: dict[str, OodRequest], spec: DataSpec, root: Optional[Path], download: bool,
+                  seed: int, max_items: Optional[int], heldout: Optional[Dataset] = None) -> dict[str, Dataset]:
+    """Every requested OOD set by label."""
+    return {label: load_ood(request, spec, root, download, seed, max_items, heldout)
+            for label, request in requests.items()}
+

@@ -1,0 +1,236 @@
+"""Training on part of the classes (``data.classes``) and OOD sets from anywhere, end to end through
+the CLI: ``--ood heldout``, ``--ood NAME=DIR``, ``--ood DIR`` (images) and ``--ood FILE.npy``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from ssvi_cli.cli import run
+from ssvi_cli.config import ConfigError, apply_overrides, Config, parse_override
+from ssvi_cli.data.ood import parse_ood
+from ssvi_cli.runs.load import load_model
+from tests.fixtures_torchvision import accept_fixture_checksums, write_mnist, write_svhn
+
+FAST = ("--sparsity", "0.95", "--epochs", "3", "--set", "train.eval_samples=2")
+DIGITS_TEST = 360  # the fixed digits test split; 181 of its images are digits 0-4
+
+
+def _train(folder: Path, *args: str) -> Path:
+    assert run(["train", "--out", str(folder), *FAST, *args, "--json"]) == 0
+    return folder / "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def subset_model(tmp_path_factory) -> Path:
+    """A digits MLP trained on the digits 0-4 only."""
+    return _train(tmp_path_factory.mktemp("subset") / "run", "--set", "data.classes=0,1,2,3,4")
+
+
+@pytest.fixture(scope="module")
+def full_model(tmp_path_factory) -> Path:
+    """A digits MLP trained on all ten digits (one epoch: only its errors are tested)."""
+    folder = tmp_path_factory.mktemp("full") / "run"
+    assert run(["train", "--out", str(folder), "--epochs", "1", "--set", "train.eval_samples=1", "--json"]) == 0
+    return folder / "model.safetensors"
+
+
+def _evaluate(capsys, *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = run(["evaluate", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _report(capsys, model: Path, *ood: str, extra: tuple[str, ...] = ()) -> dict:
+    args = [a for name in ood for a in ("--ood", name)]
+    code, out, err = _evaluate(capsys, str(model), *args, "--samples", "4", *extra, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def _check_ood_block(block: dict, n: int) -> None:
+    assert block["n"] == n
+    assert set(block["scores"]) == {"entropy", "mutual_information", "one_minus_max_prob"}
+    for values in block["scores"].values():
+        assert set(values) == {"auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr"}
+        assert 0.0 <= values["auroc"] <= 1.0
+
+
+# ----------------------------------------------------------------------------- data.classes
+
+
+def test_subset_model_knows_five_classes_and_records_all_ten(subset_model):
+    loaded = load_model(subset_model)
+    assert loaded.spec.num_classes == 5 and loaded.spec.class_names == ("0", "1", "2", "3", "4")
+    assert loaded.spec.dataset_classes == tuple(str(i) for i in range(10))
+    assert loaded.spec.held_out_classes == ("5", "6", "7", "8", "9")
+    config = yaml.safe_load((subset_model.parent / "config.yaml").read_text())
+    assert config["data"]["classes"] == ["0", "1", "2", "3", "4"]
+
+
+def test_classes_override_is_one_knob_read_as_strings():
+    key, value = parse_override("data.classes=0,1,2,3,4")
+    assert apply_overrides(Config(), {key: value}).data.classes == ("0", "1", "2", "3", "4")
+    assert apply_overrides(Config(), {"data.classes": [7, "3"]}).data.classes == ("7", "3")
+    assert apply_overrides(Config(), {"data.classes": "null"}).data.classes is None
+    for bad in ("3", "1,1", ""):
+        with pytest.raises(ConfigError, match="data.classes"):
+            apply_overrides(Config(), {"data.classes": bad})
+
+
+@pytest.mark.parametrize("classes, words", [
+    ("0,10", "'10' is not a class of digits; valid are 0..9"),
+    ("2,two", "'two' is not a class of digits"),
+    ("4,4", "at least two distinct classes"),
+    ("4", "at least two distinct classes"),
+])
+def test_bad_class_lists_are_one_line_errors_before_anything_is_written(classes, words, capsys, tmp_path):
+    capsys.readouterr()
+    code = run(["train", "--out", str(tmp_path / "run"), "--epochs", "1", "--set", f"data.classes={classes}"])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- --ood heldout
+
+
+def test_heldout_scores_the_other_classes_of_the_test_split(capsys, subset_model):
+    doc = _report(capsys, subset_model, "heldout", "noise")
+    assert doc["n"] == 181 and doc["metrics"]["accuracy"] > 0.5  # digits 0-4 of the test split
+    _check_ood_block(doc["ood"]["heldout"], DIGITS_TEST - 181)
+    _check_ood_block(doc["ood"]["noise"], 2000)
+    assert list(doc["per_samples"][0]["ood"]) == ["heldout", "noise"]
+
+
+def test_heldout_is_capped_and_seeded_like_every_ood_set(subset_model):
+    from ssvi_cli.evaluation import evaluator
+
+    loaded = load_model(subset_model)
+    first, again, other = (evaluator.load_eval_data(loaded.spec, loaded.card.training, ood=("heldout",), seed=s,
+                                                    ood_max_items=50).ood["heldout"] for s in (0, 0, 1))
+    assert len(first) == 50 and (first.images == again.images).all() and not (first.images == other.images).all()
+
+
+def test_heldout_for_a_model_of_all_classes_says_to_train_with_data_classes(capsys, full_model):
+    code, out, err = _evaluate(capsys, str(full_model), "--ood", "heldout")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "all 10 classes of digits" in err and "--set data.classes=" in err
+
+
+def test_a_class_list_of_every_class_leaves_nothing_held_out(capsys, tmp_path):
+    model = _train(tmp_path / "all", "--set", "data.classes=9,8,7,6,5,4,3,2,1,0", "--epochs", "1")
+    assert load_model(model).spec.class_names[0] == "9"
+    code, _, err = _evaluate(capsys, str(model), "--ood", "heldout")
+    assert code == 2 and "none is held out" in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- --ood PATH
+
+
+def _pngs(folder: Path) -> int:
+    """Images of several sizes and modes, one in a subfolder, plus files that are not images."""
+    rng = np.random.default_rng(0)
+    (folder / "more").mkdir(parents=True)
+    (folder / ".hidden").mkdir()
+    Image.fromarray(rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)).save(folder / "rgb.png")
+    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / "gray.png")
+    Image.fromarray(rng.integers(0, 256, (12, 12, 4), dtype=np.uint8)).save(folder / "more" / "rgba.png")
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / "more" / "photo.jpg")
+    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / ".hidden" / "skipped.png")
+    (folder / "notes.txt").write_text("not an image\n")
+    return 4
+
+
+def test_folder_of_images_of_any_size_and_mode(capsys, subset_model, tmp_path):
+    n = _pngs(tmp_path / "mine")
+    doc = _report(capsys, subset_model, str(tmp_path / "mine"))
+    _check_ood_block(doc["ood"][str(tmp_path / "mine")], n)
+
+
+@pytest.mark.parametrize("make", [
+    lambda rng: rng.integers(0, 256, (6, 8, 8), dtype=np.uint8),                 # (N, H, W) uint8
+    lambda rng: rng.random((6, 1, 8, 8)).astype(np.float32),                      # (N, C, H, W) in [0, 1]
+    lambda rng: rng.integers(0, 256, (6, 28, 28, 3), dtype=np.uint8),            # (N, H, W, C) RGB, resized
+    lambda rng: rng.integers(0, 17, (6, 8, 8)).astype(np.float64),               # the digits' own 0..16
+], ids=["NHW-uint8", "NCHW-unit-float", "NHWC-rgb", "digits-raw-range"])
+def test_npy_array_of_the_users_inputs(capsys, subset_model, tmp_path, make):
+    path = tmp_path / "inputs.npy"
+    np.save(path, make(np.random.default_rng(1)))
+    doc = _report(capsys, subset_model, str(path))
+    _check_ood_block(doc["ood"][str(path)], 6)
+
+
+def test_npy_far_from_the_data_is_detected_better_than_heldout(capsys, subset_model, tmp_path):
+    path = tmp_path / "white.npy"
+    np.save(path, np.full((20, 8, 8), 255, dtype=np.uint8))  # all-white squares: nothing like a digit
+    doc = _report(capsys, subset_model, str(path), "heldout")
+    assert doc["ood"][str(path)]["scores"]["entropy"]["auroc"] > doc["ood"]["heldout"]["scores"]["entropy"]["auroc"]
+
+
+# ----------------------------------------------------------------------------- --ood NAME=DIR
+
+
+def test_torchvision_sets_read_from_their_own_folders(capsys, subset_model, tmp_path, monkeypatch):
+    write_mnist(tmp_path / "mnist-here", "MNIST", n_test=15)
+    write_svhn(tmp_path / "svhn-here", n_test=12)
+    accept_fixture_checksums(monkeypatch, tmp_path / "svhn-here")
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    doc = _report(capsys, subset_model, f"mnist={tmp_path / 'mnist-here'}", f"svhn={tmp_path / 'svhn-here'}",
+                  extra=("--data-dir", str(empty)))
+    _check_ood_block(doc["ood"]["mnist"], 15)
+    _check_ood_block(doc["ood"]["svhn"], 12)
+    code, _, err = _evaluate(capsys, str(subset_model), "--ood", "mnist", "--data-dir", str(empty))
+    assert code == 2 and "mnist not found" in err  # a plain name still reads --data-dir
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _bad_inputs(root: Path) -> None:
+    (root / "no-images").mkdir(parents=True)
+    (root / "no-images" / "readme.txt").write_text("nothing to see\n")
+    np.save(root / "flat.npy", np.zeros((5, 64)))
+    np.save(root / "fivedim.npy", np.zeros((2, 1, 1, 8, 8)))
+    np.save(root / "nochannels.npy", np.zeros((2, 5, 8, 8)))
+    (root / "notes.txt").write_text("text\n")
+
+
+@pytest.mark.parametrize("value, words", [
+    ("{root}/no-images", "holds no images"),
+    ("{root}/flat.npy", "array of shape (5, 64); expected (N, H, W), (N, C, H, W) or (N, H, W, C)"),
+    ("{root}/fivedim.npy", "array of shape (2, 1, 1, 8, 8); expected"),
+    ("{root}/nochannels.npy", "array of shape (2, 5, 8, 8); expected"),
+    ("{root}/missing.npy", "no such file or folder"),
+    ("{root}/notes.txt", "a file must be a .npy array"),
+    ("noise={root}", "noise is not read from a folder"),
+    ("heldout={root}", "heldout is not read from a folder"),
+    ("imagenet={root}", "unknown OOD set 'imagenet'; NAME=DIR takes one of"),
+    ("svhn=", "give the folder after '='"),
+    ("textures", "valid names are"),
+    ("digits", "the in-distribution dataset itself; pick another OOD set, or --ood heldout"),
+])
+def test_ood_mistakes_are_one_line_errors(capsys, subset_model, tmp_path, value, words):
+    _bad_inputs(tmp_path)
+    code, out, err = _evaluate(capsys, str(subset_model), "--ood", value.format(root=tmp_path))
+    assert code == 2 and out == ""
+    assert words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_value_is_a_name_then_name_dir_then_a_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "noise").mkdir()  # a folder that shares a registered name
+    (tmp_path / "mine").mkdir()
+    assert parse_ood("noise").kind == "set" and parse_ood("./noise").kind == "path"
+    assert parse_ood("mine").kind == "path"  # exists on disk
+    (tmp_path / "x.NPY").touch()
+    assert parse_ood("x.NPY").kind == "path"
+    request = parse_ood("cifar10=~/data")
+    assert (request.label, request.name, request.data_dir) == ("cifar10", "cifar10", Path("~/data").expanduser())
