@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
         data: Annotated[Optional[str], typer.Option("--data", help="Dataset: digits (embedded), mnist, fashion-mnist, kmnist, cifar10, cifar100, svhn, or imagefolder:PATH (your class folders; --set data.image_size=, data.channels=).")] = None,
         data_dir: Annotated[Optional[Path], typer.Option(help="Folder of torchvision datasets (default ~/.cache/ssvi/data).")] = None,
         download: Annotated[Optional[bool], typer.Option("--download/--no-download", help="Download missing torchvision datasets.", show_default=False)] = None,
-        init_from: Annotated[Optional[str], typer.Option(help="torchvision:NAME models: start from a trained state_dict (.pt read with weights_only=True, or .safetensors); the support is each layer's largest |w|.")] = None,
+        init_from: Annotated[Optional[str], typer.Option(help="torchvision:NAME models: start from a trained state_dict (.pt read with weights_only=True, or .safetensors), or from torchvision's published weights, torchvision:WEIGHTS (e.g. torchvision:ResNet18_Weights.IMAGENET1K_V1 or torchvision:DEFAULT; fetched into $TORCH_HOME/hub/checkpoints, head re-initialised). The support is each layer's largest |w|.")] = None,
         sparsity: Annotated[Optional[float], typer.Option(help="Fraction of weights that are exactly zero, in [0, 1).")] = None,
         method: Annotated[Optional[str], typer.Option(help="ssvi, vi, static, rigl or dense.")] = None,
         criterion: Annotated[Optional[str], typer.Option(help="Removal criterion: mean, snr, e_abs, snr_abs, e_exp, snr_exp.")] = None,
@@ -113,7 +113,9 @@ def register(app: typer.Typer) -> None:
             # Names, device, data and the layer budget are checked before --force clears an old run,
             # so a missing dataset or an impossible sparsity never costs the run being replaced.
             cfg = build_config(preset, overrides, set_ or [])
-            plan = RunPlan.new(cfg, out_dir or _default_run_dir(cfg, preset))
+            plan = RunPlan.new(cfg, out_dir or _default_run_dir(cfg, preset), progress=not json_out and info.is_main)
+            if plan.init_note and info.is_main and not json_out:
+                err.print(plan.init_note, markup=False, highlight=False)
         trainer = None
         try:
             distributed.setup(info, device or plan.cfg.train.device)

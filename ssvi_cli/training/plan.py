@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 
-from ssvi_cli.config import Config, ConfigError, from_dict
+from ssvi_cli.config import Config, ConfigError, apply_overrides, from_dict
 from ssvi_cli.core.allocation import InitSpec, initialise, layer_densities
 from ssvi_cli.core.criteria import REMOVAL_CRITERIA
 from ssvi_cli.core.layers import sparse_layers
@@ -84,25 +84,31 @@ class RunPlan:
     run_dir: Optional[RunDir] = None
     checkpoint: Optional[dict[str, Any]] = None
     init_weights: Optional[dict[str, Any]] = None  # model.init_from's state_dict, checked
+    init_note: Optional[str] = None  # what model.init_from loaded, adapted and re-initialised
 
     @classmethod
     def new(cls, cfg: Config, run_dir: Optional[RunDir | Path] = None,
-            splits: Optional[DataSplits] = None, device: Optional[str] = None) -> "RunPlan":
-        """A new run of ``cfg``; nothing is written (the run directory is claimed by the caller)."""
+            splits: Optional[DataSplits] = None, device: Optional[str] = None,
+            progress: bool = False) -> "RunPlan":
+        """A new run of ``cfg``; nothing is written (the run directory is claimed by the caller) but
+        torch.hub's cache, when ``model.init_from`` names torchvision weights not yet there
+        (``progress``: show that download's progress bar)."""
         check_names(cfg)
         dev = resolve_device(device or cfg.train.device)
         splits = splits or load_data(cfg)
         card = ModelCard.from_config(cfg, splits.spec)
         with torch.device("meta"):  # shapes only: plans the supports of any size for free
             densities = plan_densities(build_model(card), cfg)
-        weights = None
-        if cfg.model.init_from:
-            from ssvi_cli.training.init_from import base_for, check_state_dict, read_state_dict
+        init = None
+        if cfg.model.init_from:  # after the cheap checks: this may download
+            from ssvi_cli.training.init_weights import load_init_weights
 
-            weights = read_state_dict(Path(cfg.model.init_from))
-            with torch.device("meta"):
-                check_state_dict(base_for(cfg, splits.spec), weights, Path(cfg.model.init_from))
-        return cls(cfg, dev, splits, card, densities, _run_dir(run_dir), init_weights=weights)
+            init = load_init_weights(cfg, splits.spec, progress)
+            # The card records the weights resolved (torchvision:DEFAULT names a version).
+            cfg = apply_overrides(cfg, {"model.init_from": init.source})
+            card = ModelCard.from_config(cfg, splits.spec)
+        return cls(cfg, dev, splits, card, densities, _run_dir(run_dir), init_weights=init.state if init else None,
+                   init_note=init.describe() if init else None)
 
     @classmethod
     def resume(cls, run_dir: RunDir | Path, device: Optional[str] = None,

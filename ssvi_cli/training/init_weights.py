@@ -1,0 +1,116 @@
+"""``model.init_from``, read: the weights a torchvision model's posterior starts from, checked against
+the architecture the run builds (``num_classes`` and the first conv's channels adapted to the data).
+
+Two sources. A file: a ``state_dict`` of the deterministic model, as ``.pt`` (read with
+``torch.load(..., weights_only=True)``) or ``.safetensors``; it was trained for this data, so nothing
+is adapted and every key and shape must match. Or ``torchvision:WEIGHTS``: the builder's published
+weights, fetched through torch.hub's cache, with the head left out (to be re-initialised) and the
+stem kernel adapted to the data's channels (``training.pretrained``). Either way the first
+mismatching key is named. ``training.init_from`` builds the model from the result.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ssvi_cli.config import Config, ConfigError
+from ssvi_cli.data.spec import DataSpec
+from ssvi_cli.models import TORCHVISION, torchvision_base
+from ssvi_cli.training.pretrained import adapt_state, fetch_state_dict, resolve_weights
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InitWeights:
+    """The checked weights a run starts from; ``source`` is the file or the resolved
+    ``torchvision:Enum_Weights.NAME``; ``reinitialised`` the keys left out of ``state`` (the head)."""
+
+    state: dict[str, Tensor]
+    source: str
+    reinitialised: tuple[str, ...] = ()
+    stem: Optional[str] = None
+
+    def describe(self) -> str:
+        """One line: what was loaded, adapted and re-initialised."""
+        parts = [f"init from {self.source}: {len(self.state)} tensors loaded"]
+        if self.stem:
+            parts.append(self.stem)
+        if self.reinitialised:
+            parts.append(f"head re-initialised ({', '.join(self.reinitialised)})")
+        return "; ".join(parts)
+
+
+def load_init_weights(cfg: Config, spec: DataSpec, progress: bool = False) -> InitWeights:
+    """``cfg.model.init_from`` read (or fetched), adapted where it is published weights, and checked
+    against the run's architecture; reads no data and writes nothing but torch.hub's cache."""
+    source = str(cfg.model.init_from)
+    with torch.device("meta"):
+        model = base_for(cfg, spec)
+    if not source.startswith(TORCHVISION):
+        state = read_state_dict(Path(source))
+        check_state_dict(model, state, Path(source))
+        return InitWeights(state, source)
+    builder = cfg.model.name[len(TORCHVISION):]
+    weights = resolve_weights(builder, source[len(TORCHVISION):])
+    label = f"{TORCHVISION}{weights!r}"
+    classes = len(weights.meta.get("categories") or ()) or spec.num_classes
+    with torch.device("meta"):
+        reference = torchvision_base(builder, spec.input_shape, classes)
+    adapted = adapt_state(fetch_state_dict(weights, progress), model, reference)
+    check_state_dict(model, adapted.state, label, skip=adapted.head)
+    init = InitWeights(adapted.state, label, adapted.head, adapted.stem)
+    logger.info("%s", init.describe())
+    return init
+
+
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    """A state_dict from ``.pt`` (weights only) or ``.safetensors``; a clear error for anything else."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--init-from {path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is one message naming the file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--init-from {path} is not a readable state_dict ({first[:160]})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ConfigError(f"--init-from {path} does not hold a state_dict (a mapping of names to tensors)")
+    return state
+
+
+def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: Path | str,
+                     skip: tuple[str, ...] = ()) -> None:
+    """Keys and shapes of ``state`` against ``model``'s (but ``skip``); the first difference is named."""
+    expected = {k: v for k, v in model.state_dict().items() if k not in skip}
+    hint = ("check the number of classes and input channels" if isinstance(source, Path)
+            else "the weights do not fit this data's input size")
+    for key, value in expected.items():
+        if key not in state:
+            raise ConfigError(f"--init-from {source} lacks {key!r} (shape {tuple(value.shape)}) of the model")
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise ConfigError(f"--init-from {source}: {key!r} has shape {tuple(state[key].shape)}, the model "
+                              f"needs {tuple(value.shape)} ({hint})")
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise ConfigError(f"--init-from {source} holds {extra[0]!r}, which the model does not have")
+
+
+def base_for(cfg: Config, spec: DataSpec) -> nn.Module:
+    """The deterministic torchvision model the state_dict must fit."""
+    if not cfg.model.name.startswith(TORCHVISION):
+        raise ConfigError(f"model.init_from needs a torchvision:NAME model, not {cfg.model.name!r}")
+    return torchvision_base(cfg.model.name[len(TORCHVISION):], spec.input_shape, spec.num_classes)

@@ -1,0 +1,181 @@
+"""--init-from torchvision:WEIGHTS, offline: torch.hub's cache under a temporary TORCH_HOME holds a file
+of the right architecture under the exact name torchvision's URL ends in, and any network access fails."""
+
+from __future__ import annotations
+
+import json
+import math
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from safetensors import safe_open
+from torch import nn
+
+from ssvi_cli.core.allocation import active_count
+from ssvi_cli.core.criteria import top_k_indices
+from ssvi_cli.core.layers import sparse_layers
+from ssvi_cli.training.pretrained import adapt_stem_kernel, adapt_state, resolve_weights
+
+WEIGHTS = "MobileNet_V3_Small_Weights.IMAGENET1K_V1"
+CACHED = "mobilenet_v3_small-047dcff4.pth"  # the file name download.pytorch.org serves it as
+STEM, HEAD = "features.0.0", "classifier.3"
+HIDDEN = "classifier.0"  # a classifier layer whose shape does not depend on the classes: loaded
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch) -> Path:
+    """An empty torch.hub checkpoint cache; a download attempt fails as it does without network."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "urlopen", offline)
+    folder = tmp_path / "torch" / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    return folder
+
+
+@pytest.fixture
+def published(hub) -> dict[str, torch.Tensor]:
+    """Random ImageNet-shaped weights (1000 classes, RGB) where torchvision looks for the real ones."""
+    torch.manual_seed(7)
+    state = torchvision.models.mobilenet_v3_small().state_dict()
+    torch.save(state, hub / CACHED)
+    return state
+
+
+def _train(tmp_path, *extra: str) -> list[str]:
+    return ["train", "--model", "torchvision:mobilenet_v3_small", "--epochs", "1", "--sparsity", "0.9",
+            "--set", "data.max_train=64", "--set", "train.eval_samples=1", *extra]
+
+
+def _config(init_from: str):
+    from ssvi_cli import config as C
+
+    return C.apply_overrides(C.load_preset("digits_mlp"), {
+        "model.name": "torchvision:mobilenet_v3_small", "model.init_from": init_from, "sparse.sparsity": 0.9,
+        "data.max_train": 64})
+
+
+def test_the_cache_file_name_is_the_one_torchvision_downloads_to(hub):
+    from ssvi_cli.training.pretrained import cache_file
+
+    assert cache_file(resolve_weights("mobilenet_v3_small", "DEFAULT")) == hub / CACHED
+
+
+def test_train_starts_mu_from_cached_weights_and_reinitialises_the_head(tmp_path, published, capsys):
+    from ssvi_cli.cli import run
+    from ssvi_cli.runs.load import load_model
+
+    out = tmp_path / "run"
+    assert run([*_train(tmp_path), "--init-from", f"torchvision:{WEIGHTS}", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"init from torchvision:{WEIGHTS}" in err
+    assert f"head re-initialised ({HEAD}.weight, {HEAD}.bias)" in err
+    assert f"{STEM}.weight summed over the 3 pretrained input channels" in err
+    meta = json.loads(safe_open(str(out / "model.safetensors"), "pt").metadata()["training"])
+    assert meta["config"]["model"]["init_from"] == f"torchvision:{WEIGHTS}"
+    # Two steps, no subspace step yet: each loaded layer keeps the support of its largest pretrained |w|.
+    layers = dict(sparse_layers(load_model(out / "model.safetensors").model))
+    w = published[f"{HIDDEN}.weight"].reshape(-1)
+    assert torch.equal(layers[HIDDEN].idx, top_k_indices(w.abs(), active_count(w.numel(), 0.1)))
+    stem = published[f"{STEM}.weight"].sum(dim=1).reshape(-1)
+    torch.testing.assert_close(layers[STEM].mu.detach(), stem, atol=0.02, rtol=0.0)
+
+
+def test_the_first_mu_is_the_pretrained_weight_and_the_head_starts_fresh(tmp_path, published):
+    from ssvi_cli.training.trainer import Trainer
+
+    layers = dict(sparse_layers(Trainer.create(_config("torchvision:DEFAULT"), tmp_path / "run").model))
+    hidden, w = layers[HIDDEN], published[f"{HIDDEN}.weight"].reshape(-1)
+    assert torch.equal(hidden.mu.detach(), w[hidden.idx])
+    assert float(w[hidden.idx].abs().min()) >= float(w.abs().sort(descending=True).values[hidden.active - 1])
+    torch.testing.assert_close(layers[STEM].mu.detach(), published[f"{STEM}.weight"].sum(dim=1).reshape(-1))
+    head = layers[HEAD]
+    assert head.weight_shape == (10, 1024) and head.active == active_count(10 * 1024, 0.1)
+    assert torch.equal(head.bias.detach(), torch.zeros(10))
+    fan_in_std = math.sqrt(2.0 / (1024 * 0.1))  # a fresh run's init, not the builder's N(0, 0.01)
+    assert abs(float(head.mu.detach().std()) / fan_in_std - 1.0) < 0.15
+
+
+def test_a_gray_input_through_the_summed_kernel_is_the_rgb_copy_through_the_original():
+    kernel, x = torch.randn(4, 3, 3, 3), torch.randn(2, 1, 6, 6)
+    torch.testing.assert_close(nn.functional.conv2d(x, adapt_stem_kernel(kernel, 1)),
+                               nn.functional.conv2d(x.repeat(1, 3, 1, 1), kernel))
+    wide = adapt_stem_kernel(kernel, 4)
+    assert wide.shape == (4, 4, 3, 3)
+    torch.testing.assert_close(wide[:, 3], kernel[:, 0] * 0.75)
+    torch.testing.assert_close(wide[:, 1], kernel[:, 1] * 0.75)
+
+
+def test_rgb_data_keeps_the_stem_and_old_files_without_batch_counters_load():
+    with torch.device("meta"):
+        model = torchvision.models.resnet18(num_classes=10)
+        reference = torchvision.models.resnet18()
+    state = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if "num_batches_tracked" not in k}
+    adapted = adapt_state(state, model, reference)
+    assert adapted.head == ("fc.weight", "fc.bias") and adapted.stem is None
+    assert adapted.state["conv1.weight"].shape == (64, 3, 7, 7)
+    assert int(adapted.state["bn1.num_batches_tracked"]) == 0
+    assert set(adapted.state) == set(model.state_dict()) - {"fc.weight", "fc.bias"}
+
+
+def test_weights_names_resolve_as_torchvision_spells_them():
+    default = resolve_weights("resnet18", "DEFAULT")
+    assert default is torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    assert resolve_weights("resnet18", "ResNet18_Weights.DEFAULT") is default
+    assert resolve_weights("resnet18", "IMAGENET1K_V1") is default
+
+
+@pytest.mark.parametrize("weights, words", [
+    ("ResNet50_Weights.IMAGENET1K_V1", "are not weights of torchvision:mobilenet_v3_small; its weights are: "
+                                       "MobileNet_V3_Small_Weights.IMAGENET1K_V1, MobileNet_V3_Small_Weights.DEFAULT"),
+    ("MobileNet_V3_Small_Weights.IMAGENET1K_V2", "(did you mean MobileNet_V3_Small_Weights.IMAGENET1K_V1"),
+])
+def test_weights_of_another_builder_or_misspelt_are_one_line(tmp_path, hub, capsys, weights, words):
+    from ssvi_cli.cli import run
+
+    assert run([*_train(tmp_path), "--init-from", f"torchvision:{weights}", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_no_network_and_no_cached_file_says_where_to_put_it(tmp_path, hub, capsys):
+    from ssvi_cli.cli import run
+
+    assert run([*_train(tmp_path), "--init-from", "torchvision:DEFAULT", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot download https://download.pytorch.org/models/" + CACHED in err, err
+    assert f"put that file at {hub / CACHED}" in err and "Name or service not known" in err
+    assert not (tmp_path / "bad").exists() and not (hub / CACHED).exists()
+
+
+def test_a_cached_file_that_does_not_fit_names_the_first_key(tmp_path, hub, capsys):
+    from ssvi_cli.cli import run
+
+    torch.save(torchvision.models.squeezenet1_1().state_dict(), hub / CACHED)
+    assert run([*_train(tmp_path), "--init-from", "torchvision:DEFAULT", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "lacks 'features.0.0.weight'" in err and len(err.splitlines()) == 1, err
+    (hub / CACHED).write_bytes(b"not a checkpoint")
+    assert run([*_train(tmp_path), "--init-from", "torchvision:DEFAULT", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not a readable state_dict" in err and "delete it" in err, err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_state_dict_file_is_not_adapted(tmp_path, published):
+    """A file was trained for this data: a head of the wrong size stays an error, not a re-initialisation."""
+    from ssvi_cli.config import ConfigError
+    from ssvi_cli.data import build_dataset
+    from ssvi_cli.training.init_weights import load_init_weights
+
+    torch.save(published, tmp_path / "imagenet.pt")
+    spec = build_dataset("digits", max_train=64).spec
+    with pytest.raises(ConfigError, match="'features.0.0.weight' has shape"):
+        load_init_weights(_config(str(tmp_path / "imagenet.pt")), spec)
