@@ -10,7 +10,7 @@ Floors, from the ground up (a module may import its own package and any lower fl
     5  prediction, modelfile
     6  runs
     7  training, evaluation
-    8  bench, api                                       (api: the public Python API)
+    8  bench, api, sweep                                (api: the public Python API)
     9  cli
     10 ssvi_cli itself (the package's public face)
 Imports under ``if TYPE_CHECKING:`` are for annotations only and do not count.
@@ -33,7 +33,7 @@ FLOORS = {
     "prediction": 5, "modelfile": 5,
     "runs": 6,
     "training": 7, "evaluation": 7,
-    "bench": 8, "api": 8,
+    "bench": 8, "api": 8, "sweep": 8,
     "cli": 9,
 }
 TOP = 10  # ssvi_cli/__init__.py and ssvi_cli/__main__.py

@@ -15,6 +15,7 @@ from ssvi_cli.cli import export as export_cmd
 from ssvi_cli.cli import infer as infer_cmd
 from ssvi_cli.cli import inspect_cmd
 from ssvi_cli.cli import presets as presets_cmd
+from ssvi_cli.cli import sweep as sweep_cmd
 from ssvi_cli.cli import train as train_cmd
 from ssvi_cli.cli.common import UsageError, err
 
@@ -22,7 +23,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Sparse Bayesian neural networks with Sparse Subspace Variational Inference. "
                        "Add --debug anywhere on a command line for debug logs and full tracebacks.")
 
-for module in (train_cmd, presets_cmd, evaluate_cmd, export_cmd, infer_cmd, inspect_cmd, bench_cmd):
+for module in (train_cmd, presets_cmd, evaluate_cmd, export_cmd, infer_cmd, inspect_cmd, bench_cmd, sweep_cmd):
     module.register(app)
 
 
@@ -36,7 +37,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     # that never loaded cannot be in flight), so this lookup imports nothing new.
     for module, name in (("ssvi_cli.data.spec", "DataError"), ("ssvi_cli.core.allocation", "AllocationError"),
                          ("ssvi_cli.runs.checkpoint", "CheckpointError"), ("ssvi_cli.runs.rundir", "RunDirError"),
-                         ("ssvi_cli.modelfile.header", "ModelFileError")):
+                         ("ssvi_cli.modelfile.header", "ModelFileError"), ("ssvi_cli.sweep.grid", "SweepError")):
         loaded = sys.modules.get(module)
         if loaded is not None:
             found.append(getattr(loaded, name))

@@ -21,6 +21,7 @@ from torch import Tensor
 from ssvi_cli.config import Config, addition_accumulate, dump_yaml
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.core.modes import capturing_dense_grad, sampling
+from ssvi_cli.core.overlap import criteria_overlap
 from ssvi_cli.core.subspace import Schedule, SwapReport, collect_captured, subspace_step
 from ssvi_cli.data import DataSplits
 from ssvi_cli.runs import checkpoint as ckpt
@@ -212,6 +213,8 @@ class Trainer:
     def _subspace_step(self, t: int) -> SwapReport:
         """Remove-and-add in every sparse layer (instead of the optimizer step), logged per layer."""
         s = self.cfg.sparse
+        # How far the six criteria agree on what to drop now (the sweep's early/middle/late table).
+        overlap = criteria_overlap(self.model, self.schedule.drop_fraction(t), s.criterion_lambda) if self.is_main else None
         report = subspace_step(self.model, t, self.schedule, s.criterion, s.criterion_lambda, s.new_sigma,
                                self.optimizer, self.grad_reduce)
         distributed.verify_supports(self.model, t)
@@ -222,7 +225,8 @@ class Trainer:
             self.run.append_support({
                 "step": t, "fraction": report.fraction,
                 "layers": {l.name: {"active": l.active, "dropped": l.dropped, "swapped": l.swapped,
-                                    "iou": l.iou} for l in report.layers}})
+                                    "iou": l.iou} for l in report.layers},
+                "criteria_iou": overlap})
         return report
 
     def _check_finite(self, nll: Tensor, kl: Tensor, loss: Tensor) -> None:

@@ -1,0 +1,234 @@
+"""``ssvi sweep``: a grid of ordinary runs (methods x sparsities x seeds x config keys), each trained
+by ``ssvi train`` and evaluated by ``ssvi evaluate`` in a process of its own, then one report."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.table import Table
+
+from ssvi_cli.cli.common import UsageError, err, out, print_json, progress_bar
+
+
+def _csv(text: Optional[str], kind: type, flag: str) -> Optional[tuple[Any, ...]]:
+    if text is None:
+        return None
+    try:
+        values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated {kind.__name__} values") from None
+    if not values:
+        raise UsageError(f"{flag} {text!r} holds no values")
+    return values
+
+
+def _spec(file: Optional[Path], preset: Optional[str], method: Optional[str], sparsity: Optional[str],
+          seeds: Optional[int], criterion: Optional[str], sets: list[str], ood: list[str], samples: Optional[int]) -> Any:
+    """The sweep spec from the YAML file (if any) with the flags on top."""
+    from ssvi_cli.sweep.grid import SweepSpec, parse_axis
+
+    data: dict[str, Any] = {}
+    if file is not None:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise UsageError(f"--file {file}: not a readable YAML sweep ({str(exc).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise UsageError(f"--file {file}: a sweep file is a mapping (preset, methods, sparsities, seeds, set, ood, samples)")
+        data = dict(loaded)
+        if isinstance(data.get("seeds"), int):
+            data["seeds"] = list(range(data["seeds"]))
+        grid = data.pop("set", {}) or {}
+        if not isinstance(grid, dict):
+            raise UsageError(f"--file {file}: 'set' maps config keys to a value or a list of values")
+        data["axes"] = {k: v for k, v in grid.items() if isinstance(v, list)}
+        data["fixed"] = {k: v for k, v in grid.items() if not isinstance(v, list)}
+    flags = {"preset": preset, "methods": _csv(method, str, "--method"), "sparsities": _csv(sparsity, float, "--sparsity"),
+             "seeds": tuple(range(seeds)) if seeds is not None else None, "ood": tuple(ood) or None,
+             "samples": samples}
+    data.update({k: v for k, v in flags.items() if v is not None})
+    axes, fixed = dict(data.get("axes", {})), dict(data.get("fixed", {}))
+    if criterion is not None:
+        axes["sparse.criterion"] = list(_csv(criterion, str, "--criterion") or ())
+    for text in sets:
+        key, values = parse_axis(text)
+        axes.pop(key, None)
+        fixed.pop(key, None)
+        if len(values) > 1:
+            axes[key] = values
+        else:
+            fixed[key] = values[0]
+    data["axes"], data["fixed"] = axes, fixed
+    return SweepSpec.from_dict(data)
+
+
+def _check_out(out_dir: Path, spec: Any, force: bool) -> None:
+    from ssvi_cli.sweep.grid import SWEEP_FILE, read_spec
+
+    if not out_dir.exists():
+        return
+    if out_dir.is_file():
+        raise UsageError(f"--out {out_dir} is a file")
+    if (out_dir / SWEEP_FILE).is_file():
+        old, _ = read_spec(out_dir)
+        if old != spec and not force:
+            raise UsageError(f"{out_dir} holds a different sweep; continue it with 'ssvi sweep --resume {out_dir}' "
+                             "or choose another --out")
+    elif any(out_dir.iterdir()) and not force:
+        raise UsageError(f"--out {out_dir} exists and is not a sweep directory; choose another --out")
+
+
+def run_cell(path: Path, run: Callable[[list[str]], int]) -> int:
+    """Train (or resume) and evaluate one cell with the ``ssvi train`` and ``ssvi evaluate`` commands
+    (``run`` invokes one); what ``--dry-run`` hands a scheduler."""
+    from ssvi_cli.sweep.grid import read_spec
+    from ssvi_cli.sweep.runner import cell_state
+
+    path = Path(path)
+    spec, cells = read_spec(path.parent.parent)
+    cell = next((c for c in cells if c.name == path.name), None)
+    if cell is None:
+        raise UsageError(f"{path} is not a cell of the sweep in {path.parent.parent}")
+    state = cell_state(path)
+    if state == "done":
+        return 0
+    if state == "partial":
+        code = run(["train", "--resume", str(path), "--json"])
+    elif state == "new":
+        code = run(["train", *cell.train_args(spec, path), *(["--force"] if path.exists() else [])])
+    else:
+        code = 0
+    return code or run(["evaluate", *cell.eval_args(spec, path)])
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def sweep(
+        method: Annotated[Optional[str], typer.Option(help="Methods, comma-separated: ssvi,vi,static,rigl,dense (dense ones ignore --sparsity).")] = None,
+        sparsity: Annotated[Optional[str], typer.Option(help="Sparsities, comma-separated, e.g. 0.8,0.9,0.95,0.98.")] = None,
+        seeds: Annotated[Optional[int], typer.Option(help="Seeds 0..N-1 per cell.", min=1)] = None,
+        criterion: Annotated[Optional[str], typer.Option(help="Removal criteria to sweep, comma-separated (the criteria ablation).")] = None,
+        set_: Annotated[Optional[list[str]], typer.Option("--set", help="A config key and its values: --set sparse.addition=sample,mean (a grid axis), or one value for every cell (repeatable).")] = None,
+        preset: Annotated[Optional[str], typer.Option(help="Preset of every cell (default digits_mlp).")] = None,
+        file: Annotated[Optional[Path], typer.Option("--file", help="A YAML sweep: preset, methods, sparsities, seeds (a count or a list), set (key: value or [values]), ood, samples.", exists=True, dir_okay=False)] = None,
+        ood: Annotated[Optional[list[str]], typer.Option(help="OOD sets every cell is evaluated on, as 'ssvi evaluate --ood' takes them (repeatable).")] = None,
+        samples: Annotated[Optional[int], typer.Option(help="Monte Carlo samples of the evaluation (default 10).", min=1)] = None,
+        jobs: Annotated[int, typer.Option(help="Cells run in parallel, each in its own process.", min=1)] = 1,
+        threads: Annotated[Optional[int], typer.Option(help="Torch threads per cell (default: CPU cores / jobs).", min=1)] = None,
+        out_dir: Annotated[Optional[Path], typer.Option("--out", help="Sweep directory (default sweeps/<time>-<preset>).")] = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Write the sweep and print its cell commands, one per line (for a cluster scheduler); run nothing.")] = False,
+        resume: Annotated[Optional[Path], typer.Option(help="Continue the sweep in this directory (finished cells are skipped, interrupted ones resume).")] = None,
+        report: Annotated[Optional[Path], typer.Option(help="Only (re)write the report of the sweep in this directory.")] = None,
+        run_cell_dir: Annotated[Optional[Path], typer.Option("--run-cell", help="Run one cell directory (train or resume, then evaluate); what --dry-run lists.")] = None,
+        figures: Annotated[bool, typer.Option(help="Write the figures (needs matplotlib).")] = True,
+        force: Annotated[bool, typer.Option(help="Use --out even if it holds something else.")] = False,
+        json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON only.")] = False,
+    ) -> None:
+        """The paper's experiments in one command: a grid of runs, evaluated alike, reported as tables and figures."""
+        from ssvi_cli.sweep import grid, report as reportmod
+
+        grid_given = any(v for v in (method, sparsity, seeds, criterion, set_, preset, file, ood, samples, out_dir))
+        modes = [n for n, v in (("--run-cell", run_cell_dir), ("--report", report), ("--resume", resume)) if v]
+        if len(modes) > 1 or (modes and grid_given):
+            raise UsageError(f"{modes[0]} takes no grid options" if len(modes) == 1 else f"use one of {', '.join(modes)}")
+        if run_cell_dir is not None:
+            # The same commands a user types; their errors reach ssvi's one error handler.
+            code = run_cell(run_cell_dir, lambda args: app(args=args, prog_name="ssvi", standalone_mode=False) or 0)
+            if code:
+                raise typer.Exit(code)
+            return
+        if report is not None:
+            _finish(reportmod.write_report(report, figures), json_out)
+            return
+        if resume is not None:
+            spec, cells = grid.read_spec(resume)
+            sweep_dir = resume
+        else:
+            spec = _spec(file, preset, method, sparsity, seeds, criterion, set_ or [], ood or [], samples)
+            cells = grid.expand(spec)
+            sweep_dir = out_dir or Path("sweeps") / f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(spec.preset).stem}"
+            _check_out(sweep_dir, spec, force)
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            grid.write_spec(sweep_dir, spec, cells)
+        if dry_run:
+            _dry_run(sweep_dir, cells)
+            return
+        _run(sweep_dir, cells, jobs, threads or max(1, (os.cpu_count() or 1) // jobs), json_out, figures)
+
+
+def _dry_run(sweep_dir: Path, cells: list[Any]) -> None:
+    from ssvi_cli.fileio import write_text
+    from ssvi_cli.sweep.runner import cell_command, cell_dir
+
+    lines = [" ".join(["ssvi", *cell_command(cell_dir(sweep_dir, c))]) for c in cells]
+    write_text(sweep_dir / "commands.txt", "\n".join(lines) + "\n")
+    for line in lines:
+        out.print(line, markup=False, highlight=False)
+    err.print(f"{len(lines)} cells written to {sweep_dir / 'commands.txt'}; afterwards: ssvi sweep --report {sweep_dir}")
+
+
+def _run(sweep_dir: Path, cells: list[Any], jobs: int, threads: int, json_out: bool, figures: bool) -> None:
+    from ssvi_cli.sweep.report import write_report
+    from ssvi_cli.sweep.runner import run_cells
+
+    if not json_out:
+        err.print(f"sweep {sweep_dir}: {len(cells)} cells, {jobs} at a time, {threads} threads each")
+    with progress_bar(enabled=not json_out) as bar:
+        task = bar.add_task("cells", total=len(cells), info="") if bar is not None else None
+        running: set[str] = set()
+
+        def listener(event: str, name: str, detail: str) -> None:
+            if event == "start":
+                running.add(name)
+            else:
+                running.discard(name)
+            if bar is not None and task is not None:
+                bar.update(task, advance=0 if event in ("start", "stop") else 1,
+                           info=f"running: {', '.join(sorted(running))}" if running else "")
+            if bar is None and not json_out and event != "start":
+                err.print(f"{event:>6} {name}" + (f" ({detail})" if detail else ""), markup=False)
+            elif event in ("fail", "stop") and not json_out:
+                err.print(f"{event} {name}: {detail}", markup=False)
+
+        outcome = run_cells(sweep_dir, cells, jobs, threads, listener)
+    result = write_report(sweep_dir, figures)
+    if outcome.interrupted:
+        err.print(f"interrupted: {len(outcome.stopped)} cells stopped at a checkpoint; continue with: "
+                  f"ssvi sweep --resume {sweep_dir}", markup=False)
+        raise typer.Exit(130)
+    _finish(result, json_out)
+    if outcome.failed:
+        err.print(f"{len(outcome.failed)} cells failed (logs in {sweep_dir / 'logs'}); rerun with: "
+                  f"ssvi sweep --resume {sweep_dir}", markup=False)
+        raise typer.Exit(1)
+
+
+def _finish(result: dict[str, Any], json_out: bool) -> None:
+    if json_out:
+        print_json(result)
+        return
+    table = Table(title=f"sweep {result['sweep']}: {result['cells_done']} of {result['cells_total']} cells "
+                        "(mean ± std over seeds)", title_justify="left")
+    for col in ("method", "sparsity", "settings", "seeds", "accuracy", "NLL", "ECE"):
+        table.add_column(col, justify="left" if col in ("method", "settings") else "right")
+    for g in result["groups"]:
+        table.add_row(g["method"], "dense" if g["sparsity"] is None else f"{g['sparsity']:g}",
+                      ", ".join(f"{k}={v}" for k, v in g["settings"].items()), str(len(g["seeds"])),
+                      *(_pm(g.get(k)) for k in ("accuracy", "nll", "ece")))
+    out.print(table)
+    for path in result.get("files", []):
+        out.print(f"wrote {path}", markup=False, highlight=False)
+    if result.get("figures_note"):
+        err.print(result["figures_note"], markup=False)
+
+
+def _pm(stat: Optional[dict[str, Any]]) -> str:
+    if not stat or stat.get("mean") is None:
+        return "-"
+    return f"{stat['mean']:.4f} ± {stat['std']:.4f}"

@@ -1,0 +1,98 @@
+"""The sweep's figures (need the ``plots`` extra, matplotlib): each metric against sparsity per
+method with the seed spread, and accuracy against training FLOPs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ssvi_cli import fileio
+
+METRICS_VS_SPARSITY = "metrics_vs_sparsity.png"
+ACCURACY_VS_FLOPS = "accuracy_vs_flops.png"
+
+
+class FiguresUnavailable(RuntimeError):
+    """matplotlib is not installed: the tables are written, the figures are not."""
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise FiguresUnavailable("figures need matplotlib: pip install 'ssvi[plots]' "
+                                 "(the tables were written)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _label(group: dict[str, Any]) -> str:
+    extra = ", ".join(f"{k.rpartition('.')[2]}={v}" for k, v in group["settings"].items())
+    return group["method"] + (f" ({extra})" if extra else "")
+
+
+def _save(fig: Any, target: Path) -> Path:
+    with fileio.atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png")
+    return target
+
+
+def write_figures(report: dict[str, Any], out_dir: Path) -> list[Path]:
+    plt = _pyplot()
+    groups = report["groups"]
+    panels = [("accuracy", "test accuracy"), ("nll", "NLL"), ("ece", "ECE (15 bins)")]
+    aurocs = sorted({k for g in groups for k in g if k.startswith("auroc:") and k.endswith(":entropy")})
+    panels += [(k, f"OOD AUROC, {k.split(':')[1]} (entropy)") for k in aurocs[:1]]
+    series: dict[str, list[dict[str, Any]]] = {}
+    for g in groups:
+        series.setdefault(_label(g), []).append(g)
+    sparsities = sorted({g["sparsity"] for g in groups if g["sparsity"] is not None})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), dpi=110, squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        for i, (label, members) in enumerate(series.items()):
+            color = f"C{i}"
+            stats = [(g["sparsity"], g[key]) for g in members if g.get(key) and g[key]["mean"] is not None]
+            if not stats:
+                continue
+            if all(s is None for s, _ in stats):  # a dense method: its level across the sparsity axis
+                mean, std = stats[0][1]["mean"], stats[0][1]["std"]
+                if sparsities:
+                    lo, hi = sparsities[0], sparsities[-1]
+                    ax.hlines(mean, lo, hi, colors=color, linestyles="--", label=label)
+                    ax.fill_between([lo, hi], mean - std, mean + std, color=color, alpha=0.15)
+                continue
+            stats.sort(key=lambda t: t[0])
+            ax.errorbar([s for s, _ in stats], [v["mean"] for _, v in stats], yerr=[v["std"] for _, v in stats],
+                        marker="o", capsize=3, color=color, label=label)
+        ax.set_xlabel("sparsity")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"mean ± std over seeds ({Path(report['sweep']).name})", fontsize=9)
+    fig.tight_layout()
+    written = [_save(fig, out_dir / METRICS_VS_SPARSITY)]
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=110)
+    for i, (label, members) in enumerate(series.items()):
+        pts = sorted((g["training_flops"]["mean"], g["accuracy"]["mean"], g["accuracy"]["std"], g["sparsity"])
+                     for g in members if g.get("training_flops") and g["training_flops"]["mean"]
+                     and g.get("accuracy") and g["accuracy"]["mean"] is not None)
+        if not pts:
+            continue
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                    color=f"C{i}", label=label)
+        for x, y, _, s in pts:
+            if s is not None:
+                ax.annotate(f"{s:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs (analytic)")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(_save(fig, out_dir / ACCURACY_VS_FLOPS))
+    plt.close(fig)
+    return written

@@ -1,0 +1,198 @@
+"""A sweep's grid: methods x sparsities x seeds x any config keys, expanded into cells.
+
+Each cell is an ordinary run (its ``ssvi train`` arguments) evaluated by ``ssvi evaluate`` (its
+arguments); dense methods (``vi``, ``dense``) ignore the sparsity and get one cell per seed. The
+spec is written as ``sweep.json`` in the sweep directory; cells live in ``cells/<name>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from itertools import product
+from pathlib import Path
+from typing import Any, Optional
+
+from ssvi_cli import config as cfgmod
+from ssvi_cli.fileio import write_json
+from ssvi_cli.methods import METHODS
+
+SWEEP_FILE = "sweep.json"
+CELLS_DIR = "cells"
+EVAL_FILE = "evaluation.json"
+SWEEP_VERSION = 1
+# Keys the grid sets itself; a YAML sweep file or --set names any other config key.
+OWN_KEYS = ("sparse.method", "sparse.sparsity", "train.seed")
+
+
+class SweepError(ValueError):
+    """A sweep that cannot run as asked (bad grid, key, value or directory); one line."""
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """What to run: the preset, the grid axes and how every cell is evaluated."""
+
+    preset: str = cfgmod.DEFAULT_PRESET
+    methods: tuple[str, ...] = ("ssvi",)
+    sparsities: tuple[float, ...] = (0.95,)
+    seeds: tuple[int, ...] = (0,)
+    axes: dict[str, list[Any]] = field(default_factory=dict)  # config key -> values (a product)
+    fixed: dict[str, Any] = field(default_factory=dict)       # config key -> one value for every cell
+    ood: tuple[str, ...] = ()
+    samples: int = 10
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SweepSpec":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SweepError(f"unknown sweep key {unknown[0]!r}; valid keys are: {', '.join(sorted(known))}")
+        tuples = {"methods": str, "sparsities": float, "seeds": int, "ood": str}
+        args: dict[str, Any] = {}
+        for key, value in d.items():
+            if key in tuples:
+                items = value if isinstance(value, (list, tuple)) else [value]
+                try:
+                    args[key] = tuple(tuples[key](v) for v in items)
+                except (TypeError, ValueError):
+                    raise SweepError(f"sweep key {key!r}: {value!r} is not a list of {tuples[key].__name__}") from None
+            elif key in ("axes", "fixed"):
+                if not isinstance(value, dict):
+                    raise SweepError(f"sweep key {key!r} must map config keys to values")
+                args[key] = {str(k): (list(v) if isinstance(v, (list, tuple)) and key == "axes" else v)
+                             for k, v in value.items()}
+            else:
+                args[key] = value
+        return cls(**args)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid: its name (its directory under ``cells/``) and its config overrides."""
+
+    name: str
+    method: str
+    sparsity: Optional[float]  # None for a dense method
+    seed: int
+    settings: dict[str, Any]   # the swept config keys' values of this cell
+
+    def overrides(self, spec: SweepSpec) -> dict[str, Any]:
+        over = {**spec.fixed, **self.settings, "sparse.method": self.method, "train.seed": self.seed}
+        if self.sparsity is not None:
+            over["sparse.sparsity"] = self.sparsity
+        return over
+
+    def train_args(self, spec: SweepSpec, out: Path) -> list[str]:
+        """``ssvi train`` arguments of this cell (``--json``, into ``out``)."""
+        args = ["--preset", spec.preset, "--method", self.method, "--seed", str(self.seed)]
+        if self.sparsity is not None:
+            args += ["--sparsity", f"{self.sparsity:g}"]
+        for key, value in {**spec.fixed, **self.settings}.items():
+            args += ["--set", f"{key}={_yaml_value(value)}"]
+        return [*args, "--out", str(out), "--json"]
+
+    def eval_args(self, spec: SweepSpec, out: Path) -> list[str]:
+        """``ssvi evaluate`` arguments of this cell (its report written to ``evaluation.json``)."""
+        args = [str(out), "--samples", str(spec.samples), "--json", "--output", str(out / EVAL_FILE)]
+        for name in spec.ood:
+            args += ["--ood", name]
+        return args
+
+
+def _yaml_value(value: Any) -> str:
+    """A value as ``--set`` reads it back (YAML flow style for lists)."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_yaml_value(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else str(value)
+
+
+def _slug(value: Any) -> str:
+    text = _yaml_value(value)
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "x"
+
+
+def cell_name(method: str, sparsity: Optional[float], seed: int, settings: dict[str, Any]) -> str:
+    parts = [method] + ([f"s{sparsity:g}"] if sparsity is not None else [])
+    parts += [f"{key.rpartition('.')[2]}-{_slug(v)}" for key, v in settings.items()]
+    return "_".join(parts + [f"seed{seed}"])
+
+
+def expand(spec: SweepSpec) -> list[Cell]:
+    """Every cell of the grid, in a stable order; every cell's config is validated first."""
+    if not spec.methods or not spec.seeds:
+        raise SweepError("a sweep needs at least one method and one seed")
+    for name in spec.methods:
+        METHODS.get(name)
+    clash = sorted(set(spec.axes) & set(OWN_KEYS)) or sorted(set(spec.fixed) & set(OWN_KEYS))
+    if clash:
+        raise SweepError(f"{clash[0]} is a grid axis of its own: use --method, --sparsity or --seeds")
+    for key, values in spec.axes.items():
+        if not isinstance(values, list) or not values:
+            raise SweepError(f"sweep axis {key!r} needs a non-empty list of values")
+    keys = list(spec.axes)
+    cells: list[Cell] = []
+    seen: set[str] = set()
+    for method, sparsity, combo, seed in product(spec.methods, spec.sparsities or (None,),
+                                                 product(*(spec.axes[k] for k in keys)), spec.seeds):
+        s = None if METHODS.get(method).dense else sparsity
+        settings = dict(zip(keys, combo))
+        name = cell_name(method, s, seed, settings)
+        if name in seen:  # a dense method at several sparsities is one run
+            continue
+        seen.add(name)
+        cells.append(Cell(name, method, s, seed, settings))
+    base = cfgmod.load_preset(spec.preset)
+    for cell in cells:
+        try:
+            cfgmod.apply_overrides(base, cell.overrides(spec))
+        except cfgmod.ConfigError as exc:
+            raise SweepError(f"cell {cell.name}: {exc}") from None
+    return cells
+
+
+def parse_values(text: str) -> list[Any]:
+    """``a,b,c`` as YAML scalars (``[..]`` groups stay one value: ``[64,64],[128]``)."""
+    import yaml
+
+    try:
+        parsed = yaml.safe_load(f"[{text}]")
+    except yaml.YAMLError:
+        raise SweepError(f"cannot read the values {text!r}; give them comma-separated, e.g. 0.1,0.2") from None
+    if not isinstance(parsed, list) or not parsed:
+        raise SweepError(f"no values in {text!r}")
+    return parsed
+
+
+def parse_axis(text: str) -> tuple[str, list[Any]]:
+    """``--set key=a,b`` -> (key, [a, b]); the key must be a config key."""
+    if "=" not in text:
+        raise SweepError(f"--set expects key.sub=a,b,..., got {text!r}")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    if key not in cfgmod.valid_keys():
+        raise SweepError(f"unknown config key {key!r} in --set {text!r} (see 'ssvi train --help')")
+    return key, parse_values(raw)
+
+
+def write_spec(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> None:
+    write_json(sweep_dir / SWEEP_FILE, {"format": "ssvi-sweep", "version": SWEEP_VERSION, "spec": spec.to_dict(),
+                                        "cells": [c.name for c in cells]})
+
+
+def read_spec(sweep_dir: Path) -> tuple[SweepSpec, list[Cell]]:
+    path = Path(sweep_dir) / SWEEP_FILE
+    if not path.is_file():
+        raise SweepError(f"{sweep_dir} is not a sweep directory (no {SWEEP_FILE})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        spec = SweepSpec.from_dict(data["spec"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SweepError(f"{path} is corrupted ({exc})") from None
+    return spec, expand(spec)

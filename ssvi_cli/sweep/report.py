@@ -1,0 +1,178 @@
+"""A sweep's report: every cell's training summary and evaluation, mean ± std over seeds per group
+(method, sparsity, swept keys), as ``report.json`` and ``report.md``, plus the figures when
+matplotlib is installed (``sweep.figures``).
+
+The std is the sample standard deviation over seeds (ddof = 1; 0 for a single seed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Optional
+
+from ssvi_cli.fileio import read_jsonl, write_json, write_text
+from ssvi_cli.runs.rundir import SUMMARY_FILE, SUPPORT_FILE
+from ssvi_cli.sweep.grid import EVAL_FILE, Cell, SweepSpec, read_spec
+from ssvi_cli.sweep.runner import cell_dir, cell_state
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+STAGES = ("early", "middle", "late")
+# (column, label, digits): the metrics every cell reports
+METRICS = (("accuracy", "accuracy", 4), ("nll", "NLL", 4), ("ece", "ECE", 4), ("brier", "Brier", 4),
+           ("mi_mean", "mean MI", -1))  # digits -1: scientific notation
+COSTS = (("training_flops", "training FLOPs"), ("model_file_bytes", "file bytes"), ("density", "density"),
+         ("subspace_steps", "subspace steps"))
+
+
+def cell_row(path: Path, cell: Cell) -> Optional[dict[str, Any]]:
+    """One finished cell's numbers (None while it is not evaluated)."""
+    if cell_state(path) != "done":
+        return None
+    summary = json.loads((path / SUMMARY_FILE).read_text(encoding="utf-8"))
+    evaluation = json.loads((path / EVAL_FILE).read_text(encoding="utf-8"))
+    row: dict[str, Any] = {"cell": cell.name, "method": cell.method, "sparsity": cell.sparsity, "seed": cell.seed,
+                           "settings": cell.settings, "samples": evaluation.get("samples")}
+    row.update({key: evaluation["metrics"].get(key) for key, _, _ in METRICS})
+    for name, block in (evaluation.get("ood") or {}).items():
+        for score in ("entropy", "mutual_information"):
+            row[f"auroc:{name}:{score}"] = block["scores"][score]["auroc"]
+    row.update({key: summary.get(key) for key, _ in COSTS})
+    row["criteria_iou"] = stage_iou(path / SUPPORT_FILE)
+    return row
+
+
+def stage_iou(support_file: Path) -> Optional[dict[str, Any]]:
+    """The criteria-overlap matrices recorded at the first, middle and last subspace steps."""
+    if not support_file.is_file():
+        return None
+    records = [r for r in read_jsonl(support_file) if r.get("criteria_iou")]
+    if not records:
+        return None
+    picks = {"early": records[0], "middle": records[len(records) // 2], "late": records[-1]}
+    return {stage: {"step": rec["step"], **rec["criteria_iou"]} for stage, rec in picks.items()}
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    clean = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not clean:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(clean), "std": statistics.stdev(clean) if len(clean) > 1 else 0.0,
+            "n": len(clean)}
+
+
+def group_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return (row["method"], row["sparsity"], json.dumps(row["settings"], sort_keys=True))
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and std over seeds of every metric, per (method, sparsity, settings) in grid order."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(group_key(row), []).append(row)
+    out = []
+    for members in groups.values():
+        first = members[0]
+        own = {k for k, _, _ in METRICS} | {k for k, _ in COSTS}
+        metric_keys = [k for k in first if k in own or k.startswith("auroc:")]
+        out.append({"method": first["method"], "sparsity": first["sparsity"], "settings": first["settings"],
+                    "seeds": sorted(m["seed"] for m in members), "samples": first["samples"],
+                    **{k: _stats([m.get(k) for m in members]) for k in metric_keys},
+                    "criteria_iou": _mean_iou([m["criteria_iou"] for m in members if m.get("criteria_iou")])})
+    return out
+
+
+def _mean_iou(per_seed: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    if not per_seed:
+        return None
+    out = {}
+    for stage in STAGES:
+        mats = [s[stage]["iou"] for s in per_seed]
+        n = len(mats[0])
+        out[stage] = {"criteria": per_seed[0][stage]["criteria"], "steps": [s[stage]["step"] for s in per_seed],
+                      "iou": [[statistics.fmean(m[i][j] for m in mats) for j in range(n)] for i in range(n)]}
+    return out
+
+
+def build_report(sweep_dir: Path) -> dict[str, Any]:
+    spec, cells = read_spec(sweep_dir)
+    rows = [r for c in cells if (r := cell_row(cell_dir(sweep_dir, c), c)) is not None]
+    return {"format": "ssvi-sweep-report", "version": 1, "sweep": str(sweep_dir), "spec": spec.to_dict(),
+            "cells_total": len(cells), "cells_done": len(rows),
+            "missing": [c.name for c in cells if cell_state(cell_dir(sweep_dir, c)) != "done"],
+            "groups": aggregate(rows), "cells": rows}
+
+
+def _pm(stat: Optional[dict[str, Any]], digits: int = 4) -> str:
+    if not stat or stat.get("mean") is None:
+        return "-"
+    if digits == 0:
+        return f"{stat['mean']:.3g}" + (f" ± {stat['std']:.2g}" if stat["std"] else "")
+    if digits < 0:
+        return f"{stat['mean']:.2e} ± {stat['std']:.1e}"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as markdown: the results table (mean ± std over seeds) and the criteria IoU."""
+    spec = SweepSpec.from_dict(report["spec"])
+    groups = report["groups"]
+    aurocs = sorted({k for g in groups for k in g if k.startswith("auroc:")})
+    axes = list(spec.axes)
+    head = ["method", "sparsity", *axes, "seeds", *(label for _, label, _ in METRICS),
+            *(f"AUROC {k.split(':')[1]} ({'MI' if k.endswith('information') else 'entropy'})" for k in aurocs),
+            "training FLOPs", "file bytes"]
+    lines = [f"# Sweep report: {report['sweep']}", "",
+             f"{report['cells_done']} of {report['cells_total']} cells evaluated; preset `{spec.preset}`, "
+             f"Monte Carlo prediction with S={spec.samples}; mean ± std over seeds (sample std).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        cells = [g["method"], "dense" if g["sparsity"] is None else f"{g['sparsity']:g}",
+                 *(str(g["settings"].get(a)) for a in axes), str(len(g["seeds"])),
+                 *(_pm(g.get(k), d) for k, _, d in METRICS), *(_pm(g.get(k)) for k in aurocs),
+                 _pm(g.get("training_flops"), 0), _pm(g.get("model_file_bytes"), 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if report["missing"]:
+        lines += ["", f"Not evaluated yet: {', '.join(report['missing'])}."]
+    lines += _iou_markdown(groups)
+    return "\n".join(lines) + "\n"
+
+
+def _iou_markdown(groups: list[dict[str, Any]]) -> list[str]:
+    out: list[str] = []
+    for g in groups:
+        iou = g.get("criteria_iou")
+        if not iou:
+            continue
+        names = iou["early"]["criteria"]
+        pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
+        label = f"{g['method']}, sparsity {g['sparsity']:g}" + (f", {g['settings']}" if g["settings"] else "")
+        out += ["", f"## Criteria overlap: {label}", "",
+                "IoU of the entries each removal criterion would drop at the subspace step (mean over seeds), "
+                "at the first, middle and last subspace step of training.", "",
+                "| criteria | " + " | ".join(f"{s} (step {min(iou[s]['steps'])})" for s in STAGES) + " |",
+                "|---|" + "---|" * len(STAGES)]
+        for i, j in pairs:
+            out.append(f"| {names[i]} vs {names[j]} | "
+                       + " | ".join(f"{iou[s]['iou'][i][j]:.3f}" for s in STAGES) + " |")
+    return out
+
+
+def write_report(sweep_dir: Path, figures: bool = True) -> dict[str, Any]:
+    """Write report.json, report.md and (with matplotlib) the figures; returns the report."""
+    report = build_report(sweep_dir)
+    written = [str(Path(sweep_dir) / REPORT_JSON), str(Path(sweep_dir) / REPORT_MD)]
+    if figures and report["groups"]:
+        from ssvi_cli.sweep.figures import FiguresUnavailable, write_figures
+
+        try:
+            written += [str(p) for p in write_figures(report, Path(sweep_dir))]
+        except FiguresUnavailable as exc:
+            report["figures_note"] = str(exc)
+    report["files"] = written
+    write_json(Path(sweep_dir) / REPORT_JSON, report)
+    write_text(Path(sweep_dir) / REPORT_MD, markdown(report))
+    return report

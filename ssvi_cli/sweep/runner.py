@@ -1,0 +1,144 @@
+"""Running a sweep's cells: each one a separate ``ssvi sweep --run-cell DIR`` process, ``jobs`` at
+a time, with its output in ``logs/<cell>.log``.
+
+A cell's state is read from its run directory (``done``: evaluated; ``trained``; ``partial``: a
+checkpoint to resume from; ``new``), so a rerun skips finished cells and resumes interrupted ones.
+Cells run in sessions of their own: on Ctrl-C (or SIGTERM) the sweep sends each running cell one
+SIGINT, and each one finishes its step, checkpoints and exits, resumable.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from ssvi_cli.runs.rundir import RunDir
+from ssvi_cli.sweep.grid import CELLS_DIR, EVAL_FILE, Cell
+
+LOGS_DIR = "logs"
+STOP_GRACE_S = 300.0  # how long a stopped cell may take to checkpoint before it is killed
+INTERRUPTED = (130, 143)
+
+
+def cell_dir(sweep_dir: Path, cell: Cell) -> Path:
+    return Path(sweep_dir) / CELLS_DIR / cell.name
+
+
+def cell_state(path: Path) -> str:
+    """``done``, ``trained``, ``partial`` (has a checkpoint) or ``new``."""
+    run = RunDir(path)
+    if (path / EVAL_FILE).is_file():
+        return "done"
+    if run.summary_file.is_file() and run.model_file.is_file():
+        return "trained"
+    return "partial" if path.is_dir() and run.checkpoints() else "new"
+
+
+def cell_command(cell_path: Path) -> list[str]:
+    """The command line that runs one cell (what ``--dry-run`` lists, with ``ssvi`` in front)."""
+    return ["sweep", "--run-cell", str(cell_path)]
+
+
+@dataclass
+class Outcome:
+    """How the cells of one ``run_cells`` call ended."""
+
+    finished: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, int] = field(default_factory=dict)  # cell -> exit code
+    stopped: list[str] = field(default_factory=list)      # interrupted, resumable
+    interrupted: bool = False
+
+
+class _Stop(Exception):
+    pass
+
+
+# (event, cell name, detail): event is "start", "finish", "fail", "skip" or "stop"
+Listener = Callable[[str, str, str], None]
+
+
+def run_cells(sweep_dir: Path, cells: list[Cell], jobs: int, threads: Optional[int] = None,
+              listener: Optional[Listener] = None) -> Outcome:
+    """Run every unfinished cell, ``jobs`` processes at a time, each with ``threads`` torch threads."""
+    note = listener or (lambda *_: None)
+    outcome = Outcome()
+    logs = Path(sweep_dir) / LOGS_DIR
+    logs.mkdir(parents=True, exist_ok=True)
+    queue: list[Cell] = []
+    for cell in cells:
+        if cell_state(cell_dir(sweep_dir, cell)) == "done":
+            outcome.skipped.append(cell.name)
+            note("skip", cell.name, "already evaluated")
+        else:
+            queue.append(cell)
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    running: dict[str, subprocess.Popen] = {}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Stop()
+
+    for sig in previous:
+        signal.signal(sig, stop)
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                cell = queue.pop(0)
+                path = cell_dir(sweep_dir, cell)
+                with open(logs / f"{cell.name}.log", "ab") as log:
+                    running[cell.name] = subprocess.Popen(
+                        [sys.executable, "-m", "ssvi_cli", *cell_command(path)], stdout=log,
+                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                note("start", cell.name, cell_state(path))
+            time.sleep(0.2)
+            for name, proc in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del running[name]
+                if code == 0:
+                    outcome.finished.append(name)
+                    note("finish", name, "")
+                else:
+                    outcome.failed[name] = code
+                    note("fail", name, f"exit code {code}, see {logs / (name + '.log')}")
+    except _Stop:
+        outcome.interrupted = True
+        for sig in previous:  # a second Ctrl-C while the cells checkpoint is ignored, not fatal
+            signal.signal(sig, signal.SIG_IGN)
+        _stop_all(running, outcome, note)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return outcome
+
+
+def _stop_all(running: dict[str, subprocess.Popen], outcome: Outcome, note: Listener) -> None:
+    """One SIGINT to each running cell, then wait for their checkpoints (kill after the grace time)."""
+    for proc in running.values():
+        try:
+            os.killpg(proc.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + STOP_GRACE_S
+    for name, proc in running.items():
+        try:
+            code = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        if code == 0:
+            outcome.finished.append(name)
+            note("finish", name, "")
+        else:
+            outcome.stopped.append(name)
+            note("stop", name, f"exit code {code}")

@@ -1,0 +1,136 @@
+"""``ssvi sweep``: the grid, cells run as ordinary runs, the report, --dry-run, resuming after Ctrl-C,
+and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ssvi_cli.cli import run
+from ssvi_cli.sweep.grid import SweepError, SweepSpec, expand, parse_axis
+from ssvi_cli.sweep.runner import cell_state
+
+# Small cells: a 32-unit MLP on 300 digits, a few epochs, a subspace step every 2 minibatches.
+TINY = ["--set", "model.widths=[32]", "--set", "data.max_train=300", "--set", "train.eval_samples=2",
+        "--set", "sparse.delta_t=2", "--samples", "2"]
+
+
+def test_the_grid_runs_a_dense_method_once_per_seed_and_names_every_cell():
+    spec = SweepSpec(methods=("ssvi", "vi", "rigl"), sparsities=(0.9, 0.95), seeds=(0, 1),
+                     axes={"sparse.criterion": ["snr", "mean"]}, fixed={"train.epochs": 2})
+    cells = expand(spec)
+    names = [c.name for c in cells]
+    assert len(names) == len(set(names)) == 2 * 2 * 2 * 2 + 2 * 2  # vi: criteria x seeds, no sparsity
+    assert "ssvi_s0.95_criterion-snr_seed1" in names and "vi_criterion-mean_seed0" in names
+    vi = next(c for c in cells if c.method == "vi")
+    assert vi.sparsity is None and "--sparsity" not in vi.train_args(spec, Path("x"))
+    args = cells[0].train_args(spec, Path("out"))
+    assert args[args.index("--set") + 1] == "train.epochs=2" and "sparse.criterion=snr" in args
+
+
+def test_bad_grids_are_one_line_errors():
+    with pytest.raises(SweepError, match="unknown config key 'sparse.nope'"):
+        parse_axis("sparse.nope=1,2")
+    with pytest.raises(SweepError, match="grid axis of its own"):
+        expand(SweepSpec(axes={"train.seed": [1, 2]}))
+    with pytest.raises(SweepError, match="cell ssvi_s0.95_alpha-7_seed0: .*alpha"):
+        expand(SweepSpec(axes={"sparse.alpha": [7]}))
+    assert parse_axis("model.widths=[64,64],[32]") == ("model.widths", [[64, 64], [32]])
+
+
+def test_cli_errors(tmp_path: Path, capsys):
+    assert run(["sweep", "--method", "ssvi,nope", "--out", str(tmp_path / "a"), "--dry-run"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert run(["sweep", "--report", str(tmp_path), "--seeds", "2"]) == 2
+    assert "--report takes no grid options" in capsys.readouterr().err
+    assert run(["sweep", "--report", str(tmp_path)]) == 2
+    assert "is not a sweep directory" in capsys.readouterr().err
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x.txt").write_text("mine")
+    assert run(["sweep", "--out", str(tmp_path / "b"), "--dry-run"]) == 2
+    assert "is not a sweep directory" in capsys.readouterr().err
+    assert (tmp_path / "b" / "x.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_reports_and_skips_finished_cells(tmp_path: Path, capsys):
+    out = tmp_path / "sw"
+    code = run(["sweep", "--method", "ssvi,vi", "--sparsity", "0.9", "--seeds", "2", "--ood", "noise",
+                "--set", "train.epochs=2", *TINY, "--jobs", "2", "--out", str(out), "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["cells_done"] == report["cells_total"] == 4 and not report["missing"]
+    groups = {g["method"]: g for g in report["groups"]}
+    assert groups["ssvi"]["seeds"] == [0, 1] and groups["vi"]["sparsity"] is None
+    accs = [c["accuracy"] for c in report["cells"] if c["method"] == "ssvi"]
+    assert groups["ssvi"]["accuracy"]["mean"] == pytest.approx(sum(accs) / 2)
+    assert groups["ssvi"]["accuracy"]["std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
+    assert groups["ssvi"]["auroc:noise:entropy"]["n"] == 2 and groups["vi"]["density"]["mean"] == 1.0
+    # every cell is an ordinary run directory, evaluated by ssvi evaluate
+    cell = out / "cells" / "ssvi_s0.9_seed0"
+    assert json.loads((cell / "summary.json").read_text())["method"] == "ssvi"
+    assert json.loads((cell / "evaluation.json").read_text())["format"] == "ssvi-evaluation"
+    # the criteria overlap of the six criteria at early/middle/late subspace steps
+    iou = groups["ssvi"]["criteria_iou"]
+    assert set(iou) == {"early", "middle", "late"} and len(iou["late"]["iou"]) == 6
+    assert iou["early"]["iou"][3][1] == pytest.approx(1.0)  # snr_abs ranks exactly like snr
+    md = (out / "report.md").read_text()
+    assert "| ssvi | 0.9 | 2 |" in md and "| vi | dense | 2 |" in md and "snr vs snr_abs | 1.000 |" in md
+    assert (out / "metrics_vs_sparsity.png").stat().st_size > 1000 and (out / "accuracy_vs_flops.png").is_file()
+    # a rerun of the same command skips every finished cell
+    before = (cell / "evaluation.json").stat().st_mtime_ns
+    assert run(["sweep", "--resume", str(out)]) == 0
+    assert (cell / "evaluation.json").stat().st_mtime_ns == before
+    assert "4 of 4 cells" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_dry_run_lists_cell_commands_that_run_alone(tmp_path: Path, capsys):
+    out = tmp_path / "sw"
+    assert run(["sweep", "--method", "static,rigl", "--sparsity", "0.8,0.9", "--set", "train.epochs=1", *TINY,
+                "--out", str(out), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == (out / "commands.txt").read_text().splitlines()
+    assert len(lines) == 4 and all(line.startswith("ssvi sweep --run-cell ") for line in lines)
+    assert not (out / "cells").exists()  # nothing ran
+    assert run(lines[0].split()[1:]) == 0  # one cell, as a scheduler would run it
+    capsys.readouterr()
+    assert run(["sweep", "--report", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["cells_done"] == 1 and len(report["missing"]) == 3
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_every_cell_resumable(tmp_path: Path):
+    out = tmp_path / "sw"
+    cmd = [sys.executable, "-m", "ssvi_cli", "sweep", "--method", "ssvi", "--sparsity", "0.9,0.95", "--seeds", "1",
+           "--set", "train.epochs=20", *TINY, "--jobs", "2", "--threads", "1", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cells = [out / "cells" / "ssvi_s0.9_seed0", out / "cells" / "ssvi_s0.95_seed0"]
+    deadline = time.monotonic() + 240
+    # wait until both cells are training (their first epochs logged), then press Ctrl-C
+    while time.monotonic() < deadline and not all((c / "metrics.jsonl").is_file() for c in cells):
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 130, stderr
+    assert "cells stopped at a checkpoint" in stderr and f"ssvi sweep --resume {out}" in stderr
+    assert [cell_state(c) for c in cells] == ["partial", "partial"]
+    # each cell wrote its checkpoint; --resume continues every cell from it
+    for c in cells:
+        log = (out / "logs" / f"{c.name}.log").read_text()
+        assert "checkpoint written" in log
+    env = dict(os.environ)
+    resumed = subprocess.run([sys.executable, "-m", "ssvi_cli", "sweep", "--resume", str(out), "--json",
+                              "--no-figures"], capture_output=True, text=True, env=env, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["cells_done"] == 2
+    assert "resuming" in (out / "logs" / f"{cells[0].name}.log").read_text()
