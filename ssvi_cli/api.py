@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ssvi_cli.config import MIN_SUBSPACE_STEPS, PAPER_DELTA_T
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.core.modes import capturing_dense_grad, sampling
 from ssvi_cli.core.subspace import Schedule, SwapReport, collect_captured, subspace_step
@@ -53,7 +54,9 @@ class Subspace:
     """The SSVI schedule for a user's loop: call :meth:`step` where ``optimizer.step()`` would go.
 
     Every ``delta_t`` steps while ``t < t_end * total_steps`` the step is a remove-and-add step
-    instead (METHOD.md §4): the minibatch just before it ran with dense-gradient capture (switched on
+    instead (METHOD.md §4); ``delta_t="auto"`` spaces them to give at least ``min_subspace_steps``
+    of them, at most 100 steps apart (``ssvi_cli.core.subspace.resolve_delta_t``; the value used is
+    ``self.schedule.delta_t``): the minibatch just before it ran with dense-gradient capture (switched on
     for that forward only, by a forward pre-hook), the lowest removal scores are dropped and as many
     positions with the largest |dL/dmu| added, every layer's active count unchanged. The optimizer's
     state of new entries is reset to zero; ``state_dict``/``load_state_dict`` resume the schedule.
@@ -65,8 +68,9 @@ class Subspace:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int, *,
-                 delta_t: int = 100, alpha: float = 0.3, t_end: float = 0.75, criterion: str = "snr_abs",
-                 criterion_lambda: float = 1.0, addition: str = "sample", new_sigma: str = "mean") -> None:
+                 delta_t: int | str = PAPER_DELTA_T, alpha: float = 0.3, t_end: float = 0.75,
+                 criterion: str = "snr_abs", criterion_lambda: float = 1.0, addition: str = "sample",
+                 new_sigma: str = "mean", min_subspace_steps: int = MIN_SUBSPACE_STEPS) -> None:
         if not sparse_layers(model):
             raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
         name = type(optimizer).__name__
@@ -79,7 +83,7 @@ class Subspace:
         if total_steps < 1:
             raise ValueError(f"total_steps must be positive, got {total_steps}")
         self.model, self.optimizer = model, optimizer
-        self.schedule = Schedule(delta_t, alpha, int(t_end * total_steps))
+        self.schedule = Schedule.fitted(delta_t, alpha, int(t_end * total_steps), min_steps=min_subspace_steps)
         self.criterion, self.criterion_lambda, self.new_sigma, self.addition = criterion, criterion_lambda, new_sigma, addition
         self.t = 0
         self.last_report: Optional[SwapReport] = None

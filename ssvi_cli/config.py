@@ -22,6 +22,11 @@ SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 KERNELS = ("auto", "sparse", "dense")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# sparse.delta_t: a number of minibatches, or AUTO to fit the schedule to the run's length
+# (core/subspace.py: resolve_delta_t); PAPER_DELTA_T is RigL's and the paper's, auto's upper bound.
+DELTA_T_AUTO = "auto"
+PAPER_DELTA_T = 100
+MIN_SUBSPACE_STEPS = 100  # auto's default target (sparse.min_subspace_steps)
 MAX_LR = 100.0
 _ADDITION = re.compile(r"^(sample|mean|accumulate:(\d+))$")
 
@@ -67,7 +72,8 @@ class SparseConfig:
     criterion: str = "snr_abs"
     criterion_lambda: float = 1.0
     addition: str = "sample"
-    delta_t: int = 100
+    delta_t: Union[int, str] = PAPER_DELTA_T  # minibatches between subspace steps, or "auto"
+    min_subspace_steps: int = MIN_SUBSPACE_STEPS  # delta_t=auto: at least this many subspace steps
     alpha: float = 0.3
     t_end: float = 0.75  # fraction of total optimisation steps after which the support is frozen
     new_sigma: str = "mean"
@@ -149,14 +155,26 @@ def addition_accumulate(addition: str) -> int:
     return int(m.group(2)) if m.group(2) else 1
 
 
+_KINDS = {int: "an integer", float: "a number", str: "a word", bool: "true or false"}
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML/override value to the annotated field type, or raise ConfigError."""
     origin = get_origin(tp)
-    if origin is Union:  # Optional[X]
+    if origin is Union:  # Optional[X], or X | Y tried in order (int | str: a number or a word)
         args = [a for a in get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+        if len(args) < len(get_args(tp)) and (
+                value is None or (isinstance(value, str) and value.lower() in ("null", "none"))):
             return None
-        return _coerce(value, args[0], key)
+        if len(args) == 1:
+            return _coerce(value, args[0], key)
+        for option in args:
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        kinds = " or ".join(_KINDS.get(a, str(a)) for a in args)
+        raise ConfigError(f"{key} expects {kinds}, got {value!r}")
     if origin is tuple:
         (inner, _ellipsis) = get_args(tp)
         if isinstance(value, str):
@@ -279,13 +297,18 @@ def validate(cfg: Config) -> None:
     choice("train.kernel", t.kernel, KERNELS)
     choice("train.precision", t.precision, PRECISIONS)
     n_acc = addition_accumulate(s.addition)
+    auto_dt = s.delta_t == DELTA_T_AUTO
+    max_dt = PAPER_DELTA_T if auto_dt or not isinstance(s.delta_t, int) else s.delta_t
     if not 0.0 <= s.sparsity < 1.0:
         raise ConfigError(f"sparsity={s.sparsity} must be in [0, 1), e.g. --sparsity 0.95")
     checks = [
         ("sparse.alpha", 0.0 <= s.alpha <= 1.0, "in [0, 1]"),
         ("sparse.t_end", 0.0 <= s.t_end <= 1.0, "in [0, 1]"),
-        ("sparse.delta_t", s.delta_t >= 1, ">= 1"),
-        ("sparse.addition", n_acc < s.delta_t, f"accumulate:N needs N < delta_t={s.delta_t}"),
+        ("sparse.delta_t", auto_dt or (isinstance(s.delta_t, int) and s.delta_t >= 2),
+         f"an integer >= 2 (the paper's is {PAPER_DELTA_T}) or {DELTA_T_AUTO}"),
+        ("sparse.addition", n_acc < max_dt, f"accumulate:N needs N < delta_t={s.delta_t}"
+         + (f" (at most {PAPER_DELTA_T})" if auto_dt else "")),
+        ("sparse.min_subspace_steps", s.min_subspace_steps >= 1, ">= 1"),
         ("sparse.criterion_lambda", s.criterion_lambda > 0, "> 0"),
         ("bayes.beta", b.beta >= 0, ">= 0"),
         ("bayes.prior_sigma", b.prior_sigma > 0, "> 0"),

@@ -34,13 +34,21 @@ def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
         "evaluated as": summary["test_mode"] + (f", S={summary['test_samples']}" if summary["test_samples"] else ""),
         "mean-network accuracy": summary["test_accuracy_mean_net"],
         "epochs / steps": f"{summary['epochs']} / {summary['steps']}",
-        "subspace steps": summary["subspace_steps"],
+        "subspace steps": _subspace_row(summary),
         "processes / global batch": f"{summary['world_size']} / {summary['global_batch']}",
         "training throughput": f"{fmt(summary['samples_per_second'], 1)} samples/s ({summary['precision']})",
         "training FLOPs": _flops_row(summary),
         "model file bytes": f"{summary.get('model_file_bytes', 0):,}",
     }
     return rows
+
+
+def _subspace_row(summary: dict[str, Any]) -> str:
+    """``586 (delta_t 100)``, or ``104 (delta_t 9, auto)`` when the run's length chose it."""
+    dt = summary.get("delta_t")
+    if dt is None:
+        return str(summary["subspace_steps"])
+    return f"{summary['subspace_steps']} (delta_t {dt}{', auto' if summary.get('delta_t_auto') else ''})"
 
 
 def _flops_row(summary: dict[str, Any]) -> str:

@@ -10,7 +10,8 @@ Convention (METHOD.md section 6; printed beside every number as :data:`CONVENTIO
 - Backward = 2 x forward (gradient of the input and of the weights), for every layer.
 - SSVI adds a dense weight gradient (``2 * n * p`` per example, one op over *all* positions) on each
   minibatch whose gradient feeds the addition criterion: once per subspace step (``n`` per step with
-  ``accumulate:n``), every ``delta_t`` steps while ``t < T_end``.
+  ``accumulate:n``), every ``delta_t`` steps while ``t < T_end`` (``delta_t = "auto"`` resolved as the
+  trainer resolves it, :func:`ssvi_cli.core.subspace.resolve_delta_t`).
 - Biases, BatchNorm, activations, pooling, noise draws and the optimizer update are not counted
   (they scale with activations or parameters, not with weight x position products).
 - Monte Carlo prediction with ``S`` draws: the first layer's LRT moments once (two ops), then one op
@@ -28,8 +29,10 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from ssvi_cli.config import MIN_SUBSPACE_STEPS
 from ssvi_cli.core.layers import SparseGaussian, sparse_layers
 from ssvi_cli.core.modes import capturing_dense_grad, sampling, using_kernel
+from ssvi_cli.core.subspace import Schedule
 from ssvi_cli.methods import METHODS, Method
 
 CONVENTION = ("1 multiply-add = 2 FLOPs; LRT forward = 2 ops (mean, variance) over active weights; "
@@ -128,9 +131,7 @@ def method_layers(geometry: Iterable[LayerGeometry], method: Method | str,
 def subspace_captures(total_steps: int, delta_t: int, t_end: int, accumulate: int = 1) -> int:
     """Minibatches whose dense gradient is computed: ``accumulate`` per subspace step, the steps
     being every ``t`` in ``(0, t_end)`` with ``t % delta_t == 0``."""
-    last = min(t_end, total_steps)
-    updates = max(0, (last - 1) // delta_t) if last > 0 else 0
-    return updates * accumulate
+    return Schedule(delta_t, 0.0, min(t_end, total_steps), accumulate).updates * accumulate
 
 
 @dataclass(frozen=True)
@@ -159,12 +160,14 @@ def training_flops(layers: Sequence[LayerFlops], method: Method | str, examples:
 
 
 def recipe_flops(geometry: Sequence[LayerGeometry], method: Method | str, densities: Optional[dict[str, float]],
-                 *, n_train: int, epochs: int, batch_size: int, delta_t: int, t_end: float,
-                 accumulate: int = 1) -> TrainingFlops:
-    """Training FLOPs of a whole recipe (``t_end`` as a fraction of the total steps)."""
+                 *, n_train: int, epochs: int, batch_size: int, delta_t: int | str, t_end: float,
+                 accumulate: int = 1, min_subspace_steps: int = MIN_SUBSPACE_STEPS) -> TrainingFlops:
+    """Training FLOPs of a whole recipe (``t_end`` as a fraction of the total steps; ``delta_t`` a
+    number of steps or ``"auto"``)."""
     steps = math.ceil(n_train / batch_size) * epochs
     moves = _method(method).moves_support
-    captures = subspace_captures(steps, delta_t, int(t_end * steps), accumulate) if moves else 0
+    schedule = Schedule.fitted(delta_t, 0.0, int(t_end * steps), accumulate, min_subspace_steps)
+    captures = schedule.updates * accumulate if moves else 0
     return training_flops(method_layers(geometry, method, densities), method, n_train * epochs,
                           batch_size, captures)
 

@@ -2,7 +2,8 @@
 
 METHOD.md section 4: every ``delta_t`` steps while ``t < t_end`` the step replaces the parameter update.
 The drop fraction follows ``f(t) = alpha/2 (1 + cos(pi t / t_end))``; in every layer the active count
-is unchanged, exactly.
+is unchanged, exactly. ``delta_t = "auto"`` fits the spacing to the run's length
+(:func:`resolve_delta_t`), for the trainer and the public loop API alike.
 """
 
 from __future__ import annotations
@@ -14,11 +15,34 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from ssvi_cli.config import DELTA_T_AUTO, MIN_SUBSPACE_STEPS, PAPER_DELTA_T, SparseConfig, addition_accumulate
 from ssvi_cli.core.criteria import removal_score, top_k_indices
 from ssvi_cli.core.layers import SparseGaussian, sparse_layers
 from ssvi_cli.core.gaussian import rho_from_sigma
 
 NEW_SIGMA_TINY = 1e-6
+
+
+def resolve_delta_t(delta_t: int | str, t_end: int, min_steps: int, accumulate: int = 1) -> int:
+    """The minibatches between subspace steps: ``delta_t`` itself, or for ``"auto"``
+    ``clamp(floor((t_end - 1) / min_steps), accumulate + 1, 100)``.
+
+    The subspace steps are the ``t`` in ``(0, t_end)`` with ``t % delta_t == 0``, so
+    ``floor((t_end - 1) / min_steps)`` is the widest spacing that still fits ``min_steps`` of them: a
+    short run gets at least ``min_steps`` (all its ``t_end`` steps allow), a run with
+    ``t_end > 100 * min_steps`` exactly the paper's 100. Never below ``accumulate + 1``: the
+    gradients of the ``accumulate`` minibatches before a subspace step feed it, and a schedule made
+    of subspace steps only would never update the weights.
+    """
+    if isinstance(delta_t, bool) or (not isinstance(delta_t, int) and delta_t != DELTA_T_AUTO):
+        raise ValueError(f"delta_t={delta_t!r}; use a positive number of steps or {DELTA_T_AUTO!r}")
+    if min_steps < 1:
+        raise ValueError(f"min_subspace_steps must be positive, got {min_steps}")
+    if isinstance(delta_t, int):
+        if delta_t < 1:
+            raise ValueError(f"delta_t must be positive, got {delta_t}")
+        return delta_t
+    return min(PAPER_DELTA_T, max(accumulate + 1, (t_end - 1) // min_steps))
 
 
 @dataclass(frozen=True)
@@ -27,6 +51,23 @@ class Schedule:
     alpha: float
     t_end: int          # global step after which the support is frozen
     accumulate: int = 1  # minibatches whose dense gradients feed the addition score
+
+    @classmethod
+    def fitted(cls, delta_t: int | str, alpha: float, t_end: int, accumulate: int = 1,
+               min_steps: int = MIN_SUBSPACE_STEPS) -> "Schedule":
+        """A schedule whose ``delta_t`` may be ``"auto"`` (see :func:`resolve_delta_t`)."""
+        return cls(resolve_delta_t(delta_t, t_end, min_steps, accumulate), alpha, t_end, accumulate)
+
+    @classmethod
+    def from_config(cls, sparse: SparseConfig, total_steps: int) -> "Schedule":
+        """The schedule of a run of ``total_steps`` minibatches (``t_end`` a fraction of them)."""
+        return cls.fitted(sparse.delta_t, sparse.alpha, int(sparse.t_end * total_steps),
+                          addition_accumulate(sparse.addition), sparse.min_subspace_steps)
+
+    @property
+    def updates(self) -> int:
+        """The number of subspace steps: every ``t`` in ``(0, t_end)`` with ``t % delta_t == 0``."""
+        return max(0, (self.t_end - 1) // self.delta_t)
 
     def is_update(self, t: int) -> bool:
         return t > 0 and t % self.delta_t == 0 and t < self.t_end

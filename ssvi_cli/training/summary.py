@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
+from ssvi_cli.config import DELTA_T_AUTO
 from ssvi_cli.core.flops import training_summary
 from ssvi_cli.modelfile import ModelCard, write_model_file
 from ssvi_cli.prediction import predict_loader
@@ -91,6 +92,10 @@ def finish(trainer: "Trainer") -> dict[str, Any]:
         "epochs": state.epoch,
         "steps": state.step,
         "subspace_steps": state.subspace_steps,
+        # The spacing used (sparse.delta_t resolved; "auto" depends on the run's length), None when
+        # the method never moves the support.
+        "delta_t": trainer.schedule.delta_t if cfg.method.moves_support else None,
+        "delta_t_auto": cfg.sparse.delta_t == DELTA_T_AUTO,
         "world_size": trainer.dist.world_size,
         "global_batch": state.global_batch,
         "precision": cfg.train.precision,

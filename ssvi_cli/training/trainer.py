@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ssvi_cli.config import Config, addition_accumulate, dump_yaml
+from ssvi_cli.config import Config, dump_yaml
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.core.modes import capturing_dense_grad, sampling
 from ssvi_cli.core.overlap import criteria_overlap
@@ -67,8 +67,7 @@ class Trainer:
         self.steps_per_epoch = len(distributed.global_batches(torch.arange(self.n_train), state.global_batch,
                                                               dist_info.world_size))
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
-        s = cfg.sparse
-        self.schedule = Schedule(s.delta_t, s.alpha, int(s.t_end * self.total_steps), addition_accumulate(s.addition))
+        self.schedule = Schedule.from_config(cfg.sparse, self.total_steps)  # delta_t=auto resolved here
         self._accumulated: dict[str, Tensor] = {}
         self._captured = 0
         self.stop_requested = False

@@ -1,0 +1,185 @@
+"""The subspace schedule's spacing: ``sparse.delta_t`` as a number (the paper's 100) or ``auto``
+(fitted to the run's length, ``core/subspace.py: resolve_delta_t``), in the rule's arithmetic, the
+trainer, the CLI's summary and the public loop API."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ssvi_cli as ssvi
+from ssvi_cli import config as C
+from ssvi_cli.cli import run
+from ssvi_cli.core.flops import recipe_flops, subspace_captures
+from ssvi_cli.core.subspace import Schedule, resolve_delta_t
+from ssvi_cli.data import get_spec
+from ssvi_cli.fileio import read_jsonl
+from ssvi_cli.training.plan import init_model, make_model
+from ssvi_cli.training.trainer import Trainer
+
+# digits: 1293 training images, batch 64 -> 21 steps per epoch; 2 epochs -> 42 steps, t_end = 31.
+DIGITS_STEPS_2_EPOCHS = 42
+QUICK = ["--epochs", "2", "--set", "train.eval_samples=2"]
+
+
+def counted(schedule: Schedule, total: int) -> int:
+    """Subspace steps by walking the schedule (independent of ``Schedule.updates``)."""
+    return sum(schedule.is_update(t) for t in range(total))
+
+
+@pytest.mark.parametrize("min_steps", [1, 7, 10, 100, 250])
+def test_auto_gives_a_short_run_at_least_the_target(min_steps):
+    for t_end in range(1, 4000, 37):
+        dt = resolve_delta_t("auto", t_end, min_steps)
+        schedule = Schedule(dt, 0.3, t_end)
+        steps = counted(schedule, t_end + 5)
+        assert steps == schedule.updates
+        assert 2 <= dt <= 100
+        if t_end - 1 >= 2 * min_steps:  # the run has room for the target at the smallest spacing
+            assert steps >= min_steps, (t_end, dt)
+        else:  # it has not: as many as a spacing of 2 allows
+            assert dt == 2 and steps == (t_end - 1) // 2
+
+
+def test_auto_counts_the_open_interval_up_to_t_end():
+    """floor(t_end / min_steps) would give 99 steps here; the rule keeps the target."""
+    assert resolve_delta_t("auto", 1000, 100) == 9
+    assert Schedule(9, 0.3, 1000).updates == 111
+    assert Schedule(10, 0.3, 1000).updates == 99
+
+
+def test_auto_keeps_the_papers_100_on_a_long_run():
+    # CIFAR's 200 epochs of 391 steps: t_end = 58650
+    assert resolve_delta_t("auto", 58_650, 100) == 100
+    assert resolve_delta_t("auto", 100 * 100 + 1, 100) == 100  # the shortest run that keeps it
+    assert resolve_delta_t("auto", 100 * 100, 100) == 99
+    assert resolve_delta_t("auto", 10 ** 7, 586) == 100
+
+
+def test_explicit_values_are_used_as_given():
+    for t_end in (5, 31, 58_650):
+        assert resolve_delta_t(100, t_end, 100) == 100
+        assert resolve_delta_t(7, t_end, 1000) == 7
+    assert Schedule.fitted(100, 0.3, 58_650).updates == 586
+
+
+def test_auto_leaves_room_for_accumulated_gradients():
+    assert resolve_delta_t("auto", 50, 100, accumulate=4) == 5
+    schedule = Schedule.fitted("auto", 0.3, 50, accumulate=4, min_steps=100)
+    captures = sum(schedule.captures(t) for t in range(60))
+    assert captures == subspace_captures(60, schedule.delta_t, 50, 4) == 4 * schedule.updates
+
+
+@pytest.mark.parametrize("bad", ["often", 0, -3, True, 2.5])
+def test_bad_delta_t_is_refused(bad):
+    with pytest.raises(ValueError, match="delta_t"):
+        resolve_delta_t(bad, 100, 10)
+    with pytest.raises(ValueError, match="min_subspace_steps"):
+        resolve_delta_t("auto", 100, 0)
+
+
+def test_recipe_flops_resolve_auto_as_the_trainer_does():
+    from ssvi_cli.core.allocation import layer_densities
+    from ssvi_cli.core.flops import model_geometry
+    from ssvi_cli.core.layers import sparse_layers
+
+    cfg = C.load_preset("digits_mlp")
+    model = make_model(cfg, get_spec("digits"))
+    geom = model_geometry(model, (1, 8, 8))
+    dens = layer_densities(sparse_layers(model), 0.05, "uniform", dense_stem=True)
+    kw = dict(n_train=1293, epochs=60, batch_size=64, t_end=0.75)
+    auto = recipe_flops(geom, "ssvi", dens, delta_t="auto", min_subspace_steps=100, **kw)
+    fixed = recipe_flops(geom, "ssvi", dens, delta_t=9, **kw)  # 1260 steps, t_end 945: auto picks 9
+    assert auto == fixed and auto.captures == 104
+    assert recipe_flops(geom, "ssvi", dens, delta_t=50, **kw).captures == 18
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_takes_auto_a_number_and_names_the_choices():
+    cfg = C.apply_overrides(C.Config(), {"sparse.delta_t": "auto", "sparse.min_subspace_steps": 30})
+    assert cfg.sparse.delta_t == "auto" and cfg.sparse.min_subspace_steps == 30
+    assert C.apply_overrides(C.Config(), {"sparse.delta_t": "100"}).sparse.delta_t == 100
+    assert C.Config().sparse.delta_t == 100  # the paper's, unless a preset says otherwise
+    assert "delta_t: auto" in C.dump_yaml(cfg)
+    assert C.from_dict(cfg.to_dict()) == cfg
+    for bad, needle in (("often", "or auto"), (1, "integer >= 2"), (None, "an integer or a word")):
+        with pytest.raises(C.ConfigError, match=needle):
+            C.apply_overrides(C.Config(), {"sparse.delta_t": bad})
+    with pytest.raises(C.ConfigError, match="at most 100"):
+        C.apply_overrides(C.Config(), {"sparse.delta_t": "auto", "sparse.addition": "accumulate:100"})
+    with pytest.raises(C.ConfigError, match="min_subspace_steps"):
+        C.apply_overrides(C.Config(), {"sparse.min_subspace_steps": 0})
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_trainer_resolves_auto_from_the_runs_steps(tmp_path: Path):
+    cfg = C.apply_overrides(C.load_preset("digits_mlp"), {"train.epochs": 2, "sparse.delta_t": "auto"})
+    trainer = Trainer.create(cfg, tmp_path / "run")
+    assert trainer.total_steps == DIGITS_STEPS_2_EPOCHS
+    # t_end = 31: the default target (100) does not fit, so the closest spacing the run allows
+    assert trainer.schedule.delta_t == 2 and trainer.schedule.updates == 15
+
+
+def test_train_auto_reports_the_resolved_delta_t_and_reaches_the_target(tmp_path: Path, capsys):
+    out = tmp_path / "auto"
+    code = run(["train", "--out", str(out), *QUICK, "--set", "sparse.delta_t=auto",
+                "--set", "sparse.min_subspace_steps=10"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads((out / "summary.json").read_text())
+    # floor((31 - 1) / 10) = 3: steps 3, 6, ..., 30
+    assert summary["delta_t"] == 3 and summary["delta_t_auto"] is True
+    assert summary["subspace_steps"] == 10
+    assert [r["step"] for r in read_jsonl(out / "support.jsonl")] == list(range(3, 31, 3))
+    assert "10 (delta_t 3, auto)" in captured.out
+    assert "delta_t: auto" in (out / "config.yaml").read_text()  # reruns re-fit to their own length
+
+
+def test_train_explicit_100_behaves_as_before(tmp_path: Path, capsys):
+    out = tmp_path / "fixed"
+    code = run(["train", "--out", str(out), *QUICK, "--set", "sparse.delta_t=100", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads(captured.out)
+    assert summary["delta_t"] == 100 and summary["delta_t_auto"] is False
+    assert summary["subspace_steps"] == 0  # t_end = 31 < 100: the paper's spacing never fires
+    assert not (out / "support.jsonl").exists() or not read_jsonl(out / "support.jsonl")
+
+
+def test_bad_delta_t_is_a_one_line_error_before_anything_is_written(tmp_path: Path, capsys):
+    for value, needle in (("often", "or auto"), ("0", ">= 2")):
+        code = run(["train", "--out", str(tmp_path / "run"), "--set", f"sparse.delta_t={value}"])
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- public loop API
+
+
+def test_subspace_api_takes_the_same_rule():
+    cfg = C.apply_overrides(C.load_preset("digits_mlp"), {"sparse.sparsity": 0.8, "model.widths": [32]})
+    model = make_model(cfg, get_spec("digits"))
+    init_model(model, cfg, torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(ssvi.param_groups(model, lr=0.01, lr_sigma=0.01), momentum=0.9)
+    subspace = ssvi.Subspace(model, optimizer, total_steps=40, delta_t="auto", min_subspace_steps=5)
+    assert subspace.schedule.delta_t == resolve_delta_t("auto", 30, 5) == 5
+    gen = torch.Generator().manual_seed(0)
+    moved = []
+    for _ in range(40):
+        x, y = torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+        F.cross_entropy(model(x), y).backward()
+        moved.append(subspace.step())
+        optimizer.zero_grad()
+    assert [t for t, m in enumerate(moved) if m] == [5, 10, 15, 20, 25]
+    assert ssvi.Subspace(model, optimizer, total_steps=40).schedule.delta_t == 100
+    with pytest.raises(ValueError, match="delta_t"):
+        ssvi.Subspace(model, optimizer, total_steps=40, delta_t="sometimes")
+
