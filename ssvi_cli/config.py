@@ -22,6 +22,7 @@ SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 KERNELS = ("auto", "sparse", "dense")
 PRECISIONS = ("fp32", "bf16", "fp16")
+MU_INITS = ("fan_in", "fixed")
 # sparse.delta_t: a number of minibatches, or AUTO to fit the schedule to the run's length
 # (core/subspace.py: resolve_delta_t); PAPER_DELTA_T is RigL's and the paper's, auto's upper bound.
 DELTA_T_AUTO = "auto"
@@ -86,7 +87,10 @@ class BayesConfig:
     sigma_param: str = "softplus"
     sigma_init_mean: float = 6e-4
     sigma_init_std: float = 5e-4
-    mu_init_std: float = 0.01  # for layers followed by BatchNorm; others use a fan-in scaled init
+    mu_init_std: float = 0.01
+    # fan_in: mu ~ N(0, mu_init_std^2) for layers followed by BatchNorm, a fan-in scaled (He) init for
+    # the others; fixed: N(0, mu_init_std^2) for every layer (the paper's recipe, METHOD.md section 5).
+    mu_init: str = "fan_in"
     kl_warmup: bool = True
 
 
@@ -291,6 +295,7 @@ def validate(cfg: Config) -> None:
     choice("sparse.allocation", s.allocation, ALLOCATIONS)
     choice("sparse.new_sigma", s.new_sigma, NEW_SIGMA)
     choice("bayes.sigma_param", b.sigma_param, SIGMA_PARAMS)
+    choice("bayes.mu_init", b.mu_init, MU_INITS)
     choice("optim.name", o.name, OPTIMIZERS)
     choice("optim.schedule", o.schedule, SCHEDULES)
     choice("train.device", t.device, DEVICES)

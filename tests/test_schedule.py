@@ -183,3 +183,32 @@ def test_subspace_api_takes_the_same_rule():
     with pytest.raises(ValueError, match="delta_t"):
         ssvi.Subspace(model, optimizer, total_steps=40, delta_t="sometimes")
 
+
+# ---------------------------------------------------------------- the CIFAR recipe without a validation split
+
+
+def test_cifar_preset_trains_without_a_validation_split(tmp_path: Path, monkeypatch, capsys):
+    """The paper's recipe on a tiny fake CIFAR-10 (a small MLP in place of the ResNet, for time):
+    every training image is trained on, no validation pass runs, and the final model is the last
+    epoch (test metrics only in the summary)."""
+    from tests.fixtures_torchvision import accept_fixture_checksums, write_cifar10
+
+    root = tmp_path / "data"
+    write_cifar10(root, n_train=50, n_test=20)
+    accept_fixture_checksums(monkeypatch, root)
+    out = tmp_path / "run"
+    code = run(["train", "--preset", "cifar10_resnet18", "--model", "mlp", "--set", "model.widths=[16]",
+                "--device", "cpu", "--data-dir", str(root), "--out", str(out), "--epochs", "2",
+                "--batch-size", "10", "--set", "train.eval_samples=2", "--set", "sparse.delta_t=3", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads(captured.out)
+    # 50 images in 5 batches per epoch, 10 steps, t_end = 7: subspace steps at 3 and 6
+    assert summary["steps"] == 10 and summary["subspace_steps"] == 2 and summary["delta_t"] == 3
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["val_accuracy"] for r in records] == [None, None]
+    assert "val_fraction: 0.0" in (out / "config.yaml").read_text()
+    assert summary["test_accuracy"] is not None and summary["epochs"] == 2
+    code = run(["evaluate", str(out / "model.safetensors"), "--split", "val", "--data-dir", str(root)])
+    err = capsys.readouterr().err
+    assert code == 2 and "no validation split; use --split test" in err and "Traceback" not in err, err

@@ -19,7 +19,8 @@ from ssvi_cli.core.gaussian import rho_from_sigma
 class InitSpec:
     """How mu and sigma start (METHOD.md section 5)."""
 
-    mu_std: float = 0.01          # layers followed by BatchNorm
+    mu_std: float = 0.01          # every layer, or with mu_fan_in only the layers followed by BatchNorm
+    mu_fan_in: bool = True        # layers without BatchNorm after them: a fan-in scaled init instead
     sigma_mean: float = 6e-4
     sigma_std: float = 5e-4
     sigma_param: str = "softplus"
@@ -95,7 +96,7 @@ def initialise(model: nn.Module, densities: dict[str, float], init: InitSpec,
             idx = torch.arange(k)
         else:
             idx = torch.randperm(layer.numel, generator=generator)[:k].sort().values
-        if layer.normed:
+        if layer.normed or not init.mu_fan_in:
             std = init.mu_std
         else:
             # Fan-in scaled (He) init over the *active* fan-in keeps activations O(1) without BN.

@@ -165,6 +165,9 @@ def load_eval_data(
         seed=int(train_seed or 0), augment=False, max_train=settings.get("max_train"),
         options=data_config_for(model_spec, settings),
     )
+    if split == "val" and len(splits.val) == 0:
+        raise DataError("the model was trained on its whole training set (data.val_fraction 0), so it has "
+                        "no validation split; use --split test")
     ood_sets = load_requests(requests, model_spec, root, download, seed, ood_max_items, splits.heldout)
     return EvalData(dataset=name, split=split, inputs=getattr(splits, split), ood=ood_sets)
 
