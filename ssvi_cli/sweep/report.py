@@ -38,8 +38,9 @@ def cell_row(path: Path, cell: Cell) -> Optional[dict[str, Any]]:
                            "settings": cell.settings, "samples": evaluation.get("samples")}
     row.update({key: evaluation["metrics"].get(key) for key, _, _ in METRICS})
     for name, block in (evaluation.get("ood") or {}).items():
-        for score in ("entropy", "mutual_information"):
-            row[f"auroc:{name}:{score}"] = block["scores"][score]["auroc"]
+        for score in ("entropy", "mutual_information"):  # a deterministic model has no MI
+            if score in block["scores"]:
+                row[f"auroc:{name}:{score}"] = block["scores"][score]["auroc"]
     row.update({key: summary.get(key) for key, _ in COSTS})
     row["criteria_iou"] = stage_iou(path / SUPPORT_FILE)
     return row
@@ -109,8 +110,8 @@ def build_report(sweep_dir: Path) -> dict[str, Any]:
 def _pm(stat: Optional[dict[str, Any]], digits: int = 4) -> str:
     if not stat or stat.get("mean") is None:
         return "-"
-    if digits == 0:
-        return f"{stat['mean']:.3g}" + (f" ± {stat['std']:.2g}" if stat["std"] else "")
+    if digits == 0:  # costs: their spread over seeds is a few header bytes, not worth a column
+        return f"{stat['mean']:.3g}"
     if digits < 0:
         return f"{stat['mean']:.2e} ± {stat['std']:.1e}"
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
