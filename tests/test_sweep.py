@@ -43,6 +43,9 @@ def test_bad_grids_are_one_line_errors():
     with pytest.raises(SweepError, match="cell ssvi_s0.95_alpha-7_seed0: .*alpha"):
         expand(SweepSpec(axes={"sparse.alpha": [7]}))
     assert parse_axis("model.widths=[64,64],[32]") == ("model.widths", [[64, 64], [32]])
+    # a list-valued key reads as 'ssvi train --set' reads it: one list, not an axis
+    assert parse_axis("data.classes=0,1,2,3,4") == ("data.classes", [[0, 1, 2, 3, 4]])
+    assert parse_axis("sparse.alpha=0.1,0.3") == ("sparse.alpha", [0.1, 0.3])
 
 
 def test_cli_errors(tmp_path: Path, capsys):
@@ -95,16 +98,19 @@ def test_a_sweep_runs_reports_and_skips_finished_cells(tmp_path: Path, capsys):
 def test_dry_run_lists_cell_commands_that_run_alone(tmp_path: Path, capsys):
     out = tmp_path / "sw"
     assert run(["sweep", "--method", "static,rigl", "--sparsity", "0.8,0.9", "--set", "train.epochs=1", *TINY,
-                "--out", str(out), "--dry-run"]) == 0
+                "--ood", "noise", "--out", str(out), "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines == (out / "commands.txt").read_text().splitlines()
     assert len(lines) == 4 and all(line.startswith("ssvi sweep --run-cell ") for line in lines)
     assert not (out / "cells").exists()  # nothing ran
-    assert run(lines[0].split()[1:]) == 0  # one cell, as a scheduler would run it
+    assert lines[-1].endswith("rigl_s0.9_seed0")
+    assert run(lines[-1].split()[1:]) == 0  # one cell, as a scheduler would run it
     capsys.readouterr()
     assert run(["sweep", "--report", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["cells_done"] == 1 and len(report["missing"]) == 3
+    (rigl,) = report["groups"]  # deterministic: OOD scored by entropy, no MI
+    assert rigl["auroc:noise:entropy"]["n"] == 1 and "auroc:noise:mutual_information" not in rigl
 
 
 @pytest.mark.slow

@@ -172,13 +172,29 @@ def parse_values(text: str) -> list[Any]:
 
 
 def parse_axis(text: str) -> tuple[str, list[Any]]:
-    """``--set key=a,b`` -> (key, [a, b]); the key must be a config key."""
+    """``--set key=a,b`` -> (key, [a, b]); the key must be a config key.
+
+    A list-valued key reads as ``ssvi train --set`` reads it: ``data.classes=0,1,2`` is one value;
+    several lists are bracketed, ``model.widths=[64,64],[128]``.
+    """
     if "=" not in text:
         raise SweepError(f"--set expects key.sub=a,b,..., got {text!r}")
     key, raw = (part.strip() for part in text.split("=", 1))
     if key not in cfgmod.valid_keys():
         raise SweepError(f"unknown config key {key!r} in --set {text!r} (see 'ssvi train --help')")
-    return key, parse_values(raw)
+    values = parse_values(raw)
+    if _list_valued(key) and not any(isinstance(v, list) for v in values):
+        return key, [values]
+    return key, values
+
+
+def _list_valued(key: str) -> bool:
+    """Whether the config key holds a list (its type is a tuple, maybe optional)."""
+    from typing import get_args, get_origin, get_type_hints
+
+    section, _, name = key.partition(".")
+    tp = get_type_hints(get_type_hints(cfgmod.Config)[section])[name]
+    return tuple in (get_origin(tp), *(get_origin(a) for a in get_args(tp)))
 
 
 def write_spec(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> None:
