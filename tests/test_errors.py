@@ -119,7 +119,7 @@ CASES = [
     (["evaluate", "{ws}/run", "--ood", "svhn", "--data-dir", "{ws}/nodata"],
      "svhn not found or corrupted at {ws}/nodata"),
     # bench
-    (["bench", "--model", "vgg"], "unknown --model 'vgg'; valid names are: lenet5, mlp, resnet18"),
+    (["bench", "--model", "vgg"], "unknown bench model 'vgg'; valid names are: lenet5, mlp, resnet18; or torchvision:NAME"),
     (["bench", "--sparsity", "2"], "every value must lie in (0, 1)"),
 ]
 
