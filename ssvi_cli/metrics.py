@@ -244,10 +244,11 @@ def ood_metrics(score_in: Any, score_out: Any) -> dict[str, float]:
     from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
     fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    # sklearn sums precision x recall steps; on a perfect separation that sum can round to 1 + 2e-16.
     return {
         "auroc": float(roc_auc_score(y, s)),
-        "aupr_in": float(average_precision_score(1 - y, -s)),
-        "aupr_out": float(average_precision_score(y, s)),
+        "aupr_in": min(1.0, float(average_precision_score(1 - y, -s))),
+        "aupr_out": min(1.0, float(average_precision_score(y, s))),
         "fpr_at_95_tpr": float(fpr[np.searchsorted(tpr, 0.95, side="left")]),
     }
 

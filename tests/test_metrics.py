@@ -281,3 +281,18 @@ def test_classification_metrics_keys_and_values() -> None:
     assert out["mi_mean"] == pytest.approx(M.mutual_information(sample_probs).mean())
     assert all(isinstance(v, float) for v in out.values())
     assert M.classification_metrics(probs, labels)["mi_mean"] is None
+
+
+def test_average_precision_of_a_perfect_separation_is_exactly_one():
+    # 360 in-distribution scores below 20 OOD scores: sklearn's sum rounds to 1 + 2e-16 here
+    rng = np.random.default_rng(0)
+    found = False
+    for _ in range(200):
+        s_in, s_out = rng.random(360), 2 + rng.random(20)
+        out = M.ood_metrics(s_in, s_out)
+        assert out["aupr_in"] <= 1.0 and out["aupr_out"] <= 1.0 and out["auroc"] == 1.0
+        from sklearn.metrics import average_precision_score
+
+        y = np.r_[np.zeros(360), np.ones(20)]
+        found |= average_precision_score(y, np.r_[s_in, s_out]) > 1.0 or average_precision_score(1 - y, -np.r_[s_in, s_out]) > 1.0
+    assert found  # the rounding this guards against really occurs
