@@ -4,6 +4,7 @@ by ``ssvi train`` and evaluated by ``ssvi evaluate`` in a process of its own, th
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -168,8 +169,9 @@ def _dry_run(sweep_dir: Path, cells: list[Any]) -> None:
 
     lines = [" ".join(["ssvi", *cell_command(cell_dir(sweep_dir, c))]) for c in cells]
     write_text(sweep_dir / "commands.txt", "\n".join(lines) + "\n")
-    for line in lines:
-        out.print(line, markup=False, highlight=False)
+    # Plain lines, flushed before the note on stderr: a scheduler script reads them as they are.
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
     err.print(f"{len(lines)} cells written to {sweep_dir / 'commands.txt'}; afterwards: ssvi sweep --report {sweep_dir}")
 
 
