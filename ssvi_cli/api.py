@@ -131,6 +131,14 @@ class Subspace:
             reduce = _rank_mean if torch.distributed.is_available() and torch.distributed.is_initialized() else None
             self.last_report = subspace_step(self.model, self.t, self.schedule, self.criterion,
                                              self.criterion_lambda, self.new_sigma, self.optimizer, reduce)
+            if scaler is not None and scaler.is_enabled():
+                # No optimizer step, but the scaler's iteration must still end, as after
+                # scaler.step: record the inf checks (unless the loop already unscaled), then update.
+                try:
+                    scaler.unscale_(self.optimizer)
+                except RuntimeError:  # unscale_() was already called since the last update()
+                    pass
+                scaler.update()
         elif scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()

@@ -90,6 +90,8 @@ def test_the_loop_under_autocast_keeps_exact_counts(dtype):
         loss = F.cross_entropy(logits.float(), y) + ssvi.kl_term(model, n_train=320, beta=0.01)
         assert torch.isfinite(loss)
         scaler.scale(loss).backward()
+        scaler.unscale_(opt)  # PyTorch's AMP recipe with gradient clipping: unscale, clip, step
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         if sub.step(scaler):
             moved += sub.last_report.swapped
         opt.zero_grad()

@@ -154,3 +154,22 @@ def test_ctrl_c_leaves_every_cell_resumable(tmp_path: Path):
         epochs = _epochs(c)
         assert epochs[: len(before[c])] == before[c] and epochs == list(range(1, len(epochs) + 1)), epochs
     assert [cell_state(c) for c in cells] == ["partial", "partial"]
+
+
+def test_force_replaces_another_sweep_and_a_yaml_list_key_is_one_value(tmp_path: Path, capsys):
+    out = tmp_path / "sw"
+    assert run(["sweep", "--set", "train.epochs=1", "--out", str(out), "--dry-run"]) == 0
+    (out / "cells" / "ssvi_s0.95_seed0").mkdir(parents=True)
+    (out / "cells" / "ssvi_s0.95_seed0" / "evaluation.json").write_text("{}")  # a finished cell of that sweep
+    assert run(["sweep", "--set", "train.epochs=3", "--out", str(out), "--dry-run"]) == 2
+    assert "holds a different sweep" in capsys.readouterr().err
+    assert run(["sweep", "--set", "train.epochs=3", "--out", str(out), "--dry-run", "--force"]) == 0
+    assert not (out / "cells").exists()  # the old sweep's cells are not reused under new settings
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"ssvi sweep --run-cell {out.resolve() / 'cells' / 'ssvi_s0.95_seed0'}"]
+    spec_file = tmp_path / "sweep.yaml"
+    spec_file.write_text("seeds: 2\nset:\n  model.widths: [32, 32]\n  sparse.alpha: [0.1, 0.3]\n")
+    assert run(["sweep", "--file", str(spec_file), "--out", str(tmp_path / "y"), "--dry-run"]) == 0
+    spec = json.loads((tmp_path / "y" / "sweep.json").read_text())["spec"]
+    assert spec["fixed"] == {"model.widths": [32, 32]} and spec["axes"] == {"sparse.alpha": [0.1, 0.3]}
+    assert len(capsys.readouterr().out.splitlines()) == 4

@@ -30,7 +30,7 @@ def _csv(text: Optional[str], kind: type, flag: str) -> Optional[tuple[Any, ...]
 def _spec(file: Optional[Path], preset: Optional[str], method: Optional[str], sparsity: Optional[str],
           seeds: Optional[int], criterion: Optional[str], sets: list[str], ood: list[str], samples: Optional[int]) -> Any:
     """The sweep spec from the YAML file (if any) with the flags on top."""
-    from ssvi_cli.sweep.grid import SweepSpec, parse_axis
+    from ssvi_cli.sweep.grid import SweepSpec, list_valued, parse_axis
 
     data: dict[str, Any] = {}
     if file is not None:
@@ -48,8 +48,12 @@ def _spec(file: Optional[Path], preset: Optional[str], method: Optional[str], sp
         grid = data.pop("set", {}) or {}
         if not isinstance(grid, dict):
             raise UsageError(f"--file {file}: 'set' maps config keys to a value or a list of values")
-        data["axes"] = {k: v for k, v in grid.items() if isinstance(v, list)}
-        data["fixed"] = {k: v for k, v in grid.items() if not isinstance(v, list)}
+        # A list is an axis, except a list of scalars for a list-valued key (model.widths: [32, 32]),
+        # which is one value as in 'ssvi train'; several lists of such a key are an axis.
+        axis = {k: v for k, v in grid.items() if isinstance(v, list)
+                and not (list_valued(str(k)) and not any(isinstance(x, list) for x in v))}
+        data["axes"] = axis
+        data["fixed"] = {k: v for k, v in grid.items() if k not in axis}
     flags = {"preset": preset, "methods": _csv(method, str, "--method"), "sparsities": _csv(sparsity, float, "--sparsity"),
              "seeds": tuple(range(seeds)) if seeds is not None else None, "ood": tuple(ood) or None,
              "samples": samples}
@@ -66,6 +70,9 @@ def _spec(file: Optional[Path], preset: Optional[str], method: Optional[str], sp
         else:
             fixed[key] = values[0]
     data["axes"], data["fixed"] = axes, fixed
+    preset_path = Path(str(data.get("preset", ""))).expanduser()
+    if preset_path.suffix in (".yaml", ".yml") and preset_path.is_file():
+        data["preset"] = str(preset_path.resolve())  # cells may run from another directory
     return SweepSpec.from_dict(data)
 
 
@@ -77,12 +84,22 @@ def _check_out(out_dir: Path, spec: Any, force: bool) -> None:
     if out_dir.is_file():
         raise UsageError(f"--out {out_dir} is a file")
     if (out_dir / SWEEP_FILE).is_file():
-        old, _ = read_spec(out_dir)
-        if old != spec and not force:
-            raise UsageError(f"{out_dir} holds a different sweep; continue it with 'ssvi sweep --resume {out_dir}' "
-                             "or choose another --out")
-    elif any(out_dir.iterdir()) and not force:
-        raise UsageError(f"--out {out_dir} exists and is not a sweep directory; choose another --out")
+        try:
+            same = read_spec(out_dir)[0] == spec
+        except Exception:  # noqa: BLE001 - an unreadable old sweep is simply not the same sweep
+            same = False
+        if same:
+            return  # the same grid: continue it
+        if not force:
+            raise UsageError(f"{out_dir} holds a different sweep; continue it with 'ssvi sweep --resume {out_dir}', "
+                             "choose another --out, or replace it with --force")
+    elif not any(out_dir.iterdir()):
+        return
+    elif not force:
+        raise UsageError(f"--out {out_dir} exists and is not a sweep directory; choose another --out or --force")
+    import shutil
+
+    shutil.rmtree(out_dir)  # --force: its cells were made under other settings and must not be reused
 
 
 def run_cell(path: Path, run: Callable[[list[str]], int]) -> int:
@@ -128,13 +145,15 @@ def register(app: typer.Typer) -> None:
         report: Annotated[Optional[Path], typer.Option(help="Only (re)write the report of the sweep in this directory.")] = None,
         run_cell_dir: Annotated[Optional[Path], typer.Option("--run-cell", help="Run one cell directory (train or resume, then evaluate); what --dry-run lists.")] = None,
         figures: Annotated[bool, typer.Option(help="Write the figures (needs matplotlib).")] = True,
-        force: Annotated[bool, typer.Option(help="Use --out even if it holds something else.")] = False,
+        force: Annotated[bool, typer.Option(help="Replace what --out holds (another sweep's cells included) instead of refusing.")] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON only.")] = False,
     ) -> None:
         """The paper's experiments in one command: a grid of runs, evaluated alike, reported as tables and figures."""
         from ssvi_cli.sweep import grid, report as reportmod
 
-        grid_given = any(v for v in (method, sparsity, seeds, criterion, set_, preset, file, ood, samples, out_dir))
+        grid_given = any(v for v in (method, sparsity, seeds, criterion, set_, preset, file, ood, samples, out_dir, force))
+        if (run_cell_dir or report) and (dry_run or jobs != 1 or threads):
+            raise UsageError("--run-cell and --report take no --dry-run, --jobs or --threads")
         modes = [n for n, v in (("--run-cell", run_cell_dir), ("--report", report), ("--resume", resume)) if v]
         if len(modes) > 1 or (modes and grid_given):
             raise UsageError(f"{modes[0]} takes no grid options" if len(modes) == 1 else f"use one of {', '.join(modes)}")
@@ -167,7 +186,8 @@ def _dry_run(sweep_dir: Path, cells: list[Any]) -> None:
     from ssvi_cli.fileio import write_text
     from ssvi_cli.sweep.runner import cell_command, cell_dir
 
-    lines = [" ".join(["ssvi", *cell_command(cell_dir(sweep_dir, c))]) for c in cells]
+    # Absolute paths: a scheduler's job may start in another directory.
+    lines = [" ".join(["ssvi", *cell_command(cell_dir(sweep_dir.resolve(), c))]) for c in cells]
     write_text(sweep_dir / "commands.txt", "\n".join(lines) + "\n")
     # Plain lines, flushed before the note on stderr: a scheduler script reads them as they are.
     sys.stdout.write("\n".join(lines) + "\n")
@@ -201,9 +221,10 @@ def _run(sweep_dir: Path, cells: list[Any], jobs: int, threads: int, json_out: b
         outcome = run_cells(sweep_dir, cells, jobs, threads, listener)
     result = write_report(sweep_dir, figures)
     if outcome.interrupted:
-        err.print(f"interrupted: {len(outcome.stopped)} cells stopped at a checkpoint; continue with: "
+        failed = f"; {len(outcome.failed)} failed (logs in {sweep_dir / 'logs'})" if outcome.failed else ""
+        err.print(f"interrupted: {len(outcome.stopped)} cells stopped at a checkpoint{failed}; continue with: "
                   f"ssvi sweep --resume {sweep_dir}", markup=False)
-        raise typer.Exit(130)
+        raise typer.Exit(128 + outcome.signum)
     _finish(result, json_out)
     if outcome.failed:
         err.print(f"{len(outcome.failed)} cells failed (logs in {sweep_dir / 'logs'}); rerun with: "

@@ -11,13 +11,14 @@ and tensor is checked against the model; the first difference is named.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+import logging
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ssvi_cli.core.convert import sparsify
-from ssvi_cli.core.layers import sparse_layers
+from ssvi_cli.core.layers import SparseGaussian, sparse_layers
 from ssvi_cli.data.spec import DataSpec
 from ssvi_cli.modelfile.card import Architecture, ModelCard
 from ssvi_cli.modelfile.header import ModelFileError, read_header
@@ -26,6 +27,7 @@ from ssvi_cli.modelfile.writer import sparse_state_keys, write_model_file
 from ssvi_cli.models import TORCHVISION, LayerFactory, check_model_name, torchvision_model
 
 CUSTOM = "custom:"
+log = logging.getLogger(__name__)
 
 
 def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = None,
@@ -74,9 +76,10 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
     return write_model_file(model, Path(path), card, dtype=dtype)  # type: ignore[arg-type]
 
 
-def load(path: str | Path, model: Optional[nn.Module] = None, *, device: str | torch.device = "cpu",
+def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optional[str | torch.device] = None,
          kernel: str = "auto") -> nn.Module:
-    """The model of the file at ``path``, in eval mode on ``device``.
+    """The model of the file at ``path``, in eval mode on ``device`` (default: the CPU for a model
+    built from the file, the given model's own device otherwise).
 
     Without ``model`` the file must describe a buildable architecture (ssvi's own or
     ``torchvision:NAME``). With ``model`` (an instance of the saved module's class, deterministic
@@ -85,9 +88,15 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: str | t
     """
     path = Path(path)
     if model is None:
-        return read_model_file(path, device=device, kernel=kernel).model
+        return read_model_file(path, device=device or "cpu", kernel=kernel).model
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
     head = read_header(path)
     meta = head["meta"]
+    recorded = str(meta["architecture"].get("name", ""))
+    mine = f"{CUSTOM}{type(model).__module__}.{type(model).__qualname__}"
+    if recorded.startswith(CUSTOM) and recorded != mine:
+        log.warning("%s was saved from %s; loading it into %s", path, recorded[len(CUSTOM):], mine[len(CUSTOM):])
     if not sparse_layers(model):
         records = [r for r in meta["layers"] if isinstance(r, dict)]
         sparsify(model, structure_only=True, deterministic=[str(r.get("name")) for r in records if not r.get("bayesian")],
@@ -107,9 +116,11 @@ def _skeleton(architecture: str, shape: tuple[int, ...], num_classes: int, facto
         return torchvision_model(name, shape, num_classes, factory)
 
 
-def _structure(model: nn.Module) -> list[tuple[str, tuple[int, ...], bool]]:
-    """Sparse layers (name, weight shape, Bayesian) then every other state tensor (name, shape)."""
-    out = [(n, layer.weight_shape, layer.bayesian) for n, layer in sparse_layers(model)]
+def _structure(model: nn.Module) -> list[tuple[str, Any, Any]]:
+    """Every module (name, class, its own settings: kernel, stride, pooling, ...), the sparse layers
+    (name, weight shape, Bayesian), then every other state tensor (name, shape)."""
+    out: list[tuple[str, Any, Any]] = [(n, type(m).__name__, _settings(m)) for n, m in model.named_modules()]
+    out += [(n, layer.weight_shape, layer.bayesian) for n, layer in sparse_layers(model)]
     skip = sparse_state_keys(model)
     out += [(k, tuple(v.shape), False) for k, v in model.state_dict().items() if k not in skip]
     return out
@@ -119,11 +130,24 @@ def _check_same_structure(expected: nn.Module, model: nn.Module, architecture: s
     want, have = _structure(expected), _structure(model)
     for w, h in zip(want, have):
         if w != h:
-            raise ValueError(f"the model is not {architecture}: it has {h[0]!r} of shape {list(h[1])} where the "
-                             f"builder has {w[0]!r} of shape {list(w[1])}")
+            raise ValueError(f"the model is not {architecture}: it has {h[0]!r} ({_what(h)}) where the "
+                             f"builder has {w[0]!r} ({_what(w)})")
     if len(want) != len(have):
         longer, which = (want, "builder") if len(want) > len(have) else (have, "model")
         raise ValueError(f"the model is not {architecture}: the {which} also has {longer[min(len(want), len(have))][0]!r}")
+
+
+def _settings(module: nn.Module) -> str:
+    """What a module computes beyond its tensors (a sparse layer's repr also counts its support)."""
+    if isinstance(module, SparseGaussian):
+        return ", ".join(f"{a}={getattr(module, a)}" for a in ("stride", "padding", "dilation", "groups")
+                         if hasattr(module, a))
+    return module.extra_repr()
+
+
+def _what(entry: tuple[str, Any, Any]) -> str:
+    kind = entry[1]
+    return f"shape {list(kind)}" if isinstance(kind, tuple) else f"{kind}({entry[2]})"
 
 
 __all__ = ["CUSTOM", "ModelFileError", "load", "save"]

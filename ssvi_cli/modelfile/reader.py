@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -92,10 +92,13 @@ def install(model: nn.Module, path: Path, meta: dict[str, Any], tensors: dict[st
     records = {r.get("name"): r for r in meta["layers"] if isinstance(r, dict)}
     layers = sparse_layers(model)
     used: set[str] = set()
+    supports = []  # everything is checked before anything is installed: an error changes nothing
     for name, layer in layers:
         if name not in records:
             raise ModelFileError(f"{path} lacks layer {name!r} of {target}")
-        used |= _load_layer(path, name, layer, records[name], tensors, target)
+        names, support = _load_layer(path, name, layer, records[name], tensors, target)
+        used |= names
+        supports.append((layer, support))
     state = {}
     skip = sparse_state_keys(model)
     for key, value in model.state_dict().items():
@@ -114,6 +117,8 @@ def install(model: nn.Module, path: Path, meta: dict[str, Any], tensors: dict[st
     if extra or len(records) != len(layers):
         what = extra[:3] if extra else sorted(set(records) - {n for n, _ in layers})[:3]
         raise ModelFileError(f"{path} holds entries {target} does not have: {what}")
+    for layer, support in supports:
+        layer.set_support(*support)
     model.load_state_dict(state, strict=False)
 
 
@@ -159,8 +164,9 @@ def _check_sizes(path: Path, skeleton: SSVIModel, meta: dict[str, Any], table: d
 
 
 def _load_layer(path: Path, name: str, layer: SparseGaussian, record: dict[str, Any],
-                tensors: dict[str, Tensor], target: str) -> set[str]:
-    """Validate one layer's record and tensors and install them; returns the tensor names used."""
+                tensors: dict[str, Tensor], target: str) -> tuple[set[str], tuple[Tensor, Tensor, Optional[Tensor]]]:
+    """Validate one layer's record and tensors; returns the tensor names used and the support
+    ``(idx, mu, rho)`` to install."""
     where = f"{path}: layer {name!r}"
     if [int(s) for s in record.get("shape", [])] != list(layer.weight_shape):
         raise ModelFileError(f"{where} has shape {record.get('shape')}, {target} needs {list(layer.weight_shape)}")
@@ -201,5 +207,4 @@ def _load_layer(path: Path, name: str, layer: SparseGaussian, record: dict[str, 
             raise ModelFileError(f"{where}: sigma holds negative or non-finite values")
         # In float64 so that sigma -> rho -> softplus(rho) returns sigma to float32 rounding.
         rho = rho_from_sigma(sigma.double(), layer.sigma_param).float()
-    layer.set_support(idx, mu.float(), rho)
-    return names
+    return names, (idx, mu.float(), rho)

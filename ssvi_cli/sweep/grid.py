@@ -92,7 +92,7 @@ class Cell:
         """``ssvi train`` arguments of this cell (``--json``, into ``out``)."""
         args = ["--preset", spec.preset, "--method", self.method, "--seed", str(self.seed)]
         if self.sparsity is not None:
-            args += ["--sparsity", f"{self.sparsity:g}"]
+            args += ["--sparsity", repr(self.sparsity)]
         for key, value in {**spec.fixed, **self.settings}.items():
             args += ["--set", f"{key}={_yaml_value(value)}"]
         return [*args, "--out", str(out), "--json"]
@@ -145,8 +145,10 @@ def expand(spec: SweepSpec) -> list[Cell]:
         s = None if METHODS.get(method).dense else sparsity
         settings = dict(zip(keys, combo))
         name = cell_name(method, s, seed, settings)
-        if name in seen:  # a dense method at several sparsities is one run
-            continue
+        if name in seen:
+            if s is None and sparsity != spec.sparsities[0]:
+                continue  # a dense method at several sparsities is one run
+            raise SweepError(f"two cells of the grid would share the directory {name!r}; give distinct values")
         seen.add(name)
         cells.append(Cell(name, method, s, seed, settings))
     base = cfgmod.load_preset(spec.preset)
@@ -183,12 +185,12 @@ def parse_axis(text: str) -> tuple[str, list[Any]]:
     if key not in cfgmod.valid_keys():
         raise SweepError(f"unknown config key {key!r} in --set {text!r} (see 'ssvi train --help')")
     values = parse_values(raw)
-    if _list_valued(key) and not any(isinstance(v, list) for v in values):
+    if list_valued(key) and not any(isinstance(v, list) for v in values):
         return key, [values]
     return key, values
 
 
-def _list_valued(key: str) -> bool:
+def list_valued(key: str) -> bool:
     """Whether the config key holds a list (its type is a tuple, maybe optional)."""
     from typing import get_args, get_origin, get_type_hints
 

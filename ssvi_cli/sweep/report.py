@@ -132,7 +132,7 @@ def markdown(report: dict[str, Any]) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         cells = [g["method"], "dense" if g["sparsity"] is None else f"{g['sparsity']:g}",
-                 *(str(g["settings"].get(a)) for a in axes), str(len(g["seeds"])),
+                 *(str(g["settings"].get(a)) for a in axes), _seeds(g),
                  *(_pm(g.get(k), d) for k, _, d in METRICS), *(_pm(g.get(k)) for k in aurocs),
                  _pm(g.get("training_flops"), 0), _pm(g.get("model_file_bytes"), 0)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -140,6 +140,14 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Not evaluated yet: {', '.join(report['missing'])}."]
     lines += _iou_markdown(groups)
     return "\n".join(lines) + "\n"
+
+
+def _seeds(group: dict[str, Any]) -> str:
+    """The number of seeds, or "k of n" when some seed's metrics were not finite (a diverged run)."""
+    n = len(group["seeds"])
+    finite = min((v["n"] for k, v in group.items() if isinstance(v, dict) and "n" in v and v["mean"] is not None),
+                 default=n)
+    return str(n) if finite == n else f"{finite} of {n} finite"
 
 
 def _iou_markdown(groups: list[dict[str, Any]]) -> list[str]:

@@ -54,10 +54,13 @@ class Outcome:
     failed: dict[str, int] = field(default_factory=dict)  # cell -> exit code
     stopped: list[str] = field(default_factory=list)      # interrupted, resumable
     interrupted: bool = False
+    signum: int = int(signal.SIGINT)                      # what interrupted it
 
 
 class _Stop(Exception):
-    pass
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 # (event, cell name, detail): event is "start", "finish", "fail", "skip" or "stop"
@@ -85,7 +88,7 @@ def run_cells(sweep_dir: Path, cells: list[Cell], jobs: int, threads: Optional[i
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def stop(signum: int, frame: object) -> None:
-        raise _Stop()
+        raise _Stop(signum)
 
     for sig in previous:
         signal.signal(sig, stop)
@@ -94,10 +97,15 @@ def run_cells(sweep_dir: Path, cells: list[Cell], jobs: int, threads: Optional[i
             while queue and len(running) < jobs:
                 cell = queue.pop(0)
                 path = cell_dir(sweep_dir, cell)
-                with open(logs / f"{cell.name}.log", "ab") as log:
-                    running[cell.name] = subprocess.Popen(
-                        [sys.executable, "-m", "ssvi_cli", *cell_command(path)], stdout=log,
-                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                # Signals wait while the cell starts, so a started cell is always in `running`.
+                signal.pthread_sigmask(signal.SIG_BLOCK, previous)
+                try:
+                    with open(logs / f"{cell.name}.log", "ab") as log:
+                        running[cell.name] = subprocess.Popen(
+                            [sys.executable, "-m", "ssvi_cli", *cell_command(path)], stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                finally:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, previous)
                 note("start", cell.name, cell_state(path))
             time.sleep(0.2)
             for name, proc in list(running.items()):
@@ -111,8 +119,8 @@ def run_cells(sweep_dir: Path, cells: list[Cell], jobs: int, threads: Optional[i
                 else:
                     outcome.failed[name] = code
                     note("fail", name, f"exit code {code}, see {logs / (name + '.log')}")
-    except _Stop:
-        outcome.interrupted = True
+    except _Stop as stop_signal:
+        outcome.interrupted, outcome.signum = True, stop_signal.signum
         for sig in previous:  # a second Ctrl-C while the cells checkpoint is ignored, not fatal
             signal.signal(sig, signal.SIG_IGN)
         _stop_all(running, outcome, note)
@@ -134,7 +142,10 @@ def _stop_all(running: dict[str, subprocess.Popen], outcome: Outcome, note: List
         try:
             code = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            proc.kill()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the cell and whatever it started
+            except ProcessLookupError:
+                pass
             code = proc.wait()
         if code == 0:
             outcome.finished.append(name)
