@@ -57,12 +57,6 @@ class Outcome:
     signum: int = int(signal.SIGINT)                      # what interrupted it
 
 
-class _Stop(Exception):
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
 # (event, cell name, detail): event is "start", "finish", "fail", "skip" or "stop"
 Listener = Callable[[str, str, str], None]
 
@@ -86,26 +80,25 @@ def run_cells(sweep_dir: Path, cells: list[Cell], jobs: int, threads: Optional[i
         env["OMP_NUM_THREADS"] = str(threads)
     running: dict[str, subprocess.Popen] = {}
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stops: list[int] = []
 
     def stop(signum: int, frame: object) -> None:
-        raise _Stop(signum)
+        # Only noted here and acted on between starts and polls: raising from the handler could
+        # leave a cell started but not yet in `running`, and blocking signals around Popen would
+        # hand the block on to the cell itself.
+        stops.append(signum)
 
     for sig in previous:
         signal.signal(sig, stop)
     try:
-        while queue or running:
-            while queue and len(running) < jobs:
+        while (queue or running) and not stops:
+            while queue and len(running) < jobs and not stops:
                 cell = queue.pop(0)
                 path = cell_dir(sweep_dir, cell)
-                # Signals wait while the cell starts, so a started cell is always in `running`.
-                signal.pthread_sigmask(signal.SIG_BLOCK, previous)
-                try:
-                    with open(logs / f"{cell.name}.log", "ab") as log:
-                        running[cell.name] = subprocess.Popen(
-                            [sys.executable, "-m", "ssvi_cli", *cell_command(path)], stdout=log,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-                finally:
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, previous)
+                with open(logs / f"{cell.name}.log", "ab") as log:
+                    running[cell.name] = subprocess.Popen(
+                        [sys.executable, "-m", "ssvi_cli", *cell_command(path)], stdout=log,
+                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
                 note("start", cell.name, cell_state(path))
             time.sleep(0.2)
             for name, proc in list(running.items()):
@@ -119,11 +112,9 @@ def run_cells(sweep_dir: Path, cells: list[Cell], jobs: int, threads: Optional[i
                 else:
                     outcome.failed[name] = code
                     note("fail", name, f"exit code {code}, see {logs / (name + '.log')}")
-    except _Stop as stop_signal:
-        outcome.interrupted, outcome.signum = True, stop_signal.signum
-        for sig in previous:  # a second Ctrl-C while the cells checkpoint is ignored, not fatal
-            signal.signal(sig, signal.SIG_IGN)
-        _stop_all(running, outcome, note)
+        if stops:
+            outcome.interrupted, outcome.signum = True, stops[0]
+            _stop_all(running, outcome, note)  # further signals are only noted: the cells checkpoint
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
