@@ -233,6 +233,8 @@ def _run(sweep_dir: Path, cells: list[Any], jobs: int, threads: int, json_out: b
 
 
 def _finish(result: dict[str, Any], json_out: bool) -> None:
+    from ssvi_cli.sweep.report import mean_std
+
     if json_out:
         print_json(result)
         return
@@ -243,15 +245,10 @@ def _finish(result: dict[str, Any], json_out: bool) -> None:
     for g in result["groups"]:
         table.add_row(g["method"], "dense" if g["sparsity"] is None else f"{g['sparsity']:g}",
                       ", ".join(f"{k}={v}" for k, v in g["settings"].items()), str(len(g["seeds"])),
-                      *(_pm(g.get(k)) for k in ("accuracy", "nll", "ece")))
+                      *(mean_std(g.get(k)) for k in ("accuracy", "nll", "ece")))
     out.print(table)
     for path in result.get("files", []):
         out.print(f"wrote {path}", markup=False, highlight=False)
     if result.get("figures_note"):
         err.print(result["figures_note"], markup=False)
 
-
-def _pm(stat: Optional[dict[str, Any]]) -> str:
-    if not stat or stat.get("mean") is None:
-        return "-"
-    return f"{stat['mean']:.4f} ± {stat['std']:.4f}"

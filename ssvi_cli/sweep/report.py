@@ -107,7 +107,8 @@ def build_report(sweep_dir: Path) -> dict[str, Any]:
             "groups": aggregate(rows), "cells": rows}
 
 
-def _pm(stat: Optional[dict[str, Any]], digits: int = 4) -> str:
+def mean_std(stat: Optional[dict[str, Any]], digits: int = 4) -> str:
+    """``mean ± std`` of a group's statistic (``-`` when there is none)."""
     if not stat or stat.get("mean") is None:
         return "-"
     if digits == 0:  # costs: their spread over seeds is a few header bytes, not worth a column
@@ -133,8 +134,8 @@ def markdown(report: dict[str, Any]) -> str:
     for g in groups:
         cells = [g["method"], "dense" if g["sparsity"] is None else f"{g['sparsity']:g}",
                  *(str(g["settings"].get(a)) for a in axes), _seeds(g),
-                 *(_pm(g.get(k), d) for k, _, d in METRICS), *(_pm(g.get(k)) for k in aurocs),
-                 _pm(g.get("training_flops"), 0), _pm(g.get("model_file_bytes"), 0)]
+                 *(mean_std(g.get(k), d) for k, _, d in METRICS), *(mean_std(g.get(k)) for k in aurocs),
+                 mean_std(g.get("training_flops"), 0), mean_std(g.get("model_file_bytes"), 0)]
         lines.append("| " + " | ".join(cells) + " |")
     if report["missing"]:
         lines += ["", f"Not evaluated yet: {', '.join(report['missing'])}."]
