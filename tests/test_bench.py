@@ -166,3 +166,19 @@ def test_cli_bad_torchvision_model_is_one_line(args, words, capsys):
     captured = capsys.readouterr()
     lines = [l for l in captured.err.splitlines() if l.startswith("error")]
     assert len(lines) == 1 and all(w in lines[0] for w in words) and captured.out == ""
+
+
+def test_an_auto_schedule_is_benched_at_its_cap(monkeypatch):
+    import dataclasses
+
+    from ssvi_cli.bench import run as benchrun
+    from ssvi_cli.config import PAPER_DELTA_T, load_preset
+
+    assert benchrun.recipe_delta_t("digits_mlp") == load_preset("digits_mlp").sparse.delta_t == 50
+
+    def auto_preset(name):
+        cfg = load_preset(name)
+        return dataclasses.replace(cfg, sparse=dataclasses.replace(cfg.sparse, delta_t="auto"))
+
+    monkeypatch.setattr(benchrun, "load_preset", auto_preset)
+    assert benchrun.recipe_delta_t("digits_mlp") == PAPER_DELTA_T

@@ -79,6 +79,9 @@ def test_train_starts_mu_from_cached_weights_and_reinitialises_the_head(tmp_path
     assert f"{STEM}.weight summed over the 3 pretrained input channels" in err
     meta = json.loads(safe_open(str(out / "model.safetensors"), "pt").metadata()["training"])
     assert meta["config"]["model"]["init_from"] == f"torchvision:{WEIGHTS}"
+    assert run(["inspect", str(out / "model.safetensors")]) == 0
+    shown = "".join(capsys.readouterr().out.split()).replace("│", "")  # the table may wrap the line
+    assert f"startedfromtorchvision:{WEIGHTS}" in shown
     # Two steps, no subspace step yet: each loaded layer keeps the support of its largest pretrained |w|.
     layers = dict(sparse_layers(load_model(out / "model.safetensors").model))
     w = published[f"{HIDDEN}.weight"].reshape(-1)

@@ -4,6 +4,7 @@ and one-line errors."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 
 from ssvi_cli.cli import run
 from ssvi_cli.sweep.grid import SweepError, SweepSpec, expand, parse_axis
-from ssvi_cli.sweep.runner import cell_state
+from ssvi_cli.sweep.runner import CellBusy, cell_lock, cell_state
 
 # Small cells: a 32-unit MLP on 300 digits, a few epochs, a subspace step every 2 minibatches.
 TINY = ["--set", "model.widths=[32]", "--set", "data.max_train=300", "--set", "train.eval_samples=2",
@@ -124,6 +125,15 @@ def _interrupt_when(proc: subprocess.Popen, ready) -> str:
     return stderr
 
 
+def _reap(proc: subprocess.Popen, out: Path) -> None:
+    """After a failed assertion: stop the sweep and any cell it left (cells run in sessions of their
+    own), so a failing test leaves no process behind."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    subprocess.run(["pkill", "-KILL", "-f", f"--run-cell {out}"], check=False)
+
+
 def _epochs(cell: Path) -> list[int]:
     path = cell / "metrics.jsonl"
     return [json.loads(line)["epoch"] for line in path.read_text().splitlines()] if path.is_file() else []
@@ -138,6 +148,13 @@ def test_ctrl_c_leaves_every_cell_resumable(tmp_path: Path):
            *TINY, "--jobs", "2", "--threads", "1", "--out", str(out)]
     cells = [out / "cells" / "ssvi_s0.9_seed0", out / "cells" / "ssvi_s0.95_seed0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _interrupted_and_resumed(proc, out, sweep, cells)
+    finally:
+        _reap(proc, out)
+
+
+def _interrupted_and_resumed(proc: subprocess.Popen, out: Path, sweep: list[str], cells: list[Path]) -> None:
     stderr = _interrupt_when(proc, lambda: all(_epochs(c) for c in cells))
     assert "2 cells stopped at a checkpoint" in stderr and f"ssvi sweep --resume {out}" in stderr
     assert [cell_state(c) for c in cells] == ["partial", "partial"]
@@ -148,7 +165,10 @@ def test_ctrl_c_leaves_every_cell_resumable(tmp_path: Path):
     # --resume continues each cell from its checkpoint (not from epoch 1), and stops again on Ctrl-C
     proc = subprocess.Popen([*sweep, "--resume", str(out), "--jobs", "2", "--threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _interrupt_when(proc, lambda: all(len(_epochs(c)) > len(before[c]) + 1 for c in cells))
+    try:
+        _interrupt_when(proc, lambda: all(len(_epochs(c)) > len(before[c]) + 1 for c in cells))
+    finally:
+        _reap(proc, out)
     for c in cells:
         assert "resuming" in (out / "logs" / f"{c.name}.log").read_text()
         epochs = _epochs(c)
@@ -173,3 +193,29 @@ def test_force_replaces_another_sweep_and_a_yaml_list_key_is_one_value(tmp_path:
     spec = json.loads((tmp_path / "y" / "sweep.json").read_text())["spec"]
     assert spec["fixed"] == {"model.widths": [32, 32]} and spec["axes"] == {"sparse.alpha": [0.1, 0.3]}
     assert len(capsys.readouterr().out.splitlines()) == 4
+
+
+def test_a_running_cell_is_locked_and_a_yaml_file_takes_the_flags_names(tmp_path: Path, capsys):
+    out = tmp_path / "sw"
+    assert run(["sweep", "--set", "train.epochs=1", *TINY, "--out", str(out), "--dry-run"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    cell = Path(line.split()[-1])
+    with cell_lock(cell):  # as if a killed sweep's cell were still running
+        assert run(["sweep", "--run-cell", str(cell)]) == 2
+        assert f"cell {cell.name} is already running (process {os.getpid()})" in capsys.readouterr().err
+        assert not cell.exists()  # nothing was written
+        with pytest.raises(CellBusy):
+            with cell_lock(cell):
+                pass
+    assert run(["sweep", "--run-cell", str(cell)]) == 0  # the lock went with its holder
+    assert cell_state(cell) == "done"
+    capsys.readouterr()
+
+    spec_file = tmp_path / "sweep.yaml"
+    spec_file.write_text("method: [ssvi, static]\nsparsity: 0.9\nseeds: 2\n")
+    assert run(["sweep", "--file", str(spec_file), "--out", str(tmp_path / "y"), "--dry-run"]) == 0
+    spec = json.loads((tmp_path / "y" / "sweep.json").read_text())["spec"]
+    assert spec["methods"] == ["ssvi", "static"] and spec["sparsities"] == [0.9] and spec["seeds"] == [0, 1]
+    spec_file.write_text("method: ssvi\nmethods: [vi]\n")
+    assert run(["sweep", "--file", str(spec_file), "--out", str(tmp_path / "z"), "--dry-run"]) == 2
+    assert "give 'methods' or 'method', not both" in capsys.readouterr().err

@@ -15,7 +15,7 @@ import torch
 from ssvi_cli.bench.models import (KERNELS, SYNTHETIC_NOTE, BenchModel, BenchOptions, bench_config, check_input,
                                    synthetic_splits)
 from ssvi_cli.bench.timing import Variant, cpu_model, summarise, time_interleaved
-from ssvi_cli.config import Config, load_preset
+from ssvi_cli.config import PAPER_DELTA_T, Config, load_preset
 from ssvi_cli.core import flops as flopsmod
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.data.spec import DataSplits
@@ -60,7 +60,7 @@ def _run(bm: BenchModel, opts: BenchOptions, root: Path,
     device = resolve_device(opts.device)
     splits, x, y = synthetic_splits(bm, opts.batch_size, opts.seed)
     x, y = x.to(device), y.to(device)
-    recipe_dt = load_preset(bm.preset).sparse.delta_t
+    recipe_dt = recipe_delta_t(bm.preset)
     no_update = 10**9  # parameter steps only
 
     say("building training variants")
@@ -128,6 +128,13 @@ def _run(bm: BenchModel, opts: BenchOptions, root: Path,
         "train_amortised": amortised,
         "predict": predict_rows,
     }
+
+
+def recipe_delta_t(preset: str) -> int:
+    """The preset's subspace-step spacing; ``auto`` follows a run's length, which a bench does not
+    have, so it counts as its cap, the paper's 100."""
+    dt = load_preset(preset).sparse.delta_t
+    return dt if isinstance(dt, int) else PAPER_DELTA_T
 
 
 def _amortised(rows: list[dict[str, Any]], sparsities: Sequence[float], delta_t: int,

@@ -65,8 +65,9 @@ def _g(value: Optional[float]) -> str:
 def _trained(tr: dict[str, Any]) -> str:
     if tr.get("method") is None and tr.get("epochs") is None:
         return "not recorded (written by ssvi_cli.save from a user's own loop)"
+    start = tr.get("init_from")
     return (f"{tr.get('method')}, sparsity {tr.get('sparsity')}, criterion {tr.get('criterion')}, "
-            f"{tr.get('epochs')} epochs, seed {tr.get('seed')}")
+            f"{tr.get('epochs')} epochs, seed {tr.get('seed')}" + (f", started from {start}" if start else ""))
 
 
 def _print_report(r: dict[str, Any]) -> None:

@@ -7,12 +7,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
 from rich.table import Table
 
 from ssvi_cli.cli.common import UsageError, err, out, print_json, progress_bar
+
+if TYPE_CHECKING:
+    from ssvi_cli.sweep.grid import Cell, SweepSpec
 
 
 def _csv(text: Optional[str], kind: type, flag: str) -> Optional[tuple[Any, ...]]:
@@ -43,6 +46,11 @@ def _spec(file: Optional[Path], preset: Optional[str], method: Optional[str], sp
         if not isinstance(loaded, dict):
             raise UsageError(f"--file {file}: a sweep file is a mapping (preset, methods, sparsities, seeds, set, ood, samples)")
         data = dict(loaded)
+        for one, many in (("method", "methods"), ("sparsity", "sparsities"), ("seed", "seeds")):
+            if one in data:  # the flag's own name (--method, --sparsity) reads as the plural key
+                if many in data:
+                    raise UsageError(f"--file {file}: give {many!r} or {one!r}, not both")
+                data[many] = data.pop(one)
         if isinstance(data.get("seeds"), int):
             data["seeds"] = list(range(data["seeds"]))
         grid = data.pop("set", {}) or {}
@@ -106,13 +114,23 @@ def run_cell(path: Path, run: Callable[[list[str]], int]) -> int:
     """Train (or resume) and evaluate one cell with the ``ssvi train`` and ``ssvi evaluate`` commands
     (``run`` invokes one); what ``--dry-run`` hands a scheduler."""
     from ssvi_cli.sweep.grid import read_spec
-    from ssvi_cli.sweep.runner import cell_state
+    from ssvi_cli.sweep.runner import CellBusy, cell_lock
 
     path = Path(path)
     spec, cells = read_spec(path.parent.parent)
     cell = next((c for c in cells if c.name == path.name), None)
     if cell is None:
         raise UsageError(f"{path} is not a cell of the sweep in {path.parent.parent}")
+    try:
+        with cell_lock(path):
+            return _train_and_evaluate(path, cell, spec, run)
+    except CellBusy as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _train_and_evaluate(path: Path, cell: Cell, spec: SweepSpec, run: Callable[[list[str]], int]) -> int:
+    from ssvi_cli.sweep.runner import cell_state
+
     state = cell_state(path)
     if state == "done":
         return 0

@@ -4,7 +4,10 @@ a time, with its output in ``logs/<cell>.log``.
 A cell's state is read from its run directory (``done``: evaluated; ``trained``; ``partial``: a
 checkpoint to resume from; ``new``), so a rerun skips finished cells and resumes interrupted ones.
 Cells run in sessions of their own: on Ctrl-C (or SIGTERM) the sweep sends each running cell one
-SIGINT, and each one finishes its step, checkpoints and exits, resumable.
+SIGINT, and each one finishes its step, checkpoints and exits, resumable. A cell holds a lock
+(``cells/.<cell>.lock``) while it runs, so a second process asked to run it (a ``--resume`` while a
+killed sweep's cells still run, a scheduler's retry) stops with one line instead of writing into the
+same run directory.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from ssvi_cli.runs.rundir import RunDir
 from ssvi_cli.sweep.grid import CELLS_DIR, EVAL_FILE, Cell
@@ -38,6 +42,40 @@ def cell_state(path: Path) -> str:
     if run.summary_file.is_file() and run.model_file.is_file():
         return "trained"
     return "partial" if path.is_dir() and run.checkpoints() else "new"
+
+
+class CellBusy(RuntimeError):
+    """The cell is being run by another process."""
+
+
+@contextmanager
+def cell_lock(path: Path) -> Iterator[None]:
+    """Hold the cell's lock while the block runs; :class:`CellBusy` if another process holds it.
+
+    An advisory ``flock`` on ``cells/.<cell>.lock`` (outside the run directory, which ``ssvi train
+    --force`` may replace): the system drops it when its holder exits, however it exits. Without
+    ``fcntl`` (Windows) cells are not locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    lock_path = Path(path).parent / f".{Path(path).name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+", encoding="utf-8") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            raise CellBusy(f"cell {Path(path).name} is already running (process {holder}); "
+                           "wait for it or stop it, then run it again") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
 
 
 def cell_command(cell_path: Path) -> list[str]:
