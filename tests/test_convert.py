@@ -213,7 +213,7 @@ def test_init_from_a_trained_state_dict_starts_mu_at_the_largest_weights(tmp_pat
     torch.save(trained.state_dict(), tmp_path / "sd.pt")
     cfg = C.apply_overrides(C.load_preset("digits_mlp"), {
         "model.name": "torchvision:resnet18", "model.init_from": str(tmp_path / "sd.pt"), "sparse.sparsity": 0.9,
-        "data.max_train": 64})
+        "sparse.allocation": "uniform", "data.max_train": 64})
     model = Trainer.create(cfg, tmp_path / "run").model
     fc = dict(sparse_layers(model))["fc"]
     w = trained.fc.weight.detach().reshape(-1)

@@ -359,14 +359,14 @@ def mlp_file(tmp_path_factory) -> Path:
 def mlp_exp_file(tmp_path_factory) -> Path:
     """A very sparse digits MLP with sigma = exp(rho): its sparsest layers need flat32 indices."""
     return train(tmp_path_factory.mktemp("mlp_exp") / "run", "--epochs", "1", "--sparsity", "0.9995",
-                 "--set", "bayes.sigma_param=exp", "--set", "train.eval_samples=1")
+                 "--set", "sparse.allocation=uniform", "--set", "bayes.sigma_param=exp", "--set", "train.eval_samples=1")
 
 
 @pytest.fixture(scope="module")
 def mlp_wide_file(tmp_path_factory) -> Path:
     """A digits MLP with wide posteriors (σ ≈ 0.05), so that Monte Carlo draws differ visibly."""
     return train(tmp_path_factory.mktemp("mlp_wide") / "run", "--epochs", "1",
-                 "--set", "bayes.sigma_init_mean=0.05", "--set", "train.eval_samples=1")
+                 "--set", "sparse.allocation=uniform", "--set", "bayes.sigma_init_mean=0.05", "--set", "train.eval_samples=1")
 
 
 @pytest.fixture(scope="module")

@@ -164,7 +164,9 @@ def test_infer_never_builds_a_dense_linear_weight(tmp_path, monkeypatch):
     x = [tmp_path / "x.npy"]
     np.save(x[0], np.zeros((3, 28, 28), np.uint8))
     # Density 0.5 is above the training default's sparse-kernel threshold: infer must still go sparse.
-    for name, preset, over in (("mlp", "digits_mlp", {"sparse.sparsity": 0.5}), ("lenet", "mnist_lenet5", {})):
+    # (uniform allocation: ERK would make some layers fully dense at 0.5; the preset's ERK at 0.95 too)
+    for name, preset, over in (("mlp", "digits_mlp", {"sparse.sparsity": 0.5, "sparse.allocation": "uniform"}),
+                               ("mlp_erk", "digits_mlp", {}), ("lenet", "mnist_lenet5", {})):
         loaded = read_model_file(write_model(tmp_path / f"{name}.safetensors", preset, **over))
         for mode in ("mc", "mean"):
             run_inference(loaded.model, loaded.spec, x, samples=3, mode=mode)

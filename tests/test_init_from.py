@@ -50,7 +50,7 @@ def published(hub) -> dict[str, torch.Tensor]:
 
 def _train(tmp_path, *extra: str) -> list[str]:
     return ["train", "--model", "torchvision:mobilenet_v3_small", "--epochs", "1", "--sparsity", "0.9",
-            "--set", "data.max_train=64", "--set", "train.eval_samples=1", *extra]
+            "--set", "data.max_train=64", "--set", "train.eval_samples=1", "--set", "sparse.allocation=uniform", *extra]
 
 
 def _config(init_from: str):
@@ -58,6 +58,7 @@ def _config(init_from: str):
 
     return C.apply_overrides(C.load_preset("digits_mlp"), {
         "model.name": "torchvision:mobilenet_v3_small", "model.init_from": init_from, "sparse.sparsity": 0.9,
+        "sparse.allocation": "uniform",
         "data.max_train": 64})
 
 
