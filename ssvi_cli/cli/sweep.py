@@ -46,7 +46,7 @@ def _spec(file: Optional[Path], preset: Optional[str], method: Optional[str], sp
         if not isinstance(loaded, dict):
             raise UsageError(f"--file {file}: a sweep file is a mapping (preset, methods, sparsities, seeds, set, ood, samples)")
         data = dict(loaded)
-        for one, many in (("method", "methods"), ("sparsity", "sparsities"), ("seed", "seeds")):
+        for one, many in (("method", "methods"), ("sparsity", "sparsities")):
             if one in data:  # the flag's own name (--method, --sparsity) reads as the plural key
                 if many in data:
                     raise UsageError(f"--file {file}: give {many!r} or {one!r}, not both")
