@@ -131,7 +131,8 @@ def _reap(proc: subprocess.Popen, out: Path) -> None:
     if proc.poll() is None:
         proc.kill()
         proc.wait()
-    subprocess.run(["pkill", "-KILL", "-f", f"--run-cell {out}"], check=False)
+    # "--": the pattern itself starts with a dash
+    subprocess.run(["pkill", "-KILL", "-f", "--", f"--run-cell {out}"], check=False)
 
 
 def _epochs(cell: Path) -> list[int]:
