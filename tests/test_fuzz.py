@@ -140,8 +140,13 @@ def test_mutated_files_through_the_cli_never_show_a_traceback(original, tmp_path
 
 @pytest.mark.parametrize("field, value", [("architecture", {"widths": [24, 4_000_000_000_000]}),
                                           ("data_spec", {"input_shape": [1, 8, 2_000_000_000_000]}),
-                                          ("data_spec", {"num_classes": 3_000_000_000_000})])
-def test_a_huge_size_in_the_metadata_is_refused_before_allocating(original, tmp_path, field, value):
+                                          ("data_spec", {"num_classes": 3_000_000_000_000}),
+                                          # one flipped digit made a width 0: a division by zero, found by CI
+                                          ("architecture", {"widths": [0, 12]}),
+                                          ("architecture", {"widths": [24, -4]}),
+                                          ("data_spec", {"input_shape": [1, 0, 8]}),
+                                          ("data_spec", {"num_classes": 0})])
+def test_an_impossible_size_in_the_metadata_is_refused_before_allocating(original, tmp_path, field, value):
     # Found by the fuzz above: one overwritten byte turned a width into trillions and the reader
     # tried to allocate the bias (96 TB) before comparing shapes.
     good = tmp_path / "good.safetensors"

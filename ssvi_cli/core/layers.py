@@ -40,6 +40,8 @@ class SparseGaussian(nn.Module):
                  kernel: KernelPolicy | str = "auto") -> None:
         super().__init__()
         self.weight_shape = tuple(int(s) for s in weight_shape)
+        if not self.weight_shape or min(self.weight_shape) < 1:
+            raise ValueError(f"a weight of shape {self.weight_shape} has no entries")
         self.numel = math.prod(self.weight_shape)
         self.fan_in = self.numel // self.weight_shape[0]
         self.bayesian = bayesian

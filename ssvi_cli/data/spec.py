@@ -62,7 +62,7 @@ class DataSpec:
                 f"data spec keys {sorted(d)} do not match the expected {sorted(expected)}; "
                 "the file was written by an incompatible version"
             )
-        return cls(
+        spec = cls(
             name=str(d["name"]),
             input_shape=tuple(int(v) for v in d["input_shape"]),  # type: ignore[arg-type]
             num_classes=int(d["num_classes"]),
@@ -72,6 +72,10 @@ class DataSpec:
             pixel_max=float(d.get("pixel_max", 255.0)),
             dataset_classes=tuple(str(v) for v in d.get("dataset_classes", ())),
         )
+        if any(s < 1 for s in spec.input_shape) or spec.num_classes < 1:  # () is a custom model's "unknown"
+            raise DataError(f"data spec input shape {list(spec.input_shape)} / {spec.num_classes} classes "
+                            "describe no input or no class")
+        return spec
 
 
 @dataclass

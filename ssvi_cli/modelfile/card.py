@@ -44,6 +44,8 @@ class Architecture:
                        bayesian=bool(d["bayesian"]), sigma_param=str(d.get("sigma_param", "softplus")))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CardError(f"architecture {dict(d) if isinstance(d, Mapping) else d!r} is malformed ({exc})") from None
+        if any(w < 1 for w in arch.widths):
+            raise CardError(f"architecture has a layer width below 1 ({list(arch.widths)})")
         if arch.sigma_param not in SIGMA_PARAMS:
             raise CardError(f"architecture has an unknown sigma parameterisation {arch.sigma_param!r}")
         return arch
