@@ -83,6 +83,20 @@ def test_loading_into_a_different_module_names_the_first_difference(tmp_path):
         ssvi.load(path, model=bayesian_head)
 
 
+def test_a_failed_load_leaves_an_unconverted_model_as_it_was(tmp_path):
+    path = tmp_path / "net.safetensors"
+    ssvi.save(trained_net(tmp_path), path)
+    target = Net(hidden=16)  # deterministic: load converts it first, then the file does not fit
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    layers = [(n, type(m)) for n, m in target.named_modules()]
+    with pytest.raises(ssvi.ModelFileError, match="has shape"):
+        ssvi.load(path, model=target)
+    assert [(n, type(m)) for n, m in target.named_modules()] == layers and not sparse_layers(target)
+    after = target.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert target(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
 def test_a_custom_file_needs_its_code_and_says_so(tmp_path):
     path = tmp_path / "net.safetensors"
     ssvi.save(trained_net(tmp_path), path)

@@ -97,11 +97,23 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
     mine = f"{CUSTOM}{type(model).__module__}.{type(model).__qualname__}"
     if recorded.startswith(CUSTOM) and recorded != mine:
         log.warning("%s was saved from %s; loading it into %s", path, recorded[len(CUSTOM):], mine[len(CUSTOM):])
-    if not sparse_layers(model):
+    target = f"the {type(model).__name__} passed to load"
+    if sparse_layers(model):
+        install(model, path, meta, read_tensors(path), target=target)  # validates before it changes anything
+        return model.to(device).eval()
+    # Converting swaps layers into their parents' child lists: if the file then does not fit, put the
+    # user's layers back rather than leave the model converted with empty supports.
+    children = [(module, dict(module._modules)) for module in model.modules()]
+    try:
         records = [r for r in meta["layers"] if isinstance(r, dict)]
         sparsify(model, structure_only=True, deterministic=[str(r.get("name")) for r in records if not r.get("bayesian")],
                  sigma_param=str(meta["architecture"].get("sigma_param", "softplus")), kernel=kernel)
-    install(model, path, meta, read_tensors(path), target=f"the {type(model).__name__} passed to load")
+        install(model, path, meta, read_tensors(path), target=target)
+    except BaseException:
+        for module, kept in children:
+            module._modules.clear()
+            module._modules.update(kept)
+        raise
     return model.to(device).eval()
 
 
