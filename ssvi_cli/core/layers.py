@@ -121,11 +121,9 @@ class SparseGaussian(nn.Module):
         return False
 
     def pattern(self) -> CsrPattern:
-        cached = self._pattern
-        if cached is None or cached[0] is not self.idx:
-            cached = (self.idx, CsrPattern.from_flat(self.idx, self.weight_shape[0], self.fan_in))
-            self._pattern = cached
-        return cached[1]
+        if self._pattern is None or self._pattern[0] is not self.idx:
+            self._pattern = (self.idx, CsrPattern.from_flat(self.idx, self.weight_shape[0], self.fan_in))
+        return self._pattern[1]
 
     # -- forward ---------------------------------------------------------------
     def positions(self, x: Tensor) -> int:

@@ -21,6 +21,7 @@ from ssvi_cli.data.classes import resolve_classes, restrict_spec
 from ssvi_cli.data.spec import DataError, DatasetUnavailable, DataSpec, RawImages
 from ssvi_cli.data.transforms import random_crop_flip
 from ssvi_cli.registry import Registry, UnknownName
+from ssvi_cli.network import stall_limit
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,8 @@ def _load_digits(data_dir: Path, train: bool, download: bool) -> RawImages:
 def _call_torchvision(name: str, factory: Callable[[], object], where: Path, download: bool):
     """Run a torchvision constructor, turning its missing-file errors into DataErrors."""
     try:
-        return factory()
+        with stall_limit():
+            return factory()
     except RuntimeError as err:
         if download:
             raise DataError(f"downloading {name} into {where} failed ({err}); check the network") from err

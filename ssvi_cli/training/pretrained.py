@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ssvi_cli.config import ConfigError
+from ssvi_cli.network import stall_limit
 from ssvi_cli.registry import Registry, UnknownName
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def fetch_state_dict(weights: Any, progress: bool = False) -> dict[str, Tensor]:
         logger.info("downloading %s to %s", weights.url, path)
     try:
         # torch.hub announces a download on stdout, which must stay clean for `--json`.
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), stall_limit():
             state = weights.get_state_dict(progress=progress and not cached, check_hash=True,
                                            map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a network, hash or reader failure is one line
