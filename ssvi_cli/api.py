@@ -115,7 +115,9 @@ class Subspace:
         """The optimizer step, or the remove-and-add step in its place; returns True for the latter.
 
         With mixed precision pass the ``GradScaler``: ``step(scaler)`` then stands for
-        ``scaler.step(optimizer); scaler.update()``, and the captured gradients are unscaled.
+        ``scaler.step(optimizer); scaler.update()``, and the captured gradients are unscaled. A
+        remove-and-add step whose dense gradient overflowed changes nothing (``last_report.skipped``)
+        and backs the scale off, as the scaler does for a skipped optimizer step.
         """
         captured = bool(self._captures)
         if captured:
@@ -138,7 +140,8 @@ class Subspace:
                     scaler.unscale_(self.optimizer)
                 except RuntimeError:  # unscale_() was already called since the last update()
                     pass
-                scaler.update()
+                skipped = self.last_report.skipped  # an overflow: back off as after a skipped step
+                scaler.update(scaler.get_scale() * scaler.get_backoff_factor() if skipped else None)
         elif scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()

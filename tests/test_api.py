@@ -121,3 +121,34 @@ def test_predict_returns_the_model_average_with_entropy_and_mutual_information()
     mean = ssvi.predict(model, x, mode="mean")
     assert mean.mutual_information is None and mean.samples is None
     assert model.training  # predict restores the train/eval state
+
+
+def test_an_overflowed_fp16_capture_skips_the_remove_and_add_step_and_backs_the_scale_off():
+    # A loss scale so large that the fp16 backward overflows: the dense gradient is inf, and a step
+    # ranked on it would add arbitrary entries. It is skipped, as the scaler skips an optimizer step.
+    torch.manual_seed(0)
+    model = small()
+    optimizer = torch.optim.Adam(ssvi.param_groups(model, lr=0.01, lr_sigma=0.01))
+    subspace = ssvi.Subspace(model, optimizer, total_steps=40, delta_t=5)
+    scaler = torch.amp.GradScaler("cpu")
+    data = batches(11)
+
+    def step(x, y):
+        with torch.autocast("cpu", dtype=torch.float16):
+            logits = model(x)
+        scaler.scale(F.cross_entropy(logits.float(), y)).backward()
+        moved = subspace.step(scaler)
+        optimizer.zero_grad()
+        return moved
+
+    for x, y in data[:5]:
+        step(x, y)
+    supports = [l.idx.clone() for _, l in sparse_layers(model)]
+    scaler.update(1e38)  # the next scaled loss (~2e38) still fits float32; its fp16 gradients do not
+    assert step(*data[5]) and subspace.last_report.skipped and subspace.last_report.layers == []
+    assert all(torch.equal(a, l.idx) for a, (_, l) in zip(supports, sparse_layers(model)))
+    assert scaler.get_scale() == pytest.approx(0.5e38)
+    scaler.update(1024.0)
+    for x, y in data[6:]:
+        step(x, y)
+    assert subspace.t == 11 and not subspace.last_report.skipped and subspace.last_report.swapped > 0

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,28 @@ def test_resnet18_trainable_state_at_095_is_under_8_percent_of_dense_vi(tmp_path
     ssvi = _one_step_bytes("ssvi", tmp_path)
     dense = _one_step_bytes("vi", tmp_path)
     assert ssvi / dense <= 0.08, (ssvi, dense)
+
+
+def test_fp16_training_skips_an_overflowed_remove_and_add_step(tmp_path: Path, caplog):
+    trainer = Trainer.create(digits_cfg(**{"train.precision": "fp16", "sparse.addition": "accumulate:2"}),
+                             tmp_path / "run")
+    (tmp_path / "run").mkdir(exist_ok=True)  # fit() makes it; these steps run without fit()
+    x, y = next(iter(trainer.batches(0)))
+    for _ in range(4):  # steps 0-3; step 4 is a capture step (accumulate:2), step 5 a subspace step
+        trainer.train_step(x, y)
+    supports = [l.idx.clone() for _, l in sparse_layers(trainer.model)]
+    trainer.scaler.update(1e38)  # the scaled loss fits float32, its fp16 gradients overflow
+    with caplog.at_level("WARNING"):
+        trainer.train_step(x, y)  # capture: the optimizer step is skipped by the scaler itself
+        trainer.scaler.update(1e38)
+        out = trainer.train_step(x, y)
+    assert out["swapped"] == 0 and trainer.state.subspace_steps == 0
+    assert all(torch.equal(a, l.idx) for a, (_, l) in zip(supports, sparse_layers(trainer.model)))
+    assert trainer.scaler.get_scale() == pytest.approx(0.5e38)
+    assert "step 5: the dense gradient held inf/NaN; this remove-and-add step was skipped" in caplog.text
+    trainer.scaler.update(1024.0)
+    for _ in range(5):  # steps 6-10: the next remove-and-add step (10) runs on finite gradients
+        out = trainer.train_step(x, y)
+    assert trainer.state.subspace_steps == 1 and out["swapped"] > 0
+    records = (tmp_path / "run" / "support.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in records] == [10]  # the skipped step left no record

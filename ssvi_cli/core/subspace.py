@@ -97,6 +97,7 @@ class SwapReport:
     step: int
     fraction: float
     layers: list[LayerSwap] = field(default_factory=list)
+    skipped: bool = False  # a dense gradient held inf/NaN (an fp16 overflow): no layer was changed
 
     @property
     def swapped(self) -> int:
@@ -161,20 +162,26 @@ def subspace_step(model: nn.Module, step: int, schedule: Schedule, criterion: st
     """Apply one subspace step to every sparse layer using the gradients they captured.
 
     ``reduce`` (e.g. an all-reduce mean across processes) is applied to each dense gradient first,
-    so that every process ranks the same scores.
+    so that every process ranks the same scores. When any (reduced) gradient holds inf or NaN, as
+    after an overflow of fp16's scaled backward, no layer changes and the report says ``skipped``:
+    the step is dropped, as a gradient scaler drops an optimizer step (every process agrees, since
+    the check runs on the reduced gradients).
     """
     fraction = schedule.drop_fraction(step)
     report = SwapReport(step, fraction)
+    grads: list[tuple[str, SparseGaussian, Tensor]] = []
     for name, layer in sparse_layers(model):
         if layer.active == layer.numel:
             continue
         grad = layer.dense_grad
         if grad is None:
             raise RuntimeError(f"layer {name} has no dense gradient for the subspace step")
-        if reduce is not None:
-            grad = reduce(grad)
-        report.layers.append(update_layer(name, layer, grad, fraction, criterion, lam, new_sigma, optimizer))
+        grads.append((name, layer, reduce(grad) if reduce is not None else grad))
         layer.dense_grad = None
+    report.skipped = not all(bool(torch.isfinite(g).all()) for _, _, g in grads)
+    if not report.skipped:
+        for name, layer, grad in grads:
+            report.layers.append(update_layer(name, layer, grad, fraction, criterion, lam, new_sigma, optimizer))
     return report
 
 

@@ -219,6 +219,10 @@ class Trainer:
         distributed.verify_supports(self.model, t)
         self._accumulated.clear()
         self._captured = 0
+        if report.skipped:  # an overflowed fp16 backward: back the loss scale off, as a skipped step does
+            self.scaler.update(new_scale=self.scaler.get_scale() * self.scaler.get_backoff_factor())
+            log.warning("step %d: the dense gradient held inf/NaN; this remove-and-add step was skipped", t)
+            return report
         self.state.subspace_steps += 1
         if self.is_main:
             self.run.append_support({
@@ -309,12 +313,7 @@ class Trainer:
         self._check_finite_state()
         if not self.is_main:
             return None
-        payload = {
-            "config": self.cfg.to_dict(),
-            "data_spec": self.splits.spec.to_dict(),
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "state": self.state.to_dict(),
-            "rng": ckpt.rng_state(),
-        }
+        payload = {"config": self.cfg.to_dict(), "data_spec": self.splits.spec.to_dict(),
+                   "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                   "optimizer": self.optimizer.state_dict(), "state": self.state.to_dict(), "rng": ckpt.rng_state()}
         return self.run.save_checkpoint(self.state.step, payload, self.cfg.train.keep_checkpoints)
