@@ -93,18 +93,21 @@ class Subspace:
                        model.register_forward_hook(self._after_forward)]
 
     def _before_forward(self, module: nn.Module, args: Any) -> None:
-        if module.training and self.schedule.captures(self.t) and not self._captures:
+        if not (module.training and self.schedule.captures(self.t)):
+            return
+        if not self._captures:
             # Kept until step(): capture (through backward) and, under DDP, no gradient
             # synchronisation: no optimizer step follows, mu's gradient comes from the dense leaf
             # DDP cannot see, and the dense gradients are averaged across ranks by step() itself.
+            # Every forward until step() (micro-batches of an accumulating loop) adds to the capture.
             self._captures = [capturing_dense_grad(self.model)]
             if isinstance(module, nn.parallel.DistributedDataParallel):
                 self._captures.append(module.no_sync())
             for ctx in self._captures:
                 ctx.__enter__()
-            if self.addition == "mean":  # the forward's sampling mode only
-                self._forward_only = sampling(self.model, "mean")
-                self._forward_only.__enter__()
+        if self.addition == "mean" and self._forward_only is None:  # each capture forward's sampling mode
+            self._forward_only = sampling(self.model, "mean")
+            self._forward_only.__enter__()
 
     def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._forward_only is not None:

@@ -152,3 +152,24 @@ def test_an_overflowed_fp16_capture_skips_the_remove_and_add_step_and_backs_the_
     for x, y in data[6:]:
         step(x, y)
     assert subspace.t == 11 and not subspace.last_report.skipped and subspace.last_report.swapped > 0
+
+
+@pytest.mark.parametrize("micro", [1, 2, 4])
+def test_an_accumulating_loop_scores_additions_on_all_its_micro_batches(micro):
+    # With addition="mean" the capture is deterministic: a remove-and-add step after `micro`
+    # micro-batches (each loss divided by their count) must pick what one whole batch picks.
+    def supports_after(chunks: int):
+        torch.manual_seed(0)
+        model = small()
+        optimizer = torch.optim.SGD(ssvi.param_groups(model, lr=0.05, lr_sigma=0.05))
+        subspace = ssvi.Subspace(model, optimizer, total_steps=40, delta_t=5, addition="mean")
+        for t, (x, y) in enumerate(batches(6)):
+            for xc, yc in zip(x.chunk(chunks), y.chunk(chunks)):
+                (F.cross_entropy(model(xc), yc) / chunks).backward()
+            assert subspace.step() == (t == 5)
+            optimizer.zero_grad()
+        assert subspace.last_report.swapped > 0
+        return [l.idx.clone() for _, l in sparse_layers(model)]
+
+    whole = supports_after(1)
+    assert all(torch.equal(a, b) for a, b in zip(whole, supports_after(micro)))

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssvi_cli.core.capture import CapturedGrad
 from ssvi_cli.core.gaussian import LRT_EPS, gaussian_kl, randn_like, sigma_from_rho
 from ssvi_cli.core.kernels import KERNELS, CsrPattern, KernelPolicy, csr_product, sparse_product
 
@@ -64,7 +65,7 @@ class SparseGaussian(nn.Module):
         self.capture_dense_grad = False
         self.draws: Optional["DrawState"] = None
         self.dense_grad: Optional[Tensor] = None
-        self._leaf: Optional[Tensor] = None
+        self._captured = CapturedGrad()
         self._pattern: Optional[tuple[Tensor, CsrPattern]] = None
 
     # -- support ---------------------------------------------------------------
@@ -179,20 +180,18 @@ class SparseGaussian(nn.Module):
 
     def _forward_capture(self, x: Tensor) -> Tensor:
         """Forward through a dense leaf holding mu so backward yields dL/dmu at every position."""
-        leaf = self.mu.detach().new_zeros(self.numel).scatter(0, self.idx, self.mu.detach())
-        leaf.requires_grad_(True)
-        self._leaf = leaf
+        leaf = self._captured.new_leaf(self.mu.detach().new_zeros(self.numel).scatter(0, self.idx, self.mu.detach()))
         mean = self._with_bias(self.dense_op(x, leaf.view(self.weight_shape)))
         if not self.bayesian or self.mode == "mean":
             return mean
         return self.sample_from_moments(mean, self._variance(x))
 
     def collect_dense_grad(self) -> Optional[Tensor]:
-        """After backward in capture mode: store the dense gradient and route it to ``mu.grad``."""
-        leaf, self._leaf = self._leaf, None
-        if leaf is None or leaf.grad is None:
+        """After backward in capture mode: store the dense gradient (summed over the capture
+        forwards since the last call) and route it to ``mu.grad``."""
+        dense = self._captured.take()
+        if dense is None:
             return None
-        dense = leaf.grad.detach()
         self.dense_grad = dense
         part = dense[self.idx]
         self.mu.grad = part if self.mu.grad is None else self.mu.grad + part
