@@ -136,11 +136,14 @@ def shard(batch: Tensor, info: DistInfo) -> Tensor:
 def global_batches(order: Tensor, global_batch: int, world_size: int) -> list[Tensor]:
     """Split an epoch's permutation into global minibatches.
 
-    A final partial batch smaller than the number of ranks would leave a rank without data (and DDP
-    needs every rank in every step), so it is dropped; with one process nothing is dropped.
+    A final partial batch that would give some rank fewer than two samples is dropped: a rank
+    without data would stall DDP, and BatchNorm cannot train on one sample (a network whose feature
+    map shrinks to 1x1, such as GoogLeNet at 64x64 or ResNet-18 at 32x32, fails on it). The
+    permutation changes every epoch, so the dropped sample is a different one each time. (A lone
+    batch is kept if every rank has a sample: the epoch would otherwise be empty.)
     """
     batches = list(order.split(global_batch))
-    if batches and len(batches[-1]) < world_size:
+    if batches and (len(batches[-1]) < world_size or (len(batches) > 1 and len(batches[-1]) < 2 * world_size)):
         batches.pop()
     return batches
 
