@@ -199,6 +199,11 @@ def _vgg19(in_shape, num_classes, layers, widths=None) -> SSVIModel:
 
 
 TORCHVISION = "torchvision:"
+# Builders with auxiliary classifiers, which make the training-mode forward return a tuple: built
+# without them (the model's output is its main classifier's logits), with torchvision's own init.
+AUX_FREE = {"googlenet": {"aux_logits": False, "init_weights": True},
+            "inception_v3": {"aux_logits": False, "init_weights": True}}
+AUX_HEADS = ("aux1.", "aux2.", "AuxLogits.")  # their keys in the published state_dicts
 
 
 def check_model_name(name: str) -> None:
@@ -217,11 +222,12 @@ def check_model_name(name: str) -> None:
 
 def torchvision_base(name: str, in_shape: Sequence[int], num_classes: int) -> nn.Module:
     """torchvision's deterministic classifier ``name`` (no pretrained weights) with ``num_classes``
-    outputs and its first convolution taking ``in_shape[0]`` channels."""
+    outputs and its first convolution taking ``in_shape[0]`` channels (GoogLeNet and Inception v3
+    without their auxiliary classifiers, :data:`AUX_FREE`)."""
     import torchvision
 
     check_model_name(TORCHVISION + name)
-    model = torchvision.models.get_model(name, num_classes=num_classes)
+    model = torchvision.models.get_model(name, num_classes=num_classes, **AUX_FREE.get(name, {}))
     stem_name, stem = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), (None, None))
     if stem is not None and stem.in_channels != in_shape[0]:
         new = nn.Conv2d(in_shape[0], stem.out_channels, stem.kernel_size, stem.stride, stem.padding,

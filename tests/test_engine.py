@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,22 @@ def test_fp16_training_skips_an_overflowed_remove_and_add_step(tmp_path: Path, c
     assert trainer.state.subspace_steps == 1 and out["swapped"] > 0
     records = (tmp_path / "run" / "support.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in records] == [10]  # the skipped step left no record
+
+
+@pytest.mark.parametrize("builder, size", [("googlenet", 32), ("inception_v3", 80)])
+def test_networks_with_auxiliary_classifiers_train_on_their_main_logits(tmp_path: Path, builder, size):
+    # torchvision builds them with auxiliary heads whose training-mode output is a tuple; ssvi's
+    # builder leaves the heads out, so a training step sees plain logits.
+    cfg = C.apply_overrides(C.load_preset("digits_mlp"), {"model.name": f"torchvision:{builder}",
+                                                          "train.batch_size": 2, "train.epochs": 1})
+    spec = get_spec("digits")
+    spec = type(spec)("tiny", (3, size, size), 10, spec.class_names, (0.0,) * 3, (1.0,) * 3)
+    ds = TensorDataset(torch.randn(2, 3, size, size), torch.tensor([1, 7]))
+    plan = RunPlan.new(cfg, tmp_path / builder, splits=DataSplits(ds, ds, ds, spec), device="cpu")
+    model = plan.build_model()
+    init_model(model, cfg, torch.Generator().manual_seed(0))
+    trainer = Trainer(plan, model, make_optimizer(model, cfg), TrainState())
+    assert not any(name.startswith(("aux", "AuxLogits")) for name, _ in model.named_children())
+    x, y = next(iter(trainer.batches(0)))
+    out = trainer.train_step(x, y)
+    assert math.isfinite(out["loss"])

@@ -183,3 +183,18 @@ def test_a_state_dict_file_is_not_adapted(tmp_path, published):
     spec = build_dataset("digits", max_train=64).spec
     with pytest.raises(ConfigError, match="'features.0.0.weight' has shape"):
         load_init_weights(_config(str(tmp_path / "imagenet.pt")), spec)
+
+
+@pytest.mark.parametrize("builder, aux", [("googlenet", ("aux1.", "aux2.")), ("inception_v3", ("AuxLogits.",))])
+def test_published_auxiliary_classifiers_are_left_out(builder, aux):
+    from ssvi_cli.models import torchvision_base
+
+    # The published files hold the auxiliary classifiers; ssvi builds these networks without them.
+    published = torchvision.models.get_model(builder, aux_logits=True, init_weights=False).state_dict()
+    assert any(k.startswith(aux) for k in published)
+    size = (3, 80, 80) if builder == "inception_v3" else (3, 32, 32)
+    model, reference = torchvision_base(builder, size, 10), torchvision_base(builder, size, 1000)
+    adapted = adapt_state(published, model, reference)
+    assert not any(k.startswith(aux) for k in adapted.state)
+    loaded = model.load_state_dict(adapted.state, strict=False)
+    assert loaded.unexpected_keys == [] and sorted(loaded.missing_keys) == sorted(adapted.head) == ["fc.bias", "fc.weight"]

@@ -24,7 +24,7 @@ from ssvi_cli.modelfile.card import Architecture, ModelCard
 from ssvi_cli.modelfile.header import ModelFileError, read_header
 from ssvi_cli.modelfile.reader import install, read_model_file, read_tensors
 from ssvi_cli.modelfile.writer import sparse_state_keys, write_model_file
-from ssvi_cli.models import TORCHVISION, LayerFactory, check_model_name, torchvision_model
+from ssvi_cli.models import AUX_FREE, TORCHVISION, LayerFactory, check_model_name, torchvision_model
 
 CUSTOM = "custom:"
 log = logging.getLogger(__name__)
@@ -63,7 +63,12 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
                              "with deterministic layers without architecture= and load it with model=")
         check_model_name(architecture)
         factory = LayerFactory(bayesian=bayesian.pop(), sigma_param=sigma_param)
-        _check_same_structure(_skeleton(architecture, shape, num_classes, factory), model, architecture)
+        try:
+            _check_same_structure(_skeleton(architecture, shape, num_classes, factory), model, architecture)
+        except ValueError as exc:
+            if architecture[len(TORCHVISION):] not in AUX_FREE:
+                raise
+            raise ValueError(f"{exc} (ssvi builds {architecture} with aux_logits=False)") from None
         name = architecture
     else:
         raise ValueError(f"architecture={architecture!r}: give 'torchvision:NAME', or None for any other module")

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ssvi_cli.config import ConfigError
 from ssvi_cli.network import stall_limit
+from ssvi_cli.models import AUX_HEADS
 from ssvi_cli.registry import Registry, UnknownName
 
 logger = logging.getLogger(__name__)
@@ -119,15 +120,16 @@ def adapt_stem_kernel(kernel: Tensor, channels: int) -> Tensor:
 def adapt_state(state: dict[str, Tensor], model: nn.Module, reference: nn.Module) -> Adapted:
     """Fit ``state`` to ``model`` (the run's architecture; ``reference`` is the same with the weights'
     number of classes): head keys dropped, the stem kernel adapted, loading's legacy fixes applied
-    (dense-layer key names, ``num_batches_tracked`` absent from old files)."""
+    (dense-layer key names, ``num_batches_tracked`` absent from old files); the auxiliary classifiers
+    of GoogLeNet and Inception v3, which the run's model is built without, left out."""
     expected, ref = model.state_dict(), reference.state_dict()
     head = tuple(k for k, v in expected.items() if k in ref and ref[k].shape != v.shape)
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         legacy = _LEGACY_DENSE_KEY.match(key)
         key = legacy.group(1) + legacy.group(2) if legacy and key not in expected else key
-        if key not in head:
-            out[key] = value
+        if key not in head and not (key.startswith(AUX_HEADS) and key not in expected):
+            out[key] = value  # an auxiliary classifier's weights go with the head it was built without
     for key in expected:
         if key.endswith(".num_batches_tracked") and key not in out and key not in head:
             out[key] = torch.tensor(0, dtype=torch.long)
