@@ -3,9 +3,7 @@ valid load, never another exception, a hang or a traceback."""
 
 import json
 import random
-import signal
 import struct
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,25 +18,9 @@ from ssvi_cli.training.plan import init_model, make_model
 from ssvi_cli.modelfile import ModelCard, ModelFileError, read_model_file, write_model_file
 from ssvi_cli.prediction import predict_batch
 
+from hang_guard import time_bound
+
 CASE_SECONDS = 5  # far above a normal read (milliseconds); a read this slow counts as a hang
-
-
-class Hang(Exception):
-    pass
-
-
-@contextmanager
-def time_bound(seconds: float):
-    def alarm(signum, frame):  # noqa: ARG001
-        raise Hang(f"no answer within {seconds}s")
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module")

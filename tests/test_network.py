@@ -1,9 +1,7 @@
 """Downloads against a server that accepts the connection and never answers: each gives up after
 SSVI_NETWORK_TIMEOUT seconds with one line, instead of hanging the run."""
 
-import signal
 import socket
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -15,21 +13,9 @@ from ssvi_cli.data.spec import DataError
 from ssvi_cli.network import stall_seconds
 from ssvi_cli.training.pretrained import fetch_state_dict
 
+from hang_guard import time_bound
+
 GUARD_SECONDS = 60  # the test fails, rather than hangs, if the limit does not work
-
-
-@contextmanager
-def guard(seconds: float):
-    def alarm(signum, frame):  # noqa: ARG001
-        raise AssertionError(f"the download still hung after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture
@@ -58,7 +44,7 @@ class _Weights:
 
 def test_a_stalled_weights_download_is_one_line(silent_server, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
-    with guard(GUARD_SECONDS), pytest.raises(ConfigError) as err:
+    with time_bound(GUARD_SECONDS), pytest.raises(ConfigError) as err:
         fetch_state_dict(_Weights(f"{silent_server}/resnet18-f37072fd.pth"))
     message = str(err.value)
     assert "cannot download" in message and "timed out" in message and "\n" not in message
@@ -68,7 +54,7 @@ def test_a_stalled_weights_download_is_one_line(silent_server, tmp_path, monkeyp
 
 def test_a_stalled_dataset_download_is_one_line(silent_server, tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [f"{silent_server}/"])
-    with guard(GUARD_SECONDS), pytest.raises(DataError) as err:
+    with time_bound(GUARD_SECONDS), pytest.raises(DataError) as err:
         load_raw("mnist", data_dir=tmp_path, download=True)
     message = str(err.value)
     assert "mnist" in message and "timed out" in message and "\n" not in message
