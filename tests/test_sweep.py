@@ -15,6 +15,7 @@ import pytest
 
 from ssvi_cli.cli import run
 from ssvi_cli.sweep.grid import SweepError, SweepSpec, expand, parse_axis
+from ssvi_cli.sweep.paired import check_selection
 from ssvi_cli.sweep.runner import CellBusy, cell_lock, cell_state
 
 # Small cells: a 32-unit MLP on 300 digits, a few epochs, a subspace step every 2 minibatches.
@@ -46,6 +47,29 @@ def test_bad_grids_are_one_line_errors():
     # a list-valued key reads as 'ssvi train --set' reads it: one list, not an axis
     assert parse_axis("data.classes=0,1,2,3,4") == ("data.classes", [[0, 1, 2, 3, 4]])
     assert parse_axis("sparse.alpha=0.1,0.3") == ("sparse.alpha", [0.1, 0.3])
+
+
+def test_a_baseline_must_name_exactly_one_group_before_anything_runs(tmp_path: Path, capsys):
+    spec = SweepSpec(methods=("ssvi", "vi"), sparsities=(0.9, 0.95), seeds=(0, 1), axes={"sparse.alpha": [0.3, 0.5]})
+    cells = expand(spec)
+    check_selection(spec, cells, ["method=vi", "sparse.alpha=0.3"])
+    check_selection(spec, cells, ["sparsity=0.95", "sparse.alpha=0.5"])
+    check_selection(spec, cells, ["sparsity=dense", "sparse.alpha=0.5"])
+    with pytest.raises(SweepError, match=r"names 2 groups, not one \(matches: vi, dense, sparse.alpha=0.3; vi, dense, sparse.alpha=0.5\)"):
+        check_selection(spec, cells, ["method=vi"])
+    with pytest.raises(SweepError, match="names 0 groups"):
+        check_selection(spec, cells, ["sparse.alpha=0.4"])
+    with pytest.raises(SweepError, match="'sparse.beta' is not method, sparsity or a swept key \\(swept: sparse.alpha\\)"):
+        check_selection(spec, cells, ["sparse.beta=1"])
+    with pytest.raises(SweepError, match="expects KEY=VALUE"):
+        check_selection(spec, cells, ["vi"])
+    # on the command line: refused before anything is written or run
+    out = tmp_path / "sw"
+    assert run(["sweep", "--method", "ssvi,vi", "--sparsity", "0.9", "--seeds", "1", "--out", str(out),
+                "--baseline", "method=rigl"]) == 2
+    assert "--baseline method=rigl names 0 groups" in capsys.readouterr().err
+    assert not out.exists()
+    assert run(["sweep", "--method", "ssvi", "--out", str(tmp_path / "d"), "--dry-run", "--baseline", "method=vi"]) == 2
 
 
 def test_cli_errors(tmp_path: Path, capsys):
@@ -92,6 +116,17 @@ def test_a_sweep_runs_reports_and_skips_finished_cells(tmp_path: Path, capsys):
     assert run(["sweep", "--resume", str(out)]) == 0
     assert (cell / "evaluation.json").stat().st_mtime_ns == before
     assert "4 of 4 cells" in capsys.readouterr().out
+    # paired differences from dense VI: seed by seed, mean and standard error
+    assert run(["sweep", "--report", str(out), "--baseline", "method=vi", "--json", "--no-figures"]) == 0
+    paired = json.loads(capsys.readouterr().out)["paired"]
+    assert paired["baseline"]["method"] == "vi" and [g["method"] for g in paired["groups"]] == ["ssvi"]
+    by_seed = {(c["method"], c["seed"]): c for c in report["cells"]}
+    for metric in ("accuracy", "nll", "auroc:noise:entropy"):
+        diffs = [by_seed["ssvi", s][metric] - by_seed["vi", s][metric] for s in (0, 1)]
+        stat = paired["groups"][0][metric]
+        assert stat["n"] == 2 and stat["mean"] == pytest.approx(sum(diffs) / 2)
+        assert stat["se"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2 ** 0.5 / 2 ** 0.5)
+    assert "## Paired differences from vi, dense" in (out / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -165,9 +165,11 @@ def register(app: typer.Typer) -> None:
         figures: Annotated[bool, typer.Option(help="Write the figures (needs matplotlib).")] = True,
         force: Annotated[bool, typer.Option(help="Replace what --out holds (another sweep's cells included) instead of refusing.")] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON only.")] = False,
+        baseline: Annotated[Optional[list[str]], typer.Option(help="Also report every group's paired differences (mean ± standard error over common seeds) from the one group this names: KEY=VALUE with KEY method, sparsity or a swept key, repeatable (e.g. --baseline method=vi).")] = None,
     ) -> None:
         """The paper's experiments in one command: a grid of runs, evaluated alike, reported as tables and figures."""
         from ssvi_cli.sweep import grid, report as reportmod
+        from ssvi_cli.sweep.paired import check_selection
 
         grid_given = any(v for v in (method, sparsity, seeds, criterion, set_, preset, file, ood, samples, out_dir, force))
         if (run_cell_dir or report) and (dry_run or jobs != 1 or threads):
@@ -175,6 +177,8 @@ def register(app: typer.Typer) -> None:
         modes = [n for n, v in (("--run-cell", run_cell_dir), ("--report", report), ("--resume", resume)) if v]
         if len(modes) > 1 or (modes and grid_given):
             raise UsageError(f"{modes[0]} takes no grid options" if len(modes) == 1 else f"use one of {', '.join(modes)}")
+        if baseline and (run_cell_dir or dry_run):
+            raise UsageError("--baseline goes with a sweep that runs, --resume or --report")
         if run_cell_dir is not None:
             # The same commands a user types; their errors reach ssvi's one error handler.
             code = run_cell(run_cell_dir, lambda args: app(args=args, prog_name="ssvi", standalone_mode=False) or 0)
@@ -182,14 +186,16 @@ def register(app: typer.Typer) -> None:
                 raise typer.Exit(code)
             return
         if report is not None:
-            _finish(reportmod.write_report(report, figures), json_out)
+            _finish(reportmod.write_report(report, figures, baseline), json_out)
             return
         if resume is not None:
             spec, cells = grid.read_spec(resume)
             sweep_dir = resume
+            check_selection(spec, cells, baseline or [])
         else:
             spec = _spec(file, preset, method, sparsity, seeds, criterion, set_ or [], ood or [], samples)
             cells = grid.expand(spec)
+            check_selection(spec, cells, baseline or [])  # before anything is written or run
             sweep_dir = out_dir or Path("sweeps") / f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(spec.preset).stem}"
             _check_out(sweep_dir, spec, force)
             sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -197,7 +203,7 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             _dry_run(sweep_dir, cells)
             return
-        _run(sweep_dir, cells, jobs, threads or max(1, (os.cpu_count() or 1) // jobs), json_out, figures)
+        _run(sweep_dir, cells, jobs, threads or max(1, (os.cpu_count() or 1) // jobs), json_out, figures, baseline)
 
 
 def _dry_run(sweep_dir: Path, cells: list[Any]) -> None:
@@ -213,7 +219,8 @@ def _dry_run(sweep_dir: Path, cells: list[Any]) -> None:
     err.print(f"{len(lines)} cells written to {sweep_dir / 'commands.txt'}; afterwards: ssvi sweep --report {sweep_dir}")
 
 
-def _run(sweep_dir: Path, cells: list[Any], jobs: int, threads: int, json_out: bool, figures: bool) -> None:
+def _run(sweep_dir: Path, cells: list[Any], jobs: int, threads: int, json_out: bool, figures: bool,
+         baseline: Optional[list[str]] = None) -> None:
     from ssvi_cli.sweep.report import write_report
     from ssvi_cli.sweep.runner import run_cells
 
@@ -237,7 +244,7 @@ def _run(sweep_dir: Path, cells: list[Any], jobs: int, threads: int, json_out: b
                 err.print(f"{event} {name}: {detail}", markup=False)
 
         outcome = run_cells(sweep_dir, cells, jobs, threads, listener)
-    result = write_report(sweep_dir, figures)
+    result = write_report(sweep_dir, figures, baseline)
     if outcome.interrupted:
         failed = f"; {len(outcome.failed)} failed (logs in {sweep_dir / 'logs'})" if outcome.failed else ""
         err.print(f"interrupted: {len(outcome.stopped)} cells stopped at a checkpoint{failed}; continue with: "
@@ -265,8 +272,24 @@ def _finish(result: dict[str, Any], json_out: bool) -> None:
                       ", ".join(f"{k}={v}" for k, v in g["settings"].items()), str(len(g["seeds"])),
                       *(mean_std(g.get(k)) for k in ("accuracy", "nll", "ece")))
     out.print(table)
+    if result.get("paired"):
+        _paired_table(result["paired"])
     for path in result.get("files", []):
         out.print(f"wrote {path}", markup=False, highlight=False)
     if result.get("figures_note"):
         err.print(result["figures_note"], markup=False)
 
+
+
+def _paired_table(paired: dict[str, Any]) -> None:
+    from ssvi_cli.sweep.paired import PAIRED_METRICS, baseline_label, diff_text
+
+    table = Table(title=f"paired differences from {baseline_label(paired['baseline'])} (mean ± standard error "
+                        "over common seeds)", title_justify="left")
+    for col in ("method", "sparsity", "settings", "seeds", *(f"Δ {label}" for _, label in PAIRED_METRICS[:3])):
+        table.add_column(col, justify="left" if col in ("method", "settings") else "right")
+    for g in paired["groups"]:
+        table.add_row(g["method"], "dense" if g["sparsity"] is None else f"{g['sparsity']:g}",
+                      ", ".join(f"{k}={v}" for k, v in g["settings"].items()), str(len(g["seeds"])),
+                      *(diff_text(g.get(k)) for k, _ in PAIRED_METRICS[:3]))
+    out.print(table)

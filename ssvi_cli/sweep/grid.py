@@ -94,7 +94,7 @@ class Cell:
         if self.sparsity is not None:
             args += ["--sparsity", repr(self.sparsity)]
         for key, value in {**spec.fixed, **self.settings}.items():
-            args += ["--set", f"{key}={_yaml_value(value)}"]
+            args += ["--set", f"{key}={yaml_text(value)}"]
         return [*args, "--out", str(out), "--json"]
 
     def eval_args(self, spec: SweepSpec, out: Path) -> list[str]:
@@ -105,17 +105,17 @@ class Cell:
         return args
 
 
-def _yaml_value(value: Any) -> str:
+def yaml_text(value: Any) -> str:
     """A value as ``--set`` reads it back (YAML flow style for lists)."""
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_yaml_value(v) for v in value) + "]"
+        return "[" + ",".join(yaml_text(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     return "null" if value is None else str(value)
 
 
 def _slug(value: Any) -> str:
-    text = _yaml_value(value)
+    text = yaml_text(value)
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "x"
 
 

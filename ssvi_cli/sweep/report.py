@@ -16,6 +16,7 @@ from typing import Any, Optional
 from ssvi_cli.fileio import read_jsonl, write_json, write_text
 from ssvi_cli.runs.rundir import SUMMARY_FILE, SUPPORT_FILE
 from ssvi_cli.sweep.grid import EVAL_FILE, Cell, SweepSpec, read_spec
+from ssvi_cli.sweep.paired import paired_differences, paired_markdown
 from ssvi_cli.sweep.runner import cell_dir, cell_state
 
 REPORT_JSON = "report.json"
@@ -98,13 +99,19 @@ def _mean_iou(per_seed: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
     return out
 
 
-def build_report(sweep_dir: Path) -> dict[str, Any]:
+def build_report(sweep_dir: Path, baseline: Optional[list[str]] = None) -> dict[str, Any]:
+    """The report; with ``baseline`` (``KEY=VALUE`` strings naming one group) also every other
+    group's paired differences from it (``sweep.paired``)."""
     spec, cells = read_spec(sweep_dir)
     rows = [r for c in cells if (r := cell_row(cell_dir(sweep_dir, c), c)) is not None]
-    return {"format": "ssvi-sweep-report", "version": 1, "sweep": str(sweep_dir), "spec": spec.to_dict(),
-            "cells_total": len(cells), "cells_done": len(rows),
-            "missing": [c.name for c in cells if cell_state(cell_dir(sweep_dir, c)) != "done"],
-            "groups": aggregate(rows), "cells": rows}
+    groups = aggregate(rows)
+    report = {"format": "ssvi-sweep-report", "version": 1, "sweep": str(sweep_dir), "spec": spec.to_dict(),
+              "cells_total": len(cells), "cells_done": len(rows),
+              "missing": [c.name for c in cells if cell_state(cell_dir(sweep_dir, c)) != "done"],
+              "groups": groups, "cells": rows}
+    if baseline:
+        report["paired"] = paired_differences(spec, groups, rows, baseline)
+    return report
 
 
 def mean_std(stat: Optional[dict[str, Any]], digits: int = 4) -> str:
@@ -139,6 +146,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if report["missing"]:
         lines += ["", f"Not evaluated yet: {', '.join(report['missing'])}."]
+    if report.get("paired"):
+        lines += paired_markdown(report["paired"], axes)
     lines += _iou_markdown(groups)
     return "\n".join(lines) + "\n"
 
@@ -171,9 +180,9 @@ def _iou_markdown(groups: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def write_report(sweep_dir: Path, figures: bool = True) -> dict[str, Any]:
+def write_report(sweep_dir: Path, figures: bool = True, baseline: Optional[list[str]] = None) -> dict[str, Any]:
     """Write report.json, report.md and (with matplotlib) the figures; returns the report."""
-    report = build_report(sweep_dir)
+    report = build_report(sweep_dir, baseline)
     written = [str(Path(sweep_dir) / REPORT_JSON), str(Path(sweep_dir) / REPORT_MD)]
     if figures and report["groups"]:
         from ssvi_cli.sweep.figures import FiguresUnavailable, write_figures

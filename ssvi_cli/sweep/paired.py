@@ -1,0 +1,128 @@
+"""Paired differences between a sweep's groups and one baseline group, seed by seed.
+
+A seed fixes a cell's validation split, initialisation, minibatch order and noise whatever its
+method or settings, so two groups run on the same seeds can be compared seed by seed: the
+difference of each metric on each seed both groups finished, then its mean and standard error
+(sample std of the differences / sqrt(n)). Much of the seed-to-seed spread is shared and cancels,
+so a paired difference separates settings that the groups' own mean ± std cannot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from typing import Any, Optional
+
+from ssvi_cli.sweep.grid import SweepError, SweepSpec, yaml_text, parse_values
+
+PAIRED_METRICS = (("accuracy", "accuracy"), ("nll", "NLL"), ("ece", "ECE"), ("brier", "Brier"))
+
+
+def _key(item: dict[str, Any]) -> tuple[Any, ...]:
+    return (item["method"], item["sparsity"], json.dumps(item["settings"], sort_keys=True))
+
+
+def _value(group: dict[str, Any], key: str) -> str:
+    if key == "method":
+        return str(group["method"])
+    if key == "sparsity":
+        return yaml_text(group["sparsity"])
+    return yaml_text(group["settings"].get(key))
+
+
+def baseline_label(group: dict[str, Any]) -> str:
+    parts = [group["method"], "dense" if group["sparsity"] is None else f"sparsity {group['sparsity']:g}"]
+    return ", ".join(parts + [f"{k}={yaml_text(v)}" for k, v in group["settings"].items()])
+
+
+def select_baseline(spec: SweepSpec, groups: list[dict[str, Any]], selection: list[str]) -> dict[str, Any]:
+    """The one group every ``KEY=VALUE`` of ``selection`` matches (KEY: method, sparsity, or a swept
+    config key; ``sparsity=dense`` for a dense method)."""
+    wanted: dict[str, str] = {}
+    for text in selection:
+        key, sep, raw = (part.strip() for part in text.partition("="))
+        if not sep or not key:
+            raise SweepError(f"--baseline expects KEY=VALUE, e.g. method=vi or sparse.alpha=0.3; got {text!r}")
+        if key not in ("method", "sparsity", *spec.axes):
+            swept = ", ".join(spec.axes) or "none"
+            raise SweepError(f"--baseline {text!r}: {key!r} is not method, sparsity or a swept key (swept: {swept})")
+        values = parse_values(raw) if raw else [None]
+        value = values[0] if len(values) == 1 else values
+        wanted[key] = "null" if key == "sparsity" and value == "dense" else yaml_text(value)
+    matches = [g for g in groups if all(_value(g, k) == v for k, v in wanted.items())]
+    if len(matches) != 1:
+        shown = "; ".join(baseline_label(g) for g in (matches or groups)[:6])
+        what = "matches" if matches else "groups are"
+        raise SweepError(f"--baseline {' '.join(selection)} names {len(matches)} groups, not one ({what}: {shown})")
+    return matches[0]
+
+
+def check_selection(spec: SweepSpec, cells: list[Any], selection: list[str]) -> None:
+    """Refuse, before a sweep runs, a ``--baseline`` that will not name exactly one of its groups
+    (no selection: nothing to check)."""
+    if not selection:
+        return
+    groups = {_key(vars(c)): {"method": c.method, "sparsity": c.sparsity, "settings": c.settings} for c in cells}
+    select_baseline(spec, list(groups.values()), selection)
+
+
+def _stat(diffs: list[float]) -> dict[str, Any]:
+    n = len(diffs)
+    if not n:
+        return {"mean": None, "se": None, "n": 0}
+    return {"mean": statistics.fmean(diffs), "se": statistics.stdev(diffs) / math.sqrt(n) if n > 1 else None,
+            "n": n}
+
+
+def paired_differences(spec: SweepSpec, groups: list[dict[str, Any]], rows: list[dict[str, Any]],
+                       selection: list[str]) -> dict[str, Any]:
+    """Every other group minus the baseline group, per metric and per OOD AUROC, over common seeds."""
+    base = select_baseline(spec, groups, selection)
+    by_group: dict[tuple[Any, ...], dict[int, dict[str, Any]]] = {}
+    for row in rows:
+        by_group.setdefault(_key(row), {})[row["seed"]] = row
+    reference = by_group.get(_key(base), {})
+    metrics = [k for k, _ in PAIRED_METRICS] + sorted({k for r in rows for k in r if k.startswith("auroc:")})
+    out = []
+    for group in groups:
+        if _key(group) == _key(base):
+            continue
+        mine = by_group.get(_key(group), {})
+        seeds = sorted(set(mine) & set(reference))
+        entry: dict[str, Any] = {"method": group["method"], "sparsity": group["sparsity"],
+                                 "settings": group["settings"], "seeds": seeds}
+        for metric in metrics:
+            pairs = [(mine[s].get(metric), reference[s].get(metric)) for s in seeds]
+            entry[metric] = _stat([float(a) - float(b) for a, b in pairs if _finite(a) and _finite(b)])
+        out.append(entry)
+    return {"baseline": {"method": base["method"], "sparsity": base["sparsity"], "settings": base["settings"],
+                         "selection": list(selection)}, "metrics": metrics, "groups": out}
+
+
+def _finite(value: Optional[float]) -> bool:
+    return value is not None and math.isfinite(float(value))
+
+
+def diff_text(stat: Optional[dict[str, Any]]) -> str:
+    """``+mean ± se`` (``-`` without pairs; no ``± se`` from a single pair)."""
+    if not stat or stat.get("mean") is None:
+        return "-"
+    se = f" ± {stat['se']:.4f}" if stat.get("se") is not None else ""
+    return f"{stat['mean']:+.4f}{se}"
+
+
+def paired_markdown(paired: dict[str, Any], axes: list[str]) -> list[str]:
+    aurocs = [m for m in paired["metrics"] if m.startswith("auroc:")]
+    head = ["method", "sparsity", *axes, "seeds", *(f"Δ {label}" for _, label in PAIRED_METRICS),
+            *(f"Δ AUROC {k.split(':')[1]} ({'MI' if k.endswith('information') else 'entropy'})" for k in aurocs)]
+    lines = ["", f"## Paired differences from {baseline_label(paired['baseline'])}", "",
+             "Each group minus the baseline, seed by seed over the seeds both finished (a seed fixes the "
+             "split, initialisation and batch order of every cell alike): mean ± standard error.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in paired["groups"]:
+        cells = [g["method"], "dense" if g["sparsity"] is None else f"{g['sparsity']:g}",
+                 *(yaml_text(g["settings"].get(a)) for a in axes), str(len(g["seeds"])),
+                 *(diff_text(g.get(k)) for k in paired["metrics"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
