@@ -16,6 +16,7 @@ The whole example, run on the embedded digits, is docs/API.md (and a test).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -29,6 +30,8 @@ from ssvi_cli.core.subspace import Schedule, SwapReport, collect_captured, subsp
 from ssvi_cli.metrics import mutual_information, predictive_entropy
 from ssvi_cli.prediction import predict_batch
 from ssvi_cli.training.optim import param_groups
+
+log = logging.getLogger(__name__)
 
 # Optimizers of torch.optim whose state per parameter is tensors of the parameter's shape (reset
 # entry by entry for new weights) plus scalars; anything else cannot be reset safely.
@@ -89,6 +92,7 @@ class Subspace:
         self.last_report: Optional[SwapReport] = None
         self._captures: list[Any] = []
         self._forward_only: Optional[Any] = None
+        self._unsynced: Optional[nn.parallel.DistributedDataParallel] = None
         self._hooks = [model.register_forward_pre_hook(self._before_forward),
                        model.register_forward_hook(self._after_forward)]
 
@@ -96,15 +100,19 @@ class Subspace:
         if not (module.training and self.schedule.captures(self.t)):
             return
         if not self._captures:
-            # Kept until step(): capture (through backward) and, under DDP, no gradient
-            # synchronisation: no optimizer step follows, mu's gradient comes from the dense leaf
-            # DDP cannot see, and the dense gradients are averaged across ranks by step() itself.
-            # Every forward until step() (micro-batches of an accumulating loop) adds to the capture.
+            # Kept until step(): every forward until then (the micro-batches of an accumulating
+            # loop) adds to the captured dense gradient.
             self._captures = [capturing_dense_grad(self.model)]
-            if isinstance(module, nn.parallel.DistributedDataParallel):
-                self._captures.append(module.no_sync())
             for ctx in self._captures:
                 ctx.__enter__()
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            # No gradient synchronisation for any forward of the capture step: no optimizer step
+            # follows, mu's gradient comes from the dense leaf DDP cannot see, and step() averages
+            # the dense gradients across ranks itself. Set per forward, not by entering no_sync():
+            # a loop's own no_sync() around earlier micro-batches would switch sync back on for the
+            # last one when it exits. step() switches it back on.
+            module.require_backward_grad_sync = False
+            self._unsynced = module
         if self.addition == "mean" and self._forward_only is None:  # each capture forward's sampling mode
             self._forward_only = sampling(self.model, "mean")
             self._forward_only.__enter__()
@@ -128,6 +136,9 @@ class Subspace:
             collect_captured(self.model, {}, 1, scale)
             while self._captures:
                 self._captures.pop().__exit__(None, None, None)
+        if self._unsynced is not None:
+            self._unsynced.require_backward_grad_sync = True  # outside no_sync(), DDP's own state
+            self._unsynced = None
         update = self.schedule.is_update(self.t)
         if update:
             if not captured:
@@ -136,6 +147,9 @@ class Subspace:
             reduce = _rank_mean if torch.distributed.is_available() and torch.distributed.is_initialized() else None
             self.last_report = subspace_step(self.model, self.t, self.schedule, self.criterion,
                                              self.criterion_lambda, self.new_sigma, self.optimizer, reduce)
+            if self.last_report.skipped:
+                log.warning("Subspace step %d: the dense gradient held inf/NaN; this remove-and-add step was skipped",
+                            self.t)
             if scaler is not None and scaler.is_enabled():
                 # No optimizer step, but the scaler's iteration must still end, as after
                 # scaler.step: record the inf checks (unless the loop already unscaled), then update.

@@ -154,7 +154,7 @@ def test_an_overflowed_fp16_capture_skips_the_remove_and_add_step_and_backs_the_
     assert subspace.t == 11 and not subspace.last_report.skipped and subspace.last_report.swapped > 0
 
 
-@pytest.mark.parametrize("micro", [1, 2, 4])
+@pytest.mark.parametrize("micro", [2, 4])
 def test_an_accumulating_loop_scores_additions_on_all_its_micro_batches(micro):
     # With addition="mean" the capture is deterministic: a remove-and-add step after `micro`
     # micro-batches (each loss divided by their count) must pick what one whole batch picks.

@@ -3,6 +3,7 @@ identical supports on every rank after every remove-and-add step; exact counts i
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def net() -> nn.Module:
     return model
 
 
-def _rank(rank: int, port: int, out: str) -> None:
+def _rank(rank: int, port: int, out: str, micro: int) -> None:
     import torch._dynamo  # noqa: F401 - imported before the group exists, so it holds no reference to it
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -39,12 +40,17 @@ def _rank(rank: int, port: int, out: str) -> None:
         opt = torch.optim.SGD(ssvi.param_groups(model, lr=0.05, lr_sigma=0.05), momentum=0.9)
         sub = ssvi.Subspace(ddp, opt, total_steps=STEPS, delta_t=DELTA_T)
         gen = torch.Generator().manual_seed(100 + rank)  # each rank its own shard
-        agreed, moved = [], 0
+        agreed, moved, synced = [], 0, []
         for _ in range(STEPS):
             x, y = torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
-            loss = F.cross_entropy(ddp(x), y) + ssvi.kl_term(model, n_train=320, beta=0.01)
-            loss.backward()
-            if sub.step():
+            # micro > 1: gradient accumulation as DDP users write it, no_sync() on all but the last
+            for i, (xc, yc) in enumerate(zip(x.chunk(micro), y.chunk(micro))):
+                with ddp.no_sync() if i < micro - 1 else contextlib.nullcontext():
+                    loss = F.cross_entropy(ddp(xc), yc) + ssvi.kl_term(model, n_train=320, beta=0.01)
+                    (loss / micro).backward()
+            moved_now = sub.step()
+            synced.append(ddp.require_backward_grad_sync)
+            if moved_now:
                 moved += sub.last_report.swapped
                 # Compare the supports across ranks right away, before DDP's next forward
                 # broadcasts rank 0's buffers (idx among them) over the others'.
@@ -53,17 +59,19 @@ def _rank(rank: int, port: int, out: str) -> None:
                 torch.distributed.all_gather(theirs, mine)
                 agreed.append(torch.equal(theirs[0], theirs[1]))
             opt.zero_grad()
-        torch.save({"agreed": agreed, "moved": moved, "state": model.state_dict(),
+        torch.save({"agreed": agreed, "moved": moved, "synced": synced, "state": model.state_dict(),
                     "counts": [layer.active for _, layer in sparse_layers(model)]}, Path(out) / f"rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_ranks_pick_the_same_support_under_ddp(tmp_path: Path):
-    mp.spawn(_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("micro", [1, 2])
+def test_ranks_pick_the_same_support_under_ddp(tmp_path: Path, micro: int):
+    mp.spawn(_rank, args=(free_port(), str(tmp_path), micro), nprocs=2, join=True)
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert a["agreed"] == b["agreed"] == [True, True]  # steps 3 and 6 (the support freezes at t_end = 7)
+    assert a["synced"] == [True] * STEPS  # DDP synchronises again after every capture step
     assert a["moved"] > 0 and a["moved"] == b["moved"]
     expected = [layer.active for _, layer in sparse_layers(net())]
     assert a["counts"] == b["counts"] == expected

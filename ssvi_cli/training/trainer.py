@@ -221,7 +221,8 @@ class Trainer:
         self._captured = 0
         if report.skipped:  # an overflowed fp16 backward: back the loss scale off, as a skipped step does
             self.scaler.update(new_scale=self.scaler.get_scale() * self.scaler.get_backoff_factor())
-            log.warning("step %d: the dense gradient held inf/NaN; this remove-and-add step was skipped", t)
+            if self.is_main:
+                log.warning("step %d: the dense gradient held inf/NaN; this remove-and-add step was skipped", t)
             return report
         self.state.subspace_steps += 1
         if self.is_main:
