@@ -275,6 +275,10 @@ def test_a_last_batch_of_one_sample_is_dropped_unless_it_is_the_only_one():
     assert [len(b) for b in distributed.global_batches(torch.arange(22), 10, 1)] == [10, 10, 2]
     assert [len(b) for b in distributed.global_batches(torch.arange(1), 10, 1)] == [1]
     assert distributed.global_batches(torch.arange(3), 10, 4) == []  # a rank would have no data
+    # a batch of one sample per rank is the user's choice: every full batch stays
+    assert len(distributed.global_batches(torch.arange(10), 1, 1)) == 10
+    assert [len(b) for b in distributed.global_batches(torch.arange(10), 2, 2)] == [2] * 5
+    assert [len(b) for b in distributed.global_batches(torch.arange(11), 2, 2)] == [2] * 5
 
 
 def test_info_from_env():

@@ -139,11 +139,13 @@ def global_batches(order: Tensor, global_batch: int, world_size: int) -> list[Te
     A final partial batch that would give some rank fewer than two samples is dropped: a rank
     without data would stall DDP, and BatchNorm cannot train on one sample (a network whose feature
     map shrinks to 1x1, such as GoogLeNet at 64x64 or ResNet-18 at 32x32, fails on it). The
-    permutation changes every epoch, so the dropped sample is a different one each time. (A lone
-    batch is kept if every rank has a sample: the epoch would otherwise be empty.)
+    permutation changes every epoch, so the dropped sample is a different one each time. A full
+    batch is never dropped (a batch size of one per rank trains on single samples by choice), nor
+    a lone batch that gives every rank a sample (the epoch would otherwise be empty).
     """
     batches = list(order.split(global_batch))
-    if batches and (len(batches[-1]) < world_size or (len(batches) > 1 and len(batches[-1]) < 2 * world_size)):
+    last = len(batches[-1]) if batches else global_batch
+    if last < world_size or (len(batches) > 1 and last < min(2 * world_size, global_batch)):
         batches.pop()
     return batches
 
