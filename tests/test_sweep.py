@@ -127,6 +127,12 @@ def test_a_sweep_runs_reports_and_skips_finished_cells(tmp_path: Path, capsys):
         assert stat["n"] == 2 and stat["mean"] == pytest.approx(sum(diffs) / 2)
         assert stat["se"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2 ** 0.5 / 2 ** 0.5)
     assert "## Paired differences from vi, dense" in (out / "report.md").read_text()
+    # a baseline none of whose cells is evaluated (an interrupted sweep): the report, with a note
+    for seed in (0, 1):
+        (out / "cells" / f"vi_seed{seed}" / "evaluation.json").unlink()
+    assert run(["sweep", "--report", str(out), "--baseline", "method=vi", "--no-figures"]) == 0
+    assert "the baseline group (vi, dense) has no evaluated cell yet" in capsys.readouterr().err
+    assert "has no evaluated cell yet." in (out / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -272,13 +272,14 @@ def _finish(result: dict[str, Any], json_out: bool) -> None:
                       ", ".join(f"{k}={v}" for k, v in g["settings"].items()), str(len(g["seeds"])),
                       *(mean_std(g.get(k)) for k in ("accuracy", "nll", "ece")))
     out.print(table)
-    if result.get("paired"):
+    if result.get("paired", {}).get("note"):
+        err.print(result["paired"]["note"], markup=False)
+    elif result.get("paired"):
         _paired_table(result["paired"])
     for path in result.get("files", []):
         out.print(f"wrote {path}", markup=False, highlight=False)
     if result.get("figures_note"):
         err.print(result["figures_note"], markup=False)
-
 
 
 def _paired_table(paired: dict[str, Any]) -> None:

@@ -47,6 +47,8 @@ def select_baseline(spec: SweepSpec, groups: list[dict[str, Any]], selection: li
         if key not in ("method", "sparsity", *spec.axes):
             swept = ", ".join(spec.axes) or "none"
             raise SweepError(f"--baseline {text!r}: {key!r} is not method, sparsity or a swept key (swept: {swept})")
+        if key in wanted:
+            raise SweepError(f"--baseline names {key!r} twice")
         values = parse_values(raw) if raw else [None]
         value = values[0] if len(values) == 1 else values
         wanted[key] = "null" if key == "sparsity" and value == "dense" else yaml_text(value)
@@ -58,13 +60,13 @@ def select_baseline(spec: SweepSpec, groups: list[dict[str, Any]], selection: li
     return matches[0]
 
 
-def check_selection(spec: SweepSpec, cells: list[Any], selection: list[str]) -> None:
-    """Refuse, before a sweep runs, a ``--baseline`` that will not name exactly one of its groups
-    (no selection: nothing to check)."""
+def check_selection(spec: SweepSpec, cells: list[Any], selection: list[str]) -> Optional[dict[str, Any]]:
+    """The grid group a ``--baseline`` names (None without one); refuses, before a sweep runs, one
+    that does not name exactly one group of the grid."""
     if not selection:
-        return
+        return None
     groups = {_key(vars(c)): {"method": c.method, "sparsity": c.sparsity, "settings": c.settings} for c in cells}
-    select_baseline(spec, list(groups.values()), selection)
+    return select_baseline(spec, list(groups.values()), selection)
 
 
 def _stat(diffs: list[float]) -> dict[str, Any]:
@@ -75,14 +77,22 @@ def _stat(diffs: list[float]) -> dict[str, Any]:
             "n": n}
 
 
-def paired_differences(spec: SweepSpec, groups: list[dict[str, Any]], rows: list[dict[str, Any]],
+def paired_differences(spec: SweepSpec, cells: list[Any], groups: list[dict[str, Any]], rows: list[dict[str, Any]],
                        selection: list[str]) -> dict[str, Any]:
-    """Every other group minus the baseline group, per metric and per OOD AUROC, over common seeds."""
-    base = select_baseline(spec, groups, selection)
+    """Every other group minus the baseline group, per metric and per OOD AUROC, over common seeds.
+
+    The selection is checked against the grid; a baseline with no evaluated cell yet (an
+    interrupted sweep) gives a ``note`` and no differences rather than an error."""
+    base = check_selection(spec, cells, selection)
+    if base is None:
+        raise SweepError("paired differences need a --baseline")
     by_group: dict[tuple[Any, ...], dict[int, dict[str, Any]]] = {}
     for row in rows:
         by_group.setdefault(_key(row), {})[row["seed"]] = row
     reference = by_group.get(_key(base), {})
+    if not reference:
+        return {"baseline": {**base, "selection": list(selection)}, "metrics": [], "groups": [],
+                "note": f"no paired differences: the baseline group ({baseline_label(base)}) has no evaluated cell yet"}
     metrics = [k for k, _ in PAIRED_METRICS] + sorted({k for r in rows for k in r if k.startswith("auroc:")})
     out = []
     for group in groups:
@@ -116,6 +126,8 @@ def paired_markdown(paired: dict[str, Any], axes: list[str]) -> list[str]:
     aurocs = [m for m in paired["metrics"] if m.startswith("auroc:")]
     head = ["method", "sparsity", *axes, "seeds", *(f"Δ {label}" for _, label in PAIRED_METRICS),
             *(f"Δ AUROC {k.split(':')[1]} ({'MI' if k.endswith('information') else 'entropy'})" for k in aurocs)]
+    if paired.get("note"):
+        return ["", f"## Paired differences from {baseline_label(paired['baseline'])}", "", paired["note"] + "."]
     lines = ["", f"## Paired differences from {baseline_label(paired['baseline'])}", "",
              "Each group minus the baseline, seed by seed over the seeds both finished (a seed fixes the "
              "split, initialisation and batch order of every cell alike): mean ± standard error.", "",

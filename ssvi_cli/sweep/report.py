@@ -110,7 +110,7 @@ def build_report(sweep_dir: Path, baseline: Optional[list[str]] = None) -> dict[
               "missing": [c.name for c in cells if cell_state(cell_dir(sweep_dir, c)) != "done"],
               "groups": groups, "cells": rows}
     if baseline:
-        report["paired"] = paired_differences(spec, groups, rows, baseline)
+        report["paired"] = paired_differences(spec, cells, groups, rows, baseline)
     return report
 
 
