@@ -10,7 +10,8 @@ import torchvision
 from ssvi_cli.config import ConfigError
 from ssvi_cli.data.sources import load_raw
 from ssvi_cli.data.spec import DataError
-from ssvi_cli.network import stall_seconds
+from ssvi_cli.cli import run
+from ssvi_cli.network import NetworkSettingError, stall_seconds
 from ssvi_cli.training.pretrained import fetch_state_dict
 
 from hang_guard import time_bound
@@ -61,8 +62,19 @@ def test_a_stalled_dataset_download_is_one_line(silent_server, tmp_path, monkeyp
     assert socket.getdefaulttimeout() is None
 
 
-@pytest.mark.parametrize("value, seconds", [("", 60.0), ("5", 5.0), ("0.5", 0.5), ("0", 60.0), ("-3", 60.0),
-                                            ("soon", 60.0)])
+@pytest.mark.parametrize("value, seconds", [("", 60.0), ("5", 5.0), (" 0.5 ", 0.5), ("0", None), ("none", None),
+                                            ("OFF", None)])
 def test_the_stall_limit_reads_its_environment_variable(monkeypatch, value, seconds):
     monkeypatch.setenv("SSVI_NETWORK_TIMEOUT", value)
     assert stall_seconds() == seconds
+
+
+@pytest.mark.parametrize("value", ["soon", "-3", "inf", "1e300", "nan"])
+def test_a_bad_stall_limit_is_one_line_before_any_download(monkeypatch, tmp_path, capsys, value):
+    monkeypatch.setenv("SSVI_NETWORK_TIMEOUT", value)
+    with pytest.raises(NetworkSettingError, match="SSVI_NETWORK_TIMEOUT=.*give the seconds"):
+        stall_seconds()
+    code = run(["train", "--data", "mnist", "--download", "--data-dir", str(tmp_path), "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: SSVI_NETWORK_TIMEOUT=") and len(err.strip().splitlines()) == 1
+    assert socket.getdefaulttimeout() is None

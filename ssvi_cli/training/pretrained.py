@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ssvi_cli.config import ConfigError
-from ssvi_cli.network import stall_limit
+from ssvi_cli.network import stall_limit, stall_seconds
 from ssvi_cli.models import AUX_HEADS
 from ssvi_cli.registry import Registry, UnknownName
 
@@ -83,6 +83,7 @@ def fetch_state_dict(weights: Any, progress: bool = False) -> dict[str, Tensor]:
     cached = path.is_file()
     if not cached:
         logger.info("downloading %s to %s", weights.url, path)
+    stall_seconds()  # a bad SSVI_NETWORK_TIMEOUT is its own one-line error, not a failed download
     try:
         # torch.hub announces a download on stdout, which must stay clean for `--json`.
         with contextlib.redirect_stdout(io.StringIO()), stall_limit():
