@@ -138,7 +138,11 @@ def test_inputs_a_model_cannot_take_are_refused_before_building(name, size, mess
 
 def test_networks_with_auxiliary_classifiers_are_built_without_them():
     # torchvision's GoogLeNet returns a tuple in training mode with its auxiliary heads
+    from ssvi_cli.models import torchvision_base
+
     check_input(BenchOptions(model="torchvision:googlenet", input_size=64).model_spec(), 2)
+    built = torchvision_base("googlenet", (3, 64, 64), 10)
+    assert not built.aux_logits and built.aux1 is None and built.aux2 is None
 
 
 @pytest.mark.slow

@@ -198,3 +198,18 @@ def test_published_auxiliary_classifiers_are_left_out(builder, aux):
     assert not any(k.startswith(aux) for k in adapted.state)
     loaded = model.load_state_dict(adapted.state, strict=False)
     assert loaded.unexpected_keys == [] and sorted(loaded.missing_keys) == sorted(adapted.head) == ["fc.bias", "fc.weight"]
+
+
+def test_a_state_dict_with_auxiliary_classifiers_names_aux_logits(tmp_path):
+    from ssvi_cli import config as C
+    from ssvi_cli.data import get_spec
+    from ssvi_cli.training.init_weights import load_init_weights
+
+    path = tmp_path / "googlenet.pt"  # trained with torchvision's default heads, for this data
+    torch.save(torchvision.models.googlenet(num_classes=10, init_weights=False).state_dict(), path)
+    cfg = C.apply_overrides(C.load_preset("digits_mlp"), {"model.name": "torchvision:googlenet",
+                                                          "model.init_from": str(path)})
+    spec = get_spec("digits")
+    spec = type(spec)("rgb", (3, 32, 32), 10, spec.class_names, (0.0,) * 3, (1.0,) * 3)
+    with pytest.raises(C.ConfigError, match=r"holds 'aux1\..*without their auxiliary classifiers \(aux_logits=False\)"):
+        load_init_weights(cfg, spec)

@@ -163,3 +163,14 @@ def test_a_failed_load_changes_nothing_and_a_parameterless_difference_is_caught(
     ssvi.sparsify(net, 0.9)
     with pytest.raises(ValueError, match="'maxpool' \\(Identity\\(\\)\\) where the builder has 'maxpool' \\(MaxPool2d"):
         ssvi.save(net, tmp_path / "r.safetensors", architecture="torchvision:resnet18", input_shape=(3, 32, 32))
+
+
+def test_a_googlenet_with_auxiliary_classifiers_is_told_how_ssvi_builds_it(tmp_path):
+    net = torchvision.models.googlenet(num_classes=10, init_weights=False)  # aux_logits=True by default
+    ssvi.sparsify(net, 0.9)
+    with pytest.raises(ValueError, match=r"also has 'aux1'|has 'aux1'.*\(ssvi builds torchvision:googlenet with aux_logits=False\)"):
+        ssvi.save(net, tmp_path / "g.safetensors", architecture="torchvision:googlenet", input_shape=(3, 32, 32))
+    plain = torchvision.models.googlenet(num_classes=10, init_weights=False, aux_logits=False)
+    ssvi.sparsify(plain, 0.9)
+    ssvi.save(plain, tmp_path / "g.safetensors", architecture="torchvision:googlenet", input_shape=(3, 32, 32))
+    assert isinstance(ssvi.load(tmp_path / "g.safetensors"), torchvision.models.GoogLeNet)

@@ -24,7 +24,7 @@ from ssvi_cli.modelfile.card import Architecture, ModelCard
 from ssvi_cli.modelfile.header import ModelFileError, read_header
 from ssvi_cli.modelfile.reader import install, read_model_file, read_tensors
 from ssvi_cli.modelfile.writer import sparse_state_keys, write_model_file
-from ssvi_cli.models import AUX_FREE, TORCHVISION, LayerFactory, check_model_name, torchvision_model
+from ssvi_cli.models import AUX_FREE, AUX_HEADS, TORCHVISION, LayerFactory, check_model_name, torchvision_model
 
 CUSTOM = "custom:"
 log = logging.getLogger(__name__)
@@ -66,7 +66,8 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
         try:
             _check_same_structure(_skeleton(architecture, shape, num_classes, factory), model, architecture)
         except ValueError as exc:
-            if architecture[len(TORCHVISION):] not in AUX_FREE:
+            aux = any(name.startswith(AUX_HEADS) for name, _ in model.named_modules())
+            if architecture[len(TORCHVISION):] not in AUX_FREE or not aux:
                 raise
             raise ValueError(f"{exc} (ssvi builds {architecture} with aux_logits=False)") from None
         name = architecture

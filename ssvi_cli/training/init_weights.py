@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ssvi_cli.config import Config, ConfigError
 from ssvi_cli.data.spec import DataSpec
-from ssvi_cli.models import TORCHVISION, torchvision_base
+from ssvi_cli.models import AUX_HEADS, TORCHVISION, torchvision_base
 from ssvi_cli.training.pretrained import adapt_state, fetch_state_dict, resolve_weights
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,9 @@ def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: Path | 
                               f"needs {tuple(value.shape)} ({hint})")
     extra = [k for k in state if k not in expected]
     if extra:
-        raise ConfigError(f"--init-from {source} holds {extra[0]!r}, which the model does not have")
+        aux = ("; ssvi builds GoogLeNet and Inception v3 without their auxiliary classifiers (aux_logits=False): "
+               "leave those keys out") if extra[0].startswith(AUX_HEADS) else ""
+        raise ConfigError(f"--init-from {source} holds {extra[0]!r}, which the model does not have{aux}")
 
 
 def base_for(cfg: Config, spec: DataSpec) -> nn.Module:
