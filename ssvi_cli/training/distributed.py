@@ -144,8 +144,8 @@ def global_batches(order: Tensor, global_batch: int, world_size: int) -> list[Te
     a lone batch that gives every rank a sample (the epoch would otherwise be empty).
     """
     batches = list(order.split(global_batch))
-    last = len(batches[-1]) if batches else global_batch
-    if last < world_size or (len(batches) > 1 and last < min(2 * world_size, global_batch)):
+    last = len(batches[-1]) if batches else 0
+    if batches and (last < world_size or (len(batches) > 1 and last < min(2 * world_size, global_batch))):
         batches.pop()
     return batches
 
