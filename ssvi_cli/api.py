@@ -90,7 +90,7 @@ class Subspace:
         self.criterion, self.criterion_lambda, self.new_sigma, self.addition = criterion, criterion_lambda, new_sigma, addition
         self.t = 0
         self.last_report: Optional[SwapReport] = None
-        self._captures: list[Any] = []
+        self._capture: Optional[Any] = None  # the capture context, open from the first capture forward to step()
         self._forward_only: Optional[Any] = None
         self._unsynced: Optional[nn.parallel.DistributedDataParallel] = None
         self._hooks = [model.register_forward_pre_hook(self._before_forward),
@@ -99,12 +99,11 @@ class Subspace:
     def _before_forward(self, module: nn.Module, args: Any) -> None:
         if not (module.training and self.schedule.captures(self.t)):
             return
-        if not self._captures:
+        if self._capture is None:
             # Kept until step(): every forward until then (the micro-batches of an accumulating
             # loop) adds to the captured dense gradient.
-            self._captures = [capturing_dense_grad(self.model)]
-            for ctx in self._captures:
-                ctx.__enter__()
+            self._capture = capturing_dense_grad(self.model)
+            self._capture.__enter__()
         if isinstance(module, nn.parallel.DistributedDataParallel):
             # No gradient synchronisation for any forward of the capture step: no optimizer step
             # follows, mu's gradient comes from the dense leaf DDP cannot see, and step() averages
@@ -130,12 +129,12 @@ class Subspace:
         remove-and-add step whose dense gradient overflowed changes nothing (``last_report.skipped``)
         and backs the scale off, as the scaler does for a skipped optimizer step.
         """
-        captured = bool(self._captures)
+        captured = self._capture is not None
         if captured:
             scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
             collect_captured(self.model, {}, 1, scale)
-            while self._captures:
-                self._captures.pop().__exit__(None, None, None)
+            self._capture.__exit__(None, None, None)
+            self._capture = None
         if self._unsynced is not None:
             self._unsynced.require_backward_grad_sync = True  # outside no_sync(), DDP's own state
             self._unsynced = None

@@ -114,6 +114,11 @@ def yaml_text(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
+def group_key(item: dict[str, Any]) -> tuple[Any, ...]:
+    """The group a cell row (or a group, or a cell's fields) belongs to: method, sparsity, settings."""
+    return (item["method"], item["sparsity"], json.dumps(item["settings"], sort_keys=True))
+
+
 def _slug(value: Any) -> str:
     text = yaml_text(value)
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "x"

@@ -9,18 +9,13 @@ so a paired difference separates settings that the groups' own mean ± std canno
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from typing import Any, Optional
 
-from ssvi_cli.sweep.grid import SweepError, SweepSpec, yaml_text, parse_values
+from ssvi_cli.sweep.grid import SweepError, SweepSpec, group_key, parse_values, yaml_text
 
 PAIRED_METRICS = (("accuracy", "accuracy"), ("nll", "NLL"), ("ece", "ECE"), ("brier", "Brier"))
-
-
-def _key(item: dict[str, Any]) -> tuple[Any, ...]:
-    return (item["method"], item["sparsity"], json.dumps(item["settings"], sort_keys=True))
 
 
 def _value(group: dict[str, Any], key: str) -> str:
@@ -65,7 +60,7 @@ def check_selection(spec: SweepSpec, cells: list[Any], selection: list[str]) -> 
     that does not name exactly one group of the grid."""
     if not selection:
         return None
-    groups = {_key(vars(c)): {"method": c.method, "sparsity": c.sparsity, "settings": c.settings} for c in cells}
+    groups = {group_key(vars(c)): {"method": c.method, "sparsity": c.sparsity, "settings": c.settings} for c in cells}
     return select_baseline(spec, list(groups.values()), selection)
 
 
@@ -88,17 +83,18 @@ def paired_differences(spec: SweepSpec, cells: list[Any], groups: list[dict[str,
         raise SweepError("paired differences need a --baseline")
     by_group: dict[tuple[Any, ...], dict[int, dict[str, Any]]] = {}
     for row in rows:
-        by_group.setdefault(_key(row), {})[row["seed"]] = row
-    reference = by_group.get(_key(base), {})
+        by_group.setdefault(group_key(row), {})[row["seed"]] = row
+    reference = by_group.get(group_key(base), {})
+    baseline = {**base, "selection": list(selection)}
     if not reference:
-        return {"baseline": {**base, "selection": list(selection)}, "metrics": [], "groups": [],
+        return {"baseline": baseline, "metrics": [], "groups": [],
                 "note": f"no paired differences: the baseline group ({baseline_label(base)}) has no evaluated cell yet"}
     metrics = [k for k, _ in PAIRED_METRICS] + sorted({k for r in rows for k in r if k.startswith("auroc:")})
     out = []
     for group in groups:
-        if _key(group) == _key(base):
+        if group_key(group) == group_key(base):
             continue
-        mine = by_group.get(_key(group), {})
+        mine = by_group.get(group_key(group), {})
         seeds = sorted(set(mine) & set(reference))
         entry: dict[str, Any] = {"method": group["method"], "sparsity": group["sparsity"],
                                  "settings": group["settings"], "seeds": seeds}
@@ -106,8 +102,7 @@ def paired_differences(spec: SweepSpec, cells: list[Any], groups: list[dict[str,
             pairs = [(mine[s].get(metric), reference[s].get(metric)) for s in seeds]
             entry[metric] = _stat([float(a) - float(b) for a, b in pairs if _finite(a) and _finite(b)])
         out.append(entry)
-    return {"baseline": {"method": base["method"], "sparsity": base["sparsity"], "settings": base["settings"],
-                         "selection": list(selection)}, "metrics": metrics, "groups": out}
+    return {"baseline": baseline, "metrics": metrics, "groups": out}
 
 
 def _finite(value: Optional[float]) -> bool:
@@ -123,12 +118,13 @@ def diff_text(stat: Optional[dict[str, Any]]) -> str:
 
 
 def paired_markdown(paired: dict[str, Any], axes: list[str]) -> list[str]:
+    title = ["", f"## Paired differences from {baseline_label(paired['baseline'])}", ""]
+    if paired.get("note"):
+        return [*title, paired["note"] + "."]
     aurocs = [m for m in paired["metrics"] if m.startswith("auroc:")]
     head = ["method", "sparsity", *axes, "seeds", *(f"Δ {label}" for _, label in PAIRED_METRICS),
             *(f"Δ AUROC {k.split(':')[1]} ({'MI' if k.endswith('information') else 'entropy'})" for k in aurocs)]
-    if paired.get("note"):
-        return ["", f"## Paired differences from {baseline_label(paired['baseline'])}", "", paired["note"] + "."]
-    lines = ["", f"## Paired differences from {baseline_label(paired['baseline'])}", "",
+    lines = [*title,
              "Each group minus the baseline, seed by seed over the seeds both finished (a seed fixes the "
              "split, initialisation and batch order of every cell alike): mean ± standard error.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

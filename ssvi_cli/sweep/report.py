@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from ssvi_cli.fileio import read_jsonl, write_json, write_text
 from ssvi_cli.runs.rundir import SUMMARY_FILE, SUPPORT_FILE
-from ssvi_cli.sweep.grid import EVAL_FILE, Cell, SweepSpec, read_spec
+from ssvi_cli.sweep.grid import EVAL_FILE, Cell, SweepSpec, group_key, read_spec
 from ssvi_cli.sweep.paired import paired_differences, paired_markdown
 from ssvi_cli.sweep.runner import cell_dir, cell_state
 
@@ -64,10 +64,6 @@ def _stats(values: list[float]) -> dict[str, Any]:
         return {"mean": None, "std": None, "n": 0}
     return {"mean": statistics.fmean(clean), "std": statistics.stdev(clean) if len(clean) > 1 else 0.0,
             "n": len(clean)}
-
-
-def group_key(row: dict[str, Any]) -> tuple[Any, ...]:
-    return (row["method"], row["sparsity"], json.dumps(row["settings"], sort_keys=True))
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

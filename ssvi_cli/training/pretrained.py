@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ssvi_cli.config import ConfigError
-from ssvi_cli.network import stall_limit, stall_seconds
+from ssvi_cli.network import stall_limit
 from ssvi_cli.models import AUX_HEADS
 from ssvi_cli.registry import Registry, UnknownName
 
@@ -83,21 +83,22 @@ def fetch_state_dict(weights: Any, progress: bool = False) -> dict[str, Tensor]:
     cached = path.is_file()
     if not cached:
         logger.info("downloading %s to %s", weights.url, path)
-    stall_seconds()  # a bad SSVI_NETWORK_TIMEOUT is its own one-line error, not a failed download
-    try:
-        # torch.hub announces a download on stdout, which must stay clean for `--json`.
-        with contextlib.redirect_stdout(io.StringIO()), stall_limit():
-            state = weights.get_state_dict(progress=progress and not cached, check_hash=True,
-                                           map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a network, hash or reader failure is one line
-        reason = _first_line(exc)
-        if cached:
-            raise ConfigError(f"{label}: {path} is not a readable state_dict ({reason}); "
-                              "delete it to download it again") from None
-        if isinstance(exc, OSError):
-            raise ConfigError(f"{label}: cannot download {weights.url} ({reason}); without network, "
-                              f"put that file at {path}") from None
-        raise ConfigError(f"{label}: the download of {weights.url} failed ({reason})") from None
+    # Entered outside the try: a bad SSVI_NETWORK_TIMEOUT is its own one-line error, not a failed download.
+    with stall_limit():
+        try:
+            # torch.hub announces a download on stdout, which must stay clean for `--json`.
+            with contextlib.redirect_stdout(io.StringIO()):
+                state = weights.get_state_dict(progress=progress and not cached, check_hash=True,
+                                               map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a network, hash or reader failure is one line
+            reason = _first_line(exc)
+            if cached:
+                raise ConfigError(f"{label}: {path} is not a readable state_dict ({reason}); "
+                                  "delete it to download it again") from None
+            if isinstance(exc, OSError):
+                raise ConfigError(f"{label}: cannot download {weights.url} ({reason}); without network, "
+                                  f"put that file at {path}") from None
+            raise ConfigError(f"{label}: the download of {weights.url} failed ({reason})") from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ConfigError(f"{label}: {path} does not hold a state_dict; delete it to download it again")
     return state
