@@ -254,19 +254,44 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     return new
 
 
-def from_dict(data: dict[str, Any]) -> Config:
-    """Build a validated Config from a nested mapping such as a preset or a saved config."""
+def _flatten(data: Any, where: str = "config") -> dict[str, Any]:
+    """``{section: {key: value}}`` as ``{"section.key": value}``."""
     if not isinstance(data, dict):
-        raise ConfigError("a config must be a mapping of sections")
+        raise ConfigError(f"{where} must be a mapping of sections")
     flat: dict[str, Any] = {}
     for section, values in data.items():
-        if section == "command":  # presets may record the command that runs them
+        if section in ("command", "methods"):  # a preset's command line and per-method values
             continue
         if not isinstance(values, dict):
-            raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
+            raise ConfigError(f"{where}: section {section!r} must be a mapping, got {values!r}")
         for k, v in values.items():
             flat[f"{section}.{k}"] = v
-    return apply_overrides(Config(), flat)
+    return flat
+
+
+def from_dict(data: dict[str, Any], method: Optional[str] = None) -> Config:
+    """Build a validated Config from a nested mapping such as a preset or a saved config.
+
+    A preset may hold ``methods: {NAME: {section: {key: value}}}``: values that replace the shared
+    ones when the run's method is NAME (``method``, else the mapping's own ``sparse.method``), for a
+    knob such as the learning rate whose best value differs between sparse and dense methods. Every
+    entry is checked, whichever method runs."""
+    flat = _flatten(data)
+    per_method = data.get("methods") or {}
+    if not isinstance(per_method, dict):
+        raise ConfigError(f"'methods' must map method names to sections, got {per_method!r}")
+    base = apply_overrides(Config(), flat)
+    for name, sections in per_method.items():
+        if name not in METHODS:
+            raise ConfigError(f"methods: {METHODS.unknown_message(name)}")
+        own = _flatten(sections, f"methods.{name}")
+        if "sparse.method" in own:
+            raise ConfigError(f"methods.{name} cannot set sparse.method")
+        apply_overrides(base, own)
+    chosen = method or base.sparse.method
+    if chosen in per_method:
+        return apply_overrides(base, {**_flatten(per_method[chosen]), "sparse.method": chosen})
+    return base if method is None else apply_overrides(base, {"sparse.method": method})
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -368,8 +393,9 @@ def preset_command(path: Path) -> str:
     return first.lstrip("# ").strip()
 
 
-def load_preset(name_or_path: str) -> Config:
-    """Load a preset by name (``digits_mlp``) or by path to a YAML file."""
+def load_preset(name_or_path: str, method: Optional[str] = None) -> Config:
+    """Load a preset by name (``digits_mlp``) or by path to a YAML file, with the values it gives
+    for ``method`` (default: its own ``sparse.method``) in its ``methods:`` section."""
     presets = list_presets()
     path = presets.get(name_or_path)
     if path is None:
@@ -392,7 +418,7 @@ def load_preset(name_or_path: str) -> Config:
     if data is None:
         raise ConfigError(f"preset {path} is empty; start from a shipped preset (see 'ssvi presets')")
     try:
-        return from_dict(data)
+        return from_dict(data, method)
     except ConfigError as exc:
         raise ConfigError(f"preset {path.name}: {exc}") from None
 

@@ -119,3 +119,18 @@ def test_train_takes_data_data_dir_and_download_flags_as_evaluate_does(tmp_path:
     assert f"data_dir: {root}" in (out / "config.yaml").read_text()
     assert run(["train", "--resume", str(out), "--data-dir", str(root)]) == 2
     assert "drop --data-dir" in capsys.readouterr().err
+
+
+def test_train_takes_the_presets_values_for_the_chosen_method(tmp_path: Path, capsys):
+    import yaml
+
+    from ssvi_cli.config import OptimConfig
+
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("model: {name: mlp, widths: [16]}\ntrain: {epochs: 1, eval_samples: 2}\n"
+                      "methods:\n  vi: {optim: {lr: 0.0123}}\n")
+    for method, lr in (("vi", 0.0123), ("ssvi", OptimConfig().lr)):
+        out = tmp_path / method
+        assert run(["train", "--preset", str(preset), "--method", method, "--out", str(out)]) == 0, capsys.readouterr().err
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+        assert (saved["sparse"]["method"], saved["optim"]["lr"]) == (method, lr)

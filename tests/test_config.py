@@ -41,3 +41,50 @@ def test_unknown_preset_lists_valid_names():
     with pytest.raises(C.ConfigError) as exc:
         C.load_preset("nope")
     assert "digits_mlp" in str(exc.value)
+
+
+PER_METHOD = """\
+sparse: {method: ssvi, sparsity: 0.95}
+optim: {lr: 0.005, lr_sigma: 0.002}
+methods:
+  ssvi: {optim: {lr: 0.01}}
+  rigl: {optim: {lr: 0.02}, train: {epochs: 7}}
+"""
+
+
+def _preset(tmp_path, text: str = PER_METHOD):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_a_preset_gives_each_method_its_own_values(tmp_path):
+    from ssvi_cli.cli.train import build_config
+
+    p = _preset(tmp_path)
+    assert C.load_preset(p).optim.lr == 0.01  # its own method, ssvi
+    vi = C.load_preset(p, "vi")
+    assert (vi.sparse.method, vi.optim.lr, vi.optim.lr_sigma) == ("vi", 0.005, 0.002)
+    rigl = C.load_preset(p, "rigl")
+    assert (rigl.optim.lr, rigl.train.epochs, rigl.optim.lr_sigma) == (0.02, 7, 0.002)
+    # the flag and --set both choose the method; the user's own values win over the preset's
+    assert build_config(p, {"sparse.method": "vi"}, []).optim.lr == 0.005
+    assert build_config(p, {}, ["sparse.method=rigl"]).train.epochs == 7
+    assert build_config(p, {"sparse.method": "rigl"}, ["optim.lr=0.3"]).optim.lr == 0.3
+    assert build_config(p, {"sparse.method": None}, []).optim.lr == 0.01
+
+
+@pytest.mark.parametrize("methods,needle", [
+    ("  magic: {optim: {lr: 0.1}}", "unknown method 'magic'"),
+    ("  vi: {optim: {lrr: 0.1}}", "unknown config key 'optim.lrr'"),  # checked though ssvi runs
+    ("  vi: {sparse: {method: ssvi}}", "methods.vi cannot set sparse.method"),
+    ("  vi: {optim: 0.1}", "methods.vi: section 'optim' must be a mapping"),
+    ("  vi: 3", "methods.vi must be a mapping of sections"),
+    ("  - vi", "'methods' must map method names to sections"),
+])
+def test_bad_per_method_values_are_one_line_errors(tmp_path, methods, needle):
+    p = _preset(tmp_path, "sparse: {method: ssvi}\nmethods:\n" + methods + "\n")
+    with pytest.raises(C.ConfigError) as exc:
+        C.load_preset(p)
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+    assert str(exc.value).startswith("preset p.yaml: ")

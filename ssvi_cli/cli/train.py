@@ -12,14 +12,17 @@ import typer
 
 from ssvi_cli import config as cfgmod
 from ssvi_cli.cli.common import UsageError, err, fmt, kv_table, out, print_json, progress_bar
+from ssvi_cli.methods import METHODS
 
 
 def build_config(preset: str, overrides: dict[str, Any], sets: list[str]) -> cfgmod.Config:
-    cfg = cfgmod.load_preset(preset)
+    """The preset, with its values for the chosen method, then the flags and ``--set`` values."""
     flat = {k: v for k, v in overrides.items() if v is not None}
     for text in sets:
         key, value = cfgmod.parse_override(text)
         flat[key] = value
+    method = flat.get("sparse.method")  # an unknown name is refused below, as any bad value
+    cfg = cfgmod.load_preset(preset, method if isinstance(method, str) and method in METHODS else None)
     return cfgmod.apply_overrides(cfg, flat)
 
 

@@ -156,10 +156,9 @@ def expand(spec: SweepSpec) -> list[Cell]:
             raise SweepError(f"two cells of the grid would share the directory {name!r}; give distinct values")
         seen.add(name)
         cells.append(Cell(name, method, s, seed, settings))
-    base = cfgmod.load_preset(spec.preset)
     for cell in cells:
         try:
-            cfgmod.apply_overrides(base, cell.overrides(spec))
+            cfgmod.apply_overrides(cfgmod.load_preset(spec.preset, cell.method), cell.overrides(spec))
         except cfgmod.ConfigError as exc:
             raise SweepError(f"cell {cell.name}: {exc}") from None
     return cells
