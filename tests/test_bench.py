@@ -190,3 +190,22 @@ def test_an_auto_schedule_is_benched_at_its_cap(monkeypatch):
 
     monkeypatch.setattr(benchrun, "load_preset", auto_preset)
     assert benchrun.recipe_delta_t("digits_mlp") == PAPER_DELTA_T
+
+
+@pytest.mark.parametrize("name", ["mlp", "lenet5"])
+def test_every_sparse_layer_is_benched_at_the_named_sparsity(name):
+    """The MNIST presets train with ERK allocation; a bench row at sparsity s holds each layer at s."""
+    from ssvi_cli.bench.models import bench_config, bench_model
+    from ssvi_cli.config import load_preset
+    from ssvi_cli.core.layers import sparse_layers
+    from ssvi_cli.data import get_spec
+    from ssvi_cli.training.plan import init_model, make_model
+
+    bm = bench_model(name)
+    assert load_preset(bm.preset).sparse.allocation == "erk"
+    cfg = bench_config(bm, BenchOptions(model=name).resolved(), "ssvi", 0.95, "auto", 100)
+    model = make_model(cfg, get_spec(cfg.data.name))
+    init_model(model, cfg, torch.Generator().manual_seed(0))
+    densities = {n: round(layer.density, 3) for n, layer in sparse_layers(model)}
+    dense_stem = {"first"} if name == "lenet5" else set()  # LeNet's first conv stays dense at any sparsity
+    assert len(densities) >= 3 and densities == {n: 1.0 if n in dense_stem else 0.05 for n in densities}

@@ -136,6 +136,8 @@ def bench_config(bm: BenchModel, opts: BenchOptions, method: str, sparsity: floa
         "train.device": opts.device, "train.batch_size": opts.batch_size, "train.seed": opts.seed,
         # Many epochs so that the step-0 cosine schedules stay flat over the timed steps.
         "train.epochs": 100_000, "sparse.delta_t": delta_t, "sparse.addition": "sample",
+        # Every sparse layer at the named sparsity, whatever allocation the preset trains with.
+        "sparse.allocation": "uniform",
     }
     if bm.widths:
         overrides["model.widths"] = list(bm.widths)
