@@ -254,13 +254,13 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     return new
 
 
-def _flatten(data: Any, where: str = "config") -> dict[str, Any]:
-    """``{section: {key: value}}`` as ``{"section.key": value}``."""
+def _flatten(data: Any, where: str = "config", skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``{section: {key: value}}`` as ``{"section.key": value}``, leaving out the ``skip`` sections."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping of sections")
     flat: dict[str, Any] = {}
     for section, values in data.items():
-        if section in ("command", "methods"):  # a preset's command line and per-method values
+        if section in skip:
             continue
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: section {section!r} must be a mapping, got {values!r}")
@@ -269,29 +269,32 @@ def _flatten(data: Any, where: str = "config") -> dict[str, Any]:
     return flat
 
 
-def from_dict(data: dict[str, Any], method: Optional[str] = None) -> Config:
-    """Build a validated Config from a nested mapping such as a preset or a saved config.
+def from_dict(data: dict[str, Any]) -> Config:
+    """Build a validated Config from a nested mapping such as a saved config."""
+    return apply_overrides(Config(), _flatten(data, skip=("command",)))
 
-    A preset may hold ``methods: {NAME: {section: {key: value}}}``: values that replace the shared
-    ones when the run's method is NAME (``method``, else the mapping's own ``sparse.method``), for a
-    knob such as the learning rate whose best value differs between sparse and dense methods. Every
-    entry is checked, whichever method runs."""
-    flat = _flatten(data)
-    per_method = data.get("methods") or {}
+
+def _method_values(data: dict[str, Any], base: Config) -> dict[str, dict[str, Any]]:
+    """A preset's ``methods: {NAME: {section: {key: value}}}``, flattened per method; every entry is
+    checked against ``base`` (the shared values), whichever method is about to run."""
+    per_method = data.get("methods", {})
+    if per_method is None:  # "methods:" with nothing under it
+        return {}
     if not isinstance(per_method, dict):
         raise ConfigError(f"'methods' must map method names to sections, got {per_method!r}")
-    base = apply_overrides(Config(), flat)
+    out: dict[str, dict[str, Any]] = {}
     for name, sections in per_method.items():
         if name not in METHODS:
             raise ConfigError(f"methods: {METHODS.unknown_message(name)}")
         own = _flatten(sections, f"methods.{name}")
         if "sparse.method" in own:
             raise ConfigError(f"methods.{name} cannot set sparse.method")
-        apply_overrides(base, own)
-    chosen = method or base.sparse.method
-    if chosen in per_method:
-        return apply_overrides(base, {**_flatten(per_method[chosen]), "sparse.method": chosen})
-    return base if method is None else apply_overrides(base, {"sparse.method": method})
+        try:
+            apply_overrides(base, own)
+        except ConfigError as exc:
+            raise ConfigError(f"methods.{name}: {exc}") from None
+        out[name] = own
+    return out
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -393,9 +396,7 @@ def preset_command(path: Path) -> str:
     return first.lstrip("# ").strip()
 
 
-def load_preset(name_or_path: str, method: Optional[str] = None) -> Config:
-    """Load a preset by name (``digits_mlp``) or by path to a YAML file, with the values it gives
-    for ``method`` (default: its own ``sparse.method``) in its ``methods:`` section."""
+def _read_preset(name_or_path: str) -> tuple[Path, dict[str, Any]]:
     presets = list_presets()
     path = presets.get(name_or_path)
     if path is None:
@@ -417,10 +418,37 @@ def load_preset(name_or_path: str, method: Optional[str] = None) -> Config:
         raise ConfigError(f"preset {path} cannot be read ({exc}); check the path and its permissions") from None
     if data is None:
         raise ConfigError(f"preset {path} is empty; start from a shipped preset (see 'ssvi presets')")
+    return path, data
+
+
+def preset_methods(name_or_path: str) -> tuple[Config, dict[str, dict[str, Any]]]:
+    """A preset's shared values, and what its ``methods:`` section gives each method instead
+    (``{"vi": {"optim.lr": 0.003}}``)."""
+    path, data = _read_preset(name_or_path)
     try:
-        return from_dict(data, method)
+        base = apply_overrides(Config(), _flatten(data, skip=("command", "methods")))
+        return base, _method_values(data, base)
     except ConfigError as exc:
         raise ConfigError(f"preset {path.name}: {exc}") from None
+
+
+def load_preset(name_or_path: str, method: Optional[str] = None) -> Config:
+    """Load a preset by name (``digits_mlp``) or by path to a YAML file, for ``method`` (default: its
+    own ``sparse.method``): a preset may give a method its own values in a ``methods:`` section, for
+    a knob such as the learning rate whose best value differs between sparse and dense methods."""
+    if method is not None and method not in METHODS:
+        raise ConfigError(f"sparse.method={method!r}; valid values are: {', '.join(METHODS.names())}")
+    base, per_method = preset_methods(name_or_path)
+    chosen = method or base.sparse.method
+    return apply_overrides(base, {**per_method.get(chosen, {}), "sparse.method": chosen})
+
+
+def from_preset(name_or_path: str, overrides: dict[str, Any]) -> Config:
+    """A preset with ``{"section.key": value}`` overrides on top, as ``ssvi train`` builds a run: the
+    preset's values for the method the overrides choose (``sparse.method``), then the overrides."""
+    method = overrides.get("sparse.method")
+    chosen = method if isinstance(method, str) and method in METHODS else None  # else refused below
+    return apply_overrides(load_preset(name_or_path, chosen), overrides)
 
 
 def dump_yaml(cfg: Config) -> str:
@@ -434,6 +462,6 @@ DEFAULT_PRESET = "digits_mlp"
 __all__ = [
     "Config", "ConfigError", "ModelConfig", "DataConfig", "SparseConfig", "BayesConfig",
     "OptimConfig", "TrainConfig", "apply_overrides", "from_dict", "parse_override", "validate",
-    "load_preset", "list_presets", "preset_command", "dump_yaml", "addition_accumulate",
+    "load_preset", "from_preset", "preset_methods", "list_presets", "preset_command", "dump_yaml", "addition_accumulate",
     "DEFAULT_PRESET",
 ]

@@ -75,16 +75,44 @@ def test_a_preset_gives_each_method_its_own_values(tmp_path):
 
 
 @pytest.mark.parametrize("methods,needle", [
-    ("  magic: {optim: {lr: 0.1}}", "unknown method 'magic'"),
-    ("  vi: {optim: {lrr: 0.1}}", "unknown config key 'optim.lrr'"),  # checked though ssvi runs
+    ("  magic: {optim: {lr: 0.1}}", "methods: unknown method 'magic'"),
+    ("  vi: {optim: {lrr: 0.1}}", "methods.vi: unknown config key 'optim.lrr'"),  # checked though ssvi runs
+    ("  vi: {optim: {lr: -1}}", "methods.vi: optim.lr"),
     ("  vi: {sparse: {method: ssvi}}", "methods.vi cannot set sparse.method"),
     ("  vi: {optim: 0.1}", "methods.vi: section 'optim' must be a mapping"),
+    ("  vi: {command: x}", "methods.vi: section 'command' must be a mapping"),
     ("  vi: 3", "methods.vi must be a mapping of sections"),
     ("  - vi", "'methods' must map method names to sections"),
+    (" []", "'methods' must map method names to sections"),
 ])
 def test_bad_per_method_values_are_one_line_errors(tmp_path, methods, needle):
-    p = _preset(tmp_path, "sparse: {method: ssvi}\nmethods:\n" + methods + "\n")
+    p = _preset(tmp_path, "sparse: {method: ssvi}\nmethods:" + ("\n" if methods.startswith("  ") else "") + methods + "\n")
     with pytest.raises(C.ConfigError) as exc:
         C.load_preset(p)
     assert needle in str(exc.value) and "\n" not in str(exc.value)
     assert str(exc.value).startswith("preset p.yaml: ")
+
+
+def test_per_method_values_belong_to_presets_only(tmp_path):
+    p = _preset(tmp_path, "sparse: {method: ssvi}\nmethods:\n")  # an empty section is no values
+    assert C.load_preset(p, "vi").sparse.method == "vi"
+    with pytest.raises(C.ConfigError) as exc:  # a bad method name is the caller's, not the preset's
+        C.load_preset(p, "VI")
+    assert str(exc.value).startswith("sparse.method='VI'; valid values are: ssvi, vi")
+    with pytest.raises(C.ConfigError, match="unknown config key 'methods.vi'"):  # a saved run config
+        C.from_dict({"sparse": {"method": "vi"}, "methods": {"vi": {"optim": {"lr": 0.5}}}})
+    base, per_method = C.preset_methods(_preset(tmp_path))
+    assert base.optim.lr == 0.005 and per_method == {"ssvi": {"optim.lr": 0.01},
+                                                      "rigl": {"optim.lr": 0.02, "train.epochs": 7}}
+
+
+def test_the_benchmark_takes_each_methods_preset_values():
+    from ssvi_cli.bench.models import bench_config, bench_model
+    from ssvi_cli.bench import BenchOptions
+
+    bm = bench_model("mlp")
+    opts = BenchOptions(model="mlp").resolved()
+    _, per_method = C.preset_methods(bm.preset)
+    for method in ("ssvi", "vi", "dense"):
+        want = per_method.get(method, {}).get("optim.lr", C.load_preset(bm.preset).optim.lr)
+        assert bench_config(bm, opts, method, 0.95, "auto", 100).optim.lr == want

@@ -55,12 +55,37 @@ def test_writes_a_stratified_split_that_torchvision_and_ssvi_read(tmp_path: Path
     assert torch.equal(MNIST(tmp_path / "again", train=False).data, test.data)
 
 
+def _one_line_error(done: subprocess.CompletedProcess, needle: str) -> None:
+    assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr)
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1 and needle in done.stderr, done.stderr
+
+
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     _csv(tmp_path / "m.csv.gz", per_class=3)
-    done = _run(tmp_path / "out", "--csv", tmp_path / "m.csv.gz", "--test-per-class", 3)
-    assert done.returncode != 0 and done.stderr.strip().count("\n") == 0
-    assert "leaves none to train on" in done.stderr
-    (tmp_path / "narrow.csv").write_text("1,2,3\n4,5,6\n")
-    done = _run(tmp_path / "out", "--csv", tmp_path / "narrow.csv")
-    assert done.returncode != 0 and "784 pixels and a label" in done.stderr
+    (tmp_path / "narrow.csv").write_text("1,2,3\n")
+    (tmp_path / "words.csv").write_text("a,b\n")
+    for args, needle in (
+        (["--csv", tmp_path / "m.csv.gz", "--test-per-class", 3], "class 0 has 3 images"),
+        (["--csv", tmp_path / "narrow.csv"], "784 pixels and a label, got 3 columns"),
+        (["--csv", tmp_path / "words.csv"], "cannot be read as a CSV of numbers"),
+        (["--csv", tmp_path / "missing.csv"], "cannot be read as a CSV of numbers"),
+    ):
+        _one_line_error(_run(tmp_path / "out", *args), needle)
     assert not (tmp_path / "out").exists()
+
+
+def test_existing_mnist_files_are_kept_unless_forced(tmp_path: Path) -> None:
+    _csv(tmp_path / "a.csv.gz", per_class=4, seed=1)
+    _csv(tmp_path / "b.csv.gz", per_class=4, seed=2)
+    assert _run(tmp_path / "out", "--csv", tmp_path / "a.csv.gz", "--test-per-class", 1).returncode == 0
+    raw = tmp_path / "out" / "MNIST" / "raw"
+    before = {p.name: p.read_bytes() for p in raw.iterdir()}
+    _one_line_error(_run(tmp_path / "out", "--csv", tmp_path / "b.csv.gz", "--test-per-class", 1), "add --force")
+    assert {p.name: p.read_bytes() for p in raw.iterdir()} == before
+    assert _run(tmp_path / "out", "--csv", tmp_path / "b.csv.gz", "--test-per-class", 1, "--force").returncode == 0
+    after = {p.name: p.read_bytes() for p in raw.iterdir()}
+    assert sorted(after) == sorted(before) and after != before  # replaced, no temporary file left
+    # torchvision reads a legacy processed/ file before raw/: the subset would go unseen
+    (tmp_path / "old" / "MNIST" / "processed").mkdir(parents=True)
+    (tmp_path / "old" / "MNIST" / "processed" / "training.pt").write_bytes(b"x")
+    _one_line_error(_run(tmp_path / "old", "--csv", tmp_path / "a.csv.gz", "--force"), "reads it instead of raw/")

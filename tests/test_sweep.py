@@ -36,6 +36,24 @@ def test_the_grid_runs_a_dense_method_once_per_seed_and_names_every_cell():
     assert args[args.index("--set") + 1] == "train.epochs=2" and "sparse.criterion=snr" in args
 
 
+def test_each_cell_takes_the_presets_values_for_its_method(tmp_path: Path, capsys):
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("model: {name: mlp, widths: [16]}\ndata: {max_train: 100}\n"
+                      "train: {epochs: 1, eval_samples: 2}\nmethods:\n  vi: {optim: {lr: 0.0123}}\n")
+    out = tmp_path / "sw"
+    assert run(["sweep", "--preset", str(preset), "--method", "ssvi,vi", "--samples", "2",
+                "--out", str(out), "--dry-run"]) == 0
+    cells = {Path(line.split()[-1]).name: Path(line.split()[-1]) for line in capsys.readouterr().out.splitlines()}
+    assert sorted(cells) == ["ssvi_s0.95_seed0", "vi_seed0"]
+    for name, lr in (("vi_seed0", 0.0123), ("ssvi_s0.95_seed0", 0.01)):
+        assert run(["sweep", "--run-cell", str(cells[name])]) == 0, capsys.readouterr().err
+        assert f"  lr: {lr}\n" in (cells[name] / "config.yaml").read_text()
+    # the preset's entries are checked before any cell is made, and an error names the preset
+    preset.write_text("methods:\n  vi: {optim: {lr: -1}}\n")
+    with pytest.raises(SweepError, match=r"^preset mine.yaml: methods.vi: optim.lr"):
+        expand(SweepSpec(preset=str(preset), methods=("ssvi",)))
+
+
 def test_bad_grids_are_one_line_errors():
     with pytest.raises(SweepError, match="unknown config key 'sparse.nope'"):
         parse_axis("sparse.nope=1,2")

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import TensorDataset
 
-from ssvi_cli.config import Config, ConfigError, apply_overrides, load_preset
+from ssvi_cli.config import Config, ConfigError, from_preset, load_preset
 from ssvi_cli.data.spec import DataSpec, DataSplits
 from ssvi_cli.models import TORCHVISION, LayerFactory, build_architecture, check_model_name, torchvision_base
 from ssvi_cli.registry import Registry, UnknownName
@@ -143,4 +143,4 @@ def bench_config(bm: BenchModel, opts: BenchOptions, method: str, sparsity: floa
         overrides["model.widths"] = list(bm.widths)
     if bm.architecture:
         overrides["model.name"] = bm.architecture
-    return apply_overrides(load_preset(bm.preset), overrides)
+    return from_preset(bm.preset, overrides)

@@ -17,10 +17,11 @@ def register(app: typer.Typer) -> None:
         """List the presets in presets/ with model, data, method and the command that runs them."""
         rows = []
         for name, path in cfgmod.list_presets().items():
-            cfg = cfgmod.load_preset(name)
+            cfg, per_method = cfgmod.preset_methods(name)
             rows.append({"name": name, "model": cfg.model.name, "dataset": cfg.data.name,
                          "method": cfg.sparse.method, "sparsity": cfg.sparse.sparsity,
-                         "epochs": cfg.train.epochs, "command": cfgmod.preset_command(path)})
+                         "epochs": cfg.train.epochs, "command": cfgmod.preset_command(path),
+                         "methods": per_method})
         if json_out:
             print_json(rows)
             return
@@ -35,3 +36,9 @@ def register(app: typer.Typer) -> None:
         out.print("commands:")
         for r in rows:
             out.print(f"  {r['command']}", markup=False, highlight=False)
+        own = [(r["name"], m, values) for r in rows for m, values in r["methods"].items()]
+        if own:
+            out.print("values a preset gives one method (its methods: section):")
+        for name, m, values in own:
+            shown = " ".join(f"{k}={v}" for k, v in values.items())
+            out.print(f"  {name} --method {m}: {shown}", markup=False, highlight=False)

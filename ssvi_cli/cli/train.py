@@ -12,7 +12,6 @@ import typer
 
 from ssvi_cli import config as cfgmod
 from ssvi_cli.cli.common import UsageError, err, fmt, kv_table, out, print_json, progress_bar
-from ssvi_cli.methods import METHODS
 
 
 def build_config(preset: str, overrides: dict[str, Any], sets: list[str]) -> cfgmod.Config:
@@ -21,9 +20,7 @@ def build_config(preset: str, overrides: dict[str, Any], sets: list[str]) -> cfg
     for text in sets:
         key, value = cfgmod.parse_override(text)
         flat[key] = value
-    method = flat.get("sparse.method")  # an unknown name is refused below, as any bad value
-    cfg = cfgmod.load_preset(preset, method if isinstance(method, str) and method in METHODS else None)
-    return cfgmod.apply_overrides(cfg, flat)
+    return cfgmod.from_preset(preset, flat)
 
 
 def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:

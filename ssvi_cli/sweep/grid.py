@@ -156,9 +156,13 @@ def expand(spec: SweepSpec) -> list[Cell]:
             raise SweepError(f"two cells of the grid would share the directory {name!r}; give distinct values")
         seen.add(name)
         cells.append(Cell(name, method, s, seed, settings))
+    try:
+        bases = {m: cfgmod.load_preset(spec.preset, m) for m in {cell.method for cell in cells}}
+    except cfgmod.ConfigError as exc:
+        raise SweepError(str(exc)) from None
     for cell in cells:
         try:
-            cfgmod.apply_overrides(cfgmod.load_preset(spec.preset, cell.method), cell.overrides(spec))
+            cfgmod.apply_overrides(bases[cell.method], cell.overrides(spec))
         except cfgmod.ConfigError as exc:
             raise SweepError(f"cell {cell.name}: {exc}") from None
     return cells
