@@ -48,6 +48,11 @@ def test_each_cell_takes_the_presets_values_for_its_method(tmp_path: Path, capsy
     for name, lr in (("vi_seed0", 0.0123), ("ssvi_s0.95_seed0", 0.01)):
         assert run(["sweep", "--run-cell", str(cells[name])]) == 0, capsys.readouterr().err
         assert f"  lr: {lr}\n" in (cells[name] / "config.yaml").read_text()
+    assert run(["sweep", "--report", str(out), "--no-figures"]) == 0
+    assert json.loads((out / "report.json").read_text())["method_values"] == {"optim.lr": {"ssvi": 0.01, "vi": 0.0123}}
+    assert "`optim.lr` differs by method (the preset's `methods:` section): ssvi 0.01, vi 0.0123." in \
+        (out / "report.md").read_text()
+    capsys.readouterr()
     # the preset's entries are checked before any cell is made, and an error names the preset
     preset.write_text("methods:\n  vi: {optim: {lr: -1}}\n")
     with pytest.raises(SweepError, match=r"^preset mine.yaml: methods.vi: optim.lr"):

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ssvi_cli.fileio import read_jsonl, write_json, write_text
-from ssvi_cli.runs.rundir import SUMMARY_FILE, SUPPORT_FILE
-from ssvi_cli.sweep.grid import EVAL_FILE, Cell, SweepSpec, group_key, read_spec
+from ssvi_cli.runs.rundir import CONFIG_FILE, SUMMARY_FILE, SUPPORT_FILE
+from ssvi_cli.sweep.grid import EVAL_FILE, OWN_KEYS, Cell, SweepSpec, group_key, read_spec
 from ssvi_cli.sweep.paired import paired_differences, paired_markdown
 from ssvi_cli.sweep.runner import cell_dir, cell_state
 
@@ -95,6 +95,27 @@ def _mean_iou(per_seed: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
     return out
 
 
+def method_values(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> dict[str, dict[str, Any]]:
+    """``{key: {method: value}}`` for the config keys, neither swept nor the cells' own, whose value
+    differs between methods (a preset's ``methods:`` section), read from the finished cells' configs."""
+    import yaml
+
+    seen: dict[str, dict[str, set]] = {}
+    for cell in cells:
+        path = cell_dir(sweep_dir, cell)
+        if cell_state(path) != "done":
+            continue
+        config = yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8")) or {}
+        for section, values in config.items():
+            for key, value in (values or {}).items():
+                name = f"{section}.{key}"
+                if name not in OWN_KEYS and name not in spec.axes:
+                    seen.setdefault(name, {}).setdefault(cell.method, set()).add(json.dumps(value))
+    return {name: {m: json.loads(next(iter(v))) for m, v in by_method.items()}
+            for name, by_method in seen.items()
+            if all(len(v) == 1 for v in by_method.values()) and len({next(iter(v)) for v in by_method.values()}) > 1}
+
+
 def build_report(sweep_dir: Path, baseline: Optional[list[str]] = None) -> dict[str, Any]:
     """The report; with ``baseline`` (``KEY=VALUE`` strings naming one group) also every other
     group's paired differences from it (``sweep.paired``)."""
@@ -104,7 +125,7 @@ def build_report(sweep_dir: Path, baseline: Optional[list[str]] = None) -> dict[
     report = {"format": "ssvi-sweep-report", "version": 1, "sweep": str(sweep_dir), "spec": spec.to_dict(),
               "cells_total": len(cells), "cells_done": len(rows),
               "missing": [c.name for c in cells if cell_state(cell_dir(sweep_dir, c)) != "done"],
-              "groups": groups, "cells": rows}
+              "method_values": method_values(sweep_dir, spec, cells), "groups": groups, "cells": rows}
     if baseline:
         report["paired"] = paired_differences(spec, cells, groups, rows, baseline)
     return report
@@ -142,6 +163,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if report["missing"]:
         lines += ["", f"Not evaluated yet: {', '.join(report['missing'])}."]
+    for key, by_method in (report.get("method_values") or {}).items():
+        shown = ", ".join(f"{m} {json.dumps(v)}" for m, v in by_method.items())
+        lines += ["", f"`{key}` differs by method (the preset's `methods:` section): {shown}."]
     if report.get("paired"):
         lines += paired_markdown(report["paired"], axes)
     lines += _iou_markdown(groups)
