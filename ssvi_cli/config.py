@@ -437,7 +437,7 @@ def load_preset(name_or_path: str, method: Optional[str] = None) -> Config:
     own ``sparse.method``): a preset may give a method its own values in a ``methods:`` section, for
     a knob such as the learning rate whose best value differs between sparse and dense methods."""
     if method is not None and method not in METHODS:
-        raise ConfigError(f"sparse.method={method!r}; valid values are: {', '.join(METHODS.names())}")
+        apply_overrides(Config(), {"sparse.method": method})  # refuses it, as a --set would
     base, per_method = preset_methods(name_or_path)
     chosen = method or base.sparse.method
     return apply_overrides(base, {**per_method.get(chosen, {}), "sparse.method": chosen})
