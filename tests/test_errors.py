@@ -96,7 +96,7 @@ CASES = [
     (["inspect", "{ws}/newer.safetensors"], "upgrade ssvi to read it"),
     (["inspect", "{ws}/run", "--plots", "{ws}/afile"], "--plots {ws}/afile exists and is not a directory"),
     # infer
-    (["infer", "{ws}/run", "{ws}/notimg.png"], "{ws}/notimg.png: not a readable image"),
+    (["infer", "{ws}/run", "{ws}/notimg.png"], "image {ws}/notimg.png cannot be read"),
     (["infer", "{ws}/run", "{ws}/two.npy"], "{ws}/two.npy: array of shape (3, 2, 8, 8) has no 1, 3 or 4 channel axis"),
     (["infer", "{ws}/run", "{ws}/five.npy"], "expected (H, W), (C, H, W), (N, H, W) or (N, C, H, W)"),
     (["infer", "{ws}/run", "{ws}/zero.npy"], "{ws}/zero.npy: array of shape (0, 8, 8) holds no pixels"),

@@ -14,7 +14,7 @@ from ssvi_cli.cli import run
 from ssvi_cli.config import DataConfig
 from ssvi_cli.data import DataError, build_dataset, get_spec, preprocess, random_crop_flip, scan_folder
 from ssvi_cli.data.imagefolder import decode_images
-from ssvi_cli.evaluation.infer import load_image
+from ssvi_cli.data.images import read_image
 
 NAMES = {0: "zero", 1: "one", 2: "two"}  # folder names; sorted, the classes are one, two, zero
 SORTED = ("one", "two", "zero")
@@ -160,7 +160,7 @@ def test_images_of_any_size_and_mode_decode_as_infer_reads_them(ws):
         assert images.dtype == torch.uint8 and images.shape == (len(files), channels, size, size)
         spec = get_spec(f"imagefolder:{ws / 'flat'}", DataConfig(image_size=size, channels=channels))
         for i, path in enumerate(files):  # the same conversion and antialiased resize as `ssvi infer`
-            expected = preprocess(load_image(path), spec)[0]  # spec normalisation is the identity here
+            expected = preprocess(read_image(path), spec)[0]  # spec normalisation is the identity here
             assert torch.allclose(images[i].float() / 255.0, expected, atol=0.5 / 255 + 1e-6), path.name
     gray = decode_images(files[:1], 8, 1)[0, 0].numpy()  # an 8x8 gray PNG comes back pixel for pixel
     assert np.array_equal(gray, np.asarray(Image.open(files[0])))

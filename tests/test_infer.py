@@ -86,6 +86,9 @@ def test_images_folders_and_array_layouts_give_the_same_answer(model_file, digit
     Image.fromarray(digits[0]).save(folder / "b" / "z.png")
     Image.fromarray(np.stack([digits[0]] * 3, -1)).save(folder / "a.png")  # RGB -> gray by luminance
     (folder / "notes.txt").write_text("ignored in folders")
+    (folder / "._a.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")  # hidden: skipped, not an error
+    (folder / ".cache").mkdir()
+    Image.fromarray(digits[1]).save(folder / ".cache" / "thumb.png")  # inside a hidden folder: skipped
     np.save(tmp_path / "hw.npy", digits[0])
     np.save(tmp_path / "chw.npy", digits[0][None])
     np.save(tmp_path / "nchw.npy", digits[:1][:, None].astype(np.float32) / 255.0)
@@ -94,6 +97,7 @@ def test_images_folders_and_array_layouts_give_the_same_answer(model_file, digit
                      str(tmp_path / "nchw.npy"), str(tmp_path / "hwc.npy"), "--mode", "mean")
     names = [p["input"] for p in out["predictions"]]
     assert names[:2] == [str(folder / "a.png"), str(folder / "b" / "z.png")]  # sorted, recursive
+    assert len(names) == 6 and not any("/." in name for name in names)
     probs = [p["probability"] for p in out["predictions"]]
     assert np.allclose(probs, probs[0], atol=1e-5), probs
 

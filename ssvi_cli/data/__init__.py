@@ -2,7 +2,8 @@
 datasets (``sources``), train/val/test splits (``splits``), your own image folders
 (``imagefolder``, the ``imagefolder:PATH`` family) and out-of-distribution sets (``ood``).
 
-The names most callers need are importable from here.
+The names most callers need are importable from here; ``images`` finds and decodes image files for
+every command.
 """
 
 from ssvi_cli.data.imagefolder import data_config_for, scan_folder  # also registers imagefolder:PATH

@@ -28,11 +28,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from ssvi_cli.config import DataConfig
 from ssvi_cli.data.sources import DATASET_FAMILIES, DatasetSource
+from ssvi_cli.data.images import IMAGE_SUFFIXES, find_files, read_image
 from ssvi_cli.data.spec import DataError, DataSpec, RawImages
 from ssvi_cli.data.splits import stratified_split
 from ssvi_cli.data.transforms import preprocess, random_crop_flip
@@ -40,7 +40,6 @@ from ssvi_cli.data.transforms import preprocess, random_crop_flip
 logger = logging.getLogger(__name__)
 
 FAMILY = "imagefolder"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SPLIT_FOLDERS = ("train", "val", "test")
 TEST_SEED = 20_240_602  # the flat layout's test split does not move with the training seed
 MIN_AUGMENT_SIZE = 16
@@ -76,8 +75,7 @@ def _class_folders(folder: Path, where: str) -> dict[str, tuple[Path, ...]]:
                         "at least two, add a folder per class")
     found = {}
     for cls in classes:
-        files = tuple(sorted(p for p in cls.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                             and all(_visible(q) for q in p.relative_to(cls).parts)))
+        files = tuple(find_files(cls))
         if not files:
             raise DataError(f"class folder {cls} holds no images ({', '.join(IMAGE_SUFFIXES)}); add images "
                             "or remove the folder")
@@ -136,29 +134,6 @@ def split_scan(scan: FolderScan, test_fraction: float) -> FolderScan:
     return replace(scan, parts={"train": pick(train_idx), "test": pick(test_idx)})
 
 
-def _read_image(path: Path) -> torch.Tensor:
-    """One image file as (1, C, H, W): uint8 with C in {1, 3, 4}, or float in [0, 1] for 16-bit gray
-    (the modes and conversions of ``ssvi infer``)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            mode = img.mode
-            if mode in ("I;16", "I;16B", "I;16L"):
-                arr = np.asarray(img, dtype=np.float32) / 65535.0
-                return torch.from_numpy(arr).view(1, 1, *arr.shape)
-            if mode not in ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "La", "RGBa"):
-                raise DataError(f"image {path} has the unsupported mode {mode!r}; save it as 8-bit gray or RGB")
-            alpha = mode in ("LA", "PA", "RGBA", "La", "RGBa") or "transparency" in img.info
-            arr = np.asarray(img.convert("L" if mode in ("1", "L") else ("RGBA" if alpha else "RGB")), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"image {path} cannot be read ({reason}); replace or remove the file") from None
-    arr = arr[:, :, None] if arr.ndim == 2 else arr
-    return torch.from_numpy(np.array(arr.transpose(2, 0, 1))).unsqueeze(0)  # a writable copy
-
-
 def decode_images(files: tuple[Path, ...], image_size: int, channels: int, what: str = "images") -> torch.Tensor:
     """Decode ``files`` into one uint8 (N, channels, image_size, image_size) tensor, logging progress."""
     shape = (channels, image_size, image_size)
@@ -167,7 +142,7 @@ def decode_images(files: tuple[Path, ...], image_size: int, channels: int, what:
     every = max(_LOG_EVERY, len(files) // 10)
     logger.info("decoding %d %s into %dx%dx%d uint8", len(files), what, *shape)
     for i, path in enumerate(files):
-        out[i] = preprocess(_read_image(path), unit)[0].mul_(255.0).round_().to(torch.uint8)
+        out[i] = preprocess(read_image(path), unit)[0].mul_(255.0).round_().to(torch.uint8)
         if (i + 1) % every == 0 or i + 1 == len(files):
             logger.info("decoded %d/%d %s", i + 1, len(files), what)
     return out

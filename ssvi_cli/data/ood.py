@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ssvi_cli.data.images import ARRAY_SUFFIX
 from ssvi_cli.data.sources import DATASETS, UnknownDataset, load_raw
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.data.transforms import PreparedDataset, preprocess
@@ -102,7 +103,6 @@ def ood_names() -> list[str]:
 
 HELDOUT = "heldout"
 FOLDER_SETS = tuple(name for name in OOD_SETS if name in DATASETS)  # the ones NAME=DIR can read
-ARRAY_SUFFIX = ".npy"
 _FORMS = (f"{HELDOUT}, NAME=DIR (NAME one of {', '.join(FOLDER_SETS)}) or a PATH (a folder of images or a "
           f"{ARRAY_SUFFIX} array; write ./NAME for a path that looks like a name)")
 

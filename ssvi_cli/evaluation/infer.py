@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ssvi_cli import fileio
+from ssvi_cli.data.images import ARRAY_SUFFIX, IMAGE_SUFFIXES, find_files, read_image
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.data.transforms import preprocess
 from ssvi_cli.core.modes import using_kernel
@@ -27,8 +28,6 @@ from ssvi_cli.metrics import mutual_information, predictive_entropy
 from ssvi_cli.models import SSVIModel
 from ssvi_cli.prediction import predict_batch
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-ARRAY_SUFFIX = ".npy"
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
 _CHUNK = 1024  # images of one array preprocessed at a time
 
@@ -39,17 +38,14 @@ class InputError(DataError):
 
 # ------------------------------------------------------------------ finding inputs
 
-def _is_input(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES + (ARRAY_SUFFIX,)
-
-
 def expand_inputs(paths: Sequence[Path]) -> list[Path]:
     """Files in the given order; folders contribute their image and ``.npy`` files, recursively,
-    in sorted order. A missing path or a folder without inputs is an error."""
+    in sorted order, hidden ones skipped (``data.images.find_files``). A missing path or a folder
+    without inputs is an error."""
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and _is_input(p))
+            found = find_files(path, IMAGE_SUFFIXES + (ARRAY_SUFFIX,))
             if not found:
                 raise InputError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)}) or .npy files")
             files.extend(found)
@@ -61,30 +57,6 @@ def expand_inputs(paths: Sequence[Path]) -> list[Path]:
 
 
 # ------------------------------------------------------------------ decoding
-
-def load_image(path: Path) -> Tensor:
-    """An image file as a (1, C, H, W) tensor: uint8 with C in {1, 3, 4}, or float for 16-bit gray."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            mode = img.mode
-            if mode in ("I;16", "I;16B", "I;16L"):
-                arr = np.asarray(img, dtype=np.float32) / 65535.0
-                return torch.from_numpy(arr).view(1, 1, *arr.shape)
-            if mode in ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "La", "RGBa"):
-                alpha = mode in ("LA", "PA", "RGBA", "La", "RGBa") or "transparency" in img.info
-                target = "L" if mode in ("1", "L") else ("RGBA" if alpha else "RGB")
-                arr = np.asarray(img.convert(target), dtype=np.uint8)
-            else:
-                raise InputError(f"{path}: unsupported image mode {mode!r}; save it as 8-bit gray or RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    return torch.from_numpy(np.array(arr.transpose(2, 0, 1))).unsqueeze(0)
-
 
 def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: float = 255.0) -> Tensor:
     """A numeric array as (N, C, H, W) pixels; ``channels`` is the model's input channel count.
@@ -153,7 +125,7 @@ def iter_raw(files: Iterable[Path], channels: int = 3, pixel_max: float = 255.0
                 part = images[start:start + _CHUNK]
                 yield path, [f"{path}[{start + i}]" for i in range(len(part))], part
         else:
-            yield path, [str(path)], load_image(path)
+            yield path, [str(path)], read_image(path, InputError)
 
 
 def iter_batches(files: Sequence[Path], spec: DataSpec, batch_size: int) -> Iterator[tuple[list[str], Tensor]]:

@@ -22,8 +22,9 @@ import torch
 from torch.utils.data import Dataset
 
 from ssvi_cli.data import DataError, DatasetUnavailable, DataSpec, PreparedDataset, preprocess
-from ssvi_cli.data.ood import ARRAY_SUFFIX, HELDOUT, OodRequest, build_ood, parse_ood
-from ssvi_cli.evaluation.infer import IMAGE_SUFFIXES, array_to_images, load_image
+from ssvi_cli.data.images import ARRAY_SUFFIX, IMAGE_SUFFIXES, find_files, read_image
+from ssvi_cli.data.ood import HELDOUT, OodRequest, build_ood, parse_ood
+from ssvi_cli.evaluation.infer import array_to_images
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,7 @@ def check_heldout(spec: DataSpec) -> None:
 
 def image_files(folder: Path) -> list[Path]:
     """The image files under ``folder``, recursively and sorted; none is an error."""
-    visible = lambda p: not any(part.startswith(".") for part in p.relative_to(folder).parts)  # noqa: E731
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and visible(p))
+    files = find_files(folder)
     if not files:
         raise DataError(f"--ood {folder}: the folder holds no images ({', '.join(IMAGE_SUFFIXES)}); pass a folder "
                         f"of images or a {ARRAY_SUFFIX} array")
@@ -85,7 +85,7 @@ def folder_images(folder: Path, spec: DataSpec, seed: int, max_items: Optional[i
     files = image_files(folder)
     chosen = [files[i] for i in _choose(len(files), seed, max_items)]
     logger.info("decoding %d images of %s", len(chosen), folder)
-    return torch.cat([_prepared(load_image(path), spec, str(path)) for path in chosen])
+    return torch.cat([_prepared(read_image(path), spec, str(path)) for path in chosen])
 
 
 def array_images(path: Path, spec: DataSpec, seed: int, max_items: Optional[int]) -> torch.Tensor:

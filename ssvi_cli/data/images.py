@@ -1,0 +1,56 @@
+"""Image files, one way for every command: which files count as inputs, how a folder is searched for
+them and how one file is decoded (``imagefolder:PATH`` training data, ``ssvi infer`` inputs and
+``--ood PATH`` folders all go through here, so an image that one of them reads, the others read the
+same way).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ssvi_cli.data.spec import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+ARRAY_SUFFIX = ".npy"
+_MODES = ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "La", "RGBa")  # PIL modes read as 8-bit
+_ALPHA_MODES = ("LA", "PA", "RGBA", "La", "RGBa")
+_GRAY16_MODES = ("I;16", "I;16B", "I;16L")
+
+
+def find_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
+    """The files under ``folder`` whose suffix (any case) is one of ``suffixes``, recursively and
+    sorted. Hidden files and everything inside hidden folders (a name starting with ``.``, such as
+    the ``._photo.jpg`` files macOS leaves beside copied images) are skipped."""
+    folder = Path(folder)
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and p.suffix.lower() in suffixes
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def read_image(path: Path, error: type[Exception] = DataError) -> torch.Tensor:
+    """One image file as (1, C, H, W): uint8 with C in {1, 3, 4} (gray, RGB, RGB with alpha), or
+    float in [0, 1] for 16-bit gray. A file PIL cannot read, or one in a mode it cannot convert to
+    these, raises ``error`` with a one-line message that names the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode in _GRAY16_MODES:
+                gray = np.asarray(img, dtype=np.float32) / 65535.0
+                return torch.from_numpy(gray).view(1, 1, *gray.shape)
+            if mode not in _MODES:
+                raise error(f"image {path} has the unsupported mode {mode!r}; save it as 8-bit gray or RGB")
+            alpha = mode in _ALPHA_MODES or "transparency" in img.info
+            target = "L" if mode in ("1", "L") else ("RGBA" if alpha else "RGB")
+            arr = np.asarray(img.convert(target), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise error(f"image {path} cannot be read ({reason}); replace or remove the file") from None
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    return torch.from_numpy(np.array(arr.transpose(2, 0, 1))).unsqueeze(0)  # a writable copy
