@@ -294,3 +294,16 @@ def test_sparse_conv_lrt_gradients_match_dense_including_variance(ksize, stride,
         results.append((mean.detach(), var.detach(), x.grad, conv.mu.grad.clone(), conv.rho.grad.clone()))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_load_state_dict_into_a_layer_that_already_ran_uses_the_loaded_support():
+    """``load_state_dict`` copies a new support into ``idx`` in place; the sparse kernel's cached
+    pattern must follow it, not the support of the layer's earlier forward."""
+    torch.manual_seed(0)
+    source, target = make_linear(20, 64, 0.05), make_linear(20, 64, 0.05)
+    x = torch.randn(4, 20)
+    with sampling(target, "mean"):
+        target(x)  # builds the pattern of target's own support
+    target.load_state_dict(source.state_dict())
+    with sampling(source, "mean"), sampling(target, "mean"):
+        torch.testing.assert_close(target(x), source(x))

@@ -66,7 +66,9 @@ class SparseGaussian(nn.Module):
         self.draws: Optional["DrawState"] = None
         self.dense_grad: Optional[Tensor] = None
         self._captured = CapturedGrad()
-        self._pattern: Optional[tuple[Tensor, CsrPattern]] = None
+        # The CSR pattern of ``idx``, kept with the tensor and its version counter it was built from:
+        # ``set_support`` and ``.to()`` replace ``idx``, ``load_state_dict`` copies into it in place.
+        self._pattern: Optional[tuple[Tensor, int, CsrPattern]] = None
 
     # -- support ---------------------------------------------------------------
     @property
@@ -122,9 +124,11 @@ class SparseGaussian(nn.Module):
         return False
 
     def pattern(self) -> CsrPattern:
-        if self._pattern is None or self._pattern[0] is not self.idx:
-            self._pattern = (self.idx, CsrPattern.from_flat(self.idx, self.weight_shape[0], self.fan_in))
-        return self._pattern[1]
+        cached = self._pattern
+        if cached is None or cached[0] is not self.idx or cached[1] != self.idx._version:
+            cached = (self.idx, self.idx._version, CsrPattern.from_flat(self.idx, self.weight_shape[0], self.fan_in))
+            self._pattern = cached
+        return cached[2]
 
     # -- forward ---------------------------------------------------------------
     def positions(self, x: Tensor) -> int:
