@@ -9,7 +9,7 @@ with uncertainty. These are the pieces the ``ssvi train`` recipe is made of, for
         loss.backward()
         subspace.step()        # the optimizer step, or every delta_t steps a remove-and-add step
         optimizer.zero_grad()
-    out = ssvi_cli.prediction(model, x, samples=30)   # probs, entropy, mutual information
+    out = ssvi_cli.predict(model, x, samples=30)      # probs, entropy, mutual information
 
 The whole example, run on the embedded digits, is docs/API.md (and a test).
 """
@@ -17,13 +17,14 @@ The whole example, run on the embedded digits, is docs/API.md (and a test).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ssvi_cli.config import MIN_SUBSPACE_STEPS, PAPER_DELTA_T
+from ssvi_cli.config import MIN_SUBSPACE_STEPS, PAPER_DELTA_T, Config, validate
+from ssvi_cli.core.criteria import REMOVAL_CRITERIA
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.core.modes import capturing_dense_grad, sampling
 from ssvi_cli.core.subspace import Schedule, SwapReport, collect_captured, subspace_step
@@ -85,6 +86,13 @@ class Subspace:
             raise ValueError(f"addition={addition!r}; valid values are: sample, mean")
         if total_steps < 1:
             raise ValueError(f"total_steps must be positive, got {total_steps}")
+        # Checked now, as ssvi train checks its config: the first remove-and-add step may be 100 steps away.
+        REMOVAL_CRITERIA.get(criterion)
+        base = Config()
+        validate(replace(base, sparse=replace(base.sparse, delta_t=delta_t, alpha=alpha, t_end=t_end,
+                                              criterion=criterion, criterion_lambda=criterion_lambda,
+                                              new_sigma=new_sigma, min_subspace_steps=min_subspace_steps)))
+        _check_optimizer_holds(model, optimizer)
         self.model, self.optimizer = model, optimizer
         self.schedule = Schedule.fitted(delta_t, alpha, int(t_end * total_steps), min_steps=min_subspace_steps)
         self.criterion, self.criterion_lambda, self.new_sigma, self.addition = criterion, criterion_lambda, new_sigma, addition
@@ -146,6 +154,9 @@ class Subspace:
             reduce = _rank_mean if torch.distributed.is_available() and torch.distributed.is_initialized() else None
             self.last_report = subspace_step(self.model, self.t, self.schedule, self.criterion,
                                              self.criterion_lambda, self.new_sigma, self.optimizer, reduce)
+            if self.last_report.unreached:
+                log.info("Subspace step %d: %s got no gradient from this step's forward and kept their supports",
+                         self.t, ", ".join(self.last_report.unreached))
             if self.last_report.skipped:
                 log.warning("Subspace step %d: the dense gradient held inf/NaN; this remove-and-add step was skipped",
                             self.t)
@@ -181,6 +192,17 @@ class Subspace:
             hook.remove()
 
 
+def _check_optimizer_holds(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every sparse layer's mu and rho are among the optimizer's parameters (an optimizer built
+    before ``sparsify`` holds the replaced dense weights, and the model would never train)."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for name, layer in sparse_layers(model):
+        for part, param in (("mu", layer.mu), ("rho", layer.rho)):
+            if param is not None and id(param) not in held:
+                raise ValueError(f"the optimizer does not hold {name}.{part}; build it after ssvi_cli.sparsify, "
+                                 "from model.parameters() or ssvi_cli.param_groups(model)")
+
+
 def _rank_mean(t: Tensor) -> Tensor:
     out = t.detach().clone()
     torch.distributed.all_reduce(out)
@@ -204,6 +226,8 @@ def predict(model: nn.Module, x: Tensor, samples: int = 30, mode: str = "mc") ->
     The model's train/eval state and sampling mode are restored afterwards. A converted module
     (without ssvi's ``first``/``forward_rest`` split) samples every layer's weights per draw.
     """
+    if not sparse_layers(model):
+        raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
     probs, draws = predict_batch(model, x, samples, mode)
     probs_np = probs.double().cpu().numpy()
     entropy = torch.from_numpy(predictive_entropy(probs_np))

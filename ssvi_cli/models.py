@@ -14,7 +14,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ssvi_cli.core.layers import SparseConv2d, SparseGaussian, SparseLinear
+from ssvi_cli.core.conv import SparseConv2d
+from ssvi_cli.core.layers import SparseGaussian, SparseLinear
 from ssvi_cli.registry import Registry
 
 MODELS: Registry[Callable[..., "SSVIModel"]] = Registry("model")

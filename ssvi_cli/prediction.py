@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ssvi_cli.core.gaussian import LRT_EPS
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
@@ -78,6 +78,8 @@ def predict_batch(model: SSVIModel, x: Tensor, samples: int = 10, mode: str = "m
         raise ValueError(f"first_layer must be one of {', '.join(FIRST_LAYER_SCHEMES)}, got {first_layer!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "mc" and samples < 1:
+        raise ValueError(f"samples must be a positive number of draws, got {samples!r}")
     with evaluating(model):
         return _predict(model, x, samples, mode, first_layer)
 
@@ -86,14 +88,14 @@ def _predict(model: SSVIModel, x: Tensor, samples: int, mode: str, first_layer: 
              ) -> tuple[Tensor, Optional[Tensor]]:
     if mode == "mean" or not is_bayesian(model):
         with sampling(model, "mean"):
-            return class_softmax(model(x).float()), None
+            return class_softmax(_logits(model, x)), None
     if not hasattr(model, "forward_rest"):
         # Any other module (a converted torchvision or user network): every layer samples its weights,
         # without the reused draw buffers, which assume each layer runs once per forward.
         if first_layer == "moments":
             raise ValueError("first_layer='moments' needs a model with a separate first layer (first, forward_rest)")
         with sampling(model, "sample"):
-            stacked = torch.stack([class_softmax(model(x).float()) for _ in range(samples)])
+            stacked = torch.stack([class_softmax(_logits(model, x)) for _ in range(samples)])
         return stacked.mean(0), stacked
     h = model.prepare(x)
     if first_layer == "auto":
@@ -131,6 +133,14 @@ def _predict(model: SSVIModel, x: Tensor, samples: int, mode: str, first_layer: 
         draws = [class_softmax(draw().float()) for _ in range(samples)]
     stacked = torch.stack(draws)
     return stacked.mean(0), stacked
+
+
+def _logits(model: nn.Module, x: Tensor) -> Tensor:
+    out = model(x)
+    if not isinstance(out, Tensor):
+        raise TypeError(f"the model's forward returned a {type(out).__name__}; prediction needs one tensor of "
+                        "class logits (wrap the model so that it returns them)")
+    return out.float()
 
 
 def class_softmax(logits: Tensor) -> Tensor:

@@ -103,10 +103,41 @@ def test_refusals_are_clear():
     with pytest.raises(ValueError, match="no sparse Gaussian layers"):
         ssvi.Subspace(torch.nn.Linear(2, 2), torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1), 10)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    subspace = ssvi.Subspace(model, optimizer, total_steps=10, delta_t=1)
-    subspace.t = 1  # an update step whose forward never ran with capture
+    subspace = ssvi.Subspace(model, optimizer, total_steps=10, delta_t=2)
+    subspace.t = 2  # an update step whose forward never ran with capture
     with pytest.raises(RuntimeError, match="no dense gradient"):
         subspace.step()
+    # Arguments are checked when the schedule is made, not at the first remove-and-add step.
+    for bad, match in (({"alpha": 2.5}, "alpha=2.5 must be in"), ({"t_end": 1.5}, "t_end=1.5 must be in"),
+                       ({"delta_t": 1}, "delta_t=1 must be an integer >= 2"),
+                       ({"criterion": "snr_ab"}, "snr_ab"), ({"new_sigma": "tinyy"}, "new_sigma='tinyy'"),
+                       ({"criterion": "e_exp", "criterion_lambda": -1.0}, "criterion_lambda=-1.0 must be")):
+        with pytest.raises(ValueError, match=match):
+            ssvi.Subspace(model, optimizer, total_steps=10, **bad)
+    # An optimizer made before sparsify holds the replaced dense weights: the model would never train.
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    early = torch.optim.Adam(net.parameters(), lr=0.01)
+    ssvi.sparsify(net, sparsity=0.5)
+    with pytest.raises(ValueError, match=r"does not hold 0\.mu; build it after ssvi_cli.sparsify"):
+        ssvi.Subspace(net, early, total_steps=10)
+    with pytest.raises(ValueError, match="already sparse"):
+        ssvi.sparsify(net, sparsity=0.5)
+    x = torch.randn(2, 6)
+    with pytest.raises(ValueError, match="samples must be a positive number"):
+        ssvi.predict(net, x, samples=0)
+    with pytest.raises(ValueError, match="no sparse Gaussian layers"):
+        ssvi.predict(torch.nn.Linear(6, 3), x)
+
+    class Pair(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x), x
+
+    with pytest.raises(TypeError, match="returned a tuple; prediction needs one tensor"):
+        ssvi.predict(Pair(), x)
 
 
 def test_predict_returns_the_model_average_with_entropy_and_mutual_information():
@@ -173,3 +204,33 @@ def test_an_accumulating_loop_scores_additions_on_all_its_micro_batches(micro):
 
     whole = supports_after(1)
     assert all(torch.equal(a, b) for a, b in zip(whole, supports_after(micro)))
+
+
+def test_a_layer_the_remove_and_add_steps_forward_did_not_reach_keeps_its_support():
+    """A two-headed model trained on one head per step: on a remove-and-add step the other head has
+    no gradient, so it keeps its support (and is named in the report) while the rest moves."""
+    torch.manual_seed(0)
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Linear(6, 16)
+            self.a = torch.nn.Linear(16, 3)
+            self.b = torch.nn.Linear(16, 3)
+
+        def forward(self, x, head):
+            return getattr(self, head)(torch.relu(self.body(x)))
+
+    model = TwoHeads()
+    ssvi.sparsify(model, sparsity=0.5, from_weights=False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    subspace = ssvi.Subspace(model, optimizer, total_steps=8, delta_t=2)
+    before = model.b.idx.clone()
+    for t in range(3):
+        x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+        F.cross_entropy(model(x, "a" if t % 2 == 0 else "b"), y).backward()
+        subspace.step()
+        optimizer.zero_grad()
+    report = subspace.last_report
+    assert report.unreached == ["b"] and [l.name for l in report.layers] == ["body", "a"]
+    assert report.swapped > 0 and torch.equal(model.b.idx, before)

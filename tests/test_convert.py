@@ -7,9 +7,11 @@ import torch
 import torchvision
 from torch import nn
 
+import ssvi_cli as ssvi
 from ssvi_cli.core.allocation import active_count
+from ssvi_cli.core.conv import SparseConv2d
 from ssvi_cli.core.convert import sparsify
-from ssvi_cli.core.layers import SparseConv2d, SparseGaussian, sparse_layers
+from ssvi_cli.core.layers import SparseGaussian, sparse_layers
 from ssvi_cli.core.modes import capturing_dense_grad, sampling
 from ssvi_cli.core.subspace import Schedule, collect_captured, subspace_step
 
@@ -232,3 +234,88 @@ def test_init_from_a_trained_state_dict_starts_mu_at_the_largest_weights(tmp_pat
         err = capsys.readouterr().err.strip()
         assert words in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "bad").exists()
+
+
+def _pruned(original: nn.Module, density: float) -> nn.Module:
+    pruned = copy.deepcopy(original)
+    for module in pruned.modules():
+        if isinstance(module, nn.Linear):
+            w = module.weight.data.reshape(-1)
+            keep = torch.zeros_like(w, dtype=torch.bool)
+            keep[torch.topk(w.abs().float(), active_count(w.numel(), density)).indices] = True
+            w[~keep] = 0.0
+    return pruned
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_float64_or_bfloat16_model_converts_trains_and_predicts_in_its_dtype(dtype):
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 5)).to(dtype).eval()
+    x = torch.randn(6, 40, dtype=dtype)
+    for sparsity in (0.0, 0.95):  # at 0.95 the linear layers run the sparse kernel
+        model = copy.deepcopy(original)
+        sparsify(model, sparsity)
+        assert all(p.dtype == dtype for p in model.parameters())
+        assert model[0].uses_sparse_kernel() == (sparsity > 0)
+        expected = _pruned(original, 1.0 - sparsity)(x) if sparsity else original(x)
+        got = mean_forward(model, x)
+        assert got.dtype == dtype
+        if dtype == torch.float64:  # float64 stays float64 in every kernel, not float32 in disguise
+            torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+        model.train()
+        out = model(x)  # the training forward (local reparameterisation)
+        assert out.dtype == dtype
+        out.float().square().mean().backward()
+        assert model[0].mu.grad.dtype == dtype
+        assert ssvi.predict(model, x, samples=3).probs.shape == (6, 5)
+
+
+class Shared(nn.Module):
+    """One Linear under two names, and a head whose weight is tied to an embedding's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(12, 8)
+        self.block = nn.Linear(8, 8)
+        self.again = self.block
+        self.head = nn.Linear(8, 12, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        h = self.embed(tokens).mean(1)
+        return self.head(self.again(torch.relu(self.block(h))))
+
+
+def test_a_module_under_two_names_is_one_sparse_layer_and_a_tied_weight_stays_tied(tmp_path):
+    model = Shared()
+    report = sparsify(model, 0.5)
+    assert model.block is model.again and isinstance(model.block, SparseGaussian)
+    assert [l.name for l in report.layers] == ["block"]
+    assert report.kept == [("head", "its weight is tied to embed's, which a sparse layer cannot share")]
+    assert model.head.weight is model.embed.weight
+    path = tmp_path / "shared.safetensors"
+    ssvi.save(model, path)  # each shared tensor stored once
+    loaded = ssvi.load(path, model=Shared())
+    assert loaded.block is loaded.again and loaded.head.weight is loaded.embed.weight
+    tokens = torch.randint(0, 12, (3, 4))
+    torch.testing.assert_close(mean_forward(loaded, tokens), mean_forward(model, tokens))
+
+
+def test_a_converted_transformer_encoder_runs_in_eval_mode():
+    """torch's encoder fast path (eval, batch_first) reads linear1.weight, which a sparse layer lacks."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=True), nn.Flatten(), nn.Linear(80, 3))
+    original = copy.deepcopy(model).eval()
+    sparsify(model, 0.0)
+    x = torch.randn(4, 5, 16)
+    torch.testing.assert_close(mean_forward(model, x), original(x), atol=1e-5, rtol=1e-5)
+    assert ssvi.predict(model, x, samples=2).probs.shape == (4, 3)
+
+
+def test_weight_layers_it_does_not_convert_are_reported_and_a_lazy_layer_is_refused():
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Flatten(), nn.Linear(24, 3))
+    report = sparsify(model, 0.5)
+    assert report.kept == [("0", "Conv1d is not converted (Linear and Conv2d are)")]
+    with pytest.raises(ValueError, match="has no shape yet; run one forward pass"):
+        sparsify(nn.Sequential(nn.LazyLinear(3)), 0.5)

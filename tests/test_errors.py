@@ -55,7 +55,7 @@ CASES = [
     # train: values, names and config keys
     (["train", "--sparsity", "1.5"], "sparsity=1.5 must be in [0, 1), e.g. --sparsity 0.95"),
     (["train", "--sparsity", "-0.1"], "sparsity=-0.1 must be in [0, 1)"),
-    (["train", "--sparsity", "0.999999"], "with no active weight; use a lower --sparsity"),
+    (["train", "--sparsity", "0.999999"], "with no active weight; use a lower sparsity"),
     (["train", "--preset", "nope"], "unknown preset 'nope'; valid names are: "),
     (["train", "--set", "model.name=alexnet"], "unknown model 'alexnet'; valid names are: "),
     (["train", "--set", "data.name=imagenet"], "unknown dataset 'imagenet'; valid names are: "),

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from ssvi_cli.core.modes import sampling, using_kernel
 from ssvi_cli.core.kernels import CsrPattern, SparseMatmul
-from ssvi_cli.core.layers import SparseConv2d, SparseLinear
+from ssvi_cli.core.conv import SparseConv2d
+from ssvi_cli.core.layers import SparseLinear
 from ssvi_cli.core.gaussian import gaussian_kl, rho_from_sigma, sigma_from_rho
 
 

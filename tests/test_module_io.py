@@ -174,3 +174,21 @@ def test_a_googlenet_with_auxiliary_classifiers_is_told_how_ssvi_builds_it(tmp_p
     ssvi.sparsify(plain, 0.9)
     ssvi.save(plain, tmp_path / "g.safetensors", architecture="torchvision:googlenet", input_shape=(3, 32, 32))
     assert isinstance(ssvi.load(tmp_path / "g.safetensors"), torchvision.models.GoogLeNet)
+
+
+def test_the_class_count_is_the_models_output_size_whatever_order_its_layers_are_registered_in(tmp_path):
+    class HeadFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(16, 3)
+            self.body = nn.Linear(8, 16)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+    model = HeadFirst()
+    ssvi.sparsify(model, 0.5)
+    ssvi.save(model, tmp_path / "m.safetensors", input_shape=(8,))
+    spec = read_header(tmp_path / "m.safetensors")["meta"]["data_spec"]
+    assert spec["num_classes"] == 3 and spec["class_names"] == ["0", "1", "2"]
+    assert model.training  # the forward that measured the output changed nothing

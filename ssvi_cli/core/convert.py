@@ -21,9 +21,12 @@ from torch import nn
 from ssvi_cli.core.allocation import InitSpec, active_count, initialise, layer_densities
 from ssvi_cli.core.criteria import top_k_indices
 from ssvi_cli.core.gaussian import rho_from_sigma
-from ssvi_cli.core.layers import SparseConv2d, SparseGaussian, SparseLinear
+from ssvi_cli.core.conv import SparseConv2d
+from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
 
 SIGMA_FLOOR = 1e-8
+# Weight layers left dense and deterministic, named in the report's ``kept``.
+UNCONVERTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)
 
 
 @dataclass(frozen=True)
@@ -74,16 +77,30 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 
 
 def _targets(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
-    """The Linear/Conv2d modules to convert, and those that must stay (with the reason)."""
+    """The Linear/Conv2d modules to convert, and those that must stay (with the reason). A module
+    registered under several names is listed once, under its first name (``_replace`` puts its
+    sparse twin under every name)."""
     targets, kept = [], []
     inside_attention = {f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    owners: dict[int, list[str]] = {}  # parameter -> the modules holding it (a tied weight has several)
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module.parameters(recurse=False):
+            if name not in owners.setdefault(id(param), []):
+                owners[id(param)].append(name)
     for name, module in model.named_modules():
+        if isinstance(module, UNCONVERTED):
+            kept.append((name, f"{type(module).__name__} is not converted (Linear and Conv2d are)"))
         if not isinstance(module, (nn.Linear, nn.Conv2d)) or isinstance(module, SparseGaussian):
             continue
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+            raise ValueError(f"{name} ({type(module).__name__}) has no shape yet; run one forward pass before sparsify")
+        tied = [n for n in owners.get(id(module.weight), []) if model.get_submodule(n) is not module]
         if name in inside_attention:
             kept.append((name, "nn.MultiheadAttention reads out_proj.weight directly"))
         elif isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
             kept.append((name, f"padding_mode={module.padding_mode!r} (only zero padding is supported)"))
+        elif tied:
+            kept.append((name, f"its weight is tied to {tied[0]}'s, which a sparse layer cannot share"))
         else:
             targets.append((name, module))
     return targets, kept
@@ -116,6 +133,9 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
         raise ValueError(f"sparsity={sparsity} must be in [0, 1)")
     dense, deterministic = tuple(dense), tuple(deterministic)
     targets, kept = _targets(model)
+    if not targets and sparse_layers(model):
+        raise ValueError(f"the model is already sparse ({len(sparse_layers(model))} layers were converted before) "
+                         "and has no Linear or Conv2d layer left to convert")
     if any(name == "" for name, _ in targets):
         raise ValueError("sparsify converts the layers inside a model; wrap a lone layer in nn.Sequential")
     first_conv = next((n for n, m in targets if isinstance(m, nn.Conv2d)), None)
@@ -123,7 +143,8 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
     for name, module in targets:
         twin = _sparse_twin(module, bayesian and not _matches(name, deterministic),
                             dense_first_conv and name == first_conv, sigma_param, kernel)
-        twins.append((name, twin.to(module.weight.device), module))
+        weight = module.weight
+        twins.append((name, twin.to(weight.device, weight.dtype if weight.is_floating_point() else None), module))
     if structure_only:
         for name, twin, _ in twins:
             _replace(model, name, twin)
@@ -157,8 +178,8 @@ def _support_from_weights(twin: SparseGaussian, module: nn.Module, density: floa
         empty = torch.empty(k, device="meta")
         twin.set_support(torch.empty(k, dtype=torch.long, device="meta"), empty, empty if twin.bayesian else None)
     else:
-        flat = weight.reshape(-1).float()
-        idx = top_k_indices(flat.abs(), k)  # ascending, ties to the lower index
+        flat = weight.reshape(-1)
+        idx = top_k_indices(flat.abs().float(), k)  # ascending, ties to the lower index
         mu = flat[idx]
         rho = None
         if twin.bayesian:
@@ -174,5 +195,18 @@ def _support_from_weights(twin: SparseGaussian, module: nn.Module, density: floa
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    """Put ``new`` where the module ``name`` is, under each name that module is registered as."""
+    old = model.get_submodule(name)
+    for alias, module in list(model.named_modules(remove_duplicate=False)):
+        if module is old:
+            parent_name, _, child = alias.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    # torch's transformer encoders have an inference fast path that reads linear1.weight and
+    # linear2.weight, which a sparse layer does not have. These attributes only gate that path (the
+    # activation and the nesting of inputs are unchanged).
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer) and new in (module.linear1, module.linear2):
+            module.activation_relu_or_gelu = False
+        elif isinstance(module, nn.TransformerEncoder) and any(
+                new in (layer.linear1, layer.linear2) for layer in module.layers):
+            module.use_nested_tensor = False

@@ -189,7 +189,8 @@ def csr_product(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, out: O
 
 
 def sparse_product(x: Tensor, values: Tensor, pattern: CsrPattern, bias: Optional[Tensor] = None) -> Tensor:
-    """:class:`SparseMatmul` in float32 even under autocast: the CSR kernels have no half types.
+    """:class:`SparseMatmul` in float32 even under autocast (float64 for float64 inputs): the CSR
+    kernels have no half types.
 
     Without gradients (prediction) the kernel is called directly, skipping autograd's bookkeeping.
     """
@@ -200,8 +201,9 @@ def sparse_product(x: Tensor, values: Tensor, pattern: CsrPattern, bias: Optiona
 
 
 def _sparse_product(x: Tensor, values: Tensor, pattern: CsrPattern, bias: Optional[Tensor]) -> Tensor:
-    x, values = x.float(), values.float()
-    bias = None if bias is None else bias.float()
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32  # no half-precision CSR kernels
+    x, values = x.to(work), values.to(work)
+    bias = None if bias is None else bias.to(work)
     tracked = (x, values) if bias is None else (x, values, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
         return SparseMatmul.apply(*tracked[:2], pattern, *tracked[2:])

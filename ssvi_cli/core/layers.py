@@ -2,7 +2,7 @@
 
 Off the support a weight is exactly zero (a point mass); on it ``theta_i ~ N(mu_i, sigma_i^2)`` with
 ``sigma = softplus(rho)`` (or ``exp``). Parameters, their gradients and optimizer state therefore scale
-with the number of active entries. One functional core serves ``Linear`` and ``Conv2d``; a dense
+with the number of active entries. One functional core serves ``Linear`` and ``Conv2d`` (``core.conv``); a dense
 Bayesian layer is the same layer at density 1, and a deterministic layer has no ``rho``.
 
 A layer's kernel policy is fixed when it is built. How it samples (LRT, mean, weight draws) and
@@ -66,9 +66,7 @@ class SparseGaussian(nn.Module):
         self.draws: Optional["DrawState"] = None
         self.dense_grad: Optional[Tensor] = None
         self._captured = CapturedGrad()
-        # The CSR pattern of ``idx``, kept with the tensor and its version counter it was built from:
-        # ``set_support`` and ``.to()`` replace ``idx``, ``load_state_dict`` copies into it in place.
-        self._pattern: Optional[tuple[Tensor, int, CsrPattern]] = None
+        self._pattern: Optional[tuple[Tensor, int, CsrPattern]] = None  # idx, its version, its CSR pattern
 
     # -- support ---------------------------------------------------------------
     @property
@@ -124,11 +122,11 @@ class SparseGaussian(nn.Module):
         return False
 
     def pattern(self) -> CsrPattern:
-        cached = self._pattern
-        if cached is None or cached[0] is not self.idx or cached[1] != self.idx._version:
-            cached = (self.idx, self.idx._version, CsrPattern.from_flat(self.idx, self.weight_shape[0], self.fan_in))
-            self._pattern = cached
-        return cached[2]
+        """The CSR pattern of ``idx``, rebuilt when ``idx`` is replaced (``set_support``, ``.to()``)
+        or changed in place (``load_state_dict``: its version counter moves)."""
+        if self._pattern is None or self._pattern[0] is not self.idx or self._pattern[1] != self.idx._version:
+            self._pattern = (self.idx, self.idx._version, CsrPattern.from_flat(self.idx, self.weight_shape[0], self.fan_in))
+        return self._pattern[2]
 
     # -- forward ---------------------------------------------------------------
     def positions(self, x: Tensor) -> int:
@@ -159,6 +157,13 @@ class SparseGaussian(nn.Module):
         return torch.addcmul(mean, torch.sqrt(var + LRT_EPS), randn_like(mean))
 
     def forward(self, x: Tensor) -> Tensor:
+        """Outside autocast the output has the input's dtype (a float64 or bfloat16 model), though the
+        variance (and for half types the CSR kernels) compute in float32."""
+        out = self._forward(x)
+        keep = out.dtype == x.dtype or not x.is_floating_point() or torch.is_autocast_enabled(x.device.type)
+        return out if keep else out.to(x.dtype)
+
+    def _forward(self, x: Tensor) -> Tensor:
         if self.capture_dense_grad:
             return self._forward_capture(x)
         if not self.bayesian or self.mode == "mean":
@@ -254,68 +259,6 @@ class SparseLinear(SparseGaussian):
         if self.bias is None:
             return torch.mm(x, weight, out=out)
         return torch.addmm(self.bias, x, weight, out=out)
-
-
-def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-class SparseConv2d(SparseGaussian):
-    """``nn.Conv2d``'s geometry (any kernel, stride, padding, dilation, groups; zero padding) with a
-    sparse Gaussian weight of shape (out, in / groups, kh, kw)."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], *,
-                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
-                 dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = False, **kw) -> None:
-        kh, kw_ = _pair(kernel_size)
-        super().__init__((out_channels, in_channels // groups, kh, kw_), bias=bias, **kw)
-        self.stride, self.dilation, self.groups = _pair(stride), _pair(dilation), groups
-        if isinstance(padding, str):
-            if padding not in ("same", "valid"):
-                raise ValueError(f"padding={padding!r}; valid values are an int, a pair, 'same' or 'valid'")
-            padding = (0, 0) if padding == "valid" else padding
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
-
-    def default_sparse(self) -> bool:
-        # A transient dense weight with cuDNN/oneDNN convolution beats unfold + CSR for 3x3 kernels
-        # at the densities we use; 1x1 convs are matrix products and can take the sparse kernel.
-        return self.weight_shape[2:] == (1, 1) and self.groups == 1 and not isinstance(self.padding, str)
-
-    def dense_op(self, x: Tensor, weight: Tensor) -> Tensor:
-        return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
-
-    def output_size(self, h: int, w: int) -> tuple[int, int]:
-        if self.padding == "same":
-            return h, w
-        return tuple((n + 2 * p - (d * (k - 1) + 1)) // s + 1  # type: ignore[return-value]
-                     for n, p, d, k, s in zip((h, w), self.padding, self.dilation, self.weight_shape[2:],
-                                               self.stride))
-
-    def positions(self, x: Tensor) -> int:
-        oh, ow = self.output_size(x.shape[-2], x.shape[-1])
-        return x.shape[:-3].numel() * oh * ow
-
-    def apply_weight(self, x: Tensor, values: Tensor) -> Tensor:
-        if self.groups == 1 and not isinstance(self.padding, str) and self.uses_sparse_kernel():
-            return self._sparse_conv(x, values)
-        return self.dense_op(x, self.to_dense(values))
-
-    def _sparse_conv(self, x: Tensor, values: Tensor) -> Tensor:
-        """Convolution as unfold + sparse matrix product (im2col over active entries only)."""
-        b, _, h, w = x.shape
-        if self.weight_shape[2:] == (1, 1) and self.padding == (0, 0):
-            # A 1x1 convolution is a matrix product over channels: subsample and move channels last,
-            # no im2col. The output keeps the kernel's (channels, positions) layout as a view.
-            sh, sw = self.stride
-            xs = x[:, :, ::sh, ::sw] if (sh, sw) != (1, 1) else x
-            _, c, oh, ow = xs.shape
-            out = sparse_product(xs.permute(0, 2, 3, 1).reshape(-1, c), values, self.pattern())
-            return out.reshape(b, oh, ow, -1).permute(0, 3, 1, 2)
-        oh, ow = self.output_size(h, w)
-        cols = F.unfold(x, self.weight_shape[2:], dilation=self.dilation, padding=self.padding, stride=self.stride)
-        cols = cols.transpose(1, 2).reshape(b * oh * ow, -1)
-        out = sparse_product(cols, values, self.pattern())
-        return out.reshape(b, oh * ow, -1).transpose(1, 2).reshape(b, -1, oh, ow)
 
 
 def sparse_layers(model: nn.Module) -> list[tuple[str, SparseGaussian]]:

@@ -98,6 +98,7 @@ class SwapReport:
     fraction: float
     layers: list[LayerSwap] = field(default_factory=list)
     skipped: bool = False  # a dense gradient held inf/NaN (an fp16 overflow): no layer was changed
+    unreached: list[str] = field(default_factory=list)  # layers the step's backward did not reach: kept as they were
 
     @property
     def swapped(self) -> int:
@@ -166,6 +167,10 @@ def subspace_step(model: nn.Module, step: int, schedule: Schedule, criterion: st
     after an overflow of fp16's scaled backward, no layer changes and the report says ``skipped``:
     the step is dropped, as a gradient scaler drops an optimizer step (every process agrees, since
     the check runs on the reduced gradients).
+
+    A layer without a dense gradient (the step's forward did not use it: a head of another task, a
+    branch not taken) keeps its support and is listed in ``unreached``. Under ``reduce`` every process
+    must reach the same layers, so there a missing gradient is an error.
     """
     fraction = schedule.drop_fraction(step)
     report = SwapReport(step, fraction)
@@ -175,7 +180,11 @@ def subspace_step(model: nn.Module, step: int, schedule: Schedule, criterion: st
             continue
         grad = layer.dense_grad
         if grad is None:
-            raise RuntimeError(f"layer {name} has no dense gradient for the subspace step")
+            if reduce is not None:
+                raise RuntimeError(f"layer {name} has no dense gradient for the subspace step; under distributed "
+                                   "training every process's step must reach every sparse layer")
+            report.unreached.append(name)
+            continue
         grads.append((name, layer, reduce(grad) if reduce is not None else grad))
         layer.dense_grad = None
     report.skipped = not all(bool(torch.isfinite(g).all()) for _, _, g in grads)

@@ -21,7 +21,8 @@ from ssvi_cli.modelfile import LoadedModel, read_header, size_totals, write_mode
 from ssvi_cli.runs.load import load_model
 from ssvi_cli.runs.rundir import MODEL_FILE, SUPPORT_FILE
 from ssvi_cli.core.flops import model_geometry, prediction_flops
-from ssvi_cli.core.layers import SparseConv2d, SparseGaussian, sparse_layers
+from ssvi_cli.core.conv import SparseConv2d
+from ssvi_cli.core.layers import SparseGaussian, sparse_layers
 from ssvi_cli.prediction import is_bayesian
 
 QUANTILES = {"min": 0.0, "q10": 0.1, "median": 0.5, "q90": 0.9, "max": 1.0}

@@ -19,11 +19,12 @@ from torch import nn
 
 from ssvi_cli.core.convert import sparsify
 from ssvi_cli.core.layers import SparseGaussian, sparse_layers
+from ssvi_cli.core.modes import evaluating, sampling
 from ssvi_cli.data.spec import DataSpec
 from ssvi_cli.modelfile.card import Architecture, ModelCard
 from ssvi_cli.modelfile.header import ModelFileError, read_header
 from ssvi_cli.modelfile.reader import install, read_model_file, read_tensors
-from ssvi_cli.modelfile.writer import sparse_state_keys, write_model_file
+from ssvi_cli.modelfile.writer import dense_state, write_model_file
 from ssvi_cli.models import AUX_FREE, AUX_HEADS, TORCHVISION, LayerFactory, check_model_name, torchvision_model
 
 CUSTOM = "custom:"
@@ -51,8 +52,8 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
         raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
     bayesian = {layer.bayesian for _, layer in layers}
     sigma_param = layers[0][1].sigma_param
-    num_classes = len(class_names) if class_names else layers[-1][1].weight_shape[0]
     shape = tuple(int(s) for s in input_shape) if input_shape is not None else ()
+    num_classes = len(class_names) if class_names else _output_size(model, shape, layers[-1][1].weight_shape[0])
     if architecture is None:
         name = f"{CUSTOM}{type(model).__module__}.{type(model).__qualname__}"
     elif architecture.startswith(TORCHVISION):
@@ -134,13 +135,27 @@ def _skeleton(architecture: str, shape: tuple[int, ...], num_classes: int, facto
         return torchvision_model(name, shape, num_classes, factory)
 
 
+def _output_size(model: nn.Module, shape: tuple[int, ...], fallback: int) -> int:
+    """The size of the model's output for one input of ``shape`` (mean network, no gradients); the
+    last sparse layer's output size where no shape is given or a float input of zeros cannot run
+    (a model that takes token ids)."""
+    if not shape:
+        return fallback
+    param = next(model.parameters())
+    try:
+        with torch.no_grad(), evaluating(model), sampling(model, "mean"):
+            out = model(torch.zeros((1, *shape), dtype=param.dtype, device=param.device))
+    except (RuntimeError, TypeError, ValueError, IndexError):
+        return fallback
+    return int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.dim() >= 1 else fallback
+
+
 def _structure(model: nn.Module) -> list[tuple[str, Any, Any]]:
     """Every module (name, class, its own settings: kernel, stride, pooling, ...), the sparse layers
     (name, weight shape, Bayesian), then every other state tensor (name, shape)."""
     out: list[tuple[str, Any, Any]] = [(n, type(m).__name__, _settings(m)) for n, m in model.named_modules()]
     out += [(n, layer.weight_shape, layer.bayesian) for n, layer in sparse_layers(model)]
-    skip = sparse_state_keys(model)
-    out += [(k, tuple(v.shape), False) for k, v in model.state_dict().items() if k not in skip]
+    out += [(k, tuple(v.shape), False) for k, v in dense_state(model).items()]
     return out
 
 

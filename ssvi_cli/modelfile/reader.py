@@ -20,7 +20,7 @@ from ssvi_cli.data.spec import DataSpec
 from ssvi_cli.modelfile.card import CardError, ModelCard, build_model
 from ssvi_cli.modelfile.codec import INDEX_CODES, gap8_decode
 from ssvi_cli.modelfile.header import ModelFileError, read_header
-from ssvi_cli.modelfile.writer import sparse_state_keys
+from ssvi_cli.modelfile.writer import dense_state
 from ssvi_cli.models import SSVIModel
 from ssvi_cli.registry import UnknownName
 
@@ -100,10 +100,7 @@ def install(model: nn.Module, path: Path, meta: dict[str, Any], tensors: dict[st
         used |= names
         supports.append((layer, support))
     state = {}
-    skip = sparse_state_keys(model)
-    for key, value in model.state_dict().items():
-        if key in skip:
-            continue
+    for key, value in dense_state(model).items():
         if key not in tensors:
             raise ModelFileError(f"{path} lacks tensor {key!r} of {target}")
         stored = tensors[key]
@@ -157,9 +154,8 @@ def _check_sizes(path: Path, skeleton: SSVIModel, meta: dict[str, Any], table: d
         if not isinstance(shape, list) or shape != list(layer.weight_shape):
             raise ModelFileError(f"{path}: layer {name!r} has shape {shape}, the architecture needs "
                                  f"{list(layer.weight_shape)}")
-    skip = sparse_state_keys(skeleton)
-    for key, value in skeleton.state_dict().items():
-        if key not in skip and (key not in table or table[key]["shape"] != list(value.shape)):
+    for key, value in dense_state(skeleton).items():
+        if key not in table or table[key]["shape"] != list(value.shape):
             raise ModelFileError(f"{path}: tensor {key!r} is missing or does not have shape {list(value.shape)}")
 
 

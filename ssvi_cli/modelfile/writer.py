@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
-from ssvi_cli.core.layers import SparseConv2d, SparseGaussian, sparse_layers
+from ssvi_cli.core.conv import SparseConv2d
+from ssvi_cli.core.layers import SparseGaussian, sparse_layers
 from ssvi_cli.fileio import atomic_path, json_default
 from ssvi_cli.modelfile.card import ModelCard
 from ssvi_cli.modelfile.codec import encode_index
@@ -32,9 +33,18 @@ def _layer_kind(layer: SparseGaussian) -> str:
     return "conv2d" if isinstance(layer, SparseConv2d) else "linear"
 
 
-def sparse_state_keys(model: SSVIModel) -> set[str]:
-    """``state_dict`` keys that the file replaces with its own index/mu/sigma tensors."""
-    return {f"{name}.{part}" for name, _ in sparse_layers(model) for part in ("idx", "mu", "rho")}
+def dense_state(model: nn.Module) -> dict[str, Tensor]:
+    """The ``state_dict`` tensors a file stores as they are: all but the sparse layers' idx/mu/rho
+    (the file's own index/mu/sigma replace them), each tensor once. A module or parameter registered
+    under several names (a shared block, a tied weight) is stored under its first name, which
+    ``load_state_dict`` fills for every name."""
+    seen = {id(t) for _, layer in sparse_layers(model) for t in (layer.idx, layer.mu, layer.rho) if t is not None}
+    out: dict[str, Tensor] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if id(value) not in seen:
+            seen.add(id(value))
+            out[key] = value.detach()
+    return out
 
 
 def _layer_tensors(layer: SparseGaussian, dense: bool) -> tuple[str, int, dict[str, Tensor]]:
@@ -72,11 +82,8 @@ def model_tensors(model: SSVIModel, dtype: str = "float32", dense: bool = False
             tensors[f"{name}.{part}"] = (value if part == "index" else value.to(value_dtype)).contiguous()
         records.append({"name": name, "kind": _layer_kind(layer), "shape": list(layer.weight_shape),
                         "active": active, "bayesian": layer.bayesian, "index": code})
-    skip = sparse_state_keys(model)
-    for key, value in model.state_dict().items():
-        if key in skip:
-            continue
-        value = value.detach().cpu()
+    for key, value in dense_state(model).items():
+        value = value.cpu()
         tensors[key] = (value.to(value_dtype) if value.is_floating_point() else value).contiguous()
     return tensors, records
 
