@@ -1,6 +1,7 @@
 """Any ``nn.Module`` as a sparse BNN: every ``nn.Linear`` and ``nn.Conv2d`` becomes a sparse Gaussian
 layer of the same geometry, in place; everything else (BatchNorm, LayerNorm, embeddings, attention's
-packed in-projection, free parameters) stays as it is, deterministic.
+packed in-projection, free parameters, a weight tied to another module's) stays as it is,
+deterministic.
 
 From trained weights (the practical way to a BNN of a big model) the initial support of a layer is
 its ``round(density * n)`` largest ``|w|`` entries (ties to the lower flat index), ``mu = w`` there,
@@ -120,7 +121,8 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
              from_weights: bool = True, sigma_mean: float = 6e-4, sigma_std: float = 5e-4,
              moped_delta: Optional[float] = None, sigma_param: str = "softplus", kernel: str = "auto",
              generator: Optional[torch.Generator] = None, structure_only: bool = False) -> ConversionReport:
-    """Convert ``model`` in place; returns the per-layer report.
+    """Convert ``model`` in place, each new layer on its weight's device and in its dtype; returns
+    the per-layer report (what stays as it is, and why, in ``kept``).
 
     ``dense`` / ``deterministic``: fnmatch patterns of module names kept at density 1 (still
     Bayesian) / without sigma. ``dense_first_conv``: the first ``Conv2d`` (the stem) stays dense.
