@@ -7,7 +7,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 
 @contextmanager
@@ -100,3 +100,22 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+def visible_entries(folder: Path) -> list[Path]:
+    """The entries directly under ``folder``, sorted, without hidden ones (``.DS_Store``, locks)."""
+    return sorted(p for p in Path(folder).iterdir() if not p.name.startswith("."))
+
+
+def remove_entries(folder: Path, names: Iterable[str]) -> None:
+    """Remove the files and folders ``names`` directly under ``folder``; missing ones are fine.
+    Everything else in ``folder`` stays: replacing a run or a sweep never deletes what it did not
+    write."""
+    import shutil
+
+    for name in names:
+        path = Path(folder) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()

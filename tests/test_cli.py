@@ -34,8 +34,21 @@ def test_existing_run_directory_is_not_overwritten_without_force(tmp_path: Path,
     (out / "keep.txt").write_text("precious")
     code = run(["train", "--out", str(out), "--epochs", "1"])
     err = capsys.readouterr().err
-    assert code == 2 and "--force" in err and "Traceback" not in err
+    assert code == 2 and "holds keep.txt and is not a run folder" in err and "Traceback" not in err
     assert (out / "keep.txt").read_text() == "precious"
+    # --force replaces a run, never a folder that is not one, and removes only the run's own files.
+    assert run(["train", "--out", str(out), "--epochs", "1", "--force"]) == 2
+    assert "(--force replaces only a run)" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    tiny = ["--epochs", "1", "--set", "model.widths=[8]", "--set", "data.max_train=64", "--set", "train.eval_samples=1"]
+    assert run(["train", "--out", str(tmp_path / "r"), *tiny]) == 0
+    (tmp_path / "r" / "notes.txt").write_text("mine")
+    assert run(["train", "--out", str(tmp_path / "r"), *tiny]) == 2
+    assert "already holds a run; pass --force" in capsys.readouterr().err
+    first = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert run(["train", "--out", str(tmp_path / "r"), *tiny, "--seed", "1", "--force"]) == 0
+    assert (tmp_path / "r" / "notes.txt").read_text() == "mine"
+    assert json.loads((tmp_path / "r" / "summary.json").read_text()) != first
 
 
 def test_bad_flags_give_one_line_errors(tmp_path: Path, capsys):

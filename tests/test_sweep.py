@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 from ssvi_cli.cli import run
 from ssvi_cli.sweep.grid import SweepError, SweepSpec, expand, parse_axis
 from ssvi_cli.sweep.paired import check_selection
-from ssvi_cli.sweep.runner import CellBusy, cell_lock, cell_state
+from ssvi_cli.sweep.runner import BUSY_EXIT, CellBusy, cell_lock, cell_state
 
 # Small cells: a 32-unit MLP on 300 digits, a few epochs, a subspace step every 2 minibatches.
 TINY = ["--set", "model.widths=[32]", "--set", "data.max_train=300", "--set", "train.eval_samples=2",
@@ -248,10 +249,25 @@ def test_force_replaces_another_sweep_and_a_yaml_list_key_is_one_value(tmp_path:
     (out / "cells" / "ssvi_s0.95_seed0" / "evaluation.json").write_text("{}")  # a finished cell of that sweep
     assert run(["sweep", "--set", "train.epochs=3", "--out", str(out), "--dry-run"]) == 2
     assert "holds a different sweep" in capsys.readouterr().err
+    (out / "notes.md").write_text("mine")
     assert run(["sweep", "--set", "train.epochs=3", "--out", str(out), "--dry-run", "--force"]) == 0
     assert not (out / "cells").exists()  # the old sweep's cells are not reused under new settings
+    assert (out / "notes.md").read_text() == "mine"  # --force removes the sweep's own files only
     lines = capsys.readouterr().out.splitlines()
     assert lines == [f"ssvi sweep --run-cell {out.resolve() / 'cells' / 'ssvi_s0.95_seed0'}"]
+    # A folder that is not a sweep is never emptied, --force or not.
+    other = tmp_path / "thesis"
+    other.mkdir()
+    (other / "thesis.tex").write_text("years of work")
+    for force in ([], ["--force"]):
+        assert run(["sweep", "--out", str(other), "--dry-run", *force]) == 2
+        assert "holds thesis.tex and is not a sweep directory" in capsys.readouterr().err
+    assert [p.name for p in other.iterdir()] == ["thesis.tex"]
+    # Printed commands are quoted for a shell: a folder name with a space stays one argument.
+    spaced = tmp_path / "my sweep"
+    assert run(["sweep", "--set", "train.epochs=1", "--out", str(spaced), "--dry-run"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert shlex.split(line)[-1] == str(spaced.resolve() / "cells" / "ssvi_s0.95_seed0")
     spec_file = tmp_path / "sweep.yaml"
     spec_file.write_text("seeds: 2\nset:\n  model.widths: [32, 32]\n  sparse.alpha: [0.1, 0.3]\n")
     assert run(["sweep", "--file", str(spec_file), "--out", str(tmp_path / "y"), "--dry-run"]) == 0
@@ -266,9 +282,14 @@ def test_a_running_cell_is_locked_and_a_yaml_file_takes_the_flags_names(tmp_path
     (line,) = capsys.readouterr().out.splitlines()
     cell = Path(line.split()[-1])
     with cell_lock(cell):  # as if a killed sweep's cell were still running
-        assert run(["sweep", "--run-cell", str(cell)]) == 2
+        assert run(["sweep", "--run-cell", str(cell)]) == BUSY_EXIT
         assert f"cell {cell.name} is already running (process {os.getpid()})" in capsys.readouterr().err
         assert not cell.exists()  # nothing was written
+        # A second sweep over the same folder leaves the cell to its runner: not a failure, and
+        # nothing appended to that runner's log.
+        assert run(["sweep", "--resume", str(out)]) == 0
+        assert "1 cells are running in another process and were left to it" in capsys.readouterr().err
+        assert not (out / "logs" / f"{cell.name}.log").exists()
         with pytest.raises(CellBusy):
             with cell_lock(cell):
                 pass

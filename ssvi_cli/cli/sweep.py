@@ -4,6 +4,7 @@ by ``ssvi train`` and evaluated by ``ssvi evaluate`` in a process of its own, th
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,8 @@ import typer
 from rich.table import Table
 
 from ssvi_cli.cli.common import UsageError, err, out, print_json, progress_bar
+
+COMMANDS_FILE = "commands.txt"  # --dry-run: one cell command per line
 
 if TYPE_CHECKING:
     from ssvi_cli.sweep.grid import Cell, SweepSpec
@@ -85,36 +88,43 @@ def _spec(file: Optional[Path], preset: Optional[str], method: Optional[str], sp
 
 
 def _check_out(out_dir: Path, spec: Any, force: bool) -> None:
-    from ssvi_cli.sweep.grid import SWEEP_FILE, read_spec
+    """A new sweep may write into a missing or empty folder, continue the same grid, or (``force``)
+    replace another sweep's files; a folder holding anything else is refused, ``force`` or not."""
+    from ssvi_cli.fileio import remove_entries, visible_entries
+    from ssvi_cli.sweep.figures import ACCURACY_VS_FLOPS, METRICS_VS_SPARSITY
+    from ssvi_cli.sweep.grid import CELLS_DIR, SWEEP_FILE, read_spec
+    from ssvi_cli.sweep.report import REPORT_JSON, REPORT_MD
+    from ssvi_cli.sweep.runner import LOGS_DIR
 
     if not out_dir.exists():
         return
     if out_dir.is_file():
         raise UsageError(f"--out {out_dir} is a file")
-    if (out_dir / SWEEP_FILE).is_file():
-        try:
-            same = read_spec(out_dir)[0] == spec
-        except Exception:  # noqa: BLE001 - an unreadable old sweep is simply not the same sweep
-            same = False
-        if same:
-            return  # the same grid: continue it
-        if not force:
-            raise UsageError(f"{out_dir} holds a different sweep; continue it with 'ssvi sweep --resume {out_dir}', "
-                             "choose another --out, or replace it with --force")
-    elif not any(out_dir.iterdir()):
+    if not (out_dir / SWEEP_FILE).is_file():
+        entries = visible_entries(out_dir)
+        if entries:
+            raise UsageError(f"--out {out_dir} holds {entries[0].name}" + (" and more" if len(entries) > 1 else "")
+                             + " and is not a sweep directory; choose another --out (--force replaces only a sweep)")
         return
-    elif not force:
-        raise UsageError(f"--out {out_dir} exists and is not a sweep directory; choose another --out or --force")
-    import shutil
-
-    shutil.rmtree(out_dir)  # --force: its cells were made under other settings and must not be reused
+    try:
+        same = read_spec(out_dir)[0] == spec
+    except Exception:  # noqa: BLE001 - an unreadable old sweep is simply not the same sweep
+        same = False
+    if same:
+        return  # the same grid: continue it
+    if not force:
+        raise UsageError(f"{out_dir} holds a different sweep; continue it with 'ssvi sweep --resume {shlex.quote(str(out_dir))}', "
+                         "choose another --out, or replace it with --force")
+    # --force: its cells were made under other settings and must not be reused
+    remove_entries(out_dir, (SWEEP_FILE, CELLS_DIR, LOGS_DIR, COMMANDS_FILE, REPORT_JSON, REPORT_MD,
+                             METRICS_VS_SPARSITY, ACCURACY_VS_FLOPS))
 
 
 def run_cell(path: Path, run: Callable[[list[str]], int]) -> int:
     """Train (or resume) and evaluate one cell with the ``ssvi train`` and ``ssvi evaluate`` commands
     (``run`` invokes one); what ``--dry-run`` hands a scheduler."""
     from ssvi_cli.sweep.grid import read_spec
-    from ssvi_cli.sweep.runner import CellBusy, cell_lock
+    from ssvi_cli.sweep.runner import BUSY_EXIT, CellBusy, cell_lock
 
     path = Path(path)
     spec, cells = read_spec(path.parent.parent)
@@ -125,7 +135,8 @@ def run_cell(path: Path, run: Callable[[list[str]], int]) -> int:
         with cell_lock(path):
             return _train_and_evaluate(path, cell, spec, run)
     except CellBusy as exc:
-        raise UsageError(str(exc)) from None
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(BUSY_EXIT) from None
 
 
 def _train_and_evaluate(path: Path, cell: Cell, spec: SweepSpec, run: Callable[[list[str]], int]) -> int:
@@ -211,12 +222,14 @@ def _dry_run(sweep_dir: Path, cells: list[Any]) -> None:
     from ssvi_cli.sweep.runner import cell_command, cell_dir
 
     # Absolute paths: a scheduler's job may start in another directory.
-    lines = [" ".join(["ssvi", *cell_command(cell_dir(sweep_dir.resolve(), c))]) for c in cells]
-    write_text(sweep_dir / "commands.txt", "\n".join(lines) + "\n")
+    # Quoted for a POSIX shell: a path with spaces stays one argument.
+    lines = [shlex.join(["ssvi", *cell_command(cell_dir(sweep_dir.resolve(), c))]) for c in cells]
+    write_text(sweep_dir / COMMANDS_FILE, "\n".join(lines) + "\n")
     # Plain lines, flushed before the note on stderr: a scheduler script reads them as they are.
     sys.stdout.write("\n".join(lines) + "\n")
     sys.stdout.flush()
-    err.print(f"{len(lines)} cells written to {sweep_dir / 'commands.txt'}; afterwards: ssvi sweep --report {sweep_dir}")
+    err.print(f"{len(lines)} cells written to {sweep_dir / COMMANDS_FILE}; afterwards: "
+              f"{shlex.join(['ssvi', 'sweep', '--report', str(sweep_dir)])}", markup=False)
 
 
 def _run(sweep_dir: Path, cells: list[Any], jobs: int, threads: int, json_out: bool, figures: bool,
@@ -248,12 +261,15 @@ def _run(sweep_dir: Path, cells: list[Any], jobs: int, threads: int, json_out: b
     if outcome.interrupted:
         failed = f"; {len(outcome.failed)} failed (logs in {sweep_dir / 'logs'})" if outcome.failed else ""
         err.print(f"interrupted: {len(outcome.stopped)} cells stopped at a checkpoint{failed}; continue with: "
-                  f"ssvi sweep --resume {sweep_dir}", markup=False)
+                  f"ssvi sweep --resume {shlex.quote(str(sweep_dir))}", markup=False)
         raise typer.Exit(128 + outcome.signum)
     _finish(result, json_out)
+    if outcome.busy:
+        err.print(f"{len(outcome.busy)} cells are running in another process and were left to it; when they "
+                  f"finish: {shlex.join(['ssvi', 'sweep', '--report', str(sweep_dir)])}", markup=False)
     if outcome.failed:
         err.print(f"{len(outcome.failed)} cells failed (logs in {sweep_dir / 'logs'}); rerun with: "
-                  f"ssvi sweep --resume {sweep_dir}", markup=False)
+                  f"ssvi sweep --resume {shlex.quote(str(sweep_dir))}", markup=False)
         raise typer.Exit(1)
 
 

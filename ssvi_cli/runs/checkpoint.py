@@ -30,8 +30,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable or not ours."""
 
 
+CHECKPOINT_DIR = "checkpoints"
+
+
 def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CHECKPOINT_DIR
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

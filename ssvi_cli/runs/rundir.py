@@ -9,12 +9,15 @@ folder, and where its checkpoints, epoch records, support history and summary go
 | ``checkpoints/checkpoint-<step>.pt`` | the last N resumable checkpoints |
 | ``model.safetensors`` | the compact model file, at the end |
 | ``summary.json`` | the final summary, at the end |
+| ``evaluation.json`` | a sweep cell's evaluation (``ssvi sweep``) |
+
+``--force`` replaces a run by removing these entries only; a folder that is not a run is never
+emptied.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -27,6 +30,8 @@ METRICS_FILE = "metrics.jsonl"
 SUPPORT_FILE = "support.jsonl"
 MODEL_FILE = "model.safetensors"
 SUMMARY_FILE = "summary.json"
+EVALUATION_FILE = "evaluation.json"
+RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, SUPPORT_FILE, ckpt.CHECKPOINT_DIR, MODEL_FILE, SUMMARY_FILE, EVALUATION_FILE)
 
 
 class RunDirError(ValueError):
@@ -54,16 +59,23 @@ class RunDir:
     # -- claiming --------------------------------------------------------------------
     def claim(self, force: bool = False) -> "RunDir":
         """Make sure a new run may write here: an empty or missing folder, or (``force``) an old
-        run that is removed. Call it only once everything else has been checked."""
+        run, whose files are removed (:data:`RUN_ENTRIES`; anything else in the folder stays). A
+        folder holding anything but a run is refused, ``force`` or not. Call it only once everything
+        else has been checked."""
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"--out {self.path} exists and is not a directory")
-        if self.path.is_dir() and any(self.path.iterdir()):
-            if not force:
-                raise RunDirError(
-                    f"--out {self.path} already holds a run; pass --force to overwrite it or "
-                    f"--resume {self.path} to continue it"
-                )
-            shutil.rmtree(self.path)
+        entries = fileio.visible_entries(self.path) if self.path.is_dir() else []
+        if not entries:
+            return self
+        if not self.config_file.is_file():
+            raise RunDirError(f"--out {self.path} holds {entries[0].name}" + (" and more" if len(entries) > 1 else "")
+                              + " and is not a run folder; choose another --out (--force replaces only a run)")
+        if not force:
+            raise RunDirError(
+                f"--out {self.path} already holds a run; pass --force to overwrite it or "
+                f"--resume {self.path} to continue it"
+            )
+        fileio.remove_entries(self.path, RUN_ENTRIES)
         return self
 
     # -- files -------------------------------------------------------------------------

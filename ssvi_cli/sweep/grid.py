@@ -17,10 +17,11 @@ from typing import Any, Optional
 from ssvi_cli import config as cfgmod
 from ssvi_cli.fileio import write_json
 from ssvi_cli.methods import METHODS
+from ssvi_cli.runs.rundir import EVALUATION_FILE
 
 SWEEP_FILE = "sweep.json"
 CELLS_DIR = "cells"
-EVAL_FILE = "evaluation.json"
+EVAL_FILE = EVALUATION_FILE  # a cell is a run directory with its evaluation beside it
 SWEEP_VERSION = 1
 # Keys the grid sets itself; a YAML sweep file or --set names any other config key.
 OWN_KEYS = ("sparse.method", "sparse.sparsity", "train.seed")

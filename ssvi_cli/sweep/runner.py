@@ -26,6 +26,7 @@ from ssvi_cli.runs.rundir import RunDir
 from ssvi_cli.sweep.grid import CELLS_DIR, EVAL_FILE, Cell
 
 LOGS_DIR = "logs"
+BUSY_EXIT = 75  # a cell's exit code when another process runs it (EX_TEMPFAIL: try again later)
 STOP_GRACE_S = 300.0  # how long a stopped cell may take to checkpoint before it is killed
 INTERRUPTED = (130, 143)
 
@@ -46,6 +47,15 @@ def cell_state(path: Path) -> str:
 
 class CellBusy(RuntimeError):
     """The cell is being run by another process."""
+
+
+def cell_busy(path: Path) -> bool:
+    """Whether another process holds the cell's lock now."""
+    try:
+        with cell_lock(path):
+            return False
+    except CellBusy:
+        return True
 
 
 @contextmanager
@@ -91,11 +101,12 @@ class Outcome:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, int] = field(default_factory=dict)  # cell -> exit code
     stopped: list[str] = field(default_factory=list)      # interrupted, resumable
+    busy: list[str] = field(default_factory=list)         # run by another process: left to it
     interrupted: bool = False
     signum: int = int(signal.SIGINT)                      # what interrupted it
 
 
-# (event, cell name, detail): event is "start", "finish", "fail", "skip" or "stop"
+# (event, cell name, detail): event is "start", "finish", "fail", "skip", "busy" or "stop"
 Listener = Callable[[str, str, str], None]
 
 
@@ -133,6 +144,10 @@ def run_cells(sweep_dir: Path, cells: list[Cell], jobs: int, threads: Optional[i
             while queue and len(running) < jobs and not stops:
                 cell = queue.pop(0)
                 path = cell_dir(sweep_dir, cell)
+                if cell_busy(path):  # checked before its log is opened: that log is the other process's
+                    outcome.busy.append(cell.name)
+                    note("busy", cell.name, "running in another process")
+                    continue
                 with open(logs / f"{cell.name}.log", "ab") as log:
                     running[cell.name] = subprocess.Popen(
                         [sys.executable, "-m", "ssvi_cli", *cell_command(path)], stdout=log,
@@ -147,6 +162,9 @@ def run_cells(sweep_dir: Path, cells: list[Cell], jobs: int, threads: Optional[i
                 if code == 0:
                     outcome.finished.append(name)
                     note("finish", name, "")
+                elif code == BUSY_EXIT:  # taken by another process between the check and the start
+                    outcome.busy.append(name)
+                    note("busy", name, "running in another process")
                 else:
                     outcome.failed[name] = code
                     note("fail", name, f"exit code {code}, see {logs / (name + '.log')}")
