@@ -24,6 +24,24 @@ class Method:
         """Target density of the sparse layers for ``sparsity``."""
         return 1.0 if self.dense else 1.0 - sparsity
 
+    def ignores(self, key: str) -> bool:
+        """Whether config ``key`` cannot change what this method trains (a sweep runs such a method
+        once over that key's values): the support schedule where the support does not move, the
+        removal criterion and σ of new weights without σ, the allocation of a dense network, and
+        every σ and KL setting of a deterministic one."""
+        return ((not self.moves_support and key in SCHEDULE_KEYS)
+                or (not self.bayesian and key in SIGMA_KEYS)
+                or (self.dense and key == "sparse.allocation"))
+
+
+# Config keys that act only through the remove-and-add steps, and only through σ (the removal
+# criterion ranks by SNR-type scores only with σ: a deterministic network's removal is |w|).
+SCHEDULE_KEYS = frozenset({"sparse.criterion", "sparse.criterion_lambda", "sparse.addition", "sparse.delta_t",
+                           "sparse.min_subspace_steps", "sparse.alpha", "sparse.t_end", "sparse.new_sigma"})
+SIGMA_KEYS = frozenset({"sparse.criterion", "sparse.criterion_lambda", "sparse.new_sigma", "bayes.beta",
+                        "bayes.prior_sigma", "bayes.sigma_param", "bayes.sigma_init_mean", "bayes.sigma_init_std",
+                        "bayes.kl_warmup", "optim.lr_sigma"})
+
 
 METHODS: Registry[Method] = Registry("method", sort=False)
 for _m in (

@@ -29,8 +29,9 @@ def test_the_grid_runs_a_dense_method_once_per_seed_and_names_every_cell():
                      axes={"sparse.criterion": ["snr", "mean"]}, fixed={"train.epochs": 2})
     cells = expand(spec)
     names = [c.name for c in cells]
-    assert len(names) == len(set(names)) == 2 * 2 * 2 * 2 + 2 * 2  # vi: criteria x seeds, no sparsity
-    assert "ssvi_s0.95_criterion-snr_seed1" in names and "vi_criterion-mean_seed0" in names
+    # ssvi: sparsities x criteria x seeds; rigl ranks removals by |w| whatever the criterion; vi: seeds only
+    assert len(names) == len(set(names)) == 2 * 2 * 2 + 2 * 2 + 2
+    assert "ssvi_s0.95_criterion-snr_seed1" in names and "vi_seed0" in names and "rigl_s0.9_seed1" in names
     vi = next(c for c in cells if c.method == "vi")
     assert vi.sparsity is None and "--sparsity" not in vi.train_args(spec, Path("x"))
     args = cells[0].train_args(spec, Path("out"))
@@ -76,11 +77,14 @@ def test_bad_grids_are_one_line_errors():
 def test_a_baseline_must_name_exactly_one_group_before_anything_runs(tmp_path: Path, capsys):
     spec = SweepSpec(methods=("ssvi", "vi"), sparsities=(0.9, 0.95), seeds=(0, 1), axes={"sparse.alpha": [0.3, 0.5]})
     cells = expand(spec)
+    # vi does not move its support: it ran once, and matches any swept alpha
+    assert check_selection(spec, cells, ["method=vi"]) == {"method": "vi", "sparsity": None, "settings": {}}
     check_selection(spec, cells, ["method=vi", "sparse.alpha=0.3"])
     check_selection(spec, cells, ["sparsity=0.95", "sparse.alpha=0.5"])
     check_selection(spec, cells, ["sparsity=dense", "sparse.alpha=0.5"])
-    with pytest.raises(SweepError, match=r"names 2 groups, not one \(matches: vi, dense, sparse.alpha=0.3; vi, dense, sparse.alpha=0.5\)"):
-        check_selection(spec, cells, ["method=vi"])
+    with pytest.raises(SweepError, match=r"names 2 groups, not one \(matches: ssvi, sparsity 0.9, sparse.alpha=0.3; "
+                                         r"ssvi, sparsity 0.9, sparse.alpha=0.5\)"):
+        check_selection(spec, cells, ["sparsity=0.9"])
     with pytest.raises(SweepError, match="names 0 groups"):
         check_selection(spec, cells, ["sparse.alpha=0.4"])
     with pytest.raises(SweepError, match="'sparse.beta' is not method, sparsity or a swept key \\(swept: sparse.alpha\\)"):
@@ -108,6 +112,26 @@ def test_cli_errors(tmp_path: Path, capsys):
     assert run(["sweep", "--out", str(tmp_path / "b"), "--dry-run"]) == 2
     assert "is not a sweep directory" in capsys.readouterr().err
     assert (tmp_path / "b" / "x.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("args, file, message", [
+    (["--ood", "bogus"], None, "unknown OOD set 'bogus'"),
+    (["--ood", "heldout"], None, "--ood heldout needs classes held out of training"),
+    (["--set", "sparse.criterion=foo"], None, "cell ssvi_s0.95_seed0: unknown criterion 'foo'"),
+    (["--criterion", "mean,foo"], None, "unknown criterion 'foo'"),
+    (["--set", "optim.fo=1"], None, "unknown config key 'optim.fo' in --set 'optim.fo=1'; did you mean optim.lr"),
+    ([], "samples: 0\n", "samples=0: evaluation needs a positive number"),
+    ([], "set: {optim.foo: [1, 2]}\n", "unknown config key 'optim.foo' in --file"),
+    ([], "axes: {sparse.alpha: [0.1]}\n", "unknown sweep key 'axes'; valid keys are: preset, method, methods"),
+])
+def test_what_a_cell_would_refuse_is_refused_before_any_cell_runs(tmp_path: Path, capsys, args, file, message):
+    if file is not None:
+        (tmp_path / "sweep.yaml").write_text(file)
+        args = [*args, "--file", str(tmp_path / "sweep.yaml")]
+    assert run(["sweep", *args, "--out", str(tmp_path / "sw"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "sw").exists()
 
 
 @pytest.mark.slow

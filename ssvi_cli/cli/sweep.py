@@ -36,7 +36,7 @@ def _csv(text: Optional[str], kind: type, flag: str) -> Optional[tuple[Any, ...]
 def _spec(file: Optional[Path], preset: Optional[str], method: Optional[str], sparsity: Optional[str],
           seeds: Optional[int], criterion: Optional[str], sets: list[str], ood: list[str], samples: Optional[int]) -> Any:
     """The sweep spec from the YAML file (if any) with the flags on top."""
-    from ssvi_cli.sweep.grid import SweepSpec, list_valued, parse_axis
+    from ssvi_cli.sweep.grid import SweepSpec, check_key, list_valued, parse_axis
 
     data: dict[str, Any] = {}
     if file is not None:
@@ -49,6 +49,10 @@ def _spec(file: Optional[Path], preset: Optional[str], method: Optional[str], sp
         if not isinstance(loaded, dict):
             raise UsageError(f"--file {file}: a sweep file is a mapping (preset, methods, sparsities, seeds, set, ood, samples)")
         data = dict(loaded)
+        file_keys = ("preset", "method", "methods", "sparsity", "sparsities", "seeds", "set", "ood", "samples")
+        unknown = sorted(str(k) for k in data if k not in file_keys)
+        if unknown:
+            raise UsageError(f"--file {file}: unknown sweep key {unknown[0]!r}; valid keys are: {', '.join(file_keys)}")
         for one, many in (("method", "methods"), ("sparsity", "sparsities")):
             if one in data:  # the flag's own name (--method, --sparsity) reads as the plural key
                 if many in data:
@@ -59,6 +63,8 @@ def _spec(file: Optional[Path], preset: Optional[str], method: Optional[str], sp
         grid = data.pop("set", {}) or {}
         if not isinstance(grid, dict):
             raise UsageError(f"--file {file}: 'set' maps config keys to a value or a list of values")
+        for key in grid:
+            check_key(str(key), f"--file {file}")
         # A list is an axis, except a list of scalars for a list-valued key (model.widths: [32, 32]),
         # which is one value as in 'ssvi train'; several lists of such a key are an axis.
         axis = {k: v for k, v in grid.items() if isinstance(v, list)

@@ -145,27 +145,45 @@ def expand(spec: SweepSpec) -> list[Cell]:
             raise SweepError(f"sweep axis {key!r} needs a non-empty list of values")
     keys = list(spec.axes)
     cells: list[Cell] = []
-    seen: set[str] = set()
+    seen: dict[str, Cell] = {}
     for method, sparsity, combo, seed in product(spec.methods, spec.sparsities or (None,),
                                                  product(*(spec.axes[k] for k in keys)), spec.seeds):
-        s = None if METHODS.get(method).dense else sparsity
-        settings = dict(zip(keys, combo))
-        name = cell_name(method, s, seed, settings)
-        if name in seen:
-            if s is None and sparsity != spec.sparsities[0]:
-                continue  # a dense method at several sparsities is one run
-            raise SweepError(f"two cells of the grid would share the directory {name!r}; give distinct values")
-        seen.add(name)
-        cells.append(Cell(name, method, s, seed, settings))
+        kind = METHODS.get(method)
+        # A dense method at several sparsities, or any method over a key it ignores, is one run.
+        s = None if kind.dense else sparsity
+        settings = {k: v for k, v in zip(keys, combo) if not kind.ignores(k)}
+        cell = Cell(cell_name(method, s, seed, settings), method, s, seed, settings)
+        if cell.name in seen:
+            if seen[cell.name] == cell:
+                continue
+            raise SweepError(f"two cells of the grid would share the directory {cell.name!r}; give distinct values")
+        seen[cell.name] = cell
+        cells.append(cell)
     try:
         bases = {m: cfgmod.load_preset(spec.preset, m) for m in {cell.method for cell in cells}}
     except cfgmod.ConfigError as exc:
         raise SweepError(str(exc)) from None
-    for cell in cells:
+    # Here, not at the top: reading a sweep's constants needs no torch.
+    from ssvi_cli.data.ood import HELDOUT, parse_ood
+    from ssvi_cli.data.spec import DataError
+    from ssvi_cli.registry import UnknownName
+    from ssvi_cli.training.plan import check_names
+
+    if isinstance(spec.samples, bool) or not isinstance(spec.samples, int) or spec.samples < 1:
+        raise SweepError(f"samples={spec.samples!r}: evaluation needs a positive number of Monte Carlo samples")
+    try:
+        requests = [parse_ood(text) for text in spec.ood]
+    except DataError as exc:
+        raise SweepError(str(exc)) from None
+    for cell in cells:  # everything a cell's train and evaluate would refuse, refused before any cell runs
         try:
-            cfgmod.apply_overrides(bases[cell.method], cell.overrides(spec))
-        except cfgmod.ConfigError as exc:
+            cfg = cfgmod.apply_overrides(bases[cell.method], cell.overrides(spec))
+            check_names(cfg)
+        except (cfgmod.ConfigError, UnknownName, DataError) as exc:
             raise SweepError(f"cell {cell.name}: {exc}") from None
+        if any(r.kind == HELDOUT for r in requests) and cfg.data.classes is None:
+            raise SweepError(f"--ood {HELDOUT} needs classes held out of training: train on a subset, "
+                             "e.g. --set data.classes=0,1,2,3,4")
     return cells
 
 
@@ -191,12 +209,23 @@ def parse_axis(text: str) -> tuple[str, list[Any]]:
     if "=" not in text:
         raise SweepError(f"--set expects key.sub=a,b,..., got {text!r}")
     key, raw = (part.strip() for part in text.split("=", 1))
-    if key not in cfgmod.valid_keys():
-        raise SweepError(f"unknown config key {key!r} in --set {text!r} (see 'ssvi train --help')")
+    check_key(key, f"--set {text!r}")
     values = parse_values(raw)
     if list_valued(key) and not any(isinstance(v, list) for v in values):
         return key, [values]
     return key, values
+
+
+def check_key(key: str, where: str) -> None:
+    """``key`` is a config key; else a one-line error naming ``where`` it came from and the closest
+    valid keys."""
+    import difflib
+
+    valid = cfgmod.valid_keys()
+    if key not in valid:
+        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}?" if close else f"valid keys are: {', '.join(valid)}"
+        raise SweepError(f"unknown config key {key!r} in {where}; {hint}")
 
 
 def list_valued(key: str) -> bool:

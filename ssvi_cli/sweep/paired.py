@@ -47,7 +47,10 @@ def select_baseline(spec: SweepSpec, groups: list[dict[str, Any]], selection: li
         values = parse_values(raw) if raw else [None]
         value = values[0] if len(values) == 1 else values
         wanted[key] = "null" if key == "sparsity" and value == "dense" else yaml_text(value)
-    matches = [g for g in groups if all(_value(g, k) == v for k, v in wanted.items())]
+    # A group without a swept key (its method ignores the key and ran once) matches every swept value.
+    swept = {k: {yaml_text(x) for x in spec.axes[k]} for k in wanted if k in spec.axes}
+    matches = [g for g in groups if all(_value(g, k) == v or (k in swept and k not in g["settings"] and v in swept[k])
+                                        for k, v in wanted.items())]
     if len(matches) != 1:
         shown = "; ".join(baseline_label(g) for g in (matches or groups)[:6])
         what = "matches" if matches else "groups are"
