@@ -48,7 +48,16 @@ def test_existing_run_directory_is_not_overwritten_without_force(tmp_path: Path,
     first = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert run(["train", "--out", str(tmp_path / "r"), *tiny, "--seed", "1", "--force"]) == 0
     assert (tmp_path / "r" / "notes.txt").read_text() == "mine"
-    assert json.loads((tmp_path / "r" / "summary.json").read_text()) != first
+    second = (tmp_path / "r" / "summary.json").read_text()
+    assert json.loads(second) != first
+    # A finished run has nothing to resume: its summary is printed, nothing is rewritten.
+    model_bytes = (tmp_path / "r" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert run(["train", "--resume", str(tmp_path / "r"), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == json.loads(second) and "has finished" in captured.err
+    assert (tmp_path / "r" / "summary.json").read_text() == second
+    assert (tmp_path / "r" / "model.safetensors").read_bytes() == model_bytes
 
 
 def test_bad_flags_give_one_line_errors(tmp_path: Path, capsys):

@@ -3,6 +3,7 @@ traceback, and no file created or changed."""
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -28,6 +29,9 @@ def workspace(tmp_path_factory) -> Path:
     assert code == 0
     good = ws / RUN / "model.safetensors"
     data = good.read_bytes()
+    shutil.copytree(ws / RUN, ws / "partial")  # a run stopped before its end: checkpoints only
+    (ws / "partial" / "summary.json").unlink()
+    (ws / "partial" / "model.safetensors").unlink()
     (ws / "empty_dir").mkdir()
     (ws / "d.jsonl").mkdir()  # a folder whose name looks like an output file
     (ws / "afile").write_text("a file, not a folder\n")
@@ -76,7 +80,7 @@ CASES = [
     (["train", "--out", "{ws}/afile"], "exists and is not a directory"),
     (["train", "--resume", "{ws}/empty_dir"], "has no checkpoint"),
     (["train", "--resume", "{ws}/missing"], "run directory {ws}/missing does not exist"),
-    (["train", "--resume", "{ws}/run", "--device", "cuda"], "no CUDA device is available"),
+    (["train", "--resume", "{ws}/partial", "--device", "cuda"], "no CUDA device is available"),
     (["train", "--resume", "{ws}/run", "--epochs", "3"], "drop --epochs"),
     # export
     (["export", "{ws}/empty_dir", "-o", "{ws}/x.safetensors"], "{ws}/empty_dir has no checkpoint"),

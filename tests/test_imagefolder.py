@@ -137,6 +137,15 @@ def test_a_class_left_without_training_images_is_an_error(ws):
         build_dataset(f"imagefolder:{ws / 'mismatch' / 'train'}", options=DataConfig(test_fraction=0.9))
 
 
+def test_a_folder_too_small_for_a_test_split_is_refused_before_training(tmp_path, capsys):
+    for digit, name in list(NAMES.items())[:2]:
+        write_class(tmp_path / "tiny" / name, digit, 1)  # one image per class: round(0.2 * 2) = 0 held out
+    with pytest.raises(DataError, match="holds 2 images, too few to hold any out for testing at test_fraction=0.2"):
+        build_dataset(f"imagefolder:{tmp_path / 'tiny'}", options=DataConfig())
+    assert run(["train", "--data", f"imagefolder:{tmp_path / 'tiny'}", "--out", str(tmp_path / "r")]) == 2
+    assert "raise --set data.test_fraction" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
 # ----------------------------------------------------------------------------- pixels
 
 

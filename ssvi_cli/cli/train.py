@@ -114,6 +114,8 @@ def register(app: typer.Typer) -> None:
                                      ("--kernel", kernel)) if v]
             if given:
                 raise UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
+            if _finished(resume, json_out, info.is_main):
+                return
             # One pre-flight: the checkpoint is read once, the device resolved (a clear error for an
             # absent GPU) and the data loaded, all before the process group exists.
             plan = RunPlan.resume(resume, device=device)
@@ -147,6 +149,23 @@ def register(app: typer.Typer) -> None:
         out.print(kv_table(f"ssvi train: {trainer.run_dir}", summary_rows(summary)))
         # Paths on lines of their own, never folded into a cell, so a person can copy them.
         out.print(f"model file: {summary.get('model_file')}", markup=False, highlight=False)
+
+
+def _finished(run_dir: Path, json_out: bool, is_main: bool) -> bool:
+    """A run that already wrote its model file and summary has nothing to resume: say so (with
+    ``--json`` print its summary) and change nothing."""
+    from ssvi_cli.runs.rundir import RunDir
+
+    run = RunDir(run_dir)
+    summary = run.read_summary()
+    if not (summary and run.model_file.is_file()):
+        return False
+    if is_main:
+        if json_out:
+            print_json(summary)
+        err.print(f"{run_dir} has finished ({run.summary_file.name} and {run.model_file.name} written); nothing "
+                  f"to resume. Evaluate it: ssvi evaluate {run.model_file}", markup=False, highlight=False)
+    return True
 
 
 def _default_run_dir(cfg: cfgmod.Config, preset: str) -> Any:

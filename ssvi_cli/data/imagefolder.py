@@ -130,6 +130,9 @@ def split_scan(scan: FolderScan, test_fraction: float) -> FolderScan:
         raise DataError(f"class {name} in {scan.root} has {int((labels == empty[0]).sum())} image(s), too few to "
                         f"keep one for training at test_fraction={test_fraction}; add images or lower "
                         "--set data.test_fraction")
+    if len(test_idx) == 0:
+        raise DataError(f"{scan.root} holds {len(files)} images, too few to hold any out for testing at "
+                        f"test_fraction={test_fraction}; add images or raise --set data.test_fraction")
     pick = lambda idx: (tuple(files[i] for i in idx.tolist()), labels[idx])  # noqa: E731
     return replace(scan, parts={"train": pick(train_idx), "test": pick(test_idx)})
 
