@@ -44,6 +44,10 @@ def workspace(tmp_path_factory) -> Path:
     meta = dict(read_header(good)["meta"])
     raw = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()}
     save_file(load_file(str(good)), str(ws / "newer.safetensors"), metadata={**raw, "version": "2"})
+    spec = json.loads(raw["data_spec"])
+    for name, change in (("fewnames", {"class_names": spec["class_names"][:1]}), ("zerostd", {"std": [0.0]})):
+        save_file(load_file(str(good)), str(ws / f"{name}.safetensors"),
+                  metadata={**raw, "data_spec": json.dumps({**spec, **change})})
     save_file({"weight": torch.zeros(2, 2)}, str(ws / "plain.safetensors"), metadata={"format": "pt"})
     (ws / "notimg.png").write_text("this is text\n")
     np.save(ws / "ok.npy", np.zeros((2, 8, 8), np.uint8))
@@ -98,6 +102,8 @@ CASES = [
     (["inspect", "{ws}/empty_dir"], "has no checkpoint"),
     (["inspect", "{ws}/missing"], "{ws}/missing does not exist"),
     (["inspect", "{ws}/newer.safetensors"], "upgrade ssvi to read it"),
+    (["infer", "{ws}/fewnames.safetensors", "{ws}/ok.npy"], "data description: data spec names 1 classes for a model of 10"),
+    (["evaluate", "{ws}/zerostd.safetensors"], "every mean must be finite and every std positive"),
     (["inspect", "{ws}/run", "--plots", "{ws}/afile"], "--plots {ws}/afile exists and is not a directory"),
     # infer
     (["infer", "{ws}/run", "{ws}/notimg.png"], "image {ws}/notimg.png cannot be read"),

@@ -11,6 +11,7 @@ from torch import nn
 import ssvi_cli as ssvi
 from ssvi_cli.cli import run
 from ssvi_cli.core.layers import sparse_layers
+from ssvi_cli.data import DataError
 from ssvi_cli.modelfile import read_header
 
 
@@ -114,7 +115,7 @@ def test_save_refuses_a_model_it_cannot_describe(tmp_path):
         ssvi.save(net, tmp_path / "a.safetensors", architecture="torchvision:resnet18")
     with pytest.raises(ValueError, match="the model is not torchvision:resnet34"):
         ssvi.save(net, tmp_path / "a.safetensors", architecture="torchvision:resnet34", input_shape=(3, 32, 32))
-    with pytest.raises(ValueError, match="the model is not torchvision:resnet18: it has .fc"):
+    with pytest.raises(ValueError, match="class_names holds 2 names for a model with 10 outputs"):
         ssvi.save(net, tmp_path / "a.safetensors", architecture="torchvision:resnet18", input_shape=(3, 32, 32),
                   class_names=["a", "b"])
     with pytest.raises(ValueError, match="'torchvision:NAME', or None"):
@@ -192,3 +193,8 @@ def test_the_class_count_is_the_models_output_size_whatever_order_its_layers_are
     spec = read_header(tmp_path / "m.safetensors")["meta"]["data_spec"]
     assert spec["num_classes"] == 3 and spec["class_names"] == ["0", "1", "2"]
     assert model.training  # the forward that measured the output changed nothing
+    with pytest.raises(ValueError, match="class_names holds 2 names for a model with 3 outputs"):
+        ssvi.save(model, tmp_path / "n.safetensors", input_shape=(8,), class_names=["a", "b"])
+    with pytest.raises(DataError, match="every std positive"):
+        ssvi.save(model, tmp_path / "n.safetensors", input_shape=(8,), mean=[0.0] * 8, std=[0.0] * 8)
+    assert not (tmp_path / "n.safetensors").exists()

@@ -72,10 +72,24 @@ class DataSpec:
             pixel_max=float(d.get("pixel_max", 255.0)),
             dataset_classes=tuple(str(v) for v in d.get("dataset_classes", ())),
         )
-        if any(s < 1 for s in spec.input_shape) or spec.num_classes < 1:  # () is a custom model's "unknown"
-            raise DataError(f"data spec input shape {list(spec.input_shape)} / {spec.num_classes} classes "
-                            "describe no input or no class")
+        spec.check()
         return spec
+
+    def check(self) -> None:
+        """A spec a model can be used with: an input and classes, one name per class, one finite
+        mean and one positive finite std per channel; else a one-line DataError."""
+        import math
+
+        if any(s < 1 for s in self.input_shape) or self.num_classes < 1:  # () is a custom model's "unknown"
+            raise DataError(f"data spec input shape {list(self.input_shape)} / {self.num_classes} classes "
+                            "describe no input or no class")
+        if len(self.class_names) != self.num_classes:
+            raise DataError(f"data spec names {len(self.class_names)} classes for a model of {self.num_classes}")
+        if len(self.mean) != len(self.std) or not self.std:
+            raise DataError(f"data spec has {len(self.mean)} means and {len(self.std)} stds; give one of each per channel")
+        if not all(math.isfinite(m) for m in self.mean) or not all(math.isfinite(v) and v > 0 for v in self.std):
+            raise DataError(f"data spec normalisation mean={list(self.mean)} std={list(self.std)}: every mean must be "
+                            "finite and every std positive")
 
 
 @dataclass

@@ -122,7 +122,9 @@ class ModelCard:
 
         try:
             spec = DataSpec.from_dict(decoded["data_spec"])
-        except (DataError, KeyError, TypeError, ValueError, AttributeError):
+        except DataError as exc:
+            raise CardError(f"data description: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise CardError("data description malformed") from None
         arch = decoded.get("architecture")
         if not isinstance(arch, Mapping):

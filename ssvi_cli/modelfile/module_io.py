@@ -53,7 +53,10 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
     bayesian = {layer.bayesian for _, layer in layers}
     sigma_param = layers[0][1].sigma_param
     shape = tuple(int(s) for s in input_shape) if input_shape is not None else ()
-    num_classes = len(class_names) if class_names else _output_size(model, shape, layers[-1][1].weight_shape[0])
+    measured = _output_size(model, shape)
+    if class_names and measured is not None and len(class_names) != measured:
+        raise ValueError(f"class_names holds {len(class_names)} names for a model with {measured} outputs")
+    num_classes = len(class_names) if class_names else (measured or layers[-1][1].weight_shape[0])
     if architecture is None:
         name = f"{CUSTOM}{type(model).__module__}.{type(model).__qualname__}"
     elif architecture.startswith(TORCHVISION):
@@ -79,6 +82,7 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
                     tuple(class_names) if class_names else tuple(str(i) for i in range(num_classes)),
                     tuple(float(v) for v in mean) if mean is not None else (0.0,) * channels,
                     tuple(float(v) for v in std) if std is not None else (1.0,) * channels)
+    spec.check()  # a file others cannot use is refused here, not when it is read
     card = ModelCard(Architecture(name, (), any(l.bayesian for _, l in layers), sigma_param), spec)
     return write_model_file(model, Path(path), card, dtype=dtype)  # type: ignore[arg-type]
 
@@ -135,19 +139,18 @@ def _skeleton(architecture: str, shape: tuple[int, ...], num_classes: int, facto
         return torchvision_model(name, shape, num_classes, factory)
 
 
-def _output_size(model: nn.Module, shape: tuple[int, ...], fallback: int) -> int:
-    """The size of the model's output for one input of ``shape`` (mean network, no gradients); the
-    last sparse layer's output size where no shape is given or a float input of zeros cannot run
-    (a model that takes token ids)."""
+def _output_size(model: nn.Module, shape: tuple[int, ...]) -> Optional[int]:
+    """The size of the model's output for one input of ``shape`` (mean network, no gradients); None
+    where no shape is given or a float input of zeros cannot run (a model that takes token ids)."""
     if not shape:
-        return fallback
+        return None
     param = next(model.parameters())
     try:
         with torch.no_grad(), evaluating(model), sampling(model, "mean"):
             out = model(torch.zeros((1, *shape), dtype=param.dtype, device=param.device))
     except (RuntimeError, TypeError, ValueError, IndexError):
-        return fallback
-    return int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.dim() >= 1 else fallback
+        return None
+    return int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.dim() >= 1 else None
 
 
 def _structure(model: nn.Module) -> list[tuple[str, Any, Any]]:
