@@ -329,3 +329,11 @@ def test_a_running_cell_is_locked_and_a_yaml_file_takes_the_flags_names(tmp_path
     spec_file.write_text("method: ssvi\nmethods: [vi]\n")
     assert run(["sweep", "--file", str(spec_file), "--out", str(tmp_path / "z"), "--dry-run"]) == 2
     assert "give 'methods' or 'method', not both" in capsys.readouterr().err
+
+
+def test_one_seed_has_no_spread_to_show():
+    from ssvi_cli.sweep.report import _stats, mean_std
+
+    one, two = _stats([0.9611]), _stats([0.96, 0.98])
+    assert one == {"mean": 0.9611, "std": None, "n": 1} and mean_std(one) == "0.9611"
+    assert mean_std(two) == f"0.9700 ± {two['std']:.4f}" and mean_std(_stats([2e-4]), -1) == "2.00e-04"

@@ -57,14 +57,14 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> list[Path]:
             if not stats:
                 continue
             if all(s is None for s, _ in stats):  # a dense method: its level across the sparsity axis
-                mean, std = stats[0][1]["mean"], stats[0][1]["std"]
+                mean, std = stats[0][1]["mean"], stats[0][1]["std"] or 0.0  # no spread for one seed
                 if sparsities:
                     lo, hi = sparsities[0], sparsities[-1]
                     ax.hlines(mean, lo, hi, colors=color, linestyles="--", label=label)
                     ax.fill_between([lo, hi], mean - std, mean + std, color=color, alpha=0.15)
                 continue
             stats.sort(key=lambda t: t[0])
-            ax.errorbar([s for s, _ in stats], [v["mean"] for _, v in stats], yerr=[v["std"] for _, v in stats],
+            ax.errorbar([s for s, _ in stats], [v["mean"] for _, v in stats], yerr=[v["std"] or 0.0 for _, v in stats],
                         marker="o", capsize=3, color=color, label=label)
         ax.set_xlabel("sparsity")
         ax.set_title(title, fontsize=9)
@@ -77,7 +77,7 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=110)
     for i, (label, members) in enumerate(series.items()):
-        pts = sorted((g["training_flops"]["mean"], g["accuracy"]["mean"], g["accuracy"]["std"], g["sparsity"])
+        pts = sorted((g["training_flops"]["mean"], g["accuracy"]["mean"], g["accuracy"]["std"] or 0.0, g["sparsity"])
                      for g in members if g.get("training_flops") and g["training_flops"]["mean"]
                      and g.get("accuracy") and g["accuracy"]["mean"] is not None)
         if not pts:

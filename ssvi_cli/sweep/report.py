@@ -2,7 +2,8 @@
 (method, sparsity, swept keys), as ``report.json`` and ``report.md``, plus the figures when
 matplotlib is installed (``sweep.figures``).
 
-The std is the sample standard deviation over seeds (ddof = 1; 0 for a single seed).
+The std is the sample standard deviation over seeds (ddof = 1; none for a single seed, whose table
+cells show the mean alone).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _stats(values: list[float]) -> dict[str, Any]:
     clean = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not clean:
         return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(clean), "std": statistics.stdev(clean) if len(clean) > 1 else 0.0,
+    return {"mean": statistics.fmean(clean), "std": statistics.stdev(clean) if len(clean) > 1 else None,
             "n": len(clean)}
 
 
@@ -132,14 +133,14 @@ def build_report(sweep_dir: Path, baseline: Optional[list[str]] = None) -> dict[
 
 
 def mean_std(stat: Optional[dict[str, Any]], digits: int = 4) -> str:
-    """``mean ± std`` of a group's statistic (``-`` when there is none)."""
+    """``mean ± std`` of a group's statistic (the mean alone for one seed, ``-`` when there is none)."""
     if not stat or stat.get("mean") is None:
         return "-"
     if digits == 0:  # costs: their spread over seeds is a few header bytes, not worth a column
         return f"{stat['mean']:.3g}"
     if digits < 0:
-        return f"{stat['mean']:.2e} ± {stat['std']:.1e}"
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+        return f"{stat['mean']:.2e}" + ("" if stat.get("std") is None else f" ± {stat['std']:.1e}")
+    return f"{stat['mean']:.{digits}f}" + ("" if stat.get("std") is None else f" ± {stat['std']:.{digits}f}")
 
 
 def markdown(report: dict[str, Any]) -> str:
