@@ -246,7 +246,7 @@ def test_ctrl_c_leaves_every_cell_resumable(tmp_path: Path):
 
 def _interrupted_and_resumed(proc: subprocess.Popen, out: Path, sweep: list[str], cells: list[Path]) -> None:
     stderr = _interrupt_when(proc, lambda: all(_epochs(c) for c in cells))
-    assert "2 cells stopped at a checkpoint" in stderr and f"ssvi sweep --resume {out}" in stderr
+    assert "2 cells stopped; each continues from its last checkpoint" in stderr and f"ssvi sweep --resume {out}" in stderr
     assert [cell_state(c) for c in cells] == ["partial", "partial"]
     before = {c: _epochs(c) for c in cells}
     for c in cells:

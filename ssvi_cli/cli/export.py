@@ -28,6 +28,10 @@ def register(app: typer.Typer) -> None:
         if not source.exists():
             raise UsageError(f"{source} does not exist")
         check_output_file(output, "--output")
+        if output.suffix.lower() != ".safetensors":
+            raise UsageError(f"--output {output}: name the model file *.safetensors (a .pt is read as a checkpoint)")
+        if output.exists() and source.exists() and output.resolve() == source.resolve():
+            raise UsageError(f"--output {output} is the file being exported; give another path")
         report = export_model(source, output, dtype=dtype, dense=dense)
         if json_out:
             print_json(report)

@@ -65,16 +65,23 @@ def _g(value: Optional[float]) -> str:
 def _trained(tr: dict[str, Any]) -> str:
     if tr.get("method") is None and tr.get("epochs") is None:
         return "not recorded (written by ssvi_cli.save from a user's own loop)"
+    from ssvi_cli.methods import METHODS
+
     start = tr.get("init_from")
-    return (f"{tr.get('method')}, sparsity {tr.get('sparsity')}, criterion {tr.get('criterion')}, "
-            f"{tr.get('epochs')} epochs, seed {tr.get('seed')}" + (f", started from {start}" if start else ""))
+    method = tr.get("method")
+    kind = METHODS.get(method) if method in METHODS.names() else None
+    # A criterion only matters to a method whose support moves by SNR-type scores (ssvi).
+    criterion = f", criterion {tr.get('criterion')}" if kind is None or (kind.moves_support and kind.bayesian) else ""
+    sparsity = f", sparsity {tr.get('sparsity')}" if kind is None or not kind.dense else ""
+    return (f"{method}{sparsity}{criterion}, {tr.get('epochs')} epochs, seed {tr.get('seed')}"
+            + (f", started from {start}" if start else ""))
 
 
 def _print_report(r: dict[str, Any]) -> None:
     arch, fmt, tr = r["architecture"], r["format"], r["training"]
     out.print(kv_table(f"ssvi inspect: {r['source']}", {
-        "model": f"{arch.get('name')} ({'Bayesian' if arch.get('bayesian') else 'deterministic'}, "
-                 f"sigma = {arch.get('sigma_param')}(rho))",
+        "model": f"{arch.get('name')} (" + (f"Bayesian, sigma = {arch.get('sigma_param')}(rho))" if arch.get("bayesian")
+                                            else "deterministic)"),
         "data": f"{r['data']['name']} {tuple(r['data']['input_shape'])}, {r['data']['num_classes']} classes",
         "trained": _trained(tr),
         "format": f"{fmt['name']} v{fmt['version']}, {fmt['layout']}, {fmt['dtype']}",

@@ -169,7 +169,7 @@ def register(app: typer.Typer) -> None:
         criterion: Annotated[Optional[str], typer.Option(help="Removal criteria to sweep, comma-separated (the criteria ablation).")] = None,
         set_: Annotated[Optional[list[str]], typer.Option("--set", help="A config key and its values: --set sparse.addition=sample,mean (a grid axis), or one value for every cell (repeatable).")] = None,
         preset: Annotated[Optional[str], typer.Option(help="Preset of every cell (default digits_mlp).")] = None,
-        file: Annotated[Optional[Path], typer.Option("--file", help="A YAML sweep: preset, methods, sparsities, seeds (a count or a list), set (key: value or [values]), ood, samples.", exists=True, dir_okay=False)] = None,
+        file: Annotated[Optional[Path], typer.Option("--file", help="A YAML sweep: preset, methods, sparsities, seeds (a count or a list), set (key: a value, or a list of values for an axis), ood, samples.", exists=True, dir_okay=False)] = None,
         ood: Annotated[Optional[list[str]], typer.Option(help="OOD sets every cell is evaluated on, as 'ssvi evaluate --ood' takes them (repeatable).")] = None,
         samples: Annotated[Optional[int], typer.Option(help="Monte Carlo samples of the evaluation (default 10).", min=1)] = None,
         jobs: Annotated[int, typer.Option(help="Cells run in parallel, each in its own process.", min=1)] = 1,
@@ -266,7 +266,8 @@ def _run(sweep_dir: Path, cells: list[Any], jobs: int, threads: int, json_out: b
     result = write_report(sweep_dir, figures, baseline)
     if outcome.interrupted:
         failed = f"; {len(outcome.failed)} failed (logs in {sweep_dir / 'logs'})" if outcome.failed else ""
-        err.print(f"interrupted: {len(outcome.stopped)} cells stopped at a checkpoint{failed}; continue with: "
+        # A cell stopped before its first checkpoint starts again; the others continue from theirs.
+        err.print(f"interrupted: {len(outcome.stopped)} cells stopped{failed}; each continues from its last checkpoint: "
                   f"ssvi sweep --resume {shlex.quote(str(sweep_dir))}", markup=False)
         raise typer.Exit(128 + outcome.signum)
     _finish(result, json_out)

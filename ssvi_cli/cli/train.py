@@ -87,7 +87,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a sparse Bayesian network with SSVI (or a baseline via --method).
 
-        Also runs as one worker of ``torchrun --nproc-per-node N -m ssvi_cli train ...``.
+        Also runs as one worker of: torchrun --nproc-per-node N -m ssvi_cli train ...
         """
         from ssvi_cli.training import distributed
         from ssvi_cli.training.plan import RunPlan

@@ -192,8 +192,10 @@ def _load_layer(path: Path, name: str, layer: SparseGaussian, record: dict[str, 
     if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= layer.numel):
         raise ModelFileError(f"{where} has indices outside its {layer.numel} entries")
     mu = tensors[f"{name}.mu"].reshape(-1)
-    if mu.numel() != idx.numel() or not mu.is_floating_point() or not bool(torch.isfinite(mu).all()):
-        raise ModelFileError(f"{where}: mu has {mu.numel()} values for {idx.numel()} indices or is not finite")
+    if mu.numel() != idx.numel() or not mu.is_floating_point():
+        raise ModelFileError(f"{where}: mu has {mu.numel()} values for {idx.numel()} indices")
+    if not bool(torch.isfinite(mu).all()):
+        raise ModelFileError(f"{where}: mu holds non-finite values")
     rho = None
     if layer.bayesian:
         sigma = tensors[f"{name}.sigma"].reshape(-1)
