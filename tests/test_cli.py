@@ -40,6 +40,11 @@ def test_existing_run_directory_is_not_overwritten_without_force(tmp_path: Path,
     assert run(["train", "--out", str(out), "--epochs", "1", "--force"]) == 2
     assert "(--force replaces only a run)" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    other = tmp_path / "other-project"  # another tool's run: its config.yaml is not an ssvi config
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "config.yaml").write_text("lr: 0.1\nmodel: resnet\n")
+    assert run(["train", "--out", str(other), "--epochs", "1", "--force"]) == 2
+    assert "is not a run folder" in capsys.readouterr().err and (other / "checkpoints").is_dir()
     tiny = ["--epochs", "1", "--set", "model.widths=[8]", "--set", "data.max_train=64", "--set", "train.eval_samples=1"]
     assert run(["train", "--out", str(tmp_path / "r"), *tiny]) == 0
     (tmp_path / "r" / "notes.txt").write_text("mine")

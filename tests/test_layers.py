@@ -308,3 +308,15 @@ def test_load_state_dict_into_a_layer_that_already_ran_uses_the_loaded_support()
     target.load_state_dict(source.state_dict())
     with sampling(source, "mean"), sampling(target, "mean"):
         torch.testing.assert_close(target(x), source(x))
+
+
+def test_a_support_set_under_inference_mode_still_runs_the_sparse_kernel():
+    """An inference tensor (a model loaded inside ``torch.inference_mode()``) has no version counter."""
+    torch.manual_seed(0)
+    layer = make_linear(20, 64, 0.05)
+    x = torch.randn(4, 20)
+    with sampling(layer, "mean"):
+        expected = layer(x)
+        with torch.inference_mode():
+            layer.set_support(layer.idx.clone(), layer.mu.detach().clone(), layer.rho.detach().clone())
+            torch.testing.assert_close(layer(x), expected)

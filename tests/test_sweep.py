@@ -12,10 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from ssvi_cli.cli import run
-from ssvi_cli.sweep.grid import SweepError, SweepSpec, expand, parse_axis
+from ssvi_cli.sweep.grid import SweepError, SweepSpec, expand, parse_axis, read_spec
 from ssvi_cli.sweep.paired import check_selection
 from ssvi_cli.sweep.runner import BUSY_EXIT, CellBusy, cell_lock, cell_state
 
@@ -337,3 +339,30 @@ def test_one_seed_has_no_spread_to_show():
     one, two = _stats([0.9611]), _stats([0.96, 0.98])
     assert one == {"mean": 0.9611, "std": None, "n": 1} and mean_std(one) == "0.9611"
     assert mean_std(two) == f"0.9700 ± {two['std']:.4f}" and mean_std(_stats([2e-4]), -1) == "2.00e-04"
+
+
+def test_a_sweep_made_before_collapsing_keeps_its_cells_and_a_report_needs_no_inputs(tmp_path: Path, capsys):
+    out = tmp_path / "sw"
+    args = ["sweep", "--method", "ssvi,static", "--sparsity", "0.9", "--set", "sparse.alpha=0.3,0.5", "--out", str(out),
+            "--dry-run"]
+    assert run(args) == 0
+    assert {Path(line.split()[-1]).name for line in capsys.readouterr().out.splitlines()} == {
+        "ssvi_s0.9_alpha-0.3_seed0", "ssvi_s0.9_alpha-0.5_seed0", "static_s0.9_seed0"}
+    data = json.loads((out / "sweep.json").read_text())
+    (out / "sweep.json").write_text(json.dumps({**data, "version": 1}))  # as written before the rule
+    old_names = {"ssvi_s0.9_alpha-0.3_seed0", "ssvi_s0.9_alpha-0.5_seed0", "static_s0.9_alpha-0.3_seed0",
+                 "static_s0.9_alpha-0.5_seed0"}
+    assert {c.name for c in read_spec(out)[1]} == old_names
+    assert run(args) == 0  # the same grid again continues it, with the cells it has
+    assert {Path(line.split()[-1]).name for line in capsys.readouterr().out.splitlines()} == old_names
+    assert json.loads((out / "sweep.json").read_text())["version"] == 1
+    # An OOD folder that has gone since the sweep was made does not stop its report.
+    ood = tmp_path / "ood"
+    ood.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(ood / "a.png")
+    assert run(["sweep", "--ood", str(ood), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
+    (ood / "a.png").unlink()
+    ood.rmdir()
+    capsys.readouterr()
+    assert run(["sweep", "--report", str(tmp_path / "o"), "--json", "--no-figures"]) == 0
+    assert json.loads(capsys.readouterr().out)["cells_done"] == 0

@@ -93,31 +93,32 @@ def _spec(file: Optional[Path], preset: Optional[str], method: Optional[str], sp
     return SweepSpec.from_dict(data)
 
 
-def _check_out(out_dir: Path, spec: Any, force: bool) -> None:
-    """A new sweep may write into a missing or empty folder, continue the same grid, or (``force``)
-    replace another sweep's files; a folder holding anything else is refused, ``force`` or not."""
+def _check_out(out_dir: Path, spec: Any, force: bool) -> Optional[list[Any]]:
+    """A new sweep may write into a missing or empty folder, continue the same grid (its cells are
+    returned), or (``force``) replace another sweep's files; a folder holding anything else is
+    refused, ``force`` or not."""
     from ssvi_cli.fileio import remove_entries, visible_entries
     from ssvi_cli.sweep.figures import ACCURACY_VS_FLOPS, METRICS_VS_SPARSITY
-    from ssvi_cli.sweep.grid import CELLS_DIR, SWEEP_FILE, read_spec
+    from ssvi_cli.sweep.grid import CELLS_DIR, SWEEP_FILE, SweepError, is_sweep_dir, read_spec
     from ssvi_cli.sweep.report import REPORT_JSON, REPORT_MD
     from ssvi_cli.sweep.runner import LOGS_DIR
 
     if not out_dir.exists():
-        return
+        return None
     if out_dir.is_file():
         raise UsageError(f"--out {out_dir} is a file")
-    if not (out_dir / SWEEP_FILE).is_file():
+    if not is_sweep_dir(out_dir):
         entries = visible_entries(out_dir)
         if entries:
             raise UsageError(f"--out {out_dir} holds {entries[0].name}" + (" and more" if len(entries) > 1 else "")
                              + " and is not a sweep directory; choose another --out (--force replaces only a sweep)")
-        return
+        return None
     try:
-        same = read_spec(out_dir)[0] == spec
-    except Exception:  # noqa: BLE001 - an unreadable old sweep is simply not the same sweep
-        same = False
-    if same:
-        return  # the same grid: continue it
+        old_spec, old_cells = read_spec(out_dir)
+    except SweepError:  # a sweep this ssvi can no longer expand (a preset gone, say) is not the same sweep
+        old_spec, old_cells = None, []
+    if old_spec == spec:
+        return old_cells
     if not force:
         raise UsageError(f"{out_dir} holds a different sweep; continue it with 'ssvi sweep --resume {shlex.quote(str(out_dir))}', "
                          "choose another --out, or replace it with --force")
@@ -212,11 +213,15 @@ def register(app: typer.Typer) -> None:
         else:
             spec = _spec(file, preset, method, sparsity, seeds, criterion, set_ or [], ood or [], samples)
             cells = grid.expand(spec)
+            grid.check_runnable(spec, cells)
             check_selection(spec, cells, baseline or [])  # before anything is written or run
             sweep_dir = out_dir or Path("sweeps") / f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(spec.preset).stem}"
-            _check_out(sweep_dir, spec, force)
-            sweep_dir.mkdir(parents=True, exist_ok=True)
-            grid.write_spec(sweep_dir, spec, cells)
+            existing = _check_out(sweep_dir, spec, force)
+            if existing is not None:  # the same grid: continue it, its cells as it named them
+                cells = existing
+            else:
+                sweep_dir.mkdir(parents=True, exist_ok=True)
+                grid.write_spec(sweep_dir, spec, cells)
         if dry_run:
             _dry_run(sweep_dir, cells)
             return

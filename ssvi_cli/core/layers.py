@@ -124,8 +124,9 @@ class SparseGaussian(nn.Module):
     def pattern(self) -> CsrPattern:
         """The CSR pattern of ``idx``, rebuilt when ``idx`` is replaced (``set_support``, ``.to()``)
         or changed in place (``load_state_dict``: its version counter moves)."""
-        if self._pattern is None or self._pattern[0] is not self.idx or self._pattern[1] != self.idx._version:
-            self._pattern = (self.idx, self.idx._version, CsrPattern.from_flat(self.idx, self.weight_shape[0], self.fan_in))
+        version = -1 if self.idx.is_inference() else self.idx._version  # inference tensors have no counter
+        if self._pattern is None or self._pattern[0] is not self.idx or self._pattern[1] != version:
+            self._pattern = (self.idx, version, CsrPattern.from_flat(self.idx, self.weight_shape[0], self.fan_in))
         return self._pattern[2]
 
     # -- forward ---------------------------------------------------------------

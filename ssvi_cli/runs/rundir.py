@@ -67,7 +67,7 @@ class RunDir:
         entries = fileio.visible_entries(self.path) if self.path.is_dir() else []
         if not entries:
             return self
-        if not self.config_file.is_file():
+        if not self.is_run():
             raise RunDirError(f"--out {self.path} holds {entries[0].name}" + (" and more" if len(entries) > 1 else "")
                               + " and is not a run folder; choose another --out (--force replaces only a run)")
         if not force:
@@ -77,6 +77,19 @@ class RunDir:
             )
         fileio.remove_entries(self.path, RUN_ENTRIES)
         return self
+
+    def is_run(self) -> bool:
+        """Whether the folder holds an ssvi run: a ``config.yaml`` that reads as a run's config."""
+        import yaml
+
+        from ssvi_cli.config import ConfigError, from_dict
+
+        try:
+            data = yaml.safe_load(self.config_file.read_text(encoding="utf-8"))
+            from_dict(data if isinstance(data, dict) else {"": None})
+        except (OSError, yaml.YAMLError, ConfigError, TypeError, ValueError):
+            return False
+        return True
 
     # -- files -------------------------------------------------------------------------
     @property

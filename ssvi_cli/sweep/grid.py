@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from itertools import product
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from ssvi_cli import config as cfgmod
 from ssvi_cli.fileio import write_json
@@ -22,7 +22,7 @@ from ssvi_cli.runs.rundir import EVALUATION_FILE
 SWEEP_FILE = "sweep.json"
 CELLS_DIR = "cells"
 EVAL_FILE = EVALUATION_FILE  # a cell is a run directory with its evaluation beside it
-SWEEP_VERSION = 1
+SWEEP_VERSION = 2  # 2: a method runs once over a key it ignores (version 1 sweeps keep a cell per value)
 # Keys the grid sets itself; a YAML sweep file or --set names any other config key.
 OWN_KEYS = ("sparse.method", "sparse.sparsity", "train.seed")
 
@@ -131,8 +131,12 @@ def cell_name(method: str, sparsity: Optional[float], seed: int, settings: dict[
     return "_".join(parts + [f"seed{seed}"])
 
 
-def expand(spec: SweepSpec) -> list[Cell]:
-    """Every cell of the grid, in a stable order; every cell's config is validated first."""
+def expand(spec: SweepSpec, collapse: bool = True) -> list[Cell]:
+    """Every cell of the grid, in a stable order; every cell's config is validated first.
+
+    ``collapse``: a method runs once over a key it ignores (:meth:`Method.ignores`); sweeps written
+    before that rule (``sweep.json`` version 1) keep a cell per value, so their cells keep their names.
+    """
     if not spec.methods or not spec.seeds:
         raise SweepError("a sweep needs at least one method and one seed")
     for name in spec.methods:
@@ -143,6 +147,8 @@ def expand(spec: SweepSpec) -> list[Cell]:
     for key, values in spec.axes.items():
         if not isinstance(values, list) or not values:
             raise SweepError(f"sweep axis {key!r} needs a non-empty list of values")
+    if isinstance(spec.samples, bool) or not isinstance(spec.samples, int) or spec.samples < 1:
+        raise SweepError(f"samples={spec.samples!r}: evaluation needs a positive number of Monte Carlo samples")
     keys = list(spec.axes)
     cells: list[Cell] = []
     seen: dict[str, Cell] = {}
@@ -151,7 +157,7 @@ def expand(spec: SweepSpec) -> list[Cell]:
         kind = METHODS.get(method)
         # A dense method at several sparsities, or any method over a key it ignores, is one run.
         s = None if kind.dense else sparsity
-        settings = {k: v for k, v in zip(keys, combo) if not kind.ignores(k)}
+        settings = {k: v for k, v in zip(keys, combo) if not (collapse and kind.ignores(k))}
         cell = Cell(cell_name(method, s, seed, settings), method, s, seed, settings)
         if cell.name in seen:
             if seen[cell.name] == cell:
@@ -159,32 +165,49 @@ def expand(spec: SweepSpec) -> list[Cell]:
             raise SweepError(f"two cells of the grid would share the directory {cell.name!r}; give distinct values")
         seen[cell.name] = cell
         cells.append(cell)
+    for _ in _configs(spec, cells):  # every cell's config is built, and so checked
+        pass
+    return cells
+
+
+def _configs(spec: SweepSpec, cells: list[Cell]) -> Iterator[tuple[Cell, cfgmod.Config]]:
     try:
         bases = {m: cfgmod.load_preset(spec.preset, m) for m in {cell.method for cell in cells}}
     except cfgmod.ConfigError as exc:
         raise SweepError(str(exc)) from None
-    # Here, not at the top: reading a sweep's constants needs no torch.
+    for cell in cells:
+        try:
+            yield cell, cfgmod.apply_overrides(bases[cell.method], cell.overrides(spec))
+        except cfgmod.ConfigError as exc:
+            raise SweepError(f"cell {cell.name}: {exc}") from None
+
+
+def check_runnable(spec: SweepSpec, cells: list[Cell]) -> None:
+    """What a cell's ``ssvi train`` and ``ssvi evaluate`` would refuse, refused before a new sweep
+    runs any: names (model, dataset, criterion), the ``--ood`` sets and ``--ood heldout`` without
+    held-out classes. It reads the file system (an image folder, an OOD path), so it runs when a
+    sweep is made, not when one is resumed or reported."""
     from ssvi_cli.data.ood import HELDOUT, parse_ood
     from ssvi_cli.data.spec import DataError
     from ssvi_cli.registry import UnknownName
     from ssvi_cli.training.plan import check_names
 
-    if isinstance(spec.samples, bool) or not isinstance(spec.samples, int) or spec.samples < 1:
-        raise SweepError(f"samples={spec.samples!r}: evaluation needs a positive number of Monte Carlo samples")
     try:
         requests = [parse_ood(text) for text in spec.ood]
     except DataError as exc:
         raise SweepError(str(exc)) from None
-    for cell in cells:  # everything a cell's train and evaluate would refuse, refused before any cell runs
-        try:
-            cfg = cfgmod.apply_overrides(bases[cell.method], cell.overrides(spec))
-            check_names(cfg)
-        except (cfgmod.ConfigError, UnknownName, DataError) as exc:
-            raise SweepError(f"cell {cell.name}: {exc}") from None
+    checked: set[str] = set()
+    for cell, cfg in _configs(spec, cells):
+        what = json.dumps([cfg.model.name, cfg.sparse.criterion, asdict(cfg.data)], sort_keys=True, default=str)
+        if what not in checked:  # an image folder is scanned once, not once per cell
+            checked.add(what)
+            try:
+                check_names(cfg)
+            except (UnknownName, DataError) as exc:
+                raise SweepError(f"cell {cell.name}: {exc}") from None
         if any(r.kind == HELDOUT for r in requests) and cfg.data.classes is None:
             raise SweepError(f"--ood {HELDOUT} needs classes held out of training: train on a subset, "
                              "e.g. --set data.classes=0,1,2,3,4")
-    return cells
 
 
 def parse_values(text: str) -> list[Any]:
@@ -242,13 +265,26 @@ def write_spec(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> None:
                                         "cells": [c.name for c in cells]})
 
 
+def is_sweep_dir(path: Path) -> bool:
+    """Whether ``path`` holds an ssvi sweep's ``sweep.json`` (read, not expanded)."""
+    try:
+        return json.loads((Path(path) / SWEEP_FILE).read_text(encoding="utf-8")).get("format") == "ssvi-sweep"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def read_spec(sweep_dir: Path) -> tuple[SweepSpec, list[Cell]]:
     path = Path(sweep_dir) / SWEEP_FILE
     if not path.is_file():
         raise SweepError(f"{sweep_dir} is not a sweep directory (no {SWEEP_FILE})")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != "ssvi-sweep":
+            raise ValueError(f"format {data.get('format')!r} is not ssvi-sweep")
+        version = int(data.get("version", 1))
         spec = SweepSpec.from_dict(data["spec"])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SweepError(f"{path} is corrupted ({exc})") from None
-    return spec, expand(spec)
+    if version > SWEEP_VERSION:
+        raise SweepError(f"{path} is version {version}, newer than this ssvi reads ({SWEEP_VERSION}); upgrade ssvi")
+    return spec, expand(spec, collapse=version >= 2)
