@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from ssvi_cli.config import MIN_SUBSPACE_STEPS, PAPER_DELTA_T, Config, validate
+from ssvi_cli.config import MIN_SUBSPACE_STEPS, PAPER_DELTA_T, Config, ConfigError, validate
 from ssvi_cli.core.criteria import REMOVAL_CRITERIA
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.core.modes import capturing_dense_grad, sampling
@@ -89,15 +89,19 @@ class Subspace:
         # Checked now, as ssvi train checks its config: the first remove-and-add step may be 100 steps away.
         REMOVAL_CRITERIA.get(criterion)
         base = Config()
-        validate(replace(base, sparse=replace(base.sparse, delta_t=delta_t, alpha=alpha, t_end=t_end,
-                                              criterion=criterion, criterion_lambda=criterion_lambda,
-                                              new_sigma=new_sigma, min_subspace_steps=min_subspace_steps)))
+        try:
+            validate(replace(base, sparse=replace(base.sparse, delta_t=delta_t, alpha=alpha, t_end=t_end,
+                                                  criterion=criterion, criterion_lambda=criterion_lambda,
+                                                  new_sigma=new_sigma, min_subspace_steps=min_subspace_steps)))
+        except ConfigError as exc:  # named as the argument, not the config key
+            raise ValueError(str(exc).removeprefix("sparse.")) from None
         _check_optimizer_holds(model, optimizer)
         self.model, self.optimizer = model, optimizer
         self.schedule = Schedule.fitted(delta_t, alpha, int(t_end * total_steps), min_steps=min_subspace_steps)
         self.criterion, self.criterion_lambda, self.new_sigma, self.addition = criterion, criterion_lambda, new_sigma, addition
         self.t = 0
         self.last_report: Optional[SwapReport] = None
+        self._told: set[tuple[str, ...]] = set()  # the sets of unreached layers already warned about
         self._capture: Optional[Any] = None  # the capture context, open from the first capture forward to step()
         self._forward_only: Optional[Any] = None
         self._unsynced: Optional[nn.parallel.DistributedDataParallel] = None
@@ -154,9 +158,11 @@ class Subspace:
             reduce = _rank_mean if torch.distributed.is_available() and torch.distributed.is_initialized() else None
             self.last_report = subspace_step(self.model, self.t, self.schedule, self.criterion,
                                              self.criterion_lambda, self.new_sigma, self.optimizer, reduce)
-            if self.last_report.unreached:
-                log.info("Subspace step %d: %s got no gradient from this step's forward and kept their supports",
-                         self.t, ", ".join(self.last_report.unreached))
+            unreached = tuple(self.last_report.unreached)
+            if unreached and unreached not in self._told:  # once per set of layers: a multi-task loop repeats it
+                self._told.add(unreached)
+                log.warning("Subspace step %d: %s got no gradient from this step's forward and kept their supports "
+                            "(see last_report.unreached)", self.t, ", ".join(unreached))
             if self.last_report.skipped:
                 log.warning("Subspace step %d: the dense gradient held inf/NaN; this remove-and-add step was skipped",
                             self.t)

@@ -108,7 +108,7 @@ def test_refusals_are_clear():
     with pytest.raises(RuntimeError, match="no dense gradient"):
         subspace.step()
     # Arguments are checked when the schedule is made, not at the first remove-and-add step.
-    for bad, match in (({"alpha": 2.5}, "alpha=2.5 must be in"), ({"t_end": 1.5}, "t_end=1.5 must be in"),
+    for bad, match in (({"alpha": 2.5}, "^alpha=2.5 must be in"), ({"t_end": 1.5}, "t_end=1.5 must be in"),
                        ({"delta_t": 1}, "delta_t=1 must be an integer >= 2"),
                        ({"criterion": "snr_ab"}, "snr_ab"), ({"new_sigma": "tinyy"}, "new_sigma='tinyy'"),
                        ({"criterion": "e_exp", "criterion_lambda": -1.0}, "criterion_lambda=-1.0 must be")):

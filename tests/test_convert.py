@@ -286,6 +286,12 @@ class Shared(nn.Module):
         return self.head(self.again(torch.relu(self.block(h))))
 
 
+def test_a_float16_model_is_refused_with_the_way_to_train_in_half_precision():
+    with pytest.raises(ValueError, match="float16 weights, which cannot hold sigma.*torch.autocast, or use bfloat16"):
+        sparsify(nn.Sequential(nn.Linear(8, 4)).half(), 0.5)
+    sparsify(nn.Sequential(nn.Linear(8, 4)).half(), 0.5, bayesian=False)  # no sigma: a deterministic one is fine
+
+
 def test_a_module_under_two_names_is_one_sparse_layer_and_a_tied_weight_stays_tied(tmp_path):
     model = Shared()
     report = sparsify(model, 0.5)

@@ -10,9 +10,8 @@ from torch import nn
 
 import ssvi_cli as ssvi
 from ssvi_cli.cli import run
-from ssvi_cli.core.layers import sparse_layers
-from ssvi_cli.data import DataError
-from ssvi_cli.modelfile import read_header
+from ssvi_cli.core.layers import SparseGaussian, sparse_layers
+from ssvi_cli.modelfile import ModelFileError, read_header
 
 
 class Net(nn.Module):
@@ -189,12 +188,38 @@ def test_the_class_count_is_the_models_output_size_whatever_order_its_layers_are
 
     model = HeadFirst()
     ssvi.sparsify(model, 0.5)
+    model.body.eval()  # a part frozen in eval inside a training model, as when fine-tuning
     ssvi.save(model, tmp_path / "m.safetensors", input_shape=(8,))
     spec = read_header(tmp_path / "m.safetensors")["meta"]["data_spec"]
     assert spec["num_classes"] == 3 and spec["class_names"] == ["0", "1", "2"]
-    assert model.training  # the forward that measured the output changed nothing
+    # the forward that measured the output changed no module's train/eval state
+    assert model.training and model.head.training and not model.body.training
     with pytest.raises(ValueError, match="class_names holds 2 names for a model with 3 outputs"):
         ssvi.save(model, tmp_path / "n.safetensors", input_shape=(8,), class_names=["a", "b"])
-    with pytest.raises(DataError, match="every std positive"):
+    with pytest.raises(ValueError, match="every std positive"):
         ssvi.save(model, tmp_path / "n.safetensors", input_shape=(8,), mean=[0.0] * 8, std=[0.0] * 8)
     assert not (tmp_path / "n.safetensors").exists()
+
+
+def test_a_file_whose_layer_was_untied_when_it_was_written_says_how_to_load_it(tmp_path):
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(20, 8)
+            self.head = nn.Linear(8, 20, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, tokens):
+            return self.head(self.embed(tokens))
+
+    written = Tied()
+    written.head.weight = nn.Parameter(written.head.weight.detach().clone())  # untied, so head was converted
+    ssvi.sparsify(written, 0.5)
+    ssvi.save(written, tmp_path / "t.safetensors")
+    fresh = Tied()
+    with pytest.raises(ModelFileError, match="stores layer 'head' as sparse, but in the Tied passed to load it stays "
+                                             r"dense \(its weight is tied to embed's.*untie it before loading"):
+        ssvi.load(tmp_path / "t.safetensors", model=fresh)
+    assert type(fresh.head) is nn.Linear and fresh.head.weight is fresh.embed.weight  # left as it was
+    fresh.head.weight = nn.Parameter(fresh.head.weight.detach().clone())
+    assert isinstance(ssvi.load(tmp_path / "t.safetensors", model=fresh).head, SparseGaussian)

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from ssvi_cli.cli import run
-from ssvi_cli.sweep.grid import SweepError, SweepSpec, expand, parse_axis, read_spec
+from ssvi_cli.sweep.grid import SweepError, SweepSpec, expand, parse_axis, read_spec, setting_text
 from ssvi_cli.sweep.paired import check_selection
 from ssvi_cli.sweep.runner import BUSY_EXIT, CellBusy, cell_lock, cell_state
 
@@ -248,7 +248,7 @@ def test_ctrl_c_leaves_every_cell_resumable(tmp_path: Path):
 
 def _interrupted_and_resumed(proc: subprocess.Popen, out: Path, sweep: list[str], cells: list[Path]) -> None:
     stderr = _interrupt_when(proc, lambda: all(_epochs(c) for c in cells))
-    assert "2 cells stopped; each continues from its last checkpoint" in stderr and f"ssvi sweep --resume {out}" in stderr
+    assert "2 cells stopped; each continues from its last checkpoint (one stopped before" in stderr and f"ssvi sweep --resume {out}" in stderr
     assert [cell_state(c) for c in cells] == ["partial", "partial"]
     before = {c: _epochs(c) for c in cells}
     for c in cells:
@@ -339,6 +339,9 @@ def test_one_seed_has_no_spread_to_show():
     one, two = _stats([0.9611]), _stats([0.96, 0.98])
     assert one == {"mean": 0.9611, "std": None, "n": 1} and mean_std(one) == "0.9611"
     assert mean_std(two) == f"0.9700 ± {two['std']:.4f}" and mean_std(_stats([2e-4]), -1) == "2.00e-04"
+    # a method that ignores a swept key ran once: its column says so instead of "None"
+    assert setting_text({"settings": {}}, "sparse.alpha") == "any"
+    assert setting_text({"settings": {"sparse.alpha": 0.3}}, "sparse.alpha") == "0.3"
 
 
 def test_a_sweep_made_before_collapsing_keeps_its_cells_and_a_report_needs_no_inputs(tmp_path: Path, capsys):

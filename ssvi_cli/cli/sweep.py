@@ -15,8 +15,6 @@ from rich.table import Table
 
 from ssvi_cli.cli.common import UsageError, err, out, print_json, progress_bar
 
-COMMANDS_FILE = "commands.txt"  # --dry-run: one cell command per line
-
 if TYPE_CHECKING:
     from ssvi_cli.sweep.grid import Cell, SweepSpec
 
@@ -93,40 +91,6 @@ def _spec(file: Optional[Path], preset: Optional[str], method: Optional[str], sp
     return SweepSpec.from_dict(data)
 
 
-def _check_out(out_dir: Path, spec: Any, force: bool) -> Optional[list[Any]]:
-    """A new sweep may write into a missing or empty folder, continue the same grid (its cells are
-    returned), or (``force``) replace another sweep's files; a folder holding anything else is
-    refused, ``force`` or not."""
-    from ssvi_cli.fileio import remove_entries, visible_entries
-    from ssvi_cli.sweep.figures import ACCURACY_VS_FLOPS, METRICS_VS_SPARSITY
-    from ssvi_cli.sweep.grid import CELLS_DIR, SWEEP_FILE, SweepError, is_sweep_dir, read_spec
-    from ssvi_cli.sweep.report import REPORT_JSON, REPORT_MD
-    from ssvi_cli.sweep.runner import LOGS_DIR
-
-    if not out_dir.exists():
-        return None
-    if out_dir.is_file():
-        raise UsageError(f"--out {out_dir} is a file")
-    if not is_sweep_dir(out_dir):
-        entries = visible_entries(out_dir)
-        if entries:
-            raise UsageError(f"--out {out_dir} holds {entries[0].name}" + (" and more" if len(entries) > 1 else "")
-                             + " and is not a sweep directory; choose another --out (--force replaces only a sweep)")
-        return None
-    try:
-        old_spec, old_cells = read_spec(out_dir)
-    except SweepError:  # a sweep this ssvi can no longer expand (a preset gone, say) is not the same sweep
-        old_spec, old_cells = None, []
-    if old_spec == spec:
-        return old_cells
-    if not force:
-        raise UsageError(f"{out_dir} holds a different sweep; continue it with 'ssvi sweep --resume {shlex.quote(str(out_dir))}', "
-                         "choose another --out, or replace it with --force")
-    # --force: its cells were made under other settings and must not be reused
-    remove_entries(out_dir, (SWEEP_FILE, CELLS_DIR, LOGS_DIR, COMMANDS_FILE, REPORT_JSON, REPORT_MD,
-                             METRICS_VS_SPARSITY, ACCURACY_VS_FLOPS))
-
-
 def run_cell(path: Path, run: Callable[[list[str]], int]) -> int:
     """Train (or resume) and evaluate one cell with the ``ssvi train`` and ``ssvi evaluate`` commands
     (``run`` invokes one); what ``--dry-run`` hands a scheduler."""
@@ -181,13 +145,14 @@ def register(app: typer.Typer) -> None:
         report: Annotated[Optional[Path], typer.Option(help="Only (re)write the report of the sweep in this directory.")] = None,
         run_cell_dir: Annotated[Optional[Path], typer.Option("--run-cell", help="Run one cell directory (train or resume, then evaluate); what --dry-run lists.")] = None,
         figures: Annotated[bool, typer.Option(help="Write the figures (needs matplotlib).")] = True,
-        force: Annotated[bool, typer.Option(help="Replace what --out holds (another sweep's cells included) instead of refusing.")] = False,
+        force: Annotated[bool, typer.Option(help="Replace another sweep in --out (its own files, cells included) instead of refusing; a folder that is not a sweep is never emptied.")] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON only.")] = False,
         baseline: Annotated[Optional[list[str]], typer.Option(help="Also report every group's paired differences (mean ± standard error over common seeds) from the one group this names: KEY=VALUE with KEY method, sparsity or a swept key, repeatable (e.g. --baseline method=vi).")] = None,
     ) -> None:
         """The paper's experiments in one command: a grid of runs, evaluated alike, reported as tables and figures."""
         from ssvi_cli.sweep import grid, report as reportmod
         from ssvi_cli.sweep.paired import check_selection
+        from ssvi_cli.sweep.sweepdir import claim_sweep_dir
 
         grid_given = any(v for v in (method, sparsity, seeds, criterion, set_, preset, file, ood, samples, out_dir, force))
         if (run_cell_dir or report) and (dry_run or jobs != 1 or threads):
@@ -216,7 +181,7 @@ def register(app: typer.Typer) -> None:
             grid.check_runnable(spec, cells)
             check_selection(spec, cells, baseline or [])  # before anything is written or run
             sweep_dir = out_dir or Path("sweeps") / f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(spec.preset).stem}"
-            existing = _check_out(sweep_dir, spec, force)
+            existing = claim_sweep_dir(sweep_dir, spec, force)
             if existing is not None:  # the same grid: continue it, its cells as it named them
                 cells = existing
             else:
@@ -231,6 +196,7 @@ def register(app: typer.Typer) -> None:
 def _dry_run(sweep_dir: Path, cells: list[Any]) -> None:
     from ssvi_cli.fileio import write_text
     from ssvi_cli.sweep.runner import cell_command, cell_dir
+    from ssvi_cli.sweep.sweepdir import COMMANDS_FILE
 
     # Absolute paths: a scheduler's job may start in another directory.
     # Quoted for a POSIX shell: a path with spaces stays one argument.
@@ -272,7 +238,8 @@ def _run(sweep_dir: Path, cells: list[Any], jobs: int, threads: int, json_out: b
     if outcome.interrupted:
         failed = f"; {len(outcome.failed)} failed (logs in {sweep_dir / 'logs'})" if outcome.failed else ""
         # A cell stopped before its first checkpoint starts again; the others continue from theirs.
-        err.print(f"interrupted: {len(outcome.stopped)} cells stopped{failed}; each continues from its last checkpoint: "
+        err.print(f"interrupted: {len(outcome.stopped)} cells stopped{failed}; each continues from its last checkpoint "
+                  f"(one stopped before its first starts again): "
                   f"ssvi sweep --resume {shlex.quote(str(sweep_dir))}", markup=False)
         raise typer.Exit(128 + outcome.signum)
     _finish(result, json_out)

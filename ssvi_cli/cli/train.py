@@ -79,7 +79,7 @@ def register(app: typer.Typer) -> None:
         out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<time>-<preset>-<method>).")] = None,
         set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: --set optim.lr_sigma=0.02 (repeatable).")] = None,
         resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last checkpoint.")] = None,
-        force: Annotated[bool, typer.Option(help="Overwrite an existing run directory.")] = False,
+        force: Annotated[bool, typer.Option(help="Replace the run in --out (its own files; a folder that is not a run is never emptied).")] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON only.")] = False,
         precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (autocast; fp16 adds a gradient scaler). The LRT variance stays float32.")] = None,
         nproc: Annotated[Optional[int], typer.Option(help="Processes on this node (data parallel via torch.distributed.run); --batch-size is per process.", min=1)] = None,
@@ -120,7 +120,7 @@ def register(app: typer.Typer) -> None:
             # absent GPU) and the data loaded, all before the process group exists.
             plan = RunPlan.resume(resume, device=device)
         else:
-            # Names, device, data and the layer budget are checked before --force clears an old run,
+            # Names, device, data and the layer budget are checked before --force removes an old run,
             # so a missing dataset or an impossible sparsity never costs the run being replaced.
             cfg = build_config(preset, overrides, set_ or [])
             plan = RunPlan.new(cfg, out_dir or _default_run_dir(cfg, preset), progress=not json_out and info.is_main)
@@ -130,7 +130,7 @@ def register(app: typer.Typer) -> None:
         try:
             distributed.setup(info, device or plan.cfg.train.device)
             if resume is None:
-                # Rank 0 claims (and with --force clears) the run directory; the others take its answer.
+                # Rank 0 claims (and with --force empties of the old run) the run directory; the others take its answer.
                 distributed.on_main(lambda: plan.run_dir.claim(force))
             trainer = Trainer.from_plan(plan, dist_info=info)
             if resume is not None and info.is_main:

@@ -138,6 +138,10 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
     if not targets and sparse_layers(model):
         raise ValueError(f"the model is already sparse ({len(sparse_layers(model))} layers were converted before) "
                          "and has no Linear or Conv2d layer left to convert")
+    half = next((name for name, m in targets if m.weight.dtype == torch.float16), None)
+    if half is not None and bayesian:
+        raise ValueError(f"{half} has float16 weights, which cannot hold sigma (values below 6e-8 become 0); keep the "
+                         "model in float32 and train under torch.autocast, or use bfloat16")
     if any(name == "" for name, _ in targets):
         raise ValueError("sparsify converts the layers inside a model; wrap a lone layer in nn.Sequential")
     first_conv = next((n for n, m in targets if isinstance(m, nn.Conv2d)), None)

@@ -75,11 +75,12 @@ def using_kernel(target: nn.Module | Iterable[SparseGaussian], kernel: KernelPol
 
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """``model.eval()`` inside the block (BatchNorm on running statistics), its previous
-    train/eval state afterwards."""
-    was_training = model.training
+    """``model.eval()`` inside the block (BatchNorm on running statistics); afterwards every module
+    is back in its own previous state (a BatchNorm frozen in eval inside a training model stays so)."""
+    states = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for module, training in states:
+            module.training = training

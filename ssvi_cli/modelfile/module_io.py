@@ -20,7 +20,7 @@ from torch import nn
 from ssvi_cli.core.convert import sparsify
 from ssvi_cli.core.layers import SparseGaussian, sparse_layers
 from ssvi_cli.core.modes import evaluating, sampling
-from ssvi_cli.data.spec import DataSpec
+from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.modelfile.card import Architecture, ModelCard
 from ssvi_cli.modelfile.header import ModelFileError, read_header
 from ssvi_cli.modelfile.reader import install, read_model_file, read_tensors
@@ -45,7 +45,8 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
     ``"1"``, ...; their number is the model's output size), ``mean``/``std`` (the input
     normalisation ``ssvi infer`` applies to images in [0, 1]; default none), ``dataset`` and
     ``input_shape`` describe the data in the file's model card. ``dtype``: float32, float16 or
-    bfloat16 values.
+    bfloat16 values. With ``input_shape`` one forward of zeros (mean network, eval mode, every
+    module's train/eval state restored) measures the output size, which ``class_names`` must match.
     """
     layers = sparse_layers(model)
     if not layers:
@@ -82,7 +83,10 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
                     tuple(class_names) if class_names else tuple(str(i) for i in range(num_classes)),
                     tuple(float(v) for v in mean) if mean is not None else (0.0,) * channels,
                     tuple(float(v) for v in std) if std is not None else (1.0,) * channels)
-    spec.check()  # a file others cannot use is refused here, not when it is read
+    try:
+        spec.check()  # a file others cannot use is refused here, not when it is read
+    except DataError as exc:
+        raise ValueError(str(exc)) from None
     card = ModelCard(Architecture(name, (), any(l.bayesian for _, l in layers), sigma_param), spec)
     return write_model_file(model, Path(path), card, dtype=dtype)  # type: ignore[arg-type]
 
@@ -117,8 +121,15 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
     children = [(module, dict(module._modules)) for module in model.modules()]
     try:
         records = [r for r in meta["layers"] if isinstance(r, dict)]
-        sparsify(model, structure_only=True, deterministic=[str(r.get("name")) for r in records if not r.get("bayesian")],
-                 sigma_param=str(meta["architecture"].get("sigma_param", "softplus")), kernel=kernel)
+        report = sparsify(model, structure_only=True, sigma_param=str(meta["architecture"].get("sigma_param", "softplus")),
+                          deterministic=[str(r.get("name")) for r in records if not r.get("bayesian")], kernel=kernel)
+        stored = {str(r.get("name")) for r in records}
+        tied = next(((name, why) for name, why in report.kept if name in stored and "tied" in why), None)
+        if tied is not None:  # a file written when ssvi still converted tied layers (untying them)
+            raise ModelFileError(f"{path} stores layer {tied[0]!r} as sparse, but in {target} it stays dense "
+                                 f"({tied[1]}); "
+                                 f"untie it before loading (model.{tied[0]}.weight = nn.Parameter(model.{tied[0]}.weight"
+                                 ".detach().clone())), as it was when the file was written")
         install(model, path, meta, read_tensors(path), target=target)
     except BaseException:
         for module, kept in children:
@@ -148,7 +159,7 @@ def _output_size(model: nn.Module, shape: tuple[int, ...]) -> Optional[int]:
     try:
         with torch.no_grad(), evaluating(model), sampling(model, "mean"):
             out = model(torch.zeros((1, *shape), dtype=param.dtype, device=param.device))
-    except (RuntimeError, TypeError, ValueError, IndexError):
+    except Exception:  # noqa: BLE001 - a probe: any model that cannot take zeros of that shape is simply not measured
         return None
     return int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.dim() >= 1 else None
 

@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from itertools import product
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from ssvi_cli import config as cfgmod
 from ssvi_cli.fileio import write_json
@@ -113,6 +113,11 @@ def yaml_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return "null" if value is None else str(value)
+
+
+def setting_text(group: dict[str, Any], key: str, text: Callable[[Any], str] = yaml_text) -> str:
+    """A group's value of a swept key; "any" for a method that ignores the key and ran once."""
+    return text(group["settings"][key]) if key in group["settings"] else "any"
 
 
 def group_key(item: dict[str, Any]) -> tuple[Any, ...]:

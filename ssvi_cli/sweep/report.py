@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from ssvi_cli.fileio import read_jsonl, write_json, write_text
 from ssvi_cli.runs.rundir import CONFIG_FILE, SUMMARY_FILE, SUPPORT_FILE
-from ssvi_cli.sweep.grid import EVAL_FILE, OWN_KEYS, Cell, SweepSpec, group_key, read_spec
+from ssvi_cli.sweep.grid import EVAL_FILE, OWN_KEYS, Cell, SweepSpec, group_key, read_spec, setting_text
 from ssvi_cli.sweep.paired import paired_differences, paired_markdown
 from ssvi_cli.sweep.runner import cell_dir, cell_state
 
@@ -158,7 +158,7 @@ def markdown(report: dict[str, Any]) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         cells = [g["method"], "dense" if g["sparsity"] is None else f"{g['sparsity']:g}",
-                 *(str(g["settings"].get(a)) for a in axes), _seeds(g),
+                 *(setting_text(g, a, str) for a in axes), _seeds(g),
                  *(mean_std(g.get(k), d) for k, _, d in METRICS), *(mean_std(g.get(k)) for k in aurocs),
                  mean_std(g.get("training_flops"), 0), mean_std(g.get("model_file_bytes"), 0)]
         lines.append("| " + " | ".join(cells) + " |")

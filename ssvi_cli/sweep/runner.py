@@ -144,7 +144,9 @@ def run_cells(sweep_dir: Path, cells: list[Cell], jobs: int, threads: Optional[i
             while queue and len(running) < jobs and not stops:
                 cell = queue.pop(0)
                 path = cell_dir(sweep_dir, cell)
-                if cell_busy(path):  # checked before its log is opened: that log is the other process's
+                # Checked before the log is opened: that log is the other process's. (A cell taken in the
+                # moment between the check and the start adds its one-line refusal to it.)
+                if cell_busy(path):
                     outcome.busy.append(cell.name)
                     note("busy", cell.name, "running in another process")
                     continue
