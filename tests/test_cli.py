@@ -161,3 +161,24 @@ def test_train_takes_the_presets_values_for_the_chosen_method(tmp_path: Path, ca
         assert run(["train", "--preset", str(preset), "--method", method, "--out", str(out)]) == 0, capsys.readouterr().err
         saved = yaml.safe_load((out / "config.yaml").read_text())
         assert (saved["sparse"]["method"], saved["optim"]["lr"]) == (method, lr)
+
+
+def test_resume_passes_over_an_unreadable_newest_checkpoint_for_the_one_before(tmp_path: Path, capsys, caplog):
+    out = tmp_path / "r"
+    tiny = ["--epochs", "2", "--set", "model.widths=[8]", "--set", "data.max_train=64", "--set", "train.eval_samples=1"]
+    assert run(["train", "--out", str(out), *tiny]) == 0
+    older, newest = sorted((out / "checkpoints").glob("checkpoint-*.pt"))
+    (out / "summary.json").unlink()  # as if stopped after its last checkpoint
+    (out / "model.safetensors").unlink()
+    newest.write_bytes(newest.read_bytes()[:100])  # a cut copy
+    capsys.readouterr()
+    assert run(["train", "--resume", str(out), "--json"]) == 0
+    assert f"resuming from {older.name}, the one before it" in caplog.text and "is unreadable or corrupted" in caplog.text
+    assert "resuming" in capsys.readouterr().err and (out / "model.safetensors").is_file()
+    assert newest.stat().st_size > 100  # the resumed run wrote that step's checkpoint again
+    (out / "summary.json").unlink()
+    for path in sorted((out / "checkpoints").glob("checkpoint-*.pt")):
+        path.write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    assert run(["train", "--resume", str(out)]) == 2  # none reads: the newest one's error
+    assert f"checkpoint {newest} is unreadable or corrupted" in capsys.readouterr().err

@@ -30,6 +30,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable or not ours."""
 
 
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint file whose bytes do not read as an ssvi checkpoint (a disk fault, a cut copy)."""
+
+
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -92,9 +96,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path} is unreadable or corrupted ({first[:160]})") from None
+        raise CorruptCheckpoint(f"checkpoint {path} is unreadable or corrupted ({first[:160]})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an ssvi checkpoint")
+        raise CorruptCheckpoint(f"{path} is not an ssvi checkpoint")
     if int(data.get("version", 0)) > VERSION:
         raise CheckpointError(
             f"checkpoint {path} has format version {data['version']}, newer than this ssvi "

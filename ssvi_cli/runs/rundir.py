@@ -18,12 +18,15 @@ emptied.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from ssvi_cli import fileio
 from ssvi_cli.runs import checkpoint as ckpt
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -143,8 +146,25 @@ class RunDir:
         return ckpt.latest_checkpoint(self.path)
 
     def load_latest(self) -> dict[str, Any]:
-        """The latest checkpoint's contents (read once; loaded with ``weights_only=True``)."""
-        return ckpt.load_checkpoint(self.latest_checkpoint())
+        """The newest readable checkpoint's contents (read once; loaded with ``weights_only=True``).
+
+        A newest checkpoint whose bytes do not read (a disk fault, a cut copy) is passed over, with a
+        warning, for the one before it; it stays on disk, and the resumed run overwrites it when it
+        reaches that step. When none reads, the newest one's error is raised.
+        """
+        latest = self.latest_checkpoint()  # a clear error for a missing folder or no checkpoint
+        first_error: Optional[ckpt.CorruptCheckpoint] = None
+        for path in reversed(self.checkpoints()):
+            try:
+                data = ckpt.load_checkpoint(path)
+            except ckpt.CorruptCheckpoint as exc:
+                first_error = first_error or exc
+                continue
+            if path != latest:
+                logger.warning("%s; resuming from %s, the one before it", first_error, path.name)
+            return data
+        assert first_error is not None
+        raise first_error
 
     def save_checkpoint(self, step: int, payload: dict[str, Any], keep: int) -> Path:
         return ckpt.save_checkpoint(self.path, step, payload, keep)
