@@ -130,7 +130,8 @@ def register(app: typer.Typer) -> None:
         try:
             distributed.setup(info, device or plan.cfg.train.device)
             if resume is None:
-                # Rank 0 claims (and with --force empties of the old run) the run directory; the others take its answer.
+                # Rank 0 claims the run directory (with --force, removing the old run's files); the others
+                # take its answer.
                 distributed.on_main(lambda: plan.run_dir.claim(force))
             trainer = Trainer.from_plan(plan, dist_info=info)
             if resume is not None and info.is_main:
@@ -157,9 +158,9 @@ def _finished(run_dir: Path, json_out: bool, is_main: bool) -> bool:
     from ssvi_cli.runs.rundir import RunDir
 
     run = RunDir(run_dir)
-    summary = run.read_summary()
-    if not (summary and run.model_file.is_file()):
+    if not run.finished():
         return False
+    summary = run.read_summary()
     if is_main:
         if json_out:
             print_json(summary)

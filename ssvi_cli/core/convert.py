@@ -26,6 +26,7 @@ from ssvi_cli.core.conv import SparseConv2d
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
 
 SIGMA_FLOOR = 1e-8
+TIED = "its weight is tied to"  # the start of a tied layer's reason in ``kept`` (module_io reads it)
 # Weight layers left dense and deterministic, named in the report's ``kept``.
 UNCONVERTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)
 
@@ -101,7 +102,7 @@ def _targets(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[
         elif isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
             kept.append((name, f"padding_mode={module.padding_mode!r} (only zero padding is supported)"))
         elif tied:
-            kept.append((name, f"its weight is tied to {tied[0]}'s, which a sparse layer cannot share"))
+            kept.append((name, f"{TIED} {tied[0]}'s, which a sparse layer cannot share"))
         else:
             targets.append((name, module))
     return targets, kept

@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from ssvi_cli.core.convert import sparsify
+from ssvi_cli.core.convert import TIED, sparsify
 from ssvi_cli.core.layers import SparseGaussian, sparse_layers
 from ssvi_cli.core.modes import evaluating, sampling
 from ssvi_cli.data.spec import DataError, DataSpec
@@ -124,7 +124,7 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
         report = sparsify(model, structure_only=True, sigma_param=str(meta["architecture"].get("sigma_param", "softplus")),
                           deterministic=[str(r.get("name")) for r in records if not r.get("bayesian")], kernel=kernel)
         stored = {str(r.get("name")) for r in records}
-        tied = next(((name, why) for name, why in report.kept if name in stored and "tied" in why), None)
+        tied = next(((name, why) for name, why in report.kept if name in stored and why.startswith(TIED)), None)
         if tied is not None:  # a file written when ssvi still converted tied layers (untying them)
             raise ModelFileError(f"{path} stores layer {tied[0]!r} as sparse, but in {target} it stays dense "
                                  f"({tied[1]}); "

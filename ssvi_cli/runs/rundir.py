@@ -81,6 +81,10 @@ class RunDir:
         fileio.remove_entries(self.path, RUN_ENTRIES)
         return self
 
+    def finished(self) -> bool:
+        """Whether the run reached its end: its summary and model file are written."""
+        return self.summary_file.is_file() and self.model_file.is_file()
+
     def is_run(self) -> bool:
         """Whether the folder holds an ssvi run: a ``config.yaml`` that reads as a run's config."""
         import yaml
@@ -89,7 +93,7 @@ class RunDir:
 
         try:
             data = yaml.safe_load(self.config_file.read_text(encoding="utf-8"))
-            from_dict(data if isinstance(data, dict) else {"": None})
+            from_dict(data)  # anything but a mapping of config sections is a ConfigError
         except (OSError, yaml.YAMLError, ConfigError, TypeError, ValueError):
             return False
         return True

@@ -30,10 +30,8 @@ COSTS = (("training_flops", "training FLOPs"), ("model_file_bytes", "file bytes"
          ("subspace_steps", "subspace steps"))
 
 
-def cell_row(path: Path, cell: Cell) -> Optional[dict[str, Any]]:
-    """One finished cell's numbers (None while it is not evaluated)."""
-    if cell_state(path) != "done":
-        return None
+def cell_row(path: Path, cell: Cell) -> dict[str, Any]:
+    """One evaluated cell's numbers (its state ``done``)."""
     summary = json.loads((path / SUMMARY_FILE).read_text(encoding="utf-8"))
     evaluation = json.loads((path / EVAL_FILE).read_text(encoding="utf-8"))
     row: dict[str, Any] = {"cell": cell.name, "method": cell.method, "sparsity": cell.sparsity, "seed": cell.seed,
@@ -96,17 +94,14 @@ def _mean_iou(per_seed: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
     return out
 
 
-def method_values(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> dict[str, dict[str, Any]]:
+def method_values(sweep_dir: Path, spec: SweepSpec, done: list[Cell]) -> dict[str, dict[str, Any]]:
     """``{key: {method: value}}`` for the config keys, neither swept nor the cells' own, whose value
-    differs between methods (a preset's ``methods:`` section), read from the finished cells' configs."""
+    differs between methods (a preset's ``methods:`` section), read from the ``done`` cells' configs."""
     import yaml
 
     seen: dict[str, dict[str, set]] = {}
-    for cell in cells:
-        path = cell_dir(sweep_dir, cell)
-        if cell_state(path) != "done":
-            continue
-        config = yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8")) or {}
+    for cell in done:
+        config = yaml.safe_load((cell_dir(sweep_dir, cell) / CONFIG_FILE).read_text(encoding="utf-8")) or {}
         for section, values in config.items():
             for key, value in (values or {}).items():
                 name = f"{section}.{key}"
@@ -121,12 +116,13 @@ def build_report(sweep_dir: Path, baseline: Optional[list[str]] = None) -> dict[
     """The report; with ``baseline`` (``KEY=VALUE`` strings naming one group) also every other
     group's paired differences from it (``sweep.paired``)."""
     spec, cells = read_spec(sweep_dir)
-    rows = [r for c in cells if (r := cell_row(cell_dir(sweep_dir, c), c)) is not None]
+    done = [c for c in cells if cell_state(cell_dir(sweep_dir, c)) == "done"]  # each cell's files looked at once
+    rows = [cell_row(cell_dir(sweep_dir, c), c) for c in done]
     groups = aggregate(rows)
     report = {"format": "ssvi-sweep-report", "version": 1, "sweep": str(sweep_dir), "spec": spec.to_dict(),
               "cells_total": len(cells), "cells_done": len(rows),
-              "missing": [c.name for c in cells if cell_state(cell_dir(sweep_dir, c)) != "done"],
-              "method_values": method_values(sweep_dir, spec, cells), "groups": groups, "cells": rows}
+              "missing": [c.name for c in cells if c not in done],
+              "method_values": method_values(sweep_dir, spec, done), "groups": groups, "cells": rows}
     if baseline:
         report["paired"] = paired_differences(spec, cells, groups, rows, baseline)
     return report
@@ -138,9 +134,9 @@ def mean_std(stat: Optional[dict[str, Any]], digits: int = 4) -> str:
         return "-"
     if digits == 0:  # costs: their spread over seeds is a few header bytes, not worth a column
         return f"{stat['mean']:.3g}"
-    if digits < 0:
-        return f"{stat['mean']:.2e}" + ("" if stat.get("std") is None else f" ± {stat['std']:.1e}")
-    return f"{stat['mean']:.{digits}f}" + ("" if stat.get("std") is None else f" ± {stat['std']:.{digits}f}")
+    mean_fmt, std_fmt = (".2e", ".1e") if digits < 0 else (f".{digits}f", f".{digits}f")
+    spread = "" if stat.get("std") is None else f" ± {stat['std']:{std_fmt}}"
+    return f"{stat['mean']:{mean_fmt}}{spread}"
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -40,7 +40,7 @@ def cell_state(path: Path) -> str:
     run = RunDir(path)
     if (path / EVAL_FILE).is_file():
         return "done"
-    if run.summary_file.is_file() and run.model_file.is_file():
+    if run.finished():
         return "trained"
     return "partial" if path.is_dir() and run.checkpoints() else "new"
 
