@@ -182,3 +182,20 @@ def test_resume_passes_over_an_unreadable_newest_checkpoint_for_the_one_before(t
     capsys.readouterr()
     assert run(["train", "--resume", str(out)]) == 2  # none reads: the newest one's error
     assert f"checkpoint {newest} is unreadable or corrupted" in capsys.readouterr().err
+
+
+def test_evaluate_and_inspect_of_a_run_pass_over_an_unreadable_newest_checkpoint(tmp_path: Path, capsys, caplog):
+    out = tmp_path / "r"
+    tiny = ["--epochs", "2", "--set", "model.widths=[8]", "--set", "data.max_train=64", "--set", "train.eval_samples=1"]
+    assert run(["train", "--out", str(out), *tiny]) == 0
+    older, newest = sorted((out / "checkpoints").glob("checkpoint-*.pt"))
+    (out / "model.safetensors").unlink()  # a run stopped before it wrote its model file
+    newest.write_bytes(newest.read_bytes()[:100])
+    for command in (["evaluate", str(out), "--samples", "2", "--json"], ["inspect", str(out), "--json"]):
+        caplog.clear()
+        capsys.readouterr()
+        assert run(command) == 0, capsys.readouterr().err
+        assert f"reading {older.name}, the one before it" in caplog.text
+        report = json.loads(capsys.readouterr().out)
+        assert report["file"] == str(older) if command[0] == "inspect" else 0 < report["metrics"]["accuracy"] <= 1
+        assert newest.stat().st_size == 100  # nothing written: reading leaves the run as it was

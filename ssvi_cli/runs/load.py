@@ -1,5 +1,5 @@
 """A model from wherever it is: a model file, a training checkpoint, or a run directory (its model
-file, else its latest checkpoint), always as a :class:`~ssvi_cli.modelfile.LoadedModel` with its
+file, else its newest readable checkpoint), always as a :class:`~ssvi_cli.modelfile.LoadedModel` with its
 card; and ``export``, which writes any of them as a model file.
 
 Checkpoints are read with ``torch.load(..., weights_only=True)``; the training code is not imported.
@@ -20,9 +20,11 @@ from ssvi_cli.runs.rundir import RunDir
 __all__ = ["LoadedModel", "export_model", "load_model", "model_from_checkpoint"]
 
 
-def model_from_checkpoint(path: Path, metrics: Optional[dict[str, Any]] = None, kernel: str = "auto") -> LoadedModel:
-    """Rebuild a model from a training checkpoint."""
-    data = ckpt.load_checkpoint(Path(path))
+def model_from_checkpoint(path: Path, metrics: Optional[dict[str, Any]] = None, kernel: str = "auto",
+                          data: Optional[dict[str, Any]] = None) -> LoadedModel:
+    """Rebuild a model from a training checkpoint (``data``: its contents, when already read)."""
+    if data is None:
+        data = ckpt.load_checkpoint(Path(path))
     try:
         card = ModelCard.from_config(from_dict(data["config"]), DataSpec.from_dict(data["data_spec"]), metrics)
     except (KeyError, TypeError, ValueError, DataError, ConfigError) as exc:
@@ -36,13 +38,14 @@ def model_from_checkpoint(path: Path, metrics: Optional[dict[str, Any]] = None, 
 
 def load_model(path: Path, kernel: str = "auto") -> LoadedModel:
     """A model from an ssvi file, a checkpoint (``.pt``), or a run directory (its model file, else
-    its latest checkpoint), on the CPU in eval mode."""
+    its newest readable checkpoint), on the CPU in eval mode."""
     path = Path(path)
     if path.is_dir():
         run = RunDir(path)
         if run.model_file.is_file():
             return read_model_file(run.model_file, kernel=kernel)
-        return model_from_checkpoint(run.latest_checkpoint(), run.read_summary(), kernel)
+        path, data = run.load_latest("reading")  # an unreadable newest one is passed over, with a warning
+        return model_from_checkpoint(path, run.read_summary(), kernel, data)
     if path.suffix == ".pt":
         return model_from_checkpoint(path, RunDir(path.parent.parent).read_summary(), kernel)
     return read_model_file(path, kernel=kernel)

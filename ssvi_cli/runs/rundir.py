@@ -149,12 +149,13 @@ class RunDir:
     def latest_checkpoint(self) -> Path:
         return ckpt.latest_checkpoint(self.path)
 
-    def load_latest(self) -> dict[str, Any]:
-        """The newest readable checkpoint's contents (read once; loaded with ``weights_only=True``).
+    def load_latest(self, purpose: str = "resuming from") -> tuple[Path, dict[str, Any]]:
+        """The newest readable checkpoint and its contents (read once, with ``weights_only=True``).
 
         A newest checkpoint whose bytes do not read (a disk fault, a cut copy) is passed over, with a
-        warning, for the one before it; it stays on disk, and the resumed run overwrites it when it
-        reaches that step. When none reads, the newest one's error is raised.
+        warning ("<its error>; <purpose> <name>, the one before it"), for the one before it; it stays
+        on disk, and a resumed run overwrites it when it reaches that step. When none reads, the newest
+        one's error is raised.
         """
         latest = self.latest_checkpoint()  # a clear error for a missing folder or no checkpoint
         first_error: Optional[ckpt.CorruptCheckpoint] = None
@@ -165,8 +166,8 @@ class RunDir:
                 first_error = first_error or exc
                 continue
             if path != latest:
-                logger.warning("%s; resuming from %s, the one before it", first_error, path.name)
-            return data
+                logger.warning("%s; %s %s, the one before it", first_error, purpose, path.name)
+            return path, data
         assert first_error is not None
         raise first_error
 

@@ -115,7 +115,7 @@ class RunPlan:
                splits: Optional[DataSplits] = None) -> "RunPlan":
         """Continue the run in ``run_dir`` from its latest checkpoint (read once, here)."""
         run = _run_dir(run_dir)
-        data = run.load_latest()
+        _, data = run.load_latest()
         cfg = from_dict(data["config"])
         dev = resolve_device(device or cfg.train.device)
         splits = splits or load_data(cfg)
