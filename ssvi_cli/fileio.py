@@ -107,6 +107,13 @@ def visible_entries(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if not p.name.startswith("."))
 
 
+def not_ours(folder: Path, entries: list[Path], kind: str) -> str:
+    """The refusal for an ``--out`` that holds ``entries`` but is not a ``kind`` ("run", "sweep")."""
+    more = " and more" if len(entries) > 1 else ""
+    return (f"--out {folder} holds {entries[0].name}{more} and is not a {kind} folder; choose another --out "
+            f"(--force replaces only a {kind})")
+
+
 def remove_entries(folder: Path, names: Iterable[str]) -> None:
     """Remove the files and folders ``names`` directly under ``folder``; missing ones are fine.
     Everything else in ``folder`` stays: replacing a run or a sweep never deletes what it did not

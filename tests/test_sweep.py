@@ -112,7 +112,7 @@ def test_cli_errors(tmp_path: Path, capsys):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "x.txt").write_text("mine")
     assert run(["sweep", "--out", str(tmp_path / "b"), "--dry-run"]) == 2
-    assert "is not a sweep directory" in capsys.readouterr().err
+    assert "holds x.txt and is not a sweep folder" in capsys.readouterr().err
     assert (tmp_path / "b" / "x.txt").read_text() == "mine"
 
 
@@ -287,7 +287,7 @@ def test_force_replaces_another_sweep_and_a_yaml_list_key_is_one_value(tmp_path:
     (other / "thesis.tex").write_text("years of work")
     for force in ([], ["--force"]):
         assert run(["sweep", "--out", str(other), "--dry-run", *force]) == 2
-        assert "holds thesis.tex and is not a sweep directory" in capsys.readouterr().err
+        assert "holds thesis.tex and is not a sweep folder" in capsys.readouterr().err
     assert [p.name for p in other.iterdir()] == ["thesis.tex"]
     # Printed commands are quoted for a shell: a folder name with a space stays one argument.
     spaced = tmp_path / "my sweep"

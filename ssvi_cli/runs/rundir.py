@@ -71,8 +71,7 @@ class RunDir:
         if not entries:
             return self
         if not self.is_run():
-            raise RunDirError(f"--out {self.path} holds {entries[0].name}" + (" and more" if len(entries) > 1 else "")
-                              + " and is not a run folder; choose another --out (--force replaces only a run)")
+            raise RunDirError(fileio.not_ours(self.path, entries, "run"))
         if not force:
             raise RunDirError(
                 f"--out {self.path} already holds a run; pass --force to overwrite it or "

@@ -8,7 +8,7 @@ import shlex
 from pathlib import Path
 from typing import Optional
 
-from ssvi_cli.fileio import remove_entries, visible_entries
+from ssvi_cli.fileio import not_ours, remove_entries, visible_entries
 from ssvi_cli.sweep.figures import ACCURACY_VS_FLOPS, METRICS_VS_SPARSITY
 from ssvi_cli.sweep.grid import CELLS_DIR, SWEEP_FILE, Cell, SweepError, SweepSpec, is_sweep_dir, read_spec
 from ssvi_cli.sweep.report import REPORT_JSON, REPORT_MD
@@ -31,8 +31,7 @@ def claim_sweep_dir(out_dir: Path, spec: SweepSpec, force: bool) -> Optional[lis
     if not is_sweep_dir(out_dir):
         entries = visible_entries(out_dir)
         if entries:
-            raise SweepError(f"--out {out_dir} holds {entries[0].name}" + (" and more" if len(entries) > 1 else "")
-                             + " and is not a sweep directory; choose another --out (--force replaces only a sweep)")
+            raise SweepError(not_ours(out_dir, entries, "sweep"))
         return None
     try:
         old_spec, old_cells = read_spec(out_dir)
