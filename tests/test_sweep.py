@@ -334,7 +334,7 @@ def test_a_running_cell_is_locked_and_a_yaml_file_takes_the_flags_names(tmp_path
 
 
 def test_one_seed_has_no_spread_to_show():
-    from ssvi_cli.sweep.report import _stats, mean_std
+    from ssvi_cli.sweep.report import _iou_markdown, _stats, mean_std
 
     one, two = _stats([0.9611]), _stats([0.96, 0.98])
     assert one == {"mean": 0.9611, "std": None, "n": 1} and mean_std(one) == "0.9611"
@@ -342,6 +342,13 @@ def test_one_seed_has_no_spread_to_show():
     # a method that ignores a swept key ran once: its column says so instead of "None"
     assert setting_text({"settings": {}}, "sparse.alpha") == "any"
     assert setting_text({"settings": {"sparse.alpha": 0.3}}, "sparse.alpha") == "0.3"
+    # a group's criteria overlap is headed by its settings as key=value, as the paired table names groups
+    stage = {"criteria": ["mean", "snr"], "steps": [50], "iou": [[1.0, 0.72], [0.72, 1.0]]}
+    group = {"method": "ssvi", "sparsity": 0.95, "settings": {"bayes.beta": 0.01, "model.widths": [64, 64]},
+             "criteria_iou": {"early": stage, "middle": stage, "late": stage}}
+    md = _iou_markdown([group])
+    assert "## Criteria overlap: ssvi, sparsity 0.95, bayes.beta=0.01, model.widths=[64,64]" in md
+    assert "| mean vs snr | 0.720 | 0.720 | 0.720 |" in md
 
 
 def test_a_sweep_made_before_collapsing_keeps_its_cells_and_a_report_needs_no_inputs(tmp_path: Path, capsys):

@@ -278,9 +278,10 @@ def _finish(result: dict[str, Any], json_out: bool) -> None:
 
 
 def _paired_table(paired: dict[str, Any]) -> None:
-    from ssvi_cli.sweep.paired import PAIRED_METRICS, baseline_label, diff_text
+    from ssvi_cli.sweep.grid import group_label
+    from ssvi_cli.sweep.paired import PAIRED_METRICS, diff_text
 
-    table = Table(title=f"paired differences from {baseline_label(paired['baseline'])} (mean ± standard error "
+    table = Table(title=f"paired differences from {group_label(paired['baseline'])} (mean ± standard error "
                         "over common seeds)", title_justify="left")
     for col in ("method", "sparsity", "settings", "seeds", *(f"Δ {label}" for _, label in PAIRED_METRICS[:3])):
         table.add_column(col, justify="left" if col in ("method", "settings") else "right")

@@ -120,6 +120,12 @@ def setting_text(group: dict[str, Any], key: str, text: Callable[[Any], str] = y
     return text(group["settings"][key]) if key in group["settings"] else "any"
 
 
+def group_label(group: dict[str, Any]) -> str:
+    """A group for a person: "ssvi, sparsity 0.95, bayes.beta=0.01"."""
+    parts = [group["method"], "dense" if group["sparsity"] is None else f"sparsity {group['sparsity']:g}"]
+    return ", ".join(parts + [f"{k}={yaml_text(v)}" for k, v in group["settings"].items()])
+
+
 def group_key(item: dict[str, Any]) -> tuple[Any, ...]:
     """The group a cell row (or a group, or a cell's fields) belongs to: method, sparsity, settings."""
     return (item["method"], item["sparsity"], json.dumps(item["settings"], sort_keys=True))

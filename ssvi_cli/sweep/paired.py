@@ -13,7 +13,7 @@ import math
 import statistics
 from typing import Any, Optional
 
-from ssvi_cli.sweep.grid import SweepError, SweepSpec, group_key, parse_values, setting_text, yaml_text
+from ssvi_cli.sweep.grid import SweepError, SweepSpec, group_key, group_label, parse_values, setting_text, yaml_text
 
 PAIRED_METRICS = (("accuracy", "accuracy"), ("nll", "NLL"), ("ece", "ECE"), ("brier", "Brier"))
 
@@ -24,11 +24,6 @@ def _value(group: dict[str, Any], key: str) -> str:
     if key == "sparsity":
         return yaml_text(group["sparsity"])
     return yaml_text(group["settings"].get(key))
-
-
-def baseline_label(group: dict[str, Any]) -> str:
-    parts = [group["method"], "dense" if group["sparsity"] is None else f"sparsity {group['sparsity']:g}"]
-    return ", ".join(parts + [f"{k}={yaml_text(v)}" for k, v in group["settings"].items()])
 
 
 def select_baseline(spec: SweepSpec, groups: list[dict[str, Any]], selection: list[str]) -> dict[str, Any]:
@@ -52,7 +47,7 @@ def select_baseline(spec: SweepSpec, groups: list[dict[str, Any]], selection: li
     matches = [g for g in groups if all(_value(g, k) == v or (k in swept and k not in g["settings"] and v in swept[k])
                                         for k, v in wanted.items())]
     if len(matches) != 1:
-        shown = "; ".join(baseline_label(g) for g in (matches or groups)[:6])
+        shown = "; ".join(group_label(g) for g in (matches or groups)[:6])
         what = "matches" if matches else "groups are"
         raise SweepError(f"--baseline {' '.join(selection)} names {len(matches)} groups, not one ({what}: {shown})")
     return matches[0]
@@ -91,7 +86,7 @@ def paired_differences(spec: SweepSpec, cells: list[Any], groups: list[dict[str,
     baseline = {**base, "selection": list(selection)}
     if not reference:
         return {"baseline": baseline, "metrics": [], "groups": [],
-                "note": f"no paired differences: the baseline group ({baseline_label(base)}) has no evaluated cell yet"}
+                "note": f"no paired differences: the baseline group ({group_label(base)}) has no evaluated cell yet"}
     metrics = [k for k, _ in PAIRED_METRICS] + sorted({k for r in rows for k in r if k.startswith("auroc:")})
     out = []
     for group in groups:
@@ -121,7 +116,7 @@ def diff_text(stat: Optional[dict[str, Any]]) -> str:
 
 
 def paired_markdown(paired: dict[str, Any], axes: list[str]) -> list[str]:
-    title = ["", f"## Paired differences from {baseline_label(paired['baseline'])}", ""]
+    title = ["", f"## Paired differences from {group_label(paired['baseline'])}", ""]
     if paired.get("note"):
         return [*title, paired["note"] + "."]
     aurocs = [m for m in paired["metrics"] if m.startswith("auroc:")]

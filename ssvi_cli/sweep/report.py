@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from ssvi_cli.fileio import read_jsonl, write_json, write_text
 from ssvi_cli.runs.rundir import CONFIG_FILE, SUMMARY_FILE, SUPPORT_FILE
-from ssvi_cli.sweep.grid import EVAL_FILE, OWN_KEYS, Cell, SweepSpec, group_key, read_spec, setting_text
+from ssvi_cli.sweep.grid import EVAL_FILE, OWN_KEYS, Cell, SweepSpec, group_key, group_label, read_spec, setting_text
 from ssvi_cli.sweep.paired import paired_differences, paired_markdown
 from ssvi_cli.sweep.runner import cell_dir, cell_state
 
@@ -185,8 +185,7 @@ def _iou_markdown(groups: list[dict[str, Any]]) -> list[str]:
             continue
         names = iou["early"]["criteria"]
         pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
-        label = f"{g['method']}, sparsity {g['sparsity']:g}" + (f", {g['settings']}" if g["settings"] else "")
-        out += ["", f"## Criteria overlap: {label}", "",
+        out += ["", f"## Criteria overlap: {group_label(g)}", "",
                 "IoU of the entries each removal criterion would drop at the subspace step (mean over seeds), "
                 "at the first, middle and last subspace step of training.", "",
                 "| criteria | " + " | ".join(f"{s} (step {min(iou[s]['steps'])})" for s in STAGES) + " |",
