@@ -199,12 +199,13 @@ class Subspace:
 
 
 def _check_optimizer_holds(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Every sparse layer's mu and rho are among the optimizer's parameters (an optimizer built
-    before ``sparsify`` holds the replaced dense weights, and the model would never train)."""
+    """Every trainable sparse layer's mu and rho are among the optimizer's parameters (an optimizer
+    built before ``sparsify`` holds the replaced dense weights, and the model would never train);
+    frozen ones (``requires_grad`` off) may be left out."""
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for name, layer in sparse_layers(model):
         for part, param in (("mu", layer.mu), ("rho", layer.rho)):
-            if param is not None and id(param) not in held:
+            if param is not None and param.requires_grad and id(param) not in held:
                 raise ValueError(f"the optimizer does not hold {name}.{part}; build it after ssvi_cli.sparsify, "
                                  "from model.parameters() or ssvi_cli.param_groups(model)")
 

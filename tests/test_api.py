@@ -234,3 +234,46 @@ def test_a_layer_the_remove_and_add_steps_forward_did_not_reach_keeps_its_suppor
     report = subspace.last_report
     assert report.unreached == ["b"] and [l.name for l in report.layers] == ["body", "a"]
     assert report.swapped > 0 and torch.equal(model.b.idx, before)
+
+
+@pytest.mark.parametrize("optimizer_over", ["all", "trainable"])
+def test_a_frozen_layer_stays_frozen_and_keeps_its_support(optimizer_over):
+    """Freezing before sparsify carries over to mu, rho and the bias; the remove-and-add steps leave
+    the frozen layer's support and values alone, and an optimizer over the trainable parameters
+    only is accepted."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 3))
+    for p in model[2].parameters():
+        p.requires_grad_(False)
+    ssvi.sparsify(model, sparsity=0.5)
+    frozen = model[2]
+    assert not any(p.requires_grad for p in (frozen.mu, frozen.rho, frozen.bias))
+    assert model[0].mu.requires_grad and model[4].rho.requires_grad
+    params = model.parameters() if optimizer_over == "all" else [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=0.05)
+    subspace = ssvi.Subspace(model, optimizer, total_steps=8, delta_t=2)
+    idx, mu, rho = frozen.idx.clone(), frozen.mu.detach().clone(), frozen.rho.detach().clone()
+    first = model[0].idx.clone()
+    for _ in range(4):
+        x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+        F.cross_entropy(model(x), y).backward()
+        subspace.step()
+        optimizer.zero_grad()
+    assert [l.name for l in subspace.last_report.layers] == ["0", "4"] and not subspace.last_report.unreached
+    assert not torch.equal(model[0].idx, first)  # the others moved
+    assert torch.equal(frozen.idx, idx) and torch.equal(frozen.mu, mu) and torch.equal(frozen.rho, rho)
+
+
+def test_dense_and_deterministic_patterns_take_one_string_and_must_match_a_layer():
+    def net():
+        return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+    model = net()
+    ssvi.sparsify(model, sparsity=0.8, dense="2", deterministic="0")
+    assert model[2].density == 1.0 and model[0].density < 1.0
+    assert not model[0].bayesian and model[2].bayesian
+    with pytest.raises(ValueError, match=r"dense: '3' matches no Linear or Conv2d layer .*\(they are: 0, 2\)"):
+        ssvi.sparsify(net(), sparsity=0.8, dense=("2", "3"))
+    with pytest.raises(ValueError, match="deterministic: 'fc'"):
+        ssvi.sparsify(net(), sparsity=0.8, deterministic=["fc"])

@@ -74,6 +74,11 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+def _patterns(patterns: str | Iterable[str]) -> tuple[str, ...]:
+    """Module-name patterns: one string is one pattern (not its characters)."""
+    return (patterns,) if isinstance(patterns, str) else tuple(str(p) for p in patterns)
+
+
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -117,16 +122,18 @@ def _sparse_twin(module: nn.Module, bayesian: bool, stem: bool, sigma_param: str
     return SparseLinear(module.in_features, module.out_features, **common)
 
 
-def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, dense: Iterable[str] = (),
-             deterministic: Iterable[str] = (), dense_first_conv: bool = True, allocation: str = "uniform",
+def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, dense: str | Iterable[str] = (),
+             deterministic: str | Iterable[str] = (), dense_first_conv: bool = True, allocation: str = "uniform",
              from_weights: bool = True, sigma_mean: float = 6e-4, sigma_std: float = 5e-4,
              moped_delta: Optional[float] = None, sigma_param: str = "softplus", kernel: str = "auto",
              generator: Optional[torch.Generator] = None, structure_only: bool = False) -> ConversionReport:
     """Convert ``model`` in place, each new layer on its weight's device and in its dtype; returns
     the per-layer report (what stays as it is, and why, in ``kept``).
 
-    ``dense`` / ``deterministic``: fnmatch patterns of module names kept at density 1 (still
-    Bayesian) / without sigma. ``dense_first_conv``: the first ``Conv2d`` (the stem) stays dense.
+    ``dense`` / ``deterministic``: fnmatch patterns (one string, or several) of module names kept
+    at density 1 (still Bayesian) / without sigma; a pattern that matches no converted layer is an
+    error. A layer whose weight does not require gradients stays frozen: its mu and rho do not
+    either, and :class:`ssvi_cli.Subspace` leaves its support as it is. ``dense_first_conv``: the first ``Conv2d`` (the stem) stays dense.
     ``from_weights``: support and mu from the current weights (else a random support with a fan-in
     init). ``moped_delta``: sigma = delta * |w| instead of ``|N(sigma_mean, sigma_std^2)|``.
     Works on a model built on the ``meta`` device (shapes and counts only). ``structure_only``:
@@ -134,8 +141,14 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity={sparsity} must be in [0, 1)")
-    dense, deterministic = tuple(dense), tuple(deterministic)
+    dense, deterministic = _patterns(dense), _patterns(deterministic)
     targets, kept = _targets(model)
+    if not structure_only:  # a typo would silently leave a layer sparse or Bayesian
+        for arg, patterns in (("dense", dense), ("deterministic", deterministic)):
+            unmatched = next((p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n, _ in targets)), None)
+            if unmatched is not None:
+                raise ValueError(f"{arg}: {unmatched!r} matches no Linear or Conv2d layer that sparsify converts "
+                                 f"(they are: {', '.join(n for n, _ in targets[:8])}{', ...' if len(targets) > 8 else ''})")
     if not targets and sparse_layers(model):
         raise ValueError(f"the model is already sparse ({len(sparse_layers(model))} layers were converted before) "
                          "and has no Linear or Conv2d layer left to convert")
@@ -151,7 +164,13 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
         twin = _sparse_twin(module, bayesian and not _matches(name, deterministic),
                             dense_first_conv and name == first_conv, sigma_param, kernel)
         weight = module.weight
-        twins.append((name, twin.to(weight.device, weight.dtype if weight.is_floating_point() else None), module))
+        twin = twin.to(weight.device, weight.dtype if weight.is_floating_point() else None)
+        for param in (twin.mu, twin.rho):  # a frozen layer stays frozen (Subspace then keeps its support)
+            if param is not None:
+                param.requires_grad_(weight.requires_grad)
+        if module.bias is not None:
+            twin.bias.requires_grad_(module.bias.requires_grad)
+        twins.append((name, twin, module))
     if structure_only:
         for name, twin, _ in twins:
             _replace(model, name, twin)

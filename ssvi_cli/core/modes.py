@@ -50,9 +50,10 @@ def sampling(target: nn.Module | Iterable[SparseGaussian], mode: str):
 
 
 def capturing_dense_grad(target: nn.Module | Iterable[SparseGaussian], on: bool = True):
-    """Dense-gradient capture for the layers that have off-support entries (``on=False``: a no-op)."""
+    """Dense-gradient capture for the layers that have off-support entries and are not frozen
+    (``mu.requires_grad``; ``on=False``: a no-op)."""
     layers = _layers(target)
-    return _swap(layers, "capture_dense_grad", [on and l.active < l.numel for l in layers])
+    return _swap(layers, "capture_dense_grad", [on and l.active < l.numel and l.mu.requires_grad for l in layers])
 
 
 def drawing(layers: Iterable[SparseGaussian]):

@@ -168,15 +168,15 @@ def subspace_step(model: nn.Module, step: int, schedule: Schedule, criterion: st
     the step is dropped, as a gradient scaler drops an optimizer step (every process agrees, since
     the check runs on the reduced gradients).
 
-    A layer without a dense gradient (the step's forward did not use it: a head of another task, a
-    branch not taken) keeps its support and is listed in ``unreached``. Under ``reduce`` every process
+    A frozen layer (``mu.requires_grad`` off) keeps its support. A layer without a dense gradient
+    (the step's forward did not use it: a head of another task, a branch not taken) keeps it too and is listed in ``unreached``. Under ``reduce`` every process
     must reach the same layers, so there a missing gradient is an error.
     """
     fraction = schedule.drop_fraction(step)
     report = SwapReport(step, fraction)
     grads: list[tuple[str, SparseGaussian, Tensor]] = []
     for name, layer in sparse_layers(model):
-        if layer.active == layer.numel:
+        if layer.active == layer.numel or not layer.mu.requires_grad:  # dense, or frozen by the user
             continue
         grad = layer.dense_grad
         if grad is None:
