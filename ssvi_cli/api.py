@@ -50,6 +50,10 @@ def kl_term(model: nn.Module, n_train: int, beta: float = 1.0, prior_sigma: floa
     layers = [layer for _, layer in sparse_layers(model)]
     if not layers:
         raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
+    if not n_train >= 1:
+        raise ValueError(f"n_train={n_train}: the number of training examples must be at least 1")
+    if not beta >= 0 or not prior_sigma > 0:
+        raise ValueError(f"beta={beta}, prior_sigma={prior_sigma}: beta must be >= 0 and prior_sigma > 0")
     total = sum((layer.kl(prior_sigma) for layer in layers), torch.zeros((), device=layers[0].mu.device))
     return beta * total / n_train
 

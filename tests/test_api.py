@@ -49,6 +49,9 @@ def test_kl_term_is_the_layers_closed_form_over_n():
     expected = sum(float(l.kl(0.1).detach()) for _, l in sparse_layers(model)) * 0.5 / 100
     assert float(ssvi.kl_term(model, n_train=100, beta=0.5, prior_sigma=0.1).detach()) == pytest.approx(expected)
     assert float(ssvi.kl_term(small("rigl"), n_train=100)) == 0.0
+    for bad in ({"n_train": 0}, {"n_train": -5}, {"n_train": 100, "beta": -1.0}, {"n_train": 100, "prior_sigma": 0.0}):
+        with pytest.raises(ValueError, match="n_train=|beta="):
+            ssvi.kl_term(model, **bad)
 
 
 def test_subspace_moves_supports_on_schedule_with_exact_counts_and_fresh_momentum():

@@ -119,7 +119,25 @@ def test_save_refuses_a_model_it_cannot_describe(tmp_path):
                   class_names=["a", "b"])
     with pytest.raises(ValueError, match="'torchvision:NAME', or None"):
         ssvi.save(net, tmp_path / "a.safetensors", architecture="resnet18", input_shape=(3, 32, 32))
-    assert not (tmp_path / "a.safetensors").exists()
+    # a name ssvi would read as a checkpoint, and an input shape the model cannot take
+    with pytest.raises(ValueError, match=r"a\.pt: name the model file \*\.safetensors"):
+        ssvi.save(net, tmp_path / "a.pt", input_shape=(3, 32, 32))
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    ssvi.sparsify(mlp, 0.5)
+    with pytest.raises(ValueError, match=r"input_shape=\(3, 32, 32\): the model cannot take an input of that shape "
+                                         r"\(RuntimeError: mat1 and mat2 shapes cannot be multiplied"):
+        ssvi.save(mlp, tmp_path / "a.safetensors", input_shape=(3, 32, 32))
+    assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / "a.pt").exists()
+    assert ssvi.save(mlp, tmp_path / "a.safetensors", input_shape=(1, 8, 8)) > 0
+
+
+def test_a_token_model_is_measured_with_token_ids(tmp_path):
+    model = nn.Sequential(nn.Embedding(20, 8), nn.Flatten(), nn.Linear(8 * 6, 5))
+    ssvi.sparsify(model, 0.5)
+    with pytest.raises(ValueError, match="class_names holds 3 names for a model with 5 outputs"):
+        ssvi.save(model, tmp_path / "t.safetensors", input_shape=(6,), class_names=["a", "b", "c"])
+    ssvi.save(model, tmp_path / "t.safetensors", input_shape=(6,))
+    assert read_header(tmp_path / "t.safetensors")["meta"]["data_spec"]["num_classes"] == 5
 
 
 def test_a_torchvision_network_rebuilds_from_the_file_alone(tmp_path):

@@ -46,11 +46,14 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
     normalisation ``ssvi infer`` applies to images in [0, 1]; default none), ``dataset`` and
     ``input_shape`` describe the data in the file's model card. ``dtype``: float32, float16 or
     bfloat16 values. With ``input_shape`` one forward of zeros (mean network, eval mode, every
-    module's train/eval state restored) measures the output size, which ``class_names`` must match.
+    module's train/eval state restored) measures the output size, which ``class_names`` must match;
+    a shape the model cannot take is refused. ``path`` must end in ``.safetensors``.
     """
     layers = sparse_layers(model)
     if not layers:
         raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
+    if Path(path).suffix.lower() != ".safetensors":
+        raise ValueError(f"{path}: name the model file *.safetensors (ssvi reads a .pt as a training checkpoint)")
     bayesian = {layer.bayesian for _, layer in layers}
     sigma_param = layers[0][1].sigma_param
     shape = tuple(int(s) for s in input_shape) if input_shape is not None else ()
@@ -151,17 +154,23 @@ def _skeleton(architecture: str, shape: tuple[int, ...], num_classes: int, facto
 
 
 def _output_size(model: nn.Module, shape: tuple[int, ...]) -> Optional[int]:
-    """The size of the model's output for one input of ``shape`` (mean network, no gradients); None
-    where no shape is given or a float input of zeros cannot run (a model that takes token ids)."""
+    """The size of the model's output for one input of ``shape`` (zeros; token ids for a model with
+    an embedding; mean network, no gradients); None where no shape is given. A shape the model
+    cannot take is refused: the file would describe inputs the model does not accept."""
     if not shape:
         return None
     param = next(model.parameters())
-    try:
-        with torch.no_grad(), evaluating(model), sampling(model, "mean"):
-            out = model(torch.zeros((1, *shape), dtype=param.dtype, device=param.device))
-    except Exception:  # noqa: BLE001 - a probe: any model that cannot take zeros of that shape is simply not measured
-        return None
-    return int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.dim() >= 1 else None
+    kinds = [param.dtype] + ([torch.long] if any(isinstance(m, nn.Embedding) for m in model.modules()) else [])
+    for dtype in kinds:
+        try:
+            with torch.no_grad(), evaluating(model), sampling(model, "mean"):
+                out = model(torch.zeros((1, *shape), dtype=dtype, device=param.device))
+        except Exception as exc:  # noqa: BLE001 - whatever the model raises for an input it cannot take
+            error = exc
+            continue
+        return int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.dim() >= 1 else None
+    raise ValueError(f"input_shape={shape}: the model cannot take an input of that shape "
+                     f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''})")
 
 
 def _structure(model: nn.Module) -> list[tuple[str, Any, Any]]:
