@@ -146,6 +146,16 @@ def test_a_folder_too_small_for_a_test_split_is_refused_before_training(tmp_path
     assert "raise --set data.test_fraction" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
+def test_a_model_that_cannot_take_the_image_size_is_refused_before_a_run_folder_is_written(ws, tmp_path, capsys):
+    out = tmp_path / "r"
+    args = ["train", "--data", f"imagefolder:{ws / 'flat'}", "--model", "torchvision:vgg11", "--set", "data.image_size=8",
+            "--out", str(out)]
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert "torchvision:vgg11 cannot take the data's 3x8x8 inputs (set data.image_size): Given input size" in err
+    assert "Traceback" not in err and not out.exists()
+
+
 # ----------------------------------------------------------------------------- pixels
 
 

@@ -160,6 +160,8 @@ class SparseGaussian(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Outside autocast the output has the input's dtype (a float64 or bfloat16 model), though the
         variance (and for half types the CSR kernels) compute in float32."""
+        if x.is_meta:  # shapes only (a run plan's probe): the dense op on an empty weight of the layer's shape
+            return self._with_bias(self.dense_op(x, x.new_empty(self.weight_shape)))
         out = self._forward(x)
         keep = out.dtype == x.dtype or not x.is_floating_point() or torch.is_autocast_enabled(x.device.type)
         return out if keep else out.to(x.dtype)

@@ -53,6 +53,21 @@ def plan_densities(model: SSVIModel, cfg: Config) -> dict[str, float]:
     return layer_densities(sparse_layers(model), cfg.density, cfg.sparse.allocation, cfg.model.dense_stem)
 
 
+def check_input_fits(skeleton: SSVIModel, cfg: Config, shape: tuple[int, ...]) -> None:
+    """One forward of the shapes-only (meta) model on the data's input shape: a model that cannot
+    take inputs this small (VGG's pooling, Inception's 75 pixels, ViT's 224) is refused before a run
+    folder is written."""
+    skeleton.eval()
+    try:
+        with torch.no_grad():
+            skeleton(torch.zeros((2, *shape), device="meta"))
+    except Exception as exc:  # noqa: BLE001 - whatever the architecture raises for a size it cannot take
+        size = "x".join(str(s) for s in shape)
+        hint = " (set data.image_size)" if cfg.data.name.startswith("imagefolder") else ""
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{cfg.model.name} cannot take the data's {size} inputs{hint}: {first}") from None
+
+
 def make_model(cfg: Config, spec: Any) -> SSVIModel:
     """The configured architecture for data ``spec``, with empty supports."""
     return build_model(ModelCard.from_config(cfg, spec), kernel=cfg.train.kernel)
@@ -98,7 +113,9 @@ class RunPlan:
         splits = splits or load_data(cfg)
         card = ModelCard.from_config(cfg, splits.spec)
         with torch.device("meta"):  # shapes only: plans the supports of any size for free
-            densities = plan_densities(build_model(card), cfg)
+            skeleton = build_model(card)
+            densities = plan_densities(skeleton, cfg)
+        check_input_fits(skeleton, cfg, splits.spec.input_shape)
         init = None
         if cfg.model.init_from:  # after the cheap checks: this may download
             from ssvi_cli.training.init_weights import load_init_weights
