@@ -132,9 +132,19 @@ def test_classes_by_folder_name_or_index_and_evaluate_rebuilds_them_from_the_spe
     assert torch.equal(again.test.labels, part.test.labels) and torch.equal(again.heldout.images, part.heldout.images)
 
 
-def test_a_class_left_without_training_images_is_an_error(ws):
-    with pytest.raises(DataError, match="too few to keep one for training at test_fraction=0.9"):
-        build_dataset(f"imagefolder:{ws / 'mismatch' / 'train'}", options=DataConfig(test_fraction=0.9))
+def test_rounding_never_takes_a_class_last_training_image(ws, tmp_path):
+    # two images per class at test_fraction 0.9: round(0.9 * 4) = 4 would empty both classes
+    splits = build_dataset(f"imagefolder:{ws / 'mismatch' / 'train'}", options=DataConfig(test_fraction=0.9),
+                           val_fraction=0.0)
+    assert sorted(splits.train.labels.tolist()) == [0, 1] and sorted(splits.test.labels.tolist()) == [0, 1]
+    # a long tail: two classes of 10 and six of one; the validation carve (0.1 of 26 rounds to 3, one
+    # more than the two big classes' floors) used to take one of the single images
+    for digit in range(8):
+        write_class(tmp_path / "tail" / "train" / f"c{digit}", digit, 10 if digit < 2 else 1)
+        write_class(tmp_path / "tail" / "test" / f"c{digit}", digit, 1)
+    splits = build_dataset(f"imagefolder:{tmp_path / 'tail'}", val_fraction=0.1)
+    assert set(splits.train.labels.tolist()) == set(range(8))
+    assert len(splits.val) == 3 and len(splits.train) == 23  # the third from a big class
 
 
 def test_a_folder_too_small_for_a_test_split_is_refused_before_training(tmp_path, capsys):

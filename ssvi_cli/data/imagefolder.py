@@ -123,13 +123,7 @@ def split_scan(scan: FolderScan, test_fraction: float) -> FolderScan:
     if "all" not in scan.parts:
         return scan
     files, labels = scan.parts["all"]
-    train_idx, test_idx = stratified_split(labels, test_fraction, TEST_SEED)
-    empty = sorted(set(range(len(scan.class_names))) - set(labels[train_idx].tolist()))
-    if empty:
-        name = scan.class_names[empty[0]]
-        raise DataError(f"class {name} in {scan.root} has {int((labels == empty[0]).sum())} image(s), too few to "
-                        f"keep one for training at test_fraction={test_fraction}; add images or lower "
-                        "--set data.test_fraction")
+    train_idx, test_idx = stratified_split(labels, test_fraction, TEST_SEED)  # every class keeps an image
     if len(test_idx) == 0:
         raise DataError(f"{scan.root} holds {len(files)} images, too few to hold any out for testing at "
                         f"test_fraction={test_fraction}; add images or raise --set data.test_fraction")

@@ -26,7 +26,9 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     """Seeded split into (keep, held_out) indices, holding out ``round(fraction * N)`` examples.
 
     Each class gives ``floor(fraction * n_c)`` examples; the remainder goes to the classes with
-    the largest fractional parts (ties broken at random), so tiny classes still contribute.
+    the largest fractional parts (ties broken at random), so tiny classes still contribute, but never
+    a class's last kept example: every class keeps at least one (the held-out count is then short
+    by the examples that rounding would have taken from such classes).
     """
     rng = np.random.default_rng(seed)
     y = labels.numpy()
@@ -35,6 +37,7 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     n_held = np.floor(quota).astype(int)
     extra = int(round(fraction * len(y))) - int(n_held.sum())
     order = np.lexsort((rng.random(len(classes)), -(quota - n_held)))
+    order = order[n_held[order] + 1 < counts[order]]  # a class left with nothing would never be learnt
     n_held[order[:extra]] += 1
     keep, held = [np.empty(0, dtype=np.int64)], [np.empty(0, dtype=np.int64)]
     for c, k in zip(classes, n_held):
