@@ -263,3 +263,9 @@ def test_train_infer_evaluate_on_a_png_folder(ws, tmp_path, capsys, monkeypatch)
         report = json.loads(capsys.readouterr().out)
         assert report["dataset"] == f"imagefolder:{ws / 'flat'}" and report["n"] == n
         assert 0.0 <= report["metrics"]["accuracy"] <= 1.0
+    # another folder with as many classes under other names: its labels would not be the model's
+    for digit, name in NAMES.items():
+        write_class(tmp_path / "renamed" / f"class_{name}", digit, 5)
+    assert run(["evaluate", str(model), "--dataset", f"imagefolder:{tmp_path / 'renamed'}", "--samples", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "classes are not the model's: class 0 is 'class_one' there and 'one' in the model" in err

@@ -125,6 +125,12 @@ def _check_compatible(name: str, spec: DataSpec, model_spec: DataSpec) -> None:
             f"takes {model_spec.input_shape} and predicts {model_spec.num_classes} classes"
             + (f"; score it as out-of-distribution with --ood {name} instead" if name in ood_names() else "")
         )
+    if spec.class_names and model_spec.class_names and tuple(spec.class_names) != tuple(model_spec.class_names):
+        differ = next(i for i, (a, b) in enumerate(zip(spec.class_names, model_spec.class_names)) if a != b)
+        raise DataError(
+            f"dataset {name}'s classes are not the model's: class {differ} is {spec.class_names[differ]!r} there and "
+            f"{model_spec.class_names[differ]!r} in the model; labels are matched by position, so the scores would "
+            "be wrong (name the class folders as in training)")
 
 
 def load_eval_data(
