@@ -94,6 +94,7 @@ CASES = [
     (["export", "{ws}/run", "-o", "{ws}/empty_dir"], "--output {ws}/empty_dir is a directory"),
     (["export", "{ws}/run", "-o", "{ws}/out.txt"], "name the model file *.safetensors"),
     (["export", "{ws}/run/model.safetensors", "-o", "{ws}/run/model.safetensors"], "is the file being exported"),
+    (["export", "{ws}/run", "-o", "{ws}/run/model.safetensors", "--dtype", "float16"], "is the run's own model file"),
     (["export", "{ws}/run", "-o", "{ws}/x.safetensors", "--dtype", "int8"], "valid values are: float32"),
     (["export", "{ws}/empty.safetensors", "-o", "{ws}/x.safetensors"], "is truncated or not a model file (0 bytes"),
     (["export", "{ws}/cut.safetensors", "-o", "{ws}/x.safetensors"], "cut.safetensors is truncated"),

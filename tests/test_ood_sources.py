@@ -3,6 +3,7 @@ the CLI: ``--ood heldout``, ``--ood NAME=DIR``, ``--ood DIR`` (images) and ``--o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from PIL import Image
 
 from ssvi_cli.cli import run
 from ssvi_cli.config import ConfigError, apply_overrides, Config, parse_override
+from ssvi_cli.data import get_spec
 from ssvi_cli.data.ood import parse_ood
 from ssvi_cli.runs.load import load_model
 from tests.fixtures_torchvision import accept_fixture_checksums, write_mnist, write_svhn
@@ -121,7 +123,15 @@ def test_heldout_is_capped_and_seeded_like_every_ood_set(subset_model):
 def test_heldout_for_a_model_of_all_classes_says_to_train_with_data_classes(capsys, full_model):
     code, out, err = _evaluate(capsys, str(full_model), "--ood", "heldout")
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
-    assert "all 10 classes of digits" in err and "--set data.classes=" in err
+    assert "all 10 classes of digits" in err and "--set data.classes=0,1,2,3,4 " in err
+
+
+def test_the_retrain_hint_names_classes_the_dataset_has():
+    from ssvi_cli.evaluation.ood_sets import _retrain_hint
+
+    spec = dataclasses.replace(get_spec("digits"), num_classes=3, class_names=("a", "b", "c"))
+    assert "--set data.classes=0 (" in _retrain_hint(spec)
+    assert "data.classes=0,1 (" in _retrain_hint(dataclasses.replace(spec, num_classes=4, class_names=tuple("abcd")))
 
 
 def test_a_class_list_of_every_class_leaves_nothing_held_out(capsys, tmp_path):

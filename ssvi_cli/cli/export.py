@@ -22,6 +22,7 @@ def register(app: typer.Typer) -> None:
         """Write a model file: active indices, mu and sigma per sparse layer, plus the dense tensors."""
         from ssvi_cli.modelfile import DTYPES
         from ssvi_cli.runs.load import export_model
+        from ssvi_cli.runs.rundir import RunDir
 
         if dtype not in DTYPES:
             raise UsageError(f"--dtype {dtype!r} is not valid; valid values are: {', '.join(DTYPES)}")
@@ -32,6 +33,9 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--output {output}: name the model file *.safetensors (a .pt is read as a checkpoint)")
         if output.exists() and source.exists() and output.resolve() == source.resolve():
             raise UsageError(f"--output {output} is the file being exported; give another path")
+        if source.is_dir() and output.resolve() == RunDir(source).model_file.resolve():
+            raise UsageError(f"--output {output} is the run's own model file, which its summary and evaluations "
+                             "describe; give another path")
         report = export_model(source, output, dtype=dtype, dense=dense)
         if json_out:
             print_json(report)
