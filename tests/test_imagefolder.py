@@ -3,6 +3,7 @@
 (and a few other formats and modes) with PIL."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from ssvi_cli.config import DataConfig
 from ssvi_cli.data import DataError, build_dataset, get_spec, preprocess, random_crop_flip, scan_folder
 from ssvi_cli.data.imagefolder import decode_images
 from ssvi_cli.data.images import read_image
+from ssvi_cli.modelfile import read_header
 
 NAMES = {0: "zero", 1: "one", 2: "two"}  # folder names; sorted, the classes are one, two, zero
 SORTED = ("one", "two", "zero")
@@ -269,3 +271,32 @@ def test_train_infer_evaluate_on_a_png_folder(ws, tmp_path, capsys, monkeypatch)
     assert run(["evaluate", str(model), "--dataset", f"imagefolder:{tmp_path / 'renamed'}", "--samples", "2"]) == 2
     err = capsys.readouterr().err
     assert "classes are not the model's: class 0 is 'class_one' there and 'one' in the model" in err
+
+
+def test_a_flat_folder_changed_since_training_is_refused_by_evaluate_and_resume(tmp_path, capsys):
+    for digit, name in NAMES.items():
+        write_class(tmp_path / "photos" / name, digit, 10)
+    run_dir = tmp_path / "run"
+    args = ["--data", f"imagefolder:{tmp_path / 'photos'}", "--epochs", "2", "--set", "data.image_size=8",
+            "--set", "data.channels=1", "--set", "train.eval_samples=1", "--set", "data.classes=zero,one"]
+    assert run(["train", *args, "--out", str(run_dir)]) == 0
+    model = run_dir / "model.safetensors"
+    assert read_header(model)["meta"]["data_spec"]["files_digest"].startswith("sha256:")
+    assert run(["evaluate", str(model), "--samples", "1", "--json"]) == 0  # unchanged: evaluates
+    capsys.readouterr()
+    for k in range(3):  # three more images of one class
+        shutil.copy(tmp_path / "photos" / "zero" / "0_00.png", tmp_path / "photos" / "zero" / f"new{k}.png")
+    assert run(["evaluate", str(model), "--samples", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'photos'} has changed since the model was trained" in err and "Traceback" not in err
+    (run_dir / "summary.json").unlink()  # as if interrupted after its last checkpoint
+    (run_dir / "model.safetensors").unlink()
+    assert run(["train", "--resume", str(run_dir)]) == 2
+    assert "has changed since the model was trained" in capsys.readouterr().err
+    # the split layout keeps its test images apart: nothing to record
+    write_class(tmp_path / "apart" / "train" / "zero", 0, 4)
+    write_class(tmp_path / "apart" / "train" / "one", 1, 4)
+    write_class(tmp_path / "apart" / "test" / "zero", 0, 2, skip=4)
+    write_class(tmp_path / "apart" / "test" / "one", 1, 2, skip=4)
+    spec = build_dataset(f"imagefolder:{tmp_path / 'apart'}", options=SMALL).spec
+    assert spec.files_digest == "" and "files_digest" not in spec.to_dict()

@@ -160,6 +160,18 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float,
     return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
 
 
+def _files_digest(scan: FolderScan) -> str:
+    """For the flat layout (ssvi draws the test split), a digest of the image list the split is drawn
+    from (relative paths and labels, in order); empty for the split layout."""
+    if "all" not in scan.parts:
+        return ""
+    import hashlib
+
+    files, labels = scan.parts["all"]
+    lines = "\n".join(f"{f.relative_to(scan.root).as_posix()}\t{y}" for f, y in zip(files, labels.tolist()))
+    return "sha256:" + hashlib.sha256(lines.encode("utf-8")).hexdigest()[:16]
+
+
 def folder_source(argument: str, options: Optional[DataConfig] = None) -> DatasetSource:
     """The dataset source of ``imagefolder:<argument>``: its spec from a scan (the normalisation is
     ``data.mean``/``data.std``, else identity until :attr:`DatasetSource.complete_spec` measures it
@@ -167,10 +179,11 @@ def folder_source(argument: str, options: Optional[DataConfig] = None) -> Datase
     if not argument:
         raise DataError(f"{FAMILY}: needs the folder after the colon, e.g. --data {FAMILY}:~/pictures")
     opts = options or DataConfig()
-    scan = split_scan(scan_folder(Path(argument)), opts.test_fraction)
+    found = scan_folder(Path(argument))
+    scan = split_scan(found, opts.test_fraction)
     c, size = opts.channels, opts.image_size
     spec = DataSpec(f"{FAMILY}:{scan.root}", (c, size, size), len(scan.class_names), scan.class_names,
-                    opts.mean or (0.0,) * c, opts.std or (1.0,) * c)
+                    opts.mean or (0.0,) * c, opts.std or (1.0,) * c, files_digest=_files_digest(found))
 
     def load_part(part: str) -> RawImages:
         files, labels = scan.parts[part]

@@ -18,6 +18,9 @@ class DatasetUnavailable(DataError):
     """A torchvision dataset whose files are not on disk and may not be downloaded."""
 
 
+OPTIONAL_KEYS = ("dataset_classes", "files_digest")  # left out of a spec's dict when empty
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """What a model needs to know about its data: shapes, classes, normalisation and the raw pixel
@@ -26,6 +29,10 @@ class DataSpec:
     A model trained on part of a dataset's classes (``data.classes``) has ``class_names`` = the kept
     classes in label order and ``dataset_classes`` = all the dataset's classes, so the held-out ones
     are known from the spec alone; ``dataset_classes`` is empty when every class was kept.
+
+    ``files_digest``: for an image folder whose test split ssvi draws (the flat layout), a digest of
+    its image list, so that a test split redrawn after the folder changed (and overlapping the
+    training images) is refused; empty otherwise.
     """
 
     name: str
@@ -36,13 +43,15 @@ class DataSpec:
     std: tuple[float, ...]
     pixel_max: float = 255.0
     dataset_classes: tuple[str, ...] = ()
+    files_digest: str = ""
 
     def to_dict(self) -> dict:
-        """JSON-serialisable form (tuples become lists); an empty ``dataset_classes`` is left out, so a
-        model of all the classes is described as before the field existed."""
+        """JSON-serialisable form (tuples become lists); an empty ``dataset_classes`` or
+        ``files_digest`` is left out, so such a spec is described as before the field existed."""
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-        if not self.dataset_classes:
-            del d["dataset_classes"]
+        for optional in OPTIONAL_KEYS:
+            if not d[optional]:
+                del d[optional]
         return d
 
     @property
@@ -53,11 +62,11 @@ class DataSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> DataSpec:
-        """Inverse of :meth:`to_dict`; unknown or missing keys raise DataError (``pixel_max`` and
-        ``dataset_classes`` may be absent, as in files written before they were recorded: 255, and a
-        model of all the classes)."""
+        """Inverse of :meth:`to_dict`; unknown or missing keys raise DataError (``pixel_max``,
+        ``dataset_classes`` and ``files_digest`` may be absent, as in files written before they were
+        recorded: 255, a model of all the classes, no digest)."""
         expected = {"name", "input_shape", "num_classes", "class_names", "mean", "std"}
-        if set(d) - {"pixel_max", "dataset_classes"} != expected:
+        if set(d) - {"pixel_max", *OPTIONAL_KEYS} != expected:
             raise DataError(
                 f"data spec keys {sorted(d)} do not match the expected {sorted(expected)}; "
                 "the file was written by an incompatible version"
@@ -71,9 +80,18 @@ class DataSpec:
             std=tuple(float(v) for v in d["std"]),
             pixel_max=float(d.get("pixel_max", 255.0)),
             dataset_classes=tuple(str(v) for v in d.get("dataset_classes", ())),
+            files_digest=str(d.get("files_digest", "")),
         )
         spec.check()
         return spec
+
+    def check_same_files(self, current: "DataSpec") -> None:
+        """Refuse ``current`` (the same image folder read again) when its image list is not the one
+        this spec was made from: the test split redrawn from it would hold training images."""
+        if self.files_digest and current.name == self.name and current.files_digest != self.files_digest:
+            raise DataError(f"{self.name.partition(':')[2] or self.name} has changed since the model was trained "
+                            "(its list of images differs), so its test split drawn again would hold training "
+                            "images; restore the folder, or keep test images apart (PATH/train and PATH/test)")
 
     def check(self) -> None:
         """A spec a model can be used with: an input and classes, one name per class, one finite

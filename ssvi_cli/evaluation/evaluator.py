@@ -158,7 +158,9 @@ def load_eval_data(
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; valid splits are: {', '.join(SPLITS)}")
     requests = resolve_requests(ood, model_spec, name)
-    _check_compatible(name, get_spec(name, data_config_for(model_spec)), model_spec)
+    current = get_spec(name, data_config_for(model_spec))
+    _check_compatible(name, current, model_spec)
+    model_spec.check_same_files(current)  # a changed flat image folder would redraw its test split
 
     settings, train_seed = _training_data_settings(training)
     if split == "val" and train_seed is None:

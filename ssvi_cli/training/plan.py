@@ -16,6 +16,7 @@ from ssvi_cli.core.allocation import InitSpec, initialise, layer_densities
 from ssvi_cli.core.criteria import REMOVAL_CRITERIA
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.data import DataSplits, build_dataset, check_dataset_name
+from ssvi_cli.data.spec import DataSpec
 from ssvi_cli.modelfile import ModelCard, build_model
 from ssvi_cli.models import SSVIModel, check_model_name
 from ssvi_cli.runs.rundir import RunDir
@@ -136,6 +137,10 @@ class RunPlan:
         cfg = from_dict(data["config"])
         dev = resolve_device(device or cfg.train.device)
         splits = splits or load_data(cfg)
+        try:
+            DataSpec.from_dict(data["data_spec"]).check_same_files(splits.spec)
+        except (KeyError, TypeError):  # a checkpoint without a readable data description: nothing to compare
+            pass
         card = ModelCard.from_config(cfg, splits.spec)
         return cls(cfg, dev, splits, card, {}, run, data)
 
