@@ -213,3 +213,28 @@ def test_a_state_dict_with_auxiliary_classifiers_names_aux_logits(tmp_path):
     spec = type(spec)("rgb", (3, 32, 32), 10, spec.class_names, (0.0,) * 3, (1.0,) * 3)
     with pytest.raises(C.ConfigError, match=r"holds 'aux1\..*without their auxiliary classifiers \(aux_logits=False\)"):
         load_init_weights(cfg, spec)
+
+
+def test_a_state_dict_file_read_as_users_save_it(tmp_path):
+    """A wrapped model's keys (DataParallel's module., torch.compile's _orig_mod.) are unwrapped; a
+    pickled whole model, a text file and an ssvi model file are each told apart in one line."""
+    from ssvi_cli.config import ConfigError
+    from ssvi_cli.training.init_weights import read_state_dict
+
+    net = nn.Sequential(nn.Linear(4, 3))
+    torch.save({f"module.{k}": v for k, v in net.state_dict().items()}, tmp_path / "ddp.pt")
+    assert set(read_state_dict(tmp_path / "ddp.pt")) == {"0.weight", "0.bias"}
+    torch.save({f"_orig_mod.{k}": v for k, v in net.state_dict().items()}, tmp_path / "compiled.pt")
+    assert set(read_state_dict(tmp_path / "compiled.pt")) == {"0.weight", "0.bias"}
+    torch.save(net, tmp_path / "whole.pt")
+    with pytest.raises(ConfigError, match=r"holds Python objects besides tensors .*save model.state_dict\(\) instead$"):
+        read_state_dict(tmp_path / "whole.pt")
+    (tmp_path / "text.pt").write_text("epoch 3: loss 0.1\n")
+    with pytest.raises(ConfigError, match=r"is not a readable state_dict \(not a PyTorch file \(neither a zip archive nor a pickle\)"):
+        read_state_dict(tmp_path / "text.pt")
+    import ssvi_cli as ssvi
+
+    ssvi.sparsify(net, 0.5)
+    ssvi.save(net, tmp_path / "sparse.safetensors")
+    with pytest.raises(ConfigError, match="is an ssvi model file"):
+        read_state_dict(tmp_path / "sparse.safetensors")

@@ -12,6 +12,7 @@ mismatching key is named. ``training.init_from`` builds the model from the resul
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -25,6 +26,10 @@ from ssvi_cli.models import AUX_HEADS, TORCHVISION, torchvision_base
 from ssvi_cli.training.pretrained import adapt_state, fetch_state_dict, resolve_weights
 
 logger = logging.getLogger(__name__)
+
+# Key prefixes of a wrapped model's state_dict (DataParallel/DistributedDataParallel, torch.compile),
+# taken off when every key has one.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 @dataclass(frozen=True)
@@ -83,12 +88,26 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure is one message naming the file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+        if "Weights only load failed" in text:  # torch's refusal of pickled objects beyond tensors
+            raise ConfigError(f"--init-from {path} holds Python objects besides tensors (a whole model saved with "
+                              "torch.save(model)?); save model.state_dict() instead") from None
+        first = text.splitlines()[0] if text else type(exc).__name__
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+        if path.suffix != ".safetensors" and not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+            first = f"not a PyTorch file (neither a zip archive nor a pickle): {first}"
         raise ConfigError(f"--init-from {path} is not a readable state_dict ({first[:160]})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ConfigError(f"--init-from {path} does not hold a state_dict (a mapping of names to tensors)")
+    if any(k.endswith(".mu") for k in state) and any(k.endswith((".index", ".idx")) for k in state):
+        raise ConfigError(f"--init-from {path} is an ssvi model file (sparse layers); --init-from takes a trained "
+                          "dense network's state_dict")
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
     return state
 
 
