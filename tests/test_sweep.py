@@ -314,7 +314,7 @@ def test_a_running_cell_is_locked_and_a_yaml_file_takes_the_flags_names(tmp_path
         # A second sweep over the same folder leaves the cell to its runner: not a failure, and
         # nothing appended to that runner's log.
         assert run(["sweep", "--resume", str(out)]) == 0
-        assert "1 cells are running in another process and were left to it" in capsys.readouterr().err
+        assert "1 cell running in another process, left to it; when done: ssvi sweep --report" in capsys.readouterr().err
         assert not (out / "logs" / f"{cell.name}.log").exists()
         with pytest.raises(CellBusy):
             with cell_lock(cell):

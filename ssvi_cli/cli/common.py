@@ -25,6 +25,11 @@ class UsageError(Exception):
     """A user mistake on the command line (exit code 2)."""
 
 
+def count(n: int, noun: str) -> str:
+    """``3 inputs``, ``1 input``: a count with its noun in the right number (plural: noun + "s")."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
+
+
 def check_output_file(path: Path, flag: str) -> None:
     """Refuse an output file that is a folder or whose folder is missing, before any work is done
     (a mistyped folder is reported rather than silently created)."""

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from ssvi_cli.cli.common import (UsageError, check_device, check_output_file, err, out,
+from ssvi_cli.cli.common import (UsageError, check_device, count, check_output_file, err, out,
                                    print_json, progress_bar)
 
 SHOWN_ROWS = 50
@@ -70,12 +70,12 @@ def register(app: typer.Typer) -> None:
         if len(records) > SHOWN_ROWS:
             err.print(f"showing {SHOWN_ROWS} of {len(records)} inputs" + ("" if output else "; use --output for all"))
         if output is not None:
-            err.print(f"wrote {len(records)} predictions to {output}")
+            err.print(f"wrote {count(len(records), 'prediction')} to {output}")
 
 
 def _table(records: list[dict[str, Any]], header: dict[str, Any]) -> Table:
     how = f"mc, S={header['samples']}, seed {header['seed']}" if header["mode"] == "mc" else "mean network"
-    table = Table(title=f"ssvi infer: {header['model']} ({how}; {header['inputs']} inputs, {header['seconds']:.2f}s)",
+    table = Table(title=f"ssvi infer: {header['model']} ({how}; {count(header['inputs'], 'input')}, {header['seconds']:.2f}s)",
                   title_justify="left")
     for col, justify in (("input", "left"), ("class", "left"), ("prob", "right"), ("top-k", "left"),
                          ("entropy", "right"), ("MI", "right")):

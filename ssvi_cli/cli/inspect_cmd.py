@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from ssvi_cli.cli.common import UsageError, check_output_dir, err, kv_table, out, print_json
+from ssvi_cli.cli.common import UsageError, check_output_dir, count, err, kv_table, out, print_json
 
 HISTORY_ROWS = 12  # support-history steps shown in the table (all are in --json)
 
@@ -73,7 +73,7 @@ def _trained(tr: dict[str, Any]) -> str:
     # A criterion only matters to a method whose support moves by SNR-type scores (ssvi).
     criterion = f", criterion {tr.get('criterion')}" if kind is None or (kind.moves_support and kind.bayesian) else ""
     sparsity = f", sparsity {tr.get('sparsity')}" if kind is None or not kind.dense else ""
-    return (f"{method}{sparsity}{criterion}, {tr.get('epochs')} epochs, seed {tr.get('seed')}"
+    return (f"{method}{sparsity}{criterion}, {count(tr['epochs'], 'epoch') if isinstance(tr.get('epochs'), int) else str(tr.get('epochs')) + ' epochs'}, seed {tr.get('seed')}"
             + (f", started from {start}" if start else ""))
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 import typer
 from rich.table import Table
 
-from ssvi_cli.cli.common import UsageError, err, out, print_json, progress_bar
+from ssvi_cli.cli.common import UsageError, count, err, out, print_json, progress_bar
 
 if TYPE_CHECKING:
     from ssvi_cli.sweep.grid import Cell, SweepSpec
@@ -205,7 +205,7 @@ def _dry_run(sweep_dir: Path, cells: list[Any]) -> None:
     # Plain lines, flushed before the note on stderr: a scheduler script reads them as they are.
     sys.stdout.write("\n".join(lines) + "\n")
     sys.stdout.flush()
-    err.print(f"{len(lines)} cells written to {sweep_dir / COMMANDS_FILE}; afterwards: "
+    err.print(f"{count(len(lines), 'cell')} written to {sweep_dir / COMMANDS_FILE}; afterwards: "
               f"{shlex.join(['ssvi', 'sweep', '--report', str(sweep_dir)])}", markup=False)
 
 
@@ -215,7 +215,7 @@ def _run(sweep_dir: Path, cells: list[Any], jobs: int, threads: int, json_out: b
     from ssvi_cli.sweep.runner import run_cells
 
     if not json_out:
-        err.print(f"sweep {sweep_dir}: {len(cells)} cells, {jobs} at a time, {threads} threads each")
+        err.print(f"sweep {sweep_dir}: {count(len(cells), 'cell')}, {jobs} at a time, {count(threads, 'thread')} each")
     with progress_bar(enabled=not json_out) as bar:
         task = bar.add_task("cells", total=len(cells), info="") if bar is not None else None
         running: set[str] = set()
@@ -238,16 +238,16 @@ def _run(sweep_dir: Path, cells: list[Any], jobs: int, threads: int, json_out: b
     if outcome.interrupted:
         failed = f"; {len(outcome.failed)} failed (logs in {sweep_dir / 'logs'})" if outcome.failed else ""
         # A cell stopped before its first checkpoint starts again; the others continue from theirs.
-        err.print(f"interrupted: {len(outcome.stopped)} cells stopped{failed}; each continues from its last checkpoint "
+        err.print(f"interrupted: {count(len(outcome.stopped), 'cell')} stopped{failed}; each continues from its last checkpoint "
                   f"(one stopped before its first starts again): "
                   f"ssvi sweep --resume {shlex.quote(str(sweep_dir))}", markup=False)
         raise typer.Exit(128 + outcome.signum)
     _finish(result, json_out)
     if outcome.busy:
-        err.print(f"{len(outcome.busy)} cells are running in another process and were left to it; when they "
-                  f"finish: {shlex.join(['ssvi', 'sweep', '--report', str(sweep_dir)])}", markup=False)
+        err.print(f"{count(len(outcome.busy), 'cell')} running in another process, left to it; when done: "
+                  f"{shlex.join(['ssvi', 'sweep', '--report', str(sweep_dir)])}", markup=False)
     if outcome.failed:
-        err.print(f"{len(outcome.failed)} cells failed (logs in {sweep_dir / 'logs'}); rerun with: "
+        err.print(f"{count(len(outcome.failed), 'cell')} failed (logs in {sweep_dir / 'logs'}); rerun with: "
                   f"ssvi sweep --resume {shlex.quote(str(sweep_dir))}", markup=False)
         raise typer.Exit(1)
 

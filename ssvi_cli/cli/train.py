@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ssvi_cli import config as cfgmod
-from ssvi_cli.cli.common import UsageError, err, fmt, kv_table, out, print_json, progress_bar
+from ssvi_cli.cli.common import UsageError, count, err, fmt, kv_table, out, print_json, progress_bar
 
 
 def build_config(preset: str, overrides: dict[str, Any], sets: list[str]) -> cfgmod.Config:
@@ -221,7 +221,7 @@ def _fit(trainer, interrupted_cls, quiet: bool) -> dict[str, Any]:
     cfg = trainer.cfg
     if not quiet:
         err.print(f"training {cfg.model.name} on {cfg.data.name} with {cfg.sparse.method} "
-                  f"(density {cfg.density:.3g}, {cfg.train.epochs} epochs, device {trainer.device}) "
+                  f"(density {cfg.density:.3g}, {count(cfg.train.epochs, 'epoch')}, device {trainer.device}) "
                   f"-> {trainer.run_dir}")
     with progress_bar(enabled=not quiet) as bar:
         task = None
