@@ -116,7 +116,7 @@ def _print_report(r: dict[str, Any]) -> None:
 def _layers_table(layers: list[dict[str, Any]]) -> Table:
     table = Table(title="layers", title_justify="left")
     for col in ("layer", "shape", "active / total", "density", "index", "bytes", "FLOPs/prediction"):
-        table.add_column(col, justify="left" if col in ("layer", "shape", "index") else "right")
+        table.add_column(col, justify="left" if col in ("layer", "shape", "index") else "right", overflow="fold")
     for l in layers:
         table.add_row(l["name"], "x".join(map(str, l["shape"])), f"{l['active']:,} / {l['total']:,}",
                       f"{l['density']:.4f}", str(l["index"] or "-"), f"{l['bytes']:,}" if l["bytes"] else "-",
