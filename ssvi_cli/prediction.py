@@ -130,7 +130,7 @@ def _predict(model: SSVIModel, x: Tensor, samples: int, mode: str, first_layer: 
         drawn = [layer for _, layer in sparse_layers(model) if layer is not model.first]
     with sampling(model, "sample"), drawing(drawn):
         # softmax allocates, so nothing returned aliases a tensor that the next draw overwrites
-        draws = [class_softmax(draw().float()) for _ in range(samples)]
+        draws = [class_softmax(_at_least_float32(draw())) for _ in range(samples)]
     stacked = torch.stack(draws)
     return stacked.mean(0), stacked
 
@@ -140,7 +140,12 @@ def _logits(model: nn.Module, x: Tensor) -> Tensor:
     if not isinstance(out, Tensor):
         raise TypeError(f"the model's forward returned a {type(out).__name__}; prediction needs one tensor of "
                         "class logits (wrap the model so that it returns them)")
-    return out.float()
+    return _at_least_float32(out)
+
+
+def _at_least_float32(logits: Tensor) -> Tensor:
+    """Logits in float32 (half types are raised; a float64 model keeps float64)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
 
 
 def class_softmax(logits: Tensor) -> Tensor:

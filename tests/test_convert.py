@@ -267,7 +267,8 @@ def test_a_float64_or_bfloat16_model_converts_trains_and_predicts_in_its_dtype(d
         assert out.dtype == dtype
         out.float().square().mean().backward()
         assert model[0].mu.grad.dtype == dtype
-        assert ssvi.predict(model, x, samples=3).probs.shape == (6, 5)
+        probs = ssvi.predict(model, x, samples=3).probs
+        assert probs.shape == (6, 5) and probs.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
 
 
 class Shared(nn.Module):
