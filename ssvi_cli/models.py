@@ -228,7 +228,17 @@ def torchvision_base(name: str, in_shape: Sequence[int], num_classes: int) -> nn
     import torchvision
 
     check_model_name(TORCHVISION + name)
-    model = torchvision.models.get_model(name, num_classes=num_classes, **AUX_FREE.get(name, {}))
+    kwargs = {"num_classes": num_classes, **AUX_FREE.get(name, {})}
+    try:
+        model = torchvision.models.get_model(name, **kwargs)
+    except NotImplementedError:
+        if not torch.empty(0).is_meta:
+            raise
+        # Asked for a shapes-only model: RegNet computes its widths with tensors and reads them back,
+        # which meta tensors cannot do, so it is built on the CPU and moved.
+        with torch.device("cpu"):
+            model = torchvision.models.get_model(name, **kwargs)
+        model = model.to("meta")
     stem_name, stem = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), (None, None))
     if stem is not None and stem.in_channels != in_shape[0]:
         new = nn.Conv2d(in_shape[0], stem.out_channels, stem.kernel_size, stem.stride, stem.padding,

@@ -114,17 +114,33 @@ def build_on_meta(name: str, monkeypatch) -> nn.Module:
 
 @pytest.mark.parametrize("name", _classification_builders())
 def test_every_torchvision_classifier_converts_with_exact_target_counts(name, monkeypatch):
-    """On the meta device: no memory, no values; every Linear/Conv2d converted but attention's
-    out_proj, every layer at exactly round(density * n) active entries."""
+    """On the meta device: no memory, no values; every Linear/Conv2d converted but those an attention
+    module reads directly (nn.MultiheadAttention's out_proj, Swin's qkv and proj), every layer at
+    exactly round(density * n) active entries."""
     model = build_on_meta(name, monkeypatch)
     report = sparsify(model, 0.9, from_weights=True)
     assert report.layers
-    left = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
-    assert left == [n for n, _ in report.kept if not n.endswith("out_proj")] == []
+    read_directly = (".out_proj", ".qkv", ".proj") if name.startswith("swin") else (".out_proj",)
+    left = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # out_proj subclasses Linear
+    assert left == [n for n, _ in report.kept] and all(n.endswith(read_directly) for n in left)
     for layer in report.layers:
         expected = layer.total if layer.dense else active_count(layer.total, 0.1)
         assert layer.active == expected, layer.name
-    assert all(n.endswith("out_proj") for n, _ in report.kept)
+    assert all("reads" in why and "weight directly" in why for _, why in report.kept)
+
+
+def test_a_swin_network_keeps_the_layers_its_window_attention_reads_and_runs():
+    torch.manual_seed(0)
+    swin = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2], num_heads=[2],
+                                              window_size=[4, 4], num_classes=3)
+    report = sparsify(swin, 0.9)
+    kept = dict(report.kept)
+    assert kept["features.1.0.attn.qkv"] == "Swin's ShiftedWindowAttention reads qkv.weight directly"
+    assert "features.1.0.attn.proj" in kept and "features.1.0.mlp.0" in {l.name for l in report.layers}
+    x = torch.randn(2, 3, 32, 32)
+    assert ssvi.predict(swin, x, samples=2).probs.shape == (2, 3)  # it crashed: the layers had no weight
+    swin.train()
+    swin(x).sum().backward()
 
 
 REPRESENTATIVE = {
@@ -326,3 +342,13 @@ def test_weight_layers_it_does_not_convert_are_reported_and_a_lazy_layer_is_refu
     assert report.kept == [("0", "Conv1d is not converted (Linear and Conv2d are)")]
     with pytest.raises(ValueError, match="has no shape yet; run one forward pass"):
         sparsify(nn.Sequential(nn.LazyLinear(3)), 0.5)
+
+
+def test_regnet_builds_as_a_shapes_only_model():
+    """RegNet computes its widths with tensors and reads them back: under the meta device (how a run
+    plans its supports) it is built on the CPU and moved, instead of failing."""
+    from ssvi_cli.models import torchvision_base
+
+    with torch.device("meta"):
+        model = torchvision_base("regnet_x_400mf", (1, 32, 32), 10)
+    assert all(p.is_meta for p in model.parameters()) and model.stem[0].in_channels == 1

@@ -79,6 +79,15 @@ def _patterns(patterns: str | Iterable[str]) -> tuple[str, ...]:
     return (patterns,) if isinstance(patterns, str) else tuple(str(p) for p in patterns)
 
 
+# Modules whose forward reads some children's weights directly, not through the children's forward:
+# those children stay dense. By class name: torch's attention and torchvision's Swin window attention.
+READ_DIRECTLY: dict[str, tuple[str, tuple[str, ...]]] = {
+    "MultiheadAttention": ("nn.MultiheadAttention", ("out_proj",)),
+    "ShiftedWindowAttention": ("Swin's ShiftedWindowAttention", ("qkv", "proj")),
+    "ShiftedWindowAttentionV2": ("Swin's ShiftedWindowAttentionV2", ("qkv", "proj")),
+}
+
+
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -88,7 +97,9 @@ def _targets(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[
     registered under several names is listed once, under its first name (``_replace`` puts its
     sparse twin under every name)."""
     targets, kept = [], []
-    inside_attention = {f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    read_directly = {f"{n}.{child}": f"{label} reads {child}.weight directly"
+                     for n, m in model.named_modules() if type(m).__name__ in READ_DIRECTLY
+                     for label, children in [READ_DIRECTLY[type(m).__name__]] for child in children}
     owners: dict[int, list[str]] = {}  # parameter -> the modules holding it (a tied weight has several)
     for name, module in model.named_modules(remove_duplicate=False):
         for param in module.parameters(recurse=False):
@@ -102,8 +113,8 @@ def _targets(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[
         if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
             raise ValueError(f"{name} ({type(module).__name__}) has no shape yet; run one forward pass before sparsify")
         tied = [n for n in owners.get(id(module.weight), []) if model.get_submodule(n) is not module]
-        if name in inside_attention:
-            kept.append((name, "nn.MultiheadAttention reads out_proj.weight directly"))
+        if name in read_directly:
+            kept.append((name, read_directly[name]))
         elif isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
             kept.append((name, f"padding_mode={module.padding_mode!r} (only zero padding is supported)"))
         elif tied:
