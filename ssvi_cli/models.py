@@ -248,6 +248,18 @@ def torchvision_base(name: str, in_shape: Sequence[int], num_classes: int) -> nn
     return model
 
 
+def input_error(model: nn.Module, shape: Sequence[int], batch_size: int = 2) -> str | None:
+    """Why a shapes-only (meta) ``model`` cannot take a batch of ``shape`` inputs in its current
+    train/eval mode (the first line of what it raised: pooling below one pixel, ViT's fixed size, ...),
+    or None when it can; also when its output is not one tensor of logits."""
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros((batch_size, *shape), device="meta"))
+    except Exception as exc:  # noqa: BLE001 - whatever an architecture raises for a size it cannot take
+        return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+    return None if isinstance(out, Tensor) else f"it returns {type(out).__name__}, not a tensor of logits"
+
+
 def torchvision_model(name: str, in_shape: Sequence[int], num_classes: int, layers: LayerFactory) -> nn.Module:
     """:func:`torchvision_base` with every Linear/Conv2d a sparse Gaussian layer with an empty
     support (``core.convert.sparsify``), for the trainer or a file to fill."""

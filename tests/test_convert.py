@@ -344,6 +344,25 @@ def test_weight_layers_it_does_not_convert_are_reported_and_a_lazy_layer_is_refu
         sparsify(nn.Sequential(nn.LazyLinear(3)), 0.5)
 
 
+def test_a_subclass_of_multihead_attention_keeps_out_proj_dense_and_runs():
+    class MyAttention(nn.MultiheadAttention):
+        pass
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.att = MyAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.att(x, x, x)[0].mean(1))
+
+    net = Net()
+    report = sparsify(net, 0.5)
+    assert dict(report.kept) == {"att.out_proj": "nn.MultiheadAttention reads out_proj.weight directly"}
+    assert net(torch.randn(2, 4, 8)).shape == (2, 3)
+
+
 def test_regnet_builds_as_a_shapes_only_model():
     """RegNet computes its widths with tensors and reads them back: under the meta device (how a run
     plans its supports) it is built on the CPU and moved, instead of failing."""

@@ -232,3 +232,18 @@ def test_duplicate_ood_names_are_evaluated_once(run):
     _, loaded = run
     data = E.load_eval_data(loaded.spec, loaded.card.training, ood=("noise", "noise"), ood_max_items=50)
     assert list(data.ood) == ["noise"] and data.total_items() == 360 + 50
+
+
+def test_class_names_must_match_unless_the_model_has_placeholder_names():
+    import dataclasses
+
+    from ssvi_cli.data import DataError, get_spec
+    from ssvi_cli.evaluation.evaluator import _check_compatible
+
+    mnist = get_spec("mnist")
+    named = dataclasses.replace(mnist, class_names=tuple(f"class {i}" for i in range(10)))
+    placeholders = dataclasses.replace(mnist, class_names=tuple(str(i) for i in range(10)))
+    _check_compatible("kmnist", named, placeholders)  # ssvi.save without class_names: nothing to compare
+    with pytest.raises(DataError, match=r"class 0 is 'class 0' there and '0 - zero' in the model.*"
+                                        r"score it as out-of-distribution with --ood kmnist"):
+        _check_compatible("kmnist", named, mnist)

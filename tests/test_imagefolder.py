@@ -151,11 +151,18 @@ def test_rounding_never_takes_a_class_last_training_image(ws, tmp_path):
 
 def test_a_folder_too_small_for_a_test_split_is_refused_before_training(tmp_path, capsys):
     for digit, name in list(NAMES.items())[:2]:
-        write_class(tmp_path / "tiny" / name, digit, 1)  # one image per class: round(0.2 * 2) = 0 held out
-    with pytest.raises(DataError, match="holds 2 images, too few to hold any out for testing at test_fraction=0.2"):
-        build_dataset(f"imagefolder:{tmp_path / 'tiny'}", options=DataConfig())
-    assert run(["train", "--data", f"imagefolder:{tmp_path / 'tiny'}", "--out", str(tmp_path / "r")]) == 2
+        write_class(tmp_path / "tiny" / name, digit, 2)  # two per class: round(0.2 * 4) = 1, floors 0
+    with pytest.raises(DataError, match="holds 4 images, too few to hold any out for testing at test_fraction=0.1"):
+        build_dataset(f"imagefolder:{tmp_path / 'tiny'}", options=DataConfig(test_fraction=0.1))
+    assert run(["train", "--data", f"imagefolder:{tmp_path / 'tiny'}", "--set", "data.test_fraction=0.1",
+                "--out", str(tmp_path / "r")]) == 2
     assert "raise --set data.test_fraction" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    # one image per class: no fraction can help, since each class keeps its one for training
+    for digit, name in list(NAMES.items())[:2]:
+        write_class(tmp_path / "single" / name, digit, 1)
+    for fraction in (0.2, 0.9):
+        with pytest.raises(DataError, match="add images: each class keeps one for training, so a class needs two"):
+            build_dataset(f"imagefolder:{tmp_path / 'single'}", options=DataConfig(test_fraction=fraction))
 
 
 def test_a_model_that_cannot_take_the_image_size_is_refused_before_a_run_folder_is_written(ws, tmp_path, capsys):
@@ -271,6 +278,7 @@ def test_train_infer_evaluate_on_a_png_folder(ws, tmp_path, capsys, monkeypatch)
     assert run(["evaluate", str(model), "--dataset", f"imagefolder:{tmp_path / 'renamed'}", "--samples", "2"]) == 2
     err = capsys.readouterr().err
     assert "classes are not the model's: class 0 is 'class_one' there and 'one' in the model" in err
+    assert "(name the class folders as the model's classes)" in err
 
 
 def test_a_flat_folder_changed_since_training_is_refused_by_evaluate_and_resume(tmp_path, capsys):

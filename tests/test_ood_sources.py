@@ -127,11 +127,15 @@ def test_heldout_for_a_model_of_all_classes_says_to_train_with_data_classes(caps
 
 
 def test_the_retrain_hint_names_classes_the_dataset_has():
+    from ssvi_cli.data.classes import resolve_classes
     from ssvi_cli.evaluation.ood_sets import _retrain_hint
 
     spec = dataclasses.replace(get_spec("digits"), num_classes=3, class_names=("a", "b", "c"))
-    assert "--set data.classes=0 (" in _retrain_hint(spec)
-    assert "data.classes=0,1 (" in _retrain_hint(dataclasses.replace(spec, num_classes=4, class_names=tuple("abcd")))
+    assert "--set data.classes=0,1 (" in _retrain_hint(spec)  # a classifier needs two classes
+    assert "data.classes=0,1,2 (" in _retrain_hint(dataclasses.replace(spec, num_classes=6, class_names=tuple("abcdef")))
+    assert "2 classes, too few" in _retrain_hint(dataclasses.replace(spec, num_classes=2, class_names=("a", "b")))
+    hinted = _retrain_hint(spec).split("data.classes=")[1].split()[0].split(",")
+    assert resolve_classes(hinted, spec.class_names, spec.name) == (0, 1)  # the hint is a list ssvi takes
 
 
 def test_a_class_list_of_every_class_leaves_nothing_held_out(capsys, tmp_path):

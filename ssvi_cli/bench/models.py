@@ -11,7 +11,8 @@ from torch.utils.data import TensorDataset
 
 from ssvi_cli.config import Config, ConfigError, from_preset, load_preset
 from ssvi_cli.data.spec import DataSpec, DataSplits
-from ssvi_cli.models import TORCHVISION, LayerFactory, build_architecture, check_model_name, torchvision_base
+from ssvi_cli.models import (TORCHVISION, LayerFactory, build_architecture, check_model_name, input_error,
+                             torchvision_base)
 from ssvi_cli.registry import Registry, UnknownName
 
 KERNELS = ("sparse", "dense", "auto")
@@ -107,13 +108,13 @@ def check_input(bm: BenchModel, batch_size: int) -> None:
                 build_architecture(bm.name, bm.input_shape, NUM_CLASSES, LayerFactory(bayesian=False), widths)
                 return
             base = torchvision_base(bm.architecture[len(TORCHVISION):], bm.input_shape, NUM_CLASSES)
-            out = base.train()(torch.zeros(batch_size, *bm.input_shape))
     except (RuntimeError, ValueError, AssertionError) as exc:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"{bm.name} cannot run on {shape} inputs at batch {batch_size} ({reason}); "
-                          "choose another --input-size") from None
-    if not isinstance(out, torch.Tensor):
-        raise ConfigError(f"{bm.name} returns {type(out).__name__} in training mode, not a tensor of logits")
+        raise ConfigError(f"{bm.name} cannot run on {shape} inputs ({reason}); choose another --input-size") from None
+    reason = input_error(base.train(), bm.input_shape, batch_size)
+    if reason is not None:
+        raise ConfigError(f"{bm.name} cannot run on {shape} inputs at batch {batch_size} in training mode ({reason}); "
+                          "choose another --input-size")
 
 
 def synthetic_splits(bm: BenchModel, batch_size: int, seed: int) -> tuple[DataSplits, torch.Tensor, torch.Tensor]:

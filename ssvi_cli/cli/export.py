@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--output {output}: name the model file *.safetensors (a .pt is read as a checkpoint)")
         if output.exists() and source.exists() and output.resolve() == source.resolve():
             raise UsageError(f"--output {output} is the file being exported; give another path")
-        if source.is_dir() and output.resolve() == RunDir(source).model_file.resolve():
+        if source.is_dir() and output.exists() and output.resolve() == RunDir(source).model_file.resolve():
             raise UsageError(f"--output {output} is the run's own model file, which its summary and evaluations "
                              "describe; give another path")
         report = export_model(source, output, dtype=dtype, dense=dense)

@@ -80,12 +80,18 @@ def _patterns(patterns: str | Iterable[str]) -> tuple[str, ...]:
 
 
 # Modules whose forward reads some children's weights directly, not through the children's forward:
-# those children stay dense. By class name: torch's attention and torchvision's Swin window attention.
+# those children stay dense. By class name (subclasses included): torch's attention and torchvision's
+# Swin window attention.
 READ_DIRECTLY: dict[str, tuple[str, tuple[str, ...]]] = {
     "MultiheadAttention": ("nn.MultiheadAttention", ("out_proj",)),
     "ShiftedWindowAttention": ("Swin's ShiftedWindowAttention", ("qkv", "proj")),
     "ShiftedWindowAttentionV2": ("Swin's ShiftedWindowAttentionV2", ("qkv", "proj")),
 }
+
+
+def _reads_directly(module: nn.Module) -> Optional[tuple[str, tuple[str, ...]]]:
+    """The :data:`READ_DIRECTLY` entry of the module's class or of a class it derives from."""
+    return next((READ_DIRECTLY[c.__name__] for c in type(module).__mro__ if c.__name__ in READ_DIRECTLY), None)
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -98,8 +104,8 @@ def _targets(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[
     sparse twin under every name)."""
     targets, kept = [], []
     read_directly = {f"{n}.{child}": f"{label} reads {child}.weight directly"
-                     for n, m in model.named_modules() if type(m).__name__ in READ_DIRECTLY
-                     for label, children in [READ_DIRECTLY[type(m).__name__]] for child in children}
+                     for n, m in model.named_modules() if (entry := _reads_directly(m)) is not None
+                     for label, children in [entry] for child in children}
     owners: dict[int, list[str]] = {}  # parameter -> the modules holding it (a tied weight has several)
     for name, module in model.named_modules(remove_duplicate=False):
         for param in module.parameters(recurse=False):

@@ -125,8 +125,10 @@ def split_scan(scan: FolderScan, test_fraction: float) -> FolderScan:
     files, labels = scan.parts["all"]
     train_idx, test_idx = stratified_split(labels, test_fraction, TEST_SEED)  # every class keeps an image
     if len(test_idx) == 0:
+        fix = ("add images: each class keeps one for training, so a class needs two to give one for testing"
+               if int(torch.bincount(labels).max()) < 2 else "add images or raise --set data.test_fraction")
         raise DataError(f"{scan.root} holds {len(files)} images, too few to hold any out for testing at "
-                        f"test_fraction={test_fraction}; add images or raise --set data.test_fraction")
+                        f"test_fraction={test_fraction}; {fix}")
     pick = lambda idx: (tuple(files[i] for i in idx.tolist()), labels[idx])  # noqa: E731
     return replace(scan, parts={"train": pick(train_idx), "test": pick(test_idx)})
 

@@ -91,7 +91,8 @@ class DataSpec:
         if self.files_digest and current.name == self.name and current.files_digest != self.files_digest:
             raise DataError(f"{self.name.partition(':')[2] or self.name} has changed since the model was trained "
                             "(its list of images differs), so its test split drawn again would hold training "
-                            "images; restore the folder, or keep test images apart (PATH/train and PATH/test)")
+                            "images; restore the folder, or train again (PATH/train and PATH/test folders keep "
+                            "test images apart whatever is added)")
 
     def check(self) -> None:
         """A spec a model can be used with: an input and classes, one name per class, one finite

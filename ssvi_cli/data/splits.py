@@ -27,8 +27,9 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
 
     Each class gives ``floor(fraction * n_c)`` examples; the remainder goes to the classes with
     the largest fractional parts (ties broken at random), so tiny classes still contribute, but never
-    a class's last kept example: every class keeps at least one (the held-out count is then short
-    by the examples that rounding would have taken from such classes).
+    a class's last kept example: every class keeps at least one. An example rounding would take from
+    such a class comes from the next class that can give one; only when none can is the held-out
+    count below ``round(fraction * N)``.
     """
     rng = np.random.default_rng(seed)
     y = labels.numpy()

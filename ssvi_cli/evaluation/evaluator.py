@@ -125,12 +125,17 @@ def _check_compatible(name: str, spec: DataSpec, model_spec: DataSpec) -> None:
             f"takes {model_spec.input_shape} and predicts {model_spec.num_classes} classes"
             + (f"; score it as out-of-distribution with --ood {name} instead" if name in ood_names() else "")
         )
-    if spec.class_names and model_spec.class_names and tuple(spec.class_names) != tuple(model_spec.class_names):
+    placeholders = tuple(str(i) for i in range(model_spec.num_classes))  # ssvi.save without class_names
+    named = tuple(model_spec.class_names) != placeholders
+    if named and spec.class_names and tuple(spec.class_names) != tuple(model_spec.class_names):
         differ = next(i for i, (a, b) in enumerate(zip(spec.class_names, model_spec.class_names)) if a != b)
+        fix = ("name the class folders as the model's classes" if name.startswith("imagefolder:")
+               else f"score it as out-of-distribution with --ood {name}" if name in ood_names()
+               else "evaluate on the model's own dataset")
         raise DataError(
             f"dataset {name}'s classes are not the model's: class {differ} is {spec.class_names[differ]!r} there and "
             f"{model_spec.class_names[differ]!r} in the model; labels are matched by position, so the scores would "
-            "be wrong (name the class folders as in training)")
+            f"be wrong ({fix})")
 
 
 def load_eval_data(

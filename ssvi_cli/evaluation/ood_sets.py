@@ -32,10 +32,11 @@ ARRAY_SHAPES = "(N, H, W), (N, C, H, W) or (N, H, W, C) with C in 1, 3, 4"
 
 
 def _retrain_hint(spec: DataSpec) -> str:
-    """Train on the first half of the classes (at least one, one fewer than all at most)."""
-    if spec.num_classes < 2:
-        return "a model of one class holds nothing out"
-    keep = ",".join(str(i) for i in range(max(1, spec.num_classes // 2)))
+    """Train on the first half of the classes: at least two (a classifier needs two), one fewer than
+    all at most."""
+    if spec.num_classes < 3:
+        return f"{spec.name} has {spec.num_classes} classes, too few to train on two and hold one out"
+    keep = ",".join(str(i) for i in range(max(2, spec.num_classes // 2)))
     return f"train with --set data.classes={keep} (indices or names of {spec.name}'s classes) and evaluate that model"
 
 

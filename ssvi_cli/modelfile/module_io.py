@@ -143,14 +143,9 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
 
 
 def _skeleton(architecture: str, shape: tuple[int, ...], num_classes: int, factory: LayerFactory) -> nn.Module:
-    """The builder's network with empty supports: on the meta device where the builder allows it
-    (RegNets compute their widths with tensor ops and need a real device)."""
-    name = architecture[len(TORCHVISION):]
-    try:
-        with torch.device("meta"):
-            return torchvision_model(name, shape, num_classes, factory)
-    except (NotImplementedError, RuntimeError):
-        return torchvision_model(name, shape, num_classes, factory)
+    """The builder's network with empty supports, on the meta device (shapes only)."""
+    with torch.device("meta"):
+        return torchvision_model(architecture[len(TORCHVISION):], shape, num_classes, factory)
 
 
 def _output_size(model: nn.Module, shape: tuple[int, ...]) -> Optional[int]:

@@ -93,8 +93,11 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
             raise ConfigError(f"--init-from {path} holds Python objects besides tensors (a whole model saved with "
                               "torch.save(model)?); save model.state_dict() instead") from None
         first = text.splitlines()[0] if text else type(exc).__name__
-        with open(path, "rb") as handle:
-            magic = handle.read(4)
+        try:
+            with open(path, "rb") as handle:
+                magic = handle.read(4)
+        except OSError:
+            magic = b"PK\x03\x04"  # unreadable: the reader's own error says why
         if path.suffix != ".safetensors" and not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
             first = f"not a PyTorch file (neither a zip archive nor a pickle): {first}"
         raise ConfigError(f"--init-from {path} is not a readable state_dict ({first[:160]})") from None

@@ -15,10 +15,10 @@ from ssvi_cli.config import Config, ConfigError, apply_overrides, from_dict
 from ssvi_cli.core.allocation import InitSpec, initialise, layer_densities
 from ssvi_cli.core.criteria import REMOVAL_CRITERIA
 from ssvi_cli.core.layers import sparse_layers
-from ssvi_cli.data import DataSplits, build_dataset, check_dataset_name
-from ssvi_cli.data.spec import DataSpec
+from ssvi_cli.data import DataSplits, build_dataset, check_dataset_name, get_spec
+from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.modelfile import ModelCard, build_model
-from ssvi_cli.models import SSVIModel, check_model_name
+from ssvi_cli.models import SSVIModel, check_model_name, input_error
 from ssvi_cli.runs.rundir import RunDir
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -55,18 +55,14 @@ def plan_densities(model: SSVIModel, cfg: Config) -> dict[str, float]:
 
 
 def check_input_fits(skeleton: SSVIModel, cfg: Config, shape: tuple[int, ...]) -> None:
-    """One forward of the shapes-only (meta) model on the data's input shape: a model that cannot
-    take inputs this small (VGG's pooling, Inception's 75 pixels, ViT's 224) is refused before a run
-    folder is written."""
-    skeleton.eval()
-    try:
-        with torch.no_grad():
-            skeleton(torch.zeros((2, *shape), device="meta"))
-    except Exception as exc:  # noqa: BLE001 - whatever the architecture raises for a size it cannot take
+    """One eval-mode forward of the shapes-only (meta) model on the data's input shape: a model that
+    cannot take inputs this small (VGG's pooling, Inception's 75 pixels, ViT's 224) is refused before
+    a run folder is written."""
+    reason = input_error(skeleton.eval(), shape)
+    if reason is not None:
         size = "x".join(str(s) for s in shape)
         hint = " (set data.image_size)" if cfg.data.name.startswith("imagefolder") else ""
-        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise ConfigError(f"{cfg.model.name} cannot take the data's {size} inputs{hint}: {first}") from None
+        raise ConfigError(f"{cfg.model.name} cannot take the data's {size} inputs{hint}: {reason}")
 
 
 def make_model(cfg: Config, spec: Any) -> SSVIModel:
@@ -113,7 +109,8 @@ class RunPlan:
         dev = resolve_device(device or cfg.train.device)
         splits = splits or load_data(cfg)
         card = ModelCard.from_config(cfg, splits.spec)
-        with torch.device("meta"):  # shapes only: plans the supports of any size for free
+        # Shapes only: plans the supports of any size without their memory (a RegNet is built on the CPU).
+        with torch.device("meta"):
             skeleton = build_model(card)
             densities = plan_densities(skeleton, cfg)
         check_input_fits(skeleton, cfg, splits.spec.input_shape)
@@ -136,11 +133,13 @@ class RunPlan:
         _, data = run.load_latest()
         cfg = from_dict(data["config"])
         dev = resolve_device(device or cfg.train.device)
+        try:  # before any image is decoded
+            recorded = DataSpec.from_dict(data["data_spec"])
+        except (KeyError, TypeError, DataError):  # a checkpoint without a readable data description
+            recorded = None
+        if recorded is not None and recorded.files_digest:
+            recorded.check_same_files(get_spec(cfg.data.name, cfg.data))
         splits = splits or load_data(cfg)
-        try:
-            DataSpec.from_dict(data["data_spec"]).check_same_files(splits.spec)
-        except (KeyError, TypeError):  # a checkpoint without a readable data description: nothing to compare
-            pass
         card = ModelCard.from_config(cfg, splits.spec)
         return cls(cfg, dev, splits, card, {}, run, data)
 
