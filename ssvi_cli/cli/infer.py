@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from ssvi_cli.cli.common import (UsageError, check_device, count, check_output_file, err, out,
+from ssvi_cli.cli.common import (UsageError, check_device, check_output_file, count, err, out,
                                    print_json, progress_bar)
 
 SHOWN_ROWS = 50
@@ -75,8 +75,8 @@ def register(app: typer.Typer) -> None:
 
 def _table(records: list[dict[str, Any]], header: dict[str, Any]) -> Table:
     how = f"mc, S={header['samples']}, seed {header['seed']}" if header["mode"] == "mc" else "mean network"
-    table = Table(title=f"ssvi infer: {header['model']} ({how}; {count(header['inputs'], 'input')}, {header['seconds']:.2f}s)",
-                  title_justify="left")
+    inputs = count(header["inputs"], "input")
+    table = Table(title=f"ssvi infer: {header['model']} ({how}; {inputs}, {header['seconds']:.2f}s)", title_justify="left")
     for col, justify in (("input", "left"), ("class", "left"), ("prob", "right"), ("top-k", "left"),
                          ("entropy", "right"), ("MI", "right")):
         table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]

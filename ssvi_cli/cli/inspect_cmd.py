@@ -73,7 +73,8 @@ def _trained(tr: dict[str, Any]) -> str:
     # A criterion only matters to a method whose support moves by SNR-type scores (ssvi).
     criterion = f", criterion {tr.get('criterion')}" if kind is None or (kind.moves_support and kind.bayesian) else ""
     sparsity = f", sparsity {tr.get('sparsity')}" if kind is None or not kind.dense else ""
-    return (f"{method}{sparsity}{criterion}, {count(tr['epochs'], 'epoch') if isinstance(tr.get('epochs'), int) else str(tr.get('epochs')) + ' epochs'}, seed {tr.get('seed')}"
+    epochs = count(tr["epochs"], "epoch") if isinstance(tr.get("epochs"), int) else f"{tr.get('epochs')} epochs"
+    return (f"{method}{sparsity}{criterion}, {epochs}, seed {tr.get('seed')}"
             + (f", started from {start}" if start else ""))
 
 

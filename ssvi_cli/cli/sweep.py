@@ -238,8 +238,8 @@ def _run(sweep_dir: Path, cells: list[Any], jobs: int, threads: int, json_out: b
     if outcome.interrupted:
         failed = f"; {len(outcome.failed)} failed (logs in {sweep_dir / 'logs'})" if outcome.failed else ""
         # A cell stopped before its first checkpoint starts again; the others continue from theirs.
-        err.print(f"interrupted: {count(len(outcome.stopped), 'cell')} stopped{failed}; each continues from its last checkpoint "
-                  f"(one stopped before its first starts again): "
+        err.print(f"interrupted: {count(len(outcome.stopped), 'cell')} stopped{failed}; each continues from its "
+                  f"last checkpoint (one stopped before its first starts again): "
                   f"ssvi sweep --resume {shlex.quote(str(sweep_dir))}", markup=False)
         raise typer.Exit(128 + outcome.signum)
     _finish(result, json_out)

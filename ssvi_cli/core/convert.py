@@ -149,8 +149,9 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
 
     ``dense`` / ``deterministic``: fnmatch patterns (one string, or several) of module names kept
     at density 1 (still Bayesian) / without sigma; a pattern that matches no converted layer is an
-    error. A layer whose weight does not require gradients stays frozen: its mu and rho do not
-    either, and :class:`ssvi_cli.Subspace` leaves its support as it is. ``dense_first_conv``: the first ``Conv2d`` (the stem) stays dense.
+    error. ``dense_first_conv``: the first ``Conv2d`` (the stem) stays dense. A layer whose weight
+    does not require gradients stays frozen: its mu, rho and bias do not either, and
+    :class:`ssvi_cli.Subspace` leaves its support as it is.
     ``from_weights``: support and mu from the current weights (else a random support with a fan-in
     init). ``moped_delta``: sigma = delta * |w| instead of ``|N(sigma_mean, sigma_std^2)|``.
     Works on a model built on the ``meta`` device (shapes and counts only). ``structure_only``:

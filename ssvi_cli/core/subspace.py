@@ -169,8 +169,9 @@ def subspace_step(model: nn.Module, step: int, schedule: Schedule, criterion: st
     the check runs on the reduced gradients).
 
     A frozen layer (``mu.requires_grad`` off) keeps its support. A layer without a dense gradient
-    (the step's forward did not use it: a head of another task, a branch not taken) keeps it too and is listed in ``unreached``. Under ``reduce`` every process
-    must reach the same layers, so there a missing gradient is an error.
+    (the step's forward did not use it: a head of another task, a branch not taken) keeps it too and
+    is listed in ``unreached``. Under ``reduce`` every process must reach the same layers, so there a
+    missing gradient is an error.
     """
     fraction = schedule.drop_fraction(step)
     report = SwapReport(step, fraction)
