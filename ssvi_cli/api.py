@@ -17,12 +17,14 @@ The whole example, run on the embedded digits, is docs/API.md (and a test).
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
+from ssvi_cli.argcheck import real, whole
 from ssvi_cli.config import MIN_SUBSPACE_STEPS, PAPER_DELTA_T, Config, ConfigError, validate
 from ssvi_cli.core.criteria import REMOVAL_CRITERIA
 from ssvi_cli.core.layers import sparse_layers
@@ -40,6 +42,11 @@ RESETTABLE_OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RM
                          "Adadelta", "ASGD")
 
 
+# The Subspace attached to each model: a second one replaces it (a notebook cell run twice would
+# otherwise leave two sets of hooks on one model).
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
 class OptimizerStateError(TypeError):
     """An optimizer whose per-parameter state a remove-and-add step cannot reset."""
 
@@ -50,9 +57,9 @@ def kl_term(model: nn.Module, n_train: int, beta: float = 1.0, prior_sigma: floa
     layers = [layer for _, layer in sparse_layers(model)]
     if not layers:
         raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
-    if not n_train >= 1:
+    if not whole("n_train", n_train) >= 1:
         raise ValueError(f"n_train={n_train}: the number of training examples must be at least 1")
-    if not beta >= 0 or not prior_sigma > 0:
+    if not real("beta", beta) >= 0 or not real("prior_sigma", prior_sigma) > 0:
         raise ValueError(f"beta={beta}, prior_sigma={prior_sigma}: beta must be >= 0 and prior_sigma > 0")
     total = sum((layer.kl(prior_sigma) for layer in layers), torch.zeros((), device=layers[0].mu.device))
     return beta * total / n_train
@@ -69,6 +76,10 @@ class Subspace:
     positions with the largest |dL/dmu| added, every layer's active count unchanged. The optimizer's
     state of new entries is reset to zero; ``state_dict``/``load_state_dict`` resume the schedule.
 
+    A model has one Subspace at a time: a new one replaces the old. The schedule ends at
+    :meth:`remove`, or when the loop calls ``optimizer.step()`` itself (say, fine-tuning after early
+    stopping); the support then stays as it is and mu trains on.
+
     Under ``DistributedDataParallel`` pass the wrapped model: its capture step then runs without
     DDP's synchronisation and the dense gradients are averaged across ranks before scoring, so every
     rank picks the same support. Under autocast nothing changes; with a ``GradScaler`` call
@@ -79,6 +90,9 @@ class Subspace:
                  delta_t: int | str = PAPER_DELTA_T, alpha: float = 0.3, t_end: float = 0.75,
                  criterion: str = "snr_abs", criterion_lambda: float = 1.0, addition: str = "sample",
                  new_sigma: str = "mean", min_subspace_steps: int = MIN_SUBSPACE_STEPS) -> None:
+        if not isinstance(model, nn.Module) or not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"Subspace(model, optimizer, total_steps) takes an nn.Module and a torch.optim optimizer, "
+                            f"got {type(model).__name__} and {type(optimizer).__name__}")
         if not sparse_layers(model):
             raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
         name = type(optimizer).__name__
@@ -88,10 +102,14 @@ class Subspace:
                 f"torch.optim's {', '.join(RESETTABLE_OPTIMIZERS)}")
         if addition not in ("sample", "mean"):
             raise ValueError(f"addition={addition!r}; valid values are: sample, mean")
-        if total_steps < 1:
+        if whole("total_steps", total_steps) < 1:
             raise ValueError(f"total_steps must be positive, got {total_steps}")
         # Checked now, as ssvi train checks its config: the first remove-and-add step may be 100 steps away.
         REMOVAL_CRITERIA.get(criterion)
+        alpha, t_end, criterion_lambda = real("alpha", alpha), real("t_end", t_end), real("criterion_lambda", criterion_lambda)
+        min_subspace_steps, total_steps = whole("min_subspace_steps", min_subspace_steps), int(total_steps)
+        if not isinstance(delta_t, str):
+            delta_t = whole("delta_t", delta_t)
         base = Config()
         try:
             validate(replace(base, sparse=replace(base.sparse, delta_t=delta_t, alpha=alpha, t_end=t_end,
@@ -109,8 +127,21 @@ class Subspace:
         self._capture: Optional[Any] = None  # the capture context, open from the first capture forward to step()
         self._forward_only: Optional[Any] = None
         self._unsynced: Optional[nn.parallel.DistributedDataParallel] = None
+        self._stepping = False  # inside step(): the optimizer steps for the schedule
         self._hooks = [model.register_forward_pre_hook(self._before_forward),
-                       model.register_forward_hook(self._after_forward)]
+                       model.register_forward_hook(self._after_forward),
+                       optimizer.register_step_pre_hook(self._before_optimizer_step)]
+        key = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        previous = _ATTACHED.get(key)
+        previous = previous() if previous is not None else None
+        if previous is not None and previous._hooks:
+            log.warning("this model already had a Subspace: the new one replaces it (the old one is removed)")
+            previous.remove()
+        _ATTACHED[key] = weakref.ref(self)
+        if self.schedule.updates == 0:
+            log.warning("Subspace: no remove-and-add step fits before t_end (step %d of %d) at delta_t=%d, so the "
+                        "support never moves; pass a smaller delta_t, or delta_t='auto'",
+                        self.schedule.t_end, total_steps, self.schedule.delta_t)
 
     def _before_forward(self, module: nn.Module, args: Any) -> None:
         if not (module.training and self.schedule.captures(self.t)):
@@ -136,6 +167,16 @@ class Subspace:
         if self._forward_only is not None:
             self._forward_only.__exit__(None, None, None)
             self._forward_only = None
+
+    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._stepping:
+            return
+        # The loop stepped the optimizer itself (it stopped calling step(), say after early
+        # stopping): the schedule ends here, and a gradient captured for a remove-and-add step that
+        # will not come goes to mu.grad, so that this step and every later one train mu.
+        log.warning("optimizer.step() ran outside Subspace.step(): the remove-and-add schedule ends at step %d "
+                    "and the support stays as it is (call subspace.step() in its place to keep the schedule)", self.t)
+        self.remove()
 
     def step(self, scaler: Optional[torch.amp.GradScaler] = None) -> bool:
         """The optimizer step, or the remove-and-add step in its place; returns True for the latter.
@@ -179,11 +220,16 @@ class Subspace:
                     pass
                 skipped = self.last_report.skipped  # an overflow: back off as after a skipped step
                 scaler.update(scaler.get_scale() * scaler.get_backoff_factor() if skipped else None)
-        elif scaler is not None:
-            scaler.step(self.optimizer)
-            scaler.update()
         else:
-            self.optimizer.step()
+            self._stepping = True
+            try:
+                if scaler is not None:
+                    scaler.step(self.optimizer)
+                    scaler.update()
+                else:
+                    self.optimizer.step()
+            finally:
+                self._stepping = False
         self.t += 1
         return update
 
@@ -197,9 +243,21 @@ class Subspace:
         self.t = int(state["t"])
 
     def remove(self) -> None:
-        """Detach the hooks from the model (the schedule ends)."""
+        """End the schedule: detach the hooks from the model and the optimizer. A dense gradient
+        captured since the last :meth:`step` goes to ``mu.grad``, as a plain backward would put it."""
+        if self._capture is not None:
+            for _, layer in sparse_layers(self.model):
+                if layer.capture_dense_grad:
+                    layer.collect_dense_grad()
+                    layer.dense_grad = None
+            self._capture.__exit__(None, None, None)
+            self._capture = None
+        if self._unsynced is not None:
+            self._unsynced.require_backward_grad_sync = True
+            self._unsynced = None
         for hook in self._hooks:
             hook.remove()
+        self._hooks = []
 
 
 def _check_optimizer_holds(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -239,7 +297,9 @@ def predict(model: nn.Module, x: Tensor, samples: int = 30, mode: str = "mc") ->
     """
     if not sparse_layers(model):
         raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
-    probs, draws = predict_batch(model, x, samples, mode)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor batch, got {type(x).__name__} (torch.as_tensor(x) converts an array)")
+    probs, draws = predict_batch(model, x, whole("samples", samples), mode)
     probs_np = probs.double().cpu().numpy()
     entropy = torch.from_numpy(predictive_entropy(probs_np))
     mi = torch.from_numpy(mutual_information(draws.double().cpu().numpy())) if draws is not None else None

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ssvi_cli.core.gaussian import LRT_EPS
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
-from ssvi_cli.core.modes import drawing, evaluating, sampling
+from ssvi_cli.core.modes import drawing, evaluating, one_draw_per_forward, sampling
 from ssvi_cli.models import SSVIModel
 
 MODES = ("mc", "mean")
@@ -94,8 +94,12 @@ def _predict(model: SSVIModel, x: Tensor, samples: int, mode: str, first_layer: 
         # without the reused draw buffers, which assume each layer runs once per forward.
         if first_layer == "moments":
             raise ValueError("first_layer='moments' needs a model with a separate first layer (first, forward_rest)")
-        with sampling(model, "sample"):
-            stacked = torch.stack([class_softmax(_logits(model, x)) for _ in range(samples)])
+        draws = []
+        with sampling(model, "sample"), one_draw_per_forward(model) as next_forward:
+            for _ in range(samples):
+                next_forward()  # a layer the forward calls twice (shared weights) uses one draw
+                draws.append(class_softmax(_logits(model, x)))
+        stacked = torch.stack(draws)
         return stacked.mean(0), stacked
     h = model.prepare(x)
     if first_layer == "auto":
@@ -130,7 +134,7 @@ def _predict(model: SSVIModel, x: Tensor, samples: int, mode: str, first_layer: 
         drawn = [layer for _, layer in sparse_layers(model) if layer is not model.first]
     with sampling(model, "sample"), drawing(drawn):
         # softmax allocates, so nothing returned aliases a tensor that the next draw overwrites
-        draws = [class_softmax(_at_least_float32(draw())) for _ in range(samples)]
+        draws = [class_softmax(_at_least_float32(_class_logits(draw()))) for _ in range(samples)]
     stacked = torch.stack(draws)
     return stacked.mean(0), stacked
 
@@ -140,7 +144,16 @@ def _logits(model: nn.Module, x: Tensor) -> Tensor:
     if not isinstance(out, Tensor):
         raise TypeError(f"the model's forward returned a {type(out).__name__}; prediction needs one tensor of "
                         "class logits (wrap the model so that it returns them)")
-    return _at_least_float32(out)
+    return _at_least_float32(_class_logits(out))
+
+
+def _class_logits(logits: Tensor) -> Tensor:
+    """``logits`` if they are (batch, classes); anything else is one ValueError saying what to do."""
+    if logits.dim() != 2:
+        hint = ("one example gives (classes,): pass a batch, x.unsqueeze(0)" if logits.dim() == 1 else
+                "flatten the other dimensions into the batch, e.g. logits.flatten(0, -2)")
+        raise ValueError(f"prediction needs (batch, classes) logits; the model returned shape {tuple(logits.shape)} ({hint})")
+    return logits
 
 
 def _at_least_float32(logits: Tensor) -> Tensor:

@@ -34,6 +34,12 @@ class SparseConv2d(SparseGaussian):
             padding = (0, 0) if padding == "valid" else padding
         self.padding = padding if isinstance(padding, str) else _pair(padding)
 
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, C, H, W) as ``nn.Conv2d`` takes it, and one unbatched image (C, H, W) as well."""
+        if x.dim() == 3:
+            return super().forward(x.unsqueeze(0)).squeeze(0)
+        return super().forward(x)
+
     def default_sparse(self) -> bool:
         # A transient dense weight with cuDNN/oneDNN convolution beats unfold + CSR for 3x3 kernels
         # at the densities we use; 1x1 convs are matrix products and can take the sparse kernel.
@@ -61,6 +67,8 @@ class SparseConv2d(SparseGaussian):
     def _sparse_conv(self, x: Tensor, values: Tensor) -> Tensor:
         """Convolution as unfold + sparse matrix product (im2col over active entries only)."""
         b, _, h, w = x.shape
+        if b == 0:  # an empty batch: nothing to unfold or reshape
+            return x.new_zeros((0, self.weight_shape[0], *self.output_size(h, w)))
         if self.weight_shape[2:] == (1, 1) and self.padding == (0, 0):
             # A 1x1 convolution is a matrix product over channels: subsample and move channels last,
             # no im2col. The output keeps the kernel's (channels, positions) layout as a view.

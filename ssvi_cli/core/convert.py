@@ -19,6 +19,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from ssvi_cli.argcheck import real
 from ssvi_cli.core.allocation import InitSpec, active_count, initialise, layer_densities
 from ssvi_cli.core.criteria import top_k_indices
 from ssvi_cli.core.gaussian import rho_from_sigma
@@ -157,8 +158,10 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
     Works on a model built on the ``meta`` device (shapes and counts only). ``structure_only``:
     replace the layers and leave their supports empty (for a file or checkpoint to fill).
     """
+    sparsity = real("sparsity", sparsity)
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity={sparsity} must be in [0, 1)")
+    _check_sigma_init(sigma_mean, sigma_std, moped_delta)
     dense, deterministic = _patterns(dense), _patterns(deterministic)
     targets, kept = _targets(model)
     if not structure_only:  # a typo would silently leave a layer sparse or Bayesian
@@ -170,6 +173,9 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
     if not targets and sparse_layers(model):
         raise ValueError(f"the model is already sparse ({len(sparse_layers(model))} layers were converted before) "
                          "and has no Linear or Conv2d layer left to convert")
+    if not targets and not structure_only:  # (a file's reader names a layer that stays dense itself)
+        left = "; ".join(f"{name}: {reason}" for name, reason in kept[:3])
+        raise ValueError("the model has no Linear or Conv2d layer that sparsify converts" + (f" ({left})" if left else ""))
     half = next((name for name, m in targets if m.weight.dtype == torch.float16), None)
     if half is not None and bayesian:
         raise ValueError(f"{half} has float16 weights, which cannot hold sigma (values below 6e-8 become 0); keep the "
@@ -212,6 +218,16 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
                                             twin.weight_shape, twin.active, twin.numel, twin.bayesian,
                                             densities[name] >= 1.0))
     return report
+
+
+def _check_sigma_init(sigma_mean: float, sigma_std: float, moped_delta: Optional[float]) -> None:
+    """sigma is |N(sigma_mean, sigma_std^2)| or moped_delta * |w|: each a positive scale (a zero or
+    negative one would leave sigma at its floor, or as large as |sigma_mean|, without a word)."""
+    if moped_delta is not None and not real("moped_delta", moped_delta) > 0:
+        raise ValueError(f"moped_delta={moped_delta} must be positive (sigma = moped_delta * |w|)")
+    if not real("sigma_mean", sigma_mean) > 0 or not real("sigma_std", sigma_std) >= 0:
+        raise ValueError(f"sigma_mean={sigma_mean}, sigma_std={sigma_std}: sigma_mean must be positive "
+                         "and sigma_std at least 0")
 
 
 def _support_from_weights(twin: SparseGaussian, module: nn.Module, density: float, sigma_mean: float,

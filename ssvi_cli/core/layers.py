@@ -64,6 +64,7 @@ class SparseGaussian(nn.Module):
         self.mode = "lrt"
         self.capture_dense_grad = False
         self.draws: Optional["DrawState"] = None
+        self.forward_draw: Optional[list[Optional[Tensor]]] = None  # [this forward's weight draw], see modes
         self.dense_grad: Optional[Tensor] = None
         self._captured = CapturedGrad()
         self._pattern: Optional[tuple[Tensor, int, CsrPattern]] = None  # idx, its version, its CSR pattern
@@ -174,8 +175,19 @@ class SparseGaussian(nn.Module):
         if self.mode == "sample":
             if self.draws is not None and not torch.is_grad_enabled():
                 return self.apply_draw(x, self.draws)
-            return self.apply_affine(x, torch.addcmul(self.mu, self.sigma(), torch.randn_like(self.mu)))
+            return self.apply_affine(x, self._weight_draw())
         return self.sample_from_moments(*self.moments(x))
+
+    def _weight_draw(self) -> Tensor:
+        """mu + sigma * eps over the active entries; inside :func:`ssvi_cli.core.modes.one_draw_per_forward`
+        the first call of a forward draws and later calls in it (a layer used twice) reuse the draw."""
+        box = self.forward_draw
+        if box is not None and box[0] is not None:
+            return box[0]
+        values = torch.addcmul(self.mu, self.sigma(), torch.randn_like(self.mu))
+        if box is not None:
+            box[0] = values
+        return values
 
     def apply_draw(self, x: Tensor, draws: "DrawState") -> Tensor:
         """The layer with one weight draw, using the prediction's :class:`DrawState` (no gradients)."""

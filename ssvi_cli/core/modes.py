@@ -5,6 +5,7 @@
 - :func:`capturing_dense_grad`: the forward runs through a dense leaf holding μ, so that backward
   yields ∂L/∂μ at every position (the addition score of a subspace step).
 - :func:`drawing`: Monte Carlo prediction's per-layer draw state (buffers reused across draws).
+- :func:`one_draw_per_forward`: a layer called twice in one forward reuses its weight draw.
 - :func:`using_kernel`: a different kernel policy, e.g. to compare the sparse and dense products.
 
 Each restores exactly what it changed, also when the block raises, so no caller leaves a model in
@@ -14,7 +15,7 @@ a state another caller does not expect.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from torch import nn
 
@@ -65,6 +66,22 @@ def drawing(layers: Iterable[SparseGaussian]):
     """
     chosen = [layer for layer in layers if layer.bayesian]
     return _swap(chosen, "draws", [DrawState(layer) for layer in chosen])
+
+
+@contextmanager
+def one_draw_per_forward(target: nn.Module | Iterable[SparseGaussian]) -> Iterator[Callable[[], None]]:
+    """In ``sample`` mode a layer called twice in one forward (shared weights) uses one weight draw
+    for both calls, as one draw of theta would. The block gets a function that starts the next
+    forward: call it before each one, and each layer's first call then draws afresh."""
+    layers = [layer for layer in _layers(target) if layer.bayesian]
+    boxes: list[list] = [[None] for _ in layers]
+
+    def next_forward() -> None:
+        for box in boxes:
+            box[0] = None
+
+    with _swap(layers, "forward_draw", boxes):
+        yield next_forward
 
 
 def using_kernel(target: nn.Module | Iterable[SparseGaussian], kernel: KernelPolicy | str):

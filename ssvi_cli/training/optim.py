@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ssvi_cli.argcheck import real
 from ssvi_cli.config import Config, OptimConfig
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.registry import Registry
@@ -30,6 +31,9 @@ def param_groups(model: nn.Module, lr: float, lr_sigma: float, weight_decay: flo
     """Two parameter groups (METHOD.md §5): mu, biases and everything else with ``lr`` and
     ``weight_decay``; rho with ``lr_sigma`` and no weight decay. Each group records its ``base_lr``,
     the value a learning-rate schedule scales."""
+    for arg, value in (("lr", lr), ("lr_sigma", lr_sigma), ("weight_decay", weight_decay)):
+        if real(arg, value) < 0:
+            raise ValueError(f"{arg}={value} must be at least 0")
     rho = [layer.rho for _, layer in sparse_layers(model) if layer.rho is not None]
     rho_ids = {id(p) for p in rho}
     rest = [p for p in model.parameters() if id(p) not in rho_ids]

@@ -1,0 +1,182 @@
+"""The Python API at its edges: a loop that leaves the schedule, a second Subspace on one model, a
+layer called twice in one forward, unbatched and empty conv inputs, and arguments of the wrong type
+or value (one line naming the argument, never a comparison error from deep inside)."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ssvi_cli as ssvi
+from ssvi_cli.core.modes import sampling
+
+
+def mlp(sparsity: float = 0.7) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    ssvi.sparsify(model, sparsity)
+    return model
+
+
+def data(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(32, 64, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+
+
+def train_step(model, x, y) -> None:
+    F.cross_entropy(model(x), y).backward()
+
+
+def test_a_loop_that_steps_the_optimizer_itself_ends_the_schedule_and_mu_trains_on(caplog):
+    # Early stopping at a step whose forward captured the dense gradient, then plain fine-tuning:
+    # the capture must not outlive the schedule, or mu would never receive a gradient again.
+    model, (x, y) = mlp(), data()
+    optimizer = torch.optim.SGD(ssvi.param_groups(model, lr=0.1, lr_sigma=0.01))
+    subspace = ssvi.Subspace(model, optimizer, total_steps=400, delta_t=100)
+    for _ in range(100):
+        train_step(model, x, y)
+        subspace.step()
+        optimizer.zero_grad()
+    layer = model[0]
+    before = layer.mu.detach().clone()
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli.api"):
+        for _ in range(3):
+            train_step(model, x, y)  # step 100 is a remove-and-add step: this forward would capture
+            optimizer.step()
+            optimizer.zero_grad()
+    assert "ran outside Subspace.step()" in caplog.text
+    assert not torch.equal(before, layer.mu.detach())
+    assert not layer.capture_dense_grad and subspace._hooks == []
+    idx = layer.idx.clone()
+    train_step(model, x, y)
+    optimizer.step()
+    assert torch.equal(idx, layer.idx)  # the support stays as it is
+
+
+def test_the_gradient_captured_before_the_loop_left_reaches_mu():
+    # The first plain step after leaving gets mu.grad from the capture forward (no step is lost).
+    model, (x, y) = mlp(), data()
+    optimizer = torch.optim.SGD(ssvi.param_groups(model, lr=0.1, lr_sigma=0.01))
+    subspace = ssvi.Subspace(model, optimizer, total_steps=40, delta_t=2)
+    subspace.t = 4  # a remove-and-add step: its forward captures
+    torch.manual_seed(1)  # the same LRT noise in both forwards
+    train_step(model, x, y)
+    assert model[0].capture_dense_grad and model[0].mu.grad is None
+    reference = mlp()
+    torch.manual_seed(1)
+    train_step(reference, x, y)
+    subspace.remove()
+    assert model[0].mu.grad is not None
+    torch.testing.assert_close(model[0].mu.grad, reference[0].mu.grad)
+
+
+def test_a_second_subspace_replaces_the_first(caplog):
+    model, (x, y) = mlp(), data()
+    optimizer = torch.optim.SGD(ssvi.param_groups(model, lr=0.1, lr_sigma=0.01))
+    old = ssvi.Subspace(model, optimizer, total_steps=400, delta_t=3)
+    old.t = 2  # the old one would capture the next forward
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli.api"):
+        new = ssvi.Subspace(model, optimizer, total_steps=400, delta_t=5)
+    assert "already had a Subspace" in caplog.text and old._hooks == []
+    moved = []
+    for _ in range(11):
+        before = model[0].mu.detach().clone()
+        train_step(model, x, y)
+        moved.append((new.step(), not torch.equal(before, model[0].mu.detach())))
+        optimizer.zero_grad()
+    assert [t for t, (update, _) in enumerate(moved) if update] == [5, 10]
+    assert all(changed for _, changed in moved)  # mu trains on every step, updates included
+
+
+def test_a_short_schedule_without_any_remove_and_add_step_says_so(caplog):
+    model = mlp()
+    optimizer = torch.optim.SGD(ssvi.param_groups(model, lr=0.1, lr_sigma=0.01))
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli.api"):
+        ssvi.Subspace(model, optimizer, total_steps=87)  # t_end 65 < delta_t 100
+    assert "no remove-and-add step fits" in caplog.text and "delta_t='auto'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli.api"):
+        ssvi.Subspace(model, optimizer, total_steps=87, delta_t="auto")
+    assert "no remove-and-add step fits" not in caplog.text
+
+
+class Shared(nn.Module):
+    """f(x) - f(x) + b: the same for every weight draw, if each draw is one draw of theta."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(64, 10)
+        self.b = nn.Parameter(torch.randn(10))
+
+    def forward(self, x):
+        return self.f(x) - self.f(x) + self.b
+
+
+def test_a_layer_called_twice_in_one_forward_uses_one_draw_per_monte_carlo_sample():
+    torch.manual_seed(0)
+    model = Shared()
+    ssvi.sparsify(model, 0.5, moped_delta=0.5)
+    x, _ = data()
+    out = ssvi.predict(model, x[:4], samples=20)
+    assert float(out.mutual_information.max()) < 1e-9
+    torch.testing.assert_close(out.probs[0].float(), torch.softmax(model.b.detach(), 0), atol=1e-5, rtol=0)
+
+
+def test_a_sparse_conv_takes_an_unbatched_image_and_an_empty_batch():
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1))
+    images = [torch.randn(3, 8, 8), torch.randn(3, 5, 4)]  # H == out_channels, and not
+    expected = [conv(x) for x in images]
+    ssvi.sparsify(conv, 0.0, dense_first_conv=False)
+    with sampling(conv, "mean"):
+        for x, ref in zip(images, expected):
+            torch.testing.assert_close(conv(x), ref, atol=1e-6, rtol=0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 1), nn.Conv2d(32, 8, 3),
+                          nn.Flatten(), nn.Linear(8 * 36, 10))
+    ssvi.sparsify(model, 0.95, kernel="sparse")  # the 1x1 conv's matrix product and the 3x3's unfold
+    assert model(torch.zeros(0, 1, 8, 8)).shape == (0, 10)
+    assert ssvi.predict(model, torch.zeros(0, 1, 8, 8), samples=2).probs.shape == (0, 10)
+
+
+@pytest.mark.parametrize("call, error, text", [
+    (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), "abc"), TypeError, "sparsity must be a number"),
+    (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), torch.tensor(0.5)), TypeError, "sparsity must be a number"),
+    (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.5, moped_delta=-1.0), ValueError, "moped_delta=-1.0"),
+    (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.5, moped_delta=0.0), ValueError, "moped_delta=0.0"),
+    (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.5, sigma_mean=-1.0), ValueError, "sigma_mean=-1.0"),
+    (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.5, sigma_std=-5e-4), ValueError, "sigma_std"),
+    (lambda m, o: ssvi.sparsify(nn.Sequential(nn.LSTM(4, 4)), 0.5), ValueError, "no Linear or Conv2d layer"),
+    (lambda m, o: ssvi.Subspace(m, None, 10), TypeError, "torch.optim optimizer"),
+    (lambda m, o: ssvi.Subspace(o, m, 10), TypeError, "nn.Module"),
+    (lambda m, o: ssvi.Subspace(m, o, "10"), TypeError, "total_steps must be an int"),
+    (lambda m, o: ssvi.Subspace(m, o, 2.5), TypeError, "total_steps must be an int"),
+    (lambda m, o: ssvi.Subspace(m, o, True), TypeError, "total_steps must be an int"),
+    (lambda m, o: ssvi.Subspace(m, o, 100, alpha="0.3"), TypeError, "alpha must be a number"),
+    (lambda m, o: ssvi.Subspace(m, o, 100, delta_t=2.5), TypeError, "delta_t must be an int"),
+    (lambda m, o: ssvi.kl_term(m, n_train="10"), TypeError, "n_train must be an int"),
+    (lambda m, o: ssvi.kl_term(m, n_train=10, beta="a"), TypeError, "beta must be a number"),
+    (lambda m, o: ssvi.kl_term(m, n_train=10, prior_sigma=float("inf")), ValueError, "prior_sigma=inf"),
+    (lambda m, o: ssvi.predict(m, torch.randn(64)), ValueError, r"x.unsqueeze\(0\)"),
+    (lambda m, o: ssvi.predict(m, torch.randn(2, 5, 64), mode="mean"), ValueError, r"shape \(2, 5, 10\)"),
+    (lambda m, o: ssvi.predict(m, torch.randn(2, 5, 64)), ValueError, r"shape \(2, 5, 10\)"),
+    (lambda m, o: ssvi.predict(m, np.zeros((2, 64), np.float32)), TypeError, "torch.as_tensor"),
+    (lambda m, o: ssvi.predict(m, torch.randn(2, 64), samples=2.5), TypeError, "samples must be an int"),
+    (lambda m, o: ssvi.param_groups(m, 0.1, -1.0), ValueError, "lr_sigma=-1.0"),
+    (lambda m, o: ssvi.param_groups(m, "0.1", 0.1), TypeError, "lr must be a number"),
+])
+def test_wrong_arguments_are_one_line_naming_the_argument(call, error, text):
+    model = mlp()
+    optimizer = torch.optim.SGD(ssvi.param_groups(model, lr=0.1, lr_sigma=0.01))
+    with pytest.raises(error, match=text):
+        call(model, optimizer)
+
+
+def test_numpy_numbers_are_numbers():
+    model = mlp()
+    optimizer = torch.optim.SGD(ssvi.param_groups(model, lr=np.float32(0.1), lr_sigma=np.float64(0.01)))
+    ssvi.Subspace(model, optimizer, total_steps=np.int64(200), delta_t=np.int32(50))
+    assert float(ssvi.kl_term(model, n_train=np.int64(10), beta=np.float32(0.5)).detach()) > 0
+    ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), np.float64(0.5))
