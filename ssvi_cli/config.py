@@ -262,6 +262,9 @@ def _flatten(data: Any, where: str = "config", skip: tuple[str, ...] = ()) -> di
     for section, values in data.items():
         if section in skip:
             continue
+        known = [f.name for f in fields(Config)]
+        if section not in known:
+            raise ConfigError(f"{where}: unknown section {section!r}; valid sections are: {', '.join(known)}")
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: section {section!r} must be a mapping, got {values!r}")
         for k, v in values.items():
@@ -367,8 +370,10 @@ def validate(cfg: Config) -> None:
         ("data.mean", d.mean is None or len(d.mean) == d.channels, f"{d.channels} numbers, one per channel"),
         ("data.std", d.std is None or (len(d.std) == d.channels and min(d.std) > 0),
          f"{d.channels} positive numbers, one per channel"),
-        ("data.classes", d.classes is None or (len(d.classes) >= 2 and len(set(d.classes)) == len(d.classes)),
-         "at least two distinct classes, by index or name (e.g. 0,1,2,3,4)"),
+        ("data.classes", d.classes is None or len(set(d.classes)) == len(d.classes),
+         "a list naming each class once"),
+        ("data.classes", d.classes is None or len(d.classes) >= 2,
+         "at least two classes, by index or name (e.g. 0,1,2,3,4)"),
         ("model.widths", all(w >= 1 for w in cfg.model.widths), "positive integers"),
     ]
     for key, ok, rule in checks:
@@ -413,7 +418,9 @@ def _read_preset(name_or_path: str) -> tuple[Path, dict[str, Any]]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"preset {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"preset {path} is not valid YAML{at}: {str(exc).splitlines()[0]}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"preset {path} cannot be read ({exc}); check the path and its permissions") from None
     if data is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -126,3 +127,21 @@ def remove_entries(folder: Path, names: Iterable[str]) -> None:
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+
+
+def brief(error: BaseException | str, limit: int = 160) -> str:
+    """What a reader (torch, safetensors, a model's forward) said, as one line for our own message:
+    its first line, cut at the last sentence end within ``limit`` characters, else at a word with
+    "...", rather than mid-word; the exception's type name when it said nothing. ANSI colour codes
+    (torch colours some advice) are dropped."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    if not text:
+        return type(error).__name__ if isinstance(error, BaseException) else ""
+    line = text.splitlines()[0].strip()
+    if len(line) <= limit:
+        return line
+    head = line[:limit]
+    end = head.rfind(". ")
+    if end >= limit // 3:
+        return head[:end + 1]
+    return head[:head.rfind(" ")].rstrip(",;:") + "..." if " " in head else head + "..."

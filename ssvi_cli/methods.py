@@ -1,4 +1,4 @@
-"""Training methods as objects (METHOD.md §7): what each one trains, decided here once.
+"""Training methods as objects (README, the `--method` table): what each one trains, decided here once.
 
 A method answers three questions that the trainer, the FLOPs count and the file writer ask:
 is the network Bayesian (has σ), is it dense (density 1 whatever the sparsity), and does its

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ssvi_cli.core.conv import SparseConv2d
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear
+from ssvi_cli.fileio import brief
 from ssvi_cli.registry import Registry
 
 MODELS: Registry[Callable[..., "SSVIModel"]] = Registry("model")
@@ -256,7 +257,7 @@ def input_error(model: nn.Module, shape: Sequence[int], batch_size: int = 2) -> 
         with torch.no_grad():
             out = model(torch.zeros((batch_size, *shape), device="meta"))
     except Exception as exc:  # noqa: BLE001 - whatever an architecture raises for a size it cannot take
-        return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        return brief(exc, 200)
     return None if isinstance(out, Tensor) else f"it returns {type(out).__name__}, not a tensor of logits"
 
 

@@ -49,7 +49,7 @@ def test_existing_run_directory_is_not_overwritten_without_force(tmp_path: Path,
     assert run(["train", "--out", str(tmp_path / "r"), *tiny]) == 0
     (tmp_path / "r" / "notes.txt").write_text("mine")
     assert run(["train", "--out", str(tmp_path / "r"), *tiny]) == 2
-    assert "already holds a run; pass --force" in capsys.readouterr().err
+    assert "already holds a finished run; pass --force" in capsys.readouterr().err
     first = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert run(["train", "--out", str(tmp_path / "r"), *tiny, "--seed", "1", "--force"]) == 0
     assert (tmp_path / "r" / "notes.txt").read_text() == "mine"

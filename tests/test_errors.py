@@ -80,7 +80,8 @@ CASES = [
     (["train", "--set", "data.name=cifar10", "--set", "data.data_dir={ws}/nodata"],
      "cifar10 not found or corrupted at {ws}/nodata/cifar-10-batches-py"),
     # train: run directories
-    (["train", "--out", "{ws}/run"], "already holds a run; pass --force to overwrite it or --resume"),
+    (["train", "--out", "{ws}/run"], "already holds a finished run; pass --force to overwrite it, or choose another --out"),
+    (["train", "--out", "{ws}/partial"], "already holds a run; pass --force to overwrite it or --resume {ws}/partial"),
     (["train", "--out", "{ws}/afile"], "exists and is not a directory"),
     (["train", "--resume", "{ws}/empty_dir"], "has no checkpoint"),
     (["train", "--resume", "{ws}/missing"], "run directory {ws}/missing does not exist"),
@@ -199,9 +200,10 @@ def test_typer_usage_errors_exit_2_without_traceback(workspace, args, words, cap
     assert listing(workspace) == before
 
 
-def test_debug_shows_the_traceback(workspace, capsys):
-    with pytest.raises(Exception, match="has no checkpoint"):
-        run(["inspect", str(workspace / "empty_dir"), "--debug"])
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(workspace, capsys):
+    assert run(["inspect", str(workspace / "empty_dir"), "--debug"]) == 2  # a user mistake, as without --debug
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "has no checkpoint" in err
 
 
 @pytest.mark.parametrize("args, words", [

@@ -229,9 +229,10 @@ def test_a_state_dict_file_read_as_users_save_it(tmp_path):
     torch.save(net, tmp_path / "whole.pt")
     with pytest.raises(ConfigError, match=r"holds Python objects besides tensors .*save model.state_dict\(\) instead$"):
         read_state_dict(tmp_path / "whole.pt")
-    (tmp_path / "text.pt").write_text("epoch 3: loss 0.1\n")
-    with pytest.raises(ConfigError, match=r"is not a readable state_dict \(not a PyTorch file \(neither a zip archive nor a pickle\)"):
-        read_state_dict(tmp_path / "text.pt")
+    for text in ("epoch 3: loss 0.1\n", "# notes\n\nA README, not weights.\n"):  # the second fails torch's weights-only check
+        (tmp_path / "text.pt").write_text(text)
+        with pytest.raises(ConfigError, match=r"is not a readable state_dict \(not a PyTorch file: neither a zip archive nor a pickle\)$"):
+            read_state_dict(tmp_path / "text.pt")
     import ssvi_cli as ssvi
 
     ssvi.sparsify(net, 0.5)

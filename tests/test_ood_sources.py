@@ -89,8 +89,8 @@ def test_classes_override_is_one_knob_read_as_strings():
 @pytest.mark.parametrize("classes, words", [
     ("0,10", "'10' is not a class of digits; valid are 0..9"),
     ("2,two", "'two' is not a class of digits"),
-    ("4,4", "at least two distinct classes"),
-    ("4", "at least two distinct classes"),
+    ("4,4", "naming each class once"),
+    ("4", "at least two classes"),
 ])
 def test_bad_class_lists_are_one_line_errors_before_anything_is_written(classes, words, capsys, tmp_path):
     capsys.readouterr()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from typing import Optional, Sequence
 
 import typer
@@ -67,9 +68,10 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         err.print("interrupted")
         return 130
     except Exception as exc:  # noqa: BLE001 - the one place that turns errors into messages
-        if debug:
-            raise
         code = 2 if isinstance(exc, _user_errors()) else 1
+        if debug:  # the traceback, and the same exit code as without --debug
+            traceback.print_exception(exc)
+            return code
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         prefix = "error" if code == 2 else f"error ({type(exc).__name__})"
         # escape(): a message may hold brackets (pip extras, paths) that rich would read as markup.

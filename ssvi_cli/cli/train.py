@@ -223,6 +223,10 @@ def _fit(trainer, interrupted_cls, quiet: bool) -> dict[str, Any]:
         err.print(f"training {cfg.model.name} on {cfg.data.name} with {cfg.sparse.method} "
                   f"(density {cfg.density:.3g}, {count(cfg.train.epochs, 'epoch')}, device {trainer.device}) "
                   f"-> {trainer.run_dir}")
+        if cfg.method.moves_support and trainer.schedule.updates == 0:
+            err.print(f"note: {count(trainer.total_steps, 'step')} leave no subspace step before t_end at delta_t "
+                      f"{trainer.schedule.delta_t}, so the support will not move (--set sparse.delta_t=auto spaces "
+                      "them to fit the run)", markup=False, highlight=False)
     with progress_bar(enabled=not quiet) as bar:
         task = None
 

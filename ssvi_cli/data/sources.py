@@ -110,14 +110,16 @@ def _call_torchvision(name: str, factory: Callable[[], object], where: Path, dow
         with stall_limit():
             return factory()
     except RuntimeError as err:
+        said = " ".join(str(err).split())  # torchvision's download errors span lines; ours are one
         if download:
-            raise DataError(f"downloading {name} into {where} failed ({err}); check the network") from err
+            raise DataError(f"downloading {name} into {where} failed ({said}); check the network") from err
         raise DatasetUnavailable(
-            f"{name} not found or corrupted at {where} (torchvision: {err}); "
-            f"pass --download to fetch it, or place the original files there"
+            f"{name} not found or corrupted at {where} (torchvision: {said}); pass --download "
+            f"(in a sweep: --set data.download=true) to fetch it, or place the original files there"
         ) from err
     except OSError as err:  # download without network
-        raise DataError(f"cannot read or download {name} at {where} ({err}); check the path/network") from err
+        said = " ".join(str(err).split())
+        raise DataError(f"cannot read or download {name} at {where} ({said}); check the path/network") from err
 
 
 def _torchvision_loader(name: str, cls_name: str, location: Callable[[Path], Path]) -> Loader:

@@ -21,6 +21,7 @@ from ssvi_cli.core.convert import TIED, sparsify
 from ssvi_cli.core.layers import SparseGaussian, sparse_layers
 from ssvi_cli.core.modes import evaluating, sampling
 from ssvi_cli.data.spec import DataError, DataSpec
+from ssvi_cli.fileio import brief
 from ssvi_cli.modelfile.card import Architecture, ModelCard
 from ssvi_cli.modelfile.header import ModelFileError, read_header
 from ssvi_cli.modelfile.reader import install, read_model_file, read_tensors
@@ -165,7 +166,7 @@ def _output_size(model: nn.Module, shape: tuple[int, ...]) -> Optional[int]:
             continue
         return int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.dim() >= 1 else None
     raise ValueError(f"input_shape={shape}: the model cannot take an input of that shape "
-                     f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''})")
+                     f"({type(error).__name__}: {brief(error, 200)})")
 
 
 def _structure(model: nn.Module) -> list[tuple[str, Any, Any]]:

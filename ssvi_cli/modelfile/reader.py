@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ssvi_cli.core.gaussian import rho_from_sigma
 from ssvi_cli.core.layers import SparseGaussian, sparse_layers
 from ssvi_cli.data.spec import DataSpec
+from ssvi_cli.fileio import brief
 from ssvi_cli.modelfile.card import CardError, ModelCard, build_model
 from ssvi_cli.modelfile.codec import INDEX_CODES, gap8_decode
 from ssvi_cli.modelfile.header import ModelFileError, read_header
@@ -78,8 +79,7 @@ def read_tensors(path: Path) -> dict[str, Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFileError(f"{path} could not be read ({first[:160]})") from None
+        raise ModelFileError(f"{path} could not be read ({brief(exc)})") from None
 
 
 def install(model: nn.Module, path: Path, meta: dict[str, Any], tensors: dict[str, Tensor],

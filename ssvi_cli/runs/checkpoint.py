@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssvi_cli.fileio import atomic_path
+from ssvi_cli.fileio import atomic_path, brief
 from ssvi_cli.core.layers import sparse_layers
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CorruptCheckpoint(f"checkpoint {path} is unreadable or corrupted ({first[:160]})") from None
+        raise CorruptCheckpoint(f"checkpoint {path} is unreadable or corrupted ({brief(exc)})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CorruptCheckpoint(f"{path} is not an ssvi checkpoint")
     if int(data.get("version", 0)) > VERSION:

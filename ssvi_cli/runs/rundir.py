@@ -73,6 +73,9 @@ class RunDir:
         if not self.is_run():
             raise RunDirError(fileio.not_ours(self.path, entries, "run"))
         if not force:
+            if self.finished():
+                raise RunDirError(f"--out {self.path} already holds a finished run; pass --force to overwrite "
+                                  "it, or choose another --out")
             raise RunDirError(
                 f"--out {self.path} already holds a run; pass --force to overwrite it or "
                 f"--resume {self.path} to continue it"

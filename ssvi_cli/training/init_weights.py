@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ssvi_cli.config import Config, ConfigError
 from ssvi_cli.data.spec import DataSpec
+from ssvi_cli.fileio import brief
 from ssvi_cli.models import AUX_HEADS, TORCHVISION, torchvision_base
 from ssvi_cli.training.pretrained import adapt_state, fetch_state_dict, resolve_weights
 
@@ -88,19 +89,19 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure is one message naming the file
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-        if "Weights only load failed" in text:  # torch's refusal of pickled objects beyond tensors
-            raise ConfigError(f"--init-from {path} holds Python objects besides tensors (a whole model saved with "
-                              "torch.save(model)?); save model.state_dict() instead") from None
-        first = text.splitlines()[0] if text else type(exc).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        first = brief(exc)
         try:
             with open(path, "rb") as handle:
                 magic = handle.read(4)
         except OSError:
             magic = b"PK\x03\x04"  # unreadable: the reader's own error says why
         if path.suffix != ".safetensors" and not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
-            first = f"not a PyTorch file (neither a zip archive nor a pickle): {first}"
-        raise ConfigError(f"--init-from {path} is not a readable state_dict ({first[:160]})") from None
+            first = "not a PyTorch file: neither a zip archive nor a pickle"
+        elif "Weights only load failed" in text:  # torch's refusal of pickled objects beyond tensors
+            raise ConfigError(f"--init-from {path} holds Python objects besides tensors (a whole model saved with "
+                              "torch.save(model)?); save model.state_dict() instead") from None
+        raise ConfigError(f"--init-from {path} is not a readable state_dict ({first})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):

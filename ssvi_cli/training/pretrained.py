@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ssvi_cli.config import ConfigError
+from ssvi_cli.fileio import brief
 from ssvi_cli.network import stall_limit
 from ssvi_cli.models import AUX_HEADS
 from ssvi_cli.registry import Registry, UnknownName
@@ -147,5 +148,4 @@ def adapt_state(state: dict[str, Tensor], model: nn.Module, reference: nn.Module
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+    return brief(exc, 200)
