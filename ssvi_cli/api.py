@@ -21,6 +21,7 @@ import weakref
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -45,6 +46,9 @@ RESETTABLE_OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RM
 # The Subspace attached to each model: a second one replaces it (a notebook cell run twice would
 # otherwise leave two sets of hooks on one model).
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+# Optimizers a Subspace is stepping right now (its step() calls optimizer.step()): any other step of
+# them is the loop's own.
+_STEPPING: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
 
 
 class OptimizerStateError(TypeError):
@@ -76,9 +80,11 @@ class Subspace:
     positions with the largest |dL/dmu| added, every layer's active count unchanged. The optimizer's
     state of new entries is reset to zero; ``state_dict``/``load_state_dict`` resume the schedule.
 
-    A model has one Subspace at a time: a new one replaces the old. The schedule ends at
-    :meth:`remove`, or when the loop calls ``optimizer.step()`` itself (say, fine-tuning after early
-    stopping); the support then stays as it is and mu trains on.
+    A model has one Subspace at a time: a new one replaces the old, whose ``step()`` then refuses.
+    ``optimizer.step()`` called by the loop itself is a plain step and trains mu as usual; when the
+    forward before it had captured the dense gradient for a remove-and-add step (say, the loop left
+    the schedule after early stopping), that remove-and-add step is skipped, with a warning.
+    :meth:`remove` ends the schedule.
 
     Under ``DistributedDataParallel`` pass the wrapped model: its capture step then runs without
     DDP's synchronisation and the dense gradients are averaged across ranks before scoring, so every
@@ -127,24 +133,25 @@ class Subspace:
         self._capture: Optional[Any] = None  # the capture context, open from the first capture forward to step()
         self._forward_only: Optional[Any] = None
         self._unsynced: Optional[nn.parallel.DistributedDataParallel] = None
-        self._stepping = False  # inside step(): the optimizer steps for the schedule
+        self._removed = False
+        self._dropped_at: Optional[int] = None  # the step whose capture went to the loop's own optimizer step
         self._hooks = [model.register_forward_pre_hook(self._before_forward),
                        model.register_forward_hook(self._after_forward),
                        optimizer.register_step_pre_hook(self._before_optimizer_step)]
         key = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         previous = _ATTACHED.get(key)
         previous = previous() if previous is not None else None
-        if previous is not None and previous._hooks:
+        if previous is not None and not previous._removed:
             log.warning("this model already had a Subspace: the new one replaces it (the old one is removed)")
             previous.remove()
         _ATTACHED[key] = weakref.ref(self)
         if self.schedule.updates == 0:
             log.warning("Subspace: no remove-and-add step fits before t_end (step %d of %d) at delta_t=%d, so the "
-                        "support never moves; pass a smaller delta_t, or delta_t='auto'",
-                        self.schedule.t_end, total_steps, self.schedule.delta_t)
+                        "support never moves%s", self.schedule.t_end, total_steps, self.schedule.delta_t,
+                        "" if delta_t == "auto" else "; pass a smaller delta_t, or delta_t='auto'")
 
     def _before_forward(self, module: nn.Module, args: Any) -> None:
-        if not (module.training and self.schedule.captures(self.t)):
+        if not (module.training and self.schedule.captures(self.t)) or self._dropped_at == self.t:
             return
         if self._capture is None:
             # Kept until step(): every forward until then (the micro-batches of an accumulating
@@ -169,14 +176,36 @@ class Subspace:
             self._forward_only = None
 
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._stepping:
+        if optimizer in _STEPPING or self._capture is None:
             return
-        # The loop stepped the optimizer itself (it stopped calling step(), say after early
-        # stopping): the schedule ends here, and a gradient captured for a remove-and-add step that
-        # will not come goes to mu.grad, so that this step and every later one train mu.
-        log.warning("optimizer.step() ran outside Subspace.step(): the remove-and-add schedule ends at step %d "
-                    "and the support stays as it is (call subspace.step() in its place to keep the schedule)", self.t)
-        self.remove()
+        # The loop stepped the optimizer itself after a capture forward (it left the schedule, say
+        # after early stopping): mu has its gradient from autograd; the dense one is dropped, and so
+        # is this remove-and-add step. Later forwards at this t do not capture, so a loop that goes
+        # on without step() trains as a plain one.
+        self._close_capture(average=True)
+        self._dropped_at = self.t
+        log.warning("optimizer.step() ran outside Subspace.step() after the forward of remove-and-add step %d: "
+                    "that step is skipped (call subspace.step() in place of optimizer.step() to keep the schedule)",
+                    self.t)
+
+    def _close_capture(self, average: bool) -> None:
+        """Leave capture mode, dropping the captured dense gradients; switch DDP's gradient
+        synchronisation back on, and (``average``: an optimizer step follows) average the gradients
+        that the capture backward left unsynchronised."""
+        if self._capture is not None:
+            for _, layer in sparse_layers(self.model):
+                if layer.capture_dense_grad:
+                    layer.collect_dense_grad()
+                    layer.dense_grad = None
+            self._capture.__exit__(None, None, None)
+            self._capture = None
+        if self._unsynced is not None:
+            if average and torch.distributed.is_available() and torch.distributed.is_initialized():
+                for param in self._unsynced.module.parameters():
+                    if param.grad is not None:
+                        param.grad.copy_(_rank_mean(param.grad))
+            self._unsynced.require_backward_grad_sync = True
+            self._unsynced = None
 
     def step(self, scaler: Optional[torch.amp.GradScaler] = None) -> bool:
         """The optimizer step, or the remove-and-add step in its place; returns True for the latter.
@@ -186,6 +215,9 @@ class Subspace:
         remove-and-add step whose dense gradient overflowed changes nothing (``last_report.skipped``)
         and backs the scale off, as the scaler does for a skipped optimizer step.
         """
+        if self._removed:
+            raise RuntimeError("this Subspace was removed (by remove(), or replaced by a newer Subspace on the same "
+                               "model); step the newer one, or the optimizer")
         captured = self._capture is not None
         if captured:
             scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
@@ -195,7 +227,7 @@ class Subspace:
         if self._unsynced is not None:
             self._unsynced.require_backward_grad_sync = True  # outside no_sync(), DDP's own state
             self._unsynced = None
-        update = self.schedule.is_update(self.t)
+        update = self.schedule.is_update(self.t) and self._dropped_at != self.t
         if update:
             if not captured:
                 raise RuntimeError("no dense gradient for the subspace step: run the step's forward and "
@@ -221,7 +253,7 @@ class Subspace:
                 skipped = self.last_report.skipped  # an overflow: back off as after a skipped step
                 scaler.update(scaler.get_scale() * scaler.get_backoff_factor() if skipped else None)
         else:
-            self._stepping = True
+            _STEPPING.add(self.optimizer)
             try:
                 if scaler is not None:
                     scaler.step(self.optimizer)
@@ -229,7 +261,7 @@ class Subspace:
                 else:
                     self.optimizer.step()
             finally:
-                self._stepping = False
+                _STEPPING.discard(self.optimizer)
         self.t += 1
         return update
 
@@ -243,21 +275,13 @@ class Subspace:
         self.t = int(state["t"])
 
     def remove(self) -> None:
-        """End the schedule: detach the hooks from the model and the optimizer. A dense gradient
-        captured since the last :meth:`step` goes to ``mu.grad``, as a plain backward would put it."""
-        if self._capture is not None:
-            for _, layer in sparse_layers(self.model):
-                if layer.capture_dense_grad:
-                    layer.collect_dense_grad()
-                    layer.dense_grad = None
-            self._capture.__exit__(None, None, None)
-            self._capture = None
-        if self._unsynced is not None:
-            self._unsynced.require_backward_grad_sync = True
-            self._unsynced = None
+        """End the schedule: detach the hooks from the model and the optimizer; a dense gradient
+        captured since the last :meth:`step` is dropped (mu keeps its own). ``step()`` then refuses."""
+        self._close_capture(average=False)
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        self._removed = True
 
 
 def _check_optimizer_holds(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -297,9 +321,9 @@ def predict(model: nn.Module, x: Tensor, samples: int = 30, mode: str = "mc") ->
     """
     if not sparse_layers(model):
         raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor batch, got {type(x).__name__} (torch.as_tensor(x) converts an array)")
-    probs, draws = predict_batch(model, x, whole("samples", samples), mode)
+    if isinstance(x, np.ndarray):
+        raise TypeError("x is a numpy array; pass a tensor batch, torch.as_tensor(x)")
+    probs, draws = predict_batch(model, x, whole("samples", samples) if mode == "mc" else samples, mode)
     probs_np = probs.double().cpu().numpy()
     entropy = torch.from_numpy(predictive_entropy(probs_np))
     mi = torch.from_numpy(mutual_information(draws.double().cpu().numpy())) if draws is not None else None

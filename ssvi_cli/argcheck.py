@@ -8,18 +8,25 @@ import numbers
 
 
 def real(name: str, value: object, *, finite: bool = True) -> float:
-    """``value`` as a float; a bool, a string, a tensor or None is refused, as is inf or NaN
-    unless ``finite`` is False."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    """``value`` as a float: a Python or numpy number, or a one-element tensor (a learning rate or
+    a KL weight kept in a tensor); a bool, a string, None or a larger tensor is refused, as is inf or
+    NaN unless ``finite`` is False."""
+    number = None
+    if not isinstance(value, (bool, str, bytes)):
+        if isinstance(value, numbers.Real):
+            number = float(value)
+        elif hasattr(value, "__float__") and getattr(value, "numel", lambda: 0)() == 1:
+            number = float(value)  # type: ignore[arg-type]
+    if number is None:
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if finite and not math.isfinite(value):
-        raise ValueError(f"{name}={value} must be finite")
-    return value
+    if finite and not math.isfinite(number):
+        raise ValueError(f"{name}={number} must be finite")
+    return number
 
 
 def whole(name: str, value: object) -> int:
-    """``value`` as an int; a float (2.5, or 3.0), a bool or anything else not integral is refused."""
+    """``value`` as an int (numpy integers too); a float (2.5, or 3.0), a bool or anything else not
+    integral is refused."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     return int(value)

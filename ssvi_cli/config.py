@@ -259,10 +259,10 @@ def _flatten(data: Any, where: str = "config", skip: tuple[str, ...] = ()) -> di
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping of sections")
     flat: dict[str, Any] = {}
+    known = [f.name for f in fields(Config)]
     for section, values in data.items():
         if section in skip:
             continue
-        known = [f.name for f in fields(Config)]
         if section not in known:
             raise ConfigError(f"{where}: unknown section {section!r}; valid sections are: {', '.join(known)}")
         if not isinstance(values, dict):
@@ -371,7 +371,8 @@ def validate(cfg: Config) -> None:
         ("data.std", d.std is None or (len(d.std) == d.channels and min(d.std) > 0),
          f"{d.channels} positive numbers, one per channel"),
         ("data.classes", d.classes is None or len(set(d.classes)) == len(d.classes),
-         "a list naming each class once"),
+         "a list naming each class once (" + ", ".join(sorted({c for c in d.classes or () if d.classes.count(c) > 1}))
+         + " twice)"),
         ("data.classes", d.classes is None or len(d.classes) >= 2,
          "at least two classes, by index or name (e.g. 0,1,2,3,4)"),
         ("model.widths", all(w >= 1 for w in cfg.model.widths), "positive integers"),

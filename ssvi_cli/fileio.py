@@ -144,4 +144,4 @@ def brief(error: BaseException | str, limit: int = 160) -> str:
     end = head.rfind(". ")
     if end >= limit // 3:
         return head[:end + 1]
-    return head[:head.rfind(" ")].rstrip(",;:") + "..." if " " in head else head + "..."
+    return (head[:head.rfind(" ")] if " " in head else head).rstrip(",;:.") + "..."

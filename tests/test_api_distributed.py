@@ -81,6 +81,40 @@ def test_ranks_pick_the_same_support_under_ddp(tmp_path: Path, micro: int):
         assert torch.equal(a["state"][key], b["state"][key]), key
 
 
+def _rank_leaves(rank: int, port: int, out: str) -> None:
+    """Three steps of the schedule, then the loop steps the optimizer itself: the first of those
+    steps follows the capture forward of remove-and-add step 3, which ran unsynchronised."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model = net()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(ssvi.param_groups(model, lr=0.05, lr_sigma=0.05), momentum=0.9)
+        sub = ssvi.Subspace(ddp, opt, total_steps=STEPS, delta_t=DELTA_T)
+        gen = torch.Generator().manual_seed(100 + rank)
+        for t in range(6):
+            x, y = torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+            F.cross_entropy(ddp(x), y).backward()
+            sub.step() if t < DELTA_T else opt.step()
+            opt.zero_grad()
+        torch.save({"state": model.state_dict(), "synced": ddp.require_backward_grad_sync},
+                   Path(out) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_stay_alike_when_the_loop_leaves_the_schedule_on_a_capture_step(tmp_path: Path):
+    mp.spawn(_rank_leaves, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert a["synced"] and b["synced"]
+    for key in a["state"]:
+        if "running_" in key or "num_batches" in key:
+            continue
+        torch.testing.assert_close(a["state"][key], b["state"][key], msg=key)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_the_loop_under_autocast_keeps_exact_counts(dtype):
     model = net()

@@ -30,9 +30,9 @@ def train_step(model, x, y) -> None:
     F.cross_entropy(model(x), y).backward()
 
 
-def test_a_loop_that_steps_the_optimizer_itself_ends_the_schedule_and_mu_trains_on(caplog):
+def test_a_loop_that_steps_the_optimizer_itself_trains_mu_and_skips_that_remove_and_add_step(caplog):
     # Early stopping at a step whose forward captured the dense gradient, then plain fine-tuning:
-    # the capture must not outlive the schedule, or mu would never receive a gradient again.
+    # the capture must not outlive that step, or mu would never receive a gradient again.
     model, (x, y) = mlp(), data()
     optimizer = torch.optim.SGD(ssvi.param_groups(model, lr=0.1, lr_sigma=0.01))
     subspace = ssvi.Subspace(model, optimizer, total_steps=400, delta_t=100)
@@ -41,36 +41,74 @@ def test_a_loop_that_steps_the_optimizer_itself_ends_the_schedule_and_mu_trains_
         subspace.step()
         optimizer.zero_grad()
     layer = model[0]
-    before = layer.mu.detach().clone()
+    idx, before = layer.idx.clone(), layer.mu.detach().clone()
     with caplog.at_level(logging.WARNING, logger="ssvi_cli.api"):
         for _ in range(3):
-            train_step(model, x, y)  # step 100 is a remove-and-add step: this forward would capture
+            train_step(model, x, y)  # the first is remove-and-add step 100's forward: it captures
+            changed = layer.mu.detach().clone()
             optimizer.step()
+            assert not torch.equal(changed, layer.mu.detach())  # every one of them trains mu
             optimizer.zero_grad()
-    assert "ran outside Subspace.step()" in caplog.text
-    assert not torch.equal(before, layer.mu.detach())
-    assert not layer.capture_dense_grad and subspace._hooks == []
-    idx = layer.idx.clone()
-    train_step(model, x, y)
-    optimizer.step()
-    assert torch.equal(idx, layer.idx)  # the support stays as it is
+            assert not layer.capture_dense_grad
+    assert caplog.text.count("ran outside Subspace.step()") == 1 and "remove-and-add step 100: that step is skipped" in caplog.text
+    assert torch.equal(idx, layer.idx) and not torch.equal(before, layer.mu.detach())
+    moved = []  # back to the schedule: step 100 is a plain step, 200 moves the support
+    for _ in range(101):
+        train_step(model, x, y)
+        moved.append(subspace.step())
+        optimizer.zero_grad()
+    assert [i for i, m in enumerate(moved) if m] == [100] and subspace.t == 201
 
 
-def test_the_gradient_captured_before_the_loop_left_reaches_mu():
-    # The first plain step after leaving gets mu.grad from the capture forward (no step is lost).
+def test_mu_gets_its_gradient_from_a_capture_forward_as_from_any_other():
     model, (x, y) = mlp(), data()
     optimizer = torch.optim.SGD(ssvi.param_groups(model, lr=0.1, lr_sigma=0.01))
     subspace = ssvi.Subspace(model, optimizer, total_steps=40, delta_t=2)
     subspace.t = 4  # a remove-and-add step: its forward captures
     torch.manual_seed(1)  # the same LRT noise in both forwards
     train_step(model, x, y)
-    assert model[0].capture_dense_grad and model[0].mu.grad is None
+    assert model[0].capture_dense_grad
     reference = mlp()
     torch.manual_seed(1)
     train_step(reference, x, y)
+    for name in ("mu", "rho", "bias"):
+        torch.testing.assert_close(getattr(model[0], name).grad, getattr(reference[0], name).grad)
     subspace.remove()
-    assert model[0].mu.grad is not None
-    torch.testing.assert_close(model[0].mu.grad, reference[0].mu.grad)
+    assert not model[0].capture_dense_grad and model[0].dense_grad is None
+    with pytest.raises(RuntimeError, match="this Subspace was removed"):
+        subspace.step()
+
+
+def test_a_scaled_step_the_loop_takes_itself_after_a_capture_forward_is_unscaled():
+    # fp16 recipe without subspace.step(scaler): the scaler unscales and checks mu's own gradient
+    model, (x, y) = mlp(), data()
+    reference = mlp()
+    for net in (model, reference):
+        optimizer = torch.optim.SGD(ssvi.param_groups(net, lr=0.1, lr_sigma=0.01))
+        if net is model:
+            subspace = ssvi.Subspace(model, optimizer, total_steps=40, delta_t=2)
+            subspace.t = 4
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+        torch.manual_seed(1)
+        scaler.scale(F.cross_entropy(net(x), y)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    torch.testing.assert_close(model[0].mu, reference[0].mu)
+
+
+def test_two_models_with_one_optimizer_each_keep_their_schedule():
+    a, b = mlp(), mlp()
+    optimizer = torch.optim.SGD(ssvi.param_groups(a, 0.1, 0.01) + ssvi.param_groups(b, 0.1, 0.01))
+    extra = optimizer.register_step_pre_hook(lambda *args: None)  # another hook after the Subspaces'
+    sa = ssvi.Subspace(a, optimizer, total_steps=40, delta_t=2)
+    sb = ssvi.Subspace(b, optimizer, total_steps=40, delta_t=2)
+    extra.remove()
+    x, y = data()
+    for t in range(5):
+        train_step(a, x, y)
+        train_step(b, x, y)
+        assert sa.step() == sb.step() == (t in (2, 4))
+        optimizer.zero_grad()
 
 
 def test_a_second_subspace_replaces_the_first(caplog):
@@ -81,6 +119,8 @@ def test_a_second_subspace_replaces_the_first(caplog):
     with caplog.at_level(logging.WARNING, logger="ssvi_cli.api"):
         new = ssvi.Subspace(model, optimizer, total_steps=400, delta_t=5)
     assert "already had a Subspace" in caplog.text and old._hooks == []
+    with pytest.raises(RuntimeError, match="replaced by a newer Subspace"):
+        old.step()
     moved = []
     for _ in range(11):
         before = model[0].mu.detach().clone()
@@ -143,7 +183,6 @@ def test_a_sparse_conv_takes_an_unbatched_image_and_an_empty_batch():
 
 @pytest.mark.parametrize("call, error, text", [
     (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), "abc"), TypeError, "sparsity must be a number"),
-    (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), torch.tensor(0.5)), TypeError, "sparsity must be a number"),
     (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.5, moped_delta=-1.0), ValueError, "moped_delta=-1.0"),
     (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.5, moped_delta=0.0), ValueError, "moped_delta=0.0"),
     (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.5, sigma_mean=-1.0), ValueError, "sigma_mean=-1.0"),
@@ -166,6 +205,7 @@ def test_a_sparse_conv_takes_an_unbatched_image_and_an_empty_batch():
     (lambda m, o: ssvi.predict(m, torch.randn(2, 64), samples=2.5), TypeError, "samples must be an int"),
     (lambda m, o: ssvi.param_groups(m, 0.1, -1.0), ValueError, "lr_sigma=-1.0"),
     (lambda m, o: ssvi.param_groups(m, "0.1", 0.1), TypeError, "lr must be a number"),
+    (lambda m, o: ssvi.param_groups(m, torch.tensor([0.1, 0.2]), 0.1), TypeError, "lr must be a number"),
 ])
 def test_wrong_arguments_are_one_line_naming_the_argument(call, error, text):
     model = mlp()
@@ -180,3 +220,7 @@ def test_numpy_numbers_are_numbers():
     ssvi.Subspace(model, optimizer, total_steps=np.int64(200), delta_t=np.int32(50))
     assert float(ssvi.kl_term(model, n_train=np.int64(10), beta=np.float32(0.5)).detach()) > 0
     ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), np.float64(0.5))
+    # one-element tensors: a learning rate kept in a tensor, an annealed KL weight
+    torch.optim.SGD(ssvi.param_groups(model, lr=torch.tensor(0.1), lr_sigma=torch.tensor(0.01)))
+    assert float(ssvi.kl_term(model, n_train=10, beta=torch.tensor(0.5)).detach()) > 0
+    assert ssvi.predict(model, torch.randn(2, 64), samples=None, mode="mean").samples is None

@@ -224,9 +224,11 @@ def _fit(trainer, interrupted_cls, quiet: bool) -> dict[str, Any]:
                   f"(density {cfg.density:.3g}, {count(cfg.train.epochs, 'epoch')}, device {trainer.device}) "
                   f"-> {trainer.run_dir}")
         if cfg.method.moves_support and trainer.schedule.updates == 0:
-            err.print(f"note: {count(trainer.total_steps, 'step')} leave no subspace step before t_end at delta_t "
-                      f"{trainer.schedule.delta_t}, so the support will not move (--set sparse.delta_t=auto spaces "
-                      "them to fit the run)", markup=False, highlight=False)
+            hint = ("" if cfg.sparse.delta_t == "auto" else
+                    " (--set sparse.delta_t=auto spaces them to fit the run)")
+            err.print(f"note: a run of {count(trainer.total_steps, 'step')} has no subspace step before t_end at "
+                      f"delta_t {trainer.schedule.delta_t}, so the support will not move{hint}",
+                      markup=False, highlight=False)
     with progress_bar(enabled=not quiet) as bar:
         task = None
 

@@ -203,22 +203,25 @@ class SparseGaussian(nn.Module):
         return out + self.bias.view(shape)
 
     def _forward_capture(self, x: Tensor) -> Tensor:
-        """Forward through a dense leaf holding mu so backward yields dL/dmu at every position."""
+        """Forward through a dense leaf holding mu so backward yields dL/dmu at every position.
+
+        mu joins the graph too, at its positions (adding mu - mu, exactly zero), so backward gives
+        mu its gradient as any forward does: an optimizer step taken after a capture forward (by a
+        loop that left the schedule, or between accumulated micro-batches) trains mu as usual."""
         leaf = self._captured.new_leaf(self.mu.detach().new_zeros(self.numel).scatter(0, self.idx, self.mu.detach()))
-        mean = self._with_bias(self.dense_op(x, leaf.view(self.weight_shape)))
+        weight = leaf.index_add(0, self.idx, self.mu - self.mu.detach())
+        mean = self._with_bias(self.dense_op(x, weight.view(self.weight_shape)))
         if not self.bayesian or self.mode == "mean":
             return mean
         return self.sample_from_moments(mean, self._variance(x))
 
     def collect_dense_grad(self) -> Optional[Tensor]:
         """After backward in capture mode: store the dense gradient (summed over the capture
-        forwards since the last call) and route it to ``mu.grad``."""
+        forwards since the last call); ``mu.grad`` already holds its part, from autograd."""
         dense = self._captured.take()
         if dense is None:
             return None
         self.dense_grad = dense
-        part = dense[self.idx]
-        self.mu.grad = part if self.mu.grad is None else self.mu.grad + part
         return dense
 
     def dense_op(self, x: Tensor, weight: Tensor) -> Tensor:

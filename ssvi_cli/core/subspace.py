@@ -200,7 +200,7 @@ def collect_captured(model: nn.Module, accumulate: dict[str, Tensor], count: int
     """Move each layer's captured dense gradient into a running mean over ``count`` minibatches.
 
     ``loss_scale`` (fp16 training) divides out the gradient scaler's factor, which may differ between
-    the accumulated minibatches; ``mu.grad`` stays scaled, as the scaler expects.
+    the accumulated minibatches; ``mu.grad`` (autograd's) stays scaled, as the scaler expects.
     """
     for name, layer in sparse_layers(model):
         if not layer.capture_dense_grad:
