@@ -4,7 +4,8 @@ The public Python API is importable from here (``import ssvi_cli as ssvi``); nam
 use, so ``ssvi presets`` or ``import ssvi_cli.config`` do not pay for torch:
 
 - :func:`sparsify`: any ``nn.Module``'s Linear/Conv2d layers as sparse Gaussian layers (``core.convert``)
-- :func:`param_groups`, :func:`kl_term`, :class:`Subspace`, :func:`predict` (``ssvi_cli.api``)
+- :func:`param_groups`, :func:`kl_term`, :class:`Subspace` (``ssvi_cli.api``)
+- :func:`predict`: Monte Carlo prediction with uncertainty (``ssvi_cli.prediction``)
 - :func:`save`, :func:`load`: the compact model file of any converted module (``modelfile.module_io``)
 """
 
@@ -18,7 +19,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "sparsify": "ssvi_cli.core.convert", "ConversionReport": "ssvi_cli.core.convert",
     "param_groups": "ssvi_cli.api", "kl_term": "ssvi_cli.api", "Subspace": "ssvi_cli.api",
-    "predict": "ssvi_cli.api", "Prediction": "ssvi_cli.api", "OptimizerStateError": "ssvi_cli.api",
+    "predict": "ssvi_cli.prediction", "Prediction": "ssvi_cli.prediction", "OptimizerStateError": "ssvi_cli.api",
     "save": "ssvi_cli.modelfile.module_io", "load": "ssvi_cli.modelfile.module_io",
     "ModelFileError": "ssvi_cli.modelfile.header",
 }

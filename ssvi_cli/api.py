@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import logging
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -31,8 +30,7 @@ from ssvi_cli.core.criteria import REMOVAL_CRITERIA
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.core.modes import capturing_dense_grad, sampling
 from ssvi_cli.core.subspace import Schedule, SwapReport, collect_captured, subspace_step
-from ssvi_cli.metrics import mutual_information, predictive_entropy
-from ssvi_cli.prediction import predict_batch
+from ssvi_cli.prediction import Prediction, predict  # re-exported: the public loop pieces in one place
 from ssvi_cli.training.optim import param_groups
 
 log = logging.getLogger(__name__)
@@ -300,34 +298,6 @@ def _rank_mean(t: Tensor) -> Tensor:
     out = t.detach().clone()
     torch.distributed.all_reduce(out)
     return out.div_(torch.distributed.get_world_size())
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """The Bayesian model average of ``samples`` draws (``None`` for the mean network)."""
-
-    probs: Tensor                 # (N, C)
-    entropy: Tensor               # (N,) predictive entropy, nats
-    mutual_information: Optional[Tensor]  # (N,) epistemic part; None for the mean network
-    samples: Optional[int]
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: Tensor, samples: int = 30, mode: str = "mc") -> Prediction:
-    """Monte Carlo prediction over the active weights (``mode="mean"``: theta = mu).
-
-    The model's train/eval state and sampling mode are restored afterwards. A converted module
-    (without ssvi's ``first``/``forward_rest`` split) samples every layer's weights per draw.
-    """
-    if not sparse_layers(model):
-        raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
-    if isinstance(x, np.ndarray):
-        raise TypeError("x is a numpy array; pass a tensor batch, torch.as_tensor(x)")
-    probs, draws = predict_batch(model, x, whole("samples", samples) if mode == "mc" else samples, mode)
-    probs_np = probs.double().cpu().numpy()
-    entropy = torch.from_numpy(predictive_entropy(probs_np))
-    mi = torch.from_numpy(mutual_information(draws.double().cpu().numpy())) if draws is not None else None
-    return Prediction(probs, entropy, mi, samples if draws is not None else None)
 
 
 __all__ = ["OptimizerStateError", "Prediction", "Subspace", "kl_term", "param_groups", "predict"]

@@ -14,14 +14,18 @@ per output position would lose that correlation (METHOD.md §3).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ssvi_cli.argcheck import whole
 from ssvi_cli.core.gaussian import LRT_EPS
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
 from ssvi_cli.core.modes import drawing, evaluating, one_draw_per_forward, sampling
+from ssvi_cli.metrics import mutual_information, predictive_entropy
 from ssvi_cli.models import SSVIModel
 
 MODES = ("mc", "mean")
@@ -192,3 +196,31 @@ def predict_loader(model: SSVIModel, batches: Iterable, device: torch.device, sa
         "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
         "sample_probs": torch.cat(sample_probs, dim=1) if sample_probs else None,
     }
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The Bayesian model average of ``samples`` draws (``None`` for the mean network)."""
+
+    probs: Tensor                 # (N, C)
+    entropy: Tensor               # (N,) predictive entropy, nats
+    mutual_information: Optional[Tensor]  # (N,) epistemic part; None for the mean network
+    samples: Optional[int]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, samples: int = 30, mode: str = "mc") -> Prediction:
+    """Monte Carlo prediction over the active weights (``mode="mean"``: theta = mu).
+
+    The model's train/eval state and sampling mode are restored afterwards. A converted module
+    (without ssvi's ``first``/``forward_rest`` split) samples every layer's weights per draw.
+    """
+    if not sparse_layers(model):
+        raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
+    if isinstance(x, np.ndarray):
+        raise TypeError("x is a numpy array; pass a tensor batch, torch.as_tensor(x)")
+    probs, draws = predict_batch(model, x, whole("samples", samples) if mode == "mc" else samples, mode)
+    probs_np = probs.double().cpu().numpy()
+    entropy = torch.from_numpy(predictive_entropy(probs_np))
+    mi = torch.from_numpy(mutual_information(draws.double().cpu().numpy())) if draws is not None else None
+    return Prediction(probs, entropy, mi, samples if draws is not None else None)
