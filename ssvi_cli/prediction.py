@@ -213,7 +213,9 @@ def predict(model: nn.Module, x: Tensor, samples: int = 30, mode: str = "mc") ->
     """Monte Carlo prediction over the active weights (``mode="mean"``: theta = mu).
 
     The model's train/eval state and sampling mode are restored afterwards. A converted module
-    (without ssvi's ``first``/``forward_rest`` split) samples every layer's weights per draw.
+    (without ssvi's ``first``/``forward_rest`` split) samples every layer's weights per draw, once
+    per forward (a layer called twice uses one draw). ``x`` is whatever the model takes (a tensor
+    batch; a numpy array is refused with the conversion), and the model returns (batch, classes).
     """
     if not sparse_layers(model):
         raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")

@@ -28,7 +28,9 @@ def net() -> nn.Module:
     return model
 
 
-def _rank(rank: int, port: int, out: str, micro: int) -> None:
+@contextlib.contextmanager
+def _ddp_loop(rank: int, port: int):
+    """This rank's model, its DDP wrapper, the optimizer and the Subspace, inside a gloo group of two."""
     import torch._dynamo  # noqa: F401 - imported before the group exists, so it holds no reference to it
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -38,7 +40,13 @@ def _rank(rank: int, port: int, out: str, micro: int) -> None:
         model = net()
         ddp = nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(ssvi.param_groups(model, lr=0.05, lr_sigma=0.05), momentum=0.9)
-        sub = ssvi.Subspace(ddp, opt, total_steps=STEPS, delta_t=DELTA_T)
+        yield model, ddp, opt, ssvi.Subspace(ddp, opt, total_steps=STEPS, delta_t=DELTA_T)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _rank(rank: int, port: int, out: str, micro: int) -> None:
+    with _ddp_loop(rank, port) as (model, ddp, opt, sub):
         gen = torch.Generator().manual_seed(100 + rank)  # each rank its own shard
         agreed, moved, synced = [], 0, []
         for _ in range(STEPS):
@@ -61,8 +69,6 @@ def _rank(rank: int, port: int, out: str, micro: int) -> None:
             opt.zero_grad()
         torch.save({"agreed": agreed, "moved": moved, "synced": synced, "state": model.state_dict(),
                     "counts": [layer.active for _, layer in sparse_layers(model)]}, Path(out) / f"rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -84,14 +90,7 @@ def test_ranks_pick_the_same_support_under_ddp(tmp_path: Path, micro: int):
 def _rank_leaves(rank: int, port: int, out: str) -> None:
     """Three steps of the schedule, then the loop steps the optimizer itself: the first of those
     steps follows the capture forward of remove-and-add step 3, which ran unsynchronised."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        model = net()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        opt = torch.optim.SGD(ssvi.param_groups(model, lr=0.05, lr_sigma=0.05), momentum=0.9)
-        sub = ssvi.Subspace(ddp, opt, total_steps=STEPS, delta_t=DELTA_T)
+    with _ddp_loop(rank, port) as (model, ddp, opt, sub):
         gen = torch.Generator().manual_seed(100 + rank)
         for t in range(6):
             x, y = torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
@@ -100,8 +99,6 @@ def _rank_leaves(rank: int, port: int, out: str) -> None:
             opt.zero_grad()
         torch.save({"state": model.state_dict(), "synced": ddp.require_backward_grad_sync},
                    Path(out) / f"rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
