@@ -187,14 +187,13 @@ class Subspace:
                     self.t)
 
     def _close_capture(self, average: bool) -> None:
-        """Leave capture mode, dropping the captured dense gradients; switch DDP's gradient
-        synchronisation back on, and (``average``: an optimizer step follows) average the gradients
-        that the capture backward left unsynchronised."""
+        """Leave capture mode, dropping any captured dense gradient not yet collected; switch DDP's
+        gradient synchronisation back on, and (``average``: an optimizer step follows) average the
+        gradients that the capture backward left unsynchronised."""
         if self._capture is not None:
             for _, layer in sparse_layers(self.model):
                 if layer.capture_dense_grad:
-                    layer.collect_dense_grad()
-                    layer.dense_grad = None
+                    layer.drop_captured()
             self._capture.__exit__(None, None, None)
             self._capture = None
         if self._unsynced is not None:
@@ -220,11 +219,9 @@ class Subspace:
         if captured:
             scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
             collect_captured(self.model, {}, 1, scale)
-            self._capture.__exit__(None, None, None)
-            self._capture = None
-        if self._unsynced is not None:
-            self._unsynced.require_backward_grad_sync = True  # outside no_sync(), DDP's own state
-            self._unsynced = None
+        # No averaging: an update step's dense gradients are averaged by subspace_step, and DDP's
+        # switch is set back outside no_sync(), as DDP's own state.
+        self._close_capture(average=False)
         update = self.schedule.is_update(self.t) and self._dropped_at != self.t
         if update:
             if not captured:

@@ -129,12 +129,17 @@ def remove_entries(folder: Path, names: Iterable[str]) -> None:
             path.unlink()
 
 
+def plain(text: str) -> str:
+    """``text`` without ANSI colour codes (torch colours some advice in its messages)."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
 def brief(error: BaseException | str, limit: int = 160) -> str:
     """What a reader (torch, safetensors, a model's forward) said, as one line for our own message:
     its first line, cut at the last sentence end within ``limit`` characters, else at a word with
-    "...", rather than mid-word; the exception's type name when it said nothing. ANSI colour codes
-    (torch colours some advice) are dropped."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    "...", rather than mid-word; the exception's type name when it said nothing; without colour
+    codes (:func:`plain`)."""
+    text = plain(str(error)).strip()
     if not text:
         return type(error).__name__ if isinstance(error, BaseException) else ""
     line = text.splitlines()[0].strip()

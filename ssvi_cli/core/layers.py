@@ -224,6 +224,10 @@ class SparseGaussian(nn.Module):
         self.dense_grad = dense
         return dense
 
+    def drop_captured(self) -> None:
+        """Forget the capture forwards not yet collected: their dense gradient will not be used."""
+        self._captured = CapturedGrad()
+
     def dense_op(self, x: Tensor, weight: Tensor) -> Tensor:
         raise NotImplementedError
 

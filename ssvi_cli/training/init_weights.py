@@ -12,7 +12,6 @@ mismatching key is named. ``training.init_from`` builds the model from the resul
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 
 from ssvi_cli.config import Config, ConfigError
 from ssvi_cli.data.spec import DataSpec
-from ssvi_cli.fileio import brief
+from ssvi_cli.fileio import brief, plain
 from ssvi_cli.models import AUX_HEADS, TORCHVISION, torchvision_base
 from ssvi_cli.training.pretrained import adapt_state, fetch_state_dict, resolve_weights
 
@@ -89,7 +88,7 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure is one message naming the file
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        text = plain(str(exc))
         first = brief(exc)
         try:
             with open(path, "rb") as handle:
