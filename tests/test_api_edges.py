@@ -143,6 +143,31 @@ def test_a_short_schedule_without_any_remove_and_add_step_says_so(caplog):
     assert "no remove-and-add step fits" not in caplog.text
 
 
+def test_training_forwards_in_eval_mode_are_warned_about_at_the_first_step_not_at_the_first_swap(caplog):
+    # model.eval() for a validation pass and no model.train() after it: a common loop bug, which
+    # otherwise shows only at the first remove-and-add step, delta_t steps later.
+    model, (x, y) = mlp(), data()
+    optimizer = torch.optim.SGD(ssvi.param_groups(model, lr=0.1, lr_sigma=0.01))
+    subspace = ssvi.Subspace(model, optimizer, total_steps=400, delta_t=100)
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli.api"):
+        for evaluated in (False, True, False):  # a validation forward between two training steps: no warning
+            train_step(model, x, y)
+            subspace.step()
+            optimizer.zero_grad()
+            if evaluated:
+                model.eval()
+                with torch.no_grad():
+                    model(x)
+                model.train()
+        assert "eval() mode" not in caplog.text
+        model.eval()
+        for _ in range(2):
+            train_step(model, x, y)
+            subspace.step()
+            optimizer.zero_grad()
+    assert caplog.text.count("after forwards in eval() mode only") == 1 and subspace.t == 5
+
+
 class Shared(nn.Module):
     """f(x) - f(x) + b: the same for every weight draw, if each draw is one draw of theta."""
 
