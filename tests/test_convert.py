@@ -122,11 +122,12 @@ def test_every_torchvision_classifier_converts_with_exact_target_counts(name, mo
     assert report.layers
     read_directly = (".out_proj", ".qkv", ".proj") if name.startswith("swin") else (".out_proj",)
     left = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # out_proj subclasses Linear
-    assert left == [n for n, _ in report.kept] and all(n.endswith(read_directly) for n in left)
+    attention = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]  # its in-projection
+    assert sorted(left + attention) == sorted(n for n, _ in report.kept) and all(n.endswith(read_directly) for n in left)
     for layer in report.layers:
         expected = layer.total if layer.dense else active_count(layer.total, 0.1)
         assert layer.active == expected, layer.name
-    assert all("reads" in why and "weight directly" in why for _, why in report.kept)
+    assert all(("reads" in why and "weight directly" in why) or n in attention for n, why in report.kept)
 
 
 def test_a_swin_network_keeps_the_layers_its_window_attention_reads_and_runs():
@@ -314,7 +315,8 @@ def test_a_module_under_two_names_is_one_sparse_layer_and_a_tied_weight_stays_ti
     report = sparsify(model, 0.5)
     assert model.block is model.again and isinstance(model.block, SparseGaussian)
     assert [l.name for l in report.layers] == ["block"]
-    assert report.kept == [("head", "its weight is tied to embed's, which a sparse layer cannot share")]
+    assert report.kept == [("embed", "Embedding is not converted (Linear and Conv2d are)"),
+                           ("head", "its weight is tied to embed's, which a sparse layer cannot share")]
     assert model.head.weight is model.embed.weight
     path = tmp_path / "shared.safetensors"
     ssvi.save(model, path)  # each shared tensor stored once
@@ -340,6 +342,12 @@ def test_weight_layers_it_does_not_convert_are_reported_and_a_lazy_layer_is_refu
     model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Flatten(), nn.Linear(24, 3))
     report = sparsify(model, 0.5)
     assert report.kept == [("0", "Conv1d is not converted (Linear and Conv2d are)")]
+    recurrent = nn.ModuleDict({"embed": nn.Embedding(10, 8), "lstm": nn.LSTM(8, 8), "cell": nn.GRUCell(8, 8),
+                               "head": nn.Linear(8, 3)})
+    assert dict(sparsify(recurrent, 0.5).kept) == {
+        "embed": "Embedding is not converted (Linear and Conv2d are)",
+        "lstm": "LSTM is not converted (Linear and Conv2d are)",
+        "cell": "GRUCell is not converted (Linear and Conv2d are)"}
     with pytest.raises(ValueError, match="has no shape yet; run one forward pass"):
         sparsify(nn.Sequential(nn.LazyLinear(3)), 0.5)
 
@@ -359,7 +367,8 @@ def test_a_subclass_of_multihead_attention_keeps_out_proj_dense_and_runs():
 
     net = Net()
     report = sparsify(net, 0.5)
-    assert dict(report.kept) == {"att.out_proj": "nn.MultiheadAttention reads out_proj.weight directly"}
+    assert dict(report.kept) == {"att": "nn.MultiheadAttention's in-projection weights are not converted",
+                                 "att.out_proj": "nn.MultiheadAttention reads out_proj.weight directly"}
     assert net(torch.randn(2, 4, 8)).shape == (2, 3)
 
 

@@ -28,8 +28,10 @@ from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
 
 SIGMA_FLOOR = 1e-8
 TIED = "its weight is tied to"  # the start of a tied layer's reason in ``kept`` (module_io reads it)
-# Weight layers left dense and deterministic, named in the report's ``kept``.
-UNCONVERTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)
+# Weight layers left dense and deterministic, named in the report's ``kept`` (with the in-projection
+# weights of nn.MultiheadAttention, which are its own parameters, not a child's).
+UNCONVERTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear,
+               nn.RNNBase, nn.RNNCellBase, nn.Embedding, nn.EmbeddingBag)
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,8 @@ def _targets(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[
     for name, module in model.named_modules():
         if isinstance(module, UNCONVERTED):
             kept.append((name, f"{type(module).__name__} is not converted (Linear and Conv2d are)"))
+        elif isinstance(module, nn.MultiheadAttention):
+            kept.append((name, "nn.MultiheadAttention's in-projection weights are not converted"))
         if not isinstance(module, (nn.Linear, nn.Conv2d)) or isinstance(module, SparseGaussian):
             continue
         if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
