@@ -376,3 +376,21 @@ def test_a_sweep_made_before_collapsing_keeps_its_cells_and_a_report_needs_no_in
     capsys.readouterr()
     assert run(["sweep", "--report", str(tmp_path / "o"), "--json", "--no-figures"]) == 0
     assert json.loads(capsys.readouterr().out)["cells_done"] == 0
+
+
+def test_the_late_criteria_overlap_is_the_last_step_that_drops_an_entry(tmp_path: Path):
+    # Late in a long run the drop fraction rounds to no entry in any layer: two empty sets, every
+    # IoU 1. The table's "late" column is the last step that dropped something.
+    from ssvi_cli.sweep.report import stage_iou
+
+    def record(step: int, dropped: int, value: float) -> dict:
+        return {"step": step, "layers": {"a": {"dropped": dropped}, "b": {"dropped": 0}},
+                "criteria_iou": {"fraction": 0.1, "lambda": 1.0, "criteria": ["mean", "snr"],
+                                 "iou": [[1.0, value], [value, 1.0]]}}
+
+    path = tmp_path / "support.jsonl"
+    lines = [record(100, 30, 0.7), record(200, 20, 0.6), record(300, 5, 0.5), record(400, 0, 1.0)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    stages = stage_iou(path)
+    assert {k: v["step"] for k, v in stages.items()} == {"early": 100, "middle": 200, "late": 300}
+    assert stages["late"]["iou"][0][1] == 0.5

@@ -47,10 +47,13 @@ def cell_row(path: Path, cell: Cell) -> dict[str, Any]:
 
 
 def stage_iou(support_file: Path) -> Optional[dict[str, Any]]:
-    """The criteria-overlap matrices recorded at the first, middle and last subspace steps."""
+    """The criteria-overlap matrices recorded at the first, middle and last subspace steps that drop
+    any entry: late in a long run the drop fraction rounds to no entry at all, where every IoU would
+    read 1 (two empty sets)."""
     if not support_file.is_file():
         return None
-    records = [r for r in read_jsonl(support_file) if r.get("criteria_iou")]
+    records = [r for r in read_jsonl(support_file) if r.get("criteria_iou")
+               and sum(int(layer.get("dropped", 1)) for layer in r.get("layers", {}).values()) > 0]
     if not records:
         return None
     picks = {"early": records[0], "middle": records[len(records) // 2], "late": records[-1]}
