@@ -127,13 +127,14 @@ class Subspace:
         self.criterion, self.criterion_lambda, self.new_sigma, self.addition = criterion, criterion_lambda, new_sigma, addition
         self.t = 0
         self.last_report: Optional[SwapReport] = None
-        self._told: set[Any] = set()  # the sets of unreached layers (and 'eval') already warned about
+        self._told: set[tuple[str, ...]] = set()  # the sets of unreached layers already warned about
         self._capture: Optional[Any] = None  # the capture context, open from the first capture forward to step()
         self._forward_only: Optional[Any] = None
         self._unsynced: Optional[nn.parallel.DistributedDataParallel] = None
         self._removed = False
         self._dropped_at: Optional[int] = None  # the step whose capture went to the loop's own optimizer step
         self._forwards: set[bool] = set()  # the training flags of the model's forwards since the last step()
+        self._told_eval = False  # the eval()-mode warning is given once
         self._hooks = [model.register_forward_pre_hook(self._before_forward),
                        model.register_forward_hook(self._after_forward),
                        optimizer.register_step_pre_hook(self._before_optimizer_step)]
@@ -217,8 +218,8 @@ class Subspace:
         if self._removed:
             raise RuntimeError("this Subspace was removed (by remove(), or replaced by a newer Subspace on the same "
                                "model); step the newer one, or the optimizer")
-        if self._forwards == {False} and "eval" not in self._told:  # once: a validation pass ran, no training one
-            self._told.add("eval")
+        if self._forwards == {False} and not self._told_eval:  # a validation pass ran, no training one
+            self._told_eval = True
             log.warning("Subspace.step() after forwards in eval() mode only: the sparse layers used their mean, so "
                         "sigma learns nothing and remove-and-add steps cannot run; call model.train() before training")
         self._forwards = set()
