@@ -272,6 +272,11 @@ def _flatten(data: Any, where: str = "config", skip: tuple[str, ...] = ()) -> di
     return flat
 
 
+def flat_dict(cfg: Config) -> dict[str, Any]:
+    """The config as ``{"section.key": value}``, the keys ``--set`` names."""
+    return _flatten(cfg.to_dict())
+
+
 def from_dict(data: dict[str, Any]) -> Config:
     """Build a validated Config from a nested mapping such as a saved config."""
     return apply_overrides(Config(), _flatten(data, skip=("command",)))
@@ -469,7 +474,7 @@ DEFAULT_PRESET = "digits_mlp"
 
 __all__ = [
     "Config", "ConfigError", "ModelConfig", "DataConfig", "SparseConfig", "BayesConfig",
-    "OptimConfig", "TrainConfig", "apply_overrides", "from_dict", "parse_override", "validate",
+    "OptimConfig", "TrainConfig", "apply_overrides", "flat_dict", "from_dict", "parse_override", "validate",
     "load_preset", "from_preset", "preset_methods", "list_presets", "preset_command", "dump_yaml", "addition_accumulate",
     "DEFAULT_PRESET",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,6 +62,39 @@ def test_each_cell_takes_the_presets_values_for_its_method(tmp_path: Path, capsy
     preset.write_text("methods:\n  vi: {optim: {lr: -1}}\n")
     with pytest.raises(SweepError, match=r"^preset mine.yaml: methods.vi: optim.lr"):
         expand(SweepSpec(preset=str(preset), methods=("ssvi",)))
+
+
+def test_a_cell_that_ran_under_other_settings_is_named_not_skipped_or_resumed(tmp_path: Path, capsys):
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("model: {name: mlp, widths: [16]}\ndata: {max_train: 100}\nsparse: {allocation: erk}\n"
+                      "train: {epochs: 1, eval_samples: 2}\n")
+    out = tmp_path / "sw"
+    assert run(["sweep", "--preset", str(preset), "--method", "ssvi,vi", "--samples", "2",
+                "--out", str(out), "--dry-run"]) == 0
+    cells = {Path(line.split()[-1]).name: Path(line.split()[-1]) for line in capsys.readouterr().out.splitlines()}
+    for path in cells.values():
+        assert run(["sweep", "--run-cell", str(path)]) == 0, capsys.readouterr().err
+    evaluated = {name: (path / "evaluation.json").stat().st_mtime_ns for name, path in cells.items()}
+    capsys.readouterr()
+    # the preset is edited after the cells ran: the sparse cell's run no longer matches its grid
+    # settings; dense VI ignores the allocation, so its cell still does
+    preset.write_text(preset.read_text().replace("allocation: erk", "allocation: uniform"))
+    assert run(["sweep", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "  ssvi_s0.95_seed0: sparse.allocation erk, the sweep's uniform\n" in err and "vi_seed0" not in err
+    assert err.strip().splitlines()[-1].startswith(f"error: 1 cell of {out} ran under settings other than the sweep's")
+    assert run(["sweep", "--run-cell", str(cells["ssvi_s0.95_seed0"])]) == 2  # a scheduler's job, too
+    assert "ssvi_s0.95_seed0: sparse.allocation erk" in capsys.readouterr().err
+    assert {n: (p / "evaluation.json").stat().st_mtime_ns for n, p in cells.items()} == evaluated
+    # the report is written as it is, with a warning
+    assert run(["sweep", "--report", str(out), "--no-figures"]) == 0
+    assert "warning: 1 cell of" in capsys.readouterr().err and (out / "report.json").is_file()
+    # a cell's folder removed, it runs again under the sweep's settings
+    shutil.rmtree(cells["ssvi_s0.95_seed0"])
+    assert run(["sweep", "--run-cell", str(cells["ssvi_s0.95_seed0"])]) == 0, capsys.readouterr().err
+    assert "  allocation: uniform\n" in (cells["ssvi_s0.95_seed0"] / "config.yaml").read_text()
+    assert run(["sweep", "--report", str(out), "--no-figures"]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_bad_grids_are_one_line_errors():

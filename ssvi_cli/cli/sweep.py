@@ -104,6 +104,7 @@ def run_cell(path: Path, run: Callable[[list[str]], int]) -> int:
         raise UsageError(f"{path} is not a cell of the sweep in {path.parent.parent}")
     try:
         with cell_lock(path):
+            _check_changed(path.parent.parent, spec, [cell])
             return _train_and_evaluate(path, cell, spec, run)
     except CellBusy as exc:
         err.print(f"error: {exc}", markup=False)
@@ -123,6 +124,27 @@ def _train_and_evaluate(path: Path, cell: Cell, spec: SweepSpec, run: Callable[[
     else:
         code = 0
     return code or run(["evaluate", *cell.eval_args(spec, path)])
+
+
+def _check_changed(sweep_dir: Path, spec: "SweepSpec", cells: list["Cell"], refuse: bool = True) -> None:
+    """Cells that ran under other settings than the grid gives them now: refused before any of them
+    is skipped as done or resumed, or (``--report``) named in a warning."""
+    from ssvi_cli.sweep.grid import SweepError
+    from ssvi_cli.sweep.sweepdir import changed_cells, changed_lines
+
+    changed = changed_cells(sweep_dir, spec, cells)
+    if not changed:
+        return
+    what = (f"{count(len(changed), 'cell')} of {sweep_dir} ran under settings other than the sweep's "
+            "(a preset edited since, or a folder copied in)")
+    if not refuse:
+        err.print("\n".join([f"warning: {what}; the report counts them under the sweep's settings:",
+                             *changed_lines(changed)]), markup=False)
+        return
+    err.print("\n".join(changed_lines(changed)), markup=False)
+    folders = "its folder to run it" if len(changed) == 1 else "their folders to run them"
+    raise SweepError(f"{what}, above; move or delete {folders} under the sweep's settings, "
+                     f"or report the sweep as it is: ssvi sweep --report {shlex.quote(str(sweep_dir))}")
 
 
 def register(app: typer.Typer) -> None:
@@ -169,7 +191,12 @@ def register(app: typer.Typer) -> None:
                 raise typer.Exit(code)
             return
         if report is not None:
-            _finish(reportmod.write_report(report, figures, baseline), json_out)
+            result = reportmod.write_report(report, figures, baseline)
+            try:
+                _check_changed(report, *grid.read_spec(report), refuse=False)
+            except grid.SweepError:  # a sweep this ssvi cannot expand (a preset gone): nothing to compare
+                pass
+            _finish(result, json_out)
             return
         if resume is not None:
             spec, cells = grid.read_spec(resume)
@@ -190,6 +217,7 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             _dry_run(sweep_dir, cells)
             return
+        _check_changed(sweep_dir, spec, cells)  # before any cell is skipped as done or resumed
         _run(sweep_dir, cells, jobs, threads or max(1, (os.cpu_count() or 1) // jobs), json_out, figures, baseline)
 
 

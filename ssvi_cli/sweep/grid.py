@@ -176,12 +176,13 @@ def expand(spec: SweepSpec, collapse: bool = True) -> list[Cell]:
             raise SweepError(f"two cells of the grid would share the directory {cell.name!r}; give distinct values")
         seen[cell.name] = cell
         cells.append(cell)
-    for _ in _configs(spec, cells):  # every cell's config is built, and so checked
+    for _ in cell_configs(spec, cells):  # every cell's config is built, and so checked
         pass
     return cells
 
 
-def _configs(spec: SweepSpec, cells: list[Cell]) -> Iterator[tuple[Cell, cfgmod.Config]]:
+def cell_configs(spec: SweepSpec, cells: list[Cell]) -> Iterator[tuple[Cell, cfgmod.Config]]:
+    """Each cell with the config its ``ssvi train`` arguments make (the preset as it reads now)."""
     try:
         bases = {m: cfgmod.load_preset(spec.preset, m) for m in {cell.method for cell in cells}}
     except cfgmod.ConfigError as exc:
@@ -208,7 +209,7 @@ def check_runnable(spec: SweepSpec, cells: list[Cell]) -> None:
     except DataError as exc:
         raise SweepError(str(exc)) from None
     checked: set[str] = set()
-    for cell, cfg in _configs(spec, cells):
+    for cell, cfg in cell_configs(spec, cells):
         what = json.dumps([cfg.model.name, cfg.sparse.criterion, asdict(cfg.data)], sort_keys=True, default=str)
         if what not in checked:  # an image folder is scanned once, not once per cell
             checked.add(what)
