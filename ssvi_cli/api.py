@@ -29,7 +29,7 @@ from ssvi_cli.config import MIN_SUBSPACE_STEPS, PAPER_DELTA_T, Config, ConfigErr
 from ssvi_cli.core.criteria import REMOVAL_CRITERIA
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.core.modes import capturing_dense_grad, sampling
-from ssvi_cli.core.subspace import Schedule, SwapReport, collect_captured, subspace_step
+from ssvi_cli.core.subspace import OptimizerStateError, Schedule, SwapReport, collect_captured, subspace_step
 from ssvi_cli.prediction import Prediction, predict  # re-exported: the public loop pieces in one place
 from ssvi_cli.training.optim import param_groups
 
@@ -47,10 +47,6 @@ _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKey
 # Optimizers a Subspace is stepping right now (its step() calls optimizer.step()): any other step of
 # them is the loop's own.
 _STEPPING: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
-
-
-class OptimizerStateError(TypeError):
-    """An optimizer whose per-parameter state a remove-and-add step cannot reset."""
 
 
 def kl_term(model: nn.Module, n_train: int, beta: float = 1.0, prior_sigma: float = 0.005) -> Tensor:
@@ -99,11 +95,10 @@ class Subspace:
                             f"got {type(model).__name__} and {type(optimizer).__name__}")
         if not sparse_layers(model):
             raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
-        name = type(optimizer).__name__
-        if type(optimizer).__module__.split(".")[:2] != ["torch", "optim"] or name not in RESETTABLE_OPTIMIZERS:
+        if not isinstance(optimizer, tuple(getattr(torch.optim, n) for n in RESETTABLE_OPTIMIZERS)):
             raise OptimizerStateError(
-                f"{name} keeps state the remove-and-add step cannot reset entry by entry; use one of "
-                f"torch.optim's {', '.join(RESETTABLE_OPTIMIZERS)}")
+                f"{type(optimizer).__name__} keeps state the remove-and-add step cannot reset entry by entry; use "
+                f"one of torch.optim's {', '.join(RESETTABLE_OPTIMIZERS)} (or a subclass of one)")
         if addition not in ("sample", "mean"):
             raise ValueError(f"addition={addition!r}; valid values are: sample, mean")
         if whole("total_steps", total_steps) < 1:

@@ -77,6 +77,39 @@ def test_subspace_moves_supports_on_schedule_with_exact_counts_and_fresh_momentu
     assert new.any() and bool((optimizer.state[layer.mu]["momentum_buffer"][new] == 0).all())
 
 
+def test_a_subclass_of_a_torch_optimizer_is_reset_like_its_parent_and_odd_state_is_refused_whole():
+    class MyAdam(torch.optim.Adam):  # a user's subclass: Adam's own state
+        pass
+
+    torch.manual_seed(0)
+    model = small()
+    optimizer = MyAdam(ssvi.param_groups(model, lr=0.01, lr_sigma=0.01))
+    subspace = ssvi.Subspace(model, optimizer, total_steps=40, delta_t=5)
+    layer = dict(sparse_layers(model))["first"]
+    run(model, optimizer, subspace, batches(5))
+    old = layer.idx.clone()
+    assert run(model, optimizer, subspace, batches(1, seed=9)) == [True]
+    new = ~torch.isin(layer.idx, old)
+    assert new.any() and bool((optimizer.state[layer.mu]["exp_avg"][new] == 0).all())
+
+    class Odd(torch.optim.Adam):  # keeps per-parameter state of another shape
+        def step(self, closure=None):
+            out = super().step(closure)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self.state[p]["rows"] = torch.zeros(2, 3)
+            return out
+
+    model = small()
+    optimizer = Odd(ssvi.param_groups(model, lr=0.01, lr_sigma=0.01))
+    subspace = ssvi.Subspace(model, optimizer, total_steps=40, delta_t=5)
+    run(model, optimizer, subspace, batches(5))
+    supports = [l.idx.clone() for _, l in sparse_layers(model)]
+    with pytest.raises(ssvi.OptimizerStateError, match=r"Odd's state 'rows' has shape \(2, 3\), not its parameter's"):
+        run(model, optimizer, subspace, batches(1, seed=9))
+    assert all(torch.equal(a, l.idx) for a, (_, l) in zip(supports, sparse_layers(model)))  # no layer changed
+
+
 def test_the_mean_estimator_and_a_resumed_schedule_match_an_uninterrupted_one():
     def train(split: bool):
         torch.manual_seed(1)

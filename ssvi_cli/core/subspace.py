@@ -23,6 +23,23 @@ from ssvi_cli.core.gaussian import rho_from_sigma
 NEW_SIGMA_TINY = 1e-6
 
 
+class OptimizerStateError(TypeError):
+    """An optimizer whose per-parameter state a remove-and-add step cannot reset."""
+
+
+def check_resettable(optimizer: torch.optim.Optimizer, layers: list[SparseGaussian]) -> None:
+    """Each per-parameter state tensor of the layers' μ and ρ must be re-indexable with the support:
+    the parameter's shape (a moment, a momentum buffer) or one number (a step count). Anything else
+    (a subclass's own state of another shape) is refused before any layer changes."""
+    for layer in layers:
+        for p in (q for q in (layer.mu, layer.rho) if q is not None):
+            for key, value in (optimizer.state.get(p) or {}).items():
+                if isinstance(value, Tensor) and value.shape != p.shape and value.numel() > 1:
+                    raise OptimizerStateError(
+                        f"{type(optimizer).__name__}'s state {key!r} has shape {tuple(value.shape)}, not its "
+                        f"parameter's {tuple(p.shape)}: a remove-and-add step cannot reset it entry by entry")
+
+
 def resolve_delta_t(delta_t: int | str, t_end: int, min_steps: int, accumulate: int = 1) -> int:
     """The minibatches between subspace steps: ``delta_t`` itself, or for ``"auto"``
     ``clamp(floor((t_end - 1) / min_steps), accumulate + 1, 100)``.
@@ -190,6 +207,8 @@ def subspace_step(model: nn.Module, step: int, schedule: Schedule, criterion: st
         layer.dense_grad = None
     report.skipped = not all(bool(torch.isfinite(g).all()) for _, _, g in grads)
     if not report.skipped:
+        if optimizer is not None:
+            check_resettable(optimizer, [layer for _, layer, _ in grads])
         for name, layer, grad in grads:
             report.layers.append(update_layer(name, layer, grad, fraction, criterion, lam, new_sigma, optimizer))
     return report
