@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +47,22 @@ _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKey
 # Optimizers a Subspace is stepping right now (its step() calls optimizer.step()): any other step of
 # them is the loop's own.
 _STEPPING: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+
+
+class _Hook:
+    """A Subspace's hook on its model or optimizer. A copy (``copy.deepcopy(model)`` for an EMA or
+    SWA model, a pickled whole model) gets a hook that does nothing, instead of a copy of the
+    Subspace and its optimizer acting on the copied model."""
+
+    def __init__(self, fn: Optional[Callable[..., None]]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> None:
+        if self.fn is not None:
+            self.fn(*args)
+
+    def __reduce__(self) -> tuple[type, tuple[None]]:
+        return _Hook, (None,)
 
 
 def kl_term(model: nn.Module, n_train: int, beta: float = 1.0, prior_sigma: float = 0.005) -> Tensor:
@@ -130,9 +146,9 @@ class Subspace:
         self._dropped_at: Optional[int] = None  # the step whose capture went to the loop's own optimizer step
         self._forwards: set[bool] = set()  # the training flags of the model's forwards since the last step()
         self._told_eval = False  # the eval()-mode warning is given once
-        self._hooks = [model.register_forward_pre_hook(self._before_forward),
-                       model.register_forward_hook(self._after_forward),
-                       optimizer.register_step_pre_hook(self._before_optimizer_step)]
+        self._hooks = [model.register_forward_pre_hook(_Hook(self._before_forward)),
+                       model.register_forward_hook(_Hook(self._after_forward)),
+                       optimizer.register_step_pre_hook(_Hook(self._before_optimizer_step))]
         key = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         previous = _ATTACHED.get(key)
         previous = previous() if previous is not None else None

@@ -1,6 +1,8 @@
 """The public loop pieces: param_groups, kl_term, Subspace (schedule, exact counts, optimizer state,
 resume, errors) and predict."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,6 +110,22 @@ def test_a_subclass_of_a_torch_optimizer_is_reset_like_its_parent_and_odd_state_
     with pytest.raises(ssvi.OptimizerStateError, match=r"Odd's state 'rows' has shape \(2, 3\), not its parameter's"):
         run(model, optimizer, subspace, batches(1, seed=9))
     assert all(torch.equal(a, l.idx) for a, (_, l) in zip(supports, sparse_layers(model)))  # no layer changed
+
+
+def test_a_deep_copy_of_the_model_an_ema_say_carries_no_working_copy_of_the_schedule():
+    torch.manual_seed(0)
+    model = small()
+    optimizer = torch.optim.Adam(ssvi.param_groups(model, lr=0.01, lr_sigma=0.01))
+    subspace = ssvi.Subspace(model, optimizer, total_steps=40, delta_t=5)
+    run(model, optimizer, subspace, batches(5))  # the next step, 5, is a remove-and-add step
+    ema = copy.deepcopy(model)
+    x, y = batches(1, seed=9)[0]
+    ema(x)  # a copied schedule would open a dense-gradient capture on the copy here, never closed
+    assert not any(layer.capture_dense_grad for _, layer in sparse_layers(ema))
+    kept = [layer.idx.clone() for _, layer in sparse_layers(ema)]
+    assert run(model, optimizer, subspace, [(x, y)]) == [True]  # the model's own schedule goes on
+    assert all(torch.equal(a, layer.idx) for a, (_, layer) in zip(kept, sparse_layers(ema)))
+    assert not torch.equal(kept[0], dict(sparse_layers(model))["first"].idx)
 
 
 def test_the_mean_estimator_and_a_resumed_schedule_match_an_uninterrupted_one():
