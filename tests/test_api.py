@@ -126,6 +126,14 @@ def test_a_deep_copy_of_the_model_an_ema_say_carries_no_working_copy_of_the_sche
     assert run(model, optimizer, subspace, [(x, y)]) == [True]  # the model's own schedule goes on
     assert all(torch.equal(a, layer.idx) for a, (_, layer) in zip(kept, sparse_layers(ema)))
     assert not torch.equal(kept[0], dict(sparse_layers(model))["first"].idx)
+    # a copy taken inside a capture (between a remove-and-add step's forward and its step()) is out of it
+    run(model, optimizer, subspace, batches(4))
+    x, y = batches(1, seed=10)[0]
+    F.cross_entropy(model(x), y).backward()
+    assert all(layer.capture_dense_grad for _, layer in sparse_layers(model))
+    best = copy.deepcopy(model)
+    assert not any(layer.capture_dense_grad or layer.dense_grad is not None for _, layer in sparse_layers(best))
+    assert subspace.step() and not any(layer.capture_dense_grad for _, layer in sparse_layers(model))
 
 
 def test_the_mean_estimator_and_a_resumed_schedule_match_an_uninterrupted_one():

@@ -66,35 +66,66 @@ def test_each_cell_takes_the_presets_values_for_its_method(tmp_path: Path, capsy
 
 def test_a_cell_that_ran_under_other_settings_is_named_not_skipped_or_resumed(tmp_path: Path, capsys):
     preset = tmp_path / "mine.yaml"
-    preset.write_text("model: {name: mlp, widths: [16]}\ndata: {max_train: 100}\nsparse: {allocation: erk}\n"
-                      "train: {epochs: 1, eval_samples: 2}\n")
+    preset.write_text("model: {name: mlp, widths: [16]}\ndata: {max_train: 100}\n"
+                      "sparse: {allocation: erk, sparsity: 0.8}\ntrain: {epochs: 1, eval_samples: 2}\n")
     out = tmp_path / "sw"
-    assert run(["sweep", "--preset", str(preset), "--method", "ssvi,vi", "--samples", "2",
-                "--out", str(out), "--dry-run"]) == 0
+    grid_args = ["sweep", "--preset", str(preset), "--method", "ssvi,vi", "--sparsity", "0.9", "--samples", "2",
+                 "--out", str(out)]
+    assert run([*grid_args, "--dry-run"]) == 0
     cells = {Path(line.split()[-1]).name: Path(line.split()[-1]) for line in capsys.readouterr().out.splitlines()}
     for path in cells.values():
         assert run(["sweep", "--run-cell", str(path)]) == 0, capsys.readouterr().err
+    sparse, dense = cells["ssvi_s0.9_seed0"], cells["vi_seed0"]
     evaluated = {name: (path / "evaluation.json").stat().st_mtime_ns for name, path in cells.items()}
     capsys.readouterr()
-    # the preset is edited after the cells ran: the sparse cell's run no longer matches its grid
-    # settings; dense VI ignores the allocation, so its cell still does
-    preset.write_text(preset.read_text().replace("allocation: erk", "allocation: uniform"))
-    assert run(["sweep", "--resume", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert "  ssvi_s0.95_seed0: sparse.allocation erk, the sweep's uniform\n" in err and "vi_seed0" not in err
-    assert err.strip().splitlines()[-1].startswith(f"error: 1 cell of {out} ran under settings other than the sweep's")
-    assert run(["sweep", "--run-cell", str(cells["ssvi_s0.95_seed0"])]) == 2  # a scheduler's job, too
-    assert "ssvi_s0.95_seed0: sparse.allocation erk" in capsys.readouterr().err
+    # The preset edited after the cells ran. The sparse cell's allocation no longer matches; dense VI
+    # ignores the allocation and the preset's sparsity, and how many checkpoints a run keeps changes
+    # nothing it learns: its cell still matches.
+    preset.write_text("model: {name: mlp, widths: [16]}\ndata: {max_train: 100}\n"
+                      "sparse: {allocation: uniform, sparsity: 0.95}\n"
+                      "train: {epochs: 1, eval_samples: 2, keep_checkpoints: 3}\n")
+    for args in (["sweep", "--resume", str(out)], [*grid_args, "--dry-run"], ["sweep", "--run-cell", str(sparse)]):
+        assert run(args) == 2
+        err = capsys.readouterr().err
+        lines = err.rstrip().splitlines()
+        assert lines[0] == f"  {sparse}: sparse.allocation erk, the sweep's uniform" and "vi_seed0" not in err
+        assert lines[1].startswith("error: 1 cell (listed above) ran under other settings than the sweep gives it now")
+        assert "delete its folder to run it again" in lines[1] and len(lines) == 2
     assert {n: (p / "evaluation.json").stat().st_mtime_ns for n, p in cells.items()} == evaluated
-    # the report is written as it is, with a warning
+    # a partial cell (a checkpoint, no final model) is not resumed under its old settings either
+    for name in ("model.safetensors", "summary.json", "evaluation.json"):
+        (sparse / name).unlink()
+    assert cell_state(sparse) == "partial"
+    assert run(["sweep", "--resume", str(out)]) == 2
+    assert f"  {sparse}: sparse.allocation erk" in capsys.readouterr().err
+    # the report is written as it is, and says so in both files and on stderr
     assert run(["sweep", "--report", str(out), "--no-figures"]) == 0
-    assert "warning: 1 cell of" in capsys.readouterr().err and (out / "report.json").is_file()
-    # a cell's folder removed, it runs again under the sweep's settings
-    shutil.rmtree(cells["ssvi_s0.95_seed0"])
-    assert run(["sweep", "--run-cell", str(cells["ssvi_s0.95_seed0"])]) == 0, capsys.readouterr().err
-    assert "  allocation: uniform\n" in (cells["ssvi_s0.95_seed0"] / "config.yaml").read_text()
+    assert "warning: 1 cell ran under other settings" in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["changed_cells"] == {"ssvi_s0.9_seed0": "sparse.allocation erk, the sweep's uniform"}
+    assert "ssvi_s0.9_seed0 (sparse.allocation erk, the sweep's uniform)" in (out / "report.md").read_text()
+    # a cell that wrote its config and no checkpoint starts again anyway: not compared
+    for entry in dense.iterdir():
+        if entry.name != "config.yaml":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    (dense / "config.yaml").write_text((dense / "config.yaml").read_text().replace("beta: 0.01", "beta: 0.5"))
+    assert cell_state(dense) == "new"
+    # the changed cell's folder removed, it runs again under the sweep's settings
+    shutil.rmtree(sparse)
+    assert run(["sweep", "--run-cell", str(sparse)]) == 0, capsys.readouterr().err
+    assert "  allocation: uniform\n" in (sparse / "config.yaml").read_text()
     assert run(["sweep", "--report", str(out), "--no-figures"]) == 0
     assert "warning" not in capsys.readouterr().err
+    assert "changed_cells" not in json.loads((out / "report.json").read_text())
+
+
+def test_published_weights_are_compared_by_the_version_a_run_records():
+    from ssvi_cli import config as C
+    from ssvi_cli.sweep.drift import _resolved
+
+    cfg = C.apply_overrides(C.Config(), {"model.name": "torchvision:resnet18", "model.init_from": "torchvision:DEFAULT"})
+    assert _resolved(cfg) == "torchvision:ResNet18_Weights.IMAGENET1K_V1"
+    assert _resolved(C.apply_overrides(cfg, {"model.init_from": "weights.pt"})) == "weights.pt"
 
 
 def test_bad_grids_are_one_line_errors():

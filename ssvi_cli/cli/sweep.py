@@ -126,25 +126,21 @@ def _train_and_evaluate(path: Path, cell: Cell, spec: SweepSpec, run: Callable[[
     return code or run(["evaluate", *cell.eval_args(spec, path)])
 
 
-def _check_changed(sweep_dir: Path, spec: "SweepSpec", cells: list["Cell"], refuse: bool = True) -> None:
-    """Cells that ran under other settings than the grid gives them now: refused before any of them
-    is skipped as done or resumed, or (``--report``) named in a warning."""
+def _check_changed(sweep_dir: Path, spec: "SweepSpec", cells: list["Cell"]) -> None:
+    """Refuse to go on while a cell ran under other settings than the grid gives it now: it would be
+    skipped as done, or resumed under its old settings, and reported under the new ones."""
+    from ssvi_cli.sweep.drift import changed_cells, changed_lines
     from ssvi_cli.sweep.grid import SweepError
-    from ssvi_cli.sweep.sweepdir import changed_cells, changed_lines
 
     changed = changed_cells(sweep_dir, spec, cells)
-    if not changed:
-        return
-    what = (f"{count(len(changed), 'cell')} of {sweep_dir} ran under settings other than the sweep's "
-            "(a preset edited since, or a folder copied in)")
-    if not refuse:
-        err.print("\n".join([f"warning: {what}; the report counts them under the sweep's settings:",
-                             *changed_lines(changed)]), markup=False)
-        return
-    err.print("\n".join(changed_lines(changed)), markup=False)
-    folders = "its folder to run it" if len(changed) == 1 else "their folders to run them"
-    raise SweepError(f"{what}, above; move or delete {folders} under the sweep's settings, "
-                     f"or report the sweep as it is: ssvi sweep --report {shlex.quote(str(sweep_dir))}")
+    if changed:
+        err.print("\n".join(changed_lines(sweep_dir, changed)), markup=False)
+        one = len(changed) == 1
+        raise SweepError(f"{count(len(changed), 'cell')} (listed above) ran under other settings than the sweep "
+                         f"gives {'it' if one else 'them'} now (a preset edited since, or a folder copied in); "
+                         f"delete {'its folder' if one else 'their folders'} to run {'it' if one else 'them'} "
+                         "again, or report the sweep as it is: "
+                         f"{shlex.join(['ssvi', 'sweep', '--report', str(sweep_dir)])}")
 
 
 def register(app: typer.Typer) -> None:
@@ -191,12 +187,7 @@ def register(app: typer.Typer) -> None:
                 raise typer.Exit(code)
             return
         if report is not None:
-            result = reportmod.write_report(report, figures, baseline)
-            try:
-                _check_changed(report, *grid.read_spec(report), refuse=False)
-            except grid.SweepError:  # a sweep this ssvi cannot expand (a preset gone): nothing to compare
-                pass
-            _finish(result, json_out)
+            _finish(reportmod.write_report(report, figures, baseline), json_out)
             return
         if resume is not None:
             spec, cells = grid.read_spec(resume)
@@ -214,10 +205,10 @@ def register(app: typer.Typer) -> None:
             else:
                 sweep_dir.mkdir(parents=True, exist_ok=True)
                 grid.write_spec(sweep_dir, spec, cells)
+        _check_changed(sweep_dir, spec, cells)  # before any cell is listed, skipped as done or resumed
         if dry_run:
             _dry_run(sweep_dir, cells)
             return
-        _check_changed(sweep_dir, spec, cells)  # before any cell is skipped as done or resumed
         _run(sweep_dir, cells, jobs, threads or max(1, (os.cpu_count() or 1) // jobs), json_out, figures, baseline)
 
 
@@ -281,8 +272,13 @@ def _run(sweep_dir: Path, cells: list[Any], jobs: int, threads: int, json_out: b
 
 
 def _finish(result: dict[str, Any], json_out: bool) -> None:
+    from ssvi_cli.sweep.drift import changed_lines
     from ssvi_cli.sweep.report import mean_std
 
+    if result.get("changed_cells"):
+        err.print("\n".join([f"warning: {count(len(result['changed_cells']), 'cell')} ran under other settings than "
+                             "the sweep gives them now; the report counts them under the sweep's settings:",
+                             *changed_lines(Path(result["sweep"]), result["changed_cells"])]), markup=False)
     if json_out:
         print_json(result)
         return

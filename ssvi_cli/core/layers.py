@@ -74,6 +74,13 @@ class SparseGaussian(nn.Module):
     def active(self) -> int:
         return int(self.idx.numel())
 
+    def __getstate__(self) -> dict:
+        """A copy (``copy.deepcopy``, pickle) starts outside any dense-gradient capture: a capture
+        belongs to the Subspace of the original, and nothing would end the copy's."""
+        state = super().__getstate__()
+        state.update(capture_dense_grad=False, dense_grad=None, _captured=CapturedGrad())
+        return state
+
     @property
     def density(self) -> float:
         return self.active / self.numel

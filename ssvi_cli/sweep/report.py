@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from ssvi_cli.fileio import read_jsonl, write_json, write_text
 from ssvi_cli.runs.rundir import CONFIG_FILE, SUMMARY_FILE, SUPPORT_FILE
+from ssvi_cli.sweep.drift import changed_cells
 from ssvi_cli.sweep.grid import EVAL_FILE, OWN_KEYS, Cell, SweepSpec, group_key, group_label, read_spec, setting_text
 from ssvi_cli.sweep.paired import paired_differences, paired_markdown
 from ssvi_cli.sweep.runner import cell_dir, cell_state
@@ -126,6 +127,9 @@ def build_report(sweep_dir: Path, baseline: Optional[list[str]] = None) -> dict[
               "cells_total": len(cells), "cells_done": len(rows),
               "missing": [c.name for c in cells if c not in done],
               "method_values": method_values(sweep_dir, spec, done), "groups": groups, "cells": rows}
+    changed = changed_cells(sweep_dir, spec, cells)
+    if changed:  # reported as they are, under the sweep's settings: said in both files
+        report["changed_cells"] = changed
     if baseline:
         report["paired"] = paired_differences(spec, cells, groups, rows, baseline)
     return report
@@ -163,6 +167,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if report["missing"]:
         lines += ["", f"Not evaluated yet: {', '.join(report['missing'])}."]
+    if report.get("changed_cells"):
+        lines += ["", "Run under other settings than the sweep gives them now (a preset edited since, or folders "
+                  "copied in), and counted above under the sweep's: "
+                  + "; ".join(f"{name} ({what})" for name, what in report["changed_cells"].items()) + "."]
     for key, by_method in (report.get("method_values") or {}).items():
         shown = ", ".join(f"{m} {json.dumps(v)}" for m, v in by_method.items())
         lines += ["", f"`{key}` differs by method (the preset's `methods:` section): {shown}."]

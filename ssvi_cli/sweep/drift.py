@@ -1,0 +1,77 @@
+"""Cells whose run was made under other settings than the grid gives them now: the preset was edited
+after they ran, or their folders were copied in from another sweep. Such a cell, finished, would be
+skipped, or, partial, resumed under the settings it started with, and reported under settings it
+never ran with; so a sweep refuses to run on while it has one, and its report names them.
+
+Compared: every config key that changes what a run trains. Not compared: keys the cell's method
+ignores (``Method.ignores``; a dense method's sparsity and stem too), and keys that change where or
+how fast it runs but not what it learns (:data:`NOT_COMPARED`). Published weights are compared by
+the version they resolve to, as the run's config records them (``torchvision:DEFAULT`` names one).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ssvi_cli import config as cfgmod
+from ssvi_cli.fileio import brief
+from ssvi_cli.methods import METHODS
+from ssvi_cli.runs.rundir import CONFIG_FILE
+from ssvi_cli.sweep.grid import Cell, SweepSpec, cell_configs, yaml_text
+from ssvi_cli.sweep.runner import cell_dir, cell_state
+
+NOT_COMPARED = frozenset({"train.device", "train.kernel", "train.num_workers", "train.checkpoint_every",
+                          "train.keep_checkpoints", "train.eval_samples", "data.data_dir", "data.download"})
+DENSE_IGNORES = frozenset({"sparse.sparsity", "model.dense_stem"})  # a dense method has no sparse layer
+SHOWN_KEYS = 3  # differing keys named per cell
+
+
+def changed_cells(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> dict[str, str]:
+    """``{cell: what differs}`` (``"sparse.allocation uniform, the sweep's erk"``) for the cells that
+    have started (a checkpoint, a finished run, an evaluation) under other settings than the grid's.
+    A cell that wrote its config and no checkpoint starts again anyway, and is not compared; one whose
+    config cannot be read is named with the reason."""
+    import yaml
+
+    ran: dict[str, dict[str, Any]] = {}
+    changed: dict[str, str] = {}
+    for cell in cells:
+        path = cell_dir(sweep_dir, cell)
+        if cell_state(path) == "new":
+            continue
+        try:
+            ran[cell.name] = cfgmod.flat_dict(cfgmod.from_dict(
+                yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8"))))
+        except (OSError, yaml.YAMLError, cfgmod.ConfigError, TypeError, ValueError) as exc:
+            changed[cell.name] = f"its {CONFIG_FILE} cannot be read ({brief(exc)})"
+    for cell, cfg in cell_configs(spec, [c for c in cells if c.name in ran]):
+        old, new, method = ran[cell.name], cfgmod.flat_dict(cfg), METHODS.get(cell.method)
+        new["model.init_from"] = _resolved(cfg)
+        keys = [k for k in new if old.get(k) != new[k] and k not in NOT_COMPARED and not method.ignores(k)
+                and not (method.dense and k in DENSE_IGNORES)]
+        if keys:
+            parts = [f"{k} {yaml_text(old.get(k))}, the sweep's {yaml_text(new[k])}" for k in keys[:SHOWN_KEYS]]
+            more = f"; and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""
+            changed[cell.name] = "; ".join(parts) + more
+    return changed
+
+
+def _resolved(cfg: cfgmod.Config) -> Any:
+    """``model.init_from`` as a run records it: published weights by the version they resolve to."""
+    from ssvi_cli.models import TORCHVISION
+
+    source = cfg.model.init_from
+    if not (isinstance(source, str) and source.startswith(TORCHVISION) and cfg.model.name.startswith(TORCHVISION)):
+        return source
+    from ssvi_cli.training.pretrained import resolve_weights
+
+    try:
+        return f"{TORCHVISION}{resolve_weights(cfg.model.name[len(TORCHVISION):], source[len(TORCHVISION):])!r}"
+    except (cfgmod.ConfigError, ValueError):  # a name that no longer resolves: compared as written
+        return source
+
+
+def changed_lines(sweep_dir: Path, changed: dict[str, str]) -> list[str]:
+    """One indented line per cell: its folder and what differs."""
+    return [f"  {Path(sweep_dir) / 'cells' / name}: {what}" for name, what in changed.items()]
