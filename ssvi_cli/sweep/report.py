@@ -197,7 +197,7 @@ def _iou_markdown(groups: list[dict[str, Any]]) -> list[str]:
         names = iou["early"]["criteria"]
         pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
         out += ["", f"## Criteria overlap: {group_label(g)}", "",
-                "IoU of the entries each removal criterion would drop at the subspace step (mean over seeds), "
+                "IoU of the entries each removal criterion would drop (mean over seeds), "
                 "at the first, middle and last subspace step that drops any entry.", "",
                 "| criteria | " + " | ".join(f"{s} (step {min(iou[s]['steps'])})" for s in STAGES) + " |",
                 "|---|" + "---|" * len(STAGES)]
