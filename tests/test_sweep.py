@@ -104,11 +104,18 @@ def test_a_cell_that_ran_under_other_settings_is_named_not_skipped_or_resumed(tm
     report = json.loads((out / "report.json").read_text())
     assert report["changed_cells"] == {"ssvi_s0.9_seed0": "sparse.allocation erk, the sweep's uniform"}
     assert "ssvi_s0.9_seed0 (sparse.allocation erk, the sweep's uniform)" in (out / "report.md").read_text()
+    # a finished cell whose config cannot be read is named, and the rest is reported
+    config = (dense / "config.yaml").read_text()
+    (dense / "config.yaml").write_text("model: [\n")
+    assert run(["sweep", "--report", str(out), "--no-figures"]) == 0
+    assert json.loads((out / "report.json").read_text())["changed_cells"]["vi_seed0"].startswith(
+        "its config.yaml cannot be read (expected the node content")
+    capsys.readouterr()
     # a cell that wrote its config and no checkpoint starts again anyway: not compared
     for entry in dense.iterdir():
         if entry.name != "config.yaml":
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    (dense / "config.yaml").write_text((dense / "config.yaml").read_text().replace("beta: 0.01", "beta: 0.5"))
+    (dense / "config.yaml").write_text(config.replace("beta: 0.01", "beta: 0.5"))
     assert cell_state(dense) == "new"
     # the changed cell's folder removed, it runs again under the sweep's settings
     shutil.rmtree(sparse)

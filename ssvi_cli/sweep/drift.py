@@ -44,7 +44,7 @@ def changed_cells(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> dict[s
             ran[cell.name] = cfgmod.flat_dict(cfgmod.from_dict(
                 yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8"))))
         except (OSError, yaml.YAMLError, cfgmod.ConfigError, TypeError, ValueError) as exc:
-            changed[cell.name] = f"its {CONFIG_FILE} cannot be read ({brief(exc)})"
+            changed[cell.name] = f"its {CONFIG_FILE} cannot be read ({brief(getattr(exc, 'problem', None) or exc)})"
     for cell, cfg in cell_configs(spec, [c for c in cells if c.name in ran]):
         old, new, method = ran[cell.name], cfgmod.flat_dict(cfg), METHODS.get(cell.method)
         new["model.init_from"] = _resolved(cfg)

@@ -105,9 +105,12 @@ def method_values(sweep_dir: Path, spec: SweepSpec, done: list[Cell]) -> dict[st
 
     seen: dict[str, dict[str, set]] = {}
     for cell in done:
-        config = yaml.safe_load((cell_dir(sweep_dir, cell) / CONFIG_FILE).read_text(encoding="utf-8")) or {}
-        for section, values in config.items():
-            for key, value in (values or {}).items():
+        try:
+            config = yaml.safe_load((cell_dir(sweep_dir, cell) / CONFIG_FILE).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):  # named in the report's changed_cells
+            continue
+        for section, values in (config.items() if isinstance(config, dict) else ()):
+            for key, value in (values.items() if isinstance(values, dict) else ()):
                 name = f"{section}.{key}"
                 if name not in OWN_KEYS and name not in spec.axes:
                     seen.setdefault(name, {}).setdefault(cell.method, set()).add(json.dumps(value))
