@@ -77,7 +77,7 @@ class SparseGaussian(nn.Module):
     def __getstate__(self) -> dict:
         """A copy (``copy.deepcopy``, pickle) starts outside any dense-gradient capture: a capture
         belongs to the Subspace of the original, and nothing would end the copy's."""
-        state = super().__getstate__()
+        state = dict(super().__getstate__())  # a copy: the original stays in its capture
         state.update(capture_dense_grad=False, dense_grad=None, _captured=CapturedGrad())
         return state
 

@@ -18,7 +18,7 @@ from ssvi_cli import config as cfgmod
 from ssvi_cli.fileio import brief
 from ssvi_cli.methods import METHODS
 from ssvi_cli.runs.rundir import CONFIG_FILE
-from ssvi_cli.sweep.grid import Cell, SweepSpec, cell_configs, yaml_text
+from ssvi_cli.sweep.grid import CELLS_DIR, Cell, SweepSpec, cell_configs, yaml_text
 from ssvi_cli.sweep.runner import cell_dir, cell_state
 
 NOT_COMPARED = frozenset({"train.device", "train.kernel", "train.num_workers", "train.checkpoint_every",
@@ -74,4 +74,4 @@ def _resolved(cfg: cfgmod.Config) -> Any:
 
 def changed_lines(sweep_dir: Path, changed: dict[str, str]) -> list[str]:
     """One indented line per cell: its folder and what differs."""
-    return [f"  {Path(sweep_dir) / 'cells' / name}: {what}" for name, what in changed.items()]
+    return [f"  {Path(sweep_dir) / CELLS_DIR / name}: {what}" for name, what in changed.items()]
