@@ -206,7 +206,9 @@ def test_ctrl_c_under_nproc_checkpoints_once_and_exits_130(tmp_path: Path):
         [sys.executable, "-m", "ssvi_cli", "train", "--nproc", "2", "--device", "cpu", "--batch-size", "4",
          "--epochs", "3", "--set", "data.max_train=600", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+        # as a terminal's foreground job, even when the tests run in a shell's background job (which ignores SIGINT)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = [proc.stderr.readline()]
     while lines[-1] and not lines[-1].startswith("epoch 1/3"):
         lines.append(proc.stderr.readline())
