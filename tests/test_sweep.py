@@ -100,7 +100,8 @@ def test_a_cell_that_ran_under_other_settings_is_named_not_skipped_or_resumed(tm
     assert f"  {sparse}: sparse.allocation erk" in capsys.readouterr().err
     # the report is written as it is, and says so in both files and on stderr
     assert run(["sweep", "--report", str(out), "--no-figures"]) == 0
-    assert "warning: 1 cell ran under other settings" in capsys.readouterr().err
+    assert "warning: 1 cell ran under other settings than the sweep gives it now; the report counts it" in \
+        capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["changed_cells"] == {"ssvi_s0.9_seed0": "sparse.allocation erk, the sweep's uniform"}
     assert "ssvi_s0.9_seed0 (sparse.allocation erk, the sweep's uniform)" in (out / "report.md").read_text()

@@ -276,8 +276,10 @@ def _finish(result: dict[str, Any], json_out: bool) -> None:
     from ssvi_cli.sweep.report import mean_std
 
     if result.get("changed_cells"):
-        err.print("\n".join([f"warning: {count(len(result['changed_cells']), 'cell')} ran under other settings than "
-                             "the sweep gives them now; the report counts them under the sweep's settings:",
+        n = len(result["changed_cells"])
+        err.print("\n".join([f"warning: {count(n, 'cell')} ran under other settings than the sweep gives "
+                             f"{'it' if n == 1 else 'them'} now; the report counts {'it' if n == 1 else 'them'} "
+                             "under the sweep's settings:",
                              *changed_lines(Path(result["sweep"]), result["changed_cells"])]), markup=False)
     if json_out:
         print_json(result)
