@@ -64,10 +64,10 @@ def _resolved(cfg: cfgmod.Config) -> Any:
     source = cfg.model.init_from
     if not (isinstance(source, str) and source.startswith(TORCHVISION) and cfg.model.name.startswith(TORCHVISION)):
         return source
-    from ssvi_cli.training.pretrained import resolve_weights
+    from ssvi_cli.training.init_weights import published_weights
 
     try:
-        return f"{TORCHVISION}{resolve_weights(cfg.model.name[len(TORCHVISION):], source[len(TORCHVISION):])!r}"
+        return published_weights(cfg)[1]
     except (cfgmod.ConfigError, ValueError):  # a name that no longer resolves: compared as written
         return source
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +52,13 @@ class InitWeights:
         return "; ".join(parts)
 
 
+def published_weights(cfg: Config) -> tuple[Any, str]:
+    """The torchvision weights ``torchvision:NAME`` of ``model.init_from`` names (``DEFAULT`` allowed),
+    and the source a run records for them: ``torchvision:Enum_Weights.NAME``, the version resolved."""
+    weights = resolve_weights(cfg.model.name[len(TORCHVISION):], str(cfg.model.init_from)[len(TORCHVISION):])
+    return weights, f"{TORCHVISION}{weights!r}"
+
+
 def load_init_weights(cfg: Config, spec: DataSpec, progress: bool = False) -> InitWeights:
     """``cfg.model.init_from`` read (or fetched), adapted where it is published weights, and checked
     against the run's architecture; reads no data and writes nothing but torch.hub's cache."""
@@ -63,8 +70,7 @@ def load_init_weights(cfg: Config, spec: DataSpec, progress: bool = False) -> In
         check_state_dict(model, state, Path(source))
         return InitWeights(state, source)
     builder = cfg.model.name[len(TORCHVISION):]
-    weights = resolve_weights(builder, source[len(TORCHVISION):])
-    label = f"{TORCHVISION}{weights!r}"
+    weights, label = published_weights(cfg)
     classes = len(weights.meta.get("categories") or ()) or spec.num_classes
     with torch.device("meta"):
         reference = torchvision_base(builder, spec.input_shape, classes)
