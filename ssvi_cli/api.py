@@ -116,7 +116,7 @@ class Subspace:
                 f"{type(optimizer).__name__} keeps state the remove-and-add step cannot reset entry by entry; use "
                 f"one of torch.optim's {', '.join(RESETTABLE_OPTIMIZERS)} (or a subclass of one)")
         if addition not in ("sample", "mean"):
-            raise ValueError(f"addition={addition!r}; valid values are: sample, mean")
+            raise ValueError(f"addition={addition!r}; valid values are: sample, mean (accumulate:N is ssvi train's)")
         if whole("total_steps", total_steps) < 1:
             raise ValueError(f"total_steps must be positive, got {total_steps}")
         # Checked now, as ssvi train checks its config: the first remove-and-add step may be 100 steps away.
@@ -231,8 +231,8 @@ class Subspace:
                                "model); step the newer one, or the optimizer")
         if self._forwards == {False} and not self._told_eval:  # a validation pass ran, no training one
             self._told_eval = True
-            log.warning("Subspace.step() after forwards in eval() mode only: the sparse layers used their mean, so "
-                        "sigma learns nothing and remove-and-add steps cannot run; call model.train() before training")
+            log.warning("Subspace.step() after forwards in eval() mode only: a remove-and-add step takes its dense "
+                        "gradient from a train() forward, so the next one will fail; call model.train() before training")
         self._forwards = set()
         captured = self._capture is not None
         if captured:

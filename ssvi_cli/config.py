@@ -29,7 +29,7 @@ DELTA_T_AUTO = "auto"
 PAPER_DELTA_T = 100
 MIN_SUBSPACE_STEPS = 100  # auto's default target (sparse.min_subspace_steps)
 MAX_LR = 100.0
-_ADDITION = re.compile(r"^(sample|mean|accumulate:(\d+))$")
+_ADDITION = re.compile(r"^(sample|mean|accumulate:([1-9]\d*))$")
 
 
 class ConfigError(ValueError):
@@ -154,7 +154,7 @@ def addition_accumulate(addition: str) -> int:
     m = _ADDITION.match(addition)
     if m is None:
         raise ConfigError(
-            f"sparse.addition={addition!r}; valid values are sample, mean, accumulate:N"
+            f"sparse.addition={addition!r}; valid values are sample, mean, accumulate:N (N ≥ 1)"
         )
     return int(m.group(2)) if m.group(2) else 1
 

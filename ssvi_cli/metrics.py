@@ -55,7 +55,7 @@ def accuracy(probs: Any, labels: Any) -> float:
 def nll(probs: Any, labels: Any, eps: float = 1e-12) -> float:
     """Mean negative log-likelihood ``−(1/N) Σ_n log max(p_{n,y_n}, eps)``."""
     p, y = _inputs(probs, labels)
-    return float(-np.mean(np.log(np.maximum(p[np.arange(len(y)), y], eps))))
+    return max(0.0, float(-np.mean(np.log(np.maximum(p[np.arange(len(y)), y], eps)))))  # not -0.0 where every p is 1
 
 
 def brier(probs: Any, labels: Any) -> float:

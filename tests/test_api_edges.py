@@ -166,6 +166,43 @@ def test_training_forwards_in_eval_mode_are_warned_about_at_the_first_step_not_a
             subspace.step()
             optimizer.zero_grad()
     assert caplog.text.count("after forwards in eval() mode only") == 1 and subspace.t == 5
+    model.zero_grad()
+    train_step(model, x, y)  # what the warning says: in eval mode the layers still sample and sigma learns
+    assert all(float(p.grad.abs().sum()) > 0 for n, p in model.named_parameters() if n.endswith("rho"))
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))
+
+
+def test_a_state_dict_sets_the_support_sizes_of_a_structure_only_model():
+    model, (x, _) = mlp(0.8), data()
+    empty = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    ssvi.sparsify(empty, 0.8, structure_only=True)
+    empty.load_state_dict(model.state_dict())
+    assert [empty[0].active, empty[2].active] == [model[0].active, model[2].active] != [0, 0]
+    torch.testing.assert_close(ssvi.predict(empty, x, mode="mean").probs, ssvi.predict(model, x, mode="mean").probs)
+    state = model.state_dict()
+    state["0.idx"] = state["0.idx"].flip(0)  # not sorted: refused before anything is copied
+    fresh = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    ssvi.sparsify(fresh, 0.8, structure_only=True)
+    with pytest.raises(ValueError, match="0.idx: not a sorted set"):
+        fresh.load_state_dict(state)
+
+
+def test_dense_first_conv_keeps_the_first_registered_conv_and_dense_names_another():
+    class Net(nn.Module):  # registers its head before its stem
+        def __init__(self):
+            super().__init__()
+            self.head, self.stem = nn.Conv2d(8, 10, 1), nn.Conv2d(1, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.stem(x))).mean((2, 3))
+
+    net = Net()
+    ssvi.sparsify(net, 0.9)
+    assert net.head.density == 1.0 and net.stem.density < 1.0
+    net = Net()
+    ssvi.sparsify(net, 0.9, dense_first_conv=False, dense="stem")
+    assert net.stem.density == 1.0 and net.head.density < 1.0
 
 
 class Shared(nn.Module):
@@ -220,6 +257,7 @@ def test_a_sparse_conv_takes_an_unbatched_image_and_an_empty_batch():
     (lambda m, o: ssvi.Subspace(m, o, True), TypeError, "total_steps must be an int"),
     (lambda m, o: ssvi.Subspace(m, o, 100, alpha="0.3"), TypeError, "alpha must be a number"),
     (lambda m, o: ssvi.Subspace(m, o, 100, delta_t=2.5), TypeError, "delta_t must be an int"),
+    (lambda m, o: ssvi.Subspace(m, o, 100, addition="accumulate:2"), ValueError, "accumulate:N is ssvi train's"),
     (lambda m, o: ssvi.kl_term(m, n_train="10"), TypeError, "n_train must be an int"),
     (lambda m, o: ssvi.kl_term(m, n_train=10, beta="a"), TypeError, "beta must be a number"),
     (lambda m, o: ssvi.kl_term(m, n_train=10, prior_sigma=float("inf")), ValueError, "prior_sigma=inf"),

@@ -15,6 +15,7 @@ def test_override_types_and_round_trip():
     ("sparse.sparsity", -0.1, "[0, 1)"),
     ("sparse.method", "magic", "valid values are: ssvi, vi, static, rigl, dense"),
     ("sparse.addition", "accumulate:x", "accumulate:N"),
+    ("sparse.addition", "accumulate:0", "N ≥ 1"),  # would average no gradient: a support that never moves
     ("sparse.addition", "accumulate:200", "N < delta_t"),
     ("train.epochs", "ten", "integer"),
     ("train.device", "tpu", "auto, cpu, cuda"),

@@ -58,6 +58,14 @@ def test_accuracy_nll_brier_by_hand() -> None:
     b = ((0.3**2 + 0.2**2 + 0.1**2) + (0.1**2 + 0.7**2 + 0.6**2) + (0.5**2 + 0.5**2)) / 3
     assert M.brier(probs, labels) == pytest.approx(b)
     assert M.nll(np.array([[1.0, 0.0]]), np.array([1])) == pytest.approx(-math.log(1e-12))
+    assert str(M.nll(np.array([[1.0, 0.0]]), np.array([0]))) == "0.0"  # not -0.0, which prints as -0.0000
+
+
+def test_a_tiny_metric_prints_its_digits_and_zero_prints_as_zero() -> None:
+    from ssvi_cli.cli.common import fmt
+
+    assert [fmt(3.14e-5), fmt(-2e-6), fmt(0.0), fmt(0.0005), fmt(0.98333), fmt(None)] == [
+        "3.14e-05", "-2.00e-06", "0.0000", "0.0005", "0.9833", "-"]
 
 
 def test_accepts_torch_tensors() -> None:

@@ -131,6 +131,15 @@ def test_save_refuses_a_model_it_cannot_describe(tmp_path):
     assert ssvi.save(mlp, tmp_path / "a.safetensors", input_shape=(1, 8, 8)) > 0
 
 
+def test_evaluate_asks_for_the_dataset_of_a_file_that_records_none(tmp_path, capsys):
+    net = torchvision.models.resnet18(num_classes=10)  # a file the CLI can build: a torchvision network
+    ssvi.sparsify(net, 0.95)
+    ssvi.save(net, tmp_path / "a.safetensors", architecture="torchvision:resnet18", input_shape=(3, 32, 32))
+    assert run(["evaluate", str(tmp_path / "a.safetensors")]) == 2
+    assert capsys.readouterr().err == ("error: the model file records no dataset (ssvi.save without dataset=); name "
+                                       "the one to evaluate on with --dataset\n")
+
+
 def test_a_token_model_is_measured_with_token_ids(tmp_path):
     model = nn.Sequential(nn.Embedding(20, 8), nn.Flatten(), nn.Linear(8 * 6, 5))
     ssvi.sparsify(model, 0.5)

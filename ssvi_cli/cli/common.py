@@ -66,6 +66,8 @@ def fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
+        if value and abs(value) < 10 ** -digits:  # a mutual information of 3e-5 would print as 0.0000
+            return f"{value:.2e}"
         return f"{value:.{digits}f}"
     return str(value)
 

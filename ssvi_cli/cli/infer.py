@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from ssvi_cli.cli.common import (UsageError, check_device, check_output_file, count, err, out,
+from ssvi_cli.cli.common import (UsageError, check_device, check_output_file, count, err, fmt, out,
                                    print_json, progress_bar)
 
 SHOWN_ROWS = 50
@@ -81,7 +81,7 @@ def _table(records: list[dict[str, Any]], header: dict[str, Any]) -> Table:
                          ("entropy", "right"), ("MI", "right")):
         table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for r in records[:SHOWN_ROWS]:
-        mi = "-" if r["mutual_information"] is None else f"{r['mutual_information']:.4f}"
+        mi = fmt(r["mutual_information"])
         top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top_k"])
         table.add_row(r["input"], r["class"], f"{r['probability']:.4f}", top, f"{r['entropy']:.4f}", mi)
     return table

@@ -95,6 +95,20 @@ class SparseGaussian(nn.Module):
             self.rho.data = rho.to(self.rho.device, self.rho.dtype).contiguous()
         self._pattern = None
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A state dict whose support has another size (read into a ``structure_only`` model, or one
+        sparsified at another density) sets that size first; its values are then copied as usual."""
+        idx, mu = state_dict.get(prefix + "idx"), state_dict.get(prefix + "mu")
+        rho = state_dict.get(prefix + "rho") if self.bayesian else None
+        sized = idx is not None and mu is not None and idx.dim() == 1 and mu.shape == idx.shape
+        if sized and idx.shape != self.idx.shape and (rho is None or rho.shape == idx.shape):
+            if idx.numel() and (idx.is_floating_point() or int(idx.min()) < 0 or int(idx.max()) >= self.numel
+                                or not bool((idx[1:] > idx[:-1]).all())):
+                raise ValueError(f"{prefix}idx: not a sorted set of distinct positions below {self.numel}")
+            if not self.bayesian or rho is not None:  # without rho the loader reports the missing key
+                self.set_support(idx, mu, rho)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def sigma(self) -> Tensor:
         if not self.bayesian:
             raise RuntimeError("a deterministic layer has no sigma")

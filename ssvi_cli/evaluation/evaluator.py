@@ -159,6 +159,9 @@ def load_eval_data(
     any file is read, so a typo fails at once with the list of valid names.
     """
     name = dataset or model_spec.name
+    if name == "unspecified":  # ssvi.save(..., dataset=) left out
+        raise DataError("the model file records no dataset (ssvi.save without dataset=); name the one to evaluate "
+                        "on with --dataset")
     check_dataset_name(name, data_config_for(model_spec))
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; valid splits are: {', '.join(SPLITS)}")
