@@ -27,7 +27,7 @@ from ssvi_cli import metrics as M
 from ssvi_cli.data import DataError, DataSpec, build_dataset, check_dataset_name, data_config_for, get_spec
 from ssvi_cli.data.ood import ood_names
 from ssvi_cli.evaluation.ood_sets import load_requests, resolve_requests
-from ssvi_cli.modelfile import ModelCard, Training
+from ssvi_cli.modelfile import NO_DATASET, ModelCard, Training
 from ssvi_cli.prediction import MODES, is_bayesian, predict_loader
 
 FORMAT = "ssvi-evaluation"
@@ -159,7 +159,7 @@ def load_eval_data(
     any file is read, so a typo fails at once with the list of valid names.
     """
     name = dataset or model_spec.name
-    if name == "unspecified":  # ssvi.save(..., dataset=) left out
+    if name == NO_DATASET:
         raise DataError("the model file records no dataset (ssvi.save without dataset=); name the one to evaluate "
                         "on with --dataset")
     check_dataset_name(name, data_config_for(model_spec))

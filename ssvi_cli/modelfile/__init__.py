@@ -3,7 +3,7 @@ model card and the one model builder (``card``), the header (``header``), writin
 reading with validation (``reader``). Nothing here imports the training code.
 """
 
-from ssvi_cli.modelfile.card import Architecture, CardError, ModelCard, Training, build_model
+from ssvi_cli.modelfile.card import NO_DATASET, Architecture, CardError, ModelCard, Training, build_model
 from ssvi_cli.modelfile.codec import INDEX_CODES, encode_index, gap8_decode, gap8_encode, gap8_size
 from ssvi_cli.modelfile.header import (DTYPES, FORMAT_NAME, FORMAT_VERSION, LAYOUTS, ModelFileError,
                                        dense_equivalent_bytes, read_header, size_totals)
@@ -12,7 +12,7 @@ from ssvi_cli.modelfile.writer import model_tensors, write_model_file
 
 __all__ = [
     "Architecture", "CardError", "DTYPES", "FORMAT_NAME", "FORMAT_VERSION", "FileInfo", "INDEX_CODES",
-    "LAYOUTS", "LoadedModel", "ModelCard", "ModelFileError", "Training", "build_model",
+    "LAYOUTS", "LoadedModel", "ModelCard", "ModelFileError", "NO_DATASET", "Training", "build_model",
     "dense_equivalent_bytes", "encode_index", "gap8_decode", "gap8_encode", "gap8_size", "model_tensors",
     "read_header", "read_model_file", "size_totals", "write_model_file",
 ]

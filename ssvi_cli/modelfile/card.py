@@ -16,6 +16,8 @@ from ssvi_cli.data.spec import DataSpec
 from ssvi_cli.fileio import json_default
 from ssvi_cli.models import LayerFactory, SSVIModel, build_architecture
 
+NO_DATASET = "unspecified"  # the dataset of a file saved by ssvi.save without dataset=
+
 # The metadata keys the card occupies in a model file (each a JSON string).
 CARD_KEYS = ("architecture", "data_spec", "training", "metrics")
 

@@ -22,7 +22,7 @@ from ssvi_cli.core.layers import SparseGaussian, sparse_layers
 from ssvi_cli.core.modes import evaluating, sampling
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.fileio import brief
-from ssvi_cli.modelfile.card import Architecture, ModelCard
+from ssvi_cli.modelfile.card import NO_DATASET, Architecture, ModelCard
 from ssvi_cli.modelfile.header import ModelFileError, read_header
 from ssvi_cli.modelfile.reader import install, read_model_file, read_tensors
 from ssvi_cli.modelfile.writer import dense_state, write_model_file
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = None,
          input_shape: Optional[Sequence[int]] = None, class_names: Optional[Sequence[str]] = None,
          mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
-         dataset: str = "unspecified", dtype: str = "float32") -> int:
+         dataset: str = NO_DATASET, dtype: str = "float32") -> int:
     """Write ``model`` (converted by :func:`ssvi_cli.sparsify`) as a compact model file, atomically;
     returns its size in bytes.
 
