@@ -93,6 +93,19 @@ def test_mean_mode_records_no_samples(capsys, model_file):
     assert doc["mode"] == "mean" and doc["samples"] is None and doc["metrics"]["mi_mean"] is None
 
 
+def test_the_first_line_names_the_mode_that_runs(capsys, model_file, tmp_path):
+    # A deterministic model is evaluated as the mean network whatever --mode says; the line announcing
+    # the evaluation says so, not "mc, S=30" followed by a table headed "mode mean".
+    code, _, err = _evaluate(capsys, str(model_file), "--mode", "mean")
+    assert code == 0 and "on digits test (mean network)" in err
+    rigl = tmp_path / "rigl"
+    assert run(["train", "--out", str(rigl), "--method", "rigl", "--sparsity", "0.95", "--epochs", "1", "--json"]) == 0
+    code, out, err = _evaluate(capsys, str(rigl))
+    assert code == 0, err
+    assert "on digits test (mean network: the model is deterministic)" in err and "S=30" not in err
+    assert "mode mean" in out
+
+
 def test_torchvision_ood_sets_from_fixture_files_run_end_to_end(capsys, model_file, tmp_path, monkeypatch):
     root = write_all(tmp_path / "data", monkeypatch)
     sets = {"svhn": 20, "cifar10": 20, "cifar100": 100, "mnist": 20, "fashion-mnist": 20}

@@ -123,3 +123,19 @@ def test_plots_without_matplotlib_is_a_clear_error(run_dir, tmp_path, capsys, mo
     assert run(["inspect", str(run_dir), "--plots", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert "matplotlib" in err and "pip install" in err and "Traceback" not in err
+
+
+def test_tables_piped_into_a_file_keep_one_row_per_line(run_dir, tmp_path):
+    # rich folds a table at 80 columns when stdout is not a terminal; a pipe gets a wider page so that
+    # `ssvi inspect m | grep hidden` finds whole rows. COLUMNS, when a user sets it, still wins.
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    cmd = [sys.executable, "-m", "ssvi_cli", "inspect", str(run_dir / "model.safetensors")]
+    text = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    rows = [line for line in text.splitlines() if line.startswith("│ hidden.0 ")]
+    assert len(rows) == 2  # the layer table's row and the posterior table's, each on one line
+    assert "512x512" in rows[0] and "262,144" in rows[0] and "FLOPs/prediction" in text
+    narrow = subprocess.run(cmd, env={**env, "COLUMNS": "60"}, capture_output=True, text=True, check=True).stdout
+    assert max(len(line) for line in narrow.splitlines() if line.startswith("│")) <= 60

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,9 +17,22 @@ from ssvi_cli.fileio import json_default
 if TYPE_CHECKING:
     from rich.progress import Progress
 
+# Tables printed into a pipe or a file (`ssvi inspect m | less`, `> report.txt`) keep one row per line:
+# rich's 80 columns for a non-terminal would fold their cells. A terminal keeps its own width, and
+# COLUMNS, when set, wins as rich documents.
+PIPE_WIDTH = 200
+
+
+def _console(stderr: bool = False) -> Console:
+    console = Console(stderr=stderr, highlight=False, soft_wrap=True)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = PIPE_WIDTH
+    return console
+
+
 # Human-facing progress and messages go to stderr so that ``--json`` stdout stays parseable.
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = _console()
+err = _console(stderr=True)
 
 
 class UsageError(Exception):
