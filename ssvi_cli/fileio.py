@@ -11,6 +11,25 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 
+class UnwritablePath(OSError):
+    """The folder of a file to write cannot be made or written to (read-only, no permission, a file
+    where a folder should be). The message names the file asked for, not the temporary file."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Create and remove a temporary file in ``folder`` (a file is later written there the same way),
+    so that a read-only folder is reported before the work whose result would go there."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".ssvi-probe.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise UnwritablePath(exc.errno, f"{flag}: cannot write into {folder}: {exc.strerror or exc}") from exc
+    os.close(fd)
+    os.unlink(tmp)
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
@@ -18,8 +37,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
     A crash or kill before the rename leaves any previous file at ``path`` untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise UnwritablePath(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -29,3 +29,49 @@ def test_a_readers_error_in_brief_ends_at_a_sentence_or_a_word():
     assert words == "one two three one two three one two..."
     assert brief(RuntimeError("\x1b[1mWeights only\x1b[0m load failed\nmore")) == "Weights only load failed"
     assert brief(EOFError()) == "EOFError" and brief("short") == "short"
+
+
+def _read_only(monkeypatch, folder):
+    """Make ``folder`` refuse new files, as a read-only mount does (chmod does not stop root)."""
+    import errno
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kw):
+        if dir is not None and os.path.samefile(dir, folder):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real(*args, dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+def test_an_unwritable_folder_names_the_file_asked_for_not_the_temporary_one(tmp_path, monkeypatch):
+    import pytest
+
+    from ssvi_cli.fileio import UnwritablePath
+
+    _read_only(monkeypatch, tmp_path)
+    with pytest.raises(UnwritablePath) as caught:
+        write_text(tmp_path / "a.txt", "x")
+    assert str(caught.value) == f"cannot write {tmp_path / 'a.txt'}: Read-only file system"
+    assert isinstance(caught.value, OSError) and not list(tmp_path.iterdir())
+
+
+def test_commands_refuse_an_unwritable_output_before_the_work(tmp_path, monkeypatch, capsys):
+    from ssvi_cli.cli import run
+
+    assert run(["train", "--out", str(tmp_path / "run"), "--epochs", "1", "--set", "model.widths=[16]",
+                "--set", "data.max_train=100", "--set", "train.eval_samples=1", "--json"]) == 0
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _read_only(monkeypatch, locked)
+    capsys.readouterr()
+    for argv in (["export", str(tmp_path / "run"), "--output", str(locked / "m.safetensors")],
+                 ["evaluate", str(tmp_path / "run"), "--output", str(locked / "r.json")],
+                 ["evaluate", str(tmp_path / "run"), "--plots", str(locked)]):
+        assert run(argv) == 2, argv
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "cannot write into" in lines[0] and str(locked) in lines[0], lines
+        assert ".tmp" not in lines[0] and "evaluating" not in lines[0]
+    assert not list(locked.iterdir())

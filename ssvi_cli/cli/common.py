@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 from rich.console import Console
 from rich.table import Table
 
-from ssvi_cli.fileio import json_default
+from ssvi_cli.fileio import check_writable, json_default
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -52,12 +52,15 @@ def check_output_file(path: Path, flag: str) -> None:
     if not path.parent.is_dir():
         what = "is not a directory" if path.parent.exists() else "does not exist"
         raise UsageError(f"{flag} {path}: its folder {path.parent} {what}; create it first or pick another path")
+    check_writable(path.parent, f"{flag} {path}")
 
 
 def check_output_dir(path: Path, flag: str) -> None:
     """Refuse an output folder that exists as a file (it is created, with parents, when missing)."""
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {path} exists and is not a directory; give a folder path")
+    if path.is_dir():
+        check_writable(path, f"{flag} {path}")
 
 
 def check_device(device: str) -> None:
