@@ -141,3 +141,34 @@ def test_an_impossible_size_in_the_metadata_is_refused_before_allocating(origina
     save_file(load_file(str(good)), str(bad), metadata={**meta, field: json.dumps(changed)})
     with time_bound(CASE_SECONDS), pytest.raises(ModelFileError, match=match):
         read_model_file(bad)
+
+
+def test_a_custom_modules_file_read_layer_by_layer_is_a_clean_error_or_a_valid_read(tmp_path):
+    # `ssvi inspect` reads a file saved from a user's own module layer by layer (modelfile.reader.
+    # read_layers), without the checks that building the architecture gives: the same mutations.
+    import ssvi_cli as ssvi
+    from ssvi_cli.evaluation.inspection import layer_stats
+    from ssvi_cli.modelfile.reader import read_layers
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(144, 12),
+                              torch.nn.ReLU(), torch.nn.Linear(12, 10))
+    ssvi.sparsify(net, 0.8, dense_first_conv=False, deterministic=["4"])
+    path = tmp_path / "custom.safetensors"
+    ssvi.save(net, path)
+    assert [name for name, _ in read_layers(path)[2]] == ["0", "2", "4"]
+    outcomes = {"error": 0, "read": 0}
+    for label, data in mutations(path.read_bytes(), seed=2)[::2]:
+        path.write_bytes(data)
+        try:
+            with time_bound(CASE_SECONDS):
+                for name, layer in read_layers(path)[2]:
+                    layer_stats(name, layer)
+            outcomes["read"] += 1
+        except ModelFileError as exc:
+            message = str(exc)
+            assert message and "\n" not in message and str(path) in message, (label, message)
+            outcomes["error"] += 1
+        except Exception as exc:  # noqa: BLE001 - the point of the test
+            pytest.fail(f"{label}: {type(exc).__name__}: {exc}")
+    assert outcomes["error"] > 150 and outcomes["read"] > 25, outcomes

@@ -100,9 +100,39 @@ def test_a_failed_load_leaves_an_unconverted_model_as_it_was(tmp_path):
 def test_a_custom_file_needs_its_code_and_says_so(tmp_path):
     path = tmp_path / "net.safetensors"
     ssvi.save(trained_net(tmp_path), path)
-    with pytest.raises(ssvi.ModelFileError, match=r"ssvi_cli.load\(path, model=Net\(\)\)"):
+    with pytest.raises(ssvi.ModelFileError, match=r"ssvi_cli.load\(path, model=Net\(\.\.\.\)\)"):
         ssvi.load(path)
     assert run(["infer", str(path), str(tmp_path / "x.npy")]) == 2  # one line, exit 2, not a traceback
+
+
+def test_inspect_reads_a_custom_files_posterior_without_its_code(tmp_path, capsys):
+    import json
+
+    from ssvi_cli.evaluation.inspection import snr
+
+    net = trained_net(tmp_path)
+    path = tmp_path / "net.safetensors"
+    ssvi.save(net, path)
+    capsys.readouterr()
+    assert run(["inspect", str(path), "--json", "--plots", str(tmp_path / "plots")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    layers = dict(sparse_layers(net))
+    assert [l["name"] for l in report["layers"]] == list(layers) == ["conv", "head.1", "head.3"]
+    for l in report["layers"]:
+        layer = layers[l["name"]]
+        assert (l["kind"], l["shape"], l["active"], l["bayesian"]) == (
+            "conv2d" if l["name"] == "conv" else "linear", list(layer.weight_shape), layer.active, layer.bayesian)
+        assert l["mu"]["mean_abs"] == pytest.approx(float(layer.mu.detach().abs().double().mean()), rel=1e-6)
+        assert l["flops_per_prediction"] is None and l["bytes"] > 0
+        if layer.bayesian:
+            ratio = snr(layer.mu.detach(), layer.sigma().detach())
+            assert l["snr"]["median"] == pytest.approx(float(torch.quantile(ratio.double(), 0.5)), rel=1e-4)
+    assert report["flops"]["per_prediction"] is None and "user's own code" in report["flops"]["convention"]
+    assert report["totals"]["active_weights"] == sum(l.active for l in layers.values())
+    assert report["criteria_overlap"]["criteria"] and len(report["plots"]) == 3  # two Bayesian layers + all
+    assert run(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "custom:" in text and "not recorded, 10 classes" in text and "FLOPs per prediction: - (not counted" in text
 
 
 def test_save_refuses_a_model_it_cannot_describe(tmp_path):

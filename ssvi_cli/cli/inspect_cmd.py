@@ -37,10 +37,9 @@ def register(app: typer.Typer) -> None:
                 raise UsageError("--plots needs matplotlib; install it with: pip install 'ssvi[plots]'") from None
         report = inspect_model(source, drop_fraction)
         if plots is not None:
-            from ssvi_cli.runs.load import load_model
-            from ssvi_cli.evaluation.inspection import write_snr_plots
+            from ssvi_cli.evaluation.inspection import posterior, write_snr_plots
 
-            written = write_snr_plots(load_model(source).model, plots)
+            written = write_snr_plots(posterior(source)[2], plots)
             report["plots"] = [str(p) for p in written]
         if json_out:
             print_json(report)
@@ -83,14 +82,16 @@ def _print_report(r: dict[str, Any]) -> None:
     out.print(kv_table(f"ssvi inspect: {r['source']}", {
         "model": f"{arch.get('name')} (" + (f"Bayesian, sigma = {arch.get('sigma_param')}(rho))" if arch.get("bayesian")
                                             else "deterministic)"),
-        "data": f"{r['data']['name']} {tuple(r['data']['input_shape'])}, {r['data']['num_classes']} classes",
+        "data": (f"{r['data']['name']} {tuple(r['data']['input_shape'])}" if r["data"]["input_shape"] else
+                 "not recorded") + f", {r['data']['num_classes']} classes",
         "trained": _trained(tr),
         "format": f"{fmt['name']} v{fmt['version']}, {fmt['layout']}, {fmt['dtype']}",
         "test accuracy": r["metrics"].get("test_accuracy"),
     }))
     out.print(_layers_table(r["layers"]))
     out.print(_posterior_table(r["layers"]))
-    out.print(f"FLOPs per prediction: {r['flops']['per_prediction']:,} ({r['flops']['convention']})")
+    flops = r["flops"]["per_prediction"]
+    out.print(f"FLOPs per prediction: {'-' if flops is None else format(flops, ',')} ({r['flops']['convention']})")
     t = r["totals"]
     out.print(kv_table("totals", {
         "active weights": f"{t['active_weights']:,} of {t['total_weights']:,} (density {t['density']:.4f})",
@@ -121,7 +122,7 @@ def _layers_table(layers: list[dict[str, Any]]) -> Table:
     for l in layers:
         table.add_row(l["name"], "x".join(map(str, l["shape"])), f"{l['active']:,} / {l['total']:,}",
                       f"{l['density']:.4f}", str(l["index"] or "-"), f"{l['bytes']:,}" if l["bytes"] else "-",
-                      f"{l['flops_per_prediction']:,}")
+                      "-" if l["flops_per_prediction"] is None else f"{l['flops_per_prediction']:,}")
     return table
 
 

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from ssvi_cli import fileio
 from ssvi_cli.core.overlap import criteria_overlap
-from ssvi_cli.modelfile import LoadedModel, read_header, size_totals, write_model_file
+from ssvi_cli.modelfile import FileInfo, ModelCard, read_header, size_totals, write_model_file
+from ssvi_cli.modelfile.reader import holds_custom_module, read_layers
 from ssvi_cli.runs.load import load_model
 from ssvi_cli.runs.rundir import MODEL_FILE, SUPPORT_FILE
 from ssvi_cli.core.flops import model_geometry, prediction_flops
@@ -102,22 +103,39 @@ def support_history(run_dir: Path) -> Optional[dict[str, Any]]:
             "final_iou": steps[-1]["iou"] if steps else None}
 
 
-def _file_totals(loaded: LoadedModel, path: Path) -> dict[str, Any]:
+def _file_totals(card: ModelCard, info: FileInfo, model: torch.nn.Module) -> dict[str, Any]:
     """Sizes from the file header; a checkpoint-only run is written to a temporary file to measure."""
-    if loaded.file.is_model_file:
-        return {**size_totals(read_header(Path(loaded.file.path))), "measured_from": "file"}
+    if info.is_model_file:
+        return {**size_totals(read_header(Path(info.path))), "measured_from": "file"}
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / MODEL_FILE
-        write_model_file(loaded.model, target, loaded.card)
+        write_model_file(model, target, card)
         totals = size_totals(read_header(target))
     return {**totals, "measured_from": "checkpoint (bytes the compact file would take)"}
 
 
-def inspect_model(path: Path, drop_fraction: float = 0.3) -> dict[str, Any]:
-    """The full report for a model file or a run directory."""
+def posterior(path: Path) -> tuple[ModelCard, FileInfo, torch.nn.Module, bool]:
+    """The card, file info and a module holding the sparse layers of a model file or run directory,
+    and whether it is the whole model (False: a user's own module's file, read layer by layer since
+    only its code builds the rest)."""
     path = Path(path)
+    if path.is_file() and path.suffix != ".pt":
+        head = read_header(path)
+        if holds_custom_module(head):
+            card, info, layers = read_layers(path)
+            holder = torch.nn.Module()
+            for i, (name, layer) in enumerate(layers):
+                holder.add_module(name.replace(".", "/") if name else str(i), layer)
+            return card, info, holder, False
     loaded = load_model(path)
-    card, info = loaded.card, loaded.file
+    return loaded.card, loaded.file, loaded.model, True
+
+
+def inspect_model(path: Path, drop_fraction: float = 0.3) -> dict[str, Any]:
+    """The full report for a model file or a run directory. A file saved from a user's own module
+    gets everything but the FLOPs, which need its forward (a conv layer's cost depends on its input)."""
+    path = Path(path)
+    card, info, model, whole = posterior(path)
     layer_bytes: dict[str, int] = {}
     if info.is_model_file:
         head = read_header(Path(info.path))
@@ -126,12 +144,14 @@ def inspect_model(path: Path, drop_fraction: float = 0.3) -> dict[str, Any]:
             layer_bytes[owner] = layer_bytes.get(owner, 0) + tensor["bytes"]
     cfg = card.training.run_config()
     samples = cfg.train.eval_samples if cfg else 10
-    flops = prediction_flops(model_geometry(loaded.model, loaded.spec.input_shape),
-                             {n: l.density for n, l in sparse_layers(loaded.model)},
-                             is_bayesian(loaded.model), samples)
-    flops_by_layer = {r["layer"]: r["flops"] for r in flops}
+    named = [(n.replace("/", "."), layer) for n, layer in sparse_layers(model)]
+    flops_by_layer: dict[str, Optional[int]] = {name: None for name, _ in named}
+    if whole:
+        flops = prediction_flops(model_geometry(model, card.data.input_shape),
+                                 {n: l.density for n, l in named}, is_bayesian(model), samples)
+        flops_by_layer = {r["layer"]: r["flops"] for r in flops}
     layers = []
-    for name, layer in sparse_layers(loaded.model):
+    for name, layer in named:
         stats = layer_stats(name, layer)
         stats["flops_per_prediction"] = flops_by_layer[name]
         stats["index"] = next((r["index"] for r in info.layers if r.get("name") == name), None)
@@ -143,19 +163,21 @@ def inspect_model(path: Path, drop_fraction: float = 0.3) -> dict[str, Any]:
         "file": info.path,
         "format": {"name": info.format, "version": info.version, "layout": info.layout, "dtype": info.dtype},
         "architecture": card.architecture.to_dict(),
-        "data": {k: v for k, v in loaded.spec.to_dict().items() if k != "class_names"},
+        "data": {k: v for k, v in card.data.to_dict().items() if k != "class_names"},
         "training": {**{k: v for k, v in card.training.to_dict().items() if k != "config"},
                      "init_from": ((card.training.config or {}).get("model") or {}).get("init_from")},
         "metrics": card.metrics,
         "layers": layers,
-        "totals": _file_totals(loaded, path),
-        "flops": {"per_prediction": sum(flops_by_layer.values()), "samples": samples,
-                  "convention": f"per example, MC prediction with S={samples}: the first layer's two LRT "
+        "totals": _file_totals(card, info, model),
+        "flops": {"per_prediction": sum(flops_by_layer.values()) if whole else None, "samples": samples,
+                  "convention": (f"per example, MC prediction with S={samples}: the first layer's two LRT "
                                 "ops (mean, variance) once (the fewest; batches where it is faster on a "
                                 "CPU sample its weights per draw instead), one op over the active "
                                 "weights per draw in every other layer; 1 multiply-add = 2 FLOPs; "
-                                "biases, BatchNorm, activations and noise are not counted"},
-        "criteria_overlap": criteria_overlap(loaded.model, drop_fraction, lam),
+                                "biases, BatchNorm, activations and noise are not counted") if whole else
+                  "not counted: the file holds a module of the user's own code, whose forward (and so "
+                  "each layer's input size) only that code knows"},
+        "criteria_overlap": criteria_overlap(model, drop_fraction, lam),
         "support_history": support_history(path) if path.is_dir() else None,
     }
     return report

@@ -24,11 +24,10 @@ from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.fileio import brief
 from ssvi_cli.modelfile.card import NO_DATASET, Architecture, ModelCard
 from ssvi_cli.modelfile.header import ModelFileError, read_header
-from ssvi_cli.modelfile.reader import install, read_model_file, read_tensors
+from ssvi_cli.modelfile.reader import CUSTOM, install, read_model_file, read_tensors
 from ssvi_cli.modelfile.writer import dense_state, write_model_file
 from ssvi_cli.models import AUX_FREE, AUX_HEADS, TORCHVISION, LayerFactory, check_model_name, torchvision_model
 
-CUSTOM = "custom:"
 log = logging.getLogger(__name__)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+import math
 from typing import Any, Optional
 
 import torch
@@ -15,7 +16,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ssvi_cli.core.gaussian import rho_from_sigma
-from ssvi_cli.core.layers import SparseGaussian, sparse_layers
+from ssvi_cli.core.conv import SparseConv2d
+from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
 from ssvi_cli.data.spec import DataSpec
 from ssvi_cli.fileio import brief
 from ssvi_cli.modelfile.card import CardError, ModelCard, build_model
@@ -23,6 +25,8 @@ from ssvi_cli.modelfile.codec import INDEX_CODES, gap8_decode
 from ssvi_cli.modelfile.header import ModelFileError, read_header
 from ssvi_cli.modelfile.writer import dense_state
 from ssvi_cli.models import SSVIModel
+
+CUSTOM = "custom:"  # the architecture name of a file saved from a user's own module, + module.class
 from ssvi_cli.registry import UnknownName
 
 
@@ -69,9 +73,50 @@ def read_model_file(path: Path, device: str | torch.device = "cpu", kernel: str 
     install(model, path, meta, read_tensors(path))
     model.to(device)
     model.eval()
-    info = FileInfo(str(path), meta["format"], meta["version"], meta["layout"], meta["dtype"],
+    return LoadedModel(model, card, _file_info(path, head))
+
+
+def _file_info(path: Path, head: dict[str, Any]) -> FileInfo:
+    meta = head["meta"]
+    return FileInfo(str(path), meta["format"], meta["version"], meta["layout"], meta["dtype"],
                     head["file_bytes"], head["header_bytes"], meta["layers"])
-    return LoadedModel(model, card, info)
+
+
+def holds_custom_module(head: dict[str, Any]) -> bool:
+    """Whether a file's model is a user's own module (``ssvi_cli.save``), which only its code builds."""
+    name = head["meta"]["architecture"].get("name")
+    return isinstance(name, str) and name.startswith(CUSTOM)
+
+
+def read_layers(path: Path) -> tuple[ModelCard, FileInfo, list[tuple[str, SparseGaussian]]]:
+    """The card and the sparse layers of a model file, each layer built alone from its record and
+    checked as :func:`read_model_file` checks it: the posterior of any file, a user's own module's
+    included, without the module's code (no forward, no dense tensors)."""
+    head = read_header(path)
+    meta, table = head["meta"], head["tensors"]
+    try:
+        card = ModelCard.from_metadata(meta)
+    except CardError as exc:
+        raise ModelFileError(f"{path} has a corrupted header ({exc})") from None
+    sigma_param = card.architecture.sigma_param
+    tensors = read_tensors(path)
+    layers = []
+    for raw in meta["layers"]:
+        record = raw if isinstance(raw, dict) else {}
+        name, shape = record.get("name"), record.get("shape")
+        kind = {2: "linear", 4: "conv2d"}.get(len(shape)) if isinstance(shape, list) else None
+        if (not isinstance(name, str) or kind is None or record.get("kind", kind) != kind
+                or not all(isinstance(s, int) and s >= 1 for s in shape)):
+            raise ModelFileError(f"{path} has a corrupted header (layer record {raw!r})")
+        stored = table.get(f"{name}.mu", {}).get("shape")
+        if record.get("index") == "full" and (stored is None or math.prod(stored) != math.prod(shape)):
+            raise ModelFileError(f"{path}: layer {name!r} records a full index, but mu does not have {shape} values")
+        options = dict(bias=False, bayesian=bool(record.get("bayesian")), sigma_param=sigma_param)
+        layer = (SparseLinear(shape[1], shape[0], **options) if kind == "linear"
+                 else SparseConv2d(shape[1], shape[0], (shape[2], shape[3]), **options))
+        layer.set_support(*_load_layer(path, name, layer, record, tensors, "its record")[1])
+        layers.append((name, layer.eval()))
+    return card, _file_info(path, head), layers
 
 
 def read_tensors(path: Path) -> dict[str, Tensor]:
@@ -128,10 +173,11 @@ def _build(path: Path, meta: dict[str, Any], table: dict[str, dict[str, Any]], k
     except CardError as exc:
         raise ModelFileError(f"{path} has a corrupted header ({exc})") from None
     name = card.architecture.name
-    if name.startswith("custom:"):
-        cls = name[len("custom:"):].rpartition(".")[2]
-        raise ModelFileError(f"{path} holds a custom module ({name[len('custom:'):]}) that only its own code can "
-                             f"build; load it in Python: ssvi_cli.load(path, model={cls}())")
+    if name.startswith(CUSTOM):
+        cls = name[len(CUSTOM):].rpartition(".")[2]
+        raise ModelFileError(f"{path} holds a custom module ({name[len(CUSTOM):]}) that only its own code can "
+                             f"build; load it in Python with that module built as it was saved: "
+                             f"ssvi_cli.load(path, model={cls}(...)); ssvi inspect reads its layers without it")
     try:
         with torch.device("meta"):  # shapes only, no memory
             _check_sizes(path, build_model(card), meta, table)
