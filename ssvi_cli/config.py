@@ -65,6 +65,9 @@ class DataConfig:
     classes: Optional[tuple[str, ...]] = None
 
 
+IMAGEFOLDER_KEYS = ("test_fraction", "image_size", "channels", "mean", "std")  # DataConfig's, for image folders only
+
+
 @dataclass(frozen=True)
 class SparseConfig:
     method: str = "ssvi"
@@ -382,6 +385,14 @@ def validate(cfg: Config) -> None:
          "at least two classes, by index or name (e.g. 0,1,2,3,4)"),
         ("model.widths", all(w >= 1 for w in cfg.model.widths), "positive integers"),
     ]
+    if not d.name.startswith("imagefolder:"):
+        # These shape and normalise the images of a folder; any other dataset has its own, and a
+        # value set for one would be ignored without a word.
+        for key in IMAGEFOLDER_KEYS:
+            value = getattr(d, key)
+            if value != getattr(DataConfig, key):
+                raise ConfigError(f"data.{key}={value!r} applies to image folders (data.name=imagefolder:PATH) "
+                                  f"only; {d.name} has its own input shape and normalisation")
     for key, ok, rule in checks:
         if not ok:
             section, name = key.split(".")
