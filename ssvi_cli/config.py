@@ -319,6 +319,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, dict):  # no key takes a mapping: `accumulate:` or `imagefolder:` is the text typed
+        value = raw.strip()
     return key.strip(), value
 
 

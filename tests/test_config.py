@@ -34,6 +34,9 @@ def test_parse_override_reads_yaml_scalars_not_code():
     assert C.apply_overrides(C.Config(), {key: value}).optim.lr == 1e-3
     assert C.parse_override("model.widths=[8, 8]") == ("model.widths", [8, 8])
     assert C.parse_override("data.name=__import__('os')")[1] == "__import__('os')"
+    # YAML reads a trailing colon as a mapping, which no key takes: the text typed is meant
+    assert C.parse_override("sparse.addition=accumulate:") == ("sparse.addition", "accumulate:")
+    assert C.parse_override("data.name=imagefolder:") == ("data.name", "imagefolder:")
     with pytest.raises(C.ConfigError):
         C.parse_override("novalue")
 
