@@ -136,6 +136,26 @@ def test_dense_file_is_a_full_bnn_with_the_same_predictions(trained, tmp_path):
                                predict_batch(trainer.model, x, mode="mean")[0], atol=1e-5, rtol=0)
 
 
+def test_a_compact_export_of_a_dense_file_restores_the_sparse_support(trained, tmp_path):
+    # The dense file stores the weights off the support as mu = sigma = 0; exporting it compact again
+    # gives back the run's own file (the same supports and values), not a density-1 "compact" file.
+    _, run_dir, x = trained
+    export_model(run_dir, tmp_path / "dense.safetensors", dense=True)
+    report = export_model(tmp_path / "dense.safetensors", tmp_path / "again.safetensors")
+    original = read_model_file(run_dir / "model.safetensors").model
+    again = read_model_file(tmp_path / "again.safetensors").model
+    assert report["active_weights"] == sum(l.active for _, l in sparse_layers(original)) < report["total_weights"] / 10
+    for (name, a), (_, b) in zip(sparse_layers(original), sparse_layers(again)):
+        assert torch.equal(a.idx, b.idx) and torch.equal(a.mu, b.mu), name
+        assert torch.equal(a.sigma(), b.sigma()), name
+    assert torch.equal(predict_batch(again, x, mode="mean")[0], predict_batch(original, x, mode="mean")[0])
+    rigl, meta, _ = built("digits_mlp", **{"sparse.method": "rigl"})  # deterministic: no sigma in the file
+    write_model_file(rigl, tmp_path / "r.safetensors", meta, dense=True)
+    export_model(tmp_path / "r.safetensors", tmp_path / "r2.safetensors")
+    back = read_model_file(tmp_path / "r2.safetensors").model
+    assert [l.active for _, l in sparse_layers(back)] == [l.active for _, l in sparse_layers(rigl)]
+
+
 def test_batchnorm_and_deterministic_models_round_trip(tmp_path):
     model, meta, spec = built("cifar10_resnet18")
     for m in model.modules():

@@ -10,10 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from torch import nn
+
 from ssvi_cli.config import ConfigError, from_dict
+from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.modelfile import (FileInfo, LoadedModel, ModelCard, build_model, read_header, read_model_file,
                                 size_totals, write_model_file)
+from ssvi_cli.modelfile.reader import read_tensors
 from ssvi_cli.runs import checkpoint as ckpt
 from ssvi_cli.runs.rundir import RunDir
 
@@ -54,6 +58,23 @@ def load_model(path: Path, kernel: str = "auto") -> LoadedModel:
 def export_model(source: Path, out: Path, dtype: str = "float32", dense: bool = False) -> dict[str, Any]:
     """Write the model at ``source`` (file, checkpoint or run dir) to ``out``; returns a size report."""
     loaded = load_model(source)
+    if loaded.file.layout == "dense" and not dense:
+        _drop_empty_entries(loaded.model, Path(loaded.file.path))
     written = write_model_file(loaded.model, out, loaded.card, dtype=dtype, dense=dense)
     return {"source": str(source), "output": str(out), "layout": "dense" if dense else "compact",
             "dtype": dtype, "file_bytes": written, **size_totals(read_header(out))}
+
+
+def _drop_empty_entries(model: nn.Module, path: Path) -> None:
+    """A dense file (at ``path``, already read into ``model``) holds every weight, those off the
+    support as mu = sigma = 0 (a point mass at zero); a compact file written from it keeps only the
+    entries that hold a value, so the sparse support comes back instead of a density-1 model. The
+    mean predictions do not change. Zeros are read from the file: a sigma of 0 loads as rho's floor."""
+    tensors = read_tensors(path)
+    for name, layer in sparse_layers(model):
+        keep = tensors[f"{name}.mu"].reshape(-1) != 0
+        if layer.bayesian:
+            keep |= tensors[f"{name}.sigma"].reshape(-1) != 0
+        if not bool(keep.all()):
+            rho = layer.rho.detach()[keep] if layer.bayesian else None
+            layer.set_support(layer.idx[keep], layer.mu.detach()[keep], rho)
