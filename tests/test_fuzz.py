@@ -68,28 +68,38 @@ def mutations(data: bytes, seed: int = 0) -> list[tuple[str, bytes]]:
     return cases
 
 
-def test_every_mutation_is_a_clean_error_or_a_valid_load(original, tmp_path):
-    cases = mutations(original)
-    assert len(cases) >= 750
-    path = tmp_path / "m.safetensors"
-    outcomes = {"error": 0, "load": 0}
+def fuzz(cases: list[tuple[str, bytes]], path: Path, read) -> dict[str, int]:
+    """Write each case to ``path`` and ``read`` it: a one-line ModelFileError naming the file, or a
+    valid read, within CASE_SECONDS; anything else fails the test. Returns how many of each."""
+    outcomes = {"error": 0, "read": 0}
     for label, data in cases:
         path.write_bytes(data)
         try:
             with time_bound(CASE_SECONDS):
-                loaded = read_model_file(path)
-                x = torch.zeros(2, *loaded.spec.input_shape)
-                probs, _ = predict_batch(loaded.model, x, samples=2, mode="mc")
-                assert probs.shape == (2, loaded.spec.num_classes), label
-            outcomes["load"] += 1
+                read(path, label)
+            outcomes["read"] += 1
         except ModelFileError as exc:
             message = str(exc)
             assert message and "\n" not in message and str(path) in message, (label, message)
             outcomes["error"] += 1
         except Exception as exc:  # noqa: BLE001 - the point of the test
             pytest.fail(f"{label}: {type(exc).__name__}: {exc}")
+    return outcomes
+
+
+def test_every_mutation_is_a_clean_error_or_a_valid_load(original, tmp_path):
+    cases = mutations(original)
+    assert len(cases) >= 750
+
+    def load_and_predict(path: Path, label: str) -> None:
+        loaded = read_model_file(path)
+        x = torch.zeros(2, *loaded.spec.input_shape)
+        probs, _ = predict_batch(loaded.model, x, samples=2, mode="mc")
+        assert probs.shape == (2, loaded.spec.num_classes), label
+
+    outcomes = fuzz(cases, tmp_path / "m.safetensors", load_and_predict)
     # Both outcomes occur: the cases reach the validation and the tensor data.
-    assert outcomes["error"] > 300 and outcomes["load"] > 50, outcomes
+    assert outcomes["error"] > 300 and outcomes["read"] > 50, outcomes
 
 
 def test_mutated_files_through_the_cli_never_show_a_traceback(original, tmp_path, capsys):
@@ -157,18 +167,10 @@ def test_a_custom_modules_file_read_layer_by_layer_is_a_clean_error_or_a_valid_r
     path = tmp_path / "custom.safetensors"
     ssvi.save(net, path)
     assert [name for name, _ in read_layers(path)[2]] == ["0", "2", "4"]
-    outcomes = {"error": 0, "read": 0}
-    for label, data in mutations(path.read_bytes(), seed=2)[::2]:
-        path.write_bytes(data)
-        try:
-            with time_bound(CASE_SECONDS):
-                for name, layer in read_layers(path)[2]:
-                    layer_stats(name, layer)
-            outcomes["read"] += 1
-        except ModelFileError as exc:
-            message = str(exc)
-            assert message and "\n" not in message and str(path) in message, (label, message)
-            outcomes["error"] += 1
-        except Exception as exc:  # noqa: BLE001 - the point of the test
-            pytest.fail(f"{label}: {type(exc).__name__}: {exc}")
+
+    def read_and_summarise(path: Path, label: str) -> None:
+        for name, layer in read_layers(path)[2]:
+            layer_stats(name, layer)
+
+    outcomes = fuzz(mutations(path.read_bytes(), seed=2)[::2], path, read_and_summarise)
     assert outcomes["error"] > 150 and outcomes["read"] > 25, outcomes
