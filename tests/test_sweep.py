@@ -189,6 +189,60 @@ def test_cli_errors(tmp_path: Path, capsys):
     assert (tmp_path / "b" / "x.txt").read_text() == "mine"
 
 
+def test_a_key_given_twice_runs_no_grid_and_exponents_are_numbers(tmp_path: Path, capsys):
+    out = str(tmp_path / "a")
+    assert run(["sweep", "--criterion", "snr,mean", "--set", "sparse.criterion=e_abs", "--out", out, "--dry-run"]) == 2
+    assert "sparse.criterion is given twice (--criterion and --set)" in capsys.readouterr().err
+    assert run(["sweep", "--set", "optim.lr=0.1", "--set", "optim.lr=0.2", "--out", out, "--dry-run"]) == 2
+    assert "optim.lr is given twice (two --set)" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    # YAML 1.1 reads 1e-2 as a string; a sweep reads it as the number, so 1e-2 and 0.01 are one cell
+    assert run(["sweep", "--set", "optim.lr=1e-2,3e-3,0.01", "--out", out, "--dry-run", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [Path(c.split()[-1]).name for c in doc["commands"]] == ["ssvi_s0.95_lr-0.01_seed0", "ssvi_s0.95_lr-0.003_seed0"]
+    assert doc["commands_file"] == str(tmp_path / "a" / "commands.txt") and doc["report"][:3] == ["ssvi", "sweep", "--report"]
+    spec = json.loads((tmp_path / "a" / "sweep.json").read_text())["spec"]
+    assert spec["axes"]["optim.lr"] == [0.01, 0.003, 0.01]
+    yaml_file = tmp_path / "s.yaml"
+    yaml_file.write_text("set: {optim.lr: [1e-3, 2e-3], bayes.beta: 1e-2}\n")
+    assert run(["sweep", "--file", str(yaml_file), "--out", str(tmp_path / "y"), "--dry-run"]) == 0
+    spec = json.loads((tmp_path / "y" / "sweep.json").read_text())["spec"]
+    assert spec["axes"] == {"optim.lr": [0.001, 0.002]} and spec["fixed"] == {"bayes.beta": 0.01}
+    # --run-cell takes one cell's folder; the sweep or its cells folder is named as such
+    for wrong in (tmp_path / "a", tmp_path / "a" / "cells"):
+        assert run(["sweep", "--run-cell", str(wrong)]) == 2
+        assert f"--run-cell takes one cell's folder, {tmp_path / 'a' / 'cells' / 'NAME'}" in capsys.readouterr().err
+    assert run(["sweep", "--run-cell", str(tmp_path)]) == 2
+    assert f"--run-cell {tmp_path}: not a cell of a sweep" in capsys.readouterr().err
+
+
+def test_a_grid_that_adds_seeds_continues_the_sweep_and_keeps_its_cells(tmp_path: Path, capsys):
+    out = tmp_path / "sw"
+    grid = ["sweep", *TINY, "--set", "train.epochs=1", "--out", str(out), "--no-figures", "--json"]
+    assert run([*grid, "--seeds", "1"]) == 0
+    first = out / "cells" / "ssvi_s0.95_seed0" / "evaluation.json"
+    stamp = first.stat().st_mtime_ns
+    capsys.readouterr()
+    assert run([*grid, "--seeds", "2", "--method", "ssvi,vi"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["cells_done"] == report["cells_total"] == 4 and first.stat().st_mtime_ns == stamp
+    header = (out / "report.md").read_text().splitlines()[2]
+    assert "Every cell sets `model.widths=[32]`" in header and "`train.epochs=1`." in header
+    capsys.readouterr()
+    assert run(["sweep", "--run-cell", str(first.parent)]) == 0
+    assert "is already trained and evaluated; nothing to do" in capsys.readouterr().err
+    # Fewer seeds, or other settings, is another sweep: refused, and --force replaces it
+    assert run([*grid, "--seeds", "1"]) == 2
+    assert "holds a different sweep (a grid that only adds seeds" in capsys.readouterr().err
+    assert first.stat().st_mtime_ns == stamp
+
+
+def test_a_cell_stopped_by_a_signal_says_so():
+    from ssvi_cli.sweep.runner import exit_text
+
+    assert (exit_text(-2), exit_text(130), exit_text(-99)) == ("stopped by SIGINT", "exit code 130", "stopped by signal 99")
+
+
 @pytest.mark.parametrize("args, file, message", [
     (["--ood", "bogus"], None, "unknown OOD set 'bogus'"),
     (["--ood", "heldout"], None, "--ood heldout needs classes held out of training"),
@@ -349,17 +403,23 @@ def test_force_replaces_another_sweep_and_a_yaml_list_key_is_one_value(tmp_path:
     assert run(["sweep", "--set", "train.epochs=3", "--out", str(out), "--dry-run"]) == 2
     assert "holds a different sweep" in capsys.readouterr().err
     (out / "notes.md").write_text("mine")
-    assert run(["sweep", "--set", "train.epochs=3", "--out", str(out), "--dry-run", "--force"]) == 0
-    assert not (out / "cells").exists()  # the old sweep's cells are not reused under new settings
+    # A dry run runs nothing, so it must not delete anything either: --force is refused there.
+    assert run(["sweep", "--set", "train.epochs=3", "--out", str(out), "--dry-run", "--force"]) == 2
+    assert "--dry-run runs nothing, so it replaces nothing" in capsys.readouterr().err
+    assert (out / "cells" / "ssvi_s0.95_seed0" / "evaluation.json").read_text() == "{}"
+    grid = ["sweep", "--set", "train.epochs=1", "--set", "model.widths=[16]", "--set", "data.max_train=200",
+            "--out", str(out), "--no-figures", "--json"]
+    assert run([*grid, "--force"]) == 0
+    # the old sweep's cell is not reused under new settings: run again, from scratch
+    assert json.loads((out / "cells" / "ssvi_s0.95_seed0" / "evaluation.json").read_text())["n"] > 0
     assert (out / "notes.md").read_text() == "mine"  # --force removes the sweep's own files only
-    lines = capsys.readouterr().out.splitlines()
-    assert lines == [f"ssvi sweep --run-cell {out.resolve() / 'cells' / 'ssvi_s0.95_seed0'}"]
+    capsys.readouterr()
     # A folder that is not a sweep is never emptied, --force or not.
     other = tmp_path / "thesis"
     other.mkdir()
     (other / "thesis.tex").write_text("years of work")
-    for force in ([], ["--force"]):
-        assert run(["sweep", "--out", str(other), "--dry-run", *force]) == 2
+    for how in (["--dry-run"], ["--force"]):  # refused before any cell runs
+        assert run(["sweep", "--out", str(other), *how]) == 2
         assert "holds thesis.tex and is not a sweep folder" in capsys.readouterr().err
     assert [p.name for p in other.iterdir()] == ["thesis.tex"]
     # Printed commands are quoted for a shell: a folder name with a space stays one argument.

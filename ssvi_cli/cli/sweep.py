@@ -19,85 +19,22 @@ if TYPE_CHECKING:
     from ssvi_cli.sweep.grid import Cell, SweepSpec
 
 
-def _csv(text: Optional[str], kind: type, flag: str) -> Optional[tuple[Any, ...]]:
-    if text is None:
-        return None
-    try:
-        values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise UsageError(f"{flag} {text!r}: expected comma-separated {kind.__name__} values") from None
-    if not values:
-        raise UsageError(f"{flag} {text!r} holds no values")
-    return values
-
-
-def _spec(file: Optional[Path], preset: Optional[str], method: Optional[str], sparsity: Optional[str],
-          seeds: Optional[int], criterion: Optional[str], sets: list[str], ood: list[str], samples: Optional[int]) -> Any:
-    """The sweep spec from the YAML file (if any) with the flags on top."""
-    from ssvi_cli.sweep.grid import SweepSpec, check_key, list_valued, parse_axis
-
-    data: dict[str, Any] = {}
-    if file is not None:
-        import yaml
-
-        try:
-            loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise UsageError(f"--file {file}: not a readable YAML sweep ({str(exc).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise UsageError(f"--file {file}: a sweep file is a mapping (preset, methods, sparsities, seeds, set, ood, samples)")
-        data = dict(loaded)
-        file_keys = ("preset", "method", "methods", "sparsity", "sparsities", "seeds", "set", "ood", "samples")
-        unknown = sorted(str(k) for k in data if k not in file_keys)
-        if unknown:
-            raise UsageError(f"--file {file}: unknown sweep key {unknown[0]!r}; valid keys are: {', '.join(file_keys)}")
-        for one, many in (("method", "methods"), ("sparsity", "sparsities")):
-            if one in data:  # the flag's own name (--method, --sparsity) reads as the plural key
-                if many in data:
-                    raise UsageError(f"--file {file}: give {many!r} or {one!r}, not both")
-                data[many] = data.pop(one)
-        if isinstance(data.get("seeds"), int):
-            data["seeds"] = list(range(data["seeds"]))
-        grid = data.pop("set", {}) or {}
-        if not isinstance(grid, dict):
-            raise UsageError(f"--file {file}: 'set' maps config keys to a value or a list of values")
-        for key in grid:
-            check_key(str(key), f"--file {file}")
-        # A list is an axis, except a list of scalars for a list-valued key (model.widths: [32, 32]),
-        # which is one value as in 'ssvi train'; several lists of such a key are an axis.
-        axis = {k: v for k, v in grid.items() if isinstance(v, list)
-                and not (list_valued(str(k)) and not any(isinstance(x, list) for x in v))}
-        data["axes"] = axis
-        data["fixed"] = {k: v for k, v in grid.items() if k not in axis}
-    flags = {"preset": preset, "methods": _csv(method, str, "--method"), "sparsities": _csv(sparsity, float, "--sparsity"),
-             "seeds": tuple(range(seeds)) if seeds is not None else None, "ood": tuple(ood) or None,
-             "samples": samples}
-    data.update({k: v for k, v in flags.items() if v is not None})
-    axes, fixed = dict(data.get("axes", {})), dict(data.get("fixed", {}))
-    if criterion is not None:
-        axes["sparse.criterion"] = list(_csv(criterion, str, "--criterion") or ())
-    for text in sets:
-        key, values = parse_axis(text)
-        axes.pop(key, None)
-        fixed.pop(key, None)
-        if len(values) > 1:
-            axes[key] = values
-        else:
-            fixed[key] = values[0]
-    data["axes"], data["fixed"] = axes, fixed
-    preset_path = Path(str(data.get("preset", ""))).expanduser()
-    if preset_path.suffix in (".yaml", ".yml") and preset_path.is_file():
-        data["preset"] = str(preset_path.resolve())  # cells may run from another directory
-    return SweepSpec.from_dict(data)
-
-
 def run_cell(path: Path, run: Callable[[list[str]], int]) -> int:
     """Train (or resume) and evaluate one cell with the ``ssvi train`` and ``ssvi evaluate`` commands
     (``run`` invokes one); what ``--dry-run`` hands a scheduler."""
     from ssvi_cli.sweep.grid import read_spec
     from ssvi_cli.sweep.runner import BUSY_EXIT, CellBusy, cell_lock
 
+    from ssvi_cli.sweep.grid import CELLS_DIR, is_sweep_dir
+
     path = Path(path)
+    sweep_dir = next((p for p in (path, path.parent) if is_sweep_dir(p)), None)
+    if sweep_dir is not None:  # the sweep, or its cells folder: not one cell
+        raise UsageError(f"--run-cell takes one cell's folder, {sweep_dir / CELLS_DIR / 'NAME'} (the lines of "
+                         f"--dry-run); to run the whole sweep: ssvi sweep --resume {shlex.quote(str(sweep_dir))}")
+    if path.parent.name != CELLS_DIR or not is_sweep_dir(path.parent.parent):
+        raise UsageError(f"--run-cell {path}: not a cell of a sweep (a folder OUT/{CELLS_DIR}/NAME of a sweep in OUT, "
+                         "as listed by --dry-run)")
     spec, cells = read_spec(path.parent.parent)
     cell = next((c for c in cells if c.name == path.name), None)
     if cell is None:
@@ -116,6 +53,8 @@ def _train_and_evaluate(path: Path, cell: Cell, spec: SweepSpec, run: Callable[[
 
     state = cell_state(path)
     if state == "done":
+        err.print(f"cell {path.name} is already trained and evaluated; nothing to do (delete its folder to run "
+                  "it again)", markup=False)
         return 0
     if state == "partial":
         code = run(["train", "--resume", str(path), "--json"])
@@ -164,12 +103,13 @@ def register(app: typer.Typer) -> None:
         run_cell_dir: Annotated[Optional[Path], typer.Option("--run-cell", help="Run one cell directory (train or resume, then evaluate); what --dry-run lists.")] = None,
         figures: Annotated[bool, typer.Option(help="Write the figures (needs matplotlib).")] = True,
         force: Annotated[bool, typer.Option(help="Replace another sweep in --out (its own files, cells included) instead of refusing; a folder that is not a sweep is never emptied.")] = False,
-        json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON only.")] = False,
+        json_out: Annotated[bool, typer.Option("--json", help="Print the report (with --dry-run: the cell commands) as JSON only.")] = False,
         baseline: Annotated[Optional[list[str]], typer.Option(help="Also report every group's paired differences (mean ± standard error over common seeds) from the one group this names: KEY=VALUE with KEY method, sparsity or a swept key, repeatable (e.g. --baseline method=vi).")] = None,
     ) -> None:
         """The paper's experiments in one command: a grid of runs, evaluated alike, reported as tables and figures."""
         from ssvi_cli.sweep import grid, report as reportmod
         from ssvi_cli.sweep.paired import check_selection
+        from ssvi_cli.sweep.request import spec_from_flags
         from ssvi_cli.sweep.sweepdir import claim_sweep_dir
 
         grid_given = any(v for v in (method, sparsity, seeds, criterion, set_, preset, file, ood, samples, out_dir, force))
@@ -178,6 +118,9 @@ def register(app: typer.Typer) -> None:
         modes = [n for n, v in (("--run-cell", run_cell_dir), ("--report", report), ("--resume", resume)) if v]
         if len(modes) > 1 or (modes and grid_given):
             raise UsageError(f"{modes[0]} takes no grid options" if len(modes) == 1 else f"use one of {', '.join(modes)}")
+        if dry_run and force:
+            raise UsageError("--dry-run runs nothing, so it replaces nothing: leave out --force (remove the "
+                             "old sweep yourself, or choose another --out)")
         if baseline and (run_cell_dir or dry_run):
             raise UsageError("--baseline goes with a sweep that runs, --resume or --report")
         if run_cell_dir is not None:
@@ -194,25 +137,26 @@ def register(app: typer.Typer) -> None:
             sweep_dir = resume
             check_selection(spec, cells, baseline or [])
         else:
-            spec = _spec(file, preset, method, sparsity, seeds, criterion, set_ or [], ood or [], samples)
+            spec = spec_from_flags(file, preset, method, sparsity, seeds, criterion, set_ or [], ood or [], samples)
             cells = grid.expand(spec)
             grid.check_runnable(spec, cells)
             check_selection(spec, cells, baseline or [])  # before anything is written or run
             sweep_dir = out_dir or Path("sweeps") / f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(spec.preset).stem}"
-            existing = claim_sweep_dir(sweep_dir, spec, force)
-            if existing is not None:  # the same grid: continue it, its cells as it named them
-                cells = existing
-            else:
+            how, cells = claim_sweep_dir(sweep_dir, spec, cells, force)
+            if how != "same":  # the same grid continues with its cells as it named them
+                if how == "grown" and not json_out:
+                    err.print(f"the grid adds to the sweep in {sweep_dir}: {count(len(cells), 'cell')} now, "
+                              "its cells so far kept", markup=False)
                 sweep_dir.mkdir(parents=True, exist_ok=True)
                 grid.write_spec(sweep_dir, spec, cells)
         _check_changed(sweep_dir, spec, cells)  # before any cell is listed, skipped as done or resumed
         if dry_run:
-            _dry_run(sweep_dir, cells)
+            _dry_run(sweep_dir, cells, json_out)
             return
         _run(sweep_dir, cells, jobs, threads or max(1, (os.cpu_count() or 1) // jobs), json_out, figures, baseline)
 
 
-def _dry_run(sweep_dir: Path, cells: list[Any]) -> None:
+def _dry_run(sweep_dir: Path, cells: list[Any], json_out: bool = False) -> None:
     from ssvi_cli.fileio import write_text
     from ssvi_cli.sweep.runner import cell_command, cell_dir
     from ssvi_cli.sweep.sweepdir import COMMANDS_FILE
@@ -221,6 +165,10 @@ def _dry_run(sweep_dir: Path, cells: list[Any]) -> None:
     # Quoted for a POSIX shell: a path with spaces stays one argument.
     lines = [shlex.join(["ssvi", *cell_command(cell_dir(sweep_dir.resolve(), c))]) for c in cells]
     write_text(sweep_dir / COMMANDS_FILE, "\n".join(lines) + "\n")
+    if json_out:
+        print_json({"sweep": str(sweep_dir), "commands_file": str(sweep_dir / COMMANDS_FILE), "commands": lines,
+                    "report": ["ssvi", "sweep", "--report", str(sweep_dir)]})
+        return
     # Plain lines, flushed before the note on stderr: a scheduler script reads them as they are.
     sys.stdout.write("\n".join(lines) + "\n")
     sys.stdout.flush()

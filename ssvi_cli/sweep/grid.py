@@ -232,7 +232,18 @@ def parse_values(text: str) -> list[Any]:
         raise SweepError(f"cannot read the values {text!r}; give them comma-separated, e.g. 0.1,0.2") from None
     if not isinstance(parsed, list) or not parsed:
         raise SweepError(f"no values in {text!r}")
-    return parsed
+    return [numbers(v) for v in parsed]
+
+
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def numbers(value: Any) -> Any:
+    """``1e-3`` as the number it is: YAML 1.1 reads an exponent without a dot as a string, which
+    would name cells ``lr-1e-3`` beside ``lr-0.001`` for the same run (lists: each item)."""
+    if isinstance(value, list):
+        return [numbers(v) for v in value]
+    return float(value) if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()) else value
 
 
 def parse_axis(text: str) -> tuple[str, list[Any]]:

@@ -17,7 +17,8 @@ from typing import Any, Optional
 from ssvi_cli.fileio import read_jsonl, write_json, write_text
 from ssvi_cli.runs.rundir import CONFIG_FILE, SUMMARY_FILE, SUPPORT_FILE
 from ssvi_cli.sweep.drift import changed_cells
-from ssvi_cli.sweep.grid import EVAL_FILE, OWN_KEYS, Cell, SweepSpec, group_key, group_label, read_spec, setting_text
+from ssvi_cli.sweep.grid import (EVAL_FILE, OWN_KEYS, Cell, SweepSpec, group_key, group_label, read_spec,
+                                 setting_text, yaml_text)
 from ssvi_cli.sweep.paired import paired_differences, paired_markdown
 from ssvi_cli.sweep.runner import cell_dir, cell_state
 
@@ -160,7 +161,9 @@ def markdown(report: dict[str, Any]) -> str:
             "training FLOPs", "file bytes"]
     lines = [f"# Sweep report: {report['sweep']}", "",
              f"{report['cells_done']} of {report['cells_total']} cells evaluated; preset `{spec.preset}`, "
-             f"Monte Carlo prediction with S={spec.samples}; mean ± std over seeds (sample std).", "",
+             f"Monte Carlo prediction with S={spec.samples}; mean ± std over seeds (sample std)."
+             + (" Every cell sets " + ", ".join(f"`{k}={yaml_text(v)}`" for k, v in spec.fixed.items()) + "."
+                if spec.fixed else ""), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         cells = [g["method"], "dense" if g["sparsity"] is None else f"{g['sparsity']:g}",

@@ -169,7 +169,7 @@ def run_cells(sweep_dir: Path, cells: list[Cell], jobs: int, threads: Optional[i
                     note("busy", name, "running in another process")
                 else:
                     outcome.failed[name] = code
-                    note("fail", name, f"exit code {code}, see {logs / (name + '.log')}")
+                    note("fail", name, f"{exit_text(code)}, see {logs / (name + '.log')}")
         if stops:
             outcome.interrupted, outcome.signum = True, stops[0]
             _stop_all(running, outcome, note)  # further signals are only noted: the cells checkpoint
@@ -201,4 +201,15 @@ def _stop_all(running: dict[str, subprocess.Popen], outcome: Outcome, note: List
             note("finish", name, "")
         else:
             outcome.stopped.append(name)
-            note("stop", name, f"exit code {code}")
+            note("stop", name, exit_text(code))
+
+
+def exit_text(code: int) -> str:
+    """A cell process's end for a person: ``exit code 130``, or ``stopped by SIGINT`` where the
+    process ended by a signal (Popen's negative return code)."""
+    if code < 0:
+        try:
+            return f"stopped by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"stopped by signal {-code}"
+    return f"exit code {code}"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Optional
 
 from ssvi_cli.fileio import not_ours, remove_entries, visible_entries
 from ssvi_cli.sweep.figures import ACCURACY_VS_FLOPS, METRICS_VS_SPARSITY
@@ -19,28 +18,44 @@ SWEEP_ENTRIES = (SWEEP_FILE, CELLS_DIR, LOGS_DIR, COMMANDS_FILE, REPORT_JSON, RE
                  ACCURACY_VS_FLOPS)
 
 
-def claim_sweep_dir(out_dir: Path, spec: SweepSpec, force: bool) -> Optional[list[Cell]]:
-    """A new sweep may write into a missing or empty folder, continue the same grid (its cells are
-    returned, named as that sweep named them), or (``force``) replace another sweep's files
-    (:data:`SWEEP_ENTRIES`; anything else stays). A folder holding anything else is refused,
-    ``force`` or not."""
+def claim_sweep_dir(out_dir: Path, spec: SweepSpec, cells: list[Cell], force: bool) -> tuple[str, list[Cell]]:
+    """How a new sweep takes ``out_dir``, and the cells it runs there: ``new`` (a missing or empty
+    folder; ``cells``), ``same`` (the same grid, continued: its cells, named as that sweep named
+    them), ``grown`` (a grid that holds every cell of the one there under the same settings, more
+    seeds or values, say: ``cells``, the finished ones kept), or ``replaced`` (``force``: another
+    sweep's files, :data:`SWEEP_ENTRIES`, removed; anything else stays). A folder holding anything
+    else is refused, ``force`` or not."""
     if not out_dir.exists():
-        return None
+        return "new", cells
     if out_dir.is_file():
         raise SweepError(f"--out {out_dir} is a file")
     if not is_sweep_dir(out_dir):
         entries = visible_entries(out_dir)
         if entries:
             raise SweepError(not_ours(out_dir, entries, "sweep"))
-        return None
+        return "new", cells
     try:
         old_spec, old_cells = read_spec(out_dir)
     except SweepError:  # a sweep this ssvi can no longer expand (a preset gone, say) is not the same sweep
         old_spec, old_cells = None, []
     if old_spec == spec:
-        return old_cells
+        return "same", old_cells
+    if old_spec is not None and _grows(old_spec, old_cells, spec, cells):
+        return "grown", cells
     if not force:
-        raise SweepError(f"{out_dir} holds a different sweep; continue it with 'ssvi sweep --resume "
-                         f"{shlex.quote(str(out_dir))}', choose another --out, or replace it with --force")
+        raise SweepError(f"{out_dir} holds a different sweep (a grid that only adds seeds, methods, sparsities "
+                         f"or values to it continues it; this one changes it): continue it as it is with "
+                         f"'ssvi sweep --resume {shlex.quote(str(out_dir))}', choose another --out, or replace "
+                         "it and its cells with --force")
     remove_entries(out_dir, SWEEP_ENTRIES)  # its cells were made under other settings and must not be reused
-    return None
+    return "replaced", cells
+
+
+def _grows(old: SweepSpec, old_cells: list[Cell], new: SweepSpec, cells: list[Cell]) -> bool:
+    """Whether ``new`` is ``old`` with more seeds, methods, sparsities or axis values: the same preset,
+    fixed keys, axis keys, evaluation, and every old cell among the new ones (a cell's name spells
+    its method, sparsity, settings and seed). Each finished cell's config is checked again before
+    it is reused, as on every resume."""
+    same = (old.preset, old.fixed, list(old.axes), old.ood, old.samples) == \
+        (new.preset, new.fixed, list(new.axes), new.ood, new.samples)
+    return same and {c.name for c in old_cells} <= {c.name for c in cells}

@@ -1,0 +1,87 @@
+"""What ``ssvi sweep`` is asked to run: a YAML sweep file (if any) with the grid flags on top, as a
+:class:`~ssvi_cli.sweep.grid.SweepSpec`. Flags override the file's values; a key given twice (two
+``--set``, or ``--criterion`` with ``--set sparse.criterion``) is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from ssvi_cli.sweep.grid import SweepError, SweepSpec, check_key, list_valued, numbers, parse_axis
+
+
+def _csv(text: Optional[str], kind: type, flag: str) -> Optional[tuple[Any, ...]]:
+    if text is None:
+        return None
+    try:
+        values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise SweepError(f"{flag} {text!r}: expected comma-separated {kind.__name__} values") from None
+    if not values:
+        raise SweepError(f"{flag} {text!r} holds no values")
+    return values
+
+
+def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optional[str], sparsity: Optional[str],
+                    seeds: Optional[int], criterion: Optional[str], sets: list[str], ood: list[str],
+                    samples: Optional[int]) -> SweepSpec:
+    """The sweep spec from the YAML file (if any) with the flags on top."""
+    data: dict[str, Any] = {}
+    if file is not None:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise SweepError(f"--file {file}: not a readable YAML sweep ({str(exc).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise SweepError(f"--file {file}: a sweep file is a mapping (preset, methods, sparsities, seeds, set, ood, samples)")
+        data = dict(loaded)
+        file_keys = ("preset", "method", "methods", "sparsity", "sparsities", "seeds", "set", "ood", "samples")
+        unknown = sorted(str(k) for k in data if k not in file_keys)
+        if unknown:
+            raise SweepError(f"--file {file}: unknown sweep key {unknown[0]!r}; valid keys are: {', '.join(file_keys)}")
+        for one, many in (("method", "methods"), ("sparsity", "sparsities")):
+            if one in data:  # the flag's own name (--method, --sparsity) reads as the plural key
+                if many in data:
+                    raise SweepError(f"--file {file}: give {many!r} or {one!r}, not both")
+                data[many] = data.pop(one)
+        if isinstance(data.get("seeds"), int):
+            data["seeds"] = list(range(data["seeds"]))
+        grid = data.pop("set", {}) or {}
+        if not isinstance(grid, dict):
+            raise SweepError(f"--file {file}: 'set' maps config keys to a value or a list of values")
+        grid = {k: numbers(v) for k, v in grid.items()}
+        for key in grid:
+            check_key(str(key), f"--file {file}")
+        # A list is an axis, except a list of scalars for a list-valued key (model.widths: [32, 32]),
+        # which is one value as in 'ssvi train'; several lists of such a key are an axis.
+        axis = {k: v for k, v in grid.items() if isinstance(v, list)
+                and not (list_valued(str(k)) and not any(isinstance(x, list) for x in v))}
+        data["axes"] = axis
+        data["fixed"] = {k: v for k, v in grid.items() if k not in axis}
+    flags = {"preset": preset, "methods": _csv(method, str, "--method"), "sparsities": _csv(sparsity, float, "--sparsity"),
+             "seeds": tuple(range(seeds)) if seeds is not None else None, "ood": tuple(ood) or None,
+             "samples": samples}
+    data.update({k: v for k, v in flags.items() if v is not None})
+    axes, fixed = dict(data.get("axes", {})), dict(data.get("fixed", {}))
+    if criterion is not None:
+        axes["sparse.criterion"] = list(_csv(criterion, str, "--criterion") or ())
+    given: set[str] = set()
+    for text in sets:
+        key, values = parse_axis(text)
+        if key in given or (key == "sparse.criterion" and criterion is not None):
+            raise SweepError(f"{key} is given twice (" + ("--criterion and --set" if key not in given else "two --set")
+                             + "); give its values once, comma-separated")
+        given.add(key)
+        axes.pop(key, None)
+        fixed.pop(key, None)
+        if len(values) > 1:
+            axes[key] = values
+        else:
+            fixed[key] = values[0]
+    data["axes"], data["fixed"] = axes, fixed
+    preset_path = Path(str(data.get("preset", ""))).expanduser()
+    if preset_path.suffix in (".yaml", ".yml") and preset_path.is_file():
+        data["preset"] = str(preset_path.resolve())  # cells may run from another directory
+    return SweepSpec.from_dict(data)
