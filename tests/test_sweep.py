@@ -327,6 +327,8 @@ def test_dry_run_lists_cell_commands_that_run_alone(tmp_path: Path, capsys):
     assert run(["sweep", "--report", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["cells_done"] == 1 and len(report["missing"]) == 3
+    assert run(["sweep", "--report", str(out), "--no-figures"]) == 0
+    assert f"not evaluated yet: {', '.join(report['missing'])}" in capsys.readouterr().err
     (rigl,) = report["groups"]  # deterministic: OOD scored by entropy, no MI
     assert rigl["auroc:noise:entropy"]["n"] == 1 and "auroc:noise:mutual_information" not in rigl
 

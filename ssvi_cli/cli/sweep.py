@@ -241,6 +241,10 @@ def _finish(result: dict[str, Any], json_out: bool) -> None:
                       ", ".join(f"{k}={v}" for k, v in g["settings"].items()), str(len(g["seeds"])),
                       *(mean_std(g.get(k)) for k in ("accuracy", "nll", "ece")))
     out.print(table)
+    if result.get("missing"):
+        shown = result["missing"][:8]
+        err.print(f"not evaluated yet: {', '.join(shown)}" + (f" and {len(result['missing']) - len(shown)} more"
+                                                             if len(result["missing"]) > len(shown) else ""), markup=False)
     if result.get("paired", {}).get("note"):
         err.print(result["paired"]["note"], markup=False)
     elif result.get("paired"):
