@@ -347,6 +347,7 @@ def validate(cfg: Config) -> None:
     max_dt = PAPER_DELTA_T if auto_dt or not isinstance(s.delta_t, int) else s.delta_t
     if not 0.0 <= s.sparsity < 1.0:
         raise ConfigError(f"sparsity={s.sparsity} must be in [0, 1), e.g. --sparsity 0.95")
+    folder = d.name.startswith("imagefolder")
     checks = [
         ("sparse.alpha", 0.0 <= s.alpha <= 1.0, "in [0, 1]"),
         ("sparse.t_end", 0.0 <= s.t_end <= 1.0, "in [0, 1]"),
@@ -374,11 +375,12 @@ def validate(cfg: Config) -> None:
         ("train.num_workers", t.num_workers >= 0, ">= 0"),
         ("data.val_fraction", 0.0 <= d.val_fraction < 1.0, "in [0, 1)"),
         ("data.max_train", d.max_train is None or d.max_train >= 1, ">= 1"),
-        ("data.test_fraction", 0.0 < d.test_fraction < 1.0, "in (0, 1)"),
-        ("data.image_size", d.image_size >= 1, ">= 1"),
-        ("data.channels", d.channels in (1, 3), "1 or 3"),
-        ("data.mean", d.mean is None or len(d.mean) == d.channels, f"{d.channels} numbers, one per channel"),
-        ("data.std", d.std is None or (len(d.std) == d.channels and min(d.std) > 0),
+        # The image folder keys: set for another dataset, the data layer refuses them by name instead.
+        ("data.test_fraction", not folder or 0.0 < d.test_fraction < 1.0, "in (0, 1)"),
+        ("data.image_size", not folder or d.image_size >= 1, ">= 1"),
+        ("data.channels", not folder or d.channels in (1, 3), "1 or 3"),
+        ("data.mean", not folder or d.mean is None or len(d.mean) == d.channels, f"{d.channels} numbers, one per channel"),
+        ("data.std", not folder or d.std is None or (len(d.std) == d.channels and min(d.std) > 0),
          f"{d.channels} positive numbers, one per channel"),
         ("data.classes", d.classes is None or len(set(d.classes)) == len(d.classes),
          "a list naming each class once (" + ", ".join(sorted({c for c in d.classes or () if d.classes.count(c) > 1}))
@@ -387,14 +389,6 @@ def validate(cfg: Config) -> None:
          "at least two classes, by index or name (e.g. 0,1,2,3,4)"),
         ("model.widths", all(w >= 1 for w in cfg.model.widths), "positive integers"),
     ]
-    if not d.name.startswith("imagefolder:"):
-        # These shape and normalise the images of a folder; any other dataset has its own, and a
-        # value set for one would be ignored without a word.
-        for key in IMAGEFOLDER_KEYS:
-            value = getattr(d, key)
-            if value != getattr(DataConfig, key):
-                raise ConfigError(f"data.{key}={value!r} applies to image folders (data.name=imagefolder:PATH) "
-                                  f"only; {d.name} has its own input shape and normalisation")
     for key, ok, rule in checks:
         if not ok:
             section, name = key.split(".")

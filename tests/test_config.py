@@ -120,3 +120,12 @@ def test_the_benchmark_takes_each_methods_preset_values():
     for method in ("ssvi", "vi", "dense"):
         want = per_method.get(method, {}).get("optim.lr", C.load_preset(bm.preset).optim.lr)
         assert bench_config(bm, opts, method, 0.95, "auto", 100).optim.lr == want
+
+
+def test_a_recorded_config_with_image_folder_keys_on_another_dataset_still_reads():
+    # New runs refuse them (the data layer, tests/test_imagefolder.py); a run recorded before that
+    # rule must still resume, load and report.
+    recorded = C.Config().to_dict()
+    recorded["data"].update(image_size=16, channels=1, mean=[0.5])
+    cfg = C.from_dict(recorded)
+    assert (cfg.data.name, cfg.data.image_size, cfg.data.mean) == ("digits", 16, (0.5,))
