@@ -103,7 +103,7 @@ def support_history(run_dir: Path) -> Optional[dict[str, Any]]:
             "final_iou": steps[-1]["iou"] if steps else None}
 
 
-def _file_totals(card: ModelCard, info: FileInfo, model: torch.nn.Module) -> dict[str, Any]:
+def _file_totals(card: ModelCard, info: FileInfo, model: Optional[torch.nn.Module]) -> dict[str, Any]:
     """Sizes from the file header; a checkpoint-only run is written to a temporary file to measure."""
     if info.is_model_file:
         return {**size_totals(read_header(Path(info.path))), "measured_from": "file"}
@@ -114,28 +114,25 @@ def _file_totals(card: ModelCard, info: FileInfo, model: torch.nn.Module) -> dic
     return {**totals, "measured_from": "checkpoint (bytes the compact file would take)"}
 
 
-def posterior(path: Path) -> tuple[ModelCard, FileInfo, torch.nn.Module, bool]:
-    """The card, file info and a module holding the sparse layers of a model file or run directory,
-    and whether it is the whole model (False: a user's own module's file, read layer by layer since
-    only its code builds the rest)."""
+def posterior(path: Path) -> tuple[ModelCard, FileInfo, list[tuple[str, SparseGaussian]], Optional[torch.nn.Module]]:
+    """The card, file info and named sparse layers of a model file or run directory, and the whole
+    model (None for a user's own module's file, read layer by layer: only its code builds the rest)."""
     path = Path(path)
     if path.is_file() and path.suffix != ".pt":
         head = read_header(path)
         if holds_custom_module(head):
             card, info, layers = read_layers(path)
-            holder = torch.nn.Module()
-            for i, (name, layer) in enumerate(layers):
-                holder.add_module(name.replace(".", "/") if name else str(i), layer)
-            return card, info, holder, False
+            return card, info, layers, None
     loaded = load_model(path)
-    return loaded.card, loaded.file, loaded.model, True
+    return loaded.card, loaded.file, sparse_layers(loaded.model), loaded.model
 
 
 def inspect_model(path: Path, drop_fraction: float = 0.3) -> dict[str, Any]:
     """The full report for a model file or a run directory. A file saved from a user's own module
     gets everything but the FLOPs, which need its forward (a conv layer's cost depends on its input)."""
     path = Path(path)
-    card, info, model, whole = posterior(path)
+    card, info, named, model = posterior(path)
+    whole = model is not None
     layer_bytes: dict[str, int] = {}
     if info.is_model_file:
         head = read_header(Path(info.path))
@@ -144,7 +141,6 @@ def inspect_model(path: Path, drop_fraction: float = 0.3) -> dict[str, Any]:
             layer_bytes[owner] = layer_bytes.get(owner, 0) + tensor["bytes"]
     cfg = card.training.run_config()
     samples = cfg.train.eval_samples if cfg else 10
-    named = [(n.replace("/", "."), layer) for n, layer in sparse_layers(model)]
     flops_by_layer: dict[str, Optional[int]] = {name: None for name, _ in named}
     if whole:
         flops = prediction_flops(model_geometry(model, card.data.input_shape),
@@ -168,7 +164,7 @@ def inspect_model(path: Path, drop_fraction: float = 0.3) -> dict[str, Any]:
                      "init_from": ((card.training.config or {}).get("model") or {}).get("init_from")},
         "metrics": card.metrics,
         "layers": layers,
-        "totals": _file_totals(card, info, model),
+        "totals": _file_totals(card, info, model),  # model None: a file, measured from its header
         "flops": {"per_prediction": sum(flops_by_layer.values()) if whole else None, "samples": samples,
                   "convention": (f"per example, MC prediction with S={samples}: the first layer's two LRT "
                                 "ops (mean, variance) once (the fewest; batches where it is faster on a "
@@ -177,13 +173,13 @@ def inspect_model(path: Path, drop_fraction: float = 0.3) -> dict[str, Any]:
                                 "biases, BatchNorm, activations and noise are not counted") if whole else
                   "not counted: the file holds a module of the user's own code, whose forward (and so "
                   "each layer's input size) only that code knows"},
-        "criteria_overlap": criteria_overlap(model, drop_fraction, lam),
+        "criteria_overlap": criteria_overlap(torch.nn.ModuleList(layer for _, layer in named), drop_fraction, lam),
         "support_history": support_history(path) if path.is_dir() else None,
     }
     return report
 
 
-def write_snr_plots(model: torch.nn.Module, out_dir: Path) -> list[Path]:
+def write_snr_plots(layers: list[tuple[str, SparseGaussian]], out_dir: Path) -> list[Path]:
     """Histograms of log10 SNR: one PNG per Bayesian layer and one of all layers together.
 
     Needs matplotlib (``pip install 'ssvi[plots]'``); raises ImportError without it.
@@ -197,7 +193,7 @@ def write_snr_plots(model: torch.nn.Module, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     everything = []
-    for name, layer in sparse_layers(model):
+    for name, layer in layers:
         if not layer.bayesian or layer.active == 0:
             continue
         values = torch.log10(snr(layer.mu.detach().cpu(), layer.sigma().detach().cpu()).clamp_min(1e-6))
