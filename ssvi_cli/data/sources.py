@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ssvi_cli.config import IMAGEFOLDER_KEYS, DataConfig
+from ssvi_cli.config import DataConfig
 from ssvi_cli.data.classes import resolve_classes, restrict_spec
 from ssvi_cli.data.spec import DataError, DatasetUnavailable, DataSpec, RawImages
 from ssvi_cli.data.transforms import random_crop_flip
@@ -232,15 +232,8 @@ def source(name: str, options: Optional[DataConfig] = None) -> DatasetSource:
 def check_dataset_name(name: str, options: Optional[DataConfig] = None) -> None:
     """Fail now, with the valid names, on a name that cannot be resolved or on ``data.classes`` that
     are not the dataset's; an image folder is scanned (its folders listed, no image opened) so a
-    wrong path fails before any work. The image folder keys (``config.IMAGEFOLDER_KEYS``) set for any
-    other dataset are refused: that dataset has its own shape and normalisation, and would ignore them."""
+    wrong path fails before any work."""
     get_spec(name, options)
-    if options is not None and ":" not in name:  # a registered dataset, not a family such as imagefolder:PATH
-        for key in IMAGEFOLDER_KEYS:
-            value = getattr(options, key)
-            if value != getattr(DataConfig, key):
-                raise DataError(f"data.{key}={value!r} applies to image folders (data.name=imagefolder:PATH) "
-                                f"only; {name} has its own input shape and normalisation")
 
 
 def get_spec(name: str, options: Optional[DataConfig] = None) -> DataSpec:

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 
-from ssvi_cli.config import Config, ConfigError, apply_overrides, from_dict
+from ssvi_cli.config import IMAGEFOLDER_KEYS, Config, ConfigError, DataConfig, apply_overrides, from_dict
 from ssvi_cli.core.allocation import InitSpec, initialise, layer_densities
 from ssvi_cli.core.criteria import REMOVAL_CRITERIA
 from ssvi_cli.core.layers import sparse_layers
@@ -36,10 +36,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 def check_names(cfg: Config) -> None:
-    """Resolve every registry name of ``cfg`` (errors list the valid names); reads no file."""
+    """Resolve every registry name of ``cfg`` (errors list the valid names); reads no file. Then the
+    image folder keys (``config.IMAGEFOLDER_KEYS``) set for another dataset are refused: it has its own
+    shape and normalisation and would ignore them (a new run's config; a recorded one is not checked)."""
     check_model_name(cfg.model.name)
     check_dataset_name(cfg.data.name, cfg.data)
     REMOVAL_CRITERIA.get(cfg.sparse.criterion)
+    if not cfg.data.name.startswith("imagefolder:"):
+        for key in IMAGEFOLDER_KEYS:
+            value = getattr(cfg.data, key)
+            if value != getattr(DataConfig, key):
+                raise ConfigError(f"data.{key}={value!r} applies to image folders (data.name=imagefolder:PATH) "
+                                  f"only; {cfg.data.name} has its own input shape and normalisation")
 
 
 def load_data(cfg: Config) -> DataSplits:
