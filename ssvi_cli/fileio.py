@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -20,14 +21,19 @@ class UnwritablePath(OSError):
 
 
 def check_writable(folder: Path, flag: str) -> None:
-    """Create and remove a temporary file in ``folder`` (a file is later written there the same way),
-    so that a read-only folder is reported before the work whose result would go there."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".ssvi-probe.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise UnwritablePath(exc.errno, f"{flag}: cannot write into {folder}: {exc.strerror or exc}") from exc
-    os.close(fd)
-    os.unlink(tmp)
+    """Refuse a folder (or, while it is missing, the nearest folder above it that it would be made
+    in) that takes no new file, so that it is reported before the work whose result would go there.
+    Asks the system (``os.access``) and changes nothing; a refusal the system only gives on writing
+    (some special file systems) is still named by :func:`atomic_path`."""
+    existing = Path(folder)
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UnwritablePath(errno.ENOTDIR, f"{flag}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        raise UnwritablePath(errno.EROFS if read_only else errno.EACCES, f"{flag}: cannot write into {existing}: "
+                             + ("Read-only file system" if read_only else "Permission denied"))
 
 
 @contextmanager

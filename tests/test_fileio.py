@@ -32,18 +32,25 @@ def test_a_readers_error_in_brief_ends_at_a_sentence_or_a_word():
 
 
 def _read_only(monkeypatch, folder):
-    """Make ``folder`` refuse new files, as a read-only mount does (chmod does not stop root)."""
+    """Make ``folder`` refuse new files, as a read-only mount does (chmod does not stop root): on
+    writing, and when asked (os.access)."""
     import errno
     import tempfile
 
-    real = tempfile.mkstemp
+    real_mkstemp, real_access = tempfile.mkstemp, os.access
 
     def mkstemp(*args, dir=None, **kw):
         if dir is not None and os.path.samefile(dir, folder):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-        return real(*args, dir=dir, **kw)
+        return real_mkstemp(*args, dir=dir, **kw)
+
+    def access(path, mode, *args, **kw):
+        if os.path.exists(path) and os.path.samefile(path, folder) and mode & os.W_OK:
+            return False
+        return real_access(path, mode, *args, **kw)
 
     monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(os, "access", access)
 
 
 def test_an_unwritable_folder_names_the_file_asked_for_not_the_temporary_one(tmp_path, monkeypatch):
@@ -67,11 +74,16 @@ def test_commands_refuse_an_unwritable_output_before_the_work(tmp_path, monkeypa
     locked.mkdir()
     _read_only(monkeypatch, locked)
     capsys.readouterr()
+    stamp = locked.stat().st_mtime_ns
     for argv in (["export", str(tmp_path / "run"), "--output", str(locked / "m.safetensors")],
                  ["evaluate", str(tmp_path / "run"), "--output", str(locked / "r.json")],
-                 ["evaluate", str(tmp_path / "run"), "--plots", str(locked)]):
+                 ["evaluate", str(tmp_path / "run"), "--plots", str(locked)],
+                 ["inspect", str(tmp_path / "run"), "--plots", str(locked / "new" / "plots")]):
         assert run(argv) == 2, argv
         lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1 and "cannot write into" in lines[0] and str(locked) in lines[0], lines
+        assert len(lines) == 1 and f"cannot write into {locked}: Permission denied" in lines[0], lines
         assert ".tmp" not in lines[0] and "evaluating" not in lines[0]
-    assert not list(locked.iterdir())
+    assert not list(locked.iterdir()) and locked.stat().st_mtime_ns == stamp  # nothing made, nothing probed
+    (tmp_path / "afile").write_text("x")
+    assert run(["evaluate", str(tmp_path / "run"), "--plots", str(tmp_path / "afile" / "plots")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --plots {tmp_path / 'afile' / 'plots'}: {tmp_path / 'afile'} is a file, not a folder"

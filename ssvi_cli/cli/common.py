@@ -59,8 +59,7 @@ def check_output_dir(path: Path, flag: str) -> None:
     """Refuse an output folder that exists as a file (it is created, with parents, when missing)."""
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {path} exists and is not a directory; give a folder path")
-    if path.is_dir():
-        check_writable(path, f"{flag} {path}")
+    check_writable(path, f"{flag} {path}")  # or, while missing, the folder it would be made in
 
 
 def check_device(device: str) -> None:
