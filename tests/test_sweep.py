@@ -208,6 +208,21 @@ def test_a_key_given_twice_runs_no_grid_and_exponents_are_numbers(tmp_path: Path
     assert run(["sweep", "--file", str(yaml_file), "--out", str(tmp_path / "y"), "--dry-run"]) == 0
     spec = json.loads((tmp_path / "y" / "sweep.json").read_text())["spec"]
     assert spec["axes"] == {"optim.lr": [0.001, 0.002]} and spec["fixed"] == {"bayes.beta": 0.01}
+    # a sweep written before exponents were numbers (its sweep.json holds "1e-3") is the same grid
+    old = json.loads((tmp_path / "y" / "sweep.json").read_text())
+    old["spec"]["axes"]["optim.lr"] = ["1e-3", "2e-3"]
+    (tmp_path / "y" / "sweep.json").write_text(json.dumps(old))
+    assert run(["sweep", "--file", str(yaml_file), "--out", str(tmp_path / "y"), "--dry-run"]) == 0
+    assert "lr-1e-3_seed0" in capsys.readouterr().out  # its cells keep the names it gave them
+    # a flag wins over the file's value of the same key, also --criterion over a fixed criterion
+    yaml_file.write_text("set: {sparse.criterion: snr}\n")
+    assert run(["sweep", "--file", str(yaml_file), "--criterion", "mean,e_abs", "--out", str(tmp_path / "c"),
+                "--dry-run"]) == 0
+    spec = json.loads((tmp_path / "c" / "sweep.json").read_text())["spec"]
+    assert spec["axes"] == {"sparse.criterion": ["mean", "e_abs"]} and spec["fixed"] == {}
+    # `accumulate:` is the text typed, as in ssvi train, not a YAML mapping
+    assert run(["sweep", "--set", "sparse.addition=accumulate:", "--out", str(tmp_path / "d"), "--dry-run"]) == 2
+    assert "sparse.addition='accumulate:'; valid values are" in capsys.readouterr().err
     # --run-cell takes one cell's folder; the sweep or its cells folder is named as such
     for wrong in (tmp_path / "a", tmp_path / "a" / "cells"):
         assert run(["sweep", "--run-cell", str(wrong)]) == 2
@@ -231,7 +246,7 @@ def test_a_grid_that_adds_seeds_continues_the_sweep_and_keeps_its_cells(tmp_path
     capsys.readouterr()
     assert run(["sweep", "--run-cell", str(first.parent)]) == 0
     assert "is already trained and evaluated; nothing to do" in capsys.readouterr().err
-    # Fewer seeds, or other settings, is another sweep: refused, and --force replaces it
+    # Fewer seeds, or other settings, is another sweep: refused
     assert run([*grid, "--seeds", "1"]) == 2
     assert "holds a different sweep (a grid that only adds seeds" in capsys.readouterr().err
     assert first.stat().st_mtime_ns == stamp

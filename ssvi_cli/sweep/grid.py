@@ -232,6 +232,9 @@ def parse_values(text: str) -> list[Any]:
         raise SweepError(f"cannot read the values {text!r}; give them comma-separated, e.g. 0.1,0.2") from None
     if not isinstance(parsed, list) or not parsed:
         raise SweepError(f"no values in {text!r}")
+    if any(isinstance(v, dict) for v in parsed) and "[" not in text:
+        # `accumulate:` reads as a mapping, which no key takes: the text typed is meant, as in `ssvi train`
+        parsed = [v.strip() for v in text.split(",") if v.strip()]
     return [numbers(v) for v in parsed]
 
 
@@ -240,9 +243,11 @@ _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 def numbers(value: Any) -> Any:
     """``1e-3`` as the number it is: YAML 1.1 reads an exponent without a dot as a string, which
-    would name cells ``lr-1e-3`` beside ``lr-0.001`` for the same run (lists: each item)."""
+    would name cells ``lr-1e-3`` beside ``lr-0.001`` for the same run (lists and mappings: each item)."""
     if isinstance(value, list):
         return [numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: numbers(v) for k, v in value.items()}
     return float(value) if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()) else value
 
 

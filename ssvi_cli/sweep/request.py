@@ -65,8 +65,9 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
              "samples": samples}
     data.update({k: v for k, v in flags.items() if v is not None})
     axes, fixed = dict(data.get("axes", {})), dict(data.get("fixed", {}))
-    if criterion is not None:
+    if criterion is not None:  # the flag wins over a file's value, as every flag does
         axes["sparse.criterion"] = list(_csv(criterion, str, "--criterion") or ())
+        fixed.pop("sparse.criterion", None)
     given: set[str] = set()
     for text in sets:
         key, values = parse_axis(text)

@@ -5,11 +5,13 @@ folder that is not a sweep's)."""
 from __future__ import annotations
 
 import shlex
+from dataclasses import replace
 from pathlib import Path
 
 from ssvi_cli.fileio import not_ours, remove_entries, visible_entries
 from ssvi_cli.sweep.figures import ACCURACY_VS_FLOPS, METRICS_VS_SPARSITY
-from ssvi_cli.sweep.grid import CELLS_DIR, SWEEP_FILE, Cell, SweepError, SweepSpec, is_sweep_dir, read_spec
+from ssvi_cli.sweep.grid import (CELLS_DIR, SWEEP_FILE, Cell, SweepError, SweepSpec, is_sweep_dir, numbers,
+                                read_spec)
 from ssvi_cli.sweep.report import REPORT_JSON, REPORT_MD
 from ssvi_cli.sweep.runner import LOGS_DIR
 
@@ -38,15 +40,15 @@ def claim_sweep_dir(out_dir: Path, spec: SweepSpec, cells: list[Cell], force: bo
         old_spec, old_cells = read_spec(out_dir)
     except SweepError:  # a sweep this ssvi can no longer expand (a preset gone, say) is not the same sweep
         old_spec, old_cells = None, []
-    if old_spec == spec:
-        return "same", old_cells
+    if old_spec is not None and replace(old_spec, axes=numbers(old_spec.axes), fixed=numbers(old_spec.fixed)) == spec:
+        return "same", old_cells  # the same grid (an older sweep may hold 1e-3 as text: the same value)
     if old_spec is not None and _grows(old_spec, old_cells, spec, cells):
         return "grown", cells
     if not force:
         raise SweepError(f"{out_dir} holds a different sweep (a grid that only adds seeds, methods, sparsities "
                          f"or values to it continues it; this one changes it): continue it as it is with "
                          f"'ssvi sweep --resume {shlex.quote(str(out_dir))}', choose another --out, or replace "
-                         "it and its cells with --force")
+                         "it and its cells with --force (in a run: a dry run deletes nothing)")
     remove_entries(out_dir, SWEEP_ENTRIES)  # its cells were made under other settings and must not be reused
     return "replaced", cells
 
