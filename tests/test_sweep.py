@@ -395,8 +395,9 @@ def _interrupted_and_resumed(proc: subprocess.Popen, out: Path, sweep: list[str]
     assert "2 cells stopped; each continues from its last checkpoint (one stopped before" in stderr and f"ssvi sweep --resume {out}" in stderr
     assert [cell_state(c) for c in cells] == ["partial", "partial"]
     before = {c: _epochs(c) for c in cells}
-    for c in cells:
-        assert "checkpoint written" in (out / "logs" / f"{c.name}.log").read_text()
+    for c in cells:  # a cell's log says how to go on: with the sweep, which also evaluates the cell
+        log = (out / "logs" / f"{c.name}.log").read_text()
+        assert f"checkpoint written. Resume with: ssvi sweep --resume {out}" in log and "ssvi train --resume" not in log
 
     # --resume continues each cell from its checkpoint (not from epoch 1), and stops again on Ctrl-C
     proc = subprocess.Popen([*sweep, "--resume", str(out), "--jobs", "2", "--threads", "1"],

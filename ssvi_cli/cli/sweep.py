@@ -39,10 +39,15 @@ def run_cell(path: Path, run: Callable[[list[str]], int]) -> int:
     cell = next((c for c in cells if c.name == path.name), None)
     if cell is None:
         raise UsageError(f"{path} is not a cell of the sweep in {path.parent.parent}")
+    from ssvi_cli.cli.train import KeyboardInterruptHandled
+
     try:
         with cell_lock(path):
             _check_changed(path.parent.parent, spec, [cell])
             return _train_and_evaluate(path, cell, spec, run)
+    except KeyboardInterruptHandled as stop:  # a sweep's cell resumes with the sweep, which also evaluates it
+        raise KeyboardInterruptHandled(stop.message, stop.exit_code, resume=shlex.join(
+            ["ssvi", "sweep", "--resume", str(path.parent.parent)])) from None
     except CellBusy as exc:
         err.print(f"error: {exc}", markup=False)
         raise typer.Exit(BUSY_EXIT) from None

@@ -254,16 +254,16 @@ def _fit(trainer, interrupted_cls, quiet: bool) -> dict[str, Any]:
             return trainer.fit(Progress(on_epoch_start, on_batch, on_epoch_end))
         except interrupted_cls as stop:
             how = "interrupted" if stop.signum == signal.SIGINT else f"stopped by {stop.signum.name}"
-            message = f"{how} at step {stop.step}; checkpoint written. Resume with: ssvi train --resume {stop.run_dir}"
+            message = f"{how} at step {stop.step}; checkpoint written"
             # One line per run, not per rank: the other ranks exit with the same code, silently.
-            raise KeyboardInterruptHandled(message if trainer.is_main else "",
-                                           exit_code=128 + int(stop.signum)) from None
+            raise KeyboardInterruptHandled(message if trainer.is_main else "", exit_code=128 + int(stop.signum),
+                                           resume=f"ssvi train --resume {stop.run_dir}" if trainer.is_main else "") from None
 
 
 class KeyboardInterruptHandled(Exception):
     """A stop signal after the checkpoint was written; the exit code is the shell's 128 + signal
     number (130 for Ctrl-C, 143 for SIGTERM)."""
 
-    def __init__(self, message: str, exit_code: int = 130) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+    def __init__(self, message: str, exit_code: int = 130, resume: str = "") -> None:
+        super().__init__(f"{message}. Resume with: {resume}" if message and resume else message)
+        self.message, self.exit_code, self.resume = message, exit_code, resume
