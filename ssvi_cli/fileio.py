@@ -56,7 +56,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.chmod(tmp_path, 0o666 & ~_umask())
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
+        try:
+            os.replace(tmp_path, path)
+        except OSError as exc:  # a folder of that name, say: named as asked, not by the temporary file
+            raise UnwritablePath(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
         _fsync_dir(path.parent)
     finally:
         if tmp_path.exists():

@@ -63,6 +63,12 @@ def test_an_unwritable_folder_names_the_file_asked_for_not_the_temporary_one(tmp
         write_text(tmp_path / "a.txt", "x")
     assert str(caught.value) == f"cannot write {tmp_path / 'a.txt'}: Read-only file system"
     assert isinstance(caught.value, OSError) and not list(tmp_path.iterdir())
+    monkeypatch.undo()
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(UnwritablePath) as caught:
+        write_text(tmp_path / "taken", "x")  # a folder of that name: the error names it, no temporary file
+    assert str(caught.value).startswith(f"cannot write {tmp_path / 'taken'}: ")
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
 
 
 def test_commands_refuse_an_unwritable_output_before_the_work(tmp_path, monkeypatch, capsys):
