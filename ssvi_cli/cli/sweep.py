@@ -22,10 +22,9 @@ if TYPE_CHECKING:
 def run_cell(path: Path, run: Callable[[list[str]], int]) -> int:
     """Train (or resume) and evaluate one cell with the ``ssvi train`` and ``ssvi evaluate`` commands
     (``run`` invokes one); what ``--dry-run`` hands a scheduler."""
-    from ssvi_cli.sweep.grid import read_spec
+    from ssvi_cli.cli.train import KeyboardInterruptHandled
+    from ssvi_cli.sweep.grid import CELLS_DIR, is_sweep_dir, read_spec
     from ssvi_cli.sweep.runner import BUSY_EXIT, CellBusy, cell_lock
-
-    from ssvi_cli.sweep.grid import CELLS_DIR, is_sweep_dir
 
     path = Path(path)
     sweep_dir = next((p for p in (path, path.parent) if is_sweep_dir(p)), None)
@@ -39,8 +38,6 @@ def run_cell(path: Path, run: Callable[[list[str]], int]) -> int:
     cell = next((c for c in cells if c.name == path.name), None)
     if cell is None:
         raise UsageError(f"{path} is not a cell of the sweep in {path.parent.parent}")
-    from ssvi_cli.cli.train import KeyboardInterruptHandled
-
     try:
         with cell_lock(path):
             _check_changed(path.parent.parent, spec, [cell])
