@@ -36,6 +36,10 @@ def check_writable(folder: Path, flag: str) -> None:
                              + ("Read-only file system" if read_only else "Permission denied"))
 
 
+def _cannot_write(path: Path, exc: OSError) -> UnwritablePath:
+    return UnwritablePath(exc.errno, f"cannot write {path}: {exc.strerror or exc}")
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
@@ -47,7 +51,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise UnwritablePath(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise _cannot_write(path, exc) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -59,7 +63,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         try:
             os.replace(tmp_path, path)
         except OSError as exc:  # a folder of that name, say: named as asked, not by the temporary file
-            raise UnwritablePath(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
+            raise _cannot_write(path, exc) from exc
         _fsync_dir(path.parent)
     finally:
         if tmp_path.exists():

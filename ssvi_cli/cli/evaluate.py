@@ -110,7 +110,6 @@ def register(app: typer.Typer) -> None:
         from ssvi_cli.evaluation import evaluator as ev
         from ssvi_cli.runs.load import load_model
         from ssvi_cli.fileio import write_json
-        from ssvi_cli.prediction import is_bayesian
 
         opts = _options(split, samples, mode, batch_size, seed)
         if plots is not None:
@@ -133,8 +132,9 @@ def register(app: typer.Typer) -> None:
                                  data_dir=data_dir, download=download, seed=seed)
         if not json_out:
             sets = f" + OOD {', '.join(data.ood)}" if data.ood else ""
-            how = (f"mc, S={opts.max_samples}" if mode == "mc" else "mean network") if is_bayesian(loaded.model) \
-                else "mean network: the model is deterministic"
+            runs = ev.effective_mode(loaded.model, mode)
+            how = (f"mc, S={opts.max_samples}" if runs == "mc" else "mean network"
+                   + (": the model is deterministic" if runs != mode else ""))
             err.print(f"evaluating {model} on {data.dataset} {split}{sets} ({how})")
         with progress_bar(enabled=not json_out) as bar:
             task = bar.add_task("predicting", total=data.total_items(), info="") if bar is not None else None

@@ -244,6 +244,11 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def effective_mode(model: torch.nn.Module, mode: str) -> str:
+    """The mode an evaluation runs in: ``mc`` becomes ``mean`` for a model with nothing to sample."""
+    return "mean" if mode == "mc" and not is_bayesian(model) else mode
+
+
 def evaluate(
     model: torch.nn.Module,
     data: EvalData,
@@ -264,9 +269,8 @@ def evaluate(
     start = time.perf_counter()
     info = dict(model_info or {})
     notes: list[str] = []
-    mode = opts.mode
-    if mode == "mc" and not is_bayesian(model):
-        mode = "mean"
+    mode = effective_mode(model, opts.mode)
+    if mode != opts.mode:
         notes.append("the model is deterministic, so it was evaluated as the mean network (S does not apply)")
     counts: list[Optional[int]] = list(opts.samples) if mode == "mc" else [None]
 

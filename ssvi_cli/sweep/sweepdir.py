@@ -40,8 +40,10 @@ def claim_sweep_dir(out_dir: Path, spec: SweepSpec, cells: list[Cell], force: bo
         old_spec, old_cells = read_spec(out_dir)
     except SweepError:  # a sweep this ssvi can no longer expand (a preset gone, say) is not the same sweep
         old_spec, old_cells = None, []
-    if old_spec is not None and replace(old_spec, axes=numbers(old_spec.axes), fixed=numbers(old_spec.fixed)) == spec:
-        return "same", old_cells  # the same grid (an older sweep may hold 1e-3 as text: the same value)
+    if old_spec is not None:  # an older sweep may hold 1e-3 as text: the same value
+        old_spec = replace(old_spec, axes=numbers(old_spec.axes), fixed=numbers(old_spec.fixed))
+    if old_spec == spec:
+        return "same", old_cells  # named as that sweep named them
     if old_spec is not None and _grows(old_spec, old_cells, spec, cells):
         return "grown", cells
     if not force:
