@@ -284,3 +284,66 @@ def test_a_file_whose_layer_was_untied_when_it_was_written_says_how_to_load_it(t
     assert type(fresh.head) is nn.Linear and fresh.head.weight is fresh.embed.weight  # left as it was
     fresh.head.weight = nn.Parameter(fresh.head.weight.detach().clone())
     assert isinstance(ssvi.load(tmp_path / "t.safetensors", model=fresh).head, SparseGaussian)
+
+
+def _digits_resnet(tmp_path, **save_args):
+    """An untrained torchvision ResNet-18 for 8x8 one-channel digits, saved as a digits model."""
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10)
+    net.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    ssvi.sparsify(net, 0.9)
+    path = tmp_path / "r.safetensors"
+    ssvi.save(net.eval(), path, architecture="torchvision:resnet18", input_shape=(1, 8, 8), dataset="digits",
+              **save_args)
+    return net, path
+
+
+def test_evaluate_normalises_a_registered_dataset_as_the_file_records(tmp_path, capsys):
+    # Saved with its own normalisation (raw pixels in [0, 1]), the model is scored on inputs made that
+    # way, as ssvi infer feeds it, not with the digits loaders' own mean and std.
+    import json
+
+    from ssvi_cli.data import build_dataset
+
+    net, path = _digits_resnet(tmp_path, mean=[0.0], std=[1.0])
+    test = build_dataset("digits", augment=False).test
+    x = test.images.float() / 16.0 if test.images.dtype == torch.uint8 else test.images.float()
+    y = test.labels
+    probs = ssvi.predict(net, x, mode="mean").probs.double()
+    nll = F.nll_loss(probs.clamp_min(1e-12).log(), y).item()
+    assert run(["evaluate", str(path), "--mode", "mean", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["metrics"]["nll"] == pytest.approx(nll, rel=1e-5)
+    assert report["metrics"]["accuracy"] == pytest.approx((probs.argmax(1) == y).double().mean().item())
+
+
+def test_a_registered_dataset_gives_the_default_normalisation_and_pixel_range(tmp_path, capsys):
+    from ssvi_cli.data import get_spec
+
+    digits = get_spec("digits")
+    _, path = _digits_resnet(tmp_path)
+    spec = read_header(path)["meta"]["data_spec"]
+    assert (spec["mean"], spec["std"], spec["pixel_max"]) == (list(digits.mean), list(digits.std), 16.0)
+    # so the digits' own raw array (0..16) predicts as it is
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    np.save(tmp_path / "raw.npy", load_digits().images[:3])
+    assert run(["infer", str(path), str(tmp_path / "raw.npy"), "--mode", "mean", "--json"]) == 0
+    # a name ssvi does not know keeps no normalisation (0 and 1)
+    net = Net()
+    ssvi.sparsify(net, 0.5)
+    ssvi.save(net, tmp_path / "n.safetensors", input_shape=(1, 8, 8), dataset="my-scans")
+    spec = read_header(tmp_path / "n.safetensors")["meta"]["data_spec"]
+    assert (spec["mean"], spec["std"], spec["pixel_max"]) == ([0.0], [1.0], 255.0)
+
+
+def test_a_normalisation_of_the_wrong_channel_count_is_refused_when_saved(tmp_path):
+    net = torchvision.models.resnet18(num_classes=10)
+    ssvi.sparsify(net, 0.9)
+    with pytest.raises(ValueError, match="2 means and stds for inputs of 3 channels; give one of each per channel"):
+        ssvi.save(net, tmp_path / "r.safetensors", architecture="torchvision:resnet18", input_shape=(3, 32, 32),
+                  mean=[0.5, 0.5], std=[0.2, 0.2])
+    assert not (tmp_path / "r.safetensors").exists()
+    ssvi.save(net, tmp_path / "r.safetensors", architecture="torchvision:resnet18", input_shape=(3, 32, 32),
+              mean=[0.5], std=[0.2])  # one for all channels

@@ -40,8 +40,11 @@ def metrics_table(report: dict[str, Any]) -> Table:
     table.add_column("value", justify="right")
     for key, label in METRIC_LABELS.items():
         table.add_row(label, fmt(report["metrics"][key]))
-    table.caption = (f"model {report['model']} ({info.get('architecture')}, {info.get('method')}, "
-                     f"sparsity {info.get('sparsity')}, trained on {info.get('trained_on')})")
+    parts = [info.get("architecture"), info.get("method"),
+             None if info.get("sparsity") is None else f"sparsity {info['sparsity']}",
+             None if info.get("trained_on") is None else f"trained on {info['trained_on']}"]
+    known = ", ".join(str(p) for p in parts if p is not None)  # a file of ssvi.save records no method
+    table.caption = f"model {report['model']}" + (f" ({known})" if known else "")
     table.caption_justify = "left"
     return table
 

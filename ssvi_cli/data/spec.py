@@ -96,7 +96,8 @@ class DataSpec:
 
     def check(self) -> None:
         """A spec a model can be used with: an input and classes, one name per class, one finite
-        mean and one positive finite std per channel; else a one-line DataError."""
+        mean and one positive finite std per channel of a (C, H, W) input (or one of each for all
+        channels); else a one-line DataError."""
         import math
 
         if any(s < 1 for s in self.input_shape) or self.num_classes < 1:  # () is a custom model's "unknown"
@@ -106,6 +107,9 @@ class DataSpec:
             raise DataError(f"data spec names {len(self.class_names)} classes for a model of {self.num_classes}")
         if len(self.mean) != len(self.std) or not self.std:
             raise DataError(f"data spec has {len(self.mean)} means and {len(self.std)} stds; give one of each per channel")
+        if len(self.input_shape) == 3 and len(self.mean) not in (1, self.input_shape[0]):
+            raise DataError(f"data spec has {len(self.mean)} means and stds for inputs of {self.input_shape[0]} "
+                            f"channels; give one of each per channel (or one for all)")
         if not all(math.isfinite(m) for m in self.mean) or not all(math.isfinite(v) and v > 0 for v in self.std):
             raise DataError(f"data spec normalisation mean={list(self.mean)} std={list(self.std)}: every mean must be "
                             "finite and every std positive")

@@ -185,7 +185,8 @@ def load_eval_data(
         raise DataError("the model was trained on its whole training set (data.val_fraction 0), so it has "
                         "no validation split; use --split test")
     ood_sets = load_requests(requests, model_spec, root, download, seed, ood_max_items, splits.heldout)
-    return EvalData(dataset=name, split=split, inputs=getattr(splits, split), ood=ood_sets)
+    inputs = getattr(splits, split).normalised_as(model_spec)  # as the file records (ssvi.save mean=), as infer does
+    return EvalData(dataset=name, split=split, inputs=inputs, ood=ood_sets)
 
 
 # --------------------------------------------------------------------------- prediction

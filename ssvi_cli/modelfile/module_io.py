@@ -20,6 +20,7 @@ from torch import nn
 from ssvi_cli.core.convert import TIED, sparsify
 from ssvi_cli.core.layers import SparseGaussian, sparse_layers
 from ssvi_cli.core.modes import evaluating, sampling
+from ssvi_cli.data.sources import get_spec
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.fileio import brief
 from ssvi_cli.modelfile.card import NO_DATASET, Architecture, ModelCard
@@ -43,8 +44,10 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
     so the file rebuilds without code; ``None`` for any other module, which
     :func:`load` fills given a model of the same structure. ``class_names`` (default ``"0"``,
     ``"1"``, ...; their number is the model's output size), ``mean``/``std`` (the input
-    normalisation ``ssvi infer`` applies to images in [0, 1]; default none), ``dataset`` and
-    ``input_shape`` describe the data in the file's model card. ``dtype``: float32, float16 or
+    normalisation ``ssvi infer`` and ``ssvi evaluate`` apply to images in [0, 1], one of each per
+    channel or one for all; default: when ``dataset`` names a registered dataset such as
+    ``"digits"``, the normalisation its loaders apply, else none), ``dataset`` and ``input_shape``
+    describe the data in the file's model card. ``dtype``: float32, float16 or
     bfloat16 values. With ``input_shape`` one forward of zeros (mean network, eval mode, every
     module's train/eval state restored) measures the output size, which ``class_names`` must match;
     a shape the model cannot take is refused. ``path`` must end in ``.safetensors``.
@@ -82,10 +85,12 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
     else:
         raise ValueError(f"architecture={architecture!r}: give 'torchvision:NAME', or None for any other module")
     channels = shape[0] if shape else 1
+    known = _registered(dataset, channels)
     spec = DataSpec(dataset, shape, num_classes,  # type: ignore[arg-type]
                     tuple(class_names) if class_names else tuple(str(i) for i in range(num_classes)),
-                    tuple(float(v) for v in mean) if mean is not None else (0.0,) * channels,
-                    tuple(float(v) for v in std) if std is not None else (1.0,) * channels)
+                    tuple(float(v) for v in mean) if mean is not None else known.mean if known else (0.0,) * channels,
+                    tuple(float(v) for v in std) if std is not None else known.std if known else (1.0,) * channels,
+                    pixel_max=known.pixel_max if known else 255.0)
     try:
         spec.check()  # a file others cannot use is refused here, not when it is read
     except DataError as exc:
@@ -140,6 +145,18 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
             module._modules.update(kept)
         raise
     return model.to(device).eval()
+
+
+def _registered(dataset: str, channels: int) -> Optional[DataSpec]:
+    """The spec of ``dataset`` when it names a registered dataset of ``channels``-channel images (its
+    loaders' normalisation and raw pixel range); None for no dataset, an image folder or any other name."""
+    if dataset == NO_DATASET or ":" in dataset:
+        return None
+    try:
+        spec = get_spec(dataset)
+    except DataError:
+        return None
+    return spec if spec.input_shape[0] == channels else None
 
 
 def _skeleton(architecture: str, shape: tuple[int, ...], num_classes: int, factory: LayerFactory) -> nn.Module:
