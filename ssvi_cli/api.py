@@ -31,7 +31,7 @@ from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.core.modes import capturing_dense_grad, sampling
 from ssvi_cli.core.subspace import OptimizerStateError, Schedule, SwapReport, collect_captured, subspace_step
 from ssvi_cli.prediction import Prediction, predict  # re-exported: the public loop pieces in one place
-from ssvi_cli.training.optim import param_groups
+from ssvi_cli.training.optim import kl_term, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +63,6 @@ class _Hook:
 
     def __reduce__(self) -> tuple[type, tuple[None]]:
         return _Hook, (None,)
-
-
-def kl_term(model: nn.Module, n_train: int, beta: float = 1.0, prior_sigma: float = 0.005) -> Tensor:
-    """``beta * sum_layers KL(q || N(0, prior_sigma^2)) / n_train``, the per-example KL of the
-    (tempered, ``beta < 1``) ELBO over the active weights only (0 for a deterministic model)."""
-    layers = [layer for _, layer in sparse_layers(model)]
-    if not layers:
-        raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
-    if not whole("n_train", n_train) >= 1:
-        raise ValueError(f"n_train={n_train}: the number of training examples must be at least 1")
-    if not real("beta", beta) >= 0 or not real("prior_sigma", prior_sigma) > 0:
-        raise ValueError(f"beta={beta}, prior_sigma={prior_sigma}: beta must be >= 0 and prior_sigma > 0")
-    total = sum((layer.kl(prior_sigma) for layer in layers), torch.zeros((), device=layers[0].mu.device))
-    return beta * total / n_train
 
 
 class Subspace:
@@ -146,6 +132,8 @@ class Subspace:
         self._dropped_at: Optional[int] = None  # the step whose capture went to the loop's own optimizer step
         self._forwards: set[bool] = set()  # the training flags of the model's forwards since the last step()
         self._told_eval = False  # the eval()-mode warning is given once
+        self._plain_steps = 0  # the loop's own optimizer steps since the last step()
+        self._told_plain = False
         self._hooks = [model.register_forward_pre_hook(_Hook(self._before_forward)),
                        model.register_forward_hook(_Hook(self._after_forward)),
                        optimizer.register_step_pre_hook(_Hook(self._before_optimizer_step))]
@@ -188,7 +176,15 @@ class Subspace:
             self._forward_only = None
 
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if optimizer in _STEPPING or self._capture is None:
+        if optimizer in _STEPPING:
+            return
+        self._plain_steps += 1
+        if self._plain_steps == self.schedule.delta_t and self.t < self.schedule.t_end and not self._told_plain:
+            self._told_plain = True  # a whole period of the loop's own steps: step() is not being called
+            log.warning("optimizer.step() ran %d times since the last Subspace.step(): the schedule stays at step %d "
+                        "and the support does not move; call subspace.step() in place of optimizer.step()",
+                        self._plain_steps, self.t)
+        if self._capture is None:
             return
         # The loop stepped the optimizer itself after a capture forward (it left the schedule, say
         # after early stopping): mu has its gradient from autograd; the dense one is dropped, and so
@@ -233,7 +229,7 @@ class Subspace:
             self._told_eval = True
             log.warning("Subspace.step() after forwards in eval() mode only: a remove-and-add step takes its dense "
                         "gradient from a train() forward, so the next one will fail; call model.train() before training")
-        self._forwards = set()
+        forwards, self._forwards, self._plain_steps = self._forwards, set(), 0
         captured = self._capture is not None
         if captured:
             scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
@@ -243,6 +239,10 @@ class Subspace:
         self._close_capture(average=False)
         update = self.schedule.is_update(self.t) and self._dropped_at != self.t
         if update:
+            if not captured and not forwards:
+                raise RuntimeError("no dense gradient for the subspace step: the model given to Subspace ran no forward "
+                                   "since the last step; call that model (model(x)), not its submodules or another "
+                                   "method, for the step's forward, then backward, then Subspace.step()")
             if not captured:
                 raise RuntimeError("no dense gradient for the subspace step: run the step's forward and "
                                    "backward with the model in train() mode before Subspace.step()")

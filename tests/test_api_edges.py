@@ -1,6 +1,7 @@
-"""The Python API at its edges: a loop that leaves the schedule, a second Subspace on one model, a
-layer called twice in one forward, unbatched and empty conv inputs, and arguments of the wrong type
-or value (one line naming the argument, never a comparison error from deep inside)."""
+"""The Python API at its edges: a loop that leaves the schedule (or never calls step()), a second
+Subspace on one model, a forward through submodules only, a layer called twice in one forward,
+unbatched and empty conv inputs, and arguments of the wrong type or value (one line naming the
+argument, never a comparison error from deep inside)."""
 
 import logging
 
@@ -58,6 +59,42 @@ def test_a_loop_that_steps_the_optimizer_itself_trains_mu_and_skips_that_remove_
         moved.append(subspace.step())
         optimizer.zero_grad()
     assert [i for i, m in enumerate(moved) if m] == [100] and subspace.t == 201
+
+
+def test_a_loop_that_never_calls_step_is_told_once(caplog):
+    # optimizer.step() where subspace.step() belongs: the schedule would stay at step 0 silently.
+    model, (x, y) = mlp(), data()
+    optimizer = torch.optim.SGD(ssvi.param_groups(model, lr=0.1, lr_sigma=0.01))
+    subspace = ssvi.Subspace(model, optimizer, total_steps=100, delta_t=10)
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli.api"):
+        for _ in range(25):
+            train_step(model, x, y)
+            optimizer.step()
+            optimizer.zero_grad()
+    assert caplog.text.count("optimizer.step() ran 10 times since the last Subspace.step(): the schedule stays at "
+                             "step 0") == 1 and subspace.t == 0
+
+
+def test_a_step_whose_forward_called_only_submodules_says_to_call_the_model():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(64, 32), nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+    model, (x, y) = Net(), data()
+    ssvi.sparsify(model, 0.7)
+    optimizer = torch.optim.SGD(ssvi.param_groups(model, lr=0.1, lr_sigma=0.01))
+    subspace = ssvi.Subspace(model, optimizer, total_steps=10, delta_t=2)
+    with pytest.raises(RuntimeError, match=r"ran no forward since the last step; call that model \(model\(x\)\), "
+                                           "not its submodules"):
+        for _ in range(3):
+            F.cross_entropy(model.head(torch.relu(model.body(x))), y).backward()
+            subspace.step()
+            optimizer.zero_grad()
+    assert subspace.t == 2
 
 
 def test_mu_gets_its_gradient_from_a_capture_forward_as_from_any_other():

@@ -347,3 +347,19 @@ def test_a_normalisation_of_the_wrong_channel_count_is_refused_when_saved(tmp_pa
     assert not (tmp_path / "r.safetensors").exists()
     ssvi.save(net, tmp_path / "r.safetensors", architecture="torchvision:resnet18", input_shape=(3, 32, 32),
               mean=[0.5], std=[0.2])  # one for all channels
+
+
+def test_a_compiled_or_data_parallel_model_saves_and_loads_as_the_plain_one(tmp_path):
+    net = trained_net(tmp_path)
+    x = torch.randn(4, 1, 8, 8)
+    want = ssvi.predict(net, x, mode="mean").probs
+    for wrap in (lambda m: torch.compile(m, backend="eager"), nn.DataParallel):
+        path = tmp_path / "w.safetensors"
+        ssvi.save(wrap(net), path, input_shape=(1, 8, 8))
+        meta = read_header(path)["meta"]
+        assert meta["architecture"]["name"].endswith("test_module_io.Net")
+        assert {r["name"] for r in meta["layers"]} == {name for name, _ in sparse_layers(net)}
+        assert torch.equal(ssvi.predict(ssvi.load(path, model=Net()), x, mode="mean").probs, want)
+        wrapped = wrap(Net())  # and a wrapped model, unconverted, loads the plain file and comes back wrapped
+        assert ssvi.load(path, model=wrapped) is wrapped
+        assert torch.equal(ssvi.predict(wrapped, x, mode="mean").probs, want)

@@ -36,7 +36,8 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
          input_shape: Optional[Sequence[int]] = None, class_names: Optional[Sequence[str]] = None,
          mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
          dataset: str = NO_DATASET, dtype: str = "float32") -> int:
-    """Write ``model`` (converted by :func:`ssvi_cli.sparsify`) as a compact model file, atomically;
+    """Write ``model`` (converted by :func:`ssvi_cli.sparsify`; a torch.compile or
+    (Distributed)DataParallel wrapper is looked through) as a compact model file, atomically;
     returns its size in bytes.
 
     ``architecture``: ``"torchvision:NAME"`` when ``model`` is that torchvision builder's network
@@ -52,6 +53,7 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
     module's train/eval state restored) measures the output size, which ``class_names`` must match;
     a shape the model cannot take is refused. ``path`` must end in ``.safetensors``.
     """
+    model = unwrapped(model)
     layers = sparse_layers(model)
     if not layers:
         raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
@@ -106,12 +108,15 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
 
     Without ``model`` the file must describe a buildable architecture (ssvi's own or
     ``torchvision:NAME``). With ``model`` (an instance of the saved module's class, deterministic
-    or already converted) its layers are converted to the file's structure if needed and filled from
-    the file; a layer or tensor that does not match raises :class:`ModelFileError` naming it.
+    or already converted; or such a model wrapped by torch.compile or (Distributed)DataParallel,
+    which is returned as passed) its layers are converted to the file's structure if needed and
+    filled from the file; a layer or tensor that does not match raises :class:`ModelFileError`
+    naming it.
     """
     path = Path(path)
     if model is None:
         return read_model_file(path, device=device or "cpu", kernel=kernel).model
+    wrapper, model = model, unwrapped(model)
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     head = read_header(path)
@@ -123,7 +128,7 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
     target = f"the {type(model).__name__} passed to load"
     if sparse_layers(model):
         install(model, path, meta, read_tensors(path), target=target)  # validates before it changes anything
-        return model.to(device).eval()
+        return wrapper.to(device).eval()
     # Converting swaps layers into their parents' child lists: if the file then does not fit, put the
     # user's layers back rather than leave the model converted with empty supports.
     children = [(module, dict(module._modules)) for module in model.modules()]
@@ -144,7 +149,20 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
             module._modules.clear()
             module._modules.update(kept)
         raise
-    return model.to(device).eval()
+    return wrapper.to(device).eval()
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside torch.compile's and (Distributed)DataParallel's wrappers (``model`` itself
+    when it is not wrapped): a file names its layers as the plain model does."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if isinstance(inner, nn.Module):
+            model = inner
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
 
 
 def _registered(dataset: str, channels: int) -> Optional[DataSpec]:

@@ -1,4 +1,4 @@
-"""The optimizer and the two schedules of a run (METHOD.md §2, §5): learning rate and KL weight.
+"""The optimizer, the KL term and the two schedules of a run (METHOD.md §2, §5): learning rate and KL weight.
 
 Group 1 holds mu, biases and BatchNorm (``lr``, weight decay); group 2 holds rho (``lr_sigma``, no
 weight decay). Both learning rates follow the same schedule factor.
@@ -12,10 +12,28 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ssvi_cli.argcheck import real
+from ssvi_cli.argcheck import real, whole
 from ssvi_cli.config import Config, OptimConfig
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.registry import Registry
+
+def kl_term(model: nn.Module, n_train: int, beta: float = 1.0, prior_sigma: float = 0.005) -> torch.Tensor:
+    """``beta * sum_layers KL(q || N(0, prior_sigma^2)) / n_train``, the per-example KL of the
+    (tempered, ``beta < 1``) ELBO over the active weights only (0 for a deterministic model)."""
+    layers = [layer for _, layer in sparse_layers(model)]
+    if not layers:
+        raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
+    if not whole("n_train", n_train) >= 1:
+        raise ValueError(f"n_train={n_train}: the number of training examples must be at least 1")
+    if not real("beta", beta) >= 0 or not real("prior_sigma", prior_sigma) > 0:
+        raise ValueError(f"beta={beta}, prior_sigma={prior_sigma}: beta must be >= 0 and prior_sigma > 0")
+    return beta * total_kl(model, prior_sigma, layers[0].mu.device) / n_train
+
+
+def total_kl(model: nn.Module, prior_sigma: float, device: torch.device) -> torch.Tensor:
+    """``sum_layers KL(q || N(0, prior_sigma^2))`` over the active weights (0 for a deterministic model)."""
+    return sum((layer.kl(prior_sigma) for _, layer in sparse_layers(model)), torch.zeros((), device=device))
+
 
 OPTIMIZERS: Registry[Callable[[list[dict], OptimConfig], torch.optim.Optimizer]] = Registry("optimizer")
 OPTIMIZERS.add("sgd", lambda groups, o: torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum))

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ssvi_cli.config import Config, dump_yaml
-from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.core.modes import capturing_dense_grad, sampling
 from ssvi_cli.core.overlap import criteria_overlap
 from ssvi_cli.core.subspace import Schedule, SwapReport, collect_captured, subspace_step
@@ -28,7 +27,7 @@ from ssvi_cli.runs import checkpoint as ckpt
 from ssvi_cli.training import distributed
 from ssvi_cli.training.distributed import SINGLE, DistInfo
 from ssvi_cli.training.init_from import model_from_weights
-from ssvi_cli.training.optim import kl_weight, lr_factor, make_optimizer
+from ssvi_cli.training.optim import kl_weight, lr_factor, make_optimizer, total_kl
 from ssvi_cli.training.plan import RunPlan, init_model
 from ssvi_cli.training.records import EpochStats, Progress, TrainState
 from ssvi_cli.training.stops import Interrupted, stop_signals
@@ -186,8 +185,7 @@ class Trainer:
             # Ranks' gradients are averaged; weighting this rank's mean by its share of the global
             # batch makes the average exactly the single-process gradient, also for unequal shards.
             share = len(y) * self.dist.world_size / batch_total
-            kl = sum((layer.kl(cfg.bayes.prior_sigma) for _, layer in sparse_layers(model)),
-                     torch.zeros((), device=x.device))
+            kl = total_kl(model, cfg.bayes.prior_sigma, x.device)
             weight = self.kl_weight(t)
             loss = nll * share + weight * kl
             self._check_finite(nll, kl, loss)
