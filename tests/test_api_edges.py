@@ -280,10 +280,21 @@ def test_a_sparse_conv_takes_an_unbatched_image_and_an_empty_batch():
     assert ssvi.predict(model, torch.zeros(0, 1, 8, 8), samples=2).probs.shape == (0, 10)
 
 
+def sparse_kernel_linear() -> nn.Module:
+    model = nn.Sequential(nn.Linear(64, 32))
+    ssvi.sparsify(model, 0.9, kernel="sparse")
+    return model
+
+
 @pytest.mark.parametrize("call, error, text", [
     (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), "abc"), TypeError, "sparsity must be a number"),
     (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.5, moped_delta=-1.0), ValueError, "moped_delta=-1.0"),
     (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.5, moped_delta=0.0), ValueError, "moped_delta=0.0"),
+    (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.5, moped_delta=0.1, from_weights=False), ValueError,
+     "moped_delta sets sigma from the trained weights"),
+    (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.999999), ValueError, "sparsity 0.999999 leaves layer 0"),
+    (lambda m, o: sparse_kernel_linear()(torch.zeros(2, 21)), RuntimeError,
+     r"mat1 and mat2 shapes cannot be multiplied \(2x21 and 64x32\)"),  # nn.Linear's words, not transposed
     (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.5, sigma_mean=-1.0), ValueError, "sigma_mean=-1.0"),
     (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.5, sigma_std=-5e-4), ValueError, "sigma_std"),
     (lambda m, o: ssvi.sparsify(nn.Sequential(nn.LSTM(4, 4)), 0.5), ValueError, "no Linear or Conv2d layer"),

@@ -49,7 +49,7 @@ def layer_densities(layers: list[tuple[str, SparseGaussian]], density: float, al
     for name, layer in layers:
         if active_count(layer.numel, out[name]) < 1:
             raise AllocationError(
-                f"sparsity {1 - density:.4g} leaves layer {name} ({layer.numel} weights) with no "
+                f"sparsity {round(1 - density, 12)} leaves layer {name} ({layer.numel} weights) with no "
                 f"active weight; use a lower sparsity (at most {1 - 0.5 / layer.numel:.6g})"
             )
     return out

@@ -166,6 +166,9 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity={sparsity} must be in [0, 1)")
     _check_sigma_init(sigma_mean, sigma_std, moped_delta)
+    if moped_delta is not None and not from_weights:
+        raise ValueError("moped_delta sets sigma from the trained weights (moped_delta * |w|), and from_weights=False "
+                         "uses none; drop moped_delta, or convert from the weights")
     dense, deterministic = _patterns(dense), _patterns(deterministic)
     targets, kept = _targets(model)
     if not structure_only:  # a typo would silently leave a layer sparse or Bayesian

@@ -261,6 +261,12 @@ class SparseLinear(SparseGaussian):
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True, **kw) -> None:
         super().__init__((out_features, in_features), bias=bias, **kw)
 
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() >= 1 and x.shape[-1] != self.weight_shape[1]:  # nn.Linear's message, not the kernels' transposed one
+            raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({x.shape[:-1].numel()}x{x.shape[-1]} and "
+                               f"{self.weight_shape[1]}x{self.weight_shape[0]})")
+        return super().forward(x)
+
     def dense_op(self, x: Tensor, weight: Tensor) -> Tensor:
         return F.linear(x, weight)
 
