@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ssvi_cli.fileio import check_writable, json_default
+from ssvi_cli.config import DEVICES
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -62,15 +63,20 @@ def check_output_dir(path: Path, flag: str) -> None:
     check_writable(path, f"{flag} {path}")  # or, while missing, the folder it would be made in
 
 
-def check_device(device: str) -> None:
-    """``--device cpu|cuda`` of the commands that run a saved model; CUDA must be present."""
-    if device not in ("cpu", "cuda"):
-        raise UsageError(f"--device {device!r} is not valid; valid values are: cpu, cuda")
-    if device == "cuda":
-        import torch
+def check_device(device: str) -> str:
+    """``--device auto|cpu|cuda`` of the commands that run a saved model, as the device to use:
+    ``auto`` is CUDA when present; ``cuda`` must be present."""
+    import torch
 
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda was requested but no CUDA device is available")
+    if device not in DEVICES:
+        gpu = device.partition(":")[2] if device.startswith("cuda:") else ""
+        raise UsageError(f"--device {device!r} is not valid; valid values are: {', '.join(DEVICES)}"
+                         + (f" (pick the GPU with CUDA_VISIBLE_DEVICES={gpu} and --device cuda)" if gpu else ""))
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was requested but no CUDA device is available")
+    return device
 
 
 def print_json(obj: Any) -> None:

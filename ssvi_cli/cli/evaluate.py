@@ -104,7 +104,7 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option(help="Seed of the Monte Carlo draws and of the OOD subsets.")] = 0,
         data_dir: Annotated[Optional[Path], typer.Option(help="Folder of torchvision datasets, for the in-distribution data and --ood NAME (default: the training config's, else ~/.cache/ssvi/data).")] = None,
         download: Annotated[bool, typer.Option(help="Download missing torchvision datasets.")] = False,
-        device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+        device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
         json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document (and nothing else) on stdout.")] = False,
         output: Annotated[Optional[Path], typer.Option(help="Also write the JSON report to this file (atomically).")] = None,
         plots: Annotated[Optional[Path], typer.Option(help="Write reliability.png and ood_scores.png into this folder.")] = None,
@@ -128,7 +128,7 @@ def register(app: typer.Typer) -> None:
             check_output_file(output, "--output")
         if plots is not None:
             check_output_dir(plots, "--plots")
-        check_device(device)
+        device = check_device(device)
         loaded = load_model(model)
         loaded.model.to(device)
         data = ev.load_eval_data(loaded.spec, loaded.card.training, dataset=dataset, split=split, ood=tuple(ood or ()),

@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
         top_k: Annotated[int, typer.Option(help="Classes listed per input.")] = 3,
         seed: Annotated[int, typer.Option(help="Seed of the Monte Carlo draws.")] = 0,
         output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write all predictions to preds.jsonl or preds.csv.")] = None,
-        device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+        device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
         json_out: Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")] = False,
     ) -> None:
         """Predict class, probability, top-k, predictive entropy and mutual information per input."""
@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--output {output} must end in {' or '.join(OUTPUT_SUFFIXES)}")
         if output is not None:
             check_output_file(output, "--output")
-        check_device(device)
+        device = check_device(device)
         files = expand_inputs(inputs)
         loaded = load_model(model_file, kernel="prediction")
         loaded.model.to(device)

@@ -11,7 +11,8 @@ from typing import Any, Optional
 
 import torch
 
-from ssvi_cli.config import IMAGEFOLDER_KEYS, Config, ConfigError, DataConfig, apply_overrides, from_dict
+from ssvi_cli.config import (DEVICES, IMAGEFOLDER_KEYS, Config, ConfigError, DataConfig, apply_overrides,
+                             from_dict)
 from ssvi_cli.core.allocation import InitSpec, initialise, layer_densities
 from ssvi_cli.core.criteria import REMOVAL_CRITERIA
 from ssvi_cli.core.layers import sparse_layers
@@ -20,8 +21,6 @@ from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.modelfile import ModelCard, build_model
 from ssvi_cli.models import SSVIModel, check_model_name, input_error
 from ssvi_cli.runs.rundir import RunDir
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(name: str) -> torch.device:
