@@ -179,11 +179,12 @@ class Subspace:
         if optimizer in _STEPPING:
             return
         self._plain_steps += 1
-        if self._plain_steps == self.schedule.delta_t and self.t < self.schedule.t_end and not self._told_plain:
+        ahead = (self.t // self.schedule.delta_t + 1) * self.schedule.delta_t < self.schedule.t_end  # a swap to come
+        if self._plain_steps == self.schedule.delta_t and ahead and not self._told_plain:
             self._told_plain = True  # a whole period of the loop's own steps: step() is not being called
             log.warning("optimizer.step() ran %d times since the last Subspace.step(): the schedule stays at step %d "
-                        "and the support does not move; call subspace.step() in place of optimizer.step()",
-                        self._plain_steps, self.t)
+                        "and the support does not move; call subspace.step() in place of optimizer.step(), or "
+                        "subspace.remove() to leave the schedule", self._plain_steps, self.t)
         if self._capture is None:
             return
         # The loop stepped the optimizer itself after a capture forward (it left the schedule, say

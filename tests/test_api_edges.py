@@ -280,6 +280,11 @@ def test_a_sparse_conv_takes_an_unbatched_image_and_an_empty_batch():
     assert ssvi.predict(model, torch.zeros(0, 1, 8, 8), samples=2).probs.shape == (0, 10)
 
 
+def test_the_highest_sparsity_an_error_suggests_is_accepted():
+    report = ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.9375)
+    assert "0.0625" in str(report)  # one weight of 16
+
+
 def sparse_kernel_linear() -> nn.Module:
     model = nn.Sequential(nn.Linear(64, 32))
     ssvi.sparsify(model, 0.9, kernel="sparse")
@@ -292,7 +297,9 @@ def sparse_kernel_linear() -> nn.Module:
     (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.5, moped_delta=0.0), ValueError, "moped_delta=0.0"),
     (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.5, moped_delta=0.1, from_weights=False), ValueError,
      "moped_delta sets sigma from the trained weights"),
-    (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.999999), ValueError, "sparsity 0.999999 leaves layer 0"),
+    (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.999999), ValueError,
+     r"sparsity 0.999999 leaves layer 0 \(16 weights\) with no active weight; use a lower sparsity \(at most 0.9375"),
+    (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.96875), ValueError, r"at most 0.9375: one weight"),
     (lambda m, o: sparse_kernel_linear()(torch.zeros(2, 21)), RuntimeError,
      r"mat1 and mat2 shapes cannot be multiplied \(2x21 and 64x32\)"),  # nn.Linear's words, not transposed
     (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.5, sigma_mean=-1.0), ValueError, "sigma_mean=-1.0"),

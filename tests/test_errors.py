@@ -124,7 +124,7 @@ CASES = [
     (["infer", "{ws}/run", "{ws}/ok.npy", "--output", "{ws}/p.txt"], "must end in .jsonl or .csv"),
     (["infer", "{ws}/run", "{ws}/ok.npy", "--device", "cuda"], "no CUDA device is available"),
     (["infer", "{ws}/run", "{ws}/ok.npy", "--device", "cuda:1"],
-     "--device 'cuda:1' is not valid; valid values are: auto, cpu, cuda (pick the GPU with CUDA_VISIBLE_DEVICES=1"),
+     "unknown device 'cuda:1'; valid values are: auto, cpu, cuda (pick the GPU with CUDA_VISIBLE_DEVICES=1"),
     # evaluate
     (["evaluate", "{ws}/empty_dir"], "has no checkpoint"),
     (["evaluate", "{ws}/missing"], "does not exist"),

@@ -11,6 +11,7 @@ import torch
 
 from ssvi_cli import config as C
 from ssvi_cli.evaluation import evaluator as E
+from ssvi_cli.evaluation.inputs import load_eval_data
 from ssvi_cli.evaluation.ood_sets import load_ood
 from ssvi_cli.modelfile import Training
 from ssvi_cli import metrics as M
@@ -34,7 +35,7 @@ def run(tmp_path_factory) -> tuple[Path, LoadedModel]:
 
 
 def _evaluate(loaded: LoadedModel, ood=(), **opts) -> E.EvaluationResult:
-    data = E.load_eval_data(loaded.spec, loaded.card.training, split=opts.pop("split", "test"), ood=ood,
+    data = load_eval_data(loaded.spec, loaded.card.training, split=opts.pop("split", "test"), ood=ood,
                             seed=opts.get("seed", 0), ood_max_items=300)
     return E.evaluate(loaded.model, data, E.EvalOptions(**opts))
 
@@ -96,7 +97,7 @@ def test_smaller_sample_counts_are_prefixes_of_one_pass(run):
     """The S=3 numbers of a (3, 8) evaluation equal an independent 3-sample prediction."""
     _, loaded = run
     report = _evaluate(loaded, ood=("noise",), samples=(3, 8), seed=5, batch_size=1000).report
-    data = E.load_eval_data(loaded.spec, loaded.card.training)
+    data = load_eval_data(loaded.spec, loaded.card.training)
     x = torch.stack([data.inputs[i][0] for i in range(len(data.inputs))])
     y = np.array([data.inputs[i][1] for i in range(len(data.inputs))])
     torch.manual_seed(5)
@@ -173,36 +174,36 @@ def test_reliability_matches_the_metrics_module(run):
 def test_val_split_is_the_training_time_validation_split(run):
     run_dir, loaded = run
     trainer = Trainer.resume(run_dir)
-    data = E.load_eval_data(loaded.spec, loaded.card.training, split="val")
+    data = load_eval_data(loaded.spec, loaded.card.training, split="val")
     assert data.split == "val"
     assert torch.equal(data.inputs.indices, trainer.splits.val.indices)
-    assert len(data.inputs) < len(E.load_eval_data(loaded.spec, loaded.card.training).inputs)
+    assert len(data.inputs) < len(load_eval_data(loaded.spec, loaded.card.training).inputs)
 
 
 def test_val_split_needs_the_recorded_training_config(run):
     _, loaded = run
     with pytest.raises(DataError, match="--split test"):
-        E.load_eval_data(loaded.spec, Training(), split="val")
+        load_eval_data(loaded.spec, Training(), split="val")
 
 
 def test_unknown_names_list_the_valid_ones(run):
     _, loaded = run
     with pytest.raises(DataError, match="valid names are: .*digits.*mnist"):
-        E.load_eval_data(loaded.spec, loaded.card.training, dataset="imagenet")
+        load_eval_data(loaded.spec, loaded.card.training, dataset="imagenet")
     with pytest.raises(DataError, match="valid names are: .*noise.*sklearn-photos"):
-        E.load_eval_data(loaded.spec, loaded.card.training, ood=("gaussian",))
+        load_eval_data(loaded.spec, loaded.card.training, ood=("gaussian",))
 
 
 def test_in_distribution_set_is_refused_as_ood():
     # Checked before any file is read, so no MNIST files are needed.
     with pytest.raises(DataError, match="--ood mnist is the in-distribution dataset itself"):
-        E.load_eval_data(get_spec("mnist"), Training(), ood=("noise", "mnist"))
+        load_eval_data(get_spec("mnist"), Training(), ood=("noise", "mnist"))
 
 
 def test_dataset_with_other_shape_is_refused_with_a_hint(run):
     _, loaded = run
     with pytest.raises(DataError, match=r"takes \(1, 8, 8\).*--ood mnist"):
-        E.load_eval_data(loaded.spec, loaded.card.training, dataset="mnist")
+        load_eval_data(loaded.spec, loaded.card.training, dataset="mnist")
 
 
 def test_ood_shapes_that_cannot_be_reconciled_are_named():
@@ -216,21 +217,21 @@ def test_ood_shapes_that_cannot_be_reconciled_are_named():
 def test_missing_torchvision_data_offline_says_how_to_get_it(run, tmp_path):
     _, loaded = run
     with pytest.raises(DatasetUnavailable, match="--download"):
-        E.load_eval_data(loaded.spec, loaded.card.training, ood=("svhn",), data_dir=tmp_path)
+        load_eval_data(loaded.spec, loaded.card.training, ood=("svhn",), data_dir=tmp_path)
 
 
 def test_a_class_subset_is_rebuilt_from_the_spec_alone(tmp_path):
     loaded = _train(tmp_path / "part", **{"data.classes": ("3", "8"), "train.epochs": 1})
-    data = E.load_eval_data(loaded.spec, Training(), ood=("heldout",), ood_max_items=None)  # no training config
+    data = load_eval_data(loaded.spec, Training(), ood=("heldout",), ood_max_items=None)  # no training config
     assert loaded.spec.class_names == ("3", "8") and set(data.inputs.labels.tolist()) == {0, 1}
     assert len(data.inputs) + len(data.ood["heldout"]) == 360
     with pytest.raises(DataError, match="is given twice with different folders"):
-        E.load_eval_data(loaded.spec, Training(), ood=("mnist=/a", "mnist=/b"))
+        load_eval_data(loaded.spec, Training(), ood=("mnist=/a", "mnist=/b"))
 
 
 def test_duplicate_ood_names_are_evaluated_once(run):
     _, loaded = run
-    data = E.load_eval_data(loaded.spec, loaded.card.training, ood=("noise", "noise"), ood_max_items=50)
+    data = load_eval_data(loaded.spec, loaded.card.training, ood=("noise", "noise"), ood_max_items=50)
     assert list(data.ood) == ["noise"] and data.total_items() == 360 + 50
 
 
@@ -238,7 +239,7 @@ def test_class_names_must_match_unless_the_model_has_placeholder_names():
     import dataclasses
 
     from ssvi_cli.data import DataError, get_spec
-    from ssvi_cli.evaluation.evaluator import _check_compatible
+    from ssvi_cli.evaluation.inputs import _check_compatible
 
     mnist = get_spec("mnist")
     named = dataclasses.replace(mnist, class_names=tuple(f"class {i}" for i in range(10)))

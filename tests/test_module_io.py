@@ -311,13 +311,16 @@ def test_evaluate_normalises_a_registered_dataset_as_the_file_records(tmp_path, 
     y = test.labels
     probs = ssvi.predict(net, x, mode="mean").probs.double()
     nll = F.nll_loss(probs.clamp_min(1e-12).log(), y).item()
-    assert run(["evaluate", str(path), "--mode", "mean", "--json"]) == 0
+    assert run(["evaluate", str(path), "--mode", "mean", "--json", "--device", "cpu"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["metrics"]["nll"] == pytest.approx(nll, rel=1e-5)
     assert report["metrics"]["accuracy"] == pytest.approx((probs.argmax(1) == y).double().mean().item())
+    assert report["notes"] == ["the inputs were normalised as the model file records (mean [0.0], std [1.0]), not as "
+                               "the loaders of digits do (mean [0.30526], std [0.37605]); if the model was trained on the "
+                               "loaders' inputs, save it again with ssvi.save(..., mean=, std=) as they are"]
 
 
-def test_a_registered_dataset_gives_the_default_normalisation_and_pixel_range(tmp_path, capsys):
+def test_a_registered_dataset_gives_the_default_normalisation_and_pixel_range(tmp_path, capsys, caplog):
     from ssvi_cli.data import get_spec
 
     digits = get_spec("digits")
@@ -330,6 +333,14 @@ def test_a_registered_dataset_gives_the_default_normalisation_and_pixel_range(tm
 
     np.save(tmp_path / "raw.npy", load_digits().images[:3])
     assert run(["infer", str(path), str(tmp_path / "raw.npy"), "--mode", "mean", "--json"]) == 0
+    # without input_shape the dataset's own channels count; a shape of other channels records none, and says so
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10))
+    ssvi.sparsify(mlp, 0.5)
+    ssvi.save(mlp, tmp_path / "c.safetensors", dataset="cifar10")
+    assert read_header(tmp_path / "c.safetensors")["meta"]["data_spec"]["mean"] == list(get_spec("cifar10").mean)
+    ssvi.save(mlp, tmp_path / "c.safetensors", dataset="digits", input_shape=(3, 4, 4))
+    assert read_header(tmp_path / "c.safetensors")["meta"]["data_spec"]["mean"] == [0.0, 0.0, 0.0]
+    assert "dataset='digits' has 1-channel images but input_shape (3, 4, 4) has 3 channels" in caplog.text
     # a name ssvi does not know keeps no normalisation (0 and 1)
     net = Net()
     ssvi.sparsify(net, 0.5)
@@ -363,3 +374,10 @@ def test_a_compiled_or_data_parallel_model_saves_and_loads_as_the_plain_one(tmp_
         wrapped = wrap(Net())  # and a wrapped model, unconverted, loads the plain file and comes back wrapped
         assert ssvi.load(path, model=wrapped) is wrapped
         assert torch.equal(ssvi.predict(wrapped, x, mode="mean").probs, want)
+    # DDP has registered the parameters a load would replace or resize: load first, then wrap
+    ddp = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)
+    nn.Module.__init__(ddp)
+    ddp.module = Net()  # the wrapper's shape without a process group
+    with pytest.raises(ValueError, match="load into the model before wrapping it in DistributedDataParallel"):
+        ssvi.load(path, model=torch.compile(ddp, backend="eager"))
+    assert not sparse_layers(ddp.module)

@@ -112,10 +112,10 @@ def test_heldout_scores_the_other_classes_of_the_test_split(capsys, subset_model
 
 
 def test_heldout_is_capped_and_seeded_like_every_ood_set(subset_model):
-    from ssvi_cli.evaluation import evaluator
+    from ssvi_cli.evaluation import inputs
 
     loaded = load_model(subset_model)
-    first, again, other = (evaluator.load_eval_data(loaded.spec, loaded.card.training, ood=("heldout",), seed=s,
+    first, again, other = (inputs.load_eval_data(loaded.spec, loaded.card.training, ood=("heldout",), seed=s,
                                                     ood_max_items=50).ood["heldout"] for s in (0, 0, 1))
     assert len(first) == 50 and (first.images == again.images).all() and not (first.images == other.images).all()
 

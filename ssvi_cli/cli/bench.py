@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
         input_size: Annotated[Optional[int], typer.Option(min=1, help="Height and width of the synthetic inputs (default: 28 for mlp and lenet5, 32 for resnet18, 64 for torchvision).")] = None,
         threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: torch's current setting).")] = None,
         warmup: Annotated[int, typer.Option(min=0, help="Untimed warm-up runs per variant.")] = 2,
-        device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda (timings synchronise the GPU around every run).")] = "auto",
+        device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); timings synchronise the GPU around every run.")] = "cpu",
         json_out: Annotated[bool, typer.Option("--json", help="Print the full result as JSON only.")] = False,
     ) -> None:
         """Time training steps and MC prediction of SSVI against dense VI, side by side, and measure memory."""

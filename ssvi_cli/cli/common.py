@@ -13,7 +13,6 @@ from rich.console import Console
 from rich.table import Table
 
 from ssvi_cli.fileio import check_writable, json_default
-from ssvi_cli.config import DEVICES
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -64,19 +63,15 @@ def check_output_dir(path: Path, flag: str) -> None:
 
 
 def check_device(device: str) -> str:
-    """``--device auto|cpu|cuda`` of the commands that run a saved model, as the device to use:
-    ``auto`` is CUDA when present; ``cuda`` must be present."""
-    import torch
+    """``--device cpu|cuda|auto`` of the commands that run a saved model, as the device to use
+    (``training.plan.resolve_device``: ``auto`` is CUDA when present; ``cuda`` must be present)."""
+    from ssvi_cli.config import ConfigError
+    from ssvi_cli.training.plan import resolve_device
 
-    if device not in DEVICES:
-        gpu = device.partition(":")[2] if device.startswith("cuda:") else ""
-        raise UsageError(f"--device {device!r} is not valid; valid values are: {', '.join(DEVICES)}"
-                         + (f" (pick the GPU with CUDA_VISIBLE_DEVICES={gpu} and --device cuda)" if gpu else ""))
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was requested but no CUDA device is available")
-    return device
+    try:
+        return str(resolve_device(device))
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def print_json(obj: Any) -> None:

@@ -33,6 +33,8 @@ def _setting(report: dict[str, Any], samples: Optional[int] = None) -> str:
 
 
 def metrics_table(report: dict[str, Any]) -> Table:
+    from ssvi_cli.modelfile.card import NO_DATASET
+
     info = report["model_info"]
     table = Table(title=f"{report['dataset']} {report['split']} (n={report['n']}), {_setting(report)}, "
                         f"seed {report['seed']}", title_justify="left", box=box.SIMPLE_HEAD)
@@ -42,7 +44,7 @@ def metrics_table(report: dict[str, Any]) -> Table:
         table.add_row(label, fmt(report["metrics"][key]))
     parts = [info.get("architecture"), info.get("method"),
              None if info.get("sparsity") is None else f"sparsity {info['sparsity']}",
-             None if info.get("trained_on") is None else f"trained on {info['trained_on']}"]
+             None if info.get("trained_on") in (None, NO_DATASET) else f"trained on {info['trained_on']}"]
     known = ", ".join(str(p) for p in parts if p is not None)  # a file of ssvi.save records no method
     table.caption = f"model {report['model']}" + (f" ({known})" if known else "")
     table.caption_justify = "left"
@@ -104,13 +106,14 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option(help="Seed of the Monte Carlo draws and of the OOD subsets.")] = 0,
         data_dir: Annotated[Optional[Path], typer.Option(help="Folder of torchvision datasets, for the in-distribution data and --ood NAME (default: the training config's, else ~/.cache/ssvi/data).")] = None,
         download: Annotated[bool, typer.Option(help="Download missing torchvision datasets.")] = False,
-        device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
+        device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); the default, cpu, gives the same numbers on any machine.")] = "cpu",
         json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document (and nothing else) on stdout.")] = False,
         output: Annotated[Optional[Path], typer.Option(help="Also write the JSON report to this file (atomically).")] = None,
         plots: Annotated[Optional[Path], typer.Option(help="Write reliability.png and ood_scores.png into this folder.")] = None,
     ) -> None:
         """Accuracy, calibration (ECE, debiased class-marginal L2 CE), uncertainty and OOD detection."""
         from ssvi_cli.evaluation import evaluator as ev
+        from ssvi_cli.evaluation.inputs import load_eval_data
         from ssvi_cli.runs.load import load_model
         from ssvi_cli.fileio import write_json
 
@@ -131,7 +134,7 @@ def register(app: typer.Typer) -> None:
         device = check_device(device)
         loaded = load_model(model)
         loaded.model.to(device)
-        data = ev.load_eval_data(loaded.spec, loaded.card.training, dataset=dataset, split=split, ood=tuple(ood or ()),
+        data = load_eval_data(loaded.spec, loaded.card.training, dataset=dataset, split=split, ood=tuple(ood or ()),
                                  data_dir=data_dir, download=download, seed=seed)
         if not json_out:
             sets = f" + OOD {', '.join(data.ood)}" if data.ood else ""

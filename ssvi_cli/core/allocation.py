@@ -49,8 +49,8 @@ def layer_densities(layers: list[tuple[str, SparseGaussian]], density: float, al
     for name, layer in layers:
         if active_count(layer.numel, out[name]) < 1:
             raise AllocationError(
-                f"sparsity {round(1 - density, 12)} leaves layer {name} ({layer.numel} weights) with no "
-                f"active weight; use a lower sparsity (at most {1 - 0.5 / layer.numel:.6g})"
+                f"sparsity {1 - density:.15g} leaves layer {name} ({layer.numel} weights) with no "
+                f"active weight; use a lower sparsity (at most {round(1 - 1 / layer.numel, 12)}: one weight)"
             )
     return out
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -24,19 +24,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ssvi_cli import metrics as M
-from ssvi_cli.data import DataError, DataSpec, build_dataset, check_dataset_name, data_config_for, get_spec
-from ssvi_cli.data.ood import ood_names
-from ssvi_cli.evaluation.ood_sets import load_requests, resolve_requests
-from ssvi_cli.modelfile import NO_DATASET, ModelCard, Training
+from ssvi_cli.evaluation.inputs import SPLITS, EvalData
+from ssvi_cli.modelfile import ModelCard
 from ssvi_cli.prediction import MODES, is_bayesian, predict_loader
 
 FORMAT = "ssvi-evaluation"
 VERSION = 1
 DEFAULT_SAMPLES = 30
 DEFAULT_BATCH_SIZE = 500
-SPLITS = ("test", "val")
 ECE_BINS = 15
-OOD_MAX_ITEMS = 2000  # items drawn (seeded) from each OOD set
 
 
 @dataclass(frozen=True)
@@ -66,20 +62,6 @@ class EvalOptions:
 
 
 @dataclass
-class EvalData:
-    """The in-distribution split and the OOD sets, already shaped like the model's inputs."""
-
-    dataset: str
-    split: str
-    inputs: Dataset
-    ood: dict[str, Dataset] = field(default_factory=dict)
-
-    def total_items(self) -> int:
-        """Images to predict in all (for a progress bar)."""
-        return len(self.inputs) + sum(len(d) for d in self.ood.values())
-
-
-@dataclass
 class EvaluationResult:
     """``report``: the JSON-ready dict. The arrays feed the plots (all at the largest S).
 
@@ -104,89 +86,6 @@ def parse_samples(text: str) -> tuple[int, ...]:
             )
         counts.append(int(part))
     return tuple(sorted(set(counts)))
-
-
-# --------------------------------------------------------------------------- data
-
-
-def _training_data_settings(training: Training) -> tuple[dict[str, Any], Optional[int]]:
-    """The data section of the recorded training config and the training seed (empty/None if the
-    model does not record them)."""
-    config = training.config or {}
-    data = config.get("data") if isinstance(config.get("data"), dict) else {}
-    seed = training.seed if training.seed is not None else (config.get("train") or {}).get("seed")
-    return dict(data), seed
-
-
-def _check_compatible(name: str, spec: DataSpec, model_spec: DataSpec) -> None:
-    if spec.input_shape != model_spec.input_shape or spec.num_classes != model_spec.num_classes:
-        raise DataError(
-            f"dataset {name} has inputs {spec.input_shape} and {spec.num_classes} classes, but the model "
-            f"takes {model_spec.input_shape} and predicts {model_spec.num_classes} classes"
-            + (f"; score it as out-of-distribution with --ood {name} instead" if name in ood_names() else "")
-        )
-    placeholders = tuple(str(i) for i in range(model_spec.num_classes))  # ssvi.save without class_names
-    named = tuple(model_spec.class_names) != placeholders
-    if named and spec.class_names and tuple(spec.class_names) != tuple(model_spec.class_names):
-        differ = next(i for i, (a, b) in enumerate(zip(spec.class_names, model_spec.class_names)) if a != b)
-        fix = ("name the class folders as the model's classes" if name.startswith("imagefolder:")
-               else f"score it as out-of-distribution with --ood {name}" if name in ood_names()
-               else "evaluate on the model's own dataset")
-        raise DataError(
-            f"dataset {name}'s classes are not the model's: class {differ} is {spec.class_names[differ]!r} there and "
-            f"{model_spec.class_names[differ]!r} in the model; labels are matched by position, so the scores would "
-            f"be wrong ({fix})")
-
-
-def load_eval_data(
-    model_spec: DataSpec,
-    training: Training,
-    *,
-    dataset: Optional[str] = None,
-    split: str = "test",
-    ood: tuple[str, ...] = (),
-    data_dir: Optional[Path] = None,
-    download: bool = False,
-    seed: int = 0,
-    ood_max_items: Optional[int] = OOD_MAX_ITEMS,
-) -> EvalData:
-    """Load the split to evaluate (default: the model's own dataset) and every OOD set.
-
-    ``val`` is the training-time validation split: the same ``val_fraction``, ``max_train`` and
-    seed as the training config recorded in ``training``. A model trained on part of the classes
-    is evaluated on those classes, and ``ood`` may ask for the others (``heldout``); its values may
-    also be ``NAME=DIR`` or a path (``data.ood.parse_ood``). Every name and path is checked before
-    any file is read, so a typo fails at once with the list of valid names.
-    """
-    name = dataset or model_spec.name
-    if name == NO_DATASET:
-        raise DataError("the model file records no dataset (ssvi.save without dataset=); name the one to evaluate "
-                        "on with --dataset")
-    check_dataset_name(name, data_config_for(model_spec))
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; valid splits are: {', '.join(SPLITS)}")
-    requests = resolve_requests(ood, model_spec, name)
-    current = get_spec(name, data_config_for(model_spec))
-    _check_compatible(name, current, model_spec)
-    model_spec.check_same_files(current)  # a changed flat image folder would redraw its test split
-
-    settings, train_seed = _training_data_settings(training)
-    if split == "val" and train_seed is None:
-        raise DataError("the model file does not record its training config, so its validation split "
-                        "cannot be rebuilt; use --split test")
-    recorded_dir = settings.get("data_dir")
-    root = data_dir if data_dir is not None else (Path(recorded_dir).expanduser() if recorded_dir else None)
-    splits = build_dataset(
-        name, data_dir=root, download=download, val_fraction=float(settings.get("val_fraction", 0.1)),
-        seed=int(train_seed or 0), augment=False, max_train=settings.get("max_train"),
-        options=data_config_for(model_spec, settings),
-    )
-    if split == "val" and len(splits.val) == 0:
-        raise DataError("the model was trained on its whole training set (data.val_fraction 0), so it has "
-                        "no validation split; use --split test")
-    ood_sets = load_requests(requests, model_spec, root, download, seed, ood_max_items, splits.heldout)
-    inputs = getattr(splits, split).normalised_as(model_spec)  # as the file records (ssvi.save mean=), as infer does
-    return EvalData(dataset=name, split=split, inputs=inputs, ood=ood_sets)
 
 
 # --------------------------------------------------------------------------- prediction
@@ -269,7 +168,7 @@ def evaluate(
     """
     start = time.perf_counter()
     info = dict(model_info or {})
-    notes: list[str] = []
+    notes = list(data.notes)
     mode = effective_mode(model, opts.mode)
     if mode != opts.mode:
         notes.append("the model is deterministic, so it was evaluated as the mean network (S does not apply)")

@@ -30,6 +30,7 @@ from ssvi_cli.modelfile.writer import dense_state, write_model_file
 from ssvi_cli.models import AUX_FREE, AUX_HEADS, TORCHVISION, LayerFactory, check_model_name, torchvision_model
 
 log = logging.getLogger(__name__)
+PARALLEL = (nn.DataParallel, nn.parallel.DistributedDataParallel)  # wrappers that hold the model as .module
 
 
 def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = None,
@@ -86,8 +87,8 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
         name = architecture
     else:
         raise ValueError(f"architecture={architecture!r}: give 'torchvision:NAME', or None for any other module")
+    known = _registered(dataset, shape)
     channels = shape[0] if shape else 1
-    known = _registered(dataset, channels)
     spec = DataSpec(dataset, shape, num_classes,  # type: ignore[arg-type]
                     tuple(class_names) if class_names else tuple(str(i) for i in range(num_classes)),
                     tuple(float(v) for v in mean) if mean is not None else known.mean if known else (0.0,) * channels,
@@ -108,14 +109,17 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
 
     Without ``model`` the file must describe a buildable architecture (ssvi's own or
     ``torchvision:NAME``). With ``model`` (an instance of the saved module's class, deterministic
-    or already converted; or such a model wrapped by torch.compile or (Distributed)DataParallel,
-    which is returned as passed) its layers are converted to the file's structure if needed and
-    filled from the file; a layer or tensor that does not match raises :class:`ModelFileError`
-    naming it.
+    or already converted; or such a model wrapped by torch.compile or DataParallel, which is
+    returned as passed; under DistributedDataParallel load before wrapping) its layers are
+    converted to the file's structure if needed and filled from the file; a layer or tensor that
+    does not match raises :class:`ModelFileError` naming it.
     """
     path = Path(path)
     if model is None:
         return read_model_file(path, device=device or "cpu", kernel=kernel).model
+    if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in _wrappers(model)):
+        raise ValueError("load into the model before wrapping it in DistributedDataParallel: loading may convert "
+                         "its layers or resize their supports, which DDP has already registered")
     wrapper, model = model, unwrapped(model)
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -155,26 +159,36 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
 def unwrapped(model: nn.Module) -> nn.Module:
     """The module inside torch.compile's and (Distributed)DataParallel's wrappers (``model`` itself
     when it is not wrapped): a file names its layers as the plain model does."""
+    return _wrappers(model)[-1]
+
+
+def _wrappers(model: nn.Module) -> list[nn.Module]:
+    """``model``, then each module it wraps (torch.compile's ``_orig_mod``, DataParallel's ``module``)."""
+    chain = [model]
     while True:
-        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
-        if isinstance(inner, nn.Module):
-            model = inner
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        else:
-            return model
+        inner = getattr(chain[-1], "_orig_mod", None)  # torch.compile's OptimizedModule
+        if not isinstance(inner, nn.Module) and isinstance(chain[-1], PARALLEL):
+            inner = chain[-1].module
+        if not isinstance(inner, nn.Module):
+            return chain
+        chain.append(inner)
 
 
-def _registered(dataset: str, channels: int) -> Optional[DataSpec]:
-    """The spec of ``dataset`` when it names a registered dataset of ``channels``-channel images (its
-    loaders' normalisation and raw pixel range); None for no dataset, an image folder or any other name."""
+def _registered(dataset: str, shape: tuple[int, ...]) -> Optional[DataSpec]:
+    """The spec of ``dataset`` when it names a registered dataset (its loaders' normalisation and raw
+    pixel range); None for no dataset, an image folder, any other name, or an ``input_shape`` whose
+    channels are not the dataset's (warned about: the file then records no normalisation)."""
     if dataset == NO_DATASET or ":" in dataset:
         return None
     try:
         spec = get_spec(dataset)
     except DataError:
         return None
-    return spec if spec.input_shape[0] == channels else None
+    if len(shape) == 3 and shape[0] != spec.input_shape[0]:
+        log.warning("dataset=%r has %d-channel images but input_shape %s has %d channels: its normalisation is "
+                    "not recorded; give mean= and std=", dataset, spec.input_shape[0], shape, shape[0])
+        return None
+    return spec
 
 
 def _skeleton(architecture: str, shape: tuple[int, ...], num_classes: int, factory: LayerFactory) -> nn.Module:

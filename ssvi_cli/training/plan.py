@@ -30,7 +30,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was requested but no CUDA device is available; use --device cpu")
     if name not in DEVICES:
-        raise ConfigError(f"unknown device {name!r}; valid values are: {', '.join(DEVICES)}")
+        gpu = name.partition(":")[2] if name.startswith("cuda:") else ""
+        raise ConfigError(f"unknown device {name!r}; valid values are: {', '.join(DEVICES)}"
+                          + (f" (pick the GPU with CUDA_VISIBLE_DEVICES={gpu} and --device cuda)" if gpu else ""))
     return torch.device(name)
 
 

@@ -1,0 +1,121 @@
+"""What an evaluation reads: the in-distribution split (the model's own dataset or another of the
+same shape and classes, normalised as the model file records) and every OOD set, each checked
+before any file is read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from torch.utils.data import Dataset
+
+from ssvi_cli.data import DataError, DataSpec, build_dataset, check_dataset_name, data_config_for, get_spec
+from ssvi_cli.data.ood import ood_names
+from ssvi_cli.evaluation.ood_sets import load_requests, resolve_requests
+from ssvi_cli.modelfile import NO_DATASET, Training
+
+SPLITS = ("test", "val")
+OOD_MAX_ITEMS = 2000  # items drawn (seeded) from each OOD set
+
+
+@dataclass
+class EvalData:
+    """The in-distribution split and the OOD sets, already shaped like the model's inputs."""
+
+    dataset: str
+    split: str
+    inputs: Dataset
+    ood: dict[str, Dataset] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the reader should know about the inputs
+
+    def total_items(self) -> int:
+        """Images to predict in all (for a progress bar)."""
+        return len(self.inputs) + sum(len(d) for d in self.ood.values())
+
+
+
+def _training_data_settings(training: Training) -> tuple[dict[str, Any], Optional[int]]:
+    """The data section of the recorded training config and the training seed (empty/None if the
+    model does not record them)."""
+    config = training.config or {}
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    seed = training.seed if training.seed is not None else (config.get("train") or {}).get("seed")
+    return dict(data), seed
+
+
+def _check_compatible(name: str, spec: DataSpec, model_spec: DataSpec) -> None:
+    if spec.input_shape != model_spec.input_shape or spec.num_classes != model_spec.num_classes:
+        raise DataError(
+            f"dataset {name} has inputs {spec.input_shape} and {spec.num_classes} classes, but the model "
+            f"takes {model_spec.input_shape} and predicts {model_spec.num_classes} classes"
+            + (f"; score it as out-of-distribution with --ood {name} instead" if name in ood_names() else "")
+        )
+    placeholders = tuple(str(i) for i in range(model_spec.num_classes))  # ssvi.save without class_names
+    named = tuple(model_spec.class_names) != placeholders
+    if named and spec.class_names and tuple(spec.class_names) != tuple(model_spec.class_names):
+        differ = next(i for i, (a, b) in enumerate(zip(spec.class_names, model_spec.class_names)) if a != b)
+        fix = ("name the class folders as the model's classes" if name.startswith("imagefolder:")
+               else f"score it as out-of-distribution with --ood {name}" if name in ood_names()
+               else "evaluate on the model's own dataset")
+        raise DataError(
+            f"dataset {name}'s classes are not the model's: class {differ} is {spec.class_names[differ]!r} there and "
+            f"{model_spec.class_names[differ]!r} in the model; labels are matched by position, so the scores would "
+            f"be wrong ({fix})")
+
+
+def load_eval_data(
+    model_spec: DataSpec,
+    training: Training,
+    *,
+    dataset: Optional[str] = None,
+    split: str = "test",
+    ood: tuple[str, ...] = (),
+    data_dir: Optional[Path] = None,
+    download: bool = False,
+    seed: int = 0,
+    ood_max_items: Optional[int] = OOD_MAX_ITEMS,
+) -> EvalData:
+    """Load the split to evaluate (default: the model's own dataset) and every OOD set.
+
+    ``val`` is the training-time validation split: the same ``val_fraction``, ``max_train`` and
+    seed as the training config recorded in ``training``. A model trained on part of the classes
+    is evaluated on those classes, and ``ood`` may ask for the others (``heldout``); its values may
+    also be ``NAME=DIR`` or a path (``data.ood.parse_ood``). Every name and path is checked before
+    any file is read, so a typo fails at once with the list of valid names.
+    """
+    name = dataset or model_spec.name
+    if name == NO_DATASET:
+        raise DataError("the model file records no dataset (ssvi.save without dataset=); name the one to evaluate "
+                        "on with --dataset")
+    check_dataset_name(name, data_config_for(model_spec))
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; valid splits are: {', '.join(SPLITS)}")
+    requests = resolve_requests(ood, model_spec, name)
+    current = get_spec(name, data_config_for(model_spec))
+    _check_compatible(name, current, model_spec)
+    model_spec.check_same_files(current)  # a changed flat image folder would redraw its test split
+
+    settings, train_seed = _training_data_settings(training)
+    if split == "val" and train_seed is None:
+        raise DataError("the model file does not record its training config, so its validation split "
+                        "cannot be rebuilt; use --split test")
+    recorded_dir = settings.get("data_dir")
+    root = data_dir if data_dir is not None else (Path(recorded_dir).expanduser() if recorded_dir else None)
+    splits = build_dataset(
+        name, data_dir=root, download=download, val_fraction=float(settings.get("val_fraction", 0.1)),
+        seed=int(train_seed or 0), augment=False, max_train=settings.get("max_train"),
+        options=data_config_for(model_spec, settings),
+    )
+    if split == "val" and len(splits.val) == 0:
+        raise DataError("the model was trained on its whole training set (data.val_fraction 0), so it has "
+                        "no validation split; use --split test")
+    ood_sets = load_requests(requests, model_spec, root, download, seed, ood_max_items, splits.heldout)
+    # Normalised as the model file records (ssvi.save mean=, std=), as infer feeds it.
+    inputs, notes = getattr(splits, split).normalised_as(model_spec), []
+    if (splits.spec.mean, splits.spec.std) != (model_spec.mean, model_spec.std):
+        notes.append(f"the inputs were normalised as the model file records (mean {list(model_spec.mean)}, std "
+                     f"{list(model_spec.std)}), not as the loaders of {name} do (mean {list(splits.spec.mean)}, std "
+                     f"{list(splits.spec.std)}); if the model was trained on the loaders' inputs, save it again "
+                     "with ssvi.save(..., mean=, std=) as they are")
+    return EvalData(dataset=name, split=split, inputs=inputs, ood=ood_sets, notes=notes)
