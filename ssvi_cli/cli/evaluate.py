@@ -106,7 +106,7 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option(help="Seed of the Monte Carlo draws and of the OOD subsets.")] = 0,
         data_dir: Annotated[Optional[Path], typer.Option(help="Folder of torchvision datasets, for the in-distribution data and --ood NAME (default: the training config's, else ~/.cache/ssvi/data).")] = None,
         download: Annotated[bool, typer.Option(help="Download missing torchvision datasets.")] = False,
-        device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); the default, cpu, gives the same numbers on any machine.")] = "cpu",
+        device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); the default, cpu, gives the numbers a machine without a GPU gives.")] = "cpu",
         json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document (and nothing else) on stdout.")] = False,
         output: Annotated[Optional[Path], typer.Option(help="Also write the JSON report to this file (atomically).")] = None,
         plots: Annotated[Optional[Path], typer.Option(help="Write reliability.png and ood_scores.png into this folder.")] = None,

@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
         top_k: Annotated[int, typer.Option(help="Classes listed per input.")] = 3,
         seed: Annotated[int, typer.Option(help="Seed of the Monte Carlo draws.")] = 0,
         output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write all predictions to preds.jsonl or preds.csv.")] = None,
-        device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); the default, cpu, gives the same predictions on any machine.")] = "cpu",
+        device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); the default, cpu, gives the predictions a machine without a GPU gives.")] = "cpu",
         json_out: Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")] = False,
     ) -> None:
         """Predict class, probability, top-k, predictive entropy and mutual information per input."""
