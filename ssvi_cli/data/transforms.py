@@ -67,11 +67,9 @@ class TensorImageDataset(Dataset):
     def normalised_as(self, spec: DataSpec) -> "TensorImageDataset":
         """The same images and labels normalised with ``spec``'s mean and std instead (a model file
         that records its own normalisation for a registered dataset); itself when they are its own."""
-        mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
-        if torch.equal(mean, self._mean) and torch.equal(std, self._std):
-            return self
-        return TensorImageDataset(self.images, self.labels, spec, augment=self.augment, indices=self.indices)
+        other = TensorImageDataset(self.images, self.labels, spec, augment=self.augment, indices=self.indices)
+        same = torch.equal(other._mean, self._mean) and torch.equal(other._std, self._std)
+        return self if same else other
 
     def _prepare(self, index: torch.Tensor | list[int]) -> torch.Tensor:
         x = _to_unit(self.images[index])

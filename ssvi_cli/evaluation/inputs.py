@@ -112,8 +112,9 @@ def load_eval_data(
                         "no validation split; use --split test")
     ood_sets = load_requests(requests, model_spec, root, download, seed, ood_max_items, splits.heldout)
     # Normalised as the model file records (ssvi.save mean=, std=), as infer feeds it.
-    inputs, notes = getattr(splits, split).normalised_as(model_spec), []
-    if (splits.spec.mean, splits.spec.std) != (model_spec.mean, model_spec.std):
+    loaded = getattr(splits, split)
+    inputs, notes = loaded.normalised_as(model_spec), []
+    if inputs is not loaded:
         notes.append(f"the inputs were normalised as the model file records (mean {list(model_spec.mean)}, std "
                      f"{list(model_spec.std)}), not as the loaders of {name} do (mean {list(splits.spec.mean)}, std "
                      f"{list(splits.spec.std)}); if the model was trained on the loaders' inputs, save it again "

@@ -117,10 +117,11 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
     path = Path(path)
     if model is None:
         return read_model_file(path, device=device or "cpu", kernel=kernel).model
-    if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in _wrappers(model)):
+    chain = _wrappers(model)
+    if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in chain):
         raise ValueError("load into the model before wrapping it in DistributedDataParallel: loading may convert "
                          "its layers or resize their supports, which DDP has already registered")
-    wrapper, model = model, unwrapped(model)
+    wrapper, model = model, chain[-1]
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     head = read_header(path)
