@@ -349,6 +349,22 @@ def test_cuda_lrt_variance_is_float32_under_bf16_autocast():
 
 
 @pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dense", [False, True])
+def test_model_on_cuda_writes_a_file_that_predicts_like_it(tmp_path: Path, dense: bool):
+    from ssvi_cli.modelfile import read_model_file, write_model_file
+    from ssvi_cli.prediction import predict_batch
+    trainer = Trainer.create(digits_cfg(64, **{"train.device": "cuda", "train.epochs": 1}), tmp_path / "run")
+    path = tmp_path / "m.safetensors"
+    write_model_file(trainer.model, path, trainer.plan.card, dense=dense)  # dense scatters over a CUDA index
+    loaded = read_model_file(path).model
+    x = torch.randn(16, 1, 8, 8)
+    expected, _ = predict_batch(trainer.model.eval(), x.cuda(), mode="mean")
+    got, _ = predict_batch(loaded.eval(), x, mode="mean")
+    torch.testing.assert_close(got, expected.cpu(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_cli_nproc_on_two_gpus_with_nccl(tmp_path: Path):
     proc = subprocess.run(

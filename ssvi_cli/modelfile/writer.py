@@ -53,16 +53,17 @@ def _layer_tensors(layer: SparseGaussian, dense: bool) -> tuple[str, int, dict[s
     Values are flat over the active entries, or of the weight shape when every entry is stored
     (``full``: a dense layer, or any layer with ``dense``, zeros off the support).
     """
-    values = {"mu": layer.mu.detach().float().cpu()}
+    values = {"mu": layer.mu.detach().float()}
     if layer.bayesian:
-        values["sigma"] = layer.sigma().detach().float().cpu()
+        values["sigma"] = layer.sigma().detach().float()
     if dense:
         code, index, active = "full", None, layer.numel
     else:
         code, index = encode_index(layer.idx.detach().cpu(), layer.numel)
         active = layer.active
-    if code == "full":
-        values = {k: layer.to_dense(v).contiguous() for k, v in values.items()}
+    if code == "full":  # scattered on the layer's own device, where its support index lives
+        values = {k: layer.to_dense(v) for k, v in values.items()}
+    values = {k: v.cpu().contiguous() for k, v in values.items()}
     if index is not None:
         values["index"] = index
     return code, active, values
