@@ -419,7 +419,7 @@ def _read_preset(name_or_path: str) -> tuple[Path, dict[str, Any]]:
     path = presets.get(name_or_path)
     if path is None:
         candidate = Path(name_or_path)
-        if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+        if candidate.suffix.lower() in (".yaml", ".yml") and candidate.is_file():
             path = candidate
         else:
             raise ConfigError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import tempfile
@@ -107,8 +108,22 @@ def json_default(obj: Any) -> Any:
     return str(obj)
 
 
+def json_ready(obj: Any) -> Any:
+    """A copy that standard JSON can hold: numpy scalars and arrays as Python values, NaN and
+    infinities as None (``null``; Python's ``NaN`` token is not JSON and breaks other parsers)."""
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (int, float)):  # numpy arrays and scalars
+        return json_ready(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    write_text(path, json.dumps(json_ready(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:

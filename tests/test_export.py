@@ -264,3 +264,18 @@ def test_bad_files_give_one_line_errors_through_the_cli(good_file, tmp_path, cap
         assert "Traceback" not in captured.err + captured.out
         lines = [l for l in captured.err.splitlines() if l.strip()]
         assert len(lines) == 1 and words in lines[0] and str(path) in lines[0], (name, captured.err)
+
+
+def test_export_to_a_path_with_brackets_and_from_a_checkpoint_onto_its_run(trained, tmp_path, capsys, monkeypatch):
+    _, run_dir, _ = trained
+    monkeypatch.chdir(tmp_path)  # short paths: the size table keeps the name on one line
+    folder = Path("a[")
+    folder.mkdir()
+    assert run(["export", str(run_dir), "-o", str(folder / "e].safetensors")]) == 0
+    assert "a[/e].safetensors" in capsys.readouterr().out
+    assert read_model_file(folder / "e].safetensors").card.architecture.name == "mlp"
+    ckpt = sorted((run_dir / "checkpoints").iterdir())[-1]
+    before = (run_dir / "model.safetensors").read_bytes()
+    assert run(["export", str(ckpt), "-o", str(run_dir / "model.safetensors"), "--dense"]) == 2
+    assert "is the model file of the run in" in capsys.readouterr().err
+    assert (run_dir / "model.safetensors").read_bytes() == before

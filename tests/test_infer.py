@@ -2,7 +2,12 @@
 sparse linear kernels, and speed against the dense file."""
 
 import csv
+import dataclasses
 import json
+import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +26,11 @@ from ssvi_cli.core.layers import SparseGaussian, SparseLinear
 from ssvi_cli.prediction import predict_batch
 
 
-def write_model(path: Path, preset: str = "digits_mlp", **over) -> Path:
+def write_model(path: Path, preset: str = "digits_mlp", class_names=None, **over) -> Path:
     cfg = C.apply_overrides(C.load_preset(preset), {"sparse.sparsity": 0.95, **over})
     spec = get_spec(cfg.data.name)
+    if class_names is not None:
+        spec = dataclasses.replace(spec, class_names=tuple(class_names))
     model = make_model(cfg, spec)
     init_model(model, cfg, torch.Generator().manual_seed(0))
     for _, layer in model.named_modules():
@@ -127,17 +134,20 @@ def test_outputs_jsonl_and_csv(model_file, digits, tmp_path, capsys):
         rows = ([json.loads(l) for l in text.splitlines()] if suffix == "jsonl"
                 else list(csv.DictReader(text.splitlines())))
         assert len(rows) == 5 and rows[4]["input"].endswith("x.npy[4]")
-        assert set(rows[0]) >= {"class", "probability", "entropy", "mutual_information", "top_k"}
+        top = {"top_k"} if suffix == "jsonl" else {"top1_class", "top1_probability", "top3_class", "top3_probability"}
+        assert set(rows[0]) >= {"class", "probability", "entropy", "mutual_information", *top}
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     shown = capsys.readouterr().out
     assert "ssvi infer" in shown and "x.npy[4]" in shown
     assert run(["infer", str(model_file), str(tmp_path / "x.npy"), "--output", str(tmp_path / "p.txt")]) == 2
 
 
-@pytest.mark.parametrize("case", ["text_as_png", "two_channels", "float_range", "missing", "empty_folder", "pickle"])
-def test_bad_inputs_give_one_line_errors_naming_the_file(model_file, tmp_path, capsys, case):
+@pytest.mark.parametrize("case", ["text_as_png", "two_channels", "float_range", "missing", "empty_folder", "pickle",
+                                  "npz", "bomb"])
+def test_bad_inputs_give_one_line_errors_naming_the_file(model_file, tmp_path, capsys, monkeypatch, case):
     target = tmp_path / {"text_as_png": "bad.png", "two_channels": "two.npy", "float_range": "f.npy",
-                         "missing": "nope.png", "empty_folder": "empty", "pickle": "obj.npy"}[case]
+                         "missing": "nope.png", "empty_folder": "empty", "pickle": "obj.npy",
+                         "npz": "arrays.npz", "bomb": "huge.png"}[case]
     if case == "text_as_png":
         target.write_text("not an image")
     elif case == "two_channels":
@@ -148,11 +158,18 @@ def test_bad_inputs_give_one_line_errors_naming_the_file(model_file, tmp_path, c
         target.mkdir()
     elif case == "pickle":
         np.save(target, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    elif case == "npz":
+        np.savez(target, x=np.zeros((8, 8), np.uint8))
+    elif case == "bomb":  # more than twice PIL's pixel limit: PIL refuses it as a decompression bomb
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(target)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)
     code = run(["infer", str(model_file), str(target)])
     captured = capsys.readouterr()
     assert code == 2
     lines = [l for l in captured.err.splitlines() if l.strip()]
     assert len(lines) == 1 and str(target) in lines[0] and "Traceback" not in captured.err, captured.err
+    assert "allow_pickle" not in lines[0]  # numpy's advice to unpickle is not ssvi's
+    assert case != "npz" or "save each array as .npy" in lines[0]
 
 
 def test_infer_never_builds_a_dense_linear_weight(tmp_path, monkeypatch):
@@ -210,3 +227,57 @@ def test_mean_mode_refuses_samples_as_evaluate_does(model_file, tmp_path, capsys
     for command in (["infer", str(model_file), str(tmp_path / "x.npy")], ["evaluate", str(model_file)]):
         assert run([*command, "--mode", "mean", "--samples", "30"]) == 2
         assert "--samples applies to --mode mc" in capsys.readouterr().err
+
+
+def test_brackets_in_paths_and_class_names_print_as_written(tmp_path, digits, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # short relative paths: the table's input column stays on one line
+    names = [f"[red]c{i}[/red]" for i in range(9)] + ["a:b|c"]
+    model = write_model(Path("m.safetensors"), class_names=names)
+    folder = Path("d[")
+    folder.mkdir()
+    for name in ("IMG [copy].png", "b].png"):
+        Image.fromarray(digits[0]).save(folder / name)
+    target = folder / "p.csv"
+    assert run(["infer", str(model), str(folder), "-o", str(target), "--top-k", "10"]) == 0
+    captured = capsys.readouterr()
+    assert "IMG [copy].png" in captured.out and "d[/b].png" in captured.out
+    assert any(n in captured.out for n in names[:9])  # a class name as written, not read as a style
+    assert f"to {target}" in captured.err
+    rows = list(csv.DictReader(target.read_text().splitlines()))
+    assert len(rows) == 2 and {rows[0][f"top{i}_class"] for i in range(1, 11)} == set(names)
+
+
+def test_a_deterministic_model_notes_that_samples_are_not_used(tmp_path, digits, capsys):
+    model = write_model(tmp_path / "rigl.safetensors", **{"sparse.method": "rigl"})
+    np.save(tmp_path / "x.npy", digits[:2])
+    out = infer_json(capsys, str(model), str(tmp_path / "x.npy"), "--samples", "30")
+    assert out["mode"] == "mean" and out["samples"] is None
+    assert run(["infer", str(model), str(tmp_path / "x.npy"), "--samples", "30"]) == 0
+    assert "deterministic: it runs as the mean network, and --samples is not used" in capsys.readouterr().err
+    assert run(["infer", str(model), str(tmp_path / "x.npy")]) == 0
+    assert "--samples" not in capsys.readouterr().err
+
+
+def test_a_pipe_is_read_as_an_image_or_by_its_array_magic(model_file, digits, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", digits[:3])
+    Image.fromarray(digits[0]).save(tmp_path / "one.png")
+    expected = infer_json(capsys, str(model_file), str(tmp_path / "x.npy"), str(tmp_path / "one.png"),
+                          "--mode", "mean")["predictions"]
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes((tmp_path / "x.npy").read_bytes()), daemon=True)
+    writer.start()
+    try:
+        got = infer_json(capsys, str(model_file), str(fifo), "--mode", "mean")["predictions"]
+    finally:
+        if writer.is_alive():  # the pipe was never read: open and close its reading end to free the writer
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        writer.join(timeout=10)
+    assert [r["probability"] for r in got] == [r["probability"] for r in expected[:3]]
+    assert got[0]["input"] == f"{fifo}[0]"
+    proc = subprocess.run([sys.executable, "-m", "ssvi_cli", "infer", str(model_file), "/dev/stdin", "--json",
+                           "--mode", "mean"],
+                          input=(tmp_path / "one.png").read_bytes(), capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    one = json.loads(proc.stdout)["predictions"]
+    assert one[0]["input"] == "/dev/stdin" and one[0]["probability"] == expected[3]["probability"]

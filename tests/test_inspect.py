@@ -139,3 +139,56 @@ def test_tables_piped_into_a_file_keep_one_row_per_line(run_dir, tmp_path):
     assert "512x512" in rows[0] and "262,144" in rows[0] and "FLOPs/prediction" in text
     narrow = subprocess.run(cmd, env={**env, "COLUMNS": "60"}, capture_output=True, text=True, check=True).stdout
     assert max(len(line) for line in narrow.splitlines() if line.startswith("│")) <= 60
+
+
+def _model_file(path: Path, method: str = "ssvi", empty_layer: bool = False) -> Path:
+    from ssvi_cli.data import get_spec
+    from ssvi_cli.modelfile import ModelCard, write_model_file
+    from ssvi_cli.training.plan import init_model, make_model
+
+    cfg = C.apply_overrides(C.load_preset("digits_mlp"), {"sparse.method": method})
+    spec = get_spec(cfg.data.name)
+    model = make_model(cfg, spec)
+    init_model(model, cfg, torch.Generator().manual_seed(0))
+    if empty_layer:  # a layer that keeps no weight: valid in a file (FORMAT.md), nothing to summarise
+        _, layer = sparse_layers(model)[0]
+        none = torch.zeros(0)
+        layer.set_support(none.long(), none, none if layer.bayesian else None)
+    write_model_file(model, path, ModelCard.from_config(cfg, spec))
+    return path
+
+
+def _no_nan(token: str):
+    raise AssertionError(f"{token} is not JSON")
+
+
+def test_a_layer_without_active_weights_reads_as_empty_statistics(tmp_path, capsys):
+    path = _model_file(tmp_path / "m.safetensors", empty_layer=True)
+    code = run(["inspect", str(path), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads(captured.out, parse_constant=_no_nan)  # null, never NaN
+    first = report["layers"][0]
+    assert first["active"] == 0 and first["snr"]["median"] is None and first["mu"]["mean_abs"] is None
+    assert run(["inspect", str(path)]) == 0
+    assert "posterior" in capsys.readouterr().out
+
+
+def test_a_deterministic_model_is_described_as_one(tmp_path, capsys):
+    path = _model_file(tmp_path / "rigl.safetensors", method="rigl")
+    report = inspect_json(capsys, str(path))
+    assert "MC" not in report["flops"]["convention"] and "deterministic" in report["flops"]["convention"]
+    assert report["flops"]["samples"] is None
+    plots = tmp_path / "plots"
+    assert run(["inspect", str(path), "--plots", str(plots)]) == 2
+    assert "no Bayesian layer" in capsys.readouterr().err and not plots.exists()
+
+
+def test_an_upper_case_checkpoint_suffix_is_a_checkpoint(run_dir, tmp_path, capsys):
+    copy = tmp_path / "r"
+    (copy / "checkpoints").mkdir(parents=True)
+    (copy / "summary.json").write_bytes((run_dir / "summary.json").read_bytes())
+    newest = sorted((run_dir / "checkpoints").iterdir())[-1]
+    target = copy / "checkpoints" / (newest.stem + ".PT")
+    target.write_bytes(newest.read_bytes())
+    assert inspect_json(capsys, str(target))["totals"]["measured_from"].startswith("checkpoint")

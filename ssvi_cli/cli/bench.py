@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ssvi_cli.cli.common import UsageError, check_device, err, out, print_json
@@ -95,9 +96,10 @@ def register(app: typer.Typer) -> None:
             print_json(result)
             return
         m = result["machine"]
-        out.print(f"[bold]ssvi bench --model {model}[/]  cpu: {m['cpu']} ({m['logical_cpus']} logical CPUs), "
-                  f"threads {result['threads']}, device {result['device']}, torch {m['torch']}")
-        out.print(f"model: {result['architecture']}, the {result['recipe']} preset's recipe", markup=False)
+        out.print(f"[bold]ssvi bench --model {escape(model)}[/]  "
+                  + escape(f"cpu: {m['cpu']} ({m['logical_cpus']} logical CPUs), threads {result['threads']}, "
+                           f"device {result['device']}, torch {m['torch']}"), markup=True)
+        out.print(f"model: {result['architecture']}, the {result['recipe']} preset's recipe")
         shape = "x".join(map(str, result["input_shape"]))
         out.print(f"data: {result['data']}, {shape}; batch {result['batch_size']}, medians of {result['repeats']} "
                   f"interleaved repeats after {result['warmup']} warm-up runs")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 from rich.console import Console
 from rich.table import Table
 
-from ssvi_cli.fileio import check_writable, json_default
+from ssvi_cli.fileio import check_writable, json_default, json_ready
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -24,7 +24,9 @@ PIPE_WIDTH = 200
 
 
 def _console(stderr: bool = False) -> Console:
-    console = Console(stderr=stderr, highlight=False, soft_wrap=True)
+    # markup=False: paths, class names and messages print as written ("IMG [copy].png" keeps its
+    # brackets); the few styled lines ask for markup themselves and escape what they insert.
+    console = Console(stderr=stderr, highlight=False, soft_wrap=True, markup=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = PIPE_WIDTH
     return console
@@ -75,7 +77,7 @@ def check_device(device: str) -> str:
 
 
 def print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=json_default) + "\n")
+    sys.stdout.write(json.dumps(json_ready(obj), indent=2, default=json_default, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
@@ -108,6 +110,6 @@ def progress_bar(enabled: bool = True) -> Iterator[Optional["Progress"]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err, transient=False)
+                   TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), console=err, transient=False)
     with bar:
         yield bar

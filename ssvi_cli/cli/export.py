@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def export(
         source: Annotated[Path, typer.Argument(help="A run directory, a checkpoint (.pt) or a model file.")],
-        output: Annotated[Path, typer.Option("--output", "-o", help="The model file to write (.safetensors).")],
+        output: Annotated[Path, typer.Option("--output", "-o", help="The model file to write (.safetensors; an existing file is replaced).")],
         dtype: Annotated[str, typer.Option(help="Value precision of mu, sigma and dense tensors: float32, float16 or bfloat16.")] = "float32",
         dense: Annotated[bool, typer.Option("--dense", help="Write a plain dense BNN file (mu and sigma for every weight), for comparison.")] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print the size report as JSON only.")] = False,
@@ -31,11 +31,14 @@ def register(app: typer.Typer) -> None:
         check_output_file(output, "--output")
         if output.suffix.lower() != ".safetensors":
             raise UsageError(f"--output {output}: name the model file *.safetensors (a .pt is read as a checkpoint)")
-        if output.exists() and source.exists() and output.resolve() == source.resolve():
+        if output.exists() and output.resolve() == source.resolve():
             raise UsageError(f"--output {output} is the file being exported; give another path")
-        if source.is_dir() and output.exists() and output.resolve() == RunDir(source).model_file.resolve():
-            raise UsageError(f"--output {output} is the run's own model file, which its summary and evaluations "
-                             "describe; give another path")
+        run = RunDir(output.resolve().parent)
+        if output.name == run.model_file.name and run.is_run():
+            # Whatever the source (that run, one of its checkpoints, another run), the run's summary
+            # and evaluations describe the model file it wrote.
+            raise UsageError(f"--output {output} is the model file of the run in {run.path}, which its summary "
+                             "and evaluations describe; give another path")
         report = export_model(source, output, dtype=dtype, dense=dense)
         if json_out:
             print_json(report)

@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--mode {mode!r} is not valid; valid values are: {', '.join(MODES)}")
         if samples is not None and mode == "mean":
             raise UsageError("--samples applies to --mode mc; the mean network takes no samples")
+        samples_given = samples is not None
         samples = DEFAULT_SAMPLES if samples is None else samples
         if samples < 1 or batch_size < 1 or top_k < 1:
             raise UsageError("--samples, --batch-size and --top-k must be at least 1")
@@ -51,6 +52,9 @@ def register(app: typer.Typer) -> None:
         loaded = load_model(model_file, kernel="prediction")
         loaded.model.to(device)
         effective = mode if is_bayesian(loaded.model) else "mean"
+        if effective != mode and samples_given:
+            err.print(f"note: {model_file} is deterministic: it runs as the mean network, and --samples "
+                      "is not used")
         started = time.perf_counter()
         with progress_bar(enabled=not json_out) as bar:
             task = bar.add_task("infer", total=None, info="") if bar is not None else None

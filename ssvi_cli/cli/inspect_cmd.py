@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -36,6 +37,9 @@ def register(app: typer.Typer) -> None:
             except ImportError:
                 raise UsageError("--plots needs matplotlib; install it with: pip install 'ssvi[plots]'") from None
         report = inspect_model(source, drop_fraction)
+        if plots is not None and not any(l["bayesian"] and l["active"] for l in report["layers"]):
+            raise UsageError(f"--plots: {source} has no Bayesian layer with active weights, so no SNR "
+                             "(|mu| / sigma) to plot; inspect it without --plots")
         if plots is not None:
             from ssvi_cli.evaluation.inspection import posterior, write_snr_plots
 
@@ -51,7 +55,7 @@ def register(app: typer.Typer) -> None:
 
 def _g(value: Optional[float]) -> str:
     """Short numbers for narrow tables: 0.0312, 456, 15300, 1.6e6, 7.1e-4."""
-    if value is None:
+    if value is None or not math.isfinite(value):
         return "-"
     if value == 0 or 0.01 <= abs(value) < 1000:
         return f"{value:.3g}"

@@ -35,10 +35,10 @@ def register(app: typer.Typer) -> None:
         out.print(table)
         out.print("commands:")
         for r in rows:
-            out.print(f"  {r['command']}", markup=False, highlight=False)
+            out.print(f"  {r['command']}", highlight=False)
         own = [(r["name"], m, values) for r in rows for m, values in r["methods"].items()]
         if own:
             out.print("values a preset gives one method (its methods: section):")
         for name, m, values in own:
             shown = " ".join(f"{k}={v}" for k, v in values.items())
-            out.print(f"  {name} --method {m}: {shown}", markup=False, highlight=False)
+            out.print(f"  {name} --method {m}: {shown}", highlight=False)

@@ -46,7 +46,7 @@ def run_cell(path: Path, run: Callable[[list[str]], int]) -> int:
         raise KeyboardInterruptHandled(stop.message, stop.exit_code, resume=shlex.join(
             ["ssvi", "sweep", "--resume", str(path.parent.parent)])) from None
     except CellBusy as exc:
-        err.print(f"error: {exc}", markup=False)
+        err.print(f"error: {exc}")
         raise typer.Exit(BUSY_EXIT) from None
 
 
@@ -56,7 +56,7 @@ def _train_and_evaluate(path: Path, cell: Cell, spec: SweepSpec, run: Callable[[
     state = cell_state(path)
     if state == "done":
         err.print(f"cell {path.name} is already trained and evaluated; nothing to do (delete its folder to run "
-                  "it again)", markup=False)
+                  "it again)")
         return 0
     if state == "partial":
         code = run(["train", "--resume", str(path), "--json"])
@@ -75,7 +75,7 @@ def _check_changed(sweep_dir: Path, spec: "SweepSpec", cells: list["Cell"]) -> N
 
     changed = changed_cells(sweep_dir, spec, cells)
     if changed:
-        err.print("\n".join(changed_lines(sweep_dir, changed)), markup=False)
+        err.print("\n".join(changed_lines(sweep_dir, changed)))
         one = len(changed) == 1
         raise SweepError(f"{count(len(changed), 'cell')} (listed above) ran under other settings than the sweep "
                          f"gives {'it' if one else 'them'} now (a preset edited since, or a folder copied in); "
@@ -148,7 +148,7 @@ def register(app: typer.Typer) -> None:
             if how != "same":  # the same grid continues with its cells as it named them
                 if how == "grown" and not json_out:
                     err.print(f"the grid adds to the sweep in {sweep_dir}: {count(len(cells), 'cell')} now, "
-                              "its cells so far kept", markup=False)
+                              "its cells so far kept")
                 sweep_dir.mkdir(parents=True, exist_ok=True)
                 grid.write_spec(sweep_dir, spec, cells)
         _check_changed(sweep_dir, spec, cells)  # before any cell is listed, skipped as done or resumed
@@ -175,7 +175,7 @@ def _dry_run(sweep_dir: Path, cells: list[Any], json_out: bool = False) -> None:
     sys.stdout.write("\n".join(lines) + "\n")
     sys.stdout.flush()
     err.print(f"{count(len(lines), 'cell')} written to {sweep_dir / COMMANDS_FILE}; afterwards: "
-              f"{shlex.join(['ssvi', 'sweep', '--report', str(sweep_dir)])}", markup=False)
+              f"{shlex.join(['ssvi', 'sweep', '--report', str(sweep_dir)])}")
 
 
 def _run(sweep_dir: Path, cells: list[Any], jobs: int, threads: int, json_out: bool, figures: bool,
@@ -198,9 +198,9 @@ def _run(sweep_dir: Path, cells: list[Any], jobs: int, threads: int, json_out: b
                 bar.update(task, advance=0 if event in ("start", "stop") else 1,
                            info=f"running: {', '.join(sorted(running))}" if running else "")
             if bar is None and not json_out and event != "start":
-                err.print(f"{event:>6} {name}" + (f" ({detail})" if detail else ""), markup=False)
+                err.print(f"{event:>6} {name}" + (f" ({detail})" if detail else ""))
             elif event in ("fail", "stop") and not json_out:
-                err.print(f"{event} {name}: {detail}", markup=False)
+                err.print(f"{event} {name}: {detail}")
 
         outcome = run_cells(sweep_dir, cells, jobs, threads, listener)
     result = write_report(sweep_dir, figures, baseline)
@@ -209,15 +209,15 @@ def _run(sweep_dir: Path, cells: list[Any], jobs: int, threads: int, json_out: b
         # A cell stopped before its first checkpoint starts again; the others continue from theirs.
         err.print(f"interrupted: {count(len(outcome.stopped), 'cell')} stopped{failed}; each continues from its "
                   f"last checkpoint (one stopped before its first starts again): "
-                  f"ssvi sweep --resume {shlex.quote(str(sweep_dir))}", markup=False)
+                  f"ssvi sweep --resume {shlex.quote(str(sweep_dir))}")
         raise typer.Exit(128 + outcome.signum)
     _finish(result, json_out)
     if outcome.busy:
         err.print(f"{count(len(outcome.busy), 'cell')} running in another process, left to it; when done: "
-                  f"{shlex.join(['ssvi', 'sweep', '--report', str(sweep_dir)])}", markup=False)
+                  f"{shlex.join(['ssvi', 'sweep', '--report', str(sweep_dir)])}")
     if outcome.failed:
         err.print(f"{count(len(outcome.failed), 'cell')} failed (logs in {sweep_dir / 'logs'}); rerun with: "
-                  f"ssvi sweep --resume {shlex.quote(str(sweep_dir))}", markup=False)
+                  f"ssvi sweep --resume {shlex.quote(str(sweep_dir))}")
         raise typer.Exit(1)
 
 
@@ -230,7 +230,7 @@ def _finish(result: dict[str, Any], json_out: bool) -> None:
         err.print("\n".join([f"warning: {count(n, 'cell')} ran under other settings than the sweep gives "
                              f"{'it' if n == 1 else 'them'} now; the report counts {'it' if n == 1 else 'them'} "
                              "under the sweep's settings:",
-                             *changed_lines(Path(result["sweep"]), result["changed_cells"])]), markup=False)
+                             *changed_lines(Path(result["sweep"]), result["changed_cells"])]))
     if json_out:
         print_json(result)
         return
@@ -246,15 +246,15 @@ def _finish(result: dict[str, Any], json_out: bool) -> None:
     if result.get("missing"):
         shown = result["missing"][:8]
         err.print(f"not evaluated yet: {', '.join(shown)}" + (f" and {len(result['missing']) - len(shown)} more"
-                                                             if len(result["missing"]) > len(shown) else ""), markup=False)
+                                                             if len(result["missing"]) > len(shown) else ""))
     if result.get("paired", {}).get("note"):
-        err.print(result["paired"]["note"], markup=False)
+        err.print(result["paired"]["note"])
     elif result.get("paired"):
         _paired_table(result["paired"])
     for path in result.get("files", []):
-        out.print(f"wrote {path}", markup=False, highlight=False)
+        out.print(f"wrote {path}", highlight=False)
     if result.get("figures_note"):
-        err.print(result["figures_note"], markup=False)
+        err.print(result["figures_note"])
 
 
 def _paired_table(paired: dict[str, Any]) -> None:

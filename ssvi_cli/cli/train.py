@@ -125,7 +125,7 @@ def register(app: typer.Typer) -> None:
             cfg = build_config(preset, overrides, set_ or [])
             plan = RunPlan.new(cfg, out_dir or _default_run_dir(cfg, preset), progress=not json_out and info.is_main)
             if plan.init_note and info.is_main and not json_out:
-                err.print(plan.init_note, markup=False, highlight=False)
+                err.print(plan.init_note, highlight=False)
         trainer = None
         try:
             distributed.setup(info, device or plan.cfg.train.device)
@@ -149,7 +149,7 @@ def register(app: typer.Typer) -> None:
             return
         out.print(kv_table(f"ssvi train: {trainer.run_dir}", summary_rows(summary)))
         # Paths on lines of their own, never folded into a cell, so a person can copy them.
-        out.print(f"model file: {summary.get('model_file')}", markup=False, highlight=False)
+        out.print(f"model file: {summary.get('model_file')}", highlight=False)
 
 
 def _finished(run_dir: Path, json_out: bool, is_main: bool) -> bool:
@@ -165,7 +165,7 @@ def _finished(run_dir: Path, json_out: bool, is_main: bool) -> bool:
         if json_out:
             print_json(summary)
         err.print(f"{run_dir} has finished ({run.summary_file.name} and {run.model_file.name} written); nothing "
-                  f"to resume. Evaluate it: ssvi evaluate {run.model_file}", markup=False, highlight=False)
+                  f"to resume. Evaluate it: ssvi evaluate {run.model_file}", highlight=False)
     return True
 
 
@@ -228,7 +228,7 @@ def _fit(trainer, interrupted_cls, quiet: bool) -> dict[str, Any]:
                     " (--set sparse.delta_t=auto spaces them to fit the run)")
             err.print(f"note: a run of {count(trainer.total_steps, 'step')} has no subspace step before t_end at "
                       f"delta_t {trainer.schedule.delta_t}, so the support will not move{hint}",
-                      markup=False, highlight=False)
+                      highlight=False)
     with progress_bar(enabled=not quiet) as bar:
         task = None
 

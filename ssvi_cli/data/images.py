@@ -6,8 +6,9 @@ same way).
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Optional, Sequence
 
 import numpy as np
 import torch
@@ -31,14 +32,22 @@ def find_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[P
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-def read_image(path: Path, error: type[Exception] = DataError) -> torch.Tensor:
+def open_stream(path: Path) -> io.BytesIO:
+    """``path``'s bytes, read once into memory: for a pipe or device (``/dev/stdin``, a shell's
+    ``<(...)``), which can be read only once and not seeked, as the image and array readers need."""
+    return io.BytesIO(Path(path).read_bytes())
+
+
+def read_image(path: Path, error: type[Exception] = DataError, stream: Optional[BinaryIO] = None) -> torch.Tensor:
     """One image file as (1, C, H, W): uint8 with C in {1, 3, 4} (gray, RGB, RGB with alpha), or
-    float in [0, 1] for 16-bit gray. A file PIL cannot read, or one in a mode it cannot convert to
-    these, raises ``error`` with a one-line message that names the file."""
+    float in [0, 1] for 16-bit gray. ``stream``: the file's bytes already read (``open_stream``);
+    ``path`` then only names it. A file PIL cannot read, one in a mode it cannot convert to these, or
+    one larger than PIL's decompression-bomb limit raises ``error`` with a one-line message that names
+    the file."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        with Image.open(stream if stream is not None else path) as img:
             img.load()
             mode = img.mode
             if mode in _GRAY16_MODES:
@@ -49,7 +58,7 @@ def read_image(path: Path, error: type[Exception] = DataError) -> torch.Tensor:
             alpha = mode in _ALPHA_MODES or "transparency" in img.info
             target = "L" if mode in ("1", "L") else ("RGBA" if alpha else "RGB")
             arr = np.asarray(img.convert(target), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise error(f"image {path} cannot be read ({reason}); replace or remove the file") from None
     arr = arr[:, :, None] if arr.ndim == 2 else arr

@@ -12,7 +12,6 @@ The result is a plain dict with stable keys (see :func:`evaluate`); nothing here
 
 from __future__ import annotations
 
-import math
 import time
 import zlib
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ssvi_cli import fileio
 from ssvi_cli import metrics as M
 from ssvi_cli.evaluation.inputs import SPLITS, EvalData
 from ssvi_cli.modelfile import ModelCard
@@ -129,21 +129,6 @@ def _ood_block(scores_in: dict[str, np.ndarray], scores_out: dict[str, np.ndarra
     return {name: M.ood_metrics(scores_in[name], scores_out[name]) for name in scores_in}
 
 
-def _clean(obj: Any) -> Any:
-    """JSON-safe copy: numpy scalars/arrays to Python, nan/inf to None."""
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _clean(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def effective_mode(model: torch.nn.Module, mode: str) -> str:
     """The mode an evaluation runs in: ``mc`` becomes ``mean`` for a model with nothing to sample."""
     return "mean" if mode == "mc" and not is_bayesian(model) else mode
@@ -211,7 +196,7 @@ def evaluate(
         "notes": notes,
         "seconds": round(time.perf_counter() - start, 3),
     }
-    return EvaluationResult(report=_clean(report), scores_in=scores_in, scores_ood=scores_ood)
+    return EvaluationResult(report=fileio.json_ready(report), scores_in=scores_in, scores_ood=scores_ood)
 
 
 def describe_model(path: Path, card: ModelCard) -> dict[str, Any]:

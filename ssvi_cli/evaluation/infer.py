@@ -13,14 +13,14 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ssvi_cli import fileio
-from ssvi_cli.data.images import ARRAY_SUFFIX, IMAGE_SUFFIXES, find_files, read_image
+from ssvi_cli.data.images import ARRAY_SUFFIX, IMAGE_SUFFIXES, find_files, open_stream, read_image
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.data.transforms import preprocess
 from ssvi_cli.core.modes import using_kernel
@@ -30,6 +30,7 @@ from ssvi_cli.prediction import predict_batch
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
 _CHUNK = 1024  # images of one array preprocessed at a time
+NPY_MAGIC = b"\x93NUMPY"
 
 
 class InputError(DataError):
@@ -49,7 +50,9 @@ def expand_inputs(paths: Sequence[Path]) -> list[Path]:
             if not found:
                 raise InputError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)}) or .npy files")
             files.extend(found)
-        elif path.is_file():
+        elif path.suffix.lower() == ".npz" and path.is_file():
+            raise InputError(f"{path}: a .npz archive of arrays; save each array as .npy (np.save) and pass those")
+        elif path.exists():  # a file, or a pipe or device such as /dev/stdin (read once, whole)
             files.append(path)
         else:
             raise InputError(f"{path}: no such file or folder")
@@ -105,10 +108,16 @@ def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: fl
     return out
 
 
-def load_array(path: Path, channels: int = 3, pixel_max: float = 255.0) -> Tensor:
+def load_array(path: Path, channels: int = 3, pixel_max: float = 255.0,
+               stream: Optional[BinaryIO] = None) -> Tensor:
+    """A ``.npy`` file's images (``array_to_images``); ``stream``: its bytes already read, ``path``
+    then only names it."""
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(stream if stream is not None else path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
+        if "allow_pickle" in str(exc):  # numpy's advice is to load it unsafely; ssvi never unpickles
+            raise InputError(f"{path}: holds pickled Python objects, not a numeric array; "
+                             "save the pixels with np.save") from None
         raise InputError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     if not isinstance(arr, np.ndarray):
         raise InputError(f"{path}: not a single .npy array")
@@ -119,13 +128,19 @@ def iter_raw(files: Iterable[Path], channels: int = 3, pixel_max: float = 255.0
              ) -> Iterator[tuple[Path, list[str], Tensor]]:
     """(source, names, pixels (n, C, H, W)) per image file, and per chunk of each array's images."""
     for path in files:
-        if path.suffix.lower() == ARRAY_SUFFIX:
-            images = load_array(path, channels, pixel_max)
+        stream = None
+        if not path.is_file():  # a pipe or device: its bytes, read once; an array by its magic
+            try:
+                stream = open_stream(path)
+            except OSError as exc:
+                raise InputError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+        if path.suffix.lower() == ARRAY_SUFFIX or (stream is not None and stream.getvalue()[:6] == NPY_MAGIC):
+            images = load_array(path, channels, pixel_max, stream)
             for start in range(0, len(images), _CHUNK):
                 part = images[start:start + _CHUNK]
                 yield path, [f"{path}[{start + i}]" for i in range(len(part))], part
         else:
-            yield path, [str(path)], read_image(path, InputError)
+            yield path, [str(path)], read_image(path, InputError, stream)
 
 
 def iter_batches(files: Sequence[Path], spec: DataSpec, batch_size: int) -> Iterator[tuple[list[str], Tensor]]:
@@ -202,19 +217,22 @@ def run_inference(model: SSVIModel, spec: DataSpec, files: Sequence[Path], *, sa
 # ------------------------------------------------------------------ writing predictions
 
 def predictions_text(records: Sequence[dict[str, Any]], suffix: str) -> str:
-    """Records as JSON lines (``.jsonl``) or CSV (``.csv``; top-k as ``class:prob`` joined by ``|``)."""
+    """Records as JSON lines (``.jsonl``) or CSV (``.csv``; the top-k as columns ``top1_class``,
+    ``top1_probability``, ``top2_class``, ...: a class name may hold any character)."""
     if suffix == ".jsonl":
         return "".join(json.dumps(r) + "\n" for r in records)
     if suffix != ".csv":
         raise ValueError(f"unknown output type {suffix!r}; use one of {', '.join(OUTPUT_SUFFIXES)}")
+    k = max((len(r["top_k"]) for r in records), default=0)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["input", "class", "class_index", "probability", "entropy", "mutual_information", "top_k"])
+    writer.writerow(["input", "class", "class_index", "probability", "entropy", "mutual_information",
+                     *(f"top{i}_{part}" for i in range(1, k + 1) for part in ("class", "probability"))])
     for r in records:
         mi = "" if r["mutual_information"] is None else f"{r['mutual_information']:.6g}"
-        top = "|".join(f"{t['class']}:{t['probability']:.6g}" for t in r["top_k"])
+        top = [v for t in r["top_k"] for v in (t["class"], f"{t['probability']:.6g}")]
         writer.writerow([r["input"], r["class"], r["class_index"], f"{r['probability']:.6g}",
-                         f"{r['entropy']:.6g}", mi, top])
+                         f"{r['entropy']:.6g}", mi, *top])
     return buf.getvalue()
 
 

@@ -29,10 +29,10 @@ from ssvi_cli.prediction import is_bayesian
 QUANTILES = {"min": 0.0, "q10": 0.1, "median": 0.5, "q90": 0.9, "max": 1.0}
 
 
-def _quantiles(values: Tensor) -> dict[str, float]:
+def _quantiles(values: Tensor) -> dict[str, Optional[float]]:
     v = values.double().flatten().sort().values
-    if v.numel() == 0:
-        return {k: float("nan") for k in QUANTILES}
+    if v.numel() == 0:  # a layer with no active weight: nothing to summarise
+        return {k: None for k in QUANTILES}
     # Linear interpolation between order statistics (numpy's default), without torch.quantile's size cap.
     out = {}
     for key, q in QUANTILES.items():
@@ -60,11 +60,11 @@ def layer_stats(name: str, layer: SparseGaussian) -> dict[str, Any]:
         "total": layer.numel,
         "density": layer.density,
         "bayesian": layer.bayesian,
-        "mu": {"mean": float(mu.mean()) if mu.numel() else float("nan"),
+        "mu": {"mean": float(mu.mean()) if mu.numel() else None,
                "std": float(mu.std()) if mu.numel() > 1 else 0.0,
-               "mean_abs": float(mu.abs().mean()) if mu.numel() else float("nan"),
-               "min": float(mu.min()) if mu.numel() else float("nan"),
-               "max": float(mu.max()) if mu.numel() else float("nan")},
+               "mean_abs": float(mu.abs().mean()) if mu.numel() else None,
+               "min": float(mu.min()) if mu.numel() else None,
+               "max": float(mu.max()) if mu.numel() else None},
         "sigma": None,
         "snr": None,
         "snr_below_1": None,
@@ -72,11 +72,11 @@ def layer_stats(name: str, layer: SparseGaussian) -> dict[str, Any]:
     if layer.bayesian:
         sigma = layer.sigma().detach().double().cpu()
         s = _quantiles(sigma)
-        stats["sigma"] = {"mean": float(sigma.mean()) if sigma.numel() else float("nan"),
+        stats["sigma"] = {"mean": float(sigma.mean()) if sigma.numel() else None,
                           "min": s["min"], "median": s["median"], "max": s["max"]}
         ratio = snr(mu, sigma)
         stats["snr"] = _quantiles(ratio)
-        stats["snr_below_1"] = float((ratio < 1).double().mean()) if ratio.numel() else float("nan")
+        stats["snr_below_1"] = float((ratio < 1).double().mean()) if ratio.numel() else None
     return stats
 
 
@@ -118,7 +118,7 @@ def posterior(path: Path) -> tuple[ModelCard, FileInfo, list[tuple[str, SparseGa
     """The card, file info and named sparse layers of a model file or run directory, and the whole
     model (None for a user's own module's file, read layer by layer: only its code builds the rest)."""
     path = Path(path)
-    if path.is_file() and path.suffix != ".pt":
+    if path.is_file() and path.suffix.lower() != ".pt":
         head = read_header(path)
         if holds_custom_module(head):
             card, info, layers = read_layers(path)
@@ -142,6 +142,7 @@ def inspect_model(path: Path, drop_fraction: float = 0.3) -> dict[str, Any]:
     cfg = card.training.run_config()
     samples = cfg.train.eval_samples if cfg else 10
     flops_by_layer: dict[str, Optional[int]] = {name: None for name, _ in named}
+    bayesian = any(layer.bayesian for _, layer in named)
     if whole:
         flops = prediction_flops(model_geometry(model, card.data.input_shape),
                                  {n: l.density for n, l in named}, is_bayesian(model), samples)
@@ -165,18 +166,25 @@ def inspect_model(path: Path, drop_fraction: float = 0.3) -> dict[str, Any]:
         "metrics": card.metrics,
         "layers": layers,
         "totals": _file_totals(card, info, model),  # model None: a file, measured from its header
-        "flops": {"per_prediction": sum(flops_by_layer.values()) if whole else None, "samples": samples,
-                  "convention": (f"per example, MC prediction with S={samples}: the first layer's two LRT "
-                                "ops (mean, variance) once (the fewest; batches where it is faster on a "
-                                "CPU sample its weights per draw instead), one op over the active "
-                                "weights per draw in every other layer; 1 multiply-add = 2 FLOPs; "
-                                "biases, BatchNorm, activations and noise are not counted") if whole else
-                  "not counted: the file holds a module of the user's own code, whose forward (and so "
-                  "each layer's input size) only that code knows"},
+        "flops": {"per_prediction": sum(flops_by_layer.values()) if whole else None,
+                  "samples": samples if bayesian else None,
+                  "convention": _flops_convention(whole, bayesian, samples)},
         "criteria_overlap": criteria_overlap(torch.nn.ModuleList(layer for _, layer in named), drop_fraction, lam),
         "support_history": support_history(path) if path.is_dir() else None,
     }
     return report
+
+
+def _flops_convention(whole: bool, bayesian: bool, samples: int) -> str:
+    if not whole:
+        return ("not counted: the file holds a module of the user's own code, whose forward (and so "
+                "each layer's input size) only that code knows")
+    counted = "1 multiply-add = 2 FLOPs; biases, BatchNorm, activations and noise are not counted"
+    if not bayesian:
+        return f"per example, one forward pass over the active weights (a deterministic model: nothing is sampled); {counted}"
+    return (f"per example, MC prediction with S={samples}: the first layer's two LRT ops (mean, variance) "
+            "once (the fewest; batches where it is faster on a CPU sample its weights per draw instead), "
+            f"one op over the active weights per draw in every other layer; {counted}")
 
 
 def write_snr_plots(layers: list[tuple[str, SparseGaussian]], out_dir: Path) -> list[Path]:

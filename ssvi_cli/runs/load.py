@@ -50,7 +50,7 @@ def load_model(path: Path, kernel: str = "auto") -> LoadedModel:
             return read_model_file(run.model_file, kernel=kernel)
         path, data = run.load_latest("reading")  # an unreadable newest one is passed over, with a warning
         return model_from_checkpoint(path, run.read_summary(), kernel, data)
-    if path.suffix == ".pt":
+    if path.suffix.lower() == ".pt":
         return model_from_checkpoint(path, RunDir(path.parent.parent).read_summary(), kernel)
     return read_model_file(path, kernel=kernel)
 

@@ -83,6 +83,6 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
             fixed[key] = values[0]
     data["axes"], data["fixed"] = axes, fixed
     preset_path = Path(str(data.get("preset", ""))).expanduser()
-    if preset_path.suffix in (".yaml", ".yml") and preset_path.is_file():
+    if preset_path.suffix.lower() in (".yaml", ".yml") and preset_path.is_file():
         data["preset"] = str(preset_path.resolve())  # cells may run from another directory
     return SweepSpec.from_dict(data)

@@ -87,7 +87,7 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise ConfigError(f"--init-from {path}: no such file")
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix.lower() == ".safetensors":
             from safetensors.torch import load_file
 
             state = load_file(str(path))
@@ -101,7 +101,7 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
                 magic = handle.read(4)
         except OSError:
             magic = b"PK\x03\x04"  # unreadable: the reader's own error says why
-        if path.suffix != ".safetensors" and not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+        if path.suffix.lower() != ".safetensors" and not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
             first = "not a PyTorch file: neither a zip archive nor a pickle"
         elif "Weights only load failed" in text:  # torch's refusal of pickled objects beyond tensors
             raise ConfigError(f"--init-from {path} holds Python objects besides tensors (a whole model saved with "
