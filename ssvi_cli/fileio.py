@@ -115,7 +115,7 @@ def json_ready(obj: Any) -> Any:
         return {k: json_ready(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [json_ready(v) for v in obj]
-    if hasattr(obj, "tolist") and not isinstance(obj, (int, float)):  # numpy arrays and scalars
+    if hasattr(obj, "tolist") and type(obj) not in (int, float, bool):  # numpy and torch values
         return json_ready(obj.tolist())
     if isinstance(obj, float) and not math.isfinite(obj):
         return None

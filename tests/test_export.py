@@ -267,7 +267,10 @@ def test_bad_files_give_one_line_errors_through_the_cli(good_file, tmp_path, cap
 
 
 def test_export_to_a_path_with_brackets_and_from_a_checkpoint_onto_its_run(trained, tmp_path, capsys, monkeypatch):
+    from ssvi_cli.cli.common import out
+
     _, run_dir, _ = trained
+    monkeypatch.setattr(out, "width", 200)  # whatever COLUMNS the tests run under
     monkeypatch.chdir(tmp_path)  # short paths: the size table keeps the name on one line
     folder = Path("a[")
     folder.mkdir()
@@ -279,3 +282,7 @@ def test_export_to_a_path_with_brackets_and_from_a_checkpoint_onto_its_run(train
     assert run(["export", str(ckpt), "-o", str(run_dir / "model.safetensors"), "--dense"]) == 2
     assert "is the model file of the run in" in capsys.readouterr().err
     assert (run_dir / "model.safetensors").read_bytes() == before
+    lookalike = Path("copied")  # a run's config copied to reuse it is no run: its model file may be written
+    lookalike.mkdir()
+    (lookalike / "config.yaml").write_bytes((run_dir / "config.yaml").read_bytes())
+    assert run(["export", str(run_dir), "-o", str(lookalike / "model.safetensors")]) == 0

@@ -1,6 +1,8 @@
 import os
 import stat
+from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -93,3 +95,31 @@ def test_commands_refuse_an_unwritable_output_before_the_work(tmp_path, monkeypa
     (tmp_path / "afile").write_text("x")
     assert run(["evaluate", str(tmp_path / "run"), "--plots", str(tmp_path / "afile" / "plots")]) == 2
     assert capsys.readouterr().err.strip() == f"error: --plots {tmp_path / 'afile' / 'plots'}: {tmp_path / 'afile'} is a file, not a folder"
+
+
+def test_json_ready_gives_plain_python_and_null_for_nan():
+    import numpy as np
+    import torch
+
+    from ssvi_cli.fileio import json_ready
+
+    got = json_ready({"a": np.float64(1.5), "b": np.float32("nan"), "c": torch.tensor([1.0, float("inf")]),
+                      "d": True, "e": (np.int64(3), float("-inf")), "f": "NaN"})
+    assert got == {"a": 1.5, "b": None, "c": [1.0, None], "d": True, "e": [3, None], "f": "NaN"}
+    assert type(got["a"]) is float and type(got["e"][0]) is int and got["d"] is True
+
+
+def test_a_stream_input_refuses_a_terminal_and_an_endless_device(monkeypatch):
+    from ssvi_cli.data import images
+    from ssvi_cli.data.spec import DataError
+
+    leader, follower = os.openpty()
+    try:
+        with pytest.raises(DataError, match="is a terminal; pipe or redirect"):
+            images.open_stream(Path(os.ttyname(follower)))
+    finally:
+        os.close(leader)
+        os.close(follower)
+    monkeypatch.setattr(images, "STREAM_LIMIT", 1024)
+    with pytest.raises(DataError, match="/dev/zero: more than"):
+        images.open_stream(Path("/dev/zero"))

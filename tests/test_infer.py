@@ -230,6 +230,9 @@ def test_mean_mode_refuses_samples_as_evaluate_does(model_file, tmp_path, capsys
 
 
 def test_brackets_in_paths_and_class_names_print_as_written(tmp_path, digits, capsys, monkeypatch):
+    from ssvi_cli.cli.common import out
+
+    monkeypatch.setattr(out, "width", 200)  # a page wide enough whatever COLUMNS the tests run under
     monkeypatch.chdir(tmp_path)  # short relative paths: the table's input column stays on one line
     names = [f"[red]c{i}[/red]" for i in range(9)] + ["a:b|c"]
     model = write_model(Path("m.safetensors"), class_names=names)
@@ -275,9 +278,17 @@ def test_a_pipe_is_read_as_an_image_or_by_its_array_magic(model_file, digits, tm
         writer.join(timeout=10)
     assert [r["probability"] for r in got] == [r["probability"] for r in expected[:3]]
     assert got[0]["input"] == f"{fifo}[0]"
-    proc = subprocess.run([sys.executable, "-m", "ssvi_cli", "infer", str(model_file), "/dev/stdin", "--json",
-                           "--mode", "mean"],
-                          input=(tmp_path / "one.png").read_bytes(), capture_output=True, timeout=120)
+    # /dev/stdin piped (a PNG) and redirected from a file (an array: a regular file without a suffix).
+    command = [sys.executable, "-m", "ssvi_cli", "infer", str(model_file), "/dev/stdin", "--json", "--mode", "mean"]
+    proc = subprocess.run(command, input=(tmp_path / "one.png").read_bytes(), capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     one = json.loads(proc.stdout)["predictions"]
     assert one[0]["input"] == "/dev/stdin" and one[0]["probability"] == expected[3]["probability"]
+    with open(tmp_path / "x.npy", "rb") as stdin:
+        proc = subprocess.run(command, stdin=stdin, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    three = json.loads(proc.stdout)["predictions"]
+    assert [r["probability"] for r in three] == [r["probability"] for r in expected[:3]]
+    proc = subprocess.run(command, input=b"", capture_output=True, timeout=120)
+    assert proc.returncode == 2 and "BytesIO" not in proc.stderr.decode()
+    assert "/dev/stdin cannot be read (not an image format" in proc.stderr.decode()

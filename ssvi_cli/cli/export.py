@@ -34,9 +34,11 @@ def register(app: typer.Typer) -> None:
         if output.exists() and output.resolve() == source.resolve():
             raise UsageError(f"--output {output} is the file being exported; give another path")
         run = RunDir(output.resolve().parent)
-        if output.name == run.model_file.name and run.is_run():
+        trained_here = run.summary_file.is_file() or run.metrics_file.is_file() or bool(run.checkpoints())
+        if output.name.casefold() == run.model_file.name.casefold() and trained_here and run.is_run():
             # Whatever the source (that run, one of its checkpoints, another run), the run's summary
-            # and evaluations describe the model file it wrote.
+            # and evaluations describe the model file it wrote (a folder holding only a copied
+            # config.yaml is no run).
             raise UsageError(f"--output {output} is the model file of the run in {run.path}, which its summary "
                              "and evaluations describe; give another path")
         report = export_model(source, output, dtype=dtype, dense=dense)

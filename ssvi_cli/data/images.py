@@ -7,6 +7,7 @@ same way).
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import BinaryIO, Optional, Sequence
 
@@ -32,10 +33,23 @@ def find_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[P
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-def open_stream(path: Path) -> io.BytesIO:
+STREAM_LIMIT = 1 << 30  # bytes read from a pipe or device at most (/dev/zero never ends)
+
+
+def open_stream(path: Path, error: type[Exception] = DataError) -> io.BytesIO:
     """``path``'s bytes, read once into memory: for a pipe or device (``/dev/stdin``, a shell's
-    ``<(...)``), which can be read only once and not seeked, as the image and array readers need."""
-    return io.BytesIO(Path(path).read_bytes())
+    ``<(...)``), which can be read only once and not seeked, as the image and array readers need.
+    A terminal (nothing piped in) and a stream over ``STREAM_LIMIT`` raise ``error``."""
+    try:
+        with open(path, "rb") as f:
+            if os.isatty(f.fileno()):
+                raise error(f"{path} is a terminal; pipe or redirect a file into it (< image.png)")
+            data = f.read(STREAM_LIMIT + 1)
+    except OSError as exc:
+        raise error(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if len(data) > STREAM_LIMIT:
+        raise error(f"{path}: more than {STREAM_LIMIT >> 20} MiB; save it to a file and pass that")
+    return io.BytesIO(data)
 
 
 def read_image(path: Path, error: type[Exception] = DataError, stream: Optional[BinaryIO] = None) -> torch.Tensor:
@@ -58,7 +72,10 @@ def read_image(path: Path, error: type[Exception] = DataError, stream: Optional[
             alpha = mode in _ALPHA_MODES or "transparency" in img.info
             target = "L" if mode in ("1", "L") else ("RGBA" if alpha else "RGB")
             arr = np.asarray(img.convert(target), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:  # its own message names the file as Python's repr of a stream
+        raise error(f"image {path} cannot be read (not an image format Pillow knows); replace or remove "
+                    "the file") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise error(f"image {path} cannot be read ({reason}); replace or remove the file") from None
     arr = arr[:, :, None] if arr.ndim == 2 else arr

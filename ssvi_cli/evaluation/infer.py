@@ -124,17 +124,25 @@ def load_array(path: Path, channels: int = 3, pixel_max: float = 255.0,
     return array_to_images(arr, str(path), channels, pixel_max)
 
 
+def _head(path: Path, stream: Optional[io.BytesIO]) -> bytes:
+    """The first bytes of an input named without a known suffix (``/dev/stdin`` redirected from a
+    file is a regular file): an array is told by numpy's magic, anything else goes to the image reader."""
+    if stream is not None:
+        return stream.getvalue()[:len(NPY_MAGIC)]
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(NPY_MAGIC))
+    except OSError:
+        return b""  # the image reader reports it
+
+
 def iter_raw(files: Iterable[Path], channels: int = 3, pixel_max: float = 255.0
              ) -> Iterator[tuple[Path, list[str], Tensor]]:
     """(source, names, pixels (n, C, H, W)) per image file, and per chunk of each array's images."""
     for path in files:
-        stream = None
-        if not path.is_file():  # a pipe or device: its bytes, read once; an array by its magic
-            try:
-                stream = open_stream(path)
-            except OSError as exc:
-                raise InputError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
-        if path.suffix.lower() == ARRAY_SUFFIX or (stream is not None and stream.getvalue()[:6] == NPY_MAGIC):
+        stream = None if path.is_file() else open_stream(path, InputError)  # a pipe or device: read once
+        if path.suffix.lower() == ARRAY_SUFFIX or (path.suffix.lower() not in IMAGE_SUFFIXES
+                                                   and _head(path, stream) == NPY_MAGIC):
             images = load_array(path, channels, pixel_max, stream)
             for start in range(0, len(images), _CHUNK):
                 part = images[start:start + _CHUNK]
@@ -220,7 +228,7 @@ def predictions_text(records: Sequence[dict[str, Any]], suffix: str) -> str:
     """Records as JSON lines (``.jsonl``) or CSV (``.csv``; the top-k as columns ``top1_class``,
     ``top1_probability``, ``top2_class``, ...: a class name may hold any character)."""
     if suffix == ".jsonl":
-        return "".join(json.dumps(r) + "\n" for r in records)
+        return "".join(json.dumps(fileio.json_ready(r), allow_nan=False) + "\n" for r in records)
     if suffix != ".csv":
         raise ValueError(f"unknown output type {suffix!r}; use one of {', '.join(OUTPUT_SUFFIXES)}")
     k = max((len(r["top_k"]) for r in records), default=0)

@@ -61,7 +61,7 @@ def layer_stats(name: str, layer: SparseGaussian) -> dict[str, Any]:
         "density": layer.density,
         "bayesian": layer.bayesian,
         "mu": {"mean": float(mu.mean()) if mu.numel() else None,
-               "std": float(mu.std()) if mu.numel() > 1 else 0.0,
+               "std": float(mu.std()) if mu.numel() > 1 else (0.0 if mu.numel() else None),
                "mean_abs": float(mu.abs().mean()) if mu.numel() else None,
                "min": float(mu.min()) if mu.numel() else None,
                "max": float(mu.max()) if mu.numel() else None},
