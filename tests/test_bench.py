@@ -212,3 +212,22 @@ def test_every_sparse_layer_is_benched_at_the_named_sparsity(name, monkeypatch):
     densities = {n: round(layer.density, 3) for n, layer in sparse_layers(model)}
     dense_stem = {"first"} if name == "lenet5" else set()  # LeNet's first conv stays dense at any sparsity
     assert len(densities) >= 3 and densities == {n: 1.0 if n in dense_stem else 0.05 for n in densities}
+
+
+def test_prediction_is_benched_as_infer_reads_a_file(monkeypatch):
+    # At sparsity 0.8 (density 0.2) `auto` would multiply the linear layers densely; `ssvi infer`
+    # reads files under the `prediction` policy, where they multiply over their stored entries.
+    import ssvi_cli.modelfile as modelfile
+    from ssvi_cli.core.layers import sparse_layers
+
+    original, kernels = modelfile.read_model_file, []
+
+    def spy(path, kernel="auto"):
+        loaded = original(path, kernel=kernel)
+        kernels.append({n: l.uses_sparse_kernel() for n, l in sparse_layers(loaded.model) if l.is_linear()})
+        return loaded
+
+    monkeypatch.setattr(modelfile, "read_model_file", spy)
+    run_bench(BenchOptions(model="mlp", sparsities=(0.8,), batch_size=2, samples=1, repeats=1, warmup=0, threads=1))
+    compact = kernels[1]  # the dense file first, then the compact one
+    assert compact and all(compact.values()), kernels

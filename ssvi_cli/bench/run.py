@@ -164,7 +164,7 @@ def _bench_prediction(trainers: dict[str, Any], opts: BenchOptions, x: torch.Ten
         for layout in ("dense", "compact"):
             path = root / f"model-{s:g}-{layout}.safetensors"
             size = write_model_file(tr.model, path, card, dense=layout == "dense")
-            model = read_model_file(path).model.to(x.device)
+            model = read_model_file(path, kernel="prediction").model.to(x.device)  # as `ssvi infer` loads it
             key = f"{layout} {s:g}"
             files[layout] = key
             variants.append(Variant(key, (lambda m=model: predict_batch(m, x, opts.samples, "mc")),
