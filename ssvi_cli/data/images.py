@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from pathlib import Path
 from typing import BinaryIO, Optional, Sequence
 
@@ -34,14 +35,16 @@ def find_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[P
 
 
 STREAM_LIMIT = 1 << 30  # bytes read from a pipe or device at most (/dev/zero never ends)
+STDIN = "-"  # the input name that means standard input, as in most command-line tools
 
 
 def open_stream(path: Path, error: type[Exception] = DataError) -> io.BytesIO:
     """``path``'s bytes, read once into memory: for a pipe or device (``/dev/stdin``, a shell's
-    ``<(...)``), which can be read only once and not seeked, as the image and array readers need.
+    ``<(...)``, or ``-`` for standard input), which can be read only once and not seeked, as the image
+    and array readers need.
     A terminal (nothing piped in) and a stream over ``STREAM_LIMIT`` raise ``error``."""
     try:
-        with open(path, "rb") as f:
+        with (open(path, "rb") if str(path) != STDIN else open(sys.stdin.fileno(), "rb", closefd=False)) as f:
             if os.isatty(f.fileno()):
                 raise error(f"{path} is a terminal; pipe or redirect a file into it (< image.png)")
             data = f.read(STREAM_LIMIT + 1)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ssvi_cli import fileio
-from ssvi_cli.data.images import ARRAY_SUFFIX, IMAGE_SUFFIXES, find_files, open_stream, read_image
+from ssvi_cli.data.images import ARRAY_SUFFIX, IMAGE_SUFFIXES, STDIN, find_files, open_stream, read_image
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.data.transforms import preprocess
 from ssvi_cli.core.modes import using_kernel
@@ -41,11 +41,13 @@ class InputError(DataError):
 
 def expand_inputs(paths: Sequence[Path]) -> list[Path]:
     """Files in the given order; folders contribute their image and ``.npy`` files, recursively,
-    in sorted order, hidden ones skipped (``data.images.find_files``). A missing path or a folder
-    without inputs is an error."""
+    in sorted order, hidden ones skipped (``data.images.find_files``); ``-`` is standard input. A
+    missing path or a folder without inputs is an error."""
     files: list[Path] = []
     for path in map(Path, paths):
-        if path.is_dir():
+        if str(path) == STDIN:
+            files.append(path)  # standard input, read once, whole, when its turn comes
+        elif path.is_dir():
             found = find_files(path, IMAGE_SUFFIXES + (ARRAY_SUFFIX,))
             if not found:
                 raise InputError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)}) or .npy files")
@@ -140,7 +142,7 @@ def iter_raw(files: Iterable[Path], channels: int = 3, pixel_max: float = 255.0
              ) -> Iterator[tuple[Path, list[str], Tensor]]:
     """(source, names, pixels (n, C, H, W)) per image file, and per chunk of each array's images."""
     for path in files:
-        stream = None if path.is_file() else open_stream(path, InputError)  # a pipe or device: read once
+        stream = None if path.is_file() and str(path) != STDIN else open_stream(path, InputError)  # read once
         if path.suffix.lower() == ARRAY_SUFFIX or (path.suffix.lower() not in IMAGE_SUFFIXES
                                                    and _head(path, stream) == NPY_MAGIC):
             images = load_array(path, channels, pixel_max, stream)
