@@ -122,13 +122,18 @@ def json_ready(obj: Any) -> Any:
     return obj
 
 
+def compact_json(obj: Any) -> str:
+    """``obj`` as one line of standard JSON (no spaces; NaN and infinities as null)."""
+    return json.dumps(json_ready(obj), separators=(",", ":"), default=json_default, allow_nan=False)
+
+
 def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(json_ready(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Append one JSON line with a single write, so a line is either complete or absent."""
-    line = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
+    line = (compact_json(record) + "\n").encode("utf-8")
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         size = os.fstat(fd).st_size

@@ -123,3 +123,18 @@ def test_a_stream_input_refuses_a_terminal_and_an_endless_device(monkeypatch):
     monkeypatch.setattr(images, "STREAM_LIMIT", 1024)
     with pytest.raises(DataError, match="/dev/zero: more than"):
         images.open_stream(Path("/dev/zero"))
+
+
+def test_every_json_ssvi_writes_is_standard(tmp_path):
+    import json
+
+    from ssvi_cli.fileio import append_jsonl, compact_json, write_json
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda token: pytest.fail(f"{token} in {text!r}"))
+
+    record = {"loss": float("nan"), "acc": 0.5, "kl": float("inf")}
+    assert strict(compact_json(record)) == {"loss": None, "acc": 0.5, "kl": None}
+    append_jsonl(tmp_path / "m.jsonl", record)
+    write_json(tmp_path / "s.json", record)
+    assert strict((tmp_path / "m.jsonl").read_text()) == strict((tmp_path / "s.json").read_text())

@@ -7,13 +7,12 @@ checkpoint loader and the trainer all go through it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from ssvi_cli.config import SIGMA_PARAMS, Config, from_dict
 from ssvi_cli.data.spec import DataSpec
-from ssvi_cli.fileio import json_default
+from ssvi_cli.fileio import compact_json
 from ssvi_cli.models import LayerFactory, SSVIModel, build_architecture
 
 NO_DATASET = "unspecified"  # the dataset of a file saved by ssvi.save without dataset=
@@ -115,7 +114,7 @@ class ModelCard:
         """The card's part of a model file's metadata: one JSON string per key of :data:`CARD_KEYS`."""
         parts = {"architecture": self.architecture.to_dict(), "data_spec": self.data.to_dict(),
                  "training": self.training.to_dict(), "metrics": self.metrics}
-        return {key: json.dumps(value, separators=(",", ":"), default=json_default) for key, value in parts.items()}
+        return {key: compact_json(value) for key, value in parts.items()}
 
     @classmethod
     def from_metadata(cls, decoded: Mapping[str, Any]) -> "ModelCard":

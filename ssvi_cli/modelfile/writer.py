@@ -6,7 +6,6 @@ Written atomically (a temporary file renamed into place), with safetensors: no p
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from torch import Tensor, nn
 
 from ssvi_cli.core.conv import SparseConv2d
 from ssvi_cli.core.layers import SparseGaussian, sparse_layers
-from ssvi_cli.fileio import atomic_path, json_default
+from ssvi_cli.fileio import atomic_path, compact_json
 from ssvi_cli.modelfile.card import ModelCard
 from ssvi_cli.modelfile.codec import encode_index
 from ssvi_cli.modelfile.header import DTYPES, FORMAT_NAME, FORMAT_VERSION
@@ -25,8 +24,6 @@ from ssvi_cli.models import SSVIModel
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _json(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), default=json_default)
 
 
 def _layer_kind(layer: SparseGaussian) -> str:
@@ -99,7 +96,7 @@ def write_model_file(model: SSVIModel, path: Path, card: ModelCard, *, dtype: st
         "layout": "dense" if dense else "compact",
         "dtype": dtype,
         **card.to_metadata(),
-        "layers": _json(records),
+        "layers": compact_json(records),
     }
     path = Path(path)
     with atomic_path(path) as tmp:
