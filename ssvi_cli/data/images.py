@@ -41,8 +41,8 @@ STDIN = "-"  # the input name that means standard input, as in most command-line
 def open_stream(path: Path, error: type[Exception] = DataError) -> io.BytesIO:
     """``path``'s bytes, read once into memory: for a pipe or device (``/dev/stdin``, a shell's
     ``<(...)``, or ``-`` for standard input), which can be read only once and not seeked, as the image
-    and array readers need.
-    A terminal (nothing piped in) and a stream over ``STREAM_LIMIT`` raise ``error``."""
+    and array readers need. A terminal (nothing piped in) and a stream over ``STREAM_LIMIT`` raise
+    ``error``."""
     try:
         with (open(path, "rb") if str(path) != STDIN else open(sys.stdin.fileno(), "rb", closefd=False)) as f:
             if os.isatty(f.fileno()):
