@@ -294,5 +294,7 @@ def test_a_pipe_is_read_as_an_image_or_by_its_array_magic(model_file, digits, tm
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     assert [r["input"] for r in json.loads(proc.stdout)["predictions"]] == ["-[0]", "-[1]", "-[2]"]
     proc = subprocess.run(command, input=b"", capture_output=True, timeout=120)
+    assert proc.returncode == 2 and "/dev/stdin is empty: nothing was piped" in proc.stderr.decode()
+    proc = subprocess.run(command, input=b"not an image", capture_output=True, timeout=120)
     assert proc.returncode == 2 and "BytesIO" not in proc.stderr.decode()
     assert "/dev/stdin cannot be read (not an image format" in proc.stderr.decode()

@@ -50,6 +50,8 @@ def open_stream(path: Path, error: type[Exception] = DataError) -> io.BytesIO:
             data = f.read(STREAM_LIMIT + 1)
     except OSError as exc:
         raise error(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if not data:
+        raise error(f"{path} is empty: nothing was piped or redirected into it")
     if len(data) > STREAM_LIMIT:
         raise error(f"{path}: more than {STREAM_LIMIT >> 20} MiB; save it to a file and pass that")
     return io.BytesIO(data)
