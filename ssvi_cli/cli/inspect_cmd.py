@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
         drop_fraction: Annotated[float, typer.Option(help="Drop fraction of the criteria-overlap analysis.")] = 0.3,
     ) -> None:
         """Per-layer density, mu/sigma/SNR statistics, sizes, support history and criteria overlap."""
-        from ssvi_cli.evaluation.inspection import inspect_model
+        from ssvi_cli.evaluation.inspection import inspect_model, posterior, write_snr_plots
 
         if not 0.0 < drop_fraction <= 1.0:
             raise UsageError(f"--drop-fraction must be in (0, 1], got {drop_fraction}")
@@ -36,14 +36,14 @@ def register(app: typer.Typer) -> None:
                 import matplotlib  # noqa: F401
             except ImportError:
                 raise UsageError("--plots needs matplotlib; install it with: pip install 'ssvi[plots]'") from None
-        report = inspect_model(source, drop_fraction)
-        if plots is not None and not any(l["bayesian"] and l["active"] for l in report["layers"]):
+        read = posterior(source)  # the model is read once, for the report and the plots
+        named = read[2]
+        if plots is not None and not any(layer.bayesian and layer.active for _, layer in named):
             raise UsageError(f"--plots: {source} has no Bayesian layer with active weights, so no SNR "
                              "(|mu| / sigma) to plot; inspect it without --plots")
+        report = inspect_model(source, drop_fraction, read)
         if plots is not None:
-            from ssvi_cli.evaluation.inspection import posterior, write_snr_plots
-
-            written = write_snr_plots(posterior(source)[2], plots)
+            written = write_snr_plots(named, plots)
             report["plots"] = [str(p) for p in written]
         if json_out:
             print_json(report)

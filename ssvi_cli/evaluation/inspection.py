@@ -127,11 +127,12 @@ def posterior(path: Path) -> tuple[ModelCard, FileInfo, list[tuple[str, SparseGa
     return loaded.card, loaded.file, sparse_layers(loaded.model), loaded.model
 
 
-def inspect_model(path: Path, drop_fraction: float = 0.3) -> dict[str, Any]:
+def inspect_model(path: Path, drop_fraction: float = 0.3, read: Optional[tuple[Any, ...]] = None) -> dict[str, Any]:
     """The full report for a model file or a run directory. A file saved from a user's own module
-    gets everything but the FLOPs, which need its forward (a conv layer's cost depends on its input)."""
+    gets everything but the FLOPs, which need its forward (a conv layer's cost depends on its input).
+    ``read``: what :func:`posterior` returned for ``path``, when the caller has it already."""
     path = Path(path)
-    card, info, named, model = posterior(path)
+    card, info, named, model = read if read is not None else posterior(path)
     whole = model is not None
     layer_bytes: dict[str, int] = {}
     if info.is_model_file:
