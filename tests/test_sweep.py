@@ -545,3 +545,47 @@ def test_the_late_criteria_overlap_is_the_last_step_that_drops_an_entry(tmp_path
     stages = stage_iou(path)
     assert {k: v["step"] for k, v in stages.items()} == {"early": 100, "middle": 200, "late": 300}
     assert stages["late"]["iou"][0][1] == 0.5
+
+
+@pytest.mark.parametrize("case", ["broken_image", "no_images", "nan_array", "seeds_float", "seeds_bool",
+                                  "seeds_negative", "no_sparsities", "no_preset", "out_under_a_file"])
+def test_a_sweep_refuses_what_its_cells_would_fail_on_before_any_cell_runs(tmp_path, capsys, monkeypatch, case):
+    monkeypatch.chdir(tmp_path)
+    good = Image.fromarray(np.zeros((8, 8), np.uint8))
+    args = ["sweep", "--method", "ssvi", "--seeds", "1", "--out", "s", "--dry-run"]
+    if case == "broken_image":
+        Path("odd").mkdir()
+        good.save("odd/a.png")
+        Path("odd/b.png").write_text("not an image")
+        args += ["--ood", "odd"]
+    elif case == "no_images":
+        Path("texts").mkdir()
+        Path("texts/a.txt").write_text("text")
+        args += ["--ood", "texts"]
+    elif case == "nan_array":
+        np.save("nan.npy", np.full((3, 8, 8), np.nan, np.float32))
+        args += ["--ood", "nan.npy"]
+    elif case == "out_under_a_file":
+        Path("afile").write_text("a file")
+        args[args.index("s")] = "afile/s"
+    else:
+        text = {"seeds_float": "seeds: 3.0", "seeds_bool": "seeds: true", "seeds_negative": "seeds: [-1]",
+                "no_sparsities": "sparsities: []", "no_preset": "preset: null"}[case]
+        Path("sweep.yaml").write_text(text + "\n")
+        args = ["sweep", "--file", "sweep.yaml", "--out", "s", "--dry-run"]
+    assert run(args) == 2
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert not Path("s").exists() and not Path("afile/s").exists()
+
+
+def test_a_sweep_records_its_paths_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("ood").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save("ood/a.png")
+    assert run(["sweep", "--method", "ssvi", "--seeds", "1", "--ood", "ood", "--ood", "noise", "--out", "s",
+                "--dry-run"]) == 0
+    spec, cells = read_spec(Path("s"))
+    assert spec.ood == (str(tmp_path.resolve() / "ood"), "noise")
+    monkeypatch.chdir(tmp_path / "s")  # another directory: the cell's evaluation still finds the folder
+    assert f"--ood {tmp_path.resolve() / 'ood'}" in " ".join(cells[0].eval_args(spec, Path("x")))

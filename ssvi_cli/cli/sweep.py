@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 import typer
 from rich.table import Table
 
-from ssvi_cli.cli.common import UsageError, count, err, out, print_json, progress_bar
+from ssvi_cli.cli.common import UsageError, check_output_dir, count, err, out, print_json, progress_bar
 
 if TYPE_CHECKING:
     from ssvi_cli.sweep.grid import Cell, SweepSpec
@@ -111,7 +111,7 @@ def register(app: typer.Typer) -> None:
         """The paper's experiments in one command: a grid of runs, evaluated alike, reported as tables and figures."""
         from ssvi_cli.sweep import grid, report as reportmod
         from ssvi_cli.sweep.paired import check_selection
-        from ssvi_cli.sweep.request import spec_from_flags
+        from ssvi_cli.sweep.request import check_ood_sets, spec_from_flags
         from ssvi_cli.sweep.sweepdir import claim_sweep_dir
 
         grid_given = any(v for v in (method, sparsity, seeds, criterion, set_, preset, file, ood, samples, out_dir, force))
@@ -142,8 +142,10 @@ def register(app: typer.Typer) -> None:
             spec = spec_from_flags(file, preset, method, sparsity, seeds, criterion, set_ or [], ood or [], samples)
             cells = grid.expand(spec)
             grid.check_runnable(spec, cells)
+            check_ood_sets(spec, cells)
             check_selection(spec, cells, baseline or [])  # before anything is written or run
             sweep_dir = out_dir or Path("sweeps") / f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(spec.preset).stem}"
+            check_output_dir(sweep_dir, "--out")
             how, cells = claim_sweep_dir(sweep_dir, spec, cells, force)
             if how != "same":  # the same grid continues with its cells as it named them
                 if how == "grown" and not json_out:

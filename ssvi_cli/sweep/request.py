@@ -46,6 +46,7 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
                 if many in data:
                     raise SweepError(f"--file {file}: give {many!r} or {one!r}, not both")
                 data[many] = data.pop(one)
+        _check_file_values(data, file)
         if isinstance(data.get("seeds"), int):
             data["seeds"] = list(range(data["seeds"]))
         grid = data.pop("set", {}) or {}
@@ -85,4 +86,81 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
     preset_path = Path(str(data.get("preset", ""))).expanduser()
     if preset_path.suffix.lower() in (".yaml", ".yml") and preset_path.is_file():
         data["preset"] = str(preset_path.resolve())  # cells may run from another directory
+    # Paths, likewise, as absolute ones: a cell resumed, or run by a scheduler, from elsewhere finds them.
+    data["ood"] = tuple(_absolute_ood(str(text)) for text in data.get("ood") or ())
+    for part in ("axes", "fixed"):
+        data[part] = {k: ([_absolute_folder(v) for v in vs] if k == "data.name" and part == "axes" else
+                          _absolute_folder(vs) if k == "data.name" else vs) for k, vs in data[part].items()}
     return SweepSpec.from_dict(data)
+
+
+def _check_file_values(data: dict[str, Any], file: Path) -> None:
+    """A sweep file's values that the spec would misread: seeds as a count (an integer >= 1) or a
+    list of seeds (integers >= 0), no empty list of methods, sparsities or seeds, a preset name."""
+    seeds = data.get("seeds")
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731 - True is no seed
+    if seeds is not None and not ((whole(seeds) and seeds >= 1) or (isinstance(seeds, list) and seeds
+                                                                      and all(whole(v) and v >= 0 for v in seeds))):
+        raise SweepError(f"--file {file}: seeds {seeds!r}: give a count (an integer, at least 1) or a list of "
+                         "seeds (integers, 0 or more), e.g. seeds: 3 or seeds: [0, 1, 2]")
+    for key in ("methods", "sparsities"):
+        if key in data and (data[key] is None or data[key] == []):
+            raise SweepError(f"--file {file}: {key} is empty; give at least one value or leave the key out")
+    if "preset" in data and not isinstance(data["preset"], str):
+        raise SweepError(f"--file {file}: preset {data['preset']!r}: give a preset name or the path of a preset YAML")
+
+
+def _absolute_ood(text: str) -> str:
+    """An ``--ood`` value with its folder or array path made absolute (a set's name, noise and
+    heldout stay as typed)."""
+    from ssvi_cli.data.ood import parse_ood
+    from ssvi_cli.data.spec import DataError
+
+    try:
+        request = parse_ood(text)
+    except DataError as exc:  # an unknown name or a missing path: the one-line error, now
+        raise SweepError(str(exc)) from None
+    if request.kind == "path" and request.path is not None:
+        return str(request.path.resolve())
+    if request.data_dir is not None:
+        return f"{request.name}={request.data_dir.resolve()}"
+    return text
+
+
+def _absolute_folder(value: Any) -> Any:
+    """``imagefolder:PATH`` with PATH absolute; any other dataset name as it is."""
+    family, sep, path = str(value).partition(":")
+    if sep and family == "imagefolder" and path:
+        return f"{family}:{Path(path).expanduser().resolve()}"
+    return value
+
+
+def check_ood_sets(spec: SweepSpec, cells: list[Any]) -> None:
+    """Every ``--ood`` set read as the cells' evaluation reads it (at most 2,000 images, against the
+    first cell's data), before any cell trains: a folder without readable images, an array of the
+    wrong shape or a set that is not on disk is refused now, not after every cell has trained. An
+    image folder's data is only known once scanned, so its cells' own evaluation checks them."""
+    from ssvi_cli.data import get_spec
+    from ssvi_cli.data.ood import HELDOUT, parse_ood
+    from ssvi_cli.data.spec import DataError
+    from ssvi_cli.evaluation.ood_sets import load_ood
+    from ssvi_cli.registry import UnknownName
+    from ssvi_cli.sweep.grid import cell_configs
+
+    if not spec.ood or not cells:
+        return
+    _, cfg = next(cell_configs(spec, cells[:1]))
+    try:
+        data_spec = get_spec(cfg.data.name, cfg.data)
+    except (UnknownName, DataError, ValueError):
+        return
+    root = Path(cfg.data.data_dir).expanduser() if cfg.data.data_dir else None
+    for text in spec.ood:
+        request = parse_ood(text)
+        if request.kind == HELDOUT:
+            continue  # check_runnable: it needs classes held out of training
+        try:
+            load_ood(request, data_spec, root, False, 0, 2000)
+        except DataError as exc:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise SweepError(message if message.startswith("--ood") else f"--ood {text}: {message}") from None
