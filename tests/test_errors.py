@@ -104,6 +104,8 @@ CASES = [
     (["export", "{ws}/corrupt.safetensors", "-o", "{ws}/x.safetensors"], "has a corrupted header"),
     (["export", "{ws}/plain.safetensors", "-o", "{ws}/x.safetensors"], "is a safetensors file but not an ssvi model file"),
     (["export", "{ws}/newer.safetensors", "-o", "{ws}/x.safetensors"], "version 2, newer than this ssvi reads"),
+    (["evaluate", "{ws}/run/model.safetensors", "--output", "{ws}/run/model.safetensors"], "is the model file being evaluated"),
+    (["evaluate", "{ws}/run", "--output", "{ws}/run/model.safetensors"], "is the model file being evaluated"),
     # inspect
     (["inspect", "{ws}/empty_dir"], "has no checkpoint"),
     (["inspect", "{ws}/missing"], "{ws}/missing does not exist"),

@@ -325,6 +325,12 @@ def test_a_sweep_runs_reports_and_skips_finished_cells(tmp_path: Path, capsys):
     assert run(["sweep", "--report", str(out), "--baseline", "method=vi", "--no-figures"]) == 0
     assert "the baseline group (vi, dense) has no evaluated cell yet" in capsys.readouterr().err
     assert "has no evaluated cell yet." in (out / "report.md").read_text()
+    # a damaged evaluation report is no evaluation: reported as missing, evaluated again on --resume
+    (cell / "evaluation.json").write_text('{"format": "ssvi-evaluation", "metrics": {"accuracy": 0.9')
+    assert run(["sweep", "--report", str(out), "--json", "--no-figures"]) == 0
+    assert "ssvi_s0.9_seed0" in json.loads(capsys.readouterr().out)["missing"]
+    assert run(["sweep", "--resume", str(out), "--no-figures"]) == 0
+    assert json.loads((cell / "evaluation.json").read_text())["format"] == "ssvi-evaluation"
 
 
 @pytest.mark.slow

@@ -114,6 +114,7 @@ def register(app: typer.Typer) -> None:
         """Accuracy, calibration (ECE, debiased class-marginal L2 CE), uncertainty and OOD detection."""
         from ssvi_cli.evaluation import evaluator as ev
         from ssvi_cli.evaluation.inputs import load_eval_data
+        from ssvi_cli.runs.rundir import RunDir
         from ssvi_cli.runs.load import load_model
         from ssvi_cli.fileio import write_json
 
@@ -129,6 +130,9 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"model {model} does not exist; pass a .safetensors file or a run directory")
         if output is not None:
             check_output_file(output, "--output")
+            scored = RunDir(model).model_file if model.is_dir() else model
+            if output.exists() and scored.exists() and output.resolve() == scored.resolve():
+                raise UsageError(f"--output {output} is the model file being evaluated; name the report *.json")
         if plots is not None:
             check_output_dir(plots, "--plots")
         device = check_device(device)

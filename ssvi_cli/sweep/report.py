@@ -17,8 +17,8 @@ from typing import Any, Optional
 from ssvi_cli.fileio import read_jsonl, write_json, write_text
 from ssvi_cli.runs.rundir import CONFIG_FILE, SUMMARY_FILE, SUPPORT_FILE
 from ssvi_cli.sweep.drift import changed_cells
-from ssvi_cli.sweep.grid import (EVAL_FILE, OWN_KEYS, Cell, SweepSpec, group_key, group_label, read_spec,
-                                 setting_text, yaml_text)
+from ssvi_cli.sweep.grid import (EVAL_FILE, OWN_KEYS, Cell, SweepError, SweepSpec, group_key, group_label,
+                                 read_spec, setting_text, yaml_text)
 from ssvi_cli.sweep.paired import paired_differences, paired_markdown
 from ssvi_cli.sweep.runner import cell_dir, cell_state
 
@@ -34,8 +34,12 @@ COSTS = (("training_flops", "training FLOPs"), ("model_file_bytes", "file bytes"
 
 def cell_row(path: Path, cell: Cell) -> dict[str, Any]:
     """One evaluated cell's numbers (its state ``done``)."""
-    summary = json.loads((path / SUMMARY_FILE).read_text(encoding="utf-8"))
-    evaluation = json.loads((path / EVAL_FILE).read_text(encoding="utf-8"))
+    try:
+        summary = json.loads((path / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SweepError(f"cell {cell.name}: {SUMMARY_FILE} cannot be read ({type(exc).__name__}); "
+                         f"delete the folder {path} and resume the sweep to run the cell again") from None
+    evaluation = json.loads((path / EVAL_FILE).read_text(encoding="utf-8"))  # read by cell_state already
     row: dict[str, Any] = {"cell": cell.name, "method": cell.method, "sparsity": cell.sparsity, "seed": cell.seed,
                            "settings": cell.settings, "samples": evaluation.get("samples")}
     row.update({key: evaluation["metrics"].get(key) for key, _, _ in METRICS})

@@ -12,6 +12,7 @@ same run directory.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -35,10 +36,20 @@ def cell_dir(sweep_dir: Path, cell: Cell) -> Path:
     return Path(sweep_dir) / CELLS_DIR / cell.name
 
 
+def evaluated(path: Path) -> bool:
+    """Whether the cell's evaluation report is there and reads as one (a damaged one, from a disk
+    that filled up or an edit, is evaluated again rather than read into the report)."""
+    try:
+        report = json.loads((path / EVAL_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(report, dict) and isinstance(report.get("metrics"), dict)
+
+
 def cell_state(path: Path) -> str:
     """``done``, ``trained``, ``partial`` (has a checkpoint) or ``new``."""
     run = RunDir(path)
-    if (path / EVAL_FILE).is_file():
+    if evaluated(path):
         return "done"
     if run.finished():
         return "trained"
