@@ -163,3 +163,15 @@ def test_missing_torchvision_data_offline_is_a_one_line_error(capsys, model_file
 def test_missing_model_is_a_one_line_error(capsys, tmp_path):
     code, _, err = _evaluate(capsys, str(tmp_path / "absent.safetensors"))
     assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_run_without_its_model_file_is_scored_from_a_checkpoint_and_says_so(capsys, model_file, tmp_path):
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(model_file.parent, partial)
+    (partial / "model.safetensors").unlink()  # as a run stopped before its end leaves it
+    (partial / "summary.json").unlink()
+    notes = _json(capsys, str(partial), "--samples", "2")["notes"]
+    assert any("training checkpoint" in n and "had not finished" in n for n in notes), notes
+    assert not any("checkpoint" in n for n in _json(capsys, str(model_file), "--samples", "2")["notes"])

@@ -152,6 +152,10 @@ def register(app: typer.Typer) -> None:
             result = ev.evaluate(loaded.model, data, opts, model_info=ev.describe_model(model, loaded.card),
                                  on_batch=advance)
         report = result.report
+        if loaded.file.layout == "checkpoint":  # a run stopped before its end, or a checkpoint named
+            report["notes"].append(f"scored the training checkpoint {loaded.file.path}"
+                                   + (": the run has no model file, so its training had not finished"
+                                      if model.is_dir() else ", not a finished run's model file"))
         if output is not None:
             write_json(output, report)
         written = []
