@@ -143,11 +143,11 @@ def test_outputs_jsonl_and_csv(model_file, digits, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["text_as_png", "two_channels", "float_range", "missing", "empty_folder", "pickle",
-                                  "npz", "bomb"])
+                                  "npz", "bomb", "text_as_npy"])
 def test_bad_inputs_give_one_line_errors_naming_the_file(model_file, tmp_path, capsys, monkeypatch, case):
     target = tmp_path / {"text_as_png": "bad.png", "two_channels": "two.npy", "float_range": "f.npy",
                          "missing": "nope.png", "empty_folder": "empty", "pickle": "obj.npy",
-                         "npz": "arrays.npz", "bomb": "huge.png"}[case]
+                         "npz": "arrays.npz", "bomb": "huge.png", "text_as_npy": "t.npy"}[case]
     if case == "text_as_png":
         target.write_text("not an image")
     elif case == "two_channels":
@@ -158,6 +158,8 @@ def test_bad_inputs_give_one_line_errors_naming_the_file(model_file, tmp_path, c
         target.mkdir()
     elif case == "pickle":
         np.save(target, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    elif case == "text_as_npy":
+        target.write_text("not an array")
     elif case == "npz":
         np.savez(target, x=np.zeros((8, 8), np.uint8))
     elif case == "bomb":  # more than twice PIL's pixel limit: PIL refuses it as a decompression bomb
@@ -170,6 +172,8 @@ def test_bad_inputs_give_one_line_errors_naming_the_file(model_file, tmp_path, c
     assert len(lines) == 1 and str(target) in lines[0] and "Traceback" not in captured.err, captured.err
     assert "allow_pickle" not in lines[0]  # numpy's advice to unpickle is not ssvi's
     assert case != "npz" or "save each array as .npy" in lines[0]
+    assert case != "text_as_npy" or "lacks numpy's header" in lines[0]
+    assert case != "pickle" or "pickled Python objects" in lines[0]
 
 
 def test_infer_never_builds_a_dense_linear_weight(tmp_path, monkeypatch):

@@ -215,6 +215,7 @@ def _bad_inputs(root: Path) -> None:
     np.save(root / "fivedim.npy", np.zeros((2, 1, 1, 8, 8)))
     np.save(root / "nochannels.npy", np.zeros((2, 5, 8, 8)))
     (root / "notes.txt").write_text("text\n")
+    (root / "text.npy").write_text("not an array\n")
 
 
 @pytest.mark.parametrize("value, words", [
@@ -224,6 +225,7 @@ def _bad_inputs(root: Path) -> None:
     ("{root}/nochannels.npy", "array of shape (2, 5, 8, 8); expected"),
     ("{root}/missing.npy", "no such file or folder"),
     ("{root}/notes.txt", "a file must be a .npy array"),
+    ("{root}/text.npy", "text.npy: not a .npy file (it lacks numpy's header)"),
     ("noise={root}", "noise is not read from a folder"),
     ("heldout={root}", "heldout is not read from a folder"),
     ("imagenet={root}", "unknown OOD set 'imagenet'; NAME=DIR takes one of"),

@@ -57,6 +57,35 @@ def open_stream(path: Path, error: type[Exception] = DataError) -> io.BytesIO:
     return io.BytesIO(data)
 
 
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
+
+
+def read_array(path: Path, error: type[Exception] = DataError, stream: Optional[io.BytesIO] = None,
+               name: Optional[str] = None) -> np.ndarray:
+    """A ``.npy`` file as an array, never unpickled (``stream``: its bytes already read). A file
+    without numpy's header, one holding Python objects, or a cut one raises ``error`` with a
+    one-line message starting with ``name`` (default: the path)."""
+    name = name or str(path)
+    try:
+        if stream is None:
+            with open(path, "rb") as f:
+                head = f.read(len(NPY_MAGIC))
+        else:
+            head = stream.getvalue()[:len(NPY_MAGIC)]
+        if head != NPY_MAGIC:
+            raise error(f"{name}: not a .npy file (it lacks numpy's header); save arrays with np.save")
+        arr = np.load(stream if stream is not None else path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        if "allow_pickle" in str(exc):  # numpy's advice is to load it unsafely; ssvi never unpickles
+            raise error(f"{name}: holds pickled Python objects, not a numeric array; save the pixels "
+                        "with np.save") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise error(f"{name}: not a readable .npy array ({reason})") from None
+    if not isinstance(arr, np.ndarray):
+        raise error(f"{name}: not a single .npy array")
+    return arr
+
+
 def read_image(path: Path, error: type[Exception] = DataError, stream: Optional[BinaryIO] = None) -> torch.Tensor:
     """One image file as (1, C, H, W): uint8 with C in {1, 3, 4} (gray, RGB, RGB with alpha), or
     float in [0, 1] for 16-bit gray. ``stream``: the file's bytes already read (``open_stream``);

@@ -13,14 +13,15 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ssvi_cli import fileio
-from ssvi_cli.data.images import ARRAY_SUFFIX, IMAGE_SUFFIXES, STDIN, find_files, open_stream, read_image
+from ssvi_cli.data.images import (ARRAY_SUFFIX, IMAGE_SUFFIXES, NPY_MAGIC, STDIN, find_files, open_stream,
+                                  read_array, read_image)
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.data.transforms import preprocess
 from ssvi_cli.core.modes import using_kernel
@@ -30,7 +31,6 @@ from ssvi_cli.prediction import predict_batch
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
 _CHUNK = 1024  # images of one array preprocessed at a time
-NPY_MAGIC = b"\x93NUMPY"
 
 
 class InputError(DataError):
@@ -111,19 +111,10 @@ def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: fl
 
 
 def load_array(path: Path, channels: int = 3, pixel_max: float = 255.0,
-               stream: Optional[BinaryIO] = None) -> Tensor:
+               stream: Optional[io.BytesIO] = None) -> Tensor:
     """A ``.npy`` file's images (``array_to_images``); ``stream``: its bytes already read, ``path``
     then only names it."""
-    try:
-        arr = np.load(stream if stream is not None else path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        if "allow_pickle" in str(exc):  # numpy's advice is to load it unsafely; ssvi never unpickles
-            raise InputError(f"{path}: holds pickled Python objects, not a numeric array; "
-                             "save the pixels with np.save") from None
-        raise InputError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    if not isinstance(arr, np.ndarray):
-        raise InputError(f"{path}: not a single .npy array")
-    return array_to_images(arr, str(path), channels, pixel_max)
+    return array_to_images(read_array(path, InputError, stream), str(path), channels, pixel_max)
 
 
 def _head(path: Path, stream: Optional[io.BytesIO]) -> bytes:

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ssvi_cli.data import DataError, DatasetUnavailable, DataSpec, PreparedDataset, preprocess
-from ssvi_cli.data.images import ARRAY_SUFFIX, IMAGE_SUFFIXES, find_files, read_image
+from ssvi_cli.data.images import ARRAY_SUFFIX, IMAGE_SUFFIXES, find_files, read_array, read_image
 from ssvi_cli.data.ood import HELDOUT, OodRequest, build_ood, parse_ood
 from ssvi_cli.evaluation.infer import array_to_images
 
@@ -95,11 +95,7 @@ def folder_images(folder: Path, spec: DataSpec, seed: int, max_items: Optional[i
 
 def array_images(path: Path, spec: DataSpec, seed: int, max_items: Optional[int]) -> torch.Tensor:
     """The images of the ``.npy`` array at ``path`` (at most ``max_items``), brought to ``spec``'s input."""
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"--ood {path}: not a readable {ARRAY_SUFFIX} array ({reason})") from None
+    arr = read_array(path, DataError, name=f"--ood {path}")
     shape = tuple(arr.shape)
     if arr.ndim == 3:
         arr = arr[:, None]
