@@ -160,7 +160,7 @@ def check_ood_sets(spec: SweepSpec, cells: list[Any]) -> None:
         if request.kind == HELDOUT:
             continue  # check_runnable: it needs classes held out of training
         try:
-            load_ood(request, data_spec, root, False, 0, 2000)
+            load_ood(request, data_spec, root, bool(cfg.data.download), 0, 2000)  # fetched now if allowed
         except DataError as exc:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise SweepError(message if message.startswith("--ood") else f"--ood {text}: {message}") from None
