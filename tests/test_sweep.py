@@ -595,3 +595,15 @@ def test_a_sweep_records_its_paths_absolute(tmp_path, monkeypatch):
     assert spec.ood == (str(tmp_path.resolve() / "ood"), "noise")
     monkeypatch.chdir(tmp_path / "s")  # another directory: the cell's evaluation still finds the folder
     assert f"--ood {tmp_path.resolve() / 'ood'}" in " ".join(cells[0].eval_args(spec, Path("x")))
+
+
+def test_an_image_folder_in_a_sweep_is_recorded_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for label in ("a", "b"):
+        (tmp_path / "photos" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "photos" / label / f"{i}.png")
+    assert run(["sweep", "--method", "ssvi", "--seeds", "1", "--set", "data.name=imagefolder:photos",
+                "--out", "s", "--dry-run"]) == 0
+    spec, _ = read_spec(Path("s"))
+    assert spec.fixed["data.name"] == f"imagefolder:{tmp_path.resolve() / 'photos'}"

@@ -88,9 +88,10 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
         data["preset"] = str(preset_path.resolve())  # cells may run from another directory
     # Paths, likewise, as absolute ones: a cell resumed, or run by a scheduler, from elsewhere finds them.
     data["ood"] = tuple(_absolute_ood(str(text)) for text in data.get("ood") or ())
-    for part in ("axes", "fixed"):
-        data[part] = {k: ([_absolute_folder(v) for v in vs] if k == "data.name" and part == "axes" else
-                          _absolute_folder(vs) if k == "data.name" else vs) for k, vs in data[part].items()}
+    if "data.name" in data["axes"]:
+        data["axes"]["data.name"] = [_absolute_folder(v) for v in data["axes"]["data.name"]]
+    if "data.name" in data["fixed"]:
+        data["fixed"]["data.name"] = _absolute_folder(data["fixed"]["data.name"])
     return SweepSpec.from_dict(data)
 
 
@@ -138,8 +139,9 @@ def _absolute_folder(value: Any) -> Any:
 def check_ood_sets(spec: SweepSpec, cells: list[Any]) -> None:
     """Every ``--ood`` set read as the cells' evaluation reads it (at most 2,000 images, against the
     first cell's data), before any cell trains: a folder without readable images, an array of the
-    wrong shape or a set that is not on disk is refused now, not after every cell has trained. An
-    image folder's data is only known once scanned, so its cells' own evaluation checks them."""
+    wrong shape or a set that is not on disk is refused now, not after every cell has trained. Data
+    whose description needs more than its name (``get_spec`` refuses it) leaves the check to the
+    cells' own evaluation."""
     from ssvi_cli.data import get_spec
     from ssvi_cli.data.ood import HELDOUT, parse_ood
     from ssvi_cli.data.spec import DataError
