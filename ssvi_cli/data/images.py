@@ -60,6 +60,14 @@ def open_stream(path: Path, error: type[Exception] = DataError) -> io.BytesIO:
 NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
 
 
+def starts_as_npy(path: Path, stream: Optional[io.BytesIO] = None) -> bool:
+    """Whether the file (or ``stream``, its bytes already read) begins with numpy's header."""
+    if stream is not None:
+        return stream.getvalue()[:len(NPY_MAGIC)] == NPY_MAGIC
+    with open(path, "rb") as f:
+        return f.read(len(NPY_MAGIC)) == NPY_MAGIC
+
+
 def read_array(path: Path, error: type[Exception] = DataError, stream: Optional[io.BytesIO] = None,
                name: Optional[str] = None) -> np.ndarray:
     """A ``.npy`` file as an array, never unpickled (``stream``: its bytes already read). A file
@@ -67,12 +75,7 @@ def read_array(path: Path, error: type[Exception] = DataError, stream: Optional[
     one-line message starting with ``name`` (default: the path)."""
     name = name or str(path)
     try:
-        if stream is None:
-            with open(path, "rb") as f:
-                head = f.read(len(NPY_MAGIC))
-        else:
-            head = stream.getvalue()[:len(NPY_MAGIC)]
-        if head != NPY_MAGIC:
+        if not starts_as_npy(path, stream):
             raise error(f"{name}: not a .npy file (it lacks numpy's header); save arrays with np.save")
         arr = np.load(stream if stream is not None else path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from ssvi_cli import fileio
-from ssvi_cli.data.images import (ARRAY_SUFFIX, IMAGE_SUFFIXES, NPY_MAGIC, STDIN, find_files, open_stream,
-                                  read_array, read_image)
+from ssvi_cli.data.images import (ARRAY_SUFFIX, IMAGE_SUFFIXES, STDIN, find_files, open_stream, read_array,
+                                  read_image, starts_as_npy)
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.data.transforms import preprocess
 from ssvi_cli.core.modes import using_kernel
@@ -117,16 +117,14 @@ def load_array(path: Path, channels: int = 3, pixel_max: float = 255.0,
     return array_to_images(read_array(path, InputError, stream), str(path), channels, pixel_max)
 
 
-def _head(path: Path, stream: Optional[io.BytesIO]) -> bytes:
-    """The first bytes of an input named without a known suffix (``/dev/stdin`` redirected from a
-    file is a regular file): an array is told by numpy's magic, anything else goes to the image reader."""
-    if stream is not None:
-        return stream.getvalue()[:len(NPY_MAGIC)]
+def _starts_as_npy(path: Path, stream: Optional[io.BytesIO]) -> bool:
+    """An input named without a known suffix (``/dev/stdin`` redirected from a file is a regular
+    file) is an array when it starts with numpy's header; anything else, unreadable files too, goes
+    to the image reader, which reports it."""
     try:
-        with open(path, "rb") as f:
-            return f.read(len(NPY_MAGIC))
+        return starts_as_npy(path, stream)
     except OSError:
-        return b""  # the image reader reports it
+        return False
 
 
 def iter_raw(files: Iterable[Path], channels: int = 3, pixel_max: float = 255.0
@@ -135,7 +133,7 @@ def iter_raw(files: Iterable[Path], channels: int = 3, pixel_max: float = 255.0
     for path in files:
         stream = None if path.is_file() and str(path) != STDIN else open_stream(path, InputError)  # read once
         if path.suffix.lower() == ARRAY_SUFFIX or (path.suffix.lower() not in IMAGE_SUFFIXES
-                                                   and _head(path, stream) == NPY_MAGIC):
+                                                   and _starts_as_npy(path, stream)):
             images = load_array(path, channels, pixel_max, stream)
             for start in range(0, len(images), _CHUNK):
                 part = images[start:start + _CHUNK]

@@ -24,8 +24,6 @@ from ssvi_cli.models import SSVIModel
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-
-
 def _layer_kind(layer: SparseGaussian) -> str:
     return "conv2d" if isinstance(layer, SparseConv2d) else "linear"
 
