@@ -226,6 +226,29 @@ def test_the_embedded_datas_own_arrays_predict_in_their_raw_range(model_file, tm
     assert read_model_file(model_file).spec.pixel_max == 16.0
 
 
+def test_flattened_rows_are_one_input_each(model_file, tmp_path, capsys):
+    """``load_digits().data`` is (N, 64): each row is one flattened 8x8 image, not one (N, 64) image
+    shrunk to 8x8; a single row (64,) is one image."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    np.save(tmp_path / "flat.npy", digits.data[:5])
+    np.save(tmp_path / "images.npy", digits.images[:5])
+    np.save(tmp_path / "row.npy", digits.data[3])
+    got = {name: infer_json(capsys, str(model_file), str(tmp_path / f"{name}.npy"), "--mode", "mean",
+                            "--top-k", "10")["predictions"] for name in ("flat", "images", "row")}
+    assert len(got["flat"]) == 5 and [p["top_k"] for p in got["flat"]] == [p["top_k"] for p in got["images"]]
+    assert got["row"][0]["top_k"] == got["images"][3]["top_k"]
+    shape = (1, 8, 8)
+    assert array_to_images(np.zeros((5, 64)), "a", 1, 16.0, shape).shape == (5, 1, 8, 8)
+    assert array_to_images(np.zeros((8, 8)), "a", 1, 16.0, shape).shape == (1, 1, 8, 8)  # (H, W) stays an image
+    assert array_to_images(np.zeros((5, 64)), "a", 1, 16.0).shape == (1, 1, 5, 64)  # no model shape: an image
+    np.save(tmp_path / "short.npy", np.zeros(63))
+    assert run(["infer", str(model_file), str(tmp_path / "short.npy")]) == 2
+    assert "array of shape (63,); expected (H, W), (C, H, W), (N, H, W) or (N, C, H, W), (64,) or (N, 64)" \
+        in capsys.readouterr().err
+
+
 def test_mean_mode_refuses_samples_as_evaluate_does(model_file, tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.zeros((8, 8), np.uint8))
     for command in (["infer", str(model_file), str(tmp_path / "x.npy")], ["evaluate", str(model_file)]):

@@ -173,7 +173,8 @@ def test_folder_of_images_of_any_size_and_mode(capsys, subset_model, tmp_path):
     lambda rng: rng.random((6, 1, 8, 8)).astype(np.float32),                      # (N, C, H, W) in [0, 1]
     lambda rng: rng.integers(0, 256, (6, 28, 28, 3), dtype=np.uint8),            # (N, H, W, C) RGB, resized
     lambda rng: rng.integers(0, 17, (6, 8, 8)).astype(np.float64),               # the digits' own 0..16
-], ids=["NHW-uint8", "NCHW-unit-float", "NHWC-rgb", "digits-raw-range"])
+    lambda rng: rng.integers(0, 17, (6, 64)).astype(np.float64),                 # flattened, as load_digits().data
+], ids=["NHW-uint8", "NCHW-unit-float", "NHWC-rgb", "digits-raw-range", "flattened"])
 def test_npy_array_of_the_users_inputs(capsys, subset_model, tmp_path, make):
     path = tmp_path / "inputs.npy"
     np.save(path, make(np.random.default_rng(1)))
@@ -211,7 +212,7 @@ def test_torchvision_sets_read_from_their_own_folders(capsys, subset_model, tmp_
 def _bad_inputs(root: Path) -> None:
     (root / "no-images").mkdir(parents=True)
     (root / "no-images" / "readme.txt").write_text("nothing to see\n")
-    np.save(root / "flat.npy", np.zeros((5, 64)))
+    np.save(root / "flat.npy", np.zeros((5, 63)))  # 64 values per row would be flattened 8x8 digits
     np.save(root / "fivedim.npy", np.zeros((2, 1, 1, 8, 8)))
     np.save(root / "nochannels.npy", np.zeros((2, 5, 8, 8)))
     (root / "notes.txt").write_text("text\n")
@@ -220,7 +221,8 @@ def _bad_inputs(root: Path) -> None:
 
 @pytest.mark.parametrize("value, words", [
     ("{root}/no-images", "holds no images"),
-    ("{root}/flat.npy", "array of shape (5, 64); expected (N, H, W), (N, C, H, W) or (N, H, W, C)"),
+    ("{root}/flat.npy", "array of shape (5, 63); expected (N, H, W), (N, C, H, W) or (N, H, W, C) with C in 1, 3, 4, "
+                        "or (N, 64) flattened"),
     ("{root}/fivedim.npy", "array of shape (2, 1, 1, 8, 8); expected"),
     ("{root}/nochannels.npy", "array of shape (2, 5, 8, 8); expected"),
     ("{root}/missing.npy", "no such file or folder"),

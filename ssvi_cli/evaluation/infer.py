@@ -63,10 +63,13 @@ def expand_inputs(paths: Sequence[Path]) -> list[Path]:
 
 # ------------------------------------------------------------------ decoding
 
-def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: float = 255.0) -> Tensor:
+def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: float = 255.0,
+                    input_shape: Optional[Sequence[int]] = None) -> Tensor:
     """A numeric array as (N, C, H, W) pixels; ``channels`` is the model's input channel count.
 
-    Shapes: (H, W) one gray image; (C, H, W) one image when C is 1, or 3 or 4 for a colour model;
+    Shapes: with the model's ``input_shape`` (C, H, W) given, a 1-D array of C*H*W values is one
+    flattened image and an (N, C*H*W) array, unless it is shaped (H, W), N of them (row-major, as
+    ``load_digits().data`` or ``x.reshape(len(x), -1)``); (H, W) one gray image; (C, H, W) one image when C is 1, or 3 or 4 for a colour model;
     (H, W, C) when the last axis is 3 or 4; else (N, H, W) gray images (so a stack of 3 or 4 gray
     images for a gray model is a stack, not one colour image); (N, C, H, W), or (N, H, W, C) when only
     the last axis is 1, 3 or 4. Pixels: uint8 0..255 (other integer types in that range too), float
@@ -79,6 +82,7 @@ def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: fl
     if arr.size == 0:
         raise InputError(f"{name}: array of shape {arr.shape} holds no pixels")
     channel_sizes = (1, 3, 4)
+    arr = _unflattened(arr, input_shape)
     if arr.ndim == 2:
         arr = arr[None, None]
     elif arr.ndim == 3:
@@ -94,7 +98,8 @@ def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: fl
                 raise InputError(f"{name}: array of shape {arr.shape} has no 1, 3 or 4 channel axis")
             arr = arr.transpose(0, 3, 1, 2)
     else:
-        raise InputError(f"{name}: array of shape {arr.shape}; expected (H, W), (C, H, W), (N, H, W) or (N, C, H, W)")
+        flat = f", ({int(np.prod(input_shape))},) or (N, {int(np.prod(input_shape))})" if input_shape else ""
+        raise InputError(f"{name}: array of shape {arr.shape}; expected (H, W), (C, H, W), (N, H, W) or (N, C, H, W){flat}")
     if pixel_max != 255.0 and arr.dtype != np.uint8:
         # The dataset's own raw range (the digits: 0..16): values above 1 up to pixel_max are raw pixels.
         lo, hi = float(arr.min()), float(arr.max())
@@ -110,11 +115,23 @@ def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: fl
     return out
 
 
+def _unflattened(arr: np.ndarray, input_shape: Optional[Sequence[int]]) -> np.ndarray:
+    """``arr`` as (N, C, H, W) when it holds flattened model inputs (``array_to_images``), else as it is."""
+    if input_shape is None or len(input_shape) != 3:
+        return arr
+    features = int(np.prod(input_shape))
+    if arr.ndim == 1 and arr.size == features:
+        return arr.reshape(1, *input_shape)
+    if arr.ndim == 2 and arr.shape[1] == features and tuple(arr.shape) != tuple(input_shape[1:]):
+        return arr.reshape(len(arr), *input_shape)
+    return arr
+
+
 def load_array(path: Path, channels: int = 3, pixel_max: float = 255.0,
-               stream: Optional[io.BytesIO] = None) -> Tensor:
+               stream: Optional[io.BytesIO] = None, input_shape: Optional[Sequence[int]] = None) -> Tensor:
     """A ``.npy`` file's images (``array_to_images``); ``stream``: its bytes already read, ``path``
     then only names it."""
-    return array_to_images(read_array(path, InputError, stream), str(path), channels, pixel_max)
+    return array_to_images(read_array(path, InputError, stream), str(path), channels, pixel_max, input_shape)
 
 
 def _starts_as_npy(path: Path, stream: Optional[io.BytesIO]) -> bool:
@@ -127,14 +144,14 @@ def _starts_as_npy(path: Path, stream: Optional[io.BytesIO]) -> bool:
         return False
 
 
-def iter_raw(files: Iterable[Path], channels: int = 3, pixel_max: float = 255.0
-             ) -> Iterator[tuple[Path, list[str], Tensor]]:
+def iter_raw(files: Iterable[Path], channels: int = 3, pixel_max: float = 255.0,
+             input_shape: Optional[Sequence[int]] = None) -> Iterator[tuple[Path, list[str], Tensor]]:
     """(source, names, pixels (n, C, H, W)) per image file, and per chunk of each array's images."""
     for path in files:
         stream = None if path.is_file() and str(path) != STDIN else open_stream(path, InputError)  # read once
         if path.suffix.lower() == ARRAY_SUFFIX or (path.suffix.lower() not in IMAGE_SUFFIXES
                                                    and _starts_as_npy(path, stream)):
-            images = load_array(path, channels, pixel_max, stream)
+            images = load_array(path, channels, pixel_max, stream, input_shape)
             for start in range(0, len(images), _CHUNK):
                 part = images[start:start + _CHUNK]
                 yield path, [f"{path}[{start + i}]" for i in range(len(part))], part
@@ -147,7 +164,7 @@ def iter_batches(files: Sequence[Path], spec: DataSpec, batch_size: int) -> Iter
     names: list[str] = []
     parts: list[Tensor] = []
     held = 0
-    for source, chunk_names, pixels in iter_raw(files, spec.input_shape[0], spec.pixel_max):
+    for source, chunk_names, pixels in iter_raw(files, spec.input_shape[0], spec.pixel_max, spec.input_shape):
         try:
             x = preprocess(pixels, spec)
         except DataError as exc:

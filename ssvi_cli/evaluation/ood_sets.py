@@ -97,12 +97,15 @@ def array_images(path: Path, spec: DataSpec, seed: int, max_items: Optional[int]
     """The images of the ``.npy`` array at ``path`` (at most ``max_items``), brought to ``spec``'s input."""
     arr = read_array(path, DataError, name=f"--ood {path}")
     shape = tuple(arr.shape)
-    if arr.ndim == 3:
+    features = int(np.prod(spec.input_shape))
+    if arr.ndim == 2 and arr.shape[1] == features:  # flattened inputs, as load_digits().data
+        arr = arr.reshape(len(arr), *spec.input_shape)
+    elif arr.ndim == 3:
         arr = arr[:, None]
     elif arr.ndim == 4 and arr.shape[1] not in (1, 3, 4) and arr.shape[-1] in (1, 3, 4):
         arr = arr.transpose(0, 3, 1, 2)
     if arr.ndim != 4 or arr.shape[1] not in (1, 3, 4) or 0 in arr.shape:
-        raise DataError(f"--ood {path}: array of shape {shape}; expected {ARRAY_SHAPES}")
+        raise DataError(f"--ood {path}: array of shape {shape}; expected {ARRAY_SHAPES}, or (N, {features}) flattened")
     arr = arr[_choose(len(arr), seed, max_items)]
     return _prepared(array_to_images(arr, f"--ood {path}", spec.input_shape[0], spec.pixel_max), spec, f"--ood {path}")
 
