@@ -508,6 +508,22 @@ def test_one_seed_has_no_spread_to_show():
     assert "| mean vs snr | 0.720 | 0.720 | 0.720 |" in md
 
 
+def test_a_minus_sign_names_its_own_cell_and_older_sweeps_keep_their_names(tmp_path: Path, capsys):
+    spec = SweepSpec(preset="digits_mlp", fixed={"data.name": "imagefolder:/nowhere", "data.channels": 1},
+                     axes={"data.mean": [[-0.5], [0.5]], "data.std": [[0.25], [1e-5]]})
+    assert sorted(c.name for c in expand(spec)) == [
+        "ssvi_s0.95_mean-0.5_std-0.25_seed0", "ssvi_s0.95_mean-0.5_std-1e-05_seed0",
+        "ssvi_s0.95_mean-neg0.5_std-0.25_seed0", "ssvi_s0.95_mean-neg0.5_std-1e-05_seed0"]
+    with pytest.raises(SweepError, match="would share the directory 'ssvi_s0.95_mean-0.5_std-0.25_seed0'"):
+        expand(spec, version=2)  # before version 3 the sign was dropped, so -0.5 and 0.5 collided
+    one = SweepSpec(preset="digits_mlp", fixed={"data.name": "imagefolder:/nowhere", "data.channels": 1},
+                    axes={"data.mean": [[-0.5]]})
+    assert [c.name for c in expand(one, version=2)] == ["ssvi_s0.95_mean-0.5_seed0"]  # as a version 2 sweep named it
+    # A value out of range gets its own message, not a clash of folder names.
+    assert run(["sweep", "--set", "sparse.criterion_lambda=-1,1", "--out", str(tmp_path / "o"), "--dry-run"]) == 2
+    assert "sparse.criterion_lambda=-1.0 must be > 0" in capsys.readouterr().err
+
+
 def test_a_sweep_made_before_collapsing_keeps_its_cells_and_a_report_needs_no_inputs(tmp_path: Path, capsys):
     out = tmp_path / "sw"
     args = ["sweep", "--method", "ssvi,static", "--sparsity", "0.9", "--set", "sparse.alpha=0.3,0.5", "--out", str(out),

@@ -22,7 +22,9 @@ from ssvi_cli.runs.rundir import EVALUATION_FILE
 SWEEP_FILE = "sweep.json"
 CELLS_DIR = "cells"
 EVAL_FILE = EVALUATION_FILE  # a cell is a run directory with its evaluation beside it
-SWEEP_VERSION = 2  # 2: a method runs once over a key it ignores (version 1 sweeps keep a cell per value)
+# 2: a method runs once over a key it ignores (version 1 sweeps keep a cell per value); 3: a cell's name
+# keeps a value's minus sign as "neg" (older sweeps' names drop it: -1 and 1 named the same cell).
+SWEEP_VERSION = 3
 # Keys the grid sets itself; a YAML sweep file or --set names any other config key.
 OWN_KEYS = ("sparse.method", "sparse.sparsity", "train.seed")
 
@@ -131,22 +133,22 @@ def group_key(item: dict[str, Any]) -> tuple[Any, ...]:
     return (item["method"], item["sparsity"], json.dumps(item["settings"], sort_keys=True))
 
 
-def _slug(value: Any) -> str:
-    text = yaml_text(value)
+def _slug(value: Any, signed: bool = True) -> str:
+    text = re.sub(r"(?<![A-Za-z0-9.])-(?=[0-9.])", "neg", yaml_text(value)) if signed else yaml_text(value)
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "x"
 
 
-def cell_name(method: str, sparsity: Optional[float], seed: int, settings: dict[str, Any]) -> str:
+def cell_name(method: str, sparsity: Optional[float], seed: int, settings: dict[str, Any], signed: bool = True) -> str:
     parts = [method] + ([f"s{sparsity:g}"] if sparsity is not None else [])
-    parts += [f"{key.rpartition('.')[2]}-{_slug(v)}" for key, v in settings.items()]
+    parts += [f"{key.rpartition('.')[2]}-{_slug(v, signed)}" for key, v in settings.items()]
     return "_".join(parts + [f"seed{seed}"])
 
 
-def expand(spec: SweepSpec, collapse: bool = True) -> list[Cell]:
+def expand(spec: SweepSpec, version: int = SWEEP_VERSION) -> list[Cell]:
     """Every cell of the grid, in a stable order; every cell's config is validated first.
 
-    ``collapse``: a method runs once over a key it ignores (:meth:`Method.ignores`); sweeps written
-    before that rule (``sweep.json`` version 1) keep a cell per value, so their cells keep their names.
+    ``version``, of the ``sweep.json`` the grid comes from, so an older sweep's cells keep their names:
+    from 2 a method runs once over a key it ignores (:meth:`Method.ignores`), from 3 names keep signs.
     """
     if not spec.methods or not spec.seeds:
         raise SweepError("a sweep needs at least one method and one seed")
@@ -168,8 +170,8 @@ def expand(spec: SweepSpec, collapse: bool = True) -> list[Cell]:
         kind = METHODS.get(method)
         # A dense method at several sparsities, or any method over a key it ignores, is one run.
         s = None if kind.dense else sparsity
-        settings = {k: v for k, v in zip(keys, combo) if not (collapse and kind.ignores(k))}
-        cell = Cell(cell_name(method, s, seed, settings), method, s, seed, settings)
+        settings = {k: v for k, v in zip(keys, combo) if not (version >= 2 and kind.ignores(k))}
+        cell = Cell(cell_name(method, s, seed, settings, version >= 3), method, s, seed, settings)
         if cell.name in seen:
             if seen[cell.name] == cell:
                 continue
@@ -315,4 +317,4 @@ def read_spec(sweep_dir: Path) -> tuple[SweepSpec, list[Cell]]:
         raise SweepError(f"{path} is corrupted ({exc})") from None
     if version > SWEEP_VERSION:
         raise SweepError(f"{path} is version {version}, newer than this ssvi reads ({SWEEP_VERSION}); upgrade ssvi")
-    return spec, expand(spec, collapse=version >= 2)
+    return spec, expand(spec, version)
