@@ -168,6 +168,16 @@ def test_folder_of_images_of_any_size_and_mode(capsys, subset_model, tmp_path):
     _check_ood_block(doc["ood"][str(tmp_path / "mine")], n)
 
 
+def test_a_folder_draws_alike_however_its_path_is_written(capsys, subset_model, tmp_path, monkeypatch):
+    """A sweep records an OOD path absolute; ``ssvi evaluate --ood mine`` typed in its parent folder
+    scores the same set with the same Monte Carlo draws, so the numbers agree."""
+    _pngs(tmp_path / "mine")
+    monkeypatch.chdir(tmp_path)
+    scores = [_report(capsys, subset_model, text)["ood"][text]["scores"]
+              for text in ("mine", "./mine", str(tmp_path / "mine"), f"{tmp_path}/mine/more/..")]
+    assert all(s == scores[0] for s in scores[1:]), scores
+
+
 @pytest.mark.parametrize("make", [
     lambda rng: rng.integers(0, 256, (6, 8, 8), dtype=np.uint8),                 # (N, H, W) uint8
     lambda rng: rng.random((6, 1, 8, 8)).astype(np.float32),                      # (N, C, H, W) in [0, 1]

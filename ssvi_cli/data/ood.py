@@ -119,6 +119,12 @@ class OodRequest:
     data_dir: Optional[Path] = None
     path: Optional[Path] = None
 
+    @property
+    def seed_key(self) -> str:
+        """What seeds the set's Monte Carlo draws: the label, or for a path the path itself, made
+        absolute, so ``odd``, ``./odd`` and ``$PWD/odd`` (as a sweep records it) draw alike."""
+        return str(self.path.resolve()) if self.kind == "path" and self.path is not None else self.label
+
 
 def _looks_like_path(text: str) -> bool:
     separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())

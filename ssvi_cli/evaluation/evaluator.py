@@ -160,7 +160,8 @@ def evaluate(
     counts: list[Optional[int]] = list(opts.samples) if mode == "mc" else [None]
 
     probs, labels, draws = _predict(model, data.inputs, opts, mode, _pass_seed(opts.seed, ""), on_batch)
-    ood_pred = {name: _predict(model, ds, opts, mode, _pass_seed(opts.seed, name), on_batch)
+    ood_pred = {name: _predict(model, ds, opts, mode, _pass_seed(opts.seed, data.ood_seed_keys.get(name, name)),
+                               on_batch)
                 for name, ds in data.ood.items()}
 
     # Every number at a given S, the headline ones included, comes from the same S-draw average,

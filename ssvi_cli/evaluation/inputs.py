@@ -27,6 +27,7 @@ class EvalData:
     split: str
     inputs: Dataset
     ood: dict[str, Dataset] = field(default_factory=dict)
+    ood_seed_keys: dict[str, str] = field(default_factory=dict)  # label -> what seeds its draws (OodRequest)
     notes: list[str] = field(default_factory=list)  # what the reader should know about the inputs
 
     def total_items(self) -> int:
@@ -119,4 +120,5 @@ def load_eval_data(
                      f"{list(model_spec.std)}), not as the loaders of {name} do (mean {list(splits.spec.mean)}, std "
                      f"{list(splits.spec.std)}); if the model was trained on the loaders' inputs, save it again "
                      "with ssvi.save(..., mean=, std=) as they are")
-    return EvalData(dataset=name, split=split, inputs=inputs, ood=ood_sets, notes=notes)
+    return EvalData(dataset=name, split=split, inputs=inputs, ood=ood_sets, notes=notes,
+                    ood_seed_keys={label: request.seed_key for label, request in requests.items()})
