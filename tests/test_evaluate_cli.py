@@ -127,6 +127,10 @@ def test_plots_are_written_as_png(capsys, model_file, tmp_path):
     for name in ("reliability.png", "ood_scores.png"):
         data = (folder / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000
+    # The same folder again without --ood: the old OOD histogram would show the earlier evaluation.
+    code, _, err = _evaluate(capsys, str(model_file), "--samples", "2", "--plots", str(folder))
+    assert code == 0, err
+    assert sorted(p.name for p in folder.iterdir()) == ["reliability.png"]
 
 
 def test_plots_without_matplotlib_name_the_extra(capsys, model_file, tmp_path, monkeypatch):

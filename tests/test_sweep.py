@@ -319,6 +319,8 @@ def test_a_sweep_runs_reports_and_skips_finished_cells(tmp_path: Path, capsys):
         assert stat["n"] == 2 and stat["mean"] == pytest.approx(sum(diffs) / 2)
         assert stat["se"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2 ** 0.5 / 2 ** 0.5)
     assert "## Paired differences from vi, dense" in (out / "report.md").read_text()
+    # a report without figures removes the earlier report's, which would show other numbers
+    assert not (out / "metrics_vs_sparsity.png").exists() and not (out / "accuracy_vs_flops.png").exists()
     # a baseline none of whose cells is evaluated (an interrupted sweep): the report, with a note
     for seed in (0, 1):
         (out / "cells" / f"vi_seed{seed}" / "evaluation.json").unlink()

@@ -107,10 +107,13 @@ def ood_histograms(report: dict[str, Any], scores_in: dict[str, np.ndarray],
 
 
 def write_plots(result: Any, out_dir: Path) -> list[Path]:
-    """``reliability.png`` and (with OOD sets) ``ood_scores.png`` for an EvaluationResult."""
+    """``reliability.png`` and (with OOD sets) ``ood_scores.png`` for an EvaluationResult; an
+    ``ood_scores.png`` left in ``out_dir`` by an earlier evaluation is removed when this one has none."""
     out_dir = Path(out_dir)
     report = result.report
     paths = [reliability_diagram(report, out_dir / "reliability.png")]
     if result.scores_ood:
         paths.append(ood_histograms(report, result.scores_in, result.scores_ood, out_dir / "ood_scores.png"))
+    else:
+        (out_dir / "ood_scores.png").unlink(missing_ok=True)
     return paths

@@ -10,6 +10,7 @@ from ssvi_cli import fileio
 
 METRICS_VS_SPARSITY = "metrics_vs_sparsity.png"
 ACCURACY_VS_FLOPS = "accuracy_vs_flops.png"
+FIGURES = (METRICS_VS_SPARSITY, ACCURACY_VS_FLOPS)
 
 
 class FiguresUnavailable(RuntimeError):

@@ -228,6 +228,11 @@ def write_report(sweep_dir: Path, figures: bool = True, baseline: Optional[list[
             written += [str(p) for p in write_figures(report, Path(sweep_dir))]
         except FiguresUnavailable as exc:
             report["figures_note"] = str(exc)
+    from ssvi_cli.sweep.figures import FIGURES
+
+    for name in FIGURES:  # a figure left from an earlier report would show that report's numbers
+        if str(Path(sweep_dir) / name) not in written:
+            (Path(sweep_dir) / name).unlink(missing_ok=True)
     report["files"] = written
     write_json(Path(sweep_dir) / REPORT_JSON, report)
     write_text(Path(sweep_dir) / REPORT_MD, markdown(report))
