@@ -20,7 +20,7 @@ from PIL import Image
 from ssvi_cli.cli import run
 from ssvi_cli.sweep.grid import SweepError, SweepSpec, expand, parse_axis, read_spec, setting_text
 from ssvi_cli.sweep.paired import check_selection
-from ssvi_cli.sweep.runner import BUSY_EXIT, CellBusy, cell_lock, cell_state
+from ssvi_cli.sweep.runner import BUSY_EXIT, CellBusy, Outcome, _stop_all, cell_lock, cell_state, evaluated
 
 # Small cells: a 32-unit MLP on 300 digits, a few epochs, a subspace step every 2 minibatches.
 TINY = ["--set", "model.widths=[32]", "--set", "data.max_train=300", "--set", "train.eval_samples=2",
@@ -384,6 +384,23 @@ def _epochs(cell: Path) -> list[int]:
 
 
 @pytest.mark.slow
+def test_a_cell_stopped_as_it_exits_after_its_evaluation_counts_as_finished(tmp_path: Path):
+    """Ctrl-C may reach a cell whose evaluation is already written while its process exits: that
+    cell finished (the next --resume skips it), so it is not reported as stopped."""
+    script = ("import json, pathlib, signal, sys; d = pathlib.Path(sys.argv[1]); d.mkdir(); "
+              "sys.argv[2] == 'done' and (d / 'evaluation.json').write_text(json.dumps({'metrics': {}})); "
+              "(d / 'ready').touch(); signal.pause()")
+    running = {name: subprocess.Popen([sys.executable, "-c", script, str(tmp_path / name), name],
+                                      start_new_session=True) for name in ("done", "midway")}
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / n / "ready").exists() for n in running) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    outcome, notes = Outcome(), []
+    _stop_all(running, outcome, lambda *a: notes.append(a[:2]), lambda name: evaluated(tmp_path / name))
+    assert outcome.finished == ["done"] and outcome.stopped == ["midway"]
+    assert notes == [("finish", "done"), ("stop", "midway")]
+
+
 def test_ctrl_c_leaves_every_cell_resumable(tmp_path: Path):
     out = tmp_path / "sw"
     sweep = [sys.executable, "-m", "ssvi_cli", "sweep"]

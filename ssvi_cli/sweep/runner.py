@@ -183,15 +183,18 @@ def run_cells(sweep_dir: Path, cells: list[Cell], jobs: int, threads: Optional[i
                     note("fail", name, f"{exit_text(code)}, see {logs / (name + '.log')}")
         if stops:
             outcome.interrupted, outcome.signum = True, stops[0]
-            _stop_all(running, outcome, note)  # further signals are only noted: the cells checkpoint
+            # Further signals are only noted: the cells checkpoint.
+            _stop_all(running, outcome, note, lambda name: evaluated(Path(sweep_dir) / CELLS_DIR / name))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return outcome
 
 
-def _stop_all(running: dict[str, subprocess.Popen], outcome: Outcome, note: Listener) -> None:
-    """One SIGINT to each running cell, then wait for their checkpoints (kill after the grace time)."""
+def _stop_all(running: dict[str, subprocess.Popen], outcome: Outcome, note: Listener,
+              done: Callable[[str], bool]) -> None:
+    """One SIGINT to each running cell, then wait for their checkpoints (kill after the grace time).
+    A cell whose evaluation is written finished, whatever its exit: the signal may reach it as it exits."""
     for proc in running.values():
         try:
             os.killpg(proc.pid, signal.SIGINT)
@@ -207,7 +210,7 @@ def _stop_all(running: dict[str, subprocess.Popen], outcome: Outcome, note: List
             except ProcessLookupError:
                 pass
             code = proc.wait()
-        if code == 0:
+        if code == 0 or done(name):
             outcome.finished.append(name)
             note("finish", name, "")
         else:
