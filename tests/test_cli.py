@@ -90,6 +90,17 @@ def test_presets_command_lists_presets(capsys):
     assert {"digits_mlp", "cifar10_resnet18"} <= {r["name"] for r in rows}
 
 
+def test_ctrl_c_in_any_command_says_interrupted_and_exits_130(capsys, monkeypatch):
+    from ssvi_cli import config as cfgmod
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cfgmod, "list_presets", ctrl_c)
+    assert run(["presets"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"  # Typer alone exits 130 in silence
+
+
 def test_module_entry_point_shows_help():
     proc = subprocess.run([sys.executable, "-m", "ssvi_cli", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "train" in proc.stdout

@@ -173,6 +173,11 @@ def test_interrupt_on_one_rank_stops_all_and_resumes_on_one_process(tmp_path: Pa
     assert_group_threads_stopped(ranks)
     run = tmp_path / "run"
 
+    from ssvi_cli.runs import checkpoint as ckpt
+
+    # The checkpoint holds the cut epoch's sums over both ranks, so its record covers every sample.
+    saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))
+    assert saved["progress"]["epoch"]["seen"] == saved["state"]["batch_in_epoch"] * WORLD * PER_RANK_BATCH
     resumed = Trainer.resume(run, device="cpu")  # one process now: the global batch is kept
     assert resumed.state.step == 27 and resumed.state.global_batch == WORLD * PER_RANK_BATCH
     two_rank_steps = resumed.steps_per_epoch

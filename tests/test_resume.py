@@ -103,3 +103,74 @@ def test_ctrl_c_twice_as_under_the_launcher_still_checkpoints_the_step(tmp_path:
     assert stop.value.step == 13 and stop.value.signum == signal.SIGINT
     assert Trainer.resume(tmp_path / "r").state.step == 13
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def records(run: Path, name: str = "metrics.jsonl") -> list[dict]:
+    """A run's records without the wall-clock fields, which no two runs share."""
+    from ssvi_cli.fileio import read_jsonl
+
+    return [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_second")}
+            for r in read_jsonl(run / name)]
+
+
+@pytest.mark.parametrize("stop_step", [10, 27])  # the last batch of epoch 1 (10 steps/epoch), mid-epoch 3
+def test_a_resumed_epoch_records_the_whole_epoch(tmp_path: Path, stop_step: int):
+    """The epoch a stop cut in two is recorded as one: its loss, accuracy and swaps cover the
+    batches before the stop too (a stop on an epoch's last batch recorded zeros)."""
+    c = cfg()
+    straight = Trainer.create(c, tmp_path / "straight")
+    straight.fit()
+    first = Trainer.create(c, tmp_path / "split")
+    first.step_hooks.append(stop_at(stop_step))
+    with pytest.raises(Interrupted):
+        first.fit()
+    resumed = Trainer.resume(tmp_path / "split")
+    resumed.fit()
+    assert records(tmp_path / "split") == records(tmp_path / "straight")
+    assert any(r["swapped"] > 0 for r in records(tmp_path / "split"))
+    assert resumed.throughput() is not None and resumed.samples_seen == straight.samples_seen
+    assert records(tmp_path / "split", "support.jsonl") == records(tmp_path / "straight", "support.jsonl")
+
+
+def test_a_run_resumed_from_an_older_checkpoint_records_each_epoch_and_step_once(tmp_path: Path):
+    """Killed after its newest checkpoint went bad (or between checkpoints), a run resumes from an
+    older one and trains the later steps again: their records are written once, not twice."""
+    c = cfg(**{"train.keep_checkpoints": 3})
+    straight = Trainer.create(c, tmp_path / "straight")
+    straight.fit()
+    first = Trainer.create(c, tmp_path / "split")
+    first.step_hooks.append(stop_at(33))
+    with pytest.raises(Interrupted):
+        first.fit()
+    for path in sorted((tmp_path / "split" / "checkpoints").iterdir())[-2:]:  # steps 30 and 33
+        path.unlink()
+    resumed = Trainer.resume(tmp_path / "split")
+    assert resumed.state.step == 20
+    resumed.fit()
+    assert [r["epoch"] for r in records(tmp_path / "split")] == [1, 2, 3, 4]
+    assert records(tmp_path / "split") == records(tmp_path / "straight")
+    steps = [r["step"] for r in records(tmp_path / "split", "support.jsonl")]
+    assert steps == sorted(set(steps)) and len(steps) == resumed.state.subspace_steps
+
+
+def test_a_stop_during_the_final_evaluation_says_so_and_resume_finishes(tmp_path: Path, monkeypatch):
+    import time
+
+    import ssvi_cli.training.trainer as trainer_module
+
+    def slow_finish(trainer):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler stops this at once
+        raise AssertionError("the signal did not stop the final evaluation")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(Trainer, "finish", lambda self: trainer_module.finish(self))
+    monkeypatch.setattr(trainer_module, "finish", slow_finish)
+    trainer = Trainer.create(cfg(), tmp_path / "r")
+    with pytest.raises(Interrupted) as stop:
+        trainer.fit()
+    assert stop.value.during == "the final evaluation" and stop.value.step == 40
+    assert signal.getsignal(signal.SIGTERM) is before
+    monkeypatch.setattr(trainer_module, "finish", lambda trainer: {"finished": True})
+    resumed = Trainer.resume(tmp_path / "r")
+    assert resumed.fit() == {"finished": True} and [r["epoch"] for r in records(tmp_path / "r")] == [1, 2, 3, 4]

@@ -46,6 +46,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+def _from_ctrl_c(exc: BaseException) -> bool:
+    """Whether ``exc`` comes of a KeyboardInterrupt (found along its chain of causes and contexts)."""
+    seen: set[int] = set()
+    found: Optional[BaseException] = exc
+    while found is not None and id(found) not in seen:
+        if isinstance(found, KeyboardInterrupt):
+            return True
+        seen.add(id(found))
+        found = found.__cause__ or found.__context__
+    return False
+
+
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI and return its exit code: 0 ok, 1 runtime failure, 2 usage error, 130 interrupted
     (Ctrl-C), 143 stopped by SIGTERM."""
@@ -59,6 +71,9 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         app(args=args, prog_name="ssvi")
         return 0
     except SystemExit as exc:
+        if _from_ctrl_c(exc):  # Typer turns a KeyboardInterrupt into a silent exit 130
+            err.print("interrupted")
+            return 130
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except train_cmd.KeyboardInterruptHandled as exc:
         if str(exc):

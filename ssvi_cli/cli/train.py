@@ -135,8 +135,10 @@ def register(app: typer.Typer) -> None:
                 distributed.on_main(lambda: plan.run_dir.claim(force))
             trainer = Trainer.from_plan(plan, dist_info=info)
             if resume is not None and info.is_main:
-                err.print(f"resuming {resume} at epoch {trainer.state.epoch + 1}, step {trainer.state.step}"
-                          + (f" on {info.world_size} processes" if info.enabled else ""))
+                where = (f"at epoch {trainer.state.epoch + 1}, step {trainer.state.step}"
+                         if trainer.state.epoch < trainer.cfg.train.epochs else
+                         f"after its last epoch (step {trainer.state.step}): the final evaluation and model file")
+                err.print(f"resuming {resume} {where}" + (f" on {info.world_size} processes" if info.enabled else ""))
             summary = _fit(trainer, Interrupted, quiet=json_out or not info.is_main)
         finally:
             if trainer is not None:
@@ -254,7 +256,8 @@ def _fit(trainer, interrupted_cls, quiet: bool) -> dict[str, Any]:
             return trainer.fit(Progress(on_epoch_start, on_batch, on_epoch_end))
         except interrupted_cls as stop:
             how = "interrupted" if stop.signum == signal.SIGINT else f"stopped by {stop.signum.name}"
-            message = f"{how} at step {stop.step}; checkpoint written"
+            message = (f"{how} during {stop.during}; training had finished and its checkpoint is written"
+                       if stop.during else f"{how} at step {stop.step}; checkpoint written")
             # One line per run, not per rank: the other ranks exit with the same code, silently.
             raise KeyboardInterruptHandled(message if trainer.is_main else "", exit_code=128 + int(stop.signum),
                                            resume=f"ssvi train --resume {stop.run_dir}" if trainer.is_main else "") from None

@@ -131,6 +131,19 @@ class RunDir:
     def append_support(self, record: dict[str, Any]) -> None:
         fileio.append_jsonl(self.support_file, record)
 
+    def cut_records(self, epochs: int, steps: int) -> None:
+        """Keep the ``metrics.jsonl`` lines of the first ``epochs`` epochs and the ``support.jsonl``
+        lines of the first ``steps`` steps: a run resumed from an older checkpoint (the newest one
+        unreadable, or the process killed between checkpoints) writes the later ones again."""
+        for path, keep in ((self.metrics_file, lambda r: r.get("epoch", 0) <= epochs),
+                           (self.support_file, lambda r: r.get("step", 0) < steps)):
+            if not path.is_file():
+                continue
+            records = fileio.read_jsonl(path)
+            kept = [r for r in records if isinstance(r, dict) and keep(r)]
+            if len(kept) != len(path.read_text(encoding="utf-8").splitlines()):  # later or torn lines
+                fileio.write_text(path, "".join(fileio.compact_json(r) + "\n" for r in kept))
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         fileio.write_json(self.summary_file, summary)
 

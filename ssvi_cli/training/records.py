@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ssvi_cli.core.layers import sparse_layers
+from ssvi_cli.training import distributed
 
 
 def density_report(model: nn.Module) -> dict[str, Any]:
@@ -61,6 +62,9 @@ class TrainState:
         return dict(self.__dict__)
 
 
+SUMMED = ("loss", "nll", "correct", "seen")  # EpochStats' sums over the ranks of a data-parallel run
+
+
 @dataclass
 class EpochStats:
     loss: float = 0.0
@@ -72,6 +76,19 @@ class EpochStats:
     swapped: int = 0
     swaps: int = 0
     started: float = field(default_factory=time.perf_counter)
+    before: float = 0.0  # seconds of this epoch spent before the run was resumed
+
+    def to_dict(self) -> dict[str, float]:
+        """The sums so far and the epoch's seconds, for a checkpoint taken inside the epoch."""
+        fields = ("loss", "nll", "kl", "correct", "seen", "batches", "swapped", "swaps")
+        return {**{k: getattr(self, k) for k in fields}, "before": time.perf_counter() - self.started}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, float], sums: bool = True) -> "EpochStats":
+        """The epoch a checkpoint was taken in; ``sums``: with the ranks' summed loss, NLL and counts
+        (one rank of a data-parallel run takes them, the others start from zero)."""
+        kept = SUMMED if sums else ()
+        return cls(**{k: v for k, v in d.items() if k in kept or k in ("kl", "batches", "swapped", "swaps", "before")})
 
     def add(self, loss: float, nll: float, kl: float, correct: int, n: int) -> None:
         self.loss += loss * n
@@ -80,3 +97,24 @@ class EpochStats:
         self.correct += correct
         self.seen += n
         self.batches += 1
+
+
+def progress_state(trainer: Any) -> dict[str, Any]:
+    """What a checkpoint keeps of a :class:`~ssvi_cli.training.trainer.Trainer` beside its
+    :class:`TrainState`: the seconds and samples behind its throughput and, taken inside an epoch
+    (a stop, even after its last batch), that epoch's sums so far over all ranks, so the resumed
+    run's ``metrics.jsonl`` line covers the whole epoch. A collective: every rank calls it."""
+    epoch = None
+    if trainer.state.batch_in_epoch:
+        epoch = trainer.epoch_stats.to_dict()
+        epoch.update(zip(SUMMED, distributed.sum_values([epoch[k] for k in SUMMED], trainer.device)))
+    return {"train_seconds": trainer.train_seconds, "samples_seen": trainer.samples_seen, "epoch": epoch}
+
+
+def restore_progress(trainer: Any, progress: Optional[dict[str, Any]]) -> None:
+    """:func:`progress_state` back into a resumed trainer (a checkpoint from before it has none)."""
+    if not progress:
+        return
+    trainer.train_seconds, trainer.samples_seen = float(progress["train_seconds"]), int(progress["samples_seen"])
+    if progress.get("epoch"):
+        trainer.epoch_stats = EpochStats.from_dict(progress["epoch"], sums=trainer.is_main)

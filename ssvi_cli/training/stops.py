@@ -1,20 +1,34 @@
 """Stopping a run on request: Ctrl-C (SIGINT) or SIGTERM, as a batch scheduler sends before it kills
-a job, finish the current step, write a checkpoint and raise :class:`Interrupted`."""
+a job, finish the current step, write a checkpoint and raise :class:`Interrupted`; and stopping one
+that cannot go on (:class:`TrainingError`)."""
 
 from __future__ import annotations
 
 import signal
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, bad device, ...); the message says what to do."""
+
+
+def diverged(run: Any, what: str) -> NoReturn:
+    """Stop a diverged run (``run``: its RunDir), naming its last good checkpoint."""
+    last = run.checkpoints()
+    kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+    raise TrainingError(f"{what}; {kept}. Try a lower learning rate (--lr) or a larger bayes.prior_sigma")
 
 
 class Interrupted(RuntimeError):
     """Training stopped on request (Ctrl-C, SIGTERM) after writing a checkpoint."""
 
-    def __init__(self, run_dir: Path, step: int, signum: int = signal.SIGINT) -> None:
-        super().__init__(f"interrupted at step {step}; checkpoint written")
-        self.run_dir, self.step, self.signum = Path(run_dir), step, signal.Signals(signum)
+    def __init__(self, run_dir: Path, step: int, signum: int = signal.SIGINT, during: str = "") -> None:
+        super().__init__(f"interrupted during {during} after step {step}" if during else
+                         f"interrupted at step {step}; checkpoint written")
+        # ``during``: what the stop cut short after training, whose last checkpoint is already written.
+        self.run_dir, self.step, self.signum, self.during = Path(run_dir), step, signal.Signals(signum), during
 
 
 @contextmanager

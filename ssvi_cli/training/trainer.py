@@ -29,8 +29,8 @@ from ssvi_cli.training.distributed import SINGLE, DistInfo
 from ssvi_cli.training.init_from import model_from_weights
 from ssvi_cli.training.optim import kl_weight, lr_factor, make_optimizer, total_kl
 from ssvi_cli.training.plan import RunPlan, init_model
-from ssvi_cli.training.records import EpochStats, Progress, TrainState
-from ssvi_cli.training.stops import Interrupted, stop_signals
+from ssvi_cli.training.records import EpochStats, Progress, TrainState, progress_state, restore_progress
+from ssvi_cli.training.stops import Interrupted, TrainingError, diverged, stop_signals
 from ssvi_cli.training.summary import epoch_record, finish
 
 log = logging.getLogger(__name__)
@@ -38,10 +38,6 @@ log = logging.getLogger(__name__)
 AMP_DTYPES: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 __all__ = ["Interrupted", "Trainer", "TrainingError"]
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, bad device, ...); the message says what to do."""
 
 
 class Trainer:
@@ -79,6 +75,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
         self.train_seconds = 0.0
         self.samples_seen = 0
+        self.epoch_stats = EpochStats()  # the current epoch's sums (checkpointed inside an epoch)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
 
@@ -120,6 +117,7 @@ class Trainer:
         optimizer = make_optimizer(model, cfg)
         optimizer.load_state_dict(data["optimizer"])
         trainer = cls(plan, model, optimizer, TrainState(**data["state"]), dist_info)
+        restore_progress(trainer, data.get("progress"))
         ckpt.set_rng_state(data["rng"])
         distributed.fork_noise(dist_info)
         return trainer
@@ -235,20 +233,15 @@ class Trainer:
         if torch.isfinite(loss):
             return
         term = "the data term (cross-entropy)" if not torch.isfinite(nll) else "the KL term"
-        self._diverged(f"non-finite loss at step {self.state.step} (epoch {self.state.epoch + 1}) in {term}")
+        diverged(self.run, f"non-finite loss at step {self.state.step} (epoch {self.state.epoch + 1}) in {term}")
 
     def _check_finite_state(self) -> None:
         """A checkpoint never replaces a good one with a diverged model (NaN/inf in any tensor)."""
         epoch = self.state.epoch + (1 if self.state.batch_in_epoch else 0)  # the epoch of that step
         for name, value in self.model.state_dict().items():
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                self._diverged(f"non-finite values in {name} after step {self.state.step} "
+                diverged(self.run, f"non-finite values in {name} after step {self.state.step} "
                                f"(epoch {epoch}); the diverged model was not saved")
-
-    def _diverged(self, what: str) -> None:
-        last = self.run.checkpoints()
-        kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
-        raise TrainingError(f"{what}; {kept}. Try a lower learning rate (--lr) or a larger bayes.prior_sigma")
 
     # -- the loop ------------------------------------------------------------------
     def fit(self, progress: Optional[Progress] = None) -> dict[str, Any]:
@@ -256,10 +249,12 @@ class Trainer:
         progress = progress or Progress()
         if self.is_main:
             self.run.write_config(dump_yaml(self.cfg))
+            self.run.cut_records(self.state.epoch, self.state.step)  # a resumed run writes later ones again
         with stop_signals(self._request_stop):
             while self.state.epoch < self.cfg.train.epochs:
                 self._run_epoch(progress)
-        return self.finish()
+        with stop_signals(self._stop_now):  # training is over and checkpointed: a stop needs no step to end
+            return self.finish()
 
     def finish(self) -> dict[str, Any]:
         """Final test metrics and the model file (see :func:`ssvi_cli.training.summary.finish`)."""
@@ -268,13 +263,17 @@ class Trainer:
     def _request_stop(self, signum: signal.Signals) -> None:
         self.stop_requested, self.stop_signal = True, signum
 
+    def _stop_now(self, signum: signal.Signals) -> None:
+        raise Interrupted(self.run_dir, self.state.step, signum, during="the final evaluation")
+
     def _run_epoch(self, progress: Progress) -> None:
         epoch = self.state.epoch
-        stats = EpochStats()
+        stats = self.epoch_stats = self.epoch_stats if self.state.batch_in_epoch else EpochStats()
         if progress.on_epoch_start:
             progress.on_epoch_start(epoch, self.steps_per_epoch - self.state.batch_in_epoch)
         sizes = [len(b) for b in self.epoch_plan(epoch)[0][self.state.batch_in_epoch:]]
         started = time.perf_counter()
+        stats.started = started - stats.before
         for (x, y), batch_total in zip(self.batches(epoch, self.state.batch_in_epoch), sizes):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             out = self.train_step(x, y, batch_total)
@@ -287,6 +286,7 @@ class Trainer:
             if progress.on_batch:
                 progress.on_batch({"loss": stats.loss / stats.seen, "acc": stats.correct / stats.seen})
             if distributed.any_rank(self.stop_requested, self.device):  # all ranks stop at one step
+                self.train_seconds += time.perf_counter() - started
                 self.save()
                 raise Interrupted(self.run_dir, self.state.step, self.stop_signal)
         self.train_seconds += time.perf_counter() - started
@@ -310,9 +310,11 @@ class Trainer:
     def save(self) -> Optional[Path]:
         distributed.average_buffers(self.model)  # every rank: the checkpoint holds the ranks' mean
         self._check_finite_state()
+        progress = progress_state(self)  # every rank: the epoch's sums over the ranks
         if not self.is_main:
             return None
         payload = {"config": self.cfg.to_dict(), "data_spec": self.splits.spec.to_dict(),
                    "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-                   "optimizer": self.optimizer.state_dict(), "state": self.state.to_dict(), "rng": ckpt.rng_state()}
+                   "optimizer": self.optimizer.state_dict(), "state": self.state.to_dict(), "rng": ckpt.rng_state(),
+                   "progress": progress}
         return self.run.save_checkpoint(self.state.step, payload, self.cfg.train.keep_checkpoints)
