@@ -226,6 +226,9 @@ def test_a_state_dict_file_read_as_users_save_it(tmp_path):
     assert set(read_state_dict(tmp_path / "ddp.pt")) == {"0.weight", "0.bias"}
     torch.save({f"_orig_mod.{k}": v for k, v in net.state_dict().items()}, tmp_path / "compiled.pt")
     assert set(read_state_dict(tmp_path / "compiled.pt")) == {"0.weight", "0.bias"}
+    for nested in ("module._orig_mod.", "_orig_mod.module."):  # DDP around a compiled model, and the other way
+        torch.save({f"{nested}{k}": v for k, v in net.state_dict().items()}, tmp_path / "nested.pt")
+        assert set(read_state_dict(tmp_path / "nested.pt")) == {"0.weight", "0.bias"}, nested
     torch.save(net, tmp_path / "whole.pt")
     with pytest.raises(ConfigError, match=r"holds Python objects besides tensors .*save model.state_dict\(\) instead$"):
         read_state_dict(tmp_path / "whole.pt")

@@ -114,9 +114,11 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     if any(k.endswith(".mu") for k in state) and any(k.endswith((".index", ".idx")) for k in state):
         raise ConfigError(f"--init-from {path} is an ssvi model file (sparse layers); --init-from takes a trained "
                           "dense network's state_dict")
-    for prefix in WRAPPER_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+    while state:  # wrappers nest in either order: module._orig_mod. and _orig_mod.module. alike
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
     return state
 
 
