@@ -163,6 +163,13 @@ def test_save_refuses_a_model_it_cannot_describe(tmp_path):
         ssvi.save(mlp, tmp_path / "a.safetensors", input_shape=(3, 32, 32))
     assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / "a.pt").exists()
     assert ssvi.save(mlp, tmp_path / "a.safetensors", input_shape=(1, 8, 8)) > 0
+    with pytest.raises(ValueError, match="class_names names 'a' twice; give each output its own name"):
+        ssvi.save(mlp, tmp_path / "b.safetensors", class_names=["a", "b", "a"] + [str(i) for i in range(7)])
+    assert not (tmp_path / "b.safetensors").exists()
+    # one number for every channel, as a sequence of one reads
+    ssvi.save(mlp, tmp_path / "b.safetensors", input_shape=(1, 8, 8), mean=0.5, std=0.25)
+    spec = read_header(tmp_path / "b.safetensors")["meta"]["data_spec"]
+    assert (spec["mean"], spec["std"]) == ([0.5], [0.25])
 
 
 def test_evaluate_asks_for_the_dataset_of_a_file_that_records_none(tmp_path, capsys):

@@ -35,7 +35,7 @@ PARALLEL = (nn.DataParallel, nn.parallel.DistributedDataParallel)  # wrappers th
 
 def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = None,
          input_shape: Optional[Sequence[int]] = None, class_names: Optional[Sequence[str]] = None,
-         mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+         mean: Optional[float | Sequence[float]] = None, std: Optional[float | Sequence[float]] = None,
          dataset: str = NO_DATASET, dtype: str = "float32") -> int:
     """Write ``model`` (converted by :func:`ssvi_cli.sparsify`; a torch.compile or
     (Distributed)DataParallel wrapper is looked through) as a compact model file, atomically;
@@ -44,12 +44,12 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
     ``architecture``: ``"torchvision:NAME"`` when ``model`` is that torchvision builder's network
     (checked layer by layer against a fresh build; ``input_shape`` ``(C, H, W)`` is then required),
     so the file rebuilds without code; ``None`` for any other module, which
-    :func:`load` fills given a model of the same structure. ``class_names`` (default ``"0"``,
-    ``"1"``, ...; their number is the model's output size), ``mean``/``std`` (the input
-    normalisation ``ssvi infer`` and ``ssvi evaluate`` apply to images in [0, 1], one of each per
-    channel or one for all; default: when ``dataset`` names a registered dataset such as
-    ``"digits"``, the normalisation its loaders apply, else none), ``dataset`` and ``input_shape``
-    describe the data in the file's model card. ``dtype``: float32, float16 or
+    :func:`load` fills given a model of the same structure. ``class_names`` (one distinct name per
+    output; default ``"0"``, ``"1"``, ...; their number is the model's output size), ``mean``/``std``
+    (the input normalisation ``ssvi infer`` and ``ssvi evaluate`` apply to images in [0, 1], one of
+    each per channel or one for all, a number or a sequence; default: when ``dataset`` names a
+    registered dataset such as ``"digits"``, the normalisation its loaders apply, else none),
+    ``dataset`` and ``input_shape`` describe the data in the file's model card. ``dtype``: float32, float16 or
     bfloat16 values. With ``input_shape`` one forward of zeros (mean network, eval mode, every
     module's train/eval state restored) measures the output size, which ``class_names`` must match;
     a shape the model cannot take is refused. ``path`` must end in ``.safetensors``.
@@ -66,6 +66,10 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
     measured = _output_size(model, shape)
     if class_names and measured is not None and len(class_names) != measured:
         raise ValueError(f"class_names holds {len(class_names)} names for a model with {measured} outputs")
+    if class_names and len(set(class_names)) != len(class_names):
+        twice = next(n for i, n in enumerate(class_names) if n in class_names[:i])
+        raise ValueError(f"class_names names {twice!r} twice; give each output its own name")
+    mean, std = (None if v is None else (v,) if isinstance(v, (int, float)) else v for v in (mean, std))
     num_classes = len(class_names) if class_names else (measured or layers[-1][1].weight_shape[0])
     if architecture is None:
         name = f"{CUSTOM}{type(model).__module__}.{type(model).__qualname__}"
