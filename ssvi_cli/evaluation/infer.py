@@ -69,10 +69,10 @@ def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: fl
 
     Shapes: with the model's ``input_shape`` (C, H, W) given, a 1-D array of C*H*W values is one
     flattened image and an (N, C*H*W) array, unless it is shaped (H, W), N of them (row-major, as
-    ``load_digits().data`` or ``x.reshape(len(x), -1)``); (H, W) one gray image; (C, H, W) one image when C is 1, or 3 or 4 for a colour model;
-    (H, W, C) when the last axis is 3 or 4; else (N, H, W) gray images (so a stack of 3 or 4 gray
-    images for a gray model is a stack, not one colour image); (N, C, H, W), or (N, H, W, C) when only
-    the last axis is 1, 3 or 4. Pixels: uint8 0..255 (other integer types in that range too), float
+    ``load_digits().data`` or ``x.reshape(len(x), -1)``); (H, W) one gray image; (C, H, W) one
+    image when C is 1, or 3 or 4 for a colour model; (H, W, C) when the last axis is 3 or 4; else
+    (N, H, W) gray images (so a stack of 3 or 4 gray images for a gray model is a stack, not one
+    colour image); (N, C, H, W), or (N, H, W, C) when only the last axis is 1, 3 or 4. Pixels: uint8 0..255 (other integer types in that range too), float
     in [0, 1], or, for a model whose data spec records another raw range ``[0, pixel_max]`` (the
     digits' 0..16), an array of any other dtype whose values exceed 1 and lie in that range (divided
     by ``pixel_max``): ``load_digits().images`` predicts as it is.
@@ -99,7 +99,8 @@ def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: fl
             arr = arr.transpose(0, 3, 1, 2)
     else:
         flat = f", ({int(np.prod(input_shape))},) or (N, {int(np.prod(input_shape))})" if input_shape else ""
-        raise InputError(f"{name}: array of shape {arr.shape}; expected (H, W), (C, H, W), (N, H, W) or (N, C, H, W){flat}")
+        raise InputError(f"{name}: array of shape {arr.shape}; expected (H, W), (C, H, W), (N, H, W) or "
+                         f"(N, C, H, W){flat}")
     if pixel_max != 255.0 and arr.dtype != np.uint8:
         # The dataset's own raw range (the digits: 0..16): values above 1 up to pixel_max are raw pixels.
         lo, hi = float(arr.min()), float(arr.max())
