@@ -29,6 +29,7 @@ DELTA_T_AUTO = "auto"
 PAPER_DELTA_T = 100
 MIN_SUBSPACE_STEPS = 100  # auto's default target (sparse.min_subspace_steps)
 MAX_LR = 100.0
+MAX_SEED = 2**32 - 1  # numpy's and most seeders' range; torch's per-epoch seed (seed * 1_000_003 + epoch) stays in int64
 _ADDITION = re.compile(r"^(sample|mean|accumulate:([1-9]\d*))$")
 
 
@@ -184,9 +185,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key} expects {kinds}, got {value!r}")
     if origin is tuple:
         (inner, _ellipsis) = get_args(tp)
-        if isinstance(value, str):
-            value = [v for v in re.split(r"[,\s]+", value.strip("[]() ")) if v]
-        if isinstance(value, int):
+        if isinstance(value, str):  # split on commas when there are any (a class name may hold spaces)
+            body = value.strip("[]() ")
+            value = [v.strip() for v in (body.split(",") if "," in body else body.split()) if v.strip()]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} expects a list, got {value!r}")
@@ -194,6 +196,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):  # --set data.augment=1 reads as the integer 1
+            return bool(value)
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
             return True
         if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
@@ -235,6 +239,13 @@ def valid_keys() -> list[str]:
     ]
 
 
+def _did_you_mean(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     """Return a new Config with ``{"section.key": value}`` applied; unknown keys are rejected."""
     sections = {f.name: getattr(cfg, f.name) for f in fields(Config)}
@@ -242,13 +253,13 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
         parts = key.split(".")
         if len(parts) != 2 or parts[0] not in sections:
             raise ConfigError(
-                f"unknown config key {key!r}; valid keys are: {', '.join(valid_keys())}"
+                f"unknown config key {key!r}{_did_you_mean(key)}; valid keys are: {', '.join(valid_keys())}"
             )
         section, name = parts
         types = _section_types(type(sections[section]))
         if name not in types:
             raise ConfigError(
-                f"unknown config key {key!r}; valid keys in {section!r} are: "
+                f"unknown config key {key!r}{_did_you_mean(key)}; valid keys in {section!r} are: "
                 + ", ".join(f"{section}.{k}" for k in types)
             )
         sections[section] = replace(sections[section], **{name: _coerce(value, types[name], key)})
@@ -321,6 +332,10 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = raw
     if isinstance(value, dict):  # no key takes a mapping: `accumulate:` or `imagefolder:` is the text typed
         value = raw.strip()
+    if isinstance(value, int) and not isinstance(value, bool):
+        # YAML 1.1 reads 010 as octal 8, 0x10 as 16 and 1:30 as 90: an integer is the decimal typed.
+        text = raw.strip()
+        value = int(text, 10) if re.fullmatch(r"[-+]?[0-9]+", text) else text
     return key.strip(), value
 
 
@@ -339,6 +354,9 @@ def validate(cfg: Config) -> None:
     choice("bayes.mu_init", b.mu_init, MU_INITS)
     choice("optim.name", o.name, OPTIMIZERS)
     choice("optim.schedule", o.schedule, SCHEDULES)
+    if t.device.startswith("cuda:"):
+        raise ConfigError(f"train.device={t.device!r}; valid values are: {', '.join(DEVICES)} (pick the GPU with "
+                          f"CUDA_VISIBLE_DEVICES={t.device.partition(':')[2]} and --device cuda)")
     choice("train.device", t.device, DEVICES)
     choice("train.kernel", t.kernel, KERNELS)
     choice("train.precision", t.precision, PRECISIONS)
@@ -373,6 +391,7 @@ def validate(cfg: Config) -> None:
         ("train.checkpoint_every", t.checkpoint_every >= 1, ">= 1"),
         ("train.keep_checkpoints", t.keep_checkpoints >= 1, ">= 1"),
         ("train.num_workers", t.num_workers >= 0, ">= 0"),
+        ("train.seed", 0 <= t.seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
         ("data.val_fraction", 0.0 <= d.val_fraction < 1.0, "in [0, 1)"),
         ("data.max_train", d.max_train is None or d.max_train >= 1, ">= 1"),
         # The image folder keys: set for another dataset, the data layer refuses them by name instead.

@@ -22,6 +22,11 @@ def test_override_types_and_round_trip():
     ("nosuch.key", 1, "valid keys are"),
     ("sparse.nosuch", 1, "valid keys in 'sparse'"),
     ("optim.lr", 0, "> 0"),
+    ("train.seed", -1, "train.seed=-1 must be in [0, 4294967295]"),  # numpy refused it mid-run
+    ("train.seed", 2**50, "must be in [0, 4294967295]"),               # overflowed torch's per-epoch seed mid-run
+    ("train.device", "cuda:1", "pick the GPU with CUDA_VISIBLE_DEVICES=1 and --device cuda"),
+    ("train.epoch", 3, "unknown config key 'train.epoch' (did you mean 'train.epochs'?)"),
+    ("trian.epochs", 3, "unknown config key 'trian.epochs' (did you mean 'train.epochs'?)"),
 ])
 def test_bad_values_are_rejected_with_the_choices(key, value, needle):
     with pytest.raises(C.ConfigError) as exc:
@@ -39,6 +44,24 @@ def test_parse_override_reads_yaml_scalars_not_code():
     assert C.parse_override("data.name=imagefolder:") == ("data.name", "imagefolder:")
     with pytest.raises(C.ConfigError):
         C.parse_override("novalue")
+
+
+def test_override_values_are_read_as_typed():
+    """YAML 1.1 reads 010 as octal and 0x10 as hex; a --set integer is the decimal typed. Booleans
+    take 1 and 0, a one-channel mean takes one number, and a comma list keeps names with spaces."""
+    def override(*texts: str) -> C.Config:
+        base = C.Config(data=C.DataConfig(name="imagefolder:/pictures", channels=1))
+        return C.apply_overrides(base, dict(C.parse_override(t) for t in texts))
+
+    assert override("train.epochs=010").train.epochs == 10
+    for text in ("train.epochs=0b11", "optim.lr=0x10", "train.epochs=1:30"):
+        with pytest.raises(C.ConfigError, match="expects"):
+            override(text)
+    assert override("data.augment=1").data.augment is True and override("data.augment=0").data.augment is False
+    cfg = override("data.mean=0.5", "data.std=0.25")
+    assert (cfg.data.mean, cfg.data.std) == ((0.5,), (0.25,))
+    assert override("data.classes=my cat,dog").data.classes == ("my cat", "dog")
+    assert override("model.widths=64 32").model.widths == (64, 32) == override("model.widths=[64, 32]").model.widths
 
 
 def test_unknown_preset_lists_valid_names():
