@@ -75,6 +75,12 @@ def test_bad_flags_give_one_line_errors(tmp_path: Path, capsys):
         (["train", "--set", "data.name=imagenet", "--out", str(tmp_path / "f")], "valid names are"),
         (["train", "--set", "bogus.key=1", "--out", str(tmp_path / "g")], "valid keys"),
         (["train", "--kernel", "csr", "--out", str(tmp_path / "h")], "valid values are"),
+        # a key set twice was settled silently by the last value
+        (["train", "--epochs", "1", "--set", "train.epochs=2", "--out", str(tmp_path / "i")],
+         "train.epochs is given twice (--epochs and --set); give it once"),
+        (["train", "--set", "optim.lr=0.1", "--set", "optim.lr=0.2", "--out", str(tmp_path / "j")],
+         "optim.lr is given twice (two --set)"),
+        (["train", "--seed", "-1", "--out", str(tmp_path / "k")], "train.seed=-1 must be in [0, 4294967295]"),
     ]
     for args, needle in cases:
         code = run(args)

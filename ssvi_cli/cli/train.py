@@ -15,10 +15,16 @@ from ssvi_cli.cli.common import UsageError, count, err, fmt, kv_table, out, prin
 
 
 def build_config(preset: str, overrides: dict[str, Any], sets: list[str]) -> cfgmod.Config:
-    """The preset, with its values for the chosen method, then the flags and ``--set`` values."""
+    """The preset, with its values for the chosen method, then the flags and ``--set`` values; a key
+    set twice (a flag and ``--set``, or two ``--set``) is refused rather than one value dropped."""
     flat = {k: v for k, v in overrides.items() if v is not None}
     for text in sets:
         key, value = cfgmod.parse_override(text)
+        if key in flat:
+            name = key.rpartition(".")[2]
+            flag = {"model.name": "--model", "data.name": "--data"}.get(key, "--" + name.replace("_", "-"))
+            given = f"{flag} and --set" if overrides.get(key) is not None else "two --set"
+            raise UsageError(f"{key} is given twice ({given}); give it once")
         flat[key] = value
     return cfgmod.from_preset(preset, flat)
 
