@@ -32,6 +32,8 @@ def workspace(tmp_path_factory) -> Path:
     shutil.copytree(ws / RUN, ws / "partial")  # a run stopped before its end: checkpoints only
     (ws / "partial" / "summary.json").unlink()
     (ws / "partial" / "model.safetensors").unlink()
+    shutil.copytree(ws / "partial", ws / "unstarted")  # a run that failed before its first checkpoint
+    shutil.rmtree(ws / "unstarted" / "checkpoints")
     (ws / "empty_dir").mkdir()
     (ws / "d.jsonl").mkdir()  # a folder whose name looks like an output file
     (ws / "afile").write_text("a file, not a folder\n")
@@ -82,6 +84,8 @@ CASES = [
     # train: run directories
     (["train", "--out", "{ws}/run"], "already holds a finished run; pass --force to overwrite it, or choose another --out"),
     (["train", "--out", "{ws}/partial"], "already holds a run; pass --force to overwrite it or --resume {ws}/partial"),
+    (["train", "--out", "{ws}/unstarted"], "holds a run that stopped before its first checkpoint; pass --force to "
+                                           "start it again"),
     (["train", "--out", "{ws}/afile"], "exists and is not a directory"),
     (["train", "--resume", "{ws}/empty_dir"], "has no checkpoint"),
     (["train", "--resume", "{ws}/missing"], "run directory {ws}/missing does not exist"),

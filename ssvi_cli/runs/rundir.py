@@ -76,6 +76,9 @@ class RunDir:
             if self.finished():
                 raise RunDirError(f"--out {self.path} already holds a finished run; pass --force to overwrite "
                                   "it, or choose another --out")
+            if not self.checkpoints():  # stopped before its first checkpoint: nothing to resume
+                raise RunDirError(f"--out {self.path} holds a run that stopped before its first checkpoint; pass "
+                                  "--force to start it again, or choose another --out")
             raise RunDirError(
                 f"--out {self.path} already holds a run; pass --force to overwrite it or "
                 f"--resume {self.path} to continue it"
