@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ssvi_cli.config import ConfigError
 from ssvi_cli.core.conv import SparseConv2d
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear
 from ssvi_cli.fileio import brief
@@ -88,7 +89,7 @@ class LeNet5(SSVIModel):
         self.pool = nn.MaxPool2d(2)
         fh, fw = ((h // 2) - 4) // 2, ((w // 2) - 4) // 2
         if fh < 1 or fw < 1:
-            raise ValueError(f"lenet5 needs inputs of at least 12x12, got {h}x{w}")
+            raise ConfigError(f"lenet5 needs inputs of at least 12x12, got {h}x{w}{SMALL_INPUT_HINT}")
         self.fc1 = layers.linear(16 * fh * fw, 120)
         self.fc2 = layers.linear(120, 84)
         self.fc3 = layers.linear(84, num_classes)
@@ -139,6 +140,9 @@ class ResNet18(SSVIModel):
         return self.fc(h)
 
 
+# A model too small for the data is a user's choice to change (exit code 2), not a failure.
+SMALL_INPUT_HINT = "; pick a model for small inputs (mlp), or larger images (imagefolder: data.image_size)"
+
 VGG_CFG = {
     "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
     "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
@@ -165,7 +169,8 @@ class VGG(SSVIModel):
                 mods += [layers.conv(cin, int(item), 3, padding=1), nn.BatchNorm2d(int(item)), nn.ReLU()]
                 cin = int(item)
         if min(in_shape[1:]) < 2**pools:
-            raise ValueError(f"{depth} needs inputs of at least {2**pools}x{2**pools}")
+            raise ConfigError(f"{depth} needs inputs of at least {2**pools}x{2**pools}, got "
+                              f"{in_shape[1]}x{in_shape[2]}{SMALL_INPUT_HINT}")
         self.features = nn.Sequential(*mods)
         self.fc = layers.linear(cin, num_classes)
 

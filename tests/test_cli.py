@@ -81,6 +81,8 @@ def test_bad_flags_give_one_line_errors(tmp_path: Path, capsys):
         (["train", "--set", "optim.lr=0.1", "--set", "optim.lr=0.2", "--out", str(tmp_path / "j")],
          "optim.lr is given twice (two --set)"),
         (["train", "--seed", "-1", "--out", str(tmp_path / "k")], "train.seed=-1 must be in [0, 4294967295]"),
+        (["train", "--model", "lenet5", "--out", str(tmp_path / "l")], "lenet5 needs inputs of at least 12x12, got 8x8"),
+        (["train", "--model", "vgg16", "--out", str(tmp_path / "m")], "vgg16 needs inputs of at least 32x32, got 8x8"),
     ]
     for args, needle in cases:
         code = run(args)
