@@ -231,3 +231,18 @@ def test_prediction_is_benched_as_infer_reads_a_file(monkeypatch):
     run_bench(BenchOptions(model="mlp", sparsities=(0.8,), batch_size=2, samples=1, repeats=1, warmup=0, threads=1))
     compact = kernels[1]  # the dense file first, then the compact one
     assert compact and all(compact.values()), kernels
+
+
+def test_the_header_names_the_sparsities_and_a_models_note_only_for_its_own_defaults(capsys, monkeypatch):
+    import ssvi_cli.bench as bench_pkg
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("stopped after the header")
+
+    monkeypatch.setattr(bench_pkg, "run_bench", stop)  # the command imports it from the package when it runs
+    assert run(["bench", "--model", "resnet18"]) == 1
+    header = capsys.readouterr().err
+    assert "sparsity 0.95, batch 16, S=4, 3 repeats" in header and "resnet18 defaults to batch 16" in header
+    assert run(["bench", "--model", "resnet18", "--batch-size", "2", "--sparsity", "0.5,0.9"]) == 1
+    header = capsys.readouterr().err
+    assert "sparsity 0.5, 0.9, batch 2, S=4" in header and "defaults to" not in header

@@ -145,6 +145,7 @@ CASES = [
     # bench
     (["bench", "--model", "vgg"], "unknown bench model 'vgg'; valid names are: lenet5, mlp, resnet18; or torchvision:NAME"),
     (["bench", "--sparsity", "2"], "every value must lie in (0, 1)"),
+    (["bench", "--sparsity", "0.9,0.90"], "0.9 is given twice; give each sparsity once"),  # crashed on a folder
 ]
 
 # Typer's own usage errors (a boxed message, exit code 2).

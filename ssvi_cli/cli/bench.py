@@ -18,6 +18,9 @@ def parse_sparsities(text: str) -> tuple[float, ...]:
         raise UsageError(f"--sparsity {text!r}: expected comma-separated numbers such as 0.9,0.95") from None
     if not values or any(not 0.0 < v < 1.0 for v in values):
         raise UsageError(f"--sparsity {text!r}: every value must lie in (0, 1)")
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise UsageError(f"--sparsity {text!r}: {twice[0]:g} is given twice; give each sparsity once")
     return values
 
 
@@ -87,10 +90,13 @@ def register(app: typer.Typer) -> None:
         spec = resolved.model_spec()
         check_input(spec, resolved.batch_size)
         if not json_out:
-            note = spec.note
+            # The model's note explains its own defaults: shown only when they are all in force.
+            own = all(v is None for v in (sparsity, batch_size, samples, repeats))
+            note = spec.note if own else ""
             err.print(f"ssvi bench: {model}, {resolved.input_size}x{resolved.input_size} inputs, "
-                      f"batch {resolved.batch_size}, S={resolved.samples}, "
-                      f"{resolved.repeats} repeats, {resolved.threads} thread(s), device {device}" + (f"\n{note}" if note else ""))
+                      f"sparsity {', '.join(f'{v:g}' for v in resolved.sparsities)}, batch {resolved.batch_size}, "
+                      f"S={resolved.samples}, {resolved.repeats} repeats, {resolved.threads} thread(s), device {device}"
+                      + (f"\n{note}" if note else ""))
         result = run_bench(opts, on_progress=None if json_out else (lambda msg: err.print(f"  {msg}")))
         if json_out:
             print_json(result)
