@@ -109,6 +109,13 @@ def test_ctrl_c_in_any_command_says_interrupted_and_exits_130(capsys, monkeypatc
     assert capsys.readouterr().err.strip() == "interrupted"  # Typer alone exits 130 in silence
 
 
+def test_version_is_the_packages(capsys):
+    from importlib.metadata import version
+
+    assert run(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"ssvi {version('ssvi')}"
+
+
 def test_module_entry_point_shows_help():
     proc = subprocess.run([sys.executable, "-m", "ssvi_cli", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "train" in proc.stdout

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
-from typing import Optional, Sequence
+from typing import Annotated, Optional, Sequence
 
 import typer
 from rich.markup import escape
@@ -26,6 +26,20 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 for module in (train_cmd, presets_cmd, evaluate_cmd, export_cmd, infer_cmd, inspect_cmd, bench_cmd, sweep_cmd):
     module.register(app)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from ssvi_cli import __version__
+
+        typer.echo(f"ssvi {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                   help="Print ssvi's version and exit.")] = False) -> None:
+    """Options of ssvi itself, before the command."""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
