@@ -437,9 +437,12 @@ def _read_preset(name_or_path: str) -> tuple[Path, dict[str, Any]]:
     presets = list_presets()
     path = presets.get(name_or_path)
     if path is None:
-        candidate = Path(name_or_path)
+        candidate = Path(name_or_path).expanduser()
         if candidate.suffix.lower() in (".yaml", ".yml") and candidate.is_file():
             path = candidate
+        elif candidate.suffix.lower() in (".yaml", ".yml"):
+            raise ConfigError(f"preset file {name_or_path} " + ("is a folder" if candidate.is_dir() else
+                                                                 "does not exist") + "; give a YAML file's path")
         else:
             raise ConfigError(
                 f"unknown preset {name_or_path!r}; valid names are: {', '.join(presets) or '(none)'}"
@@ -453,7 +456,9 @@ def _read_preset(name_or_path: str) -> tuple[Path, dict[str, Any]]:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise ConfigError(f"preset {path} is not valid YAML{at}: {str(exc).splitlines()[0]}") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError:
+        raise ConfigError(f"preset {path} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as exc:
         raise ConfigError(f"preset {path} cannot be read ({exc}); check the path and its permissions") from None
     if data is None:
         raise ConfigError(f"preset {path} is empty; start from a shipped preset (see 'ssvi presets')")

@@ -40,6 +40,7 @@ def workspace(tmp_path_factory) -> Path:
     (ws / "empty.safetensors").write_bytes(b"")
     (ws / "empty.yaml").write_text("# nothing but a comment\n")
     (ws / "broken.yaml").write_text("model: {name: mlp\n")
+    (ws / "latin1.yaml").write_bytes("model: {name: m\xfclp}\n".encode("latin-1"))
     (ws / "cut.safetensors").write_bytes(data[: len(data) // 2])
     n = struct.unpack("<Q", data[:8])[0]
     (ws / "corrupt.safetensors").write_bytes(data[:8] + b'{"__metadata__":' + b"#" * (n - 16) + data[8 + n:])
@@ -79,6 +80,8 @@ CASES = [
     (["train", "--lr", "nan"], "optim.lr expects a finite number"),
     (["train", "--preset", "{ws}/empty.yaml"], "is empty; start from a shipped preset"),
     (["train", "--preset", "{ws}/broken.yaml"], "is not valid YAML"),
+    (["train", "--preset", "{ws}/missing.yaml"], "preset file {ws}/missing.yaml does not exist"),
+    (["train", "--preset", "{ws}/latin1.yaml"], "preset {ws}/latin1.yaml is not UTF-8 text"),
     (["train", "--set", "data.name=cifar10", "--set", "data.data_dir={ws}/nodata"],
      "cifar10 not found or corrupted at {ws}/nodata/cifar-10-batches-py"),
     # train: run directories
