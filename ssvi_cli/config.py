@@ -428,9 +428,10 @@ def list_presets() -> dict[str, Path]:
 
 
 def preset_command(path: Path) -> str:
-    """The command line a preset records on its first line (``# ssvi train ...``)."""
+    """The command line a preset records on its first line (``# ssvi train ...``); for a file
+    without one, the command that runs it by name."""
     first = path.read_text(encoding="utf-8").splitlines()[0] if path.stat().st_size else ""
-    return first.lstrip("# ").strip()
+    return first.lstrip("# ").strip() if first.startswith("#") else f"ssvi train --preset {path.stem}"
 
 
 def _read_preset(name_or_path: str) -> tuple[Path, dict[str, Any]]:

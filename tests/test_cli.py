@@ -116,6 +116,19 @@ def test_version_is_the_packages(capsys):
     assert capsys.readouterr().out.strip() == f"ssvi {version('ssvi')}"
 
 
+def test_presets_lists_the_good_ones_when_one_is_broken(tmp_path: Path, capsys, monkeypatch):
+    from ssvi_cli import config as cfgmod
+
+    (tmp_path / "mine.yaml").write_text("train: {epochs: 3}\n")  # no '# command' line of its own
+    (tmp_path / "zz_empty.yaml").write_text("")
+    monkeypatch.setattr(cfgmod, "presets_dir", lambda: tmp_path)
+    assert run(["presets", "--json"]) == 0
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)
+    assert [r["name"] for r in rows] == ["mine"] and rows[0]["command"] == "ssvi train --preset mine"
+    assert "note: preset zz_empty is left out: preset " in captured.err and "is empty" in captured.err
+
+
 def test_module_entry_point_shows_help():
     proc = subprocess.run([sys.executable, "-m", "ssvi_cli", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "train" in proc.stdout

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ssvi_cli import config as cfgmod
-from ssvi_cli.cli.common import out, print_json
+from ssvi_cli.cli.common import err, out, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -17,7 +17,11 @@ def register(app: typer.Typer) -> None:
         """List the presets in presets/ with model, data, method and the command that runs them."""
         rows = []
         for name, path in cfgmod.list_presets().items():
-            cfg, per_method = cfgmod.preset_methods(name)
+            try:
+                cfg, per_method = cfgmod.preset_methods(name)
+            except cfgmod.ConfigError as exc:  # one broken file does not hide the others
+                err.print(f"note: preset {name} is left out: {exc}", highlight=False)
+                continue
             rows.append({"name": name, "model": cfg.model.name, "dataset": cfg.data.name,
                          "method": cfg.sparse.method, "sparsity": cfg.sparse.sparsity,
                          "epochs": cfg.train.epochs, "command": cfgmod.preset_command(path),
