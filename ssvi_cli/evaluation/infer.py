@@ -72,10 +72,11 @@ def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: fl
     ``load_digits().data`` or ``x.reshape(len(x), -1)``); (H, W) one gray image; (C, H, W) one
     image when C is 1, or 3 or 4 for a colour model; (H, W, C) when the last axis is 3 or 4; else
     (N, H, W) gray images (so a stack of 3 or 4 gray images for a gray model is a stack, not one
-    colour image); (N, C, H, W), or (N, H, W, C) when only the last axis is 1, 3 or 4. Pixels: uint8 0..255 (other integer types in that range too), float
-    in [0, 1], or, for a model whose data spec records another raw range ``[0, pixel_max]`` (the
-    digits' 0..16), an array of any other dtype whose values exceed 1 and lie in that range (divided
-    by ``pixel_max``): ``load_digits().images`` predicts as it is.
+    colour image); (N, C, H, W), or (N, H, W, C) when only the last axis is 1, 3 or 4. Pixels: uint8
+    0..255 (other integer types in that range too), float in [0, 1], or, for a model whose data spec
+    records another raw range ``[0, pixel_max]`` (the digits' 0..16), an array of any other dtype
+    whose values exceed 1 and lie in that range (divided by ``pixel_max``): ``load_digits().images``
+    predicts as it is.
     """
     if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise InputError(f"{name}: array dtype {arr.dtype} is not pixels; use uint8 0..255 or float in [0, 1]")

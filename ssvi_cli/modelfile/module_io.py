@@ -50,9 +50,9 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
     each per channel or one for all, a number or a sequence; default: when ``dataset`` names a
     registered dataset such as ``"digits"``, the normalisation its loaders apply, else none),
     ``dataset`` and ``input_shape`` describe the data in the file's model card. ``dtype``: float32,
-    float16 or bfloat16 values. With ``input_shape`` one forward of zeros (mean network, eval mode, every
-    module's train/eval state restored) measures the output size, which ``class_names`` must match;
-    a shape the model cannot take is refused. ``path`` must end in ``.safetensors``.
+    float16 or bfloat16 values. With ``input_shape`` one forward of zeros (mean network, eval mode,
+    every module's train/eval state restored) measures the output size, which ``class_names`` must
+    match; a shape the model cannot take is refused. ``path`` must end in ``.safetensors``.
     """
     model = unwrapped(model)
     layers = sparse_layers(model)
