@@ -29,7 +29,7 @@ DELTA_T_AUTO = "auto"
 PAPER_DELTA_T = 100
 MIN_SUBSPACE_STEPS = 100  # auto's default target (sparse.min_subspace_steps)
 MAX_LR = 100.0
-MAX_SEED = 2**32 - 1  # numpy's and most seeders' range; torch's per-epoch seed (seed * 1_000_003 + epoch) stays in int64
+MAX_SEED = 2**32 - 1  # numpy's seed range; the trainer's per-epoch seed, seed * 1_000_003 + epoch, fits int64
 _ADDITION = re.compile(r"^(sample|mean|accumulate:([1-9]\d*))$")
 
 
