@@ -30,9 +30,12 @@ for module in (train_cmd, presets_cmd, evaluate_cmd, export_cmd, infer_cmd, insp
 
 def _print_version(value: bool) -> None:
     if value:
-        from ssvi_cli import __version__
+        from importlib.metadata import PackageNotFoundError, version
 
-        typer.echo(f"ssvi {__version__}")
+        try:
+            typer.echo(f"ssvi {version('ssvi')}")
+        except PackageNotFoundError:  # run from a source tree without installing it
+            typer.echo("ssvi (not installed: pip install -e .)")
         raise typer.Exit()
 
 
