@@ -241,7 +241,7 @@ class Trainer:
         for name, value in self.model.state_dict().items():
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 diverged(self.run, f"non-finite values in {name} after step {self.state.step} "
-                               f"(epoch {epoch}); the diverged model was not saved")
+                                   f"(epoch {epoch}); the diverged model was not saved")
 
     # -- the loop ------------------------------------------------------------------
     def fit(self, progress: Optional[Progress] = None) -> dict[str, Any]:
