@@ -4,6 +4,7 @@ identical supports on every rank after every remove-and-add step; exact counts i
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from pathlib import Path
 
@@ -36,12 +37,21 @@ def _ddp_loop(rank: int, port: int):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    ddp = sub = None
     try:
         model = net()
         ddp = nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(ssvi.param_groups(model, lr=0.05, lr_sigma=0.05), momentum=0.9)
-        yield model, ddp, opt, ssvi.Subspace(ddp, opt, total_steps=STEPS, delta_t=DELTA_T)
+        sub = ssvi.Subspace(ddp, opt, total_steps=STEPS, delta_t=DELTA_T)
+        yield model, ddp, opt, sub
     finally:
+        # DDP's reducer holds the group: drop it before the group goes, as Trainer.release_process_group
+        # does (the callers drop theirs too). A group destroyed under a live reducer leaves gloo's
+        # threads to die with the interpreter, which once aborted a rank at exit (SIGABRT).
+        if sub is not None:
+            sub.remove()
+        ddp = sub = None
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 
@@ -69,6 +79,7 @@ def _rank(rank: int, port: int, out: str, micro: int) -> None:
             opt.zero_grad()
         torch.save({"agreed": agreed, "moved": moved, "synced": synced, "state": model.state_dict(),
                     "counts": [layer.active for _, layer in sparse_layers(model)]}, Path(out) / f"rank{rank}.pt")
+        del ddp, sub  # before the group is destroyed (_ddp_loop)
 
 
 @pytest.mark.slow
@@ -99,6 +110,7 @@ def _rank_leaves(rank: int, port: int, out: str) -> None:
             opt.zero_grad()
         torch.save({"state": model.state_dict(), "synced": ddp.require_backward_grad_sync},
                    Path(out) / f"rank{rank}.pt")
+        del ddp, sub  # before the group is destroyed (_ddp_loop)
 
 
 @pytest.mark.slow
