@@ -324,19 +324,44 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set expects key.sub=value, got {text!r}")
     key, raw = text.split("=", 1)
-    import yaml  # here, not at the top: commands that never read YAML (infer) skip its import
-
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = read_typed(raw) if raw.strip() else ""
+    except ValueError:
         value = raw
     if isinstance(value, dict):  # no key takes a mapping: `accumulate:` or `imagefolder:` is the text typed
         value = raw.strip()
-    if isinstance(value, int) and not isinstance(value, bool):
-        # YAML 1.1 reads 010 as octal 8, 0x10 as 16 and 1:30 as 90: an integer is the decimal typed.
-        text = raw.strip()
-        value = int(text, 10) if re.fullmatch(r"[-+]?[0-9]+", text) else text
     return key.strip(), value
+
+
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_typed_loader: Any = None
+
+
+def read_typed(text: str) -> Any:
+    """``text`` as YAML, with every number the one typed on a command line (``--set`` of ``ssvi train``
+    and ``ssvi sweep`` alike): an integer is decimal (YAML 1.1 reads 010 as octal 8, 0x10 as 16 and
+    1:30 as 90; those stay the text, which no number key takes) and ``1e-3`` is a float (YAML 1.1
+    wants a dot). Raises ValueError on text that is not YAML."""
+    global _typed_loader
+    import yaml  # here, not at the top: commands that never read YAML (infer) skip its import
+
+    if _typed_loader is None:
+        class Loader(yaml.SafeLoader):
+            pass
+
+        Loader.yaml_implicit_resolvers = {
+            first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+            for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+        Loader.add_implicit_resolver(_INT_TAG, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+        Loader.add_implicit_resolver(_FLOAT_TAG, re.compile(
+            r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+            list("-+0123456789."))
+        Loader.add_constructor(_INT_TAG, lambda loader, node: int(loader.construct_scalar(node), 10))
+        _typed_loader = Loader
+    try:
+        return yaml.load(text, Loader=_typed_loader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def validate(cfg: Config) -> None:

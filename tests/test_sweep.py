@@ -149,6 +149,20 @@ def test_bad_grids_are_one_line_errors():
     assert parse_axis("sparse.alpha=0.1,0.3") == ("sparse.alpha", [0.1, 0.3])
 
 
+def test_sweep_values_are_read_as_train_reads_them():
+    """The numbers typed are the numbers run: ``ssvi train --set train.epochs=010`` trains ten epochs,
+    and so does the sweep's cell (YAML 1.1 alone reads 010 as octal 8 and 1e-3 as a string)."""
+    assert parse_axis("train.epochs=010,012") == ("train.epochs", [10, 12])
+    assert parse_axis("optim.lr=1e-3,3E-3") == ("optim.lr", [0.001, 0.003])
+    assert parse_axis("model.widths=[010,8]") == ("model.widths", [[10, 8]])
+    for text in ("train.epochs=0x10", "train.epochs=1:30"):
+        key, values = parse_axis(text)
+        with pytest.raises(SweepError, match="expects"):
+            expand(SweepSpec(axes={key: values}))
+    from ssvi_cli.config import parse_override
+    assert [parse_override(f"train.epochs={v}")[1] for v in ("010", "0x10")] == [10, "0x10"]
+
+
 def test_a_baseline_must_name_exactly_one_group_before_anything_runs(tmp_path: Path, capsys):
     spec = SweepSpec(methods=("ssvi", "vi"), sparsities=(0.9, 0.95), seeds=(0, 1), axes={"sparse.alpha": [0.3, 0.5]})
     cells = expand(spec)

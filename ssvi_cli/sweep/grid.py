@@ -225,19 +225,18 @@ def check_runnable(spec: SweepSpec, cells: list[Cell]) -> None:
 
 
 def parse_values(text: str) -> list[Any]:
-    """``a,b,c`` as YAML scalars (``[..]`` groups stay one value: ``[64,64],[128]``)."""
-    import yaml
-
+    """``a,b,c`` as YAML scalars read as ``ssvi train --set`` reads one (``010`` is ten), ``[..]``
+    groups staying one value: ``[64,64],[128]``."""
     try:
-        parsed = yaml.safe_load(f"[{text}]")
-    except yaml.YAMLError:
+        parsed = cfgmod.read_typed(f"[{text}]")
+    except ValueError:
         raise SweepError(f"cannot read the values {text!r}; give them comma-separated, e.g. 0.1,0.2") from None
     if not isinstance(parsed, list) or not parsed:
         raise SweepError(f"no values in {text!r}")
     if any(isinstance(v, dict) for v in parsed) and "[" not in text:
         # `accumulate:` reads as a mapping, which no key takes: the text typed is meant, as in `ssvi train`
         parsed = [v.strip() for v in text.split(",") if v.strip()]
-    return [numbers(v) for v in parsed]
+    return parsed
 
 
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
