@@ -14,7 +14,7 @@ from ssvi_cli.cli import run
 from ssvi_cli.training.trainer import Trainer
 from ssvi_cli.modelfile import read_model_file
 from ssvi_cli.core.overlap import criteria_overlap
-from ssvi_cli.evaluation.inspection import _quantiles, inspect_model
+from ssvi_cli.evaluation.inspection import _quantiles
 from ssvi_cli.core.layers import SparseLinear, sparse_layers
 from ssvi_cli.core.gaussian import rho_from_sigma
 
