@@ -275,6 +275,10 @@ def test_a_cell_stopped_by_a_signal_says_so():
 @pytest.mark.parametrize("args, file, message", [
     (["--ood", "bogus"], None, "unknown OOD set 'bogus'"),
     (["--ood", "heldout"], None, "--ood heldout needs classes held out of training"),
+    (["--ood", "heldout", "--set", "data.classes=0,1,2,3,4,5,6,7,8,9"], None,
+     "--ood heldout: cell ssvi_s0.95_seed0 trains on data.classes listing every class of digits, so none is held out"),
+    (["--ood", "heldout", "--set", "data.classes=[0,1],[0,1,2,3,4,5,6,7,8,9]"], None, "listing every class of digits"),
+    (["--ood", ""], None, "--ood takes a value: one of"),
     (["--set", "sparse.criterion=foo"], None, "cell ssvi_s0.95_seed0: unknown criterion 'foo'"),
     (["--criterion", "mean,foo"], None, "unknown criterion 'foo'"),
     (["--set", "optim.fo=1"], None, "unknown config key 'optim.fo' in --set 'optim.fo=1'; did you mean optim.lr"),
@@ -656,3 +660,34 @@ def test_an_image_folder_in_a_sweep_is_recorded_absolute(tmp_path, monkeypatch):
                 "--out", "s", "--dry-run"]) == 0
     spec, _ = read_spec(Path("s"))
     assert spec.fixed["data.name"] == f"imagefolder:{tmp_path.resolve() / 'photos'}"
+
+
+def test_an_ood_set_gone_since_the_sweep_was_made_stops_a_cell_before_it_trains(tmp_path: Path, capsys):
+    """A scheduler runs the listed cells later: an OOD array deleted meanwhile fails each cell in a
+    line before its training, not after it; a finished sweep still reports without it."""
+    ood = tmp_path / "odd.npy"
+    np.save(ood, np.random.default_rng(0).random((20, 8, 8), dtype=np.float32))
+    out = tmp_path / "sw"
+    assert run(["sweep", "--set", "train.epochs=1", *TINY, "--ood", str(ood), "--out", str(out), "--dry-run"]) == 0
+    cell = Path(capsys.readouterr().out.split()[-1])
+    ood.unlink()
+    assert run(["sweep", "--run-cell", str(cell)]) == 2
+    err = capsys.readouterr().err
+    assert f"--ood {ood}: no such file or folder" in err and "read when each cell is evaluated" in err
+    assert len(err.strip().splitlines()) == 1 and not (cell / "checkpoints").exists()
+    assert run(["sweep", "--resume", str(out)]) == 2 and "no such file or folder" in capsys.readouterr().err
+    assert not (cell / "checkpoints").exists()
+
+
+def test_a_refused_grid_leaves_the_sweep_file_as_it_was(tmp_path: Path, capsys):
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("model: {name: mlp, widths: [16]}\ndata: {max_train: 100}\ntrain: {epochs: 1, eval_samples: 2}\n")
+    out = tmp_path / "sw"
+    grid = ["sweep", "--preset", str(preset), "--samples", "2", "--out", str(out)]
+    assert run([*grid, "--no-figures", "--json"]) == 0
+    written = (out / "sweep.json").read_text()
+    preset.write_text(preset.read_text().replace("widths: [16]", "widths: [24]"))  # the finished cell is stale
+    capsys.readouterr()
+    assert run([*grid, "--seeds", "2", "--dry-run"]) == 2
+    assert "ran under other settings than the sweep gives it now" in capsys.readouterr().err
+    assert (out / "sweep.json").read_text() == written

@@ -53,11 +53,14 @@ def run_cell(path: Path, run: Callable[[list[str]], int]) -> int:
 def _train_and_evaluate(path: Path, cell: Cell, spec: SweepSpec, run: Callable[[list[str]], int]) -> int:
     from ssvi_cli.sweep.runner import cell_state
 
+    from ssvi_cli.sweep.checks import check_ood_paths
+
     state = cell_state(path)
     if state == "done":
         err.print(f"cell {path.name} is already trained and evaluated; nothing to do (delete its folder to run "
                   "it again)")
         return 0
+    check_ood_paths(spec)  # before training: its evaluation needs them
     if state == "partial":
         code = run(["train", "--resume", str(path), "--json"])
     elif state == "new":
@@ -111,7 +114,9 @@ def register(app: typer.Typer) -> None:
         """The paper's experiments in one command: a grid of runs, evaluated alike, reported as tables and figures."""
         from ssvi_cli.sweep import grid, report as reportmod
         from ssvi_cli.sweep.paired import check_selection
-        from ssvi_cli.sweep.request import check_ood_sets, spec_from_flags
+        from ssvi_cli.sweep.checks import check_ood_paths, check_ood_sets, check_runnable
+        from ssvi_cli.sweep.request import spec_from_flags
+        from ssvi_cli.sweep.runner import cell_dir, cell_state
         from ssvi_cli.sweep.sweepdir import claim_sweep_dir
 
         grid_given = any(v for v in (method, sparsity, seeds, criterion, set_, preset, file, ood, samples, out_dir, force))
@@ -138,22 +143,26 @@ def register(app: typer.Typer) -> None:
             spec, cells = grid.read_spec(resume)
             sweep_dir = resume
             check_selection(spec, cells, baseline or [])
+            if any(cell_state(cell_dir(resume, c)) != "done" for c in cells):
+                check_ood_paths(spec)
         else:
             spec = spec_from_flags(file, preset, method, sparsity, seeds, criterion, set_ or [], ood or [], samples)
             cells = grid.expand(spec)
-            grid.check_runnable(spec, cells)
+            check_runnable(spec, cells)
             check_ood_sets(spec, cells)
             check_selection(spec, cells, baseline or [])  # before anything is written or run
             sweep_dir = out_dir or Path("sweeps") / f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(spec.preset).stem}"
             check_output_dir(sweep_dir, "--out")
             how, cells = claim_sweep_dir(sweep_dir, spec, cells, force)
+            _check_changed(sweep_dir, spec, cells)  # before the grid is written: a refused one changes nothing
             if how != "same":  # the same grid continues with its cells as it named them
                 if how == "grown" and not json_out:
                     err.print(f"the grid adds to the sweep in {sweep_dir}: {count(len(cells), 'cell')} now, "
                               "its cells so far kept")
                 sweep_dir.mkdir(parents=True, exist_ok=True)
                 grid.write_spec(sweep_dir, spec, cells)
-        _check_changed(sweep_dir, spec, cells)  # before any cell is listed, skipped as done or resumed
+        if resume is not None:
+            _check_changed(sweep_dir, spec, cells)  # before any cell is listed, skipped as done or resumed
         if dry_run:
             _dry_run(sweep_dir, cells, json_out)
             return

@@ -136,6 +136,8 @@ def parse_ood(text: str) -> OodRequest:
     """What the ``--ood`` value ``text`` names (module docstring); a path must exist and be a folder
     or a ``.npy`` file. Anything else raises a one-line :class:`DataError` naming the valid forms."""
     text = str(text).strip()
+    if not text:  # not the current folder, which Path("") would name
+        raise DataError(f"--ood takes a value: one of {', '.join(OOD_SETS.names())}, or {_FORMS}")
     if text == HELDOUT:
         return OodRequest(text, HELDOUT)
     if text in OOD_SETS:

@@ -196,34 +196,6 @@ def cell_configs(spec: SweepSpec, cells: list[Cell]) -> Iterator[tuple[Cell, cfg
             raise SweepError(f"cell {cell.name}: {exc}") from None
 
 
-def check_runnable(spec: SweepSpec, cells: list[Cell]) -> None:
-    """What a cell's ``ssvi train`` and ``ssvi evaluate`` would refuse, refused before a new sweep
-    runs any: names (model, dataset, criterion), the ``--ood`` sets and ``--ood heldout`` without
-    held-out classes. It reads the file system (an image folder, an OOD path), so it runs when a
-    sweep is made, not when one is resumed or reported."""
-    from ssvi_cli.data.ood import HELDOUT, parse_ood
-    from ssvi_cli.data.spec import DataError
-    from ssvi_cli.registry import UnknownName
-    from ssvi_cli.training.plan import check_names
-
-    try:
-        requests = [parse_ood(text) for text in spec.ood]
-    except DataError as exc:
-        raise SweepError(str(exc)) from None
-    checked: set[str] = set()
-    for cell, cfg in cell_configs(spec, cells):
-        what = json.dumps([cfg.model.name, cfg.sparse.criterion, asdict(cfg.data)], sort_keys=True, default=str)
-        if what not in checked:  # an image folder is scanned once, not once per cell
-            checked.add(what)
-            try:
-                check_names(cfg)
-            except (UnknownName, DataError) as exc:
-                raise SweepError(f"cell {cell.name}: {exc}") from None
-        if any(r.kind == HELDOUT for r in requests) and cfg.data.classes is None:
-            raise SweepError(f"--ood {HELDOUT} needs classes held out of training: train on a subset, "
-                             "e.g. --set data.classes=0,1,2,3,4")
-
-
 def parse_values(text: str) -> list[Any]:
     """``a,b,c`` as YAML scalars read as ``ssvi train --set`` reads one (``010`` is ten), ``[..]``
     groups staying one value: ``[64,64],[128]``."""

@@ -134,35 +134,3 @@ def _absolute_folder(value: Any) -> Any:
     if sep and family == "imagefolder" and path:
         return f"{family}:{Path(path).expanduser().resolve()}"
     return value
-
-
-def check_ood_sets(spec: SweepSpec, cells: list[Any]) -> None:
-    """Every ``--ood`` set read as the cells' evaluation reads it (at most 2,000 images, against the
-    first cell's data), before any cell trains: a folder without readable images, an array of the
-    wrong shape or a set that is not on disk is refused now, not after every cell has trained. Data
-    whose description needs more than its name (``get_spec`` refuses it) leaves the check to the
-    cells' own evaluation."""
-    from ssvi_cli.data import get_spec
-    from ssvi_cli.data.ood import HELDOUT, parse_ood
-    from ssvi_cli.data.spec import DataError
-    from ssvi_cli.evaluation.ood_sets import load_ood
-    from ssvi_cli.registry import UnknownName
-    from ssvi_cli.sweep.grid import cell_configs
-
-    if not spec.ood or not cells:
-        return
-    _, cfg = next(cell_configs(spec, cells[:1]))
-    try:
-        data_spec = get_spec(cfg.data.name, cfg.data)
-    except (UnknownName, DataError, ValueError):
-        return
-    root = Path(cfg.data.data_dir).expanduser() if cfg.data.data_dir else None
-    for text in spec.ood:
-        request = parse_ood(text)
-        if request.kind == HELDOUT:
-            continue  # check_runnable: it needs classes held out of training
-        try:
-            load_ood(request, data_spec, root, bool(cfg.data.download), 0, 2000)  # fetched now if allowed
-        except DataError as exc:
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise SweepError(message if message.startswith("--ood") else f"--ood {text}: {message}") from None

@@ -1,0 +1,91 @@
+"""What a sweep's cells would refuse, refused before any cell trains: a grid that fails in its last
+step (every cell's evaluation) would otherwise cost the whole grid's training first.
+
+:func:`check_runnable` and :func:`check_ood_sets` run when a sweep is made (they read the file
+system: an image folder, the OOD sets); :func:`check_ood_paths` runs again before a cell trains
+(``--resume``, or ``--run-cell`` from a scheduler), as an OOD folder may have gone since.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from ssvi_cli.sweep.grid import Cell, SweepError, SweepSpec, cell_configs
+
+
+def check_runnable(spec: SweepSpec, cells: list[Cell]) -> None:
+    """Names (model, dataset, criterion), the ``--ood`` values, and ``--ood heldout`` with a class
+    list that holds none out (no ``data.classes``, or one listing every class)."""
+    from ssvi_cli.data import get_spec
+    from ssvi_cli.data.ood import HELDOUT, parse_ood
+    from ssvi_cli.data.spec import DataError
+    from ssvi_cli.registry import UnknownName
+    from ssvi_cli.training.plan import check_names
+
+    try:
+        requests = [parse_ood(text) for text in spec.ood]
+    except DataError as exc:
+        raise SweepError(str(exc)) from None
+    heldout = any(r.kind == HELDOUT for r in requests)
+    checked: set[str] = set()
+    for cell, cfg in cell_configs(spec, cells):
+        what = json.dumps([cfg.model.name, cfg.sparse.criterion, asdict(cfg.data)], sort_keys=True, default=str)
+        if what in checked:  # an image folder is scanned once, not once per cell
+            continue
+        checked.add(what)
+        try:
+            check_names(cfg)
+        except (UnknownName, DataError) as exc:
+            raise SweepError(f"cell {cell.name}: {exc}") from None
+        if heldout and cfg.data.classes is None:
+            raise SweepError(f"--ood {HELDOUT} needs classes held out of training: train on a subset, "
+                             "e.g. --set data.classes=0,1,2,3,4")
+        if heldout and not get_spec(cfg.data.name, cfg.data).held_out_classes:
+            raise SweepError(f"--ood {HELDOUT}: cell {cell.name} trains on data.classes listing every class of "
+                             f"{cfg.data.name}, so none is held out; list fewer classes")
+
+
+def check_ood_sets(spec: SweepSpec, cells: list[Cell]) -> None:
+    """Every ``--ood`` set read as the cells' evaluation reads it (at most 2,000 images, against the
+    first cell's data), before any cell trains: a folder without readable images, an array of the
+    wrong shape or a set that is not on disk is refused now, not after every cell has trained. Data
+    whose description needs more than its name (``get_spec`` refuses it) leaves the check to the
+    cells' own evaluation."""
+    from ssvi_cli.data import get_spec
+    from ssvi_cli.data.ood import HELDOUT, parse_ood
+    from ssvi_cli.data.spec import DataError
+    from ssvi_cli.evaluation.ood_sets import load_ood
+    from ssvi_cli.registry import UnknownName
+
+    if not spec.ood or not cells:
+        return
+    _, cfg = next(cell_configs(spec, cells[:1]))
+    try:
+        data_spec = get_spec(cfg.data.name, cfg.data)
+    except (UnknownName, DataError, ValueError):
+        return
+    root = Path(cfg.data.data_dir).expanduser() if cfg.data.data_dir else None
+    for text in spec.ood:
+        request = parse_ood(text)
+        if request.kind == HELDOUT:
+            continue  # check_runnable: it needs classes held out of training
+        try:
+            load_ood(request, data_spec, root, bool(cfg.data.download), 0, 2000)  # fetched now if allowed
+        except DataError as exc:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise SweepError(message if message.startswith("--ood") else f"--ood {text}: {message}") from None
+
+
+def check_ood_paths(spec: SweepSpec) -> None:
+    """Every ``--ood`` folder or array still there (a look, nothing read): checked before a cell
+    trains, whose evaluation would otherwise fail after its training."""
+    from ssvi_cli.data.ood import parse_ood
+    from ssvi_cli.data.spec import DataError
+
+    for text in spec.ood:
+        try:
+            parse_ood(text)
+        except DataError as exc:
+            raise SweepError(f"{exc} (the sweep's --ood sets are read when each cell is evaluated)") from None
