@@ -691,3 +691,21 @@ def test_a_refused_grid_leaves_the_sweep_file_as_it_was(tmp_path: Path, capsys):
     assert run([*grid, "--seeds", "2", "--dry-run"]) == 2
     assert "ran under other settings than the sweep gives it now" in capsys.readouterr().err
     assert (out / "sweep.json").read_text() == written
+
+
+def test_cells_whose_support_never_moved_are_named(tmp_path: Path, capsys):
+    """Five steps at delta_t 50: SSVI without a subspace step is static sparse VI, and a swept alpha
+    changes nothing; the report and the cell's own log say so."""
+    out = tmp_path / "sw"
+    at = TINY.index("sparse.delta_t=2")
+    small = TINY[:at - 1] + TINY[at + 1:]  # the preset's delta_t, 50
+    assert run(["sweep", "--method", "ssvi,vi", "--set", "train.epochs=1", *small, "--out", str(out),
+                "--no-figures"]) == 0
+    err = capsys.readouterr().err
+    assert "note: no subspace step before t_end, so the support never moved, in: ssvi, sparsity 0.95." in err
+    assert "vi, dense" not in err.split("note:")[1]
+    report = json.loads((out / "report.json").read_text())
+    assert report["support_unmoved"] == ["ssvi, sparsity 0.95"]
+    assert "so the support never moved (static sparse VI, not SSVI), in: ssvi, sparsity 0.95." in \
+        (out / "report.md").read_text()
+    assert "so the support will not move" in (out / "logs" / "ssvi_s0.95_seed0.log").read_text()

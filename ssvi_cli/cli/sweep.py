@@ -234,7 +234,7 @@ def _run(sweep_dir: Path, cells: list[Any], jobs: int, threads: int, json_out: b
 
 def _finish(result: dict[str, Any], json_out: bool) -> None:
     from ssvi_cli.sweep.drift import changed_lines
-    from ssvi_cli.sweep.report import mean_std
+    from ssvi_cli.sweep.report import UNMOVED_HINT, mean_std
 
     if result.get("changed_cells"):
         n = len(result["changed_cells"])
@@ -258,6 +258,9 @@ def _finish(result: dict[str, Any], json_out: bool) -> None:
         shown = result["missing"][:8]
         err.print(f"not evaluated yet: {', '.join(shown)}" + (f" and {len(result['missing']) - len(shown)} more"
                                                              if len(result["missing"]) > len(shown) else ""))
+    if result.get("support_unmoved"):
+        err.print(f"note: no subspace step before t_end, so the support never moved, in: "
+                  f"{'; '.join(result['support_unmoved'])}. {UNMOVED_HINT}", highlight=False)
     if result.get("paired", {}).get("note"):
         err.print(result["paired"]["note"])
     elif result.get("paired"):

@@ -145,7 +145,7 @@ def register(app: typer.Typer) -> None:
                          if trainer.state.epoch < trainer.cfg.train.epochs else
                          f"after its last epoch (step {trainer.state.step}): the final evaluation and model file")
                 err.print(f"resuming {resume} {where}" + (f" on {info.world_size} processes" if info.enabled else ""))
-            summary = _fit(trainer, Interrupted, quiet=json_out or not info.is_main)
+            summary = _fit(trainer, Interrupted, quiet=json_out or not info.is_main, notes=info.is_main)
         finally:
             if trainer is not None:
                 trainer.release_process_group()
@@ -223,7 +223,9 @@ def forwarded_args(ctx: typer.Context, drop: tuple[str, ...] = ()) -> list[str]:
     return args
 
 
-def _fit(trainer, interrupted_cls, quiet: bool) -> dict[str, Any]:
+def _fit(trainer, interrupted_cls, quiet: bool, notes: bool = True) -> dict[str, Any]:
+    """Train with a progress display (none when ``quiet``); ``notes``: warnings on stderr, which
+    ``--json`` keeps (its standard output is the summary alone)."""
     from ssvi_cli.training.records import Progress
 
     cfg = trainer.cfg
@@ -231,12 +233,10 @@ def _fit(trainer, interrupted_cls, quiet: bool) -> dict[str, Any]:
         err.print(f"training {cfg.model.name} on {cfg.data.name} with {cfg.sparse.method} "
                   f"(density {cfg.density:.3g}, {count(cfg.train.epochs, 'epoch')}, device {trainer.device}) "
                   f"-> {trainer.run_dir}")
-        if cfg.method.moves_support and trainer.schedule.updates == 0:
-            hint = ("" if cfg.sparse.delta_t == "auto" else
-                    " (--set sparse.delta_t=auto spaces them to fit the run)")
-            err.print(f"note: a run of {count(trainer.total_steps, 'step')} has no subspace step before t_end at "
-                      f"delta_t {trainer.schedule.delta_t}, so the support will not move{hint}",
-                      highlight=False)
+    if notes and cfg.method.moves_support and trainer.schedule.updates == 0:
+        hint = "" if cfg.sparse.delta_t == "auto" else " (--set sparse.delta_t=auto spaces them to fit the run)"
+        err.print(f"note: a run of {count(trainer.total_steps, 'step')} has no subspace step before t_end at "
+                  f"delta_t {trainer.schedule.delta_t}, so the support will not move{hint}", highlight=False)
     with progress_bar(enabled=not quiet) as bar:
         task = None
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ssvi_cli.fileio import read_jsonl, write_json, write_text
+from ssvi_cli.methods import METHODS
 from ssvi_cli.runs.rundir import CONFIG_FILE, SUMMARY_FILE, SUPPORT_FILE
 from ssvi_cli.sweep.drift import changed_cells
 from ssvi_cli.sweep.grid import (EVAL_FILE, OWN_KEYS, Cell, SweepError, SweepSpec, group_key, group_label,
@@ -28,6 +29,7 @@ STAGES = ("early", "middle", "late")
 # (column, label, digits): the metrics every cell reports
 METRICS = (("accuracy", "accuracy", 4), ("nll", "NLL", 4), ("ece", "ECE", 4), ("brier", "Brier", 4),
            ("mi_mean", "mean MI", -1))  # digits -1: scientific notation
+UNMOVED_HINT = "A longer run, a smaller sparse.delta_t or sparse.delta_t=auto gives them subspace steps."
 COSTS = (("training_flops", "training FLOPs"), ("model_file_bytes", "file bytes"), ("density", "density"),
          ("subspace_steps", "subspace steps"))
 
@@ -135,6 +137,9 @@ def build_report(sweep_dir: Path, baseline: Optional[list[str]] = None) -> dict[
               "cells_total": len(cells), "cells_done": len(rows),
               "missing": [c.name for c in cells if c not in done],
               "method_values": method_values(sweep_dir, spec, done), "groups": groups, "cells": rows}
+    unmoved = {group_label(r): None for r in rows if METHODS.get(r["method"]).moves_support and r["subspace_steps"] == 0}
+    if unmoved:  # a schedule too short for its delta_t: SSVI that ran as static sparse VI
+        report["support_unmoved"] = list(unmoved)
     changed = changed_cells(sweep_dir, spec, cells)
     if changed:  # reported as they are, under the sweep's settings: said in both files
         report["changed_cells"] = changed
@@ -177,6 +182,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if report["missing"]:
         lines += ["", f"Not evaluated yet: {', '.join(report['missing'])}."]
+    if report.get("support_unmoved"):
+        lines += ["", f"No subspace step before t_end, so the support never moved (static sparse VI, not SSVI), in: "
+                  f"{'; '.join(report['support_unmoved'])}. {UNMOVED_HINT}"]
     if report.get("changed_cells"):
         lines += ["", "Run under other settings than the sweep gives them now (a preset edited since, or folders "
                   "copied in), and counted above under the sweep's: "
