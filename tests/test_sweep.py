@@ -709,3 +709,21 @@ def test_cells_whose_support_never_moved_are_named(tmp_path: Path, capsys):
     assert "so the support never moved (static sparse VI, not SSVI), in: ssvi, sparsity 0.95." in \
         (out / "report.md").read_text()
     assert "so the support will not move" in (out / "logs" / "ssvi_s0.95_seed0.log").read_text()
+
+
+def test_a_failed_cell_is_reported_as_failed_with_its_reason(tmp_path: Path, capsys):
+    out = tmp_path / "sw"
+    assert run(["sweep", "--method", "vi", "--set", "data.name=digits,mnist", "--set", f"data.data_dir={tmp_path}",
+                "--set", "train.epochs=1", *TINY, "--out", str(out), "--no-figures"]) == 1
+    err = capsys.readouterr().err
+    bad = "vi_name-mnist_seed0"  # not on disk, and no --download
+    assert f"failed {bad}: mnist not found" in err and "not evaluated yet" not in err
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["failed"]) == [bad] and report["missing"] == [] and report["cells_done"] == 1
+    assert f"Failed (their logs say more; a rerun of the same settings and seed repeats a diverged run): {bad} (mnist not found" \
+        in (out / "report.md").read_text()
+    # run again (a fix elsewhere, say): the note goes with the new attempt
+    assert run(["sweep", "--run-cell", str(out / "cells" / bad)]) != 0
+    (out / "cells" / f".{bad}.failed").unlink()
+    assert run(["sweep", "--report", str(out), "--json", "--no-figures"]) == 0
+    assert json.loads(capsys.readouterr().out)["missing"] == [bad]

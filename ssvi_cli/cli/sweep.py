@@ -24,7 +24,7 @@ def run_cell(path: Path, run: Callable[[list[str]], int]) -> int:
     (``run`` invokes one); what ``--dry-run`` hands a scheduler."""
     from ssvi_cli.cli.train import KeyboardInterruptHandled
     from ssvi_cli.sweep.grid import CELLS_DIR, is_sweep_dir, read_spec
-    from ssvi_cli.sweep.runner import BUSY_EXIT, CellBusy, cell_lock
+    from ssvi_cli.sweep.runner import BUSY_EXIT, CellBusy, cell_lock, clear_failure, record_failure
 
     path = Path(path)
     sweep_dir = next((p for p in (path, path.parent) if is_sweep_dir(p)), None)
@@ -40,8 +40,18 @@ def run_cell(path: Path, run: Callable[[list[str]], int]) -> int:
         raise UsageError(f"{path} is not a cell of the sweep in {path.parent.parent}")
     try:
         with cell_lock(path):
-            _check_changed(path.parent.parent, spec, [cell])
-            return _train_and_evaluate(path, cell, spec, run)
+            clear_failure(path)
+            try:
+                _check_changed(path.parent.parent, spec, [cell])
+                code = _train_and_evaluate(path, cell, spec, run)
+            except (KeyboardInterruptHandled, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # noqa: BLE001 - recorded for the report, then reported as any error
+                record_failure(path, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                raise
+            if code:
+                record_failure(path, f"exit code {code}")
+            return code
     except KeyboardInterruptHandled as stop:  # a sweep's cell resumes with the sweep, which also evaluates it
         raise KeyboardInterruptHandled(stop.message, stop.exit_code, resume=shlex.join(
             ["ssvi", "sweep", "--resume", str(path.parent.parent)])) from None
@@ -254,6 +264,8 @@ def _finish(result: dict[str, Any], json_out: bool) -> None:
                       ", ".join(f"{k}={v}" for k, v in g["settings"].items()), str(len(g["seeds"])),
                       *(mean_std(g.get(k)) for k in ("accuracy", "nll", "ece")))
     out.print(table)
+    for name, why in (result.get("failed") or {}).items():
+        err.print(f"failed {name}: {why}", highlight=False)
     if result.get("missing"):
         shown = result["missing"][:8]
         err.print(f"not evaluated yet: {', '.join(shown)}" + (f" and {len(result['missing']) - len(shown)} more"

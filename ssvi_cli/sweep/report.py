@@ -21,7 +21,7 @@ from ssvi_cli.sweep.drift import changed_cells
 from ssvi_cli.sweep.grid import (EVAL_FILE, OWN_KEYS, Cell, SweepError, SweepSpec, group_key, group_label,
                                  read_spec, setting_text, yaml_text)
 from ssvi_cli.sweep.paired import paired_differences, paired_markdown
-from ssvi_cli.sweep.runner import cell_dir, cell_state
+from ssvi_cli.sweep.runner import cell_dir, cell_state, failure
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -132,10 +132,12 @@ def build_report(sweep_dir: Path, baseline: Optional[list[str]] = None) -> dict[
     spec, cells = read_spec(sweep_dir)
     done = [c for c in cells if cell_state(cell_dir(sweep_dir, c)) == "done"]  # each cell's files looked at once
     rows = [cell_row(cell_dir(sweep_dir, c), c) for c in done]
+    failed = {c.name: why for c in cells if c not in done and (why := failure(cell_dir(sweep_dir, c)))}
     groups = aggregate(rows)
     report = {"format": "ssvi-sweep-report", "version": 1, "sweep": str(sweep_dir), "spec": spec.to_dict(),
               "cells_total": len(cells), "cells_done": len(rows),
-              "missing": [c.name for c in cells if c not in done],
+              "missing": [c.name for c in cells if c not in done and c.name not in failed],
+              "failed": failed,
               "method_values": method_values(sweep_dir, spec, done), "groups": groups, "cells": rows}
     unmoved = {group_label(r): None for r in rows if METHODS.get(r["method"]).moves_support and r["subspace_steps"] == 0}
     if unmoved:  # a schedule too short for its delta_t: SSVI that ran as static sparse VI
@@ -182,6 +184,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if report["missing"]:
         lines += ["", f"Not evaluated yet: {', '.join(report['missing'])}."]
+    if report.get("failed"):
+        lines += ["", "Failed (their logs say more; a rerun of the same settings and seed repeats a diverged run): "
+                  + "; ".join(f"{name} ({why})" for name, why in report["failed"].items()) + "."]
     if report.get("support_unmoved"):
         lines += ["", f"No subspace step before t_end, so the support never moved (static sparse VI, not SSVI), in: "
                   f"{'; '.join(report['support_unmoved'])}. {UNMOVED_HINT}"]

@@ -99,6 +99,29 @@ def cell_lock(path: Path) -> Iterator[None]:
         yield
 
 
+def _failure_file(path: Path) -> Path:
+    return Path(path).parent / f".{Path(path).name}.failed"  # beside the lock, outside the run directory
+
+
+def record_failure(path: Path, message: str) -> None:
+    """Note that the cell's last run failed, and why, for the report (cleared when it runs again)."""
+    from ssvi_cli.fileio import write_json
+
+    write_json(_failure_file(path), {"error": message[:500]})
+
+
+def clear_failure(path: Path) -> None:
+    _failure_file(path).unlink(missing_ok=True)
+
+
+def failure(path: Path) -> Optional[str]:
+    """Why the cell's last run failed (its error, ``stopped by SIGKILL``), or None."""
+    try:
+        return str(json.loads(_failure_file(path).read_text(encoding="utf-8"))["error"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
+
+
 def cell_command(cell_path: Path) -> list[str]:
     """The command line that runs one cell (what ``--dry-run`` lists, with ``ssvi`` in front)."""
     return ["sweep", "--run-cell", str(cell_path)]
@@ -180,6 +203,8 @@ def run_cells(sweep_dir: Path, cells: list[Cell], jobs: int, threads: Optional[i
                     note("busy", name, "running in another process")
                 else:
                     outcome.failed[name] = code
+                    if failure(Path(sweep_dir) / CELLS_DIR / name) is None:  # killed before it could say why
+                        record_failure(Path(sweep_dir) / CELLS_DIR / name, exit_text(code))
                     note("fail", name, f"{exit_text(code)}, see {logs / (name + '.log')}")
         if stops:
             outcome.interrupted, outcome.signum = True, stops[0]
