@@ -93,6 +93,27 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_restores_the_handler
 
 
 
+def test_a_closed_terminal_stops_at_a_checkpoint_unless_nohup_ignores_it(tmp_path: Path):
+    """SIGHUP (the terminal closed) checkpoints and stops as SIGTERM does; under ``nohup``, which
+    ignores SIGHUP, the run goes on."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        trainer = Trainer.create(cfg(), tmp_path / "r")
+        trainer.step_hooks.append(signal_at(13, signal.SIGHUP))
+        with pytest.raises(Interrupted) as stop:
+            trainer.fit()
+        assert stop.value.step == 13 and stop.value.signum == signal.SIGHUP
+        assert Trainer.resume(tmp_path / "r").state.step == 13
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        trainer = Trainer.create(cfg(), tmp_path / "nohup")
+        trainer.step_hooks.append(signal_at(13, signal.SIGHUP))
+        trainer.fit()
+        assert trainer.state.step == trainer.total_steps and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 def test_ctrl_c_twice_as_under_the_launcher_still_checkpoints_the_step(tmp_path: Path):
     # Under --nproc each rank gets SIGINT from the terminal and again from torch.distributed.run.
     before = signal.getsignal(signal.SIGINT)  # Python's own, or SIG_IGN in a shell's background job

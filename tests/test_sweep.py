@@ -433,6 +433,29 @@ def test_ctrl_c_leaves_every_cell_resumable(tmp_path: Path):
         _reap(proc, out)
 
 
+@pytest.mark.slow
+def test_a_closed_terminal_stops_every_cell_at_a_checkpoint(tmp_path: Path):
+    """SIGHUP, as a closed terminal sends, stops the sweep as Ctrl-C does: each cell checkpoints
+    (cells run in sessions of their own and never get the terminal's hangup themselves)."""
+    out = tmp_path / "sw"
+    cells = [out / "cells" / "ssvi_s0.95_seed0"]
+    proc = subprocess.Popen([sys.executable, "-m", "ssvi_cli", "sweep", "--set", "train.epochs=100000", *TINY,
+                             "--threads", "1", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not _epochs(cells[0]):
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGHUP)
+        _, stderr = proc.communicate(timeout=240)
+        assert proc.returncode == 129 and "1 cell stopped" in stderr, stderr
+        assert cell_state(cells[0]) == "partial" and (out / "report.json").is_file()
+        found = subprocess.run(["pgrep", "-f", "--", f"--run-cell {out}"], capture_output=True, text=True)
+        assert found.stdout == ""  # no cell left running
+    finally:
+        _reap(proc, out)
+
+
 def _interrupted_and_resumed(proc: subprocess.Popen, out: Path, sweep: list[str], cells: list[Path]) -> None:
     stderr = _interrupt_when(proc, lambda: all(_epochs(c) for c in cells))
     assert "2 cells stopped; each continues from its last checkpoint (one stopped before" in stderr and f"ssvi sweep --resume {out}" in stderr

@@ -3,7 +3,7 @@ a time, with its output in ``logs/<cell>.log``.
 
 A cell's state is read from its run directory (``done``: evaluated; ``trained``; ``partial``: a
 checkpoint to resume from; ``new``), so a rerun skips finished cells and resumes interrupted ones.
-Cells run in sessions of their own: on Ctrl-C (or SIGTERM) the sweep sends each running cell one
+Cells run in sessions of their own: on Ctrl-C (or SIGTERM, or SIGHUP) the sweep sends each running cell one
 SIGINT, and each one finishes its step, checkpoints and exits, resumable. A cell holds a lock
 (``cells/.<cell>.lock``) while it runs, so a second process asked to run it (a ``--resume`` while a
 killed sweep's cells still run, a scheduler's retry) stops with one line instead of writing into the
@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from ssvi_cli.runs.rundir import RunDir
+from ssvi_cli.training.stops import requests_to_stop
 from ssvi_cli.sweep.grid import CELLS_DIR, EVAL_FILE, Cell
 
 LOGS_DIR = "logs"
 BUSY_EXIT = 75  # a cell's exit code when another process runs it (EX_TEMPFAIL: try again later)
 STOP_GRACE_S = 300.0  # how long a stopped cell may take to checkpoint before it is killed
-INTERRUPTED = (130, 143)
 
 
 def cell_dir(sweep_dir: Path, cell: Cell) -> Path:
@@ -162,7 +162,7 @@ def run_cells(sweep_dir: Path, cells: list[Cell], jobs: int, threads: Optional[i
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     running: dict[str, subprocess.Popen] = {}
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.getsignal(sig) for sig in requests_to_stop()}
     stops: list[int] = []
 
     def stop(signum: int, frame: object) -> None:

@@ -1,6 +1,6 @@
-"""Stopping a run on request: Ctrl-C (SIGINT) or SIGTERM, as a batch scheduler sends before it kills
-a job, finish the current step, write a checkpoint and raise :class:`Interrupted`; and stopping one
-that cannot go on (:class:`TrainingError`)."""
+"""Stopping a run on request: Ctrl-C (SIGINT), SIGTERM (as a batch scheduler sends before it kills
+a job) or SIGHUP (a closed terminal): finish the current step, write a checkpoint and raise
+:class:`Interrupted`; and stopping one that cannot go on (:class:`TrainingError`)."""
 
 from __future__ import annotations
 
@@ -31,18 +31,28 @@ class Interrupted(RuntimeError):
         self.run_dir, self.step, self.signum, self.during = Path(run_dir), step, signal.Signals(signum), during
 
 
+def requests_to_stop() -> list[signal.Signals]:
+    """The signals that ask a run to stop at a checkpoint: Ctrl-C (SIGINT), SIGTERM (a scheduler) and,
+    where the system has it, SIGHUP (the terminal closed), unless it is ignored (``nohup``)."""
+    found = [signal.SIGINT, signal.SIGTERM]
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
+        found.append(hangup)
+    return found
+
+
 @contextmanager
 def stop_signals(on_signal: Callable[[signal.Signals], None]) -> Iterator[None]:
-    """Route SIGINT and SIGTERM to ``on_signal`` inside the block; the previous handlers come back
-    after it. A repeated signal is routed too rather than cutting the step short: under ``--nproc``
-    each rank gets Ctrl-C twice (from the terminal, then forwarded by the launcher), and both must
-    lead to the checkpoint. Outside the main thread the signals are left alone."""
+    """Route the :func:`requests_to_stop` signals to ``on_signal`` inside the block; the previous
+    handlers come back after it. A repeated signal is routed too rather than cutting the step short:
+    under ``--nproc`` each rank gets Ctrl-C twice (from the terminal, then forwarded by the launcher),
+    and both must lead to the checkpoint. Outside the main thread the signals are left alone."""
     def handler(signum: int, frame: Any) -> None:  # noqa: ARG001
         on_signal(signal.Signals(signum))
 
     previous: dict[int, Any] = {}
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in requests_to_stop():
             previous[sig] = signal.signal(sig, handler)
     except ValueError:  # not the main thread
         pass
