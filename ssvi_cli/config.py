@@ -333,6 +333,32 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+_strict_loader: Any = None
+
+
+def read_yaml(text: str) -> Any:
+    """A YAML file's text as ``yaml.safe_load`` reads it, except that a key given twice in one mapping
+    is an error (``yaml.YAMLError``, with the line): PyYAML alone keeps the last one silently, so a
+    preset or sweep file that sets a key twice would run with one of the two unsaid."""
+    global _strict_loader
+    import yaml
+
+    if _strict_loader is None:
+        class Loader(yaml.SafeLoader):
+            def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+                seen: set[str] = set()
+                for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+                    if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                        if key_node.value in seen:
+                            raise yaml.constructor.ConstructorError(
+                                None, None, f"the key {key_node.value!r} is given twice", key_node.start_mark)
+                        seen.add(key_node.value)
+                return super().construct_mapping(node, deep=deep)
+
+        _strict_loader = Loader
+    return yaml.load(text, Loader=_strict_loader)  # noqa: S506 (a SafeLoader)
+
+
 _INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 _typed_loader: Any = None
 
@@ -477,7 +503,7 @@ def _read_preset(name_or_path: str) -> tuple[Path, dict[str, Any]]:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = read_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -64,6 +64,12 @@ def test_override_values_are_read_as_typed():
     assert override("model.widths=64 32").model.widths == (64, 32) == override("model.widths=[64, 32]").model.widths
 
 
+def test_a_preset_that_sets_a_key_twice_is_refused_with_its_line(tmp_path):
+    (tmp_path / "twice.yaml").write_text("optim:\n  lr: 0.01\n  lr_sigma: 0.003\n  lr: 0.1\n")
+    with pytest.raises(C.ConfigError, match=r"not valid YAML at line 4, column 3: the key 'lr' is given twice"):
+        C.load_preset(str(tmp_path / "twice.yaml"))
+
+
 def test_unknown_preset_lists_valid_names():
     with pytest.raises(C.ConfigError) as exc:
         C.load_preset("nope")

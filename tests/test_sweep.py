@@ -285,10 +285,13 @@ def test_a_cell_stopped_by_a_signal_says_so():
     ([], "samples: 0\n", "samples=0: evaluation needs a positive number"),
     ([], "set: {optim.foo: [1, 2]}\n", "unknown config key 'optim.foo' in --file"),
     ([], "axes: {sparse.alpha: [0.1]}\n", "unknown sweep key 'axes'; valid keys are: preset, method, methods"),
+    ([], "ood: 5\n", "ood 5: give a set's name or path, or a list of them"),
+    ([], "set:\n  optim.lr: 0.1\n  optim.lr: 0.2\n", "not a readable YAML sweep at line 3 (the key 'optim.lr' is given twice)"),
+    ([], b"seeds: 2 # \xe9t\xe9\n", "not UTF-8 text; save it as UTF-8"),
 ])
 def test_what_a_cell_would_refuse_is_refused_before_any_cell_runs(tmp_path: Path, capsys, args, file, message):
     if file is not None:
-        (tmp_path / "sweep.yaml").write_text(file)
+        (tmp_path / "sweep.yaml").write_bytes(file if isinstance(file, bytes) else file.encode())
         args = [*args, "--file", str(tmp_path / "sweep.yaml")]
     assert run(["sweep", *args, "--out", str(tmp_path / "sw"), "--dry-run"]) == 2
     err = capsys.readouterr().err
@@ -750,3 +753,10 @@ def test_a_failed_cell_is_reported_as_failed_with_its_reason(tmp_path: Path, cap
     (out / "cells" / f".{bad}.failed").unlink()
     assert run(["sweep", "--report", str(out), "--json", "--no-figures"]) == 0
     assert json.loads(capsys.readouterr().out)["missing"] == [bad]
+
+
+def test_a_sweep_file_takes_one_ood_set_as_it_takes_one_method(tmp_path: Path, capsys):
+    (tmp_path / "sweep.yaml").write_text("method: ssvi\nood: noise\n")
+    assert run(["sweep", "--file", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "sw"), "--dry-run"]) == 0
+    spec, _ = read_spec(tmp_path / "sw")
+    assert spec.ood == ("noise",) and spec.methods == ("ssvi",)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from ssvi_cli import config as cfgmod
 from ssvi_cli.sweep.grid import SweepError, SweepSpec, check_key, list_valued, numbers, parse_axis
 
 
@@ -31,9 +32,13 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
         import yaml
 
         try:
-            loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+            loaded = cfgmod.read_yaml(file.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise SweepError(f"--file {file}: not UTF-8 text; save it as UTF-8") from None
         except (OSError, yaml.YAMLError) as exc:
-            raise SweepError(f"--file {file}: not a readable YAML sweep ({str(exc).splitlines()[0]})") from None
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark is not None else ""
+            raise SweepError(f"--file {file}: not a readable YAML sweep{at} ({str(exc).splitlines()[0]})") from None
         if not isinstance(loaded, dict):
             raise SweepError(f"--file {file}: a sweep file is a mapping (preset, methods, sparsities, seeds, set, ood, samples)")
         data = dict(loaded)
@@ -107,6 +112,12 @@ def _check_file_values(data: dict[str, Any], file: Path) -> None:
     for key in ("methods", "sparsities"):
         if key in data and (data[key] is None or data[key] == []):
             raise SweepError(f"--file {file}: {key} is empty; give at least one value or leave the key out")
+    ood = data.get("ood")
+    if isinstance(ood, str):  # one set, as `method: ssvi` is one method
+        data["ood"] = [ood]
+    elif ood is not None and not (isinstance(ood, list) and all(isinstance(v, str) for v in ood)):
+        raise SweepError(f"--file {file}: ood {ood!r}: give a set's name or path, or a list of them, "
+                         "e.g. ood: [noise, heldout]")
     if "preset" in data and not isinstance(data["preset"], str):
         raise SweepError(f"--file {file}: preset {data['preset']!r}: give a preset name or the path of a preset YAML")
 
