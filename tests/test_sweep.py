@@ -760,3 +760,16 @@ def test_a_sweep_file_takes_one_ood_set_as_it_takes_one_method(tmp_path: Path, c
     assert run(["sweep", "--file", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "sw"), "--dry-run"]) == 0
     spec, _ = read_spec(tmp_path / "sw")
     assert spec.ood == ("noise",) and spec.methods == ("ssvi",)
+
+
+def test_one_number_written_two_ways_is_one_value(tmp_path: Path, capsys):
+    """1 and 1.0 of a float key name one cell, one group and one --baseline; a grid that writes a
+    value the other way still grows the sweep."""
+    assert [c.name for c in expand(SweepSpec(axes=dict([parse_axis("sparse.alpha=1,1.0")])))] == ["ssvi_s0.95_alpha-1.0_seed0"]
+    out = tmp_path / "sw"
+    assert run(["sweep", "--set", "bayes.beta=0.1,1", "--out", str(out), "--dry-run"]) == 0
+    assert run(["sweep", "--set", "bayes.beta=0.1,1.0,0.01", "--out", str(out), "--dry-run"]) == 0
+    assert "the grid adds to the sweep" in capsys.readouterr().err
+    spec, cells = read_spec(out)
+    assert len(cells) == 3 and check_selection(spec, cells, ["bayes.beta=1"])["settings"] == {"bayes.beta": 1.0}
+    assert check_selection(spec, cells, ["bayes.beta=1.0"])["settings"] == {"bayes.beta": 1.0}

@@ -234,7 +234,7 @@ def parse_axis(text: str) -> tuple[str, list[Any]]:
         raise SweepError(f"--set expects key.sub=a,b,..., got {text!r}")
     key, raw = (part.strip() for part in text.split("=", 1))
     check_key(key, f"--set {text!r}")
-    values = parse_values(raw)
+    values = [typed_number(key, v) for v in parse_values(raw)]
     if list_valued(key) and not any(isinstance(v, list) for v in values):
         return key, [values]
     return key, values
@@ -259,6 +259,20 @@ def list_valued(key: str) -> bool:
     section, _, name = key.partition(".")
     tp = get_type_hints(get_type_hints(cfgmod.Config)[section])[name]
     return tuple in (get_origin(tp), *(get_origin(a) for a in get_args(tp)))
+
+
+def typed_number(key: str, value: Any) -> Any:
+    """A whole number given to a key that holds floats, as the float (``1`` -> ``1.0``), so ``1`` and
+    ``1.0`` name one cell, one group and one ``--baseline``; anything else as it is."""
+    from typing import get_args, get_type_hints
+
+    section, _, name = key.partition(".")
+    tp = get_type_hints(get_type_hints(cfgmod.Config)[section])[name]
+    kinds = {tp, *get_args(tp)} | {inner for a in get_args(tp) for inner in get_args(a)}
+    if isinstance(value, list):
+        return [typed_number(key, v) for v in value]
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    return float(value) if whole and float in kinds and int not in kinds else value
 
 
 def write_spec(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> None:

@@ -13,9 +13,16 @@ import math
 import statistics
 from typing import Any, Optional
 
-from ssvi_cli.sweep.grid import SweepError, SweepSpec, group_key, group_label, parse_values, setting_text, yaml_text
+from ssvi_cli.sweep.grid import (SweepError, SweepSpec, group_key, group_label, parse_values, setting_text,
+                                 typed_number, yaml_text)
 
 PAIRED_METRICS = (("accuracy", "accuracy"), ("nll", "NLL"), ("ece", "ECE"), ("brier", "Brier"))
+
+
+def _typed(key: str, value: Any) -> Any:
+    """``value`` as a number of the key's kind (1 and 1.0 name one group of a float key)."""
+    return float(value) if key == "sparsity" and isinstance(value, int) else \
+        value if key in ("method", "sparsity") else typed_number(key, value)
 
 
 def _value(group: dict[str, Any], key: str) -> str:
@@ -23,7 +30,7 @@ def _value(group: dict[str, Any], key: str) -> str:
         return str(group["method"])
     if key == "sparsity":
         return yaml_text(group["sparsity"])
-    return yaml_text(group["settings"].get(key))
+    return yaml_text(_typed(key, group["settings"].get(key)))
 
 
 def select_baseline(spec: SweepSpec, groups: list[dict[str, Any]], selection: list[str]) -> dict[str, Any]:
@@ -41,9 +48,9 @@ def select_baseline(spec: SweepSpec, groups: list[dict[str, Any]], selection: li
             raise SweepError(f"--baseline names {key!r} twice")
         values = parse_values(raw) if raw else [None]
         value = values[0] if len(values) == 1 else values
-        wanted[key] = "null" if key == "sparsity" and value == "dense" else yaml_text(value)
+        wanted[key] = "null" if key == "sparsity" and value == "dense" else yaml_text(_typed(key, value))
     # A group without a swept key (its method ignores the key and ran once) matches every swept value.
-    swept = {k: {yaml_text(x) for x in spec.axes[k]} for k in wanted if k in spec.axes}
+    swept = {k: {yaml_text(_typed(k, x)) for x in spec.axes[k]} for k in wanted if k in spec.axes}
     matches = [g for g in groups if all(_value(g, k) == v or (k in swept and k not in g["settings"] and v in swept[k])
                                         for k, v in wanted.items())]
     if len(matches) != 1:

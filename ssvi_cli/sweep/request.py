@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ssvi_cli import config as cfgmod
-from ssvi_cli.sweep.grid import SweepError, SweepSpec, check_key, list_valued, numbers, parse_axis
+from ssvi_cli.sweep.grid import SweepError, SweepSpec, check_key, list_valued, numbers, parse_axis, typed_number
 
 
 def _csv(text: Optional[str], kind: type, flag: str) -> Optional[tuple[Any, ...]]:
@@ -57,9 +57,9 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
         grid = data.pop("set", {}) or {}
         if not isinstance(grid, dict):
             raise SweepError(f"--file {file}: 'set' maps config keys to a value or a list of values")
-        grid = {k: numbers(v) for k, v in grid.items()}
         for key in grid:
             check_key(str(key), f"--file {file}")
+        grid = {k: typed_number(k, numbers(v)) for k, v in grid.items()}
         # A list is an axis, except a list of scalars for a list-valued key (model.widths: [32, 32]),
         # which is one value as in 'ssvi train'; several lists of such a key are an axis.
         axis = {k: v for k, v in grid.items() if isinstance(v, list)
