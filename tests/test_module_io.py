@@ -388,3 +388,61 @@ def test_a_compiled_or_data_parallel_model_saves_and_loads_as_the_plain_one(tmp_
     with pytest.raises(ValueError, match="load into the model before wrapping it in DistributedDataParallel"):
         ssvi.load(path, model=torch.compile(ddp, backend="eager"))
     assert not sparse_layers(ddp.module)
+
+
+def _card(path):
+    from ssvi_cli.modelfile.card import ModelCard
+
+    return ModelCard.from_metadata(read_header(path)["meta"])
+
+
+def test_a_loaded_model_saved_again_keeps_its_architecture_and_data_description(tmp_path, capsys):
+    """load -> fine-tune -> save: the file still rebuilds without code and normalises its inputs as
+    before, so `ssvi infer` runs it and predicts as the model does."""
+    import json
+
+    import numpy as np
+
+    assert run(["train", "--set", "train.epochs=1", "--set", "model.widths=[32]", "--out", str(tmp_path / "run")]) == 0
+    first = tmp_path / "run" / "model.safetensors"
+    model = ssvi.load(first)
+    again = tmp_path / "again.safetensors"
+    ssvi.save(model, again)
+    old, new = _card(first), _card(again)
+    assert new.architecture == old.architecture and new.data == old.data and new.data.pixel_max == 16
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 17, (3, 8, 8)).astype(np.float32))
+    capsys.readouterr()
+    rows = []
+    for path in (first, again):
+        assert run(["infer", str(path), str(tmp_path / "x.npy"), "--mode", "mean", "--output",
+                    str(tmp_path / f"{path.stem}.jsonl")]) == 0
+        rows.append([{k: v for k, v in json.loads(line).items() if k != "file"}
+                     for line in (tmp_path / f"{path.stem}.jsonl").read_text().splitlines()])
+    assert len(rows[0]) == 3 and rows[0] == rows[1]
+
+    # a torchvision network: its normalisation travels with it, and explicit values still win
+    net = torchvision.models.resnet18(num_classes=3)
+    ssvi.sparsify(net, 0.95)
+    tv = tmp_path / "r.safetensors"
+    ssvi.save(net.eval(), tv, architecture="torchvision:resnet18", input_shape=(3, 32, 32),
+              class_names=["cat", "dog", "owl"], mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.3), dataset="pets")
+    ssvi.save(ssvi.load(tv), tmp_path / "tv2.safetensors")
+    assert _card(tmp_path / "tv2.safetensors").data == _card(tv).data
+    ssvi.save(ssvi.load(tv), tmp_path / "tv3.safetensors", class_names=["a", "b", "c"])
+    assert _card(tmp_path / "tv3.safetensors").data.class_names == ("a", "b", "c")
+    assert _card(tmp_path / "tv3.safetensors").data.mean == (0.5, 0.4, 0.3)
+
+
+def test_a_loaded_model_changed_since_is_saved_as_any_other_with_a_warning(tmp_path, caplog):
+    net = torchvision.models.resnet18(num_classes=3)
+    ssvi.sparsify(net, 0.95)
+    tv = tmp_path / "r.safetensors"
+    ssvi.save(net.eval(), tv, architecture="torchvision:resnet18", input_shape=(3, 32, 32), class_names=["a", "b", "c"])
+    model = ssvi.load(tv)
+    model.fc = nn.Linear(512, 5)  # a new head for another task
+    ssvi.sparsify(model, 0.5, dense_first_conv=False)
+    with caplog.at_level("WARNING"):
+        ssvi.save(model, tmp_path / "new.safetensors")
+    assert "no longer has the architecture of the file it was loaded from" in caplog.text
+    card = _card(tmp_path / "new.safetensors")
+    assert card.architecture.name.startswith("custom:") and card.data.num_classes == 5

@@ -10,8 +10,9 @@ and tensor is checked against the model; the first difference is named.
 
 from __future__ import annotations
 
-from pathlib import Path
 import logging
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -23,7 +24,7 @@ from ssvi_cli.core.modes import evaluating, sampling
 from ssvi_cli.data.sources import get_spec
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.fileio import brief
-from ssvi_cli.modelfile.card import NO_DATASET, Architecture, ModelCard
+from ssvi_cli.modelfile.card import NO_DATASET, Architecture, CardError, ModelCard, build_model
 from ssvi_cli.modelfile.header import ModelFileError, read_header
 from ssvi_cli.modelfile.reader import CUSTOM, install, read_model_file, read_tensors
 from ssvi_cli.modelfile.writer import dense_state, write_model_file
@@ -60,6 +61,14 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
         raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
     if Path(path).suffix.lower() != ".safetensors":
         raise ValueError(f"{path}: name the model file *.safetensors (ssvi reads a .pt as a training checkpoint)")
+    kept = _loaded_card(model, architecture)
+    if kept is not None:  # a model from ssvi_cli.load: what its file said, unless said otherwise here
+        if kept.architecture.name.startswith(TORCHVISION):
+            architecture = kept.architecture.name
+        input_shape = kept.data.input_shape if input_shape is None else input_shape
+        class_names = class_names or kept.data.class_names
+        mean, std = (kept.data.mean if mean is None else mean), (kept.data.std if std is None else std)
+        dataset = kept.data.name if dataset == NO_DATASET else dataset
     bayesian = {layer.bayesian for _, layer in layers}
     sigma_param = layers[0][1].sigma_param
     shape = tuple(int(s) for s in input_shape) if input_shape is not None else ()
@@ -71,7 +80,10 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
         raise ValueError(f"class_names names {twice!r} twice; give each output its own name")
     mean, std = (None if v is None else (v,) if isinstance(v, (int, float)) else v for v in (mean, std))
     num_classes = len(class_names) if class_names else (measured or layers[-1][1].weight_shape[0])
-    if architecture is None:
+    widths: tuple[int, ...] = ()
+    if architecture is None and kept is not None:  # ssvi's own architecture, checked above
+        name, widths = kept.architecture.name, kept.architecture.widths
+    elif architecture is None:
         name = f"{CUSTOM}{type(model).__module__}.{type(model).__qualname__}"
     elif architecture.startswith(TORCHVISION):
         if len(shape) != 3:
@@ -97,12 +109,14 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
                     tuple(class_names) if class_names else tuple(str(i) for i in range(num_classes)),
                     tuple(float(v) for v in mean) if mean is not None else known.mean if known else (0.0,) * channels,
                     tuple(float(v) for v in std) if std is not None else known.std if known else (1.0,) * channels,
-                    pixel_max=known.pixel_max if known else 255.0)
+                    pixel_max=known.pixel_max if known else kept.data.pixel_max if kept else 255.0)
+    if kept is not None and spec.class_names == kept.data.class_names:
+        spec = replace(spec, dataset_classes=kept.data.dataset_classes, files_digest=kept.data.files_digest)
     try:
         spec.check()  # a file others cannot use is refused here, not when it is read
     except DataError as exc:
         raise ValueError(str(exc)) from None
-    card = ModelCard(Architecture(name, (), any(l.bayesian for _, l in layers), sigma_param), spec)
+    card = ModelCard(Architecture(name, widths, any(l.bayesian for _, l in layers), sigma_param), spec)
     return write_model_file(model, Path(path), card, dtype=dtype)  # type: ignore[arg-type]
 
 
@@ -120,7 +134,9 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
     """
     path = Path(path)
     if model is None:
-        return read_model_file(path, device=device or "cpu", kernel=kernel).model
+        loaded = read_model_file(path, device=device or "cpu", kernel=kernel)
+        loaded.model.ssvi_card = loaded.card  # what ssvi_cli.save writes again (_loaded_card)
+        return loaded.model
     chain = _wrappers(model)
     if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in chain):
         raise ValueError("load into the model before wrapping it in DistributedDataParallel: loading may convert "
@@ -137,6 +153,7 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
     target = f"the {type(model).__name__} passed to load"
     if sparse_layers(model):
         install(model, path, meta, read_tensors(path), target=target)  # validates before it changes anything
+        _remember_card(model, meta)
         return wrapper.to(device).eval()
     # Converting swaps layers into their parents' child lists: if the file then does not fit, put the
     # user's layers back rather than leave the model converted with empty supports.
@@ -158,7 +175,39 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
             module._modules.clear()
             module._modules.update(kept)
         raise
+    _remember_card(model, meta)
     return wrapper.to(device).eval()
+
+
+def _remember_card(model: nn.Module, meta: dict[str, Any]) -> None:
+    """Keep the file's description on the model it filled, for :func:`save` (a card that no longer
+    reads is not kept: the model is saved as any other)."""
+    try:
+        model.ssvi_card = ModelCard.from_metadata(meta)
+    except CardError:
+        pass
+
+
+def _loaded_card(model: nn.Module, architecture: Optional[str]) -> Optional[ModelCard]:
+    """The card of the file ``model`` was loaded from (``load`` keeps it as ``model.ssvi_card``),
+    when the model still has that architecture: its data description (input shape, classes,
+    normalisation) is then written again, and ssvi's own or a torchvision architecture with it, so
+    a loaded, fine-tuned and saved model still runs in ``ssvi infer``. A model changed since (a new
+    head, say) is saved as any other, with a warning."""
+    card = getattr(model, "ssvi_card", None)
+    if not isinstance(card, ModelCard) or (architecture is not None and architecture != card.architecture.name):
+        return None
+    name = card.architecture.name
+    if name.startswith(CUSTOM):
+        return card if name == f"{CUSTOM}{type(model).__module__}.{type(model).__qualname__}" else None
+    try:
+        with torch.device("meta"):
+            _check_same_structure(build_model(card), model, name)
+    except ValueError as exc:
+        log.warning("the model no longer has the architecture of the file it was loaded from (%s); it is saved "
+                    "without that file's architecture and data description", exc)
+        return None
+    return card
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
