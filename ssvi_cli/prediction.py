@@ -85,7 +85,17 @@ def predict_batch(model: SSVIModel, x: Tensor, samples: int = 10, mode: str = "m
     if mode == "mc" and samples < 1:
         raise ValueError(f"samples must be a positive number of draws, got {samples!r}")
     with evaluating(model):
-        return _predict(model, x, samples, mode, first_layer)
+        probs, draws = _predict(model, x, samples, mode, first_layer)
+    bad = ~torch.isfinite(probs).all(dim=-1)
+    if bool(bad.any()):  # NaN probabilities would read as a confident class with zero entropy
+        raise NonFiniteOutput(f"the model's outputs are not finite (NaN or infinite logits) for {int(bad.sum())} of "
+                              f"{len(bad)} inputs, the first at position {int(bad.nonzero()[0, 0])} of the batch: its "
+                              "weights or these inputs overflow float32 (a damaged or diverged model)")
+    return probs, draws
+
+
+class NonFiniteOutput(ValueError):
+    """The model's probabilities are not finite: a prediction that would mean nothing."""
 
 
 def _predict(model: SSVIModel, x: Tensor, samples: int, mode: str, first_layer: str

@@ -268,3 +268,32 @@ def test_conv_first_layer_samples_its_weights_shared_across_pixels():
     with torch.no_grad(), sampling(model, "sample"):
         ref = torch.stack([torch.softmax(model(x), -1) for _ in range(5)])
     torch.testing.assert_close(draws, ref, rtol=1e-5, atol=1e-6)
+
+def test_outputs_that_are_not_finite_are_an_error_not_a_confident_class(tmp_path, capsys):
+    """A weight of 3e38 is finite, so the file reads, but the logits overflow: infer and evaluate
+    say so in one line (exit 2) instead of printing NaN as a class with zero entropy."""
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    import ssvi_cli as ssvi
+    from ssvi_cli.cli import run
+
+    assert run(["train", "--set", "train.epochs=1", "--set", "model.widths=[16]", "--out", str(tmp_path / "r")]) == 0
+    path = tmp_path / "r" / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if k.endswith(".mu"))
+    tensors[key][0] = 3e38
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    np.save(tmp_path / "x.npy", np.full((4, 8, 8), 16.0, dtype=np.float32))
+    capsys.readouterr()
+    for args in (["infer", str(bad), str(tmp_path / "x.npy"), "--mode", "mean"], ["evaluate", str(bad), "--samples", "2"]):
+        assert run(args) == 2
+        err = capsys.readouterr().err
+        (line,) = [x for x in err.splitlines() if x.startswith("error")]
+        assert "error: the model's outputs are not finite (NaN or infinite logits) for" in line, err
+    with pytest.raises(ValueError, match="not finite"):
+        ssvi.predict(ssvi.load(bad), torch.full((2, 1, 8, 8), 3.0), mode="mean")

@@ -56,7 +56,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     for module, name in (("ssvi_cli.data.spec", "DataError"), ("ssvi_cli.core.allocation", "AllocationError"),
                          ("ssvi_cli.runs.checkpoint", "CheckpointError"), ("ssvi_cli.runs.rundir", "RunDirError"),
                          ("ssvi_cli.modelfile.header", "ModelFileError"), ("ssvi_cli.sweep.grid", "SweepError"),
-                         ("ssvi_cli.network", "NetworkSettingError"), ("ssvi_cli.fileio", "UnwritablePath")):
+                         ("ssvi_cli.network", "NetworkSettingError"), ("ssvi_cli.fileio", "UnwritablePath"),
+                         ("ssvi_cli.prediction", "NonFiniteOutput")):
         loaded = sys.modules.get(module)
         if loaded is not None:
             found.append(getattr(loaded, name))
