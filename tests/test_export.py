@@ -286,3 +286,17 @@ def test_export_to_a_path_with_brackets_and_from_a_checkpoint_onto_its_run(train
     lookalike.mkdir()
     (lookalike / "config.yaml").write_bytes((run_dir / "config.yaml").read_bytes())
     assert run(["export", str(run_dir), "-o", str(lookalike / "model.safetensors")]) == 0
+
+
+def test_a_dense_or_deterministic_run_records_no_sparsity_or_criterion_it_did_not_use():
+    """A model card describes what was trained: dense VI at the preset's sparsity 0.95 is dense, and
+    RigL (|w|) ranks by no SNR criterion; the full config keeps what the preset said."""
+    from ssvi_cli.config import Config, apply_overrides
+    from ssvi_cli.modelfile.card import Training
+
+    for method, sparsity, criterion in (("vi", 0.0, None), ("dense", 0.0, None), ("rigl", 0.95, None),
+                                        ("static", 0.95, None), ("ssvi", 0.95, "snr_abs")):
+        cfg = apply_overrides(Config(), {"sparse.method": method, "sparse.sparsity": 0.95, "sparse.criterion": "snr_abs"})
+        record = Training.from_config(cfg)
+        assert (record.sparsity, record.criterion) == (sparsity, criterion), method
+        assert record.config["sparse"]["sparsity"] == 0.95

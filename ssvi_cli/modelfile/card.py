@@ -78,7 +78,11 @@ class Training:
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Training":
-        return cls(method=cfg.sparse.method, sparsity=cfg.sparse.sparsity, criterion=cfg.sparse.criterion,
+        """A dense method's sparsity is 0 and a method that never ranks by a criterion has none,
+        whatever the preset's ``sparse`` section says (the full config keeps it)."""
+        method = cfg.method
+        return cls(method=cfg.sparse.method, sparsity=0.0 if method.dense else cfg.sparse.sparsity,
+                   criterion=None if method.ignores("sparse.criterion") else cfg.sparse.criterion,
                    epochs=cfg.train.epochs, seed=cfg.train.seed, config=cfg.to_dict())
 
     def run_config(self) -> Optional[Config]:
