@@ -773,3 +773,18 @@ def test_one_number_written_two_ways_is_one_value(tmp_path: Path, capsys):
     spec, cells = read_spec(out)
     assert len(cells) == 3 and check_selection(spec, cells, ["bayes.beta=1"])["settings"] == {"bayes.beta": 1.0}
     assert check_selection(spec, cells, ["bayes.beta=1.0"])["settings"] == {"bayes.beta": 1.0}
+
+
+def test_a_sweep_of_dense_methods_alone_draws_them_at_sparsity_zero(tmp_path: Path):
+    import warnings
+
+    pytest.importorskip("matplotlib")
+    from ssvi_cli.sweep.figures import write_figures
+
+    stat = {"mean": 0.9, "std": 0.01, "n": 2}
+    group = {"method": "vi", "sparsity": None, "settings": {}, "seeds": [0, 1], "accuracy": stat, "nll": stat,
+             "ece": stat, "training_flops": {"mean": 1e9, "std": 0.0, "n": 2}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns of a legend with nothing drawn
+        written = write_figures({"groups": [group], "sweep": str(tmp_path)}, tmp_path)
+    assert [p.name for p in written] == ["metrics_vs_sparsity.png", "accuracy_vs_flops.png"]

@@ -63,6 +63,8 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> list[Path]:
                     lo, hi = sparsities[0], sparsities[-1]
                     ax.hlines(mean, lo, hi, colors=color, linestyles="--", label=label)
                     ax.fill_between([lo, hi], mean - std, mean + std, color=color, alpha=0.15)
+                else:  # dense methods alone: each at sparsity 0, where it is
+                    ax.errorbar([0.0], [mean], yerr=[std], marker="s", capsize=3, color=color, label=label)
                 continue
             stats.sort(key=lambda t: t[0])
             ax.errorbar([s for s, _ in stats], [v["mean"] for _, v in stats], yerr=[v["std"] or 0.0 for _, v in stats],
