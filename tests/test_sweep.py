@@ -788,3 +788,17 @@ def test_a_sweep_of_dense_methods_alone_draws_them_at_sparsity_zero(tmp_path: Pa
         warnings.simplefilter("error")  # matplotlib warns of a legend with nothing drawn
         written = write_figures({"groups": [group], "sweep": str(tmp_path)}, tmp_path)
     assert [p.name for p in written] == ["metrics_vs_sparsity.png", "accuracy_vs_flops.png"]
+
+
+def test_a_sweep_folder_that_cannot_be_written_is_one_line_and_its_report_still_prints(tmp_path: Path, capsys):
+    out = tmp_path / "sw"
+    assert run(["sweep", "--set", "train.epochs=1", *TINY, "--out", str(out), "--dry-run"]) == 0
+    cell = Path(capsys.readouterr().out.split()[-1])
+    (cell.parent / f".{cell.name}.lock").mkdir(parents=True)  # where the lock file goes: unwritable as a file
+    assert run(["sweep", "--run-cell", str(cell)]) == 2
+    err = capsys.readouterr().err
+    assert "error: cannot write the cell's lock" in err and "must be writable" in err and "Traceback" not in err
+    (out / "report.json").mkdir()  # the report cannot be written either
+    assert run(["sweep", "--report", str(out), "--json", "--no-figures"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["cells_total"] == 1 and "note: the report was not written (cannot write" in captured.err

@@ -147,7 +147,14 @@ def register(app: typer.Typer) -> None:
                 raise typer.Exit(code)
             return
         if report is not None:
-            _finish(reportmod.write_report(report, figures, baseline), json_out)
+            from ssvi_cli.fileio import UnwritablePath
+
+            try:
+                result = reportmod.write_report(report, figures, baseline)
+            except UnwritablePath as exc:  # a sweep on a read-only share: its report is still worth reading
+                result = {**reportmod.build_report(report, baseline), "files": []}
+                err.print(f"note: the report was not written ({exc}); it is printed only", highlight=False)
+            _finish(result, json_out)
             return
         if resume is not None:
             spec, cells = grid.read_spec(resume)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from ssvi_cli.fileio import UnwritablePath
 from ssvi_cli.runs.rundir import RunDir
 from ssvi_cli.training.stops import requests_to_stop
 from ssvi_cli.sweep.grid import CELLS_DIR, EVAL_FILE, Cell
@@ -83,8 +84,13 @@ def cell_lock(path: Path) -> Iterator[None]:
         yield
         return
     lock_path = Path(path).parent / f".{Path(path).name}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+", encoding="utf-8") as fh:
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(lock_path, "a+", encoding="utf-8")
+    except OSError as exc:  # a read-only sweep folder, say
+        raise UnwritablePath(exc.errno, f"cannot write the cell's lock {lock_path}: {exc.strerror or exc}; a "
+                             "sweep's folder must be writable to run its cells") from None
+    with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
