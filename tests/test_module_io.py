@@ -446,3 +446,17 @@ def test_a_loaded_model_changed_since_is_saved_as_any_other_with_a_warning(tmp_p
     assert "no longer has the architecture of the file it was loaded from" in caplog.text
     card = _card(tmp_path / "new.safetensors")
     assert card.architecture.name.startswith("custom:") and card.data.num_classes == 5
+
+
+def test_load_names_a_wrong_kernel_or_an_absent_gpu_as_the_callers_mistake(tmp_path):
+    net = torchvision.models.resnet18(num_classes=3)
+    ssvi.sparsify(net, 0.95)
+    path = tmp_path / "r.safetensors"
+    ssvi.save(net.eval(), path, architecture="torchvision:resnet18", input_shape=(3, 32, 32))
+    with pytest.raises(ValueError, match=r"kernel='x'; valid values are: auto, sparse, dense"):
+        ssvi.load(path, kernel="x")
+    with pytest.raises(ValueError, match="device='tpu0' is not a torch device"):
+        ssvi.load(path, device="tpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is available; use device='cpu'"):
+            ssvi.load(path, device="cuda")

@@ -133,6 +133,7 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
     does not match raises :class:`ModelFileError` naming it.
     """
     path = Path(path)
+    _check_load_args(device, kernel)
     if model is None:
         loaded = read_model_file(path, device=device or "cpu", kernel=kernel)
         loaded.model.ssvi_card = loaded.card  # what ssvi_cli.save writes again (_loaded_card)
@@ -177,6 +178,21 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
         raise
     _remember_card(model, meta)
     return wrapper.to(device).eval()
+
+
+def _check_load_args(device: Optional[str | torch.device], kernel: str) -> None:
+    """The arguments of :func:`load` that are wrong whatever the file (before it is read)."""
+    from ssvi_cli.config import KERNELS
+
+    if kernel not in KERNELS and kernel != "prediction":  # prediction: the commands' own policy
+        raise ValueError(f"kernel={kernel!r}; valid values are: {', '.join(KERNELS)}")
+    if device is not None:
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device={device!r} is not a torch device; give 'cpu' or 'cuda'") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} was asked for but no CUDA device is available; use device='cpu'")
 
 
 def _remember_card(model: nn.Module, meta: dict[str, Any]) -> None:
