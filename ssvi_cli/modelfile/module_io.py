@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ssvi_cli.core.convert import TIED, sparsify
-from ssvi_cli.core.layers import SparseGaussian, sparse_layers
+from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.core.modes import evaluating, sampling
 from ssvi_cli.data.sources import get_spec
 from ssvi_cli.data.spec import DataError, DataSpec
@@ -27,7 +27,8 @@ from ssvi_cli.fileio import brief
 from ssvi_cli.modelfile.card import NO_DATASET, Architecture, CardError, ModelCard, build_model
 from ssvi_cli.modelfile.header import ModelFileError, read_header
 from ssvi_cli.modelfile.reader import CUSTOM, install, read_model_file, read_tensors
-from ssvi_cli.modelfile.writer import dense_state, write_model_file
+from ssvi_cli.modelfile.structure import check_same_structure
+from ssvi_cli.modelfile.writer import write_model_file
 from ssvi_cli.models import AUX_FREE, AUX_HEADS, TORCHVISION, LayerFactory, check_model_name, torchvision_model
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
         check_model_name(architecture)
         factory = LayerFactory(bayesian=bayesian.pop(), sigma_param=sigma_param)
         try:
-            _check_same_structure(_skeleton(architecture, shape, num_classes, factory), model, architecture)
+            check_same_structure(_skeleton(architecture, shape, num_classes, factory), model, architecture)
         except ValueError as exc:
             aux = any(name.startswith(AUX_HEADS) for name, _ in model.named_modules())
             if architecture[len(TORCHVISION):] not in AUX_FREE or not aux:
@@ -218,7 +219,7 @@ def _loaded_card(model: nn.Module, architecture: Optional[str]) -> Optional[Mode
         return card if name == f"{CUSTOM}{type(model).__module__}.{type(model).__qualname__}" else None
     try:
         with torch.device("meta"):
-            _check_same_structure(build_model(card), model, name)
+            check_same_structure(build_model(card), model, name)
     except ValueError as exc:
         log.warning("the model no longer has the architecture of the file it was loaded from (%s); it is saved "
                     "without that file's architecture and data description", exc)
@@ -285,39 +286,6 @@ def _output_size(model: nn.Module, shape: tuple[int, ...]) -> Optional[int]:
         return int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.dim() >= 1 else None
     raise ValueError(f"input_shape={shape}: the model cannot take an input of that shape "
                      f"({type(error).__name__}: {brief(error, 200)})")
-
-
-def _structure(model: nn.Module) -> list[tuple[str, Any, Any]]:
-    """Every module (name, class, its own settings: kernel, stride, pooling, ...), the sparse layers
-    (name, weight shape, Bayesian), then every other state tensor (name, shape)."""
-    out: list[tuple[str, Any, Any]] = [(n, type(m).__name__, _settings(m)) for n, m in model.named_modules()]
-    out += [(n, layer.weight_shape, layer.bayesian) for n, layer in sparse_layers(model)]
-    out += [(k, tuple(v.shape), False) for k, v in dense_state(model).items()]
-    return out
-
-
-def _check_same_structure(expected: nn.Module, model: nn.Module, architecture: str) -> None:
-    want, have = _structure(expected), _structure(model)
-    for w, h in zip(want, have):
-        if w != h:
-            raise ValueError(f"the model is not {architecture}: it has {h[0]!r} ({_what(h)}) where the "
-                             f"builder has {w[0]!r} ({_what(w)})")
-    if len(want) != len(have):
-        longer, which = (want, "builder") if len(want) > len(have) else (have, "model")
-        raise ValueError(f"the model is not {architecture}: the {which} also has {longer[min(len(want), len(have))][0]!r}")
-
-
-def _settings(module: nn.Module) -> str:
-    """What a module computes beyond its tensors (a sparse layer's repr also counts its support)."""
-    if isinstance(module, SparseGaussian):
-        return ", ".join(f"{a}={getattr(module, a)}" for a in ("stride", "padding", "dilation", "groups")
-                         if hasattr(module, a))
-    return module.extra_repr()
-
-
-def _what(entry: tuple[str, Any, Any]) -> str:
-    kind = entry[1]
-    return f"shape {list(kind)}" if isinstance(kind, tuple) else f"{kind}({entry[2]})"
 
 
 __all__ = ["CUSTOM", "ModelFileError", "load", "save"]

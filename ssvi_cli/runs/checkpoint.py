@@ -88,13 +88,31 @@ def save_checkpoint(run_dir: Path, step: int, payload: dict[str, Any], keep: int
     return path
 
 
+NOT_TENSORS = ("it holds Python objects besides tensors, and ssvi reads .pt files with weights_only=True, "
+               "never running pickled code")
+
+
+def torch_load_tensors(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers, never pickled code.
+    torch's warning about a pickle protocol (any file pickled without torch.save) is not shown: the
+    refusal that follows says what is wrong. Raises what ``torch.load`` raises."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely (tensors and plain containers only)."""
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        data = torch_load_tensors(path, map_location=map_location)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+    except pickle.UnpicklingError as exc:
+        why = NOT_TENSORS if "Weights only load failed" in str(exc) else brief(exc)
+        raise CorruptCheckpoint(f"checkpoint {path} is unreadable ({why})") from None
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
         raise CorruptCheckpoint(f"checkpoint {path} is unreadable or corrupted ({brief(exc)})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CorruptCheckpoint(f"{path} is not an ssvi checkpoint")

@@ -23,6 +23,7 @@ from ssvi_cli.config import Config, ConfigError
 from ssvi_cli.data.spec import DataSpec
 from ssvi_cli.fileio import brief, plain
 from ssvi_cli.models import AUX_HEADS, TORCHVISION, torchvision_base
+from ssvi_cli.runs.checkpoint import torch_load_tensors
 from ssvi_cli.training.pretrained import adapt_state, fetch_state_dict, resolve_weights
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch_load_tensors(path)
     except Exception as exc:  # noqa: BLE001 - any reader failure is one message naming the file
         text = plain(str(exc))
         first = brief(exc)
