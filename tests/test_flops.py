@@ -43,6 +43,11 @@ def test_conv_positions_lenet5():
     assert geom["first"].positions == 28 * 28 and geom["first"].numel == 6 * 25 and geom["first"].stem
     assert geom["conv2"].positions == 10 * 10 and geom["conv2"].numel == 16 * 6 * 25
     assert geom["fc1"].positions == 1 and geom["fc1"].numel == 400 * 120
+    # prediction samples a conv first layer's weights per draw (its moments are exact only for a
+    # linear layer): counted S times, as every other layer
+    assert not geom["first"].first
+    rows = {r["layer"]: r for r in prediction_flops(list(geom.values()), {}, bayesian=True, samples=10)}
+    assert rows["first"]["flops"] == 10 * rows["first"]["per_op"]
 
 
 @pytest.mark.parametrize("delta_t,t_end,total,acc", [(100, 750, 1000, 1), (10, 95, 200, 3), (7, 1, 50, 1)])

@@ -192,3 +192,20 @@ def test_an_upper_case_checkpoint_suffix_is_a_checkpoint(run_dir, tmp_path, caps
     target = copy / "checkpoints" / (newest.stem + ".PT")
     target.write_bytes(newest.read_bytes())
     assert inspect_json(capsys, str(target))["totals"]["measured_from"].startswith("checkpoint")
+
+
+def test_the_flops_note_says_how_a_convolution_first_layer_is_counted(tmp_path, capsys):
+    import json
+
+    import torchvision
+
+    import ssvi_cli as ssvi
+    from ssvi_cli.cli import run
+
+    net = torchvision.models.resnet18(num_classes=3)
+    ssvi.sparsify(net, 0.95)
+    ssvi.save(net.eval(), tmp_path / "r.safetensors", architecture="torchvision:resnet18", input_shape=(3, 32, 32))
+    assert run(["inspect", str(tmp_path / "r.safetensors"), "--json"]) == 0
+    flops = json.loads(capsys.readouterr().out)["flops"]
+    assert "one op over the active weights per draw in every layer" in flops["convention"]
+    assert "LRT" not in flops["convention"]

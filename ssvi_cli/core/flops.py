@@ -78,8 +78,8 @@ def model_geometry(model: nn.Module, input_shape: Sequence[int]) -> list[LayerGe
     finally:
         for h in hooks:
             h.remove()
-    first = getattr(model, "first", None)
-    return [LayerGeometry(name, layer.numel, positions[name], layer.stem, layer is first)
+    first = getattr(model, "first", None)  # a linear one: its LRT moments are reused (a conv samples)
+    return [LayerGeometry(name, layer.numel, positions[name], layer.stem, layer is first and layer.is_linear())
             for name, layer in sparse_layers(model)]
 
 

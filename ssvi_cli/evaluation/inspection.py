@@ -144,9 +144,11 @@ def inspect_model(path: Path, drop_fraction: float = 0.3, read: Optional[tuple[A
     samples = cfg.train.eval_samples if cfg else 10
     flops_by_layer: dict[str, Optional[int]] = {name: None for name, _ in named}
     bayesian = any(layer.bayesian for _, layer in named)
+    moments = False  # whether the first layer's LRT moments are counted once
     if whole:
-        flops = prediction_flops(model_geometry(model, card.data.input_shape),
-                                 {n: l.density for n, l in named}, is_bayesian(model), samples)
+        geometry = model_geometry(model, card.data.input_shape)
+        moments = any(g.first for g in geometry)
+        flops = prediction_flops(geometry, {n: l.density for n, l in named}, is_bayesian(model), samples)
         flops_by_layer = {r["layer"]: r["flops"] for r in flops}
     layers = []
     for name, layer in named:
@@ -169,20 +171,22 @@ def inspect_model(path: Path, drop_fraction: float = 0.3, read: Optional[tuple[A
         "totals": _file_totals(card, info, model),  # model None: a file, measured from its header
         "flops": {"per_prediction": sum(flops_by_layer.values()) if whole else None,
                   "samples": samples if bayesian else None,
-                  "convention": _flops_convention(whole, bayesian, samples)},
+                  "convention": _flops_convention(whole, bayesian, samples, moments)},
         "criteria_overlap": criteria_overlap(torch.nn.ModuleList(layer for _, layer in named), drop_fraction, lam),
         "support_history": support_history(path) if path.is_dir() else None,
     }
     return report
 
 
-def _flops_convention(whole: bool, bayesian: bool, samples: int) -> str:
+def _flops_convention(whole: bool, bayesian: bool, samples: int, moments: bool) -> str:
     if not whole:
         return ("not counted: the file holds a module of the user's own code, whose forward (and so "
                 "each layer's input size) only that code knows")
     counted = "1 multiply-add = 2 FLOPs; biases, BatchNorm, activations and noise are not counted"
     if not bayesian:
         return f"per example, one forward pass over the active weights (a deterministic model: nothing is sampled); {counted}"
+    if not moments:  # a convolution first (or no first layer of ssvi's own): every layer samples
+        return f"per example, MC prediction with S={samples}: one op over the active weights per draw in every layer; {counted}"
     return (f"per example, MC prediction with S={samples}: the first layer's two LRT ops (mean, variance) "
             "once (the fewest; batches where it is faster on a CPU sample its weights per draw instead), "
             f"one op over the active weights per draw in every other layer; {counted}")
