@@ -48,9 +48,14 @@ def workspace(tmp_path_factory) -> Path:
     raw = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()}
     save_file(load_file(str(good)), str(ws / "newer.safetensors"), metadata={**raw, "version": "2"})
     spec = json.loads(raw["data_spec"])
-    for name, change in (("fewnames", {"class_names": spec["class_names"][:1]}), ("zerostd", {"std": [0.0]})):
+    for name, change in (("fewnames", {"class_names": spec["class_names"][:1]}), ("zerostd", {"std": [0.0]}),
+                         ("twicenamed", {"class_names": ["a"] * 10}), ("negpixels", {"pixel_max": -3})):
         save_file(load_file(str(good)), str(ws / f"{name}.safetensors"),
                   metadata={**raw, "data_spec": json.dumps({**spec, **change})})
+    save_file(load_file(str(good)), str(ws / "halfsaid.safetensors"), metadata={**raw, "dtype": "float16"})
+    layers = json.loads(raw["layers"])
+    layers[0]["kind"] = "conv2d"
+    save_file(load_file(str(good)), str(ws / "convsaid.safetensors"), metadata={**raw, "layers": json.dumps(layers)})
     save_file({"weight": torch.zeros(2, 2)}, str(ws / "plain.safetensors"), metadata={"format": "pt"})
     (ws / "notimg.png").write_text("this is text\n")
     np.save(ws / "ok.npy", np.zeros((2, 8, 8), np.uint8))
@@ -119,6 +124,11 @@ CASES = [
     (["inspect", "{ws}/newer.safetensors"], "upgrade ssvi to read it"),
     (["infer", "{ws}/fewnames.safetensors", "{ws}/ok.npy"], "data description: data spec names 1 classes for a model of 10"),
     (["evaluate", "{ws}/zerostd.safetensors"], "every mean must be finite and every std positive"),
+    (["infer", "{ws}/twicenamed.safetensors", "{ws}/ok.npy"], "data spec names class 'a' twice"),
+    (["infer", "{ws}/negpixels.safetensors", "{ws}/ok.npy"], "pixel_max must be positive"),
+    (["inspect", "{ws}/halfsaid.safetensors"], "corrupted header (dtype 'float16', but tensor"),
+    (["infer", "{ws}/convsaid.safetensors", "{ws}/ok.npy"], "layer 'first' is recorded as 'conv2d', but that layer of architecture 'mlp' is 'linear'"),
+    (["inspect", "{ws}/convsaid.safetensors"], "layer 'first' is recorded as 'conv2d'"),
     (["inspect", "{ws}/run", "--plots", "{ws}/afile"], "--plots {ws}/afile exists and is not a directory"),
     # infer
     (["infer", "{ws}/run", "{ws}/notimg.png"], "image {ws}/notimg.png cannot be read"),

@@ -105,6 +105,11 @@ class DataSpec:
                             "describe no input or no class")
         if len(self.class_names) != self.num_classes:
             raise DataError(f"data spec names {len(self.class_names)} classes for a model of {self.num_classes}")
+        if len(set(self.class_names)) != len(self.class_names):
+            twice = next(n for i, n in enumerate(self.class_names) if n in self.class_names[:i])
+            raise DataError(f"data spec names class {twice!r} twice; each output needs its own name")
+        if not (math.isfinite(self.pixel_max) and self.pixel_max > 0):
+            raise DataError(f"data spec raw pixel range [0, {self.pixel_max}] is empty; pixel_max must be positive")
         if len(self.mean) != len(self.std) or not self.std:
             raise DataError(f"data spec has {len(self.mean)} means and {len(self.std)} stds; give one of each per channel")
         if len(self.input_shape) == 3 and len(self.mean) not in (1, self.input_shape[0]):

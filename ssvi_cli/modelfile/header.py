@@ -15,6 +15,8 @@ FORMAT_NAME = "ssvi"
 FORMAT_VERSION = 1
 LAYOUTS = ("compact", "dense")
 DTYPES = ("float32", "float16", "bfloat16")
+ST_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # safetensors' names of DTYPES
+FLOAT_ST = frozenset({"F64", "F32", "F16", "BF16"})
 # Bytes per element of every safetensors dtype name.
 ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
              "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8}
@@ -67,6 +69,11 @@ def read_header(path: Path) -> dict[str, Any]:
         )
     meta = _decode_meta(path, raw_meta)
     tensors = _check_tensor_table(path, header, size - 8 - n)
+    stored = ST_NAMES[meta["dtype"]]
+    other = next((name for name, t in tensors.items() if t["dtype"] in FLOAT_ST and t["dtype"] != stored), None)
+    if other is not None:  # every value of a file has the precision its header gives (FORMAT.md)
+        raise ModelFileError(f"{path} has a corrupted header (dtype {meta['dtype']!r}, but tensor {other!r} is "
+                             f"{tensors[other]['dtype']})")
     return {"path": str(path), "file_bytes": size, "header_bytes": 8 + n, "meta": meta, "tensors": tensors}
 
 

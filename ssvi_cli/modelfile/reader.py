@@ -23,7 +23,7 @@ from ssvi_cli.fileio import brief
 from ssvi_cli.modelfile.card import CardError, ModelCard, build_model
 from ssvi_cli.modelfile.codec import INDEX_CODES, gap8_decode
 from ssvi_cli.modelfile.header import ModelFileError, read_header
-from ssvi_cli.modelfile.writer import dense_state
+from ssvi_cli.modelfile.writer import dense_state, layer_kind
 from ssvi_cli.models import SSVIModel
 
 CUSTOM = "custom:"  # the architecture name of a file saved from a user's own module, + module.class
@@ -210,6 +210,9 @@ def _load_layer(path: Path, name: str, layer: SparseGaussian, record: dict[str, 
     """Validate one layer's record and tensors; returns the tensor names used and the support
     ``(idx, mu, rho)`` to install."""
     where = f"{path}: layer {name!r}"
+    if record.get("kind", layer_kind(layer)) != layer_kind(layer):
+        raise ModelFileError(f"{where} is recorded as {record.get('kind')!r}, but that layer of {target} is "
+                             f"{layer_kind(layer)!r}")
     if [int(s) for s in record.get("shape", [])] != list(layer.weight_shape):
         raise ModelFileError(f"{where} has shape {record.get('shape')}, {target} needs {list(layer.weight_shape)}")
     if bool(record.get("bayesian")) != layer.bayesian:

@@ -24,7 +24,7 @@ from ssvi_cli.models import SSVIModel
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _layer_kind(layer: SparseGaussian) -> str:
+def layer_kind(layer: SparseGaussian) -> str:
     return "conv2d" if isinstance(layer, SparseConv2d) else "linear"
 
 
@@ -76,7 +76,7 @@ def model_tensors(model: SSVIModel, dtype: str = "float32", dense: bool = False
         code, active, parts = _layer_tensors(layer, dense)
         for part, value in parts.items():
             tensors[f"{name}.{part}"] = (value if part == "index" else value.to(value_dtype)).contiguous()
-        records.append({"name": name, "kind": _layer_kind(layer), "shape": list(layer.weight_shape),
+        records.append({"name": name, "kind": layer_kind(layer), "shape": list(layer.weight_shape),
                         "active": active, "bayesian": layer.bayesian, "index": code})
     for key, value in dense_state(model).items():
         value = value.cpu()
