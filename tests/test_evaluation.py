@@ -82,7 +82,8 @@ def test_report_has_every_metric_with_samples_and_mode(run):
     assert report["per_samples"][-1]["metrics"] == report["metrics"]
     # One Monte Carlo draw has no disagreement between samples: MI is exactly 0, so it ranks nothing.
     assert report["per_samples"][0]["metrics"]["mi_mean"] == 0.0
-    assert report["per_samples"][0]["ood"]["noise"]["mutual_information"]["auroc"] == 0.5
+    assert report["per_samples"][0]["ood"]["noise"]["scores"]["mutual_information"]["auroc"] == 0.5
+    assert report["per_samples"][-1]["ood"] == report["ood"]  # one shape: n and scores, at every S
     assert report["metrics"]["mi_mean"] > 0
     noise = report["ood"]["noise"]
     assert noise["n"] == 300

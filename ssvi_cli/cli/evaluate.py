@@ -75,10 +75,10 @@ def samples_table(report: dict[str, Any]) -> Table:
         table.add_column(f"S={row['samples']}", justify="right")
     for key, label in METRIC_LABELS.items():
         table.add_row(label, *(fmt(row["metrics"][key]) for row in rows))
-    for name, scores in rows[0]["ood"].items():
-        for score in scores:
+    for name, block in rows[0]["ood"].items():
+        for score in block["scores"]:
             table.add_row(f"{name} AUROC ({SCORE_LABELS.get(score, score)})",
-                          *(fmt(row["ood"][name][score]["auroc"]) for row in rows))
+                          *(fmt(row["ood"][name]["scores"][score]["auroc"]) for row in rows))
     return table
 
 

@@ -148,7 +148,7 @@ def evaluate(
     (S of the headline numbers; None for the mean network), ``sample_counts, seed, batch_size,
     n_bins, metrics`` (``metrics.classification_metrics`` at S), ``ood`` (set -> ``n`` and
     ``scores`` -> score name -> auroc, aupr_in, aupr_out, fpr_at_95_tpr at S), ``per_samples``
-    (one entry per S with ``samples, metrics, ood``), ``reliability`` (15-bin diagram at S),
+    (one entry per S with ``samples, metrics, ood``, its ``ood`` shaped as the top one), ``reliability`` (15-bin diagram at S),
     ``notes`` and ``seconds``. A model that is not Bayesian is evaluated as the mean network.
     """
     start = time.perf_counter()
@@ -173,7 +173,8 @@ def evaluate(
         scores_in = _scores(p, d)
         scores_ood = {name: _scores(*_at(o_draws, o_probs, s or 1)) for name, (o_probs, _, o_draws) in ood_pred.items()}
         per_samples.append({"samples": s, "metrics": M.classification_metrics(p, labels, d, opts.n_bins),
-                            "ood": {name: _ood_block(scores_in, scores_ood[name]) for name in scores_ood}})
+                            "ood": {name: {"n": int(len(ood_pred[name][0])), "scores": _ood_block(scores_in, scores_ood[name])}
+                                    for name in scores_ood}})
     head = per_samples[-1]
     report = {
         "format": FORMAT,
@@ -190,8 +191,7 @@ def evaluate(
         "batch_size": opts.batch_size,
         "n_bins": opts.n_bins,
         "metrics": head["metrics"],
-        "ood": {name: {"n": int(len(o_probs)), "scores": head["ood"][name]}
-                for name, (o_probs, _, _) in ood_pred.items()},
+        "ood": head["ood"],  # the same block as each per_samples entry's
         "per_samples": per_samples,
         "reliability": M.reliability_bins(p, labels, opts.n_bins),
         "notes": notes,
