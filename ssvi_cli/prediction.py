@@ -208,6 +208,24 @@ def predict_loader(model: SSVIModel, batches: Iterable, device: torch.device, sa
     }
 
 
+PASS_SEED = 0     # the Monte Carlo noise of a prediction pass: `ssvi evaluate --seed`'s default
+PASS_BATCH = 500  # and its --batch-size: the draws depend on how the inputs are batched
+
+
+@torch.no_grad()
+def predict_pass(model: SSVIModel, dataset: torch.utils.data.Dataset, device: torch.device, samples: int,
+                 mode: str = "mc", *, seed: int = PASS_SEED, batch_size: int = PASS_BATCH, keep_samples: bool = True,
+                 on_batch=None) -> dict[str, Optional[Tensor]]:
+    """:func:`predict_loader` over ``dataset`` in order, its draws seeded by ``seed`` and the global
+    RNG left as it was: the pass ``ssvi evaluate`` makes and the one a run's summary reports, so
+    ``ssvi evaluate RUN --samples S`` gives the numbers ``ssvi train`` printed at S = eval_samples."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        batches = iter(loader)  # a DataLoader iterator draws its own base seed: seed after it
+        torch.manual_seed(seed)
+        return predict_loader(model, batches, device, samples, mode, keep_samples=keep_samples, on_batch=on_batch)
+
+
 @dataclass(frozen=True)
 class Prediction:
     """The Bayesian model average of ``samples`` draws (``None`` for the mean network)."""

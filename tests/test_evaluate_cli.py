@@ -179,3 +179,19 @@ def test_a_run_without_its_model_file_is_scored_from_a_checkpoint_and_says_so(ca
     notes = _json(capsys, str(partial), "--samples", "2")["notes"]
     assert any("training checkpoint" in n and "had not finished" in n for n in notes), notes
     assert not any("checkpoint" in n for n in _json(capsys, str(model_file), "--samples", "2")["notes"])
+
+
+def test_evaluate_at_the_runs_sample_count_gives_the_numbers_train_printed(tmp_path, capsys):
+    """One prediction pass for both: the same seed and batching, so `ssvi evaluate RUN --samples S`
+    at S = train.eval_samples reproduces the summary's Monte Carlo test accuracy and NLL."""
+    import json
+
+    from ssvi_cli.cli import run
+
+    assert run(["train", "--set", "train.epochs=2", "--set", "model.widths=[32]", "--set", "train.eval_samples=4",
+                "--out", str(tmp_path / "r"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert run(["evaluate", str(tmp_path / "r"), "--samples", "4", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)["metrics"]
+    assert metrics["accuracy"] == summary["test_accuracy"]
+    assert abs(metrics["nll"] - summary["test_nll"]) < 1e-6  # the file's sigma, from rho, to float32 rounding

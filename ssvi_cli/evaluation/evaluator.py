@@ -20,18 +20,18 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ssvi_cli import fileio
 from ssvi_cli import metrics as M
 from ssvi_cli.evaluation.inputs import SPLITS, EvalData
 from ssvi_cli.modelfile import ModelCard
-from ssvi_cli.prediction import MODES, is_bayesian, predict_loader
+from ssvi_cli.prediction import MODES, PASS_BATCH, PASS_SEED, is_bayesian, predict_pass
 
 FORMAT = "ssvi-evaluation"
 VERSION = 1
 DEFAULT_SAMPLES = 30
-DEFAULT_BATCH_SIZE = 500
+DEFAULT_BATCH_SIZE = PASS_BATCH
 ECE_BINS = 15
 
 
@@ -42,7 +42,7 @@ class EvalOptions:
     split: str = "test"
     samples: tuple[int, ...] = (DEFAULT_SAMPLES,)
     mode: str = "mc"
-    seed: int = 0
+    seed: int = PASS_SEED
     batch_size: int = DEFAULT_BATCH_SIZE
     n_bins: int = ECE_BINS
 
@@ -101,11 +101,8 @@ def _predict(model: torch.nn.Module, dataset: Dataset, opts: EvalOptions, mode: 
     """(probs (N, C), labels (N,), sample_probs (S, N, C) or None) in float64, with the RNG forked."""
     params = list(model.parameters())
     device = params[0].device if params else torch.device("cpu")
-    loader = DataLoader(dataset, batch_size=opts.batch_size, shuffle=False, num_workers=0)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        batches = iter(loader)  # a DataLoader iterator draws its own base seed: seed after it
-        torch.manual_seed(seed)
-        out = predict_loader(model, batches, device, opts.max_samples, mode, keep_samples=True, on_batch=on_batch)
+    out = predict_pass(model, dataset, device, opts.max_samples, mode, seed=seed, batch_size=opts.batch_size,
+                       on_batch=on_batch)
     sample_probs = out["sample_probs"]
     return (out["probs"].double().numpy(), out["labels"].numpy(),
             None if sample_probs is None else sample_probs.double().numpy())

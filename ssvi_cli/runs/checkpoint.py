@@ -103,6 +103,14 @@ def torch_load_tensors(path: Path, map_location: str | torch.device = "cpu") -> 
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def unpickler_reason(exc: BaseException) -> str:
+    """The line of torch's weights-only refusal that says what it met (``Unsupported operand 110``),
+    without its advice to load the file with ``weights_only=False``."""
+    _, marker, rest = str(exc).partition("WeightsUnpickler error:")
+    said = next((line.strip() for line in rest.splitlines() if line.strip()), "")
+    return f"not a file torch.save wrote: {said}" if marker and said else brief(exc)
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely (tensors and plain containers only)."""
     try:
@@ -110,8 +118,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except pickle.UnpicklingError as exc:
-        why = NOT_TENSORS if "Weights only load failed" in str(exc) else brief(exc)
-        raise CorruptCheckpoint(f"checkpoint {path} is unreadable ({why})") from None
+        if "Unsupported global" in str(exc):  # a class or function to import: never, here
+            raise CorruptCheckpoint(f"checkpoint {path} is unreadable ({NOT_TENSORS})") from None
+        raise CorruptCheckpoint(f"checkpoint {path} is unreadable or corrupted ({unpickler_reason(exc)})") from None
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
         raise CorruptCheckpoint(f"checkpoint {path} is unreadable or corrupted ({brief(exc)})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:

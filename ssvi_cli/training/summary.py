@@ -10,12 +10,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
-import torch
 
 from ssvi_cli.config import DELTA_T_AUTO
 from ssvi_cli.core.flops import training_summary
 from ssvi_cli.modelfile import ModelCard, write_model_file
-from ssvi_cli.prediction import predict_loader
+from ssvi_cli.prediction import predict_pass
 from ssvi_cli.training.optim import lr_factor
 from ssvi_cli.training.records import EpochStats, density_report
 
@@ -23,22 +22,14 @@ if TYPE_CHECKING:
     from ssvi_cli.training.trainer import Trainer
 
 
-def evaluate_split(trainer: "Trainer", split: str, mode: str = "mc", samples: Optional[int] = None,
-                   batch_size: int = 512) -> dict[str, Any]:
-    """Accuracy and NLL of the mean network or the Monte Carlo model average on a split.
-
-    The global RNG is restored afterwards: evaluation must not shift the training noise stream.
-    """
+def evaluate_split(trainer: "Trainer", split: str, mode: str = "mc", samples: Optional[int] = None) -> dict[str, Any]:
+    """Accuracy and NLL of the mean network or the Monte Carlo model average on a split: the pass
+    ``ssvi evaluate`` makes (:func:`~ssvi_cli.prediction.predict_pass`: its seed and batching, the
+    global RNG left as it was, so the training noise stream does not shift)."""
     from ssvi_cli.metrics import accuracy, nll
 
     samples = samples or trainer.cfg.train.eval_samples
-    loader = torch.utils.data.DataLoader(getattr(trainer.splits, split), batch_size=batch_size, shuffle=False,
-                                         num_workers=trainer.cfg.train.num_workers)
-    rng = torch.get_rng_state()
-    try:
-        out = predict_loader(trainer.model, loader, trainer.device, samples, mode, keep_samples=False)
-    finally:
-        torch.set_rng_state(rng)
+    out = predict_pass(trainer.model, getattr(trainer.splits, split), trainer.device, samples, mode, keep_samples=False)
     probs, labels = out["probs"], out["labels"]
     return {"accuracy": accuracy(probs, labels), "nll": nll(probs, labels), "n": len(labels),
             "mode": mode, "samples": samples if mode == "mc" else None}
@@ -76,7 +67,6 @@ def finish(trainer: "Trainer") -> dict[str, Any]:
     cfg, state = trainer.cfg, trainer.state
     bayesian = cfg.method.bayesian
     mode = "mc" if bayesian else "mean"
-    torch.manual_seed(cfg.train.seed)
     test = evaluate_split(trainer, "test", mode=mode)
     test_mean = evaluate_split(trainer, "test", mode="mean") if bayesian else test
     dens = density_report(trainer.model)
