@@ -265,6 +265,19 @@ def test_a_grid_that_adds_seeds_continues_the_sweep_and_keeps_its_cells(tmp_path
     assert "holds a different sweep (a grid that only adds seeds" in capsys.readouterr().err
     assert first.stat().st_mtime_ns == stamp
 
+    # Another evaluation of the same grid (an OOD set more): every cell evaluated again, none retrained
+    model = first.parent / "model.safetensors"
+    trained = model.stat().st_mtime_ns
+    assert run([*grid, "--seeds", "2", "--method", "ssvi,vi", "--ood", "noise", "--dry-run"]) == 0
+    assert "is evaluated otherwise now (--ood or --samples): each finished cell is evaluated again" in \
+        capsys.readouterr().err
+    assert run(["sweep", "--report", str(out), "--json", "--no-figures"]) == 0
+    assert json.loads(capsys.readouterr().out)["cells_done"] == 0  # stale evaluations are not reported
+    assert run(["sweep", "--resume", str(out), "--no-figures", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["cells_done"] == 4 and all("auroc:noise:entropy" in c for c in report["cells"])
+    assert model.stat().st_mtime_ns == trained and first.stat().st_mtime_ns != stamp
+
 
 def test_a_cell_stopped_by_a_signal_says_so():
     from ssvi_cli.sweep.runner import exit_text

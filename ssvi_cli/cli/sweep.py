@@ -65,7 +65,7 @@ def _train_and_evaluate(path: Path, cell: Cell, spec: SweepSpec, run: Callable[[
 
     from ssvi_cli.sweep.checks import check_ood_paths
 
-    state = cell_state(path)
+    state = cell_state(path, spec)
     if state == "done":
         err.print(f"cell {path.name} is already trained and evaluated; nothing to do (delete its folder to run "
                   "it again)")
@@ -160,7 +160,7 @@ def register(app: typer.Typer) -> None:
             spec, cells = grid.read_spec(resume)
             sweep_dir = resume
             check_selection(spec, cells, baseline or [])
-            if any(cell_state(cell_dir(resume, c)) != "done" for c in cells):
+            if any(cell_state(cell_dir(resume, c), spec) != "done" for c in cells):
                 check_ood_paths(spec)
         else:
             spec = spec_from_flags(file, preset, method, sparsity, seeds, criterion, set_ or [], ood or [], samples)
@@ -173,9 +173,12 @@ def register(app: typer.Typer) -> None:
             how, cells = claim_sweep_dir(sweep_dir, spec, cells, force)
             _check_changed(sweep_dir, spec, cells)  # before the grid is written: a refused one changes nothing
             if how != "same":  # the same grid continues with its cells as it named them
-                if how == "grown" and not json_out:
+                if how == "grown":  # on stderr: --json keeps standard output for the report
                     err.print(f"the grid adds to the sweep in {sweep_dir}: {count(len(cells), 'cell')} now, "
                               "its cells so far kept")
+                if how == "reevaluated":
+                    err.print(f"the sweep in {sweep_dir} is evaluated otherwise now (--ood or --samples): each "
+                              "finished cell is evaluated again, its training kept")
                 sweep_dir.mkdir(parents=True, exist_ok=True)
                 grid.write_spec(sweep_dir, spec, cells)
         if resume is not None:
@@ -183,7 +186,8 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             _dry_run(sweep_dir, cells, json_out)
             return
-        _run(sweep_dir, cells, jobs, threads or max(1, (os.cpu_count() or 1) // jobs), json_out, figures, baseline)
+        _run(sweep_dir, spec, cells, jobs, threads or max(1, (os.cpu_count() or 1) // jobs), json_out, figures,
+             baseline)
 
 
 def _dry_run(sweep_dir: Path, cells: list[Any], json_out: bool = False) -> None:
@@ -206,8 +210,8 @@ def _dry_run(sweep_dir: Path, cells: list[Any], json_out: bool = False) -> None:
               f"{shlex.join(['ssvi', 'sweep', '--report', str(sweep_dir)])}")
 
 
-def _run(sweep_dir: Path, cells: list[Any], jobs: int, threads: int, json_out: bool, figures: bool,
-         baseline: Optional[list[str]] = None) -> None:
+def _run(sweep_dir: Path, spec: "SweepSpec", cells: list[Any], jobs: int, threads: int, json_out: bool,
+         figures: bool, baseline: Optional[list[str]] = None) -> None:
     from ssvi_cli.sweep.report import write_report
     from ssvi_cli.sweep.runner import run_cells
 
@@ -230,7 +234,7 @@ def _run(sweep_dir: Path, cells: list[Any], jobs: int, threads: int, json_out: b
             elif event in ("fail", "stop") and not json_out:
                 err.print(f"{event} {name}: {detail}")
 
-        outcome = run_cells(sweep_dir, cells, jobs, threads, listener)
+        outcome = run_cells(sweep_dir, cells, jobs, threads, listener, spec)
     result = write_report(sweep_dir, figures, baseline)
     if outcome.interrupted:
         failed = f"; {len(outcome.failed)} failed (logs in {sweep_dir / 'logs'})" if outcome.failed else ""

@@ -130,7 +130,7 @@ def build_report(sweep_dir: Path, baseline: Optional[list[str]] = None) -> dict[
     """The report; with ``baseline`` (``KEY=VALUE`` strings naming one group) also every other
     group's paired differences from it (``sweep.paired``)."""
     spec, cells = read_spec(sweep_dir)
-    done = [c for c in cells if cell_state(cell_dir(sweep_dir, c)) == "done"]  # each cell's files looked at once
+    done = [c for c in cells if cell_state(cell_dir(sweep_dir, c), spec) == "done"]  # each cell's files looked at once
     rows = [cell_row(cell_dir(sweep_dir, c), c) for c in done]
     failed = {c.name: why for c in cells if c not in done and (why := failure(cell_dir(sweep_dir, c)))}
     groups = aggregate(rows)

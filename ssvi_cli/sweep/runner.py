@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Optional
 from ssvi_cli.fileio import UnwritablePath
 from ssvi_cli.runs.rundir import RunDir
 from ssvi_cli.training.stops import requests_to_stop
-from ssvi_cli.sweep.grid import CELLS_DIR, EVAL_FILE, Cell
+from ssvi_cli.sweep.grid import CELLS_DIR, EVAL_FILE, Cell, SweepSpec
 
 LOGS_DIR = "logs"
 BUSY_EXIT = 75  # a cell's exit code when another process runs it (EX_TEMPFAIL: try again later)
@@ -37,20 +37,39 @@ def cell_dir(sweep_dir: Path, cell: Cell) -> Path:
     return Path(sweep_dir) / CELLS_DIR / cell.name
 
 
-def evaluated(path: Path) -> bool:
+def evaluated(path: Path, spec: Optional[SweepSpec] = None) -> bool:
     """Whether the cell's evaluation report is there and reads as one (a damaged one, from a disk
-    that filled up or an edit, is evaluated again rather than read into the report)."""
+    that filled up or an edit, is evaluated again rather than read into the report) and, given the
+    sweep's ``spec``, was made as the sweep evaluates now: its Monte Carlo samples (a deterministic
+    model's mean network has none) and its OOD sets."""
     try:
         report = json.loads((path / EVAL_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return False
-    return isinstance(report, dict) and isinstance(report.get("metrics"), dict)
+    if not (isinstance(report, dict) and isinstance(report.get("metrics"), dict)):
+        return False
+    if spec is None:
+        return True
+    samples_ok = report.get("mode") == "mean" or report.get("samples") == spec.samples
+    return samples_ok and set(report.get("ood") or {}) == {ood_label(text) for text in spec.ood}
 
 
-def cell_state(path: Path) -> str:
-    """``done``, ``trained``, ``partial`` (has a checkpoint) or ``new``."""
+def ood_label(text: str) -> str:
+    """The name an ``--ood`` value has in an evaluation report (``NAME`` for ``NAME=DIR``)."""
+    from ssvi_cli.data.ood import parse_ood
+    from ssvi_cli.data.spec import DataError
+
+    try:
+        return parse_ood(text).label
+    except DataError:  # a path gone since (unknown names were refused when the sweep was made)
+        return text.strip()
+
+
+def cell_state(path: Path, spec: Optional[SweepSpec] = None) -> str:
+    """``done``, ``trained``, ``partial`` (has a checkpoint) or ``new``; given the sweep's ``spec``, a
+    cell evaluated otherwise than the sweep evaluates now is ``trained``."""
     run = RunDir(path)
-    if evaluated(path):
+    if evaluated(path, spec):
         return "done"
     if run.finished():
         return "trained"
@@ -151,15 +170,16 @@ Listener = Callable[[str, str, str], None]
 
 
 def run_cells(sweep_dir: Path, cells: list[Cell], jobs: int, threads: Optional[int] = None,
-              listener: Optional[Listener] = None) -> Outcome:
-    """Run every unfinished cell, ``jobs`` processes at a time, each with ``threads`` torch threads."""
+              listener: Optional[Listener] = None, spec: Optional[SweepSpec] = None) -> Outcome:
+    """Run every unfinished cell (given ``spec``, also every cell evaluated otherwise than it says),
+    ``jobs`` processes at a time, each with ``threads`` torch threads."""
     note = listener or (lambda *_: None)
     outcome = Outcome()
     logs = Path(sweep_dir) / LOGS_DIR
     logs.mkdir(parents=True, exist_ok=True)
     queue: list[Cell] = []
     for cell in cells:
-        if cell_state(cell_dir(sweep_dir, cell)) == "done":
+        if cell_state(cell_dir(sweep_dir, cell), spec) == "done":
             outcome.skipped.append(cell.name)
             note("skip", cell.name, "already evaluated")
         else:

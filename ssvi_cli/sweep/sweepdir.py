@@ -24,7 +24,8 @@ def claim_sweep_dir(out_dir: Path, spec: SweepSpec, cells: list[Cell], force: bo
     """How a new sweep takes ``out_dir``, and the cells it runs there: ``new`` (a missing or empty
     folder; ``cells``), ``same`` (the same grid, continued: its cells, named as that sweep named
     them), ``grown`` (a grid that holds every cell of the one there under the same settings, more
-    seeds or values, say: ``cells``, the finished ones kept), or ``replaced`` (``force``: another
+    seeds or values, say: ``cells``, the finished ones kept), ``reevaluated`` (grown, or the same
+    grid, evaluated otherwise: the trained cells kept and evaluated again), or ``replaced`` (``force``: another
     sweep's files, :data:`SWEEP_ENTRIES`, removed; anything else stays). A folder holding anything
     else is refused, ``force`` or not."""
     if not out_dir.exists():
@@ -45,10 +46,12 @@ def claim_sweep_dir(out_dir: Path, spec: SweepSpec, cells: list[Cell], force: bo
     if old_spec == spec:
         return "same", old_cells  # named as that sweep named them
     if old_spec is not None and _grows(old_spec, old_cells, spec, cells):
-        return "grown", cells
+        same_evaluation = (old_spec.ood, old_spec.samples) == (spec.ood, spec.samples)
+        return ("grown" if same_evaluation else "reevaluated"), cells
     if not force:
         raise SweepError(f"{out_dir} holds a different sweep (a grid that only adds seeds, methods, sparsities "
-                         f"or values to it continues it; this one changes it): continue it as it is with "
+                         f"or values to it, or evaluates it otherwise, continues it; this one changes what it "
+                         f"trains): continue it as it is with "
                          f"'ssvi sweep --resume {shlex.quote(str(out_dir))}', choose another --out, or replace "
                          "it and its cells with --force (in a run: a dry run deletes nothing)")
     remove_entries(out_dir, SWEEP_ENTRIES)  # its cells were made under other settings and must not be reused
@@ -56,10 +59,10 @@ def claim_sweep_dir(out_dir: Path, spec: SweepSpec, cells: list[Cell], force: bo
 
 
 def _grows(old: SweepSpec, old_cells: list[Cell], new: SweepSpec, cells: list[Cell]) -> bool:
-    """Whether ``new`` is ``old`` with more seeds, methods, sparsities or axis values: the same preset,
-    fixed keys, axis keys, evaluation, and every old cell among the new ones (a cell's name spells
-    its method, sparsity, settings and seed). Each finished cell's config is checked again before
-    it is reused, as on every resume."""
-    same = (old.preset, old.fixed, list(old.axes), old.ood, old.samples) == \
-        (new.preset, new.fixed, list(new.axes), new.ood, new.samples)
+    """Whether ``new`` trains what ``old`` trained and maybe more (seeds, methods, sparsities or axis
+    values): the same preset, fixed keys and axis keys, and every old cell among the new ones (a
+    cell's name spells its method, sparsity, settings and seed). Each finished cell's config is
+    checked again before it is reused, as on every resume; a cell evaluated otherwise than ``new``
+    evaluates (``--ood``, ``--samples``) is evaluated again (``runner.evaluated``)."""
+    same = (old.preset, old.fixed, list(old.axes)) == (new.preset, new.fixed, list(new.axes))
     return same and {c.name for c in old_cells} <= {c.name for c in cells}
