@@ -215,11 +215,12 @@ PASS_BATCH = 500  # and its --batch-size: the draws depend on how the inputs are
 @torch.no_grad()
 def predict_pass(model: SSVIModel, dataset: torch.utils.data.Dataset, device: torch.device, samples: int,
                  mode: str = "mc", *, seed: int = PASS_SEED, batch_size: int = PASS_BATCH, keep_samples: bool = True,
-                 on_batch=None) -> dict[str, Optional[Tensor]]:
+                 on_batch=None, num_workers: int = 0) -> dict[str, Optional[Tensor]]:
     """:func:`predict_loader` over ``dataset`` in order, its draws seeded by ``seed`` and the global
     RNG left as it was: the pass ``ssvi evaluate`` makes and the one a run's summary reports, so
-    ``ssvi evaluate RUN --samples S`` gives the numbers ``ssvi train`` printed at S = eval_samples."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    ``ssvi evaluate RUN --samples S`` gives the numbers ``ssvi train`` printed at S = eval_samples
+    (loader workers only read inputs: the draws are the same with any ``num_workers``)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         batches = iter(loader)  # a DataLoader iterator draws its own base seed: seed after it
         torch.manual_seed(seed)

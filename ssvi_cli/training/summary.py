@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from ssvi_cli.config import DELTA_T_AUTO
 from ssvi_cli.core.flops import training_summary
 from ssvi_cli.modelfile import ModelCard, write_model_file
-from ssvi_cli.prediction import predict_pass
+from ssvi_cli.prediction import NonFiniteOutput, predict_pass
 from ssvi_cli.training.optim import lr_factor
 from ssvi_cli.training.records import EpochStats, density_report
 
@@ -29,7 +29,13 @@ def evaluate_split(trainer: "Trainer", split: str, mode: str = "mc", samples: Op
     from ssvi_cli.metrics import accuracy, nll
 
     samples = samples or trainer.cfg.train.eval_samples
-    out = predict_pass(trainer.model, getattr(trainer.splits, split), trainer.device, samples, mode, keep_samples=False)
+    try:
+        out = predict_pass(trainer.model, getattr(trainer.splits, split), trainer.device, samples, mode,
+                           keep_samples=False, num_workers=trainer.cfg.train.num_workers)
+    except NonFiniteOutput:  # a diverged model: the checkpoint check after this record names what diverged
+        nan = float("nan")
+        return {"accuracy": nan, "nll": nan, "n": len(getattr(trainer.splits, split)), "mode": mode,
+                "samples": samples if mode == "mc" else None}
     probs, labels = out["probs"], out["labels"]
     return {"accuracy": accuracy(probs, labels), "nll": nll(probs, labels), "n": len(labels),
             "mode": mode, "samples": samples if mode == "mc" else None}
