@@ -88,14 +88,24 @@ def predict_batch(model: SSVIModel, x: Tensor, samples: int = 10, mode: str = "m
         probs, draws = _predict(model, x, samples, mode, first_layer)
     bad = ~torch.isfinite(probs).all(dim=-1)
     if bool(bad.any()):  # NaN probabilities would read as a confident class with zero entropy
-        raise NonFiniteOutput(f"the model's outputs are not finite (NaN or infinite logits) for {int(bad.sum())} of "
-                              f"{len(bad)} inputs, the first at position {int(bad.nonzero()[0, 0])} of the batch: its "
-                              "weights or these inputs overflow float32 (a damaged or diverged model)")
+        raise NonFiniteOutput(int(bad.sum()), int(bad.nonzero()[0, 0]))
     return probs, draws
 
 
 class NonFiniteOutput(ValueError):
-    """The model's probabilities are not finite: a prediction that would mean nothing."""
+    """The model's probabilities are not finite for ``count`` inputs of a batch, the first at index
+    ``first`` (a caller that knows more names that input: :meth:`naming`)."""
+
+    def __init__(self, count: int, first: int, where: str = "") -> None:
+        self.count, self.first = count, first
+        super().__init__(f"the model's outputs are not finite (NaN or infinite logits), first for "
+                         f"{where or f'the input at index {first}'} ({count} of its batch): its weights or these "
+                         "inputs overflow float32 (a damaged or diverged model)")
+
+    def naming(self, offset: int = 0, name: str = "") -> "NonFiniteOutput":
+        """The same refusal with the first input at ``offset`` + its index in the batch, or named
+        ``name`` (a file, say)."""
+        return NonFiniteOutput(self.count, offset + self.first, name)
 
 
 def _predict(model: SSVIModel, x: Tensor, samples: int, mode: str, first_layer: str
@@ -193,8 +203,13 @@ def predict_loader(model: SSVIModel, batches: Iterable, device: torch.device, sa
                    ) -> dict[str, Optional[Tensor]]:
     """Predict over (x, y) batches; returns probs, labels and (optionally) per-sample probs on CPU."""
     probs, labels, sample_probs = [], [], []
+    seen = 0
     for x, y in batches:
-        p, sp = predict_batch(model, x.to(device), samples, mode)
+        try:
+            p, sp = predict_batch(model, x.to(device), samples, mode)
+        except NonFiniteOutput as exc:  # the input's index in the whole pass, not in its batch
+            raise exc.naming(seen) from None
+        seen += len(y)
         probs.append(p.cpu())
         labels.append(torch.as_tensor(y).cpu())
         if sp is not None and keep_samples:

@@ -460,3 +460,18 @@ def test_load_names_a_wrong_kernel_or_an_absent_gpu_as_the_callers_mistake(tmp_p
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device is available; use device='cpu'"):
             ssvi.load(path, device="cuda")
+
+
+def test_a_loaded_custom_module_with_a_new_head_is_saved_without_the_old_description(tmp_path, caplog):
+    net = trained_net(tmp_path)
+    path = tmp_path / "net.safetensors"
+    ssvi.save(net, path, input_shape=(1, 8, 8), class_names=[f"c{i}" for i in range(10)], mean=0.5, std=0.25)
+    model = ssvi.load(path, model=Net())
+    ssvi.save(model, tmp_path / "same.safetensors")  # unchanged: the file's description again
+    assert _card(tmp_path / "same.safetensors").data == _card(path).data
+    model.head[3] = nn.Linear(32, 5)  # a head for another task
+    ssvi.sparsify(model, 0.5, dense_first_conv=False)
+    with caplog.at_level("WARNING"):
+        ssvi.save(model, tmp_path / "new.safetensors", input_shape=(1, 8, 8))
+    assert "its sparse layers differ from those it was loaded with" in caplog.text
+    assert _card(tmp_path / "new.safetensors").data.class_names == tuple("01234")

@@ -290,10 +290,11 @@ def test_outputs_that_are_not_finite_are_an_error_not_a_confident_class(tmp_path
     save_file(tensors, str(bad), metadata=meta)
     np.save(tmp_path / "x.npy", np.full((4, 8, 8), 16.0, dtype=np.float32))
     capsys.readouterr()
-    for args in (["infer", str(bad), str(tmp_path / "x.npy"), "--mode", "mean"], ["evaluate", str(bad), "--samples", "2"]):
+    for args, first in ((["infer", str(bad), str(tmp_path / "x.npy"), "--mode", "mean"], f"{tmp_path / 'x.npy'}[0]"),
+                        (["evaluate", str(bad), "--samples", "2"], "the input at index ")):
         assert run(args) == 2
         err = capsys.readouterr().err
         (line,) = [x for x in err.splitlines() if x.startswith("error")]
-        assert "error: the model's outputs are not finite (NaN or infinite logits) for" in line, err
+        assert f"error: the model's outputs are not finite (NaN or infinite logits), first for {first}" in line, err
     with pytest.raises(ValueError, match="not finite"):
         ssvi.predict(ssvi.load(bad), torch.full((2, 1, 8, 8), 3.0), mode="mean")

@@ -269,7 +269,7 @@ def test_a_grid_that_adds_seeds_continues_the_sweep_and_keeps_its_cells(tmp_path
     model = first.parent / "model.safetensors"
     trained = model.stat().st_mtime_ns
     assert run([*grid, "--seeds", "2", "--method", "ssvi,vi", "--ood", "noise", "--dry-run"]) == 0
-    assert "is evaluated otherwise now (--ood or --samples): each finished cell is evaluated again" in \
+    assert "is evaluated otherwise now (--ood or --samples): each finished cell evaluated otherwise is evaluated again" in \
         capsys.readouterr().err
     assert run(["sweep", "--report", str(out), "--json", "--no-figures"]) == 0
     assert json.loads(capsys.readouterr().out)["cells_done"] == 0  # stale evaluations are not reported
@@ -745,7 +745,7 @@ def test_cells_whose_support_never_moved_are_named(tmp_path: Path, capsys):
     assert "vi, dense" not in err.split("note:")[1]
     report = json.loads((out / "report.json").read_text())
     assert report["support_unmoved"] == ["ssvi, sparsity 0.95"]
-    assert "so the support never moved (static sparse VI, not SSVI), in: ssvi, sparsity 0.95." in \
+    assert "so the support never moved (the run trained a fixed support, as static does), in: ssvi, sparsity 0.95." in \
         (out / "report.md").read_text()
     assert "so the support will not move" in (out / "logs" / "ssvi_s0.95_seed0.log").read_text()
 
@@ -761,11 +761,50 @@ def test_a_failed_cell_is_reported_as_failed_with_its_reason(tmp_path: Path, cap
     assert list(report["failed"]) == [bad] and report["missing"] == [] and report["cells_done"] == 1
     assert f"Failed (their logs say more; a rerun of the same settings and seed repeats a diverged run): {bad} (mnist not found" \
         in (out / "report.md").read_text()
-    # run again (a fix elsewhere, say): the note goes with the new attempt
-    assert run(["sweep", "--run-cell", str(out / "cells" / bad)]) != 0
-    (out / "cells" / f".{bad}.failed").unlink()
+    # a cell that runs again drops its old note: the good cell, noted as failed and evaluated again
+    good = out / "cells" / "vi_name-digits_seed0"
+    (out / "cells" / ".vi_name-digits_seed0.failed").write_text('{"error": "an old failure"}')
+    (good / "evaluation.json").unlink()
+    from ssvi_cli.sweep.runner import failure
+
+    assert run(["sweep", "--run-cell", str(good)]) == 0
+    assert failure(good) is None and failure(out / "cells" / bad) is not None
+    capsys.readouterr()
     assert run(["sweep", "--report", str(out), "--json", "--no-figures"]) == 0
-    assert json.loads(capsys.readouterr().out)["missing"] == [bad]
+    assert list(json.loads(capsys.readouterr().out)["failed"]) == [bad]
+
+
+def test_a_stopped_cell_is_not_a_failed_one_and_a_note_never_stops_the_sweep(tmp_path: Path, capsys):
+    from ssvi_cli.cli.sweep import run_cell
+    from ssvi_cli.sweep.runner import failure, record_failure
+
+    out = tmp_path / "sw"
+    assert run(["sweep", "--set", "train.epochs=1", *TINY, "--out", str(out), "--dry-run"]) == 0
+    cell = Path(capsys.readouterr().out.split()[-1])
+    for code, noted in ((130, None), (143, None), (129, None), (1, "exit code 1")):  # Ctrl-C, SIGTERM, SIGHUP
+        assert run_cell(cell, lambda args: code) == code
+        assert failure(cell) == noted
+    (cell.parent / f".{cell.name}.failed").unlink()
+    (cell.parent / f".{cell.name}.failed").mkdir()  # a note that cannot be written
+    record_failure(cell, "anything")
+    assert run_cell(cell, lambda args: 1) == 1
+
+
+def test_a_sweep_made_when_1_and_1_0_were_two_values_still_grows(tmp_path: Path, capsys):
+    out = tmp_path / "sw"
+    assert run(["sweep", "--set", "bayes.beta=0.1,1", "--out", str(out), "--dry-run"]) == 0
+    stored = json.loads((out / "sweep.json").read_text())
+    stored["spec"]["axes"]["bayes.beta"] = [0.1, 1]  # as such a sweep stored it: its cells say beta-1
+    stored["cells"] = [name.replace("beta-1.0", "beta-1") for name in stored["cells"]]
+    (out / "sweep.json").write_text(json.dumps(stored))
+    capsys.readouterr()
+    assert run(["sweep", "--set", "bayes.beta=0.1,1", "--seeds", "2", "--out", str(out), "--dry-run",
+                "--ood", "noise"]) == 0
+    captured = capsys.readouterr()
+    assert "the grid adds to the sweep" in captured.err and "is evaluated otherwise now" in captured.err
+    names = sorted(Path(line.split()[-1]).name for line in captured.out.splitlines())
+    assert names == ["ssvi_s0.95_beta-0.1_seed0", "ssvi_s0.95_beta-0.1_seed1", "ssvi_s0.95_beta-1_seed0",
+                     "ssvi_s0.95_beta-1_seed1"]
 
 
 def test_a_sweep_file_takes_one_ood_set_as_it_takes_one_method(tmp_path: Path, capsys):

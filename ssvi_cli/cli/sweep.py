@@ -24,7 +24,7 @@ def run_cell(path: Path, run: Callable[[list[str]], int]) -> int:
     (``run`` invokes one); what ``--dry-run`` hands a scheduler."""
     from ssvi_cli.cli.train import KeyboardInterruptHandled
     from ssvi_cli.sweep.grid import CELLS_DIR, is_sweep_dir, read_spec
-    from ssvi_cli.sweep.runner import BUSY_EXIT, CellBusy, cell_lock, clear_failure, record_failure
+    from ssvi_cli.sweep.runner import BUSY_EXIT, CellBusy, cell_lock, clear_failure, record_failure, was_stopped
 
     path = Path(path)
     sweep_dir = next((p for p in (path, path.parent) if is_sweep_dir(p)), None)
@@ -49,7 +49,7 @@ def run_cell(path: Path, run: Callable[[list[str]], int]) -> int:
             except Exception as exc:  # noqa: BLE001 - recorded for the report, then reported as any error
                 record_failure(path, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
                 raise
-            if code:
+            if code and not was_stopped(code):  # a stop (Ctrl-C, SIGTERM) resumes; it did not fail
                 record_failure(path, f"exit code {code}")
             return code
     except KeyboardInterruptHandled as stop:  # a sweep's cell resumes with the sweep, which also evaluates it
@@ -170,15 +170,11 @@ def register(app: typer.Typer) -> None:
             check_selection(spec, cells, baseline or [])  # before anything is written or run
             sweep_dir = out_dir or Path("sweeps") / f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(spec.preset).stem}"
             check_output_dir(sweep_dir, "--out")
-            how, cells = claim_sweep_dir(sweep_dir, spec, cells, force)
+            how, spec, cells, notes = claim_sweep_dir(sweep_dir, spec, cells, force)
             _check_changed(sweep_dir, spec, cells)  # before the grid is written: a refused one changes nothing
             if how != "same":  # the same grid continues with its cells as it named them
-                if how == "grown":  # on stderr: --json keeps standard output for the report
-                    err.print(f"the grid adds to the sweep in {sweep_dir}: {count(len(cells), 'cell')} now, "
-                              "its cells so far kept")
-                if how == "reevaluated":
-                    err.print(f"the sweep in {sweep_dir} is evaluated otherwise now (--ood or --samples): each "
-                              "finished cell is evaluated again, its training kept")
+                for note in notes:  # on stderr: --json keeps standard output for the report
+                    err.print(note, highlight=False)
                 sweep_dir.mkdir(parents=True, exist_ok=True)
                 grid.write_spec(sweep_dir, spec, cells)
         if resume is not None:
@@ -230,18 +226,18 @@ def _run(sweep_dir: Path, spec: "SweepSpec", cells: list[Any], jobs: int, thread
                 bar.update(task, advance=0 if event in ("start", "stop") else 1,
                            info=f"running: {', '.join(sorted(running))}" if running else "")
             if bar is None and not json_out and event != "start":
-                err.print(f"{event:>6} {name}" + (f" ({detail})" if detail else ""))
+                _say(f"{event:>6} {name}" + (f" ({detail})" if detail else ""))
             elif event in ("fail", "stop") and not json_out:
-                err.print(f"{event} {name}: {detail}")
+                _say(f"{event} {name}: {detail}")
 
         outcome = run_cells(sweep_dir, cells, jobs, threads, listener, spec)
     result = write_report(sweep_dir, figures, baseline)
     if outcome.interrupted:
         failed = f"; {len(outcome.failed)} failed (logs in {sweep_dir / 'logs'})" if outcome.failed else ""
         # A cell stopped before its first checkpoint starts again; the others continue from theirs.
-        err.print(f"interrupted: {count(len(outcome.stopped), 'cell')} stopped{failed}; each continues from its "
-                  f"last checkpoint (one stopped before its first starts again): "
-                  f"ssvi sweep --resume {shlex.quote(str(sweep_dir))}")
+        _say(f"interrupted: {count(len(outcome.stopped), 'cell')} stopped{failed}; each continues from its "
+             f"last checkpoint (one stopped before its first starts again): "
+             f"ssvi sweep --resume {shlex.quote(str(sweep_dir))}")
         raise typer.Exit(128 + outcome.signum)
     _finish(result, json_out)
     if outcome.busy:
@@ -251,6 +247,15 @@ def _run(sweep_dir: Path, spec: "SweepSpec", cells: list[Any], jobs: int, thread
         err.print(f"{count(len(outcome.failed), 'cell')} failed (logs in {sweep_dir / 'logs'}); rerun with: "
                   f"ssvi sweep --resume {shlex.quote(str(sweep_dir))}")
         raise typer.Exit(1)
+
+
+def _say(text: str) -> None:
+    """A line on stderr that may find no terminal (closed: SIGHUP) without ending the sweep before
+    its cells are stopped and its report written."""
+    try:
+        err.print(text, highlight=False)
+    except OSError:
+        pass
 
 
 def _finish(result: dict[str, Any], json_out: bool) -> None:

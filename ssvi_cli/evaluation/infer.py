@@ -27,7 +27,7 @@ from ssvi_cli.data.transforms import preprocess
 from ssvi_cli.core.modes import using_kernel
 from ssvi_cli.metrics import mutual_information, predictive_entropy
 from ssvi_cli.models import SSVIModel
-from ssvi_cli.prediction import predict_batch
+from ssvi_cli.prediction import NonFiniteOutput, predict_batch
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
 _CHUNK = 1024  # images of one array preprocessed at a time
@@ -224,8 +224,11 @@ def run_inference(model: SSVIModel, spec: DataSpec, files: Sequence[Path], *, sa
             using_kernel(model, "prediction"):
         torch.manual_seed(seed)
         for names, x in iter_batches(files, spec, batch_size):
-            for name, rec in zip(names, predict_records(model, x.to(device), spec.class_names,
-                                                         samples=samples, mode=mode, top_k=top_k)):
+            try:
+                batch = predict_records(model, x.to(device), spec.class_names, samples=samples, mode=mode, top_k=top_k)
+            except NonFiniteOutput as exc:
+                raise exc.naming(name=names[exc.first]) from None
+            for name, rec in zip(names, batch):
                 records.append({"input": name, **rec})
             if on_batch is not None:
                 on_batch(len(names))

@@ -202,7 +202,12 @@ def _remember_card(model: nn.Module, meta: dict[str, Any]) -> None:
     try:
         model.ssvi_card = ModelCard.from_metadata(meta)
     except CardError:
-        pass
+        return
+    model._ssvi_layers = _layer_signature(model)  # what a custom module's layers were, for _loaded_card
+
+
+def _layer_signature(model: nn.Module) -> tuple[tuple[str, tuple[int, ...], bool], ...]:
+    return tuple((name, tuple(layer.weight_shape), layer.bayesian) for name, layer in sparse_layers(model))
 
 
 def _loaded_card(model: nn.Module, architecture: Optional[str]) -> Optional[ModelCard]:
@@ -215,11 +220,15 @@ def _loaded_card(model: nn.Module, architecture: Optional[str]) -> Optional[Mode
     if not isinstance(card, ModelCard) or (architecture is not None and architecture != card.architecture.name):
         return None
     name = card.architecture.name
-    if name.startswith(CUSTOM):
-        return card if name == f"{CUSTOM}{type(model).__module__}.{type(model).__qualname__}" else None
     try:
-        with torch.device("meta"):
-            check_same_structure(build_model(card), model, name)
+        if name.startswith(CUSTOM):  # no builder to compare with: the sparse layers it was loaded with
+            if name != f"{CUSTOM}{type(model).__module__}.{type(model).__qualname__}":
+                return None
+            if getattr(model, "_ssvi_layers", None) != _layer_signature(model):
+                raise ValueError("its sparse layers differ from those it was loaded with")
+        else:
+            with torch.device("meta"):
+                check_same_structure(build_model(card), model, name)
     except ValueError as exc:
         log.warning("the model no longer has the architecture of the file it was loaded from (%s); it is saved "
                     "without that file's architecture and data description", exc)

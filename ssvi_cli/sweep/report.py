@@ -140,7 +140,7 @@ def build_report(sweep_dir: Path, baseline: Optional[list[str]] = None) -> dict[
               "failed": failed,
               "method_values": method_values(sweep_dir, spec, done), "groups": groups, "cells": rows}
     unmoved = {group_label(r): None for r in rows if METHODS.get(r["method"]).moves_support and r["subspace_steps"] == 0}
-    if unmoved:  # a schedule too short for its delta_t: SSVI that ran as static sparse VI
+    if unmoved:  # a schedule too short for its delta_t: a fixed support
         report["support_unmoved"] = list(unmoved)
     changed = changed_cells(sweep_dir, spec, cells)
     if changed:  # reported as they are, under the sweep's settings: said in both files
@@ -188,7 +188,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "Failed (their logs say more; a rerun of the same settings and seed repeats a diverged run): "
                   + "; ".join(f"{name} ({why})" for name, why in report["failed"].items()) + "."]
     if report.get("support_unmoved"):
-        lines += ["", f"No subspace step before t_end, so the support never moved (static sparse VI, not SSVI), in: "
+        lines += ["", f"No subspace step before t_end, so the support never moved (the run trained a fixed support, as static does), in: "
                   f"{'; '.join(report['support_unmoved'])}. {UNMOVED_HINT}"]
     if report.get("changed_cells"):
         lines += ["", "Run under other settings than the sweep gives them now (a preset edited since, or folders "

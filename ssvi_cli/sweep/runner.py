@@ -128,15 +128,30 @@ def _failure_file(path: Path) -> Path:
     return Path(path).parent / f".{Path(path).name}.failed"  # beside the lock, outside the run directory
 
 
+STOPPED_EXITS = frozenset({129, 130, 143})  # 128 + SIGHUP, SIGINT, SIGTERM: stopped at a checkpoint, not failed
+
+
+def was_stopped(code: int) -> bool:
+    """Whether a cell's exit code (or Popen's -signal) is a stop on request, resumable, not a failure."""
+    return code in STOPPED_EXITS or (code < 0 and 128 - code in STOPPED_EXITS)
+
+
 def record_failure(path: Path, message: str) -> None:
-    """Note that the cell's last run failed, and why, for the report (cleared when it runs again)."""
+    """Note that the cell's last run failed, and why, for the report (cleared when it runs again).
+    Only a note: a note that cannot be written is passed over, never in the way of the sweep."""
     from ssvi_cli.fileio import write_json
 
-    write_json(_failure_file(path), {"error": message[:500]})
+    try:
+        write_json(_failure_file(path), {"error": message[:500]})
+    except OSError:
+        pass
 
 
 def clear_failure(path: Path) -> None:
-    _failure_file(path).unlink(missing_ok=True)
+    try:
+        _failure_file(path).unlink(missing_ok=True)
+    except OSError:  # not a file, or a read-only folder: the cell's own run says what is wrong
+        pass
 
 
 def failure(path: Path) -> Optional[str]:
@@ -214,7 +229,7 @@ def run_cells(sweep_dir: Path, cells: list[Cell], jobs: int, threads: Optional[i
                     running[cell.name] = subprocess.Popen(
                         [sys.executable, "-m", "ssvi_cli", *cell_command(path)], stdout=log,
                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-                note("start", cell.name, cell_state(path))
+                note("start", cell.name, cell_state(path, spec))
             time.sleep(0.2)
             for name, proc in list(running.items()):
                 code = proc.poll()
@@ -229,13 +244,14 @@ def run_cells(sweep_dir: Path, cells: list[Cell], jobs: int, threads: Optional[i
                     note("busy", name, "running in another process")
                 else:
                     outcome.failed[name] = code
-                    if failure(Path(sweep_dir) / CELLS_DIR / name) is None:  # killed before it could say why
+                    if failure(Path(sweep_dir) / CELLS_DIR / name) is None and not was_stopped(code):
+                        # killed before it could say why (by the system, say: out of memory)
                         record_failure(Path(sweep_dir) / CELLS_DIR / name, exit_text(code))
                     note("fail", name, f"{exit_text(code)}, see {logs / (name + '.log')}")
         if stops:
             outcome.interrupted, outcome.signum = True, stops[0]
             # Further signals are only noted: the cells checkpoint.
-            _stop_all(running, outcome, note, lambda name: evaluated(Path(sweep_dir) / CELLS_DIR / name))
+            _stop_all(running, outcome, note, lambda name: evaluated(Path(sweep_dir) / CELLS_DIR / name, spec))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

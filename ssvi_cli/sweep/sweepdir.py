@@ -4,14 +4,16 @@ folder that is not a sweep's)."""
 
 from __future__ import annotations
 
+import json
 import shlex
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from ssvi_cli.fileio import not_ours, remove_entries, visible_entries
 from ssvi_cli.sweep.figures import ACCURACY_VS_FLOPS, METRICS_VS_SPARSITY
-from ssvi_cli.sweep.grid import (CELLS_DIR, SWEEP_FILE, Cell, SweepError, SweepSpec, is_sweep_dir, numbers,
-                                read_spec)
+from ssvi_cli.sweep.grid import (CELLS_DIR, SWEEP_FILE, Cell, SweepError, SweepSpec, expand, is_sweep_dir,
+                                numbers, read_spec)
 from ssvi_cli.sweep.report import REPORT_JSON, REPORT_MD
 from ssvi_cli.sweep.runner import LOGS_DIR
 
@@ -20,34 +22,41 @@ SWEEP_ENTRIES = (SWEEP_FILE, CELLS_DIR, LOGS_DIR, COMMANDS_FILE, REPORT_JSON, RE
                  ACCURACY_VS_FLOPS)
 
 
-def claim_sweep_dir(out_dir: Path, spec: SweepSpec, cells: list[Cell], force: bool) -> tuple[str, list[Cell]]:
-    """How a new sweep takes ``out_dir``, and the cells it runs there: ``new`` (a missing or empty
-    folder; ``cells``), ``same`` (the same grid, continued: its cells, named as that sweep named
-    them), ``grown`` (a grid that holds every cell of the one there under the same settings, more
-    seeds or values, say: ``cells``, the finished ones kept), ``reevaluated`` (grown, or the same
-    grid, evaluated otherwise: the trained cells kept and evaluated again), or ``replaced`` (``force``: another
-    sweep's files, :data:`SWEEP_ENTRIES`, removed; anything else stays). A folder holding anything
-    else is refused, ``force`` or not."""
+def claim_sweep_dir(out_dir: Path, spec: SweepSpec, cells: list[Cell], force: bool
+                    ) -> tuple[str, SweepSpec, list[Cell], list[str]]:
+    """How a new sweep takes ``out_dir``, the grid and cells it runs there, and what to tell the user:
+    ``new`` (a missing or empty folder), ``same`` (the same grid, continued: its cells, named as that
+    sweep named them), ``grown`` (a grid that trains every cell of the one there under the same
+    settings and maybe more, seeds or values, say, or evaluates it otherwise: the finished cells
+    kept, each one evaluated otherwise than the grid asks evaluated again), or ``replaced``
+    (``force``: another sweep's files, :data:`SWEEP_ENTRIES`, removed; anything else stays). A folder
+    holding anything else is refused, ``force`` or not."""
     if not out_dir.exists():
-        return "new", cells
+        return "new", spec, cells, []
     if out_dir.is_file():
         raise SweepError(f"--out {out_dir} is a file")
     if not is_sweep_dir(out_dir):
         entries = visible_entries(out_dir)
         if entries:
             raise SweepError(not_ours(out_dir, entries, "sweep"))
-        return "new", cells
+        return "new", spec, cells, []
     try:
         old_spec, old_cells = read_spec(out_dir)
     except SweepError:  # a sweep this ssvi can no longer expand (a preset gone, say) is not the same sweep
         old_spec, old_cells = None, []
-    if old_spec is not None:  # an older sweep may hold 1e-3 as text: the same value
+    if old_spec is not None:  # an older sweep may hold 1e-3 as text, or 1 for 1.0: the same values
         old_spec = replace(old_spec, axes=numbers(old_spec.axes), fixed=numbers(old_spec.fixed))
+        spec, cells = _in_its_terms(old_spec, spec, cells)
     if old_spec == spec:
-        return "same", old_cells  # named as that sweep named them
+        return "same", spec, old_cells, []  # named as that sweep named them
     if old_spec is not None and _grows(old_spec, old_cells, spec, cells):
-        same_evaluation = (old_spec.ood, old_spec.samples) == (spec.ood, spec.samples)
-        return ("grown" if same_evaluation else "reevaluated"), cells
+        notes = []
+        if len(cells) > len(old_cells):
+            notes.append(f"the grid adds to the sweep in {out_dir}: {len(cells)} cells now, its cells so far kept")
+        if (set(old_spec.ood), old_spec.samples) != (set(spec.ood), spec.samples):
+            notes.append(f"the sweep in {out_dir} is evaluated otherwise now (--ood or --samples): each finished "
+                         "cell evaluated otherwise is evaluated again, its training kept")
+        return "grown", spec, cells, notes
     if not force:
         raise SweepError(f"{out_dir} holds a different sweep (a grid that only adds seeds, methods, sparsities "
                          f"or values to it, or evaluates it otherwise, continues it; this one changes what it "
@@ -55,7 +64,22 @@ def claim_sweep_dir(out_dir: Path, spec: SweepSpec, cells: list[Cell], force: bo
                          f"'ssvi sweep --resume {shlex.quote(str(out_dir))}', choose another --out, or replace "
                          "it and its cells with --force (in a run: a dry run deletes nothing)")
     remove_entries(out_dir, SWEEP_ENTRIES)  # its cells were made under other settings and must not be reused
-    return "replaced", cells
+    return "replaced", spec, cells, []
+
+
+def _in_its_terms(old: SweepSpec, new: SweepSpec, cells: list[Cell]) -> tuple[SweepSpec, list[Cell]]:
+    """``new`` with each value that equals one of ``old``'s written as ``old`` wrote it (a sweep made
+    before ``1`` and ``1.0`` were one value named its cells ``beta-1``), so its cells keep their names;
+    and the cells of that grid."""
+    def same(value: Any, known: list[Any]) -> Any:
+        return next((k for k in known if k == value and type(k) is not bool and type(value) is not bool), value)
+
+    axes = {k: [same(v, list(old.axes.get(k, []))) for v in vs] for k, vs in new.axes.items()}
+    fixed = {k: same(v, [old.fixed[k]] if k in old.fixed else []) for k, v in new.fixed.items()}
+    if json.dumps([axes, fixed]) == json.dumps([new.axes, new.fixed]):  # JSON tells 1 from 1.0
+        return new, cells
+    adjusted = replace(new, axes=axes, fixed=fixed)
+    return adjusted, expand(adjusted)
 
 
 def _grows(old: SweepSpec, old_cells: list[Cell], new: SweepSpec, cells: list[Cell]) -> bool:
