@@ -61,9 +61,8 @@ def run_cell(path: Path, run: Callable[[list[str]], int]) -> int:
 
 
 def _train_and_evaluate(path: Path, cell: Cell, spec: SweepSpec, run: Callable[[list[str]], int]) -> int:
-    from ssvi_cli.sweep.runner import cell_state
-
     from ssvi_cli.sweep.checks import check_ood_paths
+    from ssvi_cli.sweep.runner import cell_state
 
     state = cell_state(path, spec)
     if state == "done":

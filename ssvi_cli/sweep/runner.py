@@ -3,8 +3,8 @@ a time, with its output in ``logs/<cell>.log``.
 
 A cell's state is read from its run directory (``done``: evaluated; ``trained``; ``partial``: a
 checkpoint to resume from; ``new``), so a rerun skips finished cells and resumes interrupted ones.
-Cells run in sessions of their own: on Ctrl-C (or SIGTERM, or SIGHUP) the sweep sends each running cell one
-SIGINT, and each one finishes its step, checkpoints and exits, resumable. A cell holds a lock
+Cells run in sessions of their own: on Ctrl-C (or SIGTERM, or SIGHUP) the sweep sends each running
+cell one SIGINT, and each one finishes its step, checkpoints and exits, resumable. A cell holds a lock
 (``cells/.<cell>.lock``) while it runs, so a second process asked to run it (a ``--resume`` while a
 killed sweep's cells still run, a scheduler's retry) stops with one line instead of writing into the
 same run directory.
@@ -25,8 +25,8 @@ from typing import Callable, Iterator, Optional
 
 from ssvi_cli.fileio import UnwritablePath
 from ssvi_cli.runs.rundir import RunDir
-from ssvi_cli.training.stops import requests_to_stop
 from ssvi_cli.sweep.grid import CELLS_DIR, EVAL_FILE, Cell, SweepSpec
+from ssvi_cli.training.stops import requests_to_stop
 
 LOGS_DIR = "logs"
 BUSY_EXIT = 75  # a cell's exit code when another process runs it (EX_TEMPFAIL: try again later)
