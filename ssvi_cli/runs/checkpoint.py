@@ -103,6 +103,12 @@ def torch_load_tensors(path: Path, map_location: str | torch.device = "cpu") -> 
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def holds_objects(exc: BaseException) -> bool:
+    """Whether torch's weights-only refusal ``exc`` met a class or function to import (a whole
+    model saved with ``torch.save(model)``), not merely bytes it cannot read."""
+    return "Unsupported global" in str(exc)
+
+
 def unpickler_reason(exc: BaseException) -> str:
     """The line of torch's weights-only refusal that says what it met (``Unsupported operand 110``),
     without its advice to load the file with ``weights_only=False``."""
@@ -118,7 +124,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" in str(exc):  # a class or function to import: never, here
+        if holds_objects(exc):  # a class or function to import: never, here
             raise CorruptCheckpoint(f"checkpoint {path} is unreadable ({NOT_TENSORS})") from None
         raise CorruptCheckpoint(f"checkpoint {path} is unreadable or corrupted ({unpickler_reason(exc)})") from None
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:

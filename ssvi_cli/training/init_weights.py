@@ -21,9 +21,8 @@ from torch import Tensor, nn
 
 from ssvi_cli.config import Config, ConfigError
 from ssvi_cli.data.spec import DataSpec
-from ssvi_cli.fileio import brief, plain
 from ssvi_cli.models import AUX_HEADS, TORCHVISION, torchvision_base
-from ssvi_cli.runs.checkpoint import torch_load_tensors
+from ssvi_cli.runs.checkpoint import holds_objects, torch_load_tensors, unpickler_reason
 from ssvi_cli.training.pretrained import adapt_state, fetch_state_dict, resolve_weights
 
 logger = logging.getLogger(__name__)
@@ -95,8 +94,7 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
         else:
             state = torch_load_tensors(path)
     except Exception as exc:  # noqa: BLE001 - any reader failure is one message naming the file
-        text = plain(str(exc))
-        first = brief(exc)
+        first = unpickler_reason(exc)  # what torch's weights-only reader met, not its advice (else its first line)
         try:
             with open(path, "rb") as handle:
                 magic = handle.read(4)
@@ -104,7 +102,7 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
             magic = b"PK\x03\x04"  # unreadable: the reader's own error says why
         if path.suffix.lower() != ".safetensors" and not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
             first = "not a PyTorch file: neither a zip archive nor a pickle"
-        elif "Weights only load failed" in text:  # torch's refusal of pickled objects beyond tensors
+        elif holds_objects(exc):  # torch's refusal of pickled objects beyond tensors
             raise ConfigError(f"--init-from {path} holds Python objects besides tensors (a whole model saved with "
                               "torch.save(model)?); save model.state_dict() instead") from None
         raise ConfigError(f"--init-from {path} is not a readable state_dict ({first})") from None
