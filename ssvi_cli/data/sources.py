@@ -229,11 +229,11 @@ def source(name: str, options: Optional[DataConfig] = None) -> DatasetSource:
     return DATASETS.get(name)
 
 
-def check_dataset_name(name: str, options: Optional[DataConfig] = None) -> None:
+def check_dataset_name(name: str, options: Optional[DataConfig] = None) -> DataSpec:
     """Fail now, with the valid names, on a name that cannot be resolved or on ``data.classes`` that
     are not the dataset's; an image folder is scanned (its folders listed, no image opened) so a
-    wrong path fails before any work."""
-    get_spec(name, options)
+    wrong path fails before any work. Returns the spec it read (:func:`get_spec`)."""
+    return get_spec(name, options)
 
 
 def get_spec(name: str, options: Optional[DataConfig] = None) -> DataSpec:

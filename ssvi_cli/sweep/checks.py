@@ -18,7 +18,6 @@ from ssvi_cli.sweep.grid import Cell, SweepError, SweepSpec, cell_configs
 def check_runnable(spec: SweepSpec, cells: list[Cell]) -> None:
     """Names (model, dataset, criterion), the ``--ood`` values, and ``--ood heldout`` with a class
     list that holds none out (no ``data.classes``, or one listing every class)."""
-    from ssvi_cli.data import get_spec
     from ssvi_cli.data.ood import HELDOUT, parse_ood
     from ssvi_cli.data.spec import DataError
     from ssvi_cli.registry import UnknownName
@@ -36,13 +35,13 @@ def check_runnable(spec: SweepSpec, cells: list[Cell]) -> None:
             continue
         checked.add(what)
         try:
-            check_names(cfg)
+            data_spec = check_names(cfg)
         except (UnknownName, DataError) as exc:
             raise SweepError(f"cell {cell.name}: {exc}") from None
         if heldout and cfg.data.classes is None:
             raise SweepError(f"--ood {HELDOUT} needs classes held out of training: train on a subset, "
                              "e.g. --set data.classes=0,1,2,3,4")
-        if heldout and not get_spec(cfg.data.name, cfg.data).held_out_classes:
+        if heldout and not data_spec.held_out_classes:
             raise SweepError(f"--ood {HELDOUT}: cell {cell.name} trains on data.classes listing every class of "
                              f"{cfg.data.name}, so none is held out; list fewer classes")
 

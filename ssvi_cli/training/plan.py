@@ -36,12 +36,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_names(cfg: Config) -> None:
+def check_names(cfg: Config) -> DataSpec:
     """Resolve every registry name of ``cfg`` (errors list the valid names); reads no file. Then the
     image folder keys (``config.IMAGEFOLDER_KEYS``) set for another dataset are refused: it has its own
-    shape and normalisation and would ignore them (a new run's config; a recorded one is not checked)."""
+    shape and normalisation and would ignore them (a new run's config; a recorded one is not checked).
+    Returns the data's spec, as read to check its name (an image folder is scanned once)."""
     check_model_name(cfg.model.name)
-    check_dataset_name(cfg.data.name, cfg.data)
+    spec = check_dataset_name(cfg.data.name, cfg.data)
     REMOVAL_CRITERIA.get(cfg.sparse.criterion)
     if not cfg.data.name.startswith("imagefolder:"):
         for key in IMAGEFOLDER_KEYS:
@@ -49,6 +50,7 @@ def check_names(cfg: Config) -> None:
             if value != getattr(DataConfig, key):
                 raise ConfigError(f"data.{key}={value!r} applies to image folders (data.name=imagefolder:PATH) "
                                   f"only; {cfg.data.name} has its own input shape and normalisation")
+    return spec
 
 
 def load_data(cfg: Config) -> DataSplits:
