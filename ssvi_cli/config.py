@@ -541,10 +541,38 @@ def load_preset(name_or_path: str, method: Optional[str] = None) -> Config:
 
 def from_preset(name_or_path: str, overrides: dict[str, Any]) -> Config:
     """A preset with ``{"section.key": value}`` overrides on top, as ``ssvi train`` builds a run: the
-    preset's values for the method the overrides choose (``sparse.method``), then the overrides."""
+    preset's values for the method the overrides choose (``sparse.method``), then the overrides;
+    the paths it names made absolute (:func:`absolute_path`)."""
     method = overrides.get("sparse.method")
     chosen = method if isinstance(method, str) and method in METHODS else None  # else refused below
-    return apply_overrides(load_preset(name_or_path, chosen), overrides)
+    return with_absolute_paths(apply_overrides(load_preset(name_or_path, chosen), overrides))
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """``cfg`` with every path it names absolute (:func:`absolute_path`)."""
+    flat = flat_dict(cfg)
+    moved = {k: absolute_path(k, flat[k]) for k in PATH_KEYS}
+    return apply_overrides(cfg, {k: v for k, v in moved.items() if v != flat[k]})
+
+
+# The keys that name a file or folder: recorded absolute, so that a run resumed or evaluated, or a
+# sweep's cell run by a scheduler, from another directory finds them.
+PATH_KEYS = ("data.name", "data.data_dir", "model.init_from")
+
+
+def absolute_path(key: str, value: Any) -> Any:
+    """``value`` of ``key`` with the path it names absolute (``~`` expanded, links resolved):
+    ``imagefolder:PATH``, ``data.data_dir`` and a file ``model.init_from`` names; a dataset's name,
+    ``torchvision:WEIGHTS`` and anything else as it is."""
+    if not isinstance(value, (str, Path)) or key not in PATH_KEYS or not str(value):
+        return value
+    text = str(value)
+    if key == "data.name":
+        family, sep, path = text.partition(":")
+        return f"{family}:{Path(path).expanduser().resolve()}" if sep and family == "imagefolder" and path else value
+    if key == "model.init_from" and text.startswith("torchvision:"):
+        return value
+    return str(Path(text).expanduser().resolve())
 
 
 def dump_yaml(cfg: Config) -> str:
@@ -558,6 +586,6 @@ DEFAULT_PRESET = "digits_mlp"
 __all__ = [
     "Config", "ConfigError", "ModelConfig", "DataConfig", "SparseConfig", "BayesConfig",
     "OptimConfig", "TrainConfig", "apply_overrides", "flat_dict", "from_dict", "parse_override", "validate",
-    "load_preset", "from_preset", "preset_methods", "list_presets", "preset_command", "dump_yaml", "addition_accumulate",
+    "load_preset", "from_preset", "absolute_path", "with_absolute_paths", "PATH_KEYS", "preset_methods", "list_presets", "preset_command", "dump_yaml", "addition_accumulate",
     "DEFAULT_PRESET",
 ]

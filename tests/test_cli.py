@@ -187,6 +187,38 @@ def test_train_takes_data_data_dir_and_download_flags_as_evaluate_does(tmp_path:
     assert "drop --data-dir" in capsys.readouterr().err
 
 
+def test_relative_data_paths_are_recorded_absolute_so_the_run_works_from_anywhere(tmp_path: Path, capsys,
+                                                                                   monkeypatch):
+    from fixtures_torchvision import write_mnist
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    work = (tmp_path / "work").resolve()
+    write_mnist(work / "tv", "MNIST")
+    digits = load_digits()
+    for i in range(40):
+        folder = work / "imgs" / str(digits.target[i] % 2)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((digits.images[i] * 15).astype("uint8")).save(folder / f"{i}.png")
+    monkeypatch.chdir(work)
+    common = ["--epochs", "1", "--set", "model.widths=[16]", "--set", "train.eval_samples=1", "--json"]
+    assert run(["train", "--preset", "mnist_mlp", "--data", "mnist", "--data-dir", "tv", "--out", "tvrun",
+                *common]) == 0
+    assert run(["train", "--data", "imagefolder:imgs", "--set", "data.image_size=8", "--set", "data.channels=1",
+                "--out", "imgrun", *common]) == 0
+    capsys.readouterr()
+    assert f"data_dir: {work / 'tv'}" in (work / "tvrun" / "config.yaml").read_text()
+    assert f"name: imagefolder:{work / 'imgs'}" in (work / "imgrun" / "config.yaml").read_text()
+    monkeypatch.chdir(tmp_path)  # elsewhere: the run directory, not only the model file, still finds its data
+    for name in ("tvrun", "imgrun"):
+        assert run(["evaluate", str(work / name), "--samples", "1", "--json"]) == 0, capsys.readouterr().err
+        assert 0.0 <= json.loads(capsys.readouterr().out)["metrics"]["accuracy"] <= 1.0
+        (work / name / "summary.json").unlink()  # as if stopped after its last checkpoint
+        (work / name / "model.safetensors").unlink()
+        assert run(["train", "--resume", str(work / name)]) == 0, capsys.readouterr().err
+        capsys.readouterr()
+
+
 def test_train_takes_the_presets_values_for_the_chosen_method(tmp_path: Path, capsys):
     import yaml
 

@@ -268,7 +268,7 @@ def test_train_infer_evaluate_on_a_png_folder(ws, tmp_path, capsys, monkeypatch)
     code = run(["train", "--data", "imagefolder:flat", "--epochs", "2", "--set", "data.image_size=8",
                 "--set", "data.channels=1", "--set", "train.eval_samples=2", "--out", str(run_dir), "--json"])
     summary = json.loads(capsys.readouterr().out)
-    assert code == 0 and summary["dataset"] == "imagefolder:flat"
+    assert code == 0 and summary["dataset"] == f"imagefolder:{ws / 'flat'}"  # recorded absolute
     monkeypatch.chdir(tmp_path)
     model = run_dir / "model.safetensors"
     image = ws / "flat" / "two" / "2_02.png"  # a 24x24 image: resized as in training

@@ -689,16 +689,17 @@ def test_a_sweep_records_its_paths_absolute(tmp_path, monkeypatch):
     assert f"--ood {tmp_path.resolve() / 'ood'}" in " ".join(cells[0].eval_args(spec, Path("x")))
 
 
-def test_an_image_folder_in_a_sweep_is_recorded_absolute(tmp_path, monkeypatch):
+def test_an_image_folder_and_a_data_dir_in_a_sweep_are_recorded_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for label in ("a", "b"):
         (tmp_path / "photos" / label).mkdir(parents=True)
         for i in range(3):
             Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "photos" / label / f"{i}.png")
     assert run(["sweep", "--method", "ssvi", "--seeds", "1", "--set", "data.name=imagefolder:photos",
-                "--out", "s", "--dry-run"]) == 0
+                "--set", "data.data_dir=tv,~/tv2", "--out", "s", "--dry-run"]) == 0
     spec, _ = read_spec(Path("s"))
     assert spec.fixed["data.name"] == f"imagefolder:{tmp_path.resolve() / 'photos'}"
+    assert spec.axes["data.data_dir"] == [str(tmp_path.resolve() / "tv"), str(Path.home().resolve() / "tv2")]
 
 
 def test_an_ood_set_gone_since_the_sweep_was_made_stops_a_cell_before_it_trains(tmp_path: Path, capsys):

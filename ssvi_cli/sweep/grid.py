@@ -191,7 +191,7 @@ def cell_configs(spec: SweepSpec, cells: list[Cell]) -> Iterator[tuple[Cell, cfg
         raise SweepError(str(exc)) from None
     for cell in cells:
         try:
-            yield cell, cfgmod.apply_overrides(bases[cell.method], cell.overrides(spec))
+            yield cell, cfgmod.with_absolute_paths(cfgmod.apply_overrides(bases[cell.method], cell.overrides(spec)))
         except cfgmod.ConfigError as exc:
             raise SweepError(f"cell {cell.name}: {exc}") from None
 

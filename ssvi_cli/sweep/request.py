@@ -93,10 +93,11 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
         data["preset"] = str(preset_path.resolve())  # cells may run from another directory
     # Paths, likewise, as absolute ones: a cell resumed, or run by a scheduler, from elsewhere finds them.
     data["ood"] = tuple(_absolute_ood(str(text)) for text in data.get("ood") or ())
-    if "data.name" in data["axes"]:
-        data["axes"]["data.name"] = [_absolute_folder(v) for v in data["axes"]["data.name"]]
-    if "data.name" in data["fixed"]:
-        data["fixed"]["data.name"] = _absolute_folder(data["fixed"]["data.name"])
+    for key in cfgmod.PATH_KEYS:
+        if key in data["axes"]:
+            data["axes"][key] = [cfgmod.absolute_path(key, v) for v in data["axes"][key]]
+        if key in data["fixed"]:
+            data["fixed"][key] = cfgmod.absolute_path(key, data["fixed"][key])
     return SweepSpec.from_dict(data)
 
 
@@ -139,9 +140,3 @@ def _absolute_ood(text: str) -> str:
     return text
 
 
-def _absolute_folder(value: Any) -> Any:
-    """``imagefolder:PATH`` with PATH absolute; any other dataset name as it is."""
-    family, sep, path = str(value).partition(":")
-    if sep and family == "imagefolder" and path:
-        return f"{family}:{Path(path).expanduser().resolve()}"
-    return value
