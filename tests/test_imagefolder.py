@@ -3,6 +3,7 @@
 (and a few other formats and modes) with PIL."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -77,6 +78,13 @@ def ws(tmp_path_factory) -> Path:
     write_class(ws / "badimage" / "zero", 0, 3)
     write_class(ws / "badimage" / "one", 1, 3)
     (ws / "badimage" / "one" / "broken.png").write_text("this is text, not a PNG\n")
+    write_class(ws / "splitnames" / "test", 0, 2)  # class folders named as the split layout's
+    write_class(ws / "splitnames" / "val", 1, 2)
+    write_class(ws / "deadlink" / "zero", 0, 3)
+    write_class(ws / "deadlink" / "one", 1, 3)
+    (ws / "deadlink" / "one" / "gone.png").symlink_to(ws / "nowhere.png")
+    write_class(ws / "latin1" / "zero", 0, 3)
+    write_class(ws / os.fsdecode(b"latin1/\xe9t\xe9"), 1, 3)  # a class folder unpacked from a Latin-1 archive
     return ws
 
 
@@ -223,6 +231,10 @@ ERRORS = [
     ("mismatch", "{ws}/mismatch/test has other classes than {ws}/mismatch/train (missing: one; extra: two)"),
     ("notest", "image folder {ws}/notest has train/ but no test/"),
     ("badimage", "image {ws}/badimage/one/broken.png cannot be read"),
+    ("splitnames", "has val/, test/ but no train/; add {ws}/splitnames/train/<class>/, or, for class folders "
+                   "directly in {ws}/splitnames, name none of them train, val, test"),
+    ("deadlink", "image {ws}/deadlink/one/gone.png cannot be read"),  # a link to nothing is named, not skipped
+    ("latin1", "class folder {ws}/latin1/\\xe9t\\xe9: its name is not UTF-8 text"),
 ]
 
 
@@ -257,6 +269,39 @@ def test_bad_names_and_values_are_one_line(args, words, capsys, tmp_path):
     code = run(["train", *args, "--out", str(tmp_path / "run")])
     captured = capsys.readouterr()
     assert code == 2 and captured.err.count("\n") == 1 and words in captured.err, captured.err
+
+
+def test_links_are_followed_once_and_names_that_are_not_utf8_are_read_and_shown(ws, tmp_path, capsys):
+    """A class folder's subfolder that is a link is searched like any folder, once even where a link
+    points back up; an image whose name is not UTF-8 text trains, and infer shows its name escaped
+    (the folder digest and every output take it), as it reads PPM and PGM files as torchvision does."""
+    photos = tmp_path / "photos"
+    for digit, name in NAMES.items():
+        write_class(photos / name, digit, 6)
+    write_class(tmp_path / "elsewhere", 2, 3, skip=6)
+    (photos / "two" / "linked").symlink_to(tmp_path / "elsewhere")
+    (photos / "two" / "loop").symlink_to(photos / "two")
+    odd = Path(os.fsdecode(bytes(photos / "one") + b"/\xff\xfe.png"))
+    shutil.copy(photos / "one" / "1_00.png", odd)
+    Image.open(photos / "zero" / "0_00.png").convert("L").save(photos / "zero" / "extra.pgm")
+    Image.open(photos / "zero" / "0_00.png").convert("RGB").save(photos / "zero" / "extra.ppm")
+    scan = scan_folder(photos)
+    files, labels = scan.parts["all"]
+    assert len(files) == 6 * 3 + 3 + 1 + 2 and len(set(map(os.path.realpath, files))) == len(files)
+    assert sum(f.parent.name == "linked" for f in files) == 3 and odd in files
+    out = tmp_path / "run"
+    assert run(["train", "--data", f"imagefolder:{photos}", "--epochs", "1", "--set", "data.image_size=8",
+                "--set", "data.channels=1", "--set", "train.eval_samples=1", "--out", str(out), "--json"]) == 0
+    capsys.readouterr()
+    shown = f"{photos / 'one'}/\\xff\\xfe.png"
+    for output in ("p.csv", "p.jsonl"):
+        assert run(["infer", str(out), str(photos / "one"), "--output", str(tmp_path / output)]) == 0
+        text = (tmp_path / output).read_text(encoding="utf-8")
+        assert shown in (text if output.endswith(".csv") else [json.loads(x)["input"] for x in text.splitlines()])
+    capsys.readouterr()
+    assert run(["infer", str(out), str(photos / "one"), "--json"]) == 0
+    inputs = [p["input"] for p in json.loads(capsys.readouterr().out)["predictions"]]
+    assert shown in inputs and all(x.encode("utf-8") for x in inputs)
 
 
 # ----------------------------------------------------------------------------- end to end

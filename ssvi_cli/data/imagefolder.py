@@ -11,7 +11,7 @@ Two layouts are read:
 
 A folder holding ``train/`` is read as the first layout. Class names are the class folder names,
 sorted; image files are found recursively (hidden files and folders are skipped). Images of any
-size and mode (PNG, JPEG, BMP, GIF, WebP, TIFF; gray, RGB, RGBA, palette, 16-bit gray) are decoded
+size and mode (PNG, JPEG, BMP, GIF, WebP, TIFF, PPM/PGM; gray, RGB, RGBA, palette, 16-bit gray) are decoded
 once with PIL and brought to ``data.channels`` x ``data.image_size`` x ``data.image_size`` exactly as
 ``ssvi infer`` brings an image file to a model (``transforms.preprocess``: alpha dropped, gray <-> RGB,
 antialiased bilinear resize), then kept as uint8. The normalisation is measured per channel on the
@@ -32,7 +32,7 @@ import torch
 
 from ssvi_cli.config import DataConfig
 from ssvi_cli.data.sources import DATASET_FAMILIES, DatasetSource
-from ssvi_cli.data.images import IMAGE_SUFFIXES, find_files, read_image
+from ssvi_cli.data.images import IMAGE_SUFFIXES, find_files, read_image, shown
 from ssvi_cli.data.spec import DataError, DataSpec, RawImages
 from ssvi_cli.data.splits import stratified_split
 from ssvi_cli.data.transforms import preprocess, random_crop_flip
@@ -75,6 +75,9 @@ def _class_folders(folder: Path, where: str) -> dict[str, tuple[Path, ...]]:
                         "at least two, add a folder per class")
     found = {}
     for cls in classes:
+        if shown(cls.name) != cls.name:
+            raise DataError(f"class folder {shown(cls)}: its name is not UTF-8 text, and the class names are "
+                            "written into the model file; rename the folder")
         files = tuple(find_files(cls))
         if not files:
             raise DataError(f"class folder {cls} holds no images ({', '.join(IMAGE_SUFFIXES)}); add images "
@@ -106,7 +109,8 @@ def scan_folder(path: Path) -> FolderScan:
     for needed in ("train", "test"):
         if needed not in present:
             raise DataError(f"image folder {root} has {'/, '.join(present)}/ but no {needed}/; add "
-                            f"{root / needed}/<class>/ or put the class folders directly in {root}")
+                            f"{root / needed}/<class>/, or, for class folders directly in {root}, name none of "
+                            f"them {', '.join(SPLIT_FOLDERS)} (the split layout's folders)")
     by_split = {s: _class_folders(root / s, f"{s} folder") for s in present}
     names = tuple(by_split["train"])
     for split, classes in by_split.items():
@@ -171,7 +175,7 @@ def _files_digest(scan: FolderScan) -> str:
 
     files, labels = scan.parts["all"]
     lines = "\n".join(f"{f.relative_to(scan.root).as_posix()}\t{y}" for f, y in zip(files, labels.tolist()))
-    return "sha256:" + hashlib.sha256(lines.encode("utf-8")).hexdigest()[:16]
+    return "sha256:" + hashlib.sha256(lines.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def folder_source(argument: str, options: Optional[DataConfig] = None) -> DatasetSource:

@@ -17,7 +17,7 @@ import torch
 
 from ssvi_cli.data.spec import DataError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 ARRAY_SUFFIX = ".npy"
 _MODES = ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "La", "RGBa")  # PIL modes read as 8-bit
 _ALPHA_MODES = ("LA", "PA", "RGBA", "La", "RGBa")
@@ -27,11 +27,27 @@ _GRAY16_MODES = ("I;16", "I;16B", "I;16L")
 def find_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
     """The files under ``folder`` whose suffix (any case) is one of ``suffixes``, recursively and
     sorted. Hidden files and everything inside hidden folders (a name starting with ``.``, such as
-    the ``._photo.jpg`` files macOS leaves beside copied images) are skipped."""
+    the ``._photo.jpg`` files macOS leaves beside copied images) are skipped. Links are followed, to
+    folders as to files (each folder is searched once: a link back up is not a loop); a link to
+    nothing is kept, so that reading it names it rather than the file going missing unseen."""
     folder = Path(folder)
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and p.suffix.lower() in suffixes
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    found: list[Path] = []
+    seen: set[str] = set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(top) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in suffixes]
+    return sorted(found)
+
+
+def shown(path: Path | str) -> str:
+    """``path`` as text that any output takes: a name's bytes that are not UTF-8 (a folder unpacked
+    from a Latin-1 archive) as ``\\xe9`` escapes, the rest as it is."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 STREAM_LIMIT = 1 << 30  # bytes read from a pipe or device at most (/dev/zero never ends)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ssvi_cli import fileio
 from ssvi_cli.data.images import (ARRAY_SUFFIX, IMAGE_SUFFIXES, STDIN, find_files, open_stream, read_array,
-                                  read_image, starts_as_npy)
+                                  read_image, shown, starts_as_npy)
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.data.transforms import preprocess
 from ssvi_cli.core.modes import using_kernel
@@ -229,7 +229,7 @@ def run_inference(model: SSVIModel, spec: DataSpec, files: Sequence[Path], *, sa
             except NonFiniteOutput as exc:
                 raise exc.naming(name=names[exc.first]) from None
             for name, rec in zip(names, batch):
-                records.append({"input": name, **rec})
+                records.append({"input": shown(name), **rec})
             if on_batch is not None:
                 on_batch(len(names))
     return records
