@@ -185,6 +185,11 @@ def test_train_takes_data_data_dir_and_download_flags_as_evaluate_does(tmp_path:
     assert f"data_dir: {root}" in (out / "config.yaml").read_text()
     assert run(["train", "--resume", str(out), "--data-dir", str(root)]) == 2
     assert "drop --data-dir" in capsys.readouterr().err
+    # the embedded digits read no data folder: the flags are said to change nothing, not taken silently
+    assert run(["train", "--data-dir", str(root), "--download", "--epochs", "1", "--set", "train.eval_samples=1",
+                "--out", str(tmp_path / "digits"), "--json"]) == 0
+    assert "note: --data-dir and --download are for torchvision datasets; digits reads no data folder" \
+        in capsys.readouterr().err
 
 
 def test_relative_data_paths_are_recorded_absolute_so_the_run_works_from_anywhere(tmp_path: Path, capsys,

@@ -95,6 +95,7 @@ def register(app: typer.Typer) -> None:
 
         Also runs as one worker of: torchrun --nproc-per-node N -m ssvi_cli train ...
         """
+        from ssvi_cli.data import reads_data_dir
         from ssvi_cli.training import distributed
         from ssvi_cli.training.plan import RunPlan
         from ssvi_cli.training.trainer import Interrupted, Trainer
@@ -132,6 +133,9 @@ def register(app: typer.Typer) -> None:
             plan = RunPlan.new(cfg, out_dir or _default_run_dir(cfg, preset), progress=not json_out and info.is_main)
             if plan.init_note and info.is_main and not json_out:
                 err.print(plan.init_note, highlight=False)
+            if (data_dir is not None or download) and info.is_main and not reads_data_dir(plan.cfg.data.name):
+                err.print(f"note: --data-dir and --download are for torchvision datasets; {plan.cfg.data.name} "
+                          "reads no data folder, so they change nothing", highlight=False)
         trainer = None
         try:
             distributed.setup(info, device or plan.cfg.train.device)

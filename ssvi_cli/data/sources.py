@@ -79,6 +79,7 @@ class DatasetSource:
     location: Callable[[Path], Path] = field(default=lambda root: root)
     load_val: Callable[[], RawImages] | None = None
     complete_spec: Callable[[DataSpec, RawImages], DataSpec] | None = None
+    files: bool = True  # read from data_dir (and fetched with download); False: embedded in the package
 
 
 def default_data_dir() -> Path:
@@ -183,6 +184,7 @@ for _name, _source in {
     "digits": DatasetSource(
         spec=DataSpec("digits", (1, 8, 8), 10, _DIGIT_NAMES, (DIGITS_MEAN,), (DIGITS_STD,), pixel_max=16.0),
         load=_load_digits,
+        files=False,
     ),
     "mnist": _mnist_like("mnist", "MNIST", _MNIST_NAMES, 0.1307, 0.3081),
     "fashion-mnist": _mnist_like("fashion-mnist", "FashionMNIST", _FASHION_NAMES, 0.2860, 0.3530),
@@ -215,6 +217,12 @@ DATASET_FAMILIES: Registry[FamilyBuilder] = Registry("dataset family", error=Unk
 def dataset_names() -> list[str]:
     """Registered in-distribution dataset names (the fixed ones; families take an argument)."""
     return DATASETS.names()
+
+
+def reads_data_dir(name: str) -> bool:
+    """Whether dataset ``name`` is read from ``data.data_dir`` (and fetched with ``data.download``): a
+    torchvision set is; the embedded digits and an image folder (which names its own path) are not."""
+    return name in DATASETS and DATASETS.get(name).files
 
 
 def source(name: str, options: Optional[DataConfig] = None) -> DatasetSource:
