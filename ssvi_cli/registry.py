@@ -53,7 +53,8 @@ class Registry(Generic[T]):
     def unknown_message(self, name: object, label: Optional[str] = None) -> str:
         """``unknown <kind> 'x'; valid names are: ...`` (plus close matches when there are any)."""
         message = f"unknown {label or self.kind} {name!r}; valid names are: {', '.join(self.names())}"
-        close = difflib.get_close_matches(str(name), self.names(), n=3, cutoff=0.6)
+        lower = {n.lower(): n for n in self.names()}  # MNIST finds mnist
+        close = [lower[c] for c in difflib.get_close_matches(str(name).lower(), list(lower), n=3, cutoff=0.6)]
         return message + (f" (did you mean {' or '.join(close)}?)" if close else "")
 
     def names(self) -> list[str]:

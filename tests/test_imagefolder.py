@@ -264,6 +264,8 @@ def test_folder_errors_are_one_line(ws, folder, words, capsys, tmp_path):
     (["--data", "mnist", "--set", "data.mean=[0.5]"], "data.mean=(0.5,) applies to image folders"),
     (["--data", "cifar10", "--set", "data.channels=2"], "data.channels=2 applies to image folders"),
     (["--data", "imagefoldr:/tmp", "--set", "data.image_size=16"], "unknown dataset 'imagefoldr:/tmp'"),
+    (["--data", "MNIST"], "(did you mean mnist or kmnist?)"),
+    (["--data", "."], "unknown dataset '.'; . is a folder: for the class folders in it, pass imagefolder:."),
 ])
 def test_bad_names_and_values_are_one_line(args, words, capsys, tmp_path):
     code = run(["train", *args, "--out", str(tmp_path / "run")])

@@ -232,6 +232,9 @@ def source(name: str, options: Optional[DataConfig] = None) -> DatasetSource:
     if sep and family in DATASET_FAMILIES:
         return DATASET_FAMILIES.get(family)(argument, options)
     if name not in DATASETS:
+        if isinstance(name, str) and name and Path(name).expanduser().is_dir():
+            raise UnknownDataset(f"unknown dataset {name!r}; {name} is a folder: for the class folders in it, "
+                                 f"pass imagefolder:{name}")
         forms = ", ".join(f"{f}:PATH" for f in DATASET_FAMILIES)
         raise UnknownDataset(DATASETS.unknown_message(name) + (f"; or {forms}" if forms else ""))
     return DATASETS.get(name)
