@@ -227,14 +227,45 @@ def test_ctrl_c_under_nproc_checkpoints_once_and_exits_130(tmp_path: Path):
     assert state["epoch"] == 1 and state["batch_in_epoch"] > 0, state
 
 
+@pytest.mark.slow
+def test_a_stop_signal_to_the_nproc_command_alone_stops_every_process_at_a_checkpoint(tmp_path: Path):
+    """kill, a container's stop or timeout signal the command, not its processes: they stop at a
+    checkpoint all the same, and the command exits as they did (128 + 15), none left running."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ssvi_cli", "train", "--nproc", "2", "--device", "cpu", "--batch-size", "4",
+         "--epochs", "3", "--set", "data.max_train=600", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    lines = [proc.stderr.readline()]
+    while lines[-1] and not lines[-1].startswith("epoch 1/3"):
+        lines.append(proc.stderr.readline())
+    assert lines[-1].startswith("epoch 1/3"), "".join(lines)
+    proc.send_signal(signal.SIGTERM)  # this process alone
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, rest
+    assert rest.count("checkpoint written. Resume with") == 1 and "Traceback" not in rest, rest
+    left = [p for p in Path("/proc").glob("[0-9]*") if str(out) in _cmdline(p)]
+    assert not left, [_cmdline(p) for p in left]
+    state = torch.load(sorted((out / "checkpoints").glob("*.pt"))[-1], weights_only=True)["state"]
+    assert state["epoch"] == 1 and state["batch_in_epoch"] > 0, state
+
+
+def _cmdline(proc_dir: Path) -> str:
+    try:
+        return (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def test_nproc_forwards_the_same_arguments_to_the_launcher(tmp_path: Path, monkeypatch):
     from ssvi_cli.cli import app
 
     seen: dict[str, Any] = {}
 
-    def fake_launch(nproc: int, args: list[str]) -> int:
+    def fake_launch(nproc: int, args: list[str]) -> tuple[int, None]:
         seen.update(nproc=nproc, args=args)
-        return 0
+        return 0, None
 
     monkeypatch.setattr(distributed, "launch", fake_launch)
     for key in distributed.ENV_KEYS:
@@ -249,7 +280,7 @@ def test_nproc_forwards_the_same_arguments_to_the_launcher(tmp_path: Path, monke
     assert [args[i + 1] for i, a in enumerate(args) if a == "--set"] == ["train.epochs=1", "sparse.delta_t=5"]
     assert "--force" in args and args[-2:] == ["--out", str(tmp_path / "r")]
     cmd = distributed.launch_command(3, args)
-    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3"]
+    assert "torchrun_main" in cmd[2] and cmd[3:5] == ["--standalone", "--nproc-per-node=3"]
     assert cmd[5:8] == ["-m", "ssvi_cli", "train"]
 
 
@@ -260,6 +291,32 @@ def test_nproc_checks_the_run_directory_before_launching(tmp_path: Path, monkeyp
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.yaml").write_text("x")
     assert run(["train", "--nproc", "2", "--out", str(tmp_path / "r")]) == 2
+
+
+def test_nproc_checks_the_whole_run_once_before_launching_or_replacing_a_run(tmp_path: Path, monkeypatch, capsys):
+    """Mistakes read as without --nproc (one line, exit 2), before any process starts, and --force
+    never costs the old run a refused one would have replaced."""
+    from ssvi_cli.cli import run
+
+    old = tmp_path / "old"
+    assert run(["train", "--epochs", "1", "--batch-size", "1", "--set", "data.max_train=40",
+                "--set", "train.eval_samples=1", "--out", str(old)]) == 0
+    (old / "summary.json").unlink()  # as if stopped after its last checkpoint
+    (old / "model.safetensors").unlink()
+    monkeypatch.setattr(distributed, "launch", lambda nproc, args: pytest.fail("must not launch"))
+    capsys.readouterr()
+    for args, words in [
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "nope"], "--device"),
+        (["--resume", str(tmp_path / "none")], "does not exist"),
+        (["--resume", str(old), "--epochs", "3"], "drop --epochs"),
+        (["--resume", str(old)], "was trained with a global batch of 1, which cannot feed 2 processes"),
+        (["--data", "mnist", "--data-dir", str(tmp_path / "nodata"), "--out", str(old), "--force"], "mnist not found"),
+        (["--sparsity", "0.99999", "--set", "model.widths=[4]"], "leaves layer first (256 weights) with no active"),
+    ]:
+        assert run(["train", "--nproc", "2", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err
+    assert (old / "checkpoints").is_dir() and (old / "config.yaml").is_file()  # --force removed nothing
 
 
 # ------------------------------------------------------------------ pieces

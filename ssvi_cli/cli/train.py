@@ -106,12 +106,6 @@ def register(app: typer.Typer) -> None:
             "data.data_dir": str(data_dir) if data_dir is not None else None, "data.download": download, "sparse.sparsity": sparsity, "sparse.method": method, "sparse.criterion": criterion,
             "train.epochs": epochs, "train.batch_size": batch_size, "optim.lr": lr, "train.seed": seed,
             "train.device": device, "train.precision": precision, "train.kernel": kernel}
-        if nproc is not None and nproc > 1:
-            if info is not None:
-                raise UsageError("--nproc starts torch.distributed.run itself; under torchrun drop it")
-            _launch(ctx, nproc, resume, preset, out_dir, force, overrides, set_ or [])
-            return
-        info = info or distributed.SINGLE
         if resume is not None:
             given = [n for n, v in (("--preset", preset != cfgmod.DEFAULT_PRESET), ("--model", model), ("--init-from", init_from), ("--data", data),
                                      ("--data-dir", data_dir), ("--download", download is not None), ("--sparsity", sparsity),
@@ -121,6 +115,13 @@ def register(app: typer.Typer) -> None:
                                      ("--kernel", kernel)) if v]
             if given:
                 raise UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
+        if nproc is not None and nproc > 1:
+            if info is not None:
+                raise UsageError("--nproc starts torch.distributed.run itself; under torchrun drop it")
+            _launch(ctx, nproc, resume, preset, out_dir, force, overrides, set_ or [], device)
+            return
+        info = info or distributed.SINGLE
+        if resume is not None:
             if _finished(resume, json_out, info.is_main):
                 return
             # One pre-flight: the checkpoint is read once, the device resolved (a clear error for an
@@ -188,20 +189,27 @@ def _default_run_dir(cfg: cfgmod.Config, preset: str) -> Any:
 
 
 def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: str, out_dir: Optional[Path], force: bool,
-            overrides: dict[str, Any], sets: list[str]) -> None:
-    """Check the arguments here, where errors read well, then rerun them on ``nproc`` processes."""
+            overrides: dict[str, Any], sets: list[str], device: Optional[str]) -> None:
+    """Check the run here, once, where errors read well (and before ``--force`` removes an old run),
+    then rerun the command on ``nproc`` processes. A stop signal sent to this process alone (``kill``,
+    a container's stop, ``timeout``) reaches them too: each stops at a checkpoint, as without
+    ``--nproc``, and this process exits as they did."""
     from ssvi_cli.runs.rundir import RunDir
     from ssvi_cli.training import distributed
-    from ssvi_cli.training.plan import check_names
+    from ssvi_cli.training.plan import preflight, preflight_resume
 
     if resume is None:
         cfg = build_config(preset, overrides, sets)
-        check_names(cfg)
+        preflight(cfg)
         out_dir = RunDir(out_dir).claim(force).path if out_dir else _default_run_dir(cfg, preset).claim(force).path
+    else:
+        preflight_resume(resume, device, nproc)
     args = forwarded_args(ctx, drop=("nproc", "out_dir"))
     if out_dir is not None:
         args += ["--out", str(out_dir)]
-    code = distributed.launch(nproc, ["train", *args])
+    code, stopped_by = distributed.launch(nproc, ["train", *args])
+    if stopped_by is not None and code:  # the processes stopped at a checkpoint and said so
+        raise typer.Exit(128 + int(stopped_by))
     if code:
         raise typer.Exit(code)
 

@@ -19,6 +19,7 @@ checksums (:func:`verify_supports`); a mismatch raises :class:`SupportMismatch`,
 from __future__ import annotations
 
 import gc
+import signal
 import importlib
 import logging
 import os
@@ -302,14 +303,56 @@ def free_port() -> int:
 
 
 def launch_command(nproc: int, args: Sequence[str]) -> list[str]:
-    """The ``torch.distributed.run`` command that runs ``ssvi <args>`` on ``nproc`` local processes."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "ssvi_cli", *args]
+    """The ``torch.distributed.run`` command that runs ``ssvi <args>`` on ``nproc`` local processes
+    (through :func:`torchrun_main`)."""
+    return [sys.executable, "-c", f"import sys; from {__name__} import torchrun_main; torchrun_main(sys.argv[1:])",
+            "--standalone", f"--nproc-per-node={nproc}", "-m", "ssvi_cli", *args]
 
 
-def launch(nproc: int, args: Sequence[str]) -> int:
-    """Run ``ssvi <args>`` on ``nproc`` processes of this node and return the launcher's exit code."""
+def torchrun_main(argv: Sequence[str]) -> None:
+    """``torch.distributed.run`` with ``argv``, ending as its processes did rather than in a traceback:
+    a stop signal exits 128 + its number once they have stopped at a checkpoint, and a process that
+    failed (having printed its error) gives its exit code (2 for a user's error)."""
+    os.environ.setdefault("LOGLEVEL", "ERROR")  # not torchrun's notices of a shutdown it was asked for
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main
+
+    try:
+        main(list(argv))
+    except SignalException as exc:
+        sys.exit(128 + int(exc.sigval))
+    except ChildFailedError as exc:
+        first = min(exc.failures.items())[1] if exc.failures else None
+        code = getattr(first, "exitcode", 1)
+        sys.exit(code if isinstance(code, int) and 0 < code < 256 else 1)
+
+
+def launch(nproc: int, args: Sequence[str]) -> tuple[int, Optional[signal.Signals]]:
+    """Run ``ssvi <args>`` on ``nproc`` processes of this node; returns the launcher's exit code and
+    the stop signal this process passed on to it, if any.
+
+    The launcher runs in a session of its own, so that a stop signal reaches its processes once and
+    by one path: Ctrl-C at the terminal, or a SIGTERM or SIGHUP sent to this process alone, is passed
+    to the launcher, which passes it to every process; each stops at a checkpoint (``stop_signals``),
+    and this process waits for them before it returns."""
+    from ssvi_cli.training.stops import requests_to_stop
+
     env = dict(os.environ)
     # One thread per process unless the user chose otherwise: N processes share the node's cores.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.run(launch_command(nproc, args), env=env, check=False).returncode
+    proc = subprocess.Popen(launch_command(nproc, args), env=env, start_new_session=True)
+    stopped: list[signal.Signals] = []
+
+    def forward(signum: int, frame: Any) -> None:  # noqa: ARG001
+        stopped.append(signal.Signals(signum))
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in requests_to_stop()}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    return code, (stopped[0] if stopped else None)

@@ -120,11 +120,7 @@ class RunPlan:
         dev = resolve_device(device or cfg.train.device)
         splits = splits or load_data(cfg)
         card = ModelCard.from_config(cfg, splits.spec)
-        # Shapes only: plans the supports of any size without their memory (a RegNet is built on the CPU).
-        with torch.device("meta"):
-            skeleton = build_model(card)
-            densities = plan_densities(skeleton, cfg)
-        check_input_fits(skeleton, cfg, splits.spec.input_shape)
+        densities = _planned(card, cfg, splits.spec)
         init = None
         if cfg.model.init_from:  # after the cheap checks: this may download
             from ssvi_cli.training.init_weights import load_init_weights
@@ -141,21 +137,77 @@ class RunPlan:
                splits: Optional[DataSplits] = None) -> "RunPlan":
         """Continue the run in ``run_dir`` from its latest checkpoint (read once, here)."""
         run = _run_dir(run_dir)
-        _, data = run.load_latest()
-        cfg = from_dict(data["config"])
-        dev = resolve_device(device or cfg.train.device)
-        try:  # before any image is decoded
-            recorded = DataSpec.from_dict(data["data_spec"])
-        except (KeyError, TypeError, DataError):  # a checkpoint without a readable data description
-            recorded = None
-        if recorded is not None and recorded.files_digest:
-            recorded.check_same_files(get_spec(cfg.data.name, cfg.data))
+        cfg, dev, data = _resumable(run, device)
         splits = splits or load_data(cfg)
         card = ModelCard.from_config(cfg, splits.spec)
         return cls(cfg, dev, splits, card, {}, run, data)
 
     def build_model(self) -> SSVIModel:
         return build_model(self.card, kernel=self.cfg.train.kernel)
+
+
+def _planned(card: ModelCard, cfg: Config, spec: DataSpec) -> dict[str, float]:
+    """Every layer's density, planned on a shapes-only model (the supports of any size without their
+    memory: a RegNet is built on the CPU), and the model's forward checked on the data's input shape."""
+    with torch.device("meta"):
+        skeleton = build_model(card)
+        densities = plan_densities(skeleton, cfg)
+    check_input_fits(skeleton, cfg, spec.input_shape)
+    return densities
+
+
+def check_data_present(cfg: Config) -> None:
+    """A torchvision dataset's files are there (fetched now where ``data.download`` allows): its test
+    split is read, as a run would read it. The embedded digits and an image folder (whose scan
+    :func:`check_names` did) have nothing more to check."""
+    from ssvi_cli.data import load_raw, reads_data_dir
+
+    d = cfg.data
+    if reads_data_dir(d.name):
+        load_raw(d.name, data_dir=Path(d.data_dir).expanduser() if d.data_dir else None, download=d.download,
+                 train=False, options=d)
+
+
+def preflight(cfg: Config, device: Optional[str] = None) -> None:
+    """What :meth:`RunPlan.new` checks, short of decoding the training images: for a launcher that
+    checks a run once, where its errors read well, before its processes start and before ``--force``
+    removes an old run."""
+    spec = check_names(cfg)
+    resolve_device(device or cfg.train.device)
+    check_data_present(cfg)
+    _planned(ModelCard.from_config(cfg, spec), cfg, spec)
+    if cfg.model.init_from:  # read (or fetched) once here, not once per process
+        from ssvi_cli.training.init_weights import load_init_weights
+
+        load_init_weights(cfg, spec, progress=True)
+
+
+def preflight_resume(run_dir: RunDir | Path, device: Optional[str] = None, world_size: int = 1) -> None:
+    """What :meth:`RunPlan.resume` checks, short of decoding the training images (see :func:`preflight`):
+    a checkpoint to resume, the device, the data, and a recorded global batch that feeds ``world_size``
+    processes."""
+    run = _run_dir(run_dir)
+    cfg, _, data = _resumable(run, device)
+    check_data_present(cfg)
+    batch = int((data.get("state") or {}).get("global_batch") or 0)
+    if batch and batch < world_size:
+        raise ConfigError(f"{run.path} was trained with a global batch of {batch}, which cannot feed {world_size} "
+                          f"processes; resume it on at most {batch} (--nproc {batch})")
+
+
+def _resumable(run: RunDir, device: Optional[str]) -> tuple[Config, torch.device, dict[str, Any]]:
+    """The run's config, device and newest readable checkpoint, its image folder (in the flat layout)
+    checked unchanged before any image is decoded."""
+    _, data = run.load_latest()
+    cfg = from_dict(data["config"])
+    dev = resolve_device(device or cfg.train.device)
+    try:
+        recorded = DataSpec.from_dict(data["data_spec"])
+    except (KeyError, TypeError, DataError):  # a checkpoint without a readable data description
+        recorded = None
+    if recorded is not None and recorded.files_digest:
+        recorded.check_same_files(get_spec(cfg.data.name, cfg.data))
+    return cfg, dev, data
 
 
 def _run_dir(path: Optional[RunDir | Path]) -> Optional[RunDir]:
