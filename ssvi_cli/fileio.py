@@ -8,9 +8,9 @@ import math
 import os
 import re
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, ContextManager, Iterable, Iterator
 
 
 class UnwritablePath(OSError):
@@ -35,6 +35,42 @@ def check_writable(folder: Path, flag: str) -> None:
         read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
         raise UnwritablePath(errno.EROFS if read_only else errno.EACCES, f"{flag}: cannot write into {existing}: "
                              + ("Read-only file system" if read_only else "Permission denied"))
+
+
+class Locked(RuntimeError):
+    """Another process holds the lock; ``holder`` is its process id as it wrote it ("?" if unknown)."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(f"held by process {holder}")
+        self.holder = holder
+
+
+def acquire_lock(lock_path: Path, what: str) -> ContextManager[Any]:
+    """An advisory ``flock`` on ``lock_path`` (made, with its folder, as needed; our process id written
+    in it), held until the returned context ends; :class:`Locked` if another process holds it. The
+    system drops it when its holder exits, however it exits. Without ``fcntl`` (Windows) nothing is
+    locked. ``what`` names the lock in the error when it cannot be written (:class:`UnwritablePath`)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return nullcontext()
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(lock_path, "a+", encoding="utf-8")
+    except OSError as exc:
+        raise UnwritablePath(exc.errno, f"cannot write {what} {lock_path}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise Locked(holder) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh  # closing it releases the lock
 
 
 def _cannot_write(path: Path, exc: OSError) -> UnwritablePath:

@@ -224,6 +224,30 @@ def test_relative_data_paths_are_recorded_absolute_so_the_run_works_from_anywher
         capsys.readouterr()
 
 
+def test_a_run_in_progress_is_never_written_by_a_second_process(tmp_path: Path, capsys):
+    """While a process trains a run (it holds the run's lock), --force over it and a second --resume
+    are refused in a line and change nothing; an --out that cannot be made is refused in a line too."""
+    from ssvi_cli.runs.rundir import RunDir
+
+    live = tmp_path / "live"
+    assert run(["train", "--epochs", "1", "--set", "train.eval_samples=1", "--out", str(live)]) == 0
+    (live / "summary.json").unlink()  # as if stopped after its last checkpoint
+    (live / "model.safetensors").unlink()
+    before = sorted(p.name for p in live.rglob("*"))
+    capsys.readouterr()
+    with RunDir(live).hold():  # as the process training it does
+        for args in (["--resume", str(live)], ["--out", str(live), "--force", "--epochs", "1"]):
+            assert run(["train", *args]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"{live}: the run is in use by another ssvi process (process " in err
+    assert sorted(p.name for p in live.rglob("*")) == before
+    assert run(["train", "--resume", str(live)]) == 0  # the lock went with its holder
+    (tmp_path / "afile").write_text("x")
+    capsys.readouterr()
+    assert run(["train", "--epochs", "1", "--out", str(tmp_path / "afile" / "sub")]) == 2
+    assert capsys.readouterr().err == f"error: --out: {tmp_path / 'afile'} is a file, not a folder\n"
+
+
 def test_train_takes_the_presets_values_for_the_chosen_method(tmp_path: Path, capsys):
     import yaml
 

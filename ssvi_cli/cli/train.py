@@ -5,6 +5,7 @@ are printed here."""
 from __future__ import annotations
 
 import signal
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -96,6 +97,7 @@ def register(app: typer.Typer) -> None:
         Also runs as one worker of: torchrun --nproc-per-node N -m ssvi_cli train ...
         """
         from ssvi_cli.data import reads_data_dir
+        from ssvi_cli.runs.rundir import RunDir
         from ssvi_cli.training import distributed
         from ssvi_cli.training.plan import RunPlan
         from ssvi_cli.training.trainer import Interrupted, Trainer
@@ -121,40 +123,48 @@ def register(app: typer.Typer) -> None:
             _launch(ctx, nproc, resume, preset, out_dir, force, overrides, set_ or [], device)
             return
         info = info or distributed.SINGLE
-        if resume is not None:
-            if _finished(resume, json_out, info.is_main):
-                return
-            # One pre-flight: the checkpoint is read once, the device resolved (a clear error for an
-            # absent GPU) and the data loaded, all before the process group exists.
-            plan = RunPlan.resume(resume, device=device)
-        else:
-            # Names, device, data and the layer budget are checked before --force removes an old run,
-            # so a missing dataset or an impossible sparsity never costs the run being replaced.
-            cfg = build_config(preset, overrides, set_ or [])
-            plan = RunPlan.new(cfg, out_dir or _default_run_dir(cfg, preset), progress=not json_out and info.is_main)
-            if plan.init_note and info.is_main and not json_out:
-                err.print(plan.init_note, highlight=False)
-            if (data_dir is not None or download) and info.is_main and not reads_data_dir(plan.cfg.data.name):
-                err.print(f"note: --data-dir and --download are for torchvision datasets; {plan.cfg.data.name} "
-                          "reads no data folder, so they change nothing", highlight=False)
-        trainer = None
-        try:
-            distributed.setup(info, device or plan.cfg.train.device)
-            if resume is None:
-                # Rank 0 claims the run directory (with --force, removing the old run's files); the others
-                # take its answer.
-                distributed.on_main(lambda: plan.run_dir.claim(force))
-            trainer = Trainer.from_plan(plan, dist_info=info)
-            if resume is not None and info.is_main:
-                where = (f"at epoch {trainer.state.epoch + 1}, step {trainer.state.step}"
-                         if trainer.state.epoch < trainer.cfg.train.epochs else
-                         f"after its last epoch (step {trainer.state.step}): the final evaluation and model file")
-                err.print(f"resuming {resume} {where}" + (f" on {info.world_size} processes" if info.enabled else ""))
-            summary = _fit(trainer, Interrupted, quiet=json_out or not info.is_main, notes=info.is_main)
-        finally:
-            if trainer is not None:
-                trainer.release_process_group()
-            distributed.teardown()
+        with ExitStack() as held:  # the run's lock, held by rank 0 to the end (RunDir.hold)
+            if resume is not None:
+                if _finished(resume, json_out, info.is_main):
+                    return
+                # One pre-flight: the checkpoint is read once, the device resolved (a clear error for an
+                # absent GPU) and the data loaded, all before the process group exists.
+                if info.is_main:  # before the checkpoint is read: no other process may be writing it
+                    held.enter_context(RunDir(resume).hold("--resume", create=False))
+                plan = RunPlan.resume(resume, device=device)
+            else:
+                # Names, device, data and the layer budget are checked before --force removes an old run,
+                # so a missing dataset or an impossible sparsity never costs the run being replaced.
+                cfg = build_config(preset, overrides, set_ or [])
+                plan = RunPlan.new(cfg, out_dir or _default_run_dir(cfg, preset), progress=not json_out and info.is_main)
+                if plan.init_note and info.is_main and not json_out:
+                    err.print(plan.init_note, highlight=False)
+                if (data_dir is not None or download) and info.is_main and not reads_data_dir(plan.cfg.data.name):
+                    err.print(f"note: --data-dir and --download are for torchvision datasets; {plan.cfg.data.name} "
+                              "reads no data folder, so they change nothing", highlight=False)
+            trainer = None
+            try:
+                distributed.setup(info, device or plan.cfg.train.device)
+                if resume is None:
+                    # Rank 0 locks and claims the run directory (with --force, removing the old run's files);
+                    # the others take its answer.
+                    def claim() -> None:
+                        plan.run_dir.check_claim(force)  # a folder that is not a run gets no lock file
+                        held.enter_context(plan.run_dir.hold())
+                        plan.run_dir.claim(force)
+
+                    distributed.on_main(claim)
+                trainer = Trainer.from_plan(plan, dist_info=info)
+                if resume is not None and info.is_main:
+                    where = (f"at epoch {trainer.state.epoch + 1}, step {trainer.state.step}"
+                             if trainer.state.epoch < trainer.cfg.train.epochs else
+                             f"after its last epoch (step {trainer.state.step}): the final evaluation and model file")
+                    err.print(f"resuming {resume} {where}" + (f" on {info.world_size} processes" if info.enabled else ""))
+                summary = _fit(trainer, Interrupted, quiet=json_out or not info.is_main, notes=info.is_main)
+            finally:
+                if trainer is not None:
+                    trainer.release_process_group()
+                distributed.teardown()
         if not info.is_main:
             return
         if json_out:
@@ -201,8 +211,13 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: str,
     if resume is None:
         cfg = build_config(preset, overrides, sets)
         preflight(cfg)
-        out_dir = RunDir(out_dir).claim(force).path if out_dir else _default_run_dir(cfg, preset).claim(force).path
+        run = RunDir(out_dir) if out_dir else _default_run_dir(cfg, preset)
+        run.check_claim(force)  # a folder that is not a run is refused before a lock is left in it
+        with run.hold():  # rank 0 takes the lock again for the run itself
+            out_dir = run.claim(force).path
     else:
+        with RunDir(resume).hold("--resume", create=False):  # refused while another process writes it
+            pass
         preflight_resume(resume, device, nproc)
     args = forwarded_args(ctx, drop=("nproc", "out_dir"))
     if out_dir is not None:

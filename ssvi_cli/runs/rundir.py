@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ContextManager, Optional
 
 from ssvi_cli import fileio
 from ssvi_cli.runs import checkpoint as ckpt
@@ -39,6 +41,13 @@ RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, SUPPORT_FILE, ckpt.CHECKPOINT_DIR, MOD
 
 class RunDirError(ValueError):
     """A run directory that cannot be used as asked (exists, holds a run, is a file)."""
+
+
+class RunBusy(RunDirError):
+    """Another process is writing the run (training, resuming or replacing it)."""
+
+
+LOCK_FILE = ".lock"  # hidden: an empty folder with it is still empty, and --force leaves it
 
 
 class RunDir:
@@ -60,16 +69,43 @@ class RunDir:
         return cls(root / f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}")
 
     # -- claiming --------------------------------------------------------------------
+
+    def hold(self, flag: str = "--out", create: bool = True) -> ContextManager[Any]:
+        """The run's lock (:data:`LOCK_FILE`), held until the returned context ends, so that no second
+        process writes the run meanwhile: a ``--force`` over a run in progress, or a second ``--resume``
+        of it, is refused (:class:`RunBusy`). ``create``: make the folder of a new run (a folder that
+        cannot be made or written is refused now, in a line, naming ``flag``); otherwise a missing
+        folder is left for the caller to refuse."""
+        if not create and not self.path.is_dir():
+            return nullcontext()
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"{flag} {self.path} exists and is not a directory")
+        fileio.check_writable(self.path, flag)
+        try:
+            return fileio.acquire_lock(self.path / LOCK_FILE, "the run's lock")
+        except fileio.UnwritablePath as exc:  # a folder the system refuses only when it is made
+            raise fileio.UnwritablePath(exc.errno, f"{flag} {self.path} cannot be made or written: "
+                                        f"{os.strerror(exc.errno) if exc.errno else exc}") from None
+        except fileio.Locked as exc:
+            raise RunBusy(f"{flag} {self.path}: the run is in use by another ssvi process (process {exc.holder}); "
+                          "wait for it to end, or stop it, and run this again") from None
+
     def claim(self, force: bool = False) -> "RunDir":
         """Make sure a new run may write here: an empty or missing folder, or (``force``) an old
         run, whose files are removed (:data:`RUN_ENTRIES`; anything else in the folder stays). A
         folder holding anything but a run is refused, ``force`` or not. Call it only once everything
-        else has been checked."""
+        else has been checked, holding the run's lock (:meth:`hold`)."""
+        if self.check_claim(force):
+            fileio.remove_entries(self.path, RUN_ENTRIES)
+        return self
+
+    def check_claim(self, force: bool = False) -> bool:
+        """:meth:`claim`'s refusals, changing nothing; whether there is an old run to remove."""
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"--out {self.path} exists and is not a directory")
         entries = fileio.visible_entries(self.path) if self.path.is_dir() else []
         if not entries:
-            return self
+            return False
         if not self.is_run():
             raise RunDirError(fileio.not_ours(self.path, entries, "run"))
         if not force:
@@ -83,8 +119,7 @@ class RunDir:
                 f"--out {self.path} already holds a run; pass --force to overwrite it or "
                 f"--resume {self.path} to continue it"
             )
-        fileio.remove_entries(self.path, RUN_ENTRIES)
-        return self
+        return True
 
     def finished(self) -> bool:
         """Whether the run reached its end: its summary and model file are written."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from ssvi_cli.fileio import UnwritablePath
+from ssvi_cli.fileio import Locked, UnwritablePath, acquire_lock
 from ssvi_cli.runs.rundir import RunDir
 from ssvi_cli.sweep.grid import CELLS_DIR, EVAL_FILE, Cell, SweepSpec
 from ssvi_cli.training.stops import requests_to_stop
@@ -91,36 +91,18 @@ def cell_busy(path: Path) -> bool:
 
 @contextmanager
 def cell_lock(path: Path) -> Iterator[None]:
-    """Hold the cell's lock while the block runs; :class:`CellBusy` if another process holds it.
-
-    An advisory ``flock`` on ``cells/.<cell>.lock`` (outside the run directory, which ``ssvi train
-    --force`` may replace): the system drops it when its holder exits, however it exits. Without
-    ``fcntl`` (Windows) cells are not locked.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
+    """Hold the cell's lock while the block runs; :class:`CellBusy` if another process holds it: an
+    advisory lock (:func:`fileio.held_lock`) on ``cells/.<cell>.lock``, outside the run directory,
+    which ``ssvi train --force`` may replace."""
     lock_path = Path(path).parent / f".{Path(path).name}.lock"
     try:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(lock_path, "a+", encoding="utf-8")
-    except OSError as exc:  # a read-only sweep folder, say
-        raise UnwritablePath(exc.errno, f"cannot write the cell's lock {lock_path}: {exc.strerror or exc}; a "
-                             "sweep's folder must be writable to run its cells") from None
-    with fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "?"
-            raise CellBusy(f"cell {Path(path).name} is already running (process {holder}); "
-                           "wait for it or stop it, then run it again") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
+        lock = acquire_lock(lock_path, "the cell's lock")
+    except Locked as exc:
+        raise CellBusy(f"cell {Path(path).name} is already running (process {exc.holder}); "
+                       "wait for it or stop it, then run it again") from None
+    except UnwritablePath as exc:  # a read-only sweep folder, say
+        raise UnwritablePath(exc.errno, f"{exc}; a sweep's folder must be writable to run its cells") from None
+    with lock:
         yield
 
 
