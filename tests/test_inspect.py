@@ -125,6 +125,12 @@ def test_plots_without_matplotlib_is_a_clear_error(run_dir, tmp_path, capsys, mo
     assert "matplotlib" in err and "pip install" in err and "Traceback" not in err
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no folder can be made")
+def test_a_plots_folder_the_system_refuses_to_make_is_one_line(run_dir, capsys):
+    assert run(["inspect", str(run_dir), "--plots", "/proc/ssvi-plots"]) == 2
+    assert capsys.readouterr().err == "error: --plots /proc/ssvi-plots cannot be made: No such file or directory\n"
+
+
 def test_tables_piped_into_a_file_keep_one_row_per_line(run_dir, tmp_path):
     # rich folds a table at 80 columns when stdout is not a terminal; a pipe gets a wider page so that
     # `ssvi inspect m | grep hidden` finds whole rows. COLUMNS, when a user sets it, still wins.

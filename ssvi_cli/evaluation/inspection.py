@@ -203,7 +203,10 @@ def write_snr_plots(layers: list[tuple[str, SparseGaussian]], out_dir: Path) -> 
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a folder the system refuses only when it is made (/proc, say)
+        raise fileio.UnwritablePath(exc.errno, f"--plots {out_dir} cannot be made: {exc.strerror or exc}") from None
     written: list[Path] = []
     everything = []
     for name, layer in layers:
