@@ -72,7 +72,8 @@ def test_cli_tables(capsys):
     assert "dense VI" in text and "compact" in text and "FLOPs convention" in text
 
 
-@pytest.mark.parametrize("args", [["--sparsity", "1.5"], ["--sparsity", "x"], ["--model", "nope"]])
+@pytest.mark.parametrize("args", [["--sparsity", "1.5"], ["--sparsity", "x"], ["--model", "nope"], ["--sparsity", "0.9,,0.95"],
+                                  ["--sparsity", "0.95,"]])
 def test_cli_usage_errors(args, capsys):
     assert run(["bench", *args]) == 2
 

@@ -209,6 +209,8 @@ def test_a_key_given_twice_runs_no_grid_and_exponents_are_numbers(tmp_path: Path
     assert "sparse.criterion is given twice (--criterion and --set)" in capsys.readouterr().err
     assert run(["sweep", "--set", "optim.lr=0.1", "--set", "optim.lr=0.2", "--out", out, "--dry-run"]) == 2
     assert "optim.lr is given twice (two --set)" in capsys.readouterr().err
+    assert run(["sweep", "--sparsity", "0.9,,0.95", "--out", out, "--dry-run"]) == 2  # a stray comma is no value
+    assert "--sparsity '0.9,,0.95' has an empty item; remove the extra comma" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
     # YAML 1.1 reads 1e-2 as a string; a sweep reads it as the number, so 1e-2 and 0.01 are one cell
     assert run(["sweep", "--set", "optim.lr=1e-2,3e-3,0.01", "--out", out, "--dry-run", "--json"]) == 0

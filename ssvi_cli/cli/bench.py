@@ -12,6 +12,8 @@ from ssvi_cli.cli.common import UsageError, check_device, err, out, print_json
 
 
 def parse_sparsities(text: str) -> tuple[float, ...]:
+    if any(not v.strip() for v in text.split(",")):
+        raise UsageError(f"--sparsity {text!r} has an empty item; remove the extra comma")
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:

@@ -14,6 +14,8 @@ from ssvi_cli.sweep.grid import SweepError, SweepSpec, check_key, list_valued, n
 def _csv(text: Optional[str], kind: type, flag: str) -> Optional[tuple[Any, ...]]:
     if text is None:
         return None
+    if text.strip() and any(not v.strip() for v in text.split(",")):
+        raise SweepError(f"{flag} {text!r} has an empty item; remove the extra comma")
     try:
         values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
     except ValueError:
