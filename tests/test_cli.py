@@ -96,6 +96,9 @@ def test_presets_command_lists_presets(capsys):
     assert run(["presets", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {"digits_mlp", "cifar10_resnet18"} <= {r["name"] for r in rows}
+    assert [r["name"] for r in rows if r["default"]] == ["digits_mlp"]  # what ssvi train runs without --preset
+    assert run(["presets"]) == 0
+    assert "digits_mlp (default)" in capsys.readouterr().out
 
 
 def test_ctrl_c_in_any_command_says_interrupted_and_exits_130(capsys, monkeypatch):

@@ -106,6 +106,7 @@ CASES = [
     (["export", "{ws}/run", "-o", "{ws}/afile/x.safetensors"], "its folder {ws}/afile is not a directory"),
     (["export", "{ws}/run", "-o", "{ws}/empty_dir"], "--output {ws}/empty_dir is a directory"),
     (["export", "{ws}/run", "-o", "{ws}/out.txt"], "name the model file *.safetensors"),
+    (["export", "{ws}/run", "-o", "-"], "--output -: a model file is written to a file, not standard output"),
     (["export", "{ws}/run/model.safetensors", "-o", "{ws}/run/model.safetensors"], "is the file being exported"),
     (["export", "{ws}/run", "-o", "{ws}/run/model.safetensors", "--dtype", "float16"], "is the model file of the run in {ws}/run,"),
     (["export", "{ws}/partial", "-o", "{ws}/run/model.safetensors"], "is the model file of the run in {ws}/run,"),

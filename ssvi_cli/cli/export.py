@@ -28,6 +28,9 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--dtype {dtype!r} is not valid; valid values are: {', '.join(DTYPES)}")
         if not source.exists():
             raise UsageError(f"{source} does not exist")
+        if str(output) == "-":
+            raise UsageError("--output -: a model file is written to a file, not standard output; name it "
+                             "*.safetensors")
         check_output_file(output, "--output")
         if output.suffix.lower() != ".safetensors":
             raise UsageError(f"--output {output}: name the model file *.safetensors (a .pt is read as a checkpoint)")

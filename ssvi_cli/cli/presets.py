@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
             rows.append({"name": name, "model": cfg.model.name, "dataset": cfg.data.name,
                          "method": cfg.sparse.method, "sparsity": cfg.sparse.sparsity,
                          "epochs": cfg.train.epochs, "command": cfgmod.preset_command(path),
-                         "methods": per_method})
+                         "methods": per_method, "default": name == cfgmod.DEFAULT_PRESET})
         if json_out:
             print_json(rows)
             return
@@ -35,7 +35,8 @@ def register(app: typer.Typer) -> None:
         for col in ("name", "model", "dataset", "method", "sparsity", "epochs"):
             table.add_column(col, no_wrap=col == "name")
         for r in rows:
-            table.add_row(*(str(r[c]) for c in ("name", "model", "dataset", "method", "sparsity", "epochs")))
+            table.add_row(r["name"] + (" (default)" if r["default"] else ""),
+                          *(str(r[c]) for c in ("model", "dataset", "method", "sparsity", "epochs")))
         out.print(table)
         out.print("commands:")
         for r in rows:

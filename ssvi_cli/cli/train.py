@@ -129,9 +129,9 @@ def register(app: typer.Typer) -> None:
                     return
                 # One pre-flight: the checkpoint is read once, the device resolved (a clear error for an
                 # absent GPU) and the data loaded, all before the process group exists.
-                if info.is_main:  # before the checkpoint is read: no other process may be writing it
-                    held.enter_context(RunDir(resume).hold("--resume", create=False))
                 plan = RunPlan.resume(resume, device=device)
+                if info.is_main:  # once it has passed its checks (a refused one leaves no lock file behind)
+                    held.enter_context(RunDir(resume).hold("--resume", create=False))
             else:
                 # Names, device, data and the layer budget are checked before --force removes an old run,
                 # so a missing dataset or an impossible sparsity never costs the run being replaced.
@@ -216,9 +216,9 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: str,
         with run.hold():  # rank 0 takes the lock again for the run itself
             out_dir = run.claim(force).path
     else:
+        preflight_resume(resume, device, nproc)
         with RunDir(resume).hold("--resume", create=False):  # refused while another process writes it
             pass
-        preflight_resume(resume, device, nproc)
     args = forwarded_args(ctx, drop=("nproc", "out_dir"))
     if out_dir is not None:
         args += ["--out", str(out_dir)]
