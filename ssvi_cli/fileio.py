@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -11,6 +12,8 @@ import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, ContextManager, Iterable, Iterator
+
+logger = logging.getLogger(__name__)
 
 
 class UnwritablePath(OSError):
@@ -48,8 +51,10 @@ class Locked(RuntimeError):
 def acquire_lock(lock_path: Path, what: str) -> ContextManager[Any]:
     """An advisory ``flock`` on ``lock_path`` (made, with its folder, as needed; our process id written
     in it), held until the returned context ends; :class:`Locked` if another process holds it. The
-    system drops it when its holder exits, however it exits. Without ``fcntl`` (Windows) nothing is
-    locked. ``what`` names the lock in the error when it cannot be written (:class:`UnwritablePath`)."""
+    system drops it when its holder exits, however it exits. Without ``fcntl`` (Windows), or on a file
+    system that has no locks (Lustre or NFS mounted without them), nothing is locked: a warning says so
+    and the work goes on. ``what`` names the lock in the error when it cannot be written
+    (:class:`UnwritablePath`)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
@@ -66,6 +71,11 @@ def acquire_lock(lock_path: Path, what: str) -> ContextManager[Any]:
         holder = fh.read().strip() or "?"
         fh.close()
         raise Locked(holder) from None
+    except OSError as exc:  # ENOSYS, ENOLCK, EOPNOTSUPP: locks are not to be had here
+        fh.close()
+        logger.warning("%s is not locked: its file system takes no locks (%s), so nothing stops a second process "
+                       "from writing there meanwhile", lock_path.parent, exc.strerror or exc)
+        return nullcontext()
     fh.seek(0)
     fh.truncate()
     fh.write(str(os.getpid()))

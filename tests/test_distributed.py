@@ -263,8 +263,8 @@ def test_nproc_forwards_the_same_arguments_to_the_launcher(tmp_path: Path, monke
 
     seen: dict[str, Any] = {}
 
-    def fake_launch(nproc: int, args: list[str]) -> tuple[int, None]:
-        seen.update(nproc=nproc, args=args)
+    def fake_launch(nproc: int, args: list[str], env: dict[str, str]) -> tuple[int, None]:
+        seen.update(nproc=nproc, args=args, env=env)
         return 0, None
 
     monkeypatch.setattr(distributed, "launch", fake_launch)
@@ -279,6 +279,7 @@ def test_nproc_forwards_the_same_arguments_to_the_launcher(tmp_path: Path, monke
     assert args[args.index("--batch-size") + 1] == "16" and args[args.index("--precision") + 1] == "bf16"
     assert [args[i + 1] for i, a in enumerate(args) if a == "--set"] == ["train.epochs=1", "sparse.delta_t=5"]
     assert "--force" in args and args[-2:] == ["--out", str(tmp_path / "r")]
+    assert seen["env"] == {"SSVI_RUN_LOCK_HELD": str((tmp_path / "r").resolve())}  # held here for rank 0
     cmd = distributed.launch_command(3, args)
     assert "torchrun_main" in cmd[2] and cmd[3:5] == ["--standalone", "--nproc-per-node=3"]
     assert cmd[5:8] == ["-m", "ssvi_cli", "train"]
@@ -287,7 +288,7 @@ def test_nproc_forwards_the_same_arguments_to_the_launcher(tmp_path: Path, monke
 def test_nproc_checks_the_run_directory_before_launching(tmp_path: Path, monkeypatch):
     from ssvi_cli.cli import run
 
-    monkeypatch.setattr(distributed, "launch", lambda nproc, args: pytest.fail("must not launch"))
+    monkeypatch.setattr(distributed, "launch", lambda nproc, args, env: pytest.fail("must not launch"))
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.yaml").write_text("x")
     assert run(["train", "--nproc", "2", "--out", str(tmp_path / "r")]) == 2
@@ -303,7 +304,7 @@ def test_nproc_checks_the_whole_run_once_before_launching_or_replacing_a_run(tmp
                 "--set", "train.eval_samples=1", "--out", str(old)]) == 0
     (old / "summary.json").unlink()  # as if stopped after its last checkpoint
     (old / "model.safetensors").unlink()
-    monkeypatch.setattr(distributed, "launch", lambda nproc, args: pytest.fail("must not launch"))
+    monkeypatch.setattr(distributed, "launch", lambda nproc, args, env: pytest.fail("must not launch"))
     capsys.readouterr()
     for args, words in [
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "nope"], "--device"),

@@ -138,3 +138,22 @@ def test_every_json_ssvi_writes_is_standard(tmp_path):
     append_jsonl(tmp_path / "m.jsonl", record)
     write_json(tmp_path / "s.json", record)
     assert strict((tmp_path / "m.jsonl").read_text()) == strict((tmp_path / "s.json").read_text())
+
+
+@pytest.mark.parametrize("code", ["ENOSYS", "ENOLCK", "EOPNOTSUPP"])
+def test_a_file_system_without_locks_trains_unlocked_with_a_warning(tmp_path, monkeypatch, caplog, capsys, code):
+    """Lustre without its flock option, NFS without lockd: a run goes on, unlocked, and says so."""
+    import errno
+    import fcntl
+
+    from ssvi_cli.cli import run
+
+    def no_locks(fh, op):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "r"
+    assert run(["train", "--epochs", "1", "--set", "data.max_train=64", "--set", "train.eval_samples=1",
+                "--out", str(out), "--json"]) == 0
+    assert (out / "model.safetensors").is_file()
+    assert f"{out} is not locked: its file system takes no locks" in caplog.text + capsys.readouterr().err

@@ -195,3 +195,23 @@ def test_a_stop_during_the_final_evaluation_says_so_and_resume_finishes(tmp_path
     monkeypatch.setattr(trainer_module, "finish", lambda trainer: {"finished": True})
     resumed = Trainer.resume(tmp_path / "r")
     assert resumed.fit() == {"finished": True} and [r["epoch"] for r in records(tmp_path / "r")] == [1, 2, 3, 4]
+
+
+def test_a_resume_refuses_a_run_another_process_wrote_while_it_was_read(tmp_path: Path):
+    """The run's lock is taken once a --resume has passed its checks; were a newer checkpoint written
+    (or the run finished) by then, the checkpoint read is stale: refused, nothing trained from it."""
+    import shutil
+
+    from ssvi_cli.runs.rundir import RunBusy
+    from ssvi_cli.training.plan import RunPlan
+
+    trainer = Trainer.create(cfg(**{"train.epochs": 2}), tmp_path / "r")
+    trainer.step_hooks.append(stop_at(13))
+    with pytest.raises(Interrupted):
+        trainer.fit()
+    plan = RunPlan.resume(tmp_path / "r")
+    plan.check_unchanged()  # nothing happened meanwhile
+    newest = sorted((tmp_path / "r" / "checkpoints").glob("*.pt"))[-1]
+    shutil.copy(newest, newest.with_name("checkpoint-00000099.pt"))  # as the other process's next one
+    with pytest.raises(RunBusy, match="another process wrote the run while this one read it"):
+        plan.check_unchanged()

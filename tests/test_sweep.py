@@ -704,6 +704,32 @@ def test_an_image_folder_and_a_data_dir_in_a_sweep_are_recorded_absolute(tmp_pat
     assert spec.axes["data.data_dir"] == [str(tmp_path.resolve() / "tv"), str(Path.home().resolve() / "tv2")]
 
 
+def test_a_sweep_made_when_paths_were_recorded_as_typed_still_continues(tmp_path, monkeypatch, capsys):
+    """Before runs and sweeps recorded their data paths absolute, a cell's config and sweep.json held
+    them as typed: from the same folder, such a sweep is the same sweep and its cells ran as it says."""
+    monkeypatch.chdir(tmp_path)
+    for label in ("a", "b"):
+        (tmp_path / "photos" / label).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((8, 8), 30 * i + 100 * (label == "b"), np.uint8)).save(f"photos/{label}/{i}.png")
+    grid = ["sweep", "--method", "ssvi", "--seeds", "1", "--set", "data.name=imagefolder:photos", "--set",
+            "data.image_size=8", "--set", "data.channels=1", "--set", "data.data_dir=tv", "--set", "train.epochs=1",
+            *TINY, "--out", "s"]
+    assert run(grid) == 0, capsys.readouterr().err
+    # as an older ssvi wrote them: relative paths in sweep.json and in the cell's run config
+    sweep_file = tmp_path / "s" / "sweep.json"
+    doc = json.loads(sweep_file.read_text())
+    doc["spec"]["fixed"].update({"data.name": "imagefolder:photos", "data.data_dir": "tv"})
+    sweep_file.write_text(json.dumps(doc))
+    config = next((tmp_path / "s" / "cells").glob("*/config.yaml"))
+    config.write_text(config.read_text().replace(f"imagefolder:{tmp_path.resolve() / 'photos'}", "imagefolder:photos"))
+    assert "imagefolder:photos" in config.read_text()
+    capsys.readouterr()
+    for args in (["sweep", "--resume", "s"], grid):
+        assert run(args) == 0, capsys.readouterr().err
+        assert "ran under other settings" not in capsys.readouterr().err
+
+
 def test_an_ood_set_gone_since_the_sweep_was_made_stops_a_cell_before_it_trains(tmp_path: Path, capsys):
     """A scheduler runs the listed cells later: an OOD array deleted meanwhile fails each cell in a
     line before its training, not after it; a finished sweep still reports without it."""

@@ -132,6 +132,7 @@ def register(app: typer.Typer) -> None:
                 plan = RunPlan.resume(resume, device=device)
                 if info.is_main:  # once it has passed its checks (a refused one leaves no lock file behind)
                     held.enter_context(RunDir(resume).hold("--resume", create=False))
+                    plan.check_unchanged()
             else:
                 # Names, device, data and the layer budget are checked before --force removes an old run,
                 # so a missing dataset or an impossible sparsity never costs the run being replaced.
@@ -204,7 +205,7 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: str,
     then rerun the command on ``nproc`` processes. A stop signal sent to this process alone (``kill``,
     a container's stop, ``timeout``) reaches them too: each stops at a checkpoint, as without
     ``--nproc``, and this process exits as they did."""
-    from ssvi_cli.runs.rundir import RunDir
+    from ssvi_cli.runs.rundir import LOCK_HELD_ENV, RunDir
     from ssvi_cli.training import distributed
     from ssvi_cli.training.plan import preflight, preflight_resume
 
@@ -213,16 +214,18 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: str,
         preflight(cfg)
         run = RunDir(out_dir) if out_dir else _default_run_dir(cfg, preset)
         run.check_claim(force)  # a folder that is not a run is refused before a lock is left in it
-        with run.hold():  # rank 0 takes the lock again for the run itself
-            out_dir = run.claim(force).path
+        flag = "--out"
     else:
         preflight_resume(resume, device, nproc)
-        with RunDir(resume).hold("--resume", create=False):  # refused while another process writes it
-            pass
-    args = forwarded_args(ctx, drop=("nproc", "out_dir"))
-    if out_dir is not None:
-        args += ["--out", str(out_dir)]
-    code, stopped_by = distributed.launch(nproc, ["train", *args])
+        run, flag = RunDir(resume), "--resume"
+    # The lock is held here until the processes end; rank 0 knows it by LOCK_HELD_ENV.
+    with run.hold(flag, create=resume is None):
+        if resume is None:
+            out_dir = run.claim(force).path
+        args = forwarded_args(ctx, drop=("nproc", "out_dir"))
+        if out_dir is not None:
+            args += ["--out", str(out_dir)]
+        code, stopped_by = distributed.launch(nproc, ["train", *args], env={LOCK_HELD_ENV: str(run.path.resolve())})
     if stopped_by is not None and code:  # the processes stopped at a checkpoint and said so
         raise typer.Exit(128 + int(stopped_by))
     if code:

@@ -39,7 +39,7 @@ def find_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[P
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # a folder reached twice keeps one name
         found += [Path(top) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in suffixes]
     return sorted(found)
 

@@ -48,6 +48,7 @@ class RunBusy(RunDirError):
 
 
 LOCK_FILE = ".lock"  # hidden: an empty folder with it is still empty, and --force leaves it
+LOCK_HELD_ENV = "SSVI_RUN_LOCK_HELD"  # the run whose lock the launcher of this process holds for it
 
 
 class RunDir:
@@ -78,6 +79,8 @@ class RunDir:
         folder is left for the caller to refuse."""
         if not create and not self.path.is_dir():
             return nullcontext()
+        if self.path.is_dir() and os.environ.get(LOCK_HELD_ENV) == str(self.path.resolve()):
+            return nullcontext()  # ssvi train --nproc holds it for the processes it started
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"{flag} {self.path} exists and is not a directory")
         fileio.check_writable(self.path, flag)

@@ -41,8 +41,10 @@ def changed_cells(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> dict[s
         if cell_state(path) == "new":
             continue
         try:
-            ran[cell.name] = cfgmod.flat_dict(cfgmod.from_dict(
+            recorded = cfgmod.flat_dict(cfgmod.from_dict(
                 yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8"))))
+            # A path recorded as typed (before runs recorded them absolute) is the one it names from here.
+            ran[cell.name] = {k: cfgmod.absolute_path(k, v) for k, v in recorded.items()}
         except (OSError, yaml.YAMLError, cfgmod.ConfigError, TypeError, ValueError) as exc:
             changed[cell.name] = f"its {CONFIG_FILE} cannot be read ({brief(getattr(exc, 'problem', None) or exc)})"
     for cell, cfg in cell_configs(spec, [c for c in cells if c.name in ran]):

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ssvi_cli import config as cfgmod
 from ssvi_cli.fileio import not_ours, remove_entries, visible_entries
 from ssvi_cli.sweep.figures import ACCURACY_VS_FLOPS, METRICS_VS_SPARSITY
 from ssvi_cli.sweep.grid import (CELLS_DIR, SWEEP_FILE, Cell, SweepError, SweepSpec, expand, is_sweep_dir,
@@ -69,13 +70,15 @@ def claim_sweep_dir(out_dir: Path, spec: SweepSpec, cells: list[Cell], force: bo
 
 def _in_its_terms(old: SweepSpec, new: SweepSpec, cells: list[Cell]) -> tuple[SweepSpec, list[Cell]]:
     """``new`` with each value that equals one of ``old``'s written as ``old`` wrote it (a sweep made
-    before ``1`` and ``1.0`` were one value named its cells ``beta-1``), so its cells keep their names;
-    and the cells of that grid."""
-    def same(value: Any, known: list[Any]) -> Any:
-        return next((k for k in known if k == value and type(k) is not bool and type(value) is not bool), value)
+    before ``1`` and ``1.0`` were one value named its cells ``beta-1``; one made before its data paths
+    were recorded absolute holds them as typed), so its cells keep their names; and the cells of that
+    grid."""
+    def same(key: str, value: Any, known: list[Any]) -> Any:
+        return next((k for k in known if type(k) is not bool and type(value) is not bool
+                     and (k == value or cfgmod.absolute_path(key, k) == value)), value)
 
-    axes = {k: [same(v, list(old.axes.get(k, []))) for v in vs] for k, vs in new.axes.items()}
-    fixed = {k: same(v, [old.fixed[k]] if k in old.fixed else []) for k, v in new.fixed.items()}
+    axes = {k: [same(k, v, list(old.axes.get(k, []))) for v in vs] for k, vs in new.axes.items()}
+    fixed = {k: same(k, v, [old.fixed[k]] if k in old.fixed else []) for k, v in new.fixed.items()}
     if json.dumps([axes, fixed]) == json.dumps([new.axes, new.fixed]):  # JSON tells 1 from 1.0
         return new, cells
     adjusted = replace(new, axes=axes, fixed=fixed)

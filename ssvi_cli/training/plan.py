@@ -20,7 +20,7 @@ from ssvi_cli.data import DataSplits, build_dataset, check_dataset_name, get_spe
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.modelfile import ModelCard, build_model
 from ssvi_cli.models import SSVIModel, check_model_name, input_error
-from ssvi_cli.runs.rundir import RunDir
+from ssvi_cli.runs.rundir import RunBusy, RunDir
 
 
 def resolve_device(name: str) -> torch.device:
@@ -108,6 +108,7 @@ class RunPlan:
     checkpoint: Optional[dict[str, Any]] = None
     init_weights: Optional[dict[str, Any]] = None  # model.init_from's state_dict, checked
     init_note: Optional[str] = None  # what model.init_from loaded, adapted and re-initialised
+    checkpoints_seen: Optional[list[Path]] = None  # a resumed run's checkpoint files when it was read
 
     @classmethod
     def new(cls, cfg: Config, run_dir: Optional[RunDir | Path] = None,
@@ -137,10 +138,20 @@ class RunPlan:
                splits: Optional[DataSplits] = None) -> "RunPlan":
         """Continue the run in ``run_dir`` from its latest checkpoint (read once, here)."""
         run = _run_dir(run_dir)
+        seen = run.checkpoints()
         cfg, dev, data = _resumable(run, device)
         splits = splits or load_data(cfg)
         card = ModelCard.from_config(cfg, splits.spec)
-        return cls(cfg, dev, splits, card, {}, run, data)
+        return cls(cfg, dev, splits, card, {}, run, data, checkpoints_seen=seen)
+
+    def check_unchanged(self) -> None:
+        """For a resumed run, once its lock is held: no other process finished it or wrote a newer
+        checkpoint while this one read it (:class:`RunBusy` otherwise)."""
+        run = self.run_dir
+        if run is not None and self.checkpoints_seen is not None and (
+                run.finished() or run.checkpoints() != self.checkpoints_seen):
+            raise RunBusy(f"--resume {run.path}: another process wrote the run while this one read it; "
+                          "run this again once it has ended")
 
     def build_model(self) -> SSVIModel:
         return build_model(self.card, kernel=self.cfg.train.kernel)
@@ -157,15 +168,16 @@ def _planned(card: ModelCard, cfg: Config, spec: DataSpec) -> dict[str, float]:
 
 
 def check_data_present(cfg: Config) -> None:
-    """A torchvision dataset's files are there (fetched now where ``data.download`` allows): its test
-    split is read, as a run would read it. The embedded digits and an image folder (whose scan
-    :func:`check_names` did) have nothing more to check."""
+    """A torchvision dataset's files are there (fetched now where ``data.download`` allows): both of
+    its splits are read, as a run would read them. The embedded digits and an image folder (whose
+    scan :func:`check_names` did) have nothing more to check."""
     from ssvi_cli.data import load_raw, reads_data_dir
 
     d = cfg.data
     if reads_data_dir(d.name):
-        load_raw(d.name, data_dir=Path(d.data_dir).expanduser() if d.data_dir else None, download=d.download,
-                 train=False, options=d)
+        for train in (True, False):  # SVHN fetches each split's file apart
+            load_raw(d.name, data_dir=Path(d.data_dir).expanduser() if d.data_dir else None, download=d.download,
+                     train=train, options=d)
 
 
 def preflight(cfg: Config, device: Optional[str] = None) -> None:
