@@ -255,19 +255,31 @@ def test_val_is_carved_from_train_and_test_untouched(tv_root):
     assert torch.equal(back(_stack(splits.test)[0]), test_raw)
 
 
-@pytest.mark.parametrize(
-    "name, expected", [("mnist", "MNIST/raw"), ("cifar10", "cifar-10-batches-py"), ("svhn", "")]
-)
-def test_missing_files_raise_unavailable_with_path_and_hint(tmp_path, name, expected):
+@pytest.mark.parametrize("name, expected, files", [
+    ("mnist", "MNIST/raw", "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                           "t10k-labels-idx1-ubyte"),
+    ("cifar10", "cifar-10-batches-py", "data_batch_1, data_batch_2, data_batch_3, data_batch_4, data_batch_5, "
+                                       "test_batch, batches.meta"),
+    ("svhn", "", "train_32x32.mat"),
+])
+def test_missing_files_raise_unavailable_with_path_and_hint(tmp_path, name, expected, files):
     with pytest.raises(DatasetUnavailable) as info:
         build_dataset(name, data_dir=tmp_path)
     message = str(info.value)
     assert str(tmp_path / expected).rstrip("/") in message and "--download" in message
+    assert f"(missing {files}; torchvision: " in message  # the files to place there, by name
     assert "\n" not in message
+    if name == "mnist":  # one file of four: it alone is named
+        write_mnist(tmp_path, "MNIST")
+        (tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte").unlink()
+        with pytest.raises(DatasetUnavailable, match=r"\(missing t10k-images-idx3-ubyte; torchvision: "):
+            build_dataset(name, data_dir=tmp_path)
 
 
 def test_corrupted_cifar_file_is_unavailable(tmp_path, monkeypatch):
     write_cifar10(tmp_path)
+    with pytest.raises(DatasetUnavailable, match="its files do not match torchvision's checksums"):
+        build_dataset("cifar10", data_dir=tmp_path)  # every file there, none torchvision's own
     accept_fixture_checksums(monkeypatch, tmp_path)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"truncated")
     with pytest.raises(DatasetUnavailable, match="--download"):

@@ -88,7 +88,8 @@ CASES = [
     (["train", "--preset", "{ws}/missing.yaml"], "preset file {ws}/missing.yaml does not exist"),
     (["train", "--preset", "{ws}/latin1.yaml"], "preset {ws}/latin1.yaml is not UTF-8 text"),
     (["train", "--set", "data.name=cifar10", "--set", "data.data_dir={ws}/nodata"],
-     "cifar10 not found or corrupted at {ws}/nodata/cifar-10-batches-py"),
+     "cifar10 not found or corrupted at {ws}/nodata/cifar-10-batches-py (missing data_batch_1, data_batch_2, "
+     "data_batch_3, data_batch_4, data_batch_5, test_batch, batches.meta; torchvision: "),
     # train: run directories
     (["train", "--out", "{ws}/run"], "already holds a finished run; pass --force to overwrite it, or choose another --out"),
     (["train", "--out", "{ws}/partial"], "already holds a run; pass --force to overwrite it or --resume {ws}/partial"),
@@ -155,7 +156,7 @@ CASES = [
     (["evaluate", "{ws}/run", "--output", "{ws}/empty_dir"], "--output {ws}/empty_dir is a directory"),
     (["evaluate", "{ws}/run", "--dataset", "imagenet"], "unknown dataset 'imagenet'; valid names are: "),
     (["evaluate", "{ws}/run", "--ood", "svhn", "--data-dir", "{ws}/nodata"],
-     "svhn not found or corrupted at {ws}/nodata"),
+     "svhn not found or corrupted at {ws}/nodata (missing test_32x32.mat; torchvision: "),
     # bench
     (["bench", "--model", "vgg"], "unknown bench model 'vgg'; valid names are: lenet5, mlp, resnet18; or torchvision:NAME"),
     (["bench", "--sparsity", "2"], "every value must lie in (0, 1)"),

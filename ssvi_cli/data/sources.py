@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -105,8 +105,23 @@ def _load_digits(data_dir: Path, train: bool, download: bool) -> RawImages:
     return RawImages(images[idx], labels[idx], _DIGIT_NAMES)
 
 
-def _call_torchvision(name: str, factory: Callable[[], object], where: Path, download: bool):
-    """Run a torchvision constructor, turning its missing-file errors into DataErrors."""
+def expected_files(cls: Any, split: str) -> list[str]:
+    """The files a torchvision dataset class reads for ``split`` ("train" or "test"), by name, in the
+    folder its ``location`` gives: MNIST's four idx files (unpacked), CIFAR's batches and meta file,
+    SVHN's one ``.mat`` per split; empty for a class this does not know."""
+    if hasattr(cls, "resources"):  # the MNIST family
+        return [Path(url).name.removesuffix(".gz") for url, _ in cls.resources]
+    if hasattr(cls, "train_list"):  # CIFAR-10 and CIFAR-100
+        return [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    if hasattr(cls, "split_list"):  # SVHN
+        return [cls.split_list[split][1]]
+    return []
+
+
+def _call_torchvision(name: str, factory: Callable[[], object], where: Path, download: bool,
+                      expected: Sequence[str] = ()):
+    """Run a torchvision constructor, turning its missing-file errors into DataErrors (which name the
+    ``expected`` files missing from ``where``)."""
     try:
         with stall_limit():
             return factory()
@@ -114,8 +129,11 @@ def _call_torchvision(name: str, factory: Callable[[], object], where: Path, dow
         said = " ".join(str(err).split())  # torchvision's download errors span lines; ours are one
         if download:
             raise DataError(f"downloading {name} into {where} failed ({said}); check the network") from err
+        missing = [f for f in expected if not (where / f).is_file()]
+        detail = (f"missing {', '.join(missing)}; " if missing else
+                  "its files do not match torchvision's checksums; " if expected else "")
         raise DatasetUnavailable(
-            f"{name} not found or corrupted at {where} (torchvision: {said}); pass --download "
+            f"{name} not found or corrupted at {where} ({detail}torchvision: {said}); pass --download "
             f"(in a sweep: --set data.download=true) to fetch it, or place the original files there"
         ) from err
     except OSError as err:  # download without network
@@ -134,7 +152,8 @@ def _torchvision_loader(name: str, cls_name: str, location: Callable[[Path], Pat
             make = lambda: cls(root=str(data_dir), split="train" if train else "test", download=download)  # noqa: E731
         else:
             make = lambda: cls(root=str(data_dir), train=train, download=download)  # noqa: E731
-        ds = _call_torchvision(name, make, location(data_dir), download)
+        ds = _call_torchvision(name, make, location(data_dir), download,
+                               expected_files(cls, "train" if train else "test"))
         return _decode(ds, cls_name)
 
     return load
