@@ -225,6 +225,7 @@ def _bad_inputs(root: Path) -> None:
     np.save(root / "flat.npy", np.zeros((5, 63)))  # 64 values per row would be flattened 8x8 digits
     np.save(root / "fivedim.npy", np.zeros((2, 1, 1, 8, 8)))
     np.save(root / "nochannels.npy", np.zeros((2, 5, 8, 8)))
+    np.save(root / "empty.npy", np.zeros((0, 8, 8)))
     (root / "notes.txt").write_text("text\n")
     (root / "text.npy").write_text("not an array\n")
 
@@ -235,6 +236,7 @@ def _bad_inputs(root: Path) -> None:
                         "or (N, 64) flattened"),
     ("{root}/fivedim.npy", "array of shape (2, 1, 1, 8, 8); expected"),
     ("{root}/nochannels.npy", "array of shape (2, 5, 8, 8); expected"),
+    ("{root}/empty.npy", "array of shape (0, 8, 8) holds no images; an OOD set needs at least one"),
     ("{root}/missing.npy", "no such file or folder"),
     ("{root}/notes.txt", "a file must be a .npy array"),
     ("{root}/text.npy", "text.npy: not a .npy file (it lacks numpy's header)"),

@@ -97,6 +97,8 @@ def array_images(path: Path, spec: DataSpec, seed: int, max_items: Optional[int]
     """The images of the ``.npy`` array at ``path`` (at most ``max_items``), brought to ``spec``'s input."""
     arr = read_array(path, DataError, name=f"--ood {path}")
     shape = tuple(arr.shape)
+    if arr.size == 0:
+        raise DataError(f"--ood {path}: array of shape {shape} holds no images; an OOD set needs at least one")
     features = int(np.prod(spec.input_shape))
     if arr.ndim == 2 and arr.shape[1] == features:  # flattened inputs, as load_digits().data
         arr = arr.reshape(len(arr), *spec.input_shape)
