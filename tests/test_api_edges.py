@@ -285,6 +285,23 @@ def test_the_highest_sparsity_an_error_suggests_is_accepted():
     assert "0.0625" in str(report)  # one weight of 16
 
 
+def test_without_a_generator_torch_manual_seed_decides_the_draws_and_a_bad_one_changes_nothing():
+    def converted(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(16, 64))
+        ssvi.sparsify(model, 0.8, from_weights=False)
+        return model
+
+    one, again, other = converted(1), converted(1), converted(2)
+    assert torch.equal(one[0].idx, again[0].idx) and torch.equal(one[0].mu, again[0].mu)  # reproducible
+    assert not torch.equal(one[0].idx, other[0].idx)  # another seed, another support
+    model = nn.Sequential(nn.Linear(16, 64))
+    with pytest.raises(TypeError, match=r"generator=5: give a torch.Generator"):
+        ssvi.sparsify(model, 0.5, generator=5, from_weights=False)
+    assert isinstance(model[0], nn.Linear)  # refused before any layer was replaced: a retry works
+    ssvi.sparsify(model, 0.5, generator=torch.Generator().manual_seed(5), from_weights=False)
+
+
 def sparse_kernel_linear() -> nn.Module:
     model = nn.Sequential(nn.Linear(64, 32))
     ssvi.sparsify(model, 0.9, kernel="sparse")

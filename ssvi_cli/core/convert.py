@@ -158,13 +158,17 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
     does not require gradients stays frozen: its mu, rho and bias do not either, and
     :class:`ssvi_cli.Subspace` leaves its support as it is.
     ``from_weights``: support and mu from the current weights (else a random support with a fan-in
-    init). ``moped_delta``: sigma = delta * |w| instead of ``|N(sigma_mean, sigma_std^2)|``.
+    init). ``generator``: the random support, mu and sigma draws (default: seeded from torch's global
+    RNG, so ``torch.manual_seed`` decides them). ``moped_delta``: sigma = delta * |w| instead of ``|N(sigma_mean, sigma_std^2)|``.
     Works on a model built on the ``meta`` device (shapes and counts only). ``structure_only``:
     replace the layers and leave their supports empty (for a file or checkpoint to fill).
     """
     sparsity = real("sparsity", sparsity)
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity={sparsity} must be in [0, 1)")
+    if generator is not None and not isinstance(generator, torch.Generator):  # before any layer is replaced
+        raise TypeError(f"generator={generator!r}: give a torch.Generator (torch.Generator().manual_seed(5)), or "
+                        "None to draw from torch's global RNG (torch.manual_seed)")
     _check_sigma_init(sigma_mean, sigma_std, moped_delta)
     if moped_delta is not None and not from_weights:
         raise ValueError("moped_delta sets sigma from the trained weights (moped_delta * |w|), and from_weights=False "
@@ -210,7 +214,8 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
                                  for n, t, m in twins], kept)
     densities = layer_densities([(n, t) for n, t, _ in twins], 1.0 - sparsity, allocation, dense_first_conv)
     densities.update({n: 1.0 for n, _, _ in twins if _matches(n, dense)})
-    gen = generator or torch.Generator().manual_seed(0)
+    # Without a generator, torch.manual_seed decides, as it does for nn.init: one draw seeds our own.
+    gen = generator or torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
     for name, twin, module in twins:
         if from_weights:
             _support_from_weights(twin, module, densities[name], sigma_mean, sigma_std, moped_delta, gen)
