@@ -302,6 +302,16 @@ def test_without_a_generator_torch_manual_seed_decides_the_draws_and_a_bad_one_c
     ssvi.sparsify(model, 0.5, generator=torch.Generator().manual_seed(5), from_weights=False)
 
 
+def test_converted_layers_keep_nn_geometry_names_for_code_that_reads_them():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    ssvi.sparsify(net, 0.5, dense_first_conv=False)
+    conv, fc = net[0], net[2]
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (3, 8, (3, 3))
+    assert (fc.in_features, fc.out_features) == (128, 10)
+    net[2] = nn.Linear(net[2].in_features, 4)  # a new head, as one writes it for nn.Linear
+    assert net(torch.randn(2, 3, 4, 4)).shape == (2, 4)
+
+
 def sparse_kernel_linear() -> nn.Module:
     model = nn.Sequential(nn.Linear(64, 32))
     ssvi.sparsify(model, 0.9, kernel="sparse")

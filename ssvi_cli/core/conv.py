@@ -33,6 +33,8 @@ class SparseConv2d(SparseGaussian):
                 raise ValueError(f"padding={padding!r}; valid values are an int, a pair, 'same' or 'valid'")
             padding = (0, 0) if padding == "valid" else padding
         self.padding = padding if isinstance(padding, str) else _pair(padding)
+        # nn.Conv2d's names, for code that reads them
+        self.out_channels, self.in_channels, self.kernel_size = int(out_channels), int(in_channels), (kh, kw_)
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, H, W) as ``nn.Conv2d`` takes it, and one unbatched image (C, H, W) as well."""

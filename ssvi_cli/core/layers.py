@@ -260,6 +260,7 @@ class SparseGaussian(nn.Module):
 class SparseLinear(SparseGaussian):
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True, **kw) -> None:
         super().__init__((out_features, in_features), bias=bias, **kw)
+        self.in_features, self.out_features = self.weight_shape[1], self.weight_shape[0]  # nn.Linear's names
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() >= 1 and x.shape[-1] != self.weight_shape[1]:  # nn.Linear's message, not the kernels' transposed one
