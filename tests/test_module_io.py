@@ -433,6 +433,26 @@ def test_a_loaded_model_saved_again_keeps_its_architecture_and_data_description(
     assert _card(tmp_path / "tv3.safetensors").data.mean == (0.5, 0.4, 0.3)
 
 
+def test_a_model_make_model_builds_saves_as_ssvis_own_architecture_that_the_commands_run(tmp_path, capsys):
+    from ssvi_cli import config
+    from ssvi_cli.data import get_spec
+    from ssvi_cli.training.plan import init_model, make_model
+
+    cfg = config.from_preset("digits_mlp", {"model.widths": [16]})
+    model = make_model(cfg, get_spec("digits"))  # as docs/API.md builds it for a loop of one's own
+    init_model(model, cfg, torch.Generator().manual_seed(0))
+    path = tmp_path / "mine.safetensors"
+    ssvi.save(model, path)  # no description given: the model's own
+    meta = read_header(path)["meta"]
+    assert meta["architecture"]["name"] == "mlp" and meta["data_spec"]["name"] == "digits"
+    capsys.readouterr()
+    assert run(["evaluate", str(path), "--samples", "2", "--json"]) == 0, capsys.readouterr().err
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.zeros((3, 8, 8), np.float32))
+    assert run(["infer", str(path), str(tmp_path / "x.npy"), "--json"]) == 0, capsys.readouterr().err
+
+
 def test_a_loaded_model_changed_since_is_saved_as_any_other_with_a_warning(tmp_path, caplog):
     net = torchvision.models.resnet18(num_classes=3)
     ssvi.sparsify(net, 0.95)

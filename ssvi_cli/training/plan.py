@@ -77,8 +77,13 @@ def check_input_fits(skeleton: SSVIModel, cfg: Config, shape: tuple[int, ...]) -
 
 
 def make_model(cfg: Config, spec: Any) -> SSVIModel:
-    """The configured architecture for data ``spec``, with empty supports."""
-    return build_model(ModelCard.from_config(cfg, spec), kernel=cfg.train.kernel)
+    """The configured architecture for data ``spec``, with empty supports. It keeps its description
+    (``model.ssvi_card``, as :func:`ssvi_cli.load` does), so that ``ssvi_cli.save`` writes ssvi's own
+    architecture and the data's description: a file ``ssvi infer`` and ``ssvi evaluate`` can run."""
+    card = ModelCard.from_config(cfg, spec)
+    model = build_model(card, kernel=cfg.train.kernel)
+    model.ssvi_card = card
+    return model
 
 
 def init_spec(cfg: Config) -> InitSpec:
