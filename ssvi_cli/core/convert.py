@@ -77,9 +77,14 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _patterns(patterns: str | Iterable[str]) -> tuple[str, ...]:
+def _patterns(patterns: str | Iterable[str], arg: str) -> tuple[str, ...]:
     """Module-name patterns: one string is one pattern (not its characters)."""
-    return (patterns,) if isinstance(patterns, str) else tuple(str(p) for p in patterns)
+    if isinstance(patterns, str):
+        return (patterns,)
+    items = tuple(patterns) if isinstance(patterns, Iterable) else None
+    if items is None or not all(isinstance(p, str) for p in items):
+        raise TypeError(f"{arg}={patterns!r}: give module-name patterns, one string or several (e.g. {arg}=('fc',))")
+    return items
 
 
 # Modules whose forward reads some children's weights directly, not through the children's forward:
@@ -163,6 +168,12 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
     Works on a model built on the ``meta`` device (shapes and counts only). ``structure_only``:
     replace the layers and leave their supports empty (for a file or checkpoint to fill).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsify converts an nn.Module, not a {type(model).__name__}")
+    for arg, flag in (("bayesian", bayesian), ("from_weights", from_weights), ("dense_first_conv", dense_first_conv),
+                      ("structure_only", structure_only)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{arg}={flag!r}: give True or False")
     sparsity = real("sparsity", sparsity)
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity={sparsity} must be in [0, 1)")
@@ -173,7 +184,7 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
     if moped_delta is not None and not from_weights:
         raise ValueError("moped_delta sets sigma from the trained weights (moped_delta * |w|), and from_weights=False "
                          "uses none; drop moped_delta, or convert from the weights")
-    dense, deterministic = _patterns(dense), _patterns(deterministic)
+    dense, deterministic = _patterns(dense, "dense"), _patterns(deterministic, "deterministic")
     targets, kept = _targets(model)
     if not structure_only:  # a typo would silently leave a layer sparse or Bayesian
         for arg, patterns in (("dense", dense), ("deterministic", deterministic)):
