@@ -230,6 +230,12 @@ def _section_types(cls: type) -> dict[str, Any]:
     return get_type_hints(cls)
 
 
+def key_type(key: str) -> Any:
+    """The type a settable ``section.key`` holds (``float``, ``Optional[int]``, ``tuple[int, ...]``)."""
+    section, _, name = key.partition(".")
+    return _section_types(_section_types(Config)[section])[name]
+
+
 def valid_keys() -> list[str]:
     """Every settable ``section.key``."""
     return [
@@ -584,7 +590,7 @@ def dump_yaml(cfg: Config) -> str:
 DEFAULT_PRESET = "digits_mlp"
 
 __all__ = [
-    "Config", "ConfigError", "ModelConfig", "DataConfig", "SparseConfig", "BayesConfig",
+    "Config", "ConfigError", "key_type", "ModelConfig", "DataConfig", "SparseConfig", "BayesConfig",
     "OptimConfig", "TrainConfig", "apply_overrides", "flat_dict", "from_dict", "parse_override", "validate",
     "load_preset", "from_preset", "absolute_path", "with_absolute_paths", "PATH_KEYS", "preset_methods", "list_presets", "preset_command", "dump_yaml", "addition_accumulate",
     "DEFAULT_PRESET",

@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from itertools import product
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, get_args, get_origin
 
 from ssvi_cli import config as cfgmod
 from ssvi_cli.fileio import write_json
@@ -254,20 +254,14 @@ def check_key(key: str, where: str) -> None:
 
 def list_valued(key: str) -> bool:
     """Whether the config key holds a list (its type is a tuple, maybe optional)."""
-    from typing import get_args, get_origin, get_type_hints
-
-    section, _, name = key.partition(".")
-    tp = get_type_hints(get_type_hints(cfgmod.Config)[section])[name]
+    tp = cfgmod.key_type(key)
     return tuple in (get_origin(tp), *(get_origin(a) for a in get_args(tp)))
 
 
 def typed_number(key: str, value: Any) -> Any:
     """A whole number given to a key that holds floats, as the float (``1`` -> ``1.0``), so ``1`` and
     ``1.0`` name one cell, one group and one ``--baseline``; anything else as it is."""
-    from typing import get_args, get_type_hints
-
-    section, _, name = key.partition(".")
-    tp = get_type_hints(get_type_hints(cfgmod.Config)[section])[name]
+    tp = cfgmod.key_type(key)
     kinds = {tp, *get_args(tp)} | {inner for a in get_args(tp) for inner in get_args(a)}
     if isinstance(value, list):
         return [typed_number(key, v) for v in value]
