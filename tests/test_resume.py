@@ -115,7 +115,7 @@ def test_a_closed_terminal_stops_at_a_checkpoint_unless_nohup_ignores_it(tmp_pat
 
 
 def test_ctrl_c_twice_as_under_the_launcher_still_checkpoints_the_step(tmp_path: Path):
-    # Under --nproc each rank gets SIGINT from the terminal and again from torch.distributed.run.
+    # Under torchrun each rank gets SIGINT from the terminal and again from torchrun itself.
     before = signal.getsignal(signal.SIGINT)  # Python's own, or SIG_IGN in a shell's background job
     trainer = Trainer.create(cfg(), tmp_path / "r")
     trainer.step_hooks.append(signal_at(13, signal.SIGINT, signal.SIGINT))

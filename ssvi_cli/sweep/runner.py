@@ -92,7 +92,7 @@ def cell_busy(path: Path) -> bool:
 @contextmanager
 def cell_lock(path: Path) -> Iterator[None]:
     """Hold the cell's lock while the block runs; :class:`CellBusy` if another process holds it: an
-    advisory lock (:func:`fileio.held_lock`) on ``cells/.<cell>.lock``, outside the run directory,
+    advisory lock (:func:`fileio.acquire_lock`) on ``cells/.<cell>.lock``, outside the run directory,
     which ``ssvi train --force`` may replace."""
     lock_path = Path(path).parent / f".{Path(path).name}.lock"
     try:

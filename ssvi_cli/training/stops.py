@@ -45,7 +45,7 @@ def requests_to_stop() -> list[signal.Signals]:
 def stop_signals(on_signal: Callable[[signal.Signals], None]) -> Iterator[None]:
     """Route the :func:`requests_to_stop` signals to ``on_signal`` inside the block; the previous
     handlers come back after it. A repeated signal is routed too rather than cutting the step short:
-    under ``--nproc`` each rank gets Ctrl-C twice (from the terminal, then forwarded by the launcher),
+    under ``torchrun`` each rank gets Ctrl-C twice (from the terminal, then forwarded by torchrun),
     and both must lead to the checkpoint. Outside the main thread the signals are left alone."""
     def handler(signum: int, frame: Any) -> None:  # noqa: ARG001
         on_signal(signal.Signals(signum))
