@@ -22,7 +22,7 @@ SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 KERNELS = ("auto", "sparse", "dense")
 PRECISIONS = ("fp32", "bf16", "fp16")
-MU_INITS = ("fan_in", "fixed")
+MU_INITS = ("fan_in", "dense_fan_in", "fixed")
 # sparse.delta_t: a number of minibatches, or AUTO to fit the schedule to the run's length
 # (core/subspace.py: resolve_delta_t); PAPER_DELTA_T is RigL's and the paper's, auto's upper bound.
 DELTA_T_AUTO = "auto"
@@ -92,8 +92,9 @@ class BayesConfig:
     sigma_init_mean: float = 6e-4
     sigma_init_std: float = 5e-4
     mu_init_std: float = 0.01
-    # fan_in: mu ~ N(0, mu_init_std^2) for layers followed by BatchNorm, a fan-in scaled (He) init for
-    # the others; fixed: N(0, mu_init_std^2) for every layer (the paper's recipe, METHOD.md section 5).
+    # fan_in: mu ~ N(0, mu_init_std^2) for layers followed by BatchNorm, a He init over the active
+    # fan-in for the others; dense_fan_in: the same over the layer's whole fan-in (a dense layer's He
+    # init, masked); fixed: N(0, mu_init_std^2) for every layer (the paper's recipe, METHOD.md section 5).
     mu_init: str = "fan_in"
     kl_warmup: bool = True
 

@@ -87,9 +87,30 @@ def test_cifar_classifier_mu_starts_at_the_reference_scale(name):
     assert classifier_std(fan_in) == pytest.approx((2 / (512 * 0.1)) ** 0.5, rel=0.15)
 
 
-@pytest.mark.parametrize("name", ["digits_mlp", "mnist_mlp", "mnist_lenet5"])
-def test_small_presets_keep_the_fan_in_init(name):
+@pytest.mark.parametrize("name", ["mnist_mlp", "mnist_lenet5"])
+def test_mnist_presets_keep_the_fan_in_init(name):
     assert C.load_preset(name).bayes.mu_init == "fan_in"
+
+
+def test_digits_mu_starts_with_a_dense_layers_init_and_fan_in_scales_by_the_active_fan_in():
+    """dense_fan_in (the digits preset's): N(0, 2 / fan_in), as a dense layer's He init with its
+    inactive entries masked; fan_in: N(0, 2 / (fan_in * density)), larger by 1/sqrt(density)."""
+    from ssvi_cli.core.layers import sparse_layers
+
+    def stds(cfg) -> dict:
+        model = make_model(cfg, get_spec(cfg.data.name))
+        init_model(model, cfg, torch.Generator().manual_seed(0))
+        return {n: (float(l.mu.detach().std()), l.fan_in, l.mu.numel() / l.numel) for n, l in sparse_layers(model)}
+
+    cfg = C.load_preset("digits_mlp")
+    assert cfg.bayes.mu_init == "dense_fan_in"
+    dense = stds(cfg)
+    active = stds(C.apply_overrides(cfg, {"bayes.mu_init": "fan_in"}))
+    assert len(dense) == 3
+    for name, (std, fan_in, density) in dense.items():
+        assert density < 0.8
+        assert std == pytest.approx((2 / fan_in) ** 0.5, rel=0.1)
+        assert active[name][0] == pytest.approx((2 / (fan_in * density)) ** 0.5, rel=0.1)
 
 
 @pytest.mark.parametrize("name,sparse_lr,dense_lr", [("mnist_mlp", 0.003, 0.003), ("mnist_lenet5", 0.01, 0.005)])

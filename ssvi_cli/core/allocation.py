@@ -19,8 +19,10 @@ from ssvi_cli.core.gaussian import rho_from_sigma
 class InitSpec:
     """How mu and sigma start (METHOD.md section 5)."""
 
-    mu_std: float = 0.01          # every layer, or with mu_fan_in only the layers followed by BatchNorm
-    mu_fan_in: bool = True        # layers without BatchNorm after them: a fan-in scaled init instead
+    mu_std: float = 0.01          # "fixed": every layer; otherwise only the layers followed by BatchNorm
+    # The others: "fan_in", a He init over the active fan-in, N(0, 2 / (fan_in * density)); "dense_fan_in",
+    # over the whole fan-in, N(0, 2 / fan_in), as a dense layer's init with its inactive entries masked.
+    mu_init: str = "fan_in"
     sigma_mean: float = 6e-4
     sigma_std: float = 5e-4
     sigma_param: str = "softplus"
@@ -96,10 +98,13 @@ def initialise(model: nn.Module, densities: dict[str, float], init: InitSpec,
             idx = torch.arange(k)
         else:
             idx = torch.randperm(layer.numel, generator=generator)[:k].sort().values
-        if layer.normed or not init.mu_fan_in:
+        if layer.normed or init.mu_init == "fixed":
             std = init.mu_std
+        elif init.mu_init == "dense_fan_in":
+            # A sparse layer's outputs start smaller than a dense one's, by about sqrt(density).
+            std = math.sqrt(2.0 / layer.fan_in)
         else:
-            # Fan-in scaled (He) init over the *active* fan-in keeps activations O(1) without BN.
+            # He init over the *active* fan-in keeps activations O(1) without BN.
             std = math.sqrt(2.0 / max(1.0, layer.fan_in * densities[name]))
         mu = torch.randn(k, generator=generator) * std
         rho = None

@@ -88,7 +88,7 @@ def make_model(cfg: Config, spec: Any) -> SSVIModel:
 
 def init_spec(cfg: Config) -> InitSpec:
     b = cfg.bayes
-    return InitSpec(mu_std=b.mu_init_std, mu_fan_in=b.mu_init == "fan_in", sigma_mean=b.sigma_init_mean,
+    return InitSpec(mu_std=b.mu_init_std, mu_init=b.mu_init, sigma_mean=b.sigma_init_mean,
                     sigma_std=b.sigma_init_std, sigma_param=b.sigma_param)
 
 
