@@ -264,3 +264,15 @@ def test_a_value_is_a_name_then_name_dir_then_a_path(tmp_path, monkeypatch):
     assert parse_ood("x.NPY").kind == "path"
     request = parse_ood("cifar10=~/data")
     assert (request.label, request.name, request.data_dir) == ("cifar10", "cifar10", Path("~/data").expanduser())
+
+
+def test_name_dir_is_read_as_such_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    """./mnist, a data folder where one runs ssvi, does not turn --ood mnist=./mnist into a path."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mnist").mkdir()
+    for value in ("mnist=./mnist", "mnist=mnist", f"mnist={tmp_path / 'mnist'}"):
+        request = parse_ood(value)
+        assert (request.kind, request.name) == ("set", "mnist"), value
+        assert request.data_dir.resolve() == (tmp_path / "mnist").resolve()
+    (tmp_path / "odd=name").mkdir()  # a folder whose own name holds '=' is still that folder
+    assert parse_ood("odd=name").kind == "path"

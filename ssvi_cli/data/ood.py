@@ -126,10 +126,14 @@ class OodRequest:
         return str(self.path.resolve()) if self.kind == "path" and self.path is not None else self.label
 
 
-def _looks_like_path(text: str) -> bool:
+def _written_as_path(text: str) -> bool:
+    """A folder separator in it, or an array's suffix: a path however the folder around it looks."""
     separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())
-    return (any(sep in text for sep in separators) or text.lower().endswith(ARRAY_SUFFIX)
-            or Path(text).expanduser().exists())
+    return any(sep in text for sep in separators) or text.lower().endswith(ARRAY_SUFFIX)
+
+
+def _looks_like_path(text: str) -> bool:
+    return _written_as_path(text) or Path(text).expanduser().exists()
 
 
 def parse_ood(text: str) -> OodRequest:
@@ -143,7 +147,8 @@ def parse_ood(text: str) -> OodRequest:
     if text in OOD_SETS:
         return OodRequest(text, "set", name=text)
     name, sep, folder = text.partition("=")
-    if sep and not _looks_like_path(name) and not Path(text).expanduser().exists():
+    # NAME=DIR even where a file or folder NAME is in the current folder (a data folder ./mnist, say)
+    if sep and not _written_as_path(name) and not Path(text).expanduser().exists():
         if name not in FOLDER_SETS:
             known = name in OOD_SETS or name == HELDOUT
             raise (DataError if known else UnknownDataset)(
