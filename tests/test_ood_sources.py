@@ -276,3 +276,14 @@ def test_name_dir_is_read_as_such_beside_a_folder_of_that_name(tmp_path, monkeyp
         assert request.data_dir.resolve() == (tmp_path / "mnist").resolve()
     (tmp_path / "odd=name").mkdir()  # a folder whose own name holds '=' is still that folder
     assert parse_ood("odd=name").kind == "path"
+
+
+@pytest.mark.parametrize("command", ["evaluate", "infer"])
+@pytest.mark.parametrize("seed", ["-1", "99999999999999999999"])
+def test_a_seed_out_of_range_is_a_usage_error(capsys, subset_model, tmp_path, command, seed):
+    """Not a crash once an OOD set or input is sampled with it (exit 1, numpy's words)."""
+    np.save(tmp_path / "x.npy", np.zeros((3, 8, 8), dtype=np.float32))
+    args = [command, str(subset_model), *(("--ood", str(tmp_path / "x.npy")) if command == "evaluate"
+                                           else (str(tmp_path / "x.npy"),)), "--seed", seed]
+    assert run(args) == 2
+    assert "--seed" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import typer
 from rich import box
 from rich.table import Table
 
+from ssvi_cli.config import MAX_SEED
 from ssvi_cli.cli.common import (UsageError, check_device, check_output_dir, check_output_file, err,
                                    fmt, out, print_json, progress_bar)
 
@@ -103,7 +104,7 @@ def register(app: typer.Typer) -> None:
         samples: Annotated[Optional[str], typer.Option(help="Monte Carlo samples S, or a list such as 1,5,10,30 for a table over S (default 30).")] = None,
         mode: Annotated[str, typer.Option(help="mc (Bayesian model average of S samples) or mean (the mean network).")] = "mc",
         batch_size: Annotated[int, typer.Option(help="Images per prediction batch.")] = 500,
-        seed: Annotated[int, typer.Option(help="Seed of the Monte Carlo draws and of the OOD subsets.")] = 0,
+        seed: Annotated[int, typer.Option(help="Seed of the Monte Carlo draws and of the OOD subsets.", min=0, max=MAX_SEED)] = 0,
         data_dir: Annotated[Optional[Path], typer.Option(help="Folder of torchvision datasets, for the in-distribution data and --ood NAME (default: the training config's, else ~/.cache/ssvi/data).")] = None,
         download: Annotated[bool, typer.Option(help="Download missing torchvision datasets.")] = False,
         device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); the default, cpu, gives the numbers a machine without a GPU gives.")] = "cpu",

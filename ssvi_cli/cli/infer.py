@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
+from ssvi_cli.config import MAX_SEED
 from ssvi_cli.cli.common import (UsageError, check_device, check_output_file, count, err, fmt, out,
                                    print_json, progress_bar)
 
@@ -25,7 +26,7 @@ def register(app: typer.Typer) -> None:
         mode: Annotated[str, typer.Option(help="mc (Bayesian model average) or mean (theta = mu).")] = "mc",
         batch_size: Annotated[int, typer.Option(help="Inputs per forward pass.")] = 256,
         top_k: Annotated[int, typer.Option(help="Classes listed per input.")] = 3,
-        seed: Annotated[int, typer.Option(help="Seed of the Monte Carlo draws.")] = 0,
+        seed: Annotated[int, typer.Option(help="Seed of the Monte Carlo draws.", min=0, max=MAX_SEED)] = 0,
         output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write all predictions to preds.jsonl or preds.csv.")] = None,
         device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); the default, cpu, gives the predictions a machine without a GPU gives.")] = "cpu",
         json_out: Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")] = False,
