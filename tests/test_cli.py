@@ -287,6 +287,24 @@ def test_resume_passes_over_an_unreadable_newest_checkpoint_for_the_one_before(t
     assert f"checkpoint {newest} is unreadable or corrupted" in capsys.readouterr().err
 
 
+def test_resume_sets_an_unreadable_checkpoint_aside_so_pruning_keeps_the_one_it_resumed_from(tmp_path: Path, capsys):
+    """An unreadable checkpoint at a step the resumed run never writes again (one of an interrupt,
+    mid-epoch) is no longer counted by keep_checkpoints, which used to prune the good one instead."""
+    out = tmp_path / "r"
+    tiny = ["--epochs", "3", "--set", "model.widths=[8]", "--set", "data.max_train=64", "--set", "train.eval_samples=1"]
+    assert run(["train", "--out", str(out), *tiny, "--batch-size", "16", "--set", "train.keep_checkpoints=2"]) == 0
+    good, last = sorted((out / "checkpoints").glob("checkpoint-*.pt"))
+    (out / "summary.json").unlink()
+    (out / "model.safetensors").unlink()
+    cut = good.with_name(f"checkpoint-{int(good.stem.split('-')[1]) + 1:08d}.pt")  # as an interrupt names it
+    last.rename(cut)
+    cut.write_bytes(cut.read_bytes()[:100])
+    capsys.readouterr()
+    assert run(["train", "--resume", str(out), "--json"]) == 0
+    assert f"kept as {cut}.unreadable" in capsys.readouterr().err
+    assert sorted((out / "checkpoints").glob("checkpoint-*")) == [good, cut.with_name(cut.name + ".unreadable"), last]
+
+
 def test_evaluate_and_inspect_of_a_run_pass_over_an_unreadable_newest_checkpoint(tmp_path: Path, capsys, caplog):
     out = tmp_path / "r"
     tiny = ["--epochs", "2", "--set", "model.widths=[8]", "--set", "data.max_train=64", "--set", "train.eval_samples=1"]

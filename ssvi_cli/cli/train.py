@@ -133,6 +133,9 @@ def register(app: typer.Typer) -> None:
                 if info.is_main:  # once it has passed its checks (a refused one leaves no lock file behind)
                     held.enter_context(RunDir(resume).hold("--resume", create=False))
                     plan.check_unchanged()
+                    for path in plan.set_aside_unreadable():
+                        err.print(f"note: {path.name[:-len('.unreadable')]} did not read; kept as {path}, "
+                                  "apart from the checkpoints the run keeps", highlight=False)
             else:
                 # Names, device, data and the layer budget are checked before --force removes an old run,
                 # so a missing dataset or an impossible sparsity never costs the run being replaced.

@@ -49,6 +49,14 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if _NAME.match(p.name))
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step in a checkpoint's name (one :func:`list_checkpoints` lists)."""
+    match = _NAME.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not named as a checkpoint")
+    return int(match.group(1))
+
+
 def latest_checkpoint(run_dir: Path) -> Path:
     if not Path(run_dir).exists():
         raise CheckpointError(f"run directory {run_dir} does not exist")
@@ -127,8 +135,10 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         if holds_objects(exc):  # a class or function to import: never, here
             raise CorruptCheckpoint(f"checkpoint {path} is unreadable ({NOT_TENSORS})") from None
         raise CorruptCheckpoint(f"checkpoint {path} is unreadable or corrupted ({unpickler_reason(exc)})") from None
-    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        raise CorruptCheckpoint(f"checkpoint {path} is unreadable or corrupted ({brief(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - any bytes may meet the unpickler: KeyError, IndexError, ...
+        said = brief(exc) if isinstance(exc, (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError)) \
+            else "not a file torch.save wrote"  # KeyError: 101 says nothing to the reader
+        raise CorruptCheckpoint(f"checkpoint {path} is unreadable or corrupted ({said})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CorruptCheckpoint(f"{path} is not an ssvi checkpoint")
     if int(data.get("version", 0)) > VERSION:

@@ -210,8 +210,8 @@ class RunDir:
 
         A newest checkpoint whose bytes do not read (a disk fault, a cut copy) is passed over, with a
         warning ("<its error>; <purpose> <name>, the one before it"), for the one before it; it stays
-        on disk, and a resumed run overwrites it when it reaches that step. When none reads, the newest
-        one's error is raised.
+        on disk (``train --resume`` renames it ``NAME.unreadable``: RunPlan.set_aside_unreadable).
+        When none reads, the newest one's error is raised.
         """
         latest = self.latest_checkpoint()  # a clear error for a missing folder or no checkpoint
         first_error: Optional[ckpt.CorruptCheckpoint] = None

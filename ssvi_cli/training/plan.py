@@ -20,6 +20,7 @@ from ssvi_cli.data import DataSplits, build_dataset, check_dataset_name, get_spe
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.modelfile import ModelCard, build_model
 from ssvi_cli.models import SSVIModel, check_model_name, input_error
+from ssvi_cli.runs.checkpoint import checkpoint_step
 from ssvi_cli.runs.rundir import RunBusy, RunDir
 
 
@@ -157,6 +158,21 @@ class RunPlan:
                 run.finished() or run.checkpoints() != self.checkpoints_seen):
             raise RunBusy(f"--resume {run.path}: another process wrote the run while this one read it; "
                           "run this again once it has ended")
+
+    def set_aside_unreadable(self) -> list[Path]:
+        """For a resumed run, once its lock is held: the checkpoints newer than the one it resumes
+        from (unreadable, passed over) renamed ``NAME.unreadable``, beside the others, so that
+        ``train.keep_checkpoints`` counts only readable ones and never prunes the one it resumed from."""
+        if self.run_dir is None or self.checkpoint is None:
+            return []
+        resumed = int(self.checkpoint["state"]["step"])
+        moved = []
+        for path in self.run_dir.checkpoints():
+            if checkpoint_step(path) > resumed:
+                target = path.with_name(path.name + ".unreadable")
+                path.replace(target)
+                moved.append(target)
+        return moved
 
     def build_model(self) -> SSVIModel:
         return build_model(self.card, kernel=self.cfg.train.kernel)
