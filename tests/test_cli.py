@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ssvi_cli.cli import run
 from ssvi_cli.fileio import read_jsonl
 
@@ -320,3 +322,15 @@ def test_evaluate_and_inspect_of_a_run_pass_over_an_unreadable_newest_checkpoint
         report = json.loads(capsys.readouterr().out)
         assert report["file"] == str(older) if command[0] == "inspect" else 0 < report["metrics"]["accuracy"] <= 1
         assert newest.stat().st_size == 100  # nothing written: reading leaves the run as it was
+
+
+@pytest.mark.parametrize("content", [b"hello", b"\x80\x02}q\x00."])
+def test_a_checkpoint_of_stray_bytes_is_unreadable_not_a_crash(tmp_path: Path, capsys, content):
+    """'hello' sends torch's weights-only unpickler to a KeyError (101): one line, exit 2."""
+    path = tmp_path / "x.pt"
+    path.write_bytes(content)
+    for command in (["inspect", str(path)], ["evaluate", str(path), "--samples", "1"]):
+        capsys.readouterr()
+        assert run(command) == 2
+        err = capsys.readouterr().err
+        assert f"checkpoint {path} is unreadable or corrupted" in err or "is not an ssvi checkpoint" in err, err
