@@ -334,3 +334,24 @@ def test_a_checkpoint_of_stray_bytes_is_unreadable_not_a_crash(tmp_path: Path, c
         assert run(command) == 2
         err = capsys.readouterr().err
         assert f"checkpoint {path} is unreadable or corrupted" in err or "is not an ssvi checkpoint" in err, err
+
+
+def test_an_earlier_or_copied_checkpoint_does_not_take_the_runs_final_numbers(tmp_path: Path, capsys):
+    out = tmp_path / "r"
+    tiny = ["--epochs", "2", "--set", "model.widths=[8]", "--set", "data.max_train=64", "--set", "train.eval_samples=1"]
+    assert run(["train", "--out", str(out), *tiny]) == 0
+    earlier, final = sorted((out / "checkpoints").glob("checkpoint-*.pt"))
+    elsewhere = tmp_path / "other" / "checkpoints" / final.name
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.write_bytes(final.read_bytes())
+    (tmp_path / "other" / "summary.json").write_text(json.dumps({"steps": 999, "test_accuracy": 0.5}))
+
+    def metrics(path: Path) -> dict:
+        capsys.readouterr()
+        assert run(["inspect", str(path), "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["metrics"]
+
+    assert metrics(final)["test_accuracy"] == json.loads((out / "summary.json").read_text())["test_accuracy"]
+    assert metrics(earlier) == {} and metrics(elsewhere) == {}
+    assert run(["export", str(earlier), "-o", str(tmp_path / "e.safetensors")]) == 0
+    assert metrics(tmp_path / "e.safetensors") == {}

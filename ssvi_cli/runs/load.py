@@ -49,10 +49,20 @@ def load_model(path: Path, kernel: str = "auto") -> LoadedModel:
         if run.model_file.is_file():
             return read_model_file(run.model_file, kernel=kernel)
         path, data = run.load_latest("reading")  # an unreadable newest one is passed over, with a warning
-        return model_from_checkpoint(path, run.read_summary(), kernel, data)
+        return model_from_checkpoint(path, _own_summary(run, data), kernel, data)
     if path.suffix.lower() == ".pt":
-        return model_from_checkpoint(path, RunDir(path.parent.parent).read_summary(), kernel)
+        data = ckpt.load_checkpoint(path)
+        run = RunDir(path.parent.parent) if path.parent.name == ckpt.CHECKPOINT_DIR else None
+        return model_from_checkpoint(path, _own_summary(run, data) if run else {}, kernel, data)
     return read_model_file(path, kernel=kernel)
+
+
+def _own_summary(run: RunDir, data: dict[str, Any]) -> dict[str, Any]:
+    """The run's final summary if the checkpoint is the one it was made from (the same step), else
+    nothing: an earlier checkpoint, or one copied into another run, has no test numbers of its own."""
+    summary = run.read_summary()
+    step = (data.get("state") or {}).get("step") if isinstance(data, dict) else None
+    return summary if step is not None and summary.get("steps") == step else {}
 
 
 def export_model(source: Path, out: Path, dtype: str = "float32", dense: bool = False) -> dict[str, Any]:
