@@ -883,3 +883,20 @@ def test_a_sweep_folder_that_cannot_be_written_is_one_line_and_its_report_still_
     assert run(["sweep", "--report", str(out), "--json", "--no-figures"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["cells_total"] == 1 and "note: the report was not written (cannot write" in captured.err
+
+
+def test_force_leaves_a_sweep_whose_cell_is_running_as_it_is(tmp_path: Path, capsys):
+    """--force used to delete sweep.json and the running cells' folders, killing them, then fail."""
+    from ssvi_cli.fileio import acquire_lock
+
+    out = tmp_path / "sw"
+    assert run(["sweep", "--set", "train.epochs=1", "--seeds", "2", "--out", str(out), "--dry-run"]) == 0
+    (out / "cells" / "ssvi_s0.95_seed1" / "checkpoints").mkdir(parents=True)
+    capsys.readouterr()
+    with acquire_lock(out / "cells" / ".ssvi_s0.95_seed1.lock", "a cell's lock"):  # as its runner holds it
+        before = sorted(p.relative_to(out) for p in out.rglob("*"))
+        assert run(["sweep", "--set", "train.epochs=3", "--out", str(out), "--force", "--no-figures"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a sweep that is running (its cell ssvi_s0.95_seed1, in process" in err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before

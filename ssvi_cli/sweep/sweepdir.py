@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import shlex
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ssvi_cli import config as cfgmod
-from ssvi_cli.fileio import not_ours, remove_entries, visible_entries
+from ssvi_cli.fileio import Locked, acquire_lock, not_ours, remove_entries, visible_entries
 from ssvi_cli.sweep.figures import ACCURACY_VS_FLOPS, METRICS_VS_SPARSITY
 from ssvi_cli.sweep.grid import (CELLS_DIR, SWEEP_FILE, Cell, SweepError, SweepSpec, expand, is_sweep_dir,
                                 numbers, read_spec)
@@ -64,8 +65,25 @@ def claim_sweep_dir(out_dir: Path, spec: SweepSpec, cells: list[Cell], force: bo
                          f"trains): continue it as it is with "
                          f"'ssvi sweep --resume {shlex.quote(str(out_dir))}', choose another --out, or replace "
                          "it and its cells with --force (in a run: a dry run deletes nothing)")
-    remove_entries(out_dir, SWEEP_ENTRIES)  # its cells were made under other settings and must not be reused
+    with _cells_held(out_dir):  # none of them starts meanwhile
+        remove_entries(out_dir, SWEEP_ENTRIES)  # its cells were made under other settings and must not be reused
     return "replaced", spec, cells, []
+
+
+def _cells_held(out_dir: Path) -> ExitStack:
+    """The lock of every cell that the sweep in ``out_dir`` has started, held; a :class:`SweepError`
+    naming the first one another process is running (a sweep, or a scheduler's ``--run-cell``)."""
+    held = ExitStack()
+    cells_dir = out_dir / CELLS_DIR
+    for lock in sorted(cells_dir.glob(".*.lock")) if cells_dir.is_dir() else []:
+        try:
+            held.enter_context(acquire_lock(lock, "the cell's lock"))
+        except Locked as exc:
+            held.close()
+            raise SweepError(f"{out_dir} holds a sweep that is running (its cell {lock.name[1:-len('.lock')]}, in "
+                             f"process {exc.holder}): stop it (Ctrl-C) or let it end before replacing it with "
+                             "--force") from None
+    return held
 
 
 def _in_its_terms(old: SweepSpec, new: SweepSpec, cells: list[Cell]) -> tuple[SweepSpec, list[Cell]]:
