@@ -215,3 +215,19 @@ def test_a_resume_refuses_a_run_another_process_wrote_while_it_was_read(tmp_path
     shutil.copy(newest, newest.with_name("checkpoint-00000099.pt"))  # as the other process's next one
     with pytest.raises(RunBusy, match="another process wrote the run while this one read it"):
         plan.check_unchanged()
+
+
+def test_a_stop_asked_after_the_last_step_is_not_dropped(tmp_path: Path):
+    """A signal during the last epoch's validation or checkpoint stops before the final evaluation
+    (which a resume then does), as one during that evaluation does; it used to be ignored."""
+    from ssvi_cli.training.records import Progress
+
+    def at_the_end(record: dict) -> None:
+        if record["epoch"] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer = Trainer.create(cfg(), tmp_path / "r")
+    with pytest.raises(Interrupted) as stop:
+        trainer.fit(Progress(on_epoch_end=at_the_end))
+    assert stop.value.step == 40 and stop.value.signum == signal.SIGTERM and stop.value.during
+    assert Trainer.resume(tmp_path / "r").state.step == 40

@@ -253,6 +253,9 @@ class Trainer:
         with stop_signals(self._request_stop):
             while self.state.epoch < self.cfg.train.epochs:
                 self._run_epoch(progress)
+            if distributed.any_rank(self.stop_requested, self.device):  # asked after the last step: the last
+                raise Interrupted(self.run_dir, self.state.step, self.stop_signal,  # epoch's validation, say
+                                  during="the last epoch's validation and checkpoint")
         with stop_signals(self._stop_now):  # training is over and checkpointed: a stop needs no step to end
             return self.finish()
 
