@@ -355,3 +355,27 @@ def test_an_earlier_or_copied_checkpoint_does_not_take_the_runs_final_numbers(tm
     assert metrics(earlier) == {} and metrics(elsewhere) == {}
     assert run(["export", str(earlier), "-o", str(tmp_path / "e.safetensors")]) == 0
     assert metrics(tmp_path / "e.safetensors") == {}
+
+
+@pytest.mark.parametrize("raised, code", [("handled", 143), ("ctrl-c", 130)])
+def test_a_stop_keeps_its_exit_code_when_stderr_has_gone(monkeypatch, raised, code):
+    """'ssvi train ... 2>&1 | tee log' and Ctrl-C: tee is gone when the last line is printed, which
+    raised BrokenPipeError and turned exit 130 into 1."""
+    import importlib
+
+    from ssvi_cli.cli.train import KeyboardInterruptHandled
+
+    app_module = importlib.import_module("ssvi_cli.cli.app")  # the module, which ssvi_cli.cli.app's Typer shadows
+
+    class Gone:
+        def print(self, *args, **kwargs):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    def stopped(*args, **kwargs):
+        if raised == "handled":
+            raise KeyboardInterruptHandled("stopped by SIGTERM at step 3; checkpoint written", 143, "ssvi train --resume r")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(app_module, "err", Gone())
+    monkeypatch.setattr(app_module, "app", stopped)
+    assert app_module.run(["train"]) == code

@@ -76,6 +76,15 @@ def _from_ctrl_c(exc: BaseException) -> bool:
     return False
 
 
+def _tell(text: str) -> None:
+    """The line that ends a stopped command, on stderr, which may have gone (``| tee`` ended with the
+    same Ctrl-C, a closed terminal): the exit code still says how it stopped."""
+    try:
+        err.print(text)
+    except OSError:
+        pass
+
+
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI and return its exit code: 0 ok, 1 runtime failure, 2 usage error, 130 interrupted
     (Ctrl-C), 143 stopped by SIGTERM."""
@@ -90,15 +99,15 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     except SystemExit as exc:
         if _from_ctrl_c(exc):  # Typer turns a KeyboardInterrupt into a silent exit 130
-            err.print("interrupted")
+            _tell("interrupted")
             return 130
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except train_cmd.KeyboardInterruptHandled as exc:
         if str(exc):
-            err.print(str(exc))
+            _tell(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
-        err.print("interrupted")
+        _tell("interrupted")
         return 130
     except Exception as exc:  # noqa: BLE001 - the one place that turns errors into messages
         code = 2 if isinstance(exc, _user_errors()) else 1
