@@ -278,12 +278,32 @@ def test_missing_files_raise_unavailable_with_path_and_hint(tmp_path, name, expe
 
 def test_corrupted_cifar_file_is_unavailable(tmp_path, monkeypatch):
     write_cifar10(tmp_path)
-    with pytest.raises(DatasetUnavailable, match="its files do not match torchvision's checksums"):
+    with pytest.raises(DatasetUnavailable, match="its files are damaged or not the original ones"):
         build_dataset("cifar10", data_dir=tmp_path)  # every file there, none torchvision's own
     accept_fixture_checksums(monkeypatch, tmp_path)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"truncated")
     with pytest.raises(DatasetUnavailable, match="--download"):
         build_dataset("cifar10", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("bad", ["garbage", "labels", "empty", "no-images"])
+def test_a_malformed_mnist_file_is_unavailable_in_one_line(tmp_path, bad):
+    """torchvision asserts (AssertionError with no words), or fails on a dtype or a count, on idx files
+    that are there but not MNIST's: exit 1 with its words, which named no file."""
+    raw = write_mnist(tmp_path, "MNIST")
+    images = raw / "t10k-images-idx3-ubyte"
+    if bad == "garbage":
+        images.write_bytes(b"\x12\x34" * 500)
+    elif bad == "labels":
+        images.write_bytes((raw / "t10k-labels-idx1-ubyte").read_bytes())
+    elif bad == "empty":
+        images.write_bytes(b"")
+    else:
+        images.write_bytes(bytes([0, 0, 8, 3, 0, 0, 0, 0, 0, 0, 0, 28, 0, 0, 0, 28]))
+    with pytest.raises(DatasetUnavailable) as caught:
+        build_dataset("mnist", data_dir=tmp_path)
+    message = str(caught.value)
+    assert "t10k-images-idx3-ubyte" in message and "--download" in message and "\n" not in message
 
 
 # --------------------------------------------------------------------------- augmentation

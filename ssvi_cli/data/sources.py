@@ -131,10 +131,17 @@ def _call_torchvision(name: str, factory: Callable[[], object], where: Path, dow
             raise DataError(f"downloading {name} into {where} failed ({said}); check the network") from err
         missing = [f for f in expected if not (where / f).is_file()]
         detail = (f"missing {', '.join(missing)}; " if missing else
-                  "its files do not match torchvision's checksums; " if expected else "")
+                  "its files are damaged or not the original ones; " if expected else "")
         raise DatasetUnavailable(
             f"{name} not found or corrupted at {where} ({detail}torchvision: {said}); pass --download "
             f"(in a sweep: --set data.download=true) to fetch it, or place the original files there"
+        ) from err
+    except (AssertionError, ValueError, TypeError, IndexError, EOFError) as err:  # files there, but not readable
+        said = " ".join(str(err).split()) or type(err).__name__  # as MNIST's: torchvision asserts their header
+        files = f" ({', '.join(expected)})" if expected else ""
+        raise DatasetUnavailable(
+            f"{name} at {where}: its files{files} do not read as {name}'s (torchvision: {said}); replace them "
+            f"with the original files, or remove them and pass --download (in a sweep: --set data.download=true)"
         ) from err
     except OSError as err:  # download without network
         said = " ".join(str(err).split())
