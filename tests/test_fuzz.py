@@ -177,3 +177,23 @@ def test_a_custom_modules_file_read_layer_by_layer_is_a_clean_error_or_a_valid_r
 
     outcomes = fuzz(mutations(path.read_bytes(), seed=2)[::2], path, read_and_summarise)
     assert outcomes["error"] > 150 and outcomes["read"] > 25, outcomes
+
+
+@pytest.mark.parametrize("change", [{"active": None}, {"active": "12"}, {"active": -1}, {"active": 2.5},
+                                    {"shape": None}, {"shape": [0, 8]}, {"name": 3}, {"bayesian": "yes"},
+                                    {"index": None}])
+def test_a_malformed_layer_record_is_a_corrupted_header_in_every_command(original, tmp_path, capsys, change):
+    """'active': null was int(None): a TypeError and exit 1 in inspect and evaluate."""
+    good = tmp_path / "good.safetensors"
+    good.write_bytes(original)
+    with safe_open(str(good), "pt") as fh:
+        meta = fh.metadata()
+    layers = json.loads(meta["layers"])
+    layers[0] = {**layers[0], **change}
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(str(good)), str(bad), metadata={**meta, "layers": json.dumps(layers)})
+    for command in (["inspect", str(bad)], ["evaluate", str(bad), "--samples", "1"]):
+        capsys.readouterr()
+        assert run(command) == 2
+        err = capsys.readouterr().err
+        assert "has a corrupted header" in err and len(err.strip().splitlines()) == 1, err

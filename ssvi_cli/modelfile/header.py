@@ -105,7 +105,27 @@ def _decode_meta(path: Path, raw: dict[str, str]) -> dict[str, Any]:
             raise ModelFileError(f"{path} has a corrupted header (metadata {key!r} is not valid JSON)") from None
     if not isinstance(meta["layers"], list) or not isinstance(meta["architecture"], dict):
         raise ModelFileError(f"{path} has a corrupted header (layers or architecture malformed)")
+    for record in meta["layers"]:
+        _check_layer_record(path, record)
     return meta
+
+
+def _check_layer_record(path: Path, record: Any) -> None:
+    """A layer's record as the writer makes it: a name, a shape of positive sizes, a count of active
+    entries, a bool ``bayesian`` and a string index code (which the reader then checks)."""
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    name = record.get("name") if isinstance(record, dict) else None
+    shape = record.get("shape") if isinstance(record, dict) else None
+    if (not isinstance(name, str) or not isinstance(shape, list) or not shape
+            or not all(count(s) and s > 0 for s in shape)):
+        raise ModelFileError(f"{path} has a corrupted header (a layer record without a name and shape: {record!r:.80})")
+    active = record.get("active")
+    if not count(active) or active < 0:  # one above the shape's size: the reader names the shape
+        raise ModelFileError(f"{path} has a corrupted header (layer {name!r} records {active!r} active entries)")
+    if not isinstance(record.get("bayesian"), bool) or not isinstance(record.get("index"), str):
+        raise ModelFileError(f"{path} has a corrupted header (layer {name!r}: 'bayesian' or 'index' malformed)")
 
 
 def _check_tensor_table(path: Path, header: dict[str, Any], data_bytes: int) -> dict[str, dict[str, Any]]:
