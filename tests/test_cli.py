@@ -379,3 +379,17 @@ def test_a_stop_keeps_its_exit_code_when_stderr_has_gone(monkeypatch, raised, co
     monkeypatch.setattr(app_module, "err", Gone())
     monkeypatch.setattr(app_module, "app", stopped)
     assert app_module.run(["train"]) == code
+
+
+@pytest.mark.parametrize("record", ["summary.json", "config.yaml"])
+def test_an_output_file_is_never_one_of_the_runs_own_records(tmp_path: Path, capsys, record):
+    """evaluate --output RUN/summary.json replaced the run's summary with a report, without a word."""
+    out = tmp_path / "r"
+    assert run(["train", "--out", str(out), "--epochs", "1", "--set", "model.widths=[8]", "--set",
+                "data.max_train=64", "--set", "train.eval_samples=1"]) == 0
+    kept = (out / record).read_bytes()
+    capsys.readouterr()
+    assert run(["evaluate", str(out), "--samples", "1", "--output", str(out / record)]) == 2
+    assert f"is a record of the run in {out}" in capsys.readouterr().err
+    assert (out / record).read_bytes() == kept
+    assert run(["evaluate", str(out), "--samples", "1", "--output", str(out / "evaluation.json")]) == 0

@@ -55,6 +55,11 @@ def check_output_file(path: Path, flag: str) -> None:
         what = "is not a directory" if path.parent.exists() else "does not exist"
         raise UsageError(f"{flag} {path}: its folder {path.parent} {what}; create it first or pick another path")
     check_writable(path.parent, f"{flag} {path}")
+    from ssvi_cli.runs.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, SUPPORT_FILE, RunDir
+
+    if path.name in (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, SUPPORT_FILE) and RunDir(path.parent).is_run():
+        raise UsageError(f"{flag} {path} is a record of the run in {path.parent}, which evaluate, --resume and "
+                         "sweeps read; give another path")
 
 
 def check_output_dir(path: Path, flag: str) -> None:
