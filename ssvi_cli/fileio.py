@@ -102,7 +102,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        try:
+            yield tmp_path
+        except Exception as exc:  # noqa: BLE001 - re-raised, or said plainly when the disk is full
+            full = _disk_full(path, exc)
+            if full is None:
+                raise
+            raise full from exc
         # mkstemp (and some writers, e.g. safetensors) create 0600: give the final file the usual mode.
         os.chmod(tmp_path, 0o666 & ~_umask())
         with open(tmp_path, "rb+") as fh:
@@ -115,6 +121,26 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+FULL_BELOW = 16 << 20  # bytes free under which a failed write is put down to a full disk
+
+
+def _disk_full(path: Path, exc: BaseException) -> UnwritablePath | None:
+    """A writer's failure as "no space left", naming the file, when it is one: ENOSPC or EDQUOT, or any
+    error (torch's ``unexpected pos``, safetensors' I/O error) with almost nothing left free there."""
+    import shutil
+
+    said = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if not said and (free is None or free >= FULL_BELOW):
+        return None
+    left = f" ({free:,} bytes free there)" if free is not None else ""
+    return UnwritablePath(errno.ENOSPC, f"cannot write {path}: no space left on the device{left}; the files "
+                                        "written before it are as they were")
 
 
 def _umask() -> int:

@@ -1,3 +1,4 @@
+import errno
 import os
 import stat
 from pathlib import Path
@@ -157,3 +158,33 @@ def test_a_file_system_without_locks_trains_unlocked_with_a_warning(tmp_path, mo
                 "--out", str(out), "--json"]) == 0
     assert (out / "model.safetensors").is_file()
     assert f"{out} is not locked: its file system takes no locks" in caplog.text + capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error, free", [(OSError(errno.ENOSPC, "No space left on device"), 10 << 30),
+                                         (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos"), 4096)])
+def test_a_full_disk_is_said_so_naming_the_file_and_the_old_file_stays(tmp_path, monkeypatch, error, free):
+    """torch.save on a full disk said only 'unexpected pos 385984 vs 385876'."""
+    import shutil
+    from collections import namedtuple
+
+    from ssvi_cli.fileio import UnwritablePath, atomic_path
+
+    target = tmp_path / "checkpoint-00000042.pt"
+    target.write_bytes(b"the checkpoint before")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage(1 << 40, (1 << 40) - free, free))
+    with pytest.raises(UnwritablePath) as caught:
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise error
+    assert str(caught.value).startswith(f"cannot write {target}: no space left on the device")
+    assert target.read_bytes() == b"the checkpoint before"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_a_writer_failing_with_room_to_spare_is_not_called_a_full_disk(tmp_path):
+    from ssvi_cli.fileio import atomic_path
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        with atomic_path(tmp_path / "x.bin"):
+            raise RuntimeError("a bug")
