@@ -102,8 +102,8 @@ def test_the_first_mu_is_the_pretrained_weight_and_the_head_starts_fresh(tmp_pat
     head = layers[HEAD]
     assert head.weight_shape == (10, 1024) and head.active == active_count(10 * 1024, 0.1)
     assert torch.equal(head.bias.detach(), torch.zeros(10))
-    fan_in_std = math.sqrt(2.0 / (1024 * 0.1))  # a fresh run's init, not the builder's N(0, 0.01)
-    assert abs(float(head.mu.detach().std()) / fan_in_std - 1.0) < 0.15
+    fresh_std = math.sqrt(2.0 / 1024)  # a fresh run's init (the preset's dense_fan_in), not the builder's N(0, 0.01)
+    assert abs(float(head.mu.detach().std()) / fresh_std - 1.0) < 0.15
 
 
 def test_a_gray_input_through_the_summed_kernel_is_the_rgb_copy_through_the_original():
