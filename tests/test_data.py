@@ -465,3 +465,19 @@ def test_preprocess_resize_is_antialiased():
 def test_preprocess_rejects_unreconcilable_inputs(images, match):
     with pytest.raises(DataError, match=match):
         preprocess(images, _spec(3, 8))
+
+
+def test_a_failed_download_of_an_ood_set_says_so_and_nothing_about_converting(tmp_path, monkeypatch):
+    """It read 'OOD set mnist cannot be converted to the model's input (1, 8, 8): downloading ...'."""
+    import torchvision.datasets as tvd
+
+    from ssvi_cli.data.ood import parse_ood
+    from ssvi_cli.evaluation.ood_sets import load_ood
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: <urlopen error [Errno -3]>")
+
+    monkeypatch.setattr(tvd, "MNIST", offline)
+    with pytest.raises(DatasetUnavailable) as caught:
+        load_ood(parse_ood(f"mnist={tmp_path}"), get_spec("digits"), None, True, 0, 10)
+    assert str(caught.value).startswith("downloading mnist into") and "converted" not in str(caught.value)

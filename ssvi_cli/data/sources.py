@@ -128,7 +128,7 @@ def _call_torchvision(name: str, factory: Callable[[], object], where: Path, dow
     except RuntimeError as err:
         said = " ".join(str(err).split())  # torchvision's download errors span lines; ours are one
         if download:
-            raise DataError(f"downloading {name} into {where} failed ({said}); check the network") from err
+            raise DatasetUnavailable(f"downloading {name} into {where} failed ({said}); check the network") from err
         missing = [f for f in expected if not (where / f).is_file()]
         detail = (f"missing {', '.join(missing)}; " if missing else
                   "its files are damaged or not the original ones; " if expected else "")
@@ -145,7 +145,7 @@ def _call_torchvision(name: str, factory: Callable[[], object], where: Path, dow
         ) from err
     except OSError as err:  # download without network
         said = " ".join(str(err).split())
-        raise DataError(f"cannot read or download {name} at {where} ({said}); check the path/network") from err
+        raise DatasetUnavailable(f"cannot read or download {name} at {where} ({said}); check the path/network") from err
 
 
 def _torchvision_loader(name: str, cls_name: str, location: Callable[[Path], Path]) -> Loader:

@@ -15,7 +15,8 @@ class DataError(Exception):
 
 
 class DatasetUnavailable(DataError):
-    """A torchvision dataset whose files are not on disk and may not be downloaded."""
+    """A torchvision dataset whose files are not on disk (and may not be downloaded), do not read, or
+    could not be downloaded."""
 
 
 OPTIONAL_KEYS = ("dataset_classes", "files_digest")  # left out of a spec's dict when empty
