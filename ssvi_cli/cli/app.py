@@ -81,7 +81,7 @@ def _tell(text: str) -> None:
     same Ctrl-C, a closed terminal): the exit code still says how it stopped."""
     try:
         err.print(text)
-    except OSError:
+    except (OSError, SystemExit):  # rich answers a broken pipe with SystemExit(1)
         pass
 
 
