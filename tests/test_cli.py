@@ -303,7 +303,7 @@ def test_resume_sets_an_unreadable_checkpoint_aside_so_pruning_keeps_the_one_it_
     cut.write_bytes(cut.read_bytes()[:100])
     capsys.readouterr()
     assert run(["train", "--resume", str(out), "--json"]) == 0
-    assert f"kept as {cut}.unreadable" in capsys.readouterr().err
+    assert f"is renamed {cut}.unreadable" in capsys.readouterr().err
     assert sorted((out / "checkpoints").glob("checkpoint-*")) == [good, cut.with_name(cut.name + ".unreadable"), last]
 
 
@@ -391,3 +391,33 @@ def test_an_output_file_is_never_one_of_the_runs_own_records(tmp_path: Path, cap
     assert f"is a record of the run in {out}" in capsys.readouterr().err
     assert (out / record).read_bytes() == kept
     assert run(["evaluate", str(out), "--samples", "1", "--output", str(out / "evaluation.json")]) == 0
+
+
+def test_a_checkpoint_gone_since_listed_is_passed_over_and_a_system_error_is_not(tmp_path: Path, monkeypatch):
+    """Under torchrun rank 0 renames an unreadable checkpoint while another rank may be about to read
+    it; a read the system refused (no permission) may be of a whole file: it stops the resume rather
+    than falling back to an older checkpoint, which would lose progress."""
+    import errno
+
+    from ssvi_cli.runs import checkpoint as ckpt
+    from ssvi_cli.runs.rundir import RunDir
+
+    out = tmp_path / "r"
+    assert run(["train", "--out", str(out), "--epochs", "2", "--set", "model.widths=[8]", "--set",
+                "data.max_train=64", "--set", "train.eval_samples=1"]) == 0
+    older, newest = sorted((out / "checkpoints").glob("checkpoint-*.pt"))
+    real = ckpt.torch_load_tensors
+
+    def renamed_meanwhile(path, **kwargs):
+        if Path(path) == newest:
+            newest.rename(newest.with_name(newest.name + ".unreadable"))
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(ckpt, "torch_load_tensors", renamed_meanwhile)
+    assert RunDir(out).load_latest()[0] == older
+    monkeypatch.setattr(ckpt, "torch_load_tensors",
+                        lambda path, **kwargs: (_ for _ in ()).throw(PermissionError(errno.EACCES, "Permission denied")))
+    with pytest.raises(ckpt.CheckpointError) as caught:
+        RunDir(out).load_latest()
+    assert not isinstance(caught.value, ckpt.CorruptCheckpoint) and "cannot read checkpoint" in str(caught.value)

@@ -134,8 +134,8 @@ def register(app: typer.Typer) -> None:
                     held.enter_context(RunDir(resume).hold("--resume", create=False))
                     plan.check_unchanged()
                     for path in plan.set_aside_unreadable():
-                        err.print(f"note: {path.name[:-len('.unreadable')]} did not read; kept as {path}, "
-                                  "apart from the checkpoints the run keeps", highlight=False)
+                        err.print(f"note: a checkpoint that does not read (above) is renamed {path}, so that "
+                                  "pruning passes it by; rename it back to try it again", highlight=False)
             else:
                 # Names, device, data and the layer budget are checked before --force removes an old run,
                 # so a missing dataset or an impossible sparsity never costs the run being replaced.

@@ -5,10 +5,12 @@ Saved with ``torch.save`` to a temporary file and renamed; loaded with ``weights
 
 from __future__ import annotations
 
+import errno
 import logging
 import pickle
 import random
 import re
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -47,14 +49,6 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not d.is_dir():
         return []
     return sorted(p for p in d.iterdir() if _NAME.match(p.name))
-
-
-def checkpoint_step(path: Path) -> int:
-    """The step in a checkpoint's name (one :func:`list_checkpoints` lists)."""
-    match = _NAME.match(Path(path).name)
-    if match is None:
-        raise ValueError(f"{path} is not named as a checkpoint")
-    return int(match.group(1))
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
@@ -125,6 +119,12 @@ def unpickler_reason(exc: BaseException) -> str:
     return f"not a file torch.save wrote: {said}" if marker and said else brief(exc)
 
 
+# Read errors of the system rather than of the file's bytes (no permission, no file handles or memory
+# left, a stale network handle): a checkpoint that meets them may be whole.
+NOT_THE_FILE = frozenset(getattr(errno, name) for name in ("EACCES", "EPERM", "EMFILE", "ENFILE", "ENOMEM", "EAGAIN",
+                                                           "ESTALE") if hasattr(errno, name))
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely (tensors and plain containers only)."""
     try:
@@ -135,10 +135,16 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         if holds_objects(exc):  # a class or function to import: never, here
             raise CorruptCheckpoint(f"checkpoint {path} is unreadable ({NOT_TENSORS})") from None
         raise CorruptCheckpoint(f"checkpoint {path} is unreadable or corrupted ({unpickler_reason(exc)})") from None
-    except Exception as exc:  # noqa: BLE001 - any bytes may meet the unpickler: KeyError, IndexError, ...
-        said = brief(exc) if isinstance(exc, (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError)) \
-            else "not a file torch.save wrote"  # KeyError: 101 says nothing to the reader
-        raise CorruptCheckpoint(f"checkpoint {path} is unreadable or corrupted ({said})") from None
+    except OSError as exc:
+        if exc.errno in NOT_THE_FILE:  # the system, not the bytes: not passed over for an older checkpoint
+            raise CheckpointError(f"cannot read checkpoint {path} ({brief(exc)})") from None
+        raise CorruptCheckpoint(f"checkpoint {path} is unreadable or corrupted ({brief(exc)})") from None
+    except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+        raise CorruptCheckpoint(f"checkpoint {path} is unreadable or corrupted ({brief(exc)})") from None
+    except (KeyError, IndexError, TypeError, AttributeError, AssertionError, struct.error) as exc:
+        # what any bytes may send the unpickler to ('hello': KeyError: 101, which says nothing to the reader)
+        raise CorruptCheckpoint(f"checkpoint {path} is unreadable or corrupted (not a file torch.save "
+                                f"wrote: {type(exc).__name__})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CorruptCheckpoint(f"{path} is not an ssvi checkpoint")
     if int(data.get("version", 0)) > VERSION:

@@ -221,6 +221,10 @@ class RunDir:
             except ckpt.CorruptCheckpoint as exc:
                 first_error = first_error or exc
                 continue
+            except ckpt.CheckpointError:
+                if path.exists():
+                    raise
+                continue  # gone since it was listed: renamed NAME.unreadable by a resume on another rank
             if path != latest:
                 logger.warning("%s; %s %s, the one before it", first_error, purpose, path.name)
             return path, data

@@ -5,6 +5,7 @@ data and the sparsity leaves every layer an active weight). The trainer trusts a
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -20,7 +21,6 @@ from ssvi_cli.data import DataSplits, build_dataset, check_dataset_name, get_spe
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.modelfile import ModelCard, build_model
 from ssvi_cli.models import SSVIModel, check_model_name, input_error
-from ssvi_cli.runs.checkpoint import checkpoint_step
 from ssvi_cli.runs.rundir import RunBusy, RunDir
 
 
@@ -115,6 +115,7 @@ class RunPlan:
     init_weights: Optional[dict[str, Any]] = None  # model.init_from's state_dict, checked
     init_note: Optional[str] = None  # what model.init_from loaded, adapted and re-initialised
     checkpoints_seen: Optional[list[Path]] = None  # a resumed run's checkpoint files when it was read
+    resumed_from: Optional[Path] = None  # the checkpoint a resumed run was read from
 
     @classmethod
     def new(cls, cfg: Config, run_dir: Optional[RunDir | Path] = None,
@@ -145,10 +146,10 @@ class RunPlan:
         """Continue the run in ``run_dir`` from its latest checkpoint (read once, here)."""
         run = _run_dir(run_dir)
         seen = run.checkpoints()
-        cfg, dev, data = _resumable(run, device)
+        cfg, dev, data, path = _resumable(run, device)
         splits = splits or load_data(cfg)
         card = ModelCard.from_config(cfg, splits.spec)
-        return cls(cfg, dev, splits, card, {}, run, data, checkpoints_seen=seen)
+        return cls(cfg, dev, splits, card, {}, run, data, checkpoints_seen=seen, resumed_from=path)
 
     def check_unchanged(self) -> None:
         """For a resumed run, once its lock is held: no other process finished it or wrote a newer
@@ -163,15 +164,16 @@ class RunPlan:
         """For a resumed run, once its lock is held: the checkpoints newer than the one it resumes
         from (unreadable, passed over) renamed ``NAME.unreadable``, beside the others, so that
         ``train.keep_checkpoints`` counts only readable ones and never prunes the one it resumed from."""
-        if self.run_dir is None or self.checkpoint is None:
+        if self.run_dir is None or self.resumed_from is None:
             return []
-        resumed = int(self.checkpoint["state"]["step"])
+        listed = self.run_dir.checkpoints()
         moved = []
-        for path in self.run_dir.checkpoints():
-            if checkpoint_step(path) > resumed:
-                target = path.with_name(path.name + ".unreadable")
-                path.replace(target)
-                moved.append(target)
+        for path in listed[listed.index(self.resumed_from) + 1:] if self.resumed_from in listed else []:
+            target = path.with_name(path.name + ".unreadable")
+            if target.exists():  # one set aside before, at the same step: keep both
+                target = path.with_name(f"{path.name}.{int(time.time())}.unreadable")
+            path.replace(target)
+            moved.append(target)
         return moved
 
     def build_model(self) -> SSVIModel:
@@ -220,7 +222,7 @@ def preflight_resume(run_dir: RunDir | Path, device: Optional[str] = None, world
     a checkpoint to resume, the device, the data, and a recorded global batch that feeds ``world_size``
     processes."""
     run = _run_dir(run_dir)
-    cfg, _, data = _resumable(run, device)
+    cfg, _, data, _ = _resumable(run, device)
     check_data_present(cfg)
     batch = int((data.get("state") or {}).get("global_batch") or 0)
     if batch and batch < world_size:
@@ -228,10 +230,10 @@ def preflight_resume(run_dir: RunDir | Path, device: Optional[str] = None, world
                           f"processes; resume it on at most {batch} (--nproc {batch})")
 
 
-def _resumable(run: RunDir, device: Optional[str]) -> tuple[Config, torch.device, dict[str, Any]]:
-    """The run's config, device and newest readable checkpoint, its image folder (in the flat layout)
-    checked unchanged before any image is decoded."""
-    _, data = run.load_latest()
+def _resumable(run: RunDir, device: Optional[str]) -> tuple[Config, torch.device, dict[str, Any], Path]:
+    """The run's config, device, newest readable checkpoint and its path, its image folder (in the flat
+    layout) checked unchanged before any image is decoded."""
+    path, data = run.load_latest()
     cfg = from_dict(data["config"])
     dev = resolve_device(device or cfg.train.device)
     try:
@@ -240,7 +242,7 @@ def _resumable(run: RunDir, device: Optional[str]) -> tuple[Config, torch.device
         recorded = None
     if recorded is not None and recorded.files_digest:
         recorded.check_same_files(get_spec(cfg.data.name, cfg.data))
-    return cfg, dev, data
+    return cfg, dev, data, path
 
 
 def _run_dir(path: Optional[RunDir | Path]) -> Optional[RunDir]:
