@@ -341,10 +341,10 @@ def test_an_earlier_or_copied_checkpoint_does_not_take_the_runs_final_numbers(tm
     tiny = ["--epochs", "2", "--set", "model.widths=[8]", "--set", "data.max_train=64", "--set", "train.eval_samples=1"]
     assert run(["train", "--out", str(out), *tiny]) == 0
     earlier, final = sorted((out / "checkpoints").glob("checkpoint-*.pt"))
-    elsewhere = tmp_path / "other" / "checkpoints" / final.name
-    elsewhere.parent.mkdir(parents=True)
+    other_run = tmp_path / "seed1"  # the same grid cell but for its seed: the same number of steps
+    assert run(["train", "--out", str(other_run), *tiny, "--seed", "1"]) == 0
+    elsewhere = other_run / "checkpoints" / f"copied-{final.name}"
     elsewhere.write_bytes(final.read_bytes())
-    (tmp_path / "other" / "summary.json").write_text(json.dumps({"steps": 999, "test_accuracy": 0.5}))
 
     def metrics(path: Path) -> dict:
         capsys.readouterr()

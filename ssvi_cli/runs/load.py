@@ -52,17 +52,27 @@ def load_model(path: Path, kernel: str = "auto") -> LoadedModel:
         return model_from_checkpoint(path, _own_summary(run, data), kernel, data)
     if path.suffix.lower() == ".pt":
         data = ckpt.load_checkpoint(path)
-        run = RunDir(path.parent.parent) if path.parent.name == ckpt.CHECKPOINT_DIR else None
+        folder = path.resolve().parent
+        run = RunDir(folder.parent) if folder.name == ckpt.CHECKPOINT_DIR else None
         return model_from_checkpoint(path, _own_summary(run, data) if run else {}, kernel, data)
     return read_model_file(path, kernel=kernel)
 
 
 def _own_summary(run: RunDir, data: dict[str, Any]) -> dict[str, Any]:
-    """The run's final summary if the checkpoint is the one it was made from (the same step), else
-    nothing: an earlier checkpoint, or one copied into another run, has no test numbers of its own."""
+    """The run's final summary if the checkpoint is the one it was measured on (the run's last step,
+    under the run's own config), else nothing: an earlier checkpoint, or one copied in from another
+    run (another seed of a sweep, say), has no test numbers of its own."""
+    import yaml
+
     summary = run.read_summary()
-    step = (data.get("state") or {}).get("step") if isinstance(data, dict) else None
-    return summary if step is not None and summary.get("steps") == step else {}
+    state = data.get("state")
+    if not isinstance(summary, dict) or not isinstance(state, dict) or summary.get("steps") != state.get("step"):
+        return {}
+    try:
+        same = from_dict(yaml.safe_load(run.config_file.read_text(encoding="utf-8"))) == from_dict(data["config"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, ConfigError):
+        return {}
+    return summary if same and state.get("step") is not None else {}
 
 
 def export_model(source: Path, out: Path, dtype: str = "float32", dense: bool = False) -> dict[str, Any]:
