@@ -111,8 +111,14 @@ def atomic_path(path: Path) -> Iterator[Path]:
             raise full from exc
         # mkstemp (and some writers, e.g. safetensors) create 0600: give the final file the usual mode.
         os.chmod(tmp_path, 0o666 & ~_umask())
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
+        try:
+            with open(tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())  # where a network or delayed-allocation file system reports a full disk
+        except OSError as exc:
+            full = _disk_full(path, exc)
+            if full is None:
+                raise
+            raise full from exc
         try:
             os.replace(tmp_path, path)
         except OSError as exc:  # a folder of that name, say: named as asked, not by the temporary file
@@ -127,20 +133,26 @@ FULL_BELOW = 16 << 20  # bytes free under which a failed write is put down to a 
 
 
 def _disk_full(path: Path, exc: BaseException) -> UnwritablePath | None:
-    """A writer's failure as "no space left", naming the file, when it is one: ENOSPC or EDQUOT, or any
-    error (torch's ``unexpected pos``, safetensors' I/O error) with almost nothing left free there."""
+    """A writer's failure as "no space left" (or "disk quota exceeded"), naming the file, when it is
+    one: ENOSPC or EDQUOT, or an I/O error of the writers (an OSError, torch's bare RuntimeError
+    ``unexpected pos``, safetensors' SafetensorError) with almost nothing left free there. Anything
+    else (a stop signal's exception, a bug) is left as it is."""
     import shutil
 
-    said = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, OSError) and exc.errno == errno.EDQUOT:
+        return UnwritablePath(errno.EDQUOT, f"cannot write {path}: disk quota exceeded; the previous {path.name}, "
+                                            "if any, is unchanged")
+    said = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+    writer = isinstance(exc, OSError) or type(exc) is RuntimeError or type(exc).__name__ == "SafetensorError"
     try:
         free = shutil.disk_usage(path.parent).free
     except OSError:
         free = None
-    if not said and (free is None or free >= FULL_BELOW):
+    if not said and not (writer and free is not None and free < FULL_BELOW):
         return None
-    left = f" ({free:,} bytes free there)" if free is not None else ""
-    return UnwritablePath(errno.ENOSPC, f"cannot write {path}: no space left on the device{left}; the files "
-                                        "written before it are as they were")
+    left = f", {free:,} bytes free there" if free is not None else ""
+    return UnwritablePath(errno.ENOSPC, f"cannot write {path}: no space left on the device ({brief(exc)}{left}); "
+                                        f"the previous {path.name}, if any, is unchanged")
 
 
 def _umask() -> int:

@@ -177,7 +177,8 @@ def test_a_full_disk_is_said_so_naming_the_file_and_the_old_file_stays(tmp_path,
         with atomic_path(target) as tmp:
             tmp.write_bytes(b"half")
             raise error
-    assert str(caught.value).startswith(f"cannot write {target}: no space left on the device")
+    assert str(caught.value).startswith(f"cannot write {target}: no space left on the device (")
+    assert str(caught.value).endswith(f"the previous {target.name}, if any, is unchanged")
     assert target.read_bytes() == b"the checkpoint before"
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
 
@@ -188,3 +189,21 @@ def test_a_writer_failing_with_room_to_spare_is_not_called_a_full_disk(tmp_path)
     with pytest.raises(RuntimeError, match="a bug"):
         with atomic_path(tmp_path / "x.bin"):
             raise RuntimeError("a bug")
+
+
+def test_on_a_nearly_full_disk_only_a_writers_error_is_called_a_full_disk(tmp_path, monkeypatch):
+    """A stop signal's exception (ssvi's Interrupted, a RuntimeError subclass) raised while the model
+    file is written keeps its meaning, however little space is left."""
+    import shutil
+    from collections import namedtuple
+
+    from ssvi_cli.fileio import atomic_path
+
+    class Interrupted(RuntimeError):
+        pass
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage(1 << 40, (1 << 40) - 4096, 4096))
+    with pytest.raises(Interrupted):
+        with atomic_path(tmp_path / "model.safetensors"):
+            raise Interrupted("stopped")
