@@ -48,9 +48,11 @@ class Locked(RuntimeError):
         self.holder = holder
 
 
-def acquire_lock(lock_path: Path, what: str) -> ContextManager[Any]:
+def acquire_lock(lock_path: Path, what: str, shared: bool = False) -> ContextManager[Any]:
     """An advisory ``flock`` on ``lock_path`` (made, with its folder, as needed; our process id written
-    in it), held until the returned context ends; :class:`Locked` if another process holds it. The
+    in it), held until the returned context ends; :class:`Locked` if another process holds it
+    (``shared``: a lock that other shared holders may hold too, and that keeps out only an exclusive
+    one; no process id is written, and ``Locked.holder`` is "?"). The
     system drops it when its holder exits, however it exits. Without ``fcntl`` (Windows), or on a file
     system that has no locks (Lustre or NFS mounted without them), nothing is locked: a warning says so
     and the work goes on. ``what`` names the lock in the error when it cannot be written
@@ -65,10 +67,10 @@ def acquire_lock(lock_path: Path, what: str) -> ContextManager[Any]:
     except OSError as exc:
         raise UnwritablePath(exc.errno, f"cannot write {what} {lock_path}: {exc.strerror or exc}") from None
     try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fh, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         fh.seek(0)
-        holder = fh.read().strip() or "?"
+        holder = (fh.read().strip() or "?") if not shared else "?"
         fh.close()
         raise Locked(holder) from None
     except OSError as exc:  # ENOSYS, ENOLCK, EOPNOTSUPP: locks are not to be had here
@@ -76,10 +78,11 @@ def acquire_lock(lock_path: Path, what: str) -> ContextManager[Any]:
         logger.warning("%s is not locked: its file system takes no locks (%s), so nothing stops a second process "
                        "from writing there meanwhile", lock_path.parent, exc.strerror or exc)
         return nullcontext()
-    fh.seek(0)
-    fh.truncate()
-    fh.write(str(os.getpid()))
-    fh.flush()
+    if not shared:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
     return fh  # closing it releases the lock
 
 

@@ -899,4 +899,19 @@ def test_force_leaves_a_sweep_whose_cell_is_running_as_it_is(tmp_path: Path, cap
     err = capsys.readouterr().err
     assert "holds a sweep that is running (its cell ssvi_s0.95_seed1, in process" in err
     assert len(err.strip().splitlines()) == 1
-    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.name != ".sweep.lock") == before
+
+
+def test_force_leaves_a_sweep_that_a_running_sweep_holds_between_its_cells(tmp_path: Path, capsys):
+    """A sweep between two cells holds no cell's lock; the sweep's own shared lock keeps --force out."""
+    from ssvi_cli.fileio import acquire_lock
+
+    out = tmp_path / "sw"
+    assert run(["sweep", "--set", "train.epochs=1", "--out", str(out), "--dry-run"]) == 0
+    capsys.readouterr()
+    with acquire_lock(out / ".sweep.lock", "the sweep's lock", shared=True):  # as a running sweep holds it
+        assert run(["sweep", "--set", "train.epochs=3", "--out", str(out), "--force", "--no-figures"]) == 2
+        assert "holds a sweep that is running (an ssvi sweep)" in capsys.readouterr().err
+        with acquire_lock(out / ".sweep.lock", "the sweep's lock", shared=True):  # two sweeps share it
+            pass
+    assert (out / "sweep.json").is_file()

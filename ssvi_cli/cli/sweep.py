@@ -210,27 +210,30 @@ def _run(sweep_dir: Path, spec: "SweepSpec", cells: list[Any], jobs: int, thread
     from ssvi_cli.sweep.report import write_report
     from ssvi_cli.sweep.runner import run_cells
 
-    if not json_out:
-        err.print(f"sweep {sweep_dir}: {count(len(cells), 'cell')}, {jobs} at a time, {count(threads, 'thread')} each")
-    with progress_bar(enabled=not json_out) as bar:
-        task = bar.add_task("cells", total=len(cells), info="") if bar is not None else None
-        running: set[str] = set()
+    from ssvi_cli.sweep.sweepdir import sweep_lock
 
-        def listener(event: str, name: str, detail: str) -> None:
-            if event == "start":
-                running.add(name)
-            else:
-                running.discard(name)
-            if bar is not None and task is not None:
-                bar.update(task, advance=0 if event in ("start", "stop") else 1,
-                           info=f"running: {', '.join(sorted(running))}" if running else "")
-            if bar is None and not json_out and event != "start":
-                _say(f"{event:>6} {name}" + (f" ({detail})" if detail else ""))
-            elif event in ("fail", "stop") and not json_out:
-                _say(f"{event} {name}: {detail}")
+    with sweep_lock(sweep_dir):  # shared while the cells run and the report is written; --force waits for it
+        if not json_out:
+            err.print(f"sweep {sweep_dir}: {count(len(cells), 'cell')}, {jobs} at a time, {count(threads, 'thread')} each")
+        with progress_bar(enabled=not json_out) as bar:
+            task = bar.add_task("cells", total=len(cells), info="") if bar is not None else None
+            running: set[str] = set()
 
-        outcome = run_cells(sweep_dir, cells, jobs, threads, listener, spec)
-    result = write_report(sweep_dir, figures, baseline)
+            def listener(event: str, name: str, detail: str) -> None:
+                if event == "start":
+                    running.add(name)
+                else:
+                    running.discard(name)
+                if bar is not None and task is not None:
+                    bar.update(task, advance=0 if event in ("start", "stop") else 1,
+                               info=f"running: {', '.join(sorted(running))}" if running else "")
+                if bar is None and not json_out and event != "start":
+                    _say(f"{event:>6} {name}" + (f" ({detail})" if detail else ""))
+                elif event in ("fail", "stop") and not json_out:
+                    _say(f"{event} {name}: {detail}")
+
+            outcome = run_cells(sweep_dir, cells, jobs, threads, listener, spec)
+        result = write_report(sweep_dir, figures, baseline)
     if outcome.interrupted:
         failed = f"; {len(outcome.failed)} failed (logs in {sweep_dir / 'logs'})" if outcome.failed else ""
         # A cell stopped before its first checkpoint starts again; the others continue from theirs.
@@ -253,7 +256,7 @@ def _say(text: str) -> None:
     its cells are stopped and its report written."""
     try:
         err.print(text, highlight=False)
-    except OSError:
+    except (OSError, SystemExit):  # rich answers a broken pipe with SystemExit(1)
         pass
 
 

@@ -65,24 +65,42 @@ def claim_sweep_dir(out_dir: Path, spec: SweepSpec, cells: list[Cell], force: bo
                          f"trains): continue it as it is with "
                          f"'ssvi sweep --resume {shlex.quote(str(out_dir))}', choose another --out, or replace "
                          "it and its cells with --force (in a run: a dry run deletes nothing)")
-    with _cells_held(out_dir):  # none of them starts meanwhile
+    with _sweep_held(out_dir):  # no sweep runs it, and none of its cells starts, meanwhile
         remove_entries(out_dir, SWEEP_ENTRIES)  # its cells were made under other settings and must not be reused
     return "replaced", spec, cells, []
 
 
-def _cells_held(out_dir: Path) -> ExitStack:
-    """The lock of every cell that the sweep in ``out_dir`` has started, held; a :class:`SweepError`
-    naming the first one another process is running (a sweep, or a scheduler's ``--run-cell``)."""
+SWEEP_LOCK = ".sweep.lock"  # shared by every `ssvi sweep` running the folder's cells; --force takes it alone
+
+
+def sweep_lock(out_dir: Path) -> Any:
+    """The lock an ``ssvi sweep`` that runs the cells of ``out_dir`` holds while it runs (shared: two
+    sweeps may share the cells); a :class:`SweepError` while ``--force`` is replacing the sweep."""
+    try:
+        return acquire_lock(out_dir / SWEEP_LOCK, "the sweep's lock", shared=True)
+    except Locked:
+        raise SweepError(f"the sweep in {out_dir} is being replaced (--force) by another process") from None
+
+
+def _sweep_held(out_dir: Path) -> ExitStack:
+    """The sweep's lock, alone, and the lock of every cell it has started, held; a :class:`SweepError`
+    if another process is running the sweep (an ``ssvi sweep``) or one of its cells (a scheduler's
+    ``--run-cell``)."""
     held = ExitStack()
     cells_dir = out_dir / CELLS_DIR
-    for lock in sorted(cells_dir.glob(".*.lock")) if cells_dir.is_dir() else []:
-        try:
-            held.enter_context(acquire_lock(lock, "the cell's lock"))
-        except Locked as exc:
-            held.close()
-            raise SweepError(f"{out_dir} holds a sweep that is running (its cell {lock.name[1:-len('.lock')]}, in "
-                             f"process {exc.holder}): stop it (Ctrl-C) or let it end before replacing it with "
-                             "--force") from None
+    locks = [out_dir / SWEEP_LOCK, *(sorted(cells_dir.glob(".*.lock")) if cells_dir.is_dir() else [])]
+    try:
+        for lock in locks:
+            try:
+                held.enter_context(acquire_lock(lock, "the sweep's lock" if lock.name == SWEEP_LOCK else "a cell's lock"))
+            except Locked as exc:
+                what = ("an ssvi sweep" if lock.name == SWEEP_LOCK else
+                        f"its cell {lock.name[1:-len('.lock')]}, in process {exc.holder}")
+                raise SweepError(f"{out_dir} holds a sweep that is running ({what}): stop it (Ctrl-C) or let it "
+                                 "end before replacing it with --force") from None
+    except BaseException:
+        held.close()
+        raise
     return held
 
 
