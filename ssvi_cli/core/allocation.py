@@ -12,6 +12,7 @@ from torch import nn
 from ssvi_cli.registry import Registry, UnknownName
 
 from ssvi_cli.core.layers import SparseGaussian, sparse_layers
+from ssvi_cli.config import MU_INITS
 from ssvi_cli.core.gaussian import rho_from_sigma
 
 
@@ -26,6 +27,10 @@ class InitSpec:
     sigma_mean: float = 6e-4
     sigma_std: float = 5e-4
     sigma_param: str = "softplus"
+
+    def __post_init__(self) -> None:
+        if self.mu_init not in MU_INITS:
+            raise ValueError(f"mu_init={self.mu_init!r}; valid values are: {', '.join(MU_INITS)}")
 
 
 class AllocationError(ValueError):

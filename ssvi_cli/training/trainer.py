@@ -36,7 +36,6 @@ from ssvi_cli.training.summary import epoch_record, finish
 log = logging.getLogger(__name__)
 
 AMP_DTYPES: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 __all__ = ["Interrupted", "Trainer", "TrainingError"]
 
 
@@ -222,11 +221,9 @@ class Trainer:
             return report
         self.state.subspace_steps += 1
         if self.is_main:
-            self.run.append_support({
-                "step": t, "fraction": report.fraction,
-                "layers": {l.name: {"active": l.active, "dropped": l.dropped, "swapped": l.swapped,
-                                    "iou": l.iou} for l in report.layers},
-                "criteria_iou": overlap})
+            layers = {l.name: {"active": l.active, "dropped": l.dropped, "swapped": l.swapped, "iou": l.iou}
+                      for l in report.layers}
+            self.run.append_support({"step": t, "fraction": report.fraction, "layers": layers, "criteria_iou": overlap})
         return report
 
     def _check_finite(self, nll: Tensor, kl: Tensor, loss: Tensor) -> None:
@@ -253,9 +250,8 @@ class Trainer:
         with stop_signals(self._request_stop):
             while self.state.epoch < self.cfg.train.epochs:
                 self._run_epoch(progress)
-            if distributed.any_rank(self.stop_requested, self.device):  # asked after the last step: the last
-                raise Interrupted(self.run_dir, self.state.step, self.stop_signal,  # epoch's validation, say
-                                  during="the last epoch's validation and checkpoint")
+            if distributed.any_rank(self.stop_requested, self.device):  # asked after the last step: in its validation
+                raise Interrupted(self.run_dir, self.state.step, self.stop_signal, during="the end of training")
         with stop_signals(self._stop_now):  # training is over and checkpointed: a stop needs no step to end
             return self.finish()
 
