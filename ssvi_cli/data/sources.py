@@ -21,7 +21,7 @@ from ssvi_cli.data.classes import resolve_classes, restrict_spec
 from ssvi_cli.data.spec import DataError, DatasetUnavailable, DataSpec, RawImages
 from ssvi_cli.data.transforms import random_crop_flip
 from ssvi_cli.registry import Registry, UnknownName
-from ssvi_cli.network import stall_limit
+from ssvi_cli.network import stall_limit, stall_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ def _call_torchvision(name: str, factory: Callable[[], object], where: Path, dow
                       expected: Sequence[str] = ()):
     """Run a torchvision constructor, turning its missing-file errors into DataErrors (which name the
     ``expected`` files missing from ``where``)."""
+    stall_seconds()  # a bad SSVI_NETWORK_TIMEOUT is its own one-line error, not one of the files'
     try:
         with stall_limit():
             return factory()
