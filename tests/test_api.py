@@ -262,10 +262,12 @@ def test_an_accumulating_loop_scores_additions_on_all_its_micro_batches(micro):
             assert subspace.step() == (t == 5)
             optimizer.zero_grad()
         assert subspace.last_report.swapped > 0
-        return [l.idx.clone() for _, l in sparse_layers(model)]
+        return [set(l.idx.tolist()) for _, l in sparse_layers(model)]
 
+    # The sum over micro-batches rounds otherwise than one batch's gradient, which may swap one
+    # near-tied pair; scoring on the last micro-batch alone would change dozens of the ~100 additions.
     whole = supports_after(1)
-    assert all(torch.equal(a, b) for a, b in zip(whole, supports_after(micro)))
+    assert sum(len(a ^ b) for a, b in zip(whole, supports_after(micro))) <= 2
 
 
 def test_a_layer_the_remove_and_add_steps_forward_did_not_reach_keeps_its_support():
