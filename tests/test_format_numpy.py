@@ -364,9 +364,10 @@ def mlp_exp_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def mlp_wide_file(tmp_path_factory) -> Path:
-    """A digits MLP with wide posteriors (σ ≈ 0.05), so that Monte Carlo draws differ visibly."""
-    return train(tmp_path_factory.mktemp("mlp_wide") / "run", "--epochs", "1",
-                 "--set", "sparse.allocation=uniform", "--set", "bayes.sigma_init_mean=0.05", "--set", "train.eval_samples=1")
+    """A digits MLP with wide posteriors (σ ≈ 0.05) and logits large enough after one epoch (μ's
+    init over the active fan-in) that Monte Carlo draws differ visibly."""
+    return train(tmp_path_factory.mktemp("mlp_wide") / "run", "--epochs", "1", "--set", "sparse.allocation=uniform",
+                 "--set", "bayes.sigma_init_mean=0.05", "--set", "bayes.mu_init=fan_in", "--set", "train.eval_samples=1")
 
 
 @pytest.fixture(scope="module")
