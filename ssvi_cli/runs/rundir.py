@@ -225,7 +225,7 @@ class RunDir:
                 if path.exists():
                     raise
                 continue  # gone since it was listed: renamed NAME.unreadable by a resume on another rank
-            if path != latest:
+            if path != latest and first_error is not None:
                 logger.warning("%s; %s %s, the one before it", first_error, purpose, path.name)
             return path, data
         assert first_error is not None
