@@ -62,17 +62,16 @@ def _own_summary(run: RunDir, data: dict[str, Any]) -> dict[str, Any]:
     """The run's final summary if the checkpoint is the one it was measured on (the run's last step,
     under the run's own config), else nothing: an earlier checkpoint, or one copied in from another
     run (another seed of a sweep, say), has no test numbers of its own."""
-    import yaml
-
     summary = run.read_summary()
     state = data.get("state")
-    if not isinstance(summary, dict) or not isinstance(state, dict) or summary.get("steps") != state.get("step"):
+    if (not isinstance(summary, dict) or not isinstance(state, dict) or state.get("step") is None
+            or summary.get("steps") != state["step"]):
         return {}
     try:
-        same = from_dict(yaml.safe_load(run.config_file.read_text(encoding="utf-8"))) == from_dict(data["config"])
-    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, ConfigError):
+        checkpoint_cfg = from_dict(data["config"])
+    except (KeyError, TypeError, ValueError, ConfigError):
         return {}
-    return summary if same and state.get("step") is not None else {}
+    return summary if run.read_config() == checkpoint_cfg else {}
 
 
 def export_model(source: Path, out: Path, dtype: str = "float32", dense: bool = False) -> dict[str, Any]:

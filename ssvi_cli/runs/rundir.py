@@ -130,16 +130,20 @@ class RunDir:
 
     def is_run(self) -> bool:
         """Whether the folder holds an ssvi run: a ``config.yaml`` that reads as a run's config."""
+        return self.read_config() is not None
+
+    def read_config(self) -> Optional[Any]:
+        """The run's :class:`~ssvi_cli.config.Config` from its ``config.yaml``, or None when there is
+        none or it does not read as one."""
         import yaml
 
         from ssvi_cli.config import ConfigError, from_dict
 
         try:
             data = yaml.safe_load(self.config_file.read_text(encoding="utf-8"))
-            from_dict(data)  # anything but a mapping of config sections is a ConfigError
+            return from_dict(data)  # anything but a mapping of config sections is a ConfigError
         except (OSError, yaml.YAMLError, ConfigError, TypeError, ValueError):
-            return False
-        return True
+            return None
 
     # -- files -------------------------------------------------------------------------
     @property
