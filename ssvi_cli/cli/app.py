@@ -18,7 +18,7 @@ from ssvi_cli.cli import inspect_cmd
 from ssvi_cli.cli import presets as presets_cmd
 from ssvi_cli.cli import sweep as sweep_cmd
 from ssvi_cli.cli import train as train_cmd
-from ssvi_cli.cli.common import UsageError, err
+from ssvi_cli.cli.common import UsageError, err, tell
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Sparse Bayesian neural networks with Sparse Subspace Variational Inference. "
@@ -76,15 +76,6 @@ def _from_ctrl_c(exc: BaseException) -> bool:
     return False
 
 
-def _tell(text: str) -> None:
-    """The line that ends a stopped command, on stderr, which may have gone (``| tee`` ended with the
-    same Ctrl-C, a closed terminal): the exit code still says how it stopped."""
-    try:
-        err.print(text)
-    except (OSError, SystemExit):  # rich answers a broken pipe with SystemExit(1)
-        pass
-
-
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI and return its exit code: 0 ok, 1 runtime failure, 2 usage error, 130 interrupted
     (Ctrl-C), 143 stopped by SIGTERM."""
@@ -99,15 +90,15 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     except SystemExit as exc:
         if _from_ctrl_c(exc):  # Typer turns a KeyboardInterrupt into a silent exit 130
-            _tell("interrupted")
+            tell("interrupted")
             return 130
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except train_cmd.KeyboardInterruptHandled as exc:
         if str(exc):
-            _tell(str(exc))
+            tell(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
-        _tell("interrupted")
+        tell("interrupted")
         return 130
     except Exception as exc:  # noqa: BLE001 - the one place that turns errors into messages
         code = 2 if isinstance(exc, _user_errors()) else 1

@@ -37,6 +37,15 @@ out = _console()
 err = _console(stderr=True)
 
 
+def tell(text: str, **options: Any) -> None:
+    """A line on stderr that may find no reader (``| tee`` ended by the same Ctrl-C, a closed
+    terminal) without changing how the command ends: rich answers a broken pipe with SystemExit(1)."""
+    try:
+        err.print(text, **options)
+    except (OSError, SystemExit):
+        pass
+
+
 class UsageError(Exception):
     """A user mistake on the command line (exit code 2)."""
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 import typer
 from rich.table import Table
 
-from ssvi_cli.cli.common import UsageError, check_output_dir, count, err, out, print_json, progress_bar
+from ssvi_cli.cli.common import UsageError, check_output_dir, count, err, out, print_json, progress_bar, tell
 
 if TYPE_CHECKING:
     from ssvi_cli.sweep.grid import Cell, SweepSpec
@@ -254,10 +254,7 @@ def _run(sweep_dir: Path, spec: "SweepSpec", cells: list[Any], jobs: int, thread
 def _say(text: str) -> None:
     """A line on stderr that may find no terminal (closed: SIGHUP) without ending the sweep before
     its cells are stopped and its report written."""
-    try:
-        err.print(text, highlight=False)
-    except (OSError, SystemExit):  # rich answers a broken pipe with SystemExit(1)
-        pass
+    tell(text, highlight=False)
 
 
 def _finish(result: dict[str, Any], json_out: bool) -> None:
