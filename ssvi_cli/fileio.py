@@ -107,6 +107,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         try:
             yield tmp_path
+            with open(tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())  # where a network or delayed-allocation file system reports a full disk
         except Exception as exc:  # noqa: BLE001 - re-raised, or said plainly when the disk is full
             full = _disk_full(path, exc)
             if full is None:
@@ -114,14 +116,6 @@ def atomic_path(path: Path) -> Iterator[Path]:
             raise full from exc
         # mkstemp (and some writers, e.g. safetensors) create 0600: give the final file the usual mode.
         os.chmod(tmp_path, 0o666 & ~_umask())
-        try:
-            with open(tmp_path, "rb+") as fh:
-                os.fsync(fh.fileno())  # where a network or delayed-allocation file system reports a full disk
-        except OSError as exc:
-            full = _disk_full(path, exc)
-            if full is None:
-                raise
-            raise full from exc
         try:
             os.replace(tmp_path, path)
         except OSError as exc:  # a folder of that name, say: named as asked, not by the temporary file
