@@ -102,9 +102,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise _cannot_write(path, exc) from exc
-    os.close(fd)
     tmp_path = Path(tmp)
     try:
+        os.close(fd)
         try:
             yield tmp_path
             with open(tmp_path, "rb+") as fh:

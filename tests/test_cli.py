@@ -357,6 +357,43 @@ def test_an_earlier_or_copied_checkpoint_does_not_take_the_runs_final_numbers(tm
     assert metrics(tmp_path / "e.safetensors") == {}
 
 
+def test_a_torchrun_worker_keeps_its_signals_to_its_launcher(monkeypatch):
+    """Every rank printed its own 'stopped by SIGTERM' (one line per run is rank 0's), and a rank
+    blocked in a collective outside training no longer died at its launcher's SIGTERM."""
+    import importlib
+    import signal
+
+    app_module = importlib.import_module("ssvi_cli.cli.app")
+    before = signal.getsignal(signal.SIGTERM)
+    with app_module._unwinding():
+        assert signal.getsignal(signal.SIGTERM) is not before  # a command outside torchrun unwinds
+    for key, value in (("RANK", "1"), ("LOCAL_RANK", "1"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(key, value)
+    with app_module._unwinding():
+        assert signal.getsignal(signal.SIGTERM) is before
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("stop, code", [("terminated", 129), ("ctrl-c", 130)])
+def test_a_stop_that_cleaning_up_turned_into_another_error_keeps_its_exit_code(monkeypatch, capsys, stop, code):
+    """SIGHUP from a closed terminal while a progress bar shows: the bar's exit writes to the dead
+    terminal, and its OSError (EIO) replaced the stop, which then read as a failure, exit 1."""
+    import importlib
+
+    app_module = importlib.import_module("ssvi_cli.cli.app")
+    import signal
+
+    def stopped(*args, **kwargs):
+        try:
+            raise app_module.Terminated(signal.SIGHUP) if stop == "terminated" else KeyboardInterrupt()
+        except BaseException:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(app_module, "app", stopped)
+    assert app_module.run(["evaluate"]) == code
+    assert ("stopped by SIGHUP" if stop == "terminated" else "interrupted") in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("raised, code", [("handled", 143), ("ctrl-c", 130)])
 def test_a_stop_keeps_its_exit_code_when_stderr_has_gone(raised, code):
     """'ssvi train ... 2>&1 | tee log' and Ctrl-C: tee is gone when the last line is printed. rich

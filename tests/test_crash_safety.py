@@ -250,3 +250,53 @@ def test_sigterm_checkpoints_exits_143_and_the_run_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert (run / "model.safetensors").is_file()
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+
+
+# A short command stopped by SIGTERM or SIGHUP while it writes its output: app.run turns the signal
+# into an exception that unwinds the command, so the temporary file beside the output is removed and
+# the exit code is 128 + the signal. The child stops itself between the write and the rename, and
+# signals itself again as the temporary file is removed: the second signal must not cut that short.
+STOPPED_EXPORT = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    import torch
+    from ssvi_cli import config as C, fileio, modelfile
+    from ssvi_cli.cli.app import run
+    from ssvi_cli.data import get_spec
+    from ssvi_cli.training.plan import init_model, make_model
+
+    sig, source, output = getattr(signal, sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    cfg, spec = C.load_preset("digits_mlp"), get_spec("digits")
+    model = make_model(cfg, spec)
+    init_model(model, cfg, torch.Generator().manual_seed(0))
+    meta = {"name": "mlp", "widths": list(cfg.model.widths), "bayesian": True, "sigma_param": "softplus"}
+    card = modelfile.ModelCard.from_metadata({"architecture": meta, "data_spec": spec.to_dict(),
+                                              "training": {"step": 1}, "metrics": {}})
+    modelfile.write_model_file(model, source, card)
+
+    signal.signal(sig, signal.SIG_DFL)  # as in a terminal, also where this test runs under nohup
+    real_fsync, real_unlink = os.fsync, Path.unlink
+    def fsync_then_stop(fd):  # the output is written under its temporary name, not yet renamed
+        real_fsync(fd)
+        os.kill(os.getpid(), sig)
+    def unlink_after_another(self, *args, **kwargs):  # a second signal as the clean-up begins
+        if self.name.endswith(".tmp"):
+            os.kill(os.getpid(), sig)
+        return real_unlink(self, *args, **kwargs)
+    Path.unlink = unlink_after_another
+    fileio.os.fsync = fsync_then_stop
+    sys.exit(run(["export", str(source), "--output", str(output)]))
+""")
+
+
+@pytest.mark.parametrize("name, code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_a_signal_during_a_short_commands_write_leaves_no_temporary_file(tmp_path, name, code):
+    script = tmp_path / "stopped_export.py"
+    script.write_text(STOPPED_EXPORT)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    done = subprocess.run([sys.executable, str(script), name, str(tmp_path / "source.safetensors"),
+                           str(out_dir / "model.safetensors")], capture_output=True, text=True, timeout=120, env=ENV)
+    assert done.returncode == code, done.stderr[-2000:]
+    assert f"stopped by {name}" in done.stderr and "Traceback" not in done.stderr
+    assert list(out_dir.iterdir()) == []  # neither the output nor its temporary file

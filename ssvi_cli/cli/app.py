@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 import traceback
-from typing import Annotated, Optional, Sequence
+from typing import Annotated, Any, Optional, Sequence
 
 import typer
 from rich.markup import escape
@@ -64,21 +66,53 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-def _from_ctrl_c(exc: BaseException) -> bool:
-    """Whether ``exc`` comes of a KeyboardInterrupt (found along its chain of causes and contexts)."""
+def _in_chain(exc: BaseException, kind: type[BaseException]) -> Optional[BaseException]:
+    """The first ``kind`` along ``exc``'s chain of causes and contexts (``exc`` itself first), if any:
+    a stop that cleaning up turned into another error (rich writing to a closed terminal) is still
+    the stop."""
     seen: set[int] = set()
     found: Optional[BaseException] = exc
     while found is not None and id(found) not in seen:
-        if isinstance(found, KeyboardInterrupt):
-            return True
+        if isinstance(found, kind):
+            return found
         seen.add(id(found))
         found = found.__cause__ or found.__context__
-    return False
+    return None
+
+
+class Terminated(BaseException):
+    """SIGTERM, or SIGHUP from a closed terminal, outside training's own stop handling: it unwinds the
+    command as Ctrl-C does, so that the temporary file of a write in progress is removed."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signal.Signals(signum)
+        super().__init__(f"stopped by {self.signum.name}")
+
+
+def _unwinding() -> Any:
+    """SIGTERM or SIGHUP (unless ignored, as under ``nohup``) outside training's and sweeps' own
+    handling, which they set over this one while they run, unwinds the command as Ctrl-C does; once,
+    so that a second signal does not cut the clean-up short. Not in a ``torchrun`` worker, which its
+    launcher stops and whose rank 0 alone speaks."""
+    from contextlib import nullcontext
+
+    from ssvi_cli.training.stops import stop_signals
+
+    if all(key in os.environ for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return nullcontext()
+    stopped: list[signal.Signals] = []
+
+    def unwind(signum: signal.Signals) -> None:
+        if not stopped:
+            stopped.append(signum)
+            raise Terminated(signum)
+
+    return stop_signals(unwind, ctrl_c=False)  # Ctrl-C already unwinds, as KeyboardInterrupt
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI and return its exit code: 0 ok, 1 runtime failure, 2 usage error, 130 interrupted
-    (Ctrl-C), 143 stopped by SIGTERM."""
+    (Ctrl-C), 143 stopped by SIGTERM, 129 by SIGHUP."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
@@ -86,10 +120,14 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         # Standalone mode: Typer reports its own usage errors (exit 2); ours propagate to here.
-        app(args=args, prog_name="ssvi")
+        with _unwinding():
+            app(args=args, prog_name="ssvi")
         return 0
+    except Terminated as exc:
+        tell(str(exc))
+        return 128 + exc.signum
     except SystemExit as exc:
-        if _from_ctrl_c(exc):  # Typer turns a KeyboardInterrupt into a silent exit 130
+        if _in_chain(exc, KeyboardInterrupt):  # Typer turns a KeyboardInterrupt into a silent exit 130
             tell("interrupted")
             return 130
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -101,6 +139,13 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         tell("interrupted")
         return 130
     except Exception as exc:  # noqa: BLE001 - the one place that turns errors into messages
+        stop = _in_chain(exc, Terminated)
+        if isinstance(stop, Terminated):
+            tell(str(stop))
+            return 128 + stop.signum
+        if _in_chain(exc, KeyboardInterrupt):
+            tell("interrupted")
+            return 130
         code = 2 if isinstance(exc, _user_errors()) else 1
         if debug:  # the traceback, and the same exit code as without --debug
             traceback.print_exception(exc)

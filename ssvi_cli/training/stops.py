@@ -42,18 +42,20 @@ def requests_to_stop() -> list[signal.Signals]:
 
 
 @contextmanager
-def stop_signals(on_signal: Callable[[signal.Signals], None]) -> Iterator[None]:
-    """Route the :func:`requests_to_stop` signals to ``on_signal`` inside the block; the previous
-    handlers come back after it. A repeated signal is routed too rather than cutting the step short:
-    under ``torchrun`` each rank gets Ctrl-C twice (from the terminal, then forwarded by torchrun),
-    and both must lead to the checkpoint. Outside the main thread the signals are left alone."""
+def stop_signals(on_signal: Callable[[signal.Signals], None], ctrl_c: bool = True) -> Iterator[None]:
+    """Route the :func:`requests_to_stop` signals (without SIGINT unless ``ctrl_c``) to ``on_signal``
+    inside the block; the previous handlers come back after it. A repeated signal is routed too
+    rather than cutting the step short: under ``torchrun`` each rank gets Ctrl-C twice (from the
+    terminal, then forwarded by torchrun), and both must lead to the checkpoint. Outside the main
+    thread the signals are left alone."""
     def handler(signum: int, frame: Any) -> None:  # noqa: ARG001
         on_signal(signal.Signals(signum))
 
     previous: dict[int, Any] = {}
     try:
         for sig in requests_to_stop():
-            previous[sig] = signal.signal(sig, handler)
+            if ctrl_c or sig != signal.SIGINT:
+                previous[sig] = signal.signal(sig, handler)
     except ValueError:  # not the main thread
         pass
     try:
