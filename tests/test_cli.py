@@ -430,6 +430,42 @@ def test_an_output_file_is_never_one_of_the_runs_own_records(tmp_path: Path, cap
     assert run(["evaluate", str(out), "--samples", "1", "--output", str(out / "evaluation.json")]) == 0
 
 
+def test_a_report_never_replaces_another_runs_model_file(tmp_path: Path, capsys):
+    """evaluate --output OTHER_RUN/model.safetensors wrote its JSON report over that run's model file."""
+    import numpy as np
+
+    tiny = ["--epochs", "1", "--set", "model.widths=[8]", "--set", "data.max_train=64", "--set", "train.eval_samples=1"]
+    first, other = tmp_path / "a", tmp_path / "b"
+    for out in (first, other):
+        assert run(["train", "--out", str(out), *tiny]) == 0
+    kept = (other / "model.safetensors").read_bytes()
+    np.save(tmp_path / "x.npy", np.zeros((8, 8), np.uint8))
+    capsys.readouterr()
+    assert run(["evaluate", str(first), "--samples", "1", "--output", str(other / "model.safetensors")]) == 2
+    said = capsys.readouterr().err
+    assert f"is the model file of the run in {other}" in said and len(said.strip().splitlines()) == 1
+    assert run(["infer", str(first), str(tmp_path / "x.npy"), "--output", str(other / "model.safetensors")]) == 2
+    assert "must end in .jsonl or .csv" in capsys.readouterr().err  # infer names its outputs by their kind
+    assert run(["evaluate", str(first), "--samples", "1", "--output", str(other / "MODEL.safetensors")]) == 2
+    assert "is the model file of the run" in capsys.readouterr().err  # one file, where case is ignored
+    assert (other / "model.safetensors").read_bytes() == kept
+    checkpoint = sorted((other / "checkpoints").glob("*.pt"))[-1]
+    for target, words in ((checkpoint, "is in the checkpoints folder of the run"), (other / ".lock", "is the lock of the run")):
+        before = target.read_bytes()
+        assert run(["evaluate", str(first), "--samples", "1", "--output", str(target)]) == 2
+        assert words in capsys.readouterr().err
+        assert target.read_bytes() == before
+    kept = checkpoint.read_bytes()
+    (tmp_path / "ck").symlink_to(other / "checkpoints")  # the same folder reached another way
+    assert run(["evaluate", str(first), "--samples", "1", "--output", str(tmp_path / "ck" / checkpoint.name)]) == 2
+    assert "is in the checkpoints folder of the run" in capsys.readouterr().err
+    assert checkpoint.read_bytes() == kept
+    array = tmp_path / "x.npy"  # an input of the user's: a report is only ever *.json
+    kept = array.read_bytes()
+    assert run(["evaluate", str(first), "--samples", "1", "--output", str(array)]) == 2
+    assert "name the report *.json" in capsys.readouterr().err and array.read_bytes() == kept
+
+
 def test_a_checkpoint_gone_since_listed_is_passed_over_and_a_system_error_is_not(tmp_path: Path, monkeypatch):
     """Under torchrun rank 0 renames an unreadable checkpoint while another rank may be about to read
     it; a read the system refused (no permission) may be of a whole file: it stops the resume rather

@@ -57,18 +57,39 @@ def count(n: int, noun: str) -> str:
 
 def check_output_file(path: Path, flag: str) -> None:
     """Refuse an output file that is a folder or whose folder is missing, before any work is done
-    (a mistyped folder is reported rather than silently created)."""
+    (a mistyped folder is reported rather than silently created), and one of a run's own files: its
+    records, lock and checkpoints, or the model file of a run that trained there (a folder holding
+    only a copied ``config.yaml`` is free to receive one). Names are compared ignoring case, as macOS
+    does."""
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a directory; give a file name")
     if not path.parent.is_dir():
         what = "is not a directory" if path.parent.exists() else "does not exist"
         raise UsageError(f"{flag} {path}: its folder {path.parent} {what}; create it first or pick another path")
     check_writable(path.parent, f"{flag} {path}")
-    from ssvi_cli.runs.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, SUPPORT_FILE, RunDir
+    from ssvi_cli.runs.checkpoint import CHECKPOINT_DIR
+    from ssvi_cli.runs.rundir import (CONFIG_FILE, LOCK_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, SUPPORT_FILE,
+                                      RunDir)
 
-    if path.name in (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, SUPPORT_FILE) and RunDir(path.parent).is_run():
-        raise UsageError(f"{flag} {path} is a record of the run in {path.parent}, which evaluate, --resume and "
+    folder = path.parent.resolve()  # the folder as it is, however it was reached (.., a symlink)
+    if folder.name.casefold() == CHECKPOINT_DIR and RunDir(folder.parent).is_run():
+        raise UsageError(f"{flag} {path} is in the checkpoints folder of the run in {folder.parent}, which "
+                         "--resume reads; give another path")
+    name = path.name.casefold()
+    records = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, SUPPORT_FILE, LOCK_FILE)
+    if name not in {n.casefold() for n in (*records, MODEL_FILE)}:
+        return
+    run = RunDir(folder)
+    if not run.is_run():
+        return
+    if name == LOCK_FILE:
+        raise UsageError(f"{flag} {path} is the lock of the run in {folder}; give another path")
+    if name != MODEL_FILE.casefold():
+        raise UsageError(f"{flag} {path} is a record of the run in {folder}, which evaluate, --resume and "
                          "sweeps read; give another path")
+    if run.summary_file.is_file() or run.metrics_file.is_file() or run.checkpoints():
+        raise UsageError(f"{flag} {path} is the model file of the run in {folder}, which its summary "
+                         "and evaluations describe; give another path")
 
 
 def check_output_dir(path: Path, flag: str) -> None:

@@ -109,7 +109,7 @@ def register(app: typer.Typer) -> None:
         download: Annotated[bool, typer.Option(help="Download missing torchvision datasets.")] = False,
         device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); the default, cpu, gives the numbers a machine without a GPU gives.")] = "cpu",
         json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document (and nothing else) on stdout.")] = False,
-        output: Annotated[Optional[Path], typer.Option(help="Also write the JSON report to this file (atomically).")] = None,
+        output: Annotated[Optional[Path], typer.Option(help="Also write the JSON report to this *.json file (atomically).")] = None,
         plots: Annotated[Optional[Path], typer.Option(help="Write reliability.png and ood_scores.png into this folder.")] = None,
     ) -> None:
         """Accuracy, calibration (ECE, debiased class-marginal L2 CE), uncertainty and OOD detection."""
@@ -130,10 +130,12 @@ def register(app: typer.Typer) -> None:
         if not model.exists():
             raise UsageError(f"model {model} does not exist; pass a .safetensors file or a run directory")
         if output is not None:
-            check_output_file(output, "--output")
             scored = RunDir(model).model_file if model.is_dir() else model
             if output.exists() and scored.exists() and output.resolve() == scored.resolve():
                 raise UsageError(f"--output {output} is the model file being evaluated; name the report *.json")
+            check_output_file(output, "--output")
+            if output.suffix.lower() != ".json":  # never an image, array or model file of the user's by a slip
+                raise UsageError(f"--output {output}: name the report *.json")
         if plots is not None:
             check_output_dir(plots, "--plots")
         device = check_device(device)

@@ -22,7 +22,6 @@ def register(app: typer.Typer) -> None:
         """Write a model file: active indices, mu and sigma per sparse layer, plus the dense tensors."""
         from ssvi_cli.modelfile import DTYPES
         from ssvi_cli.runs.load import export_model
-        from ssvi_cli.runs.rundir import RunDir
 
         if dtype not in DTYPES:
             raise UsageError(f"--dtype {dtype!r} is not valid; valid values are: {', '.join(DTYPES)}")
@@ -31,19 +30,11 @@ def register(app: typer.Typer) -> None:
         if str(output) == "-":
             raise UsageError("--output -: a model file is written to a file, not standard output; name it "
                              "*.safetensors")
+        if output.is_file() and output.resolve() == source.resolve():
+            raise UsageError(f"--output {output} is the file being exported; give another path")
         check_output_file(output, "--output")
         if output.suffix.lower() != ".safetensors":
             raise UsageError(f"--output {output}: name the model file *.safetensors (a .pt is read as a checkpoint)")
-        if output.exists() and output.resolve() == source.resolve():
-            raise UsageError(f"--output {output} is the file being exported; give another path")
-        run = RunDir(output.resolve().parent)
-        trained_here = run.summary_file.is_file() or run.metrics_file.is_file() or bool(run.checkpoints())
-        if output.name.casefold() == run.model_file.name.casefold() and trained_here and run.is_run():
-            # Whatever the source (that run, one of its checkpoints, another run), the run's summary
-            # and evaluations describe the model file it wrote (a folder holding only a copied
-            # config.yaml is no run).
-            raise UsageError(f"--output {output} is the model file of the run in {run.path}, which its summary "
-                             "and evaluations describe; give another path")
         report = export_model(source, output, dtype=dtype, dense=dense)
         if json_out:
             print_json(report)
