@@ -285,8 +285,10 @@ def test_resume_passes_over_an_unreadable_newest_checkpoint_for_the_one_before(t
     for path in sorted((out / "checkpoints").glob("checkpoint-*.pt")):
         path.write_bytes(b"not a checkpoint")
     capsys.readouterr()
-    assert run(["train", "--resume", str(out)]) == 2  # none reads: the newest one's error
-    assert f"checkpoint {newest} is unreadable or corrupted" in capsys.readouterr().err
+    assert run(["train", "--resume", str(out)]) == 2  # none reads: the newest one's error, naming the others
+    said = capsys.readouterr().err
+    assert f"checkpoint {newest} is unreadable or corrupted" in said
+    assert f"the older {older.name} does not read either" in said and len(said.strip().splitlines()) == 1
 
 
 def test_resume_sets_an_unreadable_checkpoint_aside_so_pruning_keeps_the_one_it_resumed_from(tmp_path: Path, capsys):
@@ -494,3 +496,19 @@ def test_a_checkpoint_gone_since_listed_is_passed_over_and_a_system_error_is_not
     with pytest.raises(ckpt.CheckpointError) as caught:
         RunDir(out).load_latest()
     assert not isinstance(caught.value, ckpt.CorruptCheckpoint) and "cannot read checkpoint" in str(caught.value)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_named_as_one_by_every_reader(tmp_path: Path, capsys):
+    """--resume, evaluate, inspect and export asked whether it was a run directory at all."""
+    out = tmp_path / "r"
+    assert run(["train", "--out", str(out), "--epochs", "1", "--set", "model.widths=[8]", "--set",
+                "data.max_train=64", "--set", "train.eval_samples=1"]) == 0
+    for path in [*(out / "checkpoints").iterdir(), out / "model.safetensors", out / "summary.json"]:
+        path.unlink()  # as a kill -9 before the first checkpoint leaves it
+    capsys.readouterr()
+    for argv in (["train", "--resume", str(out)], ["evaluate", str(out)], ["inspect", str(out)],
+                 ["export", str(out), "-o", str(tmp_path / "m.safetensors")]):
+        assert run(argv) == 2
+        said = capsys.readouterr().err
+        assert "stopped before its first checkpoint" in said and f"--out {out} --force" in said, said
+        assert len(said.strip().splitlines()) == 1

@@ -181,6 +181,17 @@ def test_a_run_without_its_model_file_is_scored_from_a_checkpoint_and_says_so(ca
     assert not any("checkpoint" in n for n in _json(capsys, str(model_file), "--samples", "2")["notes"])
 
 
+def test_a_finished_run_whose_model_file_is_gone_is_not_called_unfinished(capsys, model_file, tmp_path):
+    import shutil
+
+    done = tmp_path / "done"
+    shutil.copytree(model_file.parent, done)
+    (done / "model.safetensors").unlink()  # the summary stays: the run reached its end
+    notes = _json(capsys, str(done), "--samples", "2")["notes"]
+    assert any("training checkpoint" in n and "finished but its model file" in n for n in notes), notes
+    assert not any("had not finished" in n for n in notes), notes
+
+
 def test_evaluate_at_the_runs_sample_count_gives_the_numbers_train_printed(tmp_path, capsys):
     """One prediction pass for both: the same seed and batching, so `ssvi evaluate RUN --samples S`
     at S = train.eval_samples reproduces the summary's Monte Carlo test accuracy and NLL."""

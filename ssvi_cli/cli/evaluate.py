@@ -156,9 +156,7 @@ def register(app: typer.Typer) -> None:
                                  on_batch=advance)
         report = result.report
         if loaded.file.layout == "checkpoint":  # a run stopped before its end, or a checkpoint named
-            report["notes"].append(f"scored the training checkpoint {loaded.file.path}"
-                                   + (": the run has no model file, so its training had not finished"
-                                      if model.is_dir() else ", not a finished run's model file"))
+            report["notes"].append(f"scored the training checkpoint {loaded.file.path}" + _why_checkpoint(model))
         if output is not None:
             write_json(output, report)
         written = []
@@ -192,3 +190,17 @@ def _options(split: str, samples: Optional[str], mode: str, batch_size: int, see
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return ev.EvalOptions(split=split, samples=counts, mode=mode, seed=seed, batch_size=batch_size)
+
+
+def _why_checkpoint(model: Path) -> str:
+    """Why ``evaluate`` scored a training checkpoint: the path named one, the run has not finished, or
+    the run finished and its model file has since gone."""
+    from ssvi_cli.runs.rundir import RunDir
+
+    if not model.is_dir():
+        return ", not a finished run's model file"
+    run = RunDir(model)
+    if run.summary_file.is_file():
+        return (f": the run finished but its model file {run.model_file} is missing "
+                f"(ssvi train --resume {model} writes it again)")
+    return ": the run has no model file, so its training had not finished"

@@ -207,7 +207,13 @@ class RunDir:
         return ckpt.list_checkpoints(self.path)
 
     def latest_checkpoint(self) -> Path:
-        return ckpt.latest_checkpoint(self.path)
+        """The newest checkpoint; a run that stopped before its first one is named as such."""
+        found = self.checkpoints()
+        if not found and self.path.is_dir() and self.is_run():
+            raise ckpt.CheckpointError(f"{self.path} holds a run that stopped before its first checkpoint, so there "
+                                       f"is nothing to read or resume; start it again with ssvi train --out "
+                                       f"{self.path} --force")
+        return found[-1] if found else ckpt.latest_checkpoint(self.path)  # its errors: no folder, not a run
 
     def load_latest(self, purpose: str = "resuming from") -> tuple[Path, dict[str, Any]]:
         """The newest readable checkpoint and its contents (read once, with ``weights_only=True``).
@@ -215,15 +221,17 @@ class RunDir:
         A newest checkpoint whose bytes do not read (a disk fault, a cut copy) is passed over, with a
         warning ("<its error>; <purpose> <name>, the one before it"), for the one before it; it stays
         on disk (``train --resume`` renames it ``NAME.unreadable``: RunPlan.set_aside_unreadable).
-        When none reads, the newest one's error is raised.
+        When none reads, the newest one's error is raised, naming the older ones that failed too.
         """
         latest = self.latest_checkpoint()  # a clear error for a missing folder or no checkpoint
         first_error: Optional[ckpt.CorruptCheckpoint] = None
+        unread: list[str] = []
         for path in reversed(self.checkpoints()):
             try:
                 data = ckpt.load_checkpoint(path)
             except ckpt.CorruptCheckpoint as exc:
                 first_error = first_error or exc
+                unread.append(path.name)
                 continue
             except ckpt.CheckpointError:
                 if path.exists():
@@ -233,6 +241,10 @@ class RunDir:
                 logger.warning("%s; %s %s, the one before it", first_error, purpose, path.name)
             return path, data
         assert first_error is not None
+        if len(unread) > 1:
+            older = ", ".join(unread[1:])
+            raise ckpt.CorruptCheckpoint(f"{first_error}; the older {older} do{'es' if len(unread) == 2 else ''} "
+                                         "not read either") from first_error
         raise first_error
 
     def save_checkpoint(self, step: int, payload: dict[str, Any], keep: int) -> Path:
