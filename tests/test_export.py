@@ -241,6 +241,11 @@ def bad_files(good: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
     sigma[0] = -1.0
     _resave(good, tmp / "sigma.safetensors", tensor_update={"first.sigma": sigma})
     out["sigma"] = (tmp / "sigma.safetensors", "negative or non-finite")
+    mu = load_file(str(good))["first.mu"]
+    _resave(good, tmp / "int_mu.safetensors", tensor_update={"first.mu": mu.round().to(torch.int32)})
+    out["integer mu"] = (tmp / "int_mu.safetensors", "mu is stored as int32, not as floats")
+    _resave(good, tmp / "short_mu.safetensors", tensor_update={"first.mu": mu[:-1].clone()})
+    out["short mu"] = (tmp / "short_mu.safetensors", f"mu has {mu.numel() - 1} values for {mu.numel()} indices")
     return out
 
 

@@ -140,8 +140,10 @@ def preprocess(images: torch.Tensor, spec: DataSpec) -> torch.Tensor:
     if x.is_floating_point() and images.dtype != torch.uint8 and x.numel():
         lo, hi = float(x.min()), float(x.max())
         if lo < -1e-6 or hi > 1 + 1e-6:
+            own = (f" (or, for this model's {spec.name} data, its raw 0..{spec.pixel_max:g})"
+                   if spec.pixel_max != 255.0 else "")
             raise DataError(
-                f"float images range over [{lo:.3g}, {hi:.3g}], not [0, 1]; "
+                f"float images range over [{lo:.3g}, {hi:.3g}], not [0, 1]{own}; "
                 "divide 0..255 pixels by 255 or pass uint8"
             )
     x = _match_channels(x, c_out)

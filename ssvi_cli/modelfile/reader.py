@@ -240,18 +240,25 @@ def _load_layer(path: Path, name: str, layer: SparseGaussian, record: dict[str, 
         raise ModelFileError(f"{where} has {idx.numel()} indices but records {record.get('active')} active entries")
     if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= layer.numel):
         raise ModelFileError(f"{where} has indices outside its {layer.numel} entries")
-    mu = tensors[f"{name}.mu"].reshape(-1)
-    if mu.numel() != idx.numel() or not mu.is_floating_point():
-        raise ModelFileError(f"{where}: mu has {mu.numel()} values for {idx.numel()} indices")
+    mu = _values(tensors[f"{name}.mu"], where, "mu", idx.numel())
     if not bool(torch.isfinite(mu).all()):
         raise ModelFileError(f"{where}: mu holds non-finite values")
     rho = None
     if layer.bayesian:
-        sigma = tensors[f"{name}.sigma"].reshape(-1)
-        if sigma.numel() != idx.numel() or not sigma.is_floating_point():
-            raise ModelFileError(f"{where}: sigma has {sigma.numel()} values for {idx.numel()} indices")
+        sigma = _values(tensors[f"{name}.sigma"], where, "sigma", idx.numel())
         if not bool(torch.isfinite(sigma).all()) or bool((sigma < 0).any()):
             raise ModelFileError(f"{where}: sigma holds negative or non-finite values")
         # In float64 so that sigma -> rho -> softplus(rho) returns sigma to float32 rounding.
         rho = rho_from_sigma(sigma.double(), layer.sigma_param).float()
     return names, (idx, mu.float(), rho)
+
+
+def _values(stored: Tensor, where: str, what: str, count: int) -> Tensor:
+    """A layer's stored ``mu`` or ``sigma`` as a flat float tensor of ``count`` values, or the error that
+    says which of the two it is not."""
+    if not stored.is_floating_point():
+        raise ModelFileError(f"{where}: {what} is stored as {str(stored.dtype).replace('torch.', '')}, not as floats")
+    flat = stored.reshape(-1)
+    if flat.numel() != count:
+        raise ModelFileError(f"{where}: {what} has {flat.numel()} values for {count} indices")
+    return flat
