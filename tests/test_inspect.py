@@ -109,6 +109,17 @@ def test_criteria_overlap_sees_agreement_and_disagreement():
     assert disagree["iou"][names.index("mean")][names.index("snr")] == 0.0
 
 
+def test_a_drop_fraction_that_drops_nothing_says_so_rather_than_showing_full_agreement(run_dir, capsys):
+    """At a fraction below 1 / (a layer's active entries) no criterion drops anything, and every IoU
+    of two empty sets read 1.000: a table of perfect agreement about nothing."""
+    assert criteria_overlap(_one_layer_model(torch.linspace(0.1, 1.0, 50), torch.full((50,), 0.1)),
+                            fraction=0.3)["dropped"] == 15
+    assert inspect_json(capsys, str(run_dir), "--drop-fraction", "1e-6")["criteria_overlap"]["dropped"] == 0
+    assert run(["inspect", str(run_dir), "--drop-fraction", "1e-6"]) == 0
+    said = capsys.readouterr().out
+    assert "no layer drops an entry" in said and "1.000" not in said.split("criteria overlap")[-1]
+
+
 def test_human_output_and_plots(run_dir, tmp_path, capsys):
     assert run(["inspect", str(run_dir), "--plots", str(tmp_path / "plots")]) == 0
     captured = capsys.readouterr()

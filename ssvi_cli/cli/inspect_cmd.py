@@ -107,7 +107,10 @@ def _print_report(r: dict[str, Any]) -> None:
     if history is not None:
         _print_history(history)
     overlap = r.get("criteria_overlap")
-    if overlap is not None:
+    if overlap is not None and overlap["dropped"] == 0:
+        out.print(f"criteria overlap: at drop fraction {overlap['fraction']} no layer drops an entry "
+                  "(too few active entries); pass a larger --drop-fraction")
+    elif overlap is not None:
         table = Table(title=f"criteria overlap: IoU of the entries each criterion would drop now "
                             f"(drop fraction {overlap['fraction']}, lambda {overlap['lambda']})",
                       title_justify="left")

@@ -20,15 +20,19 @@ def criteria_overlap(model: torch.nn.Module, fraction: float = 0.3, lam: float =
 
     Per layer every criterion drops the ``floor(fraction * active)`` lowest-scoring active entries
     (as the subspace step does); the IoU of two criteria is ``sum |A_l & B_l| / sum |A_l | B_l|``
-    over layers. None for a deterministic model.
+    over layers, and 1 where no criterion drops anything (``dropped``, the entries each drops over
+    all layers, is then 0: a fraction too small for any layer's active count). None for a
+    deterministic model.
     """
     layers = [(n, l) for n, l in sparse_layers(model) if l.bayesian and l.active < l.numel]
     if not layers:
         return None
     names = criterion_names()
     drops: dict[str, list[Tensor]] = {c: [] for c in names}
+    dropped = 0
     for _, layer in layers:
         k = int(math.floor(fraction * layer.active))
+        dropped += k
         mu, sigma = layer.mu.detach().cpu(), layer.sigma().detach().cpu()
         for c in names:
             drops[c].append(~keep_mask(removal_score(c, mu, sigma, lam), layer.active - k))
@@ -40,4 +44,4 @@ def criteria_overlap(model: torch.nn.Module, fraction: float = 0.3, lam: float =
             union = sum(int((x | y).sum()) for x, y in zip(drops[a], drops[b]))
             row.append(inter / union if union else 1.0)
         matrix.append(row)
-    return {"fraction": fraction, "lambda": lam, "criteria": names, "iou": matrix}
+    return {"fraction": fraction, "lambda": lam, "dropped": dropped, "criteria": names, "iou": matrix}
