@@ -380,3 +380,49 @@ def test_regnet_builds_as_a_shapes_only_model():
     with torch.device("meta"):
         model = torchvision_base("regnet_x_400mf", (1, 32, 32), 10)
     assert all(p.is_meta for p in model.parameters()) and model.stem[0].in_channels == 1
+
+
+@pytest.mark.parametrize("from_weights", [True, False])
+def test_a_conversion_that_fails_part_way_leaves_the_model_as_it_was(monkeypatch, from_weights):
+    """A failure at the second layer (out of memory, say) used to leave the first converted."""
+    import ssvi_cli.core.convert as convert
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def fail_on_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(convert, "_support_from_weights" if from_weights else "initialise", fail_on_the_second)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        if from_weights:
+            sparsify(model, 0.9)
+        else:  # one initialise call for every layer: fail it at once
+            calls.append(1)
+            sparsify(model, 0.9, from_weights=False)
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("extra", ["prune", "prune_bias", "weight_norm", "spectral_norm", "hook", "tensor_hook",
+                                   "state_dict_hook"])
+def test_a_layer_with_a_hook_or_a_reparametrized_weight_is_refused_before_anything_changes(extra):
+    """Its replacement silently dropped the pruning mask, the normalisation or the hook."""
+    from torch.nn.utils import parametrizations, prune
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    add = {"prune": lambda m: prune.l1_unstructured(m, "weight", 0.5),
+           "weight_norm": parametrizations.weight_norm, "spectral_norm": parametrizations.spectral_norm,
+           "prune_bias": lambda m: prune.l1_unstructured(m, "bias", 0.5),
+           "hook": lambda m: m.register_forward_hook(lambda *args: None),
+           "tensor_hook": lambda m: m.weight.register_hook(lambda grad: grad),
+           "state_dict_hook": lambda m: m._register_state_dict_hook(lambda *args: None)}[extra]
+    add(model[2])
+    words = {"hook": "forward hooks", "tensor_hook": "tensor hooks",
+             "state_dict_hook": "state-dict hooks"}.get(extra, "a pruned or reparametrized weight or bias")
+    with pytest.raises(ValueError, match=f"^2 has {words}"):
+        sparsify(model, 0.9)
+    assert isinstance(model[0], nn.Linear) and not isinstance(model[0], SparseGaussian)

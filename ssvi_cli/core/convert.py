@@ -106,6 +106,27 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _refuse_what_would_be_lost(name: str, module: nn.Module) -> None:
+    """A layer with a parametrization (prune, weight_norm, spectral_norm) or hooks (on it, its weight or
+    its bias) would lose them with its replacement, silently: refused, saying how to undo them."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module) or any(n.endswith(("_orig", "_g")) for n, _ in module.named_parameters(recurse=False)):
+        raise ValueError(f"{name} has a pruned or reparametrized weight or bias (torch.nn.utils.prune, weight_norm or "
+                         "spectral_norm), which its sparse replacement would drop; make it permanent first "
+                         "(prune.remove(module, 'weight'), torch.nn.utils.parametrize.remove_parametrizations or "
+                         "remove_weight_norm)")
+    dicts = {"forward": ("_forward_hooks",), "forward pre": ("_forward_pre_hooks",), "backward": ("_backward_hooks",
+             "_backward_pre_hooks"), "state-dict": ("_state_dict_hooks", "_state_dict_pre_hooks",
+             "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")}
+    hooks = [kind for kind, attrs in dicts.items() if any(getattr(module, a, None) for a in attrs)]
+    hooks += ["tensor"] * any(getattr(p, "_backward_hooks", None) or getattr(p, "_post_accumulate_grad_hooks", None)
+                              for p in module.parameters(recurse=False))
+    if hooks:
+        raise ValueError(f"{name} has {' and '.join(hooks)} hooks, which its sparse replacement would not carry; "
+                         "remove them before sparsify (handle.remove()) and register them on the converted layer")
+
+
 def _targets(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
     """The Linear/Conv2d modules to convert, and those that must stay (with the reason). A module
     registered under several names is listed once, under its first name (``_replace`` puts its
@@ -128,6 +149,7 @@ def _targets(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[
             continue
         if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
             raise ValueError(f"{name} ({type(module).__name__}) has no shape yet; run one forward pass before sparsify")
+        _refuse_what_would_be_lost(name, module)
         tied = [n for n in owners.get(id(module.weight), []) if model.get_submodule(n) is not module]
         if name in read_directly:
             kept.append((name, read_directly[name]))
@@ -227,14 +249,17 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
     densities.update({n: 1.0 for n, _, _ in twins if _matches(n, dense)})
     # Without a generator, torch.manual_seed decides, as it does for nn.init: one draw seeds our own.
     gen = generator or torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
-    for name, twin, module in twins:
-        if from_weights:
+    # Every support first, then every replacement: a failure on the way (out of memory, say) leaves
+    # the model as it was, not half converted.
+    if from_weights:
+        for name, twin, module in twins:
             _support_from_weights(twin, module, densities[name], sigma_mean, sigma_std, moped_delta, gen)
-        _replace(model, name, twin)
-    if not from_weights:
+    else:
         holder = nn.ModuleList([t for _, t, _ in twins])
         initialise(holder, {str(i): densities[n] for i, (n, _, _) in enumerate(twins)},
                    InitSpec(sigma_mean=sigma_mean, sigma_std=sigma_std, sigma_param=sigma_param), gen)
+    for name, twin, _ in twins:
+        _replace(model, name, twin)
     report = ConversionReport(kept=kept)
     for name, twin, module in twins:
         report.layers.append(ConvertedLayer(name, "conv2d" if isinstance(module, nn.Conv2d) else "linear",
