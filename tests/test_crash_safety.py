@@ -208,7 +208,7 @@ def test_sigint_mid_epoch_then_resume_is_bit_identical_to_a_straight_run(tmp_pat
     wait_for_first_epoch(proc)
     proc.send_signal(signal.SIGINT)  # during epoch 2 (135 steps of 4 examples)
     rest = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 130, rest
+    assert proc.returncode == -signal.SIGINT, rest  # ended by the Ctrl-C, as a shell sees it: $? is 130
     assert f"checkpoint written. Resume with: ssvi train --resume {stopped}" in rest
     assert "Traceback" not in rest
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(stopped))["state"]
@@ -231,6 +231,32 @@ def test_sigint_mid_epoch_then_resume_is_bit_identical_to_a_straight_run(tmp_pat
     untimed = [[{k: v for k, v in r.items() if k not in ("seconds", "samples_per_second")}
                 for r in read_jsonl(run / "metrics.jsonl")] for run in (stopped, straight)]
     assert [r["epoch"] for r in untimed[0]] == [1, 2] and untimed[0] == untimed[1]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a POSIX shell's handling of Ctrl-C")
+def test_ctrl_c_stops_a_shell_loop_of_runs_not_just_the_current_one(tmp_path):
+    """A shell waiting on a command that Ctrl-C interrupted goes on with its loop when the command
+    exits 130 by itself (it takes the Ctrl-C as handled) and stops when the command ends by SIGINT,
+    as Python ends on an uncaught Ctrl-C: ssvi ends by SIGINT once its checkpoint is written."""
+    import shlex
+
+    cmd = " ".join(shlex.quote(a) for a in (sys.executable, "-m", "ssvi_cli", *TRAIN))
+    script = f'for s in 1 2; do {cmd} --seed $s --out {shlex.quote(str(tmp_path))}/run$s; done; echo loop-ended'
+    proc = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ENV, start_new_session=True,
+                            # as a terminal's foreground job, even when the tests run in a shell's background job
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        wait_for_first_epoch(proc)
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: the shell and the run get it
+        out, rest = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "checkpoint written. Resume with" in rest, rest
+    assert "loop-ended" not in out and not (tmp_path / "run2").exists(), (out, rest)
+    assert proc.returncode == -signal.SIGINT, rest
 
 
 def test_sigterm_checkpoints_exits_143_and_the_run_resumes(tmp_path):

@@ -220,7 +220,7 @@ def test_ctrl_c_under_nproc_checkpoints_once_and_exits_130(tmp_path: Path):
     assert lines[-1].startswith("epoch 1/3"), "".join(lines)
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: the launcher and both ranks get it
     rest = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 130, rest
+    assert proc.returncode == -signal.SIGINT, rest  # ended by the Ctrl-C: a shell shows $? as 130
     assert rest.count("checkpoint written. Resume with") == 1, rest  # rank 0 alone reports
     assert "Traceback" not in rest
     state = torch.load(sorted((out / "checkpoints").glob("*.pt"))[-1], weights_only=True)["state"]

@@ -89,6 +89,12 @@ class Terminated(BaseException):
         super().__init__(f"stopped by {self.signum.name}")
 
 
+def _torchrun_worker() -> bool:
+    """Whether this process is a torchrun worker (training.distributed.ENV_KEYS, read here without
+    importing torch)."""
+    return all(key in os.environ for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
 def _unwinding() -> Any:
     """SIGTERM or SIGHUP (unless ignored, as under ``nohup``) outside training's and sweeps' own
     handling, which they set over this one while they run, unwinds the command as Ctrl-C does; once,
@@ -98,7 +104,7 @@ def _unwinding() -> Any:
 
     from ssvi_cli.training.stops import stop_signals
 
-    if all(key in os.environ for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+    if _torchrun_worker():
         return nullcontext()
     stopped: list[signal.Signals] = []
 
@@ -112,7 +118,8 @@ def _unwinding() -> Any:
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI and return its exit code: 0 ok, 1 runtime failure, 2 usage error, 130 interrupted
-    (Ctrl-C), 143 stopped by SIGTERM, 129 by SIGHUP."""
+    (Ctrl-C; the ``ssvi`` command then ends by SIGINT: :func:`main`), 143 stopped by SIGTERM, 129 by
+    SIGHUP."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
@@ -159,4 +166,17 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def main() -> None:
-    sys.exit(run())
+    code = run()
+    if code == 130 and os.name == "posix" and not _torchrun_worker():
+        # Interrupted: end as Python itself ends on an uncaught Ctrl-C, by SIGINT, so that the shell
+        # running a loop of ssvi commands stops the loop too rather than taking the interrupted run
+        # for one that handled the Ctrl-C and went on (bash's "wait and cooperative exit"). The shell
+        # still shows $? as 130.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    sys.exit(code)
