@@ -432,6 +432,31 @@ def test_an_output_file_is_never_one_of_the_runs_own_records(tmp_path: Path, cap
     assert run(["evaluate", str(out), "--samples", "1", "--output", str(out / "evaluation.json")]) == 0
 
 
+def test_outputs_never_land_among_a_sweeps_files_or_a_runs_checkpoints(tmp_path: Path, capsys):
+    """evaluate --output SWEEP/sweep.json replaced the sweep's grid with a report; --plots wrote into a
+    run's checkpoints folder or a sweep's cells folder."""
+    out, sweep = tmp_path / "r", tmp_path / "s"
+    assert run(["train", "--out", str(out), "--epochs", "1", "--set", "model.widths=[8]", "--set",
+                "data.max_train=64", "--set", "train.eval_samples=1"]) == 0
+    assert run(["sweep", "--method", "ssvi", "--sparsity", "0.9", "--out", str(sweep), "--dry-run"]) == 0
+    (sweep / "cells").mkdir()
+    (sweep / "report.json").write_text("{}")
+    grid = (sweep / "sweep.json").read_bytes()
+    capsys.readouterr()
+    for name in ("sweep.json", "report.json", "Sweep.JSON", "cells/x.json"):
+        assert run(["evaluate", str(out), "--samples", "1", "--output", str(sweep / name)]) == 2, name
+        said = capsys.readouterr().err
+        assert f"the sweep in {sweep}" in said and len(said.strip().splitlines()) == 1, said
+    assert (sweep / "sweep.json").read_bytes() == grid and (sweep / "report.json").read_text() == "{}"
+    for command in (["evaluate", str(out), "--samples", "1"], ["inspect", str(out)]):
+        for folder, words in ((out / "checkpoints", "the checkpoints folder of the run"), (sweep / "cells", "the cells folder of the sweep")):
+            assert run([*command, "--plots", str(folder)]) == 2, (command, folder)
+            assert words in capsys.readouterr().err
+    assert not list((out / "checkpoints").glob("*.png")) and not list((sweep / "cells").iterdir())
+    assert run(["evaluate", str(out), "--samples", "1", "--plots", str(out)]) == 0  # beside the run's files: its own
+    assert (out / "reliability.png").is_file()
+
+
 def test_a_report_never_replaces_another_runs_model_file(tmp_path: Path, capsys):
     """evaluate --output OTHER_RUN/model.safetensors wrote its JSON report over that run's model file."""
     import numpy as np

@@ -59,23 +59,21 @@ def check_output_file(path: Path, flag: str) -> None:
     """Refuse an output file that is a folder or whose folder is missing, before any work is done
     (a mistyped folder is reported rather than silently created), and one of a run's own files: its
     records, lock and checkpoints, or the model file of a run that trained there (a folder holding
-    only a copied ``config.yaml`` is free to receive one). Names are compared ignoring case, as macOS
-    does."""
+    only a copied ``config.yaml`` is free to receive one); and one of a sweep's. Names are compared
+    ignoring case, as macOS does."""
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a directory; give a file name")
     if not path.parent.is_dir():
         what = "is not a directory" if path.parent.exists() else "does not exist"
         raise UsageError(f"{flag} {path}: its folder {path.parent} {what}; create it first or pick another path")
     check_writable(path.parent, f"{flag} {path}")
-    from ssvi_cli.runs.checkpoint import CHECKPOINT_DIR
     from ssvi_cli.runs.rundir import (CONFIG_FILE, LOCK_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, SUPPORT_FILE,
                                       RunDir)
 
     folder = path.parent.resolve()  # the folder as it is, however it was reached (.., a symlink)
-    if folder.name.casefold() == CHECKPOINT_DIR and RunDir(folder.parent).is_run():
-        raise UsageError(f"{flag} {path} is in the checkpoints folder of the run in {folder.parent}, which "
-                         "--resume reads; give another path")
+    _refuse_a_folder_ssvi_keeps(folder, f"{flag} {path} is in", flag)
     name = path.name.casefold()
+    _refuse_a_sweeps_own(path, folder, flag)
     records = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, SUPPORT_FILE, LOCK_FILE)
     if name not in {n.casefold() for n in (*records, MODEL_FILE)}:
         return
@@ -92,10 +90,41 @@ def check_output_file(path: Path, flag: str) -> None:
                          "and evaluations describe; give another path")
 
 
+def _refuse_a_folder_ssvi_keeps(folder: Path, what: str, flag: str) -> None:
+    """Refuse output into a run's checkpoints folder, which ``--resume`` reads, or a sweep's ``cells``
+    or ``logs`` folder, which the sweep writes and ``--report`` reads (``what``: the message's start,
+    "--plots DIR is" say)."""
+    from ssvi_cli.runs.checkpoint import CHECKPOINT_DIR
+    from ssvi_cli.runs.rundir import RunDir
+    from ssvi_cli.sweep.grid import CELLS_DIR, is_sweep_dir
+    from ssvi_cli.sweep.runner import LOGS_DIR
+
+    name = folder.name.casefold()
+    if name == CHECKPOINT_DIR and RunDir(folder.parent).is_run():
+        raise UsageError(f"{what} the checkpoints folder of the run in {folder.parent}, which --resume reads; "
+                         f"give another {flag} path")
+    if name in (CELLS_DIR, LOGS_DIR) and is_sweep_dir(folder.parent):
+        raise UsageError(f"{what} the {folder.name} folder of the sweep in {folder.parent}, which the sweep "
+                         f"writes and --report reads; give another {flag} path")
+
+
+def _refuse_a_sweeps_own(path: Path, folder: Path, flag: str) -> None:
+    """Refuse one of a sweep's own files (its grid, report, figures, command list or lock), which the
+    sweep and ``--report`` read and write."""
+    from ssvi_cli.sweep.grid import is_sweep_dir
+    from ssvi_cli.sweep.sweepdir import SWEEP_ENTRIES, SWEEP_LOCK
+
+    if path.name.casefold() in {n.casefold() for n in (*SWEEP_ENTRIES, SWEEP_LOCK)} and is_sweep_dir(folder):
+        raise UsageError(f"{flag} {path} is one of the files of the sweep in {folder}, which the sweep writes and "
+                         "--report reads; give another path")
+
+
 def check_output_dir(path: Path, flag: str) -> None:
     """Refuse an output folder that exists as a file (it is created, with parents, when missing)."""
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {path} exists and is not a directory; give a folder path")
+    if path.is_dir():
+        _refuse_a_folder_ssvi_keeps(path.resolve(), f"{flag} {path} is", flag)
     check_writable(path, f"{flag} {path}")  # or, while missing, the folder it would be made in
 
 
