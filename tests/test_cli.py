@@ -434,7 +434,8 @@ def test_an_output_file_is_never_one_of_the_runs_own_records(tmp_path: Path, cap
 
 def test_outputs_never_land_among_a_sweeps_files_or_a_runs_checkpoints(tmp_path: Path, capsys):
     """evaluate --output SWEEP/sweep.json replaced the sweep's grid with a report; --plots wrote into a
-    run's checkpoints folder or a sweep's cells folder."""
+    run's checkpoints folder or a sweep's cells folder; train --out made a run inside another's
+    checkpoints folder."""
     out, sweep = tmp_path / "r", tmp_path / "s"
     assert run(["train", "--out", str(out), "--epochs", "1", "--set", "model.widths=[8]", "--set",
                 "data.max_train=64", "--set", "train.eval_samples=1"]) == 0
@@ -453,6 +454,12 @@ def test_outputs_never_land_among_a_sweeps_files_or_a_runs_checkpoints(tmp_path:
             assert run([*command, "--plots", str(folder)]) == 2, (command, folder)
             assert words in capsys.readouterr().err
     assert not list((out / "checkpoints").glob("*.png")) and not list((sweep / "cells").iterdir())
+    nested = out / "checkpoints" / "sub"  # below it: a run's --force would remove it with its checkpoints
+    assert run(["evaluate", str(out), "--samples", "1", "--plots", str(nested)]) == 2
+    assert "is in the checkpoints folder of the run" in capsys.readouterr().err
+    assert run(["train", "--out", str(nested), "--epochs", "1", "--set", "data.max_train=64"]) == 2
+    assert f"is inside the checkpoints folder of the run in {out}" in capsys.readouterr().err
+    assert not nested.exists()
     assert run(["evaluate", str(out), "--samples", "1", "--plots", str(out)]) == 0  # beside the run's files: its own
     assert (out / "reliability.png").is_file()
 

@@ -71,7 +71,7 @@ def check_output_file(path: Path, flag: str) -> None:
                                       RunDir)
 
     folder = path.parent.resolve()  # the folder as it is, however it was reached (.., a symlink)
-    _refuse_a_folder_ssvi_keeps(folder, f"{flag} {path} is in", flag)
+    _refuse_a_folder_ssvi_keeps(folder, f"{flag} {path}", flag, file=True)
     name = path.name.casefold()
     _refuse_a_sweeps_own(path, folder, flag)
     records = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, SUPPORT_FILE, LOCK_FILE)
@@ -90,22 +90,23 @@ def check_output_file(path: Path, flag: str) -> None:
                          "and evaluations describe; give another path")
 
 
-def _refuse_a_folder_ssvi_keeps(folder: Path, what: str, flag: str) -> None:
-    """Refuse output into a run's checkpoints folder, which ``--resume`` reads, or a sweep's ``cells``
-    or ``logs`` folder, which the sweep writes and ``--report`` reads (``what``: the message's start,
-    "--plots DIR is" say)."""
-    from ssvi_cli.runs.checkpoint import CHECKPOINT_DIR
-    from ssvi_cli.runs.rundir import RunDir
+def _refuse_a_folder_ssvi_keeps(folder: Path, shown: str, flag: str, file: bool) -> None:
+    """Refuse output into a run's checkpoints folder (or below it), which ``--resume`` reads and
+    ``--force`` removes, or into a sweep's ``cells`` or ``logs`` folder, which the sweep writes and
+    ``--report`` reads: ``folder`` the output folder, or the folder of a ``file``, as it resolves;
+    ``shown`` the flag and path as given."""
+    from ssvi_cli.runs.rundir import checkpoints_owner
     from ssvi_cli.sweep.grid import CELLS_DIR, is_sweep_dir
     from ssvi_cli.sweep.runner import LOGS_DIR
 
-    name = folder.name.casefold()
-    if name == CHECKPOINT_DIR and RunDir(folder.parent).is_run():
-        raise UsageError(f"{what} the checkpoints folder of the run in {folder.parent}, which --resume reads; "
-                         f"give another {flag} path")
-    if name in (CELLS_DIR, LOGS_DIR) and is_sweep_dir(folder.parent):
-        raise UsageError(f"{what} the {folder.name} folder of the sweep in {folder.parent}, which the sweep "
-                         f"writes and --report reads; give another {flag} path")
+    owner = checkpoints_owner(folder)
+    if owner is not None:
+        where = "is" if not file and folder.parent == owner else "is in"  # the folder itself, or below it
+        raise UsageError(f"{shown} {where} the checkpoints folder of the run in {owner}, which --resume reads and "
+                         f"--force removes; give another {flag} path")
+    if folder.name.casefold() in (CELLS_DIR, LOGS_DIR) and is_sweep_dir(folder.parent):
+        raise UsageError(f"{shown} {'is in' if file else 'is'} the {folder.name} folder of the sweep in "
+                         f"{folder.parent}, which the sweep writes and --report reads; give another {flag} path")
 
 
 def _refuse_a_sweeps_own(path: Path, folder: Path, flag: str) -> None:
@@ -123,8 +124,7 @@ def check_output_dir(path: Path, flag: str) -> None:
     """Refuse an output folder that exists as a file (it is created, with parents, when missing)."""
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {path} exists and is not a directory; give a folder path")
-    if path.is_dir():
-        _refuse_a_folder_ssvi_keeps(path.resolve(), f"{flag} {path} is", flag)
+    _refuse_a_folder_ssvi_keeps(path.resolve(), f"{flag} {path}", flag, file=False)  # or will be, once made
     check_writable(path, f"{flag} {path}")  # or, while missing, the folder it would be made in
 
 

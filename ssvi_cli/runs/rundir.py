@@ -51,6 +51,15 @@ LOCK_FILE = ".lock"  # hidden: an empty folder with it is still empty, and --for
 LOCK_HELD_ENV = "SSVI_RUN_LOCK_HELD"  # the run whose lock the launcher of this process holds for it
 
 
+def checkpoints_owner(path: Path) -> Optional[Path]:
+    """The run whose checkpoints folder holds ``path`` (that folder itself or anything below it, as
+    the path resolves, however it was reached), or None."""
+    for folder in (Path(path).resolve(), *Path(path).resolve().parents):
+        if folder.name.casefold() == ckpt.CHECKPOINT_DIR and RunDir(folder.parent).is_run():
+            return folder.parent
+    return None
+
+
 class RunDir:
     """The files of one training run under ``path``."""
 
@@ -106,6 +115,10 @@ class RunDir:
         """:meth:`claim`'s refusals, changing nothing; whether there is an old run to remove."""
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"--out {self.path} exists and is not a directory")
+        owner = checkpoints_owner(self.path)
+        if owner is not None:
+            raise RunDirError(f"--out {self.path} is inside the checkpoints folder of the run in {owner}, which that "
+                              "run's --resume reads and its --force removes; choose another --out")
         entries = fileio.visible_entries(self.path) if self.path.is_dir() else []
         if not entries:
             return False
