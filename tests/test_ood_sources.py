@@ -192,6 +192,29 @@ def test_npy_array_of_the_users_inputs(capsys, subset_model, tmp_path, make):
     _check_ood_block(doc["ood"][str(path)], 6)
 
 
+def test_a_folder_of_arrays_reads_as_their_rows_in_file_order_beside_its_images(capsys, subset_model, tmp_path):
+    """As ``ssvi infer`` reads a folder: --ood DIR of .npy files was refused as a folder without images."""
+    import torch
+
+    from ssvi_cli.evaluation.ood_sets import array_images, folder_images
+
+    rng = np.random.default_rng(2)
+    a, b = rng.integers(0, 256, (3, 8, 8), dtype=np.uint8), rng.integers(0, 256, (4, 8, 8), dtype=np.uint8)
+    (tmp_path / "arrays" / "sub").mkdir(parents=True)
+    np.save(tmp_path / "arrays" / "a.npy", a)
+    np.save(tmp_path / "arrays" / "sub" / "b.npy", b)
+    np.save(tmp_path / "both.npy", np.concatenate([a, b]))
+    spec = get_spec("digits")
+    for max_items in (None, 4):
+        assert torch.equal(folder_images(tmp_path / "arrays", spec, 0, max_items),
+                           array_images(tmp_path / "both.npy", spec, 0, max_items)), max_items
+    n = _pngs(tmp_path / "arrays")  # and images beside the arrays
+    _check_ood_block(_report(capsys, subset_model, str(tmp_path / "arrays"))["ood"][str(tmp_path / "arrays")], n + 7)
+    np.save(tmp_path / "arrays" / "bad.npy", np.zeros((2, 5, 8, 8)))
+    code, _, err = _evaluate(capsys, str(subset_model), "--ood", str(tmp_path / "arrays"))
+    assert code == 2 and "bad.npy: array of shape (2, 5, 8, 8); expected" in err and len(err.strip().splitlines()) == 1
+
+
 def test_npy_far_from_the_data_is_detected_better_than_heldout(capsys, subset_model, tmp_path):
     path = tmp_path / "white.npy"
     np.save(path, np.full((20, 8, 8), 255, dtype=np.uint8))  # all-white squares: nothing like a digit

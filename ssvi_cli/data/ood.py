@@ -7,8 +7,8 @@ What an ``--ood`` value names (:func:`parse_ood`), checked in this order:
   from the evaluation's data directory;
 * ``NAME=DIR``: the registered torchvision set ``NAME`` read from its own folder ``DIR``;
 * a path: a value holding a path separator, ending in ``.npy`` or naming an existing file or
-  folder: a folder of images (recursive) or a ``.npy`` array of the user's own inputs. A path that
-  looks like a name is written ``./noise``.
+  folder: a folder of images and ``.npy`` arrays (recursive) or one ``.npy`` array of the user's
+  own inputs. A path that looks like a name is written ``./noise``.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def ood_names() -> list[str]:
 
 HELDOUT = "heldout"
 FOLDER_SETS = tuple(name for name in OOD_SETS if name in DATASETS)  # the ones NAME=DIR can read
-_FORMS = (f"{HELDOUT}, NAME=DIR (NAME one of {', '.join(FOLDER_SETS)}) or a PATH (a folder of images or a "
+_FORMS = (f"{HELDOUT}, NAME=DIR (NAME one of {', '.join(FOLDER_SETS)}) or a PATH (a folder of images and arrays, or a "
           f"{ARRAY_SUFFIX} array; write ./NAME for a path that looks like a name)")
 
 
@@ -160,8 +160,8 @@ def parse_ood(text: str) -> OodRequest:
     if _looks_like_path(text):
         path = Path(text).expanduser()
         if not path.exists():
-            raise DataError(f"--ood {text}: no such file or folder; a path must be a folder of images or a "
-                            f"{ARRAY_SUFFIX} array")
+            raise DataError(f"--ood {text}: no such file or folder; a path must be a folder of images and arrays, "
+                            f"or a {ARRAY_SUFFIX} array")
         if not path.is_dir() and path.suffix.lower() != ARRAY_SUFFIX:
             raise DataError(f"--ood {text}: a file must be a {ARRAY_SUFFIX} array; pass the folder that holds "
                             "the images")

@@ -2,8 +2,8 @@
 (x, -1): registered sets (from the data directory, or ``NAME=DIR`` from their own folder), the
 held-out classes of the in-distribution dataset (``heldout``), and the user's own inputs (``PATH``).
 
-A user's path is read as ``ssvi infer`` reads inputs: image files of any size and mode, found
-recursively in a folder (hidden files and folders skipped), or one ``.npy`` array shaped
+A user's path is read as ``ssvi infer`` reads inputs: image files of any size and mode and ``.npy``
+arrays, found recursively in a folder (hidden files and folders skipped), or one ``.npy`` array shaped
 (N, H, W), (N, C, H, W) or (N, H, W, C) with C in 1, 3, 4 (a 4-D array is channels-first when its
 second axis is 1, 3 or 4). Pixels are uint8 0..255 (other integer types in that range too), float
 in [0, 1], or, for a model whose data spec records another raw range ``[0, pixel_max]`` (the
@@ -51,11 +51,11 @@ def check_heldout(spec: DataSpec) -> None:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """The image files under ``folder``, recursively and sorted; none is an error."""
-    files = find_files(folder)
+    """The image files and ``.npy`` arrays under ``folder``, recursively and sorted; none is an error."""
+    files = find_files(folder, IMAGE_SUFFIXES + (ARRAY_SUFFIX,))
     if not files:
-        raise DataError(f"--ood {folder}: the folder holds no images ({', '.join(IMAGE_SUFFIXES)}); pass a folder "
-                        f"of images or a {ARRAY_SUFFIX} array")
+        raise DataError(f"--ood {folder}: the folder holds no images ({', '.join(IMAGE_SUFFIXES)}) and no "
+                        f"{ARRAY_SUFFIX} arrays; pass a folder of images or arrays, or one {ARRAY_SUFFIX} array")
     return files
 
 
@@ -86,15 +86,30 @@ def _choose(n: int, seed: int, max_items: Optional[int]) -> np.ndarray:
 
 
 def folder_images(folder: Path, spec: DataSpec, seed: int, max_items: Optional[int]) -> torch.Tensor:
-    """The images of ``folder`` (at most ``max_items``), each brought to ``spec``'s input."""
+    """The images of ``folder``, image files and the rows of ``.npy`` arrays in the files' sorted
+    order (at most ``max_items`` of them all), each brought to ``spec``'s input."""
     files = image_files(folder)
-    chosen = [files[i] for i in _choose(len(files), seed, max_items)]
+    arrays = {path: _array(path, spec) for path in files if path.suffix.lower() == ARRAY_SUFFIX}
+    items = [(path, row) for path in files for row in (range(len(arrays[path])) if path in arrays else (None,))]
+    chosen = [items[i] for i in _choose(len(items), seed, max_items)]
     logger.info("decoding %d images of %s", len(chosen), folder)
-    return torch.cat([_prepared(read_image(path), spec, str(path)) for path in chosen])
+    parts = []
+    for path in dict.fromkeys(path for path, _ in chosen):  # each file once, in order
+        if path in arrays:
+            parts.append(_array_prepared(arrays[path][[row for p, row in chosen if p == path]], path, spec))
+        else:
+            parts.append(_prepared(read_image(path), spec, str(path)))
+    return torch.cat(parts)
 
 
 def array_images(path: Path, spec: DataSpec, seed: int, max_items: Optional[int]) -> torch.Tensor:
     """The images of the ``.npy`` array at ``path`` (at most ``max_items``), brought to ``spec``'s input."""
+    arr = _array(path, spec)
+    return _array_prepared(arr[_choose(len(arr), seed, max_items)], path, spec)
+
+
+def _array(path: Path, spec: DataSpec) -> np.ndarray:
+    """The ``.npy`` array at ``path`` as (N, C, H, W) pixels, or the error naming its shape."""
     arr = read_array(path, DataError, name=f"--ood {path}")
     shape = tuple(arr.shape)
     if arr.size == 0:
@@ -108,7 +123,10 @@ def array_images(path: Path, spec: DataSpec, seed: int, max_items: Optional[int]
         arr = arr.transpose(0, 3, 1, 2)
     if arr.ndim != 4 or arr.shape[1] not in (1, 3, 4) or 0 in arr.shape:
         raise DataError(f"--ood {path}: array of shape {shape}; expected {ARRAY_SHAPES}, or (N, {features}) flattened")
-    arr = arr[_choose(len(arr), seed, max_items)]
+    return arr
+
+
+def _array_prepared(arr: np.ndarray, path: Path, spec: DataSpec) -> torch.Tensor:
     return _prepared(array_to_images(arr, f"--ood {path}", spec.input_shape[0], spec.pixel_max), spec, f"--ood {path}")
 
 
