@@ -192,27 +192,34 @@ def test_npy_array_of_the_users_inputs(capsys, subset_model, tmp_path, make):
     _check_ood_block(doc["ood"][str(path)], 6)
 
 
-def test_a_folder_of_arrays_reads_as_their_rows_in_file_order_beside_its_images(capsys, subset_model, tmp_path):
-    """As ``ssvi infer`` reads a folder: --ood DIR of .npy files was refused as a folder without images."""
+def test_a_folder_of_arrays_and_images_reads_as_ssvi_infer_reads_it(capsys, subset_model, tmp_path):
+    """--ood DIR of .npy files was refused as a folder without images; each file is now one image or a
+    batch by infer's rules, in infer's order, so the OOD set is the inputs infer would predict."""
     import torch
 
-    from ssvi_cli.evaluation.ood_sets import array_images, folder_images
+    from ssvi_cli.data import preprocess
+    from ssvi_cli.evaluation.infer import expand_inputs, iter_raw
+    from ssvi_cli.evaluation.ood_sets import _choose, folder_images
 
     rng = np.random.default_rng(2)
-    a, b = rng.integers(0, 256, (3, 8, 8), dtype=np.uint8), rng.integers(0, 256, (4, 8, 8), dtype=np.uint8)
-    (tmp_path / "arrays" / "sub").mkdir(parents=True)
-    np.save(tmp_path / "arrays" / "a.npy", a)
-    np.save(tmp_path / "arrays" / "sub" / "b.npy", b)
-    np.save(tmp_path / "both.npy", np.concatenate([a, b]))
+    folder = tmp_path / "mine"
+    (folder / "sub").mkdir(parents=True)
+    np.save(folder / "a.npy", rng.integers(0, 256, (3, 8, 8), dtype=np.uint8))        # a batch of three
+    np.save(folder / "sub" / "b.npy", rng.random((4, 1, 8, 8)).astype(np.float32))   # a batch of four
+    np.save(folder / "c.npy", rng.integers(0, 256, (8, 8), dtype=np.uint8))          # one gray image
+    np.save(folder / "d.npy", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))       # one colour image
+    n = 9 + _pngs(folder)
     spec = get_spec("digits")
-    for max_items in (None, 4):
-        assert torch.equal(folder_images(tmp_path / "arrays", spec, 0, max_items),
-                           array_images(tmp_path / "both.npy", spec, 0, max_items)), max_items
-    n = _pngs(tmp_path / "arrays")  # and images beside the arrays
-    _check_ood_block(_report(capsys, subset_model, str(tmp_path / "arrays"))["ood"][str(tmp_path / "arrays")], n + 7)
-    np.save(tmp_path / "arrays" / "bad.npy", np.zeros((2, 5, 8, 8)))
-    code, _, err = _evaluate(capsys, str(subset_model), "--ood", str(tmp_path / "arrays"))
-    assert code == 2 and "bad.npy: array of shape (2, 5, 8, 8); expected" in err and len(err.strip().splitlines()) == 1
+    as_infer = torch.cat([preprocess(pixels, spec) for _, _, pixels in
+                          iter_raw(expand_inputs([folder]), spec.input_shape[0], spec.pixel_max, spec.input_shape)])
+    assert len(as_infer) == n
+    assert torch.equal(folder_images(folder, spec, 0, None), as_infer)
+    assert torch.equal(folder_images(folder, spec, 0, 5), as_infer[torch.from_numpy(_choose(n, 0, 5))])
+    _check_ood_block(_report(capsys, subset_model, str(folder))["ood"][str(folder)], n)
+    np.save(folder / "bad.npy", np.zeros((2, 5, 8, 8)))
+    code, _, err = _evaluate(capsys, str(subset_model), "--ood", str(folder))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--ood {folder / 'bad.npy'}: array of shape (2, 5, 8, 8) has no 1, 3 or 4 channel axis" in err
 
 
 def test_npy_far_from_the_data_is_detected_better_than_heldout(capsys, subset_model, tmp_path):

@@ -2,20 +2,21 @@
 (x, -1): registered sets (from the data directory, or ``NAME=DIR`` from their own folder), the
 held-out classes of the in-distribution dataset (``heldout``), and the user's own inputs (``PATH``).
 
-A user's path is read as ``ssvi infer`` reads inputs: image files of any size and mode and ``.npy``
-arrays, found recursively in a folder (hidden files and folders skipped), or one ``.npy`` array shaped
+A user's folder is read as ``ssvi infer`` reads one: image files of any size and mode and ``.npy``
+files (each one image or a batch of them, by infer's shape rules), found recursively (hidden files
+and folders skipped) and taken in sorted order. A user's ``.npy`` file on its own is a batch shaped
 (N, H, W), (N, C, H, W) or (N, H, W, C) with C in 1, 3, 4 (a 4-D array is channels-first when its
 second axis is 1, 3 or 4). Pixels are uint8 0..255 (other integer types in that range too), float
 in [0, 1], or, for a model whose data spec records another raw range ``[0, pixel_max]`` (the
 digits' 0..16), values in that range with a maximum above 1. Every set holds at most ``max_items``
-items, drawn with ``seed`` before anything is decoded.
+items, drawn with ``seed`` before any image file is decoded (arrays are read whole, to count them).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from torch.utils.data import Dataset
 from ssvi_cli.data import DataError, DatasetUnavailable, DataSpec, PreparedDataset, preprocess
 from ssvi_cli.data.images import ARRAY_SUFFIX, IMAGE_SUFFIXES, find_files, read_array, read_image
 from ssvi_cli.data.ood import HELDOUT, OodRequest, build_ood, parse_ood
-from ssvi_cli.evaluation.infer import array_to_images
+from ssvi_cli.evaluation.infer import array_to_images, load_array
 
 logger = logging.getLogger(__name__)
 
@@ -86,20 +87,29 @@ def _choose(n: int, seed: int, max_items: Optional[int]) -> np.ndarray:
 
 
 def folder_images(folder: Path, spec: DataSpec, seed: int, max_items: Optional[int]) -> torch.Tensor:
-    """The images of ``folder``, image files and the rows of ``.npy`` arrays in the files' sorted
-    order (at most ``max_items`` of them all), each brought to ``spec``'s input."""
+    """The images of ``folder`` (at most ``max_items`` of them all), each brought to ``spec``'s input,
+    in the files' sorted order: each image file, and each ``.npy`` file's images as ``ssvi infer``
+    reads them (one image, or a batch; arrays are read whole to count them, image files are decoded
+    only when drawn)."""
     files = image_files(folder)
-    arrays = {path: _array(path, spec) for path in files if path.suffix.lower() == ARRAY_SUFFIX}
-    items = [(path, row) for path in files for row in (range(len(arrays[path])) if path in arrays else (None,))]
-    chosen = [items[i] for i in _choose(len(items), seed, max_items)]
-    logger.info("decoding %d images of %s", len(chosen), folder)
-    parts = []
-    for path in dict.fromkeys(path for path, _ in chosen):  # each file once, in order
-        if path in arrays:
-            parts.append(_array_prepared(arrays[path][[row for p, row in chosen if p == path]], path, spec))
-        else:
-            parts.append(_prepared(read_image(path), spec, str(path)))
-    return torch.cat(parts)
+    channels, pixel_max, shape = spec.input_shape[0], spec.pixel_max, spec.input_shape
+    arrays = {path: _as_ood(lambda: load_array(path, channels, pixel_max, input_shape=shape), path)
+              for path in files if path.suffix.lower() == ARRAY_SUFFIX}
+    items = [(path, row) for path in files for row in (range(len(arrays[path])) if path in arrays else (0,))]
+    rows: dict[Path, list[int]] = {}
+    for i in _choose(len(items), seed, max_items):
+        path, row = items[i]
+        rows.setdefault(path, []).append(row)
+    logger.info("decoding %d images of %s", sum(map(len, rows.values())), folder)
+    return torch.cat([_prepared(arrays[path][taken] if path in arrays else read_image(path), spec, str(path))
+                      for path, taken in rows.items()])
+
+
+def _as_ood(read: Callable[[], torch.Tensor], path: Path) -> torch.Tensor:
+    try:
+        return read()
+    except DataError as exc:  # infer's words for the array, named as the --ood value it came from
+        raise DataError(f"--ood {exc}" if str(exc).startswith(str(path)) else f"--ood {path}: {exc}") from None
 
 
 def array_images(path: Path, spec: DataSpec, seed: int, max_items: Optional[int]) -> torch.Tensor:
