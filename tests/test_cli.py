@@ -460,6 +460,11 @@ def test_outputs_never_land_among_a_sweeps_files_or_a_runs_checkpoints(tmp_path:
     assert run(["train", "--out", str(nested), "--epochs", "1", "--set", "data.max_train=64"]) == 2
     assert f"is inside the checkpoints folder of the run in {out}" in capsys.readouterr().err
     assert not nested.exists()
+    project = tmp_path / "project"  # a preset kept as config.yaml is no run: its checkpoints/ is the user's
+    project.mkdir()
+    (project / "config.yaml").write_text((out / "config.yaml").read_text())
+    assert run(["train", "--out", str(project / "checkpoints" / "a"), "--epochs", "1", "--set", "model.widths=[8]",
+                "--set", "data.max_train=64", "--set", "train.eval_samples=1"]) == 0
     assert run(["evaluate", str(out), "--samples", "1", "--plots", str(out)]) == 0  # beside the run's files: its own
     assert (out / "reliability.png").is_file()
 
@@ -544,3 +549,19 @@ def test_a_run_stopped_before_its_first_checkpoint_is_named_as_one_by_every_read
         said = capsys.readouterr().err
         assert "stopped before its first checkpoint" in said and f"--out {out} --force" in said, said
         assert len(said.strip().splitlines()) == 1
+
+
+def test_a_finished_run_whose_checkpoints_are_gone_is_not_called_stopped(tmp_path: Path, capsys):
+    """Its summary says it reached its end: "stopped before its first checkpoint" was wrong, and the
+    --force it advised replaces those records."""
+    out = tmp_path / "r"
+    assert run(["train", "--out", str(out), "--epochs", "1", "--set", "model.widths=[8]", "--set",
+                "data.max_train=64", "--set", "train.eval_samples=1"]) == 0
+    for path in [*(out / "checkpoints").iterdir(), out / "model.safetensors"]:
+        path.unlink()
+    capsys.readouterr()
+    for argv in (["train", "--resume", str(out)], ["evaluate", str(out)], ["inspect", str(out)]):
+        assert run(argv) == 2
+        said = capsys.readouterr().err
+        assert "whose checkpoints and model file are gone" in said and "stopped before" not in said, said
+        assert "replacing those records" in said and len(said.strip().splitlines()) == 1

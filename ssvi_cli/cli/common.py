@@ -85,7 +85,7 @@ def check_output_file(path: Path, flag: str) -> None:
     if name != MODEL_FILE.casefold():
         raise UsageError(f"{flag} {path} is a record of the run in {folder}, which evaluate, --resume and "
                          "sweeps read; give another path")
-    if run.summary_file.is_file() or run.metrics_file.is_file() or run.checkpoints():
+    if run.trained_here():
         raise UsageError(f"{flag} {path} is the model file of the run in {folder}, which its summary "
                          "and evaluations describe; give another path")
 

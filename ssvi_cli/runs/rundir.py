@@ -55,7 +55,7 @@ def checkpoints_owner(path: Path) -> Optional[Path]:
     """The run whose checkpoints folder holds ``path`` (that folder itself or anything below it, as
     the path resolves, however it was reached), or None."""
     for folder in (Path(path).resolve(), *Path(path).resolve().parents):
-        if folder.name.casefold() == ckpt.CHECKPOINT_DIR and RunDir(folder.parent).is_run():
+        if folder.name.casefold() == ckpt.CHECKPOINT_DIR and RunDir(folder.parent).trained_here():
             return folder.parent
     return None
 
@@ -117,7 +117,8 @@ class RunDir:
             raise RunDirError(f"--out {self.path} exists and is not a directory")
         owner = checkpoints_owner(self.path)
         if owner is not None:
-            raise RunDirError(f"--out {self.path} is inside the checkpoints folder of the run in {owner}, which that "
+            where = "is" if self.path.resolve().parent == owner else "is inside"
+            raise RunDirError(f"--out {self.path} {where} the checkpoints folder of the run in {owner}, which that "
                               "run's --resume reads and its --force removes; choose another --out")
         entries = fileio.visible_entries(self.path) if self.path.is_dir() else []
         if not entries:
@@ -140,6 +141,12 @@ class RunDir:
     def finished(self) -> bool:
         """Whether the run reached its end: its summary and model file are written."""
         return self.summary_file.is_file() and self.model_file.is_file()
+
+    def trained_here(self) -> bool:
+        """Whether a run trained in this folder (a lock, a record or a checkpoint beside its
+        ``config.yaml``), not only a config saved as ``config.yaml`` (a user's preset, a copy)."""
+        evidence = (self.path / LOCK_FILE, self.metrics_file, self.summary_file)
+        return self.is_run() and (any(p.is_file() for p in evidence) or bool(self.checkpoints()))
 
     def is_run(self) -> bool:
         """Whether the folder holds an ssvi run: a ``config.yaml`` that reads as a run's config."""
@@ -223,6 +230,11 @@ class RunDir:
         """The newest checkpoint; a run that stopped before its first one is named as such."""
         found = self.checkpoints()
         if not found and self.path.is_dir() and self.is_run():
+            if self.summary_file.is_file():  # it finished, after its last checkpoint: they went since
+                gone = "checkpoints" + ("" if self.model_file.is_file() else " and model file")
+                raise ckpt.CheckpointError(f"{self.path} holds a run whose {gone} are gone (its records remain), so "
+                                           f"there is nothing to read or resume; ssvi train --out {self.path} --force "
+                                           "trains it again, replacing those records")
             raise ckpt.CheckpointError(f"{self.path} holds a run that stopped before its first checkpoint, so there "
                                        f"is nothing to read or resume; start it again with ssvi train --out "
                                        f"{self.path} --force")
