@@ -426,3 +426,18 @@ def test_a_layer_with_a_hook_or_a_reparametrized_weight_is_refused_before_anythi
     with pytest.raises(ValueError, match=f"^2 has {words}"):
         sparsify(model, 0.9)
     assert isinstance(model[0], nn.Linear) and not isinstance(model[0], SparseGaussian)
+
+
+def test_a_layer_kept_dense_keeps_its_hooks_and_does_not_stop_the_conversion():
+    """A hook or spectral norm on a layer sparsify leaves as it is (circular padding) aborted the whole
+    conversion, though nothing of it would be lost."""
+    from torch.nn.utils import parametrizations
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="circular"), nn.Flatten(), nn.Linear(512, 10))
+    calls = []
+    model[0].register_forward_hook(lambda *args: calls.append(1))
+    parametrizations.spectral_norm(model[0])
+    report = sparsify(model, 0.5)
+    assert [layer.name for layer in report.layers] == ["2"] and any(name == "0" for name, _ in report.kept)
+    model(torch.zeros(1, 3, 8, 8))
+    assert calls == [1] and not isinstance(model[0], SparseGaussian)

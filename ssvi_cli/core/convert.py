@@ -149,7 +149,6 @@ def _targets(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[
             continue
         if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
             raise ValueError(f"{name} ({type(module).__name__}) has no shape yet; run one forward pass before sparsify")
-        _refuse_what_would_be_lost(name, module)
         tied = [n for n in owners.get(id(module.weight), []) if model.get_submodule(n) is not module]
         if name in read_directly:
             kept.append((name, read_directly[name]))
@@ -157,7 +156,8 @@ def _targets(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[
             kept.append((name, f"padding_mode={module.padding_mode!r} (only zero padding is supported)"))
         elif tied:
             kept.append((name, f"{TIED} {tied[0]}'s, which a sparse layer cannot share"))
-        else:
+        else:  # replaced: what the replacement would drop is refused (a layer kept keeps its hooks)
+            _refuse_what_would_be_lost(name, module)
             targets.append((name, module))
     return targets, kept
 
