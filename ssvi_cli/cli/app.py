@@ -167,16 +167,11 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
 def main() -> None:
     code = run()
-    if code == 130 and os.name == "posix" and not _torchrun_worker():
-        # Interrupted: end as Python itself ends on an uncaught Ctrl-C, by SIGINT, so that the shell
-        # running a loop of ssvi commands stops the loop too rather than taking the interrupted run
-        # for one that handled the Ctrl-C and went on (bash's "wait and cooperative exit"). The shell
-        # still shows $? as 130.
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
+    if code == 130 and not _torchrun_worker():
+        # Interrupted, and said so: end as Python ends on an uncaught Ctrl-C, by SIGINT once it has
+        # finished (atexit handlers, flushed streams), so that a shell running a loop of ssvi commands
+        # stops the loop rather than taking the run for one that handled the Ctrl-C and went on
+        # (bash's "wait and cooperative exit"). The shell still shows $? as 130.
+        sys.excepthook = lambda *args: None  # no traceback after "interrupted"
+        raise KeyboardInterrupt
     sys.exit(code)
