@@ -186,7 +186,13 @@ TRAIN = ["train", "--epochs", "2", "--batch-size", "4", "--set", "data.max_train
 
 def ssvi(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "ssvi_cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+                            stderr=subprocess.PIPE, text=True, env=ENV, preexec_fn=as_foreground)
+
+
+def as_foreground() -> None:
+    """SIGINT as a terminal's foreground job has it, even when the tests run in a shell's background
+    job (which ignores it, and ssvi then leaves it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for_first_epoch(proc: subprocess.Popen) -> None:

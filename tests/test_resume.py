@@ -117,13 +117,23 @@ def test_a_closed_terminal_stops_at_a_checkpoint_unless_nohup_ignores_it(tmp_pat
 def test_ctrl_c_twice_as_under_the_launcher_still_checkpoints_the_step(tmp_path: Path):
     # Under torchrun each rank gets SIGINT from the terminal and again from torchrun itself.
     before = signal.getsignal(signal.SIGINT)  # Python's own, or SIG_IGN in a shell's background job
-    trainer = Trainer.create(cfg(), tmp_path / "r")
-    trainer.step_hooks.append(signal_at(13, signal.SIGINT, signal.SIGINT))
-    with pytest.raises(Interrupted) as stop:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, either way
+    try:
+        trainer = Trainer.create(cfg(), tmp_path / "r")
+        trainer.step_hooks.append(signal_at(13, signal.SIGINT, signal.SIGINT))
+        with pytest.raises(Interrupted) as stop:
+            trainer.fit()
+        assert stop.value.step == 13 and stop.value.signum == signal.SIGINT
+        assert Trainer.resume(tmp_path / "r").state.step == 13
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        # Ignored when the run starts (a job a script ran in the background): it stays ignored.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        trainer = Trainer.create(cfg(), tmp_path / "background")
+        trainer.step_hooks.append(signal_at(13, signal.SIGINT))
         trainer.fit()
-    assert stop.value.step == 13 and stop.value.signum == signal.SIGINT
-    assert Trainer.resume(tmp_path / "r").state.step == 13
-    assert signal.getsignal(signal.SIGINT) is before
+        assert trainer.state.step == trainer.total_steps and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def records(run: Path, name: str = "metrics.jsonl") -> list[dict]:

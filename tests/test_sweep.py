@@ -392,6 +392,12 @@ def test_dry_run_lists_cell_commands_that_run_alone(tmp_path: Path, capsys):
     assert rigl["auroc:noise:entropy"]["n"] == 1 and "auroc:noise:mutual_information" not in rigl
 
 
+def _as_foreground() -> None:
+    """SIGINT as a terminal's foreground job has it, even when the tests run in a shell's background
+    job (which ignores it, and ssvi then leaves it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_when(proc: subprocess.Popen, ready) -> str:
     """Press Ctrl-C on the sweep once ``ready()`` holds; its stderr after it stopped."""
     deadline = time.monotonic() + 240
@@ -444,7 +450,7 @@ def test_ctrl_c_leaves_every_cell_resumable(tmp_path: Path):
     cmd = [*sweep, "--method", "ssvi", "--sparsity", "0.9,0.95", "--seeds", "1", "--set", "train.epochs=100000",
            *TINY, "--jobs", "2", "--threads", "1", "--out", str(out)]
     cells = [out / "cells" / "ssvi_s0.9_seed0", out / "cells" / "ssvi_s0.95_seed0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_as_foreground)
     try:
         _interrupted_and_resumed(proc, out, sweep, cells)
     finally:
@@ -485,7 +491,7 @@ def _interrupted_and_resumed(proc: subprocess.Popen, out: Path, sweep: list[str]
 
     # --resume continues each cell from its checkpoint (not from epoch 1), and stops again on Ctrl-C
     proc = subprocess.Popen([*sweep, "--resume", str(out), "--jobs", "2", "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_as_foreground)
     try:
         _interrupt_when(proc, lambda: all(len(_epochs(c)) > len(before[c]) + 1 for c in cells))
     finally:

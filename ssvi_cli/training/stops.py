@@ -33,12 +33,10 @@ class Interrupted(RuntimeError):
 
 def requests_to_stop() -> list[signal.Signals]:
     """The signals that ask a run to stop at a checkpoint: Ctrl-C (SIGINT), SIGTERM (a scheduler) and,
-    where the system has it, SIGHUP (the terminal closed), unless it is ignored (``nohup``)."""
-    found = [signal.SIGINT, signal.SIGTERM]
-    hangup = getattr(signal, "SIGHUP", None)
-    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
-        found.append(hangup)
-    return found
+    where the system has it, SIGHUP (the terminal closed); each unless it was ignored when ssvi
+    started (``nohup``'s SIGHUP, the SIGINT of a job a script ran in the background), which stays so."""
+    found = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    return [sig for sig in found if signal.getsignal(sig) is not signal.SIG_IGN]
 
 
 @contextmanager
