@@ -387,7 +387,10 @@ def test_dry_run_lists_cell_commands_that_run_alone(tmp_path: Path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["cells_done"] == 1 and len(report["missing"]) == 3
     assert run(["sweep", "--report", str(out), "--no-figures"]) == 0
-    assert f"not evaluated yet: {', '.join(report['missing'])}" in capsys.readouterr().err
+    shown = capsys.readouterr()
+    assert f"not evaluated yet: {', '.join(report['missing'])}" in shown.err
+    header = next(line for line in shown.out.splitlines() if "method" in line)
+    assert "AUROC noise" in header and "settings" not in header  # the OOD column; none empty
     (rigl,) = report["groups"]  # deterministic: OOD scored by entropy, no MI
     assert rigl["auroc:noise:entropy"]["n"] == 1 and "auroc:noise:mutual_information" not in rigl
 

@@ -270,15 +270,13 @@ def _finish(result: dict[str, Any], json_out: bool) -> None:
     if json_out:
         print_json(result)
         return
-    table = Table(title=f"sweep {result['sweep']}: {result['cells_done']} of {result['cells_total']} cells "
-                        "(mean ± std over seeds)", title_justify="left")
-    for col in ("method", "sparsity", "settings", "seeds", "accuracy", "NLL", "ECE"):
-        table.add_column(col, justify="left" if col in ("method", "settings") else "right")
-    for g in result["groups"]:
-        table.add_row(g["method"], "dense" if g["sparsity"] is None else f"{g['sparsity']:g}",
-                      ", ".join(f"{k}={v}" for k, v in g["settings"].items()), str(len(g["seeds"])),
-                      *(mean_std(g.get(k)) for k in ("accuracy", "nll", "ece")))
-    out.print(table)
+    # The OOD sets' AUROC by predictive entropy, as report.md's first OOD columns (MI there too).
+    ood = sorted({k for g in result["groups"] for k in g if k.startswith("auroc:") and k.endswith(":entropy")})
+    metrics = {"accuracy": "accuracy", "nll": "NLL", "ece": "ECE",
+               **{k: f"AUROC {k.split(':')[1]}" for k in ood}}
+    _group_table(f"sweep {result['sweep']}: {result['cells_done']} of {result['cells_total']} cells (mean ± std "
+                 "over seeds)", result["groups"], list(metrics.values()),
+                 lambda g: [mean_std(g.get(k)) for k in metrics])
     for name, why in (result.get("failed") or {}).items():
         err.print(f"failed {name}: {why}", highlight=False)
     if result.get("missing"):
@@ -302,12 +300,20 @@ def _paired_table(paired: dict[str, Any]) -> None:
     from ssvi_cli.sweep.grid import group_label
     from ssvi_cli.sweep.paired import PAIRED_METRICS, diff_text
 
-    table = Table(title=f"paired differences from {group_label(paired['baseline'])} (mean ± standard error "
-                        "over common seeds)", title_justify="left")
-    for col in ("method", "sparsity", "settings", "seeds", *(f"Δ {label}" for _, label in PAIRED_METRICS[:3])):
+    _group_table(f"paired differences from {group_label(paired['baseline'])} (mean ± standard error over common "
+                 "seeds)", paired["groups"], [f"Δ {label}" for _, label in PAIRED_METRICS[:3]],
+                 lambda g: [diff_text(g.get(k)) for k, _ in PAIRED_METRICS[:3]])
+
+
+def _group_table(title: str, groups: list[dict[str, Any]], columns: list[str], cells: Any) -> None:
+    """One row per group of cells: method, sparsity, the swept settings (a column only where a key
+    was swept), the number of seeds, then ``columns`` filled by ``cells(group)``."""
+    settings = any(g["settings"] for g in groups)
+    table = Table(title=title, title_justify="left")
+    for col in ("method", "sparsity", *(["settings"] if settings else []), "seeds", *columns):
         table.add_column(col, justify="left" if col in ("method", "settings") else "right")
-    for g in paired["groups"]:
-        table.add_row(g["method"], "dense" if g["sparsity"] is None else f"{g['sparsity']:g}",
-                      ", ".join(f"{k}={v}" for k, v in g["settings"].items()), str(len(g["seeds"])),
-                      *(diff_text(g.get(k)) for k, _ in PAIRED_METRICS[:3]))
+    for g in groups:
+        swept = [", ".join(f"{k}={v}" for k, v in g["settings"].items())] if settings else []
+        table.add_row(g["method"], "dense" if g["sparsity"] is None else f"{g['sparsity']:g}", *swept,
+                      str(len(g["seeds"])), *cells(g))
     out.print(table)
