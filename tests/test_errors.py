@@ -71,6 +71,8 @@ CASES = [
     # train: values, names and config keys
     (["train", "--sparsity", "1.5"], "sparsity=1.5 must be in [0, 1), e.g. --sparsity 0.95"),
     (["train", "--sparsity", "-0.1"], "sparsity=-0.1 must be in [0, 1)"),
+    (["train", "--model", "torchvision:vgg11", "--out", "{ws}/vgg"],
+     "cannot take the data's 1x8x8 inputs (pick a model that takes images this small, or train on larger ones"),
     (["train", "--sparsity", "0.999999"], "with no active weight; use a lower sparsity"),
     (["train", "--preset", "nope"], "unknown preset 'nope'; valid names are: "),
     (["train", "--set", "model.name=alexnet"], "unknown model 'alexnet'; valid names are: "),

@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ssvi_cli.cli.common import UsageError, check_device, err, out, print_json
+from ssvi_cli.cli.common import UsageError, check_device, count, err, out, print_json
 
 
 def parse_sparsities(text: str) -> tuple[float, ...]:
@@ -110,7 +110,7 @@ def register(app: typer.Typer) -> None:
         out.print(f"model: {result['architecture']}, the {result['recipe']} preset's recipe")
         shape = "x".join(map(str, result["input_shape"]))
         out.print(f"data: {result['data']}, {shape}; batch {result['batch_size']}, medians of {result['repeats']} "
-                  f"interleaved repeats after {result['warmup']} warm-up runs")
+                  f"interleaved repeats after {count(result['warmup'], 'warm-up run')}")
         out.print(train_table(result))
         out.print(amortised_table(result))
         out.print(predict_table(result))

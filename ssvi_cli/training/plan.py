@@ -73,7 +73,9 @@ def check_input_fits(skeleton: SSVIModel, cfg: Config, shape: tuple[int, ...]) -
     reason = input_error(skeleton.eval(), shape)
     if reason is not None:
         size = "x".join(str(s) for s in shape)
-        hint = " (set data.image_size)" if cfg.data.name.startswith("imagefolder") else ""
+        hint = (" (set data.image_size)" if cfg.data.name.startswith("imagefolder") else
+                " (pick a model that takes images this small, or train on larger ones: an image folder with "
+                "data.image_size, say)")
         raise ConfigError(f"{cfg.model.name} cannot take the data's {size} inputs{hint}: {reason}")
 
 
