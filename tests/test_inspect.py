@@ -86,6 +86,21 @@ def test_inspect_a_file_and_a_checkpoint_only_run(run_dir, tmp_path, capsys):
     assert from_ckpt["layers"][0]["snr"] == pytest.approx(report["layers"][0]["snr"])
 
 
+def test_a_dense_file_says_how_many_of_its_weights_are_the_zeros_off_the_support(run_dir, tmp_path, capsys):
+    """export --dense read as a density-1 model with no word of the 95% point masses it stores."""
+    dense = tmp_path / "dense.safetensors"
+    assert run(["export", str(run_dir), "-o", str(dense), "--dense"]) == 0
+    capsys.readouterr()
+    compact = inspect_json(capsys, str(run_dir / "model.safetensors"))
+    report = inspect_json(capsys, str(dense))
+    totals = compact["totals"]
+    assert report["totals"]["density"] == 1.0 and compact["notes"] == []
+    (note,) = report["notes"]
+    assert f"{totals['total_weights'] - totals['active_weights']:,} of its {totals['total_weights']:,} weights" in note
+    assert run(["inspect", str(dense)]) == 0
+    assert "note: a dense file (ssvi export --dense)" in capsys.readouterr().out
+
+
 def test_quantiles_match_numpy():
     v = torch.randn(1001).exp()
     got = _quantiles(v)

@@ -99,10 +99,13 @@ def _print_report(r: dict[str, Any]) -> None:
     t = r["totals"]
     out.print(kv_table("totals", {
         "active weights": f"{t['active_weights']:,} of {t['total_weights']:,} (density {t['density']:.4f})",
-        "file bytes": f"{t['file_bytes']:,} (header {t['header_bytes']:,}; {t['measured_from']})",
+        "file bytes": f"{t['file_bytes']:,} (header {t['header_bytes']:,}"
+                      + ("" if t["measured_from"] == "file" else f"; measured from the {t['measured_from']}") + ")",
         "dense float32 BNN bytes": f"{t['dense_bnn_bytes']:,}",
         "compression ratio": f"{t['compression_ratio']:.2f}x",
     }))
+    for note in r.get("notes", []):
+        out.print(f"note: {note}", highlight=False)
     history = r.get("support_history")
     if history is not None:
         _print_history(history)

@@ -19,7 +19,7 @@ from ssvi_cli import fileio
 from ssvi_cli.core.overlap import criteria_overlap
 from ssvi_cli.modelfile import FileInfo, ModelCard, read_header, size_totals, write_model_file
 from ssvi_cli.modelfile.reader import holds_custom_module, read_layers
-from ssvi_cli.runs.load import load_model
+from ssvi_cli.runs.load import load_model, point_masses
 from ssvi_cli.runs.rundir import MODEL_FILE, SUPPORT_FILE
 from ssvi_cli.core.flops import model_geometry, prediction_flops
 from ssvi_cli.core.conv import SparseConv2d
@@ -174,7 +174,15 @@ def inspect_model(path: Path, drop_fraction: float = 0.3, read: Optional[tuple[A
                   "convention": _flops_convention(whole, bayesian, samples, moments)},
         "criteria_overlap": criteria_overlap(torch.nn.ModuleList(layer for _, layer in named), drop_fraction, lam),
         "support_history": support_history(path) if path.is_dir() else None,
+        "notes": [],
     }
+    if info.layout == "dense" and info.is_model_file:
+        empty = sum(int(e.sum()) for e in point_masses(Path(info.path), named).values())
+        if empty:
+            report["notes"].append(
+                f"a dense file (ssvi export --dense): {empty:,} of its {sum(l['total'] for l in layers):,} weights "
+                "are point masses at zero (mu = sigma = 0), off the support of the model it was written from, and "
+                "count as active here; ssvi export FILE -o compact.safetensors gives the sparse support back")
     return report
 
 

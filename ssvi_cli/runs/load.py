@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from torch import nn
+from torch import Tensor, nn
 
 from ssvi_cli.config import ConfigError, from_dict
 from ssvi_cli.core.layers import sparse_layers
@@ -84,16 +84,27 @@ def export_model(source: Path, out: Path, dtype: str = "float32", dense: bool = 
             "dtype": dtype, "file_bytes": written, **size_totals(read_header(out))}
 
 
+def point_masses(path: Path, layers: list[tuple[str, Any]]) -> dict[str, Tensor]:
+    """Per sparse layer (``layers``: named, as read from the dense file at ``path``), which stored entries are
+    point masses at zero, mu = sigma = 0 (mu = 0 in a deterministic layer): the weights off the support
+    of the model the file was written from. Zeros are read from the file: a sigma of 0 loads as rho's
+    floor."""
+    tensors = read_tensors(path)
+    empty = {}
+    for name, layer in layers:
+        zero = tensors[f"{name}.mu"].reshape(-1) == 0
+        empty[name] = zero & (tensors[f"{name}.sigma"].reshape(-1) == 0) if layer.bayesian else zero
+    return empty
+
+
 def _drop_empty_entries(model: nn.Module, path: Path) -> None:
     """A dense file (at ``path``, already read into ``model``) holds every weight, those off the
-    support as mu = sigma = 0 (a point mass at zero); a compact file written from it keeps only the
-    entries that hold a value, so the sparse support comes back instead of a density-1 model. The
-    mean predictions do not change. Zeros are read from the file: a sigma of 0 loads as rho's floor."""
-    tensors = read_tensors(path)
+    support as point masses at zero; a compact file written from it keeps only the entries that hold
+    a value, so the sparse support comes back instead of a density-1 model. The mean predictions do
+    not change."""
+    empty = point_masses(path, list(sparse_layers(model)))
     for name, layer in sparse_layers(model):
-        keep = tensors[f"{name}.mu"].reshape(-1) != 0
-        if layer.bayesian:
-            keep |= tensors[f"{name}.sigma"].reshape(-1) != 0
+        keep = ~empty[name]
         if not bool(keep.all()):
             rho = layer.rho.detach()[keep] if layer.bayesian else None
             layer.set_support(layer.idx[keep], layer.mu.detach()[keep], rho)
