@@ -460,15 +460,22 @@ def test_ctrl_c_leaves_every_cell_resumable(tmp_path: Path):
         _reap(proc, out)
 
 
+def _ignoring_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as bash starts a script's background job
+
+
 @pytest.mark.slow
-def test_a_closed_terminal_stops_every_cell_at_a_checkpoint(tmp_path: Path):
+@pytest.mark.parametrize("sigint", [_as_foreground, _ignoring_sigint], ids=["terminal", "background-job"])
+def test_a_closed_terminal_stops_every_cell_at_a_checkpoint(tmp_path: Path, sigint):
     """SIGHUP, as a closed terminal sends, stops the sweep as Ctrl-C does: each cell checkpoints
-    (cells run in sessions of their own and never get the terminal's hangup themselves)."""
+    (cells run in sessions of their own and never get the terminal's hangup themselves). Also from a
+    sweep that ignores SIGINT (a script's background job): the SIGINT it sends its cells stops them,
+    where they had inherited the ignoring and ran on until killed."""
     out = tmp_path / "sw"
     cells = [out / "cells" / "ssvi_s0.95_seed0"]
     proc = subprocess.Popen([sys.executable, "-m", "ssvi_cli", "sweep", "--set", "train.epochs=100000", *TINY,
                              "--threads", "1", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=sigint)
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not _epochs(cells[0]):

@@ -196,6 +196,12 @@ def run_cells(sweep_dir: Path, cells: list[Cell], jobs: int, threads: Optional[i
 
     for sig in previous:
         signal.signal(sig, stop)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # A sweep a script ran in the background ignores Ctrl-C, but the SIGINT it sends is its cells'
+        # only stop (they run in sessions of their own): a no-op handler stands in for the ignoring, so
+        # that the cells, which would inherit an ignored SIGINT, start with the default one.
+        previous[signal.SIGINT] = signal.SIG_IGN
+        signal.signal(signal.SIGINT, lambda signum, frame: None)
     try:
         while (queue or running) and not stops:
             while queue and len(running) < jobs and not stops:
