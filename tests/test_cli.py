@@ -465,6 +465,12 @@ def test_outputs_never_land_among_a_sweeps_files_or_a_runs_checkpoints(tmp_path:
     (project / "config.yaml").write_text((out / "config.yaml").read_text())
     assert run(["train", "--out", str(project / "checkpoints" / "a"), "--epochs", "1", "--set", "model.widths=[8]",
                 "--set", "data.max_train=64", "--set", "train.eval_samples=1"]) == 0
+    capsys.readouterr()  # and --force does not take the project for a run to replace, with its checkpoints/
+    assert run(["train", "--out", str(project), "--force", "--epochs", "1", "--set", "data.max_train=64"]) == 2
+    assert "holds a config.yaml but no run trained there" in capsys.readouterr().err
+    assert run(["train", "--resume", str(project)]) == 2
+    assert "no run trained there, so there is nothing to read or resume" in capsys.readouterr().err
+    assert (project / "checkpoints" / "a" / "model.safetensors").is_file() and (project / "config.yaml").is_file()
     assert run(["evaluate", str(out), "--samples", "1", "--plots", str(out)]) == 0  # beside the run's files: its own
     assert (out / "reliability.png").is_file()
 

@@ -125,6 +125,10 @@ class RunDir:
             return False
         if not self.is_run():
             raise RunDirError(fileio.not_ours(self.path, entries, "run"))
+        if not self.trained_here():  # a config kept as config.yaml (a preset, a copy): --force would remove it
+            raise RunDirError(f"--out {self.path} holds a config.yaml but no run trained there (no lock, record or "
+                              f"checkpoint), so it is left as it is, --force or not; choose another --out (to train "
+                              f"from that config: --preset {self.config_file})")
         if not force:
             if self.finished():
                 raise RunDirError(f"--out {self.path} already holds a finished run; pass --force to overwrite "
@@ -230,6 +234,10 @@ class RunDir:
         """The newest checkpoint; a run that stopped before its first one is named as such."""
         found = self.checkpoints()
         if not found and self.path.is_dir() and self.is_run():
+            if not self.trained_here():
+                raise ckpt.CheckpointError(f"{self.path} holds a config.yaml but no run trained there, so there is "
+                                           f"nothing to read or resume; to train from it: ssvi train --preset "
+                                           f"{self.config_file} --out NEW_FOLDER")
             if self.summary_file.is_file():  # it finished, after its last checkpoint: they went since
                 gone = "checkpoints" + ("" if self.model_file.is_file() else " and model file")
                 raise ckpt.CheckpointError(f"{self.path} holds a run whose {gone} are gone (its records remain), so "
