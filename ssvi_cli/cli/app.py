@@ -167,7 +167,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
 def main() -> None:
     code = run()
-    if code == 130 and not _torchrun_worker():
+    if code == 130 and os.name == "posix" and not _torchrun_worker():  # Windows keeps exit code 130
         # Interrupted, and said so: end as Python ends on an uncaught Ctrl-C, by SIGINT once it has
         # finished (atexit handlers, flushed streams), so that a shell running a loop of ssvi commands
         # stops the loop rather than taking the run for one that handled the Ctrl-C and went on
