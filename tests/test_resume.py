@@ -3,6 +3,7 @@
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -93,47 +94,37 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_restores_the_handler
 
 
 
+def _stops_unless_ignored_at_start(tmp_path: Path, sig: signal.Signals, handler: Any, signals: int = 1) -> None:
+    """``sig`` (``signals`` times at once) checkpoints and stops the run at the step it came in, and
+    the handler it ran under (``handler``) comes back; ignored when the run starts, the run goes on."""
+    before = signal.signal(sig, handler)
+    try:
+        trainer = Trainer.create(cfg(), tmp_path / "r")
+        trainer.step_hooks.append(signal_at(13, *[sig] * signals))
+        with pytest.raises(Interrupted) as stop:
+            trainer.fit()
+        assert stop.value.step == 13 and stop.value.signum == sig
+        assert Trainer.resume(tmp_path / "r").state.step == 13
+        assert signal.getsignal(sig) is handler
+        signal.signal(sig, signal.SIG_IGN)
+        trainer = Trainer.create(cfg(), tmp_path / "ignored")
+        trainer.step_hooks.append(signal_at(13, sig))
+        trainer.fit()
+        assert trainer.state.step == trainer.total_steps and signal.getsignal(sig) is signal.SIG_IGN
+    finally:
+        signal.signal(sig, before)
+
+
 def test_a_closed_terminal_stops_at_a_checkpoint_unless_nohup_ignores_it(tmp_path: Path):
     """SIGHUP (the terminal closed) checkpoints and stops as SIGTERM does; under ``nohup``, which
     ignores SIGHUP, the run goes on."""
-    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)
-    try:
-        trainer = Trainer.create(cfg(), tmp_path / "r")
-        trainer.step_hooks.append(signal_at(13, signal.SIGHUP))
-        with pytest.raises(Interrupted) as stop:
-            trainer.fit()
-        assert stop.value.step == 13 and stop.value.signum == signal.SIGHUP
-        assert Trainer.resume(tmp_path / "r").state.step == 13
-        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        trainer = Trainer.create(cfg(), tmp_path / "nohup")
-        trainer.step_hooks.append(signal_at(13, signal.SIGHUP))
-        trainer.fit()
-        assert trainer.state.step == trainer.total_steps and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGHUP, before)
+    _stops_unless_ignored_at_start(tmp_path, signal.SIGHUP, signal.SIG_DFL)
 
 
 def test_ctrl_c_twice_as_under_the_launcher_still_checkpoints_the_step(tmp_path: Path):
-    # Under torchrun each rank gets SIGINT from the terminal and again from torchrun itself.
-    before = signal.getsignal(signal.SIGINT)  # Python's own, or SIG_IGN in a shell's background job
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, either way
-    try:
-        trainer = Trainer.create(cfg(), tmp_path / "r")
-        trainer.step_hooks.append(signal_at(13, signal.SIGINT, signal.SIGINT))
-        with pytest.raises(Interrupted) as stop:
-            trainer.fit()
-        assert stop.value.step == 13 and stop.value.signum == signal.SIGINT
-        assert Trainer.resume(tmp_path / "r").state.step == 13
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        # Ignored when the run starts (a job a script ran in the background): it stays ignored.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        trainer = Trainer.create(cfg(), tmp_path / "background")
-        trainer.step_hooks.append(signal_at(13, signal.SIGINT))
-        trainer.fit()
-        assert trainer.state.step == trainer.total_steps and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGINT, before)
+    """Under torchrun each rank gets SIGINT from the terminal and again from torchrun itself; in a
+    job a script ran in the background, which ignores SIGINT, the run goes on."""
+    _stops_unless_ignored_at_start(tmp_path, signal.SIGINT, signal.default_int_handler, signals=2)
 
 
 def records(run: Path, name: str = "metrics.jsonl") -> list[dict]:
