@@ -125,7 +125,7 @@ class RunDir:
             return False
         if not self.is_run():
             raise RunDirError(fileio.not_ours(self.path, entries, "run"))
-        if not self.trained_here():  # a config kept as config.yaml (a preset, a copy): --force would remove it
+        if not self._left_traces():  # a config kept as config.yaml (a preset, a copy): --force would remove it
             raise RunDirError(f"--out {self.path} holds a config.yaml but no run trained there (no lock, record or "
                               f"checkpoint), so it is left as it is, --force or not; choose another --out (to train "
                               f"from that config: --preset {self.config_file})")
@@ -149,8 +149,13 @@ class RunDir:
     def trained_here(self) -> bool:
         """Whether a run trained in this folder (a lock, a record or a checkpoint beside its
         ``config.yaml``), not only a config saved as ``config.yaml`` (a user's preset, a copy)."""
+        return self.is_run() and self._left_traces()
+
+    def _left_traces(self) -> bool:
+        """Whether a run left its lock, a record or a checkpoint here (:meth:`trained_here` for a folder
+        already known to hold a run's config)."""
         evidence = (self.path / LOCK_FILE, self.metrics_file, self.summary_file)
-        return self.is_run() and (any(p.is_file() for p in evidence) or bool(self.checkpoints()))
+        return any(p.is_file() for p in evidence) or bool(self.checkpoints())
 
     def is_run(self) -> bool:
         """Whether the folder holds an ssvi run: a ``config.yaml`` that reads as a run's config."""
@@ -234,7 +239,7 @@ class RunDir:
         """The newest checkpoint; a run that stopped before its first one is named as such."""
         found = self.checkpoints()
         if not found and self.path.is_dir() and self.is_run():
-            if not self.trained_here():
+            if not self._left_traces():
                 raise ckpt.CheckpointError(f"{self.path} holds a config.yaml but no run trained there, so there is "
                                            f"nothing to read or resume; to train from it: ssvi train --preset "
                                            f"{self.config_file} --out NEW_FOLDER")
