@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -92,9 +92,7 @@ def folder_images(folder: Path, spec: DataSpec, seed: int, max_items: Optional[i
     reads them (one image, or a batch; arrays are read whole to count them, image files are decoded
     only when drawn)."""
     files = image_files(folder)
-    channels, pixel_max, shape = spec.input_shape[0], spec.pixel_max, spec.input_shape
-    arrays = {path: _as_ood(lambda: load_array(path, channels, pixel_max, input_shape=shape), path)
-              for path in files if path.suffix.lower() == ARRAY_SUFFIX}
+    arrays = {path: _folder_array(path, spec) for path in files if path.suffix.lower() == ARRAY_SUFFIX}
     items = [(path, row) for path in files for row in (range(len(arrays[path])) if path in arrays else (0,))]
     rows: dict[Path, list[int]] = {}
     for i in _choose(len(items), seed, max_items):
@@ -105,9 +103,10 @@ def folder_images(folder: Path, spec: DataSpec, seed: int, max_items: Optional[i
                       for path, taken in rows.items()])
 
 
-def _as_ood(read: Callable[[], torch.Tensor], path: Path) -> torch.Tensor:
+def _folder_array(path: Path, spec: DataSpec) -> torch.Tensor:
+    """A folder's ``.npy`` file as ``ssvi infer`` reads it, (n, C, H, W) pixels."""
     try:
-        return read()
+        return load_array(path, spec.input_shape[0], spec.pixel_max, input_shape=spec.input_shape)
     except DataError as exc:  # infer's words for the array, named as the --ood value it came from
         raise DataError(f"--ood {exc}" if str(exc).startswith(str(path)) else f"--ood {path}: {exc}") from None
 
