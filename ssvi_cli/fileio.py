@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import sys
 import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -38,6 +39,21 @@ def check_writable(folder: Path, flag: str) -> None:
         read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
         raise UnwritablePath(errno.EROFS if read_only else errno.EACCES, f"{flag}: cannot write into {existing}: "
                              + ("Read-only file system" if read_only else "Permission denied"))
+
+
+def is_entry(path: Path, name: str) -> bool:
+    """Whether ``path`` is its folder's entry ``name``: by that very name, or by another case of it on
+    a disk that ignores case (macOS's and Windows' by default), where ``Config.yaml`` is
+    ``config.yaml``. On a disk that keeps case (Linux's) the two are different entries."""
+    path = Path(path)
+    if path.name == name:
+        return True
+    if path.name.casefold() != name.casefold():
+        return False
+    try:
+        return os.path.samefile(path, path.with_name(name))
+    except OSError:  # one of them is missing: a different entry, unless the system ignores case
+        return not sys.platform.startswith("linux")
 
 
 class Locked(RuntimeError):

@@ -444,10 +444,17 @@ def test_outputs_never_land_among_a_sweeps_files_or_a_runs_checkpoints(tmp_path:
     (sweep / "report.json").write_text("{}")
     grid = (sweep / "sweep.json").read_bytes()
     capsys.readouterr()
+    (sweep / "Sweep.JSON").symlink_to("sweep.json")  # one file under two cases, as on a disk that ignores case
     for name in ("sweep.json", "report.json", "Sweep.JSON", "cells/x.json"):
         assert run(["evaluate", str(out), "--samples", "1", "--output", str(sweep / name)]) == 2, name
         said = capsys.readouterr().err
         assert f"the sweep in {sweep}" in said and len(said.strip().splitlines()) == 1, said
+    (sweep / "Sweep.JSON").unlink()
+    if sys.platform.startswith("linux"):  # where case is kept, Sweep.JSON is another file, Checkpoints another folder
+        assert run(["evaluate", str(out), "--samples", "1", "--output", str(sweep / "Sweep.JSON")]) == 0
+        assert run(["evaluate", str(out), "--samples", "1", "--plots", str(out / "Checkpoints")]) == 0
+        assert (out / "Checkpoints" / "reliability.png").is_file() and not list((out / "checkpoints").glob("*.png"))
+        capsys.readouterr()
     assert (sweep / "sweep.json").read_bytes() == grid and (sweep / "report.json").read_text() == "{}"
     for command in (["evaluate", str(out), "--samples", "1"], ["inspect", str(out)]):
         for folder, words in ((out / "checkpoints", "the checkpoints folder of the run"), (sweep / "cells", "the cells folder of the sweep")):
@@ -491,8 +498,10 @@ def test_a_report_never_replaces_another_runs_model_file(tmp_path: Path, capsys)
     assert f"is the model file of the run in {other}" in said and len(said.strip().splitlines()) == 1
     assert run(["infer", str(first), str(tmp_path / "x.npy"), "--output", str(other / "model.safetensors")]) == 2
     assert "must end in .jsonl or .csv" in capsys.readouterr().err  # infer names its outputs by their kind
+    (other / "MODEL.safetensors").symlink_to("model.safetensors")  # one file under two cases, as on macOS
     assert run(["evaluate", str(first), "--samples", "1", "--output", str(other / "MODEL.safetensors")]) == 2
-    assert "is the model file of the run" in capsys.readouterr().err  # one file, where case is ignored
+    assert "is the model file of the run" in capsys.readouterr().err
+    (other / "MODEL.safetensors").unlink()
     assert (other / "model.safetensors").read_bytes() == kept
     checkpoint = sorted((other / "checkpoints").glob("*.pt"))[-1]
     for target, words in ((checkpoint, "is in the checkpoints folder of the run"), (other / ".lock", "is the lock of the run")):

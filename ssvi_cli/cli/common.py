@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 from rich.console import Console
 from rich.table import Table
 
-from ssvi_cli.fileio import check_writable, json_default, json_ready
+from ssvi_cli.fileio import check_writable, is_entry, json_default, json_ready
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -60,7 +60,7 @@ def check_output_file(path: Path, flag: str) -> None:
     (a mistyped folder is reported rather than silently created), and one of a run's own files: its
     records, lock and checkpoints, or the model file of a run that trained there (a folder holding
     only a copied ``config.yaml`` is free to receive one); and one of a sweep's. Names are compared
-    ignoring case, as macOS does."""
+    as the disk compares them (:func:`~ssvi_cli.fileio.is_entry`: ignoring case on macOS's)."""
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a directory; give a file name")
     if not path.parent.is_dir():
@@ -72,17 +72,17 @@ def check_output_file(path: Path, flag: str) -> None:
 
     folder = path.parent.resolve()  # the folder as it is, however it was reached (.., a symlink)
     _refuse_a_folder_ssvi_keeps(folder, f"{flag} {path}", flag, file=True)
-    name = path.name.casefold()
     _refuse_a_sweeps_own(path, folder, flag)
     records = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, SUPPORT_FILE, LOCK_FILE)
-    if name not in {n.casefold() for n in (*records, MODEL_FILE)}:
+    name = next((n for n in (*records, MODEL_FILE) if is_entry(folder / path.name, n)), None)
+    if name is None:
         return
     run = RunDir(folder)
     if not run.is_run():
         return
     if name == LOCK_FILE:
         raise UsageError(f"{flag} {path} is the lock of the run in {folder}; give another path")
-    if name != MODEL_FILE.casefold():
+    if name != MODEL_FILE:
         raise UsageError(f"{flag} {path} is a record of the run in {folder}, which evaluate, --resume and "
                          "sweeps read; give another path")
     if run.trained_here():
@@ -104,7 +104,7 @@ def _refuse_a_folder_ssvi_keeps(folder: Path, shown: str, flag: str, file: bool)
         where = "is" if not file and folder.parent == owner else "is in"  # the folder itself, or below it
         raise UsageError(f"{shown} {where} the checkpoints folder of the run in {owner}, which --resume reads and "
                          f"--force removes; give another {flag} path")
-    if folder.name.casefold() in (CELLS_DIR, LOGS_DIR) and is_sweep_dir(folder.parent):
+    if any(is_entry(folder, n) for n in (CELLS_DIR, LOGS_DIR)) and is_sweep_dir(folder.parent):
         raise UsageError(f"{shown} {'is in' if file else 'is'} the {folder.name} folder of the sweep in "
                          f"{folder.parent}, which the sweep writes and --report reads; give another {flag} path")
 
@@ -115,7 +115,7 @@ def _refuse_a_sweeps_own(path: Path, folder: Path, flag: str) -> None:
     from ssvi_cli.sweep.grid import is_sweep_dir
     from ssvi_cli.sweep.sweepdir import SWEEP_ENTRIES, SWEEP_LOCK
 
-    if path.name.casefold() in {n.casefold() for n in (*SWEEP_ENTRIES, SWEEP_LOCK)} and is_sweep_dir(folder):
+    if any(is_entry(folder / path.name, n) for n in (*SWEEP_ENTRIES, SWEEP_LOCK)) and is_sweep_dir(folder):
         raise UsageError(f"{flag} {path} is one of the files of the sweep in {folder}, which the sweep writes and "
                          "--report reads; give another path")
 

@@ -55,7 +55,7 @@ def checkpoints_owner(path: Path) -> Optional[Path]:
     """The run whose checkpoints folder holds ``path`` (that folder itself or anything below it, as
     the path resolves, however it was reached), or None."""
     for folder in (Path(path).resolve(), *Path(path).resolve().parents):
-        if folder.name.casefold() == ckpt.CHECKPOINT_DIR and RunDir(folder.parent).trained_here():
+        if fileio.is_entry(folder, ckpt.CHECKPOINT_DIR) and RunDir(folder.parent).trained_here():
             return folder.parent
     return None
 
