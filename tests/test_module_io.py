@@ -495,3 +495,24 @@ def test_a_loaded_custom_module_with_a_new_head_is_saved_without_the_old_descrip
         ssvi.save(model, tmp_path / "new.safetensors", input_shape=(1, 8, 8))
     assert "its sparse layers differ from those it was loaded with" in caplog.text
     assert _card(tmp_path / "new.safetensors").data.class_names == tuple("01234")
+
+
+def test_mnasnet_whose_loader_reads_its_version_loads_from_a_file_and_a_checkpoint(tmp_path):
+    """MNASNet's _load_from_state_dict refuses a state without its module version: the file and the
+    checkpoint hold plain dicts of tensors, so every MNASNet run's file failed to load."""
+    from ssvi_cli.runs.checkpoint import load_model_state
+
+    net = torchvision.models.mnasnet0_5(num_classes=4)
+    ssvi.sparsify(net, 0.9)
+    net.eval()
+    path = tmp_path / "m.safetensors"
+    ssvi.save(net, path, architecture="torchvision:mnasnet0_5", input_shape=(3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    want = ssvi.predict(net, x, mode="mean").probs
+    for loaded in (ssvi.load(path), ssvi.load(path, model=torchvision.models.mnasnet0_5(num_classes=4))):
+        assert torch.allclose(ssvi.predict(loaded, x, mode="mean").probs, want, atol=1e-6)
+    fresh = torchvision.models.mnasnet0_5(num_classes=4)
+    ssvi.sparsify(fresh, 0.9, structure_only=True)
+    load_model_state(fresh, {k: v.clone() for k, v in net.state_dict().items()})  # a checkpoint's plain dict
+    assert torch.allclose(ssvi.predict(fresh.eval(), x, mode="mean").probs, want, atol=1e-6)
+

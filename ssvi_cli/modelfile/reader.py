@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ssvi_cli.core.gaussian import rho_from_sigma
 from ssvi_cli.core.conv import SparseConv2d
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
+from ssvi_cli.core.state import load_tensors
 from ssvi_cli.data.spec import DataSpec
 from ssvi_cli.fileio import brief
 from ssvi_cli.modelfile.card import CardError, ModelCard, build_model
@@ -161,7 +162,7 @@ def install(model: nn.Module, path: Path, meta: dict[str, Any], tensors: dict[st
         raise ModelFileError(f"{path} holds entries {target} does not have: {what}")
     for layer, support in supports:
         layer.set_support(*support)
-    model.load_state_dict(state, strict=False)
+    load_tensors(model, state)
 
 
 def _build(path: Path, meta: dict[str, Any], table: dict[str, dict[str, Any]], kernel: str

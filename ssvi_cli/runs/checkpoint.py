@@ -20,6 +20,7 @@ from torch import nn
 
 from ssvi_cli.fileio import atomic_path, brief
 from ssvi_cli.core.layers import sparse_layers
+from ssvi_cli.core.state import load_tensors
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             raise CheckpointError(f"model state lacks {exc.args[0]}") from None
         rho = state.get(prefix + "rho")
         layer.set_support(idx, mu, rho)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = load_tensors(model, state)
     if missing or unexpected:
         raise CheckpointError(
             f"model state does not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})"

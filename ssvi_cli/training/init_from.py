@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ssvi_cli.config import Config, ConfigError
 from ssvi_cli.core.allocation import initialise, layer_densities
 from ssvi_cli.core.layers import sparse_layers
+from ssvi_cli.core.state import load_tensors
 from ssvi_cli.data.spec import DataSpec
 from ssvi_cli.training.init_weights import base_for
 from ssvi_cli.training.plan import init_spec
@@ -26,7 +27,7 @@ def model_from_weights(cfg: Config, spec: DataSpec, state: dict[str, Tensor], ge
     from ssvi_cli.core.convert import sparsify
 
     model = base_for(cfg, spec)
-    loaded = model.load_state_dict(state, strict=False)
+    loaded = load_tensors(model, state)
     if loaded.unexpected_keys:
         raise ConfigError(f"model.init_from holds {loaded.unexpected_keys[0]!r}, which the model does not have")
     fresh = {k.rpartition(".")[0] for k in loaded.missing_keys}

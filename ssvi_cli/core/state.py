@@ -1,0 +1,25 @@
+"""Filling a module from a plain dict of tensors (a model file's, a checkpoint's, trained weights)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Mapping
+
+from torch import Tensor, nn
+
+
+def load_tensors(model: nn.Module, state: Mapping[str, Tensor]) -> Any:
+    """``model.load_state_dict(state, strict=False)``, its missing and unexpected keys returned.
+
+    A state dict carries each module's version (``state_dict()._metadata``), which some modules'
+    loaders read: torchvision's MNASNet refuses a state without one. A file's or a checkpoint's
+    tensors come as a plain dict, written by the code that builds ``model``: they are given the
+    model's own versions. A state that has its own (``torch.load`` of a ``state_dict()``) keeps them.
+    """
+    if getattr(state, "_metadata", None) is None:
+        versions = getattr(model.state_dict(keep_vars=True), "_metadata", None)
+        state = OrderedDict(state)
+        if versions is not None:
+            state._metadata = versions  # type: ignore[attr-defined]
+    return model.load_state_dict(state, strict=False)
+
