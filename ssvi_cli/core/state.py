@@ -1,4 +1,5 @@
-"""Filling a module from a plain dict of tensors (a model file's, a checkpoint's, trained weights)."""
+"""Filling a module from a plain dict of tensors (a model file's, a checkpoint's, trained weights),
+and finding the module inside the wrappers a training loop puts around it."""
 
 from __future__ import annotations
 
@@ -23,3 +24,18 @@ def load_tensors(model: nn.Module, state: Mapping[str, Tensor]) -> Any:
             state._metadata = versions  # type: ignore[attr-defined]
     return model.load_state_dict(state, strict=False)
 
+
+PARALLEL = (nn.DataParallel, nn.parallel.DistributedDataParallel)  # wrappers that hold the model as .module
+
+
+def wrapper_chain(model: nn.Module) -> list[nn.Module]:
+    """``model``, then each module it wraps (torch.compile's ``_orig_mod``, (Distributed)DataParallel's
+    ``module``): the last is the plain model."""
+    chain = [model]
+    while True:
+        inner = getattr(chain[-1], "_orig_mod", None)  # torch.compile's OptimizedModule
+        if not isinstance(inner, nn.Module) and isinstance(chain[-1], PARALLEL):
+            inner = chain[-1].module
+        if not isinstance(inner, nn.Module):
+            return chain
+        chain.append(inner)

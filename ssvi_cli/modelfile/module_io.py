@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from ssvi_cli.core.convert import TIED, sparsify
-from ssvi_cli.core.layers import sparse_layers
+from ssvi_cli.core.layers import SparseGaussian, sparse_layers
 from ssvi_cli.core.modes import evaluating, sampling
+from ssvi_cli.core.state import wrapper_chain
 from ssvi_cli.data.sources import get_spec
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.fileio import brief
@@ -32,7 +33,6 @@ from ssvi_cli.modelfile.writer import write_model_file
 from ssvi_cli.models import AUX_FREE, AUX_HEADS, TORCHVISION, LayerFactory, check_model_name, torchvision_model
 
 log = logging.getLogger(__name__)
-PARALLEL = (nn.DataParallel, nn.parallel.DistributedDataParallel)  # wrappers that hold the model as .module
 
 
 def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = None,
@@ -56,12 +56,20 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
     every module's train/eval state restored) measures the output size, which ``class_names`` must
     match; a shape the model cannot take is refused. ``path`` must end in ``.safetensors``.
     """
-    model = unwrapped(model)
+    model = wrapper_chain(model)[-1]  # a file names its layers as the plain model does
     layers = sparse_layers(model)
     if not layers:
         raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"path={path!r}: give the model file's path (a str or Path) ending in .safetensors")
+    if Path(path).is_dir():
+        raise ValueError(f"{path} is a folder; give the model file's path, ending in .safetensors")
     if Path(path).suffix.lower() != ".safetensors":
         raise ValueError(f"{path}: name the model file *.safetensors (ssvi reads a .pt as a training checkpoint)")
+    for arg, value in (("input_shape", input_shape), ("class_names", class_names)):
+        if value is not None and (isinstance(value, (str, bytes)) or not isinstance(value, Sequence)):
+            raise TypeError(f"{arg}={value!r}: give a sequence " + ("(C, H, W), or (features,)" if arg == "input_shape"
+                                                                     else "of names, one per output"))
     kept = _loaded_card(model, architecture)
     if kept is not None:  # a model from ssvi_cli.load: what its file said, unless said otherwise here
         if kept.architecture.name.startswith(TORCHVISION):
@@ -80,7 +88,7 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
         twice = next(n for i, n in enumerate(class_names) if n in class_names[:i])
         raise ValueError(f"class_names names {twice!r} twice; give each output its own name")
     mean, std = (None if v is None else (v,) if isinstance(v, (int, float)) else v for v in (mean, std))
-    num_classes = len(class_names) if class_names else (measured or layers[-1][1].weight_shape[0])
+    num_classes = len(class_names) if class_names else (measured or _last_layers_outputs(model))
     widths: tuple[int, ...] = ()
     if architecture is None and kept is not None:  # ssvi's own architecture, checked above
         name, widths = kept.architecture.name, kept.architecture.widths
@@ -133,13 +141,17 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
     converted to the file's structure if needed and filled from the file; a layer or tensor that
     does not match raises :class:`ModelFileError` naming it.
     """
+    if model is not None and not isinstance(model, nn.Module):
+        what = f"the class {model.__name__}; pass an instance, model={model.__name__}()" if isinstance(model, type) else \
+            f"a {type(model).__name__}; pass the nn.Module to fill"
+        raise TypeError(f"model= is {what}")
     path = Path(path)
     _check_load_args(device, kernel)
     if model is None:
         loaded = read_model_file(path, device=device or "cpu", kernel=kernel)
         loaded.model.ssvi_card = loaded.card  # what ssvi_cli.save writes again (_loaded_card)
         return loaded.model
-    chain = _wrappers(model)
+    chain = wrapper_chain(model)
     if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in chain):
         raise ValueError("load into the model before wrapping it in DistributedDataParallel: loading may convert "
                          "its layers or resize their supports, which DDP has already registered")
@@ -165,6 +177,7 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
         report = sparsify(model, structure_only=True, sigma_param=str(meta["architecture"].get("sigma_param", "softplus")),
                           deterministic=[str(r.get("name")) for r in records if not r.get("bayesian")], kernel=kernel)
         stored = {str(r.get("name")) for r in records}
+        _keep_dense_as_stored(model, children, stored)  # a plain head the file stores with the dense tensors
         tied = next(((name, why) for name, why in report.kept if name in stored and why.startswith(TIED)), None)
         if tied is not None:  # a file written when ssvi still converted tied layers (untying them)
             raise ModelFileError(f"{path} stores layer {tied[0]!r} as sparse, but in {target} it stays dense "
@@ -181,19 +194,32 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
     return wrapper.to(device).eval()
 
 
+def _keep_dense_as_stored(model: nn.Module, children: list[tuple[nn.Module, dict[str, Any]]], stored: set[str]) -> None:
+    """Put back the model's own layers that the file does not store as sparse layers (sparsify
+    converted every layer it could): ``children``, each module's child layers before converting."""
+    before = {id(module): kept for module, kept in children}
+    for name, _ in sparse_layers(model):
+        if name not in stored:
+            parent, _, child = name.rpartition(".")
+            owner = model.get_submodule(parent)
+            owner._modules[child] = before[id(owner)][child]
+
+
 def _check_load_args(device: Optional[str | torch.device], kernel: str) -> None:
     """The arguments of :func:`load` that are wrong whatever the file (before it is read)."""
-    from ssvi_cli.config import KERNELS
+    from ssvi_cli.core.kernels import KERNELS
 
-    if kernel not in KERNELS and kernel != "prediction":  # prediction: the commands' own policy
-        raise ValueError(f"kernel={kernel!r}; valid values are: {', '.join(KERNELS)}")
+    if kernel not in KERNELS.names():
+        raise ValueError(f"kernel={kernel!r}; valid values are: {', '.join(KERNELS.names())}")
     if device is not None:
         try:
             kind = torch.device(device).type
         except (RuntimeError, TypeError):
             raise ValueError(f"device={device!r} is not a torch device; give 'cpu' or 'cuda'") from None
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} was asked for but no CUDA device is available; use device='cpu'")
+        backend = torch.backends.mps if kind == "mps" else getattr(torch, kind, None)  # torch.cuda, torch.xpu, ...
+        if kind not in ("cpu", "meta") and not getattr(backend, "is_available", lambda: False)():
+            raise ValueError(f"device={device!r} was asked for but no {kind.upper()} device is available; use "
+                             "device='cpu'")
 
 
 def _remember_card(model: nn.Module, meta: dict[str, Any]) -> None:
@@ -236,24 +262,6 @@ def _loaded_card(model: nn.Module, architecture: Optional[str]) -> Optional[Mode
     return card
 
 
-def unwrapped(model: nn.Module) -> nn.Module:
-    """The module inside torch.compile's and (Distributed)DataParallel's wrappers (``model`` itself
-    when it is not wrapped): a file names its layers as the plain model does."""
-    return _wrappers(model)[-1]
-
-
-def _wrappers(model: nn.Module) -> list[nn.Module]:
-    """``model``, then each module it wraps (torch.compile's ``_orig_mod``, DataParallel's ``module``)."""
-    chain = [model]
-    while True:
-        inner = getattr(chain[-1], "_orig_mod", None)  # torch.compile's OptimizedModule
-        if not isinstance(inner, nn.Module) and isinstance(chain[-1], PARALLEL):
-            inner = chain[-1].module
-        if not isinstance(inner, nn.Module):
-            return chain
-        chain.append(inner)
-
-
 def _registered(dataset: str, shape: tuple[int, ...]) -> Optional[DataSpec]:
     """The spec of ``dataset`` when it names a registered dataset (its loaders' normalisation and raw
     pixel range); None for no dataset, an image folder, any other name, or an ``input_shape`` whose
@@ -275,6 +283,13 @@ def _skeleton(architecture: str, shape: tuple[int, ...], num_classes: int, facto
     """The builder's network with empty supports, on the meta device (shapes only)."""
     with torch.device("meta"):
         return torchvision_model(architecture[len(TORCHVISION):], shape, num_classes, factory)
+
+
+def _last_layers_outputs(model: nn.Module) -> int:
+    """The output size of the last ``Linear`` or ``Conv2d`` layer registered, sparse or not: the
+    model's output size where no input shape measures it, when its head is registered last."""
+    last = [m for m in model.modules() if isinstance(m, (SparseGaussian, nn.Linear, nn.Conv2d))][-1]
+    return int(last.weight_shape[0] if isinstance(last, SparseGaussian) else last.weight.shape[0])
 
 
 def _output_size(model: nn.Module, shape: tuple[int, ...]) -> Optional[int]:
