@@ -20,6 +20,16 @@ def test_the_api_page_runs_as_written(capsys):
     assert "mean mutual information" in shown and "LBFGS keeps state" in shown
     # the loop checked the active counts after every step; the schedule really moved the support
     assert namespace["subspace"].last_report is not None and namespace["subspace"].last_report.swapped > 0
+    # The outputs the page shows in comments come from the code as it is: a changed default (an init, a
+    # learning rate) must regenerate them. Tolerances cover another CPU's arithmetic, not another recipe.
+    text = DOC.read_text(encoding="utf-8")
+    losses = [float(v) for v in re.search(r"for v in losses\]\)\s+# \[([^\]]*)\]", text).group(1).split(",")]
+    assert len(losses) == len(namespace["losses"])
+    assert all(abs(a - b) <= 0.05 * b for a, b in zip(namespace["losses"], losses)), (namespace["losses"], losses)
+    accuracy = float(re.search(r"# accuracy ([0-9.]+), mean entropy", text).group(1))
+    assert abs(namespace["accuracy"] - accuracy) <= 0.015, namespace["accuracy"]
+    size = int(re.search(r"# ([0-9,]+) bytes, identical", text).group(1).replace(",", ""))
+    assert abs(namespace["size"] - size) <= 0.01 * size, namespace["size"]
 
 
 def test_the_page_finds_its_blocks():
