@@ -887,6 +887,27 @@ def test_a_sweep_of_dense_methods_alone_draws_them_at_sparsity_zero(tmp_path: Pa
     assert [p.name for p in written] == ["metrics_vs_sparsity.png", "accuracy_vs_flops.png"]
 
 
+def test_a_dense_methods_level_is_a_visible_line_when_one_sparsity_was_swept(tmp_path: Path, monkeypatch):
+    """With one sparsity, dense VI's level was a line from 0.95 to 0.95: nothing to see in any panel."""
+    pytest.importorskip("matplotlib")
+    from ssvi_cli.sweep import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda fig, target: drawn.append(fig) or target)
+    monkeypatch.setattr(figures._pyplot(), "close", lambda fig: None)
+    stat = {"mean": 0.9, "std": 0.01, "n": 2}
+    common = {"settings": {}, "seeds": [0, 1], "accuracy": stat, "nll": stat, "ece": stat,
+              "training_flops": {"mean": 1e9, "std": 0.0, "n": 2}}
+    figures.write_figures({"groups": [{"method": "ssvi", "sparsity": 0.95, **common},
+                                      {"method": "vi", "sparsity": None, **common}], "sweep": str(tmp_path)}, tmp_path)
+    for ax in drawn[0].axes:
+        fig = ax.figure
+        fig.canvas.draw()
+        line = next(l for l in ax.get_lines() if l.get_label() == "vi")
+        ends = line.get_transform().transform(line.get_xydata())
+        assert ends[:, 0].max() - ends[:, 0].min() > 0.5 * ax.bbox.width, ax.get_title()
+
+
 def test_a_sweep_folder_that_cannot_be_written_is_one_line_and_its_report_still_prints(tmp_path: Path, capsys):
     out = tmp_path / "sw"
     assert run(["sweep", "--set", "train.epochs=1", *TINY, "--out", str(out), "--dry-run"]) == 0

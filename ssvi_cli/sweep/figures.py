@@ -59,10 +59,9 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> list[Path]:
                 continue
             if all(s is None for s, _ in stats):  # a dense method: its level across the sparsity axis
                 mean, std = stats[0][1]["mean"], stats[0][1]["std"] or 0.0  # no spread for one seed
-                if sparsities:
-                    lo, hi = sparsities[0], sparsities[-1]
-                    ax.hlines(mean, lo, hi, colors=color, linestyles="--", label=label)
-                    ax.fill_between([lo, hi], mean - std, mean + std, color=color, alpha=0.15)
+                if sparsities:  # across the whole panel: a visible line also where one sparsity was swept
+                    ax.axhline(mean, color=color, linestyle="--", label=label)
+                    ax.axhspan(mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
                 else:  # dense methods alone: each at sparsity 0, where it is
                     ax.errorbar([0.0], [mean], yerr=[std], marker="s", capsize=3, color=color, label=label)
                 continue
