@@ -51,10 +51,24 @@ def test_each_cell_takes_the_presets_values_for_its_method(tmp_path: Path, capsy
     cells = {Path(line.split()[-1]).name: Path(line.split()[-1]) for line in capsys.readouterr().out.splitlines()}
     assert sorted(cells) == ["ssvi_s0.95_seed0", "vi_seed0"]
     for name, lr in (("vi_seed0", 0.0123), ("ssvi_s0.95_seed0", 0.01)):
-        assert run(["sweep", "--run-cell", str(cells[name])]) == 0, capsys.readouterr().err
+        assert run(["sweep", "--run-cell", str(cells[name])] + (["--json"] if name == "vi_seed0" else [])) == 0
         assert f"  lr: {lr}\n" in (cells[name] / "config.yaml").read_text()
+        said = capsys.readouterr()
+        if name == "vi_seed0":  # one JSON document (train's and evaluate's own output on stderr), as --help says
+            cell = json.loads(said.out)
+            assert cell["cell"] == name and cell["summary"]["method"] == "vi"
+            assert cell["evaluation"] == json.loads((cells[name] / "evaluation.json").read_text())
+            assert "accuracy" in said.err
+        else:  # a person's (or a scheduler's log's) output: tables, not JSON
+            assert "accuracy" in said.out and not said.out.lstrip().startswith("{")
+    kept = (cells["vi_seed0"] / "evaluation.json").read_bytes()  # the sweep's evaluation of a cell is its own
+    assert run(["evaluate", str(cells["vi_seed0"]), "--samples", "1", "--output",
+                str(cells["vi_seed0"] / "evaluation.json")]) == 2
+    assert "is the evaluation of cell vi_seed0 of the sweep in" in capsys.readouterr().err
+    assert (cells["vi_seed0"] / "evaluation.json").read_bytes() == kept
     assert run(["sweep", "--report", str(out), "--no-figures"]) == 0
     assert json.loads((out / "report.json").read_text())["method_values"] == {"optim.lr": {"ssvi": 0.01, "vi": 0.0123}}
+    assert not json.loads((out / "report.json").read_text())["missing"]
     assert "`optim.lr` differs by method (the preset's `methods:` section): ssvi 0.01, vi 0.0123." in \
         (out / "report.md").read_text()
     capsys.readouterr()

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
@@ -73,6 +74,7 @@ def check_output_file(path: Path, flag: str) -> None:
     folder = path.parent.resolve()  # the folder as it is, however it was reached (.., a symlink)
     _refuse_a_folder_ssvi_keeps(folder, f"{flag} {path}", flag, file=True)
     _refuse_a_sweeps_own(path, folder, flag)
+    _refuse_a_cells_evaluation(path, folder, flag)
     records = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, SUPPORT_FILE, LOCK_FILE)
     name = next((n for n in (*records, MODEL_FILE) if is_entry(folder / path.name, n)), None)
     if name is None:
@@ -118,6 +120,35 @@ def _refuse_a_sweeps_own(path: Path, folder: Path, flag: str) -> None:
     if any(is_entry(folder / path.name, n) for n in (*SWEEP_ENTRIES, SWEEP_LOCK)) and is_sweep_dir(folder):
         raise UsageError(f"{flag} {path} is one of the files of the sweep in {folder}, which the sweep writes and "
                          "--report reads; give another path")
+
+
+# The cell whose evaluation ``ssvi sweep --run-cell`` is writing: the one evaluate that may write it.
+_CELL_EVALUATION: ContextVar[Optional[Path]] = ContextVar("cell_evaluation", default=None)
+
+
+@contextmanager
+def writing_cell_evaluation(cell: Path) -> Iterator[None]:
+    """Within the block, ``ssvi evaluate --output CELL/evaluation.json`` writes the sweep's evaluation of
+    ``cell``, which :func:`check_output_file` refuses to any other command."""
+    token = _CELL_EVALUATION.set(Path(cell).resolve())
+    try:
+        yield
+    finally:
+        _CELL_EVALUATION.reset(token)
+
+
+def _refuse_a_cells_evaluation(path: Path, folder: Path, flag: str) -> None:
+    """Refuse a sweep cell's ``evaluation.json`` (the sweep's evaluation of the cell, which ``--report``
+    reads: another one replacing it drops the cell from the report) but to the sweep itself."""
+    from ssvi_cli.runs.rundir import EVALUATION_FILE
+    from ssvi_cli.sweep.grid import CELLS_DIR, is_sweep_dir
+
+    if not is_entry(folder / path.name, EVALUATION_FILE) or _CELL_EVALUATION.get() == folder:
+        return
+    if is_entry(folder.parent, CELLS_DIR) and is_sweep_dir(folder.parent.parent):
+        raise UsageError(f"{flag} {path} is the evaluation of cell {folder.name} of the sweep in {folder.parent.parent}, "
+                         "which --report reads (another evaluation there would drop the cell from the report); give "
+                         "another path")
 
 
 def check_output_dir(path: Path, flag: str) -> None:

@@ -8,92 +8,16 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 
 from ssvi_cli.cli.common import UsageError, check_output_dir, count, err, out, print_json, progress_bar, tell
+from ssvi_cli.cli.sweep_cell import check_changed, run_cell
 
 if TYPE_CHECKING:
-    from ssvi_cli.sweep.grid import Cell, SweepSpec
-
-
-def run_cell(path: Path, run: Callable[[list[str]], int]) -> int:
-    """Train (or resume) and evaluate one cell with the ``ssvi train`` and ``ssvi evaluate`` commands
-    (``run`` invokes one); what ``--dry-run`` hands a scheduler."""
-    from ssvi_cli.cli.train import KeyboardInterruptHandled
-    from ssvi_cli.sweep.grid import CELLS_DIR, is_sweep_dir, read_spec
-    from ssvi_cli.sweep.runner import BUSY_EXIT, CellBusy, cell_lock, clear_failure, record_failure, was_stopped
-
-    path = Path(path)
-    sweep_dir = next((p for p in (path, path.parent) if is_sweep_dir(p)), None)
-    if sweep_dir is not None:  # the sweep, or its cells folder: not one cell
-        raise UsageError(f"--run-cell takes one cell's folder, {sweep_dir / CELLS_DIR / 'NAME'} (the lines of "
-                         f"--dry-run); to run the whole sweep: ssvi sweep --resume {shlex.quote(str(sweep_dir))}")
-    if path.parent.name != CELLS_DIR or not is_sweep_dir(path.parent.parent):
-        raise UsageError(f"--run-cell {path}: not a cell of a sweep (a folder OUT/{CELLS_DIR}/NAME of a sweep in OUT, "
-                         "as listed by --dry-run)")
-    spec, cells = read_spec(path.parent.parent)
-    cell = next((c for c in cells if c.name == path.name), None)
-    if cell is None:
-        raise UsageError(f"{path} is not a cell of the sweep in {path.parent.parent}")
-    try:
-        with cell_lock(path):
-            clear_failure(path)
-            try:
-                _check_changed(path.parent.parent, spec, [cell])
-                code = _train_and_evaluate(path, cell, spec, run)
-            except (KeyboardInterruptHandled, KeyboardInterrupt):
-                raise
-            except Exception as exc:  # noqa: BLE001 - recorded for the report, then reported as any error
-                record_failure(path, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-                raise
-            if code and not was_stopped(code):  # a stop (Ctrl-C, SIGTERM) resumes; it did not fail
-                record_failure(path, f"exit code {code}")
-            return code
-    except KeyboardInterruptHandled as stop:  # a sweep's cell resumes with the sweep, which also evaluates it
-        raise KeyboardInterruptHandled(stop.message, stop.exit_code, resume=shlex.join(
-            ["ssvi", "sweep", "--resume", str(path.parent.parent)])) from None
-    except CellBusy as exc:
-        err.print(f"error: {exc}")
-        raise typer.Exit(BUSY_EXIT) from None
-
-
-def _train_and_evaluate(path: Path, cell: Cell, spec: SweepSpec, run: Callable[[list[str]], int]) -> int:
-    from ssvi_cli.sweep.checks import check_ood_paths
-    from ssvi_cli.sweep.runner import cell_state
-
-    state = cell_state(path, spec)
-    if state == "done":
-        err.print(f"cell {path.name} is already trained and evaluated; nothing to do (delete its folder to run "
-                  "it again)")
-        return 0
-    check_ood_paths(spec)  # before training: its evaluation needs them
-    if state == "partial":
-        code = run(["train", "--resume", str(path), "--json"])
-    elif state == "new":
-        code = run(["train", *cell.train_args(spec, path), *(["--force"] if path.exists() else [])])
-    else:
-        code = 0
-    return code or run(["evaluate", *cell.eval_args(spec, path)])
-
-
-def _check_changed(sweep_dir: Path, spec: "SweepSpec", cells: list["Cell"]) -> None:
-    """Refuse to go on while a cell ran under other settings than the grid gives it now: it would be
-    skipped as done, or resumed under its old settings, and reported under the new ones."""
-    from ssvi_cli.sweep.drift import changed_cells, changed_lines
-    from ssvi_cli.sweep.grid import SweepError
-
-    changed = changed_cells(sweep_dir, spec, cells)
-    if changed:
-        err.print("\n".join(changed_lines(sweep_dir, changed)))
-        one = len(changed) == 1
-        raise SweepError(f"{count(len(changed), 'cell')} (listed above) ran under other settings than the sweep "
-                         f"gives {'it' if one else 'them'} now (a preset edited since, or a folder copied in); "
-                         f"delete {'its folder' if one else 'their folders'} to run {'it' if one else 'them'} "
-                         "again, or report the sweep as it is: "
-                         f"{shlex.join(['ssvi', 'sweep', '--report', str(sweep_dir)])}")
+    from ssvi_cli.sweep.grid import SweepSpec
 
 
 def register(app: typer.Typer) -> None:
@@ -117,7 +41,7 @@ def register(app: typer.Typer) -> None:
         run_cell_dir: Annotated[Optional[Path], typer.Option("--run-cell", help="Run one cell directory (train or resume, then evaluate); what --dry-run lists.")] = None,
         figures: Annotated[bool, typer.Option(help="Write the figures (needs matplotlib).")] = True,
         force: Annotated[bool, typer.Option(help="Replace another sweep in --out (its own files, cells included) instead of refusing; a folder that is not a sweep is never emptied.")] = False,
-        json_out: Annotated[bool, typer.Option("--json", help="Print the report (with --dry-run: the cell commands) as JSON only.")] = False,
+        json_out: Annotated[bool, typer.Option("--json", help="Print the report (with --dry-run: the cell commands; with --run-cell: the cell's training summary and evaluation) as JSON only.")] = False,
         baseline: Annotated[Optional[list[str]], typer.Option(help="Also report every group's paired differences (mean ± standard error over common seeds) from the one group this names: KEY=VALUE with KEY method, sparsity or a swept key, repeatable (e.g. --baseline method=vi).")] = None,
     ) -> None:
         """The paper's experiments in one command: a grid of runs, evaluated alike, reported as tables and figures."""
@@ -141,7 +65,8 @@ def register(app: typer.Typer) -> None:
             raise UsageError("--baseline goes with a sweep that runs, --resume or --report")
         if run_cell_dir is not None:
             # The same commands a user types; their errors reach ssvi's one error handler.
-            code = run_cell(run_cell_dir, lambda args: app(args=args, prog_name="ssvi", standalone_mode=False) or 0)
+            code = run_cell(run_cell_dir, lambda args: app(args=args, prog_name="ssvi", standalone_mode=False) or 0,
+                            json_out)
             if code:
                 raise typer.Exit(code)
             return
@@ -170,14 +95,14 @@ def register(app: typer.Typer) -> None:
             sweep_dir = out_dir or Path("sweeps") / f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(spec.preset).stem}"
             check_output_dir(sweep_dir, "--out")
             how, spec, cells, notes = claim_sweep_dir(sweep_dir, spec, cells, force)
-            _check_changed(sweep_dir, spec, cells)  # before the grid is written: a refused one changes nothing
+            check_changed(sweep_dir, spec, cells)  # before the grid is written: a refused one changes nothing
             if how != "same":  # the same grid continues with its cells as it named them
                 for note in notes:  # on stderr: --json keeps standard output for the report
                     err.print(note, highlight=False)
                 sweep_dir.mkdir(parents=True, exist_ok=True)
                 grid.write_spec(sweep_dir, spec, cells)
         if resume is not None:
-            _check_changed(sweep_dir, spec, cells)  # before any cell is listed, skipped as done or resumed
+            check_changed(sweep_dir, spec, cells)  # before any cell is listed, skipped as done or resumed
         if dry_run:
             _dry_run(sweep_dir, cells, json_out)
             return

@@ -92,17 +92,17 @@ class Cell:
         return over
 
     def train_args(self, spec: SweepSpec, out: Path) -> list[str]:
-        """``ssvi train`` arguments of this cell (``--json``, into ``out``)."""
+        """``ssvi train`` arguments of this cell (into ``out``)."""
         args = ["--preset", spec.preset, "--method", self.method, "--seed", str(self.seed)]
         if self.sparsity is not None:
             args += ["--sparsity", repr(self.sparsity)]
         for key, value in {**spec.fixed, **self.settings}.items():
             args += ["--set", f"{key}={yaml_text(value)}"]
-        return [*args, "--out", str(out), "--json"]
+        return [*args, "--out", str(out)]
 
     def eval_args(self, spec: SweepSpec, out: Path) -> list[str]:
         """``ssvi evaluate`` arguments of this cell (its report written to ``evaluation.json``)."""
-        args = [str(out), "--samples", str(spec.samples), "--json", "--output", str(out / EVAL_FILE)]
+        args = [str(out), "--samples", str(spec.samples), "--output", str(out / EVAL_FILE)]
         for name in spec.ood:
             args += ["--ood", name]
         return args

@@ -1,0 +1,116 @@
+"""``ssvi sweep --run-cell``: one cell of a sweep, trained (or resumed) by ``ssvi train`` and evaluated
+by ``ssvi evaluate``, as the sweep runs it in a process of its own and as ``--dry-run`` lists it for a
+cluster scheduler."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from contextlib import nullcontext, redirect_stdout
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import typer
+
+from ssvi_cli.cli.common import UsageError, count, err, print_json, writing_cell_evaluation
+
+if TYPE_CHECKING:
+    from ssvi_cli.sweep.grid import Cell, SweepSpec
+
+
+def run_cell(path: Path, run: Callable[[list[str]], int], json_out: bool = False) -> int:
+    """Train (or resume) and evaluate one cell with the ``ssvi train`` and ``ssvi evaluate`` commands
+    (``run`` invokes one); what ``--dry-run`` hands a scheduler. Their output is theirs, for a person
+    or a log; ``json_out``: it goes to stderr, and standard output gets one JSON document, the cell's
+    training summary and evaluation (:func:`cell_document`)."""
+    from ssvi_cli.cli.train import KeyboardInterruptHandled
+    from ssvi_cli.sweep.grid import CELLS_DIR, is_sweep_dir, read_spec
+    from ssvi_cli.sweep.runner import BUSY_EXIT, CellBusy, cell_lock, clear_failure, record_failure, was_stopped
+
+    path = Path(path)
+    sweep_dir = next((p for p in (path, path.parent) if is_sweep_dir(p)), None)
+    if sweep_dir is not None:  # the sweep, or its cells folder: not one cell
+        raise UsageError(f"--run-cell takes one cell's folder, {sweep_dir / CELLS_DIR / 'NAME'} (the lines of "
+                         f"--dry-run); to run the whole sweep: ssvi sweep --resume {shlex.quote(str(sweep_dir))}")
+    if path.parent.name != CELLS_DIR or not is_sweep_dir(path.parent.parent):
+        raise UsageError(f"--run-cell {path}: not a cell of a sweep (a folder OUT/{CELLS_DIR}/NAME of a sweep in OUT, "
+                         "as listed by --dry-run)")
+    spec, cells = read_spec(path.parent.parent)
+    cell = next((c for c in cells if c.name == path.name), None)
+    if cell is None:
+        raise UsageError(f"{path} is not a cell of the sweep in {path.parent.parent}")
+    try:
+        with cell_lock(path):
+            clear_failure(path)
+            try:
+                check_changed(path.parent.parent, spec, [cell])
+                with redirect_stdout(sys.stderr) if json_out else nullcontext():
+                    code = _train_and_evaluate(path, cell, spec, run)
+            except (KeyboardInterruptHandled, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # noqa: BLE001 - recorded for the report, then reported as any error
+                record_failure(path, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                raise
+            if code and not was_stopped(code):  # a stop (Ctrl-C, SIGTERM) resumes; it did not fail
+                record_failure(path, f"exit code {code}")
+            if json_out and not code:
+                print_json(cell_document(path))
+            return code
+    except KeyboardInterruptHandled as stop:  # a sweep's cell resumes with the sweep, which also evaluates it
+        raise KeyboardInterruptHandled(stop.message, stop.exit_code, resume=shlex.join(
+            ["ssvi", "sweep", "--resume", str(path.parent.parent)])) from None
+    except CellBusy as exc:
+        err.print(f"error: {exc}")
+        raise typer.Exit(BUSY_EXIT) from None
+
+
+def _train_and_evaluate(path: Path, cell: Cell, spec: SweepSpec, run: Callable[[list[str]], int]) -> int:
+    from ssvi_cli.sweep.checks import check_ood_paths
+    from ssvi_cli.sweep.runner import cell_state
+
+    state = cell_state(path, spec)
+    if state == "done":
+        err.print(f"cell {path.name} is already trained and evaluated; nothing to do (delete its folder to run "
+                  "it again)")
+        return 0
+    check_ood_paths(spec)  # before training: its evaluation needs them
+    if state == "partial":
+        code = run(["train", "--resume", str(path)])
+    elif state == "new":
+        code = run(["train", *cell.train_args(spec, path), *(["--force"] if path.exists() else [])])
+    else:
+        code = 0
+    if code:
+        return code
+    with writing_cell_evaluation(path):
+        return run(["evaluate", *cell.eval_args(spec, path)])
+
+
+def check_changed(sweep_dir: Path, spec: "SweepSpec", cells: list["Cell"]) -> None:
+    """Refuse to go on while a cell ran under other settings than the grid gives it now: it would be
+    skipped as done, or resumed under its old settings, and reported under the new ones."""
+    from ssvi_cli.sweep.drift import changed_cells, changed_lines
+    from ssvi_cli.sweep.grid import SweepError
+
+    changed = changed_cells(sweep_dir, spec, cells)
+    if changed:
+        err.print("\n".join(changed_lines(sweep_dir, changed)))
+        one = len(changed) == 1
+        raise SweepError(f"{count(len(changed), 'cell')} (listed above) ran under other settings than the sweep "
+                         f"gives {'it' if one else 'them'} now (a preset edited since, or a folder copied in); "
+                         f"delete {'its folder' if one else 'their folders'} to run {'it' if one else 'them'} "
+                         "again, or report the sweep as it is: "
+                         f"{shlex.join(['ssvi', 'sweep', '--report', str(sweep_dir)])}")
+
+
+def cell_document(path: Path) -> dict[str, Any]:
+    """``--run-cell --json``'s output: the cell's name and folder, its training summary (``ssvi train
+    --json``'s) and its evaluation (``ssvi evaluate --json``'s), as the cell's files hold them."""
+    from ssvi_cli.runs.rundir import EVALUATION_FILE, RunDir
+
+    def read(file: Path) -> Any:
+        return json.loads(file.read_text(encoding="utf-8"))
+
+    return {"format": "ssvi-sweep-cell", "version": 1, "cell": path.name, "folder": str(path),
+            "summary": read(RunDir(path).summary_file), "evaluation": read(path / EVALUATION_FILE)}
