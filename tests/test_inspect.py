@@ -99,6 +99,11 @@ def test_a_dense_file_says_how_many_of_its_weights_are_the_zeros_off_the_support
     assert f"{totals['total_weights'] - totals['active_weights']:,} of its {totals['total_weights']:,} weights" in note
     assert run(["inspect", str(dense)]) == 0
     assert "note: a dense file (ssvi export --dense)" in capsys.readouterr().out
+    # the value statistics cover the support, as the compact file's do (they covered the zeros too:
+    # a median SNR of 0 and 88% of SNR < 1 in the first layer)
+    for mine, theirs in zip(report["layers"], compact["layers"]):
+        assert mine["snr"] == pytest.approx(theirs["snr"], rel=1e-5) and mine["mu"] == pytest.approx(theirs["mu"], rel=1e-5)
+        assert mine["snr_below_1"] == pytest.approx(theirs["snr_below_1"]) and mine["sigma"] == pytest.approx(theirs["sigma"], rel=1e-5)
 
 
 def test_quantiles_match_numpy():

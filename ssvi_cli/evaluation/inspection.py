@@ -49,9 +49,12 @@ def snr(mu: Tensor, sigma: Tensor) -> Tensor:
     return torch.where(mu == 0, torch.zeros_like(mu), mu / sigma)
 
 
-def layer_stats(name: str, layer: SparseGaussian) -> dict[str, Any]:
-    """Shape, active/total, density, mu and sigma summaries, SNR quantiles and share of SNR < 1."""
+def layer_stats(name: str, layer: SparseGaussian, keep: Optional[Tensor] = None) -> dict[str, Any]:
+    """Shape, active/total, density, mu and sigma summaries, SNR quantiles and share of SNR < 1;
+    ``keep``: the stored entries the value statistics cover (a dense file's support), default all."""
     mu = layer.mu.detach().double().cpu()
+    keep = torch.ones_like(mu, dtype=torch.bool) if keep is None else keep.reshape(-1).cpu()
+    mu = mu[keep]
     stats: dict[str, Any] = {
         "name": name,
         "kind": "conv2d" if isinstance(layer, SparseConv2d) else "linear",
@@ -70,7 +73,7 @@ def layer_stats(name: str, layer: SparseGaussian) -> dict[str, Any]:
         "snr_below_1": None,
     }
     if layer.bayesian:
-        sigma = layer.sigma().detach().double().cpu()
+        sigma = layer.sigma().detach().double().cpu()[keep]
         s = _quantiles(sigma)
         stats["sigma"] = {"mean": float(sigma.mean()) if sigma.numel() else None,
                           "min": s["min"], "median": s["median"], "max": s["max"]}
@@ -150,9 +153,12 @@ def inspect_model(path: Path, drop_fraction: float = 0.3, read: Optional[tuple[A
         moments = any(g.first for g in geometry)
         flops = prediction_flops(geometry, {n: l.density for n, l in named}, is_bayesian(model), samples)
         flops_by_layer = {r["layer"]: r["flops"] for r in flops}
+    # A dense file's point masses at zero are the weights off its model's support: the value statistics
+    # cover the support, as they do for the compact file of the same model.
+    empty = point_masses(Path(info.path), named) if info.layout == "dense" and info.is_model_file else {}
     layers = []
     for name, layer in named:
-        stats = layer_stats(name, layer)
+        stats = layer_stats(name, layer, ~empty[name] if name in empty else None)
         stats["flops_per_prediction"] = flops_by_layer[name]
         stats["index"] = next((r["index"] for r in info.layers if r.get("name") == name), None)
         stats["bytes"] = layer_bytes.get(name)
@@ -176,13 +182,13 @@ def inspect_model(path: Path, drop_fraction: float = 0.3, read: Optional[tuple[A
         "support_history": support_history(path) if path.is_dir() else None,
         "notes": [],
     }
-    if info.layout == "dense" and info.is_model_file:
-        empty = sum(int(e.sum()) for e in point_masses(Path(info.path), named).values())
-        if empty:
-            report["notes"].append(
-                f"a dense file (ssvi export --dense): {empty:,} of its {sum(l['total'] for l in layers):,} weights "
-                "are point masses at zero (mu = sigma = 0), off the support of the model it was written from, and "
-                "count as active here; ssvi export FILE -o compact.safetensors gives the sparse support back")
+    zeros = sum(int(e.sum()) for e in empty.values())
+    if zeros:
+        report["notes"].append(
+            f"a dense file (ssvi export --dense): {zeros:,} of its {sum(l['total'] for l in layers):,} weights "
+            "are point masses at zero (mu = sigma = 0), off the support of the model it was written from; they "
+            "count as active here, and the mu, sigma and SNR statistics cover the others; "
+            "ssvi export FILE -o compact.safetensors gives the sparse support back")
     return report
 
 
