@@ -397,6 +397,11 @@ def read_typed(text: str) -> Any:
         raise ValueError(str(exc)) from None
 
 
+def as_typed(value: Any) -> str:
+    """A config value in a message as a user writes it: a list as YAML's ``[0, 0, 1]`` (not a tuple)."""
+    return f"[{', '.join(map(str, value))}]" if isinstance(value, (tuple, list)) else repr(value)
+
+
 def validate(cfg: Config) -> None:
     """Range and choice checks that need no registry (names are checked by the registries)."""
     s, b, o, t, d = cfg.sparse, cfg.bayes, cfg.optim, cfg.train, cfg.data
@@ -470,7 +475,7 @@ def validate(cfg: Config) -> None:
         if not ok:
             section, name = key.split(".")
             value = getattr(getattr(cfg, section), name)
-            raise ConfigError(f"{key}={value!r} must be {rule}")
+            raise ConfigError(f"{key}={as_typed(value)} must be {rule}")
 
 
 # ---------------------------------------------------------------- presets

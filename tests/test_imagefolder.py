@@ -256,12 +256,12 @@ def test_folder_errors_are_one_line(ws, folder, words, capsys, tmp_path):
     (["--data", "imagefolder:photos", "--set", "data.channels=2"], "data.channels=2 must be 1 or 3"),
     (["--data", "imagefolder:photos", "--set", "data.test_fraction=1"], "data.test_fraction=1.0 must be in (0, 1)"),
     (["--data", "imagefolder:photos", "--set", "data.mean=[0.5,0.5]"],
-     "data.mean=(0.5, 0.5) must be 3 numbers, one per channel"),
+     "data.mean=[0.5, 0.5] must be 3 numbers, one per channel"),
     # the image folder keys on another dataset would be ignored: refused (a new run; a recorded config
     # that holds them still reads, test_config), before any range check, after the dataset's name
     (["--set", "data.image_size=16"], "data.image_size=16 applies to image folders (data.name=imagefolder:PATH) "
                                       "only; digits has its own input shape and normalisation"),
-    (["--data", "mnist", "--set", "data.mean=[0.5]"], "data.mean=(0.5,) applies to image folders"),
+    (["--data", "mnist", "--set", "data.mean=[0.5]"], "data.mean=[0.5] applies to image folders"),
     (["--data", "cifar10", "--set", "data.channels=2"], "data.channels=2 applies to image folders"),
     (["--data", "imagefoldr:/tmp", "--set", "data.image_size=16"], "unknown dataset 'imagefoldr:/tmp'"),
     (["--data", "MNIST"], "(did you mean mnist or kmnist?)"),

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from ssvi_cli.config import (DEVICES, IMAGEFOLDER_KEYS, Config, ConfigError, DataConfig, apply_overrides,
+from ssvi_cli.config import (DEVICES, IMAGEFOLDER_KEYS, Config, ConfigError, DataConfig, apply_overrides, as_typed,
                              from_dict)
 from ssvi_cli.core.allocation import InitSpec, initialise, layer_densities
 from ssvi_cli.core.criteria import REMOVAL_CRITERIA
@@ -49,7 +49,7 @@ def check_names(cfg: Config) -> DataSpec:
         for key in IMAGEFOLDER_KEYS:
             value = getattr(cfg.data, key)
             if value != getattr(DataConfig, key):
-                raise ConfigError(f"data.{key}={value!r} applies to image folders (data.name=imagefolder:PATH) "
+                raise ConfigError(f"data.{key}={as_typed(value)} applies to image folders (data.name=imagefolder:PATH) "
                                   f"only; {cfg.data.name} has its own input shape and normalisation")
     return spec
 
