@@ -332,3 +332,18 @@ def test_a_signal_during_a_short_commands_write_leaves_no_temporary_file(tmp_pat
     assert done.returncode == code, done.stderr[-2000:]
     assert f"stopped by {name}" in done.stderr and "Traceback" not in done.stderr
     assert list(out_dir.iterdir()) == []  # neither the output nor its temporary file
+
+
+def test_a_run_whose_progress_finds_no_reader_trains_to_its_model_file(tmp_path):
+    """`ssvi train 2>&1 | head -1`: the first epoch line after head left ended the run with exit code 1,
+    before its first checkpoint; the lines are dropped and the run finishes."""
+    read, write = os.pipe()
+    os.close(read)  # no reader: every write to stderr is a broken pipe
+    try:
+        proc = subprocess.run([sys.executable, "-m", "ssvi_cli", "train", "--epochs", "2", "--set", "model.widths=[16]",
+                               "--set", "data.max_train=128", "--out", str(tmp_path / "run")],
+                              stdout=subprocess.DEVNULL, stderr=write, env=ENV, timeout=300)
+    finally:
+        os.close(write)
+    assert proc.returncode == 0
+    assert (tmp_path / "run" / "model.safetensors").is_file() and (tmp_path / "run" / "summary.json").is_file()

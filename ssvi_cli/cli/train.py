@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ssvi_cli import config as cfgmod
-from ssvi_cli.cli.common import UsageError, count, err, fmt, kv_table, out, print_json, progress_bar
+from ssvi_cli.cli.common import UsageError, count, err, fmt, kv_table, out, print_json, progress_bar, tell
 
 
 def build_config(preset: str, overrides: dict[str, Any], sets: list[str]) -> cfgmod.Config:
@@ -258,17 +258,18 @@ def forwarded_args(ctx: typer.Context, drop: tuple[str, ...] = ()) -> list[str]:
 
 def _fit(trainer, interrupted_cls, quiet: bool, notes: bool = True) -> dict[str, Any]:
     """Train with a progress display (none when ``quiet``); ``notes``: warnings on stderr, which
-    ``--json`` keeps (its standard output is the summary alone)."""
+    ``--json`` keeps (its standard output is the summary alone). A progress line that finds no reader
+    (``2>&1 | head``, a closed terminal) is dropped: the run goes on to its model file."""
     from ssvi_cli.training.records import Progress
 
     cfg = trainer.cfg
     if not quiet:
-        err.print(f"training {cfg.model.name} on {cfg.data.name} with {cfg.sparse.method} "
+        tell(f"training {cfg.model.name} on {cfg.data.name} with {cfg.sparse.method} "
                   f"(density {cfg.density:.3g}, {count(cfg.train.epochs, 'epoch')}, device {trainer.device}) "
                   f"-> {trainer.run_dir}")
     if notes and cfg.method.moves_support and trainer.schedule.updates == 0:
         hint = "" if cfg.sparse.delta_t == "auto" else " (--set sparse.delta_t=auto spaces them to fit the run)"
-        err.print(f"note: a run of {count(trainer.total_steps, 'step')} has no subspace step before t_end at "
+        tell(f"note: a run of {count(trainer.total_steps, 'step')} has no subspace step before t_end at "
                   f"delta_t {trainer.schedule.delta_t}, so the support will not move{hint}", highlight=False)
     with progress_bar(enabled=not quiet) as bar:
         task = None
@@ -286,7 +287,7 @@ def _fit(trainer, interrupted_cls, quiet: bool, notes: bool = True) -> dict[str,
 
         def on_epoch_end(rec: dict[str, Any]) -> None:
             if bar is None and not quiet:
-                err.print(f"epoch {rec['epoch']}/{cfg.train.epochs} loss {rec['loss']:.4f} "
+                tell(f"epoch {rec['epoch']}/{cfg.train.epochs} loss {rec['loss']:.4f} "
                           f"nll {rec['nll']:.4f} train_acc {rec['train_accuracy']:.3f} "
                           f"val_acc {fmt(rec['val_accuracy'], 3)} density {rec['density']:.4f} "
                           f"swapped {rec['swapped']} {rec['seconds']:.1f}s")
