@@ -121,7 +121,7 @@ def _dry_run(sweep_dir: Path, cells: list[Any], json_out: bool = False) -> None:
     write_text(sweep_dir / COMMANDS_FILE, "\n".join(lines) + "\n")
     if json_out:
         print_json({"sweep": str(sweep_dir), "commands_file": str(sweep_dir / COMMANDS_FILE), "commands": lines,
-                    "report": ["ssvi", "sweep", "--report", str(sweep_dir)]})
+                    "report": shlex.join(["ssvi", "sweep", "--report", str(sweep_dir.resolve())])})
         return
     # Plain lines, flushed before the note on stderr: a scheduler script reads them as they are.
     sys.stdout.write("\n".join(lines) + "\n")
