@@ -541,6 +541,23 @@ def test_a_plain_head_the_file_stores_dense_stays_dense_in_a_fresh_model(tmp_pat
     x = torch.randn(3, 64)
     assert torch.allclose(ssvi.predict(loaded, x, mode="mean").probs, ssvi.predict(model.eval(), x, mode="mean").probs)
 
+    class Aliased(nn.Module):  # the plain head registered under two names
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.fc = nn.Linear(8, 16), nn.Linear(16, 4)
+            self.alias = self.fc
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.body(x)))
+
+    aliased = Aliased()
+    ssvi.sparsify(aliased, 0.5)
+    aliased.fc = aliased.alias = nn.Linear(16, 4)
+    ssvi.save(aliased.eval(), tmp_path / "a.safetensors")
+    fresh = ssvi.load(tmp_path / "a.safetensors", model=Aliased())
+    assert type(fresh.fc) is nn.Linear and fresh.alias is fresh.fc and isinstance(fresh.body, SparseGaussian)
+    assert torch.equal(fresh.fc.weight, aliased.fc.weight)
+
 
 def test_save_names_a_path_or_argument_of_the_wrong_kind(tmp_path):
     model = nn.Sequential(nn.Linear(8, 4))
@@ -554,3 +571,8 @@ def test_save_names_a_path_or_argument_of_the_wrong_kind(tmp_path):
     with pytest.raises(TypeError, match="class_names='abcd': give a sequence of names"):
         ssvi.save(model, tmp_path / "m.safetensors", class_names="abcd")
     assert not list(tmp_path.iterdir())
+    import numpy as np
+
+    for shape in (np.array([8]), torch.Size([8]), torch.tensor([8])):  # sizes as arrays are sizes too
+        ssvi.save(model, tmp_path / "m.safetensors", input_shape=shape)
+        assert read_header(tmp_path / "m.safetensors")["meta"]["data_spec"]["input_shape"] == [8]

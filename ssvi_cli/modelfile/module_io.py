@@ -66,6 +66,8 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
         raise ValueError(f"{path} is a folder; give the model file's path, ending in .safetensors")
     if Path(path).suffix.lower() != ".safetensors":
         raise ValueError(f"{path}: name the model file *.safetensors (ssvi reads a .pt as a training checkpoint)")
+    if input_shape is not None and hasattr(input_shape, "tolist") and not isinstance(input_shape, torch.Size):
+        input_shape = input_shape.tolist()  # a numpy array or a tensor of sizes
     for arg, value in (("input_shape", input_shape), ("class_names", class_names)):
         if value is not None and (isinstance(value, (str, bytes)) or not isinstance(value, Sequence)):
             raise TypeError(f"{arg}={value!r}: give a sequence " + ("(C, H, W), or (features,)" if arg == "input_shape"
@@ -196,13 +198,13 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
 
 def _keep_dense_as_stored(model: nn.Module, children: list[tuple[nn.Module, dict[str, Any]]], stored: set[str]) -> None:
     """Put back the model's own layers that the file does not store as sparse layers (sparsify
-    converted every layer it could): ``children``, each module's child layers before converting."""
-    before = {id(module): kept for module, kept in children}
-    for name, _ in sparse_layers(model):
-        if name not in stored:
-            parent, _, child = name.rpartition(".")
-            owner = model.get_submodule(parent)
-            owner._modules[child] = before[id(owner)][child]
+    converted every layer it could), under every name each is registered under: ``children``, each
+    module's child layers before converting."""
+    undo = {id(layer) for name, layer in sparse_layers(model) if name not in stored}
+    for module, kept in children:
+        for child, now in list(module._modules.items()):
+            if id(now) in undo:
+                module._modules[child] = kept[child]
 
 
 def _check_load_args(device: Optional[str | torch.device], kernel: str) -> None:
@@ -217,7 +219,8 @@ def _check_load_args(device: Optional[str | torch.device], kernel: str) -> None:
         except (RuntimeError, TypeError):
             raise ValueError(f"device={device!r} is not a torch device; give 'cpu' or 'cuda'") from None
         backend = torch.backends.mps if kind == "mps" else getattr(torch, kind, None)  # torch.cuda, torch.xpu, ...
-        if kind not in ("cpu", "meta") and not getattr(backend, "is_available", lambda: False)():
+        # A backend torch has a module for says whether it is here; any other (xla, hpu) is left to torch.
+        if kind != "cpu" and callable(getattr(backend, "is_available", None)) and not backend.is_available():
             raise ValueError(f"device={device!r} was asked for but no {kind.upper()} device is available; use "
                              "device='cpu'")
 
