@@ -104,6 +104,14 @@ def test_a_dense_file_says_how_many_of_its_weights_are_the_zeros_off_the_support
     for mine, theirs in zip(report["layers"], compact["layers"]):
         assert mine["snr"] == pytest.approx(theirs["snr"], rel=1e-5) and mine["mu"] == pytest.approx(theirs["mu"], rel=1e-5)
         assert mine["snr_below_1"] == pytest.approx(theirs["snr_below_1"]) and mine["sigma"] == pytest.approx(theirs["sigma"], rel=1e-5)
+    assert report["criteria_overlap"] is not None
+    assert np.allclose(report["criteria_overlap"]["iou"], compact["criteria_overlap"]["iou"])
+    rigl = tmp_path / "rigl"  # a deterministic model's zeros are mu = 0 alone, and it has no sigma to summarise
+    assert run(["train", "--method", "rigl", "--epochs", "1", "--set", "data.max_train=64", "--out", str(rigl)]) == 0
+    assert run(["export", str(rigl), "-o", str(tmp_path / "rd.safetensors"), "--dense"]) == 0
+    capsys.readouterr()
+    (note,) = inspect_json(capsys, str(tmp_path / "rd.safetensors"))["notes"]
+    assert "are zeros (mu = 0)" in note and "sigma" not in note
 
 
 def test_quantiles_match_numpy():

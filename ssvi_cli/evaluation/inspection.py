@@ -19,7 +19,7 @@ from ssvi_cli import fileio
 from ssvi_cli.core.overlap import criteria_overlap
 from ssvi_cli.modelfile import FileInfo, ModelCard, read_header, size_totals, write_model_file
 from ssvi_cli.modelfile.reader import holds_custom_module, read_layers
-from ssvi_cli.runs.load import load_model, point_masses
+from ssvi_cli.runs.load import drop_point_masses, load_model, point_masses
 from ssvi_cli.runs.rundir import MODEL_FILE, SUPPORT_FILE
 from ssvi_cli.core.flops import model_geometry, prediction_flops
 from ssvi_cli.core.conv import SparseConv2d
@@ -163,6 +163,7 @@ def inspect_model(path: Path, drop_fraction: float = 0.3, read: Optional[tuple[A
         stats["index"] = next((r["index"] for r in info.layers if r.get("name") == name), None)
         stats["bytes"] = layer_bytes.get(name)
         layers.append(stats)
+    drop_point_masses(named, empty)  # what the criteria would drop, from the support as in the compact file
     lam = cfg.sparse.criterion_lambda if cfg else 1.0
     report: dict[str, Any] = {
         "source": str(path),
@@ -184,11 +185,12 @@ def inspect_model(path: Path, drop_fraction: float = 0.3, read: Optional[tuple[A
     }
     zeros = sum(int(e.sum()) for e in empty.values())
     if zeros:
+        what = ("point masses at zero (mu = sigma = 0)", "the mu, sigma and SNR statistics and the criteria overlap") \
+            if bayesian else ("zeros (mu = 0)", "the mu statistics")
         report["notes"].append(
             f"a dense file (ssvi export --dense): {zeros:,} of its {sum(l['total'] for l in layers):,} weights "
-            "are point masses at zero (mu = sigma = 0), off the support of the model it was written from; they "
-            "count as active here, and the mu, sigma and SNR statistics cover the others; "
-            "ssvi export FILE -o compact.safetensors gives the sparse support back")
+            f"are {what[0]}, off the support of the model it was written from; they count as active here, and "
+            f"{what[1]} cover the others; ssvi export FILE -o compact.safetensors gives the sparse support back")
     return report
 
 

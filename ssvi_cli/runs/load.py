@@ -102,9 +102,15 @@ def _drop_empty_entries(model: nn.Module, path: Path) -> None:
     support as point masses at zero; a compact file written from it keeps only the entries that hold
     a value, so the sparse support comes back instead of a density-1 model. The mean predictions do
     not change."""
-    empty = point_masses(path, list(sparse_layers(model)))
-    for name, layer in sparse_layers(model):
-        keep = ~empty[name]
-        if not bool(keep.all()):
+    layers = list(sparse_layers(model))
+    drop_point_masses(layers, point_masses(path, layers))
+
+
+def drop_point_masses(layers: list[tuple[str, Any]], empty: dict[str, Tensor]) -> None:
+    """Take each layer's point masses (``empty``, from :func:`point_masses`; a layer it leaves out has
+    none) off its support, in place."""
+    for name, layer in layers:
+        keep = ~empty[name] if name in empty else None
+        if keep is not None and not bool(keep.all()):
             rho = layer.rho.detach()[keep] if layer.bayesian else None
             layer.set_support(layer.idx[keep], layer.mu.detach()[keep], rho)
