@@ -334,16 +334,24 @@ def test_a_signal_during_a_short_commands_write_leaves_no_temporary_file(tmp_pat
     assert list(out_dir.iterdir()) == []  # neither the output nor its temporary file
 
 
-def test_a_run_whose_progress_finds_no_reader_trains_to_its_model_file(tmp_path):
+def test_a_run_whose_output_finds_no_reader_trains_to_its_model_file(tmp_path):
     """`ssvi train 2>&1 | head -1`: the first epoch line after head left ended the run with exit code 1,
-    before its first checkpoint; the lines are dropped and the run finishes."""
+    before its first checkpoint; the lines are dropped and the run finishes, a success (its summary
+    on a stdout with no reader too, as a table or as --json, and when it resumes)."""
     read, write = os.pipe()
-    os.close(read)  # no reader: every write to stderr is a broken pipe
+    os.close(read)  # no reader: every write to it is a broken pipe
+    tiny = ["--epochs", "2", "--set", "model.widths=[16]", "--set", "data.max_train=128"]
     try:
-        proc = subprocess.run([sys.executable, "-m", "ssvi_cli", "train", "--epochs", "2", "--set", "model.widths=[16]",
-                               "--set", "data.max_train=128", "--out", str(tmp_path / "run")],
-                              stdout=subprocess.DEVNULL, stderr=write, env=ENV, timeout=300)
+        for name, args, streams in (("both", tiny, {"stdout": write, "stderr": write}),
+                                    ("json", [*tiny, "--json"], {"stdout": write, "stderr": subprocess.DEVNULL})):
+            proc = subprocess.run([sys.executable, "-m", "ssvi_cli", "train", *args, "--out", str(tmp_path / name)],
+                                  env=ENV, timeout=300, **streams)
+            assert proc.returncode == 0, name
+            assert (tmp_path / name / "model.safetensors").is_file() and (tmp_path / name / "summary.json").is_file()
+        for file in ("model.safetensors", "summary.json"):  # a run to resume: its "resuming" line finds no reader
+            (tmp_path / "both" / file).unlink()
+        proc = subprocess.run([sys.executable, "-m", "ssvi_cli", "train", "--resume", str(tmp_path / "both")],
+                              stdout=write, stderr=write, env=ENV, timeout=300)
+        assert proc.returncode == 0 and (tmp_path / "both" / "model.safetensors").is_file()
     finally:
         os.close(write)
-    assert proc.returncode == 0
-    assert (tmp_path / "run" / "model.safetensors").is_file() and (tmp_path / "run" / "summary.json").is_file()

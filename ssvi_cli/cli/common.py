@@ -38,12 +38,25 @@ out = _console()
 err = _console(stderr=True)
 
 
-def tell(text: str, **options: Any) -> None:
-    """A line on stderr that may find no reader (``| tee`` ended by the same Ctrl-C, a closed
-    terminal) without changing how the command ends: rich answers a broken pipe with SystemExit(1)."""
+def tell(text: Any, console: Optional[Console] = None, **options: Any) -> None:
+    """A line (or a table) on stderr, or on ``console``, that may find no reader (``| head``, ``| tee``
+    ended by the same Ctrl-C, a closed terminal) without changing how the command ends: rich answers
+    a broken pipe with SystemExit(1). The stream that lost its reader is pointed at /dev/null, so that
+    later lines and Python's flush at exit (exit code 120) find nothing broken either."""
+    console = console or err
     try:
-        err.print(text, **options)
+        console.print(text, **options)
     except (OSError, SystemExit):
+        no_reader(stdout=not console.stderr)
+
+
+def no_reader(stdout: bool = False) -> None:
+    """Point stderr (``stdout``: standard output), whose reader is gone, at /dev/null."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, (sys.stdout if stdout else sys.stderr).fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor (a test's captured stream): nothing to redirect
         pass
 
 

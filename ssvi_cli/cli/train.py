@@ -12,7 +12,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ssvi_cli import config as cfgmod
-from ssvi_cli.cli.common import UsageError, count, err, fmt, kv_table, out, print_json, progress_bar, tell
+from ssvi_cli.cli.common import (UsageError, count, err, fmt, kv_table, no_reader, out, print_json, progress_bar,
+                                 tell)
 
 
 def build_config(preset: str, overrides: dict[str, Any], sets: list[str]) -> cfgmod.Config:
@@ -134,18 +135,18 @@ def register(app: typer.Typer) -> None:
                     held.enter_context(RunDir(resume).hold("--resume", create=False))
                     plan.check_unchanged()
                     for path in plan.set_aside_unreadable():
-                        err.print(f"note: a checkpoint that does not read (above) is renamed {path}, so that "
-                                  "pruning passes it by; rename it back to try it again", highlight=False)
+                        tell(f"note: a checkpoint that does not read (above) is renamed {path}, so that "
+                             "pruning passes it by; rename it back to try it again", highlight=False)
             else:
                 # Names, device, data and the layer budget are checked before --force removes an old run,
                 # so a missing dataset or an impossible sparsity never costs the run being replaced.
                 cfg = build_config(preset, overrides, set_ or [])
                 plan = RunPlan.new(cfg, out_dir or _default_run_dir(cfg, preset), progress=not json_out and info.is_main)
                 if plan.init_note and info.is_main and not json_out:
-                    err.print(plan.init_note, highlight=False)
+                    tell(plan.init_note, highlight=False)
                 if (data_dir is not None or download) and info.is_main and not reads_data_dir(plan.cfg.data.name):
-                    err.print(f"note: --data-dir and --download are for torchvision datasets; {plan.cfg.data.name} "
-                              "reads no data folder, so they change nothing", highlight=False)
+                    tell(f"note: --data-dir and --download are for torchvision datasets; {plan.cfg.data.name} "
+                         "reads no data folder, so they change nothing", highlight=False)
             trainer = None
             try:
                 distributed.setup(info, device or plan.cfg.train.device)
@@ -163,7 +164,7 @@ def register(app: typer.Typer) -> None:
                     where = (f"at epoch {trainer.state.epoch + 1}, step {trainer.state.step}"
                              if trainer.state.epoch < trainer.cfg.train.epochs else
                              f"after its last epoch (step {trainer.state.step}): the final evaluation and model file")
-                    err.print(f"resuming {resume} {where}" + (f" on {info.world_size} processes" if info.enabled else ""))
+                    tell(f"resuming {resume} {where}" + (f" on {info.world_size} processes" if info.enabled else ""))
                 summary = _fit(trainer, Interrupted, quiet=json_out or not info.is_main, notes=info.is_main)
             finally:
                 if trainer is not None:
@@ -171,12 +172,16 @@ def register(app: typer.Typer) -> None:
                 distributed.teardown()
         if not info.is_main:
             return
+        # The run is done and its files written: an output with no reader (| head) leaves it a success.
         if json_out:
-            print_json(summary)
+            try:
+                print_json(summary)
+            except OSError:
+                no_reader(stdout=True)
             return
-        out.print(kv_table(f"ssvi train: {trainer.run_dir}", summary_rows(summary)))
+        tell(kv_table(f"ssvi train: {trainer.run_dir}", summary_rows(summary)), console=out)
         # Paths on lines of their own, never folded into a cell, so a person can copy them.
-        out.print(f"model file: {summary.get('model_file')}", highlight=False)
+        tell(f"model file: {summary.get('model_file')}", console=out, highlight=False)
 
 
 def _finished(run_dir: Path, json_out: bool, is_main: bool) -> bool:
