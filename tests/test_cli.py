@@ -432,6 +432,16 @@ def test_an_output_file_is_never_one_of_the_runs_own_records(tmp_path: Path, cap
     assert run(["evaluate", str(out), "--samples", "1", "--output", str(out / "evaluation.json")]) == 0
 
 
+def _keeps_case(folder: Path) -> bool:
+    """Whether the disk under ``folder`` tells names apart by case (Linux's does; macOS's does not)."""
+    probe = folder / "case-probe"
+    probe.touch()
+    try:
+        return not (folder / "CASE-PROBE").exists()
+    finally:
+        probe.unlink()
+
+
 def test_outputs_never_land_among_a_sweeps_files_or_a_runs_checkpoints(tmp_path: Path, capsys):
     """evaluate --output SWEEP/sweep.json replaced the sweep's grid with a report; --plots wrote into a
     run's checkpoints folder or a sweep's cells folder; train --out made a run inside another's
@@ -444,13 +454,15 @@ def test_outputs_never_land_among_a_sweeps_files_or_a_runs_checkpoints(tmp_path:
     (sweep / "report.json").write_text("{}")
     grid = (sweep / "sweep.json").read_bytes()
     capsys.readouterr()
-    (sweep / "Sweep.JSON").symlink_to("sweep.json")  # one file under two cases, as on a disk that ignores case
+    keeps_case = _keeps_case(tmp_path)
+    if keeps_case:  # one file under two cases, as on a disk that ignores case (where it is so already)
+        (sweep / "Sweep.JSON").symlink_to("sweep.json")
     for name in ("sweep.json", "report.json", "Sweep.JSON", "cells/x.json"):
         assert run(["evaluate", str(out), "--samples", "1", "--output", str(sweep / name)]) == 2, name
         said = capsys.readouterr().err
         assert f"the sweep in {sweep}" in said and len(said.strip().splitlines()) == 1, said
-    (sweep / "Sweep.JSON").unlink()
-    if sys.platform.startswith("linux"):  # where case is kept, Sweep.JSON is another file, Checkpoints another folder
+    if keeps_case:  # where case is kept, Sweep.JSON is another file, Checkpoints another folder
+        (sweep / "Sweep.JSON").unlink()
         assert run(["evaluate", str(out), "--samples", "1", "--output", str(sweep / "Sweep.JSON")]) == 0
         assert run(["evaluate", str(out), "--samples", "1", "--plots", str(out / "Checkpoints")]) == 0
         assert (out / "Checkpoints" / "reliability.png").is_file() and not list((out / "checkpoints").glob("*.png"))
@@ -498,10 +510,12 @@ def test_a_report_never_replaces_another_runs_model_file(tmp_path: Path, capsys)
     assert f"is the model file of the run in {other}" in said and len(said.strip().splitlines()) == 1
     assert run(["infer", str(first), str(tmp_path / "x.npy"), "--output", str(other / "model.safetensors")]) == 2
     assert "must end in .jsonl or .csv" in capsys.readouterr().err  # infer names its outputs by their kind
-    (other / "MODEL.safetensors").symlink_to("model.safetensors")  # one file under two cases, as on macOS
+    if _keeps_case(tmp_path):  # one file under two cases, as on macOS's disk (where it is so already)
+        (other / "MODEL.safetensors").symlink_to("model.safetensors")
     assert run(["evaluate", str(first), "--samples", "1", "--output", str(other / "MODEL.safetensors")]) == 2
     assert "is the model file of the run" in capsys.readouterr().err
-    (other / "MODEL.safetensors").unlink()
+    if _keeps_case(tmp_path):
+        (other / "MODEL.safetensors").unlink()
     assert (other / "model.safetensors").read_bytes() == kept
     checkpoint = sorted((other / "checkpoints").glob("*.pt"))[-1]
     for target, words in ((checkpoint, "is in the checkpoints folder of the run"), (other / ".lock", "is the lock of the run")):

@@ -109,8 +109,6 @@ def cell_document(path: Path) -> dict[str, Any]:
     --json``'s) and its evaluation (``ssvi evaluate --json``'s), as the cell's files hold them."""
     from ssvi_cli.runs.rundir import EVALUATION_FILE, RunDir
 
-    def read(file: Path) -> Any:
-        return json.loads(file.read_text(encoding="utf-8"))
-
     return {"format": "ssvi-sweep-cell", "version": 1, "cell": path.name, "folder": str(path),
-            "summary": read(RunDir(path).summary_file), "evaluation": read(path / EVALUATION_FILE)}
+            "summary": RunDir(path).read_summary(),
+            "evaluation": json.loads((path / EVALUATION_FILE).read_text(encoding="utf-8"))}
