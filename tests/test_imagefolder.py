@@ -179,8 +179,12 @@ def test_a_model_that_cannot_take_the_image_size_is_refused_before_a_run_folder_
             "--out", str(out)]
     assert run(args) == 2
     err = capsys.readouterr().err
-    assert "torchvision:vgg11 cannot take the data's 3x8x8 inputs (set data.image_size): Given input size" in err
+    assert ("torchvision:vgg11 cannot take the data's 3x8x8 inputs (set data.image_size=32, the first of the usual "
+            "sizes it takes): Given input size") in err
     assert "Traceback" not in err and not out.exists()
+    args[args.index("torchvision:vgg11")] = "torchvision:inception_v3"  # the README's 75 pixels, found for the user
+    assert run(args) == 2
+    assert "(set data.image_size=75, the first of the usual sizes it takes)" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- pixels

@@ -66,6 +66,9 @@ def plan_densities(model: SSVIModel, cfg: Config) -> dict[str, float]:
     return layer_densities(sparse_layers(model), cfg.density, cfg.sparse.allocation, cfg.model.dense_stem)
 
 
+SIZES_TRIED = (32, 48, 64, 75, 96, 112, 128, 160, 192, 224, 256, 299, 320, 384, 448, 512)
+
+
 def check_input_fits(skeleton: SSVIModel, cfg: Config, shape: tuple[int, ...]) -> None:
     """One eval-mode forward of the shapes-only (meta) model on the data's input shape: a model that
     cannot take inputs this small (VGG's pooling, Inception's 75 pixels, ViT's 224) is refused before
@@ -73,9 +76,13 @@ def check_input_fits(skeleton: SSVIModel, cfg: Config, shape: tuple[int, ...]) -
     reason = input_error(skeleton.eval(), shape)
     if reason is not None:
         size = "x".join(str(s) for s in shape)
-        hint = (" (set data.image_size)" if cfg.data.name.startswith("imagefolder") else
+        # The first of the usual image sizes that the model takes (shapes only, so quick), for the hint.
+        fits = next((n for n in SIZES_TRIED if len(shape) == 3 and n > shape[-1]
+                     and input_error(skeleton, (shape[0], n, n)) is None), None)
+        takes = f"data.image_size={fits}, the first of the usual sizes it takes" if fits else "data.image_size"
+        hint = (f" (set {takes})" if cfg.data.name.startswith("imagefolder") else
                 " (pick a model that takes images this small, or train on larger ones: an image folder with "
-                "data.image_size, say)")
+                f"{takes}, say)")
         raise ConfigError(f"{cfg.model.name} cannot take the data's {size} inputs{hint}: {reason}")
 
 
