@@ -42,3 +42,32 @@ def test_sparsity_that_empties_a_layer_is_rejected():
     model = make_model(cfg, get_spec("digits"))
     with pytest.raises(AllocationError, match="no active weight"):
         init_model(model, cfg, torch.Generator().manual_seed(0))
+
+
+def test_the_weights_kept_dense_outside_the_sparse_layers_are_counted():
+    """A ViT's or Swin's attention projections stay dense (sparsify keeps them): train and inspect said
+    nothing of them, so "density 0.10" read as the whole model's while 40% of its weights were dense."""
+    from torch import nn
+
+    import ssvi_cli as ssvi
+    from ssvi_cli.core.allocation import kept_dense_weights
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(10, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.norm = nn.LayerNorm(8)
+            self.head = nn.Linear(8, 3)
+            self.tied = self.head  # one layer under two names: counted once
+
+        def forward(self, tokens):
+            x = self.embed(tokens)
+            return self.head(self.norm(self.attn(x, x, x)[0]).mean(1))
+
+    model = Block()
+    ssvi.sparsify(model, 0.5)
+    assert kept_dense_weights(model) == 10 * 8 + 3 * 8 * 8 + 8 * 8  # embedding, in-projection, out_proj
+    cfg = C.load_preset("digits_mlp")
+    mlp = make_model(cfg, get_spec("digits"))
+    assert kept_dense_weights(mlp) == 0  # every weight of ssvi's own models is in a sparse layer

@@ -36,7 +36,8 @@ def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
         "method": summary["method"],
         "model / data": f"{summary['model']} / {summary['dataset']}",
         "target sparsity": summary["sparsity"],
-        "achieved density": f"{summary['density']:.4f} ({summary['active_weights']:,} of {summary['total_weights']:,} weights)",
+        "achieved density": f"{summary['density']:.4f} ({summary['active_weights']:,} of {summary['total_weights']:,} weights)"
+                            + (f"; {summary['kept_dense_weights']:,} more in layers kept dense" if summary.get("kept_dense_weights") else ""),
         "test accuracy": summary["test_accuracy"],
         "test NLL": summary["test_nll"],
         "evaluated as": summary["test_mode"] + (f", S={summary['test_samples']}" if summary["test_samples"] else ""),
@@ -262,20 +263,22 @@ def forwarded_args(ctx: typer.Context, drop: tuple[str, ...] = ()) -> list[str]:
 
 
 def _fit(trainer, interrupted_cls, quiet: bool, notes: bool = True) -> dict[str, Any]:
-    """Train with a progress display (none when ``quiet``); ``notes``: warnings on stderr, which
-    ``--json`` keeps (its standard output is the summary alone). A progress line that finds no reader
-    (``2>&1 | head``, a closed terminal) is dropped: the run goes on to its model file."""
+    """Train with a progress display (none when ``quiet``); ``notes``: warnings on stderr, which ``--json``
+    keeps. A line that finds no reader (``2>&1 | head``) is dropped: the run goes on to its model file."""
+    from ssvi_cli.core.allocation import kept_dense_weights
     from ssvi_cli.training.records import Progress
 
     cfg = trainer.cfg
     if not quiet:
-        tell(f"training {cfg.model.name} on {cfg.data.name} with {cfg.sparse.method} "
-                  f"(density {cfg.density:.3g}, {count(cfg.train.epochs, 'epoch')}, device {trainer.device}) "
-                  f"-> {trainer.run_dir}")
+        tell(f"training {cfg.model.name} on {cfg.data.name} with {cfg.sparse.method} (density {cfg.density:.3g}, "
+             f"{count(cfg.train.epochs, 'epoch')}, device {trainer.device}) -> {trainer.run_dir}")
     if notes and cfg.method.moves_support and trainer.schedule.updates == 0:
         hint = "" if cfg.sparse.delta_t == "auto" else " (--set sparse.delta_t=auto spaces them to fit the run)"
         tell(f"note: a run of {count(trainer.total_steps, 'step')} has no subspace step before t_end at "
-                  f"delta_t {trainer.schedule.delta_t}, so the support will not move{hint}", highlight=False)
+             f"delta_t {trainer.schedule.delta_t}, so the support will not move{hint}", highlight=False)
+    if notes and (kept := kept_dense_weights(trainer.model)):
+        tell(f"note: {kept:,} weights of {cfg.model.name} sit in layers ssvi keeps dense (attention projections, "
+             "embeddings: docs/API.md, sparsify); the sparsity, file savings and FLOPs count its converted layers")
     with progress_bar(enabled=not quiet) as bar:
         task = None
 

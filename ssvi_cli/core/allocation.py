@@ -119,3 +119,20 @@ def initialise(model: nn.Module, densities: dict[str, float], init: InitSpec,
         layer.set_support(idx, mu, rho)
         if layer.bias is not None:
             nn.init.zeros_(layer.bias)
+
+
+def kept_dense_weights(model: nn.Module) -> int:
+    """Weights of the model's matrices and kernels outside its sparse layers: the parameters of two or
+    more dimensions of the layers ``sparsify`` keeps as they are (attention projections, a padded
+    conv) and of embeddings, which no sparsity, file saving or FLOPs count covers."""
+    sparse = {id(layer) for _, layer in sparse_layers(model)}
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        if id(module) in sparse:
+            continue
+        for p in module.parameters(recurse=False):
+            if p.dim() >= 2 and id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total

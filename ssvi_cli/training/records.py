@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from ssvi_cli.core.allocation import kept_dense_weights
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.training import distributed
 
@@ -23,6 +24,7 @@ def density_report(model: nn.Module) -> dict[str, Any]:
         "total": total,
         "density": active / total if total else 1.0,
         "layers": {n: round(l.density, 6) for n, l in layers},
+        "kept_dense": kept_dense_weights(model),
     }
 
 

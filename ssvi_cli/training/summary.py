@@ -84,6 +84,7 @@ def finish(trainer: "Trainer") -> dict[str, Any]:
         "density": dens["density"],
         "active_weights": dens["active"],
         "total_weights": dens["total"],
+        "kept_dense_weights": dens["kept_dense"],  # outside the sparse layers (attention projections, embeddings)
         "epochs": state.epoch,
         "steps": state.step,
         "subspace_steps": state.subspace_steps,
