@@ -41,12 +41,12 @@ class InitWeights:
     source: str
     reinitialised: tuple[str, ...] = ()
     stem: Optional[str] = None
+    left_out: Optional[str] = None  # what of the state the run does not use, said
 
     def describe(self) -> str:
         """One line: what was loaded, adapted and re-initialised."""
         parts = [f"init from {self.source}: {len(self.state)} tensors loaded"]
-        if self.stem:
-            parts.append(self.stem)
+        parts += [p for p in (self.stem, self.left_out) if p]
         if self.reinitialised:
             parts.append(f"head re-initialised ({', '.join(self.reinitialised)})")
         return "; ".join(parts)
@@ -67,8 +67,13 @@ def load_init_weights(cfg: Config, spec: DataSpec, progress: bool = False) -> In
         model = base_for(cfg, spec)
     if not source.startswith(TORCHVISION):
         state = read_state_dict(Path(source))
+        # torchvision's default GoogLeNet and Inception v3 carry auxiliary classifiers, which ssvi builds
+        # without (as for published weights): their keys are left out, and the run says so.
+        aux = sorted({k.split(".")[0] for k in state if k.startswith(AUX_HEADS) and k not in model.state_dict()})
+        state = {k: v for k, v in state.items() if not k.startswith(tuple(f"{a}." for a in aux))}
         check_state_dict(model, state, Path(source))
-        return InitWeights(state, source)
+        return InitWeights(state, source, left_out=f"auxiliary classifiers left out ({', '.join(aux)}: ssvi "
+                                                  "builds the network without them)" if aux else None)
     builder = cfg.model.name[len(TORCHVISION):]
     weights, label = published_weights(cfg)
     classes = len(weights.meta.get("categories") or ()) or spec.num_classes
@@ -135,9 +140,7 @@ def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: Path | 
                               f"needs {tuple(value.shape)} ({hint})")
     extra = [k for k in state if k not in expected]
     if extra:
-        aux = ("; ssvi builds GoogLeNet and Inception v3 without their auxiliary classifiers (aux_logits=False): "
-               "leave those keys out") if extra[0].startswith(AUX_HEADS) else ""
-        raise ConfigError(f"--init-from {source} holds {extra[0]!r}, which the model does not have{aux}")
+        raise ConfigError(f"--init-from {source} holds {extra[0]!r}, which the model does not have")
 
 
 def base_for(cfg: Config, spec: DataSpec) -> nn.Module:
