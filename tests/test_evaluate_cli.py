@@ -88,6 +88,16 @@ def test_defaults_are_the_test_split_and_30_monte_carlo_samples(capsys, model_fi
     assert doc["ood"] == {} and doc["model_info"]["trained_on"] == "digits"
 
 
+def test_each_ood_set_is_capped_at_2000_items_or_at_ood_max_items(capsys, model_file):
+    """A ViT at 224 pixels took half an hour on the 2000 noise images of an 18-image test split:
+    --ood-max-items draws fewer (seeded), the default staying the evaluation's own."""
+    from ssvi_cli.evaluation.inputs import OOD_MAX_ITEMS
+
+    assert _json(capsys, str(model_file), "--samples", "1", "--ood", "noise")["ood"]["noise"]["n"] == OOD_MAX_ITEMS == 2000
+    few = _json(capsys, str(model_file), "--samples", "1", "--ood", "noise", "--ood-max-items", "50")
+    assert few["ood"]["noise"]["n"] == 50 and few["ood"]["noise"]["scores"]["entropy"]["auroc"] is not None
+
+
 def test_mean_mode_records_no_samples(capsys, model_file):
     doc = _json(capsys, str(model_file), "--mode", "mean", "--ood", "noise")
     assert doc["mode"] == "mean" and doc["samples"] is None and doc["metrics"]["mi_mean"] is None

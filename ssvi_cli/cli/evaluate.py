@@ -105,6 +105,7 @@ def register(app: typer.Typer) -> None:
         mode: Annotated[str, typer.Option(help="mc (Bayesian model average of S samples) or mean (the mean network).")] = "mc",
         batch_size: Annotated[int, typer.Option(help="Images per prediction batch.")] = 500,
         seed: Annotated[int, typer.Option(help="Seed of the Monte Carlo draws and of the OOD subsets.", min=0, max=MAX_SEED)] = 0,
+        ood_max_items: Annotated[int, typer.Option("--ood-max-items", help="Items of each OOD set at most, drawn with --seed (fewer: faster for a large model, a noisier AUROC).", min=1)] = 2000,
         data_dir: Annotated[Optional[Path], typer.Option(help="Folder of torchvision datasets, for the in-distribution data and --ood NAME (default: the training config's, else ~/.cache/ssvi/data).")] = None,
         download: Annotated[bool, typer.Option(help="Download missing torchvision datasets.")] = False,
         device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); the default, cpu, gives the numbers a machine without a GPU gives.")] = "cpu",
@@ -142,7 +143,7 @@ def register(app: typer.Typer) -> None:
         loaded = load_model(model)
         loaded.model.to(device)
         data = load_eval_data(loaded.spec, loaded.card.training, dataset=dataset, split=split, ood=tuple(ood or ()),
-                                 data_dir=data_dir, download=download, seed=seed)
+                                 data_dir=data_dir, download=download, seed=seed, ood_max_items=ood_max_items)
         if not json_out:
             sets = f" + OOD {', '.join(data.ood)}" if data.ood else ""
             runs = ev.effective_mode(loaded.model, mode)
