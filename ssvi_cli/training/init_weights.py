@@ -69,7 +69,8 @@ def load_init_weights(cfg: Config, spec: DataSpec, progress: bool = False) -> In
         state = read_state_dict(Path(source))
         # torchvision's default GoogLeNet and Inception v3 carry auxiliary classifiers, which ssvi builds
         # without (as for published weights): their keys are left out, and the run says so.
-        aux = sorted({k.split(".")[0] for k in state if k.startswith(AUX_HEADS) and k not in model.state_dict()})
+        own = model.state_dict()
+        aux = sorted({k.split(".")[0] for k in state if k.startswith(AUX_HEADS) and k not in own})
         state = {k: v for k, v in state.items() if not k.startswith(tuple(f"{a}." for a in aux))}
         check_state_dict(model, state, Path(source))
         return InitWeights(state, source, left_out=f"auxiliary classifiers left out ({', '.join(aux)}: ssvi "
