@@ -494,6 +494,38 @@ def test_outputs_never_land_among_a_sweeps_files_or_a_runs_checkpoints(tmp_path:
     assert (out / "reliability.png").is_file()
 
 
+def test_nothing_lands_below_a_sweeps_cells_or_logs_but_its_own_cells(tmp_path: Path, capsys):
+    """--plots SWEEP/logs/pl, --plots SWEEP/cells/CELL, --output SWEEP/logs/sub/x.json and train --out
+    SWEEP/cells/mine were accepted: the guard looked one folder deep, and the sweep's --force removes
+    cells/ and logs/ with everything in them. The sweep's own cells still train and evaluate there."""
+    out, sweep = tmp_path / "r", tmp_path / "s"
+    small = ["--set", "model.widths=[8]", "--set", "data.max_train=64", "--set", "train.eval_samples=1"]
+    assert run(["train", "--out", str(out), "--epochs", "1", *small]) == 0
+    assert run(["sweep", "--method", "ssvi", "--sparsity", "0.9", "--out", str(sweep), "--samples", "1",
+                "--set", "train.epochs=1", *small]) == 0
+    cell = sweep / "cells" / "ssvi_s0.9_seed0"
+    (sweep / "logs" / "sub").mkdir()
+    capsys.readouterr()
+    before = sorted(p.relative_to(sweep) for p in sweep.rglob("*"))
+    for args, words in ((["--plots", str(sweep / "logs" / "pl")], "is in the logs folder of the sweep"),
+                        (["--plots", str(cell)], "is in the cells folder of the sweep"),
+                        (["--plots", str(sweep / "cells" / "pl")], "is in the cells folder of the sweep"),
+                        (["--output", str(sweep / "logs" / "sub" / "x.json")], "is in the logs folder of the sweep"),
+                        (["--output", str(cell / "mine.json")], "is in the cells folder of the sweep")):
+        assert run(["evaluate", str(out), "--samples", "1", *args]) == 2, args
+        said = capsys.readouterr().err
+        assert words in said and f"of the sweep in {sweep}" in said and len(said.strip().splitlines()) == 1, said
+    for target in (sweep / "cells" / "mine", cell / "sub"):
+        assert run(["train", "--out", str(target), "--epochs", "1", *small]) == 2, target
+        assert "is in the cells folder of the sweep" in capsys.readouterr().err
+    assert run(["train", "--out", str(cell), "--force", "--epochs", "1", *small]) == 2
+    assert "is in the cells folder of the sweep" in capsys.readouterr().err
+    assert sorted(p.relative_to(sweep) for p in sweep.rglob("*")) == before
+    assert run(["sweep", "--run-cell", str(cell), "--json"]) == 0  # the sweep's own run of it: done already
+    (cell / "evaluation.json").unlink()  # evaluated again by the sweep, in the cell
+    assert run(["sweep", "--resume", str(sweep)]) == 0 and (cell / "evaluation.json").is_file()
+
+
 def test_a_report_never_replaces_another_runs_model_file(tmp_path: Path, capsys):
     """evaluate --output OTHER_RUN/model.safetensors wrote its JSON report over that run's model file."""
     import numpy as np

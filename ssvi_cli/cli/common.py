@@ -16,6 +16,7 @@ from rich.table import Table
 from ssvi_cli.fileio import check_writable, is_entry, json_default, json_ready
 
 if TYPE_CHECKING:
+    import typer
     from rich.progress import Progress
 
 # Tables printed into a pipe or a file (`ssvi inspect m | less`, `> report.txt`) keep one row per line:
@@ -111,17 +112,29 @@ def _refuse_a_folder_ssvi_keeps(folder: Path, shown: str, flag: str, file: bool)
     ``--report`` reads: ``folder`` the output folder, or the folder of a ``file``, as it resolves;
     ``shown`` the flag and path as given."""
     from ssvi_cli.runs.rundir import checkpoints_owner
-    from ssvi_cli.sweep.grid import CELLS_DIR, is_sweep_dir
-    from ssvi_cli.sweep.runner import LOGS_DIR
 
     owner = checkpoints_owner(folder)
     if owner is not None:
         where = "is" if not file and folder.parent == owner else "is in"  # the folder itself, or below it
         raise UsageError(f"{shown} {where} the checkpoints folder of the run in {owner}, which --resume reads and "
                          f"--force removes; give another {flag} path")
-    if any(is_entry(folder, n) for n in (CELLS_DIR, LOGS_DIR)) and is_sweep_dir(folder.parent):
-        raise UsageError(f"{shown} {'is in' if file else 'is'} the {folder.name} folder of the sweep in "
-                         f"{folder.parent}, which the sweep writes and --report reads; give another {flag} path")
+    _refuse_a_sweeps_folder(folder, shown, flag, file)
+
+
+def _refuse_a_sweeps_folder(folder: Path, shown: str, flag: str, file: bool) -> None:
+    """Refuse output at or below a sweep's ``cells`` or ``logs`` folder (all of which ``--force``
+    removes) but the sweep's own run of a cell (:func:`running_cell`)."""
+    from ssvi_cli.sweep.grid import CELLS_DIR, is_sweep_dir
+    from ssvi_cli.sweep.runner import LOGS_DIR
+
+    running = _RUNNING_CELL.get()
+    for below in (folder, *folder.parents):  # the cells or logs folder itself, or anything below it
+        if any(is_entry(below, n) for n in (CELLS_DIR, LOGS_DIR)) and is_sweep_dir(below.parent):
+            if running is not None and folder == running:
+                return  # the sweep's own run of that cell: its training, and its evaluation (checked apart)
+            where = "is" if below == folder and not file else "is in"
+            raise UsageError(f"{shown} {where} the {below.name} folder of the sweep in {below.parent}, which the "
+                             f"sweep writes, --report reads and --force removes; give another {flag} path")
 
 
 def _refuse_a_sweeps_own(path: Path, folder: Path, flag: str) -> None:
@@ -135,19 +148,20 @@ def _refuse_a_sweeps_own(path: Path, folder: Path, flag: str) -> None:
                          "--report reads; give another path")
 
 
-# The cell whose evaluation ``ssvi sweep --run-cell`` is writing: the one evaluate that may write it.
-_CELL_EVALUATION: ContextVar[Optional[Path]] = ContextVar("cell_evaluation", default=None)
+# The cell ``ssvi sweep --run-cell`` is running: the one run that may write in a sweep's cells folder.
+_RUNNING_CELL: ContextVar[Optional[Path]] = ContextVar("running_cell", default=None)
 
 
 @contextmanager
-def writing_cell_evaluation(cell: Path) -> Iterator[None]:
-    """Within the block, ``ssvi evaluate --output CELL/evaluation.json`` writes the sweep's evaluation of
-    ``cell``, which :func:`check_output_file` refuses to any other command."""
-    token = _CELL_EVALUATION.set(Path(cell).resolve())
+def running_cell(cell: Path) -> Iterator[None]:
+    """Within the block, ``ssvi train --out CELL`` and ``ssvi evaluate --output CELL/evaluation.json``
+    are the sweep's own run of ``cell``, which :func:`check_output_file` and :func:`check_run_out`
+    refuse to any other command."""
+    token = _RUNNING_CELL.set(Path(cell).resolve())
     try:
         yield
     finally:
-        _CELL_EVALUATION.reset(token)
+        _RUNNING_CELL.reset(token)
 
 
 def _refuse_a_cells_evaluation(path: Path, folder: Path, flag: str) -> None:
@@ -156,12 +170,22 @@ def _refuse_a_cells_evaluation(path: Path, folder: Path, flag: str) -> None:
     from ssvi_cli.runs.rundir import EVALUATION_FILE
     from ssvi_cli.sweep.grid import CELLS_DIR, is_sweep_dir
 
-    if not is_entry(folder / path.name, EVALUATION_FILE) or _CELL_EVALUATION.get() == folder:
+    if not is_entry(folder / path.name, EVALUATION_FILE) or _RUNNING_CELL.get() == folder:
         return
     if is_entry(folder.parent, CELLS_DIR) and is_sweep_dir(folder.parent.parent):
         raise UsageError(f"{flag} {path} is the evaluation of cell {folder.name} of the sweep in {folder.parent.parent}, "
                          "which --report reads (another evaluation there would drop the cell from the report); give "
                          "another path")
+
+
+def check_run_out(path: Path) -> None:
+    """Refuse ``ssvi train --out`` in a sweep's cells or logs folder (a cell is trained there by the
+    sweep alone; a run's checkpoints folder is refused by ``RunDir.check_claim``)."""
+    from ssvi_cli.runs.rundir import LOCK_HELD_ENV
+
+    if os.environ.get(LOCK_HELD_ENV) == str(path.resolve()):
+        return  # a process of ssvi train --nproc, whose launcher checked it
+    _refuse_a_sweeps_folder(path.resolve(), f"--out {path}", "--out", file=False)
 
 
 def check_output_dir(path: Path, flag: str) -> None:
@@ -170,6 +194,27 @@ def check_output_dir(path: Path, flag: str) -> None:
         raise UsageError(f"{flag} {path} exists and is not a directory; give a folder path")
     _refuse_a_folder_ssvi_keeps(path.resolve(), f"{flag} {path}", flag, file=False)  # or will be, once made
     check_writable(path, f"{flag} {path}")  # or, while missing, the folder it would be made in
+
+
+def forwarded_args(ctx: "typer.Context", drop: tuple[str, ...] = ()) -> list[str]:
+    """The command line that reproduces this command's given options (those not left at None/False,
+    and a tri-state flag's explicit ``--no-...``)."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        # A tri-state flag (default None, e.g. --download/--no-download) forwards an explicit "no".
+        explicit_no = value is False and param.default is None and bool(getattr(param, "secondary_opts", ()))
+        if param.name in drop or param.param_type_name != "option" or (value in (None, False, [], ()) and not explicit_no):
+            continue
+        flag = param.secondary_opts[0] if explicit_no else param.opts[0]
+        if value is True or explicit_no:
+            args.append(flag)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                args += [flag, str(item)]
+        else:
+            args += [flag, str(value)]
+    return args
 
 
 def check_device(device: str) -> str:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import typer
 
-from ssvi_cli.cli.common import UsageError, count, err, print_json, writing_cell_evaluation
+from ssvi_cli.cli.common import UsageError, count, err, print_json, running_cell
 
 if TYPE_CHECKING:
     from ssvi_cli.sweep.grid import Cell, SweepSpec
@@ -45,7 +45,7 @@ def run_cell(path: Path, run: Callable[[list[str]], int], json_out: bool = False
             clear_failure(path)
             try:
                 check_changed(path.parent.parent, spec, [cell])
-                with redirect_stdout(sys.stderr) if json_out else nullcontext():
+                with redirect_stdout(sys.stderr) if json_out else nullcontext(), running_cell(path):
                     code = _train_and_evaluate(path, cell, spec, run)
             except (KeyboardInterruptHandled, KeyboardInterrupt):
                 raise
@@ -83,8 +83,7 @@ def _train_and_evaluate(path: Path, cell: Cell, spec: SweepSpec, run: Callable[[
         code = 0
     if code:
         return code
-    with writing_cell_evaluation(path):
-        return run(["evaluate", *cell.eval_args(spec, path)])
+    return run(["evaluate", *cell.eval_args(spec, path)])
 
 
 def check_changed(sweep_dir: Path, spec: "SweepSpec", cells: list["Cell"]) -> None:

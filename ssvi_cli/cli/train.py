@@ -12,8 +12,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ssvi_cli import config as cfgmod
-from ssvi_cli.cli.common import (UsageError, count, err, fmt, kv_table, no_reader, out, print_json, progress_bar,
-                                 tell)
+from ssvi_cli.cli.common import (UsageError, check_run_out, count, err, fmt, forwarded_args, kv_table, no_reader,
+                                 out, print_json, progress_bar, tell)
 
 
 def build_config(preset: str, overrides: dict[str, Any], sets: list[str]) -> cfgmod.Config:
@@ -119,6 +119,8 @@ def register(app: typer.Typer) -> None:
                                      ("--kernel", kernel)) if v]
             if given:
                 raise UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
+        elif out_dir is not None:
+            check_run_out(out_dir)  # a sweep's cells folder, say, before anything else
         if nproc is not None and nproc > 1:
             if info is not None:
                 raise UsageError("--nproc starts torch.distributed.run itself; under torchrun drop it")
@@ -239,27 +241,6 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: str,
         raise typer.Exit(128 + int(stopped_by))
     if code:
         raise typer.Exit(code)
-
-
-def forwarded_args(ctx: typer.Context, drop: tuple[str, ...] = ()) -> list[str]:
-    """The command line that reproduces this command's given options (those not left at None/False,
-    and a tri-state flag's explicit ``--no-...``)."""
-    args: list[str] = []
-    for param in ctx.command.params:
-        value = ctx.params.get(param.name)
-        # A tri-state flag (default None, e.g. --download/--no-download) forwards an explicit "no".
-        explicit_no = value is False and param.default is None and bool(getattr(param, "secondary_opts", ()))
-        if param.name in drop or param.param_type_name != "option" or (value in (None, False, [], ()) and not explicit_no):
-            continue
-        flag = param.secondary_opts[0] if explicit_no else param.opts[0]
-        if value is True or explicit_no:
-            args.append(flag)
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                args += [flag, str(item)]
-        else:
-            args += [flag, str(value)]
-    return args
 
 
 def _fit(trainer, interrupted_cls, quiet: bool, notes: bool = True) -> dict[str, Any]:
