@@ -560,6 +560,19 @@ def from_preset(name_or_path: str, overrides: dict[str, Any]) -> Config:
     return with_absolute_paths(apply_overrides(load_preset(name_or_path, chosen), overrides))
 
 
+def check_imagefolder_keys(cfg: Config, given: Any = ()) -> None:
+    """Refuse the image folder keys (:data:`IMAGEFOLDER_KEYS`) for a dataset that is not an image
+    folder, which has its own shape and normalisation and would ignore them: each one off its default,
+    and each one in ``given`` (the ``"section.key"`` names the command line set) at any value."""
+    if cfg.data.name.startswith("imagefolder:"):
+        return
+    for key in IMAGEFOLDER_KEYS:
+        value = getattr(cfg.data, key)
+        if f"data.{key}" in given or value != getattr(DataConfig, key):
+            raise ConfigError(f"data.{key}={as_typed(value)} applies to image folders (data.name=imagefolder:PATH) "
+                              f"only; {cfg.data.name} has its own input shape and normalisation")
+
+
 def with_absolute_paths(cfg: Config) -> Config:
     """``cfg`` with every path it names absolute (:func:`absolute_path`)."""
     flat = flat_dict(cfg)

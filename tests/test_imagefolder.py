@@ -267,6 +267,10 @@ def test_folder_errors_are_one_line(ws, folder, words, capsys, tmp_path):
                                       "only; digits has its own input shape and normalisation"),
     (["--data", "mnist", "--set", "data.mean=[0.5]"], "data.mean=[0.5] applies to image folders"),
     (["--data", "cifar10", "--set", "data.channels=2"], "data.channels=2 applies to image folders"),
+    # at its default value too: data.test_fraction=0.2 on digits was silently ignored
+    (["--set", "data.test_fraction=0.2"], "data.test_fraction=0.2 applies to image folders"),
+    (["--set", "data.image_size=32", "--nproc", "2"], "data.image_size=32 applies to image folders"),
+    (["--data", "imagefoldr:/tmp", "--set", "data.channels=3"], "unknown dataset 'imagefoldr:/tmp'"),
     (["--data", "imagefoldr:/tmp", "--set", "data.image_size=16"], "unknown dataset 'imagefoldr:/tmp'"),
     (["--data", "MNIST"], "(did you mean mnist or kmnist?)"),
     (["--data", "."], "unknown dataset '.'; . is a folder: for the class folders in it, pass imagefolder:."),

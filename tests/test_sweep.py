@@ -311,6 +311,8 @@ def test_a_cell_stopped_by_a_signal_says_so():
     (["--set", "sparse.criterion=foo"], None, "cell ssvi_s0.95_seed0: unknown criterion 'foo'"),
     (["--criterion", "mean,foo"], None, "unknown criterion 'foo'"),
     (["--set", "optim.fo=1"], None, "unknown config key 'optim.fo' in --set 'optim.fo=1'; did you mean optim.lr"),
+    (["--set", "data.test_fraction=0.2"], None, "data.test_fraction=0.2 applies to image folders"),
+    ([], "set: {data.image_size: 32}\n", "data.image_size=32 applies to image folders"),
     ([], "samples: 0\n", "samples=0: evaluation needs a positive number"),
     ([], "set: {optim.foo: [1, 2]}\n", "unknown config key 'optim.foo' in --file"),
     ([], "axes: {sparse.alpha: [0.1]}\n", "unknown sweep key 'axes'; valid keys are: preset, method, methods"),

@@ -31,6 +31,11 @@ def build_config(preset: str, overrides: dict[str, Any], sets: list[str]) -> cfg
     return cfgmod.from_preset(preset, flat)
 
 
+def set_keys(sets: list[str]) -> list[str]:
+    """The config keys ``--set`` gives (read by :func:`build_config`, which refuses a bad one first)."""
+    return [cfgmod.parse_override(text)[0] for text in sets]
+
+
 def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
     rows = {
         "method": summary["method"],
@@ -144,7 +149,8 @@ def register(app: typer.Typer) -> None:
                 # Names, device, data and the layer budget are checked before --force removes an old run,
                 # so a missing dataset or an impossible sparsity never costs the run being replaced.
                 cfg = build_config(preset, overrides, set_ or [])
-                plan = RunPlan.new(cfg, out_dir or _default_run_dir(cfg, preset), progress=not json_out and info.is_main)
+                plan = RunPlan.new(cfg, out_dir or _default_run_dir(cfg, preset), progress=not json_out and info.is_main,
+                                   given=set_keys(set_ or []))
                 if plan.init_note and info.is_main and not json_out:
                     tell(plan.init_note, highlight=False)
                 if (data_dir is not None or download) and info.is_main and not reads_data_dir(plan.cfg.data.name):
@@ -222,7 +228,7 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: str,
 
     if resume is None:
         cfg = build_config(preset, overrides, sets)
-        preflight(cfg)
+        preflight(cfg, given=set_keys(sets))
         run = RunDir(out_dir) if out_dir else _default_run_dir(cfg, preset)
         run.check_claim(force)  # a folder that is not a run is refused before a lock is left in it
         flag = "--out"

@@ -30,12 +30,13 @@ def check_runnable(spec: SweepSpec, cells: list[Cell]) -> None:
     heldout = any(r.kind == HELDOUT for r in requests)
     checked: set[str] = set()
     for cell, cfg in cell_configs(spec, cells):
-        what = json.dumps([cfg.model.name, cfg.sparse.criterion, asdict(cfg.data)], sort_keys=True, default=str)
+        given = sorted(cell.overrides(spec))  # an image folder key set for another dataset: refused
+        what = json.dumps([cfg.model.name, cfg.sparse.criterion, asdict(cfg.data), given], sort_keys=True, default=str)
         if what in checked:  # an image folder is scanned once, not once per cell
             continue
         checked.add(what)
         try:
-            data_spec = check_names(cfg)
+            data_spec = check_names(cfg, given)
         except (UnknownName, DataError) as exc:
             raise SweepError(f"cell {cell.name}: {exc}") from None
         if heldout and cfg.data.classes is None:

@@ -12,8 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from ssvi_cli.config import (DEVICES, IMAGEFOLDER_KEYS, Config, ConfigError, DataConfig, apply_overrides, as_typed,
-                             from_dict)
+from ssvi_cli.config import DEVICES, Config, ConfigError, apply_overrides, check_imagefolder_keys, from_dict
 from ssvi_cli.core.allocation import InitSpec, initialise, layer_densities
 from ssvi_cli.core.criteria import REMOVAL_CRITERIA
 from ssvi_cli.core.layers import sparse_layers
@@ -37,20 +36,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_names(cfg: Config) -> DataSpec:
+def check_names(cfg: Config, given: Any = ()) -> DataSpec:
     """Resolve every registry name of ``cfg`` (errors list the valid names); reads no file. Then the
     image folder keys (``config.IMAGEFOLDER_KEYS``) set for another dataset are refused: it has its own
-    shape and normalisation and would ignore them (a new run's config; a recorded one is not checked).
+    shape and normalisation and would ignore them (a new run's config; a recorded one is not checked):
+    each one off its default, and each one in ``given`` (the keys the command line set) at any value.
     Returns the data's spec, as read to check its name (an image folder is scanned once)."""
     check_model_name(cfg.model.name)
     spec = check_dataset_name(cfg.data.name, cfg.data)
     REMOVAL_CRITERIA.get(cfg.sparse.criterion)
-    if not cfg.data.name.startswith("imagefolder:"):
-        for key in IMAGEFOLDER_KEYS:
-            value = getattr(cfg.data, key)
-            if value != getattr(DataConfig, key):
-                raise ConfigError(f"data.{key}={as_typed(value)} applies to image folders (data.name=imagefolder:PATH) "
-                                  f"only; {cfg.data.name} has its own input shape and normalisation")
+    check_imagefolder_keys(cfg, given)
     return spec
 
 
@@ -129,11 +124,12 @@ class RunPlan:
     @classmethod
     def new(cls, cfg: Config, run_dir: Optional[RunDir | Path] = None,
             splits: Optional[DataSplits] = None, device: Optional[str] = None,
-            progress: bool = False) -> "RunPlan":
+            progress: bool = False, given: Any = ()) -> "RunPlan":
         """A new run of ``cfg``; nothing is written (the run directory is claimed by the caller) but
         torch.hub's cache, when ``model.init_from`` names torchvision weights not yet there
-        (``progress``: show that download's progress bar)."""
-        check_names(cfg)
+        (``progress``: show that download's progress bar). ``given``: the keys the command line set
+        (:func:`check_names`)."""
+        check_names(cfg, given)
         dev = resolve_device(device or cfg.train.device)
         splits = splits or load_data(cfg)
         card = ModelCard.from_config(cfg, splits.spec)
@@ -212,11 +208,11 @@ def check_data_present(cfg: Config) -> None:
                      train=train, options=d)
 
 
-def preflight(cfg: Config, device: Optional[str] = None) -> None:
+def preflight(cfg: Config, device: Optional[str] = None, given: Any = ()) -> None:
     """What :meth:`RunPlan.new` checks, short of decoding the training images: for a launcher that
     checks a run once, where its errors read well, before its processes start and before ``--force``
     removes an old run."""
-    spec = check_names(cfg)
+    spec = check_names(cfg, given)
     resolve_device(device or cfg.train.device)
     check_data_present(cfg)
     _planned(ModelCard.from_config(cfg, spec), cfg, spec)
