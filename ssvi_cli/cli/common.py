@@ -86,9 +86,9 @@ def check_output_file(path: Path, flag: str) -> None:
                                       RunDir)
 
     folder = path.parent.resolve()  # the folder as it is, however it was reached (.., a symlink)
+    _refuse_a_cells_evaluation(path, folder, flag)  # before the cells folder's refusal: it says more
     _refuse_a_folder_ssvi_keeps(folder, f"{flag} {path}", flag, file=True)
     _refuse_a_sweeps_own(path, folder, flag)
-    _refuse_a_cells_evaluation(path, folder, flag)
     records = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, SUPPORT_FILE, LOCK_FILE)
     name = next((n for n in (*records, MODEL_FILE) if is_entry(folder / path.name, n)), None)
     if name is None:
