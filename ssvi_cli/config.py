@@ -340,18 +340,21 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 _strict_loader: Any = None
+_typed_loader: Any = None
 
 
 def read_yaml(text: str) -> Any:
-    """A YAML file's text as ``yaml.safe_load`` reads it, except that a key given twice in one mapping
-    is an error (``yaml.YAMLError``, with the line): PyYAML alone keeps the last one silently, so a
-    preset or sweep file that sets a key twice would run with one of the two unsaid."""
+    """A preset or sweep file's text as YAML, its numbers read as :func:`read_typed` reads them (``010``
+    is ten, as on a command line), and a key given twice in one mapping an error (``yaml.YAMLError``,
+    with the line): PyYAML alone keeps the last one silently, so a file that sets a key twice would
+    run with one of the two unsaid."""
     global _strict_loader
     import yaml
 
     if _strict_loader is None:
-        class Loader(yaml.SafeLoader):
+        class Loader(_typed_loader_class()):  # type: ignore[misc]
             def construct_mapping(self, node: Any, deep: bool = False) -> Any:
                 seen: set[str] = set()
                 for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
@@ -366,17 +369,23 @@ def read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_strict_loader)  # noqa: S506 (a SafeLoader)
 
 
-_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
-_typed_loader: Any = None
-
-
 def read_typed(text: str) -> Any:
     """``text`` as YAML, with every number the one typed on a command line (``--set`` of ``ssvi train``
-    and ``ssvi sweep`` alike): an integer is decimal (YAML 1.1 reads 010 as octal 8, 0x10 as 16 and
-    1:30 as 90; those stay the text, which no number key takes) and ``1e-3`` is a float (YAML 1.1
-    wants a dot). Raises ValueError on text that is not YAML."""
-    global _typed_loader
+    and ``ssvi sweep`` alike, and the files :func:`read_yaml` reads): an integer is decimal (YAML 1.1
+    reads 010 as octal 8, 0x10 as 16 and 1:30 as 90; those stay the text, which no number key takes)
+    and ``1e-3`` is a float (YAML 1.1 wants a dot). Raises ValueError on text that is not YAML."""
     import yaml  # here, not at the top: commands that never read YAML (infer) skip its import
+
+    try:
+        return yaml.load(text, Loader=_typed_loader_class())  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _typed_loader_class() -> Any:
+    """A SafeLoader whose implicit numbers are :func:`read_typed`'s."""
+    global _typed_loader
+    import yaml
 
     if _typed_loader is None:
         class Loader(yaml.SafeLoader):
@@ -391,10 +400,7 @@ def read_typed(text: str) -> Any:
             list("-+0123456789."))
         Loader.add_constructor(_INT_TAG, lambda loader, node: int(loader.construct_scalar(node), 10))
         _typed_loader = Loader
-    try:
-        return yaml.load(text, Loader=_typed_loader)  # noqa: S506 (a SafeLoader)
-    except yaml.YAMLError as exc:
-        raise ValueError(str(exc)) from None
+    return _typed_loader
 
 
 def as_typed(value: Any) -> str:

@@ -64,6 +64,18 @@ def test_override_values_are_read_as_typed():
     assert override("model.widths=64 32").model.widths == (64, 32) == override("model.widths=[64, 32]").model.widths
 
 
+def test_a_preset_files_numbers_are_read_as_a_command_line_reads_them(tmp_path):
+    """A preset with ``epochs: 010`` trained 8 epochs (YAML 1.1's octal) where --set train.epochs=010
+    trains ten; 0x10 was 16 where --set refuses it; 1e-3 is a number."""
+    (tmp_path / "p.yaml").write_text("train:\n  epochs: 010\noptim:\n  lr: 1e-3\n")
+    cfg = C.load_preset(str(tmp_path / "p.yaml"))
+    assert (cfg.train.epochs, cfg.optim.lr) == (10, 0.001)
+    (tmp_path / "hex.yaml").write_text("sparse:\n  delta_t: 0x10\n")
+    with pytest.raises(C.ConfigError, match="delta_t"):
+        C.load_preset(str(tmp_path / "hex.yaml"))
+    assert C.read_yaml("a: 010\nb: [1e-3, 0.5, yes]\n") == {"a": 10, "b": [0.001, 0.5, True]}
+
+
 def test_a_preset_that_sets_a_key_twice_is_refused_with_its_line(tmp_path):
     (tmp_path / "twice.yaml").write_text("optim:\n  lr: 0.01\n  lr_sigma: 0.003\n  lr: 0.1\n")
     with pytest.raises(C.ConfigError, match=r"not valid YAML at line 4, column 3: the key 'lr' is given twice"):

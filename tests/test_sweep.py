@@ -177,6 +177,14 @@ def test_sweep_values_are_read_as_train_reads_them():
     assert [parse_override(f"train.epochs={v}")[1] for v in ("010", "0x10")] == [10, "0x10"]
 
 
+
+def test_a_sweep_files_numbers_are_read_as_its_flags_are(tmp_path: Path, capsys):
+    """``set: {train.epochs: 010}`` in --file ran 8 epochs (YAML 1.1's octal) where --set ran ten."""
+    (tmp_path / "s.yaml").write_text("set: {train.epochs: 010}\nsparsity: [0.9]\nmethod: ssvi\n")
+    assert run(["sweep", "--file", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "sw"), "--dry-run"]) == 0
+    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["spec"]["fixed"] == {"train.epochs": 10}
+
+
 def test_a_baseline_must_name_exactly_one_group_before_anything_runs(tmp_path: Path, capsys):
     spec = SweepSpec(methods=("ssvi", "vi"), sparsities=(0.9, 0.95), seeds=(0, 1), axes={"sparse.alpha": [0.3, 0.5]})
     cells = expand(spec)
