@@ -96,7 +96,7 @@ def print_report(report: dict[str, Any]) -> None:
 def register(app: typer.Typer) -> None:
     @app.command()
     def evaluate(
-        model: Annotated[Path, typer.Argument(help="Model file (.safetensors), checkpoint or run directory.",
+        model: Annotated[Path, typer.Argument(help="A model file (.safetensors), a training checkpoint (.pt) or a run directory.",
                                               show_default=False)],
         dataset: Annotated[Optional[str], typer.Option(help="In-distribution dataset (default: the one the model was trained on).")] = None,
         split: Annotated[str, typer.Option(help="test, or val (the training-time validation split).")] = "test",
@@ -111,7 +111,7 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); the default, cpu, gives the numbers a machine without a GPU gives.")] = "cpu",
         json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document (and nothing else) on stdout.")] = False,
         output: Annotated[Optional[Path], typer.Option(help="Also write the JSON report to this *.json file (atomically).")] = None,
-        plots: Annotated[Optional[Path], typer.Option(help="Write reliability.png and ood_scores.png into this folder.")] = None,
+        plots: Annotated[Optional[Path], typer.Option(help="Write reliability.png, and ood_scores.png with --ood, into this folder.")] = None,
     ) -> None:
         """Accuracy, calibration (ECE, debiased class-marginal L2 CE), uncertainty and OOD detection."""
         from ssvi_cli.evaluation import evaluator as ev

@@ -17,7 +17,7 @@ HISTORY_ROWS = 12  # support-history steps shown in the table (all are in --json
 def register(app: typer.Typer) -> None:
     @app.command("inspect")
     def inspect_(
-        source: Annotated[Path, typer.Argument(help="A model file (.safetensors) or a run directory.")],
+        source: Annotated[Path, typer.Argument(help="A model file (.safetensors), a training checkpoint (.pt) or a run directory.")],
         json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON only.")] = False,
         plots: Annotated[Optional[Path], typer.Option(help="Write SNR histograms (PNG) to this folder; needs matplotlib.")] = None,
         drop_fraction: Annotated[float, typer.Option(help="Drop fraction of the criteria-overlap analysis.")] = 0.3,
