@@ -122,3 +122,56 @@ def test_mnist_presets_learning_rates_per_method(name, sparse_lr, dense_lr):
     for method in ("vi", "dense"):
         assert C.load_preset(name, method).optim.lr == dense_lr
     assert C.load_preset(name).sparse.method == "ssvi"
+
+
+def test_config_md_lists_every_key_with_its_default():
+    """docs/CONFIG.md is the reference of the keys --set names: each one, once, with the default a
+    preset that leaves it out gets, and the allowed values a choice key takes."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \| `([^`]*)` \| ([^|]*) \|", text, flags=re.M)
+    documented = {key: default for key, default, _ in rows}
+    assert len(documented) == len(rows), "a key is listed twice"
+
+    def shown(value):
+        if isinstance(value, list):
+            return "[" + ", ".join(map(str, value)) + "]"
+        if value is None or isinstance(value, bool):
+            return {None: "null", True: "true", False: "false"}[value]
+        return str(value)
+
+    defaults = {k: shown(v) for k, v in C.flat_dict(C.Config()).items()}
+    assert documented == defaults
+    values = {key: cell for key, _, cell in rows}
+    for key, options in (("sparse.method", C.METHODS.names()),
+                         ("sparse.allocation", C.ALLOCATIONS), ("bayes.sigma_param", C.SIGMA_PARAMS),
+                         ("bayes.mu_init", C.MU_INITS), ("optim.name", C.OPTIMIZERS), ("optim.schedule", C.SCHEDULES),
+                         ("train.device", C.DEVICES), ("train.kernel", C.KERNELS), ("train.precision", C.PRECISIONS),
+                         ("sparse.new_sigma", C.NEW_SIGMA), ("sparse.criterion", criterion_names()),
+                         ("model.name", sorted(MODELS)), ("data.name", dataset_names())):
+        assert set(re.findall(r"`([a-z0-9_-]+)`", values[key])) >= set(options), key
+
+
+def test_presets_name_prints_every_key_it_trains_with(capsys):
+    """ssvi presets NAME: the config a preset trains with, as YAML that --preset reads back, or JSON."""
+    import json
+
+    import yaml
+
+    from ssvi_cli.cli import run
+
+    assert run(["presets", "digits_mlp"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("# ssvi train --preset digits_mlp trains with")
+    assert C.from_dict(yaml.safe_load(text)) == C.load_preset("digits_mlp")
+    assert run(["presets", "mnist_lenet5", "--method", "vi", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["optim"]["lr"] == 0.005 and shown["sparse"]["method"] == "vi"
+    assert C.from_dict(shown) == C.load_preset("mnist_lenet5", "vi")
+    for args, words in ((["nope"], "unknown preset 'nope'"), (["--method", "vi"], "give the preset's NAME too"),
+                        (["digits_mlp", "--method", "foo"], "valid values are: ssvi, vi")):
+        assert run(["presets", *args]) == 2
+        said = capsys.readouterr().err
+        assert words in said and len(said.strip().splitlines()) == 1, said

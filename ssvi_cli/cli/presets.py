@@ -1,20 +1,31 @@
-"""``ssvi presets``: list the shipped presets and the command that runs each."""
+"""``ssvi presets``: list the shipped presets and the command that runs each; ``ssvi presets NAME``:
+every config key of one, as ``ssvi train --preset NAME`` runs it."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from ssvi_cli import config as cfgmod
-from ssvi_cli.cli.common import err, out, print_json
+from ssvi_cli.cli.common import UsageError, err, out, print_json
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
-    def presets(json_out: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
-        """List the presets in presets/ with model, data, method and the command that runs them."""
+    def presets(
+        name: Annotated[Optional[str], typer.Argument(help="A preset's name or YAML file: print every config key it runs with.")] = None,
+        method: Annotated[Optional[str], typer.Option(help="With NAME: the values for this method (its methods: section applied).")] = None,
+        json_out: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+    ) -> None:
+        """List the presets in presets/ with model, data, method and the command that runs them; with
+        NAME, every config key (--set section.key=value) and the value that preset trains with."""
+        if name is not None:
+            _show_one(name, method, json_out)
+            return
+        if method is not None:
+            raise UsageError("--method chooses a preset's values for a method: give the preset's NAME too")
         rows = []
         for name, path in cfgmod.list_presets().items():
             try:
@@ -47,3 +58,15 @@ def register(app: typer.Typer) -> None:
         for name, m, values in own:
             shown = " ".join(f"{k}={v}" for k, v in values.items())
             out.print(f"  {name} --method {m}: {shown}", highlight=False)
+
+
+def _show_one(name: str, method: Optional[str], json_out: bool) -> None:
+    """Every key of preset ``name`` for ``method`` (its own by default), as ``ssvi train --preset`` runs
+    it before flags and ``--set``; YAML a run's ``config.yaml`` and ``--preset FILE`` read."""
+    cfg = cfgmod.load_preset(name, method)
+    if json_out:
+        print_json(cfg.to_dict())
+        return
+    command = f"ssvi train --preset {name}" + (f" --method {method}" if method else "")
+    out.print(f"# {command} trains with these values (change one with --set section.key=value)", highlight=False)
+    out.print(cfgmod.dump_yaml(cfg).rstrip("\n"), highlight=False, soft_wrap=True)
