@@ -147,6 +147,8 @@ CASES = [
     (["infer", "{ws}/run", "{ws}/ok.npy", "--output", "{ws}/nodir/p.jsonl"], "its folder {ws}/nodir does not exist"),
     (["infer", "{ws}/run", "{ws}/ok.npy", "--output", "{ws}/d.jsonl"], "--output {ws}/d.jsonl is a directory"),
     (["infer", "{ws}/run", "{ws}/ok.npy", "--output", "{ws}/p.txt"], "must end in .jsonl or .csv"),
+    (["infer", "{ws}/run", "{ws}/ok.npy", "--top-k", "0"], "--top-k must be at least 1, got 0"),  # named the three
+    (["infer", "{ws}/run", "{ws}/ok.npy", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["infer", "{ws}/run", "{ws}/ok.npy", "--device", "cuda"], "no CUDA device is available"),
     (["infer", "{ws}/run", "{ws}/ok.npy", "--device", "cuda:1"],
      "unknown device 'cuda:1'; valid values are: auto, cpu, cuda (pick the GPU with CUDA_VISIBLE_DEVICES=1"),
@@ -156,6 +158,7 @@ CASES = [
     (["evaluate", "{ws}/plain.safetensors"], "not an ssvi model file"),
     (["evaluate", "{ws}/run", "--output", "{ws}/nodir/r.json"], "its folder {ws}/nodir does not exist"),
     (["evaluate", "{ws}/run", "--output", "{ws}/empty_dir"], "--output {ws}/empty_dir is a directory"),
+    (["evaluate", "{ws}/run", "-o", "{ws}/empty_dir"], "--output {ws}/empty_dir is a directory"),  # -o as infer's
     (["evaluate", "{ws}/run", "--dataset", "imagenet"], "unknown dataset 'imagenet'; valid names are: "),
     (["evaluate", "{ws}/run", "--ood", "svhn", "--data-dir", "{ws}/nodata"],
      "svhn not found or corrupted at {ws}/nodata (missing test_32x32.mat; torchvision: "),

@@ -110,7 +110,7 @@ def register(app: typer.Typer) -> None:
         download: Annotated[bool, typer.Option(help="Download missing torchvision datasets.")] = False,
         device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); the default, cpu, gives the numbers a machine without a GPU gives.")] = "cpu",
         json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document (and nothing else) on stdout.")] = False,
-        output: Annotated[Optional[Path], typer.Option(help="Also write the JSON report to this *.json file (atomically).")] = None,
+        output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the JSON report to this *.json file (atomically).")] = None,
         plots: Annotated[Optional[Path], typer.Option(help="Write reliability.png, and ood_scores.png with --ood, into this folder.")] = None,
     ) -> None:
         """Accuracy, calibration (ECE, debiased class-marginal L2 CE), uncertainty and OOD detection."""

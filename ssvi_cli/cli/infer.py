@@ -42,8 +42,9 @@ def register(app: typer.Typer) -> None:
             raise UsageError("--samples applies to --mode mc; the mean network takes no samples")
         samples_given = samples is not None
         samples = DEFAULT_SAMPLES if samples is None else samples
-        if samples < 1 or batch_size < 1 or top_k < 1:
-            raise UsageError("--samples, --batch-size and --top-k must be at least 1")
+        for flag, value in (("--samples", samples), ("--batch-size", batch_size), ("--top-k", top_k)):
+            if value < 1:
+                raise UsageError(f"{flag} must be at least 1, got {value}")
         if output is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
             raise UsageError(f"--output {output} must end in {' or '.join(OUTPUT_SUFFIXES)}")
         if output is not None:
