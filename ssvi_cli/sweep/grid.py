@@ -196,15 +196,26 @@ def cell_configs(spec: SweepSpec, cells: list[Cell]) -> Iterator[tuple[Cell, cfg
             raise SweepError(f"cell {cell.name}: {exc}") from None
 
 
-def parse_values(text: str) -> list[Any]:
+def parse_values(text: str, where: str = "") -> list[Any]:
     """``a,b,c`` as YAML scalars read as ``ssvi train --set`` reads one (``010`` is ten), ``[..]``
-    groups staying one value: ``[64,64],[128]``."""
+    groups staying one value: ``[64,64],[128]``. An empty item (``2,``) is refused, not dropped;
+    ``where``: the flag and text an error names."""
+    where = where or repr(text)
     try:
         parsed = cfgmod.read_typed(f"[{text}]")
     except ValueError:
-        raise SweepError(f"cannot read the values {text!r}; give them comma-separated, e.g. 0.1,0.2") from None
+        raise SweepError(f"{where}: cannot read the values {text!r}; give them comma-separated, e.g. 0.1,0.2") from None
     if not isinstance(parsed, list) or not parsed:
-        raise SweepError(f"no values in {text!r}")
+        raise SweepError(f"{where} holds no values; give them comma-separated, e.g. 0.1,0.2")
+    depth, items = 0, [""]
+    for char in text:  # the top-level items, as typed: YAML drops a trailing comma's empty one
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append("")
+        else:
+            items[-1] += char
+    if any(not item.strip() for item in items):
+        raise SweepError(f"{where} has an empty item; remove the extra comma")
     if any(isinstance(v, dict) for v in parsed) and "[" not in text:
         # `accumulate:` reads as a mapping, which no key takes: the text typed is meant, as in `ssvi train`
         parsed = [v.strip() for v in text.split(",") if v.strip()]
@@ -234,7 +245,7 @@ def parse_axis(text: str) -> tuple[str, list[Any]]:
         raise SweepError(f"--set expects key.sub=a,b,..., got {text!r}")
     key, raw = (part.strip() for part in text.split("=", 1))
     check_key(key, f"--set {text!r}")
-    values = [typed_number(key, v) for v in parse_values(raw)]
+    values = [typed_number(key, v) for v in parse_values(raw, f"--set {text!r}")]
     if list_valued(key) and not any(isinstance(v, list) for v in values):
         return key, [values]
     return key, values

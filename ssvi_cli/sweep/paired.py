@@ -46,7 +46,7 @@ def select_baseline(spec: SweepSpec, groups: list[dict[str, Any]], selection: li
             raise SweepError(f"--baseline {text!r}: {key!r} is not method, sparsity or a swept key (swept: {swept})")
         if key in wanted:
             raise SweepError(f"--baseline names {key!r} twice")
-        values = parse_values(raw) if raw else [None]
+        values = parse_values(raw, f"--baseline {text!r}") if raw else [None]
         value = values[0] if len(values) == 1 else values
         wanted[key] = "null" if key == "sparsity" and value == "dense" else yaml_text(_typed(key, value))
     # A group without a swept key (its method ignores the key and ran once) matches every swept value.
