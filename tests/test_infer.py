@@ -326,3 +326,23 @@ def test_a_pipe_is_read_as_an_image_or_by_its_array_magic(model_file, digits, tm
     proc = subprocess.run(command, input=b"not an image", capture_output=True, timeout=120)
     assert proc.returncode == 2 and "BytesIO" not in proc.stderr.decode()
     assert "/dev/stdin cannot be read (not an image format" in proc.stderr.decode()
+
+
+def test_an_output_link_is_written_through_and_guarded_as_its_target(model_file, digits, tmp_path, capsys):
+    """infer --output link.csv replaced the link with a file; a link to a run's record would be let
+    through by its own name."""
+    np.save(tmp_path / "x.npy", digits[:2])
+    target = tmp_path / "target.csv"
+    target.write_text("old\n")
+    (tmp_path / "link.csv").symlink_to(target)
+    assert run(["infer", str(model_file), str(tmp_path / "x.npy"), "--output", str(tmp_path / "link.csv")]) == 0
+    assert (tmp_path / "link.csv").is_symlink() and len(target.read_text().splitlines()) == 3  # header + 2 rows
+    run_dir = tmp_path / "run"
+    assert run(["train", "--out", str(run_dir), "--epochs", "1", "--set", "model.widths=[8]", "--set",
+                "data.max_train=64", "--set", "train.eval_samples=1"]) == 0
+    (tmp_path / "m.jsonl").symlink_to(run_dir / "metrics.jsonl")
+    kept = (run_dir / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    assert run(["infer", str(model_file), str(tmp_path / "x.npy"), "--output", str(tmp_path / "m.jsonl")]) == 2
+    assert "is a record of the run in" in capsys.readouterr().err
+    assert (run_dir / "metrics.jsonl").read_bytes() == kept

@@ -78,6 +78,8 @@ def check_output_file(path: Path, flag: str) -> None:
     as the disk compares them (:func:`~ssvi_cli.fileio.is_entry`: ignoring case on macOS's)."""
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a directory; give a file name")
+    if path.is_symlink():  # written through (fileio.atomic_path): the target is what is checked
+        path = Path(os.path.realpath(path))
     if not path.parent.is_dir():
         what = "is not a directory" if path.parent.exists() else "does not exist"
         raise UsageError(f"{flag} {path}: its folder {path.parent} {what}; create it first or pick another path")
