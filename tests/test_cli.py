@@ -245,12 +245,38 @@ def test_a_run_in_progress_is_never_written_by_a_second_process(tmp_path: Path, 
             assert run(["train", *args]) == 2
             err = capsys.readouterr().err
             assert err.count("\n") == 1 and f"{live}: the run is in use by another ssvi process (process " in err
+        # without --force: said to be in use, not "pass --force or --resume", which would be refused too
+        assert run(["train", "--out", str(live), "--epochs", "1"]) == 2
+        err = capsys.readouterr().err
+        assert "in use by another ssvi process" in err and "--force" not in err, err
     assert sorted(p.name for p in live.rglob("*")) == before
     assert run(["train", "--resume", str(live)]) == 0  # the lock went with its holder
     (tmp_path / "afile").write_text("x")
     capsys.readouterr()
     assert run(["train", "--epochs", "1", "--out", str(tmp_path / "afile" / "sub")]) == 2
     assert capsys.readouterr().err == f"error: --out: {tmp_path / 'afile'} is a file, not a folder\n"
+
+
+def test_runs_started_in_the_same_second_get_a_folder_each(tmp_path: Path, capsys, monkeypatch):
+    """Two runs with the default --out started in one second (a loop of background jobs) shared one
+    folder: all but one were refused. A default name taken, by a finished run or one in progress,
+    moves on to NAME-2, NAME-3."""
+    import time
+
+    from ssvi_cli.runs.rundir import RunDir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20260101-000000")
+    name = tmp_path / "runs" / "20260101-000000-digits_mlp-ssvi-s0.95"
+    small = ["--epochs", "1", "--set", "model.widths=[8]", "--set", "data.max_train=64", "--set", "train.eval_samples=1"]
+    name.mkdir(parents=True)
+    with RunDir(name).hold():  # another process has just claimed it
+        assert run(["train", *small, "--json"]) == 0
+    assert run(["train", *small, "--seed", "1", "--json"]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in name.parent.iterdir()) == [name.name, f"{name.name}-2", f"{name.name}-3"]
+    assert RunDir(name.with_name(f"{name.name}-3")).read_config().train.seed == 1
+    assert not (name / "config.yaml").exists()  # the folder another run holds is left alone
 
 
 def test_train_takes_the_presets_values_for_the_chosen_method(tmp_path: Path, capsys):

@@ -3,7 +3,7 @@ through the floors of the house (README "Layout"). Every import counts, also one
 
 Floors, from the ground up (a module may import its own package and any lower floor):
     0  registry, fileio, metrics, network, argcheck
-    1  methods
+    1  methods, locks
     2  config                                           (no torch below this line)
     3  core                                             (the method)
     4  models, data
@@ -26,7 +26,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "ssvi_cli"
 FLOORS = {
     "registry": 0, "fileio": 0, "metrics": 0, "network": 0, "argcheck": 0,
-    "methods": 1,
+    "methods": 1, "locks": 1,
     "config": 2,
     "core": 3,
     "models": 4, "data": 4,

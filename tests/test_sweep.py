@@ -951,7 +951,7 @@ def test_a_sweep_folder_that_cannot_be_written_is_one_line_and_its_report_still_
 
 def test_force_leaves_a_sweep_whose_cell_is_running_as_it_is(tmp_path: Path, capsys):
     """--force used to delete sweep.json and the running cells' folders, killing them, then fail."""
-    from ssvi_cli.fileio import acquire_lock
+    from ssvi_cli.locks import acquire_lock
 
     out = tmp_path / "sw"
     assert run(["sweep", "--set", "train.epochs=1", "--seeds", "2", "--out", str(out), "--dry-run"]) == 0
@@ -968,7 +968,7 @@ def test_force_leaves_a_sweep_whose_cell_is_running_as_it_is(tmp_path: Path, cap
 
 def test_force_leaves_a_sweep_that_a_running_sweep_holds_between_its_cells(tmp_path: Path, capsys):
     """A sweep between two cells holds no cell's lock; the sweep's own shared lock keeps --force out."""
-    from ssvi_cli.fileio import acquire_lock
+    from ssvi_cli.locks import acquire_lock
 
     out = tmp_path / "sw"
     assert run(["sweep", "--set", "train.epochs=1", "--out", str(out), "--dry-run"]) == 0

@@ -163,6 +163,8 @@ def register(app: typer.Typer) -> None:
                     # Rank 0 locks and claims the run directory (with --force, removing the old run's files);
                     # the others take its answer.
                     def claim() -> None:
+                        if out_dir is None:  # a default name: another run started this second may hold it
+                            plan.run_dir = plan.run_dir.fresh()
                         plan.run_dir.check_claim(force)  # a folder that is not a run gets no lock file
                         held.enter_context(plan.run_dir.hold())
                         plan.run_dir.claim(force)

@@ -25,7 +25,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, ContextManager, Optional
 
-from ssvi_cli import fileio
+from ssvi_cli import fileio, locks
 from ssvi_cli.runs import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
@@ -94,27 +94,49 @@ class RunDir:
             raise RunDirError(f"{flag} {self.path} exists and is not a directory")
         fileio.check_writable(self.path, flag)
         try:
-            return fileio.acquire_lock(self.path / LOCK_FILE, "the run's lock")
+            return locks.acquire_lock(self.path / LOCK_FILE, "the run's lock")
         except fileio.UnwritablePath as exc:  # a folder the system refuses only when it is made
             raise fileio.UnwritablePath(exc.errno, f"{flag} {self.path} cannot be made or written: "
                                         f"{os.strerror(exc.errno) if exc.errno else exc}") from None
-        except fileio.Locked as exc:
-            raise RunBusy(f"{flag} {self.path}: the run is in use by another ssvi process (process {exc.holder}); "
-                          "wait for it to end, or stop it, and run this again") from None
+        except locks.Locked as exc:
+            raise self._busy(flag, exc.holder) from None
+
+    def _busy(self, flag: str, holder: str) -> RunBusy:
+        return RunBusy(f"{flag} {self.path}: the run is in use by another ssvi process (process {holder}); "
+                       "wait for it to end, or stop it, and run this again")
+
+    def fresh(self) -> "RunDir":
+        """This folder, or the first of ``NAME-2``, ``NAME-3``, ... that is not there, made now by an
+        exclusive mkdir: for a default run name, so that runs started in the same second (a loop of
+        background jobs) each get a folder of their own."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 10_000):
+            candidate = self.path if n == 1 else self.path.with_name(f"{self.path.name}-{n}")
+            try:
+                candidate.mkdir()
+            except FileExistsError:
+                continue
+            return RunDir(candidate)
+        raise RunDirError(f"no free run folder next to {self.path}; give one with --out")
 
     def claim(self, force: bool = False) -> "RunDir":
         """Make sure a new run may write here: an empty or missing folder, or (``force``) an old
         run, whose files are removed (:data:`RUN_ENTRIES`; anything else in the folder stays). A
         folder holding anything but a run is refused, ``force`` or not. Call it only once everything
         else has been checked, holding the run's lock (:meth:`hold`)."""
-        if self.check_claim(force):
+        if self.check_claim(force, held=True):
             fileio.remove_entries(self.path, RUN_ENTRIES)
         return self
 
-    def check_claim(self, force: bool = False) -> bool:
-        """:meth:`claim`'s refusals, changing nothing; whether there is an old run to remove."""
+    def check_claim(self, force: bool = False, held: bool = False) -> bool:
+        """:meth:`claim`'s refusals, changing nothing; whether there is an old run to remove. A run
+        another process holds is refused first (``held``: this process holds it)."""
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"--out {self.path} exists and is not a directory")
+        held = held or os.environ.get(LOCK_HELD_ENV) == str(self.path.resolve())  # ssvi train --nproc's launcher
+        holder = None if held else locks.lock_holder(self.path / LOCK_FILE)
+        if holder is not None:  # running: no advice to --force or --resume it
+            raise self._busy("--out", holder)
         owner = checkpoints_owner(self.path)
         if owner is not None:
             where = "is" if self.path.resolve().parent == owner else "is inside"

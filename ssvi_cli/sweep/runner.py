@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from ssvi_cli.fileio import Locked, UnwritablePath, acquire_lock
+from ssvi_cli.fileio import UnwritablePath
+from ssvi_cli.locks import Locked, acquire_lock
 from ssvi_cli.runs.rundir import RunDir
 from ssvi_cli.sweep.grid import CELLS_DIR, EVAL_FILE, Cell, SweepSpec
 from ssvi_cli.training.stops import requests_to_stop
@@ -92,7 +93,7 @@ def cell_busy(path: Path) -> bool:
 @contextmanager
 def cell_lock(path: Path) -> Iterator[None]:
     """Hold the cell's lock while the block runs; :class:`CellBusy` if another process holds it: an
-    advisory lock (:func:`fileio.acquire_lock`) on ``cells/.<cell>.lock``, outside the run directory,
+    advisory lock (:func:`locks.acquire_lock`) on ``cells/.<cell>.lock``, outside the run directory,
     which ``ssvi train --force`` may replace."""
     lock_path = Path(path).parent / f".{Path(path).name}.lock"
     try:

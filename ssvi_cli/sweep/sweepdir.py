@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ssvi_cli import config as cfgmod
-from ssvi_cli.fileio import Locked, acquire_lock, not_ours, remove_entries, visible_entries
+from ssvi_cli.fileio import not_ours, remove_entries, visible_entries
+from ssvi_cli.locks import Locked, acquire_lock
 from ssvi_cli.sweep.figures import ACCURACY_VS_FLOPS, METRICS_VS_SPARSITY
 from ssvi_cli.sweep.grid import (CELLS_DIR, SWEEP_FILE, Cell, SweepError, SweepSpec, expand, is_sweep_dir,
                                 numbers, read_spec)
