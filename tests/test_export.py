@@ -305,3 +305,32 @@ def test_a_dense_or_deterministic_run_records_no_sparsity_or_criterion_it_did_no
         record = Training.from_config(cfg)
         assert (record.sparsity, record.criterion) == (sparsity, criterion), method
         assert record.config["sparse"]["sparsity"] == 0.95
+
+
+def test_a_model_taken_before_its_runs_end_says_so_wherever_it_goes(tmp_path: Path, capsys):
+    """export and infer of a run stopped mid-training used its checkpoint silently, and the exported
+    file read as a finished 40-epoch model (inspect, evaluate); now each says how far it had trained,
+    and the file records it. A finished run's file carries no such record."""
+    np = pytest.importorskip("numpy")
+    out = tmp_path / "run"
+    assert run(["train", "--out", str(out), "--epochs", "3", "--set", "model.widths=[8]", "--set",
+                "data.max_train=64", "--set", "train.eval_samples=1", "--set", "train.keep_checkpoints=3"]) == 0
+    assert run(["export", str(out), "-o", str(tmp_path / "done.safetensors")]) == 0
+    assert "unfinished" not in read_header(tmp_path / "done.safetensors")["meta"]["training"]
+    checkpoints = sorted((out / "checkpoints").glob("*.pt"), key=lambda p: int(re.findall(r"\d+", p.name)[-1]))
+    for path in (out / "model.safetensors", out / "summary.json", checkpoints[-1]):
+        path.unlink()  # as if stopped after its second epoch
+    capsys.readouterr()
+    assert run(["export", str(out), "-o", str(tmp_path / "early.safetensors")]) == 0
+    said = "taken from a checkpoint after 2 of 3 epochs (step 2): its training had not finished"
+    assert said in capsys.readouterr().err
+    training = read_header(tmp_path / "early.safetensors")["meta"]["training"]
+    assert training["unfinished"] == {"epoch": 2, "step": 2} and training["epochs"] == 3
+    assert run(["inspect", str(tmp_path / "early.safetensors")]) == 0
+    assert "taken after epoch 2 (step 2): not finished" in capsys.readouterr().out
+    assert run(["evaluate", str(tmp_path / "early.safetensors"), "--samples", "1", "--json"]) == 0
+    assert f"the model was {said}" in json.loads(capsys.readouterr().out)["notes"]
+    np.save(tmp_path / "x.npy", np.zeros((2, 8, 8), dtype=np.uint8))
+    for source in (out, tmp_path / "early.safetensors"):
+        assert run(["infer", str(source), str(tmp_path / "x.npy")]) == 0
+        assert said in capsys.readouterr().err

@@ -158,6 +158,8 @@ def register(app: typer.Typer) -> None:
         report = result.report
         if loaded.file.layout == "checkpoint":  # a run stopped before its end, or a checkpoint named
             report["notes"].append(f"scored the training checkpoint {loaded.file.path}" + _why_checkpoint(model))
+        elif note := loaded.card.training.unfinished_note():  # a file exported from such a checkpoint
+            report["notes"].append(f"the model was {note}")
         if output is not None:
             write_json(output, report)
         written = []

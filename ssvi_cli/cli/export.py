@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ssvi_cli.cli.common import UsageError, check_output_file, kv_table, out, print_json
+from ssvi_cli.cli.common import UsageError, check_output_file, err, kv_table, out, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -36,6 +36,9 @@ def register(app: typer.Typer) -> None:
         if output.suffix.lower() != ".safetensors":
             raise UsageError(f"--output {output}: name the model file *.safetensors (a .pt is read as a checkpoint)")
         report = export_model(source, output, dtype=dtype, dense=dense)
+        if report["unfinished"]:  # the file records it too (ssvi inspect and evaluate say it)
+            err.print(f"note: the model of {source} was {report['unfinished']} (ssvi train --resume finishes a "
+                      "run)", highlight=False)
         if json_out:
             print_json(report)
             return

@@ -53,6 +53,8 @@ def register(app: typer.Typer) -> None:
         files = expand_inputs(inputs)
         loaded = load_model(model_file, kernel="prediction")
         loaded.model.to(device)
+        if note := loaded.card.training.unfinished_note():  # a checkpoint, or a file exported from one
+            err.print(f"note: the model of {model_file} was {note}", highlight=False)
         effective = mode if is_bayesian(loaded.model) else "mean"
         if effective != mode and samples_given:
             err.print(f"note: {model_file} is deterministic: it runs as the mean network, and --samples "

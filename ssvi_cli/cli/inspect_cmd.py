@@ -77,8 +77,11 @@ def _trained(tr: dict[str, Any]) -> str:
     criterion = f", criterion {tr.get('criterion')}" if kind is None or (kind.moves_support and kind.bayesian) else ""
     sparsity = f", sparsity {tr.get('sparsity')}" if kind is None or not kind.dense else ""
     epochs = count(tr["epochs"], "epoch") if isinstance(tr.get("epochs"), int) else f"{tr.get('epochs')} epochs"
+    stopped = tr.get("unfinished")
     return (f"{method}{sparsity}{criterion}, {epochs}, seed {tr.get('seed')}"
-            + (f", started from {start}" if start else ""))
+            + (f", started from {start}" if start else "")
+            + (f"; taken after epoch {stopped.get('epoch')} (step {stopped.get('step')}): not finished"
+               if isinstance(stopped, dict) else ""))
 
 
 def _print_report(r: dict[str, Any]) -> None:

@@ -62,19 +62,32 @@ class Training:
     epochs: Optional[int] = None
     seed: Optional[int] = None
     config: Optional[dict[str, Any]] = None
+    # A model taken from a checkpoint before its run's last epoch: {"epoch": epochs done, "step": steps}.
+    unfinished: Optional[dict[str, int]] = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "sparsity": self.sparsity, "criterion": self.criterion,
-                "epochs": self.epochs, "seed": self.seed, "config": self.config}
+        d = {"method": self.method, "sparsity": self.sparsity, "criterion": self.criterion,
+             "epochs": self.epochs, "seed": self.seed, "config": self.config}
+        return d if self.unfinished is None else {**d, "unfinished": dict(self.unfinished)}
+
+    def unfinished_note(self) -> Optional[str]:
+        """What a model taken before its run's end is, in words (None for a finished one)."""
+        if self.unfinished is None:
+            return None
+        done = self.unfinished.get("epoch")
+        return (f"taken from a checkpoint after {done} of {self.epochs} epochs (step {self.unfinished.get('step')}): "
+                "its training had not finished")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Training":
         if not isinstance(d, Mapping):
             raise CardError(f"training record {d!r} is not a mapping")
         config = d.get("config")
+        unfinished = d.get("unfinished")
         return cls(method=d.get("method"), sparsity=d.get("sparsity"), criterion=d.get("criterion"),
                    epochs=d.get("epochs"), seed=d.get("seed"),
-                   config=dict(config) if isinstance(config, Mapping) else None)
+                   config=dict(config) if isinstance(config, Mapping) else None,
+                   unfinished=dict(unfinished) if isinstance(unfinished, Mapping) else None)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Training":

@@ -7,6 +7,7 @@ Checkpoints are read with ``torch.load(..., weights_only=True)``; the training c
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,6 +34,11 @@ def model_from_checkpoint(path: Path, metrics: Optional[dict[str, Any]] = None, 
         card = ModelCard.from_config(from_dict(data["config"]), DataSpec.from_dict(data["data_spec"]), metrics)
     except (KeyError, TypeError, ValueError, DataError, ConfigError) as exc:
         raise ckpt.CheckpointError(f"checkpoint {path} lacks a usable config or data description ({exc})") from None
+    state, epochs = data.get("state") or {}, card.training.epochs
+    if isinstance(state, dict) and isinstance(state.get("epoch"), int) and isinstance(epochs, int) \
+            and state["epoch"] < epochs:  # before its last epoch: said wherever the model goes (a file it is saved to)
+        unfinished = {"epoch": state["epoch"], "step": int(state.get("step") or 0)}
+        card = replace(card, training=replace(card.training, unfinished=unfinished))
     model = build_model(card, kernel=kernel)
     ckpt.load_model_state(model, data["model"])
     model.eval()
@@ -81,7 +87,8 @@ def export_model(source: Path, out: Path, dtype: str = "float32", dense: bool = 
         _drop_empty_entries(loaded.model, Path(loaded.file.path))
     written = write_model_file(loaded.model, out, loaded.card, dtype=dtype, dense=dense)
     return {"source": str(source), "output": str(out), "layout": "dense" if dense else "compact",
-            "dtype": dtype, "file_bytes": written, **size_totals(read_header(out))}
+            "dtype": dtype, "file_bytes": written, **size_totals(read_header(out)),
+            "unfinished": loaded.card.training.unfinished_note()}
 
 
 def point_masses(path: Path, layers: list[tuple[str, Any]]) -> dict[str, Tensor]:
