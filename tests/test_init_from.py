@@ -221,6 +221,29 @@ def test_a_state_dict_with_auxiliary_classifiers_loads_without_them(tmp_path):
         load_init_weights(cfg, spec)  # any other key is still refused
 
 
+def test_a_wrappers_state_dict_is_read_under_its_prefix(tmp_path):
+    """A LightningModule's checkpoint holds {'state_dict': {'model.conv1.weight': ...}}: it was refused
+    with a bare "lacks 'conv1.weight'"; the network's keys are read under the prefix, the rest left out
+    and said. A model beside its EMA copy (two prefixes) is refused naming both."""
+    from ssvi_cli import config as C
+    from ssvi_cli.data import get_spec
+    from ssvi_cli.training.init_weights import load_init_weights
+
+    net = torchvision.models.resnet18(num_classes=10).state_dict()
+    path = tmp_path / "lightning.ckpt.pt"
+    torch.save({"state_dict": {**{f"model.{k}": v for k, v in net.items()}, "criterion.weight": torch.ones(10)}}, path)
+    cfg = C.apply_overrides(C.load_preset("digits_mlp"), {"model.name": "torchvision:resnet18",
+                                                          "model.init_from": str(path)})
+    spec = get_spec("digits")
+    spec = type(spec)("rgb", (3, 32, 32), 10, spec.class_names, (0.0,) * 3, (1.0,) * 3)
+    init = load_init_weights(cfg, spec)
+    assert set(init.state) == set(net) and torch.equal(init.state["conv1.weight"], net["conv1.weight"])
+    assert "the network's weights read under 'model.' (a wrapper's state_dict), 1 other tensors left out" in init.describe()
+    torch.save({**{f"model.{k}": v for k, v in net.items()}, **{f"ema.{k}": v for k, v in net.items()}}, path)
+    with pytest.raises(C.ConfigError, match=r"holds the network under 2 prefixes \('ema.', 'model.'\)"):
+        load_init_weights(cfg, spec)
+
+
 def test_a_state_dict_file_read_as_users_save_it(tmp_path):
     """A wrapped model's keys (DataParallel's module., torch.compile's _orig_mod.) are unwrapped; a
     pickled whole model, a text file and an ssvi model file are each told apart in one line."""

@@ -70,11 +70,13 @@ def load_init_weights(cfg: Config, spec: DataSpec, progress: bool = False) -> In
         # torchvision's default GoogLeNet and Inception v3 carry auxiliary classifiers, which ssvi builds
         # without (as for published weights): their keys are left out, and the run says so.
         own = model.state_dict()
+        state, inner = _inner_network(state, own, Path(source))
         aux = sorted({k.split(".")[0] for k in state if k.startswith(AUX_HEADS) and k not in own})
         state = {k: v for k, v in state.items() if not k.startswith(tuple(f"{a}." for a in aux))}
         check_state_dict(model, state, Path(source))
-        return InitWeights(state, source, left_out=f"auxiliary classifiers left out ({', '.join(aux)}: ssvi "
-                                                  "builds the network without them)" if aux else None)
+        notes = [inner, f"auxiliary classifiers left out ({', '.join(aux)}: ssvi builds the network without them)"
+                 if aux else None]
+        return InitWeights(state, source, left_out="; ".join(n for n in notes if n) or None)
     builder = cfg.model.name[len(TORCHVISION):]
     weights, label = published_weights(cfg)
     classes = len(weights.meta.get("categories") or ()) or spec.num_classes
@@ -125,6 +127,26 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
             break
         state = {k[len(prefix):]: v for k, v in state.items()}
     return state
+
+
+def _inner_network(state: dict[str, Tensor], own: dict[str, Any], source: Path) -> tuple[dict[str, Tensor], Optional[str]]:
+    """A wrapper's state_dict (a LightningModule's, whose network is an attribute: ``model.conv1.weight``)
+    as the network's, when all its keys sit under one prefix, with a note of what is left out (a loss
+    module's buffers, say); two such prefixes (a model and its EMA copy) are refused, naming them."""
+    first = next(iter(own), None)
+    if first is None or first in state:
+        return state, None
+    prefixes = sorted({k[:-len(first)] for k in state if k.endswith("." + first)})
+    fits = [p for p in prefixes if all(p + k in state for k in own if not k.startswith(AUX_HEADS))]
+    if len(fits) > 1:
+        raise ConfigError(f"--init-from {source} holds the network under {len(fits)} prefixes ("
+                          + ", ".join(repr(p) for p in fits) + "): save the state_dict of the one to start from")
+    if not fits:
+        return state, None
+    inner = {k[len(fits[0]):]: v for k, v in state.items() if k.startswith(fits[0])}
+    rest = len(state) - len(inner)
+    return inner, (f"the network's weights read under {fits[0]!r} (a wrapper's state_dict)"
+                   + (f", {rest} other tensors left out" if rest else ""))
 
 
 def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: Path | str,
