@@ -344,6 +344,23 @@ def test_train_infer_evaluate_on_a_png_folder(ws, tmp_path, capsys, monkeypatch)
     assert "(name the class folders as the model's classes)" in err
 
 
+def test_a_model_whose_image_folder_moved_is_told_how_to_evaluate_it(tmp_path, capsys):
+    """evaluate said "image folder X does not exist; check the path after imagefolder:", a path the
+    user never typed; it says the folder the model was trained on is gone and names --dataset."""
+    for digit, name in NAMES.items():
+        write_class(tmp_path / "photos" / name, digit, 6)
+    run_dir = tmp_path / "run"
+    assert run(["train", "--data", f"imagefolder:{tmp_path / 'photos'}", "--epochs", "1", "--set", "data.image_size=8",
+                "--set", "data.channels=1", "--set", "train.eval_samples=1", "--out", str(run_dir), "--json"]) == 0
+    (tmp_path / "photos").rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert run(["evaluate", str(run_dir), "--samples", "1"]) == 2
+    said = capsys.readouterr().err
+    assert said == (f"error: the model was trained on the image folder {tmp_path / 'photos'}, which is not there now; "
+                    "if it has moved, give its new place with --dataset imagefolder:PATH\n")
+    assert run(["evaluate", str(run_dir), "--samples", "1", "--dataset", f"imagefolder:{tmp_path / 'moved'}"]) == 0
+
+
 def test_a_flat_folder_changed_since_training_is_refused_by_evaluate_and_resume(tmp_path, capsys):
     for digit, name in NAMES.items():
         write_class(tmp_path / "photos" / name, digit, 10)
