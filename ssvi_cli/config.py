@@ -511,8 +511,9 @@ def _read_preset(name_or_path: str) -> tuple[Path, dict[str, Any]]:
         if candidate.suffix.lower() in (".yaml", ".yml") and candidate.is_file():
             path = candidate
         elif candidate.suffix.lower() in (".yaml", ".yml"):
+            where = "" if candidate.is_absolute() else f" in {Path.cwd()}"  # where a relative path is read from
             raise ConfigError(f"preset file {name_or_path} " + ("is a folder" if candidate.is_dir() else
-                                                                 "does not exist") + "; give a YAML file's path")
+                                                                 f"does not exist{where}") + "; give a YAML file's path")
         else:
             raise ConfigError(
                 f"unknown preset {name_or_path!r}; valid names are: {', '.join(presets) or '(none)'}"

@@ -178,6 +178,26 @@ def test_sweep_values_are_read_as_train_reads_them():
 
 
 
+def test_a_relative_path_that_is_not_there_names_the_folder_it_was_read_from(tmp_path: Path, capsys, monkeypatch):
+    """A sweep file's relative paths are read from the folder ssvi runs in, as the flags' are; run from
+    elsewhere, 'unknown OOD set' and 'does not exist' did not say where they were looked for."""
+    (tmp_path / "imgs").mkdir()
+    import numpy as np
+
+    np.save(tmp_path / "imgs" / "x.npy", np.zeros((2, 8, 8), dtype=np.uint8))
+    (tmp_path / "s.yaml").write_text("ood: [imgs]\npreset: mine.yaml\n")
+    (tmp_path / "mine.yaml").write_text("train: {epochs: 1}\n")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert run(["sweep", "--file", "../s.yaml", "--out", "sw", "--dry-run"]) == 2
+    said = capsys.readouterr().err
+    assert f"no file or folder imgs is in {tmp_path / 'elsewhere'}, which a relative path is read from" in said
+    assert run(["sweep", "--file", "../s.yaml", "--ood", "../imgs", "--out", "sw", "--dry-run"]) == 2
+    assert f"preset file mine.yaml does not exist in {tmp_path / 'elsewhere'}" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert run(["sweep", "--file", "s.yaml", "--out", "sw", "--dry-run"]) == 0
+
+
 def test_a_sweep_files_numbers_are_read_as_its_flags_are(tmp_path: Path, capsys):
     """``set: {train.epochs: 010}`` in --file ran 8 epochs (YAML 1.1's octal) where --set ran ten."""
     (tmp_path / "s.yaml").write_text("set: {train.epochs: 010}\nsparsity: [0.9]\nmethod: ssvi\n")
