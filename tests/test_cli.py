@@ -279,6 +279,19 @@ def test_runs_started_in_the_same_second_get_a_folder_each(tmp_path: Path, capsy
     assert not (name / "config.yaml").exists()  # the folder another run holds is left alone
 
 
+def test_a_key_the_method_cannot_use_is_said(tmp_path: Path, capsys):
+    """rigl --criterion snr and vi --sparsity 0.9 trained as if the flag had not been given, silently."""
+    small = ["--epochs", "1", "--set", "model.widths=[8]", "--set", "data.max_train=64", "--set", "train.eval_samples=1"]
+    cases = ((["--method", "rigl", "--criterion", "snr"], "note: rigl does not use sparse.criterion, so it changes nothing"),
+             (["--method", "vi", "--sparsity", "0.9", "--set", "sparse.alpha=0.5"],
+              "note: vi does not use sparse.alpha, sparse.sparsity, so they change nothing"),
+             (["--method", "ssvi", "--criterion", "snr"], None))
+    for i, (args, note) in enumerate(cases):
+        assert run(["train", *args, *small, "--out", str(tmp_path / f"r{i}")]) == 0
+        said = capsys.readouterr().err
+        assert (note in said) if note else ("does not use" not in said), said
+
+
 def test_train_takes_the_presets_values_for_the_chosen_method(tmp_path: Path, capsys):
     import yaml
 

@@ -102,6 +102,7 @@ CASES = [
     (["train", "--resume", "{ws}/missing"], "run directory {ws}/missing does not exist"),
     (["train", "--resume", "{ws}/partial", "--device", "cuda"], "no CUDA device is available"),
     (["train", "--resume", "{ws}/run", "--epochs", "3"], "drop --epochs"),
+    (["train", "--resume", "{ws}/partial", "--force"], "drop --force"),  # was taken and did nothing
     # export
     (["export", "{ws}/empty_dir", "-o", "{ws}/x.safetensors"], "{ws}/empty_dir has no checkpoint"),
     (["export", "{ws}/missing", "-o", "{ws}/x.safetensors"], "{ws}/missing does not exist"),

@@ -31,6 +31,13 @@ def build_config(preset: str, overrides: dict[str, Any], sets: list[str]) -> cfg
     return cfgmod.from_preset(preset, flat)
 
 
+def unused_keys(cfg: cfgmod.Config, overrides: dict[str, Any], sets: list[str]) -> list[str]:
+    """The keys the command line gave that the run's method cannot use (``Method.ignores``)."""
+    given = [k for k, v in overrides.items() if v is not None] + set_keys(sets)
+    method = cfg.method
+    return sorted({k for k in given if method.ignores(k) or (method.dense and k == "sparse.sparsity")})
+
+
 def set_keys(sets: list[str]) -> list[str]:
     """The config keys ``--set`` gives (read by :func:`build_config`, which refuses a bad one first)."""
     return [cfgmod.parse_override(text)[0] for text in sets]
@@ -121,7 +128,7 @@ def register(app: typer.Typer) -> None:
                                      ("--method", method), ("--criterion", criterion), ("--epochs", epochs),
                                      ("--batch-size", batch_size), ("--lr", lr), ("--seed", seed),
                                      ("--set", set_), ("--out", out_dir), ("--precision", precision),
-                                     ("--kernel", kernel)) if v]
+                                     ("--kernel", kernel), ("--force", force)) if v]
             if given:
                 raise UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
         elif out_dir is not None:
@@ -153,6 +160,9 @@ def register(app: typer.Typer) -> None:
                                    given=set_keys(set_ or []))
                 if plan.init_note and info.is_main and not json_out:
                     tell(plan.init_note, highlight=False)
+                if (unused := unused_keys(plan.cfg, overrides, set_ or [])) and info.is_main and not json_out:
+                    tell(f"note: {plan.cfg.sparse.method} does not use {', '.join(unused)}, so "
+                         f"{'it changes' if len(unused) == 1 else 'they change'} nothing here", highlight=False)
                 if (data_dir is not None or download) and info.is_main and not reads_data_dir(plan.cfg.data.name):
                     tell(f"note: --data-dir and --download are for torchvision datasets; {plan.cfg.data.name} "
                          "reads no data folder, so they change nothing", highlight=False)
