@@ -64,10 +64,11 @@ def _cannot_write(path: Path, exc: OSError) -> UnwritablePath:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
 
-    A crash or kill before the rename leaves any previous file at ``path`` untouched. A ``path`` that
-    is a symbolic link is written through: its target is replaced, the link stays.
+    A crash or kill before the rename leaves any previous file at ``path`` untouched. A symbolic link
+    at ``path`` is replaced; a user's output is written through its link by passing the target
+    (``cli.common.check_output_file`` returns it, once checked).
     """
-    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
+    path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -208,18 +208,3 @@ def test_on_a_nearly_full_disk_only_a_writers_error_is_called_a_full_disk(tmp_pa
         with atomic_path(tmp_path / "model.safetensors"):
             raise Interrupted("stopped")
 
-
-def test_a_link_is_written_through_and_stays_a_link(tmp_path):
-    """Writing to a symbolic link replaced the link with a regular file and left its target as it was."""
-    (tmp_path / "out").mkdir()
-    target = tmp_path / "out" / "target.csv"
-    target.write_text("old")
-    link = tmp_path / "link.csv"
-    link.symlink_to(target)
-    write_text(link, "new")
-    assert link.is_symlink() and target.read_text() == "new"
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["target.csv"]
-    dangling = tmp_path / "later.csv"  # a link to a file not yet there: made there
-    dangling.symlink_to(tmp_path / "out" / "made.csv")
-    write_text(dangling, "x")
-    assert dangling.is_symlink() and (tmp_path / "out" / "made.csv").read_text() == "x"

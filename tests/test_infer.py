@@ -346,3 +346,14 @@ def test_an_output_link_is_written_through_and_guarded_as_its_target(model_file,
     assert run(["infer", str(model_file), str(tmp_path / "x.npy"), "--output", str(tmp_path / "m.jsonl")]) == 2
     assert "is a record of the run in" in capsys.readouterr().err
     assert (run_dir / "metrics.jsonl").read_bytes() == kept
+    for name, command in (("e.json", ["evaluate", str(run_dir), "--samples", "1", "-o"]), ("m.safetensors", ["export", str(run_dir), "-o"])):
+        (tmp_path / "out").mkdir(exist_ok=True)
+        (tmp_path / name).symlink_to(tmp_path / "out" / name)  # dangling until written
+        assert run([*command, str(tmp_path / name)]) == 0, name
+        assert (tmp_path / name).is_symlink() and (tmp_path / "out" / name).stat().st_size > 0
+    (tmp_path / "plots").mkdir()  # only a checked output file is written through: a plot replaces a link
+    (tmp_path / "plots" / "reliability.png").symlink_to(run_dir / "model.safetensors")
+    model_bytes = (run_dir / "model.safetensors").read_bytes()
+    assert run(["evaluate", str(run_dir), "--samples", "1", "--plots", str(tmp_path / "plots")]) == 0
+    assert (run_dir / "model.safetensors").read_bytes() == model_bytes
+    assert not (tmp_path / "plots" / "reliability.png").is_symlink()

@@ -70,15 +70,17 @@ def count(n: int, noun: str) -> str:
     return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
 
 
-def check_output_file(path: Path, flag: str) -> None:
+def check_output_file(path: Path, flag: str) -> Path:
     """Refuse an output file that is a folder or whose folder is missing, before any work is done
     (a mistyped folder is reported rather than silently created), and one of a run's own files: its
     records, lock and checkpoints, or the model file of a run that trained there (a folder holding
     only a copied ``config.yaml`` is free to receive one); and one of a sweep's. Names are compared
-    as the disk compares them (:func:`~ssvi_cli.fileio.is_entry`: ignoring case on macOS's)."""
+    as the disk compares them (:func:`~ssvi_cli.fileio.is_entry`: ignoring case on macOS's). Returns
+    the file to write: ``path``, or the target of the symbolic link it is, which is what is checked
+    and written (the link stays)."""
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a directory; give a file name")
-    if path.is_symlink():  # written through (fileio.atomic_path): the target is what is checked
+    if path.is_symlink():
         path = Path(os.path.realpath(path))
     if not path.parent.is_dir():
         what = "is not a directory" if path.parent.exists() else "does not exist"
@@ -94,10 +96,10 @@ def check_output_file(path: Path, flag: str) -> None:
     records = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, SUPPORT_FILE, LOCK_FILE)
     name = next((n for n in (*records, MODEL_FILE) if is_entry(folder / path.name, n)), None)
     if name is None:
-        return
+        return path
     run = RunDir(folder)
     if not run.is_run():
-        return
+        return path
     if name == LOCK_FILE:
         raise UsageError(f"{flag} {path} is the lock of the run in {folder}; give another path")
     if name != MODEL_FILE:
@@ -106,6 +108,7 @@ def check_output_file(path: Path, flag: str) -> None:
     if run.trained_here():
         raise UsageError(f"{flag} {path} is the model file of the run in {folder}, which its summary "
                          "and evaluations describe; give another path")
+    return path
 
 
 def _refuse_a_folder_ssvi_keeps(folder: Path, shown: str, flag: str, file: bool) -> None:

@@ -130,11 +130,12 @@ def register(app: typer.Typer) -> None:
                 raise UsageError(str(exc)) from None
         if not model.exists():
             raise UsageError(f"model {model} does not exist; pass a .safetensors file or a run directory")
+        target = None  # the file --output names, or the target of the link it is
         if output is not None:
             scored = RunDir(model).model_file if model.is_dir() else model
             if output.exists() and scored.exists() and output.resolve() == scored.resolve():
                 raise UsageError(f"--output {output} is the model file being evaluated; name the report *.json")
-            check_output_file(output, "--output")
+            target = check_output_file(output, "--output")
             if output.suffix.lower() != ".json":  # never an image, array or model file of the user's by a slip
                 raise UsageError(f"--output {output}: name the report *.json")
         if plots is not None:
@@ -160,8 +161,8 @@ def register(app: typer.Typer) -> None:
             report["notes"].append(f"scored the training checkpoint {loaded.file.path}" + _why_checkpoint(model))
         elif note := loaded.card.training.unfinished_note():  # a file exported from such a checkpoint
             report["notes"].append(f"the model was {note}")
-        if output is not None:
-            write_json(output, report)
+        if target is not None:
+            write_json(target, report)
         written = []
         if plots is not None:
             from ssvi_cli.evaluation.plots import write_plots

@@ -32,10 +32,10 @@ def register(app: typer.Typer) -> None:
                              "*.safetensors")
         if output.is_file() and output.resolve() == source.resolve():
             raise UsageError(f"--output {output} is the file being exported; give another path")
-        check_output_file(output, "--output")
+        target = check_output_file(output, "--output")  # a link's target
         if output.suffix.lower() != ".safetensors":
             raise UsageError(f"--output {output}: name the model file *.safetensors (a .pt is read as a checkpoint)")
-        report = export_model(source, output, dtype=dtype, dense=dense)
+        report = export_model(source, target, dtype=dtype, dense=dense)
         if report["unfinished"]:  # the file records it too (ssvi inspect and evaluate say it)
             err.print(f"note: the model of {source} was {report['unfinished']} (ssvi train --resume finishes a "
                       "run)", highlight=False)

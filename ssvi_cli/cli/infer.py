@@ -47,8 +47,7 @@ def register(app: typer.Typer) -> None:
                 raise UsageError(f"{flag} must be at least 1, got {value}")
         if output is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
             raise UsageError(f"--output {output} must end in {' or '.join(OUTPUT_SUFFIXES)}")
-        if output is not None:
-            check_output_file(output, "--output")
+        target = check_output_file(output, "--output") if output is not None else None  # or a link's target
         device = check_device(device)
         files = expand_inputs(inputs)
         loaded = load_model(model_file, kernel="prediction")
@@ -66,8 +65,8 @@ def register(app: typer.Typer) -> None:
                                     batch_size=batch_size, top_k=top_k, seed=seed,
                                     on_batch=(lambda n: bar.update(task, advance=n)) if bar is not None else None)
         seconds = time.perf_counter() - started
-        if output is not None:
-            write_predictions(output, records)
+        if target is not None:
+            write_predictions(target, records)
         header = {"model": str(model_file), "mode": effective,
                   "samples": samples if effective == "mc" else None, "seed": seed,
                   "inputs": len(records), "seconds": seconds}

@@ -172,14 +172,13 @@ def register(app: typer.Typer) -> None:
                 if resume is None:
                     # Rank 0 locks and claims the run directory (with --force, removing the old run's files);
                     # the others take its answer.
-                    def claim() -> None:
-                        if out_dir is None:  # a default name: another run started this second may hold it
-                            plan.run_dir = plan.run_dir.fresh()
-                        plan.run_dir.check_claim(force)  # a folder that is not a run gets no lock file
-                        held.enter_context(plan.run_dir.hold())
-                        plan.run_dir.claim(force)
+                    def claim() -> Path:
+                        run_dir = plan.run_dir.fresh() if out_dir is None else plan.run_dir  # a default name: a
+                        run_dir.check_claim(force)  # run started this second may have it; a non-run gets no lock
+                        held.enter_context(run_dir.hold())
+                        return run_dir.claim(force).path
 
-                    distributed.on_main(claim)
+                    plan.run_dir = RunDir(distributed.on_main(claim))  # rank 0's folder, on every rank
                 trainer = Trainer.from_plan(plan, dist_info=info)
                 if resume is not None and info.is_main:
                     where = (f"at epoch {trainer.state.epoch + 1}, step {trainer.state.step}"
@@ -241,7 +240,7 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: str,
     if resume is None:
         cfg = build_config(preset, overrides, sets)
         preflight(cfg, given=set_keys(sets))
-        run = RunDir(out_dir) if out_dir else _default_run_dir(cfg, preset)
+        run = RunDir(out_dir) if out_dir else _default_run_dir(cfg, preset).fresh()
         run.check_claim(force)  # a folder that is not a run is refused before a lock is left in it
         flag = "--out"
     else:
