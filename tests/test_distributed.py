@@ -204,6 +204,24 @@ def test_cli_nproc_launches_torchrun_and_only_rank0_prints(tmp_path: Path):
     assert (out / "model.safetensors").is_file()
 
 
+def test_nproc_with_the_default_out_takes_a_folder_of_its_own(tmp_path: Path, monkeypatch):
+    """Two --nproc runs started in the same second shared the default folder: the second was refused."""
+    import time
+
+    from ssvi_cli.cli import run
+    from ssvi_cli.runs.rundir import RunDir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20260101-000000")
+    taken = tmp_path / "runs" / "20260101-000000-digits_mlp-ssvi-s0.95"
+    taken.mkdir(parents=True)
+    with RunDir(taken).hold():  # the other run, just started
+        assert run(["train", "--nproc", "2", "--device", "cpu", "--epochs", "1", "--set", "model.widths=[8]",
+                    "--set", "data.max_train=64", "--set", "train.eval_samples=1", "--json"]) == 0
+    mine = taken.with_name(f"{taken.name}-2")
+    assert json.loads((mine / "summary.json").read_text())["world_size"] == 2 and not (taken / "config.yaml").exists()
+
+
 @pytest.mark.slow
 def test_ctrl_c_under_nproc_checkpoints_once_and_exits_130(tmp_path: Path):
     out = tmp_path / "run"
