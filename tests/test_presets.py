@@ -154,7 +154,7 @@ def test_config_md_lists_every_key_with_its_default():
         assert set(re.findall(r"`([a-z0-9_-]+)`", values[key])) >= set(options), key
 
 
-def test_presets_name_prints_every_key_it_trains_with(capsys):
+def test_presets_name_prints_every_key_it_trains_with(capsys, tmp_path):
     """ssvi presets NAME: the config a preset trains with, as YAML that --preset reads back, or JSON."""
     import json
 
@@ -170,6 +170,11 @@ def test_presets_name_prints_every_key_it_trains_with(capsys):
     shown = json.loads(capsys.readouterr().out)
     assert shown["optim"]["lr"] == 0.005 and shown["sparse"]["method"] == "vi"
     assert C.from_dict(shown) == C.load_preset("mnist_lenet5", "vi")
+    # saved and read back with --preset FILE, it trains every method as the preset does (its methods: too)
+    assert run(["presets", "mnist_lenet5"]) == 0
+    (tmp_path / "mine.yaml").write_text(capsys.readouterr().out)
+    for method in C.METHODS.names():
+        assert C.load_preset(str(tmp_path / "mine.yaml"), method) == C.load_preset("mnist_lenet5", method), method
     for args, words in ((["nope"], "unknown preset 'nope'"), (["--method", "vi"], "give the preset's NAME too"),
                         (["digits_mlp", "--method", "foo"], "valid values are: ssvi, vi")):
         assert run(["presets", *args]) == 2

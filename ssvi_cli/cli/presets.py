@@ -61,12 +61,31 @@ def register(app: typer.Typer) -> None:
 
 
 def _show_one(name: str, method: Optional[str], json_out: bool) -> None:
-    """Every key of preset ``name`` for ``method`` (its own by default), as ``ssvi train --preset`` runs
-    it before flags and ``--set``; YAML a run's ``config.yaml`` and ``--preset FILE`` read."""
-    cfg = cfgmod.load_preset(name, method)
+    """Every key of preset ``name`` as ``ssvi train --preset`` runs it before flags and ``--set``: for
+    ``method`` alone, resolved; else its shared values and its ``methods:`` section, so that the YAML,
+    saved and read back with ``--preset FILE``, trains every method as the preset does."""
+    import yaml
+
+    if method is not None:
+        data = cfgmod.load_preset(name, method).to_dict()
+    else:
+        base, per_method = cfgmod.preset_methods(name)
+        data = base.to_dict()
+        if per_method:
+            data["methods"] = {m: _nested(values) for m, values in per_method.items()}
     if json_out:
-        print_json(cfg.to_dict())
+        print_json(data)
         return
     command = f"ssvi train --preset {name}" + (f" --method {method}" if method else "")
-    out.print(f"# {command} trains with these values (change one with --set section.key=value)", highlight=False)
-    out.print(cfgmod.dump_yaml(cfg).rstrip("\n"), highlight=False, soft_wrap=True)
+    out.print(f"# {command} trains with these values (change one with --set section.key=value)"
+              + ("; only that method's" if method else ""), highlight=False)
+    out.print(yaml.safe_dump(data, sort_keys=False).rstrip("\n"), highlight=False, soft_wrap=True)
+
+
+def _nested(values: dict[str, object]) -> dict[str, dict[str, object]]:
+    """``{"optim.lr": 0.005}`` as ``{"optim": {"lr": 0.005}}``, a preset file's sections."""
+    sections: dict[str, dict[str, object]] = {}
+    for key, value in values.items():
+        section, _, name = key.partition(".")
+        sections.setdefault(section, {})[name] = list(value) if isinstance(value, tuple) else value
+    return sections
