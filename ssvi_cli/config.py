@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
+from ssvi_cli.fileio import looked_in
 from ssvi_cli.methods import METHODS, Method
 
 ALLOCATIONS = ("uniform", "erk")
@@ -511,9 +512,9 @@ def _read_preset(name_or_path: str) -> tuple[Path, dict[str, Any]]:
         if candidate.suffix.lower() in (".yaml", ".yml") and candidate.is_file():
             path = candidate
         elif candidate.suffix.lower() in (".yaml", ".yml"):
-            where = "" if candidate.is_absolute() else f" in {Path.cwd()}"  # where a relative path is read from
             raise ConfigError(f"preset file {name_or_path} " + ("is a folder" if candidate.is_dir() else
-                                                                 f"does not exist{where}") + "; give a YAML file's path")
+                                                                 f"does not exist{looked_in(candidate)}")
+                              + "; give a YAML file's path")
         else:
             raise ConfigError(
                 f"unknown preset {name_or_path!r}; valid names are: {', '.join(presets) or '(none)'}"

@@ -41,6 +41,13 @@ def check_writable(folder: Path, flag: str) -> None:
                              + ("Read-only file system" if read_only else "Permission denied"))
 
 
+def looked_in(path: Path) -> str:
+    """Where a relative ``path`` that is not there was looked for, for a message: `` in CWD (relative
+    paths are read from the folder ssvi runs in)``; nothing for an absolute one."""
+    return "" if Path(path).expanduser().is_absolute() else \
+        f" in {Path.cwd()} (relative paths are read from the folder ssvi runs in)"
+
+
 def is_entry(path: Path, name: str) -> bool:
     """Whether ``path`` is its folder's entry ``name``: by that very name, or by another case of it on
     a disk that ignores case (macOS's and Windows' by default), where ``Config.yaml`` is

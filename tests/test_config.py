@@ -104,7 +104,7 @@ def _preset(tmp_path, text: str = PER_METHOD):
 
 
 def test_a_preset_gives_each_method_its_own_values(tmp_path):
-    from ssvi_cli.cli.train import build_config
+    from ssvi_cli.cli.train_config import build_config
 
     p = _preset(tmp_path)
     assert C.load_preset(p).optim.lr == 0.01  # its own method, ssvi

@@ -208,3 +208,16 @@ def test_on_a_nearly_full_disk_only_a_writers_error_is_called_a_full_disk(tmp_pa
         with atomic_path(tmp_path / "model.safetensors"):
             raise Interrupted("stopped")
 
+
+
+def test_lock_holder_names_another_holder_and_changes_nothing(tmp_path):
+    """lock_holder probes a lock without taking it: the holder's process id while held, None when
+    free or missing; the file keeps the holder's id."""
+    from ssvi_cli.locks import acquire_lock, lock_holder
+
+    lock = tmp_path / ".lock"
+    assert lock_holder(lock) is None and not lock.exists()
+    with acquire_lock(lock, "a lock"):
+        assert lock_holder(lock) == str(os.getpid())
+        assert lock.read_text() == str(os.getpid())
+    assert lock_holder(lock) is None

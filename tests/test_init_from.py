@@ -238,7 +238,7 @@ def test_a_wrappers_state_dict_is_read_under_its_prefix(tmp_path):
     spec = type(spec)("rgb", (3, 32, 32), 10, spec.class_names, (0.0,) * 3, (1.0,) * 3)
     init = load_init_weights(cfg, spec)
     assert set(init.state) == set(net) and torch.equal(init.state["conv1.weight"], net["conv1.weight"])
-    assert "the network's weights read under 'model.' (a wrapper's state_dict), 1 other tensors left out" in init.describe()
+    assert "the network's weights read under 'model.' (a wrapper's state_dict), 1 other tensor left out" in init.describe()
     torch.save({**{f"model.{k}": v for k, v in net.items()}, **{f"ema.{k}": v for k, v in net.items()}}, path)
     with pytest.raises(C.ConfigError, match=r"holds the network under 2 prefixes \('ema.', 'model.'\)"):
         load_init_weights(cfg, spec)

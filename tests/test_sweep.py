@@ -341,6 +341,8 @@ def test_a_cell_stopped_by_a_signal_says_so():
     (["--set", "optim.fo=1"], None, "unknown config key 'optim.fo' in --set 'optim.fo=1'; did you mean optim.lr"),
     (["--set", "train.epochs=2,"], None, "--set 'train.epochs=2,' has an empty item"),  # ran as a fixed 2
     (["--set", "model.widths=[8],"], None, "--set 'model.widths=[8],' has an empty item"),
+    (["--set", "model.widths=[8,],[4]"], None, "--set 'model.widths=[8,],[4]' has an empty item"),  # inside brackets
+    (["--set", "train.epochs=,2"], None, "--set 'train.epochs=,2' has an empty item"),
     (["--set", "model.widths="], None, "--set 'model.widths=' holds no values"),  # named neither flag nor key
     (["--set", "data.test_fraction=0.2"], None, "data.test_fraction=0.2 applies to image folders"),
     ([], "set: {data.image_size: 32}\n", "data.image_size=32 applies to image folders"),

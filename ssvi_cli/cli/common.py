@@ -169,6 +169,11 @@ def running_cell(cell: Path) -> Iterator[None]:
         _RUNNING_CELL.reset(token)
 
 
+def running_a_cell() -> bool:
+    """Whether this command runs as part of a sweep's cell (:func:`running_cell`)."""
+    return _RUNNING_CELL.get() is not None
+
+
 def _refuse_a_cells_evaluation(path: Path, folder: Path, flag: str) -> None:
     """Refuse a sweep cell's ``evaluation.json`` (the sweep's evaluation of the cell, which ``--report``
     reads: another one replacing it drops the cell from the report) but to the sweep itself."""

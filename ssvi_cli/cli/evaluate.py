@@ -188,7 +188,7 @@ def _options(split: str, samples: Optional[str], mode: str, batch_size: int, see
     if samples is not None and mode == "mean":
         raise UsageError("--samples applies to --mode mc; the mean network takes no samples")
     if batch_size < 1:
-        raise UsageError(f"--batch-size must be positive, got {batch_size}")
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     try:
         counts = ev.parse_samples(samples) if samples is not None else (ev.DEFAULT_SAMPLES,)
     except ValueError as exc:

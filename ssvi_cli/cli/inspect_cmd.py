@@ -77,11 +77,11 @@ def _trained(tr: dict[str, Any]) -> str:
     criterion = f", criterion {tr.get('criterion')}" if kind is None or (kind.moves_support and kind.bayesian) else ""
     sparsity = f", sparsity {tr.get('sparsity')}" if kind is None or not kind.dense else ""
     epochs = count(tr["epochs"], "epoch") if isinstance(tr.get("epochs"), int) else f"{tr.get('epochs')} epochs"
-    stopped = tr.get("unfinished")
+    from ssvi_cli.modelfile.card import Training
+
+    stopped = Training.from_dict(tr).unfinished_note()  # as export, infer and evaluate say it
     return (f"{method}{sparsity}{criterion}, {epochs}, seed {tr.get('seed')}"
-            + (f", started from {start}" if start else "")
-            + (f"; taken after epoch {stopped.get('epoch')} (step {stopped.get('step')}): not finished"
-               if isinstance(stopped, dict) else ""))
+            + (f", started from {start}" if start else "") + (f"; {stopped}" if stopped else ""))
 
 
 def _print_report(r: dict[str, Any]) -> None:

@@ -13,34 +13,8 @@ import typer
 
 from ssvi_cli import config as cfgmod
 from ssvi_cli.cli.common import (UsageError, check_run_out, count, err, fmt, forwarded_args, kv_table, no_reader,
-                                 out, print_json, progress_bar, tell)
-
-
-def build_config(preset: str, overrides: dict[str, Any], sets: list[str]) -> cfgmod.Config:
-    """The preset, with its values for the chosen method, then the flags and ``--set`` values; a key
-    set twice (a flag and ``--set``, or two ``--set``) is refused rather than one value dropped."""
-    flat = {k: v for k, v in overrides.items() if v is not None}
-    for text in sets:
-        key, value = cfgmod.parse_override(text)
-        if key in flat:
-            name = key.rpartition(".")[2]
-            flag = {"model.name": "--model", "data.name": "--data"}.get(key, "--" + name.replace("_", "-"))
-            given = f"{flag} and --set" if overrides.get(key) is not None else "two --set"
-            raise UsageError(f"{key} is given twice ({given}); give it once")
-        flat[key] = value
-    return cfgmod.from_preset(preset, flat)
-
-
-def unused_keys(cfg: cfgmod.Config, overrides: dict[str, Any], sets: list[str]) -> list[str]:
-    """The keys the command line gave that the run's method cannot use (``Method.ignores``)."""
-    given = [k for k, v in overrides.items() if v is not None] + set_keys(sets)
-    method = cfg.method
-    return sorted({k for k in given if method.ignores(k) or (method.dense and k == "sparse.sparsity")})
-
-
-def set_keys(sets: list[str]) -> list[str]:
-    """The config keys ``--set`` gives (read by :func:`build_config`, which refuses a bad one first)."""
-    return [cfgmod.parse_override(text)[0] for text in sets]
+                                 out, print_json, progress_bar, running_a_cell, tell)
+from ssvi_cli.cli.train_config import build_config, set_keys, unused_keys
 
 
 def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
@@ -160,7 +134,8 @@ def register(app: typer.Typer) -> None:
                                    given=set_keys(set_ or []))
                 if plan.init_note and info.is_main and not json_out:
                     tell(plan.init_note, highlight=False)
-                if (unused := unused_keys(plan.cfg, overrides, set_ or [])) and info.is_main and not json_out:
+                if (unused := unused_keys(plan.cfg, overrides, set_ or [])) and info.is_main and not json_out \
+                        and not running_a_cell():  # a sweep gives every cell its fixed keys: no note in each
                     tell(f"note: {plan.cfg.sparse.method} does not use {', '.join(unused)}, so "
                          f"{'it changes' if len(unused) == 1 else 'they change'} nothing here", highlight=False)
                 if (data_dir is not None or download) and info.is_main and not reads_data_dir(plan.cfg.data.name):

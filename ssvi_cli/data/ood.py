@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ssvi_cli.fileio import looked_in
 from ssvi_cli.data.images import ARRAY_SUFFIX
 from ssvi_cli.data.sources import DATASETS, UnknownDataset, load_raw
 from ssvi_cli.data.spec import DataError, DataSpec
@@ -160,20 +161,15 @@ def parse_ood(text: str) -> OodRequest:
     if _looks_like_path(text):
         path = Path(text).expanduser()
         if not path.exists():
-            raise DataError(f"--ood {text}: no such file or folder{_read_from(path)}; a path must be a folder of images "
-                            f"and arrays, or a {ARRAY_SUFFIX} array")
+            raise DataError(f"--ood {text}: no such file or folder{looked_in(path)}; a path must be a folder of "
+                            f"images and arrays, or a {ARRAY_SUFFIX} array")
         if not path.is_dir() and path.suffix.lower() != ARRAY_SUFFIX:
             raise DataError(f"--ood {text}: a file must be a {ARRAY_SUFFIX} array; pass the folder that holds "
                             "the images")
         return OodRequest(text, "path", path=path)
-    raise UnknownDataset(f"{OOD_SETS.unknown_message(text)}; or {_FORMS}; no file or folder {text} is in "
-                         f"{Path.cwd()}, which a relative path is read from")
-
-
-def _read_from(path: Path) -> str:
-    """Where a relative path was looked for (ssvi reads paths, in flags and files alike, from the
-    folder it runs in)."""
-    return "" if path.is_absolute() else f" in {Path.cwd()}"
+    unknown = OOD_SETS.unknown_message(text)
+    nearby = "did you mean" in unknown  # a misspelt name: no word of paths
+    raise UnknownDataset(f"{unknown}; or {_FORMS}" + ("" if nearby else f"; nor is {text} a file or folder{looked_in(Path(text))}"))
 
 
 def build_ood(

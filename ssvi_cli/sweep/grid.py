@@ -201,21 +201,15 @@ def parse_values(text: str, where: str = "") -> list[Any]:
     groups staying one value: ``[64,64],[128]``. An empty item (``2,``) is refused, not dropped;
     ``where``: the flag and text an error names."""
     where = where or repr(text)
+    # An empty item at any depth, as typed (YAML drops a trailing comma's): "2,", ",2", "[8,],[4]", "[,8]"
+    if text.strip() and re.search(r"(^|[\[,])\s*(,|$)|,\s*\]", text.strip()):
+        raise SweepError(f"{where} has an empty item; remove the extra comma")
     try:
         parsed = cfgmod.read_typed(f"[{text}]")
     except ValueError:
         raise SweepError(f"{where}: cannot read the values {text!r}; give them comma-separated, e.g. 0.1,0.2") from None
     if not isinstance(parsed, list) or not parsed:
         raise SweepError(f"{where} holds no values; give them comma-separated, e.g. 0.1,0.2")
-    depth, items = 0, [""]
-    for char in text:  # the top-level items, as typed: YAML drops a trailing comma's empty one
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            items.append("")
-        else:
-            items[-1] += char
-    if any(not item.strip() for item in items):
-        raise SweepError(f"{where} has an empty item; remove the extra comma")
     if any(isinstance(v, dict) for v in parsed) and "[" not in text:
         # `accumulate:` reads as a mapping, which no key takes: the text typed is meant, as in `ssvi train`
         parsed = [v.strip() for v in text.split(",") if v.strip()]

@@ -146,7 +146,7 @@ def _inner_network(state: dict[str, Tensor], own: dict[str, Any], source: Path) 
     inner = {k[len(fits[0]):]: v for k, v in state.items() if k.startswith(fits[0])}
     rest = len(state) - len(inner)
     return inner, (f"the network's weights read under {fits[0]!r} (a wrapper's state_dict)"
-                   + (f", {rest} other tensors left out" if rest else ""))
+                   + (f", {rest} other tensor{'s' if rest != 1 else ''} left out" if rest else ""))
 
 
 def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: Path | str,

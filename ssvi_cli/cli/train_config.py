@@ -1,0 +1,40 @@
+"""``ssvi train``'s command line as a run's Config: the preset, the flags and ``--set``, each key
+given once; and what of it the run's method cannot use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ssvi_cli import config as cfgmod
+from ssvi_cli.cli.common import UsageError
+
+
+def build_config(preset: str, overrides: dict[str, Any], sets: list[str]) -> cfgmod.Config:
+    """The preset, with its values for the chosen method, then the flags and ``--set`` values; a key
+    set twice (a flag and ``--set``, or two ``--set``) is refused rather than one value dropped."""
+    flat = {k: v for k, v in overrides.items() if v is not None}
+    for text in sets:
+        key, value = cfgmod.parse_override(text)
+        if key in flat:
+            given = f"{flag_of(key)} and --set" if overrides.get(key) is not None else "two --set"
+            raise UsageError(f"{key} is given twice ({given}); give it once")
+        flat[key] = value
+    return cfgmod.from_preset(preset, flat)
+
+
+def flag_of(key: str) -> str:
+    """The flag of ``ssvi train`` that sets config ``key`` (``train.batch_size``: ``--batch-size``)."""
+    return {"model.name": "--model", "data.name": "--data"}.get(key, "--" + key.rpartition(".")[2].replace("_", "-"))
+
+
+def unused_keys(cfg: cfgmod.Config, overrides: dict[str, Any], sets: list[str]) -> list[str]:
+    """What the command line gave that the run's method cannot use (``Method.ignores``), as given:
+    a flag, or ``--set KEY``."""
+    given = {k: flag_of(k) for k, v in overrides.items() if v is not None} | {k: f"--set {k}" for k in set_keys(sets)}
+    method = cfg.method
+    return sorted(shown for k, shown in given.items() if method.ignores(k) or (method.dense and k == "sparse.sparsity"))
+
+
+def set_keys(sets: list[str]) -> list[str]:
+    """The config keys ``--set`` gives (read by :func:`build_config`, which refuses a bad one first)."""
+    return [cfgmod.parse_override(text)[0] for text in sets]
