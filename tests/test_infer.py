@@ -227,7 +227,7 @@ def test_the_embedded_datas_own_arrays_predict_in_their_raw_range(model_file, tm
     assert read_model_file(model_file).spec.pixel_max == 16.0
 
 
-def test_flattened_rows_are_one_input_each(model_file, tmp_path, capsys):
+def test_flattened_rows_are_one_input_each(model_file, tmp_path, capsys, caplog):
     """``load_digits().data`` is (N, 64): each row is one flattened 8x8 image, not one (N, 64) image
     shrunk to 8x8; a single row (64,) is one image."""
     from sklearn.datasets import load_digits
@@ -244,6 +244,14 @@ def test_flattened_rows_are_one_input_each(model_file, tmp_path, capsys):
     assert array_to_images(np.zeros((5, 64)), "a", 1, 16.0, shape).shape == (5, 1, 8, 8)
     assert array_to_images(np.zeros((8, 8)), "a", 1, 16.0, shape).shape == (1, 1, 8, 8)  # (H, W) stays an image
     assert array_to_images(np.zeros((5, 64)), "a", 1, 16.0).shape == (1, 1, 5, 64)  # no model shape: an image
+    import logging
+
+    with caplog.at_level(logging.WARNING):  # rows one value short were read as one picture, silently
+        assert array_to_images(np.zeros((50, 63)), "b.npy", 1, 16.0, shape).shape == (1, 1, 50, 63)
+        array_to_images(np.zeros((8, 8)), "c.npy", 1, 16.0, shape)
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["b.npy: an array of shape (50, 63) is read as one 50x63 gray image, resized to 8x8 (a batch of "
+                    "flattened inputs has 64 values per row)"], said
     np.save(tmp_path / "short.npy", np.zeros(63))
     assert run(["infer", str(model_file), str(tmp_path / "short.npy")]) == 2
     assert "array of shape (63,); expected (H, W), (C, H, W), (N, H, W) or (N, C, H, W), (64,) or (N, 64)" \

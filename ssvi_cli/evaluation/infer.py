@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
@@ -31,6 +32,8 @@ from ssvi_cli.prediction import NonFiniteOutput, predict_batch
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
 _CHUNK = 1024  # images of one array preprocessed at a time
+
+logger = logging.getLogger(__name__)
 
 
 class InputError(DataError):
@@ -85,6 +88,11 @@ def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: fl
     channel_sizes = (1, 3, 4)
     arr = _unflattened(arr, input_shape)
     if arr.ndim == 2:
+        if input_shape is not None and len(input_shape) == 3 and tuple(arr.shape) != tuple(input_shape[1:]):
+            # one image of another size, or a batch of rows one value short? Said, as it is read.
+            logger.warning("%s: an array of shape %s is read as one %dx%d gray image, resized to %dx%d (a batch of "
+                           "flattened inputs has %d values per row)", name, tuple(arr.shape), arr.shape[0],
+                           arr.shape[1], input_shape[1], input_shape[2], int(np.prod(input_shape)))
         arr = arr[None, None]
     elif arr.ndim == 3:
         if arr.shape[0] == 1 or (channels != 1 and arr.shape[0] in (3, 4)):
