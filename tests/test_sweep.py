@@ -191,7 +191,7 @@ def test_a_relative_path_that_is_not_there_names_the_folder_it_was_read_from(tmp
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert run(["sweep", "--file", "../s.yaml", "--out", "sw", "--dry-run"]) == 2
     said = capsys.readouterr().err
-    assert f"no file or folder imgs is in {tmp_path / 'elsewhere'}, which a relative path is read from" in said
+    assert f"nor is imgs a file or folder in {tmp_path / 'elsewhere'} (relative paths are read from the folder" in said
     assert run(["sweep", "--file", "../s.yaml", "--ood", "../imgs", "--out", "sw", "--dry-run"]) == 2
     assert f"preset file mine.yaml does not exist in {tmp_path / 'elsewhere'}" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path)
@@ -304,8 +304,11 @@ def test_a_grid_that_adds_seeds_continues_the_sweep_and_keeps_its_cells(tmp_path
     capsys.readouterr()
     assert run(["sweep", "--run-cell", str(first.parent)]) == 0
     assert "is already trained and evaluated; nothing to do" in capsys.readouterr().err
-    # Fewer seeds, or other settings, is another sweep: refused
+    # Fewer seeds is a part of the sweep, other settings another sweep: both refused, each saying which
     assert run([*grid, "--seeds", "1"]) == 2
+    assert f"{out} holds a larger sweep, 4 cells, of which this grid's 1 are a part: run it all with" in \
+        capsys.readouterr().err
+    assert run([*grid, "--seeds", "2", "--method", "ssvi,vi", "--set", "optim.lr=0.02"]) == 2
     assert "holds a different sweep (a grid that only adds seeds" in capsys.readouterr().err
     assert first.stat().st_mtime_ns == stamp
 
@@ -321,6 +324,25 @@ def test_a_grid_that_adds_seeds_continues_the_sweep_and_keeps_its_cells(tmp_path
     report = json.loads(capsys.readouterr().out)
     assert report["cells_done"] == 4 and all("auroc:noise:entropy" in c for c in report["cells"])
     assert model.stat().st_mtime_ns == trained and first.stat().st_mtime_ns != stamp
+
+
+def test_a_sweep_grows_whatever_the_order_of_its_axes_and_with_values_that_train_alike(tmp_path: Path, capsys):
+    """Seeds added to a sweep were refused as "a different sweep" (pointing at --force, which deletes
+    its cells) when its --set axes came in another order, or with a value that trains its cells alike:
+    a device, a worker count (docs/CONFIG.md), or the preset's own learning rate."""
+    out = tmp_path / "sw"
+    base = ["sweep", "--method", "ssvi", "--sparsity", "0.95", "--out", str(out), "--dry-run"]
+    assert run([*base, "--seeds", "1", "--set", "sparse.alpha=0.3,0.5", "--set", "sparse.t_end=0.75,0.9"]) == 0
+    names = (out / "commands.txt").read_text()
+    assert "ssvi_s0.95_alpha-0.3_t_end-0.75_seed0" in names
+    capsys.readouterr()
+    for extra in ([], ["--set", "train.device=cpu", "--set", "train.num_workers=0"], ["--set", "optim.lr=0.01"]):
+        assert run([*base, "--seeds", "2", "--set", "sparse.t_end=0.75,0.9", "--set", "sparse.alpha=0.3,0.5",
+                    *extra]) == 0, (extra, capsys.readouterr().err)
+        said = capsys.readouterr()
+        assert "ssvi_s0.95_alpha-0.3_t_end-0.75_seed1" in (out / "commands.txt").read_text()  # named as before
+        assert ("goes on with the fixed values given now" in said.err) == bool(extra), said.err
+    assert json.loads((out / "sweep.json").read_text())["spec"]["fixed"] == {"optim.lr": 0.01}
 
 
 def test_a_cell_stopped_by_a_signal_says_so():

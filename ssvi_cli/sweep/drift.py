@@ -50,13 +50,31 @@ def changed_cells(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> dict[s
     for cell, cfg in cell_configs(spec, [c for c in cells if c.name in ran]):
         old, new, method = ran[cell.name], cfgmod.flat_dict(cfg), METHODS.get(cell.method)
         new["model.init_from"] = _resolved(cfg)
-        keys = [k for k in new if old.get(k) != new[k] and k not in NOT_COMPARED and not method.ignores(k)
-                and not (method.dense and k in DENSE_IGNORES)]
+        keys = differing(old, new, method)
         if keys:
             parts = [f"{k} {yaml_text(old.get(k))}, the sweep's {yaml_text(new[k])}" for k in keys[:SHOWN_KEYS]]
             more = f"; and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""
             changed[cell.name] = "; ".join(parts) + more
     return changed
+
+
+def differing(old: dict[str, Any], new: dict[str, Any], method: Any) -> list[str]:
+    """The keys of two flat configs (``config.flat_dict``) whose values differ in a way that changes
+    what ``method`` trains (not :data:`NOT_COMPARED`, not a key the method ignores)."""
+    return [k for k in new if old.get(k) != new[k] and k not in NOT_COMPARED and not method.ignores(k)
+            and not (method.dense and k in DENSE_IGNORES)]
+
+
+def trains_alike(old: SweepSpec, old_cells: list[Cell], new: SweepSpec, cells: list[Cell]) -> bool:
+    """Whether every cell of ``old_cells`` is among ``cells`` by name and trains alike under ``new`` as
+    under ``old`` (:func:`differing`): a value given that the preset already had, or a device, worker
+    or data folder changed, leaves a finished cell as it is."""
+    by_name = {c.name: c for c in cells}
+    if not all(c.name in by_name for c in old_cells):
+        return False
+    before = {c.name: cfgmod.flat_dict(cfg) for c, cfg in cell_configs(old, old_cells)}
+    after = cell_configs(new, [by_name[c.name] for c in old_cells])
+    return all(not differing(before[c.name], cfgmod.flat_dict(cfg), METHODS.get(c.method)) for c, cfg in after)
 
 
 def _resolved(cfg: cfgmod.Config) -> Any:

@@ -59,7 +59,15 @@ def claim_sweep_dir(out_dir: Path, spec: SweepSpec, cells: list[Cell], force: bo
         if (set(old_spec.ood), old_spec.samples) != (set(spec.ood), spec.samples):
             notes.append(f"the sweep in {out_dir} is evaluated otherwise now (--ood or --samples): each finished "
                          "cell evaluated otherwise is evaluated again, its training kept")
+        if old_spec.fixed != spec.fixed:
+            notes.append(f"the sweep in {out_dir} goes on with the fixed values given now (they train its cells "
+                         "alike: a device, a data folder, or a value its preset had); its finished cells are kept")
         return "grown", spec, cells, notes
+    if old_spec is not None and not force and _grows(spec, cells, old_spec, old_cells):
+        quoted = shlex.quote(str(out_dir))
+        raise SweepError(f"{out_dir} holds a larger sweep, {len(old_cells)} cells, of which this grid's {len(cells)} "
+                         f"are a part: run it all with 'ssvi sweep --resume {quoted}', one cell with 'ssvi sweep "
+                         f"--run-cell {quoted}/cells/NAME', or choose another --out")
     if not force:
         raise SweepError(f"{out_dir} holds a different sweep (a grid that only adds seeds, methods, sparsities "
                          f"or values to it, or evaluates it otherwise, continues it; this one changes what it "
@@ -114,9 +122,10 @@ def _in_its_terms(old: SweepSpec, new: SweepSpec, cells: list[Cell]) -> tuple[Sw
         return next((k for k in known if type(k) is not bool and type(value) is not bool
                      and (k == value or cfgmod.absolute_path(key, k) == value)), value)
 
-    axes = {k: [same(k, v, list(old.axes.get(k, []))) for v in vs] for k, vs in new.axes.items()}
+    order = [k for k in old.axes if k in new.axes] + [k for k in new.axes if k not in old.axes]  # names keep theirs
+    axes = {k: [same(k, v, list(old.axes.get(k, []))) for v in new.axes[k]] for k in order}
     fixed = {k: same(k, v, [old.fixed[k]] if k in old.fixed else []) for k, v in new.fixed.items()}
-    if json.dumps([axes, fixed]) == json.dumps([new.axes, new.fixed]):  # JSON tells 1 from 1.0
+    if json.dumps([axes, fixed]) == json.dumps([new.axes, new.fixed]):  # JSON tells 1 from 1.0, and the order
         return new, cells
     adjusted = replace(new, axes=axes, fixed=fixed)
     return adjusted, expand(adjusted)
@@ -124,9 +133,16 @@ def _in_its_terms(old: SweepSpec, new: SweepSpec, cells: list[Cell]) -> tuple[Sw
 
 def _grows(old: SweepSpec, old_cells: list[Cell], new: SweepSpec, cells: list[Cell]) -> bool:
     """Whether ``new`` trains what ``old`` trained and maybe more (seeds, methods, sparsities or axis
-    values): the same preset, fixed keys and axis keys, and every old cell among the new ones (a
-    cell's name spells its method, sparsity, settings and seed). Each finished cell's config is
+    values): the same preset and axis keys, and every old cell among the new ones (a cell's name
+    spells its method, sparsity, settings and seed) with a config that trains alike
+    (``drift.trains_alike``: a fixed value the preset had, or another device, changes nothing). Each finished cell's config is
     checked again before it is reused, as on every resume; a cell evaluated otherwise than ``new``
     evaluates (``--ood``, ``--samples``) is evaluated again (``runner.evaluated``)."""
-    same = (old.preset, old.fixed, list(old.axes)) == (new.preset, new.fixed, list(new.axes))
-    return same and {c.name for c in old_cells} <= {c.name for c in cells}
+    from ssvi_cli.sweep.drift import trains_alike
+
+    if (old.preset, list(old.axes)) != (new.preset, list(new.axes)):  # new's axes in old's order (_in_its_terms)
+        return False
+    try:
+        return trains_alike(old, old_cells, new, cells)
+    except SweepError:  # the old grid no longer expands (a preset gone): not the same sweep
+        return False
