@@ -664,3 +664,28 @@ def test_a_finished_run_whose_checkpoints_are_gone_is_not_called_stopped(tmp_pat
         said = capsys.readouterr().err
         assert "whose checkpoints and model file are gone" in said and "stopped before" not in said, said
         assert "replacing those records" in said and len(said.strip().splitlines()) == 1
+
+
+def test_threads_are_recorded_and_a_resume_on_others_is_said(tmp_path, capsys):
+    """A CPU run's numbers move in their last digits with the thread count (a sweep's --jobs sets it),
+    which nothing recorded: each epoch record and the summary hold it, and a resume on another count
+    says so."""
+    import json
+
+    import torch
+
+    from ssvi_cli.cli import run
+
+    out = tmp_path / "run"
+    assert run(["train", "--out", str(out), "--epochs", "2", "--set", "model.widths=[8]", "--set",
+                "data.max_train=64", "--set", "train.eval_samples=1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["threads"] == torch.get_num_threads()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["threads"] for r in records] == [torch.get_num_threads()] * 2
+    (out / "summary.json").unlink()
+    (out / "model.safetensors").unlink()
+    records[-1]["threads"] = torch.get_num_threads() + 3  # as if it had trained under another --threads
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert run(["train", "--resume", str(out)]) == 0
+    assert (f"note: the run trained on {torch.get_num_threads() + 3} CPU threads so far and goes on with "
+            f"{torch.get_num_threads()}") in capsys.readouterr().err

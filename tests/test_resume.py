@@ -232,3 +232,4 @@ def test_a_stop_asked_after_the_last_step_is_not_dropped(tmp_path: Path):
         trainer.fit(Progress(on_epoch_end=at_the_end))
     assert stop.value.step == 40 and stop.value.signum == signal.SIGTERM and stop.value.during
     assert Trainer.resume(tmp_path / "r").state.step == 40
+

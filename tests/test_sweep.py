@@ -324,6 +324,15 @@ def test_a_grid_that_adds_seeds_continues_the_sweep_and_keeps_its_cells(tmp_path
     report = json.loads(capsys.readouterr().out)
     assert report["cells_done"] == 4 and all("auroc:noise:entropy" in c for c in report["cells"])
     assert model.stat().st_mtime_ns == trained and first.stat().st_mtime_ns != stamp
+    # The CPU threads each cell trained on (its numbers move in their last digits with them) are said
+    (n,) = report["threads"]
+    assert f"Each cell trained on {n} CPU thread" in (out / "report.md").read_text()
+    metrics = first.parent / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    metrics.write_text("".join(json.dumps({**r, "threads": n + 1}) + "\n" for r in records))  # resumed on others
+    assert run(["sweep", "--report", str(out), "--json", "--no-figures"]) == 0
+    assert json.loads(capsys.readouterr().out)["threads"] == [n, n + 1]
+    assert f"The cells trained on {n} or {n + 1} CPU threads" in (out / "report.md").read_text()
 
 
 def test_a_sweep_grows_whatever_the_order_of_its_axes_and_with_values_that_train_alike(tmp_path: Path, capsys):

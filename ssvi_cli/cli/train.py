@@ -160,6 +160,7 @@ def register(app: typer.Typer) -> None:
                              if trainer.state.epoch < trainer.cfg.train.epochs else
                              f"after its last epoch (step {trainer.state.step}): the final evaluation and model file")
                     tell(f"resuming {resume} {where}" + (f" on {info.world_size} processes" if info.enabled else ""))
+                    _note_threads(trainer.run)
                 summary = _fit(trainer, Interrupted, quiet=json_out or not info.is_main, notes=info.is_main)
             finally:
                 if trainer is not None:
@@ -194,6 +195,19 @@ def _finished(run_dir: Path, json_out: bool, is_main: bool) -> bool:
         err.print(f"{run_dir} has finished ({run.summary_file.name} and {run.model_file.name} written); nothing "
                   f"to resume. Evaluate it: ssvi evaluate {run.model_file}", highlight=False)
     return True
+
+
+def _note_threads(run: Any) -> None:
+    """A run resumed on another number of CPU threads than its last epoch: said, since its numbers move
+    in their last digits with it (a sweep's --jobs sets it)."""
+    import torch
+
+    from ssvi_cli.fileio import read_jsonl
+
+    before = next((r.get("threads") for r in reversed(read_jsonl(run.metrics_file)) if "threads" in r), None)
+    if isinstance(before, int) and before != torch.get_num_threads():
+        tell(f"note: the run trained on {count(before, 'CPU thread')} so far and goes on with "
+             f"{torch.get_num_threads()}; its numbers move in their last digits with the thread count", highlight=False)
 
 
 def _default_run_dir(cfg: cfgmod.Config, preset: str) -> Any:

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from ssvi_cli.fileio import read_jsonl, write_json, write_text
 from ssvi_cli.methods import METHODS
-from ssvi_cli.runs.rundir import CONFIG_FILE, SUMMARY_FILE, SUPPORT_FILE
+from ssvi_cli.runs.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, SUPPORT_FILE
 from ssvi_cli.sweep.drift import changed_cells
 from ssvi_cli.sweep.grid import (EVAL_FILE, OWN_KEYS, Cell, SweepError, SweepSpec, group_key, group_label,
                                  read_spec, setting_text, yaml_text)
@@ -50,8 +50,16 @@ def cell_row(path: Path, cell: Cell) -> dict[str, Any]:
             if score in block["scores"]:
                 row[f"auroc:{name}:{score}"] = block["scores"][score]["auroc"]
     row.update({key: summary.get(key) for key, _ in COSTS})
+    row["threads"] = sorted(_threads(path, summary))
     row["criteria_iou"] = stage_iou(path / SUPPORT_FILE)
     return row
+
+
+def _threads(path: Path, summary: dict[str, Any]) -> set[int]:
+    """The CPU thread counts a cell trained with (more than one when it was resumed under another
+    ``--jobs``/``--threads``); none for a run made before they were recorded."""
+    seen = {r["threads"] for r in read_jsonl(path / METRICS_FILE) if isinstance(r.get("threads"), int)}
+    return seen | ({summary["threads"]} if isinstance(summary.get("threads"), int) else set())
 
 
 def stage_iou(support_file: Path) -> Optional[dict[str, Any]]:
@@ -139,6 +147,9 @@ def build_report(sweep_dir: Path, baseline: Optional[list[str]] = None) -> dict[
               "missing": [c.name for c in cells if c not in done and c.name not in failed],
               "failed": failed,
               "method_values": method_values(sweep_dir, spec, done), "groups": groups, "cells": rows}
+    threads = sorted({n for r in rows for n in r["threads"]})
+    if threads:  # what a rerun needs to give the same numbers to the last digit
+        report["threads"] = threads
     unmoved = {group_label(r): None for r in rows if METHODS.get(r["method"]).moves_support and r["subspace_steps"] == 0}
     if unmoved:  # a schedule too short for its delta_t: a fixed support
         report["support_unmoved"] = list(unmoved)
@@ -166,13 +177,15 @@ def markdown(report: dict[str, Any]) -> str:
     spec = SweepSpec.from_dict(report["spec"])
     groups = report["groups"]
     aurocs = sorted({k for g in groups for k in g if k.startswith("auroc:")})
-    axes = list(spec.axes)
+    axes, threads = list(spec.axes), report.get("threads") or []
     head = ["method", "sparsity", *axes, "seeds", *(label for _, label, _ in METRICS),
             *(f"AUROC {k.split(':')[1]} ({'MI' if k.endswith('information') else 'entropy'})" for k in aurocs),
             "training FLOPs", "file bytes"]
     lines = [f"# Sweep report: {report['sweep']}", "",
              f"{report['cells_done']} of {report['cells_total']} cells evaluated; preset `{spec.preset}`, "
              f"Monte Carlo prediction with S={spec.samples}; mean ± std over seeds (sample std)."
+             + (f" Each cell trained on {threads[0]} CPU thread{'s' if threads[0] != 1 else ''}."
+                if len(threads) == 1 else "")
              + (" Every cell sets " + ", ".join(f"`{k}={yaml_text(v)}`" for k, v in spec.fixed.items()) + "."
                 if spec.fixed else ""), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -187,6 +200,9 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("failed"):
         lines += ["", "Failed (their logs say more; a rerun of the same settings and seed repeats a diverged run): "
                   + "; ".join(f"{name} ({why})" for name, why in report["failed"].items()) + "."]
+    if len(threads) > 1:
+        lines += ["", f"The cells trained on {' or '.join(map(str, threads))} CPU threads (`--jobs`, `--threads`, or a "
+                  "resume under others); a cell's numbers move in their last digits with the thread count."]
     if report.get("support_unmoved"):
         lines += ["", f"No subspace step before t_end, so the support never moved (the run trained a fixed support, as static does), in: "
                   f"{'; '.join(report['support_unmoved'])}. {UNMOVED_HINT}"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
+import torch
+
 from ssvi_cli.config import DELTA_T_AUTO
 from ssvi_cli.core.flops import training_summary
 from ssvi_cli.modelfile import ModelCard, write_model_file
@@ -64,6 +66,7 @@ def epoch_record(trainer: "Trainer", stats: EpochStats) -> dict[str, Any]:
         "swapped": stats.swapped,
         "seconds": time.perf_counter() - stats.started,
         "samples_per_second": trainer.throughput(),
+        "threads": torch.get_num_threads(),  # a CPU run's numbers move in their last digits with it
     }
 
 
@@ -96,6 +99,7 @@ def finish(trainer: "Trainer") -> dict[str, Any]:
         "global_batch": state.global_batch,
         "precision": cfg.train.precision,
         "samples_per_second": trainer.throughput(),
+        "threads": torch.get_num_threads(),
         "test_accuracy": test["accuracy"],
         "test_nll": test["nll"],
         "test_mode": mode,
