@@ -1032,3 +1032,15 @@ def test_force_leaves_a_sweep_that_a_running_sweep_holds_between_its_cells(tmp_p
         with acquire_lock(out / ".sweep.lock", "the sweep's lock", shared=True):  # two sweeps share it
             pass
     assert (out / "sweep.json").is_file()
+
+
+def test_a_stop_between_cells_does_not_speak_of_stopped_cells(tmp_path: Path, capsys, monkeypatch):
+    """Ctrl-C after the last cell had finished said "0 cells stopped; each continues from its last
+    checkpoint", which described nothing that happened."""
+    import ssvi_cli.sweep.runner as runner
+
+    monkeypatch.setattr(runner, "run_cells", lambda *a, **k: runner.Outcome(interrupted=True))
+    assert run(["sweep", "--method", "ssvi", "--sparsity", "0.9", "--out", str(tmp_path / "sw"), "--no-figures"]) == 130
+    said = capsys.readouterr().err
+    assert "interrupted between cells, none of them running; the cells not run yet run with: ssvi sweep --resume" in said
+    assert "0 cells stopped" not in said
