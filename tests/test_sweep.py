@@ -1044,3 +1044,23 @@ def test_a_stop_between_cells_does_not_speak_of_stopped_cells(tmp_path: Path, ca
     said = capsys.readouterr().err
     assert "interrupted between cells, none of them running; the cells not run yet run with: ssvi sweep --resume" in said
     assert "0 cells stopped" not in said
+
+
+def test_sparsity_labels_in_the_flops_figure_never_cover_each_other():
+    """Two series through one point printed their sparsity labels on top of each other, unreadable:
+    the same label at one place is written once, another one moves below it."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ssvi_cli.sweep.figures import _annotate
+
+    fig, ax = plt.subplots()
+    ax.set_xscale("log")
+    ax.plot([1e9, 1e11], [0.97, 0.99])
+    _annotate(ax, [(1e10, 0.98, "0.9", "C0"), (1.01e10, 0.98, "0.9", "C2"), (1e10, 0.98, "0.8", "C1")])
+    texts = [(t.get_text(), t.xyann) for t in ax.texts]
+    plt.close(fig)
+    assert [t for t, _ in texts] == ["0.9", "0.8"] and texts[0][1][1] != texts[1][1][1]

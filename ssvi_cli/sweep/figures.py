@@ -34,6 +34,30 @@ def _label(group: dict[str, Any]) -> str:
     return group["method"] + (f" ({extra})" if extra else "")
 
 
+MARKERS = "osD^vP*X"  # one per series: a series drawn over another's points (ssvi whose support never
+# moved is static) still shows its own marker
+
+
+def _marker(i: int) -> str:
+    return MARKERS[i % len(MARKERS)]
+
+
+def _annotate(ax: Any, labels: list[tuple[float, float, str, str]]) -> None:
+    """Sparsity labels beside their points, in their series' colour: a label that would cover another
+    moves down; the same text at the same place (two series through one point) is written once."""
+    ax.figure.canvas.draw()  # the axes' limits and scale, to place labels in pixels
+    placed: list[tuple[float, float, str]] = []
+    for x, y, text, color in labels:
+        px, py = ax.transData.transform((x, y))
+        if any(abs(px - qx) < 6 and abs(py - qy) < 6 and text == t for qx, qy, t in placed):
+            continue
+        dy = 3
+        while any(abs(px - qx) < 14 and abs(py + dy - qy) < 7 for qx, qy, _ in placed):
+            dy -= 8
+        placed.append((px, py + dy, text))
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(3, dy), fontsize=6, color=color)
+
+
 def _save(fig: Any, target: Path) -> Path:
     with fileio.atomic_path(target) as tmp:
         fig.savefig(tmp, format="png")
@@ -63,11 +87,11 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> list[Path]:
                     ax.axhline(mean, color=color, linestyle="--", label=label)
                     ax.axhspan(mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
                 else:  # dense methods alone: each at sparsity 0, where it is
-                    ax.errorbar([0.0], [mean], yerr=[std], marker="s", capsize=3, color=color, label=label)
+                    ax.errorbar([0.0], [mean], yerr=[std], marker=_marker(i), capsize=3, color=color, label=label)
                 continue
             stats.sort(key=lambda t: t[0])
             ax.errorbar([s for s, _ in stats], [v["mean"] for _, v in stats], yerr=[v["std"] or 0.0 for _, v in stats],
-                        marker="o", capsize=3, color=color, label=label)
+                        marker=_marker(i), capsize=3, color=color, label=label, alpha=0.85)
         ax.set_xlabel("sparsity")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
@@ -78,18 +102,18 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=110)
+    labels: list[tuple[float, float, str, str]] = []
     for i, (label, members) in enumerate(series.items()):
         pts = sorted((g["training_flops"]["mean"], g["accuracy"]["mean"], g["accuracy"]["std"] or 0.0, g["sparsity"])
                      for g in members if g.get("training_flops") and g["training_flops"]["mean"]
                      and g.get("accuracy") and g["accuracy"]["mean"] is not None)
         if not pts:
             continue
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                    color=f"C{i}", label=label)
-        for x, y, _, s in pts:
-            if s is not None:
-                ax.annotate(f"{s:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker=_marker(i), capsize=3,
+                    color=f"C{i}", label=label, alpha=0.85)
+        labels += [(x, y, f"{s:g}", f"C{i}") for x, y, _, s in pts if s is not None]
     ax.set_xscale("log")
+    _annotate(ax, labels)
     ax.set_xlabel("training FLOPs (analytic)")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
