@@ -306,7 +306,7 @@ def test_a_grid_that_adds_seeds_continues_the_sweep_and_keeps_its_cells(tmp_path
     assert "is already trained and evaluated; nothing to do" in capsys.readouterr().err
     # Fewer seeds is a part of the sweep, other settings another sweep: both refused, each saying which
     assert run([*grid, "--seeds", "1"]) == 2
-    assert f"{out} holds a larger sweep, 4 cells, of which this grid's 1 are a part: run it all with" in \
+    assert f"{out} holds a larger sweep, 4 cells, of which this grid's 1 are a part: run it all, as it was made, with" in \
         capsys.readouterr().err
     assert run([*grid, "--seeds", "2", "--method", "ssvi,vi", "--set", "optim.lr=0.02"]) == 2
     assert "holds a different sweep (a grid that only adds seeds" in capsys.readouterr().err
@@ -1057,10 +1057,52 @@ def test_sparsity_labels_in_the_flops_figure_never_cover_each_other():
 
     from ssvi_cli.sweep.figures import _annotate
 
-    fig, ax = plt.subplots()
+    fig, ax = plt.subplots(dpi=110)
     ax.set_xscale("log")
     ax.plot([1e9, 1e11], [0.97, 0.99])
-    _annotate(ax, [(1e10, 0.98, "0.9", "C0"), (1.01e10, 0.98, "0.9", "C2"), (1e10, 0.98, "0.8", "C1")])
-    texts = [(t.get_text(), t.xyann) for t in ax.texts]
+    _annotate(ax, [(1e10, 0.98, "0.9", "C0"), (1.01e10, 0.98, "0.9", "C2"), (1e10, 0.98, "0.8", "C1"),
+                   (1.02e10, 0.98, "0.95", "C3"), (1e10, 0.98, "0.95", "C4"), (1.2e10, 0.9801, "0.98", "C5")])
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in ax.texts]
+    texts = [t.get_text() for t in ax.texts]
     plt.close(fig)
-    assert [t for t, _ in texts] == ["0.9", "0.8"] and texts[0][1][1] != texts[1][1][1]
+    assert texts == ["0.9", "0.8", "0.95", "0.98"]  # each once
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]), boxes
+
+
+def test_a_grid_that_fits_the_cells_as_they_ran_grows_after_its_preset_was_edited(tmp_path: Path, capsys):
+    from ssvi_cli import config as C
+
+    """With the preset edited since the cells ran (lr 0.01 -> 0.02), the grid that pins their lr was
+    refused as "a different sweep" (pointing at --force): the old grid was read through the preset as
+    it is now, not as the cells ran. Without the pin it is another sweep, as before."""
+    preset = tmp_path / "p.yaml"
+    preset.write_text(Path(C.list_presets()["digits_mlp"]).read_text())
+    out = tmp_path / "sw"
+    grid = ["sweep", "--preset", str(preset), "--method", "ssvi", "--sparsity", "0.95", *TINY,
+            "--set", "train.epochs=1", "--out", str(out), "--no-figures"]
+    assert run([*grid, "--seeds", "1"]) == 0
+    preset.write_text(preset.read_text().replace("lr: 0.01 ", "lr: 0.02 "))
+    assert C.load_preset(str(preset)).optim.lr == 0.02
+    capsys.readouterr()
+    assert run([*grid, "--seeds", "2", "--set", "optim.lr=0.01", "--dry-run"]) == 0, capsys.readouterr().err
+    assert "ssvi_s0.95_seed1" in (out / "commands.txt").read_text()
+    assert run([*grid, "--seeds", "2", "--dry-run"]) == 2  # the cells ran at 0.01, this grid says 0.02
+    assert "holds a different sweep" in capsys.readouterr().err
+
+
+def test_a_started_cell_resumes_on_the_device_the_sweep_gives_now(tmp_path: Path, monkeypatch):
+    """A sweep grown with --set train.device=... resumed its started cells with a bare --resume, on the
+    device they began on, though the growth note spoke of the values given now."""
+    import ssvi_cli.cli.sweep_cell as sweep_cell
+    import ssvi_cli.sweep.runner as runner
+
+    out = tmp_path / "sw"
+    assert run(["sweep", "--method", "ssvi", "--sparsity", "0.9", "--set", "train.device=cpu", "--out", str(out),
+                "--dry-run"]) == 0
+    cell = out / "cells" / "ssvi_s0.9_seed0"
+    monkeypatch.setattr(runner, "cell_state", lambda path, spec=None: "partial")
+    monkeypatch.setattr(sweep_cell, "check_changed", lambda *a: None)
+    calls: list[list[str]] = []
+    assert sweep_cell.run_cell(cell, lambda args: calls.append(args) or 0) == 0
+    assert calls[0] == ["train", "--resume", str(cell), "--device", "cpu"] and calls[1][0] == "evaluate"

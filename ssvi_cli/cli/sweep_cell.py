@@ -75,8 +75,9 @@ def _train_and_evaluate(path: Path, cell: Cell, spec: SweepSpec, run: Callable[[
                   "it again)")
         return 0
     check_ood_paths(spec)  # before training: its evaluation needs them
-    if state == "partial":
-        code = run(["train", "--resume", str(path)])
+    if state == "partial":  # as it began, but on the sweep's device now (a sweep grown onto a GPU, say)
+        device = spec.fixed.get("train.device")
+        code = run(["train", "--resume", str(path), *(["--device", str(device)] if device is not None else [])])
     elif state == "new":
         code = run(["train", *cell.train_args(spec, path), *(["--force"] if path.exists() else [])])
     else:

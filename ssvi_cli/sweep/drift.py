@@ -65,16 +65,30 @@ def differing(old: dict[str, Any], new: dict[str, Any], method: Any) -> list[str
             and not (method.dense and k in DENSE_IGNORES)]
 
 
-def trains_alike(old: SweepSpec, old_cells: list[Cell], new: SweepSpec, cells: list[Cell]) -> bool:
+def trains_alike(sweep_dir: Path, old: SweepSpec, old_cells: list[Cell], new: SweepSpec, cells: list[Cell]) -> bool:
     """Whether every cell of ``old_cells`` is among ``cells`` by name and trains alike under ``new`` as
-    under ``old`` (:func:`differing`): a value given that the preset already had, or a device, worker
-    or data folder changed, leaves a finished cell as it is."""
+    it did (:func:`differing`): a cell that started as its recorded config says, one not started as
+    ``old`` gives it. A value given that the preset already had, or a device, worker or data folder
+    changed, leaves a finished cell as it is."""
+    import yaml
+
     by_name = {c.name: c for c in cells}
     if not all(c.name in by_name for c in old_cells):
         return False
-    before = {c.name: cfgmod.flat_dict(cfg) for c, cfg in cell_configs(old, old_cells)}
+    def flat(cfg: cfgmod.Config) -> dict[str, Any]:  # published weights by the version they resolve to
+        return {**cfgmod.flat_dict(cfg), "model.init_from": _resolved(cfg)}
+
+    before = {c.name: flat(cfg) for c, cfg in cell_configs(old, old_cells)}
+    for cell in old_cells:  # a preset edited since: what a started cell ran with is in its folder
+        path = cell_dir(sweep_dir, cell)
+        if cell_state(path) != "new":
+            try:
+                recorded = cfgmod.flat_dict(cfgmod.from_dict(yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8"))))
+                before[cell.name] = {k: cfgmod.absolute_path(k, v) for k, v in recorded.items()}
+            except (OSError, yaml.YAMLError, cfgmod.ConfigError, TypeError, ValueError):
+                pass  # named by changed_cells when the sweep goes on
     after = cell_configs(new, [by_name[c.name] for c in old_cells])
-    return all(not differing(before[c.name], cfgmod.flat_dict(cfg), METHODS.get(c.method)) for c, cfg in after)
+    return all(not differing(before[c.name], flat(cfg), METHODS.get(c.method)) for c, cfg in after)
 
 
 def _resolved(cfg: cfgmod.Config) -> Any:

@@ -42,20 +42,33 @@ def _marker(i: int) -> str:
     return MARKERS[i % len(MARKERS)]
 
 
-def _annotate(ax: Any, labels: list[tuple[float, float, str, str]]) -> None:
-    """Sparsity labels beside their points, in their series' colour: a label that would cover another
-    moves down; the same text at the same place (two series through one point) is written once."""
-    ax.figure.canvas.draw()  # the axes' limits and scale, to place labels in pixels
-    placed: list[tuple[float, float, str]] = []
+def _annotate(ax: Any, labels: list[tuple[float, float, str, str]], size: float = 6) -> None:
+    """Sparsity labels beside their points, in their series' colour, placed once the axes are laid out:
+    a label whose box would cover another's moves down; the same text at the same point (two series
+    through one point) is written once."""
+    fig = ax.figure
+    fig.canvas.draw()  # the axes' final place, limits and scale
+    pt = fig.dpi / 72  # pixels per point: offsets are in points, boxes in pixels
+    anchors: list[tuple[float, float, str]] = []
+    boxes: list[tuple[float, float, float, float]] = []
+
+    def box(px: float, py: float, dy: float, text: str) -> tuple[float, float, float, float]:
+        x0, y0 = px + 3 * pt, py + dy * pt  # a glyph of `size` points is about 0.6 of it wide
+        return x0, y0, x0 + 0.62 * size * len(text) * pt, y0 + 1.25 * size * pt
+
+    def clear(b: tuple[float, float, float, float]) -> bool:
+        return all(b[2] <= o[0] or o[2] <= b[0] or b[3] <= o[1] or o[3] <= b[1] for o in boxes)
+
     for x, y, text, color in labels:
         px, py = ax.transData.transform((x, y))
-        if any(abs(px - qx) < 6 and abs(py - qy) < 6 and text == t for qx, qy, t in placed):
+        if any(abs(px - qx) < 6 and abs(py - qy) < 6 and text == t for qx, qy, t in anchors):
             continue
-        dy = 3
-        while any(abs(px - qx) < 14 and abs(py + dy - qy) < 7 for qx, qy, _ in placed):
-            dy -= 8
-        placed.append((px, py + dy, text))
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(3, dy), fontsize=6, color=color)
+        dy = 3.0
+        while not clear(box(px, py, dy, text)) and dy > -60:
+            dy -= 1.3 * size
+        anchors.append((px, py, text))
+        boxes.append(box(px, py, dy, text))
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(3, dy), fontsize=size, color=color)
 
 
 def _save(fig: Any, target: Path) -> Path:
@@ -113,12 +126,12 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> list[Path]:
                     color=f"C{i}", label=label, alpha=0.85)
         labels += [(x, y, f"{s:g}", f"C{i}") for x, y, _, s in pts if s is not None]
     ax.set_xscale("log")
-    _annotate(ax, labels)
     ax.set_xlabel("training FLOPs (analytic)")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
+    _annotate(ax, labels)  # once the axes are laid out
     written.append(_save(fig, out_dir / ACCURACY_VS_FLOPS))
     plt.close(fig)
     return written

@@ -52,7 +52,7 @@ def claim_sweep_dir(out_dir: Path, spec: SweepSpec, cells: list[Cell], force: bo
         spec, cells = _in_its_terms(old_spec, spec, cells)
     if old_spec == spec:
         return "same", spec, old_cells, []  # named as that sweep named them
-    if old_spec is not None and _grows(old_spec, old_cells, spec, cells):
+    if old_spec is not None and _grows(out_dir, old_spec, old_cells, spec, cells):
         notes = []
         if len(cells) > len(old_cells):
             notes.append(f"the grid adds to the sweep in {out_dir}: {len(cells)} cells now, its cells so far kept")
@@ -61,13 +61,15 @@ def claim_sweep_dir(out_dir: Path, spec: SweepSpec, cells: list[Cell], force: bo
                          "cell evaluated otherwise is evaluated again, its training kept")
         if old_spec.fixed != spec.fixed:
             notes.append(f"the sweep in {out_dir} goes on with the fixed values given now (they train its cells "
-                         "alike: a device, a data folder, or a value its preset had); its finished cells are kept")
+                         "alike: a device, a data folder, or a value its preset had) for the cells not started; "
+                         "its finished cells are kept, and a started one resumes as it began (on the device "
+                         "given, if one is)")
         return "grown", spec, cells, notes
-    if old_spec is not None and not force and _grows(spec, cells, old_spec, old_cells):
+    if old_spec is not None and not force and _part_of(out_dir, old_spec, old_cells, spec, cells):
         quoted = shlex.quote(str(out_dir))
         raise SweepError(f"{out_dir} holds a larger sweep, {len(old_cells)} cells, of which this grid's {len(cells)} "
-                         f"are a part: run it all with 'ssvi sweep --resume {quoted}', one cell with 'ssvi sweep "
-                         f"--run-cell {quoted}/cells/NAME', or choose another --out")
+                         f"are a part: run it all, as it was made, with 'ssvi sweep --resume {quoted}', one cell "
+                         f"with 'ssvi sweep --run-cell {quoted}/cells/NAME', or choose another --out")
     if not force:
         raise SweepError(f"{out_dir} holds a different sweep (a grid that only adds seeds, methods, sparsities "
                          f"or values to it, or evaluates it otherwise, continues it; this one changes what it "
@@ -131,7 +133,22 @@ def _in_its_terms(old: SweepSpec, new: SweepSpec, cells: list[Cell]) -> tuple[Sw
     return adjusted, expand(adjusted)
 
 
-def _grows(old: SweepSpec, old_cells: list[Cell], new: SweepSpec, cells: list[Cell]) -> bool:
+def _part_of(out_dir: Path, old: SweepSpec, old_cells: list[Cell], new: SweepSpec, cells: list[Cell]) -> bool:
+    """Whether ``new`` is a part of the sweep ``old`` (fewer seeds, methods or values): each of its
+    cells is one of ``old``'s, trained alike."""
+    from ssvi_cli.sweep.drift import trains_alike
+
+    names = {c.name for c in cells}
+    mine = [c for c in old_cells if c.name in names]
+    if len(mine) != len(cells) or (old.preset, list(old.axes)) != (new.preset, list(new.axes)):
+        return False
+    try:
+        return trains_alike(out_dir, old, mine, new, cells)
+    except SweepError:
+        return False
+
+
+def _grows(out_dir: Path, old: SweepSpec, old_cells: list[Cell], new: SweepSpec, cells: list[Cell]) -> bool:
     """Whether ``new`` trains what ``old`` trained and maybe more (seeds, methods, sparsities or axis
     values): the same preset and axis keys, and every old cell among the new ones (a cell's name
     spells its method, sparsity, settings and seed) with a config that trains alike
@@ -143,6 +160,6 @@ def _grows(old: SweepSpec, old_cells: list[Cell], new: SweepSpec, cells: list[Ce
     if (old.preset, list(old.axes)) != (new.preset, list(new.axes)):  # new's axes in old's order (_in_its_terms)
         return False
     try:
-        return trains_alike(old, old_cells, new, cells)
+        return trains_alike(out_dir, old, old_cells, new, cells)
     except SweepError:  # the old grid no longer expands (a preset gone): not the same sweep
         return False
