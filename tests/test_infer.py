@@ -249,6 +249,7 @@ def test_flattened_rows_are_one_input_each(model_file, tmp_path, capsys, caplog)
     with caplog.at_level(logging.WARNING):  # rows one value short were read as one picture, silently
         assert array_to_images(np.zeros((50, 63)), "b.npy", 1, 16.0, shape).shape == (1, 1, 50, 63)
         array_to_images(np.zeros((8, 8)), "c.npy", 1, 16.0, shape)
+        array_to_images(np.zeros((28, 28)), "d.npy", 1, 16.0, shape)  # a picture of another size: read quietly
     said = [r.getMessage() for r in caplog.records]
     assert said == ["b.npy: an array of shape (50, 63) is read as one 50x63 gray image, resized to 8x8 (a batch of "
                     "flattened inputs has 64 values per row)"], said
@@ -359,6 +360,12 @@ def test_an_output_link_is_written_through_and_guarded_as_its_target(model_file,
         (tmp_path / name).symlink_to(tmp_path / "out" / name)  # dangling until written
         assert run([*command, str(tmp_path / name)]) == 0, name
         assert (tmp_path / name).is_symlink() and (tmp_path / "out" / name).stat().st_size > 0
+    photo = tmp_path / "photo.png"  # a link to a file of another kind: never written over by a slip
+    photo.write_bytes(b"\x89PNG not really")
+    (tmp_path / "r.json").symlink_to(photo)
+    assert run(["evaluate", str(run_dir), "--samples", "1", "-o", str(tmp_path / "r.json")]) == 2
+    assert f"is a link to {photo}, a file of another kind" in capsys.readouterr().err
+    assert photo.read_bytes() == b"\x89PNG not really"
     (tmp_path / "plots").mkdir()  # only a checked output file is written through: a plot replaces a link
     (tmp_path / "plots" / "reliability.png").symlink_to(run_dir / "model.safetensors")
     model_bytes = (run_dir / "model.safetensors").read_bytes()

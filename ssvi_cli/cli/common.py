@@ -81,7 +81,11 @@ def check_output_file(path: Path, flag: str) -> Path:
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a directory; give a file name")
     if path.is_symlink():
-        path = Path(os.path.realpath(path))
+        target = Path(os.path.realpath(path))
+        if target.suffix.lower() != path.suffix.lower():  # the kind a command checks by the name given
+            raise UsageError(f"{flag} {path} is a link to {target}, a file of another kind; give a path that is not "
+                             "a link, or one to a file of its own kind")
+        path = target
     if not path.parent.is_dir():
         what = "is not a directory" if path.parent.exists() else "does not exist"
         raise UsageError(f"{flag} {path}: its folder {path.parent} {what}; create it first or pick another path")

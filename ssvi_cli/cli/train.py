@@ -160,7 +160,7 @@ def register(app: typer.Typer) -> None:
                              if trainer.state.epoch < trainer.cfg.train.epochs else
                              f"after its last epoch (step {trainer.state.step}): the final evaluation and model file")
                     tell(f"resuming {resume} {where}" + (f" on {info.world_size} processes" if info.enabled else ""))
-                    _note_threads(trainer.run)
+                    _note_threads(trainer.run, trainer.device.type)
                 summary = _fit(trainer, Interrupted, quiet=json_out or not info.is_main, notes=info.is_main)
             finally:
                 if trainer is not None:
@@ -197,7 +197,7 @@ def _finished(run_dir: Path, json_out: bool, is_main: bool) -> bool:
     return True
 
 
-def _note_threads(run: Any) -> None:
+def _note_threads(run: Any, device_type: str) -> None:
     """A run resumed on another number of CPU threads than its last epoch: said, since its numbers move
     in their last digits with it (a sweep's --jobs sets it)."""
     import torch
@@ -205,7 +205,7 @@ def _note_threads(run: Any) -> None:
     from ssvi_cli.fileio import read_jsonl
 
     before = next((r.get("threads") for r in reversed(read_jsonl(run.metrics_file)) if "threads" in r), None)
-    if isinstance(before, int) and before != torch.get_num_threads():
+    if isinstance(before, int) and before != torch.get_num_threads() and device_type == "cpu":
         tell(f"note: the run trained on {count(before, 'CPU thread')} so far and goes on with "
              f"{torch.get_num_threads()}; its numbers move in their last digits with the thread count", highlight=False)
 

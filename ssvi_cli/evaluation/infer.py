@@ -88,11 +88,12 @@ def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: fl
     channel_sizes = (1, 3, 4)
     arr = _unflattened(arr, input_shape)
     if arr.ndim == 2:
-        if input_shape is not None and len(input_shape) == 3 and tuple(arr.shape) != tuple(input_shape[1:]):
-            # one image of another size, or a batch of rows one value short? Said, as it is read.
+        features = int(np.prod(input_shape)) if input_shape is not None and len(input_shape) == 3 else None
+        if features and abs(arr.shape[1] - features) <= max(2, features // 10):
+            # rows a few values off the model's flattened input: more likely a batch than a picture. Said.
             logger.warning("%s: an array of shape %s is read as one %dx%d gray image, resized to %dx%d (a batch of "
                            "flattened inputs has %d values per row)", name, tuple(arr.shape), arr.shape[0],
-                           arr.shape[1], input_shape[1], input_shape[2], int(np.prod(input_shape)))
+                           arr.shape[1], input_shape[1], input_shape[2], features)
         arr = arr[None, None]
     elif arr.ndim == 3:
         if arr.shape[0] == 1 or (channels != 1 and arr.shape[0] in (3, 4)):

@@ -109,7 +109,7 @@ class RunDir:
         """This folder, or the first of ``NAME-2``, ``NAME-3``, ... that is not there, made now by an
         exclusive mkdir: for a default run name, so that runs started in the same second (a loop of
         background jobs) each get a folder of their own."""
-        fileio.check_writable(self.path, "--out")  # a folder the system refuses: one line, as for --out
+        fileio.check_writable(self.path, "the default run folder")  # refused by the system: one line, naming it
         for n in range(1, 10_000):
             candidate = self.path if n == 1 else self.path.with_name(f"{self.path.name}-{n}")
             try:
@@ -118,7 +118,8 @@ class RunDir:
             except FileExistsError:
                 continue
             except OSError as exc:
-                raise fileio.UnwritablePath(exc.errno, f"--out {candidate} cannot be made: {exc.strerror or exc}") from None
+                raise fileio.UnwritablePath(exc.errno, f"the default run folder {candidate} cannot be made: "
+                                            f"{exc.strerror or exc} (give one with --out)") from None
             return RunDir(candidate)
         raise RunDirError(f"no free run folder next to {self.path}; give one with --out")
 

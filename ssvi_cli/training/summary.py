@@ -66,8 +66,13 @@ def epoch_record(trainer: "Trainer", stats: EpochStats) -> dict[str, Any]:
         "swapped": stats.swapped,
         "seconds": time.perf_counter() - stats.started,
         "samples_per_second": trainer.throughput(),
-        "threads": torch.get_num_threads(),  # a CPU run's numbers move in their last digits with it
+        "threads": cpu_threads(trainer),  # a CPU run's numbers move in their last digits with it
     }
+
+
+def cpu_threads(trainer: "Trainer") -> Optional[int]:
+    """The CPU threads a run trains on (None on a GPU, whose numbers do not depend on them)."""
+    return torch.get_num_threads() if trainer.device.type == "cpu" else None
 
 
 def finish(trainer: "Trainer") -> dict[str, Any]:
@@ -99,7 +104,7 @@ def finish(trainer: "Trainer") -> dict[str, Any]:
         "global_batch": state.global_batch,
         "precision": cfg.train.precision,
         "samples_per_second": trainer.throughput(),
-        "threads": torch.get_num_threads(),
+        "threads": cpu_threads(trainer),
         "test_accuracy": test["accuracy"],
         "test_nll": test["nll"],
         "test_mode": mode,
