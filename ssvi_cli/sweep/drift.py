@@ -65,11 +65,12 @@ def differing(old: dict[str, Any], new: dict[str, Any], method: Any) -> list[str
             and not (method.dense and k in DENSE_IGNORES)]
 
 
-def trains_alike(sweep_dir: Path, old: SweepSpec, old_cells: list[Cell], new: SweepSpec, cells: list[Cell]) -> bool:
+def trains_alike(sweep_dir: Path, old: SweepSpec, old_cells: list[Cell], new: SweepSpec, cells: list[Cell],
+                 as_ran: bool = False) -> bool:
     """Whether every cell of ``old_cells`` is among ``cells`` by name and trains alike under ``new`` as
-    it did (:func:`differing`): a cell that started as its recorded config says, one not started as
-    ``old`` gives it. A value given that the preset already had, or a device, worker or data folder
-    changed, leaves a finished cell as it is."""
+    under ``old`` (:func:`differing`), both read through the preset as it is now; ``as_ran``: as it
+    did, a started cell as its recorded config says (a preset edited since). A value given that the
+    preset already had, or a device, worker or data folder changed, leaves a finished cell as it is."""
     import yaml
 
     by_name = {c.name: c for c in cells}
@@ -79,7 +80,7 @@ def trains_alike(sweep_dir: Path, old: SweepSpec, old_cells: list[Cell], new: Sw
         return {**cfgmod.flat_dict(cfg), "model.init_from": _resolved(cfg)}
 
     before = {c.name: flat(cfg) for c, cfg in cell_configs(old, old_cells)}
-    for cell in old_cells:  # a preset edited since: what a started cell ran with is in its folder
+    for cell in old_cells if as_ran else ():  # a preset edited since: what a started cell ran with is in its folder
         path = cell_dir(sweep_dir, cell)
         if cell_state(path) != "new":
             try:
