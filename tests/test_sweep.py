@@ -1106,3 +1106,16 @@ def test_a_started_cell_resumes_on_the_device_the_sweep_gives_now(tmp_path: Path
     calls: list[list[str]] = []
     assert sweep_cell.run_cell(cell, lambda args: calls.append(args) or 0) == 0
     assert calls[0] == ["train", "--resume", str(cell), "--device", "cpu"] and calls[1][0] == "evaluate"
+
+
+def test_a_sweeps_checks_read_each_data_config_once_not_once_per_seed(tmp_path: Path, monkeypatch):
+    """The names check (which scans an image folder) runs once per distinct data config, not once per
+    seed: the image-folder keys the cells set are compared, not every key of every cell."""
+    import ssvi_cli.training.plan as plan
+
+    calls = []
+    real = plan.check_names
+    monkeypatch.setattr(plan, "check_names", lambda cfg, given=(): calls.append(given) or real(cfg, given))
+    assert run(["sweep", "--method", "ssvi", "--sparsity", "0.9,0.95", "--seeds", "3", "--set", "data.val_fraction=0.2",
+                "--out", str(tmp_path / "sw"), "--dry-run"]) == 0
+    assert calls == [["data.val_fraction"]]
