@@ -41,10 +41,7 @@ def changed_cells(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> dict[s
         if cell_state(path) == "new":
             continue
         try:
-            recorded = cfgmod.flat_dict(cfgmod.from_dict(
-                yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8"))))
-            # A path recorded as typed (before runs recorded them absolute) is the one it names from here.
-            ran[cell.name] = {k: cfgmod.absolute_path(k, v) for k, v in recorded.items()}
+            ran[cell.name] = recorded_config(path)
         except (OSError, yaml.YAMLError, cfgmod.ConfigError, TypeError, ValueError) as exc:
             changed[cell.name] = f"its {CONFIG_FILE} cannot be read ({brief(getattr(exc, 'problem', None) or exc)})"
     for cell, cfg in cell_configs(spec, [c for c in cells if c.name in ran]):
@@ -56,6 +53,16 @@ def changed_cells(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> dict[s
             more = f"; and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""
             changed[cell.name] = "; ".join(parts) + more
     return changed
+
+
+def recorded_config(cell_path: Path) -> dict[str, Any]:
+    """The flat config a cell ran with, as its ``config.yaml`` records it (raises what reading it
+    raises)."""
+    import yaml
+
+    recorded = cfgmod.flat_dict(cfgmod.from_dict(yaml.safe_load((cell_path / CONFIG_FILE).read_text(encoding="utf-8"))))
+    # A path recorded as typed (before runs recorded them absolute) is the one it names from here.
+    return {k: cfgmod.absolute_path(k, v) for k, v in recorded.items()}
 
 
 def differing(old: dict[str, Any], new: dict[str, Any], method: Any) -> list[str]:
@@ -76,6 +83,7 @@ def trains_alike(sweep_dir: Path, old: SweepSpec, old_cells: list[Cell], new: Sw
     by_name = {c.name: c for c in cells}
     if not all(c.name in by_name for c in old_cells):
         return False
+
     def flat(cfg: cfgmod.Config) -> dict[str, Any]:  # published weights by the version they resolve to
         return {**cfgmod.flat_dict(cfg), "model.init_from": _resolved(cfg)}
 
@@ -84,8 +92,7 @@ def trains_alike(sweep_dir: Path, old: SweepSpec, old_cells: list[Cell], new: Sw
         path = cell_dir(sweep_dir, cell)
         if cell_state(path) != "new":
             try:
-                recorded = cfgmod.flat_dict(cfgmod.from_dict(yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8"))))
-                before[cell.name] = {k: cfgmod.absolute_path(k, v) for k, v in recorded.items()}
+                before[cell.name] = recorded_config(path)
             except (OSError, yaml.YAMLError, cfgmod.ConfigError, TypeError, ValueError):
                 pass  # named by changed_cells when the sweep goes on
     after = cell_configs(new, [by_name[c.name] for c in old_cells])
