@@ -33,11 +33,17 @@ class Method:
                 or (not self.bayesian and key in SIGMA_KEYS)
                 or (self.dense and key == "sparse.allocation"))
 
+    def never_uses(self, key: str) -> bool:
+        """Whether a run of this method never uses config ``key``: those it :meth:`ignores`, and a dense
+        network's sparsity and stem (it has no sparse layer), which a sweep does not count as cells."""
+        return self.ignores(key) or (self.dense and key in DENSE_IGNORES)
+
 
 # Config keys that act only through the remove-and-add steps, and only through σ (the removal
 # criterion ranks by SNR-type scores only with σ: a deterministic network's removal is |w|).
 SCHEDULE_KEYS = frozenset({"sparse.criterion", "sparse.criterion_lambda", "sparse.addition", "sparse.delta_t",
                            "sparse.min_subspace_steps", "sparse.alpha", "sparse.t_end", "sparse.new_sigma"})
+DENSE_IGNORES = frozenset({"sparse.sparsity", "model.dense_stem"})  # a dense method has no sparse layer
 SIGMA_KEYS = frozenset({"sparse.criterion", "sparse.criterion_lambda", "sparse.new_sigma", "bayes.beta",
                         "bayes.prior_sigma", "bayes.sigma_param", "bayes.sigma_init_mean", "bayes.sigma_init_std",
                         "bayes.kl_warmup", "optim.lr_sigma"})

@@ -28,11 +28,11 @@ def flag_of(key: str) -> str:
 
 
 def unused_keys(cfg: cfgmod.Config, overrides: dict[str, Any], sets: list[str]) -> list[str]:
-    """What the command line gave that the run's method cannot use (``Method.ignores``), as given:
+    """What the command line gave that the run's method cannot use (``Method.never_uses``), as given:
     a flag, or ``--set KEY``."""
     given = {k: flag_of(k) for k, v in overrides.items() if v is not None} | {k: f"--set {k}" for k in set_keys(sets)}
     method = cfg.method
-    return sorted(shown for k, shown in given.items() if method.ignores(k) or (method.dense and k == "sparse.sparsity"))
+    return sorted(shown for k, shown in given.items() if method.never_uses(k))
 
 
 def set_keys(sets: list[str]) -> list[str]:

@@ -4,8 +4,8 @@ skipped, or, partial, resumed under the settings it started with, and reported u
 never ran with; so a sweep refuses to run on while it has one, and its report names them.
 
 Compared: every config key that changes what a run trains. Not compared: keys the cell's method
-ignores (``Method.ignores``; a dense method's sparsity and stem too), and keys that change where or
-how fast it runs but not what it learns (:data:`NOT_COMPARED`). Published weights are compared by
+never uses (``Method.never_uses``: those it ignores, a dense method's sparsity and stem), and keys
+that change where or how fast it runs but not what it learns (:data:`NOT_COMPARED`). Published weights are compared by
 the version they resolve to, as the run's config records them (``torchvision:DEFAULT`` names one).
 """
 
@@ -23,7 +23,6 @@ from ssvi_cli.sweep.runner import cell_dir, cell_state
 
 NOT_COMPARED = frozenset({"train.device", "train.kernel", "train.num_workers", "train.checkpoint_every",
                           "train.keep_checkpoints", "train.eval_samples", "data.data_dir", "data.download"})
-DENSE_IGNORES = frozenset({"sparse.sparsity", "model.dense_stem"})  # a dense method has no sparse layer
 SHOWN_KEYS = 3  # differing keys named per cell
 
 
@@ -68,16 +67,15 @@ def recorded_config(cell_path: Path) -> dict[str, Any]:
 def differing(old: dict[str, Any], new: dict[str, Any], method: Any) -> list[str]:
     """The keys of two flat configs (``config.flat_dict``) whose values differ in a way that changes
     what ``method`` trains (not :data:`NOT_COMPARED`, not a key the method ignores)."""
-    return [k for k in new if old.get(k) != new[k] and k not in NOT_COMPARED and not method.ignores(k)
-            and not (method.dense and k in DENSE_IGNORES)]
+    return [k for k in new if old.get(k) != new[k] and k not in NOT_COMPARED and not method.never_uses(k)]
 
 
-def trains_alike(sweep_dir: Path, old: SweepSpec, old_cells: list[Cell], new: SweepSpec, cells: list[Cell],
-                 as_ran: bool = False) -> bool:
-    """Whether every cell of ``old_cells`` is among ``cells`` by name and trains alike under ``new`` as
-    under ``old`` (:func:`differing`), both read through the preset as it is now; ``as_ran``: as it
-    did, a started cell as its recorded config says (a preset edited since). A value given that the
-    preset already had, or a device, worker or data folder changed, leaves a finished cell as it is."""
+def trains_alike(sweep_dir: Path, old: SweepSpec, old_cells: list[Cell], new: SweepSpec, cells: list[Cell]) -> bool:
+    """Whether every cell of ``old_cells`` is among ``cells`` by name and trains alike under ``new``
+    (:func:`differing`): as under ``old``, both read through the preset as it is now (a cell an edit
+    of it made stale is named by :func:`changed_cells` before it runs), or as it ran, a started cell
+    as its recorded config says. A value given that the preset already had, or a device, worker or
+    data folder changed, leaves a finished cell as it is."""
     import yaml
 
     by_name = {c.name: c for c in cells}
@@ -88,15 +86,17 @@ def trains_alike(sweep_dir: Path, old: SweepSpec, old_cells: list[Cell], new: Sw
         return {**cfgmod.flat_dict(cfg), "model.init_from": _resolved(cfg)}
 
     before = {c.name: flat(cfg) for c, cfg in cell_configs(old, old_cells)}
-    for cell in old_cells if as_ran else ():  # a preset edited since: what a started cell ran with is in its folder
+    after = [(c, flat(cfg)) for c, cfg in cell_configs(new, [by_name[c.name] for c in old_cells])]
+    if all(not differing(before[c.name], cfg, METHODS.get(c.method)) for c, cfg in after):
+        return True
+    for cell in old_cells:  # a preset edited since: what a started cell ran with is in its folder
         path = cell_dir(sweep_dir, cell)
         if cell_state(path) != "new":
             try:
                 before[cell.name] = recorded_config(path)
             except (OSError, yaml.YAMLError, cfgmod.ConfigError, TypeError, ValueError):
                 pass  # named by changed_cells when the sweep goes on
-    after = cell_configs(new, [by_name[c.name] for c in old_cells])
-    return all(not differing(before[c.name], flat(cfg), METHODS.get(c.method)) for c, cfg in after)
+    return all(not differing(before[c.name], cfg, METHODS.get(c.method)) for c, cfg in after)
 
 
 def _resolved(cfg: cfgmod.Config) -> Any:

@@ -143,7 +143,7 @@ def _part_of(out_dir: Path, old: SweepSpec, old_cells: list[Cell], new: SweepSpe
     if len(mine) != len(cells) or (old.preset, list(old.axes)) != (new.preset, list(new.axes)):
         return False
     try:
-        return any(trains_alike(out_dir, old, mine, new, cells, as_ran) for as_ran in (False, True))
+        return trains_alike(out_dir, old, mine, new, cells)
     except SweepError:
         return False
 
@@ -159,8 +159,7 @@ def _grows(out_dir: Path, old: SweepSpec, old_cells: list[Cell], new: SweepSpec,
 
     if (old.preset, list(old.axes)) != (new.preset, list(new.axes)):  # new's axes in old's order (_in_its_terms)
         return False
-    try:  # the same grid (a cell the preset's edit made stale is named by changed_cells before it runs), or
-        # one that fits the cells as they ran
-        return any(trains_alike(out_dir, old, old_cells, new, cells, as_ran) for as_ran in (False, True))
+    try:
+        return trains_alike(out_dir, old, old_cells, new, cells)
     except SweepError:  # the old grid no longer expands (a preset gone): not the same sweep
         return False
