@@ -331,11 +331,29 @@ def test_nproc_checks_the_whole_run_once_before_launching_or_replacing_a_run(tmp
         (["--resume", str(old)], "was trained with a global batch of 1, which cannot feed 2 processes"),
         (["--data", "mnist", "--data-dir", str(tmp_path / "nodata"), "--out", str(old), "--force"], "mnist not found"),
         (["--sparsity", "0.99999", "--set", "model.widths=[4]"], "leaves layer first (256 weights) with no active"),
+        (["--set", "data.max_train=1", "--out", str(old), "--force"], "has 1 example, too few to give each of 2"),
     ]:
         assert run(["train", "--nproc", "2", *args]) == 2, args
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err, err
     assert (old / "checkpoints").is_dir() and (old / "config.yaml").is_file()  # --force removed nothing
+
+
+def test_a_training_split_smaller_than_the_processes_is_refused_before_the_run_is_claimed(tmp_path: Path):
+    """Each process needs an example: fewer would give an epoch of no step (a division by zero in the
+    KL weight); refused where the run is planned, before a claim (and ``--force``) touches its folder,
+    and again by the trainer for a resume on more processes."""
+    from ssvi_cli.config import ConfigError
+    from ssvi_cli.training.plan import RunPlan
+
+    cfg = digits_cfg(4, **{"data.max_train": 2})
+    with pytest.raises(ConfigError, match="has 2 examples, too few to give each of 3 processes one"):
+        RunPlan.new(cfg, tmp_path / "r", world_size=3)
+    assert not (tmp_path / "r").exists()
+    plan = RunPlan.new(cfg, tmp_path / "r", world_size=2)  # one each: trains
+    assert len(plan.splits.train) == 2
+    with pytest.raises(ConfigError, match="too few to give each of 3"):
+        Trainer.from_plan(plan, dist_info=DistInfo(rank=0, world_size=3, local_rank=0))
 
 
 # ------------------------------------------------------------------ pieces

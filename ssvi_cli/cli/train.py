@@ -131,7 +131,7 @@ def register(app: typer.Typer) -> None:
                 # so a missing dataset or an impossible sparsity never costs the run being replaced.
                 cfg = build_config(preset, overrides, set_ or [])
                 plan = RunPlan.new(cfg, out_dir or _default_run_dir(cfg, preset), progress=not json_out and info.is_main,
-                                   given=set_keys(set_ or []))
+                                   given=set_keys(set_ or []), world_size=info.world_size)
                 if plan.init_note and info.is_main and not json_out:
                     tell(plan.init_note, highlight=False)
                 if (unused := unused_keys(plan.cfg, overrides, set_ or [])) and info.is_main and not json_out \
@@ -228,7 +228,7 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: str,
 
     if resume is None:
         cfg = build_config(preset, overrides, sets)
-        preflight(cfg, given=set_keys(sets))
+        preflight(cfg, given=set_keys(sets), world_size=nproc)
         run = RunDir(out_dir) if out_dir else _default_run_dir(cfg, preset).fresh()
         run.check_claim(force)  # a folder that is not a run is refused before a lock is left in it
         flag = "--out"

@@ -124,14 +124,16 @@ class RunPlan:
     @classmethod
     def new(cls, cfg: Config, run_dir: Optional[RunDir | Path] = None,
             splits: Optional[DataSplits] = None, device: Optional[str] = None,
-            progress: bool = False, given: Any = ()) -> "RunPlan":
+            progress: bool = False, given: Any = (), world_size: int = 1) -> "RunPlan":
         """A new run of ``cfg``; nothing is written (the run directory is claimed by the caller) but
         torch.hub's cache, when ``model.init_from`` names torchvision weights not yet there
         (``progress``: show that download's progress bar). ``given``: the keys the command line set
-        (:func:`check_names`)."""
+        (:func:`check_names`); ``world_size``: the processes that will train it, each of which needs
+        a training example."""
         check_names(cfg, given)
         dev = resolve_device(device or cfg.train.device)
         splits = splits or load_data(cfg)
+        check_feeds(len(splits.train), world_size)
         card = ModelCard.from_config(cfg, splits.spec)
         densities = _planned(card, cfg, splits.spec)
         init = None
@@ -208,10 +210,22 @@ def check_data_present(cfg: Config) -> None:
                      train=train, options=d)
 
 
-def preflight(cfg: Config, device: Optional[str] = None, given: Any = ()) -> None:
+def check_feeds(n_train: int, world_size: int) -> None:
+    """Refuse a training split too small to give each of ``world_size`` processes an example (an
+    epoch of no step)."""
+    if n_train == 0:
+        raise ConfigError("the training split is empty")
+    if n_train < world_size:
+        raise ConfigError(f"the training split has {n_train} example{'s' if n_train > 1 else ''}, too few to give "
+                          f"each of {world_size} processes one; train on at most {n_train} (--nproc {n_train})")
+
+
+def preflight(cfg: Config, device: Optional[str] = None, given: Any = (), world_size: int = 1) -> None:
     """What :meth:`RunPlan.new` checks, short of decoding the training images: for a launcher that
     checks a run once, where its errors read well, before its processes start and before ``--force``
-    removes an old run."""
+    removes an old run (of the training split's size, only a ``data.max_train`` below ``world_size``)."""
+    if cfg.data.max_train is not None and cfg.data.max_train >= 1:
+        check_feeds(cfg.data.max_train, world_size)
     spec = check_names(cfg, given)
     resolve_device(device or cfg.train.device)
     check_data_present(cfg)

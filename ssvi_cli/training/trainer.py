@@ -28,7 +28,7 @@ from ssvi_cli.training import distributed
 from ssvi_cli.training.distributed import SINGLE, DistInfo
 from ssvi_cli.training.init_from import model_from_weights
 from ssvi_cli.training.optim import kl_weight, lr_factor, make_optimizer, total_kl
-from ssvi_cli.training.plan import RunPlan, init_model
+from ssvi_cli.training.plan import RunPlan, check_feeds, init_model
 from ssvi_cli.training.records import EpochStats, Progress, TrainState, progress_state, restore_progress
 from ssvi_cli.training.stops import Interrupted, TrainingError, diverged, stop_signals
 from ssvi_cli.training.summary import epoch_record, finish
@@ -53,8 +53,7 @@ class Trainer:
         self.splits: DataSplits = plan.splits
         self.model, self.optimizer, self.state, self.dist = model, optimizer, state, dist_info
         self.n_train = len(self.splits.train)
-        if self.n_train == 0:
-            raise TrainingError("the training split is empty")
+        check_feeds(self.n_train, dist_info.world_size)  # a resume on more processes than examples
         state.global_batch = state.global_batch or cfg.train.batch_size * dist_info.world_size
         if state.global_batch < dist_info.world_size:
             raise TrainingError(f"a global batch of {state.global_batch} cannot feed {dist_info.world_size} ranks")
