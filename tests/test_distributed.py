@@ -202,6 +202,27 @@ def test_cli_nproc_launches_torchrun_and_only_rank0_prints(tmp_path: Path):
     summary = json.loads(proc.stdout)  # exactly one JSON document: rank 1 printed nothing
     assert summary["world_size"] == 2 and summary["global_batch"] == 64
     assert (out / "model.safetensors").is_file()
+    # config.yaml's batch_size is one process's: the file says how to train the run again.
+    first = (out / "config.yaml").read_text().splitlines()[0]
+    assert first == ("# started on 2 processes of train.batch_size each (a global batch of 64): "
+                     "ssvi train --nproc 2 --preset config.yaml trains it again")
+    assert C.load_preset(str(out / "config.yaml")).train.batch_size == 32
+
+
+def test_sweep_under_torchrun_is_refused_not_run_by_every_process(tmp_path: Path, monkeypatch, capsys):
+    """Each process ran the whole sweep and its cells, inheriting RANK and WORLD_SIZE, waited for a
+    process group that never formed."""
+    from ssvi_cli.cli import run
+
+    monkeypatch.chdir(tmp_path)
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    for args in (["--seeds", "1"], ["--run-cell", str(tmp_path / "c")], ["--resume", str(tmp_path / "s")]):
+        assert run(["sweep", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "not under torchrun" in err, err
+    assert list(tmp_path.iterdir()) == []
+    assert run(["sweep", "--seeds", "1", "--dry-run", "--out", str(tmp_path / "s")]) == 0  # runs nothing
 
 
 def test_nproc_with_the_default_out_takes_a_folder_of_its_own(tmp_path: Path, monkeypatch):

@@ -51,6 +51,7 @@ def register(app: typer.Typer) -> None:
         from ssvi_cli.sweep.request import spec_from_flags
         from ssvi_cli.sweep.runner import cell_dir, cell_state
         from ssvi_cli.sweep.sweepdir import claim_sweep_dir
+        from ssvi_cli.training import distributed
 
         grid_given = any(v for v in (method, sparsity, seeds, criterion, set_, preset, file, ood, samples, out_dir, force))
         if (run_cell_dir or report) and (dry_run or jobs != 1 or threads):
@@ -63,6 +64,9 @@ def register(app: typer.Typer) -> None:
                              "old sweep yourself, or choose another --out)")
         if baseline and (run_cell_dir or dry_run):
             raise UsageError("--baseline goes with a sweep that runs, --resume or --report")
+        if report is None and not dry_run and (rank := distributed.info_from_env()) and rank.world_size > 1:
+            raise UsageError("ssvi sweep runs as one process, not under torchrun: each process would run the whole "
+                             "sweep and its cells would wait for a process group; --jobs runs cells side by side")
         if run_cell_dir is not None:
             # The same commands a user types; their errors reach ssvi's one error handler.
             code = run_cell(run_cell_dir, lambda args: app(args=args, prog_name="ssvi", standalone_mode=False) or 0,
