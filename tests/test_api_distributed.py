@@ -16,7 +16,7 @@ from torch import nn
 
 import ssvi_cli as ssvi
 from ssvi_cli.core.layers import sparse_layers
-from ssvi_cli.training.distributed import free_port
+from ssvi_cli.training.launcher import free_port
 
 STEPS, DELTA_T = 10, 3
 

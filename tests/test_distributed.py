@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from typer.testing import CliRunner
 
 from ssvi_cli import config as C
-from ssvi_cli.training import distributed
+from ssvi_cli.training import distributed, launcher
 from ssvi_cli.training.distributed import DistInfo, SupportMismatch
 from ssvi_cli.training.trainer import Interrupted, Trainer
 from ssvi_cli.core.layers import SparseLinear, sparse_layers
@@ -94,7 +94,7 @@ def one_thread():
 
 
 def run_two_ranks(tmp_path: Path, mode: str) -> list[dict[str, Any]]:
-    mp.spawn(_worker, args=(distributed.free_port(), str(tmp_path), mode), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(launcher.free_port(), str(tmp_path), mode), nprocs=WORLD, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -290,6 +290,64 @@ def test_a_stop_signal_to_the_nproc_command_alone_stops_every_process_at_a_check
     assert state["epoch"] == 1 and state["batch_in_epoch"] > 0, state
 
 
+def _start_nproc_run(out: Path) -> subprocess.Popen:
+    """``ssvi train --nproc 2`` writing ``out``, returned once its first epoch is logged."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ssvi_cli", "train", "--nproc", "2", "--device", "cpu", "--batch-size", "4",
+         "--epochs", "3", "--set", "data.max_train=600", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    lines = [proc.stderr.readline()]
+    while lines[-1] and not lines[-1].startswith("epoch 1/3"):
+        lines.append(proc.stderr.readline())
+    assert lines[-1].startswith("epoch 1/3"), "".join(lines)
+    return proc
+
+
+def _running(out: Path) -> list[str]:
+    return [_cmdline(p) for p in Path("/proc").glob("[0-9]*") if str(out) in _cmdline(p)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the processes' lifetime rests on Linux's prctl")
+def test_a_killed_nproc_command_leaves_no_process_training_unlocked(tmp_path: Path):
+    """kill -9 of the command: its launcher and both processes trained on, no longer locked, and a
+    --force run then wrote the same folder with them. Now the launcher holds the lock and stops them
+    (each at a checkpoint) before it lets go."""
+    from ssvi_cli.locks import lock_holder
+    import time
+
+    out = tmp_path / "run"
+    proc = _start_nproc_run(out)
+    proc.kill()
+    proc.wait()
+    assert lock_holder(out / ".lock") is not None  # the launcher holds it while the processes stop
+    deadline = time.monotonic() + 60
+    while (_running(out) or lock_holder(out / ".lock")) and time.monotonic() < deadline:
+        time.sleep(0.2)  # (an exiting process's command line reads empty a moment before its files close)
+    assert not _running(out) and lock_holder(out / ".lock") is None, _running(out)
+    state = torch.load(sorted((out / "checkpoints").glob("*.pt"))[-1], weights_only=True)["state"]
+    assert state["epoch"] >= 1 and state["batch_in_epoch"] > 0, state  # stopped at a step, not at an epoch's end
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the processes' lifetime rests on Linux's prctl")
+def test_a_killed_launcher_stops_its_processes_before_the_command_ends(tmp_path: Path):
+    """kill -9 of the launcher alone (the OOM killer's choice, say): the command exited 247 at once and
+    in silence, and both processes trained on, unlocked."""
+    out = tmp_path / "run"
+    proc = _start_nproc_run(out)
+    launcher_pid = next(int(p.name) for p in Path("/proc").glob("[0-9]*") if "torchrun_main" in _cmdline(p)
+                        and str(out) in _cmdline(p))
+    os.kill(launcher_pid, signal.SIGKILL)
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 1, rest
+    assert "the launcher of the 2 processes was killed by SIGKILL" in rest and "Traceback" not in rest, rest
+    assert not _running(out), _running(out)  # they ended before the command did
+    state = torch.load(sorted((out / "checkpoints").glob("*.pt"))[-1], weights_only=True)["state"]
+    assert state["batch_in_epoch"] > 0, state
+
+
 def _cmdline(proc_dir: Path) -> str:
     try:
         return (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -302,11 +360,11 @@ def test_nproc_forwards_the_same_arguments_to_the_launcher(tmp_path: Path, monke
 
     seen: dict[str, Any] = {}
 
-    def fake_launch(nproc: int, args: list[str], env: dict[str, str]) -> tuple[int, None]:
-        seen.update(nproc=nproc, args=args, env=env)
+    def fake_launch(nproc: int, args: list[str], env: dict[str, str], pass_fds: list[int]) -> tuple[int, None]:
+        seen.update(nproc=nproc, args=args, env=env, pass_fds=pass_fds)
         return 0, None
 
-    monkeypatch.setattr(distributed, "launch", fake_launch)
+    monkeypatch.setattr(launcher, "launch", fake_launch)
     for key in distributed.ENV_KEYS:
         monkeypatch.delenv(key, raising=False)
     result = CliRunner().invoke(app, ["train", "--nproc", "3", "--batch-size", "16", "--precision", "bf16",
@@ -319,15 +377,30 @@ def test_nproc_forwards_the_same_arguments_to_the_launcher(tmp_path: Path, monke
     assert [args[i + 1] for i, a in enumerate(args) if a == "--set"] == ["train.epochs=1", "sparse.delta_t=5"]
     assert "--force" in args and args[-2:] == ["--out", str(tmp_path / "r")]
     assert seen["env"] == {"SSVI_RUN_LOCK_HELD": str((tmp_path / "r").resolve())}  # held here for rank 0
-    cmd = distributed.launch_command(3, args)
+    assert len(seen["pass_fds"]) == 1  # the lock, which the launcher holds too
+    cmd = launcher.launch_command(3, args)
     assert "torchrun_main" in cmd[2] and cmd[3:5] == ["--standalone", "--nproc-per-node=3"]
     assert cmd[5:8] == ["-m", "ssvi_cli", "train"]
+
+
+def test_nproc_forwards_debug_to_its_processes(tmp_path: Path, monkeypatch):
+    """ssvi takes --debug before the command parses its options: the processes never saw it."""
+    from ssvi_cli.cli import run
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(launcher, "launch", lambda nproc, args, env, pass_fds=(): seen.append(args) or (0, None))
+    for key in distributed.ENV_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    for debug in (["--debug"], []):
+        assert run(["train", "--nproc", "2", *debug, "--set", "train.epochs=1", "--out", str(tmp_path / "r"),
+                    "--force"]) == 0
+    assert seen[0][:2] == ["train", "--debug"] and "--debug" not in seen[1]
 
 
 def test_nproc_checks_the_run_directory_before_launching(tmp_path: Path, monkeypatch):
     from ssvi_cli.cli import run
 
-    monkeypatch.setattr(distributed, "launch", lambda nproc, args, env: pytest.fail("must not launch"))
+    monkeypatch.setattr(launcher, "launch", lambda nproc, args, env, pass_fds=(): pytest.fail("must not launch"))
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.yaml").write_text("x")
     assert run(["train", "--nproc", "2", "--out", str(tmp_path / "r")]) == 2
@@ -343,7 +416,7 @@ def test_nproc_checks_the_whole_run_once_before_launching_or_replacing_a_run(tmp
                 "--set", "train.eval_samples=1", "--out", str(old)]) == 0
     (old / "summary.json").unlink()  # as if stopped after its last checkpoint
     (old / "model.safetensors").unlink()
-    monkeypatch.setattr(distributed, "launch", lambda nproc, args, env: pytest.fail("must not launch"))
+    monkeypatch.setattr(launcher, "launch", lambda nproc, args, env, pass_fds=(): pytest.fail("must not launch"))
     capsys.readouterr()
     for args, words in [
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "nope"], "--device"),

@@ -42,8 +42,6 @@ MAX_LINES = 320  # "about 300": a module a newcomer reads in one sitting
 LONG_MODULES: dict[str, str] = {
     "ssvi_cli.config": "the whole run schema in one place: every knob's dataclass, its coercion from "
                        "YAML/overrides and its validation, one name per knob",
-    "ssvi_cli.training.distributed": "one concept: the process group, sharding, the reductions DDP "
-                                     "cannot do and the cross-rank support check",
 }
 
 

@@ -20,7 +20,7 @@ from ssvi_cli.cli import inspect_cmd
 from ssvi_cli.cli import presets as presets_cmd
 from ssvi_cli.cli import sweep as sweep_cmd
 from ssvi_cli.cli import train as train_cmd
-from ssvi_cli.cli.common import UsageError, err, tell
+from ssvi_cli.cli.common import Debug, UsageError, err, tell
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Sparse Bayesian neural networks with Sparse Subspace Variational Inference. "
@@ -121,7 +121,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     (Ctrl-C; the ``ssvi`` command then ends by SIGINT: :func:`main`), 143 stopped by SIGTERM, 129 by
     SIGHUP."""
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args
+    debug = Debug.on = "--debug" in args
     args = [a for a in args if a != "--debug"]
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -210,10 +210,17 @@ def check_output_dir(path: Path, flag: str) -> None:
     check_writable(path, f"{flag} {path}")  # or, while missing, the folder it would be made in
 
 
+class Debug:
+    """Whether ssvi runs with ``--debug`` (which :func:`ssvi_cli.cli.app.run` takes before the command
+    sees its options): set there, forwarded to the processes a command starts."""
+
+    on = False
+
+
 def forwarded_args(ctx: "typer.Context", drop: tuple[str, ...] = ()) -> list[str]:
     """The command line that reproduces this command's given options (those not left at None/False,
-    and a tri-state flag's explicit ``--no-...``)."""
-    args: list[str] = []
+    and a tri-state flag's explicit ``--no-...``), and ``--debug`` when ssvi runs with it."""
+    args: list[str] = ["--debug"] if Debug.on else []
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
         # A tri-state flag (default None, e.g. --download/--no-download) forwards an explicit "no".

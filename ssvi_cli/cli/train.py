@@ -86,7 +86,7 @@ def register(app: typer.Typer) -> None:
         """
         from ssvi_cli.data import reads_data_dir
         from ssvi_cli.runs.rundir import RunDir
-        from ssvi_cli.training import distributed
+        from ssvi_cli.training import distributed, launcher
         from ssvi_cli.training.plan import RunPlan
         from ssvi_cli.training.trainer import Interrupted, Trainer
 
@@ -112,6 +112,8 @@ def register(app: typer.Typer) -> None:
                 raise UsageError("--nproc starts torch.distributed.run itself; under torchrun drop it")
             _launch(ctx, nproc, resume, preset, out_dir, force, overrides, set_ or [], device)
             return
+        if info is not None and info.enabled:
+            launcher.stop_with_parent()  # a launcher killed outright leaves no process training unowned
         info = info or distributed.SINGLE
         with ExitStack() as held:  # the run's lock, held by rank 0 to the end (RunDir.hold)
             if resume is not None:
@@ -223,7 +225,7 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: str,
     a container's stop, ``timeout``) reaches them too: each stops at a checkpoint, as without
     ``--nproc``, and this process exits as they did."""
     from ssvi_cli.runs.rundir import LOCK_HELD_ENV, RunDir
-    from ssvi_cli.training import distributed
+    from ssvi_cli.training import launcher
     from ssvi_cli.training.plan import preflight, preflight_resume
 
     if resume is None:
@@ -235,14 +237,20 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: str,
     else:
         preflight_resume(resume, device, nproc)
         run, flag = RunDir(resume), "--resume"
-    # The lock is held here until the processes end; rank 0 knows it by LOCK_HELD_ENV.
-    with run.hold(flag, create=resume is None):
+    # The lock is held here until the processes end, and by the launcher too, should this process be
+    # killed first (launcher.launch); rank 0 knows it by LOCK_HELD_ENV.
+    with run.hold(flag, create=resume is None) as lock:
         if resume is None:
             out_dir = run.claim(force).path
         args = forwarded_args(ctx, drop=("nproc", "out_dir"))
         if out_dir is not None:
             args += ["--out", str(out_dir)]
-        code, stopped_by = distributed.launch(nproc, ["train", *args], env={LOCK_HELD_ENV: str(run.path.resolve())})
+        code, stopped_by = launcher.launch(nproc, ["train", *args], env={LOCK_HELD_ENV: str(run.path.resolve())},
+                                           pass_fds=[lock.fileno()] if hasattr(lock, "fileno") else [])
+    if code < 0:  # the launcher itself was killed (a kill -9 of it, the OOM killer): its processes were stopped
+        tell(f"error: the launcher of the {nproc} processes was killed by {signal.Signals(-code).name}; they were "
+             f"stopped, and the run's last checkpoint, if any, resumes it: ssvi train --resume {run.path}")
+        raise typer.Exit(1)
     if stopped_by is not None and code:  # the processes stopped at a checkpoint and said so
         raise typer.Exit(128 + int(stopped_by))
     if code:

@@ -1,7 +1,7 @@
 """Multi-process training on ``torch.distributed``: process group, sharding, reductions, checks.
 
 One process per device, launched by ``torchrun`` (or ``ssvi train --nproc N``, which runs
-``torch.distributed.run`` for one node). The model is wrapped in ``DistributedDataParallel`` for
+``torch.distributed.run`` for one node: :mod:`ssvi_cli.training.launcher`). The model is wrapped in ``DistributedDataParallel`` for
 ordinary steps; the pieces DDP cannot see are reduced here:
 
 - the dense gradient of a subspace step lives on a leaf tensor that is not a parameter, so it is
@@ -19,13 +19,9 @@ checksums (:func:`verify_supports`); a mismatch raises :class:`SupportMismatch`,
 from __future__ import annotations
 
 import gc
-import signal
 import importlib
 import logging
 import os
-import socket
-import subprocess
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from inspect import signature
@@ -294,88 +290,3 @@ def fork_noise(info: DistInfo) -> None:
     if info.rank:
         base = int(torch.randint(0, 2**62, ()).item())
         torch.manual_seed(base + info.rank)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def launch_command(nproc: int, args: Sequence[str]) -> list[str]:
-    """The ``torch.distributed.run`` command that runs ``ssvi <args>`` on ``nproc`` local processes
-    (through :func:`torchrun_main`)."""
-    return [sys.executable, "-c", f"import sys; from {__name__} import torchrun_main; torchrun_main(sys.argv[1:])",
-            "--standalone", f"--nproc-per-node={nproc}", "-m", "ssvi_cli", *args]
-
-
-def torchrun_main(argv: Sequence[str]) -> None:
-    """``torch.distributed.run`` with ``argv``, ending as its processes did rather than in a traceback:
-    a stop signal exits 128 + its number once they have stopped at a checkpoint, and a process that
-    failed (having printed its error) gives its exit code (2 for a user's error)."""
-    # Not torchrun's notices of a shutdown it was asked for: its loggers are made at import, some
-    # reading LOGLEVEL (which the processes it starts do not inherit), the others under one parent.
-    level = os.environ.get("LOGLEVEL")
-    os.environ["LOGLEVEL"] = "ERROR"
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main
-
-    if level is None:
-        del os.environ["LOGLEVEL"]
-    else:
-        os.environ["LOGLEVEL"] = level
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
-    try:
-        main(list(argv))
-    except SignalException as exc:
-        sys.exit(128 + int(exc.sigval))
-    except ChildFailedError as exc:
-        first = min(exc.failures.items())[1] if exc.failures else None
-        code = getattr(first, "exitcode", 1)
-        sys.exit(code if isinstance(code, int) and 0 < code < 256 else 1)
-
-
-def launch(nproc: int, args: Sequence[str], env: Optional[dict[str, str]] = None) -> tuple[int, Optional[signal.Signals]]:
-    """Run ``ssvi <args>`` on ``nproc`` processes of this node (``env``: variables added to theirs);
-    returns the launcher's exit code and the stop signal this process passed on to it, if any.
-
-    The launcher runs in a session of its own, so that a stop signal reaches its processes once and
-    by one path: Ctrl-C at the terminal, or a SIGTERM or SIGHUP sent to this process alone, is passed
-    to the launcher, which passes it to every process; each stops at a checkpoint (``stop_signals``),
-    and this process waits for them before it returns. Should this process fail meanwhile, the
-    launcher is stopped and waited for, never left running."""
-    from ssvi_cli.training.stops import requests_to_stop
-
-    full = {**os.environ, **(env or {})}
-    # One thread per process unless the user chose otherwise: N processes share the node's cores.
-    full.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    proc: Optional[subprocess.Popen] = None
-    stopped: list[signal.Signals] = []
-
-    def forward(signum: int, frame: Any) -> None:  # noqa: ARG001
-        stopped.append(signal.Signals(signum))
-        if proc is not None and proc.poll() is None:
-            try:
-                proc.send_signal(signum)
-            except ValueError:  # a signal the system cannot send to a process (SIGINT on Windows)
-                proc.terminate()
-
-    previous: dict[int, Any] = {}
-    try:
-        try:  # before the launcher exists: a signal in between still reaches it
-            for sig in requests_to_stop():
-                previous[sig] = signal.signal(sig, forward)
-        except ValueError:  # not the main thread: signals stay with it
-            pass
-        proc = subprocess.Popen(launch_command(nproc, args), env=full, start_new_session=True)
-        if stopped:  # a signal came while it started
-            forward(stopped[0], None)
-        code = proc.wait()
-    finally:
-        if proc is not None and proc.poll() is None:  # this process failed: the launcher goes too
-            proc.terminate()
-            proc.wait()
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-    return code, (stopped[0] if stopped else None)

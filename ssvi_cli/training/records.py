@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from ssvi_cli.config import Config
 from ssvi_cli.core.allocation import kept_dense_weights
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.training import distributed
@@ -120,3 +121,13 @@ def restore_progress(trainer: Any, progress: Optional[dict[str, Any]]) -> None:
     trainer.train_seconds, trainer.samples_seen = float(progress["train_seconds"]), int(progress["samples_seen"])
     if progress.get("epoch"):
         trainer.epoch_stats = EpochStats.from_dict(progress["epoch"], sums=trainer.is_main)
+
+
+def config_note(global_batch: int, cfg: Config) -> str:
+    """A comment for a run's ``config.yaml`` where its global batch is not ``train.batch_size``: the
+    run was started on several processes, which that key alone does not record."""
+    started_on = global_batch // max(1, cfg.train.batch_size)
+    if started_on <= 1:
+        return ""
+    return (f"# started on {started_on} processes of train.batch_size each (a global batch of {global_batch}): "
+            f"ssvi train --nproc {started_on} --preset config.yaml trains it again\n")

@@ -29,7 +29,7 @@ from ssvi_cli.training.distributed import SINGLE, DistInfo
 from ssvi_cli.training.init_from import model_from_weights
 from ssvi_cli.training.optim import kl_weight, lr_factor, make_optimizer, total_kl
 from ssvi_cli.training.plan import RunPlan, check_feeds, init_model
-from ssvi_cli.training.records import EpochStats, Progress, TrainState, progress_state, restore_progress
+from ssvi_cli.training.records import EpochStats, config_note, Progress, TrainState, progress_state, restore_progress
 from ssvi_cli.training.stops import Interrupted, TrainingError, diverged, stop_signals
 from ssvi_cli.training.summary import epoch_record, finish
 
@@ -239,21 +239,12 @@ class Trainer:
                 diverged(self.run, f"non-finite values in {name} after step {self.state.step} "
                                    f"(epoch {epoch}); the diverged model was not saved")
 
-    def _config_note(self) -> str:
-        """A comment for ``config.yaml`` where the run's global batch is not ``train.batch_size``: it
-        was started on several processes, which that key alone does not record."""
-        started_on = self.state.global_batch // max(1, self.cfg.train.batch_size)
-        if started_on <= 1:
-            return ""
-        return (f"# started on {started_on} processes of train.batch_size each (a global batch of "
-                f"{self.state.global_batch}): ssvi train --nproc {started_on} --preset config.yaml trains it again\n")
-
     # -- the loop ------------------------------------------------------------------
     def fit(self, progress: Optional[Progress] = None) -> dict[str, Any]:
         """Train to the configured number of epochs (from wherever the state is)."""
         progress = progress or Progress()
         if self.is_main:
-            self.run.write_config(self._config_note() + dump_yaml(self.cfg))
+            self.run.write_config(config_note(self.state.global_batch, self.cfg) + dump_yaml(self.cfg))
             self.run.cut_records(self.state.epoch, self.state.step)  # a resumed run writes later ones again
         with stop_signals(self._request_stop):
             while self.state.epoch < self.cfg.train.epochs:

@@ -1,0 +1,179 @@
+"""``ssvi train --nproc N``: the ``torch.distributed.run`` launcher of one node, and the lifetime of
+the processes it starts.
+
+``ssvi train --nproc`` checks the run, takes its lock and starts the launcher (:func:`launch`), which
+starts the N training processes (:func:`torchrun_main`). No process outlives the one that owns it
+(Linux): the launcher inherits the run's lock and is stopped (SIGTERM) when the ``ssvi`` command
+ends, however it ends, and each training process is stopped when the launcher ends
+(:func:`stop_with_parent`); each stops at a checkpoint, as after Ctrl-C. Should the launcher itself be
+killed, the ``ssvi`` command waits for the processes it leaves (they become its children: it is their
+subreaper) before it lets go of the lock. So a ``kill -9`` of any of them never leaves training
+processes writing a run that no lock keeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36  # <linux/prctl.h>
+PARENT_ENV = "SSVI_LAUNCHED_BY"  # the process id a launched process must find as its parent
+ORPHANS_GRACE_S = 60.0  # how long the processes a killed launcher left get to stop at a checkpoint
+
+
+def _prctl(option: int, value: int) -> bool:
+    """Linux's ``prctl(option, value)``; False where it is not to be had (another system)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def stop_with_parent() -> None:
+    """Have the system send this process SIGTERM when its parent ends (Linux): a process started by a
+    launcher stops at a checkpoint rather than train on, unowned, once the launcher is gone. A parent
+    already gone before this was asked (``PARENT_ENV`` names the one expected) stops it now."""
+    if _prctl(PR_SET_PDEATHSIG, signal.SIGTERM):
+        expected = os.environ.get(PARENT_ENV)
+        if expected and expected.isdigit() and os.getppid() != int(expected):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch_command(nproc: int, args: Sequence[str]) -> list[str]:
+    """The ``torch.distributed.run`` command that runs ``ssvi <args>`` on ``nproc`` local processes
+    (through :func:`torchrun_main`)."""
+    return [sys.executable, "-c", f"import sys; from {__name__} import torchrun_main; torchrun_main(sys.argv[1:])",
+            "--standalone", f"--nproc-per-node={nproc}", "-m", "ssvi_cli", *args]
+
+
+def torchrun_main(argv: Sequence[str]) -> None:
+    """``torch.distributed.run`` with ``argv``, ending as its processes did rather than in a traceback:
+    a stop signal exits 128 + its number once they have stopped at a checkpoint, and a process that
+    failed (having printed its error) gives its exit code (2 for a user's error). Stopped (SIGTERM)
+    when the ``ssvi`` command that started it ends."""
+    stop_with_parent()
+    os.environ[PARENT_ENV] = str(os.getpid())  # for the processes it starts
+    # Not torchrun's notices of a shutdown it was asked for: its loggers are made at import, some
+    # reading LOGLEVEL (which the processes it starts do not inherit), the others under one parent.
+    level = os.environ.get("LOGLEVEL")
+    os.environ["LOGLEVEL"] = "ERROR"
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main
+
+    if level is None:
+        del os.environ["LOGLEVEL"]
+    else:
+        os.environ["LOGLEVEL"] = level
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    try:
+        main(list(argv))
+    except SignalException as exc:
+        sys.exit(128 + int(exc.sigval))
+    except ChildFailedError as exc:
+        first = min(exc.failures.items())[1] if exc.failures else None
+        code = getattr(first, "exitcode", 1)
+        sys.exit(code if isinstance(code, int) and 0 < code < 256 else 1)
+
+
+def _wait_for_orphans(grace_s: float = ORPHANS_GRACE_S) -> None:
+    """Wait for the processes a killed launcher left to this one (its subreaper) to stop; those still
+    running after ``grace_s`` are killed."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid:
+            continue
+        if time.monotonic() > deadline:
+            for child in _children():
+                try:
+                    os.kill(child, signal.SIGKILL)
+                except OSError:
+                    pass
+            deadline = float("inf")  # reaped as they go
+        time.sleep(0.1)
+
+
+def _children() -> list[int]:
+    """This process's children (Linux's /proc; none found elsewhere)."""
+    found: list[int] = []
+    for task in Path("/proc/self/task").glob("*/children"):
+        try:
+            found += [int(p) for p in task.read_text().split()]
+        except (OSError, ValueError):
+            pass
+    return found
+
+
+def launch(nproc: int, args: Sequence[str], env: Optional[dict[str, str]] = None,
+           pass_fds: Sequence[int] = ()) -> tuple[int, Optional[signal.Signals]]:
+    """Run ``ssvi <args>`` on ``nproc`` processes of this node (``env``: variables added to theirs;
+    ``pass_fds``: this process's files the launcher keeps open, as the run's lock, which it then holds
+    for as long as it runs); returns the launcher's exit code (negative: killed by that signal, after
+    the processes it left have stopped) and the stop signal this process passed on to it, if any.
+
+    The launcher runs in a session of its own, so that a stop signal reaches its processes once and
+    by one path: Ctrl-C at the terminal, or a SIGTERM or SIGHUP sent to this process alone, is passed
+    to the launcher, which passes it to every process; each stops at a checkpoint (``stop_signals``),
+    and this process waits for them before it returns. Should this process fail meanwhile, the
+    launcher is stopped and waited for, never left running."""
+    from ssvi_cli.training.stops import requests_to_stop
+
+    full = {**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())}
+    # One thread per process unless the user chose otherwise: N processes share the node's cores.
+    full.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    proc: Optional[subprocess.Popen] = None
+    stopped: list[signal.Signals] = []
+
+    def forward(signum: int, frame: Any) -> None:  # noqa: ARG001
+        stopped.append(signal.Signals(signum))
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.send_signal(signum)
+            except ValueError:  # a signal the system cannot send to a process (SIGINT on Windows)
+                proc.terminate()
+
+    previous: dict[int, Any] = {}
+    reaper = _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    try:
+        try:  # before the launcher exists: a signal in between still reaches it
+            for sig in requests_to_stop():
+                previous[sig] = signal.signal(sig, forward)
+        except ValueError:  # not the main thread: signals stay with it
+            pass
+        proc = subprocess.Popen(launch_command(nproc, args), env=full, start_new_session=True,
+                                pass_fds=tuple(pass_fds))
+        if stopped:  # a signal came while it started
+            forward(stopped[0], None)
+        code = proc.wait()
+        if code < 0 and reaper:  # the launcher was killed: its processes, stopping now, are ours
+            _wait_for_orphans()
+    finally:
+        if proc is not None and proc.poll() is None:  # this process failed: the launcher goes too
+            proc.terminate()
+            proc.wait()
+        if reaper:
+            _prctl(PR_SET_CHILD_SUBREAPER, 0)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    return code, (stopped[0] if stopped else None)
