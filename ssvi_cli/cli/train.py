@@ -14,7 +14,7 @@ import typer
 from ssvi_cli import config as cfgmod
 from ssvi_cli.cli.common import (UsageError, check_run_out, count, err, fmt, forwarded_args, kv_table, no_reader,
                                  out, print_json, progress_bar, running_a_cell, tell)
-from ssvi_cli.cli.train_config import build_config, set_keys, unused_keys
+from ssvi_cli.cli.train_config import build_config, init_from_lr_note, set_keys, unused_keys
 
 
 def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
@@ -136,6 +136,8 @@ def register(app: typer.Typer) -> None:
                                    given=set_keys(set_ or []), world_size=info.world_size)
                 if plan.init_note and info.is_main and not json_out:
                     tell(plan.init_note, highlight=False)
+                if (note := init_from_lr_note(plan.cfg, overrides, set_ or [])) and info.is_main and not json_out:
+                    tell(note, highlight=False)
                 if (unused := unused_keys(plan.cfg, overrides, set_ or [])) and info.is_main and not json_out \
                         and not running_a_cell():  # a sweep gives every cell its fixed keys: no note in each
                     tell(f"note: {plan.cfg.sparse.method} does not use {', '.join(unused)}, so "

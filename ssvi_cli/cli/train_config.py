@@ -38,3 +38,15 @@ def unused_keys(cfg: cfgmod.Config, overrides: dict[str, Any], sets: list[str]) 
 def set_keys(sets: list[str]) -> list[str]:
     """The config keys ``--set`` gives (read by :func:`build_config`, which refuses a bad one first)."""
     return [cfgmod.parse_override(text)[0] for text in sets]
+
+
+def init_from_lr_note(cfg: cfgmod.Config, overrides: dict[str, Any], sets: list[str]) -> str:
+    """A note for a run that starts from trained weights (``--init-from``) with Adam at a learning rate
+    for training from scratch, which the command line did not choose: a few such steps undo them (a
+    trained ResNet-18 fell to chance accuracy within an epoch at the digits preset's 0.01)."""
+    if (not cfg.model.init_from or cfg.optim.name != "adam" or cfg.optim.lr <= 1e-3
+            or overrides.get("optim.lr") is not None or "optim.lr" in set_keys(sets)):
+        return ""
+    return (f"note: --init-from starts from trained weights, which Adam at this preset's learning rate "
+            f"{cfg.optim.lr:g} (for training from scratch) can undo within a few steps; fine-tuning "
+            "usually wants a rate near 1e-4 (--lr 1e-4)")
