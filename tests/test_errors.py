@@ -253,6 +253,13 @@ def test_the_real_entry_point_prints_no_traceback(workspace, args, words):
     assert listing(workspace) == before
 
 
+class _Shell:
+    """Pickles as a call of os.system (never made: ssvi reads .pt files with weights_only=True)."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
 @pytest.mark.parametrize("command", ["inspect", "evaluate", "infer", "export"])
 def test_a_pickled_object_is_refused_in_one_line_without_torchs_warnings(tmp_path: Path, command):
     """A .pt pickled without torch.save (protocol 4) or holding a whole module: one line saying why,
@@ -263,6 +270,10 @@ def test_a_pickled_object_is_refused_in_one_line_without_torchs_warnings(tmp_pat
             ("p4.pt", lambda p: p.write_bytes(pickle.dumps({"a": 1}, protocol=4)),
              "is unreadable or corrupted (not a file torch.save wrote: Unsupported operand 149)"),
             ("module.pt", lambda p: torch.save({"m": torch.nn.Linear(2, 2)}, p),
+             "is unreadable (it holds Python objects besides tensors, and ssvi reads .pt files with "
+             "weights_only=True, never running pickled code)"),
+            # a function of a module torch blocks (torch >= 2.6 words this one "unsupported GLOBAL ...")
+            ("system.pt", lambda p: torch.save({"x": _Shell()}, p),
              "is unreadable (it holds Python objects besides tensors, and ssvi reads .pt files with "
              "weights_only=True, never running pickled code)")):
         path = tmp_path / name

@@ -109,15 +109,17 @@ def torch_load_tensors(path: Path, map_location: str | torch.device = "cpu") -> 
 def holds_objects(exc: BaseException) -> bool:
     """Whether torch's weights-only refusal ``exc`` met a class or function to import (a whole
     model saved with ``torch.save(model)``), not merely bytes it cannot read."""
-    return "Unsupported global" in str(exc)
+    return "unsupported global" in str(exc).lower()  # "Unsupported global: ...", later "unsupported GLOBAL ..."
 
 
 def unpickler_reason(exc: BaseException) -> str:
     """The line of torch's weights-only refusal that says what it met (``Unsupported operand 110``),
     without its advice to load the file with ``weights_only=False``."""
-    _, marker, rest = str(exc).partition("WeightsUnpickler error:")
-    said = next((line.strip() for line in rest.splitlines() if line.strip()), "")
-    return f"not a file torch.save wrote: {said}" if marker and said else brief(exc)
+    advice = ("Weights only load failed", "Check the documentation of torch.load")
+    lines = [line.strip() for line in str(exc).partition("WeightsUnpickler error:")[2].splitlines()] or \
+            [line.strip() for line in str(exc).splitlines() if not line.strip().startswith(advice)]
+    said = next((line for line in lines if line), "")
+    return f"not a file torch.save wrote: {said}" if said else brief(exc)
 
 
 # Read errors of the system rather than of the file's bytes (no permission, no file handles or memory
