@@ -197,3 +197,26 @@ def test_a_malformed_layer_record_is_a_corrupted_header_in_every_command(origina
         assert run(command) == 2
         err = capsys.readouterr().err
         assert "has a corrupted header" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_dense_tensor_of_the_wrong_kind_is_refused_not_converted(original, tmp_path):
+    """One header byte ("F32" -> "I32") made a bias read as integers of about 1e9: every input came out
+    one class with probability 1, exit 0. A dense tensor must be floating-point where the model's is."""
+    good = tmp_path / "good.safetensors"
+    good.write_bytes(original)
+    bad = tmp_path / "bad.safetensors"
+    data = original.replace(b'"hidden.1.bias":{"dtype":"F32"', b'"hidden.1.bias":{"dtype":"I32"', 1)
+    assert data != original
+    bad.write_bytes(data)
+    with pytest.raises(ModelFileError, match=r"tensor 'hidden.1.bias' is stored as int32, architecture 'mlp' "
+                                             r"needs floating-point values"):
+        read_model_file(bad)
+
+
+def test_a_header_nested_past_pythons_recursion_limit_is_a_model_file_error(tmp_path):
+    depth = 100_000
+    body = b'{"a":' + b"[" * depth + b"]" * depth + b"}"
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(struct.pack("<Q", len(body)) + body)
+    with time_bound(CASE_SECONDS), pytest.raises(ModelFileError, match="corrupted header"):
+        read_model_file(path)

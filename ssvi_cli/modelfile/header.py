@@ -57,7 +57,7 @@ def read_header(path: Path) -> dict[str, Any]:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: arrays nested 100,000 deep
         if _prefix_looks_like_json(raw):
             raise ModelFileError(f"{path} has a corrupted header (invalid JSON)") from None
         raise ModelFileError(f"{path} is not an ssvi model file (not a safetensors file)") from None
@@ -101,7 +101,7 @@ def _decode_meta(path: Path, raw: dict[str, str]) -> dict[str, Any]:
             raise ModelFileError(f"{path} has a corrupted header (metadata lacks {key!r})")
         try:
             meta[key] = json.loads(raw[key])
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ModelFileError(f"{path} has a corrupted header (metadata {key!r} is not valid JSON)") from None
     if not isinstance(meta["layers"], list) or not isinstance(meta["architecture"], dict):
         raise ModelFileError(f"{path} has a corrupted header (layers or architecture malformed)")

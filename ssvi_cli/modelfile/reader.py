@@ -152,6 +152,9 @@ def install(model: nn.Module, path: Path, meta: dict[str, Any], tensors: dict[st
         stored = tensors[key]
         if tuple(stored.shape) != tuple(value.shape):
             raise ModelFileError(f"{path}: tensor {key!r} has shape {tuple(stored.shape)}, {target} needs {tuple(value.shape)}")
+        if stored.is_floating_point() != value.is_floating_point():  # one byte of the header ("F32" -> "I32")
+            raise ModelFileError(f"{path}: tensor {key!r} is stored as {str(stored.dtype).removeprefix('torch.')}, "
+                                 f"{target} needs {'floating-point' if value.is_floating_point() else 'integer'} values")
         if stored.is_floating_point() and not bool(torch.isfinite(stored).all()):
             raise ModelFileError(f"{path}: tensor {key!r} holds non-finite values")
         state[key] = stored.to(value.dtype)
