@@ -334,3 +334,28 @@ def test_a_model_taken_before_its_runs_end_says_so_wherever_it_goes(tmp_path: Pa
     for source in (out, tmp_path / "early.safetensors"):
         assert run(["infer", str(source), str(tmp_path / "x.npy")]) == 0
         assert said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda m: m.__setitem__("first.idx", m["first.idx"].clone().index_fill_(0, torch.tensor([0]), 10**9)),
+     "layer 'first': not a sorted set of distinct positions below"),  # a segfault in the sparse kernel
+    (lambda m: m.__setitem__("first.idx", m["first.idx"].clone().index_fill_(0, torch.tensor([1]), 0)),
+     "layer 'first': not a sorted set of distinct positions below"),  # a duplicate: predicted, exit 0
+    (lambda m: m.__setitem__("first.mu", m["first.mu"][:-1]), "layer 'first': mu is not"),
+    (lambda m: m.pop("first.rho"), "lacks first.rho"),
+])
+def test_a_damaged_checkpoint_is_refused_as_a_damaged_model_file_is(trained, tmp_path, capsys, change, words):
+    """Checkpoints were installed without the model file's checks: an index out of range crashed the
+    process, a duplicate or unsorted one predicted, and export wrote a file ssvi itself then refused."""
+    from ssvi_cli.cli import run
+
+    data = torch.load(sorted((trained[1] / "checkpoints").iterdir())[-1], weights_only=True)
+    change(data["model"])
+    bad = tmp_path / "bad.pt"
+    torch.save(data, bad)
+    capsys.readouterr()
+    for args in (["inspect", str(bad)], ["export", str(bad), "-o", str(tmp_path / "x.safetensors")]):
+        assert run(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"checkpoint {bad}" in err and words in err, err
+    assert not (tmp_path / "x.safetensors").exists()

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ssvi_cli.core.capture import CapturedGrad
 from ssvi_cli.core.gaussian import LRT_EPS, gaussian_kl, randn_like, sigma_from_rho
+from ssvi_cli.core.state import support_problem
 from ssvi_cli.core.kernels import KERNELS, CsrPattern, KernelPolicy, csr_product, sparse_product
 
 if TYPE_CHECKING:
@@ -101,10 +102,9 @@ class SparseGaussian(nn.Module):
         idx, mu = state_dict.get(prefix + "idx"), state_dict.get(prefix + "mu")
         rho = state_dict.get(prefix + "rho") if self.bayesian else None
         sized = idx is not None and mu is not None and idx.dim() == 1 and mu.shape == idx.shape
+        if isinstance(idx, Tensor) and (problem := support_problem(self.numel, idx)):
+            raise ValueError(f"{prefix}idx: {problem}")
         if sized and idx.shape != self.idx.shape and (rho is None or rho.shape == idx.shape):
-            if idx.numel() and (idx.is_floating_point() or int(idx.min()) < 0 or int(idx.max()) >= self.numel
-                                or not bool((idx[1:] > idx[:-1]).all())):
-                raise ValueError(f"{prefix}idx: not a sorted set of distinct positions below {self.numel}")
             if not self.bayesian or rho is not None:  # without rho the loader reports the missing key
                 self.set_support(idx, mu, rho)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

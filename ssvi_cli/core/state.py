@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Mapping
 
+import torch
 from torch import Tensor, nn
 
 
@@ -39,3 +40,22 @@ def wrapper_chain(model: nn.Module) -> list[nn.Module]:
         if not isinstance(inner, nn.Module):
             return chain
         chain.append(inner)
+
+
+def support_problem(numel: int, idx: Any, mu: Any = None, rho: Any = None) -> str:
+    """What makes ``idx`` (with ``mu`` and ``rho``, where given) no support of a layer of ``numel``
+    weights, or "": a 1-D integer tensor of strictly increasing positions below ``numel``, and values
+    as many (``mu`` finite). An index out of range would send the sparse kernels outside the weight (a
+    crash, or values read from elsewhere)."""
+    if not isinstance(idx, Tensor) or idx.dim() != 1 or idx.is_floating_point() or idx.is_complex() \
+            or idx.dtype == torch.bool:
+        return "not a 1-D tensor of integer positions"
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel or not bool((idx[1:] > idx[:-1]).all())):
+        return f"not a sorted set of distinct positions below {numel}"
+    for what, values in (("mu", mu), ("rho", rho)):
+        if values is not None and (not isinstance(values, Tensor) or not values.is_floating_point()
+                                   or tuple(values.shape) != tuple(idx.shape)):
+            return f"{what} is not {idx.numel()} floating-point values, one per position"
+    if isinstance(mu, Tensor) and not bool(torch.isfinite(mu).all()):
+        return "mu holds non-finite values"
+    return ""

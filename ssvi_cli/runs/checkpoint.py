@@ -20,7 +20,7 @@ from torch import nn
 
 from ssvi_cli.fileio import atomic_path, brief
 from ssvi_cli.core.layers import sparse_layers
-from ssvi_cli.core.state import load_tensors
+from ssvi_cli.core.state import load_tensors, support_problem
 
 log = logging.getLogger(__name__)
 
@@ -158,19 +158,29 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return data
 
 
-def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Restore supports first (their sizes vary), then every tensor strictly."""
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], where: str = "model state") -> None:
+    """Restore supports first (their sizes vary), each checked as a model file's are, then every
+    tensor strictly; a problem is a :class:`CheckpointError` that ``where`` begins."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where} is not a dict of tensors")
     for name, layer in sparse_layers(model):
         prefix = f"{name}." if name else ""
         try:
             idx = state[prefix + "idx"]
             mu = state[prefix + "mu"]
         except KeyError as exc:
-            raise CheckpointError(f"model state lacks {exc.args[0]}") from None
+            raise CheckpointError(f"{where} lacks {exc.args[0]}") from None
         rho = state.get(prefix + "rho")
+        if layer.bayesian and rho is None:
+            raise CheckpointError(f"{where} lacks {prefix}rho")
+        if problem := support_problem(layer.numel, idx, mu, rho if layer.bayesian else None):
+            raise CheckpointError(f"{where}: layer {name!r}: {problem}")
         layer.set_support(idx, mu, rho)
-    missing, unexpected = load_tensors(model, state)
+    try:
+        missing, unexpected = load_tensors(model, state)
+    except RuntimeError as exc:  # a tensor of another shape
+        raise CheckpointError(f"{where} does not fit its architecture ({brief(exc)})") from None
     if missing or unexpected:
         raise CheckpointError(
-            f"model state does not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            f"{where} does not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )

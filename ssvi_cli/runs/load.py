@@ -40,7 +40,7 @@ def model_from_checkpoint(path: Path, metrics: Optional[dict[str, Any]] = None, 
         unfinished = {"epoch": state["epoch"], "step": int(state.get("step") or 0)}
         card = replace(card, training=replace(card.training, unfinished=unfinished))
     model = build_model(card, kernel=kernel)
-    ckpt.load_model_state(model, data["model"])
+    ckpt.load_model_state(model, data.get("model"), where=f"checkpoint {path}")
     model.eval()
     info = FileInfo(str(path), format=ckpt.FORMAT, version=int(data.get("version", 1)), layout="checkpoint")
     return LoadedModel(model, card, info)
