@@ -14,7 +14,9 @@ sorted; image files are found recursively (hidden files and folders are skipped)
 size and mode (PNG, JPEG, BMP, GIF, WebP, TIFF, PPM/PGM; gray, RGB, RGBA, palette, 16-bit gray) are decoded
 once with PIL and brought to ``data.channels`` x ``data.image_size`` x ``data.image_size`` exactly as
 ``ssvi infer`` brings an image file to a model (``transforms.preprocess``: alpha dropped, gray <-> RGB,
-antialiased bilinear resize), then kept as uint8. The normalisation is measured per channel on the
+antialiased bilinear resize), then kept as uint8: rounded to 8 bits, which ``infer`` does not do, so
+a resized image reaches a model through ``infer`` up to half a level (0.5/255) from the value it was
+trained or evaluated with (NLL 0.0221 against 0.0222 on one folder's test split). The normalisation is measured per channel on the
 training split (before validation is carved out, as the published CIFAR statistics are) unless
 ``data.mean``/``data.std`` are given. Training augmentation is the CIFAR random crop + flip, used
 only with ``data.augment`` and an ``image_size`` of at least 16 pixels (at smaller sizes a 4-pixel
