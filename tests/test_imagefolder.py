@@ -388,3 +388,22 @@ def test_a_flat_folder_changed_since_training_is_refused_by_evaluate_and_resume(
     write_class(tmp_path / "apart" / "test" / "one", 1, 2, skip=4)
     spec = build_dataset(f"imagefolder:{tmp_path / 'apart'}", options=SMALL).spec
     assert spec.files_digest == "" and "files_digest" not in spec.to_dict()
+
+
+def test_class_names_that_differ_only_in_unicode_normalisation_are_the_same_classes():
+    """A folder named on macOS (decomposed, NFD) and the same name composed (NFC) print alike; evaluate
+    refused them as "class 0 is 'grün' there and 'grün' in the model"."""
+    import unicodedata
+
+    from ssvi_cli.data import DataError
+    from ssvi_cli.data.spec import DataSpec
+    from ssvi_cli.evaluation.inputs import _check_compatible
+
+    def spec(names):
+        return DataSpec("imagefolder:x", (1, 8, 8), 2, tuple(names), (0.5,), (0.25,))
+
+    nfc, nfd = unicodedata.normalize("NFC", "grün"), unicodedata.normalize("NFD", "grün")
+    assert nfc != nfd
+    _check_compatible("imagefolder:x", spec([nfd, "rot"]), spec([nfc, "rot"]))
+    with pytest.raises(DataError, match="class 1 is 'blau' there and 'rot' in the model"):
+        _check_compatible("imagefolder:x", spec([nfd, "blau"]), spec([nfc, "rot"]))

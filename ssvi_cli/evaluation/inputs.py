@@ -4,6 +4,7 @@ before any file is read."""
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -54,8 +55,12 @@ def _check_compatible(name: str, spec: DataSpec, model_spec: DataSpec) -> None:
         )
     placeholders = tuple(str(i) for i in range(model_spec.num_classes))  # ssvi.save without class_names
     named = tuple(model_spec.class_names) != placeholders
-    if named and spec.class_names and tuple(spec.class_names) != tuple(model_spec.class_names):
-        differ = next(i for i, (a, b) in enumerate(zip(spec.class_names, model_spec.class_names)) if a != b)
+    # Names compared as text, not as code points: macOS writes a folder "grün" decomposed (NFD), most
+    # other systems composed (NFC); both print alike.
+    ours, theirs = (tuple(unicodedata.normalize("NFC", n) for n in names)
+                    for names in (model_spec.class_names, spec.class_names))
+    if named and spec.class_names and theirs != ours:
+        differ = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)
         fix = ("name the class folders as the model's classes" if name.startswith("imagefolder:")
                else f"score it as out-of-distribution with --ood {name}" if name in ood_names()
                else "evaluate on the model's own dataset")
