@@ -407,3 +407,21 @@ def test_class_names_that_differ_only_in_unicode_normalisation_are_the_same_clas
     _check_compatible("imagefolder:x", spec([nfd, "rot"]), spec([nfc, "rot"]))
     with pytest.raises(DataError, match="class 1 is 'blau' there and 'rot' in the model"):
         _check_compatible("imagefolder:x", spec([nfd, "blau"]), spec([nfc, "rot"]))
+
+
+def test_long_decoding_shows_progress_and_short_decoding_stays_quiet(ws, capsys, tmp_path, monkeypatch):
+    """120 photos of 3 MP took 24 s to decode before the first line of output; the progress lines were
+    logged where nothing printed them."""
+    from ssvi_cli.data import imagefolder
+
+    args = ["train", "--data", f"imagefolder:{ws / 'split'}", "--epochs", "1", "--set", "data.image_size=8",
+            "--set", "data.channels=1", "--set", "train.eval_samples=1"]
+    assert run([*args, "--out", str(tmp_path / "quick")]) == 0
+    assert "decoded" not in capsys.readouterr().err  # a few milliseconds: nothing to wait for
+    monkeypatch.setattr(imagefolder, "_PROGRESS_EVERY_S", 0.0)  # as if every image took seconds
+    assert run([*args, "--out", str(tmp_path / "slow"), "--json"]) == 0
+    captured = capsys.readouterr()
+    n = len(imagefolder.scan_folder(ws / "split").parts["train"][0])
+    assert f"decoded 1/{n} train images of {ws / 'split'}" in captured.err
+    assert f"decoded {n}/{n} train images of" in captured.err
+    json.loads(captured.out)  # stdout stays the JSON document

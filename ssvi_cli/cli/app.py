@@ -116,6 +116,22 @@ def _unwinding() -> Any:
     return stop_signals(unwind, ctrl_c=False)  # Ctrl-C already unwinds, as KeyboardInterrupt
 
 
+class _Progress(logging.Handler):
+    """Prints the ``ssvi_cli.progress`` logger's lines as they are (long work of the lower layers, such
+    as decoding an image folder) on stderr, where progress goes."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tell(record.getMessage(), highlight=False)
+
+
+def _show_progress() -> None:
+    logger = logging.getLogger("ssvi_cli.progress")
+    if not any(isinstance(h, _Progress) for h in logger.handlers):
+        logger.addHandler(_Progress())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI and return its exit code: 0 ok, 1 runtime failure, 2 usage error, 130 interrupted
     (Ctrl-C; the ``ssvi`` command then ends by SIGINT: :func:`main`), 143 stopped by SIGTERM, 129 by
@@ -125,6 +141,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     args = [a for a in args if a != "--debug"]
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    _show_progress()
     try:
         # Standalone mode: Typer reports its own usage errors (exit 2); ours propagate to here.
         with _unwinding():

@@ -26,6 +26,7 @@ shift crops away too much of the image).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -40,12 +41,13 @@ from ssvi_cli.data.splits import stratified_split
 from ssvi_cli.data.transforms import preprocess, random_crop_flip
 
 logger = logging.getLogger(__name__)
+progress = logging.getLogger("ssvi_cli.progress")  # lines for a person waiting (printed by the command line)
 
 FAMILY = "imagefolder"
 SPLIT_FOLDERS = ("train", "val", "test")
 TEST_SEED = 20_240_602  # the flat layout's test split does not move with the training seed
 MIN_AUGMENT_SIZE = 16
-_LOG_EVERY = 1000  # images between progress lines (at least; at most ten lines per split)
+_PROGRESS_EVERY_S = 5.0  # seconds between progress lines while decoding
 _LAYOUTS = "PATH/<class>/*.png, or PATH/train/<class>/ and PATH/test/<class>/"
 
 
@@ -140,16 +142,20 @@ def split_scan(scan: FolderScan, test_fraction: float) -> FolderScan:
 
 
 def decode_images(files: tuple[Path, ...], image_size: int, channels: int, what: str = "images") -> torch.Tensor:
-    """Decode ``files`` into one uint8 (N, channels, image_size, image_size) tensor, logging progress."""
+    """Decode ``files`` into one uint8 (N, channels, image_size, image_size) tensor. Progress goes to
+    the ``ssvi_cli.progress`` logger (which the command line prints) every few seconds once decoding
+    takes that long (3 MP photos decode at a few per second: a large folder was decoded in silence)."""
     shape = (channels, image_size, image_size)
     unit = DataSpec("decode", shape, 1, ("-",), (0.0,) * channels, (1.0,) * channels)  # resize only
     out = torch.empty((len(files), *shape), dtype=torch.uint8)
-    every = max(_LOG_EVERY, len(files) // 10)
-    logger.info("decoding %d %s into %dx%dx%d uint8", len(files), what, *shape)
+    logger.debug("decoding %d %s into %dx%dx%d uint8", len(files), what, *shape)
+    last = time.monotonic()
+    said = False
     for i, path in enumerate(files):
         out[i] = preprocess(read_image(path), unit)[0].mul_(255.0).round_().to(torch.uint8)
-        if (i + 1) % every == 0 or i + 1 == len(files):
-            logger.info("decoded %d/%d %s", i + 1, len(files), what)
+        if time.monotonic() - last >= _PROGRESS_EVERY_S or (said and i + 1 == len(files)):
+            progress.info("decoded %d/%d %s", i + 1, len(files), what)
+            last, said = time.monotonic(), True
     return out
 
 
