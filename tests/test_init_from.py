@@ -288,3 +288,23 @@ def test_a_learning_rate_for_training_from_scratch_is_noted_unless_one_was_chose
     assert init_from_lr_note(build_config("digits_mlp", given, ["optim.lr=0.01"]), given, ["optim.lr=0.01"]) == ""
     assert init_from_lr_note(C.apply_overrides(cfg, {"optim.name": "sgd"}), given, []) == ""
     assert init_from_lr_note(build_config("digits_mlp", {}, []), {}, []) == ""
+
+
+def test_a_training_checkpoint_gives_the_state_dict_it_holds_under_a_known_key(tmp_path):
+    """{'model': sd, 'optimizer': ...} (torchvision's reference scripts) and {'model_state_dict': sd, ...}
+    (PyTorch's tutorial) were "does not hold a state_dict", naming nothing they held."""
+    from ssvi_cli.config import ConfigError
+    from ssvi_cli.training.init_weights import read_state_dict
+
+    net = nn.Linear(3, 2)
+    sd = net.state_dict()
+    optim = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9).state_dict()
+    for layout in ({"model": sd, "optimizer": optim, "epoch": 3}, {"model_state_dict": sd, "optimizer_state_dict": optim},
+                   {"state_dict": sd, "epoch": 1}):
+        torch.save(layout, tmp_path / "ckpt.pt")
+        got = read_state_dict(tmp_path / "ckpt.pt")
+        assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd)
+    torch.save({"weights": sd, "epoch": 1}, tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match=r"nor one under state_dict, model_state_dict, model, net; its keys: "
+                                          r"'weights', 'epoch'$"):
+        read_state_dict(tmp_path / "other.pt")

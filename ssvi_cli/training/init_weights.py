@@ -27,6 +27,8 @@ from ssvi_cli.training.pretrained import adapt_state, fetch_state_dict, resolve_
 
 logger = logging.getLogger(__name__)
 
+# Keys under which a training checkpoint holds the network's state_dict, in the order they are tried.
+CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net")
 # Key prefixes of a wrapped model's state_dict (DataParallel/DistributedDataParallel, torch.compile),
 # taken off when every key has one.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -114,8 +116,16 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
             raise ConfigError(f"--init-from {path} holds Python objects besides tensors (a whole model saved with "
                               "torch.save(model)?); save model.state_dict() instead") from None
         raise ConfigError(f"--init-from {path} is not a readable state_dict ({first})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    if isinstance(state, dict) and not all(isinstance(v, Tensor) for v in state.values()):
+        # A training checkpoint: the network's state_dict under the key its convention gives it
+        # (Lightning's state_dict, PyTorch's tutorial model_state_dict, torchvision's references' model).
+        inner = next((state[k] for k in CHECKPOINT_KEYS if isinstance(state.get(k), dict) and state[k]
+                      and all(isinstance(v, Tensor) for v in state[k].values())), None)
+        if inner is None:
+            keys = ", ".join(repr(k) for k in list(state)[:6]) + (", ..." if len(state) > 6 else "")
+            raise ConfigError(f"--init-from {path} does not hold a state_dict (a mapping of names to tensors), "
+                              f"nor one under {', '.join(CHECKPOINT_KEYS)}; its keys: {keys}")
+        state = inner
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ConfigError(f"--init-from {path} does not hold a state_dict (a mapping of names to tensors)")
     if any(k.endswith(".mu") for k in state) and any(k.endswith((".index", ".idx")) for k in state):
