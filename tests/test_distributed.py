@@ -406,6 +406,24 @@ def test_nproc_checks_the_run_directory_before_launching(tmp_path: Path, monkeyp
     assert run(["train", "--nproc", "2", "--out", str(tmp_path / "r")]) == 2
 
 
+def test_resume_of_a_run_in_use_says_so_before_looking_for_its_checkpoint(tmp_path: Path, monkeypatch, capsys):
+    """A --nproc run just started (no checkpoint yet) was "has no checkpoint ... is it a run directory
+    written by 'ssvi train'?" to a --resume of it."""
+    from ssvi_cli.cli import run
+    from ssvi_cli.runs.rundir import RunDir
+
+    monkeypatch.setattr(launcher, "launch", lambda nproc, args, env, pass_fds=(): pytest.fail("must not launch"))
+    started = tmp_path / "r"
+    started.mkdir()
+    (started / "config.yaml").write_text("model: {}\n")
+    capsys.readouterr()
+    for nproc in (["--nproc", "2"], []):
+        with RunDir(started).hold():  # the other process, in its first steps
+            assert run(["train", "--resume", str(started), *nproc]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "the run is in use by another ssvi process" in err, err
+
+
 def test_nproc_checks_the_whole_run_once_before_launching_or_replacing_a_run(tmp_path: Path, monkeypatch, capsys):
     """Mistakes read as without --nproc (one line, exit 2), before any process starts, and --force
     never costs the old run a refused one would have replaced."""

@@ -119,6 +119,8 @@ def register(app: typer.Typer) -> None:
             if resume is not None:
                 if _finished(resume, json_out, info.is_main):
                     return
+                if info.is_main:
+                    RunDir(resume).check_free("--resume")  # in use: said before "no checkpoint yet"
                 # One pre-flight: the checkpoint is read once, the device resolved (a clear error for an
                 # absent GPU) and the data loaded, all before the process group exists.
                 plan = RunPlan.resume(resume, device=device)
@@ -237,8 +239,9 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: str,
         run.check_claim(force)  # a folder that is not a run is refused before a lock is left in it
         flag = "--out"
     else:
-        preflight_resume(resume, device, nproc)
         run, flag = RunDir(resume), "--resume"
+        run.check_free(flag)  # running, not yet checkpointed: in use, not "no checkpoint"
+        preflight_resume(resume, device, nproc)
     # The lock is held here until the processes end, and by the launcher too, should this process be
     # killed first (launcher.launch); rank 0 knows it by LOCK_HELD_ENV.
     with run.hold(flag, create=resume is None) as lock:

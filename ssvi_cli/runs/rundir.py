@@ -101,6 +101,12 @@ class RunDir:
         except locks.Locked as exc:
             raise self._busy(flag, exc.holder) from None
 
+    def check_free(self, flag: str) -> None:
+        """Refuse a run another process holds (:class:`RunBusy`): before a check whose error would mislead."""
+        held = self.path.is_dir() and os.environ.get(LOCK_HELD_ENV) == str(self.path.resolve())  # --nproc's launcher
+        if not held and (holder := locks.lock_holder(self.path / LOCK_FILE)) is not None:
+            raise self._busy(flag, holder)
+
     def _busy(self, flag: str, holder: str) -> RunBusy:
         return RunBusy(f"{flag} {self.path}: the run is in use by another ssvi process (process {holder}); "
                        "wait for it to end, or stop it, and run this again")
@@ -137,10 +143,8 @@ class RunDir:
         another process holds is refused first (``held``: this process holds it)."""
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"--out {self.path} exists and is not a directory")
-        held = held or os.environ.get(LOCK_HELD_ENV) == str(self.path.resolve())  # ssvi train --nproc's launcher
-        holder = None if held else locks.lock_holder(self.path / LOCK_FILE)
-        if holder is not None:  # running: no advice to --force or --resume it
-            raise self._busy("--out", holder)
+        if not held:  # running: no advice to --force or --resume it
+            self.check_free("--out")
         owner = checkpoints_owner(self.path)
         if owner is not None:
             where = "is" if self.path.resolve().parent == owner else "is inside"
