@@ -348,6 +348,21 @@ def test_a_killed_launcher_stops_its_processes_before_the_command_ends(tmp_path:
     assert state["batch_in_epoch"] > 0, state
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks through /proc")
+def test_a_stop_signal_to_one_process_is_reported_as_that_signal(tmp_path: Path):
+    """SIGTERM to rank 1 alone (a scheduler stopping one task) stopped every rank at a checkpoint, but
+    rank 0 reported it as Ctrl-C ("interrupted", 130): its own default signal."""
+    out = tmp_path / "run"
+    proc = _start_nproc_run(out)
+    rank1 = next(int(p.name) for p in Path("/proc").glob("[0-9]*") if "-m ssvi_cli train" in _cmdline(p)
+                 and str(out) in _cmdline(p) and b"\0RANK=1\0" in b"\0" + (p / "environ").read_bytes())
+    os.kill(rank1, signal.SIGTERM)
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, rest
+    assert rest.count("stopped by SIGTERM at step") == 1 and "interrupted" not in rest, rest
+
+
 def _cmdline(proc_dir: Path) -> str:
     try:
         return (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")

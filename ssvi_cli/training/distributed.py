@@ -188,13 +188,14 @@ def sum_values(values: Sequence[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on any (so all ranks stop at the same step)."""
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest of every rank's ``value``, on every rank: a stop asked of any rank (its signal's
+    number, 0 for none) stops all at the same step, each reporting the signal that asked."""
     if not active():
-        return flag
-    t = torch.tensor([int(flag)], device=device)
+        return value
+    t = torch.tensor([int(value)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
 
 
 def broadcast_object(obj: Any) -> Any:

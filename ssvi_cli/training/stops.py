@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
 
+import torch
+
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, bad device, ...); the message says what to do."""
@@ -29,6 +31,23 @@ class Interrupted(RuntimeError):
                          f"interrupted at step {step}; checkpoint written")
         # ``during``: what the stop cut short after training, whose last checkpoint is already written.
         self.run_dir, self.step, self.signum, self.during = Path(run_dir), step, signal.Signals(signum), during
+
+
+def check_finite_loss(run: Any, state: Any, nll: Any, kl: Any, loss: Any) -> None:
+    """A non-finite loss ends the run (:func:`diverged`), naming the term that went."""
+    if bool(torch.isfinite(loss)):
+        return
+    term = "the data term (cross-entropy)" if not bool(torch.isfinite(nll)) else "the KL term"
+    diverged(run, f"non-finite loss at step {state.step} (epoch {state.epoch + 1}) in {term}")
+
+
+def check_finite_state(run: Any, state: Any, model: Any) -> None:
+    """A checkpoint never replaces a good one with a diverged model (NaN/inf in any tensor)."""
+    epoch = state.epoch + (1 if state.batch_in_epoch else 0)  # the epoch of that step
+    for name, value in model.state_dict().items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            diverged(run, f"non-finite values in {name} after step {state.step} "
+                          f"(epoch {epoch}); the diverged model was not saved")
 
 
 def requests_to_stop() -> list[signal.Signals]:

@@ -30,7 +30,7 @@ from ssvi_cli.training.init_from import model_from_weights
 from ssvi_cli.training.optim import kl_weight, lr_factor, make_optimizer, total_kl
 from ssvi_cli.training.plan import RunPlan, check_feeds, init_model
 from ssvi_cli.training.records import EpochStats, config_note, Progress, TrainState, progress_state, restore_progress
-from ssvi_cli.training.stops import Interrupted, TrainingError, diverged, stop_signals
+from ssvi_cli.training.stops import Interrupted, TrainingError, check_finite_loss, check_finite_state, stop_signals
 from ssvi_cli.training.summary import epoch_record, finish
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ class Trainer:
             kl = total_kl(model, cfg.bayes.prior_sigma, x.device)
             weight = self.kl_weight(t)
             loss = nll * share + weight * kl
-            self._check_finite(nll, kl, loss)
+            check_finite_loss(self.run, self.state, nll, kl, loss)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if capture:
@@ -225,20 +225,6 @@ class Trainer:
             self.run.append_support({"step": t, "fraction": report.fraction, "layers": layers, "criteria_iou": overlap})
         return report
 
-    def _check_finite(self, nll: Tensor, kl: Tensor, loss: Tensor) -> None:
-        if torch.isfinite(loss):
-            return
-        term = "the data term (cross-entropy)" if not torch.isfinite(nll) else "the KL term"
-        diverged(self.run, f"non-finite loss at step {self.state.step} (epoch {self.state.epoch + 1}) in {term}")
-
-    def _check_finite_state(self) -> None:
-        """A checkpoint never replaces a good one with a diverged model (NaN/inf in any tensor)."""
-        epoch = self.state.epoch + (1 if self.state.batch_in_epoch else 0)  # the epoch of that step
-        for name, value in self.model.state_dict().items():
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                diverged(self.run, f"non-finite values in {name} after step {self.state.step} "
-                                   f"(epoch {epoch}); the diverged model was not saved")
-
     # -- the loop ------------------------------------------------------------------
     def fit(self, progress: Optional[Progress] = None) -> dict[str, Any]:
         """Train to the configured number of epochs (from wherever the state is)."""
@@ -249,7 +235,7 @@ class Trainer:
         with stop_signals(self._request_stop):
             while self.state.epoch < self.cfg.train.epochs:
                 self._run_epoch(progress)
-            if distributed.any_rank(self.stop_requested, self.device):  # asked after the last step: in its validation
+            if self._stop_asked():  # asked after the last step: in its validation
                 raise Interrupted(self.run_dir, self.state.step, self.stop_signal, during="the end of training")
         with stop_signals(self._stop_now):  # training is over and checkpointed: a stop needs no step to end
             return self.finish()
@@ -260,6 +246,14 @@ class Trainer:
 
     def _request_stop(self, signum: signal.Signals) -> None:
         self.stop_requested, self.stop_signal = True, signum
+
+    def _stop_asked(self) -> bool:
+        """Whether any rank was asked to stop; every rank then reports the signal that asked (SIGTERM to
+        one process of a --nproc run was reported as Ctrl-C, the others' default)."""
+        asked = distributed.max_over_ranks(int(self.stop_signal) if self.stop_requested else 0, self.device)
+        if asked:
+            self.stop_requested, self.stop_signal = True, signal.Signals(asked)
+        return bool(asked)
 
     def _stop_now(self, signum: signal.Signals) -> None:
         raise Interrupted(self.run_dir, self.state.step, signum, during="the final evaluation")
@@ -283,7 +277,7 @@ class Trainer:
             stats.add(out["loss"], out["nll"], out["kl"], out["correct"], len(y))
             if progress.on_batch:
                 progress.on_batch({"loss": stats.loss / stats.seen, "acc": stats.correct / stats.seen})
-            if distributed.any_rank(self.stop_requested, self.device):  # all ranks stop at one step
+            if self._stop_asked():  # all ranks stop at one step
                 self.train_seconds += time.perf_counter() - started
                 self.save()
                 raise Interrupted(self.run_dir, self.state.step, self.stop_signal)
@@ -307,7 +301,7 @@ class Trainer:
 
     def save(self) -> Optional[Path]:
         distributed.average_buffers(self.model)  # every rank: the checkpoint holds the ranks' mean
-        self._check_finite_state()
+        check_finite_state(self.run, self.state, self.model)
         progress = progress_state(self)  # every rank: the epoch's sums over the ranks
         if not self.is_main:
             return None
