@@ -267,6 +267,30 @@ def test_ctrl_c_under_nproc_checkpoints_once_and_exits_130(tmp_path: Path):
 
 
 @pytest.mark.slow
+def test_ctrl_c_twice_under_nproc_still_says_where_to_resume(tmp_path: Path):
+    """The second Ctrl-C reached the launcher, which quit at once: rank 0's checkpoint was written but
+    its line, passed through the launcher, was lost, and the command ended saying nothing."""
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ssvi_cli", "train", "--nproc", "2", "--device", "cpu", "--batch-size", "4",
+         "--epochs", "3", "--set", "data.max_train=600", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    line = proc.stderr.readline()
+    while line and not line.startswith("epoch 1/3"):
+        line = proc.stderr.readline()
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == -signal.SIGINT, rest
+    assert rest.count("checkpoint written. Resume with") == 1, rest
+
+
+@pytest.mark.slow
 def test_a_stop_signal_to_the_nproc_command_alone_stops_every_process_at_a_checkpoint(tmp_path: Path):
     """kill, a container's stop or timeout signal the command, not its processes: they stop at a
     checkpoint all the same, and the command exits as they did (128 + 15), none left running."""

@@ -144,10 +144,14 @@ def launch(nproc: int, args: Sequence[str], env: Optional[dict[str, str]] = None
     full.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     proc: Optional[subprocess.Popen] = None
     stopped: list[signal.Signals] = []
+    sent: list[bool] = []
 
     def forward(signum: int, frame: Any) -> None:  # noqa: ARG001
+        # Once: a second Ctrl-C while the processes write their checkpoint made the launcher quit at
+        # once, and what rank 0 then said (passed through the launcher) was lost.
         stopped.append(signal.Signals(signum))
-        if proc is not None and proc.poll() is None:
+        if not sent and proc is not None and proc.poll() is None:
+            sent.append(True)
             try:
                 proc.send_signal(signum)
             except ValueError:  # a signal the system cannot send to a process (SIGINT on Windows)
