@@ -689,3 +689,13 @@ def test_threads_are_recorded_and_a_resume_on_others_is_said(tmp_path, capsys):
     assert run(["train", "--resume", str(out)]) == 0
     assert (f"note: the run trained on {torch.get_num_threads() + 3} CPU threads so far and goes on with "
             f"{torch.get_num_threads()}") in capsys.readouterr().err
+
+
+def test_commands_that_need_no_model_start_without_importing_torch():
+    """ssvi --version, presets and --help answer in a fraction of a second: torch (about 2 s to import)
+    is imported only by the commands that use it."""
+    code = ("import sys; from ssvi_cli.cli import run; "
+            "assert run(['presets']) == 0 and run(['--version']) == 0; print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False", proc.stdout[-500:]

@@ -387,6 +387,35 @@ def test_a_stop_signal_to_one_process_is_reported_as_that_signal(tmp_path: Path)
     assert rest.count("stopped by SIGTERM at step") == 1 and "interrupted" not in rest, rest
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the launcher through /proc")
+def test_a_stop_before_the_processes_start_is_the_stop_not_a_killed_launcher(tmp_path: Path):
+    """A SIGTERM passed on while the launcher was starting ended it before it handled signals: the
+    user's own stop was reported as "the launcher ... was killed", exit 1, pointing at --resume."""
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "ssvi_cli", "train", "--nproc", "2", "--set", "train.epochs=3",
+                             "--out", str(out)], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    deadline = time.monotonic() + 60
+    while not any("torchrun_main" in c for c in _running(out)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, rest
+    assert rest.strip().splitlines()[-1] == "stopped by SIGTERM before the training processes started: nothing " \
+                                           "was trained", rest
+
+
+def test_a_killed_launcher_is_told_as_what_became_of_its_processes(tmp_path: Path):
+    said = {o: launcher.ending_message(launcher.Launched(-9, None, o), 2, tmp_path) for o in ("stopped", "killed", "unwatched")}
+    assert all(m.startswith("error: the launcher of the 2 processes was killed by SIGKILL; ") for m in said.values())
+    assert "they stopped, each at a checkpoint" in said["stopped"] and "60 s later were killed" in said["killed"]
+    assert "make sure none is still running" in said["unwatched"]
+    assert "signal 40" in launcher.ending_message(launcher.Launched(-40), 2, tmp_path)  # a real-time signal
+    assert launcher.ending_message(launcher.Launched(143, signal.SIGTERM), 2, tmp_path) == ""  # they said it
+
+
 def _cmdline(proc_dir: Path) -> str:
     try:
         return (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -401,7 +430,7 @@ def test_nproc_forwards_the_same_arguments_to_the_launcher(tmp_path: Path, monke
 
     def fake_launch(nproc: int, args: list[str], env: dict[str, str], pass_fds: list[int]) -> tuple[int, None]:
         seen.update(nproc=nproc, args=args, env=env, pass_fds=pass_fds)
-        return 0, None
+        return launcher.Launched(0)
 
     monkeypatch.setattr(launcher, "launch", fake_launch)
     for key in distributed.ENV_KEYS:
@@ -427,7 +456,7 @@ def test_nproc_forwards_debug_to_its_processes(tmp_path: Path, monkeypatch):
     from ssvi_cli.cli import run
 
     seen: list[list[str]] = []
-    monkeypatch.setattr(launcher, "launch", lambda nproc, args, env, pass_fds=(): seen.append(args) or (0, None))
+    monkeypatch.setattr(launcher, "launch", lambda nproc, args, env, pass_fds=(): seen.append(args) or launcher.Launched(0))
     for key in distributed.ENV_KEYS:
         monkeypatch.delenv(key, raising=False)
     for debug in (["--debug"], []):
@@ -482,7 +511,7 @@ def test_nproc_checks_the_whole_run_once_before_launching_or_replacing_a_run(tmp
         (["--resume", str(old)], "was trained with a global batch of 1, which cannot feed 2 processes"),
         (["--data", "mnist", "--data-dir", str(tmp_path / "nodata"), "--out", str(old), "--force"], "mnist not found"),
         (["--sparsity", "0.99999", "--set", "model.widths=[4]"], "leaves layer first (256 weights) with no active"),
-        (["--set", "data.max_train=1", "--out", str(old), "--force"], "has 1 example, too few to give each of 2"),
+        (["--set", "data.max_train=1", "--out", str(old), "--force"], "has 1 example, too few to give each of 2 processes one; train on at most 1 process"),
     ]:
         assert run(["train", "--nproc", "2", *args]) == 2, args
         err = capsys.readouterr().err

@@ -125,6 +125,8 @@ class _Progress(logging.Handler):
 
 
 def _show_progress() -> None:
+    if _torchrun_worker() and os.environ.get("RANK", "0") != "0":  # rank 0 alone speaks
+        return
     logger = logging.getLogger("ssvi_cli.progress")
     if not any(isinstance(h, _Progress) for h in logger.handlers):
         logger.addHandler(_Progress())

@@ -250,16 +250,14 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: str,
         args = forwarded_args(ctx, drop=("nproc", "out_dir"))
         if out_dir is not None:
             args += ["--out", str(out_dir)]
-        code, stopped_by = launcher.launch(nproc, ["train", *args], env={LOCK_HELD_ENV: str(run.path.resolve())},
-                                           pass_fds=[lock.fileno()] if hasattr(lock, "fileno") else [])
-    if code < 0:  # the launcher itself was killed (a kill -9 of it, the OOM killer): its processes were stopped
-        tell(f"error: the launcher of the {nproc} processes was killed by {signal.Signals(-code).name}; they were "
-             f"stopped, and the run's last checkpoint, if any, resumes it: ssvi train --resume {run.path}")
-        raise typer.Exit(1)
-    if stopped_by is not None and code:  # the processes stopped at a checkpoint and said so
-        raise typer.Exit(128 + int(stopped_by))
-    if code:
-        raise typer.Exit(code)
+        ended = launcher.launch(nproc, ["train", *args], env={LOCK_HELD_ENV: str(run.path.resolve())},
+                                pass_fds=[lock.fileno()] if hasattr(lock, "fileno") else [])
+    if message := launcher.ending_message(ended, nproc, run.path):  # what the processes could not say
+        tell(message)
+    if ended.stopped_by is not None and ended.code:  # the processes stopped at a checkpoint and said so
+        raise typer.Exit(128 + int(ended.stopped_by))
+    if ended.code:
+        raise typer.Exit(1 if ended.code < 0 else ended.code)
 
 
 def _fit(trainer, interrupted_cls, quiet: bool, notes: bool = True) -> dict[str, Any]:

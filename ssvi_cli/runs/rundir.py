@@ -108,8 +108,8 @@ class RunDir:
             raise self._busy(flag, holder)
 
     def _busy(self, flag: str, holder: str) -> RunBusy:
-        return RunBusy(f"{flag} {self.path}: the run is in use by another ssvi process (process {holder}); "
-                       "wait for it to end, or stop it, and run this again")
+        return RunBusy(f"{flag} {self.path}: the run is in use by another ssvi process (process {holder}, or the "
+                       "processes it started); wait for it to end, or stop it, and run this again")
 
     def fresh(self) -> "RunDir":
         """This folder, or the first of ``NAME-2``, ``NAME-3``, ... that is not there, made now by an

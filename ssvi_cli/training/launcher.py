@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36  # <linux/prctl.h>
 PARENT_ENV = "SSVI_LAUNCHED_BY"  # the process id a launched process must find as its parent
@@ -35,7 +35,9 @@ def _prctl(option: int, value: int) -> bool:
     try:
         import ctypes
 
-        return ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0) == 0
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+        return prctl(option, value, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
 
@@ -93,44 +95,79 @@ def torchrun_main(argv: Sequence[str]) -> None:
         sys.exit(code if isinstance(code, int) and 0 < code < 256 else 1)
 
 
-def _wait_for_orphans(grace_s: float = ORPHANS_GRACE_S) -> None:
-    """Wait for the processes a killed launcher left to this one (its subreaper) to stop; those still
-    running after ``grace_s`` are killed."""
-    deadline = time.monotonic() + grace_s
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid:
-            continue
-        if time.monotonic() > deadline:
-            for child in _children():
+def _wait_for_orphans(others: set[int], grace_s: float = ORPHANS_GRACE_S) -> str:
+    """Wait for the processes a killed launcher left to this one (their subreaper), found as this
+    process's children but ``others`` (those it had before), to stop: "stopped"; those still running
+    after ``grace_s`` are killed: "killed"; none found (no /proc to find them in): "unwatched"."""
+    orphans = set(_children()) - others
+    if not orphans:
+        return "unwatched"
+    deadline, outcome = time.monotonic() + grace_s, "stopped"
+    while orphans:
+        for pid in list(orphans):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    orphans.discard(pid)
+            except ChildProcessError:
+                orphans.discard(pid)
+        if orphans and time.monotonic() > deadline and outcome == "stopped":
+            outcome = "killed"
+            for pid in orphans:
                 try:
-                    os.kill(child, signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
-            deadline = float("inf")  # reaped as they go
-        time.sleep(0.1)
+        time.sleep(0.05)
+    return outcome
 
 
-def _children() -> list[int]:
+def _children() -> set[int]:
     """This process's children (Linux's /proc; none found elsewhere)."""
-    found: list[int] = []
+    found: set[int] = set()
     for task in Path("/proc/self/task").glob("*/children"):
         try:
-            found += [int(p) for p in task.read_text().split()]
+            found |= {int(p) for p in task.read_text().split()}
         except (OSError, ValueError):
             pass
     return found
 
 
+def ending_message(ended: "Launched", nproc: int, run_dir: Path) -> str:
+    """What the ``ssvi`` command says of a launch its processes could not report: a launcher killed by
+    itself (the out-of-memory killer's choice, a ``kill -9`` of it) and what became of its processes,
+    or a stop signal that ended the launcher before it started them; "" otherwise."""
+    if ended.code >= 0:
+        return ""
+    try:
+        name = signal.Signals(-ended.code).name
+    except ValueError:  # a real-time signal
+        name = f"signal {-ended.code}"
+    if ended.stopped_by is not None:
+        return f"{'interrupted' if ended.stopped_by == signal.SIGINT else f'stopped by {ended.stopped_by.name}'} " \
+               "before the training processes started: nothing was trained"
+    said = {"stopped": "they stopped, each at a checkpoint where it reached one",
+            "killed": f"those still running {ORPHANS_GRACE_S:g} s later were killed"}.get(
+        ended.orphans, "ssvi cannot watch them on this system: make sure none is still running")
+    return (f"error: the launcher of the {nproc} processes was killed by {name}; {said}; the run's last "
+            f"checkpoint, if any, resumes it: ssvi train --resume {run_dir}")
+
+
+class Launched(NamedTuple):
+    """How :func:`launch` ended: the launcher's exit code (negative: killed by that signal), the stop
+    signal passed on to it, if any, and, for a launcher killed by itself, what became of its processes
+    (:func:`_wait_for_orphans`; "unwatched" where this system lets ssvi not wait for them)."""
+
+    code: int
+    stopped_by: Optional[signal.Signals] = None
+    orphans: str = ""
+
+
 def launch(nproc: int, args: Sequence[str], env: Optional[dict[str, str]] = None,
-           pass_fds: Sequence[int] = ()) -> tuple[int, Optional[signal.Signals]]:
+           pass_fds: Sequence[int] = ()) -> Launched:
     """Run ``ssvi <args>`` on ``nproc`` processes of this node (``env``: variables added to theirs;
     ``pass_fds``: this process's files the launcher keeps open, as the run's lock, which it then holds
-    for as long as it runs); returns the launcher's exit code (negative: killed by that signal, after
-    the processes it left have stopped) and the stop signal this process passed on to it, if any.
+    for as long as it runs); returns how it ended (:class:`Launched`: a launcher killed by itself is
+    returned once the processes it left have stopped).
 
     The launcher runs in a session of its own, so that a stop signal reaches its processes once and
     by one path: Ctrl-C at the terminal, or a SIGTERM or SIGHUP sent to this process alone, is passed
@@ -159,6 +196,8 @@ def launch(nproc: int, args: Sequence[str], env: Optional[dict[str, str]] = None
 
     previous: dict[int, Any] = {}
     reaper = _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    others = _children() if reaper else set()  # children of this process's own, never waited for here
+    orphans = ""
     try:
         try:  # before the launcher exists: a signal in between still reaches it
             for sig in requests_to_stop():
@@ -170,8 +209,8 @@ def launch(nproc: int, args: Sequence[str], env: Optional[dict[str, str]] = None
         if stopped:  # a signal came while it started
             forward(stopped[0], None)
         code = proc.wait()
-        if code < 0 and reaper:  # the launcher was killed: its processes, stopping now, are ours
-            _wait_for_orphans()
+        if code < 0:  # the launcher was killed (by a stop signal before it could handle one): its processes are ours
+            orphans = _wait_for_orphans(others | {proc.pid}) if reaper else "unwatched"
     finally:
         if proc is not None and proc.poll() is None:  # this process failed: the launcher goes too
             proc.terminate()
@@ -180,4 +219,4 @@ def launch(nproc: int, args: Sequence[str], env: Optional[dict[str, str]] = None
             _prctl(PR_SET_CHILD_SUBREAPER, 0)
         for sig, old in previous.items():
             signal.signal(sig, old)
-    return code, (stopped[0] if stopped else None)
+    return Launched(code, stopped[0] if stopped else None, orphans)

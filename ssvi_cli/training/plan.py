@@ -217,7 +217,7 @@ def check_feeds(n_train: int, world_size: int) -> None:
         raise ConfigError("the training split is empty")
     if n_train < world_size:
         raise ConfigError(f"the training split has {n_train} example{'s' if n_train > 1 else ''}, too few to give "
-                          f"each of {world_size} processes one; train on at most {n_train} (--nproc {n_train})")
+                          f"each of {world_size} processes one; train on at most {n_train} process{'es' if n_train > 1 else ''}")
 
 
 def preflight(cfg: Config, device: Optional[str] = None, given: Any = (), world_size: int = 1) -> None:

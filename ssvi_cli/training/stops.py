@@ -9,8 +9,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
 
-import torch
-
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, bad device, ...); the message says what to do."""
@@ -35,6 +33,8 @@ class Interrupted(RuntimeError):
 
 def check_finite_loss(run: Any, state: Any, nll: Any, kl: Any, loss: Any) -> None:
     """A non-finite loss ends the run (:func:`diverged`), naming the term that went."""
+    import torch  # here: the command line imports this module before any command needs torch
+
     if bool(torch.isfinite(loss)):
         return
     term = "the data term (cross-entropy)" if not bool(torch.isfinite(nll)) else "the KL term"
@@ -43,6 +43,8 @@ def check_finite_loss(run: Any, state: Any, nll: Any, kl: Any, loss: Any) -> Non
 
 def check_finite_state(run: Any, state: Any, model: Any) -> None:
     """A checkpoint never replaces a good one with a diverged model (NaN/inf in any tensor)."""
+    import torch
+
     epoch = state.epoch + (1 if state.batch_in_epoch else 0)  # the epoch of that step
     for name, value in model.state_dict().items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
