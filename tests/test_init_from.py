@@ -299,7 +299,11 @@ def test_a_training_checkpoint_gives_the_state_dict_it_holds_under_a_known_key(t
     net = nn.Linear(3, 2)
     sd = net.state_dict()
     optim = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9).state_dict()
-    for layout in ({"model": sd, "optimizer": optim, "epoch": 3}, {"model_state_dict": sd, "optimizer_state_dict": optim},
+    import argparse
+
+    args = argparse.Namespace(lr=0.1, model="resnet18", epochs=90)  # torchvision's reference scripts save it
+    for layout in ({"model": sd, "optimizer": optim, "epoch": 3, "args": args},
+                   {"model_state_dict": sd, "optimizer_state_dict": optim},
                    {"state_dict": sd, "epoch": 1}):
         torch.save(layout, tmp_path / "ckpt.pt")
         got = read_state_dict(tmp_path / "ckpt.pt")

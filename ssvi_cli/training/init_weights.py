@@ -91,6 +91,17 @@ def load_init_weights(cfg: Config, spec: DataSpec, progress: bool = False) -> In
     return init
 
 
+def _checkpoint_records() -> Any:
+    """The one object besides tensors that training checkpoints commonly hold, read as plain data: the
+    script's ``argparse.Namespace`` (torchvision's reference scripts save their ``args``). Nothing
+    else is let through, and nothing is run."""
+    import argparse
+    from contextlib import nullcontext
+
+    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    return allow([argparse.Namespace]) if allow is not None else nullcontext()
+
+
 def read_state_dict(path: Path) -> dict[str, Tensor]:
     """A state_dict from ``.pt`` (weights only) or ``.safetensors``; a clear error for anything else."""
     path = Path(path).expanduser()
@@ -102,7 +113,8 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
 
             state = load_file(str(path))
         else:
-            state = torch_load_tensors(path)
+            with _checkpoint_records():
+                state = torch_load_tensors(path)
     except Exception as exc:  # noqa: BLE001 - any reader failure is one message naming the file
         first = unpickler_reason(exc)  # what torch's weights-only reader met, not its advice (else its first line)
         try:
