@@ -246,18 +246,8 @@ def test_nproc_with_the_default_out_takes_a_folder_of_its_own(tmp_path: Path, mo
 @pytest.mark.slow
 def test_ctrl_c_under_nproc_checkpoints_once_and_exits_130(tmp_path: Path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ssvi_cli", "train", "--nproc", "2", "--device", "cpu", "--batch-size", "4",
-         "--epochs", "3", "--set", "data.max_train=600", "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
-        # as a terminal's foreground job, even when the tests run in a shell's background job (which ignores SIGINT)
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    lines = [proc.stderr.readline()]
-    while lines[-1] and not lines[-1].startswith("epoch 1/3"):
-        lines.append(proc.stderr.readline())
-    assert lines[-1].startswith("epoch 1/3"), "".join(lines)
-    os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: the launcher and both ranks get it
+    proc = _start_nproc_run(out)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal does
     rest = proc.communicate(timeout=120)[1]
     assert proc.returncode == -signal.SIGINT, rest  # ended by the Ctrl-C: a shell shows $? as 130
     assert rest.count("checkpoint written. Resume with") == 1, rest  # rank 0 alone reports
@@ -273,15 +263,7 @@ def test_ctrl_c_twice_under_nproc_still_says_where_to_resume(tmp_path: Path):
     import time
 
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ssvi_cli", "train", "--nproc", "2", "--device", "cpu", "--batch-size", "4",
-         "--epochs", "3", "--set", "data.max_train=600", "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    line = proc.stderr.readline()
-    while line and not line.startswith("epoch 1/3"):
-        line = proc.stderr.readline()
+    proc = _start_nproc_run(out)
     os.killpg(proc.pid, signal.SIGINT)
     time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)
@@ -295,15 +277,7 @@ def test_a_stop_signal_to_the_nproc_command_alone_stops_every_process_at_a_check
     """kill, a container's stop or timeout signal the command, not its processes: they stop at a
     checkpoint all the same, and the command exits as they did (128 + 15), none left running."""
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ssvi_cli", "train", "--nproc", "2", "--device", "cpu", "--batch-size", "4",
-         "--epochs", "3", "--set", "data.max_train=600", "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
-    lines = [proc.stderr.readline()]
-    while lines[-1] and not lines[-1].startswith("epoch 1/3"):
-        lines.append(proc.stderr.readline())
-    assert lines[-1].startswith("epoch 1/3"), "".join(lines)
+    proc = _start_nproc_run(out)
     proc.send_signal(signal.SIGTERM)  # this process alone
     rest = proc.communicate(timeout=120)[1]
     assert proc.returncode == 143, rest
@@ -315,12 +289,15 @@ def test_a_stop_signal_to_the_nproc_command_alone_stops_every_process_at_a_check
 
 
 def _start_nproc_run(out: Path) -> subprocess.Popen:
-    """``ssvi train --nproc 2`` writing ``out``, returned once its first epoch is logged."""
+    """``ssvi train --nproc 2`` writing ``out`` in a session of its own, returned once its first epoch
+    is logged."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "ssvi_cli", "train", "--nproc", "2", "--device", "cpu", "--batch-size", "4",
          "--epochs", "3", "--set", "data.max_train=600", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+        # as a terminal's foreground job, even when the tests run in a shell's background job (which ignores SIGINT)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = [proc.stderr.readline()]
     while lines[-1] and not lines[-1].startswith("epoch 1/3"):
         lines.append(proc.stderr.readline())
