@@ -155,7 +155,7 @@ def ending_message(ended: "Launched", nproc: int, run_dir: Path) -> str:
 class Launched(NamedTuple):
     """How :func:`launch` ended: the launcher's exit code (negative: killed by that signal), the stop
     signal passed on to it, if any, and, for a launcher killed by itself, what became of its processes
-    (:func:`_wait_for_orphans`; "unwatched" where this system lets ssvi not wait for them)."""
+    (:func:`_wait_for_orphans`; "unwatched" where ssvi cannot watch them on this system)."""
 
     code: int
     stopped_by: Optional[signal.Signals] = None
