@@ -36,7 +36,7 @@ import torch
 from ssvi_cli.config import DataConfig
 from ssvi_cli.data.sources import DATASET_FAMILIES, DatasetSource
 from ssvi_cli.data.images import IMAGE_SUFFIXES, find_files, read_image, shown
-from ssvi_cli.data.spec import DataError, DataSpec, RawImages
+from ssvi_cli.data.spec import DataError, DataSpec, RawImages, decoded
 from ssvi_cli.data.splits import stratified_split
 from ssvi_cli.data.transforms import preprocess, random_crop_flip
 
@@ -159,6 +159,25 @@ def decode_images(files: tuple[Path, ...], image_size: int, channels: int, what:
     return out
 
 
+class FolderImages:
+    """An image folder's files, decoded only when a split needs them (:meth:`decode`): indexing (a
+    tensor of positions, a boolean mask) gives the images of those files, still undecoded, so that
+    ``evaluate`` decodes the split it scores and not the training images too."""
+
+    def __init__(self, files: tuple[Path, ...], image_size: int, channels: int, what: str) -> None:
+        self.files, self.image_size, self.channels, self.what = files, image_size, channels, what
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: torch.Tensor) -> "FolderImages":
+        positions = torch.arange(len(self.files))[index].tolist()
+        return FolderImages(tuple(self.files[i] for i in positions), self.image_size, self.channels, self.what)
+
+    def decode(self) -> torch.Tensor:
+        return decode_images(self.files, self.image_size, self.channels, self.what)
+
+
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and standard deviation of uint8 images in [0, 1] units, in chunks (no float copy
     of the whole set); a constant channel gets std 1/255 rather than 0."""
@@ -201,10 +220,10 @@ def folder_source(argument: str, options: Optional[DataConfig] = None) -> Datase
 
     def load_part(part: str) -> RawImages:
         files, labels = scan.parts[part]
-        return RawImages(decode_images(files, size, c, f"{part} images of {scan.root}"), labels, scan.class_names)
+        return RawImages(FolderImages(files, size, c, f"{part} images of {scan.root}"), labels, scan.class_names)
 
     def complete_spec(current: DataSpec, train: RawImages) -> DataSpec:
-        mean, std = channel_stats(train.images)
+        mean, std = channel_stats(decoded(train.images))
         return replace(current, mean=opts.mean or mean, std=opts.std or std)
 
     return DatasetSource(

@@ -4,7 +4,7 @@ errors every data module raises."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -135,8 +135,14 @@ class DataSplits:
 
 @dataclass(frozen=True)
 class RawImages:
-    """Decoded images before normalisation: uint8 (N, C, H, W) or float in [0, 1]."""
+    """Images before normalisation: uint8 (N, C, H, W) or float in [0, 1], or an image folder's files
+    not decoded yet (``imagefolder.FolderImages``: indexable, :func:`decoded` when a split needs them)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     class_names: tuple[str, ...]
+
+
+def decoded(images: Any) -> torch.Tensor:
+    """``images`` as a tensor: an image folder's files (with a ``decode`` method) decoded now."""
+    return images.decode() if hasattr(images, "decode") else images

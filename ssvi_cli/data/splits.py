@@ -16,7 +16,7 @@ import torch
 from ssvi_cli.config import DataConfig
 from ssvi_cli.data.classes import resolve_classes, restrict_spec, split_classes
 from ssvi_cli.data.sources import read_split, source
-from ssvi_cli.data.spec import DataError, DataSplits, RawImages
+from ssvi_cli.data.spec import DataError, DataSplits, RawImages, decoded
 from ssvi_cli.data.transforms import TensorImageDataset
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ def build_dataset(
     augment: bool = True,
     max_train: int | None = None,
     options: Optional[DataConfig] = None,
+    needed: tuple[str, ...] = ("train", "val", "test"),
 ) -> DataSplits:
     """Train/val/test datasets for ``name``; val is a stratified, seeded part of the train split
     unless the source has its own (an image folder's ``val/``; ``val_fraction`` is then unused).
@@ -75,7 +76,8 @@ def build_dataset(
     ``val_fraction / (1 - val_fraction)`` so quick runs stay quick. ``options`` (the data config)
     sizes and normalises a parameterised source such as ``imagefolder:PATH``, and its ``classes``
     keep part of the classes in every split (``data/classes.py``), the rest of the test split
-    becoming ``heldout``.
+    becoming ``heldout``. ``needed``: the splits to read; the others are left empty (an image folder
+    then decodes only the images of those asked for).
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -98,6 +100,7 @@ def build_dataset(
         train_raw, _ = split_classes(train_raw, kept)
         test_raw, heldout = split_classes(test_raw, kept)
     if entry.complete_spec is not None:
+        train_raw = replace(train_raw, images=decoded(train_raw.images))  # measured on all of it
         spec = entry.complete_spec(spec, train_raw)
     if entry.load_val is not None:
         val_raw = entry.load_val() if kept is None else split_classes(entry.load_val(), kept)[0]
@@ -109,17 +112,17 @@ def build_dataset(
         max_val = math.ceil(max_train * val_fraction / (1.0 - val_fraction))
         train_idx, val_idx = _cap(train_idx, max_train, seed), _cap(val_idx, max_val, seed + 1)
 
-    def subset(raw: RawImages, idx: torch.Tensor, aug: Callable | None) -> TensorImageDataset:
-        return TensorImageDataset(raw.images[idx], raw.labels[idx], spec, augment=aug, indices=idx)
+    def subset(part: str, raw: RawImages, idx: torch.Tensor, aug: Callable | None = None) -> TensorImageDataset:
+        idx = idx if part in needed else idx[:0]
+        return TensorImageDataset(decoded(raw.images[idx]), raw.labels[idx], spec, augment=aug, indices=idx)
 
-    test_all = torch.arange(len(test_raw.labels))
     splits = DataSplits(
-        train=subset(train_raw, train_idx, entry.augment if augment else None),
-        val=subset(val_raw, val_idx, None),
-        test=TensorImageDataset(test_raw.images, test_raw.labels, spec, indices=test_all),
+        train=subset("train", train_raw, train_idx, entry.augment if augment else None),
+        val=subset("val", val_raw, val_idx),
+        test=subset("test", test_raw, torch.arange(len(test_raw.labels))),
         spec=spec,
         heldout=None if heldout is None else
-        TensorImageDataset(heldout, torch.full((len(heldout),), -1, dtype=torch.long), spec),
+        TensorImageDataset(decoded(heldout), torch.full((len(heldout),), -1, dtype=torch.long), spec),
     )
     logger.info(
         "%s: %d train, %d val, %d test", name, len(splits.train), len(splits.val), len(splits.test)

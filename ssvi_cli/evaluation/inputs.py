@@ -115,7 +115,7 @@ def load_eval_data(
     splits = build_dataset(
         name, data_dir=root, download=download, val_fraction=float(settings.get("val_fraction", 0.1)),
         seed=int(train_seed or 0), augment=False, max_train=settings.get("max_train"),
-        options=data_config_for(model_spec, settings),
+        options=data_config_for(model_spec, settings), needed=(split,),
     )
     if split == "val" and len(splits.val) == 0:
         raise DataError("the model was trained on its whole training set (data.val_fraction 0), so it has "
