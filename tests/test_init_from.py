@@ -92,6 +92,22 @@ def test_train_starts_mu_from_cached_weights_and_reinitialises_the_head(tmp_path
     torch.testing.assert_close(layers[STEM].mu.detach(), stem, atol=0.02, rtol=0.0)
 
 
+def test_train_json_carries_what_init_from_loaded(tmp_path, published, capsys):
+    """--json gave a program the summary without the report of what --init-from loaded and re-initialised."""
+    from ssvi_cli.cli import run
+
+    out = tmp_path / "run"
+    assert run([*_train(tmp_path), "--init-from", f"torchvision:{WEIGHTS}", "--lr", "1e-4", "--json",
+                "--out", str(out)]) == 0
+    said = capsys.readouterr()
+    notes = json.loads(said.out)["notes"]
+    assert not any("learning rate" in n for n in notes), notes  # --lr was chosen
+    (note,) = [n for n in notes if n.startswith("init from")]
+    assert note.startswith(f"init from torchvision:{WEIGHTS}") and f"head re-initialised ({HEAD}.weight" in note
+    assert note in said.err  # and said as it came, as without --json
+    assert "notes" not in json.loads((out / "summary.json").read_text())
+
+
 def test_the_first_mu_is_the_pretrained_weight_and_the_head_starts_fresh(tmp_path, published):
     from ssvi_cli.training.trainer import Trainer
 

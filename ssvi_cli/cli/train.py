@@ -7,14 +7,14 @@ from __future__ import annotations
 import signal
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
 from ssvi_cli import config as cfgmod
 from ssvi_cli.cli.common import (UsageError, check_run_out, count, err, fmt, forwarded_args, kv_table, no_reader,
                                  out, print_json, progress_bar, running_a_cell, tell)
-from ssvi_cli.cli.train_config import build_config, init_from_lr_note, set_keys, unused_keys
+from ssvi_cli.cli.train_config import build_config, init_from_lr_note, set_keys, threads_note, unused_keys
 
 
 def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
@@ -115,6 +115,12 @@ def register(app: typer.Typer) -> None:
         if info is not None and info.enabled:
             launcher.stop_with_parent()  # a launcher killed outright leaves no process training unowned
         info = info or distributed.SINGLE
+        notes: list[str] = []  # rank 0's notes, said on stderr as they come and kept for --json's "notes"
+
+        def say(note: str) -> None:
+            if note and info.is_main:
+                tell(note, highlight=False)
+                notes.append(note)
         with ExitStack() as held:  # the run's lock, held by rank 0 to the end (RunDir.hold)
             if resume is not None:
                 if _finished(resume, json_out, info.is_main):
@@ -128,25 +134,23 @@ def register(app: typer.Typer) -> None:
                     held.enter_context(RunDir(resume).hold("--resume", create=False))
                     plan.check_unchanged()
                     for path in plan.set_aside_unreadable():
-                        tell(f"note: a checkpoint that does not read (above) is renamed {path}, so that "
-                             "pruning passes it by; rename it back to try it again", highlight=False)
+                        say(f"note: a checkpoint that does not read (above) is renamed {path}, so that "
+                            "pruning passes it by; rename it back to try it again")
             else:
                 # Names, device, data and the layer budget are checked before --force removes an old run,
                 # so a missing dataset or an impossible sparsity never costs the run being replaced.
                 cfg = build_config(preset, overrides, set_ or [])
                 plan = RunPlan.new(cfg, out_dir or _default_run_dir(cfg, preset), progress=not json_out and info.is_main,
                                    given=set_keys(set_ or []), world_size=info.world_size)
-                if plan.init_note and info.is_main and not json_out:
-                    tell(plan.init_note, highlight=False)
-                if (note := init_from_lr_note(plan.cfg, overrides, set_ or [])) and info.is_main and not json_out:
-                    tell(note, highlight=False)
-                if (unused := unused_keys(plan.cfg, overrides, set_ or [])) and info.is_main and not json_out \
-                        and not running_a_cell():  # a sweep gives every cell its fixed keys: no note in each
-                    tell(f"note: {plan.cfg.sparse.method} does not use {', '.join(unused)}, so "
-                         f"{'it changes' if len(unused) == 1 else 'they change'} nothing here", highlight=False)
-                if (data_dir is not None or download) and info.is_main and not reads_data_dir(plan.cfg.data.name):
-                    tell(f"note: --data-dir and --download are for torchvision datasets; {plan.cfg.data.name} "
-                         "reads no data folder, so they change nothing", highlight=False)
+                say(plan.init_note or "")
+                say(init_from_lr_note(plan.cfg, overrides, set_ or []))
+                if (unused := unused_keys(plan.cfg, overrides, set_ or [])) and not running_a_cell():
+                    # a sweep gives every cell its fixed keys: no note in each
+                    say(f"note: {plan.cfg.sparse.method} does not use {', '.join(unused)}, so "
+                        f"{'it changes' if len(unused) == 1 else 'they change'} nothing here")
+                if (data_dir is not None or download) and not reads_data_dir(plan.cfg.data.name):
+                    say(f"note: --data-dir and --download are for torchvision datasets; {plan.cfg.data.name} "
+                        "reads no data folder, so they change nothing")
             trainer = None
             try:
                 distributed.setup(info, device or plan.cfg.train.device)
@@ -166,8 +170,8 @@ def register(app: typer.Typer) -> None:
                              if trainer.state.epoch < trainer.cfg.train.epochs else
                              f"after its last epoch (step {trainer.state.step}): the final evaluation and model file")
                     tell(f"resuming {resume} {where}" + (f" on {info.world_size} processes" if info.enabled else ""))
-                    _note_threads(trainer.run, trainer.device.type)
-                summary = _fit(trainer, Interrupted, quiet=json_out or not info.is_main, notes=info.is_main)
+                    say(threads_note(trainer.run, trainer.device.type))
+                summary = _fit(trainer, Interrupted, quiet=json_out or not info.is_main, say=say)
             finally:
                 if trainer is not None:
                     trainer.release_process_group()
@@ -177,7 +181,7 @@ def register(app: typer.Typer) -> None:
         # The run is done and its files written: an output with no reader (| head) leaves it a success.
         if json_out:
             try:
-                print_json(summary)
+                print_json({**summary, "notes": notes})
             except OSError:
                 no_reader(stdout=True)
             return
@@ -201,19 +205,6 @@ def _finished(run_dir: Path, json_out: bool, is_main: bool) -> bool:
         err.print(f"{run_dir} has finished ({run.summary_file.name} and {run.model_file.name} written); nothing "
                   f"to resume. Evaluate it: ssvi evaluate {run.model_file}", highlight=False)
     return True
-
-
-def _note_threads(run: Any, device_type: str) -> None:
-    """A run resumed on another number of CPU threads than its last epoch: said, since its numbers move
-    in their last digits with it (a sweep's --jobs sets it)."""
-    import torch
-
-    from ssvi_cli.fileio import read_jsonl
-
-    before = next((r.get("threads") for r in reversed(read_jsonl(run.metrics_file)) if "threads" in r), None)
-    if isinstance(before, int) and before != torch.get_num_threads() and device_type == "cpu":
-        tell(f"note: the run trained on {count(before, 'CPU thread')} so far and goes on with "
-             f"{torch.get_num_threads()}; its numbers move in their last digits with the thread count", highlight=False)
 
 
 def _default_run_dir(cfg: cfgmod.Config, preset: str) -> Any:
@@ -260,9 +251,9 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: str,
         raise typer.Exit(1 if ended.code < 0 else ended.code)
 
 
-def _fit(trainer, interrupted_cls, quiet: bool, notes: bool = True) -> dict[str, Any]:
-    """Train with a progress display (none when ``quiet``); ``notes``: warnings on stderr, which ``--json``
-    keeps. A line that finds no reader (``2>&1 | head``) is dropped: the run goes on to its model file."""
+def _fit(trainer, interrupted_cls, quiet: bool, say: Callable[[str], None]) -> dict[str, Any]:
+    """Train with a progress display (none when ``quiet``); ``say`` takes the notes about the run. A line
+    that finds no reader (``2>&1 | head``) is dropped: the run goes on to its model file."""
     from ssvi_cli.core.allocation import kept_dense_weights
     from ssvi_cli.training.records import Progress
 
@@ -270,13 +261,13 @@ def _fit(trainer, interrupted_cls, quiet: bool, notes: bool = True) -> dict[str,
     if not quiet:
         tell(f"training {cfg.model.name} on {cfg.data.name} with {cfg.sparse.method} (density {cfg.density:.3g}, "
              f"{count(cfg.train.epochs, 'epoch')}, device {trainer.device}) -> {trainer.run_dir}")
-    if notes and cfg.method.moves_support and trainer.schedule.updates == 0:
+    if cfg.method.moves_support and trainer.schedule.updates == 0:
         hint = "" if cfg.sparse.delta_t == "auto" else " (--set sparse.delta_t=auto spaces them to fit the run)"
-        tell(f"note: a run of {count(trainer.total_steps, 'step')} has no subspace step before t_end at "
-             f"delta_t {trainer.schedule.delta_t}, so the support will not move{hint}", highlight=False)
-    if notes and (kept := kept_dense_weights(trainer.model)):
-        tell(f"note: {kept:,} weights of {cfg.model.name} sit in layers ssvi keeps dense (attention projections, "
-             "embeddings: docs/API.md, sparsify); the sparsity, file savings and FLOPs count its converted layers")
+        say(f"note: a run of {count(trainer.total_steps, 'step')} has no subspace step before t_end at "
+            f"delta_t {trainer.schedule.delta_t}, so the support will not move{hint}")
+    if kept := kept_dense_weights(trainer.model):
+        say(f"note: {kept:,} weights of {cfg.model.name} sit in layers ssvi keeps dense (attention projections, "
+            "embeddings: docs/API.md, sparsify); the sparsity, file savings and FLOPs count its converted layers")
     with progress_bar(enabled=not quiet) as bar:
         task = None
 

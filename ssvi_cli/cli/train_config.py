@@ -1,12 +1,12 @@
 """``ssvi train``'s command line as a run's Config: the preset, the flags and ``--set``, each key
-given once; and what of it the run's method cannot use."""
+given once; what of it the run's method cannot use; and the notes about its setup."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from ssvi_cli import config as cfgmod
-from ssvi_cli.cli.common import UsageError
+from ssvi_cli.cli.common import UsageError, count
 
 
 def build_config(preset: str, overrides: dict[str, Any], sets: list[str]) -> cfgmod.Config:
@@ -50,3 +50,17 @@ def init_from_lr_note(cfg: cfgmod.Config, overrides: dict[str, Any], sets: list[
     return (f"note: --init-from starts from trained weights, which Adam at this preset's learning rate "
             f"{cfg.optim.lr:g} (for training from scratch) can undo within a few steps; fine-tuning "
             "usually wants a rate near 1e-4 (--lr 1e-4)")
+
+
+def threads_note(run: Any, device_type: str) -> str:
+    """A note for a run resumed on another number of CPU threads than its last epoch: its numbers move
+    in their last digits with it (a sweep's --jobs sets it)."""
+    import torch
+
+    from ssvi_cli.fileio import read_jsonl
+
+    before = next((r.get("threads") for r in reversed(read_jsonl(run.metrics_file)) if "threads" in r), None)
+    if not isinstance(before, int) or before == torch.get_num_threads() or device_type != "cpu":
+        return ""
+    return (f"note: the run trained on {count(before, 'CPU thread')} so far and goes on with "
+            f"{torch.get_num_threads()}; its numbers move in their last digits with the thread count")
