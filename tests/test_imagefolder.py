@@ -445,3 +445,33 @@ def test_a_split_asked_for_alone_decodes_only_its_images(ws, monkeypatch, folder
         want, got = getattr(everything, part), getattr(alone, part)
         assert torch.equal(got.images, want.images) and torch.equal(got.labels, want.labels)
         assert len(decoded_files) == len(want) and len(alone.train) == 0
+
+
+@pytest.mark.parametrize("folder", ["flat", "split", "noval"])
+@pytest.mark.parametrize("args", [{}, {"val_fraction": 0.25, "seed": 3}, {"max_train": 5}, {"classes": ("two", "zero")}])
+def test_the_training_split_is_counted_without_decoding_an_image(ws, monkeypatch, folder, args):
+    """A launcher refuses a training split smaller than its processes before they start; it counts the
+    split from the labels, and counts what build_dataset gives."""
+    from ssvi_cli.data import imagefolder
+    from ssvi_cli.data.splits import train_size
+
+    name, options = f"imagefolder:{ws / folder}", replace(SMALL, classes=args.get("classes"))
+    kw = {k: v for k, v in args.items() if k != "classes"}
+    want = len(build_dataset(name, options=options, **kw).train)
+    monkeypatch.setattr(imagefolder, "decode_images", lambda *a, **k: pytest.fail("decoded an image"))
+    assert train_size(name, options=options, **kw) == want
+
+
+def test_a_folder_with_fewer_training_images_than_processes_is_refused_before_they_start(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """--nproc 4 on a folder of 3 training images started the processes, each of which printed the
+    error, and left an empty run folder behind with its lock file."""
+    from ssvi_cli.training import launcher
+
+    for digit, name in list(NAMES.items())[:2]:
+        write_class(tmp_path / "tiny" / name, digit, 2)  # 3 training images, 1 test image
+    monkeypatch.setattr(launcher, "launch", lambda *a, **k: pytest.fail("must not launch"))
+    assert run(["train", "--data", f"imagefolder:{tmp_path / 'tiny'}", "--nproc", "4", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has 3 examples, too few to give each of 4 processes one" in err, err
+    assert not (tmp_path / "r").exists()

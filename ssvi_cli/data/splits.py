@@ -57,6 +57,19 @@ def _cap(indices: torch.Tensor, limit: int | None, seed: int) -> torch.Tensor:
     return indices[torch.from_numpy(np.sort(chosen))]
 
 
+def train_size(name: str, *, data_dir: Path | None = None, download: bool = False, val_fraction: float = 0.1,
+               seed: int = 0, max_train: int | None = None, options: Optional[DataConfig] = None) -> int:
+    """The number of training examples :func:`build_dataset` gives for the same arguments, found from
+    the labels alone: an image folder's images are not decoded."""
+    entry = source(name, options)
+    train_raw = read_split(entry, name, data_dir=data_dir, download=download, train=True)
+    if options is not None and options.classes is not None:
+        train_raw = split_classes(train_raw, resolve_classes(options.classes, train_raw.class_names, name))[0]
+    labels = train_raw.labels
+    n = len(labels) if entry.load_val is not None else len(stratified_split(labels, val_fraction, seed)[0])
+    return n if max_train is None else min(n, max_train)
+
+
 def build_dataset(
     name: str,
     *,

@@ -50,10 +50,14 @@ def check_names(cfg: Config, given: Any = ()) -> DataSpec:
 
 
 def load_data(cfg: Config) -> DataSplits:
+    return build_dataset(cfg.data.name, augment=cfg.data.augment, **_data_args(cfg))
+
+
+def _data_args(cfg: Config) -> dict[str, Any]:
+    """The arguments the run's splits are drawn with (``build_dataset``, ``train_size``)."""
     d = cfg.data
-    return build_dataset(d.name, data_dir=Path(d.data_dir).expanduser() if d.data_dir else None,
-                         download=d.download, val_fraction=d.val_fraction, seed=cfg.train.seed,
-                         augment=d.augment, max_train=d.max_train, options=d)
+    return dict(data_dir=Path(d.data_dir).expanduser() if d.data_dir else None, download=d.download,
+                val_fraction=d.val_fraction, seed=cfg.train.seed, max_train=d.max_train, options=d)
 
 
 def plan_densities(model: SSVIModel, cfg: Config) -> dict[str, float]:
@@ -223,12 +227,14 @@ def check_feeds(n_train: int, world_size: int) -> None:
 def preflight(cfg: Config, device: Optional[str] = None, given: Any = (), world_size: int = 1) -> None:
     """What :meth:`RunPlan.new` checks, short of decoding the training images: for a launcher that
     checks a run once, where its errors read well, before its processes start and before ``--force``
-    removes an old run (of the training split's size, only a ``data.max_train`` below ``world_size``)."""
-    if cfg.data.max_train is not None and cfg.data.max_train >= 1:
-        check_feeds(cfg.data.max_train, world_size)
+    removes an old run (the training split's size from its labels)."""
     spec = check_names(cfg, given)
     resolve_device(device or cfg.train.device)
     check_data_present(cfg)
+    if world_size > 1:
+        from ssvi_cli.data.splits import train_size
+
+        check_feeds(train_size(cfg.data.name, **_data_args(cfg)), world_size)
     _planned(ModelCard.from_config(cfg, spec), cfg, spec)
     if cfg.model.init_from:  # read (or fetched) once here, not once per process
         from ssvi_cli.training.init_weights import load_init_weights
