@@ -372,3 +372,30 @@ def test_an_output_link_is_written_through_and_guarded_as_its_target(model_file,
     assert run(["evaluate", str(run_dir), "--samples", "1", "--plots", str(tmp_path / "plots")]) == 0
     assert (run_dir / "model.safetensors").read_bytes() == model_bytes
     assert not (tmp_path / "plots" / "reliability.png").is_symlink()
+
+
+def test_the_progress_bar_knows_its_total_for_image_files(model_file, digits, tmp_path, capsys, monkeypatch):
+    """A folder of images showed a bar with no total (an array's images are counted only once it is
+    read; an image file is one input)."""
+    import contextlib
+
+    from ssvi_cli.cli import infer as infer_cmd
+
+    class Bar:
+        def __init__(self):
+            self.totals, self.done = [], 0
+
+        def add_task(self, name, total, info):
+            self.totals.append(total)
+
+        def update(self, task, advance):
+            self.done += advance
+
+    for i in range(3):
+        Image.fromarray(digits[i]).save(tmp_path / f"{i}.png")
+    np.save(tmp_path / "two.npy", digits[:2])
+    for argv, total in (([str(tmp_path / f"{i}.png") for i in range(3)], 3), ([str(tmp_path)], None)):
+        bar = Bar()
+        monkeypatch.setattr(infer_cmd, "progress_bar", lambda enabled: contextlib.nullcontext(bar))
+        assert run(["infer", str(model_file), *argv]) == 0, capsys.readouterr().err
+        assert bar.totals == [total] and bar.done == (total or 5)

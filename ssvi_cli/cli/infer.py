@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Predict class, probability, top-k, predictive entropy and mutual information per input."""
         from ssvi_cli.runs.load import load_model
-        from ssvi_cli.evaluation.infer import OUTPUT_SUFFIXES, expand_inputs, run_inference, write_predictions
+        from ssvi_cli.evaluation.infer import OUTPUT_SUFFIXES, expand_inputs, known_count, run_inference, write_predictions
         from ssvi_cli.prediction import MODES, is_bayesian
 
         if mode not in MODES:
@@ -60,7 +60,7 @@ def register(app: typer.Typer) -> None:
                       "is not used")
         started = time.perf_counter()
         with progress_bar(enabled=not json_out) as bar:
-            task = bar.add_task("infer", total=None, info="") if bar is not None else None
+            task = bar.add_task("infer", total=known_count(files), info="") if bar is not None else None
             records = run_inference(loaded.model, loaded.spec, files, samples=samples, mode=effective,
                                     batch_size=batch_size, top_k=top_k, seed=seed,
                                     on_batch=(lambda n: bar.update(task, advance=n)) if bar is not None else None)

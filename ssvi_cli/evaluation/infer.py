@@ -64,6 +64,12 @@ def expand_inputs(paths: Sequence[Path]) -> list[Path]:
     return files
 
 
+def known_count(files: Sequence[Path]) -> Optional[int]:
+    """How many inputs ``files`` give when each is an image file (one each); None when an array or a
+    stream is among them, whose count is known only once it is read."""
+    return len(files) if all(f.suffix.lower() in IMAGE_SUFFIXES for f in files) else None
+
+
 # ------------------------------------------------------------------ decoding
 
 def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: float = 255.0,
