@@ -48,6 +48,7 @@ SPLIT_FOLDERS = ("train", "val", "test")
 TEST_SEED = 20_240_602  # the flat layout's test split does not move with the training seed
 MIN_AUGMENT_SIZE = 16
 _PROGRESS_EVERY_S = 5.0  # seconds between progress lines while decoding
+_NAMED = 5  # unreadable files named in the error beside the first
 _LAYOUTS = "PATH/<class>/*.png, or PATH/train/<class>/ and PATH/test/<class>/"
 
 
@@ -151,11 +152,23 @@ def decode_images(files: tuple[Path, ...], image_size: int, channels: int, what:
     logger.debug("decoding %d %s into %dx%dx%d uint8", len(files), what, *shape)
     last = time.monotonic()
     said = False
+    bad: list[tuple[Path, DataError]] = []  # all of them named at once, not one per try
     for i, path in enumerate(files):
-        out[i] = preprocess(read_image(path), unit)[0].mul_(255.0).round_().to(torch.uint8)
+        try:
+            out[i] = preprocess(read_image(path), unit)[0].mul_(255.0).round_().to(torch.uint8)
+        except DataError as exc:
+            bad.append((path, exc))
         if time.monotonic() - last >= _PROGRESS_EVERY_S or (said and i + 1 == len(files)):
             progress.info("decoded %d/%d %s", i + 1, len(files), what)
             last, said = time.monotonic(), True
+    if len(bad) == 1:
+        raise bad[0][1]
+    if bad:
+        others = ", ".join(str(p) for p, _ in bad[1:1 + _NAMED]) + (f" and {len(bad) - 1 - _NAMED} more"
+                                                                     if len(bad) > 1 + _NAMED else "")
+        first = str(bad[0][1]).replace("; replace or remove the file", "")
+        raise DataError(f"{len(bad)} of {len(files)} {what} cannot be read: {first}; also {others}; replace or "
+                        "remove them")
     return out
 
 
