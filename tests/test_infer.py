@@ -399,3 +399,27 @@ def test_the_progress_bar_knows_its_total_for_image_files(model_file, digits, tm
         monkeypatch.setattr(infer_cmd, "progress_bar", lambda enabled: contextlib.nullcontext(bar))
         assert run(["infer", str(model_file), *argv]) == 0, capsys.readouterr().err
         assert bar.totals == [total] and bar.done == (total or 5)
+
+
+def test_every_input_that_cannot_be_read_is_named_at_once(model_file, digits, tmp_path, capsys, monkeypatch):
+    """infer stopped at the first file it could not read: a folder with several took a run per file."""
+    from ssvi_cli.evaluation import infer as infer_mod
+
+    for name in ("a0", "a1", "z"):  # two read before the first bad file, one after
+        Image.fromarray(digits[0]).save(tmp_path / f"{name}.png")
+    (tmp_path / "bad0.png").write_text("not an image")
+    np.save(tmp_path / "bad1.npy", np.zeros((600, 2, 8, 8), np.uint8))  # two channels, in several chunks
+    (tmp_path / "bad2.png").write_text("not an image either")
+    predicted = []
+    real = infer_mod.predict_records
+    monkeypatch.setattr(infer_mod, "predict_records", lambda model, x, *a, **k: predicted.append(len(x)) or real(model, x, *a, **k))
+    assert run(["infer", str(model_file), str(tmp_path), "--batch-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: 3 of 6 input files cannot be read: image "
+                                                   f"{tmp_path / 'bad0.png'} cannot be read"), err
+    assert err.rstrip().endswith(f"also {tmp_path / 'bad1.npy'}, {tmp_path / 'bad2.png'}; replace or remove them"), err
+    assert predicted == [1, 1], predicted  # a0 and a1; none after the first bad file
+    (tmp_path / "bad1.npy").unlink()
+    (tmp_path / "bad2.png").unlink()
+    assert run(["infer", str(model_file), str(tmp_path)]) == 2  # one alone keeps its own message
+    assert capsys.readouterr().err.startswith(f"error: image {tmp_path / 'bad0.png'} cannot be read (not an image")

@@ -168,6 +168,18 @@ def test_folder_of_images_of_any_size_and_mode(capsys, subset_model, tmp_path):
     _check_ood_block(doc["ood"][str(tmp_path / "mine")], n)
 
 
+def test_every_unreadable_file_of_an_ood_folder_is_named_at_once(capsys, subset_model, tmp_path):
+    """evaluate stopped at the first image of an --ood folder that did not decode."""
+    n = _pngs(tmp_path / "mine")
+    for i in range(3):
+        (tmp_path / "mine" / f"broken{i}.png").write_text("not an image\n")
+    code, out, err = _evaluate(capsys, str(subset_model), "--ood", str(tmp_path / "mine"))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    broken = [tmp_path / "mine" / f"broken{i}.png" for i in range(3)]
+    assert (f"3 of {n + 3} files drawn from {tmp_path / 'mine'} cannot be read: image {broken[0]} cannot be read "
+            f"(not an image format Pillow knows); also {broken[1]}, {broken[2]}; replace or remove them") in err, err
+
+
 def test_a_folder_draws_alike_however_its_path_is_written(capsys, subset_model, tmp_path, monkeypatch):
     """A sweep records an OOD path absolute; ``ssvi evaluate --ood mine`` typed in its parent folder
     scores the same set with the same Monte Carlo draws, so the numbers agree."""

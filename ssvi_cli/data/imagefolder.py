@@ -35,7 +35,7 @@ import torch
 
 from ssvi_cli.config import DataConfig
 from ssvi_cli.data.sources import DATASET_FAMILIES, DatasetSource
-from ssvi_cli.data.images import IMAGE_SUFFIXES, find_files, read_image, shown
+from ssvi_cli.data.images import IMAGE_SUFFIXES, find_files, read_image, shown, unreadable
 from ssvi_cli.data.spec import DataError, DataSpec, RawImages, decoded
 from ssvi_cli.data.splits import stratified_split
 from ssvi_cli.data.transforms import preprocess, random_crop_flip
@@ -48,7 +48,6 @@ SPLIT_FOLDERS = ("train", "val", "test")
 TEST_SEED = 20_240_602  # the flat layout's test split does not move with the training seed
 MIN_AUGMENT_SIZE = 16
 _PROGRESS_EVERY_S = 5.0  # seconds between progress lines while decoding
-_NAMED = 5  # unreadable files named in the error beside the first
 _LAYOUTS = "PATH/<class>/*.png, or PATH/train/<class>/ and PATH/test/<class>/"
 
 
@@ -152,23 +151,17 @@ def decode_images(files: tuple[Path, ...], image_size: int, channels: int, what:
     logger.debug("decoding %d %s into %dx%dx%d uint8", len(files), what, *shape)
     last = time.monotonic()
     said = False
-    bad: list[tuple[Path, DataError]] = []  # all of them named at once, not one per try
+    bad: list[tuple[str, Exception]] = []  # all of them named at once, not one per try
     for i, path in enumerate(files):
         try:
             out[i] = preprocess(read_image(path), unit)[0].mul_(255.0).round_().to(torch.uint8)
         except DataError as exc:
-            bad.append((path, exc))
+            bad.append((str(path), exc))
         if time.monotonic() - last >= _PROGRESS_EVERY_S or (said and i + 1 == len(files)):
             progress.info("decoded %d/%d %s", i + 1, len(files), what)
             last, said = time.monotonic(), True
-    if len(bad) == 1:
-        raise bad[0][1]
     if bad:
-        others = ", ".join(str(p) for p, _ in bad[1:1 + _NAMED]) + (f" and {len(bad) - 1 - _NAMED} more"
-                                                                     if len(bad) > 1 + _NAMED else "")
-        first = str(bad[0][1]).replace("; replace or remove the file", "")
-        raise DataError(f"{len(bad)} of {len(files)} {what} cannot be read: {first}; also {others}; replace or "
-                        "remove them")
+        raise unreadable(bad, len(files), what)
     return out
 
 

@@ -133,3 +133,17 @@ def read_image(path: Path, error: type[Exception] = DataError, stream: Optional[
         raise error(f"image {path} cannot be read ({reason}); replace or remove the file") from None
     arr = arr[:, :, None] if arr.ndim == 2 else arr
     return torch.from_numpy(np.array(arr.transpose(2, 0, 1))).unsqueeze(0)  # a writable copy
+
+
+_NAMED = 5  # unreadable files named beside the first
+
+
+def unreadable(bad: Sequence[tuple[str, Exception]], total: int, what: str, error: type[Exception] = DataError) -> Exception:
+    """One error for all of ``total`` inputs that could not be read, so that one run names every one:
+    the first with its reason, five more by name, then a count. One alone keeps its own message."""
+    if len(bad) == 1:
+        return bad[0][1]
+    more = len(bad) - 1 - _NAMED
+    others = ", ".join(name for name, _ in bad[1:1 + _NAMED]) + (f" and {more} more" if more > 0 else "")
+    first = str(bad[0][1]).replace("; replace or remove the file", "")
+    return error(f"{len(bad)} of {total} {what} cannot be read: {first}; also {others}; replace or remove them")

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ssvi_cli import fileio
 from ssvi_cli.data.images import (ARRAY_SUFFIX, IMAGE_SUFFIXES, STDIN, find_files, open_stream, read_array,
-                                  read_image, shown, starts_as_npy)
+                                  read_image, shown, starts_as_npy, unreadable)
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.data.transforms import preprocess
 from ssvi_cli.core.modes import using_kernel
@@ -162,30 +162,45 @@ def _starts_as_npy(path: Path, stream: Optional[io.BytesIO]) -> bool:
 
 
 def iter_raw(files: Iterable[Path], channels: int = 3, pixel_max: float = 255.0,
-             input_shape: Optional[Sequence[int]] = None) -> Iterator[tuple[Path, list[str], Tensor]]:
-    """(source, names, pixels (n, C, H, W)) per image file, and per chunk of each array's images."""
+             input_shape: Optional[Sequence[int]] = None,
+             bad: Optional[list[tuple[str, Exception]]] = None) -> Iterator[tuple[Path, list[str], Tensor]]:
+    """(source, names, pixels (n, C, H, W)) per image file, and per chunk of each array's images. A file
+    that cannot be read raises its ``InputError``, or with ``bad`` is put there and passed by."""
     for path in files:
-        stream = None if path.is_file() and str(path) != STDIN else open_stream(path, InputError)  # read once
-        if path.suffix.lower() == ARRAY_SUFFIX or (path.suffix.lower() not in IMAGE_SUFFIXES
-                                                   and _starts_as_npy(path, stream)):
-            images = load_array(path, channels, pixel_max, stream, input_shape)
-            for start in range(0, len(images), _CHUNK):
-                part = images[start:start + _CHUNK]
-                yield path, [f"{path}[{start + i}]" for i in range(len(part))], part
-        else:
-            yield path, [str(path)], read_image(path, InputError, stream)
+        try:
+            stream = None if path.is_file() and str(path) != STDIN else open_stream(path, InputError)  # read once
+            if path.suffix.lower() == ARRAY_SUFFIX or (path.suffix.lower() not in IMAGE_SUFFIXES
+                                                       and _starts_as_npy(path, stream)):
+                images = load_array(path, channels, pixel_max, stream, input_shape)
+            else:
+                images = read_image(path, InputError, stream)
+                yield path, [str(path)], images
+                continue
+        except InputError as exc:
+            if bad is None:
+                raise
+            bad.append((str(path), exc))
+            continue
+        for start in range(0, len(images), _CHUNK):
+            part = images[start:start + _CHUNK]
+            yield path, [f"{path}[{start + i}]" for i in range(len(part))], part
 
 
 def iter_batches(files: Sequence[Path], spec: DataSpec, batch_size: int) -> Iterator[tuple[list[str], Tensor]]:
-    """Preprocessed model inputs in batches of ``batch_size`` (the last may be smaller)."""
+    """Preprocessed model inputs in batches of ``batch_size`` (the last may be smaller). Past an input
+    that cannot be read no batch comes: the rest are read to name every such input in one error."""
     names: list[str] = []
     parts: list[Tensor] = []
     held = 0
-    for source, chunk_names, pixels in iter_raw(files, spec.input_shape[0], spec.pixel_max, spec.input_shape):
+    bad: list[tuple[str, Exception]] = []
+    for source, chunk_names, pixels in iter_raw(files, spec.input_shape[0], spec.pixel_max, spec.input_shape, bad):
         try:
             x = preprocess(pixels, spec)
         except DataError as exc:
-            raise InputError(f"{source}: {exc}") from None
+            if not any(name == str(source) for name, _ in bad):  # once per array, not per chunk
+                bad.append((str(source), InputError(f"{source}: {exc}")))
+        if bad:
+            continue
         names.extend(chunk_names)
         parts.append(x)
         held += len(x)
@@ -194,6 +209,8 @@ def iter_batches(files: Sequence[Path], spec: DataSpec, batch_size: int) -> Iter
             yield names[:batch_size], batch[:batch_size]
             names, parts = names[batch_size:], [batch[batch_size:]]
             held -= batch_size
+    if bad:
+        raise unreadable(bad, len(files), "input files", InputError)
     if held:
         yield names, torch.cat(parts)
 

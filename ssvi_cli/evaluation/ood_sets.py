@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ssvi_cli.data import DataError, DatasetUnavailable, DataSpec, PreparedDataset, preprocess
-from ssvi_cli.data.images import ARRAY_SUFFIX, IMAGE_SUFFIXES, find_files, read_array, read_image
+from ssvi_cli.data.images import ARRAY_SUFFIX, IMAGE_SUFFIXES, find_files, read_array, read_image, unreadable
 from ssvi_cli.data.ood import HELDOUT, OodRequest, build_ood, parse_ood
 from ssvi_cli.evaluation.infer import array_to_images, load_array
 
@@ -99,8 +99,15 @@ def folder_images(folder: Path, spec: DataSpec, seed: int, max_items: Optional[i
         path, row = items[i]
         rows.setdefault(path, []).append(row)
     logger.info("decoding %d images of %s", sum(map(len, rows.values())), folder)
-    return torch.cat([_prepared(arrays[path][taken] if path in arrays else read_image(path), spec, str(path))
-                      for path, taken in rows.items()])
+    parts, bad = [], []
+    for path, taken in rows.items():
+        try:
+            parts.append(_prepared(arrays[path][taken] if path in arrays else read_image(path), spec, str(path)))
+        except DataError as exc:  # every such file named in one error, not one per run
+            bad.append((str(path), exc))
+    if bad:
+        raise unreadable(bad, len(rows), f"files drawn from {folder}")
+    return torch.cat(parts)
 
 
 def _folder_array(path: Path, spec: DataSpec) -> torch.Tensor:
