@@ -241,9 +241,10 @@ def test_init_from_a_trained_state_dict_starts_mu_at_the_largest_weights(tmp_pat
     assert float(w[fc.idx].abs().min()) >= float(w.abs().sort(descending=True).values[fc.active - 1])
     torch.testing.assert_close(fc.bias.detach(), trained.fc.bias.detach())
     # a state_dict of another architecture: one line naming the first mismatching key; nothing written
-    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), tmp_path / "other.pt")
+    torch.save(torchvision.models.resnet34(num_classes=10).state_dict(), tmp_path / "other.pt")
     for argv, words in (
-        (["--model", "torchvision:resnet18", "--init-from", str(tmp_path / "other.pt")], "'conv1.weight' has shape"),
+        (["--model", "torchvision:resnet18", "--init-from", str(tmp_path / "other.pt")],
+         "holds 'layer1.2.conv1.weight', which the model does not have"),
         (["--init-from", str(tmp_path / "sd.pt")], "needs a torchvision:NAME model"),
         (["--model", "torchvision:resnet18", "--init-from", str(tmp_path / "missing.pt")], "no such file"),
     ):

@@ -76,7 +76,7 @@ def test_train_starts_mu_from_cached_weights_and_reinitialises_the_head(tmp_path
     assert run([*_train(tmp_path), "--init-from", f"torchvision:{WEIGHTS}", "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert f"init from torchvision:{WEIGHTS}" in err
-    assert f"head re-initialised ({HEAD}.weight, {HEAD}.bias)" in err
+    assert f"head re-initialised ({HEAD}.weight, {HEAD}.bias: the weights' head is for 1000 classes)" in err
     assert f"{STEM}.weight summed over the 3 pretrained input channels" in err
     assert "note: --init-from starts from trained weights, which Adam at this preset's learning rate 0.01" in err
     meta = json.loads(safe_open(str(out / "model.safetensors"), "pt").metadata()["training"])
@@ -190,16 +190,30 @@ def test_a_cached_file_that_does_not_fit_names_the_first_key(tmp_path, hub, caps
     assert not (tmp_path / "bad").exists()
 
 
-def test_a_state_dict_file_is_not_adapted(tmp_path, published):
-    """A file was trained for this data: a head of the wrong size stays an error, not a re-initialisation."""
+def test_a_state_dict_file_is_adapted_as_the_same_published_weights_are(tmp_path, published):
+    """A file trained on other data (ImageNet's 1000 classes, RGB) was refused at its first mismatching
+    shape, where the same weights named torchvision:WEIGHTS were adapted: the head is now re-initialised
+    and the stem summed over its channels alike, and a file trained for this data loads as it is."""
     from ssvi_cli.config import ConfigError
     from ssvi_cli.data import build_dataset
-    from ssvi_cli.training.init_weights import load_init_weights
+    from ssvi_cli.training.init_weights import base_for, load_init_weights
 
     torch.save(published, tmp_path / "imagenet.pt")
     spec = build_dataset("digits", max_train=64).spec
-    with pytest.raises(ConfigError, match="'features.0.0.weight' has shape"):
-        load_init_weights(_config(str(tmp_path / "imagenet.pt")), spec)
+    from_file = load_init_weights(_config(str(tmp_path / "imagenet.pt")), spec)
+    from_cache = load_init_weights(_config(f"torchvision:{WEIGHTS}"), spec)
+    assert from_file.state.keys() == from_cache.state.keys() and from_file.reinitialised == (f"{HEAD}.weight", f"{HEAD}.bias")
+    assert all(torch.equal(from_file.state[k], from_cache.state[k]) for k in from_file.state)
+    assert from_file.describe() == from_cache.describe().replace(f"torchvision:{WEIGHTS}", str(tmp_path / "imagenet.pt"))
+    assert f"head re-initialised ({HEAD}.weight, {HEAD}.bias: the weights' head is for 1000 classes)" in from_file.describe()
+    own = base_for(_config(str(tmp_path / "own.pt")), spec).state_dict()  # trained for these 10 gray classes
+    torch.save(own, tmp_path / "own.pt")
+    mine = load_init_weights(_config(str(tmp_path / "own.pt")), spec)
+    assert mine.reinitialised == () and mine.stem is None and all(torch.equal(mine.state[k], v) for k, v in own.items())
+    own[f"{HIDDEN}.weight"] = own[f"{HIDDEN}.weight"][:, :-1]  # another architecture: still refused, named
+    torch.save(own, tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match=f"'{HIDDEN}.weight' has shape .* \\(the weights are for another architecture"):
+        load_init_weights(_config(str(tmp_path / "other.pt")), spec)
 
 
 @pytest.mark.parametrize("builder, aux", [("googlenet", ("aux1.", "aux2.")), ("inception_v3", ("AuxLogits.",))])

@@ -2,11 +2,12 @@
 the architecture the run builds (``num_classes`` and the first conv's channels adapted to the data).
 
 Two sources. A file: a ``state_dict`` of the deterministic model, as ``.pt`` (read with
-``torch.load(..., weights_only=True)``) or ``.safetensors``; it was trained for this data, so nothing
-is adapted and every key and shape must match. Or ``torchvision:WEIGHTS``: the builder's published
-weights, fetched through torch.hub's cache, with the head left out (to be re-initialised) and the
-stem kernel adapted to the data's channels (``training.pretrained``). Either way the first
-mismatching key is named. ``training.init_from`` builds the model from the result.
+``torch.load(..., weights_only=True)``) or ``.safetensors``. Or ``torchvision:WEIGHTS``: the builder's
+published weights, fetched through torch.hub's cache. Both are adapted alike (``training.pretrained``):
+a head for another number of classes (the file's read from its head) is left out, to be
+re-initialised, and the stem kernel adapted to the data's channels; a file trained for this data
+loads as it is. Every other key and shape must match; the first mismatching key is named.
+``training.init_from`` builds the model from the result.
 """
 
 from __future__ import annotations
@@ -44,13 +45,15 @@ class InitWeights:
     reinitialised: tuple[str, ...] = ()
     stem: Optional[str] = None
     left_out: Optional[str] = None  # what of the state the run does not use, said
+    classes: Optional[int] = None  # the number of classes the weights' head is for
 
     def describe(self) -> str:
         """One line: what was loaded, adapted and re-initialised."""
         parts = [f"init from {self.source}: {len(self.state)} tensors loaded"]
         parts += [p for p in (self.stem, self.left_out) if p]
         if self.reinitialised:
-            parts.append(f"head re-initialised ({', '.join(self.reinitialised)})")
+            parts.append(f"head re-initialised ({', '.join(self.reinitialised)}"
+                         + (f": the weights' head is for {self.classes} classes" if self.classes else "") + ")")
         return "; ".join(parts)
 
 
@@ -62,8 +65,8 @@ def published_weights(cfg: Config) -> tuple[Any, str]:
 
 
 def load_init_weights(cfg: Config, spec: DataSpec, progress: bool = False) -> InitWeights:
-    """``cfg.model.init_from`` read (or fetched), adapted where it is published weights, and checked
-    against the run's architecture; reads no data and writes nothing but torch.hub's cache."""
+    """``cfg.model.init_from`` read (or fetched), adapted to the data (head, stem) and checked against
+    the run's architecture; reads no data and writes nothing but torch.hub's cache."""
     source = str(cfg.model.init_from)
     with torch.device("meta"):
         model = base_for(cfg, spec)
@@ -75,20 +78,30 @@ def load_init_weights(cfg: Config, spec: DataSpec, progress: bool = False) -> In
         state, inner = _inner_network(state, own, Path(source))
         aux = sorted({k.split(".")[0] for k in state if k.startswith(AUX_HEADS) and k not in own})
         state = {k: v for k, v in state.items() if not k.startswith(tuple(f"{a}." for a in aux))}
-        check_state_dict(model, state, Path(source))
         notes = [inner, f"auxiliary classifiers left out ({', '.join(aux)}: ssvi builds the network without them)"
                  if aux else None]
-        return InitWeights(state, source, left_out="; ".join(n for n in notes if n) or None)
-    builder = cfg.model.name[len(TORCHVISION):]
-    weights, label = published_weights(cfg)
-    classes = len(weights.meta.get("categories") or ()) or spec.num_classes
+        label, classes, left_out = source, _head_size(state, cfg, spec), "; ".join(n for n in notes if n) or None
+    else:
+        weights, label = published_weights(cfg)
+        classes, left_out = len(weights.meta.get("categories") or ()) or spec.num_classes, None
+        state = fetch_state_dict(weights, progress)
     with torch.device("meta"):
-        reference = torchvision_base(builder, spec.input_shape, classes)
-    adapted = adapt_state(fetch_state_dict(weights, progress), model, reference)
+        reference = torchvision_base(cfg.model.name[len(TORCHVISION):], spec.input_shape, classes)
+    adapted = adapt_state(state, model, reference)
     check_state_dict(model, adapted.state, label, skip=adapted.head)
-    init = InitWeights(adapted.state, label, adapted.head, adapted.stem)
+    init = InitWeights(adapted.state, label, adapted.head, adapted.stem, left_out, classes)
     logger.info("%s", init.describe())
     return init
+
+
+def _head_size(state: dict[str, Tensor], cfg: Config, spec: DataSpec) -> int:
+    """The number of classes a state_dict's head is for: the first dimension of its first tensor whose
+    shape follows the number of classes (the data's when it has none)."""
+    with torch.device("meta"):
+        own = base_for(cfg, spec).state_dict()
+        other = torchvision_base(cfg.model.name[len(TORCHVISION):], spec.input_shape, spec.num_classes + 1).state_dict()
+    head = [k for k, v in own.items() if k in other and other[k].shape != v.shape and k in state]
+    return int(state[head[0]].shape[0]) if head and state[head[0]].dim() >= 1 else spec.num_classes
 
 
 def _checkpoint_records() -> Any:
@@ -175,8 +188,7 @@ def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: Path | 
                      skip: tuple[str, ...] = ()) -> None:
     """Keys and shapes of ``state`` against ``model``'s (but ``skip``); the first difference is named."""
     expected = {k: v for k, v in model.state_dict().items() if k not in skip}
-    hint = ("check the number of classes and input channels" if isinstance(source, Path)
-            else "the weights do not fit this data's input size")
+    hint = "the weights are for another architecture, or do not fit this data's input size"
     for key, value in expected.items():
         if key not in state:
             raise ConfigError(f"--init-from {source} lacks {key!r} (shape {tuple(value.shape)}) of the model")
