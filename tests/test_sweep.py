@@ -676,10 +676,35 @@ def test_one_seed_has_no_spread_to_show():
     # a group's criteria overlap is headed by its settings as key=value, as the paired table names groups
     stage = {"criteria": ["mean", "snr"], "steps": [50], "iou": [[1.0, 0.72], [0.72, 1.0]]}
     group = {"method": "ssvi", "sparsity": 0.95, "settings": {"bayes.beta": 0.01, "model.widths": [64, 64]},
-             "criteria_iou": {"early": stage, "middle": stage, "late": stage}}
-    md = _iou_markdown([group])
+             "seeds": [0], "criteria_iou": {"early": stage, "middle": stage, "late": stage}}
+    md = "\n".join(_iou_markdown([group]))
     assert "## Criteria overlap: ssvi, sparsity 0.95, bayes.beta=0.01, model.widths=[64,64]" in md
-    assert "| mean vs snr | 0.720 | 0.720 | 0.720 |" in md
+    assert "| mean vs snr | 0.720 | 0.720 | 0.720 |" in md and "(mean over seeds)" in md
+    assert "| criteria | early (step 50) | middle (step 50) | late (step 50) |" in md
+    # a seed without the records (its support history lost) is not averaged in silently, and seeds
+    # that reached a stage at other steps show the range
+    group["seeds"] = [0, 1, 2]
+    group["criteria_iou"]["late"] = {**stage, "steps": [900, 950]}
+    md = "\n".join(_iou_markdown([group]))
+    assert "(mean over the 1 of 3 seeds that recorded it)" in md and "late (step 900-950)" in md
+
+
+def test_a_metric_over_fewer_seeds_says_so_in_every_table(capsys):
+    """The paired table's and the terminal's seeds column gave the group's seed count where a metric
+    was averaged over fewer (a seed whose NLL was not finite), as report.md's main table did not."""
+    from ssvi_cli.cli.sweep import _group_table, _paired_table
+    from ssvi_cli.sweep.paired import paired_markdown
+
+    group = {"method": "ssvi", "sparsity": 0.95, "settings": {}, "seeds": [0, 1, 2],
+             "accuracy": {"mean": -0.003, "se": 0.001, "n": 3}, "nll": {"mean": 0.002, "se": None, "n": 1}}
+    paired = {"baseline": {"method": "vi", "sparsity": None, "settings": {}}, "metrics": ["accuracy", "nll"],
+              "groups": [group]}
+    assert "| ssvi | 0.95 | 1 of 3 finite | -0.0030 ± 0.0010 | +0.0020 |" in paired_markdown(paired, [])
+    _paired_table(paired)
+    assert "1 of 3 finite" in "".join(capsys.readouterr().out.split("\n"))
+    group["nll"]["n"] = 3
+    _group_table("t", [group], ["x"], lambda g: ["-"])
+    assert "finite" not in capsys.readouterr().out
 
 
 def test_a_minus_sign_names_its_own_cell_and_older_sweeps_keep_their_names(tmp_path: Path, capsys):

@@ -240,6 +240,8 @@ def _paired_table(paired: dict[str, Any]) -> None:
 def _group_table(title: str, groups: list[dict[str, Any]], columns: list[str], cells: Any) -> None:
     """One row per group of cells: method, sparsity, the swept settings (a column only where a key
     was swept), the number of seeds, then ``columns`` filled by ``cells(group)``."""
+    from ssvi_cli.sweep.grid import seeds_text
+
     settings = any(g["settings"] for g in groups)
     table = Table(title=title, title_justify="left")
     for col in ("method", "sparsity", *(["settings"] if settings else []), "seeds", *columns):
@@ -247,5 +249,5 @@ def _group_table(title: str, groups: list[dict[str, Any]], columns: list[str], c
     for g in groups:
         swept = [", ".join(f"{k}={v}" for k, v in g["settings"].items())] if settings else []
         table.add_row(g["method"], "dense" if g["sparsity"] is None else f"{g['sparsity']:g}", *swept,
-                      str(len(g["seeds"])), *cells(g))
+                      seeds_text(g), *cells(g))
     out.print(table)

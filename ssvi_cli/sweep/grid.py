@@ -128,6 +128,15 @@ def group_label(group: dict[str, Any]) -> str:
     return ", ".join(parts + [f"{k}={yaml_text(v)}" for k, v in group["settings"].items()])
 
 
+def seeds_text(group: dict[str, Any]) -> str:
+    """A group's number of seeds, or "k of n finite" when some metric was averaged over fewer (a seed
+    whose value was not finite, a diverged run; each metric's own count is its ``n``)."""
+    n = len(group["seeds"])
+    finite = min((v["n"] for v in group.values() if isinstance(v, dict) and "n" in v and v.get("mean") is not None),
+                 default=n)
+    return str(n) if finite == n else f"{finite} of {n} finite"
+
+
 def group_key(item: dict[str, Any]) -> tuple[Any, ...]:
     """The group a cell row (or a group, or a cell's fields) belongs to: method, sparsity, settings."""
     return (item["method"], item["sparsity"], json.dumps(item["settings"], sort_keys=True))

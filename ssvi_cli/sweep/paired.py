@@ -13,7 +13,7 @@ import math
 import statistics
 from typing import Any, Optional
 
-from ssvi_cli.sweep.grid import (SweepError, SweepSpec, group_key, group_label, parse_values, setting_text,
+from ssvi_cli.sweep.grid import (SweepError, SweepSpec, group_key, group_label, parse_values, seeds_text, setting_text,
                                  typed_number, yaml_text)
 
 PAIRED_METRICS = (("accuracy", "accuracy"), ("nll", "NLL"), ("ece", "ECE"), ("brier", "Brier"))
@@ -135,7 +135,7 @@ def paired_markdown(paired: dict[str, Any], axes: list[str]) -> list[str]:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in paired["groups"]:
         cells = [g["method"], "dense" if g["sparsity"] is None else f"{g['sparsity']:g}",
-                 *(setting_text(g, a) for a in axes), str(len(g["seeds"])),
+                 *(setting_text(g, a) for a in axes), seeds_text(g),
                  *(diff_text(g.get(k)) for k in paired["metrics"])]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

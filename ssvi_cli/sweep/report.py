@@ -19,7 +19,7 @@ from ssvi_cli.methods import METHODS
 from ssvi_cli.runs.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, SUPPORT_FILE
 from ssvi_cli.sweep.drift import changed_cells
 from ssvi_cli.sweep.grid import (EVAL_FILE, OWN_KEYS, Cell, SweepError, SweepSpec, group_key, group_label,
-                                 read_spec, setting_text, yaml_text)
+                                 read_spec, seeds_text, setting_text, yaml_text)
 from ssvi_cli.sweep.paired import paired_differences, paired_markdown
 from ssvi_cli.sweep.runner import cell_dir, cell_state, failure
 
@@ -191,7 +191,7 @@ def markdown(report: dict[str, Any]) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         cells = [g["method"], "dense" if g["sparsity"] is None else f"{g['sparsity']:g}",
-                 *(setting_text(g, a, str) for a in axes), _seeds(g),
+                 *(setting_text(g, a, str) for a in axes), seeds_text(g),
                  *(mean_std(g.get(k), d) for k, _, d in METRICS), *(mean_std(g.get(k)) for k in aurocs),
                  mean_std(g.get("training_flops"), 0), mean_std(g.get("model_file_bytes"), 0)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -219,14 +219,6 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _seeds(group: dict[str, Any]) -> str:
-    """The number of seeds, or "k of n" when some seed's metrics were not finite (a diverged run)."""
-    n = len(group["seeds"])
-    finite = min((v["n"] for k, v in group.items() if isinstance(v, dict) and "n" in v and v["mean"] is not None),
-                 default=n)
-    return str(n) if finite == n else f"{finite} of {n} finite"
-
-
 def _iou_markdown(groups: list[dict[str, Any]]) -> list[str]:
     out: list[str] = []
     for g in groups:
@@ -235,10 +227,14 @@ def _iou_markdown(groups: list[dict[str, Any]]) -> list[str]:
             continue
         names = iou["early"]["criteria"]
         pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
+        recorded, n = len(iou["early"]["steps"]), len(g["seeds"])
+        over = "seeds" if recorded == n else f"the {recorded} of {n} seeds that recorded it"
+        steps = {s: sorted(set(iou[s]["steps"])) for s in STAGES}  # seeds may reach a stage at other steps
+        label = lambda s: f"step {steps[s][0]}" + (f"-{steps[s][-1]}" if len(steps[s]) > 1 else "")  # noqa: E731
         out += ["", f"## Criteria overlap: {group_label(g)}", "",
-                "IoU of the entries each removal criterion would drop (mean over seeds), "
+                f"IoU of the entries each removal criterion would drop (mean over {over}), "
                 "at the first, middle and last subspace step that drops any entry.", "",
-                "| criteria | " + " | ".join(f"{s} (step {min(iou[s]['steps'])})" for s in STAGES) + " |",
+                "| criteria | " + " | ".join(f"{s} ({label(s)})" for s in STAGES) + " |",
                 "|---|" + "---|" * len(STAGES)]
         for i, j in pairs:
             out.append(f"| {names[i]} vs {names[j]} | "
