@@ -205,7 +205,7 @@ def _finish(result: dict[str, Any], json_out: bool) -> None:
     # The OOD sets' AUROC by predictive entropy, as report.md's first OOD columns (MI there too).
     ood = sorted({k for g in result["groups"] for k in g if k.startswith("auroc:") and k.endswith(":entropy")})
     metrics = {"accuracy": "accuracy", "nll": "NLL", "ece": "ECE",
-               **{k: f"AUROC {k[len('auroc:'):-len(':entropy')]}" for k in ood}}
+               **{k: f"AUROC {k[len('auroc:'):-len(':entropy')]} (entropy)" for k in ood}}
     _group_table(f"sweep {result['sweep']}: {result['cells_done']} of {result['cells_total']} cells (mean ± std "
                  "over seeds)", result["groups"], list(metrics.values()),
                  lambda g: [mean_std(g.get(k)) for k in metrics])
