@@ -200,10 +200,11 @@ def _finished(run_dir: Path, json_out: bool, is_main: bool) -> bool:
         return False
     summary = run.read_summary()
     if is_main:
+        note = (f"{run_dir} has finished ({run.summary_file.name} and {run.model_file.name} written); nothing "
+                f"to resume. Evaluate it: ssvi evaluate {run.model_file}")
         if json_out:
-            print_json(summary)
-        err.print(f"{run_dir} has finished ({run.summary_file.name} and {run.model_file.name} written); nothing "
-                  f"to resume. Evaluate it: ssvi evaluate {run.model_file}", highlight=False)
+            print_json({**summary, "notes": [note]})  # the shape a finished run's --json has
+        err.print(note, highlight=False)
     return True
 
 
