@@ -193,7 +193,8 @@ def test_a_cached_file_that_does_not_fit_names_the_first_key(tmp_path, hub, caps
 def test_a_state_dict_file_is_adapted_as_the_same_published_weights_are(tmp_path, published):
     """A file trained on other data (ImageNet's 1000 classes, RGB) was refused at its first mismatching
     shape, where the same weights named torchvision:WEIGHTS were adapted: the head is now re-initialised
-    and the stem summed over its channels alike, and a file trained for this data loads as it is."""
+    and the stem summed over its channels alike; a backbone saved without its head gets a new one; a
+    file trained for this data loads as it is."""
     from ssvi_cli.config import ConfigError
     from ssvi_cli.data import build_dataset
     from ssvi_cli.training.init_weights import base_for, load_init_weights
@@ -210,6 +211,12 @@ def test_a_state_dict_file_is_adapted_as_the_same_published_weights_are(tmp_path
     torch.save(own, tmp_path / "own.pt")
     mine = load_init_weights(_config(str(tmp_path / "own.pt")), spec)
     assert mine.reinitialised == () and mine.stem is None and all(torch.equal(mine.state[k], v) for k, v in own.items())
+    backbone = {k: v for k, v in published.items() if not k.startswith(f"{HEAD}.")}  # saved without its head
+    torch.save(backbone, tmp_path / "backbone.pt")
+    trunk = load_init_weights(_config(str(tmp_path / "backbone.pt")), spec)
+    assert trunk.reinitialised == (f"{HEAD}.weight", f"{HEAD}.bias") and "head re-initialised" in trunk.describe()
+    assert f"({HEAD}.weight, {HEAD}.bias: not in the file)" in trunk.describe()
+    assert all(torch.equal(trunk.state[k], from_cache.state[k]) for k in trunk.state)
     own[f"{HIDDEN}.weight"] = own[f"{HIDDEN}.weight"][:, :-1]  # another architecture: still refused, named
     torch.save(own, tmp_path / "other.pt")
     with pytest.raises(ConfigError, match=f"'{HIDDEN}.weight' has shape .* \\(the weights are for another architecture"):

@@ -5,8 +5,8 @@ Two sources. A file: a ``state_dict`` of the deterministic model, as ``.pt`` (re
 ``torch.load(..., weights_only=True)``) or ``.safetensors``. Or ``torchvision:WEIGHTS``: the builder's
 published weights, fetched through torch.hub's cache. Both are adapted alike (``training.pretrained``):
 a head for another number of classes (the file's read from its head) is left out, to be
-re-initialised, and the stem kernel adapted to the data's channels; a file trained for this data
-loads as it is. Every other key and shape must match; the first mismatching key is named.
+re-initialised, as is one a file does not hold (a backbone saved alone), and the stem kernel adapted
+to the data's channels; a file trained for this data loads as it is. Every other key and shape must match; the first mismatching key is named.
 ``training.init_from`` builds the model from the result.
 """
 
@@ -45,7 +45,7 @@ class InitWeights:
     reinitialised: tuple[str, ...] = ()
     stem: Optional[str] = None
     left_out: Optional[str] = None  # what of the state the run does not use, said
-    classes: Optional[int] = None  # the number of classes the weights' head is for
+    head_note: Optional[str] = None  # why the head is re-initialised
 
     def describe(self) -> str:
         """One line: what was loaded, adapted and re-initialised."""
@@ -53,7 +53,7 @@ class InitWeights:
         parts += [p for p in (self.stem, self.left_out) if p]
         if self.reinitialised:
             parts.append(f"head re-initialised ({', '.join(self.reinitialised)}"
-                         + (f": the weights' head is for {self.classes} classes" if self.classes else "") + ")")
+                         + (f": {self.head_note}" if self.head_note else "") + ")")
         return "; ".join(parts)
 
 
@@ -80,28 +80,33 @@ def load_init_weights(cfg: Config, spec: DataSpec, progress: bool = False) -> In
         state = {k: v for k, v in state.items() if not k.startswith(tuple(f"{a}." for a in aux))}
         notes = [inner, f"auxiliary classifiers left out ({', '.join(aux)}: ssvi builds the network without them)"
                  if aux else None]
-        label, classes, left_out = source, _head_size(state, cfg, spec), "; ".join(n for n in notes if n) or None
+        label, left_out = source, "; ".join(n for n in notes if n) or None
+        classes, head = _file_head(state, cfg, spec)
     else:
         weights, label = published_weights(cfg)
         classes, left_out = len(weights.meta.get("categories") or ()) or spec.num_classes, None
-        state = fetch_state_dict(weights, progress)
+        state, head = fetch_state_dict(weights, progress), ()
     with torch.device("meta"):
         reference = torchvision_base(cfg.model.name[len(TORCHVISION):], spec.input_shape, classes)
     adapted = adapt_state(state, model, reference)
-    check_state_dict(model, adapted.state, label, skip=adapted.head)
-    init = InitWeights(adapted.state, label, adapted.head, adapted.stem, left_out, classes)
+    absent = head if head and not any(k in state for k in head) else ()  # a backbone saved without its head
+    check_state_dict(model, adapted.state, label, skip=adapted.head or absent)
+    why = f"the weights' head is for {classes} classes" if adapted.head else "not in the file" if absent else None
+    init = InitWeights(adapted.state, label, adapted.head or absent, adapted.stem, left_out, why)
     logger.info("%s", init.describe())
     return init
 
 
-def _head_size(state: dict[str, Tensor], cfg: Config, spec: DataSpec) -> int:
-    """The number of classes a state_dict's head is for: the first dimension of its first tensor whose
-    shape follows the number of classes (the data's when it has none)."""
+def _file_head(state: dict[str, Tensor], cfg: Config, spec: DataSpec) -> tuple[int, tuple[str, ...]]:
+    """The number of classes a state_dict's head is for (the first dimension of its first tensor whose
+    shape follows the number of classes; the data's when it holds none), and the model's keys whose
+    shape follows it."""
     with torch.device("meta"):
         own = base_for(cfg, spec).state_dict()
         other = torchvision_base(cfg.model.name[len(TORCHVISION):], spec.input_shape, spec.num_classes + 1).state_dict()
-    head = [k for k, v in own.items() if k in other and other[k].shape != v.shape and k in state]
-    return int(state[head[0]].shape[0]) if head and state[head[0]].dim() >= 1 else spec.num_classes
+    head = tuple(k for k, v in own.items() if k in other and other[k].shape != v.shape)
+    held = [k for k in head if k in state and state[k].dim() >= 1]
+    return (int(state[held[0]].shape[0]) if held else spec.num_classes), head
 
 
 def _checkpoint_records() -> Any:
