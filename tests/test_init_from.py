@@ -277,6 +277,9 @@ def test_a_wrappers_state_dict_is_read_under_its_prefix(tmp_path):
     init = load_init_weights(cfg, spec)
     assert set(init.state) == set(net) and torch.equal(init.state["conv1.weight"], net["conv1.weight"])
     assert "the network's weights read under 'model.' (a wrapper's state_dict), 1 other tensor left out" in init.describe()
+    torch.save({"state_dict": {f"model.{k}": v for k, v in net.items() if not k.startswith("fc.")}}, path)
+    headless = load_init_weights(cfg, spec)  # a wrapped backbone saved without its head: read under the prefix
+    assert set(headless.state) == set(net) - {"fc.weight", "fc.bias"} and headless.reinitialised == ("fc.weight", "fc.bias")
     torch.save({**{f"model.{k}": v for k, v in net.items()}, **{f"ema.{k}": v for k, v in net.items()}}, path)
     with pytest.raises(C.ConfigError, match=r"holds the network under 2 prefixes \('ema.', 'model.'\)"):
         load_init_weights(cfg, spec)

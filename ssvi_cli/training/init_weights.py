@@ -74,14 +74,15 @@ def load_init_weights(cfg: Config, spec: DataSpec, progress: bool = False) -> In
         state = read_state_dict(Path(source))
         # torchvision's default GoogLeNet and Inception v3 carry auxiliary classifiers, which ssvi builds
         # without (as for published weights): their keys are left out, and the run says so.
-        own = model.state_dict()
-        state, inner = _inner_network(state, own, Path(source))
+        own, head = model.state_dict(), _head_keys(cfg, spec)
+        state, inner = _inner_network(state, own, Path(source), optional=head)
         aux = sorted({k.split(".")[0] for k in state if k.startswith(AUX_HEADS) and k not in own})
         state = {k: v for k, v in state.items() if not k.startswith(tuple(f"{a}." for a in aux))}
         notes = [inner, f"auxiliary classifiers left out ({', '.join(aux)}: ssvi builds the network without them)"
                  if aux else None]
         label, left_out = source, "; ".join(n for n in notes if n) or None
-        classes, head = _file_head(state, cfg, spec)
+        held = [k for k in head if k in state and state[k].dim() >= 1]  # the file's head: its classes
+        classes = int(state[held[0]].shape[0]) if held else spec.num_classes
     else:
         weights, label = published_weights(cfg)
         classes, left_out = len(weights.meta.get("categories") or ()) or spec.num_classes, None
@@ -97,16 +98,13 @@ def load_init_weights(cfg: Config, spec: DataSpec, progress: bool = False) -> In
     return init
 
 
-def _file_head(state: dict[str, Tensor], cfg: Config, spec: DataSpec) -> tuple[int, tuple[str, ...]]:
-    """The number of classes a state_dict's head is for (the first dimension of its first tensor whose
-    shape follows the number of classes; the data's when it holds none), and the model's keys whose
-    shape follows it."""
+def _head_keys(cfg: Config, spec: DataSpec) -> tuple[str, ...]:
+    """The run's model's keys whose shape follows the number of classes (the head): the first
+    dimension of each is the number of classes."""
     with torch.device("meta"):
         own = base_for(cfg, spec).state_dict()
         other = torchvision_base(cfg.model.name[len(TORCHVISION):], spec.input_shape, spec.num_classes + 1).state_dict()
-    head = tuple(k for k, v in own.items() if k in other and other[k].shape != v.shape)
-    held = [k for k in head if k in state and state[k].dim() >= 1]
-    return (int(state[held[0]].shape[0]) if held else spec.num_classes), head
+    return tuple(k for k, v in own.items() if k in other and other[k].shape != v.shape)
 
 
 def _checkpoint_records() -> Any:
@@ -169,15 +167,17 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     return state
 
 
-def _inner_network(state: dict[str, Tensor], own: dict[str, Any], source: Path) -> tuple[dict[str, Tensor], Optional[str]]:
+def _inner_network(state: dict[str, Tensor], own: dict[str, Any], source: Path,
+                   optional: tuple[str, ...] = ()) -> tuple[dict[str, Tensor], Optional[str]]:
     """A wrapper's state_dict (a LightningModule's, whose network is an attribute: ``model.conv1.weight``)
-    as the network's, when all its keys sit under one prefix, with a note of what is left out (a loss
-    module's buffers, say); two such prefixes (a model and its EMA copy) are refused, naming them."""
+    as the network's, when all its keys (but the ``optional`` ones, the head) sit under one prefix, with
+    a note of what is left out (a loss module's buffers, say); two such prefixes (a model and its EMA
+    copy) are refused, naming them."""
     first = next(iter(own), None)
     if first is None or first in state:
         return state, None
     prefixes = sorted({k[:-len(first)] for k in state if k.endswith("." + first)})
-    fits = [p for p in prefixes if all(p + k in state for k in own if not k.startswith(AUX_HEADS))]
+    fits = [p for p in prefixes if all(p + k in state for k in own if not k.startswith(AUX_HEADS) and k not in optional)]
     if len(fits) > 1:
         raise ConfigError(f"--init-from {source} holds the network under {len(fits)} prefixes ("
                           + ", ".join(repr(p) for p in fits) + "): save the state_dict of the one to start from")
