@@ -408,7 +408,7 @@ def test_every_input_that_cannot_be_read_is_named_at_once(model_file, digits, tm
     for name in ("a0", "a1", "z"):  # two read before the first bad file, one after
         Image.fromarray(digits[0]).save(tmp_path / f"{name}.png")
     (tmp_path / "bad0.png").write_text("not an image")
-    np.save(tmp_path / "bad1.npy", np.zeros((600, 2, 8, 8), np.uint8))  # two channels, in several chunks
+    np.save(tmp_path / "bad1.npy", np.full((1100, 8, 8), 20.0, np.float32))  # out of range in each of its chunks
     (tmp_path / "bad2.png").write_text("not an image either")
     predicted = []
     real = infer_mod.predict_records
@@ -419,6 +419,9 @@ def test_every_input_that_cannot_be_read_is_named_at_once(model_file, digits, tm
                                                    f"{tmp_path / 'bad0.png'} cannot be read"), err
     assert err.rstrip().endswith(f"also {tmp_path / 'bad1.npy'}, {tmp_path / 'bad2.png'}; replace or remove them"), err
     assert predicted == [1, 1], predicted  # a0 and a1; none after the first bad file
+    # a file named twice (in its folder and by name) is one file, named once
+    assert run(["infer", str(model_file), str(tmp_path), str(tmp_path / "bad2.png"), str(tmp_path / "bad1.npy")]) == 2
+    assert capsys.readouterr().err == err
     (tmp_path / "bad1.npy").unlink()
     (tmp_path / "bad2.png").unlink()
     assert run(["infer", str(model_file), str(tmp_path)]) == 2  # one alone keeps its own message

@@ -178,6 +178,11 @@ def test_every_unreadable_file_of_an_ood_folder_is_named_at_once(capsys, subset_
     broken = [tmp_path / "mine" / f"broken{i}.png" for i in range(3)]
     assert (f"3 of {n + 3} files drawn from {tmp_path / 'mine'} cannot be read: image {broken[0]} cannot be read "
             f"(not an image format Pillow knows); also {broken[1]}, {broken[2]}; replace or remove them") in err, err
+    np.save(tmp_path / "mine" / "a_two_channels.npy", np.zeros((3, 2, 8, 8), np.uint8))  # an array too
+    code, out, err = _evaluate(capsys, str(subset_model), "--ood", str(tmp_path / "mine"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert (f"4 of {n + 4} files of {tmp_path / 'mine'} cannot be read: --ood {tmp_path / 'mine' / 'a_two_channels.npy'}"
+            in err and f"also {broken[0]}, {broken[1]}, {broken[2]}; replace" in err), err
 
 
 def test_a_folder_draws_alike_however_its_path_is_written(capsys, subset_model, tmp_path, monkeypatch):

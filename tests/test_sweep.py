@@ -703,8 +703,11 @@ def test_a_metric_over_fewer_seeds_says_so_in_every_table(capsys):
     _paired_table(paired)
     assert "1 of 3 finite" in "".join(capsys.readouterr().out.split("\n"))
     group["nll"]["n"] = 3
-    _group_table("t", [group], ["x"], lambda g: ["-"])
+    group["auroc:noise:mutual_information"] = {"mean": 0.01, "se": None, "n": 1}  # a column not shown
+    _group_table("t", [group], {"accuracy": "Δ accuracy", "nll": "Δ NLL"}, lambda g: ["-", "-"])
     assert "finite" not in capsys.readouterr().out
+    assert "| ssvi | 0.95 | 1 of 3 finite |" in "\n".join(paired_markdown({**paired, "metrics": [
+        *paired["metrics"], "auroc:noise:mutual_information"]}, []))  # where it is shown
 
 
 def test_a_minus_sign_names_its_own_cell_and_older_sweeps_keep_their_names(tmp_path: Path, capsys):

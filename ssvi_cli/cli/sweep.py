@@ -207,8 +207,7 @@ def _finish(result: dict[str, Any], json_out: bool) -> None:
     metrics = {"accuracy": "accuracy", "nll": "NLL", "ece": "ECE",
                **{k: f"AUROC {k[len('auroc:'):-len(':entropy')]} (entropy)" for k in ood}}
     _group_table(f"sweep {result['sweep']}: {result['cells_done']} of {result['cells_total']} cells (mean ± std "
-                 "over seeds)", result["groups"], list(metrics.values()),
-                 lambda g: [mean_std(g.get(k)) for k in metrics])
+                 "over seeds)", result["groups"], metrics, lambda g: [mean_std(g.get(k)) for k in metrics])
     for name, why in (result.get("failed") or {}).items():
         err.print(f"failed {name}: {why}", highlight=False)
     if result.get("missing"):
@@ -233,21 +232,22 @@ def _paired_table(paired: dict[str, Any]) -> None:
     from ssvi_cli.sweep.paired import PAIRED_METRICS, diff_text
 
     _group_table(f"paired differences from {group_label(paired['baseline'])} (mean ± standard error over common "
-                 "seeds)", paired["groups"], [f"Δ {label}" for _, label in PAIRED_METRICS[:3]],
+                 "seeds)", paired["groups"], {k: f"Δ {label}" for k, label in PAIRED_METRICS[:3]},
                  lambda g: [diff_text(g.get(k)) for k, _ in PAIRED_METRICS[:3]])
 
 
-def _group_table(title: str, groups: list[dict[str, Any]], columns: list[str], cells: Any) -> None:
+def _group_table(title: str, groups: list[dict[str, Any]], columns: dict[str, str], cells: Any) -> None:
     """One row per group of cells: method, sparsity, the swept settings (a column only where a key
-    was swept), the number of seeds, then ``columns`` filled by ``cells(group)``."""
+    was swept), the number of seeds (of the shown metrics), then ``columns`` (metric key: heading)
+    filled by ``cells(group)``."""
     from ssvi_cli.sweep.grid import seeds_text
 
     settings = any(g["settings"] for g in groups)
     table = Table(title=title, title_justify="left")
-    for col in ("method", "sparsity", *(["settings"] if settings else []), "seeds", *columns):
+    for col in ("method", "sparsity", *(["settings"] if settings else []), "seeds", *columns.values()):
         table.add_column(col, justify="left" if col in ("method", "settings") else "right")
     for g in groups:
         swept = [", ".join(f"{k}={v}" for k, v in g["settings"].items())] if settings else []
         table.add_row(g["method"], "dense" if g["sparsity"] is None else f"{g['sparsity']:g}", *swept,
-                      seeds_text(g), *cells(g))
+                      seeds_text(g, columns), *cells(g))
     out.print(table)

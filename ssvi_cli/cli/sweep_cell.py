@@ -105,8 +105,8 @@ def check_changed(sweep_dir: Path, spec: "SweepSpec", cells: list["Cell"]) -> No
 
 
 def cell_document(path: Path) -> dict[str, Any]:
-    """``--run-cell --json``'s output: the cell's name and folder, its training summary (``ssvi train
-    --json``'s) and its evaluation (``ssvi evaluate --json``'s), as the cell's files hold them."""
+    """``--run-cell --json``'s output: the cell's name and folder, its training summary (``summary.json``,
+    what ``ssvi train --json`` prints but its notes) and its evaluation (``ssvi evaluate --json``'s), as the cell's files hold them."""
     from ssvi_cli.runs.rundir import EVALUATION_FILE, RunDir
 
     return {"format": "ssvi-sweep-cell", "version": 1, "cell": path.name, "folder": str(path),

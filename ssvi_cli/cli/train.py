@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
         set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: --set optim.lr_sigma=0.02 (repeatable).")] = None,
         resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last checkpoint.")] = None,
         force: Annotated[bool, typer.Option(help="Replace the run in --out (its own files; a folder that is not a run is never emptied).")] = False,
-        json_out: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON only.")] = False,
+        json_out: Annotated[bool, typer.Option("--json", help="Print the final summary (summary.json) as JSON only, with the run's notes as notes.")] = False,
         precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (autocast; fp16 adds a gradient scaler). The LRT variance stays float32.")] = None,
         nproc: Annotated[Optional[int], typer.Option(help="Processes on this node (data parallel via torch.distributed.run); --batch-size is per process.", min=1)] = None,
         kernel: Annotated[Optional[str], typer.Option(help="Weight products: auto (per layer by density and type), sparse (active entries only) or dense (a transient dense weight).")] = None,
@@ -120,7 +120,7 @@ def register(app: typer.Typer) -> None:
         def say(note: str) -> None:
             if note and info.is_main:
                 tell(note, highlight=False)
-                notes.append(note)
+                notes.append(note.removeprefix("note: "))  # as evaluate's JSON notes read
         with ExitStack() as held:  # the run's lock, held by rank 0 to the end (RunDir.hold)
             if resume is not None:
                 if _finished(resume, json_out, info.is_main):

@@ -139,11 +139,16 @@ _NAMED = 5  # unreadable files named beside the first
 
 
 def unreadable(bad: Sequence[tuple[str, Exception]], total: int, what: str, error: type[Exception] = DataError) -> Exception:
-    """One error for all of ``total`` inputs that could not be read, so that one run names every one:
-    the first with its reason, five more by name, then a count. One alone keeps its own message."""
+    """One error for all of ``total`` inputs (distinct files) that could not be read, so that one run
+    names every one: the first with its reason, five more by name, then a count; a file named twice
+    counts once. One alone keeps its own message."""
+    first: dict[str, Exception] = {}
+    for name, exc in bad:
+        first.setdefault(name, exc)
+    bad = list(first.items())
     if len(bad) == 1:
         return bad[0][1]
     more = len(bad) - 1 - _NAMED
-    others = ", ".join(name for name, _ in bad[1:1 + _NAMED]) + (f" and {more} more" if more > 0 else "")
+    others = ", ".join(shown(name) for name, _ in bad[1:1 + _NAMED]) + (f" and {more} more" if more > 0 else "")
     first = str(bad[0][1]).replace("; replace or remove the file", "")
     return error(f"{len(bad)} of {total} {what} cannot be read: {first}; also {others}; replace or remove them")

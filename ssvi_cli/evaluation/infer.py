@@ -196,9 +196,8 @@ def iter_batches(files: Sequence[Path], spec: DataSpec, batch_size: int) -> Iter
     for source, chunk_names, pixels in iter_raw(files, spec.input_shape[0], spec.pixel_max, spec.input_shape, bad):
         try:
             x = preprocess(pixels, spec)
-        except DataError as exc:
-            if not any(name == str(source) for name, _ in bad):  # once per array, not per chunk
-                bad.append((str(source), InputError(f"{source}: {exc}")))
+        except DataError as exc:  # in each chunk of an array: named once (unreadable)
+            bad.append((str(source), InputError(f"{source}: {exc}")))
         if bad:
             continue
         names.extend(chunk_names)
@@ -210,7 +209,7 @@ def iter_batches(files: Sequence[Path], spec: DataSpec, batch_size: int) -> Iter
             names, parts = names[batch_size:], [batch[batch_size:]]
             held -= batch_size
     if bad:
-        raise unreadable(bad, len(files), "input files", InputError)
+        raise unreadable(bad, len({str(f) for f in files}), "input files", InputError)
     if held:
         yield names, torch.cat(parts)
 

@@ -92,14 +92,27 @@ def folder_images(folder: Path, spec: DataSpec, seed: int, max_items: Optional[i
     reads them (one image, or a batch; arrays are read whole to count them, image files are decoded
     only when drawn)."""
     files = image_files(folder)
-    arrays = {path: _folder_array(path, spec) for path in files if path.suffix.lower() == ARRAY_SUFFIX}
+    arrays, bad = {}, []
+    for path in (p for p in files if p.suffix.lower() == ARRAY_SUFFIX):
+        try:
+            arrays[path] = _folder_array(path, spec)
+        except DataError as exc:
+            bad.append((str(path), exc))
+    if bad:  # no draw without every array's length: the image files are checked, to name them all at once
+        for path in (p for p in files if p.suffix.lower() != ARRAY_SUFFIX):
+            try:
+                read_image(path)
+            except DataError as exc:
+                bad.append((str(path), exc))
+        order = {str(path): i for i, path in enumerate(files)}
+        raise unreadable(sorted(bad, key=lambda b: order[b[0]]), len(files), f"files of {folder}")
     items = [(path, row) for path in files for row in (range(len(arrays[path])) if path in arrays else (0,))]
     rows: dict[Path, list[int]] = {}
     for i in _choose(len(items), seed, max_items):
         path, row = items[i]
         rows.setdefault(path, []).append(row)
     logger.info("decoding %d images of %s", sum(map(len, rows.values())), folder)
-    parts, bad = [], []
+    parts = []
     for path, taken in rows.items():
         try:
             parts.append(_prepared(arrays[path][taken] if path in arrays else read_image(path), spec, str(path)))

@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from itertools import product
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, get_args, get_origin
+from typing import Any, Callable, Iterable, Iterator, Optional, get_args, get_origin
 
 from ssvi_cli import config as cfgmod
 from ssvi_cli.fileio import write_json
@@ -128,12 +128,14 @@ def group_label(group: dict[str, Any]) -> str:
     return ", ".join(parts + [f"{k}={yaml_text(v)}" for k, v in group["settings"].items()])
 
 
-def seeds_text(group: dict[str, Any]) -> str:
-    """A group's number of seeds, or "k of n finite" when some metric was averaged over fewer (a seed
-    whose value was not finite, a diverged run; each metric's own count is its ``n``)."""
+def seeds_text(group: dict[str, Any], keys: Optional[Iterable[str]] = None) -> str:
+    """A group's number of seeds, or "k of n finite" when some metric (of ``keys``, the columns shown;
+    all by default) was averaged over fewer (a seed whose value was not finite, a diverged run; each
+    metric's own count is its ``n``)."""
     n = len(group["seeds"])
-    finite = min((v["n"] for v in group.values() if isinstance(v, dict) and "n" in v and v.get("mean") is not None),
-                 default=n)
+    shown = group.keys() if keys is None else [k for k in keys if k in group]
+    finite = min((v["n"] for v in (group[k] for k in shown) if isinstance(v, dict) and "n" in v
+                  and v.get("mean") is not None), default=n)
     return str(n) if finite == n else f"{finite} of {n} finite"
 
 
