@@ -693,6 +693,16 @@ def test_threads_are_recorded_and_a_resume_on_others_is_said(tmp_path, capsys):
             f"{torch.get_num_threads()}") in capsys.readouterr().err
 
 
+def test_a_run_resumed_on_another_number_of_processes_says_so():
+    """The --nproc 2 run's resume hint had no --nproc: taken as given, the run went on on one process
+    and nothing said the count had changed."""
+    from ssvi_cli.cli.train_config import processes_note
+
+    assert processes_note(128, 64, 1) == "note: the run started on 2 processes and goes on with 1; its global batch stays 128"
+    assert processes_note(64, 64, 2) == "note: the run started on 1 process and goes on with 2; its global batch stays 64"
+    assert processes_note(128, 64, 2) == ""
+
+
 def test_commands_that_need_no_model_start_without_importing_torch():
     """ssvi --version, presets and --help answer in a fraction of a second: torch (about 2 s to import)
     is imported only by the commands that use it."""

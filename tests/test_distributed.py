@@ -251,6 +251,7 @@ def test_ctrl_c_under_nproc_checkpoints_once_and_exits_130(tmp_path: Path):
     rest = proc.communicate(timeout=120)[1]
     assert proc.returncode == -signal.SIGINT, rest  # ended by the Ctrl-C: a shell shows $? as 130
     assert rest.count("checkpoint written. Resume with") == 1, rest  # rank 0 alone reports
+    assert f"Resume with: ssvi train --resume {out} --nproc 2" in rest, rest  # on as many processes
     assert "Traceback" not in rest
     state = torch.load(sorted((out / "checkpoints").glob("*.pt"))[-1], weights_only=True)["state"]
     assert state["epoch"] == 1 and state["batch_in_epoch"] > 0, state

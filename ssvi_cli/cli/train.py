@@ -14,7 +14,7 @@ import typer
 from ssvi_cli import config as cfgmod
 from ssvi_cli.cli.common import (UsageError, check_run_out, count, err, fmt, forwarded_args, kv_table, no_reader,
                                  out, print_json, progress_bar, running_a_cell, tell)
-from ssvi_cli.cli.train_config import build_config, init_from_lr_note, set_keys, threads_note, unused_keys
+from ssvi_cli.cli.train_config import build_config, init_from_lr_note, processes_note, set_keys, threads_note, unused_keys
 
 
 def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
@@ -171,6 +171,7 @@ def register(app: typer.Typer) -> None:
                              f"after its last epoch (step {trainer.state.step}): the final evaluation and model file")
                     tell(f"resuming {resume} {where}" + (f" on {info.world_size} processes" if info.enabled else ""))
                     say(threads_note(trainer.run, trainer.device.type))
+                    say(processes_note(trainer.state.global_batch, trainer.cfg.train.batch_size, info.world_size))
                 summary = _fit(trainer, Interrupted, quiet=json_out or not info.is_main, say=say)
             finally:
                 if trainer is not None:
@@ -298,7 +299,9 @@ def _fit(trainer, interrupted_cls, quiet: bool, say: Callable[[str], None]) -> d
                        if stop.during else f"{how} at step {stop.step}; checkpoint written")
             # One line per run, not per rank: the other ranks exit with the same code, silently.
             raise KeyboardInterruptHandled(message if trainer.is_main else "", exit_code=128 + int(stop.signum),
-                                           resume=f"ssvi train --resume {stop.run_dir}" if trainer.is_main else "") from None
+                                           resume=f"ssvi train --resume {stop.run_dir}" + (  # as many processes
+                                               f" --nproc {trainer.dist.world_size}" if trainer.dist.world_size > 1 else "")
+                                           if trainer.is_main else "") from None
 
 
 class KeyboardInterruptHandled(Exception):

@@ -64,3 +64,13 @@ def threads_note(run: Any, device_type: str) -> str:
         return ""
     return (f"note: the run trained on {count(before, 'CPU thread')} so far and goes on with "
             f"{torch.get_num_threads()}; its numbers move in their last digits with the thread count")
+
+
+def processes_note(global_batch: int, batch_size: int, world_size: int) -> str:
+    """A note for a run resumed on another number of processes than it started on (its global batch
+    stays; each process takes its share)."""
+    started = global_batch // batch_size if batch_size else world_size
+    if started == world_size or started < 1:
+        return ""
+    return (f"note: the run started on {started} process{'es' if started > 1 else ''} and goes on with {world_size}; "
+            f"its global batch stays {global_batch}")
