@@ -711,3 +711,21 @@ def test_commands_that_need_no_model_start_without_importing_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "False", proc.stdout[-500:]
+
+
+def test_a_model_other_than_the_presets_is_told_whose_recipe_it_trains_with(tmp_path: Path, capsys):
+    """--model torchvision:resnet18 with the default preset trained a BatchNorm ResNet with the digits
+    MLP's Adam and wide prior, and nothing said so."""
+    from ssvi_cli.cli.train_config import recipe_note
+
+    tiny = ["--epochs", "1", "--set", "data.max_train=64", "--set", "train.eval_samples=1", "--sparsity", "0.5"]
+    assert run(["train", "--preset", "mnist_lenet5", "--data", "digits", "--model", "mlp", "--set", "model.widths=[8]",
+                "--lr", "0.003", *tiny, "--out", str(tmp_path / "r")]) == 0
+    said = capsys.readouterr().err
+    assert ("note: mlp trains with preset mnist_lenet5, a recipe tuned for its lenet5 (here adam lr 0.003, prior "
+            "sigma 0.1, 1 epoch: flags and --set change them)") in said, said
+    assert run(["train", *tiny, "--set", "model.widths=[8]", "--out", str(tmp_path / "m")]) == 0
+    assert "a recipe tuned for" not in capsys.readouterr().err  # the preset's own model
+    from ssvi_cli import config as C
+
+    assert recipe_note(C.load_preset("cifar10_resnet18"), "cifar10_resnet18") == ""

@@ -14,7 +14,8 @@ import typer
 from ssvi_cli import config as cfgmod
 from ssvi_cli.cli.common import (UsageError, check_run_out, count, err, fmt, forwarded_args, kv_table, no_reader,
                                  out, print_json, progress_bar, running_a_cell, tell)
-from ssvi_cli.cli.train_config import build_config, init_from_lr_note, processes_note, set_keys, threads_note, unused_keys
+from ssvi_cli.cli.train_config import (build_config, init_from_lr_note, processes_note, recipe_note, set_keys,
+                                       threads_note, unused_keys)
 
 
 def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
@@ -144,6 +145,7 @@ def register(app: typer.Typer) -> None:
                                    given=set_keys(set_ or []), world_size=info.world_size)
                 say(plan.init_note or "")
                 say(init_from_lr_note(plan.cfg, overrides, set_ or []))
+                say("" if running_a_cell() else recipe_note(plan.cfg, preset))
                 if (unused := unused_keys(plan.cfg, overrides, set_ or [])) and not running_a_cell():
                     # a sweep gives every cell its fixed keys: no note in each
                     say(f"note: {plan.cfg.sparse.method} does not use {', '.join(unused)}, so "

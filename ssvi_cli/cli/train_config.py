@@ -3,6 +3,7 @@ given once; what of it the run's method cannot use; and the notes about its setu
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ssvi_cli import config as cfgmod
@@ -74,3 +75,15 @@ def processes_note(global_batch: int, batch_size: int, world_size: int) -> str:
         return ""
     return (f"note: the run started on {started} process{'es' if started > 1 else ''} and goes on with {world_size}; "
             f"its global batch stays {global_batch}")
+
+
+def recipe_note(cfg: cfgmod.Config, preset: str) -> str:
+    """A note for a model another than its preset's: it trains with a recipe tuned for that model (the
+    default preset's Adam and wide prior are the digits MLP's, not a ResNet's)."""
+    base = cfgmod.load_preset(preset)
+    if cfg.model.name == base.model.name:
+        return ""
+    o = cfg.optim
+    return (f"note: {cfg.model.name} trains with preset {Path(preset).stem}, a recipe tuned for its {base.model.name} "
+            f"(here {o.name} lr {o.lr:g}, prior sigma {cfg.bayes.prior_sigma:g}, {count(cfg.train.epochs, 'epoch')}: "
+            "flags and --set change them); ssvi presets lists the others, the CIFAR ones the paper's for ResNet-18")
