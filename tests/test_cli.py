@@ -729,3 +729,17 @@ def test_a_model_other_than_the_presets_is_told_whose_recipe_it_trains_with(tmp_
     from ssvi_cli import config as C
 
     assert recipe_note(C.load_preset("cifar10_resnet18"), "cifar10_resnet18") == ""
+
+
+def test_the_epoch_line_shows_the_loss_as_nll_plus_kl(tmp_path: Path, capsys):
+    """A fine-tuning run's loss climbed 300-fold as the KL weight warmed up, while its NLL fell: the
+    line showed both and nothing said what the rest of the loss was."""
+    import re
+
+    assert run(["train", "--epochs", "2", "--set", "model.widths=[8]", "--set", "data.max_train=64",
+                "--set", "train.eval_samples=1", "--out", str(tmp_path / "r")]) == 0
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("epoch ")]
+    assert len(lines) == 2, lines
+    for line in lines:
+        loss, nll, kl = map(float, re.search(r"loss (\S+) \(nll (\S+) \+ kl (\S+)\)", line).groups())
+        assert abs(loss - nll - kl) < 2e-4 and kl > 0, line
