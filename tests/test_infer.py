@@ -334,7 +334,10 @@ def test_a_pipe_is_read_as_an_image_or_by_its_array_magic(model_file, digits, tm
     assert proc.returncode == 2 and "/dev/stdin is empty: nothing was piped" in proc.stderr.decode()
     proc = subprocess.run(command, input=b"not an image", capture_output=True, timeout=120)
     assert proc.returncode == 2 and "BytesIO" not in proc.stderr.decode()
-    assert "/dev/stdin cannot be read (not an image format" in proc.stderr.decode()
+    assert ("standard input (/dev/stdin) cannot be read (not an image format Pillow knows); pipe an image file or a "
+            ".npy array into it") in proc.stderr.decode()  # not "replace or remove the file": there is none
+    proc = subprocess.run([*command[:5], "-", *command[6:]], input=b"not an image", capture_output=True, timeout=120)
+    assert "error: standard input (-) cannot be read (not an image format" in proc.stderr.decode()
 
 
 def test_an_output_link_is_written_through_and_guarded_as_its_target(model_file, digits, tmp_path, capsys):

@@ -113,6 +113,8 @@ def read_image(path: Path, error: type[Exception] = DataError, stream: Optional[
     the file."""
     from PIL import Image, UnidentifiedImageError
 
+    what, fix = ((f"standard input ({path})", "pipe an image file or a .npy array into it")
+                 if str(path) in (STDIN, "/dev/stdin") else (f"image {path}", "replace or remove the file"))
     try:
         with Image.open(stream if stream is not None else path) as img:
             img.load()
@@ -121,16 +123,15 @@ def read_image(path: Path, error: type[Exception] = DataError, stream: Optional[
                 gray = np.asarray(img, dtype=np.float32) / 65535.0
                 return torch.from_numpy(gray).view(1, 1, *gray.shape)
             if mode not in _MODES:
-                raise error(f"image {path} has the unsupported mode {mode!r}; save it as 8-bit gray or RGB")
+                raise error(f"{what} has the unsupported mode {mode!r}; save it as 8-bit gray or RGB")
             alpha = mode in _ALPHA_MODES or "transparency" in img.info
             target = "L" if mode in ("1", "L") else ("RGBA" if alpha else "RGB")
             arr = np.asarray(img.convert(target), dtype=np.uint8)
     except UnidentifiedImageError:  # its own message names the file as Python's repr of a stream
-        raise error(f"image {path} cannot be read (not an image format Pillow knows); replace or remove "
-                    "the file") from None
+        raise error(f"{what} cannot be read (not an image format Pillow knows); {fix}") from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise error(f"image {path} cannot be read ({reason}); replace or remove the file") from None
+        raise error(f"{what} cannot be read ({reason}); {fix}") from None
     arr = arr[:, :, None] if arr.ndim == 2 else arr
     return torch.from_numpy(np.array(arr.transpose(2, 0, 1))).unsqueeze(0)  # a writable copy
 
