@@ -343,6 +343,36 @@ def test_train_infer_evaluate_on_a_png_folder(ws, tmp_path, capsys, monkeypatch)
     err = capsys.readouterr().err
     assert "classes are not the model's: class 0 is 'class_one' there and 'one' in the model" in err
     assert "(name the class folders as the model's classes)" in err
+    # --split all: a labelled folder the model never saw, scored whole, by class name, fewer classes too
+    write_class(tmp_path / "new" / "train" / "zero", 0, 4, skip=20)
+    write_class(tmp_path / "new" / "test" / "zero", 0, 3, skip=30)
+    write_class(tmp_path / "new" / "train" / "two", 2, 5, skip=20)
+    write_class(tmp_path / "new" / "test" / "two", 2, 2, skip=30)
+    assert run(["evaluate", str(model), "--dataset", f"imagefolder:{tmp_path / 'new'}", "--split", "all",
+                "--mode", "mean", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 14 and report["split"] == "all" and not report["notes"]
+    from ssvi_cli.data.imagefolder import whole_folder
+    from ssvi_cli.runs.load import load_model
+
+    from ssvi_cli.data import data_config_for
+    from ssvi_cli.prediction import predict_batch
+
+    loaded = load_model(model)
+    whole = whole_folder(str(tmp_path / "new"), data_config_for(loaded.spec), loaded.spec.class_names)
+    assert sorted(whole.labels.tolist()) == [SORTED.index("two")] * 7 + [SORTED.index("zero")] * 7  # the model's
+    predicted = predict_batch(loaded.model, torch.stack([whole[i][0] for i in range(14)]), 1, "mean")[0].argmax(1)
+    assert report["metrics"]["accuracy"] == pytest.approx(float((predicted == whole.labels).float().mean()))
+    assert run(["evaluate", str(model), "--split", "all", "--samples", "2", "--json"]) == 0  # its own folder
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 36 and "its training images too" in report["notes"][0]
+    write_class(tmp_path / "new" / "train" / "seven", 7, 2)
+    write_class(tmp_path / "new" / "test" / "seven", 7, 2, skip=2)
+    for args, words in (([f"imagefolder:{tmp_path / 'new'}"], "has classes the model does not predict (seven)"),
+                        (["digits"], "--split all scores every image of an image folder; digits is not one")):
+        assert run(["evaluate", str(model), "--dataset", *args, "--split", "all"]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
 
 
 def test_a_model_whose_image_folder_moved_is_told_how_to_evaluate_it(tmp_path, capsys):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+import unicodedata
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -38,7 +39,7 @@ from ssvi_cli.data.sources import DATASET_FAMILIES, DatasetSource
 from ssvi_cli.data.images import IMAGE_SUFFIXES, find_files, read_image, shown, unreadable
 from ssvi_cli.data.spec import DataError, DataSpec, RawImages, decoded
 from ssvi_cli.data.splits import stratified_split
-from ssvi_cli.data.transforms import preprocess, random_crop_flip
+from ssvi_cli.data.transforms import TensorImageDataset, preprocess, random_crop_flip
 
 logger = logging.getLogger(__name__)
 progress = logging.getLogger("ssvi_cli.progress")  # lines for a person waiting (printed by the command line)
@@ -182,6 +183,28 @@ class FolderImages:
 
     def decode(self) -> torch.Tensor:
         return decode_images(self.files, self.image_size, self.channels, self.what)
+
+
+def whole_folder(argument: str, options: DataConfig, class_names: tuple[str, ...]) -> TensorImageDataset:
+    """Every image of ``imagefolder:<argument>`` (all its splits), labelled by name with a model's
+    ``class_names``: a labelled folder the model has not seen, scored whole (``evaluate --split all``).
+    Its classes must be among the model's (names compared as text, as macOS and others write them
+    alike); a folder of fewer classes is scored on those it has. ``options`` size and normalise it."""
+    scan = scan_folder(Path(argument))
+    files = tuple(f for part in scan.parts.values() for f in part[0])
+    labels = torch.cat([part[1] for part in scan.parts.values()])
+    ours = [unicodedata.normalize("NFC", n) for n in class_names]
+    theirs = [unicodedata.normalize("NFC", n) for n in scan.class_names]
+    if extra := [shown(n) for n, t in zip(scan.class_names, theirs) if t not in ours]:
+        raise DataError(f"image folder {scan.root} has classes the model does not predict ({', '.join(extra)}); "
+                        f"its classes are {', '.join(class_names)}: score the others as out-of-distribution with "
+                        "--ood PATH")
+    labels = torch.tensor([ours.index(t) for t in theirs], dtype=torch.long)[labels]
+    c, size = options.channels, options.image_size
+    spec = DataSpec(f"{FAMILY}:{scan.root}", (c, size, size), len(class_names), tuple(class_names),
+                    options.mean or (0.0,) * c, options.std or (1.0,) * c)
+    images = decode_images(files, size, c, f"images of {scan.root}")
+    return TensorImageDataset(images, labels, spec, indices=torch.arange(len(files)))
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:

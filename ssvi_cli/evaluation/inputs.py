@@ -16,7 +16,7 @@ from ssvi_cli.data.ood import ood_names
 from ssvi_cli.evaluation.ood_sets import load_requests, resolve_requests
 from ssvi_cli.modelfile import NO_DATASET, Training
 
-SPLITS = ("test", "val")
+SPLITS = ("test", "val", "all")
 OOD_MAX_ITEMS = 2000  # items drawn (seeded) from each OOD set
 
 
@@ -102,9 +102,10 @@ def load_eval_data(
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; valid splits are: {', '.join(SPLITS)}")
     requests = resolve_requests(ood, model_spec, name)
-    current = get_spec(name, data_config_for(model_spec))
-    _check_compatible(name, current, model_spec)
-    model_spec.check_same_files(current)  # a changed flat image folder would redraw its test split
+    if split != "all":  # every image of a folder, by class name: its own checks (whole_folder)
+        current = get_spec(name, data_config_for(model_spec))
+        _check_compatible(name, current, model_spec)
+        model_spec.check_same_files(current)  # a changed flat image folder would redraw its test split
 
     settings, train_seed = _training_data_settings(training)
     if split == "val" and train_seed is None:
@@ -112,6 +113,8 @@ def load_eval_data(
                         "cannot be rebuilt; use --split test")
     recorded_dir = settings.get("data_dir")
     root = data_dir if data_dir is not None else (Path(recorded_dir).expanduser() if recorded_dir else None)
+    if split == "all":
+        return _whole_folder(name, folder, model_spec, requests, root, download, seed, ood_max_items)
     splits = build_dataset(
         name, data_dir=root, download=download, val_fraction=float(settings.get("val_fraction", 0.1)),
         seed=int(train_seed or 0), augment=False, max_train=settings.get("max_train"),
@@ -130,4 +133,21 @@ def load_eval_data(
                      f"{list(splits.spec.std)}); if the model was trained on the loaders' inputs, save it again "
                      "with ssvi.save(..., mean=, std=) as they are")
     return EvalData(dataset=name, split=split, inputs=inputs, ood=ood_sets, notes=notes,
+                    ood_seed_keys={label: request.seed_key for label, request in requests.items()})
+
+
+def _whole_folder(name: str, folder: Optional[str], model_spec: DataSpec, requests: dict[str, Any],
+                  root: Optional[Path], download: bool, seed: int, ood_max_items: Optional[int]) -> EvalData:
+    """``--split all``: every image of an image folder, labelled by class name (``whole_folder``)."""
+    from ssvi_cli.data.imagefolder import whole_folder
+
+    if folder is None:
+        raise DataError(f"--split all scores every image of an image folder; {name} is not one (use --split test)")
+    if "heldout" in requests:
+        raise DataError("--ood heldout is the test split's other classes; with --split all give them as --ood PATH")
+    inputs = whole_folder(folder, data_config_for(model_spec), tuple(model_spec.class_names))
+    notes = [f"every image of {name} was scored, its training images too: the model was trained on this folder"
+             ] if name == model_spec.name else []
+    ood_sets = load_requests(requests, model_spec, root, download, seed, ood_max_items)
+    return EvalData(dataset=name, split="all", inputs=inputs, ood=ood_sets, notes=notes,
                     ood_seed_keys={label: request.seed_key for label, request in requests.items()})
