@@ -128,7 +128,10 @@ def test_half_precision_files_keep_supports_and_predictions(trained, tmp_path, d
 
 def test_dense_file_is_a_full_bnn_with_the_same_predictions(trained, tmp_path):
     trainer, run_dir, x = trained
-    export_model(run_dir, tmp_path / "dense.safetensors", dense=True)
+    report = export_model(run_dir, tmp_path / "dense.safetensors", dense=True)
+    # its report counts the model's support, not the stored zeros ("active weights N of N" before)
+    active = sum(l.active for _, l in sparse_layers(trainer.model))
+    assert report["active_weights"] == active < report["stored_weights"] == report["total_weights"]
     dense = read_model_file(tmp_path / "dense.safetensors")
     assert dense.file.layout == "dense"
     assert all(l.active == l.numel for _, l in sparse_layers(dense.model))

@@ -45,7 +45,8 @@ def register(app: typer.Typer) -> None:
         out.print(kv_table(f"ssvi export: {output}", {
             "source": report["source"],
             "layout / dtype": f"{report['layout']} / {report['dtype']}",
-            "active weights": f"{report['active_weights']:,} of {report['total_weights']:,} ({report['density']:.4f})",
+            "active weights": f"{report['active_weights']:,} of {report['total_weights']:,} ({report['density']:.4f})"
+                              + (f"; the file stores all {report['stored_weights']:,}" if report["layout"] == "dense" else ""),
             "file bytes": f"{report['file_bytes']:,} (header {report['header_bytes']:,})",
             "dense float32 BNN bytes": f"{report['dense_bnn_bytes']:,}",
             "compression ratio": f"{report['compression_ratio']:.2f}x",

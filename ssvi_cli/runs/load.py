@@ -86,8 +86,11 @@ def export_model(source: Path, out: Path, dtype: str = "float32", dense: bool = 
     if loaded.file.layout == "dense" and not dense:
         _drop_empty_entries(loaded.model, Path(loaded.file.path))
     written = write_model_file(loaded.model, out, loaded.card, dtype=dtype, dense=dense)
+    totals = size_totals(read_header(out))  # a dense file stores every weight: its header counts them all
+    active = sum(layer.active for _, layer in sparse_layers(loaded.model))  # the model's own support
     return {"source": str(source), "output": str(out), "layout": "dense" if dense else "compact",
-            "dtype": dtype, "file_bytes": written, **size_totals(read_header(out)),
+            "dtype": dtype, **totals, "file_bytes": written, "stored_weights": totals["active_weights"],
+            "active_weights": active, "density": active / totals["total_weights"] if totals["total_weights"] else 1.0,
             "unfinished": loaded.card.training.unfinished_note()}
 
 
