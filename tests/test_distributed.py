@@ -225,7 +225,7 @@ def test_sweep_under_torchrun_is_refused_not_run_by_every_process(tmp_path: Path
     assert run(["sweep", "--seeds", "1", "--dry-run", "--out", str(tmp_path / "s")]) == 0  # runs nothing
 
 
-def test_nproc_with_the_default_out_takes_a_folder_of_its_own(tmp_path: Path, monkeypatch):
+def test_nproc_with_the_default_out_takes_a_folder_of_its_own(tmp_path: Path, monkeypatch, capsys):
     """Two --nproc runs started in the same second shared the default folder: the second was refused."""
     import time
 
@@ -241,6 +241,8 @@ def test_nproc_with_the_default_out_takes_a_folder_of_its_own(tmp_path: Path, mo
                     "--set", "data.max_train=64", "--set", "train.eval_samples=1", "--json"]) == 0
     mine = taken.with_name(f"{taken.name}-2")
     assert json.loads((mine / "summary.json").read_text())["world_size"] == 2 and not (taken / "config.yaml").exists()
+    # said before the seconds the processes take to start, in which nothing else is printed
+    assert capsys.readouterr().err.startswith(f"starting 2 training processes for {mine.relative_to(tmp_path)}\n")
 
 
 @pytest.mark.slow

@@ -245,6 +245,7 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: str,
         args = forwarded_args(ctx, drop=("nproc", "out_dir"))
         if out_dir is not None:
             args += ["--out", str(out_dir)]
+        tell(f"starting {nproc} training processes for {run.path}", highlight=False)  # each loads torch and the data
         ended = launcher.launch(nproc, ["train", *args], env={LOCK_HELD_ENV: str(run.path.resolve())},
                                 pass_fds=[lock.fileno()] if hasattr(lock, "fileno") else [])
     if message := launcher.ending_message(ended, nproc, run.path):  # what the processes could not say
