@@ -509,17 +509,22 @@ def test_a_folder_with_fewer_training_images_than_processes_is_refused_before_th
 
 def test_every_unreadable_image_is_named_at_once(tmp_path, capsys):
     """Training stopped at the first file that did not decode: a folder with several took a run (and a
-    decode of the images before it) per file to find them all."""
+    decode of the images before it) per file to find them all, and then one per split."""
     for digit, name in list(NAMES.items())[:2]:
         for split in ("train", "test"):
             write_class(tmp_path / "f" / split / name, digit, 4)
-    broken = [tmp_path / "f" / "train" / "one" / f"broken{i}.png" for i in range(8)]
+    broken = [tmp_path / "f" / "train" / "one" / f"broken{i:02d}.png" for i in range(12)]
+    broken.append(tmp_path / "f" / "test" / "zero" / "broken.png")  # in the other split
     for path in broken:
         path.write_text("this is text, not a PNG\n")
     assert run(["train", "--data", f"imagefolder:{tmp_path / 'f'}", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
-    assert [p for p in broken if str(p) in err] == broken[:6], err  # the first and five more, then a count
-    assert err.startswith(f"error: 8 of 16 train images of {tmp_path / 'f'} cannot be read: image {broken[0]} "
+    assert [p for p in broken if str(p) in err] == broken[:11], err  # the first and ten more, then a count
+    assert err.startswith(f"error: 13 of 29 images of {tmp_path / 'f'} cannot be read: image {broken[0]} "
                           "cannot be read (not an image format Pillow knows); also ")
-    assert err.rstrip().endswith(f"{broken[5]} and 2 more; replace or remove them"), err
+    assert err.rstrip().endswith(f"{broken[10]} and 2 more; replace or remove them"), err
+    for path in broken[1:]:
+        path.unlink()
+    assert run(["train", "--data", f"imagefolder:{tmp_path / 'f'}", "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: image {broken[0]} cannot be read (not an image format")

@@ -36,7 +36,7 @@ import torch
 
 from ssvi_cli.config import DataConfig
 from ssvi_cli.data.sources import DATASET_FAMILIES, DatasetSource
-from ssvi_cli.data.images import IMAGE_SUFFIXES, find_files, read_image, shown, unreadable
+from ssvi_cli.data.images import IMAGE_SUFFIXES, UnreadableImages, find_files, read_image, shown
 from ssvi_cli.data.spec import DataError, DataSpec, RawImages, decoded
 from ssvi_cli.data.splits import stratified_split
 from ssvi_cli.data.transforms import TensorImageDataset, preprocess, random_crop_flip
@@ -142,7 +142,8 @@ def split_scan(scan: FolderScan, test_fraction: float) -> FolderScan:
     return replace(scan, parts={"train": pick(train_idx), "test": pick(test_idx)})
 
 
-def decode_images(files: tuple[Path, ...], image_size: int, channels: int, what: str = "images") -> torch.Tensor:
+def decode_images(files: tuple[Path, ...], image_size: int, channels: int, what: str = "images",
+                  where: str = "") -> torch.Tensor:
     """Decode ``files`` into one uint8 (N, channels, image_size, image_size) tensor. Progress goes to
     the ``ssvi_cli.progress`` logger (which the command line prints) every few seconds once decoding
     takes that long (3 MP photos decode at a few per second: a large folder was decoded in silence)."""
@@ -162,7 +163,7 @@ def decode_images(files: tuple[Path, ...], image_size: int, channels: int, what:
             progress.info("decoded %d/%d %s", i + 1, len(files), what)
             last, said = time.monotonic(), True
     if bad:
-        raise unreadable(bad, len(files), what)
+        raise UnreadableImages(bad, files, what, where)
     return out
 
 
@@ -171,18 +172,19 @@ class FolderImages:
     tensor of positions, a boolean mask) gives the images of those files, still undecoded, so that
     ``evaluate`` decodes the split it scores and not the training images too."""
 
-    def __init__(self, files: tuple[Path, ...], image_size: int, channels: int, what: str) -> None:
-        self.files, self.image_size, self.channels, self.what = files, image_size, channels, what
+    def __init__(self, files: tuple[Path, ...], image_size: int, channels: int, what: str, where: str = "") -> None:
+        self.files, self.image_size, self.channels, self.what, self.where = files, image_size, channels, what, where
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: torch.Tensor) -> "FolderImages":
         positions = torch.arange(len(self.files))[index].tolist()
-        return FolderImages(tuple(self.files[i] for i in positions), self.image_size, self.channels, self.what)
+        return FolderImages(tuple(self.files[i] for i in positions), self.image_size, self.channels, self.what,
+                            self.where)
 
     def decode(self) -> torch.Tensor:
-        return decode_images(self.files, self.image_size, self.channels, self.what)
+        return decode_images(self.files, self.image_size, self.channels, self.what, self.where)
 
 
 def whole_folder(argument: str, options: DataConfig, class_names: tuple[str, ...]) -> TensorImageDataset:
@@ -203,7 +205,7 @@ def whole_folder(argument: str, options: DataConfig, class_names: tuple[str, ...
     c, size = options.channels, options.image_size
     spec = DataSpec(f"{FAMILY}:{scan.root}", (c, size, size), len(class_names), tuple(class_names),
                     options.mean or (0.0,) * c, options.std or (1.0,) * c)
-    images = decode_images(files, size, c, f"images of {scan.root}")
+    images = decode_images(files, size, c, f"images of {scan.root}", str(scan.root))
     return TensorImageDataset(images, labels, spec, indices=torch.arange(len(files)))
 
 
@@ -249,7 +251,8 @@ def folder_source(argument: str, options: Optional[DataConfig] = None) -> Datase
 
     def load_part(part: str) -> RawImages:
         files, labels = scan.parts[part]
-        return RawImages(FolderImages(files, size, c, f"{part} images of {scan.root}"), labels, scan.class_names)
+        return RawImages(FolderImages(files, size, c, f"{part} images of {scan.root}", str(scan.root)), labels,
+                         scan.class_names)
 
     def complete_spec(current: DataSpec, train: RawImages) -> DataSpec:
         mean, std = channel_stats(decoded(train.images))

@@ -136,12 +136,12 @@ def read_image(path: Path, error: type[Exception] = DataError, stream: Optional[
     return torch.from_numpy(np.array(arr.transpose(2, 0, 1))).unsqueeze(0)  # a writable copy
 
 
-_NAMED = 5  # unreadable files named beside the first
+_NAMED = 10  # unreadable files named beside the first
 
 
 def unreadable(bad: Sequence[tuple[str, Exception]], total: int, what: str, error: type[Exception] = DataError) -> Exception:
     """One error for all of ``total`` inputs (distinct files) that could not be read, so that one run
-    names every one: the first with its reason, five more by name, then a count; a file named twice
+    names every one: the first with its reason, ten more by name, then a count; a file named twice
     counts once. One alone keeps its own message."""
     first: dict[str, Exception] = {}
     for name, exc in bad:
@@ -153,3 +153,27 @@ def unreadable(bad: Sequence[tuple[str, Exception]], total: int, what: str, erro
     others = ", ".join(shown(name) for name, _ in bad[1:1 + _NAMED]) + (f" and {more} more" if more > 0 else "")
     first = str(bad[0][1]).replace("; replace or remove the file", "")
     return error(f"{len(bad)} of {total} {what} cannot be read: {first}; also {others}; replace or remove them")
+
+
+class UnreadableImages(DataError):
+    """Image files of a folder that could not be decoded, each ``(name, error)`` in ``bad``, among the
+    ``files`` tried; the message names them (:func:`unreadable`). ``where``: the folder."""
+
+    def __init__(self, bad: Sequence[tuple[str, Exception]], files: Sequence[Path], what: str, where: str = "") -> None:
+        super().__init__(str(unreadable(bad, len(set(files)), what)))
+        self.bad, self.files, self.where = list(bad), tuple(files), where
+
+    def with_others(self, others: Sequence[Path]) -> "UnreadableImages":
+        """The same error over ``others`` too (a folder's other splits), each file read to find which
+        do not decode, so that one run names every one."""
+        tried, bad = set(self.files), list(self.bad)
+        rest = [p for p in dict.fromkeys(others) if p not in tried]
+        for path in rest:
+            try:
+                read_image(path)
+            except DataError as exc:
+                bad.append((str(path), exc))
+        if len(bad) == len(self.bad):
+            return self
+        return UnreadableImages(bad, (*self.files, *rest), f"images of {self.where}" if self.where else "images",
+                                self.where)

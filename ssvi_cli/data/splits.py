@@ -15,8 +15,9 @@ import torch
 
 from ssvi_cli.config import DataConfig
 from ssvi_cli.data.classes import resolve_classes, restrict_spec, split_classes
-from ssvi_cli.data.sources import read_split, source
-from ssvi_cli.data.spec import DataError, DataSplits, RawImages, decoded
+from ssvi_cli.data.images import UnreadableImages
+from ssvi_cli.data.sources import DatasetSource, read_split, source
+from ssvi_cli.data.spec import DataError, DataSpec, DataSplits, RawImages, decoded
 from ssvi_cli.data.transforms import TensorImageDataset
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,19 @@ def build_dataset(
             f"{name} files list {len(spec.class_names)} classes, expected {spec.num_classes}; "
             "the files under the data directory are not the original dataset"
         )
+    try:
+        return _splits(name, entry, spec, train_raw, test_raw, options, val_fraction, seed, augment, max_train, needed)
+    except UnreadableImages as exc:  # an image folder's: its other splits' files named with them, in one error
+        parts = [train_raw] * bool(entry.complete_spec or {"train", "val"} & set(needed)) + [test_raw] * ("test" in needed)
+        if entry.load_val is not None and "val" in needed:
+            parts.append(entry.load_val())
+        raise exc.with_others([f for raw in parts for f in getattr(raw.images, "files", ())]) from None
+
+
+def _splits(name: str, entry: DatasetSource, spec: DataSpec, train_raw: RawImages, test_raw: RawImages,
+            options: Optional[DataConfig], val_fraction: float, seed: int, augment: bool, max_train: int | None,
+            needed: tuple[str, ...]) -> DataSplits:
+    """build_dataset's splits, from its two parts read."""
     wanted = options.classes if options is not None else None
     kept = None if wanted is None else resolve_classes(wanted, spec.class_names, name)
     heldout = None
