@@ -431,6 +431,27 @@ def test_nproc_forwards_the_same_arguments_to_the_launcher(tmp_path: Path, monke
     assert cmd[5:8] == ["-m", "ssvi_cli", "train"]
 
 
+@pytest.mark.parametrize("exits, code", [({0: -15, 1: 143}, 143), ({0: 143, 1: 143}, 143), ({0: -9, 1: 2}, 2),
+                                         ({0: -15, 1: -15}, 1), ({1: 1, 0: 130}, 130)])
+def test_the_launcher_ends_with_the_processes_own_exit_code(monkeypatch, exits, code):
+    """SIGTERM to rank 1 alone: rank 0 stopped at the checkpoint a little later, and torchrun, seeing
+    rank 1 end, stopped rank 0 with SIGTERM as it finished (under load): its -15 made the command exit 1
+    instead of 143. A code a process gave itself wins over the signal torchrun stopped the rest with."""
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    def fail(argv):
+        raise ChildFailedError("ssvi", {rank: ProcessFailure(rank, 100 + rank, exit_code, "")
+                                        for rank, exit_code in exits.items()})
+
+    monkeypatch.setattr(torchrun, "main", fail)
+    monkeypatch.setattr(launcher, "stop_with_parent", lambda: None)
+    monkeypatch.setenv(launcher.PARENT_ENV, "1")
+    with pytest.raises(SystemExit) as ended:
+        launcher.torchrun_main(["-m", "ssvi_cli", "train"])
+    assert ended.value.code == code
+
+
 def test_nproc_forwards_debug_to_its_processes(tmp_path: Path, monkeypatch):
     """ssvi takes --debug before the command parses its options: the processes never saw it."""
     from ssvi_cli.cli import run

@@ -90,9 +90,10 @@ def torchrun_main(argv: Sequence[str]) -> None:
     except SignalException as exc:
         sys.exit(128 + int(exc.sigval))
     except ChildFailedError as exc:
-        first = min(exc.failures.items())[1] if exc.failures else None
-        code = getattr(first, "exitcode", 1)
-        sys.exit(code if isinstance(code, int) and 0 < code < 256 else 1)
+        # The lowest rank's own exit code; not the signal torchrun stopped the others with once one had
+        # ended (rank 0, stopping at a checkpoint a little after rank 1, was killed at its end under load)
+        codes = [getattr(failure, "exitcode", 1) for _, failure in sorted(exc.failures.items())]
+        sys.exit(next((c for c in codes if isinstance(c, int) and 0 < c < 256), 1))
 
 
 def _wait_for_orphans(others: set[int], grace_s: float = ORPHANS_GRACE_S) -> str:

@@ -280,6 +280,7 @@ class Trainer:
             if self._stop_asked():  # all ranks stop at one step
                 self.train_seconds += time.perf_counter() - started
                 self.save()
+                distributed.max_over_ranks(0, self.device)  # no rank ends before rank 0's checkpoint is written
                 raise Interrupted(self.run_dir, self.state.step, self.stop_signal)
         self.train_seconds += time.perf_counter() - started
         distributed.average_buffers(self.model)
