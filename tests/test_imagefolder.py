@@ -363,9 +363,22 @@ def test_train_infer_evaluate_on_a_png_folder(ws, tmp_path, capsys, monkeypatch)
     assert sorted(whole.labels.tolist()) == [SORTED.index("two")] * 7 + [SORTED.index("zero")] * 7  # the model's
     predicted = predict_batch(loaded.model, torch.stack([whole[i][0] for i in range(14)]), 1, "mean")[0].argmax(1)
     assert report["metrics"]["accuracy"] == pytest.approx(float((predicted == whole.labels).float().mean()))
+    # one class, an empty class folder, splits of other classes: none a training folder's, all scored
+    write_class(tmp_path / "few" / "train" / "zero", 0, 2)
+    write_class(tmp_path / "few" / "test" / "two", 2, 3)
+    (tmp_path / "few" / "test" / "one").mkdir()
+    write_class(tmp_path / "lone" / "zero", 0, 2)
+    for folder, n in (("few", 5), ("lone", 2)):
+        assert run(["evaluate", str(model), "--dataset", f"imagefolder:{tmp_path / folder}", "--split", "all",
+                    "--mode", "mean", "--json"]) == 0, capsys.readouterr().err
+        assert json.loads(capsys.readouterr().out)["n"] == n
     assert run(["evaluate", str(model), "--split", "all", "--samples", "2", "--json"]) == 0  # its own folder
     report = json.loads(capsys.readouterr().out)
     assert report["n"] == 36 and "its training images too" in report["notes"][0]
+    (tmp_path / "link").symlink_to(ws / "flat")  # the same folder by another path
+    assert run(["evaluate", str(model), "--dataset", f"imagefolder:{tmp_path / 'link'}/", "--split", "all",
+                "--mode", "mean", "--json"]) == 0
+    assert "its training images too" in json.loads(capsys.readouterr().out)["notes"][0]
     write_class(tmp_path / "new" / "train" / "seven", 7, 2)
     write_class(tmp_path / "new" / "test" / "seven", 7, 2, skip=2)
     for args, words in (([f"imagefolder:{tmp_path / 'new'}"], "has classes the model does not predict (seven)"),
@@ -528,3 +541,23 @@ def test_every_unreadable_image_is_named_at_once(tmp_path, capsys):
         path.unlink()
     assert run(["train", "--data", f"imagefolder:{tmp_path / 'f'}", "--out", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err.startswith(f"error: image {broken[0]} cannot be read (not an image format")
+
+
+def test_unreadable_files_named_are_those_the_command_decodes(tmp_path):
+    """The error named files of classes data.classes leaves out, and decoded again splits that had
+    decoded fine, to find the other splits' broken files."""
+    from ssvi_cli.data.images import UnreadableImages
+
+    for digit, name in NAMES.items():
+        for split in ("train", "test"):
+            write_class(tmp_path / "f" / split / name, digit, 3)
+    for where in ("train/one", "train/two", "test/zero"):
+        (tmp_path / "f" / where / "broken.png").write_text("not a PNG\n")
+    name = f"imagefolder:{tmp_path / 'f'}"
+    with pytest.raises(UnreadableImages) as caught:  # class two left out: its file is not read
+        build_dataset(name, options=replace(SMALL, classes=("one", "zero")))
+    assert "2 of 14 images of" in str(caught.value) and "two" not in str(caught.value), str(caught.value)
+    for needed, words in ((("test",), "image "), (("train", "val"), r"2 of 1\d (train )?images of")):
+        with pytest.raises(UnreadableImages, match=words) as caught:  # evaluate asks for one split
+            build_dataset(name, options=replace(SMALL, mean=(0.5,), std=(0.25,)), needed=needed)
+        assert ("zero" in str(caught.value)) == (needed == ("test",)), str(caught.value)

@@ -191,22 +191,29 @@ def whole_folder(argument: str, options: DataConfig, class_names: tuple[str, ...
     """Every image of ``imagefolder:<argument>`` (all its splits), labelled by name with a model's
     ``class_names``: a labelled folder the model has not seen, scored whole (``evaluate --split all``).
     Its classes must be among the model's (names compared as text, as macOS and others write them
-    alike); a folder of fewer classes is scored on those it has. ``options`` size and normalise it."""
-    scan = scan_folder(Path(argument))
-    files = tuple(f for part in scan.parts.values() for f in part[0])
-    labels = torch.cat([part[1] for part in scan.parts.values()])
+    alike); a folder of fewer classes, even one, is scored on those it has, its splits need not hold the
+    same classes, and an empty class folder holds none. ``options`` size and normalise it."""
+    root = Path(argument).expanduser()
+    if not root.is_dir():
+        raise DataError(f"image folder {root} is not a folder; pass the folder that holds the class folders ({_LAYOUTS})")
+    root = root.resolve()
+    tops = [root / s for s in SPLIT_FOLDERS if (root / s).is_dir()] or [root]
+    found = [(f, c.name) for top in tops for c in sorted(p for p in top.iterdir() if p.is_dir() and _visible(p.name))
+             for f in find_files(c, IMAGE_SUFFIXES)]
+    if not found:
+        raise DataError(f"image folder {root} holds no images in class folders ({_LAYOUTS})")
     ours = [unicodedata.normalize("NFC", n) for n in class_names]
-    theirs = [unicodedata.normalize("NFC", n) for n in scan.class_names]
-    if extra := [shown(n) for n, t in zip(scan.class_names, theirs) if t not in ours]:
-        raise DataError(f"image folder {scan.root} has classes the model does not predict ({', '.join(extra)}); "
+    theirs = {c: unicodedata.normalize("NFC", c) for _, c in found}
+    if extra := sorted({shown(c) for c, t in theirs.items() if t not in ours}):
+        raise DataError(f"image folder {root} has classes the model does not predict ({', '.join(extra)}); "
                         f"its classes are {', '.join(class_names)}: score the others as out-of-distribution with "
                         "--ood PATH")
-    labels = torch.tensor([ours.index(t) for t in theirs], dtype=torch.long)[labels]
+    labels = torch.tensor([ours.index(theirs[c]) for _, c in found], dtype=torch.long)
     c, size = options.channels, options.image_size
-    spec = DataSpec(f"{FAMILY}:{scan.root}", (c, size, size), len(class_names), tuple(class_names),
+    spec = DataSpec(f"{FAMILY}:{root}", (c, size, size), len(class_names), tuple(class_names),
                     options.mean or (0.0,) * c, options.std or (1.0,) * c)
-    images = decode_images(files, size, c, f"images of {scan.root}", str(scan.root))
-    return TensorImageDataset(images, labels, spec, indices=torch.arange(len(files)))
+    images = decode_images(tuple(f for f, _ in found), size, c, f"images of {root}", str(root))
+    return TensorImageDataset(images, labels, spec, indices=torch.arange(len(found)))
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:

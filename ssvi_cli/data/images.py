@@ -163,17 +163,9 @@ class UnreadableImages(DataError):
         super().__init__(str(unreadable(bad, len(set(files)), what)))
         self.bad, self.files, self.where = list(bad), tuple(files), where
 
-    def with_others(self, others: Sequence[Path]) -> "UnreadableImages":
-        """The same error over ``others`` too (a folder's other splits), each file read to find which
-        do not decode, so that one run names every one."""
-        tried, bad = set(self.files), list(self.bad)
-        rest = [p for p in dict.fromkeys(others) if p not in tried]
-        for path in rest:
-            try:
-                read_image(path)
-            except DataError as exc:
-                bad.append((str(path), exc))
-        if len(bad) == len(self.bad):
-            return self
-        return UnreadableImages(bad, (*self.files, *rest), f"images of {self.where}" if self.where else "images",
-                                self.where)
+    @classmethod
+    def merged(cls, errors: Sequence["UnreadableImages"]) -> "UnreadableImages":
+        """One error for the files of several decodes (a folder's splits)."""
+        where = errors[0].where
+        return cls([b for e in errors for b in e.bad], [f for e in errors for f in e.files],
+                   f"images of {where}" if where else "images", where)

@@ -8,7 +8,7 @@ import logging
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -106,13 +106,7 @@ def build_dataset(
             f"{name} files list {len(spec.class_names)} classes, expected {spec.num_classes}; "
             "the files under the data directory are not the original dataset"
         )
-    try:
-        return _splits(name, entry, spec, train_raw, test_raw, options, val_fraction, seed, augment, max_train, needed)
-    except UnreadableImages as exc:  # an image folder's: its other splits' files named with them, in one error
-        parts = [train_raw] * bool(entry.complete_spec or {"train", "val"} & set(needed)) + [test_raw] * ("test" in needed)
-        if entry.load_val is not None and "val" in needed:
-            parts.append(entry.load_val())
-        raise exc.with_others([f for raw in parts for f in getattr(raw.images, "files", ())]) from None
+    return _splits(name, entry, spec, train_raw, test_raw, options, val_fraction, seed, augment, max_train, needed)
 
 
 def _splits(name: str, entry: DatasetSource, spec: DataSpec, train_raw: RawImages, test_raw: RawImages,
@@ -126,8 +120,17 @@ def _splits(name: str, entry: DatasetSource, spec: DataSpec, train_raw: RawImage
         spec = restrict_spec(spec, kept)
         train_raw, _ = split_classes(train_raw, kept)
         test_raw, heldout = split_classes(test_raw, kept)
-    if entry.complete_spec is not None:
-        train_raw = replace(train_raw, images=decoded(train_raw.images))  # measured on all of it
+    failed: list[UnreadableImages] = []  # an image folder's files that do not decode, in every split read
+
+    def decode(images: Any) -> Optional[torch.Tensor]:
+        try:
+            return decoded(images)
+        except UnreadableImages as exc:
+            failed.append(exc)
+            return None
+
+    if entry.complete_spec is not None and (images := decode(train_raw.images)) is not None:
+        train_raw = replace(train_raw, images=images)  # measured on all of it
         spec = entry.complete_spec(spec, train_raw)
     if entry.load_val is not None:
         val_raw = entry.load_val() if kept is None else split_classes(entry.load_val(), kept)[0]
@@ -138,19 +141,22 @@ def _splits(name: str, entry: DatasetSource, spec: DataSpec, train_raw: RawImage
     if max_train is not None:
         max_val = math.ceil(max_train * val_fraction / (1.0 - val_fraction))
         train_idx, val_idx = _cap(train_idx, max_train, seed), _cap(val_idx, max_val, seed + 1)
+    parts = {"train": (train_raw, train_idx), "val": (val_raw, val_idx), "test": (test_raw, torch.arange(len(test_raw.labels)))}
+    known_bad = bool(failed)  # the training images, all of them tried: their parts are not decoded again
+    images = {part: decode(raw.images[idx if part in needed else idx[:0]])
+              if not (known_bad and raw is train_raw) else None for part, (raw, idx) in parts.items()}
+    held = None if heldout is None else decode(heldout)
+    if failed:  # every split read, so that one error names every file that does not decode
+        raise failed[0] if len(failed) == 1 else UnreadableImages.merged(failed)
 
-    def subset(part: str, raw: RawImages, idx: torch.Tensor, aug: Callable | None = None) -> TensorImageDataset:
+    def subset(part: str, aug: Callable | None = None) -> TensorImageDataset:
+        raw, idx = parts[part]
         idx = idx if part in needed else idx[:0]
-        return TensorImageDataset(decoded(raw.images[idx]), raw.labels[idx], spec, augment=aug, indices=idx)
+        return TensorImageDataset(images[part], raw.labels[idx], spec, augment=aug, indices=idx)
 
-    splits = DataSplits(
-        train=subset("train", train_raw, train_idx, entry.augment if augment else None),
-        val=subset("val", val_raw, val_idx),
-        test=subset("test", test_raw, torch.arange(len(test_raw.labels))),
-        spec=spec,
-        heldout=None if heldout is None else
-        TensorImageDataset(decoded(heldout), torch.full((len(heldout),), -1, dtype=torch.long), spec),
-    )
+    splits = DataSplits(train=subset("train", entry.augment if augment else None), val=subset("val"),
+                        test=subset("test"), spec=spec, heldout=None if held is None else
+                        TensorImageDataset(held, torch.full((len(held),), -1, dtype=torch.long), spec))
     logger.info(
         "%s: %d train, %d val, %d test", name, len(splits.train), len(splits.val), len(splits.test)
     )

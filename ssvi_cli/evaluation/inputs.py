@@ -98,11 +98,12 @@ def load_eval_data(
     if dataset is None and folder and not Path(folder).expanduser().is_dir():
         raise DataError(f"the model was trained on the image folder {folder}, which is not there now; if it has "
                         "moved, give its new place with --dataset imagefolder:PATH")
-    check_dataset_name(name, data_config_for(model_spec))
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; valid splits are: {', '.join(SPLITS)}")
-    requests = resolve_requests(ood, model_spec, name)
     if split != "all":  # every image of a folder, by class name: its own checks (whole_folder)
+        check_dataset_name(name, data_config_for(model_spec))
+    requests = resolve_requests(ood, model_spec, name)
+    if split != "all":
         current = get_spec(name, data_config_for(model_spec))
         _check_compatible(name, current, model_spec)
         model_spec.check_same_files(current)  # a changed flat image folder would redraw its test split
@@ -146,8 +147,10 @@ def _whole_folder(name: str, folder: Optional[str], model_spec: DataSpec, reques
     if "heldout" in requests:
         raise DataError("--ood heldout is the test split's other classes; with --split all give them as --ood PATH")
     inputs = whole_folder(folder, data_config_for(model_spec), tuple(model_spec.class_names))
+    trained_on = model_spec.name.partition("imagefolder:")[2] if model_spec.name.startswith("imagefolder:") else None
+    own = trained_on is not None and Path(folder).expanduser().resolve() == Path(trained_on).expanduser().resolve()
     notes = [f"every image of {name} was scored, its training images too: the model was trained on this folder"
-             ] if name == model_spec.name else []
+             ] if own else []
     ood_sets = load_requests(requests, model_spec, root, download, seed, ood_max_items)
     return EvalData(dataset=name, split="all", inputs=inputs, ood=ood_sets, notes=notes,
                     ood_seed_keys={label: request.seed_key for label, request in requests.items()})
