@@ -693,7 +693,7 @@ def test_threads_are_recorded_and_a_resume_on_others_is_said(tmp_path, capsys):
             f"{torch.get_num_threads()}") in capsys.readouterr().err
 
 
-def test_a_run_resumed_on_another_number_of_processes_says_so():
+def test_a_run_resumed_on_another_number_of_processes_says_so(monkeypatch):
     """The --nproc 2 run's resume hint had no --nproc: taken as given, the run went on on one process
     and nothing said the count had changed."""
     from ssvi_cli.cli.train_config import processes_note
@@ -701,6 +701,13 @@ def test_a_run_resumed_on_another_number_of_processes_says_so():
     assert processes_note(128, 64, 1) == "note: the run started on 2 processes and goes on with 1; its global batch stays 128"
     assert processes_note(64, 64, 2) == "note: the run started on 1 process and goes on with 2; its global batch stays 64"
     assert processes_note(128, 64, 2) == ""
+    from ssvi_cli.cli.train_config import nproc_again
+    from ssvi_cli.training.launcher import PARENT_ENV
+
+    monkeypatch.setenv(PARENT_ENV, "123")  # started by ssvi train --nproc
+    assert nproc_again(2) == " --nproc 2" and nproc_again(1) == ""
+    monkeypatch.delenv(PARENT_ENV)  # by torchrun itself (any number of nodes): started again as it was
+    assert nproc_again(8) == ""
 
 
 def test_commands_that_need_no_model_start_without_importing_torch():
@@ -746,3 +753,15 @@ def test_the_epoch_line_shows_the_loss_as_nll_plus_kl(tmp_path: Path, capsys):
         assert abs(loss - nll - kl) < 2e-4 and kl >= 0, line
         kls.append(kl)
     assert kls[-1] > kls[0], lines  # the KL weight warms up from zero
+
+
+def test_the_recipe_note_names_a_preset_file_and_says_nothing_of_one_that_names_no_model(tmp_path: Path):
+    from ssvi_cli import config as C
+    from ssvi_cli.cli.train_config import recipe_note
+
+    cfg = C.apply_overrides(C.load_preset("digits_mlp"), {"model.name": "lenet5"})
+    (tmp_path / "mine.yaml").write_text("model:\n  name: mlp\noptim:\n  lr: 0.02\n")
+    assert recipe_note(cfg, str(tmp_path / "mine.yaml")).startswith(
+        f"note: lenet5 trains with the recipe of {tmp_path / 'mine.yaml'}, tuned for its mlp (here adam lr 0.01")
+    (tmp_path / "bare.yaml").write_text("optim:\n  lr: 0.02\n")  # the schema's defaults: no recipe to name
+    assert recipe_note(cfg, str(tmp_path / "bare.yaml")) == ""

@@ -132,6 +132,9 @@ def test_dense_file_is_a_full_bnn_with_the_same_predictions(trained, tmp_path):
     # its report counts the model's support, not the stored zeros ("active weights N of N" before)
     active = sum(l.active for _, l in sparse_layers(trainer.model))
     assert report["active_weights"] == active < report["stored_weights"] == report["total_weights"]
+    again = export_model(tmp_path / "dense.safetensors", tmp_path / "dense2.safetensors", dense=True)
+    assert again["active_weights"] == active  # from the dense file too, whose zeros are stored entries
+    assert (tmp_path / "dense2.safetensors").read_bytes()[-1000:] == (tmp_path / "dense.safetensors").read_bytes()[-1000:]
     dense = read_model_file(tmp_path / "dense.safetensors")
     assert dense.file.layout == "dense"
     assert all(l.active == l.numel for _, l in sparse_layers(dense.model))

@@ -429,3 +429,12 @@ def test_every_input_that_cannot_be_read_is_named_at_once(model_file, digits, tm
     (tmp_path / "bad2.png").unlink()
     assert run(["infer", str(model_file), str(tmp_path)]) == 2  # one alone keeps its own message
     assert capsys.readouterr().err.startswith(f"error: image {tmp_path / 'bad0.png'} cannot be read (not an image")
+    from ssvi_cli.data.images import unreadable
+
+    said = str(unreadable([("-", InputError("standard input (-) cannot be read (x); pipe an image file or a .npy "
+                                            "array into it")), ("-", InputError("again")), ("b.png", InputError("b"))], 2,
+                          "input files", InputError))
+    assert said == ("2 of 2 input files cannot be read: standard input (-) cannot be read (x); also b.png; replace "
+                    "or remove them")
+    said = str(unreadable([("b.png", InputError("b")), ("-", InputError("s"))], 2, "input files", InputError))
+    assert said.endswith("also standard input; replace or remove them")

@@ -280,6 +280,9 @@ def test_a_wrappers_state_dict_is_read_under_its_prefix(tmp_path):
     torch.save({"state_dict": {f"model.{k}": v for k, v in net.items() if not k.startswith("fc.")}}, path)
     headless = load_init_weights(cfg, spec)  # a wrapped backbone saved without its head: read under the prefix
     assert set(headless.state) == set(net) - {"fc.weight", "fc.bias"} and headless.reinitialised == ("fc.weight", "fc.bias")
+    torch.save({**{f"model.{k}": v for k, v in net.items()},  # the network beside its backbone alone
+                **{f"backbone.{k}": v for k, v in net.items() if not k.startswith("fc.")}}, path)
+    assert set(load_init_weights(cfg, spec).state) == set(net)  # read under model., the one that holds it whole
     torch.save({**{f"model.{k}": v for k, v in net.items()}, **{f"ema.{k}": v for k, v in net.items()}}, path)
     with pytest.raises(C.ConfigError, match=r"holds the network under 2 prefixes \('ema.', 'model.'\)"):
         load_init_weights(cfg, spec)

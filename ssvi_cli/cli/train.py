@@ -14,8 +14,8 @@ import typer
 from ssvi_cli import config as cfgmod
 from ssvi_cli.cli.common import (UsageError, check_run_out, count, err, fmt, forwarded_args, kv_table, no_reader,
                                  out, print_json, progress_bar, running_a_cell, tell)
-from ssvi_cli.cli.train_config import (build_config, init_from_lr_note, processes_note, recipe_note, set_keys,
-                                       threads_note, unused_keys)
+from ssvi_cli.cli.train_config import (build_config, init_from_lr_note, nproc_again, processes_note, recipe_note,
+                                       set_keys, threads_note, unused_keys)
 
 
 def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
@@ -303,8 +303,7 @@ def _fit(trainer, interrupted_cls, quiet: bool, say: Callable[[str], None]) -> d
                        if stop.during else f"{how} at step {stop.step}; checkpoint written")
             # One line per run, not per rank: the other ranks exit with the same code, silently.
             raise KeyboardInterruptHandled(message if trainer.is_main else "", exit_code=128 + int(stop.signum),
-                                           resume=f"ssvi train --resume {stop.run_dir}" + (  # as many processes
-                                               f" --nproc {trainer.dist.world_size}" if trainer.dist.world_size > 1 else "")
+                                           resume=f"ssvi train --resume {stop.run_dir}" + nproc_again(trainer.dist.world_size)
                                            if trainer.is_main else "") from None
 
 

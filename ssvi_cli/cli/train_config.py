@@ -79,11 +79,27 @@ def processes_note(global_batch: int, batch_size: int, world_size: int) -> str:
 
 def recipe_note(cfg: cfgmod.Config, preset: str) -> str:
     """A note for a model another than its preset's: it trains with a recipe tuned for that model (the
-    default preset's Adam and wide prior are the digits MLP's, not a ResNet's)."""
-    base = cfgmod.load_preset(preset)
-    if cfg.model.name == base.model.name:
+    default preset's Adam and wide prior are the digits MLP's, not a ResNet's). A preset file that
+    names no model is the schema's defaults, no recipe: nothing is said."""
+    if preset in cfgmod.list_presets():
+        base, where = cfgmod.load_preset(preset).model.name, f"preset {preset}, a recipe"
+    else:
+        data = cfgmod.read_yaml(Path(preset).expanduser().read_text(encoding="utf-8"))
+        base = ((data or {}).get("model") or {}).get("name") if isinstance(data, dict) else None
+        where = f"the recipe of {preset},"
+    if base is None or cfg.model.name == base:
         return ""
     o = cfg.optim
-    return (f"note: {cfg.model.name} trains with preset {Path(preset).stem}, a recipe tuned for its {base.model.name} "
+    return (f"note: {cfg.model.name} trains with {where} tuned for its {base} "
             f"(here {o.name} lr {o.lr:g}, prior sigma {cfg.bayes.prior_sigma:g}, {count(cfg.train.epochs, 'epoch')}: "
             "flags and --set change them); ssvi presets lists the others, the CIFAR ones the paper's for ResNet-18")
+
+
+def nproc_again(world_size: int) -> str:
+    """`` --nproc N`` for the resume command of a run that ``--nproc N`` started (one node); nothing
+    under plain torchrun, which the user starts again as they started it."""
+    import os
+
+    from ssvi_cli.training.launcher import PARENT_ENV
+
+    return f" --nproc {world_size}" if world_size > 1 and os.environ.get(PARENT_ENV) else ""

@@ -113,7 +113,7 @@ def read_image(path: Path, error: type[Exception] = DataError, stream: Optional[
     the file."""
     from PIL import Image, UnidentifiedImageError
 
-    what, fix = ((f"standard input ({path})", "pipe an image file or a .npy array into it")
+    what, fix = ((f"standard input ({path})", _PIPE)
                  if str(path) in (STDIN, "/dev/stdin") else (f"image {path}", "replace or remove the file"))
     try:
         with Image.open(stream if stream is not None else path) as img:
@@ -137,6 +137,7 @@ def read_image(path: Path, error: type[Exception] = DataError, stream: Optional[
 
 
 _NAMED = 10  # unreadable files named beside the first
+_PIPE = "pipe an image file or a .npy array into it"
 
 
 def unreadable(bad: Sequence[tuple[str, Exception]], total: int, what: str, error: type[Exception] = DataError) -> Exception:
@@ -150,8 +151,9 @@ def unreadable(bad: Sequence[tuple[str, Exception]], total: int, what: str, erro
     if len(bad) == 1:
         return bad[0][1]
     more = len(bad) - 1 - _NAMED
-    others = ", ".join(shown(name) for name, _ in bad[1:1 + _NAMED]) + (f" and {more} more" if more > 0 else "")
-    first = str(bad[0][1]).replace("; replace or remove the file", "")
+    others = ", ".join("standard input" if name == STDIN else shown(name) for name, _ in bad[1:1 + _NAMED]) + (
+        f" and {more} more" if more > 0 else "")
+    first = str(bad[0][1]).replace("; replace or remove the file", "").replace(f"; {_PIPE}", "")
     return error(f"{len(bad)} of {total} {what} cannot be read: {first}; also {others}; replace or remove them")
 
 

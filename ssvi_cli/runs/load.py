@@ -83,7 +83,7 @@ def _own_summary(run: RunDir, data: dict[str, Any]) -> dict[str, Any]:
 def export_model(source: Path, out: Path, dtype: str = "float32", dense: bool = False) -> dict[str, Any]:
     """Write the model at ``source`` (file, checkpoint or run dir) to ``out``; returns a size report."""
     loaded = load_model(source)
-    if loaded.file.layout == "dense" and not dense:
+    if loaded.file.layout == "dense":  # its support back (a dense file written again stores the same zeros)
         _drop_empty_entries(loaded.model, Path(loaded.file.path))
     written = write_model_file(loaded.model, out, loaded.card, dtype=dtype, dense=dense)
     totals = size_totals(read_header(out))  # a dense file stores every weight: its header counts them all

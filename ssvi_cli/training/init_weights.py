@@ -178,6 +178,8 @@ def _inner_network(state: dict[str, Tensor], own: dict[str, Any], source: Path,
         return state, None
     prefixes = sorted({k[:-len(first)] for k in state if k.endswith("." + first)})
     fits = [p for p in prefixes if all(p + k in state for k in own if not k.startswith(AUX_HEADS) and k not in optional)]
+    whole = [p for p in fits if all(p + k in state for k in optional)]
+    fits = whole if len(fits) > 1 and len(whole) == 1 else fits  # a model beside its backbone alone: the model
     if len(fits) > 1:
         raise ConfigError(f"--init-from {source} holds the network under {len(fits)} prefixes ("
                           + ", ".join(repr(p) for p in fits) + "): save the state_dict of the one to start from")
