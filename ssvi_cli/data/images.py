@@ -144,10 +144,10 @@ def unreadable(bad: Sequence[tuple[str, Exception]], total: int, what: str, erro
     """One error for all of ``total`` inputs (distinct files) that could not be read, so that one run
     names every one: the first with its reason, ten more by name, then a count; a file named twice
     counts once. One alone keeps its own message."""
-    first: dict[str, Exception] = {}
+    by_name: dict[str, Exception] = {}
     for name, exc in bad:
-        first.setdefault(name, exc)
-    bad = list(first.items())
+        by_name.setdefault(name, exc)
+    bad = list(by_name.items())
     if len(bad) == 1:
         return bad[0][1]
     more = len(bad) - 1 - _NAMED

@@ -129,8 +129,8 @@ def _splits(name: str, entry: DatasetSource, spec: DataSpec, train_raw: RawImage
             failed.append(exc)
             return None
 
-    if entry.complete_spec is not None and (images := decode(train_raw.images)) is not None:
-        train_raw = replace(train_raw, images=images)  # measured on all of it
+    if entry.complete_spec is not None and (train_images := decode(train_raw.images)) is not None:
+        train_raw = replace(train_raw, images=train_images)  # measured on all of it
         spec = entry.complete_spec(spec, train_raw)
     if entry.load_val is not None:
         val_raw = entry.load_val() if kept is None else split_classes(entry.load_val(), kept)[0]
@@ -141,7 +141,8 @@ def _splits(name: str, entry: DatasetSource, spec: DataSpec, train_raw: RawImage
     if max_train is not None:
         max_val = math.ceil(max_train * val_fraction / (1.0 - val_fraction))
         train_idx, val_idx = _cap(train_idx, max_train, seed), _cap(val_idx, max_val, seed + 1)
-    parts = {"train": (train_raw, train_idx), "val": (val_raw, val_idx), "test": (test_raw, torch.arange(len(test_raw.labels)))}
+    parts = {"train": (train_raw, train_idx), "val": (val_raw, val_idx),
+             "test": (test_raw, torch.arange(len(test_raw.labels)))}
     known_bad = bool(failed)  # the training images, all of them tried: their parts are not decoded again
     images = {part: decode(raw.images[idx if part in needed else idx[:0]])
               if not (known_bad and raw is train_raw) else None for part, (raw, idx) in parts.items()}

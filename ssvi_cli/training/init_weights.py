@@ -6,8 +6,8 @@ Two sources. A file: a ``state_dict`` of the deterministic model, as ``.pt`` (re
 published weights, fetched through torch.hub's cache. Both are adapted alike (``training.pretrained``):
 a head for another number of classes (the file's read from its head) is left out, to be
 re-initialised, as is one a file does not hold (a backbone saved alone), and the stem kernel adapted
-to the data's channels; a file trained for this data loads as it is. Every other key and shape must match; the first mismatching key is named.
-``training.init_from`` builds the model from the result.
+to the data's channels; a file trained for this data loads as it is. Every other key and shape must
+match; the first mismatching key is named. ``training.init_from`` builds the model from the result.
 """
 
 from __future__ import annotations
