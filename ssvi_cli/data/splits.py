@@ -66,9 +66,23 @@ def train_size(name: str, *, data_dir: Path | None = None, download: bool = Fals
     train_raw = read_split(entry, name, data_dir=data_dir, download=download, train=True)
     if options is not None and options.classes is not None:
         train_raw = split_classes(train_raw, resolve_classes(options.classes, train_raw.class_names, name))[0]
-    labels = train_raw.labels
-    n = len(labels) if entry.load_val is not None else len(stratified_split(labels, val_fraction, seed)[0])
-    return n if max_train is None else min(n, max_train)
+    own_val = 0 if entry.load_val is not None else None  # its size does not change the training split
+    return len(_indices(train_raw.labels, own_val, val_fraction, seed, max_train)[0])
+
+
+def _indices(train_labels: torch.Tensor, own_val: Optional[int], val_fraction: float, seed: int,
+             max_train: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training and validation positions: all of the training split and the source's own
+    validation split of ``own_val`` examples, or a seeded stratified carve of the training split;
+    ``max_train`` caps the training part (seeded), and the validation part in proportion."""
+    if own_val is not None:
+        train_idx, val_idx = torch.arange(len(train_labels)), torch.arange(own_val)
+    else:
+        train_idx, val_idx = stratified_split(train_labels, val_fraction, seed)
+    if max_train is not None:
+        max_val = math.ceil(max_train * val_fraction / (1.0 - val_fraction))
+        train_idx, val_idx = _cap(train_idx, max_train, seed), _cap(val_idx, max_val, seed + 1)
+    return train_idx, val_idx
 
 
 def build_dataset(
@@ -134,13 +148,10 @@ def _splits(name: str, entry: DatasetSource, spec: DataSpec, train_raw: RawImage
         spec = entry.complete_spec(spec, train_raw)
     if entry.load_val is not None:
         val_raw = entry.load_val() if kept is None else split_classes(entry.load_val(), kept)[0]
-        train_idx, val_idx = torch.arange(len(train_raw.labels)), torch.arange(len(val_raw.labels))
     else:
         val_raw = train_raw
-        train_idx, val_idx = stratified_split(train_raw.labels, val_fraction, seed)
-    if max_train is not None:
-        max_val = math.ceil(max_train * val_fraction / (1.0 - val_fraction))
-        train_idx, val_idx = _cap(train_idx, max_train, seed), _cap(val_idx, max_val, seed + 1)
+    own_val = len(val_raw.labels) if entry.load_val is not None else None
+    train_idx, val_idx = _indices(train_raw.labels, own_val, val_fraction, seed, max_train)
     parts = {"train": (train_raw, train_idx), "val": (val_raw, val_idx),
              "test": (test_raw, torch.arange(len(test_raw.labels)))}
     known_bad = bool(failed)  # the training images, all of them tried: their parts are not decoded again

@@ -74,7 +74,8 @@ def load_init_weights(cfg: Config, spec: DataSpec, progress: bool = False) -> In
         state = read_state_dict(Path(source))
         # torchvision's default GoogLeNet and Inception v3 carry auxiliary classifiers, which ssvi builds
         # without (as for published weights): their keys are left out, and the run says so.
-        own, head = model.state_dict(), _head_keys(cfg, spec)
+        own = model.state_dict()
+        head = _head_keys(cfg, spec, own)
         state, inner = _inner_network(state, own, Path(source), optional=head)
         aux = sorted({k.split(".")[0] for k in state if k.startswith(AUX_HEADS) and k not in own})
         state = {k: v for k, v in state.items() if not k.startswith(tuple(f"{a}." for a in aux))}
@@ -98,11 +99,10 @@ def load_init_weights(cfg: Config, spec: DataSpec, progress: bool = False) -> In
     return init
 
 
-def _head_keys(cfg: Config, spec: DataSpec) -> tuple[str, ...]:
-    """The run's model's keys whose shape follows the number of classes (the head): the first
-    dimension of each is the number of classes."""
+def _head_keys(cfg: Config, spec: DataSpec, own: dict[str, Any]) -> tuple[str, ...]:
+    """The keys of the run's model (``own``, its state_dict) whose shape follows the number of classes
+    (the head): the first dimension of each is the number of classes."""
     with torch.device("meta"):
-        own = base_for(cfg, spec).state_dict()
         other = torchvision_base(cfg.model.name[len(TORCHVISION):], spec.input_shape, spec.num_classes + 1).state_dict()
     return tuple(k for k, v in own.items() if k in other and other[k].shape != v.shape)
 
