@@ -43,7 +43,7 @@ class ModelConfig:
     name: str = "mlp"
     widths: tuple[int, ...] = (256, 256)
     dense_stem: bool = True  # conv models keep the first conv dense; MLPs ignore it
-    init_from: Optional[str] = None  # torchvision:NAME models: a trained state_dict (.pt or .safetensors)
+    init_from: Optional[str] = None  # a trained ssvi model; torchvision:NAME models: a state_dict or published weights
 
 
 @dataclass(frozen=True)

@@ -245,7 +245,7 @@ def test_init_from_a_trained_state_dict_starts_mu_at_the_largest_weights(tmp_pat
     for argv, words in (
         (["--model", "torchvision:resnet18", "--init-from", str(tmp_path / "other.pt")],
          "holds 'layer1.2.conv1.weight', which the model does not have"),
-        (["--init-from", str(tmp_path / "sd.pt")], "needs a torchvision:NAME model"),
+        (["--init-from", str(tmp_path / "sd.pt")], "deterministic weights start only a torchvision:NAME model"),
         (["--model", "torchvision:resnet18", "--init-from", str(tmp_path / "missing.pt")], "no such file"),
     ):
         assert run(["train", *argv, "--out", str(tmp_path / "bad"), "--epochs", "1"]) == 2

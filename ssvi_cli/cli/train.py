@@ -58,12 +58,12 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def train(
         ctx: typer.Context,
-        preset: Annotated[str, typer.Option(help="Preset name (see 'ssvi presets') or a YAML path.")] = cfgmod.DEFAULT_PRESET,
+        preset: Annotated[Optional[str], typer.Option(help=f"Preset name (see 'ssvi presets') or a YAML path. Default {cfgmod.DEFAULT_PRESET}; with --init-from a trained ssvi model, the config that model was trained with.", show_default=False)] = None,
         model: Annotated[Optional[str], typer.Option(help="Architecture: mlp, lenet5, resnet18, vgg16, vgg19, or torchvision:NAME (any torchvision classifier, built without weights).")] = None,
         data: Annotated[Optional[str], typer.Option("--data", help="Dataset: digits (embedded), mnist, fashion-mnist, kmnist, cifar10, cifar100, svhn, or imagefolder:PATH (your class folders; --set data.image_size=, data.channels=).")] = None,
         data_dir: Annotated[Optional[Path], typer.Option(help="Folder of torchvision datasets (default ~/.cache/ssvi/data).")] = None,
         download: Annotated[Optional[bool], typer.Option("--download/--no-download", help="Download missing torchvision datasets.", show_default=False)] = None,
-        init_from: Annotated[Optional[str], typer.Option(help="torchvision:NAME models: start from a trained state_dict (.pt read with weights_only=True, or .safetensors), or from torchvision's published weights, torchvision:WEIGHTS (e.g. torchvision:ResNet18_Weights.IMAGENET1K_V1 or torchvision:DEFAULT; fetched into $TORCH_HOME/hub/checkpoints). Either way a head for other classes is re-initialised and the first conv fits the data's channels. The support is each layer's largest |w|.")] = None,
+        init_from: Annotated[Optional[str], typer.Option(help="A trained ssvi model (a run directory or a model file): the run starts from its supports, mu and sigma, with its config unless --preset is given. torchvision:NAME models also start from a trained state_dict (.pt read with weights_only=True, or .safetensors), or from torchvision's published weights, torchvision:WEIGHTS (e.g. torchvision:ResNet18_Weights.IMAGENET1K_V1 or torchvision:DEFAULT; fetched into $TORCH_HOME/hub/checkpoints): a head for other classes is re-initialised, the first conv fits the data's channels, and the support is each layer's largest |w|.")] = None,
         sparsity: Annotated[Optional[float], typer.Option(help="Fraction of weights that are exactly zero, in [0, 1).")] = None,
         method: Annotated[Optional[str], typer.Option(help="ssvi, vi, static, rigl or dense.")] = None,
         criterion: Annotated[Optional[str], typer.Option(help="Removal criterion: mean, snr, e_abs, snr_abs, e_exp, snr_exp.")] = None,
@@ -98,7 +98,7 @@ def register(app: typer.Typer) -> None:
             "train.epochs": epochs, "train.batch_size": batch_size, "optim.lr": lr, "train.seed": seed,
             "train.device": device, "train.precision": precision, "train.kernel": kernel}
         if resume is not None:
-            given = [n for n, v in (("--preset", preset != cfgmod.DEFAULT_PRESET), ("--model", model), ("--init-from", init_from), ("--data", data),
+            given = [n for n, v in (("--preset", preset), ("--model", model), ("--init-from", init_from), ("--data", data),
                                      ("--data-dir", data_dir), ("--download", download is not None), ("--sparsity", sparsity),
                                      ("--method", method), ("--criterion", criterion), ("--epochs", epochs),
                                      ("--batch-size", batch_size), ("--lr", lr), ("--seed", seed),
@@ -211,13 +211,13 @@ def _finished(run_dir: Path, json_out: bool, is_main: bool) -> bool:
     return True
 
 
-def _default_run_dir(cfg: cfgmod.Config, preset: str) -> Any:
+def _default_run_dir(cfg: cfgmod.Config, preset: Optional[str]) -> Any:
     from ssvi_cli.runs.rundir import RunDir
 
-    return RunDir.default(preset, cfg.sparse.method, cfg.sparse.sparsity if cfg.density < 1 else None)
+    return RunDir.default(preset or cfgmod.DEFAULT_PRESET, cfg.sparse.method, cfg.sparse.sparsity if cfg.density < 1 else None)
 
 
-def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: str, out_dir: Optional[Path], force: bool,
+def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: Optional[str], out_dir: Optional[Path], force: bool,
             overrides: dict[str, Any], sets: list[str], device: Optional[str]) -> None:
     """Check the run here, once, where errors read well (and before ``--force`` removes an old run),
     then rerun the command on ``nproc`` processes. A stop signal sent to this process alone (``kill``,

@@ -4,15 +4,17 @@ given once; what of it the run's method cannot use; and the notes about its setu
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ssvi_cli import config as cfgmod
 from ssvi_cli.cli.common import UsageError, count
 
 
-def build_config(preset: str, overrides: dict[str, Any], sets: list[str]) -> cfgmod.Config:
+def build_config(preset: Optional[str], overrides: dict[str, Any], sets: list[str]) -> cfgmod.Config:
     """The preset, with its values for the chosen method, then the flags and ``--set`` values; a key
-    set twice (a flag and ``--set``, or two ``--set``) is refused rather than one value dropped."""
+    set twice (a flag and ``--set``, or two ``--set``) is refused rather than one value dropped. With
+    no preset (None), a run from a trained ssvi model (``model.init_from``) starts from the config
+    that model was trained with, and any other from the default preset."""
     flat = {k: v for k, v in overrides.items() if v is not None}
     for text in sets:
         key, value = cfgmod.parse_override(text)
@@ -20,7 +22,12 @@ def build_config(preset: str, overrides: dict[str, Any], sets: list[str]) -> cfg
             given = f"{flag_of(key)} and --set" if overrides.get(key) is not None else "two --set"
             raise UsageError(f"{key} is given twice ({given}); give it once")
         flat[key] = value
-    return cfgmod.from_preset(preset, flat)
+    from ssvi_cli.training.init_posterior import names_trained_model, recorded_config
+
+    source = flat.get("model.init_from")
+    if preset is None and isinstance(source, str) and names_trained_model(source):
+        return cfgmod.with_absolute_paths(cfgmod.apply_overrides(recorded_config(source), flat))
+    return cfgmod.from_preset(preset or cfgmod.DEFAULT_PRESET, flat)
 
 
 def flag_of(key: str) -> str:
@@ -42,10 +49,13 @@ def set_keys(sets: list[str]) -> list[str]:
 
 
 def init_from_lr_note(cfg: cfgmod.Config, overrides: dict[str, Any], sets: list[str]) -> str:
-    """A note for a run that starts from trained weights (``--init-from``) with Adam at a learning rate
-    for training from scratch, which the command line did not choose: a few such steps undo them (a
-    trained ResNet-18 fell to chance accuracy within an epoch at the digits preset's 0.01)."""
-    if (not cfg.model.init_from or cfg.optim.name != "adam" or cfg.optim.lr <= 1e-3
+    """A note for a run that starts from trained deterministic weights (``--init-from``) with Adam at a
+    learning rate for training from scratch, which the command line did not choose: a few such steps
+    undo them (a trained ResNet-18 fell to chance accuracy within an epoch at the digits preset's
+    0.01). A trained ssvi model goes on at the rate of its own config, so nothing is said."""
+    from ssvi_cli.training.init_posterior import names_trained_model
+
+    if (not cfg.model.init_from or names_trained_model(cfg.model.init_from) or cfg.optim.name != "adam" or cfg.optim.lr <= 1e-3
             or overrides.get("optim.lr") is not None or "optim.lr" in set_keys(sets)):
         return ""
     return (f"note: --init-from starts from trained weights, which Adam at this preset's learning rate "
@@ -77,10 +87,17 @@ def processes_note(global_batch: int, batch_size: int, world_size: int) -> str:
             f"its global batch stays {global_batch}")
 
 
-def recipe_note(cfg: cfgmod.Config, preset: str) -> str:
+def recipe_note(cfg: cfgmod.Config, preset: Optional[str]) -> str:
     """A note for a model another than its preset's: it trains with a recipe tuned for that model (the
     default preset's Adam and wide prior are the digits MLP's, not a ResNet's). A preset file that
-    names no model is the schema's defaults, no recipe: nothing is said."""
+    names no model is the schema's defaults, no recipe: nothing is said. A run from a trained ssvi
+    model with no preset is told whose config it has."""
+    from ssvi_cli.training.init_posterior import names_trained_model
+
+    if preset is None and names_trained_model(cfg.model.init_from):
+        return (f"note: the run has the config {cfg.model.init_from} was trained with, and the command line's "
+                "changes; --preset starts from a preset instead")
+    preset = preset or cfgmod.DEFAULT_PRESET
     if preset in cfgmod.list_presets():
         base, where = cfgmod.load_preset(preset).model.name, f"preset {preset}, a recipe"
     else:

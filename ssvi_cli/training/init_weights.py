@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ssvi_cli.config import Config, ConfigError
 from ssvi_cli.data.spec import DataSpec
 from ssvi_cli.models import AUX_HEADS, TORCHVISION, torchvision_base
+from ssvi_cli.runs.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from ssvi_cli.runs.checkpoint import holds_objects, torch_load_tensors, unpickler_reason
 from ssvi_cli.training.pretrained import adapt_state, fetch_state_dict, resolve_weights
 
@@ -144,6 +145,10 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
             raise ConfigError(f"--init-from {path} holds Python objects besides tensors (a whole model saved with "
                               "torch.save(model)?); save model.state_dict() instead") from None
         raise ConfigError(f"--init-from {path} is not a readable state_dict ({first})") from None
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        raise ConfigError(f"--init-from {path} is an ssvi training checkpoint; --init-from takes a model file "
+                          f"(ssvi export {path} -o model.safetensors) or a run directory (its model file, else its "
+                          "newest checkpoint)")
     if isinstance(state, dict) and not all(isinstance(v, Tensor) for v in state.values()):
         # A training checkpoint: the network's state_dict under the key its convention gives it
         # (Lightning's state_dict, PyTorch's tutorial model_state_dict, torchvision's references' model).
@@ -209,6 +214,11 @@ def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: Path | 
 
 def base_for(cfg: Config, spec: DataSpec) -> nn.Module:
     """The deterministic torchvision model the state_dict must fit."""
+    source = str(cfg.model.init_from)
+    if not source.startswith(TORCHVISION) and not Path(source).expanduser().exists():
+        raise ConfigError(f"--init-from {source}: no such file or run directory")
     if not cfg.model.name.startswith(TORCHVISION):
-        raise ConfigError(f"model.init_from needs a torchvision:NAME model, not {cfg.model.name!r}")
+        raise ConfigError(f"--init-from {source} holds no trained ssvi model (a model file or a run directory, which "
+                          f"start any model), and deterministic weights start only a torchvision:NAME model, not "
+                          f"{cfg.model.name!r}")
     return torchvision_base(cfg.model.name[len(TORCHVISION):], spec.input_shape, spec.num_classes)

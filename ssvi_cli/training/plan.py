@@ -21,6 +21,7 @@ from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.modelfile import ModelCard, build_model
 from ssvi_cli.models import SSVIModel, check_model_name, input_error
 from ssvi_cli.runs.rundir import RunBusy, RunDir
+from ssvi_cli.training.init_posterior import names_trained_model, read_posterior
 
 
 def resolve_device(name: str) -> torch.device:
@@ -122,6 +123,7 @@ class RunPlan:
     checkpoint: Optional[dict[str, Any]] = None
     init_weights: Optional[dict[str, Any]] = None  # model.init_from's state_dict, checked
     init_note: Optional[str] = None  # what model.init_from loaded, adapted and re-initialised
+    init_posterior: Any = None  # model.init_from's trained ssvi model, checked (training.init_posterior)
     checkpoints_seen: Optional[list[Path]] = None  # a resumed run's checkpoint files when it was read
     resumed_from: Optional[Path] = None  # the checkpoint a resumed run was read from
 
@@ -140,8 +142,10 @@ class RunPlan:
         check_feeds(len(splits.train), world_size)
         card = ModelCard.from_config(cfg, splits.spec)
         densities = _planned(card, cfg, splits.spec)
-        init = None
-        if cfg.model.init_from:  # after the cheap checks: this may download
+        init = posterior = None
+        if names_trained_model(cfg.model.init_from):
+            posterior = read_posterior(cfg, splits.spec, card, densities)
+        elif cfg.model.init_from:  # after the cheap checks: this may download
             from ssvi_cli.training.init_weights import load_init_weights
 
             init = load_init_weights(cfg, splits.spec, progress)
@@ -149,7 +153,8 @@ class RunPlan:
             cfg = apply_overrides(cfg, {"model.init_from": init.source})
             card = ModelCard.from_config(cfg, splits.spec)
         return cls(cfg, dev, splits, card, densities, _run_dir(run_dir), init_weights=init.state if init else None,
-                   init_note=init.describe() if init else None)
+                   init_note=posterior.note if posterior else init.describe() if init else None,
+                   init_posterior=posterior)
 
     @classmethod
     def resume(cls, run_dir: RunDir | Path, device: Optional[str] = None,
@@ -235,8 +240,11 @@ def preflight(cfg: Config, device: Optional[str] = None, given: Any = (), world_
         from ssvi_cli.data.splits import train_size
 
         check_feeds(train_size(cfg.data.name, **_data_args(cfg)), world_size)
-    _planned(ModelCard.from_config(cfg, spec), cfg, spec)
-    if cfg.model.init_from:  # read (or fetched) once here, not once per process
+    card = ModelCard.from_config(cfg, spec)
+    densities = _planned(card, cfg, spec)
+    if names_trained_model(cfg.model.init_from):
+        read_posterior(cfg, spec, card, densities)
+    elif cfg.model.init_from:  # read (or fetched) once here, not once per process
         from ssvi_cli.training.init_weights import load_init_weights
 
         load_init_weights(cfg, spec, progress=True)

@@ -105,6 +105,8 @@ class Trainer:
             else:
                 model = plan.build_model()
                 init_model(model, cfg, generator, plan.densities)
+                if plan.init_posterior is not None:
+                    plan.init_posterior.start(model)
             model.to(plan.device)
             distributed.fork_noise(dist_info)
             return cls(plan, model, make_optimizer(model, cfg), TrainState(), dist_info)
