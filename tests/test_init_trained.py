@@ -152,3 +152,9 @@ def test_nproc_checks_the_trained_model_before_its_processes_start(trained):
 def test_a_missing_source_is_named_as_such(tmp_path, capsys):
     assert run(["train", "--init-from", str(tmp_path / "nothere"), "--out", str(tmp_path / "no")]) == 2
     assert f"--init-from {tmp_path / 'nothere'}: no such file or run directory" in capsys.readouterr().err
+
+
+def test_resume_with_other_settings_points_to_a_new_run_from_the_old_one(trained, capsys):
+    assert run(["train", "--resume", str(trained), "--epochs", "3"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"drop --epochs (a new run from it takes other settings: ssvi train --init-from {trained} --out NEW ...)" in err

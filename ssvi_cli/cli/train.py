@@ -105,7 +105,8 @@ def register(app: typer.Typer) -> None:
                                      ("--set", set_), ("--out", out_dir), ("--precision", precision),
                                      ("--kernel", kernel), ("--force", force)) if v]
             if given:
-                raise UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
+                raise UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)} (a new run "
+                                 f"from it takes other settings: ssvi train --init-from {resume} --out NEW ...)")
         elif out_dir is not None:
             check_run_out(out_dir)  # a sweep's cells folder, say, before anything else
         if nproc is not None and nproc > 1:
