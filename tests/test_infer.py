@@ -404,6 +404,35 @@ def test_the_progress_bar_knows_its_total_for_image_files(model_file, digits, tm
         assert bar.totals == [total] and bar.done == (total or 5)
 
 
+def test_skip_unreadable_predicts_the_others_and_names_what_it_skipped(model_file, digits, tmp_path, capsys):
+    for i in range(3):
+        Image.fromarray(digits[i]).save(tmp_path / f"a{i}.png")
+    (tmp_path / "bad0.png").write_text("not an image")
+    np.save(tmp_path / "bad1.npy", np.full((1100, 8, 8), 20.0, np.float32))  # out of range in each of its chunks
+    np.save(tmp_path / "good.npy", digits[3:5])
+    out = tmp_path / "preds.jsonl"
+    assert run(["infer", str(model_file), str(tmp_path), "--skip-unreadable", "--json", "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert [r["input"] for r in result["predictions"]] == [
+        str(tmp_path / f"a{i}.png") for i in range(3)] + [f"{tmp_path / 'good.npy'}[{i}]" for i in range(2)]
+    assert [s["input"] for s in result["skipped"]] == [str(tmp_path / "bad0.png"), str(tmp_path / "bad1.npy")]
+    assert "not an image format Pillow knows" in result["skipped"][0]["error"]
+    assert result["skipped"][1]["error"].startswith(f"{tmp_path / 'bad1.npy'}: float images range over [20, 20]")
+    assert len(out.read_text().splitlines()) == 5
+    assert (f"note: skipped 2 of 6 input files that cannot be read: {tmp_path / 'bad0.png'}, {tmp_path / 'bad1.npy'} "
+            f"(the first: image {tmp_path / 'bad0.png'} cannot be read") in " ".join(captured.err.split())
+    # the same predictions as without the unreadable files
+    (tmp_path / "bad0.png").unlink()
+    (tmp_path / "bad1.npy").unlink()
+    plain = infer_json(capsys, str(model_file), str(tmp_path))
+    assert plain["predictions"] == result["predictions"] and "skipped" not in plain
+    # nothing that reads: an error, not an empty prediction
+    (tmp_path / "bad0.png").write_text("not an image")
+    assert run(["infer", str(model_file), str(tmp_path / "bad0.png"), "--skip-unreadable"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: no input could be read: image {tmp_path / 'bad0.png'} cannot be read")
+
+
 def test_every_input_that_cannot_be_read_is_named_at_once(model_file, digits, tmp_path, capsys, monkeypatch):
     """infer stopped at the first file it could not read: a folder with several took a run per file."""
     from ssvi_cli.evaluation import infer as infer_mod
@@ -420,7 +449,8 @@ def test_every_input_that_cannot_be_read_is_named_at_once(model_file, digits, tm
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: 3 of 6 input files cannot be read: image "
                                                    f"{tmp_path / 'bad0.png'} cannot be read"), err
-    assert err.rstrip().endswith(f"also {tmp_path / 'bad1.npy'}, {tmp_path / 'bad2.png'}; replace or remove them"), err
+    assert err.rstrip().endswith(f"also {tmp_path / 'bad1.npy'}, {tmp_path / 'bad2.png'}; replace or remove them "
+                                 "(or --skip-unreadable predicts the others)"), err
     assert predicted == [1, 1], predicted  # a0 and a1; none after the first bad file
     # a file named twice (in its folder and by name) is one file, named once
     assert run(["infer", str(model_file), str(tmp_path), str(tmp_path / "bad2.png"), str(tmp_path / "bad1.npy")]) == 2

@@ -30,10 +30,13 @@ def register(app: typer.Typer) -> None:
         output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write all predictions to preds.jsonl or preds.csv.")] = None,
         device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); the default, cpu, gives the predictions a machine without a GPU gives.")] = "cpu",
         json_out: Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")] = False,
+        skip_unreadable: Annotated[bool, typer.Option(help="Predict the inputs that read and name the others (on stderr; under 'skipped' with --json) instead of refusing them all.")] = False,
     ) -> None:
         """Predict class, probability, top-k, predictive entropy and mutual information per input."""
+        from ssvi_cli.data.images import shown
         from ssvi_cli.runs.load import load_model
-        from ssvi_cli.evaluation.infer import OUTPUT_SUFFIXES, expand_inputs, known_count, run_inference, write_predictions
+        from ssvi_cli.evaluation.infer import (OUTPUT_SUFFIXES, InputError, UnreadableInputs, expand_inputs, known_count,
+                                               run_inference, write_predictions)
         from ssvi_cli.prediction import MODES, is_bayesian
 
         if mode not in MODES:
@@ -59,17 +62,31 @@ def register(app: typer.Typer) -> None:
             err.print(f"note: {model_file} is deterministic: it runs as the mean network, and --samples "
                       "is not used")
         started = time.perf_counter()
+        skipped: Optional[list[tuple[str, Exception]]] = [] if skip_unreadable else None
         with progress_bar(enabled=not json_out) as bar:
             task = bar.add_task("infer", total=known_count(files), info="") if bar is not None else None
-            records = run_inference(loaded.model, loaded.spec, files, samples=samples, mode=effective,
-                                    batch_size=batch_size, top_k=top_k, seed=seed,
-                                    on_batch=(lambda n: bar.update(task, advance=n)) if bar is not None else None)
+            try:
+                records = run_inference(loaded.model, loaded.spec, files, samples=samples, mode=effective,
+                                        batch_size=batch_size, top_k=top_k, seed=seed, skipped=skipped,
+                                        on_batch=(lambda n: bar.update(task, advance=n)) if bar is not None else None)
+            except UnreadableInputs as exc:
+                raise InputError(f"{exc} (or --skip-unreadable predicts the others)") from None
         seconds = time.perf_counter() - started
+        passed = UnreadableInputs(skipped, len({str(f) for f in files})) if skipped else None
+        if passed is not None and not records:
+            raise InputError(f"no input could be read: {passed}")
         if target is not None:
             write_predictions(target, records)
         header = {"model": str(model_file), "mode": effective,
                   "samples": samples if effective == "mc" else None, "seed": seed,
                   "inputs": len(records), "seconds": seconds}
+        if skip_unreadable:
+            header["skipped"] = [{"input": shown(name), "error": str(e)} for name, e in (passed.bad if passed else [])]
+        if passed is not None:
+            err.print(f"note: skipped {len(passed.bad)} of {count(passed.total, 'input file')} that cannot be read: "
+                      + ", ".join(shown(name) for name, _ in passed.bad[:10])
+                      + (f" and {len(passed.bad) - 10} more" if len(passed.bad) > 10 else "")
+                      + f" (the first: {passed.bad[0][1]})", highlight=False, markup=False)
         if json_out:
             print_json({**header, "predictions": records})
             return

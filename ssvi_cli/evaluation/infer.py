@@ -40,6 +40,19 @@ class InputError(DataError):
     """An input that is missing or cannot be read as an image or array; the message names it."""
 
 
+class UnreadableInputs(InputError):
+    """The inputs among ``total`` files that cannot be read, each ``(name, error)`` in ``bad`` (a name
+    once); the message names them (``data.images.unreadable``)."""
+
+    def __init__(self, bad: Sequence[tuple[str, Exception]], total: int) -> None:
+        first: dict[str, Exception] = {}
+        for name, exc in bad:  # an array unreadable in several chunks: once
+            first.setdefault(name, exc)
+        self.bad = list(first.items())
+        self.total = total
+        super().__init__(str(unreadable(self.bad, total, "input files", InputError)))
+
+
 # ------------------------------------------------------------------ finding inputs
 
 def expand_inputs(paths: Sequence[Path]) -> list[Path]:
@@ -186,19 +199,22 @@ def iter_raw(files: Iterable[Path], channels: int = 3, pixel_max: float = 255.0,
             yield path, [f"{path}[{start + i}]" for i in range(len(part))], part
 
 
-def iter_batches(files: Sequence[Path], spec: DataSpec, batch_size: int) -> Iterator[tuple[list[str], Tensor]]:
+def iter_batches(files: Sequence[Path], spec: DataSpec, batch_size: int,
+                 skipped: Optional[list[tuple[str, Exception]]] = None) -> Iterator[tuple[list[str], Tensor]]:
     """Preprocessed model inputs in batches of ``batch_size`` (the last may be smaller). Past an input
-    that cannot be read no batch comes: the rest are read to name every such input in one error."""
+    that cannot be read no batch comes: the rest are read to name every such input in one
+    :class:`UnreadableInputs`. With ``skipped``, such inputs are put there and the others go on."""
     names: list[str] = []
     parts: list[Tensor] = []
     held = 0
-    bad: list[tuple[str, Exception]] = []
+    bad: list[tuple[str, Exception]] = [] if skipped is None else skipped
     for source, chunk_names, pixels in iter_raw(files, spec.input_shape[0], spec.pixel_max, spec.input_shape, bad):
         try:
             x = preprocess(pixels, spec)
         except DataError as exc:  # in each chunk of an array: named once (unreadable)
             bad.append((str(source), InputError(f"{source}: {exc}")))
-        if bad:
+            continue
+        if bad and skipped is None:
             continue
         names.extend(chunk_names)
         parts.append(x)
@@ -208,8 +224,8 @@ def iter_batches(files: Sequence[Path], spec: DataSpec, batch_size: int) -> Iter
             yield names[:batch_size], batch[:batch_size]
             names, parts = names[batch_size:], [batch[batch_size:]]
             held -= batch_size
-    if bad:
-        raise unreadable(bad, len({str(f) for f in files}), "input files", InputError)
+    if bad and skipped is None:
+        raise UnreadableInputs(bad, len({str(f) for f in files}))
     if held:
         yield names, torch.cat(parts)
 
@@ -242,10 +258,13 @@ def predict_records(model: SSVIModel, x: Tensor, class_names: Sequence[str], *, 
 
 def run_inference(model: SSVIModel, spec: DataSpec, files: Sequence[Path], *, samples: int = 10,
                   mode: str = "mc", batch_size: int = 256, top_k: int = 3, seed: int = 0,
-                  on_batch: Optional[Callable[[int], None]] = None) -> list[dict[str, Any]]:
+                  on_batch: Optional[Callable[[int], None]] = None,
+                  skipped: Optional[list[tuple[str, Exception]]] = None) -> list[dict[str, Any]]:
     """Predict every input on ``model``'s device with the ``prediction`` kernel policy (linear layers
     multiply over their stored entries, never a densified weight). The draws are seeded with
-    ``seed`` on a forked RNG, so a run is reproducible and the caller's RNG and model are untouched."""
+    ``seed`` on a forked RNG, so a run is reproducible and the caller's RNG and model are untouched.
+    Inputs that cannot be read are one :class:`UnreadableInputs`, or with ``skipped`` are put there
+    (``(name, error)``) and passed by."""
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     params = list(model.parameters())
@@ -254,7 +273,7 @@ def run_inference(model: SSVIModel, spec: DataSpec, files: Sequence[Path], *, sa
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
             using_kernel(model, "prediction"):
         torch.manual_seed(seed)
-        for names, x in iter_batches(files, spec, batch_size):
+        for names, x in iter_batches(files, spec, batch_size, skipped):
             try:
                 batch = predict_records(model, x.to(device), spec.class_names, samples=samples, mode=mode, top_k=top_k)
             except NonFiniteOutput as exc:
