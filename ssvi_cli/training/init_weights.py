@@ -69,6 +69,8 @@ def load_init_weights(cfg: Config, spec: DataSpec, progress: bool = False) -> In
     """``cfg.model.init_from`` read (or fetched), adapted to the data (head, stem) and checked against
     the run's architecture; reads no data and writes nothing but torch.hub's cache."""
     source = str(cfg.model.init_from)
+    if not source.startswith(TORCHVISION) and not Path(source).expanduser().exists():
+        raise ConfigError(f"--init-from {source}: no such file or run directory")
     with torch.device("meta"):
         model = base_for(cfg, spec)
     if not source.startswith(TORCHVISION):
@@ -215,8 +217,6 @@ def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: Path | 
 def base_for(cfg: Config, spec: DataSpec) -> nn.Module:
     """The deterministic torchvision model the state_dict must fit."""
     source = str(cfg.model.init_from)
-    if not source.startswith(TORCHVISION) and not Path(source).expanduser().exists():
-        raise ConfigError(f"--init-from {source}: no such file or run directory")
     if not cfg.model.name.startswith(TORCHVISION):
         raise ConfigError(f"--init-from {source} holds no trained ssvi model (a model file or a run directory, which "
                           f"start any model), and deterministic weights start only a torchvision:NAME model, not "

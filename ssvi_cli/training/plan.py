@@ -21,7 +21,7 @@ from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.modelfile import ModelCard, build_model
 from ssvi_cli.models import SSVIModel, check_model_name, input_error
 from ssvi_cli.runs.rundir import RunBusy, RunDir
-from ssvi_cli.training.init_posterior import names_trained_model, read_posterior
+from ssvi_cli.training.init_posterior import Posterior, names_trained_model, read_posterior
 
 
 def resolve_device(name: str) -> torch.device:
@@ -123,7 +123,7 @@ class RunPlan:
     checkpoint: Optional[dict[str, Any]] = None
     init_weights: Optional[dict[str, Any]] = None  # model.init_from's state_dict, checked
     init_note: Optional[str] = None  # what model.init_from loaded, adapted and re-initialised
-    init_posterior: Any = None  # model.init_from's trained ssvi model, checked (training.init_posterior)
+    init_posterior: Optional[Posterior] = None  # model.init_from's trained ssvi model, checked
     checkpoints_seen: Optional[list[Path]] = None  # a resumed run's checkpoint files when it was read
     resumed_from: Optional[Path] = None  # the checkpoint a resumed run was read from
 
