@@ -3,8 +3,18 @@ import os
 import pytest
 import torch
 
-# Keep tests deterministic and light on a shared 2-core machine.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# pytest-xdist's workers set COLUMNS=80, which the consoles obey (ssvi_cli.cli.common): the tests
+# read tables printed as into a file, without it.
+os.environ.pop("COLUMNS", None)
+
+# Keep tests deterministic and light on a shared 2-core machine: each xdist worker takes its share.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _workers))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: a process per core, at most four (each holds torch and its fixtures' models)."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 @pytest.fixture(autouse=True)
