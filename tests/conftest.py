@@ -7,15 +7,17 @@ import torch
 # read tables printed as into a file, without it.
 os.environ.pop("COLUMNS", None)
 
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
 # Keep tests deterministic and light on a shared 2-core machine: each xdist worker takes its share.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _workers))
+torch.set_num_threads(max(1, min(2, _CORES) // _workers))
 
 
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: without the plugin (-p no:xdist, scripts/gpu-check) unused
 def pytest_xdist_auto_num_workers(config):
     """``-n auto``: a process per core, at most four (each holds torch and its fixtures' models)."""
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    return max(1, min(4, _CORES))
 
 
 @pytest.fixture(autouse=True)

@@ -427,10 +427,18 @@ def test_skip_unreadable_predicts_the_others_and_names_what_it_skipped(model_fil
     (tmp_path / "bad1.npy").unlink()
     plain = infer_json(capsys, str(model_file), str(tmp_path))
     assert plain["predictions"] == result["predictions"] and "skipped" not in plain
-    # nothing that reads: an error, not an empty prediction
+    # an array out of range in its last chunk only: skipped whole, none of its rows predicted
+    mixed = np.concatenate([np.full((1024, 8, 8), 0.5, np.float32), np.full((76, 8, 8), 20.0, np.float32)])
+    np.save(tmp_path / "mixed.npy", mixed)
+    result = infer_json(capsys, str(model_file), str(tmp_path), "--skip-unreadable")
+    assert result["predictions"] == plain["predictions"]
+    assert [s["input"] for s in result["skipped"]] == [str(tmp_path / "mixed.npy")]
+    # nothing that reads: an error, not an empty prediction; the flag is named only where it would help
     (tmp_path / "bad0.png").write_text("not an image")
     assert run(["infer", str(model_file), str(tmp_path / "bad0.png"), "--skip-unreadable"]) == 2
     assert capsys.readouterr().err.startswith(f"error: no input could be read: image {tmp_path / 'bad0.png'} cannot be read")
+    assert run(["infer", str(model_file), str(tmp_path / "bad0.png"), str(tmp_path / "mixed.npy")]) == 2
+    assert "--skip-unreadable" not in capsys.readouterr().err
 
 
 def test_every_input_that_cannot_be_read_is_named_at_once(model_file, digits, tmp_path, capsys, monkeypatch):

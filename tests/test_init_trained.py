@@ -67,13 +67,13 @@ def test_train_from_a_run_takes_its_config_and_says_so(trained, tmp_path, capsys
     assert run(["train", "--init-from", str(trained), "--epochs", "2", "--out", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     notes = " ".join(summary["notes"])
-    assert f"starting from the trained model {trained} (ssvi at sparsity 0.9, 1 epoch)" in notes
+    assert f"starting from the trained model {trained / 'model.safetensors'} (ssvi at sparsity 0.9, 1 epoch)" in notes
     assert "a new schedule of 2 epochs and a fresh optimizer" in notes
-    assert f"the run has the config {trained} was trained with" in notes
+    assert f"the run has the config {trained / 'model.safetensors'} was trained with" in notes
     new = yaml.safe_load((out / "config.yaml").read_text())
     old = yaml.safe_load((trained / "config.yaml").read_text())
     assert new["model"]["widths"] == [32, 16] and new["sparse"]["sparsity"] == 0.9
-    assert new["model"]["init_from"] == str(trained.resolve())
+    assert new["model"]["init_from"] == str((trained / "model.safetensors").resolve())  # the file read
     assert new["train"]["epochs"] == 2
     assert {k: v for k, v in new["data"].items()} == old["data"]
     assert summary["epochs"] == 2
@@ -88,10 +88,13 @@ def test_a_preset_replaces_the_trained_models_config(trained, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--sparsity", "0.95"], "keeps 154 weights of layer 'first', this run plans 77: the model was trained with "
-                             "ssvi at sparsity 0.9 (allocation erk), this run is ssvi at sparsity 0.95"),
-    (["--method", "vi"], "this run is vi (dense)"),
+                             "sparse.sparsity=0.9, this run has sparse.sparsity=0.95"),
+    (["--method", "vi"], "the model was trained with sparse.method=ssvi, this run has sparse.method=vi"),
+    (["--set", "sparse.allocation=uniform"], "trained with sparse.allocation=erk, this run has sparse.allocation=uniform"),
     (["--set", "model.widths=32,8"], "holds a mlp of widths [32, 16]; this run's are [32, 8] (--set model.widths=32,16)"),
     (["--set", "data.classes=0,1,2"], "has 10 classes; this run's data (digits) have 3"),
+    (["--set", "data.classes=1,0,2,3,4,5,6,7,8,9"], "predicts the classes [0, 1, 2, 3, 4, 5, ...]; this run's data "
+                                                    "(digits) have [1, 0, 2, 3, 4, 5, ...]: class 0 is '0' there and '1' here"),
 ])
 def test_a_run_that_does_not_fit_the_trained_model_is_refused_in_one_line(trained, tmp_path, capsys, flags, message):
     out = tmp_path / "no"
@@ -101,12 +104,90 @@ def test_a_run_that_does_not_fit_the_trained_model_is_refused_in_one_line(traine
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
-def test_a_training_checkpoint_is_refused_with_the_ways_that_work(trained, tmp_path, capsys):
+def test_a_training_checkpoint_or_a_run_without_its_model_file_starts_from_the_checkpoint(trained, tmp_path):
+    import shutil
+
+    from ssvi_cli.runs.load import load_model
+    from ssvi_cli.training.init_posterior import names_trained_model
+
     checkpoint = sorted((trained / "checkpoints").glob("*.pt"))[-1]
-    assert run(["train", "--model", "torchvision:mobilenet_v3_small", "--init-from", str(checkpoint),
-                "--out", str(tmp_path / "no")]) == 2
-    err = " ".join(capsys.readouterr().err.split())
-    assert f"is an ssvi training checkpoint; --init-from takes a model file (ssvi export {checkpoint}" in err
+    torch.save({"w": torch.zeros(2)}, tmp_path / "plain.pt")
+    assert names_trained_model(str(checkpoint)) and not names_trained_model(str(tmp_path / "plain.pt"))
+    cut = tmp_path / "cut"
+    shutil.copytree(trained, cut)
+    (cut / "model.safetensors").unlink()
+    old = _layers(load_model(checkpoint).model)
+    for source in (checkpoint, cut):
+        new = _start(source, tmp_path / source.name)
+        assert all(torch.equal(layer.mu.detach(), old[name].mu.detach()) for name, layer in _layers(new).items())
+
+
+def test_a_dense_file_starts_from_its_own_support(trained, tmp_path):
+    assert run(["export", str(trained), "--dense", "-o", str(tmp_path / "dense.safetensors")]) == 0
+    compact = _layers(_start(trained, tmp_path / "a"))
+    for name, layer in _layers(_start(tmp_path / "dense.safetensors", tmp_path / "b")).items():
+        assert torch.equal(layer.idx, compact[name].idx) and torch.equal(layer.mu.detach(), compact[name].mu.detach())
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_the_new_run_may_not_be_the_folder_of_the_model_it_starts_from(trained, tmp_path, capsys, nproc):
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(trained, source)
+    before = sorted(p.name for p in source.rglob("*"))
+    argv = ["train", "--init-from", str(source), "--out", str(source), "--force", "--nproc", str(nproc)]
+    assert run(argv) == 2
+    assert f"--out {source} holds the trained model --init-from starts from" in capsys.readouterr().err
+    assert sorted(p.name for p in source.rglob("*")) == before
+
+
+def test_a_conv_model_with_batch_norm_and_another_sigma_parameterisation(tmp_path):
+    from ssvi_cli.runs.load import load_model
+
+    source = tmp_path / "resnet"
+    assert run(["train", "--model", "resnet18", "--epochs", "1", "--sparsity", "0.9", "--set", "data.max_train=64",
+                "--set", "train.eval_samples=1", "--set", "model.widths=16,16", "--out", str(source)]) == 0
+    old = load_model(source).model
+    # model.widths: the MLP's alone, not compared for a resnet18
+    new = _start(source, tmp_path, **{"bayes.sigma_param": "exp", "model.widths": "512,512"})
+    for name, layer in _layers(new).items():
+        had = _layers(old)[name]
+        assert layer.sigma_param == "exp" and had.sigma_param == "softplus"
+        assert torch.equal(layer.mu.detach(), had.mu.detach())
+        torch.testing.assert_close(layer.sigma().detach(), had.sigma().detach(), rtol=1e-5, atol=0)
+    norms = [k for k in old.state_dict() if k.endswith("running_var")]
+    assert norms and all(torch.equal(old.state_dict()[k], new.state_dict()[k]) for k in norms)
+
+
+def test_notes_for_a_new_seed_and_another_global_batch(trained, tmp_path, capsys):
+    out = tmp_path / "notes"
+    assert run(["train", "--init-from", str(trained), "--seed", "3", "--batch-size", "32", "--epochs", "1",
+                "--out", str(out), "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert "the learning rates (cosine from lr 0.01), the KL warm-up and the subspace schedule start again" in notes[1]
+    assert notes[2].startswith("the validation split is carved with seed 3, the model's with 0")
+    assert notes[3] == "the model trained with a global batch of 64, this run with 32 (--batch-size, per process)"
+
+
+def test_an_image_folders_own_settings_stay_behind_for_other_data(tmp_path):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from ssvi_cli.cli.train_config import build_config
+
+    bunch = load_digits()
+    for digit in range(10):
+        (tmp_path / "folder" / str(digit)).mkdir(parents=True)
+        for j, i in enumerate([i for i, t in enumerate(bunch.target) if t == digit][:6]):
+            Image.fromarray((bunch.images[i] * 255 / 16).astype("uint8")).save(tmp_path / "folder" / str(digit) / f"{j}.png")
+    source = tmp_path / "gray"
+    assert run(["train", "--data", f"imagefolder:{tmp_path / 'folder'}", "--set", "data.image_size=8", "--set",
+                "data.channels=1", "--set", "data.test_fraction=0.2", *SMALL, "--out", str(source)]) == 0
+    cfg = build_config(None, {"model.init_from": str(source), "data.name": "digits"}, [])
+    assert cfg.data.name == "digits" and cfg.data.image_size == 32 and cfg.data.channels == 3
+    same = build_config(None, {"model.init_from": str(source)}, [])
+    assert same.data.image_size == 8 and same.data.channels == 1
 
 
 def test_a_deterministic_model_starts_a_bayesian_runs_means_and_the_configured_sigma(trained_rigl, tmp_path):

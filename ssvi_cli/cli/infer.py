@@ -69,8 +69,9 @@ def register(app: typer.Typer) -> None:
                 records = run_inference(loaded.model, loaded.spec, files, samples=samples, mode=effective,
                                         batch_size=batch_size, top_k=top_k, seed=seed, skipped=skipped,
                                         on_batch=(lambda n: bar.update(task, advance=n)) if bar is not None else None)
-            except UnreadableInputs as exc:
-                raise InputError(f"{exc} (or --skip-unreadable predicts the others)") from None
+            except UnreadableInputs as exc:  # the flag is named where it would predict something
+                raise InputError(f"{exc}" + (" (or --skip-unreadable predicts the others)"
+                                             if len(exc.bad) < exc.total else "")) from None
         seconds = time.perf_counter() - started
         passed = UnreadableInputs(skipped, len({str(f) for f in files})) if skipped else None
         if passed is not None and not records:
@@ -80,13 +81,15 @@ def register(app: typer.Typer) -> None:
         header = {"model": str(model_file), "mode": effective,
                   "samples": samples if effective == "mc" else None, "seed": seed,
                   "inputs": len(records), "seconds": seconds}
+        # why each was skipped (the advice to replace or remove a file is for a run it stopped)
+        reasons = [(shown(name), str(e).replace("; replace or remove the file", "")) for name, e in (passed.bad if passed else [])]
         if skip_unreadable:
-            header["skipped"] = [{"input": shown(name), "error": str(e)} for name, e in (passed.bad if passed else [])]
-        if passed is not None:
-            err.print(f"note: skipped {len(passed.bad)} of {count(passed.total, 'input file')} that cannot be read: "
-                      + ", ".join(shown(name) for name, _ in passed.bad[:10])
-                      + (f" and {len(passed.bad) - 10} more" if len(passed.bad) > 10 else "")
-                      + f" (the first: {passed.bad[0][1]})", highlight=False, markup=False)
+            header["skipped"] = [{"input": name, "error": why} for name, why in reasons]
+        if reasons:
+            err.print(f"note: skipped {len(reasons)} of {count(passed.total, 'input file')} that cannot be read: "
+                      + ", ".join(name for name, _ in reasons[:10])
+                      + (f" and {len(reasons) - 10} more" if len(reasons) > 10 else "")
+                      + f" (the first: {reasons[0][1]})", highlight=False, markup=False)
         if json_out:
             print_json({**header, "predictions": records})
             return

@@ -14,7 +14,7 @@ import typer
 from ssvi_cli import config as cfgmod
 from ssvi_cli.cli.common import (UsageError, check_run_out, count, err, fmt, forwarded_args, kv_table, no_reader,
                                  out, print_json, progress_bar, running_a_cell, tell)
-from ssvi_cli.cli.train_config import (build_config, init_from_lr_note, nproc_again, processes_note, recipe_note,
+from ssvi_cli.cli.train_config import (build_config, default_run_dir, init_from_lr_note, nproc_again, processes_note, recipe_note,
                                        set_keys, threads_note, unused_keys)
 
 
@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
         data: Annotated[Optional[str], typer.Option("--data", help="Dataset: digits (embedded), mnist, fashion-mnist, kmnist, cifar10, cifar100, svhn, or imagefolder:PATH (your class folders; --set data.image_size=, data.channels=).")] = None,
         data_dir: Annotated[Optional[Path], typer.Option(help="Folder of torchvision datasets (default ~/.cache/ssvi/data).")] = None,
         download: Annotated[Optional[bool], typer.Option("--download/--no-download", help="Download missing torchvision datasets.", show_default=False)] = None,
-        init_from: Annotated[Optional[str], typer.Option(help="A trained ssvi model (a run directory or a model file): the run starts from its supports, mu and sigma, with its config unless --preset is given. torchvision:NAME models also start from a trained state_dict (.pt read with weights_only=True, or .safetensors), or from torchvision's published weights, torchvision:WEIGHTS (e.g. torchvision:ResNet18_Weights.IMAGENET1K_V1 or torchvision:DEFAULT; fetched into $TORCH_HOME/hub/checkpoints): a head for other classes is re-initialised, the first conv fits the data's channels, and the support is each layer's largest |w|.")] = None,
+        init_from: Annotated[Optional[str], typer.Option(help="A trained ssvi model (a run directory, a model file or a training checkpoint): the run starts from its supports, mu and sigma, with its config unless --preset is given. torchvision:NAME models also start from a trained state_dict (.pt read with weights_only=True, or .safetensors), or from torchvision's published weights, torchvision:WEIGHTS (e.g. torchvision:ResNet18_Weights.IMAGENET1K_V1 or torchvision:DEFAULT; fetched into $TORCH_HOME/hub/checkpoints): a head for other classes is re-initialised, the first conv fits the data's channels, and the support is each layer's largest |w|.")] = None,
         sparsity: Annotated[Optional[float], typer.Option(help="Fraction of weights that are exactly zero, in [0, 1).")] = None,
         method: Annotated[Optional[str], typer.Option(help="ssvi, vi, static, rigl or dense.")] = None,
         criterion: Annotated[Optional[str], typer.Option(help="Removal criterion: mean, snr, e_abs, snr_abs, e_exp, snr_exp.")] = None,
@@ -105,8 +105,9 @@ def register(app: typer.Typer) -> None:
                                      ("--set", set_), ("--out", out_dir), ("--precision", precision),
                                      ("--kernel", kernel), ("--force", force)) if v]
             if given:
-                raise UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)} (a new run "
-                                 f"from it takes other settings: ssvi train --init-from {resume} --out NEW ...)")
+                settings = [g for g in given if g not in ("--out", "--force")]
+                raise UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}" + (
+                    f" (a new run from it takes other settings: ssvi train --init-from {resume} --out NEW ...)" if settings else ""))
         elif out_dir is not None:
             check_run_out(out_dir)  # a sweep's cells folder, say, before anything else
         if nproc is not None and nproc > 1:
@@ -119,10 +120,10 @@ def register(app: typer.Typer) -> None:
         info = info or distributed.SINGLE
         notes: list[str] = []  # rank 0's notes, said on stderr as they come and kept for --json's "notes"
 
-        def say(note: str) -> None:
-            if note and info.is_main:
-                tell(note, highlight=False)
-                notes.append(note.removeprefix("note: "))  # as evaluate's JSON notes read
+        def say(note: str) -> None:  # each line of it a note
+            for line in note.splitlines() if info.is_main else ():
+                tell(line, highlight=False)
+                notes.append(line.removeprefix("note: "))  # as evaluate's JSON notes read
         with ExitStack() as held:  # the run's lock, held by rank 0 to the end (RunDir.hold)
             if resume is not None:
                 if _finished(resume, json_out, info.is_main):
@@ -142,7 +143,7 @@ def register(app: typer.Typer) -> None:
                 # Names, device, data and the layer budget are checked before --force removes an old run,
                 # so a missing dataset or an impossible sparsity never costs the run being replaced.
                 cfg = build_config(preset, overrides, set_ or [])
-                plan = RunPlan.new(cfg, out_dir or _default_run_dir(cfg, preset), progress=not json_out and info.is_main,
+                plan = RunPlan.new(cfg, out_dir or default_run_dir(cfg, preset), progress=not json_out and info.is_main,
                                    given=set_keys(set_ or []), world_size=info.world_size)
                 say(plan.init_note or "")
                 say(init_from_lr_note(plan.cfg, overrides, set_ or []))
@@ -212,12 +213,6 @@ def _finished(run_dir: Path, json_out: bool, is_main: bool) -> bool:
     return True
 
 
-def _default_run_dir(cfg: cfgmod.Config, preset: Optional[str]) -> Any:
-    from ssvi_cli.runs.rundir import RunDir
-
-    return RunDir.default(preset or cfgmod.DEFAULT_PRESET, cfg.sparse.method, cfg.sparse.sparsity if cfg.density < 1 else None)
-
-
 def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: Optional[str], out_dir: Optional[Path], force: bool,
             overrides: dict[str, Any], sets: list[str], device: Optional[str]) -> None:
     """Check the run here, once, where errors read well (and before ``--force`` removes an old run),
@@ -230,8 +225,8 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: Opti
 
     if resume is None:
         cfg = build_config(preset, overrides, sets)
-        preflight(cfg, given=set_keys(sets), world_size=nproc)
-        run = RunDir(out_dir) if out_dir else _default_run_dir(cfg, preset).fresh()
+        preflight(cfg, given=set_keys(sets), world_size=nproc, out=out_dir)
+        run = RunDir(out_dir) if out_dir else default_run_dir(cfg, preset).fresh()
         run.check_claim(force)  # a folder that is not a run is refused before a lock is left in it
         flag = "--out"
     else:

@@ -26,8 +26,24 @@ def build_config(preset: Optional[str], overrides: dict[str, Any], sets: list[st
 
     source = flat.get("model.init_from")
     if preset is None and isinstance(source, str) and names_trained_model(source):
-        return cfgmod.with_absolute_paths(cfgmod.apply_overrides(recorded_config(source), flat))
+        base, data = recorded_config(source), flat.get("data.name")
+        if base.data.name.startswith("imagefolder:") and isinstance(data, str) and not data.startswith("imagefolder:"):
+            # an image folder's own settings (its size, channels, normalisation) do not go to other data
+            base = cfgmod.apply_overrides(base, {f"data.{k}": getattr(cfgmod.DataConfig, k) for k in cfgmod.IMAGEFOLDER_KEYS})
+        return cfgmod.with_absolute_paths(cfgmod.apply_overrides(base, flat))
     return cfgmod.from_preset(preset or cfgmod.DEFAULT_PRESET, flat)
+
+
+def default_run_dir(cfg: cfgmod.Config, preset: Optional[str]) -> Any:
+    """``runs/<time>-<preset>-<method>[-s<sparsity>]``; a run from a trained ssvi model without a preset
+    is named after that model (``from-NAME``)."""
+    from ssvi_cli.runs.rundir import RunDir
+    from ssvi_cli.training.init_posterior import names_trained_model
+
+    if preset is None and names_trained_model(cfg.model.init_from):
+        source = Path(str(cfg.model.init_from))
+        preset = "from-" + (source.name if source.is_dir() else source.stem)
+    return RunDir.default(preset or cfgmod.DEFAULT_PRESET, cfg.sparse.method, cfg.sparse.sparsity if cfg.density < 1 else None)
 
 
 def flag_of(key: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -208,22 +209,25 @@ def iter_batches(files: Sequence[Path], spec: DataSpec, batch_size: int,
     parts: list[Tensor] = []
     held = 0
     bad: list[tuple[str, Exception]] = [] if skipped is None else skipped
-    for source, chunk_names, pixels in iter_raw(files, spec.input_shape[0], spec.pixel_max, spec.input_shape, bad):
-        try:
-            x = preprocess(pixels, spec)
-        except DataError as exc:  # in each chunk of an array: named once (unreadable)
+    raw = iter_raw(files, spec.input_shape[0], spec.pixel_max, spec.input_shape, bad)
+    for source, chunks in itertools.groupby(raw, key=lambda item: item[0]):  # an input file's chunks
+        before = bool(bad)  # reading this file to its end reads ahead into the next, which may add to bad
+        try:  # a file is predicted whole or not at all: an array out of range in its last chunk, say
+            ready = [(chunk_names, preprocess(pixels, spec)) for _, chunk_names, pixels in chunks]
+        except DataError as exc:
             bad.append((str(source), InputError(f"{source}: {exc}")))
             continue
-        if bad and skipped is None:
+        if before and skipped is None:
             continue
-        names.extend(chunk_names)
-        parts.append(x)
-        held += len(x)
-        while held >= batch_size:
-            batch = torch.cat(parts)
-            yield names[:batch_size], batch[:batch_size]
-            names, parts = names[batch_size:], [batch[batch_size:]]
-            held -= batch_size
+        for chunk_names, x in ready:
+            names.extend(chunk_names)
+            parts.append(x)
+            held += len(x)
+            while held >= batch_size:
+                batch = torch.cat(parts)
+                yield names[:batch_size], batch[:batch_size]
+                names, parts = names[batch_size:], [batch[batch_size:]]
+                held -= batch_size
     if bad and skipped is None:
         raise UnreadableInputs(bad, len({str(f) for f in files}))
     if held:

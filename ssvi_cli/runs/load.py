@@ -22,7 +22,7 @@ from ssvi_cli.modelfile.reader import read_tensors
 from ssvi_cli.runs import checkpoint as ckpt
 from ssvi_cli.runs.rundir import RunDir
 
-__all__ = ["LoadedModel", "export_model", "load_model", "model_from_checkpoint"]
+__all__ = ["LoadedModel", "export_model", "load_model", "load_with_support", "model_from_checkpoint"]
 
 
 def model_from_checkpoint(path: Path, metrics: Optional[dict[str, Any]] = None, kernel: str = "auto",
@@ -80,11 +80,19 @@ def _own_summary(run: RunDir, data: dict[str, Any]) -> dict[str, Any]:
     return summary if run.read_config() == checkpoint_cfg else {}
 
 
+def load_with_support(source: Path) -> LoadedModel:
+    """:func:`load_model`, with a dense-layout file's point masses taken off its layers' supports: the
+    model the file was written from, on its own support (what ``export`` writes and ``--init-from``
+    starts from)."""
+    loaded = load_model(source)
+    if loaded.file.layout == "dense":  # a dense file written again stores the same zeros
+        _drop_empty_entries(loaded.model, Path(loaded.file.path))
+    return loaded
+
+
 def export_model(source: Path, out: Path, dtype: str = "float32", dense: bool = False) -> dict[str, Any]:
     """Write the model at ``source`` (file, checkpoint or run dir) to ``out``; returns a size report."""
-    loaded = load_model(source)
-    if loaded.file.layout == "dense":  # its support back (a dense file written again stores the same zeros)
-        _drop_empty_entries(loaded.model, Path(loaded.file.path))
+    loaded = load_with_support(source)
     written = write_model_file(loaded.model, out, loaded.card, dtype=dtype, dense=dense)
     totals = size_totals(read_header(out))  # a dense file stores every weight: its header counts them all
     active = sum(layer.active for _, layer in sparse_layers(loaded.model))  # the model's own support

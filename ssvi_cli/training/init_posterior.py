@@ -1,13 +1,14 @@
-"""``model.init_from`` naming a trained ssvi model (a model file or a run directory): a new run whose
-posterior starts where that model's ended, to train it longer, on other data of the same shape and
-classes, or with another schedule.
+"""``model.init_from`` naming a trained ssvi model (a model file, a run directory or a training
+checkpoint): a new run whose posterior starts where that model's ended, to train it longer, on other
+data of the same shape and classes, or with another schedule.
 
 Each sparse layer starts with the model's support, means and sigma; every other tensor (biases,
 batch norm) with the model's values. The model must be the run's architecture for the run's input
-shape and classes, and keep as many weights in each layer as the run plans (its sparsity and
-allocation). A deterministic model (RigL) starts a Bayesian run's sigma from the configured init; a
-Bayesian model's sigma is left out of a deterministic run. The optimizer and the schedule start
-afresh. ``ssvi train`` takes the model's recorded config as the run's unless ``--preset`` is given.
+shape and classes (by name, in order), and keep as many weights in each layer as the run plans (its
+sparsity and allocation). A deterministic model (RigL) starts a Bayesian run's sigma from the
+configured init; a Bayesian model's sigma is left out of a deterministic run. The optimizer and the
+schedules start afresh. ``ssvi train`` takes the model's recorded config as the run's unless
+``--preset`` is given; the run records the file it read.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+import zipfile
 
 import torch
 from torch import nn
@@ -28,18 +31,22 @@ from ssvi_cli.data.spec import DataSpec
 from ssvi_cli.modelfile import LoadedModel, ModelCard, build_model, read_header
 from ssvi_cli.modelfile.header import FORMAT_NAME, ModelFileError
 from ssvi_cli.modelfile.writer import dense_state
+from ssvi_cli.runs.checkpoint import FORMAT as CHECKPOINT_FORMAT
 
 TORCHVISION = "torchvision:"
 
 
 def names_trained_model(source: Optional[str]) -> bool:
-    """Whether ``model.init_from`` names a trained ssvi model: a directory (a run's), or a file whose
-    safetensors metadata says it is an ssvi model file. Reads only the file's header."""
+    """Whether ``model.init_from`` names a trained ssvi model: a directory (a run's), a file whose
+    safetensors metadata says it is an ssvi model file, or an ssvi training checkpoint. Reads only
+    the file's header (a checkpoint: its archive's record of names, never unpickled)."""
     if not source or source.startswith(TORCHVISION):
         return False
     path = Path(source).expanduser()
     if path.is_dir():
         return True
+    if zipfile.is_zipfile(path):
+        return _is_checkpoint(path)
     try:
         with open(path, "rb") as fh:
             size = int.from_bytes(fh.read(8), "little")
@@ -54,10 +61,22 @@ def names_trained_model(source: Optional[str]) -> bool:
     return isinstance(meta, dict) and meta.get("format") == FORMAT_NAME
 
 
+def _is_checkpoint(path: Path) -> bool:
+    """Whether the torch.save archive at ``path`` is an ssvi training checkpoint: its pickled record
+    (``data.pkl``, names and containers; the tensors are files beside it) holds the format's name."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            record = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+            return record is not None and CHECKPOINT_FORMAT.encode() in archive.read(record)
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        return False
+
+
 def recorded_config(source: str) -> Config:
     """The config the trained model at ``source`` was trained with: a run directory's ``config.yaml``,
     or the config a model file's card records."""
-    path = Path(source).expanduser()
+    path = Path(source).expanduser().absolute()
+    source = str(path)
     if path.is_dir():
         from ssvi_cli.runs.rundir import RunDir
 
@@ -65,6 +84,16 @@ def recorded_config(source: str) -> Config:
         if not run.config_file.is_file():
             raise ConfigError(f"--init-from {source} is a folder but not a run (no {run.config_file.name})")
         cfg = run.read_config()
+    elif zipfile.is_zipfile(path):  # a training checkpoint (names_trained_model)
+        from ssvi_cli.config import from_dict
+        from ssvi_cli.runs.checkpoint import CheckpointError, load_checkpoint
+
+        try:
+            cfg = from_dict(load_checkpoint(path)["config"])
+        except CheckpointError as exc:
+            raise ConfigError(f"--init-from: {exc}") from None
+        except (KeyError, TypeError, ValueError):
+            cfg = None
     else:
         try:
             cfg = ModelCard.from_metadata(read_header(path)["meta"]).training.run_config()
@@ -83,7 +112,7 @@ class Posterior:
     """A trained model checked against a run's plan, ready to start the run's model."""
 
     loaded: LoadedModel
-    source: str
+    source: str  # the file read: a run directory's model file or newest checkpoint
     note: str
 
     def start(self, model: nn.Module) -> None:
@@ -101,18 +130,27 @@ class Posterior:
             load_tensors(model, {k: v.clone() for k, v in dense_state(self.loaded.model).items()})
 
 
-def read_posterior(cfg: Config, spec: DataSpec, card: ModelCard, densities: dict[str, float]) -> Posterior:
+def read_posterior(cfg: Config, spec: DataSpec, card: ModelCard, densities: dict[str, float],
+                   world_size: int = 1) -> Posterior:
     """The trained model ``cfg.model.init_from`` names, checked against the run ``card`` and
-    ``densities`` plan: a one-line :class:`ConfigError` for the first difference."""
-    from ssvi_cli.runs.load import load_model
+    ``densities`` plan of ``world_size`` processes: a one-line :class:`ConfigError` for the first
+    difference."""
+    from ssvi_cli.runs.checkpoint import CheckpointError
+    from ssvi_cli.runs.load import load_with_support
+    from ssvi_cli.runs.rundir import RunDirError
 
     source = str(cfg.model.init_from)
     try:
-        loaded = load_model(Path(source).expanduser())
-    except ModelFileError as exc:
+        loaded = load_with_support(Path(source).expanduser())
+    except (ModelFileError, CheckpointError, RunDirError) as exc:
         raise ConfigError(f"--init-from: {exc}") from None
     had = loaded.card
     _check_architecture(source, had, card, spec)
+    if tuple(had.data.class_names) != tuple(spec.class_names):
+        at = next(i for i, (a, b) in enumerate(zip(had.data.class_names, spec.class_names)) if a != b)
+        raise ConfigError(f"--init-from {source} predicts the classes {_listed(had.data.class_names)}; this run's data "
+                          f"({spec.name}) have {_listed(spec.class_names)}: class {at} is {had.data.class_names[at]!r} "
+                          f"there and {spec.class_names[at]!r} here")
     with torch.device("meta"):
         skeleton = build_model(card)
     _check_layers(source, loaded.model, skeleton, densities, had, cfg)
@@ -123,10 +161,31 @@ def read_posterior(cfg: Config, spec: DataSpec, card: ModelCard, densities: dict
              else "sigma from the configured init (the model is deterministic)"
              if cfg.method.bayesian and not had.architecture.bayesian else "")
     unfinished = t.unfinished_note()
-    note = (f"note: starting from the trained model {source} ({what}"
+    read = str(Path(loaded.file.path).resolve())
+    note = (f"note: starting from the trained model {read} ({what}"
             + (f"; {unfinished}" if unfinished else "") + "): its supports and values"
             + (f", {sigma}" if sigma else "") + f"; a new schedule of {_epochs(cfg.train.epochs)} and a fresh optimizer")
-    return Posterior(loaded, source, note)
+    again = [f"the learning rates ({cfg.optim.schedule} from lr {cfg.optim.lr:g})"] + \
+        (["the KL warm-up"] if cfg.bayes.kl_warmup and cfg.method.bayesian else []) + \
+        (["the subspace schedule"] if cfg.method.moves_support else [])
+    note += (f"\nnote: {', '.join(again[:-1]) + ' and ' + again[-1] if len(again) > 1 else again[0]} start again: "
+             "a short run may end below the model it starts from (--lr sets a lower peak)")
+    theirs = t.run_config()
+    if (theirs is not None and theirs.data.name == cfg.data.name and theirs.train.seed != cfg.train.seed
+            and cfg.data.val_fraction > 0):
+        note += (f"\nnote: the validation split is carved with seed {cfg.train.seed}, the model's with {theirs.train.seed}: "
+                 "images it trained on are among this run's validation images, whose numbers read high")
+    batch, processes = had.metrics.get("global_batch"), had.metrics.get("world_size")
+    if isinstance(batch, int) and batch != cfg.train.batch_size * world_size:
+        on = f" on {processes} processes" if isinstance(processes, int) and processes > 1 else ""
+        note += (f"\nnote: the model trained with a global batch of {batch}{on}, this run with "
+                 f"{cfg.train.batch_size * world_size} (--batch-size, per process)")
+    return Posterior(loaded, read, note)
+
+
+def _listed(names: Any) -> str:
+    shown = ", ".join(map(str, list(names)[:6]))
+    return f"[{shown}{', ...' if len(names) > 6 else ''}]"
 
 
 def _epochs(n: int) -> str:
@@ -136,9 +195,9 @@ def _epochs(n: int) -> str:
 def _check_architecture(source: str, had: ModelCard, card: ModelCard, spec: DataSpec) -> None:
     a, b = had.architecture, card.architecture
     if a.name != b.name:
-        raise ConfigError(f"--init-from {source} holds a {a.name} model; this run builds {b.name} "
-                          f"(--model {a.name}, or leave --preset out to train with the model's own config)")
-    if a.widths != b.widths:
+        raise ConfigError(f"--init-from {source} holds a {a.name} model; this run builds {b.name} (--model {a.name}; "
+                          "without --preset a run takes the trained model's own config)")
+    if a.name == "mlp" and a.widths != b.widths:  # the other built-in models ignore model.widths
         raise ConfigError(f"--init-from {source} holds a {a.name} of widths {list(a.widths)}; this run's are "
                           f"{list(b.widths)} (--set model.widths={','.join(map(str, a.widths))})")
     if tuple(had.data.input_shape) != tuple(spec.input_shape):
@@ -171,16 +230,34 @@ def _check_layers(source: str, trained: nn.Module, skeleton: nn.Module, densitie
             raise ConfigError(f"--init-from {source} lacks tensor {key!r} of shape {list(value.shape)} of this run's model")
 
 
-def _settings(had: ModelCard, cfg: Config) -> str:
-    """The sparsity settings of the trained model and of the run, for a count that differs."""
-    theirs: Any = had.training.run_config()
+SUPPORT_KEYS = ("sparse.method", "sparse.sparsity", "sparse.allocation", "model.dense_stem")  # plan_densities' settings
 
-    def of(c: Optional[Config], method: Optional[str], sparsity: Optional[float]) -> str:
-        if c is None:
-            return f"{method} at sparsity {sparsity:g}" if sparsity is not None else f"{method}"
-        if c.method.dense:
-            return f"{c.sparse.method} (dense)"
-        return f"{c.sparse.method} at sparsity {c.sparse.sparsity:g} (allocation {c.sparse.allocation})"
-    return (f"the model was trained with {of(theirs, had.training.method, had.training.sparsity)}, this run is "
-            f"{of(cfg, cfg.sparse.method, cfg.sparse.sparsity)}; a run from a trained model keeps the number of "
-            "weights of each layer")
+
+def _settings(had: ModelCard, cfg: Config) -> str:
+    """The settings that size the layers' supports, where the trained model's and the run's differ."""
+    from ssvi_cli.config import flat_dict
+
+    theirs = had.training.run_config()
+    if theirs is None:
+        return (f"the model was trained with {had.training.method} at sparsity {had.training.sparsity}; a run from a "
+                "trained model keeps the number of weights of each layer")
+    old, new = flat_dict(theirs), flat_dict(cfg)
+    keys = [k for k in SUPPORT_KEYS if old[k] != new[k]]
+
+    def shown(values: dict[str, Any]) -> str:
+        return ", ".join(f"{k}={str(values[k]).lower() if isinstance(values[k], bool) else values[k]}" for k in keys)
+    if not keys:
+        return "a run from a trained model keeps the number of weights of each layer"
+    return (f"the model was trained with {shown(old)}, this run has {shown(new)}; a run from a trained model keeps "
+            "the number of weights of each layer")
+
+
+def check_apart(source: Optional[str], out: Optional[Path]) -> None:
+    """Refuse a new run's folder ``out`` that is, or holds, the trained model it starts from: a
+    ``--force`` would remove the model before a process that reads it later (``--nproc``) has."""
+    if not names_trained_model(source) or out is None:
+        return
+    src, folder = Path(str(source)).expanduser().resolve(), Path(out).expanduser().resolve()
+    if src == folder or folder in src.parents:
+        raise ConfigError(f"--out {out} holds the trained model --init-from starts from; give the new run a "
+                          "folder of its own")

@@ -21,7 +21,7 @@ from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.modelfile import ModelCard, build_model
 from ssvi_cli.models import SSVIModel, check_model_name, input_error
 from ssvi_cli.runs.rundir import RunBusy, RunDir
-from ssvi_cli.training.init_posterior import Posterior, names_trained_model, read_posterior
+from ssvi_cli.training.init_posterior import Posterior, check_apart, names_trained_model, read_posterior
 
 
 def resolve_device(name: str) -> torch.device:
@@ -136,16 +136,19 @@ class RunPlan:
         (``progress``: show that download's progress bar). ``given``: the keys the command line set
         (:func:`check_names`); ``world_size``: the processes that will train it, each of which needs
         a training example."""
-        check_names(cfg, given)
+        spec = check_names(cfg, given)
         dev = resolve_device(device or cfg.train.device)
+        init = posterior = None
+        if names_trained_model(cfg.model.init_from):  # before the data: a model the run cannot take is refused first
+            check_apart(cfg.model.init_from, run_dir.path if isinstance(run_dir, RunDir) else run_dir)
+            card = ModelCard.from_config(cfg, spec)
+            posterior = read_posterior(cfg, spec, card, _planned(card, cfg, spec), world_size)
+            cfg = apply_overrides(cfg, {"model.init_from": posterior.source})  # the file read, as the run records it
         splits = splits or load_data(cfg)
         check_feeds(len(splits.train), world_size)
         card = ModelCard.from_config(cfg, splits.spec)
         densities = _planned(card, cfg, splits.spec)
-        init = posterior = None
-        if names_trained_model(cfg.model.init_from):
-            posterior = read_posterior(cfg, splits.spec, card, densities)
-        elif cfg.model.init_from:  # after the cheap checks: this may download
+        if cfg.model.init_from and posterior is None:  # after the cheap checks: this may download
             from ssvi_cli.training.init_weights import load_init_weights
 
             init = load_init_weights(cfg, splits.spec, progress)
@@ -229,10 +232,12 @@ def check_feeds(n_train: int, world_size: int) -> None:
                           f"each of {world_size} processes one; train on at most {n_train} process{'es' if n_train > 1 else ''}")
 
 
-def preflight(cfg: Config, device: Optional[str] = None, given: Any = (), world_size: int = 1) -> None:
+def preflight(cfg: Config, device: Optional[str] = None, given: Any = (), world_size: int = 1,
+              out: Optional[Path] = None) -> None:
     """What :meth:`RunPlan.new` checks, short of decoding the training images: for a launcher that
     checks a run once, where its errors read well, before its processes start and before ``--force``
-    removes an old run (the training split's size from its labels)."""
+    removes an old run (the training split's size from its labels); ``out``: the new run's folder,
+    which must not hold the trained model ``--init-from`` names."""
     spec = check_names(cfg, given)
     resolve_device(device or cfg.train.device)
     check_data_present(cfg)
@@ -243,7 +248,8 @@ def preflight(cfg: Config, device: Optional[str] = None, given: Any = (), world_
     card = ModelCard.from_config(cfg, spec)
     densities = _planned(card, cfg, spec)
     if names_trained_model(cfg.model.init_from):
-        read_posterior(cfg, spec, card, densities)
+        check_apart(cfg.model.init_from, out)
+        read_posterior(cfg, spec, card, densities, world_size)
     elif cfg.model.init_from:  # read (or fetched) once here, not once per process
         from ssvi_cli.training.init_weights import load_init_weights
 

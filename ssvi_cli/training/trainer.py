@@ -107,6 +107,7 @@ class Trainer:
                 init_model(model, cfg, generator, plan.densities)
                 if plan.init_posterior is not None:
                     plan.init_posterior.start(model)
+                    plan.init_posterior = None  # the trained model's memory, not held for the whole run
             model.to(plan.device)
             distributed.fork_noise(dist_info)
             return cls(plan, model, make_optimizer(model, cfg), TrainState(), dist_info)
