@@ -240,17 +240,17 @@ def preflight(cfg: Config, device: Optional[str] = None, given: Any = (), world_
     which must not hold the trained model ``--init-from`` names."""
     spec = check_names(cfg, given)
     resolve_device(device or cfg.train.device)
+    card = ModelCard.from_config(cfg, spec)
+    densities = _planned(card, cfg, spec)
+    if names_trained_model(cfg.model.init_from):  # before the data, as RunPlan.new
+        check_apart(cfg.model.init_from, out)
+        read_posterior(cfg, spec, card, densities, world_size)
     check_data_present(cfg)
     if world_size > 1:
         from ssvi_cli.data.splits import train_size
 
         check_feeds(train_size(cfg.data.name, **_data_args(cfg)), world_size)
-    card = ModelCard.from_config(cfg, spec)
-    densities = _planned(card, cfg, spec)
-    if names_trained_model(cfg.model.init_from):
-        check_apart(cfg.model.init_from, out)
-        read_posterior(cfg, spec, card, densities, world_size)
-    elif cfg.model.init_from:  # read (or fetched) once here, not once per process
+    if cfg.model.init_from and not names_trained_model(cfg.model.init_from):  # read (or fetched) once here
         from ssvi_cli.training.init_weights import load_init_weights
 
         load_init_weights(cfg, spec, progress=True)
