@@ -239,3 +239,13 @@ def test_resume_with_other_settings_points_to_a_new_run_from_the_old_one(trained
     assert run(["train", "--resume", str(trained), "--epochs", "3"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert f"drop --epochs (a new run from it takes other settings: ssvi train --init-from {trained} --out NEW ...)" in err
+
+
+def test_a_sweep_whose_cells_cannot_all_start_from_the_model_is_refused_before_any_trains(trained, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--method", "ssvi,vi", "--sparsity", "0.9", "--seeds", "1", "--set", "train.epochs=1",
+            "--set", f"model.init_from={trained}", "--set", "model.widths=32,16", "--out", str(out)]
+    assert run(argv) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the model was trained with sparse.method=ssvi, this run has sparse.method=vi" in err, err
+    assert not (out / "cells").exists() or not any((out / "cells").iterdir())

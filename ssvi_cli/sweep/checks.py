@@ -47,6 +47,33 @@ def check_runnable(spec: SweepSpec, cells: list[Cell]) -> None:
         if heldout and not data_spec.held_out_classes:
             raise SweepError(f"--ood {HELDOUT}: cell {cell.name} trains on data.classes listing every class of "
                              f"{cfg.data.name}, so none is held out; list fewer classes")
+    _check_starts(spec, cells)
+
+
+def _check_starts(spec: SweepSpec, cells: list[Cell]) -> None:
+    """A trained ssvi model that ``model.init_from`` names fits every cell (its method, sparsity and
+    allocation keep the model's supports' sizes): a grid over methods or sparsities would otherwise
+    train the cells that fit and fail the others one by one."""
+    from ssvi_cli.config import ConfigError
+    from ssvi_cli.modelfile import ModelCard
+    from ssvi_cli.training.init_posterior import names_trained_model, read_posterior
+    from ssvi_cli.training.plan import check_names, planned_densities
+
+    checked: set[str] = set()
+    for cell, cfg in cell_configs(spec, cells):
+        if not names_trained_model(cfg.model.init_from):
+            continue
+        what = json.dumps([asdict(cfg.model), asdict(cfg.data), cfg.sparse.method, cfg.sparse.sparsity,
+                           cfg.sparse.allocation], sort_keys=True, default=str)
+        if what in checked:  # the seeds of a setting: the model is read once
+            continue
+        checked.add(what)
+        data_spec = check_names(cfg)
+        card = ModelCard.from_config(cfg, data_spec)
+        try:
+            read_posterior(cfg, data_spec, card, planned_densities(card, cfg, data_spec))
+        except ConfigError as exc:
+            raise SweepError(f"cell {cell.name}: {exc}") from None
 
 
 def check_ood_sets(spec: SweepSpec, cells: list[Cell]) -> None:

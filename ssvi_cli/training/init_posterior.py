@@ -242,7 +242,8 @@ def _settings(had: ModelCard, cfg: Config) -> str:
         return (f"the model was trained with {had.training.method} at sparsity {had.training.sparsity}; a run from a "
                 "trained model keeps the number of weights of each layer")
     old, new = flat_dict(theirs), flat_dict(cfg)
-    keys = [k for k in SUPPORT_KEYS if old[k] != new[k]]
+    sparse = not theirs.method.dense and not cfg.method.dense  # a dense method has no use for the others
+    keys = [k for k in SUPPORT_KEYS if old[k] != new[k] and (sparse or k == "sparse.method")]
 
     def shown(values: dict[str, Any]) -> str:
         return ", ".join(f"{k}={str(values[k]).lower() if isinstance(values[k], bool) else values[k]}" for k in keys)

@@ -142,12 +142,12 @@ class RunPlan:
         if names_trained_model(cfg.model.init_from):  # before the data: a model the run cannot take is refused first
             check_apart(cfg.model.init_from, run_dir.path if isinstance(run_dir, RunDir) else run_dir)
             card = ModelCard.from_config(cfg, spec)
-            posterior = read_posterior(cfg, spec, card, _planned(card, cfg, spec), world_size)
+            posterior = read_posterior(cfg, spec, card, planned_densities(card, cfg, spec), world_size)
             cfg = apply_overrides(cfg, {"model.init_from": posterior.source})  # the file read, as the run records it
         splits = splits or load_data(cfg)
         check_feeds(len(splits.train), world_size)
         card = ModelCard.from_config(cfg, splits.spec)
-        densities = _planned(card, cfg, splits.spec)
+        densities = planned_densities(card, cfg, splits.spec)
         if cfg.model.init_from and posterior is None:  # after the cheap checks: this may download
             from ssvi_cli.training.init_weights import load_init_weights
 
@@ -199,7 +199,7 @@ class RunPlan:
         return build_model(self.card, kernel=self.cfg.train.kernel)
 
 
-def _planned(card: ModelCard, cfg: Config, spec: DataSpec) -> dict[str, float]:
+def planned_densities(card: ModelCard, cfg: Config, spec: DataSpec) -> dict[str, float]:
     """Every layer's density, planned on a shapes-only model (the supports of any size without their
     memory: a RegNet is built on the CPU), and the model's forward checked on the data's input shape."""
     with torch.device("meta"):
@@ -241,7 +241,7 @@ def preflight(cfg: Config, device: Optional[str] = None, given: Any = (), world_
     spec = check_names(cfg, given)
     resolve_device(device or cfg.train.device)
     card = ModelCard.from_config(cfg, spec)
-    densities = _planned(card, cfg, spec)
+    densities = planned_densities(card, cfg, spec)
     if names_trained_model(cfg.model.init_from):  # before the data, as RunPlan.new
         check_apart(cfg.model.init_from, out)
         read_posterior(cfg, spec, card, densities, world_size)
