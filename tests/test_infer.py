@@ -433,6 +433,11 @@ def test_skip_unreadable_predicts_the_others_and_names_what_it_skipped(model_fil
     result = infer_json(capsys, str(model_file), str(tmp_path), "--skip-unreadable")
     assert result["predictions"] == plain["predictions"]
     assert [s["input"] for s in result["skipped"]] == [str(tmp_path / "mixed.npy")]
+    # the digits' raw 0..16 with rows of 300 further on: the whole array's range is named, as the raw rule read it
+    raw = np.concatenate([np.full((1024, 8, 8), 16.0, np.float32), np.full((76, 8, 8), 300.0, np.float32)])
+    np.save(tmp_path / "mixed.npy", raw)
+    result = infer_json(capsys, str(model_file), str(tmp_path), "--skip-unreadable")
+    assert "float images range over [16, 300], not [0, 1]" in result["skipped"][0]["error"], result["skipped"]
     # nothing that reads: an error, not an empty prediction; the flag is named only where it would help
     (tmp_path / "bad0.png").write_text("not an image")
     assert run(["infer", str(model_file), str(tmp_path / "bad0.png"), "--skip-unreadable"]) == 2

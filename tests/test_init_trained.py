@@ -166,7 +166,8 @@ def test_notes_for_a_new_seed_and_another_global_batch(trained, tmp_path, capsys
                 "--out", str(out), "--json"]) == 0
     notes = json.loads(capsys.readouterr().out)["notes"]
     assert "the learning rates (cosine from lr 0.01), the KL warm-up and the subspace schedule start again" in notes[1]
-    assert notes[2].startswith("the validation split is carved with seed 3, the model's with 0")
+    assert notes[2].startswith("the validation split is carved otherwise than the model's (seed 3, val_fraction 0.1; "
+                               "the model's: 0, 0.1)")
     assert notes[3] == "the model trained with a global batch of 64, this run with 32 (--batch-size, per process)"
 
 
@@ -225,7 +226,8 @@ def test_nproc_checks_the_trained_model_before_its_processes_start(trained):
     from ssvi_cli.config import ConfigError
     from ssvi_cli.training.plan import preflight
 
-    preflight(build_config(None, {"model.init_from": str(trained)}, []), world_size=2)
+    read = preflight(build_config(None, {"model.init_from": str(trained)}, []), world_size=2)
+    assert read == str((trained / "model.safetensors").resolve())  # what every process then reads
     with pytest.raises(ConfigError, match="keeps 154 weights of layer 'first', this run plans 77"):
         preflight(build_config(None, {"model.init_from": str(trained), "sparse.sparsity": 0.95}, []), world_size=2)
 
@@ -249,3 +251,13 @@ def test_a_sweep_whose_cells_cannot_all_start_from_the_model_is_refused_before_a
     err = " ".join(capsys.readouterr().err.split())
     assert "the model was trained with sparse.method=ssvi, this run has sparse.method=vi" in err, err
     assert not (out / "cells").exists() or not any((out / "cells").iterdir())
+
+
+def test_the_processes_read_the_file_the_launcher_checked():
+    from ssvi_cli.cli.train_config import pin_init_from
+
+    argv = ["--init-from", "runs/A", "--epochs", "3", "--set", "optim.lr=0.001"]
+    assert pin_init_from(argv, "/x/A/checkpoints/c.pt") == ["--init-from", "/x/A/checkpoints/c.pt", "--epochs", "3",
+                                                           "--set", "optim.lr=0.001"]
+    assert pin_init_from(["--set", "model.init_from=runs/A"], "/x/m.safetensors") == ["--set", "model.init_from=/x/m.safetensors"]
+    assert pin_init_from(argv, None) == argv

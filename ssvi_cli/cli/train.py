@@ -14,8 +14,8 @@ import typer
 from ssvi_cli import config as cfgmod
 from ssvi_cli.cli.common import (UsageError, check_run_out, count, err, fmt, forwarded_args, kv_table, no_reader,
                                  out, print_json, progress_bar, running_a_cell, tell)
-from ssvi_cli.cli.train_config import (build_config, default_run_dir, init_from_lr_note, nproc_again, processes_note, recipe_note,
-                                       set_keys, threads_note, unused_keys)
+from ssvi_cli.cli.train_config import (build_config, default_run_dir, init_from_lr_note, nproc_again, pin_init_from,
+                                       processes_note, recipe_note, set_keys, threads_note, unused_keys)
 
 
 def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
@@ -223,9 +223,10 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: Opti
     from ssvi_cli.training import launcher
     from ssvi_cli.training.plan import preflight, preflight_resume
 
+    read = None  # the file a trained --init-from model was read from
     if resume is None:
         cfg = build_config(preset, overrides, sets)
-        preflight(cfg, given=set_keys(sets), world_size=nproc, out=out_dir)
+        read = preflight(cfg, given=set_keys(sets), world_size=nproc, out=out_dir)
         run = RunDir(out_dir) if out_dir else default_run_dir(cfg, preset).fresh()
         run.check_claim(force)  # a folder that is not a run is refused before a lock is left in it
         flag = "--out"
@@ -238,7 +239,7 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: Opti
     with run.hold(flag, create=resume is None) as lock:
         if resume is None:
             out_dir = run.claim(force).path
-        args = forwarded_args(ctx, drop=("nproc", "out_dir"))
+        args = pin_init_from(forwarded_args(ctx, drop=("nproc", "out_dir")), read)
         if out_dir is not None:
             args += ["--out", str(out_dir)]
         tell(f"starting {nproc} training processes for {run.path}", highlight=False)  # each loads torch and the data

@@ -46,6 +46,21 @@ def default_run_dir(cfg: cfgmod.Config, preset: Optional[str]) -> Any:
     return RunDir.default(preset or cfgmod.DEFAULT_PRESET, cfg.sparse.method, cfg.sparse.sparsity if cfg.density < 1 else None)
 
 
+def pin_init_from(args: list[str], read: Optional[str]) -> list[str]:
+    """``ssvi train``'s arguments with the trained model of ``--init-from`` (or ``--set
+    model.init_from=``) named by the file ``read`` that the launcher checked, so that every process
+    starts from that one (a run still training writes newer checkpoints meanwhile)."""
+    if read is None:
+        return args
+    pinned = list(args)
+    for i in range(len(pinned) - 1):
+        if pinned[i] == "--init-from":
+            pinned[i + 1] = read
+        elif pinned[i] == "--set" and pinned[i + 1].partition("=")[0].strip() == "model.init_from":
+            pinned[i + 1] = f"model.init_from={read}"
+    return pinned
+
+
 def flag_of(key: str) -> str:
     """The flag of ``ssvi train`` that sets config ``key`` (``train.batch_size``: ``--batch-size``)."""
     return {"model.name": "--model", "data.name": "--data"}.get(key, "--" + key.rpartition(".")[2].replace("_", "-"))

@@ -171,16 +171,30 @@ def read_posterior(cfg: Config, spec: DataSpec, card: ModelCard, densities: dict
     note += (f"\nnote: {', '.join(again[:-1]) + ' and ' + again[-1] if len(again) > 1 else again[0]} start again: "
              "a short run may end below the model it starts from (--lr sets a lower peak)")
     theirs = t.run_config()
-    if (theirs is not None and theirs.data.name == cfg.data.name and theirs.train.seed != cfg.train.seed
-            and cfg.data.val_fraction > 0):
-        note += (f"\nnote: the validation split is carved with seed {cfg.train.seed}, the model's with {theirs.train.seed}: "
-                 "images it trained on are among this run's validation images, whose numbers read high")
+    if (theirs is not None and theirs.data.name == cfg.data.name and cfg.data.val_fraction > 0
+            and (theirs.train.seed, theirs.data.val_fraction) != (cfg.train.seed, cfg.data.val_fraction)
+            and not _own_validation(cfg)):
+        note += (f"\nnote: the validation split is carved otherwise than the model's (seed {cfg.train.seed}, "
+                 f"val_fraction {cfg.data.val_fraction:g}; the model's: {theirs.train.seed}, "
+                 f"{theirs.data.val_fraction:g}): images it trained on are among this run's validation images, "
+                 "whose numbers read high")
     batch, processes = had.metrics.get("global_batch"), had.metrics.get("world_size")
     if isinstance(batch, int) and batch != cfg.train.batch_size * world_size:
         on = f" on {processes} processes" if isinstance(processes, int) and processes > 1 else ""
         note += (f"\nnote: the model trained with a global batch of {batch}{on}, this run with "
                  f"{cfg.train.batch_size * world_size} (--batch-size, per process)")
     return Posterior(loaded, read, note)
+
+
+def _own_validation(cfg: Config) -> bool:
+    """Whether the run's data have their own validation split (an image folder's ``val/``), which no
+    seed carves."""
+    from ssvi_cli.data.sources import source
+
+    try:
+        return source(cfg.data.name, cfg.data).load_val is not None
+    except Exception:  # noqa: BLE001 - the data's own errors come where the run reads them
+        return False
 
 
 def _listed(names: Any) -> str:

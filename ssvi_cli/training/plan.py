@@ -233,18 +233,20 @@ def check_feeds(n_train: int, world_size: int) -> None:
 
 
 def preflight(cfg: Config, device: Optional[str] = None, given: Any = (), world_size: int = 1,
-              out: Optional[Path] = None) -> None:
+              out: Optional[Path] = None) -> Optional[str]:
     """What :meth:`RunPlan.new` checks, short of decoding the training images: for a launcher that
     checks a run once, where its errors read well, before its processes start and before ``--force``
     removes an old run (the training split's size from its labels); ``out``: the new run's folder,
-    which must not hold the trained model ``--init-from`` names."""
+    which must not hold the trained model ``--init-from`` names. Returns the file that model was read
+    from, for the processes to read (a run still training writes newer checkpoints), else None."""
     spec = check_names(cfg, given)
     resolve_device(device or cfg.train.device)
     card = ModelCard.from_config(cfg, spec)
     densities = planned_densities(card, cfg, spec)
+    read = None
     if names_trained_model(cfg.model.init_from):  # before the data, as RunPlan.new
         check_apart(cfg.model.init_from, out)
-        read_posterior(cfg, spec, card, densities, world_size)
+        read = read_posterior(cfg, spec, card, densities, world_size).source
     check_data_present(cfg)
     if world_size > 1:
         from ssvi_cli.data.splits import train_size
@@ -254,6 +256,7 @@ def preflight(cfg: Config, device: Optional[str] = None, given: Any = (), world_
         from ssvi_cli.training.init_weights import load_init_weights
 
         load_init_weights(cfg, spec, progress=True)
+    return read
 
 
 def preflight_resume(run_dir: RunDir | Path, device: Optional[str] = None, world_size: int = 1) -> None:
