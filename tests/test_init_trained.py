@@ -91,7 +91,8 @@ def test_a_preset_replaces_the_trained_models_config(trained, tmp_path):
                              "sparse.sparsity=0.9, this run has sparse.sparsity=0.95"),
     (["--method", "vi"], "the model was trained with sparse.method=ssvi, this run has sparse.method=vi"),
     (["--set", "sparse.allocation=uniform"], "trained with sparse.allocation=erk, this run has sparse.allocation=uniform"),
-    (["--set", "model.widths=32,8"], "holds a mlp of widths [32, 16]; this run's are [32, 8] (--set model.widths=32,16)"),
+    (["--model", "resnet18"], "holds architecture mlp; this run builds resnet18 (--model mlp; without --preset"),
+    (["--set", "model.widths=32,8"], "holds an MLP of widths [32, 16]; this run's are [32, 8] (--set model.widths=32,16)"),
     (["--set", "data.classes=0,1,2"], "has 10 classes; this run's data (digits) have 3"),
     (["--set", "data.classes=1,0,2,3,4,5,6,7,8,9"], "predicts the classes [0, 1, 2, 3, 4, 5, ...]; this run's data "
                                                     "(digits) have [1, 0, 2, 3, 4, 5, ...]: class 0 is '0' there and '1' here"),

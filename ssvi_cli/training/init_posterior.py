@@ -13,11 +13,11 @@ schedules start afresh. ``ssvi train`` takes the model's recorded config as the 
 
 from __future__ import annotations
 
+import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
-
-import zipfile
 
 import torch
 from torch import nn
@@ -31,9 +31,8 @@ from ssvi_cli.data.spec import DataSpec
 from ssvi_cli.modelfile import LoadedModel, ModelCard, build_model, read_header
 from ssvi_cli.modelfile.header import FORMAT_NAME, ModelFileError
 from ssvi_cli.modelfile.writer import dense_state
+from ssvi_cli.models import TORCHVISION
 from ssvi_cli.runs.checkpoint import FORMAT as CHECKPOINT_FORMAT
-
-TORCHVISION = "torchvision:"
 
 
 def names_trained_model(source: Optional[str]) -> bool:
@@ -52,8 +51,6 @@ def names_trained_model(source: Optional[str]) -> bool:
             size = int.from_bytes(fh.read(8), "little")
             if not 2 <= size <= 100_000_000:
                 return False
-            import json
-
             header = json.loads(fh.read(size).decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return False
@@ -74,7 +71,7 @@ def _is_checkpoint(path: Path) -> bool:
 
 def recorded_config(source: str) -> Config:
     """The config the trained model at ``source`` was trained with: a run directory's ``config.yaml``,
-    or the config a model file's card records."""
+    a training checkpoint's config, or the config a model file's card records."""
     path = Path(source).expanduser().absolute()
     source = str(path)
     if path.is_dir():
@@ -209,10 +206,10 @@ def _epochs(n: int) -> str:
 def _check_architecture(source: str, had: ModelCard, card: ModelCard, spec: DataSpec) -> None:
     a, b = had.architecture, card.architecture
     if a.name != b.name:
-        raise ConfigError(f"--init-from {source} holds a {a.name} model; this run builds {b.name} (--model {a.name}; "
+        raise ConfigError(f"--init-from {source} holds architecture {a.name}; this run builds {b.name} (--model {a.name}; "
                           "without --preset a run takes the trained model's own config)")
     if a.name == "mlp" and a.widths != b.widths:  # the other built-in models ignore model.widths
-        raise ConfigError(f"--init-from {source} holds a {a.name} of widths {list(a.widths)}; this run's are "
+        raise ConfigError(f"--init-from {source} holds an MLP of widths {list(a.widths)}; this run's are "
                           f"{list(b.widths)} (--set model.widths={','.join(map(str, a.widths))})")
     if tuple(had.data.input_shape) != tuple(spec.input_shape):
         raise ConfigError(f"--init-from {source} takes inputs of shape {list(had.data.input_shape)}; this run's "
