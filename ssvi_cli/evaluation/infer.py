@@ -217,22 +217,21 @@ def iter_batches(files: Sequence[Path], spec: DataSpec, batch_size: int,
     raw = iter_raw(files, spec.input_shape[0], spec.pixel_max, spec.input_shape, bad)
     for source, chunks in itertools.groupby(raw, key=lambda item: item[0]):  # an input file's chunks
         before = bool(bad)  # reading this file to its end reads ahead into the next, which may add to bad
-        try:  # a file is predicted whole or not at all: an array out of range in its last chunk, say
-            ready = [(chunk_names, preprocess(pixels, spec)) for _, chunk_names, pixels in chunks]
+        prepared = ((chunk_names, preprocess(pixels, spec)) for _, chunk_names, pixels in chunks)
+        try:  # skipping, a file is predicted whole or not at all: each of its chunks is prepared first
+            for chunk_names, x in list(prepared) if skipped is not None else prepared:
+                if before and skipped is None:
+                    continue  # past an input that cannot be read: read on, to name every such input
+                names.extend(chunk_names)
+                parts.append(x)
+                held += len(x)
+                while held >= batch_size:
+                    batch = torch.cat(parts)
+                    yield names[:batch_size], batch[:batch_size]
+                    names, parts = names[batch_size:], [batch[batch_size:]]
+                    held -= batch_size
         except DataError as exc:
             bad.append((str(source), InputError(f"{source}: {exc}")))
-            continue
-        if before and skipped is None:
-            continue
-        for chunk_names, x in ready:
-            names.extend(chunk_names)
-            parts.append(x)
-            held += len(x)
-            while held >= batch_size:
-                batch = torch.cat(parts)
-                yield names[:batch_size], batch[:batch_size]
-                names, parts = names[batch_size:], [batch[batch_size:]]
-                held -= batch_size
     if bad and skipped is None:
         raise UnreadableInputs(bad, len({str(f) for f in files}))
     if held:
