@@ -143,8 +143,7 @@ def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: fl
     out = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     if not bool(torch.isfinite(out).all()):
         raise InputError(f"{name}: array holds NaN or infinite values")
-    if out.numel() and (float(out.min()) < -1e-6 or float(out.max()) > 1 + 1e-6):  # the whole array's range, as
-        # the raw-range rule above read it (the model's preprocessing checks each chunk it is given)
+    if out.numel() and (float(out.min()) < -1e-6 or float(out.max()) > 1 + 1e-6):  # the whole array's, as above
         own = f" (or, for this model's data, its raw 0..{pixel_max:g})" if pixel_max != 255.0 else ""
         raise InputError(f"{name}: float images range over [{float(out.min()):.3g}, {float(out.max()):.3g}], not "
                          f"[0, 1]{own}; divide 0..255 pixels by 255 or pass uint8")
