@@ -262,3 +262,12 @@ def test_the_processes_read_the_file_the_launcher_checked():
                                                            "--set", "optim.lr=0.001"]
     assert pin_init_from(["--set", "model.init_from=runs/A"], "/x/m.safetensors") == ["--set", "model.init_from=/x/m.safetensors"]
     assert pin_init_from(argv, None) == argv
+
+
+def test_an_out_that_holds_a_finished_run_is_refused_before_any_note(trained, tmp_path, capsys):
+    other = tmp_path / "other"
+    assert run(["train", *SMALL, "--out", str(other)]) == 0
+    capsys.readouterr()
+    assert run(["train", "--init-from", str(trained), "--out", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "note:" not in err, err

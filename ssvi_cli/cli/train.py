@@ -145,6 +145,8 @@ def register(app: typer.Typer) -> None:
                 cfg = build_config(preset, overrides, set_ or [])
                 plan = RunPlan.new(cfg, out_dir or default_run_dir(cfg, preset), progress=not json_out and info.is_main,
                                    given=set_keys(set_ or []), world_size=info.world_size)
+                if out_dir is not None and info.is_main:
+                    plan.run_dir.check_claim(force)  # a refused --out (a finished run there) before any note
                 say(plan.init_note or "")
                 say(init_from_lr_note(plan.cfg, overrides, set_ or []))
                 say("" if running_a_cell() else recipe_note(plan.cfg, preset))
