@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
                 raise InputError(f"{exc}" + (" (or --skip-unreadable predicts the others)"
                                              if len(exc.bad) < exc.total else "")) from None
         seconds = time.perf_counter() - started
-        passed = UnreadableInputs(skipped, len({str(f) for f in files})) if skipped else None
+        passed = UnreadableInputs(skipped, files) if skipped else None
         if passed is not None and not records:
             raise InputError(f"no input could be read: {passed}")
         if target is not None:

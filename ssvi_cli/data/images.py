@@ -158,12 +158,16 @@ def unreadable(bad: Sequence[tuple[str, Exception]], total: int, what: str, erro
 
 
 class UnreadableImages(DataError):
-    """Image files of a folder that could not be decoded, each ``(name, error)`` in ``bad``, among the
-    ``files`` tried; the message names them (:func:`unreadable`). ``where``: the folder."""
+    """Image files that could not be read, each ``(name, error)`` in ``bad`` (a name once, with its
+    first error), among the ``total`` distinct ``files`` tried; the message names them
+    (:func:`unreadable`). ``where``: their folder, if one."""
 
     def __init__(self, bad: Sequence[tuple[str, Exception]], files: Sequence[Path], what: str, where: str = "") -> None:
-        super().__init__(str(unreadable(bad, len(set(files)), what)))
-        self.bad, self.files, self.where = list(bad), tuple(files), where
+        first: dict[str, Exception] = {}
+        for name, exc in bad:  # an array unreadable in several chunks: once
+            first.setdefault(name, exc)
+        self.bad, self.files, self.where, self.total = list(first.items()), tuple(files), where, len(set(files))
+        super().__init__(str(unreadable(self.bad, self.total, what)))
 
     @classmethod
     def merged(cls, errors: Sequence["UnreadableImages"]) -> "UnreadableImages":

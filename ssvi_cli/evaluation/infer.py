@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from ssvi_cli import fileio
-from ssvi_cli.data.images import (ARRAY_SUFFIX, IMAGE_SUFFIXES, STDIN, find_files, open_stream, read_array,
-                                  read_image, shown, starts_as_npy, unreadable)
+from ssvi_cli.data.images import (ARRAY_SUFFIX, IMAGE_SUFFIXES, STDIN, UnreadableImages, find_files, open_stream,
+                                  read_array, read_image, shown, starts_as_npy)
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.data.transforms import preprocess
 from ssvi_cli.core.modes import using_kernel
@@ -41,17 +41,11 @@ class InputError(DataError):
     """An input that is missing or cannot be read as an image or array; the message names it."""
 
 
-class UnreadableInputs(InputError):
-    """The inputs among ``total`` files that cannot be read, each ``(name, error)`` in ``bad`` (a name
-    once); the message names them (``data.images.unreadable``)."""
+class UnreadableInputs(UnreadableImages, InputError):
+    """The inputs among ``files`` that cannot be read (:class:`~ssvi_cli.data.images.UnreadableImages`)."""
 
-    def __init__(self, bad: Sequence[tuple[str, Exception]], total: int) -> None:
-        first: dict[str, Exception] = {}
-        for name, exc in bad:  # an array unreadable in several chunks: once
-            first.setdefault(name, exc)
-        self.bad = list(first.items())
-        self.total = total
-        super().__init__(str(unreadable(self.bad, total, "input files", InputError)))
+    def __init__(self, bad: Sequence[tuple[str, Exception]], files: Sequence[Path]) -> None:
+        super().__init__(bad, files, "input files")
 
 
 # ------------------------------------------------------------------ finding inputs
@@ -232,7 +226,7 @@ def iter_batches(files: Sequence[Path], spec: DataSpec, batch_size: int,
         except DataError as exc:
             bad.append((str(source), InputError(f"{source}: {exc}")))
     if bad and skipped is None:
-        raise UnreadableInputs(bad, len({str(f) for f in files}))
+        raise UnreadableInputs(bad, files)
     if held:
         yield names, torch.cat(parts)
 
