@@ -31,6 +31,22 @@ def _prefix_looks_like_json(raw: bytes) -> bool:
     return raw[:2] in (b'{"', b"{}")
 
 
+def is_model_file(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file whose metadata names the ssvi format: the header is read,
+    not validated (a damaged ssvi file is still one, for :func:`read_header` to refuse in words), and
+    a header declared larger than the file or than 100 MB is not read."""
+    try:
+        with open(path, "rb") as fh:
+            n, size = int.from_bytes(fh.read(8), "little"), Path(path).stat().st_size
+            if not 2 <= n <= min(size - 8, 100_000_000):
+                return False
+            header = json.loads(fh.read(n).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(meta, dict) and meta.get("format") == FORMAT_NAME
+
+
 def read_header(path: Path) -> dict[str, Any]:
     """Metadata and tensor shapes/dtypes of an ssvi file, validated, without reading tensor data.
 

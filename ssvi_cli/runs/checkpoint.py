@@ -128,6 +128,17 @@ NOT_THE_FILE = frozenset(getattr(errno, name) for name in ("EACCES", "EPERM", "E
                                                            "ESTALE") if hasattr(errno, name))
 
 
+def is_checkpoint(path: Path) -> bool:
+    """Whether the torch.save archive at ``path`` is an ssvi training checkpoint: its pickled record
+    (``data.pkl``, names and containers; the tensors are files beside it) holds the format's name."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            record = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+            return record is not None and FORMAT.encode() in archive.read(record)
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        return False
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely (tensors and plain containers only)."""
     try:

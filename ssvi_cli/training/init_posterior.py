@@ -13,8 +13,6 @@ schedules start afresh. ``ssvi train`` takes the model's recorded config as the 
 
 from __future__ import annotations
 
-import json
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -29,10 +27,10 @@ from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.core.state import load_tensors
 from ssvi_cli.data.spec import DataSpec
 from ssvi_cli.modelfile import LoadedModel, ModelCard, build_model, read_header
-from ssvi_cli.modelfile.header import FORMAT_NAME, ModelFileError
+from ssvi_cli.modelfile.header import ModelFileError, is_model_file
 from ssvi_cli.modelfile.writer import dense_state
 from ssvi_cli.models import TORCHVISION
-from ssvi_cli.runs.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from ssvi_cli.runs.checkpoint import is_checkpoint
 
 
 def names_trained_model(source: Optional[str]) -> bool:
@@ -44,29 +42,7 @@ def names_trained_model(source: Optional[str]) -> bool:
     path = Path(source).expanduser()
     if path.is_dir():
         return True
-    if zipfile.is_zipfile(path):
-        return _is_checkpoint(path)
-    try:
-        with open(path, "rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            if not 2 <= size <= 100_000_000:
-                return False
-            header = json.loads(fh.read(size).decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return False
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return isinstance(meta, dict) and meta.get("format") == FORMAT_NAME
-
-
-def _is_checkpoint(path: Path) -> bool:
-    """Whether the torch.save archive at ``path`` is an ssvi training checkpoint: its pickled record
-    (``data.pkl``, names and containers; the tensors are files beside it) holds the format's name."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            record = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
-            return record is not None and CHECKPOINT_FORMAT.encode() in archive.read(record)
-    except (OSError, zipfile.BadZipFile, RuntimeError):
-        return False
+    return is_checkpoint(path) or is_model_file(path)
 
 
 def recorded_config(source: str) -> Config:
@@ -81,7 +57,7 @@ def recorded_config(source: str) -> Config:
         if not run.config_file.is_file():
             raise ConfigError(f"--init-from {source} is a folder but not a run (no {run.config_file.name})")
         cfg = run.read_config()
-    elif zipfile.is_zipfile(path):  # a training checkpoint (names_trained_model)
+    elif is_checkpoint(path):
         from ssvi_cli.config import from_dict
         from ssvi_cli.runs.checkpoint import CheckpointError, load_checkpoint
 
