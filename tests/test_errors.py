@@ -35,6 +35,9 @@ def workspace(tmp_path_factory) -> Path:
     shutil.copytree(ws / "partial", ws / "unstarted")  # a run that failed before its first checkpoint
     shutil.rmtree(ws / "unstarted" / "checkpoints")
     (ws / "empty_dir").mkdir()
+    shutil.copytree(ws / "partial" / "checkpoints", ws / "runs_of" / "cells" / "a" / "checkpoints")  # a sweep's layout
+    torch.save({"weight": torch.zeros(2)}, ws / "plain.pt")
+    (ws / "cut.pt").write_bytes((ws / "plain.pt").read_bytes()[:300])
     (ws / "d.jsonl").mkdir()  # a folder whose name looks like an output file
     (ws / "afile").write_text("a file, not a folder\n")
     (ws / "empty.safetensors").write_bytes(b"")
@@ -100,6 +103,15 @@ CASES = [
     (["train", "--out", "{ws}/afile"], "exists and is not a directory"),
     (["train", "--resume", "{ws}/empty_dir"], "has no checkpoint"),
     (["train", "--resume", "{ws}/missing"], "run directory {ws}/missing does not exist"),
+    (["train", "--resume", "{ws}/runs_of"], "{ws}/runs_of is not a run directory but holds runs, such as "
+                                            "{ws}/runs_of/cells/a; name one of them"),
+    (["train", "--init-from", "{ws}/runs_of"], "is a folder but not a run (no config.yaml); it holds runs, such as "),
+    (["train", "--init-from", "{ws}/cut.pt"], "but a damaged or cut-off file (its torch.save archive does not open)"),
+    (["train", "--init-from", "{ws}/plain.pt"], "but a torch.save archive without an ssvi checkpoint's record"),
+    (["train", "--init-from", "{ws}/cut.safetensors", "--set", "model.widths=[32]"],
+     "but a cut-off safetensors file (its header runs past the end of the file)"),
+    (["train", "--init-from", "{ws}/plain.safetensors"], "but a safetensors file without ssvi metadata"),
+    (["train", "--init-from", "{ws}/afile"], "but neither a safetensors file nor a torch.save archive"),
     (["train", "--resume", "{ws}/partial", "--device", "cuda"], "no CUDA device is available"),
     (["train", "--resume", "{ws}/run", "--epochs", "3"], "drop --epochs"),
     (["train", "--resume", "{ws}/partial", "--force"], "drop --force"),  # was taken and did nothing
@@ -156,6 +168,7 @@ CASES = [
     # evaluate
     (["evaluate", "{ws}/empty_dir"], "has no checkpoint"),
     (["evaluate", "{ws}/missing"], "does not exist"),
+    (["evaluate", "{ws}/runs_of"], "holds runs, such as {ws}/runs_of/cells/a"),
     (["evaluate", "{ws}/plain.safetensors"], "not an ssvi model file"),
     (["evaluate", "{ws}/run", "--output", "{ws}/nodir/r.json"], "its folder {ws}/nodir does not exist"),
     (["evaluate", "{ws}/run", "--output", "{ws}/empty_dir"], "--output {ws}/empty_dir is a directory"),

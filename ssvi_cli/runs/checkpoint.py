@@ -13,7 +13,7 @@ import re
 import struct
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -57,11 +57,37 @@ def latest_checkpoint(run_dir: Path) -> Path:
         raise CheckpointError(f"run directory {run_dir} does not exist")
     found = list_checkpoints(run_dir)
     if not found:
+        inner = run_below(run_dir)
+        if inner is not None:  # a sweep's folder, or a folder of runs
+            raise CheckpointError(f"{run_dir} is not a run directory but holds runs, such as {inner}; name one of them")
         raise CheckpointError(
             f"{run_dir} has no checkpoint (expected {checkpoint_dir(run_dir)}/checkpoint-*.pt); "
             "is it a run directory written by 'ssvi train'?"
         )
     return found[-1]
+
+
+def run_below(folder: Path, depth: int = 2, budget: int = 200) -> Optional[Path]:
+    """The first folder (in name order) up to ``depth`` levels below ``folder`` that holds a run's
+    checkpoints, as a sweep's ``cells/NAME`` does; None if none is found among the first ``budget``
+    folders looked at (a large folder of images is not walked)."""
+    level = [Path(folder)]
+    for _ in range(depth):
+        below: list[Path] = []
+        for parent in level:
+            try:
+                children = sorted(p for p in parent.iterdir() if p.is_dir())
+            except OSError:
+                continue
+            for child in children:
+                budget -= 1
+                if budget < 0:
+                    return None
+                if list_checkpoints(child):
+                    return child
+                below.append(child)
+        level = below
+    return None
 
 
 def rng_state() -> dict[str, Any]:

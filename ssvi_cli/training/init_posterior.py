@@ -45,6 +45,32 @@ def names_trained_model(source: Optional[str]) -> bool:
     return is_checkpoint(path) or is_model_file(path)
 
 
+def what_else(source: str) -> str:
+    """What the file at ``source`` is, when :func:`names_trained_model` says it is no trained ssvi
+    model: plain weights (a torch.save archive or a safetensors file without the ssvi record), a
+    damaged or cut-off one, or neither format. Reads the first bytes and the archive's index only."""
+    import zipfile
+
+    path = Path(source).expanduser()
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return "a file that cannot be read"
+    if head[:2] == b"PK":
+        try:
+            with zipfile.ZipFile(path):
+                return "a torch.save archive without an ssvi checkpoint's record (plain weights)"
+        except (zipfile.BadZipFile, OSError):
+            return "a damaged or cut-off file (its torch.save archive does not open)"
+    if len(head) == 9 and head[8:9] == b"{":
+        if int.from_bytes(head[:8], "little") > size - 8:
+            return "a cut-off safetensors file (its header runs past the end of the file)"
+        return "a safetensors file without ssvi metadata (plain weights)"
+    return "neither a safetensors file nor a torch.save archive"
+
+
 def recorded_config(source: str) -> Config:
     """The config the trained model at ``source`` was trained with: a run directory's ``config.yaml``,
     a training checkpoint's config, or the config a model file's card records."""
@@ -55,7 +81,11 @@ def recorded_config(source: str) -> Config:
 
         run = RunDir(path)
         if not run.config_file.is_file():
-            raise ConfigError(f"--init-from {source} is a folder but not a run (no {run.config_file.name})")
+            from ssvi_cli.runs.checkpoint import run_below
+
+            inner = run_below(path)
+            raise ConfigError(f"--init-from {source} is a folder but not a run (no {run.config_file.name})"
+                              + (f"; it holds runs, such as {inner}" if inner is not None else ""))
         cfg = run.read_config()
     elif is_checkpoint(path):
         from ssvi_cli.config import from_dict

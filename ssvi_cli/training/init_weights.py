@@ -218,7 +218,9 @@ def base_for(cfg: Config, spec: DataSpec) -> nn.Module:
     """The deterministic torchvision model the state_dict must fit."""
     source = str(cfg.model.init_from)
     if not cfg.model.name.startswith(TORCHVISION):
+        from ssvi_cli.training.init_posterior import what_else
+
         raise ConfigError(f"--init-from {source} is not a trained ssvi model (a run directory, a model file or a "
-                          f"training checkpoint, which start any model), and deterministic weights start only a "
-                          f"torchvision:NAME model, not {cfg.model.name!r}")
+                          f"training checkpoint, which start any model) but {what_else(source)}, and "
+                          f"deterministic weights start only a torchvision:NAME model, not {cfg.model.name!r}")
     return torchvision_base(cfg.model.name[len(TORCHVISION):], spec.input_shape, spec.num_classes)
