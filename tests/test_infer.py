@@ -402,6 +402,15 @@ def test_the_progress_bar_knows_its_total_for_image_files(model_file, digits, tm
         monkeypatch.setattr(infer_cmd, "progress_bar", lambda enabled: contextlib.nullcontext(bar))
         assert run(["infer", str(model_file), *argv]) == 0, capsys.readouterr().err
         assert bar.totals == [total] and bar.done == (total or 5)
+    # inputs skipped as unreadable count as done: the bar ended short of its total
+    (tmp_path / "bad.png").write_text("not an image")
+    (tmp_path / "worse.png").write_text("not an image either")
+    files = [str(tmp_path / f"{i}.png") for i in (0, 1)] + [str(tmp_path / "bad.png"), str(tmp_path / "worse.png")]
+    for argv in (files, files[::-1]):
+        bar = Bar()
+        monkeypatch.setattr(infer_cmd, "progress_bar", lambda enabled: contextlib.nullcontext(bar))
+        assert run(["infer", str(model_file), *argv, "--skip-unreadable", "--batch-size", "1"]) == 0
+        assert bar.totals == [4] and bar.done == 4
 
 
 def test_skip_unreadable_predicts_the_others_and_names_what_it_skipped(model_file, digits, tmp_path, capsys):

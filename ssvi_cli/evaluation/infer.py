@@ -265,12 +265,19 @@ def run_inference(model: SSVIModel, spec: DataSpec, files: Sequence[Path], *, sa
     multiply over their stored entries, never a densified weight). The draws are seeded with
     ``seed`` on a forked RNG, so a run is reproducible and the caller's RNG and model are untouched.
     Inputs that cannot be read are one :class:`UnreadableInputs`, or with ``skipped`` are put there
-    (``(name, error)``) and passed by."""
+    (``(name, error)``) and passed by; ``on_batch(n)``: n more inputs predicted or skipped."""
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     params = list(model.parameters())
     device = params[0].device if params else torch.device("cpu")
     records: list[dict[str, Any]] = []
+    told = [0]  # inputs predicted or skipped that on_batch has been told of
+
+    def advance() -> None:
+        if on_batch is not None and (n := len(records) + len(skipped or ()) - told[0]):
+            on_batch(n)
+            told[0] += n
+
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
             using_kernel(model, "prediction"):
         torch.manual_seed(seed)
@@ -281,8 +288,8 @@ def run_inference(model: SSVIModel, spec: DataSpec, files: Sequence[Path], *, sa
                 raise exc.naming(name=names[exc.first]) from None
             for name, rec in zip(names, batch):
                 records.append({"input": shown(name), **rec})
-            if on_batch is not None:
-                on_batch(len(names))
+            advance()
+        advance()
     return records
 
 
