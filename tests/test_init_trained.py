@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from ssvi_cli.cli import run
+from ssvi_cli.cli.train import summary_rows as run_summary_rows
 from ssvi_cli.core.layers import sparse_layers
 
 SMALL = ["--epochs", "1", "--sparsity", "0.9", "--set", "model.widths=32,16", "--set", "data.max_train=256",
@@ -76,7 +77,10 @@ def test_train_from_a_run_takes_its_config_and_says_so(trained, tmp_path, capsys
     assert new["model"]["init_from"] == str((trained / "model.safetensors").resolve())  # the file read
     assert new["train"]["epochs"] == 2
     assert {k: v for k, v in new["data"].items()} == old["data"]
-    assert summary["epochs"] == 2
+    assert summary["epochs"] == 2 and summary["init_from"] == new["model"]["init_from"]
+    assert run(["train", *SMALL, "--epochs", "1", "--out", str(tmp_path / "fresh"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["init_from"] is None
+    assert "; this run only)" in run_summary_rows(summary)["training FLOPs"]
 
 
 def test_a_preset_replaces_the_trained_models_config(trained, tmp_path):

@@ -51,7 +51,7 @@ def _flops_row(summary: dict[str, Any]) -> str:
     total, ratio = summary.get("training_flops"), summary.get("training_flops_reduction_vs_vi")
     if total is None:
         return "-"
-    return f"{total:.3g} ({ratio:.1f}x below dense VI, analytic)"
+    return f"{total:.3g} ({ratio:.1f}x below dense VI, analytic{'; this run only' if summary.get('init_from') else ''})"
 
 
 def register(app: typer.Typer) -> None:
