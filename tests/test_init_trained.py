@@ -196,6 +196,19 @@ def test_an_image_folders_own_settings_stay_behind_for_other_data(tmp_path):
     assert same.data.image_size == 8 and same.data.channels == 1
 
 
+def test_a_folder_read_at_another_size_is_told_the_models(trained, tmp_path, capsys):
+    from PIL import Image
+
+    for digit in range(10):
+        (tmp_path / "folder" / str(digit)).mkdir(parents=True)
+        for j in range(3):
+            Image.new("L", (20, 20), 40 * j + digit).save(tmp_path / "folder" / str(digit) / f"{j}.png")
+    assert run(["train", "--init-from", str(trained), "--data", f"imagefolder:{tmp_path / 'folder'}",
+                "--out", str(tmp_path / "new")]) == 2
+    assert ("this run's data (imagefolder:" in (err := capsys.readouterr().err) and "are [3, 32, 32] (--set "
+            "data.channels=1 --set data.image_size=8 reads the folder so)" in err), err
+
+
 def test_a_deterministic_model_starts_a_bayesian_runs_means_and_the_configured_sigma(trained_rigl, tmp_path):
     from ssvi_cli.runs.load import load_model
 

@@ -218,8 +218,11 @@ def _check_architecture(source: str, had: ModelCard, card: ModelCard, spec: Data
         raise ConfigError(f"--init-from {source} holds an MLP of widths {list(a.widths)}; this run's are "
                           f"{list(b.widths)} (--set model.widths={','.join(map(str, a.widths))})")
     if tuple(had.data.input_shape) != tuple(spec.input_shape):
+        c, h, w = (list(had.data.input_shape) + [0, 0, 0])[:3]
+        fits = c in (1, 3) and h == w and spec.name.startswith("imagefolder:")  # the folder read at the model's size
         raise ConfigError(f"--init-from {source} takes inputs of shape {list(had.data.input_shape)}; this run's "
-                          f"data ({spec.name}) are {list(spec.input_shape)}")
+                          f"data ({spec.name}) are {list(spec.input_shape)}"
+                          + (f" (--set data.channels={c} --set data.image_size={h} reads the folder so)" if fits else ""))
     if had.data.num_classes != spec.num_classes:
         raise ConfigError(f"--init-from {source} has {had.data.num_classes} classes; this run's data "
                           f"({spec.name}) have {spec.num_classes}")
