@@ -112,6 +112,8 @@ CASES = [
      "but a cut-off safetensors file (its header runs past the end of the file)"),
     (["train", "--init-from", "{ws}/plain.safetensors"], "but a safetensors file without ssvi metadata"),
     (["train", "--init-from", "{ws}/afile"], "but neither a safetensors file nor a torch.save archive"),
+    (["train", "--init-from", "torchvision:DEFAULT"], "--init-from torchvision:DEFAULT names torchvision's published "
+                                                      "weights, which start only a torchvision:NAME model, not 'mlp'"),
     (["train", "--resume", "{ws}/partial", "--device", "cuda"], "no CUDA device is available"),
     (["train", "--resume", "{ws}/run", "--epochs", "3"], "drop --epochs"),
     (["train", "--resume", "{ws}/partial", "--force"], "drop --force"),  # was taken and did nothing

@@ -220,6 +220,9 @@ def base_for(cfg: Config, spec: DataSpec) -> nn.Module:
     if not cfg.model.name.startswith(TORCHVISION):
         from ssvi_cli.training.init_posterior import what_else
 
+        if source.startswith(TORCHVISION):
+            raise ConfigError(f"--init-from {source} names torchvision's published weights, which start only a "
+                              f"torchvision:NAME model, not {cfg.model.name!r}")
         raise ConfigError(f"--init-from {source} is not a trained ssvi model (a run directory, a model file or a "
                           f"training checkpoint, which start any model) but {what_else(source)}, and "
                           f"deterministic weights start only a torchvision:NAME model, not {cfg.model.name!r}")
