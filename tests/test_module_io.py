@@ -264,6 +264,13 @@ def test_the_class_count_is_the_models_output_size_whatever_order_its_layers_are
     assert model.training and model.head.training and not model.body.training
     with pytest.raises(ValueError, match="class_names holds 2 names for a model with 3 outputs"):
         ssvi.save(model, tmp_path / "n.safetensors", input_shape=(8,), class_names=["a", "b"])
+    # without input_shape the count is checked against the last layer registered (here the body's 16)
+    with pytest.raises(ValueError, match=r"holds 3 names for a model with 16 outputs \(its last layer's; input_shape= "):
+        ssvi.save(model, tmp_path / "n.safetensors", class_names=["a", "b", "c"])
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    ssvi.sparsify(mlp, 0.5)
+    with pytest.raises(ValueError, match="class_names holds 2 names for a model with 10 outputs"):
+        ssvi.save(mlp, tmp_path / "n.safetensors", class_names=["a", "b"])  # the file said 2 classes
     with pytest.raises(ValueError, match="every std positive"):
         ssvi.save(model, tmp_path / "n.safetensors", input_shape=(8,), mean=[0.0] * 8, std=[0.0] * 8)
     assert not (tmp_path / "n.safetensors").exists()

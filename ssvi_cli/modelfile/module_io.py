@@ -84,13 +84,15 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
     sigma_param = layers[0][1].sigma_param
     shape = tuple(int(s) for s in input_shape) if input_shape is not None else ()
     measured = _output_size(model, shape)
-    if class_names and measured is not None and len(class_names) != measured:
-        raise ValueError(f"class_names holds {len(class_names)} names for a model with {measured} outputs")
+    outputs = measured if measured is not None else _last_layers_outputs(model)
+    if class_names and len(class_names) != outputs:
+        raise ValueError(f"class_names holds {len(class_names)} names for a model with {outputs} outputs"
+                         + ("" if measured is not None else " (its last layer's; input_shape= measures them)"))
     if class_names and len(set(class_names)) != len(class_names):
         twice = next(n for i, n in enumerate(class_names) if n in class_names[:i])
         raise ValueError(f"class_names names {twice!r} twice; give each output its own name")
     mean, std = (None if v is None else (v,) if isinstance(v, (int, float)) else v for v in (mean, std))
-    num_classes = len(class_names) if class_names else (measured or _last_layers_outputs(model))
+    num_classes = len(class_names) if class_names else outputs
     widths: tuple[int, ...] = ()
     if architecture is None and kept is not None:  # ssvi's own architecture, checked above
         name, widths = kept.architecture.name, kept.architecture.widths
