@@ -80,6 +80,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
+        above = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+        if above is not None and not above.is_dir():  # a file where a folder of the path should be
+            raise UnwritablePath(errno.ENOTDIR, f"cannot write {path}: {above} is a file, not a folder") from exc
         raise _cannot_write(path, exc) from exc
     tmp_path = Path(tmp)
     try:

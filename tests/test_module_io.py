@@ -573,6 +573,12 @@ def test_save_names_a_path_or_argument_of_the_wrong_kind(tmp_path):
         ssvi.save(model, tmp_path)
     with pytest.raises(TypeError, match=r"path=5: give the model file's path"):
         ssvi.save(model, 5)
+    with pytest.raises(ValueError, match=r"path='': give the model file's path"):
+        ssvi.save(model, "")
+    (tmp_path / "x.npy").write_bytes(b"")  # a file where the path wants a folder
+    with pytest.raises(OSError, match=r"cannot write .*x\.npy/a/m\.safetensors: .*x\.npy is a file, not a folder"):
+        ssvi.save(model, tmp_path / "x.npy" / "a" / "m.safetensors")
+    (tmp_path / "x.npy").unlink()
     with pytest.raises(TypeError, match=r"input_shape=8: give a sequence \(C, H, W\), or \(features,\)"):
         ssvi.save(model, tmp_path / "m.safetensors", input_shape=8)
     with pytest.raises(TypeError, match="class_names='abcd': give a sequence of names"):
@@ -583,3 +589,18 @@ def test_save_names_a_path_or_argument_of_the_wrong_kind(tmp_path):
     for shape in (np.array([8]), torch.Size([8]), torch.tensor([8])):  # sizes as arrays are sizes too
         ssvi.save(model, tmp_path / "m.safetensors", input_shape=shape)
         assert read_header(tmp_path / "m.safetensors")["meta"]["data_spec"]["input_shape"] == [8]
+
+
+def test_load_names_a_run_folder_a_checkpoint_or_plain_weights_for_what_they_are(tmp_path):
+    assert run(["train", "--epochs", "1", "--set", "model.widths=[16]", "--set", "data.max_train=100",
+                "--set", "train.eval_samples=1", "--out", str(tmp_path / "run")]) == 0
+    with pytest.raises(ModelFileError, match=f"is a folder, not a model file; its run's model file is .*run/model"):
+        ssvi.load(tmp_path / "run")
+    checkpoint = next((tmp_path / "run" / "checkpoints").iterdir())
+    with pytest.raises(ModelFileError, match="is a torch.save file .*, not an ssvi model file; 'ssvi export "):
+        ssvi.load(checkpoint)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ModelFileError, match="write model files with 'ssvi export' or ssvi_cli.save"):
+        ssvi.load(tmp_path / "plain.safetensors")

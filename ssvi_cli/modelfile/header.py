@@ -56,8 +56,12 @@ def read_header(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ModelFileError(f"{path} does not exist")
-    if not path.is_file():
+    if not path.is_dir() and not path.is_file():
         raise ModelFileError(f"{path} is not a file")
+    if path.is_dir():  # a run's folder, say
+        inner = path / "model.safetensors"
+        raise ModelFileError(f"{path} is a folder, not a model file" + (f"; its run's model file is {inner}"
+                                                                         if inner.is_file() else ""))
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
@@ -65,6 +69,9 @@ def read_header(path: Path) -> dict[str, Any]:
             raise ModelFileError(f"{path} is truncated or not a model file ({size} bytes, no safetensors header)")
         n = int.from_bytes(head, "little")
         raw = fh.read(min(n, max(size - 8, 0)))
+    if head[:2] == b"PK":  # a zip archive: what torch.save writes
+        raise ModelFileError(f"{path} is a torch.save file (a training checkpoint, say), not an ssvi model file; "
+                             f"'ssvi export {path} -o model.safetensors' writes one from an ssvi checkpoint")
     if n > size - 8:
         if _prefix_looks_like_json(raw):
             raise ModelFileError(f"{path} is truncated: its header declares {n} bytes but the file has {size}")
@@ -81,7 +88,7 @@ def read_header(path: Path) -> dict[str, Any]:
     if not isinstance(raw_meta, dict) or raw_meta.get("format") != FORMAT_NAME:
         raise ModelFileError(
             f"{path} is a safetensors file but not an ssvi model file (its metadata lacks format "
-            f"'{FORMAT_NAME}'); write model files with 'ssvi export'"
+            f"'{FORMAT_NAME}'); write model files with 'ssvi export' or ssvi_cli.save"
         )
     meta = _decode_meta(path, raw_meta)
     tensors = _check_tensor_table(path, header, size - 8 - n)

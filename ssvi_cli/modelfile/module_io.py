@@ -60,8 +60,8 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
     layers = sparse_layers(model)
     if not layers:
         raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
-    if not isinstance(path, (str, Path)):
-        raise TypeError(f"path={path!r}: give the model file's path (a str or Path) ending in .safetensors")
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise (ValueError if path == "" else TypeError)(f"path={path!r}: give the model file's path (a str or Path) ending in .safetensors")
     if Path(path).is_dir():
         raise ValueError(f"{path} is a folder; give the model file's path, ending in .safetensors")
     if Path(path).suffix.lower() != ".safetensors":

@@ -186,7 +186,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CorruptCheckpoint(f"checkpoint {path} is unreadable or corrupted (not a file torch.save "
                                 f"wrote: {type(exc).__name__})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CorruptCheckpoint(f"{path} is not an ssvi checkpoint")
+        raise CorruptCheckpoint(f"{path} is not an ssvi checkpoint but a torch.save file of plain weights "
+                                "(ssvi train --model torchvision:NAME --init-from starts a run from them)")
     if int(data.get("version", 0)) > VERSION:
         raise CheckpointError(
             f"checkpoint {path} has format version {data['version']}, newer than this ssvi "
