@@ -112,7 +112,7 @@ def _refuse_what_would_be_lost(name: str, module: nn.Module) -> None:
     from torch.nn.utils import parametrize
 
     if parametrize.is_parametrized(module) or any(n.endswith(("_orig", "_g")) for n, _ in module.named_parameters(recurse=False)):
-        raise ValueError(f"{name} has a pruned or reparametrized weight or bias (torch.nn.utils.prune, weight_norm or "
+        raise ValueError(f"layer {name!r} has a pruned or reparametrized weight or bias (torch.nn.utils.prune, weight_norm or "
                          "spectral_norm), which its sparse replacement would drop; make it permanent first "
                          "(prune.remove(module, 'weight'), torch.nn.utils.parametrize.remove_parametrizations or "
                          "remove_weight_norm)")
@@ -123,7 +123,7 @@ def _refuse_what_would_be_lost(name: str, module: nn.Module) -> None:
     hooks += ["tensor"] * any(getattr(p, "_backward_hooks", None) or getattr(p, "_post_accumulate_grad_hooks", None)
                               for p in module.parameters(recurse=False))
     if hooks:
-        raise ValueError(f"{name} has {' and '.join(hooks)} hooks, which its sparse replacement would not carry; "
+        raise ValueError(f"layer {name!r} has {' and '.join(hooks)} hooks, which its sparse replacement would not carry; "
                          "remove them before sparsify (handle.remove()) and register them on the converted layer")
 
 
@@ -148,7 +148,7 @@ def _targets(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[
         if not isinstance(module, (nn.Linear, nn.Conv2d)) or isinstance(module, SparseGaussian):
             continue
         if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
-            raise ValueError(f"{name} ({type(module).__name__}) has no shape yet; run one forward pass before sparsify")
+            raise ValueError(f"layer {name!r} ({type(module).__name__}) has no shape yet; run one forward pass before sparsify")
         tied = [n for n in owners.get(id(module.weight), []) if model.get_submodule(n) is not module]
         if name in read_directly:
             kept.append((name, read_directly[name]))
