@@ -383,6 +383,14 @@ def test_a_cell_stopped_by_a_signal_says_so():
     ([], "ood: 5\n", "ood 5: give a set's name or path, or a list of them"),
     ([], "set:\n  optim.lr: 0.1\n  optim.lr: 0.2\n", "not a readable YAML sweep at line 3 (the key 'optim.lr' is given twice)"),
     ([], b"seeds: 2 # \xe9t\xe9\n", "not UTF-8 text; save it as UTF-8"),
+    # a value given twice made one cell under a grid that said two
+    (["--method", "ssvi,ssvi"], None, "method ssvi is given twice; give each value once"),
+    (["--sparsity", "0.9,0.90"], None, "sparsity 0.9 is given twice"),
+    (["--set", "optim.lr=0.01,0.010"], None, "optim.lr 0.01 is given twice"),
+    (["--set", "model.widths=[8],[8]"], None, "model.widths [8] is given twice"),
+    (["--ood", "noise", "--ood", "noise"], None, "--ood noise is given twice"),
+    ([], "seeds: [0, 0]\n", "seed 0 is given twice"),
+    ([], "sparsity: [0.9, 0.9]\n", "sparsity 0.9 is given twice"),
 ])
 def test_what_a_cell_would_refuse_is_refused_before_any_cell_runs(tmp_path: Path, capsys, args, file, message):
     if file is not None:

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ssvi_cli import config as cfgmod
-from ssvi_cli.sweep.grid import SweepError, SweepSpec, check_key, list_valued, numbers, parse_axis, typed_number
+from ssvi_cli.sweep.grid import (SweepError, SweepSpec, check_key, list_valued, numbers, parse_axis, typed_number,
+                                yaml_text)
 
 
 def _csv(text: Optional[str], kind: type, flag: str) -> Optional[tuple[Any, ...]]:
@@ -90,6 +91,11 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
         else:
             fixed[key] = values[0]
     data["axes"], data["fixed"] = axes, fixed
+    for what, values in (("method", data.get("methods")), ("sparsity", data.get("sparsities")),
+                         ("seed", data.get("seeds")), ("--ood", data.get("ood")), *axes.items()):
+        twice = next((v for i, v in enumerate(values or ()) if v in list(values)[:i]), None)
+        if twice is not None:  # one cell for both, under a grid that says two
+            raise SweepError(f"{what} {yaml_text(twice)} is given twice; give each value once")
     preset_path = Path(str(data.get("preset", ""))).expanduser()
     if preset_path.suffix.lower() in (".yaml", ".yml") and preset_path.is_file():
         data["preset"] = str(preset_path.resolve())  # cells may run from another directory
