@@ -529,9 +529,10 @@ def test_a_cell_stopped_as_it_exits_after_its_evaluation_counts_as_finished(tmp_
     while not all((tmp_path / n / "ready").exists() for n in running) and time.monotonic() < deadline:
         time.sleep(0.05)
     outcome, notes = Outcome(), []
-    _stop_all(running, outcome, lambda *a: notes.append(a[:2]), lambda name: evaluated(tmp_path / name))
+    _stop_all(running, outcome, lambda *a: notes.append(a), lambda name: evaluated(tmp_path / name))
     assert outcome.finished == ["done"] and outcome.stopped == ["midway"]
-    assert notes == [("finish", "done"), ("stop", "midway")]
+    # stopped by the SIGINT the sweep sent, whatever stopped the sweep (SIGTERM read as "by SIGINT")
+    assert notes == [("finish", "done", ""), ("stop", "midway", "stopped by the sweep")]
 
 
 def test_ctrl_c_leaves_every_cell_resumable(tmp_path: Path):

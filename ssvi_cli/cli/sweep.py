@@ -169,7 +169,7 @@ def _run(sweep_dir: Path, spec: "SweepSpec", cells: list[Any], jobs: int, thread
         resume = f"ssvi sweep --resume {shlex.quote(str(sweep_dir))}"
         if outcome.stopped:
             _say(f"interrupted: {count(len(outcome.stopped), 'cell')} stopped{failed}; each continues from its "
-                 f"last checkpoint (one stopped before its first starts again): {resume}")
+                 f"last checkpoint (one stopped before its first checkpoint starts again): {resume}")
         else:  # the stop came between cells, or after the last one: none was running
             _say(f"interrupted between cells, none of them running{failed}; the cells not run yet run with: {resume}")
         raise typer.Exit(128 + outcome.signum)

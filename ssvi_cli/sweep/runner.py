@@ -270,8 +270,8 @@ def _stop_all(running: dict[str, subprocess.Popen], outcome: Outcome, note: List
             outcome.finished.append(name)
             note("finish", name, "")
         else:
-            outcome.stopped.append(name)
-            note("stop", name, exit_text(code))
+            outcome.stopped.append(name)  # by the SIGINT sent above, whatever signal stopped the sweep
+            note("stop", name, "stopped by the sweep" if code in (-signal.SIGINT, 128 + signal.SIGINT) else exit_text(code))
 
 
 def exit_text(code: int) -> str:
