@@ -37,6 +37,7 @@ def inspect_json(capsys, *argv: str) -> dict:
 
 def test_inspect_json_on_a_run(run_dir, capsys):
     report = inspect_json(capsys, str(run_dir))
+    assert report["data"]["class_names"] == [str(i) for i in range(10)]  # a program need not run infer for them
     model = read_model_file(run_dir / "model.safetensors").model
     layers = dict(sparse_layers(model))
     assert [l["name"] for l in report["layers"]] == list(layers)

@@ -171,7 +171,7 @@ def inspect_model(path: Path, drop_fraction: float = 0.3, read: Optional[tuple[A
         "file": info.path,
         "format": {"name": info.format, "version": info.version, "layout": info.layout, "dtype": info.dtype},
         "architecture": card.architecture.to_dict(),
-        "data": {k: v for k, v in card.data.to_dict().items() if k != "class_names"},
+        "data": card.data.to_dict(),
         "training": {**{k: v for k, v in card.training.to_dict().items() if k != "config"},
                      "init_from": ((card.training.config or {}).get("model") or {}).get("init_from")},
         "metrics": card.metrics,
