@@ -92,6 +92,8 @@ def test_a_cell_that_ran_under_other_settings_is_named_not_skipped_or_resumed(tm
     sparse, dense = cells["ssvi_s0.9_seed0"], cells["vi_seed0"]
     evaluated = {name: (path / "evaluation.json").stat().st_mtime_ns for name, path in cells.items()}
     capsys.readouterr()
+    assert run([*grid_args, "--dry-run"]) == 0  # the list says which commands have nothing left to do
+    assert "2 cells written to " in (err := capsys.readouterr().err) and "(2 of them trained and evaluated already" in err
     # The preset edited after the cells ran. The sparse cell's allocation no longer matches; dense VI
     # ignores the allocation and the preset's sparsity, and how many checkpoints a run keeps changes
     # nothing it learns: its cell still matches.
@@ -254,13 +256,16 @@ def test_a_key_given_twice_runs_no_grid_and_exponents_are_numbers(tmp_path: Path
     assert run(["sweep", "--sparsity", "0.9,,0.95", "--out", out, "--dry-run"]) == 2  # a stray comma is no value
     assert "--sparsity '0.9,,0.95' has an empty item; remove the extra comma" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
-    # YAML 1.1 reads 1e-2 as a string; a sweep reads it as the number, so 1e-2 and 0.01 are one cell
-    assert run(["sweep", "--set", "optim.lr=1e-2,3e-3,0.01", "--out", out, "--dry-run", "--json"]) == 0
+    # YAML 1.1 reads 1e-2 as a string; a sweep reads it as the number, so 1e-2 and 0.01 are one value, given twice
+    assert run(["sweep", "--set", "optim.lr=1e-2,3e-3,0.01", "--out", out, "--dry-run"]) == 2
+    assert "optim.lr 0.01 is given twice; give each value once" in capsys.readouterr().err
+    assert run(["sweep", "--set", "optim.lr=1e-2,3e-3", "--out", out, "--dry-run", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert [Path(c.split()[-1]).name for c in doc["commands"]] == ["ssvi_s0.95_lr-0.01_seed0", "ssvi_s0.95_lr-0.003_seed0"]
     assert doc["commands_file"] == str(tmp_path / "a" / "commands.txt") and doc["report"] == f"ssvi sweep --report {(tmp_path / 'a').resolve()}"
+    assert doc["done"] == []
     spec = json.loads((tmp_path / "a" / "sweep.json").read_text())["spec"]
-    assert spec["axes"]["optim.lr"] == [0.01, 0.003, 0.01]
+    assert spec["axes"]["optim.lr"] == [0.01, 0.003]
     yaml_file = tmp_path / "s.yaml"
     yaml_file.write_text("set: {optim.lr: [1e-3, 2e-3], bayes.beta: 1e-2}\n")
     assert run(["sweep", "--file", str(yaml_file), "--out", str(tmp_path / "y"), "--dry-run"]) == 0

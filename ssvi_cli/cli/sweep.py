@@ -108,30 +108,33 @@ def register(app: typer.Typer) -> None:
         if resume is not None:
             check_changed(sweep_dir, spec, cells)  # before any cell is listed, skipped as done or resumed
         if dry_run:
-            _dry_run(sweep_dir, cells, json_out)
+            _dry_run(sweep_dir, cells, json_out, spec)
             return
         _run(sweep_dir, spec, cells, jobs, threads or max(1, (os.cpu_count() or 1) // jobs), json_out, figures,
              baseline)
 
 
-def _dry_run(sweep_dir: Path, cells: list[Any], json_out: bool = False) -> None:
+def _dry_run(sweep_dir: Path, cells: list[Any], json_out: bool = False, spec: Any = None) -> None:
     from ssvi_cli.fileio import write_text
-    from ssvi_cli.sweep.runner import cell_command, cell_dir
+    from ssvi_cli.sweep.runner import cell_command, cell_dir, evaluated
     from ssvi_cli.sweep.sweepdir import COMMANDS_FILE
 
     # Absolute paths: a scheduler's job may start in another directory.
     # Quoted for a POSIX shell: a path with spaces stays one argument.
     lines = [shlex.join(["ssvi", *cell_command(cell_dir(sweep_dir.resolve(), c))]) for c in cells]
     write_text(sweep_dir / COMMANDS_FILE, "\n".join(lines) + "\n")
+    done = [c.name for c in cells if evaluated(cell_dir(sweep_dir, c), spec)]  # their commands do nothing
+    report = shlex.join(["ssvi", "sweep", "--report", str(sweep_dir.resolve())])
     if json_out:
         print_json({"sweep": str(sweep_dir), "commands_file": str(sweep_dir / COMMANDS_FILE), "commands": lines,
-                    "report": shlex.join(["ssvi", "sweep", "--report", str(sweep_dir.resolve())])})
+                    "done": done, "report": report})
         return
     # Plain lines, flushed before the note on stderr: a scheduler script reads them as they are.
     sys.stdout.write("\n".join(lines) + "\n")
     sys.stdout.flush()
-    err.print(f"{count(len(lines), 'cell')} written to {sweep_dir / COMMANDS_FILE}; afterwards: "
-              f"{shlex.join(['ssvi', 'sweep', '--report', str(sweep_dir)])}")
+    err.print(f"{count(len(lines), 'cell')} written to {sweep_dir / COMMANDS_FILE}"
+              + (f" ({len(done)} of them trained and evaluated already: their commands do nothing)" if done else "")
+              + f"; afterwards: {report}", highlight=False)
 
 
 def _run(sweep_dir: Path, spec: "SweepSpec", cells: list[Any], jobs: int, threads: int, json_out: bool,

@@ -93,7 +93,8 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
     data["axes"], data["fixed"] = axes, fixed
     for what, values in (("method", data.get("methods")), ("sparsity", data.get("sparsities")),
                          ("seed", data.get("seeds")), ("--ood", data.get("ood")), *axes.items()):
-        twice = next((v for i, v in enumerate(values or ()) if v in list(values)[:i]), None)
+        values = list(values) if isinstance(values, (list, tuple)) else []  # one value (method: ssvi) is once
+        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
         if twice is not None:  # one cell for both, under a grid that says two
             raise SweepError(f"{what} {yaml_text(twice)} is given twice; give each value once")
     preset_path = Path(str(data.get("preset", ""))).expanduser()
