@@ -35,9 +35,14 @@ def workspace(tmp_path_factory) -> Path:
     shutil.copytree(ws / "partial", ws / "unstarted")  # a run that failed before its first checkpoint
     shutil.rmtree(ws / "unstarted" / "checkpoints")
     (ws / "empty_dir").mkdir()
-    shutil.copytree(ws / "partial" / "checkpoints", ws / "runs_of" / "cells" / "a" / "checkpoints")  # a sweep's layout
+    # a sweep's layout, its cell finished and its checkpoints removed
+    shutil.copytree(ws / RUN, ws / "runs_of" / "cells" / "a", ignore=shutil.ignore_patterns("checkpoints"))
     torch.save({"weight": torch.zeros(2)}, ws / "plain.pt")
+    torch.save({"epoch": 3, "state_dict": {"weight": torch.zeros(2)}}, ws / "other.pt")  # a trainer's own checkpoint
+    torch.save({"weight": torch.zeros(2)}, ws / "legacy.pt", _use_new_zipfile_serialization=False)
     (ws / "cut.pt").write_bytes((ws / "plain.pt").read_bytes()[:300])
+    shutil.copy(next((ws / RUN / "checkpoints").iterdir()), ws / "ckpt.bin")  # a checkpoint by another name
+    np.savez(ws / "arrays.npz", a=np.zeros(2))
     (ws / "d.jsonl").mkdir()  # a folder whose name looks like an output file
     (ws / "afile").write_text("a file, not a folder\n")
     (ws / "empty.safetensors").write_bytes(b"")
@@ -106,12 +111,15 @@ CASES = [
     (["train", "--resume", "{ws}/runs_of"], "{ws}/runs_of is not a run directory but holds runs, such as "
                                             "{ws}/runs_of/cells/a; name one of them"),
     (["train", "--init-from", "{ws}/runs_of"], "is a folder but not a run (no config.yaml); it holds runs, such as "),
-    (["train", "--init-from", "{ws}/cut.pt"], "but a damaged or cut-off file (its torch.save archive does not open)"),
-    (["train", "--init-from", "{ws}/plain.pt"], "but a torch.save archive without an ssvi checkpoint's record"),
+    (["train", "--init-from", "{ws}/cut.pt"], "but a damaged or cut-off zip archive (a torch.save file, say)"),
+    (["train", "--init-from", "{ws}/plain.pt"], "but a torch.save file without an ssvi checkpoint's record (plain weights)"),
+    (["train", "--init-from", "{ws}/legacy.pt"], "but a pickle file (torch.save's legacy format: plain weights, say)"),
+    (["train", "--init-from", "{ws}/arrays.npz"], "but a zip archive that torch.save did not write"),
+    (["train", "--init-from", "{ws}/empty.safetensors"], "but an empty file"),
     (["train", "--init-from", "{ws}/cut.safetensors", "--set", "model.widths=[32]"],
      "but a cut-off safetensors file (its header runs past the end of the file)"),
     (["train", "--init-from", "{ws}/plain.safetensors"], "but a safetensors file without ssvi metadata"),
-    (["train", "--init-from", "{ws}/afile"], "but neither a safetensors file nor a torch.save archive"),
+    (["train", "--init-from", "{ws}/afile"], "but neither a safetensors file nor a torch.save file"),
     (["train", "--init-from", "torchvision:DEFAULT"], "--init-from torchvision:DEFAULT names torchvision's published "
                                                       "weights, which start only a torchvision:NAME model, not 'mlp'"),
     (["train", "--resume", "{ws}/partial", "--device", "cuda"], "no CUDA device is available"),
@@ -171,6 +179,10 @@ CASES = [
     (["evaluate", "{ws}/empty_dir"], "has no checkpoint"),
     (["evaluate", "{ws}/missing"], "does not exist"),
     (["evaluate", "{ws}/runs_of"], "holds runs, such as {ws}/runs_of/cells/a"),
+    (["inspect", "{ws}/plain.pt"], "plain.pt is not an ssvi checkpoint but a torch.save file of plain weights"),
+    (["inspect", "{ws}/other.pt"], "other.pt is not an ssvi checkpoint (a torch.save file of something else)"),
+    (["export", "{ws}/ckpt.bin", "-o", "{ws}/x.safetensors"], "is a zip archive (what torch.save writes: a training "
+     "checkpoint, say), not an ssvi model file; ssvi export writes one from an ssvi training checkpoint named *.pt"),
     (["evaluate", "{ws}/plain.safetensors"], "not an ssvi model file"),
     (["evaluate", "{ws}/run", "--output", "{ws}/nodir/r.json"], "its folder {ws}/nodir does not exist"),
     (["evaluate", "{ws}/run", "--output", "{ws}/empty_dir"], "--output {ws}/empty_dir is a directory"),
@@ -298,3 +310,30 @@ def test_a_pickled_object_is_refused_in_one_line_without_torchs_warnings(tmp_pat
                               capture_output=True, text=True)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.strip().splitlines() == [f"error: checkpoint {path} {why}"], proc.stderr
+
+
+def test_a_folder_of_runs_is_searched_past_what_cannot_be_read_and_not_through_a_folder_of_images(tmp_path, monkeypatch):
+    """A subfolder that cannot be read (another user's lost+found) raised PermissionError, where a
+    folder of runs is named; a large folder is not walked to its end."""
+    from ssvi_cli.runs.checkpoint import run_below
+
+    for name in ("a_locked", "b_run", "c"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "b_run" / "config.yaml").write_text("")
+
+    def is_run(path: Path) -> bool:
+        if path.name == "a_locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return (path / "config.yaml").is_file()
+
+    assert run_below(tmp_path, is_run) == tmp_path / "b_run"
+    real = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda p: (_ for _ in ()).throw(PermissionError(13, "denied"))
+                        if Path(p).name == "c" else real(p))
+    (tmp_path / "b_run" / "config.yaml").unlink()
+    assert run_below(tmp_path, is_run) is None
+    monkeypatch.undo()
+    (tmp_path / "c" / "d").mkdir()
+    (tmp_path / "c" / "d" / "config.yaml").write_text("")
+    assert run_below(tmp_path, is_run) == tmp_path / "c" / "d"
+    assert run_below(tmp_path, is_run, budget=3) is None  # the entries listed count, files or folders

@@ -47,6 +47,11 @@ def is_model_file(path: Path) -> bool:
     return isinstance(meta, dict) and meta.get("format") == FORMAT_NAME
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # a zip archive's first bytes, as torch.save writes them
+_NOT_A_ZIP = ("{path} is a zip archive (what torch.save writes: a training checkpoint, say), not an ssvi model "
+              "file; ssvi export writes one from an ssvi training checkpoint named *.pt")
+
+
 def read_header(path: Path) -> dict[str, Any]:
     """Metadata and tensor shapes/dtypes of an ssvi file, validated, without reading tensor data.
 
@@ -69,10 +74,9 @@ def read_header(path: Path) -> dict[str, Any]:
             raise ModelFileError(f"{path} is truncated or not a model file ({size} bytes, no safetensors header)")
         n = int.from_bytes(head, "little")
         raw = fh.read(min(n, max(size - 8, 0)))
-    if head[:2] == b"PK":  # a zip archive: what torch.save writes
-        raise ModelFileError(f"{path} is a torch.save file (a training checkpoint, say), not an ssvi model file; "
-                             f"'ssvi export {path} -o model.safetensors' writes one from an ssvi checkpoint")
     if n > size - 8:
+        if head[:4] == ZIP_MAGIC and not _prefix_looks_like_json(raw):
+            raise ModelFileError(_NOT_A_ZIP.format(path=path))
         if _prefix_looks_like_json(raw):
             raise ModelFileError(f"{path} is truncated: its header declares {n} bytes but the file has {size}")
         raise ModelFileError(f"{path} is not an ssvi model file (not a safetensors file)")
@@ -83,6 +87,8 @@ def read_header(path: Path) -> dict[str, Any]:
     except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: arrays nested 100,000 deep
         if _prefix_looks_like_json(raw):
             raise ModelFileError(f"{path} has a corrupted header (invalid JSON)") from None
+        if head[:4] == ZIP_MAGIC:
+            raise ModelFileError(_NOT_A_ZIP.format(path=path)) from None
         raise ModelFileError(f"{path} is not an ssvi model file (not a safetensors file)") from None
     raw_meta = header.pop("__metadata__", None)
     if not isinstance(raw_meta, dict) or raw_meta.get("format") != FORMAT_NAME:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import pickle
 import random
 import re
 import struct
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -52,13 +53,15 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if _NAME.match(p.name))
 
 
-def latest_checkpoint(run_dir: Path) -> Path:
+def latest_checkpoint(run_dir: Path, is_run: Optional[Callable[[Path], bool]] = None) -> Path:
+    """The newest checkpoint of ``run_dir``; where it has none but ``is_run`` finds runs below it (a
+    sweep's folder, a folder of runs), one of them is named."""
     if not Path(run_dir).exists():
         raise CheckpointError(f"run directory {run_dir} does not exist")
     found = list_checkpoints(run_dir)
     if not found:
-        inner = run_below(run_dir)
-        if inner is not None:  # a sweep's folder, or a folder of runs
+        inner = run_below(run_dir, is_run) if is_run is not None else None
+        if inner is not None:
             raise CheckpointError(f"{run_dir} is not a run directory but holds runs, such as {inner}; name one of them")
         raise CheckpointError(
             f"{run_dir} has no checkpoint (expected {checkpoint_dir(run_dir)}/checkpoint-*.pt); "
@@ -67,24 +70,34 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return found[-1]
 
 
-def run_below(folder: Path, depth: int = 2, budget: int = 200) -> Optional[Path]:
-    """The first folder (in name order) up to ``depth`` levels below ``folder`` that holds a run's
-    checkpoints, as a sweep's ``cells/NAME`` does; None if none is found among the first ``budget``
-    folders looked at (a large folder of images is not walked)."""
+def run_below(folder: Path, is_run: Callable[[Path], bool], depth: int = 2, budget: int = 2000) -> Optional[Path]:
+    """The first folder (in name order) up to ``depth`` levels below ``folder`` that ``is_run``
+    says holds a run, as a sweep's ``cells/NAME`` does; None if none is found among the first
+    ``budget`` entries listed (a large folder of images is not walked). What cannot be read is passed by."""
     level = [Path(folder)]
     for _ in range(depth):
         below: list[Path] = []
         for parent in level:
+            children = []
             try:
-                children = sorted(p for p in parent.iterdir() if p.is_dir())
+                with os.scandir(parent) as entries:
+                    for entry in entries:
+                        budget -= 1
+                        if budget < 0:
+                            return None
+                        try:
+                            if entry.is_dir():
+                                children.append(Path(entry.path))
+                        except OSError:
+                            continue
             except OSError:
                 continue
-            for child in children:
-                budget -= 1
-                if budget < 0:
-                    return None
-                if list_checkpoints(child):
-                    return child
+            for child in sorted(children):
+                try:
+                    if is_run(child):
+                        return child
+                except OSError:
+                    continue
                 below.append(child)
         level = below
     return None
@@ -186,8 +199,10 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CorruptCheckpoint(f"checkpoint {path} is unreadable or corrupted (not a file torch.save "
                                 f"wrote: {type(exc).__name__})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CorruptCheckpoint(f"{path} is not an ssvi checkpoint but a torch.save file of plain weights "
-                                "(ssvi train --model torchvision:NAME --init-from starts a run from them)")
+        if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise CorruptCheckpoint(f"{path} is not an ssvi checkpoint but a torch.save file of plain weights "
+                                    "(ssvi train --model torchvision:NAME --init-from starts a run from them)")
+        raise CorruptCheckpoint(f"{path} is not an ssvi checkpoint (a torch.save file of something else)")
     if int(data.get("version", 0)) > VERSION:
         raise CheckpointError(
             f"checkpoint {path} has format version {data['version']}, newer than this ssvi "

@@ -281,7 +281,7 @@ class RunDir:
             raise ckpt.CheckpointError(f"{self.path} holds a run that stopped before its first checkpoint, so there "
                                        f"is nothing to read or resume; start it again with ssvi train --out "
                                        f"{self.path} --force")
-        return found[-1] if found else ckpt.latest_checkpoint(self.path)  # its errors: no folder, not a run
+        return found[-1] if found else ckpt.latest_checkpoint(self.path, lambda p: RunDir(p).is_run())  # not a run
 
     def load_latest(self, purpose: str = "resuming from") -> tuple[Path, dict[str, Any]]:
         """The newest readable checkpoint and its contents (read once, with ``weights_only=True``).

@@ -47,28 +47,43 @@ def names_trained_model(source: Optional[str]) -> bool:
 
 def what_else(source: str) -> str:
     """What the file at ``source`` is, when :func:`names_trained_model` says it is no trained ssvi
-    model: plain weights (a torch.save archive or a safetensors file without the ssvi record), a
-    damaged or cut-off one, or neither format. Reads the first bytes and the archive's index only."""
+    model: plain weights (a safetensors file, or a torch.save file of either format), a damaged or
+    cut-off one, another zip archive, or none of these. Reads the header and the archive's index only."""
+    import json
     import zipfile
+
+    from ssvi_cli.modelfile.header import ZIP_MAGIC
 
     path = Path(source).expanduser()
     try:
         with open(path, "rb") as fh:
-            head = fh.read(9)
-        size = path.stat().st_size
+            head = fh.read(8)
+            size = path.stat().st_size
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            fits = 2 <= n <= min(size - 8, 100_000_000)  # a safetensors header's length, or other bytes
+            raw = fh.read(n if fits else 2)
     except OSError:
         return "a file that cannot be read"
-    if head[:2] == b"PK":
+    if size == 0:
+        return "an empty file"
+    try:
+        if fits and isinstance(json.loads(raw.decode("utf-8")), dict):
+            return "a safetensors file without ssvi metadata (plain weights)"
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        pass
+    if head[:4] == ZIP_MAGIC:
         try:
-            with zipfile.ZipFile(path):
-                return "a torch.save archive without an ssvi checkpoint's record (plain weights)"
+            with zipfile.ZipFile(path) as archive:
+                pickled = any(name == "data.pkl" or name.endswith("/data.pkl") for name in archive.namelist())
         except (zipfile.BadZipFile, OSError):
-            return "a damaged or cut-off file (its torch.save archive does not open)"
-    if len(head) == 9 and head[8:9] == b"{":
-        if int.from_bytes(head[:8], "little") > size - 8:
-            return "a cut-off safetensors file (its header runs past the end of the file)"
-        return "a safetensors file without ssvi metadata (plain weights)"
-    return "neither a safetensors file nor a torch.save archive"
+            return "a damaged or cut-off zip archive (a torch.save file, say)"
+        return ("a torch.save file without an ssvi checkpoint's record (plain weights)" if pickled
+                else "a zip archive that torch.save did not write")
+    if head[:1] == b"\x80":  # a pickle: torch.save's legacy format
+        return "a pickle file (torch.save's legacy format: plain weights, say)"
+    if n > size - 8 and raw[:2] in (b'{"', b"{}"):
+        return "a cut-off safetensors file (its header runs past the end of the file)"
+    return "neither a safetensors file nor a torch.save file"
 
 
 def recorded_config(source: str) -> Config:
@@ -83,7 +98,7 @@ def recorded_config(source: str) -> Config:
         if not run.config_file.is_file():
             from ssvi_cli.runs.checkpoint import run_below
 
-            inner = run_below(path)
+            inner = run_below(path, lambda p: RunDir(p).is_run())
             raise ConfigError(f"--init-from {source} is a folder but not a run (no {run.config_file.name})"
                               + (f"; it holds runs, such as {inner}" if inner is not None else ""))
         cfg = run.read_config()
