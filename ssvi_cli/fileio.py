@@ -12,7 +12,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -30,15 +30,21 @@ def check_writable(folder: Path, flag: str) -> None:
     in) that takes no new file, so that it is reported before the work whose result would go there.
     Asks the system (``os.access``) and changes nothing; a refusal the system only gives on writing
     (some special file systems) is still named by :func:`atomic_path`."""
-    existing = Path(folder)
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
+    existing = _nearest_existing(Path(folder))
     if not existing.is_dir():
         raise UnwritablePath(errno.ENOTDIR, f"{flag}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
         raise UnwritablePath(errno.EROFS if read_only else errno.EACCES, f"{flag}: cannot write into {existing}: "
                              + ("Read-only file system" if read_only else "Permission denied"))
+
+
+def _nearest_existing(folder: Path) -> Path:
+    """``folder``, or while it is missing the nearest path above it that exists (a folder, or a file
+    where a folder of the path should be)."""
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return folder
 
 
 def looked_in(path: Path) -> str:
@@ -80,8 +86,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        above = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
-        if above is not None and not above.is_dir():  # a file where a folder of the path should be
+        try:
+            above: Optional[Path] = _nearest_existing(path.parent)
+            above = above if above.exists() and not above.is_dir() else None  # a file where a folder should be
+        except OSError:  # a folder above that cannot be searched: the error as the system gave it
+            above = None
+        if above is not None:
             raise UnwritablePath(errno.ENOTDIR, f"cannot write {path}: {above} is a file, not a folder") from exc
         raise _cannot_write(path, exc) from exc
     tmp_path = Path(tmp)

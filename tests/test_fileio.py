@@ -72,6 +72,22 @@ def test_an_unwritable_folder_names_the_file_asked_for_not_the_temporary_one(tmp
         write_text(tmp_path / "taken", "x")  # a folder of that name: the error names it, no temporary file
     assert str(caught.value).startswith(f"cannot write {tmp_path / 'taken'}: ")
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+    (tmp_path / "x.npy").write_bytes(b"")  # a file where a folder of the path should be
+    with pytest.raises(UnwritablePath, match=r"cannot write .*x\.npy/a/m: .*x\.npy is a file, not a folder$"):
+        write_text(tmp_path / "x.npy" / "a" / "m", "x")
+    # a folder above that cannot be searched (another user's): the system's own error, as before
+    real_stat, real_mkdir = os.stat, os.mkdir
+    locked = str(tmp_path / "locked") + os.sep
+
+    def denied(real):
+        return lambda p, *a, **k: (_ for _ in ()).throw(PermissionError(errno.EACCES, "Permission denied", str(p))) \
+            if str(p).startswith(locked) else real(p, *a, **k)
+
+    (tmp_path / "locked").mkdir()
+    monkeypatch.setattr(os, "stat", denied(real_stat))
+    monkeypatch.setattr(os, "mkdir", denied(real_mkdir))
+    with pytest.raises(UnwritablePath, match=r"cannot write .*locked/sub/m: Permission denied$"):
+        write_text(tmp_path / "locked" / "sub" / "m", "x")
 
 
 def test_commands_refuse_an_unwritable_output_before_the_work(tmp_path, monkeypatch, capsys):
