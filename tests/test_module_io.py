@@ -244,7 +244,9 @@ def test_a_googlenet_with_auxiliary_classifiers_is_told_how_ssvi_builds_it(tmp_p
     assert isinstance(ssvi.load(tmp_path / "g.safetensors"), torchvision.models.GoogLeNet)
 
 
-def test_the_class_count_is_the_models_output_size_whatever_order_its_layers_are_registered_in(tmp_path):
+def test_the_class_count_is_the_models_output_size_whatever_order_its_layers_are_registered_in(tmp_path, caplog):
+    import logging
+
     class HeadFirst(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -264,16 +266,24 @@ def test_the_class_count_is_the_models_output_size_whatever_order_its_layers_are
     assert model.training and model.head.training and not model.body.training
     with pytest.raises(ValueError, match="class_names holds 2 names for a model with 3 outputs"):
         ssvi.save(model, tmp_path / "n.safetensors", input_shape=(8,), class_names=["a", "b"])
-    # without input_shape the count is checked against the last layer registered (here the body's 16)
-    with pytest.raises(ValueError, match=r"holds 3 names for a model with 16 outputs \(its last layer's; input_shape= "):
-        ssvi.save(model, tmp_path / "n.safetensors", class_names=["a", "b", "c"])
+    # Without input_shape, names of another count than the last layer registered has outputs are warned
+    # of (here the body's 16, not the head's 3: still saved, as the names say), not refused; a model
+    # loaded back and saved again, its names from its file, is not warned of.
+    caplog.set_level(logging.WARNING, logger="ssvi_cli.modelfile.module_io")
+    ssvi.save(model, tmp_path / "n.safetensors", class_names=["a", "b", "c"])
+    assert "class_names holds 3 names for a model with 16 outputs (its last layer registered; the file records 3 " \
+           "classes: input_shape= checks them against the model's output)" in caplog.text
+    assert read_header(tmp_path / "n.safetensors")["meta"]["data_spec"]["num_classes"] == 3
+    caplog.clear()
+    ssvi.save(ssvi.load(tmp_path / "n.safetensors", HeadFirst()), tmp_path / "again.safetensors")
+    assert "class_names" not in caplog.text
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     ssvi.sparsify(mlp, 0.5)
-    with pytest.raises(ValueError, match="class_names holds 2 names for a model with 10 outputs"):
-        ssvi.save(mlp, tmp_path / "n.safetensors", class_names=["a", "b"])  # the file said 2 classes
+    ssvi.save(mlp, tmp_path / "two.safetensors", class_names=["a", "b"])  # silently said 2 classes
+    assert "class_names holds 2 names for a model with 10 outputs" in caplog.text
     with pytest.raises(ValueError, match="every std positive"):
-        ssvi.save(model, tmp_path / "n.safetensors", input_shape=(8,), mean=[0.0] * 8, std=[0.0] * 8)
-    assert not (tmp_path / "n.safetensors").exists()
+        ssvi.save(model, tmp_path / "m2.safetensors", input_shape=(8,), mean=[0.0] * 8, std=[0.0] * 8)
+    assert not (tmp_path / "m2.safetensors").exists()
 
 
 def test_a_file_whose_layer_was_untied_when_it_was_written_says_how_to_load_it(tmp_path):
@@ -597,10 +607,29 @@ def test_load_names_a_run_folder_a_checkpoint_or_plain_weights_for_what_they_are
     with pytest.raises(ModelFileError, match=f"is a folder, not a model file; its run's model file is .*run/model"):
         ssvi.load(tmp_path / "run")
     checkpoint = next((tmp_path / "run" / "checkpoints").iterdir())
-    with pytest.raises(ModelFileError, match="is a torch.save file .*, not an ssvi model file; 'ssvi export "):
+    with pytest.raises(ModelFileError, match=r"is a zip archive \(what torch.save writes: a training checkpoint, say\), "
+                                             r"not an ssvi model file; ssvi export writes one from an ssvi training "):
         ssvi.load(checkpoint)
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(ModelFileError, match="write model files with 'ssvi export' or ssvi_cli.save"):
         ssvi.load(tmp_path / "plain.safetensors")
+
+
+def test_a_model_file_whose_header_length_begins_with_a_zip_archives_bytes_still_reads(tmp_path):
+    """The first bytes of a header length of 0x4B50 + k * 65536 read "PK", as a zip archive's do: the
+    file was refused as a torch.save file."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    ssvi.sparsify(model, 0.5)
+    path = tmp_path / "pk.safetensors"
+
+    def length(pad: int) -> int:
+        ssvi.save(model, path, input_shape=(8,), class_names=["a", "b", "c" * pad])
+        return int.from_bytes(path.read_bytes()[:8], "little")
+
+    pad = 1 + 0x4B50 - length(1)
+    pad += next(d for d in range(-16, 17) if length(pad + d) == 0x4B50)
+    assert length(pad) == 0x4B50 and path.read_bytes()[:2] == b"PK"
+    assert read_header(path)["meta"]["data_spec"]["num_classes"] == 3
+    ssvi.load(path, nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)))

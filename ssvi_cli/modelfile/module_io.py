@@ -54,7 +54,8 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
     ``dataset`` and ``input_shape`` describe the data in the file's model card. ``dtype``: float32,
     float16 or bfloat16 values. With ``input_shape`` one forward of zeros (mean network, eval mode,
     every module's train/eval state restored) measures the output size, which ``class_names`` must
-    match; a shape the model cannot take is refused. ``path`` must end in ``.safetensors``.
+    match (without it, ``class_names`` of another count than the last layer's outputs is warned of);
+    a shape the model cannot take is refused. ``path`` must end in ``.safetensors``.
     """
     model = wrapper_chain(model)[-1]  # a file names its layers as the plain model does
     layers = sparse_layers(model)
@@ -72,7 +73,7 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
         if value is not None and (isinstance(value, (str, bytes)) or not isinstance(value, Sequence)):
             raise TypeError(f"{arg}={value!r}: give a sequence " + ("(C, H, W), or (features,)" if arg == "input_shape"
                                                                      else "of names, one per output"))
-    kept = _loaded_card(model, architecture)
+    kept, given = _loaded_card(model, architecture), class_names
     if kept is not None:  # a model from ssvi_cli.load: what its file said, unless said otherwise here
         if kept.architecture.name.startswith(TORCHVISION):
             architecture = kept.architecture.name
@@ -85,9 +86,12 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
     shape = tuple(int(s) for s in input_shape) if input_shape is not None else ()
     measured = _output_size(model, shape)
     outputs = measured if measured is not None else _last_layers_outputs(model)
-    if class_names and len(class_names) != outputs:
-        raise ValueError(f"class_names holds {len(class_names)} names for a model with {outputs} outputs"
-                         + ("" if measured is not None else " (its last layer's; input_shape= measures them)"))
+    if class_names and len(class_names) != outputs and (measured is not None or given):
+        says = f"class_names holds {len(class_names)} names for a model with {outputs} outputs"
+        if measured is not None:
+            raise ValueError(says)
+        log.warning("%s (its last layer registered; the file records %d classes%s)", says, len(class_names),
+                    "" if shape else ": input_shape= checks them against the model's output")
     if class_names and len(set(class_names)) != len(class_names):
         twice = next(n for i, n in enumerate(class_names) if n in class_names[:i])
         raise ValueError(f"class_names names {twice!r} twice; give each output its own name")
@@ -228,8 +232,7 @@ def _check_load_args(device: Optional[str | torch.device], kernel: str) -> None:
 
 
 def _remember_card(model: nn.Module, meta: dict[str, Any]) -> None:
-    """Keep the file's description on the model it filled, for :func:`save` (a card that no longer
-    reads is not kept: the model is saved as any other)."""
+    """Keep the file's description on the model it filled, for :func:`save` (not a card that no longer reads)."""
     try:
         model.ssvi_card = ModelCard.from_metadata(meta)
     except CardError:
@@ -268,9 +271,8 @@ def _loaded_card(model: nn.Module, architecture: Optional[str]) -> Optional[Mode
 
 
 def _registered(dataset: str, shape: tuple[int, ...]) -> Optional[DataSpec]:
-    """The spec of ``dataset`` when it names a registered dataset (its loaders' normalisation and raw
-    pixel range); None for no dataset, an image folder, any other name, or an ``input_shape`` whose
-    channels are not the dataset's (warned about: the file then records no normalisation)."""
+    """The spec of a registered ``dataset`` (its loaders' normalisation and raw pixel range); None for no
+    dataset, an image folder, any other name, or an ``input_shape`` of other channels (warned of)."""
     if dataset == NO_DATASET or ":" in dataset:
         return None
     try:
@@ -291,16 +293,14 @@ def _skeleton(architecture: str, shape: tuple[int, ...], num_classes: int, facto
 
 
 def _last_layers_outputs(model: nn.Module) -> int:
-    """The output size of the last ``Linear`` or ``Conv2d`` layer registered, sparse or not: the
-    model's output size where no input shape measures it, when its head is registered last."""
+    """The outputs of the last ``Linear`` or ``Conv2d`` registered, sparse or not (the head, if registered last)."""
     last = [m for m in model.modules() if isinstance(m, (SparseGaussian, nn.Linear, nn.Conv2d))][-1]
     return int(last.weight_shape[0] if isinstance(last, SparseGaussian) else last.weight.shape[0])
 
 
 def _output_size(model: nn.Module, shape: tuple[int, ...]) -> Optional[int]:
-    """The size of the model's output for one input of ``shape`` (zeros; token ids for a model with
-    an embedding; mean network, no gradients); None where no shape is given. A shape the model
-    cannot take is refused: the file would describe inputs the model does not accept."""
+    """The size of the model's output for one input of ``shape`` (zeros; token ids for a model with an
+    embedding; mean network, no gradients); None without a shape. A shape it cannot take is refused."""
     if not shape:
         return None
     param = next(model.parameters())
