@@ -365,6 +365,14 @@ def test_a_cell_stopped_by_a_signal_says_so():
     assert (exit_text(-2), exit_text(130), exit_text(-99)) == ("stopped by SIGINT", "exit code 130", "stopped by signal 99")
 
 
+def test_one_ood_array_under_two_spellings_is_one_set_given_twice(tmp_path: Path, capsys, monkeypatch):
+    np.save(tmp_path / "o.npy", np.zeros((2, 8, 8), np.uint8))
+    monkeypatch.chdir(tmp_path)
+    assert run(["sweep", "--ood", "o.npy", "--ood", "./o.npy", "--out", "sw", "--dry-run"]) == 2
+    assert f"OOD set {tmp_path / 'o.npy'} is given twice" in capsys.readouterr().err
+    assert not (tmp_path / "sw").exists()
+
+
 @pytest.mark.parametrize("args, file, message", [
     (["--ood", "bogus"], None, "unknown OOD set 'bogus'"),
     (["--ood", "heldout"], None, "--ood heldout needs classes held out of training"),
@@ -393,7 +401,9 @@ def test_a_cell_stopped_by_a_signal_says_so():
     (["--sparsity", "0.9,0.90"], None, "sparsity 0.9 is given twice"),
     (["--set", "optim.lr=0.01,0.010"], None, "optim.lr 0.01 is given twice"),
     (["--set", "model.widths=[8],[8]"], None, "model.widths [8] is given twice"),
-    (["--ood", "noise", "--ood", "noise"], None, "--ood noise is given twice"),
+    (["--ood", "noise", "--ood", "noise"], None, "OOD set noise is given twice"),
+    (["--criterion", "snr_abs,snr_abs"], None, "criterion snr_abs is given twice"),
+    (["--set", "sparse.delta_t=100,100.0"], None, "sparse.delta_t 100 is given twice"),  # as first given
     ([], "seeds: [0, 0]\n", "seed 0 is given twice"),
     ([], "sparsity: [0.9, 0.9]\n", "sparsity 0.9 is given twice"),
 ])

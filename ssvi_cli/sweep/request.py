@@ -91,12 +91,6 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
         else:
             fixed[key] = values[0]
     data["axes"], data["fixed"] = axes, fixed
-    for what, values in (("method", data.get("methods")), ("sparsity", data.get("sparsities")),
-                         ("seed", data.get("seeds")), ("--ood", data.get("ood")), *axes.items()):
-        values = list(values) if isinstance(values, (list, tuple)) else []  # one value (method: ssvi) is once
-        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
-        if twice is not None:  # one cell for both, under a grid that says two
-            raise SweepError(f"{what} {yaml_text(twice)} is given twice; give each value once")
     preset_path = Path(str(data.get("preset", ""))).expanduser()
     if preset_path.suffix.lower() in (".yaml", ".yml") and preset_path.is_file():
         data["preset"] = str(preset_path.resolve())  # cells may run from another directory
@@ -107,7 +101,21 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
             data["axes"][key] = [cfgmod.absolute_path(key, v) for v in data["axes"][key]]
         if key in data["fixed"]:
             data["fixed"][key] = cfgmod.absolute_path(key, data["fixed"][key])
+    _check_once(data)
     return SweepSpec.from_dict(data)
+
+
+def _check_once(data: dict[str, Any]) -> None:
+    """Refuse a value given twice (one cell for both, under a grid that says two): a method, sparsity,
+    seed, OOD set (its path as resolved) or a value of a ``--set`` axis, named as it was first given."""
+    named = {"sparse.criterion": "criterion"}
+    for what, values in (("method", data.get("methods")), ("sparsity", data.get("sparsities")),
+                         ("seed", data.get("seeds")), ("OOD set", data.get("ood")), *data["axes"].items()):
+        values = list(values) if isinstance(values, (list, tuple)) else []  # one value (method: ssvi) is once
+        later = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if later is not None:
+            raise SweepError(f"{named.get(what, what)} {yaml_text(values[values.index(later)])} is given twice; "
+                             "give each value once")
 
 
 def _check_file_values(data: dict[str, Any], file: Path) -> None:
