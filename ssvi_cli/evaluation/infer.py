@@ -271,7 +271,7 @@ def run_inference(model: SSVIModel, spec: DataSpec, files: Sequence[Path], *, sa
     params = list(model.parameters())
     device = params[0].device if params else torch.device("cpu")
     records: list[dict[str, Any]] = []
-    told = [0]  # inputs predicted or skipped that on_batch has been told of
+    told = [len(skipped or ())]  # inputs predicted or skipped that on_batch has been told of (or skipped before)
 
     def advance() -> None:
         if on_batch is not None and (n := len(records) + len(skipped or ()) - told[0]):
