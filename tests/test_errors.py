@@ -43,6 +43,7 @@ def workspace(tmp_path_factory) -> Path:
     (ws / "cut.pt").write_bytes((ws / "plain.pt").read_bytes()[:300])
     shutil.copy(next((ws / RUN / "checkpoints").iterdir()), ws / "ckpt.bin")  # a checkpoint by another name
     np.savez(ws / "arrays.npz", a=np.zeros(2))
+    (ws / "cut.safetensors9").write_bytes(data[:9])  # the header's length and its first byte
     (ws / "d.jsonl").mkdir()  # a folder whose name looks like an output file
     (ws / "afile").write_text("a file, not a folder\n")
     (ws / "empty.safetensors").write_bytes(b"")
@@ -112,7 +113,8 @@ CASES = [
                                             "{ws}/runs_of/cells/a; name one of them"),
     (["train", "--init-from", "{ws}/runs_of"], "is a folder but not a run (no config.yaml); it holds runs, such as "),
     (["train", "--init-from", "{ws}/cut.pt"], "but a damaged or cut-off zip archive (a torch.save file, say)"),
-    (["train", "--init-from", "{ws}/plain.pt"], "but a torch.save file without an ssvi checkpoint's record (plain weights)"),
+    (["train", "--init-from", "{ws}/plain.pt"], "but a torch.save file without an ssvi checkpoint's record, and "),
+    (["train", "--init-from", "{ws}/cut.safetensors9"], "but a cut-off safetensors file"),
     (["train", "--init-from", "{ws}/legacy.pt"], "but a pickle file (torch.save's legacy format: plain weights, say)"),
     (["train", "--init-from", "{ws}/arrays.npz"], "but a zip archive that torch.save did not write"),
     (["train", "--init-from", "{ws}/empty.safetensors"], "but an empty file"),
@@ -337,3 +339,8 @@ def test_a_folder_of_runs_is_searched_past_what_cannot_be_read_and_not_through_a
     (tmp_path / "c" / "d" / "config.yaml").write_text("")
     assert run_below(tmp_path, is_run) == tmp_path / "c" / "d"
     assert run_below(tmp_path, is_run, budget=3) is None  # the entries listed count, files or folders
+    # a large folder listed only in part: a folder of runs beside it is still found
+    (tmp_path / "a_data").mkdir()
+    for i in range(5):
+        (tmp_path / "a_data" / f"{i}.png").write_bytes(b"")
+    assert run_below(tmp_path, is_run, per_folder=3) == tmp_path / "c" / "d"

@@ -413,6 +413,23 @@ def test_the_progress_bar_knows_its_total_for_image_files(model_file, digits, tm
         assert bar.totals == [4] and bar.done == 4
 
 
+def test_on_batch_counts_what_this_call_predicted_or_skipped(model_file, digits, tmp_path):
+    """A caller's list of inputs skipped before (one call per folder, say) is not counted again."""
+    from ssvi_cli.modelfile import read_model_file
+
+    loaded = read_model_file(model_file)
+    files = []
+    for i in range(5):
+        Image.fromarray(digits[i]).save(tmp_path / f"{i}.png")
+        files.append(tmp_path / f"{i}.png")
+    (tmp_path / "bad.png").write_text("not an image")
+    told: list[int] = []
+    skipped = [("earlier.png", InputError("earlier.png: unreadable"))]
+    records = run_inference(loaded.model, loaded.spec, [*files, tmp_path / "bad.png"], batch_size=2,
+                            skipped=skipped, on_batch=told.append)
+    assert len(records) == 5 and len(skipped) == 2 and sum(told) == 6
+
+
 def test_skip_unreadable_predicts_the_others_and_names_what_it_skipped(model_file, digits, tmp_path, capsys):
     for i in range(3):
         Image.fromarray(digits[i]).save(tmp_path / f"a{i}.png")

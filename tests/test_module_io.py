@@ -271,8 +271,8 @@ def test_the_class_count_is_the_models_output_size_whatever_order_its_layers_are
     # loaded back and saved again, its names from its file, is not warned of.
     caplog.set_level(logging.WARNING, logger="ssvi_cli.modelfile.module_io")
     ssvi.save(model, tmp_path / "n.safetensors", class_names=["a", "b", "c"])
-    assert "class_names holds 3 names for a model with 16 outputs (its last layer registered; the file records 3 " \
-           "classes: input_shape= checks them against the model's output)" in caplog.text
+    assert "class_names holds 3 names, and the last layer registered has 16 outputs (input_shape= measures the " \
+           "output, for a model of one input): the file records 3 classes" in caplog.text
     assert read_header(tmp_path / "n.safetensors")["meta"]["data_spec"]["num_classes"] == 3
     caplog.clear()
     ssvi.save(ssvi.load(tmp_path / "n.safetensors", HeadFirst()), tmp_path / "again.safetensors")
@@ -280,7 +280,7 @@ def test_the_class_count_is_the_models_output_size_whatever_order_its_layers_are
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     ssvi.sparsify(mlp, 0.5)
     ssvi.save(mlp, tmp_path / "two.safetensors", class_names=["a", "b"])  # silently said 2 classes
-    assert "class_names holds 2 names for a model with 10 outputs" in caplog.text
+    assert "class_names holds 2 names, and the last layer registered has 10 outputs" in caplog.text
     with pytest.raises(ValueError, match="every std positive"):
         ssvi.save(model, tmp_path / "m2.safetensors", input_shape=(8,), mean=[0.0] * 8, std=[0.0] * 8)
     assert not (tmp_path / "m2.safetensors").exists()

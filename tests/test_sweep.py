@@ -402,7 +402,7 @@ def test_one_ood_array_under_two_spellings_is_one_set_given_twice(tmp_path: Path
     (["--set", "optim.lr=0.01,0.010"], None, "optim.lr 0.01 is given twice"),
     (["--set", "model.widths=[8],[8]"], None, "model.widths [8] is given twice"),
     (["--ood", "noise", "--ood", "noise"], None, "OOD set noise is given twice"),
-    (["--criterion", "snr_abs,snr_abs"], None, "criterion snr_abs is given twice"),
+    (["--criterion", "snr_abs,snr_abs"], None, "error: criterion snr_abs is given twice"),  # named as the flag
     (["--set", "sparse.delta_t=100,100.0"], None, "sparse.delta_t 100 is given twice"),  # as first given
     ([], "seeds: [0, 0]\n", "seed 0 is given twice"),
     ([], "sparsity: [0.9, 0.9]\n", "sparsity 0.9 is given twice"),

@@ -87,11 +87,11 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
     measured = _output_size(model, shape)
     outputs = measured if measured is not None else _last_layers_outputs(model)
     if class_names and len(class_names) != outputs and (measured is not None or given):
-        says = f"class_names holds {len(class_names)} names for a model with {outputs} outputs"
         if measured is not None:
-            raise ValueError(says)
-        log.warning("%s (its last layer registered; the file records %d classes%s)", says, len(class_names),
-                    "" if shape else ": input_shape= checks them against the model's output")
+            raise ValueError(f"class_names holds {len(class_names)} names for a model with {outputs} outputs")
+        log.warning("class_names holds %d names, and the last layer registered has %d outputs%s: the file records "
+                    "%d classes", len(class_names), outputs, " (the output measured is no tensor)" if shape else
+                    " (input_shape= measures the output, for a model of one input)", len(class_names))
     if class_names and len(set(class_names)) != len(class_names):
         twice = next(n for i, n in enumerate(class_names) if n in class_names[:i])
         raise ValueError(f"class_names names {twice!r} twice; give each output its own name")

@@ -70,10 +70,12 @@ def latest_checkpoint(run_dir: Path, is_run: Optional[Callable[[Path], bool]] = 
     return found[-1]
 
 
-def run_below(folder: Path, is_run: Callable[[Path], bool], depth: int = 2, budget: int = 2000) -> Optional[Path]:
+def run_below(folder: Path, is_run: Callable[[Path], bool], depth: int = 2, budget: int = 20_000,
+              per_folder: int = 1_000) -> Optional[Path]:
     """The first folder (in name order) up to ``depth`` levels below ``folder`` that ``is_run``
-    says holds a run, as a sweep's ``cells/NAME`` does; None if none is found among the first
-    ``budget`` entries listed (a large folder of images is not walked). What cannot be read is passed by."""
+    says holds a run, as a sweep's ``cells/NAME`` does; None if none is found. A large folder of
+    images is not walked: each folder's first ``per_folder`` entries are listed, ``budget`` in all.
+    What cannot be read is passed by."""
     level = [Path(folder)]
     for _ in range(depth):
         below: list[Path] = []
@@ -81,10 +83,12 @@ def run_below(folder: Path, is_run: Callable[[Path], bool], depth: int = 2, budg
             children = []
             try:
                 with os.scandir(parent) as entries:
-                    for entry in entries:
+                    for listed, entry in enumerate(entries):
                         budget -= 1
                         if budget < 0:
                             return None
+                        if listed >= per_folder:
+                            break
                         try:
                             if entry.is_dir():
                                 children.append(Path(entry.path))

@@ -47,7 +47,7 @@ def names_trained_model(source: Optional[str]) -> bool:
 
 def what_else(source: str) -> str:
     """What the file at ``source`` is, when :func:`names_trained_model` says it is no trained ssvi
-    model: plain weights (a safetensors file, or a torch.save file of either format), a damaged or
+    model: plain weights (a safetensors file), a torch.save file of either format, a damaged or
     cut-off one, another zip archive, or none of these. Reads the header and the archive's index only."""
     import json
     import zipfile
@@ -77,11 +77,11 @@ def what_else(source: str) -> str:
                 pickled = any(name == "data.pkl" or name.endswith("/data.pkl") for name in archive.namelist())
         except (zipfile.BadZipFile, OSError):
             return "a damaged or cut-off zip archive (a torch.save file, say)"
-        return ("a torch.save file without an ssvi checkpoint's record (plain weights)" if pickled
+        return ("a torch.save file without an ssvi checkpoint's record" if pickled
                 else "a zip archive that torch.save did not write")
     if head[:1] == b"\x80":  # a pickle: torch.save's legacy format
         return "a pickle file (torch.save's legacy format: plain weights, say)"
-    if n > size - 8 and raw[:2] in (b'{"', b"{}"):
+    if n > size - 8 and raw[:1] == b"{":
         return "a cut-off safetensors file (its header runs past the end of the file)"
     return "neither a safetensors file nor a torch.save file"
 
