@@ -61,12 +61,12 @@ def read_header(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ModelFileError(f"{path} does not exist")
-    if not path.is_dir() and not path.is_file():
-        raise ModelFileError(f"{path} is not a file")
     if path.is_dir():  # a run's folder, say
         inner = path / "model.safetensors"
         raise ModelFileError(f"{path} is a folder, not a model file" + (f"; its run's model file is {inner}"
                                                                          if inner.is_file() else ""))
+    if not path.is_file():
+        raise ModelFileError(f"{path} is not a file")
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
@@ -75,10 +75,10 @@ def read_header(path: Path) -> dict[str, Any]:
         n = int.from_bytes(head, "little")
         raw = fh.read(min(n, max(size - 8, 0)))
     if n > size - 8:
-        if head[:4] == ZIP_MAGIC and not _prefix_looks_like_json(raw):
-            raise ModelFileError(_NOT_A_ZIP.format(path=path))
         if _prefix_looks_like_json(raw):
             raise ModelFileError(f"{path} is truncated: its header declares {n} bytes but the file has {size}")
+        if head[:4] == ZIP_MAGIC:
+            raise ModelFileError(_NOT_A_ZIP.format(path=path))
         raise ModelFileError(f"{path} is not an ssvi model file (not a safetensors file)")
     try:
         header = json.loads(raw.decode("utf-8"))
