@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 FORMAT_NAME = "ssvi"
 FORMAT_VERSION = 1
@@ -31,19 +31,24 @@ def _prefix_looks_like_json(raw: bytes) -> bool:
     return raw[:2] in (b'{"', b"{}")
 
 
-def is_model_file(path: Path) -> bool:
-    """Whether ``path`` is a safetensors file whose metadata names the ssvi format: the header is read,
-    not validated (a damaged ssvi file is still one, for :func:`read_header` to refuse in words), and
-    a header declared larger than the file or than 100 MB is not read."""
+def safetensors_header(path: Path) -> Optional[dict[str, Any]]:
+    """The JSON header of a safetensors file, read, not validated; None for a file that is none (a
+    header declared larger than the file or than 100 MB is not read)."""
     try:
         with open(path, "rb") as fh:
             n, size = int.from_bytes(fh.read(8), "little"), Path(path).stat().st_size
             if not 2 <= n <= min(size - 8, 100_000_000):
-                return False
+                return None
             header = json.loads(fh.read(n).decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return False
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def is_model_file(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file whose metadata names the ssvi format (a damaged ssvi file
+    is still one, for :func:`read_header` to refuse in words)."""
+    meta = (safetensors_header(path) or {}).get("__metadata__")
     return isinstance(meta, dict) and meta.get("format") == FORMAT_NAME
 
 

@@ -49,28 +49,21 @@ def what_else(source: str) -> str:
     """What the file at ``source`` is, when :func:`names_trained_model` says it is no trained ssvi
     model: plain weights (a safetensors file), a torch.save file of either format, a damaged or
     cut-off one, another zip archive, or none of these. Reads the header and the archive's index only."""
-    import json
     import zipfile
 
-    from ssvi_cli.modelfile.header import ZIP_MAGIC
+    from ssvi_cli.modelfile.header import ZIP_MAGIC, safetensors_header
 
     path = Path(source).expanduser()
     try:
         with open(path, "rb") as fh:
-            head = fh.read(8)
+            head, after = fh.read(8), fh.read(1)
             size = path.stat().st_size
-            n = int.from_bytes(head, "little") if len(head) == 8 else 0
-            fits = 2 <= n <= min(size - 8, 100_000_000)  # a safetensors header's length, or other bytes
-            raw = fh.read(n if fits else 2)
     except OSError:
         return "a file that cannot be read"
     if size == 0:
         return "an empty file"
-    try:
-        if fits and isinstance(json.loads(raw.decode("utf-8")), dict):
-            return "a safetensors file without ssvi metadata (plain weights)"
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        pass
+    if safetensors_header(path) is not None:
+        return "a safetensors file without ssvi metadata (plain weights)"
     if head[:4] == ZIP_MAGIC:
         try:
             with zipfile.ZipFile(path) as archive:
@@ -81,7 +74,7 @@ def what_else(source: str) -> str:
                 else "a zip archive that torch.save did not write")
     if head[:1] == b"\x80":  # a pickle: torch.save's legacy format
         return "a pickle file (torch.save's legacy format: plain weights, say)"
-    if n > size - 8 and raw[:1] == b"{":
+    if len(head) == 8 and int.from_bytes(head, "little") > size - 8 and after == b"{":
         return "a cut-off safetensors file (its header runs past the end of the file)"
     return "neither a safetensors file nor a torch.save file"
 
