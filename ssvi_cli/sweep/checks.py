@@ -55,9 +55,8 @@ def _check_starts(spec: SweepSpec, cells: list[Cell]) -> None:
     allocation keep the model's supports' sizes): a grid over methods or sparsities would otherwise
     train the cells that fit and fail the others one by one."""
     from ssvi_cli.config import ConfigError
-    from ssvi_cli.modelfile import ModelCard
-    from ssvi_cli.training.init_posterior import names_trained_model, read_posterior
-    from ssvi_cli.training.plan import check_names, planned_densities
+    from ssvi_cli.training.init_posterior import names_trained_model
+    from ssvi_cli.training.plan import check_names, trained_start
 
     checked: set[str] = set()
     for cell, cfg in cell_configs(spec, cells):
@@ -69,9 +68,8 @@ def _check_starts(spec: SweepSpec, cells: list[Cell]) -> None:
             continue
         checked.add(what)
         data_spec = check_names(cfg)
-        card = ModelCard.from_config(cfg, data_spec)
         try:
-            read_posterior(cfg, data_spec, card, planned_densities(card, cfg, data_spec))
+            trained_start(cfg, data_spec)
         except ConfigError as exc:
             raise SweepError(f"cell {cell.name}: {exc}") from None
 

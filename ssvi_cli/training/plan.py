@@ -138,11 +138,10 @@ class RunPlan:
         a training example."""
         spec = check_names(cfg, given)
         dev = resolve_device(device or cfg.train.device)
-        init = posterior = None
-        if names_trained_model(cfg.model.init_from):  # before the data: a model the run cannot take is refused first
-            check_apart(cfg.model.init_from, run_dir.path if isinstance(run_dir, RunDir) else run_dir)
-            card = ModelCard.from_config(cfg, spec)
-            posterior = read_posterior(cfg, spec, card, planned_densities(card, cfg, spec), world_size)
+        init = None
+        # before the data: a model the run cannot take is refused first
+        posterior = trained_start(cfg, spec, world_size, run_dir.path if isinstance(run_dir, RunDir) else run_dir)
+        if posterior is not None:
             cfg = apply_overrides(cfg, {"model.init_from": posterior.source})  # the file read, as the run records it
         splits = splits or load_data(cfg)
         check_feeds(len(splits.train), world_size)
@@ -209,6 +208,17 @@ def planned_densities(card: ModelCard, cfg: Config, spec: DataSpec) -> dict[str,
     return densities
 
 
+def trained_start(cfg: Config, spec: DataSpec, world_size: int = 1, out: Optional[Path] = None) -> Optional[Posterior]:
+    """The trained ssvi model ``model.init_from`` names, checked against the run ``cfg`` plans on data
+    ``spec`` for ``world_size`` processes and its folder ``out`` (which must not hold the model); None
+    when it names no such model."""
+    if not names_trained_model(cfg.model.init_from):
+        return None
+    check_apart(cfg.model.init_from, out)
+    card = ModelCard.from_config(cfg, spec)
+    return read_posterior(cfg, spec, card, planned_densities(card, cfg, spec), world_size)
+
+
 def check_data_present(cfg: Config) -> None:
     """A torchvision dataset's files are there (fetched now where ``data.download`` allows): both of
     its splits are read, as a run would read them. The embedded digits and an image folder (whose
@@ -241,22 +251,19 @@ def preflight(cfg: Config, device: Optional[str] = None, given: Any = (), world_
     from, for the processes to read (a run still training writes newer checkpoints), else None."""
     spec = check_names(cfg, given)
     resolve_device(device or cfg.train.device)
-    card = ModelCard.from_config(cfg, spec)
-    densities = planned_densities(card, cfg, spec)
-    read = None
-    if names_trained_model(cfg.model.init_from):  # before the data, as RunPlan.new
-        check_apart(cfg.model.init_from, out)
-        read = read_posterior(cfg, spec, card, densities, world_size).source
+    posterior = trained_start(cfg, spec, world_size, out)  # before the data, as RunPlan.new
+    if posterior is None:  # (trained_start planned the densities itself)
+        planned_densities(ModelCard.from_config(cfg, spec), cfg, spec)
     check_data_present(cfg)
     if world_size > 1:
         from ssvi_cli.data.splits import train_size
 
         check_feeds(train_size(cfg.data.name, **_data_args(cfg)), world_size)
-    if cfg.model.init_from and not names_trained_model(cfg.model.init_from):  # read (or fetched) once here
+    if cfg.model.init_from and posterior is None:  # read (or fetched) once here
         from ssvi_cli.training.init_weights import load_init_weights
 
         load_init_weights(cfg, spec, progress=True)
-    return read
+    return posterior.source if posterior is not None else None
 
 
 def preflight_resume(run_dir: RunDir | Path, device: Optional[str] = None, world_size: int = 1) -> None:
