@@ -47,6 +47,24 @@ def _nearest_existing(folder: Path) -> Path:
     return folder
 
 
+def denied(exc: PermissionError) -> str:
+    """A refusal by the system's permissions as one line: the path it names and, where one is on its
+    way, the folder this user may not enter (a path below another user's private folder, say)."""
+    name = exc.filename
+    if not name:
+        return str(exc)
+    path, closed = Path(os.path.abspath(name)), None
+    for folder in reversed(path.parents):  # from the root down: the first one that cannot be entered
+        try:
+            if folder.is_dir() and not os.access(folder, os.X_OK):
+                closed = folder
+                break
+        except OSError:
+            break
+    where = f" (this user may not enter {closed})" if closed is not None else ""
+    return f"{name}: {exc.strerror or 'Permission denied'}{where}"
+
+
 def looked_in(path: Path) -> str:
     """Where a relative ``path`` that is not there was looked for, for a message: `` in CWD (relative
     paths are read from the folder ssvi runs in)``; nothing for an absolute one."""

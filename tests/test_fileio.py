@@ -114,6 +114,26 @@ def test_commands_refuse_an_unwritable_output_before_the_work(tmp_path, monkeypa
     assert capsys.readouterr().err.strip() == f"error: --plots {tmp_path / 'afile' / 'plots'}: {tmp_path / 'afile'} is a file, not a folder"
 
 
+def test_a_path_below_a_folder_this_user_may_not_enter_is_one_line_naming_that_folder(tmp_path, monkeypatch, capsys):
+    """pathlib's probes of an output path below another user's private folder raised PermissionError,
+    which ended as "error (PermissionError): [Errno 13] ..." with exit code 1."""
+    from ssvi_cli.cli import run
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    inside = str(locked) + os.sep
+    real_stat, real_access = os.stat, os.access
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: (_ for _ in ()).throw(
+        PermissionError(errno.EACCES, "Permission denied", str(p))) if str(p).startswith(inside) else real_stat(p, *a, **k))
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if str(p) == str(locked) else real_access(p, mode, **k))
+    for argv, out in ((["train", "--epochs", "1", "--out"], locked / "sub" / "run"),
+                      (["sweep", "--method", "ssvi", "--dry-run", "--out"], locked / "sub" / "sweep")):
+        assert run([*argv, str(out)]) == 2, argv
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines == [f"error: {out}: Permission denied (this user may not enter {locked})"], lines
+    assert [p.name for p in tmp_path.iterdir()] == ["locked"]
+
+
 def test_json_ready_gives_plain_python_and_null_for_nan():
     import numpy as np
     import torch

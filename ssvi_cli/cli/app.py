@@ -172,11 +172,17 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         if _in_chain(exc, KeyboardInterrupt):
             tell("interrupted")
             return 130
-        code = 2 if isinstance(exc, _user_errors()) else 1
+        # A path the system's permissions keep from this user (probed anywhere, by pathlib, say): the
+        # user's to fix, said as one line naming it.
+        refused = isinstance(exc, PermissionError) and bool(exc.filename)
+        code = 2 if refused or isinstance(exc, _user_errors()) else 1
         if debug:  # the traceback, and the same exit code as without --debug
             traceback.print_exception(exc)
             return code
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        from ssvi_cli.fileio import denied
+
+        message = (denied(exc) if refused else
+                   str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
         prefix = "error" if code == 2 else f"error ({type(exc).__name__})"
         # escape(): a message may hold brackets (pip extras, paths) that rich would read as markup.
         err.print(f"[bold red]{prefix}:[/] {escape(message)}" + ("" if code == 2 else "  (run with --debug for the traceback)"),
