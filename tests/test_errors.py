@@ -7,6 +7,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,8 @@ def workspace(tmp_path_factory) -> Path:
     (ws / "cut.pt").write_bytes((ws / "plain.pt").read_bytes()[:300])
     shutil.copy(next((ws / RUN / "checkpoints").iterdir()), ws / "ckpt.bin")  # a checkpoint by another name
     np.savez(ws / "arrays.npz", a=np.zeros(2))
+    with zipfile.ZipFile(ws / "notes.zip", "w") as archive:
+        archive.writestr("notes.txt", "not weights")
     (ws / "cut.safetensors9").write_bytes(data[:9])  # the header's length and its first byte
     (ws / "d.jsonl").mkdir()  # a folder whose name looks like an output file
     (ws / "afile").write_text("a file, not a folder\n")
@@ -116,7 +119,8 @@ CASES = [
     (["train", "--init-from", "{ws}/plain.pt"], "but a torch.save file without an ssvi checkpoint's record, and "),
     (["train", "--init-from", "{ws}/cut.safetensors9"], "but a cut-off safetensors file"),
     (["train", "--init-from", "{ws}/legacy.pt"], "but a pickle file (torch.save's legacy format: plain weights, say)"),
-    (["train", "--init-from", "{ws}/arrays.npz"], "but a zip archive that torch.save did not write"),
+    (["train", "--init-from", "{ws}/arrays.npz"], "but a NumPy .npz archive (what np.savez writes), and "),
+    (["train", "--init-from", "{ws}/notes.zip"], "but a zip archive that torch.save did not write"),
     (["train", "--init-from", "{ws}/empty.safetensors"], "but an empty file"),
     (["train", "--init-from", "{ws}/cut.safetensors", "--set", "model.widths=[32]"],
      "but a cut-off safetensors file (its header runs past the end of the file)"),
@@ -186,6 +190,8 @@ CASES = [
     (["export", "{ws}/ckpt.bin", "-o", "{ws}/x.safetensors"], "is a zip archive (what torch.save writes: a training "
      "checkpoint, say), not an ssvi model file; ssvi export writes one from an ssvi training checkpoint named *.pt"),
     (["evaluate", "{ws}/plain.safetensors"], "not an ssvi model file"),
+    (["inspect", "{ws}/arrays.npz"], "{ws}/arrays.npz is a NumPy .npz archive (what np.savez writes), not an ssvi "
+     "model file"),
     (["evaluate", "{ws}/run", "--output", "{ws}/nodir/r.json"], "its folder {ws}/nodir does not exist"),
     (["evaluate", "{ws}/run", "--output", "{ws}/empty_dir"], "--output {ws}/empty_dir is a directory"),
     (["evaluate", "{ws}/run", "-o", "{ws}/empty_dir"], "--output {ws}/empty_dir is a directory"),  # -o as infer's

@@ -55,6 +55,27 @@ def is_model_file(path: Path) -> bool:
 ZIP_MAGIC = b"PK\x03\x04"  # a zip archive's first bytes, as torch.save writes them
 _NOT_A_ZIP = ("{path} is a zip archive (what torch.save writes: a training checkpoint, say), not an ssvi model "
               "file; ssvi export writes one from an ssvi training checkpoint named *.pt")
+_NPZ = "{path} is a NumPy .npz archive (what np.savez writes), not an ssvi model file"
+
+
+def zip_kind(path: Path) -> str:
+    """What wrote the zip archive at ``path``, from its index: ``"torch"`` (torch.save: a ``data.pkl``
+    entry), ``"numpy"`` (np.savez: ``.npy`` entries only), ``"other"``, or ``"damaged"`` (no readable
+    index: a cut-off file, say)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return "damaged"
+    if any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+        return "torch"
+    return "numpy" if names and all(name.endswith(".npy") for name in names) else "other"
+
+
+def _not_a_model_zip(path: Path) -> ModelFileError:
+    return ModelFileError((_NPZ if zip_kind(path) == "numpy" else _NOT_A_ZIP).format(path=path))
 
 
 def read_header(path: Path) -> dict[str, Any]:
@@ -83,7 +104,7 @@ def read_header(path: Path) -> dict[str, Any]:
         if _prefix_looks_like_json(raw):
             raise ModelFileError(f"{path} is truncated: its header declares {n} bytes but the file has {size}")
         if head[:4] == ZIP_MAGIC:
-            raise ModelFileError(_NOT_A_ZIP.format(path=path))
+            raise _not_a_model_zip(path)
         raise ModelFileError(f"{path} is not an ssvi model file (not a safetensors file)")
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -93,7 +114,7 @@ def read_header(path: Path) -> dict[str, Any]:
         if _prefix_looks_like_json(raw):
             raise ModelFileError(f"{path} has a corrupted header (invalid JSON)") from None
         if head[:4] == ZIP_MAGIC:
-            raise ModelFileError(_NOT_A_ZIP.format(path=path)) from None
+            raise _not_a_model_zip(path) from None
         raise ModelFileError(f"{path} is not an ssvi model file (not a safetensors file)") from None
     raw_meta = header.pop("__metadata__", None)
     if not isinstance(raw_meta, dict) or raw_meta.get("format") != FORMAT_NAME:
