@@ -25,7 +25,8 @@ def register(app: typer.Typer) -> None:
         samples: Annotated[Optional[int], typer.Option(help="Monte Carlo samples S (mode mc; default 10).", show_default=False)] = None,
         mode: Annotated[str, typer.Option(help="mc (Bayesian model average) or mean (theta = mu).")] = "mc",
         batch_size: Annotated[int, typer.Option(help="Inputs per forward pass.")] = 256,
-        top_k: Annotated[int, typer.Option(help="Classes listed per input.")] = 3,
+        top_k: Annotated[int, typer.Option(help="Classes listed per input, most probable first (all of them "
+                                                "when the model has fewer).")] = 3,
         seed: Annotated[int, typer.Option(help="Seed of the Monte Carlo draws.", min=0, max=MAX_SEED)] = 0,
         output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write all predictions to preds.jsonl or preds.csv.")] = None,
         device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); the default, cpu, gives the predictions a machine without a GPU gives.")] = "cpu",
