@@ -62,6 +62,9 @@ def resolve_delta_t(delta_t: int | str, t_end: int, min_steps: int, accumulate: 
     return min(PAPER_DELTA_T, max(accumulate + 1, (t_end - 1) // min_steps))
 
 
+OVERLAP_RECORDS = 10  # subspace steps of a run that record the criteria overlap (Schedule.records_overlap)
+
+
 @dataclass(frozen=True)
 class Schedule:
     delta_t: int
@@ -93,6 +96,18 @@ class Schedule:
         """Whether step ``t`` records the dense gradient (the update step and the n-1 before it)."""
         nxt = ((t + self.delta_t - 1) // self.delta_t) * self.delta_t
         return self.is_update(nxt) and nxt - t < self.accumulate
+
+    def records_overlap(self, t: int, most: int = 0) -> bool:
+        """Whether subspace step ``t`` records how far the removal criteria agree (``core.overlap``):
+        at most ``most`` (default :data:`OVERLAP_RECORDS`) of the run's subspace steps, spread evenly
+        from the first to the last (every one in a run of fewer). Six criteria scored over every layer
+        cost about as much again as the step itself: a record at each of a long run's hundreds of
+        steps would be paid by every run."""
+        most = most or OVERLAP_RECORDS
+        n, i = self.updates, t // self.delta_t
+        if n <= most:
+            return True
+        return i in {1 + round(j * (n - 1) / (most - 1)) for j in range(most)}
 
     def drop_fraction(self, t: int) -> float:
         if self.t_end <= 0:

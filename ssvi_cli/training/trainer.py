@@ -209,8 +209,10 @@ class Trainer:
     def _subspace_step(self, t: int) -> SwapReport:
         """Remove-and-add in every sparse layer (instead of the optimizer step), logged per layer."""
         s = self.cfg.sparse
-        # How far the six criteria agree on what to drop now (the sweep's early/middle/late table).
-        overlap = criteria_overlap(self.model, self.schedule.drop_fraction(t), s.criterion_lambda) if self.is_main else None
+        # How far the six criteria agree on what to drop now (the sweep's early/middle/late table), at
+        # a few of the run's subspace steps.
+        overlap = (criteria_overlap(self.model, self.schedule.drop_fraction(t), s.criterion_lambda)
+                   if self.is_main and self.schedule.records_overlap(t) else None)
         report = subspace_step(self.model, t, self.schedule, s.criterion, s.criterion_lambda, s.new_sigma,
                                self.optimizer, self.grad_reduce)
         distributed.verify_supports(self.model, t)
