@@ -27,10 +27,23 @@ def test_result_shape_and_ratios(lenet_result):
         assert row["time_vs_vi"] == pytest.approx(row["median_ms"] / r["train"][1]["median_ms"])
     vi = r["train"][1]
     assert vi["time_vs_vi"] == 1.0 and vi["bytes_vs_vi"] == 1.0
+    # the dense variants are compared without the index their layers keep at density 1, SSVI with its own
+    for row in r["train"][:2]:
+        assert row["trainable_parts"]["index"] > 0
+        assert row["compared_bytes"] == row["trainable_bytes"] - row["trainable_parts"]["index"]
     ssvi = [row for row in r["train"] if row["method"] == "ssvi" and row["step"] == "parameter"]
-    # trainable state follows the density (the dense stem keeps it a little above)
     for row in ssvi:
-        assert row["bytes_vs_vi"] < 1 - row["sparsity"] + 0.05
+        assert row["compared_bytes"] == row["trainable_bytes"] and row["trainable_parts"]["index"] > 0
+        assert row["bytes_vs_vi"] == pytest.approx(row["compared_bytes"] / vi["compared_bytes"])
+    # a subspace step's trainer has taken no optimizer step: no ratio, its dense gradient named instead
+    for row in (row for row in r["train"] if row["step"] == "subspace"):
+        assert row["compared_bytes"] is None and row["bytes_vs_vi"] is None
+        # float32 over every weight of the sparse layers, which dense VI's int64 index also spans
+        assert row["dense_grad_bytes"] == vi["trainable_parts"]["index"] // 2
+    # trainable state follows the density: Adam's two moments, a gradient and the index (8 bytes) over
+    # μ and ρ (4 bytes each) make 40 bytes per active weight against dense VI's 32 (the dense stem adds)
+    for row in ssvi:
+        assert 1.25 * (1 - row["sparsity"]) < row["bytes_vs_vi"] < 1.25 * (1 - row["sparsity"]) + 0.05
         # LeNet-5's dense 5x5 stem runs at 28x28 positions and holds over a quarter of the FLOPs
         assert 0.25 < row["flops_vs_vi"] < 0.4
     assert [a["sparsity"] for a in r["train_amortised"]] == [0.9, 0.95]
@@ -70,6 +83,7 @@ def test_cli_tables(capsys):
     assert code == 0
     text = capsys.readouterr().out
     assert "dense VI" in text and "compact" in text and "FLOPs convention" in text
+    assert "the dense rows leave out the index their layers keep at density 1" in " ".join(text.split())
 
 
 @pytest.mark.parametrize("args", [["--sparsity", "1.5"], ["--sparsity", "x"], ["--model", "nope"], ["--sparsity", "0.9,,0.95"],
@@ -101,7 +115,9 @@ def test_torchvision_model_is_benchmarked_as_trained(squeezenet_result):
         assert row["trainable_bytes"] == sum(row["trainable_parts"].values())
         assert row["median_ms"] > 0 and row["flops_per_step"] > 0
     for row in (row for row in r["train"] if row["method"] == "ssvi"):
-        assert row["bytes_vs_vi"] < 1 - row["sparsity"] + 0.01  # the dense 3x3 stem holds 0.2 %
+        if row["step"] == "parameter":  # SGD: μ, ρ, their gradients and momenta, and SSVI's index: 32 bytes
+            # per active weight against dense VI's 24 (the dense 3x3 stem holds 0.2 %)
+            assert 4 / 3 * (1 - row["sparsity"]) < row["bytes_vs_vi"] < 4 / 3 * (1 - row["sparsity"]) + 0.01
         assert row["flops_vs_vi"] < 1
     subspace = [row for row in r["train"] if row["step"] == "subspace"]
     # a subspace step replaces the optimizer step: no momentum is added, the dense gradient is counted
@@ -247,3 +263,13 @@ def test_the_header_names_the_sparsities_and_a_models_note_only_for_its_own_defa
     assert run(["bench", "--model", "resnet18", "--batch-size", "2", "--sparsity", "0.5,0.9"]) == 1
     header = capsys.readouterr().err
     assert "sparsity 0.5, 0.9, batch 2, S=4" in header and "defaults to" not in header
+
+
+def test_the_subspace_row_times_a_step_that_records_no_criteria_overlap():
+    """As all but ten of a long run's subspace steps: the first one records it (and cost half again)."""
+    from ssvi_cli.bench.run import _plain_update
+    from ssvi_cli.core.subspace import Schedule
+
+    long = Schedule(100, 0.3, 75_000)  # the bench's schedule: 100,000 one-batch epochs
+    assert long.records_overlap(100) and _plain_update(long) == 200 and not long.records_overlap(200)
+    assert _plain_update(Schedule(100, 0.3, 501)) == 100  # every step of a short run records it

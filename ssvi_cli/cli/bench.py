@@ -40,15 +40,27 @@ def train_table(result: dict[str, Any]) -> Table:
                       ("trainable state", "right"), ("state ratio", "right"), ("FLOPs ratio", "right")):
         t.add_column(col, justify=just)
     for r in result["train"]:
+        state = "-" if r["compared_bytes"] is None else _mib(r["compared_bytes"])
+        ratio = "-" if r["bytes_vs_vi"] is None else f"{r['bytes_vs_vi']:.4f}"
         t.add_row(r["variant"], r["step"], _ms(r["median_ms"]), f"{r['time_vs_vi']:.3f}",
-                  _mib(r["trainable_bytes"]), f"{r['bytes_vs_vi']:.4f}", f"{r['flops_vs_vi']:.4f}")
+                  state, ratio, f"{r['flops_vs_vi']:.4f}")
     return t
+
+
+def state_note(result: dict[str, Any]) -> str:
+    """What the trainable-state column counts, under the training table."""
+    grads = sorted({r["dense_grad_bytes"] for r in result["train"] if "dense_grad_bytes" in r})
+    held = " to ".join(_mib(n) for n in grads[:1] + grads[1:][-1:])
+    return ("trainable state = parameters + gradients + optimizer state, and SSVI's support index; the dense "
+            "rows leave out the index their layers keep at density 1 (a dense layer needs none; --json: "
+            "trainable_parts). A subspace step adds to its parameter row's state a dense gradient of the "
+            f"sparse layers for the step ({held})")
 
 
 def amortised_table(result: dict[str, Any]) -> Table:
     t = Table(title=f"SSVI per step over one delta_t={result['recipe_delta_t']} cycle (auto kernel)",
               title_justify="left")
-    for col in ("sparsity", "parameter ms", "subspace ms", "amortised ms", "ratio"):
+    for col in ("sparsity", "parameter ms", "subspace ms", "amortised ms", "ratio / dense VI"):
         t.add_column(col, justify="right")
     for r in result["train_amortised"]:
         t.add_row(f"{r['sparsity']:g}", _ms(r["parameter_ms"]), _ms(r["subspace_ms"]), _ms(r["amortised_ms"]),
@@ -112,6 +124,7 @@ def register(app: typer.Typer) -> None:
         out.print(f"data: {result['data']}, {shape}; batch {result['batch_size']}, medians of {result['repeats']} "
                   f"interleaved repeats after {count(result['warmup'], 'warm-up run')}")
         out.print(train_table(result))
+        out.print(state_note(result))
         out.print(amortised_table(result))
         out.print(predict_table(result))
         out.print(f"FLOPs convention: {result['flops_convention']}")
