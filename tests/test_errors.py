@@ -166,7 +166,7 @@ CASES = [
     # infer
     (["infer", "{ws}/run", "{ws}/notimg.png"], "image {ws}/notimg.png cannot be read"),
     (["infer", "{ws}/run", "{ws}/two.npy"], "{ws}/two.npy: array of shape (3, 2, 8, 8) has no 1, 3 or 4 channel axis"),
-    (["infer", "{ws}/run", "{ws}/five.npy"], "expected (H, W), (C, H, W), (N, H, W) or (N, C, H, W)"),
+    (["infer", "{ws}/run", "{ws}/five.npy"], "expected (H, W), (C, H, W) or (H, W, C), (N, H, W), (N, C, H, W) or (N, H, W, C)"),
     (["infer", "{ws}/run", "{ws}/zero.npy"], "{ws}/zero.npy: array of shape (0, 8, 8) holds no pixels"),
     (["infer", "{ws}/run", "{ws}/text.npy"], "is not pixels"),
     (["infer", "{ws}/run", "{ws}/missing.png"], "{ws}/missing.png: no such file or folder"),
@@ -183,7 +183,7 @@ CASES = [
      "unknown device 'cuda:1'; valid values are: auto, cpu, cuda (pick the GPU with CUDA_VISIBLE_DEVICES=1"),
     # evaluate
     (["evaluate", "{ws}/empty_dir"], "has no checkpoint"),
-    (["evaluate", "{ws}/missing"], "does not exist"),
+    (["evaluate", "{ws}/missing"], "does not exist; pass a model file, a training checkpoint or a run directory"),
     (["evaluate", "{ws}/runs_of"], "holds runs, such as {ws}/runs_of/cells/a"),
     (["inspect", "{ws}/plain.pt"], "plain.pt is not an ssvi checkpoint but a torch.save file of plain weights"),
     (["inspect", "{ws}/other.pt"], "other.pt is not an ssvi checkpoint (a torch.save file of something else)"),

@@ -226,8 +226,11 @@ def test_a_class_subset_is_rebuilt_from_the_spec_alone(tmp_path):
     data = load_eval_data(loaded.spec, Training(), ood=("heldout",), ood_max_items=None)  # no training config
     assert loaded.spec.class_names == ("3", "8") and set(data.inputs.labels.tolist()) == {0, 1}
     assert len(data.inputs) + len(data.ood["heldout"]) == 360
-    with pytest.raises(DataError, match="is given twice with different folders"):
+    with pytest.raises(DataError, match="^--ood mnist is given twice, as mnist=/a and as mnist=/b; give it once$"):
         load_eval_data(loaded.spec, Training(), ood=("mnist=/a", "mnist=/b"))
+    # the folder --data-dir gives may be the same one: the message does not say the folders differ
+    with pytest.raises(DataError, match="^--ood mnist is given twice, as mnist=/a and as mnist; give it once$"):
+        load_eval_data(loaded.spec, Training(), ood=("mnist=/a", "mnist"), data_dir=Path("/a"))
 
 
 def test_duplicate_ood_names_are_evaluated_once(run):

@@ -123,8 +123,8 @@ def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: fl
             arr = arr.transpose(0, 3, 1, 2)
     else:
         flat = f", ({int(np.prod(input_shape))},) or (N, {int(np.prod(input_shape))})" if input_shape else ""
-        raise InputError(f"{name}: array of shape {arr.shape}; expected (H, W), (C, H, W), (N, H, W) or "
-                         f"(N, C, H, W){flat}")
+        raise InputError(f"{name}: array of shape {arr.shape}; expected (H, W), (C, H, W) or (H, W, C), (N, H, W), "
+                         f"(N, C, H, W) or (N, H, W, C){flat}")
     if pixel_max != 255.0 and arr.dtype != np.uint8:
         # The dataset's own raw range (the digits: 0..16): values above 1 up to pixel_max are raw pixels.
         lo, hi = float(arr.min()), float(arr.max())

@@ -63,6 +63,7 @@ def image_files(folder: Path) -> list[Path]:
 def resolve_requests(texts: Iterable[str], spec: DataSpec, dataset: str) -> dict[str, OodRequest]:
     """Every ``--ood`` value parsed and checked before any data is read, by label (repeats once)."""
     requests: dict[str, OodRequest] = {}
+    given: dict[str, str] = {}  # each label's first value, as the user wrote it
     for text in texts:
         request = OodRequest(text, "set", name=text) if text == dataset else parse_ood(text)
         if request.name == dataset:
@@ -73,9 +74,11 @@ def resolve_requests(texts: Iterable[str], spec: DataSpec, dataset: str) -> dict
             check_heldout(spec)
         elif request.kind == "path" and request.path is not None and request.path.is_dir():
             image_files(request.path)
-        if requests.get(request.label, request) != request:
-            raise DataError(f"--ood {request.label} is given twice with different folders; give it once")
+        if requests.get(request.label, request) != request:  # mnist=DIR beside mnist (read from --data-dir), say
+            raise DataError(f"--ood {request.label} is given twice, as {given[request.label]} and as {text}; "
+                            "give it once")
         requests[request.label] = request
+        given.setdefault(request.label, text)
     return requests
 
 
