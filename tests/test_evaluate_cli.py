@@ -202,6 +202,24 @@ def test_a_finished_run_whose_model_file_is_gone_is_not_called_unfinished(capsys
     assert not any("had not finished" in n for n in notes), notes
 
 
+def test_a_finished_run_scored_from_an_earlier_checkpoint_says_how_far_that_one_had_trained(capsys, model_file,
+                                                                                           tmp_path):
+    """Its model file gone and its last checkpoint cut: the note said the run finished, and nothing of
+    the earlier checkpoint scored instead (a warning on stderr alone named it)."""
+    import shutil
+
+    done = tmp_path / "done"
+    shutil.copytree(model_file.parent, done)
+    (done / "model.safetensors").unlink()
+    *earlier, last = sorted((done / "checkpoints").iterdir())
+    last.write_bytes(last.read_bytes()[:1000])
+    notes = [n for n in _json(capsys, str(done), "--samples", "2")["notes"] if "training checkpoint" in n]
+    assert notes == [f"scored the training checkpoint {earlier[-1]}, taken after 3 of 4 epochs (step "
+                     f"{notes[0].split('(step ')[1].split(')')[0]}): the run finished but its model file "
+                     f"{done / 'model.safetensors'} is missing and its last checkpoint could not be read "
+                     f"(ssvi train --resume {done} writes it again)"], notes
+
+
 def test_evaluate_at_the_runs_sample_count_gives_the_numbers_train_printed(tmp_path, capsys):
     """One prediction pass for both: the same seed and batching, so `ssvi evaluate RUN --samples S`
     at S = train.eval_samples reproduces the summary's Monte Carlo test accuracy and NLL."""

@@ -158,7 +158,8 @@ def register(app: typer.Typer) -> None:
                                  on_batch=advance)
         report = result.report
         if loaded.file.layout == "checkpoint":  # a run stopped before its end, or a checkpoint named
-            report["notes"].append(f"scored the training checkpoint {loaded.file.path}" + _why_checkpoint(model))
+            report["notes"].append(f"scored the training checkpoint {loaded.file.path}"
+                                   + _why_checkpoint(model, loaded.card.training))
         elif note := loaded.card.training.unfinished_note():  # a file exported from such a checkpoint
             report["notes"].append(f"the model was {note}")
         if target is not None:
@@ -196,15 +197,20 @@ def _options(split: str, samples: Optional[str], mode: str, batch_size: int, see
     return ev.EvalOptions(split=split, samples=counts, mode=mode, seed=seed, batch_size=batch_size)
 
 
-def _why_checkpoint(model: Path) -> str:
+def _why_checkpoint(model: Path, training: Any) -> str:
     """Why ``evaluate`` scored a training checkpoint: the path named one, the run has not finished, or
-    the run finished and its model file has since gone."""
+    the run finished and its model file has since gone; and, for a checkpoint taken before the run's
+    last epoch (``training.unfinished``: its epoch and step), how far it had trained."""
     from ssvi_cli.runs.rundir import RunDir
 
+    unfinished = training.unfinished
+    when = (f", taken after {unfinished.get('epoch')} of {training.epochs} epochs (step {unfinished.get('step')})"
+            if unfinished is not None else "")
     if not model.is_dir():
-        return ", not a finished run's model file"
+        return f"{when}, not a finished run's model file"
     run = RunDir(model)
     if run.summary_file.is_file():
-        return (f": the run finished but its model file {run.model_file} is missing "
-                f"(ssvi train --resume {model} writes it again)")
-    return ": the run has no model file, so its training had not finished"
+        return (f"{when}: the run finished but its model file {run.model_file} is missing"
+                + (" and its last checkpoint could not be read" if unfinished is not None else "")
+                + f" (ssvi train --resume {model} writes it again)")
+    return f"{when}: the run has no model file, so its training had not finished"
