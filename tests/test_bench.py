@@ -271,5 +271,6 @@ def test_the_subspace_row_times_a_step_that_records_no_criteria_overlap():
     from ssvi_cli.core.subspace import Schedule
 
     long = Schedule(100, 0.3, 75_000)  # the bench's schedule: 100,000 one-batch epochs
-    assert long.records_overlap(100) and _plain_update(long) == 200 and not long.records_overlap(200)
-    assert _plain_update(Schedule(100, 0.3, 501)) == 100  # every step of a short run records it
+    assert long.records_overlap(100, 5000) and _plain_update(long, 5000) == 200
+    assert not long.records_overlap(200, 5000)
+    assert _plain_update(Schedule(100, 0.3, 550), 5000) == 100  # every step of a short run records it

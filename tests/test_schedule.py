@@ -141,20 +141,28 @@ def test_train_auto_reports_the_resolved_delta_t_and_reaches_the_target(tmp_path
     assert "delta_t: auto" in (out / "config.yaml").read_text()  # reruns re-fit to their own length
 
 
-def test_a_run_records_the_criteria_overlap_at_ten_subspace_steps_from_its_first_to_its_last(tmp_path: Path):
-    """Every subspace step scored the six criteria over every layer, as costly again as the step."""
-    paper = Schedule(100, 0.3, 52701)  # the CIFAR recipe: 527 subspace steps
-    picked = [k for k in range(1, paper.updates + 1) if paper.records_overlap(100 * k)]
-    assert paper.updates == 527 and picked == [1, 59, 118, 176, 235, 293, 352, 410, 469, 527]
-    digits = Schedule(50, 0.3, 901)  # digits_mlp: steps 50, ..., 900; the report's early 50, middle 500, late 900
-    assert [k * 50 for k in range(1, 19) if digits.records_overlap(50 * k)] == [
+def test_a_run_records_the_criteria_overlap_at_ten_subspace_steps_from_its_first_to_its_last_that_drops(
+        tmp_path: Path):
+    """Every subspace step scored the six criteria over every layer, half as long again as the step.
+    The ten span the steps that drop an entry: the report's "late" stage is the last of those."""
+    largest = int(0.05 * 3 * 3 * 512 * 512)  # the paper's ResNet-18 recipe at 0.95: its largest conv
+    paper = Schedule(100, 0.3, 52800)  # 527 subspace steps; the last, at f = 2.7e-6, drops no entry
+    assert paper.updates == 527 and paper.last_dropping(largest) == 526
+    assert [100 * k for k in range(1, 528) if paper.records_overlap(100 * k, largest)] == [
+        100, 5900, 11800, 17600, 23400, 29300, 35100, 40900, 46800, 52600]
+    digits = Schedule(50, 0.3, 945)  # digits_mlp (1,260 steps); the report's early 50, middle 500, late 900
+    assert [50 * k for k in range(1, 19) if digits.records_overlap(50 * k, 7239)] == [
         50, 150, 250, 350, 450, 500, 600, 700, 800, 900]
-    assert all(Schedule(50, 0.3, 301).records_overlap(50 * k) for k in range(1, 7))  # a short run: each
+    assert all(Schedule(50, 0.3, 330).records_overlap(50 * k, 7239) for k in range(1, 7))  # a short run: each
+    assert [k for k in range(1, 528) if paper.records_overlap(100 * k, largest, most=1)] == [1, 526]
+    assert not any(paper.records_overlap(100 * k, 0) for k in range(1, 528))  # nothing moves: no record
     out = tmp_path / "run"
     assert run(["train", "--out", str(out), *QUICK, "--set", "sparse.delta_t=2"]) == 0  # 15 subspace steps
     records = read_jsonl(out / "support.jsonl")
-    assert len(records) == 15
-    assert [r["step"] for r in records if r["criteria_iou"]] == [2, 6, 8, 12, 14, 18, 20, 24, 26, 30]
+    dropping = [r["step"] for r in records if sum(layer["dropped"] for layer in r["layers"].values())]
+    recorded = [r["step"] for r in records if r["criteria_iou"]]
+    assert len(records) == 15 and len(recorded) == 10
+    assert recorded[0] == dropping[0] == 2 and recorded[-1] == dropping[-1] and set(recorded) <= set(dropping)
 
 
 def test_train_explicit_100_behaves_as_before(tmp_path: Path, capsys):

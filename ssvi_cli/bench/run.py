@@ -34,15 +34,17 @@ def _train_step(trainer, x: torch.Tensor, y: torch.Tensor, step: str) -> None:
     (capture of the dense gradient, then remove-and-add instead of the optimizer step): the first of
     the run's update steps that records no criteria overlap, as all but ten of a long run's do."""
     if step == "subspace":
-        trainer.state.step = _plain_update(trainer.schedule)
+        largest = max((l.active for _, l in sparse_layers(trainer.model) if l.active < l.numel), default=0)
+        trainer.state.step = _plain_update(trainer.schedule, largest)
     trainer.train_step(x, y)
 
 
-def _plain_update(schedule) -> int:
-    """The first update step of ``schedule`` that records no criteria overlap (the first update step
-    when every one does: a short schedule)."""
+def _plain_update(schedule, largest: int) -> int:
+    """The first update step of ``schedule`` that records no criteria overlap (``largest``: the most
+    active entries of a moving layer; the first update step when every one records it: a short
+    schedule)."""
     for k in range(1, schedule.updates + 1):
-        if not schedule.records_overlap(k * schedule.delta_t):
+        if not schedule.records_overlap(k * schedule.delta_t, largest):
             return k * schedule.delta_t
     return schedule.delta_t
 

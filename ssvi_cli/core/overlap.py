@@ -1,7 +1,7 @@
 """How much the removal criteria agree: the IoU of the entries each would drop from the current
-supports. Recorded at up to ten subspace steps of a run, spread from its first to its last
-(``support.jsonl``; ``Schedule.records_overlap``), and shown by ``ssvi inspect``; the sweep report's
-early/middle/late table (the paper's Table 4) reads it back.
+supports. Recorded at up to ten subspace steps of a run, spread from its first to the last that
+drops an entry (``support.jsonl``; ``Schedule.records_overlap``), and shown by ``ssvi inspect``; the
+sweep report's early/middle/late table (the paper's Table 4) reads it back.
 """
 
 from __future__ import annotations

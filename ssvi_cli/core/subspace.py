@@ -97,17 +97,28 @@ class Schedule:
         nxt = ((t + self.delta_t - 1) // self.delta_t) * self.delta_t
         return self.is_update(nxt) and nxt - t < self.accumulate
 
-    def records_overlap(self, t: int, most: int = 0) -> bool:
+    def records_overlap(self, t: int, largest: int, most: int = 0) -> bool:
         """Whether subspace step ``t`` records how far the removal criteria agree (``core.overlap``):
-        at most ``most`` (default :data:`OVERLAP_RECORDS`) of the run's subspace steps, spread evenly
-        from the first to the last (every one in a run of fewer). Six criteria scored over every layer
-        cost about as much again as the step itself: a record at each of a long run's hundreds of
-        steps would be paid by every run."""
-        most = most or OVERLAP_RECORDS
-        n, i = self.updates, t // self.delta_t
-        if n <= most:
-            return True
-        return i in {1 + round(j * (n - 1) / (most - 1)) for j in range(most)}
+        at most ``most`` (default :data:`OVERLAP_RECORDS`, at least 2) of the run's subspace steps that
+        drop any entry, spread evenly from the first to the last of them (every one in a run of
+        fewer). ``largest``: the most active entries of a layer that moves; late in a long run the drop
+        fraction rounds to no entry even there, and a step that drops none records nothing (every IoU
+        would read 1). Scoring six criteria over every layer takes about half as long again as the
+        step itself: a record at each of a long run's hundreds of steps would be paid by every run."""
+        most = max(2, most or OVERLAP_RECORDS)
+        n, i = self.last_dropping(largest), t // self.delta_t
+        if not 1 <= i <= n:
+            return False
+        return n <= most or i in {1 + round(j * (n - 1) / (most - 1)) for j in range(most)}
+
+    def last_dropping(self, largest: int) -> int:
+        """The number of the last subspace step (1, 2, ...) at which a layer of ``largest`` active
+        entries drops one, ``floor(f(t) * largest) >= 1`` (as :func:`update_layer` counts); 0 if
+        none does. The drop fraction only falls, so the steps that drop are the first ones."""
+        n = self.updates
+        while n > 0 and math.floor(self.drop_fraction(n * self.delta_t) * largest) < 1:
+            n -= 1
+        return n
 
     def drop_fraction(self, t: int) -> float:
         if self.t_end <= 0:

@@ -64,8 +64,8 @@ def _threads(path: Path, summary: dict[str, Any]) -> set[int]:
 
 def stage_iou(support_file: Path) -> Optional[dict[str, Any]]:
     """The criteria-overlap matrices recorded at the first, middle and last subspace steps that drop
-    any entry: late in a long run the drop fraction rounds to no entry at all, where every IoU would
-    read 1 (two empty sets)."""
+    any entry (a run records up to ten, ``Schedule.records_overlap``): late in a long run the drop
+    fraction rounds to no entry at all, where every IoU would read 1 (two empty sets)."""
     if not support_file.is_file():
         return None
     records = [r for r in read_jsonl(support_file) if r.get("criteria_iou")
@@ -233,7 +233,8 @@ def _iou_markdown(groups: list[dict[str, Any]]) -> list[str]:
         label = lambda s: f"step {steps[s][0]}" + (f"-{steps[s][-1]}" if len(steps[s]) > 1 else "")  # noqa: E731
         out += ["", f"## Criteria overlap: {group_label(g)}", "",
                 f"IoU of the entries each removal criterion would drop (mean over {over}), "
-                "at the first, middle and last subspace step that drops any entry.", "",
+                "at the first, middle and last of the (up to ten) subspace steps a run records it at, spread "
+                "over the steps that drop any entry.", "",
                 "| criteria | " + " | ".join(f"{s} ({label(s)})" for s in STAGES) + " |",
                 "|---|" + "---|" * len(STAGES)]
         for i, j in pairs:
