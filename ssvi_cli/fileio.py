@@ -50,9 +50,12 @@ def _nearest_existing(folder: Path) -> Path:
 def denied(exc: PermissionError) -> str:
     """A refusal by the system's permissions as one line: the path it names and, where one is on its
     way, the folder this user may not enter (a path below another user's private folder, say)."""
-    name = exc.filename
-    if not name:
+    if not exc.filename:
         return str(exc)
+    name = os.fsdecode(exc.filename)
+    if exc.filename2:  # a rename or a link: both paths, the one refused unknown
+        name = f"{name} -> {os.fsdecode(exc.filename2)}"
+        return f"{name}: {exc.strerror or 'Permission denied'}"
     path, closed = Path(os.path.abspath(name)), None
     for folder in reversed(path.parents):  # from the root down: the first one that cannot be entered
         try:

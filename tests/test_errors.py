@@ -166,7 +166,8 @@ CASES = [
     # infer
     (["infer", "{ws}/run", "{ws}/notimg.png"], "image {ws}/notimg.png cannot be read"),
     (["infer", "{ws}/run", "{ws}/two.npy"], "{ws}/two.npy: array of shape (3, 2, 8, 8) has no 1, 3 or 4 channel axis"),
-    (["infer", "{ws}/run", "{ws}/five.npy"], "expected (H, W), (C, H, W) or (H, W, C), (N, H, W), (N, C, H, W) or (N, H, W, C)"),
+    (["infer", "{ws}/run", "{ws}/five.npy"], "expected one of (H, W), (C, H, W), (H, W, C), (N, H, W), "
+                                             "(N, C, H, W), (N, H, W, C)"),
     (["infer", "{ws}/run", "{ws}/zero.npy"], "{ws}/zero.npy: array of shape (0, 8, 8) holds no pixels"),
     (["infer", "{ws}/run", "{ws}/text.npy"], "is not pixels"),
     (["infer", "{ws}/run", "{ws}/missing.png"], "{ws}/missing.png: no such file or folder"),
@@ -192,6 +193,9 @@ CASES = [
     (["evaluate", "{ws}/plain.safetensors"], "not an ssvi model file"),
     (["inspect", "{ws}/arrays.npz"], "{ws}/arrays.npz is a NumPy .npz archive (what np.savez writes), not an ssvi "
      "model file"),
+    (["inspect", "{ws}/notes.zip"], "{ws}/notes.zip is a zip archive that neither torch.save nor np.savez wrote"),
+    (["train", "--model", "torchvision:resnet18", "--init-from", "{ws}/arrays.npz"],
+     "--init-from {ws}/arrays.npz is a NumPy .npz archive (what np.savez writes), not a state_dict; "),
     (["evaluate", "{ws}/run", "--output", "{ws}/nodir/r.json"], "its folder {ws}/nodir does not exist"),
     (["evaluate", "{ws}/run", "--output", "{ws}/empty_dir"], "--output {ws}/empty_dir is a directory"),
     (["evaluate", "{ws}/run", "-o", "{ws}/empty_dir"], "--output {ws}/empty_dir is a directory"),  # -o as infer's

@@ -214,10 +214,10 @@ def test_a_finished_run_scored_from_an_earlier_checkpoint_says_how_far_that_one_
     *earlier, last = sorted((done / "checkpoints").iterdir())
     last.write_bytes(last.read_bytes()[:1000])
     notes = [n for n in _json(capsys, str(done), "--samples", "2")["notes"] if "training checkpoint" in n]
-    assert notes == [f"scored the training checkpoint {earlier[-1]}, taken after 3 of 4 epochs (step "
-                     f"{notes[0].split('(step ')[1].split(')')[0]}): the run finished but its model file "
-                     f"{done / 'model.safetensors'} is missing and its last checkpoint could not be read "
-                     f"(ssvi train --resume {done} writes it again)"], notes
+    step = int(earlier[-1].stem.split("-")[-1])  # checkpoint-<step>.pt
+    assert notes == [f"scored the training checkpoint {earlier[-1]}, taken after 3 of 4 epochs (step {step}): the "
+                     f"run finished but its model file {done / 'model.safetensors'} is missing and its last "
+                     f"checkpoint is missing or unreadable (ssvi train --resume {done} writes it again)"], notes
 
 
 def test_evaluate_at_the_runs_sample_count_gives_the_numbers_train_printed(tmp_path, capsys):

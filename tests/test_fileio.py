@@ -132,6 +132,11 @@ def test_a_path_below_a_folder_this_user_may_not_enter_is_one_line_naming_that_f
         lines = capsys.readouterr().err.strip().splitlines()
         assert lines == [f"error: {out}: Permission denied (this user may not enter {locked})"], lines
     assert [p.name for p in tmp_path.iterdir()] == ["locked"]
+    from ssvi_cli.fileio import denied  # a path in bytes, and a rename's two paths
+
+    assert denied(PermissionError(errno.EACCES, "Permission denied", os.fsencode(out))) == \
+        f"{out}: Permission denied (this user may not enter {locked})"
+    assert denied(PermissionError(errno.EACCES, "Permission denied", "/a", None, "/b")) == "/a -> /b: Permission denied"
 
 
 def test_json_ready_gives_plain_python_and_null_for_nan():

@@ -255,7 +255,8 @@ def test_flattened_rows_are_one_input_each(model_file, tmp_path, capsys, caplog)
                     "flattened inputs has 64 values per row)"], said
     np.save(tmp_path / "short.npy", np.zeros(63))
     assert run(["infer", str(model_file), str(tmp_path / "short.npy")]) == 2
-    assert "array of shape (63,); expected (H, W), (C, H, W) or (H, W, C), (N, H, W), (N, C, H, W) or (N, H, W, C), (64,) or (N, 64)" \
+    assert ("array of shape (63,); expected one of (H, W), (C, H, W), (H, W, C), (N, H, W), (N, C, H, W), "
+            "(N, H, W, C), (64,), (N, 64)") \
         in capsys.readouterr().err
 
 

@@ -211,6 +211,6 @@ def _why_checkpoint(model: Path, training: Any) -> str:
     run = RunDir(model)
     if run.summary_file.is_file():
         return (f"{when}: the run finished but its model file {run.model_file} is missing"
-                + (" and its last checkpoint could not be read" if unfinished is not None else "")
+                + (" and its last checkpoint is missing or unreadable" if unfinished is not None else "")
                 + f" (ssvi train --resume {model} writes it again)")
     return f"{when}: the run has no model file, so its training had not finished"

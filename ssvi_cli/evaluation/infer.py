@@ -122,9 +122,9 @@ def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: fl
                 raise InputError(f"{name}: array of shape {arr.shape} has no 1, 3 or 4 channel axis")
             arr = arr.transpose(0, 3, 1, 2)
     else:
-        flat = f", ({int(np.prod(input_shape))},) or (N, {int(np.prod(input_shape))})" if input_shape else ""
-        raise InputError(f"{name}: array of shape {arr.shape}; expected (H, W), (C, H, W) or (H, W, C), (N, H, W), "
-                         f"(N, C, H, W) or (N, H, W, C){flat}")
+        flat = f", ({int(np.prod(input_shape))},), (N, {int(np.prod(input_shape))})" if input_shape else ""
+        raise InputError(f"{name}: array of shape {arr.shape}; expected one of (H, W), (C, H, W), (H, W, C), "
+                         f"(N, H, W), (N, C, H, W), (N, H, W, C){flat}")
     if pixel_max != 255.0 and arr.dtype != np.uint8:
         # The dataset's own raw range (the digits: 0..16): values above 1 up to pixel_max are raw pixels.
         lo, hi = float(arr.min()), float(arr.max())

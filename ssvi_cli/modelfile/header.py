@@ -75,7 +75,11 @@ def zip_kind(path: Path) -> str:
 
 
 def _not_a_model_zip(path: Path) -> ModelFileError:
-    return ModelFileError((_NPZ if zip_kind(path) == "numpy" else _NOT_A_ZIP).format(path=path))
+    what = {"torch": _NOT_A_ZIP, "numpy": _NPZ,
+            "damaged": "{path} is a damaged or cut-off zip archive (a torch.save file, say), not an ssvi model file",
+            }.get(zip_kind(path), "{path} is a zip archive that neither torch.save nor np.savez wrote, not an ssvi "
+                                  "model file")
+    return ModelFileError(what.format(path=path))
 
 
 def read_header(path: Path) -> dict[str, Any]:
