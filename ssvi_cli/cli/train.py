@@ -226,6 +226,7 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: Opti
     from ssvi_cli.training.plan import preflight, preflight_resume
 
     read = None  # the file a trained --init-from model was read from
+    launcher.check_memory(nproc)  # before anything is written
     if resume is None:
         cfg = build_config(preset, overrides, sets)
         read = preflight(cfg, given=set_keys(sets), world_size=nproc, out=out_dir)

@@ -52,6 +52,36 @@ def stop_with_parent() -> None:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _meminfo_bytes(path: str, key: str) -> Optional[int]:
+    """The ``key:`` line of a Linux ``/proc`` status file, in bytes (None where there is none)."""
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(nproc: int) -> None:
+    """Refuse ``nproc`` training processes and their launcher that would not fit in the memory the
+    system has available (Linux; where it cannot be read, nothing is checked): each is taken to be
+    this process's size, which has loaded torch as each of them will, a lower bound (each also loads
+    the data and builds the model). Too many swap, or the system kills processes, the command's own
+    or another's."""
+    from ssvi_cli.config import ConfigError
+
+    size = _meminfo_bytes("/proc/self/status", "VmRSS")
+    available = _meminfo_bytes("/proc/meminfo", "MemAvailable")
+    if size is None or available is None or (nproc + 1) * size <= available:
+        return
+    raise ConfigError(f"--nproc {nproc}: {nproc} processes and their launcher, each at least the size of this one "
+                      f"({size / 2**30:.1f} GiB, torch loaded), need {(nproc + 1) * size / 2**30:.1f} GiB; this "
+                      f"machine has {available / 2**30:.1f} GiB available; give --nproc {max(1, available // size - 1)} "
+                      "or fewer")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
