@@ -144,3 +144,20 @@ def test_networks_with_auxiliary_classifiers_train_on_their_main_logits(tmp_path
     x, y = next(iter(trainer.batches(0)))
     out = trainer.train_step(x, y)
     assert math.isfinite(out["loss"])
+
+
+def test_an_epochs_record_gives_the_rates_its_last_step_ran_with(tmp_path: Path):
+    """metrics.jsonl gave the learning rate, KL weight and drop fraction of the step after the epoch:
+    the last epoch's lr read 0.0, a rate no step used, and epoch 1's the second epoch's first."""
+    cfg = digits_cfg(**{"train.epochs": 2, "data.max_train": 200, "model.widths": [32], "sparse.delta_t": 2})
+    trainer = Trainer.create(cfg, tmp_path / "run")
+    used: dict[int, tuple[float, float]] = {}
+    trainer.step_hooks.append(lambda tr, kind: used.__setitem__(
+        tr.state.step - 1, (tr.optimizer.param_groups[0]["lr"], tr.kl_weight(tr.state.step - 1))))
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and records[-1]["lr"] > 0
+    for r in records:
+        lr, weight = used[r["step"] - 1]
+        assert r["lr"] == pytest.approx(lr) and r["kl_weight"] == pytest.approx(weight)
+        assert r["drop_fraction"] == pytest.approx(trainer.schedule.drop_fraction(r["step"] - 1))

@@ -43,8 +43,11 @@ def evaluate_split(trainer: "Trainer", split: str, mode: str = "mc", samples: Op
 
 
 def epoch_record(trainer: "Trainer", stats: EpochStats) -> dict[str, Any]:
-    """The ``metrics.jsonl`` line of the epoch that just ended (before the epoch counter moves)."""
+    """The ``metrics.jsonl`` line of the epoch that just ended (before the epoch counter moves): its
+    learning rate, KL weight and drop fraction are those its last step ran with (``step`` counts the
+    steps done, so that step's index is ``step - 1``)."""
     state, cfg = trainer.state, trainer.cfg
+    last = max(state.step - 1, 0)
     val = evaluate_split(trainer, "val", mode="mean") if len(trainer.splits.val) and trainer.is_main else {}
     dens = density_report(trainer.model)
     n = max(stats.seen, 1)
@@ -54,14 +57,14 @@ def epoch_record(trainer: "Trainer", stats: EpochStats) -> dict[str, Any]:
         "loss": stats.loss / n,
         "nll": stats.nll / n,
         "kl": stats.kl,
-        "kl_weight": trainer.kl_weight(state.step),
-        "lr": cfg.optim.lr * lr_factor(cfg, state.step, trainer.total_steps),
+        "kl_weight": trainer.kl_weight(last),
+        "lr": cfg.optim.lr * lr_factor(cfg, last, trainer.total_steps),
         "train_accuracy": stats.correct / n,
         "val_accuracy": val.get("accuracy"),
         "val_nll": val.get("nll"),
         "density": dens["density"],
         "layer_density": dens["layers"],
-        "drop_fraction": trainer.schedule.drop_fraction(state.step) if cfg.method.moves_support else 0.0,
+        "drop_fraction": trainer.schedule.drop_fraction(last) if cfg.method.moves_support else 0.0,
         "subspace_steps": state.subspace_steps,
         "swapped": stats.swapped,
         "seconds": time.perf_counter() - stats.started,
