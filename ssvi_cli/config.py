@@ -441,8 +441,8 @@ def validate(cfg: Config) -> None:
         ("sparse.t_end", 0.0 <= s.t_end <= 1.0, "in [0, 1]"),
         ("sparse.delta_t", auto_dt or (isinstance(s.delta_t, int) and s.delta_t >= 2),
          f"an integer >= 2 (the paper's is {PAPER_DELTA_T}) or {DELTA_T_AUTO}"),
-        ("sparse.addition", n_acc < max_dt, f"accumulate:N needs N < delta_t={s.delta_t}"
-         + (f" (at most {PAPER_DELTA_T})" if auto_dt else "")),
+        ("sparse.addition", n_acc < max_dt, f"accumulate:N with N < delta_t={s.delta_t}" if not auto_dt else
+         f"accumulate:N with N < delta_t, which {DELTA_T_AUTO} makes at most {PAPER_DELTA_T}"),
         ("sparse.min_subspace_steps", s.min_subspace_steps >= 1, ">= 1"),
         ("sparse.criterion_lambda", s.criterion_lambda > 0, "> 0"),
         ("bayes.beta", b.beta >= 0, ">= 0"),

@@ -16,7 +16,7 @@ def test_override_types_and_round_trip():
     ("sparse.method", "magic", "valid values are: ssvi, vi, static, rigl, dense"),
     ("sparse.addition", "accumulate:x", "accumulate:N"),
     ("sparse.addition", "accumulate:0", "N ≥ 1"),  # would average no gradient: a support that never moves
-    ("sparse.addition", "accumulate:200", "N < delta_t"),
+    ("sparse.addition", "accumulate:200", "sparse.addition='accumulate:200' must be accumulate:N with N < delta_t=100"),
     ("train.epochs", "ten", "integer"),
     ("train.device", "tpu", "auto, cpu, cuda"),
     ("nosuch.key", 1, "valid keys are"),

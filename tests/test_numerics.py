@@ -123,5 +123,7 @@ def test_cli_reports_an_unpatched_infinite_kl_as_a_runtime_failure(tmp_path, cap
     err = capsys.readouterr().err
     assert code == 1
     assert "non-finite loss at step 0 (epoch 1) in the KL term" in err and "bayes.prior_sigma" in err
+    # before the first update no learning rate is to blame: the initial values are named instead
+    assert "Check the initial values (bayes.sigma_init_mean" in err and "learning rate" not in err
     assert "Traceback" not in err
     assert not (tmp_path / "r" / "checkpoints").exists()

@@ -166,6 +166,14 @@ def test_presets_name_prints_every_key_it_trains_with(capsys, tmp_path):
     text = capsys.readouterr().out
     assert text.startswith("# ssvi train --preset digits_mlp trains with")
     assert C.from_dict(yaml.safe_load(text)) == C.load_preset("digits_mlp")
+    assert run(["presets", "mnist_lenet5", "--method", "vi"]) == 0
+    assert capsys.readouterr().out.startswith("# ssvi train --preset mnist_lenet5 --method vi trains with these "
+                                              "values, the preset's methods: section for vi applied (change one")
+    assert run(["presets", "--json"]) == 0  # a methods: section in one shape, the preset file's, as below
+    listed = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert listed["mnist_lenet5"]["methods"]["vi"] == {"optim": {"lr": 0.005}}
+    assert run(["presets", "mnist_lenet5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["methods"] == listed["mnist_lenet5"]["methods"]
     assert run(["presets", "mnist_lenet5", "--method", "vi", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["optim"]["lr"] == 0.005 and shown["sparse"]["method"] == "vi"

@@ -37,8 +37,8 @@ def register(app: typer.Typer) -> None:
                          "method": cfg.sparse.method, "sparsity": cfg.sparse.sparsity,
                          "epochs": cfg.train.epochs, "command": cfgmod.preset_command(path),
                          "methods": per_method, "default": name == cfgmod.DEFAULT_PRESET})
-        if json_out:
-            print_json(rows)
+        if json_out:  # each preset's methods: section as a preset file and `ssvi presets NAME --json` give it
+            print_json([{**r, "methods": {m: _nested(v) for m, v in r["methods"].items()}} for r in rows])
             return
         # Names never fold; commands go below the table, one whole line each, so that a narrow
         # terminal or a pipe still shows what to copy (a table cell would cut or fold it).
@@ -77,8 +77,9 @@ def _show_one(name: str, method: Optional[str], json_out: bool) -> None:
         print_json(data)
         return
     command = f"ssvi train --preset {name}" + (f" --method {method}" if method else "")
-    out.print(f"# {command} trains with these values (change one with --set section.key=value)"
-              + ("; only that method's" if method else ""), highlight=False)
+    out.print(f"# {command} trains with these values"
+              + (f", the preset's methods: section for {method} applied" if method else "")
+              + " (change one with --set section.key=value)", highlight=False)
     out.print(yaml.safe_dump(data, sort_keys=False).rstrip("\n"), highlight=False, soft_wrap=True)
 
 

@@ -14,11 +14,14 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, bad device, ...); the message says what to do."""
 
 
-def diverged(run: Any, what: str) -> NoReturn:
-    """Stop a diverged run (``run``: its RunDir), naming its last good checkpoint."""
+def diverged(run: Any, what: str, first: bool = False) -> NoReturn:
+    """Stop a diverged run (``run``: its RunDir), naming its last good checkpoint. ``first``: at the
+    first step, before any update a learning rate made: the start itself is the trouble."""
     last = run.checkpoints()
     kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
-    raise TrainingError(f"{what}; {kept}. Try a lower learning rate (--lr) or a larger bayes.prior_sigma")
+    fix = ("Check the initial values (bayes.sigma_init_mean, bayes.mu_init_std, bayes.prior_sigma) and the "
+           "inputs' scale" if first else "Try a lower learning rate (--lr) or a larger bayes.prior_sigma")
+    raise TrainingError(f"{what}; {kept}. {fix}")
 
 
 class Interrupted(RuntimeError):
@@ -38,7 +41,7 @@ def check_finite_loss(run: Any, state: Any, nll: Any, kl: Any, loss: Any) -> Non
     if bool(torch.isfinite(loss)):
         return
     term = "the data term (cross-entropy)" if not bool(torch.isfinite(nll)) else "the KL term"
-    diverged(run, f"non-finite loss at step {state.step} (epoch {state.epoch + 1}) in {term}")
+    diverged(run, f"non-finite loss at step {state.step} (epoch {state.epoch + 1}) in {term}", first=state.step == 0)
 
 
 def check_finite_state(run: Any, state: Any, model: Any) -> None:
