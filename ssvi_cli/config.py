@@ -247,11 +247,24 @@ def valid_keys() -> list[str]:
     ]
 
 
-def _did_you_mean(key: str) -> str:
+def _did_you_mean(key: str, choices: Optional[list[str]] = None) -> str:
+    """`` (did you mean 'optim.lr'?)``: the closest of ``choices`` (default: the config keys, where a
+    key given without its section, ``lr``, finds the one section that has it)."""
     import difflib
 
-    close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.75)
+    if choices is None:
+        choices = valid_keys()
+        owners = [k for k in choices if k.split(".", 1)[1] == key]
+        if "." not in key and len(owners) == 1:
+            return f" (did you mean {owners[0]!r}?)"
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.75)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _preset_hint(name: str, presets: list[str]) -> str:
+    """`` (did you mean 'digits_mlp'?)`` for the one preset ``name`` begins, or the closest name."""
+    starting = [p for p in presets if p.startswith(f"{name}_")]
+    return f" (did you mean {starting[0]!r}?)" if len(starting) == 1 else _did_you_mean(name, presets)
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
@@ -286,7 +299,8 @@ def _flatten(data: Any, where: str = "config", skip: tuple[str, ...] = ()) -> di
         if section in skip:
             continue
         if section not in known:
-            raise ConfigError(f"{where}: unknown section {section!r}; valid sections are: {', '.join(known)}")
+            raise ConfigError(f"{where}: unknown section {section!r}{_did_you_mean(str(section), known)}; valid "
+                              f"sections are: {', '.join(known)}")
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: section {section!r} must be a mapping, got {values!r}")
         for k, v in values.items():
@@ -517,8 +531,8 @@ def _read_preset(name_or_path: str) -> tuple[Path, dict[str, Any]]:
                               + "; give a YAML file's path")
         else:
             raise ConfigError(
-                f"unknown preset {name_or_path!r}; valid names are: {', '.join(presets) or '(none)'}"
-                " (or pass a path to a .yaml file)"
+                f"unknown preset {name_or_path!r}{_preset_hint(str(name_or_path), list(presets))}; "
+                f"valid names are: {', '.join(presets) or '(none)'} (or pass a path to a .yaml file)"
             )
     import yaml
 

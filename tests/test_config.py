@@ -27,11 +27,22 @@ def test_override_types_and_round_trip():
     ("train.device", "cuda:1", "pick the GPU with CUDA_VISIBLE_DEVICES=1 and --device cuda"),
     ("train.epoch", 3, "unknown config key 'train.epoch' (did you mean 'train.epochs'?)"),
     ("trian.epochs", 3, "unknown config key 'trian.epochs' (did you mean 'train.epochs'?)"),
+    ("lr", 0.1, "unknown config key 'lr' (did you mean 'optim.lr'?)"),  # the one section with that key
 ])
 def test_bad_values_are_rejected_with_the_choices(key, value, needle):
     with pytest.raises(C.ConfigError) as exc:
         C.apply_overrides(C.Config(), {key: value})
     assert needle in str(exc.value)
+
+
+def test_a_misspelt_section_or_preset_name_gets_the_closest_one(tmp_path):
+    (tmp_path / "mine.yaml").write_text("modle:\n  widths: [32]\n")
+    with pytest.raises(C.ConfigError, match=r"unknown section 'modle' \(did you mean 'model'\?\); valid sections"):
+        C.load_preset(str(tmp_path / "mine.yaml"))
+    with pytest.raises(C.ConfigError, match=r"^unknown preset 'digits' \(did you mean 'digits_mlp'\?\); valid names"):
+        C.load_preset("digits")
+    with pytest.raises(C.ConfigError, match=r"^unknown preset 'mnist'; valid names"):  # two begin so: neither
+        C.load_preset("mnist")
 
 
 def test_parse_override_reads_yaml_scalars_not_code():
