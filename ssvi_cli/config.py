@@ -189,7 +189,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (inner, _ellipsis) = get_args(tp)
         if isinstance(value, str):  # split on commas when there are any (a class name may hold spaces)
             body = value.strip("[]() ")
-            value = [v.strip() for v in (body.split(",") if "," in body else body.split()) if v.strip()]
+            value = [_unquoted(v.strip()) for v in (body.split(",") if "," in body else body.split()) if v.strip()]
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
@@ -339,6 +339,11 @@ def _method_values(data: dict[str, Any], base: Config) -> dict[str, dict[str, An
             raise ConfigError(f"methods.{name}: {exc}") from None
         out[name] = own
     return out
+
+
+def _unquoted(item: str) -> str:
+    """An item of a comma-separated list without the YAML quotes around it (``'0'`` is ``0``)."""
+    return item[1:-1] if len(item) >= 2 and item[0] == item[-1] and item[0] in "'\"" else item
 
 
 def parse_override(text: str) -> tuple[str, Any]:

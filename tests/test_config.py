@@ -55,6 +55,9 @@ def test_parse_override_reads_yaml_scalars_not_code():
     assert C.parse_override("data.name=imagefolder:") == ("data.name", "imagefolder:")
     with pytest.raises(C.ConfigError):
         C.parse_override("novalue")
+    # the comma form reads each item as YAML does a quoted one: 'it' is it (was "'0' is not a class")
+    for text in ("data.classes='0','1',2", "data.classes=['0','1',2]", 'data.classes="0", 1,2'):
+        assert C.apply_overrides(C.Config(), dict([C.parse_override(text)])).data.classes == ("0", "1", "2"), text
 
 
 def test_override_values_are_read_as_typed():
