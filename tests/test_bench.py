@@ -274,3 +274,20 @@ def test_the_subspace_row_times_a_step_that_records_no_criteria_overlap():
     assert long.records_overlap(100, 5000) and _plain_update(long, 5000) == 200
     assert not long.records_overlap(200, 5000)
     assert _plain_update(Schedule(100, 0.3, 550), 5000) == 100  # every step of a short run records it
+
+
+def test_the_benchs_subspace_step_is_one_that_records_no_criteria_overlap(tmp_path):
+    """The step the subspace row times, taken as the bench takes it: a remove-and-add step whose
+    support record holds no criteria overlap (the first update step, 100, would hold one)."""
+    from ssvi_cli.bench.models import bench_config, synthetic_splits
+    from ssvi_cli.bench.run import _train_step, _trainer, recipe_delta_t
+    from ssvi_cli.fileio import read_jsonl
+
+    opts = BenchOptions(model="mlp", sparsities=(0.95,), **TINY).resolved()
+    bm = opts.model_spec()
+    splits, x, y = synthetic_splits(bm, opts.batch_size, opts.seed)
+    trainer = _trainer(bench_config(bm, opts, "ssvi", 0.95, "auto", recipe_delta_t(bm.preset)), splits, tmp_path, "s")
+    _train_step(trainer, x, y, "subspace")
+    records = read_jsonl(trainer.run_dir / "support.jsonl")
+    assert [r["step"] for r in records] == [200] and records[0]["criteria_iou"] is None
+    assert sum(layer["swapped"] for layer in records[0]["layers"].values()) > 0
