@@ -18,6 +18,7 @@ from ssvi_cli.bench.timing import Variant, cpu_model, summarise, time_interleave
 from ssvi_cli.config import PAPER_DELTA_T, Config, load_preset
 from ssvi_cli.core import flops as flopsmod
 from ssvi_cli.core.layers import sparse_layers
+from ssvi_cli.core.subspace import largest_moving
 from ssvi_cli.data.spec import DataSplits
 
 
@@ -34,8 +35,7 @@ def _train_step(trainer, x: torch.Tensor, y: torch.Tensor, step: str) -> None:
     (capture of the dense gradient, then remove-and-add instead of the optimizer step): the first of
     the run's update steps that records no criteria overlap, as all but ten of a long run's do."""
     if step == "subspace":
-        largest = max((l.active for _, l in sparse_layers(trainer.model) if l.active < l.numel), default=0)
-        trainer.state.step = _plain_update(trainer.schedule, largest)
+        trainer.state.step = _plain_update(trainer.schedule, largest_moving(trainer.model))
     trainer.train_step(x, y)
 
 

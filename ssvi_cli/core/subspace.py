@@ -65,6 +65,12 @@ def resolve_delta_t(delta_t: int | str, t_end: int, min_steps: int, accumulate: 
 OVERLAP_RECORDS = 10  # subspace steps of a run that record the criteria overlap (Schedule.records_overlap)
 
 
+def largest_moving(model: nn.Module) -> int:
+    """The most active entries of a sparse layer of ``model`` whose support moves (not kept dense):
+    :meth:`Schedule.records_overlap`'s ``largest``; 0 when none moves."""
+    return max((l.active for _, l in sparse_layers(model) if l.active < l.numel), default=0)
+
+
 @dataclass(frozen=True)
 class Schedule:
     delta_t: int

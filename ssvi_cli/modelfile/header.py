@@ -55,7 +55,9 @@ def is_model_file(path: Path) -> bool:
 ZIP_MAGIC = b"PK\x03\x04"  # a zip archive's first bytes, as torch.save writes them
 _NOT_A_ZIP = ("{path} is a zip archive (what torch.save writes: a training checkpoint, say), not an ssvi model "
               "file; ssvi export writes one from an ssvi training checkpoint named *.pt")
-_NPZ = "{path} is a NumPy .npz archive (what np.savez writes), not an ssvi model file"
+# What a zip archive that holds no ssvi checkpoint is, by zip_kind (a torch.save one is said where it is met).
+ZIP_WORDS = {"numpy": "a NumPy .npz archive (what np.savez writes)",
+             "damaged": "a damaged or cut-off zip archive (a torch.save file, say)"}
 
 
 def zip_kind(path: Path) -> str:
@@ -75,11 +77,11 @@ def zip_kind(path: Path) -> str:
 
 
 def _not_a_model_zip(path: Path) -> ModelFileError:
-    what = {"torch": _NOT_A_ZIP, "numpy": _NPZ,
-            "damaged": "{path} is a damaged or cut-off zip archive (a torch.save file, say), not an ssvi model file",
-            }.get(zip_kind(path), "{path} is a zip archive that neither torch.save nor np.savez wrote, not an ssvi "
-                                  "model file")
-    return ModelFileError(what.format(path=path))
+    kind = zip_kind(path)
+    if kind == "torch":
+        return ModelFileError(_NOT_A_ZIP.format(path=path))
+    what = ZIP_WORDS.get(kind, "a zip archive that neither torch.save nor np.savez wrote")
+    return ModelFileError(f"{path} is {what}, not an ssvi model file")
 
 
 def read_header(path: Path) -> dict[str, Any]:

@@ -49,7 +49,7 @@ def what_else(source: str) -> str:
     """What the file at ``source`` is, when :func:`names_trained_model` says it is no trained ssvi
     model: plain weights (a safetensors file), a torch.save file of either format, a damaged or
     cut-off one, another zip archive, or none of these. Reads the header and the archive's index only."""
-    from ssvi_cli.modelfile.header import ZIP_MAGIC, safetensors_header, zip_kind
+    from ssvi_cli.modelfile.header import ZIP_MAGIC, ZIP_WORDS, safetensors_header, zip_kind
 
     path = Path(source).expanduser()
     try:
@@ -63,10 +63,9 @@ def what_else(source: str) -> str:
     if safetensors_header(path) is not None:
         return "a safetensors file without ssvi metadata (plain weights)"
     if head[:4] == ZIP_MAGIC:
-        return {"damaged": "a damaged or cut-off zip archive (a torch.save file, say)",
-                "torch": "a torch.save file without an ssvi checkpoint's record",
-                "numpy": "a NumPy .npz archive (what np.savez writes)"}.get(
-                    zip_kind(path), "a zip archive that torch.save did not write")
+        kind = zip_kind(path)
+        return ("a torch.save file without an ssvi checkpoint's record" if kind == "torch"
+                else ZIP_WORDS.get(kind, "a zip archive that torch.save did not write"))
     if head[:1] == b"\x80":  # a pickle: torch.save's legacy format
         return "a pickle file (torch.save's legacy format: plain weights, say)"
     if len(head) == 8 and int.from_bytes(head, "little") > size - 8 and after == b"{":

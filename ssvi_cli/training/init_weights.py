@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ssvi_cli.config import Config, ConfigError
 from ssvi_cli.data.spec import DataSpec
 from ssvi_cli.models import AUX_HEADS, TORCHVISION, torchvision_base
-from ssvi_cli.modelfile.header import zip_kind
+from ssvi_cli.modelfile.header import ZIP_MAGIC, ZIP_WORDS, zip_kind
 from ssvi_cli.runs.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from ssvi_cli.runs.checkpoint import holds_objects, torch_load_tensors, unpickler_reason
 from ssvi_cli.training.pretrained import adapt_state, fetch_state_dict, resolve_weights
@@ -141,12 +141,12 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
             with open(path, "rb") as handle:
                 magic = handle.read(4)
         except OSError:
-            magic = b"PK\x03\x04"  # unreadable: the reader's own error says why
-        if path.suffix.lower() != ".safetensors" and not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+            magic = ZIP_MAGIC  # unreadable: the reader's own error says why
+        if path.suffix.lower() != ".safetensors" and not (magic.startswith(ZIP_MAGIC) or magic[:1] == b"\x80"):
             first = "not a PyTorch file: neither a zip archive nor a pickle"
-        elif magic.startswith(b"PK\x03\x04") and zip_kind(path) == "numpy":
-            raise ConfigError(f"--init-from {path} is a NumPy .npz archive (what np.savez writes), not a state_dict; "
-                              "save the weights with torch.save(model.state_dict(), PATH)") from None
+        elif magic.startswith(ZIP_MAGIC) and zip_kind(path) == "numpy":
+            raise ConfigError(f"--init-from {path} is {ZIP_WORDS['numpy']}, not a state_dict; save the weights "
+                              "with torch.save(model.state_dict(), PATH)") from None
         elif holds_objects(exc):  # torch's refusal of pickled objects beyond tensors
             raise ConfigError(f"--init-from {path} holds Python objects besides tensors (a whole model saved with "
                               "torch.save(model)?); save model.state_dict() instead") from None

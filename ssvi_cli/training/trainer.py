@@ -19,10 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ssvi_cli.config import Config, dump_yaml
-from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.core.modes import capturing_dense_grad, sampling
 from ssvi_cli.core.overlap import criteria_overlap
-from ssvi_cli.core.subspace import Schedule, SwapReport, collect_captured, subspace_step
+from ssvi_cli.core.subspace import Schedule, SwapReport, collect_captured, largest_moving, subspace_step
 from ssvi_cli.data import DataSplits
 from ssvi_cli.runs import checkpoint as ckpt
 from ssvi_cli.training import distributed
@@ -212,9 +211,8 @@ class Trainer:
         s = self.cfg.sparse
         # How far the six criteria agree on what to drop now (the sweep's early/middle/late table), at
         # a few of the run's subspace steps.
-        moving = [l.active for _, l in sparse_layers(self.model) if l.active < l.numel]
         overlap = (criteria_overlap(self.model, self.schedule.drop_fraction(t), s.criterion_lambda)
-                   if self.is_main and self.schedule.records_overlap(t, max(moving, default=0)) else None)
+                   if self.is_main and self.schedule.records_overlap(t, largest_moving(self.model)) else None)
         report = subspace_step(self.model, t, self.schedule, s.criterion, s.criterion_lambda, s.new_sigma,
                                self.optimizer, self.grad_reduce)
         distributed.verify_supports(self.model, t)
