@@ -225,3 +225,36 @@ def test_top_k_indices_is_the_stable_sort_prefix(seed: int) -> None:
         assert torch.equal(got, ref), k
     with pytest.raises(ValueError):
         C.top_k_indices(score, n + 1)
+
+
+def _layer_with_tiny_t() -> torch.nn.Module:
+    """A layer whose μ puts t = |μ|/σ at distinct values from 1e-16 to 1e-5, where float64 holds
+    ``snr_abs_of_t`` flat (to second order it is) and rounding moves it up and down by an ulp, with
+    larger t after them; entry order reversed so that the lowest index is not the lowest t."""
+    from ssvi_cli.core.layers import SparseGaussian
+    layer = SparseGaussian((8, 10), bias=False, bayesian=True)  # 64 of 80 entries active
+    t = torch.cat([torch.logspace(-16, -5, 40, dtype=torch.float64), torch.linspace(0.5, 5.0, 24, dtype=torch.float64)])
+    sigma = 1e-3
+    layer.set_support(torch.arange(64), (t * sigma).flip(0).float(),
+                      torch.full((64,), math.log(math.expm1(sigma)), dtype=torch.float32))
+    assert not bool((C.snr_abs_of_t(t[:40]).diff() > 0).all())  # the region the test needs
+    return layer
+
+
+def test_snr_abs_drops_what_snr_drops_where_float64_flattens_it() -> None:
+    """A subspace step under snr_abs removes the entries snr would, at t near 0 too (where the value
+    of snr_abs ties or falls by an ulp), and the criteria overlap agrees."""
+    from ssvi_cli.core.overlap import criteria_overlap
+    from ssvi_cli.core.subspace import update_layer
+    kept = {}
+    for criterion in ("snr", "snr_abs"):
+        layer = _layer_with_tiny_t()
+        update_layer("l", layer, (torch.arange(80) >= 64).float().reshape(8, 10), 0.25, criterion, 1.0, "mean", None)
+        kept[criterion] = layer.idx[layer.idx < 64].tolist()  # the 16 added are 64..79
+    assert len(kept["snr"]) == 48 and kept["snr"] == kept["snr_abs"]
+    assert kept["snr"] == list(range(48))  # the 16 lowest t: the last 16 entries
+    layer = _layer_with_tiny_t()
+    layer.set_support(torch.arange(60), layer.mu.detach()[:60].clone(), layer.rho.detach()[:60].clone())
+    overlap = criteria_overlap(torch.nn.Sequential(layer), fraction=0.25)
+    names = overlap["criteria"]
+    assert overlap["iou"][names.index("snr")][names.index("snr_abs")] == 1.0

@@ -31,6 +31,7 @@ __all__ = [
     "keep_mask",
     "log_abs_mgf",
     "log_snr_exp",
+    "ranking_score",
     "removal_score",
     "snr_abs_of_t",
     "top_k_indices",
@@ -254,6 +255,14 @@ def criterion_names() -> list[str]:
 def removal_score(name: str, mu: Tensor, sigma: Tensor, lam: float = 1.0) -> Tensor:
     """Score every entry of ``mu``/``sigma`` with criterion ``name`` (float64, higher = keep)."""
     return REMOVAL_CRITERIA.get(name)(mu, sigma, lam)
+
+
+def ranking_score(name: str, mu: Tensor, sigma: Tensor, lam: float = 1.0) -> Tensor:
+    """What a subspace step ranks by for criterion ``name``: its ``removal_score``, except that
+    ``snr_abs`` ranks by ``t`` itself. The two orders are the same (``snr_abs_of_t`` is strictly
+    increasing), but ``snr_abs_of_t`` is flat to second order at ``t = 0`` and float64 gives every
+    ``t`` below about 1e-8 its value at 0, so entries that ``snr`` tells apart would tie there."""
+    return removal_score("snr" if name == "snr_abs" else name, mu, sigma, lam)
 
 
 def top_k_indices(score: Tensor, k: int) -> Tensor:

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ssvi_cli.core.criteria import criterion_names, keep_mask, removal_score
+from ssvi_cli.core.criteria import criterion_names, keep_mask, ranking_score
 from ssvi_cli.core.layers import sparse_layers
 
 
@@ -36,7 +36,7 @@ def criteria_overlap(model: torch.nn.Module, fraction: float = 0.3, lam: float =
         dropped += k
         mu, sigma = layer.mu.detach().cpu(), layer.sigma().detach().cpu()
         for c in names:
-            drops[c].append(~keep_mask(removal_score(c, mu, sigma, lam), layer.active - k))
+            drops[c].append(~keep_mask(ranking_score(c, mu, sigma, lam), layer.active - k))
     matrix = []
     for a in names:
         row = []

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ssvi_cli.config import DELTA_T_AUTO, MIN_SUBSPACE_STEPS, PAPER_DELTA_T, SparseConfig, addition_accumulate
-from ssvi_cli.core.criteria import removal_score, top_k_indices
+from ssvi_cli.core.criteria import ranking_score, top_k_indices
 from ssvi_cli.core.layers import SparseGaussian, sparse_layers
 from ssvi_cli.core.gaussian import rho_from_sigma
 
@@ -165,7 +165,7 @@ def update_layer(name: str, layer: SparseGaussian, add_score: Tensor, fraction: 
     with torch.no_grad():
         old_idx = layer.idx
         sigma = layer.sigma() if layer.bayesian else torch.zeros_like(layer.mu)
-        keep_score = removal_score(criterion if layer.bayesian else "mean", layer.mu, sigma, lam)
+        keep_score = ranking_score(criterion if layer.bayesian else "mean", layer.mu, sigma, lam)
         # Ties go to the lower index in both selections, so every process picks the same entries.
         keep_pos = top_k_indices(keep_score, k - drop)
         kept = old_idx[keep_pos]
