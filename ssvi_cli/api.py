@@ -29,7 +29,8 @@ from ssvi_cli.config import MIN_SUBSPACE_STEPS, PAPER_DELTA_T, Config, ConfigErr
 from ssvi_cli.core.criteria import REMOVAL_CRITERIA
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.core.modes import capturing_dense_grad, sampling
-from ssvi_cli.core.subspace import OptimizerStateError, Schedule, SwapReport, collect_captured, subspace_step
+from ssvi_cli.core.subspace import (OptimizerStateError, Schedule, SwapReport, check_optimizer_holds, check_state_fits,
+                                   collect_captured, subspace_step)
 from ssvi_cli.prediction import Prediction, predict  # re-exported: the public loop pieces in one place
 from ssvi_cli.training.optim import kl_term, param_groups
 
@@ -118,7 +119,7 @@ class Subspace:
                                                   new_sigma=new_sigma, min_subspace_steps=min_subspace_steps)))
         except ConfigError as exc:  # named as the argument, not the config key
             raise ValueError(str(exc).removeprefix("sparse.")) from None
-        _check_optimizer_holds(model, optimizer)
+        check_optimizer_holds(model, optimizer)
         self.model, self.optimizer = model, optimizer
         self.schedule = Schedule.fitted(delta_t, alpha, int(t_end * total_steps), min_steps=min_subspace_steps)
         self.criterion, self.criterion_lambda, self.new_sigma, self.addition = criterion, criterion_lambda, new_sigma, addition
@@ -178,6 +179,7 @@ class Subspace:
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if optimizer in _STEPPING:
             return
+        check_state_fits(optimizer, self.model)
         self._plain_steps += 1
         ahead = (self.t // self.schedule.delta_t + 1) * self.schedule.delta_t < self.schedule.t_end  # a swap to come
         if self._plain_steps == self.schedule.delta_t and ahead and not self._told_plain:
@@ -230,6 +232,7 @@ class Subspace:
             self._told_eval = True
             log.warning("Subspace.step() after forwards in eval() mode only: a remove-and-add step takes its dense "
                         "gradient from a train() forward, so the next one will fail; call model.train() before training")
+        check_state_fits(self.optimizer, self.model)
         forwards, self._forwards, self._plain_steps = self._forwards, set(), 0
         captured = self._capture is not None
         if captured:
@@ -253,8 +256,10 @@ class Subspace:
             unreached = tuple(self.last_report.unreached)
             if unreached and unreached not in self._told:  # once per set of layers: a multi-task loop repeats it
                 self._told.add(unreached)
-                log.warning("Subspace step %d: %s got no gradient from this step's forward and kept their supports "
-                            "(see last_report.unreached)", self.t, ", ".join(unreached))
+                none = not self.last_report.layers and not self.last_report.skipped  # no layer had a gradient
+                log.warning("Subspace step %d: %s got no gradient from this step's %s and kept their supports "
+                            "(see last_report.unreached)", self.t, ", ".join(unreached),
+                            "backward (was loss.backward() called before subspace.step()?)" if none else "forward")
             if self.last_report.skipped:
                 log.warning("Subspace step %d: the dense gradient held inf/NaN; this remove-and-add step was skipped",
                             self.t)
@@ -287,6 +292,8 @@ class Subspace:
         return {"t": self.t}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if whole("the state's t", state["t"]) < 0:
+            raise ValueError(f"the state's t is a step count, got {state['t']}")
         self.t = int(state["t"])
 
     def remove(self) -> None:
@@ -297,18 +304,6 @@ class Subspace:
             hook.remove()
         self._hooks = []
         self._removed = True
-
-
-def _check_optimizer_holds(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Every trainable sparse layer's mu and rho are among the optimizer's parameters (an optimizer
-    built before ``sparsify`` holds the replaced dense weights, and the model would never train);
-    frozen ones (``requires_grad`` off) may be left out."""
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for name, layer in sparse_layers(model):
-        for part, param in (("mu", layer.mu), ("rho", layer.rho)):
-            if param is not None and param.requires_grad and id(param) not in held:
-                raise ValueError(f"the optimizer does not hold {name}.{part}; build it after ssvi_cli.sparsify, "
-                                 "from model.parameters() or ssvi_cli.param_groups(model)")
 
 
 def _rank_mean(t: Tensor) -> Tensor:

@@ -225,6 +225,45 @@ def test_a_state_dict_sets_the_support_sizes_of_a_structure_only_model():
         fresh.load_state_dict(state)
 
 
+def test_another_support_loaded_under_a_stepped_optimizer_is_one_clear_error():
+    """A file or state dict of another density loaded into a model an optimizer has stepped resizes its
+    layers; the optimizer's moments still hold the old support's entries. The next step says so, not
+    torch's size mismatch from inside Adam; a new optimizer trains on."""
+    model, (x, y) = mlp(0.7), data()
+    optimizer = torch.optim.Adam(ssvi.param_groups(model, lr=0.01, lr_sigma=0.01))
+    subspace = ssvi.Subspace(model, optimizer, total_steps=100, delta_t=10)
+    for _ in range(3):
+        train_step(model, x, y)
+        subspace.step()
+        optimizer.zero_grad()
+    model.load_state_dict(mlp(0.9).state_dict())
+    train_step(model, x, y)
+    for step in (subspace.step, optimizer.step):  # the schedule's step, and the loop's own
+        with pytest.raises(ssvi.OptimizerStateError, match=r"0.mu holds 205 entries, its Adam state 'exp_avg' 614: the "
+                           r"layer's support was replaced under the optimizer .* build the optimizer again"):
+            step()
+    optimizer = torch.optim.Adam(ssvi.param_groups(model, lr=0.01, lr_sigma=0.01))
+    subspace = ssvi.Subspace(model, optimizer, total_steps=100, delta_t=10)
+    before = model[0].mu.detach().clone()
+    subspace.step()
+    assert subspace.t == 1 and not torch.equal(before, model[0].mu.detach())
+
+
+def test_a_loop_without_backward_is_asked_about_it_at_the_remove_and_add_step(caplog):
+    """No layer has a gradient at a remove-and-add step: the warning asks about loss.backward(), not
+    about layers the forward did not reach."""
+    model, (x, y) = mlp(), data()
+    optimizer = torch.optim.SGD(ssvi.param_groups(model, lr=0.1, lr_sigma=0.01))
+    subspace = ssvi.Subspace(model, optimizer, total_steps=100, delta_t=2)
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli.api"):
+        for _ in range(3):
+            F.cross_entropy(model(x), y)  # the loss, never backpropagated
+            subspace.step()
+    assert subspace.last_report.unreached == ["0", "2"] and subspace.last_report.layers == []
+    assert "Subspace step 2: 0, 2 got no gradient from this step's backward (was loss.backward() called before " \
+           "subspace.step()?)" in caplog.text
+
+
 def test_dense_first_conv_keeps_the_first_registered_conv_and_dense_names_another():
     class Net(nn.Module):  # registers its head before its stem
         def __init__(self):
@@ -358,6 +397,8 @@ def sparse_kernel_linear() -> nn.Module:
     (lambda m, o: ssvi.param_groups(m, 0.1, -1.0), ValueError, "lr_sigma=-1.0"),
     (lambda m, o: ssvi.param_groups(m, "0.1", 0.1), TypeError, "lr must be a number"),
     (lambda m, o: ssvi.param_groups(m, torch.tensor([0.1, 0.2]), 0.1), TypeError, "lr must be a number"),
+    (lambda m, o: ssvi.Subspace(m, o, 100).load_state_dict({"t": "x"}), TypeError, "the state's t must be an int"),
+    (lambda m, o: ssvi.Subspace(m, o, 100).load_state_dict({"t": -1}), ValueError, "a step count, got -1"),
 ])
 def test_wrong_arguments_are_one_line_naming_the_argument(call, error, text):
     model = mlp()

@@ -40,6 +40,34 @@ def check_resettable(optimizer: torch.optim.Optimizer, layers: list[SparseGaussi
                         f"parameter's {tuple(p.shape)}: a remove-and-add step cannot reset it entry by entry")
 
 
+def check_optimizer_holds(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every trainable sparse layer's mu and rho are among the optimizer's parameters (an optimizer
+    built before ``sparsify`` holds the replaced dense weights, and the model would never train);
+    frozen ones (``requires_grad`` off) may be left out."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for name, layer in sparse_layers(model):
+        for part, param in (("mu", layer.mu), ("rho", layer.rho)):
+            if param is not None and param.requires_grad and id(param) not in held:
+                raise ValueError(f"the optimizer does not hold {name}.{part}; build it after ssvi_cli.sparsify, "
+                                 "from model.parameters() or ssvi_cli.param_groups(model)")
+
+
+def check_state_fits(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Each sparse layer's μ and ρ must have as many entries as the optimizer's per-entry state of
+    them (a moment, a momentum buffer): ``ssvi_cli.load`` or ``load_state_dict`` into a model that an
+    optimizer already stepped resizes the layers, and the optimizer's state then belongs to the old
+    support (torch would fail with a bare size mismatch inside the optimizer)."""
+    for name, layer in sparse_layers(model):
+        for part, p in (("mu", layer.mu), ("rho", layer.rho)):
+            for key, value in ((optimizer.state.get(p) or {}).items() if p is not None else ()):
+                if isinstance(value, Tensor) and value.dim() == 1 == p.dim() and value.numel() != p.numel():
+                    raise OptimizerStateError(
+                        f"{name}.{part} holds {p.numel()} entries, its {type(optimizer).__name__} state {key!r} "
+                        f"{value.numel()}: the layer's support was replaced under the optimizer (ssvi_cli.load or "
+                        "load_state_dict into a model being trained); build the optimizer again after loading, or "
+                        "load the optimizer's own state_dict saved with the model")
+
+
 def resolve_delta_t(delta_t: int | str, t_end: int, min_steps: int, accumulate: int = 1) -> int:
     """The minibatches between subspace steps: ``delta_t`` itself, or for ``"auto"``
     ``clamp(floor((t_end - 1) / min_steps), accumulate + 1, 100)``.
