@@ -397,6 +397,7 @@ def sparse_kernel_linear() -> nn.Module:
     (lambda m, o: ssvi.param_groups(m, 0.1, -1.0), ValueError, "lr_sigma=-1.0"),
     (lambda m, o: ssvi.param_groups(m, "0.1", 0.1), TypeError, "lr must be a number"),
     (lambda m, o: ssvi.param_groups(m, torch.tensor([0.1, 0.2]), 0.1), TypeError, "lr must be a number"),
+    (lambda m, o: ssvi.param_groups(nn.Linear(4, 2), 0.1, 0.1), ValueError, "convert it with ssvi_cli.sparsify first"),
     (lambda m, o: ssvi.Subspace(m, o, 100).load_state_dict({"t": "x"}), TypeError, "the state's t must be an int"),
     (lambda m, o: ssvi.Subspace(m, o, 100).load_state_dict({"t": -1}), ValueError, "a step count, got -1"),
 ])
