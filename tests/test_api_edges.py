@@ -31,16 +31,21 @@ def train_step(model, x, y) -> None:
     F.cross_entropy(model(x), y).backward()
 
 
+def schedule_steps(model, subspace, optimizer, x, y, n: int) -> None:
+    """``n`` steps of the loop the API page shows."""
+    for _ in range(n):
+        train_step(model, x, y)
+        subspace.step()
+        optimizer.zero_grad()
+
+
 def test_a_loop_that_steps_the_optimizer_itself_trains_mu_and_skips_that_remove_and_add_step(caplog):
     # Early stopping at a step whose forward captured the dense gradient, then plain fine-tuning:
     # the capture must not outlive that step, or mu would never receive a gradient again.
     model, (x, y) = mlp(), data()
     optimizer = torch.optim.SGD(ssvi.param_groups(model, lr=0.1, lr_sigma=0.01))
     subspace = ssvi.Subspace(model, optimizer, total_steps=400, delta_t=100)
-    for _ in range(100):
-        train_step(model, x, y)
-        subspace.step()
-        optimizer.zero_grad()
+    schedule_steps(model, subspace, optimizer, x, y, 100)
     layer = model[0]
     idx, before = layer.idx.clone(), layer.mu.detach().clone()
     with caplog.at_level(logging.WARNING, logger="ssvi_cli.api"):
@@ -232,10 +237,7 @@ def test_another_support_loaded_under_a_stepped_optimizer_is_one_clear_error():
     model, (x, y) = mlp(0.7), data()
     optimizer = torch.optim.Adam(ssvi.param_groups(model, lr=0.01, lr_sigma=0.01))
     subspace = ssvi.Subspace(model, optimizer, total_steps=100, delta_t=10)
-    for _ in range(3):
-        train_step(model, x, y)
-        subspace.step()
-        optimizer.zero_grad()
+    schedule_steps(model, subspace, optimizer, x, y, 3)
     model.load_state_dict(mlp(0.9).state_dict())
     train_step(model, x, y)
     for step in (subspace.step, optimizer.step):  # the schedule's step, and the loop's own
