@@ -617,6 +617,23 @@ def _interrupted_and_resumed(proc: subprocess.Popen, out: Path, sweep: list[str]
     assert [cell_state(c) for c in cells] == ["partial", "partial"]
 
 
+def test_a_bare_resume_runs_the_cells_with_the_jobs_and_threads_the_sweep_ran_with(tmp_path: Path, monkeypatch, capsys):
+    """The resume command an interrupted sweep prints has no --jobs: the cells went on at one job of
+    every core's threads, and a CPU cell's numbers move with its thread count. sweep.json records them."""
+    import ssvi_cli.sweep.runner as runner
+
+    calls = []
+    monkeypatch.setattr(runner, "run_cells", lambda _dir, _cells, jobs, threads, *_: calls.append((jobs, threads)) or Outcome())
+    out = tmp_path / "sw"
+    assert run(["sweep", "--set", "train.epochs=1", *TINY, "--jobs", "2", "--threads", "1", "--out", str(out), "--no-figures"]) == 0
+    assert json.loads((out / "sweep.json").read_text())["ran_with"] == {"jobs": 2, "threads": 1}
+    for args, ran in (([], (2, 1)), (["--threads", "3"], (2, 3)), (["--jobs", "1"], (1, os.cpu_count() or 1))):
+        assert run(["sweep", "--resume", str(out), "--no-figures", *args]) == 0
+        assert calls[-1] == ran and f"{ran[0]} at a time" in capsys.readouterr().err
+    assert json.loads((out / "sweep.json").read_text())["ran_with"] == {"jobs": 1, "threads": os.cpu_count() or 1}
+    assert read_spec(out)[0].fixed["train.epochs"] == 1  # the grid as it was
+
+
 def test_force_replaces_another_sweep_and_a_yaml_list_key_is_one_value(tmp_path: Path, capsys):
     out = tmp_path / "sw"
     assert run(["sweep", "--set", "train.epochs=1", "--out", str(out), "--dry-run"]) == 0

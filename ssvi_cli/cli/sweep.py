@@ -32,8 +32,8 @@ def register(app: typer.Typer) -> None:
         file: Annotated[Optional[Path], typer.Option("--file", help="A YAML sweep: preset, methods, sparsities, seeds (a count or a list), set (key: a value, or a list of values for an axis), ood, samples.", exists=True, dir_okay=False)] = None,
         ood: Annotated[Optional[list[str]], typer.Option(help="OOD sets every cell is evaluated on, as 'ssvi evaluate --ood' takes them (repeatable).")] = None,
         samples: Annotated[Optional[int], typer.Option(help="Monte Carlo samples of the evaluation (default 10).", min=1)] = None,
-        jobs: Annotated[int, typer.Option(help="Cells run in parallel, each in its own process.", min=1)] = 1,
-        threads: Annotated[Optional[int], typer.Option(help="Torch threads per cell (default: CPU cores / jobs).", min=1)] = None,
+        jobs: Annotated[Optional[int], typer.Option(help="Cells run in parallel, each in its own process (default 1; with --resume: as the sweep last ran).", min=1)] = None,
+        threads: Annotated[Optional[int], typer.Option(help="Torch threads per cell (default: CPU cores / jobs; with --resume and no --jobs: as the sweep last ran).", min=1)] = None,
         out_dir: Annotated[Optional[Path], typer.Option("--out", help="Sweep directory (default sweeps/<time>-<preset>).")] = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Write the sweep and print its cell commands, one per line (for a cluster scheduler); run nothing.")] = False,
         resume: Annotated[Optional[Path], typer.Option(help="Continue the sweep in this directory (finished cells are skipped, interrupted ones resume).")] = None,
@@ -50,11 +50,11 @@ def register(app: typer.Typer) -> None:
         from ssvi_cli.sweep.checks import check_ood_paths, check_ood_sets, check_runnable
         from ssvi_cli.sweep.request import spec_from_flags
         from ssvi_cli.sweep.runner import cell_dir, cell_state
-        from ssvi_cli.sweep.sweepdir import claim_sweep_dir
+        from ssvi_cli.sweep.sweepdir import claim_sweep_dir, recorded_processes
         from ssvi_cli.training import distributed
 
         grid_given = any(v for v in (method, sparsity, seeds, criterion, set_, preset, file, ood, samples, out_dir, force))
-        if (run_cell_dir or report) and (dry_run or jobs != 1 or threads):
+        if (run_cell_dir or report) and (dry_run or jobs or threads):
             raise UsageError("--run-cell and --report take no --dry-run, --jobs or --threads")
         modes = [n for n, v in (("--run-cell", run_cell_dir), ("--report", report), ("--resume", resume)) if v]
         if len(modes) > 1 or (modes and grid_given):
@@ -87,6 +87,9 @@ def register(app: typer.Typer) -> None:
         if resume is not None:
             spec, cells = grid.read_spec(resume)
             sweep_dir = resume
+            if jobs is None:  # the cells go on as they ran: their numbers move with the thread count
+                ran_jobs, ran_threads = recorded_processes(resume)
+                jobs, threads = ran_jobs, threads or ran_threads
             check_selection(spec, cells, baseline or [])
             if any(cell_state(cell_dir(resume, c), spec) != "done" for c in cells):
                 check_ood_paths(spec)
@@ -110,6 +113,7 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             _dry_run(sweep_dir, cells, json_out, spec)
             return
+        jobs = jobs or 1
         _run(sweep_dir, spec, cells, jobs, threads or max(1, (os.cpu_count() or 1) // jobs), json_out, figures,
              baseline)
 
@@ -142,9 +146,10 @@ def _run(sweep_dir: Path, spec: "SweepSpec", cells: list[Any], jobs: int, thread
     from ssvi_cli.sweep.report import write_report
     from ssvi_cli.sweep.runner import run_cells
 
-    from ssvi_cli.sweep.sweepdir import sweep_lock
+    from ssvi_cli.sweep.sweepdir import record_processes, sweep_lock
 
     with sweep_lock(sweep_dir):  # shared while the cells run and the report is written; --force waits for it
+        record_processes(sweep_dir, jobs, threads)
         if not json_out:
             err.print(f"sweep {sweep_dir}: {count(len(cells), 'cell')}, {jobs} at a time, {count(threads, 'thread')} each")
         with progress_bar(enabled=not json_out) as bar:

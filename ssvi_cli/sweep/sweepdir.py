@@ -9,10 +9,10 @@ import shlex
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ssvi_cli import config as cfgmod
-from ssvi_cli.fileio import not_ours, remove_entries, visible_entries
+from ssvi_cli.fileio import not_ours, remove_entries, visible_entries, write_json
 from ssvi_cli.locks import Locked, acquire_lock
 from ssvi_cli.sweep.figures import ACCURACY_VS_FLOPS, METRICS_VS_SPARSITY
 from ssvi_cli.sweep.grid import (CELLS_DIR, SWEEP_FILE, Cell, SweepError, SweepSpec, expand, is_sweep_dir,
@@ -23,6 +23,30 @@ from ssvi_cli.sweep.runner import LOGS_DIR
 COMMANDS_FILE = "commands.txt"  # --dry-run: one cell command per line
 SWEEP_ENTRIES = (SWEEP_FILE, CELLS_DIR, LOGS_DIR, COMMANDS_FILE, REPORT_JSON, REPORT_MD, METRICS_VS_SPARSITY,
                  ACCURACY_VS_FLOPS)
+
+
+RAN_WITH = "ran_with"  # sweep.json: the --jobs and --threads the sweep last ran its cells with
+
+
+def record_processes(sweep_dir: Path, jobs: int, threads: int) -> None:
+    """Write into ``sweep.json`` the ``--jobs``/``--threads`` the cells run with now, which a
+    ``--resume`` without them takes again: a CPU cell's numbers move in their last digits with its
+    thread count."""
+    path = Path(sweep_dir) / SWEEP_FILE
+    data = json.loads(path.read_text(encoding="utf-8"))
+    write_json(path, {**data, RAN_WITH: {"jobs": jobs, "threads": threads}})
+
+
+def recorded_processes(sweep_dir: Path) -> tuple[Optional[int], Optional[int]]:
+    """The ``--jobs`` and ``--threads`` of ``record_processes`` (None, None for a sweep from before
+    they were recorded)."""
+    try:
+        ran = json.loads((Path(sweep_dir) / SWEEP_FILE).read_text(encoding="utf-8")).get(RAN_WITH) or {}
+    except (OSError, ValueError, AttributeError):
+        return None, None
+    jobs, threads = (ran.get(k) if isinstance(ran, dict) else None for k in ("jobs", "threads"))
+    return tuple(v if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else None  # type: ignore[return-value]
+                 for v in (jobs, threads))
 
 
 def claim_sweep_dir(out_dir: Path, spec: SweepSpec, cells: list[Cell], force: bool
