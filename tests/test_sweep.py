@@ -240,6 +240,9 @@ def test_cli_errors(tmp_path: Path, capsys):
     assert "--report takes no grid options" in capsys.readouterr().err
     assert run(["sweep", "--report", str(tmp_path)]) == 2
     assert "is not a sweep directory" in capsys.readouterr().err
+    for mode in ("--report", "--resume"):  # a mistyped folder is not said to be a folder
+        assert run(["sweep", mode, str(tmp_path / "nonexist")]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nonexist'}: no such folder"
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "x.txt").write_text("mine")
     assert run(["sweep", "--out", str(tmp_path / "b"), "--dry-run"]) == 2
@@ -311,7 +314,7 @@ def test_a_grid_that_adds_seeds_continues_the_sweep_and_keeps_its_cells(tmp_path
     assert "is already trained and evaluated; nothing to do" in capsys.readouterr().err
     # Fewer seeds is a part of the sweep, other settings another sweep: both refused, each saying which
     assert run([*grid, "--seeds", "1"]) == 2
-    assert f"{out} holds a larger sweep, 4 cells, of which this grid's 1 are a part: run it all, as it was made, with" in \
+    assert f"{out} holds a larger sweep of 4 cells, of which this grid's one cell is a part: run it all, as it was made, with" in \
         capsys.readouterr().err
     assert run([*grid, "--seeds", "2", "--method", "ssvi,vi", "--set", "optim.lr=0.02"]) == 2
     assert "holds a different sweep (a grid that only adds seeds" in capsys.readouterr().err
@@ -596,7 +599,7 @@ def test_a_closed_terminal_stops_every_cell_at_a_checkpoint(tmp_path: Path, sigi
 
 def _interrupted_and_resumed(proc: subprocess.Popen, out: Path, sweep: list[str], cells: list[Path]) -> None:
     stderr = _interrupt_when(proc, lambda: all(_epochs(c) for c in cells))
-    assert "2 cells stopped; each continues from its last checkpoint (one stopped before" in stderr and f"ssvi sweep --resume {out}" in stderr
+    assert f"2 cells stopped; each continues from its last checkpoint: ssvi sweep --resume {out}" in stderr
     assert [cell_state(c) for c in cells] == ["partial", "partial"]
     before = {c: _epochs(c) for c in cells}
     for c in cells:  # a cell's log says how to go on: with the sweep, which also evaluates the cell
@@ -632,6 +635,21 @@ def test_a_bare_resume_runs_the_cells_with_the_jobs_and_threads_the_sweep_ran_wi
         assert calls[-1] == ran and f"{ran[0]} at a time" in capsys.readouterr().err
     assert json.loads((out / "sweep.json").read_text())["ran_with"] == {"jobs": 1, "threads": os.cpu_count() or 1}
     assert read_spec(out)[0].fixed["train.epochs"] == 1  # the grid as it was
+
+
+def test_the_interrupt_message_says_which_cells_start_again(tmp_path: Path, monkeypatch, capsys):
+    """Cells stopped before their first checkpoint start again; the message says so only where one did."""
+    import ssvi_cli.sweep.runner as runner
+
+    out = tmp_path / "sw"
+    stopped = ["ssvi_s0.9_seed0", "ssvi_s0.95_seed0"]
+    monkeypatch.setattr(runner, "run_cells", lambda *_: Outcome(stopped=list(stopped), interrupted=True))
+    grid = ["sweep", "--sparsity", "0.9,0.95", "--set", "train.epochs=1", *TINY, "--out", str(out), "--no-figures"]
+    assert run(grid) == 130
+    assert f"2 cells stopped; each starts again, none had a checkpoint: ssvi sweep --resume {out}" in capsys.readouterr().err
+    monkeypatch.setattr(runner, "cell_state", lambda path, spec=None: "partial" if path.name == stopped[0] else "new")
+    assert run(["sweep", "--resume", str(out), "--no-figures"]) == 130
+    assert "each continues from its last checkpoint (1 had none yet and start again)" in capsys.readouterr().err
 
 
 def test_force_replaces_another_sweep_and_a_yaml_list_key_is_one_value(tmp_path: Path, capsys):

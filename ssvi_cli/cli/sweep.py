@@ -144,7 +144,8 @@ def _dry_run(sweep_dir: Path, cells: list[Any], json_out: bool = False, spec: An
 def _run(sweep_dir: Path, spec: "SweepSpec", cells: list[Any], jobs: int, threads: int, json_out: bool,
          figures: bool, baseline: Optional[list[str]] = None) -> None:
     from ssvi_cli.sweep.report import write_report
-    from ssvi_cli.sweep.runner import run_cells
+    from ssvi_cli.sweep.grid import CELLS_DIR
+    from ssvi_cli.sweep.runner import cell_state, run_cells
 
     from ssvi_cli.sweep.sweepdir import record_processes, sweep_lock
 
@@ -176,8 +177,11 @@ def _run(sweep_dir: Path, spec: "SweepSpec", cells: list[Any], jobs: int, thread
         # A cell stopped before its first checkpoint starts again; the others continue from theirs.
         resume = f"ssvi sweep --resume {shlex.quote(str(sweep_dir))}"
         if outcome.stopped:
-            _say(f"interrupted: {count(len(outcome.stopped), 'cell')} stopped{failed}; each continues from its "
-                 f"last checkpoint (one stopped before its first checkpoint starts again): {resume}")
+            fresh = sum(cell_state(sweep_dir / CELLS_DIR / name) == "new" for name in outcome.stopped)
+            _say(f"interrupted: {count(len(outcome.stopped), 'cell')} stopped{failed}; " + (
+                "each continues from its last checkpoint" if not fresh else "each starts again, none had a checkpoint"
+                if fresh == len(outcome.stopped) else f"each continues from its last checkpoint ({fresh} had none "
+                "yet and start again)") + f": {resume}")
         else:  # the stop came between cells, or after the last one: none was running
             _say(f"interrupted between cells, none of them running{failed}; the cells not run yet run with: {resume}")
         raise typer.Exit(128 + outcome.signum)

@@ -301,7 +301,8 @@ def is_sweep_dir(path: Path) -> bool:
 def read_spec(sweep_dir: Path) -> tuple[SweepSpec, list[Cell]]:
     path = Path(sweep_dir) / SWEEP_FILE
     if not path.is_file():
-        raise SweepError(f"{sweep_dir} is not a sweep directory (no {SWEEP_FILE})")
+        raise SweepError(f"{sweep_dir}: no such folder" if not Path(sweep_dir).exists()
+                         else f"{sweep_dir} is not a sweep directory (no {SWEEP_FILE})")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         if data.get("format") != "ssvi-sweep":
