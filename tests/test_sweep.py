@@ -238,6 +238,9 @@ def test_cli_errors(tmp_path: Path, capsys):
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert run(["sweep", "--report", str(tmp_path), "--seeds", "2"]) == 2
     assert "--report takes no grid options" in capsys.readouterr().err
+    assert run(["sweep", "--resume", str(tmp_path / "s w"), "--seeds", "3"]) == 2
+    assert f"--resume takes no grid options (to grow the sweep: the whole grid with --out '{tmp_path / 's w'}')" \
+        in capsys.readouterr().err
     assert run(["sweep", "--report", str(tmp_path)]) == 2
     assert "is not a sweep directory" in capsys.readouterr().err
     for mode in ("--report", "--resume"):  # a mistyped folder is not said to be a folder

@@ -58,7 +58,9 @@ def register(app: typer.Typer) -> None:
             raise UsageError("--run-cell and --report take no --dry-run, --jobs or --threads")
         modes = [n for n, v in (("--run-cell", run_cell_dir), ("--report", report), ("--resume", resume)) if v]
         if len(modes) > 1 or (modes and grid_given):
-            raise UsageError(f"{modes[0]} takes no grid options" if len(modes) == 1 else f"use one of {', '.join(modes)}")
+            grow = (f" (to grow the sweep: the whole grid with --out {shlex.quote(str(resume))})"
+                    if modes == ["--resume"] and not out_dir else "")
+            raise UsageError(f"{modes[0]} takes no grid options{grow}" if len(modes) == 1 else f"use one of {', '.join(modes)}")
         if dry_run and force:
             raise UsageError("--dry-run runs nothing, so it replaces nothing: leave out --force (remove the "
                              "old sweep yourself, or choose another --out)")
