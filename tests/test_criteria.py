@@ -229,7 +229,7 @@ def test_top_k_indices_is_the_stable_sort_prefix(seed: int) -> None:
 
 def _layer_with_tiny_t() -> torch.nn.Module:
     """A layer whose μ puts t = |μ|/σ at distinct values from 1e-16 to 1e-5, where float64 holds
-    ``snr_abs_of_t`` flat (to second order it is) and rounding moves it up and down by an ulp, with
+    ``snr_abs_of_t`` flat (to third order it is) and rounding moves it up and down by an ulp, with
     larger t after them; entry order reversed so that the lowest index is not the lowest t."""
     from ssvi_cli.core.layers import SparseGaussian
     layer = SparseGaussian((8, 10), bias=False, bayesian=True)  # 64 of 80 entries active
