@@ -92,8 +92,9 @@ def claim_sweep_dir(out_dir: Path, spec: SweepSpec, cells: list[Cell], force: bo
     if old_spec is not None and not force and _part_of(out_dir, old_spec, old_cells, spec, cells):
         quoted = shlex.quote(str(out_dir))
         part = "this grid's one cell is" if len(cells) == 1 else f"this grid's {len(cells)} cells are"
-        raise SweepError(f"{out_dir} holds a larger sweep of {len(old_cells)} cells, of which {part} a part: run it all, as it was made, with 'ssvi sweep --resume {quoted}', one cell "
-                         f"with 'ssvi sweep --run-cell {quoted}/cells/NAME', or choose another --out")
+        raise SweepError(f"{out_dir} holds a larger sweep of {len(old_cells)} cells, of which {part} a part: run it "
+                         f"all, as it was made, with 'ssvi sweep --resume {quoted}', one cell with "
+                         f"'ssvi sweep --run-cell {quoted}/cells/NAME', or choose another --out")
     if not force:
         raise SweepError(f"{out_dir} holds a different sweep (a grid that only adds seeds, methods, sparsities "
                          f"or values to it, or evaluates it otherwise, continues it; this one changes what it "
