@@ -652,7 +652,7 @@ def test_the_interrupt_message_says_which_cells_start_again(tmp_path: Path, monk
     assert f"2 cells stopped; each starts again, none had a checkpoint: ssvi sweep --resume {out}" in capsys.readouterr().err
     monkeypatch.setattr(runner, "cell_state", lambda path, spec=None: "partial" if path.name == stopped[0] else "new")
     assert run(["sweep", "--resume", str(out), "--no-figures"]) == 130
-    assert "each continues from its last checkpoint (1 had none yet and start again)" in capsys.readouterr().err
+    assert "each continues from its last checkpoint (1 had none yet and starts again)" in capsys.readouterr().err
 
 
 def test_force_replaces_another_sweep_and_a_yaml_list_key_is_one_value(tmp_path: Path, capsys):

@@ -183,7 +183,7 @@ def _run(sweep_dir: Path, spec: "SweepSpec", cells: list[Any], jobs: int, thread
             _say(f"interrupted: {count(len(outcome.stopped), 'cell')} stopped{failed}; " + (
                 "each continues from its last checkpoint" if not fresh else "each starts again, none had a checkpoint"
                 if fresh == len(outcome.stopped) else f"each continues from its last checkpoint ({fresh} had none "
-                "yet and start again)") + f": {resume}")
+                f"yet and start{'s' if fresh == 1 else ''} again)") + f": {resume}")
         else:  # the stop came between cells, or after the last one: none was running
             _say(f"interrupted between cells, none of them running{failed}; the cells not run yet run with: {resume}")
         raise typer.Exit(128 + outcome.signum)
