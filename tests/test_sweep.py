@@ -215,6 +215,8 @@ def test_a_baseline_must_name_exactly_one_group_before_anything_runs(tmp_path: P
     check_selection(spec, cells, ["method=vi", "sparse.alpha=0.3"])
     check_selection(spec, cells, ["sparsity=0.95", "sparse.alpha=0.5"])
     check_selection(spec, cells, ["sparsity=dense", "sparse.alpha=0.5"])
+    # a swept key by its last part, as --criterion names sparse.criterion
+    assert check_selection(spec, cells, ["sparsity=0.9", "alpha=0.5"])["settings"] == {"sparse.alpha": 0.5}
     with pytest.raises(SweepError, match=r"names 2 groups, not one \(matches: ssvi, sparsity 0.9, sparse.alpha=0.3; "
                                          r"ssvi, sparsity 0.9, sparse.alpha=0.5\)"):
         check_selection(spec, cells, ["sparsity=0.9"])

@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
         figures: Annotated[bool, typer.Option(help="Write the figures (needs matplotlib).")] = True,
         force: Annotated[bool, typer.Option(help="Replace another sweep in --out (its own files, cells included) instead of refusing; a folder that is not a sweep is never emptied.")] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print the report (with --dry-run: the cell commands; with --run-cell: the cell's training summary and evaluation) as JSON only.")] = False,
-        baseline: Annotated[Optional[list[str]], typer.Option(help="Also report every group's paired differences (mean ± standard error over common seeds) from the one group this names: KEY=VALUE with KEY method, sparsity or a swept key, repeatable (e.g. --baseline method=vi).")] = None,
+        baseline: Annotated[Optional[list[str]], typer.Option(help="Also report every group's paired differences (mean ± standard error over common seeds) from the one group this names: KEY=VALUE with KEY method, sparsity or a swept key (also by its last part: criterion=mean), repeatable (e.g. --baseline method=vi).")] = None,
     ) -> None:
         """The paper's experiments in one command: a grid of runs, evaluated alike, reported as tables and figures."""
         from ssvi_cli.sweep import grid, report as reportmod

@@ -41,6 +41,8 @@ def select_baseline(spec: SweepSpec, groups: list[dict[str, Any]], selection: li
         key, sep, raw = (part.strip() for part in text.partition("="))
         if not sep or not key:
             raise SweepError(f"--baseline expects KEY=VALUE, e.g. method=vi or sparse.alpha=0.3; got {text!r}")
+        bare = [k for k in spec.axes if k.rpartition(".")[2] == key]  # criterion: --criterion's sparse.criterion
+        key = bare[0] if key not in ("method", "sparsity", *spec.axes) and len(bare) == 1 else key
         if key not in ("method", "sparsity", *spec.axes):
             swept = ", ".join(spec.axes) or "none"
             raise SweepError(f"--baseline {text!r}: {key!r} is not method, sparsity or a swept key (swept: {swept})")
