@@ -280,14 +280,14 @@ def test_the_benchs_subspace_step_is_one_that_records_no_criteria_overlap(tmp_pa
     """The step the subspace row times, taken as the bench takes it: a remove-and-add step whose
     support record holds no criteria overlap (the first update step, 100, would hold one)."""
     from ssvi_cli.bench.models import bench_config, synthetic_splits
-    from ssvi_cli.bench.run import _train_step, _trainer, recipe_delta_t
+    from ssvi_cli.bench.run import _subspace_at, _train_step, _trainer, recipe_delta_t
     from ssvi_cli.fileio import read_jsonl
 
     opts = BenchOptions(model="mlp", sparsities=(0.95,), **TINY).resolved()
     bm = opts.model_spec()
     splits, x, y = synthetic_splits(bm, opts.batch_size, opts.seed)
     trainer = _trainer(bench_config(bm, opts, "ssvi", 0.95, "auto", recipe_delta_t(bm.preset)), splits, tmp_path, "s")
-    _train_step(trainer, x, y, "subspace")
+    _train_step(trainer, x, y, _subspace_at(trainer))
     records = read_jsonl(trainer.run_dir / "support.jsonl")
     assert [r["step"] for r in records] == [200] and records[0]["criteria_iou"] is None
     assert sum(layer["swapped"] for layer in records[0]["layers"].values()) > 0

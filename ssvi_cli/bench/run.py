@@ -30,13 +30,20 @@ def _trainer(cfg: Config, splits: DataSplits, root: Path, key: str):
     return Trainer.create(cfg, run_dir, splits=splits)
 
 
-def _train_step(trainer, x: torch.Tensor, y: torch.Tensor, step: str) -> None:
-    """One training step; a ``subspace`` step is forced by putting the step counter on an update step
-    (capture of the dense gradient, then remove-and-add instead of the optimizer step): the first of
-    the run's update steps that records no criteria overlap, as all but ten of a long run's do."""
-    if step == "subspace":
-        trainer.state.step = _plain_update(trainer.schedule, largest_moving(trainer.model))
+def _train_step(trainer, x: torch.Tensor, y: torch.Tensor, at: Optional[int]) -> None:
+    """One training step; ``at`` (from :func:`_subspace_at`) forces a subspace step by putting the step
+    counter on that update step (capture of the dense gradient, then remove-and-add instead of the
+    optimizer step); None: a parameter step."""
+    if at is not None:
+        trainer.state.step = at
     trainer.train_step(x, y)
+
+
+def _subspace_at(trainer) -> int:
+    """The update step a subspace row times: the first of the run's that records no criteria overlap,
+    as all but ten of a long run's do. Found once, outside the timed step (a remove-and-add step keeps
+    every layer's active count, so the most active entries of a moving layer stay as they are)."""
+    return _plain_update(trainer.schedule, largest_moving(trainer.model))
 
 
 def _plain_update(schedule, largest: int) -> int:
@@ -87,7 +94,8 @@ def _run(bm: BenchModel, opts: BenchOptions, root: Path,
         tr = _trainer(cfg, splits, root, key)
         trainers[key] = tr
         step = "parameter" if dt == no_update else "subspace"
-        train.append(Variant(key, (lambda tr=tr, step=step: _train_step(tr, x, y, step)),
+        at = _subspace_at(tr) if step == "subspace" else None
+        train.append(Variant(key, (lambda tr=tr, at=at: _train_step(tr, x, y, at)),
                              {"variant": key, "method": method, "sparsity": s, "kernel": kernel, "step": step}))
 
     say("timing training steps")
