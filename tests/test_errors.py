@@ -120,7 +120,7 @@ CASES = [
     (["train", "--init-from", "{ws}/cut.safetensors9"], "but a cut-off safetensors file"),
     (["train", "--init-from", "{ws}/legacy.pt"], "but a pickle file (torch.save's legacy format: plain weights, say)"),
     (["train", "--init-from", "{ws}/arrays.npz"], "but a NumPy .npz archive (what np.savez writes), and "),
-    (["train", "--init-from", "{ws}/notes.zip"], "but a zip archive that torch.save did not write"),
+    (["train", "--init-from", "{ws}/notes.zip"], "but a zip archive that neither torch.save nor np.savez wrote"),
     (["train", "--init-from", "{ws}/empty.safetensors"], "but an empty file"),
     (["train", "--init-from", "{ws}/cut.safetensors", "--set", "model.widths=[32]"],
      "but a cut-off safetensors file (its header runs past the end of the file)"),

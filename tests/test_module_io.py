@@ -170,6 +170,15 @@ def test_save_refuses_a_model_it_cannot_describe(tmp_path):
     ssvi.save(mlp, tmp_path / "b.safetensors", input_shape=(1, 8, 8), mean=0.5, std=0.25)
     spec = read_header(tmp_path / "b.safetensors")["meta"]["data_spec"]
     assert (spec["mean"], spec["std"]) == ([0.5], [0.25])
+    for half in ({"mean": 0.5}, {"std": 0.25}):  # one without the other would record the other as 0 or 1
+        with pytest.raises(ValueError, match=r"give mean= and std= together, or neither"):
+            ssvi.save(mlp, tmp_path / "c.safetensors", input_shape=(1, 8, 8), **half)
+    assert not (tmp_path / "c.safetensors").exists()
+    # a loaded model keeps its file's value of the one not given
+    loaded = ssvi.load(tmp_path / "b.safetensors", model=nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
+    ssvi.save(loaded, tmp_path / "c.safetensors", mean=0.4)
+    spec = read_header(tmp_path / "c.safetensors")["meta"]["data_spec"]
+    assert (spec["mean"], spec["std"]) == ([0.4], [0.25])
 
 
 def test_evaluate_asks_for_the_dataset_of_a_file_that_records_none(tmp_path, capsys):

@@ -57,7 +57,8 @@ _NOT_A_ZIP = ("{path} is a zip archive (what torch.save writes: a training check
               "file; ssvi export writes one from an ssvi training checkpoint named *.pt")
 # What a zip archive that holds no ssvi checkpoint is, by zip_kind (a torch.save one is said where it is met).
 ZIP_WORDS = {"numpy": "a NumPy .npz archive (what np.savez writes)",
-             "damaged": "a damaged or cut-off zip archive (a torch.save file, say)"}
+             "damaged": "a damaged or cut-off zip archive (a torch.save file, say)",
+             "other": "a zip archive that neither torch.save nor np.savez wrote"}
 
 
 def zip_kind(path: Path) -> str:
@@ -80,7 +81,7 @@ def _not_a_model_zip(path: Path) -> ModelFileError:
     kind = zip_kind(path)
     if kind == "torch":
         return ModelFileError(_NOT_A_ZIP.format(path=path))
-    what = ZIP_WORDS.get(kind, "a zip archive that neither torch.save nor np.savez wrote")
+    what = ZIP_WORDS[kind]
     return ModelFileError(f"{path} is {what}, not an ssvi model file")
 
 

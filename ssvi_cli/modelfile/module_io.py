@@ -48,7 +48,7 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
     so the file rebuilds without code; ``None`` for any other module, which
     :func:`load` fills given a model of the same structure. ``class_names`` (one distinct name per
     output; default ``"0"``, ``"1"``, ...; their number is the model's output size), ``mean``/``std``
-    (the input normalisation ``ssvi infer`` and ``ssvi evaluate`` apply to images in [0, 1], one of
+    (given together: the input normalisation ``ssvi infer`` and ``ssvi evaluate`` apply to images in [0, 1], one of
     each per channel or one for all, a number or a sequence; default: when ``dataset`` names a
     registered dataset such as ``"digits"``, the normalisation its loaders apply, else none),
     ``dataset`` and ``input_shape`` describe the data in the file's model card. ``dtype``: float32,
@@ -57,16 +57,14 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
     match (without it, ``class_names`` of another count than the last layer's outputs is warned of);
     a shape the model cannot take is refused. ``path`` must end in ``.safetensors``.
     """
-    model = wrapper_chain(model)[-1]  # a file names its layers as the plain model does
-    layers = sparse_layers(model)
+    layers = sparse_layers(model := wrapper_chain(model)[-1])  # a file names its layers as the plain model does
     if not layers:
         raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
     if not isinstance(path, (str, Path)) or not str(path):
         raise (ValueError if path == "" else TypeError)(f"path={path!r}: give the model file's path (a str or Path) ending in .safetensors")
-    if Path(path).is_dir():
-        raise ValueError(f"{path} is a folder; give the model file's path, ending in .safetensors")
-    if Path(path).suffix.lower() != ".safetensors":
-        raise ValueError(f"{path}: name the model file *.safetensors (ssvi reads a .pt as a training checkpoint)")
+    if Path(path).is_dir() or Path(path).suffix.lower() != ".safetensors":
+        raise ValueError(f"{path} is a folder; give the model file's path, ending in .safetensors" if Path(path).is_dir()
+                         else f"{path}: name the model file *.safetensors (ssvi reads a .pt as a training checkpoint)")
     if input_shape is not None and hasattr(input_shape, "tolist") and not isinstance(input_shape, torch.Size):
         input_shape = input_shape.tolist()  # a numpy array or a tensor of sizes
     for arg, value in (("input_shape", input_shape), ("class_names", class_names)):
@@ -74,6 +72,8 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
             raise TypeError(f"{arg}={value!r}: give a sequence " + ("(C, H, W), or (features,)" if arg == "input_shape"
                                                                      else "of names, one per output"))
     kept, given = _loaded_card(model, architecture), class_names
+    if kept is None and (mean is None) != (std is None):
+        raise ValueError("give mean= and std= together, or neither: ssvi infer and evaluate feed it (x - mean) / std")
     if kept is not None:  # a model from ssvi_cli.load: what its file said, unless said otherwise here
         if kept.architecture.name.startswith(TORCHVISION):
             architecture = kept.architecture.name

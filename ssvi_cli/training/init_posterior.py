@@ -65,7 +65,7 @@ def what_else(source: str) -> str:
     if head[:4] == ZIP_MAGIC:
         kind = zip_kind(path)
         return ("a torch.save file without an ssvi checkpoint's record" if kind == "torch"
-                else ZIP_WORDS.get(kind, "a zip archive that torch.save did not write"))
+                else ZIP_WORDS[kind])
     if head[:1] == b"\x80":  # a pickle: torch.save's legacy format
         return "a pickle file (torch.save's legacy format: plain weights, say)"
     if len(head) == 8 and int.from_bytes(head, "little") > size - 8 and after == b"{":
