@@ -1,6 +1,7 @@
 """sparsify(): any nn.Module as a sparse BNN, from its trained weights."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -442,3 +443,20 @@ def test_a_layer_kept_dense_keeps_its_hooks_and_does_not_stop_the_conversion():
     assert [layer.name for layer in report.layers] == ["2"] and any(name == "0" for name, _ in report.kept)
     model(torch.zeros(1, 3, 8, 8))
     assert calls == [1] and not isinstance(model[0], SparseGaussian)
+
+
+def test_a_conversion_that_leaves_nothing_sparse_says_so(caplog):
+    # the stem kept by dense_first_conv, or every layer named by dense=: the report's density 1 alone is easy to miss
+    cases = [(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), {}, "(0: the stem, dense_first_conv=True)"),
+             (nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)), {"dense": ("0", "2")}, "(0: dense=; 2: dense=)")]
+    for model, kwargs, why in cases:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ssvi_cli.core.convert"):
+            assert sparsify(model, 0.9, **kwargs).density == 1.0
+        assert [r.getMessage() for r in caplog.records] == [
+            f"sparsify(sparsity=0.9) keeps every layer it converts dense {why}: the model has no sparse weight"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli.core.convert"):  # one sparse layer, or sparsity 0: no word
+        sparsify(nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)), 0.9, dense="0")
+        sparsify(nn.Sequential(nn.Linear(3, 8)), 0.0)
+    assert not caplog.records

@@ -13,7 +13,7 @@ the original did; at sparsity s it computes the magnitude-pruned original.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import asdict, dataclass, field
+import logging
 from typing import Any, Iterable, Optional
 
 import torch
@@ -24,7 +24,10 @@ from ssvi_cli.core.allocation import InitSpec, active_count, initialise, layer_d
 from ssvi_cli.core.criteria import top_k_indices
 from ssvi_cli.core.gaussian import rho_from_sigma
 from ssvi_cli.core.conv import SparseConv2d
+from ssvi_cli.core.conversion_report import ConversionReport, ConvertedLayer
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
+
+log = logging.getLogger(__name__)
 
 SIGMA_FLOOR = 1e-8
 TIED = "its weight is tied to"  # the start of a tied layer's reason in ``kept`` (module_io reads it)
@@ -32,49 +35,6 @@ TIED = "its weight is tied to"  # the start of a tied layer's reason in ``kept``
 # weights of nn.MultiheadAttention, which are its own parameters, not a child's).
 UNCONVERTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear,
                nn.RNNBase, nn.RNNCellBase, nn.Embedding, nn.EmbeddingBag)
-
-
-@dataclass(frozen=True)
-class ConvertedLayer:
-    name: str
-    kind: str
-    shape: tuple[int, ...]
-    active: int
-    total: int
-    bayesian: bool
-    dense: bool
-
-    @property
-    def density(self) -> float:
-        return self.active / self.total
-
-
-@dataclass
-class ConversionReport:
-    """What :func:`sparsify` converted (per layer) and what it left alone (with the reason)."""
-
-    layers: list[ConvertedLayer] = field(default_factory=list)
-    kept: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def density(self) -> float:
-        total = sum(l.total for l in self.layers)
-        return sum(l.active for l in self.layers) / total if total else 1.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"density": self.density, "layers": [dict(asdict(l), density=l.density) for l in self.layers],
-                "kept": [{"name": n, "reason": r} for n, r in self.kept]}
-
-    def __str__(self) -> str:
-        rows = [("layer", "kind", "shape", "active / total", "density", "posterior")]
-        for l in self.layers:
-            rows.append((l.name, l.kind, "x".join(map(str, l.shape)), f"{l.active:,} / {l.total:,}",
-                         f"{l.density:.4f}", ("Bayesian" if l.bayesian else "deterministic") + (", dense" if l.dense else "")))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        lines.append(f"{len(self.layers)} layers converted, overall density {self.density:.4f}")
-        lines += [f"kept as is: {n} ({r})" for n, r in self.kept]
-        return "\n".join(lines)
 
 
 def _patterns(patterns: str | Iterable[str], arg: str) -> tuple[str, ...]:
@@ -247,6 +207,11 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
                                  for n, t, m in twins], kept)
     densities = layer_densities([(n, t) for n, t, _ in twins], 1.0 - sparsity, allocation, dense_first_conv)
     densities.update({n: 1.0 for n, _, _ in twins if _matches(n, dense)})
+    if sparsity > 0 and all(densities[n] >= 1.0 for n, _, _ in twins):  # nothing sparse: the stem or dense= only
+        why = "; ".join(f"{n}: dense=" if _matches(n, dense) else f"{n}: the stem, dense_first_conv=True"
+                        for n, _, _ in twins[:4]) + ("; ..." if len(twins) > 4 else "")
+        log.warning("sparsify(sparsity=%g) keeps every layer it converts dense (%s): the model has no sparse weight",
+                    sparsity, why)
     # Without a generator, torch.manual_seed decides, as it does for nn.init: one draw seeds our own.
     gen = generator or torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
     # Every support first, then every replacement: a failure on the way (out of memory, say) leaves

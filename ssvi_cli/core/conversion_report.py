@@ -1,0 +1,50 @@
+"""What :func:`ssvi_cli.sparsify` returns: each converted layer's geometry, support size and
+posterior, and the layers it left as they were with the reason, as a table (``str``) or a dict."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ConvertedLayer:
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    active: int
+    total: int
+    bayesian: bool
+    dense: bool
+
+    @property
+    def density(self) -> float:
+        return self.active / self.total
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`sparsify` converted (per layer) and what it left alone (with the reason)."""
+
+    layers: list[ConvertedLayer] = field(default_factory=list)
+    kept: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def density(self) -> float:
+        total = sum(l.total for l in self.layers)
+        return sum(l.active for l in self.layers) / total if total else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"density": self.density, "layers": [dict(asdict(l), density=l.density) for l in self.layers],
+                "kept": [{"name": n, "reason": r} for n, r in self.kept]}
+
+    def __str__(self) -> str:
+        rows = [("layer", "kind", "shape", "active / total", "density", "posterior")]
+        for l in self.layers:
+            rows.append((l.name, l.kind, "x".join(map(str, l.shape)), f"{l.active:,} / {l.total:,}",
+                         f"{l.density:.4f}", ("Bayesian" if l.bayesian else "deterministic") + (", dense" if l.dense else "")))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.append(f"{len(self.layers)} layers converted, overall density {self.density:.4f}")
+        lines += [f"kept as is: {n} ({r})" for n, r in self.kept]
+        return "\n".join(lines)
