@@ -460,3 +460,23 @@ def test_a_conversion_that_leaves_nothing_sparse_says_so(caplog):
         sparsify(nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)), 0.9, dense="0")
         sparsify(nn.Sequential(nn.Linear(3, 8)), 0.0)
     assert not caplog.records
+
+
+def test_an_optimizer_built_before_sparsify_is_refused_at_its_first_step():
+    # it holds the dense weights taken out of the model: stepping it would leave the sparse layers as they are
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    early = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsify(model, 0.5)
+    model(torch.randn(3, 4)).sum().backward()
+    with pytest.raises(ValueError, match=r"^this SGD holds the weights of '0' that sparsify took out of the model, "
+                                         r"not its sparse layers, which would never train; build the optimizer after"):
+        early.step()
+    mu = model[0].mu.detach().clone()
+    fresh = torch.optim.SGD(ssvi.param_groups(model, 0.1, 0.01), lr=0.1)
+    fresh.step()  # built after the conversion: steps, and moves the sparse layers
+    assert not torch.equal(model[0].mu, mu)
+    other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    other.step()
+    other.add_param_group({"params": [early.param_groups[0]["params"][2]]})  # a group added later is looked at too
+    with pytest.raises(ValueError, match="holds the weights of '2' that sparsify took out"):
+        other.step()
