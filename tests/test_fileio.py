@@ -262,3 +262,36 @@ def test_lock_holder_names_another_holder_and_changes_nothing(tmp_path):
         assert lock_holder(lock) == str(os.getpid())
         assert lock.read_text() == str(os.getpid())
     assert lock_holder(lock) is None
+
+
+def test_a_run_stopped_by_a_full_disk_after_a_checkpoint_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    """The error alone read as if the run were lost: its earlier checkpoint is kept and resumes."""
+    import shutil
+    from collections import namedtuple
+
+    from ssvi_cli.cli import run
+    from ssvi_cli.runs import checkpoint
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage(1 << 40, (1 << 40) - 4096, 4096))
+    save, calls = checkpoint.torch.save, []
+
+    def second_fills_the_disk(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", second_fills_the_disk)
+    out = tmp_path / "r"
+    args = ["train", "--epochs", "3", "--set", "data.max_train=64", "--set", "train.eval_samples=1", "--out", str(out)]
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert "no space left on the device" in err
+    assert f"the run's checkpoints are kept: once that is fixed, resume with: ssvi train --resume {out}" in err
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    assert run(["train", "--resume", str(out), "--json"]) == 0
+    assert (out / "model.safetensors").is_file()
+    monkeypatch.setattr(checkpoint.torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    assert run(["train", "--epochs", "1", "--set", "data.max_train=64", "--out", str(tmp_path / "s")]) == 2
+    assert "resume" not in capsys.readouterr().err  # no checkpoint yet: nothing to resume

@@ -183,6 +183,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
         message = (denied(exc) if refused else
                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        if getattr(exc, "ssvi_resume", None):  # a run stopped by it keeps its checkpoints
+            message += f"; the run's checkpoints are kept: once that is fixed, resume with: {exc.ssvi_resume}"
         prefix = "error" if code == 2 else f"error ({type(exc).__name__})"
         # escape(): a message may hold brackets (pip extras, paths) that rich would read as markup.
         err.print(f"[bold red]{prefix}:[/] {escape(message)}" + ("" if code == 2 else "  (run with --debug for the traceback)"),

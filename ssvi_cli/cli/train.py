@@ -297,6 +297,10 @@ def _fit(trainer, interrupted_cls, quiet: bool, say: Callable[[str], None]) -> d
 
         try:
             return trainer.fit(Progress(on_epoch_start, on_batch, on_epoch_end))
+        except OSError as exc:  # a full disk, a folder made read-only: what was checkpointed is kept
+            if trainer.is_main and trainer.run.checkpoints():
+                exc.ssvi_resume = f"ssvi train --resume {trainer.run_dir}" + nproc_again(trainer.dist.world_size)
+            raise
         except interrupted_cls as stop:
             how = "interrupted" if stop.signum == signal.SIGINT else f"stopped by {stop.signum.name}"
             message = (f"{how} during {stop.during}; training had finished and its checkpoint is written"
