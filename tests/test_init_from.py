@@ -355,3 +355,28 @@ def test_a_training_checkpoint_gives_the_state_dict_it_holds_under_a_known_key(t
     with pytest.raises(ConfigError, match=r"nor one under state_dict, model_state_dict, model, net; its keys: "
                                           r"'weights', 'epoch'$"):
         read_state_dict(tmp_path / "other.pt")
+
+
+def test_weights_with_nan_or_inf_are_refused_naming_the_tensor_before_a_run_folder(tmp_path, capsys):
+    """The first loss would be NaN, and its error pointed at the σ and prior settings."""
+    from ssvi_cli.cli import run
+
+    torch.manual_seed(0)
+    state = torchvision.models.mobilenet_v3_small().state_dict()
+    state[f"{STEM}.weight"][0, 0, 0, 0] = float("inf")
+    torch.save(state, tmp_path / "inf.pt")
+    state[f"{HIDDEN}.weight"][:2] = float("nan")
+    torch.save(state, tmp_path / "both.pt")
+    # the stem's kernel summed over the colours for the gray digits: 16 x 1 x 3 x 3; the first bad tensor is named
+    for name, key, words in (("inf.pt", STEM, "infinite values (1 of 144)"), ("both.pt", STEM, "infinite values (1 of 144)")):
+        out = tmp_path / f"run-{name}"
+        assert run(_train(tmp_path, "--init-from", str(tmp_path / name), "--out", str(out))) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"error: --init-from {tmp_path / name}: '{key}.weight' holds {words}; the run that saved it had "
+            "diverged, or the file is damaged")
+        assert not out.exists()
+    state = {k: v.nan_to_num(0.0, 0.0, 0.0) if v.is_floating_point() else v for k, v in state.items()}
+    state[f"{HIDDEN}.weight"][0, :3] = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    torch.save(state, tmp_path / "head.pt")
+    assert run(_train(tmp_path, "--init-from", str(tmp_path / "head.pt"), "--out", str(tmp_path / "h"))) == 2
+    assert f"'{HIDDEN}.weight' holds NaN or infinite values (3 of 589,824)" in capsys.readouterr().err

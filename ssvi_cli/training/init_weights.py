@@ -216,6 +216,12 @@ def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: Path | 
     extra = [k for k in state if k not in expected]
     if extra:
         raise ConfigError(f"--init-from {source} holds {extra[0]!r}, which the model does not have")
+    for key in expected:  # else the first loss is NaN, and its error would point at the σ and prior settings
+        bad = int((~torch.isfinite(state[key])).sum()) if state[key].is_floating_point() else 0
+        if bad:
+            kinds = " or ".join(w for w, n in (("NaN", state[key].isnan()), ("infinite", state[key].isinf())) if n.any())
+            raise ConfigError(f"--init-from {source}: {key!r} holds {kinds} values ({bad:,} of {state[key].numel():,}); "
+                              "the run that saved it had diverged, or the file is damaged")
 
 
 def base_for(cfg: Config, spec: DataSpec) -> nn.Module:
