@@ -20,7 +20,8 @@ from ssvi_cli.cli import run
 from ssvi_cli.data import get_spec, preprocess
 from ssvi_cli.training.plan import init_model, make_model
 from ssvi_cli.modelfile import ModelCard, read_model_file, write_model_file
-from ssvi_cli.evaluation.infer import InputError, array_to_images, expand_inputs, run_inference
+from ssvi_cli.evaluation.arrays import InputError, array_to_images
+from ssvi_cli.evaluation.infer import expand_inputs, run_inference
 from ssvi_cli.core.modes import using_kernel
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear
 from ssvi_cli.prediction import predict_batch
@@ -250,9 +251,15 @@ def test_flattened_rows_are_one_input_each(model_file, tmp_path, capsys, caplog)
         assert array_to_images(np.zeros((50, 63)), "b.npy", 1, 16.0, shape).shape == (1, 1, 50, 63)
         array_to_images(np.zeros((8, 8)), "c.npy", 1, 16.0, shape)
         array_to_images(np.zeros((28, 28)), "d.npy", 1, 16.0, shape)  # a picture of another size: read quietly
+        # 64 x 64: 64 flattened digits, or one 64x64 picture? Read as the rows, and the picture's way said
+        assert array_to_images(np.zeros((64, 64)), "e.npy", 1, 16.0, shape).shape == (64, 1, 8, 8)
+        assert array_to_images(np.zeros((63, 64)), "f.npy", 1, 16.0, shape).shape == (63, 1, 8, 8)  # quietly
     said = [r.getMessage() for r in caplog.records]
     assert said == ["b.npy: an array of shape (50, 63) is read as one 50x63 gray image, resized to 8x8 (a batch of "
-                    "flattened inputs has 64 values per row)"], said
+                    "flattened inputs has 64 values per row)",
+                    "e.npy: an array of shape (64, 64) is read as 64 flattened inputs of 64 values each; a 64x64 gray "
+                    "picture reads as one image saved as (1, 64, 64) or as a PNG"], said
+    assert array_to_images(np.zeros((1, 64, 64)), "g.npy", 1, 16.0, shape).shape == (1, 1, 64, 64)
     np.save(tmp_path / "short.npy", np.zeros(63))
     assert run(["infer", str(model_file), str(tmp_path / "short.npy")]) == 2
     assert ("array of shape (63,); expected one of (H, W), (C, H, W), (H, W, C), (N, H, W), (N, C, H, W), "

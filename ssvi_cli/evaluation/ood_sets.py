@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from ssvi_cli.data import DataError, DatasetUnavailable, DataSpec, PreparedDataset, preprocess
 from ssvi_cli.data.images import ARRAY_SUFFIX, IMAGE_SUFFIXES, find_files, read_array, read_image, unreadable
 from ssvi_cli.data.ood import HELDOUT, OodRequest, build_ood, parse_ood
-from ssvi_cli.evaluation.infer import array_to_images, load_array
+from ssvi_cli.evaluation.arrays import array_to_images, load_array
 
 logger = logging.getLogger(__name__)
 

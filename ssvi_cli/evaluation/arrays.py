@@ -1,0 +1,109 @@
+"""``.npy`` arrays as images for ``ssvi infer`` and ``ssvi evaluate --ood``: which axes are images,
+channels and flattened model inputs, and which pixel ranges are read (``array_to_images``)."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ssvi_cli.data.images import read_array
+from ssvi_cli.data.spec import DataError
+
+logger = logging.getLogger(__name__)
+
+
+class InputError(DataError):
+    """An input that is missing or cannot be read as an image or array; the message names it."""
+
+
+def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: float = 255.0,
+                    input_shape: Optional[Sequence[int]] = None) -> Tensor:
+    """A numeric array as (N, C, H, W) pixels; ``channels`` is the model's input channel count.
+
+    Shapes: with the model's ``input_shape`` (C, H, W) given, a 1-D array of C*H*W values is one
+    flattened image and an (N, C*H*W) array, unless it is shaped (H, W), N of them (row-major, as
+    ``load_digits().data`` or ``x.reshape(len(x), -1)``); (H, W) one gray image; (C, H, W) one
+    image when C is 1, or 3 or 4 for a colour model; (H, W, C) when the last axis is 3 or 4; else
+    (N, H, W) gray images (so a stack of 3 or 4 gray images for a gray model is a stack, not one
+    colour image); (N, C, H, W), or (N, H, W, C) when only the last axis is 1, 3 or 4. Pixels: uint8
+    0..255 (other integer types in that range too), float in [0, 1], or, for a model whose data spec
+    records another raw range ``[0, pixel_max]`` (the digits' 0..16), an array of any other dtype
+    whose values exceed 1 and lie in that range (divided by ``pixel_max``): ``load_digits().images``
+    predicts as it is.
+    """
+    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise InputError(f"{name}: array dtype {arr.dtype} is not pixels; use uint8 0..255 or float in [0, 1]")
+    if arr.size == 0:
+        raise InputError(f"{name}: array of shape {arr.shape} holds no pixels")
+    channel_sizes = (1, 3, 4)
+    arr = _unflattened(arr, input_shape, name)
+    if arr.ndim == 2:
+        features = int(np.prod(input_shape)) if input_shape is not None and len(input_shape) == 3 else None
+        if features and abs(arr.shape[1] - features) <= max(2, features // 10):
+            # rows a few values off the model's flattened input: more likely a batch than a picture. Said.
+            logger.warning("%s: an array of shape %s is read as one %dx%d gray image, resized to %dx%d (a batch of "
+                           "flattened inputs has %d values per row)", name, tuple(arr.shape), arr.shape[0],
+                           arr.shape[1], input_shape[1], input_shape[2], features)
+        arr = arr[None, None]
+    elif arr.ndim == 3:
+        if arr.shape[0] == 1 or (channels != 1 and arr.shape[0] in (3, 4)):
+            arr = arr[None]
+        elif arr.shape[-1] in (3, 4):
+            arr = arr.transpose(2, 0, 1)[None]
+        else:
+            arr = arr[:, None]
+    elif arr.ndim == 4:
+        if arr.shape[1] not in channel_sizes:
+            if arr.shape[-1] not in channel_sizes:
+                raise InputError(f"{name}: array of shape {arr.shape} has no 1, 3 or 4 channel axis")
+            arr = arr.transpose(0, 3, 1, 2)
+    else:
+        flat = f", ({int(np.prod(input_shape))},), (N, {int(np.prod(input_shape))})" if input_shape else ""
+        raise InputError(f"{name}: array of shape {arr.shape}; expected one of (H, W), (C, H, W), (H, W, C), "
+                         f"(N, H, W), (N, C, H, W), (N, H, W, C){flat}")
+    if pixel_max != 255.0 and arr.dtype != np.uint8:
+        # The dataset's own raw range (the digits: 0..16): values above 1 up to pixel_max are raw pixels.
+        lo, hi = float(arr.min()), float(arr.max())
+        if 0.0 <= lo and 1.0 < hi <= pixel_max:
+            return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32) / np.float32(pixel_max))
+    if np.issubdtype(arr.dtype, np.integer):
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise InputError(f"{name}: integer pixels range over [{arr.min()}, {arr.max()}], not 0..255")
+        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.uint8))
+    out = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    if not bool(torch.isfinite(out).all()):
+        raise InputError(f"{name}: array holds NaN or infinite values")
+    if out.numel() and (float(out.min()) < -1e-6 or float(out.max()) > 1 + 1e-6):  # the whole array's, as above
+        own = f" (or, for this model's data, its raw 0..{pixel_max:g})" if pixel_max != 255.0 else ""
+        raise InputError(f"{name}: float images range over [{float(out.min()):.3g}, {float(out.max()):.3g}], not "
+                         f"[0, 1]{own}; divide 0..255 pixels by 255 or pass uint8")
+    return out
+
+
+def _unflattened(arr: np.ndarray, input_shape: Optional[Sequence[int]], name: str) -> np.ndarray:
+    """``arr`` as (N, C, H, W) when it holds flattened model inputs (``array_to_images``), else as it is."""
+    if input_shape is None or len(input_shape) != 3:
+        return arr
+    features = int(np.prod(input_shape))
+    if arr.ndim == 1 and arr.size == features:
+        return arr.reshape(1, *input_shape)
+    if arr.ndim == 2 and arr.shape[1] == features and tuple(arr.shape) != tuple(input_shape[1:]):
+        if arr.shape[0] == features:  # as square as a gray picture: the other reading is said
+            logger.warning("%s: an array of shape %s is read as %d flattened inputs of %d values each; a %dx%d gray "
+                           "picture reads as one image saved as (1, %d, %d) or as a PNG", name, tuple(arr.shape),
+                           features, features, features, features, features, features)
+        return arr.reshape(len(arr), *input_shape)
+    return arr
+
+
+def load_array(path: Path, channels: int = 3, pixel_max: float = 255.0,
+               stream: Optional[io.BytesIO] = None, input_shape: Optional[Sequence[int]] = None) -> Tensor:
+    """A ``.npy`` file's images (``array_to_images``); ``stream``: its bytes already read, ``path``
+    then only names it."""
+    return array_to_images(read_array(path, InputError, stream), str(path), channels, pixel_max, input_shape)
