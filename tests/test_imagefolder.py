@@ -348,6 +348,10 @@ def test_train_infer_evaluate_on_a_png_folder(ws, tmp_path, capsys, monkeypatch)
     write_class(tmp_path / "new" / "test" / "zero", 0, 3, skip=30)
     write_class(tmp_path / "new" / "train" / "two", 2, 5, skip=20)
     write_class(tmp_path / "new" / "test" / "two", 2, 2, skip=30)
+    assert run(["evaluate", str(model), "--dataset", f"imagefolder:{tmp_path / 'new'}", "--mode", "mean"]) == 2
+    assert capsys.readouterr().err.rstrip().endswith(  # on its test split alone, the way is said
+        "and 2 classes, but the model takes (1, 8, 8) and predicts 3 classes; a labelled folder that holds some "
+        "of the model's classes is scored whole with --split all")
     assert run(["evaluate", str(model), "--dataset", f"imagefolder:{tmp_path / 'new'}", "--split", "all",
                 "--mode", "mean", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -51,7 +51,10 @@ def _check_compatible(name: str, spec: DataSpec, model_spec: DataSpec) -> None:
         raise DataError(
             f"dataset {name} has inputs {spec.input_shape} and {spec.num_classes} classes, but the model "
             f"takes {model_spec.input_shape} and predicts {model_spec.num_classes} classes"
-            + (f"; score it as out-of-distribution with --ood {name} instead" if name in ood_names() else "")
+            + (f"; score it as out-of-distribution with --ood {name} instead" if name in ood_names() else
+               "; a labelled folder that holds some of the model's classes is scored whole with --split all"
+               if name.startswith("imagefolder:") and spec.input_shape == model_spec.input_shape
+               and spec.num_classes < model_spec.num_classes else "")
         )
     placeholders = tuple(str(i) for i in range(model_spec.num_classes))  # ssvi.save without class_names
     named = tuple(model_spec.class_names) != placeholders
