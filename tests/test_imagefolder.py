@@ -355,7 +355,9 @@ def test_train_infer_evaluate_on_a_png_folder(ws, tmp_path, capsys, monkeypatch)
     assert run(["evaluate", str(model), "--dataset", f"imagefolder:{tmp_path / 'new'}", "--split", "all",
                 "--mode", "mean", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["n"] == 14 and report["split"] == "all" and not report["notes"]
+    assert report["n"] == 14 and report["split"] == "all"
+    assert report["notes"] == [f"1 of the model's 3 classes ('one') has no image in imagefolder:{tmp_path / 'new'}: "
+                               "its scores speak for the others only"]
     from ssvi_cli.data.imagefolder import whole_folder
     from ssvi_cli.runs.load import load_model
 
@@ -565,3 +567,21 @@ def test_unreadable_files_named_are_those_the_command_decodes(tmp_path):
         with pytest.raises(UnreadableImages, match=words) as caught:  # evaluate asks for one split
             build_dataset(name, options=replace(SMALL, mean=(0.5,), std=(0.25,)), needed=needed)
         assert ("zero" in str(caught.value)) == (needed == ("test",)), str(caught.value)
+
+
+def test_a_class_with_no_test_image_is_noted_by_train_and_evaluate(tmp_path, capsys):
+    """A flat folder keeps a class's only image for training: the scores then cover the other classes."""
+    write_class(tmp_path / "one" / "a", 1, 1)
+    write_class(tmp_path / "one" / "b", 2, 12)
+    out = tmp_path / "run"
+    assert run(["train", "--data", f"imagefolder:{tmp_path / 'one'}", "--epochs", "1", "--set",
+                "train.eval_samples=1", "--out", str(out), "--json"]) == 0
+    said = "1 of the model's 2 classes ('a') has no image in the test split: its scores speak for the others only"
+    assert said in json.loads(capsys.readouterr().out)["notes"]
+    assert run(["evaluate", str(out), "--samples", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"] == [said]
+    write_class(tmp_path / "two" / "a", 1, 5)  # five images: one is held out for testing, and nothing is said
+    write_class(tmp_path / "two" / "b", 2, 12)
+    assert run(["train", "--data", f"imagefolder:{tmp_path / 'two'}", "--epochs", "1", "--set",
+                "train.eval_samples=1", "--out", str(tmp_path / "run2"), "--json"]) == 0
+    assert not any("no image" in n for n in json.loads(capsys.readouterr().out)["notes"])

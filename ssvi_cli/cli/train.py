@@ -147,7 +147,7 @@ def register(app: typer.Typer) -> None:
                                    given=set_keys(set_ or []), world_size=info.world_size)
                 if out_dir is not None and info.is_main:
                     plan.run_dir.check_claim(force)  # a refused --out (a finished run there) before any note
-                say(plan.init_note or "")
+                say("\n".join(n for n in (plan.init_note, plan.data_note) if n))
                 say(init_from_lr_note(plan.cfg, overrides, set_ or []))
                 say("" if running_a_cell() else recipe_note(plan.cfg, preset))
                 if (unused := unused_keys(plan.cfg, overrides, set_ or [])) and not running_a_cell():

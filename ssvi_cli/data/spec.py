@@ -146,3 +146,20 @@ class RawImages:
 def decoded(images: Any) -> torch.Tensor:
     """``images`` as a tensor: an image folder's files (with a ``decode`` method) decoded now."""
     return images.decode() if hasattr(images, "decode") else images
+
+
+def absent_classes(inputs: Any, spec: DataSpec, where: str) -> list[str]:
+    """A note naming the classes of ``spec`` that no item of ``inputs`` (a dataset with ``labels``)
+    holds, ``where`` naming it (a flat image folder keeps a class's only image for training): its
+    accuracy and calibration then speak for the other classes only."""
+    labels = getattr(inputs, "labels", None)
+    if labels is None or len(labels) == 0:
+        return []
+    counts = torch.bincount(labels[labels >= 0], minlength=spec.num_classes)
+    absent = [spec.class_names[i] for i in range(spec.num_classes) if counts[i] == 0]
+    if not absent:
+        return []
+    names = ", ".join(repr(n) for n in absent[:5]) + (", ..." if len(absent) > 5 else "")
+    have = "has" if len(absent) == 1 else "have"
+    return [f"{len(absent)} of the model's {spec.num_classes} classes ({names}) {have} no image in {where}: "
+            "its scores speak for the others only"]

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from ssvi_cli.data import DataError, DataSpec, build_dataset, check_dataset_name, data_config_for, get_spec
 from ssvi_cli.data.ood import ood_names
+from ssvi_cli.data.spec import absent_classes
 from ssvi_cli.evaluation.ood_sets import load_requests, resolve_requests
 from ssvi_cli.modelfile import NO_DATASET, Training
 
@@ -136,6 +137,7 @@ def load_eval_data(
                      f"{list(model_spec.std)}), not as the loaders of {name} do (mean {list(splits.spec.mean)}, std "
                      f"{list(splits.spec.std)}); if the model was trained on the loaders' inputs, save it again "
                      "with ssvi.save(..., mean=, std=) as they are")
+    notes += absent_classes(inputs, model_spec, f"the {split} split")
     return EvalData(dataset=name, split=split, inputs=inputs, ood=ood_sets, notes=notes,
                     ood_seed_keys={label: request.seed_key for label, request in requests.items()})
 
@@ -155,5 +157,6 @@ def _whole_folder(name: str, folder: Optional[str], model_spec: DataSpec, reques
     notes = [f"every image of {name} was scored, its training images too: the model was trained on this folder"
              ] if own else []
     ood_sets = load_requests(requests, model_spec, root, download, seed, ood_max_items)
+    notes += absent_classes(inputs, model_spec, name)
     return EvalData(dataset=name, split="all", inputs=inputs, ood=ood_sets, notes=notes,
                     ood_seed_keys={label: request.seed_key for label, request in requests.items()})

@@ -17,7 +17,7 @@ from ssvi_cli.core.allocation import InitSpec, initialise, layer_densities
 from ssvi_cli.core.criteria import REMOVAL_CRITERIA
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.data import DataSplits, build_dataset, check_dataset_name, get_spec
-from ssvi_cli.data.spec import DataError, DataSpec
+from ssvi_cli.data.spec import DataError, DataSpec, absent_classes
 from ssvi_cli.modelfile import ModelCard, build_model
 from ssvi_cli.models import SSVIModel, check_model_name, input_error
 from ssvi_cli.runs.rundir import RunBusy, RunDir
@@ -126,6 +126,11 @@ class RunPlan:
     init_posterior: Optional[Posterior] = None  # model.init_from's trained ssvi model, checked
     checkpoints_seen: Optional[list[Path]] = None  # a resumed run's checkpoint files when it was read
     resumed_from: Optional[Path] = None  # the checkpoint a resumed run was read from
+
+    @property
+    def data_note(self) -> str:
+        """A note when the test split holds none of some classes, which the final scores then leave out."""
+        return "\n".join(f"note: {n}" for n in absent_classes(self.splits.test, self.splits.spec, "the test split"))
 
     @classmethod
     def new(cls, cfg: Config, run_dir: Optional[RunDir | Path] = None,
