@@ -260,6 +260,11 @@ def test_flattened_rows_are_one_input_each(model_file, tmp_path, capsys, caplog)
                     "e.npy: an array of shape (64, 64) is read as 64 flattened inputs of 64 values each; a 64x64 gray "
                     "picture reads as one image saved as (1, 64, 64) or as a PNG"], said
     assert array_to_images(np.zeros((1, 64, 64)), "g.npy", 1, 16.0, shape).shape == (1, 1, 64, 64)
+    with pytest.raises(InputError, match=r"^u16\.npy: integer pixels range over \[3, 65000\], not 0\.\.255; pass uint8 "
+                                         r"0\.\.255, or floats in \[0, 1\] \(16-bit pixels: x / 65535\)$"):
+        array_to_images(np.array([[3, 65000]], dtype=np.uint16), "u16.npy")
+    with pytest.raises(InputError, match=r"range over \[-4, 9\], not 0\.\.255; pass uint8 0\.\.255, or floats in \[0, 1\]$"):
+        array_to_images(np.array([[-4, 9]], dtype=np.int16), "i16.npy")
     np.save(tmp_path / "short.npy", np.zeros(63))
     assert run(["infer", str(model_file), str(tmp_path / "short.npy")]) == 2
     assert ("array of shape (63,); expected one of (H, W), (C, H, W), (H, W, C), (N, H, W), (N, C, H, W), "

@@ -261,7 +261,9 @@ def fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         if value and abs(value) < 10 ** -digits:  # a mutual information of 3e-5 would print as 0.0000
             return f"{value:.2e}"
-        return f"{value:.{digits}f}"
+        text = f"{value:.{digits}f}"
+        # 0.99999 would read as 1.0000, a value it is not (a sparsity ssvi refuses, a perfect score): in full
+        return repr(value) if value != round(value) and float(text) == round(value) else text
     return str(value)
 
 

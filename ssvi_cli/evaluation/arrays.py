@@ -74,7 +74,9 @@ def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: fl
             return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32) / np.float32(pixel_max))
     if np.issubdtype(arr.dtype, np.integer):
         if arr.size and (arr.min() < 0 or arr.max() > 255):
-            raise InputError(f"{name}: integer pixels range over [{arr.min()}, {arr.max()}], not 0..255")
+            scale = " (16-bit pixels: x / 65535)" if arr.min() >= 0 and arr.max() <= 65535 else ""
+            raise InputError(f"{name}: integer pixels range over [{arr.min()}, {arr.max()}], not 0..255; pass uint8 "
+                             f"0..255, or floats in [0, 1]{scale}")
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.uint8))
     out = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     if not bool(torch.isfinite(out).all()):
