@@ -288,3 +288,23 @@ def test_an_out_that_holds_a_finished_run_is_refused_before_any_note(trained, tm
     assert run(["train", "--init-from", str(trained), "--out", str(other)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "note:" not in err, err
+
+
+def test_a_run_without_out_is_named_after_the_run_it_starts_from(trained, tmp_path, monkeypatch):
+    """A run's model file is called model.safetensors: naming the new run 'from-model' said nothing."""
+    import shutil
+
+    from ssvi_cli.cli.train_config import build_config, default_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    named = tmp_path / "20261206-101500-digits_mlp-ssvi-s0.9"  # the time a default name starts with is dropped
+    shutil.copytree(trained, named)
+    for source, expect in ((trained / "model.safetensors", "from-run-ssvi-s0.9"),
+                           (named / "model.safetensors", "from-digits_mlp-ssvi-s0.9-ssvi-s0.9"),
+                           (named, "from-digits_mlp-ssvi-s0.9-ssvi-s0.9")):
+        cfg = build_config(None, {"model.init_from": str(source)}, [])
+        assert default_run_dir(cfg, None).path.name.split("-", 2)[2] == expect, source
+    shutil.copy(trained / "model.safetensors", tmp_path / "weights.v2.safetensors")
+    cfg = build_config(None, {"model.init_from": str(tmp_path / "weights.v2.safetensors")}, [])
+    assert default_run_dir(cfg, None).path.name.split("-", 2)[2] == "from-weights.v2-ssvi-s0.9"  # its dots kept
+    assert default_run_dir(cfg, "presets/my.yaml").path.name.split("-", 2)[2] == "my-ssvi-s0.9"

@@ -3,6 +3,7 @@ given once; what of it the run's method cannot use; and the notes about its setu
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,12 +38,15 @@ def build_config(preset: Optional[str], overrides: dict[str, Any], sets: list[st
 def default_run_dir(cfg: cfgmod.Config, preset: Optional[str]) -> Any:
     """``runs/<time>-<preset>-<method>[-s<sparsity>]``; a run from a trained ssvi model without a preset
     is named after that model (``from-NAME``)."""
-    from ssvi_cli.runs.rundir import RunDir
+    from ssvi_cli.runs.rundir import MODEL_FILE, RunDir
     from ssvi_cli.training.init_posterior import names_trained_model
 
     if preset is None and names_trained_model(cfg.model.init_from):
-        source = Path(str(cfg.model.init_from))
-        preset = "from-" + (source.name if source.is_dir() else source.stem)
+        source = Path(str(cfg.model.init_from)).expanduser().resolve()
+        # a run's own model file says nothing by its name ("model"): the run's folder does
+        named = source.parent if source.name == MODEL_FILE and source.parent.name else source
+        name = named.name if named.is_dir() else named.stem
+        preset = "from-" + (re.sub(r"^\d{8}-\d{6}-", "", name) or name)  # a default run name's time stays its own
     return RunDir.default(preset or cfgmod.DEFAULT_PRESET, cfg.sparse.method, cfg.sparse.sparsity if cfg.density < 1 else None)
 
 

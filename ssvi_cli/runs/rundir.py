@@ -75,7 +75,8 @@ class RunDir:
     @classmethod
     def default(cls, preset: str, method: str, sparsity: Optional[float], root: Path = Path("runs")) -> "RunDir":
         """``runs/<YYYYmmdd-HHMMSS>-<preset>-<method>[-s<sparsity>]``."""
-        tag = f"{Path(preset).stem}-{method}" + (f"-s{sparsity:g}" if sparsity is not None else "")
+        name = Path(preset).stem if preset.endswith((".yaml", ".yml")) else Path(preset).name  # a preset file's name
+        tag = f"{name}-{method}" + (f"-s{sparsity:g}" if sparsity is not None else "")
         return cls(root / f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}")
 
     # -- claiming --------------------------------------------------------------------
