@@ -109,6 +109,10 @@ def test_heldout_scores_the_other_classes_of_the_test_split(capsys, subset_model
     _check_ood_block(doc["ood"]["heldout"], DIGITS_TEST - 181)
     _check_ood_block(doc["ood"]["noise"], 2000)
     assert list(doc["per_samples"][0]["ood"]) == ["heldout", "noise"]
+    info = doc["model_info"]  # which part of the dataset it learnt, beside its name
+    assert (info["trained_on"], info["trained_classes"], info["dataset_classes"]) == ("digits", list("01234"), 10)
+    code, out, _ = _evaluate(capsys, str(subset_model), "--samples", "2")
+    assert code == 0 and "trained on digits (5 of its 10 classes: 0, 1, 2, 3, 4)" in " ".join(out.split())
 
 
 def test_heldout_is_capped_and_seeded_like_every_ood_set(subset_model):

@@ -156,7 +156,10 @@ class ModelCard:
         t = self.training
         return {"architecture": self.architecture.name, "bayesian": self.architecture.bayesian,
                 "method": t.method, "sparsity": t.sparsity, "criterion": t.criterion, "epochs": t.epochs,
-                "training_seed": t.seed, "trained_on": self.data.name}
+                "training_seed": t.seed, "trained_on": self.data.name,
+                # data.classes: the part of the dataset's classes it was trained on (else None: all of them)
+                "trained_classes": list(self.data.class_names) if self.data.dataset_classes else None,
+                "dataset_classes": len(self.data.dataset_classes) or None}
 
 
 def build_model(card: ModelCard, kernel: str = "auto") -> SSVIModel:
