@@ -480,3 +480,10 @@ def test_an_optimizer_built_before_sparsify_is_refused_at_its_first_step():
     other.add_param_group({"params": [early.param_groups[0]["params"][2]]})  # a group added later is looked at too
     with pytest.raises(ValueError, match="holds the weights of '2' that sparsify took out"):
         other.step()
+    dense = nn.Sequential(nn.Linear(4, 2))  # stepped (dense training), then converted under it
+    stepped = torch.optim.SGD(dense.parameters(), lr=0.1)
+    dense(torch.randn(3, 4)).sum().backward()
+    stepped.step()
+    sparsify(dense, 0.5)
+    with pytest.raises(ValueError, match="this SGD holds the weights of '0' that sparsify took out"):
+        stepped.step()

@@ -240,7 +240,7 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
 def _refuse_replaced_weights(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     """Before any optimizer's step: one built before ``sparsify`` holds the dense weights taken out of
     the model, and stepping it would leave the sparse layers untrained without a word. Each
-    optimizer is looked through again only when its parameter count changes."""
+    optimizer is looked through again only when its parameter count changes or a layer is converted."""
     count = sum(len(group["params"]) for group in optimizer.param_groups)
     if _CHECKED.get(optimizer) == count:
         return
@@ -293,6 +293,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     old = model.get_submodule(name)
     for param in old.parameters(recurse=False):
         setattr(param, REPLACED, name)
+    _CHECKED.clear()  # an optimizer looked through before may hold these weights: every one is looked at again
     if not _HOOKED:
         from torch.optim.optimizer import register_optimizer_step_pre_hook
 
