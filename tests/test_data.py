@@ -306,6 +306,20 @@ def test_a_malformed_mnist_file_is_unavailable_in_one_line(tmp_path, bad):
     assert "t10k-images-idx3-ubyte" in message and "--download" in message and "\n" not in message
 
 
+def test_labels_outside_the_classes_are_refused_naming_the_split_and_item(tmp_path):
+    """Labels of 12 in MNIST's files failed as an IndexError in the loss, or, in the test split, only in
+    the final evaluation after the whole training run."""
+    import struct
+
+    raw = write_mnist(tmp_path, "MNIST")
+    labels = np.arange(20) % 10
+    labels[[7, 11]] = (12, 200)
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x0801, 20) + labels.astype(np.uint8).tobytes())
+    with pytest.raises(DataError, match=r"^mnist's test labels in .*MNIST/raw run outside 0\.\.9: 2 of 20 \(the first, "
+                                        r"12, at item 7\); the files are damaged or not the original ones$"):
+        build_dataset("mnist", data_dir=tmp_path)
+
+
 # --------------------------------------------------------------------------- augmentation
 
 

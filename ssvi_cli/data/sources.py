@@ -162,7 +162,14 @@ def _torchvision_loader(name: str, cls_name: str, location: Callable[[Path], Pat
             make = lambda: cls(root=str(data_dir), train=train, download=download)  # noqa: E731
         ds = _call_torchvision(name, make, location(data_dir), download,
                                expected_files(cls, "train" if train else "test"))
-        return _decode(ds, cls_name)
+        raw = _decode(ds, cls_name)
+        bad = torch.nonzero((raw.labels < 0) | (raw.labels >= len(raw.class_names))).flatten()
+        if len(bad):  # else a loss or a metric fails with an IndexError, maybe only after training
+            raise DataError(f"{name}'s {'training' if train else 'test'} labels in {location(data_dir)} run outside "
+                            f"0..{len(raw.class_names) - 1}: {len(bad):,} of {len(raw.labels):,} (the first, "
+                            f"{int(raw.labels[bad[0]])}, at item {int(bad[0])}); the files are damaged or not the "
+                            "original ones")
+        return raw
 
     return load
 
