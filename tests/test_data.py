@@ -495,3 +495,40 @@ def test_a_failed_download_of_an_ood_set_says_so_and_nothing_about_converting(tm
     with pytest.raises(DatasetUnavailable) as caught:
         load_ood(parse_ood(f"mnist={tmp_path}"), get_spec("digits"), None, True, 0, 10)
     assert str(caught.value).startswith("downloading mnist into") and "converted" not in str(caught.value)
+
+
+def test_a_failed_download_leaves_no_empty_folders_behind(tmp_path, monkeypatch):
+    """A mistyped --data-dir with --download offline left an empty TYPO/MNIST/raw, which later read
+    as a run directory without checkpoints."""
+    import urllib.error
+
+    import torchvision.datasets.utils as tvu
+
+    def offline(url, filename, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(tvu, "_urlretrieve", offline)
+    with pytest.raises(DatasetUnavailable, match=r"^downloading mnist into .*typo/deeper/MNIST/raw failed"):
+        build_dataset("mnist", data_dir=tmp_path / "typo" / "deeper", download=True)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept" / "MNIST" / "raw").mkdir(parents=True)  # folders that were there stay
+    with pytest.raises(DatasetUnavailable):
+        build_dataset("mnist", data_dir=tmp_path / "kept", download=True)
+    assert [p.relative_to(tmp_path).as_posix() for p in sorted(tmp_path.rglob("*"))] == ["kept", "kept/MNIST",
+                                                                                          "kept/MNIST/raw"]
+
+
+def test_missing_mnist_files_say_gunzip_and_where_data_dir_points(tmp_path):
+    """Archives fetched by hand and not unpacked, and --data-dir given as the dataset's own folder."""
+    import gzip
+
+    raw = write_mnist(tmp_path, "MNIST")
+    for f in list(raw.iterdir()):
+        (raw / f"{f.name}.gz").write_bytes(gzip.compress(f.read_bytes()))
+        f.unlink()
+    with pytest.raises(DatasetUnavailable, match=r"\(missing train-images-idx3-ubyte, .*t10k-labels-idx1-ubyte; "
+                                                 r"their \.gz archives are there: unpack with gunzip; torchvision: "):
+        build_dataset("mnist", data_dir=tmp_path)
+    with pytest.raises(DatasetUnavailable, match=rf"; --data-dir is the folder that holds MNIST/, {tmp_path} here; "
+                                                 r"torchvision: "):
+        build_dataset("mnist", data_dir=tmp_path / "MNIST")

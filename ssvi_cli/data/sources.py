@@ -3,7 +3,8 @@ and parameterised names such as ``imagefolder:PATH`` (a family in :data:`DATASET
 source is built from the name and the data config; see ``data/imagefolder.py``).
 
 Torchvision files are read from ``data_dir`` (default ``~/.cache/ssvi/data``) and decoded into uint8
-(N, C, H, W) tensors without PIL; a missing file is a :class:`DatasetUnavailable` naming the fix.
+(N, C, H, W) tensors without PIL (``data/torchvision_files.py``); a missing file is a
+:class:`DatasetUnavailable` naming the fix.
 """
 
 from __future__ import annotations
@@ -11,17 +12,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from ssvi_cli.config import DataConfig
 from ssvi_cli.data.classes import resolve_classes, restrict_spec
-from ssvi_cli.data.spec import DataError, DatasetUnavailable, DataSpec, RawImages
+from ssvi_cli.data.spec import DataError, DataSpec, RawImages
+from ssvi_cli.data.torchvision_files import torchvision_loader
 from ssvi_cli.data.transforms import random_crop_flip
 from ssvi_cli.registry import Registry, UnknownName
-from ssvi_cli.network import stall_limit, stall_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -105,89 +106,6 @@ def _load_digits(data_dir: Path, train: bool, download: bool) -> RawImages:
     return RawImages(images[idx], labels[idx], _DIGIT_NAMES)
 
 
-def expected_files(cls: Any, split: str) -> list[str]:
-    """The files a torchvision dataset class reads for ``split`` ("train" or "test"), by name, in the
-    folder its ``location`` gives: MNIST's four idx files (unpacked), CIFAR's batches and meta file,
-    SVHN's one ``.mat`` per split; empty for a class this does not know."""
-    if hasattr(cls, "resources"):  # the MNIST family
-        return [Path(url).name.removesuffix(".gz") for url, _ in cls.resources]
-    if hasattr(cls, "train_list"):  # CIFAR-10 and CIFAR-100
-        return [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-    if hasattr(cls, "split_list"):  # SVHN
-        return [cls.split_list[split][1]]
-    return []
-
-
-def _call_torchvision(name: str, factory: Callable[[], object], where: Path, download: bool,
-                      expected: Sequence[str] = ()):
-    """Run a torchvision constructor, turning its missing-file errors into DataErrors (which name the
-    ``expected`` files missing from ``where``)."""
-    stall_seconds()  # a bad SSVI_NETWORK_TIMEOUT is its own one-line error, not one of the files'
-    try:
-        with stall_limit():
-            return factory()
-    except RuntimeError as err:
-        said = " ".join(str(err).split())  # torchvision's download errors span lines; ours are one
-        if download:
-            raise DatasetUnavailable(f"downloading {name} into {where} failed ({said}); check the network") from err
-        missing = [f for f in expected if not (where / f).is_file()]
-        detail = (f"missing {', '.join(missing)}; " if missing else
-                  "its files are damaged or not the original ones; " if expected else "")
-        raise DatasetUnavailable(
-            f"{name} not found or corrupted at {where} ({detail}torchvision: {said}); pass --download "
-            f"(in a sweep: --set data.download=true) to fetch it, or place the original files there"
-        ) from err
-    except (AssertionError, ValueError, TypeError, IndexError, EOFError) as err:  # files there, but not readable
-        said = " ".join(str(err).split()) or type(err).__name__  # as MNIST's: torchvision asserts their header
-        files = f" ({', '.join(expected)})" if expected else ""
-        raise DatasetUnavailable(
-            f"{name} at {where}: its files{files} do not read as {name}'s (torchvision: {said}); replace them "
-            f"with the original files, or remove them and pass --download (in a sweep: --set data.download=true)"
-        ) from err
-    except OSError as err:  # download without network
-        said = " ".join(str(err).split())
-        raise DatasetUnavailable(f"cannot read or download {name} at {where} ({said}); check the path/network") from err
-
-
-def _torchvision_loader(name: str, cls_name: str, location: Callable[[Path], Path]) -> Loader:
-    """Loader for a torchvision dataset class, decoded once into uint8 (N, C, H, W) tensors."""
-
-    def load(data_dir: Path, train: bool, download: bool) -> RawImages:
-        import torchvision.datasets as tvd
-
-        cls = getattr(tvd, cls_name)
-        if cls_name == "SVHN":
-            make = lambda: cls(root=str(data_dir), split="train" if train else "test", download=download)  # noqa: E731
-        else:
-            make = lambda: cls(root=str(data_dir), train=train, download=download)  # noqa: E731
-        ds = _call_torchvision(name, make, location(data_dir), download,
-                               expected_files(cls, "train" if train else "test"))
-        raw = _decode(ds, cls_name)
-        bad = torch.nonzero((raw.labels < 0) | (raw.labels >= len(raw.class_names))).flatten()
-        if len(bad):  # else a loss or a metric fails with an IndexError, maybe only after training
-            raise DataError(f"{name}'s {'training' if train else 'test'} labels in {location(data_dir)} run outside "
-                            f"0..{len(raw.class_names) - 1}: {len(bad):,} of {len(raw.labels):,} (the first, "
-                            f"{int(raw.labels[bad[0]])}, at item {int(bad[0])}); the files are damaged or not the "
-                            "original ones")
-        return raw
-
-    return load
-
-
-def _decode(ds: object, cls_name: str) -> RawImages:
-    """Pull the raw arrays out of a torchvision dataset without touching PIL."""
-    if cls_name == "SVHN":  # .data is (N, C, H, W) numpy, .labels already maps 10 -> 0
-        images = torch.from_numpy(np.ascontiguousarray(ds.data))
-        labels = torch.from_numpy(np.asarray(ds.labels, dtype=np.int64))
-        return RawImages(images, labels, _DIGIT_NAMES)
-    if cls_name.startswith("CIFAR"):  # .data is (N, H, W, C) numpy, .targets a list
-        images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
-    else:  # MNIST family: .data is a (N, H, W) uint8 tensor
-        images = ds.data.unsqueeze(1).contiguous()
-    labels = torch.as_tensor(ds.targets, dtype=torch.long)
-    return RawImages(images, labels, tuple(str(c) for c in ds.classes))
-
-
 def _torchvision_source(
     name: str,
     cls_name: str,
@@ -201,7 +119,7 @@ def _torchvision_source(
     spec = DataSpec(name, shape, len(names), names, mean, std)
     return DatasetSource(
         spec=spec,
-        load=_torchvision_loader(name, cls_name, location),
+        load=torchvision_loader(name, cls_name, location),
         augment=random_crop_flip if augment else None,
         location=location,
     )
