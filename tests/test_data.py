@@ -280,6 +280,18 @@ def test_corrupted_cifar_file_is_unavailable(tmp_path, monkeypatch):
     write_cifar10(tmp_path)
     with pytest.raises(DatasetUnavailable, match="its files are damaged or not the original ones"):
         build_dataset("cifar10", data_dir=tmp_path)  # every file there, none torchvision's own
+    import urllib.error
+
+    import torchvision.datasets.utils as tvu
+
+    def offline(url, filename, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    with monkeypatch.context() as patch:  # --download offline: the files' fault is said, not only the network's
+        patch.setattr(tvu, "_urlretrieve", offline)
+        with pytest.raises(DatasetUnavailable, match=r"^cifar10's files at .*cifar-10-batches-py are there but fail "
+                                                     r"torchvision's checksum .*fetching them again failed \(<urlopen"):
+            build_dataset("cifar10", data_dir=tmp_path, download=True)
     accept_fixture_checksums(monkeypatch, tmp_path)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"truncated")
     with pytest.raises(DatasetUnavailable, match="--download"):

@@ -74,6 +74,10 @@ def _call_torchvision(name: str, factory: Callable[[], object], where: Path, dow
         ) from err
     except OSError as err:  # download without network
         said = " ".join(str(err).split())
+        if download and expected and all((where / f).is_file() for f in expected):  # there, but not torchvision's
+            raise DatasetUnavailable(f"{name}'s files at {where} are there but fail torchvision's checksum (damaged, "
+                                     f"or not the original ones), and fetching them again failed ({said}); replace "
+                                     "them with the original files") from err
         raise DatasetUnavailable(f"cannot read or download {name} at {where} ({said}); check the path/network") from err
 
 
