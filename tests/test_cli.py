@@ -67,6 +67,15 @@ def test_existing_run_directory_is_not_overwritten_without_force(tmp_path: Path,
     assert printed == json.loads(second)  # the summary, with notes as a finished run's --json has them
     assert (tmp_path / "r" / "summary.json").read_text() == second
     assert (tmp_path / "r" / "model.safetensors").read_bytes() == model_bytes
+    from ssvi_cli.training import launcher  # --nproc: said here, before any process starts
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("processes started to resume a finished run")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(launcher, "launch", no_launch)
+        assert run(["train", "--resume", str(tmp_path / "r"), "--nproc", "2", "--device", "cpu"]) == 0
+    assert "has finished" in capsys.readouterr().err
 
 
 def test_bad_flags_give_one_line_errors(tmp_path: Path, capsys):

@@ -12,10 +12,10 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from ssvi_cli import config as cfgmod
-from ssvi_cli.cli.common import (UsageError, check_run_out, count, err, fmt, forwarded_args, kv_table, no_reader,
+from ssvi_cli.cli.common import (UsageError, check_run_out, count, fmt, forwarded_args, kv_table, no_reader,
                                  out, print_json, progress_bar, running_a_cell, tell)
-from ssvi_cli.cli.train_config import (build_config, default_run_dir, init_from_lr_note, nproc_again, pin_init_from,
-                                       processes_note, recipe_note, set_keys, threads_note, unused_keys)
+from ssvi_cli.cli.train_config import (build_config, default_run_dir, finished_run, init_from_lr_note, nproc_again,
+                                       pin_init_from, processes_note, recipe_note, set_keys, threads_note, unused_keys)
 
 
 def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
@@ -113,7 +113,8 @@ def register(app: typer.Typer) -> None:
         if nproc is not None and nproc > 1:
             if info is not None:
                 raise UsageError("--nproc starts torch.distributed.run itself; under torchrun drop it")
-            _launch(ctx, nproc, resume, preset, out_dir, force, overrides, set_ or [], device)
+            if resume is None or not finished_run(resume, json_out, True):  # a finished run starts no process
+                _launch(ctx, nproc, resume, preset, out_dir, force, overrides, set_ or [], device)
             return
         if info is not None and info.enabled:
             launcher.stop_with_parent()  # a launcher killed outright leaves no process training unowned
@@ -126,7 +127,7 @@ def register(app: typer.Typer) -> None:
                 notes.append(line.removeprefix("note: "))  # as evaluate's JSON notes read
         with ExitStack() as held:  # the run's lock, held by rank 0 to the end (RunDir.hold)
             if resume is not None:
-                if _finished(resume, json_out, info.is_main):
+                if finished_run(resume, json_out, info.is_main):
                     return
                 if info.is_main:
                     RunDir(resume).check_free("--resume")  # in use: said before "no checkpoint yet"
@@ -195,24 +196,6 @@ def register(app: typer.Typer) -> None:
         tell(kv_table(f"ssvi train: {trainer.run_dir}", summary_rows(summary)), console=out)
         # Paths on lines of their own, never folded into a cell, so a person can copy them.
         tell(f"model file: {summary.get('model_file')}", console=out, highlight=False)
-
-
-def _finished(run_dir: Path, json_out: bool, is_main: bool) -> bool:
-    """A run that already wrote its model file and summary has nothing to resume: say so (with
-    ``--json`` print its summary) and change nothing."""
-    from ssvi_cli.runs.rundir import RunDir
-
-    run = RunDir(run_dir)
-    if not run.finished():
-        return False
-    summary = run.read_summary()
-    if is_main:
-        note = (f"{run_dir} has finished ({run.summary_file.name} and {run.model_file.name} written); nothing "
-                f"to resume. Evaluate it: ssvi evaluate {run.model_file}")
-        if json_out:
-            print_json({**summary, "notes": [note]})  # the shape a finished run's --json has
-        err.print(note, highlight=False)
-    return True
 
 
 def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: Optional[str], out_dir: Optional[Path], force: bool,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ssvi_cli import config as cfgmod
-from ssvi_cli.cli.common import UsageError, count
+from ssvi_cli.cli.common import UsageError, count, err, print_json
 
 
 def build_config(preset: Optional[str], overrides: dict[str, Any], sets: list[str]) -> cfgmod.Config:
@@ -155,3 +155,21 @@ def nproc_again(world_size: int) -> str:
     from ssvi_cli.training.launcher import PARENT_ENV
 
     return f" --nproc {world_size}" if world_size > 1 and os.environ.get(PARENT_ENV) else ""
+
+
+def finished_run(run_dir: Path, json_out: bool, is_main: bool) -> bool:
+    """A run that already wrote its model file and summary has nothing to resume: say so (with
+    ``--json`` print its summary) and change nothing."""
+    from ssvi_cli.runs.rundir import RunDir
+
+    run = RunDir(run_dir)
+    if not run.finished():
+        return False
+    summary = run.read_summary()
+    if is_main:
+        note = (f"{run_dir} has finished ({run.summary_file.name} and {run.model_file.name} written); nothing "
+                f"to resume. Evaluate it: ssvi evaluate {run.model_file}")
+        if json_out:
+            print_json({**summary, "notes": [note]})  # the shape a finished run's --json has
+        err.print(note, highlight=False)
+    return True
