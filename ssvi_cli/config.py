@@ -365,6 +365,16 @@ _strict_loader: Any = None
 _typed_loader: Any = None
 
 
+def yaml_problem(exc: Exception) -> tuple[str, str]:
+    """Where the YAML parser stopped (``" at line L, column C"``, or ``""``) and what it found wrong:
+    its problem ("found character '\\t' that cannot start any token"), then what it was doing."""
+    mark = getattr(exc, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem, context = getattr(exc, "problem", None), getattr(exc, "context", None)
+    what = f"{problem} ({context})" if problem and context else problem or context or str(exc).strip().splitlines()[0]
+    return at, what
+
+
 def read_yaml(text: str) -> Any:
     """A preset or sweep file's text as YAML, its numbers read as :func:`read_typed` reads them (``010``
     is ten, as on a command line), and a key given twice in one mapping an error (``yaml.YAMLError``,
@@ -544,9 +554,8 @@ def _read_preset(name_or_path: str) -> tuple[Path, dict[str, Any]]:
     try:
         data = read_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"preset {path} is not valid YAML{at}: {str(exc).splitlines()[0]}") from None
+        at, what = yaml_problem(exc)
+        raise ConfigError(f"preset {path} is not valid YAML{at}: {what}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"preset {path} is not UTF-8 text; save it as UTF-8") from None
     except OSError as exc:

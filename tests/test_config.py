@@ -94,6 +94,11 @@ def test_a_preset_that_sets_a_key_twice_is_refused_with_its_line(tmp_path):
     (tmp_path / "twice.yaml").write_text("optim:\n  lr: 0.01\n  lr_sigma: 0.003\n  lr: 0.1\n")
     with pytest.raises(C.ConfigError, match=r"not valid YAML at line 4, column 3: the key 'lr' is given twice"):
         C.load_preset(str(tmp_path / "twice.yaml"))
+    # the parser's complaint, not only what it was doing ("while scanning for the next token")
+    (tmp_path / "tab.yaml").write_text("model:\n  name: mlp\n\twidths: [1]\n")
+    with pytest.raises(C.ConfigError, match=r"not valid YAML at line 3, column 1: found character '\\t' that cannot "
+                                            r"start any token \(while scanning for the next token\)$"):
+        C.load_preset(str(tmp_path / "tab.yaml"))
 
 
 def test_unknown_preset_lists_valid_names():

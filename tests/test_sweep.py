@@ -402,7 +402,7 @@ def test_one_ood_array_under_two_spellings_is_one_set_given_twice(tmp_path: Path
     ([], "set: {optim.foo: [1, 2]}\n", "unknown config key 'optim.foo' in --file"),
     ([], "axes: {sparse.alpha: [0.1]}\n", "unknown sweep key 'axes'; valid keys are: preset, method, methods"),
     ([], "ood: 5\n", "ood 5: give a set's name or path, or a list of them"),
-    ([], "set:\n  optim.lr: 0.1\n  optim.lr: 0.2\n", "not a readable YAML sweep at line 3 (the key 'optim.lr' is given twice)"),
+    ([], "set:\n  optim.lr: 0.1\n  optim.lr: 0.2\n", "not a readable YAML sweep at line 3, column 3: the key 'optim.lr' is given twice"),
     ([], b"seeds: 2 # \xe9t\xe9\n", "not UTF-8 text; save it as UTF-8"),
     # a value given twice made one cell under a grid that said two
     (["--method", "ssvi,ssvi"], None, "method ssvi is given twice; give each value once"),

@@ -39,9 +39,8 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
         except UnicodeDecodeError:
             raise SweepError(f"--file {file}: not UTF-8 text; save it as UTF-8") from None
         except (OSError, yaml.YAMLError) as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" at line {mark.line + 1}" if mark is not None else ""
-            raise SweepError(f"--file {file}: not a readable YAML sweep{at} ({str(exc).splitlines()[0]})") from None
+            at, what = cfgmod.yaml_problem(exc)
+            raise SweepError(f"--file {file}: not a readable YAML sweep{at}: {what}") from None
         if not isinstance(loaded, dict):
             raise SweepError(f"--file {file}: a sweep file is a mapping (preset, methods, sparsities, seeds, set, ood, samples)")
         data = dict(loaded)
