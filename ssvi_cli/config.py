@@ -262,9 +262,13 @@ def _did_you_mean(key: str, choices: Optional[list[str]] = None) -> str:
 
 
 def _preset_hint(name: str, presets: list[str]) -> str:
-    """`` (did you mean 'digits_mlp'?)`` for the one preset ``name`` begins, or the closest name."""
-    starting = [p for p in presets if p.startswith(f"{name}_")]
-    return f" (did you mean {starting[0]!r}?)" if len(starting) == 1 else _did_you_mean(name, presets)
+    """`` (did you mean 'digits_mlp'?)`` for the presets whose name ``name`` begins (``digit``, ``mnist``:
+    one of them, or each), or the closest name."""
+    starting = ([p for p in presets if p.startswith(f"{name}_")] or [p for p in presets if p.startswith(name)]
+                if len(name) >= 3 else [])
+    if starting:
+        return f" (did you mean {' or '.join(repr(p) for p in starting)}?)"
+    return _did_you_mean(name, presets)
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:

@@ -41,8 +41,13 @@ def test_a_misspelt_section_or_preset_name_gets_the_closest_one(tmp_path):
         C.load_preset(str(tmp_path / "mine.yaml"))
     with pytest.raises(C.ConfigError, match=r"^unknown preset 'digits' \(did you mean 'digits_mlp'\?\); valid names"):
         C.load_preset("digits")
-    with pytest.raises(C.ConfigError, match=r"^unknown preset 'mnist'; valid names"):  # two begin so: neither
-        C.load_preset("mnist")
+    with pytest.raises(C.ConfigError, match=r"^unknown preset 'mnist' \(did you mean 'mnist_lenet5' or 'mnist_mlp'\?\)"):
+        C.load_preset("mnist")  # two begin so: both
+    with pytest.raises(C.ConfigError, match=r"^unknown preset 'digit' \(did you mean 'digits_mlp'\?\)"):
+        C.load_preset("digit")
+    with pytest.raises(C.ConfigError, match=r"^unknown preset 'cifar10' \(did you mean 'cifar10_resnet18' or "
+                                            r"'cifar10_vgg19'\?\)"):  # not cifar100's
+        C.load_preset("cifar10")
 
 
 def test_parse_override_reads_yaml_scalars_not_code():
