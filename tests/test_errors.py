@@ -47,6 +47,7 @@ def workspace(tmp_path_factory) -> Path:
     with zipfile.ZipFile(ws / "notes.zip", "w") as archive:
         archive.writestr("notes.txt", "not weights")
     (ws / "cut.safetensors9").write_bytes(data[:9])  # the header's length and its first byte
+    (ws / "model.pt").write_bytes(data)  # a model file renamed as a checkpoint
     (ws / "d.jsonl").mkdir()  # a folder whose name looks like an output file
     (ws / "afile").write_text("a file, not a folder\n")
     (ws / "empty.safetensors").write_bytes(b"")
@@ -188,6 +189,8 @@ CASES = [
     (["evaluate", "{ws}/runs_of"], "holds runs, such as {ws}/runs_of/cells/a"),
     (["inspect", "{ws}/plain.pt"], "plain.pt is not an ssvi checkpoint but a torch.save file of plain weights"),
     (["inspect", "{ws}/other.pt"], "other.pt is not an ssvi checkpoint (a torch.save file of something else)"),
+    (["evaluate", "{ws}/model.pt"], "{ws}/model.pt is a safetensors file (an ssvi model file?) named as a training "
+     "checkpoint is; ssvi reads a model file by its .safetensors name: rename it model.safetensors"),
     (["export", "{ws}/ckpt.bin", "-o", "{ws}/x.safetensors"], "is a zip archive (what torch.save writes: a training "
      "checkpoint, say), not an ssvi model file; ssvi export writes one from an ssvi training checkpoint named *.pt"),
     (["evaluate", "{ws}/plain.safetensors"], "not an ssvi model file"),

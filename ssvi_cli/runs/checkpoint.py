@@ -189,6 +189,12 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except pickle.UnpicklingError as exc:
+        from ssvi_cli.modelfile.header import safetensors_header
+
+        if safetensors_header(path) is not None:  # a model file renamed .pt: read as what it is named
+            raise CorruptCheckpoint(f"{path} is a safetensors file (an ssvi model file?) named as a training checkpoint "
+                                    f"is; ssvi reads a model file by its .safetensors name: rename it "
+                                    f"{Path(path).with_suffix('.safetensors').name}") from None
         if holds_objects(exc):  # a class or function to import: never, here
             raise CorruptCheckpoint(f"checkpoint {path} is unreadable ({NOT_TENSORS})") from None
         raise CorruptCheckpoint(f"checkpoint {path} is unreadable or corrupted ({unpickler_reason(exc)})") from None
