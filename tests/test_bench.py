@@ -84,6 +84,22 @@ def test_cli_tables(capsys):
     text = capsys.readouterr().out
     assert "dense VI" in text and "compact" in text and "FLOPs convention" in text
     assert "the dense rows leave out the index their layers keep at density 1" in " ".join(text.split())
+    # the first line is the command that measures the same again, every setting spelt out
+    assert text.splitlines()[0] == ("ssvi bench --model lenet5 --sparsity 0.9 --batch-size 2 --samples 1 --repeats 1 "
+                                    "--input-size 28 --threads 1 --warmup 0 --device cpu")
+
+
+def test_more_threads_than_cores_is_noted(capsys, monkeypatch):
+    import os
+
+    import ssvi_cli.bench as bench_pkg
+
+    monkeypatch.setattr(bench_pkg, "run_bench", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert run(["bench", "--threads", "3"]) == 1
+    assert "note: 3 threads on 2 CPU cores this process may use" in capsys.readouterr().err
+    assert run(["bench", "--threads", "2"]) == 1
+    assert "note:" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args", [["--sparsity", "1.5"], ["--sparsity", "x"], ["--model", "nope"], ["--sparsity", "0.9,,0.95"],

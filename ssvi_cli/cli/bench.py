@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any, Optional
 
 import typer
@@ -103,6 +104,10 @@ def register(app: typer.Typer) -> None:
         resolved = opts.resolved()
         spec = resolved.model_spec()
         check_input(spec, resolved.batch_size)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if resolved.device == "cpu" and resolved.threads > cores:  # on stderr, with --json too
+            err.print(f"note: {count(resolved.threads, 'thread')} on {count(cores, 'CPU core')} this process may use: "
+                      "the threads wait on each other, and the timings measure that (docs/BENCH.md)", highlight=False)
         if not json_out:
             # The model's note explains its own defaults: shown only when they are all in force.
             own = all(v is None for v in (sparsity, batch_size, samples, repeats))
@@ -116,9 +121,12 @@ def register(app: typer.Typer) -> None:
             print_json(result)
             return
         m = result["machine"]
-        out.print(f"[bold]ssvi bench --model {escape(model)}[/]  "
-                  + escape(f"cpu: {m['cpu']} ({m['logical_cpus']} logical CPUs), threads {result['threads']}, "
-                           f"device {result['device']}, torch {m['torch']}"), markup=True)
+        # The command that measures the same again, every setting spelt out.
+        again = (f"ssvi bench --model {model} --sparsity {','.join(f'{v:g}' for v in resolved.sparsities)} --batch-size "
+                 f"{resolved.batch_size} --samples {resolved.samples} --repeats {resolved.repeats} --input-size "
+                 f"{resolved.input_size} --threads {result['threads']} --warmup {warmup} --device {result['device']}")
+        out.print(f"[bold]{escape(again)}[/]", markup=True)
+        out.print(escape(f"cpu: {m['cpu']} ({m['logical_cpus']} logical CPUs), torch {m['torch']}"), markup=True)
         out.print(f"model: {result['architecture']}, the {result['recipe']} preset's recipe")
         shape = "x".join(map(str, result["input_shape"]))
         out.print(f"data: {result['data']}, {shape}; batch {result['batch_size']}, medians of {result['repeats']} "
