@@ -577,7 +577,7 @@ def preset_methods(name_or_path: str) -> tuple[Config, dict[str, dict[str, Any]]
         base = apply_overrides(Config(), _flatten(data, skip=("command", "methods")))
         return base, _method_values(data, base)
     except ConfigError as exc:
-        raise ConfigError(f"preset {path.name}: {exc}") from None
+        raise ConfigError(f"preset {name_or_path}: {exc}") from None  # as the user named it
 
 
 def load_preset(name_or_path: str, method: Optional[str] = None) -> Config:

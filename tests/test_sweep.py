@@ -74,7 +74,7 @@ def test_each_cell_takes_the_presets_values_for_its_method(tmp_path: Path, capsy
     capsys.readouterr()
     # the preset's entries are checked before any cell is made, and an error names the preset
     preset.write_text("methods:\n  vi: {optim: {lr: -1}}\n")
-    with pytest.raises(SweepError, match=r"^preset mine.yaml: methods.vi: optim.lr"):
+    with pytest.raises(SweepError, match=rf"^preset {preset}: methods.vi: optim.lr"):
         expand(SweepSpec(preset=str(preset), methods=("ssvi",)))
 
 
