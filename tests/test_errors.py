@@ -202,6 +202,7 @@ CASES = [
     (["evaluate", "{ws}/run", "--output", "{ws}/nodir/r.json"], "its folder {ws}/nodir does not exist"),
     (["evaluate", "{ws}/run", "--output", "{ws}/empty_dir"], "--output {ws}/empty_dir is a directory"),
     (["evaluate", "{ws}/run", "-o", "{ws}/empty_dir"], "--output {ws}/empty_dir is a directory"),  # -o as infer's
+    (["evaluate", "{ws}/run", "-o", ""], "--output is empty or '.'; give a file name"),  # it read "--output . is a directory"
     (["evaluate", "{ws}/run", "--dataset", "imagenet"], "unknown dataset 'imagenet'; valid names are: "),
     (["evaluate", "{ws}/run", "--ood", "svhn", "--data-dir", "{ws}/nodata"],
      "svhn not found or corrupted at {ws}/nodata (missing test_32x32.mat; torchvision: "),
