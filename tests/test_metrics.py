@@ -67,8 +67,8 @@ def test_a_tiny_metric_prints_its_digits_and_zero_prints_as_zero() -> None:
     assert [fmt(3.14e-5), fmt(-2e-6), fmt(0.0), fmt(0.0005), fmt(0.98333), fmt(None)] == [
         "3.14e-05", "-2.00e-06", "0.0000", "0.0005", "0.9833", "-"]
     # a value that four places would round to a whole number it is not (--sparsity 0.99999 read as 1.0000)
-    assert [fmt(0.99999), fmt(0.99994), fmt(1.0), fmt(2.999996), fmt(-0.99999)] == [
-        "0.99999", "0.9999", "1.0000", "2.999996", "-0.99999"]
+    assert [fmt(0.99999), fmt(0.99994), fmt(1.0), fmt(2.999996), fmt(-0.99999), fmt(10132.98, 1)] == [
+        "0.99999", "0.9999", "1.0000", "3.0000", "-0.99999", "10133.0"]  # a fraction only (a throughput as ever)
 
 
 def test_accepts_torch_tensors() -> None:

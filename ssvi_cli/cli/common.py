@@ -263,8 +263,9 @@ def fmt(value: Any, digits: int = 4) -> str:
         if value and abs(value) < 10 ** -digits:  # a mutual information of 3e-5 would print as 0.0000
             return f"{value:.2e}"
         text = f"{value:.{digits}f}"
-        # 0.99999 would read as 1.0000, a value it is not (a sparsity ssvi refuses, a perfect score): in full
-        return repr(value) if value != round(value) and float(text) == round(value) else text
+        # a fraction of 0.99999 would read as 1.0000, a value it is not (a sparsity ssvi refuses, a perfect
+        # score): in full
+        return repr(value) if abs(value) < 1 and abs(float(text)) == 1 else text
     return str(value)
 
 
