@@ -485,5 +485,45 @@ def test_an_optimizer_built_before_sparsify_is_refused_at_its_first_step():
     dense(torch.randn(3, 4)).sum().backward()
     stepped.step()
     sparsify(dense, 0.5)
+    stepped.zero_grad()  # the loop's next iteration: the weights taken out get no gradient now
+    dense(torch.randn(3, 4)).sum().backward()
     with pytest.raises(ValueError, match="this SGD holds the weights of '0' that sparsify took out"):
         stepped.step()
+
+
+def test_weights_taken_out_but_still_in_use_are_not_refused(tmp_path):
+    """What the step pre-hook must let through: a weight shared with another model, a plain head that
+    ssvi.load puts back, the user's layers after a load that failed, an optimizer without __hash__."""
+    from ssvi_cli.modelfile.header import ModelFileError
+
+    teacher, student = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    student[0].weight = teacher[0].weight  # shared across models: the teacher still trains it
+    teacher_opt = torch.optim.SGD(teacher.parameters(), lr=0.1)
+    sparsify(student, 0.5)
+    teacher(torch.randn(2, 4)).sum().backward()
+    teacher_opt.step()
+
+    def mlp(classes):
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, classes))
+
+    model = mlp(10)
+    sparsify(model, 0.9)
+    model[3] = nn.Linear(32, 5)  # a new plain head, which the file stores dense
+    ssvi.save(model, tmp_path / "h.safetensors")
+    loaded = ssvi.load(tmp_path / "h.safetensors", model=mlp(5)).train()
+    optimizer = torch.optim.SGD(loaded.parameters(), lr=0.1)  # built after the load, as API.md says
+    loaded(torch.randn(2, 64)).sum().backward()
+    optimizer.step()
+    dense = mlp(7)
+    dense_opt = torch.optim.SGD(dense.parameters(), lr=0.1)
+    with pytest.raises(ModelFileError):  # 7 classes against the file's 5: the user's layers are put back
+        ssvi.load(tmp_path / "h.safetensors", model=dense)
+    dense(torch.randn(2, 64)).sum().backward()
+    dense_opt.step()
+
+    class ComparedSGD(torch.optim.SGD):  # __eq__ without __hash__: unhashable
+        def __eq__(self, other):
+            return self is other
+
+    plain = nn.Linear(2, 2)
+    ComparedSGD(plain.parameters(), lr=0.1).step()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import weakref
 from typing import Any, Iterable, Optional
 
 import torch
@@ -27,13 +26,11 @@ from ssvi_cli.core.gaussian import rho_from_sigma
 from ssvi_cli.core.conv import SparseConv2d
 from ssvi_cli.core.conversion_report import ConversionReport, ConvertedLayer
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
+from ssvi_cli.core.replaced import mark_replaced
 
 log = logging.getLogger(__name__)
 
 SIGMA_FLOOR = 1e-8
-REPLACED = "_ssvi_replaced"  # on a parameter sparsify took out of the model: the layer's name
-_HOOKED = False  # the optimizers' step pre-hook is registered (once, by the first conversion)
-_CHECKED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, int]" = weakref.WeakKeyDictionary()
 TIED = "its weight is tied to"  # the start of a tied layer's reason in ``kept`` (module_io reads it)
 # Weight layers left dense and deterministic, named in the report's ``kept`` (with the in-projection
 # weights of nn.MultiheadAttention, which are its own parameters, not a child's).
@@ -237,21 +234,6 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
     return report
 
 
-def _refuse_replaced_weights(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """Before any optimizer's step: one built before ``sparsify`` holds the dense weights taken out of
-    the model, and stepping it would leave the sparse layers untrained without a word. Each
-    optimizer is looked through again only when its parameter count changes or a layer is converted."""
-    count = sum(len(group["params"]) for group in optimizer.param_groups)
-    if _CHECKED.get(optimizer) == count:
-        return
-    name = next((getattr(p, REPLACED) for g in optimizer.param_groups for p in g["params"] if hasattr(p, REPLACED)), None)
-    if name is not None:
-        raise ValueError(f"this {type(optimizer).__name__} holds the weights of {name!r} that sparsify took out of the "
-                         "model, not its sparse layers, which would never train; build the optimizer after sparsify, "
-                         "from ssvi_cli.param_groups(model, lr, lr_sigma) or model.parameters()")
-    _CHECKED[optimizer] = count
-
-
 def _check_sigma_init(sigma_mean: float, sigma_std: float, moped_delta: Optional[float]) -> None:
     """sigma is |N(sigma_mean, sigma_std^2)| or moped_delta * |w|: each a positive scale (a zero or
     negative one would leave sigma at its floor, or as large as |sigma_mean|, without a word)."""
@@ -288,17 +270,9 @@ def _support_from_weights(twin: SparseGaussian, module: nn.Module, density: floa
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` where the module ``name`` is, under each name that module is registered as; the
-    weights taken out are marked, for :func:`_refuse_replaced_weights`."""
-    global _HOOKED
+    weights taken out are marked (``core.replaced``: an optimizer still holding them is refused)."""
     old = model.get_submodule(name)
-    for param in old.parameters(recurse=False):
-        setattr(param, REPLACED, name)
-    _CHECKED.clear()  # an optimizer looked through before may hold these weights: every one is looked at again
-    if not _HOOKED:
-        from torch.optim.optimizer import register_optimizer_step_pre_hook
-
-        register_optimizer_step_pre_hook(_refuse_replaced_weights)
-        _HOOKED = True
+    mark_replaced(old, name)
     for alias, module in list(model.named_modules(remove_duplicate=False)):
         if module is old:
             parent_name, _, child = alias.rpartition(".")

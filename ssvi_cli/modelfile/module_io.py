@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ssvi_cli.core.convert import TIED, sparsify
+from ssvi_cli.core.replaced import unmark
 from ssvi_cli.core.layers import SparseGaussian, sparse_layers
 from ssvi_cli.core.modes import evaluating, sampling
 from ssvi_cli.core.state import wrapper_chain
@@ -166,8 +167,7 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
     wrapper, model = model, chain[-1]
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    head = read_header(path)
-    meta = head["meta"]
+    meta = read_header(path)["meta"]
     recorded = str(meta["architecture"].get("name", ""))
     mine = f"{CUSTOM}{type(model).__module__}.{type(model).__qualname__}"
     if recorded.startswith(CUSTOM) and recorded != mine:
@@ -177,8 +177,7 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
         install(model, path, meta, read_tensors(path), target=target)  # validates before it changes anything
         _remember_card(model, meta)
         return wrapper.to(device).eval()
-    # Converting swaps layers into their parents' child lists: if the file then does not fit, put the
-    # user's layers back rather than leave the model converted with empty supports.
+    # A file that does not fit puts the user's layers back, not a model converted with empty supports.
     children = [(module, dict(module._modules)) for module in model.modules()]
     try:
         records = [r for r in meta["layers"] if isinstance(r, dict)]
@@ -189,14 +188,14 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
         tied = next(((name, why) for name, why in report.kept if name in stored and why.startswith(TIED)), None)
         if tied is not None:  # a file written when ssvi still converted tied layers (untying them)
             raise ModelFileError(f"{path} stores layer {tied[0]!r} as sparse, but in {target} it stays dense "
-                                 f"({tied[1]}); "
-                                 f"untie it before loading (model.{tied[0]}.weight = nn.Parameter(model.{tied[0]}.weight"
+                                 f"({tied[1]}); untie it before loading (model.{tied[0]}.weight = nn.Parameter(model.{tied[0]}.weight"
                                  ".detach().clone())), as it was when the file was written")
         install(model, path, meta, read_tensors(path), target=target)
     except BaseException:
         for module, kept in children:
             module._modules.clear()
             module._modules.update(kept)
+            unmark(m for m in kept.values() if m is not None)  # the user's layers, trainable by their optimizer
         raise
     _remember_card(model, meta)
     return wrapper.to(device).eval()
@@ -211,6 +210,7 @@ def _keep_dense_as_stored(model: nn.Module, children: list[tuple[nn.Module, dict
         for child, now in list(module._modules.items()):
             if id(now) in undo:
                 module._modules[child] = kept[child]
+                unmark([kept[child]])
 
 
 def _check_load_args(device: Optional[str | torch.device], kernel: str) -> None:
