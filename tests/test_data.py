@@ -541,6 +541,14 @@ def test_missing_mnist_files_say_gunzip_and_where_data_dir_points(tmp_path):
     with pytest.raises(DatasetUnavailable, match=r"\(missing train-images-idx3-ubyte, .*t10k-labels-idx1-ubyte; "
                                                  r"their \.gz archives are there: unpack with gunzip; torchvision: "):
         build_dataset("mnist", data_dir=tmp_path)
-    with pytest.raises(DatasetUnavailable, match=rf"; --data-dir is the folder that holds MNIST/, {tmp_path} here; "
-                                                 r"torchvision: "):
-        build_dataset("mnist", data_dir=tmp_path / "MNIST")
+    for f in list(raw.iterdir()):  # unpacked: a --data-dir of the dataset's own folder names the one above
+        (raw / f.name.removesuffix(".gz")).write_bytes(gzip.decompress(f.read_bytes()))
+    for given in (tmp_path / "MNIST", tmp_path / "MNIST" / "raw"):
+        with pytest.raises(DatasetUnavailable, match=rf"; --data-dir is the folder that holds MNIST/, {tmp_path} "
+                                                     r"here; torchvision: "):
+            build_dataset("mnist", data_dir=given)
+    (tmp_path / "data" / "data").mkdir(parents=True)  # two folders of one name, holding no dataset: no hint
+    for name in ("mnist", "cifar10", "svhn"):
+        with pytest.raises(DatasetUnavailable) as caught:
+            build_dataset(name, data_dir=tmp_path / "data" / "data")
+        assert "--data-dir is the folder" not in str(caught.value)

@@ -29,20 +29,20 @@ def expected_files(cls: Any, split: str) -> list[str]:
     return []
 
 
-def _inner_hint(where: Path) -> str:
-    """A --data-dir given as the dataset's own folder (``.../MNIST``, so that torchvision looks in
-    ``.../MNIST/MNIST/raw``): the folder that holds it, said."""
-    parts = where.parts
-    for depth in (1, 2):  # the folders torchvision adds below --data-dir: cifar-10-batches-py, MNIST/raw
-        head, tail = parts[:-depth], parts[-depth:]
-        for j in range(depth, 0, -1):
-            if len(head) >= j and head[-j:] == tail[:j]:
-                return f"--data-dir is the folder that holds {tail[0]}/, {Path(*head[:-j] or ('.',))} here; "
+def _inner_hint(data_dir: Path, where: Path, expected: Sequence[str]) -> str:
+    """A --data-dir given as the dataset's own folder (``tv/MNIST`` or ``tv/MNIST/raw``, so that
+    torchvision looks in ``tv/MNIST/MNIST/raw``): the folder that holds it, when the files are there."""
+    inner = where.relative_to(data_dir).parts  # the folders torchvision adds: MNIST/raw, cifar-10-batches-py
+    for j in range(min(len(inner), len(data_dir.parts)), 0, -1):
+        if data_dir.parts[-j:] == inner[:j]:
+            holder = Path(*data_dir.parts[:-j] or (".",))
+            if expected and all((holder.joinpath(*inner) / f).is_file() for f in expected):
+                return f"--data-dir is the folder that holds {inner[0]}/, {holder} here; "
     return ""
 
 
 def _call_torchvision(name: str, factory: Callable[[], object], where: Path, download: bool,
-                      expected: Sequence[str] = ()):
+                      expected: Sequence[str] = (), hint: str = ""):
     """Run a torchvision constructor, turning its missing-file errors into DataErrors (which name the
     ``expected`` files missing from ``where``)."""
     stall_seconds()  # a bad SSVI_NETWORK_TIMEOUT is its own one-line error, not one of the files'
@@ -60,7 +60,7 @@ def _call_torchvision(name: str, factory: Callable[[], object], where: Path, dow
         several = len(packed) > 1
         detail += (f"{'their .gz archives are' if several else 'its .gz archive is'} there: unpack with gunzip; "
                    if packed else "")
-        detail += _inner_hint(where)
+        detail += hint
         raise DatasetUnavailable(
             f"{name} not found or corrupted at {where} ({detail}torchvision: {said}); pass --download "
             f"(in a sweep: --set data.download=true) to fetch it, or place the original files there"
@@ -94,8 +94,9 @@ def torchvision_loader(name: str, cls_name: str, location: Callable[[Path], Path
             make = lambda: cls(root=str(data_dir), train=train, download=download)  # noqa: E731
         fresh = [p for p in (location(data_dir), *location(data_dir).parents) if not p.exists()]  # deepest first
         try:
-            ds = _call_torchvision(name, make, location(data_dir), download,
-                                   expected_files(cls, "train" if train else "test"))
+            expected = expected_files(cls, "train" if train else "test")
+            ds = _call_torchvision(name, make, location(data_dir), download, expected,
+                                   _inner_hint(data_dir, location(data_dir), expected))
         except DataError:  # a failed download (a mistyped --data-dir, say) leaves no empty folders behind
             for folder in (f for f in fresh if f.is_dir()):  # not all of them are made (CIFAR's after unpacking)
                 try:
