@@ -308,3 +308,7 @@ def test_a_run_without_out_is_named_after_the_run_it_starts_from(trained, tmp_pa
     cfg = build_config(None, {"model.init_from": str(tmp_path / "weights.v2.safetensors")}, [])
     assert default_run_dir(cfg, None).path.name.split("-", 2)[2] == "from-weights.v2-ssvi-s0.9"  # its dots kept
     assert default_run_dir(cfg, "presets/my.yaml").path.name.split("-", 2)[2] == "my-ssvi-s0.9"
+    assert default_run_dir(cfg, "Mine.YAML").path.name.split("-", 2)[2] == "Mine-ssvi-s0.9"
+    checkpoint = next((named / "checkpoints").iterdir())  # a run's checkpoint: named after the run too
+    cfg = build_config(None, {"model.init_from": str(checkpoint)}, [])
+    assert default_run_dir(cfg, None).path.name.split("-", 2)[2] == "from-digits_mlp-ssvi-s0.9-ssvi-s0.9"

@@ -38,13 +38,15 @@ def build_config(preset: Optional[str], overrides: dict[str, Any], sets: list[st
 def default_run_dir(cfg: cfgmod.Config, preset: Optional[str]) -> Any:
     """``runs/<time>-<preset>-<method>[-s<sparsity>]``; a run from a trained ssvi model without a preset
     is named after that model (``from-NAME``)."""
+    from ssvi_cli.runs.checkpoint import CHECKPOINT_DIR
     from ssvi_cli.runs.rundir import MODEL_FILE, RunDir
     from ssvi_cli.training.init_posterior import names_trained_model
 
     if preset is None and names_trained_model(cfg.model.init_from):
         source = Path(str(cfg.model.init_from)).expanduser().resolve()
-        # a run's own model file says nothing by its name ("model"): the run's folder does
-        named = source.parent if source.name == MODEL_FILE and source.parent.name else source
+        # a run's own model file or checkpoint says nothing by its name ("model"): the run's folder does
+        in_run = source.name == MODEL_FILE or (source.parent.name == CHECKPOINT_DIR and source.suffix == ".pt")
+        named = (source.parent.parent if source.parent.name == CHECKPOINT_DIR else source.parent) if in_run else source
         name = named.name if named.is_dir() else named.stem
         preset = "from-" + (re.sub(r"^\d{8}-\d{6}-", "", name) or name)  # a default run name's time stays its own
     return RunDir.default(preset or cfgmod.DEFAULT_PRESET, cfg.sparse.method, cfg.sparse.sparsity if cfg.density < 1 else None)
