@@ -352,6 +352,10 @@ def test_train_infer_evaluate_on_a_png_folder(ws, tmp_path, capsys, monkeypatch)
     assert capsys.readouterr().err.rstrip().endswith(  # on its test split alone, the way is said
         "and 2 classes, but the model takes (1, 8, 8) and predicts 3 classes; a labelled folder that holds some "
         "of the model's classes is scored whole with --split all")
+    write_class(tmp_path / "pets" / "cat", 0, 3)  # classes the model does not have: no such pointer
+    write_class(tmp_path / "pets" / "dog", 2, 3)
+    assert run(["evaluate", str(model), "--dataset", f"imagefolder:{tmp_path / 'pets'}", "--mode", "mean"]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("and predicts 3 classes")
     assert run(["evaluate", str(model), "--dataset", f"imagefolder:{tmp_path / 'new'}", "--split", "all",
                 "--mode", "mean", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -55,7 +55,7 @@ def _check_compatible(name: str, spec: DataSpec, model_spec: DataSpec) -> None:
             + (f"; score it as out-of-distribution with --ood {name} instead" if name in ood_names() else
                "; a labelled folder that holds some of the model's classes is scored whole with --split all"
                if name.startswith("imagefolder:") and spec.input_shape == model_spec.input_shape
-               and spec.num_classes < model_spec.num_classes else "")
+               and set(spec.class_names) < set(model_spec.class_names) else "")
         )
     placeholders = tuple(str(i) for i in range(model_spec.num_classes))  # ssvi.save without class_names
     named = tuple(model_spec.class_names) != placeholders
