@@ -281,7 +281,11 @@ def _fit(trainer, interrupted_cls, quiet: bool, say: Callable[[str], None]) -> d
         try:
             return trainer.fit(Progress(on_epoch_start, on_batch, on_epoch_end))
         except OSError as exc:  # a full disk, a folder made read-only: what was checkpointed is kept
-            if trainer.is_main and trainer.run.checkpoints():
+            try:
+                kept = trainer.is_main and bool(trainer.run.checkpoints())
+            except OSError:  # the folder itself unreadable now: the error as it came
+                kept = False
+            if kept:
                 exc.ssvi_resume = f"ssvi train --resume {trainer.run_dir}" + nproc_again(trainer.dist.world_size)
             raise
         except interrupted_cls as stop:
