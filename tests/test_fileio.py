@@ -295,3 +295,12 @@ def test_a_run_stopped_by_a_full_disk_after_a_checkpoint_says_how_to_resume(tmp_
     monkeypatch.setattr(checkpoint.torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
     assert run(["train", "--epochs", "1", "--set", "data.max_train=64", "--out", str(tmp_path / "s")]) == 2
     assert "resume" not in capsys.readouterr().err  # no checkpoint yet: nothing to resume
+    from ssvi_cli.runs.rundir import RunDir
+
+    def unlistable(self):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self.path))
+
+    monkeypatch.setattr(RunDir, "checkpoints", unlistable)  # the folder cannot be listed either: the error as it came
+    assert run(["train", "--epochs", "1", "--set", "data.max_train=64", "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert "no space left on the device" in err and "resume" not in err
