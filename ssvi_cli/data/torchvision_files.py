@@ -81,7 +81,8 @@ def _call_torchvision(name: str, factory: Callable[[], object], where: Path, dow
         raise DatasetUnavailable(f"cannot read or download {name} at {where} ({said}); check the path/network") from err
 
 
-def torchvision_loader(name: str, cls_name: str, location: Callable[[Path], Path]) -> Callable[[Path, bool, bool], RawImages]:
+def torchvision_loader(name: str, cls_name: str,
+                       location: Callable[[Path], Path]) -> Callable[[Path, bool, bool], RawImages]:
     """Loader for a torchvision dataset class, decoded once into uint8 (N, C, H, W) tensors."""
 
     def load(data_dir: Path, train: bool, download: bool) -> RawImages:
