@@ -91,7 +91,11 @@ CASES = [
     (["train", "--set", "model.name=alexnet"], "unknown model 'alexnet'; valid names are: "),
     (["train", "--set", "data.name=imagenet"], "unknown dataset 'imagenet'; valid names are: "),
     (["train", "--criterion", "nope"], "unknown criterion 'nope'; valid names are: "),
-    (["train", "--method", "magic"], "sparse.method='magic'; valid values are: ssvi, vi, static, rigl, dense"),
+    (["train", "--method", "magic"], "error: --method: sparse.method='magic'; valid values are: ssvi, vi, static, rigl, "
+     "dense"),  # the flag the value came from, then its config key
+    (["train", "--epochs", "0"], "error: --epochs: train.epochs=0 must be >= 1"),
+    (["train", "--set", "train.epochs=0"], "error: train.epochs=0 must be >= 1"),
+    (["presets", "mnist_lenet5", "--method", "magic"], "error: --method: sparse.method='magic'; valid values are"),
     (["train", "--device", "tpu"], "train.device='tpu'; valid values are: auto, cpu, cuda"),
     (["train", "--device", "cuda"], "no CUDA device is available; use --device cpu"),
     (["train", "--set", "bogus.key=1"], "valid keys"),

@@ -67,7 +67,10 @@ def _show_one(name: str, method: Optional[str], json_out: bool) -> None:
     import yaml
 
     if method is not None:
-        data = cfgmod.load_preset(name, method).to_dict()
+        try:
+            data = cfgmod.load_preset(name, method).to_dict()
+        except cfgmod.ConfigError as exc:  # named by the flag that gave it
+            raise cfgmod.ConfigError(f"--method: {exc}" if str(exc).startswith("sparse.method=") else str(exc)) from None
     else:
         base, per_method = cfgmod.preset_methods(name)
         data = base.to_dict()

@@ -26,13 +26,20 @@ def build_config(preset: Optional[str], overrides: dict[str, Any], sets: list[st
     from ssvi_cli.training.init_posterior import names_trained_model, recorded_config
 
     source = flat.get("model.init_from")
-    if preset is None and isinstance(source, str) and names_trained_model(source):
-        base, data = recorded_config(source), flat.get("data.name")
-        if base.data.name.startswith("imagefolder:") and isinstance(data, str) and not data.startswith("imagefolder:"):
-            # an image folder's own settings (its size, channels, normalisation) do not go to other data
-            base = cfgmod.apply_overrides(base, {f"data.{k}": getattr(cfgmod.DataConfig, k) for k in cfgmod.IMAGEFOLDER_KEYS})
-        return cfgmod.with_absolute_paths(cfgmod.apply_overrides(base, flat))
-    return cfgmod.from_preset(preset or cfgmod.DEFAULT_PRESET, flat)
+    try:
+        if preset is None and isinstance(source, str) and names_trained_model(source):
+            base, data = recorded_config(source), flat.get("data.name")
+            if base.data.name.startswith("imagefolder:") and isinstance(data, str) and not data.startswith("imagefolder:"):
+                # an image folder's own settings (its size, channels, normalisation) do not go to other data
+                base = cfgmod.apply_overrides(base, {f"data.{k}": getattr(cfgmod.DataConfig, k)
+                                                     for k in cfgmod.IMAGEFOLDER_KEYS})
+            return cfgmod.with_absolute_paths(cfgmod.apply_overrides(base, flat))
+        return cfgmod.from_preset(preset or cfgmod.DEFAULT_PRESET, flat)
+    except cfgmod.ConfigError as exc:  # a value a flag gave is named by that flag, as the user wrote it
+        key = str(exc).partition("=")[0]
+        if overrides.get(key) is None:
+            raise
+        raise cfgmod.ConfigError(f"{flag_of(key)}: {exc}") from None
 
 
 def default_run_dir(cfg: cfgmod.Config, preset: Optional[str]) -> Any:
