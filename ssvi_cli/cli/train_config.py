@@ -52,8 +52,11 @@ def default_run_dir(cfg: cfgmod.Config, preset: Optional[str]) -> Any:
     if preset is None and names_trained_model(cfg.model.init_from):
         source = Path(str(cfg.model.init_from)).expanduser().resolve()
         # a run's own model file or checkpoint says nothing by its name ("model"): the run's folder does
-        in_run = source.name == MODEL_FILE or (source.parent.name == CHECKPOINT_DIR and source.suffix == ".pt")
-        named = (source.parent.parent if source.parent.name == CHECKPOINT_DIR else source.parent) if in_run else source
+        named = source
+        if source.name == MODEL_FILE:
+            named = source.parent
+        elif source.parent.name == CHECKPOINT_DIR and source.suffix == ".pt":
+            named = source.parent.parent
         name = named.name if named.is_dir() else named.stem
         preset = "from-" + (re.sub(r"^\d{8}-\d{6}-", "", name) or name)  # a default run name's time stays its own
     return RunDir.default(preset or cfgmod.DEFAULT_PRESET, cfg.sparse.method, cfg.sparse.sparsity if cfg.density < 1 else None)

@@ -34,7 +34,7 @@ def unmark(modules: Iterable[nn.Module]) -> None:
     """Layers put back into a model after ``sparsify`` replaced them (``ssvi_cli.load`` keeping a
     plain head, or undoing a load that failed): their weights are the model's again."""
     for module in modules:
-        for param in module.parameters():
+        for param in module.parameters(recurse=False):  # as mark_replaced marked them: a layer's own
             if hasattr(param, REPLACED):
                 delattr(param, REPLACED)
     _CHECKED.clear()

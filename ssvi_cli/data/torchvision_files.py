@@ -41,10 +41,10 @@ def _inner_hint(data_dir: Path, where: Path, expected: Sequence[str]) -> str:
     return ""
 
 
-def _call_torchvision(name: str, factory: Callable[[], object], where: Path, download: bool,
-                      expected: Sequence[str] = (), hint: str = ""):
+def _call_torchvision(name: str, factory: Callable[[], object], data_dir: Path, where: Path, download: bool,
+                      expected: Sequence[str] = ()):
     """Run a torchvision constructor, turning its missing-file errors into DataErrors (which name the
-    ``expected`` files missing from ``where``)."""
+    ``expected`` files missing from ``where``, the folder it reads below ``data_dir``)."""
     stall_seconds()  # a bad SSVI_NETWORK_TIMEOUT is its own one-line error, not one of the files'
     try:
         with stall_limit():
@@ -60,7 +60,7 @@ def _call_torchvision(name: str, factory: Callable[[], object], where: Path, dow
         several = len(packed) > 1
         detail += (f"{'their .gz archives are' if several else 'its .gz archive is'} there: unpack with gunzip; "
                    if packed else "")
-        detail += hint
+        detail += _inner_hint(data_dir, where, expected)
         raise DatasetUnavailable(
             f"{name} not found or corrupted at {where} ({detail}torchvision: {said}); pass --download "
             f"(in a sweep: --set data.download=true) to fetch it, or place the original files there"
@@ -96,8 +96,7 @@ def torchvision_loader(name: str, cls_name: str,
         fresh = [p for p in (location(data_dir), *location(data_dir).parents) if not p.exists()]  # deepest first
         try:
             expected = expected_files(cls, "train" if train else "test")
-            ds = _call_torchvision(name, make, location(data_dir), download, expected,
-                                   _inner_hint(data_dir, location(data_dir), expected))
+            ds = _call_torchvision(name, make, data_dir, location(data_dir), download, expected)
         except DataError:  # a failed download (a mistyped --data-dir, say) leaves no empty folders behind
             for folder in (f for f in fresh if f.is_dir()):  # not all of them are made (CIFAR's after unpacking)
                 try:

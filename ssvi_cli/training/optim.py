@@ -52,9 +52,10 @@ def param_groups(model: nn.Module, lr: float, lr_sigma: float, weight_decay: flo
     for arg, value in (("lr", lr), ("lr_sigma", lr_sigma), ("weight_decay", weight_decay)):
         if real(arg, value) < 0:
             raise ValueError(f"{arg}={value} must be at least 0")
-    if not sparse_layers(model):  # groups for the dense weights sparsify is about to replace
+    layers = sparse_layers(model)
+    if not layers:  # groups for the dense weights sparsify is about to replace
         raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
-    rho = [layer.rho for _, layer in sparse_layers(model) if layer.rho is not None]
+    rho = [layer.rho for _, layer in layers if layer.rho is not None]
     rho_ids = {id(p) for p in rho}
     rest = [p for p in model.parameters() if id(p) not in rho_ids]
     groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay, "base_lr": lr, "name": "mu"}]
