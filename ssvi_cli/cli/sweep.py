@@ -146,8 +146,7 @@ def _dry_run(sweep_dir: Path, cells: list[Any], json_out: bool = False, spec: An
 def _run(sweep_dir: Path, spec: "SweepSpec", cells: list[Any], jobs: int, threads: int, json_out: bool,
          figures: bool, baseline: Optional[list[str]] = None) -> None:
     from ssvi_cli.sweep.report import write_report
-    from ssvi_cli.sweep.grid import CELLS_DIR
-    from ssvi_cli.sweep.runner import cell_state, run_cells
+    from ssvi_cli.sweep.runner import cell_dir, cell_state, run_cells
 
     from ssvi_cli.sweep.sweepdir import record_processes, sweep_lock
 
@@ -179,7 +178,7 @@ def _run(sweep_dir: Path, spec: "SweepSpec", cells: list[Any], jobs: int, thread
         # A cell stopped before its first checkpoint starts again; the others continue from theirs.
         resume = f"ssvi sweep --resume {shlex.quote(str(sweep_dir))}"
         if outcome.stopped:
-            fresh = sum(cell_state(sweep_dir / CELLS_DIR / name) == "new" for name in outcome.stopped)
+            fresh = sum(cell_state(cell_dir(sweep_dir, c)) == "new" for c in cells if c.name in outcome.stopped)
             _say(f"interrupted: {count(len(outcome.stopped), 'cell')} stopped{failed}; " + (
                 "each continues from its last checkpoint" if not fresh else "each starts again, none had a checkpoint"
                 if fresh == len(outcome.stopped) else f"each continues from its last checkpoint ({fresh} had none "
