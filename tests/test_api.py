@@ -180,7 +180,8 @@ def test_refusals_are_clear():
     net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     early = torch.optim.Adam(net.parameters(), lr=0.01)
     ssvi.sparsify(net, sparsity=0.5)
-    with pytest.raises(ValueError, match=r"does not hold 0\.mu; build it after ssvi_cli.sparsify"):
+    advice = r"does not hold 0\.mu; build it after ssvi_cli.sparsify, from ssvi_cli\.param_groups\(model, lr, lr_sigma\)"
+    with pytest.raises(ValueError, match=advice):
         ssvi.Subspace(net, early, total_steps=10)
     with pytest.raises(ValueError, match="already sparse"):
         ssvi.sparsify(net, sparsity=0.5)

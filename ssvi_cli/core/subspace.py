@@ -49,7 +49,7 @@ def check_optimizer_holds(model: nn.Module, optimizer: torch.optim.Optimizer) ->
         for part, param in (("mu", layer.mu), ("rho", layer.rho)):
             if param is not None and param.requires_grad and id(param) not in held:
                 raise ValueError(f"the optimizer does not hold {name}.{part}; build it after ssvi_cli.sparsify, "
-                                 "from model.parameters() or ssvi_cli.param_groups(model)")
+                                 "from ssvi_cli.param_groups(model, lr, lr_sigma) or model.parameters()")
 
 
 def check_state_fits(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
