@@ -181,6 +181,32 @@ def test_save_refuses_a_model_it_cannot_describe(tmp_path):
     assert (spec["mean"], spec["std"]) == ([0.4], [0.25])
 
 
+def test_save_refuses_nan_or_values_its_dtype_cannot_hold_and_keeps_the_file_there(tmp_path):
+    """No reader takes a file holding NaN or inf: a loop saving each epoch to one path would replace its
+    last good model with one nothing loads, and find out only when it loads."""
+    net = trained_net(tmp_path)
+    path = tmp_path / "m.safetensors"
+    good = ssvi.save(net, path)
+    before = path.read_bytes()
+    for tensor, entry in ((net.head[1].mu, 0), (net.bn.running_var, 3), (net.scale, ())):
+        with torch.no_grad():
+            kept = tensor[entry].clone()
+            tensor[entry] = float("nan")
+        with pytest.raises(ValueError, match=r"holds 1 non-finite value \(NaN or inf\): the model diverged; nothing was written"):
+            ssvi.save(net, path)
+        assert path.read_bytes() == before
+        with torch.no_grad():
+            tensor[entry] = kept
+    with torch.no_grad():
+        net.head[1].mu[0] = 1e5
+    with pytest.raises(ValueError, match=r"tensor 'head\.1\.mu' holds values beyond float16's range \(largest 65504\); "
+                                         r"save as float32 or bfloat16"):
+        ssvi.save(net, path, dtype="float16")
+    assert path.read_bytes() == before
+    assert ssvi.save(net, path, dtype="bfloat16") < good
+    assert float(ssvi.load(path, model=Net()).head[1].mu[0]) == pytest.approx(1e5, rel=1e-2)
+
+
 def test_evaluate_asks_for_the_dataset_of_a_file_that_records_none(tmp_path, capsys):
     net = torchvision.models.resnet18(num_classes=10)  # a file the CLI can build: a torchvision network
     ssvi.sparsify(net, 0.95)

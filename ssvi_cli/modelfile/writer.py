@@ -69,19 +69,32 @@ def model_tensors(model: SSVIModel, dtype: str = "float32", dense: bool = False
     """The file's tensors and per-layer records for ``model`` (compact unless ``dense``)."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid values are: {', '.join(DTYPES)}")
-    value_dtype = TORCH_DTYPES[dtype]
     tensors: dict[str, Tensor] = {}
     records: list[dict[str, Any]] = []
     for name, layer in sparse_layers(model):
         code, active, parts = _layer_tensors(layer, dense)
         for part, value in parts.items():
-            tensors[f"{name}.{part}"] = (value if part == "index" else value.to(value_dtype)).contiguous()
+            tensors[f"{name}.{part}"] = value if part == "index" else _converted(f"{name}.{part}", value, dtype)
         records.append({"name": name, "kind": layer_kind(layer), "shape": list(layer.weight_shape),
                         "active": active, "bayesian": layer.bayesian, "index": code})
     for key, value in dense_state(model).items():
         value = value.cpu()
-        tensors[key] = (value.to(value_dtype) if value.is_floating_point() else value).contiguous()
+        tensors[key] = _converted(key, value, dtype) if value.is_floating_point() else value.contiguous()
     return tensors, records
+
+
+def _converted(key: str, value: Tensor, dtype: str) -> Tensor:
+    """``value`` in the file's ``dtype``; NaN or inf is refused before anything is written: no reader
+    takes such a file, and a loop saving to one path each epoch would lose its last good model."""
+    out = value.to(TORCH_DTYPES[dtype]).contiguous()
+    if not bool(torch.isfinite(out).all()):
+        if bool(torch.isfinite(value).all()):
+            raise ValueError(f"tensor {key!r} holds values beyond {dtype}'s range (largest "
+                             f"{torch.finfo(TORCH_DTYPES[dtype]).max:.6g}); save as float32 or bfloat16")
+        bad = int((~torch.isfinite(value)).sum())
+        raise ValueError(f"tensor {key!r} holds {bad} non-finite value{'s' * (bad != 1)} (NaN or inf): the model "
+                         "diverged; nothing was written")
+    return out
 
 
 def write_model_file(model: SSVIModel, path: Path, card: ModelCard, *, dtype: str = "float32",
