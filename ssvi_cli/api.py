@@ -19,14 +19,15 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import replace
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ssvi_cli.argcheck import real, whole
 from ssvi_cli.config import MIN_SUBSPACE_STEPS, PAPER_DELTA_T, Config, ConfigError, validate
 from ssvi_cli.core.criteria import REMOVAL_CRITERIA
+from ssvi_cli.core.hooks import Hook, rank_mean
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.core.modes import capturing_dense_grad, sampling
 from ssvi_cli.core.subspace import (OptimizerStateError, Schedule, SwapReport, check_optimizer_holds, check_state_fits,
@@ -48,22 +49,6 @@ _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKey
 # Optimizers a Subspace is stepping right now (its step() calls optimizer.step()): any other step of
 # them is the loop's own.
 _STEPPING: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
-
-
-class _Hook:
-    """A Subspace's hook on its model or optimizer. A copy (``copy.deepcopy(model)`` for an EMA or
-    SWA model, a pickled whole model) gets a hook that does nothing, instead of a copy of the
-    Subspace and its optimizer acting on the copied model."""
-
-    def __init__(self, fn: Optional[Callable[..., None]]) -> None:
-        self.fn = fn
-
-    def __call__(self, *args: Any) -> None:
-        if self.fn is not None:
-            self.fn(*args)
-
-    def __reduce__(self) -> tuple[type, tuple[None]]:
-        return _Hook, (None,)
 
 
 class Subspace:
@@ -135,9 +120,9 @@ class Subspace:
         self._told_eval = False  # the eval()-mode warning is given once
         self._plain_steps = 0  # the loop's own optimizer steps since the last step()
         self._told_plain = False
-        self._hooks = [model.register_forward_pre_hook(_Hook(self._before_forward)),
-                       model.register_forward_hook(_Hook(self._after_forward)),
-                       optimizer.register_step_pre_hook(_Hook(self._before_optimizer_step))]
+        self._hooks = [model.register_forward_pre_hook(Hook(self._before_forward)),
+                       model.register_forward_hook(Hook(self._after_forward)),
+                       optimizer.register_step_pre_hook(Hook(self._before_optimizer_step))]
         key = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         previous = _ATTACHED.get(key)
         previous = previous() if previous is not None else None
@@ -213,7 +198,7 @@ class Subspace:
             if average and torch.distributed.is_available() and torch.distributed.is_initialized():
                 for param in self._unsynced.module.parameters():
                     if param.grad is not None:
-                        param.grad.copy_(_rank_mean(param.grad))
+                        param.grad.copy_(rank_mean(param.grad))
             self._unsynced.require_backward_grad_sync = True
             self._unsynced = None
 
@@ -250,7 +235,7 @@ class Subspace:
             if not captured:
                 raise RuntimeError("no dense gradient for the subspace step: run the step's forward and "
                                    "backward with the model in train() mode before Subspace.step()")
-            reduce = _rank_mean if torch.distributed.is_available() and torch.distributed.is_initialized() else None
+            reduce = rank_mean if torch.distributed.is_available() and torch.distributed.is_initialized() else None
             self.last_report = subspace_step(self.model, self.t, self.schedule, self.criterion,
                                              self.criterion_lambda, self.new_sigma, self.optimizer, reduce)
             unreached = tuple(self.last_report.unreached)
@@ -289,12 +274,26 @@ class Subspace:
         return self.schedule.drop_fraction(self.t)
 
     def state_dict(self) -> dict[str, int]:
-        return {"t": self.t}
+        """The schedule's position ``t``, with its spacing and end (``delta_t``, ``t_end`` in steps)."""
+        return {"t": self.t, "delta_t": self.schedule.delta_t, "t_end": self.schedule.t_end}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if not isinstance(state, dict) or "t" not in state:
+            raise ValueError(f"{type(state).__name__} {sorted(state) if isinstance(state, dict) else ''} is no Subspace "
+                             "state: pass what subspace.state_dict() returned")
         if whole("the state's t", state["t"]) < 0:
             raise ValueError(f"the state's t is a step count, got {state['t']}")
+        saved = {k: state[k] for k in ("delta_t", "t_end") if k in state}
+        mine = {"delta_t": self.schedule.delta_t, "t_end": self.schedule.t_end}
+        if any(saved[k] != mine[k] for k in saved):
+            log.warning("the Subspace state was saved under %s, this Subspace has %s (was total_steps or delta_t the "
+                        "same?): the schedule goes on from step %d under this one's", saved, mine, state["t"])
         self.t = int(state["t"])
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("a Subspace is not pickled or copied (its hooks belong to the model and optimizer it was built "
+                        "with): save subspace.state_dict() and, in the new process, build Subspace(model, optimizer, "
+                        "...) again and load_state_dict() it")
 
     def remove(self) -> None:
         """End the schedule: detach the hooks from the model and the optimizer; a dense gradient
@@ -304,12 +303,6 @@ class Subspace:
             hook.remove()
         self._hooks = []
         self._removed = True
-
-
-def _rank_mean(t: Tensor) -> Tensor:
-    out = t.detach().clone()
-    torch.distributed.all_reduce(out)
-    return out.div_(torch.distributed.get_world_size())
 
 
 __all__ = ["OptimizerStateError", "Prediction", "Subspace", "kl_term", "param_groups", "predict"]

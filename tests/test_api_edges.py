@@ -251,6 +251,37 @@ def test_another_support_loaded_under_a_stepped_optimizer_is_one_clear_error():
     assert subspace.t == 1 and not torch.equal(before, model[0].mu.detach())
 
 
+def test_a_subspace_is_resumed_from_its_state_dict_not_pickled_and_another_schedule_is_said(caplog, tmp_path):
+    """A Subspace saved whole came back with hooks that do nothing: its first remove-and-add step after
+    the load failed, blaming the loop's forward. It is refused when saved, saying what to save."""
+    import copy
+    import pickle
+
+    model = mlp()
+    optimizer = torch.optim.Adam(ssvi.param_groups(model, lr=0.01, lr_sigma=0.01))
+    subspace = ssvi.Subspace(model, optimizer, total_steps=20, delta_t=2)
+    x, y = data()
+    schedule_steps(model, subspace, optimizer, x, y, 3)
+    for save in (lambda: torch.save({"model": model, "subspace": subspace}, tmp_path / "all.pt"),
+                 lambda: pickle.dumps(subspace), lambda: copy.deepcopy(subspace)):
+        with pytest.raises(TypeError, match=r"a Subspace is not pickled or copied .*save subspace.state_dict\(\)"):
+            save()
+    # the model and optimizer themselves still save whole (their hooks come back doing nothing)
+    torch.save({"model": model, "optimizer": optimizer, "subspace": subspace.state_dict()}, tmp_path / "ok.pt")
+    copy.deepcopy(model)
+    state = subspace.state_dict()
+    assert state == {"t": 3, "delta_t": 2, "t_end": 15}
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli"):
+        ssvi.Subspace(model, optimizer, total_steps=20, delta_t=2).load_state_dict(state)
+        assert "saved under" not in caplog.text
+        ssvi.Subspace(model, optimizer, total_steps=40, delta_t=2).load_state_dict(state)
+    assert "the Subspace state was saved under {'delta_t': 2, 't_end': 15}, this Subspace has {'delta_t': 2, " \
+           "'t_end': 30} (was total_steps or delta_t the same?)" in caplog.text
+    resumed = ssvi.Subspace(model, optimizer, total_steps=20, delta_t=2)
+    resumed.load_state_dict({"t": 3})  # a state saved before it held the schedule
+    assert resumed.t == 3
+
+
 def test_a_loop_without_backward_is_asked_about_it_at_the_remove_and_add_step(caplog):
     """No layer has a gradient at a remove-and-add step: the warning asks about loss.backward(), not
     about layers the forward did not reach."""
@@ -402,6 +433,9 @@ def sparse_kernel_linear() -> nn.Module:
     (lambda m, o: ssvi.param_groups(nn.Linear(4, 2), 0.1, 0.1), ValueError, "convert it with ssvi_cli.sparsify first"),
     (lambda m, o: ssvi.Subspace(m, o, 100).load_state_dict({"t": "x"}), TypeError, "the state's t must be an int"),
     (lambda m, o: ssvi.Subspace(m, o, 100).load_state_dict({"t": -1}), ValueError, "a step count, got -1"),
+    (lambda m, o: ssvi.Subspace(m, o, 100).load_state_dict({}), ValueError,
+     r"dict \[\] is no Subspace state: pass what subspace.state_dict\(\) returned"),
+    (lambda m, o: ssvi.Subspace(m, o, 100).load_state_dict(m.state_dict()), ValueError, "is no Subspace state"),
 ])
 def test_wrong_arguments_are_one_line_naming_the_argument(call, error, text):
     model = mlp()

@@ -1,0 +1,31 @@
+"""Hooks of a :class:`ssvi_cli.Subspace` on the user's model and optimizer, and the mean over ranks
+its remove-and-add step scores with under ``torch.distributed``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+
+class Hook:
+    """A Subspace's hook on its model or optimizer. A copy (``copy.deepcopy(model)`` for an EMA or
+    SWA model, a pickled whole model) gets a hook that does nothing, instead of a copy of the
+    Subspace and its optimizer acting on the copied model."""
+
+    def __init__(self, fn: Optional[Callable[..., None]]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> None:
+        if self.fn is not None:
+            self.fn(*args)
+
+    def __reduce__(self) -> tuple[type, tuple[None]]:
+        return Hook, (None,)
+
+
+def rank_mean(t: Tensor) -> Tensor:
+    out = t.detach().clone()
+    torch.distributed.all_reduce(out)
+    return out.div_(torch.distributed.get_world_size())
