@@ -88,7 +88,10 @@ def test_options_dense_deterministic_moped_and_the_report():
     torch.testing.assert_close(head.sigma(), 0.1 * head.mu.abs(), rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(head.mu.detach(), weight.reshape(-1)[head.idx])
     text = str(report)
-    assert "stem" in text and "head" in text and "deterministic" in text and "overall density" in text
+    assert "stem" in text and "head" in text and "deterministic" in text
+    # the density's scope is said: the converted layers' weights, not the model's
+    total = sum(l.numel for _, l in sparse_layers(model))
+    assert f"5 layers converted, density {report.density:.4f} over their {total:,} weights" in text
     assert {l["name"] for l in report.to_dict()["layers"]} == {"stem", "grouped", "depthwise", "pointwise", "head"}
     with pytest.raises(ValueError, match="wrap a lone layer"):
         sparsify(nn.Linear(3, 3))

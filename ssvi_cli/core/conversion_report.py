@@ -45,6 +45,8 @@ class ConversionReport:
                          f"{l.density:.4f}", ("Bayesian" if l.bayesian else "deterministic") + (", dense" if l.dense else "")))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        lines.append(f"{len(self.layers)} layers converted, overall density {self.density:.4f}")
+        # Over the converted layers' weights: layers kept as is (below) are not counted.
+        lines.append(f"{len(self.layers)} layers converted, density {self.density:.4f} over their "
+                     f"{sum(l.total for l in self.layers):,} weights")
         lines += [f"kept as is: {n} ({r})" for n, r in self.kept]
         return "\n".join(lines)
