@@ -185,7 +185,7 @@ def test_batchnorm_and_deterministic_models_round_trip(tmp_path):
     torch.testing.assert_close(predict_batch(back, x)[0], predict_batch(rigl, x)[0], atol=1e-6, rtol=0)
 
 
-# ------------------------------------------------------------------ sizes (METHOD.md section 8)
+# ------------------------------------------------------------------ sizes (METHOD.md section 7)
 
 @pytest.mark.parametrize("preset", ["cifar10_resnet18", "mnist_mlp", "digits_mlp"])
 def test_compact_file_is_15x_smaller_in_float32_and_28x_in_float16(tmp_path, preset):

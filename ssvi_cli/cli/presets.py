@@ -19,8 +19,9 @@ def register(app: typer.Typer) -> None:
         method: Annotated[Optional[str], typer.Option(help="With NAME: the values for this method (its methods: section applied).")] = None,
         json_out: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
     ) -> None:
-        """List the presets in presets/ with model, data, method and the command that runs them; with
-        NAME, every config key (--set section.key=value) and the value that preset trains with."""
+        """List the presets in presets/ with model, data, method and the command that runs them.
+
+        With NAME, every config key (--set section.key=value) and the value that preset trains with."""
         if name is not None:
             _show_one(name, method, json_out)
             return

@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
         lr: Annotated[Optional[float], typer.Option(help="Learning rate of mu (and BN, biases).")] = None,
         seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
         device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
-        out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<time>-<preset>-<method>[-s<sparsity>]).")] = None,
+        out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<date>-<time>-<preset>-<method>[-s<sparsity>], from-NAME for the preset with --init-from a trained model).")] = None,
         set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: --set optim.lr_sigma=0.02 (repeatable).")] = None,
         resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last checkpoint.")] = None,
         force: Annotated[bool, typer.Option(help="Replace the run in --out (its own files; a folder that is not a run is never emptied).")] = False,
