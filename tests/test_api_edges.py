@@ -242,8 +242,18 @@ def test_another_support_loaded_under_a_stepped_optimizer_is_one_clear_error():
     train_step(model, x, y)
     for step in (subspace.step, optimizer.step):  # the schedule's step, and the loop's own
         with pytest.raises(ssvi.OptimizerStateError, match=r"0.mu holds 205 entries, its Adam state 'exp_avg' 614: the "
-                           r"layer's support was replaced under the optimizer .* build the optimizer again"):
+                           r"optimizer's state belongs to another support of the layer .* build the optimizer again"):
             step()
+    # the other order: an optimizer state loaded without the model state saved with it
+    saved = optimizer.state_dict()
+    fresh = mlp(0.9)  # the saved model's support is another size
+    resumed = torch.optim.Adam(ssvi.param_groups(fresh, lr=0.01, lr_sigma=0.01))
+    resumed.load_state_dict(saved)
+    subspace = ssvi.Subspace(fresh, resumed, total_steps=100, delta_t=10)
+    train_step(fresh, x, y)
+    with pytest.raises(ssvi.OptimizerStateError, match=r"or an optimizer state loaded without the model state saved "
+                       r"with it\); build the optimizer again after loading, or load the model's and the optimizer's"):
+        subspace.step()
     optimizer = torch.optim.Adam(ssvi.param_groups(model, lr=0.01, lr_sigma=0.01))
     subspace = ssvi.Subspace(model, optimizer, total_steps=100, delta_t=10)
     before = model[0].mu.detach().clone()

@@ -63,9 +63,10 @@ def check_state_fits(optimizer: torch.optim.Optimizer, model: nn.Module) -> None
                 if isinstance(value, Tensor) and value.dim() == 1 == p.dim() and value.numel() != p.numel():
                     raise OptimizerStateError(
                         f"{name}.{part} holds {p.numel()} entries, its {type(optimizer).__name__} state {key!r} "
-                        f"{value.numel()}: the layer's support was replaced under the optimizer (ssvi_cli.load or "
-                        "load_state_dict into a model being trained); build the optimizer again after loading, or "
-                        "load the optimizer's own state_dict saved with the model")
+                        f"{value.numel()}: the optimizer's state belongs to another support of the layer (a model "
+                        "loaded under an optimizer that stepped it, or an optimizer state loaded without the model "
+                        "state saved with it); build the optimizer again after loading, or load the model's and the "
+                        "optimizer's state_dicts saved together")
 
 
 def resolve_delta_t(delta_t: int | str, t_end: int, min_steps: int, accumulate: int = 1) -> int:
