@@ -392,6 +392,13 @@ def test_converted_layers_keep_nn_geometry_names_for_code_that_reads_them():
     assert (fc.in_features, fc.out_features) == (128, 10)
     net[2] = nn.Linear(net[2].in_features, 4)  # a new head, as one writes it for nn.Linear
     assert net(torch.randn(2, 3, 4, 4)).shape == (2, 4)
+    # .weight, which code written for nn.Linear reads (a tied decoder, say), is not there, and says so
+    with pytest.raises(AttributeError, match=r"SparseConv2d has no dense \.weight: its weights are mu \(and rho\) at the "
+                                             r"positions idx; layer.to_dense\(layer.mu\) is the dense posterior mean"):
+        conv.weight
+    assert not hasattr(conv, "weight") and conv.to_dense(conv.mu).shape == (8, 3, 3, 3)
+    with pytest.raises(AttributeError, match="has no attribute 'weights'"):
+        conv.weights
 
 
 def sparse_kernel_linear() -> nn.Module:

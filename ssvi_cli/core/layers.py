@@ -34,8 +34,7 @@ class SparseGaussian(nn.Module):
     """A weight tensor of ``weight_shape`` whose active entries ``idx`` carry mu (and rho).
 
     ``mode``: ``lrt`` (local reparameterisation, training), ``mean`` (theta = mu) or ``sample``
-    (one weight draw over the active entries, used by Monte Carlo prediction).
-    """
+    (one weight draw over the active entries, used by Monte Carlo prediction)."""
 
     def __init__(self, weight_shape: tuple[int, ...], *, bias: bool, bayesian: bool,
                  sigma_param: str = "softplus", stem: bool = False, normed: bool = False,
@@ -86,6 +85,12 @@ class SparseGaussian(nn.Module):
     def density(self) -> float:
         return self.active / self.numel
 
+    def __getattr__(self, name: str) -> Tensor:
+        if name != "weight":  # code written for nn.Linear / nn.Conv2d reads it
+            return super().__getattr__(name)
+        raise AttributeError(f"{type(self).__name__} has no dense .weight: its weights are mu (and rho) at the "
+                             "positions idx; layer.to_dense(layer.mu) is the dense posterior mean")
+
     def set_support(self, idx: Tensor, mu: Tensor, rho: Optional[Tensor] = None) -> None:
         """Replace the support and its values; ``idx`` must be sorted and unique."""
         self.idx = idx.to(device=self.mu.device, dtype=torch.long)
@@ -123,8 +128,7 @@ class SparseGaussian(nn.Module):
         """Scatter values over the support into a dense tensor of ``weight_shape``.
 
         ``out`` (no autograd): a flat tensor of ``numel`` entries, zero off the support, that receives
-        the values in place (the support's positions are overwritten, the zeros stay).
-        """
+        the values in place (the support's positions are overwritten, the zeros stay)."""
         if self.active == self.numel:
             return values.view(self.weight_shape)
         if out is not None:
