@@ -105,6 +105,13 @@ def test_a_custom_file_needs_its_code_and_says_so(tmp_path):
     with pytest.raises(ssvi.ModelFileError, match=r"ssvi_cli.load\(path, model=Net\(\.\.\.\)\)"):
         ssvi.load(path)
     assert run(["infer", str(path), str(tmp_path / "x.npy")]) == 2  # one line, exit 2, not a traceback
+    # a torchvision network saved without architecture=: its builder, and how the file would rebuild alone
+    net = torchvision.models.resnet18(num_classes=7)
+    ssvi.sparsify(net, 0.9)
+    ssvi.save(net, tmp_path / "tv.safetensors")
+    with pytest.raises(ssvi.ModelFileError, match=r"ssvi_cli.load\(path, model=torchvision.models.NAME\(num_classes=7\)\), "
+                                                  r"NAME the builder it came from \(saved with architecture='torchvision:NAME'"):
+        ssvi.load(tmp_path / "tv.safetensors")
 
 
 def test_inspect_reads_a_custom_files_posterior_without_its_code(tmp_path, capsys):

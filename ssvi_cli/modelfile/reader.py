@@ -178,10 +178,15 @@ def _build(path: Path, meta: dict[str, Any], table: dict[str, dict[str, Any]], k
         raise ModelFileError(f"{path} has a corrupted header ({exc})") from None
     name = card.architecture.name
     if name.startswith(CUSTOM):
-        cls = name[len(CUSTOM):].rpartition(".")[2]
+        module, _, cls = name[len(CUSTOM):].rpartition(".")
+        how = f"ssvi_cli.load(path, model={cls}(...))"
+        if module.startswith("torchvision.models"):  # saved without architecture="torchvision:NAME"
+            how = (f"ssvi_cli.load(path, model=torchvision.models.NAME(num_classes={card.data.num_classes})), NAME "
+                   "the builder it came from (saved with architecture='torchvision:NAME' and input_shape=, a file "
+                   "rebuilds without code)")
         raise ModelFileError(f"{path} holds a custom module ({name[len(CUSTOM):]}) that only its own code can "
-                             f"build; load it in Python with that module built as it was saved: "
-                             f"ssvi_cli.load(path, model={cls}(...)); ssvi inspect reads its layers without it")
+                             f"build; load it in Python with that module built as it was saved: {how}; ssvi "
+                             "inspect reads its layers without it")
     try:
         with torch.device("meta"):  # shapes only, no memory
             _check_sizes(path, build_model(card), meta, table)
