@@ -85,7 +85,7 @@ class SparseGaussian(nn.Module):
     def density(self) -> float:
         return self.active / self.numel
 
-    def __getattr__(self, name: str) -> Tensor:
+    def __getattr__(self, name: str) -> Tensor | nn.Module:
         if name != "weight":  # code written for nn.Linear / nn.Conv2d reads it
             return super().__getattr__(name)
         raise AttributeError(f"{type(self).__name__} has no dense .weight: its weights are mu (and rho) at the "

@@ -74,7 +74,8 @@ def model_tensors(model: SSVIModel, dtype: str = "float32", dense: bool = False
     for name, layer in sparse_layers(model):
         code, active, parts = _layer_tensors(layer, dense)
         for part, value in parts.items():
-            tensors[f"{name}.{part}"] = value if part == "index" else _converted(f"{name}.{part}", value, dtype)
+            key = f"{name}.{part}"
+            tensors[key] = value.contiguous() if part == "index" else _converted(key, value, dtype)
         records.append({"name": name, "kind": layer_kind(layer), "shape": list(layer.weight_shape),
                         "active": active, "bayesian": layer.bayesian, "index": code})
     for key, value in dense_state(model).items():
