@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated, Any, Optional
 
 import typer
@@ -104,7 +103,9 @@ def register(app: typer.Typer) -> None:
         resolved = opts.resolved()
         spec = resolved.model_spec()
         check_input(spec, resolved.batch_size)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        from ssvi_cli.training.launcher import usable_cpus
+
+        cores = usable_cpus()
         if resolved.device == "cpu" and resolved.threads > cores:  # on stderr, with --json too
             err.print(f"note: {count(resolved.threads, 'thread')} on {count(cores, 'CPU core')} this process may use: "
                       "the threads wait on each other, and the timings measure that (docs/BENCH.md)", highlight=False)

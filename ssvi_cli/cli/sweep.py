@@ -3,7 +3,6 @@ by ``ssvi train`` and evaluated by ``ssvi evaluate`` in a process of its own, th
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 import time
@@ -33,7 +32,7 @@ def register(app: typer.Typer) -> None:
         ood: Annotated[Optional[list[str]], typer.Option(help="OOD sets every cell is evaluated on, as 'ssvi evaluate --ood' takes them (repeatable).")] = None,
         samples: Annotated[Optional[int], typer.Option(help="Monte Carlo samples of the evaluation (default 10).", min=1)] = None,
         jobs: Annotated[Optional[int], typer.Option(help="Cells run in parallel, each in its own process (default 1; with --resume: as the sweep last ran).", min=1)] = None,
-        threads: Annotated[Optional[int], typer.Option(help="Torch threads per cell (default: CPU cores / jobs; with --resume and no --jobs: as the sweep last ran).", min=1)] = None,
+        threads: Annotated[Optional[int], typer.Option(help="Torch threads per cell (default: the CPU cores this process may use / jobs; with --resume and no --jobs: as the sweep last ran).", min=1)] = None,
         out_dir: Annotated[Optional[Path], typer.Option("--out", help="Sweep directory (default sweeps/<time>-<preset>).")] = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Write the sweep and print its cell commands, one per line (for a cluster scheduler); run nothing.")] = False,
         resume: Annotated[Optional[Path], typer.Option(help="Continue the sweep in this directory (finished cells are skipped, interrupted ones resume).")] = None,
@@ -115,9 +114,10 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             _dry_run(sweep_dir, cells, json_out, spec)
             return
-        jobs = jobs or 1
-        _run(sweep_dir, spec, cells, jobs, threads or max(1, (os.cpu_count() or 1) // jobs), json_out, figures,
-             baseline)
+        from ssvi_cli.training.launcher import usable_cpus
+
+        jobs = jobs or 1  # the cores this process may use (a cluster job's), shared among the cells
+        _run(sweep_dir, spec, cells, jobs, threads or max(1, usable_cpus() // jobs), json_out, figures, baseline)
 
 
 def _dry_run(sweep_dir: Path, cells: list[Any], json_out: bool = False, spec: Any = None) -> None:

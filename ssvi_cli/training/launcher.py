@@ -82,6 +82,12 @@ def check_memory(nproc: int) -> None:
                       "or fewer")
 
 
+def usable_cpus() -> int:
+    """The CPU cores this process may run on: its affinity (a SLURM job's cpuset, ``taskset``), not
+    every core of the machine as ``os.cpu_count()`` counts them."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -209,7 +215,7 @@ def launch(nproc: int, args: Sequence[str], env: Optional[dict[str, str]] = None
 
     full = {**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())}
     # One thread per process unless the user chose otherwise: N processes share the node's cores.
-    full.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    full.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // nproc)))
     proc: Optional[subprocess.Popen] = None
     stopped: list[signal.Signals] = []
     sent: list[bool] = []
