@@ -116,11 +116,14 @@ def test_a_cell_that_ran_under_other_settings_is_named_not_skipped_or_resumed(tm
     assert f"  {sparse}: sparse.allocation erk" in capsys.readouterr().err
     # the report is written as it is, and says so in both files and on stderr
     assert run(["sweep", "--report", str(out), "--no-figures"]) == 0
-    assert "warning: 1 cell ran under other settings than the sweep gives it now; the report counts it" in \
-        capsys.readouterr().err
+    assert "warning: 1 cell ran under other settings than the sweep gives it now; the report counts it under the " \
+           "sweep's settings once evaluated" in capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["changed_cells"] == {"ssvi_s0.9_seed0": "sparse.allocation erk, the sweep's uniform"}
-    assert "ssvi_s0.9_seed0 (sparse.allocation erk, the sweep's uniform)" in (out / "report.md").read_text()
+    # this one (partial) is not evaluated, so not counted in the table: said, not "counted above"
+    assert report["missing"] == ["ssvi_s0.9_seed0"]
+    assert "counted above under the sweep's once evaluated: ssvi_s0.9_seed0 (sparse.allocation erk, the sweep's " \
+           "uniform; not evaluated yet)" in (out / "report.md").read_text()
     # a finished cell whose config cannot be read is named, and the rest is reported
     config = (dense / "config.yaml").read_text()
     (dense / "config.yaml").write_text("model: [\n")
@@ -979,8 +982,8 @@ def test_a_failed_cell_is_reported_as_failed_with_its_reason(tmp_path: Path, cap
     assert f"failed {bad}: mnist not found" in err and "not evaluated yet" not in err
     report = json.loads((out / "report.json").read_text())
     assert list(report["failed"]) == [bad] and report["missing"] == [] and report["cells_done"] == 1
-    assert f"Failed (their logs say more; a rerun of the same settings and seed repeats a diverged run): {bad} (mnist not found" \
-        in (out / "report.md").read_text()
+    assert f"Failed (their logs say more; a rerun repeats the failure unless its cause, a missing dataset or a diverged " \
+           f"run, say, is dealt with): {bad} (mnist not found" in (out / "report.md").read_text()
     # a cell that runs again drops its old note: the good cell, noted as failed and evaluated again
     good = out / "cells" / "vi_name-digits_seed0"
     (out / "cells" / ".vi_name-digits_seed0.failed").write_text('{"error": "an old failure"}')

@@ -210,7 +210,7 @@ def _finish(result: dict[str, Any], json_out: bool) -> None:
         n = len(result["changed_cells"])
         err.print("\n".join([f"warning: {count(n, 'cell')} ran under other settings than the sweep gives "
                              f"{'it' if n == 1 else 'them'} now; the report counts {'it' if n == 1 else 'them'} "
-                             "under the sweep's settings:",
+                             "under the sweep's settings once evaluated:",
                              *changed_lines(Path(result["sweep"]), result["changed_cells"])]))
     if json_out:
         print_json(result)

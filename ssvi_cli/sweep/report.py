@@ -198,7 +198,8 @@ def markdown(report: dict[str, Any]) -> str:
     if report["missing"]:
         lines += ["", f"Not evaluated yet: {', '.join(report['missing'])}."]
     if report.get("failed"):
-        lines += ["", "Failed (their logs say more; a rerun of the same settings and seed repeats a diverged run): "
+        lines += ["", "Failed (their logs say more; a rerun repeats the failure unless its cause, a missing dataset or a "
+                  "diverged run, say, is dealt with): "
                   + "; ".join(f"{name} ({why})" for name, why in report["failed"].items()) + "."]
     if len(threads) > 1:
         lines += ["", f"The cells trained on {' or '.join(map(str, threads))} CPU threads (`--jobs`, `--threads`, or a "
@@ -207,9 +208,11 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"No subspace step before t_end, so the support never moved (the run trained a fixed support, as static does), in: "
                   f"{'; '.join(report['support_unmoved'])}. {UNMOVED_HINT}"]
     if report.get("changed_cells"):
+        missing = set(report["missing"])
         lines += ["", "Run under other settings than the sweep gives them now (a preset edited since, or folders "
-                  "copied in), and counted above under the sweep's: "
-                  + "; ".join(f"{name} ({what})" for name, what in report["changed_cells"].items()) + "."]
+                  "copied in), and counted above under the sweep's once evaluated: "
+                  + "; ".join(f"{name} ({what}{'; not evaluated yet' * (name in missing)})"
+                              for name, what in report["changed_cells"].items()) + "."]
     for key, by_method in (report.get("method_values") or {}).items():
         shown = ", ".join(f"{m} {json.dumps(v)}" for m, v in by_method.items())
         lines += ["", f"`{key}` differs by method (the preset's `methods:` section): {shown}."]
