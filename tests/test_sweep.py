@@ -1168,6 +1168,38 @@ def test_sparsity_labels_in_the_flops_figure_never_cover_each_other():
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]), boxes
 
 
+def test_the_figures_show_every_ood_set_and_readable_flops_within_a_decade(tmp_path: Path, monkeypatch):
+    """The metrics figure drew the first OOD set's AUROC only (a sweep with heldout and noise lost the
+    noise panel); FLOPs spanning less than a decade were labelled 3.2x10^9 3.4x10^9 ... into each other."""
+    pytest.importorskip("matplotlib")
+    from ssvi_cli.sweep import figures
+
+    drawn = {}
+
+    def keep(fig, target):
+        fig.canvas.draw()
+        shown = [[t for t in ax.get_xticklabels() if t.get_text() and min(ax.get_xlim()) <= t.get_position()[0]
+                  <= max(ax.get_xlim())] for ax in fig.axes]  # the labels inside the axis
+        drawn[target.name] = ([ax.get_title() for ax in fig.axes if ax.get_visible()],
+                              [[t.get_text() for t in labels] for labels in shown],
+                              [[t.get_window_extent() for t in labels] for labels in shown])
+        return target
+
+    monkeypatch.setattr(figures, "_save", keep)
+    ood = {"auroc:heldout:entropy": {"mean": 0.95, "std": 0.01}, "auroc:noise:entropy": {"mean": 0.97, "std": 0.01},
+           "auroc:/data/mine/blobs.npy:entropy": {"mean": 0.9, "std": 0.01}}
+    groups = [{"method": m, "sparsity": s, "settings": {}, "training_flops": {"mean": f, "std": 0.0},
+               **{k: {"mean": v, "std": 0.002} for k, v in (("accuracy", a), ("nll", 0.1), ("ece", 0.01))}, **ood}
+              for m, s, f, a in (("ssvi", 0.9, 3.1e9, 0.97), ("ssvi", 0.95, 3.6e9, 0.975), ("vi", None, 4.6e9, 0.98))]
+    figures.write_figures({"groups": groups, "sweep": str(tmp_path)}, tmp_path)
+    titles = drawn[figures.METRICS_VS_SPARSITY][0]
+    assert [t for t in titles if t.startswith("OOD")] == ["OOD AUROC, blobs.npy (entropy)", "OOD AUROC, heldout (entropy)",
+                                                          "OOD AUROC, noise (entropy)"]
+    _, labels, boxes = drawn[figures.ACCURACY_VS_FLOPS]
+    assert labels[0] == ["3.5e9", "4e9", "4.5e9"]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes[0]) for b in boxes[0][i + 1:])
+
+
 def test_a_grid_that_fits_the_cells_as_they_ran_grows_after_its_preset_was_edited(tmp_path: Path, capsys):
     from ssvi_cli import config as C
 

@@ -82,13 +82,19 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> list[Path]:
     groups = report["groups"]
     panels = [("accuracy", "test accuracy"), ("nll", "NLL"), ("ece", "ECE (15 bins)")]
     aurocs = sorted({k for g in groups for k in g if k.startswith("auroc:") and k.endswith(":entropy")})
-    panels += [(k, f"OOD AUROC, {k.split(':')[1]} (entropy)") for k in aurocs[:1]]
+    # every OOD set, a user's own by its file or folder name (the tables give the whole path)
+    panels += [(k, f"OOD AUROC, {Path(k[len('auroc:'):-len(':entropy')]).name} (entropy)") for k in aurocs]
     series: dict[str, list[dict[str, Any]]] = {}
     for g in groups:
         series.setdefault(_label(g), []).append(g)
     sparsities = sorted({g["sparsity"] for g in groups if g["sparsity"] is not None})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), dpi=110, squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels):
+    cols = min(4, len(panels))  # rows of four: several OOD sets would make one row too wide to read
+    rows = -(-len(panels) // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), dpi=110, squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for ax, (key, title) in zip(axes, panels):
         for i, (label, members) in enumerate(series.items()):
             color = f"C{i}"
             stats = [(g["sparsity"], g[key]) for g in members if g.get(key) and g[key]["mean"] is not None]
@@ -108,7 +114,7 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_xlabel("sparsity")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
     fig.suptitle(f"mean ± std over seeds ({Path(report['sweep']).name})", fontsize=9)
     fig.tight_layout()
     written = [_save(fig, out_dir / METRICS_VS_SPARSITY)]
@@ -126,6 +132,7 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> list[Path]:
                     color=f"C{i}", label=label, alpha=0.85)
         labels += [(x, y, f"{s:g}", f"C{i}") for x, y, _, s in pts if s is not None]
     ax.set_xscale("log")
+    _flops_ticks(ax, [p[0] for line in ax.lines for p in line.get_xydata()])
     ax.set_xlabel("training FLOPs (analytic)")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
@@ -135,3 +142,23 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> list[Path]:
     written.append(_save(fig, out_dir / ACCURACY_VS_FLOPS))
     plt.close(fig)
     return written
+
+
+def _flops_ticks(ax: Any, xs: list[float]) -> None:
+    """Within less than a decade a log axis labels its minor ticks, and their ``3.2×10⁹`` texts run
+    into each other: a few round values, written short (``3.5e9``), instead."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
+
+    xs = [x for x in xs if x > 0]
+    if not xs or max(xs) >= 10 * min(xs):
+        return
+    lo, hi = min(xs), max(xs)
+    ticks = [t for t in MaxNLocator(nbins=4).tick_values(lo * 0.95, hi * 1.05) if lo * 0.9 <= t <= hi * 1.1 and t > 0]
+
+    def short(value: float, _pos: Any) -> str:
+        exp = len(str(int(value))) - 1 if value >= 1 else 0
+        return f"{value / 10 ** exp:.3g}e{exp}"
+
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(short))
+    ax.xaxis.set_minor_formatter(NullFormatter())
