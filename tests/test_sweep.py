@@ -41,7 +41,7 @@ def test_the_grid_runs_a_dense_method_once_per_seed_and_names_every_cell():
     assert args[args.index("--set") + 1] == "train.epochs=2" and "sparse.criterion=snr" in args
 
 
-def test_each_cell_takes_the_presets_values_for_its_method(tmp_path: Path, capsys):
+def test_each_cell_takes_the_presets_values_for_its_method(tmp_path: Path, capsys, monkeypatch):
     preset = tmp_path / "mine.yaml"
     preset.write_text("model: {name: mlp, widths: [16]}\ndata: {max_train: 100}\n"
                       "train: {epochs: 1, eval_samples: 2}\nmethods:\n  vi: {optim: {lr: 0.0123}}\n")
@@ -50,13 +50,15 @@ def test_each_cell_takes_the_presets_values_for_its_method(tmp_path: Path, capsy
                 "--out", str(out), "--dry-run"]) == 0
     cells = {Path(line.split()[-1]).name: Path(line.split()[-1]) for line in capsys.readouterr().out.splitlines()}
     assert sorted(cells) == ["ssvi_s0.95_seed0", "vi_seed0"]
+    monkeypatch.chdir(tmp_path)  # a scheduler's job gives the cell's folder as it likes: relative here
     for name, lr in (("vi_seed0", 0.0123), ("ssvi_s0.95_seed0", 0.01)):
-        assert run(["sweep", "--run-cell", str(cells[name])] + (["--json"] if name == "vi_seed0" else [])) == 0
+        given = str(cells[name].relative_to(tmp_path))
+        assert run(["sweep", "--run-cell", given] + (["--json"] if name == "vi_seed0" else [])) == 0
         assert f"  lr: {lr}\n" in (cells[name] / "config.yaml").read_text()
         said = capsys.readouterr()
         if name == "vi_seed0":  # one JSON document (train's and evaluate's own output on stderr), as --help says
             cell = json.loads(said.out)
-            assert cell["cell"] == name and cell["summary"]["method"] == "vi"
+            assert cell["cell"] == name and cell["summary"]["method"] == "vi" and cell["folder"] == str(cells[name])
             assert cell["evaluation"] == json.loads((cells[name] / "evaluation.json").read_text())
             assert "accuracy" in said.err
         else:  # a person's (or a scheduler's log's) output: tables, not JSON
@@ -612,7 +614,8 @@ def _interrupted_and_resumed(proc: subprocess.Popen, out: Path, sweep: list[str]
     before = {c: _epochs(c) for c in cells}
     for c in cells:  # a cell's log says how to go on: with the sweep, which also evaluates the cell
         log = (out / "logs" / f"{c.name}.log").read_text()
-        assert f"checkpoint written. Resume with: ssvi sweep --resume {out}" in log and "ssvi train --resume" not in log
+        assert f"checkpoint written. Resume with: ssvi sweep --resume {out} (every cell left), or this cell alone: " \
+               f"ssvi sweep --run-cell {c.resolve()}" in log and "ssvi train --resume" not in log
 
     # --resume continues each cell from its checkpoint (not from epoch 1), and stops again on Ctrl-C
     proc = subprocess.Popen([*sweep, "--resume", str(out), "--jobs", "2", "--threads", "1"],

@@ -57,9 +57,11 @@ def run_cell(path: Path, run: Callable[[list[str]], int], json_out: bool = False
             if json_out and not code:
                 print_json(cell_document(path))
             return code
-    except KeyboardInterruptHandled as stop:  # a sweep's cell resumes with the sweep, which also evaluates it
-        raise KeyboardInterruptHandled(stop.message, stop.exit_code, resume=shlex.join(
-            ["ssvi", "sweep", "--resume", str(path.parent.parent)])) from None
+    except KeyboardInterruptHandled as stop:  # the cell goes on as --run-cell (a scheduler's job) or with the sweep
+        cell_only = shlex.join(["ssvi", "sweep", "--run-cell", str(path.resolve())])
+        every = shlex.join(["ssvi", "sweep", "--resume", str(path.parent.parent)])
+        raise KeyboardInterruptHandled(stop.message, stop.exit_code,
+                                       resume=f"{every} (every cell left), or this cell alone: {cell_only}") from None
     except CellBusy as exc:
         err.print(f"error: {exc}")
         raise typer.Exit(BUSY_EXIT) from None
@@ -109,6 +111,6 @@ def cell_document(path: Path) -> dict[str, Any]:
     what ``ssvi train --json`` prints but its notes) and its evaluation (``ssvi evaluate --json``'s), as the cell's files hold them."""
     from ssvi_cli.runs.rundir import EVALUATION_FILE, RunDir
 
-    return {"format": "ssvi-sweep-cell", "version": 1, "cell": path.name, "folder": str(path),
+    return {"format": "ssvi-sweep-cell", "version": 1, "cell": path.name, "folder": str(path.resolve()),
             "summary": RunDir(path).read_summary(),
             "evaluation": json.loads((path / EVALUATION_FILE).read_text(encoding="utf-8"))}
