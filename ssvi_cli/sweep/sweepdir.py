@@ -96,9 +96,14 @@ def claim_sweep_dir(out_dir: Path, spec: SweepSpec, cells: list[Cell], force: bo
                          f"all, as it was made, with 'ssvi sweep --resume {quoted}', one cell with "
                          f"'ssvi sweep --run-cell {quoted}/cells/NAME', or choose another --out")
     if not force:
+        names = {c.name for c in cells}
+        left = [c.name for c in old_cells if c.name not in names]
+        leaves = (f"; this grid leaves out {'all ' * (len(left) == len(old_cells))}{len(left)} of its "
+                  f"{len(old_cells)} cells, {left[0]}{' and others' * (len(left) > 1)}: a grid that adds to it "
+                  "lists them too, a sweep file's seeds: [0, 1, 2, 3] rather than [3], say") if left else ""
         raise SweepError(f"{out_dir} holds a different sweep (a grid that only adds seeds, methods, sparsities "
                          f"or values to it, or evaluates it otherwise, continues it; this one changes what it "
-                         f"trains): continue it as it is with "
+                         f"trains{leaves}): continue it as it is with "
                          f"'ssvi sweep --resume {shlex.quote(str(out_dir))}', choose another --out, or replace "
                          "it and its cells with --force (in a run: a dry run deletes nothing)")
     with _sweep_held(out_dir):  # no sweep runs it, and none of its cells starts, meanwhile
