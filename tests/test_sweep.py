@@ -328,9 +328,12 @@ def test_a_grid_that_adds_seeds_continues_the_sweep_and_keeps_its_cells(tmp_path
         capsys.readouterr().err
     assert run([*grid, "--seeds", "2", "--method", "ssvi,vi", "--set", "optim.lr=0.02"]) == 2
     said = " ".join(capsys.readouterr().err.split())
-    assert "holds a different sweep (a grid that only adds seeds" in said
+    assert "holds a different sweep (a grid that only adds seeds" in said and "leaves out" not in said  # same cells
+    # a grid of other cells only (as a sweep file's seeds: [3] beside seeds 0-1) is told to list the old ones too
+    assert run([*grid, "--seeds", "1", "--method", "rigl"]) == 2
+    said = " ".join(capsys.readouterr().err.split())
     assert "this grid leaves out all 4 of its 4 cells, ssvi_s0.95_seed0 and others: a grid that adds to it lists them " \
-           "too" in said  # the seeds of a sweep file that names new ones only, say
+           "too" in said
     assert first.stat().st_mtime_ns == stamp
 
     # Another evaluation of the same grid (an OOD set more): every cell evaluated again, none retrained
