@@ -122,10 +122,10 @@ def test_a_cell_that_ran_under_other_settings_is_named_not_skipped_or_resumed(tm
            "sweep's settings once evaluated" in capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["changed_cells"] == {"ssvi_s0.9_seed0": "sparse.allocation erk, the sweep's uniform"}
-    # this one (partial) is not evaluated, so not counted in the table: said, not "counted above"
-    assert report["missing"] == ["ssvi_s0.9_seed0"]
+    # this one (partial, its --run-cell refused: failed) is not evaluated, so not in the table: said, not "counted"
+    assert report["cells_done"] == 1 and list(report["failed"]) == ["ssvi_s0.9_seed0"]
     assert "counted above under the sweep's once evaluated: ssvi_s0.9_seed0 (sparse.allocation erk, the sweep's " \
-           "uniform; not evaluated yet)" in (out / "report.md").read_text()
+           "uniform; not evaluated)" in (out / "report.md").read_text()
     # a finished cell whose config cannot be read is named, and the rest is reported
     config = (dense / "config.yaml").read_text()
     (dense / "config.yaml").write_text("model: [\n")
@@ -442,8 +442,11 @@ def test_a_sweep_runs_reports_and_skips_finished_cells(tmp_path: Path, capsys):
     code = run(["sweep", "--method", "ssvi,vi", "--sparsity", "0.9", "--seeds", "2", "--ood", "noise",
                 "--set", "train.epochs=2", *TINY, "--jobs", "2", "--out", str(out), "--json"])
     assert code == 0
-    report = json.loads(capsys.readouterr().out)
+    said = capsys.readouterr()
+    report = json.loads(said.out)
     assert report["cells_done"] == report["cells_total"] == 4 and not report["missing"]
+    # progress on stderr under --json too, a line per cell: a long sweep said nothing until its report
+    assert "2 at a time" in said.err and all(f"finish {c}" in said.err for c in ("ssvi_s0.9_seed0", "vi_seed1"))
     groups = {g["method"]: g for g in report["groups"]}
     assert groups["ssvi"]["seeds"] == [0, 1] and groups["vi"]["sparsity"] is None
     accs = [c["accuracy"] for c in report["cells"] if c["method"] == "ssvi"]

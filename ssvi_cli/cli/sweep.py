@@ -152,8 +152,8 @@ def _run(sweep_dir: Path, spec: "SweepSpec", cells: list[Any], jobs: int, thread
 
     with sweep_lock(sweep_dir):  # shared while the cells run and the report is written; --force waits for it
         record_processes(sweep_dir, jobs, threads)
-        if not json_out:
-            err.print(f"sweep {sweep_dir}: {count(len(cells), 'cell')}, {jobs} at a time, {count(threads, 'thread')} each")
+        # On stderr under --json too, as plain lines (no bar): a sweep runs for long, and silence reads as a hang.
+        err.print(f"sweep {sweep_dir}: {count(len(cells), 'cell')}, {jobs} at a time, {count(threads, 'thread')} each")
         with progress_bar(enabled=not json_out) as bar:
             task = bar.add_task("cells", total=len(cells), info="") if bar is not None else None
             running: set[str] = set()
@@ -166,9 +166,9 @@ def _run(sweep_dir: Path, spec: "SweepSpec", cells: list[Any], jobs: int, thread
                 if bar is not None and task is not None:
                     bar.update(task, advance=0 if event in ("start", "stop") else 1,
                                info=f"running: {', '.join(sorted(running))}" if running else "")
-                if bar is None and not json_out and event != "start":
+                if bar is None and event != "start":
                     _say(f"{event:>6} {name}" + (f" ({detail})" if detail else ""))
-                elif event in ("fail", "stop") and not json_out:
+                elif bar is not None and event in ("fail", "stop"):
                     _say(f"{event} {name}: {detail}")
 
             outcome = run_cells(sweep_dir, cells, jobs, threads, listener, spec)

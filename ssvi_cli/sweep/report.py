@@ -208,10 +208,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"No subspace step before t_end, so the support never moved (the run trained a fixed support, as static does), in: "
                   f"{'; '.join(report['support_unmoved'])}. {UNMOVED_HINT}"]
     if report.get("changed_cells"):
-        missing = set(report["missing"])
+        uncounted = set(report["missing"]) | set(report.get("failed") or {})  # not evaluated: not in the table
         lines += ["", "Run under other settings than the sweep gives them now (a preset edited since, or folders "
                   "copied in), and counted above under the sweep's once evaluated: "
-                  + "; ".join(f"{name} ({what}{'; not evaluated yet' * (name in missing)})"
+                  + "; ".join(f"{name} ({what}{'; not evaluated' * (name in uncounted)})"
                               for name, what in report["changed_cells"].items()) + "."]
     for key, by_method in (report.get("method_values") or {}).items():
         shown = ", ".join(f"{m} {json.dumps(v)}" for m, v in by_method.items())
