@@ -694,6 +694,12 @@ def test_force_replaces_another_sweep_and_a_yaml_list_key_is_one_value(tmp_path:
     assert json.loads((out / "cells" / "ssvi_s0.95_seed0" / "evaluation.json").read_text())["n"] > 0
     assert (out / "notes.md").read_text() == "mine"  # --force removes the sweep's own files only
     capsys.readouterr()
+    # the same grid again with --force: nothing is replaced, and that is said (it went on in silence)
+    evaluated = (out / "cells" / "ssvi_s0.95_seed0" / "evaluation.json").stat().st_mtime_ns
+    assert run([*grid, "--force"]) == 0
+    assert f"note: --force replaces another sweep; {out} holds this one, whose finished cells are kept (delete the " \
+           "folder to train them again)" in " ".join(capsys.readouterr().err.split())
+    assert (out / "cells" / "ssvi_s0.95_seed0" / "evaluation.json").stat().st_mtime_ns == evaluated
     # A folder that is not a sweep is never emptied, --force or not.
     other = tmp_path / "thesis"
     other.mkdir()

@@ -104,6 +104,9 @@ def register(app: typer.Typer) -> None:
             check_output_dir(sweep_dir, "--out")
             how, spec, cells, notes = claim_sweep_dir(sweep_dir, spec, cells, force)
             check_changed(sweep_dir, spec, cells)  # before the grid is written: a refused one changes nothing
+            if force and how in ("same", "grown"):  # --force replaces another sweep only
+                err.print(f"note: --force replaces another sweep; {sweep_dir} holds this one, whose finished cells "
+                          "are kept (delete the folder to train them again)", highlight=False)
             if how != "same":  # the same grid continues with its cells as it named them
                 for note in notes:  # on stderr: --json keeps standard output for the report
                     err.print(note, highlight=False)
