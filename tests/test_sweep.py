@@ -752,6 +752,21 @@ def test_a_running_cell_is_locked_and_a_yaml_file_takes_the_flags_names(tmp_path
     assert "give 'methods' or 'method', not both" in capsys.readouterr().err
 
 
+def test_an_axis_no_method_of_the_grid_uses_is_said(tmp_path: Path, capsys):
+    """--method vi --criterion mean,snr made one cell per seed in silence: the values looked swept."""
+    for args, key in ((["--method", "vi", "--criterion", "mean,snr"], "sparse.criterion"),
+                      (["--method", "vi,dense", "--sparsity", "0.9,0.95"], "the sparsity"),
+                      (["--method", "static", "--set", "sparse.alpha=0.3,0.5"], "sparse.alpha")):
+        out = tmp_path / key.replace(" ", "-")
+        assert run(["sweep", *args, "--out", str(out), "--dry-run"]) == 0
+        said = " ".join(capsys.readouterr().err.split())
+        assert f"note: no method of this grid ({args[1].replace(',', ', ')}) uses {key}: its 2 values would train alike " \
+               "and make no cells of their own" in said
+    # one method that uses it is enough: no note
+    assert run(["sweep", "--method", "vi,ssvi", "--criterion", "mean,snr", "--out", str(tmp_path / "x"), "--dry-run"]) == 0
+    assert "note: no method" not in capsys.readouterr().err
+
+
 def test_one_seed_has_no_spread_to_show():
     from ssvi_cli.sweep.report import _iou_markdown, _stats, mean_std
 

@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
         """The paper's experiments in one command: a grid of runs, evaluated alike, reported as tables and figures."""
         from ssvi_cli.sweep import grid, report as reportmod
         from ssvi_cli.sweep.paired import check_selection
-        from ssvi_cli.sweep.checks import check_ood_paths, check_ood_sets, check_runnable
+        from ssvi_cli.sweep.checks import check_ood_paths, check_ood_sets, check_runnable, idle_axes
         from ssvi_cli.sweep.request import spec_from_flags
         from ssvi_cli.sweep.runner import cell_dir, cell_state
         from ssvi_cli.sweep.sweepdir import claim_sweep_dir, recorded_processes
@@ -98,6 +98,8 @@ def register(app: typer.Typer) -> None:
             spec = spec_from_flags(file, preset, method, sparsity, seeds, criterion, set_ or [], ood or [], samples)
             cells = grid.expand(spec)
             check_runnable(spec, cells)
+            for note in idle_axes(spec):  # on stderr: --json keeps standard output for the report
+                err.print(f"note: {note}", highlight=False)
             check_ood_sets(spec, cells)
             check_selection(spec, cells, baseline or [])  # before anything is written or run
             sweep_dir = out_dir or Path("sweeps") / f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(spec.preset).stem}"

@@ -116,3 +116,15 @@ def check_ood_paths(spec: SweepSpec) -> None:
             parse_ood(text)
         except DataError as exc:
             raise SweepError(f"{exc} (the sweep's --ood sets are read when each cell is evaluated)") from None
+
+
+def idle_axes(spec: SweepSpec) -> list[str]:
+    """Notes on the grid's axes that no method of it uses (``--method vi --criterion mean,snr``, or a
+    dense method alone over several sparsities): their values make no cells of their own."""
+    from ssvi_cli.methods import METHODS
+
+    kinds = [METHODS.get(m) for m in spec.methods]
+    axes = {**({"the sparsity": spec.sparsities} if len(spec.sparsities or ()) > 1 else {}), **spec.axes}
+    return [f"no method of this grid ({', '.join(spec.methods)}) uses {key}: its {len(values)} values would train "
+            "alike and make no cells of their own" for key, values in axes.items() if len(values) > 1
+            and all(k.never_uses("sparse.sparsity" if key == "the sparsity" else key) for k in kinds)]
