@@ -197,6 +197,11 @@ def test_a_folder_draws_alike_however_its_path_is_written(capsys, subset_model, 
     scores = [_report(capsys, subset_model, text)["ood"][text]["scores"]
               for text in ("mine", "./mine", str(tmp_path / "mine"), f"{tmp_path}/mine/more/..")]
     assert all(s == scores[0] for s in scores[1:]), scores
+    # LABEL=PATH: the same set and draws, named by its label in the report (a whole path made wide tables)
+    doc = _report(capsys, subset_model, f"photos={tmp_path / 'mine'}")
+    assert list(doc["ood"]) == ["photos"] and doc["ood"]["photos"]["scores"] == scores[0]
+    np.save(tmp_path / "arr.npy", np.zeros((3, 8, 8), np.uint8))
+    assert list(_report(capsys, subset_model, "blank=arr.npy")["ood"]) == ["blank"]
 
 
 @pytest.mark.parametrize("make", [
@@ -293,7 +298,12 @@ def _bad_inputs(root: Path) -> None:
     ("{root}/text.npy", "text.npy: not a .npy file (it lacks numpy's header)"),
     ("noise={root}", "noise is not read from a folder"),
     ("heldout={root}", "heldout is not read from a folder"),
-    ("imagenet={root}", "unknown OOD set 'imagenet'; NAME=DIR takes one of"),
+    ("imagenet={root}/missing", "unknown OOD set 'imagenet'; NAME=DIR takes one of"),
+    ("mine={root}/missing", "; LABEL=PATH names a folder or .npy array of your own, and {root}/missing is none"),
+    ("mine={root}/notes.txt", "a file must be a .npy array"),
+    ("mine={root}/no-images", "holds no images"),
+    ("svnh={root}", "unknown OOD set 'svnh' (did you mean svhn?); NAME=DIR takes one of"),  # misspelt: no label
+    ("svnh={root}", "LABEL=PATH names a folder or .npy array of your own by a label that is no set's name"),
     ("svhn=", "give the folder after '='"),
     ("textures", "valid names are"),
     ("digits", "the in-distribution dataset itself; pick another OOD set, or --ood heldout"),
@@ -302,7 +312,7 @@ def test_ood_mistakes_are_one_line_errors(capsys, subset_model, tmp_path, value,
     _bad_inputs(tmp_path)
     code, out, err = _evaluate(capsys, str(subset_model), "--ood", value.format(root=tmp_path))
     assert code == 2 and out == ""
-    assert words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert words.format(root=tmp_path) in " ".join(err.split()) and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_a_value_is_a_name_then_name_dir_then_a_path(tmp_path, monkeypatch):

@@ -203,6 +203,9 @@ def test_a_relative_path_that_is_not_there_names_the_folder_it_was_read_from(tmp
     assert f"preset file mine.yaml does not exist in {tmp_path / 'elsewhere'}" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path)
     assert run(["sweep", "--file", "s.yaml", "--out", "sw", "--dry-run"]) == 0
+    # LABEL=PATH keeps its label, its path made absolute as a bare path's is
+    assert run(["sweep", "--file", "s.yaml", "--ood", "mine=imgs", "--out", "sw2", "--dry-run"]) == 0
+    assert json.loads((tmp_path / "sw2" / "sweep.json").read_text())["spec"]["ood"] == [f"mine={tmp_path / 'imgs'}"]
 
 
 def test_a_sweep_files_numbers_are_read_as_its_flags_are(tmp_path: Path, capsys):

@@ -6,6 +6,8 @@ What an ``--ood`` value names (:func:`parse_ood`), checked in this order:
 * a registered name (:data:`OOD_SETS`): ``noise``, ``sklearn-photos`` or a torchvision set read
   from the evaluation's data directory;
 * ``NAME=DIR``: the registered torchvision set ``NAME`` read from its own folder ``DIR``;
+* ``LABEL=PATH``: the user's own folder or ``.npy`` array (below), named ``LABEL`` in reports rather
+  than by its whole path; ``LABEL`` is no registered name, nor a misspelt one;
 * a path: a value holding a path separator, ending in ``.npy`` or naming an existing file or
   folder: a folder of images and ``.npy`` arrays (recursive) or one ``.npy`` array of the user's
   own inputs. A path that looks like a name is written ``./noise``.
@@ -13,6 +15,7 @@ What an ``--ood`` value names (:func:`parse_ood`), checked in this order:
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from dataclasses import dataclass
@@ -105,7 +108,7 @@ def ood_names() -> list[str]:
 HELDOUT = "heldout"
 FOLDER_SETS = tuple(name for name in OOD_SETS if name in DATASETS)  # the ones NAME=DIR can read
 _FORMS = (f"{HELDOUT}, NAME=DIR (NAME one of {', '.join(FOLDER_SETS)}) or a PATH (a folder of images and arrays, or a "
-          f"{ARRAY_SUFFIX} array; write ./NAME for a path that looks like a name)")
+          f"{ARRAY_SUFFIX} array; write ./NAME for a path that looks like a name; LABEL=PATH names it in reports)")
 
 
 @dataclass(frozen=True)
@@ -152,9 +155,20 @@ def parse_ood(text: str) -> OodRequest:
     if sep and not _written_as_path(name) and not Path(text).expanduser().exists():
         if name not in FOLDER_SETS:
             known = name in OOD_SETS or name == HELDOUT
+            own = Path(folder.strip()).expanduser()
+            close = difflib.get_close_matches(name, FOLDER_SETS, n=1, cutoff=0.75)  # svnh=DIR: SVHN's, mistyped
+            if not known and not close and name.strip() and folder.strip() and own.exists():
+                if not own.is_dir() and own.suffix.lower() != ARRAY_SUFFIX:
+                    raise DataError(f"--ood {text}: a file must be a {ARRAY_SUFFIX} array; pass the folder that "
+                                    "holds the images")
+                return OodRequest(name.strip(), "path", path=own)  # the user's own set, labelled
+            own_hint = "" if known else f"; LABEL=PATH names a folder or {ARRAY_SUFFIX} array of your own" + (
+                " by a label that is no set's name" if own.exists() and folder.strip() else
+                f", and {folder.strip() or 'PATH'} is none{looked_in(own) if folder.strip() else ''}")
             raise (DataError if known else UnknownDataset)(
-                f"--ood {text}: {f'{name} is not read from a folder' if known else f'unknown OOD set {name!r}'}; "
-                f"NAME=DIR takes one of {', '.join(FOLDER_SETS)}")
+                f"--ood {text}: {f'{name} is not read from a folder' if known else f'unknown OOD set {name!r}'}"
+                + (f" (did you mean {close[0]}?)" if close else "")
+                + f"; NAME=DIR takes one of {', '.join(FOLDER_SETS)}{own_hint}")
         if not folder.strip():
             raise DataError(f"--ood {text}: give the folder after '=', e.g. --ood {name}=/data/{name}")
         return OodRequest(name, "set", name=name, data_dir=Path(folder.strip()).expanduser())

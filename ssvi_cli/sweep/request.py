@@ -149,8 +149,8 @@ def _absolute_ood(text: str) -> str:
         request = parse_ood(text)
     except DataError as exc:  # an unknown name or a missing path: the one-line error, now
         raise SweepError(str(exc)) from None
-    if request.kind == "path" and request.path is not None:
-        return str(request.path.resolve())
+    if request.kind == "path" and request.path is not None:  # LABEL=PATH keeps its label
+        return str(request.path.resolve()) if request.label == text else f"{request.label}={request.path.resolve()}"
     if request.data_dir is not None:
         return f"{request.name}={request.data_dir.resolve()}"
     return text
