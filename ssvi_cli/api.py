@@ -46,6 +46,8 @@ RESETTABLE_OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RM
 # The Subspace attached to each model: a second one replaces it (a notebook cell run twice would
 # otherwise leave two sets of hooks on one model).
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+# Whole models or optimizers pickled under a Subspace by earlier versions name their hooks so.
+_Hook = Hook
 # Optimizers a Subspace is stepping right now (its step() calls optimizer.step()): any other step of
 # them is the loop's own.
 _STEPPING: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()

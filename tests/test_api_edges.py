@@ -279,6 +279,12 @@ def test_a_subspace_is_resumed_from_its_state_dict_not_pickled_and_another_sched
     # the model and optimizer themselves still save whole (their hooks come back doing nothing)
     torch.save({"model": model, "optimizer": optimizer, "subspace": subspace.state_dict()}, tmp_path / "ok.pt")
     copy.deepcopy(model)
+    # and such files written before the hook's class moved to core.hooks still load
+    import ssvi_cli.api as api
+
+    assert pickle.loads(pickle.dumps(api._Hook(None))).fn is None
+    old = pickle.dumps(model._forward_hooks, protocol=0).replace(b"cssvi_cli.core.hooks\nHook\n", b"cssvi_cli.api\n_Hook\n")
+    assert b"cssvi_cli.api\n_Hook" in old and all(h.fn is None for h in pickle.loads(old).values())
     state = subspace.state_dict()
     assert state == {"t": 3, "delta_t": 2, "t_end": 15}
     with caplog.at_level(logging.WARNING, logger="ssvi_cli"):
@@ -399,6 +405,8 @@ def test_converted_layers_keep_nn_geometry_names_for_code_that_reads_them():
     assert not hasattr(conv, "weight") and conv.to_dense(conv.mu).shape == (8, 3, 3, 3)
     with pytest.raises(AttributeError, match="has no attribute 'weights'"):
         conv.weights
+    conv.register_buffer("weight", torch.ones(2))  # one a user registers is found, not hidden by the hint
+    assert torch.equal(conv.weight, torch.ones(2))
 
 
 def sparse_kernel_linear() -> nn.Module:

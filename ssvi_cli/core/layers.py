@@ -86,8 +86,11 @@ class SparseGaussian(nn.Module):
         return self.active / self.numel
 
     def __getattr__(self, name: str) -> Tensor | nn.Module:
-        if name != "weight":  # code written for nn.Linear / nn.Conv2d reads it
+        try:
             return super().__getattr__(name)
+        except AttributeError:
+            if name != "weight":  # code written for nn.Linear / nn.Conv2d reads it
+                raise
         raise AttributeError(f"{type(self).__name__} has no dense .weight: its weights are mu (and rho) at the "
                              "positions idx; layer.to_dense(layer.mu) is the dense posterior mean")
 
@@ -222,10 +225,7 @@ class SparseGaussian(nn.Module):
         return self._with_bias(self.dense_op(x, draws.dense_weight(self)))
 
     def _with_bias(self, out: Tensor) -> Tensor:
-        if self.bias is None:
-            return out
-        shape = (1, -1) + (1,) * (out.dim() - 2)
-        return out + self.bias.view(shape)
+        return out if self.bias is None else out + self.bias.view((1, -1) + (1,) * (out.dim() - 2))
 
     def _forward_capture(self, x: Tensor) -> Tensor:
         """Forward through a dense leaf holding mu so backward yields dL/dmu at every position.
