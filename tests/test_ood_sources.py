@@ -16,6 +16,7 @@ from ssvi_cli.cli import run
 from ssvi_cli.config import ConfigError, apply_overrides, Config, parse_override
 from ssvi_cli.data import get_spec
 from ssvi_cli.data.ood import parse_ood
+from ssvi_cli.data.spec import DataError
 from ssvi_cli.runs.load import load_model
 from tests.fixtures_torchvision import accept_fixture_checksums, write_mnist, write_svhn
 
@@ -302,8 +303,9 @@ def _bad_inputs(root: Path) -> None:
     ("mine={root}/missing", "; LABEL=PATH names a folder or .npy array of your own, and {root}/missing is none"),
     ("mine={root}/notes.txt", "a file must be a .npy array"),
     ("mine={root}/no-images", "holds no images"),
-    ("svnh={root}", "unknown OOD set 'svnh' (did you mean svhn?); NAME=DIR takes one of"),  # misspelt: no label
-    ("svnh={root}", "LABEL=PATH names a folder or .npy array of your own by a label that is no set's name"),
+    ("SVHN={root}", "set names are lower case (svhn); a label of your own (LABEL=PATH) is no set's name"),
+    ("svnh={root}/no-images", "holds no images (.png, "),  # a label: the folder read as the user's own
+    ("svnh={root}/no-images", "(read as your own images, labelled svnh; torchvision's svhn in that folder is --ood svhn="),
     ("svhn=", "give the folder after '='"),
     ("textures", "valid names are"),
     ("digits", "the in-distribution dataset itself; pick another OOD set, or --ood heldout"),
@@ -325,6 +327,30 @@ def test_a_value_is_a_name_then_name_dir_then_a_path(tmp_path, monkeypatch):
     assert parse_ood("x.NPY").kind == "path"
     request = parse_ood("cifar10=~/data")
     assert (request.label, request.name, request.data_dir) == ("cifar10", "cifar10", Path("~/data").expanduser())
+
+
+def test_a_label_is_any_name_but_a_sets_and_is_kept_when_its_folder_is_gone(tmp_path, monkeypatch, capsys,
+                                                                               subset_model):
+    """LABEL=PATH: labels near a set's name (emnist, notmnist, cifar) are a user's own; a set's name in
+    capitals is refused; a label's report name survives its folder's move (a sweep's cells stay
+    evaluated); a folder labelled like a mistyped set (svnh=) that holds no images says which set."""
+    from ssvi_cli.data.ood import label_of
+
+    monkeypatch.chdir(tmp_path)
+    _pngs(tmp_path / "own")
+    for label in ("emnist", "notmnist", "cifar", "fmnist", "mnist:rot15"):
+        request = parse_ood(f"{label}=own")
+        assert (request.kind, request.label, request.labelled) == ("path", label, True), label
+    with pytest.raises(DataError, match=r"set names are lower case \(svhn\); a label of your own"):
+        parse_ood("SVHN=own")
+    for text, label in (("mine=/gone/x", "mine"), ("mnist=/data", "mnist"), ("/a=b/c.npy", "/a=b/c.npy"),
+                        ("noise", "noise"), ("own", "own")):
+        assert label_of(text) == label
+    (tmp_path / "svhn-files").mkdir()
+    (tmp_path / "svhn-files" / "test_32x32.mat").write_bytes(b"MATLAB")
+    code, _, err = _evaluate(capsys, str(subset_model), "--ood", "svnh=svhn-files")
+    assert code == 2 and "read as your own images, labelled svnh; torchvision's svhn in that folder is --ood " \
+                          "svhn=svhn-files" in " ".join(err.split())
 
 
 def test_name_dir_is_read_as_such_beside_a_folder_of_that_name(tmp_path, monkeypatch):

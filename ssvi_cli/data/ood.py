@@ -115,19 +115,38 @@ _FORMS = (f"{HELDOUT}, NAME=DIR (NAME one of {', '.join(FOLDER_SETS)}) or a PATH
 class OodRequest:
     """One ``--ood`` value, resolved: ``kind`` is ``set`` (the registered ``name``, read from
     ``data_dir`` when given: ``NAME=DIR``), ``heldout`` or ``path``. ``label`` names the set in
-    reports: the value as given, or ``NAME`` for ``NAME=DIR``."""
+    reports: the value as given, or ``NAME`` for ``NAME=DIR``, ``LABEL`` for ``LABEL=PATH``
+    (``labelled``)."""
 
     label: str
     kind: str
     name: Optional[str] = None
     data_dir: Optional[Path] = None
     path: Optional[Path] = None
+    labelled: bool = False
+
+    def mistyped(self) -> str:
+        """For a folder labelled like a set ``NAME=DIR`` reads (``svnh=/data/svhn``), a hint to add to
+        an error about its images; else ""."""
+        close = difflib.get_close_matches(self.label.lower(), FOLDER_SETS, n=1, cutoff=0.75) if self.labelled else []
+        return (f" (read as your own images, labelled {self.label}; torchvision's {close[0]} in that folder is "
+                f"--ood {close[0]}={self.path})") if close else ""
 
     @property
     def seed_key(self) -> str:
         """What seeds the set's Monte Carlo draws: the label, or for a path the path itself, made
         absolute, so ``odd``, ``./odd`` and ``$PWD/odd`` (as a sweep records it) draw alike."""
         return str(self.path.resolve()) if self.kind == "path" and self.path is not None else self.label
+
+
+def label_of(text: str) -> str:
+    """The name the ``--ood`` value ``text`` has in reports, read as :func:`parse_ood` reads it, also
+    when it no longer parses (a sweep's folder moved since): ``NAME`` or ``LABEL`` before a ``=``."""
+    text = str(text).strip()
+    name, sep, _ = text.partition("=")
+    if sep and text not in OOD_SETS and not _written_as_path(name) and not Path(text).expanduser().exists():
+        return name.strip()
+    return text
 
 
 def _written_as_path(text: str) -> bool:
@@ -154,21 +173,22 @@ def parse_ood(text: str) -> OodRequest:
     # NAME=DIR even where a file or folder NAME is in the current folder (a data folder ./mnist, say)
     if sep and not _written_as_path(name) and not Path(text).expanduser().exists():
         if name not in FOLDER_SETS:
-            known = name in OOD_SETS or name == HELDOUT
-            own = Path(folder.strip()).expanduser()
-            close = difflib.get_close_matches(name, FOLDER_SETS, n=1, cutoff=0.75)  # svnh=DIR: SVHN's, mistyped
-            if not known and not close and name.strip() and folder.strip() and own.exists():
-                if not own.is_dir() and own.suffix.lower() != ARRAY_SUFFIX:
-                    raise DataError(f"--ood {text}: a file must be a {ARRAY_SUFFIX} array; pass the folder that "
-                                    "holds the images")
-                return OodRequest(name.strip(), "path", path=own)  # the user's own set, labelled
-            own_hint = "" if known else f"; LABEL=PATH names a folder or {ARRAY_SUFFIX} array of your own" + (
-                " by a label that is no set's name" if own.exists() and folder.strip() else
-                f", and {folder.strip() or 'PATH'} is none{looked_in(own) if folder.strip() else ''}")
-            raise (DataError if known else UnknownDataset)(
-                f"--ood {text}: {f'{name} is not read from a folder' if known else f'unknown OOD set {name!r}'}"
-                + (f" (did you mean {close[0]}?)" if close else "")
-                + f"; NAME=DIR takes one of {', '.join(FOLDER_SETS)}{own_hint}")
+            if name in OOD_SETS or name == HELDOUT:
+                raise DataError(f"--ood {text}: {name} is not read from a folder; NAME=DIR takes one of "
+                                f"{', '.join(FOLDER_SETS)}")
+            label, own = name.strip(), Path(folder.strip()).expanduser()
+            if label.lower() in (*OOD_SETS.names(), HELDOUT):  # SVHN=DIR
+                raise DataError(f"--ood {text}: set names are lower case ({label.lower()}); a label of your own "
+                                "(LABEL=PATH) is no set's name")
+            if not label or not folder.strip() or not own.exists():
+                raise UnknownDataset(
+                    f"--ood {text}: unknown OOD set {name!r}; NAME=DIR takes one of {', '.join(FOLDER_SETS)}; "
+                    f"LABEL=PATH names a folder or {ARRAY_SUFFIX} array of your own, and "
+                    f"{folder.strip() or 'PATH'} is none{looked_in(own) if folder.strip() else ''}")
+            if not own.is_dir() and own.suffix.lower() != ARRAY_SUFFIX:
+                raise DataError(f"--ood {text}: a file must be a {ARRAY_SUFFIX} array; pass the folder that "
+                                "holds the images")
+            return OodRequest(label, "path", path=own, labelled=True)  # the user's own set, by its label
         if not folder.strip():
             raise DataError(f"--ood {text}: give the folder after '=', e.g. --ood {name}=/data/{name}")
         return OodRequest(name, "set", name=name, data_dir=Path(folder.strip()).expanduser())

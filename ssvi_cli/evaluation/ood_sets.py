@@ -73,7 +73,10 @@ def resolve_requests(texts: Iterable[str], spec: DataSpec, dataset: str) -> dict
         if request.kind == HELDOUT:
             check_heldout(spec)
         elif request.kind == "path" and request.path is not None and request.path.is_dir():
-            image_files(request.path)
+            try:
+                image_files(request.path)
+            except DataError as exc:  # svnh=/data/svhn: SVHN's folder, its name mistyped, read as images
+                raise DataError(f"{exc}{request.mistyped()}") from None
         if requests.get(request.label, request) != request:  # mnist=DIR beside mnist (read from --data-dir), say
             raise DataError(f"--ood {request.label} is given twice, as {given[request.label]} and as {text}; "
                             "give it once")
@@ -189,7 +192,10 @@ def load_ood(request: OodRequest | str, spec: DataSpec, root: Optional[Path], do
         return PreparedDataset(heldout_images(heldout, spec, seed, max_items))
     if request.kind == "path" and request.path is not None:
         read = folder_images if request.path.is_dir() else array_images
-        return PreparedDataset(read(request.path, spec, seed, max_items))
+        try:
+            return PreparedDataset(read(request.path, spec, seed, max_items))
+        except DataError as exc:
+            raise DataError(f"{exc}{request.mistyped()}") from None
     name = str(request.name)
     try:
         ds = build_ood(name, spec, data_dir=request.data_dir or root, download=download, seed=seed,

@@ -82,8 +82,12 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> list[Path]:
     groups = report["groups"]
     panels = [("accuracy", "test accuracy"), ("nll", "NLL"), ("ece", "ECE (15 bins)")]
     aurocs = sorted({k for g in groups for k in g if k.startswith("auroc:") and k.endswith(":entropy")})
-    # every OOD set, a user's own by its file or folder name (the tables give the whole path)
-    panels += [(k, f"OOD AUROC, {Path(k[len('auroc:'):-len(':entropy')]).name} (entropy)") for k in aurocs]
+    # every OOD set; a path by its file or folder name where no other set has that name (the tables
+    # give the whole path)
+    names = {k: k[len("auroc:"):-len(":entropy")] for k in aurocs}
+    short = {k: Path(n).name if Path(n).is_absolute() else n for k, n in names.items()}
+    shown = {k: short[k] if list(short.values()).count(short[k]) == 1 else names[k] for k in aurocs}
+    panels += [(k, f"OOD AUROC, {shown[k]} (entropy)") for k in aurocs]
     series: dict[str, list[dict[str, Any]]] = {}
     for g in groups:
         series.setdefault(_label(g), []).append(g)

@@ -19,6 +19,12 @@ from ssvi_cli.sweep.grid import (SweepError, SweepSpec, group_key, group_label, 
 PAIRED_METRICS = (("accuracy", "accuracy"), ("nll", "NLL"), ("ece", "ECE"), ("brier", "Brier"))
 
 
+def auroc_title(key: str) -> str:
+    """A column's title for ``auroc:SET:SCORE``: SET may hold ':' itself (a label, a path)."""
+    name = key[len("auroc:"):key.rindex(":")]
+    return f"AUROC {name} ({'MI' if key.endswith('information') else 'entropy'})"
+
+
 def _typed(key: str, value: Any) -> Any:
     """``value`` as a number of the key's kind (1 and 1.0 name one group of a float key)."""
     return float(value) if key == "sparsity" and isinstance(value, int) else \
@@ -130,7 +136,7 @@ def paired_markdown(paired: dict[str, Any], axes: list[str]) -> list[str]:
         return [*title, paired["note"] + "."]
     aurocs = [m for m in paired["metrics"] if m.startswith("auroc:")]
     head = ["method", "sparsity", *axes, "seeds", *(f"Δ {label}" for _, label in PAIRED_METRICS),
-            *(f"Δ AUROC {k.split(':')[1]} ({'MI' if k.endswith('information') else 'entropy'})" for k in aurocs)]
+            *(f"Δ {auroc_title(k)}" for k in aurocs)]
     lines = [*title,
              "Each group minus the baseline, seed by seed over the seeds both finished (a seed fixes the "
              "split, initialisation and batch order of every cell alike): mean ± standard error.", "",

@@ -20,7 +20,7 @@ from ssvi_cli.runs.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, SUPPOR
 from ssvi_cli.sweep.drift import changed_cells
 from ssvi_cli.sweep.grid import (EVAL_FILE, OWN_KEYS, Cell, SweepError, SweepSpec, group_key, group_label,
                                  read_spec, seeds_text, setting_text, yaml_text)
-from ssvi_cli.sweep.paired import paired_differences, paired_markdown
+from ssvi_cli.sweep.paired import auroc_title, paired_differences, paired_markdown
 from ssvi_cli.sweep.runner import cell_dir, cell_state, failure
 
 REPORT_JSON = "report.json"
@@ -179,7 +179,7 @@ def markdown(report: dict[str, Any]) -> str:
     aurocs = sorted({k for g in groups for k in g if k.startswith("auroc:")})
     axes, threads = list(spec.axes), report.get("threads") or []
     head = ["method", "sparsity", *axes, "seeds", *(label for _, label, _ in METRICS),
-            *(f"AUROC {k.split(':')[1]} ({'MI' if k.endswith('information') else 'entropy'})" for k in aurocs),
+            *(auroc_title(k) for k in aurocs),
             "training FLOPs", "file bytes"]
     lines = [f"# Sweep report: {report['sweep']}", "",
              f"{report['cells_done']} of {report['cells_total']} cells evaluated; preset `{spec.preset}`, "

@@ -95,6 +95,7 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
         data["preset"] = str(preset_path.resolve())  # cells may run from another directory
     # Paths, likewise, as absolute ones: a cell resumed, or run by a scheduler, from elsewhere finds them.
     data["ood"] = tuple(_absolute_ood(str(text)) for text in data.get("ood") or ())
+    _check_labels(data["ood"])
     for key in cfgmod.PATH_KEYS:
         if key in data["axes"]:
             data["axes"][key] = [cfgmod.absolute_path(key, v) for v in data["axes"][key]]
@@ -102,6 +103,19 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
             data["fixed"][key] = cfgmod.absolute_path(key, data["fixed"][key])
     _check_once(data)
     return SweepSpec.from_dict(data)
+
+
+def _check_labels(ood: tuple[str, ...]) -> None:
+    """Two ``--ood`` values under one name in the reports (``mine=a/`` and ``mine=b.npy``): every
+    cell's evaluation would refuse them after training."""
+    from ssvi_cli.data.ood import label_of
+
+    first: dict[str, str] = {}
+    for text in ood:
+        label = label_of(text)
+        if label in first and first[label] != text:
+            raise SweepError(f"--ood {label} is given twice, as {first[label]} and as {text}; give each set its own label")
+        first.setdefault(label, text)
 
 
 def _check_once(data: dict[str, Any]) -> None:

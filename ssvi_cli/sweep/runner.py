@@ -56,14 +56,11 @@ def evaluated(path: Path, spec: Optional[SweepSpec] = None) -> bool:
 
 
 def ood_label(text: str) -> str:
-    """The name an ``--ood`` value has in an evaluation report (``NAME`` for ``NAME=DIR``)."""
-    from ssvi_cli.data.ood import parse_ood
-    from ssvi_cli.data.spec import DataError
+    """The name an ``--ood`` value has in an evaluation report (``NAME`` for ``NAME=DIR``, ``LABEL``
+    for ``LABEL=PATH``), also for a path gone since (unknown names were refused when the sweep was made)."""
+    from ssvi_cli.data.ood import label_of
 
-    try:
-        return parse_ood(text).label
-    except DataError:  # a path gone since (unknown names were refused when the sweep was made)
-        return text.strip()
+    return label_of(text)
 
 
 def cell_state(path: Path, spec: Optional[SweepSpec] = None) -> str:
