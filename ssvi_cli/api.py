@@ -281,7 +281,7 @@ class Subspace:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if not isinstance(state, dict) or "t" not in state:
-            raise ValueError(f"{type(state).__name__} {sorted(state) if isinstance(state, dict) else ''} is no Subspace "
+            raise ValueError(f"{type(state).__name__} {sorted(map(str, state)) if isinstance(state, dict) else ''} is no Subspace "
                              "state: pass what subspace.state_dict() returned")
         if whole("the state's t", state["t"]) < 0:
             raise ValueError(f"the state's t is a step count, got {state['t']}")

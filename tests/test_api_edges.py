@@ -461,6 +461,7 @@ def sparse_kernel_linear() -> nn.Module:
     (lambda m, o: ssvi.Subspace(m, o, 100).load_state_dict({}), ValueError,
      r"dict \[\] is no Subspace state: pass what subspace.state_dict\(\) returned"),
     (lambda m, o: ssvi.Subspace(m, o, 100).load_state_dict(m.state_dict()), ValueError, "is no Subspace state"),
+    (lambda m, o: ssvi.Subspace(m, o, 100).load_state_dict({0: 1, "a": 2}), ValueError, r"dict \['0', 'a'\] is no"),
 ])
 def test_wrong_arguments_are_one_line_naming_the_argument(call, error, text):
     model = mlp()

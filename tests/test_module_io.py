@@ -199,7 +199,8 @@ def test_save_refuses_nan_or_values_its_dtype_cannot_hold_and_keeps_the_file_the
         with torch.no_grad():
             kept = tensor[entry].clone()
             tensor[entry] = float("nan")
-        with pytest.raises(ValueError, match=r"holds 1 non-finite value \(NaN or inf\): the model diverged; nothing was written"):
+        with pytest.raises(ValueError, match=r"holds 1 non-finite value \(NaN or inf; a diverged model\?\), which no "
+                                             r"reader of the file takes: nothing was written"):
             ssvi.save(net, path)
         assert path.read_bytes() == before
         with torch.no_grad():
@@ -212,6 +213,11 @@ def test_save_refuses_nan_or_values_its_dtype_cannot_hold_and_keeps_the_file_the
     assert path.read_bytes() == before
     assert ssvi.save(net, path, dtype="bfloat16") < good
     assert float(ssvi.load(path, model=Net()).head[1].mu[0]) == pytest.approx(1e5, rel=1e-2)
+    net.double()  # a float64 value beyond float32's range is that, not a divergence
+    with torch.no_grad():
+        net.head[1].mu[0] = 1e39
+    with pytest.raises(ValueError, match=r"tensor 'head\.1\.mu' holds values beyond float32's range"):
+        ssvi.save(net, path)
 
 
 def test_evaluate_asks_for_the_dataset_of_a_file_that_records_none(tmp_path, capsys):

@@ -206,6 +206,17 @@ def test_a_relative_path_that_is_not_there_names_the_folder_it_was_read_from(tmp
     # LABEL=PATH keeps its label, its path made absolute as a bare path's is
     assert run(["sweep", "--file", "s.yaml", "--ood", "mine=imgs", "--out", "sw2", "--dry-run"]) == 0
     assert json.loads((tmp_path / "sw2" / "sweep.json").read_text())["spec"]["ood"] == [f"mine={tmp_path / 'imgs'}"]
+    # its cells' evaluations are still found once the folder has moved (the report names the set by its label)
+    from ssvi_cli.sweep.runner import ood_label
+
+    assert ood_label(f"mine={tmp_path / 'gone'}") == "mine"
+    # two sets under one label are refused before any cell trains (each cell's evaluation would refuse them)
+    capsys.readouterr()
+    assert run(["sweep", "--file", "s.yaml", "--ood", "mine=imgs", "--ood", "mine=imgs/x.npy", "--out", "sw3",
+                "--dry-run"]) == 2
+    assert f"--ood mine is given twice, as mine={tmp_path / 'imgs'} and as mine={tmp_path / 'imgs' / 'x.npy'}" in \
+        " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "sw3").exists()
 
 
 def test_a_sweep_files_numbers_are_read_as_its_flags_are(tmp_path: Path, capsys):
@@ -337,6 +348,9 @@ def test_a_grid_that_adds_seeds_continues_the_sweep_and_keeps_its_cells(tmp_path
     said = " ".join(capsys.readouterr().err.split())
     assert "this grid leaves out all 4 of its 4 cells, ssvi_s0.95_seed0 and others: a grid that adds to it lists them " \
            "too" in said
+    # with another fixed value too, listing them would not do: not advised
+    assert run([*grid, "--seeds", "1", "--method", "rigl", "--set", "optim.lr=0.02"]) == 2
+    assert "leaves out" not in capsys.readouterr().err
     assert first.stat().st_mtime_ns == stamp
 
     # Another evaluation of the same grid (an OOD set more): every cell evaluated again, none retrained
@@ -700,8 +714,8 @@ def test_force_replaces_another_sweep_and_a_yaml_list_key_is_one_value(tmp_path:
     # the same grid again with --force: nothing is replaced, and that is said (it went on in silence)
     evaluated = (out / "cells" / "ssvi_s0.95_seed0" / "evaluation.json").stat().st_mtime_ns
     assert run([*grid, "--force"]) == 0
-    assert f"note: --force replaces another sweep; {out} holds this one, whose finished cells are kept (delete the " \
-           "folder to train them again)" in " ".join(capsys.readouterr().err.split())
+    assert f"note: --force replaces another sweep; {out} holds this one, whose finished cells are kept (delete " \
+           f"{out / 'cells'}, or a cell's folder in it, to train them again)" in " ".join(capsys.readouterr().err.split())
     assert (out / "cells" / "ssvi_s0.95_seed0" / "evaluation.json").stat().st_mtime_ns == evaluated
     # A folder that is not a sweep is never emptied, --force or not.
     other = tmp_path / "thesis"
@@ -1234,6 +1248,13 @@ def test_the_figures_show_every_ood_set_and_readable_flops_within_a_decade(tmp_p
     _, labels, boxes = drawn[figures.ACCURACY_VS_FLOPS]
     assert labels[0] == ["3.5e9", "4e9", "4.5e9"]
     assert not any(a.overlaps(b) for i, a in enumerate(boxes[0]) for b in boxes[0][i + 1:])
+    # a set named like another's file or folder is shown whole, both of them; a label may hold ':'
+    figures.write_figures({"groups": [{**groups[0], "auroc:/a/imgs:entropy": ood["auroc:noise:entropy"],
+                                       "auroc:/b/imgs:entropy": ood["auroc:noise:entropy"]}], "sweep": "x"}, tmp_path)
+    assert {"OOD AUROC, /a/imgs (entropy)", "OOD AUROC, /b/imgs (entropy)"} <= set(drawn[figures.METRICS_VS_SPARSITY][0])
+    from ssvi_cli.sweep.paired import auroc_title
+
+    assert auroc_title("auroc:mnist:rot15:mutual_information") == "AUROC mnist:rot15 (MI)"
 
 
 def test_a_grid_that_fits_the_cells_as_they_ran_grows_after_its_preset_was_edited(tmp_path: Path, capsys):

@@ -108,7 +108,8 @@ def register(app: typer.Typer) -> None:
             check_changed(sweep_dir, spec, cells)  # before the grid is written: a refused one changes nothing
             if force and how in ("same", "grown"):  # --force replaces another sweep only
                 err.print(f"note: --force replaces another sweep; {sweep_dir} holds this one, whose finished cells "
-                          "are kept (delete the folder to train them again)", highlight=False)
+                          f"are kept (delete {sweep_dir / 'cells'}, or a cell's folder in it, to train them again)",
+                          highlight=False)
             if how != "same":  # the same grid continues with its cells as it named them
                 for note in notes:  # on stderr: --json keeps standard output for the report
                     err.print(note, highlight=False)
@@ -209,6 +210,7 @@ def _say(text: str) -> None:
 
 def _finish(result: dict[str, Any], json_out: bool) -> None:
     from ssvi_cli.sweep.drift import changed_lines
+    from ssvi_cli.sweep.paired import auroc_title
     from ssvi_cli.sweep.report import UNMOVED_HINT, mean_std
 
     if result.get("changed_cells"):
@@ -223,7 +225,7 @@ def _finish(result: dict[str, Any], json_out: bool) -> None:
     # The OOD sets' AUROC by predictive entropy, as report.md's first OOD columns (MI there too).
     ood = sorted({k for g in result["groups"] for k in g if k.startswith("auroc:") and k.endswith(":entropy")})
     metrics = {"accuracy": "accuracy", "nll": "NLL", "ece": "ECE",
-               **{k: f"AUROC {k[len('auroc:'):-len(':entropy')]} (entropy)" for k in ood}}
+               **{k: auroc_title(k) for k in ood}}
     _group_table(f"sweep {result['sweep']}: {result['cells_done']} of {result['cells_total']} cells (mean ± std "
                  "over seeds)", result["groups"], metrics, lambda g: [mean_std(g.get(k)) for k in metrics])
     for name, why in (result.get("failed") or {}).items():

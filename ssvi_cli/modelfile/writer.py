@@ -43,14 +43,14 @@ def dense_state(model: nn.Module) -> dict[str, Tensor]:
 
 
 def _layer_tensors(layer: SparseGaussian, dense: bool) -> tuple[str, int, dict[str, Tensor]]:
-    """(index code, active count, {"mu", "sigma", "index"} tensors) of one layer, float32 values.
+    """(index code, active count, {"mu", "sigma", "index"} tensors) of one layer, values in its dtype.
 
     Values are flat over the active entries, or of the weight shape when every entry is stored
     (``full``: a dense layer, or any layer with ``dense``, zeros off the support).
     """
-    values = {"mu": layer.mu.detach().float()}
+    values = {"mu": layer.mu.detach()}  # in the layer's dtype: model_tensors converts (and checks the range)
     if layer.bayesian:
-        values["sigma"] = layer.sigma().detach().float()
+        values["sigma"] = layer.sigma().detach()
     if dense:
         code, index, active = "full", None, layer.numel
     else:
@@ -93,8 +93,8 @@ def _converted(key: str, value: Tensor, dtype: str) -> Tensor:
             raise ValueError(f"tensor {key!r} holds values beyond {dtype}'s range (largest "
                              f"{torch.finfo(TORCH_DTYPES[dtype]).max:.6g}); save as float32 or bfloat16")
         bad = int((~torch.isfinite(value)).sum())
-        raise ValueError(f"tensor {key!r} holds {bad} non-finite value{'s' * (bad != 1)} (NaN or inf): the model "
-                         "diverged; nothing was written")
+        raise ValueError(f"tensor {key!r} holds {bad} non-finite value{'s' * (bad != 1)} (NaN or inf; a diverged "
+                         "model?), which no reader of the file takes: nothing was written")
     return out
 
 

@@ -98,9 +98,13 @@ def claim_sweep_dir(out_dir: Path, spec: SweepSpec, cells: list[Cell], force: bo
     if not force:
         names = {c.name for c in cells}
         left = [c.name for c in old_cells if c.name not in names]
-        leaves = (f"; this grid leaves out {'all ' * (len(left) == len(old_cells))}{len(left)} of its "
-                  f"{len(old_cells)} cells, {left[0]}{' and others' * (len(left) > 1)}: a grid that adds to it "
-                  "lists them too, a sweep file's seeds: [0, 1, 2, 3] rather than [3], say") if left else ""
+        # Said only where listing them would do: the grid's fixed values and preset are the sweep's.
+        alike = old_spec is not None and (old_spec.preset, old_spec.fixed) == (spec.preset, spec.fixed)
+        which = (f"its one cell, {left[0]}" if len(old_cells) == 1 else
+                 f"{'all ' * (len(left) == len(old_cells))}{len(left)} of its {len(old_cells)} cells, {left[0]}"
+                 + " and others" * (len(left) > 1)) if left else ""
+        leaves = (f"; this grid leaves out {which}: a grid that adds to it lists {'it' if len(left) == 1 else 'them'} "
+                  "too, a sweep file's seeds: [0, 1, 2, 3] rather than [3], say") if left and alike else ""
         raise SweepError(f"{out_dir} holds a different sweep (a grid that only adds seeds, methods, sparsities "
                          f"or values to it, or evaluates it otherwise, continues it; this one changes what it "
                          f"trains{leaves}): continue it as it is with "
