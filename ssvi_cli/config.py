@@ -521,8 +521,10 @@ def validate(cfg: Config) -> None:
 # ---------------------------------------------------------------- presets
 
 def presets_dir() -> Path:
-    """The repository's ``presets/`` folder (next to the package)."""
-    return Path(__file__).resolve().parent.parent / "presets"
+    """The presets: ``ssvi_cli/presets`` in an installed wheel (pyproject.toml ships them there), else
+    the source tree's ``presets/`` beside the package (a checkout, an editable install)."""
+    here = Path(__file__).resolve().parent
+    return next((d for d in (here / "presets", here.parent / "presets") if d.is_dir()), here.parent / "presets")
 
 
 def list_presets() -> dict[str, Path]:
