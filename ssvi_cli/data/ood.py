@@ -7,7 +7,7 @@ What an ``--ood`` value names (:func:`parse_ood`), checked in this order:
   from the evaluation's data directory;
 * ``NAME=DIR``: the registered torchvision set ``NAME`` read from its own folder ``DIR``;
 * ``LABEL=PATH``: the user's own folder or ``.npy`` array (below), named ``LABEL`` in reports rather
-  than by its whole path; ``LABEL`` is no registered name, nor a misspelt one;
+  than by its whole path; ``LABEL`` is no registered name, in any case;
 * a path: a value holding a path separator, ending in ``.npy`` or naming an existing file or
   folder: a folder of images and ``.npy`` arrays (recursive) or one ``.npy`` array of the user's
   own inputs. A path that looks like a name is written ``./noise``.
