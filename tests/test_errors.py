@@ -3,6 +3,7 @@ traceback, and no file created or changed."""
 
 import json
 import os
+import shlex
 import shutil
 import struct
 import subprocess
@@ -362,3 +363,52 @@ def test_a_folder_of_runs_is_searched_past_what_cannot_be_read_and_not_through_a
     for i in range(5):
         (tmp_path / "a_data" / f"{i}.png").write_bytes(b"")
     assert run_below(tmp_path, is_run, per_folder=3) == tmp_path / "c" / "d"
+
+
+def _ssvi(workspace: Path, *args: str, env: dict, shell: str = "") -> subprocess.CompletedProcess:
+    """``ssvi`` as a shell starts it, with ``shell`` redirections (``>&-``, ``2>/dev/full``)."""
+    command = " ".join(["exec", shlex.quote(sys.executable), "-m", "ssvi_cli", *map(shlex.quote, args), shell])
+    return subprocess.run(["bash", "-c", command], capture_output=not shell.strip().startswith(">"), encoding="utf-8",
+                          errors="replace", timeout=120, cwd=workspace, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def test_odd_terminals_encodings_and_closed_streams_change_no_outcome(workspace, tmp_path):
+    """Each of these ended a command badly: COLUMNS=0 (containers, CI) printed nothing, errors included;
+    an ASCII or latin-1 output encoding failed after the work on a ±, σ or é; a stream closed when ssvi
+    started was an AttributeError; a full disk under stderr (2> log) stopped evaluate before its work."""
+    model = str(workspace / RUN)
+    error = _ssvi(workspace, "evaluate", "/nonexistent", env={"COLUMNS": "0"})
+    assert error.returncode == 2 and "error: /nonexistent" in error.stderr
+    shown = _ssvi(workspace, "inspect", model, env={"COLUMNS": "0"})
+    assert shown.returncode == 0 and "density" in shown.stdout
+    odd = tmp_path / "café run"
+    shutil.copytree(workspace / RUN, odd)
+    for encoding in ("ascii", "latin-1"):
+        for args in (["inspect", str(odd)], ["evaluate", str(odd), "--samples", "2"], ["presets"]):
+            done = _ssvi(workspace, *args, env={"PYTHONIOENCODING": encoding})
+            assert done.returncode == 0 and "Traceback" not in done.stderr, (encoding, args, done.stderr)
+    assert "caf\\xe9 run" in _ssvi(workspace, "inspect", str(odd), env={"PYTHONIOENCODING": "ascii"}).stdout
+    report = tmp_path / "e.json"
+    closed = _ssvi(workspace, "evaluate", model, "--samples", "2", "--output", str(report), "--json", env={},
+                   shell=">&-")
+    assert closed.returncode == 0 and json.loads(report.read_text())["n"] > 0
+    full = _ssvi(workspace, "evaluate", model, "--samples", "2", "--output", str(tmp_path / "f.json"), env={},
+                 shell="2>/dev/full")
+    assert full.returncode == 0 and json.loads((tmp_path / "f.json").read_text())["n"] > 0
+    no_stdin = _ssvi(workspace, "infer", model, "-", env={}, shell="<&-")
+    assert no_stdin.returncode == 2 and "-: standard input is closed" in no_stdin.stderr
+
+
+def test_commands_in_messages_paste_back_whatever_the_path(workspace, tmp_path, capsys):
+    """'Resume with: ssvi train --resume -int run' pasted back is two arguments: the paths are quoted."""
+    odd = tmp_path / "my run"
+    shutil.copytree(workspace / RUN, odd)
+    assert run(["train", "--resume", str(odd)]) == 0  # finished: nothing to resume, and how to evaluate it
+    assert f"Evaluate it: ssvi evaluate {shlex.quote(str(odd / 'model.safetensors'))}" in \
+        " ".join(capsys.readouterr().err.split())
+
+
+def test_a_legal_long_file_name_is_written(workspace, tmp_path):
+    """A 242-character name (the limit is 255) was refused: the temporary file added the name again."""
+    target = tmp_path / ("m" * 230 + ".safetensors")
+    assert run(["export", str(workspace / RUN), "--output", str(target)]) == 0 and target.is_file()

@@ -134,10 +134,26 @@ def _show_progress() -> None:
         logger.propagate = False
 
 
+def _usable_streams() -> None:
+    """Standard output that cannot encode a character (``PYTHONIOENCODING=ascii``, a cp1252 console:
+    ±, σ, a path with é) writes it escaped rather than failing after the work is done; a stream closed
+    when ssvi started (``>&-``) is /dev/null rather than an AttributeError at the first line."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115 - for the process's life
+            continue
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):  # not a TextIOWrapper (a test's capture): as it is
+            pass
+
+
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI and return its exit code: 0 ok, 1 runtime failure, 2 usage error, 130 interrupted
     (Ctrl-C; the ``ssvi`` command then ends by SIGINT: :func:`main`), 143 stopped by SIGTERM, 129 by
     SIGHUP."""
+    _usable_streams()
     args = list(sys.argv[1:] if argv is None else argv)
     debug = Debug.on = "--debug" in args
     args = [a for a in args if a != "--debug"]

@@ -23,12 +23,27 @@ if TYPE_CHECKING:
 # rich's 80 columns for a non-terminal would fold their cells. A terminal keeps its own width, and
 # COLUMNS, when set, wins as rich documents.
 PIPE_WIDTH = 200
+# A COLUMNS that is no positive number (0 in some containers and CI sessions) made rich print nothing
+# at all, errors included: it is dropped, and the terminal's width or PIPE_WIDTH applies.
+if not os.environ.get("COLUMNS", "1").strip().isdigit() or int(os.environ.get("COLUMNS", "1").strip()) < 1:
+    os.environ.pop("COLUMNS")
+
+
+class _Console(Console):
+    """A console whose lines may find no reader, or a full disk (``2> log`` on a full file system),
+    without ending the command: the work goes on, as :func:`tell` lets it."""
+
+    def print(self, *objects: Any, **options: Any) -> None:
+        try:
+            super().print(*objects, **options)
+        except (OSError, SystemExit):  # rich answers a broken pipe with SystemExit(1)
+            no_reader(stdout=not self.stderr)
 
 
 def _console(stderr: bool = False) -> Console:
     # markup=False: paths, class names and messages print as written ("IMG [copy].png" keeps its
     # brackets); the few styled lines ask for markup themselves and escape what they insert.
-    console = Console(stderr=stderr, highlight=False, soft_wrap=True, markup=False)
+    console = (_Console if stderr else Console)(stderr=stderr, highlight=False, soft_wrap=True, markup=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = PIPE_WIDTH
     return console

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -214,5 +215,5 @@ def _why_checkpoint(model: Path, training: Any) -> str:
     if run.summary_file.is_file():
         return (f"{when}: the run finished but its model file {run.model_file} is missing"
                 + (" and its last checkpoint is missing or unreadable" if unfinished is not None else "")
-                + f" (ssvi train --resume {model} writes it again)")
+                + f" (ssvi train --resume {shlex.quote(str(model))} writes it again)")
     return f"{when}: the run has no model file, so its training had not finished"

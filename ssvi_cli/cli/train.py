@@ -4,6 +4,7 @@ are printed here."""
 
 from __future__ import annotations
 
+import shlex
 import signal
 from contextlib import ExitStack
 from pathlib import Path
@@ -107,7 +108,7 @@ def register(app: typer.Typer) -> None:
             if given:
                 settings = [g for g in given if g not in ("--out", "--force")]
                 raise UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}" + (
-                    f" (a new run from it takes other settings: ssvi train --init-from {resume} --out NEW ...)" if settings else ""))
+                    f" (a new run from it takes other settings: ssvi train --init-from {shlex.quote(str(resume))} --out NEW ...)" if settings else ""))
         elif out_dir is not None:
             check_run_out(out_dir)  # a sweep's cells folder, say, before anything else
         if nproc is not None and nproc > 1:
@@ -286,7 +287,7 @@ def _fit(trainer, interrupted_cls, quiet: bool, say: Callable[[str], None]) -> d
             except OSError:  # the folder itself unreadable now: the error as it came
                 kept = False
             if kept:
-                exc.ssvi_resume = f"ssvi train --resume {trainer.run_dir}" + nproc_again(trainer.dist.world_size)
+                exc.ssvi_resume = f"ssvi train --resume {shlex.quote(str(trainer.run_dir))}" + nproc_again(trainer.dist.world_size)
             raise
         except interrupted_cls as stop:
             how = "interrupted" if stop.signum == signal.SIGINT else f"stopped by {stop.signum.name}"
@@ -294,7 +295,7 @@ def _fit(trainer, interrupted_cls, quiet: bool, say: Callable[[str], None]) -> d
                        if stop.during else f"{how} at step {stop.step}; checkpoint written")
             # One line per run, not per rank: the other ranks exit with the same code, silently.
             raise KeyboardInterruptHandled(message if trainer.is_main else "", exit_code=128 + int(stop.signum),
-                                           resume=f"ssvi train --resume {stop.run_dir}" + nproc_again(trainer.dist.world_size)
+                                           resume=f"ssvi train --resume {shlex.quote(str(stop.run_dir))}" + nproc_again(trainer.dist.world_size)
                                            if trainer.is_main else "") from None
 
 

@@ -4,6 +4,7 @@ given once; what of it the run's method cannot use; and the notes about its setu
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 from typing import Any, Optional
 
@@ -180,7 +181,7 @@ def finished_run(run_dir: Path, json_out: bool, is_main: bool) -> bool:
     summary = run.read_summary()
     if is_main:
         note = (f"{run_dir} has finished ({run.summary_file.name} and {run.model_file.name} written); nothing "
-                f"to resume. Evaluate it: ssvi evaluate {run.model_file}")
+                f"to resume. Evaluate it: ssvi evaluate {shlex.quote(str(run.model_file))}")
         if json_out:
             print_json({**summary, "notes": [note]})  # the shape a finished run's --json has
         err.print(note, highlight=False)

@@ -59,6 +59,8 @@ def open_stream(path: Path, error: type[Exception] = DataError) -> io.BytesIO:
     ``<(...)``, or ``-`` for standard input), which can be read only once and not seeked, as the image
     and array readers need. A terminal (nothing piped in) and a stream over ``STREAM_LIMIT`` raise
     ``error``."""
+    if str(path) == STDIN and sys.stdin is None:  # closed when ssvi started (<&-)
+        raise error(f"{path}: standard input is closed; pipe or redirect a file into it (< image.png)")
     try:
         with (open(path, "rb") if str(path) != STDIN else open(sys.stdin.fileno(), "rb", closefd=False)) as f:
             if os.isatty(f.fileno()):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -277,7 +278,7 @@ class RunDir:
             if self.summary_file.is_file():  # it finished, after its last checkpoint: they went since
                 gone = "checkpoints" + ("" if self.model_file.is_file() else " and model file")
                 raise ckpt.CheckpointError(f"{self.path} holds a run whose {gone} are gone (its records remain), so "
-                                           f"there is nothing to read or resume; ssvi train --out {self.path} --force "
+                                           f"there is nothing to read or resume; ssvi train --out {shlex.quote(str(self.path))} --force "
                                            "trains it again, replacing those records")
             raise ckpt.CheckpointError(f"{self.path} holds a run that stopped before its first checkpoint, so there "
                                        f"is nothing to read or resume; start it again with ssvi train --out "
@@ -290,8 +291,7 @@ class RunDir:
         A newest checkpoint whose bytes do not read (a disk fault, a cut copy) is passed over, with a
         warning ("<its error>; <purpose> <name>, the one before it"), for the one before it; it stays
         on disk (``train --resume`` renames it ``NAME.unreadable``: RunPlan.set_aside_unreadable).
-        When none reads, the newest one's error is raised, naming the older ones that failed too.
-        """
+        When none reads, the newest one's error is raised, naming the older ones that failed too."""
         latest = self.latest_checkpoint()  # a clear error for a missing folder or no checkpoint
         first_error: Optional[ckpt.CorruptCheckpoint] = None
         unread: list[str] = []

@@ -180,6 +180,7 @@ def run_cells(sweep_dir: Path, cells: list[Cell], jobs: int, threads: Optional[i
         else:
             queue.append(cell)
     env = dict(os.environ)
+    env["PYTHONIOENCODING"] = "utf-8"  # a cell's output goes to its log file, whatever the terminal's encoding
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     running: dict[str, subprocess.Popen] = {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -186,7 +187,7 @@ def ending_message(ended: "Launched", nproc: int, run_dir: Path) -> str:
             "killed": f"those still running {ORPHANS_GRACE_S:g} s later were killed"}.get(
         ended.orphans, "ssvi cannot watch them on this system: make sure none is still running")
     return (f"error: the launcher of the {nproc} processes was killed by {name}; {said}; the run's last "
-            f"checkpoint, if any, resumes it: ssvi train --resume {run_dir}")
+            f"checkpoint, if any, resumes it: ssvi train --resume {shlex.quote(str(run_dir))}")
 
 
 class Launched(NamedTuple):
