@@ -82,6 +82,11 @@ def workspace(tmp_path_factory) -> Path:
 
 # (argv with {ws} for the workspace, the words the one-line message must hold)
 CASES = [
+    # ~ the shell left unexpanded ("~/x" quoted, --out=~/x): a folder named ~ would be made here
+    (["train", "--out", "~/x"], "--out ~/x: the shell did not expand ~"),
+    (["sweep", "--out", "~/s", "--dry-run"], "--out ~/s: the shell did not expand ~"),
+    (["evaluate", "{ws}/run", "--output", "~/e.json"], "--output ~/e.json: the shell did not expand ~"),
+    (["export", "{ws}/run", "--output", "~/m.safetensors"], "--output ~/m.safetensors: the shell did not expand ~"),
     # train: values, names and config keys
     (["train", "--sparsity", "1.5"], "sparsity=1.5 must be in [0, 1), e.g. --sparsity 0.95"),
     (["train", "--sparsity", "-0.1"], "sparsity=-0.1 must be in [0, 1)"),

@@ -93,6 +93,7 @@ def check_output_file(path: Path, flag: str) -> Path:
     as the disk compares them (:func:`~ssvi_cli.fileio.is_entry`: ignoring case on macOS's). Returns
     the file to write: ``path``, or the target of the symbolic link it is, which is what is checked
     and written (the link stays)."""
+    check_home(path, flag)
     if path.is_dir():  # Typer reads an empty value as the path "."
         raise UsageError(f"{flag} {path} is a directory; give a file name" if str(path) != "." else f"{flag} is "
                          "empty or '.'; give a file name")
@@ -213,13 +214,23 @@ def check_run_out(path: Path) -> None:
     sweep alone; a run's checkpoints folder is refused by ``RunDir.check_claim``)."""
     from ssvi_cli.runs.rundir import LOCK_HELD_ENV
 
+    check_home(path, "--out")
     if os.environ.get(LOCK_HELD_ENV) == str(path.resolve()):
         return  # a process of ssvi train --nproc, whose launcher checked it
     _refuse_a_sweeps_folder(path.resolve(), f"--out {path}", "--out", file=False)
 
 
+def check_home(path: Path, flag: str) -> None:
+    """Refuse an output path beginning with a ``~`` the shell left as it is (quoted, or after ``=``):
+    a folder named ``~`` would be made in the current one, which ``rm -rf ~`` then removes the wrong way."""
+    if str(path) == "~" or str(path).startswith("~/"):
+        raise UsageError(f"{flag} {path}: the shell did not expand ~ (it was quoted, or came after '='), and a "
+                         f"folder named ~ would be made here; write {path.expanduser()}")
+
+
 def check_output_dir(path: Path, flag: str) -> None:
     """Refuse an output folder that exists as a file (it is created, with parents, when missing)."""
+    check_home(path, flag)
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {path} exists and is not a directory; give a folder path")
     _refuse_a_folder_ssvi_keeps(path.resolve(), f"{flag} {path}", flag, file=False)  # or will be, once made
