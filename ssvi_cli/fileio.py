@@ -105,8 +105,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # The name cut to 100 characters: a legal name of up to 255 with the temporary's additions is not.
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:100]}.", suffix=".tmp", dir=path.parent)
+        # The name cut to 100 bytes: a legal name of up to 255 with the temporary's additions is not.
+        short = path.name
+        while len(os.fsencode(short)) > 100:
+            short = short[:-1]
+        fd, tmp = tempfile.mkstemp(prefix=f".{short}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         try:
             above: Optional[Path] = _nearest_existing(path.parent)

@@ -84,6 +84,7 @@ def workspace(tmp_path_factory) -> Path:
 CASES = [
     # ~ the shell left unexpanded ("~/x" quoted, --out=~/x): a folder named ~ would be made here
     (["train", "--out", "~/x"], "--out ~/x: the shell did not expand ~"),
+    (["train", "--out", "~root/x"], "--out ~root/x: the shell did not expand ~root"),
     (["sweep", "--out", "~/s", "--dry-run"], "--out ~/s: the shell did not expand ~"),
     (["evaluate", "{ws}/run", "--output", "~/e.json"], "--output ~/e.json: the shell did not expand ~"),
     (["export", "{ws}/run", "--output", "~/m.safetensors"], "--output ~/m.safetensors: the shell did not expand ~"),
@@ -402,6 +403,13 @@ def test_odd_terminals_encodings_and_closed_streams_change_no_outcome(workspace,
     assert full.returncode == 0 and json.loads((tmp_path / "f.json").read_text())["n"] > 0
     no_stdin = _ssvi(workspace, "infer", model, "-", env={}, shell="<&-")
     assert no_stdin.returncode == 2 and "-: standard input is closed" in no_stdin.stderr
+    assert _ssvi(workspace, "presets", env={"COLUMNS": "²"}).returncode == 0  # int() refuses what isdigit() takes
+    # stderr's reader gone (| true): rich pointed *stdout* at /dev/null, and the report was lost with exit 0
+    kept = tmp_path / "kept.json"
+    gone = subprocess.run(["bash", "-c", f"{shlex.quote(sys.executable)} -m ssvi_cli evaluate {shlex.quote(model)} "
+                           f"--samples 2 --json 2>&1 >{shlex.quote(str(kept))} | true; exit ${{PIPESTATUS[0]}}"],
+                          cwd=workspace, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert gone.returncode == 0 and json.loads(kept.read_text())["n"] > 0
 
 
 def test_commands_in_messages_paste_back_whatever_the_path(workspace, tmp_path, capsys):
@@ -411,9 +419,15 @@ def test_commands_in_messages_paste_back_whatever_the_path(workspace, tmp_path, 
     assert run(["train", "--resume", str(odd)]) == 0  # finished: nothing to resume, and how to evaluate it
     assert f"Evaluate it: ssvi evaluate {shlex.quote(str(odd / 'model.safetensors'))}" in \
         " ".join(capsys.readouterr().err.split())
+    unstarted = tmp_path / "my unstarted"
+    shutil.copytree(workspace / "unstarted", unstarted)
+    assert run(["evaluate", str(unstarted)]) == 2
+    assert f"start it again with ssvi train --out {shlex.quote(str(unstarted))} --force" in capsys.readouterr().err
 
 
 def test_a_legal_long_file_name_is_written(workspace, tmp_path):
-    """A 242-character name (the limit is 255) was refused: the temporary file added the name again."""
-    target = tmp_path / ("m" * 230 + ".safetensors")
-    assert run(["export", str(workspace / RUN), "--output", str(target)]) == 0 and target.is_file()
+    """A 242-character name (the limit is 255) was refused: the temporary file added the name again;
+    the limit counts bytes, so a name of 80 three-byte characters too."""
+    for name in ("m" * 230 + ".safetensors", "中" * 80 + ".safetensors"):
+        target = tmp_path / name
+        assert run(["export", str(workspace / RUN), "--output", str(target)]) == 0 and target.is_file()

@@ -10,7 +10,6 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
-from rich.console import Console
 from rich.table import Table
 
 from ssvi_cli.fileio import check_writable, is_entry, json_default, json_ready
@@ -19,61 +18,7 @@ if TYPE_CHECKING:
     import typer
     from rich.progress import Progress
 
-# Tables printed into a pipe or a file (`ssvi inspect m | less`, `> report.txt`) keep one row per line:
-# rich's 80 columns for a non-terminal would fold their cells. A terminal keeps its own width, and
-# COLUMNS, when set, wins as rich documents.
-PIPE_WIDTH = 200
-# A COLUMNS that is no positive number (0 in some containers and CI sessions) made rich print nothing
-# at all, errors included: it is dropped, and the terminal's width or PIPE_WIDTH applies.
-if not os.environ.get("COLUMNS", "1").strip().isdigit() or int(os.environ.get("COLUMNS", "1").strip()) < 1:
-    os.environ.pop("COLUMNS")
-
-
-class _Console(Console):
-    """A console whose lines may find no reader, or a full disk (``2> log`` on a full file system),
-    without ending the command: the work goes on, as :func:`tell` lets it."""
-
-    def print(self, *objects: Any, **options: Any) -> None:
-        try:
-            super().print(*objects, **options)
-        except (OSError, SystemExit):  # rich answers a broken pipe with SystemExit(1)
-            no_reader(stdout=not self.stderr)
-
-
-def _console(stderr: bool = False) -> Console:
-    # markup=False: paths, class names and messages print as written ("IMG [copy].png" keeps its
-    # brackets); the few styled lines ask for markup themselves and escape what they insert.
-    console = (_Console if stderr else Console)(stderr=stderr, highlight=False, soft_wrap=True, markup=False)
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console.width = PIPE_WIDTH
-    return console
-
-
-# Human-facing progress and messages go to stderr so that ``--json`` stdout stays parseable.
-out = _console()
-err = _console(stderr=True)
-
-
-def tell(text: Any, console: Optional[Console] = None, **options: Any) -> None:
-    """A line (or a table) on stderr, or on ``console``, that may find no reader (``| head``, ``| tee``
-    ended by the same Ctrl-C, a closed terminal) without changing how the command ends: rich answers
-    a broken pipe with SystemExit(1). The stream that lost its reader is pointed at /dev/null, so that
-    later lines and Python's flush at exit (exit code 120) find nothing broken either."""
-    console = console or err
-    try:
-        console.print(text, **options)
-    except (OSError, SystemExit):
-        no_reader(stdout=not console.stderr)
-
-
-def no_reader(stdout: bool = False) -> None:
-    """Point stderr (``stdout``: standard output), whose reader is gone, at /dev/null."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, (sys.stdout if stdout else sys.stderr).fileno())
-        os.close(devnull)
-    except (OSError, ValueError):  # no file descriptor (a test's captured stream): nothing to redirect
-        pass
+from ssvi_cli.cli.console import PIPE_WIDTH, err, no_reader, out, tell  # noqa: F401 - the commands import them from here
 
 
 class UsageError(Exception):
@@ -221,11 +166,14 @@ def check_run_out(path: Path) -> None:
 
 
 def check_home(path: Path, flag: str) -> None:
-    """Refuse an output path beginning with a ``~`` the shell left as it is (quoted, or after ``=``):
-    a folder named ``~`` would be made in the current one, which ``rm -rf ~`` then removes the wrong way."""
-    if str(path) == "~" or str(path).startswith("~/"):
-        raise UsageError(f"{flag} {path}: the shell did not expand ~ (it was quoted, or came after '='), and a "
-                         f"folder named ~ would be made here; write {path.expanduser()}")
+    """Refuse an output path beginning with a ``~`` or ``~user`` the shell left as it is (quoted, or
+    after ``=``): an entry of that name would be made in the current folder, which ``rm -rf ~`` then
+    removes the wrong way."""
+    first = path.parts[0] if path.parts else ""
+    if first.startswith("~") and Path(first).expanduser() != Path(first):
+        raise UsageError(f"{flag} {path}: the shell did not expand {first} (it was quoted, or came after '='), and "
+                         f"an entry named {first} would be made here; write {path.expanduser()} (or, for a folder "
+                         f"really named {first} here, {Path.cwd() / path})")
 
 
 def check_output_dir(path: Path, flag: str) -> None:

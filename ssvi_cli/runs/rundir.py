@@ -274,7 +274,7 @@ class RunDir:
             if not self._left_traces():
                 raise ckpt.CheckpointError(f"{self.path} holds a config.yaml but no run trained there, so there is "
                                            f"nothing to read or resume; to train from it: ssvi train --preset "
-                                           f"{self.config_file} --out NEW_FOLDER")
+                                           f"{shlex.quote(str(self.config_file))} --out NEW_FOLDER")
             if self.summary_file.is_file():  # it finished, after its last checkpoint: they went since
                 gone = "checkpoints" + ("" if self.model_file.is_file() else " and model file")
                 raise ckpt.CheckpointError(f"{self.path} holds a run whose {gone} are gone (its records remain), so "
@@ -282,7 +282,7 @@ class RunDir:
                                            "trains it again, replacing those records")
             raise ckpt.CheckpointError(f"{self.path} holds a run that stopped before its first checkpoint, so there "
                                        f"is nothing to read or resume; start it again with ssvi train --out "
-                                       f"{self.path} --force")
+                                       f"{shlex.quote(str(self.path))} --force")
         return found[-1] if found else ckpt.latest_checkpoint(self.path, lambda p: RunDir(p).is_run())  # not a run
 
     def load_latest(self, purpose: str = "resuming from") -> tuple[Path, dict[str, Any]]:

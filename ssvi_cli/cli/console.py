@@ -1,0 +1,77 @@
+"""The CLI's two consoles: ``out`` (standard output: tables and results) and ``err`` (standard error:
+progress, notes and errors, so that ``--json`` output stays parseable), and how a line that finds no
+reader, a full disk or an odd terminal leaves the command's outcome alone."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Optional
+
+from rich.console import Console
+
+# Tables printed into a pipe or a file (`ssvi inspect m | less`, `> report.txt`) keep one row per line:
+# rich's 80 columns for a non-terminal would fold their cells. A terminal keeps its own width, and
+# COLUMNS, when set, wins as rich documents.
+PIPE_WIDTH = 200
+# A COLUMNS that is no positive number (0 in some containers and CI sessions) made rich print nothing
+# at all, errors included: it is dropped, and the terminal's width or PIPE_WIDTH applies.
+try:
+    _columns_ok = int(os.environ.get("COLUMNS", "1")) >= 1
+except ValueError:
+    _columns_ok = False
+if not _columns_ok:
+    os.environ.pop("COLUMNS")
+
+
+class _Console(Console):
+    """Standard error's console, whose lines may find no reader, or a full disk (``2> log`` on a full
+    file system), without ending the command or touching standard output: the work goes on."""
+
+    def print(self, *objects: Any, **options: Any) -> None:
+        try:
+            super().print(*objects, **options)
+        except OSError:
+            no_reader()
+
+    def on_broken_pipe(self) -> None:
+        # rich points standard *output* at /dev/null and exits, for either console: a report on stdout
+        # was lost, with exit code 0, when only stderr's reader had gone.
+        self.quiet = True
+        no_reader()
+
+
+def _console(stderr: bool = False) -> Console:
+    # markup=False: paths, class names and messages print as written ("IMG [copy].png" keeps its
+    # brackets); the few styled lines ask for markup themselves and escape what they insert.
+    console = (_Console if stderr else Console)(stderr=stderr, highlight=False, soft_wrap=True, markup=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = PIPE_WIDTH
+    return console
+
+
+# Human-facing progress and messages go to stderr so that ``--json`` stdout stays parseable.
+out = _console()
+err = _console(stderr=True)
+
+
+def tell(text: Any, console: Optional[Console] = None, **options: Any) -> None:
+    """A line (or a table) on stderr, or on ``console``, that may find no reader (``| head``, ``| tee``
+    ended by the same Ctrl-C, a closed terminal) without changing how the command ends: rich answers
+    a broken pipe with SystemExit(1). The stream that lost its reader is pointed at /dev/null, so that
+    later lines and Python's flush at exit (exit code 120) find nothing broken either."""
+    console = console or err
+    try:
+        console.print(text, **options)
+    except (OSError, SystemExit):
+        no_reader(stdout=not console.stderr)
+
+
+def no_reader(stdout: bool = False) -> None:
+    """Point stderr (``stdout``: standard output), whose reader is gone, at /dev/null."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, (sys.stdout if stdout else sys.stderr).fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor (a test's captured stream): nothing to redirect
+        pass
