@@ -207,9 +207,9 @@ def test_a_relative_path_that_is_not_there_names_the_folder_it_was_read_from(tmp
     assert run(["sweep", "--file", "s.yaml", "--ood", "mine=imgs", "--out", "sw2", "--dry-run"]) == 0
     assert json.loads((tmp_path / "sw2" / "sweep.json").read_text())["spec"]["ood"] == [f"mine={tmp_path / 'imgs'}"]
     # its cells' evaluations are still found once the folder has moved (the report names the set by its label)
-    from ssvi_cli.sweep.runner import ood_label
+    from ssvi_cli.data.ood import label_of
 
-    assert ood_label(f"mine={tmp_path / 'gone'}") == "mine"
+    assert label_of(f"mine={tmp_path / 'gone'}") == "mine"
     # two sets under one label are refused before any cell trains (each cell's evaluation would refuse them)
     capsys.readouterr()
     assert run(["sweep", "--file", "s.yaml", "--ood", "mine=imgs", "--ood", "mine=imgs/x.npy", "--out", "sw3",

@@ -139,14 +139,19 @@ class OodRequest:
         return str(self.path.resolve()) if self.kind == "path" and self.path is not None else self.label
 
 
+def _named(text: str) -> Optional[tuple[str, str]]:
+    """``(NAME, DIR)`` of a ``NAME=DIR`` or ``LABEL=PATH`` value, else None (a path holding ``=``;
+    ``NAME=DIR`` even where a file or folder ``NAME`` is in the current folder, a data folder ./mnist)."""
+    name, sep, folder = text.partition("=")
+    return (name, folder) if sep and not _written_as_path(name) and not Path(text).expanduser().exists() else None
+
+
 def label_of(text: str) -> str:
     """The name the ``--ood`` value ``text`` has in reports, read as :func:`parse_ood` reads it, also
     when it no longer parses (a sweep's folder moved since): ``NAME`` or ``LABEL`` before a ``=``."""
     text = str(text).strip()
-    name, sep, _ = text.partition("=")
-    if sep and text not in OOD_SETS and not _written_as_path(name) and not Path(text).expanduser().exists():
-        return name.strip()
-    return text
+    named = _named(text) if text not in OOD_SETS else None
+    return named[0].strip() if named else text
 
 
 def _written_as_path(text: str) -> bool:
@@ -169,9 +174,9 @@ def parse_ood(text: str) -> OodRequest:
         return OodRequest(text, HELDOUT)
     if text in OOD_SETS:
         return OodRequest(text, "set", name=text)
-    name, sep, folder = text.partition("=")
-    # NAME=DIR even where a file or folder NAME is in the current folder (a data folder ./mnist, say)
-    if sep and not _written_as_path(name) and not Path(text).expanduser().exists():
+    named = _named(text)
+    if named is not None:
+        name, folder = named
         if name not in FOLDER_SETS:
             if name in OOD_SETS or name == HELDOUT:
                 raise DataError(f"--ood {text}: {name} is not read from a folder; NAME=DIR takes one of "
@@ -185,10 +190,7 @@ def parse_ood(text: str) -> OodRequest:
                     f"--ood {text}: unknown OOD set {name!r}; NAME=DIR takes one of {', '.join(FOLDER_SETS)}; "
                     f"LABEL=PATH names a folder or {ARRAY_SUFFIX} array of your own, and "
                     f"{folder.strip() or 'PATH'} is none{looked_in(own) if folder.strip() else ''}")
-            if not own.is_dir() and own.suffix.lower() != ARRAY_SUFFIX:
-                raise DataError(f"--ood {text}: a file must be a {ARRAY_SUFFIX} array; pass the folder that "
-                                "holds the images")
-            return OodRequest(label, "path", path=own, labelled=True)  # the user's own set, by its label
+            return OodRequest(label, "path", path=_own(text, own), labelled=True)  # the user's own, by its label
         if not folder.strip():
             raise DataError(f"--ood {text}: give the folder after '=', e.g. --ood {name}=/data/{name}")
         return OodRequest(name, "set", name=name, data_dir=Path(folder.strip()).expanduser())
@@ -197,13 +199,17 @@ def parse_ood(text: str) -> OodRequest:
         if not path.exists():
             raise DataError(f"--ood {text}: no such file or folder{looked_in(path)}; a path must be a folder of "
                             f"images and arrays, or a {ARRAY_SUFFIX} array")
-        if not path.is_dir() and path.suffix.lower() != ARRAY_SUFFIX:
-            raise DataError(f"--ood {text}: a file must be a {ARRAY_SUFFIX} array; pass the folder that holds "
-                            "the images")
-        return OodRequest(text, "path", path=path)
+        return OodRequest(text, "path", path=_own(text, path))
     unknown = OOD_SETS.unknown_message(text)
     nearby = "did you mean" in unknown  # a misspelt name: no word of paths
     raise UnknownDataset(f"{unknown}; or {_FORMS}" + ("" if nearby else f"; nor is {text} a file or folder{looked_in(Path(text))}"))
+
+
+def _own(text: str, path: Path) -> Path:
+    """``path``, an existing folder or ``.npy`` array of the user's own inputs; any other file refused."""
+    if not path.is_dir() and path.suffix.lower() != ARRAY_SUFFIX:
+        raise DataError(f"--ood {text}: a file must be a {ARRAY_SUFFIX} array; pass the folder that holds the images")
+    return path
 
 
 def build_ood(

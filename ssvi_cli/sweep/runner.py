@@ -51,16 +51,10 @@ def evaluated(path: Path, spec: Optional[SweepSpec] = None) -> bool:
         return False
     if spec is None:
         return True
+    from ssvi_cli.data.ood import label_of  # by label, also for a folder moved since
+
     samples_ok = report.get("mode") == "mean" or report.get("samples") == spec.samples
-    return samples_ok and set(report.get("ood") or {}) == {ood_label(text) for text in spec.ood}
-
-
-def ood_label(text: str) -> str:
-    """The name an ``--ood`` value has in an evaluation report (``NAME`` for ``NAME=DIR``, ``LABEL``
-    for ``LABEL=PATH``), also for a path gone since (unknown names were refused when the sweep was made)."""
-    from ssvi_cli.data.ood import label_of
-
-    return label_of(text)
+    return samples_ok and set(report.get("ood") or {}) == {label_of(text) for text in spec.ood}
 
 
 def cell_state(path: Path, spec: Optional[SweepSpec] = None) -> str:
