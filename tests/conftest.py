@@ -7,7 +7,9 @@ import torch
 # read tables printed as into a file, without it.
 os.environ.pop("COLUMNS", None)
 
-_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+from ssvi_cli.training.cpus import usable_cpus  # noqa: E402  (after COLUMNS is dropped)
+
+_CORES = usable_cpus()  # a container's CPU quota too
 
 # Keep tests deterministic and light on a shared 2-core machine: each xdist worker takes its share.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))

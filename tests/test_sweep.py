@@ -670,6 +670,7 @@ def test_a_bare_resume_runs_the_cells_with_the_jobs_and_threads_the_sweep_ran_wi
     # A cluster job (a cpuset, taskset) may run on 3 of the machine's 16 cores: those are shared out.
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6}, raising=False)
+    monkeypatch.setattr("ssvi_cli.training.cpus.cgroup_cpu_quota", lambda *a: None)  # a container's own
     for args, ran in (([], (2, 1)), (["--threads", "3"], (2, 3)), (["--jobs", "1"], (1, 3))):
         assert run(["sweep", "--resume", str(out), "--no-figures", *args]) == 0
         assert calls[-1] == ran and f"{ran[0]} at a time" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from ssvi_cli.cli import presets as presets_cmd
 from ssvi_cli.cli import sweep as sweep_cmd
 from ssvi_cli.cli import train as train_cmd
 from ssvi_cli.cli.common import Debug, UsageError, err, tell
+from ssvi_cli.training.cpus import fit_torch_threads
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Sparse Bayesian neural networks with Sparse Subspace Variational Inference. "
@@ -160,6 +161,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     _show_progress()
+    fit_torch_threads()
     try:
         # Standalone mode: Typer reports its own usage errors (exit 2); ours propagate to here.
         with _unwinding():

@@ -103,7 +103,7 @@ def register(app: typer.Typer) -> None:
         resolved = opts.resolved()
         spec = resolved.model_spec()
         check_input(spec, resolved.batch_size)
-        from ssvi_cli.training.launcher import usable_cpus
+        from ssvi_cli.training.cpus import usable_cpus
 
         cores = usable_cpus()
         if resolved.device == "cpu" and resolved.threads > cores:  # on stderr, with --json too

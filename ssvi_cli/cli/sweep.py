@@ -120,7 +120,7 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             _dry_run(sweep_dir, cells, json_out, spec)
             return
-        from ssvi_cli.training.launcher import usable_cpus
+        from ssvi_cli.training.cpus import usable_cpus
 
         jobs = jobs or 1  # the cores this process may use (a cluster job's), shared among the cells
         _run(sweep_dir, spec, cells, jobs, threads or max(1, usable_cpus() // jobs), json_out, figures, baseline)

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence
 
+from ssvi_cli.training.cpus import usable_cpus
+
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36  # <linux/prctl.h>
 PARENT_ENV = "SSVI_LAUNCHED_BY"  # the process id a launched process must find as its parent
 ORPHANS_GRACE_S = 60.0  # how long the processes a killed launcher left get to stop at a checkpoint
@@ -81,12 +83,6 @@ def check_memory(nproc: int) -> None:
                       f"({size / 2**30:.1f} GiB, torch loaded), need {(nproc + 1) * size / 2**30:.1f} GiB; this "
                       f"machine has {available / 2**30:.1f} GiB available; give --nproc {max(1, available // size - 1)} "
                       "or fewer")
-
-
-def usable_cpus() -> int:
-    """The CPU cores this process may run on: its affinity (a SLURM job's cpuset, ``taskset``), not
-    every core of the machine as ``os.cpu_count()`` counts them."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def free_port() -> int:
