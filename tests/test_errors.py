@@ -88,6 +88,12 @@ CASES = [
     (["sweep", "--out", "~/s", "--dry-run"], "--out ~/s: the shell did not expand ~"),
     (["evaluate", "{ws}/run", "--output", "~/e.json"], "--output ~/e.json: the shell did not expand ~"),
     (["export", "{ws}/run", "--output", "~/m.safetensors"], "--output ~/m.safetensors: the shell did not expand ~"),
+    # an empty argument, a shell variable that was not set (--out "$RUN"), was read as "." (train wrote here)
+    (["train", "--out", ""], "error: the argument after --out is empty (a shell variable that is not set?)"),
+    (["train", "--out="], "error: --out's value is empty"),
+    (["sweep", "--dry-run", "--out", ""], "the argument after --out is empty"),
+    (["inspect", ""], "error: an argument is empty"),
+    (["evaluate", "{ws}/run", "--output", ""], "the argument after --output is empty"),
     # train: values, names and config keys
     (["train", "--sparsity", "1.5"], "sparsity=1.5 must be in [0, 1), e.g. --sparsity 0.95"),
     (["train", "--sparsity", "-0.1"], "sparsity=-0.1 must be in [0, 1)"),
@@ -213,7 +219,7 @@ CASES = [
     (["evaluate", "{ws}/run", "--output", "{ws}/nodir/r.json"], "its folder {ws}/nodir does not exist"),
     (["evaluate", "{ws}/run", "--output", "{ws}/empty_dir"], "--output {ws}/empty_dir is a directory"),
     (["evaluate", "{ws}/run", "-o", "{ws}/empty_dir"], "--output {ws}/empty_dir is a directory"),  # -o as infer's
-    (["evaluate", "{ws}/run", "-o", ""], "--output is empty or '.'; give a file name"),  # it read "--output . is a directory"
+    (["evaluate", "{ws}/run", "-o", ""], "the argument after -o is empty"),  # it read "--output . is a directory"
     (["evaluate", "{ws}/run", "--dataset", "imagenet"], "unknown dataset 'imagenet'; valid names are: "),
     (["evaluate", "{ws}/run", "--ood", "svhn", "--data-dir", "{ws}/nodata"],
      "svhn not found or corrupted at {ws}/nodata (missing test_32x32.mat; torchvision: "),

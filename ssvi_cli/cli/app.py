@@ -150,6 +150,18 @@ def _usable_streams() -> None:
             pass
 
 
+def _empty_argument(args: Sequence[str]) -> Optional[str]:
+    """The refusal of an empty argument, most often a shell variable that was not set (``--out
+    "$RUN"``): taken as ``.``, it trained into the current folder or read it."""
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if arg == "" or (flag.startswith("--") and eq and not value):
+            where = (f"{flag}'s value" if arg else
+                     f"the argument after {args[i - 1]}" if i and args[i - 1].startswith("-") else "an argument")
+            return f"{where} is empty (a shell variable that is not set?); give one"
+    return None
+
+
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI and return its exit code: 0 ok, 1 runtime failure, 2 usage error, 130 interrupted
     (Ctrl-C; the ``ssvi`` command then ends by SIGINT: :func:`main`), 143 stopped by SIGTERM, 129 by
@@ -162,6 +174,9 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     _show_progress()
     fit_torch_threads()
+    if (empty := _empty_argument(args)) is not None:
+        err.print(f"[bold red]error:[/] {escape(empty)}", markup=True)
+        return 2
     try:
         # Standalone mode: Typer reports its own usage errors (exit 2); ours propagate to here.
         with _unwinding():
