@@ -530,3 +530,80 @@ def test_weights_taken_out_but_still_in_use_are_not_refused(tmp_path):
 
     plain = nn.Linear(2, 2)
     ComparedSGD(plain.parameters(), lr=0.1).step()
+
+
+class StdConv(nn.Conv2d):
+    """A weight-standardised convolution (timm's StdConv2d): its own forward."""
+
+    def forward(self, x):
+        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True) + 1e-5)
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class ScaledLinear(nn.Linear):
+    """A linear layer with a learned output scale: a parameter besides weight and bias."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.scale = nn.Parameter(torch.full((self.out_features,), 2.0))
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+class PlainLinear(nn.Linear):
+    """A subclass that adds nothing: converted as an nn.Linear."""
+
+
+def test_a_subclass_with_its_own_forward_or_parameters_is_kept_as_it_is():
+    """Replaced by a plain sparse layer, a subclass lost its forward (the model computed something
+    else, silently) or its parameters (a shape error at the next forward)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), StdConv(4, 4, 3), nn.Flatten(), ScaledLinear(16, 5), nn.ReLU(),
+                          PlainLinear(5, 3))
+    x = torch.randn(2, 3, 6, 6)
+    before = model(x)
+    report = sparsify(model, 0.0)
+    assert report.kept == [("1", "StdConv subclasses nn.Conv2d with its own forward, which a sparse layer would drop"),
+                           ("3", "ScaledLinear subclasses nn.Linear with its own forward and its own scale, which a "
+                                 "sparse layer would drop")]
+    assert [l.name for l in report.layers] == ["0", "5"] and isinstance(model[5], SparseGaussian)
+    assert type(model[1]) is StdConv and type(model[3]) is ScaledLinear
+    torch.testing.assert_close(mean_forward(model, x), before)
+    # the same through a file: ssvi.load converts the model it is given as sparsify does
+    attention = nn.MultiheadAttention(8, 2)  # its out_proj subclasses nn.Linear and adds nothing: read directly, kept
+    assert dict(sparsify(nn.Sequential(attention, PlainLinear(8, 2)), 0.5).kept)["0.out_proj"].startswith(
+        "nn.MultiheadAttention reads out_proj.weight")
+
+
+def test_the_stem_is_the_models_first_conv_even_when_it_is_not_converted():
+    """dense_first_conv kept the first *converted* Conv2d dense: the next conv after a stem kept as is
+    (reflect padding), and a new head converted on an already sparse model."""
+    reflect = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), nn.ReLU(), nn.Conv2d(8, 16, 3),
+                            nn.Flatten(), nn.LazyLinear(4))
+    reflect(torch.zeros(1, 3, 6, 6))
+    report = sparsify(reflect, 0.9)
+    assert [(l.name, l.dense) for l in report.layers] == [("2", False), ("4", False)]
+    assert report.kept == [("0", "padding_mode='reflect' (only zero padding is supported)")]
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 1), nn.ReLU(), nn.Conv2d(32, 21, 1))
+    assert [l.dense for l in sparsify(net, 0.9).layers] == [True, False, False]  # the stem, as before
+    net[4] = nn.Conv2d(32, 5, 1)  # a new head for another task, converted alone
+    assert [(l.name, l.dense, l.active) for l in sparsify(net, 0.9).layers] == [("4", False, 16)]
+    assert "1 layer converted, density 0.1000 over their 160 weights" in str(sparsify(nn.Sequential(nn.Linear(16, 10)), 0.9))
+
+
+def test_a_module_under_two_names_is_named_by_either_in_dense_and_deterministic():
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def model():
+        m = nn.ModuleDict({"a": Encoder(), "b": Encoder()})
+        m.b.shared = m.a.shared
+        return m
+
+    for pattern in ("a.shared", "b.shared", "*.shared"):
+        report = sparsify(model(), 0.5, deterministic=pattern, dense=pattern)
+        assert {l.name: (l.bayesian, l.dense) for l in report.layers} == {
+            "a.shared": (False, True), "a.head": (True, False), "b.head": (True, False)}, pattern

@@ -46,7 +46,7 @@ class ConversionReport:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         # Over the converted layers' weights: layers kept as is (below) are not counted.
-        lines.append(f"{len(self.layers)} layers converted, density {self.density:.4f} over their "
+        lines.append(f"{len(self.layers)} layer{'' if len(self.layers) == 1 else 's'} converted, density {self.density:.4f} over their "
                      f"{sum(l.total for l in self.layers):,} weights")
         lines += [f"kept as is: {n} ({r})" for n, r in self.kept]
         return "\n".join(lines)

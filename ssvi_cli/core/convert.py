@@ -27,17 +27,11 @@ from ssvi_cli.core.conv import SparseConv2d
 from ssvi_cli.core.conversion_report import ConversionReport, ConvertedLayer
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
 from ssvi_cli.core.replaced import mark_replaced
+from ssvi_cli.core.targets import TIED, first_conv as model_stem, targets as convertible  # noqa: F401 (TIED: module_io's)
 
 log = logging.getLogger(__name__)
 
 SIGMA_FLOOR = 1e-8
-TIED = "its weight is tied to"  # the start of a tied layer's reason in ``kept`` (module_io reads it)
-# Weight layers left dense and deterministic, named in the report's ``kept`` (with the in-projection
-# weights of nn.MultiheadAttention, which are its own parameters, not a child's).
-UNCONVERTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear,
-               nn.RNNBase, nn.RNNCellBase, nn.Embedding, nn.EmbeddingBag)
-
-
 def _patterns(patterns: str | Iterable[str], arg: str) -> tuple[str, ...]:
     """Module-name patterns: one string is one pattern (not its characters)."""
     if isinstance(patterns, str):
@@ -48,79 +42,8 @@ def _patterns(patterns: str | Iterable[str], arg: str) -> tuple[str, ...]:
     return items
 
 
-# Modules whose forward reads some children's weights directly, not through the children's forward:
-# those children stay dense. By class name (subclasses included): torch's attention and torchvision's
-# Swin window attention.
-READ_DIRECTLY: dict[str, tuple[str, tuple[str, ...]]] = {
-    "MultiheadAttention": ("nn.MultiheadAttention", ("out_proj",)),
-    "ShiftedWindowAttention": ("Swin's ShiftedWindowAttention", ("qkv", "proj")),
-    "ShiftedWindowAttentionV2": ("Swin's ShiftedWindowAttentionV2", ("qkv", "proj")),
-}
-
-
-def _reads_directly(module: nn.Module) -> Optional[tuple[str, tuple[str, ...]]]:
-    """The :data:`READ_DIRECTLY` entry of the module's class or of a class it derives from."""
-    return next((READ_DIRECTLY[c.__name__] for c in type(module).__mro__ if c.__name__ in READ_DIRECTLY), None)
-
-
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def _refuse_what_would_be_lost(name: str, module: nn.Module) -> None:
-    """A layer with a parametrization (prune, weight_norm, spectral_norm) or hooks (on it, its weight or
-    its bias) would lose them with its replacement, silently: refused, saying how to undo them."""
-    from torch.nn.utils import parametrize
-
-    if parametrize.is_parametrized(module) or any(n.endswith(("_orig", "_g")) for n, _ in module.named_parameters(recurse=False)):
-        raise ValueError(f"layer {name!r} has a pruned or reparametrized weight or bias (torch.nn.utils.prune, weight_norm or "
-                         "spectral_norm), which its sparse replacement would drop; make it permanent first "
-                         "(prune.remove(module, 'weight'), torch.nn.utils.parametrize.remove_parametrizations or "
-                         "remove_weight_norm)")
-    dicts = {"forward": ("_forward_hooks",), "forward pre": ("_forward_pre_hooks",), "backward": ("_backward_hooks",
-             "_backward_pre_hooks"), "state-dict": ("_state_dict_hooks", "_state_dict_pre_hooks",
-             "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")}
-    hooks = [kind for kind, attrs in dicts.items() if any(getattr(module, a, None) for a in attrs)]
-    hooks += ["tensor"] * any(getattr(p, "_backward_hooks", None) or getattr(p, "_post_accumulate_grad_hooks", None)
-                              for p in module.parameters(recurse=False))
-    if hooks:
-        raise ValueError(f"layer {name!r} has {' and '.join(hooks)} hooks, which its sparse replacement would not carry; "
-                         "remove them before sparsify (handle.remove()) and register them on the converted layer")
-
-
-def _targets(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
-    """The Linear/Conv2d modules to convert, and those that must stay (with the reason). A module
-    registered under several names is listed once, under its first name (``_replace`` puts its
-    sparse twin under every name)."""
-    targets, kept = [], []
-    read_directly = {f"{n}.{child}": f"{label} reads {child}.weight directly"
-                     for n, m in model.named_modules() if (entry := _reads_directly(m)) is not None
-                     for label, children in [entry] for child in children}
-    owners: dict[int, list[str]] = {}  # parameter -> the modules holding it (a tied weight has several)
-    for name, module in model.named_modules(remove_duplicate=False):
-        for param in module.parameters(recurse=False):
-            if name not in owners.setdefault(id(param), []):
-                owners[id(param)].append(name)
-    for name, module in model.named_modules():
-        if isinstance(module, UNCONVERTED):
-            kept.append((name, f"{type(module).__name__} is not converted (Linear and Conv2d are)"))
-        elif isinstance(module, nn.MultiheadAttention):
-            kept.append((name, "nn.MultiheadAttention's in-projection weights are not converted"))
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) or isinstance(module, SparseGaussian):
-            continue
-        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
-            raise ValueError(f"layer {name!r} ({type(module).__name__}) has no shape yet; run one forward pass before sparsify")
-        tied = [n for n in owners.get(id(module.weight), []) if model.get_submodule(n) is not module]
-        if name in read_directly:
-            kept.append((name, read_directly[name]))
-        elif isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
-            kept.append((name, f"padding_mode={module.padding_mode!r} (only zero padding is supported)"))
-        elif tied:
-            kept.append((name, f"{TIED} {tied[0]}'s, which a sparse layer cannot share"))
-        else:  # replaced: what the replacement would drop is refused (a layer kept keeps its hooks)
-            _refuse_what_would_be_lost(name, module)
-            targets.append((name, module))
-    return targets, kept
 
 
 def _sparse_twin(module: nn.Module, bayesian: bool, stem: bool, sigma_param: str, kernel: str) -> SparseGaussian:
@@ -168,10 +91,18 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
         raise ValueError("moped_delta sets sigma from the trained weights (moped_delta * |w|), and from_weights=False "
                          "uses none; drop moped_delta, or convert from the weights")
     dense, deterministic = _patterns(dense, "dense"), _patterns(deterministic, "deterministic")
-    targets, kept = _targets(model)
+    targets, kept = convertible(model)
+    aliases: dict[int, list[str]] = {}  # a module registered under several names answers to each
+    for n, m in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(m), []).append(n)
+    names = {name: aliases[id(module)] for name, module in targets}
+
+    def hit(name: str, patterns: Iterable[str]) -> bool:
+        return any(_matches(n, patterns) for n in names[name])
+
     if not structure_only:  # a typo would silently leave a layer sparse or Bayesian
         for arg, patterns in (("dense", dense), ("deterministic", deterministic)):
-            unmatched = next((p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n, _ in targets)), None)
+            unmatched = next((p for p in patterns if not any(hit(n, (p,)) for n, _ in targets)), None)
             if unmatched is not None:
                 raise ValueError(f"{arg}: {unmatched!r} matches no Linear or Conv2d layer that sparsify converts "
                                  f"(they are: {', '.join(n for n, _ in targets[:8])}{', ...' if len(targets) > 8 else ''})")
@@ -187,10 +118,11 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
                          "model in float32 and train under torch.autocast, or use bfloat16")
     if any(name == "" for name, _ in targets):
         raise ValueError("sparsify converts the layers inside a model; wrap a lone layer in nn.Sequential")
-    first_conv = next((n for n, m in targets if isinstance(m, nn.Conv2d)), None)
+    stem = model_stem(model)  # not the first of those converted: one kept as is, or converted before, is the stem
+    first_conv = next((n for n, m in targets if m is stem), None)
     twins: list[tuple[str, SparseGaussian, nn.Module]] = []
     for name, module in targets:
-        twin = _sparse_twin(module, bayesian and not _matches(name, deterministic),
+        twin = _sparse_twin(module, bayesian and not hit(name, deterministic),
                             dense_first_conv and name == first_conv, sigma_param, kernel)
         weight = module.weight
         twin = twin.to(weight.device, weight.dtype if weight.is_floating_point() else None)
@@ -207,9 +139,9 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
                                                 t.weight_shape, 0, t.numel, t.bayesian, False)
                                  for n, t, m in twins], kept)
     densities = layer_densities([(n, t) for n, t, _ in twins], 1.0 - sparsity, allocation, dense_first_conv)
-    densities.update({n: 1.0 for n, _, _ in twins if _matches(n, dense)})
+    densities.update({n: 1.0 for n, _, _ in twins if hit(n, dense)})
     if sparsity > 0 and all(densities[n] >= 1.0 for n, _, _ in twins):  # nothing sparse: the stem or dense= only
-        why = "; ".join(f"{n}: dense=" if _matches(n, dense) else f"{n}: the stem, dense_first_conv=True"
+        why = "; ".join(f"{n}: dense=" if hit(n, dense) else f"{n}: the stem, dense_first_conv=True"
                         for n, _, _ in twins[:4]) + ("; ..." if len(twins) > 4 else "")
         log.warning("sparsify(sparsity=%g) keeps every layer it converts dense (%s): the model has no sparse weight",
                     sparsity, why)

@@ -1,0 +1,116 @@
+"""Which layers :func:`ssvi_cli.sparsify` converts, and which it keeps as they are with the reason:
+``nn.Linear`` and ``nn.Conv2d`` are converted unless a sparse layer could not stand in for them (a
+weight another module reads directly or shares, non-zero padding, a subclass's own forward or
+parameters); what a replacement would silently drop (hooks, a parametrization) is refused."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from ssvi_cli.core.conv import SparseConv2d
+from ssvi_cli.core.layers import SparseGaussian
+
+TIED = "its weight is tied to"  # the start of a tied layer's reason in ``kept`` (module_io reads it)
+# Weight layers left dense and deterministic, named in the report's ``kept`` (with the in-projection
+# weights of nn.MultiheadAttention, which are its own parameters, not a child's).
+UNCONVERTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear,
+               nn.RNNBase, nn.RNNCellBase, nn.Embedding, nn.EmbeddingBag)
+
+
+# Modules whose forward reads some children's weights directly, not through the children's forward:
+# those children stay dense. By class name (subclasses included): torch's attention and torchvision's
+# Swin window attention.
+READ_DIRECTLY: dict[str, tuple[str, tuple[str, ...]]] = {
+    "MultiheadAttention": ("nn.MultiheadAttention", ("out_proj",)),
+    "ShiftedWindowAttention": ("Swin's ShiftedWindowAttention", ("qkv", "proj")),
+    "ShiftedWindowAttentionV2": ("Swin's ShiftedWindowAttentionV2", ("qkv", "proj")),
+}
+
+
+def _reads_directly(module: nn.Module) -> Optional[tuple[str, tuple[str, ...]]]:
+    """The :data:`READ_DIRECTLY` entry of the module's class or of a class it derives from."""
+    return next((READ_DIRECTLY[c.__name__] for c in type(module).__mro__ if c.__name__ in READ_DIRECTLY), None)
+
+
+def _refuse_what_would_be_lost(name: str, module: nn.Module) -> None:
+    """A layer with a parametrization (prune, weight_norm, spectral_norm) or hooks (on it, its weight or
+    its bias) would lose them with its replacement, silently: refused, saying how to undo them."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module) or any(n.endswith(("_orig", "_g")) for n, _ in module.named_parameters(recurse=False)):
+        raise ValueError(f"layer {name!r} has a pruned or reparametrized weight or bias (torch.nn.utils.prune, weight_norm or "
+                         "spectral_norm), which its sparse replacement would drop; make it permanent first "
+                         "(prune.remove(module, 'weight'), torch.nn.utils.parametrize.remove_parametrizations or "
+                         "remove_weight_norm)")
+    dicts = {"forward": ("_forward_hooks",), "forward pre": ("_forward_pre_hooks",), "backward": ("_backward_hooks",
+             "_backward_pre_hooks"), "state-dict": ("_state_dict_hooks", "_state_dict_pre_hooks",
+             "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")}
+    hooks = [kind for kind, attrs in dicts.items() if any(getattr(module, a, None) for a in attrs)]
+    hooks += ["tensor"] * any(getattr(p, "_backward_hooks", None) or getattr(p, "_post_accumulate_grad_hooks", None)
+                              for p in module.parameters(recurse=False))
+    if hooks:
+        raise ValueError(f"layer {name!r} has {' and '.join(hooks)} hooks, which its sparse replacement would not carry; "
+                         "remove them before sparsify (handle.remove()) and register them on the converted layer")
+
+
+def _own_behaviour(module: nn.Module) -> Optional[str]:
+    """What a subclass of ``nn.Linear``/``nn.Conv2d`` adds that a sparse layer would not carry: its own
+    forward (timm's StdConv2d, Conv2dSame, quantization-aware layers) or parameters, buffers or
+    submodules besides weight and bias (a learned scale, an adapter). None for the plain classes and a
+    subclass that adds nothing (attention's NonDynamicallyQuantizableLinear)."""
+    base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+    cls = type(module)
+    methods = [m for m in ("forward", "_conv_forward") if getattr(cls, m, None) is not getattr(base, m, None)]
+    extra = [n for n, _ in module.named_parameters(recurse=False) if n not in ("weight", "bias")]
+    extra += [n for n, _ in module.named_buffers(recurse=False)] + [n for n, _ in module.named_children()]
+    if cls is base or not (methods or extra):
+        return None
+    what = ([f"its own {' and '.join(methods)}"] if methods else []) + ([f"its own {', '.join(extra)}"] if extra else [])
+    return f"{cls.__name__} subclasses nn.{base.__name__} with {' and '.join(what)}, which a sparse layer would drop"
+
+
+def first_conv(model: nn.Module) -> Optional[nn.Module]:
+    """The model's first convolution in registration order (``model.modules()``), converted or not:
+    the stem ``dense_first_conv`` keeps dense, whatever else keeps it as it is."""
+    return next((m for m in model.modules() if isinstance(m, (nn.Conv2d, SparseConv2d))), None)
+
+
+def targets(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
+    """The Linear/Conv2d modules to convert, and those that must stay (with the reason). A module
+    registered under several names is listed once, under its first name (``_replace`` puts its
+    sparse twin under every name)."""
+    targets, kept = [], []
+    read_directly = {f"{n}.{child}": f"{label} reads {child}.weight directly"
+                     for n, m in model.named_modules() if (entry := _reads_directly(m)) is not None
+                     for label, children in [entry] for child in children}
+    from torch.nn.utils import parametrize
+
+    owners: dict[int, list[str]] = {}  # parameter -> the modules holding it (a tied weight has several)
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module.parameters(recurse=False):
+            if name not in owners.setdefault(id(param), []):
+                owners[id(param)].append(name)
+    for name, module in model.named_modules():
+        if isinstance(module, UNCONVERTED):
+            kept.append((name, f"{type(module).__name__} is not converted (Linear and Conv2d are)"))
+        elif isinstance(module, nn.MultiheadAttention):
+            kept.append((name, "nn.MultiheadAttention's in-projection weights are not converted"))
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or isinstance(module, SparseGaussian):
+            continue
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+            raise ValueError(f"layer {name!r} ({type(module).__name__}) has no shape yet; run one forward pass before sparsify")
+        tied = [n for n in owners.get(id(module.weight), []) if model.get_submodule(n) is not module]
+        if name in read_directly:
+            kept.append((name, read_directly[name]))
+        elif isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+            kept.append((name, f"padding_mode={module.padding_mode!r} (only zero padding is supported)"))
+        elif tied:
+            kept.append((name, f"{TIED} {tied[0]}'s, which a sparse layer cannot share"))
+        elif not parametrize.is_parametrized(module) and (own := _own_behaviour(module)) is not None:
+            kept.append((name, own))  # (a parametrization's own subclass is refused below, saying how to undo it)
+        else:  # replaced: what the replacement would drop is refused (a layer kept keeps its hooks)
+            _refuse_what_would_be_lost(name, module)
+            targets.append((name, module))
+    return targets, kept
