@@ -21,7 +21,7 @@ _PUBLIC = {
     "param_groups": "ssvi_cli.api", "kl_term": "ssvi_cli.api", "Subspace": "ssvi_cli.api",
     "predict": "ssvi_cli.prediction", "Prediction": "ssvi_cli.prediction", "OptimizerStateError": "ssvi_cli.api",
     "save": "ssvi_cli.modelfile.module_io", "load": "ssvi_cli.modelfile.module_io",
-    "ModelFileError": "ssvi_cli.modelfile.header",
+    "ModelFileError": "ssvi_cli.modelfile.header", "sampling": "ssvi_cli.sample_modes",
 }
 
 __all__ = ["__version__", *_PUBLIC]

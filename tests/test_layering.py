@@ -7,7 +7,7 @@ Floors, from the ground up (a module may import its own package and any lower fl
     2  config                                           (no torch below this line)
     3  core                                             (the method)
     4  models, data
-    5  prediction, modelfile
+    5  prediction, sample_modes, modelfile
     6  runs
     7  training, evaluation
     8  bench, api, sweep                                (api: the public Python API)
@@ -30,7 +30,7 @@ FLOORS = {
     "config": 2,
     "core": 3,
     "models": 4, "data": 4,
-    "prediction": 5, "modelfile": 5,
+    "prediction": 5, "sample_modes": 5, "modelfile": 5,
     "runs": 6,
     "training": 7, "evaluation": 7,
     "bench": 8, "api": 8, "sweep": 8,

@@ -1,0 +1,81 @@
+"""ssvi.sampling: a loop of the user's own draws whole networks (one weight draw per call of the
+model), the mean network or training's local reparameterisation, and leaves the model as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import ssvi_cli as ssvi
+from ssvi_cli.core.layers import sparse_layers
+
+
+class Twice(nn.Module):
+    """One layer called twice in a forward (shared weights), then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        a, b = self.shared(x), self.shared(x)
+        return torch.cat([a, b], 1), self.head(a)
+
+
+def _model(cls=Twice):
+    torch.manual_seed(0)
+    model = cls()
+    ssvi.sparsify(model, 0.5, sigma_mean=0.5, sigma_std=0.0)
+    return model
+
+
+def test_sample_mode_is_one_weight_draw_per_call_shared_by_the_batch_and_by_a_layer_called_twice():
+    model = _model()
+    x = torch.randn(1, 6).repeat(4, 1)  # four copies of one input
+    lrt, _ = model(x)
+    assert not torch.allclose(lrt[0], lrt[1])  # outside: noise per example (training's reparameterisation)
+    with torch.no_grad(), ssvi.sampling(model) as same:
+        assert same is model
+        out, _ = model(x)
+        torch.testing.assert_close(out, out[:1].expand_as(out))  # one draw for the whole batch
+        torch.testing.assert_close(out[:, :6], out[:, 6:])  # the shared layer: one draw for both calls
+        again, _ = model(x)
+        assert not torch.allclose(again, out)  # the next call draws afresh
+        direct = [model.shared(x[:1]) for _ in range(2)]  # a layer called on its own draws at each call
+        assert not torch.allclose(*direct)
+    assert not model._forward_hooks and not model._forward_pre_hooks and not model.shared._forward_hooks
+    assert {layer.mode for _, layer in sparse_layers(model)} == {"lrt"}
+
+
+def test_mean_mode_is_the_mean_network_and_sample_mode_trains():
+    model = _model()
+    x = torch.randn(3, 6)
+    with ssvi.sampling(model, "mean"):
+        a, b = model(x)[0], model(x)[0]
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a[:, :6], nn.functional.linear(x, model.shared.to_dense(model.shared.mu), model.shared.bias))
+    with ssvi.sampling(model):
+        model(x)[1].sum().backward()
+    assert model.shared.mu.grad.abs().sum() > 0 and model.shared.rho.grad.abs().sum() > 0
+
+
+def test_the_mode_is_restored_when_the_block_raises():
+    model = _model()
+    with pytest.raises(RuntimeError, match="mat1 and mat2"), ssvi.sampling(model):
+        model(torch.randn(2, 5))
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    x = torch.randn(1, 6).repeat(2, 1)
+    assert not torch.allclose(*model(x)[0])  # back to training's noise per example
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: ssvi.sampling(m, "draw"), "mode='draw'; valid modes are: lrt, mean, sample"),
+    (lambda m: ssvi.sampling(nn.Linear(2, 2)), "no sparse layer: convert it with ssvi.sparsify"),
+    (lambda m: ssvi.sampling(m.state_dict()), "takes the converted nn.Module, not a OrderedDict"),
+])
+def test_bad_arguments_are_refused_before_anything_changes(call, message):
+    model = _model()
+    with pytest.raises((ValueError, TypeError), match=message.replace("(", "\\(").replace(")", "\\)")):
+        with call(model):
+            pass
