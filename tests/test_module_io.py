@@ -68,6 +68,30 @@ def test_a_custom_module_round_trips_into_a_fresh_instance(tmp_path):
         assert torch.equal(ssvi.predict(net, x, mode="mean").probs, ssvi.predict(loaded, x, mode="mean").probs)
 
 
+def test_a_model_built_on_the_meta_device_is_filled_on_the_cpu_or_the_device_asked(tmp_path):
+    """A model built under torch.device("meta") (no memory for a big one's weights) came back with every
+    tensor still on meta, or failed inside torch with device="cpu"."""
+    net = trained_net(tmp_path)
+    path = tmp_path / "net.safetensors"
+    ssvi.save(net, path)
+    x = torch.randn(5, 1, 8, 8)
+    for device in (None, "cpu"):
+        with torch.device("meta"):
+            skeleton = Net()
+        loaded = ssvi.load(path, model=skeleton, device=device)
+        assert {t.device.type for t in [*loaded.parameters(), *loaded.buffers()]} == {"cpu"}
+        assert torch.equal(ssvi.predict(net, x, mode="mean").probs, ssvi.predict(loaded, x, mode="mean").probs)
+    with torch.device("meta"):
+        skeleton = Net()
+    skeleton.register_buffer("table", torch.zeros(3, device="meta"), persistent=False)  # no file fills it
+    with pytest.raises(ValueError, match="its buffer table is not in a state dict"):
+        ssvi.load(path, model=skeleton)
+    with torch.device("meta"):
+        skeleton = Net(extra=True)
+    with pytest.raises(ModelFileError):  # a tensor the file does not hold is named, not left empty
+        ssvi.load(path, model=skeleton)
+
+
 def test_loading_into_a_different_module_names_the_first_difference(tmp_path):
     path = tmp_path / "net.safetensors"
     ssvi.save(trained_net(tmp_path), path)

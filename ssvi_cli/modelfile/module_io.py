@@ -22,7 +22,7 @@ from ssvi_cli.core.convert import TIED, sparsify
 from ssvi_cli.core.replaced import unmark
 from ssvi_cli.core.layers import SparseGaussian, sparse_layers
 from ssvi_cli.core.modes import evaluating, sampling
-from ssvi_cli.core.state import wrapper_chain
+from ssvi_cli.core.state import load_device, wrapper_chain
 from ssvi_cli.data.sources import get_spec
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.fileio import brief
@@ -165,8 +165,7 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
         raise ValueError("load into the model before wrapping it in DistributedDataParallel: loading may convert "
                          "its layers or resize their supports, which DDP has already registered")
     wrapper, model = model, chain[-1]
-    if device is None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = load_device(model, device)  # a model built on the meta device is given empty tensors to fill
     meta = read_header(path)["meta"]
     recorded = str(meta["architecture"].get("name", ""))
     mine = f"{CUSTOM}{type(model).__module__}.{type(model).__qualname__}"
