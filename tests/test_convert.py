@@ -607,3 +607,18 @@ def test_a_module_under_two_names_is_named_by_either_in_dense_and_deterministic(
         report = sparsify(model(), 0.5, deterministic=pattern, dense=pattern)
         assert {l.name: (l.bayesian, l.dense) for l in report.layers} == {
             "a.shared": (False, True), "a.head": (True, False), "b.head": (True, False)}, pattern
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.95])  # the dense kernel, then the sparse one
+def test_an_input_of_another_dtype_is_refused_as_nn_linear_refuses_it(sparsity):
+    """At high sparsity the sparse kernels cast a float32 input for a float64 model in silence (and the
+    output came back in float32); at low sparsity torch's dense product refused it."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)).double()
+    sparsify(model, sparsity)
+    with pytest.raises(RuntimeError, match=r"input of torch.float32 for a layer in torch.float64; cast one to the "
+                                           r"other \(x.to\(torch.float64\)\)"):
+        ssvi.predict(model, torch.randn(2, 64), mode="mean")
+    assert ssvi.predict(model, torch.randn(2, 64, dtype=torch.float64), mode="mean").probs.dtype == torch.float64
+    model.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast inputs of other dtypes are autocast's to cast
+        assert model(torch.randn(2, 64)).shape == (2, 3)

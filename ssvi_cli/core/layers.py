@@ -45,9 +45,7 @@ class SparseGaussian(nn.Module):
             raise ValueError(f"a weight of shape {self.weight_shape} has no entries")
         self.numel = math.prod(self.weight_shape)
         self.fan_in = self.numel // self.weight_shape[0]
-        self.bayesian = bayesian
-        self.sigma_param = sigma_param
-        self.stem = stem
+        self.bayesian, self.sigma_param, self.stem = bayesian, sigma_param, stem
         self.normed = normed  # followed by BatchNorm: small mu init is fine
         self.register_buffer("idx", torch.zeros(0, dtype=torch.long))
         self.mu = nn.Parameter(torch.zeros(0))
@@ -191,9 +189,11 @@ class SparseGaussian(nn.Module):
         variance (and for half types the CSR kernels) compute in float32."""
         if x.is_meta:  # shapes only (a run plan's probe): the dense op on an empty weight of the layer's shape
             return self._with_bias(self.dense_op(x, x.new_empty(self.weight_shape)))
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if x.is_floating_point() and x.dtype != self.mu.dtype and not autocast:  # as nn.Linear: the sparse kernels cast
+            raise RuntimeError(f"input of {x.dtype} for a layer in {self.mu.dtype}; cast one to the other (x.to({self.mu.dtype}))")
         out = self._forward(x)
-        keep = out.dtype == x.dtype or not x.is_floating_point() or torch.is_autocast_enabled(x.device.type)
-        return out if keep else out.to(x.dtype)
+        return out if out.dtype == x.dtype or not x.is_floating_point() or autocast else out.to(x.dtype)
 
     def _forward(self, x: Tensor) -> Tensor:
         if self.capture_dense_grad:
