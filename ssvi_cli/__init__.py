@@ -20,7 +20,7 @@ _PUBLIC = {
     "sparsify": "ssvi_cli.core.convert", "ConversionReport": "ssvi_cli.core.convert",
     "param_groups": "ssvi_cli.api", "kl_term": "ssvi_cli.api", "Subspace": "ssvi_cli.api",
     "predict": "ssvi_cli.prediction", "Prediction": "ssvi_cli.prediction", "OptimizerStateError": "ssvi_cli.api",
-    "save": "ssvi_cli.modelfile.module_io", "load": "ssvi_cli.modelfile.module_io",
+    "save": "ssvi_cli.modelfile.module_io", "load": "ssvi_cli.modelfile.loading",
     "ModelFileError": "ssvi_cli.modelfile.header", "sampling": "ssvi_cli.sample_modes",
 }
 

@@ -28,7 +28,9 @@ def sampling(model: nn.Module, mode: str = "sample") -> Iterator[nn.Module]:
     - ``"sample"``: each call of ``model`` is one draw of the network's weights, shared by every
       example and position of the batch; a layer called twice in one forward (shared weights) uses
       one draw for both calls; a layer called directly, outside a call of ``model``, draws afresh at
-      each call. Gradients flow through the draw (reparameterised), so it also trains.
+      each call. Gradients flow through the draw (reparameterised), so it also trains; not under
+      activation checkpointing of a block that calls a layer twice (its recomputation, outside the
+      call of ``model``, draws that layer's second call afresh).
     - ``"mean"``: the mean network, θ = μ.
     - ``"lrt"``: training's local reparameterisation (the default outside a block).
     """
@@ -51,7 +53,7 @@ def sampling(model: nn.Module, mode: str = "sample") -> Iterator[nn.Module]:
                 inside[0] += 1
 
             def leave(*_args) -> None:
-                inside[0] -= 1
+                inside[0] = max(0, inside[0] - 1)
                 if not inside[0]:
                     next_forward()
 
@@ -59,7 +61,9 @@ def sampling(model: nn.Module, mode: str = "sample") -> Iterator[nn.Module]:
                 if not inside[0]:
                     next_forward()
 
-            handles = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True)]
+            # enter first of the pre-hooks: leave runs even when a later one raises (always_call)
+            handles = [model.register_forward_pre_hook(enter, prepend=True),
+                       model.register_forward_hook(leave, always_call=True)]
             handles += [layer.register_forward_hook(after_layer, always_call=True) for _, layer in sparse_layers(model)
                         if layer is not model]
             try:

@@ -622,3 +622,50 @@ def test_an_input_of_another_dtype_is_refused_as_nn_linear_refuses_it(sparsity):
     model.float()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast inputs of other dtypes are autocast's to cast
         assert model(torch.randn(2, 64)).shape == (2, 3)
+
+
+def test_dense_or_deterministic_may_name_a_layer_kept_as_it_is():
+    """dense=("stem",), the documented way to name a stem registered late, raised 'matches no layer'
+    once the stem was a subclass kept as it is (kept layers are dense and deterministic already)."""
+    model = nn.Sequential()
+    model.add_module("body", nn.Conv2d(3, 8, 3))
+    model.add_module("stem", StdConv(3, 3, 3))
+    report = sparsify(model, 0.9, dense_first_conv=False, dense=("stem",), deterministic="stem")
+    assert [l.name for l in report.layers] == ["body"] and dict(report.kept)["stem"].startswith("StdConv subclasses")
+    with pytest.raises(ValueError, match="'stme' matches no Linear or Conv2d layer"):  # a typo is still one
+        sparsify(nn.Sequential(nn.Linear(2, 2), StdConv(3, 3, 3)), 0.9, dense="stme")
+
+
+def test_a_layer_whose_forward_is_replaced_on_the_instance_is_kept_and_a_pruned_subclass_refused():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    plain = model[2].forward
+    model[2].forward = lambda x: plain(x) * 10  # what accelerate's add_hook_to_module does
+    assert sparsify(model, 0.5).kept == [("2", "Linear has its forward replaced on the instance, which a sparse "
+                                               "layer would drop")]
+    pruned = nn.Sequential(PlainLinear(4, 4))
+    import torch.nn.utils.prune as prune
+
+    prune.l1_unstructured(pruned[0], "weight", 0.5)  # weight_orig and weight_mask: refused as for nn.Linear
+    with pytest.raises(ValueError, match="has a pruned or reparametrized weight"):
+        sparsify(pruned, 0.5)
+
+
+def test_a_file_that_stores_a_subclass_sparse_loads_it_as_it_was_trained(tmp_path, monkeypatch):
+    """Files written when ssvi converted every subclass (its forward dropped) load with the sparse layer
+    in its place, as the model was trained; a fresh conversion keeps the subclass."""
+    import ssvi_cli.core.targets as targets
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(StdConv(1, 4, 3), nn.Flatten(), nn.Linear(144, 3))
+
+    with monkeypatch.context() as old:  # the conversion of an ssvi before subclasses were kept
+        old.setattr(targets, "_own_behaviour", lambda module: None)
+        trained = model()
+        sparsify(trained, 0.5, dense_first_conv=False)
+        ssvi.save(trained, tmp_path / "old.safetensors", input_shape=(1, 8, 8))
+    loaded = ssvi.load(tmp_path / "old.safetensors", model=model())
+    assert isinstance(loaded[0], SparseConv2d)
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(ssvi.predict(loaded, x, mode="mean").probs, ssvi.predict(trained, x, mode="mean").probs)
+    assert type(model()[0]) is StdConv and [l.name for l in sparsify(model(), 0.5).layers] == ["2"]

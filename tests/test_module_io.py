@@ -90,6 +90,38 @@ def test_a_model_built_on_the_meta_device_is_filled_on_the_cpu_or_the_device_ask
         skeleton = Net(extra=True)
     with pytest.raises(ModelFileError):  # a tensor the file does not hold is named, not left empty
         ssvi.load(path, model=skeleton)
+    assert {t.device.type for t in skeleton.parameters()} == {"meta"}  # and the model is as it was
+    with pytest.raises(ModelFileError, match="does not exist"):
+        ssvi.load(tmp_path / "typo.safetensors", model=skeleton)
+    assert {t.device.type for t in skeleton.parameters()} == {"meta"}
+
+
+class TiedLM(nn.Module):
+    """A language model whose head shares the embedding's weight, with a real non-persistent buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.body, self.head = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 20, bias=False)
+        self.head.weight = self.emb.weight
+        self.register_buffer("scale", torch.full((8,), 2.0, device="cpu"), persistent=False)
+
+    def forward(self, t):
+        return self.head(torch.relu(self.body(self.emb(t) * self.scale))).mean(1)
+
+
+def test_a_meta_model_keeps_its_ties_and_its_real_tensors(tmp_path):
+    """The meta tensors alone are given memory, a tied weight as one tensor: to_empty() untied the head
+    (the load then failed) and overwrote a real non-persistent buffer with uninitialised memory."""
+    model = TiedLM()
+    ssvi.sparsify(model, 0.5)
+    ssvi.save(model, tmp_path / "lm.safetensors", input_shape=(5,))
+    with torch.device("meta"):
+        skeleton = TiedLM()
+    skeleton.scale = torch.full((8,), 2.0)  # real, as accelerate's init_empty_weights leaves buffers
+    loaded = ssvi.load(tmp_path / "lm.safetensors", model=skeleton)
+    assert loaded.head.weight is loaded.emb.weight and torch.equal(loaded.scale, torch.full((8,), 2.0))
+    tokens = torch.randint(0, 20, (3, 5))
+    torch.testing.assert_close(ssvi.predict(loaded, tokens, mode="mean").probs, ssvi.predict(model, tokens, mode="mean").probs)
 
 
 def test_loading_into_a_different_module_names_the_first_difference(tmp_path):

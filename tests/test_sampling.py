@@ -60,6 +60,23 @@ def test_mean_mode_is_the_mean_network_and_sample_mode_trains():
     assert model.shared.mu.grad.abs().sum() > 0 and model.shared.rho.grad.abs().sum() > 0
 
 
+def test_a_pre_hook_of_the_users_that_raises_leaves_the_next_call_one_draw():
+    """Our leave hook ran after a user's pre-hook raised before our enter hook: the count of calls under
+    way fell below zero, and from then on a layer called twice drew twice."""
+    model = _model()
+
+    def check(module, inputs):
+        if inputs[0].shape[-1] != 6:
+            raise ValueError("bad input width")
+
+    model.register_forward_pre_hook(check)
+    with torch.no_grad(), ssvi.sampling(model):
+        with pytest.raises(ValueError, match="bad input width"):
+            model(torch.randn(2, 5))
+        out, _ = model(torch.randn(3, 6))
+        torch.testing.assert_close(out[:, :6], out[:, 6:])
+
+
 def test_the_mode_is_restored_when_the_block_raises():
     model = _model()
     with pytest.raises(RuntimeError, match="mat1 and mat2"), ssvi.sampling(model):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from typing import Any, Iterable, Optional
+from typing import Any, Collection, Iterable, Optional
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ from ssvi_cli.core.conv import SparseConv2d
 from ssvi_cli.core.conversion_report import ConversionReport, ConvertedLayer
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
 from ssvi_cli.core.replaced import mark_replaced
-from ssvi_cli.core.targets import TIED, first_conv as model_stem, targets as convertible  # noqa: F401 (TIED: module_io's)
+from ssvi_cli.core.targets import first_conv as model_stem, targets as convertible
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
              deterministic: str | Iterable[str] = (), dense_first_conv: bool = True, allocation: str = "uniform",
              from_weights: bool = True, sigma_mean: float = 6e-4, sigma_std: float = 5e-4,
              moped_delta: Optional[float] = None, sigma_param: str = "softplus", kernel: str = "auto",
-             generator: Optional[torch.Generator] = None, structure_only: bool = False) -> ConversionReport:
+             generator: Optional[torch.Generator] = None, structure_only: bool = False,
+             _stored: Collection[str] = ()) -> ConversionReport:
     """Convert ``model`` in place, each new layer on its weight's device and in its dtype; returns
     the per-layer report (what stays as it is, and why, in ``kept``).
 
@@ -91,7 +92,7 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
         raise ValueError("moped_delta sets sigma from the trained weights (moped_delta * |w|), and from_weights=False "
                          "uses none; drop moped_delta, or convert from the weights")
     dense, deterministic = _patterns(dense, "dense"), _patterns(deterministic, "deterministic")
-    targets, kept = convertible(model)
+    targets, kept = convertible(model, _stored)  # _stored: a file's sparse layers (ssvi.load)
     aliases: dict[int, list[str]] = {}  # a module registered under several names answers to each
     for n, m in model.named_modules(remove_duplicate=False):
         aliases.setdefault(id(m), []).append(n)
@@ -102,7 +103,8 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
 
     if not structure_only:  # a typo would silently leave a layer sparse or Bayesian
         for arg, patterns in (("dense", dense), ("deterministic", deterministic)):
-            unmatched = next((p for p in patterns if not any(hit(n, (p,)) for n, _ in targets)), None)
+            unmatched = next((p for p in patterns if not any(hit(n, (p,)) for n, _ in targets)  # a kept layer is dense already
+                              and not any(_matches(n, (p,)) for n, _ in kept)), None)
             if unmatched is not None:
                 raise ValueError(f"{arg}: {unmatched!r} matches no Linear or Conv2d layer that sparsify converts "
                                  f"(they are: {', '.join(n for n, _ in targets[:8])}{', ...' if len(targets) > 8 else ''})")

@@ -60,19 +60,3 @@ def support_problem(numel: int, idx: Any, mu: Any = None, rho: Any = None) -> st
         return "mu holds non-finite values"
     return ""
 
-
-def load_device(model: nn.Module, device: Any = None) -> Any:
-    """The device a model given to ``ssvi.load`` ends on (``device``, else its own, the CPU for one
-    built on the ``meta`` device). A model built on ``meta`` (shapes only) gets empty tensors there
-    first, for the file to fill; a buffer no state dict holds (``persistent=False``) would keep
-    whatever memory it got, so such a model is refused."""
-    own = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
-    device = device if device is not None else (torch.device("cpu") if own.type == "meta" else own)
-    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-        loose = [f"{name}.{b}".lstrip(".") for name, m in model.named_modules() for b in m._non_persistent_buffers_set
-                 if isinstance(getattr(m, b, None), Tensor) and getattr(m, b).is_meta]
-        if loose:
-            raise ValueError(f"the model is on the meta device, and its buffer {loose[0]} is not in a state dict "
-                             "(persistent=False), so no file fills it; build the model on a real device to load into it")
-        model.to_empty(device=device)
-    return device

@@ -5,7 +5,7 @@ parameters); what a replacement would silently drop (hooks, a parametrization) i
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Collection, Optional
 
 from torch import nn
 
@@ -37,9 +37,7 @@ def _reads_directly(module: nn.Module) -> Optional[tuple[str, tuple[str, ...]]]:
 def _refuse_what_would_be_lost(name: str, module: nn.Module) -> None:
     """A layer with a parametrization (prune, weight_norm, spectral_norm) or hooks (on it, its weight or
     its bias) would lose them with its replacement, silently: refused, saying how to undo them."""
-    from torch.nn.utils import parametrize
-
-    if parametrize.is_parametrized(module) or any(n.endswith(("_orig", "_g")) for n, _ in module.named_parameters(recurse=False)):
+    if _reparametrized(module):
         raise ValueError(f"layer {name!r} has a pruned or reparametrized weight or bias (torch.nn.utils.prune, weight_norm or "
                          "spectral_norm), which its sparse replacement would drop; make it permanent first "
                          "(prune.remove(module, 'weight'), torch.nn.utils.parametrize.remove_parametrizations or "
@@ -55,6 +53,13 @@ def _refuse_what_would_be_lost(name: str, module: nn.Module) -> None:
                          "remove them before sparsify (handle.remove()) and register them on the converted layer")
 
 
+def _reparametrized(module: nn.Module) -> bool:
+    """Pruned (``prune``: ``weight_orig``) or reparametrized (``parametrize``, ``weight_norm``)."""
+    from torch.nn.utils import parametrize
+
+    return parametrize.is_parametrized(module) or any(n.endswith(("_orig", "_g")) for n, _ in module.named_parameters(recurse=False))
+
+
 def _own_behaviour(module: nn.Module) -> Optional[str]:
     """What a subclass of ``nn.Linear``/``nn.Conv2d`` adds that a sparse layer would not carry: its own
     forward (timm's StdConv2d, Conv2dSame, quantization-aware layers) or parameters, buffers or
@@ -65,6 +70,8 @@ def _own_behaviour(module: nn.Module) -> Optional[str]:
     methods = [m for m in ("forward", "_conv_forward") if getattr(cls, m, None) is not getattr(base, m, None)]
     extra = [n for n, _ in module.named_parameters(recurse=False) if n not in ("weight", "bias")]
     extra += [n for n, _ in module.named_buffers(recurse=False)] + [n for n, _ in module.named_children()]
+    if "forward" in vars(module):  # replaced on the instance (accelerate's hooks, a patch)
+        return f"{cls.__name__} has its forward replaced on the instance, which a sparse layer would drop"
     if cls is base or not (methods or extra):
         return None
     what = ([f"its own {' and '.join(methods)}"] if methods else []) + ([f"its own {', '.join(extra)}"] if extra else [])
@@ -77,16 +84,16 @@ def first_conv(model: nn.Module) -> Optional[nn.Module]:
     return next((m for m in model.modules() if isinstance(m, (nn.Conv2d, SparseConv2d))), None)
 
 
-def targets(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
+def targets(model: nn.Module, stored: Collection[str] = ()) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
     """The Linear/Conv2d modules to convert, and those that must stay (with the reason). A module
     registered under several names is listed once, under its first name (``_replace`` puts its
-    sparse twin under every name)."""
+    sparse twin under every name). ``stored``: the layers a file stores as sparse, converted also
+    when a subclass's own forward or parameters would keep them (a file from before ssvi kept them
+    loads as it was trained: with the sparse layer in their place)."""
     targets, kept = [], []
     read_directly = {f"{n}.{child}": f"{label} reads {child}.weight directly"
                      for n, m in model.named_modules() if (entry := _reads_directly(m)) is not None
                      for label, children in [entry] for child in children}
-    from torch.nn.utils import parametrize
-
     owners: dict[int, list[str]] = {}  # parameter -> the modules holding it (a tied weight has several)
     for name, module in model.named_modules(remove_duplicate=False):
         for param in module.parameters(recurse=False):
@@ -108,8 +115,8 @@ def targets(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[s
             kept.append((name, f"padding_mode={module.padding_mode!r} (only zero padding is supported)"))
         elif tied:
             kept.append((name, f"{TIED} {tied[0]}'s, which a sparse layer cannot share"))
-        elif not parametrize.is_parametrized(module) and (own := _own_behaviour(module)) is not None:
-            kept.append((name, own))  # (a parametrization's own subclass is refused below, saying how to undo it)
+        elif not _reparametrized(module) and name not in stored and (own := _own_behaviour(module)) is not None:
+            kept.append((name, own))  # (a pruned or parametrized layer is refused below, saying how to undo it)
         else:  # replaced: what the replacement would drop is refused (a layer kept keeps its hooks)
             _refuse_what_would_be_lost(name, module)
             targets.append((name, module))

@@ -1,5 +1,5 @@
-"""Saving and loading any converted ``nn.Module`` as a model file (the public ``ssvi_cli.save`` and
-``ssvi_cli.load``).
+"""Saving and loading any converted ``nn.Module`` as a model file (the public ``ssvi_cli.save``, and
+``ssvi_cli.load`` from :mod:`ssvi_cli.modelfile.loading`).
 
 A file records how to rebuild its model: a ``torchvision:NAME`` architecture rebuilds from the file
 alone (so ``ssvi infer``, ``evaluate`` and ``inspect`` work on it); any other module is recorded as
@@ -13,22 +13,21 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from ssvi_cli.core.convert import TIED, sparsify
-from ssvi_cli.core.replaced import unmark
 from ssvi_cli.core.layers import SparseGaussian, sparse_layers
 from ssvi_cli.core.modes import evaluating, sampling
-from ssvi_cli.core.state import load_device, wrapper_chain
+from ssvi_cli.core.state import wrapper_chain
 from ssvi_cli.data.sources import get_spec
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.fileio import brief
-from ssvi_cli.modelfile.card import NO_DATASET, Architecture, CardError, ModelCard, build_model
-from ssvi_cli.modelfile.header import ModelFileError, read_header
-from ssvi_cli.modelfile.reader import CUSTOM, install, read_model_file, read_tensors
+from ssvi_cli.modelfile.card import NO_DATASET, Architecture, ModelCard, build_model
+from ssvi_cli.modelfile.header import ModelFileError
+from ssvi_cli.modelfile.loading import layer_signature, load
+from ssvi_cli.modelfile.reader import CUSTOM
 from ssvi_cli.modelfile.structure import check_same_structure
 from ssvi_cli.modelfile.writer import write_model_file
 from ssvi_cli.models import AUX_FREE, AUX_HEADS, TORCHVISION, LayerFactory, check_model_name, torchvision_model
@@ -138,111 +137,6 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
     return write_model_file(model, Path(path), card, dtype=dtype)  # type: ignore[arg-type]
 
 
-def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optional[str | torch.device] = None,
-         kernel: str = "auto") -> nn.Module:
-    """The model of the file at ``path``, in eval mode on ``device`` (default: the CPU for a model
-    built from the file, the given model's own device otherwise).
-
-    Without ``model`` the file must describe a buildable architecture (ssvi's own or
-    ``torchvision:NAME``). With ``model`` (an instance of the saved module's class, deterministic
-    or already converted; or such a model wrapped by torch.compile or DataParallel, which is
-    returned as passed; under DistributedDataParallel load before wrapping) its layers are
-    converted to the file's structure if needed and filled from the file; a layer or tensor that
-    does not match raises :class:`ModelFileError` naming it.
-    """
-    if model is not None and not isinstance(model, nn.Module):
-        what = f"the class {model.__name__}; pass an instance, model={model.__name__}()" if isinstance(model, type) else \
-            f"a {type(model).__name__}; pass the nn.Module to fill"
-        raise TypeError(f"model= is {what}")
-    path = Path(path)
-    _check_load_args(device, kernel)
-    if model is None:
-        loaded = read_model_file(path, device=device or "cpu", kernel=kernel)
-        loaded.model.ssvi_card = loaded.card  # what ssvi_cli.save writes again (_loaded_card)
-        return loaded.model
-    chain = wrapper_chain(model)
-    if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in chain):
-        raise ValueError("load into the model before wrapping it in DistributedDataParallel: loading may convert "
-                         "its layers or resize their supports, which DDP has already registered")
-    wrapper, model = model, chain[-1]
-    device = load_device(model, device)  # a model built on the meta device is given empty tensors to fill
-    meta = read_header(path)["meta"]
-    recorded = str(meta["architecture"].get("name", ""))
-    mine = f"{CUSTOM}{type(model).__module__}.{type(model).__qualname__}"
-    if recorded.startswith(CUSTOM) and recorded != mine:
-        log.warning("%s was saved from %s; loading it into %s", path, recorded[len(CUSTOM):], mine[len(CUSTOM):])
-    target = f"the {type(model).__name__} passed to load"
-    if sparse_layers(model):
-        install(model, path, meta, read_tensors(path), target=target)  # validates before it changes anything
-        _remember_card(model, meta)
-        return wrapper.to(device).eval()
-    # A file that does not fit puts the user's layers back, not a model converted with empty supports.
-    children = [(module, dict(module._modules)) for module in model.modules()]
-    try:
-        records = [r for r in meta["layers"] if isinstance(r, dict)]
-        report = sparsify(model, structure_only=True, sigma_param=str(meta["architecture"].get("sigma_param", "softplus")),
-                          deterministic=[str(r.get("name")) for r in records if not r.get("bayesian")], kernel=kernel)
-        stored = {str(r.get("name")) for r in records}
-        _keep_dense_as_stored(model, children, stored)  # a plain head the file stores with the dense tensors
-        tied = next(((name, why) for name, why in report.kept if name in stored and why.startswith(TIED)), None)
-        if tied is not None:  # a file written when ssvi still converted tied layers (untying them)
-            raise ModelFileError(f"{path} stores layer {tied[0]!r} as sparse, but in {target} it stays dense "
-                                 f"({tied[1]}); untie it before loading (model.{tied[0]}.weight = nn.Parameter(model.{tied[0]}.weight"
-                                 ".detach().clone())), as it was when the file was written")
-        install(model, path, meta, read_tensors(path), target=target)
-    except BaseException:
-        for module, kept in children:
-            module._modules.clear()
-            module._modules.update(kept)
-            unmark(m for m in kept.values() if m is not None)  # the user's layers, trainable by their optimizer
-        raise
-    _remember_card(model, meta)
-    return wrapper.to(device).eval()
-
-
-def _keep_dense_as_stored(model: nn.Module, children: list[tuple[nn.Module, dict[str, Any]]], stored: set[str]) -> None:
-    """Put back the model's own layers that the file does not store as sparse layers (sparsify
-    converted every layer it could), under every name each is registered under: ``children``, each
-    module's child layers before converting."""
-    undo = {id(layer) for name, layer in sparse_layers(model) if name not in stored}
-    for module, kept in children:
-        for child, now in list(module._modules.items()):
-            if id(now) in undo:
-                module._modules[child] = kept[child]
-                unmark([kept[child]])
-
-
-def _check_load_args(device: Optional[str | torch.device], kernel: str) -> None:
-    """The arguments of :func:`load` that are wrong whatever the file (before it is read)."""
-    from ssvi_cli.core.kernels import KERNELS
-
-    if kernel not in KERNELS.names():
-        raise ValueError(f"kernel={kernel!r}; valid values are: {', '.join(KERNELS.names())}")
-    if device is not None:
-        try:
-            kind = torch.device(device).type
-        except (RuntimeError, TypeError):
-            raise ValueError(f"device={device!r} is not a torch device; give 'cpu' or 'cuda'") from None
-        backend = torch.backends.mps if kind == "mps" else getattr(torch, kind, None)  # torch.cuda, torch.xpu, ...
-        # A backend torch has a module for says whether it is here; any other (xla, hpu) is left to torch.
-        if kind != "cpu" and callable(getattr(backend, "is_available", None)) and not backend.is_available():
-            raise ValueError(f"device={device!r} was asked for but no {kind.upper()} device is available; use "
-                             "device='cpu'")
-
-
-def _remember_card(model: nn.Module, meta: dict[str, Any]) -> None:
-    """Keep the file's description on the model it filled, for :func:`save` (not a card that no longer reads)."""
-    try:
-        model.ssvi_card = ModelCard.from_metadata(meta)
-    except CardError:
-        return
-    model._ssvi_layers = _layer_signature(model)  # what a custom module's layers were, for _loaded_card
-
-
-def _layer_signature(model: nn.Module) -> tuple[tuple[str, tuple[int, ...], bool], ...]:
-    return tuple((name, tuple(layer.weight_shape), layer.bayesian) for name, layer in sparse_layers(model))
-
-
 def _loaded_card(model: nn.Module, architecture: Optional[str]) -> Optional[ModelCard]:
     """The card of the file ``model`` was loaded from (``load`` keeps it as ``model.ssvi_card``),
     when the model still has that architecture: its data description (input shape, classes,
@@ -257,7 +151,7 @@ def _loaded_card(model: nn.Module, architecture: Optional[str]) -> Optional[Mode
         if name.startswith(CUSTOM):  # no builder to compare with: the sparse layers it was loaded with
             if name != f"{CUSTOM}{type(model).__module__}.{type(model).__qualname__}":
                 return None
-            if getattr(model, "_ssvi_layers", None) != _layer_signature(model):
+            if getattr(model, "_ssvi_layers", None) != layer_signature(model):
                 raise ValueError("its sparse layers differ from those it was loaded with")
         else:
             with torch.device("meta"):
