@@ -571,6 +571,16 @@ def test_a_subclass_with_its_own_forward_or_parameters_is_kept_as_it_is():
     assert type(model[1]) is StdConv and type(model[3]) is ScaledLinear
     torch.testing.assert_close(mean_forward(model, x), before)
     # the same through a file: ssvi.load converts the model it is given as sparsify does
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        ssvi.save(model, f"{folder}/m.safetensors", input_shape=(3, 6, 6))
+        torch.manual_seed(1)
+        fresh = nn.Sequential(nn.Conv2d(3, 4, 3), StdConv(4, 4, 3), nn.Flatten(), ScaledLinear(16, 5), nn.ReLU(),
+                              PlainLinear(5, 3))
+        loaded = ssvi.load(f"{folder}/m.safetensors", model=fresh)
+    assert type(loaded[1]) is StdConv and type(loaded[3]) is ScaledLinear
+    torch.testing.assert_close(mean_forward(loaded, x), before)
     attention = nn.MultiheadAttention(8, 2)  # its out_proj subclasses nn.Linear and adds nothing: read directly, kept
     assert dict(sparsify(nn.Sequential(attention, PlainLinear(8, 2)), 0.5).kept)["0.out_proj"].startswith(
         "nn.MultiheadAttention reads out_proj.weight")
