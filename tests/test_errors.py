@@ -44,6 +44,10 @@ def workspace(tmp_path_factory) -> Path:
     torch.save({"weight": torch.zeros(2)}, ws / "legacy.pt", _use_new_zipfile_serialization=False)
     (ws / "cut.pt").write_bytes((ws / "plain.pt").read_bytes()[:300])
     shutil.copy(next((ws / RUN / "checkpoints").iterdir()), ws / "ckpt.bin")  # a checkpoint by another name
+    state = torch.load(next((ws / RUN / "checkpoints").iterdir()), weights_only=True)
+    rho = next(k for k in state["model"] if k.endswith(".rho"))
+    state["model"][rho] = torch.full_like(state["model"][rho], float("nan"))  # a diverged run's, or damaged
+    torch.save(state, ws / "nanrho.pt")
     np.savez(ws / "arrays.npz", a=np.zeros(2))
     with zipfile.ZipFile(ws / "notes.zip", "w") as archive:
         archive.writestr("notes.txt", "not weights")
@@ -134,6 +138,11 @@ CASES = [
                                             "{ws}/runs_of/cells/a; name one of them"),
     (["train", "--init-from", "{ws}/runs_of"], "is a folder but not a run (no config.yaml); it holds runs, such as "),
     (["train", "--init-from", "{ws}/cut.pt"], "but a damaged or cut-off zip archive (a torch.save file, say)"),
+    # weights that are not finite were taken, and the first step failed after --force had removed the old run
+    (["train", "--init-from", "{ws}/nanrho.pt"], "--init-from: checkpoint {ws}/nanrho.pt: layer 'first': rho holds "
+                                                 "non-finite values"),
+    (["inspect", "{ws}/nanrho.pt"], "layer 'first': rho holds non-finite values"),
+    (["export", "{ws}/nanrho.pt", "-o", "{ws}/x.safetensors"], "layer 'first': rho holds non-finite values"),
     (["train", "--init-from", "{ws}/plain.pt"], "but a torch.save file without an ssvi checkpoint's record, and "),
     (["train", "--init-from", "{ws}/cut.safetensors9"], "but a cut-off safetensors file"),
     (["train", "--init-from", "{ws}/legacy.pt"], "but a pickle file (torch.save's legacy format: plain weights, say)"),

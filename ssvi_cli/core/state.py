@@ -56,7 +56,8 @@ def support_problem(numel: int, idx: Any, mu: Any = None, rho: Any = None) -> st
         if values is not None and (not isinstance(values, Tensor) or not values.is_floating_point()
                                    or tuple(values.shape) != tuple(idx.shape)):
             return f"{what} is not {idx.numel()} floating-point values, one per position"
-    if isinstance(mu, Tensor) and not bool(torch.isfinite(mu).all()):
-        return "mu holds non-finite values"
+    for what, values in (("mu", mu), ("rho", rho)):  # (a diverged run's checkpoint, a damaged file)
+        if isinstance(values, Tensor) and not bool(torch.isfinite(values).all()):
+            return f"{what} holds non-finite values"
     return ""
 
