@@ -165,6 +165,59 @@ def test_force_keeps_the_old_run_when_the_new_one_cannot_start(tmp_path: Path, c
     assert (out / "keep.txt").read_text() == "precious"
 
 
+SMALL = ["--epochs", "1", "--set", "model.widths=[8]", "--set", "data.max_train=64", "--set", "train.eval_samples=1"]
+
+
+def test_force_puts_the_old_run_back_when_the_new_one_fails_before_its_first_checkpoint(tmp_path: Path, capsys,
+                                                                                     monkeypatch):
+    """What the checks before --force cannot see (a model too large to allocate, weights that give a
+    non-finite first loss) failed the new run after the old one was removed: the folder held a lock."""
+    import ssvi_cli.training.trainer as trainer_mod
+    from ssvi_cli.runs.aside import ASIDE
+
+    out = tmp_path / "run"
+    assert run(["train", *SMALL, "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    real = trainer_mod.Trainer.from_plan
+    monkeypatch.setattr(trainer_mod.Trainer, "from_plan", classmethod(
+        lambda cls, *a, **k: (_ for _ in ()).throw(RuntimeError("cannot allocate 307200000000 bytes"))))
+    assert run(["train", *SMALL, "--seed", "3", "--out", str(out), "--force"]) == 1
+    err = capsys.readouterr().err
+    assert f"the run that --force was replacing in {out} is put back: the new one ended before its first checkpoint" in err
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    assert not (out / ASIDE).exists()
+    # a new run that gets its checkpoint replaces the old one, as --force asked; nothing is left aside
+    monkeypatch.setattr(trainer_mod.Trainer, "from_plan", real)
+    assert run(["train", *SMALL, "--seed", "3", "--out", str(out), "--force"]) == 0
+    assert "put back" not in capsys.readouterr().err and not (out / ASIDE).exists()
+    assert "seed: 3" in (out / "config.yaml").read_text()
+
+
+def test_a_run_left_aside_when_the_machine_stopped_is_settled_at_the_next_claim(tmp_path: Path, capsys):
+    from ssvi_cli.runs.aside import ASIDE, set_aside
+    from ssvi_cli.runs.rundir import RUN_ENTRIES, RunDir
+
+    import shutil
+
+    out = tmp_path / "run"
+    assert run(["train", *SMALL, "--out", str(out)]) == 0
+    old_config = (out / "config.yaml").read_text()
+    # --force set the run aside; the new run wrote its config and nothing more, then the machine stopped
+    set_aside(out, RUN_ENTRIES)
+    (out / "config.yaml").write_text(old_config.replace("seed: 0", "seed: 7"))
+    RunDir(out).claim(force=True)  # the next --force: the old run comes back first, then is set aside again
+    assert (out / ASIDE / "config.yaml").read_text() == old_config and not (out / "config.yaml").exists()
+    assert (out / ASIDE / "model.safetensors").is_file()
+    # a new run that had its first checkpoint when the machine stopped is the one kept: the older run goes
+    shutil.rmtree(out)
+    assert run(["train", *SMALL, "--out", str(out)]) == 0
+    set_aside(out, RUN_ENTRIES)
+    (out / "config.yaml").write_text(old_config.replace("seed: 0", "seed: 7"))
+    shutil.copytree(out / ASIDE / "checkpoints", out / "checkpoints")
+    RunDir(out).claim(force=True)
+    assert "seed: 7" in (out / ASIDE / "config.yaml").read_text() and not (out / ASIDE / "model.safetensors").exists()
+
+
 def test_at_80_columns_preset_names_commands_and_paths_stay_whole(tmp_path: Path, capsys, monkeypatch):
     """A pipe, a CI log or a narrow terminal: what a person must copy is never cut."""
     from ssvi_cli import config as C

@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
         out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<date>-<time>-<preset>-<method>[-s<sparsity>], from-NAME for the preset with --init-from a trained model).")] = None,
         set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: --set optim.lr_sigma=0.02 (repeatable).")] = None,
         resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last checkpoint.")] = None,
-        force: Annotated[bool, typer.Option(help="Replace the run in --out (its own files; a folder that is not a run is never emptied).")] = False,
+        force: Annotated[bool, typer.Option(help="Replace the run in --out (its own files, kept aside until the new run has a checkpoint; a folder that is not a run is never emptied).")] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print the final summary (summary.json) as JSON only, with the run's notes as notes.")] = False,
         precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (autocast; fp16 adds a gradient scaler). The LRT variance stays float32.")] = None,
         nproc: Annotated[Optional[int], typer.Option(help="Processes on this node (data parallel via torch.distributed.run); --batch-size is per process.", min=1)] = None,
@@ -87,7 +87,8 @@ def register(app: typer.Typer) -> None:
         Also runs as one worker of: torchrun --nproc-per-node N -m ssvi_cli train ...
         """
         from ssvi_cli.data import reads_data_dir
-        from ssvi_cli.runs.rundir import RunDir
+        from ssvi_cli.runs import aside
+        from ssvi_cli.runs.rundir import RUN_ENTRIES, RunDir
         from ssvi_cli.training import distributed, launcher
         from ssvi_cli.training.plan import RunPlan
         from ssvi_cli.training.trainer import Interrupted, Trainer
@@ -185,6 +186,8 @@ def register(app: typer.Typer) -> None:
                 if trainer is not None:
                     trainer.release_process_group()
                 distributed.teardown()
+                if resume is None and info.is_main and plan.run_dir.path.is_dir():  # a run --force set aside
+                    say(aside.settle_run(plan.run_dir, RUN_ENTRIES) or "")  # removed, or back if the new one has no checkpoint
         if not info.is_main:
             return
         # The run is done and its files written: an output with no reader (| head) leaves it a success.
@@ -205,7 +208,8 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: Opti
     then rerun the command on ``nproc`` processes. A stop signal sent to this process alone (``kill``,
     a container's stop, ``timeout``) reaches them too: each stops at a checkpoint, as without
     ``--nproc``, and this process exits as they did."""
-    from ssvi_cli.runs.rundir import LOCK_HELD_ENV, RunDir
+    from ssvi_cli.runs import aside
+    from ssvi_cli.runs.rundir import LOCK_HELD_ENV, RUN_ENTRIES, RunDir
     from ssvi_cli.training import launcher
     from ssvi_cli.training.plan import preflight, preflight_resume
 
@@ -232,6 +236,9 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: Opti
         tell(f"starting {nproc} training processes for {run.path}", highlight=False)  # each loads torch and the data
         ended = launcher.launch(nproc, ["train", *args], env={LOCK_HELD_ENV: str(run.path.resolve())},
                                 pass_fds=[lock.fileno()] if hasattr(lock, "fileno") else [])
+    if resume is None:
+        if note := aside.settle_run(run, RUN_ENTRIES):  # the run --force set aside: removed, or back without a new checkpoint
+            tell(note)
     if message := launcher.ending_message(ended, nproc, run.path):  # what the processes could not say
         tell(message)
     if ended.stopped_by is not None and ended.code:  # the processes stopped at a checkpoint and said so

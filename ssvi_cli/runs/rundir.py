@@ -11,8 +11,8 @@ folder, and where its checkpoints, epoch records, support history and summary go
 | ``summary.json`` | the final summary, at the end |
 | ``evaluation.json`` | a sweep cell's evaluation (``ssvi sweep``) |
 
-``--force`` replaces a run by removing these entries only; a folder that is not a run is never
-emptied.
+``--force`` replaces a run by these entries only (set aside until the new run has a checkpoint:
+:mod:`ssvi_cli.runs.aside`); a folder that is not a run is never emptied.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, ContextManager, Optional
 
 from ssvi_cli import fileio, locks
-from ssvi_cli.runs import checkpoint as ckpt
+from ssvi_cli.runs import aside, checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
 
@@ -132,12 +132,12 @@ class RunDir:
         raise RunDirError(f"no free run folder next to {self.path}; give one with --out")
 
     def claim(self, force: bool = False) -> "RunDir":
-        """Make sure a new run may write here: an empty or missing folder, or (``force``) an old
-        run, whose files are removed (:data:`RUN_ENTRIES`; anything else in the folder stays). A
-        folder holding anything but a run is refused, ``force`` or not. Call it only once everything
-        else has been checked, holding the run's lock (:meth:`hold`)."""
+        """Make sure a new run may write here: an empty or missing folder, or (``force``) an old run,
+        whose files are set aside (:data:`RUN_ENTRIES`; all else stays). A folder holding anything but
+        a run is refused, ``force`` or not. Call it once all else is checked, holding the lock (:meth:`hold`)."""
+        aside.settle_run(self, RUN_ENTRIES)  # a run a --force left aside when the machine stopped: back, or gone
         if self.check_claim(force, held=True):
-            fileio.remove_entries(self.path, RUN_ENTRIES)
+            aside.set_aside(self.path, RUN_ENTRIES)  # until the new run has a checkpoint (runs/aside.py)
         return self
 
     def check_claim(self, force: bool = False, held: bool = False) -> bool:

@@ -1,0 +1,59 @@
+"""The run ``train --force`` replaces, kept aside until the new run has a checkpoint.
+
+The checks before ``--force`` (names, data, the layer budget) cannot see everything that fails a new
+run before its first checkpoint: a model too large to allocate, weights (``--init-from``) that give a
+non-finite loss at the first step. So the old run's files move into the hidden folder
+:data:`ASIDE` of the run's folder rather than being removed; once the new run has a checkpoint
+(after its first epoch, or a stop signal's checkpoint) they are removed, and should it end before
+one they come back, the new run's files removed. A folder left with both (the machine lost mid-way)
+is settled the same way the next time a command claims it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Iterable, Optional
+
+from ssvi_cli import fileio
+
+ASIDE = ".replaced-run"  # hidden: listings, sweeps and `inspect` pass it by
+
+
+def set_aside(folder: Path, entries: Iterable[str]) -> None:
+    """Move the run's ``entries`` directly under ``folder`` into ``folder/ASIDE`` (a folder set aside
+    before, whose run was replaced since, is removed first)."""
+    aside = Path(folder) / ASIDE
+    if aside.exists():
+        shutil.rmtree(aside)
+    aside.mkdir()
+    for name in entries:
+        path = Path(folder) / name
+        if path.exists() or path.is_symlink():
+            path.rename(aside / name)
+
+
+def settle(folder: Path, entries: Iterable[str], new_run_kept: bool) -> Optional[str]:
+    """Remove the run set aside in ``folder`` when the new one is kept (it has a checkpoint), else
+    put it back in place of the new run's ``entries``; a note for the user when it came back."""
+    aside = Path(folder) / ASIDE
+    if not aside.is_dir():
+        return None
+    if new_run_kept:
+        shutil.rmtree(aside, ignore_errors=True)
+        return None
+    entries = list(entries)
+    fileio.remove_entries(folder, entries)
+    for name in entries:
+        if (aside / name).exists() or (aside / name).is_symlink():
+            (aside / name).rename(Path(folder) / name)
+    shutil.rmtree(aside, ignore_errors=True)
+    return f"note: the run that --force was replacing in {folder} is put back: the new one ended before its first checkpoint"
+
+
+def settle_run(run, entries: Iterable[str]) -> Optional[str]:
+    """:func:`settle` for a :class:`~ssvi_cli.runs.rundir.RunDir` and its ``entries`` (``RUN_ENTRIES``):
+    the new run is kept once it has a checkpoint or has finished."""
+    if not (Path(run.path) / ASIDE).is_dir():
+        return None
+    return settle(run.path, entries, bool(run.checkpoints()) or run.finished())
