@@ -131,8 +131,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
             if full is None:
                 raise
             raise full from exc
-        # mkstemp (and some writers, e.g. safetensors) create 0600: give the final file the usual mode.
-        os.chmod(tmp_path, 0o666 & ~_umask())
+        # mkstemp (and some writers, e.g. safetensors) create 0600: the final file gets the mode of the
+        # one it replaces (a private 0600 stays private), else the usual one.
+        try:
+            mode = path.stat().st_mode & 0o7777 if path.is_file() and not path.is_symlink() else 0o666 & ~_umask()
+        except OSError:
+            mode = 0o666 & ~_umask()
+        os.chmod(tmp_path, mode)
         try:
             os.replace(tmp_path, path)
         except OSError as exc:  # a folder of that name, say: named as asked, not by the temporary file

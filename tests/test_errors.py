@@ -48,6 +48,8 @@ def workspace(tmp_path_factory) -> Path:
     rho = next(k for k in state["model"] if k.endswith(".rho"))
     state["model"][rho] = torch.full_like(state["model"][rho], float("nan"))  # a diverged run's, or damaged
     torch.save(state, ws / "nanrho.pt")
+    (ws / "readonly.json").write_text("{}")
+    (ws / "readonly.json").chmod(0o400)  # made read-only to keep it
     np.savez(ws / "arrays.npz", a=np.zeros(2))
     with zipfile.ZipFile(ws / "notes.zip", "w") as archive:
         archive.writestr("notes.txt", "not weights")
@@ -98,6 +100,10 @@ CASES = [
     (["sweep", "--dry-run", "--out", ""], "the argument after --out is empty"),
     (["inspect", ""], "error: an argument is empty"),
     (["evaluate", "{ws}/run", "--output", ""], "the argument after --output is empty"),
+    # an output made read-only was replaced in silence (by a rename, which its mode does not stop)
+    (["evaluate", "{ws}/run", "--output", "{ws}/readonly.json"], "--output {ws}/readonly.json is read-only; make it "
+                                                                 "writable (chmod u+w) to replace it"),
+    (["export", "{ws}/run", "--output", "{ws}/readonly.json"], "--output {ws}/readonly.json is read-only"),
     # train: values, names and config keys
     (["train", "--sparsity", "1.5"], "sparsity=1.5 must be in [0, 1), e.g. --sparsity 0.95"),
     (["train", "--sparsity", "-0.1"], "sparsity=-0.1 must be in [0, 1)"),

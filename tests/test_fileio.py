@@ -23,6 +23,23 @@ def test_atomic_files_get_the_usual_permissions(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "m.safetensors"]
 
 
+def test_a_replaced_file_keeps_its_mode(tmp_path):
+    """A private (0600) output came back 0644 after infer/evaluate/export replaced it."""
+    mask = os.umask(0o022)
+    try:
+        (tmp_path / "p.txt").write_text("old")
+        os.chmod(tmp_path / "p.txt", 0o600)
+        write_text(tmp_path / "p.txt", "new")
+        (tmp_path / "g.txt").write_text("old")
+        os.chmod(tmp_path / "g.txt", 0o664)
+        write_text(tmp_path / "g.txt", "new")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "p.txt").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "g.txt").stat().st_mode) == 0o664 and (tmp_path / "g.txt").read_text() == "new"
+    # (a read-only output is refused by the commands: tests/test_errors.py)
+
+
 def test_a_readers_error_in_brief_ends_at_a_sentence_or_a_word():
     torch_says = ("PytorchStreamReader failed reading zip archive: failed finding central directory. This is an "
                   "internal miniz error. If you are seeing this error, there is a high chance that your file is corrupted")

@@ -52,6 +52,8 @@ def check_output_file(path: Path, flag: str) -> Path:
         what = "is not a directory" if path.parent.exists() else "does not exist"
         raise UsageError(f"{flag} {path}: its folder {path.parent} {what}; create it first or pick another path")
     check_writable(path.parent, f"{flag} {path}")
+    if path.is_file() and not path.stat().st_mode & 0o200:  # made read-only to keep it (a rename would not ask)
+        raise UsageError(f"{flag} {path} is read-only; make it writable (chmod u+w) to replace it, or give another path")
     from ssvi_cli.runs.rundir import (CONFIG_FILE, LOCK_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, SUPPORT_FILE,
                                       RunDir)
 
