@@ -249,15 +249,26 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Read complete JSON lines; a torn last line (from a crash) is skipped."""
-    out = []
+    """Read complete JSON lines; a torn last line (from a crash) is skipped, and any other line that is
+    not a JSON record is skipped with a warning naming it (what is read from the rest leaves it out)."""
+    out: list[dict[str, Any]] = []
     if not Path(path).exists():
         return out
-    for raw in Path(path).read_text(encoding="utf-8").splitlines():
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    bad = []
+    for number, raw in enumerate(lines, 1):
         try:
-            out.append(json.loads(raw))
+            record = json.loads(raw)
         except json.JSONDecodeError:
-            continue
+            record = None
+        if isinstance(record, dict):
+            out.append(record)
+        elif raw.strip() and number < len(lines):  # the last line may be one a crash cut short
+            bad.append(number)
+    if bad:
+        which = f"line {bad[0]} is not a JSON record and is" if len(bad) == 1 else \
+            f"lines {bad[0]} and {len(bad) - 1} more are not JSON records and are"
+        logger.warning("%s: %s passed over; what is read from the file leaves them out", path, which)
     return out
 
 

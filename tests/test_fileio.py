@@ -321,3 +321,24 @@ def test_a_run_stopped_by_a_full_disk_after_a_checkpoint_says_how_to_resume(tmp_
     assert run(["train", "--epochs", "1", "--set", "data.max_train=64", "--out", str(tmp_path / "t")]) == 2
     err = capsys.readouterr().err
     assert "no space left on the device" in err and "resume" not in err
+
+
+def test_a_record_file_with_a_damaged_line_says_so_and_a_torn_last_line_does_not(tmp_path, caplog):
+    """inspect reported a support history of 0 steps for a damaged support.jsonl, in silence."""
+    import logging
+
+    from ssvi_cli.fileio import read_jsonl
+
+    path = tmp_path / "support.jsonl"
+    path.write_text('{"step": 50}\njunk\n[1, 2]\n{"step": 150}\n{"step": 2')  # the last one cut by a crash
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli.fileio"):
+        assert read_jsonl(path) == [{"step": 50}, {"step": 150}]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: lines 2 and 1 more are not JSON records and are passed over; what is read from the file leaves them out"]
+    caplog.clear()
+    path.write_text('{"step": 50}\n{"step": 1')
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli.fileio"):
+        assert read_jsonl(path) == [{"step": 50}]
+    assert not caplog.records
+    path.write_bytes(b'{"step": 50}\n\xff\xfe\n{"step": 100}\n')  # bytes that are not UTF-8: a line passed over
+    assert read_jsonl(path) == [{"step": 50}, {"step": 100}]

@@ -153,7 +153,7 @@ def _posterior_table(layers: list[dict[str, Any]]) -> Table:
 
 def _print_history(h: dict[str, Any]) -> None:
     steps = h["steps"]
-    title = (f"support history: {h['subspace_steps']} subspace steps, {h['total_swapped']:,} entries swapped"
+    title = (f"support history: {count(h['subspace_steps'], 'subspace step')}, {h['total_swapped']:,} entries swapped"
              + (f", final IoU {h['final_iou']:.4f}" if steps else ""))
     table = Table(title=title, title_justify="left")
     for col in ("step", "drop fraction", "swapped", "IoU old/new"):
