@@ -432,6 +432,10 @@ def test_one_ood_array_under_two_spellings_is_one_set_given_twice(tmp_path: Path
     ([], "ood: 5\n", "ood 5: give a set's name or path, or a list of them"),
     ([], "set:\n  optim.lr: 0.1\n  optim.lr: 0.2\n", "not a readable YAML sweep at line 3, column 3: the key 'optim.lr' is given twice"),
     ([], b"seeds: 2 # \xe9t\xe9\n", "not UTF-8 text; save it as UTF-8"),
+    # an empty sweep file ran the default grid (a 60-epoch run) as if it were the sweep meant
+    ([], "", "is empty; give at least one of its keys (preset, methods, sparsities, seeds, set, ood, samples)"),
+    ([], "# my sweep\n", "is empty; give at least one of its keys"),
+    ([], "{}\n", "is empty; give at least one of its keys"),
     # a value given twice made one cell under a grid that said two
     (["--method", "ssvi,ssvi"], None, "method ssvi is given twice; give each value once"),
     (["--sparsity", "0.9,0.90"], None, "sparsity 0.9 is given twice"),

@@ -35,12 +35,15 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
         import yaml
 
         try:
-            loaded = cfgmod.read_yaml(file.read_text(encoding="utf-8")) or {}
+            loaded = cfgmod.read_yaml(file.read_text(encoding="utf-8"))
         except UnicodeDecodeError:
             raise SweepError(f"--file {file}: not UTF-8 text; save it as UTF-8") from None
         except (OSError, yaml.YAMLError) as exc:
             at, what = cfgmod.yaml_problem(exc)
             raise SweepError(f"--file {file}: not a readable YAML sweep{at}: {what}") from None
+        if loaded is None or loaded == {}:  # would run the default grid: a 60-epoch run, not the sweep meant
+            raise SweepError(f"--file {file} is empty; give at least one of its keys (preset, methods, sparsities, "
+                             "seeds, set, ood, samples)")
         if not isinstance(loaded, dict):
             raise SweepError(f"--file {file}: a sweep file is a mapping (preset, methods, sparsities, seeds, set, ood, samples)")
         data = dict(loaded)
