@@ -315,6 +315,23 @@ def test_links_are_followed_once_and_names_that_are_not_utf8_are_read_and_shown(
     assert shown in inputs and all(x.encode("utf-8") for x in inputs)
 
 
+def test_a_link_into_another_class_or_the_root_is_passed_over_with_a_warning(tmp_path, caplog):
+    """cat/loop -> .. took every dog image in again as cat/loop/dog/*.png, labelled cat, in silence."""
+    import logging
+
+    photos = tmp_path / "photos"
+    for digit, name in NAMES.items():
+        write_class(photos / name, digit, 4)
+    (photos / "two" / "loop").symlink_to(photos)
+    (photos / "one" / "zeros").symlink_to(photos / "zero")
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli.data.images"):
+        files, labels = scan_folder(photos).parts["all"]
+    assert len(files) == 4 * len(NAMES) and not any(f.parent.name in ("loop", "zeros") for f in files)
+    assert sorted(r.getMessage().split(" leads to ")[0] for r in caplog.records) == [
+        str(photos / "one" / "zeros"), str(photos / "two" / "loop")]
+    assert "its images are passed over" in caplog.records[0].getMessage()
+
+
 # ----------------------------------------------------------------------------- end to end
 
 

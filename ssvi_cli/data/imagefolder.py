@@ -83,7 +83,7 @@ def _class_folders(folder: Path, where: str) -> dict[str, tuple[Path, ...]]:
         if shown(cls.name) != cls.name:
             raise DataError(f"class folder {shown(cls)}: its name is not UTF-8 text, and the class names are "
                             "written into the model file; rename the folder")
-        files = tuple(find_files(cls))
+        files = tuple(find_files(cls, apart=(folder, *classes)))  # a link into another class: not this one's
         if not files:
             raise DataError(f"class folder {cls} holds no images ({', '.join(IMAGE_SUFFIXES)}); add images "
                             "or remove the folder")
@@ -198,8 +198,9 @@ def whole_folder(argument: str, options: DataConfig, class_names: tuple[str, ...
         raise DataError(f"image folder {root} is not a folder; pass the folder that holds the class folders ({_LAYOUTS})")
     root = root.resolve()
     tops = [root / s for s in SPLIT_FOLDERS if (root / s).is_dir()] or [root]
-    found = [(f, c.name) for top in tops for c in sorted(p for p in top.iterdir() if p.is_dir() and _visible(p.name))
-             for f in find_files(c, IMAGE_SUFFIXES)]
+    folders = {top: sorted(p for p in top.iterdir() if p.is_dir() and _visible(p.name)) for top in tops}
+    found = [(f, c.name) for top, classes in folders.items() for c in classes
+             for f in find_files(c, IMAGE_SUFFIXES, apart=(top, *classes))]
     if not found:
         raise DataError(f"image folder {root} holds no images in class folders ({_LAYOUTS})")
     ours = [unicodedata.normalize("NFC", n) for n in class_names]

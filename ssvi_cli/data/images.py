@@ -7,6 +7,7 @@ same way).
 from __future__ import annotations
 
 import io
+import logging
 import os
 import sys
 from pathlib import Path
@@ -24,18 +25,24 @@ _ALPHA_MODES = ("LA", "PA", "RGBA", "La", "RGBa")
 _GRAY16_MODES = ("I;16", "I;16B", "I;16L")
 
 
-def find_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
+def find_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES, apart: Sequence[Path] = ()) -> list[Path]:
     """The files under ``folder`` whose suffix (any case) is one of ``suffixes``, recursively and
     sorted. Hidden files and everything inside hidden folders (a name starting with ``.``, such as
     the ``._photo.jpg`` files macOS leaves beside copied images) are skipped. Links are followed, to
     folders as to files (each folder is searched once: a link back up is not a loop); a link to
-    nothing is kept, so that reading it names it rather than the file going missing unseen."""
+    nothing is kept, so that reading it names it rather than the file going missing unseen. A link
+    into one of the folders ``apart`` (an image folder's other classes, its root) is passed over with
+    a warning: its images would be read under this folder's label."""
     folder = Path(folder)
     found: list[Path] = []
     seen: set[str] = set()
+    others = {os.path.realpath(p) for p in apart} - {os.path.realpath(folder)}
     for top, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
-        if real in seen:
+        if real in seen or real in others:
+            if real in others:
+                logging.getLogger(__name__).warning("%s leads to %s, outside %s; its images are passed over",
+                                                    shown(top), shown(real), shown(folder))
             dirs[:] = []
             continue
         seen.add(real)
