@@ -123,6 +123,8 @@ CASES = [
     (["train", "--device", "cuda"], "no CUDA device is available; use --device cpu"),
     (["train", "--set", "bogus.key=1"], "valid keys"),
     (["train", "--set", "train.epochs"], "--set expects key.sub=value"),
+    # a list cut short was read as the text inside: widths [10, 20]
+    (["train", "--set", "model.widths=[10,20"], "--set model.widths=[10,20: the value is not valid YAML"),
     (["train", "--lr", "1e38"], "optim.lr=1e+38 must be > 0 and at most 100"),
     (["train", "--lr", "nan"], "optim.lr expects a finite number"),
     (["train", "--preset", "{ws}/empty.yaml"], "is empty; start from a shipped preset"),
@@ -140,6 +142,8 @@ CASES = [
     (["train", "--out", "{ws}/afile"], "exists and is not a directory"),
     (["train", "--resume", "{ws}/empty_dir"], "has no checkpoint"),
     (["train", "--resume", "{ws}/missing"], "run directory {ws}/missing does not exist"),
+    (["train", "--resume", "{ws}/run/model.safetensors"], "{ws}/run/model.safetensors is a file, not a run directory; "
+                                                           "give the run's folder ({ws}/run)"),
     (["train", "--resume", "{ws}/runs_of"], "{ws}/runs_of is not a run directory but holds runs, such as "
                                             "{ws}/runs_of/cells/a; name one of them"),
     (["train", "--init-from", "{ws}/runs_of"], "is a folder but not a run (no config.yaml); it holds runs, such as "),

@@ -58,6 +58,8 @@ def latest_checkpoint(run_dir: Path, is_run: Optional[Callable[[Path], bool]] = 
     sweep's folder, a folder of runs), one of them is named."""
     if not Path(run_dir).exists():
         raise CheckpointError(f"run directory {run_dir} does not exist")
+    if not Path(run_dir).is_dir():  # its model file, say: the folder it is in is the run
+        raise CheckpointError(f"{run_dir} is a file, not a run directory; give the run's folder ({Path(run_dir).parent})")
     found = list_checkpoints(run_dir)
     if not found:
         inner = run_below(run_dir, is_run) if is_run is not None else None
