@@ -358,9 +358,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = read_typed(raw) if raw.strip() else ""
     except ValueError as exc:
-        if raw.strip()[:1] in ("[", "{", "'", '"'):  # a list or quoted text cut short: not the text it reads as
+        if raw.strip()[:1] in ("[", "{"):  # a list cut short (the items of 'a','b' are read one by one)
             raise ConfigError(f"--set {text}: the value is not valid YAML ({str(exc).splitlines()[0]}); "
-                              "close its brackets and quotes") from None
+                              "close its brackets") from None
         value = raw
     if isinstance(value, dict):  # no key takes a mapping: `accumulate:` or `imagefolder:` is the text typed
         value = raw.strip()
