@@ -554,9 +554,11 @@ def _read_preset(name_or_path: str) -> tuple[Path, dict[str, Any]]:
                                                                  f"does not exist{looked_in(candidate)}")
                               + "; give a YAML file's path")
         else:
+            file = next((f"{candidate}{s}" for s in (".yaml", ".yml") if Path(f"{candidate}{s}").is_file()), None)
             raise ConfigError(
                 f"unknown preset {name_or_path!r}{_preset_hint(str(name_or_path), list(presets))}; "
-                f"valid names are: {', '.join(presets) or '(none)'} (or pass a path to a .yaml file)"
+                + (f"to train from the file {file}, give its name with the suffix: --preset {file}" if file else
+                   f"valid names are: {', '.join(presets) or '(none)'} (or pass a path to a .yaml file)")
             )
     import yaml
 

@@ -83,6 +83,10 @@ def workspace(tmp_path_factory) -> Path:
     np.save(ws / "five.npy", np.zeros((1, 1, 1, 8, 8), np.uint8))
     np.save(ws / "zero.npy", np.zeros((0, 8, 8), np.uint8))
     np.save(ws / "text.npy", np.array(["a", "b"]))
+    nan = np.zeros((3, 8, 8), np.float32)
+    nan[1, 4, 4] = np.nan
+    np.save(ws / "nan.npy", nan)
+    (ws / "mine.yaml").write_text("train: {epochs: 1}\n")
     return ws
 
 
@@ -131,6 +135,8 @@ CASES = [
     (["train", "--preset", "{ws}/broken.yaml"], "is not valid YAML"),
     (["train", "--preset", "{ws}/missing.yaml"], "preset file {ws}/missing.yaml does not exist"),
     (["train", "--preset", "{ws}/latin1.yaml"], "preset {ws}/latin1.yaml is not UTF-8 text"),
+    (["train", "--preset", "mine"], "unknown preset 'mine'; to train from the file mine.yaml, give its name with "
+                                    "the suffix: --preset mine.yaml"),
     (["train", "--set", "data.name=cifar10", "--set", "data.data_dir={ws}/nodata"],
      "cifar10 not found or corrupted at {ws}/nodata/cifar-10-batches-py (missing data_batch_1, data_batch_2, "
      "data_batch_3, data_batch_4, data_batch_5, test_batch, batches.meta; torchvision: "),
@@ -207,6 +213,10 @@ CASES = [
                                              "(N, C, H, W), (N, H, W, C)"),
     (["infer", "{ws}/run", "{ws}/zero.npy"], "{ws}/zero.npy: array of shape (0, 8, 8) holds no pixels"),
     (["infer", "{ws}/run", "{ws}/text.npy"], "is not pixels"),
+    (["infer", "{ws}/run", "{ws}/nan.npy"], "array holds NaN or infinite values (the first at index 1 of its first axis)"),
+    # one file under two labels was scored twice, as two OOD sets
+    (["evaluate", "{ws}/run", "--ood", "a={ws}/ok.npy", "--ood", "b={ws}/ok.npy"],
+     "--ood b={ws}/ok.npy reads the same file as --ood a={ws}/ok.npy; give it once"),
     (["infer", "{ws}/run", "{ws}/missing.png"], "{ws}/missing.png: no such file or folder"),
     (["infer", "{ws}/run", "{ws}/empty_dir"], "folder holds no images"),
     (["infer", "{ws}/empty_dir", "{ws}/ok.npy"], "has no checkpoint"),

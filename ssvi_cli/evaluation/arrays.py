@@ -80,7 +80,9 @@ def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: fl
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.uint8))
     out = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     if not bool(torch.isfinite(out).all()):
-        raise InputError(f"{name}: array holds NaN or infinite values")
+        first = int((~torch.isfinite(out)).flatten().nonzero()[0]) // max(1, out[0].numel()) if out.dim() > 1 else 0
+        where = f" (the first at index {first} of its first axis)" if out.dim() > 1 else ""
+        raise InputError(f"{name}: array holds NaN or infinite values{where}")
     if out.numel() and (float(out.min()) < -1e-6 or float(out.max()) > 1 + 1e-6):  # the whole array's, as above
         own = f" (or, for this model's data, its raw 0..{pixel_max:g})" if pixel_max != 255.0 else ""
         raise InputError(f"{name}: float images range over [{float(out.min()):.3g}, {float(out.max()):.3g}], not "

@@ -15,6 +15,7 @@ items, drawn with ``seed`` before any image file is decoded (arrays are read who
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -64,6 +65,7 @@ def resolve_requests(texts: Iterable[str], spec: DataSpec, dataset: str) -> dict
     """Every ``--ood`` value parsed and checked before any data is read, by label (repeats once)."""
     requests: dict[str, OodRequest] = {}
     given: dict[str, str] = {}  # each label's first value, as the user wrote it
+    paths: dict[str, str] = {}  # each file or folder read, by its real path -> its label
     for text in texts:
         request = OodRequest(text, "set", name=text) if text == dataset else parse_ood(text)
         if request.name == dataset:
@@ -80,6 +82,11 @@ def resolve_requests(texts: Iterable[str], spec: DataSpec, dataset: str) -> dict
         if requests.get(request.label, request) != request:  # mnist=DIR beside mnist (read from --data-dir), say
             raise DataError(f"--ood {request.label} is given twice, as {given[request.label]} and as {text}; "
                             "give it once")
+        if request.kind == "path" and request.path is not None:  # one file under two labels: scored twice
+            real = os.path.realpath(request.path)
+            if paths.setdefault(real, request.label) != request.label:
+                raise DataError(f"--ood {text} reads the same {'folder' if request.path.is_dir() else 'file'} as "
+                                f"--ood {given[paths[real]]}; give it once")
         requests[request.label] = request
         given.setdefault(request.label, text)
     return requests
