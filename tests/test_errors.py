@@ -137,6 +137,9 @@ CASES = [
     (["train", "--preset", "{ws}/latin1.yaml"], "preset {ws}/latin1.yaml is not UTF-8 text"),
     (["train", "--preset", "mine"], "unknown preset 'mine'; to train from the file mine.yaml, give its name with "
                                     "the suffix: --preset mine.yaml"),
+    # a file as the data folder was told to --download, which cannot put anything in a file
+    (["train", "--set", "data.name=cifar10", "--set", "data.data_dir={ws}/afile"],
+     "cifar10: the data folder {ws}/afile is a file, not a folder; give the folder that holds the dataset"),
     (["train", "--set", "data.name=cifar10", "--set", "data.data_dir={ws}/nodata"],
      "cifar10 not found or corrupted at {ws}/nodata/cifar-10-batches-py (missing data_batch_1, data_batch_2, "
      "data_batch_3, data_batch_4, data_batch_5, test_batch, batches.meta; torchvision: "),

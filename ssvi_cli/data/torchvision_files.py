@@ -46,6 +46,9 @@ def _call_torchvision(name: str, factory: Callable[[], object], data_dir: Path, 
     """Run a torchvision constructor, turning its missing-file errors into DataErrors (which name the
     ``expected`` files missing from ``where``, the folder it reads below ``data_dir``)."""
     stall_seconds()  # a bad SSVI_NETWORK_TIMEOUT is its own one-line error, not one of the files'
+    if data_dir.exists() and not data_dir.is_dir():  # --download would fail as well: nothing goes in a file
+        raise DatasetUnavailable(f"{name}: the data folder {data_dir} is a file, not a folder; give the folder that "
+                                 "holds the dataset (or one to download it into)")
     try:
         with stall_limit():
             return factory()
