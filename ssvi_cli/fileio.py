@@ -131,8 +131,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
             if full is None:
                 raise
             raise full from exc
-        # mkstemp (and some writers, e.g. safetensors) create 0600: the final file gets the mode of the
-        # one it replaces (a private 0600 stays private), else the usual one.
+        # mkstemp and safetensors create 0600: the mode of the file replaced (0600 stays so), else the usual
         try:
             mode = path.stat().st_mode & 0o7777 if path.is_file() and not path.is_symlink() else 0o666 & ~_umask()
         except OSError:
