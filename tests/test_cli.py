@@ -218,6 +218,85 @@ def test_a_run_left_aside_when_the_machine_stopped_is_settled_at_the_next_claim(
     assert "seed: 7" in (out / ASIDE / "config.yaml").read_text() and not (out / ASIDE / "model.safetensors").exists()
 
 
+def test_the_run_set_aside_goes_at_the_new_runs_first_checkpoint_or_at_a_resume(tmp_path: Path):
+    """It stayed for the whole new run (twice the disk), and a --resume after a kill -9 never removed it."""
+    from ssvi_cli.runs.aside import ASIDE, set_aside
+    from ssvi_cli.runs.rundir import RUN_ENTRIES, RunDir
+
+    out = tmp_path / "run"
+    assert run(["train", *SMALL, "--out", str(out)]) == 0
+    set_aside(out, RUN_ENTRIES)
+    (out / "config.yaml").write_text((out / ASIDE / "config.yaml").read_text())
+    RunDir(out).save_checkpoint(5, {"state": {"step": 5}}, keep=2)  # the new run's first
+    assert not (out / ASIDE).exists() and (out / "checkpoints").is_dir()
+    out2 = tmp_path / "run2"
+    assert run(["train", "--epochs", "2", *SMALL[2:], "--out", str(out2)]) == 0
+    (out2 / "summary.json").unlink()
+    (out2 / "model.safetensors").unlink()
+    (out2 / ASIDE).mkdir()  # what a kill -9 of a --force run after its first checkpoint leaves
+    (out2 / ASIDE / ".moved").touch()
+    (out2 / ASIDE / "config.yaml").write_text("old")
+    assert run(["train", "--resume", str(out2)]) == 0
+    assert not (out2 / ASIDE).exists()
+
+
+def test_a_move_cut_short_or_refused_leaves_the_old_run_in_place(tmp_path: Path, monkeypatch):
+    """An entry that would not move (a mount point) left the run half moved, and the half left behind
+    was then taken for the new run: its config and records were deleted."""
+    from ssvi_cli.runs.aside import ASIDE, settle_run
+    from ssvi_cli.runs.rundir import RUN_ENTRIES, RunDir
+
+    out = tmp_path / "run"
+    assert run(["train", *SMALL, "--out", str(out)]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self.name == "checkpoints":
+            raise OSError(16, "Device or resource busy")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError):
+        RunDir(out).claim(force=True)
+    monkeypatch.setattr(Path, "rename", real_rename)
+    assert sorted(p.name for p in out.iterdir()) == before and not (out / ASIDE).exists()
+    # killed between two moves: the entries moved come back, as the run they are part of
+    (out / ASIDE).mkdir()
+    (out / "config.yaml").rename(out / ASIDE / "config.yaml")
+    assert settle_run(RunDir(out), RUN_ENTRIES) is None
+    assert sorted(p.name for p in out.iterdir()) == before and RunDir(out).finished()
+
+
+def test_nproc_force_stopped_before_the_processes_start_puts_the_old_run_back(tmp_path: Path, capsys, monkeypatch):
+    from ssvi_cli.runs.aside import ASIDE
+    from ssvi_cli.training import launcher
+
+    out = tmp_path / "run"
+    assert run(["train", *SMALL, "--out", str(out)]) == 0
+    model = (out / "model.safetensors").read_bytes()
+    monkeypatch.setattr(launcher, "launch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert run(["train", *SMALL, "--nproc", "2", "--out", str(out), "--force"]) == 130
+    assert "is put back" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == model and not (out / ASIDE).exists()
+
+
+def test_a_reader_of_a_run_killed_before_its_first_checkpoint_is_told_of_the_run_it_replaced(tmp_path: Path, capsys):
+    from ssvi_cli.runs.aside import ASIDE, set_aside
+    from ssvi_cli.runs.rundir import RUN_ENTRIES
+
+    out = tmp_path / "run"
+    assert run(["train", *SMALL, "--out", str(out)]) == 0
+    set_aside(out, RUN_ENTRIES)
+    (out / "config.yaml").write_text((out / ASIDE / "config.yaml").read_text())  # then kill -9
+    (out / ".lock").touch()
+    assert run(["inspect", str(out)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"the run it was replacing is kept in {out / ASIDE}, and ssvi train --out {out} puts it back first" in err
+    assert run(["train", *SMALL, "--out", str(out)]) == 2  # puts it back, then refuses: a finished run is there
+    assert "already holds a finished run" in capsys.readouterr().err and not (out / ASIDE).exists()
+
+
 def test_at_80_columns_preset_names_commands_and_paths_stay_whole(tmp_path: Path, capsys, monkeypatch):
     """A pipe, a CI log or a narrow terminal: what a person must copy is never cut."""
     from ssvi_cli import config as C

@@ -186,8 +186,8 @@ def register(app: typer.Typer) -> None:
                 if trainer is not None:
                     trainer.release_process_group()
                 distributed.teardown()
-                if resume is None and info.is_main and plan.run_dir.path.is_dir():  # a run --force set aside
-                    say(aside.settle_run(plan.run_dir, RUN_ENTRIES) or "")  # removed, or back if the new one has no checkpoint
+                if info.is_main and plan.run_dir.path.is_dir():  # a run --force set aside: removed, or back
+                    say(aside.settle_run(plan.run_dir, RUN_ENTRIES) or "")  # where the new one has no checkpoint
         if not info.is_main:
             return
         # The run is done and its files written: an output with no reader (| head) leaves it a success.
@@ -228,17 +228,18 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: Opti
     # The lock is held here until the processes end, and by the launcher too, should this process be
     # killed first (launcher.launch); rank 0 knows it by LOCK_HELD_ENV.
     with run.hold(flag, create=resume is None) as lock:
-        if resume is None:
-            out_dir = run.claim(force).path
-        args = pin_init_from(forwarded_args(ctx, drop=("nproc", "out_dir")), read)
-        if out_dir is not None:
-            args += ["--out", str(out_dir)]
-        tell(f"starting {nproc} training processes for {run.path}", highlight=False)  # each loads torch and the data
-        ended = launcher.launch(nproc, ["train", *args], env={LOCK_HELD_ENV: str(run.path.resolve())},
-                                pass_fds=[lock.fileno()] if hasattr(lock, "fileno") else [])
-    if resume is None:
-        if note := aside.settle_run(run, RUN_ENTRIES):  # the run --force set aside: removed, or back without a new checkpoint
-            tell(note)
+        try:
+            if resume is None:
+                out_dir = run.claim(force).path
+            args = pin_init_from(forwarded_args(ctx, drop=("nproc", "out_dir")), read)
+            if out_dir is not None:
+                args += ["--out", str(out_dir)]
+            tell(f"starting {nproc} training processes for {run.path}", highlight=False)  # each loads torch and the data
+            ended = launcher.launch(nproc, ["train", *args], env={LOCK_HELD_ENV: str(run.path.resolve())},
+                                    pass_fds=[lock.fileno()] if hasattr(lock, "fileno") else [])
+        finally:  # the run --force set aside: removed, or back where the processes left no checkpoint
+            if note := aside.settle_run(run, RUN_ENTRIES):
+                tell(note)
     if message := launcher.ending_message(ended, nproc, run.path):  # what the processes could not say
         tell(message)
     if ended.stopped_by is not None and ended.code:  # the processes stopped at a checkpoint and said so

@@ -18,6 +18,7 @@ from typing import Iterable, Optional
 from ssvi_cli import fileio
 
 ASIDE = ".replaced-run"  # hidden: listings, sweeps and `inspect` pass it by
+MOVED = ".moved"  # in ASIDE once every entry is in it
 
 
 def set_aside(folder: Path, entries: Iterable[str]) -> None:
@@ -27,10 +28,19 @@ def set_aside(folder: Path, entries: Iterable[str]) -> None:
     if aside.exists():
         shutil.rmtree(aside)
     aside.mkdir()
-    for name in entries:
-        path = Path(folder) / name
-        if path.exists() or path.is_symlink():
-            path.rename(aside / name)
+    moved = []
+    try:
+        for name in entries:
+            path = Path(folder) / name
+            if path.exists() or path.is_symlink():
+                path.rename(aside / name)
+                moved.append(name)
+    except BaseException:  # an entry that cannot move (a mount point, immutable): the run as it was
+        for name in reversed(moved):
+            (aside / name).rename(Path(folder) / name)
+        aside.rmdir()
+        raise
+    (aside / MOVED).touch()  # the whole run is aside: without it, a move cut short (kill -9) is undone
 
 
 def settle(folder: Path, entries: Iterable[str], new_run_kept: bool) -> Optional[str]:
@@ -38,6 +48,12 @@ def settle(folder: Path, entries: Iterable[str], new_run_kept: bool) -> Optional
     put it back in place of the new run's ``entries``; a note for the user when it came back."""
     aside = Path(folder) / ASIDE
     if not aside.is_dir():
+        return None
+    if not (aside / MOVED).exists():  # the move itself was cut short: the old run is still the one here
+        for entry in aside.iterdir():
+            if not (Path(folder) / entry.name).exists():
+                entry.rename(Path(folder) / entry.name)
+        shutil.rmtree(aside, ignore_errors=True)
         return None
     if new_run_kept:
         shutil.rmtree(aside, ignore_errors=True)
@@ -57,3 +73,13 @@ def settle_run(run, entries: Iterable[str]) -> Optional[str]:
     if not (Path(run.path) / ASIDE).is_dir():
         return None
     return settle(run.path, entries, bool(run.checkpoints()) or run.finished())
+
+
+def kept_note(folder: Path, command: str) -> str:
+    """What a reader of ``folder`` is told while a run it replaced waits in :data:`ASIDE` (a ``--force``
+    run killed before its first checkpoint): ``command`` (any ``ssvi train --out folder``) puts it back."""
+    if not (Path(folder) / ASIDE).is_dir():
+        return ""
+    return (f"the run it was replacing is kept in {Path(folder) / ASIDE}, and {command} puts it back first "
+            "(then replaces it only with --force)")
+

@@ -18,7 +18,6 @@ folder, and where its checkpoints, epoch records, support history and summary go
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shlex
 import time
@@ -29,7 +28,6 @@ from typing import Any, ContextManager, Optional
 from ssvi_cli import fileio, locks
 from ssvi_cli.runs import aside, checkpoint as ckpt
 
-logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -135,7 +133,6 @@ class RunDir:
         """Make sure a new run may write here: an empty or missing folder, or (``force``) an old run,
         whose files are set aside (:data:`RUN_ENTRIES`; all else stays). A folder holding anything but
         a run is refused, ``force`` or not. Call it once all else is checked, holding the lock (:meth:`hold`)."""
-        aside.settle_run(self, RUN_ENTRIES)  # a run a --force left aside when the machine stopped: back, or gone
         if self.check_claim(force, held=True):
             aside.set_aside(self.path, RUN_ENTRIES)  # until the new run has a checkpoint (runs/aside.py)
         return self
@@ -147,6 +144,7 @@ class RunDir:
             raise RunDirError(f"--out {self.path} exists and is not a directory")
         if not held:  # running: no advice to --force or --resume it
             self.check_free("--out")
+        aside.settle_run(self, RUN_ENTRIES)  # a run a --force left aside (its process killed): back, or gone
         owner = checkpoints_owner(self.path)
         if owner is not None:
             where = "is" if self.path.resolve().parent == owner else "is inside"
@@ -280,41 +278,17 @@ class RunDir:
                 raise ckpt.CheckpointError(f"{self.path} holds a run whose {gone} are gone (its records remain), so "
                                            f"there is nothing to read or resume; ssvi train --out {shlex.quote(str(self.path))} --force "
                                            "trains it again, replacing those records")
+            replaced = aside.kept_note(self.path, f"ssvi train --out {shlex.quote(str(self.path))}")
             raise ckpt.CheckpointError(f"{self.path} holds a run that stopped before its first checkpoint, so there "
-                                       f"is nothing to read or resume; start it again with ssvi train --out "
-                                       f"{shlex.quote(str(self.path))} --force")
+                                       f"is nothing to read or resume; " + (replaced or "start it again with ssvi train "
+                                       f"--out {shlex.quote(str(self.path))} --force"))
         return found[-1] if found else ckpt.latest_checkpoint(self.path, lambda p: RunDir(p).is_run())  # not a run
 
     def load_latest(self, purpose: str = "resuming from") -> tuple[Path, dict[str, Any]]:
-        """The newest readable checkpoint and its contents (read once, with ``weights_only=True``).
-
-        A newest checkpoint whose bytes do not read (a disk fault, a cut copy) is passed over, with a
-        warning ("<its error>; <purpose> <name>, the one before it"), for the one before it; it stays
-        on disk (``train --resume`` renames it ``NAME.unreadable``: RunPlan.set_aside_unreadable).
-        When none reads, the newest one's error is raised, naming the older ones that failed too."""
-        latest = self.latest_checkpoint()  # a clear error for a missing folder or no checkpoint
-        first_error: Optional[ckpt.CorruptCheckpoint] = None
-        unread: list[str] = []
-        for path in reversed(self.checkpoints()):
-            try:
-                data = ckpt.load_checkpoint(path)
-            except ckpt.CorruptCheckpoint as exc:
-                first_error = first_error or exc
-                unread.append(path.name)
-                continue
-            except ckpt.CheckpointError:
-                if path.exists():
-                    raise
-                continue  # gone since it was listed: renamed NAME.unreadable by a resume on another rank
-            if path != latest and first_error is not None:
-                logger.warning("%s; %s %s, the one before it", first_error, purpose, path.name)
-            return path, data
-        assert first_error is not None
-        if len(unread) > 1:
-            older = ", ".join(unread[1:])
-            raise ckpt.CorruptCheckpoint(f"{first_error}; the older {older} do{'es' if len(unread) == 2 else ''} "
-                                         "not read either") from first_error
-        raise first_error
+        """The newest readable checkpoint and its contents: :func:`ssvi_cli.runs.checkpoint.load_latest`."""
+        return ckpt.load_latest(self, purpose)
 
     def save_checkpoint(self, step: int, payload: dict[str, Any], keep: int) -> Path:
-        return ckpt.save_checkpoint(self.path, step, payload, keep)
+        saved = ckpt.save_checkpoint(self.path, step, payload, keep)
+        aside.settle_run(self, RUN_ENTRIES)  # the run a --force replaces goes once this one has a checkpoint
+        return saved
