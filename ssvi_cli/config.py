@@ -358,7 +358,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = read_typed(raw) if raw.strip() else ""
     except ValueError as exc:
-        if raw.strip()[:1] in ("[", "{"):  # a list cut short (the items of 'a','b' are read one by one)
+        if raw.count("[") > raw.count("]") or raw.count("{") > raw.count("}"):  # a list cut short: [10,20
             raise ConfigError(f"--set {text}: the value is not valid YAML ({str(exc).splitlines()[0]}); "
                               "close its brackets") from None
         value = raw

@@ -60,6 +60,11 @@ def test_parse_override_reads_yaml_scalars_not_code():
     assert C.parse_override("data.name=imagefolder:") == ("data.name", "imagefolder:")
     with pytest.raises(C.ConfigError):
         C.parse_override("novalue")
+    # a list cut short is refused (it trained as the text inside); text that only opens with a bracket is text
+    with pytest.raises(C.ConfigError, match=r"model.widths=\[10,20: the value is not valid YAML"):
+        C.parse_override("model.widths=[10,20")
+    for text in ("[old]/model.safetensors", "[2024]data", "{x}y"):
+        assert C.parse_override(f"data.data_dir={text}") == ("data.data_dir", text)
     # the comma form reads each item as YAML does a quoted one: 'it' is it (was "'0' is not a class")
     for text in ("data.classes='0','1',2", "data.classes=['0','1',2]", 'data.classes="0", 1,2'):
         assert C.apply_overrides(C.Config(), dict([C.parse_override(text)])).data.classes == ("0", "1", "2"), text
