@@ -324,11 +324,13 @@ def test_a_link_into_another_class_or_the_root_is_passed_over_with_a_warning(tmp
         write_class(photos / name, digit, 4)
     (photos / "two" / "loop").symlink_to(photos)
     (photos / "one" / "zeros").symlink_to(photos / "zero")
+    write_class(photos / "zero" / "sub", 0, 2, skip=4)
+    (photos / "one" / "stolen").symlink_to(photos / "zero" / "sub")  # into a subfolder of another class
     with caplog.at_level(logging.WARNING, logger="ssvi_cli.data.images"):
         files, labels = scan_folder(photos).parts["all"]
-    assert len(files) == 4 * len(NAMES) and not any(f.parent.name in ("loop", "zeros") for f in files)
+    assert len(files) == 4 * len(NAMES) + 2 and not any(f.parent.name in ("loop", "zeros", "stolen") for f in files)
     assert sorted(r.getMessage().split(" leads to ")[0] for r in caplog.records) == [
-        str(photos / "one" / "zeros"), str(photos / "two" / "loop")]
+        str(photos / "one" / "stolen"), str(photos / "one" / "zeros"), str(photos / "two" / "loop")]
     assert "its images are passed over" in caplog.records[0].getMessage()
 
 
