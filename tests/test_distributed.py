@@ -678,3 +678,17 @@ def test_cli_nproc_on_two_gpus_with_nccl(tmp_path: Path):
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["world_size"] == 2
+
+
+def test_ctrl_c_while_the_launcher_imports_torch_ends_it_by_sigint_without_a_traceback(tmp_path: Path):
+    """A Ctrl-C in the second or two the launcher spends importing torch printed Python's traceback
+    above 'interrupted before the training processes started'."""
+    (tmp_path / "slow_launcher.py").write_text("def torchrun_main(argv):\n    raise KeyboardInterrupt\n")
+    cmd = launcher.launch_command(2, ["train"])
+    code = cmd[2].replace(launcher.__name__, "slow_launcher")
+    proc = subprocess.run([sys.executable, "-c", code, *cmd[3:]], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == -signal.SIGINT, proc.stderr  # what ending_message reads as interrupted
+    assert "Traceback" not in proc.stderr
+    assert launcher.ending_message(launcher.Launched(proc.returncode, signal.SIGINT), 2, tmp_path) == \
+        "interrupted before the training processes started: nothing was trained"

@@ -94,8 +94,11 @@ def free_port() -> int:
 def launch_command(nproc: int, args: Sequence[str]) -> list[str]:
     """The ``torch.distributed.run`` command that runs ``ssvi <args>`` on ``nproc`` local processes
     (through :func:`torchrun_main`)."""
-    return [sys.executable, "-c", f"import sys; from {__name__} import torchrun_main; torchrun_main(sys.argv[1:])",
-            "--standalone", f"--nproc-per-node={nproc}", "-m", "ssvi_cli", *args]
+    # Ctrl-C while it imports torch (a second or two) ends it by SIGINT, as Python does, without a traceback
+    code = (f"import sys\ntry:\n    from {__name__} import torchrun_main\n    torchrun_main(sys.argv[1:])\n"
+            "except KeyboardInterrupt:\n    import os, signal\n    signal.signal(signal.SIGINT, signal.SIG_DFL)\n"
+            "    os.kill(os.getpid(), signal.SIGINT)")
+    return [sys.executable, "-c", code, "--standalone", f"--nproc-per-node={nproc}", "-m", "ssvi_cli", *args]
 
 
 def torchrun_main(argv: Sequence[str]) -> None:
