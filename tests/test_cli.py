@@ -123,6 +123,13 @@ def test_ctrl_c_in_any_command_says_interrupted_and_exits_130(capsys, monkeypatc
     monkeypatch.setattr(cfgmod, "list_presets", ctrl_c)
     assert run(["presets"]) == 130
     assert capsys.readouterr().err.strip() == "interrupted"  # Typer alone exits 130 in silence
+    # among --nproc's processes rank 0 alone says it (each of them said it, one line per process)
+    for rank, said in (("1", ""), ("0", "interrupted")):
+        with monkeypatch.context() as worker:
+            for key, value in (("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", "2")):
+                worker.setenv(key, value)
+            assert run(["presets"]) == 130
+        assert capsys.readouterr().err.strip() == said
 
 
 def test_version_is_the_packages(capsys):

@@ -125,6 +125,12 @@ class _Progress(logging.Handler):
         tell(record.getMessage(), highlight=False)
 
 
+def _say_interrupted() -> None:
+    """"interrupted", said once per run: by rank 0 alone among ``--nproc``'s processes."""
+    if not (_torchrun_worker() and os.environ.get("RANK", "0") != "0"):
+        tell("interrupted")
+
+
 def _show_progress() -> None:
     if _torchrun_worker() and os.environ.get("RANK", "0") != "0":  # rank 0 alone speaks
         return
@@ -187,7 +193,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         return 128 + exc.signum
     except SystemExit as exc:
         if _in_chain(exc, KeyboardInterrupt):  # Typer turns a KeyboardInterrupt into a silent exit 130
-            tell("interrupted")
+            _say_interrupted()
             return 130
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except train_cmd.KeyboardInterruptHandled as exc:
@@ -195,7 +201,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
             tell(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
-        tell("interrupted")
+        _say_interrupted()
         return 130
     except Exception as exc:  # noqa: BLE001 - the one place that turns errors into messages
         stop = _in_chain(exc, Terminated)
@@ -203,7 +209,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
             tell(str(stop))
             return 128 + stop.signum
         if _in_chain(exc, KeyboardInterrupt):
-            tell("interrupted")
+            _say_interrupted()
             return 130
         # A path the system's permissions keep from this user (probed anywhere, by pathlib, say): the
         # user's to fix, said as one line naming it.
