@@ -1311,3 +1311,21 @@ def test_a_sweeps_checks_read_each_data_config_once_not_once_per_seed(tmp_path: 
     assert run(["sweep", "--method", "ssvi", "--sparsity", "0.9,0.95", "--seeds", "3", "--set", "data.val_fraction=0.2",
                 "--out", str(tmp_path / "sw"), "--dry-run"]) == 0
     assert calls == [["data.val_fraction"]]
+
+
+def test_a_cell_whose_summary_does_not_read_is_rebuilt_from_its_checkpoint(tmp_path: Path, capsys):
+    """The advice was to delete the cell's folder, its model file and checkpoints with it."""
+    out = tmp_path / "sw"
+    assert run(["sweep", "--set", "train.epochs=1", *TINY, "--out", str(out), "--no-figures"]) == 0
+    cell = next((out / "cells").iterdir())
+    (cell / "summary.json").write_text("junk")
+    capsys.readouterr()
+    assert run(["sweep", "--report", str(out), "--no-figures"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert (f"summary.json cannot be read (JSONDecodeError); delete {cell / 'summary.json'} and "
+            f"{cell / 'evaluation.json'} and resume the sweep: the cell's last checkpoint writes them again") in err
+    model = (cell / "model.safetensors").read_bytes()
+    (cell / "summary.json").unlink()
+    (cell / "evaluation.json").unlink()
+    assert run(["sweep", "--resume", str(out), "--no-figures"]) == 0
+    assert json.loads((cell / "summary.json").read_text())["model_file_bytes"] == len(model)

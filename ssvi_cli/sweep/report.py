@@ -39,8 +39,10 @@ def cell_row(path: Path, cell: Cell) -> dict[str, Any]:
     try:
         summary = json.loads((path / SUMMARY_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise SweepError(f"cell {cell.name}: {SUMMARY_FILE} cannot be read ({type(exc).__name__}); "
-                         f"delete the folder {path} and resume the sweep to run the cell again") from None
+        # its checkpoints rebuild it: the cell resumes after its last epoch (final evaluation, model file)
+        raise SweepError(f"cell {cell.name}: {SUMMARY_FILE} cannot be read ({type(exc).__name__}); delete "
+                         f"{path / SUMMARY_FILE} and {path / EVAL_FILE} and resume the sweep: the cell's last "
+                         "checkpoint writes them again") from None
     evaluation = json.loads((path / EVAL_FILE).read_text(encoding="utf-8"))  # read by cell_state already
     row: dict[str, Any] = {"cell": cell.name, "method": cell.method, "sparsity": cell.sparsity, "seed": cell.seed,
                            "settings": cell.settings, "samples": evaluation.get("samples")}
