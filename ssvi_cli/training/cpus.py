@@ -22,8 +22,12 @@ def usable_cpus(root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> in
     """The CPU cores this process may run on: its affinity, lowered to its cgroup's CPU quota rounded
     up (a quota of 1.5 CPUs counts 2), never below 1; not every core of the machine as
     ``os.cpu_count()`` counts them."""
+    return _lowered(cgroup_cpu_quota(root, self_cgroup))
+
+
+def _lowered(quota: Optional[float]) -> int:
+    """The affinity's cores, lowered to ``quota`` rounded up, never below 1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    quota = cgroup_cpu_quota(root, self_cgroup)
     return max(1, min(cores, math.ceil(quota)) if quota is not None else cores)
 
 
@@ -94,9 +98,9 @@ def fit_torch_threads() -> None:
     torch counted (its affinity) and ``OMP_NUM_THREADS`` does not decide: in a container limited to 2
     CPUs of a 64-core host, 64 threads would be throttled to 2 CPUs' time. Never raises the count;
     imports torch only under a quota."""
-    if os.environ.get("OMP_NUM_THREADS") or cgroup_cpu_quota() is None:
+    if os.environ.get("OMP_NUM_THREADS") or (quota := cgroup_cpu_quota()) is None:
         return
     import torch
 
-    if torch.get_num_threads() > (cores := usable_cpus()):
+    if torch.get_num_threads() > (cores := _lowered(quota)):
         torch.set_num_threads(cores)
