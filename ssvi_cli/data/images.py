@@ -28,10 +28,6 @@ _GRAY16_MODES = ("I;16", "I;16B", "I;16L")
 _WARNED: set[tuple[str, str]] = set()  # links find_files has warned of
 
 
-def _within(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def find_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES, apart: Sequence[Path] = ()) -> list[Path]:
     """The files under ``folder`` whose suffix (any case) is one of ``suffixes``, recursively and
     sorted. Hidden files and everything inside hidden folders (a name starting with ``.``, such as
@@ -43,11 +39,11 @@ def find_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES, apart: Se
     folder = Path(folder)
     found: list[Path] = []
     seen: set[str] = set()
-    own = os.path.realpath(folder)
-    others = [os.path.realpath(p) for p in apart]
+    own = Path(os.path.realpath(folder))
+    others = [Path(os.path.realpath(p)) for p in apart]
     for top, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
-        astray = not _within(real, own) and any(_within(real, other) for other in others)
+        astray = not Path(real).is_relative_to(own) and any(Path(real).is_relative_to(o) for o in others)
         if real in seen or astray:
             if astray and (top, real) not in _WARNED:  # once: a dataset is scanned more than once
                 _WARNED.add((top, real))
