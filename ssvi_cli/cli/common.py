@@ -39,9 +39,8 @@ def check_output_file(path: Path, flag: str) -> Path:
     the file to write: ``path``, or the target of the symbolic link it is, which is what is checked
     and written (the link stays)."""
     check_home(path, flag)
-    if path.is_dir():  # Typer reads an empty value as the path "."
-        raise UsageError(f"{flag} {path} is a directory; give a file name" if str(path) != "." else f"{flag} is "
-                         "empty or '.'; give a file name")
+    if path.is_dir():  # (an empty value, which Typer reads as ".", is refused before: cli.app)
+        raise UsageError(f"{flag} {path} is a directory; give a file name")
     if path.is_symlink():
         target = Path(os.path.realpath(path))
         if target.suffix.lower() != path.suffix.lower():  # the kind a command checks by the name given
