@@ -22,11 +22,9 @@ MOVED = ".moved"  # in ASIDE once every entry is in it
 
 
 def set_aside(folder: Path, entries: Iterable[str]) -> None:
-    """Move the run's ``entries`` directly under ``folder`` into ``folder/ASIDE`` (a folder set aside
-    before, whose run was replaced since, is removed first)."""
+    """Move the run's ``entries`` directly under ``folder`` into ``folder/ASIDE`` (a run set aside
+    before is settled first: ``RunDir.check_claim``)."""
     aside = Path(folder) / ASIDE
-    if aside.exists():
-        shutil.rmtree(aside)
     aside.mkdir()
     moved = []
     try:
