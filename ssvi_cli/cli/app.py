@@ -125,14 +125,19 @@ class _Progress(logging.Handler):
         tell(record.getMessage(), highlight=False)
 
 
+def _silent_rank() -> bool:
+    """A torchrun worker other than rank 0, which alone speaks for the run."""
+    return _torchrun_worker() and os.environ.get("RANK", "0") != "0"
+
+
 def _say_interrupted() -> None:
     """"interrupted", said once per run: by rank 0 alone among ``--nproc``'s processes."""
-    if not (_torchrun_worker() and os.environ.get("RANK", "0") != "0"):
+    if not _silent_rank():
         tell("interrupted")
 
 
 def _show_progress() -> None:
-    if _torchrun_worker() and os.environ.get("RANK", "0") != "0":  # rank 0 alone speaks
+    if _silent_rank():
         return
     logger = logging.getLogger("ssvi_cli.progress")
     if not any(isinstance(h, _Progress) for h in logger.handlers):
