@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ssvi_cli.argcheck import whole
-from ssvi_cli.core.gaussian import LRT_EPS
+from ssvi_cli.core.gaussian import LRT_EPS, input_under_autocast
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
 from ssvi_cli.core.modes import drawing, evaluating, one_draw_per_forward, sampling
 from ssvi_cli.metrics import mutual_information, predictive_entropy
@@ -140,6 +140,7 @@ def _predict(model: SSVIModel, x: Tensor, samples: int, mode: str, first_layer: 
 
         drawn = [layer for _, layer in sparse_layers(model)]
     else:
+        autocast = input_under_autocast(h, model.first.mu.dtype)  # the first layer's forward is not called
         mean, var = model.first.moments(h)
         std = torch.sqrt(var + LRT_EPS)  # once: every draw of the first layer is mean + std * eps
         # One buffer holds each draw's noise and, overwritten in place, that draw's first-layer output:
@@ -151,9 +152,14 @@ def _predict(model: SSVIModel, x: Tensor, samples: int, mode: str, first_layer: 
         buffer = torch.empty(mean.t().shape if transposed else mean.shape, dtype=dtype, device=mean.device)
         first_out = buffer.t() if transposed else buffer
 
+        # the first layer's output as its forward gives it: outside autocast in the input's dtype (a
+        # bfloat16 model's next layer refuses the float32 of the promoted buffer)
+        to_input = dtype != h.dtype and h.is_floating_point() and not autocast
+
         def draw() -> Tensor:
             buffer.normal_()
-            return model.forward_rest(torch.addcmul(mean, std, first_out, out=first_out))
+            out = torch.addcmul(mean, std, first_out, out=first_out)
+            return model.forward_rest(out.to(h.dtype) if to_input else out)
 
         drawn = [layer for _, layer in sparse_layers(model) if layer is not model.first]
     with sampling(model, "sample"), drawing(drawn):

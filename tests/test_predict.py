@@ -298,3 +298,18 @@ def test_outputs_that_are_not_finite_are_an_error_not_a_confident_class(tmp_path
         assert f"error: the model's outputs are not finite (NaN or infinite logits), first for {first}" in line, err
     with pytest.raises(ValueError, match="not finite"):
         ssvi.predict(ssvi.load(bad), torch.full((2, 1, 8, 8), 3.0), mode="mean")
+
+
+@pytest.mark.parametrize("first_layer", ["sample", "moments"])
+def test_a_bfloat16_mlp_predicts_with_either_first_layer_scheme_and_refuses_float32_inputs_alike(first_layer):
+    # The moments scheme (the GPU's choice for a linear first layer, the CPU's for a small batch) once
+    # handed the next bfloat16 layer the float32 of its promoted buffer, which that layer refuses.
+    model = small_mlp("auto").to(torch.bfloat16)
+    x = torch.randn(5, *IN_SHAPE)
+    probs, draws = predict_batch(model, x.to(torch.bfloat16), samples=3, first_layer=first_layer)
+    assert probs.dtype == torch.float32 and draws.shape == (3, 5, CLASSES)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(5))
+    with pytest.raises(RuntimeError, match=r"input of torch.float32 for a layer in torch.bfloat16"):
+        predict_batch(model, x, samples=2, first_layer=first_layer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast a float32 input is autocast's to cast
+        assert predict_batch(model, x, samples=2, first_layer=first_layer)[0].shape == (5, CLASSES)

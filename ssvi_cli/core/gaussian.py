@@ -20,6 +20,15 @@ LRT_EPS = 1e-8
 """Added to the LRT output variance before the square root (METHOD.md §3)."""
 
 
+def input_under_autocast(x: Tensor, dtype: torch.dtype) -> bool:
+    """Whether autocast is on for ``x``'s device; outside it an input of another floating dtype than
+    the layer's ``dtype`` is refused, as ``nn.Linear`` refuses it."""
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if x.is_floating_point() and x.dtype != dtype and not autocast:  # the sparse kernels would cast
+        raise RuntimeError(f"input of {x.dtype} for a layer in {dtype}; cast one to the other (x.to({dtype}))")
+    return autocast
+
+
 def _softplus_inverse(sigma: Tensor) -> Tensor:
     # log(expm1(s)) = s + log(1 - exp(-s)) is stable for large s; expm1 is exact for small s.
     return torch.where(sigma > 20, sigma + torch.log1p(-torch.exp(-sigma)), torch.log(torch.expm1(sigma)))

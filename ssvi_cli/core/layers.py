@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssvi_cli.core.capture import CapturedGrad
-from ssvi_cli.core.gaussian import LRT_EPS, gaussian_kl, randn_like, sigma_from_rho
+from ssvi_cli.core.gaussian import LRT_EPS, gaussian_kl, input_under_autocast, randn_like, sigma_from_rho
 from ssvi_cli.core.state import support_problem
 from ssvi_cli.core.kernels import KERNELS, CsrPattern, KernelPolicy, csr_product, sparse_product
 
@@ -189,9 +189,7 @@ class SparseGaussian(nn.Module):
         variance (and for half types the CSR kernels) compute in float32."""
         if x.is_meta:  # shapes only (a run plan's probe): the dense op on an empty weight of the layer's shape
             return self._with_bias(self.dense_op(x, x.new_empty(self.weight_shape)))
-        autocast = torch.is_autocast_enabled(x.device.type)
-        if x.is_floating_point() and x.dtype != self.mu.dtype and not autocast:  # as nn.Linear: the sparse kernels cast
-            raise RuntimeError(f"input of {x.dtype} for a layer in {self.mu.dtype}; cast one to the other (x.to({self.mu.dtype}))")
+        autocast = input_under_autocast(x, self.mu.dtype)
         out = self._forward(x)
         return out if out.dtype == x.dtype or not x.is_floating_point() or autocast else out.to(x.dtype)
 
