@@ -492,6 +492,15 @@ def test_an_optimizer_built_before_sparsify_is_refused_at_its_first_step():
     dense(torch.randn(3, 4)).sum().backward()
     with pytest.raises(ValueError, match="this SGD holds the weights of '0' that sparsify took out"):
         stepped.step()
+    kept = nn.Sequential(nn.Linear(4, 2))  # the same with gradients zeroed in place, not set to None:
+    in_place = torch.optim.SGD(kept.parameters(), lr=0.1)  # zeros are no sign of a weight in use elsewhere
+    kept(torch.randn(3, 4)).sum().backward()
+    in_place.step()
+    sparsify(kept, 0.5)
+    in_place.zero_grad(set_to_none=False)
+    kept(torch.randn(3, 4)).sum().backward()
+    with pytest.raises(ValueError, match="this SGD holds the weights of '0' that sparsify took out"):
+        in_place.step()
 
 
 def test_weights_taken_out_but_still_in_use_are_not_refused(tmp_path):
@@ -503,8 +512,12 @@ def test_weights_taken_out_but_still_in_use_are_not_refused(tmp_path):
     student[0].weight = teacher[0].weight  # shared across models: the teacher still trains it
     teacher_opt = torch.optim.SGD(teacher.parameters(), lr=0.1)
     sparsify(student, 0.5)
-    teacher(torch.randn(2, 4)).sum().backward()
-    teacher_opt.step()
+    for _ in range(2):  # passed on the shared weight's gradient, looked at again at the next step
+        teacher(torch.randn(2, 4)).sum().backward()
+        teacher_opt.step()
+    teacher_opt.zero_grad(set_to_none=False)  # a step on zeroed gradients: nothing shows it is in use now
+    with pytest.raises(ValueError, match="holds the weights of '0' that sparsify took out"):
+        teacher_opt.step()
 
     def mlp(classes):
         return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, classes))

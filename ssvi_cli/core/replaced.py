@@ -43,15 +43,18 @@ def unmark(modules: Iterable[nn.Module]) -> None:
 def _refuse_replaced_weights(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     """Before any optimizer's step: one built before ``sparsify`` holds the dense weights taken out of
     the model, and stepping it would leave the sparse layers untrained without a word. A weight taken
-    out that still has a gradient is in use elsewhere (another model sharing it) and passes. Each
-    optimizer is looked through again only when its parameter count changes or a layer is converted."""
+    out that has a gradient other than zero is in use elsewhere (another model sharing it) and passes;
+    one whose gradient a ``zero_grad(set_to_none=False)`` left at zeros does not. An optimizer found
+    clean is looked through again only when its parameter count changes or a layer is converted; one
+    that passed only on such a gradient, at every step."""
     count = sum(len(group["params"]) for group in optimizer.param_groups)
     if _CHECKED.get(optimizer) == count:
         return
-    name = next((getattr(p, REPLACED) for g in optimizer.param_groups for p in g["params"]
-                 if p.grad is None and hasattr(p, REPLACED)), None)
+    taken = [p for g in optimizer.param_groups for p in g["params"] if hasattr(p, REPLACED)]
+    name = next((getattr(p, REPLACED) for p in taken if p.grad is None or not p.grad.any()), None)
     if name is not None:
         raise ValueError(f"this {type(optimizer).__name__} holds the weights of {name!r} that sparsify took out of the "
                          "model, not its sparse layers, which would never train; build the optimizer after sparsify, "
                          "from ssvi_cli.param_groups(model, lr, lr_sigma) or model.parameters()")
-    _CHECKED[optimizer] = count
+    if not taken:
+        _CHECKED[optimizer] = count
