@@ -106,12 +106,18 @@ def progress_state(trainer: Any) -> dict[str, Any]:
     """What a checkpoint keeps of a :class:`~ssvi_cli.training.trainer.Trainer` beside its
     :class:`TrainState`: the seconds and samples behind its throughput and, taken inside an epoch
     (a stop, even after its last batch), that epoch's sums so far over all ranks, so the resumed
-    run's ``metrics.jsonl`` line covers the whole epoch. A collective: every rank calls it."""
+    run's ``metrics.jsonl`` line covers the whole epoch; the fp16 loss scaler's state; and, taken
+    between the minibatches whose dense gradients a remove-and-add step averages
+    (``sparse.addition=accumulate:N``), their running mean so far (the ranks' mean: the step averages
+    the ranks' means, a linear map, so each rank may go on from it). A collective: every rank calls it."""
     epoch = None
     if trainer.state.batch_in_epoch:
         epoch = trainer.epoch_stats.to_dict()
         epoch.update(zip(SUMMED, distributed.sum_values([epoch[k] for k in SUMMED], trainer.device)))
-    return {"train_seconds": trainer.train_seconds, "samples_seen": trainer.samples_seen, "epoch": epoch}
+    accumulated = {name: distributed.mean(grad).cpu() for name, grad in trainer._accumulated.items()}
+    return {"train_seconds": trainer.train_seconds, "samples_seen": trainer.samples_seen, "epoch": epoch,
+            "scaler": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None,
+            "accumulated": accumulated, "captured": trainer._captured}
 
 
 def restore_progress(trainer: Any, progress: Optional[dict[str, Any]]) -> None:
@@ -121,6 +127,12 @@ def restore_progress(trainer: Any, progress: Optional[dict[str, Any]]) -> None:
     trainer.train_seconds, trainer.samples_seen = float(progress["train_seconds"]), int(progress["samples_seen"])
     if progress.get("epoch"):
         trainer.epoch_stats = EpochStats.from_dict(progress["epoch"], sums=trainer.is_main)
+    if progress.get("scaler") and trainer.scaler.is_enabled():
+        trainer.scaler.load_state_dict(progress["scaler"])
+    layers = dict(sparse_layers(trainer.model))
+    for name, grad in progress.get("accumulated", {}).items():
+        trainer._accumulated[name] = layers[name].dense_grad = grad.to(trainer.device)
+    trainer._captured = int(progress.get("captured", 0))
 
 
 def config_note(global_batch: int, cfg: Config) -> str:
