@@ -390,6 +390,30 @@ def test_seeded_dataloader_reproduces_augmented_batches(tv_root):
     assert torch.equal(a, first_batch())
 
 
+def test_a_runs_augmentation_is_the_same_with_loader_workers_and_in_a_resumed_epoch(tv_root, tmp_path):
+    # Worker i of W augments batches i, i + W, ... from its own RNG: a run resumed at batch 3, or one
+    # with another train.num_workers, gave other crops and flips to the same batches.
+    from ssvi_cli import config as C
+    from ssvi_cli.training.trainer import Trainer
+
+    root = tv_root("cifar10")
+    over = {"data.name": "cifar10", "data.data_dir": str(root), "data.val_fraction": 0.0, "model.name": "mlp",
+            "model.widths": [8], "train.batch_size": 4, "train.epochs": 1}
+    batches = {}
+    for workers in (0, 2):
+        cfg = C.apply_overrides(C.load_preset("digits_mlp"), {**over, "train.num_workers": workers})
+        trainer = Trainer.create(cfg, tmp_path / f"w{workers}")
+        assert trainer.splits.train.augment is not None and trainer.steps_per_epoch >= 5
+        whole = [x for x, _ in trainer.batches(1)]
+        torch.manual_seed(5)  # the global RNG (the layers' noise) plays no part
+        assert all(torch.equal(a, b) for a, b in zip(whole[3:], [x for x, _ in trainer.batches(1, start=3)]))
+        batches[workers] = whole
+    assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[2]))
+    assert not torch.equal(batches[0][0], [x for x, _ in trainer.batches(2)][0])  # another epoch, other draws
+    plain = trainer.splits.train.seeded(7)
+    assert torch.equal(plain[0][0], plain[0][0]) and not torch.equal(plain[0][0], trainer.splits.train.seeded(8)[0][0])
+
+
 def test_digits_and_mnist_are_never_augmented(digits, tv_root):
     assert torch.equal(_stack(digits.train)[0], _stack(build_dataset("digits", augment=True).train)[0])
     root = tv_root("mnist")

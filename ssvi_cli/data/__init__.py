@@ -13,12 +13,12 @@ from ssvi_cli.data.sources import (CIFAR100_NAMES, DATASET_FAMILIES, DATASETS, D
                                    load_raw, reads_data_dir)
 from ssvi_cli.data.spec import DataError, DatasetUnavailable, DataSpec, DataSplits, RawImages
 from ssvi_cli.data.splits import build_dataset, stratified_split
-from ssvi_cli.data.transforms import PreparedDataset, TensorImageDataset, preprocess, random_crop_flip
+from ssvi_cli.data.transforms import PreparedDataset, TensorImageDataset, preprocess, random_crop_flip, seeded_augmentation
 
 __all__ = [
     "CIFAR100_NAMES", "DATASET_FAMILIES", "DATASETS", "DIGITS_MEAN", "DIGITS_STD", "OOD_SETS", "DataError",
     "DataSpec", "DataSplits", "DatasetSource", "DatasetUnavailable", "PreparedDataset", "RawImages", "TensorImageDataset", "UnknownDataset",
     "build_dataset", "build_ood", "check_dataset_name", "data_config_for", "dataset_names", "default_data_dir",
     "get_spec", "load_raw", "reads_data_dir", "scan_folder",
-    "ood_names", "preprocess", "random_crop_flip", "stratified_split",
+    "ood_names", "preprocess", "random_crop_flip", "seeded_augmentation", "stratified_split",
 ]

@@ -7,8 +7,11 @@ the input pipeline otherwise.
 
 from __future__ import annotations
 
-from typing import Callable
+import copy
+import hashlib
+from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
@@ -24,20 +27,21 @@ def _to_unit(images: torch.Tensor) -> torch.Tensor:
     return images.float()
 
 
-def random_crop_flip(batch: torch.Tensor, padding: int = 4) -> torch.Tensor:
+def random_crop_flip(batch: torch.Tensor, padding: int = 4, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Random crop back to H x W after zero padding, then random horizontal flip (p = 0.5).
 
-    Uses torch's global RNG so a seeded DataLoader reproduces the same augmentations.
+    Draws from ``generator``, by default torch's global RNG (so a seeded DataLoader without workers
+    reproduces the same augmentations).
     """
     n, _, h, w = batch.shape
     padded = F.pad(batch, (padding, padding, padding, padding))
-    top = torch.randint(0, 2 * padding + 1, (n,))
-    left = torch.randint(0, 2 * padding + 1, (n,))
+    top = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    left = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
     rows = (top[:, None] + torch.arange(h))[:, :, None]  # (N, H, 1)
     cols = (left[:, None] + torch.arange(w))[:, None, :]  # (N, 1, W)
     out = padded.permute(0, 2, 3, 1)[torch.arange(n)[:, None, None], rows, cols]  # (N, H, W, C)
     out = out.permute(0, 3, 1, 2).contiguous()
-    flip = torch.rand(n) < 0.5
+    flip = torch.rand(n, generator=generator) < 0.5
     out[flip] = out[flip].flip(-1)
     return out
 
@@ -58,6 +62,7 @@ class TensorImageDataset(Dataset):
         self.labels = labels.long()
         self.augment = augment
         self.indices = indices  # positions in the source split, for provenance and tests
+        self.augment_key: Optional[int] = None  # see seeded()
         self._mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
         self._std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
 
@@ -71,10 +76,23 @@ class TensorImageDataset(Dataset):
         same = torch.equal(other._mean, self._mean) and torch.equal(other._std, self._std)
         return self if same else other
 
-    def _prepare(self, index: torch.Tensor | list[int]) -> torch.Tensor:
+    def seeded(self, key: int) -> "TensorImageDataset":
+        """The same dataset whose augmentation of a batch draws from a generator seeded by ``key`` and
+        the batch's indices alone, not from the RNG of the process that loads it: the same batch of
+        an epoch (``key``) is augmented alike with any number of loader workers, and in a run resumed
+        in the middle of the epoch, where the workers would otherwise take other batches."""
+        other = copy.copy(self)  # the same tensors, shared
+        other.augment_key = int(key)
+        return other
+
+    def _prepare(self, index: Sequence[int]) -> torch.Tensor:
         x = _to_unit(self.images[index])
-        if self.augment is not None:
+        if self.augment is not None and self.augment_key is None:
             x = self.augment(x)
+        elif self.augment is not None:
+            digest = hashlib.blake2b(np.asarray(index, dtype=np.int64).tobytes(), digest_size=8,
+                                     key=self.augment_key.to_bytes(16, "little", signed=True)).digest()
+            x = self.augment(x, generator=torch.Generator().manual_seed(int.from_bytes(digest, "little")))
         return (x - self._mean) / self._std
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
@@ -84,6 +102,13 @@ class TensorImageDataset(Dataset):
         """Batched fetch used by DataLoader: one vectorised normalise/augment per batch."""
         x = self._prepare(list(indices))
         return list(zip(x.unbind(0), self.labels[indices].tolist()))
+
+
+def seeded_augmentation(dataset: Dataset, key: int) -> Dataset:
+    """``dataset.seeded(key)`` for an augmented :class:`TensorImageDataset`; any other as it is."""
+    if isinstance(dataset, TensorImageDataset) and dataset.augment is not None:
+        return dataset.seeded(key)
+    return dataset
 
 
 class PreparedDataset(Dataset):

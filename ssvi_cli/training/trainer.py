@@ -22,7 +22,7 @@ from ssvi_cli.config import Config, dump_yaml
 from ssvi_cli.core.modes import capturing_dense_grad, sampling
 from ssvi_cli.core.overlap import criteria_overlap
 from ssvi_cli.core.subspace import Schedule, SwapReport, collect_captured, largest_moving, subspace_step
-from ssvi_cli.data import DataSplits
+from ssvi_cli.data import DataSplits, seeded_augmentation
 from ssvi_cli.runs import checkpoint as ckpt
 from ssvi_cli.training import distributed
 from ssvi_cli.training.distributed import SINGLE, DistInfo
@@ -149,9 +149,10 @@ class Trainer:
         plan, gen = self.epoch_plan(epoch)
         batch_sampler = [distributed.shard(b, self.dist).tolist() for b in plan[start:]]
         # A private generator: creating a loader iterator draws its worker base seed from it, and
-        # drawing from the global RNG instead would shift the noise stream of a resumed run.
-        loader = torch.utils.data.DataLoader(self.splits.train, batch_sampler=batch_sampler,
-                                             num_workers=self.cfg.train.num_workers,
+        # drawing from the global RNG instead would shift the noise stream of a resumed run. Its seed
+        # and a batch's indices seed that batch's augmentation: alike with any workers, resumed or not.
+        loader = torch.utils.data.DataLoader(seeded_augmentation(self.splits.train, gen.initial_seed()),
+                                             batch_sampler=batch_sampler, num_workers=self.cfg.train.num_workers,
                                              pin_memory=self.device.type == "cuda", generator=gen)
         yield from loader
 
