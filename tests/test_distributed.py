@@ -148,6 +148,8 @@ def test_two_processes_train_identically_and_match_a_single_process(tmp_path: Pa
     ref = single.fit()
     assert single.steps_per_epoch == s0["steps"] // EPOCHS
     assert ref["subspace_steps"] == s0["subspace_steps"]
+    # a capture's dense gradient is computed for the global batch, across the ranks: as one process's
+    assert ref["training_flops"] == s0["training_flops"] and s0["training_flops_reduction_vs_vi"] > 1
     acc_ddp, acc_single = test_accuracy(run), test_accuracy(tmp_path / "single")
     assert acc_ddp > 0.8 and acc_single > 0.8
     print(f"exported model accuracy: 2 ranks {acc_ddp:.4f}, 1 process {acc_single:.4f}")

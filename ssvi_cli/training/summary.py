@@ -117,7 +117,7 @@ def finish(trainer: "Trainer") -> dict[str, Any]:
         "test_nll_mean_net": test_mean["nll"],
     }
     summary.update(training_summary(trainer.model, trainer.splits.spec.input_shape, cfg.method,
-                                    examples=trainer.n_train * state.epoch, batch_size=cfg.train.batch_size,
+                                    examples=trainer.n_train * state.epoch, batch_size=state.global_batch,
                                     captures=state.subspace_steps * trainer.schedule.accumulate))
     if trainer.is_main:
         run = trainer.run
