@@ -31,7 +31,7 @@ from ssvi_cli.core.hooks import Hook, rank_mean
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.core.modes import capturing_dense_grad, sampling
 from ssvi_cli.core.subspace import (OptimizerStateError, Schedule, SwapReport, check_optimizer_holds, check_state_fits,
-                                   collect_captured, subspace_step)
+                                   collect_captured, end_step, subspace_step)
 from ssvi_cli.prediction import Prediction, predict  # re-exported: the public loop pieces in one place
 from ssvi_cli.training.optim import kl_term, param_groups
 
@@ -108,7 +108,7 @@ class Subspace:
             raise ValueError(str(exc).removeprefix("sparse.")) from None
         check_optimizer_holds(model, optimizer)
         self.model, self.optimizer = model, optimizer
-        self.schedule = Schedule.fitted(delta_t, alpha, int(t_end * total_steps), min_steps=min_subspace_steps)
+        self.schedule = Schedule.fitted(delta_t, alpha, end_step(t_end, total_steps), min_steps=min_subspace_steps)
         self.criterion, self.criterion_lambda, self.new_sigma, self.addition = criterion, criterion_lambda, new_sigma, addition
         self.t = 0
         self.last_report: Optional[SwapReport] = None

@@ -236,3 +236,25 @@ def test_cifar_preset_trains_without_a_validation_split(tmp_path: Path, monkeypa
     code = run(["evaluate", str(out / "model.safetensors"), "--split", "val", "--data-dir", str(root)])
     err = capsys.readouterr().err
     assert code == 2 and "no validation split; use --split test" in err and "Traceback" not in err, err
+
+
+def test_t_end_is_read_as_the_decimal_it_is_written_as():
+    # int(0.57 * 100) is 56 in binary floating point: the remove-and-add step at 56 (delta_t 4) was lost
+    end_step = lambda t, n: int(t * n)  # noqa
+
+    assert 0.57 * 100 < 57 and end_step(0.57, 100) == 57 and end_step(0.75, 42) == 31 and end_step(0.0, 9) == 0
+    assert all(end_step(k / 100, 100) == k for k in range(101))
+    sparse = C.apply_overrides(C.load_preset("digits_mlp"), {"sparse.t_end": 0.57, "sparse.delta_t": 4}).sparse
+    schedule = Schedule.from_config(sparse, 100)
+    assert schedule.t_end == 57 and schedule.is_update(56) and schedule.updates == 14
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    ssvi.sparsify(model, 0.5)
+    optimizer = torch.optim.SGD(ssvi.param_groups(model, 0.1, 0.01), lr=0.1)
+    assert ssvi.Subspace(model, optimizer, total_steps=100, delta_t=4, t_end=0.57).schedule.t_end == 57
+    from ssvi_cli.core.allocation import layer_densities
+    from ssvi_cli.core.flops import model_geometry
+    from ssvi_cli.core.layers import sparse_layers
+
+    digits = make_model(C.load_preset("digits_mlp"), get_spec("digits"))
+    geom, dens = model_geometry(digits, (1, 8, 8)), layer_densities(sparse_layers(digits), 0.05, "uniform")
+    assert recipe_flops(geom, "ssvi", dens, n_train=1600, epochs=1, batch_size=16, delta_t=4, t_end=0.57).captures == 14

@@ -32,7 +32,7 @@ from torch import nn
 from ssvi_cli.config import MIN_SUBSPACE_STEPS
 from ssvi_cli.core.layers import SparseGaussian, sparse_layers
 from ssvi_cli.core.modes import capturing_dense_grad, sampling, using_kernel
-from ssvi_cli.core.subspace import Schedule
+from ssvi_cli.core.subspace import Schedule, end_step
 from ssvi_cli.methods import METHODS, Method
 
 CONVENTION = ("1 multiply-add = 2 FLOPs; LRT forward = 2 ops (mean, variance) over active weights; "
@@ -166,7 +166,7 @@ def recipe_flops(geometry: Sequence[LayerGeometry], method: Method | str, densit
     number of steps or ``"auto"``)."""
     steps = math.ceil(n_train / batch_size) * epochs
     moves = _method(method).moves_support
-    schedule = Schedule.fitted(delta_t, 0.0, int(t_end * steps), accumulate, min_subspace_steps)
+    schedule = Schedule.fitted(delta_t, 0.0, end_step(t_end, steps), accumulate, min_subspace_steps)
     captures = schedule.updates * accumulate if moves else 0
     return training_flops(method_layers(geometry, method, densities), method, n_train * epochs,
                           batch_size, captures)

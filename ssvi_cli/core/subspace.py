@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Callable, Optional
 
 import torch
@@ -100,6 +101,12 @@ def largest_moving(model: nn.Module) -> int:
     return max((l.active for _, l in sparse_layers(model) if l.active < l.numel), default=0)
 
 
+def end_step(t_end: float, total_steps: int) -> int:
+    """The step from which the support is frozen, ``floor(t_end * total_steps)``, with ``t_end`` read as
+    the decimal it is written as: in binary floating point 0.57 * 100 is 56.99999999999999."""
+    return math.floor(Fraction(repr(float(t_end))) * int(total_steps))
+
+
 @dataclass(frozen=True)
 class Schedule:
     delta_t: int
@@ -116,7 +123,7 @@ class Schedule:
     @classmethod
     def from_config(cls, sparse: SparseConfig, total_steps: int) -> "Schedule":
         """The schedule of a run of ``total_steps`` minibatches (``t_end`` a fraction of them)."""
-        return cls.fitted(sparse.delta_t, sparse.alpha, int(sparse.t_end * total_steps),
+        return cls.fitted(sparse.delta_t, sparse.alpha, end_step(sparse.t_end, total_steps),
                           addition_accumulate(sparse.addition), sparse.min_subspace_steps)
 
     @property
