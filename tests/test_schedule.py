@@ -240,7 +240,7 @@ def test_cifar_preset_trains_without_a_validation_split(tmp_path: Path, monkeypa
 
 def test_t_end_is_read_as_the_decimal_it_is_written_as():
     # int(0.57 * 100) is 56 in binary floating point: the remove-and-add step at 56 (delta_t 4) was lost
-    end_step = lambda t, n: int(t * n)  # noqa
+    from ssvi_cli.core.subspace import end_step
 
     assert 0.57 * 100 < 57 and end_step(0.57, 100) == 57 and end_step(0.75, 42) == 31 and end_step(0.0, 9) == 0
     assert all(end_step(k / 100, 100) == k for k in range(101))
@@ -256,5 +256,5 @@ def test_t_end_is_read_as_the_decimal_it_is_written_as():
     from ssvi_cli.core.layers import sparse_layers
 
     digits = make_model(C.load_preset("digits_mlp"), get_spec("digits"))
-    geom, dens = model_geometry(digits, (1, 8, 8)), layer_densities(sparse_layers(digits), 0.05, "uniform")
+    geom, dens = model_geometry(digits, (1, 8, 8)), layer_densities(sparse_layers(digits), 0.05, "uniform", dense_stem=True)
     assert recipe_flops(geom, "ssvi", dens, n_train=1600, epochs=1, batch_size=16, delta_t=4, t_end=0.57).captures == 14
