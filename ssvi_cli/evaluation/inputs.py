@@ -47,16 +47,30 @@ def _training_data_settings(training: Training) -> tuple[dict[str, Any], Optiona
     return dict(data), seed
 
 
+def _other_classes_hint(name: str, spec: DataSpec, model_spec: DataSpec) -> str:
+    """How to score a dataset whose classes are not the model's: as OOD data, or (a folder with fewer
+    classes) whole with --split all, its class folders named as the model's classes."""
+    if name in ood_names():
+        return f"; score it as out-of-distribution with --ood {name} instead"
+    if not name.startswith("imagefolder:") or spec.input_shape != model_spec.input_shape \
+            or spec.num_classes >= model_spec.num_classes:
+        return ""
+    ours = {unicodedata.normalize("NFC", n) for n in model_spec.class_names}
+    unknown = [n for n in spec.class_names if unicodedata.normalize("NFC", n) not in ours]
+    if len(unknown) == spec.num_classes:  # none of the model's: another task's data
+        return ""
+    named = (f" (named as the model's classes: {', '.join(map(repr, unknown[:3]))}{', ...' if len(unknown) > 3 else ''} "
+             f"{'is' if len(unknown) == 1 else 'are'} not one of {', '.join(map(repr, model_spec.class_names[:10]))}"
+             f"{', ...' if model_spec.num_classes > 10 else ''})" if unknown else "")
+    return f"; a labelled folder that holds some of the model's classes is scored whole with --split all{named}"
+
+
 def _check_compatible(name: str, spec: DataSpec, model_spec: DataSpec) -> None:
     if spec.input_shape != model_spec.input_shape or spec.num_classes != model_spec.num_classes:
         raise DataError(
             f"dataset {name} has inputs {spec.input_shape} and {spec.num_classes} classes, but the model "
             f"takes {model_spec.input_shape} and predicts {model_spec.num_classes} classes"
-            + (f"; score it as out-of-distribution with --ood {name} instead" if name in ood_names() else
-               "; a labelled folder that holds some of the model's classes is scored whole with --split all"
-               if name.startswith("imagefolder:") and spec.input_shape == model_spec.input_shape
-               and set(spec.class_names) < set(model_spec.class_names) else "")
-        )
+            + _other_classes_hint(name, spec, model_spec))
     placeholders = tuple(str(i) for i in range(model_spec.num_classes))  # ssvi.save without class_names
     named = tuple(model_spec.class_names) != placeholders
     # Names compared as text, not as code points: macOS writes a folder "grün" decomposed (NFD), most
