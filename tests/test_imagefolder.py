@@ -334,6 +334,37 @@ def test_a_link_into_another_class_or_the_root_is_passed_over_with_a_warning(tmp
     assert "its images are passed over" in caplog.records[0].getMessage()
 
 
+def test_files_of_an_image_kind_ssvi_does_not_read_are_counted_in_a_warning_and_train_says_the_split_sizes(
+        tmp_path, caplog, capsys):
+    """24 photos saved as .jfif (a JPEG) were left out of training in silence, and nothing said how many
+    images a split held."""
+    import logging
+
+    photos = tmp_path / "photos"
+    for digit, name in NAMES.items():
+        write_class(photos / name, digit, 6)
+    images, target = _digits()
+    for j, i in enumerate(np.flatnonzero(target == 1)[20:23]):  # JPEG under its other names: read
+        Image.fromarray(images[i]).save(photos / "one" / f"extra{j}{('.jfif', '.jpe', '.JFIF')[j]}", "JPEG")
+    Image.fromarray(images[0]).save(photos / "zero" / "layered.tga")  # an image kind ssvi does not take
+    Image.fromarray(images[0]).save(photos / "zero" / "icon.ico")
+    (photos / "two" / "notes.txt").write_text("not an image\n")  # not an image kind: no word
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli.data.images"):
+        files, _ = scan_folder(photos).parts["all"]
+    assert len(files) == 6 * len(NAMES) + 3 and sum(f.suffix.lower() in (".jfif", ".jpe") for f in files) == 3
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{photos / 'zero'}: 2 files passed over (1 .ico, 1 .tga), a kind ssvi does not read as images "
+        "(.png .jpg .jpeg .jpe .jfif .bmp .gif .webp .tif .tiff .ppm .pgm .pbm .pnm); save them as .png or .jpg to use them"]
+    code = run(["train", "--data", f"imagefolder:{photos}", "--epochs", "1", "--set", "data.image_size=8",
+                "--set", "data.channels=1", "--set", "train.eval_samples=2", "--out", str(tmp_path / "run")])
+    out, err = capsys.readouterr()
+    assert code == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    sizes = summary["images"]
+    assert sizes.keys() == {"train", "val", "test"} and sum(sizes.values()) == len(files)
+    assert f"({sizes['train']} train, {sizes['val']} val, {sizes['test']} test images)" in err + out
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -371,6 +402,11 @@ def test_train_infer_evaluate_on_a_png_folder(ws, tmp_path, capsys, monkeypatch)
     assert capsys.readouterr().err.rstrip().endswith(  # on its test split alone, the way is said
         "and 2 classes, but the model takes (1, 8, 8) and predicts 3 classes; a labelled folder that holds some "
         "of the model's classes is scored whole with --split all")
+    write_class(tmp_path / "cased" / "Zero", 0, 3)  # one of the model's classes and one misnamed: said
+    write_class(tmp_path / "cased" / "two", 2, 3)
+    assert run(["evaluate", str(model), "--dataset", f"imagefolder:{tmp_path / 'cased'}", "--mode", "mean"]) == 2
+    assert capsys.readouterr().err.rstrip().endswith(
+        "is scored whole with --split all (named as the model's classes: 'Zero' is not one of 'one', 'two', 'zero')")
     write_class(tmp_path / "pets" / "cat", 0, 3)  # classes the model does not have: no such pointer
     write_class(tmp_path / "pets" / "dog", 2, 3)
     assert run(["evaluate", str(model), "--dataset", f"imagefolder:{tmp_path / 'pets'}", "--mode", "mean"]) == 2

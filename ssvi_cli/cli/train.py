@@ -256,8 +256,9 @@ def _fit(trainer, interrupted_cls, quiet: bool, say: Callable[[str], None]) -> d
 
     cfg = trainer.cfg
     if not quiet:
-        tell(f"training {cfg.model.name} on {cfg.data.name} with {cfg.sparse.method} (density {cfg.density:.3g}, "
-             f"{count(cfg.train.epochs, 'epoch')}, device {trainer.device}) -> {trainer.run_dir}")
+        images = ", ".join(f"{n:,} {name}" for name, n in trainer.splits.sizes().items())
+        tell(f"training {cfg.model.name} on {cfg.data.name} ({images} images) with {cfg.sparse.method} "
+             f"(density {cfg.density:.3g}, {count(cfg.train.epochs, 'epoch')}, device {trainer.device}) -> {trainer.run_dir}")
     if cfg.method.moves_support and trainer.schedule.updates == 0:
         hint = "" if cfg.sparse.delta_t == "auto" else " (--set sparse.delta_t=auto spaces them to fit the run)"
         say(f"note: a run of {count(trainer.total_steps, 'step')} has no subspace step before t_end at "

@@ -18,7 +18,8 @@ import torch
 
 from ssvi_cli.data.spec import DataError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
+                  ".pbm", ".pnm")
 ARRAY_SUFFIX = ".npy"
 _MODES = ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "La", "RGBa")  # PIL modes read as 8-bit
 _ALPHA_MODES = ("LA", "PA", "RGBA", "La", "RGBa")
@@ -35,9 +36,12 @@ def find_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES, apart: Se
     folders as to files (each folder is searched once: a link back up is not a loop); a link to
     nothing is kept, so that reading it names it rather than the file going missing unseen. A link
     into one of the folders ``apart`` (an image folder's other classes, its root) is passed over with
-    a warning: its images would be read under this folder's label."""
+    a warning: its images would be read under this folder's label. So are, where ``suffixes`` name
+    images, files of another kind that Pillow opens (``.psd``, ``.tga``, ...): counted in a warning,
+    so that a folder that loses images to their names says so."""
     folder = Path(folder)
     found: list[Path] = []
+    passed: dict[str, int] = {}  # suffix -> files of an image kind ssvi does not take
     seen: set[str] = set()
     own = Path(os.path.realpath(folder))
     others = [Path(os.path.realpath(p)) for p in apart]
@@ -53,8 +57,34 @@ def find_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES, apart: Se
             continue
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # a folder reached twice keeps one name
-        found += [Path(top) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in suffixes]
+        for name in (f for f in files if not f.startswith(".")):
+            suffix = Path(name).suffix.lower()
+            if suffix in suffixes:
+                found.append(Path(top) / name)
+            elif suffix in _pillow_suffixes():
+                passed[suffix] = passed.get(suffix, 0) + 1
+    if passed and set(suffixes) & set(IMAGE_SUFFIXES) and (str(folder), "kinds") not in _WARNED:
+        _WARNED.add((str(folder), "kinds"))
+        kinds = ", ".join(f"{n} {suffix}" for suffix, n in sorted(passed.items()))
+        logging.getLogger(__name__).warning(
+            "%s: %s passed over (%s), a kind ssvi does not read as images (%s); save them as .png or .jpg to use them",
+            shown(folder), "1 file" if sum(passed.values()) == 1 else f"{sum(passed.values())} files", kinds,
+            " ".join(IMAGE_SUFFIXES))
     return sorted(found)
+
+
+def _pillow_suffixes() -> frozenset[str]:
+    """File suffixes of the image formats Pillow opens (for the warning of :func:`find_files`)."""
+    global _PILLOW
+    if _PILLOW is None:
+        from PIL import Image
+
+        Image.init()
+        _PILLOW = frozenset(s for s, kind in Image.registered_extensions().items() if kind in Image.OPEN)
+    return _PILLOW
+
+
+_PILLOW: Optional[frozenset[str]] = None
 
 
 def shown(path: Path | str) -> str:

@@ -132,6 +132,11 @@ class DataSplits:
     spec: DataSpec
     heldout: Optional[Dataset] = None
 
+    def sizes(self) -> dict[str, int]:
+        """The number of images in each split (``heldout`` where there is one)."""
+        parts = {"train": self.train, "val": self.val, "test": self.test, "heldout": self.heldout}
+        return {name: len(part) for name, part in parts.items() if part is not None}
+
 
 @dataclass(frozen=True)
 class RawImages:

@@ -91,6 +91,7 @@ def finish(trainer: "Trainer") -> dict[str, Any]:
         "method": cfg.sparse.method,
         "model": cfg.model.name,
         "dataset": cfg.data.name,
+        "images": trainer.splits.sizes(),  # per split
         "init_from": cfg.model.init_from,  # what the run started from (its FLOPs are not counted)
         "sparsity": cfg.sparse.sparsity if cfg.density < 1 else 0.0,
         "density": dens["density"],
