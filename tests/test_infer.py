@@ -110,6 +110,17 @@ def test_images_folders_and_array_layouts_give_the_same_answer(model_file, digit
     assert np.allclose(probs, probs[0], atol=1e-5), probs
 
 
+def test_a_colour_model_reads_a_4_h_w_array_as_rgba_and_says_a_gray_stack_loses_an_image(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli.evaluation.arrays"):
+        assert array_to_images(np.zeros((4, 8, 8), np.uint8), "a.npy", channels=3).shape == (1, 4, 8, 8)
+        array_to_images(np.zeros((3, 8, 8), np.uint8), "b.npy", channels=3)  # RGB: nothing lost, no word
+    assert [r.getMessage() for r in caplog.records] == [
+        "a.npy: an array of shape (4, 8, 8) is read as one RGBA image (C, H, W), its alpha dropped; "
+        "four gray images read as (4, 1, H, W)"]
+
+
 def test_array_shape_rules():
     assert array_to_images(np.zeros((5, 6), np.uint8), "a").shape == (1, 1, 5, 6)
     assert array_to_images(np.zeros((3, 5, 6), np.uint8), "a").shape == (1, 3, 5, 6)
@@ -121,6 +132,10 @@ def test_array_shape_rules():
     assert array_to_images(np.zeros((5, 6, 3), np.uint8), "a").shape == (1, 3, 5, 6)
     assert array_to_images(np.zeros((2, 5, 6, 4), np.uint8), "a").shape == (2, 4, 5, 6)
     assert array_to_images(np.full((2, 2), 200, np.int64), "a").dtype == torch.uint8
+    # (H, W, 1), np.asarray(img)[..., None]: one gray picture, not H images one pixel wide
+    picture = np.arange(30, dtype=np.uint8).reshape(5, 6, 1)
+    assert torch.equal(array_to_images(picture, "a", channels=1), torch.from_numpy(picture).permute(2, 0, 1)[None])
+    assert array_to_images(np.zeros((7, 5, 6, 1), np.uint8), "a").shape == (7, 1, 5, 6)
     for bad in (np.zeros((2, 2, 5, 6)), np.full((4, 4), 300), np.zeros((4, 4), bool), np.full((4, 4), np.nan)):
         with pytest.raises(InputError, match="^a: "):
             array_to_images(bad, "a")

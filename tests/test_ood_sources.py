@@ -283,6 +283,7 @@ def _bad_inputs(root: Path) -> None:
     np.save(root / "fivedim.npy", np.zeros((2, 1, 1, 8, 8)))
     np.save(root / "nochannels.npy", np.zeros((2, 5, 8, 8)))
     np.save(root / "empty.npy", np.zeros((0, 8, 8)))
+    np.save(root / "picture.npy", np.zeros((8, 8, 1)))  # np.asarray(img)[..., None]: not 8 images 1 pixel wide
     (root / "notes.txt").write_text("text\n")
     (root / "text.npy").write_text("not an array\n")
 
@@ -294,6 +295,8 @@ def _bad_inputs(root: Path) -> None:
     ("{root}/fivedim.npy", "array of shape (2, 1, 1, 8, 8); expected"),
     ("{root}/nochannels.npy", "array of shape (2, 5, 8, 8); expected"),
     ("{root}/empty.npy", "array of shape (0, 8, 8) holds no images; an OOD set needs at least one"),
+    ("{root}/picture.npy", "array of shape (8, 8, 1) is one gray (H, W, 1) image; an OOD set is a batch, (N, H, W) "
+                           "or (N, H, W, 1)"),
     ("{root}/missing.npy", "no such file or folder"),
     ("{root}/notes.txt", "a file must be a .npy array"),
     ("{root}/text.npy", "text.npy: not a .npy file (it lacks numpy's header)"),

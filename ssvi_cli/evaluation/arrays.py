@@ -29,9 +29,9 @@ def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: fl
     Shapes: with the model's ``input_shape`` (C, H, W) given, a 1-D array of C*H*W values is one
     flattened image and an (N, C*H*W) array, unless it is shaped (H, W), N of them (row-major, as
     ``load_digits().data`` or ``x.reshape(len(x), -1)``); (H, W) one gray image; (C, H, W) one
-    image when C is 1, or 3 or 4 for a colour model; (H, W, C) when the last axis is 3 or 4; else
+    image when C is 1, or 3 or 4 for a colour model; (H, W, C) when the last axis is 1, 3 or 4; else
     (N, H, W) gray images (so a stack of 3 or 4 gray images for a gray model is a stack, not one
-    colour image); (N, C, H, W), or (N, H, W, C) when only the last axis is 1, 3 or 4. Pixels: uint8
+    colour image; for a colour model a (4, H, W) array is one RGBA image, with a warning); (N, C, H, W), or (N, H, W, C) when only the last axis is 1, 3 or 4. Pixels: uint8
     0..255 (other integer types in that range too), float in [0, 1], or, for a model whose data spec
     records another raw range ``[0, pixel_max]`` (the digits' 0..16), an array of any other dtype
     whose values exceed 1 and lie in that range (divided by ``pixel_max``): ``load_digits().images``
@@ -53,8 +53,11 @@ def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: fl
         arr = arr[None, None]
     elif arr.ndim == 3:
         if arr.shape[0] == 1 or (channels != 1 and arr.shape[0] in (3, 4)):
+            if arr.shape[0] == 4:  # RGBA, whose alpha is dropped: a stack of four gray images loses one. Said.
+                logger.warning("%s: an array of shape %s is read as one RGBA image (C, H, W), its alpha dropped; "
+                               "four gray images read as (4, 1, H, W)", name, tuple(arr.shape))
             arr = arr[None]
-        elif arr.shape[-1] in (3, 4):
+        elif arr.shape[-1] in (1, 3, 4):  # (H, W, 1): one gray picture (np.asarray(img)[..., None]), not H rows
             arr = arr.transpose(2, 0, 1)[None]
         else:
             arr = arr[:, None]
