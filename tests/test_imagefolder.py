@@ -122,6 +122,11 @@ def test_split_folders_are_used_as_given(ws):
     assert torch.bincount(splits.val.labels).tolist() == [2, 2, 2]
     noval = build_dataset(f"imagefolder:{ws / 'noval'}", options=SMALL, val_fraction=0.25)
     assert (len(noval.train), len(noval.val), len(noval.test)) == (18, 6, 9)  # val carved from train/
+    # max_train shrinks val/ as much as train/, whatever val_fraction says (it sized val/ from itself,
+    # and at val_fraction 0 dropped it: no val numbers, with evaluate --split val naming the wrong cause)
+    for fraction in (0.0, 0.5):
+        capped = build_dataset(f"imagefolder:{ws / 'split'}", options=SMALL, val_fraction=fraction, max_train=12)
+        assert (len(capped.train), len(capped.val), len(capped.test)) == (12, 3, 9)
 
 
 def test_spec_is_known_from_a_scan_without_decoding(ws):

@@ -74,13 +74,16 @@ def _indices(train_labels: torch.Tensor, own_val: Optional[int], val_fraction: f
              max_train: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The training and validation positions: all of the training split and the source's own
     validation split of ``own_val`` examples, or a seeded stratified carve of the training split;
-    ``max_train`` caps the training part (seeded), and the validation part in proportion."""
+    ``max_train`` caps the training part (seeded), and the validation part in proportion: the
+    carve's ``val_fraction / (1 - val_fraction)``, or the share of the training split kept of the
+    source's own (which ``val_fraction`` does not size)."""
     if own_val is not None:
         train_idx, val_idx = torch.arange(len(train_labels)), torch.arange(own_val)
     else:
         train_idx, val_idx = stratified_split(train_labels, val_fraction, seed)
     if max_train is not None:
-        max_val = math.ceil(max_train * val_fraction / (1.0 - val_fraction))
+        max_val = (math.ceil(own_val * min(1.0, max_train / max(1, len(train_idx)))) if own_val is not None
+                   else math.ceil(max_train * val_fraction / (1.0 - val_fraction)))
         train_idx, val_idx = _cap(train_idx, max_train, seed), _cap(val_idx, max_val, seed + 1)
     return train_idx, val_idx
 
@@ -101,7 +104,8 @@ def build_dataset(
     unless the source has its own (an image folder's ``val/``; ``val_fraction`` is then unused).
 
     ``max_train`` caps the train split (seeded); val is then capped in the same proportion
-    ``val_fraction / (1 - val_fraction)`` so quick runs stay quick. ``options`` (the data config)
+    ``val_fraction / (1 - val_fraction)`` (a source's own val split: as much of it as of the train
+    split is kept) so quick runs stay quick. ``options`` (the data config)
     sizes and normalises a parameterised source such as ``imagefolder:PATH``, and its ``classes``
     keep part of the classes in every split (``data/classes.py``), the rest of the test split
     becoming ``heldout``. ``needed``: the splits to read; the others are left empty (an image folder
