@@ -262,3 +262,15 @@ def test_a_stop_between_accumulated_minibatches_and_an_fp16_run_resume_bit_ident
     resumed.fit()
     assert resumed.state.subspace_steps == straight.state.subspace_steps
     assert_identical(final_state(straight), final_state(resumed))
+
+
+def test_checkpoints_past_step_99999999_are_listed_in_step_order(tmp_path: Path):
+    from ssvi_cli.runs.checkpoint import checkpoint_dir, list_checkpoints
+
+    folder = checkpoint_dir(tmp_path)
+    folder.mkdir()
+    for step in (100_000_000, 99_999_999, 5, 1_000_000_000):  # the name grows a digit at 10^8
+        (folder / f"checkpoint-{step:08d}.pt").write_bytes(b"")
+    (folder / "checkpoint-123.pt").write_bytes(b"")  # not one of ours
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "checkpoint-00000005.pt", "checkpoint-99999999.pt", "checkpoint-100000000.pt", "checkpoint-1000000000.pt"]

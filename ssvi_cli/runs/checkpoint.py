@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "ssvi-checkpoint"
 VERSION = 1
-_NAME = re.compile(r"^checkpoint-(\d{8})\.pt$")
+_NAME = re.compile(r"^checkpoint-(\d{8,})\.pt$")  # 8 digits, more from step 100,000,000 on
 
 
 class CheckpointError(RuntimeError):
@@ -50,7 +50,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     d = checkpoint_dir(run_dir)
     if not d.is_dir():
         return []
-    return sorted(p for p in d.iterdir() if _NAME.match(p.name))
+    return sorted((p for p in d.iterdir() if _NAME.match(p.name)), key=lambda p: int(_NAME.match(p.name)[1]))
 
 
 def latest_checkpoint(run_dir: Path, is_run: Optional[Callable[[Path], bool]] = None) -> Path:
