@@ -13,8 +13,8 @@ from ssvi_cli.config import MAX_SEED
 from ssvi_cli.cli.common import (UsageError, check_device, check_output_file, count, err, fmt, out,
                                    print_json, progress_bar)
 
-SHOWN_ROWS = 50
-DEFAULT_SAMPLES = 10  # the table shows this many inputs; --output holds all
+SHOWN_ROWS = 50  # the table shows this many inputs; --output holds all
+DEFAULT_SAMPLES = 10  # Monte Carlo samples per input
 
 
 def register(app: typer.Typer) -> None:
