@@ -62,3 +62,16 @@ def test_new_sigma_tiny_option():
     update_layer("l", layer, grad, fraction=0.5, criterion="snr_abs", lam=1.0, new_sigma="tiny", optimizer=None)
     sigma = dict(zip(layer.idx.tolist(), layer.sigma().tolist()))
     assert math.isclose(sigma[9], 1e-6, rel_tol=1e-4)
+
+
+def test_a_drop_fraction_of_one_gives_new_entries_the_layers_mean_rho_not_nan():
+    # f = 1 (alpha 1 over a very long run rounds there) keeps no entry: the mean over none was NaN
+    layer = layer_with([0, 3, 7, 12], [0.9, 0.01, 0.5, -0.8], [0.1, 0.2, 0.3, 0.4])
+    old_rho = layer.rho.detach().clone()
+    grad = torch.zeros(20)
+    grad[[1, 5, 7, 9]] = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    swap = update_layer("l", layer, grad, fraction=1.0, criterion="snr", lam=1.0, new_sigma="mean", optimizer=None)
+    assert swap.dropped == 4 and layer.idx.tolist() == [1, 5, 7, 9]
+    assert torch.isfinite(layer.rho).all()
+    rho = dict(zip(layer.idx.tolist(), layer.rho.tolist()))
+    assert math.isclose(rho[1], float(old_rho.mean()), rel_tol=1e-6) and math.isclose(rho[7], float(old_rho[2]))

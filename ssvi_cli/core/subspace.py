@@ -228,7 +228,8 @@ def update_layer(name: str, layer: SparseGaussian, add_score: Tensor, fraction: 
             if new_sigma == "tiny":
                 fill = rho_from_sigma(torch.tensor(NEW_SIGMA_TINY), layer.sigma_param).to(layer.rho)
             else:
-                fill = layer.rho.detach()[keep_pos].mean()
+                kept_rho = layer.rho.detach()[keep_pos] if drop < k else layer.rho.detach()  # none kept (f = 1)
+                fill = kept_rho.mean()
             new_rho = carry(layer.rho.detach(), fill)
         if optimizer is not None:
             for p in (layer.mu, layer.rho):
