@@ -320,3 +320,23 @@ def test_a_support_set_under_inference_mode_still_runs_the_sparse_kernel():
         with torch.inference_mode():
             layer.set_support(layer.idx.clone(), layer.mu.detach().clone(), layer.rho.detach().clone())
             torch.testing.assert_close(layer(x), expected)
+
+
+@pytest.mark.parametrize("kernel", ["sparse", "dense"])
+def test_a_float64_layer_computes_its_lrt_variance_in_float64(kernel):
+    # the variance was always float32 (for half types' underflow), which a float64 model does not need:
+    # rho's gradient was then good to 1e-7 only and a float64 gradcheck failed
+    torch.manual_seed(0)
+    layer = make_linear(kernel=kernel).double()
+    x = torch.randn(4, 12, dtype=torch.float64)
+    mean, var = layer.moments(x)
+    assert mean.dtype == var.dtype == torch.float64
+    rho = layer.rho.detach().clone().requires_grad_(True)
+    reference = (x * x) @ layer.to_dense(sigma_from_rho(rho, layer.sigma_param) ** 2).t()
+    torch.testing.assert_close(var, reference.detach(), rtol=1e-13, atol=0)
+    cotangent = torch.randn_like(reference)
+    (var * cotangent).sum().backward()
+    (reference * cotangent).sum().backward()
+    torch.testing.assert_close(layer.rho.grad, rho.grad, rtol=1e-12, atol=0)
+    half = make_linear(kernel=kernel).to(torch.bfloat16)  # half types: float32, as before
+    assert half.moments(torch.randn(4, 12, dtype=torch.bfloat16))[1].dtype == torch.float32

@@ -175,10 +175,10 @@ class SparseGaussian(nn.Module):
         return mean, self._variance(x)
 
     def _variance(self, x: Tensor) -> Tensor:
-        """op(x^2, sigma^2), always in float32: sigma^2 ~ 1e-7 underflows in half precision."""
+        """op(x^2, sigma^2) in float32 at least (sigma^2 ~ 1e-7 underflows in half precision), float64 in a float64 layer."""
         with torch.autocast(x.device.type, enabled=False):
-            x = x.float()
-            return self.apply_weight(x * x, self.sigma().float() ** 2)
+            x = x.to(torch.promote_types(x.dtype, torch.float32))
+            return self.apply_weight(x * x, self.sigma().to(x.dtype) ** 2)
 
     @staticmethod
     def sample_from_moments(mean: Tensor, var: Tensor) -> Tensor:
