@@ -30,6 +30,7 @@ from ssvi_cli.core.criteria import REMOVAL_CRITERIA
 from ssvi_cli.core.hooks import Hook, rank_mean
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.core.modes import capturing_dense_grad, sampling
+from ssvi_cli.core.replaced import name_layers
 from ssvi_cli.core.subspace import (OptimizerStateError, Schedule, SwapReport, check_optimizer_holds, check_state_fits,
                                    collect_captured, end_step, subspace_step)
 from ssvi_cli.prediction import Prediction, predict  # re-exported: the public loop pieces in one place
@@ -126,6 +127,7 @@ class Subspace:
                        model.register_forward_hook(Hook(self._after_forward)),
                        optimizer.register_step_pre_hook(Hook(self._before_optimizer_step))]
         key = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        name_layers(optimizer, key)
         previous = _ATTACHED.get(key)
         previous = previous() if previous is not None else None
         if previous is not None and not previous._removed:

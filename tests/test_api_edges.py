@@ -261,6 +261,28 @@ def test_another_support_loaded_under_a_stepped_optimizer_is_one_clear_error():
     assert subspace.t == 1 and not torch.equal(before, model[0].mu.detach())
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_another_support_loaded_under_an_optimizer_of_a_plain_loop_is_refused_too(tmp_path, fused):
+    """Without a Subspace the check was not made: torch's bare size mismatch from inside Adam, and a
+    fused Adam stepped on, its moments of the old size (or crashed the process)."""
+    model, (x, y) = mlp(0.5), data()
+    optimizer = torch.optim.Adam(ssvi.param_groups(model, lr=0.01, lr_sigma=0.01), fused=fused)
+    train_step(model, x, y)
+    optimizer.step()
+    ssvi.save(mlp(0.9), tmp_path / "m.safetensors")
+    ssvi.load(tmp_path / "m.safetensors", model=model).train()
+    optimizer.zero_grad()
+    train_step(model, x, y)
+    before = model[0].mu.detach().clone()
+    with pytest.raises(ssvi.OptimizerStateError, match=r"^the mu of a sparse layer's \(32, 64\) weight holds 205 entries, "
+                       r"its Adam state 'exp_avg' 1024: the optimizer's state belongs to another support"):
+        optimizer.step()
+    assert torch.equal(before, model[0].mu.detach())
+    fresh = torch.optim.Adam(ssvi.param_groups(model, lr=0.01, lr_sigma=0.01), fused=fused)
+    fresh.step()  # built after the load: trains
+    assert not torch.equal(before, model[0].mu.detach())
+
+
 def test_a_subspace_is_resumed_from_its_state_dict_not_pickled_and_another_schedule_is_said(caplog, tmp_path):
     """A Subspace saved whole came back with hooks that do nothing: its first remove-and-add step after
     the load failed, blaming the loop's forward. It is refused when saved, saying what to save."""

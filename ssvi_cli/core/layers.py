@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ssvi_cli.core.capture import CapturedGrad
 from ssvi_cli.core.gaussian import LRT_EPS, gaussian_kl, input_under_autocast, randn_like, sigma_from_rho
+from ssvi_cli.core.replaced import support_set
 from ssvi_cli.core.state import support_problem
 from ssvi_cli.core.kernels import KERNELS, CsrPattern, KernelPolicy, csr_product, sparse_product
 
@@ -94,6 +95,7 @@ class SparseGaussian(nn.Module):
 
     def set_support(self, idx: Tensor, mu: Tensor, rho: Optional[Tensor] = None) -> None:
         """Replace the support and its values; ``idx`` must be sorted and unique."""
+        support_set(self.mu, self.rho, self.weight_shape, resized=idx.numel() != self.idx.numel())
         self.idx = idx.to(device=self.mu.device, dtype=torch.long)
         self.mu.data = mu.to(self.mu.device, self.mu.dtype).contiguous()
         if self.bayesian:

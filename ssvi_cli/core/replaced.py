@@ -1,33 +1,87 @@
-"""The dense weights ``sparsify`` takes out of a model, remembered so that an optimizer built before
-the conversion, which holds them and not the sparse layers, is refused at its first step rather than
-leaving the model untrained without a word (a loop with ``Subspace`` is checked there too)."""
+"""What any optimizer's step is checked against, by one pre-hook of every optimizer: the dense weights
+``sparsify`` takes out of a model, remembered so that an optimizer built before the conversion, which
+holds them and not the sparse layers, is refused at its first step rather than leaving the model
+untrained without a word; and the sparse layers' μ and ρ, so that an optimizer whose per-entry state
+belongs to another support of a layer (the model loaded under an optimizer that stepped it) is refused
+rather than failing with torch's bare size mismatch, or, fused, stepping wrongly (a loop with
+``Subspace`` is checked there too)."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import weakref
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 REPLACED = "_ssvi_replaced"  # on a parameter sparsify took out of the model: the layer's name
-_hooked = False  # the optimizers' step pre-hook is registered (once, by the first conversion)
+_hooked = False  # the optimizers' step pre-hook is registered (once, by the first conversion or layer)
 # optimizer -> its parameter count when found clean; by id, as an optimizer class may define __eq__
 # without __hash__
 _CHECKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_SPARSE: WeakIdKeyDictionary = WeakIdKeyDictionary()  # a sparse layer's mu or rho -> "mu of a (7, 12) weight"
+_MODELS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # optimizer -> weakref of the model whose layers it steps
+STATE_ADVICE = ("the optimizer's state belongs to another support of the layer (a model loaded under an optimizer "
+                "that stepped it, or an optimizer state loaded without the model state saved with it); build the "
+                "optimizer again after loading, or load the model's and the optimizer's state_dicts saved together")
+
+
+class OptimizerStateError(TypeError):
+    """An optimizer whose per-parameter state a remove-and-add step cannot reset, or that belongs to
+    another support of a layer."""
 
 
 def mark_replaced(module: nn.Module, name: str) -> None:
     """``module``'s own weights were taken out of a model, where it was the layer ``name``."""
-    global _hooked
     for param in module.parameters(recurse=False):
         setattr(param, REPLACED, name)
     _CHECKED.clear()  # an optimizer found clean before may hold these weights: every one is looked at again
+    _hook()
+
+
+def support_set(mu: torch.Tensor, rho: Optional[torch.Tensor], shape: tuple[int, ...], resized: bool) -> None:
+    """A sparse layer of a ``shape`` weight took a support; ``resized``: of another size than before."""
+    for part, param in (("mu", mu), ("rho", rho)):
+        if param is not None and param not in _SPARSE:
+            _SPARSE[param] = f"{part} of a sparse layer's {tuple(shape)} weight"
+    if resized:
+        _CHECKED.clear()  # an optimizer found clean before may hold state of the old size
+    _hook()
+
+
+def name_layers(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Name ``model``'s layers (``0.mu``) in the step pre-hook's refusals of ``optimizer`` (a
+    ``Subspace`` knows the model its optimizer steps)."""
+    _MODELS[optimizer] = weakref.ref(model)
+
+
+def _named(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> str:
+    """``param`` as ``layer.mu`` in the model :func:`name_layers` gave, else as its weight's shape."""
+    model = _MODELS[optimizer]() if optimizer in _MODELS else None
+    for name, module in model.named_modules() if model is not None else ():
+        for part in ("mu", "rho"):
+            if module._parameters.get(part) is param:
+                return f"{name}.{part}"
+    return f"the {_SPARSE[param]}"
+
+
+def _hook() -> None:
+    global _hooked
     if not _hooked:
         from torch.optim.optimizer import register_optimizer_step_pre_hook
 
         register_optimizer_step_pre_hook(_refuse_replaced_weights)
         _hooked = True
+
+
+def state_misfit(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> Optional[tuple[str, int]]:
+    """A per-entry state tensor of the 1-D ``param`` (a moment, a momentum buffer) of another size:
+    its key and size; None when all fit."""
+    for key, value in (optimizer.state.get(param) or {}).items():
+        if isinstance(value, torch.Tensor) and value.dim() == 1 == param.dim() and value.numel() != param.numel():
+            return key, value.numel()
+    return None
 
 
 def unmark(modules: Iterable[nn.Module]) -> None:
@@ -56,5 +110,9 @@ def _refuse_replaced_weights(optimizer: torch.optim.Optimizer, args: Any, kwargs
         raise ValueError(f"this {type(optimizer).__name__} holds the weights of {name!r} that sparsify took out of the "
                          "model, not its sparse layers, which would never train; build the optimizer after sparsify, "
                          "from ssvi_cli.param_groups(model, lr, lr_sigma) or model.parameters()")
+    for p in (p for g in optimizer.param_groups for p in g["params"] if p in _SPARSE):
+        if misfit := state_misfit(optimizer, p):
+            raise OptimizerStateError(f"{_named(optimizer, p)} holds {p.numel()} entries, its {type(optimizer).__name__} "
+                                      f"state {misfit[0]!r} {misfit[1]}: {STATE_ADVICE}")
     if not taken:
         _CHECKED[optimizer] = count

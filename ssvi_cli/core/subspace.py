@@ -20,12 +20,9 @@ from ssvi_cli.config import DELTA_T_AUTO, MIN_SUBSPACE_STEPS, PAPER_DELTA_T, Spa
 from ssvi_cli.core.criteria import ranking_score, top_k_indices
 from ssvi_cli.core.layers import SparseGaussian, sparse_layers
 from ssvi_cli.core.gaussian import rho_from_sigma
+from ssvi_cli.core.replaced import STATE_ADVICE, OptimizerStateError, state_misfit  # noqa: F401 - re-exported
 
 NEW_SIGMA_TINY = 1e-6
-
-
-class OptimizerStateError(TypeError):
-    """An optimizer whose per-parameter state a remove-and-add step cannot reset."""
 
 
 def check_resettable(optimizer: torch.optim.Optimizer, layers: list[SparseGaussian]) -> None:
@@ -60,14 +57,9 @@ def check_state_fits(optimizer: torch.optim.Optimizer, model: nn.Module) -> None
     support (torch would fail with a bare size mismatch inside the optimizer)."""
     for name, layer in sparse_layers(model):
         for part, p in (("mu", layer.mu), ("rho", layer.rho)):
-            for key, value in ((optimizer.state.get(p) or {}).items() if p is not None else ()):
-                if isinstance(value, Tensor) and value.dim() == 1 == p.dim() and value.numel() != p.numel():
-                    raise OptimizerStateError(
-                        f"{name}.{part} holds {p.numel()} entries, its {type(optimizer).__name__} state {key!r} "
-                        f"{value.numel()}: the optimizer's state belongs to another support of the layer (a model "
-                        "loaded under an optimizer that stepped it, or an optimizer state loaded without the model "
-                        "state saved with it); build the optimizer again after loading, or load the model's and the "
-                        "optimizer's state_dicts saved together")
+            if p is not None and (misfit := state_misfit(optimizer, p)):
+                raise OptimizerStateError(f"{name}.{part} holds {p.numel()} entries, its {type(optimizer).__name__} "
+                                          f"state {misfit[0]!r} {misfit[1]}: {STATE_ADVICE}")
 
 
 def resolve_delta_t(delta_t: int | str, t_end: int, min_steps: int, accumulate: int = 1) -> int:
