@@ -219,6 +219,22 @@ def test_npy_array_of_the_users_inputs(capsys, subset_model, tmp_path, make):
     _check_ood_block(doc["ood"][str(path)], 6)
 
 
+def test_a_square_array_of_flattened_inputs_is_read_so_with_the_warning_infer_gives(capsys, subset_model, tmp_path,
+                                                                                     caplog):
+    # (64, 64) for the digits: 64 flattened inputs, or one 64x64 picture; a folder's file and infer said
+    # which reading they took, the array given whole did not
+    import logging
+
+    path = tmp_path / "square.npy"
+    np.save(path, np.random.default_rng(2).integers(0, 17, (64, 64)).astype(np.float32))
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli.evaluation.arrays"):
+        doc = _report(capsys, subset_model, str(path))
+    assert doc["ood"][str(path)]["n"] == 64
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--ood {path}: an array of shape (64, 64) is read as 64 flattened inputs of 64 values each; a 64x64 gray "
+        "picture reads as one image saved as (1, 64, 64) or as a PNG"]
+
+
 def test_a_folder_of_arrays_and_images_reads_as_ssvi_infer_reads_it(capsys, subset_model, tmp_path):
     """--ood DIR of .npy files was refused as a folder without images; each file is now one image or a
     batch by infer's rules, in infer's order, so the OOD set is the inputs infer would predict."""

@@ -42,7 +42,7 @@ def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: fl
     if arr.size == 0:
         raise InputError(f"{name}: array of shape {arr.shape} holds no pixels")
     channel_sizes = (1, 3, 4)
-    arr = _unflattened(arr, input_shape, name)
+    arr = unflattened(arr, input_shape, name)
     if arr.ndim == 2:
         features = int(np.prod(input_shape)) if input_shape is not None and len(input_shape) == 3 else None
         if features and abs(arr.shape[1] - features) <= max(2, features // 10):
@@ -93,14 +93,15 @@ def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: fl
     return out
 
 
-def _unflattened(arr: np.ndarray, input_shape: Optional[Sequence[int]], name: str) -> np.ndarray:
-    """``arr`` as (N, C, H, W) when it holds flattened model inputs (``array_to_images``), else as it is."""
+def unflattened(arr: np.ndarray, input_shape: Optional[Sequence[int]], name: str, batch: bool = False) -> np.ndarray:
+    """``arr`` as (N, C, H, W) when it holds flattened model inputs (``array_to_images``), else as it is;
+    ``batch``: an array that must be a batch (an OOD set), so never one (H, W) picture."""
     if input_shape is None or len(input_shape) != 3:
         return arr
     features = int(np.prod(input_shape))
     if arr.ndim == 1 and arr.size == features:
         return arr.reshape(1, *input_shape)
-    if arr.ndim == 2 and arr.shape[1] == features and tuple(arr.shape) != tuple(input_shape[1:]):
+    if arr.ndim == 2 and arr.shape[1] == features and (batch or tuple(arr.shape) != tuple(input_shape[1:])):
         if arr.shape[0] == features:  # as square as a gray picture: the other reading is said
             logger.warning("%s: an array of shape %s is read as %d flattened inputs of %d values each; a %dx%d gray "
                            "picture reads as one image saved as (1, %d, %d) or as a PNG", name, tuple(arr.shape),

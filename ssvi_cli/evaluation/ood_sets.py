@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from ssvi_cli.data import DataError, DatasetUnavailable, DataSpec, PreparedDataset, preprocess
 from ssvi_cli.data.images import ARRAY_SUFFIX, IMAGE_SUFFIXES, find_files, read_array, read_image, unreadable
 from ssvi_cli.data.ood import HELDOUT, OodRequest, build_ood, parse_ood
-from ssvi_cli.evaluation.arrays import array_to_images, load_array
+from ssvi_cli.evaluation.arrays import array_to_images, load_array, unflattened
 
 logger = logging.getLogger(__name__)
 
@@ -157,8 +157,8 @@ def _array(path: Path, spec: DataSpec) -> np.ndarray:
     if arr.size == 0:
         raise DataError(f"--ood {path}: array of shape {shape} holds no images; an OOD set needs at least one")
     features = int(np.prod(spec.input_shape))
-    if arr.ndim == 2 and arr.shape[1] == features:  # flattened inputs, as load_digits().data
-        arr = arr.reshape(len(arr), *spec.input_shape)
+    if arr.ndim == 2 and arr.shape[1] == features:  # flattened inputs, as load_digits().data (a square one: said)
+        arr = unflattened(arr, spec.input_shape, f"--ood {path}", batch=True)
     elif arr.ndim == 3 and arr.shape[-1] == 1 and arr.shape[1] > 1:  # not N images one pixel wide
         raise DataError(f"--ood {path}: array of shape {shape} is one gray (H, W, 1) image; an OOD set is a batch, "
                         "(N, H, W) or (N, H, W, 1)")
