@@ -535,3 +535,14 @@ def test_every_input_that_cannot_be_read_is_named_at_once(model_file, digits, tm
                     "or remove them")
     said = str(unreadable([("b.png", InputError("b")), ("-", InputError("s"))], 2, "input files", InputError))
     assert said.endswith("also standard input; replace or remove them")
+
+
+def test_a_warning_reads_as_the_commands_notes_do_and_debug_names_its_source(model_file, tmp_path):
+    # "WARNING ssvi_cli.evaluation.arrays: ..." showed a module path where every other line says "note:"
+    np.save(tmp_path / "square.npy", np.zeros((64, 64), np.float32))
+    command = [sys.executable, "-m", "ssvi_cli", "infer", str(model_file), str(tmp_path / "square.npy"), "--json"]
+    for extra, start in (([], "warning: "), (["--debug"], "WARNING ssvi_cli.evaluation.arrays: ")):
+        proc = subprocess.run(command + extra, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        line = next(l for l in proc.stderr.splitlines() if "flattened inputs" in l)
+        assert line.startswith(start + f"{tmp_path / 'square.npy'}: an array of shape (64, 64) is read as 64 flattened")

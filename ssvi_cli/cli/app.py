@@ -173,6 +173,13 @@ def _empty_argument(args: Sequence[str]) -> Optional[str]:
     return None
 
 
+class _Plain(logging.Formatter):
+    """``warning: message``, the level in lower case."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {super().format(record)}"
+
+
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI and return its exit code: 0 ok, 1 runtime failure, 2 usage error, 130 interrupted
     (Ctrl-C; the ``ssvi`` command then ends by SIGINT: :func:`main`), 143 stopped by SIGTERM, 129 by
@@ -181,8 +188,9 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = Debug.on = "--debug" in args
     args = [a for a in args if a != "--debug"]
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()  # "warning: ..." as the commands' notes and errors read; --debug names the logger
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if debug else _Plain())
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler])
     _show_progress()
     fit_torch_threads()
     if (empty := _empty_argument(args)) is not None:
