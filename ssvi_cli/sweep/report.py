@@ -236,15 +236,18 @@ def _iou_markdown(groups: list[dict[str, Any]]) -> list[str]:
         over = "seeds" if recorded == n else f"the {recorded} of {n} seeds that recorded it"
         steps = {s: sorted(set(iou[s]["steps"])) for s in STAGES}  # seeds may reach a stage at other steps
         label = lambda s: f"step {steps[s][0]}" + (f"-{steps[s][-1]}" if len(steps[s]) > 1 else "")  # noqa: E731
+        shown = [s for k, s in enumerate(STAGES) if k == 0 or steps[s] != steps[STAGES[k - 1]]]  # one column a step
+        fewer = "" if len(shown) == len(STAGES) else (" The runs recorded it at too few such steps for three: a "
+                                                      "column that would repeat the one before it is left out.")
         out += ["", f"## Criteria overlap: {group_label(g)}", "",
                 f"IoU of the entries each removal criterion would drop (mean over {over}), "
                 "at the first, middle and last of the (up to ten) subspace steps a run records it at, spread "
-                "over the steps that drop any entry.", "",
-                "| criteria | " + " | ".join(f"{s} ({label(s)})" for s in STAGES) + " |",
-                "|---|" + "---|" * len(STAGES)]
+                f"over the steps that drop any entry.{fewer}", "",
+                "| criteria | " + " | ".join(f"{s} ({label(s)})" for s in shown) + " |",
+                "|---|" + "---|" * len(shown)]
         for i, j in pairs:
             out.append(f"| {names[i]} vs {names[j]} | "
-                       + " | ".join(f"{iou[s]['iou'][i][j]:.3f}" for s in STAGES) + " |")
+                       + " | ".join(f"{iou[s]['iou'][i][j]:.3f}" for s in shown) + " |")
     return out
 
 
