@@ -897,10 +897,13 @@ def test_the_epoch_line_shows_the_loss_as_nll_plus_kl(tmp_path: Path, capsys):
     assert len(lines) == 2, lines
     kls = []
     for line in lines:
-        loss, nll, kl = map(float, re.search(r"loss (\S+) \(nll (\S+) \+ kl (\S+)\)", line).groups())
+        loss, nll, kl = map(float, re.search(r"loss (\S+) \(nll (\S+) \+ weighted kl (\S+)\)", line).groups())
         assert abs(loss - nll - kl) < 2e-4 and kl >= 0, line
         kls.append(kl)
     assert kls[-1] > kls[0], lines  # the KL weight warms up from zero
+    # metrics.jsonl's "kl" is the unweighted KL at the epoch's last step, as README says, not the line's
+    record = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["kl"] > 100 * kls[-1] and 0 < record["kl"] * record["kl_weight"] < 10 * kls[-1]
 
 
 def test_the_recipe_note_names_a_preset_file_and_says_nothing_of_one_that_names_no_model(tmp_path: Path):

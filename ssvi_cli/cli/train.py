@@ -282,9 +282,10 @@ def _fit(trainer, interrupted_cls, quiet: bool, say: Callable[[str], None]) -> d
 
         def on_epoch_end(rec: dict[str, Any]) -> None:
             if bar is None and not quiet:
-                # the loss is the NLL plus the KL term, which grows with its weight's warm-up
+                # the loss is the NLL plus the KL times its weight, which grows with the warm-up (the
+                # epoch's mean; metrics.jsonl's "kl" is the unweighted KL at its last step)
                 tell(f"epoch {rec['epoch']}/{cfg.train.epochs} loss {rec['loss']:.4f} "
-                          f"(nll {rec['nll']:.4f} + kl {rec['loss'] - rec['nll']:.4f}) train_acc {rec['train_accuracy']:.3f} "
+                          f"(nll {rec['nll']:.4f} + weighted kl {rec['loss'] - rec['nll']:.4f}) train_acc {rec['train_accuracy']:.3f} "
                           f"val_acc {fmt(rec['val_accuracy'], 3)} density {rec['density']:.4f} "
                           f"swapped {rec['swapped']} {rec['seconds']:.1f}s")
 
