@@ -277,16 +277,15 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     for key, value in overrides.items():
         parts = key.split(".")
         if len(parts) != 2 or parts[0] not in sections:
-            raise ConfigError(
-                f"unknown config key {key!r}{_did_you_mean(key)}; valid keys are: {', '.join(valid_keys())}"
-            )
+            raise ConfigError(f"unknown config key {key!r}" + (
+                f"{hint}; 'ssvi presets NAME' lists every key" if (hint := _did_you_mean(key)) else
+                f"; valid keys are: {', '.join(valid_keys())}"))
         section, name = parts
         types = _section_types(type(sections[section]))
         if name not in types:
-            raise ConfigError(
-                f"unknown config key {key!r}{_did_you_mean(key)}; valid keys in {section!r} are: "
-                + ", ".join(f"{section}.{k}" for k in types)
-            )
+            raise ConfigError(f"unknown config key {key!r}" + (
+                f"{hint}; 'ssvi presets NAME' lists every key" if (hint := _did_you_mean(key)) else
+                f"; valid keys in {section!r} are: " + ", ".join(f"{section}.{k}" for k in types)))
         sections[section] = replace(sections[section], **{name: _coerce(value, types[name], key)})
     new = Config(**sections)
     validate(new)

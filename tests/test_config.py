@@ -28,6 +28,9 @@ def test_override_types_and_round_trip():
     ("train.epoch", 3, "unknown config key 'train.epoch' (did you mean 'train.epochs'?)"),
     ("trian.epochs", 3, "unknown config key 'trian.epochs' (did you mean 'train.epochs'?)"),
     ("lr", 0.1, "unknown config key 'lr' (did you mean 'optim.lr'?)"),  # the one section with that key
+    # a close key is the answer: the 51 keys after it were too much to read
+    ("optm.lr", 0.1, "unknown config key 'optm.lr' (did you mean 'optim.lr'?); 'ssvi presets NAME' lists every key"),
+    ("optim.lrr", 0.1, "(did you mean 'optim.lr'?); 'ssvi presets NAME' lists every key"),
 ])
 def test_bad_values_are_rejected_with_the_choices(key, value, needle):
     with pytest.raises(C.ConfigError) as exc:
