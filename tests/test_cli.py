@@ -322,6 +322,9 @@ def test_at_80_columns_preset_names_commands_and_paths_stay_whole(tmp_path: Path
     shown = capsys.readouterr().out
     assert f"model file: {run_dir / 'model.safetensors'}" in shown.splitlines()
     assert "…" not in shown
+    model = run_dir / "model.safetensors"  # and what to do with it, on a line a person can copy from
+    assert (f"next: ssvi evaluate {model} --ood noise | ssvi infer {model} IMAGES | ssvi inspect {model}"
+            in shown.splitlines())
 
 
 def test_train_takes_data_data_dir_and_download_flags_as_evaluate_does(tmp_path: Path, capsys):
@@ -916,3 +919,13 @@ def test_the_recipe_note_names_a_preset_file_and_says_nothing_of_one_that_names_
         f"note: lenet5 trains with the recipe of {tmp_path / 'mine.yaml'}, tuned for its mlp (here adam lr 0.01")
     (tmp_path / "bare.yaml").write_text("optim:\n  lr: 0.02\n")  # the schema's defaults: no recipe to name
     assert recipe_note(cfg, str(tmp_path / "bare.yaml")) == ""
+
+
+def test_train_json_shows_its_epochs_on_stderr_and_keeps_stdout_for_the_summary(tmp_path: Path, capsys):
+    # under --json an hours-long run said nothing until its end
+    assert run(["train", "--epochs", "2", "--set", "data.max_train=64", "--set", "train.eval_samples=1",
+                "--out", str(tmp_path / "r"), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["epochs"] == 2
+    assert [l.split(" loss ")[0] for l in err.splitlines() if l.startswith("epoch ")] == ["epoch 1/2", "epoch 2/2"]
+    assert err.startswith("training mlp on digits (64 train, 8 val, 360 test images)")

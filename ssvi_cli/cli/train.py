@@ -20,7 +20,7 @@ from ssvi_cli.cli.train_config import (build_config, default_run_dir, finished_r
 
 
 def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
-    rows = {
+    return {
         "method": summary["method"],
         "model / data": f"{summary['model']} / {summary['dataset']}",
         "target sparsity": summary["sparsity"],
@@ -37,15 +37,12 @@ def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
         "training FLOPs": _flops_row(summary),
         "model file bytes": f"{summary.get('model_file_bytes', 0):,}",
     }
-    return rows
 
 
 def _subspace_row(summary: dict[str, Any]) -> str:
     """``586 (delta_t 100)``, or ``104 (delta_t 9, auto)`` when the run's length chose it."""
-    dt = summary.get("delta_t")
-    if dt is None:
-        return str(summary["subspace_steps"])
-    return f"{summary['subspace_steps']} (delta_t {dt}{', auto' if summary.get('delta_t_auto') else ''})"
+    dt, auto = summary.get("delta_t"), ", auto" if summary.get("delta_t_auto") else ""
+    return str(summary["subspace_steps"]) if dt is None else f"{summary['subspace_steps']} (delta_t {dt}{auto})"
 
 
 def _flops_row(summary: dict[str, Any]) -> str:
@@ -181,7 +178,7 @@ def register(app: typer.Typer) -> None:
                     tell(f"resuming {resume} {where}" + (f" on {info.world_size} processes" if info.enabled else ""))
                     say(threads_note(trainer.run, trainer.device.type))
                     say(processes_note(trainer.state.global_batch, trainer.cfg.train.batch_size, info.world_size))
-                summary = _fit(trainer, Interrupted, quiet=json_out or not info.is_main, say=say)
+                summary = _fit(trainer, Interrupted, quiet=not info.is_main, say=say, bar=not json_out)
             finally:
                 if trainer is not None:
                     trainer.release_process_group()
@@ -199,7 +196,9 @@ def register(app: typer.Typer) -> None:
             return
         tell(kv_table(f"ssvi train: {trainer.run_dir}", summary_rows(summary)), console=out)
         # Paths on lines of their own, never folded into a cell, so a person can copy them.
-        tell(f"model file: {summary.get('model_file')}", console=out, highlight=False)
+        model = shlex.quote(str(summary.get("model_file")))
+        tell(f"model file: {summary.get('model_file')}\nnext: ssvi evaluate {model} --ood noise | ssvi infer {model} "
+             f"IMAGES | ssvi inspect {model}", console=out, highlight=False)
 
 
 def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: Optional[str], out_dir: Optional[Path], force: bool,
@@ -248,9 +247,10 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: Opti
         raise typer.Exit(1 if ended.code < 0 else ended.code)
 
 
-def _fit(trainer, interrupted_cls, quiet: bool, say: Callable[[str], None]) -> dict[str, Any]:
-    """Train with a progress display (none when ``quiet``); ``say`` takes the notes about the run. A line
-    that finds no reader (``2>&1 | head``) is dropped: the run goes on to its model file."""
+def _fit(trainer, interrupted_cls, quiet: bool, say: Callable[[str], None], bar: bool = True) -> dict[str, Any]:
+    """Train with a progress display on stderr (none when ``quiet``; a line per epoch, no bar, without
+    ``bar``: under --json); ``say`` takes the notes about the run. A line that finds no reader
+    (``2>&1 | head``) is dropped: the run goes on to its model file."""
     from ssvi_cli.core.allocation import kept_dense_weights
     from ssvi_cli.training.records import Progress
 
@@ -266,7 +266,7 @@ def _fit(trainer, interrupted_cls, quiet: bool, say: Callable[[str], None]) -> d
     if kept := kept_dense_weights(trainer.model):
         say(f"note: {kept:,} weights of {cfg.model.name} sit in layers ssvi keeps dense (attention projections, "
             "embeddings: docs/API.md, sparsify); the sparsity, file savings and FLOPs count its converted layers")
-    with progress_bar(enabled=not quiet) as bar:
+    with progress_bar(enabled=not quiet and bar) as bar:
         task = None
 
         def on_epoch_start(epoch: int, n_batches: int) -> None:
