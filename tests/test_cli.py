@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -929,3 +930,15 @@ def test_train_json_shows_its_epochs_on_stderr_and_keeps_stdout_for_the_summary(
     assert json.loads(out)["epochs"] == 2
     assert [l.split(" loss ")[0] for l in err.splitlines() if l.startswith("epoch ")] == ["epoch 1/2", "epoch 2/2"]
     assert err.startswith("training mlp on digits (64 train, 8 val, 360 test images)")
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "export", "infer", "inspect", "bench", "sweep", "presets"])
+def test_every_help_reads_whole_at_80_columns(command):
+    """Rich cut long words in --help with '…' at 80 columns: a flag name (--no-skip-unre…), a default
+    path, an example (torchvision:ResNet18_W…)."""
+    env = {**os.environ, "COLUMNS": "80", "TERMINAL_WIDTH": "80"}
+    proc = subprocess.run([sys.executable, "-m", "ssvi_cli", command, "--help"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0 and "Usage: ssvi" in proc.stdout, proc.stderr
+    assert max(len(l) for l in proc.stdout.splitlines()) <= 80
+    assert "…" not in proc.stdout, [l for l in proc.stdout.splitlines() if "…" in l]

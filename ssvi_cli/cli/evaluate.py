@@ -109,7 +109,7 @@ def register(app: typer.Typer) -> None:
         batch_size: Annotated[int, typer.Option(help="Images per prediction batch.")] = 500,
         seed: Annotated[int, typer.Option(help="Seed of the Monte Carlo draws and of the OOD subsets.", min=0, max=MAX_SEED)] = 0,
         ood_max_items: Annotated[int, typer.Option("--ood-max-items", help="Items of each OOD set at most, drawn with --seed (fewer: faster for a large model, a noisier AUROC).", min=1)] = 2000,
-        data_dir: Annotated[Optional[Path], typer.Option(help="Folder of torchvision datasets, for the in-distribution data and --ood NAME (default: the training config's, else ~/.cache/ssvi/data).")] = None,
+        data_dir: Annotated[Optional[Path], typer.Option(help="Folder of torchvision datasets, for the in-distribution data and --ood NAME (default: the training config's, else the data folder in ~/.cache/ssvi).")] = None,
         download: Annotated[bool, typer.Option(help="Download missing torchvision datasets.")] = False,
         device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); the default, cpu, gives the numbers a machine without a GPU gives.")] = "cpu",
         json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document (and nothing else) on stdout.")] = False,

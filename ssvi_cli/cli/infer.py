@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
         output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write all predictions to preds.jsonl or preds.csv.")] = None,
         device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); the default, cpu, gives the predictions a machine without a GPU gives.")] = "cpu",
         json_out: Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")] = False,
-        skip_unreadable: Annotated[bool, typer.Option(help="Predict the inputs that read and name the others (on stderr; under 'skipped' with --json) instead of refusing them all.")] = False,
+        skip_unreadable: Annotated[bool, typer.Option("--skip-unreadable", help="Predict the inputs that read and name the others (on stderr; under 'skipped' with --json) instead of refusing them all.")] = False,
     ) -> None:
         """Predict class, probability, top-k, predictive entropy and mutual information per input."""
         from ssvi_cli.data.images import shown
