@@ -91,6 +91,7 @@ def test_cli_tables(capsys):
     # the first line is the command that measures the same again, every setting spelt out
     assert text.splitlines()[0] == ("ssvi bench --model lenet5 --sparsity 0.9 --batch-size 2 --samples 1 --repeats 1 "
                                     "--input-size 28 --threads 1 --warmup 0 --device cpu")
+    assert "batch 2, one run each after 0 warm-up runs" in text  # not "medians of 1 interleaved repeats"
 
 
 def test_more_threads_than_cores_is_noted(capsys, monkeypatch):

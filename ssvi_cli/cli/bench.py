@@ -130,8 +130,9 @@ def register(app: typer.Typer) -> None:
         out.print(escape(f"cpu: {m['cpu']} ({m['logical_cpus']} logical CPUs), torch {m['torch']}"), markup=True)
         out.print(f"model: {result['architecture']}, the {result['recipe']} preset's recipe")
         shape = "x".join(map(str, result["input_shape"]))
-        out.print(f"data: {result['data']}, {shape}; batch {result['batch_size']}, medians of {result['repeats']} "
-                  f"interleaved repeats after {count(result['warmup'], 'warm-up run')}")
+        timed = (f"medians of {result['repeats']} interleaved repeats" if result["repeats"] != 1 else "one run each")
+        out.print(f"data: {result['data']}, {shape}; batch {result['batch_size']}, {timed} after "
+                  f"{count(result['warmup'], 'warm-up run')}")
         out.print(train_table(result))
         out.print(state_note(result))
         out.print(amortised_table(result))
