@@ -502,3 +502,20 @@ def test_numpy_numbers_are_numbers():
     torch.optim.SGD(ssvi.param_groups(model, lr=torch.tensor(0.1), lr_sigma=torch.tensor(0.01)))
     assert float(ssvi.kl_term(model, n_train=10, beta=torch.tensor(0.5)).detach()) > 0
     assert ssvi.predict(model, torch.randn(2, 64), samples=None, mode="mean").samples is None
+
+
+def test_an_optimizer_state_of_another_support_loaded_into_a_clean_optimizer_is_refused_at_its_step():
+    # found clean at its first step, the optimizer was not looked at again after its own state was loaded
+    model, (x, y) = mlp(0.9), data()
+    other = mlp(0.5)
+    other_opt = torch.optim.Adam(ssvi.param_groups(other, lr=0.01, lr_sigma=0.01))
+    train_step(other, x, y)
+    other_opt.step()
+    optimizer = torch.optim.Adam(ssvi.param_groups(model, lr=0.01, lr_sigma=0.01))
+    train_step(model, x, y)
+    optimizer.step()  # clean
+    optimizer.load_state_dict(other_opt.state_dict())  # moments of the 0.5 model's supports
+    optimizer.zero_grad()
+    train_step(model, x, y)
+    with pytest.raises(ssvi.OptimizerStateError, match=r"holds 205 entries, its Adam state 'exp_avg' 1024"):
+        optimizer.step()

@@ -22,6 +22,7 @@ _hooked = False  # the optimizers' step pre-hook is registered (once, by the fir
 _CHECKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _SPARSE: WeakIdKeyDictionary = WeakIdKeyDictionary()  # a sparse layer's mu or rho -> "mu of a (7, 12) weight"
 _MODELS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # optimizer -> weakref of the model whose layers it steps
+_WATCHED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # optimizer -> its hook that forgets it was found clean
 STATE_ADVICE = ("the optimizer's state belongs to another support of the layer (a model loaded under an optimizer "
                 "that stepped it, or an optimizer state loaded without the model state saved with it); build the "
                 "optimizer again after loading, or load the model's and the optimizer's state_dicts saved together")
@@ -99,8 +100,9 @@ def _refuse_replaced_weights(optimizer: torch.optim.Optimizer, args: Any, kwargs
     the model, and stepping it would leave the sparse layers untrained without a word. A weight taken
     out that has a gradient other than zero is in use elsewhere (another model sharing it) and passes;
     one whose gradient a ``zero_grad(set_to_none=False)`` left at zeros does not. An optimizer found
-    clean is looked through again only when its parameter count changes or a layer is converted; one
-    that passed only on such a gradient, at every step."""
+    clean is looked through again only when its parameter count changes, a layer is converted or
+    resized, or its own state is loaded; one that passed only on such a gradient, at every step.
+    Then its sparse layers' per-entry state must have their current size."""
     count = sum(len(group["params"]) for group in optimizer.param_groups)
     if _CHECKED.get(optimizer) == count:
         return
@@ -115,4 +117,6 @@ def _refuse_replaced_weights(optimizer: torch.optim.Optimizer, args: Any, kwargs
             raise OptimizerStateError(f"{_named(optimizer, p)} holds {p.numel()} entries, its {type(optimizer).__name__} "
                                       f"state {misfit[0]!r} {misfit[1]}: {STATE_ADVICE}")
     if not taken:
+        if optimizer not in _WATCHED:  # an optimizer state loaded later may be of another support
+            _WATCHED[optimizer] = optimizer.register_load_state_dict_post_hook(lambda opt: _CHECKED.pop(opt, None))
         _CHECKED[optimizer] = count
