@@ -519,3 +519,36 @@ def test_an_optimizer_state_of_another_support_loaded_into_a_clean_optimizer_is_
     train_step(model, x, y)
     with pytest.raises(ssvi.OptimizerStateError, match=r"holds 205 entries, its Adam state 'exp_avg' 1024"):
         optimizer.step()
+
+
+def test_lbfgs_in_a_plain_loop_is_not_taken_for_a_stale_optimizer(tmp_path):
+    # LBFGS keeps one flat direction over all parameters under its first, a sparse mu: the state check
+    # read it as moments of another support once anything made it look again (another model converted,
+    # the optimizer's own state loaded for a resume)
+    model, (x, y) = mlp(0.5), data()
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        optimizer.step(closure)
+    mlp(0.9)  # another model converted: every optimizer is looked at again
+    optimizer.step(closure)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "c.pt")
+    saved = torch.load(tmp_path / "c.pt", weights_only=True)
+    resumed = mlp(0.5)
+    resumed.load_state_dict(saved["model"])
+    again = torch.optim.LBFGS(resumed.parameters(), lr=0.1, max_iter=3)
+    again.load_state_dict(saved["optimizer"])
+
+    def closure_again():
+        again.zero_grad()
+        loss = F.cross_entropy(resumed(x), y)
+        loss.backward()
+        return loss
+
+    again.step(closure_again)

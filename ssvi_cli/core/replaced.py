@@ -76,11 +76,13 @@ def _hook() -> None:
         _hooked = True
 
 
-def state_misfit(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> Optional[tuple[str, int]]:
+def state_misfit(optimizer: torch.optim.Optimizer, param: torch.Tensor, flat: int = -1) -> Optional[tuple[str, int]]:
     """A per-entry state tensor of the 1-D ``param`` (a moment, a momentum buffer) of another size:
-    its key and size; None when all fit."""
+    its key and size; None when all fit. A tensor of ``flat`` entries, all the optimizer's parameters
+    in one vector (as LBFGS keeps its direction under its first parameter), is not per entry."""
     for key, value in (optimizer.state.get(param) or {}).items():
-        if isinstance(value, torch.Tensor) and value.dim() == 1 == param.dim() and value.numel() != param.numel():
+        if (isinstance(value, torch.Tensor) and value.dim() == 1 == param.dim()
+                and value.numel() not in (param.numel(), flat)):
             return key, value.numel()
     return None
 
@@ -112,8 +114,9 @@ def _refuse_replaced_weights(optimizer: torch.optim.Optimizer, args: Any, kwargs
         raise ValueError(f"this {type(optimizer).__name__} holds the weights of {name!r} that sparsify took out of the "
                          "model, not its sparse layers, which would never train; build the optimizer after sparsify, "
                          "from ssvi_cli.param_groups(model, lr, lr_sigma) or model.parameters()")
+    flat = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     for p in (p for g in optimizer.param_groups for p in g["params"] if p in _SPARSE):
-        if misfit := state_misfit(optimizer, p):
+        if misfit := state_misfit(optimizer, p, flat):
             raise OptimizerStateError(f"{_named(optimizer, p)} holds {p.numel()} entries, its {type(optimizer).__name__} "
                                       f"state {misfit[0]!r} {misfit[1]}: {STATE_ADVICE}")
     if not taken:
