@@ -300,6 +300,7 @@ def _bad_inputs(root: Path) -> None:
     np.save(root / "nochannels.npy", np.zeros((2, 5, 8, 8)))
     np.save(root / "empty.npy", np.zeros((0, 8, 8)))
     np.save(root / "picture.npy", np.zeros((8, 8, 1)))  # np.asarray(img)[..., None]: not 8 images 1 pixel wide
+    np.save(root / "colour.npy", np.zeros((8, 8, 3)))
     (root / "notes.txt").write_text("text\n")
     (root / "text.npy").write_text("not an array\n")
 
@@ -311,8 +312,9 @@ def _bad_inputs(root: Path) -> None:
     ("{root}/fivedim.npy", "array of shape (2, 1, 1, 8, 8); expected"),
     ("{root}/nochannels.npy", "array of shape (2, 5, 8, 8); expected"),
     ("{root}/empty.npy", "array of shape (0, 8, 8) holds no images; an OOD set needs at least one"),
-    ("{root}/picture.npy", "array of shape (8, 8, 1) is one gray (H, W, 1) image; an OOD set is a batch, (N, H, W) "
-                           "or (N, H, W, 1)"),
+    ("{root}/picture.npy", "array of shape (8, 8, 1) is one (H, W, C) image, as ssvi infer reads it; an OOD set is a "
+                           "batch, (N, H, W), (N, H, W, C) or (N, C, H, W)"),
+    ("{root}/colour.npy", "array of shape (8, 8, 3) is one (H, W, C) image"),  # was 8 gray images 3 pixels wide
     ("{root}/missing.npy", "no such file or folder"),
     ("{root}/notes.txt", "a file must be a .npy array"),
     ("{root}/text.npy", "text.npy: not a .npy file (it lacks numpy's header)"),

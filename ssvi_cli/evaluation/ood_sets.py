@@ -159,9 +159,9 @@ def _array(path: Path, spec: DataSpec) -> np.ndarray:
     features = int(np.prod(spec.input_shape))
     if arr.ndim == 2 and arr.shape[1] == features:  # flattened inputs, as load_digits().data (a square one: said)
         arr = unflattened(arr, spec.input_shape, f"--ood {path}", batch=True)
-    elif arr.ndim == 3 and arr.shape[-1] == 1 and arr.shape[1] > 1:  # not N images one pixel wide
-        raise DataError(f"--ood {path}: array of shape {shape} is one gray (H, W, 1) image; an OOD set is a batch, "
-                        "(N, H, W) or (N, H, W, 1)")
+    elif arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):  # not N images 1, 3 or 4 pixels wide: one picture
+        raise DataError(f"--ood {path}: array of shape {shape} is one (H, W, C) image, as ssvi infer reads it; an OOD "
+                        "set is a batch, (N, H, W), (N, H, W, C) or (N, C, H, W)")
     elif arr.ndim == 3:
         arr = arr[:, None]
     elif arr.ndim == 4 and arr.shape[1] not in (1, 3, 4) and arr.shape[-1] in (1, 3, 4):
