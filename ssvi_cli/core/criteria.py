@@ -262,7 +262,7 @@ def ranking_score(name: str, mu: Tensor, sigma: Tensor, lam: float = 1.0) -> Ten
     ``snr_abs`` ranks by ``t`` itself. The two orders are the same (``snr_abs_of_t`` is strictly
     increasing), but ``snr_abs_of_t`` is flat to third order at ``t = 0`` (it rises like t⁴), and
     float64 gives every ``t`` below about 2e-4 its value at 0 or a few ulp either side (and up to
-    about 2e-3 still puts some values out of order), so entries that ``snr`` tells apart would tie
+    about 0.1 still puts close values out of order, by an ulp), so entries that ``snr`` tells apart would tie
     or swap there."""
     return removal_score("snr" if name == "snr_abs" else name, mu, sigma, lam)
 
