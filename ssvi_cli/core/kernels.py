@@ -134,7 +134,7 @@ class CsrPattern:
                                        (self.cols, self.rows), check_invariants=False)
 
 
-class SparseMatmul(torch.autograd.Function):
+class SparseMatmul:
     """``x @ W.T (+ bias)`` for a CSR weight given by its values; gradients only for the stored entries.
 
     forward: out = (W x^T + bias)^T; backward: dx = (W^T g^T)^T, dvalues = (g^T x) sampled on the
@@ -142,14 +142,26 @@ class SparseMatmul(torch.autograd.Function):
     """
 
     @staticmethod
+    def apply(x: Tensor, values: Tensor, pattern: CsrPattern, bias: Optional[Tensor] = None) -> Tensor:
+        # The function gives the kernel's (out, rows) matrix and the transpose is taken here, outside
+        # it: a view made inside a custom function may not be changed in place, as an inplace ReLU
+        # after the layer does.
+        return _TransposedProduct.apply(x, values, pattern, *(() if bias is None else (bias,))).t()
+
+
+class _TransposedProduct(torch.autograd.Function):
+    """(W x^T + bias), the (out, rows) matrix :class:`SparseMatmul` returns transposed."""
+
+    @staticmethod
     def forward(ctx, x: Tensor, values: Tensor, pattern: CsrPattern,  # type: ignore[override]
                 bias: Optional[Tensor] = None) -> Tensor:
         ctx.save_for_backward(x, values)
         ctx.pattern = pattern
-        return csr_product(x, pattern.matrix(values), bias)
+        return _out_by_rows(x, pattern.matrix(values), bias)  # the kernel's own tensor, not a view
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_t: Tensor):  # type: ignore[override]
+        grad = grad_t.t()  # (rows, out), as x @ W.T
         x, values = ctx.saved_tensors
         p: CsrPattern = ctx.pattern
         needs = ctx.needs_input_grad
@@ -177,15 +189,20 @@ def csr_product(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, out: O
     initial output, faster than a zero-filled product and a separate addition); ``embedding_bag``
     allocates its result and adds the bias after.
     """
+    return _out_by_rows(x, weight, bias, out).t()
+
+
+def _out_by_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
+    """``weight @ x.T (+ bias)``, the (out, rows) matrix the kernels write: :func:`csr_product`."""
     xt = x.t().contiguous()
     if (xt.device.type == "cpu" and xt.shape[1] >= BAG_MIN_ROWS
             and xt.numel() * xt.element_size() <= bag_table_limit()):
         sums = F.embedding_bag(weight.col_indices(), xt, weight.crow_indices(), mode="sum",
                                per_sample_weights=weight.values(), include_last_offset=True)
-        return (sums if bias is None else sums.add_(bias[:, None])).t()
+        return sums if bias is None else sums.add_(bias[:, None])
     if bias is None:
-        return torch.mm(weight, xt, out=out).t()
-    return torch.addmm(bias[:, None].expand(weight.shape[0], xt.shape[1]), weight, xt, out=out).t()
+        return torch.mm(weight, xt, out=out)
+    return torch.addmm(bias[:, None].expand(weight.shape[0], xt.shape[1]), weight, xt, out=out)
 
 
 def sparse_product(x: Tensor, values: Tensor, pattern: CsrPattern, bias: Optional[Tensor] = None) -> Tensor:
