@@ -251,7 +251,7 @@ def _fit(trainer, interrupted_cls, quiet: bool, say: Callable[[str], None], bar:
     """Train with a progress display on stderr (none when ``quiet``; a line per epoch, no bar, without
     ``bar``: under --json); ``say`` takes the notes about the run. A line that finds no reader
     (``2>&1 | head``) is dropped: the run goes on to its model file."""
-    from ssvi_cli.core.allocation import kept_dense_weights
+    from ssvi_cli.core.allocation import kept_dense_note, stem_note
     from ssvi_cli.training.records import Progress
 
     cfg = trainer.cfg
@@ -263,9 +263,10 @@ def _fit(trainer, interrupted_cls, quiet: bool, say: Callable[[str], None], bar:
         hint = "" if cfg.sparse.delta_t == "auto" else " (--set sparse.delta_t=auto spaces them to fit the run)"
         say(f"note: a run of {count(trainer.total_steps, 'step')} has no subspace step before t_end at "
             f"delta_t {trainer.schedule.delta_t}, so the support will not move{hint}")
-    if kept := kept_dense_weights(trainer.model):
-        say(f"note: {kept:,} weights of {cfg.model.name} sit in layers ssvi keeps dense (attention projections, "
-            "embeddings: docs/API.md, sparsify); the sparsity, file savings and FLOPs count its converted layers")
+    if kept := kept_dense_note(trainer.model):
+        say(f"note: {kept}; the sparsity, file savings and FLOPs count the converted layers")
+    if stem := stem_note(trainer.model, cfg.sparse.sparsity):
+        say(f"note: {stem}")
     with progress_bar(enabled=not quiet and bar) as bar:
         task = None
 

@@ -124,15 +124,45 @@ def initialise(model: nn.Module, densities: dict[str, float], init: InitSpec,
 def kept_dense_weights(model: nn.Module) -> int:
     """Weights of the model's matrices and kernels outside its sparse layers: the parameters of two or
     more dimensions of the layers ``sparsify`` keeps as they are (attention projections, a padded
-    conv) and of embeddings, which no sparsity, file saving or FLOPs count covers."""
+    conv), of embeddings and of a module's own (a layer scale), which no sparsity, file saving or
+    FLOPs count covers."""
+    return sum(kept_dense_by_kind(model).values())
+
+
+def kept_dense_by_kind(model: nn.Module) -> dict[str, int]:
+    """:func:`kept_dense_weights` by the class of the module that holds them, most first."""
     sparse = {id(layer) for _, layer in sparse_layers(model)}
     seen: set[int] = set()
-    total = 0
+    kinds: dict[str, int] = {}
     for module in model.modules():
         if id(module) in sparse:
             continue
         for p in module.parameters(recurse=False):
             if p.dim() >= 2 and id(p) not in seen:
                 seen.add(id(p))
-                total += p.numel()
-    return total
+                kinds[type(module).__name__] = kinds.get(type(module).__name__, 0) + p.numel()
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
+
+
+def kept_dense_note(model: nn.Module) -> str:
+    """``6,624 weights sit outside the layers ssvi makes sparse (6,624 in CNBlock)``, or ""."""
+    kinds = kept_dense_by_kind(model)
+    if not kinds:
+        return ""
+    where = ", ".join(f"{n:,} in {kind}" for kind, n in list(kinds.items())[:3]) + (", ..." if len(kinds) > 3 else "")
+    return (f"{sum(kinds.values()):,} weights sit outside the layers ssvi makes sparse ({where}: attention projections, "
+            "embeddings, a module's own parameters; docs/API.md, sparsify)")
+
+
+def stem_note(model: nn.Module, sparsity: float) -> str:
+    """A note where the stem that ``dense_first_conv`` keeps whole moves the model's density off
+    ``1 - sparsity`` by more than 0.001, or ""."""
+    layers = [layer for _, layer in sparse_layers(model)]
+    stems = [(name, layer) for name, layer in sparse_layers(model) if layer.stem and layer.active == layer.numel]
+    total = sum(layer.numel for layer in layers)
+    density = sum(layer.active for layer in layers) / total if total else 1.0
+    if not stems or sparsity <= 0 or density - (1 - sparsity) <= 1e-3:
+        return ""
+    names = ", ".join(f"{name} ({layer.numel:,} weights)" for name, layer in stems)
+    return (f"the first conv, {names}, stays dense (model.dense_stem), so the model's density is {density:.4f}, "
+            f"not {1 - sparsity:.4f} (--set model.dense_stem=false makes it sparse too)")

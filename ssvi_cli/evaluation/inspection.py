@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ssvi_cli import fileio
-from ssvi_cli.core.allocation import kept_dense_weights
+from ssvi_cli.core.allocation import kept_dense_note
 from ssvi_cli.core.overlap import criteria_overlap
 from ssvi_cli.modelfile import FileInfo, ModelCard, read_header, size_totals, write_model_file
 from ssvi_cli.modelfile.reader import holds_custom_module, read_layers
@@ -184,9 +184,8 @@ def inspect_model(path: Path, drop_fraction: float = 0.3, read: Optional[tuple[A
         "support_history": support_history(path) if path.is_dir() else None,
         "notes": [],
     }
-    if whole and (kept := kept_dense_weights(model)):
-        report["notes"].append(f"{kept:,} more weights sit in layers ssvi keeps dense (attention projections, "
-                               "embeddings: docs/API.md, sparsify), counted by neither the density nor the FLOPs")
+    if whole and (kept := kept_dense_note(model)):
+        report["notes"].append(f"{kept}, counted by neither the density nor the FLOPs")
     zeros = sum(int(e.sum()) for e in empty.values())
     if zeros:
         what = ("point masses at zero (mu = sigma = 0)", "the mu, sigma and SNR statistics and the criteria overlap") \
