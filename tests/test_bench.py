@@ -313,3 +313,24 @@ def test_the_benchs_subspace_step_is_one_that_records_no_criteria_overlap(tmp_pa
     records = read_jsonl(trainer.run_dir / "support.jsonl")
     assert [r["step"] for r in records] == [200] and records[0]["criteria_iou"] is None
     assert sum(layer["swapped"] for layer in records[0]["layers"].values()) > 0
+
+
+@pytest.mark.parametrize("failure", ["loss", "outputs"])
+def test_a_model_that_diverges_at_benchs_small_settings_is_told_what_bench_can_change(capsys, monkeypatch, failure):
+    # regnet_x_400mf at batch 2 and 32 px: the run's advice (--lr, a larger prior, 'no checkpoint was
+    # written') named flags bench does not have
+    import ssvi_cli.bench as bench_pkg
+    from ssvi_cli.prediction import NonFiniteOutput
+    from ssvi_cli.training.stops import TrainingError
+
+    def diverge(*args, **kwargs):
+        if failure == "loss":
+            raise TrainingError("non-finite loss at step 1 (epoch 1); try a lower learning rate (--lr)")
+        raise NonFiniteOutput(2, 0)
+
+    monkeypatch.setattr(bench_pkg, "run_bench", diverge)
+    code = run(["bench", "--model", "lenet5", "--sparsity", "0.9", "--batch-size", "2", "--repeats", "1", "--warmup", "0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert ("lenet5's outputs or loss are not finite at batch 2 and 28x28 inputs (BatchNorm over so few values, say); "
+            "a larger --batch-size or --input-size measures it") in " ".join(err.split())

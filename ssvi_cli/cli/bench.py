@@ -117,7 +117,15 @@ def register(app: typer.Typer) -> None:
                       f"sparsity {', '.join(f'{v:g}' for v in resolved.sparsities)}, batch {resolved.batch_size}, "
                       f"S={resolved.samples}, {resolved.repeats} repeats, {resolved.threads} thread(s), device {device}"
                       + (f"\n{note}" if note else ""))
-        result = run_bench(opts, on_progress=None if json_out else (lambda msg: err.print(f"  {msg}")))
+        from ssvi_cli.prediction import NonFiniteOutput
+        from ssvi_cli.training.stops import TrainingError
+
+        try:
+            result = run_bench(opts, on_progress=None if json_out else (lambda msg: err.print(f"  {msg}")))
+        except (TrainingError, NonFiniteOutput):  # the run's advice (--lr, a checkpoint) is not bench's
+            raise UsageError(f"{model}'s outputs or loss are not finite at batch {resolved.batch_size} and "
+                             f"{resolved.input_size}x{resolved.input_size} inputs (BatchNorm over so few values, "
+                             "say); a larger --batch-size or --input-size measures it") from None
         if json_out:
             print_json(result)
             return
