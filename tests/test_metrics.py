@@ -69,6 +69,8 @@ def test_a_tiny_metric_prints_its_digits_and_zero_prints_as_zero() -> None:
     # a value that four places would round to a whole number it is not (--sparsity 0.99999 read as 1.0000)
     assert [fmt(0.99999), fmt(0.99994), fmt(1.0), fmt(2.999996), fmt(-0.99999), fmt(10132.98, 1)] == [
         "0.99999", "0.9999", "1.0000", "3.0000", "-0.99999", "10133.0"]  # a fraction only (a throughput as ever)
+    # with the digits that tell it from 1, not all of them (an AUPR of 0.9999624784172702 broke its column)
+    assert [fmt(0.9999624784172702), fmt(0.99999999), fmt(1 - 2**-52)] == ["0.99996", "0.99999999", "0.9999999999999998"]
 
 
 def test_accepts_torch_tensors() -> None:

@@ -239,8 +239,11 @@ def fmt(value: Any, digits: int = 4) -> str:
             return f"{value:.2e}"
         text = f"{value:.{digits}f}"
         # a fraction of 0.99999 would read as 1.0000, a value it is not (a sparsity ssvi refuses, a perfect
-        # score): in full
-        return repr(value) if abs(value) < 1 and abs(float(text)) == 1 else text
+        # score): with the digits that tell it from 1 (0.99996, not 0.9999624784172702 beside 4-place columns)
+        while abs(value) < 1 and abs(float(text)) == 1 and digits < 17:
+            digits += 1
+            text = f"{value:.{digits}f}"
+        return text
     return str(value)
 
 
