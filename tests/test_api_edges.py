@@ -552,3 +552,44 @@ def test_lbfgs_in_a_plain_loop_is_not_taken_for_a_stale_optimizer(tmp_path):
         return loss
 
     again.step(closure_again)
+
+
+def test_stale_moments_as_long_as_all_parameters_and_an_lbfgs_over_moved_supports_are_refused():
+    """The LBFGS exemption (a state as long as all the parameters) let any optimizer's stale moments of
+    that length through (a fused Adam stepped on), and missed LBFGS after supports moved at the same total."""
+    x, y = torch.randn(8, 20), torch.randint(0, 10, (8,))
+
+    def layer(sparsity: float, allocation: str = "uniform") -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(20, 10))
+        ssvi.sparsify(model, sparsity, allocation=allocation)
+        return model
+
+    model = layer(0.55)  # 90 entries; at 0.8, 40 + 40 (mu, rho) + 10 (bias) = 90 parameters in all
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    model.load_state_dict(layer(0.8).state_dict())
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ssvi.OptimizerStateError, match=r"holds 40 entries, its Adam state 'exp_avg' 90"):
+        optimizer.step()
+
+    model, (x, y) = mlp(0.5), data()
+    lbfgs = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=2)
+
+    def closure():
+        lbfgs.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    lbfgs.step(closure)
+    torch.manual_seed(0)
+    erk = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    ssvi.sparsify(erk, 0.5, allocation="erk")  # the same total, other layer sizes
+    assert sum(p.numel() for p in erk.parameters()) == sum(p.numel() for p in model.parameters())
+    model.load_state_dict(erk.state_dict())
+    with pytest.raises(ssvi.OptimizerStateError, match=r"this LBFGS's direction and history are of its parameters "
+                                                       r"before a sparse layer changed size"):
+        lbfgs.step(closure)

@@ -23,6 +23,7 @@ _CHECKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _SPARSE: WeakIdKeyDictionary = WeakIdKeyDictionary()  # a sparse layer's mu or rho -> "mu of a (7, 12) weight"
 _MODELS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # optimizer -> weakref of the model whose layers it steps
 _WATCHED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # optimizer -> its hook that forgets it was found clean
+_SIZES: WeakIdKeyDictionary = WeakIdKeyDictionary()  # an LBFGS -> its sparse parameters' sizes when last checked
 STATE_ADVICE = ("the optimizer's state belongs to another support of the layer (a model loaded under an optimizer "
                 "that stepped it, or an optimizer state loaded without the model state saved with it); build the "
                 "optimizer again after loading, or load the model's and the optimizer's state_dicts saved together")
@@ -76,15 +77,24 @@ def _hook() -> None:
         _hooked = True
 
 
-def state_misfit(optimizer: torch.optim.Optimizer, param: torch.Tensor, flat: int = -1) -> Optional[tuple[str, int]]:
+def state_misfit(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> Optional[tuple[str, int]]:
     """A per-entry state tensor of the 1-D ``param`` (a moment, a momentum buffer) of another size:
-    its key and size; None when all fit. A tensor of ``flat`` entries, all the optimizer's parameters
-    in one vector (as LBFGS keeps its direction under its first parameter), is not per entry."""
+    its key and size; None when all fit."""
     for key, value in (optimizer.state.get(param) or {}).items():
-        if (isinstance(value, torch.Tensor) and value.dim() == 1 == param.dim()
-                and value.numel() not in (param.numel(), flat)):
+        if isinstance(value, torch.Tensor) and value.dim() == 1 == param.dim() and value.numel() != param.numel():
             return key, value.numel()
     return None
+
+
+def _lbfgs_misfit(optimizer: torch.optim.LBFGS, sizes: tuple[int, ...]) -> bool:
+    """LBFGS keeps one direction and history over all its parameters flattened, under its first: they
+    belong to other supports when the sparse layers' sizes moved since it was last found clean, or
+    when their length is not the parameters' total."""
+    state = optimizer.state.get(optimizer.param_groups[0]["params"][0]) or {}
+    flat = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    moved = optimizer in _SIZES and _SIZES[optimizer] != sizes
+    return bool(state) and (moved or any(isinstance(state.get(k), torch.Tensor) and state[k].numel() != flat
+                                         for k in ("d", "prev_flat_grad")))
 
 
 def unmark(modules: Iterable[nn.Module]) -> None:
@@ -114,9 +124,14 @@ def _refuse_replaced_weights(optimizer: torch.optim.Optimizer, args: Any, kwargs
         raise ValueError(f"this {type(optimizer).__name__} holds the weights of {name!r} that sparsify took out of the "
                          "model, not its sparse layers, which would never train; build the optimizer after sparsify, "
                          "from ssvi_cli.param_groups(model, lr, lr_sigma) or model.parameters()")
-    flat = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
-    for p in (p for g in optimizer.param_groups for p in g["params"] if p in _SPARSE):
-        if misfit := state_misfit(optimizer, p, flat):
+    sparse = [p for g in optimizer.param_groups for p in g["params"] if p in _SPARSE]
+    if isinstance(optimizer, torch.optim.LBFGS):
+        if _lbfgs_misfit(optimizer, sizes := tuple(p.numel() for p in sparse)):
+            raise OptimizerStateError(f"this LBFGS's direction and history are of its parameters before a sparse layer "
+                                      f"changed size: {STATE_ADVICE}")
+        _SIZES[optimizer] = sizes
+    for p in sparse if not isinstance(optimizer, torch.optim.LBFGS) else ():
+        if misfit := state_misfit(optimizer, p):
             raise OptimizerStateError(f"{_named(optimizer, p)} holds {p.numel()} entries, its {type(optimizer).__name__} "
                                       f"state {misfit[0]!r} {misfit[1]}: {STATE_ADVICE}")
     if not taken:
