@@ -649,3 +649,14 @@ def test_a_class_with_no_test_image_is_noted_by_train_and_evaluate(tmp_path, cap
     assert run(["train", "--data", f"imagefolder:{tmp_path / 'two'}", "--epochs", "1", "--set",
                 "train.eval_samples=1", "--out", str(tmp_path / "run2"), "--json"]) == 0
     assert not any("no image" in n for n in json.loads(capsys.readouterr().out)["notes"])
+
+
+def test_the_stem_note_is_for_sparse_methods_only(ws, tmp_path, capsys):
+    # dense VI said its stem "stays dense, so the model's density is 1.0000, not 0.0500" beside a table
+    # saying target sparsity 0
+    common = ["--data", f"imagefolder:{ws / 'flat'}", "--model", "lenet5", "--epochs", "1", "--set",
+              "data.image_size=16", "--set", "data.channels=1", "--set", "train.eval_samples=1"]
+    assert run(["train", *common, "--sparsity", "0.9", "--out", str(tmp_path / "s")]) == 0
+    assert "stays dense (model.dense_stem), so the model's density is" in " ".join(capsys.readouterr().err.split())
+    assert run(["train", *common, "--method", "vi", "--out", str(tmp_path / "v")]) == 0
+    assert "stays dense" not in capsys.readouterr().err

@@ -265,7 +265,7 @@ def _fit(trainer, interrupted_cls, quiet: bool, say: Callable[[str], None], bar:
             f"delta_t {trainer.schedule.delta_t}, so the support will not move{hint}")
     if kept := kept_dense_note(trainer.model):
         say(f"note: {kept}; the sparsity, file savings and FLOPs count the converted layers")
-    if stem := stem_note(trainer.model, cfg.sparse.sparsity):
+    if stem := stem_note(trainer.model, 1 - cfg.density):  # dense and vi: none
         say(f"note: {stem}")
     with progress_bar(enabled=not quiet and bar) as bar:
         task = None
