@@ -212,7 +212,8 @@ class Subspace:
         With mixed precision pass the ``GradScaler``: ``step(scaler)`` then stands for
         ``scaler.step(optimizer); scaler.update()``, and the captured gradients are unscaled. A
         remove-and-add step whose dense gradient overflowed changes nothing (``last_report.skipped``)
-        and backs the scale off, as the scaler does for a skipped optimizer step.
+        and backs the scale off, as the scaler does for a skipped optimizer step; that overflow alone
+        moves the scale on such a step (one scale on every rank under DDP).
         """
         if self._removed:
             raise RuntimeError("this Subspace was removed (by remove(), or replaced by a newer Subspace on the same "
@@ -253,14 +254,12 @@ class Subspace:
                 log.warning("Subspace step %d: the dense gradient held inf/NaN; this remove-and-add step was skipped",
                             self.t)
             if scaler is not None and scaler.is_enabled():
-                # No optimizer step, but the scaler's iteration must still end, as after
-                # scaler.step: record the inf checks (unless the loop already unscaled), then update.
-                try:
-                    scaler.unscale_(self.optimizer)
-                except RuntimeError:  # unscale_() was already called since the last update()
-                    pass
-                skipped = self.last_report.skipped  # an overflow: back off as after a skipped step
-                scaler.update(scaler.get_scale() * scaler.get_backoff_factor() if skipped else None)
+                # No optimizer step, but the scaler's iteration must end as after scaler.step. The scale
+                # follows this step's own overflow, which every rank agrees on (skipped: back off as
+                # after a skipped step); the scaler's inf checks are each rank's own gradients here
+                # (DDP does not average a capture step's), and under them the ranks' scales would part.
+                scale = scaler.get_scale()
+                scaler.update(scale * scaler.get_backoff_factor() if self.last_report.skipped else scale)
         else:
             _STEPPING.add(self.optimizer)
             try:

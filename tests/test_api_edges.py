@@ -593,3 +593,23 @@ def test_stale_moments_as_long_as_all_parameters_and_an_lbfgs_over_moved_support
     with pytest.raises(ssvi.OptimizerStateError, match=r"this LBFGS's direction and history are of its parameters "
                                                        r"before a sparse layer changed size"):
         lbfgs.step(closure)
+
+
+def test_the_scale_after_a_remove_and_add_step_follows_that_steps_own_overflow_alone():
+    """subspace.step(scaler) backed off on the scaler's own inf checks, each rank's unaveraged gradients
+    under DDP (a capture step's are not synchronised): one rank's overflow in a layer kept dense halved
+    its scale alone, and the ranks' parameters parted. The step's own, rank-agreed overflow decides."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    ssvi.sparsify(model, 0.5)  # the stem conv stays dense: no remove-and-add step looks at it
+    optimizer = torch.optim.SGD(ssvi.param_groups(model, lr=0.01, lr_sigma=0.01), lr=0.01)
+    subspace = ssvi.Subspace(model, optimizer, total_steps=40, delta_t=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    for _ in range(3):  # steps 0 and 1 plain, step 2 the remove-and-add step
+        optimizer.zero_grad()
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        if subspace.t == 2:  # the remove-and-add step: an inf in the dense stem alone
+            model[0].mu.grad[0] = float("inf")
+        swapped = subspace.step(scaler)
+    assert swapped and not subspace.last_report.skipped and scaler.get_scale() == 1024.0
