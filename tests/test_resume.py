@@ -274,3 +274,25 @@ def test_checkpoints_past_step_99999999_are_listed_in_step_order(tmp_path: Path)
     (folder / "checkpoint-123.pt").write_bytes(b"")  # not one of ours
     assert [p.name for p in list_checkpoints(tmp_path)] == [
         "checkpoint-00000005.pt", "checkpoint-99999999.pt", "checkpoint-100000000.pt", "checkpoint-1000000000.pt"]
+
+
+def test_a_cuda_rng_state_is_restored_onto_the_current_device_however_many_are_visible(monkeypatch):
+    # one state per visible device was saved and set back device by device: resumed where fewer GPUs
+    # are visible (CUDA_VISIBLE_DEVICES=0, an --nproc 4 run on one GPU) it failed with an IndexError
+    from ssvi_cli.runs import checkpoint as ck
+
+    own, other = torch.tensor([1], dtype=torch.uint8), torch.tensor([2], dtype=torch.uint8)
+    set_calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": own)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": set_calls.append(state))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("one state per device"))
+    state = ck.rng_state()
+    assert torch.equal(state["cuda_device"], own) and "cuda" not in state
+    ck.set_rng_state(state)
+    ck.set_rng_state({**ck.rng_state(), "cuda": [other, own]} | {"cuda_device": own})
+    old = {k: v for k, v in ck.rng_state().items() if k != "cuda_device"}
+    ck.set_rng_state({**old, "cuda": [other, own, own]})  # a checkpoint of before, three GPUs then
+    assert [int(s[0]) for s in set_calls] == [1, 1, 2]

@@ -110,18 +110,25 @@ def run_below(folder: Path, is_run: Callable[[Path], bool], depth: int = 2, budg
 
 
 def rng_state() -> dict[str, Any]:
+    """The RNG states a resumed run goes on from: torch's CPU generator, Python's, and the current
+    CUDA device's (the one a run uses; ``cuda_device`` names it)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """:func:`rng_state` back, the CUDA state onto the current device (a run resumed on another GPU,
+    or where fewer are visible: restoring one state per saved device failed with an IndexError)."""
     torch.set_rng_state(state["torch"])
     py = random.getstate()
     random.setstate((py[0], tuple(int(v) for v in state["python"]), py[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available() and "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"])
+    elif torch.cuda.is_available() and state.get("cuda"):  # a checkpoint from before: every visible device's
+        saved, here = state["cuda"], torch.cuda.current_device()
+        torch.cuda.set_rng_state(saved[here] if here < len(saved) else saved[0])
 
 
 def save_checkpoint(run_dir: Path, step: int, payload: dict[str, Any], keep: int) -> Path:
