@@ -296,3 +296,29 @@ def test_a_cuda_rng_state_is_restored_onto_the_current_device_however_many_are_v
     old = {k: v for k, v in ck.rng_state().items() if k != "cuda_device"}
     ck.set_rng_state({**old, "cuda": [other, own, own]})  # a checkpoint of before, three GPUs then
     assert [int(s[0]) for s in set_calls] == [1, 1, 2]
+
+
+def test_an_overflowed_minibatch_before_the_remove_and_add_step_is_left_out_of_the_mean(tmp_path: Path, monkeypatch):
+    # under fp16 with accumulate:N, one overflowed minibatch before the step put inf into the mean: the
+    # remove-and-add step was then skipped too, and the scale backed off a second time
+    from ssvi_cli.core.layers import SparseGaussian
+
+    trainer = Trainer.create(cfg(**{"sparse.addition": "accumulate:4", "train.precision": "fp16"}), tmp_path / "r")
+    schedule = trainer.schedule
+    poisoned = next(t for t in range(10, 40) if schedule.captures(t) and not schedule.is_update(t))
+    update = next(t for t in range(poisoned, 40) if schedule.is_update(t))
+    collect = SparseGaussian.collect_dense_grad
+
+    def overflowing(layer):
+        grad = collect(layer)
+        return grad * float("inf") if trainer.state.step == poisoned and grad is not None else grad
+
+    monkeypatch.setattr(SparseGaussian, "collect_dense_grad", overflowing)
+    reports = []
+    trainer.step_hooks.append(lambda tr, kind: reports.append((tr.state.step - 1, kind, tr._captured)))
+    trainer.fit()
+    kinds = {step: kind for step, kind, _ in reports}
+    assert kinds[update] == "subspace"
+    assert trainer.state.subspace_steps == schedule.updates  # none skipped
+    captured = {step: n for step, _, n in reports}
+    assert captured[poisoned] == captured[poisoned - 1] if schedule.captures(poisoned - 1) else captured[poisoned] == 0

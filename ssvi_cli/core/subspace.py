@@ -276,20 +276,24 @@ def subspace_step(model: nn.Module, step: int, schedule: Schedule, criterion: st
 
 
 def collect_captured(model: nn.Module, accumulate: dict[str, Tensor], count: int,
-                     loss_scale: float = 1.0) -> None:
+                     loss_scale: float = 1.0, drop_nonfinite: bool = False) -> bool:
     """Move each layer's captured dense gradient into a running mean over ``count`` minibatches.
 
     ``loss_scale`` (fp16 training) divides out the gradient scaler's factor, which may differ between
-    the accumulated minibatches; ``mu.grad`` (autograd's) stays scaled, as the scaler expects.
+    the accumulated minibatches; ``mu.grad`` (autograd's) stays scaled, as the scaler expects. With
+    ``drop_nonfinite`` a minibatch whose dense gradient overflowed (an fp16 step the scaler skips,
+    before the remove-and-add step) is left out of the mean: False then, and ``count`` is not its.
     """
+    grads = {}
     for name, layer in sparse_layers(model):
-        if not layer.capture_dense_grad:
-            continue
-        grad = layer.collect_dense_grad()
-        if grad is None:
-            continue
-        if loss_scale != 1.0:
-            grad = grad / loss_scale
+        if layer.capture_dense_grad and (grad := layer.collect_dense_grad()) is not None:
+            grads[name] = (layer, grad / loss_scale if loss_scale != 1.0 else grad)
+    if drop_nonfinite and not all(bool(torch.isfinite(grad).all()) for _, grad in grads.values()):
+        for name, (layer, _) in grads.items():
+            layer.dense_grad = accumulate.get(name)
+        return False
+    for name, (layer, grad) in grads.items():
         prev = accumulate.get(name)
         accumulate[name] = grad.clone() if prev is None else prev + (grad - prev) / count
         layer.dense_grad = accumulate[name]
+    return True
