@@ -521,19 +521,24 @@ def test_an_optimizer_state_of_another_support_loaded_into_a_clean_optimizer_is_
         optimizer.step()
 
 
-def test_lbfgs_in_a_plain_loop_is_not_taken_for_a_stale_optimizer(tmp_path):
-    # LBFGS keeps one flat direction over all parameters under its first, a sparse mu: the state check
-    # read it as moments of another support once anything made it look again (another model converted,
-    # the optimizer's own state loaded for a resume)
-    model, (x, y) = mlp(0.5), data()
-    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3)
-
+def lbfgs_closure(optimizer, model, x, y):
+    """The loss closure LBFGS's step calls."""
     def closure():
         optimizer.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         return loss
 
+    return closure
+
+
+def test_lbfgs_in_a_plain_loop_is_not_taken_for_a_stale_optimizer(tmp_path):
+    # LBFGS keeps one flat direction over all parameters under its first, a sparse mu: the state check
+    # read it as moments of another support once anything made it look again (another model converted,
+    # the optimizer's own state loaded for a resume)
+    model, (x, y) = mlp(0.5), data()
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3)
+    closure = lbfgs_closure(optimizer, model, x, y)
     for _ in range(2):
         optimizer.step(closure)
     mlp(0.9)  # another model converted: every optimizer is looked at again
@@ -544,14 +549,7 @@ def test_lbfgs_in_a_plain_loop_is_not_taken_for_a_stale_optimizer(tmp_path):
     resumed.load_state_dict(saved["model"])
     again = torch.optim.LBFGS(resumed.parameters(), lr=0.1, max_iter=3)
     again.load_state_dict(saved["optimizer"])
-
-    def closure_again():
-        again.zero_grad()
-        loss = F.cross_entropy(resumed(x), y)
-        loss.backward()
-        return loss
-
-    again.step(closure_again)
+    again.step(lbfgs_closure(again, resumed, x, y))
 
 
 def test_stale_moments_as_long_as_all_parameters_and_an_lbfgs_over_moved_supports_are_refused():
@@ -577,13 +575,7 @@ def test_stale_moments_as_long_as_all_parameters_and_an_lbfgs_over_moved_support
 
     model, (x, y) = mlp(0.5), data()
     lbfgs = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=2)
-
-    def closure():
-        lbfgs.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
+    closure = lbfgs_closure(lbfgs, model, x, y)
     lbfgs.step(closure)
     torch.manual_seed(0)
     erk = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
