@@ -191,9 +191,9 @@ class Trainer:
             check_finite_loss(self.run, self.state, nll, kl, loss)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
-            if capture:  # a minibatch the fp16 scaler skips is left out of the mean too, before the update step
-                self._captured += collect_captured(model, self._accumulated, self._captured + 1,
-                                                   self.scaler.get_scale(), drop_nonfinite=not update)
+            if capture:  # one process: a minibatch the fp16 scaler skips is left out of the mean too
+                drop = not update and not self.dist.enabled  # ranks would part: the step's own check agrees
+                self._captured += collect_captured(model, self._accumulated, self._captured + 1, self.scaler.get_scale(), drop)
         report = self._subspace_step(t) if update else None
         if not update:
             if capture:
