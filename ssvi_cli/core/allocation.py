@@ -157,10 +157,10 @@ def kept_dense_note(model: nn.Module) -> str:
 def stem_note(model: nn.Module, sparsity: float) -> str:
     """A note where the stem that ``dense_first_conv`` keeps whole moves the model's density off
     ``1 - sparsity`` by more than 0.001, or ""."""
-    layers = [layer for _, layer in sparse_layers(model)]
-    stems = [(name, layer) for name, layer in sparse_layers(model) if layer.stem and layer.active == layer.numel]
-    total = sum(layer.numel for layer in layers)
-    density = sum(layer.active for layer in layers) / total if total else 1.0
+    named = sparse_layers(model)
+    stems = [(name, layer) for name, layer in named if layer.stem and layer.active == layer.numel]
+    total = sum(layer.numel for _, layer in named)
+    density = sum(layer.active for _, layer in named) / total if total else 1.0
     if not stems or sparsity <= 0 or density - (1 - sparsity) <= 1e-3:
         return ""
     names = ", ".join(f"{name} ({layer.numel:,} weights)" for name, layer in stems)
