@@ -126,8 +126,8 @@ class Subspace:
         self._hooks = [model.register_forward_pre_hook(Hook(self._before_forward)),
                        model.register_forward_hook(Hook(self._after_forward)),
                        optimizer.register_step_pre_hook(Hook(self._before_optimizer_step))]
+        name_layers(optimizer, model)  # the global step pre-hook's refusals then name this model's layers
         key = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        name_layers(optimizer, key)
         previous = _ATTACHED.get(key)
         previous = previous() if previous is not None else None
         if previous is not None and not previous._removed:
@@ -166,9 +166,8 @@ class Subspace:
             self._forward_only = None
 
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if optimizer in _STEPPING:
+        if optimizer in _STEPPING:  # (the state's fit is checked by every optimizer's own pre-hook: core.replaced)
             return
-        check_state_fits(optimizer, self.model)
         self._plain_steps += 1
         ahead = (self.t // self.schedule.delta_t + 1) * self.schedule.delta_t < self.schedule.t_end  # a swap to come
         if self._plain_steps == self.schedule.delta_t and ahead and not self._told_plain:
