@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from ssvi_cli import config as C
 from ssvi_cli.training import distributed, launcher
 from ssvi_cli.training.distributed import DistInfo, SupportMismatch
-from ssvi_cli.training.trainer import Interrupted, Trainer
+from ssvi_cli.training.trainer import Interrupted, Trainer, TrainingError
 from ssvi_cli.core.layers import SparseLinear, sparse_layers
 from ssvi_cli.metrics import accuracy
 from ssvi_cli.prediction import predict_loader
@@ -66,11 +66,17 @@ def _worker(rank: int, port: int, out: str, mode: str) -> None:
             # Rank 1 alone perturbs its addition scores (still joining the all-reduce).
             trainer.grad_reduce = lambda g: distributed.mean(g) * torch.rand_like(g)
         if mode == "interrupt" and rank == 0:
-            # Only rank 0 is asked to stop (as by Ctrl-C); every rank must stop at the same step.
-            trainer.step_hooks.append(lambda tr, kind: setattr(tr, "stop_requested", tr.state.step == 27))
+            # Only rank 0 is asked to stop (as by Ctrl-C); every rank must stop at the same step. Asked
+            # after step 26, the ranks agree on it in the next step's all-reduce and stop after step 27.
+            trainer.step_hooks.append(lambda tr, kind: setattr(tr, "stop_requested", tr.state.step == 26))
+        if mode == "nonfinite" and rank == 1:
+            # Rank 1 alone meets a non-finite loss (as a rank-local fp16 overflow in the forward would).
+            batches = trainer.batches
+            trainer.batches = lambda epoch, start=0: ((x * float("nan") if trainer.state.step == 5 else x, y)
+                                                      for x, y in batches(epoch, start))
         try:
             result["summary"] = trainer.fit()
-        except SupportMismatch as exc:
+        except (SupportMismatch, TrainingError) as exc:
             result["error"] = str(exc)
         except Interrupted as exc:
             result["interrupted_at"] = exc.step
@@ -166,6 +172,18 @@ def test_mask_mismatch_between_ranks_is_an_error_on_every_rank(tmp_path: Path):
         assert "sparse supports differ between ranks" in message
         assert "at step 10" in message  # the first subspace step (delta_t = 10)
         assert "in layer(s) '" in message
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step(tmp_path: Path):
+    # The rank alone raising would leave the other waiting in the step's all-reduce (under NCCL until
+    # its timeout, under gloo with a connection error in place of the message).
+    ranks = run_two_ranks(tmp_path, "nonfinite")
+    assert_group_threads_stopped(ranks)
+    for r in ranks:
+        assert "summary" not in r
+        assert r["error"].startswith("non-finite loss at step 5 (epoch 1) in the data term (cross-entropy) on at "
+                                     "least one of the 2 processes; no checkpoint was written yet"), r["error"]
 
 
 @pytest.mark.slow

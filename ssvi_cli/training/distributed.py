@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 from inspect import signature
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -188,14 +188,15 @@ def sum_values(values: Sequence[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def max_over_ranks(value: int, device: torch.device) -> int:
-    """The largest of every rank's ``value``, on every rank: a stop asked of any rank (its signal's
-    number, 0 for none) stops all at the same step, each reporting the signal that asked."""
+def max_over_ranks(values: Sequence[Union[int, Tensor]], device: torch.device) -> list[int]:
+    """The largest of every rank's value, on every rank, for each of ``values`` (ints, or one-element
+    tensors left on their device), in one all-reduce: a stop asked of any rank (its signal's number, 0
+    for none) stops all at the same step, each reporting the signal that asked."""
     if not active():
-        return value
-    t = torch.tensor([int(value)], device=device)
+        return [int(v) for v in values]
+    t = torch.stack([torch.as_tensor(v, device=device).reshape(()).long() for v in values])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return [int(v) for v in t.tolist()]
 
 
 def broadcast_object(obj: Any) -> Any:

@@ -13,7 +13,9 @@ from torch import Tensor, nn
 from ssvi_cli.config import Config
 from ssvi_cli.core.allocation import kept_dense_weights
 from ssvi_cli.core.layers import sparse_layers
+from ssvi_cli.runs import checkpoint as ckpt
 from ssvi_cli.training import distributed
+from ssvi_cli.training.stops import check_finite_state
 
 
 def density_report(model: nn.Module) -> dict[str, Any]:
@@ -118,6 +120,21 @@ def progress_state(trainer: Any) -> dict[str, Any]:
     return {"train_seconds": trainer.train_seconds, "samples_seen": trainer.samples_seen, "epoch": epoch,
             "scaler": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None,
             "accumulated": accumulated, "captured": trainer._captured}
+
+
+def checkpoint_payload(trainer: Any) -> Optional[dict[str, Any]]:
+    """What a checkpoint of ``trainer`` holds, on rank 0 (None on the others). A collective: every rank
+    calls it (the BatchNorm statistics and the epoch's sums are the ranks' mean and sum). A diverged
+    model is never saved: it raises :class:`~ssvi_cli.training.stops.TrainingError`."""
+    distributed.average_buffers(trainer.model)
+    check_finite_state(trainer.run, trainer.state, trainer.model)
+    progress = progress_state(trainer)
+    if not trainer.is_main:
+        return None
+    return {"config": trainer.cfg.to_dict(), "data_spec": trainer.splits.spec.to_dict(),
+            "model": {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()},
+            "optimizer": trainer.optimizer.state_dict(), "state": trainer.state.to_dict(), "rng": ckpt.rng_state(),
+            "progress": progress}
 
 
 def restore_progress(trainer: Any, progress: Optional[dict[str, Any]]) -> None:

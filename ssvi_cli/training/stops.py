@@ -34,14 +34,26 @@ class Interrupted(RuntimeError):
         self.run_dir, self.step, self.signum, self.during = Path(run_dir), step, signal.Signals(signum), during
 
 
-def check_finite_loss(run: Any, state: Any, nll: Any, kl: Any, loss: Any) -> None:
-    """A non-finite loss ends the run (:func:`diverged`), naming the term that went."""
+LOSS_TERMS = {1: "the KL term", 2: "the data term (cross-entropy)"}  # the codes of :func:`loss_trouble`
+
+
+def loss_trouble(nll: Any, kl: Any, loss: Any) -> Any:
+    """On the loss's device, without waiting for it: 0 where the loss is finite, else the code in
+    :data:`LOSS_TERMS` of the term that went (the data term where both did)."""
     import torch  # here: the command line imports this module before any command needs torch
 
-    if bool(torch.isfinite(loss)):
+    return torch.where(torch.isfinite(loss), 0, torch.where(torch.isfinite(nll), 1, 2))
+
+
+def check_finite_loss(run: Any, state: Any, trouble: int, processes: int = 1) -> None:
+    """A non-finite loss ends the run (:func:`diverged`), naming the term that went; ``trouble`` is
+    :func:`loss_trouble`'s code, the largest over ``processes`` ranks in a data-parallel run, where
+    every rank stops at the same step (one rank stopping alone would leave the others waiting)."""
+    if not trouble:
         return
-    term = "the data term (cross-entropy)" if not bool(torch.isfinite(nll)) else "the KL term"
-    diverged(run, f"non-finite loss at step {state.step} (epoch {state.epoch + 1}) in {term}", first=state.step == 0)
+    where = f" on at least one of the {processes} processes" if processes > 1 else ""
+    diverged(run, f"non-finite loss at step {state.step} (epoch {state.epoch + 1}) in {LOSS_TERMS[int(trouble)]}"
+                  f"{where}", first=state.step == 0)
 
 
 def check_finite_state(run: Any, state: Any, model: Any) -> None:

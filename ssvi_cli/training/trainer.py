@@ -29,8 +29,8 @@ from ssvi_cli.training.distributed import SINGLE, DistInfo
 from ssvi_cli.training.init_from import model_from_weights
 from ssvi_cli.training.optim import kl_weight, lr_factor, make_optimizer, total_kl
 from ssvi_cli.training.plan import RunPlan, check_feeds, init_model
-from ssvi_cli.training.records import EpochStats, config_note, Progress, TrainState, progress_state, restore_progress
-from ssvi_cli.training.stops import Interrupted, TrainingError, check_finite_loss, check_finite_state, stop_signals
+from ssvi_cli.training.records import EpochStats, Progress, TrainState, checkpoint_payload, config_note, restore_progress
+from ssvi_cli.training.stops import Interrupted, TrainingError, check_finite_loss, loss_trouble, stop_signals
 from ssvi_cli.training.summary import epoch_record, finish
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class Trainer:
         self._captured = 0
         self.stop_requested = False
         self.stop_signal = signal.SIGINT  # the signal that asked for the stop (reported in the exit code)
+        self._agreed_stop: Optional[int] = None  # under DDP, the stop the ranks agreed in the last step
         self.step_hooks: list[Callable[["Trainer", str], None]] = []
         self.grad_reduce: Optional[Callable[[Tensor], Tensor]] = distributed.mean if dist_info.enabled else None
         self.is_main = dist_info.is_main
@@ -188,9 +189,12 @@ class Trainer:
             kl = total_kl(model, cfg.bayes.prior_sigma, x.device)
             weight = self.kl_weight(t)
             loss = nll * share + weight * kl
-            check_finite_loss(self.run, self.state, nll, kl, loss)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
+            # After the backward, which every rank joins (its all-reduces): all ranks stop here, or none.
+            trouble, stop = distributed.max_over_ranks([loss_trouble(nll, kl, loss), self._local_stop()], self.device)
+            self._agreed_stop = stop if self.dist.enabled else None
+            check_finite_loss(self.run, self.state, trouble, self.dist.world_size)
             if capture:  # one process: a minibatch the fp16 scaler skips is left out of the mean too
                 drop = not update and not self.dist.enabled  # ranks would part: the step's own check agrees
                 self._captured += collect_captured(model, self._accumulated, self._captured + 1, self.scaler.get_scale(), drop)
@@ -253,10 +257,14 @@ class Trainer:
     def _request_stop(self, signum: signal.Signals) -> None:
         self.stop_requested, self.stop_signal = True, signum
 
-    def _stop_asked(self) -> bool:
-        """Whether any rank was asked to stop; every rank then reports the signal that asked (SIGTERM to
-        one process of a --nproc run was reported as Ctrl-C, the others' default)."""
-        asked = distributed.max_over_ranks(int(self.stop_signal) if self.stop_requested else 0, self.device)
+    def _local_stop(self) -> int:
+        return int(self.stop_signal) if self.stop_requested else 0
+
+    def _stop_asked(self, agreed: Optional[int] = None) -> bool:
+        """Whether any rank was asked to stop (``agreed``: as the ranks agreed in the step); every rank
+        then reports the signal that asked (SIGTERM to one process of a --nproc run was reported as
+        Ctrl-C, the others' default)."""
+        asked = distributed.max_over_ranks([self._local_stop()], self.device)[0] if agreed is None else agreed
         if asked:
             self.stop_requested, self.stop_signal = True, signal.Signals(asked)
         return bool(asked)
@@ -283,10 +291,10 @@ class Trainer:
             stats.add(out["loss"], out["nll"], out["kl"], out["correct"], len(y))
             if progress.on_batch:
                 progress.on_batch({"loss": stats.loss / stats.seen, "acc": stats.correct / stats.seen})
-            if self._stop_asked():  # all ranks stop at one step
+            if self._stop_asked(self._agreed_stop):  # all ranks stop at one step
                 self.train_seconds += time.perf_counter() - started
                 self.save()
-                distributed.max_over_ranks(0, self.device)  # no rank ends before rank 0's checkpoint is written
+                distributed.max_over_ranks([0], self.device)  # no rank ends before rank 0's checkpoint is written
                 raise Interrupted(self.run_dir, self.state.step, self.stop_signal)
         self.train_seconds += time.perf_counter() - started
         distributed.average_buffers(self.model)
@@ -307,13 +315,6 @@ class Trainer:
         return self.samples_seen / self.train_seconds if self.train_seconds > 0 else None
 
     def save(self) -> Optional[Path]:
-        distributed.average_buffers(self.model)  # every rank: the checkpoint holds the ranks' mean
-        check_finite_state(self.run, self.state, self.model)
-        progress = progress_state(self)  # every rank: the epoch's sums over the ranks
-        if not self.is_main:
-            return None
-        payload = {"config": self.cfg.to_dict(), "data_spec": self.splits.spec.to_dict(),
-                   "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-                   "optimizer": self.optimizer.state_dict(), "state": self.state.to_dict(), "rng": ckpt.rng_state(),
-                   "progress": progress}
-        return self.run.save_checkpoint(self.state.step, payload, self.cfg.train.keep_checkpoints)
+        """A checkpoint of the run (a collective under DDP: every rank calls it; rank 0 writes it)."""
+        payload = checkpoint_payload(self)
+        return self.run.save_checkpoint(self.state.step, payload, self.cfg.train.keep_checkpoints) if payload else None
