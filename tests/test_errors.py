@@ -421,8 +421,9 @@ def test_odd_terminals_encodings_and_closed_streams_change_no_outcome(workspace,
     an ASCII or latin-1 output encoding failed after the work on a ±, σ or é; a stream closed when ssvi
     started was an AttributeError; a full disk under stderr (2> log) stopped evaluate before its work."""
     model = str(workspace / RUN)
-    error = _ssvi(workspace, "evaluate", "/nonexistent", env={"COLUMNS": "0"})
-    assert error.returncode == 2 and "error: /nonexistent" in error.stderr
+    missing = str(tmp_path / "missing")  # not /nonexistent: some systems have it (HOME=/nonexistent)
+    error = _ssvi(workspace, "evaluate", missing, env={"COLUMNS": "0"})
+    assert error.returncode == 2 and f"error: model {missing} does not exist" in error.stderr, error.stderr
     shown = _ssvi(workspace, "inspect", model, env={"COLUMNS": "0"})
     assert shown.returncode == 0 and "density" in shown.stdout
     odd = tmp_path / "café run"
