@@ -20,7 +20,8 @@ from PIL import Image
 from ssvi_cli.cli import run
 from ssvi_cli.sweep.grid import SweepError, SweepSpec, expand, parse_axis, read_spec, setting_text
 from ssvi_cli.sweep.paired import check_selection
-from ssvi_cli.sweep.runner import BUSY_EXIT, CellBusy, Outcome, _stop_all, cell_lock, cell_state, evaluated
+from ssvi_cli.sweep.runner import (BUSY_EXIT, CellBusy, Outcome, _stop_all, cell_busy, cell_lock, cell_state, evaluated,
+                                   failure)
 
 # Small cells: a 32-unit MLP on 300 digits, a few epochs, a subspace step every 2 minibatches.
 TINY = ["--set", "model.widths=[32]", "--set", "data.max_train=300", "--set", "train.eval_samples=2",
@@ -635,6 +636,37 @@ def test_a_closed_terminal_stops_every_cell_at_a_checkpoint(tmp_path: Path, sigi
         assert found.stdout == ""  # no cell left running
     finally:
         _reap(proc, out)
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_leaves_no_cell_running_on(tmp_path: Path):
+    """kill -9 (or the system's out-of-memory killer) gives the sweep no time to stop its cells, which
+    run in sessions of their own: each stops at a checkpoint by itself, leaving nothing busy."""
+    out = tmp_path / "sw"
+    cells = [out / "cells" / "ssvi_s0.95_seed0"]
+    proc = subprocess.Popen([sys.executable, "-m", "ssvi_cli", "sweep", "--set", "train.epochs=100000", *TINY,
+                             "--threads", "1", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=_as_foreground)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not _epochs(cells[0]):
+            time.sleep(0.5)
+        proc.kill()
+        proc.communicate(timeout=60)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and _cells_running(out):
+            time.sleep(0.5)
+        assert not _cells_running(out) and not cell_busy(cells[0])
+        assert cell_state(cells[0]) == "partial"
+        log = (out / "logs" / f"{cells[0].name}.log").read_text()
+        assert "checkpoint written" in log, log[-2000:]
+        assert failure(cells[0]) is None  # stopped, not failed
+    finally:
+        _reap(proc, out)
+
+
+def _cells_running(out: Path) -> bool:
+    return subprocess.run(["pgrep", "-f", "--", f"--run-cell {out}"], capture_output=True).stdout != b""
 
 
 def _interrupted_and_resumed(proc: subprocess.Popen, out: Path, sweep: list[str], cells: list[Path]) -> None:

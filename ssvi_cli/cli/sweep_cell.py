@@ -5,6 +5,7 @@ cluster scheduler."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from contextlib import nullcontext, redirect_stdout
@@ -27,7 +28,10 @@ def run_cell(path: Path, run: Callable[[list[str]], int], json_out: bool = False
     from ssvi_cli.cli.train import KeyboardInterruptHandled
     from ssvi_cli.sweep.grid import CELLS_DIR, is_sweep_dir, read_spec
     from ssvi_cli.sweep.runner import BUSY_EXIT, CellBusy, cell_lock, clear_failure, record_failure, was_stopped
+    from ssvi_cli.training.launcher import PARENT_ENV, stop_with_parent
 
+    if os.environ.get(PARENT_ENV):  # started by a sweep: SIGTERM (a checkpoint) once it is gone, not run on unowned
+        stop_with_parent()
     path = Path(path)
     sweep_dir = next((p for p in (path, path.parent) if is_sweep_dir(p)), None)
     if sweep_dir is not None:  # the sweep, or its cells folder: not one cell

@@ -27,6 +27,7 @@ from ssvi_cli.fileio import UnwritablePath
 from ssvi_cli.locks import Locked, acquire_lock
 from ssvi_cli.runs.rundir import RunDir
 from ssvi_cli.sweep.grid import CELLS_DIR, EVAL_FILE, Cell, SweepSpec
+from ssvi_cli.training.launcher import PARENT_ENV
 from ssvi_cli.training.stops import requests_to_stop
 
 LOGS_DIR = "logs"
@@ -177,6 +178,7 @@ def run_cells(sweep_dir: Path, cells: list[Cell], jobs: int, threads: Optional[i
     env["PYTHONIOENCODING"] = "utf-8"  # a cell's output goes to its log file, whatever the terminal's encoding
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
+    env[PARENT_ENV] = str(os.getpid())  # a cell stops at a checkpoint once the sweep is gone (kill -9, OOM)
     running: dict[str, subprocess.Popen] = {}
     previous = {sig: signal.getsignal(sig) for sig in requests_to_stop()}
     stops: list[int] = []
