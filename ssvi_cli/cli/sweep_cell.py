@@ -47,8 +47,10 @@ def run_cell(path: Path, run: Callable[[list[str]], int], json_out: bool = False
     try:
         with cell_lock(path):
             clear_failure(path)
+            # Every cell: one that ran under a preset edited since would share a group with this one.
+            # Not this cell's failure (the report names changed cells apart), so not recorded as one.
+            check_changed(path.parent.parent, spec, cells)
             try:
-                check_changed(path.parent.parent, spec, [cell])
                 with redirect_stdout(sys.stderr) if json_out else nullcontext(), running_cell(path):
                     code = _train_and_evaluate(path, cell, spec, run)
             except (KeyboardInterruptHandled, KeyboardInterrupt):
