@@ -1034,6 +1034,42 @@ def test_an_ood_set_gone_since_the_sweep_was_made_stops_a_cell_before_it_trains(
     assert not (cell / "checkpoints").exists()
 
 
+def test_cells_evaluated_on_another_version_of_an_ood_set_are_evaluated_again_not_averaged(tmp_path: Path, capsys):
+    """A scheduler's cells run over days: an OOD array or folder changed between two cells' evaluations
+    left them scored on different sets, averaged in one report column. Each evaluation records what
+    it read; a cell scored on another version is not counted, and --resume evaluates it again."""
+    from ssvi_cli.evaluation.ood_sets import source_digest
+
+    ood, folder = tmp_path / "odd.npy", tmp_path / "imgs"
+    np.save(ood, np.random.default_rng(0).random((20, 8, 8), dtype=np.float32))
+    folder.mkdir()
+    np.save(folder / "a.npy", np.random.default_rng(1).random((6, 8, 8), dtype=np.float32))
+    out = tmp_path / "sw"
+    assert run(["sweep", "--method", "vi", "--seeds", "2", "--set", "train.epochs=1", *TINY, "--ood", str(ood),
+                "--ood", f"mine={folder}", "--out", str(out), "--dry-run"]) == 0
+    first, second = (Path(line.split()[-1]) for line in capsys.readouterr().out.splitlines())
+    assert run(["sweep", "--run-cell", str(first)]) == 0
+    recorded = json.loads((first / "evaluation.json").read_text())["ood_sources"]
+    assert recorded == {str(ood): source_digest(ood), "mine": source_digest(folder)}
+    np.save(ood, np.zeros((7, 8, 8), np.float32))  # the array replaced between the two cells
+    assert run(["sweep", "--run-cell", str(second)]) == 0
+    capsys.readouterr()
+    assert run(["sweep", "--report", str(out), "--no-figures"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["cells_done"] == 1 and report["missing"] == [first.name]
+    (vi,) = report["groups"]
+    assert vi[f"auroc:{ood}:entropy"]["n"] == 1
+    trained = (first / "model.safetensors").stat().st_mtime_ns
+    assert run(["sweep", "--resume", str(out), "--no-figures"]) == 0  # evaluated again on the array as it is
+    assert json.loads((first / "evaluation.json").read_text())["ood"][str(ood)]["n"] == 7
+    assert (first / "model.safetensors").stat().st_mtime_ns == trained  # not trained again
+    assert json.loads((out / "report.json").read_text())["cells_done"] == 2
+    np.save(folder / "b.npy", np.zeros((2, 8, 8), np.float32))  # a folder's new file is a change too
+    capsys.readouterr()
+    assert run(["sweep", "--report", str(out), "--no-figures"]) == 0
+    assert json.loads((out / "report.json").read_text())["cells_done"] == 0
+
+
 def test_a_refused_grid_leaves_the_sweep_file_as_it_was(tmp_path: Path, capsys):
     preset = tmp_path / "mine.yaml"
     preset.write_text("model: {name: mlp, widths: [16]}\ndata: {max_train: 100}\ntrain: {epochs: 1, eval_samples: 2}\n")

@@ -144,7 +144,8 @@ def evaluate(
     Report keys: ``format, version, model (path), model_info, dataset, split, n, mode, samples``
     (S of the headline numbers; None for the mean network), ``sample_counts, seed, batch_size,
     n_bins, metrics`` (``metrics.classification_metrics`` at S), ``ood`` (set -> ``n`` and
-    ``scores`` -> score name -> auroc, aupr_in, aupr_out, fpr_at_95_tpr at S), ``per_samples``
+    ``scores`` -> score name -> auroc, aupr_in, aupr_out, fpr_at_95_tpr at S), ``ood_sources``
+    (set -> digest, for the user's own folders and arrays: ``ood_sets.source_digest``), ``per_samples``
     (one entry per S with ``samples, metrics, ood``, its ``ood`` shaped as the top one), ``reliability`` (15-bin diagram at S),
     ``notes`` and ``seconds``. A model that is not Bayesian is evaluated as the mean network.
     """
@@ -189,6 +190,7 @@ def evaluate(
         "n_bins": opts.n_bins,
         "metrics": head["metrics"],
         "ood": head["ood"],  # the same block as each per_samples entry's
+        "ood_sources": data.ood_sources,
         "per_samples": per_samples,
         "reliability": M.reliability_bins(p, labels, opts.n_bins),
         "notes": notes,

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from ssvi_cli.data import DataError, DataSpec, build_dataset, check_dataset_name, data_config_for, get_spec
 from ssvi_cli.data.ood import ood_names
 from ssvi_cli.data.spec import absent_classes
-from ssvi_cli.evaluation.ood_sets import load_requests, resolve_requests
+from ssvi_cli.evaluation.ood_sets import load_requests, resolve_requests, source_digests
 from ssvi_cli.modelfile import NO_DATASET, Training
 
 SPLITS = ("test", "val", "all")
@@ -30,6 +30,7 @@ class EvalData:
     inputs: Dataset
     ood: dict[str, Dataset] = field(default_factory=dict)
     ood_seed_keys: dict[str, str] = field(default_factory=dict)  # label -> what seeds its draws (OodRequest)
+    ood_sources: dict[str, str] = field(default_factory=dict)  # label -> digest of the user's own folder or array
     notes: list[str] = field(default_factory=list)  # what the reader should know about the inputs
 
     def total_items(self) -> int:
@@ -153,7 +154,8 @@ def load_eval_data(
                      "with ssvi.save(..., mean=, std=) as they are")
     notes += absent_classes(inputs, model_spec, f"the {split} split")
     return EvalData(dataset=name, split=split, inputs=inputs, ood=ood_sets, notes=notes,
-                    ood_seed_keys={label: request.seed_key for label, request in requests.items()})
+                    ood_seed_keys={label: request.seed_key for label, request in requests.items()},
+                    ood_sources=source_digests(requests))
 
 
 def _whole_folder(name: str, folder: Optional[str], model_spec: DataSpec, requests: dict[str, Any],
@@ -173,4 +175,5 @@ def _whole_folder(name: str, folder: Optional[str], model_spec: DataSpec, reques
     ood_sets = load_requests(requests, model_spec, root, download, seed, ood_max_items)
     notes += absent_classes(inputs, model_spec, name)
     return EvalData(dataset=name, split="all", inputs=inputs, ood=ood_sets, notes=notes,
-                    ood_seed_keys={label: request.seed_key for label, request in requests.items()})
+                    ood_seed_keys={label: request.seed_key for label, request in requests.items()},
+                    ood_sources=source_digests(requests))

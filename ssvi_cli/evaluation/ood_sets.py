@@ -14,8 +14,10 @@ items, drawn with ``seed`` before any image file is decoded (arrays are read who
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -59,6 +61,38 @@ def image_files(folder: Path) -> list[Path]:
         raise DataError(f"--ood {folder}: the folder holds no images ({', '.join(IMAGE_SUFFIXES)}) and no "
                         f"{ARRAY_SUFFIX} arrays; pass a folder of images or arrays, or one {ARRAY_SUFFIX} array")
     return files
+
+
+def source_digest(path: Path) -> str:
+    """What identifies the user's OOD set at ``path`` in a report, so that a set changed since (a sweep's
+    cells evaluated on two versions of it) is told apart: an array file by its bytes, a folder by the
+    names, sizes and modification times of the files it reads (:func:`image_files`)."""
+    if not path.is_dir():
+        stat = path.stat()
+        return _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
+    digest = hashlib.sha256()
+    for file in image_files(path):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}\n"
+                      .encode("utf-8", "surrogateescape"))
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+@lru_cache(maxsize=16)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """A file's bytes' digest, read once while its size and modification time stay (a sweep looks
+    at every cell's evaluation)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def source_digests(requests: dict[str, OodRequest]) -> dict[str, str]:
+    """:func:`source_digest` of each of ``requests`` that is the user's own folder or array, by label."""
+    return {label: source_digest(request.path) for label, request in requests.items()
+            if request.kind == "path" and request.path is not None}
 
 
 def resolve_requests(texts: Iterable[str], spec: DataSpec, dataset: str) -> dict[str, OodRequest]:

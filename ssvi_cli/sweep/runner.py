@@ -43,7 +43,7 @@ def evaluated(path: Path, spec: Optional[SweepSpec] = None) -> bool:
     """Whether the cell's evaluation report is there and reads as one (a damaged one, from a disk
     that filled up or an edit, is evaluated again rather than read into the report) and, given the
     sweep's ``spec``, was made as the sweep evaluates now: its Monte Carlo samples (a deterministic
-    model's mean network has none) and its OOD sets."""
+    model's mean network has none) and its OOD sets, the user's own folders and arrays as they are now."""
     try:
         report = json.loads((path / EVAL_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
@@ -55,7 +55,31 @@ def evaluated(path: Path, spec: Optional[SweepSpec] = None) -> bool:
     from ssvi_cli.data.ood import label_of  # by label, also for a folder moved since
 
     samples_ok = report.get("mode") == "mean" or report.get("samples") == spec.samples
-    return samples_ok and set(report.get("ood") or {}) == {label_of(text) for text in spec.ood}
+    sources = report.get("ood_sources") or {}
+    return (samples_ok and set(report.get("ood") or {}) == {label_of(text) for text in spec.ood}
+            and all(sources.get(label) == digest for label, digest in own_ood_sets(spec.ood).items()))
+
+
+def own_ood_sets(ood: tuple[str, ...]) -> dict[str, Optional[str]]:
+    """The digest of each of the sweep's ``--ood`` values that is the user's own folder or array, by
+    label (None for one not there now, which no evaluation matches)."""
+    from ssvi_cli.data.ood import label_of, parse_ood
+    from ssvi_cli.data.spec import DataError
+    from ssvi_cli.evaluation.ood_sets import source_digest
+
+    digests: dict[str, Optional[str]] = {}
+    for text in ood:
+        try:
+            request = parse_ood(text)
+        except DataError:  # gone: the cell's own check says so before it trains
+            digests[label_of(text)] = None
+            continue
+        if request.kind == "path" and request.path is not None:
+            try:
+                digests[request.label] = source_digest(request.path)
+            except (OSError, DataError):
+                digests[request.label] = None
+    return digests
 
 
 def cell_state(path: Path, spec: Optional[SweepSpec] = None) -> str:
