@@ -113,3 +113,26 @@ def test_inspect_reports_flops_per_prediction(tmp_path):
     # first layer: two LRT ops once over 12 active weights; hidden: 5 draws x one op over 6
     assert [l["flops_per_prediction"] for l in report["layers"]] == [2 * 2 * 12, 5 * 2 * 6]
     assert report["flops"]["per_prediction"] == 48 + 60 and report["flops"]["samples"] == 5
+
+
+def test_the_geometry_of_a_layer_too_large_to_densify_allocates_nothing():
+    """inspect counts FLOPs at the input size a file's header names: a 143 KB file claiming a
+    (512, N*N) first layer made it build that dense weight (4.5 GB at N = 1000). Only shapes are needed."""
+    from ssvi_cli.core.layers import SparseLinear
+
+    layer = SparseLinear(1 << 26, 512, bayesian=True)  # 128 GiB as a dense float32 weight
+    model = torch.nn.Sequential(torch.nn.Flatten(), layer)
+    (geometry,) = model_geometry(model, (1, 1 << 13, 1 << 13))
+    assert geometry.positions == 1 and geometry.numel == 1 << 35
+    # a model the meta device cannot run is probed on the CPU
+    class NoMeta(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = SparseLinear(8, 3, bayesian=True)
+
+        def forward(self, x):
+            if x.is_meta:
+                raise NotImplementedError("no meta kernel")
+            return self.fc(x)
+
+    assert [g.positions for g in model_geometry(NoMeta(), (8,))] == [1]

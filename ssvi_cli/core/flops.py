@@ -59,28 +59,32 @@ def model_geometry(model: nn.Module, input_shape: Sequence[int]) -> list[LayerGe
     """Output positions of every sparse layer, from one forward pass on a zero input of batch 1.
 
     The pass runs on a deep copy in ``mean`` mode with the dense kernel, so the caller's model, its
-    modes and kernels are untouched; only shapes matter.
+    modes and kernels are untouched; only shapes matter, so it runs on the meta device, allocating
+    nothing (a file's header may name a huge input or layer), and on the CPU only for a model with
+    an operation the meta device lacks.
     """
+    positions: dict[str, int] = {}
+    try:
+        _probe(model, input_shape, positions, torch.device("meta"))
+    except (NotImplementedError, RuntimeError):
+        positions.clear()
+        _probe(model, input_shape, positions, torch.device("cpu"))
+    first = getattr(model, "first", None)  # a linear one: its LRT moments are reused (a conv samples)
+    return [LayerGeometry(name, layer.numel, positions[name], layer.stem, layer is first and layer.is_linear())
+            for name, layer in sparse_layers(model)]
+
+
+def _probe(model: nn.Module, input_shape: Sequence[int], positions: dict[str, int], device: torch.device) -> None:
     import copy
 
-    probe = copy.deepcopy(model).cpu().eval()
-    positions: dict[str, int] = {}
-    hooks = []
+    probe = copy.deepcopy(model).to(device).eval()
     for name, layer in sparse_layers(probe):
         def hook(mod: SparseGaussian, _inp, out, name: str = name) -> None:
             positions[name] = out[0].numel() // mod.weight_shape[0]
 
-        hooks.append(layer.register_forward_hook(hook))
-    try:
-        with torch.no_grad(), sampling(probe, "mean"), using_kernel(probe, "dense"), \
-                capturing_dense_grad(probe, False):
-            probe(torch.zeros(1, *input_shape))
-    finally:
-        for h in hooks:
-            h.remove()
-    first = getattr(model, "first", None)  # a linear one: its LRT moments are reused (a conv samples)
-    return [LayerGeometry(name, layer.numel, positions[name], layer.stem, layer is first and layer.is_linear())
-            for name, layer in sparse_layers(model)]
+        layer.register_forward_hook(hook)  # on the copy, dropped with it
+    with torch.no_grad(), sampling(probe, "mean"), using_kernel(probe, "dense"), capturing_dense_grad(probe, False):
+        probe(torch.zeros(1, *input_shape, device=device))
 
 
 @dataclass(frozen=True)
