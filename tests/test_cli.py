@@ -226,6 +226,37 @@ def test_a_run_left_aside_when_the_machine_stopped_is_settled_at_the_next_claim(
     assert "seed: 7" in (out / ASIDE / "config.yaml").read_text() and not (out / ASIDE / "model.safetensors").exists()
 
 
+def test_a_removal_of_the_run_set_aside_cut_short_never_brings_its_files_back(tmp_path: Path, monkeypatch):
+    """Removal takes a folder's entries in any order (tmpfs: newest first, the .moved mark first): a kill
+    after it had taken the mark left what read as a move cut short, and the next command put the old
+    run's model and summary back beside the new run's checkpoint (a "finished" run of the old model)."""
+    import shutil
+    from ssvi_cli.runs import aside as aside_mod
+    from ssvi_cli.runs.aside import ASIDE, MOVED, set_aside
+    from ssvi_cli.runs.rundir import RUN_ENTRIES, RunDir
+
+    out = tmp_path / "run"
+    assert run(["train", *SMALL, "--out", str(out)]) == 0
+    set_aside(out, RUN_ENTRIES)
+    (out / "config.yaml").write_text((out / ASIDE / "config.yaml").read_text().replace("seed: 0", "seed: 7"))
+    real = shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):
+        path = Path(path)
+        for entry in (path / MOVED, *(e for e in path.iterdir() if e.name == "checkpoints")):
+            real(entry) if entry.is_dir() else entry.unlink()
+        raise KeyboardInterrupt  # stands for the kill: the rest of the folder stays
+
+    monkeypatch.setattr(aside_mod.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        RunDir(out).save_checkpoint(5, {"state": {"step": 5}}, keep=2)  # the new run's first: the old one goes
+    monkeypatch.undo()
+    aside_mod.settle_run(RunDir(out), RUN_ENTRIES)  # as the next command over the folder settles it
+    assert not (out / "model.safetensors").exists() and not (out / "summary.json").exists()
+    assert "seed: 7" in (out / "config.yaml").read_text() and RunDir(out).checkpoints()
+    assert [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".lock"] == []
+
+
 def test_the_run_set_aside_goes_at_the_new_runs_first_checkpoint_or_at_a_resume(tmp_path: Path):
     """It stayed for the whole new run (twice the disk), and a --resume after a kill -9 never removed it."""
     from ssvi_cli.runs.aside import ASIDE, set_aside

@@ -19,6 +19,7 @@ from ssvi_cli import fileio
 
 ASIDE = ".replaced-run"  # hidden: listings, sweeps and `inspect` pass it by
 MOVED = ".moved"  # in ASIDE once every entry is in it
+REMOVING = ".removed-run"  # ASIDE renamed before its removal, which a kill may cut short
 
 
 def set_aside(folder: Path, entries: Iterable[str]) -> None:
@@ -51,23 +52,34 @@ def settle(folder: Path, entries: Iterable[str], new_run_kept: bool) -> Optional
         for entry in aside.iterdir():
             if not (Path(folder) / entry.name).exists():
                 entry.rename(Path(folder) / entry.name)
-        shutil.rmtree(aside, ignore_errors=True)
+        _remove(aside)
         return None
     if new_run_kept:
-        shutil.rmtree(aside, ignore_errors=True)
+        _remove(aside)
         return None
     entries = list(entries)
     fileio.remove_entries(folder, entries)
     for name in entries:
         if (aside / name).exists() or (aside / name).is_symlink():
             (aside / name).rename(Path(folder) / name)
-    shutil.rmtree(aside, ignore_errors=True)
+    _remove(aside)
     return f"note: the run that --force was replacing in {folder} is put back: the new one ended before its first checkpoint"
+
+
+def _remove(aside: Path) -> None:
+    """Remove ``aside`` under another name first: removal takes its entries in any order, and one cut
+    short after taking :data:`MOVED` would leave what reads as a move cut short, whose files the next
+    command would put back beside the new run's."""
+    removing = aside.parent / REMOVING
+    aside.rename(removing)
+    shutil.rmtree(removing, ignore_errors=True)
 
 
 def settle_run(run, entries: Iterable[str]) -> Optional[str]:
     """:func:`settle` for a :class:`~ssvi_cli.runs.rundir.RunDir` and its ``entries`` (``RUN_ENTRIES``):
     the new run is kept once it has a checkpoint or has finished."""
+    if (Path(run.path) / REMOVING).exists():  # a removal cut short (kill -9): only the old run's files
+        shutil.rmtree(Path(run.path) / REMOVING, ignore_errors=True)
     if not (Path(run.path) / ASIDE).is_dir():
         return None
     return settle(run.path, entries, bool(run.checkpoints()) or run.finished())
