@@ -3,6 +3,7 @@ system when their holder exits, however it exits)."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from contextlib import nullcontext
@@ -37,8 +38,13 @@ def acquire_lock(lock_path: Path, what: str, shared: bool = False) -> ContextMan
         return nullcontext()
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(lock_path, "a+", encoding="utf-8")
+        # Never through a link: a lock file planted as one would have its target emptied for our id.
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        fh = os.fdopen(fd, "r+", encoding="utf-8")
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnwritablePath(exc.errno, f"cannot write {what} {lock_path}: it is a symbolic link, which ssvi "
+                                            "does not follow (remove it)") from None
         raise UnwritablePath(exc.errno, f"cannot write {what} {lock_path}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(fh, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)

@@ -342,3 +342,39 @@ def test_a_record_file_with_a_damaged_line_says_so_and_a_torn_last_line_does_not
     assert not caplog.records
     path.write_bytes(b'{"step": 50}\n\xff\xfe\n{"step": 100}\n')  # bytes that are not UTF-8: a line passed over
     assert read_jsonl(path) == [{"step": 50}, {"step": 100}]
+
+
+def test_a_lock_file_planted_as_a_link_is_refused_and_its_target_kept(tmp_path: Path):
+    """The lock is opened for writing our process id: through a link (a .lock planted in an --out
+    folder that looked empty) it emptied the link's target."""
+    from ssvi_cli.fileio import UnwritablePath
+    from ssvi_cli.locks import acquire_lock
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").symlink_to(victim)
+    with pytest.raises(UnwritablePath, match="it is a symbolic link, which ssvi does not follow"):
+        with acquire_lock(tmp_path / "run" / ".lock", "the run's lock"):
+            pass
+    assert victim.read_text() == "precious"
+
+
+def test_telling_a_checkpoint_reads_a_bounded_part_of_its_record(tmp_path: Path, monkeypatch):
+    """is_checkpoint read the archive's data.pkl whole: a 1.5 MB file inflating to 1.5 GiB took 3.7 GB
+    of memory before --init-from refused it. It reads pieces, at most RECORD_READ_LIMIT bytes."""
+    import zipfile
+    from ssvi_cli.runs import checkpoint as ckpt
+
+    def archive(name: str, before: int) -> Path:
+        path = tmp_path / name
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            z.writestr("archive/data.pkl", b"\0" * before + ckpt.FORMAT.encode() + b"\0" * 10)
+        return path
+
+    straddling = archive("straddling.pt", (1 << 20) - 3)  # the name across two pieces read
+    assert ckpt.is_checkpoint(straddling)
+    late = archive("late.pt", 3 << 20)
+    assert ckpt.is_checkpoint(late)
+    monkeypatch.setattr(ckpt, "RECORD_READ_LIMIT", 2 << 20)
+    assert not ckpt.is_checkpoint(late) and ckpt.is_checkpoint(straddling)

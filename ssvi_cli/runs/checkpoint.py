@@ -186,9 +186,24 @@ def is_checkpoint(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
             record = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
-            return record is not None and FORMAT.encode() in archive.read(record)
+            return record is not None and _holds(archive, record, FORMAT.encode())
     except (OSError, zipfile.BadZipFile, RuntimeError):
         return False
+
+
+RECORD_READ_LIMIT = 64 << 20  # a checkpoint's data.pkl is kilobytes to a few megabytes (no tensor data)
+
+
+def _holds(archive: zipfile.ZipFile, name: str, text: bytes) -> bool:
+    """Whether ``text`` is in the archive's member ``name``, read in pieces and at most
+    :data:`RECORD_READ_LIMIT` bytes of it: a small file can inflate to gigabytes (a zip bomb)."""
+    seen, tail = 0, b""
+    with archive.open(name) as fh:
+        while seen < RECORD_READ_LIMIT and (block := fh.read(1 << 20)):
+            if text in tail + block:
+                return True
+            seen, tail = seen + len(block), (tail + block)[-len(text):]
+    return False
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

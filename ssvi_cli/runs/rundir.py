@@ -17,6 +17,7 @@ folder, and where its checkpoints, epoch records, support history and summary go
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shlex
@@ -96,8 +97,9 @@ class RunDir:
         try:
             return locks.acquire_lock(self.path / LOCK_FILE, "the run's lock")
         except fileio.UnwritablePath as exc:  # a folder the system refuses only when it is made
-            raise fileio.UnwritablePath(exc.errno, f"{flag} {self.path} cannot be made or written: "
-                                        f"{os.strerror(exc.errno) if exc.errno else exc}") from None
+            why = f"{self.path / LOCK_FILE} is a symbolic link, which ssvi does not follow (remove it)" \
+                if exc.errno == errno.ELOOP else os.strerror(exc.errno) if exc.errno else str(exc)
+            raise fileio.UnwritablePath(exc.errno, f"{flag} {self.path} cannot be made or written: {why}") from None
         except locks.Locked as exc:
             raise self._busy(flag, exc.holder) from None
 
