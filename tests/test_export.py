@@ -202,12 +202,12 @@ def test_compact_file_is_15x_smaller_in_float32_and_28x_in_float16(tmp_path, pre
 
 # ------------------------------------------------------------------ bad files
 
-def _resave(src: Path, dst: Path, *, meta_update=None, tensor_update=None) -> None:
+def _resave(src: Path, dst: Path, *, meta_update=None, tensor_update=None, drop=()) -> None:
     from safetensors import safe_open
 
     with safe_open(str(src), "pt") as fh:
         meta = dict(fh.metadata())
-    tensors = load_file(str(src))
+    tensors = {k: v for k, v in load_file(str(src)).items() if k not in drop}
     meta.update(meta_update or {})
     tensors.update(tensor_update or {})
     save_file(tensors, str(dst), metadata=meta)
@@ -251,8 +251,34 @@ def bad_files(good: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
     _resave(good, tmp / "int_mu.safetensors", tensor_update={"first.mu": mu.round().to(torch.int32)})
     out["integer mu"] = (tmp / "int_mu.safetensors", "mu is stored as int32, not as floats")
     _resave(good, tmp / "short_mu.safetensors", tensor_update={"first.mu": mu[:-1].clone()})
-    out["short mu"] = (tmp / "short_mu.safetensors", f"mu has {mu.numel() - 1} values for {mu.numel()} indices")
+    out["short mu"] = (tmp / "short_mu.safetensors", f"mu has shape [{mu.numel() - 1}] for {mu.numel()} indices")
+    # what a reader of FORMAT.md alone found accepted: a float flat32 index (truncated into the
+    # neighbouring entries: other predictions, exit 0), an input shape no architecture takes (exit 1),
+    # a dense layout holding compact layers, a full layer's values stored flat
+    from ssvi_cli.modelfile.codec import gap8_decode
+
+    positions = gap8_decode(load_file(str(good))["first.index"]).to(torch.float32) - 0.7
+    flat = [dict(r, index="flat32") if r["name"] == "first" else r for r in layers_of(good)]
+    _resave(good, tmp / "float_index.safetensors", meta_update={"layers": json.dumps(flat)},
+            tensor_update={"first.index": positions})
+    out["float flat32 index"] = (tmp / "float_index.safetensors", "stores its flat32 index as float32, not int32")
+    spec = dict(read_header(good)["meta"]["data_spec"])
+    _resave(good, tmp / "no_input.safetensors", meta_update={"data_spec": json.dumps(dict(spec, input_shape=[]))})
+    out["input shape"] = (tmp / "no_input.safetensors", "input shape []; a mlp model takes (channels, height, width)")
+    _resave(good, tmp / "dense_layout.safetensors", meta_update={"layout": "dense"})
+    out["dense layout"] = (tmp / "dense_layout.safetensors", "but the file's layout is dense")
+    record = next(r for r in layers_of(good) if r["name"] == "hidden.1")
+    numel = record["shape"][0] * record["shape"][1]
+    full = [dict(r, index="full", active=numel) if r["name"] == "hidden.1" else r for r in layers_of(good)]
+    _resave(good, tmp / "flat_full.safetensors", meta_update={"layers": json.dumps(full)},
+            tensor_update={"hidden.1.mu": torch.zeros(numel), "hidden.1.sigma": torch.full((numel,), 0.01)},
+            drop=("hidden.1.index",))
+    out["flat full mu"] = (tmp / "flat_full.safetensors", f"mu has shape [{numel}] for the weight shape {record['shape']}")
     return out
+
+
+def layers_of(path: Path) -> list[dict]:
+    return [dict(r) for r in read_header(path)["meta"]["layers"]]
 
 
 def test_bad_files_raise_model_file_error(good_file, tmp_path):
@@ -365,3 +391,21 @@ def test_a_damaged_checkpoint_is_refused_as_a_damaged_model_file_is(trained, tmp
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"checkpoint {bad}" in err and words in err, err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("shape", [[], [1], [1, 8], [1, 1, 16, 16]])
+def test_an_image_model_whose_file_names_another_input_rank_is_refused_in_a_line(tmp_path, shape):
+    """A torchvision model's file with an input shape of another rank failed as it was built (IndexError,
+    'expected 4D input'): exit 1 with Python's words."""
+    import torchvision
+    import ssvi_cli as ssvi
+
+    model = torchvision.models.resnet18(num_classes=3)
+    ssvi.sparsify(model, sparsity=0.9)
+    good = tmp_path / "good.safetensors"
+    ssvi.save(model, good, architecture="torchvision:resnet18", input_shape=(3, 16, 16))
+    spec = dict(read_header(good)["meta"]["data_spec"])
+    _resave(good, tmp_path / "bad.safetensors", meta_update={"data_spec": json.dumps(dict(spec, input_shape=shape))})
+    with pytest.raises(ModelFileError, match=re.escape(f"input shape {shape}; a torchvision:resnet18 model takes "
+                                                       "(channels, height, width)")):
+        read_model_file(tmp_path / "bad.safetensors")

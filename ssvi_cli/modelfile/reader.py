@@ -142,6 +142,9 @@ def install(model: nn.Module, path: Path, meta: dict[str, Any], tensors: dict[st
     for name, layer in layers:
         if name not in records:
             raise ModelFileError(f"{path} lacks layer {name!r} of {target}")
+        if meta.get("layout") == "dense" and records[name].get("index") != "full":
+            raise ModelFileError(f"{path}: layer {name!r} is stored {records[name].get('index')}, but the file's layout "
+                                 "is dense (every layer full)")
         names, support = _load_layer(path, name, layer, records[name], tensors, target)
         used |= names
         supports.append((layer, support))
@@ -187,13 +190,17 @@ def _build(path: Path, meta: dict[str, Any], table: dict[str, dict[str, Any]], k
         raise ModelFileError(f"{path} holds a custom module ({name[len(CUSTOM):]}) that only its own code can "
                              f"build; load it in Python with that module built as it was saved: {how}; ssvi "
                              "inspect reads its layers without it")
+    shape = list(card.data.input_shape)
+    if len(shape) != 3:  # every architecture a file rebuilds takes images; () is a custom module's "unknown"
+        raise ModelFileError(f"{path} has a corrupted header (input shape {shape}; a {name} model takes "
+                             "(channels, height, width))")
     try:
         with torch.device("meta"):  # shapes only, no memory
             _check_sizes(path, build_model(card), meta, table)
         model = build_model(card, kernel=kernel)
     except UnknownName as exc:
         raise ModelFileError(f"{path} needs an architecture this ssvi does not know ({exc})") from None
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
         raise ModelFileError(f"{path} has a corrupted header (architecture {meta['architecture']!r}: {exc})") from None
     return card, model
 
@@ -242,6 +249,9 @@ def _load_layer(path: Path, name: str, layer: SparseGaussian, record: dict[str, 
             raise ModelFileError(f"{where} has a corrupted gap8 index")
         idx = gap8_decode(codes)
     else:
+        if tensors[f"{name}.index"].dtype != torch.int32:  # floats would be truncated into other entries
+            raise ModelFileError(f"{where} stores its flat32 index as {str(tensors[f'{name}.index'].dtype)[6:]}, "
+                                 "not int32")
         idx = tensors[f"{name}.index"].to(torch.int64)
         if idx.dim() != 1 or (idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all())):
             raise ModelFileError(f"{where} has flat indices that are not sorted and unique")
@@ -249,12 +259,13 @@ def _load_layer(path: Path, name: str, layer: SparseGaussian, record: dict[str, 
         raise ModelFileError(f"{where} has {idx.numel()} indices but records {record.get('active')} active entries")
     if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= layer.numel):
         raise ModelFileError(f"{where} has indices outside its {layer.numel} entries")
-    mu = _values(tensors[f"{name}.mu"], where, "mu", idx.numel())
+    shape = list(layer.weight_shape) if code == "full" else [idx.numel()]
+    mu = _values(tensors[f"{name}.mu"], where, "mu", shape)
     if not bool(torch.isfinite(mu).all()):
         raise ModelFileError(f"{where}: mu holds non-finite values")
     rho = None
     if layer.bayesian:
-        sigma = _values(tensors[f"{name}.sigma"], where, "sigma", idx.numel())
+        sigma = _values(tensors[f"{name}.sigma"], where, "sigma", shape)
         if not bool(torch.isfinite(sigma).all()) or bool((sigma < 0).any()):
             raise ModelFileError(f"{where}: sigma holds negative or non-finite values")
         # In float64 so that sigma -> rho -> softplus(rho) returns sigma to float32 rounding.
@@ -262,12 +273,12 @@ def _load_layer(path: Path, name: str, layer: SparseGaussian, record: dict[str, 
     return names, (idx, mu.float(), rho)
 
 
-def _values(stored: Tensor, where: str, what: str, count: int) -> Tensor:
-    """A layer's stored ``mu`` or ``sigma`` as a flat float tensor of ``count`` values, or the error that
-    says which of the two it is not."""
+def _values(stored: Tensor, where: str, what: str, shape: list[int]) -> Tensor:
+    """A layer's stored ``mu`` or ``sigma``, of ``shape`` (``[active]``, or the weight shape for a
+    ``full`` layer), as a flat float tensor, or the error that says which of the two it is not."""
     if not stored.is_floating_point():
         raise ModelFileError(f"{where}: {what} is stored as {str(stored.dtype).replace('torch.', '')}, not as floats")
-    flat = stored.reshape(-1)
-    if flat.numel() != count:
-        raise ModelFileError(f"{where}: {what} has {flat.numel()} values for {count} indices")
-    return flat
+    if list(stored.shape) != shape:
+        count = f"{shape[0]} indices" if len(shape) == 1 else f"the weight shape {shape}"
+        raise ModelFileError(f"{where}: {what} has shape {list(stored.shape)} for {count}")
+    return stored.reshape(-1)
