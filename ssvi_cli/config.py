@@ -30,6 +30,9 @@ DELTA_T_AUTO = "auto"
 PAPER_DELTA_T = 100
 MIN_SUBSPACE_STEPS = 100  # auto's default target (sparse.min_subspace_steps)
 MAX_LR = 100.0
+MAX_EPOCHS = 1_000_000  # beyond any run: 1e20 epochs hung the schedule's first subspace step
+MAX_BATCH = 2**24  # 1e20 overflowed torch's index type
+MAX_SAMPLES = 100_000  # Monte Carlo draws per input: 1e11 ran for ever
 MAX_SEED = 2**32 - 1  # numpy's seed range; the trainer's per-epoch seed, seed * 1_000_003 + epoch, fits int64
 _ADDITION = re.compile(r"^(sample|mean|accumulate:([1-9]\d*))$")
 
@@ -490,9 +493,9 @@ def validate(cfg: Config) -> None:
         ("optim.lr_sigma", 0 <= o.lr_sigma <= MAX_LR, f">= 0 and at most {MAX_LR:g}"),
         ("optim.momentum", 0 <= o.momentum < 1, "in [0, 1)"),
         ("optim.weight_decay", o.weight_decay >= 0, ">= 0"),
-        ("train.epochs", t.epochs >= 1, ">= 1"),
-        ("train.batch_size", t.batch_size >= 1, ">= 1"),
-        ("train.eval_samples", t.eval_samples >= 1, ">= 1"),
+        ("train.epochs", 1 <= t.epochs <= MAX_EPOCHS, f"in [1, {MAX_EPOCHS:,}]"),
+        ("train.batch_size", 1 <= t.batch_size <= MAX_BATCH, f"in [1, {MAX_BATCH:,}]"),
+        ("train.eval_samples", 1 <= t.eval_samples <= MAX_SAMPLES, f"in [1, {MAX_SAMPLES:,}]"),
         ("train.checkpoint_every", t.checkpoint_every >= 1, ">= 1"),
         ("train.keep_checkpoints", t.keep_checkpoints >= 1, ">= 1"),
         ("train.num_workers", t.num_workers >= 0, ">= 0"),

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from ssvi_cli.config import MAX_SEED
+from ssvi_cli.config import MAX_SAMPLES, MAX_SEED
 from ssvi_cli.cli.common import (UsageError, check_device, check_output_file, count, err, fmt, out,
                                    print_json, progress_bar)
 
@@ -49,6 +49,8 @@ def register(app: typer.Typer) -> None:
         for flag, value in (("--samples", samples), ("--batch-size", batch_size), ("--top-k", top_k)):
             if value < 1:
                 raise UsageError(f"{flag} must be at least 1, got {value}")
+        if samples > MAX_SAMPLES:
+            raise UsageError(f"--samples {samples} is more Monte Carlo draws per input than ssvi takes ({MAX_SAMPLES:,})")
         if output is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
             raise UsageError(f"--output {output} must end in {' or '.join(OUTPUT_SUFFIXES)}")
         target = check_output_file(output, "--output") if output is not None else None  # or a link's target

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ssvi_cli.config import MAX_SAMPLES
 from ssvi_cli import fileio
 from ssvi_cli import metrics as M
 from ssvi_cli.evaluation.inputs import SPLITS, EvalData
@@ -84,6 +85,8 @@ def parse_samples(text: str) -> tuple[int, ...]:
             raise ValueError(
                 f"--samples expects positive integers separated by commas (e.g. 1,5,10,30); {part!r} is not one"
             )
+        if int(part) > MAX_SAMPLES:
+            raise ValueError(f"--samples {part} is more Monte Carlo draws per input than ssvi takes ({MAX_SAMPLES:,})")
         counts.append(int(part))
     return tuple(sorted(set(counts)))
 

@@ -171,8 +171,9 @@ def expand(spec: SweepSpec, version: int = SWEEP_VERSION) -> list[Cell]:
     for key, values in spec.axes.items():
         if not isinstance(values, list) or not values:
             raise SweepError(f"sweep axis {key!r} needs a non-empty list of values")
-    if isinstance(spec.samples, bool) or not isinstance(spec.samples, int) or spec.samples < 1:
-        raise SweepError(f"samples={spec.samples!r}: evaluation needs a positive number of Monte Carlo samples")
+    if isinstance(spec.samples, bool) or not isinstance(spec.samples, int) or not 1 <= spec.samples <= cfgmod.MAX_SAMPLES:
+        raise SweepError(f"samples={spec.samples!r}: evaluation needs a positive number of Monte Carlo samples, "
+                         f"at most {cfgmod.MAX_SAMPLES:,}")
     keys = list(spec.axes)
     cells: list[Cell] = []
     seen: dict[str, Cell] = {}
