@@ -1,6 +1,7 @@
 """Stopping and resuming a run gives bit-identical tensors and supports."""
 
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from ssvi_cli import config as C
+from ssvi_cli.training.summary import throughput
 from ssvi_cli.training.trainer import Interrupted, Trainer
 
 
@@ -150,7 +152,7 @@ def test_a_resumed_epoch_records_the_whole_epoch(tmp_path: Path, stop_step: int)
     resumed.fit()
     assert records(tmp_path / "split") == records(tmp_path / "straight")
     assert any(r["swapped"] > 0 for r in records(tmp_path / "split"))
-    assert resumed.throughput() is not None and resumed.samples_seen == straight.samples_seen
+    assert throughput(resumed) is not None and resumed.samples_seen == straight.samples_seen
     assert records(tmp_path / "split", "support.jsonl") == records(tmp_path / "straight", "support.jsonl")
 
 
@@ -322,3 +324,30 @@ def test_an_overflowed_minibatch_before_the_remove_and_add_step_is_left_out_of_t
     assert trainer.state.subspace_steps == schedule.updates  # none skipped
     captured = {step: n for step, _, n in reports}
     assert captured[poisoned] == captured[poisoned - 1] if schedule.captures(poisoned - 1) else captured[poisoned] == 0
+
+
+@pytest.mark.parametrize("part,broken,said", [
+    ("state", None, "KeyError: 'state'"),
+    ("state", {"epoch": 1, "step": 10, "bogus": 3}, "unexpected keyword argument 'bogus'"),
+    ("state", {"epoch": "one", "step": 10}, "the run's position holds {'epoch': 'one'}, not counts"),
+    ("progress", "not a record", "TypeError"),
+    ("rng", {"torch": torch.zeros(3, dtype=torch.uint8), "python": [1, 2]}, "RuntimeError"),
+    ("optimizer", {"state": {}, "param_groups": []}, "different number of parameter groups"),
+])
+def test_a_checkpoint_whose_record_is_not_as_ssvi_writes_it_is_refused_in_a_line(tmp_path: Path, part, broken, said):
+    """A record that unpickles but is edited or damaged met the restoring code's own exception on
+    --resume (KeyError: 'state', TrainState.__init__(), 'state vector is the wrong size'): exit 1."""
+    from ssvi_cli.runs.checkpoint import CheckpointError
+
+    c = cfg(**{"train.epochs": 1, "data.max_train": 200})
+    Trainer.create(c, tmp_path / "r").fit()
+    (path,) = sorted((tmp_path / "r" / "checkpoints").glob("*.pt"))
+    data = torch.load(path, weights_only=True)
+    if broken is None:
+        del data[part]
+    else:
+        data[part] = broken
+    torch.save(data, path)
+    with pytest.raises(CheckpointError, match=f"checkpoint {re.escape(str(path))} does not hold a run's state as "
+                                              f"ssvi writes one \\(.*{re.escape(said)}"):
+        Trainer.resume(tmp_path / "r")

@@ -13,8 +13,9 @@ import random
 import re
 import struct
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -195,8 +196,8 @@ RECORD_READ_LIMIT = 64 << 20  # a checkpoint's data.pkl is kilobytes to a few me
 
 
 def _holds(archive: zipfile.ZipFile, name: str, text: bytes) -> bool:
-    """Whether ``text`` is in the archive's member ``name``, read in pieces and at most
-    :data:`RECORD_READ_LIMIT` bytes of it: a small file can inflate to gigabytes (a zip bomb)."""
+    """Whether ``text`` is in the first :data:`RECORD_READ_LIMIT` bytes of the archive's member ``name``,
+    read in pieces: a small file can inflate to gigabytes (a zip bomb)."""
     seen, tail = 0, b""
     with archive.open(name) as fh:
         while seen < RECORD_READ_LIMIT and (block := fh.read(1 << 20)):
@@ -237,12 +238,24 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             raise CorruptCheckpoint(f"{path} is not an ssvi checkpoint but a torch.save file of plain weights "
                                     "(ssvi train --model torchvision:NAME --init-from starts a run from them)")
         raise CorruptCheckpoint(f"{path} is not an ssvi checkpoint (a torch.save file of something else)")
-    if int(data.get("version", 0)) > VERSION:
-        raise CheckpointError(
-            f"checkpoint {path} has format version {data['version']}, newer than this ssvi "
-            f"({VERSION}); upgrade ssvi to read it"
-        )
+    if not isinstance(version := data.get("version", 0), int):
+        raise CorruptCheckpoint(f"checkpoint {path} has a corrupted format version {version!r}")
+    if version > VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {version}, newer than this ssvi ({VERSION}); "
+                              "upgrade ssvi to read it")
     return data
+
+
+@contextmanager
+def restoring(path: Optional[Path]) -> Iterator[None]:
+    """Restore parts of the checkpoint at ``path`` inside: one not as ssvi writes it (an edited record that
+    still unpickles) is a :class:`CheckpointError` naming the file, not the restoring code's exception."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        what = f"{type(exc).__name__}: {brief(exc)}" if str(exc) else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} does not hold a run's state as ssvi writes one ({what}); resume "
+                              "from an earlier checkpoint (move this one aside) or start the run again") from None
 
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], where: str = "model state") -> None:

@@ -63,6 +63,11 @@ class TrainState:
     # another number of ranks keeps it (and with it the data order and every schedule).
     global_batch: int = 0
 
+    def __post_init__(self) -> None:  # read back from a checkpoint: counts, or a ValueError
+        bad = {k: v for k, v in self.__dict__.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0}
+        if bad:
+            raise ValueError(f"the run's position holds {bad}, not counts")
+
     def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 

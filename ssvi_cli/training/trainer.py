@@ -117,10 +117,13 @@ class Trainer:
         ckpt.load_model_state(model, data["model"])
         model.to(plan.device)
         optimizer = make_optimizer(model, cfg)
-        optimizer.load_state_dict(data["optimizer"])
-        trainer = cls(plan, model, optimizer, TrainState(**data["state"]), dist_info)
-        restore_progress(trainer, data.get("progress"))
-        ckpt.set_rng_state(data["rng"])
+        with ckpt.restoring(plan.resumed_from):  # its parts as a checkpoint holds them, else one line
+            optimizer.load_state_dict(data["optimizer"])
+            state = TrainState(**data["state"])
+        trainer = cls(plan, model, optimizer, state, dist_info)
+        with ckpt.restoring(plan.resumed_from):
+            restore_progress(trainer, data.get("progress"))
+            ckpt.set_rng_state(data["rng"])
         distributed.fork_noise(dist_info)
         return trainer
 
@@ -309,10 +312,6 @@ class Trainer:
             self.save()
         if progress.on_epoch_end:
             progress.on_epoch_end(record)
-
-    def throughput(self) -> Optional[float]:
-        """Training samples per second over all ranks (training steps only, no evaluation)."""
-        return self.samples_seen / self.train_seconds if self.train_seconds > 0 else None
 
     def save(self) -> Optional[Path]:
         """A checkpoint of the run (a collective under DDP: every rank calls it; rank 0 writes it)."""
