@@ -546,3 +546,25 @@ def test_a_warning_reads_as_the_commands_notes_do_and_debug_names_its_source(mod
         assert proc.returncode == 0, proc.stderr[-2000:]
         line = next(l for l in proc.stderr.splitlines() if "flattened inputs" in l)
         assert line.startswith(start + f"{tmp_path / 'square.npy'}: an array of shape (64, 64) is read as 64 flattened")
+
+
+@pytest.mark.parametrize("via_stream", [False, True])
+def test_an_array_whose_header_claims_more_than_the_file_holds_is_refused_before_it_is_allocated(tmp_path, via_stream):
+    """A 384-byte .npy whose header describes 238 GiB made numpy try to allocate it: MemoryError, exit 1
+    (and on a machine that could, gigabytes for nothing). The header is checked against the file first."""
+    import io
+
+    from ssvi_cli.data import DataError
+    from ssvi_cli.data.images import read_array
+
+    path = tmp_path / "lying.npy"
+    with open(path, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, {"descr": "|u1", "fortran_order": False,
+                                                  "shape": (100_000, 100_000, 100)})
+        fh.write(b"\0" * 10)
+    stream = io.BytesIO(path.read_bytes()) if via_stream else None
+    with pytest.raises(DataError, match="its header describes 1,000,000,000,000 bytes of data, the file holds 10: cut"):
+        read_array(path, stream=stream)
+    np.save(path, np.arange(6, dtype=np.float32).reshape(2, 3))  # a whole one reads as before
+    stream = io.BytesIO(path.read_bytes()) if via_stream else None
+    assert read_array(path, stream=stream).tolist() == [[0, 1, 2], [3, 4, 5]]

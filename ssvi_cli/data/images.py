@@ -129,6 +129,24 @@ def starts_as_npy(path: Path, stream: Optional[io.BytesIO] = None) -> bool:
         return f.read(len(NPY_MAGIC)) == NPY_MAGIC
 
 
+def _npy_sizes(path: Path, stream: Optional[io.BytesIO]) -> tuple[int, int]:
+    """The data bytes a ``.npy`` header describes and those the file holds after it (an object array
+    describes none: numpy refuses it when loading)."""
+    fh = stream if stream is not None else open(path, "rb")
+    try:
+        fh.seek(0)
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(fh)
+        start = fh.tell()
+        held = fh.seek(0, io.SEEK_END) - start
+        fh.seek(0)
+    finally:
+        if stream is None:
+            fh.close()
+    return (0 if dtype.hasobject else int(np.prod(shape, dtype=object)) * dtype.itemsize), held
+
+
 def read_array(path: Path, error: type[Exception] = DataError, stream: Optional[io.BytesIO] = None,
                name: Optional[str] = None) -> np.ndarray:
     """A ``.npy`` file as an array, never unpickled (``stream``: its bytes already read). A file
@@ -138,6 +156,10 @@ def read_array(path: Path, error: type[Exception] = DataError, stream: Optional[
     try:
         if not starts_as_npy(path, stream):
             raise error(f"{name}: not a .npy file (it lacks numpy's header); save arrays with np.save")
+        claimed, held = _npy_sizes(path, stream)
+        if claimed > held:  # before numpy allocates what the header claims (a 384-byte file, 238 GiB)
+            raise error(f"{name}: not a readable .npy array (its header describes {claimed:,} bytes of data, the "
+                        f"file holds {held:,}: cut short or damaged)")
         arr = np.load(stream if stream is not None else path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         if "allow_pickle" in str(exc):  # numpy's advice is to load it unsafely; ssvi never unpickles
