@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ssvi_cli.cli import run
@@ -1403,3 +1404,16 @@ def test_a_cell_whose_summary_does_not_read_is_rebuilt_from_its_checkpoint(tmp_p
     (cell / "evaluation.json").unlink()
     assert run(["sweep", "--resume", str(out), "--no-figures"]) == 0
     assert json.loads((cell / "summary.json").read_text())["model_file_bytes"] == len(model)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_sweep_asking_for_cuda_where_there_is_none_says_so_before_any_cell_starts(tmp_path: Path, capsys):
+    """Every cell was started and failed alike, each report line advising --device, a flag sweep lacks.
+    A dry run still lists the cells (a login node without a GPU, for a GPU cluster)."""
+    grid = ["sweep", "--method", "vi", "--set", "train.device=cuda", *TINY]
+    assert run([*grid, "--out", str(tmp_path / "a")]) == 2
+    assert ("error: train.device=cuda was requested but no CUDA device is available; use --set train.device=cpu"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "a").exists()
+    assert run([*grid, "--out", str(tmp_path / "b"), "--dry-run"]) == 0
+    assert (tmp_path / "b" / "commands.txt").is_file()

@@ -97,7 +97,7 @@ def register(app: typer.Typer) -> None:
         else:
             spec = spec_from_flags(file, preset, method, sparsity, seeds, criterion, set_ or [], ood or [], samples)
             cells = grid.expand(spec)
-            check_runnable(spec, cells)
+            check_runnable(spec, cells, device=not dry_run)  # a dry run may list GPU cells on a login node
             for note in idle_axes(spec):  # on stderr: --json keeps standard output for the report
                 err.print(f"note: {note}", highlight=False)
             check_ood_sets(spec, cells)

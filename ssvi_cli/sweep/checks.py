@@ -15,13 +15,14 @@ from pathlib import Path
 from ssvi_cli.sweep.grid import Cell, SweepError, SweepSpec, cell_configs
 
 
-def check_runnable(spec: SweepSpec, cells: list[Cell]) -> None:
-    """Names (model, dataset, criterion), the ``--ood`` values, and ``--ood heldout`` with a class
-    list that holds none out (no ``data.classes``, or one listing every class)."""
+def check_runnable(spec: SweepSpec, cells: list[Cell], device: bool = True) -> None:
+    """Names (model, dataset, criterion), the ``--ood`` values, ``--ood heldout`` with a class list that
+    holds none out (no ``data.classes``, or one listing every class) and (``device``) the device."""
     from ssvi_cli.data.ood import HELDOUT, parse_ood
     from ssvi_cli.data.spec import DataError
+    from ssvi_cli.config import ConfigError
     from ssvi_cli.registry import UnknownName
-    from ssvi_cli.training.plan import check_names
+    from ssvi_cli.training.plan import check_names, resolve_device
 
     try:
         requests = [parse_ood(text) for text in spec.ood]
@@ -30,6 +31,11 @@ def check_runnable(spec: SweepSpec, cells: list[Cell]) -> None:
     heldout = any(r.kind == HELDOUT for r in requests)
     checked: set[str] = set()
     for cell, cfg in cell_configs(spec, cells):
+        try:  # CUDA asked of a machine without it: said once, not by every cell after it started
+            resolve_device(cfg.train.device) if device else None
+        except ConfigError:
+            raise SweepError(f"train.device={cfg.train.device} was requested but no CUDA device is available; "
+                             "use --set train.device=cpu (or auto)") from None
         # An image folder key set for another dataset is refused; the data keys alone, so that an image
         # folder is still scanned once, not once per seed
         given = sorted(k for k in cell.overrides(spec) if k.startswith("data."))

@@ -29,7 +29,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was requested but no CUDA device is available; use --device cpu")
+        raise ConfigError("--device cuda was requested but no CUDA device is available; use --device cpu "
+                          "(in a sweep: --set train.device=cpu)")
     if name not in DEVICES:
         gpu = name.partition(":")[2] if name.startswith("cuda:") else ""
         raise ConfigError(f"unknown device {name!r}; valid values are: {', '.join(DEVICES)}"
