@@ -1417,3 +1417,18 @@ def test_a_sweep_asking_for_cuda_where_there_is_none_says_so_before_any_cell_sta
     assert not (tmp_path / "a").exists()
     assert run([*grid, "--out", str(tmp_path / "b"), "--dry-run"]) == 0
     assert (tmp_path / "b" / "commands.txt").is_file()
+
+
+def test_more_threads_than_cores_are_recorded_as_the_cells_run_them(tmp_path: Path, monkeypatch, capsys):
+    """torch runs no more threads than the cores a process may use: --threads 8 on 2 cores ran 2 while
+    the banner and sweep.json said 8 (and a later --resume would not compare like with like)."""
+    import ssvi_cli.sweep.runner as runner
+
+    calls = []
+    monkeypatch.setattr(runner, "run_cells", lambda _dir, _cells, jobs, threads, *_: calls.append((jobs, threads)) or Outcome())
+    monkeypatch.setattr("ssvi_cli.training.cpus.usable_cpus", lambda *a: 2)
+    out = tmp_path / "sw"
+    assert run(["sweep", "--set", "train.epochs=1", *TINY, "--threads", "8", "--out", str(out), "--no-figures"]) == 0
+    assert calls == [(1, 2)]
+    assert "note: --threads 8 is more than the 2 cores this process may use; each cell runs 2" in capsys.readouterr().err
+    assert json.loads((out / "sweep.json").read_text())["ran_with"] == {"jobs": 1, "threads": 2}

@@ -123,6 +123,10 @@ def register(app: typer.Typer) -> None:
         from ssvi_cli.training.cpus import usable_cpus
 
         jobs = jobs or 1  # the cores this process may use (a cluster job's), shared among the cells
+        if threads and threads > usable_cpus():  # torch runs no more threads than the cores it may use
+            err.print(f"note: --threads {threads} is more than the {count(usable_cpus(), 'core')} this process may "
+                      f"use; each cell runs {usable_cpus()}", highlight=False)
+            threads = usable_cpus()
         _run(sweep_dir, spec, cells, jobs, threads or max(1, usable_cpus() // jobs), json_out, figures, baseline)
 
 
