@@ -1432,3 +1432,12 @@ def test_more_threads_than_cores_are_recorded_as_the_cells_run_them(tmp_path: Pa
     assert calls == [(1, 2)]
     assert "note: --threads 8 is more than the 2 cores this process may use; each cell runs 2" in capsys.readouterr().err
     assert json.loads((out / "sweep.json").read_text())["ran_with"] == {"jobs": 1, "threads": 2}
+
+
+@pytest.mark.parametrize("mode", ["--resume", "--report", "--run-cell"])
+def test_force_beside_a_mode_that_replaces_nothing_says_so(tmp_path: Path, capsys, mode):
+    """It was told "--resume takes no grid options (to grow the sweep: the whole grid with --out ...)":
+    --force is no grid option, and growing was beside the point."""
+    assert run(["sweep", mode, str(tmp_path), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {mode} replaces nothing: leave out --force" in err and "grid options" not in err

@@ -56,6 +56,9 @@ def register(app: typer.Typer) -> None:
         if (run_cell_dir or report) and (dry_run or jobs or threads):
             raise UsageError("--run-cell and --report take no --dry-run, --jobs or --threads")
         modes = [n for n, v in (("--run-cell", run_cell_dir), ("--report", report), ("--resume", resume)) if v]
+        if modes and force and len(modes) == 1:  # --force replaces a sweep that a grid makes: nothing here
+            raise UsageError(f"{modes[0]} replaces nothing: leave out --force (it goes with the whole grid and --out, "
+                             "to replace a sweep made under other settings)")
         if len(modes) > 1 or (modes and grid_given):
             grow = (f" (to grow the sweep: the whole grid with --out {shlex.quote(str(resume))})"
                     if modes == ["--resume"] and not out_dir else "")
