@@ -1441,3 +1441,24 @@ def test_force_beside_a_mode_that_replaces_nothing_says_so(tmp_path: Path, capsy
     assert run(["sweep", mode, str(tmp_path), "--force"]) == 2
     err = capsys.readouterr().err
     assert f"error: {mode} replaces nothing: leave out --force" in err and "grid options" not in err
+
+
+def test_a_cell_stopped_in_its_evaluation_says_so_and_is_evaluated_again(tmp_path: Path, capsys, monkeypatch):
+    """Ctrl-C in a cell's evaluation ended --run-cell with exit 130 and not a word (its training's stops
+    say where to resume); the trained cell is evaluated, not trained, again."""
+    import ssvi_cli.evaluation.evaluator as ev
+
+    out = tmp_path / "sw"
+    assert run(["sweep", "--method", "vi", "--set", "train.epochs=1", *TINY, "--out", str(out), "--dry-run"]) == 0
+    cell = Path(capsys.readouterr().out.split()[-1])
+    real = ev.evaluate
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert run(["sweep", "--run-cell", str(cell)]) == 130
+    err = capsys.readouterr().err
+    assert ("interrupted in the evaluation; the training is kept and the cell is evaluated again. Resume with: "
+            f"ssvi sweep --resume {out}") in err
+    assert cell_state(cell) == "trained" and failure(cell) is None
+    monkeypatch.setattr(ev, "evaluate", real)
+    trained = (cell / "model.safetensors").stat().st_mtime_ns
+    assert run(["sweep", "--run-cell", str(cell)]) == 0
+    assert cell_state(cell) == "done" and (cell / "model.safetensors").stat().st_mtime_ns == trained

@@ -60,6 +60,9 @@ def run_cell(path: Path, run: Callable[[list[str]], int], json_out: bool = False
                 raise
             if code and not was_stopped(code):  # a stop (Ctrl-C, SIGTERM) resumes; it did not fail
                 record_failure(path, f"exit code {code}")
+            if was_stopped(code):  # in the evaluation (a stop in training says so itself): silent before
+                raise KeyboardInterruptHandled("interrupted in the evaluation; the training is kept and the cell is "
+                                               "evaluated again", code)
             if json_out and not code:
                 print_json(cell_document(path))
             return code
