@@ -60,9 +60,6 @@ def run_cell(path: Path, run: Callable[[list[str]], int], json_out: bool = False
                 raise
             if code and not was_stopped(code):  # a stop (Ctrl-C, SIGTERM) resumes; it did not fail
                 record_failure(path, f"exit code {code}")
-            if was_stopped(code):  # in the evaluation (a stop in training says so itself): silent before
-                raise KeyboardInterruptHandled("interrupted in the evaluation; the training is kept and the cell is "
-                                               "evaluated again", code)
             if json_out and not code:
                 print_json(cell_document(path))
             return code
@@ -78,7 +75,7 @@ def run_cell(path: Path, run: Callable[[list[str]], int], json_out: bool = False
 
 def _train_and_evaluate(path: Path, cell: Cell, spec: SweepSpec, run: Callable[[list[str]], int]) -> int:
     from ssvi_cli.sweep.checks import check_ood_paths
-    from ssvi_cli.sweep.runner import cell_state
+    from ssvi_cli.sweep.runner import cell_state, was_stopped
 
     state = cell_state(path, spec)
     if state == "done":
@@ -95,7 +92,13 @@ def _train_and_evaluate(path: Path, cell: Cell, spec: SweepSpec, run: Callable[[
         code = 0
     if code:
         return code
-    return run(["evaluate", *cell.eval_args(spec, path)])
+    code = run(["evaluate", *cell.eval_args(spec, path)])
+    if was_stopped(code):  # a stop in training says where to resume itself; this one was silent
+        from ssvi_cli.cli.train import KeyboardInterruptHandled
+
+        raise KeyboardInterruptHandled("interrupted in the evaluation; the training is kept and the cell is "
+                                       "evaluated again", code)
+    return code
 
 
 def check_changed(sweep_dir: Path, spec: "SweepSpec", cells: list["Cell"]) -> None:
