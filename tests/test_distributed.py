@@ -164,11 +164,7 @@ def test_two_processes_train_identically_and_match_a_single_process(tmp_path: Pa
 
 @pytest.mark.slow
 def test_mask_mismatch_between_ranks_is_an_error_on_every_rank(tmp_path: Path):
-    ranks = run_two_ranks(tmp_path, "mismatch")
-    assert_group_threads_stopped(ranks)
-    for r in ranks:
-        assert "summary" not in r
-        message = r["error"]
+    for message in errors_on_every_rank(tmp_path, "mismatch"):
         assert "sparse supports differ between ranks" in message
         assert "at step 10" in message  # the first subspace step (delta_t = 10)
         assert "in layer(s) '" in message
@@ -178,12 +174,17 @@ def test_mask_mismatch_between_ranks_is_an_error_on_every_rank(tmp_path: Path):
 def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step(tmp_path: Path):
     # The rank alone raising would leave the other waiting in the step's all-reduce (under NCCL until
     # its timeout, under gloo with a connection error in place of the message).
-    ranks = run_two_ranks(tmp_path, "nonfinite")
+    for message in errors_on_every_rank(tmp_path, "nonfinite"):
+        assert message.startswith("non-finite loss at step 5 (epoch 1) in the data term (cross-entropy) on at "
+                                  "least one of the 2 processes; no checkpoint was written yet"), message
+
+
+def errors_on_every_rank(tmp_path: Path, mode: str) -> list[str]:
+    """Each rank's error, once every rank has stopped with one (no summary) and left the group."""
+    ranks = run_two_ranks(tmp_path, mode)
     assert_group_threads_stopped(ranks)
-    for r in ranks:
-        assert "summary" not in r
-        assert r["error"].startswith("non-finite loss at step 5 (epoch 1) in the data term (cross-entropy) on at "
-                                     "least one of the 2 processes; no checkpoint was written yet"), r["error"]
+    assert all("summary" not in r for r in ranks)
+    return [r["error"] for r in ranks]
 
 
 @pytest.mark.slow

@@ -616,6 +616,18 @@ def _ignoring_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as bash starts a script's background job
 
 
+def _one_cell_training(out: Path, preexec) -> tuple[subprocess.Popen, list[Path]]:
+    """A sweep of one cell far longer than any test waits, once its cell has trained an epoch."""
+    cells = [out / "cells" / "ssvi_s0.95_seed0"]
+    proc = subprocess.Popen([sys.executable, "-m", "ssvi_cli", "sweep", "--set", "train.epochs=100000", *TINY,
+                             "--threads", "1", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=preexec)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not _epochs(cells[0]) and proc.poll() is None:
+        time.sleep(0.5)
+    return proc, cells
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sigint", [_as_foreground, _ignoring_sigint], ids=["terminal", "background-job"])
 def test_a_closed_terminal_stops_every_cell_at_a_checkpoint(tmp_path: Path, sigint):
@@ -624,14 +636,8 @@ def test_a_closed_terminal_stops_every_cell_at_a_checkpoint(tmp_path: Path, sigi
     sweep that ignores SIGINT (a script's background job): the SIGINT it sends its cells stops them,
     where they had inherited the ignoring and ran on until killed."""
     out = tmp_path / "sw"
-    cells = [out / "cells" / "ssvi_s0.95_seed0"]
-    proc = subprocess.Popen([sys.executable, "-m", "ssvi_cli", "sweep", "--set", "train.epochs=100000", *TINY,
-                             "--threads", "1", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=sigint)
+    proc, cells = _one_cell_training(out, sigint)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not _epochs(cells[0]):
-            time.sleep(0.5)
         proc.send_signal(signal.SIGHUP)
         _, stderr = proc.communicate(timeout=240)
         assert proc.returncode == 129 and "1 cell stopped" in stderr, stderr
@@ -647,14 +653,8 @@ def test_a_killed_sweep_leaves_no_cell_running_on(tmp_path: Path):
     """kill -9 (or the system's out-of-memory killer) gives the sweep no time to stop its cells, which
     run in sessions of their own: each stops at a checkpoint by itself, leaving nothing busy."""
     out = tmp_path / "sw"
-    cells = [out / "cells" / "ssvi_s0.95_seed0"]
-    proc = subprocess.Popen([sys.executable, "-m", "ssvi_cli", "sweep", "--set", "train.epochs=100000", *TINY,
-                             "--threads", "1", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=_as_foreground)
+    proc, cells = _one_cell_training(out, _as_foreground)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not _epochs(cells[0]):
-            time.sleep(0.5)
         proc.kill()
         proc.communicate(timeout=60)
         deadline = time.monotonic() + 120
