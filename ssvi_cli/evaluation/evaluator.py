@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ssvi_cli.config import MAX_SAMPLES
 from ssvi_cli import fileio
 from ssvi_cli import metrics as M
+from ssvi_cli.config import MAX_SAMPLES
 from ssvi_cli.evaluation.inputs import SPLITS, EvalData
 from ssvi_cli.modelfile import ModelCard
 from ssvi_cli.prediction import MODES, PASS_BATCH, PASS_SEED, is_bayesian, predict_pass

@@ -71,7 +71,12 @@ def _remove(aside: Path) -> None:
     short after taking :data:`MOVED` would leave what reads as a move cut short, whose files the next
     command would put back beside the new run's."""
     removing = aside.parent / REMOVING
-    aside.rename(removing)
+    if removing.exists():  # one cut short before, should it be left
+        shutil.rmtree(removing, ignore_errors=True)
+    try:
+        aside.rename(removing)
+    except OSError:  # still there (a file it could not remove): removed where it is
+        removing = aside
     shutil.rmtree(removing, ignore_errors=True)
 
 
