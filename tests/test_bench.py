@@ -108,10 +108,19 @@ def test_more_threads_than_cores_is_noted(capsys, monkeypatch):
     assert "note:" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args", [["--sparsity", "1.5"], ["--sparsity", "x"], ["--model", "nope"], ["--sparsity", "0.9,,0.95"],
-                                  ["--sparsity", "0.95,"]])
-def test_cli_usage_errors(args, capsys):
+@pytest.mark.parametrize("args, message", [
+    (["--sparsity", "1.5"], "--sparsity '1.5': every value must lie in (0, 1)"),
+    (["--sparsity", "x"], "--sparsity 'x': expected comma-separated numbers"),
+    (["--model", "nope"], "unknown bench model 'nope'; valid names are: lenet5, mlp, resnet18"),
+    (["--sparsity", "0.9,,0.95"], "--sparsity '0.9,,0.95' has an empty item"),
+    (["--sparsity", "0.95,"], "--sparsity '0.95,' has an empty item"),
+])
+def test_cli_usage_errors(args, message, capsys):
+    """Each refused in its own line (exit code 2 alone would pass for any usage error, this one or not)."""
     assert run(["bench", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {message}"), captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and captured.out == ""
 
 
 # torchvision:NAME, built as `ssvi train --model torchvision:NAME` builds it. squeezenet1_1 at 32x32 is
