@@ -70,12 +70,10 @@ def _remove(aside: Path) -> None:
     """Remove ``aside`` under another name first: removal takes its entries in any order, and one cut
     short after taking :data:`MOVED` would leave what reads as a move cut short, whose files the next
     command would put back beside the new run's."""
-    removing = aside.parent / REMOVING
-    if removing.exists():  # one cut short before, should it be left
-        shutil.rmtree(removing, ignore_errors=True)
+    removing = aside.parent / REMOVING  # one cut short before is gone already (settle_run)
     try:
         aside.rename(removing)
-    except OSError:  # still there (a file it could not remove): removed where it is
+    except OSError:  # such a one still there (a file it could not remove): removed where it is
         removing = aside
     shutil.rmtree(removing, ignore_errors=True)
 
