@@ -157,6 +157,34 @@ def test_digits_normalisation_constants_match_data():
     assert abs(pixels.std() - DIGITS_STD) < 1e-3
 
 
+def test_digits_are_scikit_learns_with_its_stratified_split_read_without_importing_it(monkeypatch):
+    """Read from scikit-learn's file without its multi-second import, the images, labels and split
+    are load_digits() and train_test_split's, bit for bit, also where its file cannot be found."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from ssvi_cli.data import digits as embedded
+
+    bunch = load_digits()
+    train, test = train_test_split(np.arange(1797), test_size=embedded.TEST_FRACTION, random_state=embedded.TEST_SEED,
+                                   stratify=bunch.target)
+    assert np.array_equal(embedded.split_indices(False), np.sort(test))
+    assert np.array_equal(embedded.split_indices(True), np.sort(train))
+    assert embedded._bundled_csv() is not None  # the quick way is the one taken here
+    for found in (embedded._bundled_csv, lambda: None):
+        monkeypatch.setattr(embedded, "_bundled_csv", found)
+        images, labels = embedded.load()
+        assert np.array_equal(images, bunch.images) and np.array_equal(labels, bunch.target)
+        assert images.dtype == np.float64 and labels.dtype == np.int64
+    loaded = subprocess.run([sys.executable, "-c", "import sys; from ssvi_cli.data import build_dataset; "
+                             "build_dataset('digits'); print('sklearn' in sys.modules)"],
+                            capture_output=True, text=True, check=True)
+    assert loaded.stdout.split() == ["False"]
+
+
 def test_digits_shapes_and_sizes(digits):
     assert digits.spec.input_shape == (1, 8, 8) and digits.spec.class_names == tuple("0123456789")
     assert len(digits.test) == 360 and len(digits.train) + len(digits.val) == 1797 - 360

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from ssvi_cli.config import DataConfig
+from ssvi_cli.data import digits
 from ssvi_cli.data.classes import resolve_classes, restrict_spec
 from ssvi_cli.data.spec import DataError, DataSpec, RawImages
 from ssvi_cli.data.torchvision_files import torchvision_loader
@@ -36,9 +36,6 @@ class UnknownDataset(UnknownName, DataError):
 # digits run and sweep recorded reproduces (checked by tests/test_data.py).
 DIGITS_MEAN = 0.30526
 DIGITS_STD = 0.37605
-# The digits test split is fixed so that runs with different seeds share one test set.
-DIGITS_TEST_FRACTION = 0.2
-DIGITS_TEST_SEED = 20_240_601
 
 _DIGIT_NAMES = tuple(str(i) for i in range(10))
 _MNIST_NAMES = tuple(
@@ -91,21 +88,11 @@ def default_data_dir() -> Path:
 
 
 def _load_digits(data_dir: Path, train: bool, download: bool) -> RawImages:
-    """scikit-learn's bundled 8x8 digits with the fixed stratified test split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = load_digits()
-    images = torch.from_numpy(bunch.images / 16.0).float().unsqueeze(1)
-    labels = torch.from_numpy(bunch.target).long()
-    train_idx, test_idx = train_test_split(
-        np.arange(len(labels)),
-        test_size=DIGITS_TEST_FRACTION,
-        random_state=DIGITS_TEST_SEED,
-        stratify=bunch.target,
-    )
-    idx = torch.from_numpy(np.sort(train_idx if train else test_idx))
-    return RawImages(images[idx], labels[idx], _DIGIT_NAMES)
+    """scikit-learn's bundled 8x8 digits with the fixed stratified test split (``data/digits.py``)."""
+    images, labels = digits.load()
+    idx = torch.from_numpy(digits.split_indices(train))
+    return RawImages(torch.from_numpy(images / 16.0).float().unsqueeze(1)[idx], torch.from_numpy(labels)[idx],
+                     _DIGIT_NAMES)
 
 
 def _torchvision_source(
