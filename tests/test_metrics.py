@@ -309,3 +309,38 @@ def test_average_precision_of_a_perfect_separation_is_exactly_one():
         y = np.r_[np.zeros(360), np.ones(20)]
         found |= average_precision_score(y, np.r_[s_in, s_out]) > 1.0 or average_precision_score(1 - y, -np.r_[s_in, s_out]) > 1.0
     assert found  # the rounding this guards against really occurs
+
+
+def test_roc_and_precision_curves_agree_with_scikit_learn_ties_included():
+    """AUROC, average precision and the ROC steps are computed here (scikit-learn's import takes
+    seconds per evaluation); they agree with sklearn.metrics to a rounding, on tied and untied scores."""
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+    rng = np.random.default_rng(1)
+    for trial in range(600):
+        n = int(rng.integers(2, 300))
+        y = rng.integers(0, 2, n)
+        if y.min() == y.max():
+            continue
+        tied = trial % 2 == 1  # a few score levels, many ties, as a max probability of 1.0 gives
+        s = rng.integers(0, int(rng.integers(1, 12)), n) / 7 if tied else rng.normal(size=n)
+        assert M.roc_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+        assert M.average_precision(y, s) == pytest.approx(min(1.0, average_precision_score(y, s)), abs=1e-12)
+        fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+        ours = M._roc(y, s)
+        assert np.array_equal(ours[0], fpr) and np.array_equal(ours[1], tpr)
+    for y, s, why in (([1, 1], [0.1, 0.2], "both positive and negative"),
+                      ([0, 1], [0.1, float("nan")], "must be finite")):
+        with pytest.raises(ValueError, match=why):
+            M.roc_auc(np.array(y), np.array(s))
+
+
+def test_the_metrics_import_no_scikit_learn():
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from ssvi_cli import metrics as M; rng = np.random.default_rng(0); "
+            "p = rng.dirichlet(np.ones(3), 50); M.classification_metrics(p, rng.integers(0, 3, 50)); "
+            "M.ood_metrics(rng.random(20), rng.random(5)); print('sklearn' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == \
+        ["False"]
