@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +46,9 @@ class SSVIModel(nn.Module):
     """Base class: ``forward(x) = forward_rest(first(prepare(x)))``."""
 
     first: SparseGaussian
+    # Every sparse layer linear, applied once per example to a vector (an MLP): its shapes are known
+    # without a probing forward (on the meta device the first one in a process costs 1.5-2 s).
+    vector_layers: ClassVar[bool] = False
 
     def prepare(self, x: Tensor) -> Tensor:
         """Reshape the input for the first layer (identity for conv models)."""
@@ -60,6 +63,8 @@ class SSVIModel(nn.Module):
 
 
 class MLP(SSVIModel):
+    vector_layers = True
+
     def __init__(self, in_shape: Sequence[int], num_classes: int, layers: LayerFactory,
                  widths: Sequence[int] = (256, 256)) -> None:
         super().__init__()
@@ -258,6 +263,8 @@ def input_error(model: nn.Module, shape: Sequence[int], batch_size: int = 2) -> 
     """Why a shapes-only (meta) ``model`` cannot take a batch of ``shape`` inputs in its current
     train/eval mode (the first line of what it raised: pooling below one pixel, ViT's fixed size, ...),
     or None when it can; also when its output is not one tensor of logits."""
+    if getattr(model, "vector_layers", False) and math.prod(shape) == model.first.weight_shape[1]:
+        return None  # an MLP built for inputs of this size
     try:
         with torch.no_grad():
             out = model(torch.zeros((batch_size, *shape), device="meta"))

@@ -136,3 +136,24 @@ def test_the_geometry_of_a_layer_too_large_to_densify_allocates_nothing():
             return self.fc(x)
 
     assert [g.positions for g in model_geometry(NoMeta(), (8,))] == [1]
+
+
+def test_an_mlps_shapes_need_no_probing_forward(monkeypatch):
+    """The first meta-device forward in a process costs 1.5-2 s (torch loads its compiler): an MLP's
+    layers apply once per example, so inspect and the training summary count without one; a model
+    whose input does not fit is still probed, and refused by the probe."""
+    from ssvi_cli import models
+    from ssvi_cli.core import flops
+
+    mlp = build_architecture("mlp", (1, 8, 8), 10, LayerFactory(bayesian=True), widths=(16, 16))
+    probed = [g.positions for g in model_geometry(mlp, (1, 8, 8))]
+    assert probed == [1, 1, 1]
+    monkeypatch.setattr(flops, "_probe", lambda *a: pytest.fail("probed"))
+    assert [g.positions for g in model_geometry(mlp, (1, 8, 8))] == probed
+    assert models.input_error(mlp.to("meta"), (1, 8, 8)) is None
+    monkeypatch.undo()
+    assert "shapes cannot be multiplied" in models.input_error(mlp, (1, 8, 9))
+    lenet = build_architecture("lenet5", (1, 28, 28), 10, LayerFactory(bayesian=True))
+    monkeypatch.setattr(flops, "_probe", lambda *a: pytest.fail("probed"))
+    with pytest.raises(pytest.fail.Exception):
+        model_geometry(lenet, (1, 28, 28))

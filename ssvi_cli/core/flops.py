@@ -61,17 +61,26 @@ def model_geometry(model: nn.Module, input_shape: Sequence[int]) -> list[LayerGe
     The pass runs on a deep copy in ``mean`` mode with the dense kernel, so the caller's model, its
     modes and kernels are untouched; only shapes matter, so it runs on the meta device, allocating
     nothing (a file's header may name a huge input or layer), and on the CPU only for a model with
-    an operation the meta device lacks.
+    an operation the meta device lacks. An MLP (``models.SSVIModel.vector_layers``) needs no pass:
+    each of its layers applies once per example.
     """
+    first = getattr(model, "first", None)  # a linear one: its LRT moments are reused (a conv samples)
+    if getattr(model, "vector_layers", False) and math.prod(input_shape) == first.weight_shape[1]:
+        positions = {name: 1 for name, _ in sparse_layers(model)}
+    else:
+        positions = _probed_positions(model, input_shape)
+    return [LayerGeometry(name, layer.numel, positions[name], layer.stem, layer is first and layer.is_linear())
+            for name, layer in sparse_layers(model)]
+
+
+def _probed_positions(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
     positions: dict[str, int] = {}
     try:
         _probe(model, input_shape, positions, torch.device("meta"))
     except (NotImplementedError, RuntimeError):
         positions.clear()
         _probe(model, input_shape, positions, torch.device("cpu"))
-    first = getattr(model, "first", None)  # a linear one: its LRT moments are reused (a conv samples)
-    return [LayerGeometry(name, layer.numel, positions[name], layer.stem, layer is first and layer.is_linear())
-            for name, layer in sparse_layers(model)]
+    return positions
 
 
 def _probe(model: nn.Module, input_shape: Sequence[int], positions: dict[str, int], device: torch.device) -> None:
