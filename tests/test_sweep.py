@@ -1,32 +1,24 @@
-"""``ssvi sweep``: the grid, cells run as ordinary runs, the report, --dry-run, resuming after Ctrl-C,
-and one-line errors."""
+"""``ssvi sweep``: the grid, cells run as ordinary runs, the report, --dry-run and one-line errors
+(stops, kills, failures and resuming: test_sweep_stops.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sweep_cells import TINY
 
 from ssvi_cli.cli import run
 from ssvi_cli.sweep.grid import SweepError, SweepSpec, expand, parse_axis, read_spec, setting_text
 from ssvi_cli.sweep.paired import check_selection
-from ssvi_cli.sweep.runner import (BUSY_EXIT, CellBusy, Outcome, _stop_all, cell_busy, cell_lock, cell_state, evaluated,
-                                   failure)
+from ssvi_cli.sweep.runner import Outcome, cell_state
 
-# Small cells: a 32-unit MLP on 300 digits, a few epochs, a subspace step every 2 minibatches.
-TINY = ["--set", "model.widths=[32]", "--set", "data.max_train=300", "--set", "train.eval_samples=2",
-        "--set", "sparse.delta_t=2", "--samples", "2"]
 
 
 def test_the_grid_runs_a_dense_method_once_per_seed_and_names_every_cell():
@@ -187,7 +179,6 @@ def test_sweep_values_are_read_as_train_reads_them():
             expand(SweepSpec(axes={key: values}))
     from ssvi_cli.config import parse_override
     assert [parse_override(f"train.epochs={v}")[1] for v in ("010", "0x10")] == [10, "0x10"]
-
 
 
 def test_a_relative_path_that_is_not_there_names_the_folder_it_was_read_from(tmp_path: Path, capsys, monkeypatch):
@@ -400,12 +391,6 @@ def test_a_sweep_grows_whatever_the_order_of_its_axes_and_with_values_that_train
     assert json.loads((out / "sweep.json").read_text())["spec"]["fixed"] == {"optim.lr": 0.01}
 
 
-def test_a_cell_stopped_by_a_signal_says_so():
-    from ssvi_cli.sweep.runner import exit_text
-
-    assert (exit_text(-2), exit_text(130), exit_text(-99)) == ("stopped by SIGINT", "exit code 130", "stopped by signal 99")
-
-
 def test_one_ood_array_under_two_spellings_is_one_set_given_twice(tmp_path: Path, capsys, monkeypatch):
     np.save(tmp_path / "o.npy", np.zeros((2, 8, 8), np.uint8))
     monkeypatch.chdir(tmp_path)
@@ -546,193 +531,6 @@ def test_dry_run_lists_cell_commands_that_run_alone(tmp_path: Path, capsys):
     assert rigl["auroc:noise:entropy"]["n"] == 1 and "auroc:noise:mutual_information" not in rigl
 
 
-def _as_foreground() -> None:
-    """SIGINT as a terminal's foreground job has it, even when the tests run in a shell's background
-    job (which ignores it, and ssvi then leaves it ignored)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def _interrupt_when(proc: subprocess.Popen, ready) -> str:
-    """Press Ctrl-C on the sweep once ``ready()`` holds; its stderr after it stopped."""
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not ready():
-        time.sleep(0.5)
-    assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=240)
-    assert proc.returncode == -signal.SIGINT, stderr  # ended by the Ctrl-C: a shell shows $? as 130
-    return stderr
-
-
-def _reap(proc: subprocess.Popen, out: Path) -> None:
-    """After a failed assertion: stop the sweep and any cell it left (cells run in sessions of their
-    own), so a failing test leaves no process behind."""
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    # "--": the pattern itself starts with a dash
-    subprocess.run(["pkill", "-KILL", "-f", "--", f"--run-cell {out}"], check=False)
-
-
-def _epochs(cell: Path) -> list[int]:
-    path = cell / "metrics.jsonl"
-    return [json.loads(line)["epoch"] for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-@pytest.mark.slow
-def test_a_cell_stopped_as_it_exits_after_its_evaluation_counts_as_finished(tmp_path: Path):
-    """Ctrl-C may reach a cell whose evaluation is already written while its process exits: that
-    cell finished (the next --resume skips it), so it is not reported as stopped."""
-    script = ("import json, pathlib, signal, sys; d = pathlib.Path(sys.argv[1]); d.mkdir(); "
-              "sys.argv[2] == 'done' and (d / 'evaluation.json').write_text(json.dumps({'metrics': {}})); "
-              "(d / 'ready').touch(); signal.pause()")
-    running = {name: subprocess.Popen([sys.executable, "-c", script, str(tmp_path / name), name],
-                                      start_new_session=True) for name in ("done", "midway")}
-    deadline = time.monotonic() + 60
-    while not all((tmp_path / n / "ready").exists() for n in running) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    outcome, notes = Outcome(), []
-    _stop_all(running, outcome, lambda *a: notes.append(a), lambda name: evaluated(tmp_path / name))
-    assert outcome.finished == ["done"] and outcome.stopped == ["midway"]
-    # stopped by the SIGINT the sweep sent, whatever stopped the sweep (SIGTERM read as "by SIGINT")
-    assert notes == [("finish", "done", ""), ("stop", "midway", "stopped by the sweep")]
-
-
-def test_ctrl_c_leaves_every_cell_resumable(tmp_path: Path):
-    out = tmp_path / "sw"
-    sweep = [sys.executable, "-m", "ssvi_cli", "sweep"]
-    # far more epochs than the test waits for: the cells are always mid-run when Ctrl-C comes
-    cmd = [*sweep, "--method", "ssvi", "--sparsity", "0.9,0.95", "--seeds", "1", "--set", "train.epochs=100000",
-           *TINY, "--jobs", "2", "--threads", "1", "--out", str(out)]
-    cells = [out / "cells" / "ssvi_s0.9_seed0", out / "cells" / "ssvi_s0.95_seed0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_as_foreground)
-    try:
-        _interrupted_and_resumed(proc, out, sweep, cells)
-    finally:
-        _reap(proc, out)
-
-
-def _ignoring_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as bash starts a script's background job
-
-
-def _one_cell_training(out: Path, preexec) -> tuple[subprocess.Popen, list[Path]]:
-    """A sweep of one cell far longer than any test waits, once its cell has trained an epoch."""
-    cells = [out / "cells" / "ssvi_s0.95_seed0"]
-    proc = subprocess.Popen([sys.executable, "-m", "ssvi_cli", "sweep", "--set", "train.epochs=100000", *TINY,
-                             "--threads", "1", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=preexec)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not _epochs(cells[0]) and proc.poll() is None:
-        time.sleep(0.5)
-    return proc, cells
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("sigint", [_as_foreground, _ignoring_sigint], ids=["terminal", "background-job"])
-def test_a_closed_terminal_stops_every_cell_at_a_checkpoint(tmp_path: Path, sigint):
-    """SIGHUP, as a closed terminal sends, stops the sweep as Ctrl-C does: each cell checkpoints
-    (cells run in sessions of their own and never get the terminal's hangup themselves). Also from a
-    sweep that ignores SIGINT (a script's background job): the SIGINT it sends its cells stops them,
-    where they had inherited the ignoring and ran on until killed."""
-    out = tmp_path / "sw"
-    proc, cells = _one_cell_training(out, sigint)
-    try:
-        proc.send_signal(signal.SIGHUP)
-        _, stderr = proc.communicate(timeout=240)
-        assert proc.returncode == 129 and "1 cell stopped" in stderr, stderr
-        assert cell_state(cells[0]) == "partial" and (out / "report.json").is_file()
-        found = subprocess.run(["pgrep", "-f", "--", f"--run-cell {out}"], capture_output=True, text=True)
-        assert found.stdout == ""  # no cell left running
-    finally:
-        _reap(proc, out)
-
-
-@pytest.mark.slow
-def test_a_killed_sweep_leaves_no_cell_running_on(tmp_path: Path):
-    """kill -9 (or the system's out-of-memory killer) gives the sweep no time to stop its cells, which
-    run in sessions of their own: each stops at a checkpoint by itself, leaving nothing busy."""
-    out = tmp_path / "sw"
-    proc, cells = _one_cell_training(out, _as_foreground)
-    try:
-        proc.kill()
-        proc.communicate(timeout=60)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and _cells_running(out):
-            time.sleep(0.5)
-        assert not _cells_running(out) and not cell_busy(cells[0])
-        assert cell_state(cells[0]) == "partial"
-        log = (out / "logs" / f"{cells[0].name}.log").read_text()
-        assert "checkpoint written" in log, log[-2000:]
-        assert failure(cells[0]) is None  # stopped, not failed
-    finally:
-        _reap(proc, out)
-
-
-def _cells_running(out: Path) -> bool:
-    return subprocess.run(["pgrep", "-f", "--", f"--run-cell {out}"], capture_output=True).stdout != b""
-
-
-def _interrupted_and_resumed(proc: subprocess.Popen, out: Path, sweep: list[str], cells: list[Path]) -> None:
-    stderr = _interrupt_when(proc, lambda: all(_epochs(c) for c in cells))
-    assert f"2 cells stopped; each continues from its last checkpoint: ssvi sweep --resume {out}" in stderr
-    assert [cell_state(c) for c in cells] == ["partial", "partial"]
-    before = {c: _epochs(c) for c in cells}
-    for c in cells:  # a cell's log says how to go on: with the sweep, which also evaluates the cell
-        log = (out / "logs" / f"{c.name}.log").read_text()
-        assert f"checkpoint written. Resume with: ssvi sweep --resume {out} (every cell left), or this cell alone: " \
-               f"ssvi sweep --run-cell {c.resolve()}" in log and "ssvi train --resume" not in log
-
-    # --resume continues each cell from its checkpoint (not from epoch 1), and stops again on Ctrl-C
-    proc = subprocess.Popen([*sweep, "--resume", str(out), "--jobs", "2", "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_as_foreground)
-    try:
-        _interrupt_when(proc, lambda: all(len(_epochs(c)) > len(before[c]) + 1 for c in cells))
-    finally:
-        _reap(proc, out)
-    for c in cells:
-        assert "resuming" in (out / "logs" / f"{c.name}.log").read_text()
-        epochs = _epochs(c)
-        assert epochs[: len(before[c])] == before[c] and epochs == list(range(1, len(epochs) + 1)), epochs
-    assert [cell_state(c) for c in cells] == ["partial", "partial"]
-
-
-def test_a_bare_resume_runs_the_cells_with_the_jobs_and_threads_the_sweep_ran_with(tmp_path: Path, monkeypatch, capsys):
-    """The resume command an interrupted sweep prints has no --jobs: the cells went on at one job of
-    every core's threads, and a CPU cell's numbers move with its thread count. sweep.json records them."""
-    import ssvi_cli.sweep.runner as runner
-
-    calls = []
-    monkeypatch.setattr(runner, "run_cells", lambda _dir, _cells, jobs, threads, *_: calls.append((jobs, threads)) or Outcome())
-    out = tmp_path / "sw"
-    assert run(["sweep", "--set", "train.epochs=1", *TINY, "--jobs", "2", "--threads", "1", "--out", str(out), "--no-figures"]) == 0
-    assert json.loads((out / "sweep.json").read_text())["ran_with"] == {"jobs": 2, "threads": 1}
-    # A cluster job (a cpuset, taskset) may run on 3 of the machine's 16 cores: those are shared out.
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6}, raising=False)
-    monkeypatch.setattr("ssvi_cli.training.cpus.cgroup_cpu_quota", lambda *a: None)  # a container's own
-    for args, ran in (([], (2, 1)), (["--threads", "3"], (2, 3)), (["--jobs", "1"], (1, 3))):
-        assert run(["sweep", "--resume", str(out), "--no-figures", *args]) == 0
-        assert calls[-1] == ran and f"{ran[0]} at a time" in capsys.readouterr().err
-    assert json.loads((out / "sweep.json").read_text())["ran_with"] == {"jobs": 1, "threads": 3}
-    assert read_spec(out)[0].fixed["train.epochs"] == 1  # the grid as it was
-
-
-def test_the_interrupt_message_says_which_cells_start_again(tmp_path: Path, monkeypatch, capsys):
-    """Cells stopped before their first checkpoint start again; the message says so only where one did."""
-    import ssvi_cli.sweep.runner as runner
-
-    out = tmp_path / "sw"
-    stopped = ["ssvi_s0.9_seed0", "ssvi_s0.95_seed0"]
-    monkeypatch.setattr(runner, "run_cells", lambda *_: Outcome(stopped=list(stopped), interrupted=True))
-    grid = ["sweep", "--sparsity", "0.9,0.95", "--set", "train.epochs=1", *TINY, "--out", str(out), "--no-figures"]
-    assert run(grid) == 130
-    assert f"2 cells stopped; each starts again, none had a checkpoint: ssvi sweep --resume {out}" in capsys.readouterr().err
-    monkeypatch.setattr(runner, "cell_state", lambda path, spec=None: "partial" if path.name == stopped[0] else "new")
-    assert run(["sweep", "--resume", str(out), "--no-figures"]) == 130
-    assert "each continues from its last checkpoint (1 had none yet and starts again)" in capsys.readouterr().err
-
-
 def test_force_replaces_another_sweep_and_a_yaml_list_key_is_one_value(tmp_path: Path, capsys):
     out = tmp_path / "sw"
     assert run(["sweep", "--set", "train.epochs=1", "--out", str(out), "--dry-run"]) == 0
@@ -777,37 +575,6 @@ def test_force_replaces_another_sweep_and_a_yaml_list_key_is_one_value(tmp_path:
     spec = json.loads((tmp_path / "y" / "sweep.json").read_text())["spec"]
     assert spec["fixed"] == {"model.widths": [32, 32]} and spec["axes"] == {"sparse.alpha": [0.1, 0.3]}
     assert len(capsys.readouterr().out.splitlines()) == 4
-
-
-def test_a_running_cell_is_locked_and_a_yaml_file_takes_the_flags_names(tmp_path: Path, capsys):
-    out = tmp_path / "sw"
-    assert run(["sweep", "--set", "train.epochs=1", *TINY, "--out", str(out), "--dry-run"]) == 0
-    (line,) = capsys.readouterr().out.splitlines()
-    cell = Path(line.split()[-1])
-    with cell_lock(cell):  # as if a killed sweep's cell were still running
-        assert run(["sweep", "--run-cell", str(cell)]) == BUSY_EXIT
-        assert f"cell {cell.name} is already running (process {os.getpid()})" in capsys.readouterr().err
-        assert not cell.exists()  # nothing was written
-        # A second sweep over the same folder leaves the cell to its runner: not a failure, and
-        # nothing appended to that runner's log.
-        assert run(["sweep", "--resume", str(out)]) == 0
-        assert "1 cell running in another process, left to it; when done: ssvi sweep --report" in capsys.readouterr().err
-        assert not (out / "logs" / f"{cell.name}.log").exists()
-        with pytest.raises(CellBusy):
-            with cell_lock(cell):
-                pass
-    assert run(["sweep", "--run-cell", str(cell)]) == 0  # the lock went with its holder
-    assert cell_state(cell) == "done"
-    capsys.readouterr()
-
-    spec_file = tmp_path / "sweep.yaml"
-    spec_file.write_text("method: [ssvi, static]\nsparsity: 0.9\nseeds: 2\n")
-    assert run(["sweep", "--file", str(spec_file), "--out", str(tmp_path / "y"), "--dry-run"]) == 0
-    spec = json.loads((tmp_path / "y" / "sweep.json").read_text())["spec"]
-    assert spec["methods"] == ["ssvi", "static"] and spec["sparsities"] == [0.9] and spec["seeds"] == [0, 1]
-    spec_file.write_text("method: ssvi\nmethods: [vi]\n")
-    assert run(["sweep", "--file", str(spec_file), "--out", str(tmp_path / "z"), "--dry-run"]) == 2
-    assert "give 'methods' or 'method', not both" in capsys.readouterr().err
 
 
 def test_an_axis_no_method_of_the_grid_uses_is_said(tmp_path: Path, capsys):
@@ -1103,46 +870,6 @@ def test_cells_whose_support_never_moved_are_named(tmp_path: Path, capsys):
     assert "so the support will not move" in (out / "logs" / "ssvi_s0.95_seed0.log").read_text()
 
 
-def test_a_failed_cell_is_reported_as_failed_with_its_reason(tmp_path: Path, capsys):
-    out = tmp_path / "sw"
-    assert run(["sweep", "--method", "vi", "--set", "data.name=digits,mnist", "--set", f"data.data_dir={tmp_path}",
-                "--set", "train.epochs=1", *TINY, "--out", str(out), "--no-figures"]) == 1
-    err = capsys.readouterr().err
-    bad = "vi_name-mnist_seed0"  # not on disk, and no --download
-    assert f"failed {bad}: mnist not found" in err and "not evaluated yet" not in err
-    report = json.loads((out / "report.json").read_text())
-    assert list(report["failed"]) == [bad] and report["missing"] == [] and report["cells_done"] == 1
-    assert f"Failed (their logs say more; a rerun repeats the failure unless its cause, a missing dataset or a diverged " \
-           f"run, say, is dealt with): {bad} (mnist not found" in (out / "report.md").read_text()
-    # a cell that runs again drops its old note: the good cell, noted as failed and evaluated again
-    good = out / "cells" / "vi_name-digits_seed0"
-    (out / "cells" / ".vi_name-digits_seed0.failed").write_text('{"error": "an old failure"}')
-    (good / "evaluation.json").unlink()
-    from ssvi_cli.sweep.runner import failure
-
-    assert run(["sweep", "--run-cell", str(good)]) == 0
-    assert failure(good) is None and failure(out / "cells" / bad) is not None
-    capsys.readouterr()
-    assert run(["sweep", "--report", str(out), "--json", "--no-figures"]) == 0
-    assert list(json.loads(capsys.readouterr().out)["failed"]) == [bad]
-
-
-def test_a_stopped_cell_is_not_a_failed_one_and_a_note_never_stops_the_sweep(tmp_path: Path, capsys):
-    from ssvi_cli.cli.sweep import run_cell
-    from ssvi_cli.sweep.runner import failure, record_failure
-
-    out = tmp_path / "sw"
-    assert run(["sweep", "--set", "train.epochs=1", *TINY, "--out", str(out), "--dry-run"]) == 0
-    cell = Path(capsys.readouterr().out.split()[-1])
-    for code, noted in ((130, None), (143, None), (129, None), (1, "exit code 1")):  # Ctrl-C, SIGTERM, SIGHUP
-        assert run_cell(cell, lambda args: code) == code
-        assert failure(cell) == noted
-    (cell.parent / f".{cell.name}.failed").unlink()
-    (cell.parent / f".{cell.name}.failed").mkdir()  # a note that cannot be written
-    record_failure(cell, "anything")
-    assert run_cell(cell, lambda args: 1) == 1
-
-
 def test_a_sweep_made_when_1_and_1_0_were_two_values_still_grows(tmp_path: Path, capsys):
     out = tmp_path / "sw"
     assert run(["sweep", "--set", "bayes.beta=0.1,1", "--out", str(out), "--dry-run"]) == 0
@@ -1230,50 +957,6 @@ def test_a_sweep_folder_that_cannot_be_written_is_one_line_and_its_report_still_
     assert json.loads(captured.out)["cells_total"] == 1 and "note: the report was not written (cannot write" in captured.err
 
 
-def test_force_leaves_a_sweep_whose_cell_is_running_as_it_is(tmp_path: Path, capsys):
-    """--force used to delete sweep.json and the running cells' folders, killing them, then fail."""
-    from ssvi_cli.locks import acquire_lock
-
-    out = tmp_path / "sw"
-    assert run(["sweep", "--set", "train.epochs=1", "--seeds", "2", "--out", str(out), "--dry-run"]) == 0
-    (out / "cells" / "ssvi_s0.95_seed1" / "checkpoints").mkdir(parents=True)
-    capsys.readouterr()
-    with acquire_lock(out / "cells" / ".ssvi_s0.95_seed1.lock", "a cell's lock"):  # as its runner holds it
-        before = sorted(p.relative_to(out) for p in out.rglob("*"))
-        assert run(["sweep", "--set", "train.epochs=3", "--out", str(out), "--force", "--no-figures"]) == 2
-    err = capsys.readouterr().err
-    assert "holds a sweep that is running (its cell ssvi_s0.95_seed1, in process" in err
-    assert len(err.strip().splitlines()) == 1
-    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.name != ".sweep.lock") == before
-
-
-def test_force_leaves_a_sweep_that_a_running_sweep_holds_between_its_cells(tmp_path: Path, capsys):
-    """A sweep between two cells holds no cell's lock; the sweep's own shared lock keeps --force out."""
-    from ssvi_cli.locks import acquire_lock
-
-    out = tmp_path / "sw"
-    assert run(["sweep", "--set", "train.epochs=1", "--out", str(out), "--dry-run"]) == 0
-    capsys.readouterr()
-    with acquire_lock(out / ".sweep.lock", "the sweep's lock", shared=True):  # as a running sweep holds it
-        assert run(["sweep", "--set", "train.epochs=3", "--out", str(out), "--force", "--no-figures"]) == 2
-        assert "holds a sweep that is running (an ssvi sweep)" in capsys.readouterr().err
-        with acquire_lock(out / ".sweep.lock", "the sweep's lock", shared=True):  # two sweeps share it
-            pass
-    assert (out / "sweep.json").is_file()
-
-
-def test_a_stop_between_cells_does_not_speak_of_stopped_cells(tmp_path: Path, capsys, monkeypatch):
-    """Ctrl-C after the last cell had finished said "0 cells stopped; each continues from its last
-    checkpoint", which described nothing that happened."""
-    import ssvi_cli.sweep.runner as runner
-
-    monkeypatch.setattr(runner, "run_cells", lambda *a, **k: runner.Outcome(interrupted=True))
-    assert run(["sweep", "--method", "ssvi", "--sparsity", "0.9", "--out", str(tmp_path / "sw"), "--no-figures"]) == 130
-    said = capsys.readouterr().err
-    assert "interrupted between cells, none of them running; the cells not run yet run with: ssvi sweep --resume" in said
-    assert "0 cells stopped" not in said
-
-
 def test_sparsity_labels_in_the_flops_figure_never_cover_each_other():
     """Two series through one point printed their sparsity labels on top of each other, unreadable:
     the same label at one place is written once, another one moves below it."""
@@ -1358,23 +1041,6 @@ def test_a_grid_that_fits_the_cells_as_they_ran_grows_after_its_preset_was_edite
     assert "holds a different sweep" in capsys.readouterr().err
 
 
-def test_a_started_cell_resumes_on_the_device_the_sweep_gives_now(tmp_path: Path, monkeypatch):
-    """A sweep grown with --set train.device=... resumed its started cells with a bare --resume, on the
-    device they began on, though the growth note spoke of the values given now."""
-    import ssvi_cli.cli.sweep_cell as sweep_cell
-    import ssvi_cli.sweep.runner as runner
-
-    out = tmp_path / "sw"
-    assert run(["sweep", "--method", "ssvi", "--sparsity", "0.9", "--set", "train.device=cpu", "--out", str(out),
-                "--dry-run"]) == 0
-    cell = out / "cells" / "ssvi_s0.9_seed0"
-    monkeypatch.setattr(runner, "cell_state", lambda path, spec=None: "partial")
-    monkeypatch.setattr(sweep_cell, "check_changed", lambda *a: None)
-    calls: list[list[str]] = []
-    assert sweep_cell.run_cell(cell, lambda args: calls.append(args) or 0) == 0
-    assert calls[0] == ["train", "--resume", str(cell), "--device", "cpu"] and calls[1][0] == "evaluate"
-
-
 def test_a_sweeps_checks_read_each_data_config_once_not_once_per_seed(tmp_path: Path, monkeypatch):
     """The names check (which scans an image folder) runs once per distinct data config, not once per
     seed: the image-folder keys the cells set are compared, not every key of every cell."""
@@ -1386,24 +1052,6 @@ def test_a_sweeps_checks_read_each_data_config_once_not_once_per_seed(tmp_path: 
     assert run(["sweep", "--method", "ssvi", "--sparsity", "0.9,0.95", "--seeds", "3", "--set", "data.val_fraction=0.2",
                 "--out", str(tmp_path / "sw"), "--dry-run"]) == 0
     assert calls == [["data.val_fraction"]]
-
-
-def test_a_cell_whose_summary_does_not_read_is_rebuilt_from_its_checkpoint(tmp_path: Path, capsys):
-    """The advice was to delete the cell's folder, its model file and checkpoints with it."""
-    out = tmp_path / "sw"
-    assert run(["sweep", "--set", "train.epochs=1", *TINY, "--out", str(out), "--no-figures"]) == 0
-    cell = next((out / "cells").iterdir())
-    (cell / "summary.json").write_text("junk")
-    capsys.readouterr()
-    assert run(["sweep", "--report", str(out), "--no-figures"]) == 2
-    err = " ".join(capsys.readouterr().err.split())
-    assert (f"summary.json cannot be read (JSONDecodeError); delete {cell / 'summary.json'} and "
-            f"{cell / 'evaluation.json'} and resume the sweep: the cell's last checkpoint writes them again") in err
-    model = (cell / "model.safetensors").read_bytes()
-    (cell / "summary.json").unlink()
-    (cell / "evaluation.json").unlink()
-    assert run(["sweep", "--resume", str(out), "--no-figures"]) == 0
-    assert json.loads((cell / "summary.json").read_text())["model_file_bytes"] == len(model)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -1441,24 +1089,3 @@ def test_force_beside_a_mode_that_replaces_nothing_says_so(tmp_path: Path, capsy
     assert run(["sweep", mode, str(tmp_path), "--force"]) == 2
     err = capsys.readouterr().err
     assert f"error: {mode} replaces nothing: leave out --force" in err and "grid options" not in err
-
-
-def test_a_cell_stopped_in_its_evaluation_says_so_and_is_evaluated_again(tmp_path: Path, capsys, monkeypatch):
-    """Ctrl-C in a cell's evaluation ended --run-cell with exit 130 and not a word (its training's stops
-    say where to resume); the trained cell is evaluated, not trained, again."""
-    import ssvi_cli.evaluation.evaluator as ev
-
-    out = tmp_path / "sw"
-    assert run(["sweep", "--method", "vi", "--set", "train.epochs=1", *TINY, "--out", str(out), "--dry-run"]) == 0
-    cell = Path(capsys.readouterr().out.split()[-1])
-    real = ev.evaluate
-    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    assert run(["sweep", "--run-cell", str(cell)]) == 130
-    err = capsys.readouterr().err
-    assert ("interrupted in the evaluation; the training is kept and the cell is evaluated again. Resume with: "
-            f"ssvi sweep --resume {out}") in err
-    assert cell_state(cell) == "trained" and failure(cell) is None
-    monkeypatch.setattr(ev, "evaluate", real)
-    trained = (cell / "model.safetensors").stat().st_mtime_ns
-    assert run(["sweep", "--run-cell", str(cell)]) == 0
-    assert cell_state(cell) == "done" and (cell / "model.safetensors").stat().st_mtime_ns == trained
