@@ -568,3 +568,30 @@ def test_an_array_whose_header_claims_more_than_the_file_holds_is_refused_before
     np.save(path, np.arange(6, dtype=np.float32).reshape(2, 3))  # a whole one reads as before
     stream = io.BytesIO(path.read_bytes()) if via_stream else None
     assert read_array(path, stream=stream).tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_predictions_are_written_batch_by_batch_and_an_error_midway_leaves_the_output_as_it_was(
+        model_file, digits, tmp_path, capsys, monkeypatch):
+    """A folder of a million images held every prediction in memory until the end (about 1.5 KB
+    each): they go to --output as each batch is predicted, into a temporary file that replaces the
+    output only once every input is predicted."""
+    import ssvi_cli.evaluation.infer as infer_module
+
+    np.save(tmp_path / "x.npy", digits[:10])
+    written = []
+    real = infer_module.PredictionWriter.write
+    monkeypatch.setattr(infer_module.PredictionWriter, "write", lambda self, records: written.append(len(records)) or
+                        real(self, records))
+    out = tmp_path / "preds.csv"
+    assert run(["infer", str(model_file), str(tmp_path / "x.npy"), "--batch-size", "4", "--output", str(out)]) == 0
+    assert written == [4, 4, 2] and len(out.read_text().splitlines()) == 11
+    said = capsys.readouterr()
+    assert "wrote 10 predictions to" in said.err and said.out.count("x.npy[") == 10  # the table, from the same batches
+    out.write_text("kept\n")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    for extra in ([], ["--skip-unreadable"]):  # the batches of x.npy written first, then the error
+        given = [str(tmp_path / "x.npy")] if not extra else []
+        assert run(["infer", str(model_file), *given, str(tmp_path / "bad.png"), "--batch-size", "4",
+                    "--output", str(out), *extra]) == 2
+        assert out.read_text() == "kept\n" and sorted(p.name for p in tmp_path.iterdir()) == ["bad.png", "preds.csv", "x.npy"]
+    assert "no input could be read" in capsys.readouterr().err

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
 from rich.table import Table
 
+from ssvi_cli import fileio
 from ssvi_cli.config import MAX_SAMPLES, MAX_SEED
 from ssvi_cli.cli.common import (UsageError, check_device, check_output_file, count, err, fmt, out,
                                    print_json, progress_bar)
@@ -37,7 +39,7 @@ def register(app: typer.Typer) -> None:
         from ssvi_cli.data.images import shown
         from ssvi_cli.runs.load import load_model
         from ssvi_cli.evaluation.infer import (OUTPUT_SUFFIXES, InputError, UnreadableInputs, expand_inputs, known_count,
-                                               run_inference, write_predictions)
+                                               predict_inputs)
         from ssvi_cli.prediction import MODES, is_bayesian
 
         if mode not in MODES:
@@ -66,24 +68,27 @@ def register(app: typer.Typer) -> None:
                       "is not used")
         started = time.perf_counter()
         skipped: Optional[list[tuple[str, Exception]]] = [] if skip_unreadable else None
-        with progress_bar(enabled=not json_out) as bar:
+        with progress_bar(enabled=not json_out) as bar, _written(target, output, loaded.spec, top_k) as written:
             task = bar.add_task("infer", total=known_count(files), info="") if bar is not None else None
+            kept: list[dict[str, Any]] = []  # --json prints them all; the table shows the first SHOWN_ROWS
+
+            def sink(batch: list[dict[str, Any]]) -> None:
+                written(batch)
+                kept.extend(batch if json_out else batch[:SHOWN_ROWS - len(kept)])
             try:
-                records = run_inference(loaded.model, loaded.spec, files, samples=samples, mode=effective,
-                                        batch_size=batch_size, top_k=top_k, seed=seed, skipped=skipped,
-                                        on_batch=(lambda n: bar.update(task, advance=n)) if bar is not None else None)
+                predicted = predict_inputs(loaded.model, loaded.spec, files, sink, samples=samples, mode=effective,
+                                           batch_size=batch_size, top_k=top_k, seed=seed, skipped=skipped,
+                                           on_batch=(lambda n: bar.update(task, advance=n)) if bar is not None else None)
             except UnreadableInputs as exc:  # the flag is named where it would predict something
                 raise InputError(f"{exc}" + (" (or --skip-unreadable predicts the others)"
                                              if len(exc.bad) < exc.total else "")) from None
+            passed = UnreadableInputs(skipped, files) if skipped else None
+            if passed is not None and not predicted:  # before the file is written: the one there stays
+                raise InputError(f"no input could be read: {passed}")
         seconds = time.perf_counter() - started
-        passed = UnreadableInputs(skipped, files) if skipped else None
-        if passed is not None and not records:
-            raise InputError(f"no input could be read: {passed}")
-        if target is not None:
-            write_predictions(target, records)
         header = {"model": str(model_file), "mode": effective,
                   "samples": samples if effective == "mc" else None, "seed": seed,
-                  "inputs": len(records), "seconds": seconds}
+                  "inputs": predicted, "seconds": seconds}
         # why each was skipped (the advice to replace or remove a file is for a run it stopped)
         reasons = [(shown(name), str(e).replace("; replace or remove the file", "")) for name, e in (passed.bad if passed else [])]
         if skip_unreadable:
@@ -94,13 +99,28 @@ def register(app: typer.Typer) -> None:
                       + (f" and {len(reasons) - 10} more" if len(reasons) > 10 else "")
                       + f" (the first: {reasons[0][1]})", highlight=False, markup=False)
         if json_out:
-            print_json({**header, "predictions": records})
+            print_json({**header, "predictions": kept})
             return
-        out.print(_table(records, header))
-        if len(records) > SHOWN_ROWS:
-            err.print(f"showing {SHOWN_ROWS} of {len(records)} inputs" + ("" if output else "; use --output for all"))
+        out.print(_table(kept, header))
+        if predicted > SHOWN_ROWS:
+            err.print(f"showing {SHOWN_ROWS} of {predicted} inputs" + ("" if output else "; use --output for all"))
         if output is not None:
-            err.print(f"wrote {count(len(records), 'prediction')} to {output}")
+            err.print(f"wrote {count(predicted, 'prediction')} to {output}")
+
+
+@contextmanager
+def _written(target: Optional[Path], output: Optional[Path], spec: Any,
+             top_k: int) -> Iterator[Callable[[list[dict[str, Any]]], None]]:
+    """Where each batch's records go as they come: the ``--output`` file ``target`` (``output`` or the
+    target of that link), in ``output``'s format, written to a temporary file that replaces it once
+    every input is predicted (any error leaves the one there as it was); nowhere without ``--output``."""
+    if target is None or output is None:
+        yield lambda batch: None
+        return
+    from ssvi_cli.evaluation.infer import PredictionWriter, top_count
+
+    with fileio.atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8", newline="") as stream:
+        yield PredictionWriter(stream, output.suffix.lower(), top_count(top_k, spec)).write
 
 
 def _table(records: list[dict[str, Any]], header: dict[str, Any]) -> Table:

@@ -14,7 +14,7 @@ import io
 import itertools
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TextIO
 
 import torch
 from torch import Tensor
@@ -167,26 +167,29 @@ def predict_records(model: SSVIModel, x: Tensor, class_names: Sequence[str], *, 
     return records
 
 
-def run_inference(model: SSVIModel, spec: DataSpec, files: Sequence[Path], *, samples: int = 10,
-                  mode: str = "mc", batch_size: int = 256, top_k: int = 3, seed: int = 0,
-                  on_batch: Optional[Callable[[int], None]] = None,
-                  skipped: Optional[list[tuple[str, Exception]]] = None) -> list[dict[str, Any]]:
+def predict_inputs(model: SSVIModel, spec: DataSpec, files: Sequence[Path], sink: Callable[[list[dict[str, Any]]], None],
+                   *, samples: int = 10, mode: str = "mc", batch_size: int = 256, top_k: int = 3, seed: int = 0,
+                   on_batch: Optional[Callable[[int], None]] = None,
+                   skipped: Optional[list[tuple[str, Exception]]] = None) -> int:
     """Predict every input on ``model``'s device with the ``prediction`` kernel policy (linear layers
-    multiply over their stored entries, never a densified weight). The draws are seeded with
-    ``seed`` on a forked RNG, so a run is reproducible and the caller's RNG and model are untouched.
-    Inputs that cannot be read are one :class:`UnreadableInputs`, or with ``skipped`` are put there
-    (``(name, error)``) and passed by; ``on_batch(n)``: n more inputs predicted or skipped."""
+    multiply over their stored entries, never a densified weight), handing each batch's records to
+    ``sink`` as they come: nothing is kept, so any number of inputs takes the memory of one batch.
+    Returns how many inputs were predicted. The draws are seeded with ``seed`` on a forked RNG, so a
+    run is reproducible and the caller's RNG and model are untouched. Inputs that cannot be read are
+    one :class:`UnreadableInputs`, or with ``skipped`` are put there (``(name, error)``) and passed
+    by; ``on_batch(n)``: n more inputs predicted or skipped."""
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     params = list(model.parameters())
     device = params[0].device if params else torch.device("cpu")
-    records: list[dict[str, Any]] = []
-    told = [len(skipped or ())]  # inputs predicted or skipped that on_batch has been told of (or skipped before)
+    predicted = 0
+    told = len(skipped or ())  # inputs predicted or skipped that on_batch has been told of (or skipped before)
 
     def advance() -> None:
-        if on_batch is not None and (n := len(records) + len(skipped or ()) - told[0]):
+        nonlocal told
+        if on_batch is not None and (n := predicted + len(skipped or ()) - told):
             on_batch(n)
-            told[0] += n
+            told += n
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
             using_kernel(model, "prediction"):
@@ -196,35 +199,46 @@ def run_inference(model: SSVIModel, spec: DataSpec, files: Sequence[Path], *, sa
                 batch = predict_records(model, x.to(device), spec.class_names, samples=samples, mode=mode, top_k=top_k)
             except NonFiniteOutput as exc:
                 raise exc.naming(name=names[exc.first]) from None
-            for name, rec in zip(names, batch):
-                records.append({"input": shown(name), **rec})
+            sink([{"input": shown(name), **rec} for name, rec in zip(names, batch)])
+            predicted += len(batch)
             advance()
         advance()
+    return predicted
+
+
+def run_inference(model: SSVIModel, spec: DataSpec, files: Sequence[Path], **options: Any) -> list[dict[str, Any]]:
+    """Every input's record, in order (:func:`predict_inputs`, its keyword options, kept in a list)."""
+    records: list[dict[str, Any]] = []
+    predict_inputs(model, spec, files, records.extend, **options)
     return records
 
 
 # ------------------------------------------------------------------ writing predictions
 
-def predictions_text(records: Sequence[dict[str, Any]], suffix: str) -> str:
-    """Records as JSON lines (``.jsonl``) or CSV (``.csv``; the top-k as columns ``top1_class``,
-    ``top1_probability``, ``top2_class``, ...: a class name may hold any character)."""
-    if suffix == ".jsonl":
-        return "".join(json.dumps(fileio.json_ready(r), allow_nan=False) + "\n" for r in records)
-    if suffix != ".csv":
-        raise ValueError(f"unknown output type {suffix!r}; use one of {', '.join(OUTPUT_SUFFIXES)}")
-    k = max((len(r["top_k"]) for r in records), default=0)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["input", "class", "class_index", "probability", "entropy", "mutual_information",
-                     *(f"top{i}_{part}" for i in range(1, k + 1) for part in ("class", "probability"))])
-    for r in records:
-        mi = "" if r["mutual_information"] is None else f"{r['mutual_information']:.6g}"
-        top = [v for t in r["top_k"] for v in (t["class"], f"{t['probability']:.6g}")]
-        writer.writerow([r["input"], r["class"], r["class_index"], f"{r['probability']:.6g}",
-                         f"{r['entropy']:.6g}", mi, *top])
-    return buf.getvalue()
+class PredictionWriter:
+    """Records written as they come, as JSON lines (``.jsonl``) or CSV (``.csv``; the top-k as columns
+    ``top1_class``, ``top1_probability``, ``top2_class``, ...: a class name may hold any character)."""
+
+    def __init__(self, stream: TextIO, suffix: str, top_k: int) -> None:
+        if suffix not in OUTPUT_SUFFIXES:
+            raise ValueError(f"unknown output type {suffix!r}; use one of {', '.join(OUTPUT_SUFFIXES)}")
+        self.stream, self.suffix = stream, suffix
+        if suffix == ".csv":
+            self.csv = csv.writer(stream, lineterminator="\n")
+            self.csv.writerow(["input", "class", "class_index", "probability", "entropy", "mutual_information",
+                               *(f"top{i}_{part}" for i in range(1, top_k + 1) for part in ("class", "probability"))])
+
+    def write(self, records: Iterable[dict[str, Any]]) -> None:
+        if self.suffix == ".jsonl":
+            self.stream.write("".join(json.dumps(fileio.json_ready(r), allow_nan=False) + "\n" for r in records))
+            return
+        for r in records:
+            mi = "" if r["mutual_information"] is None else f"{r['mutual_information']:.6g}"
+            top = [v for t in r["top_k"] for v in (t["class"], f"{t['probability']:.6g}")]
+            self.csv.writerow([r["input"], r["class"], r["class_index"], f"{r['probability']:.6g}",
+                               f"{r['entropy']:.6g}", mi, *top])
 
 
-def write_predictions(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    """Write predictions atomically; the format follows the suffix."""
-    fileio.write_text(Path(path), predictions_text(records, Path(path).suffix.lower()))
+def top_count(top_k: int, spec: DataSpec) -> int:
+    """How many classes each record's top-k lists (``predict_records``' k)."""
+    return max(1, min(top_k, len(spec.class_names)))
