@@ -1089,3 +1089,12 @@ def test_force_beside_a_mode_that_replaces_nothing_says_so(tmp_path: Path, capsy
     assert run(["sweep", mode, str(tmp_path), "--force"]) == 2
     err = capsys.readouterr().err
     assert f"error: {mode} replaces nothing: leave out --force" in err and "grid options" not in err
+
+
+def test_the_help_gives_the_grids_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # one option per line
+    assert run(["sweep", "--help"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    spec = SweepSpec()
+    assert f"default {','.join(spec.methods)})" in said and f"(default {','.join(map(str, spec.sparsities))})" in said
+    assert f"(default {len(spec.seeds)}: seed 0)" in said
