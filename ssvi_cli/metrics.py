@@ -219,37 +219,45 @@ def uncertainty_score(name: str, probs: Any, sample_probs: Any = None) -> np.nda
     return UNCERTAINTY_SCORES[name](probs, sample_probs)
 
 
-def _threshold_steps(positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _threshold_steps(positive: Any, score: Any) -> tuple[np.ndarray, np.ndarray]:
     """Positives and negatives flagged (score ≥ τ) at each distinct score τ, highest τ first: the
-    steps of the ROC and precision-recall curves, ties taken together."""
-    if len(np.unique(positive)) != 2:
+    steps of the ROC and precision-recall curves, ties taken together. ``positive``: 1 or 0 (or
+    True/False) per score."""
+    labels, s = _array(positive).ravel(), _array(score).ravel()
+    if labels.shape != s.shape:
+        raise ValueError(f"{len(labels)} labels for {len(s)} scores")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError("labels must be 1 (positive) or 0 (negative)")
+    if labels.min(initial=1) == labels.max(initial=0):
         raise ValueError("a detection score needs both positive and negative examples")
-    if not np.isfinite(score).all():
+    if not np.isfinite(s).all():
         raise ValueError("a detection score must be finite (NaN or infinity found)")
-    order = np.argsort(-score, kind="stable")
-    ranked = score[order]
+    order = np.argsort(-s, kind="stable")
+    ranked = s[order]
     ends = np.r_[np.flatnonzero(ranked[1:] != ranked[:-1]), len(ranked) - 1]  # each tie's last
-    tp = np.cumsum(positive[order], dtype=np.float64)[ends]
+    tp = np.cumsum(labels[order])[ends]
     return tp, ends + 1 - tp
 
 
-def _roc(positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _roc(positive: Any, score: Any) -> tuple[np.ndarray, np.ndarray]:
     """False and true positive rates from the highest threshold down, starting at (0, 0)."""
     tp, fp = _threshold_steps(positive, score)
     return np.r_[0.0, fp] / fp[-1], np.r_[0.0, tp] / tp[-1]
 
 
 def roc_auc(positive: Any, score: Any) -> float:
-    """Area under the ROC curve (trapezoids: a tie counts half), what scikit-learn's
-    ``roc_auc_score`` gives, without its seconds-long import."""
-    fpr, tpr = _roc(_array(positive, np.int64).ravel(), _array(score).ravel())
+    """Area under the ROC curve of ``score`` (higher = more likely positive) for labels ``positive``
+    (1 or 0 each; trapezoids: a tie counts half), what scikit-learn's ``roc_auc_score`` gives,
+    without its seconds-long import."""
+    fpr, tpr = _roc(positive, score)
     return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
 
 
 def average_precision(positive: Any, score: Any) -> float:
-    """Σ (Rₖ − Rₖ₋₁) Pₖ over the thresholds, scikit-learn's ``average_precision_score``; capped
-    at 1, which the sum of a perfect separation can pass by a rounding (1 + 2e-16)."""
-    tp, fp = _threshold_steps(_array(positive, np.int64).ravel(), _array(score).ravel())
+    """Σ (Rₖ − Rₖ₋₁) Pₖ over the distinct scores as thresholds (tied scores one step), scikit-learn's
+    ``average_precision_score``; capped at 1, which the sum of a perfect separation can pass by a
+    rounding (1 + 2e-16)."""
+    tp, fp = _threshold_steps(positive, score)
     recall = np.r_[0.0, tp / tp[-1]]
     return min(1.0, float(np.sum(np.diff(recall) * tp / (tp + fp))))
 

@@ -329,10 +329,17 @@ def test_roc_and_precision_curves_agree_with_scikit_learn_ties_included():
         fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
         ours = M._roc(y, s)
         assert np.array_equal(ours[0], fpr) and np.array_equal(ours[1], tpr)
+    assert M.roc_auc([False, True, True], [0.3, 0.2, 0.9]) == roc_auc_score([0, 1, 1], [0.3, 0.2, 0.9])
     for y, s, why in (([1, 1], [0.1, 0.2], "both positive and negative"),
-                      ([0, 1], [0.1, float("nan")], "must be finite")):
-        with pytest.raises(ValueError, match=why):
-            M.roc_auc(np.array(y), np.array(s))
+                      ([0, 1], [0.1, float("nan")], "must be finite"),
+                      ([1, 2, 2], [0.1, 0.2, 0.3], "labels must be 1 .positive. or 0"),
+                      ([-1, 1], [0.1, 0.2], "labels must be 1 .positive. or 0"),
+                      ([0, 1, 1], [0.2, 0.1], "3 labels for 2 scores")):
+        for metric in (M.roc_auc, M.average_precision):
+            with pytest.raises(ValueError, match=why):
+                metric(np.array(y), np.array(s))
+    with pytest.raises(ValueError, match="4 labels for 3 scores"):  # a score per example, checked
+        M.misclassification_auroc(np.eye(4)[[0, 1, 1, 0]], np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.8]))
 
 
 def test_the_metrics_import_no_scikit_learn():
