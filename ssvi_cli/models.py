@@ -273,6 +273,14 @@ def input_error(model: nn.Module, shape: Sequence[int], batch_size: int = 2) -> 
     return None if isinstance(out, Tensor) else f"it returns {type(out).__name__}, not a tensor of logits"
 
 
+def check_trains_on(model: nn.Module, name: str, shape: Sequence[int], examples: int, why: str) -> None:
+    """Refuse a shapes-only ``model`` (called ``name``) whose training forward cannot take ``examples``
+    inputs of ``shape`` (BatchNorm on a 1x1 feature map takes no single example), where it would fail
+    at its first step; ``why``: what gives a process that few, and what to do instead."""
+    if examples < 2 and (reason := input_error(model.train(), shape, batch_size=examples)) is not None:
+        raise ConfigError(f"{name} cannot train on {why} ({reason})")
+
+
 def torchvision_model(name: str, in_shape: Sequence[int], num_classes: int, layers: LayerFactory) -> nn.Module:
     """:func:`torchvision_base` with every Linear/Conv2d a sparse Gaussian layer with an empty
     support (``core.convert.sparsify``), for the trainer or a file to fill."""

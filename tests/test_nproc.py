@@ -372,6 +372,33 @@ def test_nproc_checks_the_whole_run_once_before_launching_or_replacing_a_run(tmp
     assert (old / "checkpoints").is_dir() and (old / "config.yaml").is_file()  # --force removed nothing
 
 
+def test_a_model_that_cannot_train_on_one_example_per_process_is_refused_before_it_starts(tmp_path: Path, monkeypatch,
+                                                                                          capsys):
+    """ResNet-18's BatchNorm on its last, 1x1 feature map takes no single example: a batch of one, or a
+    resume on more processes that gives one of them a single example (a global batch of 3 over 2),
+    failed at the first step, under --nproc with every rank's error, gloo's and torchrun's log lines.
+    One line, exit 2, before anything is written or launched."""
+    from ssvi_cli.cli import run
+
+    monkeypatch.setattr(launcher, "launch", lambda nproc, args, env, pass_fds=(): pytest.fail("must not launch"))
+    tiny = ["--model", "resnet18", "--epochs", "1", "--set", "data.max_train=12", "--set", "train.eval_samples=1"]
+    for nproc in ([], ["--nproc", "2"]):
+        assert run(["train", *tiny, "--batch-size", "1", *nproc, "--out", str(tmp_path / "one")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "resnet18 cannot train on one example per step (train.batch_size=1); give each " \
+            "process a batch of 2 or more (Expected more than 1 value per channel when training" in err, err
+    assert not (tmp_path / "one").exists()
+    three = tmp_path / "three"
+    assert run(["train", *tiny, "--batch-size", "3", "--out", str(three)]) == 0
+    (three / "summary.json").unlink()  # as if stopped after its last checkpoint
+    (three / "model.safetensors").unlink()
+    capsys.readouterr()
+    assert run(["train", "--resume", str(three), "--nproc", "2"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "one example per process, which a global batch of 3 over 2 processes gives; resume it on at most 1 " \
+           "(--nproc 1)" in err, err
+
+
 def test_ctrl_c_while_the_launcher_imports_torch_ends_it_by_sigint_without_a_traceback(tmp_path: Path):
     """A Ctrl-C in the second or two the launcher spends importing torch printed Python's traceback
     above 'interrupted before the training processes started'."""

@@ -19,7 +19,7 @@ from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.data import DataSplits, build_dataset, check_dataset_name, get_spec
 from ssvi_cli.data.spec import DataError, DataSpec, absent_classes
 from ssvi_cli.modelfile import ModelCard, build_model
-from ssvi_cli.models import SSVIModel, check_model_name, input_error
+from ssvi_cli.models import SSVIModel, check_model_name, check_trains_on, input_error
 from ssvi_cli.runs.rundir import RunBusy, RunDir
 from ssvi_cli.training.init_posterior import Posterior, check_apart, names_trained_model, read_posterior
 
@@ -211,6 +211,8 @@ def planned_densities(card: ModelCard, cfg: Config, spec: DataSpec) -> dict[str,
         skeleton = build_model(card)
         densities = plan_densities(skeleton, cfg)
     check_input_fits(skeleton, cfg, spec.input_shape)
+    check_trains_on(skeleton, cfg.model.name, spec.input_shape, cfg.train.batch_size,
+                    "one example per step (train.batch_size=1); give each process a batch of 2 or more")
     return densities
 
 
@@ -283,6 +285,12 @@ def preflight_resume(run_dir: RunDir | Path, device: Optional[str] = None, world
     if batch and batch < world_size:
         raise ConfigError(f"{run.path} was trained with a global batch of {batch}, which cannot feed {world_size} "
                           f"processes; resume it on at most {batch} (--nproc {batch})")
+    if batch and world_size > 1 and batch // world_size < 2 <= batch:  # a share of one where there were more
+        spec = get_spec(cfg.data.name, cfg.data)
+        with torch.device("meta"):
+            skeleton = build_model(ModelCard.from_config(cfg, spec))
+        check_trains_on(skeleton, cfg.model.name, spec.input_shape, 1, f"one example per process, which a global batch "
+                        f"of {batch} over {world_size} processes gives; resume it on at most {batch // 2} (--nproc {batch // 2})")
 
 
 def _resumable(run: RunDir, device: Optional[str]) -> tuple[Config, torch.device, dict[str, Any], Path]:
