@@ -157,3 +157,20 @@ def test_an_mlps_shapes_need_no_probing_forward(monkeypatch):
     monkeypatch.setattr(flops, "_probe", lambda *a: pytest.fail("probed"))
     with pytest.raises(pytest.fail.Exception):
         model_geometry(lenet, (1, 28, 28))
+
+
+def test_the_training_flops_leave_out_a_dropped_last_batch(tmp_path):
+    """An epoch of 129 examples in batches of 64 trains on 128 (a last batch of one is dropped):
+    the count said 129, and under --nproc a last batch too small for every process likewise."""
+    from ssvi_cli import config as C
+    from ssvi_cli.training.trainer import Trainer
+
+    flops = {}
+    for n in (128, 129):
+        cfg = C.apply_overrides(C.load_preset("digits_mlp"), {
+            "sparse.method": "vi", "data.max_train": n, "data.val_fraction": 0.0, "model.widths": [16],
+            "train.epochs": 2, "train.batch_size": 64, "train.eval_samples": 1})
+        trainer = Trainer.create(cfg, tmp_path / str(n))
+        assert trainer.n_train == n
+        flops[n] = trainer.fit()["training_flops"]
+    assert flops[129] == flops[128]

@@ -16,6 +16,7 @@ from ssvi_cli.config import DELTA_T_AUTO
 from ssvi_cli.core.flops import training_summary
 from ssvi_cli.modelfile import ModelCard, write_model_file
 from ssvi_cli.prediction import NonFiniteOutput, predict_pass
+from ssvi_cli.training import distributed
 from ssvi_cli.training.optim import lr_factor
 from ssvi_cli.training.records import EpochStats, density_report
 
@@ -123,7 +124,7 @@ def finish(trainer: "Trainer") -> dict[str, Any]:
         "test_nll_mean_net": test_mean["nll"],
     }
     summary.update(training_summary(trainer.model, trainer.splits.spec.input_shape, cfg.method,
-                                    examples=trainer.n_train * state.epoch, batch_size=state.global_batch,
+                                    examples=epoch_examples(trainer) * state.epoch, batch_size=state.global_batch,
                                     captures=state.subspace_steps * trainer.schedule.accumulate))
     if trainer.is_main:
         run = trainer.run
@@ -136,3 +137,11 @@ def finish(trainer: "Trainer") -> dict[str, Any]:
 def card(trainer: "Trainer", metrics: dict[str, Any]) -> ModelCard:
     """The model card of the run with ``metrics``."""
     return trainer.plan.card.with_metrics(metrics)
+
+
+def epoch_examples(trainer: "Trainer") -> int:
+    """The examples an epoch trains on: the training split less a last partial batch too small to
+    give every process two (``distributed.global_batches``), which is dropped."""
+    batches = distributed.global_batches(torch.arange(trainer.n_train), trainer.state.global_batch,
+                                         trainer.dist.world_size)
+    return sum(len(b) for b in batches)
