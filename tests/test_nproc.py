@@ -214,6 +214,28 @@ def test_a_stop_before_the_processes_start_is_the_stop_not_a_killed_launcher(tmp
                                            "was trained", rest
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the processes through /proc")
+def test_a_stop_while_the_processes_start_is_said_once_they_have_ended(tmp_path: Path):
+    """A SIGTERM while the processes loaded torch (seconds, before training handles a stop) ended
+    them silently, and the command exited 143 without a word, the folder left with its lock alone."""
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "ssvi_cli", "train", "--nproc", "2", "--set", "train.epochs=3",
+                             "--out", str(out)], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any("torchrun_main" not in c and "--nproc" not in c for c in _running(out)):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143 and not list(out.glob("checkpoints/*")), rest
+    assert rest.strip().splitlines()[-1] == "stopped by SIGTERM before the training processes started: nothing " \
+                                           "was trained", rest
+    assert launcher.ending_message(launcher.Launched(130, signal.SIGINT), 2, tmp_path, untrained=True) == ""  # rank 0 said it
+
+
 def test_a_killed_launcher_is_told_as_what_became_of_its_processes(tmp_path: Path):
     said = {o: launcher.ending_message(launcher.Launched(-9, None, o), 2, tmp_path) for o in ("stopped", "killed", "unwatched")}
     assert all(m.startswith("error: the launcher of the 2 processes was killed by SIGKILL; ") for m in said.values())

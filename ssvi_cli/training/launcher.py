@@ -169,10 +169,14 @@ def _children() -> set[int]:
     return found
 
 
-def ending_message(ended: "Launched", nproc: int, run_dir: Path) -> str:
+def ending_message(ended: "Launched", nproc: int, run_dir: Path, untrained: bool = False) -> str:
     """What the ``ssvi`` command says of a launch its processes could not report: a launcher killed by
     itself (the out-of-memory killer's choice, a ``kill -9`` of it) and what became of its processes,
-    or a stop signal that ended the launcher before it started them; "" otherwise."""
+    or a stop signal that ended the launcher before it started them, or ended them before they
+    trained (``untrained``: no new checkpoint; SIGTERM or SIGHUP ends a process silently until
+    training handles it, where Ctrl-C has rank 0 say "interrupted"); "" otherwise."""
+    if ended.stopped_by not in (None, signal.SIGINT) and ended.code > 0 and untrained:
+        return f"stopped by {ended.stopped_by.name} before the training processes started: nothing was trained"
     if ended.code >= 0:
         return ""
     try:
