@@ -433,3 +433,23 @@ def test_ctrl_c_while_the_launcher_imports_torch_ends_it_by_sigint_without_a_tra
     assert "Traceback" not in proc.stderr
     assert launcher.ending_message(launcher.Launched(proc.returncode, signal.SIGINT), 2, tmp_path) == \
         "interrupted before the training processes started: nothing was trained"
+
+
+def test_an_unreadable_newest_checkpoint_is_warned_of_once_under_nproc(tmp_path: Path, caplog):
+    """The check before launching passed over it with the warning, and rank 0 again: said twice."""
+    from ssvi_cli.cli import run
+    from ssvi_cli.runs.rundir import RunDir
+    from ssvi_cli.training.plan import preflight_resume
+
+    out = tmp_path / "r"
+    assert run(["train", "--epochs", "2", "--set", "model.widths=[8]", "--set", "data.max_train=64",
+                "--set", "train.eval_samples=1", "--set", "train.checkpoint_every=1", "--out", str(out)]) == 0
+    (out / "summary.json").unlink()  # as if stopped after its last checkpoint
+    (out / "model.safetensors").unlink()
+    newest = RunDir(out).checkpoints()[-1]
+    newest.write_bytes(newest.read_bytes()[:100])
+    caplog.clear()
+    preflight_resume(out, world_size=2)
+    assert "unreadable" not in caplog.text
+    RunDir(out).load_latest()  # as rank 0 resumes
+    assert caplog.text.count("is unreadable or corrupted") == 1

@@ -286,12 +286,13 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], where: st
         )
 
 
-def load_latest(run: Any, purpose: str = "resuming from") -> tuple[Path, dict[str, Any]]:
+def load_latest(run: Any, purpose: str = "resuming from", warn: bool = True) -> tuple[Path, dict[str, Any]]:
     """The newest readable checkpoint of ``run`` (a :class:`~ssvi_cli.runs.rundir.RunDir`) and its
     contents (read once, with ``weights_only=True``).
 
     A newest checkpoint whose bytes do not read (a disk fault, a cut copy) is passed over, with a
-    warning ("<its error>; <purpose> <name>, the one before it"), for the one before it; it stays
+    warning ("<its error>; <purpose> <name>, the one before it"; not with ``warn`` off, for a check
+    that the resume itself repeats), for the one before it; it stays
     on disk (``train --resume`` renames it ``NAME.unreadable``: RunPlan.set_aside_unreadable).
     When none reads, the newest one's error is raised, naming the older ones that failed too."""
     latest = run.latest_checkpoint()  # a clear error for a missing folder or no checkpoint
@@ -308,7 +309,7 @@ def load_latest(run: Any, purpose: str = "resuming from") -> tuple[Path, dict[st
             if path.exists():
                 raise
             continue  # gone since it was listed: renamed NAME.unreadable by a resume on another rank
-        if path != latest and first_error is not None:
+        if warn and path != latest and first_error is not None:
             log.warning("%s; %s %s, the one before it", first_error, purpose, path.name)
         return path, data
     assert first_error is not None

@@ -286,9 +286,9 @@ class RunDir:
                                        f"--out {shlex.quote(str(self.path))} --force"))
         return found[-1] if found else ckpt.latest_checkpoint(self.path, lambda p: RunDir(p).is_run())  # not a run
 
-    def load_latest(self, purpose: str = "resuming from") -> tuple[Path, dict[str, Any]]:
+    def load_latest(self, purpose: str = "resuming from", warn: bool = True) -> tuple[Path, dict[str, Any]]:
         """The newest readable checkpoint and its contents: :func:`ssvi_cli.runs.checkpoint.load_latest`."""
-        return ckpt.load_latest(self, purpose)
+        return ckpt.load_latest(self, purpose, warn)
 
     def save_checkpoint(self, step: int, payload: dict[str, Any], keep: int) -> Path:
         saved = ckpt.save_checkpoint(self.path, step, payload, keep)

@@ -279,7 +279,7 @@ def preflight_resume(run_dir: RunDir | Path, device: Optional[str] = None, world
     a checkpoint to resume, the device, the data, and a recorded global batch that feeds ``world_size``
     processes."""
     run = _run_dir(run_dir)
-    cfg, _, data, _ = _resumable(run, device)
+    cfg, _, data, _ = _resumable(run, device, warn=False)  # an unreadable newest one: rank 0 says so
     check_data_present(cfg)
     batch = int((data.get("state") or {}).get("global_batch") or 0)
     if batch and batch < world_size:
@@ -293,10 +293,11 @@ def preflight_resume(run_dir: RunDir | Path, device: Optional[str] = None, world
                         f"of {batch} over {world_size} processes gives; resume it on at most {batch // 2} (--nproc {batch // 2})")
 
 
-def _resumable(run: RunDir, device: Optional[str]) -> tuple[Config, torch.device, dict[str, Any], Path]:
+def _resumable(run: RunDir, device: Optional[str],
+               warn: bool = True) -> tuple[Config, torch.device, dict[str, Any], Path]:
     """The run's config, device, newest readable checkpoint and its path, its image folder (in the flat
-    layout) checked unchanged before any image is decoded."""
-    path, data = run.load_latest()
+    layout) checked unchanged before any image is decoded (``warn``: of an unreadable newer one)."""
+    path, data = run.load_latest(warn=warn)
     cfg = from_dict(data["config"])
     dev = resolve_device(device or cfg.train.device)
     try:
