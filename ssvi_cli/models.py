@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ssvi_cli.config import ConfigError
 from ssvi_cli.core.conv import SparseConv2d
+from ssvi_cli.core.flops import vector_model
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear
 from ssvi_cli.fileio import brief
 from ssvi_cli.registry import Registry
@@ -263,7 +264,7 @@ def input_error(model: nn.Module, shape: Sequence[int], batch_size: int = 2) -> 
     """Why a shapes-only (meta) ``model`` cannot take a batch of ``shape`` inputs in its current
     train/eval mode (the first line of what it raised: pooling below one pixel, ViT's fixed size, ...),
     or None when it can; also when its output is not one tensor of logits."""
-    if getattr(model, "vector_layers", False) and math.prod(shape) == model.first.weight_shape[1]:
+    if vector_model(model, shape):
         return None  # an MLP built for inputs of this size
     try:
         with torch.no_grad():
