@@ -120,7 +120,7 @@ def _written(target: Optional[Path], output: Optional[Path], spec: Any,
     from ssvi_cli.evaluation.infer import PredictionWriter, top_count
 
     with fileio.atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8", newline="") as stream:
-        yield PredictionWriter(stream, output.suffix.lower(), top_count(top_k, spec)).write
+        yield PredictionWriter(stream, output.suffix.lower(), top_count(top_k, len(spec.class_names))).write
 
 
 def _table(records: list[dict[str, Any]], header: dict[str, Any]) -> Table:

@@ -150,7 +150,7 @@ def predict_records(model: SSVIModel, x: Tensor, class_names: Sequence[str], *, 
     probs = probs.cpu()
     entropy = predictive_entropy(probs.numpy())
     mi = mutual_information(sample_probs.cpu().numpy()) if sample_probs is not None else None
-    k = max(1, min(top_k, probs.shape[1]))
+    k = top_count(top_k, probs.shape[1])
     top_p, top_i = probs.topk(k, dim=1)
     records = []
     for row in range(len(probs)):
@@ -239,6 +239,6 @@ class PredictionWriter:
                                f"{r['entropy']:.6g}", mi, *top])
 
 
-def top_count(top_k: int, spec: DataSpec) -> int:
-    """How many classes each record's top-k lists (``predict_records``' k)."""
-    return max(1, min(top_k, len(spec.class_names)))
+def top_count(top_k: int, classes: int) -> int:
+    """How many classes each record's top-k lists, of a model of ``classes`` outputs."""
+    return max(1, min(top_k, classes))
