@@ -261,6 +261,38 @@ def test_another_support_loaded_under_a_stepped_optimizer_is_one_clear_error():
     assert subspace.t == 1 and not torch.equal(before, model[0].mu.detach())
 
 
+@pytest.mark.parametrize("load", ["file", "state_dict"])
+def test_another_support_loaded_while_the_last_steps_loss_and_gradients_live_trains_on(tmp_path, load):
+    """The usual loop still holds the last step's ``loss`` (its graph) and the layers' gradients when a
+    model of another density is loaded into it: the next backward failed with torch's "invalid gradient
+    ... got [32] but expected shape compatible with [96]" (autograd's accumulator of the old size,
+    kept by that graph), or with a size mismatch adding to the old gradient. The resized layers start
+    without both: their gradients are those of the loaded model, and a new optimizer trains on."""
+    model, (x, y) = mlp(0.7), data()
+    optimizer = torch.optim.Adam(ssvi.param_groups(model, lr=0.01, lr_sigma=0.01))
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()  # no zero_grad: the gradients stay
+    other = mlp(0.9)
+    if load == "file":
+        ssvi.save(other, tmp_path / "m.safetensors")
+        ssvi.load(tmp_path / "m.safetensors", model=model).train()
+        ssvi.load(tmp_path / "m.safetensors", model=other).train()  # as saved: float32 values
+    else:
+        model.load_state_dict(other.state_dict())
+    for net in (model, other):
+        torch.manual_seed(1)
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+    for mine, theirs in zip((model[0], model[2]), (other[0], other[2])):
+        assert torch.equal(mine.idx, theirs.idx) and mine.mu.dtype == torch.float32
+        for part in ("mu", "rho"):
+            assert torch.equal(getattr(mine, part).grad, getattr(theirs, part).grad)
+    before = model[0].mu.detach().clone()
+    torch.optim.Adam(ssvi.param_groups(model, lr=0.01, lr_sigma=0.01)).step()
+    assert not torch.equal(before, model[0].mu.detach())
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_another_support_loaded_under_an_optimizer_of_a_plain_loop_is_refused_too(tmp_path, fused):
     """Without a Subspace the check was not made: torch's bare size mismatch from inside Adam, and a

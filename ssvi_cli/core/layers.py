@@ -95,13 +95,10 @@ class SparseGaussian(nn.Module):
 
     def set_support(self, idx: Tensor, mu: Tensor, rho: Optional[Tensor] = None) -> None:
         """Replace the support and its values; ``idx`` must be sorted and unique."""
-        support_set(self.mu, self.rho, self.weight_shape, resized=idx.numel() != self.idx.numel())
+        if self.bayesian and rho is None:
+            raise ValueError("a Bayesian layer needs rho with its support")
         self.idx = idx.to(device=self.mu.device, dtype=torch.long)
-        self.mu.data = mu.to(self.mu.device, self.mu.dtype).contiguous()
-        if self.bayesian:
-            if rho is None:
-                raise ValueError("a Bayesian layer needs rho with its support")
-            self.rho.data = rho.to(self.rho.device, self.rho.dtype).contiguous()
+        support_set(self.weight_shape, (self.mu, mu), (self.rho, rho) if self.bayesian else None)
         self._pattern = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -42,11 +42,23 @@ def mark_replaced(module: nn.Module, name: str) -> None:
     _hook()
 
 
-def support_set(mu: torch.Tensor, rho: Optional[torch.Tensor], shape: tuple[int, ...], resized: bool) -> None:
-    """A sparse layer of a ``shape`` weight took a support; ``resized``: of another size than before."""
-    for part, param in (("mu", mu), ("rho", rho)):
-        if param is not None and param not in _SPARSE:
+def support_set(shape: tuple[int, ...], mu: tuple[nn.Parameter, torch.Tensor],
+                rho: Optional[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    """A sparse layer of a ``shape`` weight takes a support: its μ and ρ (None: a deterministic layer),
+    each as (parameter, its new values). Parameters that change size lose their gradient, of the old
+    size, and the gradient accumulator autograd keeps for each while a graph of the old size lives (the
+    last step's ``loss``, still held), which would fail the next backward with torch's bare shape
+    mismatch: torch drops it when a tensor's data takes another dtype, so each takes an empty one of
+    another dtype before its new values."""
+    resized = mu[1].numel() != mu[0].numel()
+    for part, (param, values) in (("mu", mu), ("rho", rho)) if rho is not None else (("mu", mu),):
+        if param not in _SPARSE:
             _SPARSE[param] = f"{part} of a sparse layer's {tuple(shape)} weight"
+        values = values.to(param.device, param.dtype).contiguous()
+        if resized:
+            param.grad = None
+            param.data = param.data.new_empty(0, dtype=torch.float64 if param.dtype != torch.float64 else torch.float32)
+        param.data = values
     if resized:
         _CHECKED.clear()  # an optimizer found clean before may hold state of the old size
     _hook()
