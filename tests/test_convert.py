@@ -315,6 +315,24 @@ def test_a_float16_model_is_refused_with_the_way_to_train_in_half_precision():
     sparsify(nn.Sequential(nn.Linear(8, 4)).half(), 0.5, bayesian=False)  # no sigma: a deterministic one is fine
 
 
+def test_a_bayesian_model_made_float16_after_sparsify_is_refused_at_its_first_sigma(tmp_path):
+    """``model.half()`` after the conversion passed every check, and the KL of the training loss was inf
+    (float32: finite); the mean network, which uses no sigma, still predicts."""
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    sparsify(model, 0.5)
+    assert torch.isfinite(ssvi.kl_term(model, 100, prior_sigma=0.005))
+    model.half()
+    x = torch.randn(4, 64, dtype=torch.float16)
+    for use in (lambda: ssvi.kl_term(model, 100, prior_sigma=0.005), lambda: model.train()(x),
+                lambda: ssvi.predict(model, x), lambda: ssvi.save(model, tmp_path / "m.safetensors")):
+        with pytest.raises(ValueError, match=r"^a sparse Bayesian layer in float16 \(a model.half\(\) after sparsify\?\) "
+                           r"cannot hold sigma .* train under torch.autocast, or use bfloat16$"):
+            use()
+    assert not (tmp_path / "m.safetensors").exists()
+    probs = ssvi.predict(model, x, mode="mean").probs
+    assert torch.allclose(probs.sum(1), torch.ones(4), atol=1e-3)
+
+
 def test_a_module_under_two_names_is_one_sparse_layer_and_a_tied_weight_stays_tied(tmp_path):
     model = Shared()
     report = sparsify(model, 0.5)

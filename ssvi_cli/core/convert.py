@@ -22,7 +22,7 @@ from torch import nn
 from ssvi_cli.argcheck import real
 from ssvi_cli.core.allocation import InitSpec, active_count, initialise, layer_densities
 from ssvi_cli.core.criteria import top_k_indices
-from ssvi_cli.core.gaussian import rho_from_sigma
+from ssvi_cli.core.gaussian import HALF_SIGMA, rho_from_sigma
 from ssvi_cli.core.conv import SparseConv2d
 from ssvi_cli.core.conversion_report import ConversionReport, ConvertedLayer
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
@@ -116,8 +116,7 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
         raise ValueError("the model has no Linear or Conv2d layer that sparsify converts" + (f" ({left})" if left else ""))
     half = next((name for name, m in targets if m.weight.dtype == torch.float16), None)
     if half is not None and bayesian:
-        raise ValueError(f"{half} has float16 weights, which cannot hold sigma (values below 6e-8 become 0); keep the "
-                         "model in float32 and train under torch.autocast, or use bfloat16")
+        raise ValueError(f"{half} has float16 weights, which {HALF_SIGMA}")
     if any(name == "" for name, _ in targets):
         raise ValueError("sparsify converts the layers inside a model; wrap a lone layer in nn.Sequential")
     stem = model_stem(model)  # not the first of those converted: one kept as is, or converted before, is the stem

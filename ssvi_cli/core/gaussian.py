@@ -16,6 +16,9 @@ from torch import Tensor
 
 from ssvi_cli.registry import Registry
 
+# why a Bayesian layer cannot be float16 (said by sparsify, and by a layer a model.half() made so)
+HALF_SIGMA = ("cannot hold sigma (values below 6e-8 become 0); keep the model in float32 and train under "
+              "torch.autocast, or use bfloat16")
 LRT_EPS = 1e-8
 """Added to the LRT output variance before the square root (METHOD.md §3)."""
 

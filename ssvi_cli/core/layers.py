@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssvi_cli.core.capture import CapturedGrad
-from ssvi_cli.core.gaussian import LRT_EPS, gaussian_kl, input_under_autocast, randn_like, sigma_from_rho
+from ssvi_cli.core.gaussian import HALF_SIGMA, LRT_EPS, gaussian_kl, input_under_autocast, randn_like, sigma_from_rho
 from ssvi_cli.core.replaced import support_set
 from ssvi_cli.core.state import support_problem
 from ssvi_cli.core.kernels import KERNELS, CsrPattern, KernelPolicy, csr_product, sparse_product
@@ -117,6 +117,8 @@ class SparseGaussian(nn.Module):
     def sigma(self) -> Tensor:
         if not self.bayesian:
             raise RuntimeError("a deterministic layer has no sigma")
+        if self.rho.dtype == torch.float16:  # a model.half() after sparsify: its KL would be inf
+            raise ValueError(f"a sparse Bayesian layer in float16 (a model.half() after sparsify?) {HALF_SIGMA}")
         return sigma_from_rho(self.rho, self.sigma_param)
 
     def kl(self, prior_sigma: float) -> Tensor:
