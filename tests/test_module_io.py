@@ -598,6 +598,9 @@ def test_load_names_a_wrong_kernel_or_an_absent_gpu_as_the_callers_mistake(tmp_p
         ssvi.load(path, kernel="x")
     with pytest.raises(ValueError, match="device='tpu0' is not a torch device"):
         ssvi.load(path, device="tpu0")
+    for meta in ("meta", torch.device("meta")):  # accepted, it gave a model with the file's values dropped
+        with pytest.raises(ValueError, match="device='meta' holds no values, so the file's would be lost"):
+            ssvi.load(path, device=meta)
     for other in ("mps", "xpu"):  # a backend this torch lacks: said as for CUDA, not torch's own assertion
         if other == "mps" and torch.backends.mps.is_available() or other == "xpu" and torch.xpu.is_available():
             continue

@@ -120,6 +120,8 @@ def _check_load_args(device: Optional[str | torch.device], kernel: str) -> None:
             kind = torch.device(device).type
         except (RuntimeError, TypeError):
             raise ValueError(f"device={device!r} is not a torch device; give 'cpu' or 'cuda'") from None
+        if kind == "meta":  # it holds no values: the file's would be dropped as they are read
+            raise ValueError("device='meta' holds no values, so the file's would be lost; give 'cpu' or 'cuda'")
         backend = torch.backends.mps if kind == "mps" else getattr(torch, kind, None)  # torch.cuda, torch.xpu, ...
         # A backend torch has a module for says whether it is here; any other (xla, hpu) is left to torch.
         if kind != "cpu" and callable(getattr(backend, "is_available", None)) and not backend.is_available():
