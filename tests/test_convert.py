@@ -665,6 +665,20 @@ def test_an_input_of_another_dtype_is_refused_as_nn_linear_refuses_it(sparsity):
         assert model(torch.randn(2, 64)).shape == (2, 3)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_an_integer_input_is_refused_naming_its_dtype_in_linear_and_conv_layers(autocast):
+    """Pixels as uint8 or labels as long: torch's "expected scalar type Long but found Float" from inside
+    the sparse product, or, under autocast, whatever the kernel made of it."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(144, 3))
+    sparsify(model, 0.5, dense_first_conv=False)
+    for layer, x in ((model, torch.randint(0, 255, (2, 1, 8, 8), dtype=torch.uint8)),
+                     (model[2], torch.randint(0, 9, (2, 144)))):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with pytest.raises(RuntimeError, match=rf"^input of {x.dtype} for a layer in torch.float32; cast one to the "
+                                                   r"other \(x.to\(torch.float32\)\)$"):
+                layer(x)
+
+
 def test_dense_or_deterministic_may_name_a_layer_kept_as_it_is():
     """dense=("stem",), the documented way to name a stem registered late, raised 'matches no layer'
     once the stem was a subclass kept as it is (kept layers are dense and deterministic already)."""

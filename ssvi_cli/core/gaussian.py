@@ -25,9 +25,9 @@ LRT_EPS = 1e-8
 
 def input_under_autocast(x: Tensor, dtype: torch.dtype) -> bool:
     """Whether autocast is on for ``x``'s device; outside it an input of another floating dtype than
-    the layer's ``dtype`` is refused, as ``nn.Linear`` refuses it."""
+    the layer's ``dtype`` is refused, as ``nn.Linear`` refuses it, and an integer one anywhere."""
     autocast = torch.is_autocast_enabled(x.device.type)
-    if x.is_floating_point() and x.dtype != dtype and not autocast:  # the sparse kernels would cast
+    if not x.is_floating_point() or x.dtype != dtype and not autocast:  # the sparse kernels would cast
         raise RuntimeError(f"input of {x.dtype} for a layer in {dtype}; cast one to the other (x.to({dtype}))")
     return autocast
 
