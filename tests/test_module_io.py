@@ -269,6 +269,10 @@ def test_save_refuses_nan_or_values_its_dtype_cannot_hold_and_keeps_the_file_the
     assert path.read_bytes() == before
     assert ssvi.save(net, path, dtype="bfloat16") < good
     assert float(ssvi.load(path, model=Net()).head[1].mu[0]) == pytest.approx(1e5, rel=1e-2)
+    assert ssvi.save(net, path, dtype=torch.bfloat16) < good  # the torch dtype, as for the name (it was "unknown")
+    assert read_header(path)["meta"]["dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match=r"^unknown dtype 'float64'; valid values are: float32, float16, bfloat16$"):
+        ssvi.save(net, path, dtype=torch.float64)
     net.double()  # a float64 value beyond float32's range is that, not a divergence
     with torch.no_grad():
         net.head[1].mu[0] = 1e39
@@ -472,9 +476,19 @@ def test_a_registered_dataset_gives_the_default_normalisation_and_pixel_range(tm
     # a name ssvi does not know keeps no normalisation (0 and 1)
     net = Net()
     ssvi.sparsify(net, 0.5)
+    caplog.clear()
     ssvi.save(net, tmp_path / "n.safetensors", input_shape=(1, 8, 8), dataset="my-scans")
     spec = read_header(tmp_path / "n.safetensors")["meta"]["data_spec"]
     assert (spec["mean"], spec["std"], spec["pixel_max"]) == ([0.0], [1.0], 255.0)
+    assert caplog.text == ""  # the user's own name: nothing to say
+    # a near miss of a registered name is likely a typo that loses the normalisation: said, unless it was given
+    ssvi.save(net, tmp_path / "n.safetensors", input_shape=(1, 8, 8), dataset="Digits")
+    assert read_header(tmp_path / "n.safetensors")["meta"]["data_spec"]["mean"] == [0.0]
+    assert ("dataset='Digits' is not a registered dataset (did you mean digits?): the file records no input "
+            "normalisation; give the registered name, or mean= and std=") in caplog.text
+    caplog.clear()
+    ssvi.save(net, tmp_path / "n.safetensors", input_shape=(1, 8, 8), dataset="Digits", mean=0.5, std=0.2)
+    assert caplog.text == ""
 
 
 def test_a_normalisation_of_the_wrong_channel_count_is_refused_when_saved(tmp_path):

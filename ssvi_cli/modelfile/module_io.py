@@ -11,6 +11,7 @@ and tensor is checked against the model; the first difference is named.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -52,12 +53,14 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
     each per channel or one for all, a number or a sequence; default: when ``dataset`` names a
     registered dataset such as ``"digits"``, the normalisation its loaders apply, else none),
     ``dataset`` and ``input_shape`` describe the data in the file's model card. ``dtype``: float32,
-    float16 or bfloat16 values. With ``input_shape`` one forward of zeros (mean network, eval mode,
+    float16 or bfloat16 values (the name or the torch dtype). With ``input_shape`` one forward of zeros (mean network, eval mode,
     every module's train/eval state restored) measures the output size, which ``class_names`` must
     match (without it, ``class_names`` of another count than the last layer's outputs is warned of);
     a shape the model cannot take is refused. ``path`` must end in ``.safetensors``.
     """
     layers = sparse_layers(model := wrapper_chain(model)[-1])  # a file names its layers as the plain model does
+    if isinstance(dtype, torch.dtype):  # torch.float16 as "float16"
+        dtype = str(dtype).removeprefix("torch.")
     if not layers:
         raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
     if not isinstance(path, (str, Path)) or not str(path):
@@ -120,7 +123,7 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
         name = architecture
     else:
         raise ValueError(f"architecture={architecture!r}: give 'torchvision:NAME', or None for any other module")
-    known = _registered(dataset, shape)
+    known = _registered(dataset, shape, near_miss=mean is None)
     channels = shape[0] if shape else 1
     spec = DataSpec(dataset, shape, num_classes,  # type: ignore[arg-type]
                     tuple(class_names) if class_names else tuple(str(i) for i in range(num_classes)),
@@ -163,14 +166,18 @@ def _loaded_card(model: nn.Module, architecture: Optional[str]) -> Optional[Mode
     return card
 
 
-def _registered(dataset: str, shape: tuple[int, ...]) -> Optional[DataSpec]:
+def _registered(dataset: str, shape: tuple[int, ...], near_miss: bool = True) -> Optional[DataSpec]:
     """The spec of a registered ``dataset`` (its loaders' normalisation and raw pixel range); None for no
-    dataset, an image folder, any other name, or an ``input_shape`` of other channels (warned of)."""
+    dataset, an image folder, any other name (a near miss of a registered one warned of, ``near_miss``:
+    with no normalisation given), or an ``input_shape`` of other channels (warned of)."""
     if dataset == NO_DATASET or ":" in dataset:
         return None
     try:
         spec = get_spec(dataset)
-    except DataError:
+    except DataError as exc:  # a name of the user's own data is theirs to give; a near miss is likely a typo
+        if near_miss and (near := re.search(r"\(did you mean [^)]*\)", str(exc))):
+            log.warning("dataset=%r is not a registered dataset %s: the file records no input normalisation; "
+                        "give the registered name, or mean= and std=", dataset, near.group(0))
         return None
     if len(shape) == 3 and shape[0] != spec.input_shape[0]:
         log.warning("dataset=%r has %d-channel images but input_shape %s has %d channels: its normalisation is "
