@@ -235,3 +235,28 @@ def test_evaluate_at_the_runs_sample_count_gives_the_numbers_train_printed(tmp_p
     metrics = json.loads(capsys.readouterr().out)["metrics"]
     assert metrics["accuracy"] == summary["test_accuracy"]
     assert abs(metrics["nll"] - summary["test_nll"]) < 1e-6  # the file's sigma, from rho, to float32 rounding
+
+
+def test_more_draws_than_the_memory_holds_are_refused_before_predicting(capsys, model_file, monkeypatch):
+    """``--samples 100000`` kept every draw of every input and ran the machine out of memory (24 GB, the
+    command and others killed); it is refused, naming the most samples that fit."""
+    from ssvi_cli import machine
+    from ssvi_cli.evaluation import evaluator
+
+    need = evaluator.DRAW_BYTES * 10 * (360 + 2000)  # per sample: 10 classes of the test set and the noise set
+    monkeypatch.setattr(machine, "available_memory", lambda: 30 * need + 1)
+    code, out, err = _evaluate(capsys, str(model_file), "--samples", "5,31", "--ood", "noise", "--json")
+    assert (code, out) == (2, "")
+    assert err.strip().splitlines() == [
+        f"error: --samples 31 keeps every draw's class probabilities of the 2,360 inputs, about "
+        f"{31 * need / 2**30:.1f} GiB; this machine has {(30 * need + 1) / 2**30:.1f} GiB available: give --samples 30 "
+        "or fewer, or fewer OOD inputs (--ood-max-items)"]
+    assert _json(capsys, str(model_file), "--samples", "5,30", "--ood", "noise")["samples"] == 30
+    code, _, err = _evaluate(capsys, str(model_file), "--samples", "31")  # 360 inputs: these fit
+    assert code == 0, err
+    monkeypatch.setattr(machine, "available_memory", lambda: need // 1000)
+    code, _, err = _evaluate(capsys, str(model_file), "--samples", "2", "--json")
+    assert code == 2 and "this machine has 0.0 GiB available: give --mode mean\n" in err
+    assert _json(capsys, str(model_file), "--mode", "mean")["mode"] == "mean"  # no draws to keep
+    monkeypatch.setattr(machine, "available_memory", lambda: None)  # not Linux: nothing is checked
+    assert _json(capsys, str(model_file), "--samples", "31")["samples"] == 31

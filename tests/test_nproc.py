@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ssvi_cli import config as C
+from ssvi_cli import config as C, machine
 from ssvi_cli.training import distributed, launcher
 
 @pytest.mark.slow
@@ -331,22 +331,21 @@ def test_more_processes_than_the_memory_holds_are_refused_before_anything_starts
 
     monkeypatch.setattr(launcher, "launch", lambda nproc, args, env, pass_fds=(): pytest.fail("must not launch"))
     sizes = {"VmRSS": 512 * 2**20, "MemAvailable": 4 * 2**30}  # 0.5 GiB each, 4 GiB free: 7 fit (and the launcher)
-    monkeypatch.setattr(launcher, "_meminfo_bytes", lambda path, key: sizes[key])
+    monkeypatch.setattr(machine, "meminfo_bytes", lambda path, key: sizes[key])
     capsys.readouterr()
     assert run(["train", "--nproc", "8", "--out", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --nproc 8: 8 processes and their launcher, each at least the size of this one (0.5 GiB, torch "
         "loaded), need 4.5 GiB; this machine has 4.0 GiB available; give --nproc 7 or fewer"]
     assert not (tmp_path / "r").exists()
-    monkeypatch.setattr(launcher, "_meminfo_bytes", lambda path, key: None)  # not Linux: nothing checked
+    monkeypatch.setattr(machine, "meminfo_bytes", lambda path, key: None)  # not Linux: nothing checked
     launcher.check_memory(1000)
     sizes["MemAvailable"] = 4 * 2**30 + 1
-    monkeypatch.setattr(launcher, "_meminfo_bytes", lambda path, key: sizes[key])
+    monkeypatch.setattr(machine, "meminfo_bytes", lambda path, key: sizes[key])
     launcher.check_memory(7)
     monkeypatch.undo()
     if sys.platform.startswith("linux"):  # the sizes are read from /proc
-        assert launcher._meminfo_bytes("/proc/self/status", "VmRSS") > 2**20
-        assert launcher._meminfo_bytes("/proc/meminfo", "MemAvailable") > 2**20
+        assert machine.own_memory() > 2**20 and machine.available_memory() > 2**20
 
 
 def test_resume_of_a_run_in_use_says_so_before_looking_for_its_checkpoint(tmp_path: Path, monkeypatch, capsys):

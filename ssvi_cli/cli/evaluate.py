@@ -148,9 +148,10 @@ def register(app: typer.Typer) -> None:
         loaded.model.to(device)
         data = load_eval_data(loaded.spec, loaded.card.training, dataset=dataset, split=split, ood=tuple(ood or ()),
                                  data_dir=data_dir, download=download, seed=seed, ood_max_items=ood_max_items)
+        runs = ev.effective_mode(loaded.model, mode)
+        _check_memory(ev.draws_memory(data, opts, len(loaded.spec.class_names), runs), opts.max_samples, data)
         if not json_out:
             sets = f" + OOD {', '.join(data.ood)}" if data.ood else ""
-            runs = ev.effective_mode(loaded.model, mode)
             how = (f"mc, S={opts.max_samples}" if runs == "mc" else "mean network"
                    + (": the model is deterministic" if runs != mode else ""))
             err.print(f"evaluating {model} on {data.dataset} {split}{sets} ({how})")
@@ -179,6 +180,21 @@ def register(app: typer.Typer) -> None:
         err.print(f"evaluated in {report['seconds']:.1f}s"
                   + (f"; report written to {output}" if output else "")
                   + (f"; plots: {', '.join(str(p) for p in written)}" if written else ""))
+
+
+def _check_memory(need: int, samples: int, data: Any) -> None:
+    """Refuse Monte Carlo draws that would not fit in the memory the system has available (Linux; where
+    it cannot be read, nothing is checked): the process would swap or be killed, others with it."""
+    from ssvi_cli import machine
+
+    available = machine.available_memory()
+    if available is None or need <= available:
+        return
+    fits = samples * available // need
+    raise UsageError(f"--samples {samples:,} keeps every draw's class probabilities of the {data.total_items():,} "
+                     f"inputs, about {need / 2**30:.1f} GiB; this machine has {available / 2**30:.1f} GiB available: "
+                     f"give {f'--samples {fits:,} or fewer' if fits else '--mode mean'}"
+                     + (", or fewer OOD inputs (--ood-max-items)" if data.ood else ""))
 
 
 def _options(split: str, samples: Optional[str], mode: str, batch_size: int, seed: int) -> Any:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence
 
+from ssvi_cli import machine
 from ssvi_cli.training.cpus import usable_cpus
 
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36  # <linux/prctl.h>
@@ -55,18 +56,6 @@ def stop_with_parent() -> None:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _meminfo_bytes(path: str, key: str) -> Optional[int]:
-    """The ``key:`` line of a Linux ``/proc`` status file, in bytes (None where there is none)."""
-    try:
-        with open(path) as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024  # kB
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def check_memory(nproc: int) -> None:
     """Refuse ``nproc`` training processes and their launcher that would not fit in the memory the
     system has available (Linux; where it cannot be read, nothing is checked): each is taken to be
@@ -75,8 +64,7 @@ def check_memory(nproc: int) -> None:
     or another's."""
     from ssvi_cli.config import ConfigError
 
-    size = _meminfo_bytes("/proc/self/status", "VmRSS")
-    available = _meminfo_bytes("/proc/meminfo", "MemAvailable")
+    size, available = machine.own_memory(), machine.available_memory()
     if size is None or available is None or (nproc + 1) * size <= available:
         return
     raise ConfigError(f"--nproc {nproc}: {nproc} processes and their launcher, each at least the size of this one "
