@@ -33,6 +33,8 @@ MAX_LR = 100.0
 MAX_EPOCHS = 1_000_000  # beyond any run: 1e20 epochs hung the schedule's first subspace step
 MAX_BATCH = 2**24  # 1e20 overflowed torch's index type
 MAX_SAMPLES = 100_000  # Monte Carlo draws per input: 1e11 ran for ever
+MAX_ITEMS = 2**31 - 1  # inputs of a set (evaluate --ood-max-items): 1e20 overflowed torch's sizes
+MAX_THREADS = 4096  # torch threads (bench --threads): 1e20 overflowed torch.set_num_threads
 MAX_SEED = 2**32 - 1  # numpy's seed range; the trainer's per-epoch seed, seed * 1_000_003 + epoch, fits int64
 _ADDITION = re.compile(r"^(sample|mean|accumulate:([1-9]\d*))$")
 

@@ -114,6 +114,11 @@ def test_more_threads_than_cores_is_noted(capsys, monkeypatch):
     (["--model", "nope"], "unknown bench model 'nope'; valid names are: lenet5, mlp, resnet18"),
     (["--sparsity", "0.9,,0.95"], "--sparsity '0.9,,0.95' has an empty item"),
     (["--sparsity", "0.95,"], "--sparsity '0.95,' has an empty item"),
+    # numbers beyond torch's sizes were "error (TypeError): randn(): argument 'size' failed to unpack", exit 1
+    (["--batch-size", "99999999999999999999"], "--batch-size must be at most 16,777,216, got 99999999999999999999"),
+    (["--samples", "100001"], "--samples must be at most 100,000, got 100001"),
+    (["--input-size", "99999999999999999999"], "--input-size must be at most 4,096, got 99999999999999999999"),
+    (["--threads", "99999999999999999999"], "--threads must be at most 4,096, got 99999999999999999999"),
 ])
 def test_cli_usage_errors(args, message, capsys):
     """Each refused in its own line (exit code 2 alone would pass for any usage error, this one or not)."""

@@ -160,6 +160,9 @@ def test_plots_without_matplotlib_name_the_extra(capsys, model_file, tmp_path, m
     (["--mode", "map"], "--mode 'map' is not valid; valid values are: mc, mean"),
     (["--split", "train"], "--split 'train' is not valid"),
     (["--mode", "mean", "--samples", "5"], "--samples applies to --mode mc"),
+    # beyond torch's sizes these were "error (ValueError): Stop argument for islice() ...", exit 1
+    (["--batch-size", "99999999999999999999"], "--batch-size must be in [1, 16,777,216], got 99999999999999999999"),
+    (["--ood", "noise", "--ood-max-items", "99999999999999999999"], "--ood-max-items must be at most 2,147,483,647, got 99999999999999999999"),
 ])
 def test_mistakes_give_one_line_errors(capsys, model_file, args, message):
     code, out, err = _evaluate(capsys, str(model_file), *args)

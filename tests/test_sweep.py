@@ -167,6 +167,19 @@ def test_bad_grids_are_one_line_errors():
     assert parse_axis("sparse.alpha=0.1,0.3") == ("sparse.alpha", [0.1, 0.3])
 
 
+def test_a_seed_count_beyond_any_sweep_is_one_line_before_any_cell_is_made(tmp_path: Path, capsys):
+    """--seeds 1e20 (or seeds: 1e20 in a file) was "error (OverflowError): Python int too large to convert
+    to C ssize_t", exit 1, and --seeds 1000000 spent minutes making a million cells' folders."""
+    (tmp_path / "s.yaml").write_text("seeds: 99999999999999999999\n")
+    for args, where in ((["--seeds", "10001"], "--seeds 10001"),
+                        (["--file", str(tmp_path / "s.yaml")], f"--file {tmp_path / 's.yaml'}: seeds 99999999999999999999")):
+        capsys.readouterr()
+        assert run(["sweep", *args, "--out", str(tmp_path / "sw"), "--dry-run"]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"error: {where}: at most 10,000 seeds in one sweep (each trains every cell once)"]
+        assert not (tmp_path / "sw").exists()
+
+
 def test_sweep_values_are_read_as_train_reads_them():
     """The numbers typed are the numbers run: ``ssvi train --set train.epochs=010`` trains ten epochs,
     and so does the sweep's cell (YAML 1.1 alone reads 010 as octal 8 and 1e-3 as a string)."""

@@ -97,6 +97,9 @@ class BenchOptions:
         return replace(bm, input_shape=(bm.input_shape[0], size, size))
 
 
+MAX_INPUT_SIZE = 4096  # --input-size: inputs of 4096 x 4096 pixels, beyond any benchmark here
+
+
 def check_input(bm: BenchModel, batch_size: int) -> None:
     """Refuse, before anything is built, inputs the architecture cannot take. A torchvision model is
     probed with one training-mode forward pass on the ``meta`` device (shapes only, no memory)."""

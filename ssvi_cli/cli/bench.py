@@ -95,7 +95,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Time training steps and MC prediction of SSVI against dense VI, side by side, and measure memory."""
         from ssvi_cli.bench import BenchOptions, check_input, run_bench
+        from ssvi_cli.bench.models import MAX_INPUT_SIZE
+        from ssvi_cli.config import MAX_BATCH, MAX_SAMPLES, MAX_THREADS
 
+        for flag, value, most in (("--batch-size", batch_size, MAX_BATCH), ("--samples", samples, MAX_SAMPLES),
+                                  ("--input-size", input_size, MAX_INPUT_SIZE), ("--threads", threads, MAX_THREADS)):
+            if value is not None and value > most:  # 1e20 overflowed torch's sizes: error (TypeError), exit 1
+                raise UsageError(f"{flag} must be at most {most:,}, got {value}")
         device = check_device(device)
         opts = BenchOptions(model=model, sparsities=parse_sparsities(sparsity) if sparsity else None,
                             batch_size=batch_size, samples=samples, repeats=repeats, threads=threads,

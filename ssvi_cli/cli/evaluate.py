@@ -10,7 +10,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from ssvi_cli.config import MAX_SEED
+from ssvi_cli.config import MAX_BATCH, MAX_ITEMS, MAX_SEED
 from ssvi_cli.cli.common import (UsageError, check_device, check_output_dir, check_output_file, err,
                                    fmt, out, print_json, progress_bar)
 
@@ -124,6 +124,8 @@ def register(app: typer.Typer) -> None:
         from ssvi_cli.fileio import write_json
 
         opts = _options(split, samples, mode, batch_size, seed)
+        if ood_max_items > MAX_ITEMS:
+            raise UsageError(f"--ood-max-items must be at most {MAX_ITEMS:,}, got {ood_max_items}")
         if plots is not None:
             from ssvi_cli.evaluation.plots import PlotsUnavailable, require_pyplot
 
@@ -207,8 +209,8 @@ def _options(split: str, samples: Optional[str], mode: str, batch_size: int, see
         raise UsageError(f"--split {split!r} is not valid; valid values are: {', '.join(ev.SPLITS)}")
     if samples is not None and mode == "mean":
         raise UsageError("--samples applies to --mode mc; the mean network takes no samples")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise UsageError(f"--batch-size must be in [1, {MAX_BATCH:,}], got {batch_size}")
     try:
         counts = ev.parse_samples(samples) if samples is not None else (ev.DEFAULT_SAMPLES,)
     except ValueError as exc:

@@ -58,7 +58,7 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
                 data[many] = data.pop(one)
         _check_file_values(data, file)
         if isinstance(data.get("seeds"), int):
-            data["seeds"] = list(range(data["seeds"]))
+            data["seeds"] = list(range(_seed_count(data["seeds"], f"--file {file}: seeds")))
         grid = data.pop("set", {}) or {}
         if not isinstance(grid, dict):
             raise SweepError(f"--file {file}: 'set' maps config keys to a value or a list of values")
@@ -72,7 +72,7 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
         data["axes"] = axis
         data["fixed"] = {k: v for k, v in grid.items() if k not in axis}
     flags = {"preset": preset, "methods": _csv(method, str, "--method"), "sparsities": _csv(sparsity, float, "--sparsity"),
-             "seeds": tuple(range(seeds)) if seeds is not None else None, "ood": tuple(ood) or None,
+             "seeds": tuple(range(_seed_count(seeds, "--seeds"))) if seeds is not None else None, "ood": tuple(ood) or None,
              "samples": samples}
     data.update({k: v for k, v in flags.items() if v is not None})
     axes, fixed = dict(data.get("axes", {})), dict(data.get("fixed", {}))
@@ -132,6 +132,15 @@ def _check_once(data: dict[str, Any]) -> None:
         if later is not None:
             raise SweepError(f"{named.get(what, what)} {yaml_text(values[values.index(later)])} is given twice; "
                              "give each value once")
+
+
+MAX_SEEDS = 10_000  # seeds of one sweep, each a training run of every cell: 1e20 overflowed building the grid
+
+
+def _seed_count(count: int, where: str) -> int:
+    if count > MAX_SEEDS:
+        raise SweepError(f"{where} {count}: at most {MAX_SEEDS:,} seeds in one sweep (each trains every cell once)")
+    return count
 
 
 def _check_file_values(data: dict[str, Any], file: Path) -> None:
