@@ -94,6 +94,28 @@ def test_cli_tables(capsys):
     assert "batch 2, one run each after 0 warm-up runs" in text  # not "medians of 1 interleaved repeats"
 
 
+def test_the_command_that_measures_again_takes_the_device_as_the_flag_names_it(capsys, monkeypatch):
+    """On a GPU it said --device cuda:0 (NVIDIA H200), which --device refuses (and a shell splits)."""
+    import ssvi_cli.bench as bench_pkg
+
+    result = run_bench(BenchOptions(model="lenet5", sparsities=(0.9,), batch_size=2, samples=1, repeats=1,
+                                    warmup=0, threads=1))
+    result["device"] = "cuda:0 (NVIDIA H200)"  # as a GPU's run records it
+    monkeypatch.setattr(bench_pkg, "run_bench", lambda *a, **k: result)
+    monkeypatch.setattr("ssvi_cli.cli.bench.check_device", lambda device: "cuda")
+    assert run(["bench", "--model", "lenet5", "--sparsity", "0.9", "--batch-size", "2", "--samples", "1",
+                "--repeats", "1", "--warmup", "0", "--threads", "1", "--device", "auto"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith(" --warmup 0 --device cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_without_one_gives_no_advice_meant_for_sweeps(capsys):
+    """It added "(in a sweep: --set train.device=cpu)", a training run's advice, to bench, evaluate and infer."""
+    assert run(["bench", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --device cuda was requested but no CUDA device is available; "
+                                               "use --device cpu")
+
+
 def test_more_threads_than_cores_is_noted(capsys, monkeypatch):
     import os
 

@@ -93,7 +93,7 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); timings synchronise the GPU around every run.")] = "cpu",
         json_out: Annotated[bool, typer.Option("--json", help="Print the full result as JSON only.")] = False,
     ) -> None:
-        """Time training steps and MC prediction of SSVI against dense VI, side by side, and measure memory."""
+        """Time training steps and MC prediction of SSVI against dense VI, side by side, and count their memory (weights, gradients, optimizer state, files)."""
         from ssvi_cli.bench import BenchOptions, check_input, run_bench
         from ssvi_cli.bench.models import MAX_INPUT_SIZE
         from ssvi_cli.config import MAX_BATCH, MAX_SAMPLES, MAX_THREADS
@@ -136,10 +136,10 @@ def register(app: typer.Typer) -> None:
             print_json(result)
             return
         m = result["machine"]
-        # The command that measures the same again, every setting spelt out.
+        # The command that measures the same again, every setting spelt out (--device cuda, not the cuda:0 (NAME) run on)
         again = (f"ssvi bench --model {model} --sparsity {','.join(f'{v:g}' for v in resolved.sparsities)} --batch-size "
                  f"{resolved.batch_size} --samples {resolved.samples} --repeats {resolved.repeats} --input-size "
-                 f"{resolved.input_size} --threads {result['threads']} --warmup {warmup} --device {result['device']}")
+                 f"{resolved.input_size} --threads {result['threads']} --warmup {warmup} --device {device}")
         out.print(f"[bold]{escape(again)}[/]", markup=True)
         out.print(escape(f"cpu: {m['cpu']} ({m['logical_cpus']} logical CPUs), torch {m['torch']}"), markup=True)
         out.print(f"model: {result['architecture']}, the {result['recipe']} preset's recipe")

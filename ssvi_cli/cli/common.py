@@ -222,8 +222,8 @@ def check_device(device: str) -> str:
 
     try:
         return str(resolve_device(device))
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
+    except ConfigError as exc:  # a training run's advice for sweeps is not these commands'
+        raise UsageError(str(exc).replace(" (in a sweep: --set train.device=cpu)", "")) from None
 
 
 def print_json(obj: Any) -> None:
