@@ -59,6 +59,30 @@ def infer_json(capsys, *argv: str) -> dict:
     return json.loads(captured.out)
 
 
+def test_json_is_one_document_laid_out_as_every_json_of_ssvi_with_the_records_the_output_file_holds(
+        model_file, digits, tmp_path, capsys):
+    """--json's records are written out batch by batch (they were all held as dicts to the end), then
+    printed under the header: the same document, indented as every --json of ssvi, skipped inputs
+    included; with no record, an empty list."""
+    np.save(tmp_path / "x.npy", digits)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    code = run(["infer", str(model_file), str(tmp_path / "x.npy"), str(tmp_path / "bad.png"), "--skip-unreadable",
+                "--batch-size", "5", "--json", "--output", str(tmp_path / "p.jsonl")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    doc = json.loads(captured.out)
+    assert captured.out == json.dumps(doc, indent=2) + "\n"
+    assert list(doc) == ["model", "mode", "samples", "seed", "inputs", "seconds", "skipped", "predictions"]
+    assert doc["inputs"] == 12 and [s["input"] for s in doc["skipped"]] == [str(tmp_path / "bad.png")]
+    lines = (tmp_path / "p.jsonl").read_text().splitlines()
+    assert doc["predictions"] == [json.loads(line) for line in lines] and len(lines) == 12
+    from ssvi_cli.cli.infer import _JsonRecords
+
+    spooled = _JsonRecords()
+    spooled.print({"inputs": 0})  # nothing added: as print_json prints it
+    assert capsys.readouterr().out == json.dumps({"inputs": 0, "predictions": []}, indent=2) + "\n"
+
+
 def test_infer_matches_predict_batch_in_both_modes(model_file, digits, tmp_path, capsys):
     np.save(tmp_path / "x.npy", digits)
     loaded = read_model_file(model_file)
