@@ -323,6 +323,23 @@ def test_a_run_stopped_by_a_full_disk_after_a_checkpoint_says_how_to_resume(tmp_
     assert "no space left on the device" in err and "resume" not in err
 
 
+def test_records_append_after_a_torn_line_without_pread_which_windows_lacks(tmp_path, monkeypatch):
+    """The second line of every metrics.jsonl read the last byte with os.pread: on Windows any run of two
+    epochs ended in "error (AttributeError): module 'os' has no attribute 'pread'"."""
+    import os
+
+    from ssvi_cli.fileio import append_jsonl
+
+    monkeypatch.delattr(os, "pread", raising=False)
+    path = tmp_path / "m.jsonl"
+    append_jsonl(path, {"epoch": 1})
+    append_jsonl(path, {"epoch": 2})
+    with open(path, "ab") as fh:
+        fh.write(b'{"epoch": 3, "lo')  # a crash mid-write
+    append_jsonl(path, {"epoch": 4})
+    assert path.read_bytes() == b'{"epoch":1}\n{"epoch":2}\n{"epoch": 3, "lo\n{"epoch":4}\n'
+
+
 def test_a_record_file_with_a_damaged_line_says_so_and_a_torn_last_line_does_not(tmp_path, caplog):
     """inspect reported a support history of 0 steps for a damaged support.jsonl, in silence."""
     import logging
