@@ -13,6 +13,7 @@ from typing import Any, ContextManager
 from ssvi_cli.fileio import UnwritablePath
 
 logger = logging.getLogger(__name__)
+_UNLOCKED_SAID: list[bool] = []  # the warning that a system without flock locks nothing was given
 
 
 class Locked(RuntimeError):
@@ -34,7 +35,11 @@ def acquire_lock(lock_path: Path, what: str, shared: bool = False) -> ContextMan
     (:class:`UnwritablePath`)."""
     try:
         import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
+    except ImportError:  # not POSIX (Windows): said once per process, as a sweep takes many locks
+        if not _UNLOCKED_SAID:
+            _UNLOCKED_SAID.append(True)
+            logger.warning("%s is not locked: this system has no flock (Windows), so nothing stops a second "
+                           "process from writing there meanwhile (nor in other runs' folders)", lock_path.parent)
         return nullcontext()
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)

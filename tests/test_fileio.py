@@ -218,6 +218,32 @@ def test_a_file_system_without_locks_trains_unlocked_with_a_warning(tmp_path, mo
     assert f"{out} is not locked: its file system takes no locks" in caplog.text + capsys.readouterr().err
 
 
+def test_a_system_without_flock_locks_nothing_and_says_so_once(tmp_path, monkeypatch, caplog):
+    """Windows has no fcntl: locks were off in silence, where the docstring and README promise a warning."""
+    import builtins
+    import logging
+
+    import ssvi_cli.locks as locks
+
+    real_import = builtins.__import__
+
+    def no_fcntl(name, *args, **kwargs):
+        if name == "fcntl":
+            raise ImportError("No module named 'fcntl'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_fcntl)
+    monkeypatch.setattr(locks, "_UNLOCKED_SAID", [])
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli.locks"):
+        for name in ("a", "b"):
+            with locks.acquire_lock(tmp_path / name / ".lock", "the run's lock"):
+                with locks.acquire_lock(tmp_path / name / ".lock", "the run's lock"):  # not kept out
+                    pass
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'a'} is not locked: this system has no flock (Windows), so nothing stops a second process "
+        "from writing there meanwhile (nor in other runs' folders)"]
+
+
 @pytest.mark.parametrize("error, free", [(OSError(errno.ENOSPC, "No space left on device"), 10 << 30),
                                          (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos"), 4096)])
 def test_a_full_disk_is_said_so_naming_the_file_and_the_old_file_stays(tmp_path, monkeypatch, error, free):

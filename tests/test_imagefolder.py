@@ -660,3 +660,24 @@ def test_the_stem_note_is_for_sparse_methods_only(ws, tmp_path, capsys):
     assert "stays dense (model.dense_stem), so the model's density is" in " ".join(capsys.readouterr().err.split())
     assert run(["train", *common, "--method", "vi", "--out", str(tmp_path / "v")]) == 0
     assert "stays dense" not in capsys.readouterr().err
+
+
+def test_classes_and_files_sort_as_text_where_paths_sort_ignoring_case(tmp_path, monkeypatch):
+    """A Windows path sorts ignoring case: classes Banana and apple (and their files) came in another
+    order than on Linux and macOS and than torchvision's ImageFolder gives, so the labels and the seeded
+    split changed with the system. Simulated here by making paths compare as Windows' do."""
+    import pathlib
+
+    for cls in ("Banana", "apple"):
+        for name in ("B.png", "a.png"):
+            (tmp_path / cls).mkdir(exist_ok=True)
+            Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(tmp_path / cls / name)
+    before = scan_folder(tmp_path)
+    monkeypatch.setattr(pathlib.PurePath, "__lt__", lambda a, b: str(a).lower() < str(b).lower())
+    monkeypatch.setattr(pathlib.PurePath, "__gt__", lambda a, b: str(a).lower() > str(b).lower())
+    assert sorted([Path("B"), Path("a")]) == [Path("a"), Path("B")]  # the simulation holds
+    scan = scan_folder(tmp_path)
+    assert scan.class_names == before.class_names == ("Banana", "apple")  # as torchvision.datasets.ImageFolder
+    files, labels = scan.parts["all"]
+    assert [f"{f.parent.name}/{f.name}" for f in files] == ["Banana/B.png", "Banana/a.png", "apple/B.png", "apple/a.png"]
+    assert files == before.parts["all"][0] and labels.tolist() == [0, 0, 1, 1]

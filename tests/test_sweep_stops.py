@@ -78,6 +78,22 @@ def test_a_cell_stopped_as_it_exits_after_its_evaluation_counts_as_finished(tmp_
     assert notes == [("finish", "done", ""), ("stop", "midway", "stopped by the sweep")]
 
 
+def test_stopping_cells_where_there_are_no_process_groups_ends_them(tmp_path: Path, monkeypatch):
+    """On Windows (no os.killpg, nor signal.SIGKILL) a stopped sweep crashed with an AttributeError and
+    left its cells running; the console's Ctrl-C reaches the cells there, and one still running after
+    the grace time is killed."""
+    import ssvi_cli.sweep.runner as runner
+
+    monkeypatch.delattr(os, "killpg")  # (signal.SIGKILL stays: Popen.kill sends it here, TerminateProcess there)
+    monkeypatch.setattr(runner, "STOP_GRACE_S", 0.5)
+    running = {"midway": subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])}
+    outcome, notes = Outcome(), []
+    started = time.monotonic()
+    _stop_all(running, outcome, lambda *a: notes.append(a), lambda name: False)
+    assert running["midway"].returncode is not None and time.monotonic() - started < 30
+    assert outcome.stopped == ["midway"] and notes == [("stop", "midway", "stopped by SIGKILL")]  # killed
+
+
 def test_ctrl_c_leaves_every_cell_resumable(tmp_path: Path):
     out = tmp_path / "sw"
     sweep = [sys.executable, "-m", "ssvi_cli", "sweep"]

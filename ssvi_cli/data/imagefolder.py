@@ -71,7 +71,8 @@ def _visible(name: str) -> bool:
 
 def _class_folders(folder: Path, where: str) -> dict[str, tuple[Path, ...]]:
     """Class name -> its image files (recursive, sorted); at least two classes, none empty."""
-    classes = sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
+    # by name as text, as torchvision's ImageFolder sorts them (a Windows path sorts ignoring case)
+    classes = sorted((p for p in folder.iterdir() if p.is_dir() and _visible(p.name)), key=lambda p: p.name)
     if not classes:
         raise DataError(f"{where} {folder} holds no class folders; put each class's images in its own "
                         f"folder ({_LAYOUTS})")
@@ -198,7 +199,8 @@ def whole_folder(argument: str, options: DataConfig, class_names: tuple[str, ...
         raise DataError(f"image folder {root} is not a folder; pass the folder that holds the class folders ({_LAYOUTS})")
     root = root.resolve()
     tops = [root / s for s in SPLIT_FOLDERS if (root / s).is_dir()] or [root]
-    folders = {top: sorted(p for p in top.iterdir() if p.is_dir() and _visible(p.name)) for top in tops}
+    folders = {top: sorted((p for p in top.iterdir() if p.is_dir() and _visible(p.name)), key=lambda p: p.name)
+               for top in tops}
     found = [(f, c.name) for top, classes in folders.items() for c in classes
              for f in find_files(c, IMAGE_SUFFIXES, apart=(top, *classes))]
     if not found:

@@ -70,7 +70,7 @@ def find_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES, apart: Se
             "%s: %s passed over (%s), a kind ssvi does not read as images (%s); save them as .png or .jpg to use them",
             shown(folder), "1 file" if sum(passed.values()) == 1 else f"{sum(passed.values())} files", kinds,
             " ".join(IMAGE_SUFFIXES))
-    return sorted(found)
+    return sorted(found, key=lambda p: p.parts)  # as on POSIX everywhere: a Windows path sorts ignoring case
 
 
 def _pillow_suffixes() -> frozenset[str]:

@@ -265,24 +265,31 @@ def run_cells(sweep_dir: Path, cells: list[Cell], jobs: int, threads: Optional[i
     return outcome
 
 
+def _to_cell(proc: subprocess.Popen, kill: bool = False) -> None:
+    """SIGINT, or SIGKILL (``kill``), to a cell's process group: the cell and whatever it started.
+    Windows has neither process groups nor SIGKILL: a console's Ctrl-C reaches every cell by itself,
+    and ``kill`` ends the cell alone."""
+    try:
+        if hasattr(os, "killpg"):
+            os.killpg(proc.pid, signal.SIGKILL if kill else signal.SIGINT)
+        elif kill:
+            proc.kill()
+    except ProcessLookupError:
+        pass
+
+
 def _stop_all(running: dict[str, subprocess.Popen], outcome: Outcome, note: Listener,
               done: Callable[[str], bool]) -> None:
     """One SIGINT to each running cell, then wait for their checkpoints (kill after the grace time).
     A cell whose evaluation is written finished, whatever its exit: the signal may reach it as it exits."""
     for proc in running.values():
-        try:
-            os.killpg(proc.pid, signal.SIGINT)
-        except ProcessLookupError:
-            pass
+        _to_cell(proc)
     deadline = time.monotonic() + STOP_GRACE_S
     for name, proc in running.items():
         try:
             code = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the cell and whatever it started
-            except ProcessLookupError:
-                pass
+            _to_cell(proc, kill=True)
             code = proc.wait()
         if code == 0 or done(name):
             outcome.finished.append(name)

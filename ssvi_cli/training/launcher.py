@@ -206,6 +206,8 @@ def launch(nproc: int, args: Sequence[str], env: Optional[dict[str, str]] = None
     from ssvi_cli.training.stops import requests_to_stop
 
     full = {**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())}
+    if sys.platform == "win32":  # torch's Windows builds lack libuv, which its rendezvous store asks for by default
+        full.setdefault("USE_LIBUV", "0")
     # One thread per process unless the user chose otherwise: N processes share the node's cores.
     full.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // nproc)))
     proc: Optional[subprocess.Popen] = None
