@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import sys
+from typing import Iterable, Optional
 
 MEMINFO = "/proc/meminfo"
 SELF_STATUS = "/proc/self/status"
@@ -28,3 +29,20 @@ def available_memory() -> Optional[int]:
 def own_memory() -> Optional[int]:
     """This process's resident size in bytes; None where it is not reported."""
     return meminfo_bytes(SELF_STATUS, "VmRSS")
+
+
+def shell_quote(word: str) -> str:
+    """``word`` as one word of a command line to paste: POSIX shell quoting, or on Windows the double
+    quotes cmd.exe and PowerShell read (single quotes stay part of a path in cmd.exe)."""
+    if sys.platform == "win32":
+        import subprocess
+
+        return subprocess.list2cmdline([word])
+    import shlex
+
+    return shlex.quote(word)
+
+
+def shell_join(words: Iterable[str]) -> str:
+    """``words`` as a command line to paste (:func:`shell_quote`)."""
+    return " ".join(shell_quote(w) for w in words)

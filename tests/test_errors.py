@@ -480,6 +480,22 @@ def test_commands_in_messages_paste_back_whatever_the_path(workspace, tmp_path, 
     assert f"start it again with ssvi train --out {shlex.quote(str(unstarted))} --force" in capsys.readouterr().err
 
 
+def test_commands_in_messages_paste_back_into_windows_shells_too(workspace, tmp_path, capsys, monkeypatch):
+    """On Windows the same messages quoted paths with POSIX single quotes, which cmd.exe keeps as part
+    of the path: 'C:\\Users\\ana\\my run' does not exist there. Double quotes, as Windows' own tools write."""
+    import sys as system
+
+    from ssvi_cli.machine import shell_join, shell_quote
+
+    monkeypatch.setattr(system, "platform", "win32")
+    assert shell_quote("C:\\Users\\ana\\my run") == '"C:\\Users\\ana\\my run"'
+    assert shell_join(["ssvi", "sweep", "--report", "C:\\sw"]) == "ssvi sweep --report C:\\sw"
+    odd = tmp_path / "my run"
+    shutil.copytree(workspace / RUN, odd)
+    assert run(["train", "--resume", str(odd)]) == 0
+    assert f'Evaluate it: ssvi evaluate "{odd / "model.safetensors"}"' in " ".join(capsys.readouterr().err.split())
+
+
 def test_a_legal_long_file_name_is_written(workspace, tmp_path):
     """A 242-character name (the limit is 255) was refused: the temporary file added the name again;
     the limit counts bytes, so a name of 80 three-byte characters too."""

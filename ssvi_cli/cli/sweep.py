@@ -3,7 +3,6 @@ by ``ssvi train`` and evaluated by ``ssvi evaluate`` in a process of its own, th
 
 from __future__ import annotations
 
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ from rich.table import Table
 
 from ssvi_cli.cli.common import UsageError, check_output_dir, count, err, out, print_json, progress_bar, tell
 from ssvi_cli.cli.sweep_cell import check_changed, run_cell
+from ssvi_cli.machine import shell_join, shell_quote
 
 if TYPE_CHECKING:
     from ssvi_cli.sweep.grid import SweepSpec
@@ -60,7 +60,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"{modes[0]} replaces nothing: leave out --force (it goes with the whole grid and --out, "
                              "to replace a sweep made under other settings)")
         if len(modes) > 1 or (modes and grid_given):
-            grow = (f" (to grow the sweep: the whole grid with --out {shlex.quote(str(resume))})"
+            grow = (f" (to grow the sweep: the whole grid with --out {shell_quote(str(resume))})"
                     if modes == ["--resume"] and not out_dir else "")
             raise UsageError(f"{modes[0]} takes no grid options{grow}" if len(modes) == 1 else f"use one of {', '.join(modes)}")
         if dry_run and force:
@@ -140,10 +140,10 @@ def _dry_run(sweep_dir: Path, cells: list[Any], json_out: bool = False, spec: An
 
     # Absolute paths: a scheduler's job may start in another directory.
     # Quoted for a POSIX shell: a path with spaces stays one argument.
-    lines = [shlex.join(["ssvi", *cell_command(cell_dir(sweep_dir.resolve(), c))]) for c in cells]
+    lines = [shell_join(["ssvi", *cell_command(cell_dir(sweep_dir.resolve(), c))]) for c in cells]
     write_text(sweep_dir / COMMANDS_FILE, "\n".join(lines) + "\n")
     done = [c.name for c in cells if evaluated(cell_dir(sweep_dir, c), spec)]  # their commands do nothing
-    report = shlex.join(["ssvi", "sweep", "--report", str(sweep_dir.resolve())])
+    report = shell_join(["ssvi", "sweep", "--report", str(sweep_dir.resolve())])
     if json_out:
         print_json({"sweep": str(sweep_dir), "commands_file": str(sweep_dir / COMMANDS_FILE), "commands": lines,
                     "done": done, "report": report})
@@ -189,7 +189,7 @@ def _run(sweep_dir: Path, spec: "SweepSpec", cells: list[Any], jobs: int, thread
     if outcome.interrupted:
         failed = f"; {len(outcome.failed)} failed (logs in {sweep_dir / 'logs'})" if outcome.failed else ""
         # A cell stopped before its first checkpoint starts again; the others continue from theirs.
-        resume = f"ssvi sweep --resume {shlex.quote(str(sweep_dir))}"
+        resume = f"ssvi sweep --resume {shell_quote(str(sweep_dir))}"
         if outcome.stopped:
             fresh = sum(cell_state(cell_dir(sweep_dir, c)) == "new" for c in cells if c.name in outcome.stopped)
             _say(f"interrupted: {count(len(outcome.stopped), 'cell')} stopped{failed}; " + (
@@ -202,10 +202,10 @@ def _run(sweep_dir: Path, spec: "SweepSpec", cells: list[Any], jobs: int, thread
     _finish(result, json_out)
     if outcome.busy:
         err.print(f"{count(len(outcome.busy), 'cell')} running in another process, left to it; when done: "
-                  f"{shlex.join(['ssvi', 'sweep', '--report', str(sweep_dir)])}")
+                  f"{shell_join(['ssvi', 'sweep', '--report', str(sweep_dir)])}")
     if outcome.failed:
         err.print(f"{count(len(outcome.failed), 'cell')} failed (logs in {sweep_dir / 'logs'}); rerun with: "
-                  f"ssvi sweep --resume {shlex.quote(str(sweep_dir))}")
+                  f"ssvi sweep --resume {shell_quote(str(sweep_dir))}")
         raise typer.Exit(1)
 
 

@@ -4,7 +4,6 @@ are printed here."""
 
 from __future__ import annotations
 
-import shlex
 import signal
 from contextlib import ExitStack
 from pathlib import Path
@@ -17,6 +16,7 @@ from ssvi_cli.cli.common import (UsageError, check_run_out, count, fmt, forwarde
                                  out, print_json, progress_bar, running_a_cell, tell)
 from ssvi_cli.cli.train_config import (build_config, default_run_dir, finished_run, init_from_lr_note, nproc_again,
                                        pin_init_from, processes_note, recipe_note, set_keys, threads_note, unused_keys)
+from ssvi_cli.machine import shell_quote
 
 
 def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
@@ -106,7 +106,7 @@ def register(app: typer.Typer) -> None:
             if given:
                 settings = [g for g in given if g not in ("--out", "--force")]
                 raise UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}" + (
-                    f" (a new run from it takes other settings: ssvi train --init-from {shlex.quote(str(resume))} --out NEW ...)" if settings else ""))
+                    f" (a new run from it takes other settings: ssvi train --init-from {shell_quote(str(resume))} --out NEW ...)" if settings else ""))
         elif out_dir is not None:
             check_run_out(out_dir)  # a sweep's cells folder, say, before anything else
         if nproc is not None and nproc > 1:
@@ -196,7 +196,7 @@ def register(app: typer.Typer) -> None:
             return
         tell(kv_table(f"ssvi train: {trainer.run_dir}", summary_rows(summary)), console=out)
         # Paths on lines of their own, never folded into a cell, so a person can copy them.
-        model = shlex.quote(str(summary.get("model_file")))
+        model = shell_quote(str(summary.get("model_file")))
         tell(f"model file: {summary.get('model_file')}\nnext: ssvi evaluate {model} --ood noise | ssvi infer {model} "
              f"IMAGES | ssvi inspect {model}", console=out, highlight=False)
 
@@ -299,7 +299,7 @@ def _fit(trainer, interrupted_cls, quiet: bool, say: Callable[[str], None], bar:
             except OSError:  # the folder itself unreadable now: the error as it came
                 kept = False
             if kept:
-                exc.ssvi_resume = f"ssvi train --resume {shlex.quote(str(trainer.run_dir))}" + nproc_again(trainer.dist.world_size)
+                exc.ssvi_resume = f"ssvi train --resume {shell_quote(str(trainer.run_dir))}" + nproc_again(trainer.dist.world_size)
             raise
         except interrupted_cls as stop:
             how = "interrupted" if stop.signum == signal.SIGINT else f"stopped by {stop.signum.name}"
@@ -307,7 +307,7 @@ def _fit(trainer, interrupted_cls, quiet: bool, say: Callable[[str], None], bar:
                        if stop.during else f"{how} at step {stop.step}; checkpoint written")
             # One line per run, not per rank: the other ranks exit with the same code, silently.
             raise KeyboardInterruptHandled(message if trainer.is_main else "", exit_code=128 + int(stop.signum),
-                                           resume=f"ssvi train --resume {shlex.quote(str(stop.run_dir))}" + nproc_again(trainer.dist.world_size)
+                                           resume=f"ssvi train --resume {shell_quote(str(stop.run_dir))}" + nproc_again(trainer.dist.world_size)
                                            if trainer.is_main else "") from None
 
 

@@ -4,12 +4,12 @@ given once; what of it the run's method cannot use; and the notes about its setu
 from __future__ import annotations
 
 import re
-import shlex
 from pathlib import Path
 from typing import Any, Optional
 
 from ssvi_cli import config as cfgmod
 from ssvi_cli.cli.common import UsageError, count, err, print_json
+from ssvi_cli.machine import shell_quote
 
 
 def build_config(preset: Optional[str], overrides: dict[str, Any], sets: list[str]) -> cfgmod.Config:
@@ -181,7 +181,7 @@ def finished_run(run_dir: Path, json_out: bool, is_main: bool) -> bool:
     summary = run.read_summary()
     if is_main:
         note = (f"{run_dir} has finished ({run.summary_file.name} and {run.model_file.name} written); nothing "
-                f"to resume. Evaluate it: ssvi evaluate {shlex.quote(str(run.model_file))}")
+                f"to resume. Evaluate it: ssvi evaluate {shell_quote(str(run.model_file))}")
         if json_out:
             print_json({**summary, "notes": [note]})  # the shape a finished run's --json has
         err.print(note, highlight=False)
