@@ -293,6 +293,18 @@ def test_another_support_loaded_while_the_last_steps_loss_and_gradients_live_tra
     assert not torch.equal(before, model[0].mu.detach())
 
 
+def test_a_resize_asks_for_no_dtype_that_apples_gpu_lacks(monkeypatch):
+    """A resized layer drops autograd's accumulator by taking data of another dtype for a moment: float64
+    there, which Apple's GPU (MPS) refuses even for an empty tensor, so every sparsify on it would fail."""
+    asked = []
+    real = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: asked.append(k.get("dtype")) or real(self, *a, **k))
+    mlp(0.7)  # each layer's support grows from none to its size
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).to(torch.bfloat16)
+    ssvi.sparsify(model, 0.7)
+    assert asked and set(asked) <= {torch.float16, torch.float32}
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_another_support_loaded_under_an_optimizer_of_a_plain_loop_is_refused_too(tmp_path, fused):
     """Without a Subspace the check was not made: torch's bare size mismatch from inside Adam, and a

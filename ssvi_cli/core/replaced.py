@@ -49,7 +49,8 @@ def support_set(shape: tuple[int, ...], mu: tuple[nn.Parameter, torch.Tensor],
     size, and the gradient accumulator autograd keeps for each while a graph of the old size lives (the
     last step's ``loss``, still held), which would fail the next backward with torch's bare shape
     mismatch: torch drops it when a tensor's data takes another dtype, so each takes an empty one of
-    another dtype before its new values."""
+    another dtype before its new values (float16 or float32, which every device holds: not float64,
+    which Apple's GPU does not)."""
     resized = mu[1].numel() != mu[0].numel()
     for part, (param, values) in (("mu", mu), ("rho", rho)) if rho is not None else (("mu", mu),):
         if param not in _SPARSE:
@@ -57,7 +58,7 @@ def support_set(shape: tuple[int, ...], mu: tuple[nn.Parameter, torch.Tensor],
         values = values.to(param.device, param.dtype).contiguous()
         if resized:
             param.grad = None
-            param.data = param.data.new_empty(0, dtype=torch.float64 if param.dtype != torch.float64 else torch.float32)
+            param.data = param.data.new_empty(0, dtype=torch.float16 if param.dtype == torch.float32 else torch.float32)
         param.data = values
     if resized:
         _CHECKED.clear()  # an optimizer found clean before may hold state of the old size
