@@ -32,12 +32,14 @@ def own_memory() -> Optional[int]:
 
 
 def shell_quote(word: str) -> str:
-    """``word`` as one word of a command line to paste: POSIX shell quoting, or on Windows the double
-    quotes cmd.exe and PowerShell read (single quotes stay part of a path in cmd.exe)."""
+    """``word`` as one word of a command line to paste: POSIX shell quoting, or on Windows double
+    quotes around a word with anything but letters, digits and ``_-.:\\/=+@~`` in it (cmd.exe keeps
+    single quotes as part of a path; in double quotes its ``&|<>^`` and spaces are plain text, though
+    ``%NAME%`` still expands there, as ``$name`` does in PowerShell's)."""
     if sys.platform == "win32":
-        import subprocess
+        import re
 
-        return subprocess.list2cmdline([word])
+        return word if re.fullmatch(r"[\w\-.:\\/=+@~]+", word, re.ASCII) else '"' + word.replace('"', '\\"') + '"'
     import shlex
 
     return shlex.quote(word)

@@ -489,6 +489,7 @@ def test_commands_in_messages_paste_back_into_windows_shells_too(workspace, tmp_
 
     monkeypatch.setattr(system, "platform", "win32")
     assert shell_quote("C:\\Users\\ana\\my run") == '"C:\\Users\\ana\\my run"'
+    assert shell_quote("C:\\R&D\\a|b") == '"C:\\R&D\\a|b"'  # cmd.exe's & and | are plain text in double quotes
     assert shell_join(["ssvi", "sweep", "--report", "C:\\sw"]) == "ssvi sweep --report C:\\sw"
     odd = tmp_path / "my run"
     shutil.copytree(workspace / RUN, odd)

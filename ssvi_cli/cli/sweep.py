@@ -139,7 +139,7 @@ def _dry_run(sweep_dir: Path, cells: list[Any], json_out: bool = False, spec: An
     from ssvi_cli.sweep.sweepdir import COMMANDS_FILE
 
     # Absolute paths: a scheduler's job may start in another directory.
-    # Quoted for a POSIX shell: a path with spaces stays one argument.
+    # Quoted for the shell (POSIX, or cmd.exe on Windows): a path with spaces stays one argument.
     lines = [shell_join(["ssvi", *cell_command(cell_dir(sweep_dir.resolve(), c))]) for c in cells]
     write_text(sweep_dir / COMMANDS_FILE, "\n".join(lines) + "\n")
     done = [c.name for c in cells if evaluated(cell_dir(sweep_dir, c), spec)]  # their commands do nothing
