@@ -247,8 +247,9 @@ def test_cli_json_torchvision(capsys):
 def test_cli_bad_torchvision_model_is_one_line(args, words, capsys):
     assert run(["bench", *args]) == 2
     captured = capsys.readouterr()
-    lines = [l for l in captured.err.splitlines() if l.startswith("error")]
-    assert len(lines) == 1 and all(w in lines[0] for w in words) and captured.out == ""
+    lines = captured.err.strip().splitlines()  # the whole of stderr: no traceback or other line beside it
+    assert len(lines) == 1 and lines[0].startswith("error: ") and all(w in lines[0] for w in words)
+    assert captured.out == ""
 
 
 def test_an_auto_schedule_is_benched_at_its_cap(monkeypatch):
