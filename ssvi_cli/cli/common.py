@@ -221,9 +221,9 @@ def check_device(device: str) -> str:
     from ssvi_cli.training.plan import resolve_device
 
     try:
-        return str(resolve_device(device))
-    except ConfigError as exc:  # a training run's advice for sweeps is not these commands'
-        raise UsageError(str(exc).replace(" (in a sweep: --set train.device=cpu)", "")) from None
+        return str(resolve_device(device, sweep_advice=False))  # a training run's advice is not these commands'
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def print_json(obj: Any) -> None:

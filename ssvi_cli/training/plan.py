@@ -24,13 +24,14 @@ from ssvi_cli.runs.rundir import RunBusy, RunDir
 from ssvi_cli.training.init_posterior import Posterior, check_apart, names_trained_model, read_posterior
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without one is a config error (exit code 2)."""
+def resolve_device(name: str, sweep_advice: bool = True) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without one is a config error (exit code 2),
+    saying how a sweep's cells take the CPU (``sweep_advice``: for a training run, which may be one)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was requested but no CUDA device is available; use --device cpu "
-                          "(in a sweep: --set train.device=cpu)")
+        raise ConfigError("--device cuda was requested but no CUDA device is available; use --device cpu"
+                          + (" (in a sweep: --set train.device=cpu)" if sweep_advice else ""))
     if name not in DEVICES:
         gpu = name.partition(":")[2] if name.startswith("cuda:") else ""
         raise ConfigError(f"unknown device {name!r}; valid values are: {', '.join(DEVICES)}"
