@@ -226,8 +226,13 @@ def check_device(device: str) -> str:
         raise UsageError(str(exc)) from None
 
 
+def json_text(obj: Any) -> str:
+    """``obj`` as every ``--json`` of ssvi prints it (indented by 2; NaN and infinities as null)."""
+    return json.dumps(json_ready(obj), indent=2, default=json_default, allow_nan=False)
+
+
 def print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(json_ready(obj), indent=2, default=json_default, allow_nan=False) + "\n")
+    sys.stdout.write(json_text(obj) + "\n")
     sys.stdout.flush()
 
 

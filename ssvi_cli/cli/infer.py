@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ssvi_cli import fileio
 from ssvi_cli.config import MAX_SAMPLES, MAX_SEED
-from ssvi_cli.cli.common import (UsageError, check_device, check_output_file, count, err, fmt, out,
+from ssvi_cli.cli.common import (UsageError, check_device, check_output_file, count, err, fmt, json_text, out,
                                    print_json, progress_bar)
 
 SHOWN_ROWS = 50  # the table shows this many inputs; --output holds all
@@ -122,15 +122,13 @@ class _JsonRecords:
         self.file: Any = None
 
     def add(self, batch: list[dict[str, Any]]) -> None:
-        import json
         import tempfile
         import textwrap
 
         if self.file is None:
             self.file = tempfile.SpooledTemporaryFile(max_size=32 * 2**20, mode="w+", encoding="utf-8")
         for record in batch:
-            text = json.dumps(fileio.json_ready(record), indent=2, default=fileio.json_default, allow_nan=False)
-            self.file.write(("," if self.count else "") + "\n" + textwrap.indent(text, "    "))
+            self.file.write(("," if self.count else "") + "\n" + textwrap.indent(json_text(record), "    "))
             self.count += 1
 
     def print(self, header: dict[str, Any]) -> None:
@@ -141,11 +139,7 @@ class _JsonRecords:
         if not self.count:
             print_json({**header, "predictions": []})
             return
-        import json
-
-        head = json.dumps(fileio.json_ready({**header, "predictions": []}), indent=2, default=fileio.json_default,
-                          allow_nan=False)
-        sys.stdout.write(head.removesuffix("[]\n}") + "[")
+        sys.stdout.write(json_text({**header, "predictions": []}).removesuffix("[]\n}") + "[")
         self.file.seek(0)
         shutil.copyfileobj(self.file, sys.stdout)
         sys.stdout.write("\n  ]\n}\n")
