@@ -392,6 +392,43 @@ def test_a_pipe_is_read_as_an_image_or_by_its_array_magic(model_file, digits, tm
     assert "error: standard input (-) cannot be read (not an image format" in proc.stderr.decode()
 
 
+def test_a_named_pipe_in_a_folder_is_passed_over_with_a_warning_not_read_for_ever(model_file, digits, tmp_path,
+                                                                                   capsys, caplog):
+    """A FIFO named pipe.png in an input folder blocked `ssvi infer` on its read for ever."""
+    from hang_guard import time_bound
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(digits[0]).save(folder / "one.png")
+    os.mkfifo(folder / "pipe.png")
+    with time_bound(60):
+        code = run(["infer", str(model_file), str(folder), "--json", "--mode", "mean"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert [r["input"] for r in json.loads(out)["predictions"]] == [str(folder / "one.png")]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{folder}: 1 file passed over: a named pipe, socket or device, not a regular file"]
+
+
+@pytest.mark.parametrize("background", [0, 255])
+def test_transparent_pixels_are_said_to_be_dropped_once(model_file, digits, tmp_path, capsys, caplog, background):
+    """A digit drawn in alpha alone over black (or white) RGB was predicted as a blank image in silence."""
+    from ssvi_cli.data import images
+
+    images._WARNED_ONCE.discard("alpha")
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[:, :, :3], rgba[:, :, 3] = background, digits[0]
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rgba, "RGBA").save(tmp_path / name)
+    Image.fromarray(np.dstack([digits[1]] * 3 + [np.full((8, 8), 255, np.uint8)]), "RGBA").save(tmp_path / "opaque.png")
+    assert run(["infer", str(model_file), str(tmp_path / "opaque.png"), "--mode", "mean"]) == 0
+    assert not caplog.records  # all of its alpha 255: nothing is lost
+    assert run(["infer", str(model_file), str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--mode", "mean"]) == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith(f"image {tmp_path / 'a.png'} has transparent pixels: alpha is "
+                                                 "dropped, not composited")
+
+
 def test_an_output_link_is_written_through_and_guarded_as_its_target(model_file, digits, tmp_path, capsys):
     """infer --output link.csv replaced the link with a file; a link to a run's record would be let
     through by its own name."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import BinaryIO, Optional, Sequence
@@ -27,6 +28,7 @@ _GRAY16_MODES = ("I;16", "I;16B", "I;16L")
 
 
 _WARNED: set[tuple[str, str]] = set()  # links find_files has warned of
+_WARNED_ONCE: set[str] = set()  # warnings given once in a process: "alpha"
 
 
 def find_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES, apart: Sequence[Path] = ()) -> list[Path]:
@@ -38,10 +40,12 @@ def find_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES, apart: Se
     into one of the folders ``apart`` (an image folder's other classes, its root) is passed over with
     a warning: its images would be read under this folder's label. So are, where ``suffixes`` name
     images, files of another kind that Pillow opens (``.psd``, ``.tga``, ...): counted in a warning,
-    so that a folder that loses images to their names says so."""
+    so that a folder that loses images to their names says so; and, with a warning too, a named pipe,
+    socket or device with an image's name, whose read would wait for ever."""
     folder = Path(folder)
     found: list[Path] = []
     passed: dict[str, int] = {}  # suffix -> files of an image kind ssvi does not take
+    special = 0  # named pipes, sockets and devices with an image's name
     seen: set[str] = set()
     own = Path(os.path.realpath(folder))
     others = [Path(os.path.realpath(p)) for p in apart]
@@ -59,10 +63,16 @@ def find_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES, apart: Se
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # a folder reached twice keeps one name
         for name in (f for f in files if not f.startswith(".")):
             suffix = Path(name).suffix.lower()
-            if suffix in suffixes:
+            if suffix in suffixes and _special(Path(top) / name):
+                special += 1
+            elif suffix in suffixes:
                 found.append(Path(top) / name)
             elif suffix in _pillow_suffixes():
                 passed[suffix] = passed.get(suffix, 0) + 1
+    if special and (str(folder), "special") not in _WARNED:  # a named pipe would block the read for ever
+        _WARNED.add((str(folder), "special"))
+        logging.getLogger(__name__).warning("%s: %s passed over: a named pipe, socket or device, not a regular file",
+                                            shown(folder), "1 file" if special == 1 else f"{special} files")
     if passed and set(suffixes) & set(IMAGE_SUFFIXES) and (str(folder), "kinds") not in _WARNED:
         _WARNED.add((str(folder), "kinds"))
         kinds = ", ".join(f"{n} {suffix}" for suffix, n in sorted(passed.items()))
@@ -71,6 +81,15 @@ def find_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES, apart: Se
             shown(folder), "1 file" if sum(passed.values()) == 1 else f"{sum(passed.values())} files", kinds,
             " ".join(IMAGE_SUFFIXES))
     return sorted(found, key=lambda p: p.parts)  # as on POSIX everywhere: a Windows path sorts ignoring case
+
+
+def _special(path: Path) -> bool:
+    """Whether ``path`` (its link followed) is there and not a regular file: a named pipe, socket or
+    device, found in a folder. A link to nothing is not: reading it names it."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _pillow_suffixes() -> frozenset[str]:
@@ -194,6 +213,12 @@ def read_image(path: Path, error: type[Exception] = DataError, stream: Optional[
             alpha = mode in _ALPHA_MODES or "transparency" in img.info
             target = "L" if mode in ("1", "L") else ("RGBA" if alpha else "RGB")
             arr = np.asarray(img.convert(target), dtype=np.uint8)
+            if target == "RGBA" and "alpha" not in _WARNED_ONCE and arr[:, :, 3].min() < 255:
+                _WARNED_ONCE.add("alpha")  # a logo or a digit drawn in alpha alone would be read as blank
+                logging.getLogger(__name__).warning(
+                    "%s has transparent pixels: alpha is dropped, not composited (as torchvision's image loader "
+                    "does), so the model sees the colour stored under them; flatten such images onto a "
+                    "background to choose it (further images with transparency are not named)", what)
     except UnidentifiedImageError:  # its own message names the file as Python's repr of a stream
         raise error(f"{what} cannot be read (not an image format Pillow knows); {fix}") from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
