@@ -95,6 +95,15 @@ def test_bad_flags_give_one_line_errors(tmp_path: Path, capsys):
         (["train", "--set", "optim.lr=0.1", "--set", "optim.lr=0.2", "--out", str(tmp_path / "j")],
          "optim.lr is given twice (two --set)"),
         (["train", "--seed", "-1", "--out", str(tmp_path / "k")], "train.seed=-1 must be in [0, 4294967295]"),
+        # a flag given twice kept its last value: the first --preset was dropped in silence
+        (["train", "--preset", "digits_mlp", "--preset", "mnist_mlp", "--out", str(tmp_path / "n")],
+         "error: --preset is given twice; give it once (the last value would replace the others in silence)"),
+        (["train", "--epochs", "1", "--set", "optim.lr=0.1", "--epochs=2", "--epochs", "3", "--out", str(tmp_path / "o")],
+         "--epochs is given 3 times; give it once"),
+        (["infer", "model.safetensors", "x.png", "--samples", "3", "--samples", "4"], "--samples is given twice"),
+        (["sweep", "--seeds", "2", "--seeds", "3", "--dry-run", "--out", str(tmp_path / "p")], "--seeds is given twice"),
+        (["evaluate", "model.safetensors", "-o", str(tmp_path / "q"), "--output", str(tmp_path / "r")],
+         "--output is given twice"),
         (["train", "--model", "lenet5", "--out", str(tmp_path / "l")], "lenet5 needs inputs of at least 12x12, got 8x8"),
         (["train", "--model", "vgg16", "--out", str(tmp_path / "m")], "vgg16 needs inputs of at least 32x32, got 8x8"),
     ]

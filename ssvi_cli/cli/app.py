@@ -27,8 +27,32 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Sparse Bayesian neural networks with Sparse Subspace Variational Inference. "
                        "Add --debug anywhere on a command line for debug logs and full tracebacks.")
 
+class _OnceEach(typer.core.TyperCommand):
+    """A command whose options that take one value refuse to be given twice: Click keeps the last one,
+    so ``--preset digits_mlp --preset mine.yaml`` dropped the first preset, ``--epochs 1 --epochs 2``
+    the first count, in silence. Options that gather values (``--set``, ``--ood``) and flags are as
+    Click has them."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        try:  # Click's own reading of the line, which lists each option once per occurrence
+            _, _, order = self.make_parser(ctx).parse_args(args=list(args))
+        except Exception:  # noqa: BLE001 - a line Click cannot read: its own parse below says why
+            order = []
+        for param in dict.fromkeys(order):
+            times = order.count(param)
+            once = (getattr(param, "param_type_name", "") == "option" and not getattr(param, "multiple", True)
+                    and not getattr(param, "is_flag", True) and not getattr(param, "count", True))
+            if once and times > 1:
+                raise UsageError(f"{max(param.opts, key=len)} is given {'twice' if times == 2 else f'{times} times'}; "
+                                 "give it once (the last value would replace the others in silence)")
+        return super().parse_args(ctx, args)
+
+
 for module in (train_cmd, presets_cmd, evaluate_cmd, export_cmd, infer_cmd, inspect_cmd, bench_cmd, sweep_cmd):
     module.register(app)
+for _command in app.registered_commands:
+    if _command.cls in (None, typer.core.TyperCommand):
+        _command.cls = _OnceEach
 
 
 def _print_version(value: bool) -> None:
