@@ -188,3 +188,30 @@ def test_presets_name_prints_every_key_it_trains_with(capsys, tmp_path):
         assert run(["presets", *args]) == 2
         said = capsys.readouterr().err
         assert words in said and len(said.strip().splitlines()) == 1, said
+
+
+def test_presets_file_refuses_what_train_would_refuse_before_reading_data(capsys, tmp_path):
+    """ssvi presets FILE printed "ssvi train --preset FILE trains with these values" for a file naming
+    a model or dataset that does not exist, or keys train refuses; train then failed at once."""
+    from ssvi_cli.cli import run
+
+    cases = {"model: {name: resnet}": "unknown model 'resnet'; valid names are",
+             "data: {name: cifar11}": "unknown dataset 'cifar11'",
+             "data: {image_size: 16}": "data.image_size=16 applies to image folders",
+             "model: {name: lenet5}\ndata: {name: digits}": "lenet5 needs inputs of at least 12x12, got 8x8",
+             "data: {name: digits}\nmethods: {vi: {model: {name: lenet5}}}":
+                 "with --method vi (its methods: section): lenet5 needs inputs of at least 12x12"}
+    for i, (text, words) in enumerate(cases.items()):
+        path = tmp_path / f"p{i}.yaml"
+        path.write_text(text + "\n")
+        assert run(["presets", str(path)]) == 2, text
+        said = capsys.readouterr().err
+        assert words in said and len(said.strip().splitlines()) == 1, said
+        method = ["--method", "vi"] if "methods:" in text else []
+        assert run(["train", "--preset", str(path), *method, "--out", str(tmp_path / f"r{i}")]) == 2
+        assert words.rpartition("): ")[2] in capsys.readouterr().err  # the same refusal
+    assert not any(tmp_path.glob("r*"))
+    good = tmp_path / "good.yaml"
+    good.write_text("model: {name: mlp, widths: [8]}\ndata: {name: digits}\n")
+    assert run(["presets", str(good)]) == 0
+    assert capsys.readouterr().out.startswith(f"# ssvi train --preset {good} trains with these values")

@@ -72,11 +72,15 @@ def _show_one(name: str, method: Optional[str], json_out: bool) -> None:
             data = cfgmod.load_preset(name, method).to_dict()
         except cfgmod.ConfigError as exc:  # named by the flag that gave it
             raise cfgmod.ConfigError(f"--method: {exc}" if str(exc).startswith("sparse.method=") else str(exc)) from None
+        if name not in cfgmod.list_presets():  # a shipped preset trains: its tests show it
+            _check_trains(name, [method])
     else:
         base, per_method = cfgmod.preset_methods(name)
         data = base.to_dict()
         if per_method:
             data["methods"] = {m: _nested(values) for m, values in per_method.items()}
+        if name not in cfgmod.list_presets():
+            _check_trains(name, [None, *per_method])
     if json_out:
         print_json(data)
         return
@@ -85,6 +89,25 @@ def _show_one(name: str, method: Optional[str], json_out: bool) -> None:
               + (f", the preset's methods: section for {method} applied" if method else "")
               + " (change one with --set section.key=value)", highlight=False)
     out.print(yaml.safe_dump(data, sort_keys=False).rstrip("\n"), highlight=False, soft_wrap=True)
+
+
+def _check_trains(name: str, methods: list[Optional[str]]) -> None:
+    """What ``ssvi train --preset FILE [--method M]`` checks before it reads any data, for each of
+    ``methods`` (None: the preset's own): the model's and the dataset's names, the image-folder keys
+    and the model's forward on the data's input shape; so that a file shown here without an error
+    trains (its data present)."""
+    from ssvi_cli.modelfile import ModelCard
+    from ssvi_cli.training.plan import check_names, planned_densities
+
+    for method in methods:
+        cfg = cfgmod.from_preset(name, {} if method is None else {"sparse.method": method})
+        try:
+            spec = check_names(cfg)
+            planned_densities(ModelCard.from_config(cfg, spec), cfg, spec)
+        except Exception as exc:
+            if method is None or not isinstance(exc, cfgmod.ConfigError):
+                raise
+            raise cfgmod.ConfigError(f"with --method {method} (its methods: section): {exc}") from None
 
 
 def _nested(values: dict[str, object]) -> dict[str, dict[str, object]]:
