@@ -66,11 +66,14 @@ class DataSpec:
         """Inverse of :meth:`to_dict`; unknown or missing keys raise DataError (``pixel_max``,
         ``dataset_classes`` and ``files_digest`` may be absent, as in files written before they were
         recorded: 255, a model of all the classes, no digest)."""
-        expected = {"name", "input_shape", "num_classes", "class_names", "mean", "std"}
-        if set(d) - {"pixel_max", *OPTIONAL_KEYS} != expected:
+        expected, optional = {"name", "input_shape", "num_classes", "class_names", "mean", "std"}, {"pixel_max", *OPTIONAL_KEYS}
+        if set(d) - optional != expected:
+            unknown, missing = sorted(set(d) - expected - optional), sorted(expected - set(d))
             raise DataError(
-                f"data spec keys {sorted(d)} do not match the expected {sorted(expected)}; "
-                "the file was written by an incompatible version"
+                "; ".join(([f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}"] if unknown else [])
+                          + ([f"missing {', '.join(missing)}"] if missing else []))
+                + f" (this ssvi reads {', '.join(sorted(expected))} and, if present, {', '.join(sorted(optional))}): "
+                "written by a newer ssvi (upgrade) or edited; none is ignored, since each bears on how inputs are read"
             )
         spec = cls(
             name=str(d["name"]),
