@@ -309,6 +309,18 @@ def test_a_state_dict_file_read_as_users_save_it(tmp_path):
         (tmp_path / "text.pt").write_text(text)
         with pytest.raises(ConfigError, match=r"is not a readable state_dict \(not a PyTorch file: neither a zip archive nor a pickle\)$"):
             read_state_dict(tmp_path / "text.pt")
+    # cut short: torch's "[Errno 22] Invalid argument", and for a .safetensors file "not a file torch.save wrote"
+    big = {"w": torch.zeros(64, 64)}
+    torch.save(big, tmp_path / "whole_w.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "whole_w.pt").read_bytes()[:9000])
+    with pytest.raises(ConfigError, match=r"\(a zip archive, as torch.save writes, cut short or damaged: copy or save it again\)$"):
+        read_state_dict(tmp_path / "cut.pt")
+    from safetensors.torch import save_file
+
+    save_file(big, str(tmp_path / "w.safetensors"))
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes()[:9000])
+    with pytest.raises(ConfigError, match=r"\(not a readable safetensors file: Error while deserializing header"):
+        read_state_dict(tmp_path / "cut.safetensors")
     import ssvi_cli as ssvi
 
     ssvi.sparsify(net, 0.5)

@@ -143,8 +143,12 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
                 magic = handle.read(4)
         except OSError:
             magic = ZIP_MAGIC  # unreadable: the reader's own error says why
-        if path.suffix.lower() != ".safetensors" and not (magic.startswith(ZIP_MAGIC) or magic[:1] == b"\x80"):
+        if path.suffix.lower() == ".safetensors":  # not torch.save's: its reader's own words
+            first = "not a readable safetensors file: " + (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        elif not (magic.startswith(ZIP_MAGIC) or magic[:1] == b"\x80"):
             first = "not a PyTorch file: neither a zip archive nor a pickle"
+        elif magic.startswith(ZIP_MAGIC) and zip_kind(path) == "damaged":  # torch said "[Errno 22] Invalid argument"
+            first = "a zip archive, as torch.save writes, cut short or damaged: copy or save it again"
         elif magic.startswith(ZIP_MAGIC) and zip_kind(path) == "numpy":
             raise ConfigError(f"--init-from {path} is {ZIP_WORDS['numpy']}, not a state_dict; save the weights "
                               "with torch.save(model.state_dict(), PATH)") from None
