@@ -25,7 +25,8 @@ DIGITS_TEST = 360  # the fixed digits test split; 181 of its images are digits 0
 
 
 def _train(folder: Path, *args: str) -> Path:
-    assert run(["train", "--out", str(folder), *FAST, *args, "--json"]) == 0
+    fast = FAST[:2] + FAST[4:] if "--epochs" in args else FAST  # a flag given twice is refused
+    assert run(["train", "--out", str(folder), *fast, *args, "--json"]) == 0
     return folder / "model.safetensors"
 
 
