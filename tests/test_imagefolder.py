@@ -362,6 +362,25 @@ def test_a_link_into_another_class_or_the_root_is_passed_over_with_a_warning(tmp
     assert "its images are passed over" in caplog.records[0].getMessage()
 
 
+def test_images_beside_the_class_folders_are_passed_over_with_a_warning(tmp_path, caplog):
+    """photos/stray.png, beside photos/zero/ and photos/one/, was left out in silence."""
+    import logging
+
+    photos = tmp_path / "photos"
+    for digit, name in NAMES.items():
+        write_class(photos / name, digit, 3)
+    images, _ = _digits()
+    for name in ("stray.png", "other.JPG"):
+        Image.fromarray(images[0]).save(photos / name, "PNG" if name.endswith("png") else "JPEG")
+    (photos / "notes.txt").write_text("not an image\n")
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli.data.imagefolder"):
+        files, _ = scan_folder(photos).parts["all"]
+        scan_folder(photos)  # scanned again: said once
+    assert len(files) == 3 * len(NAMES)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{photos}: 2 images outside the class folders are passed over (an image's class is its folder's name)"]
+
+
 def test_files_of_an_image_kind_ssvi_does_not_read_are_counted_in_a_warning_and_train_says_the_split_sizes(
         tmp_path, caplog, capsys):
     """24 photos saved as .jfif (a JPEG) were left out of training in silence, and nothing said how many

@@ -42,6 +42,7 @@ from ssvi_cli.data.splits import stratified_split
 from ssvi_cli.data.transforms import TensorImageDataset, preprocess, random_crop_flip
 
 logger = logging.getLogger(__name__)
+_LOOSE_SAID: set[str] = set()  # folders whose loose images were warned of
 progress = logging.getLogger("ssvi_cli.progress")  # lines for a person waiting (printed by the command line)
 
 FAMILY = "imagefolder"
@@ -79,6 +80,12 @@ def _class_folders(folder: Path, where: str) -> dict[str, tuple[Path, ...]]:
     if len(classes) == 1:
         raise DataError(f"{where} {folder} holds one class folder ({classes[0].name}); a classifier needs "
                         "at least two, add a folder per class")
+    loose = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and _visible(p.name) and p.is_file())
+    if loose and str(folder) not in _LOOSE_SAID:  # once: a folder is scanned more than once
+        _LOOSE_SAID.add(str(folder))
+        logger.warning("%s: %s passed over (an image's class is its folder's name)", shown(folder),
+                       "1 image outside the class folders is" if loose == 1 else
+                       f"{loose} images outside the class folders are")
     found = {}
     for cls in classes:
         if shown(cls.name) != cls.name:
