@@ -99,7 +99,7 @@ def test_spec_round_trips_through_json(name):
 
 
 def test_spec_from_dict_rejects_unknown_keys():
-    with pytest.raises(DataError, match="keys"):
+    with pytest.raises(DataError, match="unknown key extra"):
         DataSpec.from_dict({**get_spec("digits").to_dict(), "extra": 1})
 
 
