@@ -222,29 +222,6 @@ def test_images_of_any_size_and_mode_decode_as_infer_reads_them(ws):
     assert np.array_equal(gray, np.asarray(Image.open(files[0])))
 
 
-def test_a_jpeg_many_times_the_input_size_is_decoded_smaller_to_within_a_level(tmp_path):
-    """A 12-megapixel photo was decoded whole, then converted to floats, for a 32x32 model: 0.3 s and
-    hundreds of MB an image. JPEG's decoder scales by 1/2..1/8 itself; other kinds stay whole."""
-    h, w = 768, 1024
-    y, x = np.mgrid[0:h, 0:w]
-    photo = np.stack([127 + 100 * np.sin(x / 90.0 + c) * np.cos(y / 70.0) for c in range(3)], -1).astype(np.uint8)
-    Image.fromarray(photo).save(tmp_path / "photo.jpg", quality=95)
-    Image.fromarray(photo).save(tmp_path / "photo.png")
-    from ssvi_cli.data.spec import DataSpec
-
-    unit = DataSpec("decode", (3, 32, 32), 1, ("-",), (0.0,) * 3, (1.0,) * 3)
-    whole = read_image(tmp_path / "photo.jpg")
-    small = read_image(tmp_path / "photo.jpg", fit=(32, 32))
-    assert whole.shape == (1, 3, h, w) and small.shape == (1, 3, h // 8, w // 8)  # 1/8: still 2x32 and more
-    assert read_image(tmp_path / "photo.jpg", fit=(150, 150)).shape == (1, 3, h // 2, w // 2)
-    assert read_image(tmp_path / "photo.jpg", fit=(300, 300)).shape == whole.shape  # not four times larger
-    assert read_image(tmp_path / "photo.png", fit=(32, 32)).shape == (1, 3, h, w)  # other kinds whole
-    gap = (preprocess(whole, unit) - preprocess(small, unit)).abs()
-    assert float(gap.max()) <= 1.0 / 255 and float(gap.mean()) < 0.5 / 255
-    decoded = decode_images((tmp_path / "photo.jpg",), 32, 3)[0]  # training decodes it as infer reads it
-    assert torch.equal(decoded, preprocess(small, unit)[0].mul(255.0).round().to(torch.uint8))
-
-
 def test_augmentation_only_from_16_pixels(ws):
     name = f"imagefolder:{ws / 'flat'}"
     assert build_dataset(name, options=SMALL).train.augment is None

@@ -154,8 +154,7 @@ def decode_images(files: tuple[Path, ...], image_size: int, channels: int, what:
                   where: str = "") -> torch.Tensor:
     """Decode ``files`` into one uint8 (N, channels, image_size, image_size) tensor. Progress goes to
     the ``ssvi_cli.progress`` logger (which the command line prints) every few seconds once decoding
-    takes that long (large PNGs decode at a few per second: a large folder was decoded in silence; a
-    JPEG several times larger than ``image_size`` is decoded smaller by its decoder, :func:`read_image`)."""
+    takes that long (3 MP photos decode at a few per second: a large folder was decoded in silence)."""
     shape = (channels, image_size, image_size)
     unit = DataSpec("decode", shape, 1, ("-",), (0.0,) * channels, (1.0,) * channels)  # resize only
     out = torch.empty((len(files), *shape), dtype=torch.uint8)
@@ -165,7 +164,7 @@ def decode_images(files: tuple[Path, ...], image_size: int, channels: int, what:
     bad: list[tuple[str, Exception]] = []  # all of them named at once, not one per try
     for i, path in enumerate(files):
         try:
-            out[i] = preprocess(read_image(path, fit=shape[1:]), unit)[0].mul_(255.0).round_().to(torch.uint8)
+            out[i] = preprocess(read_image(path), unit)[0].mul_(255.0).round_().to(torch.uint8)
         except DataError as exc:
             bad.append((str(path), exc))
         if time.monotonic() - last >= _PROGRESS_EVERY_S or (said and i + 1 == len(files)):

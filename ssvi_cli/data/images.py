@@ -191,25 +191,18 @@ def read_array(path: Path, error: type[Exception] = DataError, stream: Optional[
     return arr
 
 
-def read_image(path: Path, error: type[Exception] = DataError, stream: Optional[BinaryIO] = None,
-               fit: Optional[Sequence[int]] = None) -> torch.Tensor:
+def read_image(path: Path, error: type[Exception] = DataError, stream: Optional[BinaryIO] = None) -> torch.Tensor:
     """One image file as (1, C, H, W): uint8 with C in {1, 3, 4} (gray, RGB, RGB with alpha), or
     float in [0, 1] for 16-bit gray. ``stream``: the file's bytes already read (``open_stream``);
-    ``path`` then only names it. ``fit``: the (height, width) the image goes on to be resized to; a
-    JPEG at least four times larger each way is decoded at 1/2, 1/4 or 1/8 of its size by its decoder's
-    own scaling, still at least twice ``fit`` (a 12-megapixel photo for a 32x32 model: 7x faster, within
-    one level of 255 of the full decode after the resize; other kinds are decoded whole: averaging
-    their pixels over blocks moved the resized image by a level on average). A file PIL cannot read,
-    one in a mode it cannot convert to these, or one larger than PIL's decompression-bomb limit
-    raises ``error`` with a one-line message that names the file."""
+    ``path`` then only names it. A file PIL cannot read, one in a mode it cannot convert to these, or
+    one larger than PIL's decompression-bomb limit raises ``error`` with a one-line message that names
+    the file."""
     from PIL import Image, UnidentifiedImageError
 
     what, fix = ((f"standard input ({path})", _PIPE)
                  if str(path) in (STDIN, "/dev/stdin") else (f"image {path}", "replace or remove the file"))
     try:
         with Image.open(stream if stream is not None else path) as img:
-            if fit is not None and len(fit) == 2 and img.format == "JPEG":  # before load: the decoder's scaling
-                img.draft(img.mode, (2 * fit[1], 2 * fit[0]))
             img.load()
             mode = img.mode
             if mode in _GRAY16_MODES:

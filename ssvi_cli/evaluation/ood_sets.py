@@ -162,8 +162,7 @@ def folder_images(folder: Path, spec: DataSpec, seed: int, max_items: Optional[i
     parts = []
     for path, taken in rows.items():
         try:
-            parts.append(_prepared(arrays[path][taken] if path in arrays else read_image(path, fit=spec.input_shape[1:]),
-                                   spec, str(path)))
+            parts.append(_prepared(arrays[path][taken] if path in arrays else read_image(path), spec, str(path)))
         except DataError as exc:  # every such file named in one error, not one per run
             bad.append((str(path), exc))
     if bad:
