@@ -200,7 +200,7 @@ def test_presets_file_refuses_what_train_would_refuse_before_reading_data(capsys
              "data: {image_size: 16}": "data.image_size=16 applies to image folders",
              "model: {name: lenet5}\ndata: {name: digits}": "lenet5 needs inputs of at least 12x12, got 8x8",
              "data: {name: digits}\nmethods: {vi: {model: {name: lenet5}}}":
-                 "with --method vi (its methods: section): lenet5 needs inputs of at least 12x12"}
+                 "with its methods: section's vi: lenet5 needs inputs of at least 12x12"}
     for i, (text, words) in enumerate(cases.items()):
         path = tmp_path / f"p{i}.yaml"
         path.write_text(text + "\n")
@@ -209,8 +209,16 @@ def test_presets_file_refuses_what_train_would_refuse_before_reading_data(capsys
         assert words in said and len(said.strip().splitlines()) == 1, said
         method = ["--method", "vi"] if "methods:" in text else []
         assert run(["train", "--preset", str(path), *method, "--out", str(tmp_path / f"r{i}")]) == 2
-        assert words.rpartition("): ")[2] in capsys.readouterr().err  # the same refusal
+        assert words.rpartition("vi: ")[2] in capsys.readouterr().err  # the same refusal
     assert not any(tmp_path.glob("r*"))
+    assert run(["presets", str(tmp_path / "p3.yaml"), "--method", "vi"]) == 2  # the file names no methods: section
+    assert "error: with --method vi: lenet5 needs inputs of at least 12x12" in capsys.readouterr().err
+    elsewhere = tmp_path / "elsewhere.yaml"  # written for another machine's image folder: shown, not read
+    elsewhere.write_text(f"model: {{name: mlp}}\ndata: {{name: 'imagefolder:{tmp_path / 'not-here'}'}}\n")
+    assert run(["presets", str(elsewhere)]) == 0
+    assert capsys.readouterr().out.startswith(f"# ssvi train --preset {elsewhere} trains with these values")
+    elsewhere.write_text(f"model: {{name: resnet}}\ndata: {{name: 'imagefolder:{tmp_path / 'not-here'}'}}\n")
+    assert run(["presets", str(elsewhere)]) == 2 and "unknown model 'resnet'" in capsys.readouterr().err
     good = tmp_path / "good.yaml"
     good.write_text("model: {name: mlp, widths: [8]}\ndata: {name: digits}\n")
     assert run(["presets", str(good)]) == 0

@@ -3,6 +3,7 @@ every config key of one, as ``ssvi train --preset NAME`` runs it."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -73,7 +74,7 @@ def _show_one(name: str, method: Optional[str], json_out: bool) -> None:
         except cfgmod.ConfigError as exc:  # named by the flag that gave it
             raise cfgmod.ConfigError(f"--method: {exc}" if str(exc).startswith("sparse.method=") else str(exc)) from None
         if name not in cfgmod.list_presets():  # a shipped preset trains: its tests show it
-            _check_trains(name, [method])
+            _check_trains(name, [method], by_flag=True)
     else:
         base, per_method = cfgmod.preset_methods(name)
         data = base.to_dict()
@@ -91,23 +92,30 @@ def _show_one(name: str, method: Optional[str], json_out: bool) -> None:
     out.print(yaml.safe_dump(data, sort_keys=False).rstrip("\n"), highlight=False, soft_wrap=True)
 
 
-def _check_trains(name: str, methods: list[Optional[str]]) -> None:
+def _check_trains(name: str, methods: list[Optional[str]], by_flag: bool = False) -> None:
     """What ``ssvi train --preset FILE [--method M]`` checks before it reads any data, for each of
-    ``methods`` (None: the preset's own): the model's and the dataset's names, the image-folder keys
-    and the model's forward on the data's input shape; so that a file shown here without an error
-    trains (its data present)."""
+    ``methods`` (None: the preset's own; ``by_flag``: the one ``--method`` chose): the model's and the
+    dataset's names, the image-folder keys and the model's forward on the data's input shape; so that
+    a file shown here without an error trains (its data present). An image folder that is not on this
+    machine (a file written for another) is not read: its model's name alone is checked."""
+    from ssvi_cli.models import check_model_name
     from ssvi_cli.modelfile import ModelCard
     from ssvi_cli.training.plan import check_names, planned_densities
 
     for method in methods:
         cfg = cfgmod.from_preset(name, {} if method is None else {"sparse.method": method})
+        kind, _, folder = cfg.data.name.partition(":")
         try:
+            if kind == "imagefolder" and not Path(folder).expanduser().exists():
+                check_model_name(cfg.model.name)
+                continue
             spec = check_names(cfg)
             planned_densities(ModelCard.from_config(cfg, spec), cfg, spec)
         except Exception as exc:
             if method is None or not isinstance(exc, cfgmod.ConfigError):
                 raise
-            raise cfgmod.ConfigError(f"with --method {method} (its methods: section): {exc}") from None
+            where = f"--method {method}" if by_flag else f"its methods: section's {method}"
+            raise cfgmod.ConfigError(f"with {where}: {exc}") from None
 
 
 def _nested(values: dict[str, object]) -> dict[str, dict[str, object]]:
