@@ -113,6 +113,8 @@ def test_bad_flags_give_one_line_errors(tmp_path: Path, capsys):
         assert code == 2, (args, err)
         assert needle in err and "Traceback" not in err, (args, err)
     assert not any(tmp_path.iterdir())
+    assert run(["infer", "m.safetensors", "x.png", "--samples", "3", "--samples", "4", "--help"]) == 0  # help first
+    assert "Usage: ssvi infer" in capsys.readouterr().out
 
 
 def test_presets_command_lists_presets(capsys):

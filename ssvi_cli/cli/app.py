@@ -38,6 +38,8 @@ class _OnceEach(typer.core.TyperCommand):
             _, _, order = self.make_parser(ctx).parse_args(args=list(args))
         except Exception:  # noqa: BLE001 - a line Click cannot read: its own parse below says why
             order = []
+        if any(getattr(p, "name", None) == "help" for p in order):  # --help answers whatever else is there
+            order = []
         for param in dict.fromkeys(order):
             times = order.count(param)
             once = (getattr(param, "param_type_name", "") == "option" and not getattr(param, "multiple", True)
