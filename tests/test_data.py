@@ -101,6 +101,9 @@ def test_spec_round_trips_through_json(name):
 def test_spec_from_dict_rejects_unknown_keys():
     with pytest.raises(DataError, match="unknown key extra"):
         DataSpec.from_dict({**get_spec("digits").to_dict(), "extra": 1})
+    lacking = {k: v for k, v in get_spec("digits").to_dict().items() if k != "mean"}
+    with pytest.raises(DataError, match="^missing mean .*: edited, or written by another program$"):
+        DataSpec.from_dict(lacking)
 
 
 def test_spec_of_a_class_subset_round_trips_and_older_specs_still_load():

@@ -73,7 +73,8 @@ class DataSpec:
                 "; ".join(([f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}"] if unknown else [])
                           + ([f"missing {', '.join(missing)}"] if missing else []))
                 + f" (this ssvi reads {', '.join(sorted(expected))} and, if present, {', '.join(sorted(optional))}): "
-                "written by a newer ssvi (upgrade) or edited; none is ignored, since each bears on how inputs are read"
+                + ("written by a newer ssvi (upgrade) or edited; none is ignored, since each bears on how inputs are read"
+                   if unknown else "edited, or written by another program")
             )
         spec = cls(
             name=str(d["name"]),
