@@ -356,6 +356,16 @@ def test_images_beside_the_class_folders_are_passed_over_with_a_warning(tmp_path
     assert len(files) == 3 * len(NAMES)
     assert [r.getMessage() for r in caplog.records] == [
         f"{photos}: 2 images outside the class folders are passed over (an image's class is its folder's name)"]
+    caplog.clear()
+    split = tmp_path / "split"
+    for part in ("train", "test"):
+        for digit, name in NAMES.items():
+            write_class(split / part / name, digit, 2)
+    Image.fromarray(images[0]).save(split / "stray.png")  # beside train/ and test/
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli.data.imagefolder"):
+        scan_folder(split)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{split}: 1 image outside the split folders is passed over (an image's class is its folder's name)"]
 
 
 def test_files_of_an_image_kind_ssvi_does_not_read_are_counted_in_a_warning_and_train_says_the_split_sizes(

@@ -80,12 +80,7 @@ def _class_folders(folder: Path, where: str) -> dict[str, tuple[Path, ...]]:
     if len(classes) == 1:
         raise DataError(f"{where} {folder} holds one class folder ({classes[0].name}); a classifier needs "
                         "at least two, add a folder per class")
-    loose = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and _visible(p.name) and p.is_file())
-    if loose and str(folder) not in _LOOSE_SAID:  # once: a folder is scanned more than once
-        _LOOSE_SAID.add(str(folder))
-        logger.warning("%s: %s passed over (an image's class is its folder's name)", shown(folder),
-                       "1 image outside the class folders is" if loose == 1 else
-                       f"{loose} images outside the class folders are")
+    _say_loose(folder, "class")
     found = {}
     for cls in classes:
         if shown(cls.name) != cls.name:
@@ -97,6 +92,17 @@ def _class_folders(folder: Path, where: str) -> dict[str, tuple[Path, ...]]:
                             "or remove the folder")
         found[cls.name] = files
     return found
+
+
+def _say_loose(folder: Path, kind: str) -> None:
+    """Warn, once per folder (it is scanned more than once), of images lying beside its ``kind``
+    folders ("class", or "split" at a split layout's root): passed over, they were left out unsaid."""
+    loose = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and _visible(p.name) and p.is_file())
+    if loose and str(folder) not in _LOOSE_SAID:
+        _LOOSE_SAID.add(str(folder))
+        logger.warning("%s: %s passed over (an image's class is its folder's name)", shown(folder),
+                       f"1 image outside the {kind} folders is" if loose == 1 else
+                       f"{loose} images outside the {kind} folders are")
 
 
 def _labelled(classes: dict[str, tuple[Path, ...]], names: tuple[str, ...]) -> tuple[tuple[Path, ...], torch.Tensor]:
@@ -124,6 +130,7 @@ def scan_folder(path: Path) -> FolderScan:
             raise DataError(f"image folder {root} has {'/, '.join(present)}/ but no {needed}/; add "
                             f"{root / needed}/<class>/, or, for class folders directly in {root}, name none of "
                             f"them {', '.join(SPLIT_FOLDERS)} (the split layout's folders)")
+    _say_loose(root, "split")
     by_split = {s: _class_folders(root / s, f"{s} folder") for s in present}
     names = tuple(by_split["train"])
     for split, classes in by_split.items():
