@@ -607,3 +607,27 @@ def test_missing_mnist_files_say_gunzip_and_where_data_dir_points(tmp_path):
         with pytest.raises(DatasetUnavailable) as caught:
             build_dataset(name, data_dir=tmp_path / "data" / "data")
         assert "--data-dir is the folder" not in str(caught.value)
+
+
+def test_a_cifar_archive_fetched_by_hand_is_named_and_download_unpacks_it_offline(tmp_path, monkeypatch):
+    """cifar-10-python.tar.gz in --data-dir, not unpacked: the error named the missing batches only."""
+    import hashlib
+    import shutil
+    import tarfile
+
+    import torchvision.datasets as tvd
+
+    folder = write_cifar10(tmp_path / "made")
+    accept_fixture_checksums(monkeypatch, tmp_path / "made")
+    archive = tmp_path / "data" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    shutil.rmtree(tmp_path / "made")
+    with pytest.raises(DatasetUnavailable, match=rf"\(missing data_batch_1, .*; its archive cifar-10-python.tar.gz is in "
+                                                 rf"{tmp_path / 'data'}: --download unpacks it, without the network "
+                                                 r"when it is the original; torchvision: "):
+        build_dataset("cifar10", data_dir=tmp_path / "data")
+    monkeypatch.setattr(tvd.CIFAR10, "tgz_md5", hashlib.md5(archive.read_bytes()).hexdigest())  # as the original's
+    splits = build_dataset("cifar10", data_dir=tmp_path / "data", download=True)  # no network here: unpacked
+    assert len(splits.test) == 20 and (tmp_path / "data" / "cifar-10-batches-py" / "data_batch_1").is_file()

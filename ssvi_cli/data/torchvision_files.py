@@ -42,9 +42,10 @@ def _inner_hint(data_dir: Path, where: Path, expected: Sequence[str]) -> str:
 
 
 def _call_torchvision(name: str, factory: Callable[[], object], data_dir: Path, where: Path, download: bool,
-                      expected: Sequence[str] = ()):
+                      expected: Sequence[str] = (), archive: str = ""):
     """Run a torchvision constructor, turning its missing-file errors into DataErrors (which name the
-    ``expected`` files missing from ``where``, the folder it reads below ``data_dir``)."""
+    ``expected`` files missing from ``where``, the folder it reads below ``data_dir``, and the
+    dataset's ``archive`` when it lies in ``data_dir`` unpacked)."""
     stall_seconds()  # a bad SSVI_NETWORK_TIMEOUT is its own one-line error, not one of the files'
     if data_dir.exists() and not data_dir.is_dir():  # --download would fail as well: nothing goes in a file
         raise DatasetUnavailable(f"{name}: the data folder {data_dir} is a file, not a folder; give the folder that "
@@ -63,6 +64,9 @@ def _call_torchvision(name: str, factory: Callable[[], object], data_dir: Path, 
         several = len(packed) > 1
         detail += (f"{'their .gz archives are' if several else 'its .gz archive is'} there: unpack with gunzip; "
                    if packed else "")
+        if missing and archive and (data_dir / archive).is_file():  # CIFAR's tar.gz fetched by hand
+            detail += (f"its archive {archive} is in {data_dir}: --download unpacks it, without the network "
+                       "when it is the original; ")
         detail += _inner_hint(data_dir, where, expected)
         raise DatasetUnavailable(
             f"{name} not found or corrupted at {where} ({detail}torchvision: {said}); pass --download "
@@ -99,7 +103,8 @@ def torchvision_loader(name: str, cls_name: str,
         fresh = [p for p in (location(data_dir), *location(data_dir).parents) if not p.exists()]  # deepest first
         try:
             expected = expected_files(cls, "train" if train else "test")
-            ds = _call_torchvision(name, make, data_dir, location(data_dir), download, expected)
+            archive = getattr(cls, "filename", "") if hasattr(cls, "train_list") else ""  # CIFAR's tar.gz
+            ds = _call_torchvision(name, make, data_dir, location(data_dir), download, expected, archive)
         except DataError:  # a failed download (a mistyped --data-dir, say) leaves no empty folders behind
             for folder in (f for f in fresh if f.is_dir()):  # not all of them are made (CIFAR's after unpacking)
                 try:
