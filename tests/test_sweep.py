@@ -1111,3 +1111,21 @@ def test_the_help_gives_the_grids_defaults(capsys, monkeypatch):
     spec = SweepSpec()
     assert f"default {','.join(spec.methods)})" in said and f"(default {','.join(map(str, spec.sparsities))})" in said
     assert f"(default {len(spec.seeds)}: seed 0)" in said
+
+
+def test_resume_keeps_no_figures_as_it_keeps_jobs(tmp_path: Path, monkeypatch):
+    """A sweep started with --no-figures wrote the figures when --resume went on without the flag."""
+    import ssvi_cli.sweep.report as report
+    import ssvi_cli.sweep.runner as runner
+    from ssvi_cli.sweep.runner import Outcome
+
+    said = []
+    monkeypatch.setattr(runner, "run_cells", lambda *a, **k: Outcome())
+    write = report.write_report
+    monkeypatch.setattr(report, "write_report", lambda d, figures, *a, **k: said.append(figures) or write(d, False, *a, **k))
+    out = str(tmp_path / "sw")
+    assert run(["sweep", "--sparsity", "0.9", "--set", "train.epochs=1", "--out", out, "--no-figures"]) == 0
+    assert run(["sweep", "--resume", out]) == 0
+    assert run(["sweep", "--resume", out, "--figures"]) == 0  # given: it holds, and is kept in turn
+    assert run(["sweep", "--resume", out]) == 0
+    assert said == [False, False, True, True]

@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         resume: Annotated[Optional[Path], typer.Option(help="Continue the sweep in this directory (finished cells are skipped, interrupted ones resume).")] = None,
         report: Annotated[Optional[Path], typer.Option(help="Only (re)write the report of the sweep in this directory.")] = None,
         run_cell_dir: Annotated[Optional[Path], typer.Option("--run-cell", help="Run one cell directory (train or resume, then evaluate); what --dry-run lists.")] = None,
-        figures: Annotated[bool, typer.Option(help="Write the figures (needs matplotlib).")] = True,
+        figures: Annotated[Optional[bool], typer.Option("--figures/--no-figures", help="Write the figures (needs matplotlib; default yes; with --resume: as the sweep last ran).", show_default=False)] = None,
         force: Annotated[bool, typer.Option(help="Replace another sweep in --out (its own files, cells included) instead of refusing; a folder that is not a sweep is never emptied.")] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print the report (with --dry-run: the cell commands; with --run-cell: the cell's training summary and evaluation) as JSON only.")] = False,
         baseline: Annotated[Optional[list[str]], typer.Option(help="Also report every group's paired differences (mean ± standard error over common seeds) from the one group this names: KEY=VALUE with KEY method, sparsity or a swept key (also by its last part: criterion=mean), repeatable (e.g. --baseline method=vi).")] = None,
@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
         from ssvi_cli.sweep.checks import check_ood_paths, check_ood_sets, check_runnable, idle_axes
         from ssvi_cli.sweep.request import spec_from_flags
         from ssvi_cli.sweep.runner import cell_dir, cell_state
-        from ssvi_cli.sweep.sweepdir import claim_sweep_dir, recorded_processes
+        from ssvi_cli.sweep.sweepdir import claim_sweep_dir, recorded_figures, recorded_processes
         from ssvi_cli.training import distributed
 
         grid_given = any(v for v in (method, sparsity, seeds, criterion, set_, preset, file, ood, samples, out_dir, force))
@@ -82,7 +82,7 @@ def register(app: typer.Typer) -> None:
             from ssvi_cli.fileio import UnwritablePath
 
             try:
-                result = reportmod.write_report(report, figures, baseline)
+                result = reportmod.write_report(report, figures is not False, baseline)
             except UnwritablePath as exc:  # a sweep on a read-only share: its report is still worth reading
                 result = {**reportmod.build_report(report, baseline), "files": []}
                 err.print(f"note: the report was not written ({exc}); it is printed only", highlight=False)
@@ -94,6 +94,7 @@ def register(app: typer.Typer) -> None:
             if jobs is None:  # the cells go on as they ran: their numbers move with the thread count
                 ran_jobs, ran_threads = recorded_processes(resume)
                 jobs, threads = ran_jobs, threads or ran_threads
+            figures = recorded_figures(resume) if figures is None else figures
             check_selection(spec, cells, baseline or [])
             if any(cell_state(cell_dir(resume, c), spec) != "done" for c in cells):
                 check_ood_paths(spec)
@@ -130,7 +131,8 @@ def register(app: typer.Typer) -> None:
             err.print(f"note: --threads {threads} is more than the {count(usable_cpus(), 'core')} this process may "
                       f"use; each cell runs {usable_cpus()}", highlight=False)
             threads = usable_cpus()
-        _run(sweep_dir, spec, cells, jobs, threads or max(1, usable_cpus() // jobs), json_out, figures, baseline)
+        _run(sweep_dir, spec, cells, jobs, threads or max(1, usable_cpus() // jobs), json_out, figures is not False,
+             baseline)
 
 
 def _dry_run(sweep_dir: Path, cells: list[Any], json_out: bool = False, spec: Any = None) -> None:
@@ -164,7 +166,7 @@ def _run(sweep_dir: Path, spec: "SweepSpec", cells: list[Any], jobs: int, thread
     from ssvi_cli.sweep.sweepdir import record_processes, sweep_lock
 
     with sweep_lock(sweep_dir):  # shared while the cells run and the report is written; --force waits for it
-        record_processes(sweep_dir, jobs, threads)
+        record_processes(sweep_dir, jobs, threads, figures)
         # On stderr under --json too, as plain lines (no bar): a sweep runs for long, and silence reads as a hang.
         err.print(f"sweep {sweep_dir}: {count(len(cells), 'cell')}, {jobs} at a time, {count(threads, 'thread')} each")
         with progress_bar(enabled=not json_out) as bar:

@@ -28,13 +28,23 @@ SWEEP_ENTRIES = (SWEEP_FILE, CELLS_DIR, LOGS_DIR, COMMANDS_FILE, REPORT_JSON, RE
 RAN_WITH = "ran_with"  # sweep.json: the --jobs and --threads the sweep last ran its cells with
 
 
-def record_processes(sweep_dir: Path, jobs: int, threads: int) -> None:
+def record_processes(sweep_dir: Path, jobs: int, threads: int, figures: bool = True) -> None:
     """Write into ``sweep.json`` the ``--jobs``/``--threads`` the cells run with now, which a
-    ``--resume`` without them takes again: a CPU cell's numbers move in their last digits with its
-    thread count."""
+    ``--resume`` without them takes again (a CPU cell's numbers move in their last digits with its
+    thread count), and whether the report has figures (``--no-figures``), which it keeps too."""
     path = Path(sweep_dir) / SWEEP_FILE
     data = json.loads(path.read_text(encoding="utf-8"))
-    write_json(path, {**data, RAN_WITH: {"jobs": jobs, "threads": threads}})
+    write_json(path, {**data, RAN_WITH: {"jobs": jobs, "threads": threads, "figures": figures}})
+
+
+def recorded_figures(sweep_dir: Path) -> bool:
+    """Whether the sweep last ran with figures (``record_processes``; yes for one from before that
+    was recorded)."""
+    try:
+        ran = json.loads((Path(sweep_dir) / SWEEP_FILE).read_text(encoding="utf-8")).get(RAN_WITH) or {}
+    except (OSError, ValueError, AttributeError):
+        return True
+    return not (isinstance(ran, dict) and ran.get("figures") is False)
 
 
 def recorded_processes(sweep_dir: Path) -> tuple[Optional[int], Optional[int]]:
