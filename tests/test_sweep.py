@@ -1129,3 +1129,17 @@ def test_resume_keeps_no_figures_as_it_keeps_jobs(tmp_path: Path, monkeypatch):
     assert run(["sweep", "--resume", out, "--figures"]) == 0  # given: it holds, and is kept in turn
     assert run(["sweep", "--resume", out]) == 0
     assert said == [False, False, True, True]
+
+
+def test_a_flag_of_train_given_to_sweep_is_told_its_set(capsys, tmp_path: Path):
+    """sweep --epochs 1 said "No such option: --epochs (Possible options: --report)"."""
+    for flag, words in (("--epochs", "ssvi sweep takes no --epochs: --set train.epochs=VALUE gives every cell that value"),
+                        ("--data-dir", "--set data.data_dir=VALUE"), ("--lr", "--set optim.lr=VALUE"),
+                        ("--seed", "ssvi sweep takes no --seed: --seeds N runs seeds 0 to N-1")):
+        assert run(["sweep", "--dry-run", flag, "1", "--out", str(tmp_path / "sw")]) == 2
+        said = capsys.readouterr().err
+        assert said.startswith(f"error: {words}") or words in said, said
+        assert len(said.strip().splitlines()) == 1
+    assert run(["sweep", "--dry-run", "--bogus", "1"]) == 2  # no key of that name: Click's own refusal
+    assert "No such option: --bogus" in capsys.readouterr().err
+    assert not (tmp_path / "sw").exists()

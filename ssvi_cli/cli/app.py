@@ -36,7 +36,10 @@ class _OnceEach(typer.core.TyperCommand):
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         try:  # Click's own reading of the line, which lists each option once per occurrence
             _, _, order = self.make_parser(ctx).parse_args(args=list(args))
-        except Exception:  # noqa: BLE001 - a line Click cannot read: its own parse below says why
+        except Exception as exc:  # noqa: BLE001 - a line Click cannot read: its own parse below says why
+            hint = sweep_cmd.train_flag_hint(str(getattr(exc, "option_name", ""))) if self.name == "sweep" else None
+            if hint:  # Click's "No such option: --epochs (Possible options: --report)" led nowhere
+                raise UsageError(hint) from None
             order = []
         if any(getattr(p, "name", None) == "help" for p in order):  # --help answers whatever else is there
             order = []

@@ -135,6 +135,19 @@ def register(app: typer.Typer) -> None:
              baseline)
 
 
+def train_flag_hint(option: str) -> Optional[str]:
+    """For a flag ``ssvi sweep`` lacks that names a config key as ``ssvi train``'s flags do (``--epochs``,
+    ``--data-dir``), the ``--set`` that gives it; None for any other."""
+    from ssvi_cli.cli.train_config import flag_of
+    from ssvi_cli.config import valid_keys
+
+    if option == "--seed":
+        return "ssvi sweep takes no --seed: --seeds N runs seeds 0 to N-1 (a seed list: --file, seeds: [..])"
+    key = next((k for k in valid_keys() if flag_of(k) == option), None)
+    return None if key is None else (f"ssvi sweep takes no {option}: --set {key}=VALUE gives every cell that value "
+                                     f"(--set {key}=A,B sweeps it)")
+
+
 def _dry_run(sweep_dir: Path, cells: list[Any], json_out: bool = False, spec: Any = None) -> None:
     from ssvi_cli.fileio import write_text
     from ssvi_cli.sweep.runner import cell_command, cell_dir, evaluated
