@@ -1092,7 +1092,7 @@ def test_more_threads_than_cores_are_recorded_as_the_cells_run_them(tmp_path: Pa
     assert run(["sweep", "--set", "train.epochs=1", *TINY, "--threads", "8", "--out", str(out), "--no-figures"]) == 0
     assert calls == [(1, 2)]
     assert "note: --threads 8 is more than the 2 cores this process may use; each cell runs 2" in capsys.readouterr().err
-    assert json.loads((out / "sweep.json").read_text())["ran_with"] == {"jobs": 1, "threads": 2}
+    assert json.loads((out / "sweep.json").read_text())["ran_with"] == {"jobs": 1, "threads": 2, "figures": False}
 
 
 @pytest.mark.parametrize("mode", ["--resume", "--report", "--run-cell"])

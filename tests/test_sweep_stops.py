@@ -202,7 +202,7 @@ def test_a_bare_resume_runs_the_cells_with_the_jobs_and_threads_the_sweep_ran_wi
     monkeypatch.setattr(runner, "run_cells", lambda _dir, _cells, jobs, threads, *_: calls.append((jobs, threads)) or Outcome())
     out = tmp_path / "sw"
     assert run(["sweep", "--set", "train.epochs=1", *TINY, "--jobs", "2", "--threads", "1", "--out", str(out), "--no-figures"]) == 0
-    assert json.loads((out / "sweep.json").read_text())["ran_with"] == {"jobs": 2, "threads": 1}
+    assert json.loads((out / "sweep.json").read_text())["ran_with"] == {"jobs": 2, "threads": 1, "figures": False}
     # A cluster job (a cpuset, taskset) may run on 3 of the machine's 16 cores: those are shared out.
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6}, raising=False)
@@ -210,7 +210,7 @@ def test_a_bare_resume_runs_the_cells_with_the_jobs_and_threads_the_sweep_ran_wi
     for args, ran in (([], (2, 1)), (["--threads", "3"], (2, 3)), (["--jobs", "1"], (1, 3))):
         assert run(["sweep", "--resume", str(out), "--no-figures", *args]) == 0
         assert calls[-1] == ran and f"{ran[0]} at a time" in capsys.readouterr().err
-    assert json.loads((out / "sweep.json").read_text())["ran_with"] == {"jobs": 1, "threads": 3}
+    assert json.loads((out / "sweep.json").read_text())["ran_with"] == {"jobs": 1, "threads": 3, "figures": False}
     assert read_spec(out)[0].fixed["train.epochs"] == 1  # the grid as it was
 
 
