@@ -83,7 +83,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def bench(
         model: Annotated[str, typer.Option(help="mlp (784-1024-1024-10), lenet5, resnet18, or torchvision:NAME (any torchvision classifier, built as ssvi train builds it).")] = "mlp",
-        sparsity: Annotated[Optional[str], typer.Option(help="Comma-separated sparsities (default 0.9,0.95,0.98; resnet18 and torchvision: 0.95).")] = None,
+        sparsity: Annotated[Optional[str], typer.Option(help="Comma-separated sparsities, each in (0, 1) (default 0.9,0.95,0.98; resnet18 and torchvision: 0.95).")] = None,
         batch_size: Annotated[Optional[int], typer.Option(min=1, help="Minibatch size (default 256; resnet18: 16; torchvision: 8).")] = None,
         samples: Annotated[Optional[int], typer.Option(min=1, help="Monte Carlo draws per prediction (default 16; resnet18 and torchvision: 4).")] = None,
         repeats: Annotated[Optional[int], typer.Option(min=1, help="Timed repeats per variant (default 10; resnet18 and torchvision: 3).")] = None,

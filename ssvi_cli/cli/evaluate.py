@@ -103,7 +103,7 @@ def register(app: typer.Typer) -> None:
                                               show_default=False)],
         dataset: Annotated[Optional[str], typer.Option(help="In-distribution dataset (default: the one the model was trained on).")] = None,
         split: Annotated[str, typer.Option(help="test, val (the training-time validation split), or all: every image of an image folder, labelled by class folder name (a labelled folder the model never saw; it may hold fewer classes).")] = "test",
-        ood: Annotated[Optional[list[str]], typer.Option("--ood", help="OOD set, repeatable: a name (noise, sklearn-photos, svhn, cifar10, cifar100, mnist, fashion-mnist, kmnist: read from --data-dir); heldout (the test images of the classes the model was not trained on, see data.classes); NAME=DIR (that torchvision set read from DIR); or PATH, a folder of images and .npy files (read as ssvi infer reads it), or one .npy array shaped (N,H,W), (N,C,H,W), (N,H,W,C) or (N,C*H*W), a row per flattened input; LABEL=PATH names it LABEL in the report. A value with a /, ending in .npy or naming an existing file or folder is a path (write ./noise for a folder called noise).")] = None,
+        ood: Annotated[Optional[list[str]], typer.Option("--ood", help="OOD set, repeatable: a name (noise and sklearn-photos, made or shipped with ssvi; svhn, cifar10, cifar100, mnist, fashion-mnist, kmnist, read from --data-dir); heldout (the test images of the classes the model was not trained on, see data.classes); NAME=DIR (that torchvision set read from DIR); or PATH, a folder of images and .npy files (read as ssvi infer reads it), or one .npy array shaped (N,H,W), (N,C,H,W), (N,H,W,C) or (N,C*H*W), a row per flattened input; LABEL=PATH names it LABEL in the report. A value with a /, ending in .npy or naming an existing file or folder is a path (write ./noise for a folder called noise).")] = None,
         samples: Annotated[Optional[str], typer.Option(help="Monte Carlo samples S, or a list such as 1,5,10,30 for a table over S (default 30).")] = None,
         mode: Annotated[str, typer.Option(help="mc (Bayesian model average of S samples) or mean (the mean network).")] = "mc",
         batch_size: Annotated[int, typer.Option(help="Images per prediction batch.")] = 500,
@@ -114,7 +114,7 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); the default, cpu, gives the numbers a machine without a GPU gives.")] = "cpu",
         json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document (and nothing else) on stdout.")] = False,
         output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the JSON report to this *.json file (atomically).")] = None,
-        plots: Annotated[Optional[Path], typer.Option(help="Write reliability.png, and ood_scores.png with --ood, into this folder.")] = None,
+        plots: Annotated[Optional[Path], typer.Option(help="Write reliability.png, and ood_scores.png with --ood, into this folder; needs matplotlib.")] = None,
     ) -> None:
         """Accuracy, calibration (ECE, debiased class-marginal L2 CE), uncertainty and OOD detection."""
         from ssvi_cli.evaluation import evaluator as ev

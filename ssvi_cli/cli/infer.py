@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def infer(
         model_file: Annotated[Path, typer.Argument(help="A model file (.safetensors), a training checkpoint (.pt) or a run directory.")],
-        inputs: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, BMP, GIF, WebP, TIFF, PPM/PGM), folders (recursive; hidden files skipped), .npy arrays, or - for standard input.")],
+        inputs: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, BMP, GIF, WebP, TIFF, PPM/PGM/PBM/PNM), folders (recursive; hidden files skipped), .npy arrays, or - for standard input.")],
         samples: Annotated[Optional[int], typer.Option(help="Monte Carlo samples S (mode mc; default 10).", show_default=False)] = None,
         mode: Annotated[str, typer.Option(help="mc (Bayesian model average) or mean (theta = mu).")] = "mc",
         batch_size: Annotated[int, typer.Option(help="Inputs per forward pass.")] = 256,

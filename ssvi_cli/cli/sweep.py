@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
         sparsity: Annotated[Optional[str], typer.Option(help="Sparsities, comma-separated, e.g. 0.8,0.9,0.95,0.98 (default 0.95).")] = None,
         seeds: Annotated[Optional[int], typer.Option(help="Seeds 0..N-1 per cell (default 1: seed 0).", min=1)] = None,
         criterion: Annotated[Optional[str], typer.Option(help="Removal criteria to sweep, comma-separated (the criteria ablation).")] = None,
-        set_: Annotated[Optional[list[str]], typer.Option("--set", help="A config key and its values, a grid axis (--set sparse.alpha=0.3,0.5), or one value for every cell (repeatable).")] = None,
+        set_: Annotated[Optional[list[str]], typer.Option("--set", help="A config key and its values, a grid axis (--set sparse.alpha=0.3,0.5), or one value for every cell (repeatable); a key that holds a list, model.widths, reads a comma list as one value (128,256) and an axis from bracketed lists ([128],[256]).")] = None,
         preset: Annotated[Optional[str], typer.Option(help="Preset of every cell (default digits_mlp).")] = None,
         file: Annotated[Optional[Path], typer.Option("--file", help="A YAML sweep: preset, methods, sparsities, seeds (a count or a list), set (key: a value, or a list of values for an axis), ood, samples.", exists=True, dir_okay=False)] = None,
         ood: Annotated[Optional[list[str]], typer.Option(help="OOD sets every cell is evaluated on, as 'ssvi evaluate --ood' takes them (repeatable).")] = None,
