@@ -293,15 +293,18 @@ def ood_metrics(score_in: Any, score_out: Any) -> dict[str, float]:
     }
 
 
+def has_spread(sample_probs: Optional[Any]) -> bool:
+    """Whether draws ``(S, N, C)`` can disagree: two or more (one draw's MI is 0 whatever the model)."""
+    return sample_probs is not None and len(sample_probs) >= 2
+
+
 def classification_metrics(
     probs: Any, labels: Any, sample_probs: Optional[Any] = None, n_bins: int = 15
 ) -> dict[str, Optional[float]]:
     """All in-distribution numbers under stable keys.
 
-    ``accuracy, nll, brier, ece, debiased_marginal_l2_ce, entropy_mean, mi_mean`` (None without
-    ``sample_probs``), ``misclassification_auroc_entropy`` and ``misclassification_auroc_max_prob``
-    (score ``1 − max prob``).
-    """
+    ``accuracy, nll, brier, ece, debiased_marginal_l2_ce, entropy_mean, mi_mean`` (None without two
+    draws, :func:`has_spread`), ``misclassification_auroc_entropy``, ``..._max_prob`` (``1 − max p``)."""
     p, y = _inputs(probs, labels)
     return {
         "accuracy": accuracy(p, y),
@@ -310,7 +313,7 @@ def classification_metrics(
         "ece": ece(p, y, n_bins),
         "debiased_marginal_l2_ce": debiased_marginal_l2_ce(p, y, n_bins),
         "entropy_mean": float(predictive_entropy(p).mean()),
-        "mi_mean": None if sample_probs is None else float(mutual_information(sample_probs).mean()),
+        "mi_mean": float(mutual_information(sample_probs).mean()) if has_spread(sample_probs) else None,
         "misclassification_auroc_entropy": misclassification_auroc(p, y, predictive_entropy(p)),
         "misclassification_auroc_max_prob": misclassification_auroc(p, y, _one_minus_max_prob(p)),
     }

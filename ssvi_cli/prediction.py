@@ -25,7 +25,7 @@ from ssvi_cli.argcheck import whole
 from ssvi_cli.core.gaussian import LRT_EPS, input_under_autocast
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
 from ssvi_cli.core.modes import drawing, evaluating, one_draw_per_forward, sampling
-from ssvi_cli.metrics import mutual_information, predictive_entropy
+from ssvi_cli.metrics import has_spread, mutual_information, predictive_entropy
 from ssvi_cli.models import SSVIModel
 
 MODES = ("mc", "mean")
@@ -265,7 +265,7 @@ class Prediction:
 
     probs: Tensor                 # (N, C)
     entropy: Tensor               # (N,) predictive entropy, nats
-    mutual_information: Optional[Tensor]  # (N,) epistemic part; None for the mean network
+    mutual_information: Optional[Tensor]  # (N,) epistemic part; None for the mean network and for one draw
     samples: Optional[int]
 
 
@@ -285,5 +285,5 @@ def predict(model: nn.Module, x: Tensor, samples: int = 30, mode: str = "mc") ->
     probs, draws = predict_batch(model, x, whole("samples", samples) if mode == "mc" else samples, mode)
     probs_np = probs.double().cpu().numpy()
     entropy = torch.from_numpy(predictive_entropy(probs_np))
-    mi = torch.from_numpy(mutual_information(draws.double().cpu().numpy())) if draws is not None else None
+    mi = torch.from_numpy(mutual_information(draws.double().cpu().numpy())) if has_spread(draws) else None
     return Prediction(probs, entropy, mi, samples if draws is not None else None)

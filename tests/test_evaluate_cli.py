@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -263,3 +264,27 @@ def test_more_draws_than_the_memory_holds_are_refused_before_predicting(capsys, 
     assert _json(capsys, str(model_file), "--mode", "mean")["mode"] == "mean"  # no draws to keep
     monkeypatch.setattr(machine, "available_memory", lambda: None)  # not Linux: nothing is checked
     assert _json(capsys, str(model_file), "--samples", "31")["samples"] == 31
+
+
+def test_one_draw_reports_no_mutual_information(capsys, model_file, tmp_path):
+    """At S = 1 the mutual information is 0 whatever the model: it was shown as 0.0000 and scored OOD
+    detection at AUROC 0.5, as if measured. None (a dash) at S = 1, in evaluate, infer and ssvi.predict."""
+    import numpy as np
+    import torch
+
+    import ssvi_cli as ssvi
+
+    report = _json(capsys, str(model_file), "--samples", "1,5", "--ood", "noise", "--ood-max-items", "50")
+    one, five = report["per_samples"]
+    assert one["metrics"]["mi_mean"] is None and five["metrics"]["mi_mean"] > 0
+    assert "mutual_information" not in one["ood"]["noise"]["scores"]
+    assert "mutual_information" in five["ood"]["noise"]["scores"]
+    code, out, _ = _evaluate(capsys, str(model_file), "--samples", "1,5", "--ood", "noise", "--ood-max-items", "50")
+    assert code == 0 and re.search(r"noise AUROC \(MI\)\s+-\s+0\.\d{4}", out), out
+    np.save(tmp_path / "x.npy", np.zeros((2, 8, 8), np.float32))
+    assert run(["infer", str(model_file), str(tmp_path / "x.npy"), "--samples", "1", "--json"]) == 0
+    assert [r["mutual_information"] for r in json.loads(capsys.readouterr().out)["predictions"]] == [None, None]
+    model = ssvi.load(model_file)
+    got = ssvi.predict(model, torch.zeros(2, 1, 8, 8), samples=1)
+    assert got.mutual_information is None and got.samples == 1
+    assert ssvi.predict(model, torch.zeros(2, 1, 8, 8), samples=2).mutual_information is not None

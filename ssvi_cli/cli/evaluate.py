@@ -79,10 +79,10 @@ def samples_table(report: dict[str, Any]) -> Table:
         table.add_column(f"S={row['samples']}", justify="right")
     for key, label in METRIC_LABELS.items():
         table.add_row(label, *(fmt(row["metrics"][key]) for row in rows))
-    for name, block in rows[0]["ood"].items():
+    for name, block in rows[-1]["ood"].items():  # the largest S has every score (one draw has no MI)
         for score in block["scores"]:
             table.add_row(f"{name} AUROC ({SCORE_LABELS.get(score, score)})",
-                          *(fmt(row["ood"][name]["scores"][score]["auroc"]) for row in rows))
+                          *(fmt(row["ood"][name]["scores"].get(score, {}).get("auroc")) for row in rows))
     return table
 
 

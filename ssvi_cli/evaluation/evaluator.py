@@ -120,9 +120,9 @@ def _at(sample_probs: Optional[np.ndarray], probs: np.ndarray, s: int) -> tuple[
 
 
 def _scores(probs: np.ndarray, sample_probs: Optional[np.ndarray]) -> dict[str, np.ndarray]:
-    """Every uncertainty score available (mutual information needs Monte Carlo draws)."""
+    """Every uncertainty score available (mutual information needs two Monte Carlo draws or more)."""
     return {name: M.uncertainty_score(name, probs, sample_probs) for name in M.UNCERTAINTY_SCORES
-            if sample_probs is not None or name != "mutual_information"}
+            if M.has_spread(sample_probs) or name != "mutual_information"}
 
 
 def _ood_block(scores_in: dict[str, np.ndarray], scores_out: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:

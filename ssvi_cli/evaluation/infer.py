@@ -26,7 +26,7 @@ from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.data.transforms import preprocess
 from ssvi_cli.evaluation.arrays import InputError, load_array
 from ssvi_cli.core.modes import using_kernel
-from ssvi_cli.metrics import mutual_information, predictive_entropy
+from ssvi_cli.metrics import has_spread, mutual_information, predictive_entropy
 from ssvi_cli.models import SSVIModel
 from ssvi_cli.prediction import NonFiniteOutput, predict_batch
 
@@ -149,7 +149,7 @@ def predict_records(model: SSVIModel, x: Tensor, class_names: Sequence[str], *, 
     probs, sample_probs = predict_batch(model, x, samples, mode)
     probs = probs.cpu()
     entropy = predictive_entropy(probs.numpy())
-    mi = mutual_information(sample_probs.cpu().numpy()) if sample_probs is not None else None
+    mi = mutual_information(sample_probs.cpu().numpy()) if has_spread(sample_probs) else None
     k = top_count(top_k, probs.shape[1])
     top_p, top_i = probs.topk(k, dim=1)
     records = []
