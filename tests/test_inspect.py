@@ -228,6 +228,14 @@ def test_a_deterministic_model_is_described_as_one(tmp_path, capsys):
     plots = tmp_path / "plots"
     assert run(["inspect", str(path), "--plots", str(plots)]) == 2
     assert "no Bayesian layer" in capsys.readouterr().err and not plots.exists()
+    # an empty SNR table, and its dense size called a BNN's (it is the means alone): said as what they are
+    assert report["totals"]["bayesian"] is False
+    assert run(["inspect", str(path)]) == 0
+    shown = capsys.readouterr().out
+    assert "posterior: none (a deterministic model" in shown and "SNR = |mu| / sigma" not in shown
+    assert "dense float32 bytes (means: deterministic)" in shown and "BNN bytes" not in shown
+    assert run(["export", str(path), "-o", str(tmp_path / "again.safetensors")]) == 0
+    assert "dense float32 bytes (means: deterministic)" in capsys.readouterr().out
 
 
 def test_an_upper_case_checkpoint_suffix_is_a_checkpoint(run_dir, tmp_path, capsys):

@@ -252,6 +252,12 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def dense_label(bayesian: bool) -> str:
+    """The size a compact file is compared with: a dense BNN's (μ and σ), or for a deterministic model
+    a dense network's (its means alone)."""
+    return "dense float32 BNN bytes" if bayesian else "dense float32 bytes (means: deterministic)"
+
+
 def kv_table(title: str, rows: dict[str, Any]) -> Table:
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column("key", style="bold", no_wrap=True)

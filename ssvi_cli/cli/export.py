@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ssvi_cli.cli.common import UsageError, check_output_file, err, kv_table, out, print_json
+from ssvi_cli.cli.common import UsageError, check_output_file, dense_label, err, kv_table, out, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -48,6 +48,6 @@ def register(app: typer.Typer) -> None:
             "active weights": f"{report['active_weights']:,} of {report['total_weights']:,} ({report['density']:.4f})"
                               + (f"; the file stores all {report['stored_weights']:,}" if report["layout"] == "dense" else ""),
             "file bytes": f"{report['file_bytes']:,} (header {report['header_bytes']:,})",
-            "dense float32 BNN bytes": f"{report['dense_bnn_bytes']:,}",
+            dense_label(report.get("bayesian", True)): f"{report['dense_bnn_bytes']:,}",
             "compression ratio": f"{report['compression_ratio']:.2f}x",
         }))

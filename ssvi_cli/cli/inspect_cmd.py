@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from ssvi_cli.cli.common import UsageError, check_output_dir, count, err, kv_table, out, print_json
+from ssvi_cli.cli.common import UsageError, check_output_dir, count, dense_label, err, kv_table, out, print_json
 
 HISTORY_ROWS = 12  # support-history steps shown in the table (all are in --json)
 
@@ -96,7 +96,10 @@ def _print_report(r: dict[str, Any]) -> None:
         "test accuracy": r["metrics"].get("test_accuracy"),
     }))
     out.print(_layers_table(r["layers"]))
-    out.print(_posterior_table(r["layers"]))
+    if r["architecture"].get("bayesian", True):
+        out.print(_posterior_table(r["layers"]))
+    else:  # its table would be dashes under an SNR title
+        out.print("posterior: none (a deterministic model: its weights are means, with no sigma or SNR)")
     flops = r["flops"]["per_prediction"]
     out.print(f"FLOPs per prediction: {'-' if flops is None else format(flops, ',')} ({r['flops']['convention']})")
     t = r["totals"]
@@ -104,7 +107,7 @@ def _print_report(r: dict[str, Any]) -> None:
         "active weights": f"{t['active_weights']:,} of {t['total_weights']:,} (density {t['density']:.4f})",
         "file bytes": f"{t['file_bytes']:,} (header {t['header_bytes']:,}"
                       + ("" if t["measured_from"] == "file" else f"; measured from the {t['measured_from']}") + ")",
-        "dense float32 BNN bytes": f"{t['dense_bnn_bytes']:,}",
+        dense_label(t.get("bayesian", True)): f"{t['dense_bnn_bytes']:,}",
         "compression ratio": f"{t['compression_ratio']:.2f}x",
     }))
     for note in r.get("notes", []):
