@@ -72,8 +72,9 @@ def test_json_is_one_document_laid_out_as_every_json_of_ssvi_with_the_records_th
     assert code == 0, captured.err
     doc = json.loads(captured.out)
     assert captured.out == json.dumps(doc, indent=2) + "\n"
-    assert list(doc) == ["model", "mode", "samples", "seed", "inputs", "seconds", "skipped", "predictions"]
+    assert list(doc) == ["model", "mode", "samples", "seed", "inputs", "seconds", "skipped", "notes", "predictions"]
     assert doc["inputs"] == 12 and [s["input"] for s in doc["skipped"]] == [str(tmp_path / "bad.png")]
+    assert len(doc["notes"]) == 1 and doc["notes"][0].startswith("skipped 1 of 2 input files that cannot be read")
     lines = (tmp_path / "p.jsonl").read_text().splitlines()
     assert doc["predictions"] == [json.loads(line) for line in lines] and len(lines) == 12
     from ssvi_cli.cli.infer import _JsonRecords
@@ -344,6 +345,7 @@ def test_a_deterministic_model_notes_that_samples_are_not_used(tmp_path, digits,
     np.save(tmp_path / "x.npy", digits[:2])
     out = infer_json(capsys, str(model), str(tmp_path / "x.npy"), "--samples", "30")
     assert out["mode"] == "mean" and out["samples"] is None
+    assert out["notes"] == [f"{model} is deterministic: it runs as the mean network, and --samples is not used"]
     assert run(["infer", str(model), str(tmp_path / "x.npy"), "--samples", "30"]) == 0
     assert "deterministic: it runs as the mean network, and --samples is not used" in capsys.readouterr().err
     assert run(["infer", str(model), str(tmp_path / "x.npy")]) == 0

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ssvi_cli import fileio
 from ssvi_cli.config import MAX_SAMPLES, MAX_SEED
-from ssvi_cli.cli.common import (UsageError, check_device, check_output_file, count, err, fmt, json_text, out,
+from ssvi_cli.cli.common import (UsageError, check_device, check_output_file, count, err, json_text, out,
                                    print_json, progress_bar)
 
 SHOWN_ROWS = 50  # the table shows this many inputs; --output holds all
@@ -60,12 +60,14 @@ def register(app: typer.Typer) -> None:
         files = expand_inputs(inputs)
         loaded = load_model(model_file, kernel="prediction")
         loaded.model.to(device)
+        notes: list[str] = []  # on stderr as they come, and under --json in the document too
         if note := loaded.card.training.unfinished_note():  # a checkpoint, or a file exported from one
-            err.print(f"note: the model of {model_file} was {note}", highlight=False)
+            notes.append(f"the model of {model_file} was {note}")
         effective = mode if is_bayesian(loaded.model) else "mean"
         if effective != mode and samples_given:
-            err.print(f"note: {model_file} is deterministic: it runs as the mean network, and --samples "
-                      "is not used")
+            notes.append(f"{model_file} is deterministic: it runs as the mean network, and --samples is not used")
+        for note in notes:
+            err.print(f"note: {note}", highlight=False, markup=False)
         started = time.perf_counter()
         skipped: Optional[list[tuple[str, Exception]]] = [] if skip_unreadable else None
         spooled = _JsonRecords()
@@ -98,10 +100,12 @@ def register(app: typer.Typer) -> None:
         if skip_unreadable:
             header["skipped"] = [{"input": name, "error": why} for name, why in reasons]
         if reasons:
-            err.print(f"note: skipped {len(reasons)} of {count(passed.total, 'input file')} that cannot be read: "
-                      + ", ".join(name for name, _ in reasons[:10])
-                      + (f" and {len(reasons) - 10} more" if len(reasons) > 10 else "")
-                      + f" (the first: {reasons[0][1]})", highlight=False, markup=False)
+            notes.append(f"skipped {len(reasons)} of {count(passed.total, 'input file')} that cannot be read: "
+                         + ", ".join(name for name, _ in reasons[:10])
+                         + (f" and {len(reasons) - 10} more" if len(reasons) > 10 else "")
+                         + f" (the first: {reasons[0][1]})")
+            err.print(f"note: {notes[-1]}", highlight=False, markup=False)
+        header["notes"] = notes
         if json_out:
             spooled.print(header)
             return
@@ -170,7 +174,7 @@ def _table(records: list[dict[str, Any]], header: dict[str, Any]) -> Table:
                          ("entropy", "right"), ("MI", "right")):
         table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for r in records[:SHOWN_ROWS]:
-        mi = fmt(r["mutual_information"])
+        mi = "-" if r["mutual_information"] is None else f"{r['mutual_information']:.2e}"  # one format a column
         top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top_k"])
         table.add_row(r["input"], r["class"], f"{r['probability']:.4f}", top, f"{r['entropy']:.4f}", mi)
     return table
