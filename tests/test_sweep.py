@@ -1128,7 +1128,11 @@ def test_resume_keeps_no_figures_as_it_keeps_jobs(tmp_path: Path, monkeypatch):
     assert run(["sweep", "--resume", out]) == 0
     assert run(["sweep", "--resume", out, "--figures"]) == 0  # given: it holds, and is kept in turn
     assert run(["sweep", "--resume", out]) == 0
-    assert said == [False, False, True, True]
+    assert run(["sweep", "--resume", out, "--no-figures"]) == 0
+    assert run(["sweep", "--report", out]) == 0  # --report and the grid run again keep it too
+    assert run(["sweep", "--sparsity", "0.9", "--set", "train.epochs=1", "--out", out]) == 0
+    assert run(["sweep", "--sparsity", "0.9", "--set", "train.epochs=1", "--out", str(tmp_path / "new")]) == 0
+    assert said == [False, False, True, True, False, False, False, True]
 
 
 def test_a_flag_of_train_given_to_sweep_is_told_its_set(capsys, tmp_path: Path):
@@ -1142,4 +1146,9 @@ def test_a_flag_of_train_given_to_sweep_is_told_its_set(capsys, tmp_path: Path):
         assert len(said.strip().splitlines()) == 1
     assert run(["sweep", "--dry-run", "--bogus", "1"]) == 2  # no key of that name: Click's own refusal
     assert "No such option: --bogus" in capsys.readouterr().err
+    assert run(["sweep", "--dry-run", "--widths", "64"]) == 2  # a list-valued key sweeps from bracketed lists
+    assert "(--set model.widths=[A],[B] sweeps it)" in capsys.readouterr().err
+    assert run(["sweep", "--dry-run", "--sparsity"]) == 2  # its own flag without a value: Click's word, not a hint
+    said = capsys.readouterr().err
+    assert "requires an argument" in said and "takes no" not in said
     assert not (tmp_path / "sw").exists()

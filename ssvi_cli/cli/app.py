@@ -37,7 +37,8 @@ class _OnceEach(typer.core.TyperCommand):
         try:  # Click's own reading of the line, which lists each option once per occurrence
             _, _, order = self.make_parser(ctx).parse_args(args=list(args))
         except Exception as exc:  # noqa: BLE001 - a line Click cannot read: its own parse below says why
-            hint = sweep_cmd.train_flag_hint(str(getattr(exc, "option_name", ""))) if self.name == "sweep" else None
+            unknown = type(exc).__name__ == "NoSuchOption"  # not an option of its own given without a value
+            hint = sweep_cmd.train_flag_hint(str(getattr(exc, "option_name", ""))) if unknown and self.name == "sweep" else None
             if hint:  # Click's "No such option: --epochs (Possible options: --report)" led nowhere
                 raise UsageError(hint) from None
             order = []

@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         resume: Annotated[Optional[Path], typer.Option(help="Continue the sweep in this directory (finished cells are skipped, interrupted ones resume).")] = None,
         report: Annotated[Optional[Path], typer.Option(help="Only (re)write the report of the sweep in this directory.")] = None,
         run_cell_dir: Annotated[Optional[Path], typer.Option("--run-cell", help="Run one cell directory (train or resume, then evaluate); what --dry-run lists.")] = None,
-        figures: Annotated[Optional[bool], typer.Option("--figures/--no-figures", help="Write the figures (needs matplotlib; default yes; with --resume: as the sweep last ran).", show_default=False)] = None,
+        figures: Annotated[Optional[bool], typer.Option("--figures/--no-figures", help="Write the figures (needs matplotlib; default yes, or for a sweep that exists, as it last ran).", show_default=False)] = None,
         force: Annotated[bool, typer.Option(help="Replace another sweep in --out (its own files, cells included) instead of refusing; a folder that is not a sweep is never emptied.")] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print the report (with --dry-run: the cell commands; with --run-cell: the cell's training summary and evaluation) as JSON only.")] = False,
         baseline: Annotated[Optional[list[str]], typer.Option(help="Also report every group's paired differences (mean ± standard error over common seeds) from the one group this names: KEY=VALUE with KEY method, sparsity or a swept key (also by its last part: criterion=mean), repeatable (e.g. --baseline method=vi).")] = None,
@@ -82,7 +82,8 @@ def register(app: typer.Typer) -> None:
             from ssvi_cli.fileio import UnwritablePath
 
             try:
-                result = reportmod.write_report(report, figures is not False, baseline)
+                result = reportmod.write_report(report, recorded_figures(report) if figures is None else figures,
+                                                baseline)
             except UnwritablePath as exc:  # a sweep on a read-only share: its report is still worth reading
                 result = {**reportmod.build_report(report, baseline), "files": []}
                 err.print(f"note: the report was not written ({exc}); it is printed only", highlight=False)
@@ -114,6 +115,8 @@ def register(app: typer.Typer) -> None:
                 err.print(f"note: --force replaces another sweep; {sweep_dir} holds this one, whose finished cells "
                           f"are kept (delete {sweep_dir / 'cells'}, or a cell's folder in it, to train them again)",
                           highlight=False)
+            if figures is None:  # the sweep there, continued or grown, as it last ran; a new one with them
+                figures = recorded_figures(sweep_dir) if how in ("same", "grown") else True
             if how != "same":  # the same grid continues with its cells as it named them
                 for note in notes:  # on stderr: --json keeps standard output for the report
                     err.print(note, highlight=False)
@@ -139,13 +142,16 @@ def train_flag_hint(option: str) -> Optional[str]:
     """For a flag ``ssvi sweep`` lacks that names a config key as ``ssvi train``'s flags do (``--epochs``,
     ``--data-dir``), the ``--set`` that gives it; None for any other."""
     from ssvi_cli.cli.train_config import flag_of
-    from ssvi_cli.config import valid_keys
+    from ssvi_cli.config import key_type, valid_keys
 
     if option == "--seed":
         return "ssvi sweep takes no --seed: --seeds N runs seeds 0 to N-1 (a seed list: --file, seeds: [..])"
     key = next((k for k in valid_keys() if flag_of(k) == option), None)
-    return None if key is None else (f"ssvi sweep takes no {option}: --set {key}=VALUE gives every cell that value "
-                                     f"(--set {key}=A,B sweeps it)")
+    if key is None:
+        return None
+    listed = "tuple" in str(key_type(key))  # tuple[int, ...], Optional[tuple[str, ...]]
+    axis = f"{key}=[A],[B]" if listed else f"{key}=A,B"  # a list-valued key reads A,B as one list
+    return f"ssvi sweep takes no {option}: --set {key}=VALUE gives every cell that value (--set {axis} sweeps it)"
 
 
 def _dry_run(sweep_dir: Path, cells: list[Any], json_out: bool = False, spec: Any = None) -> None:
