@@ -84,7 +84,7 @@ def test_report_has_every_metric_with_samples_and_mode(run):
     # measurement and ranks nothing, so it is left out (None, no OOD score), as in mean mode.
     assert report["per_samples"][0]["metrics"]["mi_mean"] is None
     assert "mutual_information" not in report["per_samples"][0]["ood"]["noise"]["scores"]
-    assert report["per_samples"][-1]["ood"] == report["ood"]  # one shape: n and scores, at every S
+    assert report["per_samples"][-1]["ood"] == report["ood"]  # the largest S is the headline
     assert report["metrics"]["mi_mean"] > 0
     noise = report["ood"]["noise"]
     assert noise["n"] == 300

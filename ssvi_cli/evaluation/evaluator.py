@@ -162,7 +162,8 @@ def evaluate(
     n_bins, metrics`` (``metrics.classification_metrics`` at S), ``ood`` (set -> ``n`` and
     ``scores`` -> score name -> auroc, aupr_in, aupr_out, fpr_at_95_tpr at S), ``ood_sources``
     (set -> digest, for the user's own folders and arrays: ``ood_sets.source_digest``), ``per_samples``
-    (one entry per S with ``samples, metrics, ood``, its ``ood`` shaped as the top one), ``reliability`` (15-bin diagram at S),
+    (one entry per S with ``samples, metrics, ood``, its ``ood`` shaped as the top one but at S = 1 without
+    mutual information), ``reliability`` (15-bin diagram at S),
     ``notes`` and ``seconds``. A model that is not Bayesian is evaluated as the mean network.
     """
     start = time.perf_counter()
