@@ -417,7 +417,7 @@ def test_transparent_pixels_are_said_to_be_dropped_once(model_file, digits, tmp_
     """A digit drawn in alpha alone over black (or white) RGB was predicted as a blank image in silence."""
     from ssvi_cli.data import images
 
-    images._WARNED_ONCE.discard("alpha")
+    images._WARNED.discard(("", "alpha"))
     rgba = np.zeros((8, 8, 4), dtype=np.uint8)
     rgba[:, :, :3], rgba[:, :, 3] = background, digits[0]
     for name in ("a.png", "b.png"):

@@ -36,13 +36,12 @@ import torch
 
 from ssvi_cli.config import DataConfig
 from ssvi_cli.data.sources import DATASET_FAMILIES, DatasetSource
-from ssvi_cli.data.images import IMAGE_SUFFIXES, UnreadableImages, find_files, read_image, shown
+from ssvi_cli.data.images import IMAGE_SUFFIXES, UnreadableImages, find_files, read_image, shown, warn_once
 from ssvi_cli.data.spec import DataError, DataSpec, RawImages, decoded
 from ssvi_cli.data.splits import stratified_split
 from ssvi_cli.data.transforms import TensorImageDataset, preprocess, random_crop_flip
 
 logger = logging.getLogger(__name__)
-_LOOSE_SAID: set[str] = set()  # folders whose loose images were warned of
 progress = logging.getLogger("ssvi_cli.progress")  # lines for a person waiting (printed by the command line)
 
 FAMILY = "imagefolder"
@@ -98,11 +97,10 @@ def _say_loose(folder: Path, kind: str) -> None:
     """Warn, once per folder (it is scanned more than once), of images lying beside its ``kind``
     folders ("class", or "split" at a split layout's root): passed over, they were left out unsaid."""
     loose = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and _visible(p.name) and p.is_file())
-    if loose and str(folder) not in _LOOSE_SAID:
-        _LOOSE_SAID.add(str(folder))
-        logger.warning("%s: %s passed over (an image's class is its folder's name)", shown(folder),
-                       f"1 image outside the {kind} folders is" if loose == 1 else
-                       f"{loose} images outside the {kind} folders are")
+    if loose:
+        warn_once(logger, (str(folder), "loose"), "%s: %s passed over (an image's class is its folder's name)",
+                  shown(folder), f"1 image outside the {kind} folders is" if loose == 1 else
+                  f"{loose} images outside the {kind} folders are")
 
 
 def _labelled(classes: dict[str, tuple[Path, ...]], names: tuple[str, ...]) -> tuple[tuple[Path, ...], torch.Tensor]:

@@ -27,8 +27,15 @@ _ALPHA_MODES = ("LA", "PA", "RGBA", "La", "RGBa")
 _GRAY16_MODES = ("I;16", "I;16B", "I;16L")
 
 
-_WARNED: set[tuple[str, str]] = set()  # links find_files has warned of
-_WARNED_ONCE: set[str] = set()  # warnings given once in a process: "alpha"
+_WARNED: set[tuple[str, str]] = set()  # the keys of the warnings given (warn_once)
+
+
+def warn_once(logger: logging.Logger, key: tuple[str, str], message: str, *args: object) -> None:
+    """``logger``'s warning, once a process for ``key`` (a folder and what is said of it): a dataset's
+    folder is scanned more than once, and a warning per image would bury the others."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        logger.warning(message, *args)
 
 
 def find_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES, apart: Sequence[Path] = ()) -> list[Path]:
@@ -53,10 +60,9 @@ def find_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES, apart: Se
         real = os.path.realpath(top)
         astray = not Path(real).is_relative_to(own) and any(Path(real).is_relative_to(o) for o in others)
         if real in seen or astray:
-            if astray and (top, real) not in _WARNED:  # once: a dataset is scanned more than once
-                _WARNED.add((top, real))
-                logging.getLogger(__name__).warning("%s leads to %s, outside %s; its images are passed over",
-                                                    shown(top), shown(real), shown(folder))
+            if astray:
+                warn_once(logging.getLogger(__name__), (top, real), "%s leads to %s, outside %s; its images are "
+                          "passed over", shown(top), shown(real), shown(folder))
             dirs[:] = []
             continue
         seen.add(real)
@@ -69,14 +75,13 @@ def find_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES, apart: Se
                 found.append(Path(top) / name)
             elif suffix in _pillow_suffixes():
                 passed[suffix] = passed.get(suffix, 0) + 1
-    if special and (str(folder), "special") not in _WARNED:  # a named pipe would block the read for ever
-        _WARNED.add((str(folder), "special"))
-        logging.getLogger(__name__).warning("%s: %s passed over: a named pipe, socket or device, not a regular file",
-                                            shown(folder), "1 file" if special == 1 else f"{special} files")
-    if passed and set(suffixes) & set(IMAGE_SUFFIXES) and (str(folder), "kinds") not in _WARNED:
-        _WARNED.add((str(folder), "kinds"))
+    if special:  # a named pipe would block the read for ever
+        warn_once(logging.getLogger(__name__), (str(folder), "special"), "%s: %s passed over: a named pipe, socket "
+                  "or device, not a regular file", shown(folder), "1 file" if special == 1 else f"{special} files")
+    if passed and set(suffixes) & set(IMAGE_SUFFIXES):
         kinds = ", ".join(f"{n} {suffix}" for suffix, n in sorted(passed.items()))
-        logging.getLogger(__name__).warning(
+        warn_once(
+            logging.getLogger(__name__), (str(folder), "kinds"),
             "%s: %s passed over (%s), a kind ssvi does not read as images (%s); save them as .png or .jpg to use them",
             shown(folder), "1 file" if sum(passed.values()) == 1 else f"{sum(passed.values())} files", kinds,
             " ".join(IMAGE_SUFFIXES))
@@ -213,9 +218,9 @@ def read_image(path: Path, error: type[Exception] = DataError, stream: Optional[
             alpha = mode in _ALPHA_MODES or "transparency" in img.info
             target = "L" if mode in ("1", "L") else ("RGBA" if alpha else "RGB")
             arr = np.asarray(img.convert(target), dtype=np.uint8)
-            if target == "RGBA" and "alpha" not in _WARNED_ONCE and arr[:, :, 3].min() < 255:
-                _WARNED_ONCE.add("alpha")  # a logo or a digit drawn in alpha alone would be read as blank
-                logging.getLogger(__name__).warning(
+            if target == "RGBA" and ("", "alpha") not in _WARNED and arr[:, :, 3].min() < 255:
+                warn_once(  # a logo or a digit drawn in alpha alone would be read as blank
+                    logging.getLogger(__name__), ("", "alpha"),
                     "%s has transparent pixels: alpha is dropped, not composited (as torchvision's image loader "
                     "does), so the model sees the colour stored under them; flatten such images onto a "
                     "background to choose it (further images with transparency are not named)", what)
