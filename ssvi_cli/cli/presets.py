@@ -73,15 +73,14 @@ def _show_one(name: str, method: Optional[str], json_out: bool) -> None:
             data = cfgmod.load_preset(name, method).to_dict()
         except cfgmod.ConfigError as exc:  # named by the flag that gave it
             raise cfgmod.ConfigError(f"--method: {exc}" if str(exc).startswith("sparse.method=") else str(exc)) from None
-        if name not in cfgmod.list_presets():  # a shipped preset trains: its tests show it
-            _check_trains(name, [method], by_flag=True)
     else:
         base, per_method = cfgmod.preset_methods(name)
         data = base.to_dict()
         if per_method:
             data["methods"] = {m: _nested(values) for m, values in per_method.items()}
-        if name not in cfgmod.list_presets():
-            _check_trains(name, [None, *per_method])
+    if name not in cfgmod.list_presets():  # a shipped preset trains: its tests show it
+        methods = [method] if method is not None else [None, *data.get("methods", {})]  # its own, then its section's
+        _check_trains(name, methods, by_flag=method is not None)
     if json_out:
         print_json(data)
         return

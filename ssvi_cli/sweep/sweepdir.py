@@ -37,24 +37,26 @@ def record_processes(sweep_dir: Path, jobs: int, threads: int, figures: bool = T
     write_json(path, {**data, RAN_WITH: {"jobs": jobs, "threads": threads, "figures": figures}})
 
 
-def recorded_figures(sweep_dir: Path) -> bool:
-    """Whether the sweep last ran with figures (``record_processes``; yes for one from before that
-    was recorded)."""
+def _ran_with(sweep_dir: Path) -> dict[str, Any]:
+    """What ``record_processes`` wrote (empty for a sweep from before it was recorded, or unreadable)."""
     try:
         ran = json.loads((Path(sweep_dir) / SWEEP_FILE).read_text(encoding="utf-8")).get(RAN_WITH) or {}
     except (OSError, ValueError, AttributeError):
-        return True
-    return not (isinstance(ran, dict) and ran.get("figures") is False)
+        return {}
+    return ran if isinstance(ran, dict) else {}
+
+
+def recorded_figures(sweep_dir: Path) -> bool:
+    """Whether the sweep last ran with figures (``record_processes``; yes for one from before that
+    was recorded)."""
+    return _ran_with(sweep_dir).get("figures") is not False
 
 
 def recorded_processes(sweep_dir: Path) -> tuple[Optional[int], Optional[int]]:
     """The ``--jobs`` and ``--threads`` of ``record_processes`` (None, None for a sweep from before
     they were recorded)."""
-    try:
-        ran = json.loads((Path(sweep_dir) / SWEEP_FILE).read_text(encoding="utf-8")).get(RAN_WITH) or {}
-    except (OSError, ValueError, AttributeError):
-        return None, None
-    jobs, threads = (ran.get(k) if isinstance(ran, dict) else None for k in ("jobs", "threads"))
+    ran = _ran_with(sweep_dir)
+    jobs, threads = (ran.get(k) for k in ("jobs", "threads"))
     return tuple(v if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else None  # type: ignore[return-value]
                  for v in (jobs, threads))
 
