@@ -1,8 +1,8 @@
 """The dense leaves of a layer's capture forwards, and the sum of their gradients.
 
 In capture mode (:func:`ssvi_cli.core.modes.capturing_dense_grad`) a layer's forward runs through a
-dense leaf holding μ, so that backward yields ∂L/∂μ at every position. A loop that accumulates
-gradients runs several such forwards (micro-batches) before it collects: each forward gets its own
+dense leaf holding μ, so that backward yields ∂L/∂μ of the data term at every position. A loop that
+accumulates gradients runs several such forwards (micro-batches) before it collects: each forward gets its own
 leaf, and the gradients of all of them are summed, as autograd sums a parameter's gradient over
 several backward passes. A leaf whose gradient has arrived is folded into the sum when the next
 forward starts, so at most one dense sum is kept besides the leaves still in a graph.

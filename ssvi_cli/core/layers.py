@@ -227,7 +227,8 @@ class SparseGaussian(nn.Module):
         return out if self.bias is None else out + self.bias.view((1, -1) + (1,) * (out.dim() - 2))
 
     def _forward_capture(self, x: Tensor) -> Tensor:
-        """Forward through a dense leaf holding mu so backward yields dL/dmu at every position.
+        """Forward through a dense leaf holding mu so backward yields dL/dmu (the data term's:
+        the KL, computed from mu and sigma, does not reach the leaf) at every position.
 
         mu joins the graph too, at its positions (adding mu - mu, exactly zero), so backward gives
         mu its gradient as any forward does: an optimizer step taken after a capture forward (by a

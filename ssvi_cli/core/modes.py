@@ -3,7 +3,7 @@
 - :func:`sampling`: ``lrt`` (local reparameterisation, training), ``mean`` (θ = μ) or ``sample`` (one
   weight draw over the active entries per forward).
 - :func:`capturing_dense_grad`: the forward runs through a dense leaf holding μ, so that backward
-  yields ∂L/∂μ at every position (the addition score of a subspace step).
+  yields ∂L/∂μ of the data term at every position (the addition score of a subspace step).
 - :func:`drawing`: Monte Carlo prediction's per-layer draw state (buffers reused across draws).
 - :func:`one_draw_per_forward`: a layer called twice in one forward reuses its weight draw.
 - :func:`using_kernel`: a different kernel policy, e.g. to compare the sparse and dense products.
