@@ -144,6 +144,30 @@ def test_plots_are_written_as_png(capsys, model_file, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["reliability.png"]
 
 
+def test_the_ood_histograms_name_their_axes(tmp_path):
+    """The OOD panels had no axis labels: a mutual-information panel read 0-250,000 over x of 1e-5."""
+    pytest.importorskip("matplotlib")
+    import numpy as np
+
+    from ssvi_cli.evaluation import plots
+
+    drawn = []
+    real_save = plots._save
+    plots._save = lambda fig, path: drawn.append(fig) or path
+    try:
+        report = {"dataset": "digits", "split": "test", "n": 50, "mode": "mc", "samples": 2,
+                  "ood": {"noise": {"scores": {"entropy": {"auroc": 0.9}, "mutual_information": {"auroc": 0.8}}}}}
+        rng = np.random.default_rng(0)
+        plots.ood_histograms(report, {"entropy": rng.random(50), "mutual_information": rng.random(50) * 1e-5},
+                             {"noise": {"entropy": rng.random(50), "mutual_information": rng.random(50) * 1e-5}},
+                             tmp_path / "ood.png")
+    finally:
+        plots._save = real_save
+    labels = [(ax.get_xlabel(), ax.get_ylabel()) for ax in drawn[0].axes]
+    assert labels == [("predictive entropy (nats)", "density (histogram area 1)"),
+                      ("mutual information (nats)", "density (histogram area 1)")]
+
+
 def test_plots_without_matplotlib_name_the_extra(capsys, model_file, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     code, out, err = _evaluate(capsys, str(model_file), "--plots", str(tmp_path / "p"))

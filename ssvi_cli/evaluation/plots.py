@@ -20,6 +20,7 @@ SCORE_LABELS = {
     "mutual_information": "mutual information",
     "one_minus_max_prob": "1 - max probability",
 }
+SCORE_UNITS = {"entropy": "nats", "mutual_information": "nats", "one_minus_max_prob": "probability"}
 
 
 class PlotsUnavailable(ImportError):
@@ -68,7 +69,7 @@ def reliability_diagram(report: dict[str, Any], path: Path) -> Path:
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
     ece = report["metrics"]["ece"]
-    ax.set_title(f"Reliability: {_subtitle(report)}\nECE ({len(count)} bins) = {ece:.4f}", fontsize=10)
+    ax.set_title(f"Reliability: {_subtitle(report)}\nECE (top-label, {len(count)} bins) = {ece:.4f}", fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
     hist.bar(lower, count / max(count.sum(), 1), width=width, align="edge", color="gray", edgecolor="black")
     hist.set_xlim(0, 1)
@@ -97,6 +98,8 @@ def ood_histograms(report: dict[str, Any], scores_in: dict[str, np.ndarray],
             ax.hist(b, bins=bins, density=True, alpha=0.55, label=f"{name} (OOD)")
             auroc = report["ood"][name]["scores"][score]["auroc"]
             ax.set_title(f"{name}: {SCORE_LABELS.get(score, score)}\nAUROC {auroc:.3f}", fontsize=9)
+            ax.set_xlabel(f"{SCORE_LABELS.get(score, score)} ({SCORE_UNITS.get(score, 'score')})", fontsize=8)
+            ax.set_ylabel("density (histogram area 1)", fontsize=8)
             ax.legend(fontsize=7)
     fig.suptitle(f"OOD scores, {_subtitle(report)}", fontsize=10)
     fig.tight_layout()
