@@ -956,6 +956,32 @@ def test_a_dense_methods_level_is_a_visible_line_when_one_sparsity_was_swept(tmp
         assert ends[:, 0].max() - ends[:, 0].min() > 0.5 * ax.bbox.width, ax.get_title()
 
 
+def test_methods_at_one_sparsity_keep_their_error_bars_apart_and_ticks_name_the_swept_values(tmp_path, monkeypatch):
+    """Two methods at one sparsity were drawn at the same x, one error bar over the other; drawn apart,
+    the axis must not read as other sparsities: its ticks are the swept values alone."""
+    pytest.importorskip("matplotlib")
+    from ssvi_cli.sweep import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda fig, target: drawn.append(fig) or target)
+    monkeypatch.setattr(figures._pyplot(), "close", lambda fig: None)
+    stat = {"mean": 0.9, "std": 0.01, "n": 2}
+    common = {"settings": {}, "seeds": [0, 1], "accuracy": stat, "nll": stat, "ece": stat,
+              "training_flops": {"mean": 1e9, "std": 0.0, "n": 2}}
+    groups = [{"method": m, "sparsity": s, **common} for m in ("ssvi", "static", "rigl") for s in (0.9, 0.95)]
+    figures.write_figures({"groups": groups, "sweep": str(tmp_path)}, tmp_path)
+    for ax in drawn[0].axes:
+        if not ax.get_visible():
+            continue
+        xs = {bars.get_label(): sorted(bars.lines[0].get_xdata()) for bars in ax.containers}
+        assert set(xs) == {"ssvi", "static", "rigl"}, ax.get_title()
+        at_095 = sorted(x[1] for x in xs.values())
+        assert len(set(at_095)) == 3 and at_095[-1] - at_095[0] < 0.05 / 3 + 1e-9  # apart, within a third of the gap
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["0.9", "0.95"]
+    assert "drawn a little apart" in drawn[0].texts[0].get_text()
+    assert "mean ± std over seeds" in drawn[1].axes[0].get_title()
+
+
 def test_a_sweep_folder_that_cannot_be_written_is_one_line_and_its_report_still_prints(tmp_path: Path, capsys):
     out = tmp_path / "sw"
     assert run(["sweep", "--set", "train.epochs=1", *TINY, "--out", str(out), "--dry-run"]) == 0

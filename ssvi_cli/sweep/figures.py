@@ -42,7 +42,7 @@ def _marker(i: int) -> str:
     return MARKERS[i % len(MARKERS)]
 
 
-def _annotate(ax: Any, labels: list[tuple[float, float, str, str]], size: float = 6) -> None:
+def _annotate(ax: Any, labels: list[tuple[float, float, str, str]], size: float = 7) -> None:
     """Sparsity labels beside their points, in their series' colour, placed once the axes are laid out:
     a label whose box would cover another's moves down; the same text at the same point (two series
     through one point) is written once."""
@@ -98,6 +98,7 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> list[Path]:
     axes = list(grid.flat)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
+    offset = _dodge(sparsities, [lab for lab, ms in series.items() if any(g["sparsity"] is not None for g in ms)])
     for ax, (key, title) in zip(axes, panels):
         for i, (label, members) in enumerate(series.items()):
             color = f"C{i}"
@@ -113,13 +114,18 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> list[Path]:
                     ax.errorbar([0.0], [mean], yerr=[std], marker=_marker(i), capsize=3, color=color, label=label)
                 continue
             stats.sort(key=lambda t: t[0])
-            ax.errorbar([s for s, _ in stats], [v["mean"] for _, v in stats], yerr=[v["std"] or 0.0 for _, v in stats],
+            ax.errorbar([s + offset.get(label, 0.0) for s, _ in stats], [v["mean"] for _, v in stats], yerr=[v["std"] or 0.0 for _, v in stats],
                         marker=_marker(i), capsize=3, color=color, label=label, alpha=0.85)
         ax.set_xlabel("sparsity")
+        if sparsities:  # ticks at the swept values alone: methods drawn apart are not read as other sparsities
+            ax.set_xticks(sparsities, [f"{v:g}" for v in sparsities])
+            if len(sparsities) == 1:
+                ax.set_xlim(sparsities[0] - 0.01, sparsities[0] + 0.01)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"mean ± std over seeds ({Path(report['sweep']).name})", fontsize=9)
+    fig.suptitle(f"mean ± std over seeds ({Path(report['sweep']).name})"
+                 + ("; methods drawn a little apart along x" if len(offset) > 1 else ""), fontsize=9)
     fig.tight_layout()
     written = [_save(fig, out_dir / METRICS_VS_SPARSITY)]
     plt.close(fig)
@@ -139,6 +145,8 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> list[Path]:
     _flops_ticks(ax, [p[0] for line in ax.lines for p in line.get_xydata()])
     ax.set_xlabel("training FLOPs (analytic)")
     ax.set_ylabel("test accuracy")
+    ax.set_title("test accuracy against training cost, mean ± std over seeds\n(points labelled with their sparsity)",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -146,6 +154,16 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> list[Path]:
     written.append(_save(fig, out_dir / ACCURACY_VS_FLOPS))
     plt.close(fig)
     return written
+
+
+def _dodge(sparsities: list[float], labels: list[str]) -> dict[str, float]:
+    """An x offset per sparse method, so that methods at one sparsity keep their error bars apart: in all
+    a third of the narrowest gap between swept sparsities (0.01 where one sparsity was swept)."""
+    if len(labels) < 2:
+        return {}
+    gaps = [b - a for a, b in zip(sparsities, sparsities[1:])]
+    spread = (min(gaps) / 3) if gaps else 0.01
+    return {lab: spread * (i / (len(labels) - 1) - 0.5) for i, lab in enumerate(labels)}
 
 
 def _flops_ticks(ax: Any, xs: list[float]) -> None:
