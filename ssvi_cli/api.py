@@ -5,7 +5,7 @@ with uncertainty. These are the pieces the ``ssvi train`` recipe is made of, for
     optimizer = torch.optim.SGD(ssvi_cli.param_groups(model, lr=0.01, lr_sigma=0.01), momentum=0.9)
     subspace = ssvi_cli.Subspace(model, optimizer, total_steps=len(loader) * epochs)
     for x, y in loader:
-        loss = F.cross_entropy(model(x), y) + ssvi_cli.kl_term(model, n_train=len(dataset))
+        loss = F.cross_entropy(model(x), y) + ssvi_cli.kl_term(model, n_train=len(dataset), beta=0.01)
         loss.backward()
         subspace.step()        # the optimizer step, or every delta_t steps a remove-and-add step
         optimizer.zero_grad()

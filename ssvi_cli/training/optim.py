@@ -19,7 +19,11 @@ from ssvi_cli.registry import Registry
 
 def kl_term(model: nn.Module, n_train: int, beta: float = 1.0, prior_sigma: float = 0.005) -> torch.Tensor:
     """``beta * sum_layers KL(q || N(0, prior_sigma^2)) / n_train``, the per-example KL of the
-    (tempered, ``beta < 1``) ELBO over the active weights only (0 for a deterministic model)."""
+    (tempered, ``beta < 1``) ELBO over the active weights only (0 for a deterministic model).
+
+    The defaults are the plain ELBO under the CIFAR recipe's prior; on a small dataset its pull to
+    N(0, 0.005^2) swamps the data term (the recipes temper it: ``beta=0.01``; digits also
+    ``prior_sigma=0.1``)."""
     layers = [layer for _, layer in sparse_layers(model)]
     if not layers:
         raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
