@@ -6,6 +6,7 @@ This module does not import torch, so it stays cheap for ``ssvi presets`` and va
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -233,8 +234,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
+@functools.lru_cache(maxsize=None)
 def _section_types(cls: type) -> dict[str, Any]:
+    """A config section's field types (cached: a large sweep builds thousands of configs; not to be
+    changed by callers)."""
     return get_type_hints(cls)
+
+
+def read_value(key: str, value: Any) -> Any:
+    """``value`` as the config reads it for the settable ``key`` (``on`` -> True, ``"0.9"`` -> 0.9), or
+    :class:`ConfigError`."""
+    return _coerce(value, key_type(key), key)
 
 
 def key_type(key: str) -> Any:

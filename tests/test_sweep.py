@@ -449,6 +449,16 @@ def test_one_ood_array_under_two_spellings_is_one_set_given_twice(tmp_path: Path
     (["--set", "sparse.delta_t=100,100.0"], None, "sparse.delta_t 100 is given twice"),  # as first given
     ([], "seeds: [0, 0]\n", "seed 0 is given twice"),
     ([], "sparsity: [0.9, 0.9]\n", "sparsity 0.9 is given twice"),
+    # values compared as a run reads them: the same run under two names, and YAML's yes/no as numbers
+    ([], 'sparsity: [0.9, "0.9"]\n', "sparsity 0.9 is given twice"),
+    ([], 'set: {data.augment: [on, "on"]}\n', "data.augment true is given twice (also as 'on')"),
+    ([], "sparsity: no\n", "sparsity false: give numbers, e.g. [0.9, 0.95] (YAML reads yes, no, on and off"),
+    ([], "sparsities: [0.9, yes]\n", "sparsities [0.9,true]: give numbers"),
+    ([], "method: yes\n", "method true: give method names"),
+    ([], "sparsity: [abc]\n", "sparsity ['abc']: give numbers"),
+    # an empty value ran the default grid, as an empty file did
+    ([], "set: {}\n", "set is empty; give at least one value or leave the key out"),
+    ([], "ood: []\n", "ood is empty"),
 ])
 def test_what_a_cell_would_refuse_is_refused_before_any_cell_runs(tmp_path: Path, capsys, args, file, message):
     if file is not None:
@@ -918,6 +928,21 @@ def test_one_number_written_two_ways_is_one_value(tmp_path: Path, capsys):
     spec, cells = read_spec(out)
     assert len(cells) == 3 and check_selection(spec, cells, ["bayes.beta=1"])["settings"] == {"bayes.beta": 1.0}
     assert check_selection(spec, cells, ["bayes.beta=1.0"])["settings"] == {"bayes.beta": 1.0}
+
+
+def test_a_flag_that_replaces_a_sweep_files_value_says_so(tmp_path: Path, capsys):
+    """The flag wins over the file, as documented, but the file's values went without a word."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("method: [ssvi, vi]\nsparsities: [0.9, 0.95]\nseeds: 3\nset: {optim.lr: [0.003, 0.01], train.epochs: 1}\n")
+    assert run(["sweep", "--file", str(sweep), "--method", "ssvi", "--sparsity", "0.8", "--seeds", "1",
+                "--set", "optim.lr=0.1", "--out", str(tmp_path / "sw"), "--dry-run"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == ["note: --method replaces the file's method: [ssvi,vi]",
+                     "note: --sparsity replaces the file's sparsities: [0.9,0.95]",
+                     "note: --seeds replaces the file's seeds: [0,1,2]",
+                     "note: --set optim.lr replaces the file's optim.lr: [0.003,0.01]"]
+    assert run(["sweep", "--file", str(sweep), "--out", str(tmp_path / "sw2"), "--dry-run"]) == 0
+    assert "note:" not in capsys.readouterr().err  # nothing replaced, nothing said
 
 
 def test_a_sweep_of_dense_methods_alone_draws_them_at_sparsity_zero(tmp_path: Path):

@@ -100,10 +100,11 @@ def register(app: typer.Typer) -> None:
             if any(cell_state(cell_dir(resume, c), spec) != "done" for c in cells):
                 check_ood_paths(spec)
         else:
-            spec = spec_from_flags(file, preset, method, sparsity, seeds, criterion, set_ or [], ood or [], samples)
+            notes: list[str] = []
+            spec = spec_from_flags(file, preset, method, sparsity, seeds, criterion, set_ or [], ood or [], samples, notes)
             cells = grid.expand(spec)
             check_runnable(spec, cells, device=not dry_run)  # a dry run may list GPU cells on a login node
-            for note in idle_axes(spec):  # on stderr: --json keeps standard output for the report
+            for note in notes + idle_axes(spec):  # on stderr: --json keeps standard output for the report
                 err.print(f"note: {note}", highlight=False)
             check_ood_sets(spec, cells)
             check_selection(spec, cells, baseline or [])  # before anything is written or run

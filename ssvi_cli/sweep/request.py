@@ -28,9 +28,12 @@ def _csv(text: Optional[str], kind: type, flag: str) -> Optional[tuple[Any, ...]
 
 def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optional[str], sparsity: Optional[str],
                     seeds: Optional[int], criterion: Optional[str], sets: list[str], ood: list[str],
-                    samples: Optional[int]) -> SweepSpec:
-    """The sweep spec from the YAML file (if any) with the flags on top."""
+                    samples: Optional[int], notes: Optional[list[str]] = None) -> SweepSpec:
+    """The sweep spec from the YAML file (if any) with the flags on top; ``notes`` receives a line for
+    each value of the file a flag replaced (the flag wins, and says so)."""
     data: dict[str, Any] = {}
+    replaced: list[str] = []
+    spelled: dict[str, str] = {}  # a file's key as it spells it (sparsity: for sparsities), for the messages
     if file is not None:
         import yaml
 
@@ -56,7 +59,8 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
                 if many in data:
                     raise SweepError(f"--file {file}: give {many!r} or {one!r}, not both")
                 data[many] = data.pop(one)
-        _check_file_values(data, file)
+                spelled[many] = one
+        _check_file_values(data, f"--file {file}", spelled)
         if isinstance(data.get("seeds"), int):
             data["seeds"] = list(range(_seed_count(data["seeds"], f"--file {file}: seeds")))
         grid = data.pop("set", {}) or {}
@@ -74,9 +78,15 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
     flags = {"preset": preset, "methods": _csv(method, str, "--method"), "sparsities": _csv(sparsity, float, "--sparsity"),
              "seeds": tuple(range(_seed_count(seeds, "--seeds"))) if seeds is not None else None, "ood": tuple(ood) or None,
              "samples": samples}
+    flag_names = {"methods": "--method", "sparsities": "--sparsity", "ood": "--ood"}
+    replaced += [f"{flag_names.get(k, '--' + k)} replaces the file's {spelled.get(k, k)}: {yaml_text(data[k])}"
+                 for k, v in flags.items() if v is not None and k in data]
     data.update({k: v for k, v in flags.items() if v is not None})
     axes, fixed = dict(data.get("axes", {})), dict(data.get("fixed", {}))
+    file_set = {**axes, **fixed}
     if criterion is not None:  # the flag wins over a file's value, as every flag does
+        if "sparse.criterion" in file_set:
+            replaced.append(f"--criterion replaces the file's sparse.criterion: {yaml_text(file_set['sparse.criterion'])}")
         axes["sparse.criterion"] = list(_csv(criterion, str, "--criterion") or ())
         fixed.pop("sparse.criterion", None)
     given: set[str] = set()
@@ -86,6 +96,8 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
             raise SweepError(f"{key} is given twice (" + ("--criterion and --set" if key not in given else "two --set")
                              + "); give its values once, comma-separated")
         given.add(key)
+        if key in file_set:
+            replaced.append(f"--set {key} replaces the file's {key}: {yaml_text(file_set[key])}")
         axes.pop(key, None)
         fixed.pop(key, None)
         if len(values) > 1:
@@ -105,6 +117,8 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
         if key in data["fixed"]:
             data["fixed"][key] = cfgmod.absolute_path(key, data["fixed"][key])
     _check_once(data)
+    if notes is not None:
+        notes += replaced
     return SweepSpec.from_dict(data)
 
 
@@ -128,10 +142,23 @@ def _check_once(data: dict[str, Any]) -> None:
     for what, values in (("method", data.get("methods")), ("sparsity", data.get("sparsities")),
                          ("seed", data.get("seeds")), ("OOD set", data.get("ood")), *data["axes"].items()):
         values = list(values) if isinstance(values, (list, tuple)) else []  # one value (method: ssvi) is once
-        later = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        meant = [_as_read(what, v) for v in values]  # as the config reads them: on and "on" are one value
+        later = next((i for i, v in enumerate(meant) if v in meant[:i] or values[i] in values[:i]), None)
         if later is not None:
-            raise SweepError(f"{named.get(what, what)} {yaml_text(values[values.index(later)])} is given twice; "
-                             "give each value once")
+            first = values[values.index(values[later])] if values[later] in values[:later] \
+                else values[meant.index(meant[later])]
+            same = "" if yaml_text(first) == yaml_text(values[later]) and type(first) is type(values[later]) \
+                else f" (also as {values[later]!r})"
+            raise SweepError(f"{named.get(what, what)} {yaml_text(first)} is given twice{same}; give each value once")
+
+
+def _as_read(key: str, value: Any) -> Any:
+    """An axis value as ``ssvi train`` reads it for ``key`` (the value itself where it would be refused,
+    or for the grid's own axes); lists as tuples, to compare."""
+    try:
+        return cfgmod.read_value(key, value) if "." in key else value
+    except cfgmod.ConfigError:
+        return value
 
 
 MAX_SEEDS = 10_000  # seeds of one sweep, each a training run of every cell: 1e20 overflowed building the grid
@@ -143,26 +170,46 @@ def _seed_count(count: int, where: str) -> int:
     return count
 
 
-def _check_file_values(data: dict[str, Any], file: Path) -> None:
+def _check_file_values(data: dict[str, Any], where: str, spelled: dict[str, str]) -> None:
     """A sweep file's values that the spec would misread: seeds as a count (an integer >= 1) or a
     list of seeds (integers >= 0), no empty list of methods, sparsities or seeds, a preset name."""
     seeds = data.get("seeds")
     whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731 - True is no seed
     if seeds is not None and not ((whole(seeds) and seeds >= 1) or (isinstance(seeds, list) and seeds
                                                                       and all(whole(v) and v >= 0 for v in seeds))):
-        raise SweepError(f"--file {file}: seeds {seeds!r}: give a count (an integer, at least 1) or a list of "
+        raise SweepError(f"{where}: seeds {seeds!r}: give a count (an integer, at least 1) or a list of "
                          "seeds (integers, 0 or more), e.g. seeds: 3 or seeds: [0, 1, 2]")
-    for key in ("methods", "sparsities"):
-        if key in data and (data[key] is None or data[key] == []):
-            raise SweepError(f"--file {file}: {key} is empty; give at least one value or leave the key out")
+    for key in ("methods", "sparsities", "ood", "set"):
+        if key in data and (data[key] is None or data[key] in ([], {})):
+            raise SweepError(f"{where}: {spelled.get(key, key)} is empty; give at least one value or leave the key out")
+    if "methods" in data and not all(isinstance(v, str) for v in _items(data["methods"])):
+        raise SweepError(f"{where}: {spelled.get('methods', 'methods')} {yaml_text(data['methods'])}: give method names, e.g. "
+                         "[ssvi, vi]" + _YES_NO)
+    if "sparsities" in data:
+        sparsities = _items(data["sparsities"])
+        if any(isinstance(v, bool) for v in sparsities):
+            raise SweepError(f"{where}: {spelled.get('sparsities', 'sparsities')} {yaml_text(data['sparsities'])}: "
+                             "give numbers, e.g. [0.9, 0.95]" + _YES_NO)
+        try:  # as numbers, so that 0.9 and "0.9" are one value given twice
+            data["sparsities"] = [float(v) for v in sparsities]
+        except (TypeError, ValueError):
+            raise SweepError(f"{where}: {spelled.get('sparsities', 'sparsities')} {data['sparsities']!r}: "
+                             "give numbers, e.g. [0.9, 0.95]") from None
     ood = data.get("ood")
     if isinstance(ood, str):  # one set, as `method: ssvi` is one method
         data["ood"] = [ood]
     elif ood is not None and not (isinstance(ood, list) and all(isinstance(v, str) for v in ood)):
-        raise SweepError(f"--file {file}: ood {ood!r}: give a set's name or path, or a list of them, "
+        raise SweepError(f"{where}: ood {ood!r}: give a set's name or path, or a list of them, "
                          "e.g. ood: [noise, heldout]")
     if "preset" in data and not isinstance(data["preset"], str):
-        raise SweepError(f"--file {file}: preset {data['preset']!r}: give a preset name or the path of a preset YAML")
+        raise SweepError(f"{where}: preset {data['preset']!r}: give a preset name or the path of a preset YAML")
+
+
+_YES_NO = " (YAML reads yes, no, on and off unquoted as true and false)"
+
+
+def _items(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _absolute_ood(text: str) -> str:
