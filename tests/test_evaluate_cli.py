@@ -138,7 +138,11 @@ def test_plots_are_written_as_png(capsys, model_file, tmp_path):
     for name in ("reliability.png", "ood_scores.png"):
         data = (folder / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000
-    # The same folder again without --ood: the old OOD histogram would show the earlier evaluation.
+    assert not (folder / "samples.png").exists()  # one S: nothing to draw against S
+    # Several S: the metrics against S drawn too, each OOD score where it exists (no MI at S = 1)
+    code, _, err = _evaluate(capsys, str(model_file), "--ood", "noise", "--samples", "1,2", "--plots", str(folder))
+    assert code == 0, err and (folder / "samples.png").read_bytes().startswith(PNG_MAGIC)
+    # The same folder again without --ood or several S: the old figures would show the earlier evaluation.
     code, _, err = _evaluate(capsys, str(model_file), "--samples", "2", "--plots", str(folder))
     assert code == 0, err
     assert sorted(p.name for p in folder.iterdir()) == ["reliability.png"]
@@ -166,6 +170,25 @@ def test_the_ood_histograms_name_their_axes(tmp_path):
     labels = [(ax.get_xlabel(), ax.get_ylabel()) for ax in drawn[0].axes]
     assert labels == [("predictive entropy (nats)", "density (histogram area 1)"),
                       ("mutual information (nats)", "density (histogram area 1)")]
+
+
+def test_the_samples_figure_draws_each_score_where_it_exists(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from ssvi_cli.evaluation import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    metrics = {"accuracy": 0.9, "nll": 0.3, "ece": 0.02}
+    rows = [{"samples": s, "metrics": metrics,
+             "ood": {"noise": {"scores": {"entropy": {"auroc": 0.9}, **({"mutual_information": {"auroc": a}} if a else {})}}}}
+            for s, a in ((1, None), (5, 0.8), (30, 0.85))]
+    report = {"dataset": "digits", "split": "test", "n": 10, "mode": "mc", "samples": 30, "n_bins": 15, "per_samples": rows}
+    plots.samples_curves(report, tmp_path / "samples.png")
+    axes = drawn[0].axes
+    assert [ax.get_title() for ax in axes] == ["test accuracy", "NLL (nats)", "ECE (top-label, 15 bins)", "OOD AUROC, noise"]
+    lines = {line.get_label(): list(line.get_xdata()) for line in axes[3].get_lines()}
+    assert lines == {"predictive entropy": [1, 5, 30], "mutual information": [5, 30]}
+    assert [t.get_text() for t in axes[0].get_xticklabels()] == ["1", "5", "30"]
 
 
 def test_plots_without_matplotlib_name_the_extra(capsys, model_file, tmp_path, monkeypatch):

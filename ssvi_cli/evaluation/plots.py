@@ -109,9 +109,44 @@ def ood_histograms(report: dict[str, Any], scores_in: dict[str, np.ndarray],
         plt.close(fig)
 
 
+def samples_curves(report: dict[str, Any], path: Path) -> Path:
+    """Accuracy, NLL, ECE and each OOD AUROC against the number of Monte Carlo samples S."""
+    plt = require_pyplot()
+    rows = report["per_samples"]
+    panels = [(lambda r: r["metrics"]["accuracy"], "test accuracy"), (lambda r: r["metrics"]["nll"], "NLL (nats)"),
+              (lambda r: r["metrics"]["ece"], f"ECE (top-label, {report['n_bins']} bins)")]
+    for name, block in rows[-1]["ood"].items():  # the largest S has every score (one draw has no MI)
+        panels.append((name, [score for score in block["scores"]]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.0), squeeze=False)
+    xs = [r["samples"] for r in rows]
+    for ax, (what, title) in zip(axes[0], panels):
+        if callable(what):
+            ax.plot(xs, [what(r) for r in rows], marker="o")
+            ax.set_title(title, fontsize=9)
+        else:  # an OOD set: one line per score, where the score exists at that S
+            for score in title:
+                pts = [(r["samples"], r["ood"][what]["scores"][score]["auroc"]) for r in rows
+                       if score in r["ood"][what]["scores"]]
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=SCORE_LABELS.get(score, score))
+            ax.set_title(f"OOD AUROC, {what}", fontsize=9)
+            ax.legend(fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.minorticks_off()
+        ax.set_xlabel("Monte Carlo samples S")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Metrics against S (each S a prefix of one pass's draws), {_subtitle(report)}", fontsize=10)
+    fig.tight_layout()
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
 def write_plots(result: Any, out_dir: Path) -> list[Path]:
-    """``reliability.png`` and (with OOD sets) ``ood_scores.png`` for an EvaluationResult; an
-    ``ood_scores.png`` left in ``out_dir`` by an earlier evaluation is removed when this one has none."""
+    """``reliability.png``, with OOD sets ``ood_scores.png`` and with several S ``samples.png`` for an
+    EvaluationResult; a figure left in ``out_dir`` by an earlier evaluation that this one would not draw
+    is removed (it would show the earlier evaluation)."""
     out_dir = Path(out_dir)
     report = result.report
     paths = [reliability_diagram(report, out_dir / "reliability.png")]
@@ -119,4 +154,8 @@ def write_plots(result: Any, out_dir: Path) -> list[Path]:
         paths.append(ood_histograms(report, result.scores_in, result.scores_ood, out_dir / "ood_scores.png"))
     else:
         (out_dir / "ood_scores.png").unlink(missing_ok=True)
+    if len(report.get("per_samples", [])) > 1:
+        paths.append(samples_curves(report, out_dir / "samples.png"))
+    else:
+        (out_dir / "samples.png").unlink(missing_ok=True)
     return paths
