@@ -960,8 +960,8 @@ def test_a_sweep_of_dense_methods_alone_draws_them_at_sparsity_zero(tmp_path: Pa
     assert [p.name for p in written] == ["metrics_vs_sparsity.png", "accuracy_vs_flops.png"]
 
 
-def test_a_dense_methods_level_is_a_visible_line_when_one_sparsity_was_swept(tmp_path: Path, monkeypatch):
-    """With one sparsity, dense VI's level was a line from 0.95 to 0.95: nothing to see in any panel."""
+def _figures_drawn(monkeypatch):
+    """The sweep's figures module with its figures kept (not written or closed), and one group's metrics."""
     pytest.importorskip("matplotlib")
     from ssvi_cli.sweep import figures
 
@@ -969,8 +969,13 @@ def test_a_dense_methods_level_is_a_visible_line_when_one_sparsity_was_swept(tmp
     monkeypatch.setattr(figures, "_save", lambda fig, target: drawn.append(fig) or target)
     monkeypatch.setattr(figures._pyplot(), "close", lambda fig: None)
     stat = {"mean": 0.9, "std": 0.01, "n": 2}
-    common = {"settings": {}, "seeds": [0, 1], "accuracy": stat, "nll": stat, "ece": stat,
-              "training_flops": {"mean": 1e9, "std": 0.0, "n": 2}}
+    return figures, drawn, {"settings": {}, "seeds": [0, 1], "accuracy": stat, "nll": stat, "ece": stat,
+                            "training_flops": {"mean": 1e9, "std": 0.0, "n": 2}}
+
+
+def test_a_dense_methods_level_is_a_visible_line_when_one_sparsity_was_swept(tmp_path: Path, monkeypatch):
+    """With one sparsity, dense VI's level was a line from 0.95 to 0.95: nothing to see in any panel."""
+    figures, drawn, common = _figures_drawn(monkeypatch)
     figures.write_figures({"groups": [{"method": "ssvi", "sparsity": 0.95, **common},
                                       {"method": "vi", "sparsity": None, **common}], "sweep": str(tmp_path)}, tmp_path)
     for ax in drawn[0].axes:
@@ -984,15 +989,7 @@ def test_a_dense_methods_level_is_a_visible_line_when_one_sparsity_was_swept(tmp
 def test_methods_at_one_sparsity_keep_their_error_bars_apart_and_ticks_name_the_swept_values(tmp_path, monkeypatch):
     """Two methods at one sparsity were drawn at the same x, one error bar over the other; drawn apart,
     the axis must not read as other sparsities: its ticks are the swept values alone."""
-    pytest.importorskip("matplotlib")
-    from ssvi_cli.sweep import figures
-
-    drawn = []
-    monkeypatch.setattr(figures, "_save", lambda fig, target: drawn.append(fig) or target)
-    monkeypatch.setattr(figures._pyplot(), "close", lambda fig: None)
-    stat = {"mean": 0.9, "std": 0.01, "n": 2}
-    common = {"settings": {}, "seeds": [0, 1], "accuracy": stat, "nll": stat, "ece": stat,
-              "training_flops": {"mean": 1e9, "std": 0.0, "n": 2}}
+    figures, drawn, common = _figures_drawn(monkeypatch)
     groups = [{"method": m, "sparsity": s, **common} for m in ("ssvi", "static", "rigl") for s in (0.9, 0.95)]
     figures.write_figures({"groups": groups, "sweep": str(tmp_path)}, tmp_path)
     for ax in drawn[0].axes:

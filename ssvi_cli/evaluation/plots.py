@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -45,6 +45,17 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _finish(plt: Any, fig: Any, path: Path, title: Optional[str] = None) -> Path:
+    """The figure's title and layout, saved to ``path`` and closed, whatever the save does."""
+    if title is not None:
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
 def _subtitle(report: dict[str, Any]) -> str:
     s = f", S={report['samples']}" if report.get("samples") else ""
     return f"{report['dataset']} {report['split']} (n={report['n']}), {report['mode']}{s}"
@@ -75,10 +86,7 @@ def reliability_diagram(report: dict[str, Any], path: Path) -> Path:
     hist.set_xlim(0, 1)
     hist.set_xlabel("confidence (max probability)")
     hist.set_ylabel("fraction")
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _finish(plt, fig, path)
 
 
 def ood_histograms(report: dict[str, Any], scores_in: dict[str, np.ndarray],
@@ -101,12 +109,7 @@ def ood_histograms(report: dict[str, Any], scores_in: dict[str, np.ndarray],
             ax.set_xlabel(f"{SCORE_LABELS.get(score, score)} ({SCORE_UNITS.get(score, 'score')})", fontsize=8)
             ax.set_ylabel("density (histogram area 1)", fontsize=8)
             ax.legend(fontsize=7)
-    fig.suptitle(f"OOD scores, {_subtitle(report)}", fontsize=10)
-    fig.tight_layout()
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _finish(plt, fig, path, f"OOD scores, {_subtitle(report)}")
 
 
 def samples_curves(report: dict[str, Any], path: Path) -> Path:
@@ -116,7 +119,7 @@ def samples_curves(report: dict[str, Any], path: Path) -> Path:
     panels = [(lambda r: r["metrics"]["accuracy"], "test accuracy"), (lambda r: r["metrics"]["nll"], "NLL (nats)"),
               (lambda r: r["metrics"]["ece"], f"ECE (top-label, {report['n_bins']} bins)")]
     for name, block in rows[-1]["ood"].items():  # the largest S has every score (one draw has no MI)
-        panels.append((name, [score for score in block["scores"]]))
+        panels.append((name, list(block["scores"])))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.0), squeeze=False)
     xs = [r["samples"] for r in rows]
     for ax, (what, title) in zip(axes[0], panels):
@@ -135,12 +138,7 @@ def samples_curves(report: dict[str, Any], path: Path) -> Path:
         ax.minorticks_off()
         ax.set_xlabel("Monte Carlo samples S")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"Metrics against S (each S a prefix of one pass's draws), {_subtitle(report)}", fontsize=10)
-    fig.tight_layout()
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _finish(plt, fig, path, f"Metrics against S (each S a prefix of one pass's draws), {_subtitle(report)}")
 
 
 def write_plots(result: Any, out_dir: Path) -> list[Path]:
