@@ -640,7 +640,7 @@ def test_a_stop_keeps_its_exit_code_when_stderr_has_gone(raised, code):
             if raised == "handled" else "KeyboardInterrupt()")
     child = f"""
 import importlib, os
-from ssvi_cli.cli.train import KeyboardInterruptHandled
+from ssvi_cli.cli.train_fit import KeyboardInterruptHandled
 app_module = importlib.import_module("ssvi_cli.cli.app")
 def stopped(*args, **kwargs):
     raise {stop}

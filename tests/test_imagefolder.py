@@ -397,6 +397,36 @@ def test_files_of_an_image_kind_ssvi_does_not_read_are_counted_in_a_warning_and_
     sizes = summary["images"]
     assert sizes.keys() == {"train", "val", "test"} and sum(sizes.values()) == len(files)
     assert f"({sizes['train']} train, {sizes['val']} val, {sizes['test']} test images)" in err + out
+    # what the run found in the folder, said before it trains (it showed only in inspect --json)
+    line = next(l for l in err.splitlines() if l.startswith("data: "))
+    assert line.startswith(f"data: {len(NAMES)} classes ({', '.join(sorted(NAMES.values()))}); inputs 1x8x8 "
+                           "(data.channels, data.image_size); normalised by mean (") and line.endswith(
+        "measured on the training images"), line
+    assert f"final evaluation on {sizes['test']} test images (2 weight draws, then the mean network) ..." in err
+
+
+def test_each_epochs_line_shows_above_a_terminals_bar(ws, tmp_path, capsys, monkeypatch):
+    """On a terminal the bar of the next epoch replaced the last one and its line was printed only
+    without a bar: a person watching never saw an epoch's val_acc, density or swaps."""
+    import contextlib
+
+    from ssvi_cli.cli import train_fit
+
+    class Bar:
+        def add_task(self, *args, **kwargs):
+            return 0
+
+        def update(self, *args, **kwargs):
+            pass
+
+        def remove_task(self, task):
+            pass
+
+    monkeypatch.setattr(train_fit, "progress_bar", lambda enabled: contextlib.nullcontext(Bar()))
+    assert run(["train", "--data", f"imagefolder:{ws / 'split'}", "--epochs", "2", "--set", "data.image_size=8",
+                "--set", "data.channels=1", "--set", "train.eval_samples=1", "--out", str(tmp_path / "r")]) == 0
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("epoch ")]
+    assert [l.split(" loss ")[0] for l in lines] == ["epoch 1/2", "epoch 2/2"] and all("val_acc" in l for l in lines)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -562,10 +592,11 @@ def test_long_decoding_shows_progress_and_short_decoding_stays_quiet(ws, capsys,
     assert run([*args, "--out", str(tmp_path / "quick")]) == 0
     assert "decoded" not in capsys.readouterr().err  # a few milliseconds: nothing to wait for
     monkeypatch.setattr(imagefolder, "_PROGRESS_EVERY_S", 0.0)  # as if every image took seconds
+    monkeypatch.setattr(imagefolder, "_FIRST_PROGRESS_S", 0.0)
     assert run([*args, "--out", str(tmp_path / "slow"), "--json"]) == 0
     captured = capsys.readouterr()
     n = len(imagefolder.scan_folder(ws / "split").parts["train"][0])
-    assert f"decoded 1/{n} train images of {ws / 'split'}" in captured.err
+    assert f"decoded 1/{n} train images of {ws / 'split'}" in captured.err  # its own val/: train alone
     assert f"decoded {n}/{n} train images of" in captured.err
     json.loads(captured.out)  # stdout stays the JSON document
 

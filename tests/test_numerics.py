@@ -17,7 +17,7 @@ from ssvi_cli.core.layers import SparseGaussian, sparse_layers
 @pytest.fixture(autouse=True)
 def _skip_finish(monkeypatch):
     # The final evaluation/export is not what these tests are about.
-    monkeypatch.setattr(Trainer, "finish", lambda self: {})
+    monkeypatch.setattr(Trainer, "finish", lambda self, progress=None: {})
 
 
 def cfg(**over) -> C.Config:

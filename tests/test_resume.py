@@ -17,7 +17,7 @@ from ssvi_cli.training.trainer import Interrupted, Trainer
 @pytest.fixture(autouse=True)
 def _skip_finish(monkeypatch):
     # The final evaluation/export is covered elsewhere; these tests compare the trained tensors.
-    monkeypatch.setattr(Trainer, "finish", lambda self: {})
+    monkeypatch.setattr(Trainer, "finish", lambda self, progress=None: {})
 
 
 def cfg(**over) -> C.Config:
@@ -182,22 +182,44 @@ def test_a_stop_during_the_final_evaluation_says_so_and_resume_finishes(tmp_path
 
     import ssvi_cli.training.trainer as trainer_module
 
-    def slow_finish(trainer):
+    def slow_finish(trainer, progress=None):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(30)  # the handler stops this at once
         raise AssertionError("the signal did not stop the final evaluation")
 
     before = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(Trainer, "finish", lambda self: trainer_module.finish(self))
+    monkeypatch.setattr(Trainer, "finish", lambda self, progress=None: trainer_module.finish(self, progress))
     monkeypatch.setattr(trainer_module, "finish", slow_finish)
     trainer = Trainer.create(cfg(), tmp_path / "r")
     with pytest.raises(Interrupted) as stop:
         trainer.fit()
     assert stop.value.during == "the final evaluation" and stop.value.step == 40
     assert signal.getsignal(signal.SIGTERM) is before
-    monkeypatch.setattr(trainer_module, "finish", lambda trainer: {"finished": True})
+    monkeypatch.setattr(trainer_module, "finish", lambda trainer, progress=None: {"finished": True})
     resumed = Trainer.resume(tmp_path / "r")
     assert resumed.fit() == {"finished": True} and [r["epoch"] for r in records(tmp_path / "r")] == [1, 2, 3, 4]
+
+
+def test_the_finish_names_its_phases_to_progress_and_to_a_stop(tmp_path: Path, monkeypatch):
+    """A stop while the model file was written said "during the final evaluation"; and nothing told a
+    person watching that the final evaluation had begun (seconds of silence after the last epoch)."""
+    import ssvi_cli.training.summary as summary_module
+    from ssvi_cli.training.records import Progress
+
+    def stopped_write(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the signal did not stop the model file's writing")
+
+    monkeypatch.setattr(summary_module, "write_model_file", stopped_write)
+    monkeypatch.setattr(Trainer, "finish", lambda self, progress=None: summary_module.finish(self, progress))
+    said = []
+    trainer = Trainer.create(cfg(), tmp_path / "r")
+    with pytest.raises(Interrupted) as stop:
+        trainer.fit(Progress(on_phase=said.append))
+    assert stop.value.during == "the writing of the model file"
+    n = len(trainer.splits.test)
+    assert said == [f"final evaluation on {n:,} test images ({trainer.cfg.train.eval_samples} weight draws, "
+                    "then the mean network)"]
 
 
 def test_a_resume_refuses_a_run_another_process_wrote_while_it_was_read(tmp_path: Path):

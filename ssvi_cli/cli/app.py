@@ -21,6 +21,7 @@ from ssvi_cli.cli import presets as presets_cmd
 from ssvi_cli.cli import sweep as sweep_cmd
 from ssvi_cli.cli import train as train_cmd
 from ssvi_cli.cli.common import Debug, UsageError, err, tell
+from ssvi_cli.cli.train_fit import KeyboardInterruptHandled
 from ssvi_cli.training.cpus import fit_torch_threads
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -239,7 +240,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
             _say_interrupted()
             return 130
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except train_cmd.KeyboardInterruptHandled as exc:
+    except KeyboardInterruptHandled as exc:
         if str(exc):
             tell(str(exc))
         return exc.exit_code

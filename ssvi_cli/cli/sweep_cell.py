@@ -25,7 +25,7 @@ def run_cell(path: Path, run: Callable[[list[str]], int], json_out: bool = False
     (``run`` invokes one); what ``--dry-run`` hands a scheduler. Their output is theirs, for a person
     or a log; ``json_out``: it goes to stderr, and standard output gets one JSON document, the cell's
     training summary and evaluation (:func:`cell_document`)."""
-    from ssvi_cli.cli.train import KeyboardInterruptHandled
+    from ssvi_cli.cli.train_fit import KeyboardInterruptHandled
     from ssvi_cli.sweep.grid import CELLS_DIR, is_sweep_dir, read_spec
     from ssvi_cli.sweep.runner import BUSY_EXIT, CellBusy, cell_lock, clear_failure, record_failure, was_stopped
     from ssvi_cli.training.launcher import PARENT_ENV, stop_with_parent
@@ -94,7 +94,7 @@ def _train_and_evaluate(path: Path, cell: Cell, spec: SweepSpec, run: Callable[[
         return code
     code = run(["evaluate", *cell.eval_args(spec, path)])
     if was_stopped(code):  # a stop in training says where to resume itself; this one was silent
-        from ssvi_cli.cli.train import KeyboardInterruptHandled
+        from ssvi_cli.cli.train_fit import KeyboardInterruptHandled
 
         raise KeyboardInterruptHandled("interrupted in the evaluation; the training is kept and the cell is "
                                        "evaluated again", code)

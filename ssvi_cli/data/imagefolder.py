@@ -49,6 +49,7 @@ SPLIT_FOLDERS = ("train", "val", "test")
 TEST_SEED = 20_240_602  # the flat layout's test split does not move with the training seed
 MIN_AUGMENT_SIZE = 16
 _PROGRESS_EVERY_S = 5.0  # seconds between progress lines while decoding
+_FIRST_PROGRESS_S = 1.0  # seconds of decoding before the first
 _LAYOUTS = "PATH/<class>/*.png, or PATH/train/<class>/ and PATH/test/<class>/"
 
 
@@ -172,8 +173,9 @@ def decode_images(files: tuple[Path, ...], image_size: int, channels: int, what:
             out[i] = preprocess(read_image(path), unit)[0].mul_(255.0).round_().to(torch.uint8)
         except DataError as exc:
             bad.append((str(path), exc))
-        if time.monotonic() - last >= _PROGRESS_EVERY_S or (said and i + 1 == len(files)):
-            progress.info("decoded %d/%d %s", i + 1, len(files), what)
+        # the first line soon (a person waits for some sign), then one every few seconds
+        if time.monotonic() - last >= (_PROGRESS_EVERY_S if said else _FIRST_PROGRESS_S) or (said and i + 1 == len(files)):
+            progress.info("decoded %s/%s %s", f"{i + 1:,}", f"{len(files):,}", what)
             last, said = time.monotonic(), True
     if bad:
         raise UnreadableImages(bad, files, what, where)
@@ -273,7 +275,9 @@ def folder_source(argument: str, options: Optional[DataConfig] = None) -> Datase
 
     def load_part(part: str) -> RawImages:
         files, labels = scan.parts[part]
-        return RawImages(FolderImages(files, size, c, f"{part} images of {scan.root}", str(scan.root)), labels,
+        what = ("images for training and validation" if part == "train" and "val" not in scan.parts
+                else f"{part} images")  # the validation split is drawn from the training images
+        return RawImages(FolderImages(files, size, c, f"{what} of {scan.root}", str(scan.root)), labels,
                          scan.class_names)
 
     def complete_spec(current: DataSpec, train: RawImages) -> DataSpec:

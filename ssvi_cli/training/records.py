@@ -51,6 +51,7 @@ class Progress:
     on_epoch_start: Optional[Callable[[int, int], None]] = None        # (epoch, n_batches)
     on_batch: Optional[Callable[[dict[str, float]], None]] = None     # live loss/accuracy
     on_epoch_end: Optional[Callable[[dict[str, Any]], None]] = None   # the metrics.jsonl record
+    on_phase: Optional[Callable[[str], None]] = None                  # after the last epoch: what runs now
 
 
 @dataclass

@@ -18,7 +18,7 @@ from ssvi_cli.modelfile import ModelCard, write_model_file
 from ssvi_cli.prediction import NonFiniteOutput, predict_pass
 from ssvi_cli.training import distributed
 from ssvi_cli.training.optim import lr_factor
-from ssvi_cli.training.records import EpochStats, density_report
+from ssvi_cli.training.records import EpochStats, Progress, density_report
 
 if TYPE_CHECKING:
     from ssvi_cli.training.trainer import Trainer
@@ -84,11 +84,17 @@ def cpu_threads(trainer: "Trainer") -> Optional[int]:
     return torch.get_num_threads() if trainer.device.type == "cpu" else None
 
 
-def finish(trainer: "Trainer") -> dict[str, Any]:
-    """Final test metrics, density and the compact model file; writes ``summary.json``."""
+def finish(trainer: "Trainer", progress: Progress) -> dict[str, Any]:
+    """Final test metrics, density and the compact model file; writes ``summary.json``. ``progress``
+    hears of each phase, as ``trainer.phase`` records it for a stop to name."""
     cfg, state = trainer.cfg, trainer.state
     bayesian = cfg.method.bayesian
     mode = "mc" if bayesian else "mean"
+    trainer.phase = "the final evaluation"
+    if progress.on_phase:
+        n = cfg.train.eval_samples
+        draws = f" ({n} weight draw{'s' * (n != 1)}, then the mean network)" if bayesian else ""
+        progress.on_phase(f"final evaluation on {len(trainer.splits.test):,} test images{draws}")
     test = evaluate_split(trainer, "test", mode=mode)
     test_mean = evaluate_split(trainer, "test", mode="mean") if bayesian else test
     dens = density_report(trainer.model)
@@ -128,6 +134,7 @@ def finish(trainer: "Trainer") -> dict[str, Any]:
                                     captures=state.subspace_steps * trainer.schedule.accumulate))
     if trainer.is_main:
         run = trainer.run
+        trainer.phase = "the writing of the model file"
         summary["model_file"] = str(run.model_file)
         summary["model_file_bytes"] = write_model_file(trainer.model, run.model_file, card(trainer, summary))
         run.write_summary(summary)

@@ -64,6 +64,7 @@ class Trainer:
         self._accumulated: dict[str, Tensor] = {}
         self._captured = 0
         self.stop_requested = False
+        self.phase = "the final evaluation"  # after the last epoch, what a stop interrupts (summary.finish moves it on)
         self.stop_signal = signal.SIGINT  # the signal that asked for the stop (reported in the exit code)
         self._agreed_stop: Optional[int] = None  # under DDP, the stop the ranks agreed in the last step
         self.step_hooks: list[Callable[["Trainer", str], None]] = []
@@ -251,11 +252,11 @@ class Trainer:
             if self._stop_asked():  # asked after the last step: in its validation
                 raise Interrupted(self.run_dir, self.state.step, self.stop_signal, during="the end of training")
         with stop_signals(self._stop_now):  # training is over and checkpointed: a stop needs no step to end
-            return self.finish()
+            return self.finish(progress)
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self, progress: Optional[Progress] = None) -> dict[str, Any]:
         """Final test metrics and the model file (see :func:`ssvi_cli.training.summary.finish`)."""
-        return finish(self)
+        return finish(self, progress or Progress())
 
     def _request_stop(self, signum: signal.Signals) -> None:
         self.stop_requested, self.stop_signal = True, signum
@@ -273,7 +274,7 @@ class Trainer:
         return bool(asked)
 
     def _stop_now(self, signum: signal.Signals) -> None:
-        raise Interrupted(self.run_dir, self.state.step, signum, during="the final evaluation")
+        raise Interrupted(self.run_dir, self.state.step, signum, during=self.phase)
 
     def _run_epoch(self, progress: Progress) -> None:
         epoch = self.state.epoch
