@@ -141,7 +141,8 @@ def test_plots_are_written_as_png(capsys, model_file, tmp_path):
     assert not (folder / "samples.png").exists()  # one S: nothing to draw against S
     # Several S: the metrics against S drawn too, each OOD score where it exists (no MI at S = 1)
     code, _, err = _evaluate(capsys, str(model_file), "--ood", "noise", "--samples", "1,2", "--plots", str(folder))
-    assert code == 0, err and (folder / "samples.png").read_bytes().startswith(PNG_MAGIC)
+    assert code == 0, err
+    assert (folder / "samples.png").read_bytes().startswith(PNG_MAGIC)
     # The same folder again without --ood or several S: the old figures would show the earlier evaluation.
     code, _, err = _evaluate(capsys, str(model_file), "--samples", "2", "--plots", str(folder))
     assert code == 0, err
@@ -179,13 +180,15 @@ def test_the_samples_figure_draws_each_score_where_it_exists(tmp_path, monkeypat
     drawn = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
     metrics = {"accuracy": 0.9, "nll": 0.3, "ece": 0.02}
-    rows = [{"samples": s, "metrics": metrics,
-             "ood": {"noise": {"scores": {"entropy": {"auroc": 0.9}, **({"mutual_information": {"auroc": a}} if a else {})}}}}
+    scores = lambda a: {"scores": {"entropy": {"auroc": 0.9}, **({"mutual_information": {"auroc": a}} if a else {})}}  # noqa: E731
+    rows = [{"samples": s, "metrics": metrics, "ood": {"noise": scores(a), "photos": scores(a)}}
             for s, a in ((1, None), (5, 0.8), (30, 0.85))]
     report = {"dataset": "digits", "split": "test", "n": 10, "mode": "mc", "samples": 30, "n_bins": 15, "per_samples": rows}
     plots.samples_curves(report, tmp_path / "samples.png")
-    axes = drawn[0].axes
-    assert [ax.get_title() for ax in axes] == ["test accuracy", "NLL (nats)", "ECE (top-label, 15 bins)", "OOD AUROC, noise"]
+    axes = [ax for ax in drawn[0].axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["test accuracy", "NLL (nats)", "ECE (top-label, 15 bins)",
+                                               "OOD AUROC, noise", "OOD AUROC, photos"]
+    assert axes[4].get_subplotspec().rowspan.start == 1  # rows of four panels, not one row ever wider
     lines = {line.get_label(): list(line.get_xdata()) for line in axes[3].get_lines()}
     assert lines == {"predictive entropy": [1, 5, 30], "mutual information": [5, 30]}
     assert [t.get_text() for t in axes[0].get_xticklabels()] == ["1", "5", "30"]

@@ -114,7 +114,7 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); the default, cpu, gives the numbers a machine without a GPU gives.")] = "cpu",
         json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document (and nothing else) on stdout.")] = False,
         output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the JSON report to this *.json file (atomically).")] = None,
-        plots: Annotated[Optional[Path], typer.Option(help="Write reliability.png, and ood_scores.png with --ood, into this folder; needs matplotlib.")] = None,
+        plots: Annotated[Optional[Path], typer.Option(help="Write reliability.png, ood_scores.png with --ood and samples.png with several --samples into this folder; needs matplotlib.")] = None,
     ) -> None:
         """Accuracy, calibration (ECE, debiased class-marginal L2 CE), uncertainty and OOD detection."""
         from ssvi_cli.evaluation import evaluator as ev

@@ -120,9 +120,13 @@ def samples_curves(report: dict[str, Any], path: Path) -> Path:
               (lambda r: r["metrics"]["ece"], f"ECE (top-label, {report['n_bins']} bins)")]
     for name, block in rows[-1]["ood"].items():  # the largest S has every score (one draw has no MI)
         panels.append((name, list(block["scores"])))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.0), squeeze=False)
+    cols = min(4, len(panels))  # rows of four: several OOD sets would make one row too wide to read
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.3 * cols, 3.0 * nrows), squeeze=False)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     xs = [r["samples"] for r in rows]
-    for ax, (what, title) in zip(axes[0], panels):
+    for ax, (what, title) in zip(axes.flat, panels):
         if callable(what):
             ax.plot(xs, [what(r) for r in rows], marker="o")
             ax.set_title(title, fontsize=9)
