@@ -452,6 +452,7 @@ def test_one_ood_array_under_two_spellings_is_one_set_given_twice(tmp_path: Path
     # values compared as a run reads them: the same run under two names, and YAML's yes/no as numbers
     ([], 'sparsity: [0.9, "0.9"]\n', "sparsity 0.9 is given twice"),
     ([], 'set: {data.augment: [on, "on"]}\n', "data.augment true is given twice (also as 'on')"),
+    ([], "set: {bayes.beta: [1, true]}\n", "bayes.beta expects a number, got True"),  # not 1 given twice
     ([], "sparsity: no\n", "sparsity false: give numbers, e.g. [0.9, 0.95] (YAML reads yes, no, on and off"),
     ([], "sparsities: [0.9, yes]\n", "sparsities [0.9,true]: give numbers"),
     ([], "method: yes\n", "method true: give method names"),
@@ -939,10 +940,13 @@ def test_a_flag_that_replaces_a_sweep_files_value_says_so(tmp_path: Path, capsys
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
     assert notes == ["note: --method replaces the file's method: [ssvi,vi]",
                      "note: --sparsity replaces the file's sparsities: [0.9,0.95]",
-                     "note: --seeds replaces the file's seeds: [0,1,2]",
+                     "note: --seeds replaces the file's seeds: 3",  # as the file writes it
                      "note: --set optim.lr replaces the file's optim.lr: [0.003,0.01]"]
     assert run(["sweep", "--file", str(sweep), "--out", str(tmp_path / "sw2"), "--dry-run"]) == 0
     assert "note:" not in capsys.readouterr().err  # nothing replaced, nothing said
+    assert run(["sweep", "--file", str(sweep), "--method", "ssvi,vi", "--seeds", "3", "--set", "optim.lr=0.003,0.01",
+                "--out", str(tmp_path / "sw3"), "--dry-run"]) == 0
+    assert "note:" not in capsys.readouterr().err  # the file's own values again: nothing replaced
 
 
 def test_a_sweep_of_dense_methods_alone_draws_them_at_sparsity_zero(tmp_path: Path):
@@ -1002,6 +1006,24 @@ def test_methods_at_one_sparsity_keep_their_error_bars_apart_and_ticks_name_the_
         assert [t.get_text() for t in ax.get_xticklabels()] == ["0.9", "0.95"]
     assert "drawn a little apart" in drawn[0].texts[0].get_text()
     assert "mean ± std over seeds" in drawn[1].axes[0].get_title()
+
+
+def test_dense_methods_alone_are_drawn_apart_and_close_sparsities_keep_their_labels_apart(tmp_path, monkeypatch):
+    figures, drawn, common = _figures_drawn(monkeypatch)
+    dense = [{**common, "method": "vi", "sparsity": None, "settings": {"optim.lr": lr}} for lr in (0.002, 0.005)]
+    figures.write_figures({"groups": dense, "sweep": str(tmp_path)}, tmp_path)
+    ax = drawn[0].axes[0]
+    xs = [bars.lines[0].get_xdata()[0] for bars in ax.containers]
+    assert len(set(xs)) == 2 and max(abs(x) for x in xs) <= 0.01  # apart, both about sparsity 0
+    drawn.clear()
+    swept = (0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
+    figures.write_figures({"groups": [{**common, "method": m, "sparsity": s} for m in ("ssvi", "static") for s in swept],
+                           "sweep": str(tmp_path)}, tmp_path)
+    ax = drawn[0].axes[0]
+    drawn[0].canvas.draw()
+    boxes = [t.get_window_extent() for t in ax.get_xticklabels()]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.9", "0.95", "0.98", "0.99", "0.995", "0.999"]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
 
 
 def test_a_sweep_folder_that_cannot_be_written_is_one_line_and_its_report_still_prints(tmp_path: Path, capsys):

@@ -98,7 +98,10 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> list[Path]:
     axes = list(grid.flat)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    offset = _dodge(sparsities, [lab for lab, ms in series.items() if any(g["sparsity"] is not None for g in ms)])
+    # methods at one x drawn apart: the sparse ones, or where no sparsity was swept the dense ones at 0
+    axis = sparsities or [0.0]
+    offset = _dodge(sparsities, [lab for lab, ms in series.items()
+                                 if any(g["sparsity"] is not None for g in ms) or not sparsities])
     for ax, (key, title) in zip(axes, panels):
         for i, (label, members) in enumerate(series.items()):
             color = f"C{i}"
@@ -111,16 +114,19 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> list[Path]:
                     ax.axhline(mean, color=color, linestyle="--", label=label)
                     ax.axhspan(mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
                 else:  # dense methods alone: each at sparsity 0, where it is
-                    ax.errorbar([0.0], [mean], yerr=[std], marker=_marker(i), capsize=3, color=color, label=label)
+                    ax.errorbar([offset.get(label, 0.0)], [mean], yerr=[std], marker=_marker(i), capsize=3, color=color,
+                                label=label)
                 continue
             stats.sort(key=lambda t: t[0])
             ax.errorbar([s + offset.get(label, 0.0) for s, _ in stats], [v["mean"] for _, v in stats], yerr=[v["std"] or 0.0 for _, v in stats],
                         marker=_marker(i), capsize=3, color=color, label=label, alpha=0.85)
         ax.set_xlabel("sparsity")
-        if sparsities:  # ticks at the swept values alone: methods drawn apart are not read as other sparsities
-            ax.set_xticks(sparsities, [f"{v:g}" for v in sparsities])
-            if len(sparsities) == 1:
-                ax.set_xlim(sparsities[0] - 0.01, sparsities[0] + 0.01)
+        # ticks at the swept values alone: methods drawn apart are not read as other sparsities (labels
+        # turned where values lie close, 0.99 0.995 0.999, so that they do not run into each other)
+        close = len(axis) > 1 and min(b - a for a, b in zip(axis, axis[1:])) < (axis[-1] - axis[0]) / 12
+        ax.set_xticks(axis, [f"{v:g}" for v in axis], rotation=90 if close else 0, fontsize=8 if close else None)
+        if len(axis) == 1:
+            ax.set_xlim(axis[0] - 0.01, axis[0] + 0.01)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
