@@ -401,8 +401,21 @@ def test_files_of_an_image_kind_ssvi_does_not_read_are_counted_in_a_warning_and_
     line = next(l for l in err.splitlines() if l.startswith("data: "))
     assert line.startswith(f"data: {len(NAMES)} classes ({', '.join(sorted(NAMES.values()))}); inputs 1x8x8 "
                            "(data.channels, data.image_size); normalised by mean (") and line.endswith(
-        "measured on the training images"), line
+        ", measured on the training images") and "given" not in line, line
     assert f"final evaluation on {sizes['test']} test images (2 weight draws, then the mean network) ..." in err
+
+
+def test_the_folder_line_says_which_of_mean_and_std_were_given():
+    """--set data.mean=0.5 alone printed the measured std "as given"."""
+    from types import SimpleNamespace
+
+    from ssvi_cli.cli.train_fit import _folder_line
+
+    spec = SimpleNamespace(class_names=[f"c{i}" for i in range(12)], input_shape=(1, 8, 8), mean=(0.5,), std=(0.289,))
+    line = _folder_line(spec, mean_given=True, std_given=False)
+    assert line == ("data: 12 classes (c0, c1, c2, c3, c4, c5, ... c11); inputs 1x8x8 (data.channels, data.image_size); "
+                    "normalised by mean (0.500) as given and std (0.289), measured on the training images where not given")
+    assert _folder_line(spec, True, True).endswith("mean (0.500) as given and std (0.289) as given")
 
 
 def test_each_epochs_line_shows_above_a_terminals_bar(ws, tmp_path, capsys, monkeypatch):
@@ -599,6 +612,27 @@ def test_long_decoding_shows_progress_and_short_decoding_stays_quiet(ws, capsys,
     assert f"decoded 1/{n} train images of {ws / 'split'}" in captured.err  # its own val/: train alone
     assert f"decoded {n}/{n} train images of" in captured.err
     json.loads(captured.out)  # stdout stays the JSON document
+
+
+def test_the_first_decoding_line_comes_after_a_second_and_the_rest_every_few(ws, monkeypatch, caplog):
+    """The first line came after five seconds of decoding, as every later one: seconds of silence."""
+    import logging
+    from types import SimpleNamespace
+
+    from ssvi_cli.data import imagefolder
+
+    clock = iter(range(10_000))
+    monkeypatch.setattr(imagefolder, "time", SimpleNamespace(monotonic=lambda: 0.5 * next(clock)))  # 0.5 s a call
+    source = imagefolder.folder_source(str(ws / "flat"))
+    part = source.load(None, True, False)  # the training images: the flat layout's validation comes from them
+    with caplog.at_level(logging.INFO, logger="ssvi_cli.progress"):
+        part.images.decode()
+    lines = [r.getMessage() for r in caplog.records]
+    n = len(part.images)
+    counts = [int(line.split()[1].split("/")[0]) for line in lines]
+    assert all(line.endswith(f"/{n} images for training and validation of {ws / 'flat'}") for line in lines), lines
+    assert counts[0] == 2 and counts[-1] == n  # 1 s in (a clock read per image), and at the end
+    assert all(b - a == 10 for a, b in zip(counts[:-2], counts[1:-1]))  # then every 5 s
 
 
 @pytest.mark.parametrize("folder", ["split", "flat"])

@@ -216,7 +216,7 @@ def test_the_finish_names_its_phases_to_progress_and_to_a_stop(tmp_path: Path, m
     trainer = Trainer.create(cfg(), tmp_path / "r")
     with pytest.raises(Interrupted) as stop:
         trainer.fit(Progress(on_phase=said.append))
-    assert stop.value.during == "the writing of the model file"
+    assert stop.value.during == "the writing of the model file and summary"
     n = len(trainer.splits.test)
     assert said == [f"final evaluation on {n:,} test images ({trainer.cfg.train.eval_samples} weight draws, "
                     "then the mean network)"]

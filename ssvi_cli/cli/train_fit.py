@@ -1,6 +1,6 @@
 """``ssvi train``'s progress while a run trains and finishes: the run's headline and notes, a bar per
-epoch on a terminal (a line per epoch either way), each phase after the last epoch, and the message a
-stop signal leaves."""
+epoch on a terminal (a line per epoch either way), a line when the final evaluation starts, and the
+message a stop signal leaves."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def fit(trainer, interrupted_cls, quiet: bool, say: Callable[[str], None], bar: 
         tell(f"training {cfg.model.name} on {cfg.data.name} ({images} images) with {cfg.sparse.method} "
              f"(density {cfg.density:.3g}, {count(cfg.train.epochs, 'epoch')}, device {trainer.device}) -> {trainer.run_dir}")
         if cfg.data.name.startswith("imagefolder:"):  # what was found in the user's folder
-            tell(_folder_line(trainer.splits.spec, given=cfg.data.mean is not None), highlight=False)
+            tell(_folder_line(trainer.splits.spec, cfg.data.mean is not None, cfg.data.std is not None), highlight=False)
     if cfg.method.moves_support and trainer.schedule.updates == 0:
         hint = "" if cfg.sparse.delta_t == "auto" else " (--set sparse.delta_t=auto spaces them to fit the run)"
         say(f"note: a run of {count(trainer.total_steps, 'step')} has no subspace step before t_end at "
@@ -78,14 +78,20 @@ def fit(trainer, interrupted_cls, quiet: bool, say: Callable[[str], None], bar: 
                                            if trainer.is_main else "") from None
 
 
-def _folder_line(spec: Any, given: bool) -> str:
-    """An image folder's classes, input shape and normalisation, as the run reads them."""
+def _folder_line(spec: Any, mean_given: bool, std_given: bool) -> str:
+    """An image folder's classes, input shape and normalisation, as the run reads them (each of the
+    mean and std given, or measured on the training images)."""
     names = spec.class_names
     shown = ", ".join(names) if len(names) <= 8 else f"{', '.join(names[:6])}, ... {names[-1]}"
-    values = lambda v: "(" + ", ".join(f"{x:.3f}" for x in v) + ")"  # noqa: E731
+
+    def values(v: Any, given: bool) -> str:
+        return "(" + ", ".join(f"{x:.3f}" for x in v) + ")" + (" as given" if given else "")
+
+    how = "" if mean_given and std_given else ", measured on the training images" + (
+        "" if not (mean_given or std_given) else " where not given")
     return (f"data: {len(names):,} class{'es' * (len(names) != 1)} ({shown}); inputs {'x'.join(map(str, spec.input_shape))} "
-            f"(data.channels, data.image_size); normalised by mean {values(spec.mean)} and std {values(spec.std)} "
-            + ("as given" if given else "measured on the training images"))
+            f"(data.channels, data.image_size); normalised by mean {values(spec.mean, mean_given)} and std "
+            f"{values(spec.std, std_given)}{how}")
 
 
 class KeyboardInterruptHandled(Exception):

@@ -159,8 +159,8 @@ def split_scan(scan: FolderScan, test_fraction: float) -> FolderScan:
 def decode_images(files: tuple[Path, ...], image_size: int, channels: int, what: str = "images",
                   where: str = "") -> torch.Tensor:
     """Decode ``files`` into one uint8 (N, channels, image_size, image_size) tensor. Progress goes to
-    the ``ssvi_cli.progress`` logger (which the command line prints) every few seconds once decoding
-    takes that long (3 MP photos decode at a few per second: a large folder was decoded in silence)."""
+    the ``ssvi_cli.progress`` logger (which the command line prints) once decoding has taken a second,
+    then every few seconds (3 MP photos decode at a few per second: a large folder was decoded in silence)."""
     shape = (channels, image_size, image_size)
     unit = DataSpec("decode", shape, 1, ("-",), (0.0,) * channels, (1.0,) * channels)  # resize only
     out = torch.empty((len(files), *shape), dtype=torch.uint8)

@@ -86,11 +86,11 @@ def cpu_threads(trainer: "Trainer") -> Optional[int]:
 
 def finish(trainer: "Trainer", progress: Progress) -> dict[str, Any]:
     """Final test metrics, density and the compact model file; writes ``summary.json``. ``progress``
-    hears of each phase, as ``trainer.phase`` records it for a stop to name."""
+    hears when the final evaluation starts; ``trainer.stop_during`` names the phase for a stop."""
     cfg, state = trainer.cfg, trainer.state
     bayesian = cfg.method.bayesian
     mode = "mc" if bayesian else "mean"
-    trainer.phase = "the final evaluation"
+    trainer.stop_during = "the final evaluation"
     if progress.on_phase:
         n = cfg.train.eval_samples
         draws = f" ({n} weight draw{'s' * (n != 1)}, then the mean network)" if bayesian else ""
@@ -134,7 +134,7 @@ def finish(trainer: "Trainer", progress: Progress) -> dict[str, Any]:
                                     captures=state.subspace_steps * trainer.schedule.accumulate))
     if trainer.is_main:
         run = trainer.run
-        trainer.phase = "the writing of the model file"
+        trainer.stop_during = "the writing of the model file and summary"
         summary["model_file"] = str(run.model_file)
         summary["model_file_bytes"] = write_model_file(trainer.model, run.model_file, card(trainer, summary))
         run.write_summary(summary)

@@ -64,7 +64,7 @@ class Trainer:
         self._accumulated: dict[str, Tensor] = {}
         self._captured = 0
         self.stop_requested = False
-        self.phase = "the final evaluation"  # after the last epoch, what a stop interrupts (summary.finish moves it on)
+        self.stop_during = "the final evaluation"  # what a stop after the last epoch interrupts (summary.finish sets it)
         self.stop_signal = signal.SIGINT  # the signal that asked for the stop (reported in the exit code)
         self._agreed_stop: Optional[int] = None  # under DDP, the stop the ranks agreed in the last step
         self.step_hooks: list[Callable[["Trainer", str], None]] = []
@@ -274,7 +274,7 @@ class Trainer:
         return bool(asked)
 
     def _stop_now(self, signum: signal.Signals) -> None:
-        raise Interrupted(self.run_dir, self.state.step, signum, during=self.phase)
+        raise Interrupted(self.run_dir, self.state.step, signum, during=self.stop_during)
 
     def _run_epoch(self, progress: Progress) -> None:
         epoch = self.state.epoch
