@@ -34,6 +34,7 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
     data: dict[str, Any] = {}
     replaced: list[str] = []
     spelled: dict[str, str] = {}  # a file's key as it spells it (sparsity: for sparsities), for the messages
+    written: dict[str, Any] = {}  # a file's values as it writes them (seeds: 3), for the notes
     if file is not None:
         import yaml
 
@@ -60,6 +61,7 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
                     raise SweepError(f"--file {file}: give {many!r} or {one!r}, not both")
                 data[many] = data.pop(one)
                 spelled[many] = one
+        written = dict(data)
         _check_file_values(data, f"--file {file}", spelled)
         if isinstance(data.get("seeds"), int):
             data["seeds"] = list(range(_seed_count(data["seeds"], f"--file {file}: seeds")))
@@ -79,15 +81,16 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
              "seeds": tuple(range(_seed_count(seeds, "--seeds"))) if seeds is not None else None, "ood": tuple(ood) or None,
              "samples": samples}
     flag_names = {"methods": "--method", "sparsities": "--sparsity", "ood": "--ood"}
-    replaced += [f"{flag_names.get(k, '--' + k)} replaces the file's {spelled.get(k, k)}: {yaml_text(data[k])}"
-                 for k, v in flags.items() if v is not None and k in data]
+    replaced += [f"{flag_names.get(k, '--' + k)} replaces the file's {spelled.get(k, k)}: {yaml_text(written[k])}"
+                 for k, v in flags.items() if v is not None and k in data and _items(v) != _items(data[k])]
     data.update({k: v for k, v in flags.items() if v is not None})
     axes, fixed = dict(data.get("axes", {})), dict(data.get("fixed", {}))
     file_set = {**axes, **fixed}
     if criterion is not None:  # the flag wins over a file's value, as every flag does
-        if "sparse.criterion" in file_set:
+        criteria = list(_csv(criterion, str, "--criterion") or ())
+        if "sparse.criterion" in file_set and _items(file_set["sparse.criterion"]) != criteria:
             replaced.append(f"--criterion replaces the file's sparse.criterion: {yaml_text(file_set['sparse.criterion'])}")
-        axes["sparse.criterion"] = list(_csv(criterion, str, "--criterion") or ())
+        axes["sparse.criterion"] = criteria
         fixed.pop("sparse.criterion", None)
     given: set[str] = set()
     for text in sets:
@@ -96,7 +99,7 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
             raise SweepError(f"{key} is given twice (" + ("--criterion and --set" if key not in given else "two --set")
                              + "); give its values once, comma-separated")
         given.add(key)
-        if key in file_set:
+        if key in file_set and _items(file_set[key]) != values:
             replaced.append(f"--set {key} replaces the file's {key}: {yaml_text(file_set[key])}")
         axes.pop(key, None)
         fixed.pop(key, None)
@@ -142,14 +145,20 @@ def _check_once(data: dict[str, Any]) -> None:
     for what, values in (("method", data.get("methods")), ("sparsity", data.get("sparsities")),
                          ("seed", data.get("seeds")), ("OOD set", data.get("ood")), *data["axes"].items()):
         values = list(values) if isinstance(values, (list, tuple)) else []  # one value (method: ssvi) is once
-        meant = [_as_read(what, v) for v in values]  # as the config reads them: on and "on" are one value
-        later = next((i for i, v in enumerate(meant) if v in meant[:i] or values[i] in values[:i]), None)
+        # as given and as the config reads them (on and "on" are one value), true apart from 1 (Python's
+        # True == 1: a boolean given to a number is the cell's error to name, not a value given twice)
+        given, meant = [_tagged(v) for v in values], [_tagged(_as_read(what, v)) for v in values]
+        later = next((i for i in range(len(values)) if given[i] in given[:i] or meant[i] in meant[:i]), None)
         if later is not None:
-            first = values[values.index(values[later])] if values[later] in values[:later] \
-                else values[meant.index(meant[later])]
-            same = "" if yaml_text(first) == yaml_text(values[later]) and type(first) is type(values[later]) \
-                else f" (also as {values[later]!r})"
+            first = values[given.index(given[later]) if given[later] in given[:later] else meant.index(meant[later])]
+            also = values[later]
+            same = "" if _tagged(first) == _tagged(also) and type(first) is type(also) else \
+                f" (also as {repr(also) if isinstance(also, str) else yaml_text(also)})"
             raise SweepError(f"{named.get(what, what)} {yaml_text(first)} is given twice{same}; give each value once")
+
+
+def _tagged(value: Any) -> tuple[bool, Any]:
+    return isinstance(value, bool), value
 
 
 def _as_read(key: str, value: Any) -> Any:
@@ -209,6 +218,7 @@ _YES_NO = " (YAML reads yes, no, on and off unquoted as true and false)"
 
 
 def _items(value: Any) -> list[Any]:
+    """A value or a list of values, as a list (``ssvi`` and ``[ssvi]`` are one method)."""
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
