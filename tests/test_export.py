@@ -358,9 +358,11 @@ def test_a_model_taken_before_its_runs_end_says_so_wherever_it_goes(tmp_path: Pa
     for path in (out / "model.safetensors", out / "summary.json", checkpoints[-1]):
         path.unlink()  # as if stopped after its second epoch
     capsys.readouterr()
-    assert run(["export", str(out), "-o", str(tmp_path / "early.safetensors")]) == 0
+    assert run(["export", str(out), "-o", str(tmp_path / "early.safetensors"), "--json"]) == 0
     said = "taken from a checkpoint after 2 of 3 epochs (step 2): its training had not finished"
-    assert said in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert said in captured.err
+    assert any(said in note for note in json.loads(captured.out)["notes"])  # for a program too
     training = read_header(tmp_path / "early.safetensors")["meta"]["training"]
     assert training["unfinished"] == {"epoch": 2, "step": 2} and training["epochs"] == 3
     assert run(["inspect", str(tmp_path / "early.safetensors")]) == 0

@@ -312,6 +312,14 @@ def test_flattened_rows_are_one_input_each(model_file, tmp_path, capsys, caplog)
         in capsys.readouterr().err
 
 
+def test_a_warning_about_an_input_reaches_the_json_notes(model_file, tmp_path, capsys):
+    """An array read as one picture was said on stderr alone: a program saw 1 input and no note."""
+    np = pytest.importorskip("numpy")
+    np.save(tmp_path / "b.npy", np.zeros((2, 62), dtype=np.float32))
+    doc = infer_json(capsys, str(model_file), str(tmp_path / "b.npy"))
+    assert doc["inputs"] == 1 and any("is read as one 2x62 gray image" in note for note in doc["notes"]), doc["notes"]
+
+
 def test_mean_mode_refuses_samples_as_evaluate_does(model_file, tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.zeros((8, 8), np.uint8))
     for command in (["infer", str(model_file), str(tmp_path / "x.npy")], ["evaluate", str(model_file)]):

@@ -280,3 +280,23 @@ def progress_bar(enabled: bool = True) -> Iterator[Optional["Progress"]]:
                    TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), console=err, transient=False)
     with bar:
         yield bar
+
+
+@contextmanager
+def kept_warnings() -> Iterator[list[str]]:
+    """The warnings ssvi's modules log while the block runs (an array read as one image, a named pipe
+    passed over), kept for a ``--json`` document's ``notes``; they print on stderr as ever."""
+    import logging
+
+    kept: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            kept.append(record.getMessage())
+
+    handler, logger = Keep(logging.WARNING), logging.getLogger("ssvi_cli")
+    logger.addHandler(handler)
+    try:
+        yield kept
+    finally:
+        logger.removeHandler(handler)

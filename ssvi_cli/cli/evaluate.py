@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ssvi_cli.config import MAX_BATCH, MAX_ITEMS, MAX_SEED
 from ssvi_cli.cli.common import (UsageError, check_device, check_output_dir, check_output_file, err,
-                                   fmt, out, print_json, progress_bar)
+                                   fmt, kept_warnings, out, print_json, progress_bar)
 from ssvi_cli.machine import shell_quote
 
 METRIC_LABELS = {
@@ -146,23 +146,25 @@ def register(app: typer.Typer) -> None:
         if plots is not None:
             check_output_dir(plots, "--plots")
         device = check_device(device)
-        loaded = load_model(model)
-        loaded.model.to(device)
-        data = load_eval_data(loaded.spec, loaded.card.training, dataset=dataset, split=split, ood=tuple(ood or ()),
-                                 data_dir=data_dir, download=download, seed=seed, ood_max_items=ood_max_items)
-        runs = ev.effective_mode(loaded.model, mode)
-        _check_memory(ev.draws_memory(data, opts, len(loaded.spec.class_names), runs), opts.max_samples, data)
-        if not json_out:
-            sets = f" + OOD {', '.join(data.ood)}" if data.ood else ""
-            how = (f"mc, S={opts.max_samples}" if runs == "mc" else "mean network"
-                   + (": the model is deterministic" if runs != mode else ""))
-            err.print(f"evaluating {model} on {data.dataset} {split}{sets} ({how})")
-        with progress_bar(enabled=not json_out) as bar:
-            task = bar.add_task("predicting", total=data.total_items(), info="") if bar is not None else None
-            advance = (lambda n: bar.update(task, advance=n)) if bar is not None else None
-            result = ev.evaluate(loaded.model, data, opts, model_info=ev.describe_model(model, loaded.card),
-                                 on_batch=advance)
+        with kept_warnings() as warned:  # in the report's notes too
+            loaded = load_model(model)
+            loaded.model.to(device)
+            data = load_eval_data(loaded.spec, loaded.card.training, dataset=dataset, split=split, ood=tuple(ood or ()),
+                                     data_dir=data_dir, download=download, seed=seed, ood_max_items=ood_max_items)
+            runs = ev.effective_mode(loaded.model, mode)
+            _check_memory(ev.draws_memory(data, opts, len(loaded.spec.class_names), runs), opts.max_samples, data)
+            if not json_out:
+                sets = f" + OOD {', '.join(data.ood)}" if data.ood else ""
+                how = (f"mc, S={opts.max_samples}" if runs == "mc" else "mean network"
+                       + (": the model is deterministic" if runs != mode else ""))
+                err.print(f"evaluating {model} on {data.dataset} {split}{sets} ({how})")
+            with progress_bar(enabled=not json_out) as bar:
+                task = bar.add_task("predicting", total=data.total_items(), info="") if bar is not None else None
+                advance = (lambda n: bar.update(task, advance=n)) if bar is not None else None
+                result = ev.evaluate(loaded.model, data, opts, model_info=ev.describe_model(model, loaded.card),
+                                     on_batch=advance)
         report = result.report
+        report["notes"] += warned
         if loaded.file.layout == "checkpoint":  # a run stopped before its end, or a checkpoint named
             report["notes"].append(f"scored the training checkpoint {loaded.file.path}"
                                    + _why_checkpoint(model, loaded.card.training))

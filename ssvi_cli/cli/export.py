@@ -36,9 +36,11 @@ def register(app: typer.Typer) -> None:
         if output.suffix.lower() != ".safetensors":
             raise UsageError(f"--output {output}: name the model file *.safetensors (a .pt is read as a checkpoint)")
         report = export_model(source, target, dtype=dtype, dense=dense)
+        report["notes"] = []
         if report["unfinished"]:  # the file records it too (ssvi inspect and evaluate say it)
-            err.print(f"note: the model of {source} was {report['unfinished']} (ssvi train --resume finishes a "
-                      "run)", highlight=False)
+            report["notes"].append(f"the model of {source} was {report['unfinished']} (ssvi train --resume finishes "
+                                   "a run)")
+            err.print(f"note: {report['notes'][-1]}", highlight=False)
         if json_out:
             print_json(report)
             return

@@ -13,7 +13,7 @@ from rich.table import Table
 from ssvi_cli import fileio
 from ssvi_cli.config import MAX_SAMPLES, MAX_SEED
 from ssvi_cli.cli.common import (UsageError, check_device, check_output_file, count, err, json_text, out,
-                                   print_json, progress_bar)
+                                   kept_warnings, print_json, progress_bar)
 
 SHOWN_ROWS = 50  # the table shows this many inputs; --output holds all
 DEFAULT_SAMPLES = 10  # Monte Carlo samples per input
@@ -57,55 +57,56 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--output {output} must end in {' or '.join(OUTPUT_SUFFIXES)}")
         target = check_output_file(output, "--output") if output is not None else None  # or a link's target
         device = check_device(device)
-        files = expand_inputs(inputs)
-        loaded = load_model(model_file, kernel="prediction")
-        loaded.model.to(device)
-        notes: list[str] = []  # on stderr as they come, and under --json in the document too
-        if note := loaded.card.training.unfinished_note():  # a checkpoint, or a file exported from one
-            notes.append(f"the model of {model_file} was {note}")
-        effective = mode if is_bayesian(loaded.model) else "mean"
-        if effective != mode and samples_given:
-            notes.append(f"{model_file} is deterministic: it runs as the mean network, and --samples is not used")
-        for note in notes:
-            err.print(f"note: {note}", highlight=False, markup=False)
-        started = time.perf_counter()
-        skipped: Optional[list[tuple[str, Exception]]] = [] if skip_unreadable else None
-        spooled = _JsonRecords()
-        with progress_bar(enabled=not json_out) as bar, _written(target, output, loaded.spec, top_k) as written:
-            task = bar.add_task("infer", total=known_count(files), info="") if bar is not None else None
-            kept: list[dict[str, Any]] = []  # the table shows the first SHOWN_ROWS; --json prints them all, spooled
+        with kept_warnings() as warned:  # in the document's notes too
+            files = expand_inputs(inputs)
+            loaded = load_model(model_file, kernel="prediction")
+            loaded.model.to(device)
+            notes: list[str] = []  # on stderr as they come, and under --json in the document too
+            if note := loaded.card.training.unfinished_note():  # a checkpoint, or a file exported from one
+                notes.append(f"the model of {model_file} was {note}")
+            effective = mode if is_bayesian(loaded.model) else "mean"
+            if effective != mode and samples_given:
+                notes.append(f"{model_file} is deterministic: it runs as the mean network, and --samples is not used")
+            for note in notes:
+                err.print(f"note: {note}", highlight=False, markup=False)
+            started = time.perf_counter()
+            skipped: Optional[list[tuple[str, Exception]]] = [] if skip_unreadable else None
+            spooled = _JsonRecords()
+            with progress_bar(enabled=not json_out) as bar, _written(target, output, loaded.spec, top_k) as written:
+                task = bar.add_task("infer", total=known_count(files), info="") if bar is not None else None
+                kept: list[dict[str, Any]] = []  # the table shows the first SHOWN_ROWS; --json prints them all, spooled
 
-            def sink(batch: list[dict[str, Any]]) -> None:
-                written(batch)
-                if json_out:
-                    spooled.add(batch)
-                else:
-                    kept.extend(batch[:SHOWN_ROWS - len(kept)])
-            try:
-                predicted = predict_inputs(loaded.model, loaded.spec, files, sink, samples=samples, mode=effective,
-                                           batch_size=batch_size, top_k=top_k, seed=seed, skipped=skipped,
-                                           on_batch=(lambda n: bar.update(task, advance=n)) if bar is not None else None)
-            except UnreadableInputs as exc:  # the flag is named where it would predict something
-                raise InputError(f"{exc}" + (" (or --skip-unreadable predicts the others)"
-                                             if len(exc.bad) < exc.total else "")) from None
-            passed = UnreadableInputs(skipped, files) if skipped else None
-            if passed is not None and not predicted:  # before the file is written: the one there stays
-                raise InputError(f"no input could be read: {passed}")
-        seconds = time.perf_counter() - started
-        header = {"model": str(model_file), "mode": effective,
-                  "samples": samples if effective == "mc" else None, "seed": seed,
-                  "inputs": predicted, "seconds": seconds}
-        # why each was skipped (the advice to replace or remove a file is for a run it stopped)
-        reasons = [(shown(name), str(e).replace("; replace or remove the file", "")) for name, e in (passed.bad if passed else [])]
-        if skip_unreadable:
-            header["skipped"] = [{"input": name, "error": why} for name, why in reasons]
-        if reasons:
-            notes.append(f"skipped {len(reasons)} of {count(passed.total, 'input file')} that cannot be read: "
-                         + ", ".join(name for name, _ in reasons[:10])
-                         + (f" and {len(reasons) - 10} more" if len(reasons) > 10 else "")
-                         + f" (the first: {reasons[0][1]})")
-            err.print(f"note: {notes[-1]}", highlight=False, markup=False)
-        header["notes"] = notes
+                def sink(batch: list[dict[str, Any]]) -> None:
+                    written(batch)
+                    if json_out:
+                        spooled.add(batch)
+                    else:
+                        kept.extend(batch[:SHOWN_ROWS - len(kept)])
+                try:
+                    predicted = predict_inputs(loaded.model, loaded.spec, files, sink, samples=samples, mode=effective,
+                                               batch_size=batch_size, top_k=top_k, seed=seed, skipped=skipped,
+                                               on_batch=(lambda n: bar.update(task, advance=n)) if bar is not None else None)
+                except UnreadableInputs as exc:  # the flag is named where it would predict something
+                    raise InputError(f"{exc}" + (" (or --skip-unreadable predicts the others)"
+                                                 if len(exc.bad) < exc.total else "")) from None
+                passed = UnreadableInputs(skipped, files) if skipped else None
+                if passed is not None and not predicted:  # before the file is written: the one there stays
+                    raise InputError(f"no input could be read: {passed}")
+            seconds = time.perf_counter() - started
+            header = {"model": str(model_file), "mode": effective,
+                      "samples": samples if effective == "mc" else None, "seed": seed,
+                      "inputs": predicted, "seconds": seconds}
+            # why each was skipped (the advice to replace or remove a file is for a run it stopped)
+            reasons = [(shown(name), str(e).replace("; replace or remove the file", "")) for name, e in (passed.bad if passed else [])]
+            if skip_unreadable:
+                header["skipped"] = [{"input": name, "error": why} for name, why in reasons]
+            if reasons:
+                notes.append(f"skipped {len(reasons)} of {count(passed.total, 'input file')} that cannot be read: "
+                             + ", ".join(name for name, _ in reasons[:10])
+                             + (f" and {len(reasons) - 10} more" if len(reasons) > 10 else "")
+                             + f" (the first: {reasons[0][1]})")
+                err.print(f"note: {notes[-1]}", highlight=False, markup=False)
+        header["notes"] = notes + warned
         if json_out:
             spooled.print(header)
             return
