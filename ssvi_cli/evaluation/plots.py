@@ -20,7 +20,7 @@ SCORE_LABELS = {
     "mutual_information": "mutual information",
     "one_minus_max_prob": "1 - max probability",
 }
-SCORE_UNITS = {"entropy": "nats", "mutual_information": "nats", "one_minus_max_prob": "probability"}
+SCORE_UNITS = {"entropy": " (nats)", "mutual_information": " (nats)"}  # 1 - max probability: a probability
 
 
 class PlotsUnavailable(ImportError):
@@ -106,7 +106,7 @@ def ood_histograms(report: dict[str, Any], scores_in: dict[str, np.ndarray],
             ax.hist(b, bins=bins, density=True, alpha=0.55, label=f"{name} (OOD)")
             auroc = report["ood"][name]["scores"][score]["auroc"]
             ax.set_title(f"{name}: {SCORE_LABELS.get(score, score)}\nAUROC {auroc:.3f}", fontsize=9)
-            ax.set_xlabel(f"{SCORE_LABELS.get(score, score)} ({SCORE_UNITS.get(score, 'score')})", fontsize=8)
+            ax.set_xlabel(SCORE_LABELS.get(score, score) + SCORE_UNITS.get(score, ""), fontsize=8)
             ax.set_ylabel("density (histogram area 1)", fontsize=8)
             ax.legend(fontsize=7)
     return _finish(plt, fig, path, f"OOD scores, {_subtitle(report)}")
