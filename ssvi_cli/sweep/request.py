@@ -181,7 +181,9 @@ def _seed_count(count: int, where: str) -> int:
 
 def _check_file_values(data: dict[str, Any], where: str, spelled: dict[str, str]) -> None:
     """A sweep file's values that the spec would misread: seeds as a count (an integer >= 1) or a
-    list of seeds (integers >= 0), no empty list of methods, sparsities or seeds, a preset name."""
+    list of seeds (integers >= 0), no empty methods, sparsities, ood or set, method names and
+    sparsities that are numbers (not YAML's booleans; read as floats), a preset name. ``where``: the
+    flag and file the messages name; ``spelled``: the file's own spelling of a key."""
     seeds = data.get("seeds")
     whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731 - True is no seed
     if seeds is not None and not ((whole(seeds) and seeds >= 1) or (isinstance(seeds, list) and seeds
