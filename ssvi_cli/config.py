@@ -60,6 +60,7 @@ class DataConfig:
     val_fraction: float = 0.1  # of the training split
     augment: bool = True
     max_train: Optional[int] = None
+    max_test: Optional[int] = None  # the run's own final evaluation only (a smoke run); ssvi evaluate scores all
     # Image folders only: the test share of a folder without train/ and test/, the side images are
     # resized to, 1 (gray) or 3 (RGB) channels, and the normalisation (default: measured on the
     # training images, per channel).
@@ -514,6 +515,7 @@ def validate(cfg: Config) -> None:
         ("train.seed", 0 <= t.seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
         ("data.val_fraction", 0.0 <= d.val_fraction < 1.0, "in [0, 1)"),
         ("data.max_train", d.max_train is None or d.max_train >= 1, ">= 1"),
+        ("data.max_test", d.max_test is None or d.max_test >= 1, ">= 1"),
         # The image folder keys: set for another dataset, the data layer refuses them by name instead.
         ("data.test_fraction", not folder or 0.0 < d.test_fraction < 1.0, "in (0, 1)"),
         ("data.image_size", not folder or d.image_size >= 1, ">= 1"),

@@ -223,7 +223,22 @@ def test_zero_val_fraction_and_max_train():
     assert torch.equal(capped.train.indices, build_dataset("digits", val_fraction=0.2, max_train=80, seed=3).train.indices)
 
 
-@pytest.mark.parametrize("kwargs", [{"val_fraction": 1.0}, {"val_fraction": -0.1}, {"max_train": 0}])
+def test_max_test_draws_one_test_subset_whatever_the_seed(tmp_path):
+    """A quick run on CIFAR still scored all 10,000 test images in its final evaluation (minutes on a
+    CPU): data.max_test caps it, with the same images for every seed so that runs compare."""
+    full = build_dataset("digits").test
+    one, other = (build_dataset("digits", max_test=50, seed=s).test for s in (0, 7))
+    assert len(one) == 50 and torch.equal(one.indices, other.indices)
+    assert set(one.indices.tolist()) <= set(full.indices.tolist())
+    assert build_dataset("digits", max_test=10_000).test.indices.tolist() == full.indices.tolist()  # fewer: all
+    from ssvi_cli.cli import run
+
+    assert run(["train", "--epochs", "1", "--set", "data.max_test=40", "--set", "train.eval_samples=1",
+                "--out", str(tmp_path / "r")]) == 0
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["images"]["test"] == 40
+
+
+@pytest.mark.parametrize("kwargs", [{"val_fraction": 1.0}, {"val_fraction": -0.1}, {"max_train": 0}, {"max_test": 0}])
 def test_bad_split_arguments_raise(kwargs):
     with pytest.raises(DataError):
         build_dataset("digits", **kwargs)

@@ -50,6 +50,9 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     return as_tensor(keep), as_tensor(held)
 
 
+TEST_DRAW_SEED = 0  # data.max_test's draw: one subset for every seed, so that runs are scored alike
+
+
 def _cap(indices: torch.Tensor, limit: int | None, seed: int) -> torch.Tensor:
     """A seeded subset of at most ``limit`` indices (order kept)."""
     if limit is None or len(indices) <= limit:
@@ -99,13 +102,15 @@ def build_dataset(
     max_train: int | None = None,
     options: Optional[DataConfig] = None,
     needed: tuple[str, ...] = ("train", "val", "test"),
+    max_test: int | None = None,
 ) -> DataSplits:
     """Train/val/test datasets for ``name``; val is a stratified, seeded part of the train split
     unless the source has its own (an image folder's ``val/``; ``val_fraction`` is then unused).
 
     ``max_train`` caps the train split (seeded); val is then capped in the same proportion
     ``val_fraction / (1 - val_fraction)`` (a source's own val split: as much of it as of the train
-    split is kept) so quick runs stay quick. ``options`` (the data config)
+    split is kept) so quick runs stay quick; ``max_test`` caps the test split, with one draw whatever
+    the seed (runs of several seeds score the same images). ``options`` (the data config)
     sizes and normalises a parameterised source such as ``imagefolder:PATH``, and its ``classes``
     keep part of the classes in every split (``data/classes.py``), the rest of the test split
     becoming ``heldout``. ``needed``: the splits to read; the others are left empty (an image folder
@@ -113,8 +118,9 @@ def build_dataset(
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if max_train is not None and max_train < 1:
-        raise DataError(f"max_train must be a positive number of examples, got {max_train}")
+    for what, cap in (("max_train", max_train), ("max_test", max_test)):
+        if cap is not None and cap < 1:
+            raise DataError(f"{what} must be a positive number of examples, got {cap}")
     entry = source(name, options)
     train_raw = read_split(entry, name, data_dir=data_dir, download=download, train=True)
     test_raw = read_split(entry, name, data_dir=data_dir, download=download, train=False)
@@ -124,12 +130,13 @@ def build_dataset(
             f"{name} files list {len(spec.class_names)} classes, expected {spec.num_classes}; "
             "the files under the data directory are not the original dataset"
         )
-    return _splits(name, entry, spec, train_raw, test_raw, options, val_fraction, seed, augment, max_train, needed)
+    return _splits(name, entry, spec, train_raw, test_raw, options, val_fraction, seed, augment, (max_train, max_test),
+                   needed)
 
 
 def _splits(name: str, entry: DatasetSource, spec: DataSpec, train_raw: RawImages, test_raw: RawImages,
-            options: Optional[DataConfig], val_fraction: float, seed: int, augment: bool, max_train: int | None,
-            needed: tuple[str, ...]) -> DataSplits:
+            options: Optional[DataConfig], val_fraction: float, seed: int, augment: bool,
+            caps: tuple[int | None, int | None], needed: tuple[str, ...]) -> DataSplits:
     """build_dataset's splits, from its two parts read."""
     wanted = options.classes if options is not None else None
     kept = None if wanted is None else resolve_classes(wanted, spec.class_names, name)
@@ -155,9 +162,10 @@ def _splits(name: str, entry: DatasetSource, spec: DataSpec, train_raw: RawImage
     else:
         val_raw = train_raw
     own_val = len(val_raw.labels) if entry.load_val is not None else None
+    max_train, max_test = caps
     train_idx, val_idx = _indices(train_raw.labels, own_val, val_fraction, seed, max_train)
     parts = {"train": (train_raw, train_idx), "val": (val_raw, val_idx),
-             "test": (test_raw, torch.arange(len(test_raw.labels)))}
+             "test": (test_raw, _cap(torch.arange(len(test_raw.labels)), max_test, TEST_DRAW_SEED))}
     known_bad = bool(failed)  # the training images, all of them tried: their parts are not decoded again
     images = {part: decode(raw.images[idx if part in needed else idx[:0]])
               if not (known_bad and raw is train_raw) else None for part, (raw, idx) in parts.items()}

@@ -53,7 +53,7 @@ def check_names(cfg: Config, given: Any = ()) -> DataSpec:
 
 
 def load_data(cfg: Config) -> DataSplits:
-    return build_dataset(cfg.data.name, augment=cfg.data.augment, **_data_args(cfg))
+    return build_dataset(cfg.data.name, augment=cfg.data.augment, max_test=cfg.data.max_test, **_data_args(cfg))
 
 
 def _data_args(cfg: Config) -> dict[str, Any]:
