@@ -236,6 +236,9 @@ def test_max_test_draws_one_test_subset_whatever_the_seed(tmp_path):
     assert run(["train", "--epochs", "1", "--set", "data.max_test=40", "--set", "train.eval_samples=1",
                 "--out", str(tmp_path / "r")]) == 0
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["images"]["test"] == 40
+    assert run(["evaluate", str(tmp_path / "r"), "--samples", "1", "--json", "--output", str(tmp_path / "e.json")]) == 0
+    notes = json.loads((tmp_path / "e.json").read_text())["notes"]  # evaluate scores all 360, and says why they differ
+    assert "the run's own final evaluation scored 40 of these 360 test images (data.max_test)" in " ".join(notes)
 
 
 @pytest.mark.parametrize("kwargs", [{"val_fraction": 1.0}, {"val_fraction": -0.1}, {"max_train": 0}, {"max_test": 0}])

@@ -388,14 +388,15 @@ def test_a_grid_that_adds_seeds_continues_the_sweep_and_keeps_its_cells(tmp_path
 def test_a_sweep_grows_whatever_the_order_of_its_axes_and_with_values_that_train_alike(tmp_path: Path, capsys):
     """Seeds added to a sweep were refused as "a different sweep" (pointing at --force, which deletes
     its cells) when its --set axes came in another order, or with a value that trains its cells alike:
-    a device, a worker count (docs/CONFIG.md), or the preset's own learning rate."""
+    a device, a worker count, the run's own test cap (docs/CONFIG.md), or the preset's own learning rate."""
     out = tmp_path / "sw"
     base = ["sweep", "--method", "ssvi", "--sparsity", "0.95", "--out", str(out), "--dry-run"]
     assert run([*base, "--seeds", "1", "--set", "sparse.alpha=0.3,0.5", "--set", "sparse.t_end=0.75,0.9"]) == 0
     names = (out / "commands.txt").read_text()
     assert "ssvi_s0.95_alpha-0.3_t_end-0.75_seed0" in names
     capsys.readouterr()
-    for extra in ([], ["--set", "train.device=cpu", "--set", "train.num_workers=0"], ["--set", "optim.lr=0.01"]):
+    for extra in ([], ["--set", "train.device=cpu", "--set", "train.num_workers=0", "--set", "data.max_test=50"],
+                  ["--set", "optim.lr=0.01"]):
         assert run([*base, "--seeds", "2", "--set", "sparse.t_end=0.75,0.9", "--set", "sparse.alpha=0.3,0.5",
                     *extra]) == 0, (extra, capsys.readouterr().err)
         said = capsys.readouterr()

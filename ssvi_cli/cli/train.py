@@ -28,7 +28,8 @@ def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
                             + (f"; {summary['kept_dense_weights']:,} more in layers kept dense" if summary.get("kept_dense_weights") else ""),
         "test accuracy": summary["test_accuracy"],
         "test NLL": summary["test_nll"],
-        "evaluated as": summary["test_mode"] + (f", S={summary['test_samples']}" if summary["test_samples"] else ""),
+        "evaluated as": summary["test_mode"] + (f", S={summary['test_samples']}" if summary["test_samples"] else "")
+                        + f" on {summary['images']['test']:,} test images",
         "mean-network accuracy": summary["test_accuracy_mean_net"],
         "epochs / steps": f"{summary['epochs']} / {summary['steps']}",
         "subspace steps": _subspace_row(summary),

@@ -153,6 +153,10 @@ def load_eval_data(
                      f"{list(splits.spec.std)}); if the model was trained on the loaders' inputs, save it again "
                      "with ssvi.save(..., mean=, std=) as they are")
     notes += absent_classes(inputs, model_spec, f"the {split} split")
+    capped = settings.get("max_test")
+    if split == "test" and isinstance(capped, int) and capped < len(inputs):  # a quick run's own numbers
+        notes.append(f"the run's own final evaluation scored {capped} of these {len(inputs)} test images "
+                     "(data.max_test), so its summary's test numbers differ from these")
     return EvalData(dataset=name, split=split, inputs=inputs, ood=ood_sets, notes=notes,
                     ood_seed_keys={label: request.seed_key for label, request in requests.items()},
                     ood_sources=source_digests(requests))

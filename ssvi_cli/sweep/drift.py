@@ -22,7 +22,8 @@ from ssvi_cli.sweep.grid import CELLS_DIR, Cell, SweepSpec, cell_configs, yaml_t
 from ssvi_cli.sweep.runner import cell_dir, cell_state
 
 NOT_COMPARED = frozenset({"train.device", "train.kernel", "train.num_workers", "train.checkpoint_every",
-                          "train.keep_checkpoints", "train.eval_samples", "data.data_dir", "data.download"})
+                          "train.keep_checkpoints", "train.eval_samples", "data.max_test", "data.data_dir",
+                          "data.download"})
 SHOWN_KEYS = 3  # differing keys named per cell
 
 
