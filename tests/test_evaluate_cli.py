@@ -194,6 +194,22 @@ def test_the_samples_figure_draws_each_score_where_it_exists(tmp_path, monkeypat
     assert [t.get_text() for t in axes[0].get_xticklabels()] == ["1", "5", "30"]
 
 
+def test_a_warning_is_in_the_json_notes_and_said_once_in_text(capsys, caplog, model_file, tmp_path):
+    """A warning about an input went to stderr alone (a program saw no note); kept in the report's notes,
+    it must not print a second time under the tables."""
+    import numpy as np
+
+    np.save(tmp_path / "square.npy", np.zeros((64, 64), dtype=np.float32))  # 64 rows of 64 values, or one picture?
+    code, out, err = _evaluate(capsys, str(model_file), "--samples", "1", "--ood", str(tmp_path / "square.npy"), "--json")
+    assert code == 0, err
+    assert any("is read as 64 flattened inputs" in note for note in json.loads(out)["notes"])
+    caplog.clear()
+    code, out, err = _evaluate(capsys, str(model_file), "--samples", "1", "--ood", str(tmp_path / "square.npy"))
+    assert code == 0, err
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]  # the warning: stderr's
+    assert any("is read as 64 flattened inputs" in m for m in said) and "is read as 64 flattened inputs" not in out
+
+
 def test_plots_without_matplotlib_name_the_extra(capsys, model_file, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     code, out, err = _evaluate(capsys, str(model_file), "--plots", str(tmp_path / "p"))

@@ -86,14 +86,16 @@ def samples_table(report: dict[str, Any]) -> Table:
     return table
 
 
-def print_report(report: dict[str, Any]) -> None:
+def print_report(report: dict[str, Any], said: tuple[str, ...] = ()) -> None:
+    """The report's tables and notes (those in ``said``, warnings stderr gave already, not again)."""
     out.print(metrics_table(report))
     if report["ood"]:
         out.print(ood_table(report))
     if len(report["per_samples"]) > 1:
         out.print(samples_table(report))
     for note in report["notes"]:
-        out.print(f"note: {note}")
+        if note not in said:
+            out.print(f"note: {note}")
 
 
 def register(app: typer.Typer) -> None:
@@ -180,7 +182,7 @@ def register(app: typer.Typer) -> None:
         if json_out:
             print_json(report)
             return
-        print_report(report)
+        print_report(report, said=tuple(warned))
         err.print(f"evaluated in {report['seconds']:.1f}s"
                   + (f"; report written to {output}" if output else "")
                   + (f"; plots: {', '.join(str(p) for p in written)}" if written else ""))

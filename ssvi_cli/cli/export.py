@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from ssvi_cli.cli.common import UsageError, check_output_file, dense_label, err, kv_table, out, print_json
+from ssvi_cli.cli.common import (UsageError, check_output_file, dense_label, err, kept_warnings, kv_table, out,
+                                 print_json)
 
 
 def register(app: typer.Typer) -> None:
@@ -35,8 +36,9 @@ def register(app: typer.Typer) -> None:
         target = check_output_file(output, "--output")  # a link's target
         if output.suffix.lower() != ".safetensors":
             raise UsageError(f"--output {output}: name the model file *.safetensors (a .pt is read as a checkpoint)")
-        report = export_model(source, target, dtype=dtype, dense=dense)
-        report["notes"] = []
+        with kept_warnings() as warned:  # in --json's notes too
+            report = export_model(source, target, dtype=dtype, dense=dense)
+        report["notes"] = list(warned)
         if report["unfinished"]:  # the file records it too (ssvi inspect and evaluate say it)
             report["notes"].append(f"the model of {source} was {report['unfinished']} (ssvi train --resume finishes "
                                    "a run)")
