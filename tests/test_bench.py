@@ -155,9 +155,26 @@ def test_cli_usage_errors(args, message, capsys):
 TV_TINY = dict(batch_size=2, samples=1, repeats=1, warmup=0, threads=1, input_size=32)
 
 
+SQUEEZENET_READS: list[dict] = []  # what the bench below read back from its files, one entry per file
+
+
 @pytest.fixture(scope="module")
 def squeezenet_result():
-    return run_bench(BenchOptions(model="torchvision:squeezenet1_1", sparsities=(0.9, 0.95), **TV_TINY))
+    import ssvi_cli.modelfile as modelfile
+    from ssvi_cli.core.layers import sparse_layers
+
+    original = modelfile.read_model_file
+
+    def spy(path, kernel="auto"):
+        loaded = original(path, kernel=kernel)
+        layers = [layer for _, layer in sparse_layers(loaded.model)]
+        SQUEEZENET_READS.append({"file": path.name, "layout": loaded.file.layout, "model": loaded.card.architecture.name,
+                                 "active": sum(l.active for l in layers), "total": sum(l.numel for l in layers)})
+        return loaded
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(modelfile, "read_model_file", spy)
+        return run_bench(BenchOptions(model="torchvision:squeezenet1_1", sparsities=(0.9, 0.95), **TV_TINY))
 
 
 def test_torchvision_model_is_benchmarked_as_trained(squeezenet_result):
@@ -191,6 +208,14 @@ def test_torchvision_prediction_reads_the_files_back(squeezenet_result):
                                                           ("dense BNN", 0.95), ("compact", 0.95)]
     for dense, compact in zip(rows[::2], rows[1::2]):
         assert compact["file_bytes"] < 0.2 * dense["file_bytes"] and compact["median_ms"] > 0
+    # each file timed was read back as the torchvision network in the layout written: the compact one
+    # with its sparsity, the dense BNN file with every weight stored
+    assert [(r["file"], r["layout"]) for r in SQUEEZENET_READS] == [
+        (f"model-{s}-{layout}.safetensors", layout) for s in ("0.9", "0.95") for layout in ("dense", "compact")]
+    for read, s in zip(SQUEEZENET_READS, (0.9, 0.9, 0.95, 0.95)):
+        assert read["model"] == "torchvision:squeezenet1_1"
+        density = 1.0 if read["layout"] == "dense" else 1 - s
+        assert abs(read["active"] / read["total"] - density) < 0.01, read
 
 
 def test_torchvision_defaults_fit_two_cpus():
