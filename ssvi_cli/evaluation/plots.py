@@ -45,6 +45,18 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def panel_grid(plt: Any, n: int, size: tuple[float, float], **options: Any) -> tuple[Any, list[Any]]:
+    """A figure of ``n`` panels of ``size`` inches in rows of four (several OOD sets would make one row
+    too wide to read), the unused places of the last row hidden; the panels' axes in order."""
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False, **options)
+    axes = list(grid.flat)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
 def _finish(plt: Any, fig: Any, path: Path, title: Optional[str] = None) -> Path:
     """The figure's title and layout, saved to ``path`` and closed, whatever the save does."""
     if title is not None:
@@ -120,13 +132,9 @@ def samples_curves(report: dict[str, Any], path: Path) -> Path:
               (lambda r: r["metrics"]["ece"], f"ECE (top-label, {report['n_bins']} bins)")]
     for name, block in rows[-1]["ood"].items():  # the largest S has every score (one draw has no MI)
         panels.append((name, list(block["scores"])))
-    cols = min(4, len(panels))  # rows of four: several OOD sets would make one row too wide to read
-    nrows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.3 * cols, 3.0 * nrows), squeeze=False)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
+    fig, axes = panel_grid(plt, len(panels), (3.3, 3.0))
     xs = [r["samples"] for r in rows]
-    for ax, (what, title) in zip(axes.flat, panels):
+    for ax, (what, title) in zip(axes, panels):
         if callable(what):
             ax.plot(xs, [what(r) for r in rows], marker="o")
             ax.set_title(title, fontsize=9)

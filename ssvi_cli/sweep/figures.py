@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ssvi_cli import fileio
+from ssvi_cli.evaluation.plots import panel_grid
 
 METRICS_VS_SPARSITY = "metrics_vs_sparsity.png"
 ACCURACY_VS_FLOPS = "accuracy_vs_flops.png"
@@ -92,12 +93,7 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> list[Path]:
     for g in groups:
         series.setdefault(_label(g), []).append(g)
     sparsities = sorted({g["sparsity"] for g in groups if g["sparsity"] is not None})
-    cols = min(4, len(panels))  # rows of four: several OOD sets would make one row too wide to read
-    rows = -(-len(panels) // cols)
-    fig, grid = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), dpi=110, squeeze=False)
-    axes = list(grid.flat)
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
+    fig, axes = panel_grid(plt, len(panels), (4.2, 3.6), dpi=110)
     # methods at one x drawn apart: the sparse ones, or where no sparsity was swept the dense ones at 0
     axis = sparsities or [0.0]
     offset = _dodge(sparsities, [lab for lab, ms in series.items()
@@ -163,8 +159,9 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 def _dodge(sparsities: list[float], labels: list[str]) -> dict[str, float]:
-    """An x offset per sparse method, so that methods at one sparsity keep their error bars apart: in all
-    a third of the narrowest gap between swept sparsities (0.01 where one sparsity was swept)."""
+    """An x offset per method drawn at one x (the sparse ones; the dense ones where no sparsity was
+    swept), so that their error bars stay apart: in all a third of the narrowest gap between swept
+    sparsities (0.01 where at most one was swept)."""
     if len(labels) < 2:
         return {}
     gaps = [b - a for a, b in zip(sparsities, sparsities[1:])]
