@@ -200,7 +200,12 @@ def test_presets_file_refuses_what_train_would_refuse_before_reading_data(capsys
              "data: {image_size: 16}": "data.image_size=16 applies to image folders",
              "model: {name: lenet5}\ndata: {name: digits}": "lenet5 needs inputs of at least 12x12, got 8x8",
              "data: {name: digits}\nmethods: {vi: {model: {name: lenet5}}}":
-                 "with its methods: section's vi: lenet5 needs inputs of at least 12x12"}
+                 "with its methods: section's vi: lenet5 needs inputs of at least 12x12",
+             "data: {name: digits}\nmodel: {name: mlp, init_from: runs/not-here}":
+                 "runs/not-here: no such file or run directory",
+             "data: {name: digits}\nmodel: {name: mlp, init_from: 'torchvision:DEFAULT'}":
+                 "--init-from torchvision:DEFAULT names torchvision's published weights, which start only a "
+                 "torchvision:NAME model, not 'mlp'"}
     for i, (text, words) in enumerate(cases.items()):
         path = tmp_path / f"p{i}.yaml"
         path.write_text(text + "\n")

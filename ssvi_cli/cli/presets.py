@@ -94,11 +94,13 @@ def _show_one(name: str, method: Optional[str], json_out: bool) -> None:
 def _check_trains(name: str, methods: list[Optional[str]], by_flag: bool = False) -> None:
     """What ``ssvi train --preset FILE [--method M]`` checks before it reads any data, for each of
     ``methods`` (None: the preset's own; ``by_flag``: the one ``--method`` chose): the model's and the
-    dataset's names, the image-folder keys and the model's forward on the data's input shape; so that
+    dataset's names, the image-folder keys, ``model.init_from`` (that it exists, or names torchvision's weights for a
+    torchvision model) and the model's forward on the data's input shape; so that
     a file shown here without an error trains (its data present). An image folder that is not on this
     machine (a file written for another) is not read: its model's name alone is checked."""
     from ssvi_cli.models import check_model_name
     from ssvi_cli.modelfile import ModelCard
+    from ssvi_cli.training.init_weights import check_init_source
     from ssvi_cli.training.plan import check_names, planned_densities
 
     for method in methods:
@@ -109,6 +111,8 @@ def _check_trains(name: str, methods: list[Optional[str]], by_flag: bool = False
                 check_model_name(cfg.model.name)
                 continue
             spec = check_names(cfg)
+            if cfg.model.init_from:  # relative to the current folder, as train reads it
+                check_init_source(cfg)
             planned_densities(ModelCard.from_config(cfg, spec), cfg, spec)
         except Exception as exc:
             if method is None or not isinstance(exc, cfgmod.ConfigError):

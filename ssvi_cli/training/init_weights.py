@@ -67,12 +67,22 @@ def published_weights(cfg: Config) -> tuple[Any, str]:
     return weights, f"{TORCHVISION}{weights!r}"
 
 
-def load_init_weights(cfg: Config, spec: DataSpec, progress: bool = False) -> InitWeights:
-    """``cfg.model.init_from`` read (or fetched), adapted to the data (head, stem) and checked against
-    the run's architecture; reads no data and writes nothing but torch.hub's cache."""
+def check_init_source(cfg: Config) -> str:
+    """``cfg.model.init_from`` checked without reading it: a path that exists, or torchvision's
+    published weights for a torchvision:NAME model. Returns it as a string."""
     source = str(cfg.model.init_from)
     if not source.startswith(TORCHVISION) and not Path(source).expanduser().exists():
         raise ConfigError(f"--init-from {source}: no such file or run directory")
+    if source.startswith(TORCHVISION) and not cfg.model.name.startswith(TORCHVISION):
+        raise ConfigError(f"--init-from {source} names torchvision's published weights, which start only a "
+                          f"torchvision:NAME model, not {cfg.model.name!r}")
+    return source
+
+
+def load_init_weights(cfg: Config, spec: DataSpec, progress: bool = False) -> InitWeights:
+    """``cfg.model.init_from`` read (or fetched), adapted to the data (head, stem) and checked against
+    the run's architecture; reads no data and writes nothing but torch.hub's cache."""
+    source = check_init_source(cfg)
     with torch.device("meta"):
         model = base_for(cfg, spec)
     if not source.startswith(TORCHVISION):
@@ -235,9 +245,6 @@ def base_for(cfg: Config, spec: DataSpec) -> nn.Module:
     if not cfg.model.name.startswith(TORCHVISION):
         from ssvi_cli.training.init_posterior import what_else
 
-        if source.startswith(TORCHVISION):
-            raise ConfigError(f"--init-from {source} names torchvision's published weights, which start only a "
-                              f"torchvision:NAME model, not {cfg.model.name!r}")
         raise ConfigError(f"--init-from {source} is not a trained ssvi model (a run directory, a model file or a "
                           f"training checkpoint, which start any model) but {what_else(source)}, and "
                           f"deterministic weights start only a torchvision:NAME model, not {cfg.model.name!r}")
