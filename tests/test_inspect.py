@@ -22,7 +22,8 @@ from ssvi_cli.core.gaussian import rho_from_sigma
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     cfg = C.apply_overrides(C.load_preset("digits_mlp"),
-                            {"train.epochs": 3, "sparse.delta_t": 10, "train.eval_samples": 2})
+                            {"train.epochs": 3, "sparse.delta_t": 10, "train.eval_samples": 2,
+                             "data.max_test": 200})
     path = tmp_path_factory.mktemp("run") / "r"
     Trainer.create(cfg, path).fit()
     return path
@@ -57,7 +58,9 @@ def test_inspect_json_on_a_run(run_dir, capsys):
     total = sum(l.numel for l in layers.values())
     biases = sum(l.bias.numel() for l in layers.values())
     assert t["dense_bnn_bytes"] == 8 * total + 4 * biases
-    assert t["compression_ratio"] == pytest.approx(t["dense_bnn_bytes"] / t["file_bytes"])
+    # Tensors to tensors: the header (names, the model card) is left out of both sides.
+    assert t["tensor_bytes"] == t["file_bytes"] - t["header_bytes"]
+    assert t["compression_ratio"] == pytest.approx(t["dense_bnn_bytes"] / t["tensor_bytes"])
     assert t["compression_ratio"] > 15
     history = report["support_history"]
     lines = [json.loads(l) for l in (run_dir / "support.jsonl").read_text().splitlines()]
@@ -154,6 +157,10 @@ def test_human_output_and_plots(run_dir, tmp_path, capsys):
     captured = capsys.readouterr()
     for title in ("layers", "posterior", "totals", "support history", "criteria overlap"):
         assert title in captured.out
+    # The run's own test accuracy says how it was scored: data.max_test kept 200 of the 360 images.
+    row = next(line for line in captured.out.splitlines() if "test accuracy" in line)
+    assert "mc, S=2 on 200 test images, at the end of training" in row
+    assert "(tensor bytes to tensor bytes)" in captured.out
     pngs = sorted((tmp_path / "plots").glob("*.png"))
     assert len(pngs) == 4 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
 

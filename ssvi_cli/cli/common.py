@@ -252,10 +252,15 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def dense_label(bayesian: bool) -> str:
-    """The size a compact file is compared with: a dense BNN's (μ and σ), or for a deterministic model
-    a dense network's (its means alone)."""
-    return "dense float32 BNN bytes" if bayesian else "dense float32 bytes (means: deterministic)"
+def size_rows(t: dict[str, Any], measured: str = "") -> dict[str, str]:
+    """A file's sizes as export and inspect print them (``size_totals``): its bytes, the dense float32
+    tensors of the same model (a dense BNN's μ and σ, or a deterministic model's means alone) and
+    the ratio of tensor bytes to tensor bytes."""
+    dense = "dense float32 BNN bytes" if t.get("bayesian", True) else "dense float32 bytes (means: deterministic)"
+    return {"file bytes": f"{t['file_bytes']:,} ({t['tensor_bytes']:,} of tensors, {t['header_bytes']:,} of header"
+                          + (f"; {measured}" if measured else "") + ")",
+            dense: f"{t['dense_bnn_bytes']:,} (tensors)",
+            "compression ratio": f"{t['compression_ratio']:.2f}x (tensor bytes to tensor bytes)"}
 
 
 def kv_table(title: str, rows: dict[str, Any]) -> Table:

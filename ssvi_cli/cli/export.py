@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ssvi_cli.cli.common import (UsageError, check_output_file, dense_label, err, kept_warnings, kv_table, out,
+from ssvi_cli.cli.common import (UsageError, check_output_file, size_rows, err, kept_warnings, kv_table, out,
                                  print_json)
 
 
@@ -51,7 +51,5 @@ def register(app: typer.Typer) -> None:
             "layout / dtype": f"{report['layout']} / {report['dtype']}",
             "active weights": f"{report['active_weights']:,} of {report['total_weights']:,} ({report['density']:.4f})"
                               + (f"; the file stores all {report['stored_weights']:,}" if report["layout"] == "dense" else ""),
-            "file bytes": f"{report['file_bytes']:,} (header {report['header_bytes']:,})",
-            dense_label(report.get("bayesian", True)): f"{report['dense_bnn_bytes']:,}",
-            "compression ratio": f"{report['compression_ratio']:.2f}x",
+            **size_rows(report),
         }))

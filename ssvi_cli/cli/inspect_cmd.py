@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from ssvi_cli.cli.common import UsageError, check_output_dir, count, dense_label, err, kv_table, out, print_json
+from ssvi_cli.cli.common import UsageError, check_output_dir, count, size_rows, err, kv_table, out, print_json
 
 HISTORY_ROWS = 12  # support-history steps shown in the table (all are in --json)
 
@@ -84,6 +84,20 @@ def _trained(tr: dict[str, Any]) -> str:
             + (f", started from {start}" if start else "") + (f"; {stopped}" if stopped else ""))
 
 
+def _test_accuracy(metrics: dict[str, Any]) -> Any:
+    """The run's own test accuracy, with how it was scored (as train's table says it): a run capped
+    by data.max_test scored part of its test split."""
+    acc = metrics.get("test_accuracy")
+    if not isinstance(acc, (int, float)):
+        return acc
+    how = [str(metrics["test_mode"]) + (f", S={metrics['test_samples']}" if metrics.get("test_samples") else "")] \
+        if metrics.get("test_mode") else []
+    images = (metrics.get("images") or {}).get("test") if isinstance(metrics.get("images"), dict) else None
+    if isinstance(images, int):
+        how.append(f"on {images:,} test images")
+    return f"{acc:.4f}" + (f" ({' '.join(how)}, at the end of training)" if how else "")
+
+
 def _print_report(r: dict[str, Any]) -> None:
     arch, fmt, tr = r["architecture"], r["format"], r["training"]
     out.print(kv_table(f"ssvi inspect: {r['source']}", {
@@ -93,7 +107,7 @@ def _print_report(r: dict[str, Any]) -> None:
                  "not recorded") + f", {r['data']['num_classes']} classes",
         "trained": _trained(tr),
         "format": f"{fmt['name']} v{fmt['version']}, {fmt['layout']}, {fmt['dtype']}",
-        "test accuracy": r["metrics"].get("test_accuracy"),
+        "test accuracy": _test_accuracy(r["metrics"]),
     }))
     out.print(_layers_table(r["layers"]))
     if r["architecture"].get("bayesian", True):
@@ -105,10 +119,7 @@ def _print_report(r: dict[str, Any]) -> None:
     t = r["totals"]
     out.print(kv_table("totals", {
         "active weights": f"{t['active_weights']:,} of {t['total_weights']:,} (density {t['density']:.4f})",
-        "file bytes": f"{t['file_bytes']:,} (header {t['header_bytes']:,}"
-                      + ("" if t["measured_from"] == "file" else f"; measured from the {t['measured_from']}") + ")",
-        dense_label(t.get("bayesian", True)): f"{t['dense_bnn_bytes']:,}",
-        "compression ratio": f"{t['compression_ratio']:.2f}x",
+        **size_rows(t, "" if t["measured_from"] == "file" else f"measured from the {t['measured_from']}"),
     }))
     for note in r.get("notes", []):
         out.print(f"note: {note}", highlight=False)

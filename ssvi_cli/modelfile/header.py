@@ -230,7 +230,8 @@ def dense_equivalent_bytes(head: dict[str, Any]) -> int:
 
 
 def size_totals(head: dict[str, Any]) -> dict[str, Any]:
-    """Active and total weights, bytes on disk, dense-equivalent bytes and the ratio, from a header;
+    """Active and total weights, bytes on disk (of them, tensor bytes), dense-equivalent tensor bytes
+    and their ratio to the file's tensor bytes, from a header;
     ``bayesian``: whether a layer holds σ (else the dense equivalent is a network of means alone)."""
     layers = head["meta"]["layers"]
     active = sum(int(r["active"]) for r in layers)
@@ -238,5 +239,7 @@ def size_totals(head: dict[str, Any]) -> dict[str, Any]:
     dense = dense_equivalent_bytes(head)
     return {"active_weights": active, "total_weights": total, "density": active / total if total else 1.0,
             "file_bytes": head["file_bytes"], "header_bytes": head["header_bytes"],
-            "dense_bnn_bytes": dense, "compression_ratio": dense / head["file_bytes"],
+            "tensor_bytes": head["file_bytes"] - head["header_bytes"], "dense_bnn_bytes": dense,
+            # Tensors to tensors: a header (names, the model card) is not what sparsity saves.
+            "compression_ratio": dense / max(head["file_bytes"] - head["header_bytes"], 1),
             "bayesian": any(bool(r.get("bayesian")) for r in layers)}
