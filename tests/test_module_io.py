@@ -165,9 +165,12 @@ def test_a_custom_file_needs_its_code_and_says_so(tmp_path):
     net = torchvision.models.resnet18(num_classes=7)
     ssvi.sparsify(net, 0.9)
     ssvi.save(net, tmp_path / "tv.safetensors")
-    with pytest.raises(ssvi.ModelFileError, match=r"ssvi_cli.load\(path, model=torchvision.models.NAME\(num_classes=7\)\), "
-                                                  r"NAME the builder it came from \(saved with architecture='torchvision:NAME'"):
+    with pytest.raises(ssvi.ModelFileError, match=r"ssvi_cli.load\(path, model=m\), m = torchvision.models.NAME\("
+                                                  r"num_classes=7\) with any change made to it before saving \(a new "
+                                                  r"stem, say\) made again \(a file saved with architecture="):
         ssvi.load(tmp_path / "tv.safetensors")
+    # followed as said, the hint loads it
+    assert torch.equal(ssvi.load(tmp_path / "tv.safetensors", model=torchvision.models.resnet18(num_classes=7)).fc.mu, net.fc.mu)
 
 
 def test_inspect_reads_a_custom_files_posterior_without_its_code(tmp_path, capsys):
@@ -200,6 +203,15 @@ def test_inspect_reads_a_custom_files_posterior_without_its_code(tmp_path, capsy
     assert run(["inspect", str(path)]) == 0
     text = capsys.readouterr().out
     assert "custom:" in text and "not recorded, 10 classes" in text and "FLOPs per prediction: - (not counted" in text
+    assert report["notes"] == []  # every Linear and Conv2d converted (BatchNorm's weight is no layer's)
+    kept = Net()
+    kept.conv.padding_mode = "reflect"  # a padding the sparse conv lacks: the layer is kept as it is
+    ssvi.sparsify(kept, 0.9, dense_first_conv=False)
+    ssvi.save(kept, tmp_path / "kept.safetensors")
+    assert run(["inspect", str(tmp_path / "kept.safetensors"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"] == [
+        "72 weights in 1 weight tensor stored as they are (conv.weight: layers ssvi_cli.sparsify left unconverted), "
+        "counted by neither the density nor the totals"]
 
 
 def test_save_refuses_a_model_it_cannot_describe(tmp_path):
@@ -449,7 +461,13 @@ def test_evaluate_normalises_a_registered_dataset_as_the_file_records(tmp_path, 
     assert report["metrics"]["accuracy"] == pytest.approx((probs.argmax(1) == y).double().mean().item())
     assert report["notes"] == ["the inputs were normalised as the model file records (mean [0.0], std [1.0]), not as "
                                "the loaders of digits do (mean [0.30526], std [0.37605]); if the model was trained on the "
-                               "loaders' inputs, save it again with ssvi.save(..., mean=, std=) as they are"]
+                               "loaders' inputs, save it again with ssvi.save(..., mean=, std=) as they are",
+                               # a file from one's own loop: ssvi cannot know what it was trained on
+                               "the model file records no training run (saved with ssvi.save), so whether these 360 "
+                               "test images (ssvi's test split of digits) were left out of its training is not known here"]
+    assert run(["evaluate", str(path), "--mode", "mean", "--device", "cpu"]) == 0
+    said = capsys.readouterr().out
+    assert "(torchvision:resnet18, saved for digits)" in said and "trained on digits" not in said
 
 
 def test_a_registered_dataset_gives_the_default_normalisation_and_pixel_range(tmp_path, capsys, caplog):
@@ -599,8 +617,32 @@ def test_a_loaded_model_changed_since_is_saved_as_any_other_with_a_warning(tmp_p
     with caplog.at_level("WARNING"):
         ssvi.save(model, tmp_path / "new.safetensors")
     assert "no longer has the architecture of the file it was loaded from" in caplog.text
+    assert "saved without that file's architecture and data description" in caplog.text
     card = _card(tmp_path / "new.safetensors")
     assert card.architecture.name.startswith("custom:") and card.data.num_classes == 5
+
+
+def test_a_head_replaced_after_sparsify_is_named_with_the_way_to_save_the_model_as_its_architecture(tmp_path, caplog):
+    """A new dense head on a loaded torchvision model: saving it as torchvision:NAME says the head is
+    dense and to sparsify again, which then saves a file that rebuilds without code; the warning about
+    the loaded file's description does not say the architecture is dropped when it is given."""
+    net = torchvision.models.resnet18(num_classes=3)
+    ssvi.sparsify(net, 0.95)
+    tv = tmp_path / "r.safetensors"
+    ssvi.save(net.eval(), tv, architecture="torchvision:resnet18", input_shape=(3, 32, 32))
+    model = ssvi.load(tv)
+    model.fc = nn.Linear(512, 5)
+    with pytest.raises(ValueError, match="'fc' \\(Linear.*SparseLinear\\(\\)\\); a layer replaced after "
+                                         "ssvi_cli.sparsify stays dense: sparsify the model again"):
+        ssvi.save(model, tmp_path / "new.safetensors", architecture="torchvision:resnet18", input_shape=(3, 32, 32))
+    ssvi.sparsify(model, 0.0)  # the head alone is converted
+    with caplog.at_level("WARNING"):
+        ssvi.save(model.eval(), tmp_path / "new.safetensors", architecture="torchvision:resnet18",
+                  input_shape=(3, 32, 32))
+    assert "saved without that file's data description" in caplog.text and "architecture and" not in caplog.text
+    again = ssvi.load(tmp_path / "new.safetensors")  # no code needed
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(ssvi.predict(model, x, mode="mean").probs, ssvi.predict(again, x, mode="mean").probs)
 
 
 def test_load_names_a_wrong_kernel_or_an_absent_gpu_as_the_callers_mistake(tmp_path):

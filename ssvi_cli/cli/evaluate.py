@@ -46,7 +46,8 @@ def metrics_table(report: dict[str, Any]) -> Table:
         table.add_row(label, fmt(report["metrics"][key]))
     parts = [info.get("architecture"), info.get("method"),
              None if info.get("sparsity") is None else f"sparsity {info['sparsity']}",
-             None if info.get("trained_on") in (None, NO_DATASET) else f"trained on {info['trained_on']}"
+             None if info.get("trained_on") in (None, NO_DATASET) else
+             f"{'trained on' if info.get('method') or info.get('epochs') else 'saved for'} {info['trained_on']}"
              + (f" ({len(part)} of its {info['dataset_classes']} classes: {', '.join(part[:6])}"
                 f"{', ...' if len(part) > 6 else ''})" if (part := info.get("trained_classes")) else "")]
     known = ", ".join(str(p) for p in parts if p is not None)  # a file of ssvi.save records no method

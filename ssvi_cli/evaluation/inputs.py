@@ -153,6 +153,10 @@ def load_eval_data(
                      f"{list(splits.spec.std)}); if the model was trained on the loaders' inputs, save it again "
                      "with ssvi.save(..., mean=, std=) as they are")
     notes += absent_classes(inputs, model_spec, f"the {split} split")
+    if split == "test" and training.method is None and training.config is None:  # ssvi.save from one's own loop
+        notes.append(f"the model file records no training run (saved with ssvi.save), so whether these "
+                     f"{len(inputs)} test images (ssvi's test split of {name}) were left out of its training "
+                     "is not known here")
     capped = settings.get("max_test")
     if split == "test" and isinstance(capped, int) and capped < len(inputs):  # a quick run's own numbers
         notes.append(f"the run's own final evaluation scored {capped} of these {len(inputs)} test images "

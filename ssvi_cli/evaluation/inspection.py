@@ -139,8 +139,8 @@ def inspect_model(path: Path, drop_fraction: float = 0.3, read: Optional[tuple[A
     card, info, named, model = read if read is not None else posterior(path)
     whole = model is not None
     layer_bytes: dict[str, int] = {}
-    if info.is_model_file:
-        head = read_header(Path(info.path))
+    head = read_header(Path(info.path)) if info.is_model_file else None
+    if head is not None:
         for tname, tensor in head["tensors"].items():
             owner = tname.rpartition(".")[0]
             layer_bytes[owner] = layer_bytes.get(owner, 0) + tensor["bytes"]
@@ -186,6 +186,8 @@ def inspect_model(path: Path, drop_fraction: float = 0.3, read: Optional[tuple[A
     }
     if whole and (kept := kept_dense_note(model)):
         report["notes"].append(f"{kept}, counted by neither the density nor the FLOPs")
+    elif head is not None and not whole and (kept := _unconverted(head, {name for name, _ in named})):
+        report["notes"].append(kept)
     zeros = sum(int(e.sum()) for e in empty.values())
     if zeros:
         what = ("point masses at zero (mu = sigma = 0)", "the mu, sigma and SNR statistics and the criteria overlap") \
@@ -195,6 +197,18 @@ def inspect_model(path: Path, drop_fraction: float = 0.3, read: Optional[tuple[A
             f"are {what[0]}, off the support of the model it was written from; they count as active here, and "
             f"{what[1]} cover the others; ssvi export FILE -o compact.safetensors gives the sparse support back")
     return report
+
+
+def _unconverted(head: dict[str, Any], layers: set[str]) -> str:
+    """For a file read without its module's code: the weight tensors (2-d or more, named ``*.weight``)
+    it holds as they are, outside its sparse layers (layers ``sparsify`` left unconverted), or ""."""
+    kept = {name: math.prod(t["shape"]) for name, t in head["tensors"].items()
+            if name.endswith(".weight") and len(t["shape"]) >= 2 and name.rpartition(".")[0] not in layers}
+    if not kept:
+        return ""
+    names = ", ".join(list(kept)[:3]) + (", ..." if len(kept) > 3 else "")
+    return (f"{sum(kept.values()):,} weights in {len(kept)} weight tensor{'s' * (len(kept) != 1)} stored as they are "
+            f"({names}: layers ssvi_cli.sparsify left unconverted), counted by neither the density nor the totals")
 
 
 def _flops_convention(whole: bool, bayesian: bool, samples: int, moments: bool) -> str:

@@ -161,7 +161,9 @@ def _loaded_card(model: nn.Module, architecture: Optional[str]) -> Optional[Mode
                 check_same_structure(build_model(card), model, name)
     except ValueError as exc:
         log.warning("the model no longer has the architecture of the file it was loaded from (%s); it is saved "
-                    "without that file's architecture and data description", exc)
+                    "without that file's %sdata description (input shape, class names, normalisation): give "
+                    "input_shape=, class_names=, mean= and std= as they are now", exc,
+                    "" if architecture is not None else "architecture and ")
         return None
     return card
 

@@ -184,9 +184,10 @@ def _build(path: Path, meta: dict[str, Any], table: dict[str, dict[str, Any]], k
         module, _, cls = name[len(CUSTOM):].rpartition(".")
         how = f"ssvi_cli.load(path, model={cls}(...))"
         if module.startswith("torchvision.models"):  # saved without architecture="torchvision:NAME"
-            how = (f"ssvi_cli.load(path, model=torchvision.models.NAME(num_classes={card.data.num_classes})), NAME "
-                   "the builder it came from (saved with architecture='torchvision:NAME' and input_shape=, a file "
-                   "rebuilds without code)")
+            how = (f"ssvi_cli.load(path, model=m), m = torchvision.models.NAME(num_classes={card.data.num_classes}) "
+                   "with any change made to it before saving (a new stem, say) made again (a file saved with "
+                   "architecture='torchvision:NAME' and input_shape= rebuilds without code, when the model is "
+                   "still the builder's: a layer replaced after ssvi_cli.sparsify must be sparsified too)")
         raise ModelFileError(f"{path} holds a custom module ({name[len(CUSTOM):]}) that only its own code can "
                              f"build; load it in Python with that module built as it was saved: {how}; ssvi "
                              "inspect reads its layers without it")
