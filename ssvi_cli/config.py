@@ -268,11 +268,15 @@ def _did_you_mean(key: str, choices: Optional[list[str]] = None) -> str:
     key given without its section, ``lr``, finds the one section that has it)."""
     import difflib
 
-    if choices is None:
+    if choices is None:  # a key without its section, or under another section: the one that has it
         choices = valid_keys()
-        owners = [k for k in choices if k.split(".", 1)[1] == key]
-        if "." not in key and len(owners) == 1:
+        owners = [k for k in choices if k.split(".", 1)[1] == key.rpartition(".")[2]]
+        if len(owners) == 1 and owners[0] != key:
             return f" (did you mean {owners[0]!r}?)"
+    else:  # a longer or shorter name of a section ("optimizer" for "optim")
+        prefixed = [c for c in choices if min(len(c), len(key)) >= 4 and (c.startswith(key) or key.startswith(c))]
+        if len(prefixed) == 1:
+            return f" (did you mean {prefixed[0]!r}?)"
     close = difflib.get_close_matches(key, choices, n=1, cutoff=0.75)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -318,8 +322,10 @@ def _flatten(data: Any, where: str = "config", skip: tuple[str, ...] = ()) -> di
         if section in skip:
             continue
         if section not in known:
-            raise ConfigError(f"{where}: unknown section {section!r}{_did_you_mean(str(section), known)}; valid "
-                              f"sections are: {', '.join(known)}")
+            key = _did_you_mean(str(section)) if not isinstance(values, dict) else ""  # "lr: 0.01", a key alone
+            raise ConfigError(f"{where}: unknown section {section!r}" + (
+                f"{key[:-2]}, written under its section?)" if key else _did_you_mean(str(section), known))
+                + f"; valid sections are: {', '.join(known)}")
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: section {section!r} must be a mapping, got {values!r}")
         for k, v in values.items():
@@ -566,9 +572,11 @@ def _read_preset(name_or_path: str) -> tuple[Path, dict[str, Any]]:
         if candidate.suffix.lower() in (".yaml", ".yml") and candidate.is_file():
             path = candidate
         elif candidate.suffix.lower() in (".yaml", ".yml"):
+            shipped = candidate.stem if candidate.stem in presets and len(candidate.parts) == 1 else None
             raise ConfigError(f"preset file {name_or_path} " + ("is a folder" if candidate.is_dir() else
                                                                  f"does not exist{looked_in(candidate)}")
-                              + "; give a YAML file's path")
+                              + (f"; the shipped preset is named without its suffix: {shipped}" if shipped else
+                                 "; give a YAML file's path"))
         else:
             file = next((f"{candidate}{s}" for s in (".yaml", ".yml") if Path(f"{candidate}{s}").is_file()), None)
             raise ConfigError(

@@ -28,6 +28,8 @@ def test_override_types_and_round_trip():
     ("train.epoch", 3, "unknown config key 'train.epoch' (did you mean 'train.epochs'?)"),
     ("trian.epochs", 3, "unknown config key 'trian.epochs' (did you mean 'train.epochs'?)"),
     ("lr", 0.1, "unknown config key 'lr' (did you mean 'optim.lr'?)"),  # the one section with that key
+    ("train.lr", 0.1, "unknown config key 'train.lr' (did you mean 'optim.lr'?)"),  # under another section
+    ("optim.epochs", 3, "unknown config key 'optim.epochs' (did you mean 'train.epochs'?)"),
     # a close key is the answer: the 51 keys after it were too much to read
     ("optm.lr", 0.1, "unknown config key 'optm.lr' (did you mean 'optim.lr'?); 'ssvi presets NAME' lists every key"),
     ("optim.lrr", 0.1, "(did you mean 'optim.lr'?); 'ssvi presets NAME' lists every key"),
@@ -42,6 +44,16 @@ def test_a_misspelt_section_or_preset_name_gets_the_closest_one(tmp_path):
     (tmp_path / "mine.yaml").write_text("modle:\n  widths: [32]\n")
     with pytest.raises(C.ConfigError, match=r"unknown section 'modle' \(did you mean 'model'\?\); valid sections"):
         C.load_preset(str(tmp_path / "mine.yaml"))
+    (tmp_path / "mine.yaml").write_text("optimizer:\n  lr: 0.01\n")  # a longer name of a section
+    with pytest.raises(C.ConfigError, match=r"unknown section 'optimizer' \(did you mean 'optim'\?\); valid sections"):
+        C.load_preset(str(tmp_path / "mine.yaml"))
+    (tmp_path / "mine.yaml").write_text("lr: 0.01\n")  # a key written without its section
+    with pytest.raises(C.ConfigError, match=r"unknown section 'lr' \(did you mean 'optim.lr', written under its "
+                                            r"section\?\); valid sections"):
+        C.load_preset(str(tmp_path / "mine.yaml"))
+    with pytest.raises(C.ConfigError, match=r"^preset file digits_mlp.yaml does not exist.*; the shipped preset is "
+                                            r"named without its suffix: digits_mlp$"):
+        C.load_preset("digits_mlp.yaml")
     with pytest.raises(C.ConfigError, match=r"^unknown preset 'digits' \(did you mean 'digits_mlp'\?\); valid names"):
         C.load_preset("digits")
     with pytest.raises(C.ConfigError, match=r"^unknown preset 'mnist' \(did you mean 'mnist_lenet5' or 'mnist_mlp'\?\)"):
