@@ -10,6 +10,29 @@ from ssvi_cli.cli import run
 from ssvi_cli.fileio import read_jsonl
 
 
+def test_a_runs_config_says_where_it_came_from_and_a_resume_keeps_it(tmp_path: Path, monkeypatch):
+    """A run from a user's preset file was named after the file's stem and its config.yaml did not say
+    which file it was: a shipped preset's name and a file of one's own read alike."""
+    from ssvi_cli import config as C
+    from ssvi_cli.runs.rundir import RunDir
+    from ssvi_cli.training.records import config_note
+
+    monkeypatch.chdir(tmp_path)
+    Path("digits_mlp.yaml").write_text("model: {name: mlp, widths: [8]}\ndata: {name: digits}\n")
+    assert run(["train", "--preset", "digits_mlp.yaml", "--epochs", "1", "--out", "mine",
+                "--set", "train.eval_samples=1", "--json"]) == 0
+    first = Path("mine/config.yaml").read_text().splitlines()[0]
+    assert first == (f"# from the preset file {tmp_path / 'digits_mlp.yaml'}, then this command line's flags and "
+                     "--set values; the values below are what ran")
+    assert run(["train", "--init-from", "mine", "--epochs", "1", "--out", "next", "--json",
+                "--set", "train.eval_samples=1"]) == 0
+    assert Path("next/config.yaml").read_text().startswith(
+        f"# from the config of the trained model {tmp_path / 'mine' / 'model.safetensors'} (--init-from), then")
+    cfg = C.load_preset(str(tmp_path / "mine" / "config.yaml"))
+    assert config_note(cfg.train.batch_size, cfg, RunDir(tmp_path / "mine")) == first + "\n"  # a resume keeps it
+    assert config_note(cfg.train.batch_size, cfg, RunDir(tmp_path / "none")) == ""
+
+
 def test_train_json_summary_and_run_directory(tmp_path: Path, capsys):
     out = tmp_path / "run"
     code = run(["train", "--out", str(out), "--epochs", "2", "--set", "train.eval_samples=2", "--json",
@@ -17,6 +40,7 @@ def test_train_json_summary_and_run_directory(tmp_path: Path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "kernel: sparse" in (out / "config.yaml").read_text()
+    assert (out / "config.yaml").read_text().startswith("# from the preset digits_mlp, then this command line's")
     summary = json.loads(captured.out)
     assert summary["method"] == "ssvi" and summary["test_samples"] == 2
     assert abs(summary["density"] - 0.05) < 1e-4

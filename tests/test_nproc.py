@@ -30,7 +30,8 @@ def test_cli_nproc_launches_torchrun_and_only_rank0_prints(tmp_path: Path):
     assert summary["world_size"] == 2 and summary["global_batch"] == 64
     assert (out / "model.safetensors").is_file()
     # config.yaml's batch_size is one process's: the file says how to train the run again.
-    first = (out / "config.yaml").read_text().splitlines()[0]
+    origin, first = (out / "config.yaml").read_text().splitlines()[:2]
+    assert origin.startswith("# from the preset digits_mlp, then this command line's flags and --set values")
     assert first == ("# started on 2 processes of train.batch_size each (a global batch of 64): "
                      "ssvi train --nproc 2 --preset config.yaml trains it again")
     assert C.load_preset(str(out / "config.yaml")).train.batch_size == 32

@@ -13,7 +13,7 @@ import typer
 from ssvi_cli import config as cfgmod
 from ssvi_cli.cli.common import (UsageError, check_run_out, fmt, forwarded_args, kv_table, no_reader, out,
                                  print_json, running_a_cell, tell)
-from ssvi_cli.cli.train_config import (build_config, default_run_dir, finished_run, init_from_lr_note,
+from ssvi_cli.cli.train_config import (build_config, config_origin, default_run_dir, finished_run, init_from_lr_note,
                                        pin_init_from, processes_note, recipe_note, set_keys, threads_note, unused_keys)
 from ssvi_cli.cli.train_fit import fit
 from ssvi_cli.machine import shell_quote
@@ -146,6 +146,7 @@ def register(app: typer.Typer) -> None:
                 cfg = build_config(preset, overrides, set_ or [])
                 plan = RunPlan.new(cfg, out_dir or default_run_dir(cfg, preset), progress=not json_out and info.is_main,
                                    given=set_keys(set_ or []), world_size=info.world_size)
+                plan.origin = config_origin(plan.cfg, preset)
                 if out_dir is not None and info.is_main:
                     plan.run_dir.check_claim(force)  # a refused --out (a finished run there) before any note
                 say("\n".join(n for n in (plan.init_note, plan.data_note) if n))

@@ -43,6 +43,20 @@ def build_config(preset: Optional[str], overrides: dict[str, Any], sets: list[st
         raise cfgmod.ConfigError(f"{flag_of(key)}: {exc}") from None
 
 
+def config_origin(cfg: cfgmod.Config, preset: Optional[str]) -> str:
+    """Where a new run's config came from, for its ``config.yaml``: the shipped preset by name, a
+    preset file by its absolute path, or the trained model ``--init-from`` took its config from."""
+    from ssvi_cli.training.init_posterior import names_trained_model
+
+    then = ", then this command line's flags and --set values; the values below are what ran"
+    if preset is None and names_trained_model(cfg.model.init_from):
+        return f"the config of the trained model {cfg.model.init_from} (--init-from){then}"
+    name = preset or cfgmod.DEFAULT_PRESET
+    if name in cfgmod.list_presets():
+        return f"the preset {name}{then}"
+    return f"the preset file {Path(name).expanduser().resolve()}{then}"
+
+
 def default_run_dir(cfg: cfgmod.Config, preset: Optional[str]) -> Any:
     """``runs/<time>-<preset>-<method>[-s<sparsity>]``; a run from a trained ssvi model without a preset
     is named after that model (``from-NAME``)."""

@@ -128,6 +128,7 @@ class RunPlan:
     init_posterior: Optional[Posterior] = None  # model.init_from's trained ssvi model, checked
     checkpoints_seen: Optional[list[Path]] = None  # a resumed run's checkpoint files when it was read
     resumed_from: Optional[Path] = None  # the checkpoint a resumed run was read from
+    origin: Optional[str] = None  # where a new run's config came from, in words (config.yaml's first comment)
 
     @property
     def data_note(self) -> str:

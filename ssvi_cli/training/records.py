@@ -14,6 +14,7 @@ from ssvi_cli.config import Config
 from ssvi_cli.core.allocation import kept_dense_weights
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.runs import checkpoint as ckpt
+from ssvi_cli.runs.rundir import RunDir
 from ssvi_cli.training import distributed
 from ssvi_cli.training.stops import check_finite_state
 
@@ -158,11 +159,19 @@ def restore_progress(trainer: Any, progress: Optional[dict[str, Any]]) -> None:
     trainer._captured = int(progress.get("captured", 0))
 
 
-def config_note(global_batch: int, cfg: Config) -> str:
-    """A comment for a run's ``config.yaml`` where its global batch is not ``train.batch_size``: the
-    run was started on several processes, which that key alone does not record."""
+ORIGIN = "# from "  # config.yaml's first comment: where the run's config came from
+
+
+def config_note(global_batch: int, cfg: Config, run: Optional[RunDir] = None, origin: Optional[str] = None) -> str:
+    """The comments above a run's ``config.yaml``: where its config came from (``origin``, for a new
+    run; a resumed run keeps the line its file has), and where its global batch is not
+    ``train.batch_size``, that it was started on several processes, which that key alone does not record."""
+    if origin is None and run is not None and run.config_file.is_file():
+        first = run.config_file.read_text(encoding="utf-8").partition("\n")[0]
+        origin = first[len(ORIGIN):] if first.startswith(ORIGIN) else None
+    said = f"{ORIGIN}{origin}\n" if origin else ""
     started_on = global_batch // max(1, cfg.train.batch_size)
     if started_on <= 1:
-        return ""
-    return (f"# started on {started_on} processes of train.batch_size each (a global batch of {global_batch}): "
-            f"ssvi train --nproc {started_on} --preset config.yaml trains it again\n")
+        return said
+    return said + (f"# started on {started_on} processes of train.batch_size each (a global batch of {global_batch}): "
+                   f"ssvi train --nproc {started_on} --preset config.yaml trains it again\n")

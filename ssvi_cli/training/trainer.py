@@ -244,7 +244,7 @@ class Trainer:
         """Train to the configured number of epochs (from wherever the state is)."""
         progress = progress or Progress()
         if self.is_main:
-            self.run.write_config(config_note(self.state.global_batch, self.cfg) + dump_yaml(self.cfg))
+            self.run.write_config(config_note(self.state.global_batch, self.cfg, self.run, self.plan.origin) + dump_yaml(self.cfg))
             self.run.cut_records(self.state.epoch, self.state.step)  # a resumed run writes later ones again
         with stop_signals(self._request_stop):
             while self.state.epoch < self.cfg.train.epochs:
