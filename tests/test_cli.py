@@ -976,7 +976,7 @@ def test_the_epoch_line_shows_the_loss_as_nll_plus_kl(tmp_path: Path, capsys):
     assert record["kl"] > 100 * kls[-1] and 0 < record["kl"] * record["kl_weight"] < 10 * kls[-1]
 
 
-def test_the_recipe_note_names_a_preset_file_and_says_nothing_of_one_that_names_no_model(tmp_path: Path):
+def test_the_recipe_note_names_a_preset_file_and_the_recipe_keys_a_file_leaves_to_the_schema(tmp_path: Path):
     from ssvi_cli import config as C
     from ssvi_cli.cli.train_config import recipe_note
 
@@ -984,8 +984,19 @@ def test_the_recipe_note_names_a_preset_file_and_says_nothing_of_one_that_names_
     (tmp_path / "mine.yaml").write_text("model:\n  name: mlp\noptim:\n  lr: 0.02\n")
     assert recipe_note(cfg, str(tmp_path / "mine.yaml")).startswith(
         f"note: lenet5 trains with the recipe of {tmp_path / 'mine.yaml'}, tuned for its mlp (here adam lr 0.01")
-    (tmp_path / "bare.yaml").write_text("optim:\n  lr: 0.02\n")  # the schema's defaults: no recipe to name
-    assert recipe_note(cfg, str(tmp_path / "bare.yaml")) == ""
+    # A file that leaves recipe keys out has the schema's (the CIFAR ResNet's prior): said, with a preset to copy.
+    # A partial MLP file trained to below chance accuracy with prior_sigma 0.005, without a word.
+    (tmp_path / "bare.yaml").write_text("optim:\n  lr: 0.02\nmethods:\n  ssvi:\n    train: {epochs: 3}\n")
+    cfg = C.apply_overrides(C.load_preset(str(tmp_path / "bare.yaml"), "ssvi"), {"model.name": "lenet5"})
+    assert recipe_note(cfg, str(tmp_path / "bare.yaml")) == (
+        f"note: {tmp_path / 'bare.yaml'} does not set optim.name, bayes.beta, bayes.prior_sigma, so the run takes the "
+        "schema's defaults for them (optim.name=sgd, bayes.beta=0.01, bayes.prior_sigma=0.005), not a recipe tuned "
+        "for its model; ssvi presets mnist_lenet5 prints one to start from")
+    given = ["optim.name", "bayes.beta", "bayes.prior_sigma"]  # by flags or --set
+    assert recipe_note(cfg, str(tmp_path / "bare.yaml"), given) == ""
+    full = tmp_path / "full.yaml"  # a shipped preset's keys, all written: nothing to say
+    full.write_text(C.dump_yaml(C.load_preset("digits_mlp")))
+    assert recipe_note(C.load_preset(str(full)), str(full)) == ""
 
 
 def test_train_json_shows_its_epochs_on_stderr_and_keeps_stdout_for_the_summary(tmp_path: Path, capsys):

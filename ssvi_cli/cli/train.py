@@ -151,7 +151,8 @@ def register(app: typer.Typer) -> None:
                     plan.run_dir.check_claim(force)  # a refused --out (a finished run there) before any note
                 say("\n".join(n for n in (plan.init_note, plan.data_note) if n))
                 say(init_from_lr_note(plan.cfg, overrides, set_ or []))
-                say("" if running_a_cell() else recipe_note(plan.cfg, preset))
+                given = [*set_keys(set_ or []), *(k for k, v in overrides.items() if v is not None)]
+                say("" if running_a_cell() else recipe_note(plan.cfg, preset, given))
                 if (unused := unused_keys(plan.cfg, overrides, set_ or [])) and not running_a_cell():
                     # a sweep gives every cell its fixed keys: no note in each
                     say(f"note: {plan.cfg.sparse.method} does not use {', '.join(unused)}, so "

@@ -149,11 +149,15 @@ def processes_note(global_batch: int, batch_size: int, world_size: int) -> str:
             f"its global batch stays {global_batch}")
 
 
-def recipe_note(cfg: cfgmod.Config, preset: Optional[str]) -> str:
+RECIPE_KEYS = ("optim.name", "optim.lr", "bayes.beta", "bayes.prior_sigma", "train.epochs")
+
+
+def recipe_note(cfg: cfgmod.Config, preset: Optional[str], given: Any = ()) -> str:
     """A note for a model another than its preset's: it trains with a recipe tuned for that model (the
     default preset's Adam and wide prior are the digits MLP's, not a ResNet's). A preset file that
-    names no model is the schema's defaults, no recipe: nothing is said. A run from a trained ssvi
-    model with no preset is told whose config it has."""
+    leaves out a key of the recipe (``RECIPE_KEYS``), which neither a flag nor ``--set`` (``given``)
+    sets, has the schema's default for it, said with a shipped preset of its model to start from. A
+    run from a trained ssvi model with no preset is told whose config it has."""
     from ssvi_cli.training.init_posterior import names_trained_model
 
     if preset is None and names_trained_model(cfg.model.init_from):
@@ -166,12 +170,31 @@ def recipe_note(cfg: cfgmod.Config, preset: Optional[str]) -> str:
         data = cfgmod.read_yaml(Path(preset).expanduser().read_text(encoding="utf-8"))
         base = ((data or {}).get("model") or {}).get("name") if isinstance(data, dict) else None
         where = f"the recipe of {preset},"
+        if base is None or cfg.model.name == base:
+            return _schema_note(cfg, preset, data, given)
     if base is None or cfg.model.name == base:
         return ""
     o = cfg.optim
     return (f"note: {cfg.model.name} trains with {where} tuned for its {base} "
             f"(here {o.name} lr {o.lr:g}, prior sigma {cfg.bayes.prior_sigma:g}, {count(cfg.train.epochs, 'epoch')}: "
             "flags and --set change them); ssvi presets lists the others, the CIFAR ones the paper's for ResNet-18")
+
+
+def _schema_note(cfg: cfgmod.Config, preset: str, data: Any, given: Any) -> str:
+    """The recipe keys a preset file (``data``; its ``methods:`` section for the run's method too)
+    leaves to the schema's defaults, or ""."""
+    sections = dict(data) if isinstance(data, dict) else {}
+    own = ((sections.get("methods") or {}).get(cfg.sparse.method) or {}) if isinstance(sections.get("methods"), dict) else {}
+    written = {f"{sec}.{key}" for part in (sections, own) for sec, keys in part.items() if isinstance(keys, dict)
+               for key in keys}
+    left = [k for k in RECIPE_KEYS if k not in written and k not in set(given)]
+    if not left:
+        return ""
+    values = cfgmod.flat_dict(cfg)
+    shipped = [name for name in cfgmod.list_presets() if cfgmod.load_preset(name).model.name == cfg.model.name]
+    return (f"note: {preset} does not set {', '.join(left)}, so the run takes the schema's defaults for them ("
+            + ", ".join(f"{k}={values[k]}" for k in left) + "), not a recipe tuned for its model"
+            + (f"; ssvi presets {shipped[0]} prints one to start from" if shipped else ""))
 
 
 def nproc_again(world_size: int) -> str:
