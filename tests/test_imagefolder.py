@@ -567,6 +567,17 @@ def test_a_flat_folder_changed_since_training_is_refused_by_evaluate_and_resume(
     (run_dir / "model.safetensors").unlink()
     assert run(["train", "--resume", str(run_dir)]) == 2
     assert "has changed since the model was trained" in capsys.readouterr().err
+    # The same names with other contents: the run's normalisation, measured again, differs (a resumed
+    # run went on, with no word, on other inputs than it started with).
+    for k in range(3):
+        (tmp_path / "photos" / "zero" / f"new{k}.png").unlink()
+    ones = sorted((tmp_path / "photos" / "one").glob("*.png"))
+    for i, path in enumerate(sorted((tmp_path / "photos" / "zero").glob("*.png"))):
+        shutil.copy(ones[i % len(ones)], path)
+    assert run(["train", "--resume", str(run_dir)]) == 2
+    said = capsys.readouterr().err
+    assert f"error: the images of {tmp_path / 'photos'} have changed since the run started: their normalisation " \
+           "measured now, mean [" in said and "put the images back, or start a new run" in said, said
     # the split layout keeps its test images apart: nothing to record
     write_class(tmp_path / "apart" / "train" / "zero", 0, 4)
     write_class(tmp_path / "apart" / "train" / "one", 1, 4)

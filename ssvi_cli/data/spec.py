@@ -99,6 +99,19 @@ class DataSpec:
                             "images; restore the folder, or train again (PATH/train and PATH/test folders keep "
                             "test images apart whatever is added)")
 
+    def check_same_normalisation(self, recorded: Any) -> None:
+        """Refuse this spec, measured again on a resumed run's training images, when the normalisation
+        ``recorded`` (its checkpoint's spec as a dict) differs: the images changed under the same
+        names, and the run would go on with other inputs than it started with."""
+        if not isinstance(recorded, dict) or not self.name.startswith("imagefolder:"):
+            return
+        then = tuple(recorded.get("mean", ())), tuple(recorded.get("std", ()))
+        if then != (tuple(self.mean), tuple(self.std)):
+            raise DataError(f"the images of {self.name.partition(':')[2]} have changed since the run started: their "
+                            f"normalisation measured now, mean {list(self.mean)} and std {list(self.std)}, is not "
+                            f"the run's, mean {list(then[0])} and std {list(then[1])}; put the images back, or "
+                            "start a new run from this one with ssvi train --init-from RUN")
+
     def check(self) -> None:
         """A spec a model can be used with: an input and classes, one name per class, one finite
         mean and one positive finite std per channel of a (C, H, W) input (or one of each for all

@@ -174,6 +174,7 @@ class RunPlan:
         seen = run.checkpoints()
         cfg, dev, data, path = _resumable(run, device)
         splits = splits or load_data(cfg)
+        splits.spec.check_same_normalisation(data.get("data_spec"))  # measured again: the images unchanged
         card = ModelCard.from_config(cfg, splits.spec)
         return cls(cfg, dev, splits, card, {}, run, data, checkpoints_seen=seen, resumed_from=path)
 
