@@ -453,3 +453,56 @@ def test_an_unreadable_newest_checkpoint_is_warned_of_once_under_nproc(tmp_path:
     assert "unreadable" not in caplog.text
     RunDir(out).load_latest()  # as rank 0 resumes
     assert caplog.text.count("is unreadable or corrupted") == 1
+
+
+@pytest.mark.slow
+def test_nproc_says_a_warning_once_and_no_torchrun_line_for_a_damaged_image(tmp_path: Path):
+    """A warning was said three times (the checks before the launch, then each rank) and torchrun added
+    its own line for the failed process; each rank still says the error it meets."""
+    import numpy as np
+    from PIL import Image
+
+    for c in range(3):
+        (tmp_path / "imgs" / f"c{c}").mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((8, 8), 40 * c + i, np.uint8)).save(tmp_path / "imgs" / f"c{c}" / f"{i}.png")
+    (tmp_path / "imgs" / "loose.png").write_bytes(b"x")  # outside the class folders: passed over, warned of
+    (tmp_path / "imgs" / "c0" / "bad.png").write_bytes(b"not a png")  # met by every rank as it decodes
+    proc = subprocess.run(
+        [sys.executable, "-m", "ssvi_cli", "train", "--nproc", "2", "--device", "cpu", "--epochs", "1",
+         "--data", f"imagefolder:{tmp_path / 'imgs'}", "--set", "data.image_size=8", "--set", "data.channels=1",
+         "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert sum("1 image outside the class folders is passed over" in line for line in lines) == 1, proc.stderr
+    assert 1 <= sum(line.startswith("error: image ") and "bad.png cannot be read" in line for line in lines) <= 2
+    assert not any("exitcode" in line or "api.py" in line or "killed by" in line for line in lines), proc.stderr
+
+
+def test_a_process_killed_by_a_signal_is_named_and_torchruns_own_stops_are_not(capsys):
+    from types import SimpleNamespace as F
+
+    launcher._say_killed({0: F(exitcode=-signal.SIGTERM), 1: F(exitcode=-signal.SIGKILL)})
+    assert capsys.readouterr().err == (
+        "error: the training process of rank 1 was killed by SIGKILL (the system's out-of-memory killer?); the "
+        "run's last checkpoint, if any, resumes it: ssvi train --resume RUN_DIR --nproc N\n")
+    launcher._say_killed({1: F(exitcode=-signal.SIGTERM)})  # only torchrun's stop: that one, said
+    assert "rank 1 was killed by SIGTERM;" in capsys.readouterr().err
+
+
+def test_the_checks_before_the_launch_say_their_warnings_only_when_they_fail(caplog):
+    import logging
+
+    from ssvi_cli.cli.train import _said_on_failure
+
+    log = logging.getLogger("ssvi_cli.data.imagefolder")
+    with caplog.at_level("WARNING"):
+        with _said_on_failure():  # passed: rank 0 says it again as it reads the data
+            log.warning("an image passed over")
+        assert "an image passed over" not in caplog.text
+        with pytest.raises(ValueError), _said_on_failure():
+            log.warning("every image passed over")
+            raise ValueError("no images")
+        assert "every image passed over" in caplog.text  # it explains the error
+    assert logging.getLogger("ssvi_cli").propagate

@@ -221,7 +221,9 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     args = [a for a in args if a != "--debug"]
     handler = logging.StreamHandler()  # "warning: ..." as the commands' notes and errors read; --debug names the logger
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if debug else _Plain())
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler])
+    # A torchrun worker other than rank 0 says no warning: rank 0 meets the same ones and says them.
+    logging.basicConfig(level=logging.DEBUG if debug else logging.ERROR if _silent_rank() else logging.WARNING,
+                        handlers=[handler])
     _show_progress()
     fit_torch_threads()
     if (empty := _empty_argument(args)) is not None:

@@ -4,14 +4,15 @@ are printed here."""
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+import logging
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Iterator, Optional
 
 import typer
 
 from ssvi_cli import config as cfgmod
-from ssvi_cli.cli.common import (UsageError, check_run_out, fmt, forwarded_args, kv_table, no_reader, out,
+from ssvi_cli.cli.common import (Debug, UsageError, check_run_out, fmt, forwarded_args, kv_table, no_reader, out,
                                  print_json, running_a_cell, tell)
 from ssvi_cli.cli.train_config import (build_config, config_origin, default_run_dir, finished_run, init_from_lr_note,
                                        pin_init_from, processes_note, recipe_note, set_keys, threads_note, unused_keys)
@@ -204,6 +205,34 @@ def register(app: typer.Typer) -> None:
              f"IMAGES | ssvi inspect {model}", console=out, highlight=False)
 
 
+@contextmanager
+def _said_on_failure() -> Iterator[None]:
+    """The warnings ssvi logs in the block, held back and said only should it fail (they may explain
+    the error): ``--nproc``'s checks before the launch meet what rank 0 then meets and says."""
+    if Debug.on:  # every line as it comes
+        yield
+        return
+    held: list[logging.LogRecord] = []
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record)
+
+    logger = logging.getLogger("ssvi_cli")
+    hold, propagate = Hold(), logger.propagate
+    logger.addHandler(hold)
+    logger.propagate = False
+    try:
+        yield
+    except BaseException:
+        for record in held:
+            logging.getLogger().handle(record)
+        raise
+    finally:
+        logger.removeHandler(hold)
+        logger.propagate = propagate
+
+
 def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: Optional[str], out_dir: Optional[Path], force: bool,
             overrides: dict[str, Any], sets: list[str], device: Optional[str]) -> None:
     """Check the run here, once, where errors read well (and before ``--force`` removes an old run),
@@ -217,16 +246,17 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: Opti
 
     read = None  # the file a trained --init-from model was read from
     launcher.check_memory(nproc)  # before anything is written
-    if resume is None:
-        cfg = build_config(preset, overrides, sets)
-        read = preflight(cfg, given=set_keys(sets), world_size=nproc, out=out_dir)
-        run = RunDir(out_dir) if out_dir else default_run_dir(cfg, preset).fresh()
-        run.check_claim(force)  # a folder that is not a run is refused before a lock is left in it
-        flag = "--out"
-    else:
-        run, flag = RunDir(resume), "--resume"
-        run.check_free(flag)  # running, not yet checkpointed: in use, not "no checkpoint"
-        preflight_resume(resume, device, nproc)
+    with _said_on_failure():  # rank 0 says the warnings again as it reads the data
+        if resume is None:
+            cfg = build_config(preset, overrides, sets)
+            read = preflight(cfg, given=set_keys(sets), world_size=nproc, out=out_dir)
+            run = RunDir(out_dir) if out_dir else default_run_dir(cfg, preset).fresh()
+            run.check_claim(force)  # a folder that is not a run is refused before a lock is left in it
+            flag = "--out"
+        else:
+            run, flag = RunDir(resume), "--resume"
+            run.check_free(flag)  # running, not yet checkpointed: in use, not "no checkpoint"
+            preflight_resume(resume, device, nproc)
     # The lock is held here until the processes end, and by the launcher too, should this process be
     # killed first (launcher.launch); rank 0 knows it by LOCK_HELD_ENV.
     with run.hold(flag, create=resume is None) as lock:

@@ -98,8 +98,10 @@ def torchrun_main(argv: Sequence[str]) -> None:
     os.environ[PARENT_ENV] = str(os.getpid())  # for the processes it starts
     # Not torchrun's notices of a shutdown it was asked for: its loggers are made at import, some
     # reading LOGLEVEL (which the processes it starts do not inherit), the others under one parent.
+    # Nor its line for a process that failed: that process said its own error, and one killed by a
+    # signal is said below.
     level = os.environ.get("LOGLEVEL")
-    os.environ["LOGLEVEL"] = "ERROR"
+    os.environ["LOGLEVEL"] = "CRITICAL"
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main
@@ -108,7 +110,7 @@ def torchrun_main(argv: Sequence[str]) -> None:
         del os.environ["LOGLEVEL"]
     else:
         os.environ["LOGLEVEL"] = level
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         main(list(argv))
     except SignalException as exc:
@@ -117,7 +119,21 @@ def torchrun_main(argv: Sequence[str]) -> None:
         # The lowest rank's own exit code; not the signal torchrun stopped the others with once one had
         # ended (rank 0, stopping at a checkpoint a little after rank 1, was killed at its end under load)
         codes = [getattr(failure, "exitcode", 1) for _, failure in sorted(exc.failures.items())]
+        if not any(isinstance(c, int) and 0 < c < 256 for c in codes):  # none said its own error
+            _say_killed(exc.failures)
         sys.exit(next((c for c in codes if isinstance(c, int) and 0 < c < 256), 1))
+
+
+def _say_killed(failures: dict[int, Any]) -> None:
+    """The processes killed by a signal, said as torchrun's own line no longer says them: SIGTERM is
+    torchrun's own, sent to the others once one has ended, unless it is the only one."""
+    killed = [(rank, f.exitcode) for rank, f in sorted(failures.items())
+              if isinstance(getattr(f, "exitcode", None), int) and f.exitcode < 0]
+    for rank, code in [k for k in killed if k[1] != -signal.SIGTERM] or killed[:1]:
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
+        print(f"error: the training process of rank {rank} was killed by {name}"
+              + (" (the system's out-of-memory killer?)" if code == -signal.SIGKILL else "")
+              + "; the run's last checkpoint, if any, resumes it: ssvi train --resume RUN_DIR --nproc N", file=sys.stderr)
 
 
 def _wait_for_orphans(others: set[int], grace_s: float = ORPHANS_GRACE_S) -> str:
