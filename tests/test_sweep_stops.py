@@ -398,3 +398,24 @@ def test_a_cell_stopped_in_its_evaluation_says_so_and_is_evaluated_again(tmp_pat
     trained = (cell / "model.safetensors").stat().st_mtime_ns
     assert run(["sweep", "--run-cell", str(cell)]) == 0
     assert cell_state(cell) == "done" and (cell / "model.safetensors").stat().st_mtime_ns == trained
+
+
+def test_cells_that_fail_alike_on_a_user_error_stop_the_sweep_starting_the_others(tmp_path: Path, capsys):
+    """A damaged image in the sweep's folder failed every cell in turn, each decoding the folder first:
+    two failures with the same error (exit 2) leave the rest unstarted, to run once it is fixed."""
+    import numpy as np
+    from PIL import Image
+
+    for c in range(2):
+        (tmp_path / "imgs" / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(np.full((8, 8), 60 * c + i, np.uint8)).save(tmp_path / "imgs" / f"c{c}" / f"{i}.png")
+    (tmp_path / "imgs" / "c1" / "bad.png").write_bytes(b"not a png")
+    out = tmp_path / "sw"
+    assert run(["sweep", "--method", "vi", "--seeds", "4", "--set", f"data.name=imagefolder:{tmp_path / 'imgs'}",
+                "--set", "data.image_size=8", "--set", "data.channels=1", "--set", "train.epochs=1", *TINY,
+                "--out", str(out), "--no-figures", "--jobs", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("bad.png cannot be read") == 2, err
+    assert "2 cells not started: the cells before them failed with the same error (above), which each would meet" in err
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["vi_seed0.log", "vi_seed1.log"]

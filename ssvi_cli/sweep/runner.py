@@ -177,6 +177,7 @@ class Outcome:
     busy: list[str] = field(default_factory=list)         # run by another process: left to it
     interrupted: bool = False
     signum: int = int(signal.SIGINT)                      # what interrupted it
+    halted: list[str] = field(default_factory=list)       # not started: two cells met the same user error
 
 
 # (event, cell name, detail): event is "start", "finish", "fail", "skip", "busy" or "stop"
@@ -255,6 +256,11 @@ def run_cells(sweep_dir: Path, cells: list[Cell], jobs: int, threads: Optional[i
                         # killed before it could say why (by the system, say: out of memory)
                         record_failure(Path(sweep_dir) / CELLS_DIR / name, exit_text(code))
                     note("fail", name, f"{exit_text(code)}, see {logs / (name + '.log')}")
+                    said = failure(Path(sweep_dir) / CELLS_DIR / name)
+                    if code == 2 and queue and said and sum(c == 2 and failure(Path(sweep_dir) / CELLS_DIR / n) == said
+                                                            for n, c in outcome.failed.items()) >= 2:
+                        outcome.halted = [c.name for c in queue]  # which every cell would meet: a damaged image
+                        queue.clear()
         if stops:
             outcome.interrupted, outcome.signum = True, stops[0]
             # Further signals are only noted: the cells checkpoint.
