@@ -1019,3 +1019,25 @@ def test_every_help_reads_whole_at_80_columns(command):
     assert proc.returncode == 0 and "Usage: ssvi" in proc.stdout, proc.stderr
     assert max(len(l) for l in proc.stdout.splitlines()) <= 80
     assert "…" not in proc.stdout, [l for l in proc.stdout.splitlines() if "…" in l]
+
+
+def test_ctrl_c_while_a_resume_reads_its_data_says_nothing_changed_and_how_to_resume(tmp_path: Path, capsys,
+                                                                                      monkeypatch):
+    """It said just "interrupted" (decoding a large image folder takes minutes)."""
+    from ssvi_cli.training.plan import RunPlan
+
+    out = tmp_path / "r"
+    assert run(["train", "--epochs", "1", "--set", "data.max_train=64", "--set", "train.eval_samples=1",
+                "--out", str(out), "--json"]) == 0
+    (out / "summary.json").unlink()  # as if stopped after its last checkpoint
+    (out / "model.safetensors").unlink()
+    capsys.readouterr()
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunPlan, "resume", stopped)
+    assert run(["train", "--resume", str(out)]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"interrupted while the run's checkpoint and data were read, before it went on; nothing changed. Resume with: "
+        f"ssvi train --resume {out}")

@@ -14,9 +14,9 @@ import typer
 from ssvi_cli import config as cfgmod
 from ssvi_cli.cli.common import (Debug, UsageError, check_run_out, fmt, forwarded_args, kv_table, no_reader, out,
                                  print_json, running_a_cell, tell)
-from ssvi_cli.cli.train_config import (build_config, config_origin, default_run_dir, finished_run, init_from_lr_note,
+from ssvi_cli.cli.train_config import (build_config, config_origin, default_run_dir, finished_run, init_from_lr_note, nproc_again,
                                        pin_init_from, processes_note, recipe_note, set_keys, threads_note, unused_keys)
-from ssvi_cli.cli.train_fit import fit
+from ssvi_cli.cli.train_fit import KeyboardInterruptHandled, fit
 from ssvi_cli.machine import shell_quote
 
 
@@ -134,7 +134,13 @@ def register(app: typer.Typer) -> None:
                     RunDir(resume).check_free("--resume")  # in use: said before "no checkpoint yet"
                 # One pre-flight: the checkpoint is read once, the device resolved (a clear error for an
                 # absent GPU) and the data loaded, all before the process group exists.
-                plan = RunPlan.resume(resume, device=device)
+                try:
+                    plan = RunPlan.resume(resume, device=device)
+                except KeyboardInterrupt:  # it said just "interrupted"
+                    raise KeyboardInterruptHandled(
+                        "interrupted while the run's checkpoint and data were read, before it went on; nothing "
+                        "changed" if info.is_main else "", resume=f"ssvi train --resume {shell_quote(str(resume))}"
+                        + nproc_again(info.world_size) if info.is_main else "") from None
                 if info.is_main:  # once it has passed its checks (a refused one leaves no lock file behind)
                     held.enter_context(RunDir(resume).hold("--resume", create=False))
                     plan.check_unchanged()
