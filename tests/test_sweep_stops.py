@@ -275,7 +275,7 @@ def test_a_failed_cell_is_reported_as_failed_with_its_reason(tmp_path: Path, cap
     good = out / "cells" / "vi_name-digits_seed0"
     (out / "cells" / ".vi_name-digits_seed0.failed").write_text('{"error": "an old failure"}')
     (good / "evaluation.json").unlink()
-    from ssvi_cli.sweep.runner import failure
+    from ssvi_cli.sweep.failures import failure
 
     assert run(["sweep", "--run-cell", str(good)]) == 0
     assert failure(good) is None and failure(out / "cells" / bad) is not None
@@ -286,7 +286,7 @@ def test_a_failed_cell_is_reported_as_failed_with_its_reason(tmp_path: Path, cap
 
 def test_a_stopped_cell_is_not_a_failed_one_and_a_note_never_stops_the_sweep(tmp_path: Path, capsys):
     from ssvi_cli.cli.sweep import run_cell
-    from ssvi_cli.sweep.runner import failure, record_failure
+    from ssvi_cli.sweep.failures import failure, record_failure
 
     out = tmp_path / "sw"
     assert run(["sweep", "--set", "train.epochs=1", *TINY, "--out", str(out), "--dry-run"]) == 0
@@ -400,22 +400,28 @@ def test_a_cell_stopped_in_its_evaluation_says_so_and_is_evaluated_again(tmp_pat
     assert cell_state(cell) == "done" and (cell / "model.safetensors").stat().st_mtime_ns == trained
 
 
-def test_cells_that_fail_alike_on_a_user_error_stop_the_sweep_starting_the_others(tmp_path: Path, capsys):
+def test_cells_that_fail_alike_on_a_data_error_stop_the_sweep_starting_those_of_the_same_data(tmp_path: Path, capsys):
     """A damaged image in the sweep's folder failed every cell in turn, each decoding the folder first:
-    two failures with the same error (exit 2) leave the rest unstarted, to run once it is fixed."""
+    two failures with the same data error leave the rest of that folder's cells unstarted; the cells
+    of another folder still run."""
     import numpy as np
     from PIL import Image
 
-    for c in range(2):
-        (tmp_path / "imgs" / f"c{c}").mkdir(parents=True)
-        for i in range(8):
-            Image.fromarray(np.full((8, 8), 60 * c + i, np.uint8)).save(tmp_path / "imgs" / f"c{c}" / f"{i}.png")
-    (tmp_path / "imgs" / "c1" / "bad.png").write_bytes(b"not a png")
+    for folder in ("bad", "good"):
+        for c in range(2):
+            (tmp_path / folder / f"c{c}").mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(np.full((8, 8), 60 * c + i, np.uint8)).save(tmp_path / folder / f"c{c}" / f"{i}.png")
+    (tmp_path / "bad" / "c1" / "bad.png").write_bytes(b"not a png")
     out = tmp_path / "sw"
-    assert run(["sweep", "--method", "vi", "--seeds", "4", "--set", f"data.name=imagefolder:{tmp_path / 'imgs'}",
+    assert run(["sweep", "--method", "vi", "--seeds", "3", "--set",
+                f"data.name=imagefolder:{tmp_path / 'bad'},imagefolder:{tmp_path / 'good'}",
                 "--set", "data.image_size=8", "--set", "data.channels=1", "--set", "train.epochs=1", *TINY,
                 "--out", str(out), "--no-figures", "--jobs", "1"]) == 1
     err = capsys.readouterr().err
-    assert err.count("bad.png cannot be read") == 2, err
-    assert "2 cells not started: the cells before them failed with the same error (above), which each would meet" in err
-    assert sorted(p.name for p in (out / "logs").iterdir()) == ["vi_seed0.log", "vi_seed1.log"]
+    assert err.count("bad.png cannot be read") == 3, err  # two failed cells, and the line below
+    assert "1 cell of the same data settings not started: two cells failed with the same data error, which each " \
+           "would meet (image " in err
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["failed"]) == 2 and report["cells_done"] == 3 and len(report["missing"]) == 1
+    assert all("-bad_seed" in name for name in [*report["failed"], *report["missing"]])

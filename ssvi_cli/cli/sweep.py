@@ -226,8 +226,8 @@ def _run(sweep_dir: Path, spec: "SweepSpec", cells: list[Any], jobs: int, thread
         err.print(f"{count(len(outcome.busy), 'cell')} running in another process, left to it; when done: "
                   f"{shell_join(['ssvi', 'sweep', '--report', str(sweep_dir)])}")
     if outcome.halted:
-        err.print(f"{count(len(outcome.halted), 'cell')} not started: the cells before them failed with the same "
-                  "error (above), which each would meet", highlight=False)
+        err.print(f"{count(len(outcome.halted), 'cell')} of the same data settings not started: two cells failed "
+                  f"with the same data error, which each would meet ({outcome.repeated})", highlight=False)
     if outcome.failed:
         err.print(f"{count(len(outcome.failed), 'cell')} failed (logs in {sweep_dir / 'logs'}); rerun with: "
                   f"ssvi sweep --resume {shell_quote(str(sweep_dir))}")

@@ -27,7 +27,9 @@ def run_cell(path: Path, run: Callable[[list[str]], int], json_out: bool = False
     training summary and evaluation (:func:`cell_document`)."""
     from ssvi_cli.cli.train_fit import KeyboardInterruptHandled
     from ssvi_cli.sweep.grid import CELLS_DIR, is_sweep_dir, read_spec
-    from ssvi_cli.sweep.runner import BUSY_EXIT, CellBusy, cell_lock, clear_failure, record_failure, was_stopped
+    from ssvi_cli.data.spec import DataError
+    from ssvi_cli.sweep.failures import DATA_ERROR, clear_failure, record_failure
+    from ssvi_cli.sweep.runner import BUSY_EXIT, CellBusy, cell_lock, was_stopped
     from ssvi_cli.training.launcher import PARENT_ENV, stop_with_parent
 
     if os.environ.get(PARENT_ENV):  # started by a sweep: SIGTERM (a checkpoint) once it is gone, not run on unowned
@@ -56,7 +58,8 @@ def run_cell(path: Path, run: Callable[[list[str]], int], json_out: bool = False
             except (KeyboardInterruptHandled, KeyboardInterrupt):
                 raise
             except Exception as exc:  # noqa: BLE001 - recorded for the report, then reported as any error
-                record_failure(path, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                record_failure(path, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                               DATA_ERROR if isinstance(exc, DataError) else type(exc).__name__)
                 raise
             if code and not was_stopped(code):  # a stop (Ctrl-C, SIGTERM) resumes; it did not fail
                 record_failure(path, f"exit code {code}")

@@ -21,7 +21,8 @@ from ssvi_cli.sweep.drift import changed_cells
 from ssvi_cli.sweep.grid import (EVAL_FILE, OWN_KEYS, Cell, SweepError, SweepSpec, group_key, group_label,
                                  read_spec, seeds_text, setting_text, yaml_text)
 from ssvi_cli.sweep.paired import auroc_title, paired_differences, paired_markdown
-from ssvi_cli.sweep.runner import cell_dir, cell_state, failure
+from ssvi_cli.sweep.failures import failure
+from ssvi_cli.sweep.runner import cell_dir, cell_state
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"

@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Optional
 from ssvi_cli.fileio import UnwritablePath
 from ssvi_cli.locks import Locked, acquire_lock
 from ssvi_cli.runs.rundir import RunDir
+from ssvi_cli.sweep.failures import failure, halted, record_failure
 from ssvi_cli.sweep.grid import CELLS_DIR, EVAL_FILE, Cell, SweepSpec
 from ssvi_cli.training.launcher import PARENT_ENV
 from ssvi_cli.training.stops import requests_to_stop
@@ -123,42 +124,12 @@ def cell_lock(path: Path) -> Iterator[None]:
         yield
 
 
-def _failure_file(path: Path) -> Path:
-    return Path(path).parent / f".{Path(path).name}.failed"  # beside the lock, outside the run directory
-
-
 STOPPED_EXITS = frozenset({129, 130, 143})  # 128 + SIGHUP, SIGINT, SIGTERM: stopped at a checkpoint, not failed
 
 
 def was_stopped(code: int) -> bool:
     """Whether a cell's exit code (or Popen's -signal) is a stop on request, resumable, not a failure."""
     return code in STOPPED_EXITS or (code < 0 and 128 - code in STOPPED_EXITS)
-
-
-def record_failure(path: Path, message: str) -> None:
-    """Note that the cell's last run failed, and why, for the report (cleared when it runs again).
-    Only a note: a note that cannot be written is passed over, never in the way of the sweep."""
-    from ssvi_cli.fileio import write_json
-
-    try:
-        write_json(_failure_file(path), {"error": message[:500]})
-    except OSError:
-        pass
-
-
-def clear_failure(path: Path) -> None:
-    try:
-        _failure_file(path).unlink(missing_ok=True)
-    except OSError:  # not a file, or a read-only folder: the cell's own run says what is wrong
-        pass
-
-
-def failure(path: Path) -> Optional[str]:
-    """Why the cell's last run failed (its error, ``stopped by SIGKILL``), or None."""
-    try:
-        return str(json.loads(_failure_file(path).read_text(encoding="utf-8"))["error"])
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-        return None
 
 
 def cell_command(cell_path: Path) -> list[str]:
@@ -177,7 +148,8 @@ class Outcome:
     busy: list[str] = field(default_factory=list)         # run by another process: left to it
     interrupted: bool = False
     signum: int = int(signal.SIGINT)                      # what interrupted it
-    halted: list[str] = field(default_factory=list)       # not started: two cells met the same user error
+    halted: list[str] = field(default_factory=list)       # not started: cells of their data met the same
+    repeated: str = ""                                    # data error twice, this one, which they would meet
 
 
 # (event, cell name, detail): event is "start", "finish", "fail", "skip", "busy" or "stop"
@@ -256,11 +228,10 @@ def run_cells(sweep_dir: Path, cells: list[Cell], jobs: int, threads: Optional[i
                         # killed before it could say why (by the system, say: out of memory)
                         record_failure(Path(sweep_dir) / CELLS_DIR / name, exit_text(code))
                     note("fail", name, f"{exit_text(code)}, see {logs / (name + '.log')}")
-                    said = failure(Path(sweep_dir) / CELLS_DIR / name)
-                    if code == 2 and queue and said and sum(c == 2 and failure(Path(sweep_dir) / CELLS_DIR / n) == said
-                                                            for n, c in outcome.failed.items()) >= 2:
-                        outcome.halted = [c.name for c in queue]  # which every cell would meet: a damaged image
-                        queue.clear()
+                    if code == 2 and (halt := halted(Path(sweep_dir) / CELLS_DIR, cells, outcome.failed, queue)):
+                        outcome.halted += [c.name for c in halt[0]]
+                        outcome.repeated = halt[1]
+                        queue[:] = [c for c in queue if c not in halt[0]]
         if stops:
             outcome.interrupted, outcome.signum = True, stops[0]
             # Further signals are only noted: the cells checkpoint.
