@@ -322,6 +322,10 @@ def _flatten(data: Any, where: str = "config", skip: tuple[str, ...] = ()) -> di
         if section in skip:
             continue
         if section not in known:
+            sec, dot, name = str(section).partition(".")
+            if dot and f"{sec}.{name}" in valid_keys():  # "train.epochs: 3", as --set writes it
+                raise ConfigError(f"{where}: unknown section {section!r}; a file writes the key under its section: "
+                                  f"{sec}: {{{name}: {values!r}}}")
             key = _did_you_mean(str(section)) if not isinstance(values, dict) else ""  # "lr: 0.01", a key alone
             raise ConfigError(f"{where}: unknown section {section!r}" + (
                 f"{key[:-2]}, written under its section?)" if key else _did_you_mean(str(section), known))

@@ -989,11 +989,18 @@ def test_the_recipe_note_names_a_preset_file_and_the_recipe_keys_a_file_leaves_t
     (tmp_path / "bare.yaml").write_text("optim:\n  lr: 0.02\nmethods:\n  ssvi:\n    train: {epochs: 3}\n")
     cfg = C.apply_overrides(C.load_preset(str(tmp_path / "bare.yaml"), "ssvi"), {"model.name": "lenet5"})
     assert recipe_note(cfg, str(tmp_path / "bare.yaml")) == (
-        f"note: {tmp_path / 'bare.yaml'} does not set optim.name, bayes.beta, bayes.prior_sigma, so the run takes the "
-        "schema's defaults for them (optim.name=sgd, bayes.beta=0.01, bayes.prior_sigma=0.005), not a recipe tuned "
-        "for its model; ssvi presets mnist_lenet5 prints one to start from")
+        f"note: {tmp_path / 'bare.yaml'} does not set optim.name, bayes.prior_sigma, so the run takes the schema's "
+        "defaults for them (optim.name=sgd, bayes.prior_sigma=0.005), where the preset mnist_lenet5 for lenet5 has "
+        "optim.name=adam, bayes.prior_sigma=0.1; ssvi presets mnist_lenet5 prints it to start from")
     given = ["optim.name", "bayes.beta", "bayes.prior_sigma"]  # by flags or --set
     assert recipe_note(cfg, str(tmp_path / "bare.yaml"), given) == ""
+    # the schema's defaults are the CIFAR ResNet recipe: a ResNet file that leaves them has it, nothing to say
+    (tmp_path / "rn.yaml").write_text("model: {name: resnet18}\ndata: {name: cifar10}\n")
+    assert recipe_note(C.load_preset(str(tmp_path / "rn.yaml"), "ssvi"), str(tmp_path / "rn.yaml")) == ""
+    # an MLP on MNIST is pointed to MNIST's MLP preset, not the digits one
+    (tmp_path / "mm.yaml").write_text("model: {name: mlp}\ndata: {name: mnist}\n")
+    assert "the preset mnist_mlp for mlp" in recipe_note(C.load_preset(str(tmp_path / "mm.yaml"), "ssvi"),
+                                                         str(tmp_path / "mm.yaml"))
     full = tmp_path / "full.yaml"  # a shipped preset's keys, all written: nothing to say
     full.write_text(C.dump_yaml(C.load_preset("digits_mlp")))
     assert recipe_note(C.load_preset(str(full)), str(full)) == ""

@@ -51,6 +51,10 @@ def test_a_misspelt_section_or_preset_name_gets_the_closest_one(tmp_path):
     with pytest.raises(C.ConfigError, match=r"unknown section 'lr' \(did you mean 'optim.lr', written under its "
                                             r"section\?\); valid sections"):
         C.load_preset(str(tmp_path / "mine.yaml"))
+    (tmp_path / "mine.yaml").write_text("train.epochs: 3\n")  # as --set writes it
+    with pytest.raises(C.ConfigError, match=r"unknown section 'train.epochs'; a file writes the key under its section: "
+                                            r"train: \{epochs: 3\}$"):
+        C.load_preset(str(tmp_path / "mine.yaml"))
     with pytest.raises(C.ConfigError, match=r"^preset file digits_mlp.yaml does not exist.*; the shipped preset is "
                                             r"named without its suffix: digits_mlp$"):
         C.load_preset("digits_mlp.yaml")

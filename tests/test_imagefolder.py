@@ -587,6 +587,19 @@ def test_a_flat_folder_changed_since_training_is_refused_by_evaluate_and_resume(
     assert spec.files_digest == "" and "files_digest" not in spec.to_dict()
 
 
+def test_a_resume_compares_the_normalisation_within_a_decoders_rounding():
+    """Refused only where the images changed: another Pillow decodes a JPEG a little otherwise."""
+    from ssvi_cli.data.spec import DataError, DataSpec
+
+    spec = DataSpec("imagefolder:/p", (1, 8, 8), 2, ("a", "b"), (0.3,), (0.2,))
+    spec.check_same_normalisation({"mean": [0.3004], "std": [0.1996]})
+    for unreadable in (None, {}, {"mean": "x", "std": [0.2]}, {"mean": [None], "std": [0.2]}):
+        spec.check_same_normalisation(unreadable)
+    with pytest.raises(DataError, match="have changed since the run started"):
+        spec.check_same_normalisation({"mean": [0.31], "std": [0.2]})
+    DataSpec("digits", (1, 8, 8), 2, ("a", "b"), (0.3,), (0.2,)).check_same_normalisation({"mean": [0.9], "std": [0.2]})
+
+
 def test_class_names_that_differ_only_in_unicode_normalisation_are_the_same_classes():
     """A folder named on macOS (decomposed, NFD) and the same name composed (NFC) print alike; evaluate
     refused them as "class 0 is 'grün' there and 'grün' in the model"."""

@@ -489,6 +489,11 @@ def test_a_process_killed_by_a_signal_is_named_and_torchruns_own_stops_are_not(c
         "run's last checkpoint, if any, resumes it: ssvi train --resume RUN_DIR --nproc N\n")
     launcher._say_killed({1: F(exitcode=-signal.SIGTERM)})  # only torchrun's stop: that one, said
     assert "rank 1 was killed by SIGTERM;" in capsys.readouterr().err
+    # another process said its own error (rank 0's broken connection to the killed one): still named
+    launcher._say_killed({0: F(exitcode=1), 1: F(exitcode=-signal.SIGKILL)}, said=True)
+    assert "rank 1 was killed by SIGKILL" in capsys.readouterr().err
+    launcher._say_killed({0: F(exitcode=2), 1: F(exitcode=-signal.SIGTERM)}, said=True)  # torchrun's own stop
+    assert capsys.readouterr().err == ""
 
 
 def test_the_checks_before_the_launch_say_their_warnings_only_when_they_fail(caplog):

@@ -252,6 +252,14 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def scored_as(m: dict[str, Any]) -> str:
+    """``mc, S=10 on 360 test images``: how a run scored its own test numbers, from its summary (as
+    much of it as a model file's record holds; "" for none)."""
+    how = (str(m["test_mode"]) + (f", S={m['test_samples']}" if m.get("test_samples") else "")) if m.get("test_mode") else ""
+    images = m["images"].get("test") if isinstance(m.get("images"), dict) else None
+    return f"{how} on {images:,} test images".strip() if isinstance(images, int) else how
+
+
 def size_rows(t: dict[str, Any], measured: str = "") -> dict[str, str]:
     """A file's sizes as export and inspect print them (``size_totals``): its bytes, the dense float32
     tensors of the same model (a dense BNN's μ and σ, or a deterministic model's means alone) and

@@ -9,7 +9,8 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from ssvi_cli.cli.common import UsageError, check_output_dir, count, size_rows, err, kv_table, out, print_json
+from ssvi_cli.cli.common import (UsageError, check_output_dir, count, err, kv_table, out, print_json, scored_as,
+                                 size_rows)
 
 HISTORY_ROWS = 12  # support-history steps shown in the table (all are in --json)
 
@@ -90,12 +91,7 @@ def _test_accuracy(metrics: dict[str, Any]) -> Any:
     acc = metrics.get("test_accuracy")
     if not isinstance(acc, (int, float)):
         return acc
-    how = [str(metrics["test_mode"]) + (f", S={metrics['test_samples']}" if metrics.get("test_samples") else "")] \
-        if metrics.get("test_mode") else []
-    images = (metrics.get("images") or {}).get("test") if isinstance(metrics.get("images"), dict) else None
-    if isinstance(images, int):
-        how.append(f"on {images:,} test images")
-    return f"{acc:.4f}" + (f" ({' '.join(how)}, at the end of training)" if how else "")
+    return f"{acc:.4f}" + (f" ({how}, at the end of training)" if (how := scored_as(metrics)) else "")
 
 
 def _print_report(r: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Iterator, Optional
 import typer
 
 from ssvi_cli import config as cfgmod
-from ssvi_cli.cli.common import (Debug, UsageError, check_run_out, fmt, forwarded_args, kv_table, no_reader, out,
+from ssvi_cli.cli.common import (Debug, UsageError, check_run_out, scored_as, fmt, forwarded_args, kv_table, no_reader, out,
                                  print_json, running_a_cell, tell)
 from ssvi_cli.cli.train_config import (build_config, config_origin, default_run_dir, finished_run, init_from_lr_note, nproc_again,
                                        pin_init_from, processes_note, recipe_note, set_keys, threads_note, unused_keys)
@@ -29,8 +29,7 @@ def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
                             + (f"; {summary['kept_dense_weights']:,} more in layers kept dense" if summary.get("kept_dense_weights") else ""),
         "test accuracy": summary["test_accuracy"],
         "test NLL": summary["test_nll"],
-        "evaluated as": summary["test_mode"] + (f", S={summary['test_samples']}" if summary["test_samples"] else "")
-                        + f" on {summary['images']['test']:,} test images",
+        "evaluated as": scored_as(summary),
         "mean-network accuracy": summary["test_accuracy_mean_net"],
         "epochs / steps": f"{summary['epochs']} / {summary['steps']}",
         "subspace steps": _subspace_row(summary),

@@ -182,19 +182,26 @@ def recipe_note(cfg: cfgmod.Config, preset: Optional[str], given: Any = ()) -> s
 
 def _schema_note(cfg: cfgmod.Config, preset: str, data: Any, given: Any) -> str:
     """The recipe keys a preset file (``data``; its ``methods:`` section for the run's method too)
-    leaves to the schema's defaults, or ""."""
+    leaves to the schema's defaults where a shipped preset of its model (of its data first) has other
+    values, with that preset's name; or ""."""
+    shipped = {name: cfgmod.load_preset(name, cfg.sparse.method) for name in cfgmod.list_presets()}
+    same = sorted((n for n, p in shipped.items() if p.model.name == cfg.model.name),
+                  key=lambda n: shipped[n].data.name != cfg.data.name)  # of its data first
+    if not same:
+        return ""
     sections = dict(data) if isinstance(data, dict) else {}
-    own = ((sections.get("methods") or {}).get(cfg.sparse.method) or {}) if isinstance(sections.get("methods"), dict) else {}
+    methods = sections.get("methods") if isinstance(sections.get("methods"), dict) else {}
+    own = methods.get(cfg.sparse.method) if isinstance(methods.get(cfg.sparse.method), dict) else {}
     written = {f"{sec}.{key}" for part in (sections, own) for sec, keys in part.items() if isinstance(keys, dict)
                for key in keys}
-    left = [k for k in RECIPE_KEYS if k not in written and k not in set(given)]
+    name = same[0]
+    values, recipe = cfgmod.flat_dict(cfg), cfgmod.flat_dict(shipped[name])
+    left = [k for k in RECIPE_KEYS if k not in written and k not in set(given) and values[k] != recipe[k]]
     if not left:
         return ""
-    values = cfgmod.flat_dict(cfg)
-    shipped = [name for name in cfgmod.list_presets() if cfgmod.load_preset(name).model.name == cfg.model.name]
     return (f"note: {preset} does not set {', '.join(left)}, so the run takes the schema's defaults for them ("
-            + ", ".join(f"{k}={values[k]}" for k in left) + "), not a recipe tuned for its model"
-            + (f"; ssvi presets {shipped[0]} prints one to start from" if shipped else ""))
+            + ", ".join(f"{k}={values[k]}" for k in left) + f"), where the preset {name} for {cfg.model.name} has "
+            + ", ".join(f"{k}={recipe[k]}" for k in left) + f"; ssvi presets {name} prints it to start from")
 
 
 def nproc_again(world_size: int) -> str:

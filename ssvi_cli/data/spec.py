@@ -105,8 +105,12 @@ class DataSpec:
         names, and the run would go on with other inputs than it started with."""
         if not isinstance(recorded, dict) or not self.name.startswith("imagefolder:"):
             return
-        then = tuple(recorded.get("mean", ())), tuple(recorded.get("std", ()))
-        if then != (tuple(self.mean), tuple(self.std)):
+        then = recorded.get("mean"), recorded.get("std")
+        if not all(isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) for x in v) for v in then):
+            return  # a checkpoint without a readable record: nothing to compare
+        # 1e-3 apart, far above another Pillow's decoding of the same JPEG (a resume after an upgrade)
+        if len(then[0]) != len(self.mean) or len(then[1]) != len(self.std) or any(
+                abs(a - b) > 1e-3 for a, b in zip((*then[0], *then[1]), (*self.mean, *self.std))):
             raise DataError(f"the images of {self.name.partition(':')[2]} have changed since the run started: their "
                             f"normalisation measured now, mean {list(self.mean)} and std {list(self.std)}, is not "
                             f"the run's, mean {list(then[0])} and std {list(then[1])}; put the images back, or "

@@ -119,17 +119,17 @@ def torchrun_main(argv: Sequence[str]) -> None:
         # The lowest rank's own exit code; not the signal torchrun stopped the others with once one had
         # ended (rank 0, stopping at a checkpoint a little after rank 1, was killed at its end under load)
         codes = [getattr(failure, "exitcode", 1) for _, failure in sorted(exc.failures.items())]
-        if not any(isinstance(c, int) and 0 < c < 256 for c in codes):  # none said its own error
-            _say_killed(exc.failures)
+        _say_killed(exc.failures, said=any(isinstance(c, int) and 0 < c < 256 for c in codes))
         sys.exit(next((c for c in codes if isinstance(c, int) and 0 < c < 256), 1))
 
 
-def _say_killed(failures: dict[int, Any]) -> None:
-    """The processes killed by a signal, said as torchrun's own line no longer says them: SIGTERM is
-    torchrun's own, sent to the others once one has ended, unless it is the only one."""
+def _say_killed(failures: dict[int, Any], said: bool = False) -> None:
+    """The processes killed by a signal, said as torchrun's own line no longer says them. SIGTERM is
+    torchrun's own, sent to the others once one has ended: said only where no process said an error
+    of its own (``said``) and no other signal is named."""
     killed = [(rank, f.exitcode) for rank, f in sorted(failures.items())
               if isinstance(getattr(f, "exitcode", None), int) and f.exitcode < 0]
-    for rank, code in [k for k in killed if k[1] != -signal.SIGTERM] or killed[:1]:
+    for rank, code in [k for k in killed if k[1] != -signal.SIGTERM] or ([] if said else killed[:1]):
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
         print(f"error: the training process of rank {rank} was killed by {name}"
               + (" (the system's out-of-memory killer?)" if code == -signal.SIGKILL else "")
