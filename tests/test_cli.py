@@ -29,7 +29,11 @@ def test_a_runs_config_says_where_it_came_from_and_a_resume_keeps_it(tmp_path: P
     assert Path("next/config.yaml").read_text().startswith(
         f"# from the config of the trained model {tmp_path / 'mine' / 'model.safetensors'} (--init-from), then")
     cfg = C.load_preset(str(tmp_path / "mine" / "config.yaml"))
-    assert config_note(cfg.train.batch_size, cfg, RunDir(tmp_path / "mine")) == first + "\n"  # a resume keeps it
+    assert config_note(cfg.train.batch_size, cfg, RunDir(tmp_path / "mine")) == first + "\n"
+    Path("mine/summary.json").unlink()  # as if stopped after its last checkpoint: the resume writes config.yaml again
+    Path("mine/model.safetensors").unlink()
+    assert run(["train", "--resume", "mine", "--json"]) == 0
+    assert Path("mine/config.yaml").read_text().splitlines()[0] == first  # kept
     assert config_note(cfg.train.batch_size, cfg, RunDir(tmp_path / "none")) == ""
 
 
