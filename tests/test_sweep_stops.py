@@ -402,20 +402,17 @@ def test_a_cell_stopped_in_its_evaluation_says_so_and_is_evaluated_again(tmp_pat
 
 def test_cells_that_fail_alike_on_a_data_error_stop_the_sweep_starting_those_of_the_same_data(tmp_path: Path, capsys):
     """A damaged image in the sweep's folder failed every cell in turn, each decoding the folder first:
-    two failures with the same data error leave the rest of that folder's cells unstarted; the cells
-    of another folder still run."""
+    two failures with the same data error leave the rest of that folder's cells unstarted."""
     import numpy as np
     from PIL import Image
 
-    for folder in ("bad", "good"):
-        for c in range(2):
-            (tmp_path / folder / f"c{c}").mkdir(parents=True)
-            for i in range(8):
-                Image.fromarray(np.full((8, 8), 60 * c + i, np.uint8)).save(tmp_path / folder / f"c{c}" / f"{i}.png")
+    for c in range(2):
+        (tmp_path / "bad" / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(np.full((8, 8), 60 * c + i, np.uint8)).save(tmp_path / "bad" / f"c{c}" / f"{i}.png")
     (tmp_path / "bad" / "c1" / "bad.png").write_bytes(b"not a png")
     out = tmp_path / "sw"
-    assert run(["sweep", "--method", "vi", "--seeds", "3", "--set",
-                f"data.name=imagefolder:{tmp_path / 'bad'},imagefolder:{tmp_path / 'good'}",
+    assert run(["sweep", "--method", "vi", "--seeds", "3", "--set", f"data.name=imagefolder:{tmp_path / 'bad'}",
                 "--set", "data.image_size=8", "--set", "data.channels=1", "--set", "train.epochs=1", *TINY,
                 "--out", str(out), "--no-figures", "--jobs", "1"]) == 1
     err = capsys.readouterr().err
@@ -423,5 +420,29 @@ def test_cells_that_fail_alike_on_a_data_error_stop_the_sweep_starting_those_of_
     assert "1 cell of the same data settings not started: two cells failed with the same data error, which each " \
            "would meet (image " in err
     report = json.loads((out / "report.json").read_text())
-    assert len(report["failed"]) == 2 and report["cells_done"] == 3 and len(report["missing"]) == 1
-    assert all("-bad_seed" in name for name in [*report["failed"], *report["missing"]])
+    assert sorted(report["failed"]) == ["vi_seed0", "vi_seed1"] and report["missing"] == ["vi_seed2"]
+
+
+def test_the_halting_rule_keeps_the_cells_of_other_data_and_other_errors():
+    """Two seeds of one grid point failing alike halted every later method, sparsity and axis value."""
+    from ssvi_cli.sweep.failures import DATA_ERROR, halted, record_failure
+    from ssvi_cli.sweep.grid import Cell
+
+    def cell(name: str, data: str) -> Cell:
+        return Cell(name, "vi", None, 0, {"data.name": data, "optim.lr": 0.1})
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cells_dir = Path(tmp)
+        cells = [cell("a0", "fashion_mnist"), cell("a1", "fashion_mnist"), cell("a2", "fashion_mnist"),
+                 cell("b0", "mnist"), cell("b1", "mnist")]
+        for name in ("a0", "a1"):
+            record_failure(cells_dir / name, "fashion_mnist not found", DATA_ERROR)
+        assert halted(cells_dir, cells, {"a0": 2, "a1": 2}, cells[2:]) == ([cells[2]], "fashion_mnist not found")
+        assert halted(cells_dir, cells, {"a0": 2}, cells[2:]) is None  # one failure: no rule yet
+        record_failure(cells_dir / "a1", "another error", DATA_ERROR)
+        assert halted(cells_dir, cells, {"a0": 2, "a1": 2}, cells[2:]) is None  # not the same error
+        for name in ("a0", "a1"):
+            record_failure(cells_dir / name, "too few weights at this sparsity", "AllocationError")
+        assert halted(cells_dir, cells, {"a0": 2, "a1": 2}, cells[2:]) is None  # not a data error
