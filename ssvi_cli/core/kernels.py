@@ -37,18 +37,34 @@ AUTO_SPARSE_MAX_DENSITY = 0.12
 # entries: the same sums. With the input transposed as the bag's table, embedding_bag was 1.1-1.5x
 # faster while that table fitted in half of the L2 cache and the batch had 32 rows or more, and up to
 # 2x slower with larger tables (AVX-512 Xeon, 2 MiB L2; 1024x784 to 2048x2048 and 256x4096 weights at
-# density 0.05-0.1, batches 32-768, 1 and 2 threads). Outside those bounds the CSR kernel runs.
+# density 0.05-0.1, batches 32-768, 1 and 2 threads). On AMD's CPUs MKL's CSR product is the slower one
+# at every table size: embedding_bag took 0.42-0.52x its time from 32 rows up, tables of 256 KiB to
+# 12 MiB (AMD EPYC Zen 3, AVX2, 512 KiB L2; the same shapes, 2 threads). Outside those bounds the CSR
+# kernel runs.
 BAG_MIN_ROWS = 32
+NO_LIMIT = 2**62
 
 
 @functools.lru_cache(maxsize=None)
 def bag_table_limit() -> int:
-    """Bytes of transposed input up to which the ``embedding_bag`` kernel is used: half of CPU 0's L2
-    cache on x86 with AVX2 or AVX-512, else 0 (never: elsewhere it was not measured)."""
+    """Bytes of transposed input up to which the ``embedding_bag`` kernel is used: on x86 with AVX2 or
+    AVX-512, no limit on an AMD CPU, else half of CPU 0's L2 cache; elsewhere 0 (never: not measured)."""
     if platform.machine().lower() not in ("x86_64", "amd64") or \
             torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return 0
-    return l2_cache_bytes() // 2
+    return NO_LIMIT if cpu_vendor() == "AuthenticAMD" else l2_cache_bytes() // 2
+
+
+def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's vendor as Linux names it (``GenuineIntel``, ``AuthenticAMD``); "" where not readable."""
+    try:
+        with cpuinfo.open(encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def l2_cache_bytes(cache_dir: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
