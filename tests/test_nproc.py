@@ -234,7 +234,9 @@ def test_a_stop_while_the_processes_start_is_said_once_they_have_ended(tmp_path:
     assert proc.returncode == 143 and not list(out.glob("checkpoints/*")), rest
     assert rest.strip().splitlines()[-1] == "stopped by SIGTERM before the training processes started: nothing " \
                                            "was trained", rest
-    assert launcher.ending_message(launcher.Launched(130, signal.SIGINT), 2, tmp_path, untrained=True) == ""  # rank 0 said it
+    # a Ctrl-C before training: the processes end at once (ssvi_cli/__main__.py), this says it
+    assert launcher.ending_message(launcher.Launched(130, signal.SIGINT), 2, tmp_path, untrained=True) == \
+        "interrupted before the training processes started: nothing was trained"
 
 
 def test_a_killed_launcher_is_told_as_what_became_of_its_processes(tmp_path: Path):
@@ -511,3 +513,21 @@ def test_the_checks_before_the_launch_say_their_warnings_only_when_they_fail(cap
             raise ValueError("no images")
         assert "every image passed over" in caplog.text  # it explains the error
     assert logging.getLogger("ssvi_cli").propagate
+
+
+def test_a_worker_stopped_before_its_training_ends_at_once_and_silently(tmp_path: Path):
+    """A Ctrl-C passed on to the processes while they imported left a module half made: rank 0 said
+    numpy's "AttributeError: module 'numpy' has no attribute 'matrix'" instead of the stop, or Python
+    printed KeyboardInterrupt tracebacks. Before training a worker has written nothing: it ends at once
+    with 130, and ``ssvi train --nproc`` says the run was interrupted before it trained."""
+    import time
+
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(launcher.free_port()), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "ssvi_cli", "train", "--epochs", "1", "--out", str(tmp_path / "r")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(0.5)  # importing
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and out == "" and err == "", err
+    assert not (tmp_path / "r").exists()

@@ -275,10 +275,11 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: Opti
             before = set(run.checkpoints())
             ended = launcher.launch(nproc, ["train", *args], env={LOCK_HELD_ENV: str(run.path.resolve())},
                                     pass_fds=[lock.fileno()] if hasattr(lock, "fileno") else [])
+            untrained = set(run.checkpoints()) <= before  # before a run --force set aside comes back
         finally:  # the run --force set aside: removed, or back where the processes left no checkpoint
             if note := aside.settle_run(run, RUN_ENTRIES):
                 tell(note)
-    if message := launcher.ending_message(ended, nproc, run.path, set(run.checkpoints()) <= before):  # unsaid by them
+    if message := launcher.ending_message(ended, nproc, run.path, untrained):  # unsaid by them
         tell(message)
     if ended.stopped_by is not None and ended.code:  # the processes stopped at a checkpoint and said so
         raise typer.Exit(128 + int(ended.stopped_by))

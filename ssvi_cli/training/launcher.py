@@ -177,10 +177,11 @@ def ending_message(ended: "Launched", nproc: int, run_dir: Path, untrained: bool
     """What the ``ssvi`` command says of a launch its processes could not report: a launcher killed by
     itself (the out-of-memory killer's choice, a ``kill -9`` of it) and what became of its processes,
     or a stop signal that ended the launcher before it started them, or ended them before they
-    trained (``untrained``: no new checkpoint; SIGTERM or SIGHUP ends a process silently until
-    training handles it, where Ctrl-C has rank 0 say "interrupted"); "" otherwise."""
-    if ended.stopped_by not in (None, signal.SIGINT) and ended.code > 0 and untrained:
-        return f"stopped by {ended.stopped_by.name} before the training processes started: nothing was trained"
+    trained (``untrained``: no new checkpoint; a stop signal ends a process silently until training
+    handles it); "" otherwise."""
+    if ended.stopped_by is not None and ended.code > 0 and untrained:
+        how = "interrupted" if ended.stopped_by == signal.SIGINT else f"stopped by {ended.stopped_by.name}"
+        return f"{how} before the training processes started: nothing was trained"
     if ended.code >= 0:
         return ""
     try:
