@@ -273,6 +273,10 @@ def _did_you_mean(key: str, choices: Optional[list[str]] = None) -> str:
         owners = [k for k in choices if k.split(".", 1)[1] == key.rpartition(".")[2]]
         if len(owners) == 1 and owners[0] != key:
             return f" (did you mean {owners[0]!r}?)"
+        words = sorted(key.rpartition(".")[2].split("_"))  # its words in another order: sigma_prior
+        swapped = [k for k in choices if sorted(k.split(".", 1)[1].split("_")) == words and k != key]
+        if len(swapped) == 1:
+            return f" (did you mean {swapped[0]!r}?)"
     else:  # a longer or shorter name of a section ("optimizer" for "optim")
         prefixed = [c for c in choices if min(len(c), len(key)) >= 4 and (c.startswith(key) or key.startswith(c))]
         if len(prefixed) == 1:

@@ -30,6 +30,7 @@ def test_override_types_and_round_trip():
     ("lr", 0.1, "unknown config key 'lr' (did you mean 'optim.lr'?)"),  # the one section with that key
     ("train.lr", 0.1, "unknown config key 'train.lr' (did you mean 'optim.lr'?)"),  # under another section
     ("optim.epochs", 3, "unknown config key 'optim.epochs' (did you mean 'train.epochs'?)"),
+    ("bayes.sigma_prior", 0.1, "(did you mean 'bayes.prior_sigma'?)"),  # not sigma_param, the closest spelling
     # a close key is the answer: the 51 keys after it were too much to read
     ("optm.lr", 0.1, "unknown config key 'optm.lr' (did you mean 'optim.lr'?); 'ssvi presets NAME' lists every key"),
     ("optim.lrr", 0.1, "(did you mean 'optim.lr'?); 'ssvi presets NAME' lists every key"),

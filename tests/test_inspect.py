@@ -159,7 +159,7 @@ def test_human_output_and_plots(run_dir, tmp_path, capsys):
         assert title in captured.out
     # The run's own test accuracy says how it was scored: data.max_test kept 200 of the 360 images.
     row = next(line for line in captured.out.splitlines() if "test accuracy" in line)
-    assert "mc, S=2 on 200 test images, at the end of training" in row
+    assert "mc, S=2 on 200 test images, part of the test split: data.max_test, at the end of training" in row
     assert "(tensor bytes to tensor bytes)" in captured.out
     pngs = sorted((tmp_path / "plots").glob("*.png"))
     assert len(pngs) == 4 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)

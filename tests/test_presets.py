@@ -195,6 +195,7 @@ def test_presets_file_refuses_what_train_would_refuse_before_reading_data(capsys
     a model or dataset that does not exist, or keys train refuses; train then failed at once."""
     from ssvi_cli.cli import run
 
+    (tmp_path / "junk.pt").write_text("junk")  # neither a trained ssvi model nor weights
     cases = {"model: {name: resnet}": "unknown model 'resnet'; valid names are",
              "data: {name: cifar11}": "unknown dataset 'cifar11'",
              "data: {image_size: 16}": "data.image_size=16 applies to image folders",
@@ -205,7 +206,9 @@ def test_presets_file_refuses_what_train_would_refuse_before_reading_data(capsys
                  "runs/not-here: no such file or run directory",
              "data: {name: digits}\nmodel: {name: mlp, init_from: 'torchvision:DEFAULT'}":
                  "--init-from torchvision:DEFAULT names torchvision's published weights, which start only a "
-                 "torchvision:NAME model, not 'mlp'"}
+                 "torchvision:NAME model, not 'mlp'",
+             f"data: {{name: digits}}\nmodel: {{name: mlp, init_from: '{tmp_path / 'junk.pt'}'}}":
+                 "junk.pt is not a trained ssvi model"}
     for i, (text, words) in enumerate(cases.items()):
         path = tmp_path / f"p{i}.yaml"
         path.write_text(text + "\n")
@@ -228,3 +231,15 @@ def test_presets_file_refuses_what_train_would_refuse_before_reading_data(capsys
     good.write_text("model: {name: mlp, widths: [8]}\ndata: {name: digits}\n")
     assert run(["presets", str(good)]) == 0
     assert capsys.readouterr().out.startswith(f"# ssvi train --preset {good} trains with these values")
+
+
+def test_presets_file_says_the_recipe_keys_it_leaves_to_the_schema_as_train_does(capsys, tmp_path):
+    from ssvi_cli.cli import run
+
+    path = tmp_path / "part.yaml"
+    path.write_text("model: {name: mlp}\n")
+    assert run(["presets", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert "prior_sigma: 0.005" in out  # the values it trains with, as ever
+    assert err.startswith(f"note: {path} does not set optim.name, bayes.prior_sigma, train.epochs, so the run takes "
+                          "the schema's defaults for them")

@@ -85,13 +85,14 @@ def _trained(tr: dict[str, Any]) -> str:
             + (f", started from {start}" if start else "") + (f"; {stopped}" if stopped else ""))
 
 
-def _test_accuracy(metrics: dict[str, Any]) -> Any:
+def _test_accuracy(metrics: dict[str, Any], capped: Optional[int] = None) -> Any:
     """The run's own test accuracy, with how it was scored (as train's table says it): a run capped
     by data.max_test scored part of its test split."""
     acc = metrics.get("test_accuracy")
     if not isinstance(acc, (int, float)):
         return acc
-    return f"{acc:.4f}" + (f" ({how}, at the end of training)" if (how := scored_as(metrics)) else "")
+    how = scored_as(metrics) + (", part of the test split: data.max_test" if capped else "")
+    return f"{acc:.4f}" + (f" ({how}, at the end of training)" if how else "")
 
 
 def _print_report(r: dict[str, Any]) -> None:
@@ -103,7 +104,7 @@ def _print_report(r: dict[str, Any]) -> None:
                  "not recorded") + f", {r['data']['num_classes']} classes",
         "trained": _trained(tr),
         "format": f"{fmt['name']} v{fmt['version']}, {fmt['layout']}, {fmt['dtype']}",
-        "test accuracy": _test_accuracy(r["metrics"]),
+        "test accuracy": _test_accuracy(r["metrics"], r.get("max_test")),
     }))
     out.print(_layers_table(r["layers"]))
     if r["architecture"].get("bayesian", True):

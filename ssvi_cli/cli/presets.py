@@ -81,6 +81,10 @@ def _show_one(name: str, method: Optional[str], json_out: bool) -> None:
     if name not in cfgmod.list_presets():  # a shipped preset trains: its tests show it
         methods = [method] if method is not None else [None, *data.get("methods", {})]  # its own, then its section's
         _check_trains(name, methods, by_flag=method is not None)
+        from ssvi_cli.cli.train_config import recipe_note
+
+        if note := recipe_note(cfgmod.from_preset(name, {} if method is None else {"sparse.method": method}), name):
+            err.print(note, highlight=False)  # as train says it
     if json_out:
         print_json(data)
         return
@@ -94,14 +98,16 @@ def _show_one(name: str, method: Optional[str], json_out: bool) -> None:
 def _check_trains(name: str, methods: list[Optional[str]], by_flag: bool = False) -> None:
     """What ``ssvi train --preset FILE [--method M]`` checks before it reads any data, for each of
     ``methods`` (None: the preset's own; ``by_flag``: the one ``--method`` chose): the model's and the
-    dataset's names, the image-folder keys, ``model.init_from`` (that it exists, or names torchvision's weights for a
-    torchvision model) and the model's forward on the data's input shape; so that
+    dataset's names, the image-folder keys, ``model.init_from`` (read, and checked against the run's model, as train
+    reads it; torchvision's published weights named, not fetched) and the model's forward on the
+    data's input shape; so that
     a file shown here without an error trains (its data present). An image folder that is not on this
     machine (a file written for another) is not read: its model's name alone is checked."""
     from ssvi_cli.models import check_model_name
     from ssvi_cli.modelfile import ModelCard
-    from ssvi_cli.training.init_weights import check_init_source
-    from ssvi_cli.training.plan import check_names, planned_densities
+    from ssvi_cli.models import TORCHVISION
+    from ssvi_cli.training.init_weights import check_init_source, load_init_weights
+    from ssvi_cli.training.plan import check_names, planned_densities, trained_start
 
     for method in methods:
         cfg = cfgmod.from_preset(name, {} if method is None else {"sparse.method": method})
@@ -111,8 +117,10 @@ def _check_trains(name: str, methods: list[Optional[str]], by_flag: bool = False
                 check_model_name(cfg.model.name)
                 continue
             spec = check_names(cfg)
-            if cfg.model.init_from:  # relative to the current folder, as train reads it
+            if cfg.model.init_from:  # read as train reads it before its data (torchvision's weights not fetched)
                 check_init_source(cfg)
+                if trained_start(cfg, spec, 1, None) is None and not str(cfg.model.init_from).startswith(TORCHVISION):
+                    load_init_weights(cfg, spec)
             planned_densities(ModelCard.from_config(cfg, spec), cfg, spec)
         except Exception as exc:
             if method is None or not isinstance(exc, cfgmod.ConfigError):

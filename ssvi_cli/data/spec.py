@@ -114,7 +114,7 @@ class DataSpec:
             raise DataError(f"the images of {self.name.partition(':')[2]} have changed since the run started: their "
                             f"normalisation measured now, mean {list(self.mean)} and std {list(self.std)}, is not "
                             f"the run's, mean {list(then[0])} and std {list(then[1])}; put the images back, or "
-                            "start a new run from this one with ssvi train --init-from RUN")
+                            "start a new run from this one (ssvi train --init-from with the run's folder)")
 
     def check(self) -> None:
         """A spec a model can be used with: an input and classes, one name per class, one finite

@@ -115,7 +115,7 @@ def _file_totals(card: ModelCard, info: FileInfo, model: Optional[torch.nn.Modul
         target = Path(tmp) / MODEL_FILE
         write_model_file(model, target, card)
         totals = size_totals(read_header(target))
-    return {**totals, "measured_from": "checkpoint (bytes the compact file would take)"}
+    return {**totals, "measured_from": "checkpoint: bytes the compact file would take"}
 
 
 def posterior(path: Path) -> tuple[ModelCard, FileInfo, list[tuple[str, SparseGaussian]], Optional[torch.nn.Module]]:
@@ -175,6 +175,7 @@ def inspect_model(path: Path, drop_fraction: float = 0.3, read: Optional[tuple[A
         "training": {**{k: v for k, v in card.training.to_dict().items() if k != "config"},
                      "init_from": ((card.training.config or {}).get("model") or {}).get("init_from")},
         "metrics": card.metrics,
+        "max_test": cfg.data.max_test if cfg else None,  # the run's final evaluation scored this many at most
         "layers": layers,
         "totals": _file_totals(card, info, model),  # model None: a file, measured from its header
         "flops": {"per_prediction": sum(flops_by_layer.values()) if whole else None,

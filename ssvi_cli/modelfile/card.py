@@ -52,6 +52,11 @@ class Architecture:
         return arch
 
 
+def _n(value: Any) -> str:
+    """A count as tables print it (``100,000``); anything else as it is."""
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
 @dataclass(frozen=True)
 class Training:
     """How the model was trained; ``config`` is the full resolved run config (a plain mapping)."""
@@ -75,7 +80,8 @@ class Training:
         if self.unfinished is None:
             return None
         done = self.unfinished.get("epoch")
-        return (f"taken from a checkpoint after {done} of {self.epochs} epochs (step {self.unfinished.get('step')}): "
+        step = self.unfinished.get("step")
+        return (f"taken from a checkpoint after {_n(done)} of {_n(self.epochs)} epochs (step {_n(step)}): "
                 "its training had not finished")
 
     @classmethod
