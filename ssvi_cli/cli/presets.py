@@ -98,14 +98,13 @@ def _show_one(name: str, method: Optional[str], json_out: bool) -> None:
 def _check_trains(name: str, methods: list[Optional[str]], by_flag: bool = False) -> None:
     """What ``ssvi train --preset FILE [--method M]`` checks before it reads any data, for each of
     ``methods`` (None: the preset's own; ``by_flag``: the one ``--method`` chose): the model's and the
-    dataset's names, the image-folder keys, ``model.init_from`` (read, and checked against the run's model, as train
-    reads it; torchvision's published weights named, not fetched) and the model's forward on the
-    data's input shape; so that
-    a file shown here without an error trains (its data present). An image folder that is not on this
+    dataset's names, the image-folder keys, ``model.init_from`` (read, and checked against the run's
+    model, as train reads it; torchvision's published weights named, not fetched) and the model's
+    forward on the data's input shape; so that a file shown here without an error trains (its data
+    present). An image folder that is not on this
     machine (a file written for another) is not read: its model's name alone is checked."""
-    from ssvi_cli.models import check_model_name
     from ssvi_cli.modelfile import ModelCard
-    from ssvi_cli.models import TORCHVISION
+    from ssvi_cli.models import TORCHVISION, check_model_name
     from ssvi_cli.training.init_weights import check_init_source, load_init_weights
     from ssvi_cli.training.plan import check_names, planned_densities, trained_start
 

@@ -130,7 +130,10 @@ def _say_killed(failures: dict[int, Any], said: bool = False) -> None:
     killed = [(rank, f.exitcode) for rank, f in sorted(failures.items())
               if isinstance(getattr(f, "exitcode", None), int) and f.exitcode < 0]
     for rank, code in [k for k in killed if k[1] != -signal.SIGTERM] or ([] if said else killed[:1]):
-        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:  # a real-time signal
+            name = f"signal {-code}"
         print(f"error: the training process of rank {rank} was killed by {name}"
               + (" (the system's out-of-memory killer?)" if code == -signal.SIGKILL else "")
               + "; the run's last checkpoint, if any, resumes it: ssvi train --resume RUN_DIR --nproc N", file=sys.stderr)
