@@ -2,13 +2,23 @@
 
 import os
 import signal
+import sys
 
-if __name__ == "__main__" and all(key in os.environ for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
-    # A torchrun worker stopped (Ctrl-C, passed on by the launcher) before its training takes the stop
-    # signals over ends at once: it has written nothing yet, and a KeyboardInterrupt raised in the
-    # middle of an import left a module half made (numpy's AttributeError said instead of the stop).
-    # ``ssvi train --nproc`` says how the run ended.
-    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
+
+def _ends_at_once(signum: int, frame: object) -> None:  # noqa: ARG001
+    os._exit(128 + signum)
+
+
+_ends_at_once.ssvi_until_training = True  # type: ignore[attr-defined]  # training's stop_signals then restores Ctrl-C
+
+if __name__ == "__main__" and "SSVI_RUN_LOCK_HELD" in os.environ and sys.argv[1:2] == ["train"] \
+        and all(key in os.environ for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+    # A training process of ``ssvi train --nproc`` (rundir.LOCK_HELD_ENV: its launcher holds the run's
+    # lock and puts a run --force set aside back) stopped before its training takes the stop signals
+    # over ends at once: it has not trained, and a KeyboardInterrupt raised in the middle of an import
+    # left a module half made (numpy's AttributeError said instead of the stop). The command says how
+    # the run ended.
+    signal.signal(signal.SIGINT, _ends_at_once)
 
 from ssvi_cli.cli import main  # noqa: E402
 

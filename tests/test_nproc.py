@@ -523,7 +523,8 @@ def test_a_worker_stopped_before_its_training_ends_at_once_and_silently(tmp_path
     import time
 
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(launcher.free_port()), "PYTHONWARNINGS": "ignore"}
+           "MASTER_PORT": str(launcher.free_port()), "PYTHONWARNINGS": "ignore",
+           "SSVI_RUN_LOCK_HELD": str(tmp_path / "r")}  # started by ssvi train --nproc
     proc = subprocess.Popen([sys.executable, "-m", "ssvi_cli", "train", "--epochs", "1", "--out", str(tmp_path / "r")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     time.sleep(0.5)  # importing
@@ -531,3 +532,26 @@ def test_a_worker_stopped_before_its_training_ends_at_once_and_silently(tmp_path
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and out == "" and err == "", err
     assert not (tmp_path / "r").exists()
+
+
+def test_the_handler_for_the_time_before_training_gives_way_to_ctrl_c_once_training_has_taken_it():
+    """The worker's end-at-once handler came back after training (stop_signals restored it), so a
+    Ctrl-C while the summary printed ended the process with nothing said."""
+    import importlib.util
+
+    from ssvi_cli.training.stops import stop_signals
+
+    spec = importlib.util.spec_from_file_location("ssvi_main", Path(launcher.__file__).parents[1] / "__main__.py")
+    main_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(main_module)  # not as __main__: nothing installed, nothing run
+    from ssvi_cli.runs.rundir import LOCK_HELD_ENV
+
+    assert f'"{LOCK_HELD_ENV}"' in Path(spec.origin).read_text()  # the launcher's variable, spelt out there
+    assert signal.getsignal(signal.SIGINT) is not main_module._ends_at_once
+    before = signal.signal(signal.SIGINT, main_module._ends_at_once)
+    try:
+        with stop_signals(lambda signum: None):
+            assert signal.getsignal(signal.SIGINT) is not main_module._ends_at_once
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -208,7 +208,9 @@ def test_presets_file_refuses_what_train_would_refuse_before_reading_data(capsys
                  "--init-from torchvision:DEFAULT names torchvision's published weights, which start only a "
                  "torchvision:NAME model, not 'mlp'",
              f"data: {{name: digits}}\nmodel: {{name: mlp, init_from: '{tmp_path / 'junk.pt'}'}}":
-                 "junk.pt is not a trained ssvi model"}
+                 "junk.pt is not a trained ssvi model",
+             "data: {name: digits}\nmodel: {name: 'torchvision:resnet18', init_from: 'torchvision:NOPE'}":
+                 "NOPE"}
     for i, (text, words) in enumerate(cases.items()):
         path = tmp_path / f"p{i}.yaml"
         path.write_text(text + "\n")

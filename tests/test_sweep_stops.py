@@ -446,3 +446,10 @@ def test_the_halting_rule_keeps_the_cells_of_other_data_and_other_errors():
         for name in ("a0", "a1"):
             record_failure(cells_dir / name, "too few weights at this sparsity", "AllocationError")
         assert halted(cells_dir, cells, {"a0": 2, "a1": 2}, cells[2:]) is None  # not a data error
+        # a preset's methods: section gives one method other data: its cells are not the failed ones'
+        for name in ("a0", "a1"):
+            record_failure(cells_dir / name, "fashion_mnist not found", DATA_ERROR)
+        other = Cell("c0", "ssvi", 0.9, 0, {"data.name": "fashion_mnist", "optim.lr": 0.1})
+        assert halted(cells_dir, [*cells, other], {"a0": 2, "a1": 2}, [other],
+                      {"ssvi": {"data.val_fraction": 0.2}}) is None
+        assert halted(cells_dir, [*cells, other], {"a0": 2, "a1": 2}, [other]) == ([other], "fashion_mnist not found")

@@ -105,7 +105,7 @@ def _check_trains(name: str, methods: list[Optional[str]], by_flag: bool = False
     machine (a file written for another) is not read: its model's name alone is checked."""
     from ssvi_cli.modelfile import ModelCard
     from ssvi_cli.models import TORCHVISION, check_model_name
-    from ssvi_cli.training.init_weights import check_init_source, load_init_weights
+    from ssvi_cli.training.init_weights import check_init_source, load_init_weights, published_weights
     from ssvi_cli.training.plan import check_names, planned_densities, trained_start
 
     for method in methods:
@@ -118,7 +118,9 @@ def _check_trains(name: str, methods: list[Optional[str]], by_flag: bool = False
             spec = check_names(cfg)
             if cfg.model.init_from:  # read as train reads it before its data (torchvision's weights not fetched)
                 check_init_source(cfg)
-                if trained_start(cfg, spec, 1, None) is None and not str(cfg.model.init_from).startswith(TORCHVISION):
+                if str(cfg.model.init_from).startswith(TORCHVISION):
+                    published_weights(cfg)  # the name resolved, nothing fetched
+                elif trained_start(cfg, spec, 1, None) is None:
                     load_init_weights(cfg, spec)
             planned_densities(ModelCard.from_config(cfg, spec), cfg, spec)
         except Exception as exc:

@@ -5,6 +5,7 @@ are printed here."""
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
@@ -238,6 +239,14 @@ def _said_on_failure() -> Iterator[None]:
         logger.propagate = propagate
 
 
+def _since(path: Path, started_ns: int) -> bool:
+    """Whether ``path`` was written at or after ``started_ns`` (a file gone or unreadable: no)."""
+    try:
+        return path.stat().st_mtime_ns >= started_ns
+    except OSError:
+        return False
+
+
 def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: Optional[str], out_dir: Optional[Path], force: bool,
             overrides: dict[str, Any], sets: list[str], device: Optional[str]) -> None:
     """Check the run here, once, where errors read well (and before ``--force`` removes an old run),
@@ -249,7 +258,7 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: Opti
     from ssvi_cli.training import launcher
     from ssvi_cli.training.plan import preflight, preflight_resume
 
-    read = None  # the file a trained --init-from model was read from
+    read, ended = None, None  # the file a trained --init-from model was read from; how the launch ended
     launcher.check_memory(nproc)  # before anything is written
     with _said_on_failure():  # rank 0 says the warnings again as it reads the data
         if resume is None:
@@ -272,13 +281,19 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: Opti
             if out_dir is not None:
                 args += ["--out", str(out_dir)]
             tell(f"starting {nproc} training processes for {run.path}", highlight=False)  # each loads torch and the data
-            before = set(run.checkpoints())
+            set_aside, started = (run.path / aside.ASIDE).is_dir(), time.time_ns()
             ended = launcher.launch(nproc, ["train", *args], env={LOCK_HELD_ENV: str(run.path.resolve())},
                                     pass_fds=[lock.fileno()] if hasattr(lock, "fileno") else [])
-            untrained = set(run.checkpoints()) <= before  # before a run --force set aside comes back
+            # Nothing written since the launch, as a run --force set aside may be back already (rank 0 puts
+            # it back and aside again as it claims; a move keeps a file's time): no checkpoint, and no
+            # config.yaml (rank 0 writes it as training begins: a resumed run's final evaluation writes no
+            # checkpoint)
+            untrained = not any(_since(path, started) for path in [*run.checkpoints(), run.config_file])
         finally:  # the run --force set aside: removed, or back where the processes left no checkpoint
             if note := aside.settle_run(run, RUN_ENTRIES):
                 tell(note)
+            elif set_aside and not (run.path / aside.ASIDE).is_dir() and ended is not None and untrained:
+                tell(aside.put_back_note(run.path))  # rank 0 put it back before it ended
     if message := launcher.ending_message(ended, nproc, run.path, untrained):  # unsaid by them
         tell(message)
     if ended.stopped_by is not None and ended.code:  # the processes stopped at a checkpoint and said so

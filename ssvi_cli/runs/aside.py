@@ -63,6 +63,10 @@ def settle(folder: Path, entries: Iterable[str], new_run_kept: bool) -> Optional
         if (aside / name).exists() or (aside / name).is_symlink():
             (aside / name).rename(Path(folder) / name)
     _remove(aside)
+    return put_back_note(folder)
+
+
+def put_back_note(folder: Path) -> str:
     return f"note: the run that --force was replacing in {folder} is put back: the new one ended before its first checkpoint"
 
 

@@ -50,21 +50,26 @@ def failure(path: Path) -> Optional[str]:
     return _record(path).get("error")
 
 
-def _data(cell: Cell) -> dict[str, Any]:
-    return {k: v for k, v in cell.settings.items() if k.startswith("data.")}
+def _data(cell: Cell, per_method: dict[str, dict[str, Any]]) -> str:
+    """The cell's data settings as it runs them: its method's (a preset's ``methods:`` section), then
+    its own axes' (the fixed ones are every cell's)."""
+    own = {**per_method.get(cell.method, {}), **cell.settings}
+    return json.dumps({k: v for k, v in own.items() if k.startswith("data.")}, sort_keys=True, default=str)
 
 
-def halted(cells_dir: Path, cells: list[Cell], failed: dict[str, int], queue: list[Cell]) -> Optional[tuple[list[Cell], str]]:
+def halted(cells_dir: Path, cells: list[Cell], failed: dict[str, int], queue: list[Cell],
+           per_method: Optional[dict[str, dict[str, Any]]] = None) -> Optional[tuple[list[Cell], str]]:
     """The queued cells not to start, and the error they would meet: those of the data settings of two
-    failed cells (exit code 2) whose data error was the same; None when there are none."""
+    failed cells (exit code 2) whose data error was the same; None when there are none. ``per_method``:
+    the values a preset's ``methods:`` section gives each method."""
     seen: dict[tuple[str, str], int] = {}
-    by_name = {c.name: c for c in cells}
+    by_name, per_method = {c.name: c for c in cells}, per_method or {}
     for name, code in failed.items():
         record = _record(cells_dir / name)
         if code != 2 or record.get("kind") != DATA_ERROR or name not in by_name:
             continue
-        key = (json.dumps(_data(by_name[name]), sort_keys=True, default=str), record["error"])
+        key = (_data(by_name[name], per_method), record["error"])
         seen[key] = seen.get(key, 0) + 1
-        if seen[key] >= 2 and (halt := [c for c in queue if json.dumps(_data(c), sort_keys=True, default=str) == key[0]]):
+        if seen[key] >= 2 and (halt := [c for c in queue if _data(c, per_method) == key[0]]):
             return halt, record["error"]
     return None

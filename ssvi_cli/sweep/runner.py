@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from ssvi_cli.fileio import UnwritablePath
 from ssvi_cli.locks import Locked, acquire_lock
@@ -228,7 +228,8 @@ def run_cells(sweep_dir: Path, cells: list[Cell], jobs: int, threads: Optional[i
                         # killed before it could say why (by the system, say: out of memory)
                         record_failure(Path(sweep_dir) / CELLS_DIR / name, exit_text(code))
                     note("fail", name, f"{exit_text(code)}, see {logs / (name + '.log')}")
-                    if code == 2 and (halt := halted(Path(sweep_dir) / CELLS_DIR, cells, outcome.failed, queue)):
+                    if code == 2 and (halt := halted(Path(sweep_dir) / CELLS_DIR, cells, outcome.failed, queue,
+                                                     _method_values(spec))):
                         outcome.halted += [c.name for c in halt[0]]
                         outcome.repeated = halt[1]
                         queue[:] = [c for c in queue if c not in halt[0]]
@@ -240,6 +241,16 @@ def run_cells(sweep_dir: Path, cells: list[Cell], jobs: int, threads: Optional[i
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return outcome
+
+
+def _method_values(spec: Optional[SweepSpec]) -> dict[str, dict[str, Any]]:
+    """What the sweep's preset's ``methods:`` section gives each method; {} without a spec."""
+    from ssvi_cli import config as cfgmod
+
+    try:
+        return cfgmod.preset_methods(spec.preset)[1] if spec is not None else {}
+    except cfgmod.ConfigError:  # a preset file edited or moved since the sweep began: its cells say so
+        return {}
 
 
 def _to_cell(proc: subprocess.Popen, kill: bool = False) -> None:

@@ -95,5 +95,5 @@ def stop_signals(on_signal: Callable[[signal.Signals], None], ctrl_c: bool = Tru
     try:
         yield
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+        for sig, old in previous.items():  # a handler for the time before training: Ctrl-C's own after it
+            signal.signal(sig, signal.default_int_handler if getattr(old, "ssvi_until_training", False) else old)
