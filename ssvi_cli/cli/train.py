@@ -258,7 +258,8 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: Opti
     from ssvi_cli.training import launcher
     from ssvi_cli.training.plan import preflight, preflight_resume
 
-    read, ended = None, None  # the file a trained --init-from model was read from; how the launch ended
+    # the file a trained --init-from model was read from; how the launch ended; whether --force set a run aside
+    read, ended, set_aside = None, None, False
     launcher.check_memory(nproc)  # before anything is written
     with _said_on_failure():  # rank 0 says the warnings again as it reads the data
         if resume is None:
