@@ -555,3 +555,17 @@ def test_the_handler_for_the_time_before_training_gives_way_to_ctrl_c_once_train
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_a_claim_refused_under_nproc_is_said_as_it_is(tmp_path: Path, monkeypatch, capsys):
+    """A failure before the launch met the put-back check in _launch's finally before the names it
+    reads were set: a NameError would have hidden the refusal."""
+    from ssvi_cli.cli import run
+    from ssvi_cli.runs.rundir import RunDir, RunDirError
+
+    def refused(self, force=False):
+        raise RunDirError(f"--out {self.path} refused here")
+
+    monkeypatch.setattr(RunDir, "claim", refused)
+    assert run(["train", "--nproc", "2", "--device", "cpu", "--epochs", "1", "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: --out {tmp_path / 'r'} refused here"
