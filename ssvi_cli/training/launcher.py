@@ -123,6 +123,19 @@ def torchrun_main(argv: Sequence[str]) -> None:
         sys.exit(next((c for c in codes if isinstance(c, int) and 0 < c < 256), 1))
 
 
+def _signal_name(number: int) -> str:
+    """``SIGKILL``, or ``signal 40`` for a real-time signal."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _untrained(stopped_by: signal.Signals) -> str:
+    how = "interrupted" if stopped_by == signal.SIGINT else f"stopped by {stopped_by.name}"
+    return f"{how} before the training processes started: nothing was trained"
+
+
 def _say_killed(failures: dict[int, Any], said: bool = False) -> None:
     """The processes killed by a signal, said as torchrun's own line no longer says them. SIGTERM is
     torchrun's own, sent to the others once one has ended: said only where no process said an error
@@ -130,11 +143,7 @@ def _say_killed(failures: dict[int, Any], said: bool = False) -> None:
     killed = [(rank, f.exitcode) for rank, f in sorted(failures.items())
               if isinstance(getattr(f, "exitcode", None), int) and f.exitcode < 0]
     for rank, code in [k for k in killed if k[1] != -signal.SIGTERM] or ([] if said else killed[:1]):
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:  # a real-time signal
-            name = f"signal {-code}"
-        print(f"error: the training process of rank {rank} was killed by {name}"
+        print(f"error: the training process of rank {rank} was killed by {_signal_name(-code)}"
               + (" (the system's out-of-memory killer?)" if code == -signal.SIGKILL else "")
               + "; the run's last checkpoint, if any, resumes it: ssvi train --resume RUN_DIR --nproc N", file=sys.stderr)
 
@@ -183,17 +192,12 @@ def ending_message(ended: "Launched", nproc: int, run_dir: Path, untrained: bool
     trained (``untrained``: no new checkpoint; a stop signal ends a process silently until training
     handles it); "" otherwise."""
     if ended.stopped_by is not None and ended.code > 0 and untrained:
-        how = "interrupted" if ended.stopped_by == signal.SIGINT else f"stopped by {ended.stopped_by.name}"
-        return f"{how} before the training processes started: nothing was trained"
+        return _untrained(ended.stopped_by)
     if ended.code >= 0:
         return ""
-    try:
-        name = signal.Signals(-ended.code).name
-    except ValueError:  # a real-time signal
-        name = f"signal {-ended.code}"
+    name = _signal_name(-ended.code)
     if ended.stopped_by is not None:
-        return f"{'interrupted' if ended.stopped_by == signal.SIGINT else f'stopped by {ended.stopped_by.name}'} " \
-               "before the training processes started: nothing was trained"
+        return _untrained(ended.stopped_by)
     said = {"stopped": "they stopped, each at a checkpoint where it reached one",
             "killed": f"those still running {ORPHANS_GRACE_S:g} s later were killed"}.get(
         ended.orphans, "ssvi cannot watch them on this system: make sure none is still running")
