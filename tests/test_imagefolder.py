@@ -18,6 +18,7 @@ from ssvi_cli.config import DataConfig
 from ssvi_cli.data import DataError, build_dataset, get_spec, preprocess, random_crop_flip, scan_folder
 from ssvi_cli.data.imagefolder import decode_images
 from ssvi_cli.data.images import read_image
+from ssvi_cli.data.spec import DataSpec
 from ssvi_cli.modelfile import read_header
 
 NAMES = {0: "zero", 1: "one", 2: "two"}  # folder names; sorted, the classes are one, two, zero
@@ -220,6 +221,31 @@ def test_images_of_any_size_and_mode_decode_as_infer_reads_them(ws):
             assert torch.allclose(images[i].float() / 255.0, expected, atol=0.5 / 255 + 1e-6), path.name
     gray = decode_images(files[:1], 8, 1)[0, 0].numpy()  # an 8x8 gray PNG comes back pixel for pixel
     assert np.array_equal(gray, np.asarray(Image.open(files[0])))
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_by_every_command_and_lands_within_a_level(tmp_path):
+    from ssvi_cli.evaluation.infer import iter_raw
+    from ssvi_cli.evaluation.ood_sets import folder_images
+
+    y, x = np.mgrid[0:384, 0:512]  # a smooth 512x384 photo-like picture
+    pixels = np.stack([np.sin(x / 40.0 + k) * np.cos(y / 30.0) * 100 + 128 for k in range(3)], -1).astype(np.uint8)
+    (tmp_path / "c").mkdir()
+    jpeg, png = tmp_path / "c" / "photo.jpg", tmp_path / "c" / "photo.png"
+    Image.fromarray(pixels).save(jpeg, quality=95)
+    Image.fromarray(pixels).save(png)
+    assert read_image(jpeg).shape == (1, 3, 384, 512)  # no size: decoded whole
+    assert read_image(jpeg, size=16).shape == (1, 3, 48, 64)  # 1/8: both sides still >= 2 x 16
+    assert read_image(jpeg, size=64).shape == (1, 3, 192, 256)  # 1/2
+    assert read_image(png, size=16).shape == (1, 3, 384, 512)  # not a JPEG: whole
+    spec = DataSpec("photos", (3, 16, 16), 2, ("a", "b"), (0.0,) * 3, (1.0,) * 3)  # no normalisation
+    whole = preprocess(read_image(jpeg), spec)[0]
+    folder = decode_images((jpeg,), 16, 3)[0].float() / 255.0  # train and evaluate's decoding
+    _, _, raw = next(iter_raw([jpeg], 3, input_shape=(3, 16, 16)))  # infer's
+    ood = folder_images(tmp_path / "c", spec, 0, None)  # --ood PATH's
+    assert raw.shape == (1, 3, 48, 64) and ood.shape == (2, 3, 16, 16)
+    assert torch.allclose(folder, preprocess(raw, spec)[0], atol=0.5 / 255 + 1e-6)
+    assert torch.equal(ood[0], preprocess(raw, spec)[0])
+    assert (folder - whole).abs().max() <= 2.0 / 255  # the reduced decode is within a level or two of the whole
 
 
 def test_augmentation_only_from_16_pixels(ws):

@@ -12,9 +12,9 @@ Two layouts are read:
 A folder holding ``train/`` is read as the first layout. Class names are the class folder names,
 sorted; image files are found recursively (hidden files and folders are skipped). Images of any
 size and mode (PNG, JPEG, BMP, GIF, WebP, TIFF, PPM/PGM; gray, RGB, RGBA, palette, 16-bit gray) are decoded
-once with PIL and brought to ``data.channels`` x ``data.image_size`` x ``data.image_size`` exactly as
-``ssvi infer`` brings an image file to a model (``transforms.preprocess``: alpha dropped, gray <-> RGB,
-antialiased bilinear resize), then kept as uint8: rounded to 8 bits, which ``infer`` does not do, so
+once with PIL (a large JPEG at a reduced scale, ``images.read_image``) and brought to ``data.channels``
+x ``data.image_size`` x ``data.image_size`` exactly as ``ssvi infer`` brings an image file to a model
+(``transforms.preprocess``: alpha dropped, gray <-> RGB, antialiased bilinear resize), then kept as uint8: rounded to 8 bits, which ``infer`` does not do, so
 a resized image reaches a model through ``infer`` up to half a level (0.5/255) from the value it was
 trained or evaluated with (NLL 0.0221 against 0.0222 on one folder's test split). The normalisation is measured per channel on the
 training split (before validation is carved out, as the published CIFAR statistics are) unless
@@ -160,7 +160,7 @@ def decode_images(files: tuple[Path, ...], image_size: int, channels: int, what:
                   where: str = "") -> torch.Tensor:
     """Decode ``files`` into one uint8 (N, channels, image_size, image_size) tensor. Progress goes to
     the ``ssvi_cli.progress`` logger (which the command line prints) once decoding has taken a second,
-    then every few seconds (3 MP photos decode at a few per second: a large folder was decoded in silence)."""
+    then every few seconds (a large folder was decoded in silence)."""
     shape = (channels, image_size, image_size)
     unit = DataSpec("decode", shape, 1, ("-",), (0.0,) * channels, (1.0,) * channels)  # resize only
     out = torch.empty((len(files), *shape), dtype=torch.uint8)
@@ -170,7 +170,7 @@ def decode_images(files: tuple[Path, ...], image_size: int, channels: int, what:
     bad: list[tuple[str, Exception]] = []  # all of them named at once, not one per try
     for i, path in enumerate(files):
         try:
-            out[i] = preprocess(read_image(path), unit)[0].mul_(255.0).round_().to(torch.uint8)
+            out[i] = preprocess(read_image(path, size=image_size), unit)[0].mul_(255.0).round_().to(torch.uint8)
         except DataError as exc:
             bad.append((str(path), exc))
         # the first line soon (a person waits for some sign), then one every few seconds

@@ -95,7 +95,7 @@ def iter_raw(files: Iterable[Path], channels: int = 3, pixel_max: float = 255.0,
                                                        and _starts_as_npy(path, stream)):
                 images = load_array(path, channels, pixel_max, stream, input_shape)
             else:
-                images = read_image(path, InputError, stream)
+                images = read_image(path, InputError, stream, size=max(input_shape[1:]) if input_shape else None)
                 yield path, [str(path)], images
                 continue
         except InputError as exc:

@@ -139,6 +139,7 @@ def folder_images(folder: Path, spec: DataSpec, seed: int, max_items: Optional[i
     reads them (one image, or a batch; arrays are read whole to count them, image files are decoded
     only when drawn)."""
     files = image_files(folder)
+    side = max(spec.input_shape[1:])  # what a JPEG may be decoded down to (read_image)
     arrays, bad = {}, []
     for path in (p for p in files if p.suffix.lower() == ARRAY_SUFFIX):
         try:
@@ -148,7 +149,7 @@ def folder_images(folder: Path, spec: DataSpec, seed: int, max_items: Optional[i
     if bad:  # no draw without every array's length: the image files are checked, to name them all at once
         for path in (p for p in files if p.suffix.lower() != ARRAY_SUFFIX):
             try:
-                read_image(path)
+                read_image(path, size=side)
             except DataError as exc:
                 bad.append((str(path), exc))
         order = {str(path): i for i, path in enumerate(files)}
@@ -162,7 +163,7 @@ def folder_images(folder: Path, spec: DataSpec, seed: int, max_items: Optional[i
     parts = []
     for path, taken in rows.items():
         try:
-            parts.append(_prepared(arrays[path][taken] if path in arrays else read_image(path), spec, str(path)))
+            parts.append(_prepared(arrays[path][taken] if path in arrays else read_image(path, size=side), spec, str(path)))
         except DataError as exc:  # every such file named in one error, not one per run
             bad.append((str(path), exc))
     if bad:
