@@ -1093,7 +1093,7 @@ def test_the_figures_show_every_ood_set_and_readable_flops_within_a_decade(tmp_p
     assert [t for t in titles if t.startswith("OOD")] == ["OOD AUROC, blobs.npy (entropy)", "OOD AUROC, heldout (entropy)",
                                                           "OOD AUROC, noise (entropy)"]
     _, labels, boxes = drawn[figures.ACCURACY_VS_FLOPS]
-    assert labels[0] == ["3.5e9", "4e9", "4.5e9"]
+    assert labels[0] == ["3e9", "4e9", "5e9"]
     assert not any(a.overlaps(b) for i, a in enumerate(boxes[0]) for b in boxes[0][i + 1:])
     # a set named like another's file or folder is shown whole, both of them; a label may hold ':'
     figures.write_figures({"groups": [{**groups[0], "auroc:/a/imgs:entropy": ood["auroc:noise:entropy"],
@@ -1102,6 +1102,35 @@ def test_the_figures_show_every_ood_set_and_readable_flops_within_a_decade(tmp_p
     from ssvi_cli.sweep.paired import auroc_title
 
     assert auroc_title("auroc:mnist:rot15:mutual_information") == "AUROC mnist:rot15 (MI)"
+
+
+def test_series_of_one_training_cost_are_drawn_apart_on_a_readable_flops_axis(tmp_path: Path, monkeypatch):
+    """Two series at one cost (mu init fan_in and dense_fan_in) piled their FLOPs labels into one smear
+    at the left end of a log axis of several decades, and drew their points over each other."""
+    pytest.importorskip("matplotlib")
+    from ssvi_cli.sweep import figures
+
+    drawn = {}
+
+    def keep(fig, target):
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        labels = [t for t in ax.get_xticklabels() if t.get_text() and min(ax.get_xlim()) <= t.get_position()[0]
+                  <= max(ax.get_xlim())]
+        drawn[target.name] = (ax.get_title(), ax.get_xlim(), [t.get_window_extent() for t in labels],
+                              [bars.lines[0].get_xdata()[0] for bars in ax.containers])
+        return target
+
+    monkeypatch.setattr(figures, "_save", keep)
+    groups = [{"method": "ssvi", "sparsity": 0.95, "settings": {"bayes.mu_init": init},
+               "training_flops": {"mean": 1.124e12, "std": 0.0}, **{k: {"mean": 0.98, "std": 0.002} for k in
+                                                                    ("accuracy", "nll", "ece")}}
+              for init in ("fan_in", "dense_fan_in")]
+    figures.write_figures({"groups": groups, "sweep": str(tmp_path)}, tmp_path)
+    title, (lo, hi), boxes, xs = drawn[figures.ACCURACY_VS_FLOPS]
+    assert hi / lo < 2 and len(boxes) >= 2  # a narrow axis with labels, not decades with a pile at one end
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert len(set(xs)) == 2 and max(xs) / min(xs) < 1.05 and "equal costs set apart" in title
 
 
 def test_a_grid_that_fits_the_cells_as_they_ran_grows_after_its_preset_was_edited(tmp_path: Path, capsys):

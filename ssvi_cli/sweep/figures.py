@@ -134,21 +134,26 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=110)
     labels: list[tuple[float, float, str, str]] = []
-    for i, (label, members) in enumerate(series.items()):
-        pts = sorted((g["training_flops"]["mean"], g["accuracy"]["mean"], g["accuracy"]["std"] or 0.0, g["sparsity"])
-                     for g in members if g.get("training_flops") and g["training_flops"]["mean"]
-                     and g.get("accuracy") and g["accuracy"]["mean"] is not None)
+    points = {label: sorted((g["training_flops"]["mean"], g["accuracy"]["mean"], g["accuracy"]["std"] or 0.0,
+                             g["sparsity"]) for g in members if g.get("training_flops") and g["training_flops"]["mean"]
+                            and g.get("accuracy") and g["accuracy"]["mean"] is not None)
+              for label, members in series.items()}
+    costs = [p[0] for pts in points.values() for p in pts]
+    shared = len(costs) > len(set(costs))  # series of one cost (another seed count, init, lr): drawn apart,
+    spread = 0.04 if shared and max(costs) >= 10 * min(costs) else 0.02  # by less on an axis of under a decade
+    for i, (label, pts) in enumerate(points.items()):
         if not pts:
             continue
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker=_marker(i), capsize=3,
-                    color=f"C{i}", label=label, alpha=0.85)
-        labels += [(x, y, f"{s:g}", f"C{i}") for x, y, _, s in pts if s is not None]
+        apart = 1.0 + spread * (i / max(len(points) - 1, 1) - 0.5) if shared else 1.0
+        ax.errorbar([p[0] * apart for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker=_marker(i),
+                    capsize=3, color=f"C{i}", label=label, alpha=0.85)
+        labels += [(x * apart, y, f"{s:g}", f"C{i}") for x, y, _, s in pts if s is not None]
     ax.set_xscale("log")
     _flops_ticks(ax, [p[0] for line in ax.lines for p in line.get_xydata()])
     ax.set_xlabel("training FLOPs (analytic)")
     ax.set_ylabel("test accuracy")
-    ax.set_title("test accuracy against training cost, mean ± std over seeds\n(points labelled with their sparsity)",
-                 fontsize=9)
+    ax.set_title("test accuracy against training cost, mean ± std over seeds\n(points labelled with their sparsity"
+                 + (", equal costs set apart" if shared else "") + ")", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -178,7 +183,8 @@ def _flops_ticks(ax: Any, xs: list[float]) -> None:
     if not xs or max(xs) >= 10 * min(xs):
         return
     lo, hi = min(xs), max(xs)
-    ticks = [t for t in MaxNLocator(nbins=4).tick_values(lo * 0.95, hi * 1.05) if lo * 0.9 <= t <= hi * 1.1 and t > 0]
+    ax.set_xlim(lo / 1.1, hi * 1.1)  # not the decades a log axis gives one value, with its ticks piled at one end
+    ticks = [t for t in MaxNLocator(nbins=3, steps=[1, 2, 2.5, 5, 10]).tick_values(lo / 1.1, hi * 1.1) if lo / 1.1 <= t <= hi * 1.1 and t > 0]
 
     def short(value: float, _pos: Any) -> str:
         exp = len(str(int(value))) - 1 if value >= 1 else 0
