@@ -248,6 +248,42 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_by_every_command_and_lands_w
     assert (folder - whole).abs().max() <= 2.0 / 255  # the reduced decode is within a level or two of the whole
 
 
+def test_files_are_read_by_threads_in_order_a_few_ahead_and_a_stop_cancels_those_not_begun(ws, monkeypatch):
+    import threading
+    import time as clock
+
+    from ssvi_cli.data import images
+
+    files = tuple(sorted((ws / "flat").rglob("*.*")))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = decode_images(files, 8, 3)
+        torch.set_num_threads(2)
+        assert torch.equal(decode_images(files, 8, 3), alone)  # two readers: the same images, in order
+    finally:
+        torch.set_num_threads(before)
+    calls, names = [], set()
+
+    def fake(path, size, prepare):
+        calls.append(path)
+        names.add(threading.current_thread().name)
+        clock.sleep(0.001)
+        return torch.full((1, 1, 1, 1), int(path.name))
+
+    monkeypatch.setattr(images, "_read", fake)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    many = tuple(Path(str(i)) for i in range(200))
+    assert [int(p.name) for p, x in images.read_ahead(many, 8, None) if int(x) == int(p.name)] == list(range(200))
+    assert {n.startswith("ssvi-decode") for n in names} == {True} and len(names) > 1
+    calls.clear()
+    taken = images.read_ahead(many, 8, None)
+    next(taken)
+    taken.close()  # as an error or Ctrl-C in the taker closes it
+    clock.sleep(0.1)
+    assert len(calls) <= 2 * 3 + 1  # the files begun before the stop, not the other 190
+
+
 def test_augmentation_only_from_16_pixels(ws):
     name = f"imagefolder:{ws / 'flat'}"
     assert build_dataset(name, options=SMALL).train.augment is None

@@ -36,7 +36,7 @@ import torch
 
 from ssvi_cli.config import DataConfig
 from ssvi_cli.data.sources import DATASET_FAMILIES, DatasetSource
-from ssvi_cli.data.images import IMAGE_SUFFIXES, UnreadableImages, find_files, read_image, shown, warn_once
+from ssvi_cli.data.images import IMAGE_SUFFIXES, UnreadableImages, find_files, read_ahead, shown, warn_once
 from ssvi_cli.data.spec import DataError, DataSpec, RawImages, decoded
 from ssvi_cli.data.splits import stratified_split
 from ssvi_cli.data.transforms import TensorImageDataset, preprocess, random_crop_flip
@@ -158,9 +158,10 @@ def split_scan(scan: FolderScan, test_fraction: float) -> FolderScan:
 
 def decode_images(files: tuple[Path, ...], image_size: int, channels: int, what: str = "images",
                   where: str = "") -> torch.Tensor:
-    """Decode ``files`` into one uint8 (N, channels, image_size, image_size) tensor. Progress goes to
-    the ``ssvi_cli.progress`` logger (which the command line prints) once decoding has taken a second,
-    then every few seconds (a large folder was decoded in silence)."""
+    """Decode ``files`` into one uint8 (N, channels, image_size, image_size) tensor, a few files at once
+    (``images.read_ahead``). Progress goes to the ``ssvi_cli.progress`` logger (which the command line
+    prints) once decoding has taken a second, then every few seconds (a large folder was decoded in
+    silence)."""
     shape = (channels, image_size, image_size)
     unit = DataSpec("decode", shape, 1, ("-",), (0.0,) * channels, (1.0,) * channels)  # resize only
     out = torch.empty((len(files), *shape), dtype=torch.uint8)
@@ -168,11 +169,12 @@ def decode_images(files: tuple[Path, ...], image_size: int, channels: int, what:
     last = time.monotonic()
     said = False
     bad: list[tuple[str, Exception]] = []  # all of them named at once, not one per try
-    for i, path in enumerate(files):
-        try:
-            out[i] = preprocess(read_image(path, size=image_size), unit)[0].mul_(255.0).round_().to(torch.uint8)
-        except DataError as exc:
-            bad.append((str(path), exc))
+    as_pixels = lambda x: preprocess(x, unit)[0].mul_(255.0).round_().to(torch.uint8)  # noqa: E731
+    for i, (path, pixels) in enumerate(read_ahead(files, image_size, as_pixels)):
+        if isinstance(pixels, DataError):
+            bad.append((str(path), pixels))
+        else:
+            out[i] = pixels
         # the first line soon (a person waits for some sign), then one every few seconds
         if time.monotonic() - last >= (_PROGRESS_EVERY_S if said else _FIRST_PROGRESS_S) or (said and i + 1 == len(files)):
             progress.info("decoded %s/%s %s", f"{i + 1:,}", f"{len(files):,}", what)
