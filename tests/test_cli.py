@@ -928,8 +928,11 @@ def test_a_run_resumed_on_another_number_of_processes_says_so(monkeypatch):
 
     monkeypatch.setenv(PARENT_ENV, "123")  # started by ssvi train --nproc
     assert nproc_again(2) == " --nproc 2" and nproc_again(1) == ""
-    monkeypatch.delenv(PARENT_ENV)  # by torchrun itself (any number of nodes): started again as it was
+    monkeypatch.delenv(PARENT_ENV)  # by torchrun itself over several nodes: started again as it was
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert nproc_again(8) == ""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # on one node: --nproc starts it alike (it said nothing)
+    assert nproc_again(2) == " --nproc 2"
 
 
 def test_commands_that_need_no_model_start_without_importing_torch():

@@ -569,3 +569,47 @@ def test_a_claim_refused_under_nproc_is_said_as_it_is(tmp_path: Path, monkeypatc
     monkeypatch.setattr(RunDir, "claim", refused)
     assert run(["train", "--nproc", "2", "--device", "cpu", "--epochs", "1", "--out", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: --out {tmp_path / 'r'} refused here"
+
+
+def test_ctrl_c_ends_a_rank_waiting_for_the_others_at_once(tmp_path: Path):
+    """A rank waiting in the process group's rendezvous (C++, where Python's handler never runs) let
+    Ctrl-C wait until torchrun killed it 30 s later; it ends by SIGINT at once now: nothing is written
+    yet."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("from ssvi_cli.training import distributed as d\n"
+            "print('waiting', flush=True)\n"
+            "d.setup(d.DistInfo(0, 0, 2), 'cpu', timeout_s=120)  # rank 1 never comes\n")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(Path.cwd())}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "waiting", proc.stderr.read()
+        time.sleep(3)  # into the rendezvous
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == -signal.SIGINT  # not after the 120 s timeout
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_rendezvous_keeps_a_handler_of_the_callers_own():
+    def mine(*_: Any) -> None:
+        pass
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, mine)
+        with distributed._ctrl_c_ends_at_once():
+            assert signal.getsignal(signal.SIGINT) is mine
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with distributed._ctrl_c_ends_at_once():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -205,13 +205,15 @@ def _schema_note(cfg: cfgmod.Config, preset: str, data: Any, given: Any) -> str:
 
 
 def nproc_again(world_size: int) -> str:
-    """`` --nproc N`` for the resume command of a run that ``--nproc N`` started (one node); nothing
-    under plain torchrun, which the user starts again as they started it."""
+    """`` --nproc N`` for the resume command of a run of N processes on one node (``--nproc N``, or
+    torchrun with as many processes on its node, which ``--nproc N`` starts alike); nothing for a run
+    over several nodes, which the user starts again as they started it."""
     import os
 
     from ssvi_cli.training.launcher import PARENT_ENV
 
-    return f" --nproc {world_size}" if world_size > 1 and os.environ.get(PARENT_ENV) else ""
+    one_node = os.environ.get(PARENT_ENV) or os.environ.get("LOCAL_WORLD_SIZE") == str(world_size)
+    return f" --nproc {world_size}" if world_size > 1 and one_node else ""
 
 
 def finished_run(run_dir: Path, json_out: bool, is_main: bool) -> bool:

@@ -22,10 +22,13 @@ import gc
 import importlib
 import logging
 import os
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from inspect import signature
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -96,10 +99,29 @@ def setup(info: DistInfo, device: str, timeout_s: float = 1800) -> torch.device:
         # that are never released, which would keep the group's threads alive past teardown().
         importlib.import_module("torch._dynamo")
 
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=info.rank, world_size=info.world_size,
-                                timeout=timedelta(seconds=timeout_s),
-                                device_id=dev if use_cuda else None)
+        with _ctrl_c_ends_at_once():
+            dist.init_process_group("nccl" if use_cuda else "gloo", rank=info.rank, world_size=info.world_size,
+                                    timeout=timedelta(seconds=timeout_s),
+                                    device_id=dev if use_cuda else None)
     return dev
+
+
+@contextmanager
+def _ctrl_c_ends_at_once() -> Iterator[None]:
+    """Ctrl-C ends the process at once, as the system ends one (SIGINT's default action), while the
+    process group forms: its wait for the other ranks runs in C++, where Python's handler never runs
+    (Ctrl-C waited out torchrun's 30 s grace and then its SIGKILL). Nothing has been written by then:
+    the run folder is claimed after. A handler the caller set of its own is kept."""
+    before = signal.getsignal(signal.SIGINT)
+    ours = before is signal.default_int_handler or getattr(before, "ssvi_until_training", False)
+    if not ours or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def teardown() -> None:
