@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ssvi_cli.data import DataError, DatasetUnavailable, DataSpec, PreparedDataset, preprocess
-from ssvi_cli.data.images import ARRAY_SUFFIX, IMAGE_SUFFIXES, find_files, read_array, read_image, unreadable
+from ssvi_cli.data.images import ARRAY_SUFFIX, IMAGE_SUFFIXES, find_files, read_ahead, read_array, unreadable
 from ssvi_cli.data.ood import HELDOUT, OodRequest, build_ood, parse_ood
 from ssvi_cli.evaluation.arrays import array_to_images, load_array, unflattened
 
@@ -147,11 +147,8 @@ def folder_images(folder: Path, spec: DataSpec, seed: int, max_items: Optional[i
         except DataError as exc:
             bad.append((str(path), exc))
     if bad:  # no draw without every array's length: the image files are checked, to name them all at once
-        for path in (p for p in files if p.suffix.lower() != ARRAY_SUFFIX):
-            try:
-                read_image(path, size=side)
-            except DataError as exc:
-                bad.append((str(path), exc))
+        images = tuple(p for p in files if p.suffix.lower() != ARRAY_SUFFIX)
+        bad += [(str(path), read) for path, read in read_ahead(images, side, _as_read) if isinstance(read, DataError)]
         order = {str(path): i for i, path in enumerate(files)}
         raise unreadable(sorted(bad, key=lambda b: order[b[0]]), len(files), f"files of {folder}")
     items = [(path, row) for path in files for row in (range(len(arrays[path])) if path in arrays else (0,))]
@@ -161,14 +158,22 @@ def folder_images(folder: Path, spec: DataSpec, seed: int, max_items: Optional[i
         rows.setdefault(path, []).append(row)
     logger.info("decoding %d images of %s", sum(map(len, rows.values())), folder)
     parts = []
+    read = read_ahead(tuple(p for p in rows if p not in arrays), side, _as_read)  # a few at once, in this order
     for path, taken in rows.items():
         try:
-            parts.append(_prepared(arrays[path][taken] if path in arrays else read_image(path, size=side), spec, str(path)))
+            pixels = arrays[path][taken] if path in arrays else next(read)[1]
+            if isinstance(pixels, DataError):
+                raise pixels
+            parts.append(_prepared(pixels, spec, str(path)))
         except DataError as exc:  # every such file named in one error, not one per run
             bad.append((str(path), exc))
     if bad:
         raise unreadable(bad, len(rows), f"files drawn from {folder}")
     return torch.cat(parts)
+
+
+def _as_read(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels
 
 
 def _folder_array(path: Path, spec: DataSpec) -> torch.Tensor:
