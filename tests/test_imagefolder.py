@@ -252,7 +252,7 @@ def test_files_are_read_by_threads_in_order_a_few_ahead_and_a_stop_cancels_those
     import threading
     import time as clock
 
-    from ssvi_cli.data import images
+    from ssvi_cli.data import decoding
 
     files = tuple(sorted((ws / "flat").rglob("*.*")))
     before = torch.get_num_threads()
@@ -271,17 +271,40 @@ def test_files_are_read_by_threads_in_order_a_few_ahead_and_a_stop_cancels_those
         clock.sleep(0.001)
         return torch.full((1, 1, 1, 1), int(path.name))
 
-    monkeypatch.setattr(images, "_read", fake)
+    monkeypatch.setattr(decoding, "_read", fake)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     many = tuple(Path(str(i)) for i in range(200))
-    assert [int(p.name) for p, x in images.read_ahead(many, 8, None) if int(x) == int(p.name)] == list(range(200))
+    assert [int(p.name) for p, x in decoding.read_ahead(many, 8, None) if int(x) == int(p.name)] == list(range(200))
     assert {n.startswith("ssvi-decode") for n in names} == {True} and len(names) > 1
     calls.clear()
-    taken = images.read_ahead(many, 8, None)
+    taken = decoding.read_ahead(many, 8, None)
     next(taken)
     taken.close()  # as an error or Ctrl-C in the taker closes it
     clock.sleep(0.1)
     assert len(calls) <= 2 * 3 + 1  # the files begun before the stop, not the other 190
+
+
+def test_a_folder_that_would_not_fit_in_memory_decoded_is_refused_before_a_file_is_read(ws, tmp_path, monkeypatch,
+                                                                                       capsys):
+    from ssvi_cli import machine
+    from ssvi_cli.data import decoding
+
+    monkeypatch.setattr(decoding, "_read", lambda *a: pytest.fail("read a file"))
+    monkeypatch.setattr(machine, "available_memory", lambda: 10_000)
+    files = tuple(sorted((ws / "flat" / "zero").iterdir()))  # 12 images of 3x32x32: 36,864 bytes
+    with pytest.raises(DataError, match=r"the 12 images take 0\.0 MiB decoded at 3x32x32 .*0\.0 MiB available: "
+                                        r"train at a smaller data.image_size"):
+        decode_images(files, 32, 3)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # each process of a node decodes them
+    monkeypatch.setattr(machine, "available_memory", lambda: 36_864 + 1)
+    with pytest.raises(DataError, match="in each of the 2 processes"):
+        decode_images(files, 32, 3)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setattr(machine, "available_memory", lambda: 1_000)
+    assert run(["train", "--data", f"imagefolder:{ws / 'flat'}", "--epochs", "1", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "MiB decoded at 3x32x32" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
 
 
 def test_augmentation_only_from_16_pixels(ws):
@@ -684,14 +707,14 @@ def test_class_names_that_differ_only_in_unicode_normalisation_are_the_same_clas
 def test_long_decoding_shows_progress_and_short_decoding_stays_quiet(ws, capsys, tmp_path, monkeypatch):
     """120 photos of 3 MP took 24 s to decode before the first line of output; the progress lines were
     logged where nothing printed them."""
-    from ssvi_cli.data import imagefolder
+    from ssvi_cli.data import decoding, imagefolder
 
     args = ["train", "--data", f"imagefolder:{ws / 'split'}", "--epochs", "1", "--set", "data.image_size=8",
             "--set", "data.channels=1", "--set", "train.eval_samples=1"]
     assert run([*args, "--out", str(tmp_path / "quick")]) == 0
     assert "decoded" not in capsys.readouterr().err  # a few milliseconds: nothing to wait for
-    monkeypatch.setattr(imagefolder, "_PROGRESS_EVERY_S", 0.0)  # as if every image took seconds
-    monkeypatch.setattr(imagefolder, "_FIRST_PROGRESS_S", 0.0)
+    monkeypatch.setattr(decoding, "_PROGRESS_EVERY_S", 0.0)  # as if every image took seconds
+    monkeypatch.setattr(decoding, "_FIRST_PROGRESS_S", 0.0)
     assert run([*args, "--out", str(tmp_path / "slow"), "--json"]) == 0
     captured = capsys.readouterr()
     n = len(imagefolder.scan_folder(ws / "split").parts["train"][0])
@@ -705,10 +728,10 @@ def test_the_first_decoding_line_comes_after_a_second_and_the_rest_every_few(ws,
     import logging
     from types import SimpleNamespace
 
-    from ssvi_cli.data import imagefolder
+    from ssvi_cli.data import decoding, imagefolder
 
     clock = iter(range(10_000))
-    monkeypatch.setattr(imagefolder, "time", SimpleNamespace(monotonic=lambda: 0.5 * next(clock)))  # 0.5 s a call
+    monkeypatch.setattr(decoding, "time", SimpleNamespace(monotonic=lambda: 0.5 * next(clock)))  # 0.5 s a call
     source = imagefolder.folder_source(str(ws / "flat"))
     part = source.load(None, True, False)  # the training images: the flat layout's validation comes from them
     with caplog.at_level(logging.INFO, logger="ssvi_cli.progress"):

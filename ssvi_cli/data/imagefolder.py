@@ -26,7 +26,6 @@ shift crops away too much of the image).
 from __future__ import annotations
 
 import logging
-import time
 import unicodedata
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,20 +35,18 @@ import torch
 
 from ssvi_cli.config import DataConfig
 from ssvi_cli.data.sources import DATASET_FAMILIES, DatasetSource
-from ssvi_cli.data.images import IMAGE_SUFFIXES, UnreadableImages, find_files, read_ahead, shown, warn_once
+from ssvi_cli.data.decoding import decode_images
+from ssvi_cli.data.images import IMAGE_SUFFIXES, find_files, shown, warn_once
 from ssvi_cli.data.spec import DataError, DataSpec, RawImages, decoded
 from ssvi_cli.data.splits import stratified_split
-from ssvi_cli.data.transforms import TensorImageDataset, preprocess, random_crop_flip
+from ssvi_cli.data.transforms import TensorImageDataset, random_crop_flip
 
 logger = logging.getLogger(__name__)
-progress = logging.getLogger("ssvi_cli.progress")  # lines for a person waiting (printed by the command line)
 
 FAMILY = "imagefolder"
 SPLIT_FOLDERS = ("train", "val", "test")
 TEST_SEED = 20_240_602  # the flat layout's test split does not move with the training seed
 MIN_AUGMENT_SIZE = 16
-_PROGRESS_EVERY_S = 5.0  # seconds between progress lines while decoding
-_FIRST_PROGRESS_S = 1.0  # seconds of decoding before the first
 _LAYOUTS = "PATH/<class>/*.png, or PATH/train/<class>/ and PATH/test/<class>/"
 
 
@@ -154,34 +151,6 @@ def split_scan(scan: FolderScan, test_fraction: float) -> FolderScan:
                         f"test_fraction={test_fraction}; {fix}")
     pick = lambda idx: (tuple(files[i] for i in idx.tolist()), labels[idx])  # noqa: E731
     return replace(scan, parts={"train": pick(train_idx), "test": pick(test_idx)})
-
-
-def decode_images(files: tuple[Path, ...], image_size: int, channels: int, what: str = "images",
-                  where: str = "") -> torch.Tensor:
-    """Decode ``files`` into one uint8 (N, channels, image_size, image_size) tensor, a few files at once
-    (``images.read_ahead``). Progress goes to the ``ssvi_cli.progress`` logger (which the command line
-    prints) once decoding has taken a second, then every few seconds (a large folder was decoded in
-    silence)."""
-    shape = (channels, image_size, image_size)
-    unit = DataSpec("decode", shape, 1, ("-",), (0.0,) * channels, (1.0,) * channels)  # resize only
-    out = torch.empty((len(files), *shape), dtype=torch.uint8)
-    logger.debug("decoding %d %s into %dx%dx%d uint8", len(files), what, *shape)
-    last = time.monotonic()
-    said = False
-    bad: list[tuple[str, Exception]] = []  # all of them named at once, not one per try
-    as_pixels = lambda x: preprocess(x, unit)[0].mul_(255.0).round_().to(torch.uint8)  # noqa: E731
-    for i, (path, pixels) in enumerate(read_ahead(files, image_size, as_pixels)):
-        if isinstance(pixels, DataError):
-            bad.append((str(path), pixels))
-        else:
-            out[i] = pixels
-        # the first line soon (a person waits for some sign), then one every few seconds
-        if time.monotonic() - last >= (_PROGRESS_EVERY_S if said else _FIRST_PROGRESS_S) or (said and i + 1 == len(files)):
-            progress.info("decoded %s/%s %s", f"{i + 1:,}", f"{len(files):,}", what)
-            last, said = time.monotonic(), True
-    if bad:
-        raise UnreadableImages(bad, files, what, where)
-    return out
 
 
 class FolderImages:

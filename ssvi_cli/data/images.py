@@ -7,15 +7,12 @@ same way).
 from __future__ import annotations
 
 import io
-import itertools
 import logging
 import os
 import stat
 import sys
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Optional, Sequence
+from typing import BinaryIO, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +22,6 @@ from ssvi_cli.data.spec import DataError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
                   ".pbm", ".pnm")
 ARRAY_SUFFIX = ".npy"
-MAX_READERS = 16  # threads reading image files at once, at most (read_ahead)
 _MODES = ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "La", "RGBa")  # PIL modes read as 8-bit
 _ALPHA_MODES = ("LA", "PA", "RGBA", "La", "RGBa")
 _GRAY16_MODES = ("I;16", "I;16B", "I;16L")
@@ -241,39 +237,6 @@ def read_image(path: Path, error: type[Exception] = DataError, stream: Optional[
         raise error(f"{what} cannot be read ({reason}); {fix}") from None
     arr = arr[:, :, None] if arr.ndim == 2 else arr
     return torch.from_numpy(np.array(arr.transpose(2, 0, 1))).unsqueeze(0)  # a writable copy
-
-
-def _read(path: Path, size: int, prepare: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | DataError:
-    try:
-        return prepare(read_image(path, size=size))
-    except DataError as exc:
-        return exc
-
-
-def read_ahead(files: tuple[Path, ...], size: int, prepare: Callable[[torch.Tensor], torch.Tensor]
-               ) -> Iterator[tuple[Path, torch.Tensor | DataError]]:
-    """``(path, prepare(pixels) or the DataError of reading it)`` for each of ``files`` in order, read
-    (``read_image(path, size=size)``) and prepared by up to ``torch.get_num_threads()`` threads at once
-    (Pillow decodes outside Python's lock: a photo folder decodes about twice as fast on 2 cores), at
-    most two files a thread ahead of the one taken (a large PNG is held whole while it is read); an
-    error or Ctrl-C in the taker cancels the files not begun."""
-    workers = max(1, min(torch.get_num_threads(), len(files), MAX_READERS))
-    if workers == 1:
-        yield from ((path, _read(path, size, prepare)) for path in files)
-        return
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="ssvi-decode")
-    pending: deque[Future] = deque()
-    try:
-        ahead = iter(files)
-        for path in itertools.islice(ahead, 2 * workers):
-            pending.append(pool.submit(_read, path, size, prepare))
-        for path in files:
-            result = pending.popleft().result()
-            for more in itertools.islice(ahead, 1):
-                pending.append(pool.submit(_read, more, size, prepare))
-            yield path, result
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 _NAMED = 10  # unreadable files named beside the first

@@ -26,7 +26,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ssvi_cli.data import DataError, DatasetUnavailable, DataSpec, PreparedDataset, preprocess
-from ssvi_cli.data.images import ARRAY_SUFFIX, IMAGE_SUFFIXES, find_files, read_ahead, read_array, unreadable
+from ssvi_cli.data.decoding import read_ahead
+from ssvi_cli.data.images import ARRAY_SUFFIX, IMAGE_SUFFIXES, find_files, read_array, unreadable
 from ssvi_cli.data.ood import HELDOUT, OodRequest, build_ood, parse_ood
 from ssvi_cli.evaluation.arrays import array_to_images, load_array, unflattened
 

@@ -1,0 +1,107 @@
+"""Image files decoded into a model's pixels, a few at once: every image of a folder's split as one
+uint8 tensor (:func:`decode_images`), and the files of any list read ahead by threads, in order
+(:func:`read_ahead`), which ``evaluate --ood FOLDER`` uses too."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from ssvi_cli.data.images import UnreadableImages, read_image
+from ssvi_cli.data.spec import DataError, DataSpec
+from ssvi_cli.data.transforms import preprocess
+
+logger = logging.getLogger(__name__)
+progress = logging.getLogger("ssvi_cli.progress")  # lines for a person waiting (printed by the command line)
+
+_PROGRESS_EVERY_S = 5.0  # seconds between progress lines while decoding
+_FIRST_PROGRESS_S = 1.0  # seconds of decoding before the first
+MAX_READERS = 16  # threads reading image files at once, at most (read_ahead)
+
+
+def decode_images(files: tuple[Path, ...], image_size: int, channels: int, what: str = "images",
+                  where: str = "") -> torch.Tensor:
+    """Decode ``files`` into one uint8 (N, channels, image_size, image_size) tensor, a few files at once
+    (``images.read_ahead``). Progress goes to the ``ssvi_cli.progress`` logger (which the command line
+    prints) once decoding has taken a second, then every few seconds (a large folder was decoded in
+    silence)."""
+    shape = (channels, image_size, image_size)
+    unit = DataSpec("decode", shape, 1, ("-",), (0.0,) * channels, (1.0,) * channels)  # resize only
+    _check_fits(len(files), shape, what)
+    out = torch.empty((len(files), *shape), dtype=torch.uint8)
+    logger.debug("decoding %d %s into %dx%dx%d uint8", len(files), what, *shape)
+    last = time.monotonic()
+    said = False
+    bad: list[tuple[str, Exception]] = []  # all of them named at once, not one per try
+    as_pixels = lambda x: preprocess(x, unit)[0].mul_(255.0).round_().to(torch.uint8)  # noqa: E731
+    for i, (path, pixels) in enumerate(read_ahead(files, image_size, as_pixels)):
+        if isinstance(pixels, DataError):
+            bad.append((str(path), pixels))
+        else:
+            out[i] = pixels
+        # the first line soon (a person waits for some sign), then one every few seconds
+        if time.monotonic() - last >= (_PROGRESS_EVERY_S if said else _FIRST_PROGRESS_S) or (said and i + 1 == len(files)):
+            progress.info("decoded %s/%s %s", f"{i + 1:,}", f"{len(files):,}", what)
+            last, said = time.monotonic(), True
+    if bad:
+        raise UnreadableImages(bad, files, what, where)
+    return out
+
+
+def _check_fits(count: int, shape: tuple[int, ...], what: str) -> None:
+    """Refuse, before any file is decoded, images that would not fit in the memory the system has
+    available (times the processes of this node that each decode them, under ``--nproc``/torchrun):
+    they were decoded for minutes or hours and then the process was swapped out or killed."""
+    from ssvi_cli import machine
+
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    need, available = count * math.prod(shape) * processes, machine.available_memory()
+    if available is None or need <= available:
+        return
+    each = f", in each of the {processes} processes" if processes > 1 else ""
+    size = lambda n: f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"  # noqa: E731
+    raise DataError(f"the {count:,} {what} take {size(need)} decoded at {'x'.join(map(str, shape))} "
+                    f"(8-bit pixels, held in memory{each}); this machine has {size(available)} available: "
+                    "train at a smaller data.image_size, on fewer images, or on a machine with more memory")
+
+
+def _read(path: Path, size: int, prepare: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | DataError:
+    try:
+        return prepare(read_image(path, size=size))
+    except DataError as exc:
+        return exc
+
+
+def read_ahead(files: tuple[Path, ...], size: int, prepare: Callable[[torch.Tensor], torch.Tensor]
+               ) -> Iterator[tuple[Path, torch.Tensor | DataError]]:
+    """``(path, prepare(pixels) or the DataError of reading it)`` for each of ``files`` in order, read
+    (``read_image(path, size=size)``) and prepared by up to ``torch.get_num_threads()`` threads at once
+    (Pillow decodes outside Python's lock: a photo folder decodes about twice as fast on 2 cores), at
+    most two files a thread ahead of the one taken (a large PNG is held whole while it is read); an
+    error or Ctrl-C in the taker cancels the files not begun."""
+    workers = max(1, min(torch.get_num_threads(), len(files), MAX_READERS))
+    if workers == 1:
+        yield from ((path, _read(path, size, prepare)) for path in files)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="ssvi-decode")
+    pending: deque[Future] = deque()
+    try:
+        ahead = iter(files)
+        for path in itertools.islice(ahead, 2 * workers):
+            pending.append(pool.submit(_read, path, size, prepare))
+        for path in files:
+            result = pending.popleft().result()
+            for more in itertools.islice(ahead, 1):
+                pending.append(pool.submit(_read, more, size, prepare))
+            yield path, result
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
