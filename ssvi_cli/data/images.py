@@ -11,6 +11,7 @@ import logging
 import os
 import stat
 import sys
+import threading
 from pathlib import Path
 from typing import BinaryIO, Optional, Sequence
 
@@ -28,14 +29,17 @@ _GRAY16_MODES = ("I;16", "I;16B", "I;16L")
 
 
 _WARNED: set[tuple[str, str]] = set()  # the keys of the warnings given (warn_once)
+_WARNED_LOCK = threading.Lock()
 
 
 def warn_once(logger: logging.Logger, key: tuple[str, str], message: str, *args: object) -> None:
     """``logger``'s warning, once a process for ``key`` (a folder and what is said of it): a dataset's
     folder is scanned more than once, and a warning per image would bury the others."""
-    if key not in _WARNED:
+    with _WARNED_LOCK:  # files are read by several threads at once (decoding.read_ahead)
+        if key in _WARNED:
+            return
         _WARNED.add(key)
-        logger.warning(message, *args)
+    logger.warning(message, *args)
 
 
 def find_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES, apart: Sequence[Path] = ()) -> list[Path]:
