@@ -12,7 +12,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -74,14 +74,14 @@ def _check_fits(count: int, shape: tuple[int, ...], what: str) -> None:
                     "train at a smaller data.image_size, on fewer images, or on a machine with more memory")
 
 
-def _read(path: Path, size: int, prepare: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | DataError:
+def _read(path: Path, size: Optional[int], prepare: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | DataError:
     try:
         return prepare(read_image(path, size=size))
     except DataError as exc:
         return exc
 
 
-def read_ahead(files: tuple[Path, ...], size: int, prepare: Callable[[torch.Tensor], torch.Tensor]
+def read_ahead(files: tuple[Path, ...], size: Optional[int], prepare: Callable[[torch.Tensor], torch.Tensor]
                ) -> Iterator[tuple[Path, torch.Tensor | DataError]]:
     """``(path, prepare(pixels) or the DataError of reading it)`` for each of ``files`` in order, read
     (``read_image(path, size=size)``) and prepared by up to ``torch.get_num_threads()`` threads at once

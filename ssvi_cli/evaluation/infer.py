@@ -22,6 +22,7 @@ from torch import Tensor
 from ssvi_cli import fileio
 from ssvi_cli.data.images import (ARRAY_SUFFIX, IMAGE_SUFFIXES, STDIN, UnreadableImages, find_files, open_stream,
                                   read_image, shown, starts_as_npy)
+from ssvi_cli.data.decoding import read_ahead
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.data.transforms import preprocess
 from ssvi_cli.evaluation.arrays import InputError, load_array
@@ -83,13 +84,28 @@ def _starts_as_npy(path: Path, stream: Optional[io.BytesIO]) -> bool:
         return False
 
 
+def _as_is(pixels: Tensor) -> Tensor:
+    return pixels
+
+
 def iter_raw(files: Iterable[Path], channels: int = 3, pixel_max: float = 255.0,
              input_shape: Optional[Sequence[int]] = None,
              bad: Optional[list[tuple[str, Exception]]] = None) -> Iterator[tuple[Path, list[str], Tensor]]:
     """(source, names, pixels (n, C, H, W)) per image file, and per chunk of each array's images. A file
-    that cannot be read raises its ``InputError``, or with ``bad`` is put there and passed by."""
-    for path in files:
+    that cannot be read raises its ``InputError``, or with ``bad`` is put there and passed by. Image
+    files are read a few at once (``decoding.read_ahead``), in order."""
+    files = list(files)
+    plain = [p.suffix.lower() in IMAGE_SUFFIXES and str(p) != STDIN and p.is_file() for p in files]
+    ahead = read_ahead(tuple(p for p, is_plain in zip(files, plain) if is_plain),
+                       max(input_shape[1:]) if input_shape else None, _as_is)
+    for path, is_plain in zip(files, plain):
         try:
+            if is_plain:
+                images = next(ahead)[1]
+                if isinstance(images, DataError):  # read_image's words, as the error this reader raises
+                    raise InputError(str(images))
+                yield path, [str(path)], images
+                continue
             stream = None if path.is_file() and str(path) != STDIN else open_stream(path, InputError)  # read once
             if path.suffix.lower() == ARRAY_SUFFIX or (path.suffix.lower() not in IMAGE_SUFFIXES
                                                        and _starts_as_npy(path, stream)):
