@@ -237,6 +237,9 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_by_every_command_and_lands_w
     assert read_image(jpeg, size=16).shape == (1, 3, 48, 64)  # 1/8: both sides still >= 2 x 16
     assert read_image(jpeg, size=64).shape == (1, 3, 192, 256)  # 1/2
     assert read_image(png, size=16).shape == (1, 3, 384, 512)  # not a JPEG: whole
+    odd = tmp_path / "odd.jpg"  # 1/8 would decode a 64th column of padding, which the resize squeezed in
+    Image.fromarray(pixels[:, :511]).save(odd, quality=95)
+    assert read_image(odd, size=16).shape == (1, 3, 384, 511)  # no scale divides 511: whole
     spec = DataSpec("photos", (3, 16, 16), 2, ("a", "b"), (0.0,) * 3, (1.0,) * 3)  # no normalisation
     whole = preprocess(read_image(jpeg), spec)[0]
     folder = decode_images((jpeg,), 16, 3)[0].float() / 255.0  # train and evaluate's decoding
@@ -281,7 +284,7 @@ def test_files_are_read_by_threads_in_order_a_few_ahead_and_a_stop_cancels_those
     next(taken)
     taken.close()  # as an error or Ctrl-C in the taker closes it
     clock.sleep(0.1)
-    assert len(calls) <= 2 * 3 + 1  # the files begun before the stop, not the other 190
+    assert len(calls) <= 3 + 1  # the files begun before the stop (one a thread, one more), not the other 190
 
 
 def test_a_folder_that_would_not_fit_in_memory_decoded_is_refused_before_a_file_is_read(ws, tmp_path, monkeypatch,

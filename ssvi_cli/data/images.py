@@ -204,10 +204,10 @@ def read_image(path: Path, error: type[Exception] = DataError, stream: Optional[
                size: Optional[int] = None) -> torch.Tensor:
     """One image file as (1, C, H, W): uint8 with C in {1, 3, 4} (gray, RGB, RGB with alpha), or
     float in [0, 1] for 16-bit gray. ``stream``: the file's bytes already read (``open_stream``);
-    ``path`` then only names it. ``size``: the side it will be resized to; a JPEG at least twice as
-    large on each side is decoded at 1/2, 1/4 or 1/8 scale, keeping both sides at least ``2 * size``
-    (libjpeg's DCT scaling, as Pillow's thumbnail uses it): a photo decodes several times faster and
-    lands within a level of the full decode once resized. A file PIL cannot read, one in a mode it
+    ``path`` then only names it. ``size``: the side it will be resized to; a JPEG is then decoded at
+    1/8, 1/4 or 1/2 scale (libjpeg's DCT scaling), the smallest that divides both its sides and keeps
+    them at least ``2 * size`` (:func:`_reduction`): a photo decodes several times faster and lands
+    within a few levels of the whole decode once resized. A file PIL cannot read, one in a mode it
     cannot convert to these, or one larger than PIL's decompression-bomb limit raises ``error`` with a
     one-line message that names the file."""
     from PIL import Image, UnidentifiedImageError
@@ -216,8 +216,8 @@ def read_image(path: Path, error: type[Exception] = DataError, stream: Optional[
                  if str(path) in (STDIN, "/dev/stdin") else (f"image {path}", "replace or remove the file"))
     try:
         with Image.open(stream if stream is not None else path) as img:
-            if size:
-                img.draft(None, (2 * size, 2 * size))  # JPEG only; other formats decode whole
+            if size and (scale := _reduction(img.size, size)) > 1:  # JPEG only; other formats decode whole
+                img.draft(None, (img.size[0] // scale, img.size[1] // scale))
             img.load()
             mode = img.mode
             if mode in _GRAY16_MODES:
@@ -241,6 +241,15 @@ def read_image(path: Path, error: type[Exception] = DataError, stream: Optional[
         raise error(f"{what} cannot be read ({reason}); {fix}") from None
     arr = arr[:, :, None] if arr.ndim == 2 else arr
     return torch.from_numpy(np.array(arr.transpose(2, 0, 1))).unsqueeze(0)  # a writable copy
+
+
+def _reduction(shape: tuple[int, int], size: int) -> int:
+    """The JPEG reduction (8, 4, 2; 1 for none) that divides both sides of an image of ``shape``
+    exactly and leaves both at least twice ``size``. A side it does not divide is decoded one pixel
+    wider, mostly padding, which the resize then squeezed in: up to 31 levels off the whole decode."""
+    width, height = shape
+    return next((s for s in (8, 4, 2) if width % s == 0 and height % s == 0
+                 and min(width, height) // s >= 2 * size), 1)
 
 
 _NAMED = 10  # unreadable files named beside the first
