@@ -223,7 +223,7 @@ def test_images_of_any_size_and_mode_decode_as_infer_reads_them(ws):
     assert np.array_equal(gray, np.asarray(Image.open(files[0])))
 
 
-def test_a_large_jpeg_is_decoded_at_a_reduced_scale_by_every_command_and_lands_within_a_level(tmp_path):
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_by_every_command_and_lands_within_two_levels(tmp_path):
     from ssvi_cli.evaluation.infer import iter_raw
     from ssvi_cli.evaluation.ood_sets import folder_images
 
@@ -236,6 +236,8 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_by_every_command_and_lands_w
     assert read_image(jpeg).shape == (1, 3, 384, 512)  # no size: decoded whole
     assert read_image(jpeg, size=16).shape == (1, 3, 48, 64)  # 1/8: both sides still >= 2 x 16
     assert read_image(jpeg, size=64).shape == (1, 3, 192, 256)  # 1/2
+    assert read_image(jpeg, size=24).shape == (1, 3, 48, 64)  # 1/8 leaves 48 = 2 x 24: taken
+    assert read_image(jpeg, size=25).shape == (1, 3, 96, 128)  # 48 < 2 x 25: 1/4
     assert read_image(png, size=16).shape == (1, 3, 384, 512)  # not a JPEG: whole
     odd = tmp_path / "odd.jpg"  # 1/8 would decode a 64th column of padding, which the resize squeezed in
     Image.fromarray(pixels[:, :511]).save(odd, quality=95)
@@ -251,7 +253,7 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_by_every_command_and_lands_w
     assert (folder - whole).abs().max() <= 2.0 / 255  # the reduced decode is within a level or two of the whole
 
 
-def test_files_are_read_by_threads_in_order_a_few_ahead_and_a_stop_cancels_those_not_begun(ws, monkeypatch):
+def test_files_are_read_by_threads_in_order_one_a_thread_ahead_and_none_begun_after_a_stop(ws, monkeypatch):
     import threading
     import time as clock
 
@@ -277,14 +279,35 @@ def test_files_are_read_by_threads_in_order_a_few_ahead_and_a_stop_cancels_those
     monkeypatch.setattr(decoding, "_read", fake)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     many = tuple(Path(str(i)) for i in range(200))
-    assert [int(p.name) for p, x in decoding.read_ahead(many, 8, None) if int(x) == int(p.name)] == list(range(200))
+    assert [int(p.name) for p, x in decoding.read_ahead(many, 8) if int(x) == int(p.name)] == list(range(200))
     assert {n.startswith("ssvi-decode") for n in names} == {True} and len(names) > 1
     calls.clear()
-    taken = decoding.read_ahead(many, 8, None)
+    taken = decoding.read_ahead(many, 8)
     next(taken)
     taken.close()  # as an error or Ctrl-C in the taker closes it
     clock.sleep(0.1)
-    assert len(calls) <= 3 + 1  # the files begun before the stop (one a thread, one more), not the other 190
+    assert len(calls) <= 3 + 1  # one a thread and the one after the first taken, not the other 196
+
+
+def test_warnings_of_files_read_by_threads_are_said_in_the_files_order(monkeypatch, caplog):
+    """The first image with transparent pixels is the one named: the thread that finished first named
+    its own (a test of infer saw b.png named before a.png)."""
+    import logging
+    import time as clock
+
+    from ssvi_cli.data import decoding, images
+
+    def fake(path, size=None):
+        clock.sleep(0.2 if path.name == "0" else 0.0)  # the first file is read last
+        images.warn_once(logging.getLogger("ssvi_test"), ("", "held-order"), "first: %s", path.name)
+        return torch.zeros(1, 1, 1, 1)
+
+    monkeypatch.setattr(decoding, "read_image", fake)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(images, "_WARNED", set())
+    with caplog.at_level(logging.WARNING, logger="ssvi_test"):
+        assert [p.name for p, _ in decoding.read_ahead((Path("0"), Path("1")), None)] == ["0", "1"]
+    assert [r.getMessage() for r in caplog.records] == ["first: 0"]
 
 
 def test_a_folder_that_would_not_fit_in_memory_decoded_is_refused_before_a_file_is_read(ws, tmp_path, monkeypatch,
@@ -296,7 +319,7 @@ def test_a_folder_that_would_not_fit_in_memory_decoded_is_refused_before_a_file_
     monkeypatch.setattr(machine, "available_memory", lambda: 10_000)
     files = tuple(sorted((ws / "flat" / "zero").iterdir()))  # 12 images of 3x32x32: 36,864 bytes
     with pytest.raises(DataError, match=r"the 12 images take 0\.0 MiB decoded at 3x32x32 .*0\.0 MiB available: "
-                                        r"train at a smaller data.image_size"):
+                                        r"use fewer images, a smaller data.image_size when training"):
         decode_images(files, 32, 3)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # each process of a node decodes them
     monkeypatch.setattr(machine, "available_memory", lambda: 36_864 + 1)

@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from ssvi_cli.data.images import UnreadableImages, read_image
+from ssvi_cli.data.images import HeldWarning, UnreadableImages, held_warnings, read_image, warn_once
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.data.transforms import preprocess
 
@@ -33,7 +33,7 @@ MAX_READERS = 4
 def decode_images(files: tuple[Path, ...], image_size: int, channels: int, what: str = "images",
                   where: str = "") -> torch.Tensor:
     """Decode ``files`` into one uint8 (N, channels, image_size, image_size) tensor, a few files at once
-    (``images.read_ahead``). Progress goes to the ``ssvi_cli.progress`` logger (which the command line
+    (``read_ahead``). Progress goes to the ``ssvi_cli.progress`` logger (which the command line
     prints) once decoding has taken a second, then every few seconds (a large folder was decoded in
     silence)."""
     shape = (channels, image_size, image_size)
@@ -73,23 +73,35 @@ def _check_fits(count: int, shape: tuple[int, ...], what: str) -> None:
     size = lambda n: f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"  # noqa: E731
     raise DataError(f"the {count:,} {what} take {size(need)} decoded at {'x'.join(map(str, shape))} "
                     f"(8-bit pixels, held in memory{each}); this machine has {size(available)} available: "
-                    "train at a smaller data.image_size, on fewer images, or on a machine with more memory")
+                    "use fewer images, a smaller data.image_size when training, or a machine with more memory")
 
 
-def _read(path: Path, size: Optional[int], prepare: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | DataError:
+def _read(path: Path, size: Optional[int], prepare: Optional[Callable[[torch.Tensor], torch.Tensor]]
+          ) -> torch.Tensor | DataError:
     try:
-        return prepare(read_image(path, size=size))
+        pixels = read_image(path, size=size)
+        return prepare(pixels) if prepare is not None else pixels
     except DataError as exc:
         return exc
 
 
-def read_ahead(files: tuple[Path, ...], size: Optional[int], prepare: Callable[[torch.Tensor], torch.Tensor]
-               ) -> Iterator[tuple[Path, torch.Tensor | DataError]]:
+def _read_holding(path: Path, size: Optional[int], prepare: Optional[Callable[[torch.Tensor], torch.Tensor]]
+                  ) -> tuple[torch.Tensor | DataError, list[HeldWarning]]:
+    """:func:`_read` in a reading thread, with the warnings it gave, for the taker to say in order."""
+    warnings: list[HeldWarning] = []
+    with held_warnings(warnings):
+        return _read(path, size, prepare), warnings
+
+
+def read_ahead(files: tuple[Path, ...], size: Optional[int],
+               prepare: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Iterator[tuple[Path, torch.Tensor | DataError]]:
     """``(path, prepare(pixels) or the DataError of reading it)`` for each of ``files`` in order, read
-    (``read_image(path, size=size)``) and prepared by up to ``torch.get_num_threads()`` threads at once
-    (Pillow decodes outside Python's lock: a photo folder decodes about twice as fast on 2 cores), at
-    most ``MAX_READERS``, with as many files begun as threads (each held whole while it is read: a large
-    PNG costs its decoded size in each); an error or Ctrl-C in the taker cancels the files not begun."""
+    (``read_image(path, size=size)``) and prepared (``None``: as read) by up to
+    ``torch.get_num_threads()`` threads at once (Pillow decodes outside Python's lock: a photo folder
+    decodes about twice as fast on 2 cores), at most ``MAX_READERS``, with as many files begun as
+    threads: each held whole while it is read, and as read, until it is taken, where ``prepare`` is
+    ``None`` (a large PNG costs its decoded size in each, and in the one taken); an error or Ctrl-C in
+    the taker begins no further file."""
     workers = max(1, min(torch.get_num_threads(), len(files), MAX_READERS))
     if workers == 1:
         yield from ((path, _read(path, size, prepare)) for path in files)
@@ -99,11 +111,13 @@ def read_ahead(files: tuple[Path, ...], size: Optional[int], prepare: Callable[[
     try:
         ahead = iter(files)
         for path in itertools.islice(ahead, workers):
-            pending.append(pool.submit(_read, path, size, prepare))
+            pending.append(pool.submit(_read_holding, path, size, prepare))
         for path in files:
-            result = pending.popleft().result()
+            result, warnings = pending.popleft().result()
+            for logger_, key, message, args in warnings:
+                warn_once(logger_, key, message, *args)
             for more in itertools.islice(ahead, 1):
-                pending.append(pool.submit(_read, more, size, prepare))
+                pending.append(pool.submit(_read_holding, more, size, prepare))
             yield path, result
     finally:
         pool.shutdown(wait=False, cancel_futures=True)

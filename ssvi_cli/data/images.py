@@ -12,8 +12,9 @@ import os
 import stat
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Optional, Sequence
+from typing import BinaryIO, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,16 +31,34 @@ _GRAY16_MODES = ("I;16", "I;16B", "I;16L")
 
 _WARNED: set[tuple[str, str]] = set()  # the keys of the warnings given (warn_once)
 _WARNED_LOCK = threading.Lock()
+_HELD = threading.local()  # a reading thread's warnings, held for its taker (held_warnings)
+HeldWarning = tuple[logging.Logger, tuple[str, str], str, tuple[object, ...]]
 
 
 def warn_once(logger: logging.Logger, key: tuple[str, str], message: str, *args: object) -> None:
     """``logger``'s warning, once a process for ``key`` (a folder and what is said of it): a dataset's
-    folder is scanned more than once, and a warning per image would bury the others."""
-    with _WARNED_LOCK:  # files are read by several threads at once (decoding.read_ahead)
+    folder is scanned more than once, and a warning per image would bury the others. In a thread
+    inside :func:`held_warnings`, kept for the thread that takes its files instead."""
+    if (held := getattr(_HELD, "warnings", None)) is not None:
+        held.append((logger, key, message, args))
+        return
+    with _WARNED_LOCK:
         if key in _WARNED:
             return
         _WARNED.add(key)
     logger.warning(message, *args)
+
+
+@contextmanager
+def held_warnings(into: list[HeldWarning]) -> Iterator[None]:
+    """This thread's :func:`warn_once` warnings go into ``into``: files read by several threads at
+    once (``decoding.read_ahead``) are then said in the files' order, as one thread says them, not in
+    the order the threads finish (the first image with transparent pixels is the one named)."""
+    _HELD.warnings = into
+    try:
+        yield
+    finally:
+        _HELD.warnings = None
 
 
 def find_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES, apart: Sequence[Path] = ()) -> list[Path]:

@@ -84,10 +84,6 @@ def _starts_as_npy(path: Path, stream: Optional[io.BytesIO]) -> bool:
         return False
 
 
-def _as_is(pixels: Tensor) -> Tensor:
-    return pixels
-
-
 def iter_raw(files: Iterable[Path], channels: int = 3, pixel_max: float = 255.0,
              input_shape: Optional[Sequence[int]] = None,
              bad: Optional[list[tuple[str, Exception]]] = None) -> Iterator[tuple[Path, list[str], Tensor]]:
@@ -95,9 +91,9 @@ def iter_raw(files: Iterable[Path], channels: int = 3, pixel_max: float = 255.0,
     that cannot be read raises its ``InputError``, or with ``bad`` is put there and passed by. Image
     files are read a few at once (``decoding.read_ahead``), in order."""
     files = list(files)
+    side = max(input_shape[1:]) if input_shape else None  # what a JPEG may be decoded down to (read_image)
     plain = [p.suffix.lower() in IMAGE_SUFFIXES and str(p) != STDIN and p.is_file() for p in files]
-    ahead = read_ahead(tuple(p for p, is_plain in zip(files, plain) if is_plain),
-                       max(input_shape[1:]) if input_shape else None, _as_is)
+    ahead = read_ahead(tuple(p for p, is_plain in zip(files, plain) if is_plain), side)
     for path, is_plain in zip(files, plain):
         try:
             if is_plain:
@@ -111,7 +107,7 @@ def iter_raw(files: Iterable[Path], channels: int = 3, pixel_max: float = 255.0,
                                                        and _starts_as_npy(path, stream)):
                 images = load_array(path, channels, pixel_max, stream, input_shape)
             else:
-                images = read_image(path, InputError, stream, size=max(input_shape[1:]) if input_shape else None)
+                images = read_image(path, InputError, stream, size=side)
                 yield path, [str(path)], images
                 continue
         except InputError as exc:

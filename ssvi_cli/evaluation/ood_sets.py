@@ -149,7 +149,7 @@ def folder_images(folder: Path, spec: DataSpec, seed: int, max_items: Optional[i
             bad.append((str(path), exc))
     if bad:  # no draw without every array's length: the image files are checked, to name them all at once
         images = tuple(p for p in files if p.suffix.lower() != ARRAY_SUFFIX)
-        bad += [(str(path), read) for path, read in read_ahead(images, side, _as_read) if isinstance(read, DataError)]
+        bad += [(str(path), read) for path, read in read_ahead(images, side) if isinstance(read, DataError)]
         order = {str(path): i for i, path in enumerate(files)}
         raise unreadable(sorted(bad, key=lambda b: order[b[0]]), len(files), f"files of {folder}")
     items = [(path, row) for path in files for row in (range(len(arrays[path])) if path in arrays else (0,))]
@@ -159,7 +159,7 @@ def folder_images(folder: Path, spec: DataSpec, seed: int, max_items: Optional[i
         rows.setdefault(path, []).append(row)
     logger.info("decoding %d images of %s", sum(map(len, rows.values())), folder)
     parts = []
-    read = read_ahead(tuple(p for p in rows if p not in arrays), side, _as_read)  # a few at once, in this order
+    read = read_ahead(tuple(p for p in rows if p not in arrays), side)  # a few at once, in this order
     for path, taken in rows.items():
         try:
             pixels = arrays[path][taken] if path in arrays else next(read)[1]
@@ -171,10 +171,6 @@ def folder_images(folder: Path, spec: DataSpec, seed: int, max_items: Optional[i
     if bad:
         raise unreadable(bad, len(rows), f"files drawn from {folder}")
     return torch.cat(parts)
-
-
-def _as_read(pixels: torch.Tensor) -> torch.Tensor:
-    return pixels
 
 
 def _folder_array(path: Path, spec: DataSpec) -> torch.Tensor:

@@ -95,11 +95,10 @@ def setup(info: DistInfo, device: str, timeout_s: float = 1800) -> torch.device:
     else:
         dev = torch.device("cpu")
     if info.enabled and not dist.is_initialized():
-        # DDP imports torch._dynamo; imported after the group exists, it takes references to the group
-        # that are never released, which would keep the group's threads alive past teardown().
-        importlib.import_module("torch._dynamo")
-
         with _ctrl_c_ends_at_once():
+            # DDP imports torch._dynamo; imported after the group exists, it takes references to the group
+            # that are never released, which would keep the group's threads alive past teardown().
+            importlib.import_module("torch._dynamo")
             dist.init_process_group("nccl" if use_cuda else "gloo", rank=info.rank, world_size=info.world_size,
                                     timeout=timedelta(seconds=timeout_s),
                                     device_id=dev if use_cuda else None)
@@ -110,8 +109,10 @@ def setup(info: DistInfo, device: str, timeout_s: float = 1800) -> torch.device:
 def _ctrl_c_ends_at_once() -> Iterator[None]:
     """Ctrl-C ends the process at once, as the system ends one (SIGINT's default action), while the
     process group forms: its wait for the other ranks runs in C++, where Python's handler never runs
-    (Ctrl-C waited out torchrun's 30 s grace and then its SIGKILL). Nothing has been written by then:
-    the run folder is claimed after. A handler the caller set of its own is kept."""
+    (Ctrl-C waited out torchrun's 30 s grace and then its SIGKILL); and while torch's compiler, which
+    DDP needs, is imported just before it (a KeyboardInterrupt in an import leaves a module half
+    made). Nothing has been written by then: the run folder is claimed after. A handler the caller
+    set of its own is kept."""
     before = signal.getsignal(signal.SIGINT)
     ours = before is signal.default_int_handler or getattr(before, "ssvi_until_training", False)
     if not ours or threading.current_thread() is not threading.main_thread():

@@ -140,8 +140,8 @@ def _say_killed(failures: dict[int, Any], said: bool = False) -> None:
     """The processes killed by a signal, said as torchrun's own line no longer says them. SIGTERM is
     torchrun's own, sent to the others once one has ended: said only where no process said an error
     of its own (``said``) and no other signal is named."""
-    killed = [(rank, f.exitcode) for rank, f in sorted(failures.items())  # not by Ctrl-C: said as a stop
-              if isinstance(getattr(f, "exitcode", None), int) and f.exitcode < 0 and f.exitcode != -signal.SIGINT]
+    killed = [(rank, f.exitcode) for rank, f in sorted(failures.items())
+              if isinstance(getattr(f, "exitcode", None), int) and f.exitcode < 0]
     for rank, code in [k for k in killed if k[1] != -signal.SIGTERM] or ([] if said else killed[:1]):
         print(f"error: the training process of rank {rank} was killed by {_signal_name(-code)}"
               + (" (the system's out-of-memory killer?)" if code == -signal.SIGKILL else "")
