@@ -1131,6 +1131,9 @@ def test_series_of_one_training_cost_are_drawn_apart_on_a_readable_flops_axis(tm
     assert hi / lo < 2 and len(boxes) >= 2  # a narrow axis with labels, not decades with a pile at one end
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     assert len(set(xs)) == 2 and max(xs) / min(xs) < 1.05 and "equal costs set apart" in title
+    one = [{**groups[0], "sparsity": s} for s in (0.9, 0.95)]  # one series, two points of one cost: none apart
+    figures.write_figures({"groups": one, "sweep": str(tmp_path)}, tmp_path)
+    assert "set apart" not in drawn[figures.ACCURACY_VS_FLOPS][0]
 
 
 def test_a_grid_that_fits_the_cells_as_they_ran_grows_after_its_preset_was_edited(tmp_path: Path, capsys):

@@ -138,8 +138,8 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> list[Path]:
                              g["sparsity"]) for g in members if g.get("training_flops") and g["training_flops"]["mean"]
                             and g.get("accuracy") and g["accuracy"]["mean"] is not None)
               for label, members in series.items()}
-    costs = [p[0] for pts in points.values() for p in pts]
-    shared = len(costs) > len(set(costs))  # series of one cost (another seed count, init, lr): drawn apart,
+    costs = [c for pts in points.values() for c in {p[0] for p in pts}]
+    shared = len(costs) > len(set(costs))  # series of one cost (another init, lr): drawn apart,
     spread = 0.04 if shared and max(costs) >= 10 * min(costs) else 0.02  # by less on an axis of under a decade
     for i, (label, pts) in enumerate(points.items()):
         if not pts:
