@@ -224,9 +224,9 @@ def read_image(path: Path, error: type[Exception] = DataError, stream: Optional[
     """One image file as (1, C, H, W): uint8 with C in {1, 3, 4} (gray, RGB, RGB with alpha), or
     float in [0, 1] for 16-bit gray. ``stream``: the file's bytes already read (``open_stream``);
     ``path`` then only names it. ``size``: the side it will be resized to; a JPEG is then decoded at
-    1/8, 1/4 or 1/2 scale (libjpeg's DCT scaling), the smallest that divides both its sides and keeps
-    them at least ``2 * size`` (:func:`_reduction`): a photo decodes several times faster and lands
-    within a few levels of the whole decode once resized. A file PIL cannot read, one in a mode it
+    scale 1/8, 1/4 or 1/2 (libjpeg's DCT scaling), the smallest whose 8, 4 or 2 divides both its sides
+    and keeps them at least ``2 * size`` (:func:`_reduction`): a photo decodes several times faster
+    and lands within a few levels of the whole decode once resized. A file PIL cannot read, one in a mode it
     cannot convert to these, or one larger than PIL's decompression-bomb limit raises ``error`` with a
     one-line message that names the file."""
     from PIL import Image, UnidentifiedImageError
