@@ -26,6 +26,13 @@ def available_memory() -> Optional[int]:
     return meminfo_bytes(MEMINFO, "MemAvailable")
 
 
+def short_of_memory(need: int) -> Optional[int]:
+    """The bytes the system has available where ``need`` bytes would not fit in them; None where they
+    fit or it does not say (nothing is then checked)."""
+    available = available_memory()
+    return None if available is None or need <= available else available
+
+
 def own_memory() -> Optional[int]:
     """This process's resident size in bytes; None where it is not reported."""
     return meminfo_bytes(SELF_STATUS, "VmRSS")

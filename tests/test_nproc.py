@@ -534,17 +534,21 @@ def test_a_worker_stopped_before_its_training_ends_at_once_and_silently(tmp_path
     assert not (tmp_path / "r").exists()
 
 
-def test_the_handler_for_the_time_before_training_gives_way_to_ctrl_c_once_training_has_taken_it():
+def test_the_handler_for_the_time_before_training_gives_way_to_ctrl_c_once_training_has_taken_it(monkeypatch):
     """The worker's end-at-once handler came back after training (stop_signals restored it), so a
     Ctrl-C while the summary printed ended the process with nothing said."""
     import importlib.util
 
     from ssvi_cli.training.stops import stop_signals
 
+    from ssvi_cli.runs.rundir import LOCK_HELD_ENV
+
+    for key, value in {LOCK_HELD_ENV: "x", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)  # a --nproc training process's variables and command
+    monkeypatch.setattr(sys, "argv", ["ssvi", "train"])
     spec = importlib.util.spec_from_file_location("ssvi_main", Path(launcher.__file__).parents[1] / "__main__.py")
     main_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(main_module)  # not as __main__: nothing installed, nothing run
-    from ssvi_cli.runs.rundir import LOCK_HELD_ENV
 
     assert f'"{LOCK_HELD_ENV}"' in Path(spec.origin).read_text()  # the launcher's variable, spelt out there
     assert signal.getsignal(signal.SIGINT) is not main_module._ends_at_once

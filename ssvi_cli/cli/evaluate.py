@@ -194,8 +194,7 @@ def _check_memory(need: int, samples: int, data: Any) -> None:
     it cannot be read, nothing is checked): the process would swap or be killed, others with it."""
     from ssvi_cli import machine
 
-    available = machine.available_memory()
-    if available is None or need <= available:
+    if (available := machine.short_of_memory(need)) is None:
         return
     fits = samples * available // need
     raise UsageError(f"--samples {samples:,} keeps every draw's class probabilities of the {data.total_items():,} "

@@ -66,8 +66,8 @@ def _check_fits(count: int, shape: tuple[int, ...], what: str) -> None:
     from ssvi_cli import machine
 
     processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    need, available = count * math.prod(shape) * processes, machine.available_memory()
-    if available is None or need <= available:
+    need = count * math.prod(shape) * processes
+    if (available := machine.short_of_memory(need)) is None:
         return
     each = f", in each of the {processes} processes" if processes > 1 else ""
     size = lambda n: f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"  # noqa: E731
