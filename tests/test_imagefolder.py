@@ -632,6 +632,18 @@ def test_train_infer_evaluate_on_a_png_folder(ws, tmp_path, capsys, monkeypatch)
     assert run(["evaluate", str(model), "--dataset", f"imagefolder:{tmp_path / 'link'}/", "--split", "all",
                 "--mode", "mean", "--json"]) == 0
     assert "its training images too" in json.loads(capsys.readouterr().out)["notes"][0]
+    # the model's own folder, or a folder inside it, as OOD images: in distribution, so refused (its AUROC said 0.5)
+    for ood in (ws / "flat", tmp_path / "link", ws / "flat" / "two"):
+        assert run(["evaluate", str(model), "--ood", str(ood), "--mode", "mean"]) == 2
+        assert capsys.readouterr().err == (f"error: --ood {ood} holds images of the in-distribution dataset itself "
+                                           f"(imagefolder:{ws / 'flat'}), which the model is trained and evaluated "
+                                           "on; pick another OOD set\n")
+    assert run(["evaluate", str(model), "--ood", str(tmp_path / "lone"), "--mode", "mean", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ood"][str(tmp_path / "lone")]["n"] == 2  # beside the model's own
+    assert run(["sweep", "--method", "ssvi", "--sparsity", "0.9", "--set", f"data.name=imagefolder:{ws / 'flat'}",
+                "--ood", str(ws / "flat" / "one"), "--out", str(tmp_path / "sw")]) == 2  # before any cell trains
+    assert "holds images of the in-distribution dataset itself" in capsys.readouterr().err
+    assert not (tmp_path / "sw" / "cells").exists()
     write_class(tmp_path / "new" / "train" / "seven", 7, 2)
     write_class(tmp_path / "new" / "test" / "seven", 7, 2, skip=2)
     for args, words in (([f"imagefolder:{tmp_path / 'new'}"], "has classes the model does not predict (seven)"),

@@ -107,6 +107,7 @@ def resolve_requests(texts: Iterable[str], spec: DataSpec, dataset: str) -> dict
             raise DataError(f"--ood {text} is the in-distribution dataset itself; pick another OOD set"
                             + (f", or --ood {HELDOUT} for the classes the model was not trained on"
                                if spec.held_out_classes else ""))
+        check_outside(request, text, dataset)
         if request.kind == HELDOUT:
             check_heldout(spec)
         elif request.kind == "path" and request.path is not None and request.path.is_dir():
@@ -125,6 +126,18 @@ def resolve_requests(texts: Iterable[str], spec: DataSpec, dataset: str) -> dict
         requests[request.label] = request
         given.setdefault(request.label, text)
     return requests
+
+
+def check_outside(request: OodRequest, text: str, dataset: str) -> None:
+    """Refuses an OOD path that is the image folder ``dataset`` names (``imagefolder:DIR``) or lies
+    inside it: its images are the in-distribution ones, and its AUROC would measure nothing."""
+    folder = dataset.partition("imagefolder:")[2] if dataset.startswith("imagefolder:") else ""
+    if request.kind != "path" or request.path is None or not folder:
+        return
+    own, given = os.path.realpath(Path(folder).expanduser()), os.path.realpath(request.path.expanduser())
+    if given == own or given.startswith(own.rstrip(os.sep) + os.sep):
+        raise DataError(f"--ood {text} holds images of the in-distribution dataset itself ({dataset}), which the "
+                        "model is trained and evaluated on; pick another OOD set")
 
 
 def _choose(n: int, seed: int, max_items: Optional[int]) -> np.ndarray:

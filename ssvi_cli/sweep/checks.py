@@ -89,7 +89,7 @@ def check_ood_sets(spec: SweepSpec, cells: list[Cell]) -> None:
     from ssvi_cli.data import get_spec
     from ssvi_cli.data.ood import HELDOUT, parse_ood
     from ssvi_cli.data.spec import DataError
-    from ssvi_cli.evaluation.ood_sets import load_ood
+    from ssvi_cli.evaluation.ood_sets import check_outside, load_ood
     from ssvi_cli.registry import UnknownName
 
     if not spec.ood or not cells:
@@ -105,6 +105,7 @@ def check_ood_sets(spec: SweepSpec, cells: list[Cell]) -> None:
         if request.kind == HELDOUT:
             continue  # check_runnable: it needs classes held out of training
         try:
+            check_outside(request, text, cfg.data.name)
             load_ood(request, data_spec, root, bool(cfg.data.download), 0, 2000)  # fetched now if allowed
         except DataError as exc:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
