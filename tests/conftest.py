@@ -25,3 +25,21 @@ def pytest_xdist_auto_num_workers(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_configure(config):
+    # `--dist loadfile` hands out files by their number of tests, most first: a file of one long test
+    # (test_accuracy's two minutes) went last, with the other worker idle the while. Files are handed
+    # out in the order below instead.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with slow tests first (most slow tests first), then the others by their number of tests."""
+    slow, count = {}, {}
+    for item in items:
+        slow[item.fspath] = slow.get(item.fspath, 0) + (item.get_closest_marker("slow") is not None)
+        count[item.fspath] = count.get(item.fspath, 0) + 1
+    first = {path: n for n, path in enumerate(sorted(count, key=lambda path: (-slow[path], -count[path])))}
+    items.sort(key=lambda item: first[item.fspath])  # stable: a file's own order is kept
