@@ -85,8 +85,10 @@ def test_cli_tables(capsys):
     code = run(["bench", "--model", "lenet5", "--sparsity", "0.9", "--batch-size", "2", "--samples", "1",
                 "--repeats", "1", "--warmup", "0", "--threads", "1"])
     assert code == 0
-    text = capsys.readouterr().out
+    text, progress = capsys.readouterr()
     assert "dense VI" in text and "compact" in text and "FLOPs convention" in text
+    assert "bytes / dense file" in text and "speed-up vs dense file" in text  # a ratio says what it is of
+    assert "training steps, repeat 1/1" in progress and "prediction, repeat 1/1" in progress  # each phase named
     assert "the dense rows leave out the index their layers keep at density 1" in " ".join(text.split())
     # the first line is the command that measures the same again, every setting spelt out
     assert text.splitlines()[0] == ("ssvi bench --model lenet5 --sparsity 0.9 --batch-size 2 --samples 1 --repeats 1 "

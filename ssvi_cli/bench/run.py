@@ -99,7 +99,7 @@ def _run(bm: BenchModel, opts: BenchOptions, root: Path,
                              {"variant": key, "method": method, "sparsity": s, "kernel": kernel, "step": step}))
 
     say("timing training steps")
-    time_interleaved(train, opts.repeats, opts.warmup, say, device)
+    time_interleaved(train, opts.repeats, opts.warmup, lambda step: say(f"training steps, {step}"), device)
 
     geometry = flopsmod.model_geometry(trainers["vi"].model, bm.input_shape)
     train_rows = []
@@ -205,7 +205,7 @@ def _bench_prediction(trainers: dict[str, Any], opts: BenchOptions, x: torch.Ten
                                     {"file": "dense BNN" if layout == "dense" else "compact", "sparsity": s,
                                      "file_bytes": size, "samples": opts.samples}))
         pairs.append(files)
-    time_interleaved(variants, opts.repeats, opts.warmup, say, x.device)
+    time_interleaved(variants, opts.repeats, opts.warmup, lambda step: say(f"prediction, {step}"), x.device)
     rows = {v.key: summarise(v) for v in variants}
     for files in pairs:
         dense, compact = rows[files["dense"]], rows[files["compact"]]

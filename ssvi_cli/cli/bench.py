@@ -70,8 +70,8 @@ def amortised_table(result: dict[str, Any]) -> Table:
 
 def predict_table(result: dict[str, Any]) -> Table:
     t = Table(title=f"Monte Carlo prediction, S={result['samples']} (median ms per batch)", title_justify="left")
-    for col, just in (("file", "left"), ("sparsity", "right"), ("file bytes", "right"), ("bytes ratio", "right"),
-                      ("median ms", "right"), ("speed-up", "right")):
+    for col, just in (("file", "left"), ("sparsity", "right"), ("file bytes", "right"),
+                      ("bytes / dense file", "right"), ("median ms", "right"), ("speed-up vs dense file", "right")):
         t.add_column(col, justify=just)
     for r in result["predict"]:
         t.add_row(r["file"], f"{r['sparsity']:g}", f"{r['file_bytes']:,}", f"{r['bytes_vs_dense_file']:.4f}",
