@@ -190,6 +190,31 @@ def test_presets_name_prints_every_key_it_trains_with(capsys, tmp_path):
         assert words in said and len(said.strip().splitlines()) == 1, said
 
 
+def test_presets_name_marks_the_keys_a_run_of_it_does_not_use(capsys, tmp_path):
+    """digits_mlp printed `augment: true` and `dense_stem: true` as what it trains with: the digits take no
+    augmentation and an MLP has no first conv. Such keys say so, with why; the keys a run uses do not."""
+    from ssvi_cli.cli import run
+
+    def marked(*args: str) -> dict[str, str]:
+        assert run(["presets", *args]) == 0
+        text = capsys.readouterr().out
+        return {line.split(":")[0].strip(): line.partition("# not used: ")[2] for line in text.splitlines()
+                if "# not used: " in line}
+
+    digits = marked("digits_mlp")
+    assert digits == {"dense_stem": "an MLP has no first conv", "augment": "digits has no augmentation",
+                      **dict.fromkeys(("test_fraction", "image_size", "channels", "mean", "std"), "image folders only")}
+    cifar = marked("cifar10_resnet18")
+    assert cifar["widths"] == "the hidden layers of an mlp" and "augment" not in cifar and "dense_stem" not in cifar
+    vi = marked("mnist_lenet5", "--method", "vi")
+    assert vi["sparsity"] == vi["delta_t"] == vi["dense_stem"] == "--method vi does not use it" and "beta" not in vi
+    assert "beta" in marked("mnist_lenet5", "--method", "rigl") and "lr" not in vi
+    for size, words in ((8, "images under 16 pixels take no augmentation"), (32, "")):
+        folder = tmp_path / f"mine{size}.yaml"
+        folder.write_text(f"data: {{name: 'imagefolder:{tmp_path / 'absent'}', image_size: {size}}}\n")
+        assert marked(str(folder)).get("augment", "") == words and "image_size" not in marked(str(folder))
+
+
 def test_presets_file_refuses_what_train_would_refuse_before_reading_data(capsys, tmp_path):
     """ssvi presets FILE printed "ssvi train --preset FILE trains with these values" for a file naming
     a model or dataset that does not exist, or keys train refuses; train then failed at once."""

@@ -70,9 +70,10 @@ def _show_one(name: str, method: Optional[str], json_out: bool) -> None:
 
     if method is not None:
         try:
-            data = cfgmod.load_preset(name, method).to_dict()
+            base = cfgmod.load_preset(name, method)
         except cfgmod.ConfigError as exc:  # named by the flag that gave it
             raise cfgmod.ConfigError(f"--method: {exc}" if str(exc).startswith("sparse.method=") else str(exc)) from None
+        data = base.to_dict()
     else:
         base, per_method = cfgmod.preset_methods(name)
         data = base.to_dict()
@@ -89,10 +90,55 @@ def _show_one(name: str, method: Optional[str], json_out: bool) -> None:
         print_json(data)
         return
     command = f"ssvi train --preset {name}" + (f" --method {method}" if method else "")
+    unused = unused_keys(base)
     out.print(f"# {command} trains with these values"
               + (f", the preset's methods: section for {method} applied" if method else "")
-              + " (change one with --set section.key=value)", highlight=False)
-    out.print(yaml.safe_dump(data, sort_keys=False).rstrip("\n"), highlight=False, soft_wrap=True)
+              + " (change one with --set section.key=value)"
+              + ("; a key marked 'not used' changes nothing for this model, data and method" if unused else ""),
+              highlight=False)
+    out.print(_marked(yaml.safe_dump(data, sort_keys=False).rstrip("\n"), unused), highlight=False, soft_wrap=True)
+
+
+def unused_keys(cfg: cfgmod.Config) -> dict[str, str]:
+    """The keys that change nothing in a run of ``cfg``, each with why: another model's or data's
+    keys, augmentation where the data takes none, and what the method never uses."""
+    from ssvi_cli.data import DATASETS
+    from ssvi_cli.data.imagefolder import MIN_AUGMENT_SIZE
+
+    unused = {}
+    if cfg.model.name != "mlp":
+        unused["model.widths"] = "the hidden layers of an mlp"
+    if cfg.model.name == "mlp":
+        unused["model.dense_stem"] = "an MLP has no first conv"
+    folder = cfg.data.name.startswith("imagefolder:")
+    if not folder:
+        unused.update(dict.fromkeys(("data.test_fraction", "data.image_size", "data.channels", "data.mean", "data.std"),
+                                    "image folders only"))
+        if DATASETS.get(cfg.data.name).augment is None:
+            unused["data.augment"] = f"{cfg.data.name} has no augmentation"
+    elif cfg.data.image_size < MIN_AUGMENT_SIZE:
+        unused["data.augment"] = f"images under {MIN_AUGMENT_SIZE} pixels take no augmentation"
+    method = cfg.method
+    for section, values in cfg.to_dict().items():
+        for key in values:
+            if method.never_uses(f"{section}.{key}"):
+                unused.setdefault(f"{section}.{key}", f"--method {cfg.sparse.method} does not use it")
+    return unused
+
+
+def _marked(text: str, unused: dict[str, str]) -> str:
+    """The YAML of a config with a comment after each key of ``unused`` (a ``methods:`` section's keys
+    are left as they are: they are the keys a method does use)."""
+    lines, section = [], ""
+    for line in text.splitlines():
+        if line and not line[0].isspace():
+            section = line.rstrip(":")
+        elif line.startswith("  ") and not line.startswith("   ") and ":" in line:
+            key = f"{section}.{line.strip().partition(':')[0]}"
+            if key in unused:
+                line += f"  # not used: {unused[key]}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def _check_trains(name: str, methods: list[Optional[str]], by_flag: bool = False) -> None:
