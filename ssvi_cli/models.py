@@ -70,7 +70,8 @@ class MLP(SSVIModel):
                  widths: Sequence[int] = (256, 256)) -> None:
         super().__init__()
         dims = [math.prod(in_shape), *widths, num_classes]
-        # The first layer of an MLP holds most weights, so it is sparse like the rest.
+        # The first layer of an MLP holds a large share of its weights (43% of 784-1024-1024-10), so it is
+        # sparse like the rest (a conv model's first conv, a few hundred weights, is what stays dense).
         self.first = layers.linear(dims[0], dims[1])
         self.hidden = nn.ModuleList(layers.linear(a, b) for a, b in zip(dims[1:-1], dims[2:]))
 
