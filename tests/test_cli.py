@@ -509,11 +509,18 @@ def test_a_key_the_method_cannot_use_is_said(tmp_path: Path, capsys):
     cases = ((["--method", "rigl", "--criterion", "snr"], "note: rigl does not use --criterion, so it changes nothing"),
              (["--method", "vi", "--sparsity", "0.9", "--set", "sparse.alpha=0.5"],
               "note: vi does not use --set sparse.alpha, --sparsity, so they change nothing"),
-             (["--method", "ssvi", "--criterion", "snr"], None))
+             (["--method", "ssvi", "--criterion", "snr"], None),
+             # the model's and the data's keys that change nothing for this model and data, with why
+             (["--set", "data.augment=false", "--set", "model.dense_stem=false"],
+              "note: --set data.augment changes nothing here (digits has no augmentation)\n"
+              "note: --set model.dense_stem changes nothing here (an MLP has no first conv)\n"),
+             (["--method", "vi", "--set", "model.dense_stem=false"],  # said once, as the method's
+              "note: vi does not use --set model.dense_stem, so it changes nothing here\n"))
     for i, (args, note) in enumerate(cases):
         assert run(["train", *args, *small, "--out", str(tmp_path / f"r{i}")]) == 0
         said = capsys.readouterr().err
-        assert (note in said) if note else ("does not use" not in said), said
+        assert (note in said) if note else ("does not use" not in said and "changes nothing" not in said), said
+        assert "an MLP has no first conv" not in said or "vi" not in args, said
 
 
 def test_train_takes_the_presets_values_for_the_chosen_method(tmp_path: Path, capsys):

@@ -90,40 +90,15 @@ def _show_one(name: str, method: Optional[str], json_out: bool) -> None:
         print_json(data)
         return
     command = f"ssvi train --preset {name}" + (f" --method {method}" if method else "")
-    unused = unused_keys(base)
+    from ssvi_cli.cli.train_config import unused_settings
+
+    unused = unused_settings(base)
     out.print(f"# {command} trains with these values"
               + (f", the preset's methods: section for {method} applied" if method else "")
               + " (change one with --set section.key=value)"
               + ("; a key marked 'not used' changes nothing for this model, data and method" if unused else ""),
               highlight=False)
     out.print(_marked(yaml.safe_dump(data, sort_keys=False).rstrip("\n"), unused), highlight=False, soft_wrap=True)
-
-
-def unused_keys(cfg: cfgmod.Config) -> dict[str, str]:
-    """The keys that change nothing in a run of ``cfg``, each with why: another model's or data's
-    keys, augmentation where the data takes none, and what the method never uses."""
-    from ssvi_cli.data import DATASETS
-    from ssvi_cli.data.imagefolder import MIN_AUGMENT_SIZE
-
-    unused = {}
-    if cfg.model.name != "mlp":
-        unused["model.widths"] = "the hidden layers of an mlp"
-    if cfg.model.name == "mlp":
-        unused["model.dense_stem"] = "an MLP has no first conv"
-    folder = cfg.data.name.startswith("imagefolder:")
-    if not folder:
-        unused.update(dict.fromkeys(("data.test_fraction", "data.image_size", "data.channels", "data.mean", "data.std"),
-                                    "image folders only"))
-        if DATASETS.get(cfg.data.name).augment is None:
-            unused["data.augment"] = f"{cfg.data.name} has no augmentation"
-    elif cfg.data.image_size < MIN_AUGMENT_SIZE:
-        unused["data.augment"] = f"images under {MIN_AUGMENT_SIZE} pixels take no augmentation"
-    method = cfg.method
-    for section, values in cfg.to_dict().items():
-        for key in values:
-            if method.never_uses(f"{section}.{key}"):
-                unused.setdefault(f"{section}.{key}", f"--method {cfg.sparse.method} does not use it")
-    return unused
 
 
 def _marked(text: str, unused: dict[str, str]) -> str:

@@ -15,8 +15,9 @@ import typer
 from ssvi_cli import config as cfgmod
 from ssvi_cli.cli.common import (Debug, UsageError, check_run_out, scored_as, fmt, forwarded_args, kv_table, no_reader, out,
                                  print_json, running_a_cell, tell)
-from ssvi_cli.cli.train_config import (build_config, config_origin, default_run_dir, finished_run, init_from_lr_note, nproc_again,
-                                       pin_init_from, processes_note, recipe_note, set_keys, threads_note, unused_keys)
+from ssvi_cli.cli.train_config import (build_config, config_origin, default_run_dir, finished_run, idle_settings_note,
+                                       init_from_lr_note, nproc_again, pin_init_from, processes_note, recipe_note, set_keys,
+                                       threads_note, unused_keys)
 from ssvi_cli.cli.train_fit import KeyboardInterruptHandled, fit
 from ssvi_cli.machine import shell_quote
 
@@ -164,6 +165,7 @@ def register(app: typer.Typer) -> None:
                     # a sweep gives every cell its fixed keys: no note in each
                     say(f"note: {plan.cfg.sparse.method} does not use {', '.join(unused)}, so "
                         f"{'it changes' if len(unused) == 1 else 'they change'} nothing here")
+                say("" if running_a_cell() else idle_settings_note(plan.cfg, overrides, set_ or []))
                 if (data_dir is not None or download) and not reads_data_dir(plan.cfg.data.name):
                     say(f"note: --data-dir and --download are for torchvision datasets; {plan.cfg.data.name} "
                         "reads no data folder, so they change nothing")

@@ -100,9 +100,49 @@ def flag_of(key: str) -> str:
 def unused_keys(cfg: cfgmod.Config, overrides: dict[str, Any], sets: list[str]) -> list[str]:
     """What the command line gave that the run's method cannot use (``Method.never_uses``), as given:
     a flag, or ``--set KEY``."""
-    given = {k: flag_of(k) for k, v in overrides.items() if v is not None} | {k: f"--set {k}" for k in set_keys(sets)}
     method = cfg.method
-    return sorted(shown for k, shown in given.items() if method.never_uses(k))
+    return sorted(shown for k, shown in _given(overrides, sets).items() if method.never_uses(k))
+
+
+def unused_settings(cfg: cfgmod.Config) -> dict[str, str]:
+    """The keys that change nothing in a run of ``cfg``, each with why: another model's or data's
+    keys, augmentation where the data takes none, and what the method never uses."""
+    from ssvi_cli.data import DATASETS
+    from ssvi_cli.data.imagefolder import MIN_AUGMENT_SIZE
+
+    unused = {}
+    if cfg.model.name != "mlp":
+        unused["model.widths"] = "the hidden layers of an mlp"
+    if cfg.model.name == "mlp":
+        unused["model.dense_stem"] = "an MLP has no first conv"
+    folder = cfg.data.name.startswith("imagefolder:")
+    if not folder:
+        unused.update(dict.fromkeys(("data.test_fraction", "data.image_size", "data.channels", "data.mean", "data.std"),
+                                    "image folders only"))
+        if DATASETS.get(cfg.data.name).augment is None:
+            unused["data.augment"] = f"{cfg.data.name} has no augmentation"
+    elif cfg.data.image_size < MIN_AUGMENT_SIZE:
+        unused["data.augment"] = f"images under {MIN_AUGMENT_SIZE} pixels take no augmentation"
+    method = cfg.method
+    for section, values in cfg.to_dict().items():
+        for key in values:
+            if method.never_uses(f"{section}.{key}"):
+                unused.setdefault(f"{section}.{key}", f"--method {cfg.sparse.method} does not use it")
+    return unused
+
+
+def idle_settings_note(cfg: cfgmod.Config, overrides: dict[str, Any], sets: list[str]) -> str:
+    """A note naming the model's and data's keys the command line gave that change nothing for this
+    model and data (:func:`unused_settings`; the method's are :func:`unused_keys`'), with why."""
+    unused, method = unused_settings(cfg), cfg.method
+    idle = {shown: unused[k] for k, shown in _given(overrides, sets).items()
+            if k in unused and k.split(".")[0] in ("model", "data") and not method.never_uses(k)}
+    return "\n".join(f"note: {shown} changes nothing here ({why})" for shown, why in sorted(idle.items()))
+
+
+def _given(overrides: dict[str, Any], sets: list[str]) -> dict[str, str]:
+    """The keys the command line gave, each as given: its flag, or ``--set KEY``."""
+    return {k: flag_of(k) for k, v in overrides.items() if v is not None} | {k: f"--set {k}" for k in set_keys(sets)}
 
 
 def set_keys(sets: list[str]) -> list[str]:
