@@ -121,6 +121,7 @@ class Subspace:
         self._dropped_at: Optional[int] = None  # the step whose capture went to the loop's own optimizer step
         self._forwards: set[bool] = set()  # the training flags of the model's forwards since the last step()
         self._told_eval = False  # the eval()-mode warning is given once
+        self._told_idle = False  # and the no-forward one
         self._plain_steps = 0  # the loop's own optimizer steps since the last step()
         self._told_plain = False
         self._hooks = [model.register_forward_pre_hook(Hook(self._before_forward)),
@@ -223,6 +224,11 @@ class Subspace:
                         "gradient from a train() forward, so the next one will fail; call model.train() before training")
         check_state_fits(self.optimizer, self.model)
         forwards, self._forwards, self._plain_steps = self._forwards, set(), 0
+        if not forwards and not self._told_idle:  # its model made again (a re-run notebook cell), say: nothing trains
+            self._told_idle = True
+            log.warning("Subspace.step() after no forward of the model this Subspace was given: the step goes to that "
+                        "model's optimizer; a model made again needs its own optimizer and Subspace, and a forward "
+                        "calls the model itself (model(x)), not its submodules")
         captured = self._capture is not None
         if captured:
             scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
@@ -235,7 +241,8 @@ class Subspace:
             if not captured and not forwards:
                 raise RuntimeError("no dense gradient for the subspace step: the model given to Subspace ran no forward "
                                    "since the last step; call that model (model(x)), not its submodules or another "
-                                   "method, for the step's forward, then backward, then Subspace.step()")
+                                   "method, for the step's forward, then backward, then Subspace.step() (a model made "
+                                   "again needs its own optimizer and Subspace)")
             if not captured:
                 raise RuntimeError("no dense gradient for the subspace step: run the step's forward and "
                                    "backward with the model in train() mode before Subspace.step()")

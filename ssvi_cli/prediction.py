@@ -286,4 +286,5 @@ def predict(model: nn.Module, x: Tensor, samples: int = 30, mode: str = "mc") ->
     probs_np = probs.double().cpu().numpy()
     entropy = torch.from_numpy(predictive_entropy(probs_np))
     mi = torch.from_numpy(mutual_information(draws.double().cpu().numpy())) if has_spread(draws) else None
-    return Prediction(probs, entropy, mi, samples if draws is not None else None)
+    # contiguous, as a user's .view() expects (class_softmax's mean-mode probabilities are a transposed view)
+    return Prediction(probs.contiguous(), entropy, mi, samples if draws is not None else None)

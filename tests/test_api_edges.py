@@ -102,6 +102,33 @@ def test_a_step_whose_forward_called_only_submodules_says_to_call_the_model():
     assert subspace.t == 2
 
 
+def test_a_subspace_whose_model_was_made_again_says_so_at_its_first_step(caplog):
+    """A notebook's model and optimizer cells run again, the Subspace cell not: subspace.step() stepped the old
+    optimizer on the old model, and the new model trained not at all, without a word until the first
+    remove-and-add step (never, in a run shorter than delta_t)."""
+    (x, y) = data()
+    old = mlp()
+    subspace = ssvi.Subspace(old, torch.optim.SGD(ssvi.param_groups(old, lr=0.1, lr_sigma=0.01)), total_steps=100,
+                             delta_t=50)
+    model = mlp()  # the cells run again
+    optimizer = torch.optim.SGD(ssvi.param_groups(model, lr=0.1, lr_sigma=0.01))
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli.api"):
+        for _ in range(3):
+            train_step(model, x, y)
+            subspace.step()
+            optimizer.zero_grad()
+    assert caplog.text.count("Subspace.step() after no forward of the model this Subspace was given: the step goes "
+                             "to that model's optimizer; a model made again needs its own optimizer and Subspace") == 1
+    caplog.clear()
+    subspace = ssvi.Subspace(model, optimizer, total_steps=100, delta_t=50)  # the right one: nothing said
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli.api"):
+        for _ in range(3):
+            train_step(model, x, y)
+            subspace.step()
+            optimizer.zero_grad()
+    assert caplog.text == ""
+
+
 def test_mu_gets_its_gradient_from_a_capture_forward_as_from_any_other():
     model, (x, y) = mlp(), data()
     optimizer = torch.optim.SGD(ssvi.param_groups(model, lr=0.1, lr_sigma=0.01))
@@ -649,3 +676,27 @@ def test_the_scale_after_a_remove_and_add_step_follows_that_steps_own_overflow_a
             model[0].mu.grad[0] = float("inf")
         swapped = subspace.step(scaler)
     assert swapped and not subspace.last_report.skipped and scaler.get_scale() == 1024.0
+
+
+@pytest.mark.parametrize("whose, shown", [("user", 1), ("ours", 0)])
+def test_importing_ssvi_leaves_the_users_warnings_as_they_were(whose, shown):
+    """import ssvi_cli hid torch's CSR beta warning from the user's own sparse tensors (a process-wide filter);
+    it is hidden from ssvi's own products alone. A process each: torch gives that warning once per process."""
+    import subprocess
+    import sys
+
+    code = ("import torch, ssvi_cli as ssvi\n"
+            "m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))\n"
+            "ssvi.sparsify(m, 0.98)\n"
+            "if WHOSE == 'user':\n    torch.randn(3, 3).to_sparse_csr()\n"
+            "else:\n    m(torch.randn(4, 64)).sum().backward()\n").replace("WHOSE", repr(whose))
+    done = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr.count("Sparse CSR tensor support is in beta state") == shown, done.stderr
+
+
+def test_predicted_probabilities_are_contiguous_in_either_mode():
+    """mode="mean" gave a transposed view, whose .view(-1) raised; "mc" a contiguous tensor."""
+    model, (x, _) = mlp(), data()
+    for mode in ("mean", "mc"):
+        probs = ssvi.predict(model, x, samples=3, mode=mode).probs
+        assert probs.is_contiguous() and probs.view(-1).shape == (32 * 10,), mode
