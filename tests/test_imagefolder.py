@@ -295,16 +295,17 @@ def test_warnings_of_files_read_by_threads_are_said_in_the_files_order(monkeypat
     import logging
     import time as clock
 
-    from ssvi_cli.data import decoding, images
+    from ssvi_cli import warned
+    from ssvi_cli.data import decoding
 
     def fake(path, size=None):
         clock.sleep(0.2 if path.name == "0" else 0.0)  # the first file is read last
-        images.warn_once(logging.getLogger("ssvi_test"), ("", "held-order"), "first: %s", path.name)
+        warned.warn_once(logging.getLogger("ssvi_test"), ("", "held-order"), "first: %s", path.name)
         return torch.zeros(1, 1, 1, 1)
 
     monkeypatch.setattr(decoding, "read_image", fake)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(images, "_WARNED", set())
+    monkeypatch.setattr(warned, "_WARNED", set())
     with caplog.at_level(logging.WARNING, logger="ssvi_test"):
         assert [p.name for p, _ in decoding.read_ahead((Path("0"), Path("1")), None)] == ["0", "1"]
     assert [r.getMessage() for r in caplog.records] == ["first: 0"]
@@ -477,6 +478,33 @@ def test_images_beside_the_class_folders_are_passed_over_with_a_warning(tmp_path
         scan_folder(split)
     assert [r.getMessage() for r in caplog.records] == [
         f"{split}: 1 image outside the split folders is passed over (an image's class is its folder's name)"]
+
+
+def test_each_call_that_reads_a_folder_says_its_warnings_again(tmp_path, caplog):
+    """A folder's warnings were said once a process: a notebook's second load_data of the folder (or of
+    another folder with a transparent image) said nothing. Each call says them once; one command, once."""
+    import logging
+
+    from ssvi_cli.config import apply_overrides, load_preset
+    from ssvi_cli.training.plan import load_data
+    from ssvi_cli.warned import warnings_scope
+
+    photos = tmp_path / "photos"
+    for digit, name in NAMES.items():
+        write_class(photos / name, digit, 4)
+    Image.fromarray(_digits()[0][0]).save(photos / "stray.png")
+    cfg = apply_overrides(load_preset("digits_mlp"), {"data.name": f"imagefolder:{photos}", "data.image_size": 8,
+                                                      "data.channels": 1})
+    said = f"{photos}: 1 image outside the class folders is passed over"
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli.data"):
+        load_data(cfg)
+        load_data(cfg)  # the cell run again
+        assert caplog.text.count(said) == 2
+        caplog.clear()
+        with warnings_scope():  # as a command of the CLI
+            load_data(cfg)
+            load_data(cfg)
+        assert caplog.text.count(said) == 1
 
 
 def test_files_of_an_image_kind_ssvi_does_not_read_are_counted_in_a_warning_and_train_says_the_split_sizes(

@@ -423,9 +423,6 @@ def test_a_named_pipe_in_a_folder_is_passed_over_with_a_warning_not_read_for_eve
 @pytest.mark.parametrize("background", [0, 255])
 def test_transparent_pixels_are_said_to_be_dropped_once(model_file, digits, tmp_path, capsys, caplog, background):
     """A digit drawn in alpha alone over black (or white) RGB was predicted as a blank image in silence."""
-    from ssvi_cli.data import images
-
-    images._WARNED.discard(("", "alpha"))
     rgba = np.zeros((8, 8, 4), dtype=np.uint8)
     rgba[:, :, :3], rgba[:, :, 3] = background, digits[0]
     for name in ("a.png", "b.png"):

@@ -22,6 +22,7 @@ from ssvi_cli.cli import sweep as sweep_cmd
 from ssvi_cli.cli import train as train_cmd
 from ssvi_cli.cli.common import Debug, UsageError, err, tell
 from ssvi_cli.cli.train_fit import KeyboardInterruptHandled
+from ssvi_cli.warned import warnings_scope
 from ssvi_cli.training.cpus import fit_torch_threads
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -231,7 +232,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         # Standalone mode: Typer reports its own usage errors (exit 2); ours propagate to here.
-        with _unwinding():
+        with _unwinding(), warnings_scope():  # a folder's warnings once in the command (each command's own)
             app(args=args, prog_name="ssvi")
         return 0
     except Terminated as exc:

@@ -16,7 +16,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from ssvi_cli.data.images import HeldWarning, UnreadableImages, held_warnings, read_image, warn_once
+from ssvi_cli.data.images import UnreadableImages, read_image
+from ssvi_cli.warned import HeldWarning, held_warnings, warn_once
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.data.transforms import preprocess
 

@@ -36,7 +36,8 @@ import torch
 from ssvi_cli.config import DataConfig
 from ssvi_cli.data.sources import DATASET_FAMILIES, DatasetSource
 from ssvi_cli.data.decoding import decode_images
-from ssvi_cli.data.images import IMAGE_SUFFIXES, find_files, shown, warn_once
+from ssvi_cli.data.images import IMAGE_SUFFIXES, find_files, shown
+from ssvi_cli.warned import warn_once
 from ssvi_cli.data.spec import DataError, DataSpec, RawImages, decoded
 from ssvi_cli.data.splits import stratified_split
 from ssvi_cli.data.transforms import TensorImageDataset, random_crop_flip

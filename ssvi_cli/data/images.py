@@ -11,15 +11,14 @@ import logging
 import os
 import stat
 import sys
-import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator, Optional, Sequence
+from typing import BinaryIO, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ssvi_cli.data.spec import DataError
+from ssvi_cli.warned import warn_once, warned
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
                   ".pbm", ".pnm")
@@ -27,38 +26,6 @@ ARRAY_SUFFIX = ".npy"
 _MODES = ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "La", "RGBa")  # PIL modes read as 8-bit
 _ALPHA_MODES = ("LA", "PA", "RGBA", "La", "RGBa")
 _GRAY16_MODES = ("I;16", "I;16B", "I;16L")
-
-
-_WARNED: set[tuple[str, str]] = set()  # the keys of the warnings given (warn_once)
-_WARNED_LOCK = threading.Lock()
-_HELD = threading.local()  # a reading thread's warnings, held for its taker (held_warnings)
-HeldWarning = tuple[logging.Logger, tuple[str, str], str, tuple[object, ...]]
-
-
-def warn_once(logger: logging.Logger, key: tuple[str, str], message: str, *args: object) -> None:
-    """``logger``'s warning, once a process for ``key`` (a folder and what is said of it): a dataset's
-    folder is scanned more than once, and a warning per image would bury the others. In a thread
-    inside :func:`held_warnings`, kept for the thread that takes its files instead."""
-    if (held := getattr(_HELD, "warnings", None)) is not None:
-        held.append((logger, key, message, args))
-        return
-    with _WARNED_LOCK:
-        if key in _WARNED:
-            return
-        _WARNED.add(key)
-    logger.warning(message, *args)
-
-
-@contextmanager
-def held_warnings(into: list[HeldWarning]) -> Iterator[None]:
-    """This thread's :func:`warn_once` warnings go into ``into``: files read by several threads at
-    once (``decoding.read_ahead``) are then said in the files' order, as one thread says them, not in
-    the order the threads finish (the first image with transparent pixels is the one named)."""
-    _HELD.warnings = into
-    try:
-        yield
-    finally:
-        _HELD.warnings = None
 
 
 def find_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES, apart: Sequence[Path] = ()) -> list[Path]:
@@ -247,7 +214,7 @@ def read_image(path: Path, error: type[Exception] = DataError, stream: Optional[
             alpha = mode in _ALPHA_MODES or "transparency" in img.info
             target = "L" if mode in ("1", "L") else ("RGBA" if alpha else "RGB")
             arr = np.asarray(img.convert(target), dtype=np.uint8)
-            if target == "RGBA" and ("", "alpha") not in _WARNED and arr[:, :, 3].min() < 255:
+            if target == "RGBA" and not warned(("", "alpha")) and arr[:, :, 3].min() < 255:
                 warn_once(  # a logo or a digit drawn in alpha alone would be read as blank
                     logging.getLogger(__name__), ("", "alpha"),
                     "%s has transparent pixels: alpha is dropped, not composited (as torchvision's image loader "

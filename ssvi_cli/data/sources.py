@@ -22,6 +22,7 @@ from ssvi_cli.data.classes import resolve_classes, restrict_spec
 from ssvi_cli.data.spec import DataError, DataSpec, RawImages
 from ssvi_cli.data.torchvision_files import torchvision_loader
 from ssvi_cli.data.transforms import random_crop_flip
+from ssvi_cli.warned import warnings_scope
 from ssvi_cli.registry import Registry, UnknownName
 
 logger = logging.getLogger(__name__)
@@ -188,6 +189,7 @@ def check_dataset_name(name: str, options: Optional[DataConfig] = None) -> DataS
     return get_spec(name, options)
 
 
+@warnings_scope()
 def get_spec(name: str, options: Optional[DataConfig] = None) -> DataSpec:
     """The dataset's spec (shapes, classes, normalisation) without loading any data, restricted to
     ``options.classes`` when given (an image folder's measured normalisation comes with

@@ -19,6 +19,7 @@ from ssvi_cli.data.images import UnreadableImages
 from ssvi_cli.data.sources import DatasetSource, read_split, source
 from ssvi_cli.data.spec import DataError, DataSpec, DataSplits, RawImages, decoded
 from ssvi_cli.data.transforms import TensorImageDataset
+from ssvi_cli.warned import warnings_scope
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def _indices(train_labels: torch.Tensor, own_val: Optional[int], val_fraction: f
     return train_idx, val_idx
 
 
+@warnings_scope()  # a notebook's second call says a folder's warnings again (a command's: once)
 def build_dataset(
     name: str,
     *,
