@@ -112,7 +112,8 @@ def test_heldout_scores_the_other_classes_of_the_test_split(capsys, subset_model
     _check_ood_block(doc["ood"]["noise"], 2000)
     assert list(doc["per_samples"][0]["ood"]) == ["heldout", "noise"]
     info = doc["model_info"]  # which part of the dataset it learnt, beside its name
-    assert (info["trained_on"], info["trained_classes"], info["dataset_classes"]) == ("digits", list("01234"), 10)
+    assert (info["trained_on"], info["trained_classes"], info["dataset_classes"]) == ("digits", list("01234"),
+                                                                                   list("0123456789"))
     code, out, _ = _evaluate(capsys, str(subset_model), "--samples", "2")
     assert code == 0 and "trained on digits (5 of its 10 classes: 0, 1, 2, 3, 4)" in " ".join(out.split())
 

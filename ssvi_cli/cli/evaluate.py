@@ -48,7 +48,7 @@ def metrics_table(report: dict[str, Any]) -> Table:
              None if info.get("sparsity") is None else f"sparsity {info['sparsity']}",
              None if info.get("trained_on") in (None, NO_DATASET) else
              f"{'trained on' if info.get('method') or info.get('epochs') else 'saved for'} {info['trained_on']}"
-             + (f" ({len(part)} of its {info['dataset_classes']} classes: {', '.join(part[:6])}"
+             + (f" ({len(part)} of its {len(info['dataset_classes'])} classes: {', '.join(part[:6])}"
                 f"{', ...' if len(part) > 6 else ''})" if (part := info.get("trained_classes")) else "")]
     known = ", ".join(str(p) for p in parts if p is not None)  # a file of ssvi.save records no method
     table.caption = f"model {report['model']}" + (f" ({known})" if known else "")

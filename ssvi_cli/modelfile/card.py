@@ -165,7 +165,7 @@ class ModelCard:
                 "training_seed": t.seed, "trained_on": self.data.name,
                 # data.classes: the part of the dataset's classes it was trained on (else None: all of them)
                 "trained_classes": list(self.data.class_names) if self.data.dataset_classes else None,
-                "dataset_classes": len(self.data.dataset_classes) or None}
+                "dataset_classes": list(self.data.dataset_classes) or None}  # as the file and inspect name them
 
 
 def build_model(card: ModelCard, kernel: str = "auto") -> SSVIModel:
