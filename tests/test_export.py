@@ -268,7 +268,7 @@ def bad_files(good: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
     # a key of a newer ssvi: its message listed the keys read without pixel_max, a key it reads
     _resave(good, tmp / "new_key.safetensors", meta_update={"data_spec": json.dumps(dict(spec, resize="crop"))})
     out["new key"] = (tmp / "new_key.safetensors", "unknown key resize (this ssvi reads class_names, input_shape, "
-                      "mean, name, num_classes, std and, if present, dataset_classes, files_digest, pixel_max): "
+                      "mean, name, num_classes, std and, if present, dataset_classes, files_digest, pixel_max, reduced_jpeg): "
                       "written by a newer ssvi (upgrade) or edited")
     _resave(good, tmp / "dense_layout.safetensors", meta_update={"layout": "dense"})
     out["dense layout"] = (tmp / "dense_layout.safetensors", "but the file's layout is dense")

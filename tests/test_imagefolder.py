@@ -950,3 +950,67 @@ def test_classes_and_files_sort_as_text_where_paths_sort_ignoring_case(tmp_path,
     files, labels = scan.parts["all"]
     assert [f"{f.parent.name}/{f.name}" for f in files] == ["Banana/B.png", "Banana/a.png", "apple/B.png", "apple/a.png"]
     assert files == before.parts["all"][0] and labels.tolist() == [0, 0, 1, 1]
+
+
+def test_a_model_or_run_made_before_reduced_jpeg_decoding_reads_its_jpegs_whole(tmp_path, capsys, monkeypatch):
+    """A large JPEG is decoded at a reduced scale since 2026-12-06: a run begun before was refused on resume
+    ("the images have changed", they had not) and an older model's evaluate scored other pixels than it
+    trained on (0.33 -> 0.25 accuracy in a review), without a word. Their data description has no
+    reduced_jpeg: their JPEGs are decoded whole, as in their training; a new file records it."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from ssvi_cli.data import images
+
+    digits, target = _digits()
+    for digit, name in NAMES.items():  # 64x64 JPEGs at image size 8: decoded at 1/4 scale since
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        for j, i in enumerate(np.flatnonzero(target == digit)[:6]):
+            Image.fromarray(digits[i]).resize((64, 64)).save(tmp_path / "photos" / name / f"{j}.jpg", quality=90)
+    calls = []
+    reduction = images._reduction
+    monkeypatch.setattr(images, "_reduction", lambda shape, size: calls.append(shape) or reduction(shape, size))
+    run_dir = tmp_path / "run"
+    assert run(["train", "--data", f"imagefolder:{tmp_path / 'photos'}", "--epochs", "1", "--set", "data.image_size=8",
+                "--set", "data.channels=1", "--set", "train.eval_samples=1", "--out", str(run_dir), "--json"]) == 0
+    assert calls  # a new run decodes at a reduced scale, and its file says so
+    new = run_dir / "model.safetensors"
+    with safe_open(str(new), "pt") as fh:
+        meta = dict(fh.metadata())
+    spec = json.loads(meta["data_spec"])
+    assert spec["reduced_jpeg"] is True
+    with safe_open(str(tmp_path / "digits" / "model.safetensors"), "pt") if run(  # other data: as before, no key
+            ["train", "--epochs", "1", "--set", "model.widths=[8]", "--out", str(tmp_path / "digits")]) == 0 else None as fh:
+        assert "reduced_jpeg" not in json.loads(fh.metadata()["data_spec"])
+    old = tmp_path / "old.safetensors"  # the same file as written before the key existed
+    save_file(load_file(str(new)), str(old), metadata={**meta, "data_spec": json.dumps(
+        {k: v for k, v in spec.items() if k != "reduced_jpeg"})})
+    (tmp_path / "other").mkdir()
+    Image.fromarray(digits[0]).resize((64, 64)).save(tmp_path / "other" / "a.jpg")
+    image = str(tmp_path / "photos" / "two" / "0.jpg")
+    for model, reduced in ((new, True), (old, False)):
+        for args in (["evaluate", str(model), "--mode", "mean", "--json"],  # its test split
+                     ["evaluate", str(model), "--mode", "mean", "--ood", str(tmp_path / "other"), "--split", "all"],
+                     ["infer", str(model), image]):
+            calls.clear()
+            assert run(args) == 0, capsys.readouterr().err
+            capsys.readouterr()
+            assert bool(calls) is reduced, (model, args)
+    # a run begun before: resumed (its last step's evaluation and model file) as it began, not refused
+    begun = tmp_path / "begun"
+    with images.whole_jpegs():  # as ssvi decoded before, and so without the key
+        assert run(["train", "--data", f"imagefolder:{tmp_path / 'photos'}", "--epochs", "1", "--set",
+                    "data.image_size=8", "--set", "data.channels=1", "--set", "train.eval_samples=1", "--out",
+                    str(begun), "--json"]) == 0
+    capsys.readouterr()
+    for done in ("model.safetensors", "summary.json"):
+        (begun / done).unlink()
+    assert all("reduced_jpeg" not in torch.load(path, weights_only=True)["data_spec"]
+               for path in (begun / "checkpoints").iterdir())
+    calls.clear()
+    assert run(["train", "--resume", str(begun), "--json"]) == 0, capsys.readouterr().err
+    assert not calls
+    with safe_open(str(begun / "model.safetensors"), "pt") as fh:
+        assert "reduced_jpeg" not in json.loads(fh.metadata()["data_spec"])

@@ -11,15 +11,16 @@ import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextvars import copy_context
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
 
 from ssvi_cli.data.images import UnreadableImages, read_image
-from ssvi_cli.warned import HeldWarning, held_warnings, warn_once
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.data.transforms import preprocess
+from ssvi_cli.warned import HeldWarning, held_warnings, warn_once
 
 logger = logging.getLogger(__name__)
 progress = logging.getLogger("ssvi_cli.progress")  # lines for a person waiting (printed by the command line)
@@ -112,13 +113,13 @@ def read_ahead(files: tuple[Path, ...], size: Optional[int],
     try:
         ahead = iter(files)
         for path in itertools.islice(ahead, workers):
-            pending.append(pool.submit(_read_holding, path, size, prepare))
+            pending.append(pool.submit(copy_context().run, _read_holding, path, size, prepare))  # whole_jpegs
         for path in files:
             result, warnings = pending.popleft().result()
             for logger_, key, message, args in warnings:
                 warn_once(logger_, key, message, *args)
             for more in itertools.islice(ahead, 1):
-                pending.append(pool.submit(_read_holding, more, size, prepare))
+                pending.append(pool.submit(copy_context().run, _read_holding, more, size, prepare))
             yield path, result
     finally:
         pool.shutdown(wait=False, cancel_futures=True)

@@ -36,7 +36,7 @@ import torch
 from ssvi_cli.config import DataConfig
 from ssvi_cli.data.sources import DATASET_FAMILIES, DatasetSource
 from ssvi_cli.data.decoding import decode_images
-from ssvi_cli.data.images import IMAGE_SUFFIXES, find_files, shown
+from ssvi_cli.data.images import IMAGE_SUFFIXES, find_files, reducing_jpegs, shown
 from ssvi_cli.warned import warn_once
 from ssvi_cli.data.spec import DataError, DataSpec, RawImages, decoded
 from ssvi_cli.data.splits import stratified_split
@@ -243,7 +243,8 @@ def folder_source(argument: str, options: Optional[DataConfig] = None) -> Datase
     scan = split_scan(found, opts.test_fraction)
     c, size = opts.channels, opts.image_size
     spec = DataSpec(f"{FAMILY}:{scan.root}", (c, size, size), len(scan.class_names), scan.class_names,
-                    opts.mean or (0.0,) * c, opts.std or (1.0,) * c, files_digest=_files_digest(found))
+                    opts.mean or (0.0,) * c, opts.std or (1.0,) * c, files_digest=_files_digest(found),
+                    reduced_jpeg=reducing_jpegs())  # decoded whole for a run made before (whole_jpegs)
 
     def load_part(part: str) -> RawImages:
         files, labels = scan.parts[part]

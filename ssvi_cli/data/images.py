@@ -11,8 +11,10 @@ import logging
 import os
 import stat
 import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import BinaryIO, Optional, Sequence
+from typing import BinaryIO, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +28,25 @@ ARRAY_SUFFIX = ".npy"
 _MODES = ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "La", "RGBa")  # PIL modes read as 8-bit
 _ALPHA_MODES = ("LA", "PA", "RGBA", "La", "RGBa")
 _GRAY16_MODES = ("I;16", "I;16B", "I;16L")
+_WHOLE_JPEGS: ContextVar[bool] = ContextVar("ssvi_whole_jpegs", default=False)  # whole_jpegs
+
+
+@contextmanager
+def whole_jpegs(on: bool = True) -> Iterator[None]:
+    """Within it (``on``), :func:`read_image` decodes every JPEG whole, as ssvi did before it decoded
+    large ones at a reduced scale: for a model or run made then (its data description has no
+    ``reduced_jpeg``), so that it sees the pixels it was trained on. A context variable: threads that
+    read for it are started in a copy of the caller's context (``decoding.read_ahead``)."""
+    token = _WHOLE_JPEGS.set(on)
+    try:
+        yield
+    finally:
+        _WHOLE_JPEGS.reset(token)
+
+
+def reducing_jpegs() -> bool:
+    """Whether a large JPEG is decoded at a reduced scale here (not inside :func:`whole_jpegs`)."""
+    return not _WHOLE_JPEGS.get()
 
 
 def find_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES, apart: Sequence[Path] = ()) -> list[Path]:
@@ -193,7 +214,7 @@ def read_image(path: Path, error: type[Exception] = DataError, stream: Optional[
     ``path`` then only names it. ``size``: the side it will be resized to; a JPEG is then decoded at
     scale 1/8, 1/4 or 1/2 (libjpeg's DCT scaling), the smallest whose 8, 4 or 2 divides both its sides
     and keeps them at least ``2 * size`` (:func:`_reduction`): a photo decodes several times faster
-    and lands within a few levels of the whole decode once resized. A file PIL cannot read, one in a mode it
+    and lands within a few levels of the whole decode once resized (not inside :func:`whole_jpegs`). A file PIL cannot read, one in a mode it
     cannot convert to these, or one larger than PIL's decompression-bomb limit raises ``error`` with a
     one-line message that names the file."""
     from PIL import Image, UnidentifiedImageError
@@ -202,7 +223,7 @@ def read_image(path: Path, error: type[Exception] = DataError, stream: Optional[
                  if str(path) in (STDIN, "/dev/stdin") else (f"image {path}", "replace or remove the file"))
     try:
         with Image.open(stream if stream is not None else path) as img:
-            if size and (scale := _reduction(img.size, size)) > 1:  # JPEG only; other formats decode whole
+            if size and reducing_jpegs() and (scale := _reduction(img.size, size)) > 1:  # JPEG only: others whole
                 img.draft(None, (img.size[0] // scale, img.size[1] // scale))
             img.load()
             mode = img.mode

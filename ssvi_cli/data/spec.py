@@ -19,7 +19,7 @@ class DatasetUnavailable(DataError):
     could not be downloaded."""
 
 
-OPTIONAL_KEYS = ("dataset_classes", "files_digest")  # left out of a spec's dict when empty
+OPTIONAL_KEYS = ("dataset_classes", "files_digest", "reduced_jpeg")  # left out of a spec's dict when empty
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,10 @@ class DataSpec:
     ``files_digest``: for an image folder whose test split ssvi draws (the flat layout), a digest of
     its image list, so that a test split redrawn after the folder changed (and overlapping the
     training images) is refused; empty otherwise.
+
+    ``reduced_jpeg``: for an image folder, its large JPEGs were decoded at a reduced scale before they
+    were resized (``images.read_image``), as since this was recorded; a folder's spec read from an older
+    file or checkpoint, without it, reads its JPEGs whole, as its training did (``reads_jpegs_whole``).
     """
 
     name: str
@@ -45,10 +49,17 @@ class DataSpec:
     pixel_max: float = 255.0
     dataset_classes: tuple[str, ...] = ()
     files_digest: str = ""
+    reduced_jpeg: bool = False
+
+    @property
+    def reads_jpegs_whole(self) -> bool:
+        """Whether its JPEGs are decoded whole (``images.whole_jpegs``): a model trained on an image folder
+        before ``reduced_jpeg`` was recorded. Other data were never JPEG files: the reduced decode."""
+        return self.name.startswith("imagefolder:") and not self.reduced_jpeg
 
     def to_dict(self) -> dict:
-        """JSON-serialisable form (tuples become lists); an empty ``dataset_classes`` or
-        ``files_digest`` is left out, so such a spec is described as before the field existed."""
+        """JSON-serialisable form (tuples become lists); an empty ``dataset_classes`` or ``files_digest``
+        and a false ``reduced_jpeg`` are left out, so such a spec is described as before the field existed."""
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
         for optional in OPTIONAL_KEYS:
             if not d[optional]:
@@ -86,6 +97,7 @@ class DataSpec:
             pixel_max=float(d.get("pixel_max", 255.0)),
             dataset_classes=tuple(str(v) for v in d.get("dataset_classes", ())),
             files_digest=str(d.get("files_digest", "")),
+            reduced_jpeg=d.get("reduced_jpeg", False) is True,
         )
         spec.check()
         return spec

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ssvi_cli import fileio
 from ssvi_cli.data.images import (ARRAY_SUFFIX, IMAGE_SUFFIXES, STDIN, UnreadableImages, find_files, open_stream,
-                                  read_image, shown, starts_as_npy)
+                                  read_image, shown, starts_as_npy, whole_jpegs)
 from ssvi_cli.data.decoding import read_ahead
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.data.transforms import preprocess
@@ -204,7 +204,7 @@ def predict_inputs(model: SSVIModel, spec: DataSpec, files: Sequence[Path], sink
             told += n
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-            using_kernel(model, "prediction"):
+            using_kernel(model, "prediction"), whole_jpegs(spec.reads_jpegs_whole):  # JPEGs read as in its training
         torch.manual_seed(seed)
         for names, x in iter_batches(files, spec, batch_size, skipped):
             try:

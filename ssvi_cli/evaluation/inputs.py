@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from ssvi_cli.data import DataError, DataSpec, build_dataset, check_dataset_name, data_config_for, get_spec
 from ssvi_cli.data.ood import ood_names
+from ssvi_cli.data.images import whole_jpegs
 from ssvi_cli.data.spec import absent_classes
 from ssvi_cli.evaluation.ood_sets import load_requests, resolve_requests, source_digests
 from ssvi_cli.modelfile import NO_DATASET, Training
@@ -109,61 +110,62 @@ def load_eval_data(
     also be ``NAME=DIR`` or a path (``data.ood.parse_ood``). Every name and path is checked before
     any file is read, so a typo fails at once with the list of valid names.
     """
-    name = dataset or model_spec.name
-    if name == NO_DATASET:
-        raise DataError("the model file records no dataset (ssvi.save without dataset=); name the one to evaluate "
-                        "on with --dataset")
-    folder = name.partition("imagefolder:")[2] if name.startswith("imagefolder:") else None
-    if dataset is None and folder and not Path(folder).expanduser().is_dir():
-        raise DataError(f"the model was trained on the image folder {folder}, which is not there now; if it has "
-                        "moved, give its new place with --dataset imagefolder:PATH")
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; valid splits are: {', '.join(SPLITS)}")
-    if split != "all":  # every image of a folder, by class name: its own checks (whole_folder)
-        check_dataset_name(name, data_config_for(model_spec))
-    requests = resolve_requests(ood, model_spec, name)
-    if split != "all":
-        current = get_spec(name, data_config_for(model_spec))
-        _check_compatible(name, current, model_spec)
-        model_spec.check_same_files(current)  # a changed flat image folder would redraw its test split
+    with whole_jpegs(model_spec.reads_jpegs_whole):  # its JPEGs read as its training read them
+        name = dataset or model_spec.name
+        if name == NO_DATASET:
+            raise DataError("the model file records no dataset (ssvi.save without dataset=); name the one to evaluate "
+                            "on with --dataset")
+        folder = name.partition("imagefolder:")[2] if name.startswith("imagefolder:") else None
+        if dataset is None and folder and not Path(folder).expanduser().is_dir():
+            raise DataError(f"the model was trained on the image folder {folder}, which is not there now; if it has "
+                            "moved, give its new place with --dataset imagefolder:PATH")
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}; valid splits are: {', '.join(SPLITS)}")
+        if split != "all":  # every image of a folder, by class name: its own checks (whole_folder)
+            check_dataset_name(name, data_config_for(model_spec))
+        requests = resolve_requests(ood, model_spec, name)
+        if split != "all":
+            current = get_spec(name, data_config_for(model_spec))
+            _check_compatible(name, current, model_spec)
+            model_spec.check_same_files(current)  # a changed flat image folder would redraw its test split
 
-    settings, train_seed = _training_data_settings(training)
-    if split == "val" and train_seed is None:
-        raise DataError("the model file does not record its training config, so its validation split "
-                        "cannot be rebuilt; use --split test")
-    recorded_dir = settings.get("data_dir")
-    root = data_dir if data_dir is not None else (Path(recorded_dir).expanduser() if recorded_dir else None)
-    if split == "all":
-        return _whole_folder(name, folder, model_spec, requests, root, download, seed, ood_max_items)
-    splits = build_dataset(
-        name, data_dir=root, download=download, val_fraction=float(settings.get("val_fraction", 0.1)),
-        seed=int(train_seed or 0), augment=False, max_train=settings.get("max_train"),
-        options=data_config_for(model_spec, settings), needed=(split,),
-    )
-    if split == "val" and len(splits.val) == 0:
-        raise DataError("the model was trained on its whole training set (data.val_fraction 0), so it has "
-                        "no validation split; use --split test")
-    ood_sets = load_requests(requests, model_spec, root, download, seed, ood_max_items, splits.heldout)
-    # Normalised as the model file records (ssvi.save mean=, std=), as infer feeds it.
-    loaded = getattr(splits, split)
-    inputs, notes = loaded.normalised_as(model_spec), []
-    if inputs is not loaded:
-        notes.append(f"the inputs were normalised as the model file records (mean {list(model_spec.mean)}, std "
-                     f"{list(model_spec.std)}), not as the loaders of {name} do (mean {list(splits.spec.mean)}, std "
-                     f"{list(splits.spec.std)}); if the model was trained on the loaders' inputs, save it again "
-                     "with ssvi.save(..., mean=, std=) as they are")
-    notes += absent_classes(inputs, model_spec, f"the {split} split")
-    if split == "test" and training.method is None and training.config is None:  # ssvi.save from one's own loop
-        notes.append(f"the model file records no training run (saved with ssvi.save), so whether these "
-                     f"{len(inputs)} test images (ssvi's test split of {name}) were left out of its training "
-                     "is not known here")
-    capped = settings.get("max_test")
-    if split == "test" and isinstance(capped, int) and capped < len(inputs):  # a quick run's own numbers
-        notes.append(f"the run's own final evaluation scored {capped} of these {len(inputs)} test images "
-                     "(data.max_test), so its summary's test numbers differ from these")
-    return EvalData(dataset=name, split=split, inputs=inputs, ood=ood_sets, notes=notes,
-                    ood_seed_keys={label: request.seed_key for label, request in requests.items()},
-                    ood_sources=source_digests(requests))
+        settings, train_seed = _training_data_settings(training)
+        if split == "val" and train_seed is None:
+            raise DataError("the model file does not record its training config, so its validation split "
+                            "cannot be rebuilt; use --split test")
+        recorded_dir = settings.get("data_dir")
+        root = data_dir if data_dir is not None else (Path(recorded_dir).expanduser() if recorded_dir else None)
+        if split == "all":
+            return _whole_folder(name, folder, model_spec, requests, root, download, seed, ood_max_items)
+        splits = build_dataset(
+            name, data_dir=root, download=download, val_fraction=float(settings.get("val_fraction", 0.1)),
+            seed=int(train_seed or 0), augment=False, max_train=settings.get("max_train"),
+            options=data_config_for(model_spec, settings), needed=(split,),
+        )
+        if split == "val" and len(splits.val) == 0:
+            raise DataError("the model was trained on its whole training set (data.val_fraction 0), so it has "
+                            "no validation split; use --split test")
+        ood_sets = load_requests(requests, model_spec, root, download, seed, ood_max_items, splits.heldout)
+        # Normalised as the model file records (ssvi.save mean=, std=), as infer feeds it.
+        loaded = getattr(splits, split)
+        inputs, notes = loaded.normalised_as(model_spec), []
+        if inputs is not loaded:
+            notes.append(f"the inputs were normalised as the model file records (mean {list(model_spec.mean)}, std "
+                         f"{list(model_spec.std)}), not as the loaders of {name} do (mean {list(splits.spec.mean)}, "
+                         f"std {list(splits.spec.std)}); if the model was trained on the loaders' inputs, save it again "
+                         "with ssvi.save(..., mean=, std=) as they are")
+        notes += absent_classes(inputs, model_spec, f"the {split} split")
+        if split == "test" and training.method is None and training.config is None:  # ssvi.save from one's own loop
+            notes.append(f"the model file records no training run (saved with ssvi.save), so whether these "
+                         f"{len(inputs)} test images (ssvi's test split of {name}) were left out of its training "
+                         "is not known here")
+        capped = settings.get("max_test")
+        if split == "test" and isinstance(capped, int) and capped < len(inputs):  # a quick run's own numbers
+            notes.append(f"the run's own final evaluation scored {capped} of these {len(inputs)} test images "
+                         "(data.max_test), so its summary's test numbers differ from these")
+        return EvalData(dataset=name, split=split, inputs=inputs, ood=ood_sets, notes=notes,
+                        ood_seed_keys={label: request.seed_key for label, request in requests.items()},
+                        ood_sources=source_digests(requests))
 
 
 def _whole_folder(name: str, folder: Optional[str], model_spec: DataSpec, requests: dict[str, Any],

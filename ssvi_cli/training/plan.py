@@ -17,6 +17,7 @@ from ssvi_cli.core.allocation import InitSpec, initialise, layer_densities
 from ssvi_cli.core.criteria import REMOVAL_CRITERIA
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.data import DataSplits, build_dataset, check_dataset_name, get_spec
+from ssvi_cli.data.images import whole_jpegs
 from ssvi_cli.data.spec import DataError, DataSpec, absent_classes
 from ssvi_cli.modelfile import ModelCard, build_model
 from ssvi_cli.models import SSVIModel, check_model_name, check_trains_on, input_error
@@ -171,9 +172,10 @@ class RunPlan:
                splits: Optional[DataSplits] = None) -> "RunPlan":
         """Continue the run in ``run_dir`` from its latest checkpoint (read once, here)."""
         run = _run_dir(run_dir)
-        seen = run.checkpoints()
-        cfg, dev, data, path = _resumable(run, device)
-        splits = splits or load_data(cfg)
+        seen, (cfg, dev, data, path) = run.checkpoints(), _resumable(run, device)
+        was = data["data_spec"] if isinstance(data.get("data_spec"), dict) else {}  # a folder's run begun before:
+        with whole_jpegs(str(was.get("name")).startswith("imagefolder:") and not was.get("reduced_jpeg")):  # as begun
+            splits = splits or load_data(cfg)
         splits.spec.check_same_normalisation(data.get("data_spec"))  # measured again: the images unchanged
         card = ModelCard.from_config(cfg, splits.spec)
         return cls(cfg, dev, splits, card, {}, run, data, checkpoints_seen=seen, resumed_from=path)
