@@ -105,6 +105,8 @@ def test_a_cell_that_ran_under_other_settings_is_named_not_skipped_or_resumed(tm
         assert lines[0] == f"  {sparse}: sparse.allocation erk, the sweep's uniform" and "vi_seed0" not in err
         assert lines[1].startswith("error: 1 cell (listed above) ran under other settings than the sweep gives it now")
         assert "delete its folder to run it again" in lines[1] and len(lines) == 2
+        assert lines[1].endswith("; or go on as they ran: give the sweep's grid again (its flags or --file, and "
+                                 "--out) with --set sparse.allocation=erk")
     assert {n: (p / "evaluation.json").stat().st_mtime_ns for n, p in cells.items()} == evaluated
     # a partial cell (a checkpoint, no final model) is not resumed under its old settings either
     for name in ("model.safetensors", "summary.json", "evaluation.json"):
@@ -1155,6 +1157,35 @@ def test_a_grid_that_fits_the_cells_as_they_ran_grows_after_its_preset_was_edite
     assert "ssvi_s0.95_seed1" in (out / "commands.txt").read_text()
     assert run([*grid, "--seeds", "2", "--dry-run"]) == 2  # the cells ran at 0.01, this grid says 0.02
     assert "holds a different sweep" in capsys.readouterr().err
+
+
+def test_a_sweep_whose_preset_changed_before_all_its_cells_ran_goes_on_as_they_ran(tmp_path: Path, capsys):
+    """An upgrade changed the shipped preset under a half-run sweep: --resume was refused (its started cell
+    ran under other settings), and the grid given again with --set as that cell ran was "a different
+    sweep" too, for its cell not yet started: no way on but deleting trained cells. The refusal says the
+    --set that goes on, and that grid continues it; a value the started cells did not run with does not."""
+    import yaml
+
+    from ssvi_cli import config as C
+
+    preset = tmp_path / "p.yaml"
+    preset.write_text(Path(C.list_presets()["digits_mlp"]).read_text())
+    out = tmp_path / "sw"
+    grid = ["sweep", "--preset", str(preset), "--method", "ssvi", "--sparsity", "0.95", "--seeds", "2", *TINY,
+            "--set", "train.epochs=1", "--out", str(out), "--no-figures"]
+    assert run([*grid, "--dry-run"]) == 0
+    assert run(["sweep", "--run-cell", str(out / "cells" / "ssvi_s0.95_seed0")]) == 0  # seed 1 never starts
+    preset.write_text(preset.read_text().replace("lr: 0.01 ", "lr: 0.02 "))
+    capsys.readouterr()
+    assert run(["sweep", "--resume", str(out)]) == 2
+    assert capsys.readouterr().err.rstrip().endswith(
+        "; or go on as they ran: give the sweep's grid again (its flags or --file, and --out) with --set optim.lr=0.01")
+    assert run([*grid, "--set", "optim.lr=0.03"]) == 2  # not what the started cell ran with: another sweep
+    assert "holds a different sweep" in capsys.readouterr().err
+    assert run([*grid, "--set", "optim.lr=0.01", "--json"]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["cells_done"] == 2
+    ran = yaml.safe_load((out / "cells" / "ssvi_s0.95_seed1" / "config.yaml").read_text())
+    assert ran["optim"]["lr"] == 0.01
 
 
 def test_a_sweeps_checks_read_each_data_config_once_not_once_per_seed(tmp_path: Path, monkeypatch):

@@ -107,18 +107,22 @@ def _train_and_evaluate(path: Path, cell: Cell, spec: SweepSpec, run: Callable[[
 def check_changed(sweep_dir: Path, spec: "SweepSpec", cells: list["Cell"]) -> None:
     """Refuse to go on while a cell ran under other settings than the grid gives it now: it would be
     skipped as done, or resumed under its old settings, and reported under the new ones."""
-    from ssvi_cli.sweep.drift import changed_cells, changed_lines
-    from ssvi_cli.sweep.grid import SweepError
+    from ssvi_cli.sweep.drift import changed_cells, changed_lines, ran_with
+    from ssvi_cli.sweep.grid import SweepError, yaml_text
 
     changed = changed_cells(sweep_dir, spec, cells)
     if changed:
+        values = ran_with(sweep_dir, spec, cells)  # a preset changed under the sweep: set as they ran, it goes on
+        again = " ".join(shell_join(["--set", f"{k}={yaml_text(v)}"]) for k, v in values.items())
         err.print("\n".join(changed_lines(sweep_dir, changed)))
         one = len(changed) == 1
         raise SweepError(f"{count(len(changed), 'cell')} (listed above) ran under other settings than the sweep "
                          f"gives {'it' if one else 'them'} now (a preset edited since, or a folder copied in); "
                          f"delete {'its folder' if one else 'their folders'} to run {'it' if one else 'them'} "
                          "again, or report the sweep as it is: "
-                         f"{shell_join(['ssvi', 'sweep', '--report', str(sweep_dir)])}")
+                         f"{shell_join(['ssvi', 'sweep', '--report', str(sweep_dir)])}"
+                         + (f"; or go on as they ran: give the sweep's grid again (its flags or --file, and --out) "
+                            f"with {again}" if values else ""))
 
 
 def cell_document(path: Path) -> dict[str, Any]:

@@ -32,10 +32,24 @@ def changed_cells(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> dict[s
     have started (a checkpoint, a finished run, an evaluation) under other settings than the grid's.
     A cell that wrote its config and no checkpoint starts again anyway, and is not compared; one whose
     config cannot be read is named with the reason."""
+    return {name: what for name, (what, _) in _changed(sweep_dir, spec, cells).items()}
+
+
+def ran_with(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> dict[str, Any]:
+    """The values every changed cell ran with where the grid now gives others, when they are the same
+    keys and values for all of them (a preset changed under the sweep): ``--set`` of these, given with
+    the grid again, goes on as they ran (:func:`trains_alike`); else ``{}``."""
+    ran = [values for _, values in _changed(sweep_dir, spec, cells).values()]
+    return ran[0] if ran and ran[0] and all(values == ran[0] for values in ran) else {}
+
+
+def _changed(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """``{cell: (what differs, {key: the value it ran with})}`` (:func:`changed_cells`; no values for
+    a config that cannot be read)."""
     import yaml
 
     ran: dict[str, dict[str, Any]] = {}
-    changed: dict[str, str] = {}
+    changed: dict[str, tuple[str, dict[str, Any]]] = {}
     for cell in cells:
         path = cell_dir(sweep_dir, cell)
         if cell_state(path) == "new":
@@ -43,7 +57,8 @@ def changed_cells(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> dict[s
         try:
             ran[cell.name] = recorded_config(path)
         except (OSError, yaml.YAMLError, cfgmod.ConfigError, TypeError, ValueError) as exc:
-            changed[cell.name] = f"its {CONFIG_FILE} cannot be read ({brief(getattr(exc, 'problem', None) or exc)})"
+            why = brief(getattr(exc, "problem", None) or exc)
+            changed[cell.name] = (f"its {CONFIG_FILE} cannot be read ({why})", {})
     for cell, cfg in cell_configs(spec, [c for c in cells if c.name in ran]):
         old, new, method = ran[cell.name], cfgmod.flat_dict(cfg), METHODS.get(cell.method)
         new["model.init_from"] = _resolved(cfg)
@@ -51,7 +66,7 @@ def changed_cells(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> dict[s
         if keys:
             parts = [f"{k} {yaml_text(old.get(k))}, the sweep's {yaml_text(new[k])}" for k in keys[:SHOWN_KEYS]]
             more = f"; and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""
-            changed[cell.name] = "; ".join(parts) + more
+            changed[cell.name] = "; ".join(parts) + more, {k: old.get(k) for k in keys}
     return changed
 
 
@@ -75,8 +90,11 @@ def trains_alike(sweep_dir: Path, old: SweepSpec, old_cells: list[Cell], new: Sw
     """Whether every cell of ``old_cells`` is among ``cells`` by name and trains alike under ``new``
     (:func:`differing`): as under ``old``, both read through the preset as it is now (a cell an edit
     of it made stale is named by :func:`changed_cells` before it runs), or as it ran, a started cell
-    as its recorded config says. A value given that the preset already had, or a device, worker or
-    data folder changed, leaves a finished cell as it is."""
+    as its recorded config says, a cell not started then differing from ``old`` only where the
+    started cells of its method ran with other values than the preset gives now, with theirs (a
+    preset changed by an upgrade or an edit: the grid given again with ``--set KEY=VALUE`` as they ran
+    goes on alike). A value given that the preset already had, or a device, worker or data folder
+    changed, leaves a finished cell as it is."""
     import yaml
 
     by_name = {c.name: c for c in cells}
@@ -90,14 +108,25 @@ def trains_alike(sweep_dir: Path, old: SweepSpec, old_cells: list[Cell], new: Sw
     after = [(c, flat(cfg)) for c, cfg in cell_configs(new, [by_name[c.name] for c in old_cells])]
     if all(not differing(before[c.name], cfg, METHODS.get(c.method)) for c, cfg in after):
         return True
+    moved: dict[tuple[str, str], Any] = {}  # (method, key): the value started cells ran with, the preset's now other
+    started = set()
     for cell in old_cells:  # a preset edited since: what a started cell ran with is in its folder
         path = cell_dir(sweep_dir, cell)
         if cell_state(path) != "new":
             try:
-                before[cell.name] = recorded_config(path)
+                ran = recorded_config(path)
             except (OSError, yaml.YAMLError, cfgmod.ConfigError, TypeError, ValueError):
-                pass  # named by changed_cells when the sweep goes on
-    return all(not differing(before[c.name], cfg, METHODS.get(c.method)) for c, cfg in after)
+                continue  # named by changed_cells when the sweep goes on
+            method = METHODS.get(cell.method)
+            moved.update({(cell.method, k): ran.get(k) for k in differing(ran, before[cell.name], method)})
+            before[cell.name] = ran
+            started.add(cell.name)
+
+    def alike(cell: Cell, cfg: dict[str, Any]) -> bool:
+        keys = differing(before[cell.name], cfg, METHODS.get(cell.method))
+        return not keys or cell.name not in started and all(
+            (cell.method, k) in moved and moved[cell.method, k] == cfg[k] for k in keys)
+    return all(alike(c, cfg) for c, cfg in after)
 
 
 def _resolved(cfg: cfgmod.Config) -> Any:
