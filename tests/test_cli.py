@@ -511,9 +511,10 @@ def test_a_key_the_method_cannot_use_is_said(tmp_path: Path, capsys):
               "note: vi does not use --set sparse.alpha, --sparsity, so they change nothing"),
              (["--method", "ssvi", "--criterion", "snr"], None),
              # the model's and the data's keys that change nothing for this model and data, with why
-             (["--set", "data.augment=false", "--set", "model.dense_stem=false"],
+             (["--set", "data.augment=false", "--set", "model.dense_stem=false", "--set", "optim.momentum=0.5"],
               "note: --set data.augment changes nothing here (digits has no augmentation)\n"
-              "note: --set model.dense_stem changes nothing here (an MLP has no first conv)\n"),
+              "note: --set model.dense_stem changes nothing here (an MLP has no first conv)\n"
+              "note: --set optim.momentum changes nothing here (adam takes no momentum)\n"),
              (["--method", "vi", "--set", "model.dense_stem=false"],  # said once, as the method's
               "note: vi does not use --set model.dense_stem, so it changes nothing here\n"))
     for i, (args, note) in enumerate(cases):

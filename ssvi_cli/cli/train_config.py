@@ -123,6 +123,10 @@ def unused_settings(cfg: cfgmod.Config) -> dict[str, str]:
             unused["data.augment"] = f"{cfg.data.name} has no augmentation"
     elif cfg.data.image_size < MIN_AUGMENT_SIZE:
         unused["data.augment"] = f"images under {MIN_AUGMENT_SIZE} pixels take no augmentation"
+    if cfg.optim.name != "sgd":
+        unused["optim.momentum"] = f"{cfg.optim.name} takes no momentum"
+    if cfg.sparse.delta_t != "auto":
+        unused["sparse.min_subspace_steps"] = "sparse.delta_t=auto only"
     method = cfg.method
     for section, values in cfg.to_dict().items():
         for key in values:
@@ -132,11 +136,10 @@ def unused_settings(cfg: cfgmod.Config) -> dict[str, str]:
 
 
 def idle_settings_note(cfg: cfgmod.Config, overrides: dict[str, Any], sets: list[str]) -> str:
-    """A note naming the model's and data's keys the command line gave that change nothing for this
-    model and data (:func:`unused_settings`; the method's are :func:`unused_keys`'), with why."""
+    """A note naming the keys the command line gave that change nothing for this model, data and
+    optimizer (:func:`unused_settings`; those the method never uses are :func:`unused_keys`'), with why."""
     unused, method = unused_settings(cfg), cfg.method
-    idle = {shown: unused[k] for k, shown in _given(overrides, sets).items()
-            if k in unused and k.split(".")[0] in ("model", "data") and not method.never_uses(k)}
+    idle = {shown: unused[k] for k, shown in _given(overrides, sets).items() if k in unused and not method.never_uses(k)}
     return "\n".join(f"note: {shown} changes nothing here ({why})" for shown, why in sorted(idle.items()))
 
 

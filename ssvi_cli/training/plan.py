@@ -173,7 +173,7 @@ class RunPlan:
         """Continue the run in ``run_dir`` from its latest checkpoint (read once, here)."""
         run = _run_dir(run_dir)
         seen, (cfg, dev, data, path) = run.checkpoints(), _resumable(run, device)
-        was = data["data_spec"] if isinstance(data.get("data_spec"), dict) else {}  # a folder's run begun before:
+        was = data["data_spec"] if isinstance(data.get("data_spec"), dict) else {"name": cfg.data.name}  # begun before:
         with whole_jpegs(str(was.get("name")).startswith("imagefolder:") and not was.get("reduced_jpeg")):  # as begun
             splits = splits or load_data(cfg)
         splits.spec.check_same_normalisation(data.get("data_spec"))  # measured again: the images unchanged
