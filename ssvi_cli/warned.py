@@ -1,20 +1,27 @@
 """Warnings said once: a folder is scanned more than once in one command, and a warning per image
 would bury the others. "Once" holds within a scope (:func:`warnings_scope`): a whole command of the
 CLI, or one call of the API that reads data, so that a notebook's second call of the same folder, or
-a call on another folder, says its warnings again."""
+a call on another folder, says its warnings again. A scope is the caller's own (a context variable):
+another thread's call opens its own, and threads that read for a call share its scope."""
 
 from __future__ import annotations
 
 import logging
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from contextvars import ContextVar
+from typing import Iterator, Optional
 
-_WARNED: set[tuple[str, str]] = set()  # the keys of the warnings given in this scope (warn_once)
+_OUTSIDE: set[tuple[str, str]] = set()  # the keys of the warnings given outside any scope: once a process
+_SCOPE: ContextVar[Optional[set[tuple[str, str]]]] = ContextVar("ssvi_warned", default=None)  # a scope's keys
 _WARNED_LOCK = threading.Lock()
-_DEPTH = [0]  # scopes open (warnings_scope): the outermost one begins with nothing said
 _HELD = threading.local()  # a reading thread's warnings, held for its taker (held_warnings)
 HeldWarning = tuple[logging.Logger, tuple[str, str], str, tuple[object, ...]]
+
+
+def _given() -> set[tuple[str, str]]:
+    scope = _SCOPE.get()
+    return _OUTSIDE if scope is None else scope
 
 
 def warn_once(logger: logging.Logger, key: tuple[str, str], message: str, *args: object) -> None:
@@ -24,30 +31,30 @@ def warn_once(logger: logging.Logger, key: tuple[str, str], message: str, *args:
         held.append((logger, key, message, args))
         return
     with _WARNED_LOCK:
-        if key in _WARNED:
+        given = _given()
+        if key in given:
             return
-        _WARNED.add(key)
+        given.add(key)
     logger.warning(message, *args)
 
 
 def warned(key: tuple[str, str]) -> bool:
     """Whether the warning of ``key`` was given in this scope (a check that costs a pass is skipped)."""
-    return key in _WARNED
+    return key in _given()
 
 
 @contextmanager
 def warnings_scope() -> Iterator[None]:
-    """The span within which :func:`warn_once` says each warning once; the outermost one opened
-    forgets the warnings of those before it. Also a decorator."""
-    with _WARNED_LOCK:
-        if _DEPTH[0] == 0:
-            _WARNED.clear()
-        _DEPTH[0] += 1
+    """The span within which :func:`warn_once` says each warning once: the outermost one opened in
+    this context begins with nothing said; one inside it adds to it. Also a decorator."""
+    if _SCOPE.get() is not None:
+        yield
+        return
+    token = _SCOPE.set(set())
     try:
         yield
     finally:
-        with _WARNED_LOCK:
-            _DEPTH[0] -= 1
+        _SCOPE.reset(token)
 
 
 @contextmanager

@@ -305,8 +305,7 @@ def test_warnings_of_files_read_by_threads_are_said_in_the_files_order(monkeypat
 
     monkeypatch.setattr(decoding, "read_image", fake)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(warned, "_WARNED", set())
-    with caplog.at_level(logging.WARNING, logger="ssvi_test"):
+    with caplog.at_level(logging.WARNING, logger="ssvi_test"), warned.warnings_scope():
         assert [p.name for p, _ in decoding.read_ahead((Path("0"), Path("1")), None)] == ["0", "1"]
     assert [r.getMessage() for r in caplog.records] == ["first: 0"]
 
@@ -505,6 +504,25 @@ def test_each_call_that_reads_a_folder_says_its_warnings_again(tmp_path, caplog)
             load_data(cfg)
             load_data(cfg)
         assert caplog.text.count(said) == 1
+        caplog.clear()
+        # another thread's call, while this one's scope is open, says them too: each call its own scope
+        import threading
+
+        opened, done = threading.Event(), threading.Event()
+
+        def holding() -> None:
+            with warnings_scope():
+                load_data(cfg)
+                opened.set()
+                done.wait(30)
+
+        other = threading.Thread(target=holding)
+        other.start()
+        opened.wait(30)
+        load_data(cfg)
+        done.set()
+        other.join()
+        assert caplog.text.count(said) == 2
 
 
 def test_files_of_an_image_kind_ssvi_does_not_read_are_counted_in_a_warning_and_train_says_the_split_sizes(
