@@ -479,6 +479,24 @@ def test_images_beside_the_class_folders_are_passed_over_with_a_warning(tmp_path
         f"{split}: 1 image outside the split folders is passed over (an image's class is its folder's name)"]
 
 
+def test_an_ood_folder_beside_the_class_folders_is_no_part_of_the_dataset(tmp_path):
+    """--ood DATA/extra, a folder the split layout never reads, was refused as "the in-distribution dataset
+    itself" (a path inside the dataset's folder); one that holds its images, or a class folder, is."""
+    from ssvi_cli.data.ood import parse_ood
+    from ssvi_cli.evaluation.ood_sets import check_outside
+
+    data = tmp_path / "data"
+    for part in ("train", "test"):
+        write_class(data / part / "zero", 0, 2)
+        write_class(data / part / "one", 1, 2)
+    write_class(data / "extra", 7, 2)
+    dataset = f"imagefolder:{data}"
+    check_outside(parse_ood(str(data / "extra")), str(data / "extra"), dataset)  # not read by it: an OOD set
+    for ood, n in ((data, 8), (data / "train" / "one", 2), (tmp_path, 8)):
+        with pytest.raises(DataError, match=f"holds {n} of the images of the in-distribution dataset itself"):
+            check_outside(parse_ood(str(ood)), str(ood), dataset)
+
+
 def test_each_call_that_reads_a_folder_says_its_warnings_again(tmp_path, caplog):
     """A folder's warnings were said once a process: a notebook's second load_data of the folder (or of
     another folder with a transparent image) said nothing. Each call says them once; one command, once."""
@@ -679,16 +697,16 @@ def test_train_infer_evaluate_on_a_png_folder(ws, tmp_path, capsys, monkeypatch)
                 "--mode", "mean", "--json"]) == 0
     assert "its training images too" in json.loads(capsys.readouterr().out)["notes"][0]
     # the model's own folder, or a folder inside it, as OOD images: in distribution, so refused (its AUROC said 0.5)
-    for ood in (ws / "flat", tmp_path / "link", ws / "flat" / "two"):
+    for ood, n in ((ws / "flat", 36), (tmp_path / "link", 36), (ws / "flat" / "two", 12), (ws, 36)):  # ws: around it
         assert run(["evaluate", str(model), "--ood", str(ood), "--mode", "mean"]) == 2
-        assert capsys.readouterr().err == (f"error: --ood {ood} holds images of the in-distribution dataset itself "
-                                           f"(imagefolder:{ws / 'flat'}), which the model is trained and evaluated "
-                                           "on; pick another OOD set\n")
+        assert capsys.readouterr().err == (f"error: --ood {ood} holds {n} of the images of the in-distribution "
+                                           f"dataset itself (imagefolder:{ws / 'flat'}), which the model is trained "
+                                           "and evaluated on; pick another OOD set\n")
     assert run(["evaluate", str(model), "--ood", str(tmp_path / "lone"), "--mode", "mean", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ood"][str(tmp_path / "lone")]["n"] == 2  # beside the model's own
     assert run(["sweep", "--method", "ssvi", "--sparsity", "0.9", "--set", f"data.name=imagefolder:{ws / 'flat'}",
                 "--ood", str(ws / "flat" / "one"), "--out", str(tmp_path / "sw")]) == 2  # before any cell trains
-    assert "holds images of the in-distribution dataset itself" in capsys.readouterr().err
+    assert "of the images of the in-distribution dataset itself" in capsys.readouterr().err
     assert not (tmp_path / "sw" / "cells").exists()
     write_class(tmp_path / "new" / "train" / "seven", 7, 2)
     write_class(tmp_path / "new" / "test" / "seven", 7, 2, skip=2)

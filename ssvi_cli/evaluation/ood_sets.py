@@ -129,15 +129,25 @@ def resolve_requests(texts: Iterable[str], spec: DataSpec, dataset: str) -> dict
 
 
 def check_outside(request: OodRequest, text: str, dataset: str) -> None:
-    """Refuses an OOD path that is the image folder ``dataset`` names (``imagefolder:DIR``) or lies
-    inside it: its images are the in-distribution ones, and its AUROC would measure nothing."""
+    """Refuses an OOD path that holds images of the image folder ``dataset`` names (``imagefolder:DIR``):
+    the folder itself, a class folder of it or a folder around it. Their AUROC would measure nothing. A
+    folder beside its class folders, which it does not read, is an OOD set like any other."""
+    from ssvi_cli.data.imagefolder import scan_folder
+
     folder = dataset.partition("imagefolder:")[2] if dataset.startswith("imagefolder:") else ""
     if request.kind != "path" or request.path is None or not folder:
         return
-    own, given = os.path.realpath(Path(folder).expanduser()), os.path.realpath(request.path.expanduser())
-    if given == own or given.startswith(own.rstrip(os.sep) + os.sep):
-        raise DataError(f"--ood {text} holds images of the in-distribution dataset itself ({dataset}), which the "
-                        "model is trained and evaluated on; pick another OOD set")
+    own, given = Path(os.path.realpath(Path(folder).expanduser())), Path(os.path.realpath(request.path.expanduser()))
+    if not (given == own or own in given.parents or given in own.parents):
+        return  # apart: nothing to list
+    try:
+        ours = {os.path.realpath(f) for files, _ in scan_folder(own).parts.values() for f in files}
+        theirs = image_files(given) if given.is_dir() else [given]
+    except DataError:  # the dataset's own error comes when it is read; an empty OOD folder's from resolve_requests
+        return
+    if shared := sum(os.path.realpath(f) in ours for f in theirs):
+        raise DataError(f"--ood {text} holds {shared} of the images of the in-distribution dataset itself "
+                        f"({dataset}), which the model is trained and evaluated on; pick another OOD set")
 
 
 def _choose(n: int, seed: int, max_items: Optional[int]) -> np.ndarray:
