@@ -1171,21 +1171,34 @@ def test_a_sweep_whose_preset_changed_before_all_its_cells_ran_goes_on_as_they_r
     preset = tmp_path / "p.yaml"
     preset.write_text(Path(C.list_presets()["digits_mlp"]).read_text())
     out = tmp_path / "sw"
-    grid = ["sweep", "--preset", str(preset), "--method", "ssvi", "--sparsity", "0.95", "--seeds", "2", *TINY,
+    grid = ["sweep", "--preset", str(preset), "--method", "ssvi,vi", "--sparsity", "0.95", "--seeds", "2", *TINY,
             "--set", "train.epochs=1", "--out", str(out), "--no-figures"]
     assert run([*grid, "--dry-run"]) == 0
-    assert run(["sweep", "--run-cell", str(out / "cells" / "ssvi_s0.95_seed0")]) == 0  # seed 1 never starts
+    assert run(["sweep", "--run-cell", str(out / "cells" / "ssvi_s0.95_seed0")]) == 0  # the others never start
     preset.write_text(preset.read_text().replace("lr: 0.01 ", "lr: 0.02 "))
     capsys.readouterr()
     assert run(["sweep", "--resume", str(out)]) == 2
     assert capsys.readouterr().err.rstrip().endswith(
         "; or go on as they ran: give the sweep's grid again (its flags or --file, and --out) with --set optim.lr=0.01")
-    assert run([*grid, "--set", "optim.lr=0.03"]) == 2  # not what the started cell ran with: another sweep
+    assert run([*grid, "--set", "optim.lr=0.03", "--dry-run"]) == 2  # not what the started cell ran with
     assert "holds a different sweep" in capsys.readouterr().err
     assert run([*grid, "--set", "optim.lr=0.01", "--json"]) == 0, capsys.readouterr().err
-    assert json.loads(capsys.readouterr().out)["cells_done"] == 2
-    ran = yaml.safe_load((out / "cells" / "ssvi_s0.95_seed1" / "config.yaml").read_text())
-    assert ran["optim"]["lr"] == 0.01
+    assert json.loads(capsys.readouterr().out)["cells_done"] == 4
+    for cell in ("ssvi_s0.95_seed1", "vi_seed0"):  # vi too: the preset gave it the lr the ssvi cell moved from
+        assert yaml.safe_load((out / "cells" / cell / "config.yaml").read_text())["optim"]["lr"] == 0.01
+    # vi's own lr in the preset's methods: section did not move with it: that grid would change vi's
+    # cells, so it is refused, and not advised
+    preset.write_text(Path(C.list_presets()["digits_mlp"]).read_text() + "methods:\n  vi:\n    optim: {lr: 0.005}\n")
+    out2 = tmp_path / "sw2"
+    grid2 = [*grid[:-3], "--out", str(out2), "--no-figures"]
+    assert run([*grid2, "--dry-run"]) == 0
+    assert run(["sweep", "--run-cell", str(out2 / "cells" / "ssvi_s0.95_seed0")]) == 0
+    preset.write_text(preset.read_text().replace("lr: 0.01 ", "lr: 0.02 "))
+    capsys.readouterr()
+    assert run(["sweep", "--resume", str(out2)]) == 2
+    assert "go on as they ran" not in capsys.readouterr().err
+    assert run([*grid2, "--set", "optim.lr=0.01", "--dry-run"]) == 2
+    assert "holds a different sweep" in capsys.readouterr().err
 
 
 def test_a_sweeps_checks_read_each_data_config_once_not_once_per_seed(tmp_path: Path, monkeypatch):

@@ -107,13 +107,18 @@ def _train_and_evaluate(path: Path, cell: Cell, spec: SweepSpec, run: Callable[[
 def check_changed(sweep_dir: Path, spec: "SweepSpec", cells: list["Cell"]) -> None:
     """Refuse to go on while a cell ran under other settings than the grid gives it now: it would be
     skipped as done, or resumed under its old settings, and reported under the new ones."""
-    from ssvi_cli.sweep.drift import changed_cells, changed_lines, ran_with
-    from ssvi_cli.sweep.grid import SweepError, yaml_text
+    from dataclasses import replace
+
+    from ssvi_cli.sweep.drift import changed_cells, changed_lines, ran_with, trains_alike
+    from ssvi_cli.sweep.grid import SweepError, expand, yaml_text
 
     changed = changed_cells(sweep_dir, spec, cells)
     if changed:
         values = ran_with(sweep_dir, spec, cells)  # a preset changed under the sweep: set as they ran, it goes on
         again = " ".join(shell_join(["--set", f"{k}={yaml_text(v)}"]) for k, v in values.items())
+        if values and (set(values) & set(spec.axes) or not trains_alike(
+                sweep_dir, spec, cells, grown := replace(spec, fixed={**spec.fixed, **values}), expand(grown))):
+            values = {}  # that grid would move a cell not started otherwise than its method's started ones
         err.print("\n".join(changed_lines(sweep_dir, changed)))
         one = len(changed) == 1
         raise SweepError(f"{count(len(changed), 'cell')} (listed above) ran under other settings than the sweep "

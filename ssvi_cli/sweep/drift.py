@@ -91,10 +91,12 @@ def trains_alike(sweep_dir: Path, old: SweepSpec, old_cells: list[Cell], new: Sw
     (:func:`differing`): as under ``old``, both read through the preset as it is now (a cell an edit
     of it made stale is named by :func:`changed_cells` before it runs), or as it ran, a started cell
     as its recorded config says, a cell not started then differing from ``old`` only where the
-    started cells of its method ran with other values than the preset gives now, with theirs (a
+    started cells ran with other values than the preset gives now, with theirs: those of its method,
+    or for a method with no cell started, those of a method the preset gave the same value as it (a
     preset changed by an upgrade or an edit: the grid given again with ``--set KEY=VALUE`` as they ran
-    goes on alike). A value given that the preset already had, or a device, worker or data folder
-    changed, leaves a finished cell as it is."""
+    goes on alike; a method's own value in the preset's ``methods:`` section is not moved with them).
+    A value given that the preset already had, or a device, worker or data folder changed, leaves a
+    finished cell as it is."""
     import yaml
 
     by_name = {c.name: c for c in cells}
@@ -109,6 +111,7 @@ def trains_alike(sweep_dir: Path, old: SweepSpec, old_cells: list[Cell], new: Sw
     if all(not differing(before[c.name], cfg, METHODS.get(c.method)) for c, cfg in after):
         return True
     moved: dict[tuple[str, str], Any] = {}  # (method, key): the value started cells ran with, the preset's now other
+    moves: dict[str, list[tuple[Any, Any]]] = {}  # key: (the preset's value now, the value they ran with)
     started = set()
     for cell in old_cells:  # a preset edited since: what a started cell ran with is in its folder
         path = cell_dir(sweep_dir, cell)
@@ -118,14 +121,20 @@ def trains_alike(sweep_dir: Path, old: SweepSpec, old_cells: list[Cell], new: Sw
             except (OSError, yaml.YAMLError, cfgmod.ConfigError, TypeError, ValueError):
                 continue  # named by changed_cells when the sweep goes on
             method = METHODS.get(cell.method)
-            moved.update({(cell.method, k): ran.get(k) for k in differing(ran, before[cell.name], method)})
+            for k in differing(ran, before[cell.name], method):
+                moved[cell.method, k] = ran.get(k)
+                moves.setdefault(k, []).append((before[cell.name][k], ran.get(k)))
             before[cell.name] = ran
             started.add(cell.name)
 
+    def moves_alike(cell: Cell, k: str, value: Any) -> bool:  # as its method's started cells, or the preset's
+        if (cell.method, k) in moved:
+            return moved[cell.method, k] == value
+        return (before[cell.name][k], value) in moves.get(k, [])
+
     def alike(cell: Cell, cfg: dict[str, Any]) -> bool:
         keys = differing(before[cell.name], cfg, METHODS.get(cell.method))
-        return not keys or cell.name not in started and all(
-            (cell.method, k) in moved and moved[cell.method, k] == cfg[k] for k in keys)
+        return not keys or cell.name not in started and all(moves_alike(cell, k, cfg[k]) for k in keys)
     return all(alike(c, cfg) for c, cfg in after)
 
 
