@@ -116,9 +116,12 @@ def check_changed(sweep_dir: Path, spec: "SweepSpec", cells: list["Cell"]) -> No
     if changed:
         values = ran_with(sweep_dir, spec, cells)  # a preset changed under the sweep: set as they ran, it goes on
         again = " ".join(shell_join(["--set", f"{k}={yaml_text(v)}"]) for k, v in values.items())
-        if values and (set(values) & set(spec.axes) or not trains_alike(
-                sweep_dir, spec, cells, grown := replace(spec, fixed={**spec.fixed, **values}), expand(grown))):
-            values = {}  # that grid would move a cell not started otherwise than its method's started ones
+        try:
+            if values and (set(values) & set(spec.axes) or not trains_alike(
+                    sweep_dir, spec, cells, grown := replace(spec, fixed={**spec.fixed, **values}), expand(grown))):
+                values = {}  # that grid would move a cell not started otherwise than its method's started ones
+        except SweepError:  # a grid that no longer expands: no advice
+            values = {}
         err.print("\n".join(changed_lines(sweep_dir, changed)))
         one = len(changed) == 1
         raise SweepError(f"{count(len(changed), 'cell')} (listed above) ran under other settings than the sweep "

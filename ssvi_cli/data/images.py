@@ -214,9 +214,9 @@ def read_image(path: Path, error: type[Exception] = DataError, stream: Optional[
     ``path`` then only names it. ``size``: the side it will be resized to; a JPEG is then decoded at
     scale 1/8, 1/4 or 1/2 (libjpeg's DCT scaling), the smallest whose 8, 4 or 2 divides both its sides
     and keeps them at least ``2 * size`` (:func:`_reduction`): a photo decodes several times faster
-    and lands within a few levels of the whole decode once resized (not inside :func:`whole_jpegs`). A file PIL cannot read, one in a mode it
-    cannot convert to these, or one larger than PIL's decompression-bomb limit raises ``error`` with a
-    one-line message that names the file."""
+    and lands within a few levels of the whole decode once resized (not inside :func:`whole_jpegs`).
+    A file PIL cannot read, one in a mode it cannot convert to these, or one larger than PIL's
+    decompression-bomb limit raises ``error`` with a one-line message that names the file."""
     from PIL import Image, UnidentifiedImageError
 
     what, fix = ((f"standard input ({path})", _PIPE)
