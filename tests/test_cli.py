@@ -524,6 +524,36 @@ def test_a_key_the_method_cannot_use_is_said(tmp_path: Path, capsys):
         assert "an MLP has no first conv" not in said or "vi" not in args, said
 
 
+def test_print_config_shows_what_a_command_would_train_with_and_trains_nothing(tmp_path: Path, capsys, monkeypatch):
+    """The resolved config after the preset, the flags and --set could be seen only in a run's folder once
+    it had started; --print-config prints it (YAML that --preset reads back, or JSON) and exits."""
+    import yaml
+
+    from ssvi_cli import config as C
+    from ssvi_cli.cli.train_config import build_config
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--method", "vi", "--epochs", "3", "--set", "optim.lr=0.02", "--set", "data.augment=false"]
+    assert run(["train", *args, "--out", str(tmp_path / "r"), "--print-config"]) == 0
+    text = capsys.readouterr().out
+    expected = build_config(None, {"sparse.method": "vi", "train.epochs": 3}, ["optim.lr=0.02", "data.augment=false"])
+    assert text.startswith("# this command trains with these values") and C.from_dict(yaml.safe_load(text)) == expected
+    assert "augment: false  # not used: digits has no augmentation" in text and "sparsity: 0.95  # not used" in text
+    assert not (tmp_path / "r").exists() and not (tmp_path / "runs").exists()  # nothing written
+    assert run(["train", *args, "--print-config", "--json"]) == 0
+    assert C.from_dict(json.loads(capsys.readouterr().out)) == expected
+    assert run(["train", "--epochs", "1", "--set", "model.widths=[8]", "--set", "data.max_train=64", "--set",
+                "train.eval_samples=1", "--out", str(tmp_path / "done")]) == 0
+    capsys.readouterr()
+    assert run(["train", "--resume", str(tmp_path / "done"), "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"# the run {tmp_path / 'done'} goes on with these values (its saved config)")
+    assert C.from_dict(yaml.safe_load(text)).model.widths == (8,)
+    assert run(["train", "--resume", str(tmp_path / "none"), "--print-config"]) == 2
+    said = capsys.readouterr().err
+    assert "no run config to print there" in said and len(said.strip().splitlines()) == 1
+
+
 def test_train_takes_the_presets_values_for_the_chosen_method(tmp_path: Path, capsys):
     import yaml
 

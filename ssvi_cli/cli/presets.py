@@ -90,7 +90,7 @@ def _show_one(name: str, method: Optional[str], json_out: bool) -> None:
         print_json(data)
         return
     command = f"ssvi train --preset {name}" + (f" --method {method}" if method else "")
-    from ssvi_cli.cli.train_config import unused_settings
+    from ssvi_cli.cli.train_config import marked_yaml, unused_settings
 
     unused = unused_settings(base)
     out.print(f"# {command} trains with these values"
@@ -98,22 +98,7 @@ def _show_one(name: str, method: Optional[str], json_out: bool) -> None:
               + " (change one with --set section.key=value)"
               + ("; a key marked 'not used' changes nothing for this model, data and method" if unused else ""),
               highlight=False)
-    out.print(_marked(yaml.safe_dump(data, sort_keys=False).rstrip("\n"), unused), highlight=False, soft_wrap=True)
-
-
-def _marked(text: str, unused: dict[str, str]) -> str:
-    """The YAML of a config with a comment after each key of ``unused`` (a ``methods:`` section's keys
-    are left as they are: they are the keys a method does use)."""
-    lines, section = [], ""
-    for line in text.splitlines():
-        if line and not line[0].isspace():
-            section = line.rstrip(":")
-        elif line.startswith("  ") and not line.startswith("   ") and ":" in line:
-            key = f"{section}.{line.strip().partition(':')[0]}"
-            if key in unused:
-                line += f"  # not used: {unused[key]}"
-        lines.append(line)
-    return "\n".join(lines)
+    out.print(marked_yaml(yaml.safe_dump(data, sort_keys=False).rstrip("\n"), unused), highlight=False, soft_wrap=True)
 
 
 def _check_trains(name: str, methods: list[Optional[str]], by_flag: bool = False) -> None:

@@ -17,7 +17,7 @@ from ssvi_cli.cli.common import (Debug, UsageError, check_run_out, scored_as, fm
                                  print_json, running_a_cell, tell)
 from ssvi_cli.cli.train_config import (build_config, config_origin, default_run_dir, finished_run, idle_settings_note,
                                        init_from_lr_note, nproc_again, pin_init_from, processes_note, recipe_note, set_keys,
-                                       threads_note, unused_keys)
+                                       show_config, threads_note, unused_keys)
 from ssvi_cli.cli.train_fit import KeyboardInterruptHandled, fit
 from ssvi_cli.machine import shell_quote
 
@@ -81,6 +81,7 @@ def register(app: typer.Typer) -> None:
         precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (autocast; fp16 adds a gradient scaler). The LRT variance stays float32.")] = None,
         nproc: Annotated[Optional[int], typer.Option(help="Processes on this node (data parallel via torch.distributed.run); --batch-size is per process.", min=1)] = None,
         kernel: Annotated[Optional[str], typer.Option(help="Weight products: auto (per layer by density and type), sparse (active entries only) or dense (a transient dense weight).")] = None,
+        print_config: Annotated[bool, typer.Option("--print-config", help="Print the config this command would train with (with --resume: the run's), as YAML that --preset reads back (--json: JSON), and exit: nothing is trained or written.")] = False,
     ) -> None:
         """Train a sparse Bayesian network with SSVI (or a baseline via --method).
 
@@ -110,8 +111,15 @@ def register(app: typer.Typer) -> None:
                 settings = [g for g in given if g not in ("--out", "--force")]
                 raise UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}" + (
                     f" (a new run from it takes other settings: ssvi train --init-from {shell_quote(str(resume))} --out NEW ...)" if settings else ""))
-        elif out_dir is not None:
+        elif out_dir is not None and not print_config:
             check_run_out(out_dir)  # a sweep's cells folder, say, before anything else
+        if print_config:
+            cfg = RunDir(resume).read_config() if resume else build_config(preset, overrides, set_ or [])
+            if cfg is None:
+                raise UsageError(f"--resume {resume}: no run config to print there (its config.yaml is missing or unreadable)")
+            show_config(cfg, f"the run {resume} goes on with these values (its saved config)" if resume else
+                        "this command trains with these values (change one with --set section.key=value)", json_out)
+            return
         if nproc is not None and nproc > 1:
             if info is not None:
                 raise UsageError("--nproc starts torch.distributed.run itself; under torchrun drop it")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ssvi_cli import config as cfgmod
-from ssvi_cli.cli.common import UsageError, count, err, print_json
+from ssvi_cli.cli.common import UsageError, count, err, out, print_json
 from ssvi_cli.machine import shell_quote
 
 
@@ -133,6 +133,35 @@ def unused_settings(cfg: cfgmod.Config) -> dict[str, str]:
             if method.never_uses(f"{section}.{key}"):
                 unused.setdefault(f"{section}.{key}", f"--method {cfg.sparse.method} does not use it")
     return unused
+
+
+def marked_yaml(text: str, unused: dict[str, str]) -> str:
+    """The YAML of a config with a comment after each key of ``unused`` (a ``methods:`` section's keys
+    are left as they are: they are the keys a method does use)."""
+    lines, section = [], ""
+    for line in text.splitlines():
+        if line and not line[0].isspace():
+            section = line.rstrip(":")
+        elif line.startswith("  ") and not line.startswith("   ") and ":" in line:
+            key = f"{section}.{line.strip().partition(':')[0]}"
+            if key in unused:
+                line += f"  # not used: {unused[key]}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def show_config(cfg: cfgmod.Config, header: str, json_out: bool) -> None:
+    """``train --print-config``: the config a run would train with, as YAML that ``--preset`` reads back
+    (each key it does not use marked, as ``ssvi presets NAME`` marks them), or as JSON."""
+    import yaml
+
+    if json_out:
+        print_json(cfg.to_dict())
+        return
+    out.print(f"# {header}; a key marked 'not used' changes nothing for this model, data and method",
+              highlight=False)
+    out.print(marked_yaml(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip("\n"), unused_settings(cfg)),
+              highlight=False, soft_wrap=True)
 
 
 def idle_settings_note(cfg: cfgmod.Config, overrides: dict[str, Any], sets: list[str]) -> str:
