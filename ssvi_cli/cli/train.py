@@ -79,7 +79,7 @@ def register(app: typer.Typer) -> None:
         force: Annotated[bool, typer.Option(help="Replace the run in --out (its own files, kept aside until the new run has a checkpoint; a folder that is not a run is never emptied).")] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print the final summary (summary.json) as JSON only, with the run's notes as notes.")] = False,
         precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (autocast; fp16 adds a gradient scaler). The LRT variance stays float32.")] = None,
-        nproc: Annotated[Optional[int], typer.Option(help="Processes on this node (data parallel via torch.distributed.run); --batch-size is per process.", min=1)] = None,
+        nproc: Annotated[Optional[int], typer.Option(help="Processes on this node, data parallel (started with torchrun); --batch-size is per process.", min=1)] = None,
         kernel: Annotated[Optional[str], typer.Option(help="Weight products: auto (per layer by density and type), sparse (active entries only) or dense (a transient dense weight).")] = None,
         print_config: Annotated[bool, typer.Option("--print-config", help="Print the config this command would train with (with --resume: the run's), as YAML that --preset reads back (--json: JSON), and exit: nothing is trained or written.")] = False,
     ) -> None:
