@@ -22,6 +22,13 @@ class DatasetUnavailable(DataError):
 OPTIONAL_KEYS = ("dataset_classes", "files_digest", "reduced_jpeg")  # left out of a spec's dict when empty
 
 
+def jpegs_read_whole(name: Any, reduced_jpeg: Any) -> bool:
+    """Whether the JPEGs of the data described as ``name`` with ``reduced_jpeg`` (a spec's fields, or a
+    checkpoint's record of them) are decoded whole: a model trained on an image folder before
+    ``reduced_jpeg`` was recorded. Other data were never JPEG files: the reduced decode."""
+    return str(name).startswith("imagefolder:") and not reduced_jpeg
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """What a model needs to know about its data: shapes, classes, normalisation and the raw pixel
@@ -53,9 +60,8 @@ class DataSpec:
 
     @property
     def reads_jpegs_whole(self) -> bool:
-        """Whether its JPEGs are decoded whole (``images.whole_jpegs``): a model trained on an image folder
-        before ``reduced_jpeg`` was recorded. Other data were never JPEG files: the reduced decode."""
-        return self.name.startswith("imagefolder:") and not self.reduced_jpeg
+        """Whether its JPEGs are decoded whole (``images.whole_jpegs``): :func:`jpegs_read_whole`."""
+        return jpegs_read_whole(self.name, self.reduced_jpeg)
 
     def to_dict(self) -> dict:
         """JSON-serialisable form (tuples become lists); an empty ``dataset_classes`` or ``files_digest``

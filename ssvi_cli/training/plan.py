@@ -18,7 +18,7 @@ from ssvi_cli.core.criteria import REMOVAL_CRITERIA
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.data import DataSplits, build_dataset, check_dataset_name, get_spec
 from ssvi_cli.data.images import whole_jpegs
-from ssvi_cli.data.spec import DataError, DataSpec, absent_classes
+from ssvi_cli.data.spec import DataError, DataSpec, absent_classes, jpegs_read_whole
 from ssvi_cli.modelfile import ModelCard, build_model
 from ssvi_cli.models import SSVIModel, check_model_name, check_trains_on, input_error
 from ssvi_cli.runs.rundir import RunBusy, RunDir
@@ -174,7 +174,7 @@ class RunPlan:
         run = _run_dir(run_dir)
         seen, (cfg, dev, data, path) = run.checkpoints(), _resumable(run, device)
         was = data["data_spec"] if isinstance(data.get("data_spec"), dict) else {"name": cfg.data.name}  # begun before:
-        with whole_jpegs(str(was.get("name")).startswith("imagefolder:") and not was.get("reduced_jpeg")):  # as begun
+        with whole_jpegs(jpegs_read_whole(was.get("name"), was.get("reduced_jpeg"))):  # as it began
             splits = splits or load_data(cfg)
         splits.spec.check_same_normalisation(data.get("data_spec"))  # measured again: the images unchanged
         card = ModelCard.from_config(cfg, splits.spec)
