@@ -109,12 +109,13 @@ def check_changed(sweep_dir: Path, spec: "SweepSpec", cells: list["Cell"]) -> No
     skipped as done, or resumed under its old settings, and reported under the new ones."""
     from dataclasses import replace
 
-    from ssvi_cli.sweep.drift import changed_cells, changed_lines, ran_with, trains_alike
+    from ssvi_cli.sweep.drift import changed_details, changed_lines, ran_with, trains_alike
     from ssvi_cli.sweep.grid import SweepError, expand, yaml_text
 
-    changed = changed_cells(sweep_dir, spec, cells)
+    details = changed_details(sweep_dir, spec, cells)
+    changed = {name: what for name, (what, _) in details.items()}
     if changed:
-        values = ran_with(sweep_dir, spec, cells)  # a preset changed under the sweep: set as they ran, it goes on
+        values = ran_with(details)  # a preset changed under the sweep: set as they ran, it goes on
         again = " ".join(shell_join(["--set", f"{k}={yaml_text(v)}"]) for k, v in values.items())
         try:
             if values and (set(values) & set(spec.axes) or not trains_alike(

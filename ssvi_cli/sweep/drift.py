@@ -32,18 +32,19 @@ def changed_cells(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> dict[s
     have started (a checkpoint, a finished run, an evaluation) under other settings than the grid's.
     A cell that wrote its config and no checkpoint starts again anyway, and is not compared; one whose
     config cannot be read is named with the reason."""
-    return {name: what for name, (what, _) in _changed(sweep_dir, spec, cells).items()}
+    return {name: what for name, (what, _) in changed_details(sweep_dir, spec, cells).items()}
 
 
-def ran_with(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> dict[str, Any]:
-    """The values every changed cell ran with where the grid now gives others, when they are the same
-    keys and values for all of them (a preset changed under the sweep): ``--set`` of these, given with
-    the grid again, goes on as they ran (:func:`trains_alike`); else ``{}``."""
-    ran = [values for _, values in _changed(sweep_dir, spec, cells).values()]
+def ran_with(details: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The values every changed cell (``details``, :func:`changed_details`) ran with where the grid now
+    gives others, when they are the same keys and values for all of them (a preset changed under the
+    sweep): ``--set`` of these, given with the grid again, goes on as they ran (:func:`trains_alike`);
+    else ``{}``."""
+    ran = [values for _, values in details.values()]
     return ran[0] if ran and ran[0] and all(values == ran[0] for values in ran) else {}
 
 
-def _changed(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> dict[str, tuple[str, dict[str, Any]]]:
+def changed_details(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> dict[str, tuple[str, dict[str, Any]]]:
     """``{cell: (what differs, {key: the value it ran with})}`` (:func:`changed_cells`; no values for
     a config that cannot be read)."""
     import yaml
