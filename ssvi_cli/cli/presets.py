@@ -66,8 +66,6 @@ def _show_one(name: str, method: Optional[str], json_out: bool) -> None:
     """Every key of preset ``name`` as ``ssvi train --preset`` runs it before flags and ``--set``: for
     ``method`` alone, resolved; else its shared values and its ``methods:`` section, so that the YAML,
     saved and read back with ``--preset FILE``, trains every method as the preset does."""
-    import yaml
-
     if method is not None:
         try:
             base = cfgmod.load_preset(name, method)
@@ -86,19 +84,12 @@ def _show_one(name: str, method: Optional[str], json_out: bool) -> None:
 
         if note := recipe_note(cfgmod.from_preset(name, {} if method is None else {"sparse.method": method}), name):
             err.print(note, highlight=False)  # as train says it
-    if json_out:
-        print_json(data)
-        return
-    command = f"ssvi train --preset {name}" + (f" --method {method}" if method else "")
-    from ssvi_cli.cli.train_config import marked_yaml, unused_settings
+    from ssvi_cli.cli.train_config import show_config, unused_settings
 
-    unused = unused_settings(base)
-    out.print(f"# {command} trains with these values"
-              + (f", the preset's methods: section for {method} applied" if method else "")
-              + " (change one with --set section.key=value)"
-              + ("; a key marked 'not used' changes nothing for this model, data and method" if unused else ""),
-              highlight=False)
-    out.print(marked_yaml(yaml.safe_dump(data, sort_keys=False).rstrip("\n"), unused), highlight=False, soft_wrap=True)
+    command = f"ssvi train --preset {name}" + (f" --method {method}" if method else "")
+    show_config(data, unused_settings(base), f"{command} trains with these values"
+                + (f", the preset's methods: section for {method} applied" if method else "")
+                + " (change one with --set section.key=value)", json_out)
 
 
 def _check_trains(name: str, methods: list[Optional[str]], by_flag: bool = False) -> None:

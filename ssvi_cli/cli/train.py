@@ -17,7 +17,7 @@ from ssvi_cli.cli.common import (Debug, UsageError, check_run_out, scored_as, fm
                                  print_json, running_a_cell, tell)
 from ssvi_cli.cli.train_config import (build_config, config_origin, default_run_dir, finished_run, idle_settings_note,
                                        init_from_lr_note, nproc_again, pin_init_from, processes_note, recipe_note, set_keys,
-                                       show_config, threads_note, unused_keys)
+                                       show_config, threads_note, unused_keys, unused_settings)
 from ssvi_cli.cli.train_fit import KeyboardInterruptHandled, fit
 from ssvi_cli.machine import shell_quote
 
@@ -116,9 +116,11 @@ def register(app: typer.Typer) -> None:
         if print_config:
             cfg = RunDir(resume).read_config() if resume else build_config(preset, overrides, set_ or [])
             if cfg is None:
-                raise UsageError(f"--resume {resume}: no run config to print there (its config.yaml is missing or unreadable)")
-            show_config(cfg, f"the run {resume} goes on with these values (its saved config)" if resume else
-                        "this command trains with these values (change one with --set section.key=value)", json_out)
+                raise UsageError(f"--resume {resume}: no run config to print there (its config.yaml is missing or "
+                                 "unreadable)")
+            show_config(cfg.to_dict(), unused_settings(cfg), f"the run {resume} goes on with these values (its saved "
+                        "config)" if resume else "this command trains with these values (change one with --set "
+                        "section.key=value)", json_out)
             return
         if nproc is not None and nproc > 1:
             if info is not None:

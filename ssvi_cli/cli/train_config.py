@@ -150,18 +150,18 @@ def marked_yaml(text: str, unused: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def show_config(cfg: cfgmod.Config, header: str, json_out: bool) -> None:
-    """``train --print-config``: the config a run would train with, as YAML that ``--preset`` reads back
-    (each key it does not use marked, as ``ssvi presets NAME`` marks them), or as JSON."""
+def show_config(data: dict[str, Any], unused: dict[str, str], header: str, json_out: bool) -> None:
+    """A config's sections ``data`` as YAML that ``--preset`` reads back, after a ``# header`` comment,
+    each key of ``unused`` marked (:func:`unused_settings`); or as JSON. ``ssvi presets NAME`` and
+    ``train --print-config``."""
     import yaml
 
     if json_out:
-        print_json(cfg.to_dict())
+        print_json(data)
         return
-    out.print(f"# {header}; a key marked 'not used' changes nothing for this model, data and method",
-              highlight=False)
-    out.print(marked_yaml(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip("\n"), unused_settings(cfg)),
-              highlight=False, soft_wrap=True)
+    out.print(f"# {header}" + ("; a key marked 'not used' changes nothing for this model, data and method"
+                               if unused else ""), highlight=False)
+    out.print(marked_yaml(yaml.safe_dump(data, sort_keys=False).rstrip("\n"), unused), highlight=False, soft_wrap=True)
 
 
 def idle_settings_note(cfg: cfgmod.Config, overrides: dict[str, Any], sets: list[str]) -> str:
