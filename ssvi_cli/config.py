@@ -560,6 +560,9 @@ def presets_dir() -> Path:
     return next((d for d in (here / "presets", here.parent / "presets") if d.is_dir()), here.parent / "presets")
 
 
+PRESET_SUFFIXES = (".yaml", ".yml", ".json")  # a preset file's; JSON is YAML (--print-config --json writes it)
+
+
 def list_presets() -> dict[str, Path]:
     d = presets_dir()
     return {p.stem: p for p in sorted(d.glob("*.yaml"))} if d.is_dir() else {}
@@ -577,20 +580,23 @@ def _read_preset(name_or_path: str) -> tuple[Path, dict[str, Any]]:
     path = presets.get(name_or_path)
     if path is None:
         candidate = Path(name_or_path).expanduser()
-        if candidate.suffix.lower() in (".yaml", ".yml") and candidate.is_file():
+        if candidate.suffix.lower() in PRESET_SUFFIXES and candidate.is_file():
             path = candidate
-        elif candidate.suffix.lower() in (".yaml", ".yml"):
+        elif candidate.suffix.lower() in PRESET_SUFFIXES:
             shipped = candidate.stem if candidate.stem in presets and len(candidate.parts) == 1 else None
             raise ConfigError(f"preset file {name_or_path} " + ("is a folder" if candidate.is_dir() else
                                                                  f"does not exist{looked_in(candidate)}")
                               + (f"; the shipped preset is named without its suffix: {shipped}" if shipped else
-                                 "; give a YAML file's path"))
+                                 "; give a YAML (or JSON) file's path"))
+        elif candidate.is_file():  # a preset's file is told from a preset's name by its suffix
+            raise ConfigError(f"preset file {name_or_path}: a preset file's name ends in "
+                              f"{', '.join(PRESET_SUFFIXES[:-1])} or {PRESET_SUFFIXES[-1]}; rename it")
         else:
-            file = next((f"{candidate}{s}" for s in (".yaml", ".yml") if Path(f"{candidate}{s}").is_file()), None)
+            file = next((f"{candidate}{s}" for s in PRESET_SUFFIXES if Path(f"{candidate}{s}").is_file()), None)
             raise ConfigError(
                 f"unknown preset {name_or_path!r}{_preset_hint(str(name_or_path), list(presets))}; "
                 + (f"to train from the file {file}, give its name with the suffix: --preset {file}" if file else
-                   f"valid names are: {', '.join(presets) or '(none)'} (or pass a path to a .yaml file)")
+                   f"valid names are: {', '.join(presets) or '(none)'} (or pass a path to a .yaml or .json file)")
             )
     import yaml
 

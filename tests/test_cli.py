@@ -541,6 +541,10 @@ def test_print_config_shows_what_a_command_would_train_with_and_trains_nothing(t
     assert "augment: false  # not used: digits has no augmentation" in text and "sparsity: 0.95  # not used" in text
     assert not (tmp_path / "r").exists() and not (tmp_path / "runs").exists()  # nothing written
     assert run(["train", *args, "--print-config", "--json"]) == 0
+    printed = capsys.readouterr().out
+    assert C.from_dict(json.loads(printed)) == expected
+    (tmp_path / "mine.json").write_text(printed)  # and --preset reads the JSON back, as the YAML
+    assert run(["train", "--preset", "mine.json", "--print-config", "--json"]) == 0
     assert C.from_dict(json.loads(capsys.readouterr().out)) == expected
     assert run(["train", "--epochs", "1", "--set", "model.widths=[8]", "--set", "data.max_train=64", "--set",
                 "train.eval_samples=1", "--out", str(tmp_path / "done")]) == 0

@@ -143,6 +143,8 @@ CASES = [
     (["train", "--preset", "{ws}/broken.yaml"], "is not valid YAML"),
     (["train", "--preset", "{ws}/missing.yaml"], "preset file {ws}/missing.yaml does not exist"),
     (["train", "--preset", "{ws}/latin1.yaml"], "preset {ws}/latin1.yaml is not UTF-8 text"),
+    (["train", "--preset", "{ws}/afile"], "preset file {ws}/afile: a preset file's name ends in .yaml, .yml or .json; "
+                                          "rename it"),
     (["train", "--preset", "mine"], "unknown preset 'mine'; to train from the file mine.yaml, give its name with "
                                     "the suffix: --preset mine.yaml"),
     # a file as the data folder was told to --download, which cannot put anything in a file

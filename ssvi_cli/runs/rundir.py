@@ -25,7 +25,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, ContextManager, Optional
 
-from ssvi_cli import fileio, locks
+from ssvi_cli import config as cfgmod, fileio, locks
 from ssvi_cli.machine import shell_quote
 from ssvi_cli.runs import aside, checkpoint as ckpt
 
@@ -75,7 +75,7 @@ class RunDir:
     @classmethod
     def default(cls, preset: str, method: str, sparsity: Optional[float], root: Path = Path("runs")) -> "RunDir":
         """``runs/<YYYYmmdd-HHMMSS>-<preset>-<method>[-s<sparsity>]``."""
-        name = Path(preset).stem if preset.lower().endswith((".yaml", ".yml")) else Path(preset).name  # a file's name
+        name = Path(preset).stem if preset.lower().endswith(cfgmod.PRESET_SUFFIXES) else Path(preset).name  # a file's name
         tag = f"{name}-{method}" + (f"-s{sparsity:g}" if sparsity is not None else "")
         return cls(root / f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}")
 

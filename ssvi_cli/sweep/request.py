@@ -109,7 +109,7 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
             fixed[key] = values[0]
     data["axes"], data["fixed"] = axes, fixed
     preset_path = Path(str(data.get("preset", ""))).expanduser()
-    if preset_path.suffix.lower() in (".yaml", ".yml") and preset_path.is_file():
+    if preset_path.suffix.lower() in cfgmod.PRESET_SUFFIXES and preset_path.is_file():
         data["preset"] = str(preset_path.resolve())  # cells may run from another directory
     # Paths, likewise, as absolute ones: a cell resumed, or run by a scheduler, from elsewhere finds them.
     data["ood"] = tuple(_absolute_ood(str(text)) for text in data.get("ood") or ())
