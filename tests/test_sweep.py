@@ -92,9 +92,10 @@ def test_a_cell_that_ran_under_other_settings_is_named_not_skipped_or_resumed(tm
     assert "2 cells written to " in (err := capsys.readouterr().err) and "(2 of them trained and evaluated already" in err
     # The preset edited after the cells ran. The sparse cell's allocation no longer matches; dense VI
     # ignores the allocation and the preset's sparsity, and how many checkpoints a run keeps changes
-    # nothing it learns: its cell still matches.
-    preset.write_text("model: {name: mlp, widths: [16]}\ndata: {max_train: 100}\n"
-                      "sparse: {allocation: uniform, sparsity: 0.95}\n"
+    # nothing it learns: its cell still matches. Neither compares a key that changes nothing for an MLP
+    # on the digits (the review: an edited mu_init_std stopped the sweep): marked 'not used' by presets.
+    preset.write_text("model: {name: mlp, widths: [16]}\ndata: {max_train: 100, augment: false}\n"
+                      "bayes: {mu_init_std: 0.05}\nsparse: {allocation: uniform, sparsity: 0.95}\n"
                       "train: {epochs: 1, eval_samples: 2, keep_checkpoints: 3}\n")
     # --run-cell of the cell that still matches too: its group would mix the two settings
     for args in (["sweep", "--resume", str(out)], [*grid_args, "--dry-run"], ["sweep", "--run-cell", str(sparse)],
@@ -105,8 +106,8 @@ def test_a_cell_that_ran_under_other_settings_is_named_not_skipped_or_resumed(tm
         assert lines[0] == f"  {sparse}: sparse.allocation erk, the sweep's uniform" and "vi_seed0" not in err
         assert lines[1].startswith("error: 1 cell (listed above) ran under other settings than the sweep gives it now")
         assert "delete its folder to run it again" in lines[1] and len(lines) == 2
-        assert lines[1].endswith("; or go on as they ran: give the sweep's grid again (its flags or --file, and "
-                                 "--out) with --set sparse.allocation=erk")
+        assert lines[1].endswith(f"; or go on as they ran: ssvi sweep --preset {preset} --method ssvi,vi --sparsity "
+                                 f"0.9 --set sparse.allocation=erk --samples 2 --out {out}")
     assert {n: (p / "evaluation.json").stat().st_mtime_ns for n, p in cells.items()} == evaluated
     # a partial cell (a checkpoint, no final model) is not resumed under its old settings either
     for name in ("model.safetensors", "summary.json", "evaluation.json"):
@@ -354,6 +355,10 @@ def test_a_grid_that_adds_seeds_continues_the_sweep_and_keeps_its_cells(tmp_path
     assert run([*grid, "--seeds", "2", "--method", "ssvi,vi", "--set", "optim.lr=0.02"]) == 2
     said = " ".join(capsys.readouterr().err.split())
     assert "holds a different sweep (a grid that only adds seeds" in said and "leaves out" not in said  # same cells
+    assert "this one changes what it trains, adding --set optim.lr=0.02):" in said  # what, named as given
+    # a --set of the sweep's forgotten is named too (the review: told only "a different sweep", it went in a circle)
+    assert run(["sweep", *TINY, "--out", str(out), "--seeds", "2", "--method", "ssvi,vi", "--dry-run"]) == 2
+    assert "what it trains, leaving out the sweep's --set train.epochs=1):" in " ".join(capsys.readouterr().err.split())
     # a grid of other cells only (as a sweep file's seeds: [3] beside seeds 0-1) is told to list the old ones too
     assert run([*grid, "--seeds", "1", "--method", "rigl"]) == 2
     said = " ".join(capsys.readouterr().err.split())
@@ -1178,11 +1183,13 @@ def test_a_sweep_whose_preset_changed_before_all_its_cells_ran_goes_on_as_they_r
     preset.write_text(preset.read_text().replace("lr: 0.01 ", "lr: 0.02 "))
     capsys.readouterr()
     assert run(["sweep", "--resume", str(out)]) == 2
-    assert capsys.readouterr().err.rstrip().endswith(
-        "; or go on as they ran: give the sweep's grid again (its flags or --file, and --out) with --set optim.lr=0.01")
+    # the whole grid, its own --set train.epochs=1 with the one that goes on (a user who gave the flags
+    # again but that one was sent between "ran under other settings" and "a different sweep")
+    advised = shlex.split(capsys.readouterr().err.rstrip().rpartition("; or go on as they ran: ")[2])
+    assert advised[:2] == ["ssvi", "sweep"] and "train.epochs=1" in advised and "optim.lr=0.01" in advised
     assert run([*grid, "--set", "optim.lr=0.03", "--dry-run"]) == 2  # not what the started cell ran with
     assert "holds a different sweep" in capsys.readouterr().err
-    assert run([*grid, "--set", "optim.lr=0.01", "--json"]) == 0, capsys.readouterr().err
+    assert run([*advised[1:], "--no-figures", "--json"]) == 0, capsys.readouterr().err
     assert json.loads(capsys.readouterr().out)["cells_done"] == 4
     for cell in ("ssvi_s0.95_seed1", "vi_seed0"):  # vi too: the preset gave it the lr the ssvi cell moved from
         assert yaml.safe_load((out / "cells" / cell / "config.yaml").read_text())["optim"]["lr"] == 0.01
@@ -1299,3 +1306,26 @@ def test_a_flag_of_train_given_to_sweep_is_told_its_set(capsys, tmp_path: Path):
     said = capsys.readouterr().err
     assert "requires an argument" in said and "takes no" not in said
     assert not (tmp_path / "sw").exists()
+
+
+def test_grid_command_gives_flags_that_read_back_to_the_same_grid(tmp_path: Path):
+    """The refusal of a sweep whose preset changed advises the whole grid as one command (only the
+    --set that goes on was named, and a user who gave the other flags again but not an earlier
+    --set went in a circle); a grid that flags cannot say gets None, not a wrong command."""
+    from ssvi_cli.sweep.request import grid_command, spec_from_flags
+
+    preset = tmp_path / "my preset.yaml"
+    preset.write_text("model: {name: mlp}\n")
+    spec = spec_from_flags(None, str(preset), "ssvi,vi", "0.9,0.95", 3, "snr_abs,mean",
+                           ["model.widths=[16],[32,32]", "optim.lr=0.005", "data.classes=0,1,2"], ["heldout"], 4)
+    command = grid_command(spec, tmp_path / "sw")
+    assert command[:2] == ["ssvi", "sweep"] and command[-2:] == ["--out", str(tmp_path / "sw")]
+    flags = dict(zip(command[2::2], command[3::2]))
+    assert flags["--preset"] == str(preset.resolve()) and flags["--seeds"] == "3" and flags["--samples"] == "4"
+    sets = [v for k, v in zip(command[2::2], command[3::2]) if k == "--set"]
+    back = spec_from_flags(None, flags["--preset"], flags["--method"], flags["--sparsity"], int(flags["--seeds"]),
+                           None, sets, [flags["--ood"]], int(flags["--samples"]))
+    assert back == spec and "sparse.criterion=snr_abs,mean" in sets and "data.classes=[0,1,2]" in sets
+    assert grid_command(SweepSpec(), tmp_path) == ["ssvi", "sweep", "--method", "ssvi", "--sparsity", "0.95", "--out",
+                                                   str(tmp_path)]
+    assert grid_command(SweepSpec(seeds=(3,)), tmp_path) is None  # a sweep file's seed list: no --seeds says it

@@ -84,7 +84,8 @@ def _show_one(name: str, method: Optional[str], json_out: bool) -> None:
 
         if note := recipe_note(cfgmod.from_preset(name, {} if method is None else {"sparse.method": method}), name):
             err.print(note, highlight=False)  # as train says it
-    from ssvi_cli.cli.train_config import show_config, unused_settings
+    from ssvi_cli.cli.train_config import show_config
+    from ssvi_cli.training.unused import unused_settings
 
     command = f"ssvi train --preset {name}" + (f" --method {method}" if method else "")
     show_config(data, unused_settings(base), f"{command} trains with these values"

@@ -111,6 +111,7 @@ def check_changed(sweep_dir: Path, spec: "SweepSpec", cells: list["Cell"]) -> No
 
     from ssvi_cli.sweep.drift import changed_details, changed_lines, ran_with, trains_alike
     from ssvi_cli.sweep.grid import SweepError, expand, yaml_text
+    from ssvi_cli.sweep.request import grid_command
 
     details = changed_details(sweep_dir, spec, cells)
     changed = {name: what for name, (what, _) in details.items()}
@@ -118,11 +119,14 @@ def check_changed(sweep_dir: Path, spec: "SweepSpec", cells: list["Cell"]) -> No
         values = ran_with(details)  # a preset changed under the sweep: set as they ran, it goes on
         again = " ".join(shell_join(["--set", f"{k}={yaml_text(v)}"]) for k, v in values.items())
         try:
-            if values and (set(values) & set(spec.axes) or not trains_alike(
-                    sweep_dir, spec, cells, grown := replace(spec, fixed={**spec.fixed, **values}), expand(grown))):
+            grown = replace(spec, fixed={**spec.fixed, **values})
+            if values and (set(values) & set(spec.axes) or not trains_alike(sweep_dir, spec, cells, grown, expand(grown))):
                 values = {}  # that grid would move a cell not started otherwise than its method's started ones
         except SweepError:  # a grid that no longer expands: no advice
             values = {}
+        command = grid_command(grown, sweep_dir) if values else None  # the whole grid: flags given before too
+        advice = (f"; or go on as they ran: {shell_join(command)}" if command else
+                  f"; or go on as they ran: give the sweep's grid again (its flags or --file, and --out) with {again}")
         err.print("\n".join(changed_lines(sweep_dir, changed)))
         one = len(changed) == 1
         raise SweepError(f"{count(len(changed), 'cell')} (listed above) ran under other settings than the sweep "
@@ -130,8 +134,7 @@ def check_changed(sweep_dir: Path, spec: "SweepSpec", cells: list["Cell"]) -> No
                          f"delete {'its folder' if one else 'their folders'} to run {'it' if one else 'them'} "
                          "again, or report the sweep as it is: "
                          f"{shell_join(['ssvi', 'sweep', '--report', str(sweep_dir)])}"
-                         + (f"; or go on as they ran: give the sweep's grid again (its flags or --file, and --out) "
-                            f"with {again}" if values else ""))
+                         + (advice if values else ""))
 
 
 def cell_document(path: Path) -> dict[str, Any]:

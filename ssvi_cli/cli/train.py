@@ -17,9 +17,10 @@ from ssvi_cli.cli.common import (Debug, UsageError, check_run_out, scored_as, fm
                                  print_json, running_a_cell, tell)
 from ssvi_cli.cli.train_config import (build_config, config_origin, default_run_dir, finished_run, idle_settings_note,
                                        init_from_lr_note, nproc_again, pin_init_from, processes_note, recipe_note, set_keys,
-                                       show_config, threads_note, unused_keys, unused_settings)
+                                       show_config, threads_note, unused_keys)
 from ssvi_cli.cli.train_fit import KeyboardInterruptHandled, fit
 from ssvi_cli.machine import shell_quote
+from ssvi_cli.training.unused import unused_settings
 
 
 def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Any, Optional
 from ssvi_cli import config as cfgmod
 from ssvi_cli.cli.common import UsageError, count, err, out, print_json
 from ssvi_cli.machine import shell_quote
+from ssvi_cli.training.unused import unused_settings
 
 
 def build_config(preset: Optional[str], overrides: dict[str, Any], sets: list[str]) -> cfgmod.Config:
@@ -102,37 +103,6 @@ def unused_keys(cfg: cfgmod.Config, overrides: dict[str, Any], sets: list[str]) 
     a flag, or ``--set KEY``."""
     method = cfg.method
     return sorted(shown for k, shown in _given(overrides, sets).items() if method.never_uses(k))
-
-
-def unused_settings(cfg: cfgmod.Config) -> dict[str, str]:
-    """The keys that change nothing in a run of ``cfg``, each with why: another model's or data's
-    keys, augmentation where the data takes none, and what the method never uses."""
-    from ssvi_cli.data import DATASETS
-    from ssvi_cli.data.imagefolder import MIN_AUGMENT_SIZE
-
-    unused = {}
-    if cfg.model.name != "mlp":
-        unused["model.widths"] = "the hidden layers of an mlp"
-    if cfg.model.name == "mlp":
-        unused["model.dense_stem"] = "an MLP has no first conv"
-    folder = cfg.data.name.startswith("imagefolder:")
-    if not folder:
-        unused.update(dict.fromkeys(("data.test_fraction", "data.image_size", "data.channels", "data.mean", "data.std"),
-                                    "image folders only"))
-        if DATASETS.get(cfg.data.name).augment is None:
-            unused["data.augment"] = f"{cfg.data.name} has no augmentation"
-    elif cfg.data.image_size < MIN_AUGMENT_SIZE:
-        unused["data.augment"] = f"images under {MIN_AUGMENT_SIZE} pixels take no augmentation"
-    if cfg.optim.name != "sgd":
-        unused["optim.momentum"] = f"{cfg.optim.name} takes no momentum"
-    if cfg.sparse.delta_t != "auto":
-        unused["sparse.min_subspace_steps"] = "sparse.delta_t=auto only"
-    method = cfg.method
-    for section, values in cfg.to_dict().items():
-        for key in values:
-            if method.never_uses(f"{section}.{key}"):
-                unused.setdefault(f"{section}.{key}", f"--method {cfg.sparse.method} does not use it")
-    return unused
 
 
 def marked_yaml(text: str, unused: dict[str, str]) -> str:

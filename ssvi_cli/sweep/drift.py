@@ -3,9 +3,10 @@ after they ran, or their folders were copied in from another sweep. Such a cell,
 skipped, or, partial, resumed under the settings it started with, and reported under settings it
 never ran with; so a sweep refuses to run on while it has one, and its report names them.
 
-Compared: every config key that changes what a run trains. Not compared: keys the cell's method
-never uses (``Method.never_uses``: those it ignores, a dense method's sparsity and stem), and keys
-that change where or how fast it runs but not what it learns (:data:`NOT_COMPARED`). Published weights are compared by
+Compared: every config key that changes what a run trains. Not compared: keys that change nothing
+for the cell's model, data and method (``training.unused.unused_settings``: those ``ssvi presets``
+marks "not used", among them what the method never uses), and keys that change where or how fast it
+runs but not what it learns (:data:`NOT_COMPARED`). Published weights are compared by
 the version they resolve to, as the run's config records them (``torchvision:DEFAULT`` names one).
 """
 
@@ -16,10 +17,10 @@ from typing import Any
 
 from ssvi_cli import config as cfgmod
 from ssvi_cli.fileio import brief
-from ssvi_cli.methods import METHODS
 from ssvi_cli.runs.rundir import CONFIG_FILE
 from ssvi_cli.sweep.grid import CELLS_DIR, Cell, SweepSpec, cell_configs, yaml_text
 from ssvi_cli.sweep.runner import cell_dir, cell_state
+from ssvi_cli.training.unused import unused_settings
 
 NOT_COMPARED = frozenset({"train.device", "train.kernel", "train.num_workers", "train.checkpoint_every",
                           "train.keep_checkpoints", "train.eval_samples", "data.max_test", "data.data_dir",
@@ -61,9 +62,9 @@ def changed_details(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> dict
             why = brief(getattr(exc, "problem", None) or exc)
             changed[cell.name] = (f"its {CONFIG_FILE} cannot be read ({why})", {})
     for cell, cfg in cell_configs(spec, [c for c in cells if c.name in ran]):
-        old, new, method = ran[cell.name], cfgmod.flat_dict(cfg), METHODS.get(cell.method)
+        old, new = ran[cell.name], cfgmod.flat_dict(cfg)
         new["model.init_from"] = _resolved(cfg)
-        keys = differing(old, new, method)
+        keys = differing(old, new, cfg)
         if keys:
             parts = [f"{k} {yaml_text(old.get(k))}, the sweep's {yaml_text(new[k])}" for k in keys[:SHOWN_KEYS]]
             more = f"; and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""
@@ -81,10 +82,13 @@ def recorded_config(cell_path: Path) -> dict[str, Any]:
     return {k: cfgmod.absolute_path(k, v) for k, v in recorded.items()}
 
 
-def differing(old: dict[str, Any], new: dict[str, Any], method: Any) -> list[str]:
-    """The keys of two flat configs (``config.flat_dict``) whose values differ in a way that changes
-    what ``method`` trains (not :data:`NOT_COMPARED`, not a key the method ignores)."""
-    return [k for k in new if old.get(k) != new[k] and k not in NOT_COMPARED and not method.never_uses(k)]
+def differing(old: dict[str, Any], new: dict[str, Any], cfg: cfgmod.Config) -> list[str]:
+    """The keys of two flat configs (``config.flat_dict``), ``new`` that of ``cfg``, whose values differ
+    in a way that changes what a run of ``cfg`` trains (not :data:`NOT_COMPARED`, not a key that
+    changes nothing for its model, data and method). A key that decides whether another is used
+    (``bayes.mu_init`` for ``bayes.mu_init_std``, say) is compared itself."""
+    unused = unused_settings(cfg)
+    return [k for k in new if old.get(k) != new[k] and k not in NOT_COMPARED and k not in unused]
 
 
 def trains_alike(sweep_dir: Path, old: SweepSpec, old_cells: list[Cell], new: SweepSpec, cells: list[Cell]) -> bool:
@@ -107,9 +111,10 @@ def trains_alike(sweep_dir: Path, old: SweepSpec, old_cells: list[Cell], new: Sw
     def flat(cfg: cfgmod.Config) -> dict[str, Any]:  # published weights by the version they resolve to
         return {**cfgmod.flat_dict(cfg), "model.init_from": _resolved(cfg)}
 
-    before = {c.name: flat(cfg) for c, cfg in cell_configs(old, old_cells)}
-    after = [(c, flat(cfg)) for c, cfg in cell_configs(new, [by_name[c.name] for c in old_cells])]
-    if all(not differing(before[c.name], cfg, METHODS.get(c.method)) for c, cfg in after):
+    old_cfgs = {c.name: cfg for c, cfg in cell_configs(old, old_cells)}
+    before = {name: flat(cfg) for name, cfg in old_cfgs.items()}
+    after = [(c, flat(cfg), cfg) for c, cfg in cell_configs(new, [by_name[c.name] for c in old_cells])]
+    if all(not differing(before[c.name], values, cfg) for c, values, cfg in after):
         return True
     moved: dict[tuple[str, str], Any] = {}  # (method, key): the value started cells ran with, the preset's now other
     moves: dict[str, list[tuple[Any, Any]]] = {}  # key: (the preset's value now, the value they ran with)
@@ -121,8 +126,7 @@ def trains_alike(sweep_dir: Path, old: SweepSpec, old_cells: list[Cell], new: Sw
                 ran = recorded_config(path)
             except (OSError, yaml.YAMLError, cfgmod.ConfigError, TypeError, ValueError):
                 continue  # named by changed_cells when the sweep goes on
-            method = METHODS.get(cell.method)
-            for k in differing(ran, before[cell.name], method):
+            for k in differing(ran, before[cell.name], old_cfgs[cell.name]):
                 moved[cell.method, k] = ran.get(k)
                 moves.setdefault(k, []).append((before[cell.name][k], ran.get(k)))
             before[cell.name] = ran
@@ -133,10 +137,10 @@ def trains_alike(sweep_dir: Path, old: SweepSpec, old_cells: list[Cell], new: Sw
             return moved[cell.method, k] == value
         return (before[cell.name][k], value) in moves.get(k, [])
 
-    def alike(cell: Cell, cfg: dict[str, Any]) -> bool:
-        keys = differing(before[cell.name], cfg, METHODS.get(cell.method))
-        return not keys or cell.name not in started and all(moves_alike(cell, k, cfg[k]) for k in keys)
-    return all(alike(c, cfg) for c, cfg in after)
+    def alike(cell: Cell, values: dict[str, Any], cfg: cfgmod.Config) -> bool:
+        keys = differing(before[cell.name], values, cfg)
+        return not keys or cell.name not in started and all(moves_alike(cell, k, values[k]) for k in keys)
+    return all(alike(c, values, cfg) for c, values, cfg in after)
 
 
 def _resolved(cfg: cfgmod.Config) -> Any:

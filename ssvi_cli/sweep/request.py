@@ -125,6 +125,34 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
     return SweepSpec.from_dict(data)
 
 
+def grid_command(spec: SweepSpec, out_dir: Path) -> Optional[list[str]]:
+    """The ``ssvi sweep`` command line whose flags give ``spec`` with ``--out out_dir`` (read back by
+    :func:`spec_from_flags` to the same spec), or None where flags cannot say it: a seed list other
+    than 0..N-1 (a sweep file's), or values a comma-separated ``--set`` does not carry."""
+    if spec.seeds != tuple(range(len(spec.seeds))):
+        return None
+    flags = {"preset": spec.preset, "method": ",".join(spec.methods),
+             "sparsity": ",".join(yaml_text(v) for v in spec.sparsities), "seeds": len(spec.seeds)}
+    sets = [f"{k}={','.join(yaml_text(v) for v in values)}" for k, values in spec.axes.items()]
+    sets += [f"{k}={yaml_text(v)}" for k, v in spec.fixed.items()]
+    try:
+        back = spec_from_flags(None, spec.preset, flags["method"], flags["sparsity"], len(spec.seeds), None, sets,
+                               list(spec.ood), spec.samples)
+    except (SweepError, cfgmod.ConfigError):
+        return None
+    if back != spec:
+        return None
+    args = ["ssvi", "sweep"] + (["--preset", spec.preset] if spec.preset != cfgmod.DEFAULT_PRESET else [])
+    args += ["--method", flags["method"], "--sparsity", flags["sparsity"]]
+    args += ["--seeds", str(len(spec.seeds))] if len(spec.seeds) > 1 else []
+    for text in sets:
+        args += ["--set", text]
+    for text in spec.ood:
+        args += ["--ood", text]
+    args += ["--samples", str(spec.samples)] if spec.samples != SweepSpec().samples else []
+    return [*args, "--out", str(out_dir)]
+
+
 def _check_labels(ood: tuple[str, ...]) -> None:
     """Two ``--ood`` values under one name in the reports (``mine=a/`` and ``mine=b.npy``): every
     cell's evaluation would refuse them after training."""

@@ -16,7 +16,7 @@ from ssvi_cli.locks import Locked, acquire_lock
 from ssvi_cli.machine import shell_quote
 from ssvi_cli.sweep.figures import ACCURACY_VS_FLOPS, METRICS_VS_SPARSITY
 from ssvi_cli.sweep.grid import (CELLS_DIR, SWEEP_FILE, Cell, SweepError, SweepSpec, expand, is_sweep_dir,
-                                numbers, read_spec)
+                                numbers, read_spec, yaml_text)
 from ssvi_cli.sweep.report import REPORT_JSON, REPORT_MD
 from ssvi_cli.sweep.runner import LOGS_DIR
 
@@ -117,9 +117,10 @@ def claim_sweep_dir(out_dir: Path, spec: SweepSpec, cells: list[Cell], force: bo
                  + " and others" * (len(left) > 1)) if left else ""
         leaves = (f"; this grid leaves out {which}: a grid that adds to it lists {'it' if len(left) == 1 else 'them'} "
                   "too, a sweep file's seeds: [0, 1, 2, 3] rather than [3], say") if left and alike else ""
+        said = "".join(f", {change}" for change in (_grid_changes(old_spec, spec) if old_spec is not None else []))
         raise SweepError(f"{out_dir} holds a different sweep (a grid that only adds seeds, methods, sparsities "
                          f"or values to it, or evaluates it otherwise, continues it; this one changes what it "
-                         f"trains{leaves}): continue it as it is with "
+                         f"trains{said}{leaves}): continue it as it is with "
                          f"'ssvi sweep --resume {shell_quote(str(out_dir))}', choose another --out, or replace "
                          "it and its cells with --force (in a run: a dry run deletes nothing)")
     with _sweep_held(out_dir):  # no sweep runs it, and none of its cells starts, meanwhile
@@ -177,6 +178,26 @@ def _in_its_terms(old: SweepSpec, new: SweepSpec, cells: list[Cell]) -> tuple[Sw
         return new, cells
     adjusted = replace(new, axes=axes, fixed=fixed)
     return adjusted, expand(adjusted)
+
+
+def _grid_changes(old: SweepSpec, new: SweepSpec) -> list[str]:
+    """What the grid given sets otherwise than the sweep there, as flags: its preset, and each key of
+    its ``--set`` (a value, or an axis's values), ``leaving out the sweep's --set optim.lr=0.005``."""
+    said = [f"giving --preset {new.preset} for the sweep's {old.preset}"] if old.preset != new.preset else []
+
+    def given(spec: SweepSpec, key: str) -> Optional[str]:
+        values = spec.axes.get(key, spec.fixed.get(key, _UNSET))
+        return None if values is _UNSET else ",".join(map(yaml_text, values)) if key in spec.axes else yaml_text(values)
+
+    for key in dict.fromkeys([*old.axes, *old.fixed, *new.axes, *new.fixed]):
+        here, there = given(new, key), given(old, key)
+        if here != there:
+            said.append(f"leaving out the sweep's --set {key}={there}" if here is None else
+                        f"adding --set {key}={here}" if there is None else f"giving --set {key}={here} for the sweep's {there}")
+    return said
+
+
+_UNSET = object()
 
 
 def _part_of(out_dir: Path, old: SweepSpec, old_cells: list[Cell], new: SweepSpec, cells: list[Cell]) -> bool:
