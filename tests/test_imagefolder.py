@@ -477,6 +477,22 @@ def test_images_beside_the_class_folders_are_passed_over_with_a_warning(tmp_path
         scan_folder(split)
     assert [r.getMessage() for r in caplog.records] == [
         f"{split}: 1 image outside the split folders is passed over (an image's class is its folder's name)"]
+    # a folder beside them too (the review: an extra/ class folder of 20 images went unsaid)
+    caplog.clear()
+    write_class(split / "extra", 0, 2)
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli.data.imagefolder"):
+        files, _ = scan_folder(split).parts["train"]
+    assert len(files) == 2 * len(NAMES) and caplog.records[-1].getMessage() == \
+        f"{split}: extra/ is passed over (the split layout reads train/, val/, test/)"
+    # Train/ and Test/ were read as two classes named Train and Test; Val/ beside train/ went unsaid
+    write_class(split / "Val" / NAMES[0], 0, 2)
+    with pytest.raises(DataError, match=rf"^image folder {split} has Val/: the split layout's folders are named "
+                                        "train, val, test in lower case; rename it"):
+        scan_folder(split)
+    shutil.rmtree(split / "Val")
+    (split / "train").rename(split / "Train")
+    with pytest.raises(DataError, match=rf"^image folder {split} has Train/: the split layout's folders"):
+        scan_folder(split)
 
 
 def test_an_ood_folder_beside_the_class_folders_is_no_part_of_the_dataset(tmp_path):

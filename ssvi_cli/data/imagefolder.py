@@ -118,6 +118,12 @@ def scan_folder(path: Path) -> FolderScan:
                         f"class folders ({_LAYOUTS})")
     root = root.resolve()
     present = [s for s in SPLIT_FOLDERS if (root / s).is_dir()]
+    folders = [p.name for p in root.iterdir() if p.is_dir() and _visible(p.name) and p.name not in SPLIT_FOLDERS]
+    if cased := [n for n in folders if n.lower() in SPLIT_FOLDERS]:  # Train/ read as a class named Train
+        raise DataError(f"image folder {root} has {'/, '.join(sorted(cased))}/: the split layout's folders are named "
+                        f"{', '.join(SPLIT_FOLDERS)} in lower case; rename "
+                        f"{'it' if len(cased) == 1 else 'them'}, or, for class folders directly in {root}, "
+                        "give the classes other names")
     if not present:
         classes = _class_folders(root, "image folder")
         names = tuple(classes)
@@ -128,6 +134,10 @@ def scan_folder(path: Path) -> FolderScan:
                             f"{root / needed}/<class>/, or, for class folders directly in {root}, name none of "
                             f"them {', '.join(SPLIT_FOLDERS)} (the split layout's folders)")
     _say_loose(root, "split")
+    if folders:  # beside train/ and test/ only the split folders are read
+        warn_once(logger, (str(root), "beside"), "%s: %s passed over (the split layout reads %s)", shown(root),
+                  ", ".join(f"{shown(n)}/" for n in sorted(folders)) + (" is" if len(folders) == 1 else " are"),
+                  ", ".join(f"{n}/" for n in SPLIT_FOLDERS))
     by_split = {s: _class_folders(root / s, f"{s} folder") for s in present}
     names = tuple(by_split["train"])
     for split, classes in by_split.items():
