@@ -350,6 +350,11 @@ def test_a_value_is_a_name_then_name_dir_then_a_path(tmp_path, monkeypatch):
     assert parse_ood("x.NPY").kind == "path"
     request = parse_ood("cifar10=~/data")
     assert (request.label, request.name, request.data_dir) == ("cifar10", "cifar10", Path("~/data").expanduser())
+    # spaces around a value go, unless a folder has them: "sp " beside sp read sp (the paths review)
+    (tmp_path / "sp ").mkdir()
+    (tmp_path / "sp").mkdir()
+    assert parse_ood("sp ").path == Path("sp ") and parse_ood(" sp").path == Path("sp")
+    assert parse_ood("mine=sp ").path == Path("sp") and parse_ood(" noise ").kind == "set"
 
 
 def test_a_label_is_any_name_but_a_sets_and_is_kept_when_its_folder_is_gone(tmp_path, monkeypatch, capsys,

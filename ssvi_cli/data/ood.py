@@ -149,9 +149,15 @@ def _named(text: str) -> Optional[tuple[str, str]]:
 def label_of(text: str) -> str:
     """The name the ``--ood`` value ``text`` has in reports, read as :func:`parse_ood` reads it, also
     when it no longer parses (a sweep's folder moved since): ``NAME`` or ``LABEL`` before a ``=``."""
-    text = str(text).strip()
+    text = _as_given(str(text))
     named = _named(text) if text not in OOD_SETS else None
     return named[0].strip() if named else text
+
+
+def _as_given(text: str) -> str:
+    """``text`` without the spaces around it, unless it names a file or folder with them (``"sp "``
+    beside ``sp``: the one typed)."""
+    return text if text != text.strip() and Path(text).expanduser().exists() else text.strip()
 
 
 def _written_as_path(text: str) -> bool:
@@ -167,7 +173,7 @@ def _looks_like_path(text: str) -> bool:
 def parse_ood(text: str) -> OodRequest:
     """What the ``--ood`` value ``text`` names (module docstring); a path must exist and be a folder
     or a ``.npy`` file. Anything else raises a one-line :class:`DataError` naming the valid forms."""
-    text = str(text).strip()
+    text = _as_given(str(text))
     if not text:  # not the current folder, which Path("") would name
         raise DataError(f"--ood takes a value: one of {', '.join(OOD_SETS.names())}, or {_FORMS}")
     if text == HELDOUT:
