@@ -393,6 +393,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = raw
     if isinstance(value, dict):  # no key takes a mapping: `accumulate:` or `imagefolder:` is the text typed
         value = raw.strip()
+    if key.strip() in PATH_KEYS and isinstance(value, str) and raw.strip()[:1] not in ("'", '"'):
+        value = raw.strip()  # a path as typed: YAML would end `photos #1` at its comment, `#1`
     return key.strip(), value
 
 

@@ -85,6 +85,11 @@ def test_parse_override_reads_yaml_scalars_not_code():
         C.parse_override("model.widths=[10,20")
     for text in ("[old]/model.safetensors", "[2024]data", "{x}y"):
         assert C.parse_override(f"data.data_dir={text}") == ("data.data_dir", text)
+    # a path is read as typed: YAML ended `photos #1` at its comment, and another folder trained
+    assert C.parse_override("data.name=imagefolder:/d/photos #1") == ("data.name", "imagefolder:/d/photos #1")
+    assert C.parse_override("model.init_from='runs/a #1'") == ("model.init_from", "runs/a #1")  # quoted: YAML's
+    assert C.parse_override("model.init_from=null") == ("model.init_from", None)
+    assert C.parse_override("train.device=cpu #note") == ("train.device", "cpu")  # not a path: YAML's comment
     # the comma form reads each item as YAML does a quoted one: 'it' is it (was "'0' is not a class")
     for text in ("data.classes='0','1',2", "data.classes=['0','1',2]", 'data.classes="0", 1,2'):
         assert C.apply_overrides(C.Config(), dict([C.parse_override(text)])).data.classes == ("0", "1", "2"), text

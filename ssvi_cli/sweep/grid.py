@@ -219,7 +219,8 @@ def parse_values(text: str, where: str = "") -> list[Any]:
     try:
         parsed = cfgmod.read_typed(f"[{text}]")
     except ValueError:
-        raise SweepError(f"{where}: cannot read the values {text!r}; give them comma-separated, e.g. 0.1,0.2") from None
+        comment = " (' #' starts a YAML comment: quote a value that holds one)" if " #" in text else ""
+        raise SweepError(f"{where}: cannot read the values {text!r}{comment}; give them comma-separated, e.g. 0.1,0.2") from None
     if not isinstance(parsed, list) or not parsed:
         raise SweepError(f"{where} holds no values; give them comma-separated, e.g. 0.1,0.2")
     if any(isinstance(v, dict) for v in parsed) and "[" not in text:
