@@ -52,6 +52,17 @@ def shell_quote(word: str) -> str:
     return shlex.quote(word)
 
 
+def path_word(path: object) -> str:
+    """A path as a word of a command line to paste: ``./-x`` for ``-x``, which would read as an option."""
+    text = str(path)
+    return f"./{text}" if text.startswith("-") else text
+
+
+def quote_path(path: object) -> str:
+    """:func:`path_word`, quoted (:func:`shell_quote`)."""
+    return shell_quote(path_word(path))
+
+
 def shell_join(words: Iterable[str]) -> str:
     """``words`` as a command line to paste (:func:`shell_quote`)."""
     return " ".join(shell_quote(w) for w in words)

@@ -469,7 +469,7 @@ def test_odd_terminals_encodings_and_closed_streams_change_no_outcome(workspace,
     assert gone.returncode == 0 and json.loads(kept.read_text())["n"] > 0
 
 
-def test_commands_in_messages_paste_back_whatever_the_path(workspace, tmp_path, capsys):
+def test_commands_in_messages_paste_back_whatever_the_path(workspace, tmp_path, capsys, monkeypatch):
     """'Resume with: ssvi train --resume -int run' pasted back is two arguments: the paths are quoted."""
     odd = tmp_path / "my run"
     shutil.copytree(workspace / RUN, odd)
@@ -480,6 +480,12 @@ def test_commands_in_messages_paste_back_whatever_the_path(workspace, tmp_path, 
     shutil.copytree(workspace / "unstarted", unstarted)
     assert run(["evaluate", str(unstarted)]) == 2
     assert f"start it again with ssvi train --out {shlex.quote(str(unstarted))} --force" in capsys.readouterr().err
+    # a path that starts with a dash reads as an option: `ssvi evaluate -x/model.safetensors` was "No such option"
+    dashed = Path("-x")
+    shutil.copytree(workspace / RUN, tmp_path / dashed)
+    monkeypatch.chdir(tmp_path)
+    assert run(["train", "--resume", str(dashed)]) == 0
+    assert "Evaluate it: ssvi evaluate ./-x/model.safetensors" in " ".join(capsys.readouterr().err.split())
 
 
 def test_commands_in_messages_paste_back_into_windows_shells_too(workspace, tmp_path, capsys, monkeypatch):

@@ -12,7 +12,7 @@ from rich.table import Table
 from ssvi_cli.config import MAX_BATCH, MAX_ITEMS, MAX_SEED
 from ssvi_cli.cli.common import (UsageError, check_device, check_output_dir, check_output_file, err,
                                    fmt, kept_warnings, out, print_json, progress_bar)
-from ssvi_cli.machine import shell_quote
+from ssvi_cli.machine import quote_path
 
 METRIC_LABELS = {
     "accuracy": "accuracy",
@@ -237,5 +237,5 @@ def _why_checkpoint(model: Path, training: Any) -> str:
     if run.summary_file.is_file():
         return (f"{when}: the run finished but its model file {run.model_file} is missing"
                 + (" and its last checkpoint is missing or unreadable" if unfinished is not None else "")
-                + f" (ssvi train --resume {shell_quote(str(model))} writes it again)")
+                + f" (ssvi train --resume {quote_path(model)} writes it again)")
     return f"{when}: the run has no model file, so its training had not finished"

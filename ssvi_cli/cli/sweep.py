@@ -13,7 +13,7 @@ from rich.table import Table
 
 from ssvi_cli.cli.common import UsageError, check_output_dir, count, err, out, print_json, progress_bar, tell
 from ssvi_cli.cli.sweep_cell import check_changed, run_cell
-from ssvi_cli.machine import shell_join, shell_quote
+from ssvi_cli.machine import path_word, quote_path, shell_join
 
 if TYPE_CHECKING:
     from ssvi_cli.sweep.grid import SweepSpec
@@ -60,7 +60,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"{modes[0]} replaces nothing: leave out --force (it goes with the whole grid and --out, "
                              "to replace a sweep made under other settings)")
         if len(modes) > 1 or (modes and grid_given):
-            grow = (f" (to grow the sweep: the whole grid with --out {shell_quote(str(resume))})"
+            grow = (f" (to grow the sweep: the whole grid with --out {quote_path(resume)})"
                     if modes == ["--resume"] and not out_dir else "")
             raise UsageError(f"{modes[0]} takes no grid options{grow}" if len(modes) == 1 else f"use one of {', '.join(modes)}")
         if dry_run and force:
@@ -211,7 +211,7 @@ def _run(sweep_dir: Path, spec: "SweepSpec", cells: list[Any], jobs: int, thread
     if outcome.interrupted:
         failed = f"; {len(outcome.failed)} failed (logs in {sweep_dir / 'logs'})" if outcome.failed else ""
         # A cell stopped before its first checkpoint starts again; the others continue from theirs.
-        resume = f"ssvi sweep --resume {shell_quote(str(sweep_dir))}"
+        resume = f"ssvi sweep --resume {quote_path(sweep_dir)}"
         if outcome.stopped:
             fresh = sum(cell_state(cell_dir(sweep_dir, c)) == "new" for c in cells if c.name in outcome.stopped)
             _say(f"interrupted: {count(len(outcome.stopped), 'cell')} stopped{failed}; " + (
@@ -224,13 +224,13 @@ def _run(sweep_dir: Path, spec: "SweepSpec", cells: list[Any], jobs: int, thread
     _finish(result, json_out)
     if outcome.busy:
         err.print(f"{count(len(outcome.busy), 'cell')} running in another process, left to it; when done: "
-                  f"{shell_join(['ssvi', 'sweep', '--report', str(sweep_dir)])}")
+                  f"{shell_join(['ssvi', 'sweep', '--report', path_word(sweep_dir)])}")
     if outcome.halted:
         err.print(f"{count(len(outcome.halted), 'cell')} of the same data settings not started: two cells failed "
                   f"with the same data error, which each would meet ({outcome.repeated})", highlight=False)
     if outcome.failed:
         err.print(f"{count(len(outcome.failed), 'cell')} failed (logs in {sweep_dir / 'logs'}); rerun with: "
-                  f"ssvi sweep --resume {shell_quote(str(sweep_dir))}")
+                  f"ssvi sweep --resume {quote_path(sweep_dir)}")
         raise typer.Exit(1)
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import typer
 
 from ssvi_cli.cli.common import UsageError, count, err, print_json, running_cell
-from ssvi_cli.machine import shell_join, shell_quote
+from ssvi_cli.machine import path_word, quote_path, shell_join
 
 if TYPE_CHECKING:
     from ssvi_cli.sweep.grid import Cell, SweepSpec
@@ -38,7 +38,7 @@ def run_cell(path: Path, run: Callable[[list[str]], int], json_out: bool = False
     sweep_dir = next((p for p in (path, path.parent) if is_sweep_dir(p)), None)
     if sweep_dir is not None:  # the sweep, or its cells folder: not one cell
         raise UsageError(f"--run-cell takes one cell's folder, {sweep_dir / CELLS_DIR / 'NAME'} (the lines of "
-                         f"--dry-run); to run the whole sweep: ssvi sweep --resume {shell_quote(str(sweep_dir))}")
+                         f"--dry-run); to run the whole sweep: ssvi sweep --resume {quote_path(sweep_dir)}")
     if path.parent.name != CELLS_DIR or not is_sweep_dir(path.parent.parent):
         raise UsageError(f"--run-cell {path}: not a cell of a sweep (a folder OUT/{CELLS_DIR}/NAME of a sweep in OUT, "
                          "as listed by --dry-run)")
@@ -68,7 +68,7 @@ def run_cell(path: Path, run: Callable[[list[str]], int], json_out: bool = False
             return code
     except KeyboardInterruptHandled as stop:  # the cell goes on as --run-cell (a scheduler's job) or with the sweep
         cell_only = shell_join(["ssvi", "sweep", "--run-cell", str(path.resolve())])
-        every = shell_join(["ssvi", "sweep", "--resume", str(path.parent.parent)])
+        every = shell_join(["ssvi", "sweep", "--resume", path_word(path.parent.parent)])
         raise KeyboardInterruptHandled(stop.message, stop.exit_code,
                                        resume=f"{every} (every cell left), or this cell alone: {cell_only}") from None
     except CellBusy as exc:
@@ -133,7 +133,7 @@ def check_changed(sweep_dir: Path, spec: "SweepSpec", cells: list["Cell"]) -> No
                          f"gives {'it' if one else 'them'} now (a preset edited since, or a folder copied in); "
                          f"delete {'its folder' if one else 'their folders'} to run {'it' if one else 'them'} "
                          "again, or report the sweep as it is: "
-                         f"{shell_join(['ssvi', 'sweep', '--report', str(sweep_dir)])}"
+                         f"{shell_join(['ssvi', 'sweep', '--report', path_word(sweep_dir)])}"
                          + (advice if values else ""))
 
 

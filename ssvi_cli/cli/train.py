@@ -19,7 +19,7 @@ from ssvi_cli.cli.train_config import (build_config, config_origin, default_run_
                                        init_from_lr_note, nproc_again, pin_init_from, processes_note, recipe_note, set_keys,
                                        show_config, threads_note, unused_keys)
 from ssvi_cli.cli.train_fit import KeyboardInterruptHandled, fit
-from ssvi_cli.machine import shell_quote
+from ssvi_cli.machine import quote_path
 from ssvi_cli.training.unused import unused_settings
 
 
@@ -111,7 +111,7 @@ def register(app: typer.Typer) -> None:
             if given:
                 settings = [g for g in given if g not in ("--out", "--force")]
                 raise UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}" + (
-                    f" (a new run from it takes other settings: ssvi train --init-from {shell_quote(str(resume))} --out NEW ...)" if settings else ""))
+                    f" (a new run from it takes other settings: ssvi train --init-from {quote_path(resume)} --out NEW ...)" if settings else ""))
         elif out_dir is not None and not print_config:
             check_run_out(out_dir)  # a sweep's cells folder, say, before anything else
         if print_config:
@@ -151,7 +151,7 @@ def register(app: typer.Typer) -> None:
                 except KeyboardInterrupt:  # it said just "interrupted"
                     raise KeyboardInterruptHandled(
                         "interrupted while the run's checkpoint and data were read, before it went on; nothing "
-                        "changed" if info.is_main else "", resume=f"ssvi train --resume {shell_quote(str(resume))}"
+                        "changed" if info.is_main else "", resume=f"ssvi train --resume {quote_path(resume)}"
                         + nproc_again(info.world_size) if info.is_main else "") from None
                 if info.is_main:  # once it has passed its checks (a refused one leaves no lock file behind)
                     held.enter_context(RunDir(resume).hold("--resume", create=False))
@@ -219,7 +219,7 @@ def register(app: typer.Typer) -> None:
             return
         tell(kv_table(f"ssvi train: {trainer.run_dir}", summary_rows(summary)), console=out)
         # Paths on lines of their own, never folded into a cell, so a person can copy them.
-        model = shell_quote(str(summary.get("model_file")))
+        model = quote_path(summary.get("model_file"))
         tell(f"model file: {summary.get('model_file')}\nnext: ssvi evaluate {model} --ood noise | ssvi infer {model} "
              f"IMAGES | ssvi inspect {model}", console=out, highlight=False)
 

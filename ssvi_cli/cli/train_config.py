@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from ssvi_cli import config as cfgmod
 from ssvi_cli.cli.common import UsageError, count, err, out, print_json
-from ssvi_cli.machine import shell_quote
+from ssvi_cli.machine import quote_path
 from ssvi_cli.training.unused import unused_settings
 
 
@@ -269,7 +269,7 @@ def finished_run(run_dir: Path, json_out: bool, is_main: bool) -> bool:
     summary = run.read_summary()
     if is_main:
         note = (f"{run_dir} has finished ({run.summary_file.name} and {run.model_file.name} written); nothing "
-                f"to resume. Evaluate it: ssvi evaluate {shell_quote(str(run.model_file))}")
+                f"to resume. Evaluate it: ssvi evaluate {quote_path(run.model_file)}")
         if json_out:
             print_json({**summary, "notes": [note]})  # the shape a finished run's --json has
         err.print(note, highlight=False)

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from ssvi_cli.cli.common import count, fmt, progress_bar, tell
 from ssvi_cli.cli.train_config import nproc_again
-from ssvi_cli.machine import shell_quote
+from ssvi_cli.machine import quote_path
 
 
 def fit(trainer, interrupted_cls, quiet: bool, say: Callable[[str], None], bar: bool = True) -> dict[str, Any]:
@@ -66,7 +66,7 @@ def fit(trainer, interrupted_cls, quiet: bool, say: Callable[[str], None], bar: 
             except OSError:  # the folder itself unreadable now: the error as it came
                 kept = False
             if kept:
-                exc.ssvi_resume = f"ssvi train --resume {shell_quote(str(trainer.run_dir))}" + nproc_again(trainer.dist.world_size)
+                exc.ssvi_resume = f"ssvi train --resume {quote_path(trainer.run_dir)}" + nproc_again(trainer.dist.world_size)
             raise
         except interrupted_cls as stop:
             how = "interrupted" if stop.signum == signal.SIGINT else f"stopped by {stop.signum.name}"
@@ -74,7 +74,7 @@ def fit(trainer, interrupted_cls, quiet: bool, say: Callable[[str], None], bar: 
                        if stop.during else f"{how} at step {stop.step}; checkpoint written")
             # One line per run, not per rank: the other ranks exit with the same code, silently.
             raise KeyboardInterruptHandled(message if trainer.is_main else "", exit_code=128 + int(stop.signum),
-                                           resume=f"ssvi train --resume {shell_quote(str(stop.run_dir))}" + nproc_again(trainer.dist.world_size)
+                                           resume=f"ssvi train --resume {quote_path(stop.run_dir)}" + nproc_again(trainer.dist.world_size)
                                            if trainer.is_main else "") from None
 
 

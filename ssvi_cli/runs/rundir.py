@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, ContextManager, Optional
 
 from ssvi_cli import config as cfgmod, fileio, locks
-from ssvi_cli.machine import shell_quote
+from ssvi_cli.machine import quote_path
 from ssvi_cli.runs import aside, checkpoint as ckpt
 
 
@@ -274,16 +274,16 @@ class RunDir:
             if not self._left_traces():
                 raise ckpt.CheckpointError(f"{self.path} holds a config.yaml but no run trained there, so there is "
                                            f"nothing to read or resume; to train from it: ssvi train --preset "
-                                           f"{shell_quote(str(self.config_file))} --out NEW_FOLDER")
+                                           f"{quote_path(self.config_file)} --out NEW_FOLDER")
             if self.summary_file.is_file():  # it finished, after its last checkpoint: they went since
                 gone = "checkpoints" + ("" if self.model_file.is_file() else " and model file")
                 raise ckpt.CheckpointError(f"{self.path} holds a run whose {gone} are gone (its records remain), so "
-                                           f"there is nothing to read or resume; ssvi train --out {shell_quote(str(self.path))} --force "
+                                           f"there is nothing to read or resume; ssvi train --out {quote_path(self.path)} --force "
                                            "trains it again, replacing those records")
-            replaced = aside.kept_note(self.path, f"ssvi train --out {shell_quote(str(self.path))}")
+            replaced = aside.kept_note(self.path, f"ssvi train --out {quote_path(self.path)}")
             raise ckpt.CheckpointError(f"{self.path} holds a run that stopped before its first checkpoint, so there "
                                        f"is nothing to read or resume; " + (replaced or "start it again with ssvi train "
-                                       f"--out {shell_quote(str(self.path))} --force"))
+                                       f"--out {quote_path(self.path)} --force"))
         return found[-1] if found else ckpt.latest_checkpoint(self.path, lambda p: RunDir(p).is_run())  # not a run
 
     def load_latest(self, purpose: str = "resuming from", warn: bool = True) -> tuple[Path, dict[str, Any]]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ssvi_cli import config as cfgmod
+from ssvi_cli.machine import path_word
 from ssvi_cli.sweep.grid import (SweepError, SweepSpec, check_key, list_valued, numbers, parse_axis, typed_number,
                                 yaml_text)
 
@@ -150,7 +151,7 @@ def grid_command(spec: SweepSpec, out_dir: Path) -> Optional[list[str]]:
     for text in spec.ood:
         args += ["--ood", text]
     args += ["--samples", str(spec.samples)] if spec.samples != SweepSpec().samples else []
-    return [*args, "--out", str(out_dir)]
+    return [*args, "--out", path_word(out_dir)]
 
 
 def _check_labels(ood: tuple[str, ...]) -> None:

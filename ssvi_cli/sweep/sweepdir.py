@@ -13,7 +13,7 @@ from typing import Any, Optional
 from ssvi_cli import config as cfgmod
 from ssvi_cli.fileio import not_ours, remove_entries, visible_entries, write_json
 from ssvi_cli.locks import Locked, acquire_lock
-from ssvi_cli.machine import shell_quote
+from ssvi_cli.machine import quote_path
 from ssvi_cli.sweep.figures import ACCURACY_VS_FLOPS, METRICS_VS_SPARSITY
 from ssvi_cli.sweep.grid import (CELLS_DIR, SWEEP_FILE, Cell, SweepError, SweepSpec, expand, is_sweep_dir,
                                 numbers, read_spec, yaml_text)
@@ -102,7 +102,7 @@ def claim_sweep_dir(out_dir: Path, spec: SweepSpec, cells: list[Cell], force: bo
                          "given, if one is)")
         return "grown", spec, cells, notes
     if old_spec is not None and not force and _part_of(out_dir, old_spec, old_cells, spec, cells):
-        quoted = shell_quote(str(out_dir))
+        quoted = quote_path(out_dir)
         part = "this grid's one cell is" if len(cells) == 1 else f"this grid's {len(cells)} cells are"
         raise SweepError(f"{out_dir} holds a larger sweep of {len(old_cells)} cells, of which {part} a part: run it "
                          f"all, as it was made, with 'ssvi sweep --resume {quoted}', one cell with "
@@ -121,7 +121,7 @@ def claim_sweep_dir(out_dir: Path, spec: SweepSpec, cells: list[Cell], force: bo
         raise SweepError(f"{out_dir} holds a different sweep (a grid that only adds seeds, methods, sparsities "
                          f"or values to it, or evaluates it otherwise, continues it; this one changes what it "
                          f"trains{said}{leaves}): continue it as it is with "
-                         f"'ssvi sweep --resume {shell_quote(str(out_dir))}', choose another --out, or replace "
+                         f"'ssvi sweep --resume {quote_path(out_dir)}', choose another --out, or replace "
                          "it and its cells with --force (in a run: a dry run deletes nothing)")
     with _sweep_held(out_dir):  # no sweep runs it, and none of its cells starts, meanwhile
         remove_entries(out_dir, SWEEP_ENTRIES)  # its cells were made under other settings and must not be reused

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ssvi_cli.config import Config, ConfigError
 from ssvi_cli.data.spec import DataSpec
-from ssvi_cli.machine import shell_quote
+from ssvi_cli.machine import quote_path
 from ssvi_cli.models import AUX_HEADS, TORCHVISION, torchvision_base
 from ssvi_cli.modelfile.header import ZIP_MAGIC, ZIP_WORDS, zip_kind
 from ssvi_cli.runs.checkpoint import FORMAT as CHECKPOINT_FORMAT
@@ -168,7 +168,7 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
         raise ConfigError(f"--init-from {path} is not a readable state_dict ({first})") from None
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         raise ConfigError(f"--init-from {path} is an ssvi training checkpoint; --init-from takes a model file "
-                          f"(ssvi export {shell_quote(str(path))} -o model.safetensors) or a run directory (its model file, else its "
+                          f"(ssvi export {quote_path(path)} -o model.safetensors) or a run directory (its model file, else its "
                           "newest checkpoint)")
     if isinstance(state, dict) and not all(isinstance(v, Tensor) for v in state.values()):
         # A training checkpoint: the network's state_dict under the key its convention gives it

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence
 
 from ssvi_cli import machine
-from ssvi_cli.machine import shell_quote
+from ssvi_cli.machine import quote_path
 from ssvi_cli.training.cpus import usable_cpus
 
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36  # <linux/prctl.h>
@@ -202,7 +202,7 @@ def ending_message(ended: "Launched", nproc: int, run_dir: Path, untrained: bool
             "killed": f"those still running {ORPHANS_GRACE_S:g} s later were killed"}.get(
         ended.orphans, "ssvi cannot watch them on this system: make sure none is still running")
     return (f"error: the launcher of the {nproc} processes was killed by {name}; {said}; the run's last "
-            f"checkpoint, if any, resumes it: ssvi train --resume {shell_quote(str(run_dir))}")
+            f"checkpoint, if any, resumes it: ssvi train --resume {quote_path(run_dir)}")
 
 
 class Launched(NamedTuple):
