@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Iterable, Optional
 
 MEMINFO = "/proc/meminfo"
@@ -50,6 +51,12 @@ def shell_quote(word: str) -> str:
     import shlex
 
     return shlex.quote(word)
+
+
+def given_path(path: Path) -> Path:
+    """A path to read as given on a command line, its ``~`` expanded where the shell left it (quoted,
+    or after ``=``) and nothing of that literal name exists, as ``--init-from`` and ``--preset`` read it."""
+    return path.expanduser() if str(path).startswith("~") and not path.exists() else path
 
 
 def path_word(path: object) -> str:

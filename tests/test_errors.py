@@ -511,3 +511,22 @@ def test_a_legal_long_file_name_is_written(workspace, tmp_path):
     for name in ("m" * 230 + ".safetensors", "中" * 80 + ".safetensors"):
         target = tmp_path / name
         assert run(["export", str(workspace / RUN), "--output", str(target)]) == 0 and target.is_file()
+
+
+def test_a_model_or_input_path_with_a_tilde_the_shell_left_is_read_from_home(workspace, tmp_path, capsys, monkeypatch):
+    """--init-from, --preset and --ood read '~/r1' (quoted, or after '=') as the home folder's, while
+    evaluate, infer, inspect and export said '~/r1 does not exist' (the paths review)."""
+    home = tmp_path / "home"
+    shutil.copytree(workspace / RUN, home / "r1")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    model = "~/r1/model.safetensors"
+    assert run(["inspect", "~/r1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["file"] == str(home / "r1" / "model.safetensors")
+    assert run(["export", "~/r1", "-o", str(tmp_path / "e.safetensors")]) == 0
+    capsys.readouterr()
+    np.save(home / "x.npy", np.zeros((2, 64), np.float32))
+    assert run(["infer", model, "~/x.npy", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["predictions"]) == 2
+    (tmp_path / "~" / "r1").mkdir(parents=True)  # a folder really named so here is the one read: no model in it
+    assert run(["inspect", "~/r1"]) == 2 and str(home) not in capsys.readouterr().err

@@ -12,7 +12,7 @@ from rich.table import Table
 from ssvi_cli.config import MAX_BATCH, MAX_ITEMS, MAX_SEED
 from ssvi_cli.cli.common import (UsageError, check_device, check_output_dir, check_output_file, err,
                                    fmt, kept_warnings, out, print_json, progress_bar)
-from ssvi_cli.machine import quote_path
+from ssvi_cli.machine import given_path, quote_path
 
 METRIC_LABELS = {
     "accuracy": "accuracy",
@@ -126,6 +126,7 @@ def register(app: typer.Typer) -> None:
         from ssvi_cli.runs.load import load_model
         from ssvi_cli.fileio import write_json
 
+        model = given_path(model)
         opts = _options(split, samples, mode, batch_size, seed)
         if ood_max_items > MAX_ITEMS:
             raise UsageError(f"--ood-max-items must be at most {MAX_ITEMS:,}, got {ood_max_items}")

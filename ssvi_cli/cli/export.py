@@ -9,6 +9,7 @@ import typer
 
 from ssvi_cli.cli.common import (UsageError, check_output_file, size_rows, err, kept_warnings, kv_table, out,
                                  print_json)
+from ssvi_cli.machine import given_path
 
 
 def register(app: typer.Typer) -> None:
@@ -26,6 +27,7 @@ def register(app: typer.Typer) -> None:
 
         if dtype not in DTYPES:
             raise UsageError(f"--dtype {dtype!r} is not valid; valid values are: {', '.join(DTYPES)}")
+        source = given_path(source)
         if not source.exists():
             raise UsageError(f"{source} does not exist")
         if str(output) == "-":

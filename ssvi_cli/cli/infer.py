@@ -14,6 +14,7 @@ from ssvi_cli import fileio
 from ssvi_cli.config import MAX_SAMPLES, MAX_SEED
 from ssvi_cli.cli.common import (UsageError, check_device, check_output_file, count, err, json_text, out,
                                    kept_warnings, print_json, progress_bar)
+from ssvi_cli.machine import given_path
 
 SHOWN_ROWS = 50  # the table shows this many inputs; --output holds all
 DEFAULT_SAMPLES = 10  # Monte Carlo samples per input
@@ -42,6 +43,7 @@ def register(app: typer.Typer) -> None:
                                                predict_inputs)
         from ssvi_cli.prediction import MODES, is_bayesian
 
+        model_file, inputs = given_path(model_file), [given_path(p) for p in inputs]
         if mode not in MODES:
             raise UsageError(f"--mode {mode!r} is not valid; valid values are: {', '.join(MODES)}")
         if samples is not None and mode == "mean":

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ssvi_cli.cli.common import (UsageError, check_output_dir, count, err, kv_table, out, print_json, scored_as,
                                  size_rows)
+from ssvi_cli.machine import given_path
 
 HISTORY_ROWS = 12  # support-history steps shown in the table (all are in --json)
 
@@ -28,6 +29,7 @@ def register(app: typer.Typer) -> None:
 
         if not 0.0 < drop_fraction <= 1.0:
             raise UsageError(f"--drop-fraction must be in (0, 1], got {drop_fraction}")
+        source = given_path(source)
         if not source.exists():
             raise UsageError(f"{source} does not exist")
         written: list[Path] = []
