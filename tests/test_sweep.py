@@ -671,6 +671,11 @@ def test_a_metric_over_fewer_seeds_says_so_in_every_table(capsys):
     assert "finite" not in capsys.readouterr().out
     assert "| ssvi | 0.95 | 1 of 3 finite |" in "\n".join(paired_markdown({**paired, "metrics": [
         *paired["metrics"], "auroc:noise:mutual_information"]}, []))  # where it is shown
+    # an OOD set's path with a '|' stays one column (the paths review: 14 header cells over 12 columns)
+    table = "\n".join(paired_markdown({**paired, "metrics": ["accuracy", "auroc:/d/p|q:entropy"]}, []))
+    head, rule = next((line, after) for line, after in zip(table.splitlines(), table.splitlines()[1:])
+                      if line.startswith("| method"))
+    assert "AUROC /d/p\\|q (entropy)" in head and head.replace("\\|", "").count("|") == rule.count("---") + 1
 
 
 def test_a_minus_sign_names_its_own_cell_and_older_sweeps_keep_their_names(tmp_path: Path, capsys):

@@ -140,10 +140,16 @@ def paired_markdown(paired: dict[str, Any], axes: list[str]) -> list[str]:
     lines = [*title,
              "Each group minus the baseline, seed by seed over the seeds both finished (a seed fixes the "
              "split, initialisation and batch order of every cell alike): mean ± standard error.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             md_row(head), "|" + "---|" * len(head)]
     for g in paired["groups"]:
         cells = [g["method"], "dense" if g["sparsity"] is None else f"{g['sparsity']:g}",
                  *(setting_text(g, a) for a in axes), seeds_text(g),
                  *(diff_text(g.get(k)) for k in paired["metrics"])]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(md_row(cells))
     return lines
+
+
+def md_row(cells: list[str]) -> str:
+    """One row of a Markdown table, a ``|`` in a cell (an OOD folder's path, say) escaped so that it
+    stays one cell."""
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"

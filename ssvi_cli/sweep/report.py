@@ -20,7 +20,7 @@ from ssvi_cli.runs.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, SUPPOR
 from ssvi_cli.sweep.drift import changed_cells
 from ssvi_cli.sweep.grid import (EVAL_FILE, OWN_KEYS, Cell, SweepError, SweepSpec, group_key, group_label,
                                  read_spec, seeds_text, setting_text, yaml_text)
-from ssvi_cli.sweep.paired import auroc_title, paired_differences, paired_markdown
+from ssvi_cli.sweep.paired import auroc_title, md_row, paired_differences, paired_markdown
 from ssvi_cli.sweep.failures import failure
 from ssvi_cli.sweep.runner import cell_dir, cell_state
 
@@ -191,13 +191,13 @@ def markdown(report: dict[str, Any]) -> str:
                 if len(threads) == 1 else "")
              + (" Every cell sets " + ", ".join(f"`{k}={yaml_text(v)}`" for k, v in spec.fixed.items()) + "."
                 if spec.fixed else ""), "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             md_row(head), "|" + "---|" * len(head)]
     for g in groups:
         cells = [g["method"], "dense" if g["sparsity"] is None else f"{g['sparsity']:g}",
                  *(setting_text(g, a, str) for a in axes), seeds_text(g),
                  *(mean_std(g.get(k), d) for k, _, d in METRICS), *(mean_std(g.get(k)) for k in aurocs),
                  mean_std(g.get("training_flops"), 0), mean_std(g.get("model_file_bytes"), 0)]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(md_row(cells))
     if report["missing"]:
         lines += ["", f"Not evaluated yet: {', '.join(report['missing'])}."]
     if report.get("failed"):
