@@ -484,6 +484,14 @@ def validate(cfg: Config) -> None:
         if value not in options:
             raise ConfigError(f"{key}={value!r}; valid values are: {', '.join(options)}")
 
+    flat = flat_dict(cfg)
+    for key in PATH_KEYS:  # recorded in the run's config.yaml and model file, which are UTF-8 text
+        value = flat.get(key)
+        try:
+            value.encode("utf-8") if isinstance(value, str) else None
+        except UnicodeEncodeError:
+            raise ConfigError(f"{key}={value.encode('utf-8', 'backslashreplace').decode()}: the path is not UTF-8 "
+                              "text, which the run's config and model file record; rename it") from None
     choice("sparse.method", s.method, tuple(METHODS.names()))
     choice("sparse.allocation", s.allocation, ALLOCATIONS)
     choice("sparse.new_sigma", s.new_sigma, NEW_SIGMA)

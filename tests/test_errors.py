@@ -530,3 +530,23 @@ def test_a_model_or_input_path_with_a_tilde_the_shell_left_is_read_from_home(wor
     assert len(json.loads(capsys.readouterr().out)["predictions"]) == 2
     (tmp_path / "~" / "r1").mkdir(parents=True)  # a folder really named so here is the one read: no model in it
     assert run(["inspect", "~/r1"]) == 2 and str(home) not in capsys.readouterr().err
+
+
+@pytest.mark.skipif(sys.platform in ("darwin", "win32"), reason="file names there are Unicode text")
+def test_a_model_at_a_path_that_is_not_utf8_reads_back_and_a_recorded_path_must_be(workspace, tmp_path, capsys):
+    """train --out and export -o wrote model files under a name of Latin-1 bytes that evaluate, infer,
+    inspect, export and --init-from could not read (safetensors opens UTF-8 paths only); and a run
+    from such a path failed writing its config, after training."""
+    odd = tmp_path / os.fsdecode(b"o\xe9")
+    shutil.copytree(workspace / RUN, odd)
+    assert run(["inspect", str(odd), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["totals"]["active_weights"] > 0
+    assert run(["export", str(odd), "-o", str(odd / "again.safetensors"), "--json"]) == 0
+    capsys.readouterr()
+    assert run(["evaluate", str(odd / "again.safetensors"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 360  # the test digits, scored
+    for flag, value in (("--init-from", str(odd / "model.safetensors")), ("--data", f"imagefolder:{odd}")):
+        assert run(["train", flag, value, "--out", str(tmp_path / "r")]) == 2
+        said = capsys.readouterr().err
+        assert "o\\udce9" in said and "the path is not UTF-8 text, which the run's config and model file record; " \
+            "rename it" in said and not (tmp_path / "r").exists()

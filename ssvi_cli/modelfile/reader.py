@@ -123,9 +123,21 @@ def read_layers(path: Path) -> tuple[ModelCard, FileInfo, list[tuple[str, Sparse
 def read_tensors(path: Path) -> dict[str, Tensor]:
     """Every tensor of the file at ``path`` (its header already validated)."""
     try:
-        return load_file(str(path))
+        return load_safetensors(path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFileError(f"{path} could not be read ({brief(exc)})") from None
+
+
+def load_safetensors(path: Path) -> dict[str, Tensor]:
+    """A safetensors file's tensors; at a path that is not UTF-8 text (which safetensors cannot open,
+    though ``save_file`` writes there), read from its bytes."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        from safetensors.torch import load
+
+        return load(Path(path).read_bytes())
+    return load_file(str(path))
 
 
 def install(model: nn.Module, path: Path, meta: dict[str, Any], tensors: dict[str, Tensor],

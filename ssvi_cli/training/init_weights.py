@@ -140,9 +140,9 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
         raise ConfigError(f"--init-from {path}: no such file")
     try:
         if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
+            from ssvi_cli.modelfile.reader import load_safetensors
 
-            state = load_file(str(path))
+            state = load_safetensors(path)
         else:
             with _checkpoint_records():
                 state = torch_load_tensors(path)
