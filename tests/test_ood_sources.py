@@ -340,11 +340,16 @@ def test_ood_mistakes_are_one_line_errors(capsys, subset_model, tmp_path, value,
     assert words.format(root=tmp_path) in " ".join(err.split()) and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_a_value_is_a_name_then_name_dir_then_a_path(tmp_path, monkeypatch):
+def test_a_value_is_a_name_then_name_dir_then_a_path(tmp_path, monkeypatch, caplog):
+    import logging
+
     monkeypatch.chdir(tmp_path)
     (tmp_path / "noise").mkdir()  # a folder that shares a registered name
     (tmp_path / "mine").mkdir()
-    assert parse_ood("noise").kind == "set" and parse_ood("./noise").kind == "path"
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli.data.ood"):
+        assert parse_ood("noise").kind == "set" and parse_ood("./noise").kind == "path"
+    assert [r.getMessage() for r in caplog.records] == [  # it went unsaid (the paths review)
+        "--ood noise is the built-in set, not the folder noise here; for that folder give --ood ./noise"]
     assert parse_ood("mine").kind == "path"  # exists on disk
     (tmp_path / "x.NPY").touch()
     assert parse_ood("x.NPY").kind == "path"

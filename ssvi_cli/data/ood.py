@@ -31,6 +31,7 @@ from ssvi_cli.data.sources import DATASETS, UnknownDataset, load_raw
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.data.transforms import PreparedDataset, preprocess
 from ssvi_cli.registry import Registry
+from ssvi_cli.warned import warn_once
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +177,9 @@ def parse_ood(text: str) -> OodRequest:
     text = _as_given(str(text))
     if not text:  # not the current folder, which Path("") would name
         raise DataError(f"--ood takes a value: one of {', '.join(OOD_SETS.names())}, or {_FORMS}")
+    if text in (HELDOUT, *OOD_SETS.names()) and Path(text).exists():  # a name first: the folder is ./NAME
+        warn_once(logger, (text, "named"), "--ood %s is the %s set, not the folder %s here; for that folder give "
+                  "--ood ./%s", text, "held-out classes'" if text == HELDOUT else "built-in", text, text)
     if text == HELDOUT:
         return OodRequest(text, HELDOUT)
     if text in OOD_SETS:
