@@ -132,19 +132,18 @@ def grid_command(spec: SweepSpec, out_dir: Path) -> Optional[list[str]]:
     than 0..N-1 (a sweep file's), or values a comma-separated ``--set`` does not carry."""
     if spec.seeds != tuple(range(len(spec.seeds))):
         return None
-    flags = {"preset": spec.preset, "method": ",".join(spec.methods),
-             "sparsity": ",".join(yaml_text(v) for v in spec.sparsities), "seeds": len(spec.seeds)}
+    methods, sparsities = ",".join(spec.methods), ",".join(yaml_text(v) for v in spec.sparsities)
     sets = [f"{k}={','.join(yaml_text(v) for v in values)}" for k, values in spec.axes.items()]
     sets += [f"{k}={yaml_text(v)}" for k, v in spec.fixed.items()]
     try:
-        back = spec_from_flags(None, spec.preset, flags["method"], flags["sparsity"], len(spec.seeds), None, sets,
-                               list(spec.ood), spec.samples)
+        back = spec_from_flags(None, spec.preset, methods, sparsities, len(spec.seeds), None, sets, list(spec.ood),
+                               spec.samples)
     except (SweepError, cfgmod.ConfigError):
         return None
     if back != spec:
         return None
     args = ["ssvi", "sweep"] + (["--preset", spec.preset] if spec.preset != cfgmod.DEFAULT_PRESET else [])
-    args += ["--method", flags["method"], "--sparsity", flags["sparsity"]]
+    args += ["--method", methods, "--sparsity", sparsities]
     args += ["--seeds", str(len(spec.seeds))] if len(spec.seeds) > 1 else []
     for text in sets:
         args += ["--set", text]
