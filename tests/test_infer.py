@@ -135,6 +135,25 @@ def test_images_folders_and_array_layouts_give_the_same_answer(model_file, digit
     assert np.allclose(probs, probs[0], atol=1e-5), probs
 
 
+def test_an_array_file_is_mapped_and_converted_a_slice_at_a_time(model_file, digits, tmp_path, capsys, monkeypatch):
+    """A .npy file was loaded whole and converted whole: infer on a 512 MB array held 1.2 GB. It is
+    mapped now, and its pixels are made a chunk at a time, as predicted: the same answers."""
+    import ssvi_cli.evaluation.arrays as arrays
+    import ssvi_cli.evaluation.infer as infer
+
+    from ssvi_cli.data.images import read_array
+
+    stack = np.stack([digits[i % len(digits)] for i in range(7)]).astype(np.float32) / 255.0  # (7, H, W)
+    np.save(tmp_path / "x.npy", np.transpose(stack[:, None], (0, 2, 3, 1)))  # (N, H, W, C): a strided view
+    assert isinstance(read_array(tmp_path / "x.npy"), np.memmap)
+    whole = [p["probability"] for p in infer_json(capsys, str(model_file), str(tmp_path / "x.npy"))["predictions"]]
+    sizes, convert = [], arrays.ArrayImages.__getitem__
+    monkeypatch.setattr(arrays.ArrayImages, "__getitem__", lambda self, i: sizes.append(len(self.arr[i])) or convert(self, i))
+    monkeypatch.setattr(infer, "_CHUNK", 3)
+    chunked = [p["probability"] for p in infer_json(capsys, str(model_file), str(tmp_path / "x.npy"))["predictions"]]
+    assert sizes == [3, 3, 1] and chunked == whole and len(whole) == 7
+
+
 def test_a_colour_model_reads_a_4_h_w_array_as_rgba_and_says_a_gray_stack_loses_an_image(caplog):
     import logging
 

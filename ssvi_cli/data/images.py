@@ -184,9 +184,9 @@ def _npy_sizes(path: Path, stream: Optional[io.BytesIO]) -> tuple[int, int]:
 
 def read_array(path: Path, error: type[Exception] = DataError, stream: Optional[io.BytesIO] = None,
                name: Optional[str] = None) -> np.ndarray:
-    """A ``.npy`` file as an array, never unpickled (``stream``: its bytes already read). A file
-    without numpy's header, one holding Python objects, or a cut one raises ``error`` with a
-    one-line message starting with ``name`` (default: the path)."""
+    """A ``.npy`` file as an array, never unpickled: mapped from the file, read only (``stream``: its
+    bytes already read, loaded from them). A file without numpy's header, one holding Python objects,
+    or a cut one raises ``error`` with a one-line message starting with ``name`` (default: the path)."""
     name = name or str(path)
     try:
         if not starts_as_npy(path, stream):
@@ -195,9 +195,10 @@ def read_array(path: Path, error: type[Exception] = DataError, stream: Optional[
         if claimed > held:  # before numpy allocates what the header claims (a 384-byte file, 238 GiB)
             raise error(f"{name}: not a readable .npy array (its header describes {claimed:,} bytes of data, the "
                         f"file holds {held:,}: cut short or damaged)")
-        arr = np.load(stream if stream is not None else path, allow_pickle=False)
+        # a file is mapped, not read: its rows are read as they are used (a 5 GB array, a few at once)
+        arr = np.load(stream, allow_pickle=False) if stream is not None else np.load(path, mmap_mode="r")
     except (ValueError, OSError, EOFError) as exc:
-        if "allow_pickle" in str(exc):  # numpy's advice is to load it unsafely; ssvi never unpickles
+        if "allow_pickle" in str(exc) or "Python objects" in str(exc):  # numpy's advice is to load it unsafely
             raise error(f"{name}: holds pickled Python objects, not a numeric array; save the pixels "
                         "with np.save") from None
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -24,6 +24,47 @@ class InputError(DataError):
 
 def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: float = 255.0,
                     input_shape: Optional[Sequence[int]] = None) -> Tensor:
+    """A numeric array as (N, C, H, W) pixels, all of them (:func:`array_images`)."""
+    images = array_images(arr, name, channels, pixel_max, input_shape)
+    return images[:len(images)]
+
+
+class ArrayImages:
+    """An array's images as (N, C, H, W) pixels, converted a slice at a time (``images[a:b]``, or a
+    list of positions, gives a tensor): an array mapped from its file is read as it is sliced."""
+
+    def __init__(self, arr: np.ndarray, scale: Optional[float]) -> None:
+        self.arr, self.scale = arr, scale  # scale: divide by it into float pixels; None: as uint8 or float
+
+    def __len__(self) -> int:
+        return len(self.arr)
+
+    def __getitem__(self, index: object) -> Tensor:
+        part = self.arr[index]  # type: ignore[index]
+        if self.scale is not None:
+            return torch.from_numpy(np.array(part, dtype=np.float32, order="C") / np.float32(self.scale))
+        kind = np.uint8 if np.issubdtype(self.arr.dtype, np.integer) else np.float32
+        return torch.from_numpy(np.array(part, dtype=kind, order="C"))  # a copy: a mapped file is never written
+
+
+_BLOCK_BYTES = 1 << 24  # an array's range and finiteness are checked this many bytes at a time
+
+
+def _range(arr: np.ndarray) -> tuple[float, float, Optional[int]]:
+    """The lowest and highest value of ``arr`` (NaN when one is) and the first position along its first
+    axis that holds a value that is not finite (None: none), read in blocks."""
+    rows = max(1, _BLOCK_BYTES // max(1, arr[:1].nbytes))
+    lo, hi, first = np.inf, -np.inf, None
+    for start in range(0, len(arr), rows):
+        block = np.asarray(arr[start:start + rows])
+        lo, hi = np.minimum(lo, block.min()), np.maximum(hi, block.max())
+        if first is None and block.dtype.kind == "f" and not np.isfinite(block).all():
+            first = start + int(np.nonzero(~np.isfinite(block.reshape(len(block), -1)).all(axis=1))[0][0])
+    return float(lo), float(hi), first
+
+
+def array_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: float = 255.0,
+                 input_shape: Optional[Sequence[int]] = None) -> ArrayImages:
     """A numeric array as (N, C, H, W) pixels; ``channels`` is the model's input channel count.
 
     Shapes: with the model's ``input_shape`` (C, H, W) given, a 1-D array of C*H*W values is one
@@ -70,27 +111,25 @@ def array_to_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: fl
         flat = f", ({int(np.prod(input_shape))},), (N, {int(np.prod(input_shape))})" if input_shape else ""
         raise InputError(f"{name}: array of shape {arr.shape}; expected one of (H, W), (C, H, W), (H, W, C), "
                          f"(N, H, W), (N, C, H, W), (N, H, W, C){flat}")
-    if pixel_max != 255.0 and arr.dtype != np.uint8:
+    lo, hi, first = _range(arr)
+    if pixel_max != 255.0 and arr.dtype != np.uint8 and 0.0 <= lo and 1.0 < hi <= pixel_max:
         # The dataset's own raw range (the digits: 0..16): values above 1 up to pixel_max are raw pixels.
-        lo, hi = float(arr.min()), float(arr.max())
-        if 0.0 <= lo and 1.0 < hi <= pixel_max:
-            return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32) / np.float32(pixel_max))
+        return ArrayImages(arr, pixel_max)
     if np.issubdtype(arr.dtype, np.integer):
-        if arr.size and (arr.min() < 0 or arr.max() > 255):
-            scale = " (16-bit pixels: x / 65535)" if arr.min() >= 0 and arr.max() <= 65535 else ""
-            raise InputError(f"{name}: integer pixels range over [{arr.min()}, {arr.max()}], not 0..255; pass uint8 "
+        if lo < 0 or hi > 255:
+            scale = " (16-bit pixels: x / 65535)" if lo >= 0 and hi <= 65535 else ""
+            raise InputError(f"{name}: integer pixels range over [{int(lo)}, {int(hi)}], not 0..255; pass uint8 "
                              f"0..255, or floats in [0, 1]{scale}")
-        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.uint8))
-    out = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-    if not bool(torch.isfinite(out).all()):
-        first = int((~torch.isfinite(out)).flatten().nonzero()[0]) // max(1, out[0].numel()) if out.dim() > 1 else 0
-        where = f" (the first at index {first} of its first axis)" if out.dim() > 1 else ""
+        return ArrayImages(arr, None)
+    if first is not None:
+        where = f" (the first at index {first} of its first axis)" if arr.ndim > 1 else ""
         raise InputError(f"{name}: array holds NaN or infinite values{where}")
-    if out.numel() and (float(out.min()) < -1e-6 or float(out.max()) > 1 + 1e-6):  # the whole array's, as above
+    lo, hi = float(np.float32(lo)), float(np.float32(hi))  # as the float32 pixels hold them
+    if lo < -1e-6 or hi > 1 + 1e-6:  # the whole array's, as above
         own = f" (or, for this model's data, its raw 0..{pixel_max:g})" if pixel_max != 255.0 else ""
-        raise InputError(f"{name}: float images range over [{float(out.min()):.3g}, {float(out.max()):.3g}], not "
+        raise InputError(f"{name}: float images range over [{lo:.3g}, {hi:.3g}], not "
                          f"[0, 1]{own}; divide 0..255 pixels by 255 or pass uint8")
-    return out
+    return ArrayImages(arr, None)
 
 
 def unflattened(arr: np.ndarray, input_shape: Optional[Sequence[int]], name: str, batch: bool = False) -> np.ndarray:
@@ -111,7 +150,7 @@ def unflattened(arr: np.ndarray, input_shape: Optional[Sequence[int]], name: str
 
 
 def load_array(path: Path, channels: int = 3, pixel_max: float = 255.0,
-               stream: Optional[io.BytesIO] = None, input_shape: Optional[Sequence[int]] = None) -> Tensor:
-    """A ``.npy`` file's images (``array_to_images``); ``stream``: its bytes already read, ``path``
-    then only names it."""
-    return array_to_images(read_array(path, InputError, stream), str(path), channels, pixel_max, input_shape)
+               stream: Optional[io.BytesIO] = None, input_shape: Optional[Sequence[int]] = None) -> ArrayImages:
+    """A ``.npy`` file's images (``array_images``), read from the file as they are sliced; ``stream``:
+    its bytes already read, ``path`` then only names it."""
+    return array_images(read_array(path, InputError, stream), str(path), channels, pixel_max, input_shape)
