@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -120,6 +121,7 @@ def register(app: typer.Typer) -> None:
         plots: Annotated[Optional[Path], typer.Option(help="Write reliability.png, ood_scores.png with --ood and samples.png with several --samples into this folder; needs matplotlib.")] = None,
     ) -> None:
         """Accuracy, calibration (ECE, debiased class-marginal L2 CE), uncertainty and OOD detection."""
+        from ssvi_cli.data.ood import label_of
         from ssvi_cli.evaluation import evaluator as ev
         from ssvi_cli.evaluation.inputs import load_eval_data
         from ssvi_cli.runs.rundir import RunDir
@@ -153,15 +155,17 @@ def register(app: typer.Typer) -> None:
         with kept_warnings() as warned:  # in the report's notes too
             loaded = load_model(model)
             loaded.model.to(device)
-            data = load_eval_data(loaded.spec, loaded.card.training, dataset=dataset, split=split, ood=tuple(ood or ()),
-                                     data_dir=data_dir, download=download, seed=seed, ood_max_items=ood_max_items)
             runs = ev.effective_mode(loaded.model, mode)
-            _check_memory(ev.draws_memory(data, opts, len(loaded.spec.class_names), runs), opts.max_samples, data)
-            if not json_out:
-                sets = f" + OOD {', '.join(data.ood)}" if data.ood else ""
+            if not json_out:  # before the data are read, which for a folder of photos takes a while
+                sets = f" + OOD {', '.join(label_of(text) for text in ood)}" if ood else ""
                 how = (f"mc, S={opts.max_samples}" if runs == "mc" else "mean network"
                        + (": the model is deterministic" if runs != mode else ""))
-                err.print(f"evaluating {model} on {data.dataset} {split}{sets} ({how})")
+                err.print(f"evaluating {model} on {dataset or loaded.spec.name} {split}{sets} ({how})")
+            reading = time.perf_counter()
+            data = load_eval_data(loaded.spec, loaded.card.training, dataset=dataset, split=split, ood=tuple(ood or ()),
+                                     data_dir=data_dir, download=download, seed=seed, ood_max_items=ood_max_items)
+            reading = time.perf_counter() - reading
+            _check_memory(ev.draws_memory(data, opts, len(loaded.spec.class_names), runs), opts.max_samples, data)
             with progress_bar(enabled=not json_out) as bar:
                 task = bar.add_task("predicting", total=data.total_items(), info="") if bar is not None else None
                 advance = (lambda n: bar.update(task, advance=n)) if bar is not None else None
@@ -185,7 +189,7 @@ def register(app: typer.Typer) -> None:
             print_json(report)
             return
         print_report(report, said=tuple(warned))
-        err.print(f"evaluated in {report['seconds']:.1f}s"
+        err.print(f"evaluated in {report['seconds']:.1f}s, after {reading:.1f}s reading the data"
                   + (f"; report written to {output}" if output else "")
                   + (f"; plots: {', '.join(str(p) for p in written)}" if written else ""))
 
