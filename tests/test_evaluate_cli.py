@@ -104,16 +104,27 @@ def test_mean_mode_records_no_samples(capsys, model_file):
     assert doc["mode"] == "mean" and doc["samples"] is None and doc["metrics"]["mi_mean"] is None
 
 
-def test_the_first_line_comes_before_the_data_are_read_and_the_last_counts_the_reading(capsys, model_file,
-                                                                                       monkeypatch):
+def test_reading_the_data_is_shown_while_it_lasts_and_counted_in_the_last_line(capsys, model_file, monkeypatch):
     """Reading 20,000 OOD images took 17 s with nothing on the screen, then 'evaluated in 4.9s' left those
-    17 s out (the scale review): the first line now comes before the data are read, the last names both."""
-    import ssvi_cli.evaluation.inputs as inputs
+    17 s out (the scale review): a status line (on a terminal; gone after it, so an error stays one line)
+    is up while the data are read, and the last line names both times."""
+    from contextlib import contextmanager
 
-    said_before, real = [], inputs.load_eval_data
-    monkeypatch.setattr(inputs, "load_eval_data", lambda *a, **k: said_before.append(capsys.readouterr().err) or real(*a, **k))
+    import ssvi_cli.evaluation.inputs as inputs
+    from ssvi_cli.cli import evaluate
+
+    events, real = [], inputs.load_eval_data
+
+    @contextmanager
+    def status(text):
+        events.append(f"up: {text}")
+        yield
+        events.append("down")
+
+    monkeypatch.setattr(evaluate.err, "status", status)
+    monkeypatch.setattr(inputs, "load_eval_data", lambda *a, **k: events.append("reading") or real(*a, **k))
     code, _, err = _evaluate(capsys, str(model_file), "--ood", "noise", "--samples", "2")
-    assert code == 0 and said_before[0].startswith(f"evaluating {model_file} on digits test + OOD noise (mc, S=2)")
+    assert code == 0 and events == ["up: reading digits test + OOD noise", "reading", "down"]
     assert re.search(r"^evaluated in \d+\.\ds, after \d+\.\ds reading the data$", err.strip().splitlines()[-1])
 
 

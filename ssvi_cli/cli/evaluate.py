@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -155,17 +156,21 @@ def register(app: typer.Typer) -> None:
         with kept_warnings() as warned:  # in the report's notes too
             loaded = load_model(model)
             loaded.model.to(device)
+            reading = time.perf_counter()
+            sets = f" + OOD {', '.join(label_of(text) for text in ood)}" if ood else ""
+            # on a terminal, a line while the data are read (a folder of photos takes a while), gone after
+            with err.status(f"reading {dataset or loaded.spec.name} {split}{sets}") if not json_out else nullcontext():
+                data = load_eval_data(loaded.spec, loaded.card.training, dataset=dataset, split=split,
+                                      ood=tuple(ood or ()), data_dir=data_dir, download=download, seed=seed,
+                                      ood_max_items=ood_max_items)
+            reading = time.perf_counter() - reading
             runs = ev.effective_mode(loaded.model, mode)
-            if not json_out:  # before the data are read, which for a folder of photos takes a while
-                sets = f" + OOD {', '.join(label_of(text) for text in ood)}" if ood else ""
+            _check_memory(ev.draws_memory(data, opts, len(loaded.spec.class_names), runs), opts.max_samples, data)
+            if not json_out:
+                sets = f" + OOD {', '.join(data.ood)}" if data.ood else ""
                 how = (f"mc, S={opts.max_samples}" if runs == "mc" else "mean network"
                        + (": the model is deterministic" if runs != mode else ""))
-                err.print(f"evaluating {model} on {dataset or loaded.spec.name} {split}{sets} ({how})")
-            reading = time.perf_counter()
-            data = load_eval_data(loaded.spec, loaded.card.training, dataset=dataset, split=split, ood=tuple(ood or ()),
-                                     data_dir=data_dir, download=download, seed=seed, ood_max_items=ood_max_items)
-            reading = time.perf_counter() - reading
-            _check_memory(ev.draws_memory(data, opts, len(loaded.spec.class_names), runs), opts.max_samples, data)
+                err.print(f"evaluating {model} on {data.dataset} {split}{sets} ({how})")
             with progress_bar(enabled=not json_out) as bar:
                 task = bar.add_task("predicting", total=data.total_items(), info="") if bar is not None else None
                 advance = (lambda n: bar.update(task, advance=n)) if bar is not None else None
