@@ -154,6 +154,29 @@ def test_an_array_file_is_mapped_and_converted_a_slice_at_a_time(model_file, dig
     assert sizes == [3, 3, 1] and chunked == whole and len(whole) == 7
 
 
+def test_an_interrupted_infer_says_how_far_it_got_and_what_became_of_the_output(model_file, digits, tmp_path,
+                                                                                capsys, monkeypatch):
+    """Ctrl-C said "interrupted" alone: thousands of predictions were thrown away, and --output's file
+    left as it was, unsaid (the scale review)."""
+    import ssvi_cli.evaluation.infer as infer
+
+    np.save(tmp_path / "x.npy", np.stack([digits[0]] * 5))
+    real = infer.predict_inputs
+
+    def stopped(model, spec, files, sink, **options):  # the first batch predicted, then Ctrl-C
+        real(model, spec, files, lambda batch: sink(batch[:3]) or (_ for _ in ()).throw(KeyboardInterrupt()), **options)
+
+    monkeypatch.setattr(infer, "predict_inputs", stopped)
+    out = tmp_path / "preds.csv"
+    assert run(["infer", str(model_file), str(tmp_path / "x.npy"), "--output", str(out)]) == 130
+    assert capsys.readouterr().err.strip().endswith(
+        f"interrupted after 3 predictions; {out} was not written (it is written whole, once every input is predicted)")
+    out.write_text("kept\n")
+    assert run(["infer", str(model_file), str(tmp_path / "x.npy"), "--output", str(out)]) == 130
+    assert f"; {out} is left as it was" in capsys.readouterr().err and out.read_text() == "kept\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
 def test_a_colour_model_reads_a_4_h_w_array_as_rgba_and_says_a_gray_stack_loses_an_image(caplog):
     import logging
 

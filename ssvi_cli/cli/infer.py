@@ -14,6 +14,7 @@ from ssvi_cli import fileio
 from ssvi_cli.config import MAX_SAMPLES, MAX_SEED
 from ssvi_cli.cli.common import (UsageError, check_device, check_output_file, count, err, json_text, out,
                                    kept_warnings, print_json, progress_bar)
+from ssvi_cli.cli.train_fit import KeyboardInterruptHandled
 from ssvi_cli.machine import given_path
 
 SHOWN_ROWS = 50  # the table shows this many inputs; --output holds all
@@ -78,8 +79,11 @@ def register(app: typer.Typer) -> None:
                 task = bar.add_task("infer", total=known_count(files), info="") if bar is not None else None
                 kept: list[dict[str, Any]] = []  # the table shows the first SHOWN_ROWS; --json prints them all, spooled
 
+                done = [0]  # inputs predicted so far, for an interruption's message
+
                 def sink(batch: list[dict[str, Any]]) -> None:
                     written(batch)
+                    done[0] += len(batch)
                     if json_out:
                         spooled.add(batch)
                     else:
@@ -91,6 +95,11 @@ def register(app: typer.Typer) -> None:
                 except UnreadableInputs as exc:  # the flag is named where it would predict something
                     raise InputError(f"{exc}" + (" (or --skip-unreadable predicts the others)"
                                                  if len(exc.bad) < exc.total else "")) from None
+                except KeyboardInterrupt:  # what became of the predictions made, which went unsaid
+                    kept_file = "" if output is None else (
+                        f"; {output} {'is left as it was' if output.exists() else 'was not written'} (it is written "
+                        "whole, once every input is predicted)")
+                    raise KeyboardInterruptHandled(f"interrupted after {count(done[0], 'prediction')}{kept_file}") from None
                 passed = UnreadableInputs(skipped, files) if skipped else None
                 if passed is not None and not predicted:  # before the file is written: the one there stays
                     raise InputError(f"no input could be read: {passed}")
