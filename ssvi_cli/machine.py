@@ -56,7 +56,12 @@ def shell_quote(word: str) -> str:
 def given_path(path: Path) -> Path:
     """A path to read as given on a command line, its ``~`` expanded where the shell left it (quoted,
     or after ``=``) and nothing of that literal name exists, as ``--init-from`` and ``--preset`` read it."""
-    return path.expanduser() if str(path).startswith("~") and not path.exists() else path
+    if not str(path).startswith("~") or path.exists():
+        return path
+    try:
+        return path.expanduser()
+    except RuntimeError:  # ~nosuchuser, or a file named ~x.png: as given, for its own error
+        return path
 
 
 def path_word(path: object) -> str:

@@ -528,6 +528,8 @@ def test_a_model_or_input_path_with_a_tilde_the_shell_left_is_read_from_home(wor
     np.save(home / "x.npy", np.zeros((2, 64), np.float32))
     assert run(["infer", model, "~/x.npy", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["predictions"]) == 2
+    assert run(["inspect", "~nosuchuser-ssvi/r1"]) == 2  # no such user: the path as given, and its own error
+    assert "~nosuchuser-ssvi/r1 does not exist" in capsys.readouterr().err
     (tmp_path / "~" / "r1").mkdir(parents=True)  # a folder really named so here is the one read: no model in it
     assert run(["inspect", "~/r1"]) == 2 and str(home) not in capsys.readouterr().err
 
