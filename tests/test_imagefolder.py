@@ -493,6 +493,19 @@ def test_images_beside_the_class_folders_are_passed_over_with_a_warning(tmp_path
     (split / "train").rename(split / "Train")
     with pytest.raises(DataError, match=rf"^image folder {split} has Train/: the split layout's folders"):
         scan_folder(split)
+    # where names ignore case (macOS, Windows) Train/ is train/: a link stands in for that here
+    (split / "Train").rename(split / "train")
+    (split / "Train").symlink_to(split / "train", target_is_directory=True)
+    shutil.rmtree(split / "extra")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli.data.imagefolder"):
+        assert len(scan_folder(split).parts["train"][0]) == 2 * len(NAMES)
+    assert not [r for r in caplog.records if "Train/" in r.getMessage()]  # neither refused nor passed over
+    # a class of a flat folder may be named Test (a control group beside it, say): read as before
+    flat = tmp_path / "flat"
+    write_class(flat / "Test", 0, 2)
+    write_class(flat / "Control", 1, 2)
+    assert scan_folder(flat).class_names == ("Control", "Test")
 
 
 def test_an_ood_folder_beside_the_class_folders_is_no_part_of_the_dataset(tmp_path):

@@ -92,6 +92,12 @@ def _class_folders(folder: Path, where: str) -> dict[str, tuple[Path, ...]]:
     return found
 
 
+def _a_split(root: Path, name: str, present: list[str]) -> bool:
+    """Whether the folder ``name`` of ``root`` is one of its split folders ``present`` (``Train/`` is
+    ``train/`` where names ignore case, as on macOS and Windows)."""
+    return name in SPLIT_FOLDERS or (name.lower() in present and (root / name).samefile(root / name.lower()))
+
+
 def _say_loose(folder: Path, kind: str) -> None:
     """Warn, once per folder (it is scanned more than once), of images lying beside its ``kind``
     folders ("class", or "split" at a split layout's root): passed over, they were left out unsaid."""
@@ -118,8 +124,9 @@ def scan_folder(path: Path) -> FolderScan:
                         f"class folders ({_LAYOUTS})")
     root = root.resolve()
     present = [s for s in SPLIT_FOLDERS if (root / s).is_dir()]
-    folders = [p.name for p in root.iterdir() if p.is_dir() and _visible(p.name) and p.name not in SPLIT_FOLDERS]
-    if cased := [n for n in folders if n.lower() in SPLIT_FOLDERS]:  # Train/ read as a class named Train
+    folders = [p.name for p in root.iterdir() if p.is_dir() and _visible(p.name) and not _a_split(root, p.name, present)]
+    cased = [n for n in folders if n.lower() in SPLIT_FOLDERS]
+    if cased and (present or {"train", "test"} <= {n.lower() for n in cased}):  # Train/ and Test/ read as classes
         raise DataError(f"image folder {root} has {'/, '.join(sorted(cased))}/: the split layout's folders are named "
                         f"{', '.join(SPLIT_FOLDERS)} in lower case; rename "
                         f"{'it' if len(cased) == 1 else 'them'}, or, for class folders directly in {root}, "
