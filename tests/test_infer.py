@@ -154,6 +154,19 @@ def test_an_array_file_is_mapped_and_converted_a_slice_at_a_time(model_file, dig
     assert sizes == [3, 3, 1] and chunked == whole and len(whole) == 7
 
 
+def test_a_mapped_array_cut_short_while_it_is_read_is_an_error_not_a_crash(tmp_path):
+    """A mapped .npy saved again in place while infer read it killed the process (SIGBUS, no word, the
+    --output temporary file left behind; the diff review): the next chunk is refused instead."""
+    from ssvi_cli.evaluation.arrays import load_array
+
+    np.save(tmp_path / "x.npy", np.zeros((2000, 64), np.float32))
+    images = load_array(tmp_path / "x.npy", 1, 16.0, input_shape=(1, 8, 8))
+    assert images[:3].shape == (3, 1, 8, 8)
+    np.save(tmp_path / "x.npy", np.zeros((10, 64), np.float32))
+    with pytest.raises(InputError, match=r"x.npy: the file was cut short while it was read \(saved again\?\)"):
+        images[1500:1510]
+
+
 def test_an_interrupted_infer_says_how_far_it_got_and_what_became_of_the_output(model_file, digits, tmp_path,
                                                                                 capsys, monkeypatch):
     """Ctrl-C said "interrupted" alone: thousands of predictions were thrown away, and --output's file

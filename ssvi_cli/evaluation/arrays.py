@@ -33,13 +33,14 @@ class ArrayImages:
     """An array's images as (N, C, H, W) pixels, converted a slice at a time (``images[a:b]``, or a
     list of positions, gives a tensor): an array mapped from its file is read as it is sliced."""
 
-    def __init__(self, arr: np.ndarray, scale: Optional[float]) -> None:
-        self.arr, self.scale = arr, scale  # scale: divide by it into float pixels; None: as uint8 or float
+    def __init__(self, arr: np.ndarray, scale: Optional[float], name: str = "") -> None:
+        self.arr, self.scale, self.name = arr, scale, name  # scale: divide by it into float pixels; None: as uint8 or float
 
     def __len__(self) -> int:
         return len(self.arr)
 
     def __getitem__(self, index: object) -> Tensor:
+        _whole(self.arr, self.name)
         part = self.arr[index]  # type: ignore[index]
         if self.scale is not None:
             return torch.from_numpy(np.array(part, dtype=np.float32, order="C") / np.float32(self.scale))
@@ -50,12 +51,22 @@ class ArrayImages:
 _BLOCK_BYTES = 1 << 24  # an array's range and finiteness are checked this many bytes at a time
 
 
-def _range(arr: np.ndarray) -> tuple[float, float, Optional[int]]:
+def _whole(arr: np.ndarray, name: str) -> None:
+    """Refuse to read a mapped array whose file has been cut short since it was mapped (saved again in
+    place): reading past its end would kill the process (SIGBUS) without a word."""
+    mapped = getattr(arr, "_mmap", None)  # numpy's memmap (and its views) hold the mapping here
+    if mapped is not None and mapped.size() < len(mapped):
+        raise InputError(f"{name}: the file was cut short while it was read (saved again?); run again once it is "
+                         "complete")
+
+
+def _range(arr: np.ndarray, name: str) -> tuple[float, float, Optional[int]]:
     """The lowest and highest value of ``arr`` (NaN when one is) and the first position along its first
     axis that holds a value that is not finite (None: none), read in blocks."""
     rows = max(1, _BLOCK_BYTES // max(1, arr[:1].nbytes))
     lo, hi, first = np.inf, -np.inf, None
     for start in range(0, len(arr), rows):
+        _whole(arr, name)
         block = np.asarray(arr[start:start + rows])
         lo, hi = np.minimum(lo, block.min()), np.maximum(hi, block.max())
         if first is None and block.dtype.kind == "f" and not np.isfinite(block).all():
@@ -111,16 +122,16 @@ def array_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: float
         flat = f", ({int(np.prod(input_shape))},), (N, {int(np.prod(input_shape))})" if input_shape else ""
         raise InputError(f"{name}: array of shape {arr.shape}; expected one of (H, W), (C, H, W), (H, W, C), "
                          f"(N, H, W), (N, C, H, W), (N, H, W, C){flat}")
-    lo, hi, first = _range(arr)
+    lo, hi, first = _range(arr, name)
     if pixel_max != 255.0 and arr.dtype != np.uint8 and 0.0 <= lo and 1.0 < hi <= pixel_max:
         # The dataset's own raw range (the digits: 0..16): values above 1 up to pixel_max are raw pixels.
-        return ArrayImages(arr, pixel_max)
+        return ArrayImages(arr, pixel_max, name)
     if np.issubdtype(arr.dtype, np.integer):
         if lo < 0 or hi > 255:
             scale = " (16-bit pixels: x / 65535)" if lo >= 0 and hi <= 65535 else ""
             raise InputError(f"{name}: integer pixels range over [{int(lo)}, {int(hi)}], not 0..255; pass uint8 "
                              f"0..255, or floats in [0, 1]{scale}")
-        return ArrayImages(arr, None)
+        return ArrayImages(arr, None, name)
     if first is not None:
         where = f" (the first at index {first} of its first axis)" if arr.ndim > 1 else ""
         raise InputError(f"{name}: array holds NaN or infinite values{where}")
@@ -129,7 +140,7 @@ def array_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: float
         own = f" (or, for this model's data, its raw 0..{pixel_max:g})" if pixel_max != 255.0 else ""
         raise InputError(f"{name}: float images range over [{lo:.3g}, {hi:.3g}], not "
                          f"[0, 1]{own}; divide 0..255 pixels by 255 or pass uint8")
-    return ArrayImages(arr, None)
+    return ArrayImages(arr, None, name)
 
 
 def unflattened(arr: np.ndarray, input_shape: Optional[Sequence[int]], name: str, batch: bool = False) -> np.ndarray:
