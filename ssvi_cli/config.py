@@ -379,6 +379,9 @@ def _unquoted(item: str) -> str:
     return item[1:-1] if len(item) >= 2 and item[0] == item[-1] and item[0] in "'\"" else item
 
 
+_UNREAD = object()
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``key.sub=value``; the value is read as YAML scalar/list (never evaluated as code)."""
     if "=" not in text:
@@ -393,9 +396,21 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = raw
     if isinstance(value, dict):  # no key takes a mapping: `accumulate:` or `imagefolder:` is the text typed
         value = raw.strip()
-    if key.strip() in PATH_KEYS and isinstance(value, str) and raw.strip()[:1] not in ("'", '"'):
-        value = raw.strip()  # a path as typed: YAML would end `photos #1` at its comment, `#1`
-    return key.strip(), value
+    return key.strip(), as_typed_path(key.strip(), raw, value)
+
+
+def as_typed_path(key: str, raw: str, value: Any = _UNREAD) -> Any:
+    """A path key's value ``raw`` as typed, where YAML reads it as text (``value``, read from ``raw``
+    if not given) and it is not quoted: YAML would end ``photos #1`` at its comment, ``#1``; other keys,
+    or ``null``, as YAML reads them."""
+    if value is _UNREAD:
+        try:
+            value = read_typed(raw)
+        except ValueError:
+            value = raw.strip()
+    if key in PATH_KEYS and isinstance(value, str) and raw.strip()[:1] not in ("'", '"'):
+        return raw.strip()
+    return value
 
 
 _INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"

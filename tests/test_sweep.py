@@ -168,6 +168,10 @@ def test_bad_grids_are_one_line_errors():
     # a list-valued key reads as 'ssvi train --set' reads it: one list, not an axis
     assert parse_axis("data.classes=0,1,2,3,4") == ("data.classes", [[0, 1, 2, 3, 4]])
     assert parse_axis("sparse.alpha=0.1,0.3") == ("sparse.alpha", [0.1, 0.3])
+    # a path as train --set reads it, as typed (YAML ended `h #1` at its comment), each item of a list
+    assert parse_axis("data.name=imagefolder:/d/h #1,digits") == ("data.name", ["imagefolder:/d/h #1", "digits"])
+    assert parse_axis("model.init_from=null") == ("model.init_from", [None])
+    assert parse_axis("data.data_dir='/d/a,b'") == ("data.data_dir", ["/d/a,b"])  # quoted: YAML's, a comma kept
 
 
 def test_a_seed_count_beyond_any_sweep_is_one_line_before_any_cell_is_made(tmp_path: Path, capsys):

@@ -219,8 +219,7 @@ def parse_values(text: str, where: str = "") -> list[Any]:
     try:
         parsed = cfgmod.read_typed(f"[{text}]")
     except ValueError:
-        comment = " (' #' starts a YAML comment: quote a value that holds one)" if " #" in text else ""
-        raise SweepError(f"{where}: cannot read the values {text!r}{comment}; give them comma-separated, e.g. 0.1,0.2") from None
+        raise SweepError(f"{where}: cannot read the values {text!r}; give them comma-separated, e.g. 0.1,0.2") from None
     if not isinstance(parsed, list) or not parsed:
         raise SweepError(f"{where} holds no values; give them comma-separated, e.g. 0.1,0.2")
     if any(isinstance(v, dict) for v in parsed) and "[" not in text:
@@ -252,7 +251,10 @@ def parse_axis(text: str) -> tuple[str, list[Any]]:
         raise SweepError(f"--set expects key.sub=a,b,..., got {text!r}")
     key, raw = (part.strip() for part in text.split("=", 1))
     check_key(key, f"--set {text!r}")
-    values = [typed_number(key, v) for v in parse_values(raw, f"--set {text!r}")]
+    if key in cfgmod.PATH_KEYS and not any(c in raw for c in "'\"[") and all(v.strip() for v in raw.split(",")):
+        values = [cfgmod.as_typed_path(key, v) for v in raw.split(",")]  # as train reads a path: as typed
+    else:
+        values = [typed_number(key, v) for v in parse_values(raw, f"--set {text!r}")]
     if list_valued(key) and not any(isinstance(v, list) for v in values):
         return key, [values]
     return key, values
