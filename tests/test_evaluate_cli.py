@@ -122,6 +122,7 @@ def test_reading_the_data_is_shown_while_it_lasts_and_counted_in_the_last_line(c
         events.append("down")
 
     monkeypatch.setattr(evaluate.err, "status", status)
+    monkeypatch.setattr(evaluate.err, "_force_terminal", True)  # on a terminal only: none else shows it
     monkeypatch.setattr(inputs, "load_eval_data", lambda *a, **k: events.append("reading") or real(*a, **k))
     code, _, err = _evaluate(capsys, str(model_file), "--ood", "noise", "--samples", "2")
     assert code == 0 and events == ["up: reading digits test + OOD noise", "reading", "down"]
