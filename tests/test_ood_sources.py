@@ -237,6 +237,30 @@ def test_a_square_array_of_flattened_inputs_is_read_so_with_the_warning_infer_gi
         "picture reads as one image saved as (1, 64, 64) or as a PNG"]
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts this process's open files in /proc")
+def test_a_folder_of_many_arrays_holds_no_file_open_per_array(subset_model, tmp_path, monkeypatch):
+    """Each mapped array held its file open while the folder was drawn from: a folder of 1,100 arrays ran out
+    of open files under the common limit of 1,024 (--ood DIR said 83 of them "cannot be read")."""
+    import os
+
+    import ssvi_cli.evaluation.ood_sets as ood_sets
+
+    folder = tmp_path / "arrays"
+    folder.mkdir()
+    for i in range(60):
+        np.save(folder / f"{i:03d}.npy", np.full((2, 8, 8), i, np.uint8))
+    most, real = [0], ood_sets._folder_array
+
+    def counted(path, spec):  # the open files at each array read
+        most[0] = max(most[0], len(os.listdir("/proc/self/fd")))
+        return real(path, spec)
+
+    monkeypatch.setattr(ood_sets, "_folder_array", counted)
+    before = len(os.listdir("/proc/self/fd"))
+    images = ood_sets.folder_images(folder, load_model(subset_model).spec, seed=0, max_items=None)
+    assert len(images) == 120 and most[0] - before < 10
+
+
 def test_a_folder_of_arrays_and_images_reads_as_ssvi_infer_reads_it(capsys, subset_model, tmp_path):
     """--ood DIR of .npy files was refused as a folder without images; each file is now one image or a
     batch by infer's rules, in infer's order, so the OOD set is the inputs infer would predict."""

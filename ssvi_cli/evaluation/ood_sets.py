@@ -160,14 +160,16 @@ def _choose(n: int, seed: int, max_items: Optional[int]) -> np.ndarray:
 def folder_images(folder: Path, spec: DataSpec, seed: int, max_items: Optional[int]) -> torch.Tensor:
     """The images of ``folder`` (at most ``max_items`` of them all), each brought to ``spec``'s input,
     in the files' sorted order: each image file, and each ``.npy`` file's images as ``ssvi infer``
-    reads them (one image, or a batch; arrays are read whole to count them, image files are decoded
+    reads them (one image, or a batch; arrays are checked whole and counted, image files are decoded
     only when drawn)."""
     files = image_files(folder)
     side = max(spec.input_shape[1:])  # what a JPEG may be decoded down to (read_image)
+    # Each array's length; its file is mapped again for the rows drawn (a mapping holds its file open, and a
+    # folder of thousands of arrays held at once ran out of open files).
     arrays, bad = {}, []
     for path in (p for p in files if p.suffix.lower() == ARRAY_SUFFIX):
         try:
-            arrays[path] = _folder_array(path, spec)
+            arrays[path] = len(_folder_array(path, spec))
         except DataError as exc:
             bad.append((str(path), exc))
     if bad:  # no draw without every array's length: the image files are checked, to name them all at once
@@ -175,7 +177,7 @@ def folder_images(folder: Path, spec: DataSpec, seed: int, max_items: Optional[i
         bad += [(str(path), read) for path, read in read_ahead(images, side) if isinstance(read, DataError)]
         order = {str(path): i for i, path in enumerate(files)}
         raise unreadable(sorted(bad, key=lambda b: order[b[0]]), len(files), f"files of {folder}")
-    items = [(path, row) for path in files for row in (range(len(arrays[path])) if path in arrays else (0,))]
+    items = [(path, row) for path in files for row in (range(arrays[path]) if path in arrays else (0,))]
     rows: dict[Path, list[int]] = {}
     for i in _choose(len(items), seed, max_items):
         path, row = items[i]
@@ -185,7 +187,7 @@ def folder_images(folder: Path, spec: DataSpec, seed: int, max_items: Optional[i
     read = read_ahead(tuple(p for p in rows if p not in arrays), side)  # a few at once, in this order
     for path, taken in rows.items():
         try:
-            pixels = arrays[path][taken] if path in arrays else next(read)[1]
+            pixels = _folder_array(path, spec)[taken] if path in arrays else next(read)[1]
             if isinstance(pixels, DataError):
                 raise pixels
             parts.append(_prepared(pixels, spec, str(path)))
