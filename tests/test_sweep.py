@@ -1338,3 +1338,33 @@ def test_grid_command_gives_flags_that_read_back_to_the_same_grid(tmp_path: Path
     assert grid_command(SweepSpec(), tmp_path) == ["ssvi", "sweep", "--method", "ssvi", "--sparsity", "0.95", "--out",
                                                    str(tmp_path)]
     assert grid_command(SweepSpec(seeds=(3,)), tmp_path) is None  # a sweep file's seed list: no --seeds says it
+
+
+def test_an_image_folder_changed_under_a_sweep_stops_it_until_restored(tmp_path: Path, capsys):
+    """Images added to the folder a sweep trains on went unsaid: its finished cells were skipped as done, and
+    a grown sweep's new seed trained on the other images and was averaged with them (the image-folder sweep
+    review). The sweep records each folder's image list as its cells train on it and names every cell that
+    trained on another."""
+    photos = tmp_path / "photos"
+    for label in ("a", "b"):
+        (photos / label).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((8, 8), 30 * i + 100 * (label == "b"), np.uint8)).save(photos / label / f"{i}.png")
+    out = tmp_path / "s"
+    grid = ["sweep", "--method", "vi", "--set", f"data.name=imagefolder:{photos}", "--set", "data.image_size=8",
+            "--set", "data.channels=1", "--set", "train.epochs=1", *TINY, "--out", str(out), "--no-figures"]
+    assert run([*grid, "--seeds", "1"]) == 0, capsys.readouterr().err
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(photos / "a" / "new.png")
+    capsys.readouterr()
+    for args in (["sweep", "--resume", str(out)], [*grid, "--seeds", "2"], ["sweep", "--run-cell", str(out / "cells" / "vi_seed0")]):
+        assert run(args) == 2, args
+        said = capsys.readouterr().err
+        assert f"{out / 'cells' / 'vi_seed0'}: its image folder {photos} has changed since the sweep's cells trained on " \
+               "it (its list of images differs)" in said and "or an image folder changed since, which restoring it " \
+               "undoes" in " ".join(said.split())
+    assert not (out / "cells" / "vi_seed1").exists()  # nothing trained on the other images
+    assert run(["sweep", "--report", str(out), "--no-figures"]) == 0
+    assert "its image folder" in json.loads((out / "report.json").read_text())["changed_cells"]["vi_seed0"]
+    (photos / "a" / "new.png").unlink()  # restored: the sweep goes on, and grows
+    assert run([*grid, "--seeds", "2"]) == 0, capsys.readouterr().err
+    assert (out / "cells" / "vi_seed1" / "evaluation.json").is_file()

@@ -45,6 +45,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """The paper's experiments in one command: a grid of runs, evaluated alike, reported as tables and figures."""
         from ssvi_cli.sweep import grid, report as reportmod
+        from ssvi_cli.sweep.drift import record_folders
         from ssvi_cli.sweep.paired import check_selection
         from ssvi_cli.sweep.checks import check_ood_paths, check_ood_sets, check_runnable, idle_axes
         from ssvi_cli.sweep.request import spec_from_flags
@@ -125,6 +126,7 @@ def register(app: typer.Typer) -> None:
                 grid.write_spec(sweep_dir, spec, cells)
         if resume is not None:
             check_changed(sweep_dir, spec, cells)  # before any cell is listed, skipped as done or resumed
+        record_folders(sweep_dir, spec, cells)  # the image folders as the cells that start now train on them
         if dry_run:
             _dry_run(sweep_dir, cells, json_out, spec)
             return

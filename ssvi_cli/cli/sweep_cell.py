@@ -28,6 +28,7 @@ def run_cell(path: Path, run: Callable[[list[str]], int], json_out: bool = False
     from ssvi_cli.cli.train_fit import KeyboardInterruptHandled
     from ssvi_cli.sweep.grid import CELLS_DIR, is_sweep_dir, read_spec
     from ssvi_cli.data.spec import DataError
+    from ssvi_cli.sweep.drift import record_folders
     from ssvi_cli.sweep.failures import DATA_ERROR, clear_failure, record_failure
     from ssvi_cli.sweep.runner import BUSY_EXIT, CellBusy, cell_lock, was_stopped
     from ssvi_cli.training.launcher import PARENT_ENV, stop_with_parent
@@ -52,6 +53,7 @@ def run_cell(path: Path, run: Callable[[list[str]], int], json_out: bool = False
             # Every cell: one that ran under a preset edited since would share a group with this one.
             # Not this cell's failure (the report names changed cells apart), so not recorded as one.
             check_changed(path.parent.parent, spec, cells)
+            record_folders(path.parent.parent, spec, cells)
             try:
                 with redirect_stdout(sys.stderr) if json_out else nullcontext(), running_cell(path):
                     code = _train_and_evaluate(path, cell, spec, run)
@@ -130,7 +132,8 @@ def check_changed(sweep_dir: Path, spec: "SweepSpec", cells: list["Cell"]) -> No
         err.print("\n".join(changed_lines(sweep_dir, changed)))
         one = len(changed) == 1
         raise SweepError(f"{count(len(changed), 'cell')} (listed above) ran under other settings than the sweep "
-                         f"gives {'it' if one else 'them'} now (a preset edited since, or a folder copied in); "
+                         f"gives {'it' if one else 'them'} now (a preset edited since, a folder copied in, or an image "
+                         "folder changed since, which restoring it undoes); "
                          f"delete {'its folder' if one else 'their folders'} to run {'it' if one else 'them'} "
                          "again, or report the sweep as it is: "
                          f"{shell_join(['ssvi', 'sweep', '--report', path_word(sweep_dir)])}"

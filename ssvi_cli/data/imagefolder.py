@@ -237,6 +237,16 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float,
     return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
 
 
+def folder_digest(scan: FolderScan) -> str:
+    """A digest of every image file a folder's scan holds, in every part: its relative path, label and
+    size; another image added, removed, relabelled or saved again at another size gives another."""
+    import hashlib
+
+    lines = "\n".join(f"{part}\t{f.relative_to(scan.root).as_posix()}\t{y}\t{f.stat().st_size}"
+                      for part, (files, labels) in sorted(scan.parts.items()) for f, y in zip(files, labels.tolist()))
+    return "sha256:" + hashlib.sha256(lines.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
 def _files_digest(scan: FolderScan) -> str:
     """For the flat layout (ssvi draws the test split), a digest of the image list the split is drawn
     from (relative paths and labels, in order); empty for the split layout."""

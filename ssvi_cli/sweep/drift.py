@@ -12,13 +12,14 @@ the version they resolve to, as the run's config records them (``torchvision:DEF
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ssvi_cli import config as cfgmod
-from ssvi_cli.fileio import brief
+from ssvi_cli.fileio import brief, write_json
 from ssvi_cli.runs.rundir import CONFIG_FILE
-from ssvi_cli.sweep.grid import CELLS_DIR, Cell, SweepSpec, cell_configs, yaml_text
+from ssvi_cli.sweep.grid import CELLS_DIR, SWEEP_FILE, Cell, SweepSpec, cell_configs, yaml_text
 from ssvi_cli.sweep.runner import cell_dir, cell_state
 from ssvi_cli.training.unused import unused_settings
 
@@ -47,7 +48,59 @@ def ran_with(details: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, Any]:
 
 def changed_details(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> dict[str, tuple[str, dict[str, Any]]]:
     """``{cell: (what differs, {key: the value it ran with})}`` (:func:`changed_cells`; no values for
-    a config that cannot be read)."""
+    a config that cannot be read, nor for a cell whose image folder changed, :func:`folder_states`)."""
+    changed = _changed_settings(sweep_dir, spec, cells)
+    recorded, now = recorded_folders(sweep_dir), None
+    for cell, cfg in cell_configs(spec, [c for c in cells if c.name not in changed]):
+        name = cfg.data.name
+        if name in recorded and cell_state(cell_dir(sweep_dir, cell)) != "new":
+            now = now if now is not None else folder_states(spec, cells)
+            if now.get(name) not in (None, recorded[name]):
+                changed[cell.name] = (f"its image folder {name.partition(':')[2]} has changed since the sweep's cells "
+                                      "trained on it (its list of images differs)", {})
+    return changed
+
+
+FOLDERS_KEY = "image_folders"  # sweep.json: each image folder's digest as its started cells trained on it
+
+
+def folder_states(spec: SweepSpec, cells: list[Cell]) -> dict[str, Optional[str]]:
+    """``{imagefolder:PATH: its digest now}`` (``data.imagefolder.folder_digest``; None where it cannot
+    be read: a folder moved or gone, which its cells' own runs name) for the image folders of ``cells``."""
+    from ssvi_cli.data.imagefolder import folder_digest, scan_folder
+    from ssvi_cli.data.spec import DataError
+
+    states: dict[str, Optional[str]] = {}
+    for name in sorted({cfg.data.name for _, cfg in cell_configs(spec, cells) if cfg.data.name.startswith("imagefolder:")}):
+        try:
+            states[name] = folder_digest(scan_folder(Path(name.partition(":")[2])))
+        except (DataError, OSError):
+            states[name] = None
+    return states
+
+
+def recorded_folders(sweep_dir: Path) -> dict[str, str]:
+    """The digests :func:`record_folders` wrote (none for a sweep from before they were)."""
+    try:
+        found = json.loads((Path(sweep_dir) / SWEEP_FILE).read_text(encoding="utf-8")).get(FOLDERS_KEY) or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
+
+
+def record_folders(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> None:
+    """Write into ``sweep.json`` the digest of each image folder of ``cells`` as it is now, where no
+    started cell trained on it yet, or none was recorded: what later runs of the sweep compare."""
+    states, recorded = folder_states(spec, cells), recorded_folders(sweep_dir)
+    started = {cfg.data.name for cell, cfg in cell_configs(spec, cells) if cell_state(cell_dir(sweep_dir, cell)) != "new"}
+    update = {k: v for k, v in states.items() if v is not None and (k not in started or k not in recorded)}
+    if any(recorded.get(k) != v for k, v in update.items()):
+        path = Path(sweep_dir) / SWEEP_FILE
+        write_json(path, {**json.loads(path.read_text(encoding="utf-8")), FOLDERS_KEY: {**recorded, **update}})
+
+
+def _changed_settings(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """:func:`changed_details` of the cells' configs."""
     import yaml
 
     ran: dict[str, dict[str, Any]] = {}
