@@ -866,6 +866,13 @@ def test_cells_evaluated_on_another_version_of_an_ood_set_are_evaluated_again_no
     assert run(["sweep", "--report", str(out), "--no-figures"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["cells_done"] == 1 and report["missing"] == [first.name]
+    # said apart from a cell never evaluated (the image-folder sweep review: "not evaluated yet" alone)
+    assert report["evaluated_otherwise"] == [first.name]
+    assert "of these, 1 cell evaluated otherwise than the sweep asks now (an --ood folder or array changed since, " \
+        "or --samples): ssvi sweep --resume evaluates them again" in " ".join(capsys.readouterr().err.split())
+    assert f"evaluated otherwise than the sweep asks now (an `--ood` folder or array changed since they were " \
+        f"scored, or `--samples`), which `ssvi sweep --resume` evaluates again, keeping their training: {first.name}." \
+        in " ".join((out / "report.md").read_text().split())
     (vi,) = report["groups"]
     assert vi[f"auroc:{ood}:entropy"]["n"] == 1
     trained = (first / "model.safetensors").stat().st_mtime_ns

@@ -268,6 +268,10 @@ def _finish(result: dict[str, Any], json_out: bool) -> None:
         shown = result["missing"][:8]
         err.print(f"not evaluated yet: {', '.join(shown)}" + (f" and {len(result['missing']) - len(shown)} more"
                                                              if len(result["missing"]) > len(shown) else ""))
+    if again := result.get("evaluated_otherwise"):
+        err.print(f"of these, {count(len(again), 'cell')} evaluated otherwise than the sweep asks now (an --ood folder "
+                  "or array changed since, or --samples): ssvi sweep --resume evaluates them again, keeping their "
+                  "training", highlight=False)
     if result.get("support_unmoved"):
         err.print(f"note: no subspace step before t_end, so the support never moved, in: "
                   f"{'; '.join(result['support_unmoved'])}. {UNMOVED_HINT}", highlight=False)

@@ -22,7 +22,7 @@ from ssvi_cli.sweep.grid import (EVAL_FILE, OWN_KEYS, Cell, SweepError, SweepSpe
                                  read_spec, seeds_text, setting_text, yaml_text)
 from ssvi_cli.sweep.paired import auroc_title, md_row, paired_differences, paired_markdown
 from ssvi_cli.sweep.failures import failure
-from ssvi_cli.sweep.runner import cell_dir, cell_state
+from ssvi_cli.sweep.runner import cell_dir, cell_state, evaluated
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -156,6 +156,9 @@ def build_report(sweep_dir: Path, baseline: Optional[list[str]] = None) -> dict[
     unmoved = {group_label(r): None for r in rows if METHODS.get(r["method"]).moves_support and r["subspace_steps"] == 0}
     if unmoved:  # a schedule too short for its delta_t: a fixed support
         report["support_unmoved"] = list(unmoved)
+    rescore = [c.name for c in cells if c.name in report["missing"] and evaluated(cell_dir(sweep_dir, c))]
+    if rescore:  # scored before on an --ood set changed since, or with other --samples: not counted, nor lost
+        report["evaluated_otherwise"] = rescore
     changed = changed_cells(sweep_dir, spec, cells)
     if changed:  # reported as they are, under the sweep's settings: said in both files
         report["changed_cells"] = changed
@@ -200,6 +203,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(md_row(cells))
     if report["missing"]:
         lines += ["", f"Not evaluated yet: {', '.join(report['missing'])}."]
+    if report.get("evaluated_otherwise"):
+        lines += ["", f"Of these, evaluated otherwise than the sweep asks now (an `--ood` folder or array changed since "
+                      f"they were scored, or `--samples`), which `ssvi sweep --resume` evaluates again, keeping their "
+                      f"training: {', '.join(report['evaluated_otherwise'])}."]
     if report.get("failed"):
         lines += ["", "Failed (their logs say more; a rerun repeats the failure unless its cause, a missing dataset or a "
                   "diverged run, say, is dealt with): "
