@@ -688,7 +688,7 @@ def test_a_minus_sign_names_its_own_cell_and_older_sweeps_keep_their_names(tmp_p
     assert sorted(c.name for c in expand(spec)) == [
         "ssvi_s0.95_mean-0.5_std-0.25_seed0", "ssvi_s0.95_mean-0.5_std-1e-05_seed0",
         "ssvi_s0.95_mean-neg0.5_std-0.25_seed0", "ssvi_s0.95_mean-neg0.5_std-1e-05_seed0"]
-    with pytest.raises(SweepError, match="would share the directory 'ssvi_s0.95_mean-0.5_std-0.25_seed0'"):
+    with pytest.raises(SweepError, match="would share the folder 'ssvi_s0.95_mean-0.5_std-0.25_seed0' \\(a name keeps the letters"):
         expand(spec, version=2)  # before version 3 the sign was dropped, so -0.5 and 0.5 collided
     one = SweepSpec(preset="digits_mlp", fixed={"data.name": "imagefolder:/nowhere", "data.channels": 1},
                     axes={"data.mean": [[-0.5]]})

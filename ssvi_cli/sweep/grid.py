@@ -184,12 +184,12 @@ def expand(spec: SweepSpec, version: int = SWEEP_VERSION) -> list[Cell]:
         s = None if kind.dense else sparsity
         settings = {k: v for k, v in zip(keys, combo) if not (version >= 2 and kind.ignores(k))}
         cell = Cell(cell_name(method, s, seed, settings, version >= 3), method, s, seed, settings)
-        if cell.name in seen:
-            if seen[cell.name] == cell:
-                continue
-            raise SweepError(f"two cells of the grid would share the directory {cell.name!r}; give distinct values")
-        seen[cell.name] = cell
-        cells.append(cell)
+        if cell.name in seen and seen[cell.name] != cell:
+            raise SweepError(f"two cells of the grid would share the folder {cell.name!r} (a name keeps the letters, digits "
+                             f"and dots of {seen[cell.name].settings} and {cell.settings}); give values that differ in those")
+        if cell.name not in seen:
+            seen[cell.name] = cell
+            cells.append(cell)
     for _ in cell_configs(spec, cells):  # every cell's config is built, and so checked
         pass
     return cells
