@@ -688,8 +688,10 @@ def test_a_minus_sign_names_its_own_cell_and_older_sweeps_keep_their_names(tmp_p
     assert sorted(c.name for c in expand(spec)) == [
         "ssvi_s0.95_mean-0.5_std-0.25_seed0", "ssvi_s0.95_mean-0.5_std-1e-05_seed0",
         "ssvi_s0.95_mean-neg0.5_std-0.25_seed0", "ssvi_s0.95_mean-neg0.5_std-1e-05_seed0"]
-    with pytest.raises(SweepError, match="would share the folder 'ssvi_s0.95_mean-0.5_std-0.25_seed0' \\(a name keeps the letters"):
+    with pytest.raises(SweepError, match="would share the folder 'ssvi_s0.95_mean-0.5_std-0.25_seed0', a name that keeps a value's letters"):
         expand(spec, version=2)  # before version 3 the sign was dropped, so -0.5 and 0.5 collided
+    with pytest.raises(SweepError, match=r"alike for \{'sparsity': 0.9\} and \{'sparsity': 0.9000001\}"):
+        expand(SweepSpec(sparsities=(0.9, 0.9000001)))  # named by what collides: it said "{} and {}"
     one = SweepSpec(preset="digits_mlp", fixed={"data.name": "imagefolder:/nowhere", "data.channels": 1},
                     axes={"data.mean": [[-0.5]]})
     assert [c.name for c in expand(one, version=2)] == ["ssvi_s0.95_mean-0.5_seed0"]  # as a version 2 sweep named it
@@ -868,11 +870,12 @@ def test_cells_evaluated_on_another_version_of_an_ood_set_are_evaluated_again_no
     assert report["cells_done"] == 1 and report["missing"] == [first.name]
     # said apart from a cell never evaluated (the image-folder sweep review: "not evaluated yet" alone)
     assert report["evaluated_otherwise"] == [first.name]
-    assert "of these, 1 cell evaluated otherwise than the sweep asks now (an --ood folder or array changed since, " \
-        "or --samples): ssvi sweep --resume evaluates them again" in " ".join(capsys.readouterr().err.split())
-    assert f"evaluated otherwise than the sweep asks now (an `--ood` folder or array changed since they were " \
-        f"scored, or `--samples`), which `ssvi sweep --resume` evaluates again, keeping their training: {first.name}." \
-        in " ".join((out / "report.md").read_text().split())
+    assert "of these, 1 cell was scored before otherwise than the sweep asks now (an --ood set changed or added " \
+        "since, or --samples): ssvi sweep --resume scores it again, keeping its training" in \
+        " ".join(capsys.readouterr().err.split())
+    assert f"scored before otherwise than the sweep asks now (an `--ood` set changed or added since, or `--samples`), " \
+        f"which `ssvi sweep --resume` scores again, keeping their training, once the sweep's `--ood` sets can be " \
+        f"read: {first.name}." in " ".join((out / "report.md").read_text().split())
     (vi,) = report["groups"]
     assert vi[f"auroc:{ood}:entropy"]["n"] == 1
     trained = (first / "model.safetensors").stat().st_mtime_ns
@@ -1367,11 +1370,28 @@ def test_an_image_folder_changed_under_a_sweep_stops_it_until_restored(tmp_path:
         assert run(args) == 2, args
         said = capsys.readouterr().err
         assert f"{out / 'cells' / 'vi_seed0'}: its image folder {photos} has changed since the sweep's cells trained on " \
-               "it (its list of images differs)" in said and "or an image folder changed since, which restoring it " \
-               "undoes" in " ".join(said.split())
+               "it (its images differ: added, removed, or of another size)" in said and "or an image folder changed " \
+               "since, which restoring it undoes" in " ".join(said.split())
     assert not (out / "cells" / "vi_seed1").exists()  # nothing trained on the other images
     assert run(["sweep", "--report", str(out), "--no-figures"]) == 0
     assert "its image folder" in json.loads((out / "report.json").read_text())["changed_cells"]["vi_seed0"]
     (photos / "a" / "new.png").unlink()  # restored: the sweep goes on, and grows
     assert run([*grid, "--seeds", "2"]) == 0, capsys.readouterr().err
     assert (out / "cells" / "vi_seed1" / "evaluation.json").is_file()
+    # A cell that has begun (its config written, no checkpoint yet: in its first epoch, maybe in another
+    # process) keeps the record as it is: a cell started beside it on a changed folder is named, not the record
+    # moved (the review of this change: the second --run-cell recorded the new images, and both were averaged).
+    from ssvi_cli.sweep.drift import record_folders, recorded_folders
+    from ssvi_cli.sweep.grid import read_spec
+
+    before = recorded_folders(out)
+    shutil.rmtree(out / "cells" / "vi_seed1")
+    (out / "cells" / "vi_seed1").mkdir()
+    (out / "cells" / "vi_seed1" / "config.yaml").write_text((out / "cells" / "vi_seed0" / "config.yaml").read_text())
+    shutil.rmtree(out / "cells" / "vi_seed0")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(photos / "a" / "new.png")
+    record_folders(out, *read_spec(out))
+    assert recorded_folders(out) == before
+    shutil.rmtree(out / "cells" / "vi_seed1")  # no cell has begun: the folder is recorded as it is now
+    record_folders(out, *read_spec(out))
+    assert recorded_folders(out) != before

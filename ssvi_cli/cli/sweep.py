@@ -112,7 +112,7 @@ def register(app: typer.Typer) -> None:
             sweep_dir = out_dir or Path("sweeps") / f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(spec.preset).stem}"
             check_output_dir(sweep_dir, "--out")
             how, spec, cells, notes = claim_sweep_dir(sweep_dir, spec, cells, force)
-            check_changed(sweep_dir, spec, cells)  # before the grid is written: a refused one changes nothing
+            states = check_changed(sweep_dir, spec, cells)  # before the grid is written: a refused one changes nothing
             if force and how in ("same", "grown"):  # --force replaces another sweep only
                 err.print(f"note: --force replaces another sweep; {sweep_dir} holds this one, whose finished cells "
                           f"are kept (delete {sweep_dir / 'cells'}, or a cell's folder in it, to train them again)",
@@ -125,8 +125,8 @@ def register(app: typer.Typer) -> None:
                 sweep_dir.mkdir(parents=True, exist_ok=True)
                 grid.write_spec(sweep_dir, spec, cells)
         if resume is not None:
-            check_changed(sweep_dir, spec, cells)  # before any cell is listed, skipped as done or resumed
-        record_folders(sweep_dir, spec, cells)  # the image folders as the cells that start now train on them
+            states = check_changed(sweep_dir, spec, cells)  # before any cell is listed, skipped as done or resumed
+        record_folders(sweep_dir, spec, cells, states)  # the image folders as the cells that start now train on them
         if dry_run:
             _dry_run(sweep_dir, cells, json_out, spec)
             return
@@ -269,9 +269,11 @@ def _finish(result: dict[str, Any], json_out: bool) -> None:
         err.print(f"not evaluated yet: {', '.join(shown)}" + (f" and {len(result['missing']) - len(shown)} more"
                                                              if len(result["missing"]) > len(shown) else ""))
     if again := result.get("evaluated_otherwise"):
-        err.print(f"of these, {count(len(again), 'cell')} evaluated otherwise than the sweep asks now (an --ood folder "
-                  "or array changed since, or --samples): ssvi sweep --resume evaluates them again, keeping their "
-                  "training", highlight=False)
+        one = len(again) == 1
+        err.print(f"of these, {count(len(again), 'cell')} {'was' if one else 'were'} scored before otherwise than the "
+                  f"sweep asks now (an --ood set changed or added since, or --samples): ssvi sweep --resume scores "
+                  f"{'it' if one else 'them'} again, keeping {'its' if one else 'their'} training, once the sweep's "
+                  "--ood sets can be read", highlight=False)
     if result.get("support_unmoved"):
         err.print(f"note: no subspace step before t_end, so the support never moved, in: "
                   f"{'; '.join(result['support_unmoved'])}. {UNMOVED_HINT}", highlight=False)

@@ -9,7 +9,7 @@ import os
 import sys
 from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
 
@@ -52,8 +52,7 @@ def run_cell(path: Path, run: Callable[[list[str]], int], json_out: bool = False
             clear_failure(path)
             # Every cell: one that ran under a preset edited since would share a group with this one.
             # Not this cell's failure (the report names changed cells apart), so not recorded as one.
-            check_changed(path.parent.parent, spec, cells)
-            record_folders(path.parent.parent, spec, cells)
+            record_folders(path.parent.parent, spec, cells, check_changed(path.parent.parent, spec, cells))
             try:
                 with redirect_stdout(sys.stderr) if json_out else nullcontext(), running_cell(path):
                     code = _train_and_evaluate(path, cell, spec, run)
@@ -106,16 +105,18 @@ def _train_and_evaluate(path: Path, cell: Cell, spec: SweepSpec, run: Callable[[
     return code
 
 
-def check_changed(sweep_dir: Path, spec: "SweepSpec", cells: list["Cell"]) -> None:
-    """Refuse to go on while a cell ran under other settings than the grid gives it now: it would be
-    skipped as done, or resumed under its old settings, and reported under the new ones."""
+def check_changed(sweep_dir: Path, spec: "SweepSpec", cells: list["Cell"]) -> dict[str, Optional[str]]:
+    """Refuse to go on while a cell ran under other settings than the grid gives it now, or on an image
+    folder changed since: it would be skipped as done, or resumed under its old settings, and reported
+    under the new ones. Returns the image folders' states (``drift.folder_states``), read once."""
     from dataclasses import replace
 
-    from ssvi_cli.sweep.drift import changed_details, changed_lines, ran_with, trains_alike
+    from ssvi_cli.sweep.drift import changed_details, changed_lines, folder_states, ran_with, trains_alike
     from ssvi_cli.sweep.grid import SweepError, expand, yaml_text
     from ssvi_cli.sweep.request import grid_command
 
-    details = changed_details(sweep_dir, spec, cells)
+    states = folder_states(spec, cells)
+    details = changed_details(sweep_dir, spec, cells, states)
     changed = {name: what for name, (what, _) in details.items()}
     if changed:
         values = ran_with(details)  # a preset changed under the sweep: set as they ran, it goes on
@@ -138,6 +139,7 @@ def check_changed(sweep_dir: Path, spec: "SweepSpec", cells: list["Cell"]) -> No
                          "again, or report the sweep as it is: "
                          f"{shell_join(['ssvi', 'sweep', '--report', path_word(sweep_dir)])}"
                          + (advice if values else ""))
+    return states
 
 
 def cell_document(path: Path) -> dict[str, Any]:

@@ -46,18 +46,20 @@ def ran_with(details: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     return ran[0] if ran and ran[0] and all(values == ran[0] for values in ran) else {}
 
 
-def changed_details(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> dict[str, tuple[str, dict[str, Any]]]:
+def changed_details(sweep_dir: Path, spec: SweepSpec, cells: list[Cell],
+                    states: Optional[dict[str, Optional[str]]] = None) -> dict[str, tuple[str, dict[str, Any]]]:
     """``{cell: (what differs, {key: the value it ran with})}`` (:func:`changed_cells`; no values for
-    a config that cannot be read, nor for a cell whose image folder changed, :func:`folder_states`)."""
+    a config that cannot be read, nor for a cell whose image folder changed: ``states`` as
+    :func:`folder_states` gives them, read here when needed and not given)."""
     changed = _changed_settings(sweep_dir, spec, cells)
-    recorded, now = recorded_folders(sweep_dir), None
+    recorded = recorded_folders(sweep_dir)
     for cell, cfg in cell_configs(spec, [c for c in cells if c.name not in changed]):
         name = cfg.data.name
         if name in recorded and cell_state(cell_dir(sweep_dir, cell)) != "new":
-            now = now if now is not None else folder_states(spec, cells)
-            if now.get(name) not in (None, recorded[name]):
+            states = states if states is not None else folder_states(spec, cells)
+            if states.get(name) not in (None, recorded[name]):
                 changed[cell.name] = (f"its image folder {name.partition(':')[2]} has changed since the sweep's cells "
-                                      "trained on it (its list of images differs)", {})
+                                      "trained on it (its images differ: added, removed, or of another size)", {})
     return changed
 
 
@@ -88,11 +90,15 @@ def recorded_folders(sweep_dir: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
 
 
-def record_folders(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> None:
-    """Write into ``sweep.json`` the digest of each image folder of ``cells`` as it is now, where no
-    started cell trained on it yet, or none was recorded: what later runs of the sweep compare."""
-    states, recorded = folder_states(spec, cells), recorded_folders(sweep_dir)
-    started = {cfg.data.name for cell, cfg in cell_configs(spec, cells) if cell_state(cell_dir(sweep_dir, cell)) != "new"}
+def record_folders(sweep_dir: Path, spec: SweepSpec, cells: list[Cell],
+                   states: Optional[dict[str, Optional[str]]] = None) -> None:
+    """Write into ``sweep.json`` the digest of each image folder of ``cells`` as it is now (``states``,
+    :func:`folder_states`), where no cell has begun on it yet (one that wrote its config is reading it,
+    maybe in another process), or none was recorded: what later runs of the sweep compare."""
+    states = states if states is not None else folder_states(spec, cells)
+    recorded = recorded_folders(sweep_dir)
+    started = {cfg.data.name for cell, cfg in cell_configs(spec, cells)
+               if (cell_dir(sweep_dir, cell) / CONFIG_FILE).exists() or cell_state(cell_dir(sweep_dir, cell)) != "new"}
     update = {k: v for k, v in states.items() if v is not None and (k not in started or k not in recorded)}
     if any(recorded.get(k) != v for k, v in update.items()):
         path = Path(sweep_dir) / SWEEP_FILE

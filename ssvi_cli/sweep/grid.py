@@ -185,13 +185,13 @@ def expand(spec: SweepSpec, version: int = SWEEP_VERSION) -> list[Cell]:
         settings = {k: v for k, v in zip(keys, combo) if not (version >= 2 and kind.ignores(k))}
         cell = Cell(cell_name(method, s, seed, settings, version >= 3), method, s, seed, settings)
         if cell.name in seen and seen[cell.name] != cell:
-            raise SweepError(f"two cells of the grid would share the folder {cell.name!r} (a name keeps the letters, digits "
-                             f"and dots of {seen[cell.name].settings} and {cell.settings}); give values that differ in those")
+            raise SweepError(f"two cells of the grid would share the folder {cell.name!r}, a name that keeps a value's letters, digits "
+                             f"and dots (a sparsity's 6 digits), alike for {dict(sparsity=seen[cell.name].sparsity, **seen[cell.name].settings)} "
+                             f"and {dict(sparsity=cell.sparsity, **cell.settings)}; give values that differ there")
         if cell.name not in seen:
             seen[cell.name] = cell
             cells.append(cell)
-    for _ in cell_configs(spec, cells):  # every cell's config is built, and so checked
-        pass
+    list(cell_configs(spec, cells))  # every cell's config is built, and so checked
     return cells
 
 

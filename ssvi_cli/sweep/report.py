@@ -156,12 +156,13 @@ def build_report(sweep_dir: Path, baseline: Optional[list[str]] = None) -> dict[
     unmoved = {group_label(r): None for r in rows if METHODS.get(r["method"]).moves_support and r["subspace_steps"] == 0}
     if unmoved:  # a schedule too short for its delta_t: a fixed support
         report["support_unmoved"] = list(unmoved)
-    rescore = [c.name for c in cells if c.name in report["missing"] and evaluated(cell_dir(sweep_dir, c))]
-    if rescore:  # scored before on an --ood set changed since, or with other --samples: not counted, nor lost
-        report["evaluated_otherwise"] = rescore
     changed = changed_cells(sweep_dir, spec, cells)
     if changed:  # reported as they are, under the sweep's settings: said in both files
         report["changed_cells"] = changed
+    rescore = [c.name for c in cells if c.name in report["missing"] and c.name not in changed
+               and evaluated(cell_dir(sweep_dir, c))]
+    if rescore:  # scored before on an --ood set changed or added since, or other --samples: not counted, nor lost
+        report["evaluated_otherwise"] = rescore
     if baseline:
         report["paired"] = paired_differences(spec, cells, groups, rows, baseline)
     return report
@@ -204,9 +205,9 @@ def markdown(report: dict[str, Any]) -> str:
     if report["missing"]:
         lines += ["", f"Not evaluated yet: {', '.join(report['missing'])}."]
     if report.get("evaluated_otherwise"):
-        lines += ["", f"Of these, evaluated otherwise than the sweep asks now (an `--ood` folder or array changed since "
-                      f"they were scored, or `--samples`), which `ssvi sweep --resume` evaluates again, keeping their "
-                      f"training: {', '.join(report['evaluated_otherwise'])}."]
+        lines += ["", f"Of these, scored before otherwise than the sweep asks now (an `--ood` set changed or added "
+                      f"since, or `--samples`), which `ssvi sweep --resume` scores again, keeping their training, once "
+                      f"the sweep's `--ood` sets can be read: {', '.join(report['evaluated_otherwise'])}."]
     if report.get("failed"):
         lines += ["", "Failed (their logs say more; a rerun repeats the failure unless its cause, a missing dataset or a "
                   "diverged run, say, is dealt with): "
