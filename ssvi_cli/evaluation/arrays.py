@@ -34,7 +34,8 @@ class ArrayImages:
     list of positions, gives a tensor): an array mapped from its file is read as it is sliced."""
 
     def __init__(self, arr: np.ndarray, scale: Optional[float], name: str = "") -> None:
-        self.arr, self.scale, self.name = arr, scale, name  # scale: divide by it into float pixels; None: as uint8 or float
+        # scale: what the pixels are divided by into floats; None: as uint8, or floats as they are
+        self.arr, self.scale, self.name = arr, scale, name
 
     def __len__(self) -> int:
         return len(self.arr)
