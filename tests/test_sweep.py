@@ -1378,20 +1378,21 @@ def test_an_image_folder_changed_under_a_sweep_stops_it_until_restored(tmp_path:
     (photos / "a" / "new.png").unlink()  # restored: the sweep goes on, and grows
     assert run([*grid, "--seeds", "2"]) == 0, capsys.readouterr().err
     assert (out / "cells" / "vi_seed1" / "evaluation.json").is_file()
-    # A cell that has begun (its config written, no checkpoint yet: in its first epoch, maybe in another
-    # process) keeps the record as it is: a cell started beside it on a changed folder is named, not the record
-    # moved (the review of this change: the second --run-cell recorded the new images, and both were averaged).
+    # A cell in its first epoch (its run held by another process, no checkpoint yet) keeps the record as it
+    # is: a cell started beside it on a changed folder is named, not the record moved (the review of this
+    # change: the second --run-cell recorded the new images, and both were averaged).
+    from ssvi_cli.locks import acquire_lock
     from ssvi_cli.sweep.drift import record_folders, recorded_folders
     from ssvi_cli.sweep.grid import read_spec
 
     before = recorded_folders(out)
     shutil.rmtree(out / "cells" / "vi_seed1")
     (out / "cells" / "vi_seed1").mkdir()
-    (out / "cells" / "vi_seed1" / "config.yaml").write_text((out / "cells" / "vi_seed0" / "config.yaml").read_text())
+    shutil.copy(out / "cells" / "vi_seed0" / "config.yaml", out / "cells" / "vi_seed1" / "config.yaml")
     shutil.rmtree(out / "cells" / "vi_seed0")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(photos / "a" / "new.png")
-    record_folders(out, *read_spec(out))
+    with acquire_lock(out / "cells" / "vi_seed1" / ".lock", "the run's lock"):  # training, elsewhere
+        record_folders(out, *read_spec(out))
     assert recorded_folders(out) == before
-    shutil.rmtree(out / "cells" / "vi_seed1")  # no cell has begun: the folder is recorded as it is now
-    record_folders(out, *read_spec(out))
+    record_folders(out, *read_spec(out))  # stopped in its first epoch: it starts again on the folder as it is
     assert recorded_folders(out) != before

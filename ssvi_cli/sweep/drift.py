@@ -93,12 +93,16 @@ def recorded_folders(sweep_dir: Path) -> dict[str, str]:
 def record_folders(sweep_dir: Path, spec: SweepSpec, cells: list[Cell],
                    states: Optional[dict[str, Optional[str]]] = None) -> None:
     """Write into ``sweep.json`` the digest of each image folder of ``cells`` as it is now (``states``,
-    :func:`folder_states`), where no cell has begun on it yet (one that wrote its config is reading it,
-    maybe in another process), or none was recorded: what later runs of the sweep compare."""
+    :func:`folder_states`), where no cell has begun on it yet (a checkpoint, or a run that another
+    process holds: in its first epoch, reading the folder), or none was recorded: what later runs of the
+    sweep compare. A cell stopped in its first epoch starts again, on the folder as it is then."""
+    from ssvi_cli.locks import lock_holder
+    from ssvi_cli.runs.rundir import LOCK_FILE
+
     states = states if states is not None else folder_states(spec, cells)
     recorded = recorded_folders(sweep_dir)
     started = {cfg.data.name for cell, cfg in cell_configs(spec, cells)
-               if (cell_dir(sweep_dir, cell) / CONFIG_FILE).exists() or cell_state(cell_dir(sweep_dir, cell)) != "new"}
+               if cell_state(path := cell_dir(sweep_dir, cell)) != "new" or lock_holder(path / LOCK_FILE) is not None}
     update = {k: v for k, v in states.items() if v is not None and (k not in started or k not in recorded)}
     if any(recorded.get(k) != v for k, v in update.items()):
         path = Path(sweep_dir) / SWEEP_FILE
