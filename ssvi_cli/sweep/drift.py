@@ -12,15 +12,15 @@ the version they resolve to, as the run's config records them (``torchvision:DEF
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
 from ssvi_cli import config as cfgmod
-from ssvi_cli.fileio import brief, write_json
+from ssvi_cli.fileio import brief
 from ssvi_cli.runs.rundir import CONFIG_FILE
-from ssvi_cli.sweep.grid import CELLS_DIR, SWEEP_FILE, Cell, SweepSpec, cell_configs, yaml_text
+from ssvi_cli.sweep.grid import CELLS_DIR, Cell, SweepSpec, cell_configs, yaml_text
 from ssvi_cli.sweep.runner import cell_dir, cell_state
+from ssvi_cli.sweep.sweepfile import read_entry, write_entry
 from ssvi_cli.training.unused import unused_settings
 
 NOT_COMPARED = frozenset({"train.device", "train.kernel", "train.num_workers", "train.checkpoint_every",
@@ -83,11 +83,7 @@ def folder_states(spec: SweepSpec, cells: list[Cell]) -> dict[str, Optional[str]
 
 def recorded_folders(sweep_dir: Path) -> dict[str, str]:
     """The digests :func:`record_folders` wrote (none for a sweep from before they were)."""
-    try:
-        found = json.loads((Path(sweep_dir) / SWEEP_FILE).read_text(encoding="utf-8")).get(FOLDERS_KEY) or {}
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
+    return {str(k): str(v) for k, v in read_entry(sweep_dir, FOLDERS_KEY).items()}
 
 
 def record_folders(sweep_dir: Path, spec: SweepSpec, cells: list[Cell],
@@ -105,8 +101,7 @@ def record_folders(sweep_dir: Path, spec: SweepSpec, cells: list[Cell],
                if cell_state(path := cell_dir(sweep_dir, cell)) != "new" or lock_holder(path / LOCK_FILE) is not None}
     update = {k: v for k, v in states.items() if v is not None and (k not in started or k not in recorded)}
     if any(recorded.get(k) != v for k, v in update.items()):
-        path = Path(sweep_dir) / SWEEP_FILE
-        write_json(path, {**json.loads(path.read_text(encoding="utf-8")), FOLDERS_KEY: {**recorded, **update}})
+        write_entry(sweep_dir, FOLDERS_KEY, {**recorded, **update})
 
 
 def _changed_settings(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> dict[str, tuple[str, dict[str, Any]]]:

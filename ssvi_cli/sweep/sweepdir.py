@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ssvi_cli import config as cfgmod
-from ssvi_cli.fileio import not_ours, remove_entries, visible_entries, write_json
+from ssvi_cli.fileio import not_ours, remove_entries, visible_entries
 from ssvi_cli.locks import Locked, acquire_lock
 from ssvi_cli.machine import quote_path
 from ssvi_cli.sweep.figures import ACCURACY_VS_FLOPS, METRICS_VS_SPARSITY
@@ -19,6 +19,7 @@ from ssvi_cli.sweep.grid import (CELLS_DIR, SWEEP_FILE, Cell, SweepError, SweepS
                                 numbers, read_spec, yaml_text)
 from ssvi_cli.sweep.report import REPORT_JSON, REPORT_MD
 from ssvi_cli.sweep.runner import LOGS_DIR
+from ssvi_cli.sweep.sweepfile import read_entry, write_entry
 
 COMMANDS_FILE = "commands.txt"  # --dry-run: one cell command per line
 SWEEP_ENTRIES = (SWEEP_FILE, CELLS_DIR, LOGS_DIR, COMMANDS_FILE, REPORT_JSON, REPORT_MD, METRICS_VS_SPARSITY,
@@ -32,18 +33,12 @@ def record_processes(sweep_dir: Path, jobs: int, threads: int, figures: bool = T
     """Write into ``sweep.json`` the ``--jobs``/``--threads`` the cells run with now, which a
     ``--resume`` without them takes again (a CPU cell's numbers move in their last digits with its
     thread count), and whether the report has figures (``--no-figures``), which it keeps too."""
-    path = Path(sweep_dir) / SWEEP_FILE
-    data = json.loads(path.read_text(encoding="utf-8"))
-    write_json(path, {**data, RAN_WITH: {"jobs": jobs, "threads": threads, "figures": figures}})
+    write_entry(sweep_dir, RAN_WITH, {"jobs": jobs, "threads": threads, "figures": figures})
 
 
 def _ran_with(sweep_dir: Path) -> dict[str, Any]:
     """What ``record_processes`` wrote (empty for a sweep from before it was recorded, or unreadable)."""
-    try:
-        ran = json.loads((Path(sweep_dir) / SWEEP_FILE).read_text(encoding="utf-8")).get(RAN_WITH) or {}
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return ran if isinstance(ran, dict) else {}
+    return read_entry(sweep_dir, RAN_WITH)
 
 
 def recorded_figures(sweep_dir: Path) -> bool:
