@@ -29,7 +29,7 @@ import logging
 import unicodedata
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -240,11 +240,8 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float,
 def folder_digest(scan: FolderScan) -> str:
     """A digest of every image file a folder's scan holds, in every part: its relative path, label and
     size; another image added, removed, relabelled or saved again at another size gives another."""
-    import hashlib
-
-    lines = "\n".join(f"{part}\t{f.relative_to(scan.root).as_posix()}\t{y}\t{f.stat().st_size}"
-                      for part, (files, labels) in sorted(scan.parts.items()) for f, y in zip(files, labels.tolist()))
-    return "sha256:" + hashlib.sha256(lines.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return _digest(f"{part}\t{f.relative_to(scan.root).as_posix()}\t{y}\t{f.stat().st_size}"
+                   for part, (files, labels) in sorted(scan.parts.items()) for f, y in zip(files, labels.tolist()))
 
 
 def _files_digest(scan: FolderScan) -> str:
@@ -252,11 +249,15 @@ def _files_digest(scan: FolderScan) -> str:
     from (relative paths and labels, in order); empty for the split layout."""
     if "all" not in scan.parts:
         return ""
+    files, labels = scan.parts["all"]
+    return _digest(f"{f.relative_to(scan.root).as_posix()}\t{y}" for f, y in zip(files, labels.tolist()))
+
+
+def _digest(lines: Iterable[str]) -> str:
+    """``sha256:`` and the first 16 hex digits of the hash of ``lines``, one per line."""
     import hashlib
 
-    files, labels = scan.parts["all"]
-    lines = "\n".join(f"{f.relative_to(scan.root).as_posix()}\t{y}" for f, y in zip(files, labels.tolist()))
-    return "sha256:" + hashlib.sha256(lines.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return "sha256:" + hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def folder_source(argument: str, options: Optional[DataConfig] = None) -> DatasetSource:
