@@ -24,11 +24,12 @@ class Locked(RuntimeError):
         self.holder = holder
 
 
-def acquire_lock(lock_path: Path, what: str, shared: bool = False) -> ContextManager[Any]:
+def acquire_lock(lock_path: Path, what: str, shared: bool = False, wait: bool = False) -> ContextManager[Any]:
     """An advisory ``flock`` on ``lock_path`` (made, with its folder, as needed; our process id written
     in it), held until the returned context ends; :class:`Locked` if another process holds it
     (``shared``: a lock that other shared holders may hold too, and that keeps out only an exclusive
-    one; no process id is written, and ``Locked.holder`` is "?"). The
+    one; no process id is written, and ``Locked.holder`` is "?"; ``wait``: for a lock held a moment,
+    waits until its holder lets it go instead). The
     system drops it when its holder exits, however it exits. Without ``fcntl`` (Windows), or on a file
     system that has no locks (Lustre or NFS mounted without them), nothing is locked: a warning says so
     and the work goes on. ``what`` names the lock in the error when it cannot be written
@@ -52,7 +53,7 @@ def acquire_lock(lock_path: Path, what: str, shared: bool = False) -> ContextMan
                                             "does not follow (remove it)") from None
         raise UnwritablePath(exc.errno, f"cannot write {what} {lock_path}: {exc.strerror or exc}") from None
     try:
-        fcntl.flock(fh, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        fcntl.flock(fh, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
         fh.seek(0)
         holder = (fh.read().strip() or "?") if not shared else "?"

@@ -214,6 +214,47 @@ def test_a_bare_resume_runs_the_cells_with_the_jobs_and_threads_the_sweep_ran_wi
     assert read_spec(out)[0].fixed["train.epochs"] == 1  # the grid as it was
 
 
+def test_a_grid_grown_by_a_dry_run_keeps_how_the_sweep_ran(tmp_path: Path, monkeypatch, capsys):
+    """Growing the grid wrote sweep.json anew: the --jobs, --threads and --no-figures the sweep ran with
+    were lost, and the next bare --resume made figures at one job of every core's threads."""
+    import ssvi_cli.sweep.runner as runner
+
+    calls = []
+    monkeypatch.setattr(runner, "run_cells", lambda _dir, _cells, jobs, threads, *_: calls.append((jobs, threads)) or Outcome())
+    out = tmp_path / "sw"
+    grid = ["sweep", "--set", "train.epochs=1", *TINY, "--out", str(out)]
+    assert run([*grid, "--jobs", "2", "--threads", "1", "--no-figures"]) == 0
+    assert run([*grid, "--seeds", "2", "--dry-run"]) == 0  # grown, for a scheduler's --run-cell, say
+    assert len(read_spec(out)[1]) == 2
+    assert json.loads((out / "sweep.json").read_text())["ran_with"] == {"jobs": 2, "threads": 1, "figures": False}
+    assert run(["sweep", "--resume", str(out)]) == 0
+    assert calls[-1] == (2, 1)
+    assert json.loads((out / "sweep.json").read_text())["ran_with"]["figures"] is False
+
+
+def test_processes_writing_sweep_json_at_once_lose_none_of_each_others_entries(tmp_path: Path):
+    """Each write reads sweep.json, changes its entry and writes the file back: another process's
+    write between the two was lost. A write waits for the lock the other holds meanwhile."""
+    import threading
+
+    from ssvi_cli.locks import acquire_lock
+    from ssvi_cli.sweep.sweepfile import SWEEP_FILE_LOCK, read_entry, write_entry
+
+    out = tmp_path / "sw"
+    assert run(["sweep", "--set", "train.epochs=1", *TINY, "--out", str(out), "--dry-run"]) == 0
+    path = out / "sweep.json"
+    with acquire_lock(out / SWEEP_FILE_LOCK, "the lock of sweep.json"):  # another process, in its write
+        held = json.loads(path.read_text())
+        writer = threading.Thread(target=write_entry, args=(out, "mine", {"a": 1}))
+        writer.start()
+        writer.join(timeout=1.0)
+        assert writer.is_alive()  # waiting for the lock
+        path.write_text(json.dumps({**held, "theirs": {"b": 2}}))
+    writer.join(timeout=30)
+    assert (read_entry(out, "mine"), read_entry(out, "theirs")) == ({"a": 1}, {"b": 2})
+    assert read_spec(out)[1]
+
+
 def test_the_interrupt_message_says_which_cells_start_again(tmp_path: Path, monkeypatch, capsys):
     """Cells stopped before their first checkpoint start again; the message says so only where one did."""
     import ssvi_cli.sweep.runner as runner

@@ -51,6 +51,7 @@ def register(app: typer.Typer) -> None:
         from ssvi_cli.sweep.request import spec_from_flags
         from ssvi_cli.sweep.runner import cell_dir, cell_state
         from ssvi_cli.sweep.sweepdir import claim_sweep_dir, recorded_figures, recorded_processes
+        from ssvi_cli.sweep.sweepfile import write_spec
         from ssvi_cli.training import distributed
 
         grid_given = any(v for v in (method, sparsity, seeds, criterion, set_, preset, file, ood, samples, out_dir, force))
@@ -123,7 +124,7 @@ def register(app: typer.Typer) -> None:
                 for note in notes:  # on stderr: --json keeps standard output for the report
                     err.print(note, highlight=False)
                 sweep_dir.mkdir(parents=True, exist_ok=True)
-                grid.write_spec(sweep_dir, spec, cells)
+                write_spec(sweep_dir, spec, cells)
         if resume is not None:
             states = check_changed(sweep_dir, spec, cells)  # before any cell is listed, skipped as done or resumed
         record_folders(sweep_dir, spec, cells, states)  # the image folders as the cells that start now train on them

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, get_args, get_origin
 
 from ssvi_cli import config as cfgmod
-from ssvi_cli.fileio import write_json
 from ssvi_cli.methods import METHODS
 from ssvi_cli.runs.rundir import EVALUATION_FILE
 
@@ -287,11 +286,6 @@ def typed_number(key: str, value: Any) -> Any:
         return [typed_number(key, v) for v in value]
     whole = isinstance(value, int) and not isinstance(value, bool)
     return float(value) if whole and float in kinds and int not in kinds else value
-
-
-def write_spec(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> None:
-    write_json(sweep_dir / SWEEP_FILE, {"format": "ssvi-sweep", "version": SWEEP_VERSION, "spec": spec.to_dict(),
-                                        "cells": [c.name for c in cells]})
 
 
 def is_sweep_dir(path: Path) -> bool:
