@@ -76,6 +76,21 @@ def test_at_sparsity_09_it_computes_the_magnitude_pruned_original():
     assert by_name["fc"].active == active_count(512 * 10, 0.1)
 
 
+def test_the_report_taken_for_the_model_says_to_pass_the_model():
+    """``model = ssvi.sparsify(model)`` is the habit of libraries whose conversion returns the model:
+    the report then met ``predict`` as "'ConversionReport' object has no attribute 'named_modules'"."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    report = ssvi.sparsify(model, sparsity=0.5)
+    for use in (lambda: ssvi.predict(report, torch.rand(4, 8), samples=2), lambda: report.eval(),
+                lambda: ssvi.param_groups(report, lr=0.01, lr_sigma=0.01)):
+        with pytest.raises(AttributeError, match="converts the model in place and returns this report of it; pass the model"):
+            use()
+    assert ssvi.predict(model, torch.rand(4, 8), samples=2).probs.shape == (4, 3)
+    again = copy.deepcopy(report)  # a report is still a plain dataclass to copy, compare and print
+    assert again == report and again.density == report.density and not hasattr(report, "detach")
+    assert "2 layers converted" in str(again)
+
+
 def test_options_dense_deterministic_moped_and_the_report():
     torch.manual_seed(2)
     model = Custom()

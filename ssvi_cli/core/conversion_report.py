@@ -50,3 +50,11 @@ class ConversionReport:
                      f"{sum(l.total for l in self.layers):,} weights")
         lines += [f"kept as is: {n} ({r})" for n, r in self.kept]
         return "\n".join(lines)
+
+    def __getattr__(self, name: str) -> Any:
+        """Only for attributes a report lacks: a module's (``named_modules``, ``eval``, ``parameters``),
+        asked of the report taken for the model (``model = ssvi.sparsify(model)``), say what to pass."""
+        if name.startswith("__") or name in ("layers", "kept"):  # copy, pickle and dataclass look-ups
+            raise AttributeError(name)
+        raise AttributeError(f"'ConversionReport' object has no attribute {name!r}: ssvi_cli.sparsify converts the "
+                             "model in place and returns this report of it; pass the model itself")
