@@ -13,25 +13,10 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-__all__ = [
-    "UNCERTAINTY_SCORES",
-    "accuracy",
-    "average_precision",
-    "brier",
-    "classification_metrics",
-    "debiased_marginal_l2_ce",
-    "ece",
-    "expected_entropy",
-    "marginal_l2_ce",
-    "misclassification_auroc",
-    "mutual_information",
-    "nll",
-    "ood_metrics",
-    "predictive_entropy",
-    "reliability_bins",
-    "roc_auc",
-    "uncertainty_score",
-]
+__all__ = ["UNCERTAINTY_SCORES", "accuracy", "average_precision", "brier", "classification_metrics",
+           "debiased_marginal_l2_ce", "ece", "expected_entropy", "marginal_l2_ce", "misclassification_auroc",
+           "mutual_information", "nll", "ood_metrics", "predictive_entropy", "reliability_bins", "roc_auc",
+           "uncertainty_score"]
 
 
 def _array(x: Any, dtype: Any = np.float64) -> np.ndarray:
@@ -176,13 +161,21 @@ def expected_entropy(sample_probs: Any) -> np.ndarray:
     return predictive_entropy(sp).mean(axis=0)
 
 
+MI_BLOCK = 1 << 20  # elements of sample_probs taken to float64 at a time (8 MB), however many examples
+
+
 def mutual_information(sample_probs: Any) -> np.ndarray:
     """Epistemic part ``I = H[(1/S) Σ_s p^{(s)}] − (1/S) Σ_s H[p^{(s)}] ≥ 0`` per example.
 
-    Jensen makes it non-negative; rounding negatives (~1e-16) are clipped to 0.
+    Jensen makes it non-negative; rounding negatives (~1e-16) are clipped to 0. Computed a block of
+    examples at a time: the working arrays are a few blocks (:data:`MI_BLOCK`), not a few times the input.
     """
-    sp = _array(sample_probs)
-    return np.maximum(predictive_entropy(sp.mean(axis=0)) - expected_entropy(sp), 0.0)
+    sp = sample_probs.detach().cpu().numpy() if hasattr(sample_probs, "detach") else np.asarray(sample_probs)
+    if sp.ndim != 3:
+        raise ValueError(f"expected sample_probs (S, N, C), got {sp.shape}")
+    rows = max(1, MI_BLOCK // max(1, sp.shape[0] * sp.shape[2]))
+    return np.concatenate([np.maximum(predictive_entropy(b.mean(axis=0)) - expected_entropy(b), 0.0)
+                           for b in (_array(sp[:, i:i + rows]) for i in range(0, sp.shape[1], rows))] or [np.zeros(0)])
 
 
 def _one_minus_max_prob(probs: Any, sample_probs: Any = None) -> np.ndarray:

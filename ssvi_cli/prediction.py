@@ -285,6 +285,6 @@ def predict(model: nn.Module, x: Tensor, samples: int = 30, mode: str = "mc") ->
     probs, draws = predict_batch(model, x, whole("samples", samples) if mode == "mc" else samples, mode)
     probs_np = probs.double().cpu().numpy()
     entropy = torch.from_numpy(predictive_entropy(probs_np))
-    mi = torch.from_numpy(mutual_information(draws.double().cpu().numpy())) if has_spread(draws) else None
+    mi = torch.from_numpy(mutual_information(draws)) if has_spread(draws) else None  # a block at a time
     # contiguous, as a user's .view() expects (class_softmax's mean-mode probabilities are a transposed view)
     return Prediction(probs.contiguous(), entropy, mi, samples if draws is not None else None)
