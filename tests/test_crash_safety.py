@@ -265,6 +265,67 @@ def test_ctrl_c_stops_a_shell_loop_of_runs_not_just_the_current_one(tmp_path):
     assert proc.returncode == -signal.SIGINT, rest
 
 
+# A module whose own code gets a Ctrl-C half way: as numpy's did, imported as a command first needed it.
+HALF_MADE = textwrap.dedent("""
+    import os, signal
+    os.kill(os.getpid(), signal.SIGINT)
+    total = sum(range(200_000))  # Python code runs on after the signal: Python's handler runs here
+    made = True
+""")
+IMPORTER = textwrap.dedent("""
+    import sys, time
+    from ssvi_cli import interrupts
+    if sys.argv[1] == "guarded":
+        interrupts.install()
+    try:
+        import half_made
+        print("imported", half_made.made, flush=True)
+        time.sleep(30)
+        print("no Ctrl-C", flush=True)
+    except KeyboardInterrupt:
+        print("KeyboardInterrupt; module made:", getattr(sys.modules.get("half_made"), "made", False), flush=True)
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_ctrl_c_during_an_import_takes_effect_once_the_module_is_made(tmp_path):
+    """A KeyboardInterrupt raised in a module's own code left it half made: the command then failed
+    with that module's error ("module 'numpy' has no attribute 'matrix'", exit 1) or, where C code
+    (torch's) cleared it, trained on to the end. The command holds a Ctrl-C back until the import ends."""
+    (tmp_path / "half_made.py").write_text(HALF_MADE)
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parent.parent)])}
+    outs = {how: subprocess.run([sys.executable, "-c", IMPORTER, how], capture_output=True, text=True, env=env,
+                                timeout=60, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)).stdout
+            for how in ("guarded", "plain")}
+    assert outs["guarded"].splitlines() == ["imported True", "KeyboardInterrupt; module made: True"], outs
+    assert outs["plain"].splitlines() == ["KeyboardInterrupt; module made: False"], outs  # Python's own way
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_ctrl_c_while_the_command_line_is_imported_says_interrupted(tmp_path):
+    """The ``ssvi`` command's entry: a Ctrl-C while the command line itself is imported (before the
+    command can say anything) ends it as any Ctrl-C does, "interrupted" and by SIGINT, no traceback."""
+    code = textwrap.dedent("""
+        import os, signal, sys
+
+        class CtrlC:  # a Ctrl-C as typer is looked for: half way through importing the command line
+            def find_spec(self, name, path=None, target=None):
+                if name == "typer":
+                    sys.meta_path.remove(self)
+                    os.kill(os.getpid(), signal.SIGINT)
+                return None
+
+        sys.meta_path.insert(0, CtrlC())
+        sys.argv = ["ssvi", "presets"]
+        from ssvi_cli.__main__ import entry
+        entry()
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.stderr == "interrupted\n" and proc.stdout == "", proc.stderr
+    assert proc.returncode == -signal.SIGINT
+
+
 def test_sigterm_checkpoints_exits_143_and_the_run_resumes(tmp_path):
     run = tmp_path / "run"
     proc = ssvi(*TRAIN, "--out", str(run))

@@ -114,7 +114,7 @@ def _ctrl_c_ends_at_once() -> Iterator[None]:
     made). Nothing has been written by then: the run folder is claimed after. A handler the caller
     set of its own is kept."""
     before = signal.getsignal(signal.SIGINT)
-    ours = before is signal.default_int_handler or getattr(before, "ssvi_until_training", False)
+    ours = before is signal.default_int_handler or any(getattr(before, k, False) for k in ("ssvi_until_training", "ssvi_ctrl_c"))
     if not ours or threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -1,0 +1,77 @@
+"""Ctrl-C in the ``ssvi`` command never lands inside an import. Python raises KeyboardInterrupt wherever
+the main thread is, and one raised while a module runs its own code (numpy's, torch's: imported as a
+command first needs them) leaves the module half made in ``sys.modules``: the command then failed with
+an error of that module ("module 'numpy' has no attribute 'matrix'", exit 1, a sweep's cell recorded as
+failed), or went on and finished as if no Ctrl-C had come. Here a Ctrl-C that comes during an import
+waits for it to end, then takes effect as any other: through whatever SIGINT handler is there by then
+(training's, which writes a checkpoint; the default one, which ends the process). Only the command's
+process installs it (:func:`install`); the library leaves the signals to its caller."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from types import FrameType
+from typing import Optional
+
+_lock = threading.Lock()
+_pending: list[int] = []  # a Ctrl-C held back until the import it came in ends (one, however many came)
+POLL_S = 0.01  # how often the import under way is looked at again
+
+
+def _importing(frame: Optional[FrameType]) -> bool:
+    """Whether ``frame`` (a thread's innermost) runs inside an import: a module's code, or the
+    machinery finding and loading it."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _deliver() -> None:
+    """Once the main thread is out of its imports, send the Ctrl-C held back to this process again."""
+    main = threading.main_thread().ident
+    while True:
+        time.sleep(POLL_S)
+        frame = sys._current_frames().get(main)  # type: ignore[arg-type]
+        if frame is None or not _importing(frame):
+            break
+        del frame
+    with _lock:
+        if _pending and frame is not None:
+            _pending.clear()
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def _interrupt(signum: int, frame: Optional[FrameType]) -> None:
+    """The SIGINT handler: KeyboardInterrupt, as Python's own, unless an import is under way."""
+    if _importing(frame):
+        with _lock:
+            if not _pending:
+                _pending.append(signum)
+                threading.Thread(target=_deliver, name="ssvi-ctrl-c", daemon=True).start()
+        return
+    raise KeyboardInterrupt
+
+
+_interrupt.ssvi_ctrl_c = True  # type: ignore[attr-defined]  # Ctrl-C's own behaviour otherwise: see distributed
+
+
+def install() -> None:
+    """Hold a Ctrl-C back while an import is under way, in this process's main thread; where SIGINT
+    is Python's own (not where it is ignored, as in a job a script ran in the background)."""
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt)
+
+
+def take_pending() -> None:
+    """At a point with no import under way: a Ctrl-C held back meanwhile raises KeyboardInterrupt now."""
+    with _lock:
+        if _pending:
+            _pending.clear()
+            raise KeyboardInterrupt
