@@ -4,8 +4,9 @@ command first needs them) leaves the module half made in ``sys.modules``: the co
 an error of that module ("module 'numpy' has no attribute 'matrix'", exit 1, a sweep's cell recorded as
 failed), or went on and finished as if no Ctrl-C had come. Here a Ctrl-C that comes during an import
 waits for it to end, then takes effect as any other: through whatever SIGINT handler is there by then
-(training's, which writes a checkpoint; the default one, which ends the process). Only the command's
-process installs it (:func:`install`); the library leaves the signals to its caller."""
+(training's, which writes a checkpoint; the default one, which ends the process). So does a SIGTERM
+or SIGHUP that unwinds a command (:func:`held_back`). Only the command's process installs the Ctrl-C
+handler (:func:`install`); the library leaves the signals to its caller."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from types import FrameType
 from typing import Optional
 
 _lock = threading.Lock()
-_pending: list[int] = []  # a Ctrl-C held back until the import it came in ends (one, however many came)
+_pending: list[int] = []  # signals held back until the import they came in ends (one of each, however many came)
 POLL_S = 0.01  # how often the import under way is looked at again
 
 
@@ -32,8 +33,8 @@ def _importing(frame: Optional[FrameType]) -> bool:
     return False
 
 
-def _deliver() -> None:
-    """Once the main thread is out of its imports, send the Ctrl-C held back to this process again."""
+def _deliver(signum: int) -> None:
+    """Once the main thread is out of its imports, send the signal held back to this process again."""
     main = threading.main_thread().ident
     while True:
         time.sleep(POLL_S)
@@ -42,20 +43,27 @@ def _deliver() -> None:
             break
         del frame
     with _lock:
-        if _pending and frame is not None:
-            _pending.clear()
-            os.kill(os.getpid(), signal.SIGINT)
+        if signum in _pending and frame is not None:
+            _pending.remove(signum)
+            os.kill(os.getpid(), signum)
 
 
-def _interrupt(signum: int, frame: Optional[FrameType]) -> None:
-    """The SIGINT handler: KeyboardInterrupt, as Python's own, unless an import is under way."""
-    if _importing(frame):
-        with _lock:
-            if not _pending:
-                _pending.append(signum)
-                threading.Thread(target=_deliver, name="ssvi-ctrl-c", daemon=True).start()
-        return
-    raise KeyboardInterrupt
+def held_back(signum: int) -> bool:
+    """For a signal handler to ask first: whether the signal came while an import is under way, in
+    which case it is sent again once the import ends, and the handler returns at once."""
+    if not _importing(sys._getframe(1)):  # the handler's caller: the code the signal came in
+        return False
+    with _lock:
+        if signum not in _pending:
+            _pending.append(signum)
+            threading.Thread(target=_deliver, args=(signum,), name="ssvi-held-signal", daemon=True).start()
+    return True
+
+
+def _interrupt(signum: int, frame: Optional[FrameType]) -> None:  # noqa: ARG001
+    """The SIGINT handler: KeyboardInterrupt, as Python's own, once no import is under way."""
+    if not held_back(signum):
+        raise KeyboardInterrupt
 
 
 _interrupt.ssvi_ctrl_c = True  # type: ignore[attr-defined]  # Ctrl-C's own behaviour otherwise: see distributed
@@ -72,6 +80,6 @@ def install() -> None:
 def take_pending() -> None:
     """At a point with no import under way: a Ctrl-C held back meanwhile raises KeyboardInterrupt now."""
     with _lock:
-        if _pending:
-            _pending.clear()
+        if signal.SIGINT in _pending:
+            _pending.remove(signal.SIGINT)
             raise KeyboardInterrupt

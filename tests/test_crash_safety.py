@@ -268,22 +268,24 @@ def test_ctrl_c_stops_a_shell_loop_of_runs_not_just_the_current_one(tmp_path):
 # A module whose own code gets a Ctrl-C half way: as numpy's did, imported as a command first needed it.
 HALF_MADE = textwrap.dedent("""
     import os, signal
-    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
     total = sum(range(200_000))  # Python code runs on after the signal: Python's handler runs here
     made = True
 """)
 IMPORTER = textwrap.dedent("""
-    import sys, time
+    import contextlib, sys, time
     from ssvi_cli import interrupts
+    from ssvi_cli.cli.app import Terminated, _unwinding
     if sys.argv[1] == "guarded":
         interrupts.install()
     try:
-        import half_made
-        print("imported", half_made.made, flush=True)
-        time.sleep(30)
-        print("no Ctrl-C", flush=True)
-    except KeyboardInterrupt:
-        print("KeyboardInterrupt; module made:", getattr(sys.modules.get("half_made"), "made", False), flush=True)
+        with _unwinding() if sys.argv[1] == "guarded" else contextlib.nullcontext():  # SIGTERM as a command has it
+            import half_made
+            print("imported", half_made.made, flush=True)
+            time.sleep(30)
+        print("no signal", flush=True)
+    except (KeyboardInterrupt, Terminated) as exc:
+        print(type(exc).__name__ + "; module made:", getattr(sys.modules.get("half_made"), "made", False), flush=True)
 """)
 
 
@@ -291,14 +293,20 @@ IMPORTER = textwrap.dedent("""
 def test_a_ctrl_c_during_an_import_takes_effect_once_the_module_is_made(tmp_path):
     """A KeyboardInterrupt raised in a module's own code left it half made: the command then failed
     with that module's error ("module 'numpy' has no attribute 'matrix'", exit 1) or, where C code
-    (torch's) cleared it, trained on to the end. The command holds a Ctrl-C back until the import ends."""
+    (torch's) cleared it, trained on to the end. The command holds a Ctrl-C (or the SIGTERM that
+    unwinds it) back until the import ends."""
     (tmp_path / "half_made.py").write_text(HALF_MADE)
     env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parent.parent)])}
-    outs = {how: subprocess.run([sys.executable, "-c", IMPORTER, how], capture_output=True, text=True, env=env,
-                                timeout=60, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)).stdout
-            for how in ("guarded", "plain")}
-    assert outs["guarded"].splitlines() == ["imported True", "KeyboardInterrupt; module made: True"], outs
-    assert outs["plain"].splitlines() == ["KeyboardInterrupt; module made: False"], outs  # Python's own way
+
+    def outcome(how: str, sig: str) -> list[str]:
+        return subprocess.run([sys.executable, "-c", IMPORTER, how], capture_output=True, text=True, timeout=60,
+                              env={**env, "SIGNAL": sig},
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)).stdout.splitlines()
+
+    assert outcome("guarded", "SIGINT") == ["imported True", "KeyboardInterrupt; module made: True"]
+    assert outcome("plain", "SIGINT") == ["KeyboardInterrupt; module made: False"]  # Python's own way
+    # SIGTERM (a scheduler's, or a sweep whose process is gone) unwinds a command as Ctrl-C does
+    assert outcome("guarded", "SIGTERM") == ["imported True", "Terminated; module made: True"]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")

@@ -135,6 +135,7 @@ def _unwinding() -> Any:
     launcher stops and whose rank 0 alone speaks."""
     from contextlib import nullcontext
 
+    from ssvi_cli.interrupts import held_back
     from ssvi_cli.training.stops import stop_signals
 
     if _torchrun_worker():
@@ -142,6 +143,8 @@ def _unwinding() -> Any:
     stopped: list[signal.Signals] = []
 
     def unwind(signum: signal.Signals) -> None:
+        if held_back(signum):  # in an import: once it ends
+            return
         if not stopped:
             stopped.append(signum)
             raise Terminated(signum)
