@@ -232,6 +232,24 @@ def test_a_grid_grown_by_a_dry_run_keeps_how_the_sweep_ran(tmp_path: Path, monke
     assert json.loads((out / "sweep.json").read_text())["ran_with"]["figures"] is False
 
 
+def test_a_dry_runs_no_figures_is_kept_for_the_report_of_its_cells(tmp_path: Path, monkeypatch):
+    """``--dry-run --no-figures`` for a scheduler's --run-cells: the --report afterwards drew figures."""
+    from ssvi_cli.sweep import report as reportmod
+    from ssvi_cli.sweep.sweepdir import recorded_figures, recorded_processes
+
+    asked, real = [], reportmod.write_report
+    monkeypatch.setattr(reportmod, "write_report", lambda path, figures, *a: asked.append(figures) or real(path, figures, *a))
+    out = tmp_path / "sw"
+    grid = ["sweep", "--set", "train.epochs=1", *TINY, "--out", str(out)]
+    assert run([*grid, "--dry-run", "--no-figures"]) == 0
+    assert recorded_figures(out) is False and recorded_processes(out) == (None, None)
+    assert run(["sweep", "--report", str(out)]) == 0 and asked == [False]
+    assert run([*grid, "--dry-run"]) == 0  # the same grid again: kept as it was given
+    assert recorded_figures(out) is False
+    assert run([*grid, "--dry-run", "--figures"]) == 0
+    assert recorded_figures(out) is True
+
+
 def test_processes_writing_sweep_json_at_once_lose_none_of_each_others_entries(tmp_path: Path):
     """Each write reads sweep.json, changes its entry and writes the file back: another process's
     write between the two was lost. A write waits for the lock the other holds meanwhile."""

@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
         from ssvi_cli.sweep.checks import check_ood_paths, check_ood_sets, check_runnable, idle_axes
         from ssvi_cli.sweep.request import spec_from_flags
         from ssvi_cli.sweep.runner import cell_dir, cell_state
-        from ssvi_cli.sweep.sweepdir import claim_sweep_dir, recorded_figures, recorded_processes
+        from ssvi_cli.sweep.sweepdir import claim_sweep_dir, record_figures, recorded_figures, recorded_processes
         from ssvi_cli.sweep.sweepfile import write_spec
         from ssvi_cli.training import distributed
 
@@ -129,6 +129,7 @@ def register(app: typer.Typer) -> None:
             states = check_changed(sweep_dir, spec, cells)  # before any cell is listed, skipped as done or resumed
         record_folders(sweep_dir, spec, cells, states)  # the image folders as the cells that start now train on them
         if dry_run:
+            record_figures(sweep_dir, figures is not False)
             _dry_run(sweep_dir, cells, json_out, spec)
             return
         from ssvi_cli.training.cpus import usable_cpus

@@ -101,7 +101,7 @@ def record_folders(sweep_dir: Path, spec: SweepSpec, cells: list[Cell],
                if cell_state(path := cell_dir(sweep_dir, cell)) != "new" or lock_holder(path / LOCK_FILE) is not None}
     update = {k: v for k, v in states.items() if v is not None and (k not in started or k not in recorded)}
     if any(recorded.get(k) != v for k, v in update.items()):
-        write_entry(sweep_dir, FOLDERS_KEY, {**recorded, **update})
+        write_entry(sweep_dir, FOLDERS_KEY, update)
 
 
 def _changed_settings(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> dict[str, tuple[str, dict[str, Any]]]:

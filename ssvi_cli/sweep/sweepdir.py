@@ -36,6 +36,12 @@ def record_processes(sweep_dir: Path, jobs: int, threads: int, figures: bool = T
     write_entry(sweep_dir, RAN_WITH, {"jobs": jobs, "threads": threads, "figures": figures})
 
 
+def record_figures(sweep_dir: Path, figures: bool) -> None:
+    """Write into ``sweep.json`` whether the report has figures, as a dry run is given (the jobs and
+    threads that cells ran with, if any did, kept): ``--run-cell`` runs the cells, ``--report`` reads it."""
+    write_entry(sweep_dir, RAN_WITH, {"figures": figures})
+
+
 def _ran_with(sweep_dir: Path) -> dict[str, Any]:
     """What ``record_processes`` wrote (empty for a sweep from before it was recorded, or unreadable)."""
     return read_entry(sweep_dir, RAN_WITH)

@@ -34,10 +34,13 @@ def read_entry(sweep_dir: Path, key: str) -> dict[str, Any]:
 
 
 def write_entry(sweep_dir: Path, key: str, value: dict[str, Any]) -> None:
-    """Put ``value`` under ``key`` in the sweep's ``sweep.json``, its other entries kept."""
+    """Write the keys of ``value`` into the mapping under ``key`` in the sweep's ``sweep.json``, its
+    other keys and the file's other entries kept."""
     path = Path(sweep_dir) / SWEEP_FILE
     with acquire_lock(Path(sweep_dir) / SWEEP_FILE_LOCK, "the lock of sweep.json", wait=True):
-        write_json(path, {**json.loads(path.read_text(encoding="utf-8")), key: value})
+        data = json.loads(path.read_text(encoding="utf-8"))
+        held = data.get(key)
+        write_json(path, {**data, key: {**(held if isinstance(held, dict) else {}), **value}})
 
 
 def write_spec(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> None:
