@@ -1396,3 +1396,38 @@ def test_an_image_folder_changed_under_a_sweep_stops_it_until_restored(tmp_path:
     assert recorded_folders(out) == before
     record_folders(out, *read_spec(out))  # stopped in its first epoch: it starts again on the folder as it is
     assert recorded_folders(out) != before
+
+
+def test_an_image_folder_changed_under_a_sweep_from_before_they_were_recorded_is_named(tmp_path: Path, capsys):
+    """A sweep from an ssvi that recorded no image folders took the folder as its first run of this one
+    found it: images added before then went unsaid and a grown seed was averaged with the old ones (the
+    upgrade review). The cells' summaries count the images they trained on: compared with the folder's."""
+    photos = tmp_path / "photos"
+    for label in ("a", "b"):
+        (photos / label).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((8, 8), 30 * i + 100 * (label == "b"), np.uint8)).save(photos / label / f"{i}.png")
+    out = tmp_path / "s"
+    assert TINY[2:4] == ["--set", "data.max_train=300"]
+    tiny = TINY[:2] + TINY[4:]  # every training image: a capped count says nothing of the folder
+    grid = ["sweep", "--method", "vi", "--set", f"data.name=imagefolder:{photos}", "--set", "data.image_size=8",
+            "--set", "data.channels=1", "--set", "train.epochs=1", *tiny, "--out", str(out), "--no-figures"]
+    assert run([*grid, "--seeds", "1"]) == 0, capsys.readouterr().err
+
+    def as_older_ssvi_left_it() -> None:
+        sweep = json.loads((out / "sweep.json").read_text())
+        assert sweep.pop("image_folders")
+        (out / "sweep.json").write_text(json.dumps(sweep))
+
+    as_older_ssvi_left_it()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(photos / "a" / "new.png")
+    capsys.readouterr()
+    assert run([*grid, "--seeds", "2"]) == 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"its image folder {photos} holds 13 images now, 12 when the cell trained on it (a sweep from an earlier " \
+           "ssvi, which recorded no image folders to compare)" in said, said
+    assert not (out / "cells" / "vi_seed1").exists() and "image_folders" not in json.loads((out / "sweep.json").read_text())
+    (photos / "a" / "new.png").unlink()  # restored: the sweep goes on, and records the folder from now on
+    assert run([*grid, "--seeds", "2"]) == 0, capsys.readouterr().err
+    assert (out / "cells" / "vi_seed1" / "evaluation.json").is_file()
+    assert list(json.loads((out / "sweep.json").read_text())["image_folders"]) == [f"imagefolder:{photos}"]

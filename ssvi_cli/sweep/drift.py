@@ -53,14 +53,46 @@ def changed_details(sweep_dir: Path, spec: SweepSpec, cells: list[Cell],
     :func:`folder_states` gives them, read here when needed and not given)."""
     changed = _changed_settings(sweep_dir, spec, cells)
     recorded = recorded_folders(sweep_dir)
+    scans: dict[str, Any] = {}
     for cell, cfg in cell_configs(spec, [c for c in cells if c.name not in changed]):
         name = cfg.data.name
-        if name in recorded and cell_state(cell_dir(sweep_dir, cell)) != "new":
+        if not name.startswith("imagefolder:") or cell_state(cell_dir(sweep_dir, cell)) == "new":
+            continue
+        if name in recorded:
             states = states if states is not None else folder_states(spec, cells)
             if states.get(name) not in (None, recorded[name]):
                 changed[cell.name] = (f"its image folder {name.partition(':')[2]} has changed since the sweep's cells "
                                       "trained on it (its images differ: added, removed, or of another size)", {})
+        elif (what := _unrecorded_change(cell_dir(sweep_dir, cell), cfg, scans)) is not None:
+            changed[cell.name] = (what, {})
     return changed
+
+
+def _unrecorded_change(path: Path, cfg: Any, scans: dict[str, Any]) -> Optional[str]:
+    """For a cell of a sweep from an ssvi that recorded no image folders (whose first run of this one
+    records them as they are): what differs between the training images its summary counts and the
+    folder's now (``scans``: the folders scanned so far), where it trained on all of them; else None."""
+    from ssvi_cli.data.imagefolder import scan_folder
+    from ssvi_cli.data.spec import DataError
+    from ssvi_cli.runs.rundir import RunDir
+
+    images, folder = RunDir(path).read_summary().get("images"), cfg.data.name.partition(":")[2]
+    if not isinstance(images, dict) or cfg.data.max_train is not None:
+        return None
+    try:
+        scan = scans[folder] = scans.get(folder) or scan_folder(Path(folder))
+    except (DataError, OSError):  # moved or gone: the cell's own run names it
+        return None
+    parts = {part: len(files) for part, (files, _) in scan.parts.items()}
+    if "all" in parts:  # the flat layout: ssvi draws the test split, which max_test may cap
+        then, now = (sum(images.values()), parts["all"]) if cfg.data.max_test is None else (None, None)
+    else:
+        then, now = images.get("train", 0) + images.get("val", 0), parts.get("train", 0) + parts.get("val", 0)
+    if then is None or then == now:
+        return None
+    what = "images" if "all" in parts else "training images"
+    return (f"its image folder {folder} holds {now} {what} now, {then} when the cell trained on it "
+            "(a sweep from an earlier ssvi, which recorded no image folders to compare)")
 
 
 FOLDERS_KEY = "image_folders"  # sweep.json: each image folder's digest as its started cells trained on it
