@@ -282,7 +282,19 @@ def predict(model: nn.Module, x: Tensor, samples: int = 30, mode: str = "mc") ->
         raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
     if isinstance(x, np.ndarray):
         raise TypeError("x is a numpy array; pass a tensor batch, torch.as_tensor(x)")
-    probs, draws = predict_batch(model, x, whole("samples", samples) if mode == "mc" else samples, mode)
+    if isinstance(x, (list, tuple)) and not any(isinstance(v, Tensor) for v in x):  # numbers, not the model's tensors
+        raise TypeError(f"x is a {type(x).__name__} of numbers; pass a tensor batch, torch.tensor(x, dtype=torch.float32)")
+    try:
+        probs, draws = predict_batch(model, x, whole("samples", samples) if mode == "mc" else samples, mode)
+    except IndexError as exc:  # a model that reads a batch dimension (flatten(1)) given one example
+        if isinstance(x, Tensor) and x.dim() == 1:
+            raise ValueError(f"x has shape {tuple(x.shape)}, one example: pass a batch, x.unsqueeze(0)") from exc
+        raise
+    except NonFiniteOutput as exc:  # an input's own NaN or inf, rather than the weights', where it is one
+        if isinstance(x, Tensor) and x.is_floating_point() and x.dim() and not bool(x[exc.first].isfinite().all()):
+            raise ValueError(f"the input at index {exc.first} of x holds NaN or inf: the model's outputs for it are "
+                             "not finite") from None
+        raise
     probs_np = probs.double().cpu().numpy()
     entropy = torch.from_numpy(predictive_entropy(probs_np))
     mi = torch.from_numpy(mutual_information(draws)) if has_spread(draws) else None  # a block at a time

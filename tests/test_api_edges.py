@@ -700,3 +700,32 @@ def test_predicted_probabilities_are_contiguous_in_either_mode():
     for mode in ("mean", "mc"):
         probs = ssvi.predict(model, x, samples=3, mode=mode).probs
         assert probs.is_contiguous() and probs.view(-1).shape == (32 * 10,), mode
+
+
+def test_predict_says_what_is_wrong_with_the_inputs_it_is_given():
+    """One example, a list of numbers and an input holding NaN were torch's errors of the model's code
+    ("Dimension out of range", "'list' object has no attribute 'flatten'") or blamed the weights."""
+    from ssvi_cli import config
+    from ssvi_cli.training.plan import init_model, load_data, make_model
+
+    cfg = config.from_preset("digits_mlp", {"sparse.sparsity": 0.95, "data.max_train": 64})
+    mlp = make_model(cfg, load_data(cfg).spec)  # ssvi's own MLP: its forward flattens a batch
+    init_model(mlp, cfg, torch.Generator().manual_seed(0))
+    seq = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    ssvi.sparsify(seq, sparsity=0.5)
+    nan = torch.rand(3, 64)
+    nan[2, 5] = float("nan")
+    for model in (mlp, seq):
+        with pytest.raises((ValueError,), match=r"x.unsqueeze\(0\)"):
+            ssvi.predict(model, torch.rand(64), samples=2)
+        with pytest.raises(TypeError, match=r"x is a list of numbers; pass a tensor batch, torch.tensor\(x, dtype=torch.float32\)"):
+            ssvi.predict(model, [[0.0] * 64] * 2, samples=2)
+        with pytest.raises(ValueError, match="the input at index 2 of x holds NaN or inf"):
+            ssvi.predict(model, nan, samples=2)
+        assert ssvi.predict(model, torch.rand(2, 64), samples=2).probs.shape == (2, 10)
+    with pytest.raises(ValueError, match="one example: pass a batch"):  # the MLP's own error, said so
+        ssvi.predict(mlp, torch.rand(64), samples=2)
+    with torch.no_grad():
+        seq[0].mu.mul_(1e30)  # a diverged model: finite inputs, outputs that are not
+    with pytest.raises(ValueError, match="its weights or these inputs overflow float32"):
+        ssvi.predict(seq, torch.full((2, 64), 1e10), samples=2)
