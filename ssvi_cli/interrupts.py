@@ -45,7 +45,12 @@ def _deliver(signum: int) -> None:
     with _lock:
         if signum in _pending and frame is not None:
             _pending.remove(signum)
-            os.kill(os.getpid(), signum)
+            if os.name == "nt":  # where os.kill of any other signal than a console's events ends the process
+                import _thread
+
+                _thread.interrupt_main(signum)
+            else:  # the system's signal: it also wakes a main thread that sleeps or waits
+                os.kill(os.getpid(), signum)
 
 
 def held_back(signum: int) -> bool:
