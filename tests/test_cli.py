@@ -916,6 +916,21 @@ def test_a_run_stopped_before_its_first_checkpoint_is_named_as_one_by_every_read
         assert len(said.strip().splitlines()) == 1
 
 
+def test_a_run_stopped_before_it_wrote_anything_is_named_as_one(tmp_path: Path, capsys):
+    """Ctrl-C while a run was set up (its folder claimed, its lock alone written): --resume asked "is it
+    a run directory written by 'ssvi train'?", and the folder takes the same --out again."""
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / ".lock").write_text("12345")  # as the interrupted run left it
+    for argv in (["train", "--resume", str(out)], ["evaluate", str(out)], ["inspect", str(out)]):
+        assert run(argv) == 2
+        said = capsys.readouterr().err
+        assert f"{out} holds no run: one was stopped there before it began (only its lock is left), so there is " \
+               f"nothing to read or resume; train with --out {out} again" in " ".join(said.split()), said
+    assert run(["train", "--out", str(out), "--epochs", "1", "--set", "model.widths=[8]", "--set", "data.max_train=64",
+                "--set", "train.eval_samples=1"]) == 0
+
+
 def test_a_finished_run_whose_checkpoints_are_gone_is_not_called_stopped(tmp_path: Path, capsys):
     """Its summary says it reached its end: "stopped before its first checkpoint" was wrong, and the
     --force it advised replaces those records."""

@@ -284,6 +284,10 @@ class RunDir:
             raise ckpt.CheckpointError(f"{self.path} holds a run that stopped before its first checkpoint, so there "
                                        f"is nothing to read or resume; " + (replaced or "start it again with ssvi train "
                                        f"--out {quote_path(self.path)} --force"))
+        if not found and (self.path / LOCK_FILE).is_file() and not fileio.visible_entries(self.path):
+            raise ckpt.CheckpointError(f"{self.path} holds no run: one was stopped there before it began (only its "
+                                       "lock is left), so there is nothing to read or resume; train with --out "
+                                       f"{quote_path(self.path)} again")
         return found[-1] if found else ckpt.latest_checkpoint(self.path, lambda p: RunDir(p).is_run())  # not a run
 
     def load_latest(self, purpose: str = "resuming from", warn: bool = True) -> tuple[Path, dict[str, Any]]:
