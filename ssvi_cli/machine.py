@@ -78,3 +78,16 @@ def quote_path(path: object) -> str:
 def shell_join(words: Iterable[str]) -> str:
     """``words`` as a command line to paste (:func:`shell_quote`)."""
     return " ".join(shell_quote(w) for w in words)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``lscpu``'s "Model name"), or the platform's processor string."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

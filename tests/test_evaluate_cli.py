@@ -76,6 +76,29 @@ def test_same_model_same_seed_twice_gives_identical_numbers(capsys, model_file):
     assert first == second
 
 
+def test_the_numbers_come_with_what_produced_them(capsys, model_file):
+    """A CPU's numbers move in their last digits with torch's version, the processor and the thread
+    count: the run's summary, its model file and each evaluation record them (the reproducibility review:
+    none did)."""
+    import platform
+
+    import torch
+
+    from ssvi_cli.machine import cpu_model
+
+    made = {"torch": torch.__version__, "python": platform.python_version(), "device": cpu_model(),
+            "threads": torch.get_num_threads()}
+    doc = _json(capsys, str(model_file))
+    summary = json.loads((model_file.parent / "summary.json").read_text())
+    for record in (doc["provenance"], summary["provenance"]):
+        assert {k: record[k] for k in made} == made and "ssvi" in record
+    assert summary["seed"] == 0
+    capsys.readouterr()
+    code = run(["inspect", str(model_file)])
+    out = capsys.readouterr().out
+    assert code == 0 and f"torch {torch.__version__}, {cpu_model()}, {torch.get_num_threads()} thread" in out
+
+
 def test_samples_table_and_val_split_from_a_run_directory(capsys, model_file):
     code, out, err = _evaluate(capsys, str(model_file.parent), "--split", "val", "--samples", "1,2")
     assert code == 0, err

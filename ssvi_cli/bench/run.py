@@ -14,7 +14,8 @@ import torch
 
 from ssvi_cli.bench.models import (KERNELS, SYNTHETIC_NOTE, BenchModel, BenchOptions, bench_config, check_input,
                                    synthetic_splits)
-from ssvi_cli.bench.timing import Variant, cpu_model, summarise, time_interleaved
+from ssvi_cli.bench.timing import Variant, summarise, time_interleaved
+from ssvi_cli.machine import cpu_model
 from ssvi_cli.config import PAPER_DELTA_T, Config, load_preset
 from ssvi_cli.core import flops as flopsmod
 from ssvi_cli.core.layers import sparse_layers

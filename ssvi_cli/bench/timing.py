@@ -3,11 +3,9 @@ load of a shared machine hits every variant alike; medians over the repeats."""
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -21,17 +19,6 @@ class Variant:
     run: Callable[[], Any]
     row: dict[str, Any]
     times: list[float] = field(default_factory=list)
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``lscpu``'s "Model name"), or the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _sync(device: torch.device) -> None:

@@ -97,6 +97,13 @@ def _test_accuracy(metrics: dict[str, Any], capped: Optional[int] = None) -> Any
     return f"{acc:.4f}" + (f" ({how}, at the end of training)" if how else "")
 
 
+def _made_with(p: dict[str, Any]) -> str:
+    """What trained the model (``runs.provenance``): ``ssvi 0.1.0, torch 2.14.1, AMD EPYC, 2 threads``."""
+    threads = p.get("threads")
+    return ", ".join(str(v) for v in (f"ssvi {p.get('ssvi') or '(not installed)'}", f"torch {p.get('torch')}",
+                                      p.get("device"), None if threads is None else count(threads, "thread")) if v)
+
+
 def _print_report(r: dict[str, Any]) -> None:
     arch, fmt, tr = r["architecture"], r["format"], r["training"]
     out.print(kv_table(f"ssvi inspect: {r['source']}", {
@@ -107,6 +114,7 @@ def _print_report(r: dict[str, Any]) -> None:
         "trained": _trained(tr),
         "format": f"{fmt['name']} v{fmt['version']}, {fmt['layout']}, {fmt['dtype']}",
         "test accuracy": _test_accuracy(r["metrics"], r.get("max_test")),
+        **({"made with": _made_with(r["metrics"]["provenance"])} if isinstance(r["metrics"].get("provenance"), dict) else {}),
     }))
     out.print(_layers_table(r["layers"]))
     if r["architecture"].get("bayesian", True):

@@ -16,6 +16,7 @@ from ssvi_cli.config import DELTA_T_AUTO
 from ssvi_cli.core.flops import training_summary
 from ssvi_cli.modelfile import ModelCard, write_model_file
 from ssvi_cli.prediction import NonFiniteOutput, predict_pass
+from ssvi_cli.runs.provenance import provenance
 from ssvi_cli.training import distributed
 from ssvi_cli.training.optim import lr_factor
 from ssvi_cli.training.records import EpochStats, Progress, density_report
@@ -122,6 +123,8 @@ def finish(trainer: "Trainer", progress: Progress) -> dict[str, Any]:
         "precision": cfg.train.precision,
         "samples_per_second": throughput(trainer),
         "threads": cpu_threads(trainer),
+        "seed": cfg.train.seed,
+        "provenance": provenance(trainer.device),  # the versions and the processor or GPU: what moves the numbers
         "test_accuracy": test["accuracy"],
         "test_nll": test["nll"],
         "test_mode": mode,
