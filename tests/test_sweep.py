@@ -1350,19 +1350,25 @@ def test_grid_command_gives_flags_that_read_back_to_the_same_grid(tmp_path: Path
     assert grid_command(SweepSpec(seeds=(3,)), tmp_path) is None  # a sweep file's seed list: no --seeds says it
 
 
-def test_an_image_folder_changed_under_a_sweep_stops_it_until_restored(tmp_path: Path, capsys):
-    """Images added to the folder a sweep trains on went unsaid: its finished cells were skipped as done, and
-    a grown sweep's new seed trained on the other images and was averaged with them (the image-folder sweep
-    review). The sweep records each folder's image list as its cells train on it and names every cell that
-    trained on another."""
+def _photo_sweep(tmp_path: Path, tiny: list[str]) -> tuple[Path, Path, list[str]]:
+    """A flat folder of 12 grey 8x8 images in two classes, the sweep's folder and a dense VI grid over it."""
     photos = tmp_path / "photos"
     for label in ("a", "b"):
         (photos / label).mkdir(parents=True)
         for i in range(6):
             Image.fromarray(np.full((8, 8), 30 * i + 100 * (label == "b"), np.uint8)).save(photos / label / f"{i}.png")
     out = tmp_path / "s"
-    grid = ["sweep", "--method", "vi", "--set", f"data.name=imagefolder:{photos}", "--set", "data.image_size=8",
-            "--set", "data.channels=1", "--set", "train.epochs=1", *TINY, "--out", str(out), "--no-figures"]
+    return photos, out, ["sweep", "--method", "vi", "--set", f"data.name=imagefolder:{photos}", "--set",
+                         "data.image_size=8", "--set", "data.channels=1", "--set", "train.epochs=1", *tiny, "--out",
+                         str(out), "--no-figures"]
+
+
+def test_an_image_folder_changed_under_a_sweep_stops_it_until_restored(tmp_path: Path, capsys):
+    """Images added to the folder a sweep trains on went unsaid: its finished cells were skipped as done, and
+    a grown sweep's new seed trained on the other images and was averaged with them (the image-folder sweep
+    review). The sweep records each folder's image list as its cells train on it and names every cell that
+    trained on another."""
+    photos, out, grid = _photo_sweep(tmp_path, TINY)
     assert run([*grid, "--seeds", "1"]) == 0, capsys.readouterr().err
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(photos / "a" / "new.png")
     capsys.readouterr()
@@ -1402,16 +1408,8 @@ def test_an_image_folder_changed_under_a_sweep_from_before_they_were_recorded_is
     """A sweep from an ssvi that recorded no image folders took the folder as its first run of this one
     found it: images added before then went unsaid and a grown seed was averaged with the old ones (the
     upgrade review). The cells' summaries count the images they trained on: compared with the folder's."""
-    photos = tmp_path / "photos"
-    for label in ("a", "b"):
-        (photos / label).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(np.full((8, 8), 30 * i + 100 * (label == "b"), np.uint8)).save(photos / label / f"{i}.png")
-    out = tmp_path / "s"
     assert TINY[2:4] == ["--set", "data.max_train=300"]
-    tiny = TINY[:2] + TINY[4:]  # every training image: a capped count says nothing of the folder
-    grid = ["sweep", "--method", "vi", "--set", f"data.name=imagefolder:{photos}", "--set", "data.image_size=8",
-            "--set", "data.channels=1", "--set", "train.epochs=1", *tiny, "--out", str(out), "--no-figures"]
+    photos, out, grid = _photo_sweep(tmp_path, TINY[:2] + TINY[4:])  # every training image: a capped count says nothing
     assert run([*grid, "--seeds", "1"]) == 0, capsys.readouterr().err
 
     def as_older_ssvi_left_it() -> None:
