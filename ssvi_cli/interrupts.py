@@ -18,8 +18,9 @@ import time
 from types import FrameType
 from typing import Optional
 
-_lock = threading.Lock()
-_pending: list[int] = []  # signals held back until the import they came in ends (one of each, however many came)
+# Re-entrant: a second signal runs its handler in the main thread while the first one's holds the lock.
+_lock = threading.RLock()
+_pending: set[int] = set()  # signals held back until the import they came in ends (one of each, however many came)
 POLL_S = 0.01  # how often the import under way is looked at again
 
 
@@ -44,7 +45,7 @@ def _deliver(signum: int) -> None:
         del frame
     with _lock:
         if signum in _pending and frame is not None:
-            _pending.remove(signum)
+            _pending.discard(signum)
             if os.name == "nt":  # where os.kill of any other signal than a console's events ends the process
                 import _thread
 
@@ -59,9 +60,10 @@ def held_back(signum: int) -> bool:
     if not _importing(sys._getframe(1)):  # the handler's caller: the code the signal came in
         return False
     with _lock:
-        if signum not in _pending:
-            _pending.append(signum)
-            threading.Thread(target=_deliver, args=(signum,), name="ssvi-held-signal", daemon=True).start()
+        first = signum not in _pending
+        _pending.add(signum)
+    if first:  # outside the lock: a signal that comes while the thread starts finds it held, and returns
+        threading.Thread(target=_deliver, args=(signum,), name="ssvi-held-signal", daemon=True).start()
     return True
 
 
@@ -86,5 +88,5 @@ def take_pending() -> None:
     """At a point with no import under way: a Ctrl-C held back meanwhile raises KeyboardInterrupt now."""
     with _lock:
         if signal.SIGINT in _pending:
-            _pending.remove(signal.SIGINT)
+            _pending.discard(signal.SIGINT)
             raise KeyboardInterrupt

@@ -273,11 +273,18 @@ HALF_MADE = textwrap.dedent("""
     made = True
 """)
 IMPORTER = textwrap.dedent("""
-    import contextlib, sys, time
+    import contextlib, os, signal, sys, threading, time
     from ssvi_cli import interrupts
     from ssvi_cli.cli.app import Terminated, _unwinding
     if sys.argv[1] == "guarded":
         interrupts.install()
+    if sys.argv[2:] == ["twice"]:  # a second Ctrl-C as the first one's thread starts (torchrun forwards one)
+        start = threading.Thread.start
+        def start_twice(self):
+            threading.Thread.start = start
+            os.kill(os.getpid(), signal.SIGINT)
+            return start(self)
+        threading.Thread.start = start_twice
     try:
         with _unwinding() if sys.argv[1] == "guarded" else contextlib.nullcontext():  # SIGTERM as a command has it
             import half_made
@@ -298,8 +305,8 @@ def test_a_ctrl_c_during_an_import_takes_effect_once_the_module_is_made(tmp_path
     (tmp_path / "half_made.py").write_text(HALF_MADE)
     env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parent.parent)])}
 
-    def outcome(how: str, sig: str) -> list[str]:
-        return subprocess.run([sys.executable, "-c", IMPORTER, how], capture_output=True, text=True, timeout=60,
+    def outcome(how: str, sig: str, *more: str) -> list[str]:
+        return subprocess.run([sys.executable, "-c", IMPORTER, how, *more], capture_output=True, text=True, timeout=60,
                               env={**env, "SIGNAL": sig},
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)).stdout.splitlines()
 
@@ -307,6 +314,8 @@ def test_a_ctrl_c_during_an_import_takes_effect_once_the_module_is_made(tmp_path
     assert outcome("plain", "SIGINT") == ["KeyboardInterrupt; module made: False"]  # Python's own way
     # SIGTERM (a scheduler's, or a sweep whose process is gone) unwinds a command as Ctrl-C does
     assert outcome("guarded", "SIGTERM") == ["imported True", "Terminated; module made: True"]
+    # two at once: the second, in the first one's handler, waited for the lock that handler held, for good
+    assert outcome("guarded", "SIGINT", "twice") == ["imported True", "KeyboardInterrupt; module made: True"]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
