@@ -1429,3 +1429,14 @@ def test_an_image_folder_changed_under_a_sweep_from_before_they_were_recorded_is
     assert run([*grid, "--seeds", "2"]) == 0, capsys.readouterr().err
     assert (out / "cells" / "vi_seed1" / "evaluation.json").is_file()
     assert list(json.loads((out / "sweep.json").read_text())["image_folders"]) == [f"imagefolder:{photos}"]
+    # A cell of some classes (data.classes) trained on fewer images than the folder holds: not compared
+    from dataclasses import replace
+
+    from ssvi_cli.sweep.drift import _unrecorded_change
+    from ssvi_cli.sweep.grid import cell_configs, read_spec
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(photos / "a" / "new.png")
+    cell, cfg = next(cell_configs(*read_spec(out)))
+    assert _unrecorded_change(out / "cells" / cell.name, cfg, {}) is not None
+    some = replace(cfg, data=replace(cfg.data, classes=("a",)))
+    assert _unrecorded_change(out / "cells" / cell.name, some, {}) is None

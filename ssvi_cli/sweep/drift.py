@@ -71,13 +71,14 @@ def changed_details(sweep_dir: Path, spec: SweepSpec, cells: list[Cell],
 def _unrecorded_change(path: Path, cfg: Any, scans: dict[str, Any]) -> Optional[str]:
     """For a cell of a sweep from an ssvi that recorded no image folders (whose first run of this one
     records them as they are): what differs between the training images its summary counts and the
-    folder's now (``scans``: the folders scanned so far), where it trained on all of them; else None."""
+    folder's now (``scans``: the folders scanned so far), where it trained on all of them (no
+    ``data.max_train``, no ``data.classes`` holding some back); else None."""
     from ssvi_cli.data.imagefolder import scan_folder
     from ssvi_cli.data.spec import DataError
     from ssvi_cli.runs.rundir import RunDir
 
     images, folder = RunDir(path).read_summary().get("images"), cfg.data.name.partition(":")[2]
-    if not isinstance(images, dict) or cfg.data.max_train is not None:
+    if not isinstance(images, dict) or cfg.data.max_train is not None or cfg.data.classes is not None:
         return None
     try:
         scan = scans[folder] = scans.get(folder) or scan_folder(Path(folder))
