@@ -53,8 +53,11 @@ class ConversionReport:
 
     def __getattr__(self, name: str) -> Any:
         """Only for attributes a report lacks: a module's (``named_modules``, ``eval``, ``parameters``),
-        asked of the report taken for the model (``model = ssvi.sparsify(model)``), say what to pass."""
-        if name.startswith("__") or name in ("layers", "kept"):  # copy, pickle and dataclass look-ups
-            raise AttributeError(name)
+        asked of the report taken for the model (``model = ssvi.sparsify(model)``), say what to pass; any
+        other is Python's own error (with its "Did you mean")."""
+        from torch import nn
+
+        if name.startswith("__") or not hasattr(nn.Module, name):  # copy and pickle look-ups; a report's own typo
+            raise AttributeError(f"'ConversionReport' object has no attribute {name!r}", name=name, obj=self)
         raise AttributeError(f"'ConversionReport' object has no attribute {name!r}: ssvi_cli.sparsify converts the "
                              "model in place and returns this report of it; pass the model itself")
