@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any, ContextManager
 
 from ssvi_cli.fileio import UnwritablePath
+from ssvi_cli.warned import warn_once
 
 logger = logging.getLogger(__name__)
 _UNLOCKED_SAID: list[bool] = []  # the warning that a system without flock locks nothing was given
-_UNLOCKED_FOLDERS: set[str] = set()  # the folders whose file system took no lock, said once each
 
 
 class Locked(RuntimeError):
@@ -62,10 +62,9 @@ def acquire_lock(lock_path: Path, what: str, shared: bool = False, wait: bool = 
         raise Locked(holder) from None
     except OSError as exc:  # ENOSYS, ENOLCK, EOPNOTSUPP: locks are not to be had here
         fh.close()
-        if str(lock_path.parent) not in _UNLOCKED_FOLDERS:  # once a folder: a sweep takes several of its locks
-            _UNLOCKED_FOLDERS.add(str(lock_path.parent))
-            logger.warning("%s is not locked: its file system takes no locks (%s), so nothing stops a second process "
-                           "from writing there meanwhile", lock_path.parent, exc.strerror or exc)
+        warn_once(logger, (str(lock_path.parent), "takes no locks"),  # once a command: a sweep takes several there
+                  "%s is not locked: its file system takes no locks (%s), so nothing stops a second process from "
+                  "writing there meanwhile", lock_path.parent, exc.strerror or exc)
         return nullcontext()
     if not shared:
         fh.seek(0)

@@ -220,6 +220,9 @@ def test_a_file_system_without_locks_trains_unlocked_with_a_warning(tmp_path, mo
     sweep = tmp_path / "s"  # a sweep takes several locks of its folder: said once
     assert run(["sweep", "--set", "train.epochs=1", "--out", str(sweep), "--dry-run"]) == 0
     assert caplog.text.count(f"{sweep} is not locked: its file system takes no locks") == 1, caplog.text
+    caplog.clear()  # and said again by the next command of the same process (a notebook's, say)
+    assert run(["sweep", "--set", "train.epochs=1", "--out", str(sweep), "--dry-run"]) == 0
+    assert caplog.text.count(f"{sweep} is not locked: its file system takes no locks") == 1, caplog.text
 
 
 def test_a_system_without_flock_locks_nothing_and_says_so_once(tmp_path, monkeypatch, caplog):
