@@ -925,8 +925,21 @@ def test_a_run_stopped_before_it_wrote_anything_is_named_as_one(tmp_path: Path, 
     for argv in (["train", "--resume", str(out)], ["evaluate", str(out)], ["inspect", str(out)]):
         assert run(argv) == 2
         said = capsys.readouterr().err
-        assert f"{out} holds no run: one was stopped there before it began (only its lock is left), so there is " \
-               f"nothing to read or resume; train with --out {out} again" in " ".join(said.split()), said
+        assert f"{out} holds no run: one was stopped there before it began, so there is nothing to read or resume; " \
+               f"train with --out {out} again (only its lock is left)" in " ".join(said.split()), said
+    from ssvi_cli.locks import acquire_lock
+
+    with acquire_lock(out / ".lock", "the run's lock"):  # a run starting there now, before its first checkpoint
+        for argv in (["evaluate", str(out)], ["inspect", str(out)]):
+            assert run(argv) == 2
+            said = " ".join(capsys.readouterr().err.split())
+            assert f"{out} holds a run that is starting (process {os.getpid()}): nothing to read or resume until its " \
+                   "first checkpoint" in said, said
+    (out / ".replaced-run").mkdir()  # a --force run killed before its first checkpoint: the old run set aside
+    assert run(["evaluate", str(out)]) == 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"the run it was replacing is kept in {out / '.replaced-run'}" in said and "only its lock" not in said, said
+    (out / ".replaced-run").rmdir()
     assert run(["train", "--out", str(out), "--epochs", "1", "--set", "model.widths=[8]", "--set", "data.max_train=64",
                 "--set", "train.eval_samples=1"]) == 0
 

@@ -285,9 +285,13 @@ class RunDir:
                                        f"is nothing to read or resume; " + (replaced or "start it again with ssvi train "
                                        f"--out {quote_path(self.path)} --force"))
         if not found and (self.path / LOCK_FILE).is_file() and not fileio.visible_entries(self.path):
-            raise ckpt.CheckpointError(f"{self.path} holds no run: one was stopped there before it began (only its "
-                                       "lock is left), so there is nothing to read or resume; train with --out "
-                                       f"{quote_path(self.path)} again")
+            if (holder := locks.lock_holder(self.path / LOCK_FILE)) is not None:  # starting now, in its first epoch
+                raise ckpt.CheckpointError(f"{self.path} holds a run that is starting (process {holder}): nothing to "
+                                           "read or resume until its first checkpoint")
+            replaced = aside.kept_note(self.path, f"ssvi train --out {quote_path(self.path)}")
+            raise ckpt.CheckpointError(f"{self.path} holds no run: one was stopped there before it began, so there is "
+                                       "nothing to read or resume; " + (replaced or "train with --out "
+                                       f"{quote_path(self.path)} again (only its lock is left)"))
         return found[-1] if found else ckpt.latest_checkpoint(self.path, lambda p: RunDir(p).is_run())  # not a run
 
     def load_latest(self, purpose: str = "resuming from", warn: bool = True) -> tuple[Path, dict[str, Any]]:
