@@ -82,13 +82,17 @@ def test_the_report_taken_for_the_model_says_to_pass_the_model():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
     report = ssvi.sparsify(model, sparsity=0.5)
     for use in (lambda: ssvi.predict(report, torch.rand(4, 8), samples=2), lambda: report.eval(),
-                lambda: ssvi.param_groups(report, lr=0.01, lr_sigma=0.01)):
+                lambda: ssvi.param_groups(report, lr=0.01, lr_sigma=0.01), lambda: report.training,
+                lambda: report.fc1):  # a module's attribute, an attribute annotation, a submodule's name
         with pytest.raises(AttributeError, match="converts the model in place and returns this report of it; pass the model"):
             use()
     assert ssvi.predict(model, torch.rand(4, 8), samples=2).probs.shape == (4, 3)
     again = copy.deepcopy(report)  # a report is still a plain dataclass to copy, compare and print
     assert again == report and again.density == report.density and not hasattr(report, "detach")
     assert "2 layers converted" in str(again)
+    with pytest.raises(AttributeError) as typo:  # a near miss of the report's own: Python's error as it is
+        report.layer
+    assert "pass the model" not in str(typo.value) and typo.value.name == "layer"
 
 
 def test_options_dense_deterministic_moped_and_the_report():

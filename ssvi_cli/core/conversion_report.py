@@ -52,12 +52,14 @@ class ConversionReport:
         return "\n".join(lines)
 
     def __getattr__(self, name: str) -> Any:
-        """Only for attributes a report lacks: a module's (``named_modules``, ``eval``, ``parameters``),
-        asked of the report taken for the model (``model = ssvi.sparsify(model)``), say what to pass; any
-        other is Python's own error (with its "Did you mean")."""
-        from torch import nn
+        """Only for attributes a report lacks: a module's (``named_modules``, ``eval``, ``training``, a
+        submodule's name), asked of the report taken for the model (``model = ssvi.sparsify(model)``), say
+        what to pass; a near miss of the report's own is Python's own error (with its "Did you mean")."""
+        from difflib import get_close_matches
 
-        if name.startswith("__") or not hasattr(nn.Module, name):  # copy and pickle look-ups; a report's own typo
+        if name.startswith("__") or get_close_matches(name, [k for k in dir(type(self)) if not k.startswith("_")] +
+                                                      ["layers", "kept"], n=1, cutoff=0.75):
+            # copy and pickle look-ups; a typo of the report's own (``layer``): Python's error and "Did you mean"
             raise AttributeError(f"'ConversionReport' object has no attribute {name!r}", name=name, obj=self)
         raise AttributeError(f"'ConversionReport' object has no attribute {name!r}: ssvi_cli.sparsify converts the "
                              "model in place and returns this report of it; pass the model itself")
