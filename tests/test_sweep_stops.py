@@ -512,3 +512,19 @@ def test_the_halting_rule_keeps_the_cells_of_other_data_and_other_errors():
         assert halted(cells_dir, [*cells, other], {"a0": 2, "a1": 2}, [other],
                       {"ssvi": {"data.val_fraction": 0.2}}) is None
         assert halted(cells_dir, [*cells, other], {"a0": 2, "a1": 2}, [other]) == ([other], "fashion_mnist not found")
+
+
+def test_a_cell_finished_by_another_process_meanwhile_is_said_so(tmp_path: Path, monkeypatch):
+    """A --resume beside a --run-cell of the same cell: the cell found itself done and exited 0, and the
+    sweep said "finish" as if it had trained it (the concurrency review)."""
+    import ssvi_cli.sweep.runner as runner
+
+    out = tmp_path / "sw"
+    assert run(["sweep", "--set", "train.epochs=1", *TINY, "--out", str(out), "--no-figures"]) == 0
+    spec, cells = read_spec(out)
+    assert cell_state(out / "cells" / cells[0].name, spec) == "done"
+    monkeypatch.setattr(runner, "cell_state", lambda *_: "new")  # as the sweep saw it before the other finished
+    events = []
+    outcome = runner.run_cells(out, cells, 1, 1, lambda *e: events.append(e), spec)
+    assert outcome.finished == [cells[0].name]
+    assert ("finish", cells[0].name, "trained and evaluated by another process") in events, events

@@ -79,12 +79,11 @@ def run_cell(path: Path, run: Callable[[list[str]], int], json_out: bool = False
 
 def _train_and_evaluate(path: Path, cell: Cell, spec: SweepSpec, run: Callable[[list[str]], int]) -> int:
     from ssvi_cli.sweep.checks import check_ood_paths
-    from ssvi_cli.sweep.runner import cell_state, was_stopped
+    from ssvi_cli.sweep.runner import ALREADY_DONE, cell_state, was_stopped
 
     state = cell_state(path, spec)
     if state == "done":
-        err.print(f"cell {path.name} is already trained and evaluated; nothing to do (delete its folder to run "
-                  "it again)")
+        err.print(f"cell {path.name} {ALREADY_DONE} (delete its folder to run it again)")
         return 0
     check_ood_paths(spec)  # before training: its evaluation needs them
     if state == "partial":  # as it began, but on the sweep's device now (a sweep grown onto a GPU, say)

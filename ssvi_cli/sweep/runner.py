@@ -218,7 +218,7 @@ def run_cells(sweep_dir: Path, cells: list[Cell], jobs: int, threads: Optional[i
                 del running[name]
                 if code == 0:
                     outcome.finished.append(name)
-                    note("finish", name, "")
+                    note("finish", name, _finished_elsewhere(logs / f"{name}.log"))
                 elif code == BUSY_EXIT:  # taken by another process between the check and the start
                     outcome.busy.append(name)
                     note("busy", name, "running in another process")
@@ -285,6 +285,21 @@ def _stop_all(running: dict[str, subprocess.Popen], outcome: Outcome, note: List
         else:
             outcome.stopped.append(name)  # by the SIGINT sent above, whatever signal stopped the sweep
             note("stop", name, "stopped by the sweep" if code in (-signal.SIGINT, 128 + signal.SIGINT) else exit_text(code))
+
+
+ALREADY_DONE = "is already trained and evaluated; nothing to do"  # a cell's run on finding it so (sweep_cell)
+
+
+def _finished_elsewhere(log: Path) -> str:
+    """The detail of a cell that exited 0 having found itself trained and evaluated (by another process,
+    between this sweep's check and its start), as its log's last line says; "" for one it ran."""
+    try:
+        with open(log, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 400))
+            tail = fh.read().decode("utf-8", "replace").strip().splitlines()
+    except OSError:
+        return ""
+    return "trained and evaluated by another process" if tail and ALREADY_DONE in tail[-1] else ""
 
 
 def exit_text(code: int) -> str:
