@@ -20,8 +20,9 @@ from typing import Optional
 
 # Re-entrant: a second signal runs its handler in the main thread while the first one's holds the lock.
 _lock = threading.RLock()
-_pending: set[int] = set()  # signals held back until the import they came in ends (one of each, however many came)
+_pending: dict[int, float] = {}  # signals held back until their import ends (one of each), and since when
 POLL_S = 0.01  # how often the import under way is looked at again
+INSIST_S = 2.0  # the same signal again after this long acts at once: an import that never ends stays stoppable
 
 
 def _importing(frame: Optional[FrameType]) -> bool:
@@ -45,7 +46,7 @@ def _deliver(signum: int) -> None:
         del frame
     with _lock:
         if signum in _pending and frame is not None:
-            _pending.discard(signum)
+            del _pending[signum]
             if os.name == "nt":  # where os.kill of any other signal than a console's events ends the process
                 import _thread
 
@@ -56,12 +57,16 @@ def _deliver(signum: int) -> None:
 
 def held_back(signum: int) -> bool:
     """For a signal handler to ask first: whether the signal came while an import is under way, in
-    which case it is sent again once the import ends, and the handler returns at once."""
+    which case it is sent again once the import ends, and the handler returns at once. The same signal
+    again, :data:`INSIST_S` after the first was held, is not held: it acts in the import (a hung one)."""
     if not _importing(sys._getframe(1)):  # the handler's caller: the code the signal came in
         return False
     with _lock:
         first = signum not in _pending
-        _pending.add(signum)
+        if not first and time.monotonic() - _pending[signum] > INSIST_S:
+            del _pending[signum]
+            return False
+        _pending.setdefault(signum, time.monotonic())
     if first:  # outside the lock: a signal that comes while the thread starts finds it held, and returns
         threading.Thread(target=_deliver, args=(signum,), name="ssvi-held-signal", daemon=True).start()
     return True
@@ -88,5 +93,5 @@ def take_pending() -> None:
     """At a point with no import under way: a Ctrl-C held back meanwhile raises KeyboardInterrupt now."""
     with _lock:
         if signal.SIGINT in _pending:
-            _pending.discard(signal.SIGINT)
+            del _pending[signal.SIGINT]
             raise KeyboardInterrupt

@@ -319,6 +319,35 @@ def test_a_ctrl_c_during_an_import_takes_effect_once_the_module_is_made(tmp_path
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_second_ctrl_c_stops_an_import_that_does_not_end(tmp_path):
+    """Held back until an import ends, a Ctrl-C in an import that never ends (a hung file system, say)
+    would never act: pressed again seconds later, it acts at once."""
+    from ssvi_cli.interrupts import INSIST_S
+
+    (tmp_path / "hung.py").write_text("import time\nprint('importing', flush=True)\nwhile True:\n    time.sleep(0.01)\n")
+    code = ("from ssvi_cli import interrupts\ninterrupts.install()\ntry:\n    import hung\n"
+            "except KeyboardInterrupt:\n    print('stopped', flush=True)\n")
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parent.parent)])}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert proc.stdout.readline() == "importing\n"
+        proc.send_signal(signal.SIGINT)
+        time.sleep(INSIST_S / 4)
+        proc.send_signal(signal.SIGINT)  # again at once (torchrun's forwarded one): still held
+        time.sleep(INSIST_S / 4)
+        assert proc.poll() is None
+        time.sleep(INSIST_S)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert out == "stopped\n" and proc.returncode == 0
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_a_ctrl_c_while_the_command_line_is_imported_says_interrupted(tmp_path):
     """The ``ssvi`` command's entry: a Ctrl-C while the command line itself is imported (before the
     command can say anything) ends it as any Ctrl-C does, "interrupted" and by SIGINT, no traceback."""
