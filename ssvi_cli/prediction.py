@@ -291,7 +291,8 @@ def predict(model: nn.Module, x: Tensor, samples: int = 30, mode: str = "mc") ->
             raise ValueError(f"x has shape {tuple(x.shape)}, one example: pass a batch, x.unsqueeze(0)") from exc
         raise
     except NonFiniteOutput as exc:  # an input's own NaN or inf, rather than the weights', where it is one
-        if isinstance(x, Tensor) and x.is_floating_point() and x.dim() and not bool(x[exc.first].isfinite().all()):
+        if isinstance(x, Tensor) and x.is_floating_point() and exc.first < (len(x) if x.dim() else 0) \
+                and not bool(x[exc.first].isfinite().all()):
             raise ValueError(f"the input at index {exc.first} of x holds NaN or inf: the model's outputs for it are "
                              "not finite") from None
         raise

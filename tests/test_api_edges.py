@@ -729,3 +729,22 @@ def test_predict_says_what_is_wrong_with_the_inputs_it_is_given():
         seq[0].mu.mul_(1e30)  # a diverged model: finite inputs, outputs that are not
     with pytest.raises(ValueError, match="its weights or these inputs overflow float32"):
         ssvi.predict(seq, torch.full((2, 64), 1e10), samples=2)
+
+
+def test_outputs_that_are_not_finite_past_the_inputs_are_the_models():
+    """More output rows than inputs (per-token logits, flattened): the check of the inputs for NaN
+    indexed past them ("index 2 is out of bounds") instead of saying the outputs are not finite."""
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.head(x)
+            return torch.cat([out, out * float("inf")])  # the second half of the rows diverged
+
+    model = Tokens()
+    ssvi.sparsify(model, sparsity=0.5)
+    with pytest.raises(ValueError, match="first for the input at index 2"):
+        ssvi.predict(model, torch.rand(2, 4), samples=2)
