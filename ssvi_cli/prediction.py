@@ -180,6 +180,12 @@ def _stacked(samples: int, draw: Callable[[], Tensor]) -> Tensor:
     return out
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's parameters (the CPU for a model that has none)."""
+    params = list(model.parameters())
+    return params[0].device if params else torch.device("cpu")
+
+
 def _logits(model: nn.Module, x: Tensor) -> Tensor:
     out = model(x)
     if not isinstance(out, Tensor):

@@ -27,7 +27,7 @@ from ssvi_cli import metrics as M
 from ssvi_cli.config import MAX_SAMPLES
 from ssvi_cli.evaluation.inputs import SPLITS, EvalData
 from ssvi_cli.modelfile import ModelCard
-from ssvi_cli.prediction import MODES, PASS_BATCH, PASS_SEED, is_bayesian, predict_pass
+from ssvi_cli.prediction import MODES, PASS_BATCH, PASS_SEED, is_bayesian, model_device, predict_pass
 from ssvi_cli.runs.provenance import provenance
 
 FORMAT = "ssvi-evaluation"
@@ -103,16 +103,11 @@ def _pass_seed(seed: int, name: str) -> int:
 def _predict(model: torch.nn.Module, dataset: Dataset, opts: EvalOptions, mode: str, seed: int,
              on_batch: Optional[Callable[[int], None]]) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """(probs (N, C), labels (N,), sample_probs (S, N, C) or None) in float64, with the RNG forked."""
-    out = predict_pass(model, dataset, _device(model), opts.max_samples, mode, seed=seed, batch_size=opts.batch_size,
+    out = predict_pass(model, dataset, model_device(model), opts.max_samples, mode, seed=seed, batch_size=opts.batch_size,
                        on_batch=on_batch)
     sample_probs = out["sample_probs"]
     return (out["probs"].double().numpy(), out["labels"].numpy(),
             None if sample_probs is None else sample_probs.double().numpy())
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    params = list(model.parameters())
-    return params[0].device if params else torch.device("cpu")
 
 
 def _at(sample_probs: Optional[np.ndarray], probs: np.ndarray, s: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
@@ -215,7 +210,7 @@ def evaluate(
         "per_samples": per_samples,
         "reliability": M.reliability_bins(p, labels, opts.n_bins),
         "notes": notes,
-        "provenance": provenance(_device(model)),  # what produced these numbers: versions, processor, threads
+        "provenance": provenance(model_device(model)),  # what produced these numbers: versions, processor, threads
         "seconds": round(time.perf_counter() - start, 3),
     }
     return EvaluationResult(report=fileio.json_ready(report), scores_in=scores_in, scores_ood=scores_ood)

@@ -29,7 +29,7 @@ from ssvi_cli.evaluation.arrays import InputError, load_array
 from ssvi_cli.core.modes import using_kernel
 from ssvi_cli.metrics import has_spread, mutual_information, predictive_entropy
 from ssvi_cli.models import SSVIModel
-from ssvi_cli.prediction import NonFiniteOutput, predict_batch
+from ssvi_cli.prediction import NonFiniteOutput, model_device, predict_batch
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
 _CHUNK = 1024  # images of one array preprocessed at a time
@@ -192,8 +192,7 @@ def predict_inputs(model: SSVIModel, spec: DataSpec, files: Sequence[Path], sink
     by; ``on_batch(n)``: n more inputs predicted or skipped."""
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    params = list(model.parameters())
-    device = params[0].device if params else torch.device("cpu")
+    device = model_device(model)
     predicted = 0
     told = len(skipped or ())  # inputs predicted or skipped that on_batch has been told of (or skipped before)
 
