@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from ssvi_cli.version import __version__
 
 _PUBLIC = {
     "sparsify": "ssvi_cli.core.convert", "ConversionReport": "ssvi_cli.core.convert",

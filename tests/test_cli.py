@@ -173,10 +173,14 @@ def test_ctrl_c_in_any_command_says_interrupted_and_exits_130(capsys, monkeypatc
 
 
 def test_version_is_the_packages(capsys):
+    """One version: the installed distribution's (pyproject.toml reads ssvi_cli/version.py) is the one
+    --version prints, also where ssvi runs from a source tree that is not installed."""
     from importlib.metadata import version
 
+    from ssvi_cli.version import __version__
+
     assert run(["--version"]) == 0
-    assert capsys.readouterr().out.strip() == f"ssvi {version('ssvi')}"
+    assert capsys.readouterr().out.strip() == f"ssvi {__version__}" == f"ssvi {version('ssvi')}"
 
 
 def test_presets_lists_the_good_ones_when_one_is_broken(tmp_path: Path, capsys, monkeypatch):

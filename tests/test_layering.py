@@ -2,7 +2,7 @@
 through the floors of the house (README "Layout"). Every import counts, also one inside a function.
 
 Floors, from the ground up (a module may import its own package and any lower floor):
-    0  registry, fileio, metrics, network, argcheck, machine, warned, interrupts
+    0  registry, fileio, metrics, network, argcheck, machine, warned, interrupts, version
     1  methods, locks
     2  config                                           (no torch below this line)
     3  core                                             (the method)
@@ -25,7 +25,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "ssvi_cli"
 FLOORS = {
-    "registry": 0, "fileio": 0, "metrics": 0, "network": 0, "argcheck": 0, "machine": 0, "warned": 0, "interrupts": 0,
+    "registry": 0, "fileio": 0, "metrics": 0, "network": 0, "argcheck": 0, "machine": 0, "warned": 0, "interrupts": 0, "version": 0,
     "methods": 1, "locks": 1,
     "config": 2,
     "core": 3,

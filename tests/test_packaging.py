@@ -49,3 +49,10 @@ def test_a_plain_install_lists_the_presets_and_trains_the_default(tmp_path: Path
                    "--out", str(tmp_path / "run"), "--json")
     assert trained.returncode == 0, trained.stderr
     assert json.loads(trained.stdout)["model_file_bytes"] > 0
+    # one version, written in ssvi_cli/version.py: the distribution's, --version's and the run's record
+    from ssvi_cli.version import __version__
+
+    assert [p.name for p in target.glob("ssvi-*.dist-info")] == [f"ssvi-{__version__}.dist-info"]
+    assert ssvi("--version").stdout.strip() == f"ssvi {__version__}"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["provenance"]["ssvi"] == __version__

@@ -65,12 +65,9 @@ for _command in app.registered_commands:
 
 def _print_version(value: bool) -> None:
     if value:
-        from importlib.metadata import PackageNotFoundError, version
+        from ssvi_cli.version import __version__
 
-        try:
-            typer.echo(f"ssvi {version('ssvi')}")
-        except PackageNotFoundError:  # run from a source tree without installing it
-            typer.echo("ssvi (not installed: pip install -e .)")
+        typer.echo(f"ssvi {__version__}")
         raise typer.Exit()
 
 

@@ -5,27 +5,18 @@ the thread count) and the processor or GPU, with the CPU threads."""
 from __future__ import annotations
 
 import platform
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from ssvi_cli.machine import cpu_model
-
-
-def ssvi_version() -> Optional[str]:
-    """The installed ssvi's version, as ``ssvi --version`` says it (None where ssvi runs uninstalled)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("ssvi")
-    except PackageNotFoundError:
-        return None
+from ssvi_cli.version import __version__
 
 
 def provenance(device: torch.device) -> dict[str, Any]:
     """``{"ssvi", "torch", "python", "device", "threads"}``: the versions, the CPU's model name or the
     GPU's, and the CPU threads torch runs on (None on a GPU)."""
     on_gpu = device.type == "cuda"
-    return {"ssvi": ssvi_version(), "torch": torch.__version__, "python": platform.python_version(),
+    return {"ssvi": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "device": torch.cuda.get_device_name(device) if on_gpu else cpu_model(),
             "threads": None if on_gpu else torch.get_num_threads()}
