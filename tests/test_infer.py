@@ -74,6 +74,7 @@ def test_json_is_one_document_laid_out_as_every_json_of_ssvi_with_the_records_th
     assert captured.out == json.dumps(doc, indent=2) + "\n"
     assert list(doc) == ["model", "mode", "samples", "seed", "inputs", "seconds", "skipped", "notes", "predictions"]
     assert doc["inputs"] == 12 and [s["input"] for s in doc["skipped"]] == [str(tmp_path / "bad.png")]
+    assert doc["seconds"] == round(doc["seconds"], 3) > 0  # in milliseconds, as evaluate's
     assert len(doc["notes"]) == 1 and doc["notes"][0].startswith("skipped 1 of 2 input files that cannot be read")
     lines = (tmp_path / "p.jsonl").read_text().splitlines()
     assert doc["predictions"] == [json.loads(line) for line in lines] and len(lines) == 12

@@ -106,7 +106,7 @@ def register(app: typer.Typer) -> None:
             seconds = time.perf_counter() - started
             header = {"model": str(model_file), "mode": effective,
                       "samples": samples if effective == "mc" else None, "seed": seed,
-                      "inputs": predicted, "seconds": seconds}
+                      "inputs": predicted, "seconds": round(seconds, 3)}
             # why each was skipped (the advice to replace or remove a file is for a run it stopped)
             reasons = [(shown(name), str(e).replace("; replace or remove the file", "")) for name, e in (passed.bad if passed else [])]
             if skip_unreadable:
