@@ -26,6 +26,7 @@ from torch import nn
 
 from ssvi_cli.argcheck import real, whole
 from ssvi_cli.config import MIN_SUBSPACE_STEPS, PAPER_DELTA_T, Config, ConfigError, validate
+from ssvi_cli.core.convert import unfilled
 from ssvi_cli.core.criteria import REMOVAL_CRITERIA
 from ssvi_cli.core.hooks import Hook, rank_mean
 from ssvi_cli.core.layers import sparse_layers
@@ -86,6 +87,7 @@ class Subspace:
                             f"got {type(model).__name__} and {type(optimizer).__name__}")
         if not sparse_layers(model):
             raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
+        unfilled(model, "train it")
         if not isinstance(optimizer, tuple(getattr(torch.optim, n) for n in RESETTABLE_OPTIMIZERS)):
             raise OptimizerStateError(
                 f"{type(optimizer).__name__} keeps state the remove-and-add step cannot reset entry by entry; use "

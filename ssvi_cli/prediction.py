@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ssvi_cli.argcheck import whole
+from ssvi_cli.core.convert import unfilled
 from ssvi_cli.core.gaussian import LRT_EPS, input_under_autocast
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
 from ssvi_cli.core.modes import drawing, evaluating, one_draw_per_forward, sampling
@@ -286,6 +287,7 @@ def predict(model: nn.Module, x: Tensor, samples: int = 30, mode: str = "mc") ->
     """
     if not sparse_layers(model):
         raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
+    unfilled(model, "predict with it")
     if isinstance(x, np.ndarray):
         raise TypeError("x is a numpy array; pass a tensor batch, torch.as_tensor(x)")
     if isinstance(x, (list, tuple)) and not any(isinstance(v, Tensor) for v in x):  # numbers, not the model's tensors

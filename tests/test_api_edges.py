@@ -257,6 +257,27 @@ def test_a_state_dict_sets_the_support_sizes_of_a_structure_only_model():
         fresh.load_state_dict(state)
 
 
+def test_a_structure_only_model_never_filled_is_refused_where_it_would_be_used(tmp_path):
+    """A loop that forgot to fill a structure_only model trained only its biases (loss flat at 2.25),
+    predicted uniform probabilities and saved an empty file, without a word."""
+    (x, _) = data()
+    empty = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    ssvi.sparsify(empty, 0.8, structure_only=True)
+    optimizer = torch.optim.Adam(ssvi.param_groups(empty, lr=0.01, lr_sigma=0.01))
+    said = r"cannot {}: every sparse layer of the model is empty, as sparsify\(..., structure_only=True\) leaves them"
+    with pytest.raises(ValueError, match=said.format("train it")):
+        ssvi.Subspace(empty, optimizer, total_steps=10)
+    with pytest.raises(ValueError, match=said.format("predict with it")):
+        ssvi.predict(empty, x)
+    with pytest.raises(ValueError, match=said.format("save it")):
+        ssvi.save(empty, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+    empty.load_state_dict(mlp(0.8).state_dict())  # filled: each works
+    ssvi.Subspace(empty, torch.optim.Adam(ssvi.param_groups(empty, lr=0.01, lr_sigma=0.01)), total_steps=10)
+    assert ssvi.predict(empty, x).probs.shape == (len(x), 10)
+    assert ssvi.save(empty, tmp_path / "m.safetensors") > 0
+
+
 def test_another_support_loaded_under_a_stepped_optimizer_is_one_clear_error():
     """A file or state dict of another density loaded into a model an optimizer has stepped resizes its
     layers; the optimizer's moments still hold the old support's entries. The next step says so, not

@@ -391,8 +391,8 @@ def test_the_class_count_is_the_models_output_size_whatever_order_its_layers_are
     # loaded back and saved again, its names from its file, is not warned of.
     caplog.set_level(logging.WARNING, logger="ssvi_cli.modelfile.module_io")
     ssvi.save(model, tmp_path / "n.safetensors", class_names=["a", "b", "c"])
-    assert "class_names holds 3 names, and the last layer registered has 16 outputs (input_shape= measures the " \
-           "output, for a model of one input): the file records 3 classes" in caplog.text
+    assert "class_names holds 3 names, and body, the last layer registered, has 16 outputs (input_shape= measures " \
+           "the output, for a model of one input): the file records 3 classes" in caplog.text
     assert read_header(tmp_path / "n.safetensors")["meta"]["data_spec"]["num_classes"] == 3
     caplog.clear()
     ssvi.save(ssvi.load(tmp_path / "n.safetensors", HeadFirst()), tmp_path / "again.safetensors")
@@ -400,10 +400,42 @@ def test_the_class_count_is_the_models_output_size_whatever_order_its_layers_are
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     ssvi.sparsify(mlp, 0.5)
     ssvi.save(mlp, tmp_path / "two.safetensors", class_names=["a", "b"])  # silently said 2 classes
-    assert "class_names holds 2 names, and the last layer registered has 10 outputs" in caplog.text
+    assert "class_names holds 2 names, and 3, the last layer registered, has 10 outputs" in caplog.text
     with pytest.raises(ValueError, match="every std positive"):
         ssvi.save(model, tmp_path / "m2.safetensors", input_shape=(8,), mean=[0.0] * 8, std=[0.0] * 8)
     assert not (tmp_path / "m2.safetensors").exists()
+
+
+def test_a_class_count_taken_from_a_convolution_registered_last_is_warned_of(tmp_path, caplog):
+    """A CNN whose head is registered before its convolutions, saved without class_names or
+    input_shape, recorded its last convolution's 16 channels as 16 classes, without a word."""
+    import logging
+
+    class HeadFirstCNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(16, 10)
+            self.c1, self.c2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
+
+        def forward(self, x):
+            return self.head(self.c2(torch.relu(self.c1(x))).mean((2, 3)))
+
+    model = HeadFirstCNN()
+    ssvi.sparsify(model, 0.5, dense_first_conv=False)
+    caplog.set_level(logging.WARNING, logger="ssvi_cli.modelfile.module_io")
+    ssvi.save(model, tmp_path / "m.safetensors")
+    assert "the file records 16 classes, the channels of c2, the last layer registered, a Conv2d; if the model's " \
+           "output is another layer's, give class_names= (one per output) (input_shape= measures" in caplog.text
+    for given in ({"class_names": [str(i) for i in range(10)]}, {"input_shape": (1, 8, 8)}):
+        caplog.clear()
+        ssvi.save(model, tmp_path / "m.safetensors", **given)
+        assert read_header(tmp_path / "m.safetensors")["meta"]["data_spec"]["num_classes"] == 10
+        assert "Conv2d" not in caplog.text
+    caplog.clear()
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))  # a Linear last: no guess said
+    ssvi.sparsify(mlp, 0.5)
+    ssvi.save(mlp, tmp_path / "mlp.safetensors")
+    assert caplog.text == ""
 
 
 def test_a_file_whose_layer_was_untied_when_it_was_written_says_how_to_load_it(tmp_path):

@@ -167,6 +167,17 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
     return report
 
 
+def unfilled(model: nn.Module, doing: str) -> None:
+    """Refuse to ``doing`` a model whose every sparse layer is empty: ``structure_only`` leaves them
+    so for a file or state dict to fill, and a loop that forgot that step would train only the
+    biases, predict uniform probabilities and save an empty model, without a word."""
+    layers = sparse_layers(model)
+    if layers and all(layer.active == 0 for _, layer in layers) and any(layer.numel for _, layer in layers):
+        raise ValueError(f"cannot {doing}: every sparse layer of the model is empty, as sparsify(..., structure_only=True) "
+                         "leaves them for a file or checkpoint to fill; fill it first (ssvi_cli.load(path, model=model) "
+                         "or model.load_state_dict(state)), or convert it without structure_only")
+
+
 def _check_sigma_init(sigma_mean: float, sigma_std: float, moped_delta: Optional[float]) -> None:
     """sigma is |N(sigma_mean, sigma_std^2)| or moped_delta * |w|: each a positive scale (a zero or
     negative one would leave sigma at its floor, or as large as |sigma_mean|, without a word)."""

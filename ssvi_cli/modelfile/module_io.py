@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ssvi_cli.core.conv import SparseConv2d
+from ssvi_cli.core.convert import unfilled
 from ssvi_cli.core.layers import SparseGaussian, sparse_layers
 from ssvi_cli.core.modes import evaluating, sampling
 from ssvi_cli.core.state import wrapper_chain
@@ -63,6 +65,7 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
         dtype = str(dtype).removeprefix("torch.")
     if not layers:
         raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
+    unfilled(model, "save it")
     if not isinstance(path, (str, Path)) or not str(path):
         raise (ValueError if path == "" else TypeError)(f"path={path!r}: give the model file's path (a str or Path) ending in .safetensors")
     if Path(path).is_dir() or Path(path).suffix.lower() != ".safetensors":
@@ -88,13 +91,17 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
     sigma_param = layers[0][1].sigma_param
     shape = tuple(int(s) for s in input_shape) if input_shape is not None else ()
     measured = _output_size(model, shape)
-    outputs = measured if measured is not None else _last_layers_outputs(model)
+    last, outputs = _last_layer(model)
+    outputs = measured if measured is not None else outputs
+    how = " (the output measured is no tensor)" if shape else " (input_shape= measures the output, for a model of one input)"
     if class_names and len(class_names) != outputs and (measured is not None or given):
         if measured is not None:
             raise ValueError(f"class_names holds {len(class_names)} names for a model with {outputs} outputs")
-        log.warning("class_names holds %d names, and the last layer registered has %d outputs%s: the file records "
-                    "%d classes", len(class_names), outputs, " (the output measured is no tensor)" if shape else
-                    " (input_shape= measures the output, for a model of one input)", len(class_names))
+        log.warning("class_names holds %d names, and %s, the last layer registered, has %d outputs%s: the file records "
+                    "%d classes", len(class_names), last, outputs, how, len(class_names))
+    elif not class_names and measured is None and isinstance(model.get_submodule(last), (nn.Conv2d, SparseConv2d)):
+        log.warning("the file records %d classes, the channels of %s, the last layer registered, a Conv2d; if the "
+                    "model's output is another layer's, give class_names= (one per output)%s", outputs, last, how)
     if class_names and len(set(class_names)) != len(class_names):
         twice = next(n for i, n in enumerate(class_names) if n in class_names[:i])
         raise ValueError(f"class_names names {twice!r} twice; give each output its own name")
@@ -196,10 +203,10 @@ def _skeleton(architecture: str, shape: tuple[int, ...], num_classes: int, facto
         return torchvision_model(architecture[len(TORCHVISION):], shape, num_classes, factory)
 
 
-def _last_layers_outputs(model: nn.Module) -> int:
-    """The outputs of the last ``Linear`` or ``Conv2d`` registered, sparse or not (the head, if registered last)."""
-    last = [m for m in model.modules() if isinstance(m, (SparseGaussian, nn.Linear, nn.Conv2d))][-1]
-    return int(last.weight_shape[0] if isinstance(last, SparseGaussian) else last.weight.shape[0])
+def _last_layer(model: nn.Module) -> tuple[str, int]:
+    """The name and outputs of the last ``Linear`` or ``Conv2d`` registered, sparse or not (the head, if registered last)."""
+    name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseGaussian, nn.Linear, nn.Conv2d))][-1]
+    return name, int(last.weight_shape[0] if isinstance(last, SparseGaussian) else last.weight.shape[0])
 
 
 def _output_size(model: nn.Module, shape: tuple[int, ...]) -> Optional[int]:
