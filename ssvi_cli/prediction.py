@@ -275,6 +275,11 @@ class Prediction:
     mutual_information: Optional[Tensor]  # (N,) epistemic part; None for the mean network and for one draw
     samples: Optional[int]
 
+    def __repr__(self) -> str:  # a summary: the dataclass's own printed every value of every field
+        mi = "None" if self.mutual_information is None else f"mean {float(self.mutual_information.mean()):.4g}"
+        return (f"Prediction(probs {tuple(self.probs.shape)}, samples={self.samples}, entropy mean "
+                f"{float(self.entropy.mean()):.4g}, mutual_information {mi})")
+
 
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor, samples: int = 30, mode: str = "mc") -> Prediction:

@@ -215,6 +215,10 @@ def test_predict_returns_the_model_average_with_entropy_and_mutual_information()
     mean = ssvi.predict(model, x, mode="mean")
     assert mean.mutual_information is None and mean.samples is None
     assert model.training  # predict restores the train/eval state
+    # printed, a summary rather than every value (the dataclass's repr printed each tensor whole)
+    assert repr(out) == (f"Prediction(probs (7, 10), samples=5, entropy mean {float(out.entropy.mean()):.4g}, "
+                         f"mutual_information mean {float(out.mutual_information.mean()):.4g})")
+    assert repr(mean).endswith("samples=None, entropy mean " + f"{float(mean.entropy.mean()):.4g}, mutual_information None)")
 
 
 def test_an_overflowed_fp16_capture_skips_the_remove_and_add_step_and_backs_the_scale_off():
