@@ -59,7 +59,8 @@ class Subspace:
     """The SSVI schedule for a user's loop: call :meth:`step` where ``optimizer.step()`` would go.
 
     Every ``delta_t`` steps while ``t < t_end * total_steps`` the step is a remove-and-add step
-    instead (METHOD.md §4); ``delta_t="auto"`` spaces them to give at least ``min_subspace_steps``
+    instead (METHOD.md §4; ``t`` counts steps from 0: the first is the call at ``t == delta_t``);
+    ``delta_t="auto"`` spaces them to give at least ``min_subspace_steps``
     of them, at most 100 steps apart (``ssvi_cli.core.subspace.resolve_delta_t``; the value used is
     ``self.schedule.delta_t``): the minibatch just before it ran with dense-gradient capture (switched on
     for that forward only, by a forward pre-hook), the lowest removal scores are dropped and as many

@@ -769,3 +769,18 @@ def test_outputs_that_are_not_finite_past_the_inputs_are_the_models():
     ssvi.sparsify(model, sparsity=0.5)
     with pytest.raises(ValueError, match="first for the input at index 2"):
         ssvi.predict(model, torch.rand(2, 4), samples=2)
+
+
+def test_steps_count_from_zero_so_the_first_remove_and_add_step_is_the_call_at_t_delta_t():
+    """As API.md says: with delta_t=2 the third call (t = 2) is the first remove-and-add step, then
+    every second one until t_end * total_steps; subspace.t is the number of steps taken."""
+    model, (x, y) = mlp(0.7), data()
+    optimizer = torch.optim.Adam(ssvi.param_groups(model, lr=0.01, lr_sigma=0.01))
+    subspace = ssvi.Subspace(model, optimizer, total_steps=10, delta_t=2, t_end=0.75)
+    said = []
+    for _ in range(10):
+        train_step(model, x, y)
+        said.append(subspace.step())
+        optimizer.zero_grad()
+    assert said == [False, False, True, False, True, False, True, False, False, False]  # t = 2, 4, 6 < 7.5
+    assert subspace.t == 10
