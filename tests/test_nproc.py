@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -435,6 +436,31 @@ def test_ctrl_c_while_the_launcher_imports_torch_ends_it_by_sigint_without_a_tra
     assert "Traceback" not in proc.stderr
     assert launcher.ending_message(launcher.Launched(proc.returncode, signal.SIGINT), 2, tmp_path) == \
         "interrupted before the training processes started: nothing was trained"
+
+
+def test_ctrl_c_in_the_launchers_python_start_up_waits_for_its_code(tmp_path: Path, monkeypatch, capfd):
+    """A Ctrl-C passed to the launcher while Python itself started (its site import) ended it in "Fatal
+    Python error: init_import_site" and a traceback: it is held until the launcher's code takes it."""
+    (tmp_path / "slow_launcher.py").write_text("import time\ndef torchrun_main(argv):\n    time.sleep(60)\n")
+    (tmp_path / "sitecustomize.py").write_text("import time\ntime.sleep(1.5)\n")  # a slow start-up, as under load
+    real, popen = launcher.launch_command, subprocess.Popen
+    monkeypatch.setattr(launcher, "launch_command",
+                        lambda n, a: [part.replace(launcher.__name__, "slow_launcher") for part in real(n, a)])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+
+    def interrupted_as_it_starts(*args, **kwargs):
+        proc = popen(*args, **kwargs)
+        time.sleep(0.5)  # inside sitecustomize's sleep
+        proc.send_signal(signal.SIGINT)
+        return proc
+
+    monkeypatch.setattr(launcher.subprocess, "Popen", interrupted_as_it_starts)
+    started = time.monotonic()
+    ended = launcher.launch(2, ["train"])
+    err = capfd.readouterr().err
+    assert ended.code == -signal.SIGINT and "Fatal Python error" not in err and "Traceback" not in err, err
+    assert time.monotonic() - started < 30  # taken once let through, not after torchrun_main's minute
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, set())  # this process's own mask as it was
 
 
 def test_an_unreadable_newest_checkpoint_is_warned_of_once_under_nproc(tmp_path: Path, caplog):

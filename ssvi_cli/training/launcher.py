@@ -82,9 +82,12 @@ def free_port() -> int:
 def launch_command(nproc: int, args: Sequence[str]) -> list[str]:
     """The ``torch.distributed.run`` command that runs ``ssvi <args>`` on ``nproc`` local processes
     (through :func:`torchrun_main`)."""
-    # Ctrl-C while it imports torch (a second or two) ends it by SIGINT, as Python does, without a traceback
-    code = (f"import sys\ntry:\n    from {__name__} import torchrun_main\n    torchrun_main(sys.argv[1:])\n"
-            "except KeyboardInterrupt:\n    import os, signal\n    signal.signal(signal.SIGINT, signal.SIG_DFL)\n"
+    # Ctrl-C while it imports torch (a second or two) ends it by SIGINT, as Python does, without a traceback;
+    # one sent while Python itself started (held until here: launch) is taken as it is let through
+    code = (f"import signal, sys\ntry:\n    if hasattr(signal, 'pthread_sigmask'):\n"
+            "        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})\n"
+            f"    from {__name__} import torchrun_main\n    torchrun_main(sys.argv[1:])\n"
+            "except KeyboardInterrupt:\n    import os\n    signal.signal(signal.SIGINT, signal.SIG_DFL)\n"
             "    os.kill(os.getpid(), signal.SIGINT)")
     return [sys.executable, "-c", code, "--standalone", f"--nproc-per-node={nproc}", "-m", "ssvi_cli", *args]
 
@@ -259,8 +262,15 @@ def launch(nproc: int, args: Sequence[str], env: Optional[dict[str, str]] = None
                 previous[sig] = signal.signal(sig, forward)
         except ValueError:  # not the main thread: signals stay with it
             pass
-        proc = subprocess.Popen(launch_command(nproc, args), env=full, start_new_session=True,
-                                pass_fds=tuple(pass_fds))
+        # The launcher starts with Ctrl-C held (blocked; the mask is inherited) until its code can take it:
+        # one in Python's own start-up ended it in "Fatal Python error: init_import_site" and a traceback.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if hasattr(signal, "pthread_sigmask") else None
+        try:
+            proc = subprocess.Popen(launch_command(nproc, args), env=full, start_new_session=True,
+                                    pass_fds=tuple(pass_fds))
+        finally:
+            if held is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
         if stopped:  # a signal came while it started
             forward(stopped[0], None)
         code = proc.wait()
