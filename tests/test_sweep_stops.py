@@ -214,6 +214,44 @@ def test_a_bare_resume_runs_the_cells_with_the_jobs_and_threads_the_sweep_ran_wi
     assert read_spec(out)[0].fixed["train.epochs"] == 1  # the grid as it was
 
 
+def test_a_sweep_stopped_as_its_grid_is_written_resumes_with_its_jobs(tmp_path: Path, monkeypatch, capsys):
+    """A Ctrl-C between the grid's writing and the cells' start (a few milliseconds) left a sweep.json
+    without --jobs: the bare --resume ran the cells one at a time, at every core's threads."""
+    import ssvi_cli.sweep.runner as runner
+    import ssvi_cli.sweep.sweepdir as sweepdir
+
+    def stopped(*_):
+        raise KeyboardInterrupt
+
+    real_lock = sweepdir.sweep_lock
+    monkeypatch.setattr(sweepdir, "sweep_lock", stopped)  # the first thing the sweep does after the grid
+    out = tmp_path / "sw"
+    assert run(["sweep", "--set", "train.epochs=1", *TINY, "--jobs", "2", "--out", str(out), "--no-figures"]) == 130
+    assert json.loads((out / "sweep.json").read_text())["ran_with"] == {"jobs": 2, "threads": None, "figures": False}
+    monkeypatch.setattr(sweepdir, "sweep_lock", real_lock)
+    calls = []
+    monkeypatch.setattr(runner, "run_cells", lambda _dir, _cells, jobs, threads, *_: calls.append((jobs, threads)) or Outcome())
+    monkeypatch.setattr("ssvi_cli.training.cpus.usable_cpus", lambda: 2)
+    assert run(["sweep", "--resume", str(out)]) == 0
+    assert calls == [(2, 1)] and "2 at a time, 1 thread each" in capsys.readouterr().err
+
+
+def test_a_sweep_interrupted_while_its_report_is_written_says_how_to_write_it(tmp_path: Path, monkeypatch, capsys):
+    """A Ctrl-C after the last cell, in the report's writing, said only 'interrupted'."""
+    import ssvi_cli.sweep.report as reportmod
+    import ssvi_cli.sweep.runner as runner
+
+    def stopped(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_cells", lambda *_: Outcome())
+    monkeypatch.setattr(reportmod, "write_report", stopped)
+    out = tmp_path / "sw"
+    assert run(["sweep", "--set", "train.epochs=1", *TINY, "--out", str(out), "--no-figures"]) == 130
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"interrupted while the report was written; the cells are kept, and ssvi sweep --report {out} writes it" in said
+
+
 def test_a_grid_grown_by_a_dry_run_keeps_how_the_sweep_ran(tmp_path: Path, monkeypatch, capsys):
     """Growing the grid wrote sweep.json anew: the --jobs, --threads and --no-figures the sweep ran with
     were lost, and the next bare --resume made figures at one job of every core's threads."""

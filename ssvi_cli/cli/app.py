@@ -21,6 +21,7 @@ from ssvi_cli.cli import presets as presets_cmd
 from ssvi_cli.cli import sweep as sweep_cmd
 from ssvi_cli.cli import train as train_cmd
 from ssvi_cli.cli.common import Debug, UsageError, err, tell
+from ssvi_cli.cli.train_config import train_flag_hint
 from ssvi_cli.cli.train_fit import KeyboardInterruptHandled
 from ssvi_cli.warned import warnings_scope
 from ssvi_cli.training.cpus import fit_torch_threads
@@ -40,7 +41,7 @@ class _OnceEach(typer.core.TyperCommand):
             _, _, order = self.make_parser(ctx).parse_args(args=list(args))
         except Exception as exc:  # noqa: BLE001 - a line Click cannot read: its own parse below says why
             unknown = type(exc).__name__ == "NoSuchOption"  # not an option of its own given without a value
-            hint = sweep_cmd.train_flag_hint(str(getattr(exc, "option_name", ""))) if unknown and self.name == "sweep" else None
+            hint = train_flag_hint(str(getattr(exc, "option_name", ""))) if unknown and self.name == "sweep" else None
             if hint:  # Click's "No such option: --epochs (Possible options: --report)" led nowhere
                 raise UsageError(hint) from None
             order = []

@@ -50,7 +50,8 @@ def register(app: typer.Typer) -> None:
         from ssvi_cli.sweep.checks import check_ood_paths, check_ood_sets, check_runnable, idle_axes
         from ssvi_cli.sweep.request import spec_from_flags
         from ssvi_cli.sweep.runner import cell_dir, cell_state
-        from ssvi_cli.sweep.sweepdir import claim_sweep_dir, record_figures, recorded_figures, recorded_processes
+        from ssvi_cli.sweep.sweepdir import (claim_sweep_dir, processes_entry, record_figures, recorded_figures,
+                                             recorded_processes)
         from ssvi_cli.sweep.sweepfile import write_spec
         from ssvi_cli.training import distributed
 
@@ -124,7 +125,8 @@ def register(app: typer.Typer) -> None:
                 for note in notes:  # on stderr: --json keeps standard output for the report
                     err.print(note, highlight=False)
                 sweep_dir.mkdir(parents=True, exist_ok=True)
-                write_spec(sweep_dir, spec, cells)
+                # how its cells run, with the grid: a --resume after a stop right after it runs them so too
+                write_spec(sweep_dir, spec, cells, None if dry_run else processes_entry(jobs or 1, threads, figures))
         if resume is not None:
             states = check_changed(sweep_dir, spec, cells)  # before any cell is listed, skipped as done or resumed
         record_folders(sweep_dir, spec, cells, states)  # the image folders as the cells that start now train on them
@@ -141,22 +143,6 @@ def register(app: typer.Typer) -> None:
             threads = usable_cpus()
         _run(sweep_dir, spec, cells, jobs, threads or max(1, usable_cpus() // jobs), json_out, figures is not False,
              baseline)
-
-
-def train_flag_hint(option: str) -> Optional[str]:
-    """For a flag ``ssvi sweep`` lacks that names a config key as ``ssvi train``'s flags do (``--epochs``,
-    ``--data-dir``), the ``--set`` that gives it; None for any other."""
-    from ssvi_cli.cli.train_config import flag_of
-    from ssvi_cli.config import key_type, valid_keys
-
-    if option == "--seed":
-        return "ssvi sweep takes no --seed: --seeds N runs seeds 0 to N-1 (a seed list: --file, seeds: [..])"
-    key = next((k for k in valid_keys() if flag_of(k) == option), None)
-    if key is None:
-        return None
-    listed = "tuple" in str(key_type(key))  # tuple[int, ...], Optional[tuple[str, ...]]
-    axis = f"{key}=[A],[B]" if listed else f"{key}=A,B"  # a list-valued key reads A,B as one list
-    return f"ssvi sweep takes no {option}: --set {key}=VALUE gives every cell that value (--set {axis} sweeps it)"
 
 
 def _dry_run(sweep_dir: Path, cells: list[Any], json_out: bool = False, spec: Any = None) -> None:
@@ -185,8 +171,8 @@ def _dry_run(sweep_dir: Path, cells: list[Any], json_out: bool = False, spec: An
 def _run(sweep_dir: Path, spec: "SweepSpec", cells: list[Any], jobs: int, threads: int, json_out: bool,
          figures: bool, baseline: Optional[list[str]] = None) -> None:
     from ssvi_cli.sweep.report import write_report
+    from ssvi_cli.cli.train_fit import KeyboardInterruptHandled
     from ssvi_cli.sweep.runner import cell_dir, cell_state, run_cells
-
     from ssvi_cli.sweep.sweepdir import record_processes, sweep_lock
 
     with sweep_lock(sweep_dir):  # shared while the cells run and the report is written; --force waits for it
@@ -211,7 +197,13 @@ def _run(sweep_dir: Path, spec: "SweepSpec", cells: list[Any], jobs: int, thread
                     _say(f"{event} {name}: {detail}")
 
             outcome = run_cells(sweep_dir, cells, jobs, threads, listener, spec)
-        result = write_report(sweep_dir, figures, baseline)
+        try:
+            result = write_report(sweep_dir, figures, baseline)
+        except KeyboardInterrupt:
+            if outcome.interrupted:
+                raise
+            raise KeyboardInterruptHandled("interrupted while the report was written; the cells are kept, and "
+                                           f"ssvi sweep --report {quote_path(sweep_dir)} writes it") from None
     if outcome.interrupted:
         failed = f"; {len(outcome.failed)} failed (logs in {sweep_dir / 'logs'})" if outcome.failed else ""
         # A cell stopped before its first checkpoint starts again; the others continue from theirs.

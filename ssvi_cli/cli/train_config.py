@@ -274,3 +274,18 @@ def finished_run(run_dir: Path, json_out: bool, is_main: bool) -> bool:
             print_json({**summary, "notes": [note]})  # the shape a finished run's --json has
         err.print(note, highlight=False)
     return True
+
+
+def train_flag_hint(option: str) -> Optional[str]:
+    """For a flag ``ssvi sweep`` lacks that names a config key as ``ssvi train``'s flags do (``--epochs``,
+    ``--data-dir``), the ``--set`` that gives it; None for any other."""
+    from ssvi_cli.config import key_type, valid_keys
+
+    if option == "--seed":
+        return "ssvi sweep takes no --seed: --seeds N runs seeds 0 to N-1 (a seed list: --file, seeds: [..])"
+    key = next((k for k in valid_keys() if flag_of(k) == option), None)
+    if key is None:
+        return None
+    listed = "tuple" in str(key_type(key))  # tuple[int, ...], Optional[tuple[str, ...]]
+    axis = f"{key}=[A],[B]" if listed else f"{key}=A,B"  # a list-valued key reads A,B as one list
+    return f"ssvi sweep takes no {option}: --set {key}=VALUE gives every cell that value (--set {axis} sweeps it)"

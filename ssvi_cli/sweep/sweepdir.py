@@ -29,11 +29,17 @@ SWEEP_ENTRIES = (SWEEP_FILE, CELLS_DIR, LOGS_DIR, COMMANDS_FILE, REPORT_JSON, RE
 RAN_WITH = "ran_with"  # sweep.json: the --jobs and --threads the sweep last ran its cells with
 
 
-def record_processes(sweep_dir: Path, jobs: int, threads: int, figures: bool = True) -> None:
+def record_processes(sweep_dir: Path, jobs: int, threads: Optional[int], figures: bool = True) -> None:
     """Write into ``sweep.json`` the ``--jobs``/``--threads`` the cells run with now, which a
     ``--resume`` without them takes again (a CPU cell's numbers move in their last digits with its
     thread count), and whether the report has figures (``--no-figures``), which it keeps too."""
-    write_entry(sweep_dir, RAN_WITH, {"jobs": jobs, "threads": threads, "figures": figures})
+    write_entry(sweep_dir, RAN_WITH, processes_entry(jobs, threads, figures)[RAN_WITH])
+
+
+def processes_entry(jobs: int, threads: Optional[int], figures: bool) -> dict[str, Any]:
+    """``record_processes``'s entry, for a new grid to write with it (``threads`` None: the cores
+    shared among the jobs, as a ``--resume`` then works them out again)."""
+    return {RAN_WITH: {"jobs": jobs, "threads": threads, "figures": figures}}
 
 
 def record_figures(sweep_dir: Path, figures: bool) -> None:

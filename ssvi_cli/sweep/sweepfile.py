@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ssvi_cli.fileio import write_json
 from ssvi_cli.locks import acquire_lock
@@ -43,10 +43,11 @@ def write_entry(sweep_dir: Path, key: str, value: dict[str, Any]) -> None:
         write_json(path, {**data, key: {**(held if isinstance(held, dict) else {}), **value}})
 
 
-def write_spec(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> None:
-    """Write the sweep's grid into its ``sweep.json``; the entries of a grid it grows are kept."""
+def write_spec(sweep_dir: Path, spec: SweepSpec, cells: list[Cell], entries: Optional[dict[str, Any]] = None) -> None:
+    """Write the sweep's grid into its ``sweep.json`` with ``entries`` (written with it, so that a stop
+    right after it loses none); the other entries of a grid it grows are kept."""
     path = Path(sweep_dir) / SWEEP_FILE
     with acquire_lock(Path(sweep_dir) / SWEEP_FILE_LOCK, "the lock of sweep.json", wait=True):
-        entries = {k: v for k, v in _read(path).items() if k not in GRID_KEYS}
+        kept = {k: v for k, v in _read(path).items() if k not in GRID_KEYS}
         write_json(path, {"format": "ssvi-sweep", "version": SWEEP_VERSION, "spec": spec.to_dict(),
-                          "cells": [c.name for c in cells], **entries})
+                          "cells": [c.name for c in cells], **kept, **(entries or {})})
