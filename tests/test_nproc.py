@@ -284,6 +284,29 @@ def test_nproc_forwards_the_same_arguments_to_the_launcher(tmp_path: Path, monke
     assert cmd[5:8] == ["-m", "ssvi_cli", "train"]
 
 
+def test_a_stop_as_the_finished_processes_end_says_the_run_had_finished(tmp_path: Path, monkeypatch, capsys):
+    """A Ctrl-C in the second or two the launcher takes to end after the run's summary (torchrun's own
+    teardown) exited 130 with nothing said: a script took the finished run for an interrupted one."""
+    from ssvi_cli.cli import run
+
+    def finished_then_stopped(nproc, args, env, pass_fds=()):
+        path = Path(env["SSVI_RUN_LOCK_HELD"])
+        (path / "config.yaml").write_text("{}")  # as rank 0 writes it when training begins
+        (path / "summary.json").write_text("{}")
+        (path / "model.safetensors").write_bytes(b"0")
+        return launcher.Launched(130, signal.SIGINT)
+
+    for key in distributed.ENV_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(launcher, "launch", finished_then_stopped)
+    assert run(["train", "--nproc", "2", "--set", "train.epochs=1", "--out", str(tmp_path / "r")]) == 130
+    assert "interrupted as the training processes ended: the run had finished, its model file and summary written" \
+        in " ".join(capsys.readouterr().err.split())
+    monkeypatch.setattr(launcher, "launch", lambda nproc, args, env, pass_fds=(): launcher.Launched(130, signal.SIGINT))
+    assert run(["train", "--nproc", "2", "--set", "train.epochs=1", "--out", str(tmp_path / "s")]) == 130
+    assert "the run had finished" not in capsys.readouterr().err  # stopped at a checkpoint: the processes said so
+
+
 @pytest.mark.parametrize("exits, code", [({0: -15, 1: 143}, 143), ({0: 143, 1: 143}, 143), ({0: -9, 1: 2}, 2),
                                          ({0: -15, 1: -15}, 1), ({1: 1, 0: 130}, 130)])
 def test_the_launcher_ends_with_the_processes_own_exit_code(monkeypatch, exits, code):

@@ -311,6 +311,9 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: Opti
     if message := launcher.ending_message(ended, nproc, run.path, untrained):  # unsaid by them
         tell(message)
     if ended.stopped_by is not None and ended.code:  # the processes stopped at a checkpoint and said so
+        if not message and run.finished() and _since(run.summary_file, started):  # or ended, as the stop came
+            how = "interrupted" if ended.stopped_by.name == "SIGINT" else f"stopped by {ended.stopped_by.name}"
+            tell(f"{how} as the training processes ended: the run had finished, its model file and summary written")
         raise typer.Exit(128 + int(ended.stopped_by))
     if ended.code:
         raise typer.Exit(1 if ended.code < 0 else ended.code)
