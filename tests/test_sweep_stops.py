@@ -439,6 +439,10 @@ def test_a_stop_between_cells_does_not_speak_of_stopped_cells(tmp_path: Path, ca
     said = capsys.readouterr().err
     assert "interrupted between cells, none of them running; the cells not run yet run with: ssvi sweep --resume" in said
     assert "0 cells stopped" not in said
+    # a SIGTERM is said as train says it, not as a Ctrl-C
+    monkeypatch.setattr(runner, "run_cells", lambda *a, **k: runner.Outcome(stopped=["a"], interrupted=True, signum=15))
+    assert run(["sweep", "--resume", str(tmp_path / "sw"), "--no-figures"]) == 143
+    assert "stopped by SIGTERM: 1 cell stopped" in capsys.readouterr().err
 
 
 def test_a_started_cell_resumes_on_the_device_the_sweep_gives_now(tmp_path: Path, monkeypatch):
