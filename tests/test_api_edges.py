@@ -272,7 +272,11 @@ def test_a_structure_only_model_never_filled_is_refused_where_it_would_be_used(t
     with pytest.raises(ValueError, match=said.format("save it")):
         ssvi.save(empty, tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
-    empty.load_state_dict(mlp(0.8).state_dict())  # filled: each works
+    state = mlp(0.8).state_dict()
+    empty.load_state_dict({k: v for k, v in state.items() if not k.startswith("2.")}, strict=False)
+    with pytest.raises(ValueError, match=r"cannot predict with it: layer 2 of the model is empty, as sparsify"):
+        ssvi.predict(empty, x)  # partly filled: the head's outputs were its bias alone
+    empty.load_state_dict(state)  # filled: each works
     ssvi.Subspace(empty, torch.optim.Adam(ssvi.param_groups(empty, lr=0.01, lr_sigma=0.01)), total_steps=10)
     assert ssvi.predict(empty, x).probs.shape == (len(x), 10)
     assert ssvi.save(empty, tmp_path / "m.safetensors") > 0

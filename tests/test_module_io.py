@@ -435,6 +435,10 @@ def test_a_class_count_taken_from_a_convolution_registered_last_is_warned_of(tmp
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))  # a Linear last: no guess said
     ssvi.sparsify(mlp, 0.5)
     ssvi.save(mlp, tmp_path / "mlp.safetensors")
+    # nor for a fully convolutional classifier, whose last convolution is its head (it has no Linear)
+    fcn = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 10, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    ssvi.sparsify(fcn, 0.5, dense_first_conv=False)
+    ssvi.save(fcn, tmp_path / "fcn.safetensors")
     assert caplog.text == ""
 
 

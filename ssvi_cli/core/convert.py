@@ -168,14 +168,19 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
 
 
 def unfilled(model: nn.Module, doing: str) -> None:
-    """Refuse to ``doing`` a model whose every sparse layer is empty: ``structure_only`` leaves them
-    so for a file or state dict to fill, and a loop that forgot that step would train only the
-    biases, predict uniform probabilities and save an empty model, without a word."""
+    """Refuse to ``doing`` a model with an empty sparse layer: ``structure_only`` leaves them so for a
+    file or state dict to fill (a conversion gives every layer at least one weight), and a loop that
+    forgot that step, or loaded a state dict without some layers, would train and predict without
+    them (uniform probabilities, where every one is empty) and save them empty, without a word."""
     layers = sparse_layers(model)
-    if layers and all(layer.active == 0 for _, layer in layers) and any(layer.numel for _, layer in layers):
-        raise ValueError(f"cannot {doing}: every sparse layer of the model is empty, as sparsify(..., structure_only=True) "
-                         "leaves them for a file or checkpoint to fill; fill it first (ssvi_cli.load(path, model=model) "
-                         "or model.load_state_dict(state)), or convert it without structure_only")
+    empty = [name for name, layer in layers if layer.active == 0 and layer.numel]
+    if empty:
+        what = ("every sparse layer of the model is empty" if len(empty) == len(layers) else
+                f"{'layers' if len(empty) > 1 else 'layer'} {', '.join(empty[:4])}{', ...' if len(empty) > 4 else ''} "
+                f"of the model {'are' if len(empty) > 1 else 'is'} empty")
+        raise ValueError(f"cannot {doing}: {what}, as sparsify(..., structure_only=True) leaves them for a file or "
+                         "checkpoint to fill; fill it first (ssvi_cli.load(path, model=model) or "
+                         "model.load_state_dict(state), with every layer), or convert it without structure_only")
 
 
 def _check_sigma_init(sigma_mean: float, sigma_std: float, moped_delta: Optional[float]) -> None:

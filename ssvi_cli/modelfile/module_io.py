@@ -21,7 +21,7 @@ from torch import nn
 
 from ssvi_cli.core.conv import SparseConv2d
 from ssvi_cli.core.convert import unfilled
-from ssvi_cli.core.layers import SparseGaussian, sparse_layers
+from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
 from ssvi_cli.core.modes import evaluating, sampling
 from ssvi_cli.core.state import wrapper_chain
 from ssvi_cli.data.sources import get_spec
@@ -99,7 +99,8 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
             raise ValueError(f"class_names holds {len(class_names)} names for a model with {outputs} outputs")
         log.warning("class_names holds %d names, and %s, the last layer registered, has %d outputs%s: the file records "
                     "%d classes", len(class_names), last, outputs, how, len(class_names))
-    elif not class_names and measured is None and isinstance(model.get_submodule(last), (nn.Conv2d, SparseConv2d)):
+    elif not class_names and measured is None and isinstance(model.get_submodule(last), (nn.Conv2d, SparseConv2d)) \
+            and any(isinstance(m, (nn.Linear, SparseLinear)) for m in model.modules()):  # a head registered before
         log.warning("the file records %d classes, the channels of %s, the last layer registered, a Conv2d; if the "
                     "model's output is another layer's, give class_names= (one per output)%s", outputs, last, how)
     if class_names and len(set(class_names)) != len(class_names):
