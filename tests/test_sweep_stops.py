@@ -250,6 +250,9 @@ def test_a_sweep_interrupted_while_its_report_is_written_says_how_to_write_it(tm
     assert run(["sweep", "--set", "train.epochs=1", *TINY, "--out", str(out), "--no-figures"]) == 130
     said = " ".join(capsys.readouterr().err.split())
     assert f"interrupted while the report was written; the cells are kept, and ssvi sweep --report {out} writes it" in said
+    # the paired differences asked for are asked for again (the report without them lacked them)
+    assert run(["sweep", "--resume", str(out), "--no-figures", "--baseline", "method=ssvi"]) == 130
+    assert f"ssvi sweep --report {out} --baseline method=ssvi writes it" in " ".join(capsys.readouterr().err.split())
 
 
 def test_a_grid_grown_by_a_dry_run_keeps_how_the_sweep_ran(tmp_path: Path, monkeypatch, capsys):
@@ -441,8 +444,9 @@ def test_a_stop_between_cells_does_not_speak_of_stopped_cells(tmp_path: Path, ca
     assert "0 cells stopped" not in said
     # a SIGTERM is said as train says it, not as a Ctrl-C
     monkeypatch.setattr(runner, "run_cells", lambda *a, **k: runner.Outcome(stopped=["a"], interrupted=True, signum=15))
-    assert run(["sweep", "--resume", str(tmp_path / "sw"), "--no-figures"]) == 143
-    assert "stopped by SIGTERM: 1 cell stopped" in capsys.readouterr().err
+    assert run(["sweep", "--resume", str(tmp_path / "sw"), "--no-figures", "--baseline", "sparsity=0.9"]) == 143
+    said = " ".join(capsys.readouterr().err.split())
+    assert "stopped by SIGTERM: 1 cell stopped" in said and f"--resume {tmp_path / 'sw'} --baseline sparsity=0.9" in said
 
 
 def test_a_started_cell_resumes_on_the_device_the_sweep_gives_now(tmp_path: Path, monkeypatch):

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from ssvi_cli.cli.common import UsageError, check_output_dir, count, err, out, print_json, progress_bar, tell
 from ssvi_cli.cli.sweep_cell import check_changed, run_cell
-from ssvi_cli.machine import path_word, quote_path, shell_join
+from ssvi_cli.machine import path_word, quote_path, shell_join, shell_quote
 
 if TYPE_CHECKING:
     from ssvi_cli.sweep.grid import SweepSpec
@@ -197,17 +197,18 @@ def _run(sweep_dir: Path, spec: "SweepSpec", cells: list[Any], jobs: int, thread
                     _say(f"{event} {name}: {detail}")
 
             outcome = run_cells(sweep_dir, cells, jobs, threads, listener, spec)
+        paired = "".join(f" --baseline {shell_quote(group)}" for group in baseline or [])  # said again in what to run next
         try:
             result = write_report(sweep_dir, figures, baseline)
         except KeyboardInterrupt:
             if outcome.interrupted:
                 raise
             raise KeyboardInterruptHandled("interrupted while the report was written; the cells are kept, and "
-                                           f"ssvi sweep --report {quote_path(sweep_dir)} writes it") from None
+                                           f"ssvi sweep --report {quote_path(sweep_dir)}{paired} writes it") from None
     if outcome.interrupted:
         failed = f"; {len(outcome.failed)} failed (logs in {sweep_dir / 'logs'})" if outcome.failed else ""
         # A cell stopped before its first checkpoint starts again; the others continue from theirs.
-        resume = f"ssvi sweep --resume {quote_path(sweep_dir)}"
+        resume = f"ssvi sweep --resume {quote_path(sweep_dir)}{paired}"
         how = "interrupted" if outcome.signum == 2 else exit_text(-outcome.signum)  # SIGINT; or as train says it
         if outcome.stopped:
             fresh = sum(cell_state(cell_dir(sweep_dir, c)) == "new" for c in cells if c.name in outcome.stopped)
