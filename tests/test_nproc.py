@@ -286,7 +286,8 @@ def test_nproc_forwards_the_same_arguments_to_the_launcher(tmp_path: Path, monke
 
 def test_a_stop_as_the_finished_processes_end_says_the_run_had_finished(tmp_path: Path, monkeypatch, capsys):
     """A Ctrl-C in the second or two the launcher takes to end after the run's summary (torchrun's own
-    teardown) exited 130 with nothing said: a script took the finished run for an interrupted one."""
+    teardown) exited 130 with nothing said, as if the run had stopped before its end. It still exits
+    130 (a shell's loop of runs stops on the Ctrl-C), saying that the run had finished."""
     from ssvi_cli.cli import run
 
     def finished_then_stopped(nproc, args, env, pass_fds=()):
