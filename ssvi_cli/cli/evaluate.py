@@ -12,6 +12,7 @@ from rich import box
 from rich.table import Table
 
 from ssvi_cli.config import MAX_BATCH, MAX_ITEMS, MAX_SEED
+from ssvi_cli.cli.paths import output_file
 from ssvi_cli.cli.common import (UsageError, check_device, check_output_dir, check_output_file, err,
                                    fmt, kept_warnings, out, print_json, progress_bar)
 from ssvi_cli.machine import given_path, quote_path
@@ -118,7 +119,7 @@ def register(app: typer.Typer) -> None:
         download: Annotated[bool, typer.Option(help="Download missing torchvision datasets.")] = False,
         device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); the default, cpu, gives the numbers a machine without a GPU gives.")] = "cpu",
         json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document (and nothing else) on stdout.")] = False,
-        output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the JSON report to this *.json file (atomically).")] = None,
+        output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=output_file, metavar="<path>", help="Also write the JSON report to this *.json file (atomically).")] = None,
         plots: Annotated[Optional[Path], typer.Option(help="Write reliability.png, ood_scores.png with --ood and samples.png with several --samples into this folder; needs matplotlib.")] = None,
     ) -> None:
         """Accuracy, calibration (ECE, debiased class-marginal L2 CE), uncertainty and OOD detection."""

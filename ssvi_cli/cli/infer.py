@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ssvi_cli import fileio
 from ssvi_cli.config import MAX_SAMPLES, MAX_SEED
+from ssvi_cli.cli.paths import output_file
 from ssvi_cli.cli.common import (UsageError, check_device, check_output_file, count, err, json_text, out,
                                    kept_warnings, print_json, progress_bar)
 from ssvi_cli.cli.train_fit import KeyboardInterruptHandled
@@ -32,7 +33,7 @@ def register(app: typer.Typer) -> None:
         top_k: Annotated[int, typer.Option(help="Classes listed per input, most probable first (all of them "
                                                 "when the model has fewer).")] = 3,
         seed: Annotated[int, typer.Option(help="Seed of the Monte Carlo draws.", min=0, max=MAX_SEED)] = 0,
-        output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write all predictions to preds.jsonl or preds.csv.")] = None,
+        output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=output_file, metavar="<path>", help="Write all predictions to preds.jsonl or preds.csv.")] = None,
         device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); the default, cpu, gives the predictions a machine without a GPU gives.")] = "cpu",
         json_out: Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")] = False,
         skip_unreadable: Annotated[bool, typer.Option("--skip-unreadable", help="Predict the inputs that read and name the others (on stderr; under 'skipped' with --json) instead of refusing them all.")] = False,
