@@ -12,9 +12,9 @@ from rich import box
 from rich.table import Table
 
 from ssvi_cli.config import MAX_BATCH, MAX_ITEMS, MAX_SEED
-from ssvi_cli.cli.paths import output_file
 from ssvi_cli.cli.common import (UsageError, check_device, check_output_dir, check_output_file, err,
                                    fmt, kept_warnings, out, print_json, progress_bar)
+from ssvi_cli.cli.paths import output_file
 from ssvi_cli.machine import given_path, quote_path
 
 METRIC_LABELS = {

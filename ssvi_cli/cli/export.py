@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from ssvi_cli.cli.paths import output_file
 from ssvi_cli.cli.common import (UsageError, check_output_file, size_rows, err, kept_warnings, kv_table, out,
                                  print_json)
+from ssvi_cli.cli.paths import output_file
 from ssvi_cli.machine import given_path
 
 

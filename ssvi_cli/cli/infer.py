@@ -12,9 +12,9 @@ from rich.table import Table
 
 from ssvi_cli import fileio
 from ssvi_cli.config import MAX_SAMPLES, MAX_SEED
-from ssvi_cli.cli.paths import output_file
 from ssvi_cli.cli.common import (UsageError, check_device, check_output_file, count, err, json_text, out,
                                    kept_warnings, print_json, progress_bar)
+from ssvi_cli.cli.paths import output_file
 from ssvi_cli.cli.train_fit import KeyboardInterruptHandled
 from ssvi_cli.machine import given_path
 
