@@ -441,6 +441,39 @@ def test_a_signal_during_a_short_commands_write_leaves_no_temporary_file(tmp_pat
     assert list(out_dir.iterdir()) == []  # neither the output nor its temporary file
 
 
+def test_a_command_whose_output_finds_no_reader_ends_as_it_would_have(tmp_path):
+    """`ssvi presets | true`, `ssvi infer ... --json | head -c 100` of a large batch: a table or report
+    that lost its reader ended the command with exit code 1, "a runtime failure" (infer's --output file
+    was written in full), where the same command printed as a table, or train, exited 0."""
+    import numpy as np
+
+    run_dir = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "ssvi_cli", "train", "--epochs", "1", "--set", "model.widths=[16]",
+                    "--set", "data.max_train=128", "--out", str(run_dir)], env=ENV, timeout=300, check=True,
+                   capture_output=True)
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((3000, 8, 8)).astype(np.float32) * 16)
+    read, write = os.pipe()
+    os.close(read)  # no reader: every write to it is a broken pipe
+    try:
+        for args in (["presets"], ["presets", "--json"], ["inspect", str(run_dir)], ["inspect", str(run_dir), "--json"],
+                     ["infer", str(run_dir), str(tmp_path / "x.npy"), "--samples", "2"],
+                     ["infer", str(run_dir), str(tmp_path / "x.npy"), "--samples", "2", "--json",
+                      "--output", str(tmp_path / "p.csv")],
+                     ["sweep", "--method", "ssvi", "--sparsity", "0.9", "--out", str(tmp_path / "sw"), "--dry-run"]):
+            proc = subprocess.run([sys.executable, "-m", "ssvi_cli", *args], stdout=write, stderr=subprocess.PIPE,
+                                  text=True, env=ENV, timeout=300)
+            assert proc.returncode == 0 and "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert len((tmp_path / "p.csv").read_text().splitlines()) == 3001  # the header and every input
+    finally:
+        os.close(write)
+    if Path("/dev/full").exists():  # a full disk is no reader gone: the report was not written, and it fails
+        for args in (["presets"], ["presets", "--json"]):
+            with open("/dev/full", "w") as full:
+                proc = subprocess.run([sys.executable, "-m", "ssvi_cli", *args], stdout=full, stderr=subprocess.PIPE,
+                                      text=True, env=ENV, timeout=300)
+            assert proc.returncode == 1 and "No space left on device" in proc.stderr, (args, proc.stderr)
+
+
 def test_a_run_whose_output_finds_no_reader_trains_to_its_model_file(tmp_path):
     """`ssvi train 2>&1 | head -1`: the first epoch line after head left ended the run with exit code 1,
     before its first checkpoint; the lines are dropped and the run finishes, a success (its summary

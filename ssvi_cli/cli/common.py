@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import typer
     from rich.progress import Progress
 
-from ssvi_cli.cli.console import PIPE_WIDTH, err, no_reader, out, tell  # noqa: F401 - the commands import them from here
+from ssvi_cli.cli.console import PIPE_WIDTH, err, no_reader, out, tell, write_out  # noqa: F401 - the commands import them from here
 
 
 class UsageError(Exception):
@@ -232,8 +232,7 @@ def json_text(obj: Any) -> str:
 
 
 def print_json(obj: Any) -> None:
-    sys.stdout.write(json_text(obj) + "\n")
-    sys.stdout.flush()
+    write_out(json_text(obj) + "\n")
 
 
 def fmt(value: Any, digits: int = 4) -> str:

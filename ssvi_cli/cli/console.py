@@ -25,26 +25,41 @@ if not _columns_ok:
 
 
 class _Console(Console):
-    """Standard error's console, whose lines may find no reader, or a full disk (``2> log`` on a full
-    file system), without ending the command or touching standard output: the work goes on."""
+    """A console whose lines may find no reader (``| head``, ``| true``, a closed terminal), or, on
+    standard error, a full disk (``2> log`` on a full file system), without ending the command or
+    touching the other stream: the work goes on, and the command ends as it would have (rich exited 1
+    for standard output, "a runtime failure": a table or report cut short by its reader failed a
+    finished command)."""
 
     def print(self, *objects: Any, **options: Any) -> None:
         try:
             super().print(*objects, **options)
-        except OSError:
-            no_reader()
+        except OSError as exc:  # standard output's full disk (> report.txt) is the command's failure
+            if not self.stderr and not isinstance(exc, BrokenPipeError):
+                raise
+            no_reader(stdout=not self.stderr)
 
     def on_broken_pipe(self) -> None:
         # rich points standard *output* at /dev/null and exits, for either console: a report on stdout
         # was lost, with exit code 0, when only stderr's reader had gone.
         self.quiet = True
-        no_reader()
+        no_reader(stdout=not self.stderr)
+
+
+def write_out(text: str) -> None:
+    """``text`` on standard output as it is (JSON, command lines), flushed; a reader that has gone is
+    taken as :class:`_Console` takes it."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # a full disk (> report.json) is not: the command fails, saying so
+        no_reader(stdout=True)
 
 
 def _console(stderr: bool = False) -> Console:
     # markup=False: paths, class names and messages print as written ("IMG [copy].png" keeps its
     # brackets); the few styled lines ask for markup themselves and escape what they insert.
-    console = (_Console if stderr else Console)(stderr=stderr, highlight=False, soft_wrap=True, markup=False)
+    console = _Console(stderr=stderr, highlight=False, soft_wrap=True, markup=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = PIPE_WIDTH
     return console
