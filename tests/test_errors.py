@@ -557,3 +557,13 @@ def test_a_model_at_a_path_that_is_not_utf8_reads_back_and_a_recorded_path_must_
         said = capsys.readouterr().err
         assert "o\\udce9" in said and "the path is not UTF-8 text, which the run's config and model file record; " \
             "rename it" in said and not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no folder can be made")
+def test_a_sweep_folder_the_system_refuses_to_make_is_a_user_error(tmp_path: Path, capsys):
+    """`ssvi sweep --out /proc/x` said "error (FileNotFoundError): [Errno 2] ..." with exit code 1, where
+    train says the folder cannot be made, exit code 2."""
+    for extra in ([], ["--dry-run"]):
+        assert run(["sweep", "--method", "ssvi", "--sparsity", "0.9", "--out", "/proc/ssvi-sweep", *extra]) == 2
+        said = capsys.readouterr().err
+        assert said.startswith("error: --out /proc/ssvi-sweep cannot be made or written: ") and said.count("\n") == 1, said

@@ -382,6 +382,9 @@ def test_a_failed_cell_is_reported_as_failed_with_its_reason(tmp_path: Path, cap
     capsys.readouterr()
     assert run(["sweep", "--report", str(out), "--json", "--no-figures"]) == 0
     assert list(json.loads(capsys.readouterr().out)["failed"]) == [bad]
+    # the sweep that runs it again fails (exit code 1) and still prints its report under --json (README)
+    assert run(["sweep", "--resume", str(out), "--json"]) == 1
+    assert list(json.loads(capsys.readouterr().out)["failed"]) == [bad]
 
 
 def test_a_stopped_cell_is_not_a_failed_one_and_a_note_never_stops_the_sweep(tmp_path: Path, capsys):

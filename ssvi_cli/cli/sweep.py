@@ -3,7 +3,6 @@ by ``ssvi train`` and evaluated by ``ssvi evaluate`` in a process of its own, th
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -11,7 +10,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from ssvi_cli.cli.common import UsageError, check_output_dir, count, err, out, print_json, progress_bar, tell
+from ssvi_cli.cli.common import (UsageError, check_output_dir, count, err, out, print_json, progress_bar, tell,
+                                 write_out)
 from ssvi_cli.cli.sweep_cell import check_changed, run_cell
 from ssvi_cli.machine import path_word, quote_path, shell_join, shell_quote
 
@@ -124,7 +124,10 @@ def register(app: typer.Typer) -> None:
             if how != "same":  # the same grid continues with its cells as it named them
                 for note in notes:  # on stderr: --json keeps standard output for the report
                     err.print(note, highlight=False)
-                sweep_dir.mkdir(parents=True, exist_ok=True)
+                try:
+                    sweep_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:  # a folder the system refuses only as it is made (/proc/x), as train says it
+                    raise UsageError(f"--out {sweep_dir} cannot be made or written: {exc.strerror or exc}") from None
                 # how its cells run, with the grid: a --resume after a stop right after it runs them so too
                 write_spec(sweep_dir, spec, cells, None if dry_run else processes_entry(jobs or 1, threads, figures))
         if resume is not None:
@@ -161,8 +164,7 @@ def _dry_run(sweep_dir: Path, cells: list[Any], json_out: bool = False, spec: An
                     "done": done, "report": report})
         return
     # Plain lines, flushed before the note on stderr: a scheduler script reads them as they are.
-    sys.stdout.write("\n".join(lines) + "\n")
-    sys.stdout.flush()
+    write_out("\n".join(lines) + "\n")
     err.print(f"{count(len(lines), 'cell')} written to {sweep_dir / COMMANDS_FILE}"
               + (f" ({len(done)} of them trained and evaluated already: their commands do nothing)" if done else "")
               + f"; afterwards: {report}", highlight=False)
