@@ -305,8 +305,8 @@ def test_a_key_given_twice_runs_no_grid_and_exponents_are_numbers(tmp_path: Path
     assert run(["sweep", "--set", "optim.lr=1e-2,3e-3", "--out", out, "--dry-run", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert [Path(c.split()[-1]).name for c in doc["commands"]] == ["ssvi_s0.95_lr-0.01_seed0", "ssvi_s0.95_lr-0.003_seed0"]
-    assert doc["commands_file"] == str(tmp_path / "a" / "commands.txt") and doc["report"] == f"ssvi sweep --report {(tmp_path / 'a').resolve()}"
-    assert doc["done"] == []
+    assert doc["commands_file"] == str((tmp_path / "a").resolve() / "commands.txt")
+    assert doc["report"] == f"ssvi sweep --report {(tmp_path / 'a').resolve()}" and doc["done"] == []
     spec = json.loads((tmp_path / "a" / "sweep.json").read_text())["spec"]
     assert spec["axes"]["optim.lr"] == [0.01, 0.003]
     yaml_file = tmp_path / "s.yaml"
@@ -565,6 +565,17 @@ def test_dry_run_lists_cell_commands_that_run_alone(tmp_path: Path, capsys):
     assert "AUROC noise" in header and "settings" not in header  # the OOD column; none empty
     (rigl,) = report["groups"]  # deterministic: OOD scored by entropy, no MI
     assert rigl["auroc:noise:entropy"]["n"] == 1 and "auroc:noise:mutual_information" not in rigl
+
+
+def test_a_dry_runs_json_gives_every_path_absolute(tmp_path: Path, capsys, monkeypatch):
+    """A relative --out gave `sweep` and `commands_file` relative beside absolute commands and report:
+    a scheduler's script that runs elsewhere found no commands file."""
+    monkeypatch.chdir(tmp_path)
+    assert run(["sweep", "--set", "train.epochs=1", "--out", "rel", "--dry-run", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    where = (tmp_path / "rel").resolve()
+    assert doc["sweep"] == str(where) and doc["commands_file"] == str(where / "commands.txt")
+    assert all(str(where) in command for command in doc["commands"]) and doc["report"].endswith(str(where))
 
 
 def test_force_replaces_another_sweep_and_a_yaml_list_key_is_one_value(tmp_path: Path, capsys):

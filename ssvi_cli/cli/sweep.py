@@ -160,7 +160,8 @@ def _dry_run(sweep_dir: Path, cells: list[Any], json_out: bool = False, spec: An
     done = [c.name for c in cells if evaluated(cell_dir(sweep_dir, c), spec)]  # their commands do nothing
     report = shell_join(["ssvi", "sweep", "--report", str(sweep_dir.resolve())])
     if json_out:
-        print_json({"sweep": str(sweep_dir), "commands_file": str(sweep_dir / COMMANDS_FILE), "commands": lines,
+        where = sweep_dir.resolve()  # absolute as the commands are: a scheduler's script may run elsewhere
+        print_json({"sweep": str(where), "commands_file": str(where / COMMANDS_FILE), "commands": lines,
                     "done": done, "report": report})
         return
     # Plain lines, flushed before the note on stderr: a scheduler script reads them as they are.
