@@ -586,12 +586,13 @@ def test_files_of_an_image_kind_ssvi_does_not_read_are_counted_in_a_warning_and_
         Image.fromarray(images[i]).save(photos / "one" / f"extra{j}{('.jfif', '.jpe', '.JFIF')[j]}", "JPEG")
     Image.fromarray(images[0]).save(photos / "zero" / "layered.tga")  # an image kind ssvi does not take
     Image.fromarray(images[0]).save(photos / "zero" / "icon.ico")
+    (photos / "zero" / "phone.HEIC").write_bytes(b"\0" * 64)  # a phone's photo, which Pillow cannot open: said too
     (photos / "two" / "notes.txt").write_text("not an image\n")  # not an image kind: no word
     with caplog.at_level(logging.WARNING, logger="ssvi_cli.data.images"):
         files, _ = scan_folder(photos).parts["all"]
     assert len(files) == 6 * len(NAMES) + 3 and sum(f.suffix.lower() in (".jfif", ".jpe") for f in files) == 3
     assert [r.getMessage() for r in caplog.records] == [
-        f"{photos / 'zero'}: 2 files passed over (1 .ico, 1 .tga), a kind ssvi does not read as images "
+        f"{photos / 'zero'}: 3 files passed over (1 .heic, 1 .ico, 1 .tga), a kind ssvi does not read as images "
         "(.png .jpg .jpeg .jpe .jfif .bmp .gif .webp .tif .tiff .ppm .pgm .pbm .pnm); save them as .png or .jpg to use them"]
     code = run(["train", "--data", f"imagefolder:{photos}", "--epochs", "1", "--set", "data.image_size=8",
                 "--set", "data.channels=1", "--set", "train.eval_samples=2", "--out", str(tmp_path / "run")])

@@ -84,7 +84,7 @@ def find_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES, apart: Se
                 special += 1
             elif suffix in suffixes:
                 found.append(Path(top) / name)
-            elif suffix in _pillow_suffixes():
+            elif suffix in _pillow_suffixes() or suffix in CAMERA_SUFFIXES:
                 passed[suffix] = passed.get(suffix, 0) + 1
     if special:  # a named pipe would block the read for ever
         warn_once(logging.getLogger(__name__), (str(folder), "special"), "%s: %s passed over: a named pipe, socket "
@@ -120,6 +120,10 @@ def _pillow_suffixes() -> frozenset[str]:
 
 
 _PILLOW: Optional[frozenset[str]] = None
+# Photos' formats that Pillow does not open without a plug-in (a phone's HEIC, a camera's raw files):
+# passed over with the same warning, not in silence.
+CAMERA_SUFFIXES = frozenset({".heic", ".heif", ".avif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf",
+                             ".rw2", ".raf"})
 
 
 def shown(path: Path | str) -> str:
