@@ -222,9 +222,14 @@ def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: Path | 
     """Keys and shapes of ``state`` against ``model``'s (but ``skip``); the first difference is named."""
     expected = {k: v for k, v in model.state_dict().items() if k not in skip}
     hint = "the weights are for another architecture, or do not fit this data's input size"
+    missing = [k for k in expected if k not in state]
+    if missing:
+        others = len([k for k in state if k not in expected])
+        counts = f"{len(missing)} of the model's {len(expected)} tensors" + (f", and holds {others} it does not have" if others else "")
+        raise ConfigError(f"--init-from {source} lacks {missing[0]!r} (shape {tuple(expected[missing[0]].shape)}) of the "
+                          "model" + (f" ({counts}: the weights are for another architecture)" if len(missing) > 1 or others
+                                     else ""))
     for key, value in expected.items():
-        if key not in state:
-            raise ConfigError(f"--init-from {source} lacks {key!r} (shape {tuple(value.shape)}) of the model")
         if tuple(state[key].shape) != tuple(value.shape):
             raise ConfigError(f"--init-from {source}: {key!r} has shape {tuple(state[key].shape)}, the model "
                               f"needs {tuple(value.shape)} ({hint})")
