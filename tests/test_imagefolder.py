@@ -75,6 +75,9 @@ def ws(tmp_path_factory) -> Path:
     for split, names in {"train": ("zero", "one"), "test": ("zero", "two")}.items():
         for name in names:
             write_class(ws / "mismatch" / split / name, 0, 2)
+    for split, names in {"train": ("zero", "one", "two"), "test": ("zero", "one")}.items():
+        for name in names:
+            write_class(ws / "fewer" / split / name, 0, 2)
     write_class(ws / "notest" / "train" / "zero", 0, 2)
     write_class(ws / "notest" / "train" / "one", 1, 2)
     write_class(ws / "badimage" / "zero", 0, 3)
@@ -350,6 +353,7 @@ ERRORS = [
     ("oneclass", "holds one class folder (zero); a classifier needs at least two"),
     ("emptyclass", "class folder {ws}/emptyclass/two holds no images"),
     ("mismatch", "{ws}/mismatch/test has other classes than {ws}/mismatch/train (missing: one; extra: two)"),
+    ("fewer", "{ws}/fewer/test has other classes than {ws}/fewer/train (missing: two); use the same"),  # no "extra: -"
     ("notest", "image folder {ws}/notest has train/ but no test/"),
     ("badimage", "image {ws}/badimage/one/broken.png cannot be read"),
     ("splitnames", "has val/, test/ but no train/; add {ws}/splitnames/train/<class>/, or, for class folders "

@@ -150,8 +150,9 @@ def scan_folder(path: Path) -> FolderScan:
     for split, classes in by_split.items():
         if tuple(classes) != names:
             missing, extra = sorted(set(names) - set(classes)), sorted(set(classes) - set(names))
-            raise DataError(f"{root / split} has other classes than {root / 'train'} (missing: "
-                            f"{', '.join(missing) or '-'}; extra: {', '.join(extra) or '-'}); use the same "
+            differ = "; ".join(f"{what}: {', '.join(names_)}" for what, names_ in (("missing", missing), ("extra", extra))
+                               if names_)  # only what differs: "extra: -" read as a class named '-'
+            raise DataError(f"{root / split} has other classes than {root / 'train'} ({differ}); use the same "
                             "class folder names in every split")
     return FolderScan(root, names, {s: _labelled(c, names) for s, c in by_split.items()})
 
