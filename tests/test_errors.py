@@ -262,6 +262,11 @@ CASES = [
     (["evaluate", "{ws}/run", "--output", "{ws}/empty_dir"], "--output {ws}/empty_dir is a directory"),
     (["evaluate", "{ws}/run", "-o", "{ws}/empty_dir"], "--output {ws}/empty_dir is a directory"),  # -o as infer's
     (["evaluate", "{ws}/run", "-o", ""], "the argument after -o is empty"),  # it read "--output . is a directory"
+    # a folder's name, which pathlib reads as a file's: a file named new.csv was written
+    (["infer", "{ws}/run", "{ws}/ok.npy", "--output", "{ws}/new.csv/"], "--output {ws}/new.csv/ names a folder (it ends in /); give a file name"),
+    (["infer", "{ws}/run", "{ws}/ok.npy", "--output", "{ws}/new.csv/."], "--output {ws}/new.csv/. names a folder (it ends in /.)"),
+    (["evaluate", "{ws}/run", "-o", "{ws}/report.json/"], "--output {ws}/report.json/ names a folder"),
+    (["export", "{ws}/run", "-o", "{ws}/x.safetensors/"], "--output {ws}/x.safetensors/ names a folder"),
     (["evaluate", "{ws}/run", "--dataset", "imagenet"], "unknown dataset 'imagenet'; valid names are: "),
     (["evaluate", "{ws}/run", "--ood", "svhn", "--data-dir", "{ws}/nodata"],
      "svhn not found or corrupted at {ws}/nodata (missing test_32x32.mat; torchvision: "),
@@ -277,10 +282,6 @@ USAGE_CASES = [
     (["presets", "--bogus"], "No such option: --bogus"),
     (["train", "--epochs", "abc"], "Invalid value for '--epochs'"),
     (["infer", "{ws}/run"], "Missing argument 'inputs'"),
-    # a folder's name, which pathlib reads as a file's: a file named new.csv was written
-    (["infer", "{ws}/run", "{ws}/ok.npy", "--output", "{ws}/new.csv/"], "{ws}/new.csv/ names a folder (it ends in /); give a file name"),
-    (["evaluate", "{ws}/run", "-o", "{ws}/report.json/"], "report.json/ names a folder"),
-    (["export", "{ws}/run", "-o", "{ws}/x.safetensors/"], "x.safetensors/ names a folder"),
 ]
 
 
@@ -334,8 +335,7 @@ def test_typer_usage_errors_exit_2_without_traceback(workspace, args, words, cap
     code = run(fill(args, workspace))
     captured = capsys.readouterr()
     assert code == 2
-    said = "".join(captured.err.replace("│", "").split())  # Click's box may break a long path anywhere
-    assert "".join(fill([words], workspace)[0].split()) in said and "Traceback" not in captured.out + captured.err
+    assert words in " ".join(captured.err.split()) and "Traceback" not in captured.out + captured.err
     assert listing(workspace) == before
 
 
