@@ -223,12 +223,13 @@ def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: Path | 
     expected = {k: v for k, v in model.state_dict().items() if k not in skip}
     hint = "the weights are for another architecture, or do not fit this data's input size"
     missing = [k for k in expected if k not in state]
-    if missing:
-        others = len([k for k in state if k not in expected])
-        counts = f"{len(missing)} of the model's {len(expected)} tensors" + (f", and holds {others} it does not have" if others else "")
+    if missing:  # how far off (a bare "lacks" read as a damaged file), and what the file holds instead
+        counted = [k for k in expected if not k.endswith("num_batches_tracked")]  # adapt_state fills those in
+        others = [k for k in state if k not in expected]
+        counts = f"{sum(k in missing for k in counted)} of the model's {len(counted)} tensors are missing" + (
+            f", and the file holds {len(others)} the model does not have, such as {others[0]!r}" if others else "")
         raise ConfigError(f"--init-from {source} lacks {missing[0]!r} (shape {tuple(expected[missing[0]].shape)}) of the "
-                          "model" + (f" ({counts}: the weights are for another architecture)" if len(missing) > 1 or others
-                                     else ""))
+                          "model" + (f" ({counts})" if len(missing) > 1 or others else ""))
     for key, value in expected.items():
         if tuple(state[key].shape) != tuple(value.shape):
             raise ConfigError(f"--init-from {source}: {key!r} has shape {tuple(state[key].shape)}, the model "
