@@ -455,7 +455,7 @@ def test_a_command_whose_output_finds_no_reader_ends_as_it_would_have(tmp_path):
     read, write = os.pipe()
     os.close(read)  # no reader: every write to it is a broken pipe
     try:
-        for args in (["presets"], ["presets", "--json"], ["inspect", str(run_dir)], ["inspect", str(run_dir), "--json"],
+        for args in (["--version"], ["presets"], ["presets", "--json"], ["inspect", str(run_dir)], ["inspect", str(run_dir), "--json"],
                      ["infer", str(run_dir), str(tmp_path / "x.npy"), "--samples", "2"],
                      ["infer", str(run_dir), str(tmp_path / "x.npy"), "--samples", "2", "--json",
                       "--output", str(tmp_path / "p.csv")],

@@ -66,9 +66,10 @@ for _command in app.registered_commands:
 
 def _print_version(value: bool) -> None:
     if value:
+        from ssvi_cli.cli.console import write_out
         from ssvi_cli.version import __version__
 
-        typer.echo(f"ssvi {__version__}")
+        write_out(f"ssvi {__version__}\n")  # a reader gone (| true) is no failure, as for the commands
         raise typer.Exit()
 
 
