@@ -560,6 +560,16 @@ def test_print_config_shows_what_a_command_would_train_with_and_trains_nothing(t
     assert run(["train", "--resume", str(tmp_path / "none"), "--print-config"]) == 2
     said = capsys.readouterr().err
     assert "no run config to print there" in said and len(said.strip().splitlines()) == 1
+    # a config train would refuse is refused here too (it printed, exit code 0), and noted as train notes it
+    for bad, error in ((["--model", "bogus"], "unknown model 'bogus'"), (["--criterion", "bogus"], "unknown criterion"),
+                       (["--model", "lenet5"], "lenet5 needs inputs of at least 12x12, got 8x8"),
+                       (["--set", "data.mean=[0.5]"], "data.mean=[0.5] applies to image folders")):
+        assert run(["train", *bad, "--print-config"]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.startswith("error: ") and error in captured.err, captured.err
+    (tmp_path / "min.yaml").write_text("train: {seed: 0}\n")
+    assert run(["train", "--preset", "min.yaml", "--print-config"]) == 0
+    assert "note: min.yaml does not set optim.name, bayes.prior_sigma, train.epochs" in capsys.readouterr().err
 
 
 def test_train_takes_the_presets_values_for_the_chosen_method(tmp_path: Path, capsys):

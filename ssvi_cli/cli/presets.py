@@ -4,7 +4,7 @@ every config key of one, as ``ssvi train --preset NAME`` runs it."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
@@ -94,38 +94,61 @@ def _show_one(name: str, method: Optional[str], json_out: bool) -> None:
 
 
 def _check_trains(name: str, methods: list[Optional[str]], by_flag: bool = False) -> None:
-    """What ``ssvi train --preset FILE [--method M]`` checks before it reads any data, for each of
-    ``methods`` (None: the preset's own; ``by_flag``: the one ``--method`` chose): the model's and the
-    dataset's names, the image-folder keys, ``model.init_from`` (read, and checked against the run's
-    model, as train reads it; torchvision's published weights named, not fetched) and the model's
-    forward on the data's input shape; so that a file shown here without an error trains (its data
-    present). An image folder that is not on this
-    machine (a file written for another) is not read: its model's name alone is checked."""
-    from ssvi_cli.modelfile import ModelCard
-    from ssvi_cli.models import TORCHVISION, check_model_name
-    from ssvi_cli.training.init_weights import check_init_source, load_init_weights, published_weights
-    from ssvi_cli.training.plan import check_names, planned_densities, trained_start
-
+    """:func:`~ssvi_cli.cli.train_config.check_trains` of preset ``name`` for each of ``methods``
+    (None: the preset's own; ``by_flag``: the one ``--method`` chose), an error named by the method."""
     for method in methods:
-        cfg = cfgmod.from_preset(name, {} if method is None else {"sparse.method": method})
-        kind, _, folder = cfg.data.name.partition(":")
         try:
-            if kind == "imagefolder" and not Path(folder).expanduser().exists():
-                check_model_name(cfg.model.name)
-                continue
-            spec = check_names(cfg)
-            if cfg.model.init_from:  # read as train reads it before its data (torchvision's weights not fetched)
-                check_init_source(cfg)
-                if str(cfg.model.init_from).startswith(TORCHVISION):
-                    published_weights(cfg)  # the name resolved, nothing fetched
-                elif trained_start(cfg, spec, 1, None) is None:
-                    load_init_weights(cfg, spec)
-            planned_densities(ModelCard.from_config(cfg, spec), cfg, spec)
+            check_trains(cfgmod.from_preset(name, {} if method is None else {"sparse.method": method}))
         except Exception as exc:
             if method is None or not isinstance(exc, cfgmod.ConfigError):
                 raise
             where = f"--method {method}" if by_flag else f"its methods: section's {method}"
             raise cfgmod.ConfigError(f"with {where}: {exc}") from None
+
+
+def check_trains(cfg: cfgmod.Config) -> None:
+    """What ``ssvi train`` checks of ``cfg`` before it reads any data: the model's and the dataset's
+    names, the image-folder keys, ``model.init_from`` (read, and checked against the run's model, as
+    train reads it; torchvision's published weights named, not fetched) and the model's forward on the
+    data's input shape; so that a config shown by ``ssvi presets FILE`` or ``train --print-config``
+    without an error trains (its data present). An image folder that is not on this machine (a file
+    written for another) is not read: its model's name alone is checked."""
+    from ssvi_cli.modelfile import ModelCard
+    from ssvi_cli.models import TORCHVISION, check_model_name
+    from ssvi_cli.training.init_weights import check_init_source, load_init_weights, published_weights
+    from ssvi_cli.training.plan import check_names, planned_densities, trained_start
+
+    kind, _, folder = cfg.data.name.partition(":")
+    if kind == "imagefolder" and not Path(folder).expanduser().exists():
+        check_model_name(cfg.model.name)
+        return
+    spec = check_names(cfg)
+    if cfg.model.init_from:  # read as train reads it before its data (torchvision's weights not fetched)
+        check_init_source(cfg)
+        if str(cfg.model.init_from).startswith(TORCHVISION):
+            published_weights(cfg)  # the name resolved, nothing fetched
+        elif trained_start(cfg, spec, 1, None) is None:
+            load_init_weights(cfg, spec)
+    planned_densities(ModelCard.from_config(cfg, spec), cfg, spec)
+
+
+def print_train_config(resume: Optional[Path], preset: Optional[str], overrides: dict[str, Any], sets: list[str],
+                       json_out: bool) -> None:
+    """``ssvi train --print-config``: the config the command would train with (with ``resume``: the
+    run's saved one), refused and noted as train refuses and notes it before it reads data."""
+    from ssvi_cli.cli.train_config import build_config, recipe_note, set_keys, show_config
+    from ssvi_cli.runs.rundir import RunDir
+    from ssvi_cli.training.unused import unused_settings
+
+    cfg = RunDir(resume).read_config() if resume else build_config(preset, overrides, sets)
+    if cfg is None:
+        raise UsageError(f"--resume {resume}: no run config to print there (its config.yaml is missing or unreadable)")
+    if resume is None:
+        check_trains(cfg)
+        if note := recipe_note(cfg, preset, [*set_keys(sets), *(k for k, v in overrides.items() if v is not None)]):
+            err.print(note, highlight=False)
+    show_config(cfg.to_dict(), unused_settings(cfg), f"the run {resume} goes on with these values (its saved config)"
+                if resume else "this command trains with these values (change one with --set section.key=value)", json_out)
 
 
 def _nested(values: dict[str, object]) -> dict[str, dict[str, object]]:

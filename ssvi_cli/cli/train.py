@@ -15,12 +15,12 @@ import typer
 from ssvi_cli import config as cfgmod
 from ssvi_cli.cli.common import (Debug, UsageError, check_run_out, scored_as, fmt, forwarded_args, kv_table, no_reader, out,
                                  print_json, running_a_cell, tell)
+from ssvi_cli.cli.presets import print_train_config
 from ssvi_cli.cli.train_config import (build_config, config_origin, default_run_dir, finished_run, idle_settings_note,
                                        init_from_lr_note, nproc_again, pin_init_from, processes_note, recipe_note, set_keys,
-                                       show_config, threads_note, unused_keys)
+                                       threads_note, unused_keys)
 from ssvi_cli.cli.train_fit import KeyboardInterruptHandled, fit
 from ssvi_cli.machine import quote_path
-from ssvi_cli.training.unused import unused_settings
 
 
 def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
@@ -115,14 +115,7 @@ def register(app: typer.Typer) -> None:
         elif out_dir is not None and not print_config:
             check_run_out(out_dir)  # a sweep's cells folder, say, before anything else
         if print_config:
-            cfg = RunDir(resume).read_config() if resume else build_config(preset, overrides, set_ or [])
-            if cfg is None:
-                raise UsageError(f"--resume {resume}: no run config to print there (its config.yaml is missing or "
-                                 "unreadable)")
-            show_config(cfg.to_dict(), unused_settings(cfg), f"the run {resume} goes on with these values (its saved "
-                        "config)" if resume else "this command trains with these values (change one with --set "
-                        "section.key=value)", json_out)
-            return
+            return print_train_config(resume, preset, overrides, set_ or [], json_out)
         if nproc is not None and nproc > 1:
             if info is not None:
                 raise UsageError("--nproc starts torch.distributed.run itself; under torchrun drop it")
