@@ -524,7 +524,7 @@ def validate(cfg: Config) -> None:
     auto_dt = s.delta_t == DELTA_T_AUTO
     max_dt = PAPER_DELTA_T if auto_dt or not isinstance(s.delta_t, int) else s.delta_t
     if not 0.0 <= s.sparsity < 1.0:
-        raise ConfigError(f"sparsity={s.sparsity} must be in [0, 1), e.g. --sparsity 0.95")
+        raise ConfigError(f"sparse.sparsity={s.sparsity} must be in [0, 1), e.g. --sparsity 0.95")
     folder = d.name.startswith("imagefolder")
     checks = [
         ("sparse.alpha", 0.0 <= s.alpha <= 1.0, "in [0, 1]"),

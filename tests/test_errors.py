@@ -117,7 +117,7 @@ CASES = [
                                                                  "writable (chmod u+w) to replace it"),
     (["export", "{ws}/run", "--output", "{ws}/readonly.json"], "--output {ws}/readonly.json is read-only"),
     # train: values, names and config keys
-    (["train", "--sparsity", "1.5"], "sparsity=1.5 must be in [0, 1), e.g. --sparsity 0.95"),
+    (["train", "--sparsity", "1.5"], "sparse.sparsity=1.5 must be in [0, 1), e.g. --sparsity 0.95"),
     (["train", "--sparsity", "-0.1"], "sparsity=-0.1 must be in [0, 1)"),
     (["train", "--model", "torchvision:vgg11", "--out", "{ws}/vgg"],
      "cannot take the data's 1x8x8 inputs (pick a model that takes images this small, or train on larger ones"),
