@@ -268,6 +268,9 @@ def _did_you_mean(key: str, choices: Optional[list[str]] = None) -> str:
     key given without its section, ``lr``, finds the one section that has it)."""
     import difflib
 
+    folded = [c for c in (valid_keys() if choices is None else choices) if c.lower() == key.lower() and c != key]
+    if len(folded) == 1:  # OPTIM.LR: the key in its own case (difflib's ratio is case-sensitive)
+        return f" (did you mean {folded[0]!r}?)"
     if choices is None:  # a key without its section, or under another section: the one that has it
         choices = valid_keys()
         owners = [k for k in choices if k.split(".", 1)[1] == key.rpartition(".")[2]]

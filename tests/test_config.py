@@ -34,6 +34,8 @@ def test_override_types_and_round_trip():
     # a close key is the answer: the 51 keys after it were too much to read
     ("optm.lr", 0.1, "unknown config key 'optm.lr' (did you mean 'optim.lr'?); 'ssvi presets NAME' lists every key"),
     ("optim.lrr", 0.1, "(did you mean 'optim.lr'?); 'ssvi presets NAME' lists every key"),
+    ("OPTIM.LR", 0.1, "unknown config key 'OPTIM.LR' (did you mean 'optim.lr'?)"),  # was the list of 52 keys
+    ("Train.Epochs", 3, "(did you mean 'train.epochs'?)"),
 ])
 def test_bad_values_are_rejected_with_the_choices(key, value, needle):
     with pytest.raises(C.ConfigError) as exc:
