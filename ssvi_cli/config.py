@@ -588,7 +588,7 @@ def presets_dir() -> Path:
     return next((d for d in (here / "presets", here.parent / "presets") if d.is_dir()), here.parent / "presets")
 
 
-PRESET_SUFFIXES = (".yaml", ".yml", ".json")  # a preset file's; JSON is YAML (--print-config --json writes it)
+PRESET_SUFFIXES = (".yaml", ".yml", ".json")  # a preset file's (--print-config --json writes the JSON one)
 
 
 def list_presets() -> dict[str, Path]:
@@ -629,7 +629,8 @@ def _read_preset(name_or_path: str) -> tuple[Path, dict[str, Any]]:
     import yaml
 
     try:
-        data = read_yaml(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = _read_json(path, text) if path.suffix.lower() == ".json" else read_yaml(text)
     except yaml.YAMLError as exc:
         at, what = yaml_problem(exc)
         raise ConfigError(f"preset {path} is not valid YAML{at}: {what}") from None
@@ -640,6 +641,23 @@ def _read_preset(name_or_path: str) -> tuple[Path, dict[str, Any]]:
     if data is None:
         raise ConfigError(f"preset {path} is empty; start from a shipped preset (see 'ssvi presets')")
     return path, data
+
+
+def _read_json(path: Path, text: str) -> Any:
+    """A ``.json`` preset read as JSON, not as YAML (which took a trailing comma, and called a key given
+    twice "not valid YAML"); a key given twice is refused, as in a YAML preset."""
+    import json
+
+    def once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        if twice := next((k for i, k in enumerate(keys) if k in keys[:i]), None):
+            raise ConfigError(f"preset {path} gives {twice!r} twice in one object; give it once")
+        return dict(pairs)
+
+    try:
+        return json.loads(text, object_pairs_hook=once) if text.strip() else None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"preset {path} is not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from None
 
 
 def preset_methods(name_or_path: str) -> tuple[Config, dict[str, dict[str, Any]]]:

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from ssvi_cli import config as C
@@ -41,6 +43,19 @@ def test_bad_values_are_rejected_with_the_choices(key, value, needle):
     with pytest.raises(C.ConfigError) as exc:
         C.apply_overrides(C.Config(), {key: value})
     assert needle in str(exc.value)
+
+
+def test_a_json_preset_is_read_as_json(tmp_path):
+    """A .json preset was read as YAML: a trailing comma passed, and a key given twice was "not valid YAML"."""
+    cases = {"comma": ('{"optim": {"lr": 0.1,}}', r"preset .*comma\.json is not valid JSON \(line 1, column 22\)"),
+             "twice": ('{"optim": {"lr": 0.1, "lr": 0.2}}', r"preset .*twice\.json gives 'lr' twice in one object"),
+             "blank": ("  \n", r"preset .*blank\.json is empty")}
+    for name, (text, error) in cases.items():
+        (tmp_path / f"{name}.json").write_text(text)
+        with pytest.raises(C.ConfigError, match=error):
+            C.load_preset(str(tmp_path / f"{name}.json"))
+    (tmp_path / "good.json").write_text(json.dumps(C.Config().to_dict()))
+    assert C.load_preset(str(tmp_path / "good.json")) == C.Config()
 
 
 def test_a_misspelt_section_or_preset_name_gets_the_closest_one(tmp_path):
