@@ -1,5 +1,6 @@
 """``ssvi presets``: list the shipped presets and the command that runs each; ``ssvi presets NAME``:
-every config key of one, as ``ssvi train --preset NAME`` runs it."""
+every config key of one, as ``ssvi train --preset NAME`` runs it; and ``ssvi train --print-config``,
+which shows and checks a command's config as these do."""
 
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def _show_one(name: str, method: Optional[str], json_out: bool) -> None:
 
 
 def _check_trains(name: str, methods: list[Optional[str]], by_flag: bool = False) -> None:
-    """:func:`~ssvi_cli.cli.train_config.check_trains` of preset ``name`` for each of ``methods``
+    """:func:`check_trains` of preset ``name`` for each of ``methods``
     (None: the preset's own; ``by_flag``: the one ``--method`` chose), an error named by the method."""
     for method in methods:
         try:
