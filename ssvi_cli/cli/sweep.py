@@ -175,7 +175,8 @@ def _run(sweep_dir: Path, spec: "SweepSpec", cells: list[Any], jobs: int, thread
          figures: bool, baseline: Optional[list[str]] = None) -> None:
     from ssvi_cli.sweep.report import write_report
     from ssvi_cli.cli.train_fit import KeyboardInterruptHandled
-    from ssvi_cli.sweep.runner import cell_dir, cell_state, exit_text, run_cells
+    from ssvi_cli.sweep.runner import cell_dir, cell_state, run_cells
+    from ssvi_cli.training.stops import stopped_how
     from ssvi_cli.sweep.sweepdir import record_processes, sweep_lock
 
     with sweep_lock(sweep_dir):  # shared while the cells run and the report is written; --force waits for it
@@ -212,7 +213,7 @@ def _run(sweep_dir: Path, spec: "SweepSpec", cells: list[Any], jobs: int, thread
         failed = f"; {len(outcome.failed)} failed (logs in {sweep_dir / 'logs'})" if outcome.failed else ""
         # A cell stopped before its first checkpoint starts again; the others continue from theirs.
         resume = f"ssvi sweep --resume {quote_path(sweep_dir)}{paired}"
-        how = "interrupted" if outcome.signum == 2 else exit_text(-outcome.signum)  # SIGINT; or as train says it
+        how = stopped_how(outcome.signum)  # as train says it
         if outcome.stopped:
             fresh = sum(cell_state(cell_dir(sweep_dir, c)) == "new" for c in cells if c.name in outcome.stopped)
             _say(f"{how}: {count(len(outcome.stopped), 'cell')} stopped{failed}; " + (

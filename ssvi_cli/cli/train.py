@@ -21,6 +21,7 @@ from ssvi_cli.cli.train_config import (build_config, config_origin, default_run_
                                        threads_note, unused_keys)
 from ssvi_cli.cli.train_fit import KeyboardInterruptHandled, fit
 from ssvi_cli.machine import quote_path
+from ssvi_cli.training.stops import stopped_how
 
 
 def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
@@ -305,8 +306,7 @@ def _launch(ctx: typer.Context, nproc: int, resume: Optional[Path], preset: Opti
         tell(message)
     if ended.stopped_by is not None and ended.code:  # the processes stopped at a checkpoint and said so
         if not message and run.finished() and _since(run.summary_file, started):  # or ended, as the stop came
-            how = "interrupted" if ended.stopped_by.name == "SIGINT" else f"stopped by {ended.stopped_by.name}"
-            tell(f"{how} as the training processes ended: the run had finished, its model file and summary written")
+            tell(f"{stopped_how(ended.stopped_by)} as the training processes ended: the run had finished, its model file and summary written")
         raise typer.Exit(128 + int(ended.stopped_by))
     if ended.code:
         raise typer.Exit(1 if ended.code < 0 else ended.code)

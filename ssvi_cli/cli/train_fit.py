@@ -4,12 +4,12 @@ message a stop signal leaves."""
 
 from __future__ import annotations
 
-import signal
 from typing import Any, Callable
 
 from ssvi_cli.cli.common import count, fmt, progress_bar, tell
 from ssvi_cli.cli.train_config import nproc_again
 from ssvi_cli.machine import quote_path
+from ssvi_cli.training.stops import stopped_how
 
 
 def fit(trainer, interrupted_cls, quiet: bool, say: Callable[[str], None], bar: bool = True) -> dict[str, Any]:
@@ -69,7 +69,7 @@ def fit(trainer, interrupted_cls, quiet: bool, say: Callable[[str], None], bar: 
                 exc.ssvi_resume = f"ssvi train --resume {quote_path(trainer.run_dir)}" + nproc_again(trainer.dist.world_size)
             raise
         except interrupted_cls as stop:
-            how = "interrupted" if stop.signum == signal.SIGINT else f"stopped by {stop.signum.name}"
+            how = stopped_how(stop.signum)
             message = (f"{how} during {stop.during}; training had finished and its checkpoint is written"
                        if stop.during else f"{how} at step {stop.step}; checkpoint written")
             # One line per run, not per rank: the other ranks exit with the same code, silently.

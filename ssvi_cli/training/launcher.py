@@ -135,8 +135,9 @@ def _signal_name(number: int) -> str:
 
 
 def _untrained(stopped_by: signal.Signals) -> str:
-    how = "interrupted" if stopped_by == signal.SIGINT else f"stopped by {stopped_by.name}"
-    return f"{how} before the training processes started: nothing was trained"
+    from ssvi_cli.training.stops import stopped_how
+
+    return f"{stopped_how(stopped_by)} before the training processes started: nothing was trained"
 
 
 def _say_killed(failures: dict[int, Any], said: bool = False) -> None:

@@ -34,6 +34,17 @@ class Interrupted(RuntimeError):
         self.run_dir, self.step, self.signum, self.during = Path(run_dir), step, signal.Signals(signum), during
 
 
+def stopped_how(signum: int) -> str:
+    """How a stop is said: "interrupted" for Ctrl-C, else "stopped by SIGTERM" (by "signal N" for one
+    without a name)."""
+    if signum == signal.SIGINT:
+        return "interrupted"
+    try:
+        return f"stopped by {signal.Signals(signum).name}"
+    except ValueError:
+        return f"stopped by signal {signum}"
+
+
 LOSS_TERMS = {1: "the KL term", 2: "the data term (cross-entropy)"}  # the codes of :func:`loss_trouble`
 
 
