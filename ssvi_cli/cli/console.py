@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 from rich.console import Console
 
@@ -46,14 +47,21 @@ class _Console(Console):
         no_reader(stdout=not self.stderr)
 
 
-def write_out(text: str) -> None:
-    """``text`` on standard output as it is (JSON, command lines), flushed; a reader that has gone is
-    taken as :class:`_Console` takes it."""
+@contextmanager
+def reader_may_go() -> Iterator[None]:
+    """Writes to standard output in the block whose reader goes (``| head``) end it quietly, as
+    :class:`_Console` takes them; a full disk (> report.json) is not that: the command fails, saying so."""
     try:
+        yield
+    except BrokenPipeError:
+        no_reader(stdout=True)
+
+
+def write_out(text: str) -> None:
+    """``text`` on standard output as it is (JSON, command lines), flushed (:func:`reader_may_go`)."""
+    with reader_may_go():
         sys.stdout.write(text)
         sys.stdout.flush()
-    except BrokenPipeError:  # a full disk (> report.json) is not: the command fails, saying so
-        no_reader(stdout=True)
 
 
 def _console(stderr: bool = False) -> Console:

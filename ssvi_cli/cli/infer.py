@@ -13,7 +13,8 @@ from rich.table import Table
 from ssvi_cli import fileio
 from ssvi_cli.config import MAX_SAMPLES, MAX_SEED
 from ssvi_cli.cli.common import (UsageError, check_device, check_output_file, count, err, json_text, out,
-                                   kept_warnings, no_reader, print_json, progress_bar)
+                                   kept_warnings, print_json, progress_bar)
+from ssvi_cli.cli.console import reader_may_go
 from ssvi_cli.cli.paths import output_file
 from ssvi_cli.cli.train_fit import KeyboardInterruptHandled
 from ssvi_cli.machine import given_path
@@ -156,14 +157,12 @@ class _JsonRecords:
         if not self.count:
             print_json({**header, "predictions": []})
             return
-        try:
+        with reader_may_go():  # its reader gone (| head), the command ends as it would have
             sys.stdout.write(json_text({**header, "predictions": []}).removesuffix("[]\n}") + "[")
             self.file.seek(0)
             shutil.copyfileobj(self.file, sys.stdout)
             sys.stdout.write("\n  ]\n}\n")
             sys.stdout.flush()
-        except BrokenPipeError:  # its reader has gone (| head): the command ends as it would have
-            no_reader(stdout=True)
         self.file.close()
 
 
