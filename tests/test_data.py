@@ -327,7 +327,8 @@ def test_missing_files_raise_unavailable_with_path_and_hint(tmp_path, name, expe
 
 def test_corrupted_cifar_file_is_unavailable(tmp_path, monkeypatch):
     write_cifar10(tmp_path)
-    with pytest.raises(DatasetUnavailable, match="its files are damaged or not the original ones"):
+    with pytest.raises(DatasetUnavailable, match=r"its files \(data_batch_1, .*, batches.meta\) are damaged or not "
+                                                 "the original ones"):
         build_dataset("cifar10", data_dir=tmp_path)  # every file there, none torchvision's own
     import urllib.error
 
@@ -347,10 +348,12 @@ def test_corrupted_cifar_file_is_unavailable(tmp_path, monkeypatch):
         build_dataset("cifar10", data_dir=tmp_path)
 
 
-@pytest.mark.parametrize("bad", ["garbage", "labels", "empty", "no-images"])
+@pytest.mark.parametrize("bad", ["garbage", "labels", "empty", "no-images", "truncated"])
 def test_a_malformed_mnist_file_is_unavailable_in_one_line(tmp_path, bad):
     """torchvision asserts (AssertionError with no words), or fails on a dtype or a count, on idx files
-    that are there but not MNIST's: exit 1 with its words, which named no file."""
+    that are there but not MNIST's: exit 1 with its words, which named no file. A truncated file fails
+    as a RuntimeError, which read as a failed download (with --download: 'check the network') though
+    torchvision fetches nothing while the files are there."""
     raw = write_mnist(tmp_path, "MNIST")
     images = raw / "t10k-images-idx3-ubyte"
     if bad == "garbage":
@@ -359,12 +362,16 @@ def test_a_malformed_mnist_file_is_unavailable_in_one_line(tmp_path, bad):
         images.write_bytes((raw / "t10k-labels-idx1-ubyte").read_bytes())
     elif bad == "empty":
         images.write_bytes(b"")
+    elif bad == "truncated":
+        images.write_bytes(images.read_bytes()[:1000])
     else:
         images.write_bytes(bytes([0, 0, 8, 3, 0, 0, 0, 0, 0, 0, 0, 28, 0, 0, 0, 28]))
-    with pytest.raises(DatasetUnavailable) as caught:
-        build_dataset("mnist", data_dir=tmp_path)
-    message = str(caught.value)
-    assert "t10k-images-idx3-ubyte" in message and "--download" in message and "\n" not in message
+    for download in (False, True):
+        with pytest.raises(DatasetUnavailable) as caught:
+            build_dataset("mnist", data_dir=tmp_path, download=download)
+        message = str(caught.value)
+        assert "t10k-images-idx3-ubyte" in message and "\n" not in message
+        assert "remove them and pass --download" in message and "network" not in message
 
 
 def test_labels_outside_the_classes_are_refused_naming_the_split_and_item(tmp_path):

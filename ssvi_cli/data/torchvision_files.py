@@ -55,12 +55,14 @@ def _call_torchvision(name: str, factory: Callable[[], object], data_dir: Path, 
             return factory()
     except RuntimeError as err:
         said = " ".join(str(err).split())  # torchvision's download errors span lines; ours are one
+        if expected and "not found" not in said and all((where / f).is_file() for f in expected):
+            raise _unreadable(name, where, expected, said) from err  # MNIST's truncated file: no download is tried
         if download:
             raise DatasetUnavailable(f"downloading {name} into {where} failed ({said}); check the network") from err
         missing = [f for f in expected if not (where / f).is_file()]
         packed = [f for f in missing if (where / f"{f}.gz").is_file()]  # fetched by hand, not unpacked
         detail = (f"missing {', '.join(missing)}; " if missing else
-                  "its files are damaged or not the original ones; " if expected else "")
+                  f"its files ({', '.join(expected)}) are damaged or not the original ones; " if expected else "")
         several = len(packed) > 1
         detail += (f"{'their .gz archives are' if several else 'its .gz archive is'} there: unpack with gunzip; "
                    if packed else "")
@@ -74,11 +76,7 @@ def _call_torchvision(name: str, factory: Callable[[], object], data_dir: Path, 
         ) from err
     except (AssertionError, ValueError, TypeError, IndexError, EOFError) as err:  # files there, but not readable
         said = " ".join(str(err).split()) or type(err).__name__  # as MNIST's: torchvision asserts their header
-        files = f" ({', '.join(expected)})" if expected else ""
-        raise DatasetUnavailable(
-            f"{name} at {where}: its files{files} do not read as {name}'s (torchvision: {said}); replace them "
-            f"with the original files, or remove them and pass --download (in a sweep: --set data.download=true)"
-        ) from err
+        raise _unreadable(name, where, expected, said) from err
     except OSError as err:  # download without network
         said = " ".join(str(err).split())
         if download and expected and all((where / f).is_file() for f in expected):  # there, but not torchvision's
@@ -86,6 +84,15 @@ def _call_torchvision(name: str, factory: Callable[[], object], data_dir: Path, 
                                      f"or not the original ones), and fetching them again failed ({said}); replace "
                                      "them with the original files") from err
         raise DatasetUnavailable(f"cannot read or download {name} at {where} ({said}); check the path/network") from err
+
+
+def _unreadable(name: str, where: Path, expected: Sequence[str], said: str) -> DatasetUnavailable:
+    """Files that are there but do not decode: --download alone would keep them (torchvision fetches
+    only what is missing), so they must go first."""
+    files = f" ({', '.join(expected)})" if expected else ""
+    return DatasetUnavailable(
+        f"{name} at {where}: its files{files} do not read as {name}'s (torchvision: {said}); replace them "
+        f"with the original files, or remove them and pass --download (in a sweep: --set data.download=true)")
 
 
 def torchvision_loader(name: str, cls_name: str,
