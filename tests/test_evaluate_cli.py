@@ -197,6 +197,18 @@ def test_plots_are_written_as_png(capsys, model_file, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["reliability.png"]
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no folder can be made")
+def test_a_plots_folder_the_system_refuses_to_make_is_refused_before_the_evaluation(capsys, model_file, tmp_path):
+    """os.access lets /proc/x through: the folder failed only when the figures were written, after the
+    whole evaluation and its --output, with no table printed."""
+    report = tmp_path / "report.json"
+    code, out, err = _evaluate(capsys, str(model_file), "--plots", "/proc/ssvi-plots", "-o", str(report))
+    assert (code, out, err) == (2, "", "error: --plots /proc/ssvi-plots cannot be made: No such file or directory\n")
+    assert not report.exists()
+    code, _, err = _evaluate(capsys, str(model_file), "--plots", str(tmp_path / "a" / "b"), "--dataset", "nope")
+    assert code == 2 and not (tmp_path / "a").exists()  # tried and removed again: a failed command leaves none
+
+
 def test_the_ood_histograms_name_their_axes(tmp_path):
     """The OOD panels had no axis labels: a mutual-information panel read 0-250,000 over x of 1e-5."""
     pytest.importorskip("matplotlib")
@@ -231,10 +243,10 @@ def test_the_samples_figure_draws_each_score_where_it_exists(tmp_path, monkeypat
     scores = lambda a: {"scores": {"entropy": {"auroc": 0.9}, **({"mutual_information": {"auroc": a}} if a else {})}}  # noqa: E731
     rows = [{"samples": s, "metrics": metrics, "ood": {"noise": scores(a), "photos": scores(a)}}
             for s, a in ((1, None), (5, 0.8), (30, 0.85))]
-    report = {"dataset": "digits", "split": "test", "n": 10, "mode": "mc", "samples": 30, "n_bins": 15, "per_samples": rows}
+    report = {"dataset": "digits", "split": "val", "n": 10, "mode": "mc", "samples": 30, "n_bins": 15, "per_samples": rows}
     plots.samples_curves(report, tmp_path / "samples.png")
     axes = [ax for ax in drawn[0].axes if ax.get_visible()]
-    assert [ax.get_title() for ax in axes] == ["test accuracy", "NLL (nats)", "ECE (top-label, 15 bins)",
+    assert [ax.get_title() for ax in axes] == ["val accuracy", "NLL (nats)", "ECE (top-label, 15 bins)",
                                                "OOD AUROC, noise", "OOD AUROC, photos"]
     assert axes[4].get_subplotspec().rowspan.start == 1  # rows of four panels, not one row ever wider
     lines = {line.get_label(): list(line.get_xdata()) for line in axes[3].get_lines()}

@@ -14,7 +14,7 @@ from rich.table import Table
 from ssvi_cli.config import MAX_BATCH, MAX_ITEMS, MAX_SEED
 from ssvi_cli.cli.common import (UsageError, check_device, check_output_dir, check_output_file, err,
                                    fmt, kept_warnings, out, print_json, progress_bar)
-from ssvi_cli.cli.paths import output_file
+from ssvi_cli.cli.paths import output_file, try_making
 from ssvi_cli.machine import given_path, quote_path
 
 METRIC_LABELS = {
@@ -153,6 +153,7 @@ def register(app: typer.Typer) -> None:
                 raise UsageError(f"--output {output}: name the report *.json")
         if plots is not None:
             check_output_dir(plots, "--plots")
+            try_making(plots, f"--plots {plots}")
         device = check_device(device)
         with kept_warnings() as warned:  # in the report's notes too
             loaded = load_model(model)

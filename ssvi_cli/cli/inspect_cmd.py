@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ssvi_cli.cli.common import (UsageError, check_output_dir, count, err, kv_table, out, print_json, scored_as,
                                  size_rows)
+from ssvi_cli.cli.paths import try_making
 from ssvi_cli.machine import given_path
 
 HISTORY_ROWS = 12  # support-history steps shown in the table (all are in --json)
@@ -35,6 +36,7 @@ def register(app: typer.Typer) -> None:
         written: list[Path] = []
         if plots is not None:
             check_output_dir(plots, "--plots")
+            try_making(plots, f"--plots {plots}")
             try:
                 import matplotlib  # noqa: F401
             except ImportError:
