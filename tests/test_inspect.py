@@ -165,6 +165,18 @@ def test_human_output_and_plots(run_dir, tmp_path, capsys):
     assert len(pngs) == 4 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
 
+def test_plots_replace_the_figures_an_earlier_inspection_left(run_dir, tmp_path, capsys):
+    """Another model's snr_hidden_9.png stayed beside this model's figures, its title naming no model."""
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    (plots / "snr_hidden_9.png").write_bytes(b"\x89PNG\r\n\x1a\n earlier")
+    (plots / "notes.txt").write_text("the user's")
+    assert run(["inspect", str(run_dir), "--plots", str(plots)]) == 0
+    names = sorted(p.name for p in plots.iterdir())
+    assert "snr_hidden_9.png" not in names and "notes.txt" in names and "snr_all.png" in names
+    assert len(names) == 5, names
+
+
 def test_plots_without_matplotlib_is_a_clear_error(run_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert run(["inspect", str(run_dir), "--plots", str(tmp_path / "p")]) == 2

@@ -227,7 +227,8 @@ def _flops_convention(whole: bool, bayesian: bool, samples: int, moments: bool) 
 
 
 def write_snr_plots(layers: list[tuple[str, SparseGaussian]], out_dir: Path) -> list[Path]:
-    """Histograms of log10 SNR: one PNG per Bayesian layer and one of all layers together.
+    """Histograms of log10 SNR: one PNG per Bayesian layer and one of all layers together; a
+    ``snr_*.png`` left in ``out_dir`` by an earlier inspection (another model's layer) is removed.
 
     Needs matplotlib (``pip install 'ssvi[plots]'``); raises ImportError without it.
     """
@@ -251,7 +252,11 @@ def write_snr_plots(layers: list[tuple[str, SparseGaussian]], out_dir: Path) -> 
         written.append(_histogram(plt, values, f"{name}: log10 SNR ({layer.active} active)",
                                   out_dir / f"snr_{name.replace('.', '_')}.png"))
     if everything:
-        written.append(_histogram(plt, torch.cat(everything), "all layers: log10 SNR", out_dir / "snr_all.png"))
+        joined = torch.cat(everything)
+        written.append(_histogram(plt, joined, f"all layers: log10 SNR ({len(joined)} active)", out_dir / "snr_all.png"))
+    for stale in sorted(set(out_dir.glob("snr_*.png")) - set(written)):
+        if stale.is_file() and not stale.is_symlink():
+            stale.unlink()
     return written
 
 
