@@ -128,7 +128,7 @@ def samples_curves(report: dict[str, Any], path: Path) -> Path:
     """Accuracy, NLL, ECE and each OOD AUROC against the number of Monte Carlo samples S."""
     plt = require_pyplot()
     rows = report["per_samples"]
-    panels = [(lambda r: r["metrics"]["accuracy"], "test accuracy"), (lambda r: r["metrics"]["nll"], "NLL (nats)"),
+    panels = [(lambda r: r["metrics"]["accuracy"], f"{report['split']} accuracy"), (lambda r: r["metrics"]["nll"], "NLL (nats)"),
               (lambda r: r["metrics"]["ece"], f"ECE (top-label, {report['n_bins']} bins)")]
     for name, block in rows[-1]["ood"].items():  # the largest S has every score (one draw has no MI)
         panels.append((name, list(block["scores"])))
