@@ -624,7 +624,7 @@ def test_missing_mnist_files_say_gunzip_and_where_data_dir_points(tmp_path):
     for f in list(raw.iterdir()):  # unpacked: a --data-dir of the dataset's own folder names the one above
         (raw / f.name.removesuffix(".gz")).write_bytes(gzip.decompress(f.read_bytes()))
     for given in (tmp_path / "MNIST", tmp_path / "MNIST" / "raw"):
-        with pytest.raises(DatasetUnavailable, match=rf"; --data-dir is the folder that holds MNIST/, {tmp_path} "
+        with pytest.raises(DatasetUnavailable, match=rf"; give the folder that holds MNIST/, {tmp_path} "
                                                      r"here; torchvision: "):
             build_dataset("mnist", data_dir=given)
     (tmp_path / "data" / "data").mkdir(parents=True)  # two folders of one name, holding no dataset: no hint

@@ -315,6 +315,21 @@ def test_torchvision_sets_read_from_their_own_folders(capsys, subset_model, tmp_
     assert code == 2 and "mnist not found" in err  # a plain name still reads --data-dir
 
 
+def test_a_torchvision_set_given_as_its_own_folder_or_with_bad_labels_is_named_so(capsys, subset_model, tmp_path):
+    """mnist=d/MNIST was told to fix --data-dir, which it never gave; labels of 12 in its files read as
+    'cannot be converted to the model's input (1, 8, 8)'."""
+    import struct
+
+    raw = write_mnist(tmp_path / "d", "MNIST", n_test=15)
+    code, _, err = _evaluate(capsys, str(subset_model), "--ood", f"mnist={tmp_path / 'd' / 'MNIST'}")
+    assert code == 2 and f"give the folder that holds MNIST/, {tmp_path / 'd'} here" in err and "--data-dir" not in err
+    labels = np.arange(15) % 10
+    labels[3] = 12
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x0801, 15) + labels.astype(np.uint8).tobytes())
+    code, _, err = _evaluate(capsys, str(subset_model), "--ood", f"mnist={tmp_path / 'd'}")
+    assert code == 2 and "labels in" in err and "run outside 0..9" in err and "converted" not in err, err
+
+
 # ----------------------------------------------------------------------------- errors
 
 

@@ -37,7 +37,7 @@ def _inner_hint(data_dir: Path, where: Path, expected: Sequence[str]) -> str:
         if data_dir.parts[-j:] == inner[:j]:
             holder = Path(*data_dir.parts[:-j] or (".",))
             if expected and all((holder.joinpath(*inner) / f).is_file() for f in expected):
-                return f"--data-dir is the folder that holds {inner[0]}/, {holder} here; "
+                return f"give the folder that holds {inner[0]}/, {holder} here; "
     return ""
 
 
@@ -122,7 +122,7 @@ def torchvision_loader(name: str, cls_name: str,
         raw = _decode(ds, cls_name)
         bad = torch.nonzero((raw.labels < 0) | (raw.labels >= len(raw.class_names))).flatten()
         if len(bad):  # else a loss or a metric fails with an IndexError, maybe only after training
-            raise DataError(f"{name}'s {'training' if train else 'test'} labels in {location(data_dir)} run outside "
+            raise DatasetUnavailable(f"{name}'s {'training' if train else 'test'} labels in {location(data_dir)} run outside "
                             f"0..{len(raw.class_names) - 1}: {len(bad):,} of {len(raw.labels):,} (the first, "
                             f"{int(raw.labels[bad[0]])}, at item {int(bad[0])}); the files are damaged or not the "
                             "original ones")
