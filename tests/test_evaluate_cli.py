@@ -274,7 +274,7 @@ def test_plots_without_matplotlib_name_the_extra(capsys, model_file, tmp_path, m
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     code, out, err = _evaluate(capsys, str(model_file), "--plots", str(tmp_path / "p"))
     assert code == 2 and out == ""
-    assert "pip install 'ssvi[plots]'" in err and len(err.strip().splitlines()) == 1
+    assert "pip install 'matplotlib>=3.7'" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "p").exists()
 
 

@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
             try:
                 import matplotlib  # noqa: F401
             except ImportError:
-                raise UsageError("--plots needs matplotlib; install it with: pip install 'ssvi[plots]'") from None
+                raise UsageError("--plots needs matplotlib; install it with: pip install 'matplotlib>=3.7'") from None
         read = posterior(source)  # the model is read once, for the report and the plots
         named = read[2]
         if plots is not None and not any(layer.bayesian and layer.active for _, layer in named):

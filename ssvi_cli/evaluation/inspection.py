@@ -230,7 +230,7 @@ def write_snr_plots(layers: list[tuple[str, SparseGaussian]], out_dir: Path) -> 
     """Histograms of log10 SNR: one PNG per Bayesian layer and one of all layers together; a
     ``snr_*.png`` left in ``out_dir`` by an earlier inspection (another model's layer) is removed.
 
-    Needs matplotlib (``pip install 'ssvi[plots]'``); raises ImportError without it.
+    Needs matplotlib (the ``plots`` extra); raises ImportError without it.
     """
     import matplotlib
 

@@ -1,6 +1,6 @@
 """PNG figures of an evaluation: a reliability diagram and OOD score histograms.
 
-matplotlib is an optional extra (``pip install 'ssvi[plots]'``): it is imported only here, only
+matplotlib is an optional extra (``plots``: ``pip install -e '.[plots]'`` in a checkout): it is imported only here, only
 when a figure is drawn, with the non-interactive Agg backend so no display is needed.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 
 from ssvi_cli.fileio import atomic_path
 
-INSTALL_HINT = "pip install 'ssvi[plots]'"
+INSTALL_HINT = "pip install 'matplotlib>=3.7'"  # the plots extra's one package, from any install of ssvi
 SCORE_LABELS = {
     "entropy": "predictive entropy",
     "mutual_information": "mutual information",

@@ -22,7 +22,7 @@ def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
-        raise FiguresUnavailable("figures need matplotlib: pip install 'ssvi[plots]' "
+        raise FiguresUnavailable("figures need matplotlib: pip install 'matplotlib>=3.7' "
                                  "(the tables were written)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
