@@ -32,17 +32,12 @@ from ssvi_cli.core.hooks import Hook, rank_mean
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.core.modes import capturing_dense_grad, sampling
 from ssvi_cli.core.replaced import name_layers
-from ssvi_cli.core.subspace import (OptimizerStateError, Schedule, SwapReport, check_optimizer_holds, check_state_fits,
-                                   collect_captured, end_step, subspace_step)
+from ssvi_cli.core.subspace import (OptimizerStateError, Schedule, SwapReport, check_optimizer_holds, check_optimizer_kind,
+                                   check_state_fits, collect_captured, end_step, subspace_step)
 from ssvi_cli.prediction import Prediction, predict  # re-exported: the public loop pieces in one place
 from ssvi_cli.training.optim import kl_term, param_groups
 
 log = logging.getLogger(__name__)
-
-# Optimizers of torch.optim whose state per parameter is tensors of the parameter's shape (reset
-# entry by entry for new weights) plus scalars; anything else cannot be reset safely.
-RESETTABLE_OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad",
-                         "Adadelta", "ASGD")
 
 
 # The Subspace attached to each model: a second one replaces it (a notebook cell run twice would
@@ -71,7 +66,8 @@ class Subspace:
     ``optimizer.step()`` called by the loop itself is a plain step and trains mu as usual; when the
     forward before it had captured the dense gradient for a remove-and-add step (say, the loop left
     the schedule after early stopping), that remove-and-add step is skipped, with a warning.
-    :meth:`remove` ends the schedule.
+    :meth:`remove` ends the schedule. A step past ``total_steps`` is a plain step, with a warning at
+    the first (the schedule was fitted to a shorter run).
 
     Under ``DistributedDataParallel`` pass the wrapped model: its capture step then runs without
     DDP's synchronisation and the dense gradients are averaged across ranks before scoring, so every
@@ -89,10 +85,7 @@ class Subspace:
         if not sparse_layers(model):
             raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
         unfilled(model, "train it")
-        if not isinstance(optimizer, tuple(getattr(torch.optim, n) for n in RESETTABLE_OPTIMIZERS)):
-            raise OptimizerStateError(
-                f"{type(optimizer).__name__} keeps state the remove-and-add step cannot reset entry by entry; use "
-                f"one of torch.optim's {', '.join(RESETTABLE_OPTIMIZERS)} (or a subclass of one)")
+        check_optimizer_kind(optimizer)
         if addition not in ("sample", "mean"):
             raise ValueError(f"addition={addition!r}; valid values are: sample, mean (accumulate:N is ssvi train's)")
         if whole("total_steps", total_steps) < 1:
@@ -114,7 +107,7 @@ class Subspace:
         self.model, self.optimizer = model, optimizer
         self.schedule = Schedule.fitted(delta_t, alpha, end_step(t_end, total_steps), min_steps=min_subspace_steps)
         self.criterion, self.criterion_lambda, self.new_sigma, self.addition = criterion, criterion_lambda, new_sigma, addition
-        self.t = 0
+        self.t, self.total_steps = 0, total_steps
         self.last_report: Optional[SwapReport] = None
         self._told: set[tuple[str, ...]] = set()  # the sets of unreached layers already warned about
         self._capture: Optional[Any] = None  # the capture context, open from the first capture forward to step()
@@ -279,6 +272,10 @@ class Subspace:
                     self.optimizer.step()
             finally:
                 _STEPPING.discard(self.optimizer)
+        if self.t == self.total_steps:  # once: the run is longer than the schedule was fitted to
+            log.warning("Subspace.step() call %d is past total_steps=%d: the remove-and-add steps were spaced for %d steps "
+                        "and ended at step %d; pass the run's whole length (len(loader) * epochs)", self.t + 1,
+                        self.total_steps, self.total_steps, self.schedule.t_end)
         self.t += 1
         return update
 

@@ -66,6 +66,22 @@ def test_a_loop_that_steps_the_optimizer_itself_trains_mu_and_skips_that_remove_
     assert [i for i, m in enumerate(moved) if m] == [100] and subspace.t == 201
 
 
+def test_steps_past_total_steps_are_plain_and_told_once(caplog):
+    """total_steps=len(loader) for a run of several epochs moved the support in the first epoch only,
+    silently."""
+    model, (x, y) = mlp(), data()
+    optimizer = torch.optim.SGD(ssvi.param_groups(model, lr=0.1, lr_sigma=0.01))
+    subspace = ssvi.Subspace(model, optimizer, total_steps=40, delta_t=10)
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli.api"):
+        schedule_steps(model, subspace, optimizer, x, y, 40)
+        assert caplog.text == ""
+        idx = model[0].idx.clone()
+        schedule_steps(model, subspace, optimizer, x, y, 30)
+    assert caplog.text.count("Subspace.step() call 41 is past total_steps=40: the remove-and-add steps were spaced for "
+                             "40 steps and ended at step 30; pass the run's whole length (len(loader) * epochs)") == 1
+    assert torch.equal(idx, model[0].idx) and subspace.t == 70
+
+
 def test_a_loop_that_never_calls_step_is_told_once(caplog):
     # optimizer.step() where subspace.step() belongs: the schedule would stay at step 0 silently.
     model, (x, y) = mlp(), data()

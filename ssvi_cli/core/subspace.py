@@ -23,6 +23,18 @@ from ssvi_cli.core.gaussian import rho_from_sigma
 from ssvi_cli.core.replaced import STATE_ADVICE, OptimizerStateError, state_misfit  # noqa: F401 - re-exported
 
 NEW_SIGMA_TINY = 1e-6
+# Optimizers of torch.optim whose state per parameter is tensors of the parameter's shape (reset
+# entry by entry for new weights) plus scalars; anything else cannot be reset safely.
+RESETTABLE_OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad",
+                         "Adadelta", "ASGD")
+
+
+def check_optimizer_kind(optimizer: torch.optim.Optimizer) -> None:
+    """One of :data:`RESETTABLE_OPTIMIZERS` (or a subclass of one), or OptimizerStateError."""
+    if not isinstance(optimizer, tuple(getattr(torch.optim, n) for n in RESETTABLE_OPTIMIZERS)):
+        raise OptimizerStateError(
+            f"{type(optimizer).__name__} keeps state the remove-and-add step cannot reset entry by entry; use "
+            f"one of torch.optim's {', '.join(RESETTABLE_OPTIMIZERS)} (or a subclass of one)")
 
 
 def check_resettable(optimizer: torch.optim.Optimizer, layers: list[SparseGaussian]) -> None:
