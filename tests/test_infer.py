@@ -492,6 +492,21 @@ def test_transparent_pixels_are_said_to_be_dropped_once(model_file, digits, tmp_
                                                  "dropped, not composited")
 
 
+def test_an_array_with_transparent_pixels_is_said_as_an_image_is(model_file, digits, tmp_path, caplog):
+    """FORMAT.md promised the warning for arrays too; an (N, H, W, 4) array lost its alpha in silence."""
+    opaque = np.ones((2, 4, 8, 8), dtype=np.float32)  # float alpha 1.0 is opaque
+    opaque[:, :3] = digits[:2, None] / 255.0
+    np.save(tmp_path / "opaque.npy", opaque)
+    assert run(["infer", str(model_file), str(tmp_path / "opaque.npy"), "--mode", "mean"]) == 0
+    assert not caplog.records
+    rgba = np.zeros((2, 8, 8, 4), dtype=np.uint8)
+    rgba[..., 3] = digits[:2]
+    np.save(tmp_path / "drawn-in-alpha.npy", rgba)
+    assert run(["infer", str(model_file), str(tmp_path / "drawn-in-alpha.npy"), "--mode", "mean"]) == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and " has transparent pixels: alpha is dropped" in said[0] and "drawn-in-alpha.npy" in said[0]
+
+
 def test_an_output_link_is_written_through_and_guarded_as_its_target(model_file, digits, tmp_path, capsys):
     """infer --output link.csv replaced the link with a file; a link to a run's record would be let
     through by its own name."""

@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")] = False,
         skip_unreadable: Annotated[bool, typer.Option("--skip-unreadable", help="Predict the inputs that read and name the others (on stderr; under 'skipped' with --json) instead of refusing them all.")] = False,
     ) -> None:
-        """Predict class, probability, top-k, predictive entropy and mutual information per input."""
+        """Predict class, probability, top-k, predictive entropy and mutual information (nats) per input."""
         from ssvi_cli.data.images import shown
         from ssvi_cli.runs.load import load_model
         from ssvi_cli.evaluation.infer import (OUTPUT_SUFFIXES, InputError, UnreadableInputs, expand_inputs, known_count,
@@ -186,7 +186,7 @@ def _table(records: list[dict[str, Any]], header: dict[str, Any]) -> Table:
     inputs = count(header["inputs"], "input")
     table = Table(title=f"ssvi infer: {header['model']} ({how}; {inputs}, {header['seconds']:.2f}s)", title_justify="left")
     for col, justify in (("input", "left"), ("class", "left"), ("prob", "right"), ("top-k", "left"),
-                         ("entropy", "right"), ("MI", "right")):
+                         ("entropy (nats)", "right"), ("MI (nats)", "right")):
         table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for r in records[:SHOWN_ROWS]:
         mi = "-" if r["mutual_information"] is None else f"{r['mutual_information']:.2e}"  # one format a column

@@ -186,6 +186,13 @@ def _npy_sizes(path: Path, stream: Optional[io.BytesIO]) -> tuple[int, int]:
     return (0 if dtype.hasobject else int(np.prod(shape, dtype=object)) * dtype.itemsize), held
 
 
+# A logo or a digit drawn in alpha alone would be read as blank: said of the first such image or array.
+ALPHA_KEY = ("", "alpha")
+TRANSPARENT = ("%s has transparent pixels: alpha is dropped, not composited (as torchvision's image loader does), so "
+               "the model sees the colour stored under them; flatten such images onto a background to choose it "
+               "(further images with transparency are not named)")
+
+
 def read_array(path: Path, error: type[Exception] = DataError, stream: Optional[io.BytesIO] = None,
                name: Optional[str] = None) -> np.ndarray:
     """A ``.npy`` file as an array, never unpickled: mapped from the file, read only (``stream``: its
@@ -240,12 +247,8 @@ def read_image(path: Path, error: type[Exception] = DataError, stream: Optional[
             alpha = mode in _ALPHA_MODES or "transparency" in img.info
             target = "L" if mode in ("1", "L") else ("RGBA" if alpha else "RGB")
             arr = np.asarray(img.convert(target), dtype=np.uint8)
-            if target == "RGBA" and not warned(("", "alpha")) and arr[:, :, 3].min() < 255:
-                warn_once(  # a logo or a digit drawn in alpha alone would be read as blank
-                    logging.getLogger(__name__), ("", "alpha"),
-                    "%s has transparent pixels: alpha is dropped, not composited (as torchvision's image loader "
-                    "does), so the model sees the colour stored under them; flatten such images onto a "
-                    "background to choose it (further images with transparency are not named)", what)
+            if target == "RGBA" and not warned(ALPHA_KEY) and arr[:, :, 3].min() < 255:
+                warn_once(logging.getLogger(__name__), ALPHA_KEY, TRANSPARENT, what)
     except UnidentifiedImageError:  # its own message names the file as Python's repr of a stream
         raise error(f"{what} cannot be read (not an image format Pillow knows); {fix}") from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
