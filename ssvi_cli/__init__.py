@@ -6,6 +6,7 @@ use, so ``ssvi presets`` or ``import ssvi_cli.config`` do not pay for torch:
 - :func:`sparsify`: any ``nn.Module``'s Linear/Conv2d layers as sparse Gaussian layers (``core.convert``)
 - :func:`param_groups`, :func:`kl_term`, :class:`Subspace` (``ssvi_cli.api``)
 - :func:`predict`: Monte Carlo prediction with uncertainty (``ssvi_cli.prediction``)
+- :func:`preprocess`: pixels as the model's file says its inputs are made (``evaluation.arrays``)
 - :func:`save`, :func:`load`: the compact model file of any converted module (``modelfile.module_io``)
 """
 
@@ -22,6 +23,7 @@ _PUBLIC = {
     "predict": "ssvi_cli.prediction", "Prediction": "ssvi_cli.prediction", "OptimizerStateError": "ssvi_cli.api",
     "save": "ssvi_cli.modelfile.module_io", "load": "ssvi_cli.modelfile.loading",
     "ModelFileError": "ssvi_cli.modelfile.header", "sampling": "ssvi_cli.sample_modes",
+    "preprocess": "ssvi_cli.evaluation.arrays",
 }
 
 __all__ = ["__version__", *_PUBLIC]

@@ -346,3 +346,31 @@ def test_dense_and_deterministic_patterns_take_one_string_and_must_match_a_layer
         ssvi.sparsify(net(), sparsity=0.8, dense=("2", "3"))
     with pytest.raises(ValueError, match="deterministic: 'fc'"):
         ssvi.sparsify(net(), sparsity=0.8, deterministic=["fc"])
+
+
+def test_preprocess_reads_pixels_as_infer_reads_an_array_and_makes_the_models_input():
+    """An application serving a file had to normalise pixels by hand from model.ssvi_card."""
+    import numpy as np
+
+    from ssvi_cli.data import digits
+    from ssvi_cli.data.transforms import preprocess as to_input
+
+    model = small()
+    spec = model.ssvi_card.data
+    raw, _ = digits.load()
+    raw = raw[:6]                                           # 0..16, the digits' own range
+    x = ssvi.preprocess(model, raw)
+    assert x.shape == (6, 1, 8, 8) and x.dtype == torch.float32
+    assert torch.allclose(x, to_input(torch.from_numpy(raw[:, None] / 16.0).float(), spec))
+    as_uint8 = np.round(raw * 255 / 16).astype(np.uint8)    # the same pixels as 8-bit images, channels last, in RGB
+    rgb = np.repeat(as_uint8[..., None], 3, axis=-1)
+    assert torch.allclose(ssvi.preprocess(model, torch.from_numpy(rgb)), x, atol=0.02)
+    assert ssvi.preprocess(model, as_uint8[0]).shape == (1, 1, 8, 8)       # one (H, W) image
+    assert ssvi.preprocess(model, np.zeros((2, 16, 16), np.uint8)).shape == (2, 1, 8, 8)  # resized
+    assert ssvi.predict(model, x, samples=2).probs.shape == (6, 10)
+    with pytest.raises(ValueError, match=r"^pixels: array of shape \(2, 5, 5, 5, 5\); expected one of"):
+        ssvi.preprocess(model, np.zeros((2, 5, 5, 5, 5)))
+    with pytest.raises(ValueError, match=r"^pixels: float images range over \[300, 300\], not \[0, 1\]"):
+        ssvi.preprocess(model, np.full((2, 8, 8), 300.0))
+    with pytest.raises(ValueError, match="no description of its inputs"):
+        ssvi.preprocess(torch.nn.Linear(64, 10), raw)

@@ -1,5 +1,6 @@
 """``.npy`` arrays as images for ``ssvi infer`` and ``ssvi evaluate --ood``: which axes are images,
-channels and flattened model inputs, and which pixel ranges are read (``array_to_images``)."""
+channels and flattened model inputs, and which pixel ranges are read (``array_to_images``); and
+``ssvi.preprocess``, the same reading for pixels in Python."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import Tensor
 
 from ssvi_cli.data.images import ALPHA_KEY, TRANSPARENT, read_array
 from ssvi_cli.data.spec import DataError
+from ssvi_cli.data.transforms import preprocess as _to_input
 from ssvi_cli.warned import warn_once, warned
 
 logger = logging.getLogger(__name__)
@@ -169,3 +171,23 @@ def load_array(path: Path, channels: int = 3, pixel_max: float = 255.0,
     """A ``.npy`` file's images (``array_images``), read from the file as they are sliced; ``stream``:
     its bytes already read, ``path`` then only names it."""
     return array_images(read_array(path, InputError, stream), str(path), channels, pixel_max, input_shape)
+
+
+def preprocess(model: torch.nn.Module, pixels: object) -> Tensor:
+    """Pixels as ``ssvi infer`` reads a ``.npy`` array (any shape and range it takes: uint8 0..255,
+    floats in [0, 1], the data's raw range), brought to ``model``'s input as its description says
+    (``model.ssvi_card``, kept by ``ssvi.load`` and ``make_model``: channels, size, normalisation):
+    the float32 (N, C, H, W) batch on the CPU that ``ssvi.predict(model, x)`` takes, as ``ssvi infer``
+    would feed it."""
+    card = getattr(model, "ssvi_card", None)
+    if card is None:
+        raise ValueError("the model carries no description of its inputs (model.ssvi_card, which ssvi.load gives): "
+                         "normalise its inputs as it was trained")
+    spec = card.data
+    if isinstance(pixels, Tensor):
+        pixels = pixels.detach().cpu().numpy()
+    try:
+        images = array_to_images(np.asarray(pixels), "pixels", spec.input_shape[0], spec.pixel_max, spec.input_shape)
+        return _to_input(images, spec)
+    except DataError as exc:
+        raise ValueError(str(exc)) from None
