@@ -234,8 +234,29 @@ def test_torchvision_defaults_fit_two_cpus():
     ("lenet5", 8, "cannot run on 1x8x8 inputs"),
 ])
 def test_inputs_a_model_cannot_take_are_refused_before_building(name, size, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as caught:
         check_input(BenchOptions(model=name, input_size=size).model_spec(), 2)
+    assert "data.image_size" not in str(caught.value)  # train's advice, not bench's: --input-size is named
+
+
+def test_rows_whose_repeats_spread_are_noted(capsys, monkeypatch):
+    """A run beside other work gave a prediction speed-up of 1.00x, and nothing said the timings were unsteady."""
+    import ssvi_cli.bench as bench_pkg
+    from ssvi_cli.cli.bench import unsteady_note
+
+    steady = {"train": [{"variant": "vi", "times_ms": [60.0, 66.0, 70.0]}],
+              "predict": [{"file": "compact", "sparsity": 0.95, "times_ms": [10.0, 11.0]}]}
+    assert unsteady_note(steady) == ""
+    busy = {"train": [{"variant": "vi", "times_ms": [60.0, 488.0, 70.0]}],
+            "predict": [{"file": "compact", "sparsity": 0.95, "times_ms": [10.0, 31.0]}]}
+    assert unsteady_note(busy) == ("note: the repeats of 2 rows spread over more than 2x (vi 60-488 ms; compact 0.95 "
+                                   "10-31 ms): the machine was busy, so the medians and their ratios may not hold; "
+                                   "run again with nothing else running (docs/BENCH.md)")
+    assert unsteady_note({"train": [{"variant": "vi", "times_ms": [60.0]}], "predict": []}) == ""  # one repeat
+    monkeypatch.setattr(bench_pkg, "run_bench", lambda *a, **k: {**busy, "machine": {}})
+    assert run(["bench", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "note: the repeats of 2 rows spread" in err and json.loads(out)["train"][0]["variant"] == "vi"
 
 
 def test_networks_with_auxiliary_classifiers_are_built_without_them():

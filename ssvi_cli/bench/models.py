@@ -11,8 +11,8 @@ from torch.utils.data import TensorDataset
 
 from ssvi_cli.config import Config, ConfigError, from_preset, load_preset
 from ssvi_cli.data.spec import DataSpec, DataSplits
-from ssvi_cli.models import (TORCHVISION, LayerFactory, build_architecture, check_model_name, input_error,
-                             torchvision_base)
+from ssvi_cli.models import (SMALL_INPUT_HINT, TORCHVISION, LayerFactory, build_architecture, check_model_name,
+                             input_error, torchvision_base)
 from ssvi_cli.registry import Registry, UnknownName
 
 KERNELS = ("sparse", "dense", "auto")
@@ -112,7 +112,7 @@ def check_input(bm: BenchModel, batch_size: int) -> None:
                 return
             base = torchvision_base(bm.architecture[len(TORCHVISION):], bm.input_shape, NUM_CLASSES)
     except (RuntimeError, ValueError, AssertionError) as exc:
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0].replace(SMALL_INPUT_HINT, "")  # train's advice
         raise ConfigError(f"{bm.name} cannot run on {shape} inputs ({reason}); choose another --input-size") from None
     reason = input_error(base.train(), bm.input_shape, batch_size)
     if reason is not None:

@@ -57,6 +57,22 @@ def state_note(result: dict[str, Any]) -> str:
             f"sparse layers for the step ({held})")
 
 
+UNSTEADY = 2.0  # a row whose slowest repeat took this many times its fastest was timed on a busy machine
+
+
+def unsteady_note(result: dict[str, Any]) -> str:
+    """A line naming the rows whose repeats spread past :data:`UNSTEADY` (their medians, and the ratios
+    of them, may not hold: a ratio of 1.00x from a run beside other work looked like a finding), or ""."""
+    wide = [f"{r.get('variant') or r['file'] + ' ' + format(r['sparsity'], 'g')} {min(t):.0f}-{max(t):.0f} ms"
+            for r in result["train"] + result["predict"]
+            if len(t := r["times_ms"]) > 1 and min(t) > 0 and max(t) > UNSTEADY * min(t)]
+    if not wide:
+        return ""
+    return (f"note: the repeats of {count(len(wide), 'row')} spread over more than {UNSTEADY:g}x ({'; '.join(wide[:3])}"
+            f"{'; ...' if len(wide) > 3 else ''}): the machine was busy, so the medians and their ratios may not hold; "
+            "run again with nothing else running (docs/BENCH.md)")
+
+
 def amortised_table(result: dict[str, Any]) -> Table:
     t = Table(title=f"SSVI per step over one delta_t={result['recipe_delta_t']} cycle (auto kernel)",
               title_justify="left")
@@ -132,6 +148,8 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"{model}'s outputs or loss are not finite at batch {resolved.batch_size} and "
                              f"{resolved.input_size}x{resolved.input_size} inputs (BatchNorm over so few values, "
                              "say); a larger --batch-size or --input-size measures it") from None
+        if unsteady := unsteady_note(result):  # on stderr, with --json too
+            err.print(unsteady, highlight=False)
         if json_out:
             print_json(result)
             return
