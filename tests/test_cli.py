@@ -201,6 +201,14 @@ def test_module_entry_point_shows_help():
     assert proc.returncode == 0 and "train" in proc.stdout
 
 
+def test_force_is_a_plain_flag(capsys):
+    """--force showed a --no-force that meant nothing."""
+    for command in ("train", "sweep"):
+        assert run([command, "--help"]) == 0
+        said = capsys.readouterr().out
+        assert "--no-force" not in said and "--force" in said
+
+
 def test_force_keeps_the_old_run_when_the_new_one_cannot_start(tmp_path: Path, capsys):
     out = tmp_path / "run"
     out.mkdir()

@@ -179,6 +179,13 @@ def test_torchvision_ood_sets_from_fixture_files_run_end_to_end(capsys, model_fi
             assert all(0.0 <= v <= 1.0 and math.isfinite(v) for v in values.values())
 
 
+def test_the_data_is_named_as_train_names_it(capsys, model_file):
+    """train --data, evaluate --dataset: 'evaluate M --data digits' was 'No such option'."""
+    for flag in ("--data", "--dataset"):
+        code, _, err = _evaluate(capsys, str(model_file), flag, "digits", "--samples", "1")
+        assert code == 0, err
+
+
 def test_plots_are_written_as_png(capsys, model_file, tmp_path):
     folder = tmp_path / "plots"
     code, _, err = _evaluate(capsys, str(model_file), "--ood", "noise", "--samples", "2", "--plots", str(folder))

@@ -764,7 +764,7 @@ def test_a_model_whose_image_folder_moved_is_told_how_to_evaluate_it(tmp_path, c
     assert run(["evaluate", str(run_dir), "--samples", "1"]) == 2
     said = capsys.readouterr().err
     assert said == (f"error: the model was trained on the image folder {tmp_path / 'photos'}, which is not there now; "
-                    "if it has moved, give its new place with --dataset imagefolder:PATH\n")
+                    "if it has moved, give its new place with --data imagefolder:PATH\n")
     assert run(["evaluate", str(run_dir), "--samples", "1", "--dataset", f"imagefolder:{tmp_path / 'moved'}"]) == 0
 
 

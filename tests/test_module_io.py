@@ -298,7 +298,7 @@ def test_evaluate_asks_for_the_dataset_of_a_file_that_records_none(tmp_path, cap
     ssvi.save(net, tmp_path / "a.safetensors", architecture="torchvision:resnet18", input_shape=(3, 32, 32))
     assert run(["evaluate", str(tmp_path / "a.safetensors")]) == 2
     assert capsys.readouterr().err == ("error: the model file records no dataset (ssvi.save without dataset=); name "
-                                       "the one to evaluate on with --dataset\n")
+                                       "the one to evaluate on with --data\n")
 
 
 def test_a_token_model_is_measured_with_token_ids(tmp_path):

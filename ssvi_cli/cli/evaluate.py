@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
     def evaluate(
         model: Annotated[Path, typer.Argument(help="A model file (.safetensors), a training checkpoint (.pt) or a run directory.",
                                               show_default=False)],
-        dataset: Annotated[Optional[str], typer.Option(help="In-distribution dataset (default: the one the model was trained on).")] = None,
+        dataset: Annotated[Optional[str], typer.Option("--data", "--dataset", help="In-distribution data, as train --data names it: digits, mnist, ... or imagefolder:PATH (default: the model's own).")] = None,
         split: Annotated[str, typer.Option(help="test, val (the training-time validation split), or all: every image of an image folder, labelled by class folder name (a labelled folder the model never saw; it may hold fewer classes).")] = "test",
         ood: Annotated[Optional[list[str]], typer.Option("--ood", help="OOD set, repeatable: a name (noise and sklearn-photos, made or shipped with ssvi; svhn, cifar10, cifar100, mnist, fashion-mnist, kmnist, read from --data-dir); heldout (the test images of the classes the model was not trained on, see data.classes); NAME=DIR (that torchvision set read from DIR); or PATH, a folder of images and .npy files (read as ssvi infer reads it), or one .npy array shaped (N,H,W), (N,C,H,W), (N,H,W,C) or (N,C*H*W), a row per flattened input; LABEL=PATH names it LABEL in the report. A value with a /, ending in .npy or naming an existing file or folder is a path (write ./noise for a folder called noise).")] = None,
         samples: Annotated[Optional[str], typer.Option(help="Monte Carlo samples S, or a list such as 1,5,10,30 for a table over S (default 30).")] = None,

@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         top_k: Annotated[int, typer.Option(help="Classes listed per input, most probable first (all of them "
                                                 "when the model has fewer).")] = 3,
         seed: Annotated[int, typer.Option(help="Seed of the Monte Carlo draws.", min=0, max=MAX_SEED)] = 0,
-        output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=output_file, metavar="<path>", help="Write all predictions to preds.jsonl or preds.csv.")] = None,
+        output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=output_file, metavar="<path>", help="Write all predictions to a .jsonl or .csv file (the suffix picks the format).")] = None,
         device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); the default, cpu, gives the predictions a machine without a GPU gives.")] = "cpu",
         json_out: Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")] = False,
         skip_unreadable: Annotated[bool, typer.Option("--skip-unreadable", help="Predict the inputs that read and name the others (on stderr; under 'skipped' with --json) instead of refusing them all.")] = False,

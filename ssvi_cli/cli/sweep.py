@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         report: Annotated[Optional[Path], typer.Option(help="Only (re)write the report of the sweep in this directory.")] = None,
         run_cell_dir: Annotated[Optional[Path], typer.Option("--run-cell", help="Run one cell directory (train or resume, then evaluate); what --dry-run lists.")] = None,
         figures: Annotated[Optional[bool], typer.Option("--figures/--no-figures", help="Write the figures (needs matplotlib; default yes, or for a sweep that exists, as it last ran).", show_default=False)] = None,
-        force: Annotated[bool, typer.Option(help="Replace another sweep in --out (its own files, cells included) instead of refusing; a folder that is not a sweep is never emptied.")] = False,
+        force: Annotated[bool, typer.Option("--force", help="Replace another sweep in --out (its own files, cells included) instead of refusing; a folder that is not a sweep is never emptied.")] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print the report (with --dry-run: the cell commands; with --run-cell: the cell's training summary and evaluation) as JSON only.")] = False,
         baseline: Annotated[Optional[list[str]], typer.Option(help="Also report every group's paired differences (mean ± standard error over common seeds) from the one group this names: KEY=VALUE with KEY method, sparsity or a swept key (also by its last part: criterion=mean), repeatable (e.g. --baseline method=vi).")] = None,
     ) -> None:

@@ -114,11 +114,11 @@ def load_eval_data(
         name = dataset or model_spec.name
         if name == NO_DATASET:
             raise DataError("the model file records no dataset (ssvi.save without dataset=); name the one to evaluate "
-                            "on with --dataset")
+                            "on with --data")
         folder = name.partition("imagefolder:")[2] if name.startswith("imagefolder:") else None
         if dataset is None and folder and not Path(folder).expanduser().is_dir():
             raise DataError(f"the model was trained on the image folder {folder}, which is not there now; if it has "
-                            "moved, give its new place with --dataset imagefolder:PATH")
+                            "moved, give its new place with --data imagefolder:PATH")
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}; valid splits are: {', '.join(SPLITS)}")
         if split != "all":  # every image of a folder, by class name: its own checks (whole_folder)
