@@ -444,7 +444,8 @@ def test_a_signal_during_a_short_commands_write_leaves_no_temporary_file(tmp_pat
 def test_a_command_whose_output_finds_no_reader_ends_as_it_would_have(tmp_path):
     """`ssvi presets | true`, `ssvi infer ... --json | head -c 100` of a large batch: a table or report
     that lost its reader ended the command with exit code 1, "a runtime failure" (infer's --output file
-    was written in full), where the same command printed as a table, or train, exited 0."""
+    was written in full), where the same command printed as a table, or train, exited 0; and so did
+    `ssvi train --help | head`."""
     import numpy as np
 
     run_dir = tmp_path / "run"
@@ -455,7 +456,7 @@ def test_a_command_whose_output_finds_no_reader_ends_as_it_would_have(tmp_path):
     read, write = os.pipe()
     os.close(read)  # no reader: every write to it is a broken pipe
     try:
-        for args in (["--version"], ["presets"], ["presets", "--json"], ["inspect", str(run_dir)], ["inspect", str(run_dir), "--json"],
+        for args in (["--version"], ["--help"], ["train", "--help"], ["presets"], ["presets", "--json"], ["inspect", str(run_dir)], ["inspect", str(run_dir), "--json"],
                      ["infer", str(run_dir), str(tmp_path / "x.npy"), "--samples", "2"],
                      ["infer", str(run_dir), str(tmp_path / "x.npy"), "--samples", "2", "--json",
                       "--output", str(tmp_path / "p.csv")],

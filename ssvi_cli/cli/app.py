@@ -214,6 +214,14 @@ class _Plain(logging.Formatter):
         return f"{record.levelname.lower()}: {super().format(record)}"
 
 
+def _raised_in(exc: BaseException, function: str) -> bool:
+    """Whether ``exc`` was raised in a function of that name (the last frame of its traceback)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name == function
+
+
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI and return its exit code: 0 ok, 1 runtime failure, 2 usage error, 130 interrupted
     (Ctrl-C; the ``ssvi`` command then ends by SIGINT: :func:`main`), 143 stopped by SIGTERM, 129 by
@@ -244,6 +252,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         if _in_chain(exc, KeyboardInterrupt):  # Typer turns a KeyboardInterrupt into a silent exit 130
             _say_interrupted()
             return 130
+        if exc.code == 1 and "--help" in args and _raised_in(exc, "on_broken_pipe"):
+            return 0  # the help's reader went (| head): rich's console exits 1, "a runtime failure"
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except KeyboardInterruptHandled as exc:
         if str(exc):
