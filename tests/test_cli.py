@@ -571,7 +571,9 @@ def test_print_config_shows_what_a_command_would_train_with_and_trains_nothing(t
     # a config train would refuse is refused here too (it printed, exit code 0), and noted as train notes it
     for bad, error in ((["--model", "bogus"], "unknown model 'bogus'"), (["--criterion", "bogus"], "unknown criterion"),
                        (["--model", "lenet5"], "lenet5 needs inputs of at least 12x12, got 8x8"),
-                       (["--set", "data.mean=[0.5]"], "data.mean=[0.5] applies to image folders")):
+                       (["--set", "data.mean=[0.5]"], "data.mean=[0.5] applies to image folders"),
+                       # at its default value too, as train refuses it (--print-config printed it)
+                       (["--set", "data.image_size=32"], "data.image_size=32 applies to image folders")):
         assert run(["train", *bad, "--print-config"]) == 2
         captured = capsys.readouterr()
         assert captured.out == "" and captured.err.startswith("error: ") and error in captured.err, captured.err

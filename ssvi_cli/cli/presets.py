@@ -5,7 +5,7 @@ which shows and checks a command's config as these do."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, Sequence
 
 import typer
 from rich.table import Table
@@ -107,13 +107,14 @@ def _check_trains(name: str, methods: list[Optional[str]], by_flag: bool = False
             raise cfgmod.ConfigError(f"with {where}: {exc}") from None
 
 
-def check_trains(cfg: cfgmod.Config) -> None:
+def check_trains(cfg: cfgmod.Config, given: Sequence[str] = ()) -> None:
     """What ``ssvi train`` checks of ``cfg`` before it reads any data: the model's and the dataset's
     names, the image-folder keys, ``model.init_from`` (read, and checked against the run's model, as
     train reads it; torchvision's published weights named, not fetched) and the model's forward on the
     data's input shape; so that a config shown by ``ssvi presets FILE`` or ``train --print-config``
     without an error trains (its data present). An image folder that is not on this machine (a file
-    written for another) is not read: its model's name alone is checked."""
+    written for another) is not read: its model's name alone is checked. ``given``: the keys the
+    command line set (an image-folder key set for other data is refused at any value, as train does)."""
     from ssvi_cli.modelfile import ModelCard
     from ssvi_cli.models import TORCHVISION, check_model_name
     from ssvi_cli.training.init_weights import check_init_source, load_init_weights, published_weights
@@ -123,7 +124,7 @@ def check_trains(cfg: cfgmod.Config) -> None:
     if kind == "imagefolder" and not Path(folder).expanduser().exists():
         check_model_name(cfg.model.name)
         return
-    spec = check_names(cfg)
+    spec = check_names(cfg, given)
     if cfg.model.init_from:  # read as train reads it before its data (torchvision's weights not fetched)
         check_init_source(cfg)
         if str(cfg.model.init_from).startswith(TORCHVISION):
@@ -145,8 +146,9 @@ def print_train_config(resume: Optional[Path], preset: Optional[str], overrides:
     if cfg is None:
         raise UsageError(f"--resume {resume}: no run config to print there (its config.yaml is missing or unreadable)")
     if resume is None:
-        check_trains(cfg)
-        if note := recipe_note(cfg, preset, [*set_keys(sets), *(k for k, v in overrides.items() if v is not None)]):
+        given = [*set_keys(sets), *(k for k, v in overrides.items() if v is not None)]
+        check_trains(cfg, given)
+        if note := recipe_note(cfg, preset, given):
             err.print(note, highlight=False)
     show_config(cfg.to_dict(), unused_settings(cfg), f"the run {resume} goes on with these values (its saved config)"
                 if resume else "this command trains with these values (change one with --set section.key=value)", json_out)
