@@ -220,3 +220,29 @@ def test_a_header_nested_past_pythons_recursion_limit_is_a_model_file_error(tmp_
     path.write_bytes(struct.pack("<Q", len(body)) + body)
     with time_bound(CASE_SECONDS), pytest.raises(ModelFileError, match="corrupted header"):
         read_model_file(path)
+
+
+def test_a_layer_recorded_whole_is_checked_against_its_values_before_its_index_is_made(original, tmp_path):
+    """A 160 KB file of an MLP 20,000 wide recording its middle layer whole ('full') with one stored
+    weight made the reader build that layer's 400,000,000 indices (3.2 GB) before it compared sizes."""
+    wide = 20_000
+    good = tmp_path / "good.safetensors"
+    good.write_bytes(original)
+    with safe_open(str(good), "pt") as fh:
+        meta = fh.metadata()
+    tensors = load_file(str(good))
+    del tensors["hidden.0.index"]
+    tensors["first.bias"], tensors["hidden.0.bias"] = torch.zeros(wide), torch.zeros(wide)
+    layers = json.loads(meta["layers"])
+    shapes = {"first": [wide, 64], "hidden.0": [wide, wide], "hidden.1": [10, wide]}
+    for record in layers:
+        record["shape"] = shapes[record["name"]]
+        if record["name"] == "hidden.0":
+            record["index"] = "full"
+    arch = {**json.loads(meta["architecture"]), "widths": [wide, wide]}
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={**meta, "layers": json.dumps(layers), "architecture": json.dumps(arch)})
+    assert bad.stat().st_size < 400_000
+    with time_bound(CASE_SECONDS), pytest.raises(ModelFileError, match=r"layer 'hidden.0' is recorded whole "
+                                                                      r"\(400000000 entries\) but stores \d+ values of mu"):
+        read_model_file(bad)

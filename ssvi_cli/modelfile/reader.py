@@ -255,6 +255,9 @@ def _load_layer(path: Path, name: str, layer: SparseGaussian, record: dict[str, 
     if missing:
         raise ModelFileError(f"{path} lacks tensor {missing[0]!r}")
     if code == "full":
+        if tensors[f"{name}.mu"].numel() != layer.numel:  # before the index is made: the header's numel may be huge
+            raise ModelFileError(f"{where} is recorded whole ({layer.numel} entries) but stores "
+                                 f"{tensors[f'{name}.mu'].numel()} values of mu")
         idx = torch.arange(layer.numel)
     elif code == "gap8":
         codes = tensors[f"{name}.index"]
