@@ -452,7 +452,31 @@ def read_yaml(text: str) -> Any:
                 return super().construct_mapping(node, deep=deep)
 
         _strict_loader = Loader
-    return yaml.load(text, Loader=_strict_loader)  # noqa: S506 (a SafeLoader)
+    return _within_bounds(yaml.load(text, Loader=_strict_loader))  # noqa: S506 (a SafeLoader)
+
+
+YAML_VALUES_MAX = 100_000  # a config or sweep file holds hundreds; a few hundred bytes of aliases, billions
+
+
+def _within_bounds(data: Any) -> Any:
+    """``data`` as read, refused (``yaml.YAMLError``) when its aliases make it larger than
+    :data:`YAML_VALUES_MAX` values once expanded (a 300-byte file of nested ``*a`` expands to
+    billions, and a message quoting it took gigabytes) or make it contain itself."""
+    import yaml
+
+    seen, stack = 0, [(data, ())]
+    while stack:
+        value, above = stack.pop()
+        seen += 1
+        if seen > YAML_VALUES_MAX:
+            raise yaml.YAMLError(f"the file's aliases (*name) expand it past {YAML_VALUES_MAX:,} values; write "
+                                 "the values out")
+        if isinstance(value, (list, dict)):
+            if id(value) in above:
+                raise yaml.YAMLError("the file's aliases (*name) make a value contain itself")
+            inner = above + (id(value),)
+            stack.extend((v, inner) for v in (value.values() if isinstance(value, dict) else value))
+    return data
 
 
 def read_typed(text: str) -> Any:
@@ -463,7 +487,7 @@ def read_typed(text: str) -> Any:
     import yaml  # here, not at the top: commands that never read YAML (infer) skip its import
 
     try:
-        return yaml.load(text, Loader=_typed_loader_class())  # noqa: S506 (a SafeLoader)
+        return _within_bounds(yaml.load(text, Loader=_typed_loader_class()))  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         raise ValueError(str(exc)) from None
 

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from ssvi_cli import config as C
+from hang_guard import time_bound
 
 
 def test_override_types_and_round_trip():
@@ -140,6 +141,24 @@ def test_a_preset_files_numbers_are_read_as_a_command_line_reads_them(tmp_path):
     with pytest.raises(C.ConfigError, match="delta_t"):
         C.load_preset(str(tmp_path / "hex.yaml"))
     assert C.read_yaml("a: 010\nb: [1e-3, 0.5, yes]\n") == {"a": 10, "b": [0.001, 0.5, True]}
+
+
+def test_aliases_that_expand_a_file_past_any_config_or_into_itself_are_refused(tmp_path):
+    """A 300-byte preset of nested aliases in train.epochs took gigabytes (the error message quoted the
+    value, expanded) before a MemoryError; one that contains itself ended in a RecursionError."""
+    rows = ["a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    for prev, name in zip("abcdef", "bcdefg"):
+        rows.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
+    (tmp_path / "laughs.yaml").write_text("\n".join(rows) + "\ntrain:\n  epochs: [*g, *g, *g, *g, *g, *g, *g, *g, *g]\n")
+    with time_bound(10), pytest.raises(C.ConfigError, match=r"aliases \(\*name\) expand it past 100,000 values"):
+        C.load_preset(str(tmp_path / "laughs.yaml"))
+    (tmp_path / "self.yaml").write_text("train: &t\n  epochs: *t\n")
+    with pytest.raises(C.ConfigError, match=r"aliases \(\*name\) make a value contain itself"):
+        C.load_preset(str(tmp_path / "self.yaml"))
+    with pytest.raises(ValueError, match="contain itself"):
+        C.read_typed("&a [*a]")
+    shared = "base: &base {lr: 0.01}\noptim:\n  <<: *base\n  name: adam\n"  # an ordinary anchor still reads
+    assert C.read_yaml(shared)["optim"] == {"lr": 0.01, "name": "adam"}
 
 
 def test_a_preset_that_sets_a_key_twice_is_refused_with_its_line(tmp_path):
