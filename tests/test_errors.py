@@ -69,7 +69,9 @@ def workspace(tmp_path_factory) -> Path:
     save_file(load_file(str(good)), str(ws / "newer.safetensors"), metadata={**raw, "version": "2"})
     spec = json.loads(raw["data_spec"])
     for name, change in (("fewnames", {"class_names": spec["class_names"][:1]}), ("zerostd", {"std": [0.0]}),
-                         ("twicenamed", {"class_names": ["a"] * 10}), ("negpixels", {"pixel_max": -3})):
+                         ("twicenamed", {"class_names": ["a"] * 10}), ("negpixels", {"pixel_max": -3}),
+                         # a name that reached the terminal as an escape sequence (a window title, colours)
+                         ("escapenamed", {"class_names": ["\x1b]0;TITLE\x07", *spec["class_names"][1:]]})):
         save_file(load_file(str(good)), str(ws / f"{name}.safetensors"),
                   metadata={**raw, "data_spec": json.dumps({**spec, **change})})
     save_file(load_file(str(good)), str(ws / "halfsaid.safetensors"), metadata={**raw, "dtype": "float16"})
@@ -214,6 +216,8 @@ CASES = [
     (["infer", "{ws}/fewnames.safetensors", "{ws}/ok.npy"], "data description: data spec names 1 classes for a model of 10"),
     (["evaluate", "{ws}/zerostd.safetensors"], "every mean must be finite and every std positive"),
     (["infer", "{ws}/twicenamed.safetensors", "{ws}/ok.npy"], "data spec names class 'a' twice"),
+    (["infer", "{ws}/escapenamed.safetensors", "{ws}/ok.npy"],
+     "data spec class name '\\x1b]0;TITLE\\x07' holds a control character"),
     (["infer", "{ws}/negpixels.safetensors", "{ws}/ok.npy"], "pixel_max must be positive"),
     (["inspect", "{ws}/halfsaid.safetensors"], "corrupted header (dtype 'float16', but tensor"),
     (["infer", "{ws}/convsaid.safetensors", "{ws}/ok.npy"], "layer 'first' is recorded as 'conv2d', but that layer of architecture 'mlp' is 'linear'"),
