@@ -571,3 +571,13 @@ def test_a_sweep_folder_the_system_refuses_to_make_is_a_user_error(tmp_path: Pat
         assert run(["sweep", "--method", "ssvi", "--sparsity", "0.9", "--out", "/proc/ssvi-sweep", *extra]) == 2
         said = capsys.readouterr().err
         assert said.startswith("error: --out /proc/ssvi-sweep cannot be made or written: ") and said.count("\n") == 1, said
+
+
+def test_a_sweep_folder_named_with_a_newline_is_refused(tmp_path: Path, capsys):
+    """commands.txt holds one command a line: a newline in --out split one over two, and a script
+    reading it line by line ran the second half as a command of its own."""
+    out = tmp_path / "sw\ntouch pwned #"
+    assert run(["sweep", "--method", "ssvi", "--sparsity", "0.9", "--out", str(out), "--dry-run"]) == 2
+    said = capsys.readouterr().err
+    assert "a folder name with a control character (a newline, say) is refused" in said and said.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []

@@ -178,7 +178,10 @@ def check_home(path: Path, flag: str) -> None:
 
 
 def check_output_dir(path: Path, flag: str) -> None:
-    """Refuse an output folder that exists as a file (it is created, with parents, when missing)."""
+    """Refuse an output folder that exists as a file (it is created, with parents, when missing), or
+    whose name holds a control character (the commands ssvi writes and prints name it on one line)."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in str(path)):
+        raise UsageError(f"{flag} {str(path)!r}: a folder name with a control character (a newline, say) is refused")
     check_home(path, flag)
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {path} exists and is not a directory; give a folder path")
