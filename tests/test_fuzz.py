@@ -246,3 +246,20 @@ def test_a_layer_recorded_whole_is_checked_against_its_values_before_its_index_i
     with time_bound(CASE_SECONDS), pytest.raises(ModelFileError, match=r"layer 'hidden.0' is recorded whole "
                                                                       r"\(400000000 entries\) but stores \d+ values of mu"):
         read_model_file(bad)
+
+
+@pytest.mark.parametrize("change", ["version", "layers", "offsets"])
+def test_a_header_field_of_another_json_type_is_a_corrupted_header(original, tmp_path, change):
+    """Written raw (safetensors' writer keeps metadata strings), a list for the version or the layers and
+    strings for a tensor's offsets were a bare TypeError from ssvi_cli.load, exit code 1 in the commands."""
+    n = struct.unpack("<Q", original[:8])[0]
+    header = json.loads(original[8:8 + n])
+    if change == "offsets":
+        header[next(k for k in header if k != "__metadata__")]["data_offsets"] = ["0", "4"]
+    else:
+        header["__metadata__"][change] = [1]
+    raw = json.dumps(header).encode()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(raw)) + raw + original[8 + n:])
+    with pytest.raises(ModelFileError, match=r"has a corrupted header \(TypeError: "):
+        read_model_file(bad)

@@ -129,8 +129,11 @@ def read_header(path: Path) -> dict[str, Any]:
             f"{path} is a safetensors file but not an ssvi model file (its metadata lacks format "
             f"'{FORMAT_NAME}'); write model files with 'ssvi export' or ssvi_cli.save"
         )
-    meta = _decode_meta(path, raw_meta)
-    tensors = _check_tensor_table(path, header, size - 8 - n)
+    try:
+        meta = _decode_meta(path, raw_meta)
+        tensors = _check_tensor_table(path, header, size - 8 - n)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:  # a field of another JSON type
+        raise ModelFileError(f"{path} has a corrupted header ({type(exc).__name__}: {exc})") from None
     stored = ST_NAMES[meta["dtype"]]
     other = next((name for name, t in tensors.items() if t["dtype"] in FLOAT_ST and t["dtype"] != stored), None)
     if other is not None:  # every value of a file has the precision its header gives (FORMAT.md)
