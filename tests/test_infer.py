@@ -240,11 +240,11 @@ def test_outputs_jsonl_and_csv(model_file, digits, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["text_as_png", "two_channels", "float_range", "missing", "empty_folder", "pickle",
-                                  "npz", "bomb", "text_as_npy"])
+                                  "npz", "bomb", "text_as_npy", "long_header"])
 def test_bad_inputs_give_one_line_errors_naming_the_file(model_file, tmp_path, capsys, monkeypatch, case):
     target = tmp_path / {"text_as_png": "bad.png", "two_channels": "two.npy", "float_range": "f.npy",
                          "missing": "nope.png", "empty_folder": "empty", "pickle": "obj.npy",
-                         "npz": "arrays.npz", "bomb": "huge.png", "text_as_npy": "t.npy"}[case]
+                         "npz": "arrays.npz", "bomb": "huge.png", "text_as_npy": "t.npy", "long_header": "h.npy"}[case]
     if case == "text_as_png":
         target.write_text("not an image")
     elif case == "two_channels":
@@ -257,6 +257,12 @@ def test_bad_inputs_give_one_line_errors_naming_the_file(model_file, tmp_path, c
         np.save(target, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     elif case == "text_as_npy":
         target.write_text("not an array")
+    elif case == "long_header":  # numpy refuses to parse it and suggests allow_pickle: not an object array
+        import numpy.lib.format as npy_format
+
+        with open(target, "wb") as fh:
+            npy_format.write_array_header_2_0(fh, {"descr": "<f4", "fortran_order": False, "shape": (1,) * 5000})
+            fh.write(np.zeros(1, np.float32).tobytes())
     elif case == "npz":
         np.savez(target, x=np.zeros((8, 8), np.uint8))
     elif case == "bomb":  # more than twice PIL's pixel limit: PIL refuses it as a decompression bomb
@@ -271,6 +277,7 @@ def test_bad_inputs_give_one_line_errors_naming_the_file(model_file, tmp_path, c
     assert case != "npz" or "save each array as .npy" in lines[0]
     assert case != "text_as_npy" or "lacks numpy's header" in lines[0]
     assert case != "pickle" or "pickled Python objects" in lines[0]
+    assert case != "long_header" or "its header is longer than numpy reads safely, past any np.save writes" in lines[0]
     assert case != "float_range" or "its raw 0..16" in lines[0]  # the range this model also reads
 
 

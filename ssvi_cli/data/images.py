@@ -209,6 +209,9 @@ def read_array(path: Path, error: type[Exception] = DataError, stream: Optional[
         # a file is mapped, not read: its rows are read as they are used (a 5 GB array, a few at once)
         arr = np.load(stream, allow_pickle=False) if stream is not None else np.load(path, mmap_mode="r")
     except (ValueError, OSError, EOFError) as exc:
+        if "max_header_size" in str(exc):  # numpy's advice (as for objects) is to load it unsafely
+            raise error(f"{name}: not a readable .npy array (its header is longer than numpy reads safely, "
+                        "past any np.save writes)") from None
         if "allow_pickle" in str(exc) or "Python objects" in str(exc):  # numpy's advice is to load it unsafely
             raise error(f"{name}: holds pickled Python objects, not a numeric array; save the pixels "
                         "with np.save") from None
