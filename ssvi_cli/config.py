@@ -471,7 +471,7 @@ def _within_bounds(data: Any) -> Any:
         if seen > YAML_VALUES_MAX:
             raise yaml.YAMLError(f"the file's aliases (*name) expand it past {YAML_VALUES_MAX:,} values; write "
                                  "the values out")
-        if isinstance(value, (list, dict)):
+        if isinstance(value, (list, tuple, dict)):  # tuples: !!omap and !!pairs
             if id(value) in above:
                 raise yaml.YAMLError("the file's aliases (*name) make a value contain itself")
             inner = above + (id(value),)

@@ -157,6 +157,13 @@ def test_aliases_that_expand_a_file_past_any_config_or_into_itself_are_refused(t
         C.load_preset(str(tmp_path / "self.yaml"))
     with pytest.raises(ValueError, match="contain itself"):
         C.read_typed("&a [*a]")
+    with pytest.raises(ValueError, match="contain itself"):  # an ordered map is a list of tuples
+        C.read_typed("&x !!omap [{k: *x}]")
+    rows = ["a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [
+        f"{n}: &{n} !!omap [{', '.join(f'{{k{i}: *{p}}}' for i in range(9))}]" for p, n in zip("abcdef", "bcdefg")]
+    (tmp_path / "omap.yaml").write_text("\n".join(rows) + "\ntrain:\n  epochs: *g\n")
+    with time_bound(10), pytest.raises(C.ConfigError, match=r"expand it past 100,000 values"):
+        C.load_preset(str(tmp_path / "omap.yaml"))
     shared = "base: &base {lr: 0.01}\noptim:\n  <<: *base\n  name: adam\n"  # an ordinary anchor still reads
     assert C.read_yaml(shared)["optim"] == {"lr": 0.01, "name": "adam"}
 
