@@ -166,15 +166,19 @@ def test_human_output_and_plots(run_dir, tmp_path, capsys):
 
 
 def test_plots_replace_the_figures_an_earlier_inspection_left(run_dir, tmp_path, capsys):
-    """Another model's snr_hidden_9.png stayed beside this model's figures, its title naming no model."""
+    """Another model's snr_hidden_9.png stayed beside this model's figures, its title naming no model;
+    a figure of the user's named snr_*.png is never removed."""
+    from PIL import Image
+
     plots = tmp_path / "plots"
-    plots.mkdir()
-    (plots / "snr_hidden_9.png").write_bytes(b"\x89PNG\r\n\x1a\n earlier")
+    assert run(["inspect", str(run_dir), "--plots", str(plots)]) == 0
+    (plots / "snr_first.png").rename(plots / "snr_hidden_9.png")  # as another model's layer left it
+    Image.new("L", (4, 4)).save(plots / "snr_paper_figure.png")
     (plots / "notes.txt").write_text("the user's")
     assert run(["inspect", str(run_dir), "--plots", str(plots)]) == 0
     names = sorted(p.name for p in plots.iterdir())
-    assert "snr_hidden_9.png" not in names and "notes.txt" in names and "snr_all.png" in names
-    assert len(names) == 5, names
+    assert "snr_hidden_9.png" not in names and {"notes.txt", "snr_paper_figure.png", "snr_all.png"} <= set(names)
+    assert len(names) == 6, names
 
 
 def test_plots_without_matplotlib_is_a_clear_error(run_dir, tmp_path, capsys, monkeypatch):

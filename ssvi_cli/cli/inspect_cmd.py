@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
     def inspect_(
         source: Annotated[Path, typer.Argument(help="A model file (.safetensors), a training checkpoint (.pt) or a run directory.")],
         json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON only.")] = False,
-        plots: Annotated[Optional[Path], typer.Option(help="Write SNR histograms (snr_LAYER.png, snr_all.png) to this folder, replacing any snr_*.png there; needs matplotlib.")] = None,
+        plots: Annotated[Optional[Path], typer.Option(help="Write SNR histograms (snr_LAYER.png, snr_all.png) to this folder, replacing those an earlier inspect drew there; needs matplotlib.")] = None,
         drop_fraction: Annotated[float, typer.Option(help="Drop fraction of the criteria-overlap analysis, in (0, 1].")] = 0.3,
     ) -> None:
         """Per-layer density, mu/sigma/SNR statistics, sizes, support history and criteria overlap."""

@@ -228,7 +228,7 @@ def _flops_convention(whole: bool, bayesian: bool, samples: int, moments: bool) 
 
 def write_snr_plots(layers: list[tuple[str, SparseGaussian]], out_dir: Path) -> list[Path]:
     """Histograms of log10 SNR: one PNG per Bayesian layer and one of all layers together; a
-    ``snr_*.png`` left in ``out_dir`` by an earlier inspection (another model's layer) is removed.
+    ``snr_*.png`` an earlier inspection drew in ``out_dir`` (another model's layer) is removed.
 
     Needs matplotlib (the ``plots`` extra); raises ImportError without it.
     """
@@ -255,9 +255,24 @@ def write_snr_plots(layers: list[tuple[str, SparseGaussian]], out_dir: Path) -> 
         joined = torch.cat(everything)
         written.append(_histogram(plt, joined, f"all layers: log10 SNR ({len(joined)} active)", out_dir / "snr_all.png"))
     for stale in sorted(set(out_dir.glob("snr_*.png")) - set(written)):
-        if stale.is_file() and not stale.is_symlink():
+        if stale.is_file() and not stale.is_symlink() and _drawn_here(stale):
             stale.unlink()
     return written
+
+
+SNR_SOFTWARE = "ssvi inspect --plots"  # the PNG text chunk that marks a figure this command drew
+
+
+def _drawn_here(path: Path) -> bool:
+    """Whether the PNG at ``path`` carries :data:`SNR_SOFTWARE`: only those are replaced, never a
+    figure of the user's that happens to be named snr_*.png."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.info.get("Software") == SNR_SOFTWARE
+    except (OSError, ValueError):
+        return False
 
 
 def _histogram(plt: Any, values: Tensor, title: str, target: Path) -> Path:
@@ -270,6 +285,6 @@ def _histogram(plt: Any, values: Tensor, title: str, target: Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     with fileio.atomic_path(target) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", metadata={"Software": SNR_SOFTWARE})
     plt.close(fig)
     return target
