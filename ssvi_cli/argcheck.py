@@ -1,5 +1,6 @@
 """Type checks of the Python API's numeric arguments: a wrong type is one ``TypeError`` naming the
-argument, before a comparison deep inside would fail with ``'<=' not supported ...``."""
+argument, before a comparison deep inside would fail with ``'<=' not supported ...``; and
+:func:`has_control`, of a name ssvi prints or writes on one line."""
 
 from __future__ import annotations
 
@@ -30,3 +31,9 @@ def whole(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     return int(value)
+
+
+def has_control(text: str) -> bool:
+    """Whether ``text`` holds a control character (C0, DEL or C1: a newline, a terminal escape), which
+    a name ssvi prints or writes on one line must not."""
+    return any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)

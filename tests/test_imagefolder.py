@@ -90,6 +90,8 @@ def ws(tmp_path_factory) -> Path:
     (ws / "deadlink" / "one" / "gone.png").symlink_to(ws / "nowhere.png")
     write_class(ws / "latin1" / "zero", 0, 3)
     write_class(ws / os.fsdecode(b"latin1/\xe9t\xe9"), 1, 3)  # a class folder unpacked from a Latin-1 archive
+    write_class(ws / "tabbed" / "zero", 0, 3)
+    write_class(ws / "tabbed" / "a\tb", 1, 3)  # trained to its end, then no command could read the model
     return ws
 
 
@@ -360,6 +362,7 @@ ERRORS = [
                    "directly in {ws}/splitnames, name none of them train, val, test"),
     ("deadlink", "image {ws}/deadlink/one/gone.png cannot be read"),  # a link to nothing is named, not skipped
     ("latin1", "class folder {ws}/latin1/\\xe9t\\xe9: its name is not UTF-8 text"),
+    ("tabbed", "class folder '{ws}/tabbed/a\\tb': its name holds a control character"),
 ]
 
 

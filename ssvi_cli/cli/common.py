@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from rich.table import Table
 
+from ssvi_cli.argcheck import has_control
 from ssvi_cli.fileio import check_writable, is_entry, json_default, json_ready
 
 if TYPE_CHECKING:
@@ -180,7 +181,7 @@ def check_home(path: Path, flag: str) -> None:
 def check_output_dir(path: Path, flag: str) -> None:
     """Refuse an output folder that exists as a file (it is created, with parents, when missing), or
     whose name holds a control character (the commands ssvi writes and prints name it on one line)."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in str(path)):
+    if has_control(str(path)):
         raise UsageError(f"{flag} {str(path)!r}: a folder name with a control character (a newline, say) is refused")
     check_home(path, flag)
     if path.exists() and not path.is_dir():

@@ -38,6 +38,7 @@ from ssvi_cli.data.sources import DATASET_FAMILIES, DatasetSource
 from ssvi_cli.data.decoding import decode_images
 from ssvi_cli.data.images import IMAGE_SUFFIXES, find_files, reducing_jpegs, shown
 from ssvi_cli.warned import warn_once
+from ssvi_cli.argcheck import has_control
 from ssvi_cli.data.spec import DataError, DataSpec, RawImages, decoded
 from ssvi_cli.data.splits import stratified_split
 from ssvi_cli.data.transforms import TensorImageDataset, random_crop_flip
@@ -84,6 +85,9 @@ def _class_folders(folder: Path, where: str) -> dict[str, tuple[Path, ...]]:
         if shown(cls.name) != cls.name:
             raise DataError(f"class folder {shown(cls)}: its name is not UTF-8 text, and the class names are "
                             "written into the model file; rename the folder")
+        if has_control(cls.name):  # a model no command could read after the whole run (data spec refuses it)
+            raise DataError(f"class folder {str(cls)!r}: its name holds a control character, and the class names are "
+                            "written into the model file and printed; rename the folder")
         files = tuple(find_files(cls, apart=(folder, *classes)))  # a link into another class: not this one's
         if not files:
             raise DataError(f"class folder {cls} holds no images ({', '.join(IMAGE_SUFFIXES)}); add images "

@@ -9,6 +9,8 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import Dataset
 
+from ssvi_cli.argcheck import has_control
+
 
 class DataError(Exception):
     """User-facing error: one line naming the problem and the fix."""
@@ -148,7 +150,7 @@ class DataSpec:
         seen: set[str] = set()  # (a scan of the names before each: minutes for a header of 100,000)
         if (twice := next((n for n in self.class_names if n in seen or seen.add(n)), None)) is not None:
             raise DataError(f"data spec names class {twice!r} twice; each output needs its own name")
-        if (odd := next((n for n in self.class_names if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in n)), None)) is not None:
+        if (odd := next((n for n in self.class_names if has_control(n)), None)) is not None:
             raise DataError(f"data spec class name {odd!r} holds a control character (a newline, a terminal escape); "
                             "class names are printed and written as they are")
         if not (math.isfinite(self.pixel_max) and self.pixel_max > 0):
