@@ -465,6 +465,10 @@ def test_a_command_whose_output_finds_no_reader_ends_as_it_would_have(tmp_path):
                                   text=True, env=ENV, timeout=300)
             assert proc.returncode == 0 and "Traceback" not in proc.stderr, (args, proc.stderr)
         assert len((tmp_path / "p.csv").read_text().splitlines()) == 3001  # the header and every input
+        # a usage error beside --help whose reader (of standard error) went is still no success
+        proc = subprocess.run([sys.executable, "-m", "ssvi_cli", "nosuchcmd", "--help"], stdout=subprocess.DEVNULL,
+                              stderr=write, env=ENV, timeout=300)
+        assert proc.returncode != 0
     finally:
         os.close(write)
     if Path("/dev/full").exists():  # a full disk is no reader gone: the report was not written, and it fails

@@ -214,12 +214,14 @@ class _Plain(logging.Formatter):
         return f"{record.levelname.lower()}: {super().format(record)}"
 
 
-def _raised_in(exc: BaseException, function: str) -> bool:
-    """Whether ``exc`` was raised in a function of that name (the last frame of its traceback)."""
+def _stdout_reader_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` is the exit of rich's console on a lost reader of standard output (raised in its
+    ``on_broken_pipe``, by a console that writes to stdout, not to stderr)."""
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_code.co_name == function
+    console = tb.tb_frame.f_locals.get("self") if tb is not None else None
+    return tb is not None and tb.tb_frame.f_code.co_name == "on_broken_pipe" and getattr(console, "stderr", True) is False
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
@@ -252,7 +254,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         if _in_chain(exc, KeyboardInterrupt):  # Typer turns a KeyboardInterrupt into a silent exit 130
             _say_interrupted()
             return 130
-        if exc.code == 1 and "--help" in args and _raised_in(exc, "on_broken_pipe"):
+        if exc.code == 1 and "--help" in args and _stdout_reader_gone(exc):
             return 0  # the help's reader went (| head): rich's console exits 1, "a runtime failure"
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except KeyboardInterruptHandled as exc:
