@@ -32,8 +32,9 @@ from ssvi_cli.core.hooks import Hook, rank_mean
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.core.modes import capturing_dense_grad, sampling
 from ssvi_cli.core.replaced import name_layers
-from ssvi_cli.core.subspace import (OptimizerStateError, Schedule, SwapReport, check_optimizer_holds, check_optimizer_kind,
-                                   check_state_fits, collect_captured, end_step, subspace_step)
+from ssvi_cli.core.subspace import (RESETTABLE_OPTIMIZERS, OptimizerStateError, Schedule, SwapReport,  # noqa: F401
+                                   check_optimizer_holds, check_optimizer_kind, check_state_fits, collect_captured,
+                                   end_step, subspace_step)
 from ssvi_cli.prediction import Prediction, predict  # re-exported: the public loop pieces in one place
 from ssvi_cli.training.optim import kl_term, param_groups
 
@@ -119,7 +120,7 @@ class Subspace:
         self._told_eval = False  # the eval()-mode warning is given once
         self._told_idle = False  # and the no-forward one
         self._plain_steps = 0  # the loop's own optimizer steps since the last step()
-        self._told_plain = False
+        self._told_plain = self._told_past = False
         self._hooks = [model.register_forward_pre_hook(Hook(self._before_forward)),
                        model.register_forward_hook(Hook(self._after_forward)),
                        optimizer.register_step_pre_hook(Hook(self._before_optimizer_step))]
@@ -272,7 +273,8 @@ class Subspace:
                     self.optimizer.step()
             finally:
                 _STEPPING.discard(self.optimizer)
-        if self.t == self.total_steps:  # once: the run is longer than the schedule was fitted to
+        if self.t >= self.total_steps and not self._told_past:  # once: a run longer than the schedule was fitted to
+            self._told_past = True
             log.warning("Subspace.step() call %d is past total_steps=%d: the remove-and-add steps were spaced for %d steps "
                         "and ended at step %d; pass the run's whole length (len(loader) * epochs)", self.t + 1,
                         self.total_steps, self.total_steps, self.schedule.t_end)

@@ -374,3 +374,11 @@ def test_preprocess_reads_pixels_as_infer_reads_an_array_and_makes_the_models_in
         ssvi.preprocess(model, np.full((2, 8, 8), 300.0))
     with pytest.raises(ValueError, match="no description of its inputs"):
         ssvi.preprocess(torch.nn.Linear(64, 10), raw)
+    half = torch.from_numpy(raw / 16.0).to(torch.bfloat16)  # numpy has no bfloat16: read as float
+    assert torch.allclose(ssvi.preprocess(model, half), x, atol=0.05)
+    import dataclasses
+
+    flat = dataclasses.replace(model.ssvi_card, data=dataclasses.replace(spec, input_shape=(64,)))
+    model.ssvi_card = flat  # as ssvi.save(model, path, input_shape=(64,)) describes a model of vectors
+    with pytest.raises(ValueError, match=r"described as \(64,\), not images"):
+        ssvi.preprocess(model, raw)

@@ -80,6 +80,12 @@ def test_steps_past_total_steps_are_plain_and_told_once(caplog):
     assert caplog.text.count("Subspace.step() call 41 is past total_steps=40: the remove-and-add steps were spaced for "
                              "40 steps and ended at step 30; pass the run's whole length (len(loader) * epochs)") == 1
     assert torch.equal(idx, model[0].idx) and subspace.t == 70
+    caplog.clear()  # a schedule resumed past its end says so too, once
+    again = ssvi.Subspace(model, optimizer, total_steps=40, delta_t=10)
+    again.load_state_dict(subspace.state_dict())
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli.api"):
+        schedule_steps(model, again, optimizer, x, y, 3)
+    assert caplog.text.count("Subspace.step() call 71 is past total_steps=40") == 1
 
 
 def test_a_loop_that_never_calls_step_is_told_once(caplog):

@@ -184,8 +184,12 @@ def preprocess(model: torch.nn.Module, pixels: object) -> Tensor:
         raise ValueError("the model carries no description of its inputs (model.ssvi_card, which ssvi.load gives): "
                          "normalise its inputs as it was trained")
     spec = card.data
+    if len(spec.input_shape) != 3:
+        raise ValueError(f"the model's inputs are described as {tuple(spec.input_shape) or 'unknown'}, not images "
+                         "(channels, height, width): preprocess makes image inputs; save the model with input_shape=(C, H, W)")
     if isinstance(pixels, Tensor):
-        pixels = pixels.detach().cpu().numpy()
+        pixels = pixels.detach().cpu()
+        pixels = (pixels if pixels.dtype == torch.uint8 or pixels.dtype == torch.float64 else pixels.float()).numpy()
     try:
         images = array_to_images(np.asarray(pixels), "pixels", spec.input_shape[0], spec.pixel_max, spec.input_shape)
         return _to_input(images, spec)
