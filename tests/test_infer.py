@@ -194,8 +194,10 @@ def test_an_interrupted_infer_says_how_far_it_got_and_what_became_of_the_output(
 def test_a_colour_model_reads_a_4_h_w_array_as_rgba_and_says_a_gray_stack_loses_an_image(caplog):
     import logging
 
+    rgba = np.zeros((4, 8, 8), np.uint8)
+    rgba[3] = 255  # opaque: the transparency warning is another's
     with caplog.at_level(logging.WARNING, logger="ssvi_cli.evaluation.arrays"):
-        assert array_to_images(np.zeros((4, 8, 8), np.uint8), "a.npy", channels=3).shape == (1, 4, 8, 8)
+        assert array_to_images(rgba, "a.npy", channels=3).shape == (1, 4, 8, 8)
         array_to_images(np.zeros((3, 8, 8), np.uint8), "b.npy", channels=3)  # RGB: nothing lost, no word
     assert [r.getMessage() for r in caplog.records] == [
         "a.npy: an array of shape (4, 8, 8) is read as one RGBA image (C, H, W), its alpha dropped; "
