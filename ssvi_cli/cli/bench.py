@@ -63,7 +63,7 @@ UNSTEADY = 2.0  # a row whose slowest repeat took this many times its fastest wa
 def unsteady_note(result: dict[str, Any]) -> str:
     """A line naming the rows whose repeats spread past :data:`UNSTEADY` (their medians, and the ratios
     of them, may not hold: a ratio of 1.00x from a run beside other work looked like a finding), or ""."""
-    wide = [f"{r.get('variant') or r['file'] + ' ' + format(r['sparsity'], 'g')} {min(t):.0f}-{max(t):.0f} ms"
+    wide = [f"{r.get('variant') or r['file'] + ' ' + format(r['sparsity'], 'g')} {min(t):.3g}-{max(t):.3g} ms"
             for r in result["train"] + result["predict"]
             if len(t := r["times_ms"]) > 1 and min(t) > 0 and max(t) > UNSTEADY * min(t)]
     if not wide:

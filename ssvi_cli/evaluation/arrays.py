@@ -126,9 +126,11 @@ def array_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: float
         flat = f", ({int(np.prod(input_shape))},), (N, {int(np.prod(input_shape))})" if input_shape else ""
         raise InputError(f"{name}: array of shape {arr.shape}; expected one of (H, W), (C, H, W), (H, W, C), "
                          f"(N, H, W), (N, C, H, W), (N, H, W, C){flat}")
-    if arr.shape[1] == 4 and not warned(ALPHA_KEY) and arr[:, 3].min() < (1.0 if arr.dtype.kind == "f" else 255):
-        warn_once(logger, ALPHA_KEY, TRANSPARENT, name)  # as an RGBA image file's
     lo, hi, first = _range(arr, name)
+    if arr.shape[1] == 4 and not warned(ALPHA_KEY):  # (a mapped file checked whole again first)
+        _whole(arr, name)
+        if arr[:, 3].min() < (1.0 if arr.dtype.kind == "f" else 255):
+            warn_once(logger, ALPHA_KEY, TRANSPARENT, name)  # as an RGBA image file's
     if pixel_max != 255.0 and arr.dtype != np.uint8 and 0.0 <= lo and 1.0 < hi <= pixel_max:
         # The dataset's own raw range (the digits: 0..16): values above 1 up to pixel_max are raw pixels.
         return ArrayImages(arr, pixel_max, name)
