@@ -376,6 +376,8 @@ def test_preprocess_reads_pixels_as_infer_reads_an_array_and_makes_the_models_in
         ssvi.preprocess(torch.nn.Linear(64, 10), raw)
     half = torch.from_numpy(raw / 16.0).to(torch.bfloat16)  # numpy has no bfloat16: read as float
     assert torch.allclose(ssvi.preprocess(model, half), x, atol=0.05)
+    wide = torch.from_numpy(as_uint8).to(torch.int64)  # integer pixels of another type, 0..255, as infer reads them
+    assert torch.allclose(ssvi.preprocess(model, wide), ssvi.preprocess(model, as_uint8))
     import dataclasses
 
     flat = dataclasses.replace(model.ssvi_card, data=dataclasses.replace(spec, input_shape=(64,)))

@@ -191,7 +191,7 @@ def preprocess(model: torch.nn.Module, pixels: object) -> Tensor:
                          "(channels, height, width): preprocess makes image inputs; save the model with input_shape=(C, H, W)")
     if isinstance(pixels, Tensor):
         pixels = pixels.detach().cpu()
-        pixels = (pixels if pixels.dtype == torch.uint8 or pixels.dtype == torch.float64 else pixels.float()).numpy()
+        pixels = (pixels.float() if pixels.dtype == torch.bfloat16 else pixels).numpy()  # numpy has no bfloat16
     try:
         images = array_to_images(np.asarray(pixels), "pixels", spec.input_shape[0], spec.pixel_max, spec.input_shape)
         return _to_input(images, spec)
