@@ -1,6 +1,6 @@
 """Type checks of the Python API's numeric arguments: a wrong type is one ``TypeError`` naming the
 argument, before a comparison deep inside would fail with ``'<=' not supported ...``; and
-:func:`has_control`, of a name ssvi prints or writes on one line."""
+:func:`has_control` and :func:`printable`, for a name ssvi prints or writes on one line."""
 
 from __future__ import annotations
 
@@ -37,3 +37,11 @@ def has_control(text: str) -> bool:
     """Whether ``text`` holds a control character (C0, DEL or C1: a newline, a terminal escape), which
     a name ssvi prints or writes on one line must not."""
     return any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)
+
+
+def printable(text: str) -> str:
+    """``text`` with each control character written as its escape (``\\x1b``, ``\\n``): a file name's
+    terminal escape sequence printed in a table is shown, not run by the terminal."""
+    if not has_control(text):
+        return text
+    return "".join(c.encode("unicode_escape").decode("ascii") if has_control(c) else c for c in text)

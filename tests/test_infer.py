@@ -516,6 +516,22 @@ def test_an_array_with_transparent_pixels_is_said_as_an_image_is(model_file, dig
     assert len(said) == 1 and " has transparent pixels: alpha is dropped" in said[0] and "drawn-in-alpha.npy" in said[0]
 
 
+def test_a_file_name_with_a_terminal_escape_is_shown_not_run(model_file, digits, tmp_path, capsys):
+    """A file named with an escape sequence (colours, a window title) reached the terminal raw in the table;
+    the JSON and the --output file keep the name as it is."""
+    name = tmp_path / "a\x1b[31mred.npy"
+    np.save(name, digits[:1])
+    assert run(["infer", str(model_file), str(name), "--mode", "mean"]) == 0
+    shown = capsys.readouterr().out
+    assert "\x1b" not in shown and "a\\x1b[31mred.npy" in shown.replace("\n", "")
+    assert run(["infer", str(model_file), str(name), "--mode", "mean", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["predictions"][0]["input"] == f"{name}[0]"
+    (tmp_path / "b\x1b]0;TITLE\x07.png").write_text("not an image")  # an error naming it shows it too
+    assert run(["infer", str(model_file), str(tmp_path / "b\x1b]0;TITLE\x07.png")]) == 2
+    said = capsys.readouterr().err
+    assert "\x1b" not in said and "\x07" not in said and "b\\x1b]0;TITLE\\x07.png" in said
+
+
 def test_an_output_link_is_written_through_and_guarded_as_its_target(model_file, digits, tmp_path, capsys):
     """infer --output link.csv replaced the link with a file; a link to a run's record would be let
     through by its own name."""

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Optional, Sequence
 import typer
 from rich.markup import escape
 
+from ssvi_cli.argcheck import printable
 from ssvi_cli.cli import bench as bench_cmd
 from ssvi_cli.cli import evaluate as evaluate_cmd
 from ssvi_cli.cli import export as export_cmd
@@ -287,7 +288,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
             message += f"; the run's checkpoints are kept: once that is fixed, resume with: {exc.ssvi_resume}"
         prefix = "error" if code == 2 else f"error ({type(exc).__name__})"
         # escape(): a message may hold brackets (pip extras, paths) that rich would read as markup.
-        err.print(f"[bold red]{prefix}:[/] {escape(message)}" + ("" if code == 2 else "  (run with --debug for the traceback)"),
+        err.print(f"[bold red]{prefix}:[/] {escape(printable(message))}" + ("" if code == 2 else "  (run with --debug for the traceback)"),
                   markup=True)
         return code
 

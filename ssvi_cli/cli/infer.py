@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from ssvi_cli import fileio
+from ssvi_cli.argcheck import printable
 from ssvi_cli.config import MAX_SAMPLES, MAX_SEED
 from ssvi_cli.cli.common import (UsageError, check_device, check_output_file, count, err, json_text, out,
                                    kept_warnings, print_json, progress_bar)
@@ -191,5 +192,5 @@ def _table(records: list[dict[str, Any]], header: dict[str, Any]) -> Table:
     for r in records[:SHOWN_ROWS]:
         mi = "-" if r["mutual_information"] is None else f"{r['mutual_information']:.2e}"  # one format a column
         top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top_k"])
-        table.add_row(r["input"], r["class"], f"{r['probability']:.4f}", top, f"{r['entropy']:.4f}", mi)
+        table.add_row(printable(r["input"]), r["class"], f"{r['probability']:.4f}", top, f"{r['entropy']:.4f}", mi)
     return table
