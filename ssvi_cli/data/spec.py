@@ -147,7 +147,7 @@ class DataSpec:
                             "describe no input or no class")
         if len(self.class_names) != self.num_classes:
             raise DataError(f"data spec names {len(self.class_names)} classes for a model of {self.num_classes}")
-        seen: set[str] = set()  # (a scan of the names before each: minutes for a header of 100,000)
+        seen: set[str] = set()  # one pass: scanning the names before each took minutes for 100,000 of them
         if (twice := next((n for n in self.class_names if n in seen or seen.add(n)), None)) is not None:
             raise DataError(f"data spec names class {twice!r} twice; each output needs its own name")
         if (odd := next((n for n in self.class_names if has_control(n)), None)) is not None:
