@@ -157,7 +157,7 @@ class _Progress(logging.Handler):
     as decoding an image folder) on stderr, where progress goes."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        tell(record.getMessage(), highlight=False)
+        tell(printable(record.getMessage(), keep="\n\t"), highlight=False)
 
 
 def _silent_rank() -> bool:
@@ -208,7 +208,15 @@ def _empty_argument(args: Sequence[str]) -> Optional[str]:
     return None
 
 
-class _Plain(logging.Formatter):
+class _Shown(logging.Formatter):
+    """A log line whose control characters but newline and tab are shown as escapes: a file name's
+    terminal escape sequence in a warning is printed, not run by the terminal (as in error lines)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), keep="\n\t")
+
+
+class _Plain(_Shown):
     """``warning: message``, the level in lower case."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -234,7 +242,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     debug = Debug.on = "--debug" in args
     args = [a for a in args if a != "--debug"]
     handler = logging.StreamHandler()  # "warning: ..." as the commands' notes and errors read; --debug names the logger
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if debug else _Plain())
+    handler.setFormatter(_Shown("%(levelname)s %(name)s: %(message)s") if debug else _Plain())
     # A torchrun worker other than rank 0 says no warning: rank 0 meets the same ones and says them.
     logging.basicConfig(level=logging.DEBUG if debug else logging.ERROR if _silent_rank() else logging.WARNING,
                         handlers=[handler])
