@@ -743,3 +743,17 @@ def test_a_file_that_stores_a_subclass_sparse_loads_it_as_it_was_trained(tmp_pat
     x = torch.randn(2, 1, 8, 8)
     torch.testing.assert_close(ssvi.predict(loaded, x, mode="mean").probs, ssvi.predict(trained, x, mode="mean").probs)
     assert type(model()[0]) is StdConv and [l.name for l in sparsify(model(), 0.5).layers] == ["2"]
+
+
+def test_a_dense_layer_is_outside_the_budget_and_its_check():
+    """dense= named a layer too small for the sparsity, and sparsify refused it as left with no
+    weight (advising a lower sparsity); under ERK the dense layer took its share of the budget from
+    the others. Like the stem, it is now outside both."""
+    small = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    report = sparsify(small, 0.99, dense="2")
+    assert [(l.name, l.active, l.dense) for l in report.layers] == [("0", 41, False), ("2", 64, True)]
+    for allocation in ("uniform", "erk"):
+        alone = sparsify(nn.Sequential(nn.Linear(64, 64)), 0.9, allocation=allocation)
+        beside = sparsify(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)), 0.9, dense="2",
+                          allocation=allocation)
+        assert beside.layers[0].active == alone.layers[0].active == 410

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 from torch import nn
@@ -43,12 +43,13 @@ def active_count(numel: int, density: float) -> int:
 
 
 def layer_densities(layers: list[tuple[str, SparseGaussian]], density: float, allocation: str,
-                    dense_stem: bool) -> dict[str, float]:
-    """Density per layer: stem dense when asked, the rest uniform or ERK (RigL's allocation)."""
+                    dense_stem: bool, whole: Collection[str] = ()) -> dict[str, float]:
+    """Density per layer: stem dense when asked and the layers named in ``whole`` dense, both outside
+    the budget; the rest uniform or ERK (RigL's allocation)."""
     out: dict[str, float] = {}
     sparse = []
     for name, layer in layers:
-        if density >= 1.0 or (dense_stem and layer.stem):
+        if density >= 1.0 or (dense_stem and layer.stem) or name in whole:
             out[name] = 1.0
         else:
             sparse.append((name, layer))

@@ -139,8 +139,8 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, 
         return ConversionReport([ConvertedLayer(n, "conv2d" if isinstance(m, nn.Conv2d) else "linear",
                                                 t.weight_shape, 0, t.numel, t.bayesian, False)
                                  for n, t, m in twins], kept)
-    densities = layer_densities([(n, t) for n, t, _ in twins], 1.0 - sparsity, allocation, dense_first_conv)
-    densities.update({n: 1.0 for n, _, _ in twins if hit(n, dense)})
+    densities = layer_densities([(n, t) for n, t, _ in twins], 1.0 - sparsity, allocation, dense_first_conv,
+                                whole={n for n, _, _ in twins if hit(n, dense)})
     if sparsity > 0 and all(densities[n] >= 1.0 for n, _, _ in twins):  # nothing sparse: the stem or dense= only
         why = "; ".join(f"{n}: dense=" if hit(n, dense) else f"{n}: the stem, dense_first_conv=True"
                         for n, _, _ in twins[:4]) + ("; ..." if len(twins) > 4 else "")
