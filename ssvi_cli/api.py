@@ -210,8 +210,9 @@ class Subspace:
         ``scaler.step(optimizer); scaler.update()``, and the captured gradients are unscaled. A
         remove-and-add step whose dense gradient overflowed changes nothing (``last_report.skipped``)
         and backs the scale off, as the scaler does for a skipped optimizer step; that overflow alone
-        moves the scale on such a step (one scale on every rank under DDP).
-        """
+        moves the scale on such a step (one scale on every rank under DDP)."""
+        if scaler is not None and not callable(getattr(scaler, "get_scale", None)):  # step(optimizer), say
+            raise TypeError(f"step() takes mixed precision's GradScaler, or nothing; not a {type(scaler).__name__}")
         if self._removed:
             raise RuntimeError("this Subspace was removed (by remove(), or replaced by a newer Subspace on the same "
                                "model); step the newer one, or the optimizer")

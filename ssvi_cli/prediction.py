@@ -293,12 +293,14 @@ def predict(model: nn.Module, x: Tensor, samples: int = 30, mode: str = "mc") ->
     if not sparse_layers(model):
         raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
     unfilled(model, "predict with it")
-    if isinstance(x, np.ndarray):
-        raise TypeError("x is a numpy array; pass a tensor batch, torch.as_tensor(x)")
+    samples = whole("samples", samples) if samples is not None or mode == "mc" else None  # checked in mean mode too
+    if x is None or isinstance(x, np.ndarray):
+        raise TypeError(f"x is {'None' if x is None else 'a numpy array'}; pass a tensor batch"
+                        + ("" if x is None else ", torch.as_tensor(x)"))
     if isinstance(x, (list, tuple)) and not any(isinstance(v, Tensor) for v in x):  # numbers, not the model's tensors
         raise TypeError(f"x is a {type(x).__name__} of numbers; pass a tensor batch, torch.tensor(x, dtype=torch.float32)")
     try:
-        probs, draws = predict_batch(model, x, whole("samples", samples) if mode == "mc" else samples, mode)
+        probs, draws = predict_batch(model, x, samples, mode)
     except IndexError as exc:  # a model that reads a batch dimension (flatten(1)) given one example
         if isinstance(x, Tensor) and x.dim() == 1:
             raise ValueError(f"x has shape {tuple(x.shape)}, one example: pass a batch, x.unsqueeze(0)") from exc

@@ -2,6 +2,7 @@
 resume, errors) and predict."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -384,3 +385,19 @@ def test_preprocess_reads_pixels_as_infer_reads_an_array_and_makes_the_models_in
     model.ssvi_card = flat  # as ssvi.save(model, path, input_shape=(64,)) describes a model of vectors
     with pytest.raises(ValueError, match=r"described as \(64,\), not images"):
         ssvi.preprocess(model, raw)
+
+
+def test_preprocess_says_when_uint8_pixels_look_like_the_raw_range(caplog):
+    """The digits' 0..16 cast to uint8 were read as 0..255, nearly black, in silence; int64 reads them raw."""
+    import numpy as np
+
+    from ssvi_cli.data import digits
+
+    model = small()
+    raw = digits.load()[0][:4]
+    with caplog.at_level(logging.WARNING):
+        ssvi.preprocess(model, raw.astype(np.int64))
+        assert not caplog.records
+        ssvi.preprocess(model, raw.astype(np.uint8))
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith("pixels: uint8 pixels, up to 16, are read as 0..255 (nearly black)")

@@ -810,3 +810,35 @@ def test_steps_count_from_zero_so_the_first_remove_and_add_step_is_the_call_at_t
         optimizer.zero_grad()
     assert said == [False, False, True, False, True, False, True, False, False, False]  # t = 2, 4, 6 < 7.5
     assert subspace.t == 10
+
+
+def test_a_wrong_argument_is_a_type_error_that_names_it(tmp_path):
+    """None for the model gave named_modules' AttributeError, step(optimizer) a TypeError from inside
+    torch (and a wrong warning at the next step), a numpy scalar for mean= or an int class name a
+    bare TypeError of iteration."""
+    model = mlp()
+    x, y = data()
+    for call in (lambda: ssvi.predict(None, x), lambda: ssvi.kl_term(None, 10), lambda: ssvi.param_groups(None, 0.1, 0.1),
+                 lambda: ssvi.save(None, tmp_path / "m.safetensors")):
+        with pytest.raises(TypeError, match="^give the model, an nn.Module converted by ssvi_cli.sparsify; not a NoneType$"):
+            call()
+    with pytest.raises(TypeError, match="^x is None; pass a tensor batch$"):
+        ssvi.predict(model, None)
+    with pytest.raises(TypeError, match="^samples must be an int"):
+        ssvi.predict(model, x, mode="mean", samples="x")
+    assert type(ssvi.predict(model, x, samples=np.int64(2)).samples) is int
+    optimizer = torch.optim.SGD(ssvi.param_groups(model, 0.01, 0.01), lr=0.01)
+    subspace = ssvi.Subspace(model, optimizer, total_steps=100, delta_t=10)
+    train_step(model, x, y)
+    with pytest.raises(TypeError, match="^step\\(\\) takes mixed precision's GradScaler, or nothing; not a SGD$"):
+        subspace.step(optimizer)
+    assert subspace.t == 0 and not subspace.step() and subspace.t == 1  # the forward still counts: no warning
+    path = tmp_path / "m.safetensors"
+    ssvi.save(model, path, mean=np.float32(0.5), std=torch.tensor(0.25))
+    assert ssvi.load(path, model=mlp()).ssvi_card.data.mean == (0.5,)
+    for kw, said in ((dict(mean="0.5", std="0.2"), "mean='0.5': give a number, or a sequence of numbers"),
+                     (dict(mean=[[0.5]], std=[1.0]), r"mean=\[\[0.5\]\]: give a number"),
+                     (dict(class_names=[str(i) for i in range(9)] + [None]), r"class_names holds None \(NoneType\)"),
+                     (dict(class_names=list(range(10))), r"class_names holds 0 \(int\): give each output's name as a str")):
+        with pytest.raises(TypeError, match=said):
+            ssvi.save(model, path, **kw)

@@ -127,10 +127,8 @@ class SparseGaussian(nn.Module):
         return gaussian_kl(self.mu, self.sigma(), prior_sigma)
 
     def to_dense(self, values: Tensor, out: Optional[Tensor] = None) -> Tensor:
-        """Scatter values over the support into a dense tensor of ``weight_shape``.
-
-        ``out`` (no autograd): a flat tensor of ``numel`` entries, zero off the support, that receives
-        the values in place (the support's positions are overwritten, the zeros stay)."""
+        """Scatter values over the support into a dense tensor of ``weight_shape``. ``out`` (no autograd):
+        a flat tensor of ``numel`` entries, zero off the support, that receives the values in place."""
         if self.active == self.numel:
             return values.view(self.weight_shape)
         if out is not None:
@@ -317,4 +315,6 @@ class SparseLinear(SparseGaussian):
 
 def sparse_layers(model: nn.Module) -> list[tuple[str, SparseGaussian]]:
     """All sparse Gaussian layers of a model, in registration order."""
+    if not isinstance(model, nn.Module):  # predict(None, x), say: named_modules' AttributeError said nothing of it
+        raise TypeError(f"give the model, an nn.Module converted by ssvi_cli.sparsify; not a {type(model).__name__}")
     return [(n, m) for n, m in model.named_modules() if isinstance(m, SparseGaussian)]

@@ -134,6 +134,9 @@ def array_images(arr: np.ndarray, name: str, channels: int = 3, pixel_max: float
     if pixel_max != 255.0 and arr.dtype != np.uint8 and 0.0 <= lo and 1.0 < hi <= pixel_max:
         # The dataset's own raw range (the digits: 0..16): values above 1 up to pixel_max are raw pixels.
         return ArrayImages(arr, pixel_max, name)
+    if pixel_max != 255.0 and arr.dtype == np.uint8 and 1 < hi <= pixel_max:  # the digits' 0..16 cast to uint8, say
+        logger.warning("%s: uint8 pixels, up to %d, are read as 0..255 (nearly black); this model's raw range "
+                       "0..%g is read as such from integers of another dtype or floats", name, int(hi), pixel_max)
     if np.issubdtype(arr.dtype, np.integer):
         if lo < 0 or hi > 255:
             scale = " (16-bit pixels: x / 65535)" if lo >= 0 and hi <= 65535 else ""

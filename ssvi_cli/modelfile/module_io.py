@@ -11,10 +11,11 @@ and tensor is checked against the model; the first difference is named.
 from __future__ import annotations
 
 import logging
+import numbers
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -77,6 +78,9 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
         if value is not None and (isinstance(value, (str, bytes)) or not isinstance(value, Sequence)):
             raise TypeError(f"{arg}={value!r}: give a sequence " + ("(C, H, W), or (features,)" if arg == "input_shape"
                                                                      else "of names, one per output"))
+    for odd in (n for n in class_names or () if not isinstance(n, str)):
+        raise TypeError(f"class_names holds {odd!r} ({type(odd).__name__}): give each output's name as a str")
+    mean, std = _per_channel("mean", mean), _per_channel("std", std)
     kept, given = _loaded_card(model, architecture), class_names
     if kept is None and (mean is None) != (std is None):
         raise ValueError("give mean= and std= together, or neither: ssvi infer and evaluate feed it (x - mean) / std")
@@ -106,7 +110,6 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
     if class_names and len(set(class_names)) != len(class_names):
         twice = next(n for i, n in enumerate(class_names) if n in class_names[:i])
         raise ValueError(f"class_names names {twice!r} twice; give each output its own name")
-    mean, std = (None if v is None else (v,) if isinstance(v, (int, float)) else v for v in (mean, std))
     num_classes = len(class_names) if class_names else outputs
     widths: tuple[int, ...] = ()
     if architecture is None and kept is not None:  # ssvi's own architecture, checked above
@@ -148,6 +151,20 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
         raise ValueError(str(exc)) from None
     card = ModelCard(Architecture(name, widths, any(l.bayesian for _, l in layers), sigma_param), spec)
     return write_model_file(model, Path(path), card, dtype=dtype)  # type: ignore[arg-type]
+
+
+def _per_channel(arg: str, value: Any) -> Optional[tuple[float, ...]]:
+    """``mean=``/``std=`` as floats, one per channel: a number, a sequence of numbers, or a numpy array
+    or tensor of either (a numpy float32 or a 0-d tensor, as a statistic computed over the data is)."""
+    if value is None:
+        return None
+    listed = value.tolist() if hasattr(value, "tolist") else value
+    if isinstance(listed, numbers.Real) and not isinstance(listed, bool):
+        return (float(listed),)
+    if isinstance(listed, (str, bytes)) or not isinstance(listed, Sequence) or not listed or \
+            not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in listed):
+        raise TypeError(f"{arg}={value!r}: give a number, or a sequence of numbers, one per channel")
+    return tuple(float(v) for v in listed)
 
 
 def _loaded_card(model: nn.Module, architecture: Optional[str]) -> Optional[ModelCard]:
