@@ -291,8 +291,8 @@ class Subspace:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if not isinstance(state, dict) or "t" not in state:
-            raise ValueError(f"{type(state).__name__} {sorted(map(str, state)) if isinstance(state, dict) else ''} is no Subspace "
-                             "state: pass what subspace.state_dict() returned")
+            keys = f" of keys {sorted(map(str, state))}" if isinstance(state, dict) and state else ""
+            raise ValueError(f"a {type(state).__name__}{keys} is no Subspace state: pass what subspace.state_dict() returned")
         if whole("the state's t", state["t"]) < 0:
             raise ValueError(f"the state's t is a step count, got {state['t']}")
         saved = {k: state[k] for k in ("delta_t", "t_end") if k in state}
