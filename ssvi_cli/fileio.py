@@ -236,7 +236,7 @@ def write_json(path: Path, obj: Any) -> None:
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Append one JSON line by a single write, complete or absent (binary: Windows' text mode adds \\r)."""
     line = (compact_json(record) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0), 0o644)
     try:
         size = os.fstat(fd).st_size  # not os.pread, which Windows lacks; O_APPEND writes at the end after lseek
         if size and os.lseek(fd, size - 1, os.SEEK_SET) >= 0 and os.read(fd, 1) != b"\n":

@@ -277,6 +277,24 @@ def test_a_run_left_aside_when_the_machine_stopped_is_settled_at_the_next_claim(
     assert "seed: 7" in (out / ASIDE / "config.yaml").read_text() and not (out / ASIDE / "model.safetensors").exists()
 
 
+def test_a_link_planted_as_the_run_set_aside_is_refused_not_followed(tmp_path: Path, capsys):
+    """A .replaced-run link in a shared runs folder had the files of the folder it named moved into the
+    run by the next --force (and its target emptied)."""
+    from ssvi_cli.runs.aside import ASIDE, REMOVING
+
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    assert run(["train", *SMALL, "--out", str(out)]) == 0
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    for name in (ASIDE, REMOVING):
+        (out / name).symlink_to(elsewhere)
+        assert run(["train", *SMALL, "--out", str(out), "--force"]) == 2
+        assert f"{out / name} is a symbolic link, which ssvi does not follow as a run set aside; remove it" in \
+            capsys.readouterr().err
+        assert (elsewhere / "keep.txt").read_text() == "mine" and not (out / "keep.txt").exists()
+        (out / name).unlink()
+
+
 def test_a_removal_of_the_run_set_aside_cut_short_never_brings_its_files_back(tmp_path: Path, monkeypatch):
     """Removal takes a folder's entries in any order (tmpfs: newest first, the .moved mark first): a kill
     after it had taken the mark left what read as a move cut short, and the next command put the old
@@ -1149,3 +1167,12 @@ def test_ctrl_c_while_a_resume_reads_its_data_says_nothing_changed_and_how_to_re
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"interrupted while the run's checkpoint and data were read, before it went on; nothing changed. Resume with: "
         f"ssvi train --resume {out}")
+
+
+def test_a_name_too_long_for_the_system_is_a_one_line_usage_error(tmp_path: Path, capsys):
+    """--out with a 300-byte name failed as 'error (OSError): [Errno 36] File name too long', exit 1."""
+    long = tmp_path / ("x" * 300)
+    assert run(["train", *SMALL, "--out", str(long)]) == 2
+    said = capsys.readouterr().err
+    assert f"error: {long}: a name too long for this system (most allow 255 bytes a file or folder name)" in said
+    assert not long.parent.joinpath("x" * 255).exists()

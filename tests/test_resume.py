@@ -373,3 +373,56 @@ def test_a_checkpoint_whose_record_is_not_as_ssvi_writes_it_is_refused_in_a_line
     with pytest.raises(CheckpointError, match=f"checkpoint {re.escape(str(path))} does not hold a run's state as "
                                               f"ssvi writes one \\(.*{re.escape(said)}"):
         Trainer.resume(tmp_path / "r")
+
+
+def test_a_checkpoint_of_another_run_is_refused_and_nothing_pruned(tmp_path: Path):
+    """A checkpoint copied in from another run (or met through a checkpoints/ link to a shared folder)
+    was resumed from: the other run's config trained on, written over config.yaml, the run's own
+    checkpoints pruned."""
+    import shutil
+
+    from ssvi_cli.runs.checkpoint import CheckpointError
+
+    other = Trainer.create(cfg(**{"train.epochs": 2, "train.seed": 5}), tmp_path / "other")
+    other.fit()
+    trainer = Trainer.create(cfg(**{"train.epochs": 3}), tmp_path / "r")
+    trainer.step_hooks.append(stop_at(13))
+    with pytest.raises(Interrupted):
+        trainer.fit()
+    own = sorted((tmp_path / "r" / "checkpoints").glob("*.pt"))
+    config = (tmp_path / "r" / "config.yaml").read_text()
+    shutil.copy(sorted((tmp_path / "other" / "checkpoints").glob("*.pt"))[-1],
+                tmp_path / "r" / "checkpoints" / "checkpoint-00000099.pt")
+    with pytest.raises(CheckpointError, match=r"checkpoint-00000099.pt holds another config than the run's config.yaml: "
+                                              r"train.epochs 2 \(config.yaml: 3\); train.seed 5 \(config.yaml: 0\); "
+                                              r"a checkpoint of another run\?"):
+        Trainer.resume(tmp_path / "r")
+    assert all(p.is_file() for p in own) and (tmp_path / "r" / "config.yaml").read_text() == config
+    (tmp_path / "r" / "checkpoints" / "checkpoint-00000099.pt").unlink()
+    Trainer.resume(tmp_path / "r").fit()  # its own resumes
+
+
+def test_a_record_file_made_a_link_is_refused_not_appended_through(tmp_path: Path):
+    """metrics.jsonl and support.jsonl made links were appended to through them on --resume (into a file
+    outside the run); every other file ssvi writes replaces a link."""
+    from ssvi_cli.fileio import UnwritablePath, append_jsonl
+
+    trainer = Trainer.create(cfg(**{"train.epochs": 2}), tmp_path / "r")
+    trainer.step_hooks.append(stop_at(13))
+    with pytest.raises(Interrupted):
+        trainer.fit()
+    for name in ("metrics.jsonl", "support.jsonl"):
+        outside = tmp_path / f"outside-{name}"
+        outside.write_text("theirs\n")
+        record = tmp_path / "r" / name
+        kept = record.read_bytes()
+        record.unlink()
+        record.symlink_to(outside)
+        with pytest.raises(UnwritablePath, match=f"cannot write {record}: it is a symbolic link, which ssvi does not follow"):
+            Trainer.resume(tmp_path / "r").fit()
+        with pytest.raises(OSError):  # and the append itself, should one be planted while the run trains
+            append_jsonl(record, {"epoch": 9})
+        assert outside.read_text() == "theirs\n"
+        record.unlink()
+        record.write_bytes(kept)
+    Trainer.resume(tmp_path / "r").fit()

@@ -1451,3 +1451,18 @@ def test_an_image_folder_changed_under_a_sweep_from_before_they_were_recorded_is
     assert _unrecorded_change(out / "cells" / cell.name, cfg, {}) is not None
     some = replace(cfg, data=replace(cfg.data, classes=("a",)))
     assert _unrecorded_change(out / "cells" / cell.name, some, {}) is None
+
+
+def test_a_cell_log_made_a_link_is_refused_not_appended_through(tmp_path: Path, capsys):
+    """A cell's log planted as a link had the cell's output appended to the file it named."""
+    out, outside = tmp_path / "sw", tmp_path / "outside.log"
+    assert run(["sweep", "--method", "ssvi", "--sparsity", "0.9", "--seeds", "1", "--set", "train.epochs=1",
+                "--out", str(out), "--dry-run"]) == 0
+    (out / "logs").mkdir(exist_ok=True)
+    outside.write_text("theirs\n")
+    (out / "logs" / "ssvi_s0.9_seed0.log").symlink_to(outside)
+    capsys.readouterr()
+    assert run(["sweep", "--resume", str(out)]) == 2
+    said = capsys.readouterr().err
+    assert f"{out / 'logs' / 'ssvi_s0.9_seed0.log'} is a symbolic link, which ssvi does not follow here" in said
+    assert outside.read_text() == "theirs\n" and not (out / "cells" / "ssvi_s0.9_seed0" / "model.safetensors").exists()

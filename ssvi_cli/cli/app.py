@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -284,13 +285,18 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         # A path the system's permissions keep from this user (probed anywhere, by pathlib, say): the
         # user's to fix, said as one line naming it.
         refused = isinstance(exc, PermissionError) and bool(exc.filename)
-        code = 2 if refused or isinstance(exc, _user_errors()) else 1
+        too_long, link = (isinstance(exc, OSError) and exc.errno == e and bool(exc.filename)  # --out x*300; O_NOFOLLOW
+                          for e in (errno.ENAMETOOLONG, errno.ELOOP))
+        code = 2 if refused or too_long or link or isinstance(exc, _user_errors()) else 1
         if debug:  # the traceback, and the same exit code as without --debug
             traceback.print_exception(exc)
             return code
         from ssvi_cli.fileio import denied
 
-        message = (denied(exc) if refused else
+        message = (denied(exc) if refused else f"{exc.filename}: a name too long for this system (most allow 255 "
+                   "bytes a file or folder name)" if too_long else
+                   f"{exc.filename} is a symbolic link, which ssvi does not follow here, or a loop of them (remove it)"
+                   if link else
                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
         if getattr(exc, "ssvi_resume", None):  # a run stopped by it keeps its checkpoints
             message += f"; the run's checkpoints are kept: once that is fixed, resume with: {exc.ssvi_resume}"

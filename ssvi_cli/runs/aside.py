@@ -11,6 +11,7 @@ is settled the same way the next time a command claims it.
 
 from __future__ import annotations
 
+import errno
 import shutil
 from pathlib import Path
 from typing import Iterable, Optional
@@ -84,7 +85,11 @@ def _remove(aside: Path) -> None:
 
 def settle_run(run, entries: Iterable[str]) -> Optional[str]:
     """:func:`settle` for a :class:`~ssvi_cli.runs.rundir.RunDir` and its ``entries`` (``RUN_ENTRIES``):
-    the new run is kept once it has a checkpoint or has finished."""
+    the new run is kept once it has a checkpoint or has finished. Neither hidden folder is followed
+    as a link: one planted in a shared runs folder would have its target's files moved in, or removed."""
+    for planted in (Path(run.path) / name for name in (ASIDE, REMOVING) if (Path(run.path) / name).is_symlink()):
+        raise fileio.UnwritablePath(errno.ELOOP, f"{planted} is a symbolic link, which ssvi does not follow as a run "
+                                                 "set aside; remove it")
     if (Path(run.path) / REMOVING).exists():  # a removal cut short (kill -9): only the old run's files
         shutil.rmtree(Path(run.path) / REMOVING, ignore_errors=True)
     if not (Path(run.path) / ASIDE).is_dir():

@@ -206,6 +206,19 @@ class RunDir:
         except (OSError, yaml.YAMLError, ConfigError, TypeError, ValueError):
             return None
 
+    def checked_config(self, cfg: Any, checkpoint: Path) -> Any:
+        """``cfg``, the config ``checkpoint`` holds, when it is the run's own ``config.yaml``'s: one copied in
+        from another run (or a shared folder ``checkpoints`` links to) would be trained on, the run's pruned."""
+        own = self.read_config()
+        if own is None or own == cfg:
+            return cfg
+        mine, theirs = own.to_dict(), cfg.to_dict()
+        keys = [f"{s}.{k} {theirs[s].get(k)!r} (config.yaml: {v!r})" for s in mine for k, v in mine[s].items()
+                if v != theirs.get(s, {}).get(k)]
+        raise ckpt.CheckpointError(f"{checkpoint} holds another config than the run's config.yaml: {'; '.join(keys[:3])}"
+                                   f"{'; ...' if len(keys) > 3 else ''}; a checkpoint of another run? Move it out of "
+                                   f"{checkpoint.parent}, or resume the run it came from")
+
     # -- files -------------------------------------------------------------------------
     @property
     def config_file(self) -> Path:
@@ -243,6 +256,9 @@ class RunDir:
         unreadable, or the process killed between checkpoints) writes the later ones again."""
         for path, keep in ((self.metrics_file, lambda r: r.get("epoch", 0) <= epochs),
                            (self.support_file, lambda r: r.get("step", 0) < steps)):
+            if path.is_symlink():  # appended through, into a file outside the run
+                raise fileio.UnwritablePath(errno.ELOOP, f"cannot write {path}: it is a symbolic link, which ssvi does "
+                                                         "not follow (remove it)")
             if not path.is_file():
                 continue
             records = fileio.read_jsonl(path)

@@ -205,7 +205,7 @@ def run_cells(sweep_dir: Path, cells: list[Cell], jobs: int, threads: Optional[i
                     outcome.busy.append(cell.name)
                     note("busy", cell.name, "running in another process")
                     continue
-                with open(logs / f"{cell.name}.log", "ab") as log:
+                with open(logs / f"{cell.name}.log", "ab", opener=_not_through_a_link) as log:
                     running[cell.name] = subprocess.Popen(
                         [sys.executable, "-m", "ssvi_cli", *cell_command(path)], stdout=log,
                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
@@ -288,6 +288,11 @@ def _stop_all(running: dict[str, subprocess.Popen], outcome: Outcome, note: List
 
 
 ALREADY_DONE = "is already trained and evaluated; nothing to do"  # a cell's run on finding it so (sweep_cell)
+
+
+def _not_through_a_link(path: str, flags: int) -> int:
+    """A cell's log opened as itself, never a link's target (one planted there would be appended to)."""
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o644)
 
 
 def _finished_elsewhere(log: Path) -> str:

@@ -303,7 +303,7 @@ def _resumable(run: RunDir, device: Optional[str],
     """The run's config, device, newest readable checkpoint and its path, its image folder (in the flat
     layout) checked unchanged before any image is decoded (``warn``: of an unreadable newer one)."""
     path, data = run.load_latest(warn=warn)
-    cfg = from_dict(data["config"])
+    cfg = run.checked_config(from_dict(data["config"]), path)
     dev = resolve_device(device or cfg.train.device)
     try:
         recorded = DataSpec.from_dict(data["data_spec"])
