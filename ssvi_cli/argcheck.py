@@ -39,11 +39,9 @@ def has_control(text: str) -> bool:
     return any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)
 
 
-def printable(text: str, keep: str = "") -> str:
-    """``text`` with each control character but those in ``keep`` written as its escape (``\\x1b``,
-    ``\\n``): a file name's terminal escape sequence printed in a table is shown, not run by the
-    terminal. A message of several lines keeps its newlines with ``keep="\\n"``."""
+def printable(text: str) -> str:
+    """``text`` with each control character written as its escape (``\\x1b``, ``\\n``): a file name's
+    terminal escape sequence printed in a table is shown, not run by the terminal."""
     if not has_control(text):
         return text
-    return "".join(c.encode("unicode_escape").decode("ascii") if has_control(c) and c not in keep else c
-                   for c in text)
+    return "".join(c.encode("unicode_escape").decode("ascii") if has_control(c) else c for c in text)

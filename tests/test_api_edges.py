@@ -836,6 +836,8 @@ def test_a_wrong_argument_is_a_type_error_that_names_it(tmp_path):
     path = tmp_path / "m.safetensors"
     ssvi.save(model, path, mean=np.float32(0.5), std=torch.tensor(0.25))
     assert ssvi.load(path, model=mlp()).ssvi_card.data.mean == (0.5,)
+    ssvi.save(model, path, mean=torch.tensor([0.5, 0.25, 0.125]).view(3, 1, 1), std=[torch.tensor(0.5)] * 3)  # broadcast shape
+    assert ssvi.load(path, model=mlp()).ssvi_card.data.std == (0.5, 0.5, 0.5)
     for kw, said in ((dict(mean="0.5", std="0.2"), "mean='0.5': give a number, or a sequence of numbers"),
                      (dict(mean=[[0.5]], std=[1.0]), r"mean=\[\[0.5\]\]: give a number"),
                      (dict(class_names=[str(i) for i in range(9)] + [None]), r"class_names holds None \(NoneType\)"),

@@ -749,9 +749,9 @@ def test_a_dense_layer_is_outside_the_budget_and_its_check():
     """dense= named a layer too small for the sparsity, and sparsify refused it as left with no
     weight (advising a lower sparsity); under ERK the dense layer took its share of the budget from
     the others. Like the stem, it is now outside both."""
-    small = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
-    report = sparsify(small, 0.99, dense="2")
-    assert [(l.name, l.active, l.dense) for l in report.layers] == [("0", 41, False), ("2", 64, True)]
+    small = nn.Sequential(nn.Linear(200, 200), nn.ReLU(), nn.Linear(200, 2))  # 400 weights: none left at 0.999
+    report = sparsify(small, 0.999, dense="2")
+    assert [(l.name, l.active, l.dense) for l in report.layers] == [("0", 40, False), ("2", 400, True)]
     for allocation in ("uniform", "erk"):
         alone = sparsify(nn.Sequential(nn.Linear(64, 64)), 0.9, allocation=allocation)
         beside = sparsify(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)), 0.9, dense="2",

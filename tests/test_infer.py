@@ -533,18 +533,19 @@ def test_a_file_name_with_a_terminal_escape_is_shown_not_run(model_file, digits,
 
 
 def test_a_warning_naming_a_file_with_a_terminal_escape_shows_it(model_file, digits, tmp_path):
-    """The warning lines (logging) printed a file's name raw, its escape sequence run by the terminal."""
+    """The warning lines (logging) printed a file's name raw, its escape sequence run by the terminal
+    and its newline starting a line of its own."""
     rgba = np.zeros((1, 8, 8, 4), dtype=np.uint8)
     rgba[..., 3] = digits[:1]  # transparent pixels: warned, naming the file
-    name = tmp_path / "c\x1b]0;TITLE\x07.npy"
+    name = tmp_path / "c\x1b]0;TITLE\x07\nerror: forged.npy"
     np.save(name, rgba)
     for debug in ([], ["--debug"]):
         proc = subprocess.run([sys.executable, "-m", "ssvi_cli", "infer", str(model_file), str(name), "--mode", "mean",
                                "--json", *debug], capture_output=True, timeout=120)
         assert proc.returncode == 0, proc.stderr.decode()[-2000:]
         said = proc.stderr.decode()
-        assert "has transparent pixels" in said and "c\\x1b]0;TITLE\\x07.npy" in said
-        assert "\x1b" not in said and "\x07" not in said
+        assert "has transparent pixels" in said and "c\\x1b]0;TITLE\\x07\\nerror: forged.npy" in said
+        assert "\x1b" not in said and "\x07" not in said and "\nerror: forged" not in said
 
 
 def test_an_output_link_is_written_through_and_guarded_as_its_target(model_file, digits, tmp_path, capsys):

@@ -394,8 +394,10 @@ def test_a_checkpoint_of_another_run_is_refused_and_nothing_pruned(tmp_path: Pat
     shutil.copy(sorted((tmp_path / "other" / "checkpoints").glob("*.pt"))[-1],
                 tmp_path / "r" / "checkpoints" / "checkpoint-00000099.pt")
     with pytest.raises(CheckpointError, match=r"checkpoint-00000099.pt holds another config than the run's config.yaml: "
-                                              r"train.epochs 2 \(config.yaml: 3\); train.seed 5 \(config.yaml: 0\); "
-                                              r"a checkpoint of another run\?"):
+                                              r"train.epochs 2 \(config.yaml: 3\); train.seed 5 \(config.yaml: 0\). "
+                                              r"--resume trains on with a checkpoint's config: put an edited config.yaml "
+                                              r"back as it was \(ssvi train --preset .*config.yaml --out NEW trains with "
+                                              r"it\), move a checkpoint of another run out of "):
         Trainer.resume(tmp_path / "r")
     assert all(p.is_file() for p in own) and (tmp_path / "r" / "config.yaml").read_text() == config
     (tmp_path / "r" / "checkpoints" / "checkpoint-00000099.pt").unlink()

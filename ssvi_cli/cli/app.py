@@ -158,7 +158,7 @@ class _Progress(logging.Handler):
     as decoding an image folder) on stderr, where progress goes."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        tell(printable(record.getMessage(), keep="\n\t"), highlight=False)
+        tell(printable(record.getMessage()), highlight=False)
 
 
 def _silent_rank() -> bool:
@@ -210,11 +210,11 @@ def _empty_argument(args: Sequence[str]) -> Optional[str]:
 
 
 class _Shown(logging.Formatter):
-    """A log line whose control characters but newline and tab are shown as escapes: a file name's
-    terminal escape sequence in a warning is printed, not run by the terminal (as in error lines)."""
+    """A log line whose control characters are shown as escapes, as in error lines: a file name's terminal
+    escape is printed, not run, and its newline forges no line; a traceback (--debug) keeps its lines."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        return printable(super().format(record), keep="\n\t")
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return printable(super().formatMessage(record))
 
 
 class _Plain(_Shown):
@@ -293,8 +293,9 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
             return code
         from ssvi_cli.fileio import denied
 
-        message = (denied(exc) if refused else f"{exc.filename}: a name too long for this system (most allow 255 "
-                   "bytes a file or folder name)" if too_long else
+        message = (denied(exc) if refused else f"{exc.filename}: " + ("a name" if max(map(len, os.fsencode(exc.filename).split(
+                   b"/"))) > 255 else "a path") + " too long for this system (most allow names of 255 bytes, paths of 4096)"
+                   if too_long else
                    f"{exc.filename} is a symbolic link, which ssvi does not follow here, or a loop of them (remove it)"
                    if link else
                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)

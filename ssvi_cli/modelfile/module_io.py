@@ -155,15 +155,18 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
 
 def _per_channel(arg: str, value: Any) -> Optional[tuple[float, ...]]:
     """``mean=``/``std=`` as floats, one per channel: a number, a sequence of numbers, or a numpy array
-    or tensor of either (a numpy float32 or a 0-d tensor, as a statistic computed over the data is)."""
+    or tensor of any shape holding them (a numpy float32, a 0-d tensor, a (C, 1, 1) one that broadcasts)."""
     if value is None:
         return None
-    listed = value.tolist() if hasattr(value, "tolist") else value
+    if hasattr(value, "tolist") and hasattr(value, "reshape"):
+        listed = value.reshape(-1).tolist()
+    else:
+        listed = [v.item() if hasattr(v, "item") else v for v in value] if isinstance(value, Sequence) else value
     if isinstance(listed, numbers.Real) and not isinstance(listed, bool):
         return (float(listed),)
     if isinstance(listed, (str, bytes)) or not isinstance(listed, Sequence) or not listed or \
             not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in listed):
-        raise TypeError(f"{arg}={value!r}: give a number, or a sequence of numbers, one per channel")
+        raise TypeError(f"{arg}={value!r:.60}: give a number, or a sequence of numbers, one per channel")
     return tuple(float(v) for v in listed)
 
 

@@ -209,15 +209,15 @@ class RunDir:
     def checked_config(self, cfg: Any, checkpoint: Path) -> Any:
         """``cfg``, the config ``checkpoint`` holds, when it is the run's own ``config.yaml``'s: one copied in
         from another run (or a shared folder ``checkpoints`` links to) would be trained on, the run's pruned."""
-        own = self.read_config()
-        if own is None or own == cfg:
+        if (own := self.read_config()) is None or own == cfg:
             return cfg
         mine, theirs = own.to_dict(), cfg.to_dict()
         keys = [f"{s}.{k} {theirs[s].get(k)!r} (config.yaml: {v!r})" for s in mine for k, v in mine[s].items()
                 if v != theirs.get(s, {}).get(k)]
         raise ckpt.CheckpointError(f"{checkpoint} holds another config than the run's config.yaml: {'; '.join(keys[:3])}"
-                                   f"{'; ...' if len(keys) > 3 else ''}; a checkpoint of another run? Move it out of "
-                                   f"{checkpoint.parent}, or resume the run it came from")
+                                   f"{'; ...' if len(keys) > 3 else ''}. --resume trains on with a checkpoint's config: "
+                                   f"put an edited config.yaml back as it was (ssvi train --preset {quote_path(self.config_file)} "
+                                   f"--out NEW trains with it), move a checkpoint of another run out of {checkpoint.parent}")
 
     # -- files -------------------------------------------------------------------------
     @property

@@ -292,7 +292,7 @@ ALREADY_DONE = "is already trained and evaluated; nothing to do"  # a cell's run
 
 def _not_through_a_link(path: str, flags: int) -> int:
     """A cell's log opened as itself, never a link's target (one planted there would be appended to)."""
-    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)  # as open() makes it, under the umask
 
 
 def _finished_elsewhere(log: Path) -> str:
