@@ -873,6 +873,9 @@ def test_the_first_decoding_line_comes_after_a_second_and_the_rest_every_few(ws,
     monkeypatch.setattr(decoding, "time", SimpleNamespace(monotonic=lambda: 0.5 * next(clock)))  # 0.5 s a call
     source = imagefolder.folder_source(str(ws / "flat"))
     part = source.load(None, True, False)  # the training images: the flat layout's validation comes from them
+    # The CLI's progress handler (an earlier in-process command's) keeps the logger from propagating,
+    # and caplog's handler sits on the root logger before pytest 9.1.
+    monkeypatch.setattr(logging.getLogger("ssvi_cli.progress"), "propagate", True)
     with caplog.at_level(logging.INFO, logger="ssvi_cli.progress"):
         part.images.decode()
     lines = [r.getMessage() for r in caplog.records]
