@@ -873,11 +873,17 @@ def test_the_first_decoding_line_comes_after_a_second_and_the_rest_every_few(ws,
     monkeypatch.setattr(decoding, "time", SimpleNamespace(monotonic=lambda: 0.5 * next(clock)))  # 0.5 s a call
     source = imagefolder.folder_source(str(ws / "flat"))
     part = source.load(None, True, False)  # the training images: the flat layout's validation comes from them
-    # The CLI's progress handler (an earlier in-process command's) keeps the logger from propagating,
-    # and caplog's handler sits on the root logger before pytest 9.1.
-    monkeypatch.setattr(logging.getLogger("ssvi_cli.progress"), "propagate", True)
-    with caplog.at_level(logging.INFO, logger="ssvi_cli.progress"):
-        part.images.decode()
+    # The CLI's progress handler (an earlier in-process command's) keeps the logger from propagating, and
+    # caplog's handler sits only on the root logger before pytest 9.1: it is put on the logger itself,
+    # which then passes nothing on (each record caught once, whichever pytest and whichever test ran before).
+    progress = logging.getLogger("ssvi_cli.progress")
+    monkeypatch.setattr(progress, "propagate", False)
+    progress.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="ssvi_cli.progress"):
+            part.images.decode()
+    finally:
+        progress.removeHandler(caplog.handler)
     lines = [r.getMessage() for r in caplog.records]
     n = len(part.images)
     counts = [int(line.split()[1].split("/")[0]) for line in lines]

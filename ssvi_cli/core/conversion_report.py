@@ -4,7 +4,7 @@ posterior, and the layers it left as they were with the reason, as a table (``st
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,9 @@ class ConversionReport:
 
     layers: list[ConvertedLayer] = field(default_factory=list)
     kept: list[tuple[str, str]] = field(default_factory=list)
+    # Said to the report taken for the model (``model = ssvi.sparsify(model)``), wherever a model is asked for.
+    TAKEN_FOR_THE_MODEL: ClassVar[str] = (": ssvi_cli.sparsify converts the model in place and returns this report of "
+                                          "it; pass the model itself")
 
     @property
     def density(self) -> float:
@@ -61,5 +64,4 @@ class ConversionReport:
                                                       ["layers", "kept"], n=1, cutoff=0.75):
             # copy and pickle look-ups; a typo of the report's own (``layer``): Python's error and "Did you mean"
             raise AttributeError(f"'ConversionReport' object has no attribute {name!r}", name=name, obj=self)
-        raise AttributeError(f"'ConversionReport' object has no attribute {name!r}: ssvi_cli.sparsify converts the "
-                             "model in place and returns this report of it; pass the model itself")
+        raise AttributeError(f"'ConversionReport' object has no attribute {name!r}{self.TAKEN_FOR_THE_MODEL}")

@@ -68,8 +68,7 @@ class SparseGaussian(nn.Module):
         self._captured = CapturedGrad()
         self._pattern: Optional[tuple[Tensor, int, CsrPattern]] = None  # idx, its version, its CSR pattern
 
-    # -- support ---------------------------------------------------------------
-    @property
+    @property  # -- support ------------------------------------------------------------
     def active(self) -> int:
         return int(self.idx.numel())
 
@@ -316,5 +315,6 @@ class SparseLinear(SparseGaussian):
 def sparse_layers(model: nn.Module) -> list[tuple[str, SparseGaussian]]:
     """All sparse Gaussian layers of a model, in registration order."""
     if not isinstance(model, nn.Module):  # predict(None, x), say: named_modules' AttributeError said nothing of it
-        raise TypeError(f"give the model, an nn.Module converted by ssvi_cli.sparsify; not a {type(model).__name__}")
+        raise TypeError(f"give the model, an nn.Module converted by ssvi_cli.sparsify; not a {type(model).__name__}"
+                        + getattr(type(model), "TAKEN_FOR_THE_MODEL", ""))  # a ConversionReport's own advice
     return [(n, m) for n, m in model.named_modules() if isinstance(m, SparseGaussian)]
