@@ -832,3 +832,25 @@ def test_a_model_file_whose_header_length_begins_with_a_zip_archives_bytes_still
     assert length(pad) == 0x4B50 and path.read_bytes()[:2] == b"PK"
     assert read_header(path)["meta"]["data_spec"]["num_classes"] == 3
     ssvi.load(path, nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)))
+
+
+def test_save_refuses_a_support_no_reader_takes(tmp_path):
+    """An EMA model of torch's AveragedModel(use_buffers=True) averages idx as a number (duplicates
+    after some updates): predict ran on it and save wrote a file that load refused ('has 818 indices
+    but records 819 active entries')."""
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        ssvi.sparsify(model, 0.8)
+        return model
+
+    model = net()
+    path = tmp_path / "m.safetensors"
+    ssvi.save(model, path)
+    kept = path.read_bytes()
+    with torch.no_grad():
+        model[0].idx[5] = model[0].idx[4]
+    with pytest.raises(ValueError, match=r"^the support \(idx\) of layer '0' is not a sorted set of distinct positions "
+                                         r"below 4096 \(an index averaged as a number, by torch's AveragedModel"):
+        ssvi.save(model, path)
+    assert path.read_bytes() == kept  # the last good file stays

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ssvi_cli.core.conv import SparseConv2d
 from ssvi_cli.core.layers import SparseGaussian, sparse_layers
+from ssvi_cli.core.state import support_problem
 from ssvi_cli.fileio import atomic_path, compact_json
 from ssvi_cli.modelfile.card import ModelCard
 from ssvi_cli.modelfile.codec import encode_index
@@ -72,6 +73,9 @@ def model_tensors(model: SSVIModel, dtype: str = "float32", dense: bool = False
     tensors: dict[str, Tensor] = {}
     records: list[dict[str, Any]] = []
     for name, layer in sparse_layers(model):
+        if problem := support_problem(layer.numel, layer.idx):  # no reader would take the file
+            raise ValueError(f"the support (idx) of layer {name!r} is {problem} (an index averaged as a number, by torch's "
+                             "AveragedModel with use_buffers=True, say): nothing was written")
         code, active, parts = _layer_tensors(layer, dense)
         for part, value in parts.items():
             key = f"{name}.{part}"
