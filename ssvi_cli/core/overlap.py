@@ -22,8 +22,8 @@ def criteria_overlap(model: torch.nn.Module, fraction: float = 0.3, lam: float =
     Per layer every criterion drops the ``floor(fraction * active)`` lowest-scoring active entries
     (as the subspace step does); the IoU of two criteria is ``sum |A_l & B_l| / sum |A_l | B_l|``
     over layers, and 1 where no criterion drops anything (``dropped``, the entries each drops over
-    all layers, is then 0: a fraction too small for any layer's active count). None for a
-    deterministic model.
+    all layers, is then 0: a fraction too small for any layer's active count). Layers with every
+    weight active are left out (no step drops from them); None where no Bayesian layer is left.
     """
     layers = [(n, l) for n, l in sparse_layers(model) if l.bayesian and l.active < l.numel]
     if not layers:

@@ -249,11 +249,11 @@ def write_snr_plots(layers: list[tuple[str, SparseGaussian]], out_dir: Path) -> 
             continue
         values = torch.log10(snr(layer.mu.detach().cpu(), layer.sigma().detach().cpu()).clamp_min(1e-6))
         everything.append(values)
-        written.append(_histogram(plt, values, f"{name}: log10 SNR ({layer.active} active)",
+        written.append(_histogram(plt, values, f"{name}: log10 SNR over {layer.active:,} weights",
                                   out_dir / f"snr_{name.replace('.', '_')}.png"))
     if everything:
         joined = torch.cat(everything)
-        written.append(_histogram(plt, joined, f"all layers: log10 SNR ({len(joined)} active)", out_dir / "snr_all.png"))
+        written.append(_histogram(plt, joined, f"all layers: log10 SNR over {len(joined):,} weights", out_dir / "snr_all.png"))
     for stale in sorted(set(out_dir.glob("snr_*.png")) - set(written)):
         if stale.is_file() and not stale.is_symlink() and _drawn_here(stale):
             stale.unlink()
