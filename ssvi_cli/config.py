@@ -196,7 +196,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (inner, _ellipsis) = get_args(tp)
         if isinstance(value, str):  # split on commas when there are any (a class name may hold spaces)
             body = value.strip("[]() ")
-            value = [_unquoted(v.strip()) for v in (body.split(",") if "," in body else body.split()) if v.strip()]
+            items = [v.strip() for v in (body.split(",") if "," in body else body.split())]
+            if "" in items:  # "512,,512", "0,1,": refused as sweep's comma lists refuse it
+                raise ConfigError(f"{key}: {value!r} has an empty item; remove the extra comma")
+            value = [_unquoted(v) for v in items]
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
@@ -640,9 +643,14 @@ def _read_preset(name_or_path: str) -> tuple[Path, dict[str, Any]]:
                                                                  f"does not exist{looked_in(candidate)}")
                               + (f"; the shipped preset is named without its suffix: {shipped}" if shipped else
                                  "; give a YAML (or JSON) file's path"))
+        elif candidate.is_file() and candidate.suffix.lower() in (".safetensors", ".pt", ".pth"):  # weights, not a recipe
+            raise ConfigError(f"preset file {name_or_path} holds weights, not a config: --init-from {name_or_path} starts "
+                              "from them (a run's recipe is its config.yaml: --preset RUN/config.yaml)")
         elif candidate.is_file():  # a preset's file is told from a preset's name by its suffix
             raise ConfigError(f"preset file {name_or_path}: a preset file's name ends in "
                               f"{', '.join(PRESET_SUFFIXES[:-1])} or {PRESET_SUFFIXES[-1]}; rename it")
+        elif candidate.is_dir() and (candidate / "config.yaml").is_file():  # a run's folder: its recipe is in it
+            raise ConfigError(f"--preset {name_or_path} is a run's folder; its config is --preset {candidate / 'config.yaml'}")
         else:
             file = next((f"{candidate}{s}" for s in PRESET_SUFFIXES if Path(f"{candidate}{s}").is_file()), None)
             raise ConfigError(

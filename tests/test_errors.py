@@ -211,6 +211,15 @@ CASES = [
     (["evaluate", "{ws}/run", "--output", "{ws}/run/model.safetensors"], "is the model file being evaluated"),
     # inspect
     (["inspect", "{ws}/empty_dir"], "has no checkpoint"),
+    # a run's checkpoints folder was said to hold no checkpoint (expected .../checkpoints/checkpoints/...)
+    (["inspect", "{ws}/run/checkpoints"], "{ws}/run/checkpoints is the checkpoints folder of the run in {ws}/run; name that folder"),
+    (["evaluate", "{ws}/run/checkpoints"], "is the checkpoints folder of the run in {ws}/run"),
+    (["train", "--preset", "{ws}/run/model.safetensors"],  # was told to rename it .yaml
+     "preset file {ws}/run/model.safetensors holds weights, not a config: --init-from {ws}/run/model.safetensors"),
+    (["train", "--preset", "{ws}/run"], "--preset {ws}/run is a run's folder; its config is --preset {ws}/run/config.yaml"),
+    (["train", "--set", "model.widths=[512,,512]"], "model.widths: '[512,,512]' has an empty item; remove the extra comma"),
+    (["evaluate", "{ws}/run", "--ood", "noise,sklearn-photos"],
+     "--ood noise,sklearn-photos: give --ood once per set: --ood noise --ood sklearn-photos"),
     (["inspect", "{ws}/missing"], "{ws}/missing does not exist"),
     (["inspect", "{ws}/newer.safetensors"], "upgrade ssvi to read it"),
     (["infer", "{ws}/fewnames.safetensors", "{ws}/ok.npy"], "data description: data spec names 1 classes for a model of 10"),

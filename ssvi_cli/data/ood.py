@@ -210,6 +210,8 @@ def parse_ood(text: str) -> OodRequest:
             raise DataError(f"--ood {text}: no such file or folder{looked_in(path)}; a path must be a folder of "
                             f"images and arrays, or a {ARRAY_SUFFIX} array")
         return OodRequest(text, "path", path=_own(text, path))
+    if "," in text and all(n.strip() in (*OOD_SETS.names(), HELDOUT) for n in text.split(",")):  # as --method takes them
+        raise UnknownDataset(f"--ood {text}: give --ood once per set: " + " ".join(f"--ood {n.strip()}" for n in text.split(",")))
     unknown = OOD_SETS.unknown_message(text)
     nearby = "did you mean" in unknown  # a misspelt name: no word of paths
     raise UnknownDataset(f"{unknown}; or {_FORMS}" + ("" if nearby else f"; nor is {text} a file or folder{looked_in(Path(text))}"))

@@ -66,10 +66,10 @@ def latest_checkpoint(run_dir: Path, is_run: Optional[Callable[[Path], bool]] = 
         inner = run_below(run_dir, is_run) if is_run is not None else None
         if inner is not None:
             raise CheckpointError(f"{run_dir} is not a run directory but holds runs, such as {inner}; name one of them")
-        raise CheckpointError(
-            f"{run_dir} has no checkpoint (expected {checkpoint_dir(run_dir)}/checkpoint-*.pt); "
-            "is it a run directory written by 'ssvi train'?"
-        )
+        own = Path(run_dir).name == CHECKPOINT_DIR and bool(list_checkpoints(Path(run_dir).parent))  # r1/checkpoints
+        raise CheckpointError(f"{run_dir} is the checkpoints folder of the run in {Path(run_dir).parent}; name that folder"
+                              if own else f"{run_dir} has no checkpoint (expected {checkpoint_dir(run_dir)}/checkpoint-*.pt); "
+                              "is it a run directory written by 'ssvi train'?")
     return found[-1]
 
 
