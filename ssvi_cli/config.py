@@ -196,6 +196,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (inner, _ellipsis) = get_args(tp)
         if isinstance(value, str):  # split on commas when there are any (a class name may hold spaces)
             body = value.strip("[]() ")
+            if value.strip().startswith("(") and body.endswith(","):  # a one-item tuple, as Python writes it: (512,)
+                body = body[:-1]
             items = [v.strip() for v in (body.split(",") if "," in body else body.split())]
             if "" in items:  # "512,,512", "0,1,": refused as sweep's comma lists refuse it
                 raise ConfigError(f"{key}: {value!r} has an empty item; remove the extra comma")

@@ -267,3 +267,14 @@ def test_a_recorded_config_with_image_folder_keys_on_another_dataset_still_reads
     recorded["data"].update(image_size=16, channels=1, mean=[0.5])
     cfg = C.from_dict(recorded)
     assert (cfg.data.name, cfg.data.image_size, cfg.data.mean) == ("digits", 16, (0.5,))
+
+
+def test_a_list_with_an_empty_item_is_refused_and_a_one_item_tuple_read():
+    """'512,,512' trained widths [512, 512] in silence; '(512,)', Python's one-item tuple, stays one item."""
+    base = C.Config()
+    with pytest.raises(C.ConfigError, match=r"^model.widths: '512,,512' has an empty item; remove the extra comma$"):
+        C.apply_overrides(base, {"model.widths": "512,,512"})
+    with pytest.raises(C.ConfigError, match="has an empty item"):
+        C.apply_overrides(base, {"data.classes": "0,1,"})
+    assert C.apply_overrides(base, {"model.widths": "(512,)"}).model.widths == (512,)
+    assert C.apply_overrides(base, {"model.widths": "[64, 32]"}).model.widths == (64, 32)

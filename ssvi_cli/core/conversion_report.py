@@ -28,7 +28,8 @@ class ConversionReport:
 
     layers: list[ConvertedLayer] = field(default_factory=list)
     kept: list[tuple[str, str]] = field(default_factory=list)
-    # Said to the report taken for the model (``model = ssvi.sparsify(model)``), wherever a model is asked for.
+    # Said to the report taken for the model (``model = ssvi.sparsify(model)``): by a module's attribute asked
+    # of it, and where predict, save, param_groups or kl_term look for the model's sparse layers.
     TAKEN_FOR_THE_MODEL: ClassVar[str] = (": ssvi_cli.sparsify converts the model in place and returns this report of "
                                           "it; pass the model itself")
 
