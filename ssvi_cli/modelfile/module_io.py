@@ -11,7 +11,6 @@ and tensor is checked against the model; the first difference is named.
 from __future__ import annotations
 
 import logging
-import numbers
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from ssvi_cli.argcheck import real
 from ssvi_cli.core.conv import SparseConv2d
 from ssvi_cli.core.convert import unfilled
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
@@ -154,20 +154,19 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
 
 
 def _per_channel(arg: str, value: Any) -> Optional[tuple[float, ...]]:
-    """``mean=``/``std=`` as floats, one per channel: a number, a sequence of numbers, or a numpy array
-    or tensor of any shape holding them (a numpy float32, a 0-d tensor, a (C, 1, 1) one that broadcasts)."""
+    """``mean=``/``std=`` as floats, one per channel: a number (:func:`~ssvi_cli.argcheck.real`'s), a
+    sequence of them, or a numpy array or tensor of any shape holding them (a (C, 1, 1) one broadcasts)."""
     if value is None:
         return None
     if hasattr(value, "tolist") and hasattr(value, "reshape"):
-        listed = value.reshape(-1).tolist()
-    else:
-        listed = [v.item() if hasattr(v, "item") else v for v in value] if isinstance(value, Sequence) else value
-    if isinstance(listed, numbers.Real) and not isinstance(listed, bool):
-        return (float(listed),)
-    if isinstance(listed, (str, bytes)) or not isinstance(listed, Sequence) or not listed or \
-            not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in listed):
-        raise TypeError(f"{arg}={value!r:.60}: give a number, or a sequence of numbers, one per channel")
-    return tuple(float(v) for v in listed)
+        value = value.reshape(-1).tolist()
+    items = value if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) else [value]
+    if items:
+        try:
+            return tuple(real(arg, v, finite=False) for v in items)  # (a non-finite one: the data description's check)
+        except TypeError:
+            pass
+    raise TypeError(f"{arg}={value!r:.60}: give a number, or a sequence of numbers, one per channel")
 
 
 def _loaded_card(model: nn.Module, architecture: Optional[str]) -> Optional[ModelCard]:
