@@ -201,6 +201,14 @@ def test_module_entry_point_shows_help():
     assert proc.returncode == 0 and "train" in proc.stdout
 
 
+@pytest.mark.parametrize("command", [[], ["train"], ["sweep"], ["presets"]])
+def test_dash_h_is_help_as_in_most_command_line_tools(command, capsys):
+    """-h was refused ("No such option: -h") where --help answered."""
+    assert run([*command, "-h"]) == 0
+    said = capsys.readouterr().out
+    assert "Usage: ssvi" in said and "--help" in said and "-h" in said
+
+
 def test_force_is_a_plain_flag(capsys):
     """--force showed a --no-force that meant nothing."""
     for command in ("train", "sweep"):
@@ -1133,6 +1141,19 @@ def test_train_json_shows_its_epochs_on_stderr_and_keeps_stdout_for_the_summary(
     assert json.loads(out)["epochs"] == 2
     assert [l.split(" loss ")[0] for l in err.splitlines() if l.startswith("epoch ")] == ["epoch 1/2", "epoch 2/2"]
     assert err.startswith("training mlp on digits (64 train, 8 val, 360 test images)")
+
+
+@pytest.mark.parametrize("line, said", [
+    (["sweep", "--jobs", "0", "--dry-run"], "error: --jobs 0: give a whole number 1 or more"),
+    (["train", "--nproc", "two"], "error: --nproc two: give a whole number"),
+    (["evaluate", "m.safetensors", "--seed", "-1"], "error: --seed -1: give a whole number from 0 to 4294967295"),
+    (["bench", "--repeats", "1.5"], "error: --repeats 1.5: give a whole number"),
+])
+def test_a_bounded_whole_number_out_of_its_bounds_is_one_line(line, said, capsys):
+    """The bound was shown in --help's metavar column (`<int range> [x>=1]`), which cut help words at 80
+    columns; it is said when a value is outside it, in one line as ssvi's other checks of a value."""
+    assert run(line) == 2
+    assert capsys.readouterr().err.strip() == said
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate", "export", "infer", "inspect", "bench", "sweep", "presets"])

@@ -29,6 +29,7 @@ from ssvi_cli.warned import warnings_scope
 from ssvi_cli.training.cpus import fit_torch_threads
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},  # -h as most tools take it
                   help="Sparse Bayesian neural networks with Sparse Subspace Variational Inference. "
                        "Add --debug anywhere on a command line for debug logs and full tracebacks.")
 
@@ -124,8 +125,7 @@ class Terminated(BaseException):
 
 
 def _torchrun_worker() -> bool:
-    """Whether this process is a torchrun worker (training.distributed.ENV_KEYS, read here without
-    importing torch)."""
+    """Whether this process is a torchrun worker (training.distributed.ENV_KEYS, read without torch)."""
     return all(key in os.environ for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
 
 

@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ssvi_cli.cli.common import UsageError, check_device, count, err, out, print_json
+from ssvi_cli.cli.numbers import whole
 
 
 def parse_sparsities(text: str) -> tuple[float, ...]:
@@ -100,12 +101,12 @@ def register(app: typer.Typer) -> None:
     def bench(
         model: Annotated[str, typer.Option(help="mlp (784-1024-1024-10), lenet5, resnet18, or torchvision:NAME (any torchvision classifier, built as ssvi train builds it).")] = "mlp",
         sparsity: Annotated[Optional[str], typer.Option(help="Comma-separated sparsities, each in (0, 1) (default 0.9,0.95,0.98; resnet18 and torchvision: 0.95).")] = None,
-        batch_size: Annotated[Optional[int], typer.Option(min=1, help="Minibatch size (default 256; resnet18: 16; torchvision: 8).")] = None,
-        samples: Annotated[Optional[int], typer.Option(min=1, help="Monte Carlo draws per prediction (default 16; resnet18 and torchvision: 4).")] = None,
-        repeats: Annotated[Optional[int], typer.Option(min=1, help="Timed repeats per variant (default 10; resnet18 and torchvision: 3).")] = None,
-        input_size: Annotated[Optional[int], typer.Option(min=1, help="Height and width of the synthetic inputs (default: 28 for mlp and lenet5, 32 for resnet18, 64 for torchvision).")] = None,
-        threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: torch's current setting).")] = None,
-        warmup: Annotated[int, typer.Option(min=0, help="Untimed warm-up runs per variant.")] = 2,
+        batch_size: Annotated[Optional[int], typer.Option(parser=whole("--batch-size", 1), metavar="<int>", help="Minibatch size (default 256; resnet18: 16; torchvision: 8).")] = None,
+        samples: Annotated[Optional[int], typer.Option(parser=whole("--samples", 1), metavar="<int>", help="Monte Carlo draws per prediction (default 16; resnet18 and torchvision: 4).")] = None,
+        repeats: Annotated[Optional[int], typer.Option(parser=whole("--repeats", 1), metavar="<int>", help="Timed repeats per variant (default 10; resnet18 and torchvision: 3).")] = None,
+        input_size: Annotated[Optional[int], typer.Option(parser=whole("--input-size", 1), metavar="<int>", help="Height and width of the synthetic inputs (default: 28 for mlp and lenet5, 32 for resnet18, 64 for torchvision).")] = None,
+        threads: Annotated[Optional[int], typer.Option(parser=whole("--threads", 1), metavar="<int>", help="torch threads (default: torch's current setting).")] = None,
+        warmup: Annotated[int, typer.Option(parser=whole("--warmup", 0), metavar="<int>", help="Untimed warm-up runs per variant.")] = 2,
         device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); timings synchronise the GPU around every run.")] = "cpu",
         json_out: Annotated[bool, typer.Option("--json", help="Print the full result as JSON only.")] = False,
     ) -> None:

@@ -14,6 +14,7 @@ from rich.table import Table
 from ssvi_cli.config import MAX_BATCH, MAX_ITEMS, MAX_SEED
 from ssvi_cli.cli.common import (UsageError, check_device, check_output_dir, check_output_file, err,
                                    fmt, kept_warnings, out, print_json, progress_bar)
+from ssvi_cli.cli.numbers import whole
 from ssvi_cli.cli.paths import output_file, try_making
 from ssvi_cli.machine import given_path, quote_path
 
@@ -113,8 +114,8 @@ def register(app: typer.Typer) -> None:
         samples: Annotated[Optional[str], typer.Option(help="Monte Carlo samples S, or a list such as 1,5,10,30 for a table over S (default 30).")] = None,
         mode: Annotated[str, typer.Option(help="mc (Bayesian model average of S samples) or mean (the mean network).")] = "mc",
         batch_size: Annotated[int, typer.Option(help="Images per prediction batch.")] = 500,
-        seed: Annotated[int, typer.Option(help="Seed of the Monte Carlo draws and of the OOD subsets.", min=0, max=MAX_SEED)] = 0,
-        ood_max_items: Annotated[int, typer.Option("--ood-max-items", help="Items of each OOD set at most, drawn with --seed (fewer: faster for a large model, a noisier AUROC).", min=1)] = 2000,
+        seed: Annotated[int, typer.Option(parser=whole("--seed", 0, MAX_SEED), metavar="<int>", help="Seed of the Monte Carlo draws and of the OOD subsets.")] = 0,
+        ood_max_items: Annotated[int, typer.Option("--ood-max-items", parser=whole("--ood-max-items", 1), metavar="<int>", help="Items of each OOD set at most, drawn with --seed (fewer: faster for a large model, a noisier AUROC).")] = 2000,
         data_dir: Annotated[Optional[Path], typer.Option(help="Folder of torchvision datasets, for the in-distribution data and --ood NAME (default: the training config's, else the data folder in ~/.cache/ssvi).")] = None,
         download: Annotated[bool, typer.Option(help="Download missing torchvision datasets.")] = False,
         device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); the default, cpu, gives the numbers a machine without a GPU gives.")] = "cpu",

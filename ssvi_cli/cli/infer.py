@@ -16,6 +16,7 @@ from ssvi_cli.config import MAX_SAMPLES, MAX_SEED
 from ssvi_cli.cli.common import (UsageError, check_device, check_output_file, count, err, json_text, out,
                                    kept_warnings, print_json, progress_bar)
 from ssvi_cli.cli.console import reader_may_go
+from ssvi_cli.cli.numbers import whole
 from ssvi_cli.cli.paths import output_file
 from ssvi_cli.cli.train_fit import KeyboardInterruptHandled
 from ssvi_cli.machine import given_path
@@ -34,7 +35,7 @@ def register(app: typer.Typer) -> None:
         batch_size: Annotated[int, typer.Option(help="Inputs per forward pass.")] = 256,
         top_k: Annotated[int, typer.Option(help="Classes listed per input, most probable first (all of them "
                                                 "when the model has fewer).")] = 3,
-        seed: Annotated[int, typer.Option(help="Seed of the Monte Carlo draws.", min=0, max=MAX_SEED)] = 0,
+        seed: Annotated[int, typer.Option(parser=whole("--seed", 0, MAX_SEED), metavar="<int>", help="Seed of the Monte Carlo draws.")] = 0,
         output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=output_file, metavar="<path>", help="Write all predictions to a .jsonl or .csv file (the suffix picks the format).")] = None,
         device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); the default, cpu, gives the predictions a machine without a GPU gives.")] = "cpu",
         json_out: Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")] = False,

@@ -15,6 +15,7 @@ import typer
 from ssvi_cli import config as cfgmod
 from ssvi_cli.cli.common import (Debug, UsageError, check_run_out, scored_as, fmt, forwarded_args, kv_table, no_reader, out,
                                  print_json, running_a_cell, tell)
+from ssvi_cli.cli.numbers import whole
 from ssvi_cli.cli.presets import print_train_config
 from ssvi_cli.cli.train_config import (build_config, config_origin, default_run_dir, finished_run, idle_settings_note,
                                        init_from_lr_note, nproc_again, pin_init_from, processes_note, recipe_note, set_keys,
@@ -81,7 +82,7 @@ def register(app: typer.Typer) -> None:
         force: Annotated[bool, typer.Option("--force", help="Replace the run in --out (its own files, kept aside until the new run has a checkpoint; a folder that is not a run is never emptied).")] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print the final summary (summary.json) as JSON only, with the run's notes as notes.")] = False,
         precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (autocast; fp16 adds a gradient scaler). The LRT variance stays float32.")] = None,
-        nproc: Annotated[Optional[int], typer.Option(help="Processes on this node, data parallel (started with torchrun); --batch-size is per process.", min=1)] = None,
+        nproc: Annotated[Optional[int], typer.Option(parser=whole("--nproc", 1), metavar="<int>", help="Processes on this node, data parallel (started with torchrun); --batch-size is per process.")] = None,
         kernel: Annotated[Optional[str], typer.Option(help="Weight products: auto (per layer by density and type), sparse (active entries only) or dense (a transient dense weight).")] = None,
         print_config: Annotated[bool, typer.Option("--print-config", help="Print the config this command would train with (with --resume: the run's), as YAML that --preset reads back (--json: JSON), and exit: nothing is trained or written.")] = False,
     ) -> None:
