@@ -159,6 +159,25 @@ def test_the_mean_estimator_and_a_resumed_schedule_match_an_uninterrupted_one():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("addition", ["sample", "mean"])
+def test_the_mean_estimator_scores_additions_at_mu_and_trains_on_draws(addition):
+    """The other tests of addition="mean" pass with the estimator switched off (both sides of each
+    comparison share it): here the capture forwards alone run at theta = mu."""
+    torch.manual_seed(0)
+    model = small()
+    optimizer = torch.optim.SGD(ssvi.param_groups(model, lr=0.05, lr_sigma=0.05))
+    subspace = ssvi.Subspace(model, optimizer, total_steps=20, delta_t=4, addition=addition)
+    modes: list[str] = []
+    sparse_layers(model)[0][1].register_forward_pre_hook(lambda layer, args: modes.append(layer.mode))
+    for x, y in batches(9):
+        F.cross_entropy(model(x), y).backward()
+        subspace.step()
+        optimizer.zero_grad()
+    captures = [subspace.schedule.captures(t) for t in range(9)]
+    assert sum(captures) == 2 and subspace.t == 9
+    assert [mode == "mean" for mode in modes] == [addition == "mean" and c for c in captures]
+
+
 def test_refusals_are_clear():
     model = small()
     with pytest.raises(ssvi.OptimizerStateError, match="LBFGS"):

@@ -243,7 +243,9 @@ def _layer_with_tiny_t() -> torch.nn.Module:
 
 def test_snr_abs_drops_what_snr_drops_where_float64_flattens_it() -> None:
     """A subspace step under snr_abs removes the entries snr would, at t near 0 too (where the value
-    of snr_abs ties or falls by an ulp), and the criteria overlap agrees."""
+    of snr_abs ties or falls by an ulp), and the criteria overlap agrees: both rank snr_abs by snr's
+    scores (criteria.ranking_score), the routing this checks; test_snr_abs_ranks_exactly_like_snr
+    checks that snr_abs's own scores rank so."""
     from ssvi_cli.core.overlap import criteria_overlap
     from ssvi_cli.core.subspace import update_layer
     kept = {}

@@ -70,6 +70,25 @@ def test_every_method_trains_on_digits(tmp_path: Path, method: str):
     assert (tmp_path / method / "metrics.jsonl").is_file()
 
 
+@pytest.mark.parametrize("addition", ["mean", "accumulate:2"])
+def test_the_mean_estimator_scores_additions_at_mu(tmp_path: Path, addition: str):
+    """sparse.addition=mean runs each capture step's forward at theta = mu, every other step on LRT
+    draws (no other test of the trainer set it)."""
+    cfg = digits_cfg(**{"sparse.addition": addition, "train.epochs": 2, "data.max_train": 640})
+    trainer = Trainer.create(cfg, tmp_path / "run")
+    seen: list[tuple[int, str]] = []
+
+    def record(layer, args):
+        if layer.training:
+            seen.append((trainer.state.step, layer.mode))
+    sparse_layers(trainer.model)[0][1].register_forward_pre_hook(record)
+    trainer.fit()
+    captured = {t for t, _ in seen if trainer.schedule.captures(t)}
+    assert len(seen) == len({t for t, _ in seen}) and len(captured) >= 2  # one forward per step
+    assert {t for t, mode in seen if mode == "mean"} == (captured if addition == "mean" else set())
+    assert {mode for _, mode in seen} <= {"lrt", "mean"}
+
+
 def test_static_never_moves_support(tmp_path: Path):
     cfg = digits_cfg(**{"sparse.method": "static", "train.epochs": 2})
     trainer = Trainer.create(cfg, tmp_path / "s")

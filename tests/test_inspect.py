@@ -71,7 +71,8 @@ def test_inspect_json_on_a_run(run_dir, capsys):
     overlap = report["criteria_overlap"]
     names, iou = overlap["criteria"], np.array(overlap["iou"])
     assert np.allclose(np.diag(iou), 1) and np.allclose(iou, iou.T)
-    # snr_abs is a monotone function of snr (METHOD.md section 4): they drop exactly the same entries.
+    # snr_abs is a monotone function of snr (METHOD.md section 4), so it is ranked by snr's scores (criteria.
+    # ranking_score): this checks that routing; test_criteria's test_snr_abs_ranks_exactly_like_snr the property.
     assert iou[names.index("snr"), names.index("snr_abs")] == 1.0
     assert report["training"]["method"] == "ssvi" and report["format"]["version"] == 1
 

@@ -64,6 +64,8 @@ def test_a_custom_module_round_trips_into_a_fresh_instance(tmp_path):
         assert [(n, l.active) for n, l in sparse_layers(loaded)] == [(n, l.active) for n, l in sparse_layers(net)]
         for (_, a), (_, b) in zip(sparse_layers(net), sparse_layers(loaded)):
             assert torch.equal(a.idx, b.idx) and torch.equal(a.mu, b.mu)
+            if a.bayesian:  # sigma too: mean-mode predictions below do not use it
+                torch.testing.assert_close(b.sigma(), a.sigma(), rtol=1e-6, atol=0)
         assert torch.equal(loaded.bn.running_mean, net.bn.running_mean) and loaded.scale.item() == net.scale.item()
         assert torch.equal(ssvi.predict(net, x, mode="mean").probs, ssvi.predict(loaded, x, mode="mean").probs)
 
@@ -80,6 +82,8 @@ def test_a_model_built_on_the_meta_device_is_filled_on_the_cpu_or_the_device_ask
             skeleton = Net()
         loaded = ssvi.load(path, model=skeleton, device=device)
         assert {t.device.type for t in [*loaded.parameters(), *loaded.buffers()]} == {"cpu"}
+        for (_, a), (_, b) in zip(sparse_layers(net), sparse_layers(loaded)):
+            assert torch.equal(a.mu, b.mu) and (not a.bayesian or torch.allclose(a.sigma(), b.sigma(), rtol=1e-6, atol=0))
         assert torch.equal(ssvi.predict(net, x, mode="mean").probs, ssvi.predict(loaded, x, mode="mean").probs)
     with torch.device("meta"):
         skeleton = Net()
