@@ -248,11 +248,10 @@ def roc_auc(positive: Any, score: Any) -> float:
 
 def average_precision(positive: Any, score: Any) -> float:
     """Σ (Rₖ − Rₖ₋₁) Pₖ over the distinct scores as thresholds (tied scores one step), scikit-learn's
-    ``average_precision_score``; capped at 1, which the sum of a perfect separation can pass by a
-    rounding (1 + 2e-16)."""
+    ``average_precision_score``, summed as Σ (TPₖ − TPₖ₋₁) Pₖ / P: a perfect separation gives exactly
+    1 (recall steps summed as fractions gave 1 ± 2e-16, shown as 0.9999999999999999); capped at 1."""
     tp, fp = _threshold_steps(positive, score)
-    recall = np.r_[0.0, tp / tp[-1]]
-    return min(1.0, float(np.sum(np.diff(recall) * tp / (tp + fp))))
+    return min(1.0, float(np.sum(np.diff(tp, prepend=0) * (tp / (tp + fp))) / tp[-1]))
 
 
 def misclassification_auroc(probs: Any, labels: Any, score: Any) -> float:
