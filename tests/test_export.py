@@ -200,6 +200,27 @@ def test_compact_file_is_15x_smaller_in_float32_and_28x_in_float16(tmp_path, pre
     assert size_totals(read_header(tmp_path / "f32.st"))["dense_bnn_bytes"] == dense - head["header_bytes"]
 
 
+def test_a_sigma_too_small_for_float16_is_said_when_it_is_stored_as_zero(tmp_path, caplog):
+    """float16 stored a sigma below 3e-8 as 0 without a word: a point mass whose SNR inspect showed as
+    3.5e28 (the reader's floor of sigma), where the float32 file gave 3.4e6."""
+    from ssvi_cli.core.gaussian import rho_from_sigma
+
+    model, meta, _ = built("digits_mlp")
+    layers = sparse_layers(model)
+    for (_, layer), tiny in zip(layers, ([1e-8, 2e-8], [1e-9], [3e-8])):  # 3e-8 rounds up to 5.96e-8: kept
+        with torch.no_grad():
+            layer.rho[:len(tiny)] = rho_from_sigma(torch.tensor(tiny, dtype=torch.float64), layer.sigma_param).float()
+    caplog.set_level("WARNING", logger="ssvi_cli.modelfile.writer")
+    write_model_file(model, tmp_path / "f16.st", meta, dtype="float16")
+    said = [r.getMessage() for r in caplog.records if r.name == "ssvi_cli.modelfile.writer"]
+    assert said == [f"3 sigma values too small for float16 (its smallest is 5.96e-08) stored as 0, point masses "
+                    f"({layers[0][0]}: 2, {layers[1][0]}: 1); save as float32 or bfloat16 to keep them"]
+    caplog.clear()
+    for dtype in ("bfloat16", "float32"):
+        write_model_file(model, tmp_path / f"{dtype}.st", meta, dtype=dtype)
+    assert not [r for r in caplog.records if r.name == "ssvi_cli.modelfile.writer"]
+
+
 # ------------------------------------------------------------------ bad files
 
 def _resave(src: Path, dst: Path, *, meta_update=None, tensor_update=None, drop=()) -> None:

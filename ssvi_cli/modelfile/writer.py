@@ -6,6 +6,7 @@ Written atomically (a temporary file renamed into place), with safetensors: no p
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from ssvi_cli.modelfile.header import DTYPES, FORMAT_NAME, FORMAT_VERSION
 from ssvi_cli.models import SSVIModel
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+log = logging.getLogger(__name__)
 
 
 def layer_kind(layer: SparseGaussian) -> str:
@@ -72,6 +74,7 @@ def model_tensors(model: SSVIModel, dtype: str = "float32", dense: bool = False
         raise ValueError(f"unknown dtype {dtype!r}; valid values are: {', '.join(DTYPES)}")
     tensors: dict[str, Tensor] = {}
     records: list[dict[str, Any]] = []
+    flushed: dict[str, int] = {}  # per layer, the sigmas the dtype stores as 0
     for name, layer in sparse_layers(model):
         if problem := support_problem(layer.numel, layer.idx):  # no reader would take the file
             raise ValueError(f"the support (idx) of layer {name!r} is {problem} (an index averaged as a number, by torch's "
@@ -80,11 +83,19 @@ def model_tensors(model: SSVIModel, dtype: str = "float32", dense: bool = False
         for part, value in parts.items():
             key = f"{name}.{part}"
             tensors[key] = value.contiguous() if part == "index" else _converted(key, value, dtype)
+            if part == "sigma" and (lost := int(((value != 0) & (tensors[key] == 0)).sum())):
+                flushed[name] = lost
         records.append({"name": name, "kind": layer_kind(layer), "shape": list(layer.weight_shape),
                         "active": active, "bayesian": layer.bayesian, "index": code})
     for key, value in dense_state(model).items():
         value = value.cpu()
         tensors[key] = _converted(key, value, dtype) if value.is_floating_point() else value.contiguous()
+    if flushed:  # a point mass in the file, whose SNR inspect shows as its reader's floor of sigma gives it
+        zero = torch.zeros((), dtype=TORCH_DTYPES[dtype])
+        lost, where = sum(flushed.values()), ", ".join(f"{n}: {k}" for n, k in list(flushed.items())[:3])
+        log.warning("%d sigma value%s too small for %s (its smallest is %.3g) stored as 0, point masses (%s%s); save as float32 "
+                    "or bfloat16 to keep them", lost, "s" * (lost != 1), dtype, float(torch.nextafter(zero, zero + 1)),
+                    where, ", ..." if len(flushed) > 3 else "")
     return tensors, records
 
 
