@@ -43,9 +43,9 @@ def test_each_cell_takes_the_presets_values_for_its_method(tmp_path: Path, capsy
     assert run(["sweep", "--preset", str(preset), "--method", "ssvi,vi", "--samples", "2",
                 "--out", str(out), "--dry-run"]) == 0
     cells = {Path(line.split()[-1]).name: Path(line.split()[-1]) for line in capsys.readouterr().out.splitlines()}
-    assert sorted(cells) == ["ssvi_s0.95_seed0", "vi_seed0"]
+    assert sorted(cells) == ["ssvi_s0.9_seed0", "vi_seed0"]
     monkeypatch.chdir(tmp_path)  # a scheduler's job gives the cell's folder as it likes: relative here
-    for name, lr in (("vi_seed0", 0.0123), ("ssvi_s0.95_seed0", 0.01)):
+    for name, lr in (("vi_seed0", 0.0123), ("ssvi_s0.9_seed0", 0.01)):
         given = str(cells[name].relative_to(tmp_path))
         assert run(["sweep", "--run-cell", given] + (["--json"] if name == "vi_seed0" else [])) == 0
         assert f"  lr: {lr}\n" in (cells[name] / "config.yaml").read_text()
@@ -1294,7 +1294,7 @@ def test_the_help_gives_the_grids_defaults(capsys, monkeypatch):
     assert run(["sweep", "--help"]) == 0
     said = " ".join(capsys.readouterr().out.split())
     spec = SweepSpec()
-    assert f"default {','.join(spec.methods)})" in said and f"(default {','.join(map(str, spec.sparsities))})" in said
+    assert "ignore --sparsity; default: the preset's)" in said and "0.8,0.9,0.95,0.98 (default: the preset's)" in said
     assert f"(default {len(spec.seeds)}: seed 0)" in said
 
 
@@ -1360,6 +1360,25 @@ def test_grid_command_gives_flags_that_read_back_to_the_same_grid(tmp_path: Path
     assert grid_command(SweepSpec(), tmp_path) == ["ssvi", "sweep", "--method", "ssvi", "--sparsity", "0.95", "--out",
                                                    str(tmp_path)]
     assert grid_command(SweepSpec(seeds=(3,)), tmp_path) is None  # a sweep file's seed list: no --seeds says it
+
+
+def test_a_sweep_without_method_or_sparsity_takes_the_presets(tmp_path: Path):
+    """They were ssvi at 0.95 whatever the preset said: 'ssvi sweep --preset cifar10_resnet18' ran at
+    0.95 where 'ssvi train --preset cifar10_resnet18' trains at 0.9, and a file's method was dropped."""
+    from ssvi_cli.sweep.request import spec_from_flags
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("sparse: {method: static, sparsity: 0.8}\n")
+    for preset, methods, sparsities in (("cifar10_resnet18", ("ssvi",), (0.9,)), ("digits_mlp", ("ssvi",), (0.95,)),
+                                        (str(mine), ("static",), (0.8,))):
+        spec = spec_from_flags(None, preset, None, None, None, None, [], [], None)
+        assert (spec.methods, spec.sparsities) == (methods, sparsities)
+    spec = spec_from_flags(None, str(mine), "rigl", None, None, None, [], [], None)  # a flag still wins
+    assert (spec.methods, spec.sparsities) == (("rigl",), (0.8,))
+    sweep_file = tmp_path / "sw.yaml"
+    sweep_file.write_text(f"preset: {mine}\nsparsities: [0.5, 0.6]\n")
+    spec = spec_from_flags(sweep_file, None, None, None, None, None, [], [], None)
+    assert (spec.methods, spec.sparsities) == (("static",), (0.5, 0.6))
 
 
 def _photo_sweep(tmp_path: Path, tiny: list[str]) -> tuple[Path, Path, list[str]]:

@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 def register(app: typer.Typer) -> None:
     @app.command()
     def sweep(
-        method: Annotated[Optional[str], typer.Option(help="Methods, comma-separated: ssvi,vi,static,rigl,dense (dense ones ignore --sparsity; default ssvi).")] = None,
-        sparsity: Annotated[Optional[str], typer.Option(help="Sparsities, comma-separated, e.g. 0.8,0.9,0.95,0.98 (default 0.95).")] = None,
+        method: Annotated[Optional[str], typer.Option(help="Methods, comma-separated: ssvi,vi,static,rigl,dense (dense ones ignore --sparsity; default: the preset's).")] = None,
+        sparsity: Annotated[Optional[str], typer.Option(help="Sparsities, comma-separated, e.g. 0.8,0.9,0.95,0.98 (default: the preset's).")] = None,
         seeds: Annotated[Optional[int], typer.Option(parser=whole("--seeds", 1), metavar="<int>", help="Seeds 0..N-1 per cell (default 1: seed 0).")] = None,
         criterion: Annotated[Optional[str], typer.Option(help="Removal criteria to sweep, comma-separated (the criteria ablation).")] = None,
         set_: Annotated[Optional[list[str]], typer.Option("--set", help="A config key and its values, a grid axis (--set sparse.alpha=0.3,0.5), or one value for every cell (repeatable); a key that holds a list, model.widths, reads a comma list as one value (128,256) and an axis from bracketed lists ([128],[256]).")] = None,
