@@ -901,6 +901,35 @@ def test_cells_evaluated_on_another_version_of_an_ood_set_are_evaluated_again_no
     assert json.loads((out / "report.json").read_text())["cells_done"] == 0
 
 
+def test_the_report_tells_cells_under_way_from_cells_not_begun(tmp_path: Path, capsys):
+    """A scheduler's user runs --report to see which jobs to submit again: a cell interrupted at a
+    checkpoint, one running and one never started were all "not evaluated yet"."""
+    from ssvi_cli.sweep.runner import cell_lock
+
+    out = tmp_path / "sw"
+    assert run(["sweep", "--method", "vi", "--seeds", "5", "--set", "train.epochs=1", *TINY, "--out", str(out),
+                "--dry-run"]) == 0
+    done, stopped, trained, running, new = (Path(line.split()[-1]) for line in capsys.readouterr().out.splitlines())
+    for cell in (done, stopped, trained):
+        assert run(["sweep", "--run-cell", str(cell)]) == 0
+    for name in ("evaluation.json", "summary.json", "model.safetensors"):  # as if stopped after its checkpoint
+        (stopped / name).unlink()
+    (trained / "evaluation.json").unlink()
+    capsys.readouterr()
+    with cell_lock(running):  # as a --run-cell of another process holds it
+        assert run(["sweep", "--report", str(out), "--no-figures"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["missing"] == [stopped.name, trained.name, running.name, new.name]
+    assert report["under_way"] == {stopped.name: "stopped", trained.name: "trained", running.name: "running"}
+    said = (f"Of these, running now: {running.name}; stopped at a checkpoint, from which a rerun goes on: "
+            f"{stopped.name}; trained, not yet evaluated: {trained.name}; the others not begun.")
+    assert said in " ".join(capsys.readouterr().err.split())
+    assert said in " ".join((out / "report.md").read_text().split())
+    assert run(["sweep", "--run-cell", str(new)]) == 0  # the report's look at a lock took none
+    assert run(["sweep", "--report", str(out), "--no-figures"]) == 0
+    assert json.loads((out / "report.json").read_text())["under_way"] == {stopped.name: "stopped", trained.name: "trained"}
+
+
 def test_a_refused_grid_leaves_the_sweep_file_as_it_was(tmp_path: Path, capsys):
     preset = tmp_path / "mine.yaml"
     preset.write_text("model: {name: mlp, widths: [16]}\ndata: {max_train: 100}\ntrain: {epochs: 1, eval_samples: 2}\n")

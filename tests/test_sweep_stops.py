@@ -369,8 +369,10 @@ def test_a_failed_cell_is_reported_as_failed_with_its_reason(tmp_path: Path, cap
     assert f"failed {bad}: mnist not found" in err and "not evaluated yet" not in err
     report = json.loads((out / "report.json").read_text())
     assert list(report["failed"]) == [bad] and report["missing"] == [] and report["cells_done"] == 1
-    assert f"Failed (their logs say more; a rerun repeats the failure unless its cause, a missing dataset or a diverged " \
-           f"run, say, is dealt with): {bad} (mnist not found" in (out / "report.md").read_text()
+    assert (out / "logs" / f"{bad}.log").is_file()
+    assert f"Failed (their logs say more: `logs/<cell>.log` for a cell the sweep ran, the output of `ssvi sweep " \
+           f"--run-cell` for one a scheduler ran; a rerun repeats the failure unless its cause, a missing dataset or a " \
+           f"diverged run, say, is dealt with): {bad} (mnist not found" in (out / "report.md").read_text()
     # a cell that runs again drops its old note: the good cell, noted as failed and evaluated again
     good = out / "cells" / "vi_name-digits_seed0"
     (out / "cells" / ".vi_name-digits_seed0.failed").write_text('{"error": "an old failure"}')

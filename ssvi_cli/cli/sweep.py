@@ -246,7 +246,7 @@ def _say(text: str) -> None:
 def _finish(result: dict[str, Any], json_out: bool) -> None:
     from ssvi_cli.sweep.drift import changed_lines
     from ssvi_cli.sweep.paired import auroc_title
-    from ssvi_cli.sweep.report import UNMOVED_HINT, mean_std
+    from ssvi_cli.sweep.report import UNMOVED_HINT, mean_std, under_way_text
 
     if result.get("changed_cells"):
         n = len(result["changed_cells"])
@@ -268,7 +268,8 @@ def _finish(result: dict[str, Any], json_out: bool) -> None:
     if result.get("missing"):
         shown = result["missing"][:8]
         err.print(f"not evaluated yet: {', '.join(shown)}" + (f" and {len(result['missing']) - len(shown)} more"
-                                                             if len(result["missing"]) > len(shown) else ""))
+                                                             if len(result["missing"]) > len(shown) else "") + "."
+                  + under_way_text(result.get("under_way") or {}), highlight=False)
     if again := result.get("evaluated_otherwise"):
         one = len(again) == 1
         err.print(f"of these, {count(len(again), 'cell')} {'was' if one else 'were'} scored before otherwise than the "

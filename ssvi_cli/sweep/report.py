@@ -22,7 +22,7 @@ from ssvi_cli.sweep.grid import (EVAL_FILE, OWN_KEYS, Cell, SweepError, SweepSpe
                                  read_spec, seeds_text, setting_text, yaml_text)
 from ssvi_cli.sweep.paired import auroc_title, md_row, paired_differences, paired_markdown
 from ssvi_cli.sweep.failures import failure
-from ssvi_cli.sweep.runner import cell_dir, cell_state, evaluated
+from ssvi_cli.sweep.runner import cell_busy, cell_dir, cell_state, evaluated
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -137,6 +137,16 @@ def method_values(sweep_dir: Path, spec: SweepSpec, done: list[Cell]) -> dict[st
             if all(len(v) == 1 for v in by_method.values()) and len({next(iter(v)) for v in by_method.values()}) > 1}
 
 
+def _under_way(path: Path) -> Optional[str]:
+    """How a cell not evaluated stands, told from one not begun (which jobs of a scheduler to submit
+    again): ``running`` (another process holds its lock), ``stopped`` (a checkpoint to go on from) or
+    ``trained``; None for one not begun, or evaluated otherwise than the sweep asks now (said apart)."""
+    if cell_busy(path):
+        return "running"
+    state = cell_state(path)
+    return {"partial": "stopped", "trained": "trained"}.get(state)
+
+
 def build_report(sweep_dir: Path, baseline: Optional[list[str]] = None) -> dict[str, Any]:
     """The report; with ``baseline`` (``KEY=VALUE`` strings naming one group) also every other
     group's paired differences from it (``sweep.paired``)."""
@@ -144,11 +154,13 @@ def build_report(sweep_dir: Path, baseline: Optional[list[str]] = None) -> dict[
     done = [c for c in cells if cell_state(cell_dir(sweep_dir, c), spec) == "done"]  # each cell's files looked at once
     rows = [cell_row(cell_dir(sweep_dir, c), c) for c in done]
     failed = {c.name: why for c in cells if c not in done and (why := failure(cell_dir(sweep_dir, c)))}
+    under_way = {c.name: state for c in cells if c not in done and c.name not in failed
+                 and (state := _under_way(cell_dir(sweep_dir, c)))}
     groups = aggregate(rows)
     report = {"format": "ssvi-sweep-report", "version": 1, "sweep": str(sweep_dir), "spec": spec.to_dict(),
               "cells_total": len(cells), "cells_done": len(rows),
               "missing": [c.name for c in cells if c not in done and c.name not in failed],
-              "failed": failed,
+              "failed": failed, "under_way": under_way,
               "method_values": method_values(sweep_dir, spec, done), "groups": groups, "cells": rows}
     threads = sorted({n for r in rows for n in r["threads"]})
     if threads:  # what a rerun needs to give the same numbers to the last digit
@@ -179,6 +191,15 @@ def mean_std(stat: Optional[dict[str, Any]], digits: int = 4) -> str:
     return f"{stat['mean']:{mean_fmt}}{spread}"
 
 
+def under_way_text(under_way: dict[str, str]) -> str:
+    """Which of the cells not evaluated are under way, in words (empty if none is)."""
+    said = {"running": "running now", "stopped": "stopped at a checkpoint, from which a rerun goes on",
+            "trained": "trained, not yet evaluated"}
+    parts = [f"{words}: {', '.join(n for n, s in under_way.items() if s == state)}"
+             for state, words in said.items() if state in under_way.values()]
+    return f" Of these, {'; '.join(parts)}; the others not begun." if parts else ""
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report as markdown: the results table (mean ± std over seeds) and the criteria IoU."""
     spec = SweepSpec.from_dict(report["spec"])
@@ -203,13 +224,14 @@ def markdown(report: dict[str, Any]) -> str:
                  mean_std(g.get("training_flops"), 0), mean_std(g.get("model_file_bytes"), 0)]
         lines.append(md_row(cells))
     if report["missing"]:
-        lines += ["", f"Not evaluated yet: {', '.join(report['missing'])}."]
+        lines += ["", f"Not evaluated yet: {', '.join(report['missing'])}." + under_way_text(report["under_way"])]
     if report.get("evaluated_otherwise"):
         lines += ["", f"Of these, scored before otherwise than the sweep asks now (an `--ood` set changed or added "
                       f"since, or `--samples`), which `ssvi sweep --resume` scores again, keeping their training, once "
                       f"the sweep's `--ood` sets can be read: {', '.join(report['evaluated_otherwise'])}."]
     if report.get("failed"):
-        lines += ["", "Failed (their logs say more; a rerun repeats the failure unless its cause, a missing dataset or a "
+        lines += ["", "Failed (their logs say more: `logs/<cell>.log` for a cell the sweep ran, the output of `ssvi sweep "
+                  "--run-cell` for one a scheduler ran; a rerun repeats the failure unless its cause, a missing dataset or a "
                   "diverged run, say, is dealt with): "
                   + "; ".join(f"{name} ({why})" for name, why in report["failed"].items()) + "."]
     if len(threads) > 1:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from ssvi_cli.fileio import UnwritablePath
-from ssvi_cli.locks import Locked, acquire_lock
+from ssvi_cli.locks import Locked, acquire_lock, lock_holder
 from ssvi_cli.runs.rundir import RunDir
 from ssvi_cli.sweep.failures import failure, halted, record_failure
 from ssvi_cli.sweep.grid import CELLS_DIR, EVAL_FILE, Cell, SweepSpec
@@ -98,13 +98,15 @@ class CellBusy(RuntimeError):
     """The cell is being run by another process."""
 
 
+def lock_file(path: Path) -> Path:
+    """The cell's lock (:func:`cell_lock`): ``cells/.<cell>.lock``."""
+    return Path(path).parent / f".{Path(path).name}.lock"
+
+
 def cell_busy(path: Path) -> bool:
-    """Whether another process holds the cell's lock now."""
-    try:
-        with cell_lock(path):
-            return False
-    except CellBusy:
-        return True
+    """Whether another process holds the cell's lock now (looked at, not taken: a cell that starts
+    meanwhile is not refused for it)."""
+    return lock_holder(lock_file(path)) is not None
 
 
 @contextmanager
@@ -112,9 +114,8 @@ def cell_lock(path: Path) -> Iterator[None]:
     """Hold the cell's lock while the block runs; :class:`CellBusy` if another process holds it: an
     advisory lock (:func:`locks.acquire_lock`) on ``cells/.<cell>.lock``, outside the run directory,
     which ``ssvi train --force`` may replace."""
-    lock_path = Path(path).parent / f".{Path(path).name}.lock"
     try:
-        lock = acquire_lock(lock_path, "the cell's lock")
+        lock = acquire_lock(lock_file(path), "the cell's lock")
     except Locked as exc:
         raise CellBusy(f"cell {Path(path).name} is already running (process {exc.holder}); "
                        "wait for it or stop it, then run it again") from None
