@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -35,6 +37,9 @@ def test_erk_matches_budget_and_gives_small_layers_more_density():
     d = {n: dens[n] for n, _ in sparse}
     assert d["fc"] > d["blocks.7.conv2"]  # 512x10 linear vs 512x512x3x3 conv
     assert max(d.values()) <= 1.0
+    # below the cap, density / (sum(shape) / prod(shape)) is one constant (ERK's epsilon)
+    eps = {n: d[n] * math.prod(l.weight_shape) / sum(l.weight_shape) for n, l in sparse if d[n] < 1.0}
+    assert len(eps) > 10 and max(eps.values()) == pytest.approx(min(eps.values()), rel=1e-9)
 
 
 def test_sparsity_that_empties_a_layer_is_rejected():

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+import torch
 from PIL import Image
 
 from ssvi_cli.cli import run
@@ -219,6 +220,33 @@ def test_npy_array_of_the_users_inputs(capsys, subset_model, tmp_path, make):
     np.save(path, make(np.random.default_rng(1)))
     doc = _report(capsys, subset_model, str(path))
     _check_ood_block(doc["ood"][str(path)], 6)
+
+
+def test_an_arrays_layouts_read_as_the_same_images_and_a_capped_set_draws_rows_by_seed(tmp_path):
+    """The test above checks counts and keys only: (N, H, W, C) read with H and W swapped passed it."""
+    from ssvi_cli.data import get_spec
+    from ssvi_cli.evaluation.ood_sets import array_images
+
+    spec = get_spec("digits")
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 3, 8, 8), dtype=np.uint8)
+    gray = rgb[:, :1]
+    layouts = {"nchw": rgb, "nhwc": rgb.transpose(0, 2, 3, 1), "gray_nchw": gray, "gray_nhw": gray[:, 0],
+               "gray_nhwc": gray.transpose(0, 2, 3, 1), "flat": gray.reshape(6, 64)}
+    read = {}
+    for name, arr in layouts.items():
+        np.save(tmp_path / f"{name}.npy", arr)
+        read[name] = array_images(tmp_path / f"{name}.npy", spec, 0, None)
+    full = read["gray_nchw"]
+    assert full.shape == (6, 1, 8, 8) and torch.equal(read["nchw"], read["nhwc"])
+    assert all(torch.equal(read[name], full) for name in ("gray_nhw", "gray_nhwc", "flat"))
+    assert not torch.equal(full, full.transpose(-1, -2))  # not symmetric: a swap of H and W shows
+    # the same pixels as the gray images normalised as the digits' test split is
+    assert torch.allclose(full, (torch.from_numpy(gray).float() / 255 - spec.mean[0]) / spec.std[0], atol=1e-5)
+    drawn = {seed: array_images(tmp_path / "gray_nhw.npy", spec, seed, 3) for seed in (0, 1)}
+    for some in drawn.values():  # three distinct rows of the array, in its order
+        rows = [next(i for i in range(6) if torch.equal(full[i], image)) for image in some]
+        assert len(rows) == 3 and rows == sorted(set(rows))
+    assert not torch.equal(drawn[0], drawn[1])
 
 
 def test_a_square_array_of_flattened_inputs_is_read_so_with_the_warning_infer_gives(capsys, subset_model, tmp_path,

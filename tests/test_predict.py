@@ -70,7 +70,9 @@ def test_mc_draws_match_weight_sampling_reference_in_distribution(kernel, first_
     input is the same; the joint across inputs of a batch is not compared.)
     """
     model = small_mlp(kernel)
-    x = torch.randn(4, *IN_SHAPE, generator=torch.Generator().manual_seed(1))
+    # inputs scaled by 3: first-layer output variances far from 1 (near 1, the moments draw passed with its
+    # variance used as its standard deviation)
+    x = 3 * torch.randn(4, *IN_SHAPE, generator=torch.Generator().manual_seed(1))
     samples = 6000
     torch.manual_seed(2)
     probs, draws = predict_batch(model, x, samples=samples, first_layer=first_layer)

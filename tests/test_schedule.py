@@ -94,6 +94,12 @@ def test_recipe_flops_resolve_auto_as_the_trainer_does():
     fixed = recipe_flops(geom, "ssvi", dens, delta_t=9, **kw)  # 1260 steps, t_end 945: auto picks 9
     assert auto == fixed and auto.captures == 104
     assert recipe_flops(geom, "ssvi", dens, delta_t=50, **kw).captures == 18
+    # another min_subspace_steps than the default (100, as above) reaches the count: the trainer's ΔT
+    sparse = C.apply_overrides(cfg, {"sparse.delta_t": "auto", "sparse.min_subspace_steps": 40}).sparse
+    trainers = Schedule.from_config(sparse, 1260).delta_t
+    assert trainers > 9 and sparse.t_end == kw["t_end"]
+    auto = recipe_flops(geom, "ssvi", dens, delta_t="auto", min_subspace_steps=40, **kw)
+    assert auto == recipe_flops(geom, "ssvi", dens, delta_t=trainers, **kw) and auto.captures < 104
 
 
 # ---------------------------------------------------------------- config

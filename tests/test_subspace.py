@@ -24,12 +24,13 @@ def test_schedule_cosine_drop_fraction_and_update_steps():
 
 
 def test_update_keeps_count_removes_lowest_adds_highest_gradient():
-    #                  idx:   0     3     7     12    19
-    layer = layer_with([0, 3, 7, 12, 19], [0.9, 0.01, 0.5, -0.8, 0.02], [0.1] * 5)
+    #                  idx:   0     3     7     12    19     (snr |mu| / sigma: 9, 0.03, 10, 4, 0.05)
+    layer = layer_with([0, 3, 7, 12, 19], [0.9, 0.01, 0.5, -0.8, 0.02], [0.1, 0.3, 0.05, 0.2, 0.4])
     opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
     layer.mu.grad = torch.ones(5)
     layer.rho.grad = torch.ones(5)
     opt.step()
+    before = {i: (m, r) for i, m, r in zip(layer.idx.tolist(), layer.mu.tolist(), layer.rho.tolist())}
     grad = torch.zeros(20)
     grad[[5, 6]] = torch.tensor([3.0, -4.0])  # |grad| ranks 6 then 5
     swap = update_layer("l", layer, grad, fraction=0.4, criterion="snr", lam=1.0, new_sigma="mean", optimizer=opt)
@@ -39,7 +40,11 @@ def test_update_keeps_count_removes_lowest_adds_highest_gradient():
     assert mu[5] == 0.0 and mu[6] == 0.0
     rho = dict(zip(layer.idx.tolist(), layer.rho.tolist()))
     survivors = [rho[i] for i in (0, 7, 12)]
-    assert math.isclose(rho[5], sum(survivors) / 3, rel_tol=1e-6)
+    # the survivors keep their own values, moved to their new positions (7 and 12 each one on)
+    assert all((mu[i], rho[i]) == before[i] for i in (0, 7, 12))
+    # new entries start at the survivors' mean rho (that of all five, dropped ones too, is another)
+    assert math.isclose(rho[5], sum(survivors) / 3, rel_tol=1e-6) and rho[6] == rho[5]
+    assert not math.isclose(rho[5], sum(r for _, r in before.values()) / 5, rel_tol=1e-3)
     mom = dict(zip(layer.idx.tolist(), opt.state[layer.mu]["momentum_buffer"].tolist()))
     assert mom[5] == 0.0 and mom[6] == 0.0 and mom[0] != 0.0
     assert math.isclose(swap.iou, 3 / 7)
