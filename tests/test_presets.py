@@ -274,3 +274,22 @@ def test_presets_file_says_the_recipe_keys_it_leaves_to_the_schema_as_train_does
     assert "prior_sigma: 0.005" in out  # the values it trains with, as ever
     assert err.startswith(f"note: {path} does not set optim.name, bayes.prior_sigma, train.epochs, so the run takes "
                           "the schema's defaults for them")
+
+
+def test_the_preset_file_config_md_shows_is_one_presets_checks_and_takes(tmp_path, capsys):
+    """docs/CONFIG.md's example of a preset file is read as ssvi train reads it, with no note of
+    a recipe key left to the schema's defaults."""
+    import re
+    from pathlib import Path
+
+    from ssvi_cli.cli import run
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md").read_text(encoding="utf-8")
+    (example,) = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    (tmp_path / "mine.yaml").write_text(example)
+    assert run(["presets", str(tmp_path / "mine.yaml"), "--json"]) == 0
+    said = capsys.readouterr()
+    assert "note:" not in said.err
+    cfg = C.load_preset(str(tmp_path / "mine.yaml"))
+    assert tuple(cfg.model.widths) == (256, 128) and cfg.sparse.delta_t == "auto"
+    assert C.load_preset(str(tmp_path / "mine.yaml"), "vi").optim.lr == 0.003
