@@ -317,6 +317,33 @@ def test_expand_inputs_errors(tmp_path):
         expand_inputs([tmp_path / "missing.png"])
 
 
+def test_a_model_given_as_an_input_and_a_file_infer_does_not_read_are_said_so(model_file, digits, tmp_path, capsys):
+    """'ssvi infer x.png RUN' (the arguments swapped) was told the run's folder holds no images, and
+    'ssvi infer MODEL data.csv' that the file is no image format Pillow knows."""
+    import shutil
+
+    image = tmp_path / "x.png"
+    Image.fromarray(digits[0]).save(image)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(model_file, run_dir / "model.safetensors")
+    (run_dir / "config.yaml").write_text("model: {name: mlp}\n")
+    first = "the model comes first: ssvi infer MODEL INPUTS..."
+    for given, said in ((run_dir, f"error: {run_dir} is a run's folder, a model, not inputs; {first}"),
+                        (run_dir / "model.safetensors", f"error: {run_dir / 'model.safetensors'} is a model file, not an "
+                                                        f"input; {first}")):
+        assert run(["infer", str(image), str(given)]) == 2
+        assert capsys.readouterr().err.strip() == said
+    (tmp_path / "data.csv").write_text("a,b\n1,2\n")
+    assert run(["infer", str(model_file), str(tmp_path / "data.csv")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'data.csv'} is neither an image Pillow reads nor a "
+                                               ".npy array, the inputs ssvi infer reads; replace or remove the file")
+    empty = tmp_path / "empty"  # a folder that is no run still says it holds no images
+    empty.mkdir()
+    assert run(["infer", str(model_file), str(empty)]) == 2
+    assert "folder holds no images" in capsys.readouterr().err
+
+
 def test_the_embedded_datas_own_arrays_predict_in_their_raw_range(model_file, tmp_path, capsys):
     """``load_digits().images`` holds pixels 0..16; the file's data spec records that range, so the
     array predicts exactly as the same images scaled to [0, 1]."""

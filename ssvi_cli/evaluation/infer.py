@@ -30,8 +30,10 @@ from ssvi_cli.core.modes import using_kernel
 from ssvi_cli.metrics import has_spread, mutual_information, predictive_entropy
 from ssvi_cli.models import SSVIModel
 from ssvi_cli.prediction import NonFiniteOutput, model_device, predict_batch
+from ssvi_cli.runs.rundir import RunDir
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
+MODEL_FIRST = "the model comes first: ssvi infer MODEL INPUTS..."
 _CHUNK = 1024  # images of one array preprocessed at a time
 
 
@@ -54,9 +56,13 @@ def expand_inputs(paths: Sequence[Path]) -> list[Path]:
             files.append(path)  # standard input, read once, whole, when its turn comes
         elif path.is_dir():
             found = find_files(path, IMAGE_SUFFIXES + (ARRAY_SUFFIX,))
+            if not found and RunDir(path).is_run():  # ssvi infer IMAGES RUN: the arguments swapped
+                raise InputError(f"{path} is a run's folder, a model, not inputs; {MODEL_FIRST}")
             if not found:
                 raise InputError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)}) or .npy files")
             files.extend(found)
+        elif path.suffix.lower() in (".safetensors", ".pt", ".pth") and path.is_file():
+            raise InputError(f"{path} is a model file, not an input; {MODEL_FIRST}")
         elif path.suffix.lower() == ".npz" and path.is_file():
             raise InputError(f"{path}: a .npz archive of arrays; save each array as .npy (np.save) and pass those")
         elif path.exists():  # a file, or a pipe or device such as /dev/stdin (read once, whole)
@@ -107,7 +113,13 @@ def iter_raw(files: Iterable[Path], channels: int = 3, pixel_max: float = 255.0,
                                                        and _starts_as_npy(path, stream)):
                 images = load_array(path, channels, pixel_max, stream, input_shape)
             else:
-                images = read_image(path, InputError, stream, size=side)
+                try:
+                    images = read_image(path, InputError, stream, size=side)
+                except InputError:
+                    if path.suffix.lower() in IMAGE_SUFFIXES or not path.suffix:
+                        raise
+                    raise InputError(f"{path} is neither an image Pillow reads nor a .npy array, the inputs ssvi infer "
+                                     "reads; replace or remove the file") from None
                 yield path, [str(path)], images
                 continue
         except InputError as exc:
