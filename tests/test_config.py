@@ -252,9 +252,10 @@ def test_the_benchmark_takes_each_methods_preset_values():
     from ssvi_cli.bench.models import bench_config, bench_model
     from ssvi_cli.bench import BenchOptions
 
-    bm = bench_model("mlp")
-    opts = BenchOptions(model="mlp").resolved()
+    bm = bench_model("lenet5")  # its preset's methods: section gives vi and dense their own lr
+    opts = BenchOptions(model="lenet5").resolved()
     _, per_method = C.preset_methods(bm.preset)
+    assert {per_method[m]["optim.lr"] for m in ("vi", "dense")} != {C.load_preset(bm.preset).optim.lr}
     for method in ("ssvi", "vi", "dense"):
         want = per_method.get(method, {}).get("optim.lr", C.load_preset(bm.preset).optim.lr)
         assert bench_config(bm, opts, method, 0.95, "auto", 100).optim.lr == want

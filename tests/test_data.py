@@ -535,11 +535,13 @@ def _spec(channels: int, size: int) -> DataSpec:
 
 
 def test_preprocess_rgb_to_gray_uses_luminance_and_resizes():
-    img = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
-    img[:, 0] = 255  # pure red
+    img = torch.zeros(3, 3, 32, 32, dtype=torch.uint8)
+    for i in range(3):
+        img[i, i] = 255  # pure red, green, blue: each weight of the luminance on its own
     out = preprocess(img, _spec(1, 8))
-    assert out.shape == (2, 1, 8, 8) and out.dtype == torch.float32
-    assert torch.allclose(out, torch.full_like(out, (0.299 - 0.5) / 0.25), atol=1e-4)
+    assert out.shape == (3, 1, 8, 8) and out.dtype == torch.float32
+    for i, weight in enumerate((0.299, 0.587, 0.114)):
+        assert torch.allclose(out[i], torch.full_like(out[i], (weight - 0.5) / 0.25), atol=1e-4)
 
 
 def test_preprocess_gray_to_rgb_and_alpha_dropped():

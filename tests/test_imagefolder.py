@@ -214,6 +214,23 @@ def test_normalisation_is_measured_on_the_training_split_per_channel(ws):
     assert (given.spec.mean, given.spec.std) == ((0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
 
 
+def test_colour_images_have_a_mean_and_std_per_channel(tmp_path):
+    """The folders above hold gray pictures (their colour files converted from gray): every channel
+    had the same statistics, so channels pooled into one mean went unseen."""
+    rng = np.random.default_rng(0)
+    scale = np.array([1.0, 0.5, 0.2])  # red bright and spread, blue dark and narrow
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(6):
+            pixels = (rng.random((8, 8, 3)) * 255 * scale).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / name / f"{i}.png")
+    splits = build_dataset(f"imagefolder:{tmp_path}", options=DataConfig(image_size=8, channels=3), val_fraction=0.25)
+    train = torch.cat([splits.train.images, splits.val.images]).numpy().astype(np.float64) / 255.0
+    mean, std = train.mean(axis=(0, 2, 3)), train.std(axis=(0, 2, 3))
+    assert mean[0] > 2 * mean[2] and std[0] > 2 * std[2]
+    assert splits.spec.mean == pytest.approx(mean, abs=1e-5) and splits.spec.std == pytest.approx(std, abs=1e-5)
+
+
 def test_images_of_any_size_and_mode_decode_as_infer_reads_them(ws):
     files = tuple(sorted((ws / "flat" / "zero").iterdir()))
     assert {f.suffix for f in files} == {".png", ".jpg", ".bmp"}
