@@ -552,7 +552,7 @@ def test_a_key_the_method_cannot_use_is_said(tmp_path: Path, capsys):
              # the model's and the data's keys that change nothing for this model and data, with why
              (["--set", "data.augment=false", "--set", "model.dense_stem=false", "--set", "optim.momentum=0.5"],
               "note: --set data.augment changes nothing here (digits has no augmentation)\n"
-              "note: --set model.dense_stem changes nothing here (an MLP has no first conv)\n"
+              "note: --set model.dense_stem changes nothing here (mlp has no first conv)\n"
               "note: --set optim.momentum changes nothing here (adam takes no momentum)\n"),
              (["--method", "vi", "--set", "model.dense_stem=false"],  # said once, as the method's
               "note: vi does not use --set model.dense_stem, so it changes nothing here\n"))
@@ -560,7 +560,7 @@ def test_a_key_the_method_cannot_use_is_said(tmp_path: Path, capsys):
         assert run(["train", *args, *small, "--out", str(tmp_path / f"r{i}")]) == 0
         said = capsys.readouterr().err
         assert (note in said) if note else ("does not use" not in said and "changes nothing" not in said), said
-        assert "an MLP has no first conv" not in said or "vi" not in args, said
+        assert "mlp has no first conv" not in said or "vi" not in args, said
 
 
 def test_print_config_shows_what_a_command_would_train_with_and_trains_nothing(tmp_path: Path, capsys, monkeypatch):

@@ -202,12 +202,12 @@ def test_presets_name_marks_the_keys_a_run_of_it_does_not_use(capsys, tmp_path):
                 if "# not used: " in line}
 
     digits = marked("digits_mlp")
-    assert digits == {"dense_stem": "an MLP has no first conv", "augment": "digits has no augmentation",
+    assert digits == {"dense_stem": "mlp has no first conv", "augment": "digits has no augmentation",
                       **dict.fromkeys(("test_fraction", "image_size", "channels", "mean", "std"), "image folders only"),
                       "min_subspace_steps": "sparse.delta_t=auto only", "momentum": "adam takes no momentum",
                       "mu_init_std": "bayes.mu_init=fixed only (mlp has no BatchNorm)"}
     cifar = marked("cifar10_resnet18")
-    assert cifar["widths"] == "the hidden layers of an mlp" and "augment" not in cifar and "dense_stem" not in cifar
+    assert cifar["widths"] == "the hidden layers of mlp only" and "augment" not in cifar and "dense_stem" not in cifar
     assert "momentum" not in cifar and "mu_init_std" not in cifar  # SGD's; BatchNorm's layers start with it
     assert "mu_init_std" in marked("mnist_lenet5")  # no BatchNorm either
     vi = marked("mnist_lenet5", "--method", "vi")

@@ -13,12 +13,14 @@ def unused_settings(cfg: cfgmod.Config) -> dict[str, str]:
     keys, augmentation where the data takes none, and what the method never uses."""
     from ssvi_cli.data import DATASETS
     from ssvi_cli.data.imagefolder import MIN_AUGMENT_SIZE
+    from ssvi_cli.models import MODELS, architecture
 
     unused = {}
-    if cfg.model.name != "mlp":
-        unused["model.widths"] = "the hidden layers of an mlp"
-    if cfg.model.name == "mlp":
-        unused["model.dense_stem"] = "an MLP has no first conv"
+    reads = architecture(cfg.model.name)
+    if not reads.widths:
+        unused["model.widths"] = f"the hidden layers of {' or '.join(n for n, a in MODELS.items() if a.widths)} only"
+    if not reads.first_conv:
+        unused["model.dense_stem"] = f"{cfg.model.name} has no first conv"
     folder = cfg.data.name.startswith("imagefolder:")
     if not folder:
         unused.update(dict.fromkeys(("data.test_fraction", "data.image_size", "data.channels", "data.mean", "data.std"),
@@ -29,7 +31,7 @@ def unused_settings(cfg: cfgmod.Config) -> dict[str, str]:
         unused["data.augment"] = f"images under {MIN_AUGMENT_SIZE} pixels take no augmentation"
     if cfg.optim.name != "sgd":
         unused["optim.momentum"] = f"{cfg.optim.name} takes no momentum"
-    if cfg.bayes.mu_init != "fixed" and cfg.model.name in ("mlp", "lenet5"):  # BatchNorm's layers start fixed
+    if cfg.bayes.mu_init != "fixed" and not reads.batchnorm:  # BatchNorm's layers start fixed
         unused["bayes.mu_init_std"] = f"bayes.mu_init=fixed only ({cfg.model.name} has no BatchNorm)"
     if cfg.sparse.delta_t != "auto":
         unused["sparse.min_subspace_steps"] = "sparse.delta_t=auto only"
