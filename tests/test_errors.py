@@ -387,6 +387,10 @@ def test_a_pickled_object_is_refused_in_one_line_without_torchs_warnings(tmp_pat
     import pickle
     import warnings
 
+    import numpy as np
+
+    inputs = tmp_path / "x.npy"  # an input infer reads: the model's file is what it refuses
+    np.save(inputs, np.zeros((1, 8, 8), np.uint8))
     for name, write, why in (
             ("p4.pt", lambda p: p.write_bytes(pickle.dumps({"a": 1}, protocol=4)),
              "is unreadable or corrupted (not a file torch.save wrote: Unsupported operand 149)"),
@@ -399,7 +403,7 @@ def test_a_pickled_object_is_refused_in_one_line_without_torchs_warnings(tmp_pat
              "weights_only=True, never running pickled code)")):
         path = tmp_path / name
         write(path)
-        args = [command, *{"infer": [str(path), str(path)],
+        args = [command, *{"infer": [str(path), str(inputs)],
                            "export": [str(path), "--output", str(tmp_path / "o.safetensors")]}.get(command, [str(path)])]
         with warnings.catch_warnings(record=True) as shown:
             warnings.simplefilter("always")
