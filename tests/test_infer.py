@@ -338,6 +338,10 @@ def test_a_model_given_as_an_input_and_a_file_infer_does_not_read_are_said_so(mo
     assert run(["infer", str(model_file), str(tmp_path / "data.csv")]) == 2
     assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'data.csv'} is neither an image Pillow reads nor a "
                                                ".npy array, the inputs ssvi infer reads; replace or remove the file")
+    scan = tmp_path / "scan.dat"  # an image Pillow reads but infer does not keeps Pillow's reason
+    Image.fromarray(np.zeros((8, 8), np.float32)).save(scan, format="TIFF")
+    assert run(["infer", str(model_file), str(scan)]) == 2
+    assert "has the unsupported mode 'F'; save it as 8-bit gray or RGB" in capsys.readouterr().err
     empty = tmp_path / "empty"  # a folder that is no run still says it holds no images
     empty.mkdir()
     assert run(["infer", str(model_file), str(empty)]) == 2

@@ -63,3 +63,18 @@ def test_each_flags_help_names_every_registered_choice(command, flag, registry):
     said = set(re.findall(r"[a-z][a-z0-9_-]*", params[flag].help))
     names = set(registry.names()) - {"prediction"}  # infer's kernel, no choice of train's
     assert names <= said, sorted(names - said)
+
+
+def test_the_models_classes_keep_the_path_they_had_before_the_package_was_split():
+    """A model pickled whole names its classes by module path, and ssvi_cli.save records a custom
+    model's class as custom:MODULE.CLASS: ssvi_cli.models.ResNet18 and its BasicBlock must stay there."""
+    import pickle
+
+    import ssvi_cli.models as models
+    from ssvi_cli.models import LayerFactory, build_architecture
+
+    for name, shape in (("mlp", (1, 8, 8)), ("lenet5", (1, 28, 28)), ("resnet18", (3, 32, 32)), ("vgg16", (3, 32, 32))):
+        model = build_architecture(name, shape, 10, LayerFactory(bayesian=True))
+        ours = {type(m) for m in model.modules() if type(m).__module__.startswith("ssvi_cli.models")}
+        assert ours and all(getattr(models, c.__qualname__) is c and c.__module__ == "ssvi_cli.models" for c in ours)
+        assert type(pickle.loads(pickle.dumps(model))) is type(model)

@@ -925,9 +925,14 @@ def test_the_report_tells_cells_under_way_from_cells_not_begun(tmp_path: Path, c
             f"{stopped.name}; trained, not yet evaluated: {trained.name}; the others not begun.")
     assert said in " ".join(capsys.readouterr().err.split())
     assert said in " ".join((out / "report.md").read_text().split())
-    assert run(["sweep", "--run-cell", str(new)]) == 0  # the report's look at a lock took none
+    for cell in (new, running):
+        assert run(["sweep", "--run-cell", str(cell)]) == 0
+    capsys.readouterr()
     assert run(["sweep", "--report", str(out), "--no-figures"]) == 0
     assert json.loads((out / "report.json").read_text())["under_way"] == {stopped.name: "stopped", trained.name: "trained"}
+    said = " ".join(capsys.readouterr().err.split())  # every cell not evaluated is under way: no others
+    assert said.endswith(f"Of these, stopped at a checkpoint, from which a rerun goes on: {stopped.name}; trained, not "
+                         f"yet evaluated: {trained.name}.")
 
 
 def test_a_refused_grid_leaves_the_sweep_file_as_it_was(tmp_path: Path, capsys):
@@ -1404,6 +1409,9 @@ def test_a_sweep_without_method_or_sparsity_takes_the_presets(tmp_path: Path):
         assert (spec.methods, spec.sparsities) == (methods, sparsities)
     spec = spec_from_flags(None, str(mine), "rigl", None, None, None, [], [], None)  # a flag still wins
     assert (spec.methods, spec.sparsities) == (("rigl",), (0.8,))
+    own = tmp_path / "own.yaml"  # the preset's method's own value in its methods: section, as train takes it
+    own.write_text("sparse: {sparsity: 0.8}\nmethods: {ssvi: {sparse: {sparsity: 0.7}}}\n")
+    assert spec_from_flags(None, str(own), None, None, None, None, [], [], None).sparsities == (0.7,)
     sweep_file = tmp_path / "sw.yaml"
     sweep_file.write_text(f"preset: {mine}\nsparsities: [0.5, 0.6]\n")
     spec = spec_from_flags(sweep_file, None, None, None, None, None, [], [], None)

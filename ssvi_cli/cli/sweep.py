@@ -269,7 +269,7 @@ def _finish(result: dict[str, Any], json_out: bool) -> None:
         shown = result["missing"][:8]
         err.print(f"not evaluated yet: {', '.join(shown)}" + (f" and {len(result['missing']) - len(shown)} more"
                                                              if len(result["missing"]) > len(shown) else "") + "."
-                  + under_way_text(result.get("under_way") or {}), highlight=False)
+                  + under_way_text(result), highlight=False)
     if again := result.get("evaluated_otherwise"):
         one = len(again) == 1
         err.print(f"of these, {count(len(again), 'cell')} {'was' if one else 'were'} scored before otherwise than the "

@@ -134,6 +134,7 @@ def shown(path: Path | str) -> str:
 
 STREAM_LIMIT = 1 << 30  # bytes read from a pipe or device at most (/dev/zero never ends)
 STDIN = "-"  # the input name that means standard input, as in most command-line tools
+NOT_AN_IMAGE = "not an image format Pillow knows"  # read_image's words for a file it cannot identify
 
 
 def open_stream(path: Path, error: type[Exception] = DataError) -> io.BytesIO:
@@ -253,7 +254,7 @@ def read_image(path: Path, error: type[Exception] = DataError, stream: Optional[
             if target == "RGBA" and not warned(ALPHA_KEY) and arr[:, :, 3].min() < 255:
                 warn_once(logging.getLogger(__name__), ALPHA_KEY, TRANSPARENT, what)
     except UnidentifiedImageError:  # its own message names the file as Python's repr of a stream
-        raise error(f"{what} cannot be read (not an image format Pillow knows); {fix}") from None
+        raise error(f"{what} cannot be read ({NOT_AN_IMAGE}); {fix}") from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise error(f"{what} cannot be read ({reason}); {fix}") from None

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from ssvi_cli import fileio
-from ssvi_cli.data.images import (ARRAY_SUFFIX, IMAGE_SUFFIXES, STDIN, UnreadableImages, find_files, open_stream,
-                                  read_image, shown, starts_as_npy, whole_jpegs)
+from ssvi_cli.data.images import (ARRAY_SUFFIX, IMAGE_SUFFIXES, NOT_AN_IMAGE, STDIN, UnreadableImages, find_files,
+                                  open_stream, read_image, shown, starts_as_npy, whole_jpegs)
 from ssvi_cli.data.decoding import read_ahead
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.data.transforms import preprocess
@@ -115,8 +115,8 @@ def iter_raw(files: Iterable[Path], channels: int = 3, pixel_max: float = 255.0,
             else:
                 try:
                     images = read_image(path, InputError, stream, size=side)
-                except InputError:
-                    if path.suffix.lower() in IMAGE_SUFFIXES or not path.suffix:
+                except InputError as exc:  # a file Pillow cannot identify, named as no image: what infer reads
+                    if path.suffix.lower() in IMAGE_SUFFIXES or not path.suffix or NOT_AN_IMAGE not in str(exc):
                         raise
                     raise InputError(f"{path} is neither an image Pillow reads nor a .npy array, the inputs ssvi infer "
                                      "reads; replace or remove the file") from None

@@ -93,10 +93,15 @@ def model_tensors(model: SSVIModel, dtype: str = "float32", dense: bool = False
     if flushed:  # a point mass in the file, whose SNR inspect shows as its reader's floor of sigma gives it
         zero = torch.zeros((), dtype=TORCH_DTYPES[dtype])
         lost, where = sum(flushed.values()), ", ".join(f"{n}: {k}" for n, k in list(flushed.items())[:3])
-        log.warning("%d sigma value%s too small for %s (its smallest is %.3g) stored as 0, point masses (%s%s); save as float32 "
-                    "or bfloat16 to keep them", lost, "s" * (lost != 1), dtype, float(torch.nextafter(zero, zero + 1)),
-                    where, ", ..." if len(flushed) > 3 else "")
+        log.warning("%d sigma value%s too small for %s (its smallest is %.3g) stored as 0, point masses (%s%s); save as %s "
+                    "to keep them", lost, "s" * (lost != 1), dtype, float(torch.nextafter(zero, zero + 1)),
+                    where, ", ..." if len(flushed) > 3 else "", _others(dtype))
     return tensors, records
+
+
+def _others(dtype: str) -> str:
+    """The types with float32's range other than ``dtype``, as advice to save in one of them."""
+    return " or ".join(d for d in ("float32", "bfloat16") if d != dtype)
 
 
 def _converted(key: str, value: Tensor, dtype: str) -> Tensor:
@@ -106,7 +111,7 @@ def _converted(key: str, value: Tensor, dtype: str) -> Tensor:
     if not bool(torch.isfinite(out).all()):
         if bool(torch.isfinite(value).all()):
             raise ValueError(f"tensor {key!r} holds values beyond {dtype}'s range (largest "
-                             f"{torch.finfo(TORCH_DTYPES[dtype]).max:.6g}); save as float32 or bfloat16")
+                             f"{torch.finfo(TORCH_DTYPES[dtype]).max:.6g}); save as {_others(dtype)}")
         bad = int((~torch.isfinite(value)).sum())
         raise ValueError(f"tensor {key!r} holds {bad} non-finite value{'s' * (bad != 1)} (NaN or inf; a diverged "
                          "model?), which no reader of the file takes: nothing was written")

@@ -18,13 +18,19 @@ from ssvi_cli.config import ConfigError
 from ssvi_cli.core.flops import vector_model
 from ssvi_cli.fileio import brief
 from ssvi_cli.models.base import MODELS, Architecture, LayerFactory, SSVIModel, register
-from ssvi_cli.models.builtin import SMALL_INPUT_HINT, VGG, LeNet5, MLP, ResNet18
+from ssvi_cli.models.builtin import SMALL_INPUT_HINT, VGG, VGG_CFG, BasicBlock, LeNet5, MLP, ResNet18
 from ssvi_cli.models.torchvision_builders import (AUX_FREE, AUX_HEADS, TORCHVISION, check_torchvision_name,
                                                   torchvision_base, torchvision_model)
 
-__all__ = ["AUX_FREE", "AUX_HEADS", "MODELS", "MLP", "SMALL_INPUT_HINT", "TORCHVISION", "VGG", "Architecture",
-           "LayerFactory", "LeNet5", "ResNet18", "SSVIModel", "architecture", "build_architecture", "check_model_name",
+__all__ = ["AUX_FREE", "AUX_HEADS", "MODELS", "MLP", "SMALL_INPUT_HINT", "TORCHVISION", "VGG", "VGG_CFG", "Architecture",
+           "BasicBlock", "LayerFactory", "LeNet5", "ResNet18", "SSVIModel", "architecture", "build_architecture", "check_model_name",
            "check_trains_on", "input_error", "register", "torchvision_base", "torchvision_model"]
+
+
+# Their public path, as before the package was split: a model pickled whole, and the class a file
+# written by ssvi_cli.save records (custom:ssvi_cli.models.MLP), name them so.
+for _cls in (BasicBlock, LeNet5, MLP, ResNet18, SSVIModel, VGG, LayerFactory):
+    _cls.__module__ = __name__
 
 
 def architecture(name: str) -> Architecture:

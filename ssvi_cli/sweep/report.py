@@ -191,13 +191,17 @@ def mean_std(stat: Optional[dict[str, Any]], digits: int = 4) -> str:
     return f"{stat['mean']:{mean_fmt}}{spread}"
 
 
-def under_way_text(under_way: dict[str, str]) -> str:
-    """Which of the cells not evaluated are under way, in words (empty if none is)."""
+def under_way_text(report: dict[str, Any]) -> str:
+    """Which of the report's cells not evaluated are under way, in words (empty if none is); those
+    evaluated otherwise than the sweep asks now are said apart (``evaluated_otherwise``)."""
+    under_way = report.get("under_way") or {}
     said = {"running": "running now", "stopped": "stopped at a checkpoint, from which a rerun goes on",
             "trained": "trained, not yet evaluated"}
     parts = [f"{words}: {', '.join(n for n, s in under_way.items() if s == state)}"
              for state, words in said.items() if state in under_way.values()]
-    return f" Of these, {'; '.join(parts)}; the others not begun." if parts else ""
+    apart = set(under_way) | set(report.get("evaluated_otherwise") or ())
+    others = any(name not in apart for name in report["missing"])
+    return f" Of these, {'; '.join(parts)}{'; the others not begun' * others}." if parts else ""
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -224,7 +228,7 @@ def markdown(report: dict[str, Any]) -> str:
                  mean_std(g.get("training_flops"), 0), mean_std(g.get("model_file_bytes"), 0)]
         lines.append(md_row(cells))
     if report["missing"]:
-        lines += ["", f"Not evaluated yet: {', '.join(report['missing'])}." + under_way_text(report["under_way"])]
+        lines += ["", f"Not evaluated yet: {', '.join(report['missing'])}." + under_way_text(report)]
     if report.get("evaluated_otherwise"):
         lines += ["", f"Of these, scored before otherwise than the sweep asks now (an `--ood` set changed or added "
                       f"since, or `--samples`), which `ssvi sweep --resume` scores again, keeping their training, once "

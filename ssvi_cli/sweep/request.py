@@ -121,7 +121,7 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
         if key in data["fixed"]:
             data["fixed"][key] = cfgmod.absolute_path(key, data["fixed"][key])
     if "methods" not in data or "sparsities" not in data:  # the preset's own, as 'ssvi train --preset' takes them
-        base = cfgmod.preset_methods(str(data.get("preset") or cfgmod.DEFAULT_PRESET))[0].sparse
+        base = cfgmod.load_preset(str(data.get("preset") or cfgmod.DEFAULT_PRESET)).sparse  # its methods: section's too
         data.setdefault("methods", (base.method,))
         data.setdefault("sparsities", (base.sparsity,))
     _check_once(data)

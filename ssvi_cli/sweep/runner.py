@@ -104,8 +104,8 @@ def lock_file(path: Path) -> Path:
 
 
 def cell_busy(path: Path) -> bool:
-    """Whether another process holds the cell's lock now (looked at, not taken: a cell that starts
-    meanwhile is not refused for it)."""
+    """Whether another process holds the cell's lock now (a shared lock tried and let go at once: no
+    lock file is made, and a cell that starts in that instant may be told it is already running)."""
     return lock_holder(lock_file(path)) is not None
 
 
