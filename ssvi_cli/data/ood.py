@@ -96,7 +96,7 @@ def _torchvision_ood(name: str) -> OodBuilder:
 OOD_SETS: Registry[OodBuilder] = Registry("OOD set", error=UnknownDataset)
 OOD_SETS.add("noise", _noise)
 OOD_SETS.add("sklearn-photos", _sklearn_photos)
-for _name in DATASETS:
+for _name in DATASETS:  # as registered when this module is imported (README, "Extending")
     if _name != "digits":
         OOD_SETS.add(_name, _torchvision_ood(_name))
 
