@@ -7,7 +7,8 @@ use, so ``ssvi presets`` or ``import ssvi_cli.config`` do not pay for torch:
 - :func:`param_groups`, :func:`kl_term`, :class:`Subspace` (``ssvi_cli.api``)
 - :func:`predict`: Monte Carlo prediction with uncertainty (``ssvi_cli.prediction``)
 - :func:`preprocess`: pixels as the model's file says its inputs are made (``evaluation.arrays``)
-- :func:`save`, :func:`load`: the compact model file of any converted module (``modelfile.module_io``)
+- :func:`save`, :func:`load`: the compact model file of any converted module (``modelfile.module_io``,
+  ``modelfile.loading``)
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ A support viewed as a (rows, cols) matrix gives a CSR pattern (:class:`CsrPatter
 values over it multiply inputs through :class:`SparseMatmul` (gradients only for the stored
 entries) or, without gradients, :func:`csr_product` directly. A :class:`KernelPolicy` decides per
 layer whether the sparse product or a transient dense weight runs; it is given to a layer when the
-layer is built (``models.LayerFactory``), never flipped on a model from outside.
+layer is built (``models.LayerFactory``), and switched on a model from outside only for a block by
+``core.modes.using_kernel``, which restores it (infer's prediction kernel, the FLOP count's probe).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ Off the support a weight is exactly zero (a point mass); on it ``theta_i ~ N(mu_
 with the number of active entries. One functional core serves ``Linear`` and ``Conv2d`` (``core.conv``); a dense
 Bayesian layer is the same layer at density 1, and a deterministic layer has no ``rho``.
 
-A layer's kernel policy is fixed when it is built. How it samples (LRT, mean, weight draws) and
-whether it captures a dense gradient are switched only inside the context managers of
+A layer's kernel policy is fixed when it is built. Its kernel, how it samples (LRT, mean, weight
+draws) and whether it captures a dense gradient are switched only inside the context managers of
 :mod:`ssvi_cli.core.modes`, which restore the previous state on exit.
 """
 

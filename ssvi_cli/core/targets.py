@@ -12,7 +12,7 @@ from torch import nn
 from ssvi_cli.core.conv import SparseConv2d
 from ssvi_cli.core.layers import SparseGaussian
 
-TIED = "its weight is tied to"  # the start of a tied layer's reason in ``kept`` (module_io reads it)
+TIED = "its weight is tied to"  # the start of a tied layer's reason in ``kept`` (modelfile.loading reads it)
 # Weight layers left dense and deterministic, named in the report's ``kept`` (with the in-projection
 # weights of nn.MultiheadAttention, which are its own parameters, not a child's).
 UNCONVERTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear,

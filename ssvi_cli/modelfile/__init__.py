@@ -1,6 +1,8 @@
 """The model file (format ``ssvi`` version 1, spec in docs/FORMAT.md): index codes (``codec``), the
 model card and the one model builder (``card``), the header (``header``), writing (``writer``) and
-reading with validation (``reader``). Nothing here imports the training code.
+reading with validation (``reader``); ``ssvi_cli.save`` (``module_io``) and ``ssvi_cli.load``
+(``loading``) for any converted module, and whether a module is a given architecture
+(``structure``). Nothing here imports the training code.
 """
 
 from ssvi_cli.modelfile.card import NO_DATASET, Architecture, CardError, ModelCard, Training, build_model

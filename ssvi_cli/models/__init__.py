@@ -17,14 +17,14 @@ from torch import Tensor, nn
 from ssvi_cli.config import ConfigError
 from ssvi_cli.core.flops import vector_model
 from ssvi_cli.fileio import brief
-from ssvi_cli.models.base import MODELS, Architecture, LayerFactory, SSVIModel, register
+from ssvi_cli.models.base import MODELS, LayerFactory, ModelEntry, SSVIModel, register
 from ssvi_cli.models.builtin import SMALL_INPUT_HINT, VGG, VGG_CFG, BasicBlock, LeNet5, MLP, ResNet18
 from ssvi_cli.models.torchvision_builders import (AUX_FREE, AUX_HEADS, TORCHVISION, check_torchvision_name,
                                                   torchvision_base, torchvision_model)
 
-__all__ = ["AUX_FREE", "AUX_HEADS", "MODELS", "MLP", "SMALL_INPUT_HINT", "TORCHVISION", "VGG", "VGG_CFG", "Architecture",
-           "BasicBlock", "LayerFactory", "LeNet5", "ResNet18", "SSVIModel", "architecture", "build_architecture", "check_model_name",
-           "check_trains_on", "input_error", "register", "torchvision_base", "torchvision_model"]
+__all__ = ["AUX_FREE", "AUX_HEADS", "MODELS", "MLP", "SMALL_INPUT_HINT", "TORCHVISION", "VGG", "VGG_CFG", "BasicBlock",
+           "LayerFactory", "LeNet5", "ModelEntry", "ResNet18", "SSVIModel", "build_architecture", "check_model_name",
+           "check_trains_on", "input_error", "model_entry", "register", "torchvision_base", "torchvision_model"]
 
 
 # Their public path, as before the package was split: a model pickled whole, and the class a file
@@ -33,14 +33,14 @@ for _cls in (BasicBlock, LeNet5, MLP, ResNet18, SSVIModel, VGG, LayerFactory):
     _cls.__module__ = __name__
 
 
-def architecture(name: str) -> Architecture:
+def model_entry(name: str) -> ModelEntry:
     """The registered model ``name``; for ``torchvision:NAME``, what such a model reads (as a ResNet's:
     a first conv, BatchNorm, no ``model.widths``), building it with :func:`torchvision_model`."""
     if not name.startswith(TORCHVISION):
         return MODELS.get(name)
     tv_name = name[len(TORCHVISION):]
-    return Architecture(lambda in_shape, num_classes, layers, widths=(): torchvision_model(tv_name, in_shape,
-                                                                                           num_classes, layers))
+    return ModelEntry(lambda in_shape, num_classes, layers, widths=(): torchvision_model(tv_name, in_shape,
+                                                                                         num_classes, layers))
 
 
 def check_model_name(name: str) -> None:
@@ -79,4 +79,4 @@ def build_architecture(name: str, in_shape: Sequence[int], num_classes: int, lay
     """An architecture by name (or ``torchvision:NAME``), its layers from ``layers``, without a
     support yet (see ``core.allocation.initialise``). To rebuild a described model use
     ``modelfile.build_model``."""
-    return architecture(name).build(tuple(in_shape), num_classes, layers, widths=tuple(widths))
+    return model_entry(name).build(tuple(in_shape), num_classes, layers, widths=tuple(widths))

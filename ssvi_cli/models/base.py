@@ -1,6 +1,6 @@
 """What every model is built from: the :class:`LayerFactory` that makes its weight layers (so one
 architecture serves every method), the :class:`SSVIModel` base class, and the registry of
-architectures by name, each with the config keys it reads (:class:`Architecture`)."""
+architectures by name, each with the config keys it reads (:class:`ModelEntry`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from ssvi_cli.registry import Registry
 
 
 @dataclass(frozen=True)
-class Architecture:
+class ModelEntry:
     """A registered model: its builder, ``(in_shape, num_classes, layers, widths) -> SSVIModel``, and
     the config keys it reads (the ones :mod:`ssvi_cli.training.unused` marks as changing nothing)."""
 
@@ -25,14 +25,14 @@ class Architecture:
     batchnorm: bool = True  # layers followed by BatchNorm, which start from bayes.mu_init_std whatever bayes.mu_init
 
 
-MODELS: Registry[Architecture] = Registry("model")
+MODELS: Registry[ModelEntry] = Registry("model")
 
 
 def register(name: str, **reads: bool) -> Callable[[Callable[..., "SSVIModel"]], Callable[..., "SSVIModel"]]:
     """Register a builder as the model ``name`` (``--model name``), with the keys it reads
-    (:class:`Architecture`'s fields: ``widths=True`` for one that takes ``model.widths``, ...)."""
+    (:class:`ModelEntry`'s fields: ``widths=True`` for one that takes ``model.widths``, ...)."""
     def add(build: Callable[..., "SSVIModel"]) -> Callable[..., "SSVIModel"]:
-        MODELS.add(name, Architecture(build, **reads))
+        MODELS.add(name, ModelEntry(build, **reads))
         return build
     return add
 

@@ -1,5 +1,5 @@
-"""A run directory: the one place that knows its file names, how a run claims (or replaces) its
-folder, and where its checkpoints, epoch records, support history and summary go.
+"""A run directory: its file names (elsewhere named only to point a user to one), how a run claims
+(or replaces) its folder, and where its checkpoints, epoch records, support history and summary go.
 
 | file | written by |
 | --- | --- |

@@ -29,7 +29,7 @@ from ssvi_cli.data.spec import DataSpec
 from ssvi_cli.modelfile import LoadedModel, ModelCard, build_model, read_header
 from ssvi_cli.modelfile.header import ModelFileError, is_model_file
 from ssvi_cli.modelfile.writer import dense_state
-from ssvi_cli.models import TORCHVISION, architecture
+from ssvi_cli.models import TORCHVISION, model_entry
 from ssvi_cli.runs.checkpoint import is_checkpoint
 
 
@@ -216,7 +216,7 @@ def _check_architecture(source: str, had: ModelCard, card: ModelCard, spec: Data
     if a.name != b.name:
         raise ConfigError(f"--init-from {source} holds architecture {a.name}; this run builds {b.name} (--model {a.name}; "
                           "without --preset a run takes the trained model's own config)")
-    if architecture(a.name).widths and a.widths != b.widths:  # the others ignore model.widths
+    if model_entry(a.name).widths and a.widths != b.widths:  # the others ignore model.widths
         raise ConfigError(f"--init-from {source} holds an MLP of widths {list(a.widths)}; this run's are "
                           f"{list(b.widths)} (--set model.widths={','.join(map(str, a.widths))})")
     if tuple(had.data.input_shape) != tuple(spec.input_shape):

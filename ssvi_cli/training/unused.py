@@ -13,10 +13,10 @@ def unused_settings(cfg: cfgmod.Config) -> dict[str, str]:
     keys, augmentation where the data takes none, and what the method never uses."""
     from ssvi_cli.data import DATASETS
     from ssvi_cli.data.imagefolder import MIN_AUGMENT_SIZE
-    from ssvi_cli.models import MODELS, architecture
+    from ssvi_cli.models import MODELS, model_entry
 
     unused = {}
-    reads = architecture(cfg.model.name)
+    reads = model_entry(cfg.model.name)
     if not reads.widths:
         unused["model.widths"] = f"the hidden layers of {' or '.join(n for n, a in MODELS.items() if a.widths)} only"
     if not reads.first_conv:
