@@ -53,9 +53,13 @@ class Registry(Generic[T]):
     def unknown_message(self, name: object, label: Optional[str] = None) -> str:
         """``unknown <kind> 'x'; valid names are: ...`` (plus close matches when there are any)."""
         message = f"unknown {label or self.kind} {name!r}; valid names are: {', '.join(self.names())}"
-        lower = {n.lower(): n for n in self.names()}  # MNIST finds mnist
-        close = [lower[c] for c in difflib.get_close_matches(str(name).lower(), list(lower), n=3, cutoff=0.6)]
+        close = self.close_matches(name)
         return message + (f" (did you mean {' or '.join(close)}?)" if close else "")
+
+    def close_matches(self, name: object) -> list[str]:
+        """The registered names close to ``name``, closest first (at most three; ``MNIST`` finds ``mnist``)."""
+        lower = {n.lower(): n for n in self.names()}
+        return [lower[c] for c in difflib.get_close_matches(str(name).lower(), list(lower), n=3, cutoff=0.6)]
 
     def names(self) -> list[str]:
         return sorted(self._items) if self.sort else list(self._items)

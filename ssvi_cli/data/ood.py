@@ -213,7 +213,7 @@ def parse_ood(text: str) -> OodRequest:
     if "," in text and all(n.strip() in (*OOD_SETS.names(), HELDOUT) for n in text.split(",")):  # as --method takes them
         raise UnknownDataset(f"--ood {text}: give --ood once per set: " + " ".join(f"--ood {n.strip()}" for n in text.split(",")))
     unknown = OOD_SETS.unknown_message(text)
-    nearby = "did you mean" in unknown  # a misspelt name: no word of paths
+    nearby = bool(OOD_SETS.close_matches(text))  # a misspelt name: no word of paths
     raise UnknownDataset(f"{unknown}; or {_FORMS}" + ("" if nearby else f"; nor is {text} a file or folder{looked_in(Path(text))}"))
 
 

@@ -11,7 +11,6 @@ and tensor is checked against the model; the first difference is named.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -25,7 +24,7 @@ from ssvi_cli.core.convert import unfilled
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
 from ssvi_cli.core.modes import evaluating, sampling
 from ssvi_cli.core.state import wrapper_chain
-from ssvi_cli.data.sources import get_spec
+from ssvi_cli.data.sources import DATASETS, get_spec
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.fileio import brief
 from ssvi_cli.modelfile.card import NO_DATASET, Architecture, ModelCard, build_model
@@ -205,10 +204,10 @@ def _registered(dataset: str, shape: tuple[int, ...], near_miss: bool = True) ->
         return None
     try:
         spec = get_spec(dataset)
-    except DataError as exc:  # a name of the user's own data is theirs to give; a near miss is likely a typo
-        if near_miss and (near := re.search(r"\(did you mean [^)]*\)", str(exc))):
-            log.warning("dataset=%r is not a registered dataset %s: the file records no input normalisation; "
-                        "give the registered name, or mean= and std=", dataset, near.group(0))
+    except DataError:  # a name of the user's own data is theirs to give; a near miss is likely a typo
+        if near_miss and (near := DATASETS.close_matches(dataset)):
+            log.warning("dataset=%r is not a registered dataset (did you mean %s?): the file records no input "
+                        "normalisation; give the registered name, or mean= and std=", dataset, " or ".join(near))
         return None
     if len(shape) == 3 and shape[0] != spec.input_shape[0]:
         log.warning("dataset=%r has %d-channel images but input_shape %s has %d channels: its normalisation is "
