@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ssvi_cli.argcheck import whole
 from ssvi_cli.core.convert import unfilled
+from ssvi_cli.core.flops import separate_first_layer
 from ssvi_cli.core.gaussian import LRT_EPS, input_under_autocast
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
 from ssvi_cli.core.modes import drawing, evaluating, one_draw_per_forward, sampling
@@ -114,7 +115,7 @@ def _predict(model: SSVIModel, x: Tensor, samples: int, mode: str, first_layer: 
     if mode == "mean" or not is_bayesian(model):
         with sampling(model, "mean"):
             return class_softmax(_logits(model, x)), None
-    if not hasattr(model, "forward_rest"):
+    if separate_first_layer(model) is None:
         # Any other module (a converted torchvision or user network): every layer samples its weights,
         # without the reused draw buffers, which assume each layer runs once per forward.
         if first_layer == "moments":

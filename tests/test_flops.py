@@ -174,3 +174,23 @@ def test_the_training_flops_leave_out_a_dropped_last_batch(tmp_path):
         assert trainer.n_train == n
         flops[n] = trainer.fit()["training_flops"]
     assert flops[129] == flops[128]
+
+
+def test_a_module_without_forward_rest_samples_its_first_layer_as_predict_does():
+    """A user's module with an attribute named first (and no forward_rest) had that layer counted as
+    a first layer whose moments are reused, where predict samples every one of its layers per draw."""
+    import ssvi_cli as ssvi
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.head = torch.nn.Linear(64, 32), torch.nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.first(x.flatten(1))))
+
+    net = Net()
+    ssvi.sparsify(net, sparsity=0.5)
+    assert [g.first for g in model_geometry(net, (1, 8, 8))] == [False, False]
+    mlp = build_architecture("mlp", (1, 8, 8), 10, LayerFactory(bayesian=True), widths=(32,))
+    assert [g.first for g in model_geometry(mlp, (1, 8, 8))] == [True, False]  # an SSVIModel's: reused

@@ -64,13 +64,20 @@ def model_geometry(model: nn.Module, input_shape: Sequence[int]) -> list[LayerGe
     an operation the meta device lacks. An MLP (``models.SSVIModel.vector_layers``) needs no pass:
     each of its layers applies once per example.
     """
-    first = getattr(model, "first", None)  # a linear one: its LRT moments are reused (a conv samples)
+    first = separate_first_layer(model)  # a linear one: its LRT moments are reused (a conv samples)
     if vector_model(model, input_shape):
         positions = {name: 1 for name, _ in sparse_layers(model)}
     else:
         positions = _probed_positions(model, input_shape)
     return [LayerGeometry(name, layer.numel, positions[name], layer.stem, layer is first and layer.is_linear())
             for name, layer in sparse_layers(model)]
+
+
+def separate_first_layer(model: nn.Module) -> Optional[nn.Module]:
+    """The first layer of a model that runs it apart from the rest (``first`` and ``forward_rest``, as
+    every registered architecture), whose draws Monte Carlo prediction may take from its exact output
+    moments; None for any other module (a torchvision or user network), whose every layer samples."""
+    return getattr(model, "first", None) if hasattr(model, "forward_rest") else None
 
 
 def vector_model(model: nn.Module, input_shape: Sequence[int]) -> bool:
