@@ -187,8 +187,14 @@ def test_refusals_are_clear():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     subspace = ssvi.Subspace(model, optimizer, total_steps=10, delta_t=2)
     subspace.t = 2  # an update step whose forward never ran with capture
-    with pytest.raises(RuntimeError, match="no dense gradient"):
+    with pytest.raises(RuntimeError, match="no dense gradient for the subspace step: the model given to Subspace ran no forward"):
         subspace.step()
+    model.eval()  # a forward that ran, in eval mode, captures nothing: the other refusal
+    F.cross_entropy(model(batches(1)[0][0]), batches(1)[0][1]).backward()
+    with pytest.raises(RuntimeError, match=r"no dense gradient for the subspace step: run the step's forward and backward "
+                                           r"with the model in train\(\) mode"):
+        subspace.step()
+    model.train()
     # Arguments are checked when the schedule is made, not at the first remove-and-add step.
     for bad, match in (({"alpha": 2.5}, "^alpha=2.5 must be in"), ({"t_end": 1.5}, "t_end=1.5 must be in"),
                        ({"delta_t": 1}, "delta_t=1 must be an integer >= 2"),

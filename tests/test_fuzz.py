@@ -134,9 +134,13 @@ def test_mutated_files_through_the_cli_never_show_a_traceback(original, tmp_path
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("architecture", {"widths": [24, 4_000_000_000_000]}, "shape|corrupted header"),
-    ("data_spec", {"input_shape": [1, 8, 2_000_000_000_000]}, "shape|corrupted header"),
-    ("data_spec", {"num_classes": 3_000_000_000_000}, "shape|corrupted header"),
+    # the layer's shape compared on the meta device (allocating failed at once too, as a corrupted header)
+    ("architecture", {"widths": [24, 4_000_000_000_000]}, r"layer 'hidden.0' has shape \[12, 24\], the architecture needs "
+                                                          r"\[4000000000000, 24\]"),
+    ("data_spec", {"input_shape": [1, 8, 2_000_000_000_000]}, r"layer 'first' has shape \[24, 64\], the architecture "
+                                                              r"needs \[24, 16000000000000\]"),
+    ("data_spec", {"num_classes": 3_000_000_000_000}, r"corrupted header \(data description: data spec names 10 classes "
+                                                      r"for a model of 3000000000000\)"),
     # one flipped digit made a width 0: a division by zero, found by CI
     ("architecture", {"widths": [0, 12]}, r"corrupted header \(architecture has a layer width below 1"),
     ("architecture", {"widths": [24, -4]}, r"corrupted header \(architecture has a layer width below 1"),

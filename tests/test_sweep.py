@@ -267,7 +267,9 @@ def test_a_baseline_must_name_exactly_one_group_before_anything_runs(tmp_path: P
                 "--baseline", "method=rigl"]) == 2
     assert "--baseline method=rigl names 0 groups" in capsys.readouterr().err
     assert not out.exists()
-    assert run(["sweep", "--method", "ssvi", "--out", str(tmp_path / "d"), "--dry-run", "--baseline", "method=vi"]) == 2
+    capsys.readouterr()
+    assert run(["sweep", "--method", "ssvi,vi", "--out", str(tmp_path / "d"), "--dry-run", "--baseline", "method=vi"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --baseline goes with a sweep that runs, --resume or --report"
 
 
 def test_cli_errors(tmp_path: Path, capsys):
@@ -786,6 +788,10 @@ def test_a_sweep_refuses_what_its_cells_would_fail_on_before_any_cell_runs(tmp_p
     assert run(args) == 2
     lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    said = {"seeds_float": "seeds 3.0: give a count", "seeds_bool": "seeds True: give a count",  # the file's words,
+            "seeds_negative": "seeds [-1]: give a count",  # not a cell's refusal of its train.seed
+            "no_sparsities": "sparsities is empty", "no_preset": "preset None: give a preset name"}.get(case)
+    assert said is None or lines[0].startswith(f"error: --file sweep.yaml: {said}"), lines
     assert not Path("s").exists() and not Path("afile/s").exists()
 
 
