@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ssvi_cli.argcheck import real, whole
-from ssvi_cli.config import MIN_SUBSPACE_STEPS, PAPER_DELTA_T, Config, ConfigError, validate
+from ssvi_cli.config import Config, ConfigError, SparseConfig as S, validate
 from ssvi_cli.core.convert import unfilled
 from ssvi_cli.core.criteria import REMOVAL_CRITERIA
 from ssvi_cli.core.hooks import Hook, rank_mean
@@ -77,9 +77,9 @@ class Subspace:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int, *,
-                 delta_t: int | str = PAPER_DELTA_T, alpha: float = 0.3, t_end: float = 0.75,
-                 criterion: str = "snr_abs", criterion_lambda: float = 1.0, addition: str = "sample",
-                 new_sigma: str = "mean", min_subspace_steps: int = MIN_SUBSPACE_STEPS) -> None:
+                 delta_t: int | str = S.delta_t, alpha: float = S.alpha, t_end: float = S.t_end,  # the sparse.* defaults
+                 criterion: str = S.criterion, criterion_lambda: float = S.criterion_lambda, addition: str = S.addition,
+                 new_sigma: str = S.new_sigma, min_subspace_steps: int = S.min_subspace_steps) -> None:
         if not isinstance(model, nn.Module) or not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"Subspace(model, optimizer, total_steps) takes an nn.Module and a torch.optim optimizer, "
                             f"got {type(model).__name__} and {type(optimizer).__name__}")

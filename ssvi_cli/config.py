@@ -88,7 +88,7 @@ class SparseConfig:
     delta_t: Union[int, str] = PAPER_DELTA_T  # minibatches between subspace steps, or "auto"
     min_subspace_steps: int = MIN_SUBSPACE_STEPS  # delta_t=auto: at least this many subspace steps
     alpha: float = 0.3
-    t_end: float = 0.75  # fraction of total optimisation steps after which the support is frozen
+    t_end: float = 0.75  # fraction of total optimisation steps from which the support is frozen
     new_sigma: str = "mean"
 
 

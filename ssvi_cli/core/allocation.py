@@ -12,7 +12,7 @@ from torch import nn
 from ssvi_cli.registry import Registry, UnknownName
 
 from ssvi_cli.core.layers import SparseGaussian, sparse_layers
-from ssvi_cli.config import MU_INITS
+from ssvi_cli.config import MU_INITS, BayesConfig
 from ssvi_cli.core.gaussian import rho_from_sigma
 
 
@@ -20,13 +20,13 @@ from ssvi_cli.core.gaussian import rho_from_sigma
 class InitSpec:
     """How mu and sigma start (METHOD.md section 5)."""
 
-    mu_std: float = 0.01          # "fixed": every layer; otherwise only the layers followed by BatchNorm
+    mu_std: float = BayesConfig.mu_init_std  # "fixed": every layer; otherwise only the layers followed by BatchNorm
     # The others: "fan_in", a He init over the active fan-in, N(0, 2 / (fan_in * density)); "dense_fan_in",
     # over the whole fan-in, N(0, 2 / fan_in), as a dense layer's init with its inactive entries masked.
     mu_init: str = "fan_in"
-    sigma_mean: float = 6e-4
-    sigma_std: float = 5e-4
-    sigma_param: str = "softplus"
+    sigma_mean: float = BayesConfig.sigma_init_mean  # the config's defaults, read from it
+    sigma_std: float = BayesConfig.sigma_init_std
+    sigma_param: str = BayesConfig.sigma_param
 
     def __post_init__(self) -> None:
         if self.mu_init not in MU_INITS:

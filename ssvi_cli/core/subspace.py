@@ -115,7 +115,7 @@ def end_step(t_end: float, total_steps: int) -> int:
 class Schedule:
     delta_t: int
     alpha: float
-    t_end: int          # global step after which the support is frozen
+    t_end: int          # the global step from which the support is frozen (end_step of the config's fraction)
     accumulate: int = 1  # minibatches whose dense gradients feed the addition score
 
     @classmethod
