@@ -288,9 +288,10 @@ def predict(model: nn.Module, x: Tensor, samples: int = 30, mode: str = "mc") ->
 
     The model's train/eval state and sampling mode are restored afterwards. A converted module
     (without ssvi's ``first``/``forward_rest`` split) samples every layer's weights per draw, once
-    per forward (a layer called twice uses one draw). ``x`` is whatever the model takes (a tensor
-    batch; a numpy array is refused with the conversion), and the model returns (batch, classes).
-    """
+    per forward (a layer called twice uses one draw). ``x`` is what the model takes (a tensor batch;
+    numpy is refused), the model returns (batch, classes). Draws: torch's global RNG, ``samples``
+    networks per call shared by the batch (a linear first layer's outputs may be drawn per example
+    from their moments: docs/API.md)."""
     if not sparse_layers(model):
         raise ValueError("the model has no sparse Gaussian layers; convert it with ssvi_cli.sparsify first")
     unfilled(model, "predict with it")
