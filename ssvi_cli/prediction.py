@@ -75,15 +75,13 @@ def first_layer_scheme(layer: SparseGaussian, h: Tensor) -> str:
 @torch.no_grad()
 def predict_batch(model: SSVIModel, x: Tensor, samples: int = 10, mode: str = "mc",
                   first_layer: str = "auto") -> tuple[Tensor, Optional[Tensor]]:
-    """Return (probs (B, C), sample_probs (S, B, C) or None for the mean network).
-
-    ``first_layer``: the first layer's Monte Carlo scheme (see the module docstring), ``auto`` by
-    :func:`first_layer_scheme`.
-    """
+    """Return (probs (B, C), sample_probs (S, B, C) or None for the mean network). ``first_layer``: the
+    first layer's Monte Carlo scheme (the module docstring), ``auto`` by :func:`first_layer_scheme`."""
     if first_layer not in FIRST_LAYER_SCHEMES:
         raise ValueError(f"first_layer must be one of {', '.join(FIRST_LAYER_SCHEMES)}, got {first_layer!r}")
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}" + ("; one network drawn at a time is "
+                         "with ssvi.sampling(model, 'sample'): model(x)" if mode == "sample" else ""))
     if mode == "mc" and samples < 1:
         raise ValueError(f"samples must be a positive number of draws, got {samples!r}")
     with evaluating(model):

@@ -37,7 +37,8 @@ def sampling(model: nn.Module, mode: str = "sample") -> Iterator[nn.Module]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"sampling takes the converted nn.Module, not a {type(model).__name__}")
     if mode not in MODES:
-        raise ValueError(f"mode={mode!r}; valid modes are: {', '.join(MODES)}")
+        raise ValueError(f"mode={mode!r}; valid modes are: {', '.join(MODES)}"
+                         + ("; the Monte Carlo average of S draws is ssvi.predict(model, x, samples=S)" if mode == "mc" else ""))
     if not sparse_layers(model):
         raise ValueError("the model has no sparse layer: convert it with ssvi.sparsify (or load it with ssvi.load) first")
     with _mode(model, mode):

@@ -88,6 +88,10 @@ def test_the_mode_is_restored_when_the_block_raises():
 
 @pytest.mark.parametrize("call, message", [
     (lambda m: ssvi.sampling(m, "draw"), "mode='draw'; valid modes are: lrt, mean, sample"),
+    (lambda m: ssvi.sampling(m, "mc"), "mode='mc'; valid modes are: lrt, mean, sample; the Monte Carlo average of S "
+                                       "draws is ssvi.predict(model, x, samples=S)"),
+    (lambda m: ssvi.predict(m, torch.zeros(1, 6), mode="sample"), "mode must be one of mc, mean, got 'sample'; one "
+                                                                  "network drawn at a time is with ssvi.sampling(model, 'sample'): model(x)"),
     (lambda m: ssvi.sampling(nn.Linear(2, 2)), "no sparse layer: convert it with ssvi.sparsify"),
     (lambda m: ssvi.sampling(m.state_dict()), "takes the converted nn.Module, not a OrderedDict"),
 ])
