@@ -23,7 +23,7 @@ class InitSpec:
     mu_std: float = BayesConfig.mu_init_std  # "fixed": every layer; otherwise only the layers followed by BatchNorm
     # The others: "fan_in", a He init over the active fan-in, N(0, 2 / (fan_in * density)); "dense_fan_in",
     # over the whole fan-in, N(0, 2 / fan_in), as a dense layer's init with its inactive entries masked.
-    mu_init: str = "fan_in"
+    mu_init: str = BayesConfig.mu_init
     sigma_mean: float = BayesConfig.sigma_init_mean  # the config's defaults, read from it
     sigma_std: float = BayesConfig.sigma_init_std
     sigma_param: str = BayesConfig.sigma_param

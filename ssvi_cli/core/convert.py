@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ssvi_cli.argcheck import real
-from ssvi_cli.config import BayesConfig
+from ssvi_cli.config import BayesConfig, SparseConfig
 from ssvi_cli.core.allocation import InitSpec, active_count, initialise, layer_densities
 from ssvi_cli.core.criteria import top_k_indices
 from ssvi_cli.core.gaussian import HALF_SIGMA, rho_from_sigma
@@ -56,11 +56,11 @@ def _sparse_twin(module: nn.Module, bayesian: bool, stem: bool, sigma_param: str
     return SparseLinear(module.in_features, module.out_features, **common)
 
 
-def sparsify(model: nn.Module, sparsity: float = 0.9, *, bayesian: bool = True, dense: str | Iterable[str] = (),
-             deterministic: str | Iterable[str] = (), dense_first_conv: bool = True, allocation: str = "uniform",
-             from_weights: bool = True, sigma_mean: float = BayesConfig.sigma_init_mean,
-             sigma_std: float = BayesConfig.sigma_init_std,
-             moped_delta: Optional[float] = None, sigma_param: str = "softplus", kernel: str = "auto",
+def sparsify(model: nn.Module, sparsity: float = SparseConfig.sparsity, *, bayesian: bool = True,
+             dense: str | Iterable[str] = (), deterministic: str | Iterable[str] = (), dense_first_conv: bool = True,
+             allocation: str = SparseConfig.allocation, from_weights: bool = True,
+             sigma_mean: float = BayesConfig.sigma_init_mean, sigma_std: float = BayesConfig.sigma_init_std,
+             moped_delta: Optional[float] = None, sigma_param: str = BayesConfig.sigma_param, kernel: str = "auto",
              generator: Optional[torch.Generator] = None, structure_only: bool = False,
              _stored: Collection[str] = ()) -> ConversionReport:
     """Convert ``model`` in place, each new layer on its weight's device and in its dtype; returns

@@ -74,10 +74,11 @@ def model_geometry(model: nn.Module, input_shape: Sequence[int]) -> list[LayerGe
 
 
 def separate_first_layer(model: nn.Module) -> Optional[nn.Module]:
-    """The first layer of a model that runs it apart from the rest (``first`` and ``forward_rest``, as
+    """The first layer of a model that runs it apart from the rest (``prepare``, ``first``, ``forward_rest``, as
     every registered architecture), whose draws Monte Carlo prediction may take from its exact output
     moments; None for any other module (a torchvision or user network), whose every layer samples."""
-    return getattr(model, "first", None) if hasattr(model, "forward_rest") else None
+    split = all(hasattr(model, part) for part in ("prepare", "first", "forward_rest"))  # SSVIModel's forward
+    return model.first if split else None
 
 
 def vector_model(model: nn.Module, input_shape: Sequence[int]) -> bool:
