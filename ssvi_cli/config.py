@@ -28,6 +28,14 @@ MU_INITS = ("fan_in", "dense_fan_in", "fixed")
 # sparse.delta_t: a number of minibatches, or AUTO to fit the schedule to the run's length
 # (core/subspace.py: resolve_delta_t); PAPER_DELTA_T is RigL's and the paper's, auto's upper bound.
 DELTA_T_AUTO = "auto"
+IMAGEFOLDER = "imagefolder:"  # data.name of the user's own image folder, imagefolder:PATH
+
+
+def image_folder(name: Any) -> Optional[str]:
+    """The folder (as written) of ``data.name`` ``imagefolder:PATH``; None for any other data: the one
+    test of the prefix, for every module that treats an image folder apart."""
+    text = str(name)
+    return text[len(IMAGEFOLDER):] if text.startswith(IMAGEFOLDER) else None
 PAPER_DELTA_T = 100
 MIN_SUBSPACE_STEPS = 100  # auto's default target (sparse.min_subspace_steps)
 MAX_LR = 100.0
@@ -557,7 +565,7 @@ def validate(cfg: Config) -> None:
     max_dt = PAPER_DELTA_T if auto_dt or not isinstance(s.delta_t, int) else s.delta_t
     if not 0.0 <= s.sparsity < 1.0:
         raise ConfigError(f"sparse.sparsity={s.sparsity} must be in [0, 1), e.g. --sparsity 0.95")
-    folder = d.name.startswith("imagefolder")
+    folder = image_folder(d.name) is not None
     checks = [
         ("sparse.alpha", 0.0 <= s.alpha <= 1.0, "in [0, 1]"),
         ("sparse.t_end", 0.0 <= s.t_end <= 1.0, "in [0, 1]"),
@@ -729,7 +737,7 @@ def check_imagefolder_keys(cfg: Config, given: Any = ()) -> None:
     """Refuse the image folder keys (:data:`IMAGEFOLDER_KEYS`) for a dataset that is not an image
     folder, which has its own shape and normalisation and would ignore them: each one off its default,
     and each one in ``given`` (the ``"section.key"`` names the command line set) at any value."""
-    if cfg.data.name.startswith("imagefolder:"):
+    if image_folder(cfg.data.name) is not None:
         return
     for key in IMAGEFOLDER_KEYS:
         value = getattr(cfg.data, key)
@@ -758,8 +766,8 @@ def absolute_path(key: str, value: Any) -> Any:
         return value
     text = str(value)
     if key == "data.name":
-        family, sep, path = text.partition(":")
-        return f"{family}:{Path(path).expanduser().resolve()}" if sep and family == "imagefolder" and path else value
+        path = image_folder(text)
+        return f"{IMAGEFOLDER}{Path(path).expanduser().resolve()}" if path else value
     if key == "model.init_from" and text.startswith("torchvision:"):
         return value
     return str(Path(text).expanduser().resolve())

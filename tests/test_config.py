@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -279,3 +280,10 @@ def test_a_list_with_an_empty_item_is_refused_and_a_one_item_tuple_read():
         C.apply_overrides(base, {"data.classes": "0,1,"})
     assert C.apply_overrides(base, {"model.widths": "(512,)"}).model.widths == (512,)
     assert C.apply_overrides(base, {"model.widths": "[64, 32]"}).model.widths == (64, 32)
+
+
+def test_an_image_folder_is_told_by_one_test_of_its_prefix():
+    assert C.image_folder("imagefolder:photos/") == "photos/" and C.image_folder("imagefolder:") == ""
+    assert C.image_folder("digits") is None and C.image_folder("imagefolder") is None and C.image_folder(None) is None
+    assert C.absolute_path("data.name", "imagefolder:~/x") == f"imagefolder:{Path('~/x').expanduser().resolve()}"
+    assert C.absolute_path("data.name", "imagefolder:") == "imagefolder:" and C.absolute_path("data.name", "mnist") == "mnist"

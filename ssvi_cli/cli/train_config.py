@@ -31,7 +31,7 @@ def build_config(preset: Optional[str], overrides: dict[str, Any], sets: list[st
     try:
         if preset is None and isinstance(source, str) and names_trained_model(source):
             base, data = recorded_config(source), flat.get("data.name")
-            if base.data.name.startswith("imagefolder:") and isinstance(data, str) and not data.startswith("imagefolder:"):
+            if cfgmod.image_folder(base.data.name) is not None and isinstance(data, str) and cfgmod.image_folder(data) is None:
                 # an image folder's own settings (its size, channels, normalisation) do not go to other data
                 base = cfgmod.apply_overrides(base, {f"data.{k}": getattr(cfgmod.DataConfig, k)
                                                      for k in cfgmod.IMAGEFOLDER_KEYS})

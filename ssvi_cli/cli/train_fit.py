@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from ssvi_cli.cli.common import count, fmt, progress_bar, tell
 from ssvi_cli.cli.train_config import nproc_again
+from ssvi_cli.config import image_folder
 from ssvi_cli.machine import quote_path
 from ssvi_cli.training.stops import stopped_how
 
@@ -24,7 +25,7 @@ def fit(trainer, interrupted_cls, quiet: bool, say: Callable[[str], None], bar: 
         images = ", ".join(f"{n:,} {name}" for name, n in trainer.splits.sizes().items())
         tell(f"training {cfg.model.name} on {cfg.data.name} ({images} images) with {cfg.sparse.method} "
              f"(density {cfg.density:.3g}, {count(cfg.train.epochs, 'epoch')}, device {trainer.device}) -> {trainer.run_dir}")
-        if cfg.data.name.startswith("imagefolder:"):  # what was found in the user's folder
+        if image_folder(cfg.data.name) is not None:  # what was found in the user's folder
             tell(_folder_line(trainer.splits.spec, cfg.data.mean is not None, cfg.data.std is not None), highlight=False)
     if cfg.method.moves_support and trainer.schedule.updates == 0:
         hint = "" if cfg.sparse.delta_t == "auto" else " (--set sparse.delta_t=auto spaces them to fit the run)"

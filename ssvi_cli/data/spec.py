@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ssvi_cli.argcheck import has_control
+from ssvi_cli.config import image_folder
 
 
 class DataError(Exception):
@@ -28,7 +29,7 @@ def jpegs_read_whole(name: Any, reduced_jpeg: Any) -> bool:
     """Whether the JPEGs of the data described as ``name`` with ``reduced_jpeg`` (a spec's fields, or a
     checkpoint's record of them) are decoded whole: a model trained on an image folder before
     ``reduced_jpeg`` was recorded. Other data were never JPEG files: the reduced decode."""
-    return str(name).startswith("imagefolder:") and not reduced_jpeg
+    return image_folder(name) is not None and not reduced_jpeg
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ class DataSpec:
         """Refuse this spec, measured again on a resumed run's training images, when the normalisation
         ``recorded`` (its checkpoint's spec as a dict) differs: the images changed under the same
         names, and the run would go on with other inputs than it started with."""
-        if not isinstance(recorded, dict) or not self.name.startswith("imagefolder:"):
+        if not isinstance(recorded, dict) or image_folder(self.name) is None:
             return
         then = recorded.get("mean"), recorded.get("std")
         if not all(isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) for x in v) for v in then):

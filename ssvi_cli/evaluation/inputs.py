@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from torch.utils.data import Dataset
 
+from ssvi_cli.config import image_folder
 from ssvi_cli.data import DataError, DataSpec, build_dataset, check_dataset_name, data_config_for, get_spec
 from ssvi_cli.data.ood import ood_names
 from ssvi_cli.data.images import whole_jpegs
@@ -54,7 +55,7 @@ def _other_classes_hint(name: str, spec: DataSpec, model_spec: DataSpec) -> str:
     classes) whole with --split all, its class folders named as the model's classes."""
     if name in ood_names():
         return f"; score it as out-of-distribution with --ood {name} instead"
-    if not name.startswith("imagefolder:") or spec.input_shape != model_spec.input_shape \
+    if image_folder(name) is None or spec.input_shape != model_spec.input_shape \
             or spec.num_classes >= model_spec.num_classes:
         return ""
     ours = {unicodedata.normalize("NFC", n) for n in model_spec.class_names}
@@ -81,7 +82,7 @@ def _check_compatible(name: str, spec: DataSpec, model_spec: DataSpec) -> None:
                     for names in (model_spec.class_names, spec.class_names))
     if named and spec.class_names and theirs != ours:
         differ = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)
-        fix = ("name the class folders as the model's classes" if name.startswith("imagefolder:")
+        fix = ("name the class folders as the model's classes" if image_folder(name) is not None
                else f"score it as out-of-distribution with --ood {name}" if name in ood_names()
                else "evaluate on the model's own dataset")
         raise DataError(
@@ -115,7 +116,7 @@ def load_eval_data(
         if name == NO_DATASET:
             raise DataError("the model file records no dataset (ssvi.save without dataset=); name the one to evaluate "
                             "on with --data")
-        folder = name.partition("imagefolder:")[2] if name.startswith("imagefolder:") else None
+        folder = image_folder(name)
         if dataset is None and folder and not Path(folder).expanduser().is_dir():
             raise DataError(f"the model was trained on the image folder {folder}, which is not there now; if it has "
                             "moved, give its new place with --data imagefolder:PATH")
@@ -178,7 +179,7 @@ def _whole_folder(name: str, folder: Optional[str], model_spec: DataSpec, reques
     if "heldout" in requests:
         raise DataError("--ood heldout is the test split's other classes; with --split all give them as --ood PATH")
     inputs = whole_folder(folder, data_config_for(model_spec), tuple(model_spec.class_names))
-    trained_on = model_spec.name.partition("imagefolder:")[2] if model_spec.name.startswith("imagefolder:") else None
+    trained_on = image_folder(model_spec.name)
     own = trained_on is not None and Path(folder).expanduser().resolve() == Path(trained_on).expanduser().resolve()
     notes = [f"every image of {name} was scored, its training images too: the model was trained on this folder"
              ] if own else []

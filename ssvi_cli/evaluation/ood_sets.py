@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ssvi_cli.config import image_folder
 from ssvi_cli.data import DataError, DatasetUnavailable, DataSpec, PreparedDataset, preprocess
 from ssvi_cli.data.decoding import read_ahead
 from ssvi_cli.data.images import ARRAY_SUFFIX, IMAGE_SUFFIXES, find_files, read_array, unreadable
@@ -134,7 +135,7 @@ def check_outside(request: OodRequest, text: str, dataset: str) -> None:
     folder beside its class folders, which it does not read, is an OOD set like any other."""
     from ssvi_cli.data.imagefolder import scan_folder
 
-    folder = dataset.partition("imagefolder:")[2] if dataset.startswith("imagefolder:") else ""
+    folder = image_folder(dataset) or ""
     if request.kind != "path" or request.path is None or not folder:
         return
     own, given = Path(os.path.realpath(Path(folder).expanduser())), Path(os.path.realpath(request.path.expanduser()))

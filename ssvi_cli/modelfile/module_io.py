@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ssvi_cli.argcheck import real
+from ssvi_cli.config import image_folder
 from ssvi_cli.core.conv import SparseConv2d
 from ssvi_cli.core.convert import unfilled
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
@@ -140,7 +141,7 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
                     tuple(float(v) for v in mean) if mean is not None else known.mean if known else (0.0,) * channels,
                     tuple(float(v) for v in std) if std is not None else known.std if known else (1.0,) * channels,
                     pixel_max=known.pixel_max if known else kept.data.pixel_max if kept else 255.0,
-                    reduced_jpeg=str(dataset).startswith("imagefolder:"))  # a folder read by this ssvi
+                    reduced_jpeg=image_folder(dataset) is not None)  # a folder read by this ssvi
     if kept is not None and spec.class_names == kept.data.class_names:
         spec = replace(spec, dataset_classes=kept.data.dataset_classes, files_digest=kept.data.files_digest,
                        reduced_jpeg=kept.data.reduced_jpeg)

@@ -56,7 +56,7 @@ def changed_details(sweep_dir: Path, spec: SweepSpec, cells: list[Cell],
     scans: dict[str, Any] = {}
     for cell, cfg in cell_configs(spec, [c for c in cells if c.name not in changed]):
         name = cfg.data.name
-        if not name.startswith("imagefolder:") or cell_state(cell_dir(sweep_dir, cell)) == "new":
+        if cfgmod.image_folder(name) is None or cell_state(cell_dir(sweep_dir, cell)) == "new":
             continue
         if name in recorded:
             states = states if states is not None else folder_states(spec, cells)
@@ -106,7 +106,7 @@ def folder_states(spec: SweepSpec, cells: list[Cell]) -> dict[str, Optional[str]
     from ssvi_cli.data.spec import DataError
 
     states: dict[str, Optional[str]] = {}
-    for name in sorted({cfg.data.name for _, cfg in cell_configs(spec, cells) if cfg.data.name.startswith("imagefolder:")}):
+    for name in sorted({cfg.data.name for _, cfg in cell_configs(spec, cells) if cfgmod.image_folder(cfg.data.name) is not None}):
         try:
             states[name] = folder_digest(scan_folder(Path(name.partition(":")[2])))
         except (DataError, OSError):

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ssvi_cli.config import Config, ConfigError
+from ssvi_cli.config import Config, ConfigError, image_folder
 from ssvi_cli.core.allocation import active_count
 from ssvi_cli.core.gaussian import rho_from_sigma
 from ssvi_cli.core.layers import sparse_layers
@@ -221,7 +221,7 @@ def _check_architecture(source: str, had: ModelCard, card: ModelCard, spec: Data
                           f"{list(b.widths)} (--set model.widths={','.join(map(str, a.widths))})")
     if tuple(had.data.input_shape) != tuple(spec.input_shape):
         c, h, w = (list(had.data.input_shape) + [0, 0, 0])[:3]
-        fits = c in (1, 3) and h == w and spec.name.startswith("imagefolder:")  # the folder read at the model's size
+        fits = c in (1, 3) and h == w and image_folder(spec.name) is not None  # the folder read at the model's size
         raise ConfigError(f"--init-from {source} takes inputs of shape {list(had.data.input_shape)}; this run's "
                           f"data ({spec.name}) are {list(spec.input_shape)}"
                           + (f" (--set data.channels={c} --set data.image_size={h} reads the folder so)" if fits else ""))

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from ssvi_cli.config import DEVICES, Config, ConfigError, apply_overrides, check_imagefolder_keys, from_dict
+from ssvi_cli.config import DEVICES, Config, ConfigError, apply_overrides, check_imagefolder_keys, from_dict, image_folder
 from ssvi_cli.core.allocation import InitSpec, initialise, layer_densities
 from ssvi_cli.core.criteria import REMOVAL_CRITERIA
 from ssvi_cli.core.layers import sparse_layers
@@ -83,7 +83,7 @@ def check_input_fits(skeleton: SSVIModel, cfg: Config, shape: tuple[int, ...]) -
         fits = next((n for n in SIZES_TRIED if len(shape) == 3 and n > shape[-1]
                      and input_error(skeleton, (shape[0], n, n)) is None), None)
         takes = f"data.image_size={fits}, the first of the usual sizes it takes" if fits else "data.image_size"
-        hint = (f" (set {takes})" if cfg.data.name.startswith("imagefolder") else
+        hint = (f" (set {takes})" if image_folder(cfg.data.name) is not None else
                 " (pick a model that takes images this small, or train on larger ones: an image folder with "
                 f"{takes}, say)")
         raise ConfigError(f"{cfg.model.name} cannot take the data's {size} inputs{hint}: {reason}")

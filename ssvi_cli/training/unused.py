@@ -21,7 +21,7 @@ def unused_settings(cfg: cfgmod.Config) -> dict[str, str]:
         unused["model.widths"] = f"the hidden layers of {' or '.join(n for n, a in MODELS.items() if a.widths)} only"
     if not reads.first_conv:
         unused["model.dense_stem"] = f"{cfg.model.name} has no first conv"
-    folder = cfg.data.name.startswith("imagefolder:")
+    folder = cfgmod.image_folder(cfg.data.name) is not None
     if not folder:
         unused.update(dict.fromkeys(("data.test_fraction", "data.image_size", "data.channels", "data.mean", "data.std"),
                                     "image folders only"))
