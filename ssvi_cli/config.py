@@ -28,14 +28,6 @@ MU_INITS = ("fan_in", "dense_fan_in", "fixed")
 # sparse.delta_t: a number of minibatches, or AUTO to fit the schedule to the run's length
 # (core/subspace.py: resolve_delta_t); PAPER_DELTA_T is RigL's and the paper's, auto's upper bound.
 DELTA_T_AUTO = "auto"
-IMAGEFOLDER = "imagefolder:"  # data.name of the user's own image folder, imagefolder:PATH
-
-
-def image_folder(name: Any) -> Optional[str]:
-    """The folder (as written) of ``data.name`` ``imagefolder:PATH``; None for any other data: the one
-    test of the prefix, for every module that treats an image folder apart."""
-    text = str(name)
-    return text[len(IMAGEFOLDER):] if text.startswith(IMAGEFOLDER) else None
 PAPER_DELTA_T = 100
 MIN_SUBSPACE_STEPS = 100  # auto's default target (sparse.min_subspace_steps)
 MAX_LR = 100.0
@@ -46,6 +38,14 @@ MAX_ITEMS = 2**31 - 1  # inputs of a set (evaluate --ood-max-items): 1e20 overfl
 MAX_THREADS = 4096  # torch threads (bench --threads): 1e20 overflowed torch.set_num_threads
 MAX_SEED = 2**32 - 1  # numpy's seed range; the trainer's per-epoch seed, seed * 1_000_003 + epoch, fits int64
 _ADDITION = re.compile(r"^(sample|mean|accumulate:([1-9]\d*))$")
+IMAGEFOLDER = "imagefolder:"  # data.name of the user's own image folder, imagefolder:PATH
+
+
+def image_folder(name: Any) -> Optional[str]:
+    """The folder (as written) of ``data.name`` ``imagefolder:PATH``; None for any other data: the one
+    test of the prefix, for every module that treats an image folder apart."""
+    text = str(name)
+    return text[len(IMAGEFOLDER):] if text.startswith(IMAGEFOLDER) else None
 
 
 class ConfigError(ValueError):
