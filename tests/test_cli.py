@@ -1149,6 +1149,8 @@ def test_train_json_shows_its_epochs_on_stderr_and_keeps_stdout_for_the_summary(
     (["train", "--nproc", "two"], "error: --nproc two: give a whole number"),
     (["evaluate", "m.safetensors", "--seed", "-1"], "error: --seed -1: give a whole number from 0 to 4294967295"),
     (["bench", "--repeats", "1.5"], "error: --repeats 1.5: give a whole number"),
+    (["infer", "m.safetensors", "x.png", "--seed", "4294967296"],
+     "error: --seed 4294967296: give a whole number from 0 to 4294967295"),
 ])
 def test_a_bounded_whole_number_out_of_its_bounds_is_one_line(line, said, capsys):
     """The bound was shown in --help's metavar column (`<int range> [x>=1]`), which cut help words at 80

@@ -60,6 +60,8 @@ def test_no_cgroup_file_system_is_no_limit(tmp_path: Path):
     ({0, 1, 2, 3, 4, 5, 6, 7}, {"cpu.max": "150000 100000"}, 2),   # rounded up
     ({0, 1, 2, 3, 4, 5, 6, 7}, {"cpu.max": "250000 100000"}, 3),   # up, not to the nearest (round(2.5) is 2)
     ({0, 1, 2, 3, 4, 5, 6, 7}, {"cpu.max": "210000 100000"}, 3),
+    ({0, 1, 2, 3, 4, 5, 6, 7}, {"cpu.max": "300000 100000"}, 3),   # a whole quota as it is
+    ({0, 1, 2, 3, 4, 5, 6, 7}, {"cpu.max": "100000 100000"}, 1),
     ({0, 1}, {"cpu.max": "800000 100000"}, 2),                     # the affinity below the quota
     ({0, 1, 2}, {"cpu.max": "max 100000"}, 3),                     # no quota: the affinity
     ({0, 1, 2}, {"cpu.max": "10000 100000"}, 1),                   # a tenth of a core: still one thread

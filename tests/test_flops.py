@@ -189,8 +189,14 @@ def test_a_module_without_forward_rest_samples_its_first_layer_as_predict_does()
         def forward(self, x):
             return self.head(torch.relu(self.first(x.flatten(1))))
 
-    net = Net()
-    ssvi.sparsify(net, sparsity=0.5)
-    assert [g.first for g in model_geometry(net, (1, 8, 8))] == [False, False]
+    class Split(Net):  # first and forward_rest, but no prepare: SSVIModel's forward is not its own
+        def forward_rest(self, h):
+            return self.head(torch.relu(h))
+
+    x = torch.randn(3, 1, 8, 8)
+    for net in (Net(), Split()):
+        ssvi.sparsify(net, sparsity=0.5)
+        assert [g.first for g in model_geometry(net, (1, 8, 8))] == [False, False]
+        assert ssvi.predict(net, x, samples=3).probs.shape == (3, 10)
     mlp = build_architecture("mlp", (1, 8, 8), 10, LayerFactory(bayesian=True), widths=(32,))
     assert [g.first for g in model_geometry(mlp, (1, 8, 8))] == [True, False]  # an SSVIModel's: reused
