@@ -343,13 +343,17 @@ def test_nproc_forwards_debug_to_its_processes(tmp_path: Path, monkeypatch):
     assert seen[0][:2] == ["train", "--debug"] and "--debug" not in seen[1]
 
 
-def test_nproc_checks_the_run_directory_before_launching(tmp_path: Path, monkeypatch):
+def test_nproc_checks_the_run_directory_before_launching(tmp_path: Path, monkeypatch, capsys):
     from ssvi_cli.cli import run
 
     monkeypatch.setattr(launcher, "launch", lambda nproc, args, env, pass_fds=(): pytest.fail("must not launch"))
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.yaml").write_text("x")
+    capsys.readouterr()
     assert run(["train", "--nproc", "2", "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --out {tmp_path / 'r'} holds config.yaml and is not a run "
+                                               "folder; choose another --out (--force replaces only a run)")
+    assert [p.name for p in (tmp_path / "r").iterdir()] == ["config.yaml"]  # checked, not claimed: no lock left
 
 
 def test_more_processes_than_the_memory_holds_are_refused_before_anything_starts(tmp_path: Path, monkeypatch, capsys):
@@ -368,9 +372,11 @@ def test_more_processes_than_the_memory_holds_are_refused_before_anything_starts
     assert not (tmp_path / "r").exists()
     monkeypatch.setattr(machine, "meminfo_bytes", lambda path, key: None)  # not Linux: nothing checked
     launcher.check_memory(1000)
-    sizes["MemAvailable"] = 4 * 2**30 + 1
+    sizes["MemAvailable"] = 4 * 2**30  # exactly what 7 and the launcher take: they fit
     monkeypatch.setattr(machine, "meminfo_bytes", lambda path, key: sizes[key])
     launcher.check_memory(7)
+    with pytest.raises(Exception, match="--nproc 8: 8 processes"):
+        launcher.check_memory(8)
     monkeypatch.undo()
     if sys.platform.startswith("linux"):  # the sizes are read from /proc
         assert machine.own_memory() > 2**20 and machine.available_memory() > 2**20
