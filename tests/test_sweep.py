@@ -1533,3 +1533,27 @@ def test_a_cell_log_made_a_link_is_refused_not_appended_through(tmp_path: Path, 
     said = capsys.readouterr().err
     assert f"{out / 'logs' / 'ssvi_s0.9_seed0.log'} is a symbolic link, which ssvi does not follow here" in said
     assert outside.read_text() == "theirs\n" and not (out / "cells" / "ssvi_s0.9_seed0" / "model.safetensors").exists()
+
+
+def test_a_sweep_files_missing_preset_is_named_with_the_file_and_found_beside_it(tmp_path: Path, monkeypatch):
+    """It was load_preset's message alone, which names neither the sweep file nor a preset lying beside
+    it (a relative path is read from the folder ssvi runs in, not the file's)."""
+    from ssvi_cli.sweep.request import spec_from_flags
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    sweep_file = Path("sub") / "sw.yaml"
+    sweep_file.write_text("preset: mine.yaml\nmethods: [ssvi]\n")
+    with pytest.raises(SweepError) as gone:
+        spec_from_flags(sweep_file, None, None, None, None, None, [], [], None)
+    assert str(gone.value).startswith(f"--file {sweep_file}: preset file mine.yaml does not exist in {tmp_path}")
+    assert "beside the sweep file" not in str(gone.value)
+    (tmp_path / "sub" / "mine.yaml").write_text("sparse: {sparsity: 0.8}\n")
+    with pytest.raises(SweepError, match=r"it is beside the sweep file: write preset: sub/mine\.yaml$"):
+        spec_from_flags(sweep_file, None, None, None, None, None, [], [], None)
+    sweep_file.write_text("preset: sub/mine.yaml\n")  # as the hint says: found
+    assert spec_from_flags(sweep_file, None, None, None, None, None, [], [], None).sparsities == (0.8,)
+    sweep_file.write_text("preset: digits_mlp\n")  # a shipped preset's name is no path
+    assert spec_from_flags(sweep_file, None, None, None, None, None, [], [], None).sparsities == (0.95,)
+    sweep_file.write_text("preset: mine.yaml\n")  # --preset replaces the file's: no word of the file's
+    assert spec_from_flags(sweep_file, "digits_mlp", None, None, None, None, [], [], None).sparsities == (0.95,)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ssvi_cli import config as cfgmod
+from ssvi_cli.fileio import looked_in
 from ssvi_cli.machine import path_word
 from ssvi_cli.sweep.grid import (SweepError, SweepSpec, check_key, list_valued, numbers, parse_axis, typed_number,
                                 yaml_text)
@@ -25,6 +26,17 @@ def _csv(text: Optional[str], kind: type, flag: str) -> Optional[tuple[Any, ...]
     if not values:
         raise SweepError(f"{flag} {text!r} holds no values")
     return values
+
+
+def _missing_preset(file: Path, preset: Path) -> None:
+    """Refuses a sweep file's preset path that is not a file, naming the sweep file, and the path that
+    works where the preset lies beside the sweep file (paths are read from the folder ssvi runs in)."""
+    if preset.suffix.lower() not in cfgmod.PRESET_SUFFIXES or preset.is_dir():
+        return  # a shipped preset's name, or a folder: load_preset's own message
+    beside = file.parent / preset
+    hint = (f"; it is beside the sweep file: write preset: {beside}" if not preset.is_absolute() and beside.is_file()
+            else "; give a YAML (or JSON) file's path")
+    raise SweepError(f"--file {file}: preset file {preset} does not exist{looked_in(preset)}{hint}")
 
 
 def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optional[str], sparsity: Optional[str],
@@ -112,6 +124,8 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
     preset_path = Path(str(data.get("preset", ""))).expanduser()
     if preset_path.suffix.lower() in cfgmod.PRESET_SUFFIXES and preset_path.is_file():
         data["preset"] = str(preset_path.resolve())  # cells may run from another directory
+    elif file is not None and preset is None and "preset" in written:  # the file's preset, not found: say whose
+        _missing_preset(file, preset_path)
     # Paths, likewise, as absolute ones: a cell resumed, or run by a scheduler, from elsewhere finds them.
     data["ood"] = tuple(_absolute_ood(str(text)) for text in data.get("ood") or ())
     _check_labels(data["ood"])
