@@ -437,3 +437,40 @@ def test_an_image_model_whose_file_names_another_input_rank_is_refused_in_a_line
     with pytest.raises(ModelFileError, match=re.escape(f"input shape {shape}; a torchvision:resnet18 model takes "
                                                        "(channels, height, width)")):
         read_model_file(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads this process's memory maps (Linux)")
+def test_a_loaded_model_holds_no_mapping_of_its_file(trained, tmp_path):
+    """safetensors' load_file mapped the file and the installed float32 tensors kept the mapping for the
+    model's life: on Windows a model then cannot be saved back over the file it came from."""
+    import ssvi_cli
+
+    trainer, run_dir, x = trained
+    path = tmp_path / "m.safetensors"
+    export_model(run_dir, path)
+    model = ssvi_cli.load(path)
+    init = tmp_path / "init.safetensors"  # a torchvision state dict's file, read the same way
+    save_file({"w": torch.ones(4096)}, str(init))
+    from ssvi_cli.modelfile.reader import load_safetensors
+
+    state = load_safetensors(init)
+    maps = Path("/proc/self/maps").read_text()
+    assert str(path) not in maps and str(init) not in maps
+    ssvi_cli.save(model, path)  # back over its own file: the same predictions
+    torch.testing.assert_close(predict_batch(ssvi_cli.load(path), x, mode="mean")[0],
+                               predict_batch(model, x, mode="mean")[0], atol=0, rtol=0)
+    assert torch.equal(state["w"], torch.ones(4096))
+
+
+def test_export_onto_another_name_of_its_source_is_refused(trained, tmp_path, capsys):
+    """The check compared resolved paths: a second name of the same file (a hard link here; on macOS's
+    case-insensitive disk, MODEL.safetensors for model.safetensors) passed, and export replaced its source."""
+    trainer, run_dir, x = trained
+    source = tmp_path / "m.safetensors"
+    export_model(run_dir, source)
+    alias = tmp_path / "alias.safetensors"
+    alias.hardlink_to(source)
+    before = source.read_bytes()
+    assert run(["export", str(source), "-o", str(alias), "--dtype", "float16"]) == 2
+    assert f"--output {alias} is the file being exported" in capsys.readouterr().err
+    assert source.read_bytes() == before and alias.read_bytes() == before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -147,7 +148,7 @@ def register(app: typer.Typer) -> None:
         target = None  # the file --output names, or the target of the link it is
         if output is not None:
             scored = RunDir(model).model_file if model.is_dir() else model
-            if output.exists() and scored.exists() and output.resolve() == scored.resolve():
+            if output.exists() and scored.exists() and os.path.samefile(output, scored):
                 raise UsageError(f"--output {output} is the model file being evaluated; name the report *.json")
             target = check_output_file(output, "--output")
             if output.suffix.lower() != ".json":  # never an image, array or model file of the user's by a slip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -34,7 +35,7 @@ def register(app: typer.Typer) -> None:
         if str(output) == "-":
             raise UsageError("--output -: a model file is written to a file, not standard output; name it "
                              "*.safetensors")
-        if output.is_file() and output.resolve() == source.resolve():
+        if output.is_file() and os.path.samefile(output, source):  # by the file: a second name (a link, or another case) too
             raise UsageError(f"--output {output} is the file being exported; give another path")
         target = check_output_file(output, "--output")  # a link's target
         if output.suffix.lower() != ".safetensors":

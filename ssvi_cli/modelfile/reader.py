@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load
 from torch import Tensor, nn
 
 from ssvi_cli.core.gaussian import rho_from_sigma
@@ -129,15 +129,11 @@ def read_tensors(path: Path) -> dict[str, Tensor]:
 
 
 def load_safetensors(path: Path) -> dict[str, Tensor]:
-    """A safetensors file's tensors; at a path that is not UTF-8 text (which safetensors cannot open,
-    though ``save_file`` writes there), read from its bytes."""
-    try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:
-        from safetensors.torch import load
-
-        return load(Path(path).read_bytes())
-    return load_file(str(path))
+    """A safetensors file's tensors, read from its bytes: safetensors' own ``load_file`` maps the file
+    into memory, and tensors it gives (a float32 one installed as it is) keep the mapping open for the
+    model's life, where Windows refuses to replace a mapped file (a model could not be saved back over
+    the file it came from); it also cannot open a path that is not UTF-8 text."""
+    return load(Path(path).read_bytes())
 
 
 def install(model: nn.Module, path: Path, meta: dict[str, Any], tensors: dict[str, Tensor],
