@@ -679,3 +679,22 @@ def test_the_rendezvous_keeps_a_handler_of_the_callers_own():
             assert signal.getsignal(signal.SIGINT) is ours
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_the_launchers_environment_fits_the_system_and_keeps_the_users(monkeypatch):
+    """torch's Windows builds lack libuv (USE_LIBUV=0) and gloo on a Mac may not find its address by
+    the host's .local name (GLOO_SOCKET_IFNAME=lo0); a value the user set is kept, and every system
+    shares the cores between the processes."""
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.delenv("USE_LIBUV", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(launcher, "usable_cpus", lambda: 8)
+    mac, windows, linux = (launcher.launch_env(2, {"X": "1"}, platform) for platform in ("darwin", "win32", "linux"))
+    assert mac["GLOO_SOCKET_IFNAME"] == "lo0" and "USE_LIBUV" not in mac
+    assert windows["USE_LIBUV"] == "0" and "GLOO_SOCKET_IFNAME" not in windows
+    assert "USE_LIBUV" not in linux and "GLOO_SOCKET_IFNAME" not in linux
+    assert all(e["X"] == "1" and e["OMP_NUM_THREADS"] == "4" and e[launcher.PARENT_ENV] == str(os.getpid())
+               for e in (mac, windows, linux))
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "en0")
+    assert launcher.launch_env(2, None, "darwin")["GLOO_SOCKET_IFNAME"] == "en0"
+    assert launcher.launch_env(2, {"OMP_NUM_THREADS": "3"}, "linux")["OMP_NUM_THREADS"] == "3"

@@ -99,9 +99,9 @@ def setup(info: DistInfo, device: str, timeout_s: float = 1800) -> torch.device:
             # DDP imports torch._dynamo; imported after the group exists, it takes references to the group
             # that are never released, which would keep the group's threads alive past teardown().
             importlib.import_module("torch._dynamo")
-            dist.init_process_group("nccl" if use_cuda else "gloo", rank=info.rank, world_size=info.world_size,
-                                    timeout=timedelta(seconds=timeout_s),
-                                    device_id=dev if use_cuda else None)
+            nccl = use_cuda and dist.is_nccl_available()  # torch's Windows builds have gloo alone
+            dist.init_process_group("nccl" if nccl else "gloo", rank=info.rank, world_size=info.world_size,
+                                    timeout=timedelta(seconds=timeout_s), device_id=dev if nccl else None)
     return dev
 
 

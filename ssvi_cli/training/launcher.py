@@ -92,6 +92,19 @@ def launch_command(nproc: int, args: Sequence[str]) -> list[str]:
     return [sys.executable, "-c", code, "--standalone", f"--nproc-per-node={nproc}", "-m", "ssvi_cli", *args]
 
 
+def launch_env(nproc: int, env: Optional[dict[str, str]] = None, platform: str = sys.platform) -> dict[str, str]:
+    """The launcher's environment: this process's, ``env`` on top, and what a one-node run needs on
+    ``platform`` where the user has not set it."""
+    full = {**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())}
+    if platform == "win32":  # torch's Windows builds lack libuv, which its rendezvous store asks for by default
+        full.setdefault("USE_LIBUV", "0")
+    if platform == "darwin":  # gloo finds its address by the host's name, which a Mac's .local name may not give
+        full.setdefault("GLOO_SOCKET_IFNAME", "lo0")  # --standalone: every process is on this machine
+    # One thread per process unless the user chose otherwise: N processes share the node's cores.
+    full.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // nproc)))
+    return full
+
+
 def torchrun_main(argv: Sequence[str]) -> None:
     """``torch.distributed.run`` with ``argv``, ending as its processes did rather than in a traceback:
     a stop signal exits 128 + its number once they have stopped at a checkpoint, and a process that
@@ -233,11 +246,7 @@ def launch(nproc: int, args: Sequence[str], env: Optional[dict[str, str]] = None
     launcher is stopped and waited for, never left running."""
     from ssvi_cli.training.stops import requests_to_stop
 
-    full = {**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())}
-    if sys.platform == "win32":  # torch's Windows builds lack libuv, which its rendezvous store asks for by default
-        full.setdefault("USE_LIBUV", "0")
-    # One thread per process unless the user chose otherwise: N processes share the node's cores.
-    full.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // nproc)))
+    full = launch_env(nproc, env)
     proc: Optional[subprocess.Popen] = None
     stopped: list[signal.Signals] = []
     sent: list[bool] = []
