@@ -259,8 +259,8 @@ def launch(nproc: int, args: Sequence[str], env: Optional[dict[str, str]] = None
             sent.append(True)
             try:
                 proc.send_signal(signum)
-            except ValueError:  # a signal the system cannot send to a process (SIGINT on Windows)
-                proc.terminate()
+            except ValueError:  # SIGINT on Windows, which cannot send it: there the launcher, in this
+                pass  # console, had the console's Ctrl-C itself (terminate() would kill it and not its processes)
 
     previous: dict[int, Any] = {}
     reaper = _prctl(PR_SET_CHILD_SUBREAPER, 1)
