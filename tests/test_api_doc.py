@@ -36,3 +36,33 @@ def test_the_api_page_runs_as_written(capsys):
 def test_the_page_finds_its_blocks():
     assert code_blocks("x\n```python\na = 1\n```\ny\n```python\nb = 2\n```") == ["a = 1\n", "b = 2\n"]
     assert code_blocks("```py\nssvi.load(path)\n```") == []  # a signature, not code to run
+
+
+def test_the_readmes_python_runs_once_its_free_names_are_given(tmp_path, monkeypatch):
+    """The README's sketch names the user's own model, data and pixels without making them; given those
+    (and a run folder 'ssvi train' wrote), it runs as written: its loop ran one epoch of the
+    len(loader) * epochs steps it gave Subspace, so the support never moved, and it saved over the
+    model.safetensors the README's commands had exported."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ssvi_cli.cli import run
+    from ssvi_cli.data import digits
+
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    (block,) = code_blocks(readme.read_text(encoding="utf-8"))
+    monkeypatch.chdir(tmp_path)
+    assert run(["train", "--epochs", "1", "--set", "train.eval_samples=1", "--out", "run"]) == 0
+    before = Path("run/model.safetensors").read_bytes()
+    images, labels = digits.load()
+    train = digits.split_indices(train=True)
+    dataset = TensorDataset(torch.tensor(images[train] / 16, dtype=torch.float32).flatten(1), torch.tensor(labels[train]))
+    torch.manual_seed(0)
+    namespace = {"model": nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)), "dataset": dataset,
+                 "loader": DataLoader(dataset, batch_size=64, shuffle=True), "epochs": 8, "pixels": images[:7]}
+    exec(compile(block, "README.md's python block", "exec"), namespace)
+    assert namespace["subspace"].last_report is not None and namespace["subspace"].last_report.swapped > 0
+    assert namespace["draws"].shape == (30, len(namespace["x"]), 10)
+    assert namespace["out"].probs.shape == (7, 10) and Path("mine.safetensors").is_file()
+    assert Path("run/model.safetensors").read_bytes() == before
