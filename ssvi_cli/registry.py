@@ -44,9 +44,13 @@ class Registry(Generic[T]):
         """Register ``item`` under ``name`` (for values rather than decorated functions)."""
         return self.register(name)(item)
 
+    def _entries(self) -> dict[str, T]:
+        """Every entry: the registered ones (a registry derived from another adds that one's)."""
+        return self._items
+
     def get(self, name: str) -> T:
         try:
-            return self._items[name]
+            return self._entries()[name]
         except (KeyError, TypeError):
             raise self.error(self.unknown_message(name)) from None
 
@@ -62,16 +66,18 @@ class Registry(Generic[T]):
         return [lower[c] for c in difflib.get_close_matches(str(name).lower(), list(lower), n=3, cutoff=0.6)]
 
     def names(self) -> list[str]:
-        return sorted(self._items) if self.sort else list(self._items)
+        entries = self._entries()
+        return sorted(entries) if self.sort else list(entries)
 
     def items(self) -> list[tuple[str, T]]:
-        return [(name, self._items[name]) for name in self.names()]
+        entries = self._entries()
+        return [(name, entries[name]) for name in self.names()]
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return name in self._entries()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._entries())

@@ -492,6 +492,27 @@ def test_svhn_ood_for_digits_has_digits_shape(tv_root):
     assert len(full) == 20 and full[0][0].shape == (1, 28, 28)
 
 
+def test_a_dataset_registered_after_import_is_an_ood_set_too(tmp_path, monkeypatch):
+    """data/ood.py copied DATASETS into its OOD sets once, at its import: a dataset a user's module
+    registered later was a dataset for train but an unknown OOD set for evaluate --ood."""
+    from ssvi_cli.data.ood import folder_sets, parse_ood
+    from ssvi_cli.data.sources import DatasetSource
+    from ssvi_cli.data.spec import DataSpec, RawImages
+
+    def load(data_dir, train, download):  # 6 gray 8x8 images of the folder given, 2 classes
+        assert data_dir == tmp_path and not train
+        return RawImages(torch.arange(6 * 64, dtype=torch.uint8).reshape(6, 1, 8, 8), torch.tensor([0, 1] * 3), ("a", "b"))
+
+    spec = DataSpec("mine", (1, 8, 8), 2, ("a", "b"), (0.5,), (0.25,))
+    monkeypatch.setitem(DATASETS._items, "mine", DatasetSource(spec=spec, load=load))
+    assert "mine" in OOD_SETS and "mine" in ood_names() and "mine" in folder_sets()
+    request = parse_ood(f"mine={tmp_path}")
+    assert (request.kind, request.name, request.label) == ("set", "mine", "mine")
+    ood = build_ood("mine", get_spec("digits"), data_dir=tmp_path, max_items=4)
+    assert len(ood) == 4 and ood[0][0].shape == (1, 8, 8) and ood[0][1] == -1
+    assert "digits" not in OOD_SETS and "noise" in OOD_SETS  # the in-distribution default is none; its own stay
+
+
 def test_mnist_ood_for_cifar_is_rgb(tv_root):
     ood = build_ood("mnist", get_spec("cifar10"), data_dir=tv_root("mnist"), max_items=5)
     x = ood[0][0]

@@ -93,12 +93,17 @@ def _torchvision_ood(name: str) -> OodBuilder:
     return build
 
 
-OOD_SETS: Registry[OodBuilder] = Registry("OOD set", error=UnknownDataset)
+class _OodSets(Registry[OodBuilder]):
+    """The OOD sets: the ones added here, and the test split of every dataset in ``DATASETS`` but the
+    embedded digits, as registered at the lookup (a dataset registered after this module's import too)."""
+
+    def _entries(self) -> dict[str, OodBuilder]:
+        return {**{name: _torchvision_ood(name) for name in DATASETS if name != "digits"}, **self._items}
+
+
+OOD_SETS: Registry[OodBuilder] = _OodSets("OOD set", error=UnknownDataset)
 OOD_SETS.add("noise", _noise)
 OOD_SETS.add("sklearn-photos", _sklearn_photos)
-for _name in DATASETS:  # as registered when this module is imported (README, "Extending")
-    if _name != "digits":
-        OOD_SETS.add(_name, _torchvision_ood(_name))
 
 
 def ood_names() -> list[str]:
@@ -107,9 +112,14 @@ def ood_names() -> list[str]:
 
 
 HELDOUT = "heldout"
-FOLDER_SETS = tuple(name for name in OOD_SETS if name in DATASETS)  # the ones NAME=DIR can read
-_FORMS = (f"{HELDOUT}, NAME=DIR (NAME one of {', '.join(FOLDER_SETS)}) or a PATH (a folder of images and arrays, or a "
-          f"{ARRAY_SUFFIX} array; write ./NAME for a path that looks like a name; LABEL=PATH names it in reports)")
+def folder_sets() -> tuple[str, ...]:
+    """The OOD sets ``NAME=DIR`` can read: the datasets'."""
+    return tuple(name for name in OOD_SETS if name in DATASETS)
+
+
+def _forms() -> str:
+    return (f"{HELDOUT}, NAME=DIR (NAME one of {', '.join(folder_sets())}) or a PATH (a folder of images and arrays, "
+            f"or a {ARRAY_SUFFIX} array; write ./NAME for a path that looks like a name; LABEL=PATH names it in reports)")
 
 
 @dataclass(frozen=True)
@@ -129,7 +139,7 @@ class OodRequest:
     def mistyped(self) -> str:
         """For a folder labelled like a set ``NAME=DIR`` reads (``svnh=/data/svhn``), a hint to add to
         an error about its images; else ""."""
-        close = difflib.get_close_matches(self.label.lower(), FOLDER_SETS, n=1, cutoff=0.75) if self.labelled else []
+        close = difflib.get_close_matches(self.label.lower(), folder_sets(), n=1, cutoff=0.75) if self.labelled else []
         return (f" (read as your own images, labelled {self.label}; torchvision's {close[0]} in that folder is "
                 f"--ood {close[0]}={self.path})") if close else ""
 
@@ -176,7 +186,7 @@ def parse_ood(text: str) -> OodRequest:
     or a ``.npy`` file. Anything else raises a one-line :class:`DataError` naming the valid forms."""
     text = _as_given(str(text))
     if not text:  # not the current folder, which Path("") would name
-        raise DataError(f"--ood takes a value: one of {', '.join(OOD_SETS.names())}, or {_FORMS}")
+        raise DataError(f"--ood takes a value: one of {', '.join(OOD_SETS.names())}, or {_forms()}")
     if text in (HELDOUT, *OOD_SETS.names()) and Path(text).exists():  # a name first: the folder is ./NAME
         warn_once(logger, (text, "named"), "--ood %s is the %s set, not the folder %s here; for that folder give "
                   "--ood ./%s", text, "held-out classes'" if text == HELDOUT else "built-in", text, text)
@@ -187,17 +197,17 @@ def parse_ood(text: str) -> OodRequest:
     named = _named(text)
     if named is not None:
         name, folder = named
-        if name not in FOLDER_SETS:
+        if name not in folder_sets():
             if name in OOD_SETS or name == HELDOUT:
                 raise DataError(f"--ood {text}: {name} is not read from a folder; NAME=DIR takes one of "
-                                f"{', '.join(FOLDER_SETS)}")
+                                f"{', '.join(folder_sets())}")
             label, own = name.strip(), Path(folder.strip()).expanduser()
             if label.lower() in (*OOD_SETS.names(), HELDOUT):  # SVHN=DIR
                 raise DataError(f"--ood {text}: set names are lower case ({label.lower()}); a label of your own "
                                 "(LABEL=PATH) is no set's name")
             if not label or not folder.strip() or not own.exists():
                 raise UnknownDataset(
-                    f"--ood {text}: unknown OOD set {name!r}; NAME=DIR takes one of {', '.join(FOLDER_SETS)}; "
+                    f"--ood {text}: unknown OOD set {name!r}; NAME=DIR takes one of {', '.join(folder_sets())}; "
                     f"LABEL=PATH names a folder or {ARRAY_SUFFIX} array of your own, and "
                     f"{folder.strip() or 'PATH'} is none{looked_in(own) if folder.strip() else ''}")
             return OodRequest(label, "path", path=_own(text, own), labelled=True)  # the user's own, by its label
@@ -214,7 +224,7 @@ def parse_ood(text: str) -> OodRequest:
         raise UnknownDataset(f"--ood {text}: give --ood once per set: " + " ".join(f"--ood {n.strip()}" for n in text.split(",")))
     unknown = OOD_SETS.unknown_message(text)
     nearby = bool(OOD_SETS.close_matches(text))  # a misspelt name: no word of paths
-    raise UnknownDataset(f"{unknown}; or {_FORMS}" + ("" if nearby else f"; nor is {text} a file or folder{looked_in(Path(text))}"))
+    raise UnknownDataset(f"{unknown}; or {_forms()}" + ("" if nearby else f"; nor is {text} a file or folder{looked_in(Path(text))}"))
 
 
 def _own(text: str, path: Path) -> Path:
