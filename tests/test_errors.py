@@ -124,6 +124,14 @@ CASES = [
     (["train", "--model", "torchvision:vgg11", "--out", "{ws}/vgg"],
      "cannot take the data's 1x8x8 inputs (pick a model that takes images this small, or train on larger ones"),
     (["train", "--sparsity", "0.999999"], "with no active weight; use a lower sparsity"),
+    # torchvision's other tasks are not "unknown"; a misspelt classifier's close names come before the 80 names
+    (["train", "--model", "torchvision:fasterrcnn_resnet50_fpn"], "torchvision:fasterrcnn_resnet50_fpn is a detection "
+                                                                 "model; ssvi trains torchvision's image classifiers"),
+    (["train", "--model", "torchvision:raft_small"], "torchvision:raft_small is an optical flow model"),
+    (["train", "--model", "torchvision:quantized_resnet18"], "is a quantized (inference only) model; train its float "
+                                                            "classifier, torchvision:resnet18"),
+    (["train", "--model", "torchvision:resnet81"], "unknown torchvision classification model 'resnet81' (did you mean "
+                                                   "resnet18 or resnet152 or resnet101?); valid names are: alexnet, "),
     (["train", "--preset", "nope"], "unknown preset 'nope'; valid names are: "),
     (["train", "--set", "model.name=alexnet"], "unknown model 'alexnet'; valid names are: "),
     (["train", "--set", "data.name=imagenet"], "unknown dataset 'imagenet'; valid names are: "),

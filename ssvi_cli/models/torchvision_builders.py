@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import nn
 
-from ssvi_cli.registry import Registry
+from ssvi_cli.registry import Registry, UnknownName
 
 if TYPE_CHECKING:
     from ssvi_cli.models.base import LayerFactory
@@ -29,7 +29,20 @@ def check_torchvision_name(name: str) -> None:
     builders: Registry[None] = Registry("torchvision classification model")
     for builder in torchvision.models.list_models(module=torchvision.models):
         builders.add(builder, None)
-    builders.get(name)
+    if name in builders:
+        return
+    for task, what in (("detection", "a detection"), ("segmentation", "a segmentation"), ("video", "a video"),
+                       ("optical_flow", "an optical flow"), ("quantization", "a quantized (inference only)")):
+        if name in torchvision.models.list_models(module=getattr(torchvision.models, task)):
+            plain = name.removeprefix("quantized_")
+            raise UnknownName(f"torchvision:{name} is {what} model; " + (
+                f"train its float classifier, torchvision:{plain}" if plain in builders else
+                "ssvi trains torchvision's image classifiers, resnet18, efficientnet_b0, ... (python -c \"import "
+                "torchvision; print(torchvision.models.list_models(module=torchvision.models))\" lists them)"))
+    close = builders.close_matches(name)  # first: the whole list is 80 names long
+    raise UnknownName(f"unknown torchvision classification model {name!r}"
+                      + (f" (did you mean {' or '.join(close)}?)" if close else "")
+                      + f"; valid names are: {', '.join(builders.names())}")
 
 
 def torchvision_base(name: str, in_shape: Sequence[int], num_classes: int) -> nn.Module:
