@@ -296,13 +296,24 @@ def test_save_refuses_nan_or_values_its_dtype_cannot_hold_and_keeps_the_file_the
         ssvi.save(net, path)
 
 
-def test_evaluate_asks_for_the_dataset_of_a_file_that_records_none(tmp_path, capsys):
+def test_evaluate_asks_for_the_dataset_of_a_file_that_records_none(tmp_path, capsys, caplog):
     net = torchvision.models.resnet18(num_classes=10)  # a file the CLI can build: a torchvision network
     ssvi.sparsify(net, 0.95)
     ssvi.save(net, tmp_path / "a.safetensors", architecture="torchvision:resnet18", input_shape=(3, 32, 32))
     assert run(["evaluate", str(tmp_path / "a.safetensors")]) == 2
     assert capsys.readouterr().err == ("error: the model file records no dataset (ssvi.save without dataset=); name "
                                        "the one to evaluate on with --data\n")
+    # one it names that ssvi does not know: what to pass, not "did you mean digits" (which has other inputs)
+    ssvi.save(net, tmp_path / "b.safetensors", architecture="torchvision:resnet18", input_shape=(3, 32, 32),
+              dataset="mydigits")
+    assert "dataset='mydigits' is not a registered dataset" in caplog.text
+    assert run(["evaluate", str(tmp_path / "b.safetensors")]) == 2
+    assert capsys.readouterr().err == ("error: the model file records the dataset 'mydigits', which ssvi does not "
+                                       "know; name the data to evaluate on with --data: one of cifar10, cifar100, "
+                                       "digits, fashion-mnist, kmnist, mnist, svhn or imagefolder:PATH (your class "
+                                       "folders)\n")
+    assert run(["evaluate", str(tmp_path / "b.safetensors"), "--data", "mydigitz"]) == 2  # a typo of --data's own
+    assert "unknown dataset 'mydigitz'; valid names are: " in capsys.readouterr().err
 
 
 def test_a_token_model_is_measured_with_token_ids(tmp_path):

@@ -12,7 +12,8 @@ from typing import Any, Optional
 from torch.utils.data import Dataset
 
 from ssvi_cli.config import image_folder
-from ssvi_cli.data import DataError, DataSpec, build_dataset, check_dataset_name, data_config_for, get_spec
+from ssvi_cli.data import (DataError, DataSpec, build_dataset, check_dataset_name, data_config_for, dataset_names,
+                           get_spec)
 from ssvi_cli.data.ood import ood_names
 from ssvi_cli.data.images import whole_jpegs
 from ssvi_cli.data.spec import absent_classes
@@ -123,7 +124,14 @@ def load_eval_data(
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}; valid splits are: {', '.join(SPLITS)}")
         if split != "all":  # every image of a folder, by class name: its own checks (whole_folder)
-            check_dataset_name(name, data_config_for(model_spec))
+            try:
+                check_dataset_name(name, data_config_for(model_spec))
+            except DataError:
+                if dataset is None and folder is None:  # the file's own record (ssvi.save's dataset=): what to pass
+                    raise DataError(f"the model file records the dataset {name!r}, which ssvi does not know; name the "
+                                    f"data to evaluate on with --data: one of {', '.join(dataset_names())} or "
+                                    "imagefolder:PATH (your class folders)") from None
+                raise
         requests = resolve_requests(ood, model_spec, name)
         if split != "all":
             current = get_spec(name, data_config_for(model_spec))
