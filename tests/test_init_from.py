@@ -323,7 +323,7 @@ def test_a_state_dict_file_read_as_users_save_it(tmp_path):
 
     save_file(big, str(tmp_path / "w.safetensors"))
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes()[:9000])
-    with pytest.raises(ConfigError, match=r"\(not a readable safetensors file: Error while deserializing header"):
+    with pytest.raises(ConfigError, match=r"\(not a readable safetensors file: Error while deserializing"):
         read_state_dict(tmp_path / "cut.safetensors")
     import ssvi_cli as ssvi
 
