@@ -185,8 +185,12 @@ def test_a_cached_file_that_does_not_fit_names_the_first_key(tmp_path, hub, caps
     err = capsys.readouterr().err.strip()
     assert "lacks 'features.0.0.weight'" in err and len(err.splitlines()) == 1, err
     # how far off it is, and what the file holds instead (a bare "lacks" read as a damaged file)
-    assert re.search(r"\((\d+) of the model's \1 tensors are missing, and the file holds \d+ the model does not "
-                     r"have, such as 'features\.0\.weight'\)", err), err  # squeezenet's: none of mobilenet's
+    counts = re.search(r"\((\d+) of the model's \1 tensors are missing, and the file holds (\d+) the model does not "
+                       r"have, such as 'features\.0\.weight'\)", err)  # squeezenet's: none of mobilenet's
+    assert counts, err
+    mobilenet = torchvision.models.mobilenet_v3_small().state_dict()  # neither counts BatchNorm's step counters
+    assert int(counts.group(1)) == sum(not k.endswith("num_batches_tracked") for k in mobilenet) - 2  # head: skipped
+    assert int(counts.group(2)) == len(torchvision.models.squeezenet1_1().state_dict())  # it has no BatchNorm
     (hub / CACHED).write_bytes(b"not a checkpoint")
     assert run([*_train(tmp_path), "--init-from", "torchvision:DEFAULT", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()
@@ -211,6 +215,9 @@ def test_a_state_dict_file_is_adapted_as_the_same_published_weights_are(tmp_path
     assert all(torch.equal(from_file.state[k], from_cache.state[k]) for k in from_file.state)
     assert from_file.describe() == from_cache.describe().replace(f"torchvision:{WEIGHTS}", str(tmp_path / "imagenet.pt"))
     assert f"head re-initialised ({HEAD}.weight, {HEAD}.bias: the weights' head is for 1000 classes)" in from_file.describe()
+    # tensors counted as the refusal below counts them: BatchNorm's step counters are none
+    weights = sum(not k.endswith("num_batches_tracked") for k in published) - 2  # the head's two re-initialised
+    assert f": {weights} tensors loaded;" in from_file.describe() and weights < len(from_file.state)
     own = base_for(_config(str(tmp_path / "own.pt")), spec).state_dict()  # trained for these 10 gray classes
     torch.save(own, tmp_path / "own.pt")
     mine = load_init_weights(_config(str(tmp_path / "own.pt")), spec)
