@@ -437,6 +437,37 @@ def test_at_80_columns_preset_names_commands_and_paths_stay_whole(tmp_path: Path
             in shown.splitlines())
 
 
+def test_a_table_wider_than_a_narrow_terminal_keeps_its_numbers_whole(tmp_path: Path, capsys, monkeypatch):
+    """At 40 or 60 columns rich cut the numbers of evaluate's OOD table and inspect's tables ("0.99…",
+    "2…") or broke them across lines ("4," over "072"): a table whose words do not fit is printed at its
+    own width (the terminal wraps its lines); one that fits is laid out as before; the width is restored."""
+    import re
+
+    from rich.table import Table
+
+    from ssvi_cli.cli.common import out as console
+
+    run_dir = tmp_path / "r"
+    assert run(["train", "--out", str(run_dir), "--epochs", "1", "--set", "train.eval_samples=1"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(console, "_width", 200)
+    assert run(["inspect", str(run_dir)]) == 0
+    wide = capsys.readouterr().out
+    numbers = set(re.findall(r"\d[\d,.]*\d", wide))
+    assert {"32,768", "262,144"} <= numbers
+    for width in (40, 60):
+        monkeypatch.setattr(console, "_width", width)
+        assert run(["inspect", str(run_dir)]) == 0
+        narrow = capsys.readouterr().out
+        assert "…" not in narrow and numbers <= set(re.findall(r"\d[\d,.]*\d", narrow)), width
+        assert run(["evaluate", str(run_dir), "--ood", "noise", "--samples", "2"]) == 0
+        assert "…" not in capsys.readouterr().out and console.width == width
+    table = Table("key", "value")  # fits: rich's own layout, within the console's width
+    table.add_row("a", "words that wrap " * 4)
+    console.print(table)
+    assert max(len(line) for line in capsys.readouterr().out.splitlines()) <= 60
+
+
 def test_train_takes_data_data_dir_and_download_flags_as_evaluate_does(tmp_path: Path, capsys):
     from fixtures_torchvision import write_mnist
 

@@ -208,7 +208,10 @@ def test_tables_piped_into_a_file_keep_one_row_per_line(run_dir, tmp_path):
     assert len(rows) == 2  # the layer table's row and the posterior table's, each on one line
     assert "512x512" in rows[0] and "262,144" in rows[0] and "FLOPs/prediction" in text
     narrow = subprocess.run(cmd, env={**env, "COLUMNS": "60"}, capture_output=True, text=True, check=True).stdout
-    assert max(len(line) for line in narrow.splitlines() if line.startswith("│")) <= 60
+    card = narrow[:narrow.index("\nlayers")]  # a table whose words fit 60 columns is laid out in them
+    assert max(len(line) for line in card.splitlines() if line.startswith(("│", "┌", "└"))) <= 60 and "│ model " in card
+    # one whose words do not (the layer table's seven columns) keeps them whole, at its own width
+    assert "…" not in narrow and [line for line in narrow.splitlines() if line.startswith("│ hidden.0 ")] == rows
 
 
 def _model_file(path: Path, method: str = "ssvi", empty_layer: bool = False) -> Path:

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
 from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
 
 # Tables printed into a pipe or a file (`ssvi inspect m | less`, `> report.txt`) keep one row per line:
 # rich's 80 columns for a non-terminal would fold their cells. A terminal keeps its own width, and
@@ -33,18 +35,31 @@ class _Console(Console):
     finished command)."""
 
     def print(self, *objects: Any, **options: Any) -> None:
+        narrow = self.width
         try:
+            # A table whose words do not fit the terminal is printed at its own width, its lines wrapped
+            # by the terminal: rich would cut its numbers ("0.99…") or break them ("4," over "072").
+            self.width = max([narrow, *(_own_width(self, o, narrow) for o in objects if isinstance(o, Table))])
             super().print(*objects, **options)
         except OSError as exc:  # standard output's full disk (> report.txt) is the command's failure
             if not self.stderr and not isinstance(exc, BrokenPipeError):
                 raise
             no_reader(stdout=not self.stderr)
+        finally:
+            self.width = narrow
 
     def on_broken_pipe(self) -> None:
         # rich points standard *output* at /dev/null and exits, for either console: a report on stdout
         # was lost, with exit code 0, when only stderr's reader had gone.
         self.quiet = True
         no_reader(stdout=not self.stderr)
+
+
+def _own_width(console: Console, table: Table, width: int) -> int:
+    """``table``'s natural width where ``width`` cannot hold its longest word of each column side by
+    side (rich's minimum measure, taken without the console's width as its bound); else ``width``."""
+    measured = Measurement.get(console, console.options.update_width(1 << 16), table)
+    return width if measured.minimum <= width else measured.maximum
 
 
 @contextmanager
