@@ -573,6 +573,27 @@ def test_runs_started_in_the_same_second_get_a_folder_each(tmp_path: Path, capsy
     assert not (name / "config.yaml").exists()  # the folder another run holds is left alone
 
 
+def test_a_preset_with_a_long_name_gives_a_default_folder_the_system_takes(tmp_path: Path, capsys, monkeypatch):
+    """A preset file of a 245-character name made the default run folder's name longer than the 255
+    bytes a file system allows, and the run was refused: the name keeps the preset's first 48
+    characters (UTF-8 of up to 4 bytes each); so does a sweep's default folder."""
+    import time
+
+    from ssvi_cli.runs.rundir import RunDir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20260101-000000")
+    preset = Path("p" * 240 + "ü.yaml")
+    preset.write_text("train: {epochs: 1, eval_samples: 1}\nmodel: {widths: [8]}\ndata: {max_train: 64}\n")
+    assert run(["train", "--preset", str(preset), "--json"]) == 0
+    (made,) = Path("runs").iterdir()
+    assert made.name == f"20260101-000000-{'p' * 48}-ssvi-s0.9" and (made / "model.safetensors").is_file()
+    assert RunDir.default("ü" * 60, "vi", None).path.name == f"20260101-000000-{'ü' * 48}-vi"
+    assert run(["sweep", "--preset", str(preset), "--dry-run"]) == 0
+    capsys.readouterr()
+    assert [p.name for p in Path("sweeps").iterdir()] == [f"20260101-000000-{'p' * 48}"]
+
+
 def test_a_key_the_method_cannot_use_is_said(tmp_path: Path, capsys):
     """rigl --criterion snr and vi --sparsity 0.9 trained as if the flag had not been given, silently."""
     small = ["--epochs", "1", "--set", "model.widths=[8]", "--set", "data.max_train=64", "--set", "train.eval_samples=1"]

@@ -112,7 +112,7 @@ def register(app: typer.Typer) -> None:
                 err.print(f"note: {note}", highlight=False)
             check_ood_sets(spec, cells)
             check_selection(spec, cells, baseline or [])  # before anything is written or run
-            sweep_dir = out_dir or Path("sweeps") / f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(spec.preset).stem}"
+            sweep_dir = out_dir or Path("sweeps") / f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(spec.preset).stem[:48]}"
             check_output_dir(sweep_dir, "--out")
             how, spec, cells, notes = claim_sweep_dir(sweep_dir, spec, cells, force)
             states = check_changed(sweep_dir, spec, cells)  # before the grid is written: a refused one changes nothing

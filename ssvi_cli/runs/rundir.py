@@ -74,8 +74,8 @@ class RunDir:
 
     @classmethod
     def default(cls, preset: str, method: str, sparsity: Optional[float], root: Path = Path("runs")) -> "RunDir":
-        """``runs/<YYYYmmdd-HHMMSS>-<preset>-<method>[-s<sparsity>]``."""
-        name = Path(preset).stem if preset.lower().endswith(cfgmod.PRESET_SUFFIXES) else Path(preset).name  # a file's name
+        """``runs/<YYYYmmdd-HHMMSS>-<preset, its first 48 characters>-<method>[-s<sparsity>]``: a valid name."""
+        name = (Path(preset).stem if preset.lower().endswith(cfgmod.PRESET_SUFFIXES) else Path(preset).name)[:48]  # a file's, cut
         tag = f"{name}-{method}" + (f"-s{sparsity:g}" if sparsity is not None else "")
         return cls(root / f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}")
 
