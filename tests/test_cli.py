@@ -1254,3 +1254,18 @@ def test_a_name_too_long_for_the_system_is_a_one_line_usage_error(tmp_path: Path
     deep = tmp_path.joinpath(*["d" * 100] * 45, "run")  # no name too long, the path is
     assert run(["train", *SMALL, "--out", str(deep)]) == 2
     assert f"error: {deep}: a path too long for this system" in capsys.readouterr().err
+
+
+def test_a_dumb_terminal_gets_lines_not_a_progress_bar(monkeypatch):
+    """TERM=dumb (an editor's shell) cannot redraw a bar: copies of it were left among the lines."""
+    from ssvi_cli.cli.common import err, progress_bar
+
+    monkeypatch.setattr(type(err), "is_terminal", property(lambda console: True))
+    monkeypatch.setenv("TERM", "xterm-256color")
+    with progress_bar() as bar:
+        assert bar is not None
+    monkeypatch.setenv("TERM", "dumb")
+    with progress_bar() as bar:
+        assert bar is None
+    with progress_bar(enabled=False) as bar:
+        assert bar is None

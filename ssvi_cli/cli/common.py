@@ -286,8 +286,9 @@ def kv_table(title: str, rows: dict[str, Any]) -> Table:
 
 @contextmanager
 def progress_bar(enabled: bool = True) -> Iterator[Optional["Progress"]]:
-    """A rich progress bar on a terminal; ``None`` (plain line output) otherwise."""
-    if not enabled or not err.is_terminal:
+    """A rich progress bar on a terminal; ``None`` (plain line output) otherwise, and on a dumb one
+    (TERM=dumb: an editor's shell), which cannot redraw a bar: it left copies of it among the lines."""
+    if not enabled or not err.is_terminal or err.is_dumb_terminal:
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

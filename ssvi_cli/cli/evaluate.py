@@ -164,7 +164,7 @@ def register(app: typer.Typer) -> None:
             sets = f" + OOD {', '.join(label_of(text) for text in ood)}" if ood else ""
             # on a terminal, a line while the data are read (a folder of photos takes a while), gone after
             status = f"reading {dataset or loaded.spec.name} {split}{sets}"
-            with err.status(status) if err.is_terminal and not json_out else nullcontext():
+            with err.status(status) if err.is_terminal and not err.is_dumb_terminal and not json_out else nullcontext():
                 data = load_eval_data(loaded.spec, loaded.card.training, dataset=dataset, split=split,
                                       ood=tuple(ood or ()), data_dir=data_dir, download=download, seed=seed,
                                       ood_max_items=ood_max_items)
