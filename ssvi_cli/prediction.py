@@ -311,8 +311,10 @@ def predict(model: nn.Module, x: Tensor, samples: int = 30, mode: str = "mc") ->
             raise ValueError(f"the input at index {exc.first} of x holds NaN or inf: the model's outputs for it are "
                              "not finite") from None
         raise
+    if probs.shape[-1] == 1:  # a softmax of one logit: probability 1, entropy and MI 0, whatever the model
+        raise ValueError("the model has one output, whose softmax is 1 for every input: predict is for classifiers; "
+                         "a regression head's draws: with ssvi.sampling(model): torch.stack([model(x) for _ in range(30)])")
     probs_np = probs.double().cpu().numpy()
     entropy = torch.from_numpy(predictive_entropy(probs_np))
     mi = torch.from_numpy(mutual_information(draws)) if has_spread(draws) else None  # a block at a time
-    # contiguous, as a user's .view() expects (class_softmax's mean-mode probabilities are a transposed view)
-    return Prediction(probs.contiguous(), entropy, mi, samples if draws is not None else None)
+    return Prediction(probs.contiguous(), entropy, mi, samples if draws is not None else None)  # as .view() expects

@@ -749,6 +749,24 @@ def test_predicted_probabilities_are_contiguous_in_either_mode():
         assert probs.is_contiguous() and probs.view(-1).shape == (32 * 10,), mode
 
 
+def test_predict_refuses_a_model_of_one_output_and_points_to_sampling():
+    """A regression head's softmax is 1 for every input: predict gave probabilities 1, entropy and MI 0
+    ("certain") with no word; its draws are taken with ssvi.sampling."""
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
+    ssvi.sparsify(head, 0.5)
+    x = torch.randn(3, 1)
+    for mode in ("mc", "mean"):
+        with pytest.raises(ValueError, match=r"^the model has one output, .*ssvi\.sampling\(model\)"):
+            ssvi.predict(head, x, samples=5, mode=mode)
+    with ssvi.sampling(head), torch.no_grad():  # as the message says
+        draws = torch.stack([head(x) for _ in range(30)])
+    assert draws.shape == (30, 3, 1) and float(draws.std(0).mean()) > 0
+    two = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 2))  # two classes: still a classifier
+    ssvi.sparsify(two, 0.5)
+    assert ssvi.predict(two, x, samples=5).probs.shape == (3, 2)
+
+
 def test_predict_says_what_is_wrong_with_the_inputs_it_is_given():
     """One example, a list of numbers and an input holding NaN were torch's errors of the model's code
     ("Dimension out of range", "'list' object has no attribute 'flatten'") or blamed the weights."""
