@@ -218,6 +218,34 @@ def test_inspect_reads_a_custom_files_posterior_without_its_code(tmp_path, capsy
         "counted by neither the density nor the totals"]
 
 
+def test_inspect_counts_the_weights_kept_as_they_are_as_training_counts_them(tmp_path, capsys):
+    """inspect counted only tensors named *.weight: a GRU's weight_ih_l0/weight_hh_l0 and a module's own
+    matrix were left out of its note, where kept_dense_weights (train's summary) counts them."""
+    import json
+
+    from ssvi_cli.core.allocation import kept_dense_weights
+
+    class Text(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(50, 8)
+            self.gru = nn.GRU(8, 16, batch_first=True)
+            self.W = nn.Parameter(torch.randn(16, 12))  # its own matrix
+            self.head = nn.Linear(12, 3)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.head(self.gru(self.emb(tokens))[0][:, -1] @ self.W)
+
+    model = Text()
+    ssvi.sparsify(model, 0.5)
+    ssvi.save(model, tmp_path / "text.safetensors")
+    assert run(["inspect", str(tmp_path / "text.safetensors"), "--json"]) == 0
+    (note,) = json.loads(capsys.readouterr().out)["notes"]
+    kept = kept_dense_weights(model)
+    assert kept == 50 * 8 + 3 * 16 * (8 + 16) + 16 * 12
+    assert note.startswith(f"{kept:,} weights in 4 weight tensors stored as they are (")
+
+
 def test_save_refuses_a_model_it_cannot_describe(tmp_path):
     with pytest.raises(ValueError, match="convert it with ssvi_cli.sparsify"):
         ssvi.save(Net(), tmp_path / "a.safetensors")
