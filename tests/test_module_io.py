@@ -897,3 +897,27 @@ def test_save_refuses_a_support_no_reader_takes(tmp_path):
                                          r"below 4096 \(an index averaged as a number, by torch's AveragedModel"):
         ssvi.save(model, path)
     assert path.read_bytes() == kept  # the last good file stays
+
+
+def test_the_normalisation_of_an_input_that_is_no_image_is_one_value_or_one_per_feature(tmp_path):
+    """save took mean=[1, 2, 3] for 30 features without a word, and wrote 30 zeros and ones where the
+    docs say one of each for an input that is not an image."""
+    from ssvi_cli.modelfile import read_header
+
+    model = nn.Sequential(nn.Linear(30, 16), nn.ReLU(), nn.Linear(16, 2))
+    ssvi.sparsify(model, 0.5)
+    path = tmp_path / "t.safetensors"
+    with pytest.raises(ValueError, match=r"^mean= and std= hold 3 values for inputs of shape \(30,\): give one for all, "
+                                         r"or one per feature \(30\)$"):
+        ssvi.save(model, path, input_shape=(30,), mean=[1, 2, 3], std=[1, 1, 1])
+    assert not path.exists()
+
+    def spec() -> dict:
+        return read_header(path)["meta"]["data_spec"]
+
+    ssvi.save(model, path, input_shape=(30,))
+    assert (spec()["mean"], spec()["std"]) == ([0.0], [1.0])
+    ssvi.save(model, path, input_shape=(30,), mean=list(range(30)), std=[2.0] * 30)
+    assert spec()["mean"] == [float(i) for i in range(30)] and spec()["std"] == [2.0] * 30
+    ssvi.save(model, path, input_shape=(30,), mean=0.5, std=2)
+    assert (spec()["mean"], spec()["std"]) == ([0.5], [2.0])
