@@ -466,6 +466,9 @@ def test_a_table_wider_than_a_narrow_terminal_keeps_its_numbers_whole(tmp_path: 
     table.add_row("a", "words that wrap " * 4)
     console.print(table)
     assert max(len(line) for line in capsys.readouterr().out.splitlines()) <= 60
+    monkeypatch.setattr(console, "_width", None)  # a terminal's width, read at each print, stays so
+    console.print(table)
+    assert console._width is None
 
 
 def test_train_takes_data_data_dir_and_download_flags_as_evaluate_does(tmp_path: Path, capsys):

@@ -112,6 +112,8 @@ def ood_names() -> list[str]:
 
 
 HELDOUT = "heldout"
+
+
 def folder_sets() -> tuple[str, ...]:
     """The OOD sets ``NAME=DIR`` can read: the datasets'."""
     return tuple(name for name in OOD_SETS if name in DATASETS)
