@@ -122,13 +122,14 @@ def spec_from_flags(file: Optional[Path], preset: Optional[str], method: Optiona
             fixed[key] = values[0]
     data["axes"], data["fixed"] = axes, fixed
     preset_path = Path(str(data.get("preset", ""))).expanduser()
-    if preset_path.suffix.lower() in cfgmod.PRESET_SUFFIXES and preset_path.is_file():
+    found = preset_path.suffix.lower() in cfgmod.PRESET_SUFFIXES and preset_path.is_file()
+    if found:
         data["preset"] = str(preset_path.resolve())  # cells may run from another directory
-    elif file is not None and preset is None and "preset" in written:  # the file's preset, not found: say whose
-        _missing_preset(file, preset_path)
     # Paths, likewise, as absolute ones: a cell resumed, or run by a scheduler, from elsewhere finds them.
     data["ood"] = tuple(_absolute_ood(str(text)) for text in data.get("ood") or ())
     _check_labels(data["ood"])
+    if not found and file is not None and preset is None and "preset" in written:  # the file's, not there: say whose
+        _missing_preset(file, preset_path)
     for key in cfgmod.PATH_KEYS:
         if key in data["axes"]:
             data["axes"][key] = [cfgmod.absolute_path(key, v) for v in data["axes"][key]]
