@@ -921,3 +921,21 @@ def test_the_normalisation_of_an_input_that_is_no_image_is_one_value_or_one_per_
     assert spec()["mean"] == [float(i) for i in range(30)] and spec()["std"] == [2.0] * 30
     ssvi.save(model, path, input_shape=(30,), mean=0.5, std=2)
     assert (spec()["mean"], spec()["std"]) == ([0.5], [2.0])
+
+
+def test_infer_and_evaluate_refuse_a_model_of_one_output(tmp_path, capsys):
+    """A regression head's softmax is 1 for every input: infer printed probability 1, entropy 0 and MI 0
+    ("certain") for each input and exited 0."""
+    import numpy as np
+
+    net = torchvision.models.resnet18(num_classes=1)
+    ssvi.sparsify(net, 0.9)
+    path = tmp_path / "one.safetensors"
+    ssvi.save(net, path, architecture="torchvision:resnet18", input_shape=(3, 16, 16))
+    np.save(tmp_path / "x.npy", np.zeros((2, 16, 16, 3), dtype=np.uint8))
+    assert run(["infer", str(path), str(tmp_path / "x.npy")]) == 2
+    assert capsys.readouterr().err == (f"error: {path} has one output: infer predicts classes, two or more (a "
+                                       "regression model's draws are taken in Python, with ssvi.sampling)\n")
+    assert run(["evaluate", str(path), "--data", "cifar10"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {path} has one output: evaluate scores classifiers")
+    assert run(["inspect", str(path)]) == 0  # its weights and supports are still read

@@ -159,6 +159,9 @@ def register(app: typer.Typer) -> None:
         device = check_device(device)
         with kept_warnings() as warned:  # in the report's notes too
             loaded = load_model(model)
+            if loaded.spec.num_classes == 1:  # its softmax is 1 for every input: "certain" whatever it is
+                raise UsageError(f"{model} has one output: evaluate scores classifiers, of two or more classes (a "
+                                 "regression model's draws are taken in Python, with ssvi.sampling)")
             loaded.model.to(device)
             reading = time.perf_counter()
             sets = f" + OOD {', '.join(label_of(text) for text in ood)}" if ood else ""

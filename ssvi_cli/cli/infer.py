@@ -67,6 +67,9 @@ def register(app: typer.Typer) -> None:
         with kept_warnings() as warned:  # in the document's notes too
             files = expand_inputs(inputs)
             loaded = load_model(model_file, kernel="prediction")
+            if loaded.spec.num_classes == 1:  # its softmax is 1 for every input: "certain" whatever it is
+                raise UsageError(f"{model_file} has one output: infer predicts classes, two or more (a regression "
+                                 "model's draws are taken in Python, with ssvi.sampling)")
             loaded.model.to(device)
             notes: list[str] = []  # on stderr as they come, and under --json in the document too
             if note := loaded.card.training.unfinished_note():  # a checkpoint, or a file exported from one
