@@ -11,7 +11,7 @@ import math
 from typing import Any, Optional
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load
 from torch import Tensor, nn
 
@@ -129,11 +129,16 @@ def read_tensors(path: Path) -> dict[str, Tensor]:
 
 
 def load_safetensors(path: Path) -> dict[str, Tensor]:
-    """A safetensors file's tensors, read from its bytes: safetensors' own ``load_file`` maps the file
-    into memory, and tensors it gives (a float32 one installed as it is) keep the mapping open for the
-    model's life, where Windows refuses to replace a mapped file (a model could not be saved back over
-    the file it came from); it also cannot open a path that is not UTF-8 text."""
-    return load(Path(path).read_bytes())
+    """A safetensors file's tensors, each copied out of safetensors' memory map as it is read: a tensor
+    it gives keeps the map open for as long as it lives (a float32 one is installed as it is), and
+    Windows refuses to replace a mapped file (a model could not be saved back over the file it came
+    from). A path that is not UTF-8 text, which safetensors cannot open, is read from its bytes."""
+    try:
+        name = str(path).encode("utf-8").decode("utf-8")
+    except UnicodeEncodeError:
+        return load(Path(path).read_bytes())
+    with safe_open(name, framework="pt") as file:
+        return {key: file.get_tensor(key).clone() for key in file.keys()}
 
 
 def install(model: nn.Module, path: Path, meta: dict[str, Any], tensors: dict[str, Tensor],
