@@ -35,19 +35,23 @@ class _Console(Console):
     finished command)."""
 
     def print(self, *objects: Any, **options: Any) -> None:
+        # A table whose words do not fit the terminal is printed at its own width, its lines wrapped by
+        # the terminal: rich would cut its numbers ("0.99…") or break them ("4," over "072"). The width
+        # is touched for that print alone (a progress bar redraws from another thread meanwhile).
+        narrow = self.width
+        wide = max([narrow, *(_own_width(self, o, narrow) for o in objects if isinstance(o, Table))])
         set_width = self._width  # None: the terminal's, read at each print (a resized window's)
         try:
-            # A table whose words do not fit the terminal is printed at its own width, its lines wrapped
-            # by the terminal: rich would cut its numbers ("0.99…") or break them ("4," over "072").
-            narrow = self.width
-            self.width = max([narrow, *(_own_width(self, o, narrow) for o in objects if isinstance(o, Table))])
+            if wide > narrow:
+                self.width = wide
             super().print(*objects, **options)
         except OSError as exc:  # standard output's full disk (> report.txt) is the command's failure
             if not self.stderr and not isinstance(exc, BrokenPipeError):
                 raise
             no_reader(stdout=not self.stderr)
         finally:
-            self._width = set_width
+            if wide > narrow:
+                self._width = set_width
 
     def on_broken_pipe(self) -> None:
         # rich points standard *output* at /dev/null and exits, for either console: a report on stdout
