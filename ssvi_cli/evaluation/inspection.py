@@ -203,8 +203,9 @@ def inspect_model(path: Path, drop_fraction: float = 0.3, read: Optional[tuple[A
 def _unconverted(head: dict[str, Any], layers: set[str]) -> str:
     """For a file read without its module's code: the weight tensors it holds as they are, outside its
     sparse layers (layers ``sparsify`` left unconverted), or "": floating tensors of two or more
-    dimensions, as ``core.allocation.kept_dense_weights`` counts them (a GRU's ``weight_ih_l0``, a
-    module's own matrix ``W``, not only ``*.weight``)."""
+    dimensions, as ``core.allocation.kept_dense_weights`` counts a module's parameters (a GRU's
+    ``weight_ih_l0``, a module's own matrix ``W``); a buffer of that shape, which a file does not tell
+    from a parameter, counts too."""
     kept = {name: math.prod(t["shape"]) for name, t in head["tensors"].items()
             if t["dtype"] in ("F64", "F32", "F16", "BF16") and len(t["shape"]) >= 2
             and name.rpartition(".")[0] not in layers}
