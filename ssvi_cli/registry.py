@@ -33,7 +33,7 @@ class Registry(Generic[T]):
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(item: T) -> T:
-            if name in self._items:
+            if name in self._entries():  # a derived registry's own entries too
                 raise ValueError(f"{self.kind} {name!r} registered twice")
             self._items[name] = item
             return item

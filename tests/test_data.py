@@ -511,6 +511,8 @@ def test_a_dataset_registered_after_import_is_an_ood_set_too(tmp_path, monkeypat
     ood = build_ood("mine", get_spec("digits"), data_dir=tmp_path, max_items=4)
     assert len(ood) == 4 and ood[0][0].shape == (1, 8, 8) and ood[0][1] == -1
     assert "digits" not in OOD_SETS and "noise" in OOD_SETS  # the in-distribution default is none; its own stay
+    with pytest.raises(ValueError, match="OOD set 'mine' registered twice"):  # as one added to the OOD sets
+        OOD_SETS.add("mine", lambda *args: None)
 
 
 def test_mnist_ood_for_cifar_is_rgb(tv_root):
