@@ -463,8 +463,9 @@ def test_a_loaded_model_holds_no_mapping_of_its_file(trained, tmp_path):
 
 
 def test_export_onto_another_name_of_its_source_is_refused(trained, tmp_path, capsys):
-    """The check compared resolved paths: a second name of the same file (a hard link here; on macOS's
-    case-insensitive disk, MODEL.safetensors for model.safetensors) passed, and export replaced its source."""
+    """The check compared resolved paths, which a second name of the same file passed: on macOS's
+    case-insensitive disk MODEL.safetensors for model.safetensors, and export replaced its source; a hard
+    link, a second name on any disk, stands in for it here."""
     trainer, run_dir, x = trained
     source = tmp_path / "m.safetensors"
     export_model(run_dir, source)

@@ -191,6 +191,11 @@ def test_a_cached_file_that_does_not_fit_names_the_first_key(tmp_path, hub, caps
     mobilenet = torchvision.models.mobilenet_v3_small().state_dict()  # neither counts BatchNorm's step counters
     assert int(counts.group(1)) == sum(not k.endswith("num_batches_tracked") for k in mobilenet) - 2  # head: skipped
     assert int(counts.group(2)) == len(torchvision.models.squeezenet1_1().state_dict())  # it has no BatchNorm
+    resnet = torchvision.models.resnet18().state_dict()  # one that has: its step counters are no tensors it holds
+    torch.save(resnet, hub / CACHED)
+    assert run([*_train(tmp_path), "--init-from", "torchvision:DEFAULT", "--out", str(tmp_path / "bad")]) == 2
+    held = re.search(r"the file holds (\d+) the model does not have", capsys.readouterr().err)
+    assert held and int(held.group(1)) == sum(not k.endswith("num_batches_tracked") for k in resnet) < len(resnet)
     (hub / CACHED).write_bytes(b"not a checkpoint")
     assert run([*_train(tmp_path), "--init-from", "torchvision:DEFAULT", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()
