@@ -259,8 +259,9 @@ def launch(nproc: int, args: Sequence[str], env: Optional[dict[str, str]] = None
             sent.append(True)
             try:
                 proc.send_signal(signum)
-            except ValueError:  # SIGINT on Windows, which cannot send it: there the launcher, in this
-                pass  # console, had the console's Ctrl-C itself (terminate() would kill it and not its processes)
+            except ValueError:  # SIGINT on Windows, which cannot send it: there the launcher, in this console,
+                if frame == "before":  # had the console's Ctrl-C itself, unless it came before the launcher was
+                    proc.terminate()  # started, when it has no processes yet (terminate() would not end those)
 
     previous: dict[int, Any] = {}
     reaper = _prctl(PR_SET_CHILD_SUBREAPER, 1)
@@ -282,7 +283,7 @@ def launch(nproc: int, args: Sequence[str], env: Optional[dict[str, str]] = None
             if held is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)
         if stopped:  # a signal came while it started
-            forward(stopped[0], None)
+            forward(stopped[0], "before")
         code = proc.wait()
         if code < 0:  # the launcher was killed (by a stop signal before it could handle one): its processes are ours
             orphans = _wait_for_orphans(others | {proc.pid}) if reaper else "unwatched"
