@@ -317,4 +317,4 @@ def predict(model: nn.Module, x: Tensor, samples: int = 30, mode: str = "mc") ->
     probs_np = probs.double().cpu().numpy()
     entropy = torch.from_numpy(predictive_entropy(probs_np))
     mi = torch.from_numpy(mutual_information(draws)) if has_spread(draws) else None  # a block at a time
-    return Prediction(probs.contiguous(), entropy, mi, samples if draws is not None else None)  # as .view() expects
+    return Prediction(probs.contiguous(), entropy, mi, samples if draws is not None else None)  # mean mode's: a .T view

@@ -910,6 +910,8 @@ def test_the_normalisation_of_an_input_that_is_no_image_is_one_value_or_one_per_
     with pytest.raises(ValueError, match=r"^mean= and std= hold 3 values for inputs of shape \(30,\): give one for all, "
                                          r"or one per feature \(30\)$"):
         ssvi.save(model, path, input_shape=(30,), mean=[1, 2, 3], std=[1, 1, 1])
+    with pytest.raises(ValueError, match=r"^mean= and std= hold 7 values for inputs of shape \(30,\)"):  # std's too
+        ssvi.save(model, path, input_shape=(30,), mean=0.0, std=[1] * 7)
     assert not path.exists()
 
     def spec() -> dict:

@@ -136,9 +136,9 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
         raise ValueError(f"architecture={architecture!r}: give 'torchvision:NAME', or None for any other module")
     known = _registered(dataset, shape, near_miss=mean is None)
     channels = shape[0] if shape and len(shape) == 3 else 1  # an image's channels; one for all of another input
-    if mean is not None and shape and len(shape) != 3 and len(mean) not in (1, shape[0]):
-        raise ValueError(f"mean= and std= hold {len(mean)} values for inputs of shape {tuple(shape)}: give one for "
-                         f"all, or one per feature ({shape[0]})")
+    if shape and len(shape) != 3 and (odd := next((len(v) for v in (mean, std) if v and len(v) not in (1, shape[0])), 0)):
+        raise ValueError(f"mean= and std= hold {odd} values for inputs of shape {tuple(shape)}: give one for all, or "
+                         f"one per feature ({shape[0]})")
     spec = DataSpec(dataset, shape, num_classes,  # type: ignore[arg-type]
                     tuple(class_names) if class_names else tuple(str(i) for i in range(num_classes)),
                     tuple(float(v) for v in mean) if mean is not None else known.mean if known else (0.0,) * channels,

@@ -78,7 +78,7 @@ def info_from_env(environ: Optional[dict[str, str]] = None) -> Optional[DistInfo
 
 
 def setup(info: DistInfo, device: str, timeout_s: float = 1800) -> torch.device:
-    """Join the process group (``nccl`` on CUDA, ``gloo`` on CPU) and return this rank's device.
+    """Join the process group (``nccl`` on CUDA where torch has it, else ``gloo``) and return this rank's device.
 
     ``device`` is the configured ``train.device`` (auto/cpu/cuda). With CUDA each rank takes the GPU
     numbered by its local rank.

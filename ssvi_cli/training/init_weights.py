@@ -36,7 +36,7 @@ CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net")
 # Key prefixes of a wrapped model's state_dict (DataParallel/DistributedDataParallel, torch.compile),
 # taken off when every key has one.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-COUNTER = "num_batches_tracked"  # BatchNorm's step counter: not a weight, and filled in where a file lacks it
+STEP_COUNTER = "num_batches_tracked"  # BatchNorm's step counter: not a weight, and filled in where a file lacks it
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class InitWeights:
 
     def describe(self) -> str:
         """One line: what was loaded, adapted and re-initialised."""
-        loaded = sum(not k.endswith(COUNTER) for k in self.state)  # as check_state_dict counts them
+        loaded = sum(not k.endswith(STEP_COUNTER) for k in self.state)  # as check_state_dict counts them
         parts = [f"init from {self.source}: {loaded} tensors loaded"]
         parts += [p for p in (self.stem, self.left_out) if p]
         if self.reinitialised:
@@ -226,8 +226,8 @@ def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: Path | 
     hint = "the weights are for another architecture, or do not fit this data's input size"
     missing = [k for k in expected if k not in state]
     if missing:  # how far off (a bare "lacks" read as a damaged file), and what the file holds instead
-        counted = [k for k in expected if not k.endswith(COUNTER)]  # adapt_state fills those in
-        others = [k for k in state if k not in expected and not k.endswith(COUNTER)]
+        counted = [k for k in expected if not k.endswith(STEP_COUNTER)]  # adapt_state fills those in
+        others = [k for k in state if k not in expected and not k.endswith(STEP_COUNTER)]
         counts = f"{sum(k in missing for k in counted)} of the model's {len(counted)} tensors are missing" + (
             f", and the file holds {len(others)} the model does not have, such as {others[0]!r}" if others else "")
         raise ConfigError(f"--init-from {source} lacks {missing[0]!r} (shape {tuple(expected[missing[0]].shape)}) of the "
