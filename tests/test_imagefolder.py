@@ -1086,6 +1086,14 @@ def test_a_model_or_run_made_before_reduced_jpeg_decoding_reads_its_jpegs_whole(
     old = tmp_path / "old.safetensors"  # the same file as written before the key existed
     save_file(load_file(str(new)), str(old), metadata={**meta, "data_spec": json.dumps(
         {k: v for k, v in spec.items() if k != "reduced_jpeg"})})
+    import ssvi_cli as ssvi
+
+    for source, reduced in ((new, True), (old, False)):  # saved again with its classes renamed: decoded alike
+        renamed = tmp_path / f"renamed-{source.name}"
+        model = ssvi.load(source)
+        ssvi.save(model, renamed, class_names=[n.upper() for n in model.ssvi_card.data.class_names])
+        with safe_open(str(renamed), "pt") as fh:
+            assert json.loads(fh.metadata()["data_spec"]).get("reduced_jpeg", False) is reduced, source
     (tmp_path / "other").mkdir()
     Image.fromarray(digits[0]).resize((64, 64)).save(tmp_path / "other" / "a.jpg")
     image = str(tmp_path / "photos" / "two" / "0.jpg")

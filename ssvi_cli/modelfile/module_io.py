@@ -144,10 +144,11 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
                     tuple(float(v) for v in mean) if mean is not None else known.mean if known else (0.0,) * channels,
                     tuple(float(v) for v in std) if std is not None else known.std if known else (1.0,) * channels,
                     pixel_max=known.pixel_max if known else kept.data.pixel_max if kept else 255.0,
-                    reduced_jpeg=image_folder(dataset) is not None)  # a folder read by this ssvi
+                    # how the model's folder was decoded: a loaded file's, whatever its classes are named now
+                    reduced_jpeg=kept.data.reduced_jpeg if kept is not None and dataset == kept.data.name
+                    else image_folder(dataset) is not None)  # else a folder read by this ssvi
     if kept is not None and spec.class_names == kept.data.class_names:
-        spec = replace(spec, dataset_classes=kept.data.dataset_classes, files_digest=kept.data.files_digest,
-                       reduced_jpeg=kept.data.reduced_jpeg)
+        spec = replace(spec, dataset_classes=kept.data.dataset_classes, files_digest=kept.data.files_digest)
     try:
         spec.check()  # a file others cannot use is refused here, not when it is read
     except DataError as exc:
