@@ -1482,6 +1482,51 @@ def test_an_image_folder_changed_under_a_sweep_stops_it_until_restored(tmp_path:
     assert recorded_folders(out) != before
 
 
+def test_a_sweep_whose_cells_decoded_jpegs_whole_is_not_grown_with_cells_that_would_not(tmp_path: Path, capsys):
+    """A sweep on an image folder from an ssvi that decoded large JPEGs whole, grown by this one with a
+    seed, pooled the old cell (resumed and reported as it decoded) with a new one decoded at a reduced
+    scale, without a word (the upgrade review). A finished cell's model file and a stopped one's
+    checkpoint tell; a sweep with no cell left to begin goes on."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    photos, out, grid = _photo_sweep(tmp_path, TINY)
+    assert run([*grid, "--seeds", "1"]) == 0, capsys.readouterr().err
+    cell = out / "cells" / "vi_seed0"
+
+    def as_older_ssvi_left_it() -> None:  # no reduced_jpeg in its file and checkpoints
+        model = cell / "model.safetensors"
+        with safe_open(str(model), "pt") as fh:
+            meta = dict(fh.metadata())
+        spec = json.loads(meta["data_spec"])
+        assert spec.pop("reduced_jpeg") is True
+        save_file(load_file(str(model)), str(model), metadata={**meta, "data_spec": json.dumps(spec)})
+        for path in (cell / "checkpoints").iterdir():
+            data = torch.load(path, weights_only=True)
+            data["data_spec"].pop("reduced_jpeg", None)
+            torch.save(data, path)
+
+    as_older_ssvi_left_it()
+    capsys.readouterr()
+    for args in ([*grid, "--seeds", "2"], [*grid, "--seeds", "2", "--dry-run"]):
+        assert run(args) == 2, args
+        said = " ".join(capsys.readouterr().err.split())
+        assert (f"vi_seed0 decoded the large JPEGs of {photos} whole (trained by an ssvi from before reduced-scale "
+                "decoding), where vi_seed1, not begun, would decode them at a reduced scale, and the report would pool "
+                f"the two; report the sweep as it is, ssvi sweep --report {out}, or delete the older") in said, said
+    assert not (out / "cells" / "vi_seed1" / "checkpoints").exists()
+    assert run(["sweep", "--resume", str(out)]) == 0  # the grid it has: every cell begun, nothing pooled
+    (cell / "model.safetensors").unlink()  # stopped at its checkpoint: the checkpoint tells
+    (cell / "summary.json").unlink()
+    (cell / "evaluation.json").unlink(missing_ok=True)
+    capsys.readouterr()
+    assert run([*grid, "--seeds", "2"]) == 2
+    assert "vi_seed0 decoded the large JPEGs" in capsys.readouterr().err
+    shutil.rmtree(cell)  # deleted, as the message says: every cell trains alike
+    assert run([*grid, "--seeds", "2"]) == 0, capsys.readouterr().err
+
+
 def test_an_image_folder_changed_under_a_sweep_from_before_they_were_recorded_is_named(tmp_path: Path, capsys):
     """A sweep from an ssvi that recorded no image folders took the folder as its first run of this one
     found it: images added before then went unsaid and a grown seed was averaged with the old ones (the

@@ -110,7 +110,8 @@ def check_changed(sweep_dir: Path, spec: "SweepSpec", cells: list["Cell"]) -> di
     under the new ones. Returns the image folders' states (``drift.folder_states``), read once."""
     from dataclasses import replace
 
-    from ssvi_cli.sweep.drift import changed_details, changed_lines, folder_states, ran_with, trains_alike
+    from ssvi_cli.sweep.drift import (changed_details, changed_lines, folder_states, mixed_decoding, ran_with,
+                                      trains_alike)
     from ssvi_cli.sweep.grid import SweepError, expand, yaml_text
     from ssvi_cli.sweep.request import grid_command
 
@@ -138,6 +139,9 @@ def check_changed(sweep_dir: Path, spec: "SweepSpec", cells: list["Cell"]) -> di
                          "again, or report the sweep as it is: "
                          f"{shell_join(['ssvi', 'sweep', '--report', path_word(sweep_dir)])}"
                          + (advice if values else ""))
+    if (mixed := mixed_decoding(sweep_dir, spec, cells)) is not None:
+        raise SweepError(f"{mixed}; report the sweep as it is, {shell_join(['ssvi', 'sweep', '--report', path_word(sweep_dir)])}, "
+                         "or delete the older cells' folders to train every cell alike")
     return states
 
 

@@ -252,3 +252,46 @@ def _resolved(cfg: cfgmod.Config) -> Any:
 def changed_lines(sweep_dir: Path, changed: dict[str, str]) -> list[str]:
     """One indented line per cell: its folder and what differs."""
     return [f"  {Path(sweep_dir) / CELLS_DIR / name}: {what}" for name, what in changed.items()]
+
+
+def mixed_decoding(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> Optional[str]:
+    """Where an image folder's started cells decoded its large JPEGs whole (trained by an ssvi from before
+    reduced-scale decoding, whose files and checkpoints record no ``reduced_jpeg``: resumed, they go
+    on so) and cells of the same folder are not begun, which would decode them at a reduced scale: a
+    line naming both, since the report would pool them as one setting; else None."""
+    from ssvi_cli.data.spec import jpegs_read_whole
+
+    whole: dict[str, list[str]] = {}
+    new: dict[str, list[str]] = {}
+    for cell, cfg in cell_configs(spec, cells):
+        if cfgmod.image_folder(cfg.data.name) is None:
+            continue
+        path = cell_dir(sweep_dir, cell)
+        if cell_state(path) == "new":
+            new.setdefault(cfg.data.name, []).append(cell.name)
+        elif jpegs_read_whole(cfg.data.name, _recorded_spec(path).get("reduced_jpeg")):
+            whole.setdefault(cfg.data.name, []).append(cell.name)
+    both = next((name for name in whole if name in new), None)
+    if both is None:
+        return None
+    return (f"{', '.join(whole[both])} decoded the large JPEGs of {both.partition(':')[2]} whole (trained by an ssvi "
+            f"from before reduced-scale decoding), where {', '.join(new[both])}, not begun, would decode them at a "
+            "reduced scale, and the report would pool the two")
+
+
+def _recorded_spec(path: Path) -> dict[str, Any]:
+    """The data description a started cell's run recorded: its model file's, else its newest readable
+    checkpoint's ({} where there is none, as in a checkpoint from before it was recorded)."""
+    from ssvi_cli.modelfile import ModelFileError, read_header
+    from ssvi_cli.runs.checkpoint import CheckpointError
+    from ssvi_cli.runs.rundir import RunDir
+
+    run = RunDir(path)
+    try:
+        if run.model_file.is_file():
+            spec = read_header(run.model_file)["meta"].get("data_spec")
+        else:
+            spec = run.load_latest("reading", warn=False)[1].get("data_spec")
+    except (ModelFileError, CheckpointError, OSError):
+        return {"reduced_jpeg": True}  # unreadable: its own run says so when it goes on
+    return spec if isinstance(spec, dict) else {}
