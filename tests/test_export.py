@@ -475,3 +475,23 @@ def test_export_onto_another_name_of_its_source_is_refused(trained, tmp_path, ca
     assert run(["export", str(source), "-o", str(alias), "--dtype", "float16"]) == 2
     assert f"--output {alias} is the file being exported" in capsys.readouterr().err
     assert source.read_bytes() == before and alias.read_bytes() == before
+
+
+def test_one_model_gives_one_file_byte_for_byte(trained, tmp_path):
+    """safetensors wrote the header's keys in an order that changed from one process to the next, and the
+    file recorded the run's throughput: two exports of one run, or two runs of one model, were files of
+    other bytes (and, the header's length moving, of other sizes)."""
+    import subprocess
+    import sys
+
+    trainer, run_dir, x = trained
+    for name in ("a", "b"):  # separate processes: each its own hash order
+        subprocess.run([sys.executable, "-m", "ssvi_cli", "export", str(run_dir), "-o", str(tmp_path / f"{name}.safetensors"),
+                        "--dtype", "float16"], check=True, capture_output=True)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    raw = (tmp_path / "a.safetensors").read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    assert list(header) == sorted(header) and list(header["__metadata__"]) == sorted(header["__metadata__"])
+    assert "samples_per_second" not in json.loads(header["__metadata__"]["metrics"])
+    assert "samples_per_second" in json.loads((run_dir / "summary.json").read_text())  # the summary keeps it
+    assert len(load_file(str(tmp_path / "a.safetensors"))) == len(header) - 1  # safetensors reads it

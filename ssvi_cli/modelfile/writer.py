@@ -6,6 +6,7 @@ Written atomically (a temporary file renamed into place), with safetensors: no p
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -133,4 +134,20 @@ def write_model_file(model: SSVIModel, path: Path, card: ModelCard, *, dtype: st
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        _sort_header(tmp)
     return path.stat().st_size
+
+
+def _sort_header(path: Path) -> None:
+    """Rewrite the safetensors header of ``path`` with its keys sorted, in the length it had (padded
+    with spaces, as safetensors pads it): safetensors writes them in an order of its own that changes
+    from one process to the next, and one model should give one file, byte for byte."""
+    with open(path, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+        ordered = {key: dict(sorted(value.items())) if key == "__metadata__" else value
+                   for key, value in sorted(header.items())}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) <= size:  # as serde writes JSON, the same length; else left as it was
+            fh.seek(8)
+            fh.write(text + b" " * (size - len(text)))

@@ -145,8 +145,9 @@ def finish(trainer: "Trainer", progress: Progress) -> dict[str, Any]:
 
 
 def card(trainer: "Trainer", metrics: dict[str, Any]) -> ModelCard:
-    """The model card of the run with ``metrics``."""
-    return trainer.plan.card.with_metrics(metrics)
+    """The model card of the run with ``metrics``, but its throughput (``summary.json`` keeps it): the
+    machine's speed of the moment would make two runs of one model two files of other bytes."""
+    return trainer.plan.card.with_metrics({k: v for k, v in metrics.items() if k != "samples_per_second"})
 
 
 def epoch_examples(trainer: "Trainer") -> int:
