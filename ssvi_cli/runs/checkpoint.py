@@ -209,17 +209,17 @@ def _holds(archive: zipfile.ZipFile, name: str, text: bytes) -> bool:
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely (tensors and plain containers only)."""
+    from ssvi_cli.modelfile.header import safetensors_header
+
+    if safetensors_header(path) is not None:  # a model file renamed .pt (torch.load's error depends on its bytes)
+        raise CorruptCheckpoint(f"{path} is a safetensors file (an ssvi model file?) named as a training checkpoint "
+                                f"is; ssvi reads a model file by its .safetensors name: rename it "
+                                f"{Path(path).with_suffix('.safetensors').name}")
     try:
         data = torch_load_tensors(path, map_location=map_location)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except pickle.UnpicklingError as exc:
-        from ssvi_cli.modelfile.header import safetensors_header
-
-        if safetensors_header(path) is not None:  # a model file renamed .pt: read as what it is named
-            raise CorruptCheckpoint(f"{path} is a safetensors file (an ssvi model file?) named as a training checkpoint "
-                                    f"is; ssvi reads a model file by its .safetensors name: rename it "
-                                    f"{Path(path).with_suffix('.safetensors').name}") from None
         if holds_objects(exc):  # a class or function to import: never, here
             raise CorruptCheckpoint(f"checkpoint {path} is unreadable ({NOT_TENSORS})") from None
         raise CorruptCheckpoint(f"checkpoint {path} is unreadable or corrupted ({unpickler_reason(exc)})") from None
