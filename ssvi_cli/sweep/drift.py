@@ -263,14 +263,16 @@ def mixed_decoding(sweep_dir: Path, spec: SweepSpec, cells: list[Cell]) -> Optio
 
     whole: dict[str, list[str]] = {}
     new: dict[str, list[str]] = {}
+    started = []
     for cell, cfg in cell_configs(spec, cells):
-        if cfgmod.image_folder(cfg.data.name) is None:
-            continue
-        path = cell_dir(sweep_dir, cell)
-        if cell_state(path) == "new":
-            new.setdefault(cfg.data.name, []).append(cell.name)
-        elif jpegs_read_whole(cfg.data.name, _recorded_spec(path).get("reduced_jpeg")):
-            whole.setdefault(cfg.data.name, []).append(cell.name)
+        if cfgmod.image_folder(cfg.data.name) is not None:
+            if cell_state(path := cell_dir(sweep_dir, cell)) == "new":
+                new.setdefault(cfg.data.name, []).append(cell.name)
+            else:
+                started.append((cell.name, cfg.data.name, path))
+    for name, folder, path in started:  # read only where a cell of the folder is still to begin
+        if folder in new and jpegs_read_whole(folder, _recorded_spec(path).get("reduced_jpeg")):
+            whole.setdefault(folder, []).append(name)
     both = next((name for name in whole if name in new), None)
     if both is None:
         return None
