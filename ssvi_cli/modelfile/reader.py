@@ -134,10 +134,10 @@ def load_safetensors(path: Path) -> dict[str, Tensor]:
     Windows refuses to replace a mapped file (a model could not be saved back over the file it came
     from). A path that is not UTF-8 text, which safetensors cannot open, is read from its bytes."""
     try:
-        name = str(path).encode("utf-8").decode("utf-8")
+        str(path).encode("utf-8")
     except UnicodeEncodeError:
         return load(Path(path).read_bytes())
-    with safe_open(name, framework="pt") as file:
+    with safe_open(str(path), framework="pt") as file:
         return {key: file.get_tensor(key).clone() for key in file.keys()}
 
 

@@ -251,7 +251,7 @@ def launch(nproc: int, args: Sequence[str], env: Optional[dict[str, str]] = None
     stopped: list[signal.Signals] = []
     sent: list[bool] = []
 
-    def forward(signum: int, frame: Any) -> None:  # noqa: ARG001
+    def forward(signum: int, frame: Any, before: bool = False) -> None:  # noqa: ARG001
         # Once: a second Ctrl-C while the processes write their checkpoint made the launcher quit at
         # once, and what rank 0 then said (passed through the launcher) was lost.
         stopped.append(signal.Signals(signum))
@@ -260,7 +260,7 @@ def launch(nproc: int, args: Sequence[str], env: Optional[dict[str, str]] = None
             try:
                 proc.send_signal(signum)
             except ValueError:  # SIGINT on Windows, which cannot send it: there the launcher, in this console,
-                if frame == "before":  # had the console's Ctrl-C itself, unless it came before the launcher was
+                if before:  # had the console's Ctrl-C itself, unless it came before the launcher was
                     proc.terminate()  # started, when it has no processes yet (terminate() would not end those)
 
     previous: dict[int, Any] = {}
@@ -283,7 +283,7 @@ def launch(nproc: int, args: Sequence[str], env: Optional[dict[str, str]] = None
             if held is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)
         if stopped:  # a signal came while it started
-            forward(stopped[0], "before")
+            forward(stopped[0], None, before=True)
         code = proc.wait()
         if code < 0:  # the launcher was killed (by a stop signal before it could handle one): its processes are ours
             orphans = _wait_for_orphans(others | {proc.pid}) if reaper else "unwatched"
