@@ -30,11 +30,19 @@ class Registry(Generic[T]):
         self.error = error
         self.sort = sort  # list names alphabetically (else in registration order)
         self._items: dict[str, T] = {}
+        self._reserved: dict[str, str] = {}  # name -> what already answers to it elsewhere
+
+    def reserve(self, name: str, holder: str) -> None:
+        """Refuse ``name`` from now on: ``holder`` (another registry's entry a user types the same way)
+        answers to it, and an entry here would be listed beside it but never reached."""
+        self._reserved[name] = holder
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(item: T) -> T:
             if name in self._entries():  # a derived registry's own entries too
                 raise ValueError(f"{self.kind} {name!r} registered twice")
+            if name in self._reserved:
+                raise ValueError(f"{self.kind} {name!r} cannot be registered: {name!r} names {self._reserved[name]}")
             self._items[name] = item
             return item
 

@@ -681,3 +681,14 @@ def test_a_cifar_archive_fetched_by_hand_is_named_and_download_unpacks_it_offlin
     monkeypatch.setattr(tvd.CIFAR10, "tgz_md5", hashlib.md5(archive.read_bytes()).hexdigest())  # as the original's
     splits = build_dataset("cifar10", data_dir=tmp_path / "data", download=True)  # no network here: unpacked
     assert len(splits.test) == 20 and (tmp_path / "data" / "cifar-10-batches-py" / "data_batch_1").is_file()
+
+
+@pytest.mark.parametrize("name", ["noise", "sklearn-photos", "heldout"])
+def test_a_dataset_cannot_take_an_ood_sets_name(name):
+    """A dataset registered as ``noise`` was listed among the sets ``NAME=DIR`` reads, while ``--ood
+    noise`` went on reading the built-in set: the name is refused when the dataset is registered."""
+    from ssvi_cli.data.sources import DatasetSource
+
+    with pytest.raises(ValueError, match=f"dataset '{name}' cannot be registered: '{name}' names "):
+        DATASETS.add(name, DatasetSource(spec=get_spec("digits"), load=lambda *args: None))
+    assert name not in DATASETS

@@ -100,6 +100,12 @@ class _OodSets(Registry[OodBuilder]):
     def _entries(self) -> dict[str, OodBuilder]:
         return {**{name: _torchvision_ood(name) for name in DATASETS if name != "digits"}, **self._items}
 
+    def register(self, name: str) -> Callable[[OodBuilder], OodBuilder]:
+        # A dataset registered later under this name would be listed among the sets NAME=DIR reads
+        # while --ood NAME went on reading this one.
+        DATASETS.reserve(name, "a built-in OOD set")
+        return super().register(name)
+
 
 OOD_SETS: Registry[OodBuilder] = _OodSets("OOD set", error=UnknownDataset)
 OOD_SETS.add("noise", _noise)
@@ -112,6 +118,7 @@ def ood_names() -> list[str]:
 
 
 HELDOUT = "heldout"
+DATASETS.reserve(HELDOUT, "--ood heldout, the classes a model was not trained on")
 
 
 def folder_sets() -> tuple[str, ...]:
