@@ -758,3 +758,18 @@ def test_a_dense_layer_is_outside_the_budget_and_its_check():
         beside = sparsify(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)), 0.9, dense="2",
                           allocation=allocation)
         assert beside.layers[0].active == alone.layers[0].active == 410
+
+
+def test_layers_kept_as_they_are_are_warned_of_where_the_report_is_not_printed(caplog):
+    """A user's loop rarely prints the report: an Embedding or LSTM left as it is trained as a point
+    estimate outside the posterior without a word."""
+    recurrent = nn.ModuleDict({"embed": nn.Embedding(10, 8), "lstm": nn.LSTM(8, 8), "head": nn.Linear(8, 3)})
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli"):
+        sparsify(recurrent, 0.5)
+    assert len(caplog.records) == 1 and caplog.records[0].getMessage().startswith(
+        "sparsify keeps 2 layers with weights as they are, deterministic and dense: embed (Embedding is not "
+        "converted (Linear and Conv2d are)); lstm (LSTM is not converted (Linear and Conv2d are)); the report's kept")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli"):
+        sparsify(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), 0.5)
+    assert not caplog.records

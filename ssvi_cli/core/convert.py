@@ -161,6 +161,11 @@ def sparsify(model: nn.Module, sparsity: float = SparseConfig.sparsity, *, bayes
                    InitSpec(sigma_mean=sigma_mean, sigma_std=sigma_std, sigma_param=sigma_param), gen)
     for name, twin, _ in twins:
         _replace(model, name, twin)
+    if kept:  # outside the posterior, its uncertainty and the sparsity: said where the report is not printed
+        log.warning("sparsify keeps %d layer%s with weights as %s, deterministic and dense: %s; the report's kept "
+                    "lists them (docs/API.md, \"What sparsify leaves as it is\")", len(kept), "s" * (len(kept) > 1),
+                    "they are" if len(kept) > 1 else "it is",
+                    "; ".join(f"{n} ({r})" for n, r in kept[:3]) + ("; ..." if len(kept) > 3 else ""))
     report = ConversionReport(kept=kept)
     for name, twin, module in twins:
         report.layers.append(ConvertedLayer(name, "conv2d" if isinstance(module, nn.Conv2d) else "linear",
