@@ -35,6 +35,7 @@ from ssvi_cli.core.replaced import name_layers
 from ssvi_cli.core.subspace import (RESETTABLE_OPTIMIZERS, OptimizerStateError, Schedule, SwapReport,  # noqa: F401
                                    check_optimizer_holds, check_optimizer_kind, check_state_fits, collect_captured,
                                    end_step, subspace_step)
+from ssvi_cli.interrupts import uninterrupted
 from ssvi_cli.prediction import Prediction, predict  # re-exported: the public loop pieces in one place
 from ssvi_cli.training.optim import kl_term, param_groups
 
@@ -54,14 +55,14 @@ _STEPPING: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
 class Subspace:
     """The SSVI schedule for a user's loop: call :meth:`step` where ``optimizer.step()`` would go.
 
-    Every ``delta_t`` steps while ``t < t_end * total_steps`` the step is a remove-and-add step
-    instead (METHOD.md §4; ``t`` counts steps from 0: the first is the call at ``t == delta_t``);
-    ``delta_t="auto"`` spaces them to give at least ``min_subspace_steps``
-    of them, at most 100 steps apart (``ssvi_cli.core.subspace.resolve_delta_t``; the value used is
-    ``self.schedule.delta_t``): the minibatch just before it ran with dense-gradient capture (switched on
-    for that forward only, by a forward pre-hook), the lowest removal scores are dropped and as many
-    positions with the largest |dL/dmu| added, every layer's active count unchanged. The optimizer's
-    state of new entries is reset to zero; ``state_dict``/``load_state_dict`` resume the schedule.
+    Every ``delta_t`` steps while ``t < t_end * total_steps`` the step is a remove-and-add step instead
+    (METHOD.md §4; ``t`` counts steps from 0: the first is the call at ``t == delta_t``); ``delta_t="auto"``
+    spaces them to give at least ``min_subspace_steps`` of them, at most 100 steps apart
+    (``ssvi_cli.core.subspace.resolve_delta_t``; the value used is ``self.schedule.delta_t``): the minibatch
+    just before it ran with dense-gradient capture (switched on for that forward only, by a forward pre-hook),
+    the lowest removal scores are dropped and as many positions with the largest |dL/dmu| added, every layer's
+    active count unchanged. The optimizer's state of new entries is reset to zero (a Ctrl-C during the step
+    takes effect once it is done whole); ``state_dict``/``load_state_dict`` resume the schedule.
 
     A model has one Subspace at a time: a new one replaces the old, whose ``step()`` then refuses.
     ``optimizer.step()`` called by the loop itself is a plain step and trains mu as usual; when the
@@ -117,10 +118,8 @@ class Subspace:
         self._removed = False
         self._dropped_at: Optional[int] = None  # the step whose capture went to the loop's own optimizer step
         self._forwards: set[bool] = set()  # the training flags of the model's forwards since the last step()
-        self._told_eval = False  # the eval()-mode warning is given once
-        self._told_idle = False  # and the no-forward one
         self._plain_steps = 0  # the loop's own optimizer steps since the last step()
-        self._told_plain = self._told_past = False
+        self._told_eval = self._told_idle = self._told_plain = self._told_past = False  # warnings given once each
         self._hooks = [model.register_forward_pre_hook(Hook(self._before_forward)),
                        model.register_forward_hook(Hook(self._after_forward)),
                        optimizer.register_step_pre_hook(Hook(self._before_optimizer_step))]
@@ -227,60 +226,61 @@ class Subspace:
             log.warning("Subspace.step() after no forward of the model this Subspace was given: the step goes to that "
                         "model's optimizer; a model made again needs its own optimizer and Subspace, and a forward "
                         "calls the model itself (model(x)), not its submodules")
-        captured = self._capture is not None
-        if captured:
-            scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-            collect_captured(self.model, {}, 1, scale)
-        # No averaging: an update step's dense gradients are averaged by subspace_step, and DDP's
-        # switch is set back outside no_sync(), as DDP's own state.
-        self._close_capture(average=False)
         update = self.schedule.is_update(self.t) and self._dropped_at != self.t
-        if update:
-            if not captured and not forwards:
-                raise RuntimeError("no dense gradient for the subspace step: the model given to Subspace ran no forward "
-                                   "since the last step; call that model (model(x)), not its submodules or another "
-                                   "method, for the step's forward, then backward, then Subspace.step() (a model made "
-                                   "again needs its own optimizer and Subspace)")
-            if not captured:
-                raise RuntimeError("no dense gradient for the subspace step: run the step's forward and "
-                                   "backward with the model in train() mode before Subspace.step()")
-            reduce = rank_mean if torch.distributed.is_available() and torch.distributed.is_initialized() else None
-            self.last_report = subspace_step(self.model, self.t, self.schedule, self.criterion,
-                                             self.criterion_lambda, self.new_sigma, self.optimizer, reduce)
-            unreached = tuple(self.last_report.unreached)
-            if unreached and unreached not in self._told:  # once per set of layers: a multi-task loop repeats it
-                self._told.add(unreached)
-                none = not self.last_report.layers and not self.last_report.skipped  # no layer had a gradient
-                log.warning("Subspace step %d: %s got no gradient from this step's %s and kept their supports "
-                            "(see last_report.unreached)", self.t, ", ".join(unreached),
-                            "backward (was loss.backward() called before subspace.step()?)" if none else "forward")
-            if self.last_report.skipped:
-                log.warning("Subspace step %d: the dense gradient held inf/NaN; this remove-and-add step was skipped",
-                            self.t)
-            if scaler is not None and scaler.is_enabled():
-                # No optimizer step, but the scaler's iteration must end as after scaler.step. The scale
-                # follows this step's own overflow, which every rank agrees on (skipped: back off as
-                # after a skipped step); the scaler's inf checks are each rank's own gradients here
-                # (DDP does not average a capture step's), and under them the ranks' scales would part.
-                scale = scaler.get_scale()
-                scaler.update(scale * scaler.get_backoff_factor() if self.last_report.skipped else scale)
-        else:
-            _STEPPING.add(self.optimizer)
-            try:
-                if scaler is not None:
-                    scaler.step(self.optimizer)
-                    scaler.update()
-                else:
-                    self.optimizer.step()
-            finally:
-                _STEPPING.discard(self.optimizer)
-        if self.t >= self.total_steps and not self._told_past:  # once: a run longer than the schedule was fitted to
-            self._told_past = True
-            log.warning("Subspace.step() call %d is past total_steps=%d: the remove-and-add steps were spaced for %d steps "
-                        "and ended at step %d; pass the run's whole length (len(loader) * epochs)", self.t + 1,
-                        self.total_steps, self.total_steps, self.schedule.t_end)
-        self.t += 1
-        return update
+        with uninterrupted(update):  # a remove-and-add step, t's advance included, whole or not at all
+            captured = self._capture is not None
+            if captured:
+                scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+                collect_captured(self.model, {}, 1, scale)
+            # No averaging: an update step's dense gradients are averaged by subspace_step, and DDP's
+            # switch is set back outside no_sync(), as DDP's own state.
+            self._close_capture(average=False)
+            if update:
+                if not captured and not forwards:
+                    raise RuntimeError("no dense gradient for the subspace step: the model given to Subspace ran no forward "
+                                       "since the last step; call that model (model(x)), not its submodules or another "
+                                       "method, for the step's forward, then backward, then Subspace.step() (a model made "
+                                       "again needs its own optimizer and Subspace)")
+                if not captured:
+                    raise RuntimeError("no dense gradient for the subspace step: run the step's forward and "
+                                       "backward with the model in train() mode before Subspace.step()")
+                reduce = rank_mean if torch.distributed.is_available() and torch.distributed.is_initialized() else None
+                self.last_report = subspace_step(self.model, self.t, self.schedule, self.criterion,
+                                                 self.criterion_lambda, self.new_sigma, self.optimizer, reduce)
+                unreached = tuple(self.last_report.unreached)
+                if unreached and unreached not in self._told:  # once per set of layers: a multi-task loop repeats it
+                    self._told.add(unreached)
+                    none = not self.last_report.layers and not self.last_report.skipped  # no layer had a gradient
+                    log.warning("Subspace step %d: %s got no gradient from this step's %s and kept their supports "
+                                "(see last_report.unreached)", self.t, ", ".join(unreached),
+                                "backward (was loss.backward() called before subspace.step()?)" if none else "forward")
+                if self.last_report.skipped:
+                    log.warning("Subspace step %d: the dense gradient held inf/NaN; this remove-and-add step was skipped",
+                                self.t)
+                if scaler is not None and scaler.is_enabled():
+                    # No optimizer step, but the scaler's iteration must end as after scaler.step. The scale
+                    # follows this step's own overflow, which every rank agrees on (skipped: back off as
+                    # after a skipped step); the scaler's inf checks are each rank's own gradients here
+                    # (DDP does not average a capture step's), and under them the ranks' scales would part.
+                    scale = scaler.get_scale()
+                    scaler.update(scale * scaler.get_backoff_factor() if self.last_report.skipped else scale)
+            else:
+                _STEPPING.add(self.optimizer)
+                try:
+                    if scaler is not None:
+                        scaler.step(self.optimizer)
+                        scaler.update()
+                    else:
+                        self.optimizer.step()
+                finally:
+                    _STEPPING.discard(self.optimizer)
+            if self.t >= self.total_steps and not self._told_past:  # once: a run longer than the schedule was fitted to
+                self._told_past = True
+                log.warning("Subspace.step() call %d is past total_steps=%d: the remove-and-add steps were spaced for %d steps "
+                            "and ended at step %d; pass the run's whole length (len(loader) * epochs)", self.t + 1,
+                            self.total_steps, self.total_steps, self.schedule.t_end)
+            self.t += 1
+            return update
 
     def drop_fraction(self) -> float:
         return self.schedule.drop_fraction(self.t)

@@ -15,8 +15,9 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from types import FrameType
-from typing import Optional
+from typing import Iterator, Optional
 
 # Re-entrant: a second signal runs its handler in the main thread while the first one's holds the lock.
 _lock = threading.RLock()
@@ -95,3 +96,24 @@ def take_pending() -> None:
         if signal.SIGINT in _pending:
             del _pending[signal.SIGINT]
             raise KeyboardInterrupt
+
+
+@contextmanager
+def uninterrupted(active: bool = True) -> Iterator[None]:
+    """A Ctrl-C in the block (where it raises KeyboardInterrupt in the main thread: Python's own SIGINT
+    handler or :func:`install`'s) is raised once the block has ended, so that what it changes together
+    (a support, its values and their optimizer state) is changed whole or not at all. A block that
+    raises keeps its own exception. Elsewhere (another thread, a caller's own handler), and where not
+    ``active``, the block runs as it is."""
+    handler = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if not active or handler not in (signal.default_int_handler, _interrupt):
+        yield
+        return
+    came: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    if came:
+        raise KeyboardInterrupt

@@ -862,3 +862,54 @@ def test_a_wrong_argument_is_a_type_error_that_names_it(tmp_path):
                      (dict(class_names=list(range(10))), r"class_names holds 0 \(int\): give each output's name as a str")):
         with pytest.raises(TypeError, match=said):
             ssvi.save(model, path, **kw)
+
+
+def test_a_ctrl_c_during_a_remove_and_add_step_takes_effect_once_the_step_is_done_whole(monkeypatch):
+    """A notebook's Stop between a layer's optimizer state moving to its new support and the support
+    itself changing left Adam's moments on the wrong entries, and the schedule at the same step, so a
+    re-run cell did that step again: the step is done whole, then the KeyboardInterrupt is raised."""
+    import os
+    import signal
+
+    from ssvi_cli.core.layers import SparseGaussian
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    ssvi.sparsify(model, 0.5)
+    optimizer = torch.optim.Adam(ssvi.param_groups(model, lr=1e-2, lr_sigma=1e-2))
+    subspace = ssvi.Subspace(model, optimizer, total_steps=100, delta_t=2, t_end=1.0)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+
+    def forward_backward() -> None:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+
+    while not subspace.schedule.is_update(subspace.t):
+        forward_backward()
+        subspace.step()
+    forward_backward()
+    layers = [model[0], model[2]]
+    before = [(layer.idx.clone(), optimizer.state[layer.mu]["exp_avg"].clone()) for layer in layers]
+    original, calls = SparseGaussian.set_support, []
+
+    def set_support_after_ctrl_c(self, *args, **kwargs):  # the moments have moved; the support not yet
+        calls.append(self)
+        os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SparseGaussian, "set_support", set_support_after_ctrl_c)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # a notebook's, whatever pytest's is
+    try:
+        t = subspace.t
+        with pytest.raises(KeyboardInterrupt):
+            subspace.step()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert calls == layers and subspace.t == t + 1 and subspace.last_report.step == t
+    for layer, (idx, moment) in zip(layers, before):
+        assert not torch.equal(layer.idx, idx)
+        kept = torch.isin(layer.idx, idx)
+        new_moment = optimizer.state[layer.mu]["exp_avg"]
+        torch.testing.assert_close(new_moment[kept], moment[torch.isin(idx, layer.idx)])  # both sorted by index
+        assert (new_moment[~kept] == 0).all()
