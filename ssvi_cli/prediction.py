@@ -1,15 +1,14 @@
 """Prediction shared by training, evaluation and ``infer``: mean network or Monte Carlo average.
 
-Monte Carlo prediction draws one weight sample per draw over the active entries only in every layer
-after the first. For a *linear* first layer two exact schemes exist: compute its LRT mean and
-variance once and draw each sample's output from them (one normal per output element per draw), or
-sample its weights like the other layers (one normal per active weight plus a product per draw).
-Each output row of a linear layer depends on one input row, so per input both give exactly the
-distribution of a weight draw; :func:`first_layer_scheme` picks the cheaper by a cost rule that
-depends on the layer, the batch and the device only (never on the thread count, so the same model,
-seed and batch size give the same numbers on any CPU). A *conv* first layer always samples its
-weights: one weight draw is shared by every pixel of an image, and LRT noise drawn independently
-per output position would lose that correlation (METHOD.md §3).
+Monte Carlo prediction draws one weight sample per draw over the active entries only in every layer after
+the first. For a *linear* first layer two exact schemes exist: compute its LRT mean and variance once and
+draw each sample's output from them (one normal per output element per draw), or sample its weights like
+the other layers (one normal per active weight plus a product per draw). Each output row of a linear layer
+depends on one input row, so per input both give exactly the distribution of a weight draw;
+:func:`first_layer_scheme` picks the cheaper by a cost rule that depends on the layer, the batch and the
+device only (never on the thread count, so the same model, seed and batch size give the same numbers on
+any CPU). A *conv* first layer always samples its weights: one weight draw is shared by every pixel of an
+image, and LRT noise drawn independently per output position would lose that correlation (METHOD.md §3).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 from ssvi_cli.argcheck import whole
 from ssvi_cli.core.convert import unfilled
 from ssvi_cli.core.flops import separate_first_layer
-from ssvi_cli.core.gaussian import LRT_EPS, input_under_autocast
+from ssvi_cli.core.gaussian import input_under_autocast
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
 from ssvi_cli.core.modes import drawing, evaluating, one_draw_per_forward, sampling
 from ssvi_cli.metrics import has_spread, mutual_information, predictive_entropy
@@ -35,11 +34,10 @@ FIRST_LAYER_SCHEMES = ("auto", "moments", "sample")
 
 # How many multiply-adds of the first layer's product cost as much as drawing one standard normal,
 # per thread: torch's CPU ``normal_`` runs on one thread while the products use them all. Measured
-# with the 784-1024 layer of ``ssvi bench --model mlp`` at 1 and 2 threads (x86, AVX-512): a normal
-# ~2.3 ns, a CSR multiply-add ~0.04 ns per thread, a dense (BLAS) one ~0.014 ns per thread. With
-# ``embedding_bag`` serving the sparse product where it is faster the rule errs towards the moments;
-# timing both schemes at densities 0.02-0.2 and batches 1-256 it picked the faster one (or one
-# within 5 %) every time.
+# with the 784-1024 layer of ``ssvi bench --model mlp`` at 1 and 2 threads (x86, AVX-512): a normal ~2.3 ns,
+# a CSR multiply-add ~0.04 ns per thread, a dense (BLAS) one ~0.014 ns per thread. With ``embedding_bag``
+# serving the sparse product where it is faster the rule errs towards the moments; timing both schemes at
+# densities 0.02-0.2 and batches 1-256 it picked the faster one (or one within 5 %) every time.
 MACS_PER_NORMAL = {"sparse": 60.0, "dense": 170.0}
 # The rule prices products as if RULE_THREADS threads ran them, whatever torch.get_num_threads()
 # says: the scheme (and with it the random stream) must not change with the thread count.
@@ -142,7 +140,9 @@ def _predict(model: SSVIModel, x: Tensor, samples: int, mode: str, first_layer: 
     else:
         autocast = input_under_autocast(h, model.first.mu.dtype)  # the first layer's forward is not called
         mean, var = model.first.moments(h)
-        std = torch.sqrt(var + LRT_EPS)  # once: every draw of the first layer is mean + std * eps
+        # Each draw is mean + std * eps, as sampling the weights gives: no LRT_EPS (training's, for sqrt's
+        # gradient at 0), which was all the spread of a tiny-sigma layer and moved MI with the scheme.
+        std = var.clamp_min(0).sqrt()
         # One buffer holds each draw's noise and, overwritten in place, that draw's first-layer output:
         # no fresh 1 MB tensors per draw. It is laid out like ``mean`` (transposed after the CSR
         # kernel): a same-layout addcmul is faster than a mixed one and feeds the next CSR product

@@ -315,3 +315,19 @@ def test_a_bfloat16_mlp_predicts_with_either_first_layer_scheme_and_refuses_floa
         predict_batch(model, x, samples=2, first_layer=first_layer)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast a float32 input is autocast's to cast
         assert predict_batch(model, x, samples=2, first_layer=first_layer)[0].shape == (5, CLASSES)
+
+
+@pytest.mark.parametrize("kernel", ["sparse", "dense"])
+def test_the_moments_scheme_adds_no_spread_of_its_own_where_sigma_is_tiny(kernel):
+    """The first layer's moments drew its outputs with sqrt(var + 1e-8), training's LRT guard: for a
+    model whose sigma is tiny (one just converted from trained weights) that constant was nearly all
+    the spread of the draws, so MI moved with the scheme, which follows the batch size and device."""
+    model = small_mlp(kernel).double()
+    for _, layer in sparse_layers(model):
+        layer.rho.data = rho_from_sigma(torch.full_like(layer.rho, 1e-6), "softplus")
+    x = torch.randn(4, *IN_SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    spread = {}
+    for scheme in ("moments", "sample"):
+        torch.manual_seed(2)
+        spread[scheme] = float(predict_batch(model, x, samples=400, first_layer=scheme)[1].var(0).mean())
+    assert spread["sample"] > 0 and 0.5 < spread["moments"] / spread["sample"] < 2, spread
