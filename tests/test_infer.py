@@ -806,3 +806,17 @@ def test_predictions_are_written_batch_by_batch_and_an_error_midway_leaves_the_o
                     "--output", str(out), *extra]) == 2
         assert out.read_text() == "kept\n" and sorted(p.name for p in tmp_path.iterdir()) == ["bad.png", "preds.csv", "x.npy"]
     assert "no input could be read" in capsys.readouterr().err
+
+
+def test_preprocess_says_its_warnings_at_each_call(model_file, digits, caplog):
+    """ssvi.preprocess opened no warnings scope: its transparent-pixels warning came once a process,
+    and a notebook's second call, or a call with other images, said nothing."""
+    import ssvi_cli as ssvi
+
+    model = ssvi.load(model_file)
+    rgba = np.zeros((2, 8, 8, 4), dtype=np.uint8)
+    rgba[..., 3] = digits[:2]
+    for _ in range(2):
+        assert ssvi.preprocess(model, rgba).shape == (2, 1, 8, 8)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and all("has transparent pixels: alpha is dropped" in m for m in said)

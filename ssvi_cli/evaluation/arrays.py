@@ -16,7 +16,7 @@ from torch import Tensor
 from ssvi_cli.data.images import ALPHA_KEY, TRANSPARENT, read_array
 from ssvi_cli.data.spec import DataError
 from ssvi_cli.data.transforms import preprocess as _to_input
-from ssvi_cli.warned import warn_once, warned
+from ssvi_cli.warned import warn_once, warned, warnings_scope
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +178,7 @@ def load_array(path: Path, channels: int = 3, pixel_max: float = 255.0,
     return array_images(read_array(path, InputError, stream), str(path), channels, pixel_max, input_shape)
 
 
+@warnings_scope()  # each call says its warnings (a notebook's second call too), as the data readers do
 def preprocess(model: torch.nn.Module, pixels: object) -> Tensor:
     """Pixels as ``ssvi infer`` reads a ``.npy`` array (any shape and range it takes: uint8 0..255,
     floats in [0, 1], the data's raw range), brought to ``model``'s input as its description says
