@@ -209,8 +209,12 @@ def test_refusals_are_clear():
     advice = r"does not hold 0\.mu; build it after ssvi_cli.sparsify, from ssvi_cli\.param_groups\(model, lr, lr_sigma\)"
     with pytest.raises(ValueError, match=advice):
         ssvi.Subspace(net, early, total_steps=10)
-    with pytest.raises(ValueError, match="already sparse"):
+    with pytest.raises(ValueError, match=r"already sparse \(2 layers were converted before\)"):
         ssvi.sparsify(net, sparsity=0.5)
+    one = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    ssvi.sparsify(one, sparsity=0.5)
+    with pytest.raises(ValueError, match=r"already sparse \(1 layer was converted before\)"):
+        ssvi.sparsify(one, sparsity=0.5)
     x = torch.randn(2, 6)
     with pytest.raises(ValueError, match="samples must be a positive number"):
         ssvi.predict(net, x, samples=0)

@@ -42,6 +42,10 @@ class ConversionReport:
         return {"density": self.density, "layers": [dict(asdict(l), density=l.density) for l in self.layers],
                 "kept": [{"name": n, "reason": r} for n, r in self.kept]}
 
+    def __repr__(self) -> str:  # a summary, as a notebook shows a cell's value: print(report) gives the table
+        return (f"ConversionReport({len(self.layers)} layer{'' if len(self.layers) == 1 else 's'} converted, density {self.density:.4f} over "
+                f"{sum(l.total for l in self.layers):,} weights, {len(self.kept)} kept as they are; print() it for the table)")
+
     def __str__(self) -> str:
         rows = [("layer", "kind", "shape", "active / total", "density", "posterior")]
         for l in self.layers:

@@ -111,7 +111,8 @@ def sparsify(model: nn.Module, sparsity: float = SparseConfig.sparsity, *, bayes
                 raise ValueError(f"{arg}: {unmatched!r} matches no Linear or Conv2d layer that sparsify converts "
                                  f"(they are: {', '.join(n for n, _ in targets[:8])}{', ...' if len(targets) > 8 else ''})")
     if not targets and sparse_layers(model):
-        raise ValueError(f"the model is already sparse ({len(sparse_layers(model))} layers were converted before) "
+        converted = len(sparse_layers(model))
+        raise ValueError(f"the model is already sparse ({converted} layer{'s were' if converted > 1 else ' was'} converted before) "
                          "and has no Linear or Conv2d layer left to convert")
     if not targets and not structure_only:  # (a file's reader names a layer that stays dense itself)
         left = "; ".join(f"{name}: {reason}" for name, reason in kept[:3])

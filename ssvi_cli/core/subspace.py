@@ -193,6 +193,10 @@ class SwapReport:
     def swapped(self) -> int:
         return sum(l.swapped for l in self.layers)
 
+    def __repr__(self) -> str:  # a summary: the dataclass's own printed every layer's on one line (.layers has them)
+        return (f"SwapReport(step={self.step}, fraction={self.fraction:.4f}, swapped={self.swapped:,} in "
+                f"{len(self.layers)} layer{'' if len(self.layers) == 1 else 's'}, skipped={self.skipped}, unreached={self.unreached})")
+
 
 def update_layer(name: str, layer: SparseGaussian, add_score: Tensor, fraction: float,
                  criterion: str, lam: float, new_sigma: str,
