@@ -941,3 +941,19 @@ def test_infer_and_evaluate_refuse_a_model_of_one_output(tmp_path, capsys):
     assert run(["evaluate", str(path), "--data", "cifar10"]) == 2
     assert capsys.readouterr().err.startswith(f"error: {path} has one output: evaluate scores classifiers")
     assert run(["inspect", str(path)]) == 0  # its weights and supports are still read
+
+
+def test_a_path_in_the_home_folder_written_with_a_tilde_is_the_home_folders(tmp_path, monkeypatch):
+    """ssvi.save(model, "~/m.safetensors") made a folder named ~ in the working directory (save makes
+    the folders a path needs) and wrote the model there; load then read "~/..." from it too."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    net = Net()
+    ssvi.sparsify(net, 0.5)
+    ssvi.save(net.eval(), "~/models/m.safetensors", input_shape=(1, 8, 8))
+    assert (home / "models" / "m.safetensors").is_file() and not any(work.iterdir())
+    loaded = ssvi.load("~/models/m.safetensors", model=Net())
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(ssvi.predict(loaded, x, mode="mean").probs, ssvi.predict(net, x, mode="mean").probs)

@@ -39,7 +39,7 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
         what = f"the class {model.__name__}; pass an instance, model={model.__name__}()" if isinstance(model, type) else \
             f"a {type(model).__name__}; pass the nn.Module to fill"
         raise TypeError(f"model= is {what}")
-    path = Path(path)
+    path = Path(path).expanduser()  # as save takes it
     _check_load_args(device, kernel)
     if model is None:
         loaded = read_model_file(path, device=device or "cpu", kernel=kernel)

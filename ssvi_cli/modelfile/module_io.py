@@ -69,8 +69,9 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
     unfilled(model, "save it")
     if not isinstance(path, (str, Path)) or not str(path):
         raise (ValueError if path == "" else TypeError)(f"path={path!r}: give the model file's path (a str or Path) ending in .safetensors")
-    if Path(path).is_dir() or Path(path).suffix.lower() != ".safetensors":
-        raise ValueError(f"{path} is a folder; give the model file's path, ending in .safetensors" if Path(path).is_dir()
+    path = Path(path).expanduser()  # "~/m.safetensors" made a folder named ~ in the working directory
+    if path.is_dir() or path.suffix.lower() != ".safetensors":
+        raise ValueError(f"{path} is a folder; give the model file's path, ending in .safetensors" if path.is_dir()
                          else f"{path}: name the model file *.safetensors (ssvi reads a .pt as a training checkpoint)")
     if input_shape is not None and hasattr(input_shape, "tolist") and not isinstance(input_shape, torch.Size):
         input_shape = input_shape.tolist()  # a numpy array or a tensor of sizes
@@ -154,7 +155,7 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
     except DataError as exc:
         raise ValueError(str(exc)) from None
     card = ModelCard(Architecture(name, widths, any(l.bayesian for _, l in layers), sigma_param), spec)
-    return write_model_file(model, Path(path), card, dtype=dtype)  # type: ignore[arg-type]
+    return write_model_file(model, path, card, dtype=dtype)  # type: ignore[arg-type]
 
 
 def _per_channel(arg: str, value: Any) -> Optional[tuple[float, ...]]:
