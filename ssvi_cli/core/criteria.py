@@ -110,7 +110,7 @@ def folded_normal_var(mu: Tensor, sigma: Tensor) -> Tensor:
 def snr_abs_of_t(t: Tensor) -> Tensor:
     """SNR of |θ| as a function of t alone: (t + δ)/√(1 − 2tδ − δ²), δ = 2(φ(t) − tQ(t)).
 
-    Strictly increasing in t, equal to √(2/(π − 2)) ≈ 1.326 at t = 0 and to t itself once
+    Strictly increasing in t, equal to √(2/(π − 2)) ≈ 1.3236 at t = 0 and to t itself once
     φ(t) underflows (t ≳ 38); finite up to ``T_MAX``.
     """
     t = torch.as_tensor(t).to(torch.float64)

@@ -14,8 +14,9 @@ Convention (METHOD.md section 6; printed beside every number as :data:`CONVENTIO
   trainer resolves it, :func:`ssvi_cli.core.subspace.resolve_delta_t`).
 - Biases, BatchNorm, activations, pooling, noise draws and the optimizer update are not counted
   (they scale with activations or parameters, not with weight x position products).
-- Monte Carlo prediction with ``S`` draws: the first layer's LRT moments once (two ops), then one op
-  per draw in every deeper layer over its active weights (one weight sample per draw). That is the
+- Monte Carlo prediction with ``S`` draws: a linear first layer's LRT moments once (two ops; a conv
+  first layer samples its weights, one op per draw), then one op per draw in every deeper layer over
+  its active weights (one weight sample per draw). That is the
   fewest multiply-adds; where noise draws cost more than products (large CPU batches, see
   ``prediction.first_layer_scheme``), prediction samples the first layer's weights too (S ops).
 """
@@ -204,8 +205,8 @@ def prediction_flops(geometry: Sequence[LayerGeometry], densities: dict[str, flo
                      samples: int) -> list[dict[str, Any]]:
     """Per-layer FLOPs of one prediction (per example): MC with ``samples`` draws, or the mean net.
 
-    Bayesian MC: the first layer's two LRT ops once, every other layer one op per draw (the count
-    for the moments scheme, see the module docstring).
+    Bayesian MC: a linear first layer's two LRT ops once, every other layer (a conv first layer too)
+    one op per draw (the count for the moments scheme, see the module docstring).
     Deterministic or mean network: one op per layer.
     """
     rows = []
