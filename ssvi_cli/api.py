@@ -28,7 +28,7 @@ from ssvi_cli.argcheck import real, whole
 from ssvi_cli.config import Config, ConfigError, SparseConfig as S, validate
 from ssvi_cli.core.convert import unfilled
 from ssvi_cli.core.criteria import REMOVAL_CRITERIA
-from ssvi_cli.core.hooks import Hook, rank_mean
+from ssvi_cli.core.hooks import ATTACHED, Hook, rank_mean
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.core.modes import capturing_dense_grad, sampling
 from ssvi_cli.core.replaced import name_layers
@@ -42,9 +42,6 @@ from ssvi_cli.training.optim import kl_term, param_groups
 log = logging.getLogger(__name__)
 
 
-# The Subspace attached to each model: a second one replaces it (a notebook cell run twice would
-# otherwise leave two sets of hooks on one model).
-_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 # Whole models or optimizers pickled under a Subspace by earlier versions name their hooks so.
 _Hook = Hook
 # Optimizers a Subspace is stepping right now (its step() calls optimizer.step()): any other step of
@@ -125,12 +122,12 @@ class Subspace:
                        optimizer.register_step_pre_hook(Hook(self._before_optimizer_step))]
         name_layers(optimizer, model)  # the global step pre-hook's refusals then name this model's layers
         key = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        previous = _ATTACHED.get(key)
+        previous = ATTACHED.get(key)
         previous = previous() if previous is not None else None
         if previous is not None and not previous._removed:
             log.warning("this model already had a Subspace: the new one replaces it (the old one is removed)")
             previous.remove()
-        _ATTACHED[key] = weakref.ref(self)
+        ATTACHED[key] = weakref.ref(self)
         if self.schedule.updates == 0:
             log.warning("Subspace: no remove-and-add step fits before t_end (step %d of %d) at delta_t=%d, so the "
                         "support never moves%s", self.schedule.t_end, total_steps, self.schedule.delta_t,

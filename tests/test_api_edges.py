@@ -942,3 +942,30 @@ def test_reports_shown_as_a_cells_value_are_one_short_line():
     shown = repr(subspace.last_report)
     assert shown.startswith("SwapReport(step=2, fraction=0.") and shown.endswith(" in 2 layers, skipped=False, unreached=[])")
     assert len(subspace.last_report.layers) == 2
+
+
+def test_a_subspace_made_after_the_api_module_is_reloaded_still_replaces_the_old_one():
+    """importlib.reload(ssvi_cli.api) (an autoreload of an edited ssvi) emptied the record of the
+    models' Subspaces: a new one left the old one's hooks on the model, its layers capturing dense
+    gradients at every forward from then on. Run apart: a reload would change the classes other
+    tests in this process use."""
+    import subprocess
+    import sys
+
+    script = """
+import importlib, logging, torch
+from torch import nn
+import ssvi_cli as ssvi
+import ssvi_cli.api
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+ssvi.sparsify(model, 0.5)
+old = ssvi.Subspace(model, torch.optim.SGD(ssvi.param_groups(model, lr=0.1, lr_sigma=0.1)), total_steps=10, delta_t=2)
+importlib.reload(ssvi_cli.api)
+new = ssvi_cli.api.Subspace(model, torch.optim.SGD(ssvi.param_groups(model, lr=0.1, lr_sigma=0.1)), total_steps=10, delta_t=2)
+print(old._removed, len(model._forward_pre_hooks), len(model._forward_hooks))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "1", "1"]
+    assert "this model already had a Subspace: the new one replaces it" in done.stderr

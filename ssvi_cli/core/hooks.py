@@ -3,10 +3,16 @@ its remove-and-add step scores with under ``torch.distributed``."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+# The Subspace attached to each model: a second one replaces it (a notebook cell run twice would
+# otherwise leave two sets of hooks on one model). Kept here, not in the api module, so that a
+# Subspace made after that module is reloaded (importlib.reload, an autoreload) still finds it.
+ATTACHED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 
 
 class Hook:
