@@ -929,7 +929,7 @@ def test_reports_shown_as_a_cells_value_are_one_short_line():
 
     model = Net()
     report = ssvi.sparsify(model, 0.5)
-    assert repr(report) == ("ConversionReport(2 layers converted, density 0.5000 over 176 weights, 1 kept as they are; "
+    assert repr(report) == ("ConversionReport(2 layers converted, density 0.5000 over 176 weights, 1 kept as it is; "
                             "print() it for the table)")
     assert str(report).splitlines()[0].split() == ["layer", "kind", "shape", "active", "/", "total", "density", "posterior"]
     optimizer = torch.optim.SGD(ssvi.param_groups(model, lr=0.1, lr_sigma=0.1))
@@ -969,3 +969,25 @@ print(old._removed, len(model._forward_pre_hooks), len(model._forward_hooks))
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "1", "1"]
     assert "this model already had a Subspace: the new one replaces it" in done.stderr
+
+
+def test_a_ctrl_c_held_through_a_block_that_then_fails_is_raised_with_the_failure_as_its_context():
+    """The Ctrl-C came first: it is not lost to the block's own exception, which stays its context."""
+    import os
+    import signal
+
+    from ssvi_cli.interrupts import uninterrupted
+
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt) as caught:
+            with uninterrupted():
+                os.kill(os.getpid(), signal.SIGINT)
+                raise RuntimeError("the step failed")
+        assert isinstance(caught.value.__context__, RuntimeError)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with pytest.raises(RuntimeError, match="the step failed"):  # without a Ctrl-C, the block's own
+            with uninterrupted():
+                raise RuntimeError("the step failed")
+    finally:
+        signal.signal(signal.SIGINT, handler)

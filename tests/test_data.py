@@ -692,3 +692,24 @@ def test_a_dataset_cannot_take_an_ood_sets_name(name):
     with pytest.raises(ValueError, match=f"dataset '{name}' cannot be registered: '{name}' names "):
         DATASETS.add(name, DatasetSource(spec=get_spec("digits"), load=lambda *args: None))
     assert name not in DATASETS
+
+
+def test_an_ood_set_reserves_its_name_once_it_is_registered(monkeypatch):
+    """The reservation came before the registration's own check: a refused one (a dataset of that
+    name already there), or a decorator never applied, kept the name from every dataset after it."""
+    from ssvi_cli.data.sources import DatasetSource
+
+    monkeypatch.setattr(DATASETS, "_items", dict(DATASETS._items))
+    monkeypatch.setattr(DATASETS, "_reserved", dict(DATASETS._reserved))
+    monkeypatch.setattr(OOD_SETS, "_items", dict(OOD_SETS._items))
+    source = DatasetSource(spec=get_spec("digits"), load=lambda *args: None)
+    OOD_SETS.register("unused")  # never applied
+    DATASETS.add("unused", source)
+    DATASETS._items["mine"] = source
+    with pytest.raises(ValueError, match="OOD set 'mine' registered twice"):
+        OOD_SETS.add("mine", lambda *args: None)
+    del DATASETS._items["mine"]
+    DATASETS.add("mine", source)
+    OOD_SETS.add("odd", lambda *args: None)
+    with pytest.raises(ValueError, match="dataset 'odd' cannot be registered: 'odd' names an OOD set"):
+        DATASETS.add("odd", source)

@@ -408,3 +408,27 @@ def test_weights_with_nan_or_inf_are_refused_naming_the_tensor_before_a_run_fold
     torch.save(state, tmp_path / "head.pt")
     assert run(_train(tmp_path, "--init-from", str(tmp_path / "head.pt"), "--out", str(tmp_path / "h"))) == 2
     assert f"'{HIDDEN}.weight' holds NaN or infinite values (3 of 589,824)" in capsys.readouterr().err
+
+
+def test_init_from_leaves_the_layers_kept_as_they_are_to_trains_note(monkeypatch, caplog):
+    """sparsify's warning of the layers it keeps as they are (for a loop that does not print its
+    report) came beside ssvi train's own note of the weights outside the sparse layers."""
+    import logging
+
+    from ssvi_cli.config import Config
+    from ssvi_cli.data import get_spec
+    from ssvi_cli.training import init_from
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mix, self.head = nn.Conv1d(1, 1, 1), nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.head(x.flatten(1))
+
+    net = Net()
+    monkeypatch.setattr(init_from, "base_for", lambda cfg, spec: net)
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli"):
+        model = init_from.model_from_weights(Config(), get_spec("digits"), net.state_dict(), torch.Generator().manual_seed(0))
+    assert [name for name, _ in sparse_layers(model)] == ["head"] and not caplog.records

@@ -957,3 +957,11 @@ def test_a_path_in_the_home_folder_written_with_a_tilde_is_the_home_folders(tmp_
     loaded = ssvi.load("~/models/m.safetensors", model=Net())
     x = torch.randn(2, 1, 8, 8)
     torch.testing.assert_close(ssvi.predict(loaded, x, mode="mean").probs, ssvi.predict(net, x, mode="mean").probs)
+
+
+def test_a_tilde_naming_no_user_is_a_value_error_naming_it(tmp_path):
+    net = Net()
+    ssvi.sparsify(net, 0.5)
+    for call in (lambda p: ssvi.save(net.eval(), p, input_shape=(1, 8, 8)), ssvi.load):
+        with pytest.raises(ValueError, match="~nosuchuser-ssvi/m.safetensors: there is no home folder for ~nosuchuser-ssvi"):
+            call("~nosuchuser-ssvi/m.safetensors")

@@ -44,7 +44,7 @@ class ConversionReport:
 
     def __repr__(self) -> str:  # a summary, as a notebook shows a cell's value: print(report) gives the table
         return (f"ConversionReport({len(self.layers)} layer{'' if len(self.layers) == 1 else 's'} converted, density {self.density:.4f} over "
-                f"{sum(l.total for l in self.layers):,} weights, {len(self.kept)} kept as they are; print() it for the table)")
+                f"{sum(l.total for l in self.layers):,} weights, {len(self.kept)} kept as {'it is' if len(self.kept) == 1 else 'they are'}; print() it for the table)")
 
     def __str__(self) -> str:
         rows = [("layer", "kind", "shape", "active / total", "density", "posterior")]

@@ -62,7 +62,7 @@ def sparsify(model: nn.Module, sparsity: float = SparseConfig.sparsity, *, bayes
              sigma_mean: float = BayesConfig.sigma_init_mean, sigma_std: float = BayesConfig.sigma_init_std,
              moped_delta: Optional[float] = None, sigma_param: str = BayesConfig.sigma_param, kernel: str = "auto",
              generator: Optional[torch.Generator] = None, structure_only: bool = False,
-             _stored: Collection[str] = ()) -> ConversionReport:
+             _stored: Collection[str] = (), _say_kept: bool = True) -> ConversionReport:
     """Convert ``model`` in place, each new layer on its weight's device and in its dtype; returns
     the per-layer report (what stays as it is, and why, in ``kept``).
 
@@ -162,7 +162,7 @@ def sparsify(model: nn.Module, sparsity: float = SparseConfig.sparsity, *, bayes
                    InitSpec(sigma_mean=sigma_mean, sigma_std=sigma_std, sigma_param=sigma_param), gen)
     for name, twin, _ in twins:
         _replace(model, name, twin)
-    if kept:  # outside the posterior, its uncertainty and the sparsity: said where the report is not printed
+    if kept and _say_kept:  # outside the posterior and the sparsity: said where the report is not printed (ssvi train notes it)
         log.warning("sparsify keeps %d layer%s with weights as %s, deterministic and dense: %s; the report's kept "
                     "lists them (docs/API.md, \"What sparsify leaves as it is\")", len(kept), "s" * (len(kept) > 1),
                     "they are" if len(kept) > 1 else "it is",

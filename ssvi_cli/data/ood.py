@@ -102,9 +102,14 @@ class _OodSets(Registry[OodBuilder]):
 
     def register(self, name: str) -> Callable[[OodBuilder], OodBuilder]:
         # A dataset registered later under this name would be listed among the sets NAME=DIR reads
-        # while --ood NAME went on reading this one.
-        DATASETS.reserve(name, "a built-in OOD set")
-        return super().register(name)
+        # while --ood NAME went on reading this one: the name is the dataset registry's no more, once
+        # this one holds it (a refused registration reserves nothing).
+        def decorator(builder: OodBuilder) -> OodBuilder:
+            super(_OodSets, self).register(name)(builder)
+            DATASETS.reserve(name, "an OOD set")
+            return builder
+
+        return decorator
 
 
 OOD_SETS: Registry[OodBuilder] = _OodSets("OOD set", error=UnknownDataset)

@@ -23,6 +23,15 @@ from ssvi_cli.modelfile.reader import CUSTOM, install, read_model_file, read_ten
 log = logging.getLogger(__name__)
 
 
+def home_path(path: str | Path) -> Path:
+    """``path`` with a leading ``~`` (``~user``) read as the home folder, as a shell reads it: save
+    made a folder named ``~`` in the working directory."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # ~nosuchuser: Path's own error says only "Could not determine home directory"
+        raise ValueError(f"{path}: there is no home folder for {Path(path).parts[0]}") from None
+
+
 def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optional[str | torch.device] = None,
          kernel: str = "auto") -> nn.Module:
     """The model of the file at ``path``, in eval mode on ``device`` (default: the CPU for a model
@@ -39,7 +48,7 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
         what = f"the class {model.__name__}; pass an instance, model={model.__name__}()" if isinstance(model, type) else \
             f"a {type(model).__name__}; pass the nn.Module to fill"
         raise TypeError(f"model= is {what}")
-    path = Path(path).expanduser()  # as save takes it
+    path = home_path(path)
     _check_load_args(device, kernel)
     if model is None:
         loaded = read_model_file(path, device=device or "cpu", kernel=kernel)

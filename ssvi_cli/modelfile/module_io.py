@@ -30,7 +30,7 @@ from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.fileio import brief
 from ssvi_cli.modelfile.card import NO_DATASET, Architecture, ModelCard, build_model
 from ssvi_cli.modelfile.header import ModelFileError
-from ssvi_cli.modelfile.loading import layer_signature, load
+from ssvi_cli.modelfile.loading import home_path, layer_signature, load
 from ssvi_cli.modelfile.reader import CUSTOM
 from ssvi_cli.modelfile.structure import check_same_structure
 from ssvi_cli.modelfile.writer import write_model_file
@@ -69,7 +69,7 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
     unfilled(model, "save it")
     if not isinstance(path, (str, Path)) or not str(path):
         raise (ValueError if path == "" else TypeError)(f"path={path!r}: give the model file's path (a str or Path) ending in .safetensors")
-    path = Path(path).expanduser()  # "~/m.safetensors" made a folder named ~ in the working directory
+    path = home_path(path)
     if path.is_dir() or path.suffix.lower() != ".safetensors":
         raise ValueError(f"{path} is a folder; give the model file's path, ending in .safetensors" if path.is_dir()
                          else f"{path}: name the model file *.safetensors (ssvi reads a .pt as a training checkpoint)")

@@ -34,7 +34,8 @@ def model_from_weights(cfg: Config, spec: DataSpec, state: dict[str, Tensor], ge
     b = cfg.bayes
     sparsify(model, 1.0 - cfg.density, bayesian=cfg.method.bayesian, dense_first_conv=cfg.model.dense_stem,
              allocation=cfg.sparse.allocation, sigma_mean=b.sigma_init_mean, sigma_std=b.sigma_init_std,
-             sigma_param=b.sigma_param, kernel=cfg.train.kernel, generator=generator)
+             sigma_param=b.sigma_param, kernel=cfg.train.kernel, generator=generator,
+             _say_kept=False)  # ssvi train's note counts them (core.allocation.kept_dense_note)
     layers = sparse_layers(model)
     heads = [(n, layer) for n, layer in layers if n in fresh]
     if heads:
