@@ -1121,6 +1121,24 @@ def test_commands_that_need_no_model_start_without_importing_torch():
     assert proc.stdout.strip().splitlines()[-1] == "False", proc.stdout[-500:]
 
 
+@pytest.mark.parametrize("words, cword, expected", [
+    ("ssvi tr", 1, ["train"]),
+    ("ssvi train --preset mnist_", 3, ["mnist_lenet5", "mnist_mlp"]),
+    ("ssvi sweep --method ssvi,r", 3, ["ssvi,rigl"]),
+    ("ssvi evaluate model.safetensors --ood s", 4, ["sklearn-photos", "svhn"]),
+    ("ssvi export runs/x --dtype b", 4, ["bfloat16"]),
+    ("ssvi train --preset ./my", 3, []),  # a path: the shell's own file names
+])
+def test_tab_completes_commands_flags_and_their_values_without_importing_torch(words, cword, expected):
+    """`ssvi --install-completion` installs a script that runs ssvi with these variables at each Tab;
+    it answers without importing torch, as --help does."""
+    code = ("import sys\nfrom ssvi_cli.__main__ import entry\ntry:\n    entry()\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, file=sys.stderr)")
+    env = {**os.environ, "COMP_WORDS": words, "COMP_CWORD": str(cword), "_SSVI_COMPLETE": "complete_bash"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.stdout.split() == expected and proc.stderr.strip().splitlines()[-1] == "False", proc.stderr[-500:]
+
+
 def test_a_model_other_than_the_presets_is_told_whose_recipe_it_trains_with(tmp_path: Path, capsys):
     """--model torchvision:resnet18 with the default preset trained a BatchNorm ResNet with the digits
     MLP's Adam and wide prior, and nothing said so."""

@@ -72,6 +72,23 @@ def test_each_flags_help_names_every_registered_choice(command, flag, registry, 
     assert names <= said, sorted(names - said)
 
 
+def test_the_values_tab_completes_are_the_registries_names():
+    """Tab's names are listed by hand (completion reads no torch): a name registered since, or dropped,
+    has to be listed there too."""
+    from ssvi_cli.cli import completion
+    from ssvi_cli.data.ood import HELDOUT
+    from ssvi_cli.modelfile import DTYPES
+    from ssvi_cli.prediction import MODES
+
+    assert set(completion.MODELS) == set(MODELS.names()) | {"torchvision:"}
+    assert set(completion.DATASETS) == set(DATASETS.names()) | {"imagefolder:"}
+    assert set(completion.CRITERIA) == set(REMOVAL_CRITERIA.names())
+    assert set(completion.OOD) == set(OOD_SETS.names()) | {HELDOUT}
+    assert completion.DTYPES == DTYPES and completion.MODES == MODES
+    assert completion.methods("") == METHODS.names() and completion.method_lists("ssvi,s") == ["ssvi,ssvi", "ssvi,static"]
+    assert completion.presets("digits") == ["digits_mlp"] and completion.devices("c") == ["cpu", "cuda"]
+
+
 def test_the_models_classes_keep_the_path_they_had_before_the_package_was_split():
     """A model pickled whole names its classes by module path, and ssvi_cli.save records a custom
     model's class as custom:MODULE.CLASS: ssvi_cli.models.ResNet18 and its BasicBlock must stay there."""

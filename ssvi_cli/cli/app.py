@@ -28,7 +28,7 @@ from ssvi_cli.cli.train_fit import KeyboardInterruptHandled
 from ssvi_cli.warned import warnings_scope
 from ssvi_cli.training.cpus import fit_torch_threads
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+app = typer.Typer(no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},  # -h as most tools take it
                   help="Sparse Bayesian neural networks with Sparse Subspace Variational Inference. "
                        "Add --debug anywhere on a command line for debug logs and full tracebacks.")

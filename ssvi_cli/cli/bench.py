@@ -8,6 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ssvi_cli.cli import completion
 from ssvi_cli.cli.common import UsageError, check_device, count, err, out, print_json
 from ssvi_cli.cli.numbers import whole
 
@@ -107,7 +108,7 @@ def register(app: typer.Typer) -> None:
         input_size: Annotated[Optional[int], typer.Option(parser=whole("--input-size", 1), metavar="<int>", help="Height and width of the synthetic inputs (default: 28 for mlp and lenet5, 32 for resnet18, 64 for torchvision).")] = None,
         threads: Annotated[Optional[int], typer.Option(parser=whole("--threads", 1), metavar="<int>", help="torch threads (default: torch's current setting).")] = None,
         warmup: Annotated[int, typer.Option(parser=whole("--warmup", 0), metavar="<int>", help="Untimed warm-up runs per variant.")] = 2,
-        device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); timings synchronise the GPU around every run.")] = "cpu",
+        device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); timings synchronise the GPU around every run.", autocompletion=completion.devices)] = "cpu",
         json_out: Annotated[bool, typer.Option("--json", help="Print the full result as JSON only.")] = False,
     ) -> None:
         """Time training steps and MC prediction of SSVI against dense VI, side by side, and count their memory (weights, gradients, optimizer state, files)."""

@@ -13,6 +13,7 @@ from rich import box
 from rich.table import Table
 
 from ssvi_cli.config import MAX_BATCH, MAX_ITEMS, MAX_SEED
+from ssvi_cli.cli import completion
 from ssvi_cli.cli.common import (UsageError, check_device, check_output_dir, check_output_file, err,
                                    fmt, kept_warnings, out, print_json, progress_bar)
 from ssvi_cli.cli.numbers import whole
@@ -109,17 +110,17 @@ def register(app: typer.Typer) -> None:
     def evaluate(
         model: Annotated[Path, typer.Argument(help="A model file (.safetensors), a training checkpoint (.pt) or a run directory.",
                                               show_default=False)],
-        dataset: Annotated[Optional[str], typer.Option("--data", "--dataset", help="In-distribution data, as train --data names it: digits, mnist, ... or imagefolder:PATH (default: the model's own).")] = None,
+        dataset: Annotated[Optional[str], typer.Option("--data", "--dataset", help="In-distribution data, as train --data names it: digits, mnist, ... or imagefolder:PATH (default: the model's own).", autocompletion=completion.of(completion.DATASETS))] = None,
         split: Annotated[str, typer.Option(help="test, val (the training-time validation split), or all: every image of an image folder, labelled by class folder name (a labelled folder the model never saw; it may hold fewer classes).")] = "test",
-        ood: Annotated[Optional[list[str]], typer.Option("--ood", help="OOD set, repeatable: a name (noise and sklearn-photos, made or shipped with ssvi; svhn, cifar10, cifar100, mnist, fashion-mnist, kmnist, read from --data-dir); heldout (the test images of the classes the model was not trained on, see data.classes); NAME=DIR (that torchvision set read from DIR); or PATH, a folder of images and .npy files (read as ssvi infer reads it), or one .npy array shaped (N,H,W), (N,C,H,W), (N,H,W,C) or (N,C*H*W), a row per flattened input; LABEL=PATH names it LABEL in the report. A value with a /, ending in .npy or naming an existing file or folder is a path (write ./noise for a folder called noise).")] = None,
+        ood: Annotated[Optional[list[str]], typer.Option("--ood", help="OOD set, repeatable: a name (noise and sklearn-photos, made or shipped with ssvi; svhn, cifar10, cifar100, mnist, fashion-mnist, kmnist, read from --data-dir); heldout (the test images of the classes the model was not trained on, see data.classes); NAME=DIR (that torchvision set read from DIR); or PATH, a folder of images and .npy files (read as ssvi infer reads it), or one .npy array shaped (N,H,W), (N,C,H,W), (N,H,W,C) or (N,C*H*W), a row per flattened input; LABEL=PATH names it LABEL in the report. A value with a /, ending in .npy or naming an existing file or folder is a path (write ./noise for a folder called noise).", autocompletion=completion.of(completion.OOD))] = None,
         samples: Annotated[Optional[str], typer.Option(help="Monte Carlo samples S, or a list such as 1,5,10,30 for a table over S (default 30).")] = None,
-        mode: Annotated[str, typer.Option(help="mc (Bayesian model average of S samples) or mean (the mean network).")] = "mc",
+        mode: Annotated[str, typer.Option(help="mc (Bayesian model average of S samples) or mean (the mean network).", autocompletion=completion.of(completion.MODES))] = "mc",
         batch_size: Annotated[int, typer.Option(help="Images per prediction batch.")] = 500,
         seed: Annotated[int, typer.Option(parser=whole("--seed", 0, MAX_SEED), metavar="<int>", help="Seed of the Monte Carlo draws and of the OOD subsets.")] = 0,
         ood_max_items: Annotated[int, typer.Option("--ood-max-items", parser=whole("--ood-max-items", 1), metavar="<int>", help="Items of each OOD set at most, drawn with --seed (fewer: faster for a large model, a noisier AUROC).")] = 2000,
         data_dir: Annotated[Optional[Path], typer.Option(help="Folder of torchvision datasets, for the in-distribution data and --ood NAME (default: the training config's, else the data folder in ~/.cache/ssvi).")] = None,
         download: Annotated[bool, typer.Option(help="Download missing torchvision datasets.")] = False,
-        device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); the default, cpu, gives the numbers a machine without a GPU gives.")] = "cpu",
+        device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); the default, cpu, gives the numbers a machine without a GPU gives.", autocompletion=completion.devices)] = "cpu",
         json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document (and nothing else) on stdout.")] = False,
         output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=output_file, metavar="<path>", help="Also write the JSON report to this *.json file (atomically).")] = None,
         plots: Annotated[Optional[Path], typer.Option(help="Write reliability.png, ood_scores.png with --ood and samples.png with several --samples into this folder; needs matplotlib.")] = None,

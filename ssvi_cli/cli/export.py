@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ssvi_cli.cli import completion
 from ssvi_cli.cli.common import (UsageError, check_output_file, size_rows, err, kept_warnings, kv_table, out,
                                  print_json)
 from ssvi_cli.cli.paths import output_file
@@ -19,7 +20,7 @@ def register(app: typer.Typer) -> None:
     def export(
         source: Annotated[Path, typer.Argument(help="A run directory, a checkpoint (.pt) or a model file.")],
         output: Annotated[Path, typer.Option("--output", "-o", parser=output_file, metavar="<path>", help="The model file to write (.safetensors; an existing file is replaced).")],
-        dtype: Annotated[str, typer.Option(help="Value precision of mu, sigma and dense tensors: float32, float16 or bfloat16.")] = "float32",
+        dtype: Annotated[str, typer.Option(help="Value precision of mu, sigma and dense tensors: float32, float16 or bfloat16.", autocompletion=completion.of(completion.DTYPES))] = "float32",
         dense: Annotated[bool, typer.Option("--dense", help="Write a plain dense BNN file (mu and sigma for every weight), for comparison.")] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print the size report as JSON only.")] = False,
     ) -> None:

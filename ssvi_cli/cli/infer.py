@@ -13,6 +13,7 @@ from rich.table import Table
 from ssvi_cli import fileio
 from ssvi_cli.argcheck import printable
 from ssvi_cli.config import MAX_SAMPLES, MAX_SEED
+from ssvi_cli.cli import completion
 from ssvi_cli.cli.common import (UsageError, check_device, check_output_file, count, err, json_text, out,
                                    kept_warnings, print_json, progress_bar)
 from ssvi_cli.cli.console import reader_may_go
@@ -31,13 +32,13 @@ def register(app: typer.Typer) -> None:
         model_file: Annotated[Path, typer.Argument(help="A model file (.safetensors), a training checkpoint (.pt) or a run directory.")],
         inputs: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, BMP, GIF, WebP, TIFF, PPM/PGM/PBM/PNM), folders (recursive; hidden files skipped), .npy arrays, or - for standard input.")],
         samples: Annotated[Optional[int], typer.Option(help="Monte Carlo samples S (mode mc; default 10).", show_default=False)] = None,
-        mode: Annotated[str, typer.Option(help="mc (Bayesian model average) or mean (theta = mu).")] = "mc",
+        mode: Annotated[str, typer.Option(help="mc (Bayesian model average) or mean (theta = mu).", autocompletion=completion.of(completion.MODES))] = "mc",
         batch_size: Annotated[int, typer.Option(help="Inputs per forward pass.")] = 256,
         top_k: Annotated[int, typer.Option(help="Classes listed per input, most probable first (all of them "
                                                 "when the model has fewer).")] = 3,
         seed: Annotated[int, typer.Option(parser=whole("--seed", 0, MAX_SEED), metavar="<int>", help="Seed of the Monte Carlo draws.")] = 0,
         output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=output_file, metavar="<path>", help="Write all predictions to a .jsonl or .csv file (the suffix picks the format).")] = None,
-        device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); the default, cpu, gives the predictions a machine without a GPU gives.")] = "cpu",
+        device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when present); the default, cpu, gives the predictions a machine without a GPU gives.", autocompletion=completion.devices)] = "cpu",
         json_out: Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")] = False,
         skip_unreadable: Annotated[bool, typer.Option("--skip-unreadable", help="Predict the inputs that read and name the others (on stderr; under 'skipped' with --json) instead of refusing them all.")] = False,
     ) -> None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 from rich.table import Table
 
+from ssvi_cli.cli import completion
 from ssvi_cli.cli.common import (UsageError, check_output_dir, count, err, out, print_json, progress_bar, tell,
                                  write_out)
 from ssvi_cli.cli.numbers import whole
@@ -23,14 +24,14 @@ if TYPE_CHECKING:
 def register(app: typer.Typer) -> None:
     @app.command()
     def sweep(
-        method: Annotated[Optional[str], typer.Option(help="Methods, comma-separated: ssvi,vi,static,rigl,dense (dense ones ignore --sparsity; default: the preset's).")] = None,
+        method: Annotated[Optional[str], typer.Option(help="Methods, comma-separated: ssvi,vi,static,rigl,dense (dense ones ignore --sparsity; default: the preset's).", autocompletion=completion.method_lists)] = None,
         sparsity: Annotated[Optional[str], typer.Option(help="Sparsities, comma-separated, e.g. 0.8,0.9,0.95,0.98 (default: the preset's).")] = None,
         seeds: Annotated[Optional[int], typer.Option(parser=whole("--seeds", 1), metavar="<int>", help="Seeds 0..N-1 per cell (default 1: seed 0).")] = None,
-        criterion: Annotated[Optional[str], typer.Option(help="Removal criteria to sweep, comma-separated (the criteria ablation).")] = None,
+        criterion: Annotated[Optional[str], typer.Option(help="Removal criteria to sweep, comma-separated (the criteria ablation).", autocompletion=completion.of(completion.CRITERIA, listed=True))] = None,
         set_: Annotated[Optional[list[str]], typer.Option("--set", help="A config key and its values, a grid axis (--set sparse.alpha=0.3,0.5), or one value for every cell (repeatable); a key that holds a list, model.widths, reads a comma list as one value (128,256) and an axis from bracketed lists ([128],[256]).")] = None,
-        preset: Annotated[Optional[str], typer.Option(help="Preset of every cell (default digits_mlp).")] = None,
+        preset: Annotated[Optional[str], typer.Option(help="Preset of every cell (default digits_mlp).", autocompletion=completion.presets)] = None,
         file: Annotated[Optional[Path], typer.Option("--file", help="A YAML sweep: preset, methods, sparsities, seeds (a count or a list), set (key: a value, or a list of values for an axis), ood, samples.", exists=True, dir_okay=False)] = None,
-        ood: Annotated[Optional[list[str]], typer.Option(help="OOD sets every cell is evaluated on, as 'ssvi evaluate --ood' takes them (repeatable).")] = None,
+        ood: Annotated[Optional[list[str]], typer.Option(help="OOD sets every cell is evaluated on, as 'ssvi evaluate --ood' takes them (repeatable).", autocompletion=completion.of(completion.OOD))] = None,
         samples: Annotated[Optional[int], typer.Option(parser=whole("--samples", 1), metavar="<int>", help="Monte Carlo samples of the evaluation (default 10).")] = None,
         jobs: Annotated[Optional[int], typer.Option(parser=whole("--jobs", 1), metavar="<int>", help="Cells run in parallel, each in its own process (default 1; with --resume: as the sweep last ran).")] = None,
         threads: Annotated[Optional[int], typer.Option(parser=whole("--threads", 1), metavar="<int>", help="Torch threads per cell (default: the CPU cores this process may use / jobs; with --resume and no --jobs: as the sweep last ran).")] = None,

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Iterator, Optional
 import typer
 
 from ssvi_cli import config as cfgmod
+from ssvi_cli.cli import completion
 from ssvi_cli.cli.common import (Debug, UsageError, check_run_out, scored_as, fmt, forwarded_args, kv_table, no_reader, out,
                                  print_json, running_a_cell, tell)
 from ssvi_cli.cli.numbers import whole
@@ -62,20 +63,20 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def train(
         ctx: typer.Context,
-        preset: Annotated[Optional[str], typer.Option(help=f"Preset name (see 'ssvi presets') or a YAML path. Default {cfgmod.DEFAULT_PRESET}; with --init-from a trained ssvi model, the config that model was trained with.", show_default=False)] = None,
-        model: Annotated[Optional[str], typer.Option(help="Architecture: mlp, lenet5, resnet18, vgg16, vgg19, or torchvision:NAME (any torchvision classifier, built without weights).")] = None,
-        data: Annotated[Optional[str], typer.Option("--data", help="Dataset: digits (embedded), mnist, fashion-mnist, kmnist, cifar10, cifar100, svhn, or imagefolder:PATH (your class folders; --set data.image_size=, data.channels=).")] = None,
+        preset: Annotated[Optional[str], typer.Option(help=f"Preset name (see 'ssvi presets') or a YAML path. Default {cfgmod.DEFAULT_PRESET}; with --init-from a trained ssvi model, the config that model was trained with.", show_default=False, autocompletion=completion.presets)] = None,
+        model: Annotated[Optional[str], typer.Option(help="Architecture: mlp, lenet5, resnet18, vgg16, vgg19, or torchvision:NAME (any torchvision classifier, built without weights).", autocompletion=completion.of(completion.MODELS))] = None,
+        data: Annotated[Optional[str], typer.Option("--data", help="Dataset: digits (embedded), mnist, fashion-mnist, kmnist, cifar10, cifar100, svhn, or imagefolder:PATH (your class folders; --set data.image_size=, data.channels=).", autocompletion=completion.of(completion.DATASETS))] = None,
         data_dir: Annotated[Optional[Path], typer.Option(help="Folder of torchvision datasets (default ~/.cache/ssvi/data).")] = None,
         download: Annotated[Optional[bool], typer.Option("--download/--no-download", help="Download missing torchvision datasets.", show_default=False)] = None,
         init_from: Annotated[Optional[str], typer.Option(help="A trained ssvi model (a run directory, a model file or a training checkpoint): the run starts from its supports, mu and sigma, with its config unless --preset is given. torchvision:NAME models also start from a trained state_dict (.pt read with weights_only=True, or .safetensors), or from torchvision's published weights, torchvision:WEIGHTS (torchvision:DEFAULT, or a weights name as torchvision spells it, the README's example; fetched into torch's hub cache): a head for other classes is re-initialised, the first conv fits the data's channels, and the support is each layer's largest |w|.")] = None,
         sparsity: Annotated[Optional[float], typer.Option(help="Fraction of weights that are exactly zero, in [0, 1).")] = None,
-        method: Annotated[Optional[str], typer.Option(help="ssvi, vi, static, rigl or dense.")] = None,
-        criterion: Annotated[Optional[str], typer.Option(help="Removal criterion: mean, snr, e_abs, snr_abs, e_exp, snr_exp.")] = None,
+        method: Annotated[Optional[str], typer.Option(help="ssvi, vi, static, rigl or dense.", autocompletion=completion.methods)] = None,
+        criterion: Annotated[Optional[str], typer.Option(help="Removal criterion: mean, snr, e_abs, snr_abs, e_exp, snr_exp.", autocompletion=completion.of(completion.CRITERIA))] = None,
         epochs: Annotated[Optional[int], typer.Option(help="Training epochs.")] = None,
         batch_size: Annotated[Optional[int], typer.Option(help="Minibatch size.")] = None,
         lr: Annotated[Optional[float], typer.Option(help="Learning rate of mu (and BN, biases).")] = None,
         seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
-        device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda (default: the config's train.device, auto: CUDA when present).")] = None,
+        device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda (default: the config's train.device, auto: CUDA when present).", autocompletion=completion.devices)] = None,
         out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default: in runs/, named by date, time, preset, method and sparsity; from-NAME for the preset with --init-from a trained model).")] = None,
         set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: --set optim.lr_sigma=0.02 (repeatable).")] = None,
         resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last checkpoint.")] = None,
@@ -83,7 +84,7 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[bool, typer.Option("--json", help="Print the final summary (summary.json) as JSON only, with the run's notes as notes.")] = False,
         precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (autocast; fp16 adds a gradient scaler). The LRT variance stays float32.")] = None,
         nproc: Annotated[Optional[int], typer.Option(parser=whole("--nproc", 1), metavar="<int>", help="Processes on this node, data parallel (started with torchrun); --batch-size is per process.")] = None,
-        kernel: Annotated[Optional[str], typer.Option(help="Weight products: auto (per layer by density and type), sparse (active entries only) or dense (a transient dense weight).")] = None,
+        kernel: Annotated[Optional[str], typer.Option(help="Weight products: auto (per layer by density and type), sparse (active entries only) or dense (a transient dense weight).", autocompletion=completion.kernels)] = None,
         print_config: Annotated[bool, typer.Option("--print-config", help="Print the config this command would train with (with --resume: the run's), as YAML that --preset reads back (--json: JSON), and exit: nothing is trained or written.")] = False,
     ) -> None:
         """Train a sparse Bayesian network with SSVI (or a baseline via --method).
