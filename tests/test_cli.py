@@ -1128,6 +1128,7 @@ def test_commands_that_need_no_model_start_without_importing_torch():
     ("ssvi evaluate model.safetensors --ood s", 4, ["sklearn-photos", "svhn"]),
     ("ssvi export runs/x --dtype b", 4, ["bfloat16"]),
     ("ssvi train --preset ./my", 3, []),  # a path: the shell's own file names
+    ("ssvi presets dig", 2, ["digits_mlp"]),
 ])
 def test_tab_completes_commands_flags_and_their_values_without_importing_torch(words, cword, expected):
     """`ssvi --install-completion` installs a script that runs ssvi with these variables at each Tab;

@@ -11,14 +11,15 @@ import typer
 from rich.table import Table
 
 from ssvi_cli import config as cfgmod
+from ssvi_cli.cli import completion
 from ssvi_cli.cli.common import UsageError, err, out, print_json
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def presets(
-        name: Annotated[Optional[str], typer.Argument(help="A preset's name or YAML file: print every config key it runs with.")] = None,
-        method: Annotated[Optional[str], typer.Option(help="With NAME: the values for this method (its methods: section applied).")] = None,
+        name: Annotated[Optional[str], typer.Argument(help="A preset's name or YAML file: print every config key it runs with.", autocompletion=completion.presets)] = None,
+        method: Annotated[Optional[str], typer.Option(help="With NAME: the values for this method (its methods: section applied).", autocompletion=completion.methods)] = None,
         json_out: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
     ) -> None:
         """List the presets in presets/ with model, data, method and the command that runs them.
