@@ -1129,6 +1129,9 @@ def test_commands_that_need_no_model_start_without_importing_torch():
     ("ssvi export runs/x --dtype b", 4, ["bfloat16"]),
     ("ssvi train --preset ./my", 3, []),  # a path: the shell's own file names
     ("ssvi presets dig", 2, ["digits_mlp"]),
+    ("ssvi --debug train --method r", 4, ["rigl"]),  # --debug goes anywhere
+    ("ssvi sweep --method ssvi,", 3, ["ssvi,vi", "ssvi,static", "ssvi,rigl", "ssvi,dense"]),  # not ssvi again
+    ("ssvi train --data cifar", 3, ["cifar10", "cifar100"]),
 ])
 def test_tab_completes_commands_flags_and_their_values_without_importing_torch(words, cword, expected):
     """`ssvi --install-completion` installs a script that runs ssvi with these variables at each Tab;
@@ -1291,3 +1294,17 @@ def test_a_dumb_terminal_gets_lines_not_a_progress_bar(monkeypatch):
         assert bar is None
     with progress_bar(enabled=False) as bar:
         assert bar is None
+
+
+def test_tab_after_preset_offers_the_preset_files_in_the_working_folder_too(tmp_path, monkeypatch):
+    """A preset name that matched hid a YAML file of the same start (the shell completes files only
+    where nothing is offered): mnist_<Tab> gave the two presets and not mnist_wide.yaml."""
+    from ssvi_cli.cli import completion
+
+    for name in ("mnist_wide.yaml", "mnist_notes.txt", "digits_mine.json"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "mnist_dir.yaml").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert completion.presets("mnist_") == ["mnist_lenet5", "mnist_mlp", "mnist_wide.yaml"]
+    assert completion.presets("digits") == ["digits_mlp", "digits_mine.json"]
+    assert completion.presets("./mn") == [] and completion.presets("sub/") == []  # the shell's own paths

@@ -80,12 +80,17 @@ def test_the_values_tab_completes_are_the_registries_names():
     from ssvi_cli.modelfile import DTYPES
     from ssvi_cli.prediction import MODES
 
-    assert set(completion.MODELS) == set(MODELS.names()) | {"torchvision:"}
-    assert set(completion.DATASETS) == set(DATASETS.names()) | {"imagefolder:"}
+    from ssvi_cli.bench.models import BENCH_MODELS
+
+    assert set(completion.MODELS) == set(MODELS.names()) and set(completion.BENCH_MODELS) == set(BENCH_MODELS.names())
+    assert set(completion.DATASETS) == set(DATASETS.names())
+    from ssvi_cli.evaluation.inputs import SPLITS
+
+    assert completion.SPLITS == SPLITS and completion.presets("digits") == ["digits_mlp"]
     assert set(completion.CRITERIA) == set(REMOVAL_CRITERIA.names())
     assert set(completion.OOD) == set(OOD_SETS.names()) | {HELDOUT}
     assert completion.DTYPES == DTYPES and completion.MODES == MODES
-    assert completion.methods("") == METHODS.names() and completion.method_lists("ssvi,s") == ["ssvi,ssvi", "ssvi,static"]
+    assert completion.methods("") == METHODS.names() and completion.method_lists("ssvi,s") == ["ssvi,static"]
     assert completion.presets("digits") == ["digits_mlp"] and completion.devices("c") == ["cpu", "cuda"]
 
 

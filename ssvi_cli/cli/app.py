@@ -71,15 +71,15 @@ def _print_version(value: bool) -> None:
     if value:
         from ssvi_cli.cli.console import write_out
         from ssvi_cli.version import __version__
-
         write_out(f"ssvi {__version__}\n")  # a reader gone (| true) is no failure, as for the commands
         raise typer.Exit()
 
 
 @app.callback()
 def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
-                                                   help="Print ssvi's version and exit.")] = False) -> None:
-    """Options of ssvi itself, before the command."""
+                                                   help="Print ssvi's version and exit.")] = False,
+             debug: Annotated[bool, typer.Option("--debug", hidden=True)] = False) -> None:
+    """ssvi's own options; ``--debug`` (run() takes it out anywhere) is one for Tab's parse of ``ssvi --debug train``."""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

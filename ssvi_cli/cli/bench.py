@@ -100,7 +100,7 @@ def predict_table(result: dict[str, Any]) -> Table:
 def register(app: typer.Typer) -> None:
     @app.command()
     def bench(
-        model: Annotated[str, typer.Option(help="mlp (784-1024-1024-10), lenet5, resnet18, or torchvision:NAME (any torchvision classifier, built as ssvi train builds it).")] = "mlp",
+        model: Annotated[str, typer.Option(help="mlp (784-1024-1024-10), lenet5, resnet18, or torchvision:NAME (any torchvision classifier, built as ssvi train builds it).", autocompletion=completion.of(completion.BENCH_MODELS))] = "mlp",
         sparsity: Annotated[Optional[str], typer.Option(help="Comma-separated sparsities, each in (0, 1) (default 0.9,0.95,0.98; resnet18 and torchvision: 0.95).")] = None,
         batch_size: Annotated[Optional[int], typer.Option(parser=whole("--batch-size", 1), metavar="<int>", help="Minibatch size (default 256; resnet18: 16; torchvision: 8).")] = None,
         samples: Annotated[Optional[int], typer.Option(parser=whole("--samples", 1), metavar="<int>", help="Monte Carlo draws per prediction (default 16; resnet18 and torchvision: 4).")] = None,

@@ -6,24 +6,30 @@ matches (a path), the shell completes file names itself."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Iterable
 
 from ssvi_cli import config as cfgmod
 
-MODELS = ("mlp", "lenet5", "resnet18", "vgg16", "vgg19", "torchvision:")
-DATASETS = ("digits", "mnist", "fashion-mnist", "kmnist", "cifar10", "cifar100", "svhn", "imagefolder:")
+# torchvision:NAME and imagefolder:PATH are not offered: the shell would put a space after the colon
+# (its completion script asks for none to be left out), and the builders' names need torchvision.
+MODELS = ("mlp", "lenet5", "resnet18", "vgg16", "vgg19")
+BENCH_MODELS = ("mlp", "lenet5", "resnet18")
+DATASETS = ("digits", "mnist", "fashion-mnist", "kmnist", "cifar10", "cifar100", "svhn")
 CRITERIA = ("mean", "snr", "e_abs", "snr_abs", "e_exp", "snr_exp")
 # evaluate --ood's names: its own sets, the held-out classes, every dataset's test split but the digits'
-OOD = ("noise", "sklearn-photos", "heldout", *(d for d in DATASETS if d not in ("digits", "imagefolder:")))
+OOD = ("noise", "sklearn-photos", "heldout", *(d for d in DATASETS if d != "digits"))
 MODES = ("mc", "mean")
 DTYPES = ("float32", "float16", "bfloat16")  # the model file's (modelfile.header imports torch)
+SPLITS = ("test", "val", "all")
 
 
 def _matching(choices: Iterable[str], incomplete: str, listed: bool) -> list[str]:
     """The choices that begin ``incomplete``; ``listed``: of its last comma-separated item, the items
     before it kept (``ssvi,ri`` gives ``ssvi,rigl``)."""
     head, comma, last = incomplete.rpartition(",") if listed else ("", "", incomplete)
-    return [head + comma + choice for choice in choices if choice.startswith(last)]
+    given = set(head.split(",")) if comma else set()  # a list's items already there are not offered again
+    return [head + comma + choice for choice in choices if choice.startswith(last) and choice not in given]
 
 
 def of(choices: Iterable[str], listed: bool = False) -> Callable[[str], list[str]]:
@@ -37,8 +43,15 @@ def of(choices: Iterable[str], listed: bool = False) -> Callable[[str], list[str
 
 
 def presets(incomplete: str) -> list[str]:
-    """The shipped presets' names (a YAML file's path: the shell's own completion)."""
-    return _matching(cfgmod.list_presets(), incomplete, listed=False)
+    """The shipped presets' names, and the preset files (YAML, JSON) in the working folder; a path
+    with a folder in it is the shell's own completion."""
+    if "/" in incomplete or "\\" in incomplete:
+        return []
+    try:
+        files = sorted(p.name for p in Path.cwd().iterdir() if p.suffix.lower() in cfgmod.PRESET_SUFFIXES and p.is_file())
+    except OSError:  # a working folder removed or unreadable
+        files = []
+    return _matching([*cfgmod.list_presets(), *files], incomplete, listed=False)
 
 
 def _method_names() -> list[str]:

@@ -82,7 +82,7 @@ def register(app: typer.Typer) -> None:
         resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last checkpoint.")] = None,
         force: Annotated[bool, typer.Option("--force", help="Replace the run in --out (its own files, kept aside until the new run has a checkpoint; a folder that is not a run is never emptied).")] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print the final summary (summary.json) as JSON only, with the run's notes as notes.")] = False,
-        precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (autocast; fp16 adds a gradient scaler). The LRT variance stays float32.")] = None,
+        precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (autocast; fp16 adds a gradient scaler). The LRT variance stays float32.", autocompletion=completion.of(cfgmod.PRECISIONS))] = None,
         nproc: Annotated[Optional[int], typer.Option(parser=whole("--nproc", 1), metavar="<int>", help="Processes on this node, data parallel (started with torchrun); --batch-size is per process.")] = None,
         kernel: Annotated[Optional[str], typer.Option(help="Weight products: auto (per layer by density and type), sparse (active entries only) or dense (a transient dense weight).", autocompletion=completion.kernels)] = None,
         print_config: Annotated[bool, typer.Option("--print-config", help="Print the config this command would train with (with --resume: the run's), as YAML that --preset reads back (--json: JSON), and exit: nothing is trained or written.")] = False,
