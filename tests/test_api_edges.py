@@ -991,3 +991,28 @@ def test_a_ctrl_c_held_through_a_block_that_then_fails_is_raised_with_the_failur
                 raise RuntimeError("the step failed")
     finally:
         signal.signal(signal.SIGINT, handler)
+
+
+def test_an_optimizer_wrapper_is_refused_naming_the_optimizer_it_wraps():
+    """Accelerate's AcceleratedOptimizer wraps a torch optimizer: the refusal said its state could not
+    be reset and to use Adam or SGD, where passing the wrapped one (.optimizer) works."""
+
+    class Wrapper(torch.optim.Optimizer):  # as Accelerate's: a torch Optimizer holding the real one
+        def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+            self.optimizer = optimizer
+
+        @property
+        def param_groups(self):
+            return self.optimizer.param_groups
+
+        @property
+        def state(self):
+            return self.optimizer.state
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    ssvi.sparsify(model, 0.5)
+    wrapper = Wrapper(torch.optim.Adam(ssvi.param_groups(model, lr=1e-2, lr_sigma=1e-2)))
+    with pytest.raises(ssvi.OptimizerStateError, match=r"^Wrapper wraps torch.optim.Adam: give Subspace the optimizer it "
+                       r"wraps \(its .optimizer\), and under gradient accumulation .* accelerator.sync_gradients is True"):
+        ssvi.Subspace(model, wrapper, total_steps=10)
+    assert ssvi.Subspace(model, wrapper.optimizer, total_steps=10).t == 0

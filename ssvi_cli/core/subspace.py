@@ -31,7 +31,12 @@ RESETTABLE_OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RM
 
 def check_optimizer_kind(optimizer: torch.optim.Optimizer) -> None:
     """One of :data:`RESETTABLE_OPTIMIZERS` (or a subclass of one), or OptimizerStateError."""
-    if not isinstance(optimizer, tuple(getattr(torch.optim, n) for n in RESETTABLE_OPTIMIZERS)):
+    if not isinstance(optimizer, resettable := tuple(getattr(torch.optim, n) for n in RESETTABLE_OPTIMIZERS)):
+        if isinstance(inner := getattr(optimizer, "optimizer", None), resettable):  # Accelerate's wrapper, say
+            raise OptimizerStateError(
+                f"{type(optimizer).__name__} wraps torch.optim.{type(inner).__name__}: give Subspace the optimizer it wraps "
+                "(its .optimizer), and under gradient accumulation call subspace.step() only on the steps the "
+                "wrapper would take (Accelerate: where accelerator.sync_gradients is True; docs/API.md, Frameworks)")
         raise OptimizerStateError(
             f"{type(optimizer).__name__} keeps state the remove-and-add step cannot reset entry by entry; use "
             f"one of torch.optim's {', '.join(RESETTABLE_OPTIMIZERS)} (or a subclass of one)")
