@@ -540,7 +540,9 @@ def test_converted_layers_keep_nn_geometry_names_for_code_that_reads_them():
     assert net(torch.randn(2, 3, 4, 4)).shape == (2, 4)
     # .weight, which code written for nn.Linear reads (a tied decoder, say), is not there, and says so
     with pytest.raises(AttributeError, match=r"SparseConv2d has no dense \.weight: its weights are mu \(and rho\) at the "
-                                             r"positions idx; layer.to_dense\(layer.mu\) is the dense posterior mean"):
+                                             r"positions idx \(layer.to_dense\(layer.mu\) is the dense posterior mean\); "
+                                             r"a module that reads a layer's .weight itself needs the layer left as it is, "
+                                             r"sparsify\(..., exclude=\[NAME\]\)"):
         conv.weight
     assert not hasattr(conv, "weight") and conv.to_dense(conv.mu).shape == (8, 3, 3, 3)
     with pytest.raises(AttributeError, match="has no attribute 'weights'"):

@@ -56,7 +56,7 @@ class ConversionReport:
         # Over the converted layers' weights: layers kept as is (below) are not counted.
         lines.append(f"{len(self.layers)} layer{'' if len(self.layers) == 1 else 's'} converted, density {self.density:.4f} over their "
                      f"{sum(l.total for l in self.layers):,} weights")
-        lines += [f"kept as is: {n} ({r})" for n, r in self.kept]
+        lines += [f"kept as is: {n or '(the model itself)'} ({r})" for n, r in self.kept]
         return "\n".join(lines)
 
     def __getattr__(self, name: str) -> Any:

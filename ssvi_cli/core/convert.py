@@ -57,7 +57,8 @@ def _sparse_twin(module: nn.Module, bayesian: bool, stem: bool, sigma_param: str
 
 
 def sparsify(model: nn.Module, sparsity: float = SparseConfig.sparsity, *, bayesian: bool = True,
-             dense: str | Iterable[str] = (), deterministic: str | Iterable[str] = (), dense_first_conv: bool = True,
+             dense: str | Iterable[str] = (), deterministic: str | Iterable[str] = (), exclude: str | Iterable[str] = (),
+             dense_first_conv: bool = True,
              allocation: str = SparseConfig.allocation, from_weights: bool = True,
              sigma_mean: float = BayesConfig.sigma_init_mean, sigma_std: float = BayesConfig.sigma_init_std,
              moped_delta: Optional[float] = None, sigma_param: str = BayesConfig.sigma_param, kernel: str = "auto",
@@ -67,8 +68,8 @@ def sparsify(model: nn.Module, sparsity: float = SparseConfig.sparsity, *, bayes
     the per-layer report (what stays as it is, and why, in ``kept``).
 
     ``dense`` / ``deterministic``: fnmatch patterns (one string, or several) of module names kept
-    at density 1 (still Bayesian) / without sigma; a pattern that matches no converted layer is an
-    error. ``dense_first_conv``: the first ``Conv2d`` (the stem) stays dense. A layer whose weight
+    at density 1 (still Bayesian) / without sigma; ``exclude``: left as they are (a layer whose
+    ``.weight`` another module reads itself); a pattern that matches no layer is an error. ``dense_first_conv``: the first ``Conv2d`` (the stem) stays dense. A layer whose weight
     does not require gradients stays frozen: its mu, rho and bias do not either, and
     :class:`ssvi_cli.Subspace` leaves its support as it is.
     ``from_weights``: support and mu from the current weights (else a random support with a fan-in
@@ -94,7 +95,11 @@ def sparsify(model: nn.Module, sparsity: float = SparseConfig.sparsity, *, bayes
         raise ValueError("moped_delta sets sigma from the trained weights (moped_delta * |w|), and from_weights=False "
                          "uses none; drop moped_delta, or convert from the weights")
     dense, deterministic = _patterns(dense, "dense"), _patterns(deterministic, "deterministic")
-    targets, kept = convertible(model, _stored)  # _stored: a file's sparse layers (ssvi.load)
+    exclude = _patterns(exclude, "exclude")
+    targets, kept = convertible(model, _stored, exclude)  # _stored: a file's sparse layers (ssvi.load)
+    if unmatched := next((p for p in exclude if not any(_matches(n, (p,)) for n, why in kept if why == "exclude=")), None):
+        raise ValueError(f"exclude: {unmatched!r} matches no Linear or Conv2d layer that sparsify would convert "
+                         f"(they are: {', '.join(n for n, _ in targets[:8])}{', ...' if len(targets) > 8 else ''})")
     aliases: dict[int, list[str]] = {}  # a module registered under several names answers to each
     for n, m in model.named_modules(remove_duplicate=False):
         aliases.setdefault(id(m), []).append(n)
@@ -163,10 +168,13 @@ def sparsify(model: nn.Module, sparsity: float = SparseConfig.sparsity, *, bayes
     for name, twin, _ in twins:
         _replace(model, name, twin)
     if kept and _say_kept:  # outside the posterior and the sparsity: said where the report is not printed (ssvi train notes it)
-        log.warning("sparsify keeps %d layer%s with weights as %s, deterministic and dense: %s; the report's kept "
-                    "lists them (docs/API.md, \"What sparsify leaves as it is\")", len(kept), "s" * (len(kept) > 1),
-                    "they are" if len(kept) > 1 else "it is",
-                    "; ".join(f"{n} ({r})" for n, r in kept[:3]) + ("; ..." if len(kept) > 3 else ""))
+        held = sum(p.numel() for n, _ in kept for p in model.get_submodule(n).parameters(recurse=False) if p.dim() >= 2)
+        converted = sum(t.numel for _, t, _ in twins)
+        log.warning("sparsify keeps %d module%s with weights as %s, deterministic and dense (%s weights, %.1f%% of the "
+                    "weights it converted or kept): %s; the report's kept lists them (docs/API.md, \"What sparsify "
+                    "leaves as it is\")", len(kept), "s" * (len(kept) > 1), "they are" if len(kept) > 1 else "it is",
+                    f"{held:,}", 100 * held / max(held + converted, 1),
+                    "; ".join(f"{n or '(the model itself)'} ({r})" for n, r in kept[:3]) + ("; ..." if len(kept) > 3 else ""))
     report = ConversionReport(kept=kept)
     for name, twin, module in twins:
         report.layers.append(ConvertedLayer(name, "conv2d" if isinstance(module, nn.Conv2d) else "linear",

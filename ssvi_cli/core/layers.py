@@ -1,9 +1,9 @@
 """Sparse Gaussian layers: a weight is an explicit index set plus ``mu``/``rho`` of that length.
 
-Off the support a weight is exactly zero (a point mass); on it ``theta_i ~ N(mu_i, sigma_i^2)`` with
-``sigma = softplus(rho)`` (or ``exp``). Parameters, their gradients and optimizer state therefore scale
-with the number of active entries. One functional core serves ``Linear`` and ``Conv2d`` (``core.conv``); a dense
-Bayesian layer is the same layer at density 1, and a deterministic layer has no ``rho``.
+Off the support a weight is exactly zero (a point mass); on it ``theta_i ~ N(mu_i, sigma_i^2)`` with ``sigma =
+softplus(rho)`` (or ``exp``). Parameters, their gradients and optimizer state therefore scale with the number of
+active entries. One functional core serves ``Linear`` and ``Conv2d`` (``core.conv``); a dense Bayesian layer is the
+same layer at density 1, and a deterministic layer has no ``rho``.
 
 A layer's kernel policy is fixed when it is built. Its kernel, how it samples (LRT, mean, weight
 draws) and whether it captures a dense gradient are switched only inside the context managers of
@@ -73,8 +73,7 @@ class SparseGaussian(nn.Module):
         return int(self.idx.numel())
 
     def __getstate__(self) -> dict:
-        """A copy (``copy.deepcopy``, pickle) starts outside any dense-gradient capture: a capture
-        belongs to the Subspace of the original, and nothing would end the copy's."""
+        """A copy (deepcopy, pickle) starts outside any capture: it belongs to the original's Subspace."""
         state = dict(super().__getstate__())  # a copy: the original stays in its capture
         state.update(capture_dense_grad=False, dense_grad=None, _captured=CapturedGrad())
         return state
@@ -85,12 +84,13 @@ class SparseGaussian(nn.Module):
 
     def __getattr__(self, name: str) -> Tensor | nn.Module:
         try:
-            return super().__getattr__(name)
+            return super().__getattr__(name)  # one a user registers (a "weight" buffer) too
         except AttributeError:
             if name != "weight":  # code written for nn.Linear / nn.Conv2d reads it
                 raise
-        raise AttributeError(f"{type(self).__name__} has no dense .weight: its weights are mu (and rho) at the "
-                             "positions idx; layer.to_dense(layer.mu) is the dense posterior mean")
+        raise AttributeError(f"{type(self).__name__} has no dense .weight: its weights are mu (and rho) at the positions idx "
+                             "(layer.to_dense(layer.mu) is the dense posterior mean); a module that reads a layer's .weight "
+                             "itself needs the layer left as it is, sparsify(..., exclude=[NAME])")
 
     def set_support(self, idx: Tensor, mu: Tensor, rho: Optional[Tensor] = None) -> None:
         """Replace the support and its values; ``idx`` must be sorted and unique."""

@@ -5,6 +5,7 @@ parameters); what a replacement would silently drop (hooks, a parametrization) i
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from typing import Collection, Optional
 
 from torch import nn
@@ -22,16 +23,34 @@ UNCONVERTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.
 # Modules whose forward reads some children's weights directly, not through the children's forward:
 # those children stay dense. By class name (subclasses included): torch's attention and torchvision's
 # Swin window attention.
+# Swin window attention and timm's EVA, BEiT and Swin V2 attention (their qkv with a bias of its own, as
+# they are built by default), by module and class name where the class name alone says too little.
 READ_DIRECTLY: dict[str, tuple[str, tuple[str, ...]]] = {
     "MultiheadAttention": ("nn.MultiheadAttention", ("out_proj",)),
     "ShiftedWindowAttention": ("Swin's ShiftedWindowAttention", ("qkv", "proj")),
     "ShiftedWindowAttentionV2": ("Swin's ShiftedWindowAttentionV2", ("qkv", "proj")),
+    "timm.models.eva.EvaAttention": ("timm's EvaAttention", ("qkv",)),
+    "timm.models.beit.Attention": ("timm's BEiT Attention", ("qkv",)),
+    "timm.models.swin_transformer_v2.WindowAttention": ("timm's Swin V2 WindowAttention", ("qkv", "proj")),
 }
+# Subclasses of Linear/Conv2d whose own forward computes what the base class's does (timm's Linear:
+# F.linear outside TorchScript), converted as the base class is.
+PLAIN_SUBCLASSES = ("timm.layers.linear.Linear",)
+
+
+def _names(cls: type) -> tuple[str, str]:
+    return cls.__name__, f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _reads_directly(module: nn.Module) -> Optional[tuple[str, tuple[str, ...]]]:
     """The :data:`READ_DIRECTLY` entry of the module's class or of a class it derives from."""
-    return next((READ_DIRECTLY[c.__name__] for c in type(module).__mro__ if c.__name__ in READ_DIRECTLY), None)
+    return next((READ_DIRECTLY[n] for c in type(module).__mro__ for n in _names(c) if n in READ_DIRECTLY), None)
+
+
+def _own_weights(module: nn.Module) -> list[str]:
+    """The floating parameters of two or more dimensions a module holds itself (not a child's): weights
+    it applies itself (timm's CondConv2d, a position embedding, a layer scale of shape (C, 1, 1))."""
+    return [n for n, p in module.named_parameters(recurse=False) if p.is_floating_point() and p.dim() >= 2]
 
 
 def _refuse_what_would_be_lost(name: str, module: nn.Module) -> None:
@@ -67,6 +86,8 @@ def _own_behaviour(module: nn.Module) -> Optional[str]:
     subclass that adds nothing (attention's NonDynamicallyQuantizableLinear)."""
     base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
     cls = type(module)
+    if _names(cls)[1] in PLAIN_SUBCLASSES:
+        return None
     methods = [m for m in ("forward", "_conv_forward") if getattr(cls, m, None) is not getattr(base, m, None)]
     extra = [n for n, _ in module.named_parameters(recurse=False) if n not in ("weight", "bias")]
     extra += [n for n, _ in module.named_buffers(recurse=False)] + [n for n, _ in module.named_children()]
@@ -84,12 +105,14 @@ def first_conv(model: nn.Module) -> Optional[nn.Module]:
     return next((m for m in model.modules() if isinstance(m, (nn.Conv2d, SparseConv2d))), None)
 
 
-def targets(model: nn.Module, stored: Collection[str] = ()) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
+def targets(model: nn.Module, stored: Collection[str] = (), exclude: Collection[str] = ()
+            ) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
     """The Linear/Conv2d modules to convert, and those that must stay (with the reason). A module
     registered under several names is listed once, under its first name (``_replace`` puts its
     sparse twin under every name). ``stored``: the layers a file stores as sparse, converted also
     when a subclass's own forward or parameters would keep them (a file from before ssvi kept them
-    loads as it was trained: with the sparse layer in their place)."""
+    loads as it was trained: with the sparse layer in their place). ``exclude``: fnmatch patterns of
+    layers left as they are."""
     targets, kept = [], []
     read_directly = {f"{n}.{child}": f"{label} reads {child}.weight directly"
                      for n, m in model.named_modules() if (entry := _reads_directly(m)) is not None
@@ -104,7 +127,13 @@ def targets(model: nn.Module, stored: Collection[str] = ()) -> tuple[list[tuple[
             kept.append((name, f"{type(module).__name__} is not converted (Linear and Conv2d are)"))
         elif isinstance(module, nn.MultiheadAttention):
             kept.append((name, "nn.MultiheadAttention's in-projection weights are not converted"))
+        elif not isinstance(module, (nn.Linear, nn.Conv2d, SparseGaussian)) and (own := _own_weights(module)):
+            kept.append((name, f"{type(module).__name__} holds its own {', '.join(own)}, kept as "
+                               f"{'they are' if len(own) > 1 else 'it is'} (Linear and Conv2d are converted)"))
         if not isinstance(module, (nn.Linear, nn.Conv2d)) or isinstance(module, SparseGaussian):
+            continue
+        if any(fnmatchcase(name, pattern) for pattern in exclude):
+            kept.append((name, "exclude="))
             continue
         if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
             raise ValueError(f"layer {name!r} ({type(module).__name__}) has no shape yet; run one forward pass before sparsify")
