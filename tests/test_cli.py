@@ -1132,6 +1132,8 @@ def test_commands_that_need_no_model_start_without_importing_torch():
     ("ssvi --debug train --method r", 4, ["rigl"]),  # --debug goes anywhere
     ("ssvi sweep --method ssvi,", 3, ["ssvi,vi", "ssvi,static", "ssvi,rigl", "ssvi,dense"]),  # not ssvi again
     ("ssvi train --data cifar", 3, ["cifar10", "cifar100"]),
+    ("ssvi train --epochs 1 --epochs 2 --preset d", 7, ["digits_mlp"]),  # the twice-given refusal waits for Enter
+    ("ssvi --version tr", 2, ["train"]),  # the version line is not a completion
 ])
 def test_tab_completes_commands_flags_and_their_values_without_importing_torch(words, cword, expected):
     """`ssvi --install-completion` installs a script that runs ssvi with these variables at each Tab;

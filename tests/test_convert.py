@@ -841,3 +841,36 @@ def test_a_module_that_applies_a_weight_of_its_own_is_reported_kept():
     net = nn.Sequential(nn.Conv2d(3, 3, 1), CondConv(), nn.Flatten(), nn.Linear(8 * 4 * 4, 2))
     report = sparsify(net, 0.5)
     assert report.kept == [("1", "CondConv holds its own weight, kept as it is (Linear and Conv2d are converted)")]
+
+
+def test_exclude_dense_and_the_warning_count_a_layer_by_any_of_its_names_and_a_weight_once(caplog):
+    """From a review: exclude= missed a shared layer's second name and took a layer kept for another
+    reason (out_proj) in silence; dense= accepted a module kept for a weight of its own (a ViT's
+    encoder, holding its position embedding), which names no layer; the warning counted a tied weight
+    twice."""
+    import logging
+
+    shared = nn.Linear(4, 4)
+    net = nn.ModuleDict({"a": shared, "b": shared, "h": nn.Linear(4, 2)})
+    assert dict(sparsify(net, 0.5, exclude="b").kept)["a"] == "exclude="  # listed under its first name
+    att = nn.ModuleDict({"att": nn.MultiheadAttention(8, 2), "h": nn.Linear(8, 2)})
+    with pytest.raises(ValueError, match=r"^exclude: 'att.out_proj' matches no Linear or Conv2d layer that sparsify"):
+        sparsify(att, 0.5, exclude="att.out_proj")
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2,
+                                               hidden_dim=16, mlp_dim=32, num_classes=3)
+    with pytest.raises(ValueError, match=r"^dense: 'encoder' matches no Linear or Conv2d layer that sparsify converts"):
+        sparsify(vit, 0.9, dense="encoder")
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.mid, self.head = nn.Embedding(100, 16), nn.Linear(16, 16), nn.Linear(16, 100, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.head(self.mid(self.emb(x)))
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli"):
+        sparsify(Tied(), 0.5)
+    assert "(1,600 weights, 86.2% of the weights it converted or kept)" in caplog.records[-1].getMessage()

@@ -54,7 +54,7 @@ class _OnceEach(typer.core.TyperCommand):
             times = order.count(param)
             once = (getattr(param, "param_type_name", "") == "option" and not getattr(param, "multiple", True)
                     and not getattr(param, "is_flag", True) and not getattr(param, "count", True))
-            if once and times > 1:
+            if once and times > 1 and not ctx.resilient_parsing:  # (Tab's parse: no error line at a Tab)
                 raise UsageError(f"{max(param.opts, key=len)} is given {'twice' if times == 2 else f'{times} times'}; "
                                  "give it once (the last value would replace the others in silence)")
         return super().parse_args(ctx, args)
@@ -67,8 +67,8 @@ for _command in app.registered_commands:
         _command.cls = _OnceEach
 
 
-def _print_version(value: bool) -> None:
-    if value:
+def _print_version(ctx: typer.Context, value: bool) -> None:
+    if value and not ctx.resilient_parsing:  # not at a Tab
         from ssvi_cli.cli.console import write_out
         from ssvi_cli.version import __version__
         write_out(f"ssvi {__version__}\n")  # a reader gone (| true) is no failure, as for the commands

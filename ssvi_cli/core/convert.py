@@ -28,7 +28,7 @@ from ssvi_cli.core.conv import SparseConv2d
 from ssvi_cli.core.conversion_report import ConversionReport, ConvertedLayer
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
 from ssvi_cli.core.replaced import mark_replaced
-from ssvi_cli.core.targets import first_conv as model_stem, targets as convertible
+from ssvi_cli.core.targets import EXCLUDED, OWN, first_conv as model_stem, targets as convertible
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +97,14 @@ def sparsify(model: nn.Module, sparsity: float = SparseConfig.sparsity, *, bayes
     dense, deterministic = _patterns(dense, "dense"), _patterns(deterministic, "deterministic")
     exclude = _patterns(exclude, "exclude")
     targets, kept = convertible(model, _stored, exclude)  # _stored: a file's sparse layers (ssvi.load)
-    if unmatched := next((p for p in exclude if not any(_matches(n, (p,)) for n, why in kept if why == "exclude=")), None):
-        raise ValueError(f"exclude: {unmatched!r} matches no Linear or Conv2d layer that sparsify would convert "
-                         f"(they are: {', '.join(n for n, _ in targets[:8])}{', ...' if len(targets) > 8 else ''})")
     aliases: dict[int, list[str]] = {}  # a module registered under several names answers to each
     for n, m in model.named_modules(remove_duplicate=False):
         aliases.setdefault(id(m), []).append(n)
     names = {name: aliases[id(module)] for name, module in targets}
+    excluded = [a for n, why in kept if why == EXCLUDED for a in aliases[id(model.get_submodule(n))]]
+    if unmatched := next((p for p in exclude if not any(_matches(a, (p,)) for a in excluded)), None):
+        raise ValueError(f"exclude: {unmatched!r} matches no Linear or Conv2d layer that sparsify would convert "
+                         f"(they are: {', '.join(n for n, _ in targets[:8])}{', ...' if len(targets) > 8 else ''})")
 
     def hit(name: str, patterns: Iterable[str]) -> bool:
         return any(_matches(n, patterns) for n in names[name])
@@ -111,7 +112,7 @@ def sparsify(model: nn.Module, sparsity: float = SparseConfig.sparsity, *, bayes
     if not structure_only:  # a typo would silently leave a layer sparse or Bayesian
         for arg, patterns in (("dense", dense), ("deterministic", deterministic)):
             unmatched = next((p for p in patterns if not any(hit(n, (p,)) for n, _ in targets)  # a kept layer is dense already
-                              and not any(_matches(n, (p,)) for n, _ in kept)), None)
+                              and not any(_matches(n, (p,)) for n, why in kept if OWN not in why)), None)
             if unmatched is not None:
                 raise ValueError(f"{arg}: {unmatched!r} matches no Linear or Conv2d layer that sparsify converts "
                                  f"(they are: {', '.join(n for n, _ in targets[:8])}{', ...' if len(targets) > 8 else ''})")
@@ -168,7 +169,8 @@ def sparsify(model: nn.Module, sparsity: float = SparseConfig.sparsity, *, bayes
     for name, twin, _ in twins:
         _replace(model, name, twin)
     if kept and _say_kept:  # outside the posterior and the sparsity: said where the report is not printed (ssvi train notes it)
-        held = sum(p.numel() for n, _ in kept for p in model.get_submodule(n).parameters(recurse=False) if p.dim() >= 2)
+        held = sum(p.numel() for p in {id(p): p for n, _ in kept for p in model.get_submodule(n).parameters(recurse=False)
+                                       if p.dim() >= 2}.values())  # a tied or shared weight once
         converted = sum(t.numel for _, t, _ in twins)
         log.warning("sparsify keeps %d module%s with weights as %s, deterministic and dense (%s weights, %.1f%% of the "
                     "weights it converted or kept): %s; the report's kept lists them (docs/API.md, \"What sparsify "

@@ -14,6 +14,8 @@ from ssvi_cli.core.conv import SparseConv2d
 from ssvi_cli.core.layers import SparseGaussian
 
 TIED = "its weight is tied to"  # the start of a tied layer's reason in ``kept`` (modelfile.loading reads it)
+OWN = "holds its own"  # in the reason of a module kept for weights it holds itself (no layer: dense= cannot name it)
+EXCLUDED = "exclude="  # the reason of a layer sparsify(exclude=...) names
 # Weight layers left dense and deterministic, named in the report's ``kept`` (with the in-projection
 # weights of nn.MultiheadAttention, which are its own parameters, not a child's).
 UNCONVERTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear,
@@ -31,7 +33,7 @@ READ_DIRECTLY: dict[str, tuple[str, tuple[str, ...]]] = {
     "ShiftedWindowAttentionV2": ("Swin's ShiftedWindowAttentionV2", ("qkv", "proj")),
     "timm.models.eva.EvaAttention": ("timm's EvaAttention", ("qkv",)),
     "timm.models.beit.Attention": ("timm's BEiT Attention", ("qkv",)),
-    "timm.models.swin_transformer_v2.WindowAttention": ("timm's Swin V2 WindowAttention", ("qkv", "proj")),
+    "timm.models.swin_transformer_v2.WindowAttention": ("timm's Swin V2 WindowAttention", ("qkv",)),
 }
 # Subclasses of Linear/Conv2d whose own forward computes what the base class's does (timm's Linear:
 # F.linear outside TorchScript), converted as the base class is.
@@ -118,7 +120,9 @@ def targets(model: nn.Module, stored: Collection[str] = (), exclude: Collection[
                      for n, m in model.named_modules() if (entry := _reads_directly(m)) is not None
                      for label, children in [entry] for child in children}
     owners: dict[int, list[str]] = {}  # parameter -> the modules holding it (a tied weight has several)
+    aliases: dict[int, list[str]] = {}  # module -> its names (one registered twice has two)
     for name, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(name)
         for param in module.parameters(recurse=False):
             if name not in owners.setdefault(id(param), []):
                 owners[id(param)].append(name)
@@ -128,12 +132,9 @@ def targets(model: nn.Module, stored: Collection[str] = (), exclude: Collection[
         elif isinstance(module, nn.MultiheadAttention):
             kept.append((name, "nn.MultiheadAttention's in-projection weights are not converted"))
         elif not isinstance(module, (nn.Linear, nn.Conv2d, SparseGaussian)) and (own := _own_weights(module)):
-            kept.append((name, f"{type(module).__name__} holds its own {', '.join(own)}, kept as "
+            kept.append((name, f"{type(module).__name__} {OWN} {', '.join(own)}, kept as "
                                f"{'they are' if len(own) > 1 else 'it is'} (Linear and Conv2d are converted)"))
         if not isinstance(module, (nn.Linear, nn.Conv2d)) or isinstance(module, SparseGaussian):
-            continue
-        if any(fnmatchcase(name, pattern) for pattern in exclude):
-            kept.append((name, "exclude="))
             continue
         if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
             raise ValueError(f"layer {name!r} ({type(module).__name__}) has no shape yet; run one forward pass before sparsify")
@@ -146,6 +147,8 @@ def targets(model: nn.Module, stored: Collection[str] = (), exclude: Collection[
             kept.append((name, f"{TIED} {tied[0]}'s, which a sparse layer cannot share"))
         elif not _reparametrized(module) and name not in stored and (own := _own_behaviour(module)) is not None:
             kept.append((name, own))  # (a pruned or parametrized layer is refused below, saying how to undo it)
+        elif any(fnmatchcase(alias, p) for alias in aliases[id(module)] for p in exclude):  # any of its names
+            kept.append((name, EXCLUDED))
         else:  # replaced: what the replacement would drop is refused (a layer kept keeps its hooks)
             _refuse_what_would_be_lost(name, module)
             targets.append((name, module))
