@@ -189,8 +189,8 @@ def model_device(model: nn.Module) -> torch.device:
 def _logits(model: nn.Module, x: Tensor) -> Tensor:
     out = model(x)
     if not isinstance(out, Tensor):
-        raise TypeError(f"the model's forward returned a {type(out).__name__}; prediction needs one tensor of "
-                        "class logits (wrap the model so that it returns them)")
+        raise TypeError(f"the model's forward returned a {type(out).__name__}; prediction needs one tensor of class "
+                        "logits (wrap the model so that it returns them: a transformers model's .logits, docs/API.md)")
     return _at_least_float32(_class_logits(out))
 
 

@@ -331,3 +331,26 @@ def test_the_moments_scheme_adds_no_spread_of_its_own_where_sigma_is_tiny(kernel
         torch.manual_seed(2)
         spread[scheme] = float(predict_batch(model, x, samples=400, first_layer=scheme)[1].var(0).mean())
     assert spread["sample"] > 0 and 0.5 < spread["moments"] / spread["sample"] < 2, spread
+
+
+def test_a_model_returning_an_output_object_is_told_to_return_its_logits():
+    """A transformers model returns a ModelOutput: the refusal names what to return."""
+    import ssvi_cli as ssvi
+
+    class Output(dict):
+        pass
+
+    class HfLike(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return Output(logits=self.fc(x))
+
+    model = HfLike()
+    ssvi.sparsify(model, 0.5)
+    with pytest.raises(TypeError, match=r"^the model's forward returned a Output; prediction needs one tensor of class "
+                                        r"logits \(wrap the model so that it returns them: a transformers model's "
+                                        r"\.logits, docs/API\.md\)"):
+        ssvi.predict(model, torch.randn(2, 4))
