@@ -100,11 +100,12 @@ def take_pending() -> None:
 
 @contextmanager
 def uninterrupted(active: bool = True) -> Iterator[None]:
-    """A Ctrl-C in the block (where it raises KeyboardInterrupt in the main thread: Python's own SIGINT handler
-    or :func:`install`'s) is raised once the block has ended, so that what it changes together (a
-    support, its values and their optimizer state) is changed whole or not at all; a block that raises
-    after the Ctrl-C came ends in the KeyboardInterrupt too, its exception the context. Elsewhere
-    (another thread, a caller's own handler), and where not ``active``, the block runs as it is."""
+    """A Ctrl-C in the block (where it raises KeyboardInterrupt in the main thread: Python's own SIGINT
+    handler or :func:`install`'s) is raised once the block has ended, so that what it changes
+    together (a support, its values and their optimizer state) is changed whole or not at all; a
+    block that raises after the Ctrl-C came ends in the KeyboardInterrupt too, its exception the
+    context. Elsewhere (another thread, a caller's own handler), and where not ``active``, the block
+    runs as it is."""
     handler = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     if not active or handler not in (signal.default_int_handler, _interrupt):
         yield

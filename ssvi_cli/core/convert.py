@@ -69,9 +69,10 @@ def sparsify(model: nn.Module, sparsity: float = SparseConfig.sparsity, *, bayes
 
     ``dense`` / ``deterministic``: fnmatch patterns (one string, or several) of module names kept
     at density 1 (still Bayesian) / without sigma; ``exclude``: left as they are (a layer whose
-    ``.weight`` another module reads itself); a pattern that matches no layer is an error. ``dense_first_conv``: the first ``Conv2d`` (the stem) stays dense. A layer whose weight
-    does not require gradients stays frozen: its mu, rho and bias do not either, and
-    :class:`ssvi_cli.Subspace` leaves its support as it is.
+    ``.weight`` another module reads itself); a pattern that matches no layer is an error.
+    ``dense_first_conv``: the first ``Conv2d`` (the stem) stays dense. A layer whose weight does not
+    require gradients stays frozen: its mu, rho and bias do not either, and :class:`ssvi_cli.Subspace`
+    leaves its support as it is.
     ``from_weights``: support and mu from the current weights (else a random support with a fan-in
     init). ``generator``: the random support, mu and sigma draws (default: seeded from torch's global
     RNG, so ``torch.manual_seed`` decides them). ``moped_delta``: sigma = delta * |w| instead of ``|N(sigma_mean, sigma_std^2)|``.
@@ -171,11 +172,11 @@ def sparsify(model: nn.Module, sparsity: float = SparseConfig.sparsity, *, bayes
     if kept and _say_kept:  # outside the posterior and the sparsity: said where the report is not printed (ssvi train notes it)
         held = sum(p.numel() for p in {id(p): p for n, _ in kept for p in model.get_submodule(n).parameters(recurse=False)
                                        if p.dim() >= 2}.values())  # a tied or shared weight once
-        converted = sum(t.numel for _, t, _ in twins)
+        converting = sum(t.numel for _, t, _ in twins)
         log.warning("sparsify keeps %d module%s with weights as %s, deterministic and dense (%s weights, %.1f%% of the "
                     "weights it converted or kept): %s; the report's kept lists them (docs/API.md, \"What sparsify "
                     "leaves as it is\")", len(kept), "s" * (len(kept) > 1), "they are" if len(kept) > 1 else "it is",
-                    f"{held:,}", 100 * held / max(held + converted, 1),
+                    f"{held:,}", 100 * held / max(held + converting, 1),
                     "; ".join(f"{n or '(the model itself)'} ({r})" for n, r in kept[:3]) + ("; ..." if len(kept) > 3 else ""))
     report = ConversionReport(kept=kept)
     for name, twin, module in twins:

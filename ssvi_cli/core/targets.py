@@ -1,7 +1,8 @@
 """Which layers :func:`ssvi_cli.sparsify` converts, and which it keeps as they are with the reason:
 ``nn.Linear`` and ``nn.Conv2d`` are converted unless a sparse layer could not stand in for them (a
 weight another module reads directly or shares, non-zero padding, a subclass's own forward or
-parameters); what a replacement would silently drop (hooks, a parametrization) is refused."""
+parameters) or the user excludes them; what a replacement would silently drop (hooks, a
+parametrization) is refused. Any other module holding weights of its own is named among those kept."""
 
 from __future__ import annotations
 
@@ -23,10 +24,9 @@ UNCONVERTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.
 
 
 # Modules whose forward reads some children's weights directly, not through the children's forward:
-# those children stay dense. By class name (subclasses included): torch's attention and torchvision's
-# Swin window attention.
-# Swin window attention and timm's EVA, BEiT and Swin V2 attention (their qkv with a bias of its own, as
-# they are built by default), by module and class name where the class name alone says too little.
+# those children stay dense. By class name (subclasses included), or by module and class name where the
+# class name alone says too little: torch's attention, torchvision's Swin window attention, and timm's
+# EVA, BEiT and Swin V2 attention (their qkv read with a bias of its own, as they are built by default).
 READ_DIRECTLY: dict[str, tuple[str, tuple[str, ...]]] = {
     "MultiheadAttention": ("nn.MultiheadAttention", ("out_proj",)),
     "ShiftedWindowAttention": ("Swin's ShiftedWindowAttention", ("qkv", "proj")),
