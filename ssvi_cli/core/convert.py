@@ -21,7 +21,7 @@ from torch import nn
 
 from ssvi_cli.argcheck import real
 from ssvi_cli.config import BayesConfig, SparseConfig
-from ssvi_cli.core.allocation import InitSpec, active_count, initialise, layer_densities
+from ssvi_cli.core.allocation import InitSpec, active_count, initialise, kept_dense_weights, layer_densities
 from ssvi_cli.core.criteria import top_k_indices
 from ssvi_cli.core.gaussian import HALF_SIGMA, rho_from_sigma
 from ssvi_cli.core.conv import SparseConv2d
@@ -170,8 +170,7 @@ def sparsify(model: nn.Module, sparsity: float = SparseConfig.sparsity, *, bayes
     for name, twin, _ in twins:
         _replace(model, name, twin)
     if kept and _say_kept:  # outside the posterior and the sparsity: said where the report is not printed (ssvi train notes it)
-        held = sum(p.numel() for p in {id(p): p for n, _ in kept for p in model.get_submodule(n).parameters(recurse=False)
-                                       if p.dim() >= 2}.values())  # a tied or shared weight once
+        held = kept_dense_weights(model)  # the kept modules' matrices, a tied or shared one once
         converting = sum(t.numel for _, t, _ in twins)
         log.warning("sparsify keeps %d module%s with weights as %s, deterministic and dense (%s weights, %.1f%% of the "
                     "weights it converted or kept): %s; the report's kept lists them (docs/API.md, \"What sparsify "
