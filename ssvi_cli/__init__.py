@@ -3,7 +3,7 @@
 The public Python API is importable from here (``import ssvi_cli as ssvi``); names load on first
 use, so ``ssvi presets`` or ``import ssvi_cli.config`` do not pay for torch:
 
-- :func:`sparsify`: any ``nn.Module``'s Linear/Conv2d layers as sparse Gaussian layers (``core.convert``)
+- :func:`sparsify`: any ``nn.Module``'s Linear/Conv2d/Conv1d layers as sparse Gaussian layers (``core.convert``)
 - :func:`param_groups`, :func:`kl_term`, :class:`Subspace` (``ssvi_cli.api``)
 - :func:`predict`: Monte Carlo prediction with uncertainty (``ssvi_cli.prediction``)
 - :func:`preprocess`: pixels as the model's file says its inputs are made (``evaluation.arrays``)

@@ -1,6 +1,6 @@
 """SSVI in your own training loop: optimizer groups, the subspace schedule as one object, prediction
 with uncertainty: the ``ssvi train`` recipe's pieces (its trainer runs the same core steps, and warms
-the KL term up: docs/API.md), for any model whose ``Linear``/``Conv2d`` layers are sparse Gaussian layers::
+the KL term up: docs/API.md), for any model whose layers ``sparsify`` made sparse Gaussian layers::
 
     optimizer = torch.optim.SGD(ssvi_cli.param_groups(model, lr=0.01, lr_sigma=0.01), momentum=0.9)
     subspace = ssvi_cli.Subspace(model, optimizer, total_steps=len(loader) * epochs)

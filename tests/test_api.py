@@ -372,7 +372,7 @@ def test_dense_and_deterministic_patterns_take_one_string_and_must_match_a_layer
     ssvi.sparsify(model, sparsity=0.8, dense="2", deterministic="0")
     assert model[2].density == 1.0 and model[0].density < 1.0
     assert not model[0].bayesian and model[2].bayesian
-    with pytest.raises(ValueError, match=r"dense: '3' matches no Linear or Conv2d layer .*\(they are: 0, 2\)"):
+    with pytest.raises(ValueError, match=r"dense: '3' matches no Linear, Conv2d or Conv1d layer .*\(they are: 0, 2\)"):
         ssvi.sparsify(net(), sparsity=0.8, dense=("2", "3"))
     with pytest.raises(ValueError, match="deterministic: 'fc'"):
         ssvi.sparsify(net(), sparsity=0.8, deterministic=["fc"])

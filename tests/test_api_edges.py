@@ -570,7 +570,7 @@ def sparse_kernel_linear() -> nn.Module:
      r"mat1 and mat2 shapes cannot be multiplied \(2x21 and 64x32\)"),  # nn.Linear's words, not transposed
     (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.5, sigma_mean=-1.0), ValueError, "sigma_mean=-1.0"),
     (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.5, sigma_std=-5e-4), ValueError, "sigma_std"),
-    (lambda m, o: ssvi.sparsify(nn.Sequential(nn.LSTM(4, 4)), 0.5), ValueError, "no Linear or Conv2d layer"),
+    (lambda m, o: ssvi.sparsify(nn.Sequential(nn.LSTM(4, 4)), 0.5), ValueError, "no Linear, Conv2d or Conv1d layer"),
     (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.5, dense=2), TypeError,
      r"dense=2: give module-name patterns, one string or several"),
     (lambda m, o: ssvi.sparsify(nn.Sequential(nn.Linear(4, 4)), 0.5, deterministic=True), TypeError,

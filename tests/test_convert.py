@@ -362,7 +362,7 @@ def test_a_module_under_two_names_is_one_sparse_layer_and_a_tied_weight_stays_ti
     report = sparsify(model, 0.5)
     assert model.block is model.again and isinstance(model.block, SparseGaussian)
     assert [l.name for l in report.layers] == ["block"]
-    assert report.kept == [("embed", "Embedding is not converted (Linear and Conv2d are)"),
+    assert report.kept == [("embed", "Embedding is not converted (Linear, Conv2d and Conv1d are)"),
                            ("head", "its weight is tied to embed's, which a sparse layer cannot share")]
     assert model.head.weight is model.embed.weight
     path = tmp_path / "shared.safetensors"
@@ -386,15 +386,15 @@ def test_a_converted_transformer_encoder_runs_in_eval_mode():
 
 
 def test_weight_layers_it_does_not_convert_are_reported_and_a_lazy_layer_is_refused():
-    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Flatten(), nn.Linear(24, 3))
+    model = nn.Sequential(nn.Conv3d(2, 4, 3), nn.Flatten(), nn.Linear(24, 3))
     report = sparsify(model, 0.5)
-    assert report.kept == [("0", "Conv1d is not converted (Linear and Conv2d are)")]
+    assert report.kept == [("0", "Conv3d is not converted (Linear, Conv2d and Conv1d are)")]
     recurrent = nn.ModuleDict({"embed": nn.Embedding(10, 8), "lstm": nn.LSTM(8, 8), "cell": nn.GRUCell(8, 8),
                                "head": nn.Linear(8, 3)})
     assert dict(sparsify(recurrent, 0.5).kept) == {
-        "embed": "Embedding is not converted (Linear and Conv2d are)",
-        "lstm": "LSTM is not converted (Linear and Conv2d are)",
-        "cell": "GRUCell is not converted (Linear and Conv2d are)"}
+        "embed": "Embedding is not converted (Linear, Conv2d and Conv1d are)",
+        "lstm": "LSTM is not converted (Linear, Conv2d and Conv1d are)",
+        "cell": "GRUCell is not converted (Linear, Conv2d and Conv1d are)"}
     with pytest.raises(ValueError, match="layer '0' \\(LazyLinear\\) has no shape yet; run one forward pass"):
         sparsify(nn.Sequential(nn.LazyLinear(3)), 0.5)
 
@@ -711,7 +711,7 @@ def test_dense_or_deterministic_may_name_a_layer_kept_as_it_is():
     model.add_module("stem", StdConv(3, 3, 3))
     report = sparsify(model, 0.9, dense_first_conv=False, dense=("stem",), deterministic="stem")
     assert [l.name for l in report.layers] == ["body"] and dict(report.kept)["stem"].startswith("StdConv subclasses")
-    with pytest.raises(ValueError, match="'stme' matches no Linear or Conv2d layer"):  # a typo is still one
+    with pytest.raises(ValueError, match="'stme' matches no Linear, Conv2d or Conv1d layer"):  # a typo is still one
         sparsify(nn.Sequential(nn.Linear(2, 2), StdConv(3, 3, 3)), 0.9, dense="stme")
 
 
@@ -772,8 +772,8 @@ def test_layers_kept_as_they_are_are_warned_of_where_the_report_is_not_printed(c
         sparsify(recurrent, 0.5)
     assert len(caplog.records) == 1 and caplog.records[0].getMessage().startswith(  # 80 + 4 * 8 * 8 * 2; 24 converted
         "sparsify keeps 2 modules with weights as they are, deterministic and dense (592 weights, 96.1% of the weights it "
-        "converted or kept): embed (Embedding is not converted (Linear and Conv2d are)); lstm (LSTM is not converted "
-        "(Linear and Conv2d are)); the report's kept")
+        "converted or kept): embed (Embedding is not converted (Linear, Conv2d and Conv1d are)); lstm (LSTM is not converted "
+        "(Linear, Conv2d and Conv1d are)); the report's kept")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="ssvi_cli"):
         sparsify(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), 0.5)
@@ -804,7 +804,7 @@ def test_exclude_leaves_the_layers_it_names_as_they_are():
     assert dict(report.kept)["0.qkv"] == "exclude=" and isinstance(net[0].qkv, nn.Linear)
     assert [l.name for l in report.layers] == ["0.proj", "2"]
     torch.testing.assert_close(ssvi.predict(net, x, mode="mean").probs, before)
-    with pytest.raises(ValueError, match=r"^exclude: 'head' matches no Linear or Conv2d layer that sparsify would convert"):
+    with pytest.raises(ValueError, match=r"^exclude: 'head' matches no Linear, Conv2d or Conv1d layer that sparsify would convert"):
         sparsify(nn.Sequential(nn.Linear(4, 3)), 0.5, exclude=("head",))
     crashed = nn.Sequential(_ReadsQkv(), nn.Flatten(), nn.Linear(32, 3))
     sparsify(crashed, 0.5)
@@ -840,7 +840,7 @@ def test_a_module_that_applies_a_weight_of_its_own_is_reported_kept():
 
     net = nn.Sequential(nn.Conv2d(3, 3, 1), CondConv(), nn.Flatten(), nn.Linear(8 * 4 * 4, 2))
     report = sparsify(net, 0.5)
-    assert report.kept == [("1", "CondConv holds its own weight, kept as it is (Linear and Conv2d are converted)")]
+    assert report.kept == [("1", "CondConv holds its own weight, kept as it is (Linear, Conv2d and Conv1d are converted)")]
 
 
 def test_exclude_dense_and_the_warning_count_a_layer_by_any_of_its_names_and_a_weight_once(caplog):
@@ -854,11 +854,11 @@ def test_exclude_dense_and_the_warning_count_a_layer_by_any_of_its_names_and_a_w
     net = nn.ModuleDict({"a": shared, "b": shared, "h": nn.Linear(4, 2)})
     assert dict(sparsify(net, 0.5, exclude="b").kept)["a"] == "exclude="  # listed under its first name
     att = nn.ModuleDict({"att": nn.MultiheadAttention(8, 2), "h": nn.Linear(8, 2)})
-    with pytest.raises(ValueError, match=r"^exclude: 'att.out_proj' matches no Linear or Conv2d layer that sparsify"):
+    with pytest.raises(ValueError, match=r"^exclude: 'att.out_proj' matches no Linear, Conv2d or Conv1d layer that sparsify"):
         sparsify(att, 0.5, exclude="att.out_proj")
     vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2,
                                                hidden_dim=16, mlp_dim=32, num_classes=3)
-    with pytest.raises(ValueError, match=r"^dense: 'encoder' matches no Linear or Conv2d layer that sparsify converts"):
+    with pytest.raises(ValueError, match=r"^dense: 'encoder' matches no Linear, Conv2d or Conv1d layer that sparsify converts"):
         sparsify(vit, 0.9, dense="encoder")
 
     class Tied(nn.Module):

@@ -66,7 +66,7 @@ def workspace(tmp_path_factory) -> Path:
     (ws / "corrupt.safetensors").write_bytes(data[:8] + b'{"__metadata__":' + b"#" * (n - 16) + data[8 + n:])
     meta = dict(read_header(good)["meta"])
     raw = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()}
-    save_file(load_file(str(good)), str(ws / "newer.safetensors"), metadata={**raw, "version": "2"})
+    save_file(load_file(str(good)), str(ws / "newer.safetensors"), metadata={**raw, "version": "3"})
     spec = json.loads(raw["data_spec"])
     for name, change in (("fewnames", {"class_names": spec["class_names"][:1]}), ("zerostd", {"std": [0.0]}),
                          ("twicenamed", {"class_names": ["a"] * 10}), ("negpixels", {"pixel_max": -3}),
@@ -214,7 +214,7 @@ CASES = [
     (["export", "{ws}/cut.safetensors", "-o", "{ws}/x.safetensors"], "cut.safetensors is truncated"),
     (["export", "{ws}/corrupt.safetensors", "-o", "{ws}/x.safetensors"], "has a corrupted header"),
     (["export", "{ws}/plain.safetensors", "-o", "{ws}/x.safetensors"], "is a safetensors file but not an ssvi model file"),
-    (["export", "{ws}/newer.safetensors", "-o", "{ws}/x.safetensors"], "version 2, newer than this ssvi reads"),
+    (["export", "{ws}/newer.safetensors", "-o", "{ws}/x.safetensors"], "version 3, newer than this ssvi reads"),
     (["evaluate", "{ws}/run/model.safetensors", "--output", "{ws}/run/model.safetensors"], "is the model file being evaluated"),
     (["evaluate", "{ws}/run", "--output", "{ws}/run/model.safetensors"], "is the model file being evaluated"),
     # inspect

@@ -241,8 +241,8 @@ def good_file(trained):
 
 def bad_files(good: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
     out = {}
-    _resave(good, tmp / "newer.safetensors", meta_update={"version": "2"})
-    out["newer"] = (tmp / "newer.safetensors", "version 2, newer")
+    _resave(good, tmp / "newer.safetensors", meta_update={"version": "3"})
+    out["newer"] = (tmp / "newer.safetensors", "version 3, newer")
     save_file({"weight": torch.zeros(3, 3)}, str(tmp / "plain.safetensors"), metadata={"x": "y"})
     out["plain"] = (tmp / "plain.safetensors", "not an ssvi model file")
     data = good.read_bytes()

@@ -422,7 +422,7 @@ def test_init_from_leaves_the_layers_kept_as_they_are_to_trains_note(monkeypatch
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.mix, self.head = nn.Conv1d(1, 1, 1), nn.Linear(64, 10)
+            self.mix, self.head = nn.Conv3d(1, 1, 1), nn.Linear(64, 10)
 
         def forward(self, x):
             return self.head(x.flatten(1))

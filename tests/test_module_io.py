@@ -467,7 +467,7 @@ def test_a_class_count_taken_from_a_convolution_registered_last_is_warned_of(tmp
     ssvi.sparsify(model, 0.5, dense_first_conv=False)
     caplog.set_level(logging.WARNING, logger="ssvi_cli.modelfile.module_io")
     ssvi.save(model, tmp_path / "m.safetensors")
-    assert "the file records 16 classes, the channels of c2, the last layer registered, a Conv2d; if the model's " \
+    assert "the file records 16 classes, the channels of c2, the last layer registered, a convolution; if the model's " \
            "output is another layer's, give class_names= (one per output) (input_shape= measures" in caplog.text
     for given in ({"class_names": [str(i) for i in range(10)]}, {"input_shape": (1, 8, 8)}):
         caplog.clear()

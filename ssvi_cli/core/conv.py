@@ -1,11 +1,15 @@
-"""The sparse Gaussian ``Conv2d``: ``nn.Conv2d``'s geometry over :class:`SparseGaussian`'s support.
+"""The sparse Gaussian ``Conv2d`` and ``Conv1d``: torch's geometry over :class:`SparseGaussian`'s support.
 
 A 3x3 convolution runs dense (a transient dense weight for cuDNN/oneDNN); a 1x1 convolution, a
 matrix product over channels, may take the sparse kernel; any other kernel size can too, as unfold
-plus a sparse product (im2col over the active entries only).
+plus a sparse product (im2col over the active entries only). A ``Conv1d`` computes as a ``Conv2d``
+over inputs of height 1 with a (1, k) kernel: its weight (out, in / groups, k) holds its entries in
+the same flat order.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -18,23 +22,33 @@ def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+def _one(v: int | tuple[int, ...]) -> tuple[int]:
+    return (int(v),) if isinstance(v, int) else (int(v[0]),)
+
+
+def _padding(padding: int | tuple[int, ...] | str, size: type) -> tuple[int, ...] | str:
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding={padding!r}; valid values are an int, a pair, 'same' or 'valid'")
+        padding = 0 if padding == "valid" else padding
+    return padding if isinstance(padding, str) else size(padding)
+
+
 class SparseConv2d(SparseGaussian):
     """``nn.Conv2d``'s geometry (any kernel, stride, padding, dilation, groups; zero padding) with a
     sparse Gaussian weight of shape (out, in / groups, kh, kw)."""
 
+    KIND = "conv2d"
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], *,
                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
                  dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = False, **kw) -> None:
-        kh, kw_ = _pair(kernel_size)
-        super().__init__((out_channels, in_channels // groups, kh, kw_), bias=bias, **kw)
+        kernel = _pair(kernel_size)
+        super().__init__((out_channels, in_channels // groups, *kernel), bias=bias, **kw)
         self.stride, self.dilation, self.groups = _pair(stride), _pair(dilation), groups
-        if isinstance(padding, str):
-            if padding not in ("same", "valid"):
-                raise ValueError(f"padding={padding!r}; valid values are an int, a pair, 'same' or 'valid'")
-            padding = (0, 0) if padding == "valid" else padding
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.padding = _padding(padding, _pair)
         # nn.Conv2d's names, for code that reads them
-        self.out_channels, self.in_channels, self.kernel_size = int(out_channels), int(in_channels), (kh, kw_)
+        self.out_channels, self.in_channels, self.kernel_size = int(out_channels), int(in_channels), kernel
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, H, W) as ``nn.Conv2d`` takes it, and one unbatched image (C, H, W) as well."""
@@ -45,21 +59,25 @@ class SparseConv2d(SparseGaussian):
     def default_sparse(self) -> bool:
         # A transient dense weight with cuDNN/oneDNN convolution beats unfold + CSR for 3x3 kernels
         # at the densities we use; 1x1 convs are matrix products and can take the sparse kernel.
-        return self.weight_shape[2:] == (1, 1) and self.groups == 1 and not isinstance(self.padding, str)
+        return all(k == 1 for k in self.weight_shape[2:]) and self.groups == 1 and not isinstance(self.padding, str)
 
     def dense_op(self, x: Tensor, weight: Tensor) -> Tensor:
         return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
 
-    def output_size(self, h: int, w: int) -> tuple[int, int]:
+    def output_size(self, *sizes: int) -> tuple[int, ...]:
+        """The output's spatial size for an input of spatial size ``sizes`` (h, w; a Conv1d's length)."""
         if self.padding == "same":
-            return h, w
-        return tuple((n + 2 * p - (d * (k - 1) + 1)) // s + 1  # type: ignore[return-value]
-                     for n, p, d, k, s in zip((h, w), self.padding, self.dilation, self.weight_shape[2:],
-                                               self.stride))
+            return sizes
+        return tuple((n + 2 * p - (d * (k - 1) + 1)) // s + 1
+                     for n, p, d, k, s in zip(sizes, self.padding, self.dilation, self.weight_shape[2:], self.stride))
 
     def positions(self, x: Tensor) -> int:
-        oh, ow = self.output_size(x.shape[-2], x.shape[-1])
-        return x.shape[:-3].numel() * oh * ow
+        spatial = len(self.weight_shape) - 2
+        return x.shape[:-spatial - 1].numel() * math.prod(self.output_size(*x.shape[-spatial:]))
+
+    def geometry(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """Kernel, stride, padding and dilation as a 2-D convolution computes them."""
+        return self.weight_shape[2:], self.stride, self.padding, self.dilation  # type: ignore[return-value]
 
     def apply_weight(self, x: Tensor, values: Tensor) -> Tensor:
         if self.groups == 1 and not isinstance(self.padding, str) and self.uses_sparse_kernel():
@@ -67,20 +85,55 @@ class SparseConv2d(SparseGaussian):
         return self.dense_op(x, self.to_dense(values))
 
     def _sparse_conv(self, x: Tensor, values: Tensor) -> Tensor:
-        """Convolution as unfold + sparse matrix product (im2col over active entries only)."""
+        """Convolution as unfold + sparse matrix product (im2col over active entries only), on
+        (N, C, H, W) inputs."""
         b, _, h, w = x.shape
+        kernel, stride, padding, dilation = self.geometry()
+        oh, ow = [(n + 2 * p - (d * (k - 1) + 1)) // s + 1
+                  for n, p, d, k, s in zip((h, w), padding, dilation, kernel, stride)]
         if b == 0:  # an empty batch: nothing to unfold or reshape
-            return x.new_zeros((0, self.weight_shape[0], *self.output_size(h, w)))
-        if self.weight_shape[2:] == (1, 1) and self.padding == (0, 0):
+            return x.new_zeros((0, self.weight_shape[0], oh, ow))
+        if kernel == (1, 1) and padding == (0, 0):
             # A 1x1 convolution is a matrix product over channels: subsample and move channels last,
             # no im2col. The output keeps the kernel's (channels, positions) layout as a view.
-            sh, sw = self.stride
+            sh, sw = stride
             xs = x[:, :, ::sh, ::sw] if (sh, sw) != (1, 1) else x
             _, c, oh, ow = xs.shape
             out = sparse_product(xs.permute(0, 2, 3, 1).reshape(-1, c), values, self.pattern())
             return out.reshape(b, oh, ow, -1).permute(0, 3, 1, 2)
-        oh, ow = self.output_size(h, w)
-        cols = F.unfold(x, self.weight_shape[2:], dilation=self.dilation, padding=self.padding, stride=self.stride)
+        cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
         cols = cols.transpose(1, 2).reshape(b * oh * ow, -1)
         out = sparse_product(cols, values, self.pattern())
         return out.reshape(b, oh * ow, -1).transpose(1, 2).reshape(b, -1, oh, ow)
+
+
+class SparseConv1d(SparseConv2d):
+    """``nn.Conv1d``'s geometry (any kernel, stride, padding, dilation, groups; zero padding) with a
+    sparse Gaussian weight of shape (out, in / groups, k): a sequence (N, C, L), or one (C, L)."""
+
+    KIND = "conv1d"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int], *,
+                 stride: int | tuple[int] = 1, padding: int | tuple[int] | str = 0,
+                 dilation: int | tuple[int] = 1, groups: int = 1, bias: bool = False, **kw) -> None:
+        kernel = _one(kernel_size)
+        SparseGaussian.__init__(self, (out_channels, in_channels // groups, *kernel), bias=bias, **kw)
+        self.stride, self.dilation, self.groups = _one(stride), _one(dilation), groups
+        self.padding = _padding(padding, _one)
+        # nn.Conv1d's names, for code that reads them
+        self.out_channels, self.in_channels, self.kernel_size = int(out_channels), int(in_channels), kernel
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, C, L) as ``nn.Conv1d`` takes it, and one unbatched sequence (C, L) as well."""
+        if x.dim() == 2:
+            return SparseGaussian.forward(self, x.unsqueeze(0)).squeeze(0)
+        return SparseGaussian.forward(self, x)
+
+    def dense_op(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.conv1d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def geometry(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]]:
+        return (1, self.weight_shape[2]), (1, self.stride[0]), (0, self.padding[0]), (1, self.dilation[0])
+
+    def _sparse_conv(self, x: Tensor, values: Tensor) -> Tensor:
+        return super()._sparse_conv(x.unsqueeze(2), values).squeeze(2)

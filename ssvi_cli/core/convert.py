@@ -1,5 +1,5 @@
-"""Any ``nn.Module`` as a sparse BNN: every ``nn.Linear`` and ``nn.Conv2d`` becomes a sparse Gaussian
-layer of the same geometry, in place; everything else (BatchNorm, LayerNorm, embeddings, attention's
+"""Any ``nn.Module`` as a sparse BNN: every ``nn.Linear``, ``nn.Conv2d`` and ``nn.Conv1d`` becomes a
+sparse Gaussian layer of the same geometry, in place; everything else (BatchNorm, LayerNorm, embeddings, attention's
 packed in-projection, free parameters, a weight tied to another module's) stays as it is,
 deterministic.
 
@@ -24,7 +24,7 @@ from ssvi_cli.config import BayesConfig, SparseConfig
 from ssvi_cli.core.allocation import InitSpec, active_count, initialise, kept_dense_weights, layer_densities
 from ssvi_cli.core.criteria import top_k_indices
 from ssvi_cli.core.gaussian import HALF_SIGMA, rho_from_sigma
-from ssvi_cli.core.conv import SparseConv2d
+from ssvi_cli.core.conv import SparseConv1d, SparseConv2d
 from ssvi_cli.core.conversion_report import ConversionReport, ConvertedLayer
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
 from ssvi_cli.core.replaced import mark_replaced
@@ -50,8 +50,9 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 def _sparse_twin(module: nn.Module, bayesian: bool, stem: bool, sigma_param: str, kernel: str) -> SparseGaussian:
     common: dict[str, Any] = {"bias": module.bias is not None, "bayesian": bayesian,
                               "sigma_param": sigma_param, "stem": stem, "kernel": kernel}
-    if isinstance(module, nn.Conv2d):
-        return SparseConv2d(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
+    if isinstance(module, (nn.Conv2d, nn.Conv1d)):
+        cls = SparseConv2d if isinstance(module, nn.Conv2d) else SparseConv1d
+        return cls(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
                             padding=module.padding, dilation=module.dilation, groups=module.groups, **common)
     return SparseLinear(module.in_features, module.out_features, **common)
 
@@ -70,7 +71,7 @@ def sparsify(model: nn.Module, sparsity: float = SparseConfig.sparsity, *, bayes
     ``dense`` / ``deterministic``: fnmatch patterns (one string, or several) of module names kept
     at density 1 (still Bayesian) / without sigma; ``exclude``: left as they are (a layer whose
     ``.weight`` another module reads itself); a pattern that matches no layer is an error.
-    ``dense_first_conv``: the first ``Conv2d`` (the stem) stays dense. A layer whose weight does not
+    ``dense_first_conv``: the first ``Conv2d`` or ``Conv1d`` (the stem) stays dense. A layer whose weight does not
     require gradients stays frozen: its mu, rho and bias do not either, and :class:`ssvi_cli.Subspace`
     leaves its support as it is.
     ``from_weights``: support and mu from the current weights (else a random support with a fan-in
@@ -104,7 +105,7 @@ def sparsify(model: nn.Module, sparsity: float = SparseConfig.sparsity, *, bayes
     names = {name: aliases[id(module)] for name, module in targets}
     excluded = [a for n, why in kept if why == EXCLUDED for a in aliases[id(model.get_submodule(n))]]
     if unmatched := next((p for p in exclude if not any(_matches(a, (p,)) for a in excluded)), None):
-        raise ValueError(f"exclude: {unmatched!r} matches no Linear or Conv2d layer that sparsify would convert "
+        raise ValueError(f"exclude: {unmatched!r} matches no Linear, Conv2d or Conv1d layer that sparsify would convert "
                          f"(they are: {', '.join(n for n, _ in targets[:8])}{', ...' if len(targets) > 8 else ''})")
 
     def hit(name: str, patterns: Iterable[str]) -> bool:
@@ -115,15 +116,15 @@ def sparsify(model: nn.Module, sparsity: float = SparseConfig.sparsity, *, bayes
             unmatched = next((p for p in patterns if not any(hit(n, (p,)) for n, _ in targets)  # a kept layer is dense already
                               and not any(_matches(n, (p,)) for n, why in kept if OWN not in why)), None)
             if unmatched is not None:
-                raise ValueError(f"{arg}: {unmatched!r} matches no Linear or Conv2d layer that sparsify converts "
+                raise ValueError(f"{arg}: {unmatched!r} matches no Linear, Conv2d or Conv1d layer that sparsify converts "
                                  f"(they are: {', '.join(n for n, _ in targets[:8])}{', ...' if len(targets) > 8 else ''})")
     if not targets and sparse_layers(model):
         converted = len(sparse_layers(model))
         raise ValueError(f"the model is already sparse ({converted} layer{'s were' if converted > 1 else ' was'} converted before) "
-                         "and has no Linear or Conv2d layer left to convert")
+                         "and has no Linear, Conv2d or Conv1d layer left to convert")
     if not targets and not structure_only:  # (a file's reader names a layer that stays dense itself)
         left = "; ".join(f"{name}: {reason}" for name, reason in kept[:3])
-        raise ValueError("the model has no Linear or Conv2d layer that sparsify converts" + (f" ({left})" if left else ""))
+        raise ValueError("the model has no Linear, Conv2d or Conv1d layer that sparsify converts" + (f" ({left})" if left else ""))
     half = next((name for name, m in targets if m.weight.dtype == torch.float16), None)
     if half is not None and bayesian:
         raise ValueError(f"{half} has float16 weights, which {HALF_SIGMA}")
@@ -146,9 +147,8 @@ def sparsify(model: nn.Module, sparsity: float = SparseConfig.sparsity, *, bayes
     if structure_only:
         for name, twin, _ in twins:
             _replace(model, name, twin)
-        return ConversionReport([ConvertedLayer(n, "conv2d" if isinstance(m, nn.Conv2d) else "linear",
-                                                t.weight_shape, 0, t.numel, t.bayesian, False)
-                                 for n, t, m in twins], kept)
+        return ConversionReport([ConvertedLayer(n, t.KIND, t.weight_shape, 0, t.numel, t.bayesian, False)
+                                 for n, t, _ in twins], kept)
     densities = layer_densities([(n, t) for n, t, _ in twins], 1.0 - sparsity, allocation, dense_first_conv,
                                 whole={n for n, _, _ in twins if hit(n, dense)})
     if sparsity > 0 and all(densities[n] >= 1.0 for n, _, _ in twins):  # nothing sparse: the stem or dense= only
@@ -179,8 +179,7 @@ def sparsify(model: nn.Module, sparsity: float = SparseConfig.sparsity, *, bayes
                     "; ".join(f"{n or '(the model itself)'} ({r})" for n, r in kept[:3]) + ("; ..." if len(kept) > 3 else ""))
     report = ConversionReport(kept=kept)
     for name, twin, module in twins:
-        report.layers.append(ConvertedLayer(name, "conv2d" if isinstance(module, nn.Conv2d) else "linear",
-                                            twin.weight_shape, twin.active, twin.numel, twin.bayesian,
+        report.layers.append(ConvertedLayer(name, twin.KIND, twin.weight_shape, twin.active, twin.numel, twin.bayesian,
                                             densities[name] >= 1.0))
     return report
 

@@ -36,6 +36,7 @@ class SparseGaussian(nn.Module):
 
     ``mode``: ``lrt`` (local reparameterisation, training), ``mean`` (theta = mu) or ``sample``
     (one weight draw over the active entries, used by Monte Carlo prediction)."""
+    KIND = ""  # each layer type's name in model files and reports: "linear", "conv2d", "conv1d"
 
     def __init__(self, weight_shape: tuple[int, ...], *, bias: bool, bayesian: bool,
                  sigma_param: str = "softplus", stem: bool = False, normed: bool = False,
@@ -144,7 +145,7 @@ class SparseGaussian(nn.Module):
         return True
 
     def is_linear(self) -> bool:
-        return False
+        return self.KIND == "linear"
 
     def pattern(self) -> CsrPattern:
         """The CSR pattern of ``idx``, rebuilt when ``idx`` is replaced (``set_support``, ``.to()``)
@@ -259,6 +260,8 @@ class SparseGaussian(nn.Module):
 
 
 class SparseLinear(SparseGaussian):
+    KIND = "linear"
+
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True, **kw) -> None:
         super().__init__((out_features, in_features), bias=bias, **kw)
         self.in_features, self.out_features = self.weight_shape[1], self.weight_shape[0]  # nn.Linear's names
@@ -271,9 +274,6 @@ class SparseLinear(SparseGaussian):
 
     def dense_op(self, x: Tensor, weight: Tensor) -> Tensor:
         return F.linear(x, weight)
-
-    def is_linear(self) -> bool:
-        return True
 
     def _with_bias(self, out: Tensor) -> Tensor:
         return out if self.bias is None else out + self.bias  # features are the last dimension

@@ -1,5 +1,5 @@
 """Which layers :func:`ssvi_cli.sparsify` converts, and which it keeps as they are with the reason:
-``nn.Linear`` and ``nn.Conv2d`` are converted unless a sparse layer could not stand in for them (a
+``nn.Linear``, ``nn.Conv2d`` and ``nn.Conv1d`` are converted unless a sparse layer could not stand in for them (a
 weight another module reads directly or shares, non-zero padding, a subclass's own forward or
 parameters) or the user excludes them; what a replacement would silently drop (hooks, a
 parametrization) is refused. Any other module holding weights of its own is named among those kept."""
@@ -19,7 +19,9 @@ OWN = "holds its own"  # in the reason of a module kept for weights it holds its
 EXCLUDED = "exclude="  # the reason of a layer sparsify(exclude=...) names
 # Weight layers left dense and deterministic, named in the report's ``kept`` (with the in-projection
 # weights of nn.MultiheadAttention, which are its own parameters, not a child's).
-UNCONVERTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear,
+CONVERTED = (nn.Linear, nn.Conv2d, nn.Conv1d)  # (in the order _own_behaviour tries them as a base class)
+CONVERTED_NAMES = "Linear, Conv2d and Conv1d"
+UNCONVERTED = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear,
                nn.RNNBase, nn.RNNCellBase, nn.Embedding, nn.EmbeddingBag)
 
 
@@ -35,7 +37,7 @@ READ_DIRECTLY: dict[str, tuple[str, tuple[str, ...]]] = {
     "timm.models.beit.Attention": ("timm's BEiT Attention", ("qkv",)),
     "timm.models.swin_transformer_v2.WindowAttention": ("timm's Swin V2 WindowAttention", ("qkv",)),
 }
-# Subclasses of Linear/Conv2d whose own forward computes what the base class's does (timm's Linear:
+# Subclasses of the converted classes whose own forward computes what the base class's does (timm's Linear:
 # F.linear outside TorchScript), converted as the base class is.
 PLAIN_SUBCLASSES = ("timm.layers.linear.Linear",)
 
@@ -82,11 +84,11 @@ def _reparametrized(module: nn.Module) -> bool:
 
 
 def _own_behaviour(module: nn.Module) -> Optional[str]:
-    """What a subclass of ``nn.Linear``/``nn.Conv2d`` adds that a sparse layer would not carry: its own
-    forward (timm's StdConv2d, Conv2dSame, quantization-aware layers) or parameters, buffers or
+    """What a subclass of ``nn.Linear``/``nn.Conv2d``/``nn.Conv1d`` adds that a sparse layer would not
+    carry: its own forward (timm's StdConv2d, Conv2dSame, quantization-aware layers) or parameters, buffers or
     submodules besides weight and bias (a learned scale, an adapter). None for the plain classes and a
     subclass that adds nothing (attention's NonDynamicallyQuantizableLinear)."""
-    base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+    base = next(c for c in CONVERTED if isinstance(module, c))
     cls = type(module)
     if _names(cls)[1] in PLAIN_SUBCLASSES:
         return None
@@ -102,14 +104,14 @@ def _own_behaviour(module: nn.Module) -> Optional[str]:
 
 
 def first_conv(model: nn.Module) -> Optional[nn.Module]:
-    """The model's first convolution in registration order (``model.modules()``), converted or not:
-    the stem ``dense_first_conv`` keeps dense, whatever else keeps it as it is."""
-    return next((m for m in model.modules() if isinstance(m, (nn.Conv2d, SparseConv2d))), None)
+    """The model's first convolution (2-D or 1-D) in registration order (``model.modules()``), converted
+    or not: the stem ``dense_first_conv`` keeps dense, whatever else keeps it as it is."""
+    return next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv1d, SparseConv2d))), None)
 
 
 def targets(model: nn.Module, stored: Collection[str] = (), exclude: Collection[str] = ()
             ) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
-    """The Linear/Conv2d modules to convert, and those that must stay (with the reason). A module
+    """The Linear/Conv2d/Conv1d modules to convert, and those that must stay (with the reason). A module
     registered under several names is listed once, under its first name (``_replace`` puts its
     sparse twin under every name). ``stored``: the layers a file stores as sparse, converted also
     when a subclass's own forward or parameters would keep them (a file from before ssvi kept them
@@ -128,20 +130,20 @@ def targets(model: nn.Module, stored: Collection[str] = (), exclude: Collection[
                 owners[id(param)].append(name)
     for name, module in model.named_modules():
         if isinstance(module, UNCONVERTED):
-            kept.append((name, f"{type(module).__name__} is not converted (Linear and Conv2d are)"))
+            kept.append((name, f"{type(module).__name__} is not converted ({CONVERTED_NAMES} are)"))
         elif isinstance(module, nn.MultiheadAttention):
             kept.append((name, "nn.MultiheadAttention's in-projection weights are not converted"))
-        elif not isinstance(module, (nn.Linear, nn.Conv2d, SparseGaussian)) and (own := _own_weights(module)):
+        elif not isinstance(module, (*CONVERTED, SparseGaussian)) and (own := _own_weights(module)):
             kept.append((name, f"{type(module).__name__} {OWN} {', '.join(own)}, kept as "
-                               f"{'they are' if len(own) > 1 else 'it is'} (Linear and Conv2d are converted)"))
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) or isinstance(module, SparseGaussian):
+                               f"{'they are' if len(own) > 1 else 'it is'} ({CONVERTED_NAMES} are converted)"))
+        if not isinstance(module, CONVERTED) or isinstance(module, SparseGaussian):
             continue
         if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
             raise ValueError(f"layer {name!r} ({type(module).__name__}) has no shape yet; run one forward pass before sparsify")
         tied = [n for n in owners.get(id(module.weight), []) if model.get_submodule(n) is not module]
         if name in read_directly:
             kept.append((name, read_directly[name]))
-        elif isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+        elif isinstance(module, (nn.Conv2d, nn.Conv1d)) and module.padding_mode != "zeros":
             kept.append((name, f"padding_mode={module.padding_mode!r} (only zero padding is supported)"))
         elif tied:
             kept.append((name, f"{TIED} {tied[0]}'s, which a sparse layer cannot share"))

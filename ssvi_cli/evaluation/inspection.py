@@ -23,7 +23,6 @@ from ssvi_cli.modelfile.reader import holds_custom_module, read_layers
 from ssvi_cli.runs.load import drop_point_masses, load_model, point_masses
 from ssvi_cli.runs.rundir import MODEL_FILE, SUPPORT_FILE
 from ssvi_cli.core.flops import model_geometry, prediction_flops
-from ssvi_cli.core.conv import SparseConv2d
 from ssvi_cli.core.layers import SparseGaussian, sparse_layers
 from ssvi_cli.prediction import is_bayesian
 
@@ -58,7 +57,7 @@ def layer_stats(name: str, layer: SparseGaussian, keep: Optional[Tensor] = None)
     mu = mu[keep]
     stats: dict[str, Any] = {
         "name": name,
-        "kind": "conv2d" if isinstance(layer, SparseConv2d) else "linear",
+        "kind": layer.KIND,
         "shape": list(layer.weight_shape),
         "active": layer.active,
         "total": layer.numel,

@@ -37,6 +37,7 @@ from ssvi_cli.modelfile.writer import write_model_file
 from ssvi_cli.models import AUX_FREE, AUX_HEADS, TORCHVISION, LayerFactory, check_model_name, torchvision_model
 
 log = logging.getLogger(__name__)
+CONVS = (nn.Conv2d, nn.Conv1d, SparseConv2d)  # (SparseConv1d is a SparseConv2d)
 
 
 def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = None,
@@ -104,9 +105,9 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
             raise ValueError(f"class_names holds {len(class_names)} names for a model with {outputs} outputs")
         log.warning("class_names holds %d names, and %s, the last layer registered, has %d outputs%s: the file records "
                     "%d classes", len(class_names), last, outputs, how, len(class_names))
-    elif not class_names and measured is None and isinstance(model.get_submodule(last), (nn.Conv2d, SparseConv2d)) \
+    elif not class_names and measured is None and isinstance(model.get_submodule(last), CONVS) \
             and any(isinstance(m, (nn.Linear, SparseLinear)) for m in model.modules()):  # a head registered before
-        log.warning("the file records %d classes, the channels of %s, the last layer registered, a Conv2d; if the "
+        log.warning("the file records %d classes, the channels of %s, the last layer registered, a convolution; if the "
                     "model's output is another layer's, give class_names= (one per output)%s", outputs, last, how)
     if class_names and len(set(class_names)) != len(class_names):
         twice = next(n for i, n in enumerate(class_names) if n in class_names[:i])
@@ -229,8 +230,8 @@ def _skeleton(architecture: str, shape: tuple[int, ...], num_classes: int, facto
 
 
 def _last_layer(model: nn.Module) -> tuple[str, int]:
-    """The name and outputs of the last ``Linear`` or ``Conv2d`` registered, sparse or not (the head, if registered last)."""
-    name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseGaussian, nn.Linear, nn.Conv2d))][-1]
+    """The name and outputs of the last ``Linear`` or convolution registered, sparse or not (the head, if registered last)."""
+    name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseGaussian, nn.Linear, *CONVS))][-1]
     return name, int(last.weight_shape[0] if isinstance(last, SparseGaussian) else last.weight.shape[0])
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load
 from torch import Tensor, nn
 
 from ssvi_cli.core.gaussian import rho_from_sigma
-from ssvi_cli.core.conv import SparseConv2d
+from ssvi_cli.core.conv import SparseConv1d, SparseConv2d
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
 from ssvi_cli.core.state import load_tensors
 from ssvi_cli.data.spec import DataSpec
@@ -105,7 +105,7 @@ def read_layers(path: Path) -> tuple[ModelCard, FileInfo, list[tuple[str, Sparse
     for raw in meta["layers"]:
         record = raw if isinstance(raw, dict) else {}
         name, shape = record.get("name"), record.get("shape")
-        kind = {2: "linear", 4: "conv2d"}.get(len(shape)) if isinstance(shape, list) else None
+        kind = {2: "linear", 3: "conv1d", 4: "conv2d"}.get(len(shape)) if isinstance(shape, list) else None
         if (not isinstance(name, str) or kind is None or record.get("kind", kind) != kind
                 or not all(isinstance(s, int) and s >= 1 for s in shape)):
             raise ModelFileError(f"{path} has a corrupted header (layer record {raw!r})")
@@ -114,6 +114,7 @@ def read_layers(path: Path) -> tuple[ModelCard, FileInfo, list[tuple[str, Sparse
             raise ModelFileError(f"{path}: layer {name!r} records a full index, but mu does not have {shape} values")
         options = dict(bias=False, bayesian=bool(record.get("bayesian")), sigma_param=sigma_param)
         layer = (SparseLinear(shape[1], shape[0], **options) if kind == "linear"
+                 else SparseConv1d(shape[1], shape[0], shape[2], **options) if kind == "conv1d"
                  else SparseConv2d(shape[1], shape[0], (shape[2], shape[3]), **options))
         layer.set_support(*_load_layer(path, name, layer, record, tensors, "its record")[1])
         layers.append((name, layer.eval()))

@@ -25,7 +25,7 @@ def check_same_structure(expected: nn.Module, model: nn.Module, architecture: st
     want, have = _structure(expected), _structure(model)
     for w, h in zip(want, have):
         if w != h:
-            dense = h[1] in ("Linear", "Conv2d") and w[1] in ("SparseLinear", "SparseConv2d")
+            dense = h[1] in ("Linear", "Conv2d", "Conv1d") and w[1] in ("SparseLinear", "SparseConv2d", "SparseConv1d")
             raise ValueError(f"the model is not {architecture}: it has {h[0]!r} ({_what(h)}) where the "
                              f"builder has {w[0]!r} ({_what(w)})" + (
                                  "; a layer replaced after ssvi_cli.sparsify stays dense: sparsify the model again "

@@ -15,13 +15,12 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ssvi_cli.core.conv import SparseConv2d
 from ssvi_cli.core.layers import SparseGaussian, sparse_layers
 from ssvi_cli.core.state import support_problem
 from ssvi_cli.fileio import atomic_path, compact_json
 from ssvi_cli.modelfile.card import ModelCard
 from ssvi_cli.modelfile.codec import encode_index
-from ssvi_cli.modelfile.header import DTYPES, FORMAT_NAME, FORMAT_VERSION
+from ssvi_cli.modelfile.header import DTYPES, FORMAT_NAME, KINDS
 from ssvi_cli.models import SSVIModel
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -29,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def layer_kind(layer: SparseGaussian) -> str:
-    return "conv2d" if isinstance(layer, SparseConv2d) else "linear"
+    return layer.KIND
 
 
 def dense_state(model: nn.Module) -> dict[str, Tensor]:
@@ -125,7 +124,7 @@ def write_model_file(model: SSVIModel, path: Path, card: ModelCard, *, dtype: st
     tensors, records = model_tensors(model, dtype, dense)
     metadata = {
         "format": FORMAT_NAME,
-        "version": str(FORMAT_VERSION),
+        "version": str(max([1, *(KINDS[r["kind"]] for r in records)])),  # readers of version 1 take a file without conv1d
         "layout": "dense" if dense else "compact",
         "dtype": dtype,
         **card.to_metadata(),
