@@ -15,6 +15,7 @@ from typing import Iterator
 
 from torch import nn
 
+from ssvi_cli.core.hooks import Hook
 from ssvi_cli.core.layers import MODES, sparse_layers
 from ssvi_cli.core.modes import one_draw_per_forward
 from ssvi_cli.core.modes import sampling as _mode
@@ -62,11 +63,12 @@ def sampling(model: nn.Module, mode: str = "sample") -> Iterator[nn.Module]:
                 if not inside[0]:
                     next_forward()
 
-            # enter first of the pre-hooks: leave runs even when a later one raises (always_call)
-            handles = [model.register_forward_pre_hook(enter, prepend=True),
-                       model.register_forward_hook(leave, always_call=True)]
-            handles += [layer.register_forward_hook(after_layer, always_call=True) for _, layer in sparse_layers(model)
-                        if layer is not model]
+            # enter first of the pre-hooks: leave runs even when a later one raises (always_call). As
+            # Hooks, a copy of the model made in the block (deepcopy, torch.save) gets hooks that do nothing.
+            handles = [model.register_forward_pre_hook(Hook(enter), prepend=True),
+                       model.register_forward_hook(Hook(leave), always_call=True)]
+            handles += [layer.register_forward_hook(Hook(after_layer), always_call=True)
+                        for _, layer in sparse_layers(model) if layer is not model]
             try:
                 yield model
             finally:

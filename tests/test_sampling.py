@@ -100,3 +100,46 @@ def test_bad_arguments_are_refused_before_anything_changes(call, message):
     with pytest.raises((ValueError, TypeError), match=message.replace("(", "\\(").replace(")", "\\)")):
         with call(model):
             pass
+
+
+@pytest.mark.parametrize("mode", ["mean", "sample"])
+def test_a_copy_made_inside_a_block_starts_outside_it_and_a_whole_model_saved_there_loads(mode):
+    """A copy kept inside a block (the best model so far, during validation) stayed in the block's mode
+    for good: the block restores the original's layers alone. Its hooks came along too, closures that
+    torch.save could not pickle and that kept one draw for every later call of the copy."""
+    import copy
+    import io
+
+    model = _model()
+    x = torch.randn(4, 6)
+    with ssvi.sampling(model, mode):
+        copied = copy.deepcopy(model)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)  # the test's own file
+    for twin in (copied, loaded):
+        assert {layer.mode for _, layer in sparse_layers(twin)} == {"lrt"}
+        assert all(layer.forward_draw is None for _, layer in sparse_layers(twin))
+        same = twin(x[:1].repeat(3, 1))[0]
+        assert not torch.allclose(same[0], same[1])  # training's noise, per example
+        with torch.no_grad(), ssvi.sampling(twin):
+            assert not torch.allclose(twin(x)[0], twin(x)[0])  # a fresh draw at each call
+        with ssvi.sampling(twin, "mean"):
+            torch.testing.assert_close(twin(x)[0], twin(x)[0])
+
+
+def test_torchscript_is_refused_in_words_and_exporting_the_mean_network_works():
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    ssvi.sparsify(model, 0.5)
+    with pytest.raises(TypeError, match=r"torch.jit.script does not compile ssvi's sparse layers \(SparseLinear\); .*"
+                                        r"torch.export.export the model inside ssvi.sampling\(model, 'mean'\)"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's deprecation of torch.jit.script
+            torch.jit.script(model)
+    x = torch.randn(2, 6)
+    with torch.no_grad(), ssvi.sampling(model, "mean"):
+        exported = torch.export.export(model, (x,)).module()
+        torch.testing.assert_close(exported(x), model(x))

@@ -16,9 +16,10 @@ ATTACHED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyD
 
 
 class Hook:
-    """A Subspace's hook on its model or optimizer. A copy (``copy.deepcopy(model)`` for an EMA or
-    SWA model, a pickled whole model) gets a hook that does nothing, instead of a copy of the
-    Subspace and its optimizer acting on the copied model."""
+    """A hook on the user's model or optimizer (a Subspace's, ``ssvi.sampling``'s). A copy
+    (``copy.deepcopy(model)`` for an EMA or SWA model, a pickled whole model) gets a hook that does
+    nothing, instead of a copy of the Subspace and its optimizer acting on the copied model, or of a
+    block's state that its end does not undo."""
 
     def __init__(self, fn: Optional[Callable[..., None]]) -> None:
         self.fn = fn

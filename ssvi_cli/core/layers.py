@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ssvi_cli.core.capture import CapturedGrad
 from ssvi_cli.core.gaussian import HALF_SIGMA, LRT_EPS, gaussian_kl, input_under_autocast, randn_like, sigma_from_rho
+from ssvi_cli.core.interop import TorchInterop
 from ssvi_cli.core.replaced import support_set
 from ssvi_cli.core.state import support_problem
 from ssvi_cli.core.kernels import KERNELS, CsrPattern, KernelPolicy, csr_product, sparse_product
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 MODES = ("lrt", "mean", "sample")
 
 
-class SparseGaussian(nn.Module):
+class SparseGaussian(TorchInterop, nn.Module):
     """A weight tensor of ``weight_shape`` whose active entries ``idx`` carry mu (and rho).
 
     ``mode``: ``lrt`` (local reparameterisation, training), ``mean`` (theta = mu) or ``sample``
@@ -73,25 +74,9 @@ class SparseGaussian(nn.Module):
     def active(self) -> int:
         return int(self.idx.numel())
 
-    def __getstate__(self) -> dict:
-        """A copy (deepcopy, pickle) starts outside any capture: it belongs to the original's Subspace."""
-        state = dict(super().__getstate__())  # a copy: the original stays in its capture
-        state.update(capture_dense_grad=False, dense_grad=None, _captured=CapturedGrad())
-        return state
-
     @property
     def density(self) -> float:
         return self.active / self.numel
-
-    def __getattr__(self, name: str) -> Tensor | nn.Module:
-        try:
-            return super().__getattr__(name)  # one a user registers (a "weight" buffer) too
-        except AttributeError:
-            if name != "weight":  # code written for nn.Linear / nn.Conv2d reads it
-                raise
-        raise AttributeError(f"{type(self).__name__} has no dense .weight: its weights are mu (and rho) at the positions idx "
-                             "(layer.to_dense(layer.mu) is the dense posterior mean); a module that reads a layer's .weight "
-                             "itself needs the layer left as it is, sparsify(..., exclude=[NAME])")
 
     def set_support(self, idx: Tensor, mu: Tensor, rho: Optional[Tensor] = None) -> None:
         """Replace the support and its values; ``idx`` must be sorted and unique."""
