@@ -874,3 +874,43 @@ def test_exclude_dense_and_the_warning_count_a_layer_by_any_of_its_names_and_a_w
     with caplog.at_level(logging.WARNING, logger="ssvi_cli"):
         sparsify(Tied(), 0.5)
     assert "(1,600 weights, 86.2% of the weights it converted or kept)" in caplog.records[-1].getMessage()
+
+
+class _TransposedLinear(nn.Module):
+    """transformers' Conv1D as GPT-2 uses it: a linear layer whose weight is stored (in, out)."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], self.nf)
+
+
+def test_transformers_conv1d_converts_as_the_linear_layer_it_is(tmp_path):
+    """GPT-2's attention and MLP layers (transformers' Conv1D) were kept dense and deterministic: a
+    sparsified GPT-2 had its classifier head alone in the posterior. Known by module and class name
+    (transformers is not installed here: a class of that name stands in); a subclass is not taken."""
+    conv1d = type("Conv1D", (_TransposedLinear,), {"__module__": "transformers.pytorch_utils", "__qualname__": "Conv1D"})
+    other = type("Conv1D", (_TransposedLinear,), {"__module__": "somewhere.else", "__qualname__": "Conv1D"})
+    torch.manual_seed(0)
+    net = nn.Sequential(conv1d(8, 5), nn.ReLU(), conv1d(3, 8))
+    original = copy.deepcopy(net)
+    report = sparsify(net, 0.0)
+    assert [(layer.name, layer.kind, layer.shape) for layer in report.layers] == [("0", "linear", (8, 5)),
+                                                                                  ("2", "linear", (3, 8))]
+    x = torch.randn(2, 7, 5)
+    torch.testing.assert_close(mean_forward(net, x), original(x))
+    sparse = nn.Sequential(conv1d(8, 5), nn.ReLU(), conv1d(3, 8))
+    weight = sparse[0].weight.detach().t().clone()
+    sparsify(sparse, 0.5)
+    kept = torch.zeros(40).index_copy(0, sparse[0].idx, sparse[0].mu.detach())
+    torch.testing.assert_close(kept[kept != 0], weight.flatten()[kept != 0])  # mu = w.T at the largest |w|
+    assert int((kept != 0).sum()) == 20 and kept.abs().min() == 0 and \
+        weight.flatten()[kept != 0].abs().min() >= weight.flatten()[kept == 0].abs().max()
+    assert sparsify(nn.Sequential(other(3, 4), nn.Linear(3, 2)), 0.5).kept[0][1].startswith("Conv1D holds its own")
+    ssvi.save(net, tmp_path / "m.safetensors", input_shape=(7, 5), class_names=["a", "b", "c"])
+    loaded = ssvi.load(tmp_path / "m.safetensors", model=nn.Sequential(conv1d(8, 5), nn.ReLU(), conv1d(3, 8)))
+    torch.testing.assert_close(mean_forward(loaded, x), original(x))

@@ -28,7 +28,7 @@ from ssvi_cli.core.conv import SparseConv1d, SparseConv2d
 from ssvi_cli.core.conversion_report import ConversionReport, ConvertedLayer
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
 from ssvi_cli.core.replaced import mark_replaced
-from ssvi_cli.core.targets import EXCLUDED, OWN, first_conv as model_stem, targets as convertible
+from ssvi_cli.core.targets import EXCLUDED, OWN, first_conv as model_stem, targets as convertible, transposed_linear
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ def _sparse_twin(module: nn.Module, bayesian: bool, stem: bool, sigma_param: str
         cls = SparseConv2d if isinstance(module, nn.Conv2d) else SparseConv1d
         return cls(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
                             padding=module.padding, dilation=module.dilation, groups=module.groups, **common)
+    if transposed_linear(module):  # weight (in, out)
+        return SparseLinear(module.weight.shape[0], module.weight.shape[1], **common)
     return SparseLinear(module.in_features, module.out_features, **common)
 
 
@@ -212,7 +214,7 @@ def _check_sigma_init(sigma_mean: float, sigma_std: float, moped_delta: Optional
 
 def _support_from_weights(twin: SparseGaussian, module: nn.Module, density: float, sigma_mean: float,
                           sigma_std: float, moped_delta: Optional[float], gen: torch.Generator) -> None:
-    weight = module.weight.detach()
+    weight = module.weight.detach().t() if transposed_linear(module) else module.weight.detach()
     k = active_count(twin.numel, density)
     if weight.is_meta:  # shapes only: a support of the right size, no values
         empty = torch.empty(k, device="meta")

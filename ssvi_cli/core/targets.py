@@ -40,10 +40,19 @@ READ_DIRECTLY: dict[str, tuple[str, tuple[str, ...]]] = {
 # Subclasses of the converted classes whose own forward computes what the base class's does (timm's Linear:
 # F.linear outside TorchScript), converted as the base class is.
 PLAIN_SUBCLASSES = ("timm.layers.linear.Linear",)
+# Modules holding a linear layer's weight transposed, (in, out), applied as x @ weight + bias: transformers'
+# Conv1D (GPT-2's attention and MLP), converted as an nn.Linear(in, out) holding weight.T. The class
+# itself only: a subclass may compute otherwise.
+TRANSPOSED_LINEAR = ("transformers.pytorch_utils.Conv1D",)
 
 
 def _names(cls: type) -> tuple[str, str]:
     return cls.__name__, f"{cls.__module__}.{cls.__qualname__}"
+
+
+def transposed_linear(module: nn.Module) -> bool:
+    """A module of :data:`TRANSPOSED_LINEAR`, converted as the linear layer it is."""
+    return _names(type(module))[1] in TRANSPOSED_LINEAR
 
 
 def _reads_directly(module: nn.Module) -> Optional[tuple[str, tuple[str, ...]]]:
@@ -88,10 +97,10 @@ def _own_behaviour(module: nn.Module) -> Optional[str]:
     carry: its own forward (timm's StdConv2d, Conv2dSame, quantization-aware layers) or parameters, buffers or
     submodules besides weight and bias (a learned scale, an adapter). None for the plain classes and a
     subclass that adds nothing (attention's NonDynamicallyQuantizableLinear)."""
-    base = next(c for c in CONVERTED if isinstance(module, c))
+    base = next((c for c in CONVERTED if isinstance(module, c)), None)
     cls = type(module)
-    if _names(cls)[1] in PLAIN_SUBCLASSES:
-        return None
+    if _names(cls)[1] in PLAIN_SUBCLASSES or (base is None and "forward" not in vars(module)):
+        return None  # (base None: a TRANSPOSED_LINEAR class)
     methods = [m for m in ("forward", "_conv_forward") if getattr(cls, m, None) is not getattr(base, m, None)]
     extra = [n for n, _ in module.named_parameters(recurse=False) if n not in ("weight", "bias")]
     extra += [n for n, _ in module.named_buffers(recurse=False)] + [n for n, _ in module.named_children()]
@@ -133,10 +142,11 @@ def targets(model: nn.Module, stored: Collection[str] = (), exclude: Collection[
             kept.append((name, f"{type(module).__name__} is not converted ({CONVERTED_NAMES} are)"))
         elif isinstance(module, nn.MultiheadAttention):
             kept.append((name, "nn.MultiheadAttention's in-projection weights are not converted"))
-        elif not isinstance(module, (*CONVERTED, SparseGaussian)) and (own := _own_weights(module)):
+        elif not isinstance(module, (*CONVERTED, SparseGaussian)) and not transposed_linear(module) \
+                and (own := _own_weights(module)):
             kept.append((name, f"{type(module).__name__} {OWN} {', '.join(own)}, kept as "
                                f"{'they are' if len(own) > 1 else 'it is'} ({CONVERTED_NAMES} are converted)"))
-        if not isinstance(module, CONVERTED) or isinstance(module, SparseGaussian):
+        if not (isinstance(module, CONVERTED) or transposed_linear(module)) or isinstance(module, SparseGaussian):
             continue
         if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
             raise ValueError(f"layer {name!r} ({type(module).__name__}) has no shape yet; run one forward pass before sparsify")
