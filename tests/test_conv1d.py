@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -146,3 +147,20 @@ def test_a_file_that_kept_its_conv1d_dense_loads_with_it_dense(tmp_path):
     x = torch.randn(3, 2, 40)
     with ssvi.sampling(model.eval(), "mean"), ssvi.sampling(loaded, "mean"):
         torch.testing.assert_close(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("kernel", ["sparse", "dense"])
+def test_an_input_of_another_channel_count_rank_or_too_short_is_refused_in_torchs_words(kernel):
+    """On the sparse kernel a 1x1 convolution took 12 channels for 8 in silence (the product read the
+    first 8), and other shapes failed in the kernel's own words."""
+    for conv, shapes in ((nn.Conv1d(8, 64, 1), [(2, 12, 40), (2, 7, 40), (2, 8, 0), (1, 2, 8, 40)]),
+                         (nn.Conv2d(4, 16, 1), [(2, 5, 6, 6), (2, 4, 0, 6), (2, 4, 6)]),
+                         (nn.Conv2d(4, 16, 3), [(2, 4, 2, 2)])):
+        model = nn.Sequential(nn.Identity(), copy.deepcopy(conv))
+        ssvi.sparsify(model, 0.95, dense_first_conv=False, kernel=kernel)
+        for shape in shapes:
+            x = torch.randn(*shape)
+            with pytest.raises(RuntimeError) as torchs:
+                conv(x)
+            with pytest.raises(RuntimeError, match=re.escape(str(torchs.value))):
+                model(x)

@@ -475,6 +475,27 @@ def test_a_layer_with_a_hook_or_a_reparametrized_weight_is_refused_before_anythi
     assert isinstance(model[0], nn.Linear) and not isinstance(model[0], SparseGaussian)
 
 
+def test_a_weight_norm_made_permanent_as_the_refusal_says_converts():
+    """remove_parametrizations leaves torch's weight_norm state-dict hook on the layer, with no handle
+    to remove it: the refusal's own advice led to a second refusal that could not be acted on."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), parametrizations.weight_norm(nn.Conv1d(4, 4, 3)), nn.Flatten(),
+                          parametrizations.weight_norm(nn.Linear(16, 3)))
+    with pytest.raises(ValueError, match="^layer '1' has a pruned or reparametrized weight"):
+        sparsify(model, 0.0)
+    for layer in (model[1], model[3]):
+        parametrize.remove_parametrizations(layer, "weight")
+    original = copy.deepcopy(model)
+    sparsify(model, 0.0)
+    x = torch.randn(2, 2, 8)
+    torch.testing.assert_close(mean_forward(model, x), original(x))
+    other = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    other[1]._register_load_state_dict_pre_hook(lambda *args: None)  # anyone else's is still refused
+    with pytest.raises(ValueError, match="^layer '1' has state-dict hooks"):
+        sparsify(other, 0.5)
+
+
 def test_a_layer_kept_dense_keeps_its_hooks_and_does_not_stop_the_conversion():
     """A hook or spectral norm on a layer sparsify leaves as it is (circular padding) aborted the whole
     conversion, though nothing of it would be lost."""

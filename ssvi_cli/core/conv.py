@@ -52,9 +52,23 @@ class SparseConv2d(SparseGaussian):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, H, W) as ``nn.Conv2d`` takes it, and one unbatched image (C, H, W) as well."""
+        self.check_input(x)
         if x.dim() == 3:
             return super().forward(x.unsqueeze(0)).squeeze(0)
         return super().forward(x)
+
+    def check_input(self, x: Tensor) -> None:
+        """torch's own refusals of an input of another rank or channel count (the sparse kernel's
+        product took a wrong count in silence, or failed in words of its own)."""
+        spatial = len(self.weight_shape) - 2
+        if x.dim() not in (spatial + 1, spatial + 2):
+            raise RuntimeError(f"Expected {spatial + 1}D (unbatched) or {spatial + 2}D (batched) input to conv{spatial}d, "
+                               f"but got input of size: {list(x.shape)}")
+        if x.shape[-spatial - 1] != self.in_channels:
+            batched = [1] * (x.dim() == spatial + 1) + list(x.shape)  # torch names an unbatched input as batched
+            raise RuntimeError(f"Given groups={self.groups}, weight of size {list(self.weight_shape)}, expected input"
+                               f"{batched} to have {self.in_channels} channels, but got {x.shape[-spatial - 1]} "
+                               "channels instead")
 
     def default_sparse(self) -> bool:
         # A transient dense weight with cuDNN/oneDNN convolution beats unfold + CSR for 3x3 kernels
@@ -80,7 +94,9 @@ class SparseConv2d(SparseGaussian):
         return self.weight_shape[2:], self.stride, self.padding, self.dilation  # type: ignore[return-value]
 
     def apply_weight(self, x: Tensor, values: Tensor) -> Tensor:
-        if self.groups == 1 and not isinstance(self.padding, str) and self.uses_sparse_kernel():
+        spatial = len(self.weight_shape) - 2  # an input too short for the kernel: torch's message, from the dense op
+        if self.groups == 1 and not isinstance(self.padding, str) and self.uses_sparse_kernel() \
+                and min(self.output_size(*x.shape[-spatial:])) >= 1:
             return self._sparse_conv(x, values)
         return self.dense_op(x, self.to_dense(values))
 
@@ -125,6 +141,7 @@ class SparseConv1d(SparseConv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, L) as ``nn.Conv1d`` takes it, and one unbatched sequence (C, L) as well."""
+        self.check_input(x)
         if x.dim() == 2:
             return SparseGaussian.forward(self, x.unsqueeze(0)).squeeze(0)
         return SparseGaussian.forward(self, x)

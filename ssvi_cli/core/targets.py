@@ -77,12 +77,22 @@ def _refuse_what_would_be_lost(name: str, module: nn.Module) -> None:
     dicts = {"forward": ("_forward_hooks",), "forward pre": ("_forward_pre_hooks",), "backward": ("_backward_hooks",
              "_backward_pre_hooks"), "state-dict": ("_state_dict_hooks", "_state_dict_pre_hooks",
              "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")}
-    hooks = [kind for kind, attrs in dicts.items() if any(getattr(module, a, None) for a in attrs)]
+    hooks = [kind for kind, attrs in dicts.items()
+             if any(not _torchs_own(h) for a in attrs for h in (getattr(module, a, None) or {}).values())]
     hooks += ["tensor"] * any(getattr(p, "_backward_hooks", None) or getattr(p, "_post_accumulate_grad_hooks", None)
                               for p in module.parameters(recurse=False))
     if hooks:
         raise ValueError(f"layer {name!r} has {' and '.join(hooks)} hooks, which its sparse replacement would not carry; "
                          "remove them before sparsify (handle.remove()) and register them on the converted layer")
+
+
+def _torchs_own(hook: object) -> bool:
+    """The state-dict hook torch's ``weight_norm`` parametrization registers (it reads an older state
+    dict's ``weight_g``/``weight_v``), which ``remove_parametrizations`` leaves behind, with no handle
+    to remove it: the replacement has no use for it."""
+    fn = getattr(hook, "hook", hook)  # torch wraps a state-dict hook in a _WrappedHook
+    return getattr(fn, "__module__", "") == "torch.nn.utils.parametrizations" and \
+        getattr(fn, "__qualname__", "").endswith("._weight_norm_compat_hook")
 
 
 def _reparametrized(module: nn.Module) -> bool:
