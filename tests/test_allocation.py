@@ -72,7 +72,11 @@ def test_the_weights_kept_dense_outside_the_sparse_layers_are_counted():
 
     model = Block()
     ssvi.sparsify(model, 0.5)
-    assert kept_dense_weights(model) == 10 * 8 + 3 * 8 * 8 + 8 * 8  # embedding, in-projection, out_proj
+    assert kept_dense_weights(model) == 10 * 8  # the embedding (the attention's four projections are converted)
+    whole = Block()
+    whole.attn = nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True)  # kept whole
+    ssvi.sparsify(whole, 0.5)
+    assert kept_dense_weights(whole) == 10 * 8 + 3 * 8 * 8 + 8 * 8 + 2 * 8  # embedding, in-projection, out_proj, bias_k/v
     cfg = C.load_preset("digits_mlp")
     mlp = make_model(cfg, get_spec("digits"))
     assert kept_dense_weights(mlp) == 0  # every weight of ssvi's own models is in a sparse layer

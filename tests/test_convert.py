@@ -399,7 +399,7 @@ def test_weight_layers_it_does_not_convert_are_reported_and_a_lazy_layer_is_refu
         sparsify(nn.Sequential(nn.LazyLinear(3)), 0.5)
 
 
-def test_a_subclass_of_multihead_attention_keeps_out_proj_dense_and_runs():
+def test_a_subclass_of_multihead_attention_that_adds_nothing_is_split_and_runs():
     class MyAttention(nn.MultiheadAttention):
         pass
 
@@ -414,9 +414,19 @@ def test_a_subclass_of_multihead_attention_keeps_out_proj_dense_and_runs():
 
     net = Net()
     report = sparsify(net, 0.5)
-    assert dict(report.kept) == {"att": "nn.MultiheadAttention's in-projection weights are not converted",
-                                 "att.out_proj": "nn.MultiheadAttention reads out_proj.weight directly"}
+    assert report.kept == [] and [layer.name for layer in report.layers][:4] == ["att.q_proj", "att.k_proj", "att.v_proj",
+                                                                                 "att.out_proj"]
     assert net(torch.randn(2, 4, 8)).shape == (2, 3)
+
+    class OwnForward(nn.MultiheadAttention):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    net = Net()
+    net.att = OwnForward(8, 2, batch_first=True)
+    assert dict(sparsify(net, 0.5).kept) == {
+        "att": "OwnForward computes with a forward of its own, which a split copy would drop",
+        "att.out_proj": "nn.MultiheadAttention reads out_proj.weight directly"}
 
 
 def test_regnet_builds_as_a_shapes_only_model():
@@ -657,7 +667,7 @@ def test_a_subclass_with_its_own_forward_or_parameters_is_kept_as_it_is():
         loaded = ssvi.load(f"{folder}/m.safetensors", model=fresh)
     assert type(loaded[1]) is StdConv and type(loaded[3]) is ScaledLinear
     torch.testing.assert_close(mean_forward(loaded, x), before)
-    attention = nn.MultiheadAttention(8, 2)  # its out_proj subclasses nn.Linear and adds nothing: read directly, kept
+    attention = nn.MultiheadAttention(8, 2, add_bias_kv=True)  # kept whole: its out_proj (a plain subclass) is read directly
     assert dict(sparsify(nn.Sequential(attention, PlainLinear(8, 2)), 0.5).kept)["0.out_proj"].startswith(
         "nn.MultiheadAttention reads out_proj.weight")
 
@@ -874,7 +884,7 @@ def test_exclude_dense_and_the_warning_count_a_layer_by_any_of_its_names_and_a_w
     shared = nn.Linear(4, 4)
     net = nn.ModuleDict({"a": shared, "b": shared, "h": nn.Linear(4, 2)})
     assert dict(sparsify(net, 0.5, exclude="b").kept)["a"] == "exclude="  # listed under its first name
-    att = nn.ModuleDict({"att": nn.MultiheadAttention(8, 2), "h": nn.Linear(8, 2)})
+    att = nn.ModuleDict({"att": nn.MultiheadAttention(8, 2, add_bias_kv=True), "h": nn.Linear(8, 2)})  # kept whole
     with pytest.raises(ValueError, match=r"^exclude: 'att.out_proj' matches no Linear, Conv2d or Conv1d layer that sparsify"):
         sparsify(att, 0.5, exclude="att.out_proj")
     vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2,

@@ -22,6 +22,7 @@ from torch import nn
 from ssvi_cli.argcheck import real
 from ssvi_cli.config import BayesConfig, SparseConfig
 from ssvi_cli.core.allocation import InitSpec, active_count, initialise, kept_dense_weights, layer_densities
+from ssvi_cli.core.attention import split_attention
 from ssvi_cli.core.criteria import top_k_indices
 from ssvi_cli.core.gaussian import HALF_SIGMA, rho_from_sigma
 from ssvi_cli.core.conv import SparseConv1d, SparseConv2d
@@ -66,7 +67,7 @@ def sparsify(model: nn.Module, sparsity: float = SparseConfig.sparsity, *, bayes
              sigma_mean: float = BayesConfig.sigma_init_mean, sigma_std: float = BayesConfig.sigma_init_std,
              moped_delta: Optional[float] = None, sigma_param: str = BayesConfig.sigma_param, kernel: str = "auto",
              generator: Optional[torch.Generator] = None, structure_only: bool = False,
-             _stored: Collection[str] = (), _say_kept: bool = True) -> ConversionReport:
+             _stored: Collection[str] = (), _say_kept: bool = True, _split_attention: bool = True) -> ConversionReport:
     """Convert ``model`` in place, each new layer on its weight's device and in its dtype; returns
     the per-layer report (what stays as it is, and why, in ``kept``).
 
@@ -80,10 +81,27 @@ def sparsify(model: nn.Module, sparsity: float = SparseConfig.sparsity, *, bayes
     init). ``generator``: the random support, mu and sigma draws (default: seeded from torch's global
     RNG, so ``torch.manual_seed`` decides them). ``moped_delta``: sigma = delta * |w| instead of ``|N(sigma_mean, sigma_std^2)|``.
     Works on a model built on the ``meta`` device (shapes and counts only). ``structure_only``:
-    replace the layers and leave their supports empty (for a file or checkpoint to fill).
+    replace the layers and leave their supports empty (for a file or checkpoint to fill). Each
+    ``nn.MultiheadAttention`` is first split into its four projection layers (``core.attention``), which
+    convert as any ``nn.Linear`` (``_split_attention=False``: those of a file that stores them dense).
     """
+    given = dict(locals())
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify converts an nn.Module, not a {type(model).__name__}")
+    undo = split_attention(model) if given.pop("_split_attention") else (lambda: None)
+    try:
+        return _convert(**given)
+    except BaseException:  # a conversion that fails leaves the model as it was: attention put back too
+        undo()
+        raise
+
+
+def _convert(model: nn.Module, sparsity: float, *, bayesian: bool, dense: str | Iterable[str],
+             deterministic: str | Iterable[str], exclude: str | Iterable[str], dense_first_conv: bool, allocation: str,
+             from_weights: bool, sigma_mean: float, sigma_std: float, moped_delta: Optional[float], sigma_param: str,
+             kernel: str, generator: Optional[torch.Generator], structure_only: bool, _stored: Collection[str],
+             _say_kept: bool) -> ConversionReport:
+    """:func:`sparsify` once the attention modules are split."""
     for arg, flag in (("bayesian", bayesian), ("from_weights", from_weights), ("dense_first_conv", dense_first_conv),
                       ("structure_only", structure_only)):
         if not isinstance(flag, bool):

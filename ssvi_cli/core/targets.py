@@ -11,6 +11,7 @@ from typing import Collection, Optional
 
 from torch import nn
 
+from ssvi_cli.core.attention import unsplittable
 from ssvi_cli.core.conv import SparseConv2d
 from ssvi_cli.core.layers import SparseGaussian
 
@@ -151,7 +152,7 @@ def targets(model: nn.Module, stored: Collection[str] = (), exclude: Collection[
         if isinstance(module, UNCONVERTED):
             kept.append((name, f"{type(module).__name__} is not converted ({CONVERTED_NAMES} are)"))
         elif isinstance(module, nn.MultiheadAttention):
-            kept.append((name, "nn.MultiheadAttention's in-projection weights are not converted"))
+            kept.append((name, unsplittable(module) or "nn.MultiheadAttention's in-projection weights are not converted"))
         elif not isinstance(module, (*CONVERTED, SparseGaussian)) and not transposed_linear(module) \
                 and (own := _own_weights(module)):
             kept.append((name, f"{type(module).__name__} {OWN} {', '.join(own)}, kept as "

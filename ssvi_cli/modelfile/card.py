@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 from ssvi_cli.config import SIGMA_PARAMS, Config, from_dict
 from ssvi_cli.data.spec import DataSpec
 from ssvi_cli.fileio import compact_json
-from ssvi_cli.models import LayerFactory, SSVIModel, build_architecture
+from ssvi_cli.models import TORCHVISION, LayerFactory, SSVIModel, build_architecture
 
 NO_DATASET = "unspecified"  # the dataset of a file saved by ssvi.save without dataset=
 
@@ -33,16 +33,22 @@ class Architecture:
     widths: tuple[int, ...] = (256, 256)
     bayesian: bool = True
     sigma_param: str = "softplus"
+    # A torchvision model's nn.MultiheadAttention split into four projection layers (core.attention), as
+    # sparsify splits it; a file from before records no "attention" and kept it whole.
+    split_attention: bool = True
 
     def to_dict(self) -> dict[str, Any]:
+        split = self.split_attention and self.name.startswith(TORCHVISION)
         return {"name": self.name, "widths": list(self.widths), "bayesian": self.bayesian,
-                "sigma_param": self.sigma_param}
+                "sigma_param": self.sigma_param, **({"attention": "split"} if split else {})}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Architecture":
         try:
-            arch = cls(name=str(d["name"]), widths=tuple(int(w) for w in d.get("widths", (256, 256))),
-                       bayesian=bool(d["bayesian"]), sigma_param=str(d.get("sigma_param", "softplus")))
+            name = str(d["name"])
+            arch = cls(name=name, widths=tuple(int(w) for w in d.get("widths", (256, 256))),
+                       bayesian=bool(d["bayesian"]), sigma_param=str(d.get("sigma_param", "softplus")),
+                       split_attention=d.get("attention") == "split" or not name.startswith(TORCHVISION))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CardError(f"architecture {dict(d) if isinstance(d, Mapping) else d!r} is malformed ({exc})") from None
         if any(w < 1 for w in arch.widths):
@@ -176,5 +182,6 @@ def build_model(card: ModelCard, kernel: str = "auto") -> SSVIModel:
     ``ValueError`` for an impossible architecture/input pairing.
     """
     arch = card.architecture
-    layers = LayerFactory(bayesian=arch.bayesian, sigma_param=arch.sigma_param, kernel=kernel)
+    layers = LayerFactory(bayesian=arch.bayesian, sigma_param=arch.sigma_param, kernel=kernel,
+                          split_attention=arch.split_attention)
     return build_architecture(arch.name, card.data.input_shape, card.data.num_classes, layers, arch.widths)

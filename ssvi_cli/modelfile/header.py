@@ -14,6 +14,7 @@ from typing import Any, Optional
 FORMAT_NAME = "ssvi"
 FORMAT_VERSION = 2  # the newest this ssvi reads and writes; a file is written with the oldest that holds it
 KINDS = {"linear": 1, "conv2d": 1, "conv1d": 2}  # each layer kind and the format version that brought it
+# (version 2 also brought nn.MultiheadAttention split into four layers: writer.version_for)
 LAYOUTS = ("compact", "dense")
 DTYPES = ("float32", "float16", "bfloat16")
 ST_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # safetensors' names of DTYPES

@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from ssvi_cli.core.attention import split_attention
 from ssvi_cli.core.convert import sparsify
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.core.replaced import unmark
@@ -81,14 +82,17 @@ def _fill(wrapper: nn.Module, model: nn.Module, path: Path, meta: dict[str, Any]
         install(model, path, meta, read_tensors(path), target=target)  # validates before it changes anything
         _remember_card(model, meta)
         return wrapper.to(device).eval()
+    # Each nn.MultiheadAttention split as the file stores it (one from before the split keeps it whole).
     # A file that does not fit puts the user's layers back, not a model converted with empty supports.
+    keys = read_header(path)["tensors"]
+    undo_split = split_attention(model, lambda name: any(key.startswith(f"{name}.q_proj.") for key in keys))
     children = [(module, dict(module._modules)) for module in model.modules()]
     try:
         records = [r for r in meta["layers"] if isinstance(r, dict)]
         stored = {str(r.get("name")) for r in records}
         report = sparsify(model, structure_only=True, sigma_param=str(meta["architecture"].get("sigma_param", "softplus")),
                           deterministic=[str(r.get("name")) for r in records if not r.get("bayesian")], kernel=kernel,
-                          _stored=stored)  # a subclass the file stores sparse, as it was trained
+                          _stored=stored, _split_attention=False)  # _stored: a subclass the file stores sparse
         _keep_dense_as_stored(model, children, stored)  # a plain head the file stores with the dense tensors
         tied = next(((name, why) for name, why in report.kept if name in stored and why.startswith(TIED)), None)
         if tied is not None:  # a file written when ssvi still converted tied layers (untying them)
@@ -101,6 +105,7 @@ def _fill(wrapper: nn.Module, model: nn.Module, path: Path, meta: dict[str, Any]
             module._modules.clear()
             module._modules.update(kept)
             unmark(m for m in kept.values() if m is not None)  # the user's layers, trainable by their optimizer
+        undo_split()
         raise
     _remember_card(model, meta)
     return wrapper.to(device).eval()

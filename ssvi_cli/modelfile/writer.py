@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ssvi_cli.core.attention import SplitMultiheadAttention
 from ssvi_cli.core.layers import SparseGaussian, sparse_layers
 from ssvi_cli.core.state import support_problem
 from ssvi_cli.fileio import atomic_path, compact_json
@@ -25,6 +26,13 @@ from ssvi_cli.models import SSVIModel
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 log = logging.getLogger(__name__)
+
+
+def version_for(model: nn.Module, records: list[dict]) -> int:
+    """The oldest format version that holds the file: 2 for a conv1d layer or a split
+    nn.MultiheadAttention (an older reader refuses it as newer, not as unknown tensors), else 1."""
+    split = any(isinstance(m, SplitMultiheadAttention) for m in model.modules())
+    return max([1, 2 * split, *(KINDS[r["kind"]] for r in records)])
 
 
 def layer_kind(layer: SparseGaussian) -> str:
@@ -124,7 +132,7 @@ def write_model_file(model: SSVIModel, path: Path, card: ModelCard, *, dtype: st
     tensors, records = model_tensors(model, dtype, dense)
     metadata = {
         "format": FORMAT_NAME,
-        "version": str(max([1, *(KINDS[r["kind"]] for r in records)])),  # readers of version 1 take a file without conv1d
+        "version": str(version_for(model, records)),
         "layout": "dense" if dense else "compact",
         "dtype": dtype,
         **card.to_metadata(),

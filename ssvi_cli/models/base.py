@@ -44,6 +44,7 @@ class LayerFactory:
     bayesian: bool
     sigma_param: str = "softplus"
     kernel: str = "auto"  # the kernel policy of every layer (ssvi_cli.core.kernels.KERNELS)
+    split_attention: bool = True  # a torchvision model's nn.MultiheadAttention as four layers (a file may keep it whole)
 
     def linear(self, fan_in: int, fan_out: int, *, bias: bool = True, stem: bool = False) -> SparseLinear:
         return SparseLinear(fan_in, fan_out, bias=bias, bayesian=self.bayesian,

@@ -79,5 +79,5 @@ def torchvision_model(name: str, in_shape: Sequence[int], num_classes: int, laye
 
     model = torchvision_base(name, in_shape, num_classes)
     sparsify(model, structure_only=True, bayesian=layers.bayesian, sigma_param=layers.sigma_param,
-             kernel=layers.kernel)
+             kernel=layers.kernel, _split_attention=layers.split_attention)
     return model
