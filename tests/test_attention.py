@@ -106,6 +106,9 @@ def test_attention_it_cannot_split_is_kept_with_its_reason_and_a_failed_conversi
     assert kept["hooked"].startswith("nn.MultiheadAttention with hooks")
     assert kept["kv.out_proj"] == kept["hooked.out_proj"] == "nn.MultiheadAttention reads out_proj.weight directly"
     assert isinstance(model["plain"], SplitMultiheadAttention) and isinstance(model["hooked"], nn.MultiheadAttention)
+    with pytest.raises(AttributeError, match="has no in_proj_weight: ssvi_cli.sparsify split nn.MultiheadAttention's "
+                                             "in-projection into the layers q_proj, k_proj and v_proj"):
+        model["plain"].in_proj_weight  # code that read the packed weight (an attention-map tool)
 
     again = nn.Sequential(nn.MultiheadAttention(8, 2))
     before = list(again[0].parameters())

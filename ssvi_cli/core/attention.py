@@ -178,6 +178,16 @@ class SplitMultiheadAttention(nn.Module):
             return out.squeeze(1), None if weights is None else weights.squeeze(0)
         return (out.transpose(0, 1) if self.batch_first else out), weights
 
+    def __getattr__(self, name: str) -> Tensor | nn.Module:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name not in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                raise
+        raise AttributeError(f"SplitMultiheadAttention has no {name}: ssvi_cli.sparsify split nn.MultiheadAttention's "
+                             "in-projection into the layers q_proj, k_proj and v_proj (a sparse layer's dense posterior "
+                             "mean is layer.to_dense(layer.mu); a plain one's, layer.weight)")
+
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
 
