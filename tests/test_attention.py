@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import re
 
 import pytest
 import torch
@@ -189,3 +190,57 @@ def test_a_torchvision_card_says_whether_its_attention_is_split():
     whole = torchvision_model("vit_b_32", (3, 224, 224), 3, LayerFactory(bayesian=True, split_attention=False))
     assert sum(type(m) is nn.MultiheadAttention for m in whole.modules()) == 12
     assert not any(isinstance(m, SplitMultiheadAttention) for m in whole.modules())
+
+
+def test_from_a_review_an_unbiased_out_proj_wrong_shapes_and_names_of_the_attention_itself(tmp_path):
+    """out_proj without a bias got uninitialised memory as one; wrong shapes failed in reshape's
+    words; exclude= could not keep an attention whole; dense= naming one did not say its layers;
+    an attention as the model itself had its out_proj converted; a pruned out_proj read as hooked."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0)
+    layer.self_attn.out_proj.bias = None
+    model, x = nn.Sequential(layer).eval(), torch.randn(5, 2, 16)
+    original = copy.deepcopy(model)
+    ssvi.sparsify(model, 0.0)
+    assert model[0].self_attn.out_proj.bias is None
+    with ssvi.sampling(model, "mean"):
+        torch.testing.assert_close(model(x), original(x), atol=1e-6, rtol=1e-5)
+
+    mha = nn.MultiheadAttention(8, 2)
+    split = SplitMultiheadAttention.from_module(mha)
+    for args in [(torch.randn(3, 2, 8), torch.randn(4, 2, 8), torch.randn(5, 2, 8)),
+                 (torch.randn(3, 2, 8), torch.randn(4, 8), torch.randn(4, 8)), (torch.randn(1, 3, 2, 8),) * 3,
+                 (torch.randn(3, 2, 9),) * 3]:
+        with pytest.raises(AssertionError) as torchs:
+            mha(*args)
+        with pytest.raises(AssertionError, match=re.escape(str(torchs.value))):
+            split(*args)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.att, self.head = nn.MultiheadAttention(8, 2), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.att(x, x, x)[0])
+
+    net = Net()
+    assert dict(ssvi.sparsify(net, 0.5, exclude="att").kept)["att"] == "exclude=" and type(net.att) is nn.MultiheadAttention
+    with pytest.raises(ValueError, match=r"^dense: 'att' matches no .* but names the attention att, whose layers are "
+                                         r"att.q_proj, .k_proj, .v_proj and .out_proj: 'att.\*' names them"):
+        ssvi.sparsify(Net(), 0.5, dense="att")
+    with pytest.raises(ValueError, match=r"no Linear, Conv2d or Conv1d layer that sparsify converts \(\(the model itself\)"):
+        ssvi.sparsify(nn.MultiheadAttention(8, 2), 0.5)  # its out_proj was converted, and its forward then failed
+    pruned = Net()
+    prune.l1_unstructured(pruned.att.out_proj, "weight", 0.3)
+    assert dict(ssvi.sparsify(pruned, 0.5).kept)["att"].startswith("nn.MultiheadAttention with a pruned")
+
+    old = Net()
+    ssvi.sparsify(old, 0.5, _split_attention=False)
+    ssvi.save(old, tmp_path / "old.safetensors", input_shape=(4, 8), class_names=["a", "b"])
+    converted = Net()
+    ssvi.sparsify(converted, 0.5)
+    with pytest.raises(ssvi.ModelFileError, match="lacks layer 'att.q_proj' .*: the file keeps that attention whole"):
+        ssvi.load(tmp_path / "old.safetensors", model=converted)

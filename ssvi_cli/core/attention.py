@@ -28,13 +28,13 @@ def unsplittable(module: nn.MultiheadAttention) -> Optional[str]:
         return "nn.MultiheadAttention with add_bias_kv or add_zero_attn is not converted"
     if type(module).forward is not nn.MultiheadAttention.forward or "forward" in vars(module):
         return f"{type(module).__name__} computes with a forward of its own, which a split copy would drop"
+    if any(n.endswith(("_orig", "_g")) or "parametrizations" in n for n, _ in module.named_parameters()):
+        return "nn.MultiheadAttention with a pruned or reparametrized weight, which a split copy would drop"
     hooked = [m for m in (module, module.out_proj) for d in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
               "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
               "_load_state_dict_post_hooks") if getattr(m, d, None)]
     if hooked or any(getattr(p, "_backward_hooks", None) for p in module.parameters()):
         return "nn.MultiheadAttention with hooks (on it, its out_proj or a weight), which a split copy would not carry"
-    if any(n.endswith(("_orig", "_g")) or "parametrizations" in n for n, _ in module.named_parameters()):
-        return "nn.MultiheadAttention with a pruned or reparametrized weight, which a split copy would drop"
     return None
 
 
@@ -49,7 +49,7 @@ def split_attention(model: nn.Module, wanted: Callable[[str], bool] = lambda nam
     done: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, child name, original)
     for names in aliases.values():
         original = model.get_submodule(names[0])
-        if unsplittable(original) is not None or not wanted(names[0]):
+        if unsplittable(original) is not None or not all(wanted(name) for name in names):
             continue
         split = SplitMultiheadAttention.from_module(original)
         mark_replaced(original, names[0])
@@ -114,9 +114,9 @@ class SplitMultiheadAttention(nn.Module):
             (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
         biases = mha.in_proj_bias.detach().split(e) if mha.in_proj_bias is not None else (None,) * 3
         for layer, w, b, source in zip((split.q_proj, split.k_proj, split.v_proj), weights, biases, sources):
-            _copy(layer, w, b, source.requires_grad, mha.in_proj_bias)
+            _copy(layer, w, b, source, mha.in_proj_bias)
         _copy(split.out_proj, mha.out_proj.weight.detach(), None if mha.out_proj.bias is None else
-              mha.out_proj.bias.detach(), mha.out_proj.weight.requires_grad, mha.out_proj.bias)
+              mha.out_proj.bias.detach(), mha.out_proj.weight, mha.out_proj.bias)
         split.train(mha.training)
         return split
 
@@ -124,6 +124,7 @@ class SplitMultiheadAttention(nn.Module):
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         """``nn.MultiheadAttention.forward``'s arguments and results."""
+        self._check_shapes(query, key, value, key_padding_mask, attn_mask)
         batched = query.dim() == 3
         if not batched:  # (L, E): one sequence, as a batch of one in (L, N, E)
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -178,6 +179,29 @@ class SplitMultiheadAttention(nn.Module):
             return out.squeeze(1), None if weights is None else weights.squeeze(0)
         return (out.transpose(0, 1) if self.batch_first else out), weights
 
+    def _check_shapes(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
+                      attn_mask: Optional[Tensor]) -> None:
+        """torch's refusals of inputs of the wrong rank or size, in its words."""
+        if query.dim() not in (2, 3):
+            raise AssertionError(f"query should be unbatched 2D or batched 3D tensor but received {query.dim()}-D query tensor")
+        kind, rank = ("batched (3-D)", 3) if query.dim() == 3 else ("unbatched (2-D)", 2)
+        if key.dim() != rank or value.dim() != rank:
+            raise AssertionError(f"For {kind} `query`, expected `key` and `value` to be {rank}-D but found {key.dim()}-D "
+                                 f"and {value.dim()}-D tensors respectively")
+        if key_padding_mask is not None and key_padding_mask.dim() != rank - 1:
+            raise AssertionError(f"For {kind} `query`, expected `key_padding_mask` to be `None` or {rank - 1}-D but found "
+                                 f"{key_padding_mask.dim()}-D tensor instead")
+        if attn_mask is not None and attn_mask.dim() not in (2, 3):
+            raise AssertionError(f"For {kind} `query`, expected `attn_mask` to be `None`, 2-D or 3-D but found "
+                                 f"{attn_mask.dim()}-D tensor instead")
+        if query.shape[-1] != self.embed_dim:
+            raise AssertionError(f"was expecting embedding dimension of {self.embed_dim}, but got {query.shape[-1]}")
+        if self.kdim == self.vdim == self.embed_dim:
+            if key.shape != value.shape:
+                raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
+        elif key.shape[:-1] != value.shape[:-1]:
+            raise AssertionError(f"key's sequence and batch dims {key.shape[:-1]} do not match value's {value.shape[:-1]}")
+
     def __getattr__(self, name: str) -> Tensor | nn.Module:
         try:
             return super().__getattr__(name)
@@ -192,10 +216,12 @@ class SplitMultiheadAttention(nn.Module):
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
 
 
-def _copy(layer: nn.Linear, weight: Tensor, bias: Optional[Tensor], trainable: bool, source_bias: Optional[Tensor]) -> None:
-    layer.weight = nn.Parameter(weight.clone(), requires_grad=trainable)
-    if bias is not None and source_bias is not None:
-        layer.bias = nn.Parameter(bias.clone(), requires_grad=source_bias.requires_grad)
+def _copy(layer: nn.Linear, weight: Tensor, bias: Optional[Tensor], source: Tensor, source_bias: Optional[Tensor]) -> None:
+    """``layer`` takes ``weight`` and ``bias`` (None: no bias, as torch lets out_proj have none while the
+    in-projection has one), each trainable as its source was."""
+    layer.weight = nn.Parameter(weight.clone(), requires_grad=source.requires_grad)
+    layer.bias = None if bias is None or source_bias is None else \
+        nn.Parameter(bias.clone(), requires_grad=source_bias.requires_grad)
 
 
 def _float_mask(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:

@@ -22,7 +22,7 @@ from torch import nn
 from ssvi_cli.argcheck import real
 from ssvi_cli.config import BayesConfig, SparseConfig
 from ssvi_cli.core.allocation import InitSpec, active_count, initialise, kept_dense_weights, layer_densities
-from ssvi_cli.core.attention import split_attention
+from ssvi_cli.core.attention import SplitMultiheadAttention, split_attention
 from ssvi_cli.core.criteria import top_k_indices
 from ssvi_cli.core.gaussian import HALF_SIGMA, rho_from_sigma
 from ssvi_cli.core.conv import SparseConv1d, SparseConv2d
@@ -83,12 +83,15 @@ def sparsify(model: nn.Module, sparsity: float = SparseConfig.sparsity, *, bayes
     Works on a model built on the ``meta`` device (shapes and counts only). ``structure_only``:
     replace the layers and leave their supports empty (for a file or checkpoint to fill). Each
     ``nn.MultiheadAttention`` is first split into its four projection layers (``core.attention``), which
-    convert as any ``nn.Linear`` (``_split_attention=False``: those of a file that stores them dense).
+    convert as any ``nn.Linear`` (one that ``exclude`` names stays whole; ``_split_attention=False``: the
+    attention of a file that stores it whole).
     """
     given = dict(locals())
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify converts an nn.Module, not a {type(model).__name__}")
-    undo = split_attention(model) if given.pop("_split_attention") else (lambda: None)
+    kept_whole = _patterns(exclude, "exclude")  # an attention exclude= names is kept whole, not split
+    undo = split_attention(model, lambda name: not _matches(name, kept_whole)) if given.pop("_split_attention") \
+        else (lambda: None)
     try:
         return _convert(**given)
     except BaseException:  # a conversion that fails leaves the model as it was: attention put back too
@@ -136,14 +139,18 @@ def _convert(model: nn.Module, sparsity: float, *, bayesian: bool, dense: str | 
             unmatched = next((p for p in patterns if not any(hit(n, (p,)) for n, _ in targets)  # a kept layer is dense already
                               and not any(_matches(n, (p,)) for n, why in kept if OWN not in why)), None)
             if unmatched is not None:
+                split = next((n for n, m in model.named_modules() if isinstance(m, SplitMultiheadAttention)
+                              and _matches(n, (unmatched,))), None)
                 raise ValueError(f"{arg}: {unmatched!r} matches no Linear, Conv2d or Conv1d layer that sparsify converts "
-                                 f"(they are: {', '.join(n for n, _ in targets[:8])}{', ...' if len(targets) > 8 else ''})")
+                                 + (f"but names the attention {split}, whose layers are {split}.q_proj, .k_proj, .v_proj "
+                                    f"and .out_proj: {unmatched + '.*'!r} names them" if split else
+                                    f"(they are: {', '.join(n for n, _ in targets[:8])}{', ...' if len(targets) > 8 else ''})"))
     if not targets and sparse_layers(model):
         converted = len(sparse_layers(model))
         raise ValueError(f"the model is already sparse ({converted} layer{'s were' if converted > 1 else ' was'} converted before) "
                          "and has no Linear, Conv2d or Conv1d layer left to convert")
     if not targets and not structure_only:  # (a file's reader names a layer that stays dense itself)
-        left = "; ".join(f"{name}: {reason}" for name, reason in kept[:3])
+        left = "; ".join(f"{name or '(the model itself)'}: {reason}" for name, reason in kept[:3])
         raise ValueError("the model has no Linear, Conv2d or Conv1d layer that sparsify converts" + (f" ({left})" if left else ""))
     half = next((name for name, m in targets if m.weight.dtype == torch.float16), None)
     if half is not None and bayesian:

@@ -138,7 +138,7 @@ def targets(model: nn.Module, stored: Collection[str] = (), exclude: Collection[
     loads as it was trained: with the sparse layer in their place). ``exclude``: fnmatch patterns of
     layers left as they are."""
     targets, kept = [], []
-    read_directly = {f"{n}.{child}": f"{label} reads {child}.weight directly"
+    read_directly = {f"{n}.{child}" if n else child: f"{label} reads {child}.weight directly"
                      for n, m in model.named_modules() if (entry := _reads_directly(m)) is not None
                      for label, children in [entry] for child in children}
     owners: dict[int, list[str]] = {}  # parameter -> the modules holding it (a tied weight has several)
@@ -152,7 +152,9 @@ def targets(model: nn.Module, stored: Collection[str] = (), exclude: Collection[
         if isinstance(module, UNCONVERTED):
             kept.append((name, f"{type(module).__name__} is not converted ({CONVERTED_NAMES} are)"))
         elif isinstance(module, nn.MultiheadAttention):
-            kept.append((name, unsplittable(module) or "nn.MultiheadAttention's in-projection weights are not converted"))
+            excluded = any(fnmatchcase(alias, p) for alias in aliases[id(module)] for p in exclude)
+            kept.append((name, EXCLUDED if excluded else unsplittable(module) or
+                         "nn.MultiheadAttention's in-projection weights are not converted"))
         elif not isinstance(module, (*CONVERTED, SparseGaussian)) and not transposed_linear(module) \
                 and (own := _own_weights(module)):
             kept.append((name, f"{type(module).__name__} {OWN} {', '.join(own)}, kept as "

@@ -155,7 +155,11 @@ def install(model: nn.Module, path: Path, meta: dict[str, Any], tensors: dict[st
     supports = []  # everything is checked before anything is installed: an error changes nothing
     for name, layer in layers:
         if name not in records:
-            raise ModelFileError(f"{path} lacks layer {name!r} of {target}")
+            owner, _, part = name.rpartition(".")  # an attention split in the model, whole in the file
+            whole = part in ("q_proj", "k_proj", "v_proj", "out_proj") and f"{owner}.in_proj_weight" in tensors
+            raise ModelFileError(f"{path} lacks layer {name!r} of {target}" + (
+                ": the file keeps that attention whole, as ssvi did before it split nn.MultiheadAttention; load it into the "
+                "model before converting it (ssvi_cli.load(path, model=Model()))" * whole))
         if meta.get("layout") == "dense" and records[name].get("index") != "full":
             raise ModelFileError(f"{path}: layer {name!r} is stored {records[name].get('index')}, but the file's layout "
                                  "is dense (every layer full)")
