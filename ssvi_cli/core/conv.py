@@ -39,28 +39,30 @@ class SparseConv2d(SparseGaussian):
     sparse Gaussian weight of shape (out, in / groups, kh, kw)."""
 
     KIND = "conv2d"
+    SPATIAL = 2  # spatial dimensions: an input is (N, C, H, W), or one unbatched (C, H, W)
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], *,
-                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
-                 dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = False, **kw) -> None:
-        kernel = _pair(kernel_size)
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, ...], *,
+                 stride: int | tuple[int, ...] = 1, padding: int | tuple[int, ...] | str = 0,
+                 dilation: int | tuple[int, ...] = 1, groups: int = 1, bias: bool = False, **kw) -> None:
+        size = _pair if self.SPATIAL == 2 else _one
+        kernel = size(kernel_size)
         super().__init__((out_channels, in_channels // groups, *kernel), bias=bias, **kw)
-        self.stride, self.dilation, self.groups = _pair(stride), _pair(dilation), groups
-        self.padding = _padding(padding, _pair)
-        # nn.Conv2d's names, for code that reads them
+        self.stride, self.dilation, self.groups = size(stride), size(dilation), groups
+        self.padding = _padding(padding, size)
+        # torch's names (nn.Conv2d's, nn.Conv1d's), for code that reads them
         self.out_channels, self.in_channels, self.kernel_size = int(out_channels), int(in_channels), kernel
 
     def forward(self, x: Tensor) -> Tensor:
-        """(N, C, H, W) as ``nn.Conv2d`` takes it, and one unbatched image (C, H, W) as well."""
+        """A batch as ``nn.Conv2d`` (``nn.Conv1d``) takes it, and one unbatched input as well."""
         self.check_input(x)
-        if x.dim() == 3:
+        if x.dim() == self.SPATIAL + 1:
             return super().forward(x.unsqueeze(0)).squeeze(0)
         return super().forward(x)
 
     def check_input(self, x: Tensor) -> None:
         """torch's own refusals of an input of another rank or channel count (the sparse kernel's
         product took a wrong count in silence, or failed in words of its own)."""
-        spatial = len(self.weight_shape) - 2
+        spatial = self.SPATIAL
         if x.dim() not in (spatial + 1, spatial + 2):
             raise RuntimeError(f"Expected {spatial + 1}D (unbatched) or {spatial + 2}D (batched) input to conv{spatial}d, "
                                f"but got input of size: {list(x.shape)}")
@@ -86,7 +88,7 @@ class SparseConv2d(SparseGaussian):
                      for n, p, d, k, s in zip(sizes, self.padding, self.dilation, self.weight_shape[2:], self.stride))
 
     def positions(self, x: Tensor) -> int:
-        spatial = len(self.weight_shape) - 2
+        spatial = self.SPATIAL
         return x.shape[:-spatial - 1].numel() * math.prod(self.output_size(*x.shape[-spatial:]))
 
     def geometry(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]]:
@@ -94,7 +96,7 @@ class SparseConv2d(SparseGaussian):
         return self.weight_shape[2:], self.stride, self.padding, self.dilation  # type: ignore[return-value]
 
     def apply_weight(self, x: Tensor, values: Tensor) -> Tensor:
-        spatial = len(self.weight_shape) - 2  # an input too short for the kernel: torch's message, from the dense op
+        spatial = self.SPATIAL  # an input too short for the kernel: torch's message, from the dense op
         if self.groups == 1 and not isinstance(self.padding, str) and self.uses_sparse_kernel() \
                 and min(self.output_size(*x.shape[-spatial:])) >= 1:
             return self._sparse_conv(x, values)
@@ -128,23 +130,7 @@ class SparseConv1d(SparseConv2d):
     sparse Gaussian weight of shape (out, in / groups, k): a sequence (N, C, L), or one (C, L)."""
 
     KIND = "conv1d"
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int], *,
-                 stride: int | tuple[int] = 1, padding: int | tuple[int] | str = 0,
-                 dilation: int | tuple[int] = 1, groups: int = 1, bias: bool = False, **kw) -> None:
-        kernel = _one(kernel_size)
-        SparseGaussian.__init__(self, (out_channels, in_channels // groups, *kernel), bias=bias, **kw)
-        self.stride, self.dilation, self.groups = _one(stride), _one(dilation), groups
-        self.padding = _padding(padding, _one)
-        # nn.Conv1d's names, for code that reads them
-        self.out_channels, self.in_channels, self.kernel_size = int(out_channels), int(in_channels), kernel
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(N, C, L) as ``nn.Conv1d`` takes it, and one unbatched sequence (C, L) as well."""
-        self.check_input(x)
-        if x.dim() == 2:
-            return SparseGaussian.forward(self, x.unsqueeze(0)).squeeze(0)
-        return SparseGaussian.forward(self, x)
+    SPATIAL = 1
 
     def dense_op(self, x: Tensor, weight: Tensor) -> Tensor:
         return F.conv1d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
