@@ -32,6 +32,7 @@ from ssvi_cli.core.hooks import ATTACHED, Hook, rank_mean
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.core.modes import capturing_dense_grad, sampling
 from ssvi_cli.core.replaced import name_layers
+from ssvi_cli.core.state import optimizer_steps
 from ssvi_cli.core.subspace import (RESETTABLE_OPTIMIZERS, OptimizerStateError, Schedule, SwapReport,  # noqa: F401
                                    check_optimizer_holds, check_optimizer_kind, check_state_fits, collect_captured,
                                    end_step, subspace_step)
@@ -42,8 +43,7 @@ from ssvi_cli.training.optim import kl_term, param_groups
 log = logging.getLogger(__name__)
 
 
-# Whole models or optimizers pickled under a Subspace by earlier versions name their hooks so.
-_Hook = Hook
+_Hook = Hook  # the name whole models or optimizers pickled under a Subspace by earlier versions give its hooks
 # Optimizers a Subspace is stepping right now (its step() calls optimizer.step()): any other step of
 # them is the loop's own.
 _STEPPING: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
@@ -217,6 +217,9 @@ class Subspace:
             log.warning("Subspace.step() after forwards in eval() mode only: a remove-and-add step takes its dense "
                         "gradient from a train() forward, so the next one will fail; call model.train() before training")
         check_state_fits(self.optimizer, self.model)
+        if self.t == 0 and (taken := optimizer_steps(self.optimizer)):  # a checkpoint's optimizer, not its schedule
+            log.warning("Subspace.step() at the schedule's step 0, the optimizer's state at step %d: a loop resumed from a "
+                        "checkpoint restores the schedule too (subspace.load_state_dict(saved)), or it starts again", taken)
         forwards, self._forwards, self._plain_steps = self._forwards, set(), 0
         if not forwards and not self._told_idle:  # its model made again (a re-run notebook cell), say: nothing trains
             self._told_idle = True

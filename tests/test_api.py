@@ -159,6 +159,35 @@ def test_the_mean_estimator_and_a_resumed_schedule_match_an_uninterrupted_one():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("optimizer_kind", ["adam", "sgd"])
+def test_a_loop_resumed_without_the_schedules_state_is_told_so(caplog, optimizer_kind):
+    """A resumed loop that restored the model and optimizer but not the Subspace started the
+    schedule again at step 0, every remove-and-add step ahead, without a word."""
+    model = small()
+    make = {"adam": lambda p: torch.optim.Adam(p, lr=1e-3), "sgd": lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9)}
+    optimizer = make[optimizer_kind](ssvi.param_groups(model, lr=1e-3, lr_sigma=1e-3))
+    subspace = ssvi.Subspace(model, optimizer, total_steps=20, delta_t=4)
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli"):
+        run(model, optimizer, subspace, batches(5))  # a fresh run: nothing said
+    assert not caplog.records
+    saved = {"optimizer": optimizer.state_dict(), "subspace": subspace.state_dict()}
+    resumed = make[optimizer_kind](ssvi.param_groups(model, lr=1e-3, lr_sigma=1e-3))
+    resumed.load_state_dict(saved["optimizer"])
+    forgot = ssvi.Subspace(model, resumed, total_steps=20, delta_t=4)
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli"):
+        run(model, resumed, forgot, batches(2))
+    steps = 4 if optimizer_kind == "adam" else 1  # (one of the 5 was a remove-and-add step); SGD: no count, at least 1
+    assert [r.getMessage() for r in caplog.records if "step 0" in r.getMessage()] == [
+        f"Subspace.step() at the schedule's step 0, the optimizer's state at step {steps}: a loop resumed from a "
+        "checkpoint restores the schedule too (subspace.load_state_dict(saved)), or it starts again"]
+    caplog.clear()
+    again = ssvi.Subspace(model, resumed, total_steps=20, delta_t=4)
+    again.load_state_dict(saved["subspace"])
+    with caplog.at_level(logging.WARNING, logger="ssvi_cli"):
+        run(model, resumed, again, batches(2))
+    assert not [r for r in caplog.records if "step 0" in r.getMessage()]
+
+
 @pytest.mark.parametrize("addition", ["sample", "mean"])
 def test_the_mean_estimator_scores_additions_at_mu_and_trains_on_draws(addition):
     """The other tests of addition="mean" pass with the estimator switched off (both sides of each

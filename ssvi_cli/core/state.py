@@ -1,5 +1,6 @@
 """Filling a module from a plain dict of tensors (a model file's, a checkpoint's, trained weights),
-and finding the module inside the wrappers a training loop puts around it."""
+finding the module inside the wrappers a training loop puts around it, and reading how far an
+optimizer's state has come."""
 
 from __future__ import annotations
 
@@ -61,3 +62,8 @@ def support_problem(numel: int, idx: Any, mu: Any = None, rho: Any = None) -> st
             return f"{what} holds non-finite values"
     return ""
 
+
+def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
+    """The steps an optimizer's state records: Adam's or RMSprop's ``step`` count, at least 1 where it
+    holds state without one (SGD's momentum buffers), 0 for an optimizer that has not stepped."""
+    return max((int(state["step"]) if "step" in state else 1 for state in optimizer.state.values() if state), default=0)
