@@ -244,3 +244,83 @@ def test_from_a_review_an_unbiased_out_proj_wrong_shapes_and_names_of_the_attent
     ssvi.sparsify(converted, 0.5)
     with pytest.raises(ssvi.ModelFileError, match="lacks layer 'att.q_proj' .*: the file keeps that attention whole"):
         ssvi.load(tmp_path / "old.safetensors", model=converted)
+
+
+def test_a_tied_or_hooked_attention_stays_whole_and_a_permanent_weight_norm_does_not_stop_the_split():
+    """From a review: the split copied a weight another module shared (the tie was lost without a
+    word), took an attention whose in_proj_weight had a post-accumulate-grad hook, and kept one whose
+    out_proj's weight_norm had been made permanent as the refusal says."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.att, self.proj, self.head = nn.MultiheadAttention(8, 2), nn.Linear(8, 8), nn.Linear(8, 2)
+            self.proj.weight = self.att.out_proj.weight
+
+        def forward(self, x):
+            return self.head(self.proj(self.att(x, x, x)[0]))
+
+    tied = Tied()
+    kept = dict(ssvi.sparsify(tied, 0.0).kept)
+    assert kept["att"].startswith("nn.MultiheadAttention with a weight another module shares")
+    assert kept["proj"].startswith("its weight is tied to att.out_proj")
+    assert tied.proj.weight is tied.att.out_proj.weight
+    hooked = nn.ModuleDict({"att": nn.MultiheadAttention(8, 2), "head": nn.Linear(8, 2)})
+    hooked["att"].in_proj_weight.register_post_accumulate_grad_hook(lambda p: None)
+    assert dict(ssvi.sparsify(hooked, 0.5).kept)["att"].startswith("nn.MultiheadAttention with hooks")
+    normed = nn.ModuleDict({"att": nn.MultiheadAttention(8, 2), "head": nn.Linear(8, 2)})
+    parametrizations.weight_norm(normed["att"].out_proj)
+    parametrize.remove_parametrizations(normed["att"].out_proj, "weight")
+    ssvi.sparsify(normed, 0.5)
+    assert isinstance(normed["att"], SplitMultiheadAttention)
+
+
+def _tiny_vit(monkeypatch):
+    """torchvision's vit_b_32 builder made small (16 features, two blocks, 32-pixel images)."""
+    import torchvision
+
+    real = torchvision.models.get_model
+
+    def get_model(name, **kwargs):
+        if name != "vit_b_32":
+            return real(name, **kwargs)
+        return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                    hidden_dim=16, mlp_dim=32, num_classes=kwargs["num_classes"])
+
+    monkeypatch.setattr(torchvision.models, "get_model", get_model)
+    return lambda: get_model("vit_b_32", num_classes=3)
+
+
+def test_a_torchvision_file_or_checkpoint_from_before_the_split_loads_and_saves_again_whole(monkeypatch, tmp_path):
+    from ssvi_cli.modelfile import ModelCard, read_header, with_attention_of
+
+    make = _tiny_vit(monkeypatch)
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    old = make().eval()
+    ssvi.sparsify(old, 0.8, _split_attention=False)  # converted as an ssvi before the split did
+    ssvi.save(old, tmp_path / "old.safetensors", architecture="torchvision:vit_b_32", input_shape=(3, 32, 32))
+    with safe_open(str(tmp_path / "old.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["version"] == "1" and "attention" not in json.loads(meta["architecture"])
+    loaded = ssvi.load(tmp_path / "old.safetensors")
+    assert any(type(m) is nn.MultiheadAttention for m in loaded.modules())
+    ssvi.save(loaded, tmp_path / "again.safetensors")  # was refused: the check built the attention split
+    again = ssvi.load(tmp_path / "again.safetensors")
+    with ssvi.sampling(old, "mean"), ssvi.sampling(again, "mean"):
+        torch.testing.assert_close(again(x), old(x))
+
+    new = make().eval()
+    ssvi.sparsify(new, 0.8)
+    ssvi.save(new, tmp_path / "new.safetensors", architecture="torchvision:vit_b_32", input_shape=(3, 32, 32))
+    with safe_open(str(tmp_path / "new.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["version"] == "2" and json.loads(meta["architecture"])["attention"] == "split"
+    back = ssvi.load(tmp_path / "new.safetensors")
+    with ssvi.sampling(new, "mean"), ssvi.sampling(back, "mean"):
+        torch.testing.assert_close(back(x), new(x))
+
+    card = ModelCard.from_metadata(read_header(tmp_path / "new.safetensors")["meta"])  # a checkpoint's: split, unless its state says
+    assert with_attention_of(card, old.state_dict()).architecture.split_attention is False
+    assert with_attention_of(card, new.state_dict()).architecture.split_attention is True

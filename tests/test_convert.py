@@ -942,6 +942,8 @@ def test_transformers_conv1d_converts_as_the_linear_layer_it_is(tmp_path):
     assert int((kept != 0).sum()) == 20 and kept.abs().min() == 0 and \
         weight.flatten()[kept != 0].abs().min() >= weight.flatten()[kept == 0].abs().max()
     assert sparsify(nn.Sequential(other(3, 4), nn.Linear(3, 2)), 0.5).kept[0][1].startswith("Conv1D holds its own")
+    subclass = type("MyConv1D", (conv1d,), {})  # it may compute otherwise: kept
+    assert sparsify(nn.Sequential(subclass(3, 4), nn.Linear(3, 2)), 0.5).kept[0][1].startswith("MyConv1D holds its own")
     ssvi.save(net, tmp_path / "m.safetensors", input_shape=(7, 5), class_names=["a", "b", "c"])
     loaded = ssvi.load(tmp_path / "m.safetensors", model=nn.Sequential(conv1d(8, 5), nn.ReLU(), conv1d(3, 8)))
     torch.testing.assert_close(mean_forward(loaded, x), original(x))

@@ -19,23 +19,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssvi_cli.core.carried import hook_kinds, reparametrized
 from ssvi_cli.core.replaced import mark_replaced, unmark
 
 
-def unsplittable(module: nn.MultiheadAttention) -> Optional[str]:
-    """Why ``module`` is kept as it is, its in-projection dense and deterministic (None: it is split)."""
+def unsplittable(module: nn.MultiheadAttention, model: Optional[nn.Module] = None) -> Optional[str]:
+    """Why ``module`` (in ``model``) is kept as it is, its in-projection dense and deterministic (None:
+    it is split)."""
     if module.bias_k is not None or module.add_zero_attn:
         return "nn.MultiheadAttention with add_bias_kv or add_zero_attn is not converted"
     if type(module).forward is not nn.MultiheadAttention.forward or "forward" in vars(module):
         return f"{type(module).__name__} computes with a forward of its own, which a split copy would drop"
-    if any(n.endswith(("_orig", "_g")) or "parametrizations" in n for n, _ in module.named_parameters()):
+    if any(reparametrized(m) for m in module.modules()):
         return "nn.MultiheadAttention with a pruned or reparametrized weight, which a split copy would drop"
-    hooked = [m for m in (module, module.out_proj) for d in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-              "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-              "_load_state_dict_post_hooks") if getattr(m, d, None)]
-    if hooked or any(getattr(p, "_backward_hooks", None) for p in module.parameters()):
+    if any(hook_kinds(m) for m in module.modules()):
         return "nn.MultiheadAttention with hooks (on it, its out_proj or a weight), which a split copy would not carry"
+    if model is not None and _shared_outside(model, module):
+        return "nn.MultiheadAttention with a weight another module shares (tied), which a split copy would not share"
     return None
+
+
+def _shared_outside(model: nn.Module, module: nn.Module) -> bool:
+    """Whether a module of ``model`` outside ``module`` holds one of ``module``'s weights."""
+    inside, mine = {id(m) for m in module.modules()}, {id(p) for p in module.parameters()}
+    return any(id(p) in mine for m in model.modules() if id(m) not in inside for p in m.parameters(recurse=False))
 
 
 def split_attention(model: nn.Module, wanted: Callable[[str], bool] = lambda name: True) -> Callable[[], None]:
@@ -49,7 +56,7 @@ def split_attention(model: nn.Module, wanted: Callable[[str], bool] = lambda nam
     done: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, child name, original)
     for names in aliases.values():
         original = model.get_submodule(names[0])
-        if unsplittable(original) is not None or not all(wanted(name) for name in names):
+        if unsplittable(original, model) is not None or not all(wanted(name) for name in names):
             continue
         split = SplitMultiheadAttention.from_module(original)
         mark_replaced(original, names[0])

@@ -12,6 +12,7 @@ from typing import Collection, Optional
 from torch import nn
 
 from ssvi_cli.core.attention import unsplittable
+from ssvi_cli.core.carried import hook_kinds, reparametrized
 from ssvi_cli.core.conv import SparseConv2d
 from ssvi_cli.core.layers import SparseGaussian
 
@@ -70,37 +71,15 @@ def _own_weights(module: nn.Module) -> list[str]:
 def _refuse_what_would_be_lost(name: str, module: nn.Module) -> None:
     """A layer with a parametrization (prune, weight_norm, spectral_norm) or hooks (on it, its weight or
     its bias) would lose them with its replacement, silently: refused, saying how to undo them."""
-    if _reparametrized(module):
+    if reparametrized(module):
         raise ValueError(f"layer {name!r} has a pruned or reparametrized weight or bias (torch.nn.utils.prune, weight_norm or "
                          "spectral_norm), which its sparse replacement would drop; make it permanent first "
                          "(prune.remove(module, 'weight'), torch.nn.utils.parametrize.remove_parametrizations or "
                          "remove_weight_norm)")
-    dicts = {"forward": ("_forward_hooks",), "forward pre": ("_forward_pre_hooks",), "backward": ("_backward_hooks",
-             "_backward_pre_hooks"), "state-dict": ("_state_dict_hooks", "_state_dict_pre_hooks",
-             "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")}
-    hooks = [kind for kind, attrs in dicts.items()
-             if any(not _torchs_own(h) for a in attrs for h in (getattr(module, a, None) or {}).values())]
-    hooks += ["tensor"] * any(getattr(p, "_backward_hooks", None) or getattr(p, "_post_accumulate_grad_hooks", None)
-                              for p in module.parameters(recurse=False))
+    hooks = hook_kinds(module)
     if hooks:
         raise ValueError(f"layer {name!r} has {' and '.join(hooks)} hooks, which its sparse replacement would not carry; "
                          "remove them before sparsify (handle.remove()) and register them on the converted layer")
-
-
-def _torchs_own(hook: object) -> bool:
-    """The state-dict hook torch's ``weight_norm`` parametrization registers (it reads an older state
-    dict's ``weight_g``/``weight_v``), which ``remove_parametrizations`` leaves behind, with no handle
-    to remove it: the replacement has no use for it."""
-    fn = getattr(hook, "hook", hook)  # torch wraps a state-dict hook in a _WrappedHook
-    return getattr(fn, "__module__", "") == "torch.nn.utils.parametrizations" and \
-        getattr(fn, "__qualname__", "").endswith("._weight_norm_compat_hook")
-
-
-def _reparametrized(module: nn.Module) -> bool:
-    """Pruned (``prune``: ``weight_orig``) or reparametrized (``parametrize``, ``weight_norm``)."""
-    from torch.nn.utils import parametrize
-
-    return parametrize.is_parametrized(module) or any(n.endswith(("_orig", "_g")) for n, _ in module.named_parameters(recurse=False))
 
 
 def _own_behaviour(module: nn.Module) -> Optional[str]:
@@ -153,7 +132,7 @@ def targets(model: nn.Module, stored: Collection[str] = (), exclude: Collection[
             kept.append((name, f"{type(module).__name__} is not converted ({CONVERTED_NAMES} are)"))
         elif isinstance(module, nn.MultiheadAttention):
             excluded = any(fnmatchcase(alias, p) for alias in aliases[id(module)] for p in exclude)
-            kept.append((name, EXCLUDED if excluded else unsplittable(module) or
+            kept.append((name, EXCLUDED if excluded else unsplittable(module, model) or
                          "nn.MultiheadAttention's in-projection weights are not converted"))
         elif not isinstance(module, (*CONVERTED, SparseGaussian)) and not transposed_linear(module) \
                 and (own := _own_weights(module)):
@@ -170,7 +149,7 @@ def targets(model: nn.Module, stored: Collection[str] = (), exclude: Collection[
             kept.append((name, f"padding_mode={module.padding_mode!r} (only zero padding is supported)"))
         elif tied:
             kept.append((name, f"{TIED} {tied[0]}'s, which a sparse layer cannot share"))
-        elif not _reparametrized(module) and name not in stored and (own := _own_behaviour(module)) is not None:
+        elif not reparametrized(module) and name not in stored and (own := _own_behaviour(module)) is not None:
             kept.append((name, own))  # (a pruned or parametrized layer is refused below, saying how to undo it)
         elif any(fnmatchcase(alias, p) for alias in aliases[id(module)] for p in exclude):  # any of its names
             kept.append((name, EXCLUDED))

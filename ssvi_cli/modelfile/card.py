@@ -7,7 +7,7 @@ checkpoint loader and the trainer all go through it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional
 
 from ssvi_cli.config import SIGMA_PARAMS, Config, from_dict
@@ -172,6 +172,14 @@ class ModelCard:
                 # data.classes: the part of the dataset's classes it was trained on (else None: all of them)
                 "trained_classes": list(self.data.class_names) if self.data.dataset_classes else None,
                 "dataset_classes": list(self.data.dataset_classes) or None}  # as the file and inspect name them
+
+
+def with_attention_of(card: ModelCard, state: Any) -> ModelCard:
+    """The card of the model whose state dict is ``state``: a torchvision run checkpointed before ssvi
+    split nn.MultiheadAttention holds its ``in_proj_weight``, and is rebuilt with the attention whole."""
+    if isinstance(state, Mapping) and any(str(key).endswith(".in_proj_weight") for key in state):
+        return replace(card, architecture=replace(card.architecture, split_attention=False))
+    return card
 
 
 def build_model(card: ModelCard, kernel: str = "auto") -> SSVIModel:

@@ -95,6 +95,7 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
         dataset = kept.data.name if dataset == NO_DATASET else dataset
     bayesian = {layer.bayesian for _, layer in layers}
     sigma_param = layers[0][1].sigma_param
+    split = not any(isinstance(m, nn.MultiheadAttention) for m in model.modules())  # whole: read from an older file
     shape = tuple(int(s) for s in input_shape) if input_shape is not None else ()
     measured = _output_size(model, shape)
     last, outputs = _last_layer(model)
@@ -125,7 +126,7 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
             raise ValueError(f"architecture={architecture!r} rebuilds with every layer Bayesian or none; save a model "
                              "with deterministic layers without architecture= and load it with model=")
         check_model_name(architecture)
-        factory = LayerFactory(bayesian=bayesian.pop(), sigma_param=sigma_param)
+        factory = LayerFactory(bayesian=bayesian.pop(), sigma_param=sigma_param, split_attention=split)
         try:
             check_same_structure(_skeleton(architecture, shape, num_classes, factory), model, architecture)
         except ValueError as exc:
@@ -155,7 +156,7 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
         spec.check()  # a file others cannot use is refused here, not when it is read
     except DataError as exc:
         raise ValueError(str(exc)) from None
-    card = ModelCard(Architecture(name, widths, any(l.bayesian for _, l in layers), sigma_param), spec)
+    card = ModelCard(Architecture(name, widths, any(l.bayesian for _, l in layers), sigma_param, split), spec)
     return write_model_file(model, path, card, dtype=dtype)  # type: ignore[arg-type]
 
 

@@ -17,7 +17,7 @@ from ssvi_cli.config import ConfigError, from_dict
 from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.modelfile import (FileInfo, LoadedModel, ModelCard, build_model, read_header, read_model_file,
-                                size_totals, write_model_file)
+                                size_totals, with_attention_of, write_model_file)
 from ssvi_cli.modelfile.reader import read_tensors
 from ssvi_cli.runs import checkpoint as ckpt
 from ssvi_cli.runs.rundir import RunDir
@@ -39,6 +39,7 @@ def model_from_checkpoint(path: Path, metrics: Optional[dict[str, Any]] = None, 
             and state["epoch"] < epochs:  # before its last epoch: said wherever the model goes (a file it is saved to)
         unfinished = {"epoch": state["epoch"], "step": int(state.get("step") or 0)}
         card = replace(card, training=replace(card.training, unfinished=unfinished))
+    card = with_attention_of(card, data.get("model"))  # a run from before the attention split: whole
     model = build_model(card, kernel=kernel)
     ckpt.load_model_state(model, data.get("model"), where=f"checkpoint {path}")
     model.eval()

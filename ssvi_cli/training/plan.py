@@ -19,7 +19,7 @@ from ssvi_cli.core.layers import sparse_layers
 from ssvi_cli.data import DataSplits, build_dataset, check_dataset_name, get_spec
 from ssvi_cli.data.images import whole_jpegs
 from ssvi_cli.data.spec import DataError, DataSpec, absent_classes, jpegs_read_whole
-from ssvi_cli.modelfile import ModelCard, build_model
+from ssvi_cli.modelfile import ModelCard, build_model, with_attention_of
 from ssvi_cli.models import SSVIModel, check_model_name, check_trains_on, input_error
 from ssvi_cli.runs.rundir import RunBusy, RunDir
 from ssvi_cli.training.init_posterior import Posterior, check_apart, names_trained_model, read_posterior
@@ -177,7 +177,7 @@ class RunPlan:
         with whole_jpegs(jpegs_read_whole(was.get("name"), was.get("reduced_jpeg"))):  # as it began
             splits = splits or load_data(cfg)
         splits.spec.check_same_normalisation(data.get("data_spec"))  # measured again: the images unchanged
-        card = ModelCard.from_config(cfg, splits.spec)
+        card = with_attention_of(ModelCard.from_config(cfg, splits.spec), data.get("model"))  # as it began
         return cls(cfg, dev, splits, card, {}, run, data, checkpoints_seen=seen, resumed_from=path)
 
     def check_unchanged(self) -> None:
