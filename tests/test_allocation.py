@@ -50,7 +50,7 @@ def test_sparsity_that_empties_a_layer_is_rejected():
 
 
 def test_the_weights_kept_dense_outside_the_sparse_layers_are_counted():
-    """A ViT's or Swin's attention projections stay dense (sparsify keeps them): train and inspect said
+    """Swin's attention projections (a ViT's, before its attention was split) stay dense: train and inspect said
     nothing of them, so "density 0.10" read as the whole model's while 40% of its weights were dense."""
     from torch import nn
 

@@ -151,8 +151,8 @@ def kept_dense_note(model: nn.Module) -> str:
     if not kinds:
         return ""
     where = ", ".join(f"{n:,} in {kind}" for kind, n in list(kinds.items())[:3]) + (", ..." if len(kinds) > 3 else "")
-    return (f"{sum(kinds.values()):,} weights sit outside the layers ssvi makes sparse ({where}: attention projections, "
-            "embeddings, a module's own parameters; docs/API.md, sparsify)")
+    return (f"{sum(kinds.values()):,} weights sit outside the layers ssvi makes sparse ({where}: embeddings, "
+            "projections an attention reads itself, a module's own parameters; docs/API.md, sparsify)")
 
 
 def stem_note(model: nn.Module, sparsity: float) -> str:

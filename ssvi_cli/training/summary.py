@@ -110,7 +110,7 @@ def finish(trainer: "Trainer", progress: Progress) -> dict[str, Any]:
         "density": dens["density"],
         "active_weights": dens["active"],
         "total_weights": dens["total"],
-        "kept_dense_weights": dens["kept_dense"],  # outside the sparse layers (attention projections, embeddings)
+        "kept_dense_weights": dens["kept_dense"],  # outside the sparse layers (embeddings, Swin's attention projections)
         "epochs": state.epoch,
         "steps": state.step,
         "subspace_steps": state.subspace_steps,
