@@ -112,11 +112,10 @@ class Subspace:
         self._capture: Optional[Any] = None  # the capture context, open from the first capture forward to step()
         self._forward_only: Optional[Any] = None
         self._unsynced: Optional[nn.parallel.DistributedDataParallel] = None
-        self._removed = False
         self._dropped_at: Optional[int] = None  # the step whose capture went to the loop's own optimizer step
         self._forwards: set[bool] = set()  # the training flags of the model's forwards since the last step()
         self._plain_steps = 0  # the loop's own optimizer steps since the last step()
-        self._told_eval = self._told_idle = self._told_plain = self._told_past = False  # warnings given once each
+        self._removed = self._told_eval = self._told_idle = self._told_plain = self._told_past = False  # (warnings once)
         self._hooks = [model.register_forward_pre_hook(Hook(self._before_forward)),
                        model.register_forward_hook(Hook(self._after_forward)),
                        optimizer.register_step_pre_hook(Hook(self._before_optimizer_step))]
@@ -218,8 +217,9 @@ class Subspace:
                         "gradient from a train() forward, so the next one will fail; call model.train() before training")
         check_state_fits(self.optimizer, self.model)
         if self.t == 0 and (taken := optimizer_steps(self.optimizer)):  # a checkpoint's optimizer, not its schedule
-            log.warning("Subspace.step() at the schedule's step 0, the optimizer's state at step %d: a loop resumed from a "
-                        "checkpoint restores the schedule too (subspace.load_state_dict(saved)), or it starts again", taken)
+            log.warning("Subspace.step() at the schedule's step 0 with an optimizer that has stepped before (%s): a loop resumed "
+                        "from a checkpoint restores the schedule too (subspace.load_state_dict(saved)), or it starts again",
+                        f"its state at step {taken}" if taken > 0 else "its momentum buffers")
         forwards, self._forwards, self._plain_steps = self._forwards, set(), 0
         if not forwards and not self._told_idle:  # its model made again (a re-run notebook cell), say: nothing trains
             self._told_idle = True

@@ -64,6 +64,8 @@ def support_problem(numel: int, idx: Any, mu: Any = None, rho: Any = None) -> st
 
 
 def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
-    """The steps an optimizer's state records: Adam's or RMSprop's ``step`` count, at least 1 where it
-    holds state without one (SGD's momentum buffers), 0 for an optimizer that has not stepped."""
-    return max((int(state["step"]) if "step" in state else 1 for state in optimizer.state.values() if state), default=0)
+    """The steps an optimizer's state records: Adam's or RMSprop's ``step`` count; -1 where it holds
+    state without a count (SGD's momentum buffers); 0 for one that has not stepped (or keeps no state:
+    plain SGD)."""
+    counts = [int(state["step"]) if "step" in state else -1 for state in optimizer.state.values() if state]
+    return max(counts) if counts and max(counts) > 0 else (-1 if counts else 0)
