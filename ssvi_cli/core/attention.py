@@ -6,8 +6,8 @@ parameter of its own and reads ``out_proj.weight`` itself, which a sparse layer 
 ``v_proj`` (``nn.Linear``, each a block of rows of ``in_proj_weight``, or torch's separate
 ``q/k/v_proj_weight`` when ``kdim``/``vdim`` differ), beside ``out_proj``, and computes what
 ``torch.nn.functional.multi_head_attention_forward`` computes (the same steps, masks and return
-values), calling each projection as a module. Modules with ``add_bias_kv`` or ``add_zero_attn`` are
-not split (they stay as they are).
+values), calling each projection as a module. An attention that cannot be split stays as it is
+(:func:`unsplittable` says why: ``add_bias_kv``, a forward of its own, hooks, a tied weight, ...).
 """
 
 from __future__ import annotations
@@ -68,8 +68,7 @@ def split_attention(model: nn.Module, wanted: Callable[[str], bool] = lambda nam
             setattr(parent, child, split)
 
     # torch's encoder stack takes a padded batch as a nested tensor in eval, a path that reads each
-    # layer's packed in-projection: off for a stack holding a split one (as it is for one with
-    # add_bias_kv), and back on with the originals.
+    # layer's packed in-projection: off for a stack holding a split one, and back on with the originals.
     stacks = [m for m in model.modules() if isinstance(m, nn.TransformerEncoder) and m.use_nested_tensor
               and any(isinstance(layer.self_attn, SplitMultiheadAttention) for layer in m.layers)]
     for stack in stacks:
