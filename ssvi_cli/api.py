@@ -43,7 +43,7 @@ from ssvi_cli.training.optim import kl_term, param_groups
 log = logging.getLogger(__name__)
 
 
-_Hook = Hook  # the name whole models or optimizers pickled under a Subspace by earlier versions give its hooks
+_Hook = Hook  # the name by which earlier versions pickled a Subspace's hooks with a whole model or optimizer
 # Optimizers a Subspace is stepping right now (its step() calls optimizer.step()): any other step of
 # them is the loop's own.
 _STEPPING: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()

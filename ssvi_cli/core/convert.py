@@ -1,7 +1,7 @@
-"""Any ``nn.Module`` as a sparse BNN: every ``nn.Linear``, ``nn.Conv2d`` and ``nn.Conv1d`` becomes a
-sparse Gaussian layer of the same geometry, in place; everything else (BatchNorm, LayerNorm, embeddings, attention's
-packed in-projection, free parameters, a weight tied to another module's) stays as it is,
-deterministic.
+"""Any ``nn.Module`` as a sparse BNN: every ``nn.Linear``, ``nn.Conv2d`` and ``nn.Conv1d`` (and each
+``nn.MultiheadAttention``'s projections, once ``core.attention`` has split it) becomes a sparse
+Gaussian layer of the same geometry, in place; everything else (BatchNorm, LayerNorm, embeddings,
+free parameters, a weight tied to another module's) stays as it is, deterministic.
 
 From trained weights (the practical way to a BNN of a big model) the initial support of a layer is
 its ``round(density * n)`` largest ``|w|`` entries (ties to the lower flat index), ``mu = w`` there,

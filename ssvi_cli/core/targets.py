@@ -1,7 +1,7 @@
 """Which layers :func:`ssvi_cli.sparsify` converts, and which it keeps as they are with the reason:
-``nn.Linear``, ``nn.Conv2d`` and ``nn.Conv1d`` are converted unless a sparse layer could not stand in for them (a
-weight another module reads directly or shares, non-zero padding, a subclass's own forward or
-parameters) or the user excludes them; what a replacement would silently drop (hooks, a
+``nn.Linear``, ``nn.Conv2d`` and ``nn.Conv1d`` are converted unless a sparse layer could not stand in
+for them (a weight another module reads directly or shares, non-zero padding, a subclass's own
+forward or parameters) or the user excludes them; what a replacement would silently drop (hooks, a
 parametrization) is refused. Any other module holding weights of its own is named among those kept."""
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from ssvi_cli.core.layers import SparseGaussian
 TIED = "its weight is tied to"  # the start of a tied layer's reason in ``kept`` (modelfile.loading reads it)
 OWN = "holds its own"  # in the reason of a module kept for weights it holds itself (no layer: dense= cannot name it)
 EXCLUDED = "exclude="  # the reason of a layer sparsify(exclude=...) names
-# Weight layers left dense and deterministic, named in the report's ``kept`` (with the in-projection
-# weights of nn.MultiheadAttention, which are its own parameters, not a child's).
+# Weight layers left dense and deterministic, named in the report's ``kept`` (as is an
+# nn.MultiheadAttention that core.attention could not split: its in-projection is its own parameters).
 CONVERTED = (nn.Linear, nn.Conv2d, nn.Conv1d)  # (in the order _own_behaviour tries them as a base class)
 CONVERTED_NAMES = "Linear, Conv2d and Conv1d"
+CONVOLUTIONS = (nn.Conv2d, nn.Conv1d, SparseConv2d)  # converted or not (SparseConv1d is a SparseConv2d)
 UNCONVERTED = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear,
                nn.RNNBase, nn.RNNCellBase, nn.Embedding, nn.EmbeddingBag)
 
@@ -105,7 +106,7 @@ def _own_behaviour(module: nn.Module) -> Optional[str]:
 def first_conv(model: nn.Module) -> Optional[nn.Module]:
     """The model's first convolution (2-D or 1-D) in registration order (``model.modules()``), converted
     or not: the stem ``dense_first_conv`` keeps dense, whatever else keeps it as it is."""
-    return next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv1d, SparseConv2d))), None)
+    return next((m for m in model.modules() if isinstance(m, CONVOLUTIONS)), None)
 
 
 def targets(model: nn.Module, stored: Collection[str] = (), exclude: Collection[str] = ()

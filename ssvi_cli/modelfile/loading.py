@@ -60,19 +60,21 @@ def load(path: str | Path, model: Optional[nn.Module] = None, *, device: Optiona
         raise ValueError("load into the model before wrapping it in DistributedDataParallel: loading may convert "
                          "its layers or resize their supports, which DDP has already registered")
     wrapper, model = model, chain[-1]
-    meta = read_header(path)["meta"]  # the file checked before the model changes
+    head = read_header(path)  # the file checked before the model changes
     own = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
     device = device if device is not None else (torch.device("cpu") if own.type == "meta" else own)
     undo = materialise(model, device)  # a model built on the meta device gets real tensors to fill
     try:
-        return _fill(wrapper, model, path, meta, device, kernel)
+        return _fill(wrapper, model, path, head, device, kernel)
     except BaseException:
         undo()
         raise
 
 
-def _fill(wrapper: nn.Module, model: nn.Module, path: Path, meta: dict[str, Any], device: Any, kernel: str) -> nn.Module:
-    """:func:`load` into ``model`` (``wrapper``'s innermost module), converting it first if needed."""
+def _fill(wrapper: nn.Module, model: nn.Module, path: Path, head: dict[str, Any], device: Any, kernel: str) -> nn.Module:
+    """:func:`load` into ``model`` (``wrapper``'s innermost module), converting it first if needed;
+    ``head``: the file's header (:func:`read_header`)."""
+    meta, keys = head["meta"], head["tensors"]
     recorded = str(meta["architecture"].get("name", ""))
     mine = f"{CUSTOM}{type(model).__module__}.{type(model).__qualname__}"
     if recorded.startswith(CUSTOM) and recorded != mine:
@@ -84,7 +86,6 @@ def _fill(wrapper: nn.Module, model: nn.Module, path: Path, meta: dict[str, Any]
         return wrapper.to(device).eval()
     # Each nn.MultiheadAttention split as the file stores it (one from before the split keeps it whole).
     # A file that does not fit puts the user's layers back, not a model converted with empty supports.
-    keys = read_header(path)["tensors"]
     undo_split = split_attention(model, lambda name: any(key.startswith(f"{name}.q_proj.") for key in keys))
     children = [(module, dict(module._modules)) for module in model.modules()]
     try:

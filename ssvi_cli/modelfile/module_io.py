@@ -20,11 +20,11 @@ from torch import nn
 
 from ssvi_cli.argcheck import real
 from ssvi_cli.config import image_folder
-from ssvi_cli.core.conv import SparseConv2d
 from ssvi_cli.core.convert import unfilled
 from ssvi_cli.core.layers import SparseGaussian, SparseLinear, sparse_layers
 from ssvi_cli.core.modes import evaluating, sampling
 from ssvi_cli.core.state import wrapper_chain
+from ssvi_cli.core.targets import CONVOLUTIONS
 from ssvi_cli.data.sources import DATASETS, get_spec
 from ssvi_cli.data.spec import DataError, DataSpec
 from ssvi_cli.fileio import brief
@@ -37,7 +37,6 @@ from ssvi_cli.modelfile.writer import write_model_file
 from ssvi_cli.models import AUX_FREE, AUX_HEADS, TORCHVISION, LayerFactory, check_model_name, torchvision_model
 
 log = logging.getLogger(__name__)
-CONVS = (nn.Conv2d, nn.Conv1d, SparseConv2d)  # (SparseConv1d is a SparseConv2d)
 
 
 def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = None,
@@ -106,7 +105,7 @@ def save(model: nn.Module, path: str | Path, *, architecture: Optional[str] = No
             raise ValueError(f"class_names holds {len(class_names)} names for a model with {outputs} outputs")
         log.warning("class_names holds %d names, and %s, the last layer registered, has %d outputs%s: the file records "
                     "%d classes", len(class_names), last, outputs, how, len(class_names))
-    elif not class_names and measured is None and isinstance(model.get_submodule(last), CONVS) \
+    elif not class_names and measured is None and isinstance(model.get_submodule(last), CONVOLUTIONS) \
             and any(isinstance(m, (nn.Linear, SparseLinear)) for m in model.modules()):  # a head registered before
         log.warning("the file records %d classes, the channels of %s, the last layer registered, a convolution; if the "
                     "model's output is another layer's, give class_names= (one per output)%s", outputs, last, how)
@@ -232,7 +231,7 @@ def _skeleton(architecture: str, shape: tuple[int, ...], num_classes: int, facto
 
 def _last_layer(model: nn.Module) -> tuple[str, int]:
     """The name and outputs of the last ``Linear`` or convolution registered, sparse or not (the head, if registered last)."""
-    name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseGaussian, nn.Linear, *CONVS))][-1]
+    name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseGaussian, nn.Linear, *CONVOLUTIONS))][-1]
     return name, int(last.weight_shape[0] if isinstance(last, SparseGaussian) else last.weight.shape[0])
 
 
